@@ -1,0 +1,286 @@
+"""Parameters: YAML under params/ loaded into frozen dataclasses, validated strictly.
+
+`params/default.yaml` is the single source of every default. Any other params file is
+layered on top of it and holds only what differs; `key=value` overrides (dotted keys, YAML
+values) are applied last. An unknown key, a wrong type or an out-of-range value raises
+`ConfigError` naming the key, before any data is read or any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS = PROJECT_ROOT / "params" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, mistyped or out of range; the message names the key."""
+
+
+def _check(ok: bool, key: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str
+    max_train: int
+    max_test: int
+    synthetic_train: int
+    synthetic_test: int
+    seed: int
+
+    def validate(self) -> None:
+        _check(bool(self.source.strip()), "data.source", "must not be empty", self.source)
+        for name in ("max_train", "max_test"):
+            _check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0 (0 = all)", getattr(self, name))
+        for name in ("synthetic_train", "synthetic_test"):
+            _check(getattr(self, name) >= 10, f"data.{name}", "must be >= 10", getattr(self, name))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    block: str
+    units_per_stage: int
+    widths: tuple[int, ...]
+    strides: tuple[int, ...]
+    stem_filters: int
+    l2: float
+
+    def validate(self) -> None:
+        _check(self.block in ("bottleneck", "basic"), "model.block", "must be 'bottleneck' or 'basic'", self.block)
+        _check(self.units_per_stage >= 1, "model.units_per_stage", "must be >= 1", self.units_per_stage)
+        _check(len(self.widths) >= 1, "model.widths", "must list at least one stage", self.widths)
+        _check(all(w >= 1 for w in self.widths), "model.widths", "must all be >= 1", self.widths)
+        if self.block == "bottleneck":
+            _check(all(w % 4 == 0 for w in self.widths), "model.widths",
+                   "must be multiples of 4 for bottleneck blocks", self.widths)
+        _check(len(self.strides) == len(self.widths), "model.strides",
+               f"must have one entry per stage ({len(self.widths)})", self.strides)
+        _check(all(s in (1, 2) for s in self.strides), "model.strides", "must each be 1 or 2", self.strides)
+        _check(self.stem_filters >= 1, "model.stem_filters", "must be >= 1", self.stem_filters)
+        _check(0 <= self.l2 < 1, "model.l2", "must be in [0, 1)", self.l2)
+
+    @property
+    def depth(self) -> int:
+        """Weighted layers: stem + 3 (bottleneck) or 2 (basic) convs per unit + the classifier."""
+        per_unit = 3 if self.block == "bottleneck" else 2
+        return per_unit * self.units_per_stage * len(self.widths) + 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    lr_scaling: str
+    lr_boundaries: tuple[int, ...]
+    lr_decay: float
+    momentum: float
+    nesterov: bool
+    label_smoothing: float
+    shift: float
+    shift_fill: str
+    flip: bool
+    validation_fraction: float
+    precision: str
+    jit_compile: str
+    distribute: str
+    seed: int
+    verbose: str
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        _check(self.lr_scaling in ("none", "linear"), "train.lr_scaling", "must be 'none' or 'linear'", self.lr_scaling)
+        _check(all(b >= 1 for b in self.lr_boundaries), "train.lr_boundaries", "must be epochs >= 1", self.lr_boundaries)
+        _check(list(self.lr_boundaries) == sorted(set(self.lr_boundaries)), "train.lr_boundaries",
+               "must be strictly increasing", self.lr_boundaries)
+        _check(0 < self.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]", self.lr_decay)
+        _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", self.label_smoothing)
+        _check(0 <= self.shift < 0.5, "train.shift", "must be a fraction of the image size in [0, 0.5)", self.shift)
+        _check(self.shift_fill in ("nearest", "constant"), "train.shift_fill",
+               "must be 'nearest' or 'constant'", self.shift_fill)
+        _check(0 <= self.validation_fraction < 1, "train.validation_fraction", "must be in [0, 1)",
+               self.validation_fraction)
+        _check(self.precision in ("float32", "mixed_float16", "mixed_bfloat16"), "train.precision",
+               "must be float32, mixed_float16 or mixed_bfloat16", self.precision)
+        _check(self.jit_compile in ("auto", "true", "false"), "train.jit_compile", "must be auto, true or false",
+               self.jit_compile)
+        _check(self.distribute in ("auto", "none", "mirrored", "data_parallel"), "train.distribute",
+               "must be auto, none, mirrored or data_parallel", self.distribute)
+        _check(self.verbose in ("auto", "0", "1", "2"), "train.verbose", "must be auto, 0, 1 or 2", self.verbose)
+
+    @property
+    def scaled_lr(self) -> float:
+        """Peak learning rate after the optional linear scaling rule (reference batch 128)."""
+        return self.lr * self.batch_size / 128 if self.lr_scaling == "linear" else self.lr
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int
+    samples: int
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1", self.batch_size)
+        _check(1 <= self.samples <= 100, "evaluate.samples", "must be in [1, 100]", self.samples)
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    model_name: str
+    alias: str
+
+    def validate(self) -> None:
+        _check(bool(self.model_name.strip()), "register.model_name", "must not be empty", self.model_name)
+        _check(self.alias.isidentifier() and not self.alias.lower().startswith("v"), "register.alias",
+               "must be an identifier not starting with 'v' (MLflow reserves v<N>)", self.alias)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str
+
+    def validate(self) -> None:
+        _check(bool(self.experiment.strip()), "tracking.experiment", "must not be empty", self.experiment)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    register: RegisterConfig
+    tracking: TrackingConfig
+
+    def flat(self) -> dict[str, str]:
+        """Every parameter as `section.key -> str`, the form MLflow stores and compares."""
+        return {f"{section}.{key}": _to_param_string(value)
+                for section, values in dataclasses.asdict(self).items() for key, value in values.items()}
+
+    def run_name(self) -> str:
+        """A readable name for the MLflow UI, e.g. `resnet164-e150-b128-lr0.1`."""
+        return f"resnet{self.model.depth}-e{self.train.epochs}-b{self.train.batch_size}-lr{self.train.scaled_lr:g}"
+
+
+def _to_param_string(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_to_param_string(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a dataclass field type; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), key, "must be a list", value)
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_coerce(key, v, item_type) for v in value)
+    if annotation is bool:
+        _check(isinstance(value, bool), key, "must be true or false", value)
+        return value
+    if annotation is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer", value)
+        return value
+    if annotation is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number", value)
+        return float(value)
+    if annotation is str:
+        # YAML reads `auto`, `1`, `true` as different types; these fields are choices, keep the text.
+        _check(isinstance(value, (str, int, bool)) and value is not None, key, "must be a string", value)
+        return _to_param_string(value)
+    raise TypeError(f"unsupported field type {annotation!r} for {key}")  # programming error
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"params: file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"params: {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], layer: dict[str, Any], origin: str) -> None:
+    for section, values in layer.items():
+        if section not in base:
+            raise ConfigError(f"{section}: unknown section in {origin} (known: {', '.join(base)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: must be a mapping in {origin}, got {values!r}")
+        for key, value in values.items():
+            if key not in base[section]:
+                raise ConfigError(f"{section}.{key}: unknown key in {origin} "
+                                  f"(known: {', '.join(base[section])})")
+            base[section][key] = value
+
+
+def parse_overrides(overrides: str | list[str] | None) -> dict[str, dict[str, Any]]:
+    """`"train.lr=0.05 model.widths=[32,64,128]"` -> {"train": {"lr": 0.05}, "model": {...}}."""
+    items = shlex.split(overrides) if isinstance(overrides, str) else list(overrides or [])
+    layer: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"overrides: expected section.key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}") from None
+        layer.setdefault(section, {})[name] = value
+    return layer
+
+
+def load(path: str | Path | None = None, overrides: str | list[str] | None = None) -> Config:
+    """Load default.yaml, layer the params file at `path` and then `overrides` on top, validate."""
+    merged = _read_yaml(DEFAULT_PARAMS)
+    if path and Path(path).resolve() != DEFAULT_PARAMS:
+        candidate = Path(path)
+        if not candidate.is_absolute() and not candidate.exists():
+            candidate = PROJECT_ROOT / candidate
+        _merge(merged, _read_yaml(candidate), str(path))
+    _merge(merged, parse_overrides(overrides), "overrides")
+
+    sections = {}
+    for field in dataclasses.fields(Config):
+        cls = field.type if isinstance(field.type, type) else globals()[field.type]
+        hints = typing.get_type_hints(cls, globalns=globals(), localns={"types": types})
+        values = merged[field.name]
+        for key in hints:
+            if key not in values:
+                raise ConfigError(f"{field.name}.{key}: missing from params")
+        sections[field.name] = cls(**{key: _coerce(f"{field.name}.{key}", values[key], hints[key]) for key in hints})
+        sections[field.name].validate()
+    return Config(**sections)
+
+
+def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | None) -> Config:
+    """Entry-point helper: `--epochs 150 --data PATH` are shortcuts for their dotted keys.
+
+    Empty strings mean "not given" (MLproject passes "" for parameters left at their default).
+    """
+    keys = {"epochs": "train.epochs", "data": "data.source"}
+    extra = [f"{keys[name]}={value}" for name, value in shortcuts.items() if value not in (None, "")]
+    items = (shlex.split(overrides) if overrides else []) + extra
+    return load(params or None, items)

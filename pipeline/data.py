@@ -1,0 +1,355 @@
+"""Dataset sources -> uint8 arrays. No MLflow, no Keras model code.
+
+Sources (the `data.source` param):
+- `cifar10`: the official `cifar-10-python.tar.gz` from the Keras cache (`$KERAS_HOME` or
+  `~/.keras`, folder `datasets/`), downloaded there if absent, verified by its published sha256;
+- a path to that archive or to an extracted `cifar-10-batches-py/` folder;
+- a path to an image folder, directory or `.tar.gz`, laid out `train/<class>/*`, `test/<class>/*`;
+- `synthetic`: a generated, learnable 10-class dataset (offline demos and tests).
+
+The official batches are pickles, so they are read with an unpickler that admits only the
+types those files contain: a crafted batch cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SIZE = 32
+CHANNELS = 3
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+# Published sha256 of cifar-10-python.tar.gz (the one keras.datasets.cifar10 verifies).
+CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+CIFAR10_ARCHIVE_NAMES = ("cifar-10-python.tar.gz", "cifar-10-batches-py.tar.gz")
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SYNTHETIC_CLASSES = tuple(f"class_{i}" for i in range(10))
+
+
+class DataError(ValueError):
+    """A data source is missing, corrupt, tampered with or laid out wrongly."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Images are uint8 (N, 32, 32, 3) RGB; labels int32 (N,) indices into `class_names`."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+
+    def digest(self) -> str:
+        """sha256 over every array byte and the class names: one changed pixel changes it."""
+        h = hashlib.sha256()
+        for array in (self.x_train, self.y_train, self.x_test, self.y_test):
+            h.update(str(array.shape).encode())
+            h.update(np.ascontiguousarray(array).tobytes())
+        h.update("\n".join(self.class_names).encode())
+        return h.hexdigest()
+
+    def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and std of the training pixels, in 0-255 units (float64)."""
+        pixels = self.x_train.reshape(-1, CHANNELS).astype(np.float64)
+        return pixels.mean(axis=0), pixels.std(axis=0)
+
+    def subset(self, *, max_train: int, max_test: int, seed: int) -> Dataset:
+        """Keep a seeded random subset of each split (0 = keep all)."""
+        rng = np.random.default_rng(seed)
+
+        def pick(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+            if not n or n >= len(x):
+                return x, y
+            keep = np.sort(rng.permutation(len(x))[:n])
+            return x[keep], y[keep]
+
+        x_train, y_train = pick(self.x_train, self.y_train, max_train)
+        x_test, y_test = pick(self.x_test, self.y_test, max_test)
+        return Dataset(x_train, y_train, x_test, y_test, self.class_names)
+
+    def save(self, path: str | Path) -> None:
+        mean, std = self.channel_stats()
+        np.savez(path, x_train=self.x_train, y_train=self.y_train, x_test=self.x_test, y_test=self.y_test,
+                 class_names=np.array(self.class_names), mean=mean, std=std)
+
+
+def load_prepared(path: str | Path) -> Dataset:
+    """Read a dataset written by `Dataset.save` (a plain .npz: no pickles allowed)."""
+    with np.load(path, allow_pickle=False) as f:
+        dataset = Dataset(f["x_train"], f["y_train"], f["x_test"], f["y_test"],
+                          tuple(str(c) for c in f["class_names"]))
+    _check_arrays(dataset, str(path))
+    return dataset
+
+
+def _check_arrays(d: Dataset, origin: str) -> None:
+    for split, x, y in (("train", d.x_train, d.y_train), ("test", d.x_test, d.y_test)):
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, CHANNELS):
+            raise DataError(f"{origin}: {split} images must be uint8 (N, 32, 32, 3), got {x.dtype} {x.shape}")
+        if y.shape != (len(x),):
+            raise DataError(f"{origin}: {split} has {len(x)} images but labels of shape {y.shape}")
+        if len(x) == 0:
+            raise DataError(f"{origin}: the {split} split is empty")
+        if y.min() < 0 or y.max() >= len(d.class_names):
+            raise DataError(f"{origin}: {split} labels must lie in [0, {len(d.class_names)}), "
+                            f"got [{y.min()}, {y.max()}]")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_digest(source: str) -> str:
+    """Fingerprint of what `source` names, cheap enough to compute before every prepare.
+
+    Files: sha256 of their bytes. Folders: sha256 over relative paths and file bytes.
+    `synthetic` is defined by code and params alone; `cifar10` by its published checksum.
+    """
+    if source == "synthetic":
+        return "synthetic"
+    if source == "cifar10":
+        return CIFAR10_SHA256
+    path = Path(source)
+    if path.is_file():
+        return file_sha256(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(file.relative_to(path)).encode())
+            h.update(file.read_bytes())
+        return h.hexdigest()
+    raise DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path")
+
+
+def load_source(source: str, *, synthetic_train: int = 10000, synthetic_test: int = 2000, seed: int = 0) -> Dataset:
+    """Read the dataset `source` names (see the module docstring) into uint8 arrays."""
+    if source == "synthetic":
+        dataset = make_synthetic(n_train=synthetic_train, n_test=synthetic_test, seed=seed)
+    elif source == "cifar10":
+        dataset = load_cifar10_archive(fetch_cifar10())
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path")
+        if _looks_like_cifar_python(path):
+            dataset = load_cifar10_archive(path)
+        else:
+            dataset = load_image_folder(path)
+    _check_arrays(dataset, source)
+    return dataset
+
+
+# --- official CIFAR-10 python archive -------------------------------------------------------
+
+def keras_cache_dir() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
+
+
+def fetch_cifar10() -> Path:
+    """Path of a verified official archive (or extracted folder) from the Keras cache, else download."""
+    cache = keras_cache_dir()
+    for name in CIFAR10_ARCHIVE_NAMES:
+        archive = cache / name
+        if archive.is_file():
+            verify_sha256(archive, CIFAR10_SHA256)
+            return archive
+    for folder in (cache / CIFAR10_DIR, cache / f"{CIFAR10_DIR}_extracted" / CIFAR10_DIR):
+        if (folder / "batches.meta").is_file():
+            return folder
+    try:
+        import keras  # downloads are Keras's job: it retries, caches and checks the hash
+
+        return Path(keras.utils.get_file(fname=CIFAR10_ARCHIVE_NAMES[0], origin=CIFAR10_URL,
+                                         file_hash=CIFAR10_SHA256, hash_algorithm="sha256"))
+    except Exception as exc:  # noqa: BLE001 - any network or hash failure ends the same way
+        raise DataError(
+            f"data.source: cannot download CIFAR-10 ({type(exc).__name__}: {exc}). Put the official "
+            f"cifar-10-python.tar.gz ({CIFAR10_URL}) in {cache}/ or pass its path (or an image folder) "
+            f"as -P data=PATH"
+        ) from None
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    actual = file_sha256(path)
+    if actual != expected:
+        raise DataError(f"{path}: sha256 {actual} does not match the published {expected}; "
+                        f"the file is truncated or not the official archive: delete it and fetch it again")
+
+
+def _looks_like_cifar_python(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "batches.meta").is_file() or (path / CIFAR10_DIR / "batches.meta").is_file()
+    return path.name in CIFAR10_ARCHIVE_NAMES
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR-10 python batches hold: dicts, lists, bytes, ints and numpy arrays."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"forbidden type {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle_batch(raw: bytes, name: str) -> dict:
+    try:
+        batch = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt and crafted files all end here
+        raise DataError(f"{name}: not a valid CIFAR-10 batch ({exc})") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{name}: not a valid CIFAR-10 batch (holds a {type(batch).__name__})")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def _batch_arrays(batch: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != IMAGE_SIZE * IMAGE_SIZE * CHANNELS:
+        raise DataError(f"{name}: 'data' must be an (N, 3072) array")
+    if labels is None or len(labels) != len(data):
+        raise DataError(f"{name}: 'labels' must have one entry per image")
+    # Rows are 1024 red, then 1024 green, then 1024 blue values, each image row-major.
+    x = data.astype(np.uint8).reshape(-1, CHANNELS, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(x), np.asarray(labels, dtype=np.int32)
+
+
+def load_cifar10_archive(path: str | Path) -> Dataset:
+    """Read the official python-format archive (.tar.gz) or its extracted folder."""
+    path = Path(path)
+    needed = ("batches.meta", *CIFAR10_TRAIN_BATCHES, "test_batch")
+    if path.is_dir():
+        folder = path if (path / "batches.meta").is_file() else path / CIFAR10_DIR
+        try:
+            raw = {n: (folder / n).read_bytes() for n in needed}
+        except FileNotFoundError as exc:
+            raise DataError(f"{path}: missing {Path(exc.filename).name} (expected the files of {CIFAR10_DIR}/)") from None
+    else:
+        raw = {}
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                for member in tar:  # read in place: nothing is extracted to disk
+                    base = member.name.rsplit("/", 1)[-1]
+                    if member.isfile() and base in needed:
+                        raw[base] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
+        missing = [n for n in needed if n not in raw]
+        if missing:
+            raise DataError(f"{path}: missing {', '.join(missing)} (expected {CIFAR10_DIR}/ with the 6 batches)")
+
+    meta = _unpickle_batch(raw["batches.meta"], "batches.meta")
+    class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("label_names", []))
+    if not class_names:
+        raise DataError("batches.meta: no label_names")
+    train = [_batch_arrays(_unpickle_batch(raw[n], n), n) for n in CIFAR10_TRAIN_BATCHES]
+    x_test, y_test = _batch_arrays(_unpickle_batch(raw["test_batch"], "test_batch"), "test_batch")
+    return Dataset(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+                   x_test, y_test, class_names)
+
+
+# --- image folders ----------------------------------------------------------------------------
+
+def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (32, 32, 3) RGB. Other sizes are resized (bilinear, Pillow).
+
+    Training data and served images both go through this function, so they match.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            img = img.convert("RGB")
+            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+                img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{name}: not a decodable PNG/JPEG image ({exc})") from None
+
+
+def _iter_image_files(path: Path):
+    """Yield (split, class, name, bytes) for every image file of a folder or .tar.gz."""
+    if path.is_dir():
+        for file in sorted(path.rglob("*")):
+            if file.is_file():
+                yield file.relative_to(path).parts, file.read_bytes
+        return
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isfile():
+                    data = tar.extractfile(member).read()
+                    yield tuple(p for p in member.name.split("/") if p not in ("", ".")), (lambda d=data: d)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
+
+
+def load_image_folder(path: str | Path) -> Dataset:
+    """Read `train/<class>/*` and `test/<class>/*` images; class names are the folder names."""
+    path = Path(path)
+    files: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
+    for parts, read in _iter_image_files(path):
+        if len(parts) >= 3 and parts[-3] in files and parts[-1].lower().endswith(IMAGE_SUFFIXES):
+            split, cls, name = parts[-3:]
+            files[split].setdefault(cls, []).append(("/".join(parts), read()))
+    train_classes, test_classes = sorted(files["train"]), sorted(files["test"])
+    if not train_classes:
+        raise DataError(f"{path}: no images found under train/<class>/ (expected train/<class>/*.png|jpg "
+                        f"and test/<class>/*.png|jpg)")
+    if train_classes != test_classes:
+        raise DataError(f"{path}: test classes {test_classes} differ from train classes {train_classes}")
+    if len(train_classes) < 2:
+        raise DataError(f"{path}: need at least 2 classes, found {train_classes}")
+
+    def split_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for label, cls in enumerate(train_classes):
+            for name, raw in sorted(files[split][cls]):
+                images.append(decode_image(raw, f"{path}:{name}"))
+                labels.append(label)
+        return np.stack(images), np.asarray(labels, dtype=np.int32)
+
+    x_train, y_train = split_arrays("train")
+    x_test, y_test = split_arrays("test")
+    return Dataset(x_train, y_train, x_test, y_test, tuple(train_classes))
+
+
+# --- synthetic ------------------------------------------------------------------------------
+
+def make_synthetic(*, n_train: int, n_test: int, seed: int = 0) -> Dataset:
+    """A learnable 10-class dataset: each class has its own mean colour, drowned in noise.
+
+    Colour survives shifts and flips, so a small ResNet learns it in a few epochs; the noise
+    (per-image brightness, per-pixel noise, a random distractor patch) keeps it from being trivial.
+    """
+    palette = np.random.default_rng(1234).uniform(40, 215, size=(len(SYNTHETIC_CLASSES), CHANNELS))
+
+    def split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, len(SYNTHETIC_CLASSES), size=n).astype(np.int32)
+        x = palette[y][:, None, None, :] + rng.normal(0, 15, size=(n, 1, 1, 1))
+        x = x + rng.normal(0, 35, size=(n, IMAGE_SIZE, IMAGE_SIZE, CHANNELS))
+        for i, (r, c) in enumerate(rng.integers(0, IMAGE_SIZE - 12, size=(n, 2))):
+            x[i, r:r + 12, c:c + 12] = rng.uniform(0, 255, size=CHANNELS)
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8), y
+
+    rng = np.random.default_rng(seed)
+    x_train, y_train = split(n_train, rng)
+    x_test, y_test = split(n_test, rng)
+    return Dataset(x_train, y_train, x_test, y_test, SYNTHETIC_CLASSES)

@@ -1,0 +1,125 @@
+"""Step 3, evaluate: score a logged model on the whole test split (no truncation by steps).
+
+Reads:  a model URI (from train) and a prepared dataset URI (from prepare).
+Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`,
+        `test_acc_<class>` on this run and on the logged model; artifacts `metrics.json`,
+        `per_class.csv`, `confusion_matrix.png`, `predictions.png` (sample test images with
+        predicted and true labels, the seed's prediction demo).
+Returns the metrics dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import keras
+import matplotlib
+import mlflow
+import numpy as np
+import pandas as pd
+
+from pipeline import config, prepare
+from pipeline.data import Dataset
+from pipeline.tracking import cli, step_run
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
+
+
+def score(probs: np.ndarray, dataset: Dataset) -> tuple[dict, pd.DataFrame]:
+    """Metrics and the confusion matrix (rows: true class, columns: predicted) from probabilities."""
+    y_true, y_pred = dataset.y_test, probs.argmax(axis=1)
+    names = list(dataset.class_names)
+    loss = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(y_true, probs))
+    confusion = pd.crosstab(pd.Categorical.from_codes(y_true, names), pd.Categorical.from_codes(y_pred, names),
+                            rownames=["true"], colnames=["predicted"], dropna=False)
+    per_class = pd.Series(np.diag(confusion) / confusion.sum(axis=1).clip(lower=1), index=names)
+    metrics = {"test_loss": float(loss.mean()), "test_acc": float((y_true == y_pred).mean()),
+               "test_images": len(y_true), "per_class_acc": {k: float(v) for k, v in per_class.items()}}
+    return metrics, confusion
+
+
+def plot_confusion(confusion: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(confusion.to_numpy(), cmap="Blues")
+    ax.set_xticks(range(len(confusion.columns)), confusion.columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(confusion.index)), confusion.index)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), n in np.ndenumerate(confusion.to_numpy()):
+        ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
+                color="white" if n > confusion.to_numpy().max() / 2 else "black")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_samples(dataset: Dataset, probs: np.ndarray, n: int, path: Path) -> None:
+    cols = min(n, 5)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        pred, true = probs[i].argmax(), dataset.y_test[i]
+        ax.imshow(dataset.x_test[i])
+        ax.set_title(f"{dataset.class_names[pred]} {probs[i, pred]:.0%}\n(true: {dataset.class_names[true]})",
+                     fontsize=8, color="green" if pred == true else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def model_id_of(model_uri: str) -> str | None:
+    """`models:/m-...` -> the logged model's id (None for registry URIs like models:/name/1)."""
+    tail = model_uri.removeprefix("models:/")
+    return tail if tail.startswith("m-") and "/" not in tail else None
+
+
+def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
+    """Evaluate inside the active run; return the metrics."""
+    dataset = prepare.load_dataset(dataset_uri)
+    try:
+        classifier = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except Exception as exc:  # noqa: BLE001 - a wrong URI surfaces as several MLflow error types
+        raise config.ConfigError(f"model_uri: cannot load {model_uri} ({exc})".replace("\n", " ")) from None
+    probs = classifier.predict_proba(dataset.x_test, batch_size=cfg.evaluate.batch_size)
+    metrics, confusion = score(probs, dataset)
+    flat = {"test_loss": metrics["test_loss"], "test_acc": metrics["test_acc"],
+            **{f"test_acc_{k}": v for k, v in metrics["per_class_acc"].items()}}
+    mlflow.log_params({"model_uri": model_uri, "dataset_uri": dataset_uri,
+                       "evaluate.batch_size": cfg.evaluate.batch_size})
+    mlflow.log_metrics(flat)
+    model_id = model_id_of(model_uri)
+    if model_id:
+        mlflow.log_metrics(flat, model_id=model_id)  # shows on the model's page and feeds `register`
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "metrics.json").write_text(json.dumps({**metrics, "model_uri": model_uri}, indent=2))
+        confusion.to_csv(Path(tmp) / "confusion_matrix.csv")
+        plot_confusion(confusion, Path(tmp) / "confusion_matrix.png")
+        plot_samples(dataset, probs, min(cfg.evaluate.samples, len(probs)), Path(tmp) / "predictions.png")
+        mlflow.log_artifacts(tmp)
+    print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  "
+          f"on all {metrics['test_images']} test images")
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="")
+    parser.add_argument("--overrides", default="")
+    parser.add_argument("--model-uri", required=True)
+    parser.add_argument("--dataset-uri", required=True)
+    args = parser.parse_args()
+    cfg = config.load_from_cli(args.params, args.overrides)
+    with step_run(cfg, "evaluate"):
+        run(cfg, args.model_uri, args.dataset_uri)
+
+
+if __name__ == "__main__":
+    cli(main)

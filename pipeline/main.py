@@ -1,0 +1,48 @@
+"""The `main` entry point: prepare -> train -> evaluate -> register as nested runs of one parent.
+
+Steps talk only through URIs: prepare returns a dataset URI (an identical finished prepare
+run is reused), train a model URI, evaluate records test metrics on that model, register
+reads them. The parent run holds the resolved params and the headline results.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import mlflow
+
+from pipeline import config, evaluate, prepare, register, train
+from pipeline.tracking import cli, step_run
+
+
+def run(cfg: config.Config) -> dict:
+    """Run the whole pipeline inside the active (parent) run; return the headline results."""
+    mlflow.log_params(cfg.flat())
+    dataset_uri = prepare.ensure_prepared(cfg)
+    with step_run(cfg, "train", run_name=cfg.run_name()):
+        model_uri = train.run(cfg, dataset_uri)
+    with step_run(cfg, "evaluate"):
+        metrics = evaluate.run(cfg, model_uri, dataset_uri)
+    with step_run(cfg, "register"):
+        decision = register.run(cfg, model_uri)
+    mlflow.log_metrics({"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"]})
+    mlflow.set_tags({"dataset_uri": dataset_uri, "model_uri": model_uri,
+                     "registered_version": str(decision["version"]), "alias_moved": str(decision["alias_moved"]).lower()})
+    return {"dataset_uri": dataset_uri, "model_uri": model_uri, **metrics, **decision}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="")
+    parser.add_argument("--epochs", default="")
+    parser.add_argument("--data", default="")
+    parser.add_argument("--overrides", default="")
+    args = parser.parse_args()
+    cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
+    prepare.prepare_key(cfg)  # a missing data path fails here, before any run is opened
+    with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}"):
+        run(cfg)
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,117 @@
+"""Step 1, prepare: read the data source once and materialise it as one artifact.
+
+Reads:  the source named by `data.source` (see pipeline.data).
+Writes: artifact `dataset/dataset.npz` (uint8 images, int32 labels, class names, per-channel
+        mean/std in 0-255 units) and `dataset/dataset.json` (counts, stats, digests, source);
+        an MLflow dataset input carrying the sha256 digest of the array bytes.
+Returns the dataset URI `runs:/<run id>/dataset/dataset.npz` that train and evaluate read.
+
+`ensure_prepared` reuses a finished prepare run whose inputs are identical: the data params
+(compared as the strings MLflow stores), the source's digest and this code's digest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.data.code_dataset_source import CodeDatasetSource
+
+from pipeline import config, data
+from pipeline.tracking import cli, code_digest, step_run
+
+DATASET_ARTIFACT = "dataset/dataset.npz"
+
+
+def prepare_key(cfg: config.Config) -> str:
+    """Cache key of a prepare run: data params, source digest and code digest."""
+    params = {k: v for k, v in cfg.flat().items() if k.startswith("data.")}
+    inputs = {"params": params, "source_digest": data.source_digest(cfg.data.source),
+              "code_digest": code_digest("data", "prepare")}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def run(cfg: config.Config, *, key: str | None = None) -> str:
+    """Prepare the dataset inside the active run; return its dataset URI."""
+    source = data.load_source(cfg.data.source, synthetic_train=cfg.data.synthetic_train,
+                              synthetic_test=cfg.data.synthetic_test, seed=cfg.data.seed)
+    dataset = source.subset(max_train=cfg.data.max_train, max_test=cfg.data.max_test, seed=cfg.data.seed)
+    digest = dataset.digest()
+    mean, std = dataset.channel_stats()
+    summary = {
+        "source": cfg.data.source, "sha256": digest, "class_names": list(dataset.class_names),
+        "train_images": len(dataset.x_train), "test_images": len(dataset.x_test),
+        "mean": mean.round(4).tolist(), "std": std.round(4).tolist(),
+    }
+    mlflow.log_params({k: v for k, v in cfg.flat().items() if k.startswith("data.")})
+    mlflow.set_tags({"prepare_key": key or prepare_key(cfg), "dataset_sha256": digest})
+    mlflow.set_tag("mlflow.note.content", f"Dataset `{cfg.data.source}`, sha256 `{digest}`, "
+                   f"{len(dataset.x_train)} train / {len(dataset.x_test)} test images.")
+    # MLflow keeps dataset digests in a 36-character column: log the first 32 hex digits there;
+    # the full sha256 is in the run's tags and in dataset.json.
+    mlflow.log_input(mlflow.data.from_numpy(dataset.x_train, targets=dataset.y_train, source=_source(cfg),
+                                            name=Path(cfg.data.source).name or cfg.data.source,
+                                            digest=digest[:32]), context="train")
+    mlflow.log_metrics({"train_images": len(dataset.x_train), "test_images": len(dataset.x_test)})
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset.save(Path(tmp) / "dataset.npz")
+        (Path(tmp) / "dataset.json").write_text(json.dumps(summary, indent=2))
+        mlflow.log_artifacts(tmp, "dataset")
+    print(f"prepared {cfg.data.source}: {len(dataset.x_train)} train / {len(dataset.x_test)} test, sha256 {digest}")
+    return f"runs:/{mlflow.active_run().info.run_id}/{DATASET_ARTIFACT}"
+
+
+def _source(cfg: config.Config):
+    if cfg.data.source == "synthetic":
+        return CodeDatasetSource(tags={"generator": "pipeline.data.make_synthetic", "seed": str(cfg.data.seed)})
+    if cfg.data.source == "cifar10":
+        return data.CIFAR10_URL
+    return Path(cfg.data.source).resolve().as_uri()
+
+
+def find_prepared(cfg: config.Config, key: str) -> str | None:
+    """Dataset URI of a finished prepare run with the same key, in any experiment, if any."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                              filter_string=f"tags.prepare_key = '{key}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    return f"runs:/{runs[0].info.run_id}/{DATASET_ARTIFACT}" if runs else None
+
+
+def ensure_prepared(cfg: config.Config) -> str:
+    """Reuse an identical finished prepare run, or run prepare as a nested run."""
+    key = prepare_key(cfg)
+    found = find_prepared(cfg, key)
+    if found:
+        print(f"reusing prepared dataset {found}")
+        return found
+    with step_run(cfg, "prepare"):
+        return run(cfg, key=key)
+
+
+def load_dataset(dataset_uri: str) -> data.Dataset:
+    """Download (or locate) a prepared dataset artifact and read it."""
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=dataset_uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+        raise data.DataError(f"dataset_uri: cannot read {dataset_uri} ({exc})") from None
+    return data.load_prepared(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="")
+    parser.add_argument("--data", default="")
+    parser.add_argument("--overrides", default="")
+    args = parser.parse_args()
+    cfg = config.load_from_cli(args.params, args.overrides, data=args.data)
+    data.source_digest(cfg.data.source)  # a missing path fails here, before any run is opened
+    with step_run(cfg, "prepare"):
+        run(cfg)
+
+
+if __name__ == "__main__":
+    cli(main)
