@@ -17,9 +17,11 @@ def shift_flip(images, *, max_shift: int, fill: str = "nearest", flip: bool = Tr
 
     images: float (B, H, W, C). fill: "nearest" repeats the edge pixel (the seed's
     ImageDataGenerator default), "constant" fills with zeros (the paper's zero padding).
-    seed: a `keras.random.SeedGenerator` (or int) for reproducible draws.
+    seed: a `keras.random.SeedGenerator` (inside compiled steps) or an int, for reproducible draws.
     Returns a tensor of the same shape and dtype.
     """
+    if not isinstance(seed, keras.random.SeedGenerator):
+        seed = keras.random.SeedGenerator(seed)  # an int seed would give every draw the same numbers
     batch = ops.shape(images)[0]
     height, width = images.shape[1], images.shape[2]
     dy = keras.random.randint((batch,), -max_shift, max_shift + 1, seed=seed)

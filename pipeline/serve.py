@@ -1,14 +1,29 @@
 """The served model: a pyfunc around the trained Keras model that speaks in class names.
 
-Input: uint8-valued pixel tensors (n, 32, 32, 3). Output: one row per image with the predicted
-`label`, its `probability` and all class `probabilities` (in `class_names` order).
-Bad input raises an MlflowException with INVALID_PARAMETER_VALUE, which the scoring server
-answers with HTTP 400 and the message.
+Input, as JSON bodies for `mlflow models serve` (or the same objects passed to `predict` in process):
+- pixel tensors `{"inputs": [[[[r, g, b], ...], ...], ...]}`: integers 0-255, shape (n, 32, 32, 3)
+  (a single (32, 32, 3) image is accepted too);
+- encoded images, PNG or JPEG of any size, base64 strings: `{"inputs": ["<b64>", ...]}`,
+  `{"dataframe_split": {"columns": ["image"], "data": [["<b64>"], ...]}}` or
+  `{"dataframe_records": [{"image": "<b64>"}, ...]}`. They are converted to 32x32 RGB by
+  `pipeline.data.decode_image`, the function training images went through. Raw bytes work in process.
+Output: one row per image with the predicted `label`, its `probability` and all class
+`probabilities` (in `class_names` order).
+
+The model is logged without an enforcing signature: MLflow would cast a uint8 tensor signature's
+input silently (floats in [0, 1] become 0), so all validation happens here. Bad input raises an
+MlflowException with INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400 and
+the message; any other exception would become a 400 without the reason.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
+import re
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -16,34 +31,126 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from pipeline.data import CHANNELS, IMAGE_SIZE
+from pipeline.data import CHANNELS, IMAGE_SIZE, DataError, decode_image
 
 KERAS_ARTIFACT = "keras_model"
 CLASSES_ARTIFACT = "class_names"
+IMAGE_COLUMN = "image"
+PIXEL_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, CHANNELS)
+# A few hundred bytes of PNG can declare a canvas of billions of pixels: refuse those before decoding.
+MAX_ENCODED_PIXELS = 4096 * 4096
+# Browsers hand out `data:image/png;base64,...`; accept the prefix rather than make every client strip it.
+DATA_URI_PREFIX = re.compile(r"^data:[\w/+.-]*;base64,")
+
+INPUT_FORMATS = (
+    'pixel tensors {"inputs": [[[[r, g, b], ...]]]}: integers 0-255, shape (n, 32, 32, 3); '
+    'encoded PNG/JPEG images of any size as base64 strings: {"inputs": ["<b64>", ...]}, '
+    f'or a dataframe_split / dataframe_records column named "{IMAGE_COLUMN}"; '
+    "they are resized to 32x32 RGB (bilinear) as the training images were."
+)
+OUTPUT_FORMAT = "one row per image: label (class name), probability (of that class), probabilities (all classes)"
 
 
 def bad_input(message: str) -> MlflowException:
+    """An error the scoring server answers with HTTP 400 and `message`."""
     return MlflowException(f"bad input: {message}", error_code=INVALID_PARAMETER_VALUE)
 
 
-def to_pixels(model_input) -> np.ndarray:
-    """Validate a batch of pixel tensors and return it as uint8 (n, 32, 32, 3)."""
+def to_pixels(model_input: Any) -> np.ndarray:
+    """Any accepted input (see the module docstring) -> validated uint8 pixels (n, 32, 32, 3)."""
+    encoded = encoded_images(model_input)
+    if encoded is not None:
+        return decode_images(encoded)
+    return check_pixels(model_input)
+
+
+def encoded_images(model_input: Any) -> list | None:
+    """The encoded images of a batch (base64 strings or bytes), or None if it holds pixel values."""
     if isinstance(model_input, pd.DataFrame):
-        model_input = model_input.to_numpy()
+        if IMAGE_COLUMN not in model_input.columns:
+            raise bad_input(f"a dataframe needs a column named '{IMAGE_COLUMN}' of base64 PNG/JPEG images, "
+                            f"got columns {list(model_input.columns)}; send pixel tensors as {{\"inputs\": ...}}")
+        model_input = model_input[IMAGE_COLUMN]
+    elif isinstance(model_input, dict):
+        if set(model_input) != {IMAGE_COLUMN}:
+            raise bad_input(f"expected a single input named '{IMAGE_COLUMN}', got {sorted(model_input)}")
+        model_input = model_input[IMAGE_COLUMN]
+    if isinstance(model_input, (str, bytes)):
+        return [model_input]
+    if isinstance(model_input, pd.Series):
+        return model_input.tolist()
+    if isinstance(model_input, np.ndarray):
+        # Only a 1-d array of text or objects can hold encoded images; don't copy pixel tensors to lists.
+        if model_input.ndim != 1 or model_input.dtype.kind not in "USO":
+            return None
+        model_input = model_input.tolist()
+    # A list starting with text is a batch of encoded images; to_bytes reports any item that is not.
+    if isinstance(model_input, list) and model_input and isinstance(model_input[0], (str, bytes)):
+        return model_input
+    return None
+
+
+def decode_images(items: list) -> np.ndarray:
+    """Base64 strings or raw bytes of PNG/JPEG images -> uint8 pixels (n, 32, 32, 3)."""
+    if not items:
+        raise bad_input("empty batch: send at least one image")
+    return np.stack([decode_one(to_bytes(item, f"image {i}"), f"image {i}") for i, item in enumerate(items)])
+
+
+def to_bytes(item: Any, name: str) -> bytes:
+    """A base64 string (optionally a `data:` URI) or raw bytes -> the encoded image bytes."""
+    if isinstance(item, bytes):
+        raw = item
+    elif isinstance(item, str):
+        try:
+            raw = base64.b64decode(DATA_URI_PREFIX.sub("", item.strip()), validate=True)
+        except binascii.Error as exc:
+            raise bad_input(f"{name}: not valid base64 ({exc})") from None
+    else:
+        raise bad_input(f"{name}: expected a base64-encoded PNG/JPEG string, got {type(item).__name__}")
+    if not raw:
+        raise bad_input(f"{name}: empty image")
+    return raw
+
+
+def decode_one(raw: bytes, name: str) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (32, 32, 3) through `decode_image`, refusing oversized canvases first."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as img:  # reads the header only
+            width, height = img.size
+    except Image.DecompressionBombError as exc:
+        raise bad_input(f"{name}: image too large ({exc})") from None
+    except Exception:  # noqa: BLE001 - undecodable bytes are reported by decode_image below, in one wording
+        width = height = 0
+    if width * height > MAX_ENCODED_PIXELS:
+        raise bad_input(f"{name}: image too large ({width}x{height}, at most {MAX_ENCODED_PIXELS} pixels)")
+    try:
+        return decode_image(raw, name)
+    except DataError as exc:
+        raise bad_input(str(exc)) from None
+
+
+def check_pixels(model_input: Any) -> np.ndarray:
+    """Pixel values (array or nested lists) -> uint8 (n, 32, 32, 3), refusing anything that is not
+    integers 0-255 in that shape: floats scaled to [0, 1] would otherwise be silently misread."""
     try:
         x = np.asarray(model_input)
     except ValueError as exc:  # ragged nested lists
         raise bad_input(f"pixels must form an (n, 32, 32, 3) array ({exc})") from None
-    expected = (IMAGE_SIZE, IMAGE_SIZE, CHANNELS)
-    if x.ndim == 3 and x.shape == expected:
-        x = x[None]
-    if x.ndim != 4 or x.shape[1:] != expected:
-        raise bad_input(f"pixels must have shape (n, 32, 32, 3), got {x.shape}")
-    if len(x) == 0:
+    if x.size == 0:
         raise bad_input("empty batch: send at least one image")
+    if x.shape == PIXEL_SHAPE:
+        x = x[None]
+    if x.ndim == 4 and x.shape[1:3] == PIXEL_SHAPE[:2] and x.shape[3] != CHANNELS:
+        raise bad_input(f"pixels must have {CHANNELS} channels (RGB), got {x.shape[3]} (shape {x.shape})")
+    if x.ndim != 4 or x.shape[1:] != PIXEL_SHAPE:
+        raise bad_input(f"pixels must have shape (n, 32, 32, 3), got {x.shape}; "
+                        f"send other sizes as base64 PNG/JPEG images")
     if x.dtype == np.uint8:
         return x
-    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+    if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise bad_input(f"pixels must be integers 0-255, got values of type {x.dtype}")
     if np.issubdtype(x.dtype, np.floating):
         if not np.isfinite(x).all():
@@ -56,6 +163,7 @@ def to_pixels(model_input) -> np.ndarray:
 
 
 def to_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+    """Class probabilities (n, classes) -> one row per image: label, probability, probabilities."""
     best = probs.argmax(axis=1)
     return pd.DataFrame({"label": [class_names[i] for i in best],
                          "probability": probs[np.arange(len(probs)), best].astype(float),
@@ -73,7 +181,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             self.class_names = json.load(f)
 
     def predict_proba(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """uint8 pixels (n, 32, 32, 3) -> float32 class probabilities (n, classes)."""
         return np.asarray(self.model.predict(pixels, batch_size=batch_size, verbose=0), dtype=np.float32)
 
     def predict(self, context, model_input, params=None):
+        """Any accepted input (see the module docstring) -> a DataFrame, one row per image."""
         return to_frame(self.predict_proba(to_pixels(model_input)), self.class_names)

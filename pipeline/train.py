@@ -26,8 +26,6 @@ import matplotlib
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
 
 from pipeline import config, prepare, serve
 from pipeline.data import IMAGE_SIZE, Dataset
@@ -135,8 +133,14 @@ def inference_copy(cfg: config.Config, dataset: Dataset, model: keras.Model) -> 
 
 
 def log_model(model: keras.Model, class_names: list[str], example: np.ndarray) -> mlflow.models.model.ModelInfo:
-    """Log the pyfunc that serves `model` (see pipeline.serve) with a uint8 pixel signature."""
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, IMAGE_SIZE, IMAGE_SIZE, 3))]))
+    """Log the pyfunc that serves `model` (see pipeline.serve); return its ModelInfo.
+
+    Inputs: the inference Keras model, its class names, a few uint8 (n, 32, 32, 3) images kept as
+    the input example. No signature: MLflow enforces a tensor signature by casting (floats in [0, 1]
+    become 0 under uint8) and no single schema admits both pixel tensors and base64 images, so
+    `serve.to_pixels` validates every request instead. The accepted formats go into the MLmodel
+    metadata.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         model.save(Path(tmp) / "model.keras")
         (Path(tmp) / "class_names.json").write_text(json.dumps(class_names))
@@ -144,7 +148,10 @@ def log_model(model: keras.Model, class_names: list[str], example: np.ndarray) -
             name="model", python_model=serve.ImageClassifier(), code_paths=[str(PIPELINE_DIR)],
             artifacts={serve.KERAS_ARTIFACT: str(Path(tmp) / "model.keras"),
                        serve.CLASSES_ARTIFACT: str(Path(tmp) / "class_names.json")},
-            signature=signature, input_example=example, pip_requirements=serving_requirements())
+            signature=False, input_example=np.asarray(example, dtype=np.uint8),
+            metadata={"input_formats": serve.INPUT_FORMATS, "output_format": serve.OUTPUT_FORMAT,
+                      "class_names": list(class_names)},
+            pip_requirements=serving_requirements())
 
 
 def serving_requirements() -> list[str]:

@@ -1,0 +1,93 @@
+"""Params: the seed recipe is the default, variants layer on it, bad values name their key."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import config
+
+
+def test_default_is_the_seed_recipe():
+    cfg = config.load()
+    assert (cfg.model.block, cfg.model.units_per_stage, cfg.model.widths) == ("bottleneck", 18, (64, 128, 256))
+    assert (cfg.model.strides, cfg.model.stem_filters, cfg.model.l2) == ((1, 2, 2), 16, 1e-4)
+    assert cfg.model.depth == 164
+    t = cfg.train
+    assert (t.epochs, t.batch_size, t.lr, t.momentum, t.lr_boundaries, t.lr_decay) == (150, 128, 0.1, 0.9, (80, 120), 0.1)
+    assert (t.shift, t.flip, t.validation_fraction) == (0.125, True, 0.0)
+    assert cfg.data.source == "cifar10"
+    assert cfg.register.model_name == "cifar10-resnet" and cfg.register.alias == "champion"
+
+
+@pytest.mark.parametrize(("path", "depth"), [("params/resnet20.yaml", 20), ("params/resnet56.yaml", 56),
+                                             ("params/resnet110.yaml", 110), ("params/resnet1001.yaml", 1001),
+                                             ("params/quick.yaml", 20), ("params/tiny.yaml", 11)])
+def test_variants_layer_on_the_default(path, depth):
+    cfg = config.load(path)
+    assert cfg.model.depth == depth
+    assert cfg.train.momentum == 0.9  # untouched keys keep the seed's value
+
+
+def test_overrides_are_dotted_yaml_values():
+    cfg = config.load("params/quick.yaml", "train.batch_size=256 model.widths=[32,64,128] train.lr_scaling=linear")
+    assert cfg.train.batch_size == 256 and cfg.model.widths == (32, 64, 128)
+    assert cfg.train.scaled_lr == pytest.approx(0.2)
+    assert cfg.run_name() == "resnet20-e5-b256-lr0.2"
+
+
+def test_cli_shortcuts_and_empty_values():
+    cfg = config.load_from_cli("", "", epochs="7", data="synthetic")
+    assert cfg.train.epochs == 7 and cfg.data.source == "synthetic"
+    assert config.load_from_cli("", "", epochs="", data="").train.epochs == 150
+
+
+def test_flat_params_are_the_strings_mlflow_stores():
+    flat = config.load().flat()
+    assert flat["train.lr_boundaries"] == "[80, 120]" and flat["train.flip"] == "true" and flat["model.l2"] == "0.0001"
+    assert all(isinstance(v, str) for v in flat.values())
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("train.epochs=0", "train.epochs"),
+    ("train.epochs=abc", "train.epochs"),
+    ("train.epochs=1.5", "train.epochs"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.lr=0", "train.lr"),
+    ("train.lr=-0.1", "train.lr"),
+    ("train.momentum=1", "train.momentum"),
+    ("train.lr_boundaries=[120,80]", "train.lr_boundaries"),
+    ("train.shift=0.7", "train.shift"),
+    ("train.shift_fill=wrap", "train.shift_fill"),
+    ("train.precision=float8", "train.precision"),
+    ("train.distribute=tpu", "train.distribute"),
+    ("train.flip=maybe", "train.flip"),
+    ("train.validation_fraction=1", "train.validation_fraction"),
+    ("model.block=dense", "model.block"),
+    ("model.units_per_stage=0", "model.units_per_stage"),
+    ("model.widths=[10,20,30]", "model.widths"),
+    ("model.strides=[1,2]", "model.strides"),
+    ("model.l2=-1", "model.l2"),
+    ("data.max_train=-1", "data.max_train"),
+    ("data.source=", "data.source"),
+    ("evaluate.samples=0", "evaluate.samples"),
+    ("register.alias=v1", "register.alias"),
+    ("train.learning_rate=0.1", "train.learning_rate"),
+    ("optimizer.lr=0.1", "optimizer"),
+])
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, override)
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_bad_params_files(tmp_path):
+    with pytest.raises(config.ConfigError, match="not found"):
+        config.load(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load(tmp_path / "bad.yaml")
+    (tmp_path / "unknown.yaml").write_text("train:\n  epochz: 3\n")
+    with pytest.raises(config.ConfigError, match="train.epochz: unknown key"):
+        config.load(tmp_path / "unknown.yaml")
+    with pytest.raises(config.ConfigError, match="expected section.key=value"):
+        config.load(None, "epochs=3")

@@ -1,0 +1,198 @@
+"""Data sources: the official pickled format (generated here), image folders, synthetic, digests."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import data
+
+SHARED_JPEG = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"
+NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def official_batch(rng: np.random.Generator, n: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """A batch in the official layout: b'data' (n, 3072) uint8 rows R..G..B, b'labels' list."""
+    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n)
+    rows = images.transpose(0, 3, 1, 2).reshape(n, 3072)
+    batch = {b"batch_label": b"generated", b"labels": [int(v) for v in labels], b"data": rows,
+             b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+    return batch, images, labels
+
+
+def write_official(folder: Path, n: int = 6, seed: int = 0) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Write cifar-10-batches-py/ (5 train batches, test batch, meta) and its .tar.gz."""
+    rng = np.random.default_rng(seed)
+    root = folder / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    train_images = []
+    for name in [*data.CIFAR10_TRAIN_BATCHES, "test_batch"]:
+        batch, images, labels = official_batch(rng, n)
+        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
+        train_images.append((images, labels))
+    meta = {b"label_names": [c.encode() for c in NAMES], b"num_cases_per_batch": n, b"num_vis": 3072}
+    (root / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    archive = folder / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="cifar-10-batches-py")
+    x_train = np.concatenate([x for x, _ in train_images[:5]])
+    return archive, x_train, train_images[5][0]
+
+
+def test_official_archive_and_folder_read_the_same(tmp_path):
+    archive, x_train, x_test = write_official(tmp_path)
+    from_archive = data.load_source(str(archive))
+    from_folder = data.load_source(str(tmp_path / "cifar-10-batches-py"))
+    assert from_archive.class_names == tuple(NAMES)
+    assert from_archive.x_train.shape == (30, 32, 32, 3) and from_archive.x_test.shape == (6, 32, 32, 3)
+    np.testing.assert_array_equal(from_archive.x_train, x_train)  # channel layout decoded right
+    np.testing.assert_array_equal(from_archive.x_test, x_test)
+    assert from_archive.digest() == from_folder.digest()
+
+
+def test_cifar10_from_keras_cache_is_verified(tmp_path, monkeypatch):
+    archive, _, _ = write_official(tmp_path / "made")
+    cache = tmp_path / "keras" / "datasets"
+    cache.mkdir(parents=True)
+    (cache / "cifar-10-python.tar.gz").write_bytes(archive.read_bytes())
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(data, "CIFAR10_SHA256", data.file_sha256(archive))
+    assert data.load_source("cifar10").x_train.shape == (30, 32, 32, 3)
+
+    monkeypatch.setattr(data, "CIFAR10_SHA256", "0" * 64)  # tampered or truncated download
+    with pytest.raises(data.DataError, match="does not match the published"):
+        data.load_source("cifar10")
+
+
+def test_cifar10_offline_with_nothing_local_says_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    import keras
+
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(keras.utils, "get_file", no_network)
+    with pytest.raises(data.DataError) as err:
+        data.load_source("cifar10")
+    assert "cifar-10-python.tar.gz" in str(err.value) and str(tmp_path / "datasets") in str(err.value)
+
+
+def test_truncated_archive_is_refused(tmp_path):
+    archive, _, _ = write_official(tmp_path)
+    raw = archive.read_bytes()
+    archive.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(data.DataError, match="truncated|missing"):
+        data.load_source(str(archive))
+
+
+def test_crafted_pickle_cannot_run_code(tmp_path):
+    _, _, _ = write_official(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps({b"data": Exploit()}))
+    with pytest.raises(data.DataError, match="forbidden"):
+        data.load_source(str(tmp_path / "cifar-10-batches-py"))
+    assert not marker.exists()
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "ship"), per_class: int = 3, size=(32, 32)) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                img = Image.fromarray(rng.integers(0, 256, size=(*size[::-1], 3), dtype=np.uint8))
+                img.save(root / split / cls / f"{i}.{'png' if i % 2 else 'jpg'}")
+
+
+def test_image_folder_directory_and_tar_gz(tmp_path):
+    write_image_folder(tmp_path / "imgs", size=(40, 24))  # other sizes are resized to 32x32
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "imgs", arcname="imgs")
+    from_dir, from_tar = data.load_source(str(tmp_path / "imgs")), data.load_source(str(archive))
+    assert from_dir.class_names == ("cat", "dog", "ship")
+    assert from_dir.x_train.shape == (9, 32, 32, 3) and from_dir.x_test.shape == (9, 32, 32, 3)
+    assert list(from_dir.y_train) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert from_dir.digest() == from_tar.digest()
+
+
+def test_image_folder_with_a_corrupt_image_names_it(tmp_path):
+    write_image_folder(tmp_path)
+    (tmp_path / "train" / "dog" / "1.png").write_bytes(b"not an image at all")
+    with pytest.raises(data.DataError, match=r"train/dog/1.png: not a decodable"):
+        data.load_source(str(tmp_path))
+
+
+def test_image_folder_with_mismatched_classes_or_no_layout(tmp_path):
+    write_image_folder(tmp_path / "a")
+    (tmp_path / "a" / "test" / "ship").rename(tmp_path / "a" / "test" / "boat")
+    with pytest.raises(data.DataError, match="test classes"):
+        data.load_source(str(tmp_path / "a"))
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "flat" / "x.png")
+    with pytest.raises(data.DataError, match="no images found under train/<class>/"):
+        data.load_source(str(tmp_path / "flat"))
+
+
+def test_missing_source_is_named():
+    with pytest.raises(data.DataError, match="data.source: 'nowhere/at/all'"):
+        data.load_source("nowhere/at/all")
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    a = data.make_synthetic(n_train=500, n_test=100, seed=0)
+    b = data.make_synthetic(n_train=500, n_test=100, seed=0)
+    c = data.make_synthetic(n_train=500, n_test=100, seed=1)
+    assert a.digest() == b.digest() != c.digest()
+    assert a.x_train.dtype == np.uint8 and a.x_train.shape == (500, 32, 32, 3)
+    assert len(set(a.y_train.tolist())) == 10
+
+
+def test_one_changed_pixel_changes_the_digest():
+    a = data.make_synthetic(n_train=50, n_test=10)
+    x = a.x_test.copy()
+    x[3, 5, 7, 1] ^= 1
+    b = data.Dataset(a.x_train, a.y_train, x, a.y_test, a.class_names)
+    assert a.digest() != b.digest()
+
+
+def test_prepared_file_round_trip_and_subset(tmp_path):
+    d = data.make_synthetic(n_train=100, n_test=40).subset(max_train=30, max_test=0, seed=0)
+    assert len(d.x_train) == 30 and len(d.x_test) == 40
+    d.save(tmp_path / "d.npz")
+    back = data.load_prepared(tmp_path / "d.npz")
+    assert back.digest() == d.digest() and back.class_names == d.class_names
+    with np.load(tmp_path / "d.npz") as f:
+        np.testing.assert_allclose(f["mean"], d.channel_stats()[0])
+
+
+def test_decode_image_resizes_and_converts():
+    buf = io.BytesIO()
+    Image.new("L", (64, 48), color=200).save(buf, format="PNG")
+    pixels = data.decode_image(buf.getvalue())
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8 and (pixels == 200).all()
+    with pytest.raises(data.DataError):
+        data.decode_image(b"\x89PNG broken")
+
+
+@pytest.mark.skipif(not SHARED_JPEG.exists(), reason="shared CIFAR-10 JPEG copy not present on this machine")
+def test_real_cifar10_jpeg_copy():
+    d = data.load_source(str(SHARED_JPEG))
+    assert d.x_train.shape == (50000, 32, 32, 3) and d.x_test.shape == (10000, 32, 32, 3)
+    assert d.class_names == tuple(NAMES)
+    assert np.bincount(d.y_test).tolist() == [1000] * 10
+    mean, _ = d.channel_stats()
+    assert 100 < mean.min() < mean.max() < 140  # natural images, not noise or zeros

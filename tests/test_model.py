@@ -1,0 +1,87 @@
+"""Model structure: the seed's ResNet-164 exactly, named depths as parameters, raw-pixel input."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import model
+
+
+def trainable(m: keras.Model) -> int:
+    return sum(int(np.prod(w.shape)) for w in m.trainable_weights)
+
+
+def bottleneck_params(n: int, widths=(64, 128, 256), stem=16, classes=10) -> int:
+    """Trainable parameters of the seed's pre-activation bottleneck ResNet (no conv biases).
+
+    stem 3x3x3x16; per unit: BN(in) (gamma+beta), 1x1 in->w/4, BN, 3x3 w/4->w/4, BN,
+    1x1 w/4->w; the first unit of each stage adds a 1x1 in->w projection; then a final
+    BN(256) and Dense(256 -> 10) with bias. For n = 18:
+      432 + 81,952 + 326,272 + 1,291,520 + 512 + 2,570 = 1,703,258.
+    """
+    total, c_in = 3 * 3 * 3 * stem, stem
+    for w in widths:
+        b = w // 4
+        for unit in range(n):
+            c = c_in if unit == 0 else w
+            total += 2 * c + c * b + 2 * b + 9 * b * b + 2 * b + b * w
+            if unit == 0:
+                total += c * w
+        c_in = w
+    return total + 2 * c_in + c_in * classes + classes
+
+
+def test_seed_resnet164_has_1703258_params_and_166_convs():
+    m = model.resnet164()
+    assert bottleneck_params(18) == 1_703_258
+    assert trainable(m) == 1_703_258
+    convs = [layer for layer in m.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 166  # stem + 3 stages x (18 units x 3 convs + 1 projection)
+    assert all(not c.use_bias and c.kernel_regularizer is not None for c in convs)
+    assert m.get_layer("logits").kernel_regularizer is not None
+    assert m.name == "preact_resnet164"
+
+
+@pytest.mark.parametrize(("n", "expected"), [(1, bottleneck_params(1)), (2, bottleneck_params(2))])
+def test_depth_is_a_parameter(n, expected):
+    m = model.build_resnet(num_classes=10, block="bottleneck", units_per_stage=n, widths=(64, 128, 256),
+                           strides=(1, 2, 2), stem_filters=16, l2=1e-4)
+    assert trainable(m) == expected
+    assert m.name == f"preact_resnet{9 * n + 2}"
+
+
+def test_basic_block_resnet20():
+    m = model.resnet20()
+    # He et al. 2016 give 0.27M for ResNet-20. Here: stem 432; stage 1, 3 units of
+    # BN(16) + 3x3 16->16 + BN(16) + 3x3 16->16 = 4,672 each -> 14,016; stage 2 (first unit
+    # with a 1x1 16->32 projection) 14,432 + 2 x 18,560 = 51,552; stage 3, 57,536 + 2 x 73,984
+    # = 205,504; final BN(64) 128 and Dense(64 -> 10) 650: 272,282 in all.
+    assert trainable(m) == 272_282
+    assert sum(isinstance(layer, keras.layers.Conv2D) for layer in m.layers) == 1 + 3 * 3 * 2 + 2
+
+
+def test_takes_uint8_pixels_and_normalises_inside():
+    mean, std = [120.0, 115.0, 100.0], [60.0, 62.0, 65.0]
+    m = model.build_resnet(num_classes=4, block="basic", units_per_stage=1, widths=(8, 16), strides=(1, 2),
+                           stem_filters=8, l2=0.0, mean=mean, std=std)
+    assert m.inputs[0].dtype == "uint8"
+    x = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    normalised = keras.Model(m.inputs, m.get_layer("normalize").output).predict(x, verbose=0)
+    np.testing.assert_allclose(normalised, (x - np.array(mean)) / np.array(std), rtol=1e-5, atol=1e-5)
+    probs = m.predict(x, verbose=0)
+    assert probs.shape == (3, 4) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_mixed_precision_outputs_float32():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        m = model.build_resnet(num_classes=10, block="bottleneck", units_per_stage=1, widths=(16, 32),
+                               strides=(1, 2), stem_filters=8, l2=1e-4)
+        assert m.get_layer("stem_conv").compute_dtype == "float16"
+        out = m(np.zeros((2, 32, 32, 3), np.uint8), training=True)
+        assert out.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
