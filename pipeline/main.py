@@ -11,12 +11,14 @@ import argparse
 
 import mlflow
 
-from pipeline import config, evaluate, prepare, register, train
+from pipeline import config, prepare
 from pipeline.tracking import cli, step_run
 
 
 def run(cfg: config.Config) -> dict:
     """Run the whole pipeline inside the active (parent) run; return the headline results."""
+    from pipeline import evaluate, register, train  # Keras loads only once the params are known to be good
+
     mlflow.log_params(cfg.flat())
     dataset_uri = prepare.ensure_prepared(cfg)
     with step_run(cfg, "train", run_name=cfg.run_name()):

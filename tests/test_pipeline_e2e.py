@@ -1,0 +1,131 @@
+"""End to end: every entry point through `mlflow run` on tiny synthetic data, real SQLite store."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import data
+from tests.conftest import mlflow_run, run_module
+
+TINY = "params/tiny.yaml"
+
+
+def runs_by_step(client: MlflowClient, parent_id: str) -> dict:
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["step"]: r for r in children}
+
+
+def test_main_trains_tracks_evaluates_registers_and_learns(store):
+    result = mlflow_run(store, "main", params=TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    parents = client.search_runs([experiment], "tags.step = 'main'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    steps = runs_by_step(client, parent.info.run_id)
+    assert set(steps) == {"prepare", "train", "evaluate", "register"}
+    assert all(r.info.status == "FINISHED" for r in steps.values())
+
+    train = steps["train"]
+    assert train.data.params["train.epochs"] == "3" and train.data.params["model.block"] == "bottleneck"
+    assert train.info.run_name == "resnet11-e3-b32-lr0.05"
+    for key in ("loss", "acc", "val_loss", "val_acc", "lr", "epoch_seconds"):
+        history = client.get_metric_history(train.info.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2, 3], key
+    lrs = {m.step: m.value for m in client.get_metric_history(train.info.run_id, "lr")}
+    assert lrs[1] == pytest.approx(0.05) and lrs[3] == pytest.approx(0.005)  # boundary at epoch 2
+    artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
+    assert {"curves.png", "history.csv", "config.json"} <= artifacts
+
+    prepare = steps["prepare"]
+    digest = prepare.data.tags["dataset_sha256"]
+    assert len(digest) == 64 and prepare.inputs.dataset_inputs[0].dataset.digest == digest[:32]
+
+    evaluation = steps["evaluate"]
+    metrics = evaluation.data.metrics
+    assert {"test_loss", "test_acc", "test_acc_class_0", "test_acc_class_9"} <= set(metrics)
+    assert metrics["test_acc"] > 0.5  # 10 classes: chance is 0.1; the tiny model learns the colours
+    eval_files = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+    assert {"metrics.json", "confusion_matrix.png", "confusion_matrix.csv", "predictions.png"} <= eval_files
+    report = json.loads(mlflow.artifacts.load_text(f"runs:/{evaluation.info.run_id}/metrics.json"))
+    assert report["test_images"] == 256 and report["test_acc"] == pytest.approx(metrics["test_acc"])
+
+    champion = client.get_model_version_by_alias("cifar10-resnet", "champion")
+    assert str(champion.version) == "1" and float(champion.tags["test_acc"]) == pytest.approx(metrics["test_acc"], abs=1e-6)
+    assert champion.tags["run_id"] == train.info.run_id
+
+    model = mlflow.pyfunc.load_model("models:/cifar10-resnet@champion")
+    test = data.make_synthetic(n_train=2048, n_test=256, seed=0)
+    predictions = model.predict(test.x_test[:64])
+    assert len(predictions) == 64 and set(predictions["label"]) <= set(data.SYNTHETIC_CLASSES)
+    accuracy = np.mean(predictions["label"].to_numpy() == np.array(data.SYNTHETIC_CLASSES)[test.y_test[:64]])
+    assert accuracy > 0.5
+
+    # A second, worse run (1 epoch) reuses the prepared dataset and is registered without the alias.
+    again = mlflow_run(store, "main", params=TINY, epochs="1", overrides="train.lr_boundaries=[]")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing prepared dataset" in again.stdout
+    assert len(client.search_runs([experiment], "tags.step = 'prepare'")) == 1
+    versions = client.search_model_versions("name = 'cifar10-resnet'")
+    assert len(versions) == 2
+    best = max(versions, key=lambda v: float(v.tags["test_acc"]))
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == str(best.version)
+
+
+def test_each_entry_point_runs_on_its_own(store):
+    prepared = mlflow_run(store, "prepare", params=TINY)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    prepare_run = client.search_runs([experiment], "tags.step = 'prepare'")[0]
+    dataset_uri = f"runs:/{prepare_run.info.run_id}/dataset/dataset.npz"
+
+    trained = mlflow_run(store, "train", params=TINY, epochs="2", dataset_uri=dataset_uri)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    train_run = client.search_runs([experiment], "tags.step = 'train'")[0]
+    assert len(client.get_metric_history(train_run.info.run_id, "val_acc")) == 2
+    model_uri = train_run.data.tags["model_uri"]
+
+    refused = mlflow_run(store, "register", params=TINY, model_uri=model_uri)
+    assert refused.returncode != 0 and "run evaluate on it first" in refused.stderr
+    assert client.search_registered_models() == []
+
+    evaluated = mlflow_run(store, "evaluate", params=TINY, model_uri=model_uri, dataset_uri=dataset_uri)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    registered = mlflow_run(store, "register", params=TINY, model_uri=model_uri,
+                            overrides="register.model_name=standalone")
+    assert registered.returncode == 0, registered.stderr[-3000:]
+    assert str(client.get_model_version_by_alias("standalone", "champion").version) == "1"
+
+
+@pytest.mark.parametrize(("entry", "params", "key"), [
+    ("main", {"epochs": "0"}, "train.epochs"),
+    ("main", {"overrides": "train.batch_size=-4"}, "train.batch_size"),
+    ("main", {"overrides": "train.lr=abc"}, "train.lr"),
+    ("train", {"overrides": "model.depth=164"}, "model.depth"),
+    ("main", {"data": "/no/such/archive.tar.gz"}, "data.source"),
+])
+def test_bad_params_fail_fast_with_the_key_and_leave_nothing(store, entry, params, key):
+    result = mlflow_run(store, entry, params=TINY, **params)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {key}"), result.stderr[-2000:]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert all(r.info.status == "FAILED" for r in runs)  # the run `mlflow run` opened ends FAILED
+    assert client.search_registered_models() == []
+
+
+def test_direct_module_call_with_bad_key_opens_no_run(store):
+    result = run_module(store, "pipeline.train", "--params", TINY, "--overrides", "train.epoch=3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: train.epoch: unknown key")
+    client = MlflowClient()
+    assert client.search_runs([client.get_experiment_by_name("e2e").experiment_id]) == []
