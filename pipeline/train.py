@@ -72,13 +72,16 @@ def learning_rate(cfg: config.TrainConfig, steps_per_epoch: int) -> keras.optimi
 
 
 def distribution_scope(mode: str):
-    """Data parallelism over local accelerators with the backend's own engine.
+    """Data parallelism over local devices with the backend's own engine.
 
-    auto: several GPUs -> mirrored (TensorFlow) or data_parallel (JAX); else none.
-    Returns (context manager to build/compile the model in, list of device names).
+    auto: several GPUs -> mirrored (TensorFlow) or data_parallel (JAX); else a single device.
+    mirrored/data_parallel replicate over all GPUs, or all (virtual) CPU devices if there are
+    none, which is how the tests exercise them. Returns (scope to build and compile the
+    model in, names of the devices used).
     """
     backend = keras.backend.backend()
-    gpus = [d for d in keras.distribution.list_devices() if "gpu" in d.lower() or "cuda" in d.lower()]
+    devices = keras.distribution.list_devices()
+    gpus = [d for d in devices if d.split(":")[0].lower() in ("gpu", "cuda")]
     if mode == "auto":
         mode = ("mirrored" if backend == "tensorflow" else "data_parallel") if len(gpus) > 1 else "none"
     if mode == "mirrored":
@@ -86,15 +89,16 @@ def distribution_scope(mode: str):
             raise config.ConfigError(f"train.distribute: 'mirrored' needs the TensorFlow backend, not {backend}")
         import tensorflow as tf
 
-        strategy = tf.distribute.MirroredStrategy()
-        return strategy.scope(), list(strategy.extended.worker_devices)
+        names = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices=names)
+        return strategy.scope(), names
     if mode == "data_parallel":
         if backend != "jax":
             raise config.ConfigError(f"train.distribute: 'data_parallel' needs the JAX backend, not {backend}")
-        devices = keras.distribution.list_devices()
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-        return contextlib.nullcontext(), devices
-    return contextlib.nullcontext(), gpus[:1] or keras.distribution.list_devices()[:1]
+        replicas = gpus or devices
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=replicas))
+        return contextlib.nullcontext(), replicas
+    return contextlib.nullcontext(), (gpus or devices)[:1]
 
 
 def progress_verbosity(setting: str) -> int:

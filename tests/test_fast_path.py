@@ -1,0 +1,88 @@
+"""The fast path (mixed precision, XLA, data parallelism, JAX backend) trains the same model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import config, prepare, train
+from tests.conftest import ROOT, mlflow_run
+
+pytest.importorskip("jax")  # installed by requirements-dev.txt; the JAX tests must run in CI
+
+
+def val_acc_curve(run_id: str) -> list[float]:
+    return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, "val_acc"), key=lambda m: m.step)]
+
+
+def test_mixed_precision_and_xla_reach_the_same_place_as_float32(store):
+    curves = {}
+    for name, overrides in {"float32": ["train.jit_compile=false"],
+                            "fast": ["train.precision=mixed_bfloat16", "train.jit_compile=true"]}.items():
+        cfg = config.load("params/tiny.yaml", overrides)
+        with mlflow.start_run(experiment_id=MlflowClient().get_experiment_by_name("e2e").experiment_id) as run:
+            dataset_uri = prepare.ensure_prepared(cfg)
+            train.run(cfg, dataset_uri)
+        curves[name] = val_acc_curve(run.info.run_id)
+    assert len(curves["float32"]) == len(curves["fast"]) == 3
+    # Same data, same seed, same schedule: both learn, and end within a few points of each other.
+    assert curves["float32"][-1] > 0.5 and curves["fast"][-1] > 0.5
+    assert abs(curves["float32"][-1] - curves["fast"][-1]) < 0.15, curves
+
+
+def run_distributed(store: dict, backend: str, mode: str) -> subprocess.CompletedProcess:
+    """Train in a fresh process with 2 virtual CPU devices (TF logical devices / XLA host devices)."""
+    env = {**store, "KERAS_BACKEND": backend, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    script = textwrap.dedent(f"""
+        import sys
+        if "{backend}" == "tensorflow":
+            import tensorflow as tf
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from pipeline import train
+        from pipeline.tracking import cli
+        sys.argv = ["train", "--params", "params/tiny.yaml", "--epochs", "2",
+                    "--overrides", "train.distribute={mode} tracking.experiment=e2e"]
+        cli(train.main)
+    """)
+    return subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize(("backend", "mode"), [("tensorflow", "mirrored"), ("jax", "data_parallel")])
+def test_data_parallel_over_two_devices(store, backend, mode):
+    result = run_distributed(store, backend, mode)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")[0]
+    assert run.info.status == "FINISHED"
+    assert len(run.data.tags["devices"].split(", ")) == 2, run.data.tags["devices"]
+    assert run.data.tags["backend"] == backend
+    assert len(val_acc_curve(run.info.run_id)) == 2
+    assert run.data.metrics["acc"] > 0.5
+
+
+def test_wrong_engine_for_the_backend_is_a_param_error(store):
+    result = run_distributed(store, "jax", "mirrored")
+    assert result.returncode == 2
+    assert "error: train.distribute: 'mirrored' needs the TensorFlow backend" in result.stderr
+
+
+def test_main_on_the_jax_backend(store):
+    result = mlflow_run({**store, "KERAS_BACKEND": "jax"}, "main", params="params/tiny.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    run = client.search_runs([experiment], "tags.step = 'train'")[0]
+    assert run.data.tags["backend"] == "jax"
+    assert len(val_acc_curve(run.info.run_id)) == 3
+    evaluation = client.search_runs([experiment], "tags.step = 'evaluate'")[0]
+    assert evaluation.data.metrics["test_acc"] > 0.5
+    assert client.get_model_version_by_alias("cifar10-resnet", "champion") is not None
+    assert os.environ.get("KERAS_BACKEND") != "jax"  # the test process itself stayed on TensorFlow
