@@ -58,27 +58,30 @@ def bad_input(message: str) -> MlflowException:
 
 def to_pixels(model_input: Any) -> np.ndarray:
     """Any accepted input (see the module docstring) -> validated uint8 pixels (n, 32, 32, 3)."""
+    if isinstance(model_input, (pd.DataFrame, dict)):
+        return decode_images(image_column(model_input))
     encoded = encoded_images(model_input)
     if encoded is not None:
         return decode_images(encoded)
     return check_pixels(model_input)
 
 
+def image_column(model_input: pd.DataFrame | dict) -> list:
+    """The `image` column of a DataFrame (dataframe_split / _records) or dict (named `inputs`) as a list."""
+    names = list(model_input.columns if isinstance(model_input, pd.DataFrame) else model_input)
+    if IMAGE_COLUMN not in names:  # other columns (ids, file names) may ride along and are ignored
+        raise bad_input(f"named inputs need a column '{IMAGE_COLUMN}' of base64 PNG/JPEG images, "
+                        f"got {names}; send pixel tensors unnamed, as {{\"inputs\": [[[[r, g, b], ...]]]}}")
+    values = model_input[IMAGE_COLUMN]
+    if isinstance(values, (pd.Series, np.ndarray)):
+        return values.tolist()
+    return list(values) if isinstance(values, (list, tuple)) else [values]
+
+
 def encoded_images(model_input: Any) -> list | None:
-    """The encoded images of a batch (base64 strings or bytes), or None if it holds pixel values."""
-    if isinstance(model_input, pd.DataFrame):
-        if IMAGE_COLUMN not in model_input.columns:
-            raise bad_input(f"a dataframe needs a column named '{IMAGE_COLUMN}' of base64 PNG/JPEG images, "
-                            f"got columns {list(model_input.columns)}; send pixel tensors as {{\"inputs\": ...}}")
-        model_input = model_input[IMAGE_COLUMN]
-    elif isinstance(model_input, dict):
-        if set(model_input) != {IMAGE_COLUMN}:
-            raise bad_input(f"expected a single input named '{IMAGE_COLUMN}', got {sorted(model_input)}")
-        model_input = model_input[IMAGE_COLUMN]
+    """The encoded images of an unnamed batch (base64 strings or bytes), or None if it holds pixel values."""
     if isinstance(model_input, (str, bytes)):
         return [model_input]
-    if isinstance(model_input, pd.Series):
-        return model_input.tolist()
     if isinstance(model_input, np.ndarray):
         # Only a 1-d array of text or objects can hold encoded images; don't copy pixel tensors to lists.
         if model_input.ndim != 1 or model_input.dtype.kind not in "USO":
@@ -176,13 +179,25 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import keras
 
+        # The saved graph keeps the (inactive) augmentation layer, a custom class: importing its module
+        # registers it with Keras, else loading fails outside the training process (e.g. in the server).
+        import pipeline.augment  # noqa: F401
+
         self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
         with open(context.artifacts[CLASSES_ARTIFACT]) as f:
             self.class_names = json.load(f)
 
     def predict_proba(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """uint8 pixels (n, 32, 32, 3) -> float32 class probabilities (n, classes)."""
-        return np.asarray(self.model.predict(pixels, batch_size=batch_size, verbose=0), dtype=np.float32)
+        """uint8 pixels (n, 32, 32, 3) -> float32 class probabilities (n, classes), `batch_size` at a time.
+
+        `predict_on_batch` reuses one compiled function; `Model.predict` builds a data pipeline per call,
+        which on a 2-core CPU costs ~140 ms for one image (2 ms here) and doubles the time of 256.
+        """
+        chunks = [self.model.predict_on_batch(pixels[start:start + batch_size])
+                  for start in range(0, len(pixels), batch_size)]
+        if not chunks:
+            return np.zeros((0, self.model.output_shape[-1]), dtype=np.float32)
+        return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks])
 
     def predict(self, context, model_input, params=None):
         """Any accepted input (see the module docstring) -> a DataFrame, one row per image."""

@@ -1,0 +1,92 @@
+"""Ask a running model server (`mlflow models serve -m <model uri>`) what some pictures show.
+
+Usage: python -m pipeline.predict cat.png dog.jpg --url http://127.0.0.1:5000
+Sends the files as base64 PNG/JPEG to `<url>/invocations` and prints one line per image:
+file, predicted label, its probability (tab-separated). Exits 1 with a message on stderr when a
+file cannot be read, the server cannot be reached or it refuses the request.
+Only the standard library is used, so the client starts fast and needs no ML packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+class PredictError(RuntimeError):
+    """A file, the connection or the server's answer made the prediction fail; the message says which."""
+
+
+def encode_files(paths: list[Path]) -> list[str]:
+    """Image files -> their bytes as base64 strings, in order."""
+    encoded = []
+    for path in paths:
+        try:
+            encoded.append(base64.b64encode(path.read_bytes()).decode("ascii"))
+        except OSError as exc:
+            raise PredictError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return encoded
+
+
+def server_message(body: bytes) -> str:
+    """The reason in an MLflow error body, without the echo of the request MLflow puts before it."""
+    try:
+        message = str(json.loads(body).get("message", ""))
+    except (ValueError, AttributeError):
+        message = body.decode("utf-8", "replace")
+    return message.rsplit("\nError: ", 1)[-1].strip() or "(no message)"
+
+
+def request_predictions(url: str, images: list[str], timeout: float) -> list[dict]:
+    """POST base64 images to `<url>/invocations`; return the server's predictions, one dict per image."""
+    request = urllib.request.Request(f"{url.rstrip('/')}/invocations", data=json.dumps({"inputs": images}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            predictions = json.loads(response.read())["predictions"]
+    except urllib.error.HTTPError as exc:
+        raise PredictError(f"server refused the request (HTTP {exc.code}): {server_message(exc.read())}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        raise PredictError(f"cannot reach {url} ({getattr(exc, 'reason', exc)})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PredictError(f"unexpected answer from {url} ({exc!r})") from None
+    if len(predictions) != len(images):
+        raise PredictError(f"server answered {len(predictions)} predictions for {len(images)} images")
+    return predictions
+
+
+def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) -> list[str]:
+    """Image files -> lines `file<TAB>label<TAB>probability`, sending `batch_size` images a request."""
+    lines = []
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start:start + batch_size]
+        for path, row in zip(batch, request_predictions(url, encode_files(batch), timeout), strict=True):
+            lines.append(f"{path}\t{row['label']}\t{row['probability']:.4f}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files, any size")
+    parser.add_argument("--url", default="http://127.0.0.1:5000", help="the model server (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per request (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    try:
+        lines = predict_files(args.images, args.url, args.batch_size, args.timeout)
+    except PredictError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

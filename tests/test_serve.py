@@ -1,0 +1,321 @@
+"""The served model: input decoding and validation in process, then a real `mlflow models serve`.
+
+One tiny model is trained once for the module against a temporary SQLite store; one server is
+started on a free loopback port and killed at the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from pipeline import config, predict, prepare, serve, train
+from pipeline.data import decode_image
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_START_SECONDS = 120
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def random_pixels(n: int, seed: int = 0, shape: tuple[int, int] = (32, 32)) -> np.ndarray:
+    """uint8 RGB pixels (n, height, width, 3)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *shape, 3), dtype=np.uint8)
+
+
+def encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    """One uint8 (h, w, 3) image -> PNG or JPEG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict | bytes) -> tuple[int, dict]:
+    """POST a JSON body (dict, or raw bytes sent as is) to `<url>/invocations` -> (status, parsed answer)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def ping(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/ping", timeout=10) as response:
+        return response.status
+
+
+def assert_same_predictions(served: list[dict], local: pd.DataFrame) -> None:
+    """Predictions over HTTP equal in-process ones: labels exactly, probabilities to float32 noise."""
+    assert [row["label"] for row in served] == local["label"].tolist()
+    np.testing.assert_allclose([row["probabilities"] for row in served], np.stack(local["probabilities"]), atol=1e-5)
+    np.testing.assert_allclose([row["probability"] for row in served], local["probability"], atol=1e-5)
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory) -> Iterator[tuple[Path, str]]:
+    """A temporary SQLite tracking store, active for the module: (folder, tracking URI)."""
+    tmp = tmp_path_factory.mktemp("serve")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        yield tmp, uri
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def model_uri(tracking) -> str:
+    """Prepare and train a one-epoch tiny model in process; its `models:/` URI."""
+    tmp, _ = tracking
+    cfg = config.load(ROOT / "params" / "tiny.yaml",
+                      ["train.epochs=1", "train.verbose=0", "data.synthetic_train=512", "data.synthetic_test=64"])
+    experiment = mlflow.create_experiment("serve-tests", artifact_location=(tmp / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        return train.run(cfg, prepare.run(cfg))
+
+
+@pytest.fixture(scope="module")
+def local_model(model_uri) -> mlflow.pyfunc.PyFuncModel:
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+@pytest.fixture(scope="module")
+def server(model_uri, tracking) -> Iterator[str]:
+    """`mlflow models serve` on a free loopback port; its base URL. Killed (whole group) at teardown."""
+    tmp, uri = tracking
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp / "server.log").open("wb")
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    process = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                                "-p", str(port), "-h", "127.0.0.1", "-w", "1"],
+                               env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # own process group: uvicorn is a grandchild
+    try:
+        wait_for_server(url, process, tmp / "server.log")
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def wait_for_server(url: str, process: subprocess.Popen, log: Path) -> None:
+    """Poll /ping until it answers 200; fail with the server's log if it dies or takes too long."""
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"model server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if ping(url) == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"model server did not answer /ping within {SERVER_START_SECONDS}s:\n{log.read_text()[-3000:]}")
+
+
+# --- input handling, no server ----------------------------------------------------------------
+
+def test_to_pixels_accepts_integer_tensors_and_single_images():
+    pixels = random_pixels(3)
+    for given in (pixels, pixels.tolist(), pixels.astype(np.int64), pixels.astype(float)):
+        out = serve.to_pixels(given)
+        assert out.dtype == np.uint8 and out.shape == (3, 32, 32, 3)
+        np.testing.assert_array_equal(out, pixels)
+    np.testing.assert_array_equal(serve.to_pixels(pixels[0].tolist()), pixels[:1])
+
+
+@pytest.mark.parametrize(("given", "problem"), [
+    (random_pixels(2) / 255.0, "fractional values"),
+    (random_pixels(2).astype(np.int64) + 1, "0-255"),
+    (random_pixels(2).astype(np.int64) - 256, "0-255"),
+    (np.full((1, 32, 32, 3), np.nan), "NaN"),
+    (random_pixels(2, shape=(16, 32)), "shape (n, 32, 32, 3)"),
+    (np.zeros((1, 32, 32, 4), dtype=np.uint8), "3 channels"),
+    (np.zeros((1, 32, 32, 1), dtype=np.uint8), "3 channels"),
+    ([], "empty batch"),
+    (np.zeros((0, 32, 32, 3)), "empty batch"),
+    ([[[[1, 2, 3]]], [[[1, 2]]]], "(n, 32, 32, 3)"),
+    (np.ones((1, 32, 32, 3), dtype=bool), "integers 0-255"),
+], ids=["floats01", "over255", "negative", "nan", "shape", "4channels", "1channel", "empty-list", "empty-array",
+        "ragged", "bool"])
+def test_to_pixels_refuses_bad_tensors(given, problem):
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given)
+    assert problem in info.value.message
+    assert info.value.get_http_status_code() == 400
+
+
+def test_encoded_images_decode_like_training_images():
+    big = random_pixels(1, seed=1, shape=(48, 64))[0]
+    png, jpeg = encode(big, "PNG"), encode(big, "JPEG")
+    expected = np.stack([decode_image(png), decode_image(jpeg)])
+    for given in ([b64(png), b64(jpeg)], np.array([b64(png), b64(jpeg)]), [png, jpeg],
+                  pd.DataFrame({"image": [b64(png), b64(jpeg)]}), {"image": [b64(png), b64(jpeg)]},
+                  [f"data:image/png;base64,{b64(png)}", b64(jpeg)]):
+        np.testing.assert_array_equal(serve.to_pixels(given), expected)
+    assert serve.to_pixels(b64(png)).shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize(("given", "problem"), [
+    (["not base64!!"], "not valid base64"),
+    ([b64(b"hello, not an image")], "not a decodable PNG/JPEG"),
+    ([b64(encode(random_pixels(1)[0])), 7], "image 1"),
+    ([""], "image 0: empty image"),
+    (pd.DataFrame({"img": ["x"]}), "a column 'image'"),
+    (pd.DataFrame({"image": []}), "empty batch"),
+], ids=["invalid-base64", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame"])
+def test_to_pixels_refuses_bad_images(given, problem):
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given)
+    assert problem in info.value.message
+
+
+def test_to_pixels_refuses_huge_canvas_before_decoding():
+    buffer = io.BytesIO()
+    Image.new("1", (5000, 4000)).save(buffer, "PNG")  # 1-bit: small to build, 20 Mpx declared
+    with pytest.raises(MlflowException, match="too large"):
+        serve.to_pixels([buffer.getvalue()])
+
+
+# --- the logged model -------------------------------------------------------------------------
+
+def test_logged_model_documents_formats_and_enforces_no_casting_signature(model_uri):
+    info = mlflow.models.get_model_info(model_uri)
+    assert info.signature is None  # a uint8 tensor signature would silently cast floats to 0
+    assert "base64" in info.metadata["input_formats"] and "0-255" in info.metadata["input_formats"]
+    assert info.saved_input_example_info["serving_input_path"] == "serving_input_example.json"
+
+
+def test_in_process_predict_returns_labels_and_probabilities(local_model):
+    frame = local_model.predict(random_pixels(4))
+    assert list(frame.columns) == ["label", "probability", "probabilities"]
+    assert len(frame) == 4 and all(len(p) == 10 for p in frame["probabilities"])
+    assert all(math.isclose(sum(p), 1, abs_tol=1e-4) for p in frame["probabilities"])
+
+
+# --- over HTTP --------------------------------------------------------------------------------
+
+def test_serving_input_example_is_answered(server, model_uri):
+    folder = Path(mlflow.artifacts.download_artifacts(model_uri))
+    status, answer = post(server, (folder / "serving_input_example.json").read_bytes())
+    assert status == 200 and len(answer["predictions"]) == 2
+
+
+def test_served_pixel_tensors_match_in_process(server, local_model):
+    pixels = random_pixels(5, seed=2)
+    status, answer = post(server, {"inputs": pixels.tolist()})
+    assert status == 200
+    assert_same_predictions(answer["predictions"], local_model.predict(pixels))
+
+
+@pytest.mark.parametrize("layout", ["inputs", "dataframe_split", "dataframe_records"])
+def test_served_png_and_jpeg_match_in_process(server, local_model, layout):
+    images = [encode(random_pixels(1, seed=3)[0], "PNG"), encode(random_pixels(1, seed=4, shape=(48, 64))[0], "PNG"),
+              encode(random_pixels(1, seed=5, shape=(48, 64))[0], "JPEG")]
+    encoded = [b64(raw) for raw in images]
+    body = {"inputs": {"inputs": encoded},
+            "dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}},
+            "dataframe_records": {"dataframe_records": [{"image": e} for e in encoded]}}[layout]
+    status, answer = post(server, body)
+    assert status == 200
+    assert_same_predictions(answer["predictions"], local_model.predict(encoded))
+    # The same as sending the pixels decode_image makes of them: one preprocessing path.
+    decoded = np.stack([decode_image(raw) for raw in images])
+    assert_same_predictions(answer["predictions"], local_model.predict(decoded))
+
+
+NAN_BODY = json.dumps({"inputs": np.where(random_pixels(1) > 100, np.nan, 1.0).tolist()}).encode()
+
+
+@pytest.mark.parametrize(("body", "problem"), [
+    ({"inputs": (random_pixels(2) / 255).tolist()}, "fractional values"),
+    ({"inputs": (random_pixels(1).astype(int) + 200).tolist()}, "must lie in 0-255"),
+    ({"inputs": (random_pixels(1).astype(int) - 300).tolist()}, "must lie in 0-255"),
+    ({"inputs": random_pixels(1, shape=(32, 16)).tolist()}, "shape (n, 32, 32, 3)"),
+    ({"inputs": np.zeros((1, 32, 32, 4), dtype=int).tolist()}, "3 channels"),
+    ({"inputs": []}, "empty batch"),
+    ({"dataframe_split": {"columns": ["image"], "data": []}}, "empty batch"),
+    (NAN_BODY, "NaN"),
+    ({"inputs": ["%%% not base64 %%%"]}, "not valid base64"),
+    ({"inputs": [b64(b"GIF89a? no, just text")]}, "not a decodable PNG/JPEG"),
+    ({"dataframe_records": [{"picture": b64(b"x")}]}, "a column 'image'"),
+    ({"inputs": [[[[1, 2, 3]]], [[[1, 2]]]]}, "inhomogeneous"),
+    (b'{"inputs": [[[', "valid JSON"),
+], ids=["floats01", "over255", "negative", "shape", "4channels", "empty", "empty-frame", "nan", "invalid-base64",
+        "not-an-image", "wrong-column", "ragged", "broken-json"])
+def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(server, body, problem):
+    status, answer = post(server, body)
+    assert status == 400, answer
+    assert problem in answer["message"]
+    assert ping(server) == 200
+
+
+def test_server_answers_good_requests_after_bad_ones(server, local_model):
+    post(server, {"inputs": (random_pixels(1) / 255).tolist()})
+    status, answer = post(server, {"inputs": random_pixels(1).tolist()})
+    assert status == 200
+    assert_same_predictions(answer["predictions"], local_model.predict(random_pixels(1)))
+
+
+# --- the client -------------------------------------------------------------------------------
+
+def test_predict_client_prints_one_line_per_image_and_fails_clearly(server, local_model, tmp_path, capsys):
+    files = [tmp_path / "a.png", tmp_path / "b.jpg"]
+    files[0].write_bytes(encode(random_pixels(1, seed=6)[0], "PNG"))
+    files[1].write_bytes(encode(random_pixels(1, seed=7, shape=(48, 64))[0], "JPEG"))
+    assert predict.main([str(f) for f in files] + ["--url", server, "--batch-size", "1"]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    expected = local_model.predict([b64(f.read_bytes()) for f in files])
+    assert [line[0] for line in lines] == [str(f) for f in files]
+    assert [line[1] for line in lines] == expected["label"].tolist()
+    np.testing.assert_allclose([float(line[2]) for line in lines], expected["probability"], atol=1e-3)
+
+    (tmp_path / "notes.txt").write_text("not a picture")
+    assert predict.main([str(tmp_path / "notes.txt"), "--url", server]) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 400" in err and "not a decodable PNG/JPEG" in err and "Failed to predict" not in err
+
+    assert predict.main([str(files[0]), "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "5"]) == 1
+    assert "cannot reach" in capsys.readouterr().err
+    assert predict.main([str(tmp_path / "missing.png"), "--url", server]) == 1
+    assert "cannot read" in capsys.readouterr().err
