@@ -104,7 +104,8 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
         _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
         _check(self.lr_scaling in ("none", "linear"), "train.lr_scaling", "must be 'none' or 'linear'", self.lr_scaling)
-        _check(all(b >= 1 for b in self.lr_boundaries), "train.lr_boundaries", "must be epochs >= 1", self.lr_boundaries)
+        _check(all(b >= 1 for b in self.lr_boundaries), "train.lr_boundaries", "must be epochs >= 1",
+               self.lr_boundaries)
         _check(list(self.lr_boundaries) == sorted(set(self.lr_boundaries)), "train.lr_boundaries",
                "must be strictly increasing", self.lr_boundaries)
         _check(0 < self.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]", self.lr_decay)

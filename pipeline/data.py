@@ -145,10 +145,7 @@ def load_source(source: str, *, synthetic_train: int = 10000, synthetic_test: in
         path = Path(source)
         if not path.exists():
             raise DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path")
-        if _looks_like_cifar_python(path):
-            dataset = load_cifar10_archive(path)
-        else:
-            dataset = load_image_folder(path)
+        dataset = load_cifar10_archive(path) if _looks_like_cifar_python(path) else load_image_folder(path)
     _check_arrays(dataset, source)
     return dataset
 
@@ -241,7 +238,8 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
         try:
             raw = {n: (folder / n).read_bytes() for n in needed}
         except FileNotFoundError as exc:
-            raise DataError(f"{path}: missing {Path(exc.filename).name} (expected the files of {CIFAR10_DIR}/)") from None
+            missing = Path(exc.filename).name
+            raise DataError(f"{path}: missing {missing} (expected the files of {CIFAR10_DIR}/)") from None
     else:
         raw = {}
         try:

@@ -29,7 +29,8 @@ def run(cfg: config.Config) -> dict:
         decision = register.run(cfg, model_uri)
     mlflow.log_metrics({"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"]})
     mlflow.set_tags({"dataset_uri": dataset_uri, "model_uri": model_uri,
-                     "registered_version": str(decision["version"]), "alias_moved": str(decision["alias_moved"]).lower()})
+                     "registered_version": str(decision["version"]),
+                     "alias_moved": str(decision["alias_moved"]).lower()})
     return {"dataset_uri": dataset_uri, "model_uri": model_uri, **metrics, **decision}
 
 

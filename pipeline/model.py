@@ -76,7 +76,7 @@ def build_resnet(
                              name="normalize")(inputs)
     x = RandomShiftFlip(max_shift, fill=shift_fill, flip=flip, seed=seed, name="augment")(x)
     x = _conv(stem_filters, 3, 1, l2, "stem_conv")(x)
-    for stage, (width, stage_strides) in enumerate(zip(widths, strides), start=1):
+    for stage, (width, stage_strides) in enumerate(zip(widths, strides, strict=True), start=1):
         for unit in range(1, units_per_stage + 1):
             x = _unit(x, block=block, width=width, strides=stage_strides if unit == 1 else 1, l2=l2,
                       name=f"stage{stage}_unit{unit}")

@@ -13,7 +13,8 @@ def test_default_is_the_seed_recipe():
     assert (cfg.model.strides, cfg.model.stem_filters, cfg.model.l2) == ((1, 2, 2), 16, 1e-4)
     assert cfg.model.depth == 164
     t = cfg.train
-    assert (t.epochs, t.batch_size, t.lr, t.momentum, t.lr_boundaries, t.lr_decay) == (150, 128, 0.1, 0.9, (80, 120), 0.1)
+    assert (t.epochs, t.batch_size, t.lr, t.momentum) == (150, 128, 0.1, 0.9)
+    assert (t.lr_boundaries, t.lr_decay) == ((80, 120), 0.1)
     assert (t.shift, t.flip, t.validation_fraction) == (0.125, True, 0.0)
     assert cfg.data.source == "cifar10"
     assert cfg.register.model_name == "cifar10-resnet" and cfg.register.alias == "champion"

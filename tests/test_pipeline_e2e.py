@@ -58,7 +58,8 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store):
     assert report["test_images"] == 256 and report["test_acc"] == pytest.approx(metrics["test_acc"])
 
     champion = client.get_model_version_by_alias("cifar10-resnet", "champion")
-    assert str(champion.version) == "1" and float(champion.tags["test_acc"]) == pytest.approx(metrics["test_acc"], abs=1e-6)
+    assert str(champion.version) == "1"
+    assert float(champion.tags["test_acc"]) == pytest.approx(metrics["test_acc"], abs=1e-6)
     assert champion.tags["run_id"] == train.info.run_id
 
     model = mlflow.pyfunc.load_model("models:/cifar10-resnet@champion")

