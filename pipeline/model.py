@@ -74,7 +74,8 @@ def build_resnet(
     inputs = keras.Input(shape=(image_size, image_size, 3), dtype="uint8", name="pixels")
     x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], dtype="float32",
                              name="normalize")(inputs)
-    x = RandomShiftFlip(max_shift, fill=shift_fill, flip=flip, seed=seed, name="augment")(x)
+    if max_shift or flip:  # without augmentation the model holds stock Keras layers only
+        x = RandomShiftFlip(max_shift, fill=shift_fill, flip=flip, seed=seed, name="augment")(x)
     x = _conv(stem_filters, 3, 1, l2, "stem_conv")(x)
     for stage, (width, stage_strides) in enumerate(zip(widths, strides, strict=True), start=1):
         for unit in range(1, units_per_stage + 1):
