@@ -50,7 +50,8 @@ def log_untrained_model(params: str, tmp: Path) -> str:
     """Log the model of `params` (untrained) into a SQLite store under `tmp`; its `models:/` URI."""
     cfg = config.load(params)
     dataset = data.make_synthetic(n_train=256, n_test=16)
-    experiment = mlflow.create_experiment("bench-serve", artifact_location=(tmp / "artifacts").as_uri())
+    experiment = mlflow.create_experiment(f"bench-serve-{Path(params).stem}",
+                                          artifact_location=(tmp / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment):
         return train.log_model(train.make_model(cfg, dataset, augment=False), list(dataset.class_names),
                                dataset.x_test[:2]).model_uri
