@@ -179,8 +179,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import keras
 
-        # The saved graph keeps the (inactive) augmentation layer, a custom class: importing its module
-        # registers it with Keras, else loading fails outside the training process (e.g. in the server).
+        # Models logged before inference copies dropped the augmentation layer still hold that custom class:
+        # importing its module registers it with Keras, else they fail to load in a fresh process (the server).
         import pipeline.augment  # noqa: F401
 
         self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
