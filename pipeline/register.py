@@ -4,7 +4,11 @@ Reads:  a logged model URI whose `test_acc` was recorded by evaluate.
 Writes: a new version of `register.model_name` tagged with its source run id and `test_acc`;
         the alias `register.alias` (default `champion`) moves to it only if its `test_acc`
         beats the current holder's (or no version holds it). A worse model is registered
-        but never takes the alias. Run metrics/tags record the decision.
+        but never takes the alias. Run tags record the decision.
+        A champion-vs-challenger report (both versions' test_acc, per-class accuracy
+        differences, the decision and why) becomes the version's description and tags and the
+        register run's artifacts `champion_vs_challenger.md/.json`. The training run gets a
+        description naming its data digest if it has none.
 Returns a dict: version, test_acc, previous champion, whether the alias moved, and why.
 """
 
@@ -13,10 +17,11 @@ from __future__ import annotations
 import argparse
 
 import mlflow
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline import config
+from pipeline import compare, config
 from pipeline.evaluate import model_id_of
 from pipeline.tracking import cli, step_run
 
@@ -43,8 +48,93 @@ def current_champion(client: MlflowClient, name: str, alias: str):
         return None  # no registered model of that name yet, or no version holds the alias
 
 
+def per_class_accuracy(metrics: dict[str, float]) -> dict[str, float]:
+    """`test_acc_<class>` metrics -> {class: accuracy}."""
+    return {key.removeprefix("test_acc_"): value for key, value in metrics.items() if key.startswith("test_acc_")}
+
+
+def class_differences(challenger: dict[str, float], champion: dict[str, float]) -> pd.DataFrame:
+    """Per-class accuracy of both versions and challenger - champion, largest change first.
+
+    Inputs: {class: accuracy} of each version (the champion's may be empty). Output: columns
+    class, champion, challenger, difference (NaN where the champion has no value).
+    """
+    table = pd.DataFrame({"champion": pd.Series(champion, dtype=float),
+                          "challenger": pd.Series(challenger, dtype=float)}).rename_axis("class").reset_index()
+    table["difference"] = table["challenger"] - table["champion"]
+    return table.sort_values("difference", key=abs, ascending=False, na_position="last", kind="stable")
+
+
+def version_model_uri(version) -> str:
+    """A model version's logged model URI `models:/m-...` (its `source` for versions registered otherwise)."""
+    return f"models:/{version.model_id}" if getattr(version, "model_id", None) else version.source
+
+
+def fmt(value: float | None, sign: str = "") -> str:
+    """4 decimals, empty for a missing value; sign="+" always shows the sign."""
+    return "" if value is None else f"{value:{sign}.4f}"
+
+
+def challenger_report(decision: dict, alias: str, model_uri: str, champion) -> dict:
+    """The champion-vs-challenger report: both versions, per-class differences, the decision.
+
+    Inputs: register's decision dict, the alias, the challenger's model URI, the previous
+    champion's ModelVersion (or None). Output: a JSON-ready dict.
+    """
+    challenger_metrics = compare.model_test_metrics(model_uri)
+    champion_uri = version_model_uri(champion) if champion else None
+    champion_metrics = compare.model_test_metrics(champion_uri) if champion else {}
+    per_class = class_differences(per_class_accuracy(challenger_metrics), per_class_accuracy(champion_metrics))
+    return {
+        "model_name": decision["model_name"], "alias": alias,
+        "challenger": {"version": decision["version"], "model_uri": model_uri, "test_acc": decision["test_acc"]},
+        "champion": None if champion is None else {"version": decision["champion_version"], "model_uri": champion_uri,
+                                                   "test_acc": decision["champion_test_acc"]},
+        "test_acc_difference": None if decision["champion_test_acc"] is None
+        else decision["test_acc"] - decision["champion_test_acc"],
+        "per_class": per_class.astype(object).where(per_class.notna(), None).to_dict(orient="records"),
+        "alias_moved": decision["alias_moved"], "reason": decision["reason"],
+    }
+
+
+def report_markdown(report: dict) -> str:
+    """The report as Markdown: the version description and `champion_vs_challenger.md`."""
+    name, alias, new, old = report["model_name"], report["alias"], report["challenger"], report["champion"]
+    verdict = f"@{alias} {'moved to' if report['alias_moved'] else 'stays off'} v{new['version']}: {report['reason']}."
+    lines = [f"**Champion vs challenger** ({name}): {verdict}", "",
+             "| | version | test_acc | model |", "|---|---|---|---|",
+             f"| challenger | v{new['version']} | {fmt(new['test_acc'])} | `{new['model_uri']}` |"]
+    if old:
+        lines.append(f"| champion | v{old['version']} | {fmt(old['test_acc'])} | `{old['model_uri']}` |")
+    else:
+        lines.append(f"| champion | none | | no version held @{alias} |")
+    if report["per_class"]:
+        lines += ["", "Per-class test accuracy (largest change first):", "",
+                  "| class | champion | challenger | difference |", "|---|---|---|---|"]
+        lines += [f"| {row['class']} | {fmt(row['champion'])} | {fmt(row['challenger'])} | "
+                  f"{fmt(row['difference'], '+')} |" for row in report["per_class"]]
+    return "\n".join(lines) + "\n"
+
+
+def record_report(client: MlflowClient, report: dict) -> str:
+    """Store the report with the model version (description, tags) and on the active run; return its Markdown."""
+    markdown = report_markdown(report)
+    name, version = report["model_name"], report["challenger"]["version"]
+    client.update_model_version(name, version, description=markdown)
+    tags = {"alias_moved": str(report["alias_moved"]).lower(), "decision": report["reason"]}
+    if report["champion"]:
+        tags.update(champion_version=str(report["champion"]["version"]),
+                    test_acc_difference=f"{report['test_acc_difference']:+.6f}"
+                    if report["test_acc_difference"] is not None else "")
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    mlflow.log_dict(report, "champion_vs_challenger.json")
+    mlflow.log_text(markdown, "champion_vs_challenger.md")
+    return markdown
+
+
 def run(cfg: config.Config, model_uri: str) -> dict:
-    """Register inside the active run; return the decision."""
+    """Register inside the active run; report champion vs challenger; return the decision."""
     name, alias = cfg.register.model_name, cfg.register.alias
     test_acc, source_run = model_test_acc(model_uri)  # checked before anything is written
     client = MlflowClient()
@@ -61,8 +151,6 @@ def run(cfg: config.Config, model_uri: str) -> dict:
         moved, reason = False, f"test_acc {test_acc:.4f} does not beat v{champion.version}'s {champion_acc:.4f}"
     if moved:
         client.set_registered_model_alias(name, alias, version.version)
-    client.update_model_version(name, version.version, description=f"@{alias} {'moved here' if moved else 'kept'}: "
-                                                                    f"{reason}.")
     decision = {"model_name": name, "version": int(version.version), "test_acc": test_acc,
                 "champion_version": int(champion.version) if champion else None, "champion_test_acc": champion_acc,
                 "alias_moved": moved, "reason": reason}
@@ -70,6 +158,9 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     mlflow.set_tags({"registered_version": str(version.version), "alias_moved": str(moved).lower(),
                      "decision": reason})
     mlflow.log_dict(decision, "decision.json")
+    record_report(client, challenger_report(decision, alias, model_uri, champion))
+    if source_run:
+        compare.describe_train_run(client, source_run)  # a no-op where the training run already has one
     print(f"registered {name} v{version.version}: {'@' + alias + ' moved' if moved else 'alias kept'} ({reason})")
     return decision
 

@@ -1,0 +1,278 @@
+"""The `compare` entry point: a side-by-side table and val_acc curves of training runs.
+
+Reads:  training runs (tag step = 'train') of one experiment, or named by run id, or the top N
+        by a column of the table; their params, metric histories and the test metrics that
+        evaluate logged on each run's model (train runs carry the model's URI in tag `model_uri`).
+Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
+        run: the params that differ between the runs, epochs, final and best `val_acc`,
+        `test_acc`, wall time, images/s) and `val_acc.png` (val_acc per epoch, one curve per
+        run); the Markdown table is also the run's description and is printed.
+Returns a dict: the comparison run id, the table (a DataFrame) and the artifact paths.
+
+`describe_train_run` writes a training run's description (which data, which model), shared by
+register and sweep so that every training run reads the same in the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import matplotlib
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipeline import config
+from pipeline.tracking import cli
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+CURVE_METRIC = "val_acc"
+# Columns every table has, after the differing params; `--metric` picks one of the numeric ones.
+RESULT_COLUMNS = ("epochs", "val_acc", "best_val_acc", "test_acc", "wall_s", "images_per_s")
+# Params that identify rather than configure a run; they differ between runs without meaning anything.
+IGNORED_PARAMS = ("dataset_uri",)
+
+
+def find_experiment_id(name: str) -> str:
+    """Experiment name -> id; ConfigError if there is none of that name."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        raise config.ConfigError(f"experiment: no experiment named {name!r}")
+    return experiment.experiment_id
+
+
+def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:
+    """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first.
+
+    Inputs: an experiment name (None: any experiment, then `run_ids` must be given) and optional
+    run ids to keep. Output: one row per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`,
+    `start_time`, `end_time`. ConfigError if nothing matches or a named run is not a training run.
+    """
+    clauses = ["tags.step = 'train'", "attributes.status = 'FINISHED'"]
+    if run_ids:
+        clauses.append("attributes.run_id IN (" + ", ".join(f"'{r}'" for r in run_ids) + ")")
+    where = " and ".join(clauses)
+    if experiment:
+        runs = mlflow.search_runs(experiment_ids=[find_experiment_id(experiment)], filter_string=where,
+                                  order_by=["attributes.start_time DESC"])
+    else:
+        runs = mlflow.search_runs(search_all_experiments=True, filter_string=where,
+                                  order_by=["attributes.start_time DESC"])
+    missing = sorted(set(run_ids) - set(runs["run_id"])) if len(runs) else sorted(run_ids)
+    if missing:
+        raise config.ConfigError(f"run_ids: not finished training runs{' of ' + experiment if experiment else ''}: "
+                                 f"{', '.join(missing)}")
+    if runs.empty:
+        raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {experiment!r}")
+    return runs
+
+
+def val_acc_history(client: MlflowClient, run_id: str) -> pd.Series:
+    """The run's val_acc per epoch (index: step = epoch)."""
+    history = client.get_metric_history(run_id, CURVE_METRIC)
+    return pd.Series({m.step: m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))},
+                     name=CURVE_METRIC, dtype=float)
+
+
+def model_test_metrics(model_uri: str | None) -> dict[str, float]:
+    """Latest value of each metric evaluate logged on the model `models:/m-...` ({} if none or unknown)."""
+    model_id = (model_uri or "").removeprefix("models:/")
+    if not model_id.startswith("m-"):
+        return {}
+    try:
+        model = mlflow.get_logged_model(model_id)
+    except MlflowException:
+        return {}  # the model was deleted or lives in a store this client cannot see
+    latest: dict[str, tuple[int, float]] = {}
+    for metric in model.metrics or []:
+        if metric.key not in latest or metric.timestamp >= latest[metric.key][0]:
+            latest[metric.key] = (metric.timestamp, metric.value)
+    return {key: value for key, (_, value) in latest.items()}
+
+
+def differing_params(runs: pd.DataFrame) -> list[str]:
+    """`params.*` columns whose values are not the same in every run (missing counts as a value)."""
+    columns = [c for c in runs.columns if c.startswith("params.") and c.removeprefix("params.") not in IGNORED_PARAMS]
+    return [c for c in columns if runs[c].astype("string").fillna("<unset>").nunique() > 1]
+
+
+def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataFrame:
+    """One row per run: name, run id, the differing params (without the `params.` prefix), RESULT_COLUMNS."""
+    rows = []
+    varying = differing_params(runs)
+    for _, run in runs.iterrows():
+        history = histories[run["run_id"]]
+        wall = (run["end_time"] - run["start_time"]).total_seconds() if pd.notna(run.get("end_time")) else math.nan
+        rows.append({
+            "run": run.get("tags.mlflow.runName"), "run_id": run["run_id"],
+            **{c.removeprefix("params."): run[c] for c in varying},
+            "epochs": len(history),
+            "val_acc": history.iloc[-1] if len(history) else math.nan,
+            "best_val_acc": history.max() if len(history) else math.nan,
+            "test_acc": model_test_metrics(run.get("tags.model_uri")).get("test_acc", math.nan),
+            "wall_s": wall,
+            # The last epoch's throughput: the first one also pays for tracing and compilation.
+            "images_per_s": run.get("metrics.images_per_second", math.nan),
+        })
+    return pd.DataFrame(rows)
+
+
+def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
+    """Rows sorted by `metric`, best (highest) first, runs without it last; the first `top` if given."""
+    if metric not in table.columns or not pd.api.types.is_numeric_dtype(table[metric]):
+        numeric = [c for c in RESULT_COLUMNS if c in table.columns]
+        raise config.ConfigError(f"metric: must be one of {', '.join(numeric)}, got {metric!r}")
+    ordered = table.sort_values(metric, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+    return ordered.head(top) if top else ordered
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table; floats with 4 decimals, missing values empty."""
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(table: pd.DataFrame, histories: dict[str, pd.Series], path: Path) -> None:
+    """val_acc against epoch, one line per row of `table`, labelled with the run's name."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in table.itertuples(index=False):
+        history = histories[row.run_id]
+        ax.plot(history.index, history.to_numpy(), marker="o", markersize=3, label=f"{row.run} ({row.run_id[:7]})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(CURVE_METRIC)
+    ax.set_title(f"{CURVE_METRIC} of {len(table)} training runs")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@contextlib.contextmanager
+def open_run(step: str, experiment: str | None, run_name: str) -> Iterator[mlflow.ActiveRun]:
+    """A run tagged `step`: a nested child of the active run, the run `mlflow run` opened
+    (MLFLOW_RUN_ID), or a new run in `experiment` (MLflow's default experiment if None)."""
+    parent = mlflow.active_run()
+    tags = {"step": step}
+    if parent is not None:
+        ctx = mlflow.start_run(run_name=run_name, nested=True, experiment_id=parent.info.experiment_id, tags=tags)
+    elif os.environ.get("MLFLOW_RUN_ID"):
+        ctx = mlflow.start_run(tags=tags)
+    else:
+        if experiment:
+            mlflow.set_experiment(experiment)
+        ctx = mlflow.start_run(run_name=run_name, tags=tags)
+    with ctx as run:
+        mlflow.set_tag("mlflow.runName", run_name)  # `mlflow run` names its run at random
+        yield run
+
+
+def run(experiment: str | None = None, run_ids: list[str] | None = None, top: int | None = None,
+        metric: str = "val_acc") -> dict:
+    """Compare training runs; log the table and plot to a new comparison run.
+
+    Inputs: an experiment name and/or explicit run ids (at least one), `top` N rows by `metric`
+    (any numeric column of the table, highest first). Every input is checked before the
+    comparison run opens. Output: {"run_id", "table", "markdown", "artifacts"}.
+    """
+    run_ids = [r for r in (run_ids or []) if r]
+    if not experiment and not run_ids:
+        raise config.ConfigError("experiment: give an experiment name or run ids")
+    if top is not None and top < 1:
+        raise config.ConfigError(f"top: must be >= 1, got {top}")
+    client = MlflowClient()
+    runs = search_train_runs(experiment, run_ids)
+    histories = {run_id: val_acc_history(client, run_id) for run_id in runs["run_id"]}
+    table = top_runs(build_table(runs, histories), metric, top)
+    markdown = to_markdown(table)
+    name = f"compare-{len(table)}-runs-by-{metric}"
+    with open_run("compare", experiment, name) as comparison, tempfile.TemporaryDirectory() as tmp:
+        table.to_csv(Path(tmp) / "runs.csv", index=False)
+        (Path(tmp) / "runs.md").write_text(markdown)
+        plot_curves(table, histories, Path(tmp) / "val_acc.png")
+        mlflow.log_artifacts(tmp)
+        # Prefixed: `mlflow run` has already logged the entry-point parameters under their bare names.
+        mlflow.log_params({"compare.experiment": experiment or "", "compare.metric": metric, "compare.top": top or ""})
+        mlflow.set_tags({"compared_runs": ",".join(table["run_id"]),
+                         "mlflow.note.content": f"Training runs by {metric}, best first:\n\n{markdown}"})
+        run_id = comparison.info.run_id
+    print(markdown, end="")
+    print(f"comparison run {run_id}: runs.md, runs.csv, val_acc.png")
+    return {"run_id": run_id, "table": table, "markdown": markdown,
+            "artifacts": ["runs.md", "runs.csv", "val_acc.png"]}
+
+
+def prepare_run_id(dataset_uri: str) -> str | None:
+    """`runs:/<id>/dataset/dataset.npz` -> <id>."""
+    match = re.match(r"runs:/([0-9a-f]+)/", dataset_uri or "")
+    return match.group(1) if match else None
+
+
+def describe_train_run(client: MlflowClient, run_id: str, *, overwrite: bool = False) -> str | None:
+    """Write a training run's description (tag mlflow.note.content): model, recipe and data digest.
+
+    The data digest is tag `dataset_sha256` of the prepare run named in the run's `dataset_uri`
+    param. Keeps an existing description unless `overwrite`. Returns the text written, or None.
+    """
+    train = client.get_run(run_id)
+    if train.data.tags.get("mlflow.note.content") and not overwrite:
+        return None
+    params, tags = train.data.params, train.data.tags
+    prepare_id = prepare_run_id(params.get("dataset_uri", ""))
+    try:
+        digest = client.get_run(prepare_id).data.tags.get("dataset_sha256", "unknown") if prepare_id else "unknown"
+    except MlflowException:
+        digest = "unknown"  # the prepare run was deleted
+    note = (f"Pre-activation ResNet-{tags.get('model_depth', '?')} ({params.get('model.block', '?')} blocks, "
+            f"units_per_stage {params.get('model.units_per_stage', '?')}, widths {params.get('model.widths', '?')}), "
+            f"{params.get('train.epochs', '?')} epochs, batch {params.get('train.batch_size', '?')}, "
+            f"lr {params.get('train.lr', '?')}.\n\n"
+            f"Data: `{params.get('data.source', '?')}`, sha256 `{digest}` (prepare run `{prepare_id}`).\n\n"
+            f"Model: `{tags.get('model_uri', '?')}`.")
+    client.set_tag(run_id, "mlflow.note.content", note)
+    return note
+
+
+def split_ids(text: str) -> list[str]:
+    """'a,b c' -> ['a', 'b', 'c']."""
+    return [part for part in re.split(r"[,\s]+", text or "") if part]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="", help="params file; its tracking.experiment is the default experiment")
+    parser.add_argument("--experiment", default="", help="experiment name")
+    parser.add_argument("--run-ids", default="", help="training run ids, comma or space separated")
+    parser.add_argument("--top", default="", help="keep the best N runs by --metric")
+    parser.add_argument("--metric", default="val_acc", help=f"sort column: {', '.join(RESULT_COLUMNS)}")
+    args = parser.parse_args()
+    run_ids = split_ids(args.run_ids)
+    experiment = args.experiment or (None if run_ids else config.load(args.params or None).tracking.experiment)
+    try:
+        top = int(args.top) if args.top else None
+    except ValueError:
+        raise config.ConfigError(f"top: must be an integer, got {args.top!r}") from None
+    run(experiment, run_ids, top, args.metric or "val_acc")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,236 @@
+"""End to end against a real `mlflow server`: what the UI shows after two trainings, compare, sweep.
+
+One server per module (SQLite backend, proxied artifacts under tmp), on a free loopback port.
+Runs go through `mlflow run` with MLFLOW_TRACKING_URI pointing at it; every check reads the
+server's REST API, the same calls the MLflow UI makes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import sweep
+from tests.conftest import ROOT, run_module
+
+TINY = "params/tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll /health until it answers 200; fail if the server exits or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """URL of a fresh `mlflow server` (killed, with its workers, at the end of the module)."""
+    tmp = tmp_path_factory.mktemp("server")
+    url = f"http://127.0.0.1:{free_port()}"
+    log = (tmp / "server.log").open("w")
+    # No GenAI job runner: it starts several busy consumer processes the UI checks here never use.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+         "--artifacts-destination", str(tmp / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+        start_new_session=True)  # its own process group: teardown kills its workers too
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError):  # whatever of the group outlived SIGTERM
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        log.close()
+
+
+def api(url: str, path: str, body: dict | None = None, **query: str) -> dict:
+    """GET (or POST `body` to) the server's REST API; the decoded JSON answer."""
+    full = f"{url}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(full, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read() or b"{}")
+
+
+def artifact_bytes(url: str, run_id: str, path: str) -> bytes:
+    with urllib.request.urlopen(f"{url}/get-artifact?{urllib.parse.urlencode({'path': path, 'run_uuid': run_id})}",
+                                timeout=30) as answer:
+        return answer.read()
+
+
+def search(url: str, experiment_id: str, where: str) -> list[dict]:
+    return api(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id], "filter": where,
+                                                    "max_results": 100}).get("runs", [])
+
+
+def tags_of(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def params_of(run: dict) -> dict[str, str]:
+    return {p["key"]: p["value"] for p in run["data"].get("params", [])}
+
+
+def create_experiment(url: str, name: str) -> str:
+    return api(url, "/api/2.0/mlflow/experiments/create", {"name": name})["experiment_id"]
+
+
+def mlflow_run(url: str, experiment_name: str, entry: str, **params: str) -> subprocess.CompletedProcess:
+    """`mlflow run <project> -e ENTRY --env-manager local --experiment-name EXPERIMENT -P k=v ...` against `url`."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
+           "--experiment-name", experiment_name]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_trainings_show_in_the_ui_and_compare(server):
+    experiment_id = create_experiment(server, "e2e")
+    for lr in ("0.02", "0.1"):
+        done = mlflow_run(server, "e2e", "main", params=TINY, epochs="2", overrides=f"train.lr={lr}")
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    # The runs list: both training runs, named after what they train, with a description naming the data.
+    trains = search(server, experiment_id, "tags.step = 'train'")
+    assert sorted(tags_of(r)["mlflow.runName"] for r in trains) == ["resnet11-e2-b32-lr0.02", "resnet11-e2-b32-lr0.1"]
+    digest = tags_of(search(server, experiment_id, "tags.step = 'prepare'")[0])["dataset_sha256"]
+    for run in trains:
+        assert digest in tags_of(run)["mlflow.note.content"]
+        # The run page's charts: one val_acc point per epoch.
+        history = api(server, "/api/2.0/mlflow/metrics/get-history", run_id=run["info"]["run_id"],
+                      metric_key="val_acc")["metrics"]
+        assert sorted(m["step"] for m in history) == [1, 2]
+        assert all(0 <= m["value"] <= 1 for m in history)
+
+    # The registry: @champion on the better version; version 2 carries the champion-vs-challenger report.
+    champion = api(server, "/api/2.0/mlflow/registered-models/alias", name="cifar10-resnet",
+                   alias="champion")["model_version"]
+    v1, v2 = (api(server, "/api/2.0/mlflow/model-versions/get", name="cifar10-resnet", version=v)["model_version"]
+              for v in ("1", "2"))
+    accs = {v["version"]: float({t["key"]: t["value"] for t in v["tags"]}["test_acc"]) for v in (v1, v2)}
+    assert champion["version"] == ("2" if accs["2"] > accs["1"] else "1")
+    v2_tags = {t["key"]: t["value"] for t in v2["tags"]}
+    assert v2_tags["champion_version"] == "1" and v2_tags["alias_moved"] == str(accs["2"] > accs["1"]).lower()
+    assert "Champion vs challenger" in v2["description"] and "| class_0 |" in v2["description"]
+    register_run = next(r for r in search(server, experiment_id, "tags.step = 'register'")
+                        if tags_of(r)["registered_version"] == "2")
+    report = json.loads(artifact_bytes(server, register_run["info"]["run_id"], "champion_vs_challenger.json"))
+    assert report["champion"]["version"] == 1 and report["challenger"]["version"] == 2
+    assert len(report["per_class"]) == 10
+    assert all(row["difference"] == pytest.approx(row["challenger"] - row["champion"]) for row in report["per_class"])
+    assert report["test_acc_difference"] == pytest.approx(accs["2"] - accs["1"], abs=1e-5)
+
+    # compare: a comparison run holding the table (only lr differs) and the val_acc plot.
+    done = mlflow_run(server, "e2e", "compare", experiment="e2e")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| run | run_id | train.lr |" in done.stdout
+    comparison = search(server, experiment_id, "tags.step = 'compare'")
+    assert len(comparison) == 1 and comparison[0]["info"]["status"] == "FINISHED"
+    compare_id = comparison[0]["info"]["run_id"]
+    files = {f["path"] for f in api(server, "/api/2.0/mlflow/artifacts/list", run_id=compare_id).get("files", [])}
+    assert files == {"runs.md", "runs.csv", "val_acc.png"}
+    rows = list(csv.DictReader(io.StringIO(artifact_bytes(server, compare_id, "runs.csv").decode())))
+    assert sorted(r["train.lr"] for r in rows) == ["0.02", "0.1"]
+    assert all(r["epochs"] == "2" and float(r["test_acc"]) == pytest.approx(accs[str(i)], abs=1e-5)
+               for i, r in ((1 if r["train.lr"] == "0.02" else 2, r) for r in rows))
+    assert not {"train.epochs", "model.block", "dataset_uri"} & set(rows[0])  # only what differs
+    assert artifact_bytes(server, compare_id, "val_acc.png").startswith(b"\x89PNG")
+    assert set(tags_of(comparison[0])["compared_runs"].split(",")) == {r["info"]["run_id"] for r in trains}
+
+    # Top 1 by test_acc, and a bad experiment name: one error line, exit status 2, no run.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server}
+    top = subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", "e2e", "--top", "1",
+                          "--metric", "test_acc"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert top.returncode == 0, top.stderr[-2000:]
+    assert f"{max(accs.values()):.4f}" in top.stdout and top.stdout.count("| resnet11-") == 1
+    bad = subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", "no-such"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: experiment: no experiment named " \
+                                                                          "'no-such'"
+
+
+def test_sweep_marks_a_failed_trial_goes_on_and_registers_the_best(server, tmp_path):
+    experiment_id = create_experiment(server, "e2e-sweep")
+    spec = tmp_path / "sweep-fails.yaml"
+    # data_parallel passes validation but needs the JAX backend, so that trial fails at run time.
+    spec.write_text(f"base: {TINY}\noverrides: {{train.epochs: 1, register.model_name: sweep-model}}\n"
+                    "grid:\n  train.distribute: [data_parallel, none]\n")
+    done = mlflow_run(server, "e2e-sweep", "sweep", spec=str(spec))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    sweep = search(server, experiment_id, "tags.step = 'sweep'")
+    assert len(sweep) == 1 and sweep[0]["info"]["status"] == "FINISHED"
+    sweep_id = sweep[0]["info"]["run_id"]
+    trials = {params_of(r)["train.distribute"]: r
+              for r in search(server, experiment_id, f"tags.step = 'trial' and tags.mlflow.parentRunId = '{sweep_id}'")}
+    assert set(trials) == {"data_parallel", "none"}
+    failed, good = trials["data_parallel"], trials["none"]
+    assert failed["info"]["status"] == "FAILED" and "JAX backend" in tags_of(failed)["failure_reason"]
+    assert good["info"]["status"] == "FINISHED"  # the sweep went on after the first trial failed
+    assert {m["key"] for m in good["data"]["metrics"]} >= {"test_acc", "val_acc", "best_val_acc"}
+
+    champion = api(server, "/api/2.0/mlflow/registered-models/alias", name="sweep-model",
+                   alias="champion")["model_version"]
+    assert {t["key"]: t["value"] for t in champion["tags"]}["run_id"] == tags_of(good)["train_run_id"]
+    assert tags_of(sweep[0])["best_trial_run_id"] == good["info"]["run_id"]
+    children = search(server, experiment_id, f"tags.mlflow.parentRunId = '{sweep_id}'")
+    assert {tags_of(r)["step"] for r in children} >= {"trial", "register", "compare"}
+
+
+def test_sweep_plans_grid_and_seeded_random_trials():
+    grid = sweep.plan({"base": TINY, "grid": {"train.lr": [0.05, 0.1], "model.units_per_stage": [1, 2]}},
+                      "train.epochs=1")
+    assert [t["cfg"].run_name() for t in grid] == ["resnet11-e1-b32-lr0.05", "resnet20-e1-b32-lr0.05",
+                                                   "resnet11-e1-b32-lr0.1", "resnet20-e1-b32-lr0.1"]
+    space = {"base": TINY, "random": {"train.lr": {"min": 0.01, "max": 0.3, "log": True}, "train.batch_size": [16, 32]},
+             "trials": 5, "seed": 3}
+    draws = [t["values"] for t in sweep.plan(space)]
+    assert draws == [t["values"] for t in sweep.plan(space)]  # seeded: a subprocess re-plans the same trials
+    assert all(0.01 <= d["train.lr"] <= 0.3 and d["train.batch_size"] in (16, 32) for d in draws)
+
+
+def test_sweep_validates_every_trial_before_any_run(store, tmp_path):
+    spec = tmp_path / "sweep-bad.yaml"
+    spec.write_text(f"base: {TINY}\ngrid:\n  train.lr: [0.1, -1]\n")
+    result = run_module(store, "pipeline.sweep", "--spec", str(spec))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: trial 2 (train.lr=-1): train.lr: must be > 0, got -1.0"
+    assert MlflowClient().search_runs([MlflowClient().get_experiment_by_name("e2e").experiment_id]) == []
