@@ -8,6 +8,7 @@ values) are applied last. An unknown key, a wrong type or an out-of-range value 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shlex
 import types
@@ -200,6 +201,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer", value)
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as text; accept what float() accepts
+            with contextlib.suppress(ValueError):
+                value = float(value)
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number", value)
         return float(value)
     if annotation is str:
@@ -274,6 +278,12 @@ def load(path: str | Path | None = None, overrides: str | list[str] | None = Non
         sections[field.name] = cls(**{key: _coerce(f"{field.name}.{key}", values[key], hints[key]) for key in hints})
         sections[field.name].validate()
     return Config(**sections)
+
+
+def from_run_params(params: dict[str, str]) -> Config:
+    """Rebuild a Config from the `section.key` params a run logged (other params are ignored)."""
+    sections = {f.name for f in dataclasses.fields(Config)}
+    return load(None, [f"{k}={v}" for k, v in params.items() if k.partition(".")[0] in sections])
 
 
 def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | None) -> Config:

@@ -15,13 +15,18 @@ from pipeline import config, prepare
 from pipeline.tracking import cli, step_run
 
 
-def run(cfg: config.Config) -> dict:
-    """Run the whole pipeline inside the active (parent) run; return the headline results."""
+def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
+    """Run the whole pipeline inside the active (parent) run; return the headline results.
+
+    resume: "" continues an interrupted identical train run if one left a checkpoint, "never"
+    always starts afresh, a run id continues that run (see train.find_resumable).
+    """
     from pipeline import evaluate, register, train  # Keras loads only once the params are known to be good
 
     mlflow.log_params(cfg.flat())
-    dataset_uri = prepare.ensure_prepared(cfg)
-    with step_run(cfg, "train", run_name=cfg.run_name()):
+    dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
+    resume_id = train.find_resumable(cfg, dataset_uri, resume)
+    with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
         model_uri = train.run(cfg, dataset_uri)
     with step_run(cfg, "evaluate"):
         metrics = evaluate.run(cfg, model_uri, dataset_uri)
@@ -40,12 +45,18 @@ def main() -> None:
     parser.add_argument("--epochs", default="")
     parser.add_argument("--data", default="")
     parser.add_argument("--overrides", default="")
+    parser.add_argument("--resume", default="", help="'' (continue an interrupted identical run), 'never', or a run id")
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
+    dataset_uri = ""
+    if args.resume not in ("", "never"):
+        from pipeline import train
+
+        cfg, dataset_uri = train.config_to_resume(args.resume)
     prepare.prepare_key(cfg)  # a missing data path fails here, before any run is opened
     with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}"):
-        run(cfg)
+        run(cfg, resume=args.resume, dataset_uri=dataset_uri)
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli(main, resumable=True)

@@ -15,11 +15,28 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from pipeline.config import PROJECT_ROOT, Config, ConfigError
 from pipeline.data import DataError
 
 PIPELINE_DIR = Path(__file__).resolve().parent
+
+
+def checkpoint_root() -> Path:
+    """Where per-run training checkpoints (the last completed epoch) live until the run finishes."""
+    return Path(os.environ.get("PIPELINE_CHECKPOINT_DIR", PROJECT_ROOT / "checkpoints"))
+
+
+# MLflow retries a dead tracking server 7 times with doubling back-off (minutes). A run whose
+# server went away should fail soon and say so; its checkpoint lets the same command resume.
+for _var, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
+    os.environ.setdefault(_var, _value)
+
+
+class StepFailed(RuntimeError):
+    """A step failed for a reason the user can act on (e.g. training diverged); the message says what."""
 
 
 def code_digest(*modules: str) -> str:
@@ -43,18 +60,26 @@ def _git_commit() -> str | None:
 
 
 @contextlib.contextmanager
-def step_run(cfg: Config, step: str, *, run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
+def step_run(cfg: Config, step: str, *, run_name: str | None = None,
+             resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Open the MLflow run of one pipeline step.
 
     Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and is reused. Inside another
     active run (the `main` driver) a nested child run is opened in the parent's experiment.
-    Otherwise a new run is opened in `tracking.experiment`. A step that raises ends FAILED.
+    Otherwise a new run is opened in `tracking.experiment`. `resume_run_id` reopens that
+    existing run instead (nested in whatever run is active). A step that raises ends FAILED.
     """
     parent = mlflow.active_run()
     tags = {"step": step, "model_depth": str(cfg.model.depth)}
     commit = _git_commit()
     if commit:
         tags["git_commit"] = commit
+    if resume_run_id:
+        with contextlib.ExitStack() as stack:
+            if parent is None and os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened for this try
+                stack.enter_context(mlflow.start_run(tags={**tags, "resumes_run": resume_run_id}))
+            yield stack.enter_context(mlflow.start_run(run_id=resume_run_id, nested=mlflow.active_run() is not None))
+        return
     if parent is not None:
         ctx = mlflow.start_run(run_name=run_name or step, nested=True,
                                experiment_id=parent.info.experiment_id, tags=tags)
@@ -69,10 +94,27 @@ def step_run(cfg: Config, step: str, *, run_name: str | None = None) -> Iterator
         yield run
 
 
-def cli(main: Callable[[], object]) -> None:
-    """Run an entry point's `main`; a bad param or data file is one line on stderr, exit 2."""
+def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
+    """Run an entry point's `main`, turning expected failures into one line on stderr.
+
+    Exit 2: a bad param or data file. Exit 3: the step failed (e.g. training diverged).
+    Exit 4: the tracking server stopped answering (after bounded retries); `resumable` entry
+    points (those that train) add how to continue from the checkpoint.
+    """
     try:
         main()
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except StepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+    except MlflowException as exc:
+        uri = mlflow.get_tracking_uri()
+        if not uri.startswith(("http://", "https://")):
+            raise
+        reason = str(exc.message).strip().splitlines()[0][:300]
+        hint = (f" Completed epochs are checkpointed under {checkpoint_root()}: rerun the same command to resume."
+                if resumable else "")
+        print(f"error: tracking server {uri} failed: {reason}.{hint}", file=sys.stderr)
+        sys.exit(4)

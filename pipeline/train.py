@@ -4,8 +4,8 @@ Reads:  a prepared dataset URI (from prepare; prepared on the spot, or reused, i
 Writes: params (every resolved value, once); per-epoch metrics `loss`, `acc`, `val_loss`,
         `val_acc`, `lr`, `epoch_seconds`, `images_per_second` with step = epoch (1-based);
         artifacts `history.csv`, `curves.png` (acc/val_acc, the seed's plot), `config.json`;
-        the model (a pyfunc around the Keras model, see pipeline.serve; uint8 (-1, 32, 32, 3)
-        signature, input example).
+        the model (a pyfunc around the Keras model, see pipeline.serve: no enforcing signature,
+        the accepted input formats in the MLmodel metadata, a uint8 input example).
 Returns the logged model's URI (`models:/m-...`).
 """
 
@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -26,11 +28,13 @@ import matplotlib
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
-from pipeline import config, prepare, serve
+from pipeline import compare, config, prepare, serve
 from pipeline.data import IMAGE_SIZE, Dataset
 from pipeline.model import build_resnet
-from pipeline.tracking import PIPELINE_DIR, cli, step_run
+from pipeline.tracking import PIPELINE_DIR, StepFailed, checkpoint_root, cli, step_run
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -43,23 +47,79 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
     Written by hand because mlflow.keras.MlflowCallback logs duplicate `validation_*`
     metrics at step 0 and autolog crashes `fit` on TF 2.21 without tensorboard.
+    `logged_steps`: epochs a resumed run already logged, skipped so no step appears twice.
     """
 
-    def __init__(self, train_images: int):
+    def __init__(self, train_images: int, logged_steps: set[int] = frozenset()):
         super().__init__()
         self.train_images = train_images
-        self.rows: list[dict[str, float]] = []
+        self.logged_steps = set(logged_steps)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 in self.logged_steps:
+            return
         seconds = time.perf_counter() - self._start
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         row = {k: float(v) for k, v in (logs or {}).items() if k in EPOCH_METRICS}
         row.update(lr=lr, epoch_seconds=seconds, images_per_second=self.train_images / seconds)
         mlflow.log_metrics(row, step=epoch + 1)
-        self.rows.append({"epoch": epoch + 1, **row})
+
+
+class TrainingDiverged(StepFailed):
+    """The loss became NaN or infinite."""
+
+
+def logged_history(run_id: str) -> pd.DataFrame:
+    """The run's per-epoch metrics as a table (one row per epoch), read back from MLflow, so a
+    resumed run's history includes the epochs logged before the interruption."""
+    client = MlflowClient()
+    series = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in EPOCH_METRICS}
+    return pd.DataFrame(series).rename_axis("epoch").reset_index().sort_values("epoch")
+
+
+def checkpoint_dir(run_id: str) -> Path:
+    return checkpoint_root() / run_id
+
+
+def train_key(cfg: config.Config, dataset_uri: str) -> str:
+    """Identity of a training job: every param and the dataset. Equal keys may resume each other."""
+    return hashlib.sha256(json.dumps({**cfg.flat(), "dataset_uri": dataset_uri}, sort_keys=True).encode()).hexdigest()
+
+
+def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> str | None:
+    """The train run to continue, or None to start a new one.
+
+    resume "": the newest unfinished run of the same job that left a checkpoint (so rerunning a
+    killed command continues it); "never": None; a run id: that run, which must have a checkpoint.
+    An interrupted parent run of the resumed one (left RUNNING by the kill) is marked KILLED.
+    """
+    if resume == "never":
+        return None
+    client = MlflowClient()
+    if resume:
+        if not (checkpoint_dir(resume) / "training_metadata.json").exists():
+            raise config.ConfigError(f"resume: run {resume} has no checkpoint in {checkpoint_dir(resume)} "
+                                     f"(finished runs delete theirs)")
+        run_id = resume
+    else:
+        candidates = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                                    filter_string=f"tags.train_key = '{train_key(cfg, dataset_uri)}'",
+                                                    order_by=["attributes.start_time DESC"])
+                      if r.info.status != "FINISHED"
+                      and (checkpoint_dir(r.info.run_id) / "training_metadata.json").exists()]
+        if not candidates:
+            return None
+        run_id = candidates[0].info.run_id
+    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    active = mlflow.active_run()
+    if parent and (active is None or parent != active.info.run_id) and client.get_run(parent).info.status == "RUNNING":
+        client.set_tag(parent, "resumed_by", active.info.run_id if active else "")
+        client.set_terminated(parent, "KILLED")
+    print(f"resuming train run {run_id} from its last completed epoch")
+    return run_id
 
 
 def learning_rate(cfg: config.TrainConfig, steps_per_epoch: int) -> keras.optimizers.schedules.LearningRateSchedule:
@@ -200,19 +260,32 @@ def run(cfg: config.Config, dataset_uri: str) -> str:
                       metrics=[keras.metrics.CategoricalAccuracy(name="acc")],
                       jit_compile={"auto": "auto", "true": True, "false": False}[t.jit_compile])
 
+    run_id = mlflow.active_run().info.run_id
     mlflow.log_params({**cfg.flat(), "dataset_uri": dataset_uri})
     mlflow.set_tags({"backend": keras.backend.backend(), "devices": ", ".join(devices),
-                     "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights))})
+                     "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
+                     "train_key": train_key(cfg, dataset_uri)})
     mlflow.log_dict(dataclasses.asdict(cfg), "config.json")
     print(f"training {model.name} ({model.count_params():,} params) on {len(x_train)} images, "
           f"validating on {len(x_val)}, backend {keras.backend.backend()}, devices {devices}")
 
-    logger = MlflowEpochLogger(len(x_train))
-    model.fit(x_train, keras.utils.to_categorical(y_train, num_classes), batch_size=t.batch_size, epochs=t.epochs,
-              validation_data=(x_val, keras.utils.to_categorical(y_val, num_classes)), shuffle=True,
-              callbacks=[logger], verbose=progress_verbosity(t.verbose))
+    # Order matters: metrics are logged before the checkpoint is written, so a kill between the
+    # two re-runs that epoch on resume and its already-logged step is skipped (no gap, no duplicate).
+    logged = {m.step for m in MlflowClient().get_metric_history(run_id, "val_acc")}
+    callbacks = [keras.callbacks.TerminateOnNaN(), MlflowEpochLogger(len(x_train), logged),
+                 keras.callbacks.BackupAndRestore(str(checkpoint_dir(run_id)), save_freq="epoch")]
+    fit = model.fit(x_train, keras.utils.to_categorical(y_train, num_classes), batch_size=t.batch_size,
+                    epochs=t.epochs, validation_data=(x_val, keras.utils.to_categorical(y_val, num_classes)),
+                    shuffle=True, callbacks=callbacks, verbose=progress_verbosity(t.verbose))
+    losses = fit.history.get("loss", [])
+    if losses and not np.isfinite(losses[-1]):
+        shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)  # resuming a diverged run would diverge again
+        reason = (f"training diverged: loss became {losses[-1]} in epoch {len(fit.epoch) and fit.epoch[-1] + 1}; "
+                  f"nothing was registered. Lower train.lr (now {t.scaled_lr:g}) or check the data")
+        mlflow.set_tag("failure_reason", reason)
+        raise TrainingDiverged(reason)
 
-    history = pd.DataFrame(logger.rows)
+    history = logged_history(run_id)
     served = inference_copy(cfg, dataset, model)
     with tempfile.TemporaryDirectory() as tmp:
         history.to_csv(Path(tmp) / "history.csv", index=False)
@@ -220,6 +293,7 @@ def run(cfg: config.Config, dataset_uri: str) -> str:
         mlflow.log_artifacts(tmp)
     info = log_model(served, list(dataset.class_names), dataset.x_test[:2])
     mlflow.set_tag("model_uri", info.model_uri)
+    compare.describe_train_run(MlflowClient(), run_id, overwrite=True)
     print(f"logged model {info.model_uri}")
     return info.model_uri
 
@@ -231,11 +305,26 @@ def main() -> None:
     parser.add_argument("--data", default="")
     parser.add_argument("--overrides", default="")
     parser.add_argument("--dataset-uri", default="", help="prepared dataset; default: prepare (or reuse) from --data")
+    parser.add_argument("--resume", default="", help="'' (continue an interrupted identical run), 'never', or a run id")
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
-    with step_run(cfg, "train", run_name=cfg.run_name()):
-        run(cfg, args.dataset_uri or prepare.ensure_prepared(cfg))
+    cfg, dataset_uri = config_to_resume(args.resume) if args.resume not in ("", "never") else (cfg, args.dataset_uri)
+    dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
+    resume_id = find_resumable(cfg, dataset_uri, args.resume)
+    with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
+        run(cfg, dataset_uri)
+
+
+def config_to_resume(run_id: str) -> tuple[config.Config, str]:
+    """The params and dataset URI a train run was started with, to continue it exactly."""
+    try:
+        params = MlflowClient().get_run(run_id).data.params
+    except MlflowException:
+        raise config.ConfigError(f"resume: no run {run_id!r} in the tracking store") from None
+    if "dataset_uri" not in params:
+        raise config.ConfigError(f"resume: run {run_id} is not a train run")
+    return config.from_run_params(params), params["dataset_uri"]
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli(main, resumable=True)

@@ -27,6 +27,7 @@ def store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.create_experiment("e2e", artifact_location=str(tmp_path / "artifacts"))
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     env.pop("MLFLOW_RUN_ID", None)

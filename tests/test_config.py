@@ -36,6 +36,10 @@ def test_overrides_are_dotted_yaml_values():
     assert cfg.run_name() == "resnet20-e5-b256-lr0.2"
 
 
+def test_exponent_without_a_dot_is_a_number():
+    assert config.load(None, "train.lr=1e-3 model.l2=5e-4").train.lr == pytest.approx(1e-3)
+
+
 def test_cli_shortcuts_and_empty_values():
     cfg = config.load_from_cli("", "", epochs="7", data="synthetic")
     assert cfg.train.epochs == 7 and cfg.data.source == "synthetic"
