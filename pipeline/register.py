@@ -133,6 +133,21 @@ def record_report(client: MlflowClient, report: dict) -> str:
     return markdown
 
 
+def settle_alias(client: MlflowClient, name: str, alias: str) -> None:
+    """Leave the alias on the best-scoring version (the earliest on ties).
+
+    Registers running at the same time can each read a champion that another is replacing; by
+    re-reading every version after writing, the last register to finish repairs any such race.
+    """
+    scored = [v for v in client.search_model_versions(f"name = '{name}'") if "test_acc" in v.tags]
+    if not scored:
+        return
+    best = max(scored, key=lambda v: (float(v.tags["test_acc"]), -int(v.version)))
+    holder = current_champion(client, name, alias)
+    if holder is None or str(holder.version) != str(best.version):
+        client.set_registered_model_alias(name, alias, best.version)
+
+
 def run(cfg: config.Config, model_uri: str) -> dict:
     """Register inside the active run; report champion vs challenger; return the decision."""
     name, alias = cfg.register.model_name, cfg.register.alias
@@ -151,6 +166,7 @@ def run(cfg: config.Config, model_uri: str) -> dict:
         moved, reason = False, f"test_acc {test_acc:.4f} does not beat v{champion.version}'s {champion_acc:.4f}"
     if moved:
         client.set_registered_model_alias(name, alias, version.version)
+    settle_alias(client, name, alias)
     decision = {"model_name": name, "version": int(version.version), "test_acc": test_acc,
                 "champion_version": int(champion.version) if champion else None, "champion_test_acc": champion_acc,
                 "alias_moved": moved, "reason": reason}
