@@ -7,16 +7,12 @@ server's REST API, the same calls the MLflow UI makes.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 
@@ -24,58 +20,20 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import sweep
-from tests.conftest import ROOT, run_module
+from tests.conftest import ROOT, free_port, run_module, start_tracking_server, stop_group
 
 TINY = "params/tiny.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    """Poll /health until it answers 200; fail if the server exits or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout} s")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """URL of a fresh `mlflow server` (killed, with its workers, at the end of the module)."""
-    tmp = tmp_path_factory.mktemp("server")
-    url = f"http://127.0.0.1:{free_port()}"
-    log = (tmp / "server.log").open("w")
-    # No GenAI job runner: it starts several busy consumer processes the UI checks here never use.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-         "--artifacts-destination", str(tmp / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-        start_new_session=True)  # its own process group: teardown kills its workers too
+    port = free_port()
+    process = start_tracking_server(tmp_path_factory.mktemp("server"), port)
     try:
-        wait_healthy(url, process)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=20)
-        with contextlib.suppress(ProcessLookupError):  # whatever of the group outlived SIGTERM
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        log.close()
+        stop_group(process)
 
 
 def api(url: str, path: str, body: dict | None = None, **query: str) -> dict:

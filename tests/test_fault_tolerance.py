@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from mlflow import MlflowClient
 
 from pipeline import evaluate, main, prepare, register, train
 from pipeline.tracking import cli
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, start_tracking_server, stop_group
 
 TINY = "params/tiny.yaml"
 
@@ -174,32 +172,10 @@ def test_four_concurrent_runs_share_one_sqlite_store(store):
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == str(best.version)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("mlflow server did not start")
-
-
 def test_dead_tracking_server_fails_fast_and_the_rerun_resumes(tmp_path, monkeypatch):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = start_server(tmp_path, port)
+    server = start_tracking_server(tmp_path, port)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PIPELINE_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
            "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -209,7 +185,7 @@ def test_dead_tracking_server_fails_fast_and_the_rerun_resumes(tmp_path, monkeyp
         MlflowClient(uri).create_experiment("e2e")
         proc = start_mlflow_run(env, "epochs=4")
         wait_for_checkpoint(tmp_path / "checkpoints", proc)
-        os.killpg(server.pid, signal.SIGKILL)
+        kill_tree(server.pid)
         server.wait(timeout=30)
         start = time.monotonic()
         _, err = proc.communicate(timeout=300)  # bounded retries: it must give up, not hang
@@ -217,7 +193,7 @@ def test_dead_tracking_server_fails_fast_and_the_rerun_resumes(tmp_path, monkeyp
         assert time.monotonic() - start < 240
         assert f"error: tracking server {uri} failed" in err and "rerun the same command to resume" in err
 
-        server = start_server(tmp_path, port)
+        server = start_tracking_server(tmp_path, port)
         done = run_to_end(env, "epochs=4")
         assert done.returncode == 0, done.stderr[-3000:]
         assert "resuming train run" in done.stdout
@@ -228,4 +204,4 @@ def test_dead_tracking_server_fails_fast_and_the_rerun_resumes(tmp_path, monkeyp
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3, 4]
         assert client.get_model_version_by_alias("cifar10-resnet", "champion") is not None
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server)

@@ -11,11 +11,8 @@ import io
 import json
 import math
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +27,7 @@ from PIL import Image
 
 from pipeline import config, predict, prepare, serve, train
 from pipeline.data import decode_image
+from tests.conftest import free_port, stop_group, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_SECONDS = 120
@@ -51,12 +49,6 @@ def encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
 
 def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: dict | bytes) -> tuple[int, dict]:
@@ -126,31 +118,11 @@ def server(model_uri, tracking) -> Iterator[str]:
                                env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)  # own process group: uvicorn is a grandchild
     try:
-        wait_for_server(url, process, tmp / "server.log")
+        wait_until_up(f"{url}/ping", process, timeout=SERVER_START_SECONDS, log=tmp / "server.log")
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
         log.close()
-
-
-def wait_for_server(url: str, process: subprocess.Popen, log: Path) -> None:
-    """Poll /ping until it answers 200; fail with the server's log if it dies or takes too long."""
-    deadline = time.monotonic() + SERVER_START_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"model server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if ping(url) == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"model server did not answer /ping within {SERVER_START_SECONDS}s:\n{log.read_text()[-3000:]}")
 
 
 # --- input handling, no server ----------------------------------------------------------------
