@@ -16,12 +16,9 @@ register and sweep so that every training run reads the same in the MLflow UI.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import os
 import re
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -31,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline import config
-from pipeline.tracking import cli
+from pipeline.tracking import cli, open_run
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -167,25 +164,6 @@ def plot_curves(table: pd.DataFrame, histories: dict[str, pd.Series], path: Path
     plt.close(fig)
 
 
-@contextlib.contextmanager
-def open_run(step: str, experiment: str | None, run_name: str) -> Iterator[mlflow.ActiveRun]:
-    """A run tagged `step`: a nested child of the active run, the run `mlflow run` opened
-    (MLFLOW_RUN_ID), or a new run in `experiment` (MLflow's default experiment if None)."""
-    parent = mlflow.active_run()
-    tags = {"step": step}
-    if parent is not None:
-        ctx = mlflow.start_run(run_name=run_name, nested=True, experiment_id=parent.info.experiment_id, tags=tags)
-    elif os.environ.get("MLFLOW_RUN_ID"):
-        ctx = mlflow.start_run(tags=tags)
-    else:
-        if experiment:
-            mlflow.set_experiment(experiment)
-        ctx = mlflow.start_run(run_name=run_name, tags=tags)
-    with ctx as run:
-        mlflow.set_tag("mlflow.runName", run_name)  # `mlflow run` names its run at random
-        yield run
-
-
 def run(experiment: str | None = None, run_ids: list[str] | None = None, top: int | None = None,
         metric: str = "val_acc") -> dict:
     """Compare training runs; log the table and plot to a new comparison run.
@@ -205,7 +183,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     table = top_runs(build_table(runs, histories), metric, top)
     markdown = to_markdown(table)
     name = f"compare-{len(table)}-runs-by-{metric}"
-    with open_run("compare", experiment, name) as comparison, tempfile.TemporaryDirectory() as tmp:
+    with open_run("compare", experiment=experiment, run_name=name) as comparison, tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / "runs.csv", index=False)
         (Path(tmp) / "runs.md").write_text(markdown)
         plot_curves(table, histories, Path(tmp) / "val_acc.png")

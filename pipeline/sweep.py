@@ -43,7 +43,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline import compare, config, prepare
-from pipeline.tracking import cli, step_run
+from pipeline.tracking import cli, open_run, step_run
 
 SPEC_KEYS = {"base", "overrides", "grid", "random", "trials", "seed"}
 
@@ -246,7 +246,7 @@ def run(spec_path: str, extra_overrides: str = "", parallel: int = 1) -> dict:
     base_cfg = trials[0]["cfg"]
     client = MlflowClient()
     name = f"sweep-{Path(spec_path).stem.removeprefix('sweep-')}-{len(trials)}trials"
-    with compare.open_run("sweep", base_cfg.tracking.experiment, name) as parent:
+    with open_run("sweep", experiment=base_cfg.tracking.experiment, run_name=name) as parent:
         mlflow.log_params({"sweep.spec": spec_path, "sweep.kind": "grid" if "grid" in spec else "random",
                            "sweep.trials": len(trials), "sweep.parallel": parallel,
                            "sweep.overrides": extra_overrides or ""})

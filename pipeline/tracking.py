@@ -59,18 +59,26 @@ def _git_commit() -> str | None:
         return None
 
 
-@contextlib.contextmanager
 def step_run(cfg: Config, step: str, *, run_name: str | None = None,
-             resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Open the MLflow run of one pipeline step.
+             resume_run_id: str | None = None) -> contextlib.AbstractContextManager[mlflow.ActiveRun]:
+    """`open_run` for a pipeline step, in `tracking.experiment`, tagged with the model depth."""
+    return open_run(step, experiment=cfg.tracking.experiment, run_name=run_name, resume_run_id=resume_run_id,
+                    tags={"model_depth": str(cfg.model.depth)})
+
+
+@contextlib.contextmanager
+def open_run(step: str, *, experiment: str | None = None, run_name: str | None = None,
+             resume_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Open the MLflow run of one step, tagged `step` (and `tags`, the git commit).
 
     Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and is reused. Inside another
-    active run (the `main` driver) a nested child run is opened in the parent's experiment.
-    Otherwise a new run is opened in `tracking.experiment`. `resume_run_id` reopens that
-    existing run instead (nested in whatever run is active). A step that raises ends FAILED.
+    active run (the `main` driver, a sweep) a nested child run is opened in the parent's
+    experiment. Otherwise a new run is opened in `experiment` (MLflow's default if None).
+    `resume_run_id` reopens that existing run instead (nested in whatever run is active).
+    A step that raises ends FAILED.
     """
     parent = mlflow.active_run()
-    tags = {"step": step, "model_depth": str(cfg.model.depth)}
+    tags = {"step": step, **(tags or {})}
     commit = _git_commit()
     if commit:
         tags["git_commit"] = commit
@@ -86,7 +94,8 @@ def step_run(cfg: Config, step: str, *, run_name: str | None = None,
     elif os.environ.get("MLFLOW_RUN_ID"):
         ctx = mlflow.start_run(tags=tags)
     else:
-        mlflow.set_experiment(cfg.tracking.experiment)
+        if experiment:
+            mlflow.set_experiment(experiment)
         ctx = mlflow.start_run(run_name=run_name or step, tags=tags)
     with ctx as run:
         if run_name:  # `mlflow run` names its run at random; a descriptive name reads better in the UI
