@@ -73,7 +73,7 @@ def _source(cfg: config.Config):
     return Path(cfg.data.source).resolve().as_uri()
 
 
-def find_prepared(cfg: config.Config, key: str) -> str | None:
+def find_prepared(key: str) -> str | None:
     """Dataset URI of a finished prepare run with the same key, in any experiment, if any."""
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
                               filter_string=f"tags.prepare_key = '{key}' and attributes.status = 'FINISHED'",
@@ -84,7 +84,7 @@ def find_prepared(cfg: config.Config, key: str) -> str | None:
 def ensure_prepared(cfg: config.Config) -> str:
     """Reuse an identical finished prepare run, or run prepare as a nested run."""
     key = prepare_key(cfg)
-    found = find_prepared(cfg, key)
+    found = find_prepared(key)
     if found:
         print(f"reusing prepared dataset {found}")
         return found

@@ -222,8 +222,8 @@ def serving_requirements() -> list[str]:
     """The served model needs the backend it was trained with, Keras, MLflow and Pillow."""
     from importlib.metadata import version
 
-    backend = {"tensorflow": "tensorflow", "jax": "jax"}.get(keras.backend.backend(), keras.backend.backend())
-    return [f"{pkg}=={version(pkg)}" for pkg in (backend, "keras", "mlflow", "pandas", "pillow")]
+    packages = (keras.backend.backend(), "keras", "mlflow", "pandas", "pillow")  # backend names are package names
+    return [f"{pkg}=={version(pkg)}" for pkg in packages]
 
 
 def plot_curves(history: pd.DataFrame, path: Path) -> None:
