@@ -96,6 +96,7 @@ class TrainConfig:
     validation_fraction: float
     precision: str
     jit_compile: str
+    steps_per_execution: int
     distribute: str
     seed: int
     verbose: str
@@ -121,8 +122,9 @@ class TrainConfig:
                "must be float32, mixed_float16 or mixed_bfloat16", self.precision)
         _check(self.jit_compile in ("auto", "true", "false"), "train.jit_compile", "must be auto, true or false",
                self.jit_compile)
-        _check(self.distribute in ("auto", "none", "mirrored", "data_parallel"), "train.distribute",
-               "must be auto, none, mirrored or data_parallel", self.distribute)
+        _check(self.steps_per_execution >= 1, "train.steps_per_execution", "must be >= 1", self.steps_per_execution)
+        _check(self.distribute in ("auto", "none", "mirrored", "data_parallel", "multi_worker"), "train.distribute",
+               "must be auto, none, mirrored, data_parallel or multi_worker", self.distribute)
         _check(self.verbose in ("auto", "0", "1", "2"), "train.verbose", "must be auto, 0, 1 or 2", self.verbose)
 
     @property

@@ -12,6 +12,7 @@ import argparse
 import mlflow
 
 from pipeline import config, prepare
+from pipeline.distribute import cluster_from_env
 from pipeline.tracking import cli, step_run
 
 
@@ -54,6 +55,10 @@ def main() -> None:
 
         cfg, dataset_uri = train.config_to_resume(args.resume)
     prepare.prepare_key(cfg)  # a missing data path fails here, before any run is opened
+    cluster = cluster_from_env()
+    if cluster and not cluster.chief:
+        raise config.ConfigError(f"TF_CONFIG: this host is {cluster.task}; the pipeline runs on the chief, "
+                                 f"here run `python -m pipeline.train` with the chief's params")
     with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}"):
         run(cfg, resume=args.resume, dataset_uri=dataset_uri)
 

@@ -35,11 +35,16 @@ def prepare_key(cfg: config.Config) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def run(cfg: config.Config, *, key: str | None = None) -> str:
-    """Prepare the dataset inside the active run; return its dataset URI."""
+def build(cfg: config.Config) -> data.Dataset:
+    """The dataset `data.*` describes, in memory: deterministic, so every host builds the same one."""
     source = data.load_source(cfg.data.source, synthetic_train=cfg.data.synthetic_train,
                               synthetic_test=cfg.data.synthetic_test, seed=cfg.data.seed)
-    dataset = source.subset(max_train=cfg.data.max_train, max_test=cfg.data.max_test, seed=cfg.data.seed)
+    return source.subset(max_train=cfg.data.max_train, max_test=cfg.data.max_test, seed=cfg.data.seed)
+
+
+def run(cfg: config.Config, *, key: str | None = None) -> str:
+    """Prepare the dataset inside the active run; return its dataset URI."""
+    dataset = build(cfg)
     digest = dataset.digest()
     mean, std = dataset.channel_stats()
     summary = {

@@ -12,7 +12,6 @@ Returns the logged model's URI (`models:/m-...`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,6 +32,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import compare, config, prepare, serve
 from pipeline.data import IMAGE_SIZE, Dataset
+from pipeline.distribute import Distribution, distribution
 from pipeline.model import build_resnet
 from pipeline.tracking import PIPELINE_DIR, StepFailed, checkpoint_root, cli, step_run
 
@@ -131,36 +131,6 @@ def learning_rate(cfg: config.TrainConfig, steps_per_epoch: int) -> keras.optimi
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-def distribution_scope(mode: str):
-    """Data parallelism over local devices with the backend's own engine.
-
-    auto: several GPUs -> mirrored (TensorFlow) or data_parallel (JAX); else a single device.
-    mirrored/data_parallel replicate over all GPUs, or all (virtual) CPU devices if there are
-    none, which is how the tests exercise them. Returns (scope to build and compile the
-    model in, names of the devices used).
-    """
-    backend = keras.backend.backend()
-    devices = keras.distribution.list_devices()
-    gpus = [d for d in devices if d.split(":")[0].lower() in ("gpu", "cuda")]
-    if mode == "auto":
-        mode = ("mirrored" if backend == "tensorflow" else "data_parallel") if len(gpus) > 1 else "none"
-    if mode == "mirrored":
-        if backend != "tensorflow":
-            raise config.ConfigError(f"train.distribute: 'mirrored' needs the TensorFlow backend, not {backend}")
-        import tensorflow as tf
-
-        names = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
-        strategy = tf.distribute.MirroredStrategy(devices=names)
-        return strategy.scope(), names
-    if mode == "data_parallel":
-        if backend != "jax":
-            raise config.ConfigError(f"train.distribute: 'data_parallel' needs the JAX backend, not {backend}")
-        replicas = gpus or devices
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=replicas))
-        return contextlib.nullcontext(), replicas
-    return contextlib.nullcontext(), (gpus or devices)[:1]
-
-
 def progress_verbosity(setting: str) -> int:
     """auto: a live progress bar on a terminal, one line per epoch in logs and under `mlflow run`."""
     return (1 if sys.stdout.isatty() else 2) if setting == "auto" else int(setting)
@@ -240,48 +210,74 @@ def plot_curves(history: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def run(cfg: config.Config, dataset_uri: str) -> str:
-    """Train inside the active run; return the logged model's URI."""
+def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, train_images: int) -> keras.Model:
+    """The training model (with augmentation), compiled for `dist`; seeds and precision set first."""
     t = cfg.train
-    dataset = prepare.load_dataset(dataset_uri)
     keras.utils.set_random_seed(t.seed)
     keras.mixed_precision.set_global_policy(t.precision)
-    x_train, y_train, x_val, y_val = split_validation(dataset, t.validation_fraction, t.seed)
-    num_classes = len(dataset.class_names)
-    steps_per_epoch = math.ceil(len(x_train) / t.batch_size)
-
-    scope, devices = distribution_scope(t.distribute)
-    with scope:
+    steps_per_epoch = math.ceil(train_images / t.batch_size)
+    with dist.scope():
         model = make_model(cfg, dataset)
         optimizer = keras.optimizers.SGD(learning_rate=learning_rate(t, steps_per_epoch), momentum=t.momentum,
                                          nesterov=t.nesterov)
         model.compile(optimizer=optimizer,
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing),
                       metrics=[keras.metrics.CategoricalAccuracy(name="acc")],
-                      jit_compile={"auto": "auto", "true": True, "false": False}[t.jit_compile])
+                      jit_compile={"auto": "auto", "true": True, "false": False}[t.jit_compile],
+                      steps_per_execution=t.steps_per_execution)
+    dist.adapt(model)
+    return model
+
+
+def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
+        callbacks: list) -> keras.callbacks.History:
+    """`model.fit` on `split_validation`'s splits, validating every epoch; the same on every host of a cluster."""
+    t = cfg.train
+    x_train, y_train, x_val, y_val = splits
+    return model.fit(x_train, keras.utils.to_categorical(y_train, num_classes), batch_size=t.batch_size,
+                     epochs=t.epochs, validation_data=(x_val, keras.utils.to_categorical(y_val, num_classes)),
+                     shuffle=True, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks],
+                     verbose=progress_verbosity(t.verbose))
+
+
+def diverged(history: keras.callbacks.History) -> str | None:
+    """Why training diverged, or None if the last loss is finite."""
+    losses = history.history.get("loss", [])
+    if losses and not np.isfinite(losses[-1]):
+        return f"training diverged: loss became {losses[-1]} in epoch {len(history.epoch) and history.epoch[-1] + 1}"
+    return None
+
+
+def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None) -> str:
+    """Train inside the active run; return the logged model's URI. dist: see `distribute.distribution`
+    (made from `train.distribute` if None); in a cluster this is the chief's part."""
+    t = cfg.train
+    dist = dist or distribution(t.distribute)  # first: a multi-worker strategy must precede every TF op
+    dataset = prepare.load_dataset(dataset_uri)
+    splits = split_validation(dataset, t.validation_fraction, t.seed)
+    train_images = len(splits[0])
+    model = compile_model(cfg, dataset, dist, train_images)
 
     run_id = mlflow.active_run().info.run_id
     mlflow.log_params({**cfg.flat(), "dataset_uri": dataset_uri})
-    mlflow.set_tags({"backend": keras.backend.backend(), "devices": ", ".join(devices),
+    mlflow.set_tags({"backend": keras.backend.backend(), "devices": ", ".join(dist.devices),
+                     "distribute": dist.mode, "workers": str(dist.workers),
                      "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
                      "train_key": train_key(cfg, dataset_uri)})
     mlflow.log_dict(dataclasses.asdict(cfg), "config.json")
-    print(f"training {model.name} ({model.count_params():,} params) on {len(x_train)} images, "
-          f"validating on {len(x_val)}, backend {keras.backend.backend()}, devices {devices}")
+    print(f"training {model.name} ({model.count_params():,} params) on {train_images} images, "
+          f"backend {keras.backend.backend()}, {dist.mode} over {dist.workers} host(s), devices {dist.devices}")
 
     # Order matters: metrics are logged before the checkpoint is written, so a kill between the
     # two re-runs that epoch on resume and its already-logged step is skipped (no gap, no duplicate).
     logged = {m.step for m in MlflowClient().get_metric_history(run_id, "val_acc")}
-    callbacks = [keras.callbacks.TerminateOnNaN(), MlflowEpochLogger(len(x_train), logged),
-                 keras.callbacks.BackupAndRestore(str(checkpoint_dir(run_id)), save_freq="epoch")]
-    fit = model.fit(x_train, keras.utils.to_categorical(y_train, num_classes), batch_size=t.batch_size,
-                    epochs=t.epochs, validation_data=(x_val, keras.utils.to_categorical(y_val, num_classes)),
-                    shuffle=True, callbacks=callbacks, verbose=progress_verbosity(t.verbose))
-    losses = fit.history.get("loss", [])
-    if losses and not np.isfinite(losses[-1]):
+    history = fit(model, cfg, splits, len(dataset.class_names),
+                  [MlflowEpochLogger(train_images, logged),
+                   keras.callbacks.BackupAndRestore(str(checkpoint_dir(run_id)), save_freq="epoch")])
+    reason = diverged(history)
+    if reason:
         shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)  # resuming a diverged run would diverge again
-        reason = (f"training diverged: loss became {losses[-1]} in epoch {len(fit.epoch) and fit.epoch[-1] + 1}; "
-                  f"nothing was registered. Lower train.lr (now {t.scaled_lr:g}) or check the data")
+        reason += f"; nothing was registered. Lower train.lr (now {t.scaled_lr:g}) or check the data"
         mlflow.set_tag("failure_reason", reason)
         raise TrainingDiverged(reason)
 
@@ -298,6 +294,30 @@ def run(cfg: config.Config, dataset_uri: str) -> str:
     return info.model_uri
 
 
+def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume: str = "") -> None:
+    """A non-chief host of a cluster: train in lock step with the chief, log nothing to MLflow.
+
+    The dataset comes from `dataset_uri` if given (read-only), else it is built from `data.*`
+    exactly as the chief's prepare step builds it. Completed epochs are checkpointed locally,
+    keyed by the params and the dataset digest, so rerunning every host's command resumes.
+    """
+    dataset = prepare.load_dataset(dataset_uri) if dataset_uri else prepare.build(cfg)
+    splits = split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
+    model = compile_model(cfg, dataset, dist, len(splits[0]))
+    key = hashlib.sha256(json.dumps({**cfg.flat(), "dataset": dataset.digest()}, sort_keys=True).encode())
+    backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{key.hexdigest()[:16]}"
+    if resume == "never":
+        shutil.rmtree(backup, ignore_errors=True)
+    print(f"{dist.task} of {dist.workers}: training on {len(splits[0])} images, devices {dist.devices}; "
+          f"the chief logs to MLflow")
+    history = fit(model, cfg, splits, len(dataset.class_names),
+                  [keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch")])
+    shutil.rmtree(backup, ignore_errors=True)
+    reason = diverged(history)
+    if reason:
+        raise TrainingDiverged(reason)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="")
@@ -308,11 +328,15 @@ def main() -> None:
     parser.add_argument("--resume", default="", help="'' (continue an interrupted identical run), 'never', or a run id")
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
+    dist = distribution(cfg.train.distribute)
+    if not dist.chief:
+        run_worker(cfg, args.dataset_uri, dist, args.resume)
+        return
     cfg, dataset_uri = config_to_resume(args.resume) if args.resume not in ("", "never") else (cfg, args.dataset_uri)
     dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
     resume_id = find_resumable(cfg, dataset_uri, args.resume)
     with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
-        run(cfg, dataset_uri)
+        run(cfg, dataset_uri, dist)
 
 
 def config_to_resume(run_id: str) -> tuple[config.Config, str]:

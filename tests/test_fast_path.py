@@ -1,7 +1,9 @@
-"""The fast path (mixed precision, XLA, data parallelism, JAX backend) trains the same model."""
+"""The fast path (mixed precision, XLA, data parallelism on one or several hosts, JAX backend) trains the
+same model."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +14,8 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import config, prepare, train
-from tests.conftest import ROOT, mlflow_run
+from pipeline.tracking import cli
+from tests.conftest import ROOT, free_port, mlflow_run
 
 pytest.importorskip("jax")  # installed by requirements-dev.txt; the JAX tests must run in CI
 
@@ -24,7 +27,8 @@ def val_acc_curve(run_id: str) -> list[float]:
 def test_mixed_precision_and_xla_reach_the_same_place_as_float32(store):
     curves = {}
     for name, overrides in {"float32": ["train.jit_compile=false"],
-                            "fast": ["train.precision=mixed_bfloat16", "train.jit_compile=true"]}.items():
+                            "fast": ["train.precision=mixed_bfloat16", "train.jit_compile=true",
+                                     "train.steps_per_execution=4"]}.items():
         cfg = config.load("params/tiny.yaml", overrides)
         with mlflow.start_run(experiment_id=MlflowClient().get_experiment_by_name("e2e").experiment_id) as run:
             dataset_uri = prepare.ensure_prepared(cfg)
@@ -86,3 +90,57 @@ def test_main_on_the_jax_backend(store):
     assert evaluation.data.metrics["test_acc"] > 0.5
     assert client.get_model_version_by_alias("cifar10-resnet", "champion") is not None
     assert os.environ.get("KERAS_BACKEND") != "jax"  # the test process itself stayed on TensorFlow
+
+
+def test_multi_worker_over_two_local_hosts_logs_from_the_chief_only(store, tmp_path):
+    """Two processes on localhost stand for two hosts, as in the README: the chief runs the whole
+    pipeline, the worker `pipeline.train` with the same params; TF_CONFIG differs in the task index."""
+    cluster = {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]}
+    args = ["--params", "params/tiny.yaml", "--epochs", "2", "--overrides", "tracking.experiment=e2e"]
+    procs = [subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**store, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                                     "task": {"type": "worker", "index": i}})})
+             for i, module in enumerate(["pipeline.main", "pipeline.train"])]  # train.distribute stays auto
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    assert "worker 1 of 2: training on" in outputs[1][0]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert sorted(r.data.tags["step"] for r in runs) == ["evaluate", "main", "prepare", "register", "train"]
+    (run,) = [r for r in runs if r.data.tags["step"] == "train"]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["distribute"] == "multi_worker" and run.data.tags["workers"] == "2"
+    assert len(val_acc_curve(run.info.run_id)) == 2
+    assert run.data.metrics["acc"] > 0.5
+    (main_run,) = [r for r in runs if r.data.tags["step"] == "main"]
+    assert main_run.data.metrics["test_acc"] > 0.5
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # both hosts removed their checkpoints
+
+
+WORKER_1 = json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}})
+
+
+@pytest.mark.parametrize(("module", "env", "overrides", "message"), [
+    ("train", {}, "train.distribute=multi_worker", "error: train.distribute: 'multi_worker' needs TF_CONFIG"),
+    ("train", {"TF_CONFIG": "{not json"}, "", "error: TF_CONFIG: not a cluster spec"),
+    ("train", {"TF_CONFIG": WORKER_1.replace('"index": 1', '"index": 2')}, "",
+     "error: TF_CONFIG: task {'type': 'worker', 'index': 2} is not a chief or worker listed in the cluster"),
+    ("train", {"TF_CONFIG": WORKER_1, "MLFLOW_RUN_ID": "0123"}, "",
+     "error: TF_CONFIG: this host is worker 1, which logs nothing: start it with `python -m pipeline.train`"),
+    ("main", {"TF_CONFIG": WORKER_1}, "", "error: TF_CONFIG: this host is worker 1; the pipeline runs on the chief"),
+])
+def test_bad_cluster_settings_are_param_errors(store, capsys, monkeypatch, module, env, overrides, message):
+    """Caught before TensorFlow starts or any run opens; nothing waits for the other hosts."""
+    from pipeline import main
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", [module, "--params", "params/tiny.yaml", "--overrides", overrides])
+    with pytest.raises(SystemExit) as exit_info:
+        cli({"train": train, "main": main}[module].main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(message)
+    assert MlflowClient().search_runs([MlflowClient().get_experiment_by_name("e2e").experiment_id]) == []
