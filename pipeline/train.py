@@ -211,20 +211,25 @@ def plot_curves(history: pd.DataFrame, path: Path) -> None:
 
 
 def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, train_images: int) -> keras.Model:
-    """The training model (with augmentation), compiled for `dist`; seeds and precision set first."""
+    """The training model (with augmentation), compiled for `dist`. Seeds the run; `train.precision`
+    is the global dtype policy only while the model is built (its layers keep it), so it does not
+    leak into models built later in the process, such as the float32 served copy."""
     t = cfg.train
     keras.utils.set_random_seed(t.seed)
+    previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(t.precision)
-    steps_per_epoch = math.ceil(train_images / t.batch_size)
-    with dist.scope():
-        model = make_model(cfg, dataset)
-        optimizer = keras.optimizers.SGD(learning_rate=learning_rate(t, steps_per_epoch), momentum=t.momentum,
-                                         nesterov=t.nesterov)
-        model.compile(optimizer=optimizer,
-                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing),
-                      metrics=[keras.metrics.CategoricalAccuracy(name="acc")],
-                      jit_compile={"auto": "auto", "true": True, "false": False}[t.jit_compile],
-                      steps_per_execution=t.steps_per_execution)
+    try:
+        with dist.scope():
+            model = make_model(cfg, dataset)
+            optimizer = keras.optimizers.SGD(learning_rate=learning_rate(t, math.ceil(train_images / t.batch_size)),
+                                             momentum=t.momentum, nesterov=t.nesterov)
+            model.compile(optimizer=optimizer,
+                          loss=keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing),
+                          metrics=[keras.metrics.CategoricalAccuracy(name="acc")],
+                          jit_compile={"auto": "auto", "true": True, "false": False}[t.jit_compile],
+                          steps_per_execution=t.steps_per_execution)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
     dist.adapt(model)
     return model
 

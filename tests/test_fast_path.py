@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import mlflow
 import pytest
 from mlflow import MlflowClient
@@ -35,6 +36,7 @@ def test_mixed_precision_and_xla_reach_the_same_place_as_float32(store):
             train.run(cfg, dataset_uri)
         curves[name] = val_acc_curve(run.info.run_id)
     assert len(curves["float32"]) == len(curves["fast"]) == 3
+    assert keras.mixed_precision.global_policy().name == "float32"  # the fast run's policy did not leak
     # Same data, same seed, same schedule: both learn, and end within a few points of each other.
     assert curves["float32"][-1] > 0.5 and curves["fast"][-1] > 0.5
     assert abs(curves["float32"][-1] - curves["fast"][-1]) < 0.15, curves
