@@ -39,7 +39,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import config, data, train  # noqa: E402
+from pipeline import config, data, fitting, train  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 BIG_BATCH = 256
@@ -53,7 +53,7 @@ def log_untrained_model(params: str, tmp: Path) -> str:
     experiment = mlflow.create_experiment(f"bench-serve-{Path(params).stem}",
                                           artifact_location=(tmp / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment):
-        return train.log_model(train.make_model(cfg, dataset, augment=False), list(dataset.class_names),
+        return train.log_model(fitting.make_model(cfg, dataset, augment=False), list(dataset.class_names),
                                dataset.x_test[:2]).model_uri
 
 

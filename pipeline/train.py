@@ -15,9 +15,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,9 +29,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline import compare, config, prepare, serve
-from pipeline.data import IMAGE_SIZE, Dataset
+from pipeline.data import Dataset
 from pipeline.distribute import Distribution, distribution
-from pipeline.model import build_resnet
+from pipeline.fitting import compile_model, diverged, fit, make_model, split_validation
 from pipeline.tracking import PIPELINE_DIR, StepFailed, checkpoint_root, cli, step_run
 
 matplotlib.use("Agg")
@@ -122,40 +120,6 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
     return run_id
 
 
-def learning_rate(cfg: config.TrainConfig, steps_per_epoch: int) -> keras.optimizers.schedules.LearningRateSchedule:
-    """Step schedule: scaled lr, multiplied by lr_decay at each boundary epoch."""
-    boundaries = [b * steps_per_epoch for b in cfg.lr_boundaries]
-    values = [cfg.scaled_lr * cfg.lr_decay ** i for i in range(len(boundaries) + 1)]
-    if not boundaries:
-        return keras.optimizers.schedules.PiecewiseConstantDecay([10**12], values * 2)
-    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
-
-
-def progress_verbosity(setting: str) -> int:
-    """auto: a live progress bar on a terminal, one line per epoch in logs and under `mlflow run`."""
-    return (1 if sys.stdout.isatty() else 2) if setting == "auto" else int(setting)
-
-
-def split_validation(dataset: Dataset, fraction: float, seed: int):
-    """(x_train, y_train, x_val, y_val): a seeded held-out slice, or the test split if fraction = 0."""
-    if fraction == 0:
-        return dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test
-    order = np.random.default_rng(seed).permutation(len(dataset.x_train))
-    n_val = max(1, round(fraction * len(order)))
-    val, train = order[:n_val], order[n_val:]
-    return dataset.x_train[train], dataset.y_train[train], dataset.x_train[val], dataset.y_train[val]
-
-
-def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) -> keras.Model:
-    mean, std = dataset.channel_stats()
-    m, t = cfg.model, cfg.train
-    return build_resnet(num_classes=len(dataset.class_names), block=m.block, units_per_stage=m.units_per_stage,
-                        widths=m.widths, strides=m.strides, stem_filters=m.stem_filters, l2=m.l2,
-                        mean=mean.tolist(), std=std.tolist(), image_size=IMAGE_SIZE,
-                        max_shift=round(t.shift * IMAGE_SIZE) if augment else 0, shift_fill=t.shift_fill,
-                        flip=t.flip and augment, seed=t.seed)
-
-
 def inference_copy(cfg: config.Config, dataset: Dataset, model: keras.Model) -> keras.Model:
     """The trained model without the augmentation layer: only stock Keras layers, so the
     logged model loads anywhere without this project's code."""
@@ -208,49 +172,6 @@ def plot_curves(history: pd.DataFrame, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, train_images: int) -> keras.Model:
-    """The training model (with augmentation), compiled for `dist`. Seeds the run; `train.precision`
-    is the global dtype policy only while the model is built (its layers keep it), so it does not
-    leak into models built later in the process, such as the float32 served copy."""
-    t = cfg.train
-    keras.utils.set_random_seed(t.seed)
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(t.precision)
-    try:
-        with dist.scope():
-            model = make_model(cfg, dataset)
-            optimizer = keras.optimizers.SGD(learning_rate=learning_rate(t, math.ceil(train_images / t.batch_size)),
-                                             momentum=t.momentum, nesterov=t.nesterov)
-            model.compile(optimizer=optimizer,
-                          loss=keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing),
-                          metrics=[keras.metrics.CategoricalAccuracy(name="acc")],
-                          jit_compile={"auto": "auto", "true": True, "false": False}[t.jit_compile],
-                          steps_per_execution=t.steps_per_execution)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    dist.adapt(model)
-    return model
-
-
-def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
-        callbacks: list) -> keras.callbacks.History:
-    """`model.fit` on `split_validation`'s splits, validating every epoch; the same on every host of a cluster."""
-    t = cfg.train
-    x_train, y_train, x_val, y_val = splits
-    return model.fit(x_train, keras.utils.to_categorical(y_train, num_classes), batch_size=t.batch_size,
-                     epochs=t.epochs, validation_data=(x_val, keras.utils.to_categorical(y_val, num_classes)),
-                     shuffle=True, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks],
-                     verbose=progress_verbosity(t.verbose))
-
-
-def diverged(history: keras.callbacks.History) -> str | None:
-    """Why training diverged, or None if the last loss is finite."""
-    losses = history.history.get("loss", [])
-    if losses and not np.isfinite(losses[-1]):
-        return f"training diverged: loss became {losses[-1]} in epoch {len(history.epoch) and history.epoch[-1] + 1}"
-    return None
 
 
 def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None) -> str:

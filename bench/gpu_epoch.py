@@ -1,0 +1,79 @@
+"""Seconds per training epoch of a params profile on this machine's accelerator, through the same
+compile and fit as `pipeline.train` (pipeline.fitting), without MLflow.
+
+For a borrowed GPU machine that has JAX but not TensorFlow or MLflow: `bench/gpu.sh` installs the
+few pure-Python wheels this needs and runs it with KERAS_BACKEND=jax. Writes JSON with the device,
+every epoch's seconds and val_acc, the steady seconds per epoch (median of the epochs after the
+first, which compiles) and the projected time of the profile's full schedule.
+
+Usage: python bench/gpu_epoch.py --out FILE [--params params/default.yaml] [--epochs 3]
+       [--overrides "train.precision=mixed_bfloat16 ..."] [--data PATH | --images 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import keras  # noqa: E402
+
+from pipeline import config, data, fitting  # noqa: E402
+from pipeline.distribute import distribution  # noqa: E402
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+        print(f"epoch {epoch + 1}: {self.seconds[-1]:.2f} s, val_acc {logs.get('val_acc', float('nan')):.4f}",
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--params", default="params/default.yaml")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--overrides", default="")
+    parser.add_argument("--data", default="", help="a data source (see pipeline.data); default synthetic images")
+    parser.add_argument("--images", type=int, default=50000, help="synthetic training images (test: a fifth)")
+    args = parser.parse_args()
+
+    full = config.load_from_cli(args.params, args.overrides)
+    cfg = config.load_from_cli(args.params, f"{args.overrides} train.verbose=2", epochs=str(args.epochs))
+    dataset = (data.load_source(args.data) if args.data
+               else data.make_synthetic(n_train=args.images, n_test=args.images // 5, seed=cfg.data.seed))
+    dist = distribution(cfg.train.distribute)
+    splits = fitting.split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
+    model = fitting.compile_model(cfg, dataset, dist, len(splits[0]))
+    timer = EpochTimer()
+    history = fitting.fit(model, cfg, splits, len(dataset.class_names), [timer])
+    steady = statistics.median(timer.seconds[1:] or timer.seconds)
+    result = {
+        "backend": keras.backend.backend(), "devices": dist.devices, "host": platform.node(),
+        "params": args.params, "overrides": args.overrides, "model": model.name,
+        "train_images": len(splits[0]), "epochs": args.epochs, "epoch_seconds": [round(s, 2) for s in timer.seconds],
+        "val_acc": [round(v, 4) for v in history.history.get("val_acc", [])],
+        "steady_epoch_seconds": round(steady, 2),
+        "images_per_second": round(len(splits[0]) / steady),
+        "projected_full_schedule_minutes": round(full.train.epochs * steady / 60, 1),
+        "full_schedule_epochs": full.train.epochs,
+    }
+    print(json.dumps(result, indent=2))
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
