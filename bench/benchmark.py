@@ -62,7 +62,8 @@ def bench_seed_generator(x: np.ndarray, y: np.ndarray, batches: int) -> float:
 
 
 def bench_project_augment(x: np.ndarray, batches: int) -> float:
-    """Random batches gathered from the device-resident uint8 array, normalised, shifted, flipped."""
+    """The augmentation kernel alone: random batches gathered from a uint8 tensor (on the device where
+    there is one), normalised, shifted, flipped; no Keras feed, so an upper bound for the fit path."""
     mean, std = data.Dataset(x, np.zeros(len(x), np.int32), x[:1], np.zeros(1, np.int32), ("a",)).channel_stats()
     images = keras.ops.convert_to_tensor(x)
     mean_t, std_t = keras.ops.convert_to_tensor(mean, "float32"), keras.ops.convert_to_tensor(std, "float32")
