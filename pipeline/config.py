@@ -97,6 +97,7 @@ class TrainConfig:
     precision: str
     jit_compile: str
     steps_per_execution: int
+    feed: str
     distribute: str
     seed: int
     verbose: str
@@ -122,6 +123,7 @@ class TrainConfig:
                "must be float32, mixed_float16 or mixed_bfloat16", self.precision)
         _check(self.jit_compile in ("auto", "true", "false"), "train.jit_compile", "must be auto, true or false",
                self.jit_compile)
+        _check(self.feed in ("host", "device"), "train.feed", "must be host or device", self.feed)
         _check(self.steps_per_execution >= 1, "train.steps_per_execution", "must be >= 1", self.steps_per_execution)
         _check(self.distribute in ("auto", "none", "mirrored", "data_parallel", "multi_worker"), "train.distribute",
                "must be auto, none, mirrored, data_parallel or multi_worker", self.distribute)

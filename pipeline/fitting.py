@@ -47,11 +47,18 @@ def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) ->
                         flip=t.flip and augment, seed=t.seed)
 
 
+def check_backend(cfg: config.Config) -> None:
+    """Params that only one backend supports; entry points call this before opening any run."""
+    if cfg.train.feed == "device" and keras.backend.backend() != "jax":
+        raise config.ConfigError(f"train.feed: 'device' needs the JAX backend, not {keras.backend.backend()}")
+
+
 def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, train_images: int) -> keras.Model:
     """The training model (with augmentation), compiled for `dist`. Seeds the run; `train.precision`
     is the global dtype policy only while the model is built (its layers keep it), so it does not
     leak into models built later in the process, such as the float32 served copy."""
     t = cfg.train
+    check_backend(cfg)
     keras.utils.set_random_seed(t.seed)
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(t.precision)
@@ -76,15 +83,53 @@ def progress_verbosity(setting: str) -> int:
     return (1 if sys.stdout.isatty() else 2) if setting == "auto" else int(setting)
 
 
+class DeviceBatches(keras.utils.PyDataset):
+    """Batches cut on the accelerator from images copied there once (JAX backend, `train.feed=device`).
+
+    The uint8 images and one-hot labels go to the default device when this is made; each batch is a
+    jitted gather there, so per step only the batch's indices leave the host. Keras's own array feed
+    instead slices on the host and copies every batch. `shuffle`: a seeded new order every epoch.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0):
+        super().__init__()
+        import jax
+        import jax.numpy as jnp
+
+        self.images, self.labels = jax.device_put(images), jax.device_put(labels)
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(images)) if shuffle else np.arange(len(images))
+        self.take = jax.jit(lambda images, labels, idx: (jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        return self.take(self.images, self.labels, self.order[index * self.batch_size:(index + 1) * self.batch_size])
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            self.order = self.rng.permutation(len(self.order))
+
+
 def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
         callbacks: list) -> keras.callbacks.History:
-    """`model.fit` on `split_validation`'s splits, validating every epoch; the same on every host of a cluster."""
+    """`model.fit` on `split_validation`'s splits, validating every epoch; the same on every host of a cluster.
+
+    train.feed host: Keras's array feed (uint8 in host memory, a batch copied per step); device:
+    `DeviceBatches` (JAX only).
+    """
     t = cfg.train
     x_train, y_train, x_val, y_val = splits
-    return model.fit(x_train, keras.utils.to_categorical(y_train, num_classes), batch_size=t.batch_size,
-                     epochs=t.epochs, validation_data=(x_val, keras.utils.to_categorical(y_val, num_classes)),
-                     shuffle=True, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks],
-                     verbose=progress_verbosity(t.verbose))
+    y_train, y_val = keras.utils.to_categorical(y_train, num_classes), keras.utils.to_categorical(y_val, num_classes)
+    options = dict(epochs=t.epochs, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks],
+                   verbose=progress_verbosity(t.verbose))
+    if t.feed == "device":
+        return model.fit(DeviceBatches(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed),
+                         validation_data=DeviceBatches(x_val, y_val, t.batch_size, shuffle=False), **options)
+    return model.fit(x_train, y_train, batch_size=t.batch_size, validation_data=(x_val, y_val), shuffle=True,
+                     **options)
 
 
 def diverged(history: keras.callbacks.History) -> str | None:

@@ -55,6 +55,9 @@ def main() -> None:
 
         cfg, dataset_uri = train.config_to_resume(args.resume)
     prepare.prepare_key(cfg)  # a missing data path fails here, before any run is opened
+    from pipeline import fitting  # imports Keras
+
+    fitting.check_backend(cfg)
     cluster = cluster_from_env()
     if cluster and not cluster.chief:
         raise config.ConfigError(f"TF_CONFIG: this host is {cluster.task}; the pipeline runs on the chief, "

@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from pipeline import compare, config, prepare, serve
 from pipeline.data import Dataset
 from pipeline.distribute import Distribution, distribution
-from pipeline.fitting import compile_model, diverged, fit, make_model, split_validation
+from pipeline.fitting import check_backend, compile_model, diverged, fit, make_model, split_validation
 from pipeline.tracking import PIPELINE_DIR, StepFailed, checkpoint_root, cli, step_run
 
 matplotlib.use("Agg")
@@ -254,6 +254,7 @@ def main() -> None:
     parser.add_argument("--resume", default="", help="'' (continue an interrupted identical run), 'never', or a run id")
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
+    check_backend(cfg)
     dist = distribution(cfg.train.distribute)
     if not dist.chief:
         run_worker(cfg, args.dataset_uri, dist, args.resume)

@@ -80,13 +80,40 @@ def test_wrong_engine_for_the_backend_is_a_param_error(store):
     assert "error: train.distribute: 'mirrored' needs the TensorFlow backend" in result.stderr
 
 
-def test_main_on_the_jax_backend(store):
-    result = mlflow_run({**store, "KERAS_BACKEND": "jax"}, "main", params="params/tiny.yaml")
+def test_device_batches_cover_every_image_once_per_epoch_in_a_new_order():
+    import jax
+    import numpy as np
+
+    from pipeline.fitting import DeviceBatches
+
+    images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    labels = np.eye(10, dtype=np.float32)
+    feed = DeviceBatches(images, labels, 4, shuffle=True, seed=0)
+    assert len(feed) == 3 and isinstance(feed[0][0], jax.Array)
+
+    def epoch():
+        batches = [feed[i] for i in range(len(feed))]
+        return np.concatenate([np.asarray(x) for x, _ in batches]), np.concatenate([np.asarray(y) for _, y in batches])
+
+    xs, ys = epoch()
+    first = ys.argmax(axis=1)
+    assert xs.dtype == np.uint8 and sorted(first) == list(range(10))
+    np.testing.assert_array_equal(xs, images[first])  # each image still with its own label
+    feed.on_epoch_end()
+    second = epoch()[1].argmax(axis=1)
+    assert sorted(second) == list(range(10)) and list(second) != list(first)
+    in_order = DeviceBatches(images, labels, 4, shuffle=False)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(in_order[i][0]) for i in range(3)]), images)
+
+
+def test_main_on_the_jax_backend_with_images_held_on_the_device(store):
+    result = mlflow_run({**store, "KERAS_BACKEND": "jax"}, "main", params="params/tiny.yaml",
+                        overrides="train.feed=device")
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
     experiment = client.get_experiment_by_name("e2e").experiment_id
     run = client.search_runs([experiment], "tags.step = 'train'")[0]
-    assert run.data.tags["backend"] == "jax"
+    assert run.data.tags["backend"] == "jax" and run.data.params["train.feed"] == "device"
     assert len(val_acc_curve(run.info.run_id)) == 3
     evaluation = client.search_runs([experiment], "tags.step = 'evaluate'")[0]
     assert evaluation.data.metrics["test_acc"] > 0.5

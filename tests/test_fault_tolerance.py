@@ -127,6 +127,8 @@ BAD = [  # (module, argv, key named by the one-line error)
     (prepare, ["--data", "/nowhere"], "data.source"),
     (train, ["--overrides", "train.batch_size=0"], "train.batch_size"),
     (train, ["--overrides", "train.precision=float8"], "train.precision"),
+    (train, ["--overrides", "train.feed=device"], "train.feed"),  # the test process runs TensorFlow
+    (main, ["--overrides", "train.feed=device"], "train.feed"),
     (train, ["--resume", "0123456789abcdef"], "resume"),
     (train, ["--dataset-uri", "runs:/0123456789abcdef/dataset/dataset.npz"], "dataset_uri"),
     (evaluate, ["--model-uri", "models:/m-0123", "--dataset-uri", "runs:/0123/x.npz"], "dataset_uri"),
