@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,25 +87,45 @@ def bench_project_augment(x: np.ndarray, batches: int) -> float:
     return batches * BATCH / (time.perf_counter() - start)
 
 
-def bench_fit_feed(dataset: data.Dataset, steps_per_execution: int, epochs: int = 3) -> float:
-    """Images/s of `model.fit` epochs over the real input path with a trivial model body: the uint8
-    arrays, Keras's shuffling and batching, the model's normalisation and shift/flip layers, one
-    XLA-compiled step per `steps_per_execution` batches. The best of `epochs` after a warm-up."""
-    cfg = config.load("params/quick.yaml")
+class EpochSeconds(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def bench_fit_feed(dataset: data.Dataset, steps_per_execution: int, feed: str = "host", epochs: int = 3) -> float:
+    """Images/s of `pipeline.fitting.fit` epochs with a trivial model body: the uint8 arrays, the
+    chosen feed (Keras's array feed, or DeviceBatches), the model's normalisation and shift/flip
+    layers, one XLA-compiled step per `steps_per_execution` batches. Best epoch after the first."""
+    cfg = config.load("params/quick.yaml", [f"train.feed={feed}", f"train.steps_per_execution={steps_per_execution}",
+                                            f"train.epochs={epochs + 1}", "train.verbose=0"])
     front = fitting.make_model(cfg, dataset)
     x = front.get_layer("augment").output
     x = keras.layers.Dense(10, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
     model = keras.Model(front.input, x)
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="categorical_crossentropy", jit_compile=True,
                   steps_per_execution=steps_per_execution)
-    images, labels = dataset.x_train, keras.utils.to_categorical(dataset.y_train, 10)
-    model.fit(images, labels, batch_size=BATCH, epochs=1, verbose=0)  # compile
-    rates = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        model.fit(images, labels, batch_size=BATCH, epochs=1, verbose=0, shuffle=True)
-        rates.append(len(images) / (time.perf_counter() - start))
-    return max(rates)
+    splits = (dataset.x_train, dataset.y_train, dataset.x_test[:BATCH], dataset.y_test[:BATCH])
+    timer = EpochSeconds()
+    fitting.fit(model, cfg, splits, len(dataset.class_names), [timer])
+    return len(dataset.x_train) / min(timer.seconds[1:])
+
+
+def jax_feeds(dataset_size: int) -> dict:
+    """The fit feed on the JAX backend, host vs device feed, measured in a child process (one backend per process)."""
+    script = ("import json, sys; sys.argv = ['benchmark']; sys.path.insert(0, 'bench'); import benchmark as b; "
+              f"d = b.load_images({dataset_size}); "
+              "print('RESULT', json.dumps({f'{feed}_steps_per_execution_{n}': round(b.bench_fit_feed(d, n, feed)) "
+              "for feed in ('host', 'device') for n in (1, 16)}))")
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=RESULTS.parent.parent, capture_output=True,
+                         text=True, timeout=1200, check=True).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[7:])
 
 
 def bench_train_step(cfg: config.Config, dataset: data.Dataset, steps: int) -> dict:
@@ -180,6 +201,11 @@ def write_markdown(results: dict, path: Path) -> None:
         f"The `fit` rows run the real feed with a trivial model body: the ceiling the input path puts on "
         f"training on this 2-core CPU. 150 epochs in 15 min (6 s per 50,000-image epoch) need "
         f"{ip['needed_for_6s_epoch']:,} images/s.", "",
+        "The same `fit` path on the JAX backend (a child process), Keras's host feed vs `train.feed=device` "
+        "(images held on the device, batches gathered there; on this CPU the device is host memory too):", "",
+        "| feed | steps_per_execution 1 | steps_per_execution 16 |", "|---|---|---|",
+        *[f"| {feed} | {r['input_pipeline_jax'][f'{feed}_steps_per_execution_1']:,} | "
+          f"{r['input_pipeline_jax'][f'{feed}_steps_per_execution_16']:,} |" for feed in ("host", "device")], "",
         "## 2. Train step (`train_on_batch`, steady state after the compiling first step)", "",
         "| model | settings | first step (s) | images/s |", "|---|---|---|---|",
     ]
@@ -222,6 +248,8 @@ def main() -> None:
         "augment_kernel": round(kernel),
         "speedup_fit_feed": round(max(feed.values()) / seed_rate, 1), "speedup_kernel": round(kernel / seed_rate, 1),
         "needed_for_6s_epoch": round(50000 / 6)}
+    results["input_pipeline_jax"] = jax_feeds(10000)
+    print(json.dumps(results["input_pipeline_jax"]), flush=True)
     print(json.dumps(results["input_pipeline"]))
 
     variants = {"float32, no XLA (plain)": ["train.precision=float32", "train.jit_compile=false"],

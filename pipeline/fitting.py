@@ -6,6 +6,7 @@ of a cluster and the GPU benchmark call it directly.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -83,6 +84,15 @@ def progress_verbosity(setting: str) -> int:
     return (1 if sys.stdout.isatty() else 2) if setting == "auto" else int(setting)
 
 
+@functools.cache
+def _device_gather():
+    """One jitted gather of (images, labels) rows for every DeviceBatches, so it compiles once per shape."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.jit(lambda images, labels, idx: (jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)))
+
+
 class DeviceBatches(keras.utils.PyDataset):
     """Batches cut on the accelerator from images copied there once (JAX backend, `train.feed=device`).
 
@@ -94,13 +104,12 @@ class DeviceBatches(keras.utils.PyDataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0):
         super().__init__()
         import jax
-        import jax.numpy as jnp
 
         self.images, self.labels = jax.device_put(images), jax.device_put(labels)
         self.batch_size, self.shuffle = batch_size, shuffle
         self.rng = np.random.default_rng(seed)
         self.order = self.rng.permutation(len(images)) if shuffle else np.arange(len(images))
-        self.take = jax.jit(lambda images, labels, idx: (jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)))
+        self.take = _device_gather()
 
     def __len__(self) -> int:
         return math.ceil(len(self.order) / self.batch_size)
