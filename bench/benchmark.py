@@ -87,17 +87,6 @@ def bench_project_augment(x: np.ndarray, batches: int) -> float:
     return batches * BATCH / (time.perf_counter() - start)
 
 
-class EpochSeconds(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-
-
 def bench_fit_feed(dataset: data.Dataset, steps_per_execution: int, feed: str = "host", epochs: int = 3) -> float:
     """Images/s of `pipeline.fitting.fit` epochs with a trivial model body: the uint8 arrays, the
     chosen feed (Keras's array feed, or DeviceBatches), the model's normalisation and shift/flip
@@ -111,7 +100,7 @@ def bench_fit_feed(dataset: data.Dataset, steps_per_execution: int, feed: str = 
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="categorical_crossentropy", jit_compile=True,
                   steps_per_execution=steps_per_execution)
     splits = (dataset.x_train, dataset.y_train, dataset.x_test[:BATCH], dataset.y_test[:BATCH])
-    timer = EpochSeconds()
+    timer = fitting.EpochTimer()
     fitting.fit(model, cfg, splits, len(dataset.class_names), [timer])
     return len(dataset.x_train) / min(timer.seconds[1:])
 

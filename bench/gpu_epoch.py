@@ -17,7 +17,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,19 +25,6 @@ import keras  # noqa: E402
 
 from pipeline import config, data, fitting  # noqa: E402
 from pipeline.distribute import distribution  # noqa: E402
-
-
-class EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-        print(f"epoch {epoch + 1}: {self.seconds[-1]:.2f} s, val_acc {logs.get('val_acc', float('nan')):.4f}",
-              flush=True)
 
 
 def main() -> None:
@@ -58,7 +44,7 @@ def main() -> None:
     dist = distribution(cfg.train.distribute)
     splits = fitting.split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
     model = fitting.compile_model(cfg, dataset, dist, len(splits[0]))
-    timer = EpochTimer()
+    timer = fitting.EpochTimer()
     history = fitting.fit(model, cfg, splits, len(dataset.class_names), [timer])
     steady = statistics.median(timer.seconds[1:] or timer.seconds)
     result = {

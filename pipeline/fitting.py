@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import time
 
 import keras
 import numpy as np
@@ -139,6 +140,19 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
                          validation_data=DeviceBatches(x_val, y_val, t.batch_size, shuffle=False), **options)
     return model.fit(x_train, y_train, batch_size=t.batch_size, validation_data=(x_val, y_val), shuffle=True,
                      **options)
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall-clock seconds of every epoch of one `fit` (validation included), in `seconds`."""
+
+    def on_train_begin(self, logs=None):
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
 
 
 def diverged(history: keras.callbacks.History) -> str | None:

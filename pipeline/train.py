@@ -17,7 +17,6 @@ import hashlib
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import keras
@@ -31,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from pipeline import compare, config, prepare, serve
 from pipeline.data import Dataset
 from pipeline.distribute import Distribution, distribution
-from pipeline.fitting import check_backend, compile_model, diverged, fit, make_model, split_validation
+from pipeline.fitting import EpochTimer, check_backend, compile_model, diverged, fit, make_model, split_validation
 from pipeline.tracking import PIPELINE_DIR, StepFailed, checkpoint_root, cli, step_run
 
 matplotlib.use("Agg")
@@ -40,7 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless back
 EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second")
 
 
-class MlflowEpochLogger(keras.callbacks.Callback):
+class MlflowEpochLogger(EpochTimer):
     """Logs one point per epoch for each of EPOCH_METRICS at step = epoch (1-based).
 
     Written by hand because mlflow.keras.MlflowCallback logs duplicate `validation_*`
@@ -53,13 +52,11 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self.train_images = train_images
         self.logged_steps = set(logged_steps)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
     def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
         if epoch + 1 in self.logged_steps:
             return
-        seconds = time.perf_counter() - self._start
+        seconds = self.seconds[-1]
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         row = {k: float(v) for k, v in (logs or {}).items() if k in EPOCH_METRICS}
         row.update(lr=lr, epoch_seconds=seconds, images_per_second=self.train_images / seconds)
