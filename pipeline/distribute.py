@@ -33,15 +33,26 @@ TF_CONFIG = "TF_CONFIG"
 class Distribution:
     """How this process trains: the scope to build and compile the model in, the devices used.
 
-    chief: whether this process logs to MLflow. task: e.g. "worker 1" in a cluster, "" alone.
+    cluster: this host's place in a multi-worker cluster, None when training alone.
     """
 
     mode: str
     devices: list[str]
     strategy: object | None = None
-    chief: bool = True
-    task: str = ""
-    workers: int = 1
+    cluster: Cluster | None = None
+
+    @property
+    def chief(self) -> bool:
+        """Whether this process logs to MLflow."""
+        return self.cluster is None or self.cluster.chief
+
+    @property
+    def task(self) -> str:
+        return self.cluster.task if self.cluster else ""
+
+    @property
+    def workers(self) -> int:
+        return self.cluster.workers if self.cluster else 1
 
     def scope(self) -> contextlib.AbstractContextManager:
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
@@ -117,8 +128,7 @@ def distribution(mode: str) -> Distribution:
         import tensorflow as tf
 
         strategy = tf.distribute.MultiWorkerMirroredStrategy()  # blocks until every task has connected
-        return Distribution("multi_worker", list(strategy.extended.worker_devices), strategy,
-                            chief=cluster.chief, task=cluster.task, workers=cluster.workers)
+        return Distribution("multi_worker", list(strategy.extended.worker_devices), strategy, cluster)
     devices = keras.distribution.list_devices()
     gpus = [d for d in devices if d.split(":")[0].lower() in ("gpu", "cuda")]
     if mode == "auto":
