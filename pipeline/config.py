@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fractions
 import shlex
 import types
 import typing
@@ -51,18 +52,30 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    arch: str
     block: str
     units_per_stage: int
     widths: tuple[int, ...]
     strides: tuple[int, ...]
     stem_filters: int
     l2: float
+    l2_norm_and_bias: bool
+    bn_momentum: float
+    zero_init_residual: bool
 
     def validate(self) -> None:
+        _check(self.arch in ("preact", "resnet9"), "model.arch", "must be 'preact' or 'resnet9'", self.arch)
+        _check(all(w >= 1 for w in self.widths), "model.widths", "must all be >= 1", self.widths)
+        _check(0 <= self.l2 < 1, "model.l2", "must be in [0, 1)", self.l2)
+        _check(0 <= self.bn_momentum < 1, "model.bn_momentum", "must be in [0, 1)", self.bn_momentum)
+        if self.arch == "resnet9":  # block, units_per_stage, strides and stem_filters describe preact only
+            _check(len(self.widths) == 4, "model.widths",
+                   "must list 4 widths for resnet9 (prep, layer1, layer2, layer3), e.g. [64, 128, 256, 512]",
+                   self.widths)
+            return
         _check(self.block in ("bottleneck", "basic"), "model.block", "must be 'bottleneck' or 'basic'", self.block)
         _check(self.units_per_stage >= 1, "model.units_per_stage", "must be >= 1", self.units_per_stage)
         _check(len(self.widths) >= 1, "model.widths", "must list at least one stage", self.widths)
-        _check(all(w >= 1 for w in self.widths), "model.widths", "must all be >= 1", self.widths)
         if self.block == "bottleneck":
             _check(all(w % 4 == 0 for w in self.widths), "model.widths",
                    "must be multiples of 4 for bottleneck blocks", self.widths)
@@ -70,11 +83,13 @@ class ModelConfig:
                f"must have one entry per stage ({len(self.widths)})", self.strides)
         _check(all(s in (1, 2) for s in self.strides), "model.strides", "must each be 1 or 2", self.strides)
         _check(self.stem_filters >= 1, "model.stem_filters", "must be >= 1", self.stem_filters)
-        _check(0 <= self.l2 < 1, "model.l2", "must be in [0, 1)", self.l2)
 
     @property
     def depth(self) -> int:
-        """Weighted layers: stem + 3 (bottleneck) or 2 (basic) convs per unit + the classifier."""
+        """Weighted layers: resnet9 has 8 convs + the classifier; preact has the stem, 3 (bottleneck) or
+        2 (basic) convs per unit and the classifier."""
+        if self.arch == "resnet9":
+            return 9
         per_unit = 3 if self.block == "bottleneck" else 2
         return per_unit * self.units_per_stage * len(self.widths) + 2
 
@@ -85,10 +100,14 @@ class TrainConfig:
     batch_size: int
     lr: float
     lr_scaling: str
-    lr_boundaries: tuple[int, ...]
+    schedule: str
+    lr_boundaries: tuple[float, ...]
     lr_decay: float
+    warmup: float
     momentum: float
     nesterov: bool
+    ema: bool
+    ema_momentum: float
     label_smoothing: float
     shift: float
     shift_fill: str
@@ -107,20 +126,21 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
         _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
         _check(self.lr_scaling in ("none", "linear"), "train.lr_scaling", "must be 'none' or 'linear'", self.lr_scaling)
-        _check(all(b >= 1 for b in self.lr_boundaries), "train.lr_boundaries", "must be epochs >= 1",
-               self.lr_boundaries)
-        _check(list(self.lr_boundaries) == sorted(set(self.lr_boundaries)), "train.lr_boundaries",
-               "must be strictly increasing", self.lr_boundaries)
+        _check(self.schedule in ("step", "cosine", "onecycle"), "train.schedule",
+               "must be step, cosine or onecycle", self.schedule)
+        self._check_boundaries()
         _check(0 < self.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]", self.lr_decay)
+        _check(0 <= self.warmup < 1, "train.warmup", "must be a fraction of train.epochs in [0, 1)", self.warmup)
         _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
+        _check(0 < self.ema_momentum < 1, "train.ema_momentum", "must be in (0, 1)", self.ema_momentum)
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", self.label_smoothing)
         _check(0 <= self.shift < 0.5, "train.shift", "must be a fraction of the image size in [0, 0.5)", self.shift)
         _check(self.shift_fill in ("nearest", "constant"), "train.shift_fill",
                "must be 'nearest' or 'constant'", self.shift_fill)
         _check(0 <= self.validation_fraction < 1, "train.validation_fraction", "must be in [0, 1)",
                self.validation_fraction)
-        _check(self.precision in ("float32", "mixed_float16", "mixed_bfloat16"), "train.precision",
-               "must be float32, mixed_float16 or mixed_bfloat16", self.precision)
+        _check(self.precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"), "train.precision",
+               "must be auto, float32, mixed_float16 or mixed_bfloat16", self.precision)
         _check(self.jit_compile in ("auto", "true", "false"), "train.jit_compile", "must be auto, true or false",
                self.jit_compile)
         _check(self.feed in ("host", "device"), "train.feed", "must be host or device", self.feed)
@@ -128,6 +148,27 @@ class TrainConfig:
         _check(self.distribute in ("auto", "none", "mirrored", "data_parallel", "multi_worker"), "train.distribute",
                "must be auto, none, mirrored, data_parallel or multi_worker", self.distribute)
         _check(self.verbose in ("auto", "0", "1", "2"), "train.verbose", "must be auto, 0, 1 or 2", self.verbose)
+
+    def _check_boundaries(self) -> None:
+        """Boundaries are fractions of `epochs`, so `-P epochs=N` moves them with the run's length."""
+        key, values = "train.lr_boundaries", self.lr_boundaries
+        if any(b >= 1 for b in values) and all(float(b).is_integer() for b in values):
+            raise ConfigError(f"{key}: are now fractions of train.epochs in (0, 1), got epochs {list(values)}; "
+                              f"write them as e.g. [{', '.join(f'{b:g}/{self.epochs}' for b in values)}] "
+                              f"(the seed's 80 and 120 of 150 epochs are [80/150, 120/150])")
+        _check(all(0 < b < 1 for b in values), key, "must be fractions of train.epochs in (0, 1)", values)
+        _check(list(values) == sorted(set(values)), key, "must be strictly increasing", values)
+        if self.schedule != "step":
+            return
+        epochs = self.boundary_epochs
+        _check(all(1 <= e < self.epochs for e in epochs) and len(set(epochs)) == len(epochs), key,
+               f"must fall on distinct epochs between the first and the last of {self.epochs} "
+               f"(they round to epochs {list(epochs)})", values)
+
+    @property
+    def boundary_epochs(self) -> tuple[int, ...]:
+        """The epochs after which the step schedule multiplies the lr by lr_decay."""
+        return tuple(round(b * self.epochs) for b in self.lr_boundaries)
 
     @property
     def scaled_lr(self) -> float:
@@ -139,8 +180,10 @@ class TrainConfig:
 class EvaluateConfig:
     batch_size: int
     samples: int
+    tta: str
 
     def validate(self) -> None:
+        _check(self.tta in ("none", "flip"), "evaluate.tta", "must be 'none' or 'flip'", self.tta)
         _check(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1", self.batch_size)
         _check(1 <= self.samples <= 100, "evaluate.samples", "must be in [1, 100]", self.samples)
 
@@ -205,9 +248,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer", value)
         return value
     if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as text; accept what float() accepts
-            with contextlib.suppress(ValueError):
-                value = float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as text; `80/150` is a fraction
+            with contextlib.suppress(ValueError, ZeroDivisionError):
+                value = float(fractions.Fraction(value.strip()))
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number", value)
         return float(value)
     if annotation is str:

@@ -88,12 +88,13 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
         classifier = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     except Exception as exc:  # noqa: BLE001 - a wrong URI surfaces as several MLflow error types
         raise config.ConfigError(f"model_uri: cannot load {model_uri} ({exc})".replace("\n", " ")) from None
+    tta = getattr(classifier, "tta", "none")  # fixed when the model was logged (evaluate.tta of its train run)
     probs = classifier.predict_proba(dataset.x_test, batch_size=cfg.evaluate.batch_size)
     metrics, confusion = score(probs, dataset)
     flat = {"test_loss": metrics["test_loss"], "test_acc": metrics["test_acc"],
             **{f"test_acc_{k}": v for k, v in metrics["per_class_acc"].items()}}
     mlflow.log_params({"model_uri": model_uri, "dataset_uri": dataset_uri,
-                       "evaluate.batch_size": cfg.evaluate.batch_size})
+                       "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta})
     mlflow.log_metrics(flat)
     model_id = model_id_of(model_uri)
     if model_id:
@@ -105,7 +106,7 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
         plot_samples(dataset, probs, min(cfg.evaluate.samples, len(probs)), Path(tmp) / "predictions.png")
         mlflow.log_artifacts(tmp)
     print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  "
-          f"on all {metrics['test_images']} test images")
+          f"on all {metrics['test_images']} test images (test-time augmentation: {tta})")
     return metrics
 
 

@@ -1,11 +1,12 @@
-"""Pre-activation ResNets for 32x32 images as pure Keras 3 functional models (no I/O).
+"""ResNets for 32x32 images (pre-activation ResNets and the conv-BN-ReLU ResNet-9) as pure Keras 3 functional models (no I/O).
 
 The model takes raw uint8 RGB pixels, the same thing a served model receives:
 uint8 -> per-channel normalisation (statistics fitted on the training images)
 -> random shift/flip (training only) -> ResNet -> float32 softmax.
 
 Named depths are parameters, not copies: bottleneck depth = 9n + 2 (n = 18: ResNet-164,
-n = 111: ResNet-1001), basic depth = 6n + 2 (n = 3, 9, 18: ResNet-20, 56, 110).
+n = 111: ResNet-1001), basic depth = 6n + 2 (n = 3, 9, 18: ResNet-20, 56, 110); ResNet-9 is
+fixed in depth, its widths are the parameter.
 """
 
 from __future__ import annotations
@@ -24,36 +25,75 @@ def _conv(filters: int, kernel_size: int, strides: int, l2: float, name: str) ->
                          kernel_initializer="he_normal", kernel_regularizer=keras.regularizers.l2(l2), name=name)
 
 
-def _bn_relu(x, name: str):
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
-    return layers.Activation("relu", name=f"{name}_relu")(x)
+def _bn(x, name: str, *, momentum: float, l2: float | None, zero: bool = False):
+    """BatchNormalization; `l2` also regularises gamma and beta, `zero` starts gamma at 0."""
+    reg = keras.regularizers.l2(l2) if l2 else None
+    return layers.BatchNormalization(momentum=momentum, gamma_initializer="zeros" if zero else "ones",
+                                     gamma_regularizer=reg, beta_regularizer=reg, name=f"{name}_bn")(x)
 
 
-def _unit(x, *, block: str, width: int, strides: int, l2: float, name: str):
+def _bn_relu(x, name: str, *, bn, zero: bool = False):
+    return layers.Activation("relu", name=f"{name}_relu")(bn(x, name, zero=zero))
+
+
+def _unit(x, *, block: str, width: int, strides: int, l2: float, bn, zero_init: bool, name: str):
     """One pre-activation unit. When the shape changes, the shortcut is a 1x1 projection taken
-    after the unit's first BN-ReLU (as in the seed and He et al. 2016); otherwise identity."""
-    preact = _bn_relu(x, f"{name}_pre")
+    after the unit's first BN-ReLU (as in the seed and He et al. 2016); otherwise identity.
+    zero_init: the BN before the branch's last conv starts with gamma 0, so the unit starts as identity."""
+    preact = _bn_relu(x, f"{name}_pre", bn=bn)
     project = strides != 1 or x.shape[-1] != width
     shortcut = _conv(width, 1, strides, l2, f"{name}_proj")(preact) if project else x
     if block == "bottleneck":
         y = _conv(width // 4, 1, strides, l2, f"{name}_conv1")(preact)
-        y = _conv(width // 4, 3, 1, l2, f"{name}_conv2")(_bn_relu(y, f"{name}_mid1"))
-        y = _conv(width, 1, 1, l2, f"{name}_conv3")(_bn_relu(y, f"{name}_mid2"))
+        y = _conv(width // 4, 3, 1, l2, f"{name}_conv2")(_bn_relu(y, f"{name}_mid1", bn=bn))
+        y = _conv(width, 1, 1, l2, f"{name}_conv3")(_bn_relu(y, f"{name}_mid2", bn=bn, zero=zero_init))
     else:
         y = _conv(width, 3, strides, l2, f"{name}_conv1")(preact)
-        y = _conv(width, 3, 1, l2, f"{name}_conv2")(_bn_relu(y, f"{name}_mid1"))
+        y = _conv(width, 3, 1, l2, f"{name}_conv2")(_bn_relu(y, f"{name}_mid1", bn=bn, zero=zero_init))
     return layers.Add(name=f"{name}_add")([y, shortcut])
+
+
+def _preact_body(x, *, block: str, units_per_stage: int, widths, strides, stem_filters: int, l2: float, bn,
+                 zero_init: bool):
+    x = _conv(stem_filters, 3, 1, l2, "stem_conv")(x)
+    for stage, (width, stage_strides) in enumerate(zip(widths, strides, strict=True), start=1):
+        for unit in range(1, units_per_stage + 1):
+            x = _unit(x, block=block, width=width, strides=stage_strides if unit == 1 else 1, l2=l2, bn=bn,
+                      zero_init=zero_init, name=f"stage{stage}_unit{unit}")
+    x = _bn_relu(x, "final", bn=bn)
+    return layers.GlobalAveragePooling2D(name="pool")(x)
+
+
+def _resnet9_body(x, *, widths, l2: float, bn, zero_init: bool):
+    """The conv-BN-ReLU ResNet-9 of the DAWNBench winners (Page's "How to train your ResNet"):
+    prep conv, then three layers of conv-BN-ReLU + 2x2 max-pool, the first and last followed by a
+    residual pair of conv-BN-ReLU; global max-pool. widths = (prep, layer1, layer2, layer3)."""
+    def conv_bn_relu(x, filters, name, zero=False):
+        return _bn_relu(_conv(filters, 3, 1, l2, f"{name}_conv")(x), name, bn=bn, zero=zero)
+
+    x = conv_bn_relu(x, widths[0], "prep")
+    for i, (width, residual) in enumerate(zip(widths[1:], (True, False, True), strict=True), start=1):
+        x = conv_bn_relu(x, width, f"layer{i}")
+        x = layers.MaxPooling2D(2, name=f"layer{i}_pool")(x)
+        if residual:
+            y = conv_bn_relu(conv_bn_relu(x, width, f"layer{i}_res1"), width, f"layer{i}_res2", zero=zero_init)
+            x = layers.Add(name=f"layer{i}_add")([x, y])
+    return layers.GlobalMaxPooling2D(name="pool")(x)
 
 
 def build_resnet(
     *,
     num_classes: int,
-    block: str,
-    units_per_stage: int,
+    block: str = "bottleneck",
+    units_per_stage: int = 18,
     widths: Sequence[int],
-    strides: Sequence[int],
-    stem_filters: int,
+    strides: Sequence[int] = (1, 2, 2),
+    stem_filters: int = 16,
     l2: float,
+    arch: str = "preact",
+    l2_norm_and_bias: bool = False,
+    bn_momentum: float = 0.99,
+    zero_init_residual: bool = False,
     mean: Sequence[float] = (0.0, 0.0, 0.0),
     std: Sequence[float] = (1.0, 1.0, 1.0),
     max_shift: int = 0,
@@ -63,30 +103,37 @@ def build_resnet(
     image_size: int = 32,
     name: str | None = None,
 ) -> keras.Model:
-    """Build a pre-activation ResNet classifier.
+    """Build a ResNet classifier: `arch` preact (pre-activation, `block`/`units_per_stage`/`strides`/
+    `stem_filters`) or resnet9 (4 `widths`).
 
     mean/std: per-channel statistics in 0-255 pixel units. max_shift (pixels), shift_fill and
-    flip configure the training-time augmentation. Output: float32 class probabilities, even
-    under a mixed-precision policy.
+    flip configure the training-time augmentation. l2_norm_and_bias: l2 on BN parameters and
+    biases too (else kernels only). Output: float32 class probabilities, even under a
+    mixed-precision policy.
     """
-    if block not in ("bottleneck", "basic"):
+    if arch not in ("preact", "resnet9"):
+        raise ValueError(f"arch must be 'preact' or 'resnet9', got {arch!r}")
+    if arch == "preact" and block not in ("bottleneck", "basic"):
         raise ValueError(f"block must be 'bottleneck' or 'basic', got {block!r}")
     inputs = keras.Input(shape=(image_size, image_size, 3), dtype="uint8", name="pixels")
     x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], dtype="float32",
                              name="normalize")(inputs)
     if max_shift or flip:  # without augmentation the model holds stock Keras layers only
         x = RandomShiftFlip(max_shift, fill=shift_fill, flip=flip, seed=seed, name="augment")(x)
-    x = _conv(stem_filters, 3, 1, l2, "stem_conv")(x)
-    for stage, (width, stage_strides) in enumerate(zip(widths, strides, strict=True), start=1):
-        for unit in range(1, units_per_stage + 1):
-            x = _unit(x, block=block, width=width, strides=stage_strides if unit == 1 else 1, l2=l2,
-                      name=f"stage{stage}_unit{unit}")
-    x = _bn_relu(x, "final")
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
-    x = layers.Dense(num_classes, kernel_regularizer=keras.regularizers.l2(l2), name="logits")(x)
+    bn = partial(_bn, momentum=bn_momentum, l2=l2 if l2_norm_and_bias else None)
+    if arch == "resnet9":
+        x = _resnet9_body(x, widths=widths, l2=l2, bn=bn, zero_init=zero_init_residual)
+        depth = 9
+    else:
+        x = _preact_body(x, block=block, units_per_stage=units_per_stage, widths=widths, strides=strides,
+                         stem_filters=stem_filters, l2=l2, bn=bn, zero_init=zero_init_residual)
+        depth = (3 if block == "bottleneck" else 2) * units_per_stage * len(widths) + 2
+    bias_reg = keras.regularizers.l2(l2) if l2_norm_and_bias else None
+    x = layers.Dense(num_classes, kernel_regularizer=keras.regularizers.l2(l2), bias_regularizer=bias_reg,
+                     name="logits")(x)
     outputs = layers.Activation("softmax", dtype="float32", name="probs")(x)
-    depth = (3 if block == "bottleneck" else 2) * units_per_stage * len(widths) + 2
-    return keras.Model(inputs, outputs, name=name or f"preact_resnet{depth}")
+    return keras.Model(inputs, outputs, name=name or (f"resnet{depth}" if arch == "resnet9"
+                                                      else f"preact_resnet{depth}"))
 
 
 # The seed's network and the usual relatives; widths for basic blocks follow He et al. 2016.

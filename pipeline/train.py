@@ -30,7 +30,8 @@ from mlflow.exceptions import MlflowException
 from pipeline import compare, config, prepare, serve
 from pipeline.data import Dataset
 from pipeline.distribute import Distribution, distribution
-from pipeline.fitting import EpochTimer, check_backend, compile_model, diverged, fit, make_model, split_validation
+from pipeline.fitting import (EpochTimer, check_backend, compile_model, current_lr, diverged, fit, make_model,
+                              split_validation)
 from pipeline.tracking import PIPELINE_DIR, StepFailed, checkpoint_root, cli, step_run
 
 matplotlib.use("Agg")
@@ -57,7 +58,7 @@ class MlflowEpochLogger(EpochTimer):
         if epoch + 1 in self.logged_steps:
             return
         seconds = self.seconds[-1]
-        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        lr = current_lr(self.model.optimizer)
         row = {k: float(v) for k, v in (logs or {}).items() if k in EPOCH_METRICS}
         row.update(lr=lr, epoch_seconds=seconds, images_per_second=self.train_images / seconds)
         mlflow.log_metrics(row, step=epoch + 1)
@@ -127,7 +128,8 @@ def inference_copy(cfg: config.Config, dataset: Dataset, model: keras.Model) -> 
     return served
 
 
-def log_model(model: keras.Model, class_names: list[str], example: np.ndarray) -> mlflow.models.model.ModelInfo:
+def log_model(model: keras.Model, class_names: list[str], example: np.ndarray,
+              tta: str = "none") -> mlflow.models.model.ModelInfo:
     """Log the pyfunc that serves `model` (see pipeline.serve); return its ModelInfo.
 
     Inputs: the inference Keras model, its class names, a few uint8 (n, 32, 32, 3) images kept as
@@ -140,12 +142,12 @@ def log_model(model: keras.Model, class_names: list[str], example: np.ndarray) -
         model.save(Path(tmp) / "model.keras")
         (Path(tmp) / "class_names.json").write_text(json.dumps(class_names))
         return mlflow.pyfunc.log_model(
-            name="model", python_model=serve.ImageClassifier(), code_paths=[str(PIPELINE_DIR)],
+            name="model", python_model=serve.ImageClassifier(tta), code_paths=[str(PIPELINE_DIR)],
             artifacts={serve.KERAS_ARTIFACT: str(Path(tmp) / "model.keras"),
                        serve.CLASSES_ARTIFACT: str(Path(tmp) / "class_names.json")},
             signature=False, input_example=np.asarray(example, dtype=np.uint8),
             metadata={"input_formats": serve.INPUT_FORMATS, "output_format": serve.OUTPUT_FORMAT,
-                      "class_names": list(class_names)},
+                      "class_names": list(class_names), "tta": tta},
             pip_requirements=serving_requirements())
 
 
@@ -210,7 +212,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None) 
         history.to_csv(Path(tmp) / "history.csv", index=False)
         plot_curves(history, Path(tmp) / "curves.png")
         mlflow.log_artifacts(tmp)
-    info = log_model(served, list(dataset.class_names), dataset.x_test[:2])
+    info = log_model(served, list(dataset.class_names), dataset.x_test[:2], cfg.evaluate.tta)
     mlflow.set_tag("model_uri", info.model_uri)
     compare.describe_train_run(MlflowClient(), run_id, overwrite=True)
     print(f"logged model {info.model_uri}")

@@ -14,7 +14,11 @@ def test_default_is_the_seed_recipe():
     assert cfg.model.depth == 164
     t = cfg.train
     assert (t.epochs, t.batch_size, t.lr, t.momentum) == (150, 128, 0.1, 0.9)
-    assert (t.lr_boundaries, t.lr_decay) == ((80, 120), 0.1)
+    assert (t.schedule, t.boundary_epochs, t.lr_decay, t.warmup) == ("step", (80, 120), 0.1, 0.0)
+    # every trick from the fast CIFAR-10 recipes is off in the seed recipe
+    assert (cfg.model.arch, cfg.model.bn_momentum, cfg.model.zero_init_residual) == ("preact", 0.99, False)
+    assert (cfg.model.l2_norm_and_bias, t.ema, t.nesterov, t.label_smoothing) == (False, False, False, 0.0)
+    assert (t.lr_scaling, t.precision, cfg.evaluate.tta) == ("none", "float32", "none")
     assert (t.shift, t.flip, t.validation_fraction) == (0.125, True, 0.0)
     assert cfg.data.source == "cifar10"
     assert cfg.register.model_name == "cifar10-resnet" and cfg.register.alias == "champion"
@@ -22,7 +26,8 @@ def test_default_is_the_seed_recipe():
 
 @pytest.mark.parametrize(("path", "depth"), [("params/resnet20.yaml", 20), ("params/resnet56.yaml", 56),
                                              ("params/resnet110.yaml", 110), ("params/resnet1001.yaml", 1001),
-                                             ("params/quick.yaml", 20), ("params/tiny.yaml", 11)])
+                                             ("params/quick.yaml", 9), ("params/tiny.yaml", 11),
+                                             ("params/fast.yaml", 9), ("params/improved.yaml", 164)])
 def test_variants_layer_on_the_default(path, depth):
     cfg = config.load(path)
     assert cfg.model.depth == depth
@@ -30,14 +35,34 @@ def test_variants_layer_on_the_default(path, depth):
 
 
 def test_overrides_are_dotted_yaml_values():
-    cfg = config.load("params/quick.yaml", "train.batch_size=256 model.widths=[32,64,128] train.lr_scaling=linear")
+    cfg = config.load("params/resnet20.yaml", "train.batch_size=256 model.widths=[32,64,128] train.lr_scaling=linear "
+                                              "train.epochs=5")
     assert cfg.train.batch_size == 256 and cfg.model.widths == (32, 64, 128)
     assert cfg.train.scaled_lr == pytest.approx(0.2)
     assert cfg.run_name() == "resnet20-e5-b256-lr0.2"
 
 
+@pytest.mark.parametrize(("epochs", "expected"), [(150, (80, 120)), (30, (16, 24)), (300, (160, 240)), (5, (3, 4))])
+def test_lr_boundaries_follow_epochs(epochs, expected):
+    assert config.load(None, f"train.epochs={epochs}").train.boundary_epochs == expected
+
+
+def test_boundaries_accept_fractions_and_refuse_absolute_epochs():
+    assert config.load(None, "train.lr_boundaries=[0.5,0.75]").train.boundary_epochs == (75, 112)
+    with pytest.raises(config.ConfigError, match=r"^train.lr_boundaries: are now fractions.*\[80/150, 120/150\]"):
+        config.load(None, "train.lr_boundaries=[80,120]")
+    # a boundary that rounds onto the first or last epoch cannot take effect inside the run
+    for override in ("train.epochs=1", "train.epochs=2 train.lr_boundaries=[0.1]",
+                     "train.epochs=10 train.lr_boundaries=[0.5,0.52]"):
+        with pytest.raises(config.ConfigError, match="^train.lr_boundaries: must fall on distinct epochs"):
+            config.load(None, override)
+    # cosine and onecycle have no boundaries, so any length is fine
+    assert config.load(None, "train.epochs=1 train.schedule=cosine").train.epochs == 1
+
+
 def test_exponent_without_a_dot_is_a_number():
     assert config.load(None, "train.lr=1e-3 model.l2=5e-4").train.lr == pytest.approx(1e-3)
+    assert config.load(None, "train.lr=1/8").train.lr == 0.125
 
 
 def test_cli_shortcuts_and_empty_values():
@@ -48,7 +73,7 @@ def test_cli_shortcuts_and_empty_values():
 
 def test_flat_params_are_the_strings_mlflow_stores():
     flat = config.load().flat()
-    assert flat["train.lr_boundaries"] == "[80, 120]" and flat["train.flip"] == "true" and flat["model.l2"] == "0.0001"
+    assert flat["train.lr_boundaries"] == "[0.5333333333333333, 0.8]" and flat["train.flip"] == "true" and flat["model.l2"] == "0.0001"
     assert all(isinstance(v, str) for v in flat.values())
 
 
@@ -60,7 +85,18 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("train.lr=0", "train.lr"),
     ("train.lr=-0.1", "train.lr"),
     ("train.momentum=1", "train.momentum"),
-    ("train.lr_boundaries=[120,80]", "train.lr_boundaries"),
+    ("train.lr_boundaries=[0.8,0.5]", "train.lr_boundaries"),
+    ("train.lr_boundaries=[0,0.5]", "train.lr_boundaries"),
+    ("train.lr_boundaries=[0.5,1.5]", "train.lr_boundaries"),
+    ("train.schedule=linear", "train.schedule"),
+    ("train.warmup=1", "train.warmup"),
+    ("train.ema=maybe", "train.ema"),
+    ("train.ema_momentum=1", "train.ema_momentum"),
+    ("model.arch=vgg", "model.arch"),
+    ("model.arch=resnet9 model.widths=[16,32,64]", "model.widths"),
+    ("model.bn_momentum=1", "model.bn_momentum"),
+    ("model.zero_init_residual=1", "model.zero_init_residual"),
+    ("evaluate.tta=crop", "evaluate.tta"),
     ("train.shift=0.7", "train.shift"),
     ("train.shift_fill=wrap", "train.shift_fill"),
     ("train.precision=float8", "train.precision"),

@@ -1,0 +1,131 @@
+"""Recipes: lr schedules that follow `epochs`, the ResNet-9, and each training trick as a param."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import config, fitting, model, serve
+
+
+def trainable(m: keras.Model) -> int:
+    return sum(int(np.prod(w.shape)) for w in m.trainable_weights)
+
+
+def lr_at(schedule, step: int) -> float:
+    return float(keras.ops.convert_to_numpy(schedule(step))) if callable(schedule) else float(schedule)
+
+
+def test_step_schedule_decays_at_the_fractions_of_any_length():
+    for epochs, boundaries in ((150, (80, 120)), (30, (16, 24))):
+        t = config.load(None, f"train.epochs={epochs}").train
+        schedule = fitting.learning_rate(t, steps_per_epoch=10)
+        # the lr of epoch e (1-based) is the value at its first step, (e - 1) * 10
+        per_epoch = [lr_at(schedule, (e - 1) * 10) for e in range(1, epochs + 1)]
+        first_low = [e for e in range(1, epochs + 1) if per_epoch[e - 1] < 0.1 - 1e-9][0]
+        assert first_low == boundaries[0] + 1
+        assert per_epoch[boundaries[1] - 1] == pytest.approx(0.01)
+        assert per_epoch[boundaries[1]] == pytest.approx(0.001)
+
+
+def test_constant_lr_is_a_plain_number():
+    assert fitting.learning_rate(config.load(None, "train.lr_boundaries=[]").train, 10) == 0.1
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_warmup_then_decay_to_zero(schedule):
+    t = config.load(None, f"train.schedule={schedule} train.warmup=0.2 train.epochs=10 train.lr=0.4").train
+    lr = fitting.learning_rate(t, steps_per_epoch=100)  # 1000 steps, 200 of warm-up
+    assert lr_at(lr, 0) == pytest.approx(0.0, abs=1e-6)
+    assert lr_at(lr, 100) == pytest.approx(0.2, rel=1e-3)  # half-way up, linearly
+    assert lr_at(lr, 200) == pytest.approx(0.4, rel=1e-3)  # the peak
+    middle = lr_at(lr, 600)  # half-way down: cosine and linear both give half the peak
+    assert middle == pytest.approx(0.2, rel=1e-2)
+    assert lr_at(lr, 400) > (0.3 if schedule == "cosine" else 0.29)  # cosine stays high longer
+    assert lr_at(lr, 1000) == pytest.approx(0.0, abs=1e-6)
+    values = [lr_at(lr, s) for s in range(200, 1001, 50)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_resnet9_is_the_dawnbench_network_at_any_width():
+    m = model.build_resnet(num_classes=10, arch="resnet9", widths=(16, 32, 64, 128), l2=5e-4)
+    # prep 3x3 3->16 + BN; layer1 3x3 16->32 + BN, two residual 3x3 32->32 + BN; layer2 3x3 32->64 + BN;
+    # layer3 3x3 64->128 + BN, two residual 3x3 128->128 + BN; Dense 128->10 with bias:
+    # 464 + 4,672 + 2 x 9,280 + 18,560 + 73,984 + 2 x 147,712 + 1,290 = 412,954
+    assert trainable(m) == 412_954
+    assert m.name == "resnet9"
+    convs = [layer for layer in m.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 8 and all(c.kernel_regularizer is not None for c in convs)
+    wide = model.build_resnet(num_classes=10, arch="resnet9", widths=(64, 128, 256, 512), l2=5e-4)
+    assert 6_500_000 < trainable(wide) < 6_600_000  # Page's ResNet-9: 6.57M
+    assert config.load(None, "model.arch=resnet9 model.widths=[64,128,256,512]").run_name().startswith("resnet9-")
+
+
+@pytest.mark.parametrize("arch", ["preact", "resnet9"])
+def test_zero_init_residual_starts_each_residual_branch_at_identity(arch):
+    widths = (16, 32, 64, 128) if arch == "resnet9" else (16, 32)
+    kwargs = dict(num_classes=10, arch=arch, block="basic", units_per_stage=2, widths=widths, strides=(1, 2), l2=0.0)
+    on, off = model.build_resnet(zero_init_residual=True, **kwargs), model.build_resnet(**kwargs)
+    zero = sorted(layer.name for layer in on.layers if isinstance(layer, keras.layers.BatchNormalization)
+                  and not np.any(layer.gamma.numpy()))
+    if arch == "resnet9":
+        assert zero == ["layer1_res2_bn", "layer3_res2_bn"]
+    else:  # the BN before each unit's last conv
+        assert zero == [f"stage{s}_unit{u}_mid1_bn" for s in (1, 2) for u in (1, 2)]
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) and not np.any(layer.gamma.numpy())
+                   for layer in off.layers)
+
+
+def test_bn_momentum_and_l2_on_norm_and_bias_are_params():
+    cfg = config.load("params/tiny.yaml", "model.bn_momentum=0.9 model.l2_norm_and_bias=true")
+    kwargs = dict(num_classes=10, block="basic", units_per_stage=1, widths=(8, 16), strides=(1, 2), l2=1e-4)
+    m = model.build_resnet(bn_momentum=cfg.model.bn_momentum, l2_norm_and_bias=cfg.model.l2_norm_and_bias, **kwargs)
+    bns = [layer for layer in m.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and all(b.momentum == 0.9 and b.gamma_regularizer is not None and b.beta_regularizer is not None
+                       for b in bns)
+    assert m.get_layer("logits").bias_regularizer is not None
+    seed = model.build_resnet(**kwargs)  # the seed: kernels only, Keras's BN momentum
+    bns = [layer for layer in seed.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert all(b.momentum == 0.99 and b.gamma_regularizer is None and b.beta_regularizer is None for b in bns)
+    assert seed.get_layer("logits").bias_regularizer is None
+    # the penalty grows by the BN and bias terms only
+    x = np.zeros((1, 32, 32, 3), np.uint8)
+    m(x), seed(x)
+    assert len(m.losses) == len(seed.losses) + 2 * len(bns) + 1
+
+
+def test_ema_is_the_optimizers_and_validates_on_the_averaged_weights():
+    from pipeline.data import make_synthetic
+    from pipeline.distribute import distribution
+
+    cfg = config.load("params/tiny.yaml", "train.ema=true train.ema_momentum=0.9 train.epochs=1 train.verbose=0")
+    data = make_synthetic(n_train=128, n_test=64)
+    m = fitting.compile_model(cfg, data, distribution("none"), 128)
+    assert m.optimizer.use_ema and m.optimizer.ema_momentum == 0.9
+    seen = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            seen["validated"] = [w.numpy().copy() for w in self.model.trainable_weights]
+
+        def on_epoch_end(self, epoch, logs=None):  # validation is over: the raw weights are back
+            seen["raw"] = [w.numpy().copy() for w in self.model.trainable_weights]
+            seen["average"] = [v.numpy().copy() for v in self.model.optimizer._model_variables_moving_average]
+
+    fitting.fit(m, cfg, fitting.split_validation(data, 0, 0), 10, [Probe()])
+    assert all(np.allclose(v, a) for v, a in zip(seen["validated"], seen["average"], strict=True))
+    assert not all(np.allclose(v, r) for v, r in zip(seen["validated"], seen["raw"], strict=True))
+
+
+def test_flip_tta_averages_each_image_and_its_mirror():
+    m = model.build_resnet(num_classes=10, block="basic", units_per_stage=1, widths=(8, 16), strides=(1, 2), l2=0.0,
+                           mean=(128.0,) * 3, std=(64.0,) * 3)
+    x = np.random.default_rng(0).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    plain, tta = serve.ImageClassifier("none"), serve.ImageClassifier("flip")
+    plain.model = tta.model = m
+    expected = (m.predict(x, verbose=0) + m.predict(x[:, :, ::-1], verbose=0)) / 2
+    np.testing.assert_allclose(tta.predict_proba(x, batch_size=2), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(plain.predict_proba(x), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="tta"):
+        serve.ImageClassifier("crop")
