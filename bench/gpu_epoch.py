@@ -4,9 +4,11 @@ compile and fit as `pipeline.train` (pipeline.fitting), without MLflow.
 For a borrowed GPU machine that has JAX but not TensorFlow or MLflow: `bench/gpu.sh` installs the
 few pure-Python wheels this needs and runs it with KERAS_BACKEND=jax. Writes JSON with the device,
 every epoch's seconds and val_acc, the steady seconds per epoch (median of the epochs after the
-first, which compiles) and the projected time of the profile's full schedule.
+first, which compiles) and the projected time of the profile's full schedule. With `--full`, the
+profile runs its whole schedule and is scored on every test image with its own `evaluate.tta`
+(test_acc, and the wall seconds of the fit and of the fit after its first, compiling, epoch).
 
-Usage: python bench/gpu_epoch.py --out FILE [--params params/default.yaml] [--epochs 3]
+Usage: python bench/gpu_epoch.py --out FILE [--params params/default.yaml] [--epochs 3 | --full]
        [--overrides "train.precision=mixed_bfloat16 ..."] [--data PATH | --images 50000]
 """
 
@@ -17,6 +19,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,31 +35,43 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params/default.yaml")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--full", action="store_true", help="the profile's own epochs, then test_acc")
     parser.add_argument("--overrides", default="")
     parser.add_argument("--data", default="", help="a data source (see pipeline.data); default synthetic images")
     parser.add_argument("--images", type=int, default=50000, help="synthetic training images (test: a fifth)")
     args = parser.parse_args()
 
     full = config.load_from_cli(args.params, args.overrides)
-    cfg = config.load_from_cli(args.params, f"{args.overrides} train.verbose=2", epochs=str(args.epochs))
+    epochs = full.train.epochs if args.full else args.epochs
+    cfg = config.load_from_cli(args.params, f"{args.overrides} train.verbose=2", epochs=str(epochs))
     dataset = (data.load_source(args.data) if args.data
                else data.make_synthetic(n_train=args.images, n_test=args.images // 5, seed=cfg.data.seed))
     dist = distribution(cfg.train.distribute)
     splits = fitting.split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
     model = fitting.compile_model(cfg, dataset, dist, len(splits[0]))
     timer = fitting.EpochTimer()
+    start = time.perf_counter()
     history = fitting.fit(model, cfg, splits, len(dataset.class_names), [timer])
+    fit_seconds = time.perf_counter() - start
     steady = statistics.median(timer.seconds[1:] or timer.seconds)
     result = {
         "backend": keras.backend.backend(), "devices": dist.devices, "host": platform.node(),
         "params": args.params, "overrides": args.overrides, "model": model.name,
-        "train_images": len(splits[0]), "epochs": args.epochs, "epoch_seconds": [round(s, 2) for s in timer.seconds],
+        "train_images": len(splits[0]), "epochs": epochs, "epoch_seconds": [round(s, 2) for s in timer.seconds],
         "val_acc": [round(v, 4) for v in history.history.get("val_acc", [])],
         "steady_epoch_seconds": round(steady, 2),
         "images_per_second": round(len(splits[0]) / steady),
         "projected_full_schedule_minutes": round(full.train.epochs * steady / 60, 1),
         "full_schedule_epochs": full.train.epochs,
     }
+    if args.full:  # score as evaluate does (pipeline.serve needs MLflow, absent here): every image, its TTA
+        x, batch = dataset.x_test, cfg.evaluate.batch_size
+        probs = model.predict(x, batch_size=batch, verbose=0)
+        if cfg.evaluate.tta == "flip":
+            probs = (probs + model.predict(x[:, :, ::-1], batch_size=batch, verbose=0)) / 2
+        result.update(test_acc=round(float((probs.argmax(1) == dataset.y_test).mean()), 4),
+                      test_images=len(dataset.y_test), tta=cfg.evaluate.tta, fit_seconds=round(fit_seconds, 1),
+                      fit_seconds_after_first_epoch=round(sum(timer.seconds[1:]), 1))
     print(json.dumps(result, indent=2))
     Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -1,0 +1,128 @@
+"""Time to accuracy of params profiles, run exactly as a user runs them: `mlflow run .` of `main`.
+
+    python -m bench.time_to_accuracy --profiles quick --repeat 3 --data ../shared/datasets/cifar10-jpeg-q75.tar.gz
+
+Each run gets a fresh SQLite store, so every clock starts from nothing: it runs from the command's
+start to its exit (prepare, train, evaluate and register included). For each run it reads back
+test_acc and the val_acc history, and the wall time at which val_acc first reached 0.5, 0.7, 0.8 and
+0.9 (the logged metric's timestamp minus the command's start). Writes bench/results/time_to_accuracy.md
+(one row per run, then the median per profile) and time_to_accuracy.png (val_acc against wall
+seconds, one curve per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+THRESHOLDS = (0.5, 0.7, 0.8, 0.9)
+
+
+def machine() -> str:
+    """What this ran on, as detected: CPU model and cores, GPUs (nvidia-smi) or none."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20).stdout.strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        gpus = []
+    return f"{os.cpu_count()}-core {cpu}, " + (f"GPU: {', '.join(gpus)}" if gpus else "no GPU")
+
+
+def run_profile(profile: str, data: str, extra: list[str]) -> dict:
+    """One `mlflow run` of `main` for params/<profile>.yaml in a fresh store; its timings and results."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PIPELINE_CHECKPOINT_DIR": f"{tmp}/checkpoints",
+               "TF_CPP_MIN_LOG_LEVEL": "3"}
+        cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
+               "-P", f"params=params/{profile}.yaml", *(["-P", f"data={data}"] if data else []), *extra]
+        start = time.time()
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        wall = time.time() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"{profile}: `{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        client = mlflow.MlflowClient(uri)
+        (train,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      "tags.step = 'train'")
+        (main,) = client.search_runs([train.info.experiment_id], "tags.step = 'main'")
+        history = sorted(client.get_metric_history(train.info.run_id, "val_acc"), key=lambda m: m.step)
+        curve = [(m.timestamp / 1000 - start, m.value) for m in history]
+        row = {"profile": profile, "model": train.info.run_name, "epochs": len(history),
+               "wall_s": round(wall, 1), "test_acc": main.data.metrics["test_acc"],
+               "best_val_acc": max(v for _, v in curve)}
+        for threshold in THRESHOLDS:
+            row[f"val_acc>={threshold}_s"] = next((round(t, 1) for t, v in curve if v >= threshold), None)
+        row["registered_version"] = main.data.tags.get("registered_version")
+        return {"row": row, "curve": curve}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profiles", default="quick", help="comma-separated params/<name>.yaml files")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--data", default="", help="-P data=... for every run (default: each profile's own)")
+    parser.add_argument("--extra", default="", help="more `mlflow run` arguments, e.g. \"-P epochs=2\"")
+    args = parser.parse_args()
+    results = [run_profile(p, args.data, args.extra.split()) for p in args.profiles.split(",")
+               for _ in range(args.repeat)]
+    for r in results:
+        print(r["row"], flush=True)
+    runs = pd.DataFrame([r["row"] for r in results])
+    medians = runs.groupby("profile", sort=False)[["wall_s", "test_acc"]].median().reset_index()
+    medians.insert(1, "runs", runs.groupby("profile", sort=False).size().to_numpy())
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, r in enumerate(results):
+        seconds, values = zip(*r["curve"], strict=True)
+        ax.plot(seconds, values, marker="o", label=f"{r['row']['profile']} #{i + 1} "
+                                                   f"(test_acc {r['row']['test_acc']:.3f})")
+    ax.set_xlabel("wall seconds since the command started")
+    ax.set_ylabel("val_acc")
+    ax.set_title(machine(), fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "time_to_accuracy.png", dpi=120)
+    plt.close(fig)
+
+    data = args.data or "each profile's data.source"
+    text = (f"# Time to accuracy\n\nMachine: {machine()}. Date: {datetime.date.today()}. "
+            f"`python -m bench.time_to_accuracy --profiles {args.profiles} --repeat {args.repeat}"
+            f"{' --data ' + args.data if args.data else ''}`; data: {data}.\n\n"
+            "Each row is one `mlflow run . --env-manager local -P params=params/<profile>.yaml` in a fresh "
+            "store; `wall_s` runs from the command's start to its exit (prepare, train, evaluate, register). "
+            "`val_acc>=x_s`: wall seconds when val_acc (held-out split) first reached x. "
+            "`test_acc`: all test images.\n\n"
+            f"## Median per profile\n\n{medians.to_markdown(index=False)}\n\n"
+            f"## Every run\n\n{runs.to_markdown(index=False)}\n\n![val_acc against wall time](time_to_accuracy.png)\n")
+    (RESULTS / "time_to_accuracy.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
