@@ -7,7 +7,7 @@ Measured side by side in one process, so machine noise hits both sides of each c
    integer shift + flip in keras.ops inside the XLA-compiled step; a trivial model body, so the
    number is the ceiling the feed puts on training), and vs the augmentation kernel alone;
 2. train-step images/s, plain float32 vs the fast-path settings, for the quick profile
-   (ResNet-20) and the seed's ResNet-164;
+   (ResNet-9 at width 16) and the seed's ResNet-164;
 3. MLflow tracking overhead per epoch: logging on vs off, and the cost of the logging call itself.
 
 Usage: python bench/benchmark.py [--steps N] [--skip-164]
@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.machine import machine  # noqa: E402
 from pipeline import augment, config, data, fitting, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -223,7 +224,7 @@ def main() -> None:
 
     dataset = load_images(10000)
     results = {
-        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU ({platform.platform()})",
+        "machine": f"{machine()} ({platform.platform()})",
         "keras": keras.__version__, "backend": keras.backend.backend(), "date": datetime.date.today().isoformat(),
         "data": "CIFAR-10 (JPEG q75 copy), 10k training images" if SHARED_JPEG.exists() else "synthetic images",
         "gpu": args.gpu_note,
@@ -243,13 +244,14 @@ def main() -> None:
 
     variants = {"float32, no XLA (plain)": ["train.precision=float32", "train.jit_compile=false"],
                 "float32 + XLA": ["train.precision=float32", "train.jit_compile=true"],
+                "mixed_bfloat16, no XLA": ["train.precision=mixed_bfloat16", "train.jit_compile=false"],
                 "mixed_bfloat16 + XLA": ["train.precision=mixed_bfloat16", "train.jit_compile=true"]}
-    profiles = {"quick (ResNet-20)": "params/quick.yaml"}
+    profiles = {"quick (ResNet-9, width 16)": "params/quick.yaml"}
     if not args.skip_164:
         profiles["seed (ResNet-164)"] = "params/default.yaml"
     results["train_step"] = {}
     for name, params in profiles.items():
-        chosen = variants if "20" in name else dict(list(variants.items())[:2])
+        chosen = variants if name.startswith("quick") else dict(list(variants.items())[:2])
         results["train_step"][name] = {}
         for label, overrides in chosen.items():
             results["train_step"][name][label] = bench_train_step(config.load(params, overrides), dataset, args.steps)

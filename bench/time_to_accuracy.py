@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,28 +24,14 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 
+from bench.machine import machine
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9)
-
-
-def machine() -> str:
-    """What this ran on, as detected: CPU model and cores, GPUs (nvidia-smi) or none."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=20).stdout.strip().splitlines()
-    except (OSError, subprocess.TimeoutExpired):
-        gpus = []
-    return f"{os.cpu_count()}-core {cpu}, " + (f"GPU: {', '.join(gpus)}" if gpus else "no GPU")
 
 
 def run_profile(profile: str, data: str, extra: list[str]) -> dict:

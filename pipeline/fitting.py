@@ -38,7 +38,8 @@ class LinearWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
 
 
-def learning_rate(cfg: config.TrainConfig, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+def learning_rate(cfg: config.TrainConfig,
+                  steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """The lr as a function of the optimizer step, for `train.schedule`; it depends only on the step,
     so a run resumed from a checkpoint (which restores the step) continues it exactly.
 

@@ -1,4 +1,4 @@
-"""ResNets for 32x32 images (pre-activation ResNets and the conv-BN-ReLU ResNet-9) as pure Keras 3 functional models (no I/O).
+"""ResNets for 32x32 images (pre-activation, and the conv-BN-ReLU ResNet-9) as pure Keras 3 models (no I/O).
 
 The model takes raw uint8 RGB pixels, the same thing a served model receives:
 uint8 -> per-channel normalisation (statistics fitted on the training images)

@@ -30,8 +30,16 @@ from mlflow.exceptions import MlflowException
 from pipeline import compare, config, prepare, serve
 from pipeline.data import Dataset
 from pipeline.distribute import Distribution, distribution
-from pipeline.fitting import (EpochTimer, check_backend, compile_model, current_lr, diverged, fit, make_model,
-                              split_validation)
+from pipeline.fitting import (
+    EpochTimer,
+    check_backend,
+    compile_model,
+    current_lr,
+    diverged,
+    fit,
+    make_model,
+    split_validation,
+)
 from pipeline.tracking import PIPELINE_DIR, StepFailed, checkpoint_root, cli, step_run
 
 matplotlib.use("Agg")

@@ -73,7 +73,8 @@ def test_cli_shortcuts_and_empty_values():
 
 def test_flat_params_are_the_strings_mlflow_stores():
     flat = config.load().flat()
-    assert flat["train.lr_boundaries"] == "[0.5333333333333333, 0.8]" and flat["train.flip"] == "true" and flat["model.l2"] == "0.0001"
+    assert flat["train.lr_boundaries"] == "[0.5333333333333333, 0.8]"
+    assert flat["train.flip"] == "true" and flat["model.l2"] == "0.0001"
     assert all(isinstance(v, str) for v in flat.values())
 
 
