@@ -8,9 +8,12 @@ SQLite store `sqlite:///mlflow.db` in the working directory (the project root un
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +40,52 @@ for _var, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUES
 
 class StepFailed(RuntimeError):
     """A step failed for a reason the user can act on (e.g. training diverged); the message says what."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived: open runs end KILLED, checkpoints stay, the process exits 128 + signal.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive OS lock (flock) on `path` for the duration; yields False if `blocking` is off and
+    another process holds it. The OS drops the lock when the process dies, however it dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_store() -> str:
+    """Create the SQLite tracking store (tables and migrations) if it does not exist yet; its URI.
+
+    Serialised by a file lock, so processes starting together on a fresh store do not run MLflow's
+    schema creation at the same time (which fails). Other stores (a server) are left to their owner.
+    """
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        with file_lock(Path(tempfile.gettempdir()) / f"pipeline-store-{digest}.lock"):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
+    return uri
 
 
 def code_digest(*modules: str) -> str:
@@ -75,7 +124,7 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
     active run (the `main` driver, a sweep) a nested child run is opened in the parent's
     experiment. Otherwise a new run is opened in `experiment` (MLflow's default if None).
     `resume_run_id` reopens that existing run instead (nested in whatever run is active).
-    A step that raises ends FAILED.
+    A step that raises ends FAILED; one interrupted by SIGTERM/SIGINT ends KILLED.
     """
     parent = mlflow.active_run()
     tags = {"step": step, **(tags or {})}
@@ -85,8 +134,10 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
     if resume_run_id:
         with contextlib.ExitStack() as stack:
             if parent is None and os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened for this try
-                stack.enter_context(mlflow.start_run(tags={**tags, "resumes_run": resume_run_id}))
-            yield stack.enter_context(mlflow.start_run(run_id=resume_run_id, nested=mlflow.active_run() is not None))
+                stack.enter_context(_killed_on_interrupt(
+                    mlflow.start_run(tags={**tags, "resumes_run": resume_run_id})))
+            yield stack.enter_context(_killed_on_interrupt(
+                mlflow.start_run(run_id=resume_run_id, nested=mlflow.active_run() is not None)))
         return
     if parent is not None:
         ctx = mlflow.start_run(run_name=run_name or step, nested=True,
@@ -97,23 +148,70 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
         if experiment:
             mlflow.set_experiment(experiment)
         ctx = mlflow.start_run(run_name=run_name or step, tags=tags)
-    with ctx as run:
+    with _killed_on_interrupt(ctx) as run:
         if run_name:  # `mlflow run` names its run at random; a descriptive name reads better in the UI
             mlflow.set_tag("mlflow.runName", run_name)
         yield run
 
 
+@contextlib.contextmanager
+def _killed_on_interrupt(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun]) -> Iterator[mlflow.ActiveRun]:
+    """Enter an `mlflow.start_run` context; a SIGTERM/SIGINT inside ends the run KILLED (not FAILED)."""
+    with ctx as run:
+        try:
+            yield run
+        except (Interrupted, KeyboardInterrupt) as exc:
+            mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
+            mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
+            raise
+
+
+def _end_refused_run(reason: str) -> None:
+    """A run `mlflow run` opened for a command refused on bad input holds nothing: mark it FAILED with the
+    reason and move it to the trash, so no empty, randomly named run is left in the experiment."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    with contextlib.suppress(MlflowException):
+        client = mlflow.MlflowClient()
+        if client.search_runs([client.get_run(run_id).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{run_id}'", max_results=1):
+            return  # steps ran under it: keep it as their record
+        client.set_tag(run_id, "failure_reason", reason)
+        client.set_terminated(run_id, "FAILED")
+        client.delete_run(run_id)
+
+
 def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     """Run an entry point's `main`, turning expected failures into one line on stderr.
 
-    Exit 2: a bad param or data file. Exit 3: the step failed (e.g. training diverged).
-    Exit 4: the tracking server stopped answering (after bounded retries); `resumable` entry
-    points (those that train) add how to continue from the checkpoint.
+    Exit 2: a bad param or data file (a run `mlflow run` opened for it is marked FAILED and
+    deleted). Exit 3: the step failed (e.g. training diverged). Exit 4: the tracking server
+    stopped answering (after bounded retries); `resumable` entry points (those that train) add how
+    to continue from the checkpoint. Exit 130 (SIGINT) or 143 (SIGTERM, what `mlflow run` sends its
+    step on Ctrl-C): interrupted; every open run ends KILLED and checkpoints stay.
+    The SQLite store is created first, under a file lock (see `ensure_store`).
     """
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
+        ensure_store()
         main()
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        with contextlib.suppress(MlflowException):
+            while mlflow.active_run():
+                mlflow.end_run("KILLED")
+            if os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened, if this step never entered it
+                client = mlflow.MlflowClient()
+                if client.get_run(os.environ["MLFLOW_RUN_ID"]).info.status == "RUNNING":
+                    client.set_terminated(os.environ["MLFLOW_RUN_ID"], "KILLED")
+        hint = (f" Completed epochs are checkpointed under {checkpoint_root()}: rerun the same command to resume."
+                if resumable else "")
+        print(f"error: interrupted by {signal.Signals(signum).name}; open runs ended KILLED.{hint}", file=sys.stderr)
+        sys.exit(128 + signum)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        _end_refused_run(str(exc))
         sys.exit(2)
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -127,3 +225,10 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
                 if resumable else "")
         print(f"error: tracking server {uri} failed: {reason}.{hint}", file=sys.stderr)
         sys.exit(4)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+if __name__ == "__main__":
+    print(f"tracking store {ensure_store()} ready")
