@@ -52,7 +52,8 @@ def find_experiment_id(name: str) -> str:
 def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:
     """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first.
 
-    Inputs: an experiment name (None: every experiment) and optional run ids to keep. Output: one row per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`,
+    Inputs: an experiment name (None: every experiment) and optional run ids to keep. Output: one row
+    per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`,
     `start_time`, `end_time`. ConfigError if nothing matches or a named run is not a training run.
     """
     clauses = ["tags.step = 'train'", "attributes.status = 'FINISHED'"]
