@@ -144,9 +144,8 @@ def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tm
     assert (tmp_path / "checkpoints" / run_id / "training_metadata.json").exists()
 
     # resume=<id> with other params is refused, naming them; so is shrinking the run.
-    args = ("--params", TINY, "--resume", run_id, "--overrides", "tracking.experiment=e2e")
-    other = run_module(store, "pipeline.main", *args[:-1], "tracking.experiment=e2e train.lr=0.1 train.seed=7",
-                       "--epochs", "3")
+    args = ("--params", TINY, "--resume", run_id)
+    other = run_module(store, "pipeline.main", *args, "--overrides", "train.lr=0.1 train.seed=7", "--epochs", "3")
     assert other.returncode == 2, other.stderr[-2000:]
     line = other.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: resume: run {run_id} was started with other params: train.lr=0.1 (run has ")
