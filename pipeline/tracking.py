@@ -12,8 +12,10 @@ import fcntl
 import hashlib
 import os
 import signal
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -54,6 +56,10 @@ class Interrupted(BaseException):
 
 
 def _raise_interrupted(signum, frame):
+    # Ctrl-C reaches both `mlflow run` and its step, and `mlflow run` then also sends SIGTERM: the first
+    # signal wins, the ones after it would only cut the clean-up short.
+    for other in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(other, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
@@ -166,20 +172,29 @@ def _killed_on_interrupt(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun
             raise
 
 
-def _end_refused_run(reason: str) -> None:
-    """A run `mlflow run` opened for a command refused on bad input holds nothing: mark it FAILED with the
-    reason and move it to the trash, so no empty, randomly named run is left in the experiment."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return
+def _settle_wrapper_run(run_id: str, status: str, *, delete: bool = False) -> None:
+    """Give the run `mlflow run` opened for this step (MLFLOW_RUN_ID) its final `status`, and `delete` it.
+
+    `mlflow run` marks its run FINISHED or FAILED once the step has exited, overwriting whatever the step
+    set (MLflow 3.17 checks for an already ended run by comparing a status name with status numbers,
+    which never matches). So a detached `python -m pipeline.tracking --settle` waits for `mlflow run`
+    (this process's parent) to exit and then writes the status: the last word.
+    """
+    subprocess.Popen([sys.executable, "-m", "pipeline.tracking", "--settle", run_id, status, str(os.getppid()),
+                      *(["--delete"] if delete else [])], cwd=PROJECT_ROOT, start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _end_refused_run(run_id: str, reason: str) -> None:
+    """A run `mlflow run` opened for a command refused on bad input holds nothing: it ends FAILED with the
+    reason and goes to the trash, so no empty, randomly named run is left in the experiment."""
     with contextlib.suppress(MlflowException):
         client = mlflow.MlflowClient()
         if client.search_runs([client.get_run(run_id).info.experiment_id],
                               f"tags.mlflow.parentRunId = '{run_id}'", max_results=1):
             return  # steps ran under it: keep it as their record
         client.set_tag(run_id, "failure_reason", reason)
-        client.set_terminated(run_id, "FAILED")
-        client.delete_run(run_id)
+        _settle_wrapper_run(run_id, "FAILED", delete=True)
 
 
 def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
@@ -193,6 +208,7 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     The SQLite store is created first, under a file lock (see `ensure_store`).
     """
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGTERM, signal.SIGINT)}
+    wrapper_run = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow unsets it when that run ends
     try:
         ensure_store()
         main()
@@ -201,17 +217,17 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
         with contextlib.suppress(MlflowException):
             while mlflow.active_run():
                 mlflow.end_run("KILLED")
-            if os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened, if this step never entered it
-                client = mlflow.MlflowClient()
-                if client.get_run(os.environ["MLFLOW_RUN_ID"]).info.status == "RUNNING":
-                    client.set_terminated(os.environ["MLFLOW_RUN_ID"], "KILLED")
+            if wrapper_run:  # the run `mlflow run` opened, whether this step entered it or not
+                mlflow.MlflowClient().set_tag(wrapper_run, "interrupted_by", signal.Signals(signum).name)
+                _settle_wrapper_run(wrapper_run, "KILLED")
         hint = (f" Completed epochs are checkpointed under {checkpoint_root()}: rerun the same command to resume."
                 if resumable else "")
         print(f"error: interrupted by {signal.Signals(signum).name}; open runs ended KILLED.{hint}", file=sys.stderr)
         sys.exit(128 + signum)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        _end_refused_run(str(exc))
+        if wrapper_run:
+            _end_refused_run(wrapper_run, str(exc))
         sys.exit(2)
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -230,5 +246,24 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
             signal.signal(signum, handler)
 
 
+def _settle(run_id: str, status: str, wait_for_pid: int, delete: bool, timeout: float = 300) -> None:
+    """Once process `wait_for_pid` has exited (at most `timeout` s), end run `run_id` with `status`
+    (and move it to the trash if `delete`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(wait_for_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    client = mlflow.MlflowClient()
+    client.set_terminated(run_id, status)
+    if delete:
+        client.delete_run(run_id)
+
+
 if __name__ == "__main__":
-    print(f"tracking store {ensure_store()} ready")
+    if sys.argv[1:2] == ["--settle"]:  # internal: see _settle_wrapper_run
+        _settle(sys.argv[2], sys.argv[3], int(sys.argv[4]), "--delete" in sys.argv[5:])
+    else:
+        print(f"tracking store {ensure_store()} ready")
