@@ -68,6 +68,7 @@ def wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 300
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if list(root.glob("*/training_metadata.json")):
+            time.sleep(1)  # past the checkpoint's last write, well before the next epoch ends
             return
         if proc.poll() is not None:
             raise AssertionError(f"training ended before a checkpoint: {proc.stderr.read()[-3000:]}")
