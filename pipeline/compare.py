@@ -1,6 +1,6 @@
 """The `compare` entry point: a side-by-side table and val_acc curves of training runs.
 
-Reads:  training runs (tag step = 'train') of one experiment, or named by run id, or the top N
+Reads:  training runs (tag step = 'train') of every experiment, or of one, or named by run id, or the top N
         by a column of the table; their params, metric histories and the test metrics that
         evaluate logged on each run's model (train runs carry the model's URI in tag `model_uri`).
 Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
@@ -52,8 +52,8 @@ def find_experiment_id(name: str) -> str:
 def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:
     """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first.
 
-    Inputs: an experiment name (None: any experiment, then `run_ids` must be given) and optional
-    run ids to keep. Output: one row per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`,
+    Inputs: an experiment name (None: every experiment) and optional run ids to keep. Output: one row
+    per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`,
     `start_time`, `end_time`. ConfigError if nothing matches or a named run is not a training run.
     """
     clauses = ["tags.step = 'train'", "attributes.status = 'FINISHED'"]
@@ -71,7 +71,8 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
         raise config.ConfigError(f"run_ids: not finished training runs{' of ' + experiment if experiment else ''}: "
                                  f"{', '.join(missing)}")
     if runs.empty:
-        raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {experiment!r}")
+        where = f"experiment {experiment!r}" if experiment else "any experiment"
+        raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {where}")
     return runs
 
 
@@ -168,13 +169,11 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
         metric: str = "val_acc") -> dict:
     """Compare training runs; log the table and plot to a new comparison run.
 
-    Inputs: an experiment name and/or explicit run ids (at least one), `top` N rows by `metric`
+    Inputs: an experiment name (None: all experiments) and/or run ids, `top` N rows by `metric`
     (any numeric column of the table, highest first). Every input is checked before the
     comparison run opens. Output: {"run_id", "table", "markdown", "artifacts"}.
     """
     run_ids = [r for r in (run_ids or []) if r]
-    if not experiment and not run_ids:
-        raise config.ConfigError("experiment: give an experiment name or run ids")
     if top is not None and top < 1:
         raise config.ConfigError(f"top: must be >= 1, got {top}")
     client = MlflowClient()
@@ -237,14 +236,13 @@ def split_ids(text: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="", help="params file; its tracking.experiment is the default experiment")
-    parser.add_argument("--experiment", default="", help="experiment name")
+    parser.add_argument("--experiment", default="", help="experiment name (default: every experiment)")
     parser.add_argument("--run-ids", default="", help="training run ids, comma or space separated")
     parser.add_argument("--top", default="", help="keep the best N runs by --metric")
     parser.add_argument("--metric", default="val_acc", help=f"sort column: {', '.join(RESULT_COLUMNS)}")
     args = parser.parse_args()
     run_ids = split_ids(args.run_ids)
-    experiment = args.experiment or (None if run_ids else config.load(args.params or None).tracking.experiment)
+    experiment = args.experiment or None
     try:
         top = int(args.top) if args.top else None
     except ValueError:

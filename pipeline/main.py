@@ -19,8 +19,9 @@ from pipeline.tracking import cli, step_run
 def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
     """Run the whole pipeline inside the active (parent) run; return the headline results.
 
-    resume: "" continues an interrupted identical train run if one left a checkpoint, "never"
-    always starts afresh, a run id continues that run (see train.find_resumable).
+    resume: "" continues an interrupted identical train run if one left a checkpoint and no live
+    process trains it, "never" always starts afresh, a run id continues that run, whose params must
+    equal `cfg`'s except a larger `train.epochs` (see train.find_resumable, train.config_to_resume).
     """
     from pipeline import evaluate, register, train  # Keras loads only once the params are known to be good
 
@@ -53,7 +54,7 @@ def main() -> None:
     if args.resume not in ("", "never"):
         from pipeline import train
 
-        cfg, dataset_uri = train.config_to_resume(args.resume)
+        dataset_uri = train.config_to_resume(args.resume, cfg)
     prepare.prepare_key(cfg)  # a missing data path fails here, before any run is opened
     from pipeline import fitting  # imports Keras
 

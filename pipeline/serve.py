@@ -83,9 +83,12 @@ def encoded_images(model_input: Any) -> list | None:
     if isinstance(model_input, (str, bytes)):
         return [model_input]
     if isinstance(model_input, np.ndarray):
-        # Only a 1-d array of text or objects can hold encoded images; don't copy pixel tensors to lists.
-        if model_input.ndim != 1 or model_input.dtype.kind not in "USO":
+        # Only a 0-d (a bare `"inputs": "..."`) or 1-d array of text or objects can hold encoded images;
+        # don't copy pixel tensors to lists.
+        if model_input.ndim > 1 or model_input.dtype.kind not in "USO":
             return None
+        if model_input.ndim == 0:
+            return [model_input.item()]
         model_input = model_input.tolist()
     # A list starting with text is a batch of encoded images; to_bytes reports any item that is not.
     if isinstance(model_input, list) and model_input and isinstance(model_input[0], (str, bytes)):
@@ -108,7 +111,7 @@ def to_bytes(item: Any, name: str) -> bytes:
         try:
             raw = base64.b64decode(DATA_URI_PREFIX.sub("", item.strip()), validate=True)
         except binascii.Error as exc:
-            raise bad_input(f"{name}: not valid base64 ({exc})") from None
+            raise bad_input(f"{name}: not a base64 image: not valid base64 ({exc})") from None
     else:
         raise bad_input(f"{name}: expected a base64-encoded PNG/JPEG string, got {type(item).__name__}")
     if not raw:

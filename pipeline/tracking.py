@@ -8,9 +8,14 @@ SQLite store `sqlite:///mlflow.db` in the working directory (the project root un
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +42,56 @@ for _var, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUES
 
 class StepFailed(RuntimeError):
     """A step failed for a reason the user can act on (e.g. training diverged); the message says what."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived: open runs end KILLED, checkpoints stay, the process exits 128 + signal.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    # Ctrl-C reaches both `mlflow run` and its step, and `mlflow run` then also sends SIGTERM: the first
+    # signal wins, the ones after it would only cut the clean-up short.
+    for other in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(other, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive OS lock (flock) on `path` for the duration; yields False if `blocking` is off and
+    another process holds it. The OS drops the lock when the process dies, however it dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_store() -> str:
+    """Create the SQLite tracking store (tables and migrations) if it does not exist yet; its URI.
+
+    Serialised by a file lock, so processes starting together on a fresh store do not run MLflow's
+    schema creation at the same time (which fails). Other stores (a server) are left to their owner.
+    """
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        with file_lock(Path(tempfile.gettempdir()) / f"pipeline-store-{digest}.lock"):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
+    return uri
 
 
 def code_digest(*modules: str) -> str:
@@ -75,7 +130,7 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
     active run (the `main` driver, a sweep) a nested child run is opened in the parent's
     experiment. Otherwise a new run is opened in `experiment` (MLflow's default if None).
     `resume_run_id` reopens that existing run instead (nested in whatever run is active).
-    A step that raises ends FAILED.
+    A step that raises ends FAILED; one interrupted by SIGTERM/SIGINT ends KILLED.
     """
     parent = mlflow.active_run()
     tags = {"step": step, **(tags or {})}
@@ -85,8 +140,10 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
     if resume_run_id:
         with contextlib.ExitStack() as stack:
             if parent is None and os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened for this try
-                stack.enter_context(mlflow.start_run(tags={**tags, "resumes_run": resume_run_id}))
-            yield stack.enter_context(mlflow.start_run(run_id=resume_run_id, nested=mlflow.active_run() is not None))
+                stack.enter_context(_killed_on_interrupt(
+                    mlflow.start_run(tags={**tags, "resumes_run": resume_run_id})))
+            yield stack.enter_context(_killed_on_interrupt(
+                mlflow.start_run(run_id=resume_run_id, nested=mlflow.active_run() is not None)))
         return
     if parent is not None:
         ctx = mlflow.start_run(run_name=run_name or step, nested=True,
@@ -97,23 +154,80 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
         if experiment:
             mlflow.set_experiment(experiment)
         ctx = mlflow.start_run(run_name=run_name or step, tags=tags)
-    with ctx as run:
+    with _killed_on_interrupt(ctx) as run:
         if run_name:  # `mlflow run` names its run at random; a descriptive name reads better in the UI
             mlflow.set_tag("mlflow.runName", run_name)
         yield run
 
 
+@contextlib.contextmanager
+def _killed_on_interrupt(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun]) -> Iterator[mlflow.ActiveRun]:
+    """Enter an `mlflow.start_run` context; a SIGTERM/SIGINT inside ends the run KILLED (not FAILED)."""
+    with ctx as run:
+        try:
+            yield run
+        except (Interrupted, KeyboardInterrupt) as exc:
+            mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
+            mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
+            raise
+
+
+def _settle_wrapper_run(run_id: str, status: str, *, delete: bool = False) -> None:
+    """Give the run `mlflow run` opened for this step (MLFLOW_RUN_ID) its final `status`, and `delete` it.
+
+    `mlflow run` marks its run FINISHED or FAILED once the step has exited, overwriting whatever the step
+    set (MLflow 3.17 checks for an already ended run by comparing a status name with status numbers,
+    which never matches). So a detached `python -m pipeline.tracking --settle` waits for `mlflow run`
+    (this process's parent) to exit and then writes the status: the last word.
+    """
+    subprocess.Popen([sys.executable, "-m", "pipeline.tracking", "--settle", run_id, status, str(os.getppid()),
+                      *(["--delete"] if delete else [])], cwd=PROJECT_ROOT, start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _end_refused_run(run_id: str, reason: str) -> None:
+    """A run `mlflow run` opened for a command refused on bad input holds nothing: it ends FAILED with the
+    reason and goes to the trash, so no empty, randomly named run is left in the experiment."""
+    with contextlib.suppress(MlflowException):
+        client = mlflow.MlflowClient()
+        if client.search_runs([client.get_run(run_id).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{run_id}'", max_results=1):
+            return  # steps ran under it: keep it as their record
+        client.set_tag(run_id, "failure_reason", reason)
+        _settle_wrapper_run(run_id, "FAILED", delete=True)
+
+
 def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     """Run an entry point's `main`, turning expected failures into one line on stderr.
 
-    Exit 2: a bad param or data file. Exit 3: the step failed (e.g. training diverged).
-    Exit 4: the tracking server stopped answering (after bounded retries); `resumable` entry
-    points (those that train) add how to continue from the checkpoint.
+    Exit 2: a bad param or data file (a run `mlflow run` opened for it is marked FAILED and
+    deleted). Exit 3: the step failed (e.g. training diverged). Exit 4: the tracking server
+    stopped answering (after bounded retries); `resumable` entry points (those that train) add how
+    to continue from the checkpoint. Exit 130 (SIGINT) or 143 (SIGTERM, what `mlflow run` sends its
+    step on Ctrl-C): interrupted; every open run ends KILLED and checkpoints stay.
+    The SQLite store is created first, under a file lock (see `ensure_store`).
     """
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGTERM, signal.SIGINT)}
+    wrapper_run = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow unsets it when that run ends
     try:
+        ensure_store()
         main()
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        with contextlib.suppress(MlflowException):
+            while mlflow.active_run():
+                mlflow.end_run("KILLED")
+            if wrapper_run:  # the run `mlflow run` opened, whether this step entered it or not
+                mlflow.MlflowClient().set_tag(wrapper_run, "interrupted_by", signal.Signals(signum).name)
+                _settle_wrapper_run(wrapper_run, "KILLED")
+        hint = (f" Completed epochs are checkpointed under {checkpoint_root()}: rerun the same command to resume."
+                if resumable else "")
+        print(f"error: interrupted by {signal.Signals(signum).name}; open runs ended KILLED.{hint}", file=sys.stderr)
+        sys.exit(128 + signum)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if wrapper_run:
+            _end_refused_run(wrapper_run, str(exc))
         sys.exit(2)
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -127,3 +241,29 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
                 if resumable else "")
         print(f"error: tracking server {uri} failed: {reason}.{hint}", file=sys.stderr)
         sys.exit(4)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _settle(run_id: str, status: str, wait_for_pid: int, delete: bool, timeout: float = 300) -> None:
+    """Once process `wait_for_pid` has exited (at most `timeout` s), end run `run_id` with `status`
+    (and move it to the trash if `delete`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(wait_for_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    client = mlflow.MlflowClient()
+    client.set_terminated(run_id, status)
+    if delete:
+        client.delete_run(run_id)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--settle"]:  # internal: see _settle_wrapper_run
+        _settle(sys.argv[2], sys.argv[3], int(sys.argv[4]), "--delete" in sys.argv[5:])
+    else:
+        print(f"tracking store {ensure_store()} ready")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import shutil
@@ -45,7 +46,9 @@ from pipeline.tracking import PIPELINE_DIR, StepFailed, checkpoint_root, cli, st
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
 
-EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second")
+EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "iterations", "epoch_seconds", "images_per_second")
+# Held (flock) by the process training a run, in the run's checkpoint folder: a live run is never resumed.
+LOCK_FILE = "training.lock"
 
 
 class MlflowEpochLogger(EpochTimer):
@@ -68,7 +71,8 @@ class MlflowEpochLogger(EpochTimer):
         seconds = self.seconds[-1]
         lr = current_lr(self.model.optimizer)
         row = {k: float(v) for k, v in (logs or {}).items() if k in EPOCH_METRICS}
-        row.update(lr=lr, epoch_seconds=seconds, images_per_second=self.train_images / seconds)
+        iterations = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        row.update(lr=lr, iterations=iterations, epoch_seconds=seconds, images_per_second=self.train_images / seconds)
         mlflow.log_metrics(row, step=epoch + 1)
 
 
@@ -88,6 +92,36 @@ def checkpoint_dir(run_id: str) -> Path:
     return checkpoint_root() / run_id
 
 
+_claimed: dict[str, object] = {}  # run id -> the open lock file this process holds
+
+
+def claim(run_id: str) -> bool:
+    """Lock the run's checkpoint folder for this process (an OS flock, dropped when the process dies,
+    however it dies); False if another live process holds it, i.e. is training that run now."""
+    if run_id in _claimed:
+        return True
+    path = checkpoint_dir(run_id) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return False
+    _claimed[run_id] = handle
+    return True
+
+
+def release(run_id: str) -> None:
+    handle = _claimed.pop(run_id, None)
+    if handle is not None:
+        handle.close()
+
+
+def has_checkpoint(run_id: str) -> bool:
+    return (checkpoint_dir(run_id) / "training_metadata.json").exists()
+
+
 def train_key(cfg: config.Config, dataset_uri: str) -> str:
     """Identity of a training job: every param and the dataset. Equal keys may resume each other."""
     return hashlib.sha256(json.dumps({**cfg.flat(), "dataset_uri": dataset_uri}, sort_keys=True).encode()).hexdigest()
@@ -96,27 +130,29 @@ def train_key(cfg: config.Config, dataset_uri: str) -> str:
 def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> str | None:
     """The train run to continue, or None to start a new one.
 
-    resume "": the newest unfinished run of the same job that left a checkpoint (so rerunning a
-    killed command continues it); "never": None; a run id: that run, which must have a checkpoint.
+    resume "": the newest unfinished run of the same job that left a checkpoint and that no live
+    process is training (so rerunning a killed command continues it, and a second identical command
+    started while the first trains gets a run of its own); "never": None; a run id: that run, which
+    must have a checkpoint and not be training elsewhere. The run returned is claimed (see `claim`).
     An interrupted parent run of the resumed one (left RUNNING by the kill) is marked KILLED.
     """
     if resume == "never":
         return None
     client = MlflowClient()
     if resume:
-        if not (checkpoint_dir(resume) / "training_metadata.json").exists():
+        if not has_checkpoint(resume):
             raise config.ConfigError(f"resume: run {resume} has no checkpoint in {checkpoint_dir(resume)} "
                                      f"(finished runs delete theirs)")
+        if not claim(resume):
+            raise config.ConfigError(f"resume: run {resume} is being trained by another process right now")
         run_id = resume
     else:
-        candidates = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                                    filter_string=f"tags.train_key = '{train_key(cfg, dataset_uri)}'",
-                                                    order_by=["attributes.start_time DESC"])
-                      if r.info.status != "FINISHED"
-                      and (checkpoint_dir(r.info.run_id) / "training_metadata.json").exists()]
-        if not candidates:
+        candidates = (r.info.run_id for r in mlflow.search_runs(
+            search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
+            filter_string=f"tags.train_key = '{train_key(cfg, dataset_uri)}'") if r.info.status != "FINISHED")
+        run_id = next((r for r in candidates if has_checkpoint(r) and claim(r)), None)
+        if run_id is None:
             return None
-        run_id = candidates[0].info.run_id
     parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
     active = mlflow.active_run()
     if parent and (active is None or parent != active.info.run_id) and client.get_run(parent).info.status == "RUNNING":
@@ -192,8 +228,16 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None) 
     model = compile_model(cfg, dataset, dist, train_images)
 
     run_id = mlflow.active_run().info.run_id
-    mlflow.log_params({**cfg.flat(), "dataset_uri": dataset_uri})
+    if not claim(run_id):
+        raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
+    params = {**cfg.flat(), "dataset_uri": dataset_uri}
+    logged_epochs = MlflowClient().get_run(run_id).data.params.get("train.epochs")
+    if logged_epochs not in (None, params["train.epochs"]):  # a resumed run extended (MLflow params are immutable)
+        del params["train.epochs"]
+        mlflow.set_tag("extended_epochs", f"{logged_epochs} -> {t.epochs}")
+    mlflow.log_params(params)
     mlflow.set_tags({"backend": keras.backend.backend(), "devices": ", ".join(dist.devices),
+                     "dtype_policy": model.dtype_policy.name, "jit_compile": str(bool(model.jit_compile)).lower(),
                      "distribute": dist.mode, "workers": str(dist.workers),
                      "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
                      "train_key": train_key(cfg, dataset_uri)})
@@ -204,9 +248,12 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None) 
     # Order matters: metrics are logged before the checkpoint is written, so a kill between the
     # two re-runs that epoch on resume and its already-logged step is skipped (no gap, no duplicate).
     logged = {m.step for m in MlflowClient().get_metric_history(run_id, "val_acc")}
-    history = fit(model, cfg, splits, len(dataset.class_names),
-                  [MlflowEpochLogger(train_images, logged),
-                   keras.callbacks.BackupAndRestore(str(checkpoint_dir(run_id)), save_freq="epoch")])
+    try:
+        history = fit(model, cfg, splits, len(dataset.class_names),
+                      [MlflowEpochLogger(train_images, logged),
+                       keras.callbacks.BackupAndRestore(str(checkpoint_dir(run_id)), save_freq="epoch")])
+    finally:
+        release(run_id)  # an interrupted or failed run keeps its checkpoint, for the rerun to resume
     reason = diverged(history)
     if reason:
         shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)  # resuming a diverged run would diverge again
@@ -266,22 +313,43 @@ def main() -> None:
     if not dist.chief:
         run_worker(cfg, args.dataset_uri, dist, args.resume)
         return
-    cfg, dataset_uri = config_to_resume(args.resume) if args.resume not in ("", "never") else (cfg, args.dataset_uri)
+    dataset_uri = args.dataset_uri
+    if args.resume not in ("", "never"):
+        dataset_uri = config_to_resume(args.resume, cfg, dataset_uri)
     dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
     resume_id = find_resumable(cfg, dataset_uri, args.resume)
     with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
         run(cfg, dataset_uri, dist)
 
 
-def config_to_resume(run_id: str) -> tuple[config.Config, str]:
-    """The params and dataset URI a train run was started with, to continue it exactly."""
+def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> str:
+    """Check that `cfg` (and `dataset_uri`, if given) are what train run `run_id` was started with; return
+    the run's dataset URI. `train.epochs` may grow, to extend the run (the lr schedule is then built for
+    the new length); any other difference is a ConfigError naming the keys."""
     try:
-        params = MlflowClient().get_run(run_id).data.params
+        run = MlflowClient().get_run(run_id)
     except MlflowException:
         raise config.ConfigError(f"resume: no run {run_id!r} in the tracking store") from None
-    if "dataset_uri" not in params:
+    params = run.data.params
+    if "dataset_uri" not in params or run.data.tags.get("step") != "train":
         raise config.ConfigError(f"resume: run {run_id} is not a train run")
-    return config.from_run_params(params), params["dataset_uri"]
+    logged = config.from_run_params(params)
+    if "extended_epochs" in run.data.tags:
+        logged = dataclasses.replace(logged, train=dataclasses.replace(
+            logged.train, epochs=int(run.data.tags["extended_epochs"].split("->")[-1])))
+    ours, theirs = cfg.flat(), logged.flat()
+    differ = sorted(k for k in ours.keys() | theirs.keys() if k != "train.epochs" and ours.get(k) != theirs.get(k))
+    if dataset_uri and dataset_uri != params["dataset_uri"]:
+        differ.append("dataset_uri")
+    if differ:
+        details = ", ".join(f"{k}={ours.get(k, params.get(k))} (run has {theirs.get(k, params.get(k))})"
+                            for k in differ)
+        raise config.ConfigError(f"resume: run {run_id} was started with other params: {details}; give the "
+                                 f"command it was started with (train.epochs may grow), or resume=never")
+    if cfg.train.epochs < logged.train.epochs:
+        raise config.ConfigError(f"train.epochs: resuming run {run_id} can only keep or extend its "
+                                 f"{logged.train.epochs} epochs, got {cfg.train.epochs}")
+    return params["dataset_uri"]
 
 
 if __name__ == "__main__":

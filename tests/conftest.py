@@ -66,6 +66,19 @@ def run_module(env: dict, module: str, *args: str) -> subprocess.CompletedProces
                           timeout=600)
 
 
+def eventually(check, timeout: float = 60):
+    """Poll `check()` until it returns something truthy (returned) or `timeout` s pass (AssertionError).
+
+    For what `mlflow run` settles after it exits: a step's final status on its run is written by a
+    detached process once `mlflow run` is gone (see pipeline.tracking._settle_wrapper_run)."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {check.__doc__ or check}")
+        time.sleep(0.5)
+    return result
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,9 +8,10 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 
 from pipeline import data
-from tests.conftest import mlflow_run, run_module
+from tests.conftest import eventually, mlflow_run, run_module
 
 TINY = "params/tiny.yaml"
 
@@ -119,8 +120,11 @@ def test_bad_params_fail_fast_with_the_key_and_leave_nothing(store, entry, param
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {key}"), result.stderr[-2000:]
     client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
-    assert all(r.info.status == "FAILED" for r in runs)  # the run `mlflow run` opened ends FAILED
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    # The run `mlflow run` opened ended FAILED with the reason, and went to the trash.
+    (refused,) = eventually(lambda: client.search_runs([experiment], run_view_type=ViewType.DELETED_ONLY))
+    assert refused.info.status == "FAILED" and refused.data.tags["failure_reason"].startswith(key)
+    assert client.search_runs([experiment]) == []  # no empty, randomly named run is left in the experiment
     assert client.search_registered_models() == []
 
 

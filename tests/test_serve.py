@@ -175,7 +175,8 @@ def test_encoded_images_decode_like_training_images():
     ([""], "image 0: empty image"),
     (pd.DataFrame({"img": ["x"]}), "a column 'image'"),
     (pd.DataFrame({"image": []}), "empty batch"),
-], ids=["invalid-base64", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame"])
+    (np.array("abc"), "image 0: not a base64 image"),  # what the server makes of {"inputs": "abc"}
+], ids=["invalid-base64", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame", "0-d-string"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -253,8 +254,9 @@ NAN_BODY = json.dumps({"inputs": np.where(random_pixels(1) > 100, np.nan, 1.0).t
     ({"dataframe_records": [{"picture": b64(b"x")}]}, "a column 'image'"),
     ({"inputs": [[[[1, 2, 3]]], [[[1, 2]]]]}, "inhomogeneous"),
     (b'{"inputs": [[[', "valid JSON"),
+    ({"inputs": "abc"}, "image 0: not a base64 image"),
 ], ids=["floats01", "over255", "negative", "shape", "4channels", "empty", "empty-frame", "nan", "invalid-base64",
-        "not-an-image", "wrong-column", "ragged", "broken-json"])
+        "not-an-image", "wrong-column", "ragged", "broken-json", "bare-string"])
 def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(server, body, problem):
     status, answer = post(server, body)
     assert status == 400, answer
