@@ -87,12 +87,16 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float
     return {m.step: m.value for m in history}
 
 
+# A step schedule that decays after epoch 2 of 3, so the resumed run (killed after epoch 1) crosses it.
+STEP_SCHEDULE = "overrides=train.schedule=step train.lr_boundaries=[0.5]"
+
+
 def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path):
-    live = start_mlflow_run(store, "epochs=3")
+    live = start_mlflow_run(store, "epochs=3", STEP_SCHEDULE)
     wait_for_checkpoint(tmp_path / "checkpoints", live)
     kill_tree(live.pid, signal.SIGSTOP)  # still alive, holding its lock, but making no progress
     try:
-        second = run_to_end(store, "epochs=3")  # the identical command, while the first one trains
+        second = run_to_end(store, "epochs=3", STEP_SCHEDULE)  # the identical command, while the first one trains
     finally:
         kill_tree(live.pid)  # now the first one dies without a word, like a machine going down
         live.wait(timeout=30)
@@ -102,8 +106,8 @@ def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path
     client = MlflowClient()
     runs = {r.info.status: r for r in experiment_runs(client, "tags.step = 'train'")}
     assert sorted(runs) == ["FINISHED", "RUNNING"]  # two runs; nobody was left to mark the killed one
-    killed = runs["RUNNING"]
-    done = run_to_end(store, "epochs=3")
+    killed, uninterrupted = runs["RUNNING"], runs["FINISHED"]
+    done = run_to_end(store, "epochs=3", STEP_SCHEDULE)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming train run {killed.info.run_id}" in done.stdout
     assert "Epoch 1/3" not in done.stdout + done.stderr  # continued from the checkpoint, not from scratch
@@ -117,11 +121,14 @@ def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path
     iterations = metric_steps(client, resumed.info.run_id, "iterations")
     steps_per_epoch = int(iterations[1])
     assert steps_per_epoch > 0 and iterations == {e: e * steps_per_epoch for e in (1, 2, 3)}
-    schedule = learning_rate(config.load(TINY, "train.epochs=3").train, steps_per_epoch)
-    lrs = metric_steps(client, resumed.info.run_id, "lr")
+    schedule = learning_rate(config.load(TINY, "train.epochs=3 train.schedule=step train.lr_boundaries=[0.5]").train,
+                             steps_per_epoch)
+    lrs = metric_steps(client, resumed.info.run_id, "lr")  # the lr of each epoch's last step
     for epoch, lr in lrs.items():
-        assert lr == pytest.approx(float(keras.ops.convert_to_numpy(schedule(epoch * steps_per_epoch)))), lrs
-    assert len(set(lrs.values())) > 1  # the schedule does step within these epochs, so the check has teeth
+        assert lr == pytest.approx(float(keras.ops.convert_to_numpy(schedule(epoch * steps_per_epoch - 1)))), lrs
+    assert lrs == pytest.approx({1: 0.05, 2: 0.05, 3: 0.005})  # it decayed after epoch 2, in the resumed part
+    assert lrs == metric_steps(client, uninterrupted.info.run_id, "lr")  # exactly as without the kill
+    assert iterations == metric_steps(client, uninterrupted.info.run_id, "iterations")
     parents = experiment_runs(client, "tags.step = 'main'")
     assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED", "KILLED"]  # rerun marks it KILLED
     assert not (tmp_path / "checkpoints" / killed.info.run_id).exists()  # a finished run drops its checkpoint
