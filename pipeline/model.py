@@ -67,7 +67,8 @@ def _preact_body(x, *, block: str, units_per_stage: int, widths, strides, stem_f
 def _resnet9_body(x, *, widths, l2: float, bn, zero_init: bool):
     """The conv-BN-ReLU ResNet-9 of the DAWNBench winners (Page's "How to train your ResNet"):
     prep conv, then three layers of conv-BN-ReLU + 2x2 max-pool, the first and last followed by a
-    residual pair of conv-BN-ReLU; global max-pool. widths = (prep, layer1, layer2, layer3)."""
+    residual pair of conv-BN-ReLU; global max-pool; the classifier's logits are scaled by 1/8.
+    widths = (prep, layer1, layer2, layer3)."""
     def conv_bn_relu(x, filters, name, zero=False):
         return _bn_relu(_conv(filters, 3, 1, l2, f"{name}_conv")(x), name, bn=bn, zero=zero)
 
@@ -131,6 +132,8 @@ def build_resnet(
     bias_reg = keras.regularizers.l2(l2) if l2_norm_and_bias else None
     x = layers.Dense(num_classes, kernel_regularizer=keras.regularizers.l2(l2), bias_regularizer=bias_reg,
                      name="logits")(x)
+    if arch == "resnet9":  # Page's fixed 1/8 on the logits: tames the max-pooled features early in training
+        x = layers.Rescaling(0.125, name="logit_scale")(x)
     outputs = layers.Activation("softmax", dtype="float32", name="probs")(x)
     return keras.Model(inputs, outputs, name=name or (f"resnet{depth}" if arch == "resnet9"
                                                       else f"preact_resnet{depth}"))
