@@ -296,10 +296,13 @@ def safe_url(url: str) -> str:
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """The Optuna storage at `url` (tables created if new), with heartbeats; ConfigError if it cannot be opened."""
+    """The Optuna storage at `url` (tables created if new), with heartbeats; ConfigError if it cannot be opened.
+    `postgresql://` URLs use psycopg2."""
     if "://" not in url:
         raise config.ConfigError(f"storage: expected an SQLAlchemy URL such as sqlite:///optuna.db or "
                                  f"postgresql://user@host/db, got {url!r}")
+    if url.startswith("postgresql://"):  # SQLAlchemy 2.1's default driver is psycopg 3; this project ships psycopg2
+        url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
     try:
         return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                                           heartbeat_stale_trial_callback=on_stale_trial,
@@ -417,7 +420,7 @@ def pruning_callback(trial: optuna.Trial):
             if value is None or not math.isfinite(value):
                 return
             trial.report(float(value), step=epoch + 1)
-            if trial.should_prune():
+            if epoch + 1 < self.params.get("epochs", 0) and trial.should_prune():  # the last epoch is done anyway
                 raise optuna.TrialPruned(f"val_acc {value:.4f} after epoch {epoch + 1}")
 
     return ReportValAcc()
@@ -591,6 +594,8 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
                              "alias_moved": str(decision["alias_moved"]).lower()})
         counts = results["state"].value_counts().to_dict()
         summary = results.drop(columns=["run_id", "train_run_id", "model_uri"])
+        shown = [key for key in plan.space if key in summary]
+        summary[shown] = summary[shown].astype(str)  # 1e-06, not 0.0000
         mlflow.log_text(results.to_csv(index=False), "trials.csv")
         mlflow.set_tags({"trials_" + state.lower(): str(n) for state, n in counts.items()})
         outcome = ", ".join(f"{n} {state.lower()}" for state, n in counts.items())

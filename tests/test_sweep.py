@@ -1,0 +1,106 @@
+"""Sweeps on Optuna with a real SQLite tracking store and Optuna storage: pruning, parallel workers,
+and specs refused before any run opens."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import run_module
+
+TINY = "params/tiny.yaml"
+# Two learning rates that learn and two far too small to (1e-6: val_acc stays near chance).
+GRID = "grid:\n  train.lr: [0.1, 0.03, 0.000001, 0.000002]\n"
+SMALL = {"train.epochs": 3, "data.synthetic_train": 1024, "data.synthetic_test": 128, "evaluate.samples": 1}
+
+
+def write_spec(folder, name: str, body: str) -> str:
+    path = folder / f"{name}.yaml"
+    overrides = ", ".join(f"{k}: {v}" for k, v in SMALL.items())
+    path.write_text(f"base: {TINY}\noverrides: {{{overrides}}}\n{body}")
+    return str(path)
+
+
+def sweep_runs(client: MlflowClient, study: str) -> tuple:
+    """(parent run, {trial number: trial run}, {trial number: train run}) of one study."""
+    experiment = client.get_experiment_by_name("cifar10-resnet")
+    parent, = client.search_runs([experiment.experiment_id], f"tags.step = 'sweep' and tags.optuna_study = '{study}'")
+    trials = {int(r.data.tags["optuna_trial"]): r for r in client.search_runs(
+        [experiment.experiment_id], f"tags.step = 'trial' and tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    trains = {number: client.get_run(r.data.tags["train_run_id"]) for number, r in trials.items()}
+    return parent, trials, trains
+
+
+def epochs_of(client: MlflowClient, run) -> int:
+    return len(client.get_metric_history(run.info.run_id, "val_acc"))
+
+
+def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path):
+    pruned_spec = write_spec(tmp_path, "sweep-pruned", GRID + "pruner: {type: median, n_startup_trials: 2}\n")
+    plain_spec = write_spec(tmp_path, "sweep-plain", GRID + "pruner: none\n")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"  # the default: beside the store's mlflow.db
+
+    done = run_module(store, "pipeline.sweep", "--spec", pruned_spec, "--study", "pruned")
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_module(store, "pipeline.sweep", "--spec", plain_spec, "--study", "plain", "--workers", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    client = MlflowClient()
+    pruned_parent, pruned_trials, pruned_trains = sweep_runs(client, "pruned")
+    plain_parent, plain_trials, plain_trains = sweep_runs(client, "plain")
+    assert sorted(pruned_trials) == sorted(plain_trials) == [0, 1, 2, 3]
+
+    # One worker claims the queued grid in order: the two learning lrs finish, the two tiny ones are
+    # pruned after their first epoch, their runs KILLED with their curve kept.
+    studies = {name: optuna.load_study(study_name=name, storage=storage) for name in ("pruned", "plain")}
+    assert [t.state.name for t in studies["pruned"].trials] == ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED"]
+    for number in (2, 3):
+        assert pruned_trials[number].info.status == "KILLED" and pruned_trains[number].info.status == "KILLED"
+        assert pruned_trials[number].data.tags["pruned_at_epoch"] == "1"
+        assert epochs_of(client, pruned_trains[number]) == 1
+    assert [t.state.name for t in studies["plain"].trials] == ["COMPLETE"] * 4
+    assert all(r.info.status == "FINISHED" for r in plain_trials.values())
+    assert len({r.data.tags["worker"] for r in plain_trials.values()}) == 2  # --workers 2: two processes
+
+    pruned_epochs = sum(epochs_of(client, r) for r in pruned_trains.values())
+    plain_epochs = sum(epochs_of(client, r) for r in plain_trains.values())
+    assert (pruned_epochs, plain_epochs) == (3 + 3 + 1 + 1, 4 * 3)
+
+    # The same best trial, registered once per sweep.
+    best = {name: study.best_trial for name, study in studies.items()}
+    assert best["pruned"].number == best["plain"].number and best["pruned"].params == best["plain"].params
+    assert best["pruned"].value == pytest.approx(best["plain"].value, abs=0.02)
+    assert pruned_parent.data.tags["best_trial"] == str(best["pruned"].number)
+    versions = client.search_model_versions("name = 'cifar10-resnet'")
+    assert sorted(v.tags["run_id"] for v in versions) == sorted(
+        [pruned_trains[best["pruned"].number].info.run_id, plain_trains[best["plain"].number].info.run_id])
+    for parent in (pruned_parent, plain_parent):
+        assert parent.info.status == "FINISHED"
+        children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert sorted(r.data.tags["step"] for r in children if r.data.tags["step"] != "trial") in (
+            ["compare", "register"], ["compare", "prepare", "register"])
+
+
+@pytest.mark.parametrize(("body", "args", "message"), [
+    (GRID + "sampler: annealing\n", [], "error: spec.sampler: must be one of grid, random, tpe, got 'annealing'"),
+    ("grid: {}\n", [], "error: spec.grid: the search space is empty"),
+    ("space:\n  train.lr: {min: 0.1, max: 0.01}\ntrials: 3\n", [],
+     "error: spec.space.train.lr: `low <= high` must hold, but got (low=0.1, high=0.01). "
+     "(got {'min': 0.1, 'max': 0.01})"),
+    ("grid:\n  train.lr: [0.1, -1]\n", [], "error: trial 1 (train.lr=-1): train.lr: must be > 0, got -1.0"),
+    (GRID, ["--storage", "nosuchdb://x/y"],
+     "error: storage: cannot open nosuchdb://x/y: NoSuchModuleError: Can't load plugin: sqlalchemy.dialects:nosuchdb"),
+    (GRID, ["--storage", "postgresql://nobody@127.0.0.1:1/x"], "error: storage: cannot open "
+     'postgresql+psycopg2://nobody@127.0.0.1:1/x: OperationalError: connection to server at "127.0.0.1", port 1 '
+     "failed: Connection refused"),
+    (GRID, ["--workers", "0"], "error: workers: must be >= 1, got 0"),
+], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers"])
+def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, body, args, message):
+    spec = write_spec(tmp_path, "sweep-bad", body)
+    done = run_module(store, "pipeline.sweep", "--spec", spec, *args)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [message]
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    assert not (tmp_path / "optuna.db").exists() or "storage" in message
