@@ -103,7 +103,7 @@ def main() -> None:
                            "complete / pruned": f"{r['states'].get('COMPLETE', 0)} / {r['states'].get('PRUNED', 0)}",
                            "epochs trained": r["epochs"], "wall time (s)": round(r["wall_s"], 1),
                            "best lr": r["best_lr"], "best test_acc": round(r["best_test_acc"], 4)}
-                          for name, pruner, workers in RUNS])
+                          for (name, pruner, workers), r in ((run, results[run[0]]) for run in RUNS)])
     ratios = pd.DataFrame([
         {"comparison": "2 workers vs 1 (no pruning)", "wall time": f"{two['wall_s'] / base['wall_s']:.2f}x",
          "speed-up": f"{base['wall_s'] / two['wall_s']:.2f}x", "epochs": f"{two['epochs']} vs {base['epochs']}"},

@@ -466,8 +466,7 @@ def log_history(client: MlflowClient, train_id: str) -> pd.Series:
     return history
 
 
-def run_trial(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage, claimed: tuple[optuna.Trial, int],
-              parent_id: str, experiment_id: str) -> None:
+def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: str, experiment_id: str) -> None:
     """Run one claimed trial in its own MLflow child run of the sweep; tell Optuna how it ended.
 
     COMPLETE (value test_acc) -> FINISHED; pruned -> PRUNED and KILLED with `pruned_at_epoch`;
@@ -475,7 +474,6 @@ def run_trial(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStora
     """
     import keras
 
-    trial, trial_id = claimed
     values = plan.values(trial)
     client = MlflowClient()
     created = client.create_run(experiment_id, run_name=f"trial-{trial.number} {label(values)}",
@@ -486,27 +484,26 @@ def run_trial(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStora
     trial.set_user_attr("mlflow_run_id", run_id)
     print(f"trial {trial.number} ({worker_name()}): {label(values)}", flush=True)
     value, state, status = None, TrialState.FAIL, "FAILED"
-    with heartbeat(storage, trial_id):
-        mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
-        try:
-            cfg = plan.load(values, f"trial {trial.number}")
-            mlflow.log_params(cfg.flat())
-            mlflow.set_tag("model_depth", str(cfg.model.depth))
-            value = train_and_evaluate(cfg, trial)
-            state, status = TrialState.COMPLETE, "FINISHED"
-        except optuna.TrialPruned as exc:
-            state, status = TrialState.PRUNED, "KILLED"
-            mlflow.set_tag("mlflow.note.content", f"**Pruned** by the {plan.pruner_name} pruner: {exc}")
-            print(f"trial {trial.number} pruned: {exc}", flush=True)
-        except Exception as exc:  # noqa: BLE001 - whatever stops one trial must not stop the others
-            reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:2000]
-            mlflow.set_tags({"failure_reason": reason, "mlflow.note.content": f"**FAILED**: {reason}"})
-            trial.set_user_attr("failure_reason", reason[:500])
-            print(f"trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
-        finally:
-            mlflow.end_run(status)
-            keras.backend.clear_session()  # the next trial in this process starts from a clean graph
-        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+    try:
+        cfg = plan.load(values, f"trial {trial.number}")
+        mlflow.log_params(cfg.flat())
+        mlflow.set_tag("model_depth", str(cfg.model.depth))
+        value = train_and_evaluate(cfg, trial)
+        state, status = TrialState.COMPLETE, "FINISHED"
+    except optuna.TrialPruned as exc:
+        state, status = TrialState.PRUNED, "KILLED"
+        mlflow.set_tag("mlflow.note.content", f"**Pruned** by the {plan.pruner_name} pruner: {exc}")
+        print(f"trial {trial.number} pruned: {exc}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - whatever stops one trial must not stop the others
+        reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:2000]
+        mlflow.set_tags({"failure_reason": reason, "mlflow.note.content": f"**FAILED**: {reason}"})
+        trial.set_user_attr("failure_reason", reason[:500])
+        print(f"trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
+    finally:
+        mlflow.end_run(status)
+        keras.backend.clear_session()  # the next trial in this process starts from a clean graph
+    study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
 
 
 def worker_name() -> str:
@@ -527,7 +524,8 @@ def work(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage) -
         optuna.storages.fail_stale_trials(study)
         claimed = claim(study, storage, plan)
         if claimed is not None:
-            run_trial(plan, study, storage, claimed, parent_id, experiment_id)
+            with heartbeat(storage, claimed[1]):
+                run_trial(plan, study, claimed[0], parent_id, experiment_id)
         elif unfinished(study):
             time.sleep(POLL_S)
         else:
