@@ -7,6 +7,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+from pipeline import sweep
 from tests.conftest import run_module
 
 TINY = "params/tiny.yaml"
@@ -104,3 +105,35 @@ def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, body, ar
     client = MlflowClient()
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
     assert not (tmp_path / "optuna.db").exists() or "storage" in message
+
+
+def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tmp_path):
+    body = "grid:\n  train.lr: [0.05, 0.1]\n  model.units_per_stage: [1, 2]\n"
+    grid = sweep.Plan(write_spec(tmp_path, "sweep-grid", body), "train.epochs=1")
+    assert [c.run_name() for c in grid.configs] == ["resnet11-e1-b32-lr0.05", "resnet20-e1-b32-lr0.05",
+                                                    "resnet11-e1-b32-lr0.1", "resnet20-e1-b32-lr0.1"]
+    assert grid.trials == 4 and grid.sampler_name == "grid"
+
+    spec = write_spec(tmp_path, "sweep-space", "space:\n  train.lr: {min: 0.01, max: 0.3, log: true}\n"
+                      "  train.batch_size: {min: 16, max: 64}\n  model.widths: [[16, 32, 64], [8, 16, 32]]\n"
+                      "sampler: random\ntrials: 5\nseed: 3\n")
+
+    def draws() -> list[dict]:
+        """Claim and finish every queued trial of a fresh in-memory study, as a worker does."""
+        plan = sweep.Plan(spec)
+        storage = optuna.storages.InMemoryStorage()
+        study = optuna.create_study(storage=storage, direction="maximize", sampler=plan.make_sampler(0))
+        sweep.lead(plan, study, "parent-run-id", "0")
+        values = []
+        while (claimed := sweep.claim(study, storage, plan)) is not None:
+            values.append(plan.values(claimed[0]))
+            study.tell(claimed[0], 0.5)
+        assert len(plan.configs) == 2 * 2 * 2  # every combination of the choices and range ends was checked
+        return values
+
+    first = draws()
+    assert first == draws() and len(first) == 5  # seeded: the same draws again
+    assert all(0.01 <= d["train.lr"] <= 0.3 and isinstance(d["train.batch_size"], int)
+               and 16 <= d["train.batch_size"] <= 64 and d["model.widths"] in ([16, 32, 64], [8, 16, 32])
+               for d in first)
+    assert len({d["train.lr"] for d in first}) == 5
