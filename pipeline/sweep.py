@@ -606,6 +606,15 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
 
 # ---------------------------------------------------------------- the command
 
+def adopt_own_run(study: optuna.Study) -> None:
+    """Under `mlflow run`, a command that joins a study already has a run of its own: make it a child
+    of the sweep run (tag step = 'sweep-worker'), so that it does not stand alone in the experiment."""
+    if os.environ.get("MLFLOW_RUN_ID") and "mlflow_parent_run_id" in study.user_attrs:
+        MlflowClient().set_tags(os.environ["MLFLOW_RUN_ID"], {
+            "mlflow.parentRunId": study.user_attrs["mlflow_parent_run_id"], "step": "sweep-worker",
+            "optuna_study": study.study_name, "mlflow.runName": f"sweep-worker {worker_name()}"})
+
+
 def worker_command(args: argparse.Namespace, storage: str, study: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.sweep", "--spec", args.spec, "--overrides", args.overrides or "",
             "--storage", storage, "--study", study, "--workers", "1", "--join"]
@@ -632,6 +641,7 @@ def run(args: argparse.Namespace) -> int:
     if existed and study_name_in(storage, f"{name}.register"):
         study = optuna.load_study(storage=storage, study_name=name)
         lock = optuna.load_study(storage=storage, study_name=f"{name}.register")
+        adopt_own_run(study)
         print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials, registered version "
               f"{lock.user_attrs.get('registered_version')}; pass another -P study= for a new sweep")
         return 0
@@ -652,10 +662,8 @@ def run(args: argparse.Namespace) -> int:
             lead(plan, study, parent.info.run_id, parent.info.experiment_id)
             for cfg in {prepare.prepare_key(c): c for c in plan.configs}.values() if plan.grid else []:
                 prepare.ensure_prepared(cfg)  # each distinct dataset once, before any trial
-        elif os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened on this host: a worker of the sweep
-            MlflowClient().set_tags(os.environ["MLFLOW_RUN_ID"], {
-                "mlflow.parentRunId": study.user_attrs["mlflow_parent_run_id"], "step": "sweep-worker",
-                "optuna_study": name, "mlflow.runName": f"sweep-worker {worker_name()}"})
+        else:
+            adopt_own_run(study)
         if workers == 1:
             work(plan, study, storage)
         else:

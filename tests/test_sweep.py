@@ -3,12 +3,18 @@ and specs refused before any run opens."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import optuna
 import pytest
 from mlflow import MlflowClient
 
 from pipeline import sweep
-from tests.conftest import run_module
+from tests.conftest import ROOT, run_module
 
 TINY = "params/tiny.yaml"
 # Two learning rates that learn and two far too small to (1e-6: val_acc stays near chance).
@@ -137,3 +143,36 @@ def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tm
                and 16 <= d["train.batch_size"] <= 64 and d["model.widths"] in ([16, 32, 64], [8, 16, 32])
                for d in first)
     assert len({d["train.lr"] for d in first}) == 5
+
+
+def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_study(store, tmp_path):
+    spec = write_spec(tmp_path, "sweep-killed", "grid:\n  train.lr: [0.1]\n")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {**store, "SWEEP_HEARTBEAT_SECONDS": "1"}  # stale after 3 s without a heartbeat
+    cmd = [sys.executable, "-m", "pipeline.sweep", "--spec", spec, "--study", "killed"]
+    worker = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    client = MlflowClient()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and worker.poll() is None:  # kill it once its trial has trained an epoch
+        trains = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.step = 'train'")
+        if trains and client.get_metric_history(trains[0].info.run_id, "val_acc"):
+            break
+        time.sleep(0.5)
+    assert worker.poll() is None, "the worker ended before it could be killed"
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    study = optuna.load_study(study_name="killed", storage=storage)
+    assert [t.state.name for t in study.trials] == ["RUNNING"]  # nobody has noticed yet
+
+    done = run_module(env, "pipeline.sweep", "--spec", spec, "--study", "killed")  # the same command again
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="killed", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert study.trials[1].system_attrs["failed_trial"] == 0 and study.trials[1].params == study.trials[0].params
+    killed = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert killed.info.status == "FAILED" and "no heartbeat" in killed.data.tags["failure_reason"]
+    assert client.get_run(killed.data.tags.get("train_run_id") or trains[0].info.run_id).info.status == "FAILED"
+    parent, trials, _ = sweep_runs(client, "killed")
+    assert parent.info.status == "FINISHED" and sorted(trials) == [0, 1]
+    assert parent.data.tags["best_trial"] == "1" and len(client.search_model_versions("name = 'cifar10-resnet'")) == 1
