@@ -57,6 +57,7 @@ import optuna
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 from optuna.trial import TrialState
 
 from pipeline import compare, config, prepare
@@ -610,9 +611,9 @@ def adopt_own_run(study: optuna.Study) -> None:
     """Under `mlflow run`, a command that joins a study already has a run of its own: make it a child
     of the sweep run (tag step = 'sweep-worker'), so that it does not stand alone in the experiment."""
     if os.environ.get("MLFLOW_RUN_ID") and "mlflow_parent_run_id" in study.user_attrs:
-        MlflowClient().set_tags(os.environ["MLFLOW_RUN_ID"], {
-            "mlflow.parentRunId": study.user_attrs["mlflow_parent_run_id"], "step": "sweep-worker",
-            "optuna_study": study.study_name, "mlflow.runName": f"sweep-worker {worker_name()}"})
+        tags = {"mlflow.parentRunId": study.user_attrs["mlflow_parent_run_id"], "step": "sweep-worker",
+                "optuna_study": study.study_name, "mlflow.runName": f"sweep-worker {worker_name()}"}
+        MlflowClient().log_batch(os.environ["MLFLOW_RUN_ID"], tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def worker_command(args: argparse.Namespace, storage: str, study: str) -> list[str]:
