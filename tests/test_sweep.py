@@ -37,7 +37,8 @@ def sweep_runs(client: MlflowClient, study: str) -> tuple:
     parent, = client.search_runs([experiment.experiment_id], f"tags.step = 'sweep' and tags.optuna_study = '{study}'")
     trials = {int(r.data.tags["optuna_trial"]): r for r in client.search_runs(
         [experiment.experiment_id], f"tags.step = 'trial' and tags.mlflow.parentRunId = '{parent.info.run_id}'")}
-    trains = {number: client.get_run(r.data.tags["train_run_id"]) for number, r in trials.items()}
+    trains = {number: client.get_run(r.data.tags["train_run_id"]) for number, r in trials.items()
+              if "train_run_id" in r.data.tags}  # a killed trial's fit never finished
     return parent, trials, trains
 
 
