@@ -72,8 +72,11 @@ SAMPLERS = {"grid": optuna.samplers.RandomSampler, "random": optuna.samplers.Ran
 PRUNERS = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
            "hyperband": optuna.pruners.HyperbandPruner}
 OBJECTIVE = "test_acc"  # what the study maximises; register picks by it too
-HEARTBEAT_S = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS", "10"))  # a trial's worker proves it is alive this often
-GRACE_S = 3 * HEARTBEAT_S  # a trial whose heartbeat is older is marked FAILED and queued again
+HEARTBEAT_S = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS", "20"))  # a trial's worker proves it is alive this often
+# A trial whose heartbeat is older is marked FAILED and queued again. Generous: a busy host can starve the
+# heartbeat thread for a while (model compilation holds the interpreter), and a live worker must not be
+# mistaken for a dead one.
+GRACE_S = 6 * HEARTBEAT_S
 MAX_RETRY = 2  # queue a trial whose worker died at most this many times
 POLL_S = 2.0  # an idle worker looks for new or stale trials this often until the study is done
 
@@ -395,8 +398,11 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int):
 
     def beat():
         while True:
-            with contextlib.suppress(Exception):  # a missed beat is retried; only a dead process goes stale
+            try:
                 storage.record_heartbeat(trial_id)
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried; only a dead process goes stale
+                print(f"warning: heartbeat of trial {trial_id} failed: {type(exc).__name__}: {exc}".splitlines()[0],
+                      file=sys.stderr, flush=True)
             if stop.wait(HEARTBEAT_S):
                 return
 
@@ -504,7 +510,11 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
     finally:
         mlflow.end_run(status)
         keras.backend.clear_session()  # the next trial in this process starts from a clean graph
-    study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    try:
+        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another worker took this one for dead and queued it again
+        print(f"warning: trial {trial.number} was marked FAILED while it ran (its heartbeat was late); "
+              f"its retry counts instead", file=sys.stderr, flush=True)
 
 
 def worker_name() -> str:
@@ -564,7 +574,9 @@ def trial_table(study: optuna.Study) -> pd.DataFrame:
                      **{k.removeprefix("params_"): v for k, v in row.items() if k.startswith("params_")},
                      OBJECTIVE: row["value"], "pruned_at_epoch": tags.get("pruned_at_epoch", ""),
                      "failure_reason": tags.get("failure_reason", ""), "run_id": run_id or "",
-                     "train_run_id": tags.get("train_run_id", ""), "model_uri": tags.get("model_uri", "")})
+                     "train_run_id": tags.get("train_run_id", ""), "model_uri": tags.get("model_uri", ""),
+                     "train_status": client.get_run(tags["train_run_id"]).info.status
+                     if tags.get("train_run_id") else ""})
     return pd.DataFrame(rows)
 
 
@@ -579,7 +591,7 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
         mlflow.start_run(run_id=parent_id, nested=active is not None)
     with parent:
         results = trial_table(study)
-        done = results[results["state"] == "COMPLETE"]
+        done = results[(results["state"] == "COMPLETE") & (results["train_status"] == "FINISHED")]
         best = None if done.empty else done.loc[done[OBJECTIVE].idxmax()]
         decision, comparison = None, None
         if best is not None:
@@ -592,7 +604,7 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
                              "registered_version": str(decision["version"]),
                              "alias_moved": str(decision["alias_moved"]).lower()})
         counts = results["state"].value_counts().to_dict()
-        summary = results.drop(columns=["run_id", "train_run_id", "model_uri"])
+        summary = results.drop(columns=["run_id", "train_run_id", "model_uri", "train_status"])
         shown = [key for key in plan.space if key in summary]
         summary[shown] = summary[shown].astype(str)  # 1e-06, not 0.0000
         mlflow.log_text(results.to_csv(index=False), "trials.csv")

@@ -159,7 +159,7 @@ def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tm
 def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_study(store, tmp_path):
     spec = write_spec(tmp_path, "sweep-killed", "grid:\n  train.lr: [0.1]\n")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    env = {**store, "SWEEP_HEARTBEAT_SECONDS": "1"}  # stale after 3 s without a heartbeat
+    env = {**store, "SWEEP_HEARTBEAT_SECONDS": "1"}  # stale after 6 s without a heartbeat
     cmd = [sys.executable, "-m", "pipeline.sweep", "--spec", spec, "--study", "killed"]
     worker = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
