@@ -30,8 +30,8 @@ SMALL = "data.synthetic_train=768 data.synthetic_test=128 train.epochs=2"
 
 def drop_databases(port: str, *names: str) -> None:
     connection = psycopg2.connect(host="127.0.0.1", port=port, user=USER, password=PASSWORD, dbname="postgres")
-    connection.autocommit = True
-    with connection, connection.cursor() as cursor:
+    connection.autocommit = True  # DROP DATABASE runs outside a transaction
+    with connection.cursor() as cursor:
         for name in names:
             cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     connection.close()
@@ -106,8 +106,6 @@ def test_main_and_a_two_worker_sweep_on_the_postgresql_server(team, tmp_path):
     assert {r["info"]["status"] for r in trials} <= {"FINISHED", "KILLED"}
     assert len({tags_of(r)["worker"] for r in trials}) == 2  # both workers took trials
     assert len(search(url, experiment_id, "tags.step = 'trial'")) == 6  # and no other trial run exists
-    workers = search(url, experiment_id, "tags.step = 'sweep-worker'")  # the second command's own run
-    assert [tags_of(r)["mlflow.parentRunId"] for r in workers] == [parent_id]
 
     # The Optuna study in PostgreSQL agrees: 6 trials, finished or pruned, each naming its MLflow run.
     study = optuna.load_study(study_name="team-sweep", storage=team["optuna"].replace(
