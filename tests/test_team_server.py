@@ -109,7 +109,7 @@ def test_main_and_a_two_worker_sweep_on_the_postgresql_server(team, tmp_path):
 
     # The Optuna study in PostgreSQL agrees: 6 trials, finished or pruned, each naming its MLflow run.
     study = optuna.load_study(study_name="team-sweep", storage=team["optuna"].replace(
-        f"{USER}@", f"{USER}:{PASSWORD}@"))
+        f"postgresql://{USER}@", f"postgresql+psycopg2://{USER}:{PASSWORD}@"))
     assert len(study.trials) == 6
     assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
     assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r["info"]["run_id"] for r in trials}
