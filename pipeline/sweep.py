@@ -1,61 +1,99 @@
-"""The `sweep` entry point: a grid or random search, one nested run per trial, the best registered.
+"""The `sweep` entry point: a hyperparameter search on Optuna, one nested MLflow run per trial, the best registered.
 
-Reads:  a sweep file (see params/sweep-example.yaml):
+Reads:  a sweep file (see params/sweep-example.yaml, params/sweep-tpe.yaml):
             base: params/tiny.yaml                 # params file every trial starts from
             overrides: {train.epochs: 2}           # optional, the same for every trial
-            grid: {train.lr: [0.05, 0.1], model.units_per_stage: [1, 2]}   # every combination
-        or  random: {train.lr: {min: 0.01, max: 0.2, log: true}, train.batch_size: [32, 64]}
-            trials: 8                              # draws: a list is a choice, min/max a range
+            grid: {train.lr: [0.05, 0.1], model.units_per_stage: [1, 2]}   # every combination once
+        or  space: {train.lr: {min: 0.01, max: 0.2, log: true}, train.batch_size: [32, 64]}
+            sampler: tpe                           # or random (the default under the older key `random:`)
+            trials: 8                              # a list is a choice, {min, max, log} a range
             seed: 0
-        Every trial's params are loaded and validated (pipeline.config.load) before any run opens.
-Writes: a parent run (tag step = 'sweep') with one child run per trial (tag step = 'trial',
-        params = the trial's resolved params, metrics val_acc, best_val_acc, test_acc,
-        test_loss), each holding its own train and evaluate runs. A trial that raises, or whose
-        loss ends NaN/inf (diverged), ends FAILED with tag `failure_reason`, and the sweep goes on.
-        The best finished trial by test_acc goes through register (same rule as `main`), and a
-        compare run over the finished trials closes the sweep.
-Returns a dict: trials (overrides, status, run ids, metrics, reason), the best trial, the
-register decision, the comparison run id.
-
-Trials run one after another in this process, or `--parallel N` at a time, each in its own
-`python -m pipeline.sweep --trial-run-id ...` subprocess (several Keras models in one process
-would share its global state).
+            pruner: median                         # none (default), median, hyperband
+        `sampler` and `pruner` also take {type: <name>, <argument>: <value>, ...}: the arguments of
+        Optuna's TPESampler / RandomSampler / MedianPruner / HyperbandPruner.
+        Every trial's params (a grid: every combination; a space: every combination of its choices
+        and range ends) are validated, the storage opened and the study checked before any run opens.
+Storage: an Optuna study (`--study`, default: named after the spec, its overrides and the tracking
+        store) in an Optuna storage (`--storage`: an SQLAlchemy URL; default `optuna.db` beside
+        the SQLite tracking store, else in the working directory). The same command started again,
+        on this host or another one that reaches the storage and the tracking server, joins the
+        study: every trial waits in the study and is claimed by exactly one worker. `--workers N`
+        starts N worker processes here.
+Writes: one sweep parent run (tag step = 'sweep'; its id is kept in the study's user attrs, so every
+        worker's trials nest under it) with one child run per trial (tag step = 'trial', the
+        trial's params, metrics val_acc, best_val_acc, test_acc, test_loss), each holding its own
+        train and evaluate runs. After every epoch the trial reports val_acc to Optuna; a trial the
+        pruner stops ends KILLED with tag `pruned_at_epoch` (its curve stays on its train run). A
+        trial that raises or diverges ends FAILED with tag `failure_reason`; the sweep goes on.
+        A worker that dies stops its trial's heartbeat: another worker (or the rerun command)
+        marks that trial FAILED, its runs FAILED, and queues it again (at most MAX_RETRY times).
+        Once every trial has ended, one worker (exactly one: it creates the study's lock study
+        `<study>.register`) registers the best finished trial by test_acc (same rule as `main`)
+        and compares the finished trials.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import itertools
 import json
 import math
 import os
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
+import optuna
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
+from optuna.trial import TrialState
 
 from pipeline import compare, config, prepare
 from pipeline.tracking import cli, open_run, step_run
 
-SPEC_KEYS = {"base", "overrides", "grid", "random", "trials", "seed"}
+SPEC_KEYS = {"base", "overrides", "grid", "space", "random", "sampler", "trials", "seed", "pruner"}
+# A grid queues each combination as a fixed trial (Optuna's enqueue_trial), so that each runs exactly once
+# however many workers start together (GridSampler may hand one point to two workers that start at once);
+# its sampler is never asked for a value.
+SAMPLERS = {"grid": optuna.samplers.RandomSampler, "random": optuna.samplers.RandomSampler,
+            "tpe": optuna.samplers.TPESampler}
+PRUNERS = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
+           "hyperband": optuna.pruners.HyperbandPruner}
+OBJECTIVE = "test_acc"  # what the study maximises; register picks by it too
+HEARTBEAT_S = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS", "20"))  # a trial's worker proves it is alive this often
+# A trial whose heartbeat is older is marked FAILED and queued again. Generous: a busy host can starve the
+# heartbeat thread for a while (model compilation holds the interpreter), and a live worker must not be
+# mistaken for a dead one.
+GRACE_S = 6 * HEARTBEAT_S
+MAX_RETRY = 2  # queue a trial whose worker died at most this many times
+POLL_S = 2.0  # an idle worker looks for new or stale trials this often until the study is done
 
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+# ---------------------------------------------------------------- the spec, checked before anything opens
 
 def read_spec(path: str | Path) -> dict[str, Any]:
-    """The sweep file as a dict; ConfigError on unknown keys, neither or both of grid/random."""
+    """The sweep file as a dict; ConfigError on unknown keys, no or several search spaces."""
     candidate = Path(path)
     if not candidate.is_absolute() and not candidate.exists():
         candidate = config.PROJECT_ROOT / candidate
     try:
         spec = yaml.safe_load(candidate.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise config.ConfigError(f"spec: file not found: {path}") from None
     except yaml.YAMLError as exc:
         raise config.ConfigError(f"spec: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
@@ -64,46 +102,80 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise config.ConfigError(f"spec: unknown keys {sorted(unknown)} (known: {', '.join(sorted(SPEC_KEYS))})")
-    if ("grid" in spec) == ("random" in spec):
-        raise config.ConfigError("spec: give exactly one of grid or random")
-    for key in ("grid", "random", "overrides"):
+    spaces = [key for key in ("grid", "space", "random") if key in spec]
+    if len(spaces) != 1:
+        raise config.ConfigError("spec: give exactly one search space: grid, or space (random is its older name)")
+    for key in ("overrides", spaces[0]):
         if key in spec and not isinstance(spec[key], dict):
             raise config.ConfigError(f"spec.{key}: must map dotted keys to values, got {spec[key]!r}")
+    if not spec[spaces[0]]:
+        raise config.ConfigError(f"spec.{spaces[0]}: the search space is empty")
     return spec
 
 
-def grid_trials(grid: dict[str, list]) -> list[dict[str, Any]]:
-    """Every combination of the listed values, in the order written (last key fastest)."""
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise config.ConfigError(f"spec.grid.{key}: must be a non-empty list, got {values!r}")
-    return [dict(zip(grid, combination, strict=True)) for combination in itertools.product(*grid.values())]
+def space_key(spec: dict) -> str:
+    return next(key for key in ("grid", "space", "random") if key in spec)
 
 
-def draw(key: str, domain: Any, rng: np.random.Generator) -> Any:
-    """One value: a list is a uniform choice; {min, max[, log]} a uniform (log-uniform) number,
-    an integer if both bounds are integers."""
-    if isinstance(domain, list) and domain:
-        return domain[rng.integers(len(domain))]
-    if isinstance(domain, dict) and {"min", "max"} <= set(domain) <= {"min", "max", "log"}:
-        low, high, log = domain["min"], domain["max"], bool(domain.get("log", False))
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
-            raise config.ConfigError(f"spec.random.{key}: min and max must be numbers, min <= max, got {domain!r}")
-        if log and low <= 0:
-            raise config.ConfigError(f"spec.random.{key}: log ranges need min > 0, got {domain!r}")
-        if isinstance(low, int) and isinstance(high, int) and not log:
-            return int(rng.integers(low, high + 1))
-        value = math.exp(rng.uniform(math.log(low), math.log(high))) if log else rng.uniform(low, high)
-        return float(f"{value:.3g}")  # 3 significant digits read well in run names and params
-    raise config.ConfigError(f"spec.random.{key}: must be a non-empty list or {{min, max, log}}, got {domain!r}")
+def named_type(spec: dict, key: str, default: str, known: dict) -> tuple[str, dict[str, Any]]:
+    """`sampler: tpe` or `sampler: {type: tpe, n_startup_trials: 3}` -> ("tpe", {"n_startup_trials": 3})."""
+    value = spec.get(key, default)
+    kwargs: dict[str, Any] = {}
+    if isinstance(value, dict):
+        kwargs = {k: v for k, v in value.items() if k != "type"}
+        value = value.get("type")
+    if value not in known:
+        raise config.ConfigError(f"spec.{key}: must be one of {', '.join(known)}, got {value!r}")
+    return value, kwargs
 
 
-def random_trials(space: dict[str, Any], trials: Any, seed: Any) -> list[dict[str, Any]]:
-    """`trials` seeded draws from `space`."""
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-        raise config.ConfigError(f"spec.trials: must be an integer >= 1 with random, got {trials!r}")
-    rng = np.random.default_rng(seed if isinstance(seed, int) else 0)
-    return [{key: draw(key, domain, rng) for key, domain in space.items()} for _ in range(trials)]
+def sampler_of(spec: dict) -> tuple[str, dict[str, Any]]:
+    """The sampler's name and Optuna arguments; a grid space takes the grid sampler, the others random or tpe."""
+    grid = space_key(spec) == "grid"
+    name, kwargs = named_type(spec, "sampler", "grid" if grid else "random" if "random" in spec else "tpe", SAMPLERS)
+    if grid != (name == "grid"):
+        raise config.ConfigError(f"spec.sampler: {name!r} does not go with a {space_key(spec)}: space; "
+                                 f"a grid: space takes sampler grid, a space: random or tpe")
+    return name, kwargs
+
+
+def encode(value: Any) -> Any:
+    """Optuna's categorical choices are scalars; other YAML values (lists) travel as JSON text."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
+
+
+def decode(choices: list, value: Any) -> Any:
+    return next(c for c in choices if encode(c) == value)
+
+
+def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The search space as Optuna distributions: a list is a categorical choice, {min, max[, log]} a
+    float (int if both ends are integers) range. ConfigError naming the key for anything else."""
+    where = space_key(spec)
+    result: dict[str, optuna.distributions.BaseDistribution] = {}
+    for key, domain in spec[where].items():
+        if isinstance(domain, list) and domain:
+            if where == "grid" and len({json.dumps(encode(v)) for v in domain}) != len(domain):
+                raise config.ConfigError(f"spec.grid.{key}: values repeat, so some trials would run twice: {domain!r}")
+            result[key] = optuna.distributions.CategoricalDistribution([encode(v) for v in domain])
+            continue
+        if where == "grid":
+            raise config.ConfigError(f"spec.grid.{key}: must be a non-empty list, got {domain!r}")
+        if not (isinstance(domain, dict) and {"min", "max"} <= set(domain) <= {"min", "max", "log"}):
+            raise config.ConfigError(f"spec.{where}.{key}: must be a non-empty list or {{min, max, log}}, "
+                                     f"got {domain!r}")
+        low, high, log = domain["min"], domain["max"], domain.get("log", False)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) \
+                or not isinstance(log, bool):
+            raise config.ConfigError(f"spec.{where}.{key}: min and max must be numbers and log true or false, "
+                                     f"got {domain!r}")
+        kind = optuna.distributions.IntDistribution if isinstance(low, int) and isinstance(high, int) \
+            else optuna.distributions.FloatDistribution
+        try:
+            result[key] = kind(low, high, log=log)
+        except ValueError as exc:
+            raise config.ConfigError(f"spec.{where}.{key}: {exc} (got {domain!r})") from None
+    return result
 
 
 def override_items(values: dict[str, Any]) -> list[str]:
@@ -111,206 +183,528 @@ def override_items(values: dict[str, Any]) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
-def plan(spec: dict[str, Any], extra_overrides: str = "") -> list[dict[str, Any]]:
-    """The trials of a sweep, each validated: [{"index", "values", "overrides", "label", "cfg"}].
+def label(values: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items())
 
-    Inputs: the sweep spec and `key=value` overrides for every trial, applied last (e.g. from the
-    command line). Overrides layer as: spec `overrides`, the trial's values, `extra_overrides`.
-    Raises ConfigError naming the first trial whose params are invalid.
+
+class Plan:
+    """A checked sweep: its spec, Optuna distributions, sampler and pruner, and a config per trial.
+
+    Overrides layer as: spec `overrides`, the trial's values, `extra_overrides` (the command line).
+    Building it validates the grid's every combination, or every combination of a space's choices
+    and range ends; ConfigError names the first that is invalid.
     """
-    values_per_trial = grid_trials(spec["grid"]) if "grid" in spec else \
-        random_trials(spec["random"], spec.get("trials"), spec.get("seed", 0))
-    common, extra = override_items(spec.get("overrides") or {}), shlex.split(extra_overrides or "")
-    trials = []
-    for index, values in enumerate(values_per_trial, start=1):
-        items = override_items(values)
-        label = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items())
+
+    def __init__(self, spec_path: str, extra_overrides: str = ""):
+        self.spec_path, self.extra_overrides = spec_path, extra_overrides or ""
+        self.spec = read_spec(spec_path)
+        self.space = distributions(self.spec)
+        self.sampler_name, self.sampler_kwargs = sampler_of(self.spec)
+        self.pruner_name, self.pruner_kwargs = named_type(self.spec, "pruner", "none", PRUNERS)
+        self.seed = self.spec.get("seed")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise config.ConfigError(f"spec.seed: must be an integer, got {self.seed!r}")
+        self.common = override_items(self.spec.get("overrides") or {})
+        self.extra = shlex.split(self.extra_overrides)
+        raw = self.spec[space_key(self.spec)]
+        if self.sampler_name == "grid":
+            self.grid = [dict(zip(raw, combo, strict=True)) for combo in itertools.product(*raw.values())]
+            trials = self.spec.get("trials", len(self.grid))
+            if trials != len(self.grid):
+                raise config.ConfigError(f"spec.trials: a grid runs each of its {len(self.grid)} combinations once, "
+                                         f"got trials {trials!r}; leave trials out")
+            checked = self.grid
+        else:
+            self.grid = None
+            trials = self.spec.get("trials")
+            if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+                raise config.ConfigError(f"spec.trials: must be an integer >= 1 with a {space_key(self.spec)}: "
+                                         f"space, got {trials!r}")
+            ends = {k: v if isinstance(v, list) else [v["min"], v["max"]] for k, v in raw.items()}
+            checked = [dict(zip(ends, combo, strict=True)) for combo in itertools.product(*ends.values())]
+        self.trials = trials
+        self.configs = [self.load(values, f"trial {i}" if self.grid else "space")
+                        for i, values in enumerate(checked)]
+        self.make_sampler(0)  # wrong sampler or pruner arguments fail here, before any run
+        self.make_pruner()
+
+    def load(self, values: dict[str, Any], what: str) -> config.Config:
         try:
-            cfg = config.load(spec.get("base") or None, common + items + extra)
+            return config.load(self.spec.get("base") or None, self.common + override_items(values) + self.extra)
         except config.ConfigError as exc:
-            raise config.ConfigError(f"trial {index} ({label}): {exc}") from None
-        trials.append({"index": index, "values": values, "overrides": common + items + extra, "label": label,
-                       "cfg": cfg})
-    return trials
+            raise config.ConfigError(f"{what} ({label(values)}): {exc}") from None
+
+    def make_sampler(self, offset: int) -> optuna.samplers.BaseSampler:
+        """A fresh sampler; seeded `seed + offset` (the trial number) so that parallel workers draw apart
+        and a one-worker sweep repeats exactly."""
+        kwargs = dict(self.sampler_kwargs)
+        if self.seed is not None and "seed" not in kwargs:
+            kwargs["seed"] = self.seed + offset
+        try:
+            return SAMPLERS[self.sampler_name](**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise config.ConfigError(f"spec.sampler: {exc}") from None
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        try:
+            return PRUNERS[self.pruner_name](**self.pruner_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise config.ConfigError(f"spec.pruner: {exc}") from None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes two commands the same sweep: the spec's content and the command-line overrides."""
+        return {"spec": self.spec, "overrides": self.extra_overrides}
+
+    def values(self, trial: optuna.Trial | optuna.trial.FrozenTrial) -> dict[str, Any]:
+        """The trial's params as YAML values: its queued fixed values, or drawn by the sampler."""
+        raw, result = self.spec[space_key(self.spec)], {}
+        for key, dist in self.space.items():
+            if isinstance(trial, optuna.trial.FrozenTrial):
+                value = trial.params[key]
+            elif isinstance(dist, optuna.distributions.CategoricalDistribution):
+                value = trial.suggest_categorical(key, dist.choices)
+            elif isinstance(dist, optuna.distributions.IntDistribution):
+                value = trial.suggest_int(key, dist.low, dist.high, log=dist.log)
+            else:
+                value = trial.suggest_float(key, dist.low, dist.high, log=dist.log)
+            result[key] = decode(raw[key], value) if isinstance(dist, optuna.distributions.CategoricalDistribution) \
+                else value
+        return result
 
 
-def train_and_evaluate(cfg: config.Config, dataset_uri: str) -> None:
-    """Inside the active trial run: train, refuse a diverged model, evaluate; log the results to the trial run."""
+# ---------------------------------------------------------------- the study
+
+def default_storage() -> str:
+    """`optuna.db` beside a SQLite tracking store's file, else in the working directory."""
+    uri = mlflow.get_tracking_uri()
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path.cwd()
+    return f"sqlite:///{folder.resolve() / 'optuna.db'}"
+
+
+def default_study(plan: Plan) -> str:
+    """The spec's name and a digest of its content, the overrides and the tracking store: rerunning
+    the same command continues the same study, a changed spec starts another."""
+    digest = hashlib.sha256(json.dumps({**plan.fingerprint(), "tracking": mlflow.get_tracking_uri()},
+                                       sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{Path(plan.spec_path).stem}-{digest}"
+
+
+def safe_url(url: str) -> str:
+    """The storage URL without its password, for logs and params."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is reported by open_storage
+        return url
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The Optuna storage at `url` (tables created if new), with heartbeats; ConfigError if it cannot be opened.
+    `postgresql://` URLs use psycopg2."""
+    if "://" not in url:
+        raise config.ConfigError(f"storage: expected an SQLAlchemy URL such as sqlite:///optuna.db or "
+                                 f"postgresql://user@host/db, got {url!r}")
+    if url.startswith("postgresql://"):  # SQLAlchemy 2.1's default driver is psycopg 3; this project ships psycopg2
+        url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                          heartbeat_stale_trial_callback=on_stale_trial,
+                                          engine_kwargs={"pool_pre_ping": True})
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy, driver and Optuna errors alike mean a bad storage
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+        raise config.ConfigError(f"storage: cannot open {safe_url(url)}: {type(exc).__name__}: {reason}") from None
+
+
+def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A worker stopped (killed, host lost) mid-trial; Optuna has marked its trial FAILED. Fail the
+    trial's MLflow run and the runs still open under it, then queue the trial again."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    reason = f"worker stopped: no heartbeat for over {GRACE_S} s; trial {trial.number} queued again"
+    if run_id:
+        client = MlflowClient()
+        for child in client.search_runs([client.get_run(run_id).info.experiment_id],
+                                        f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"):
+            client.set_tag(child.info.run_id, "failure_reason", reason)
+            client.set_terminated(child.info.run_id, "FAILED")
+        client.set_tag(run_id, "failure_reason", reason)
+        client.set_terminated(run_id, "FAILED")
+    print(f"trial {trial.number}: {reason}", file=sys.stderr)
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def study_name_in(storage: optuna.storages.RDBStorage, name: str) -> bool:
+    return any(s.study_name == name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+
+
+def join_study(plan: Plan, storage: optuna.storages.RDBStorage, name: str) -> tuple[optuna.Study, bool]:
+    """Create the study (this process leads: it queues the trials) or load it (it follows).
+
+    The storage's unique study names decide who leads when several workers start at once. A
+    follower must come with the same spec and overrides. Returns (study, leads).
+    """
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
+                                    sampler=plan.make_sampler(0), pruner=plan.make_pruner())
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=name, sampler=plan.make_sampler(0),
+                                  pruner=plan.make_pruner())
+    deadline = time.monotonic() + 60
+    while "fingerprint" not in study.user_attrs:  # the leader writes it a moment after creating the study
+        if time.monotonic() > deadline:
+            raise config.ConfigError(f"study: {name} exists but its first worker never finished setting it up; "
+                                     f"remove it (optuna delete-study --study-name {name} --storage ...) or "
+                                     f"pass another -P study=")
+        time.sleep(0.5)
+    if study.user_attrs["fingerprint"] != json.loads(json.dumps(plan.fingerprint(), default=str)):
+        raise config.ConfigError(f"study: {name} was started from another spec or other overrides; "
+                                 f"pass another -P study= for this one")
+    return study, False
+
+
+def lead(plan: Plan, study: optuna.Study, parent_id: str, experiment_id: str) -> None:
+    """Queue every trial (a grid: each combination; a space: `trials` empty ones the sampler fills
+    when a worker claims them), then publish the spec and the parent run: followers wait for that."""
+    for values in plan.grid or [{}] * plan.trials:
+        study.enqueue_trial({k: encode(v) for k, v in values.items()})
+    study.set_user_attr("mlflow_parent_run_id", parent_id)
+    study.set_user_attr("mlflow_experiment_id", experiment_id)
+    study.set_user_attr("mlflow_tracking_uri", mlflow.get_tracking_uri())
+    study.set_user_attr("fingerprint", json.loads(json.dumps(plan.fingerprint(), default=str)))
+
+
+def claim(study: optuna.Study, storage: optuna.storages.RDBStorage, plan: Plan) -> tuple[optuna.Trial, int] | None:
+    """Take one waiting trial for this worker: (trial, its storage id), or None. The storage moves a
+    trial from WAITING to RUNNING for exactly one caller, so no two workers (or hosts) run the same
+    trial (Study.ask would create a new trial when another worker took the last waiting one)."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
+        try:
+            if not storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        study.sampler = plan.make_sampler(waiting.number)
+        return optuna.Trial(study, trial_id), trial_id
+    return None
+
+
+@contextlib.contextmanager
+def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int):
+    """Record the trial's heartbeat every HEARTBEAT_S while it runs (what Study.optimize does for its trials)."""
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried; only a dead process goes stale
+                print(f"warning: heartbeat of trial {trial_id} failed: {type(exc).__name__}: {exc}".splitlines()[0],
+                      file=sys.stderr, flush=True)
+            if stop.wait(HEARTBEAT_S):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ---------------------------------------------------------------- one trial
+
+def pruning_callback(trial: optuna.Trial):
+    """A Keras callback: report val_acc to the trial after each epoch; stop the fit if the pruner says so."""
+    import keras
+
+    class ReportValAcc(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get("val_acc")
+            if value is None or not math.isfinite(value):
+                return
+            trial.report(float(value), step=epoch + 1)
+            if epoch + 1 < self.params.get("epochs", 0) and trial.should_prune():  # the last epoch is done anyway
+                raise optuna.TrialPruned(f"val_acc {value:.4f} after epoch {epoch + 1}")
+
+    return ReportValAcc()
+
+
+def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
+    """Inside the active trial run: train (pruned by Optuna), refuse a diverged model, evaluate; log the
+    results to the trial run; return test_acc. A pruned fit leaves its train run KILLED, tagged."""
     from pipeline import evaluate, train  # Keras loads only once every trial is known to be valid
 
     client = MlflowClient()
-    with step_run(cfg, "train", run_name=cfg.run_name()) as train_run:
-        model_uri = train.run(cfg, dataset_uri)
+    dataset_uri = prepare.ensure_prepared(cfg)
+    train_run = None
+    try:
+        with step_run(cfg, "train", run_name=cfg.run_name()) as train_run:
+            model_uri = train.run(cfg, dataset_uri, extra_callbacks=[pruning_callback(trial)])
+    except optuna.TrialPruned:
+        train_id = train_run.info.run_id
+        epochs = len(compare.val_acc_history(client, train_id))
+        shutil.rmtree(train.checkpoint_dir(train_id), ignore_errors=True)  # nothing will resume a pruned fit
+        client.set_tag(train_id, "pruned_at_epoch", str(epochs))
+        client.set_terminated(train_id, "KILLED")
+        mlflow.set_tags({"train_run_id": train_id, "pruned_at_epoch": str(epochs)})
+        log_history(client, train_id)
+        raise
     train_id = train_run.info.run_id
     compare.describe_train_run(client, train_id)
     mlflow.set_tags({"train_run_id": train_id, "model_uri": model_uri})
-    history = compare.val_acc_history(client, train_id)
-    if len(history):
-        mlflow.log_metrics({"val_acc": float(history.iloc[-1]), "best_val_acc": float(history.max())})
+    history = log_history(client, train_id)
     loss = client.get_run(train_id).data.metrics.get("loss", math.nan)
     if not math.isfinite(loss):
         raise FloatingPointError(f"diverged: training loss is {loss} after {len(history)} epochs")
     with step_run(cfg, "evaluate"):
         metrics = evaluate.run(cfg, model_uri, dataset_uri)
     mlflow.log_metrics({"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"]})
+    return float(metrics[OBJECTIVE])
 
 
-def execute_trial(cfg: config.Config, trial_run_id: str, dataset_uri: str) -> None:
-    """Run one trial in its (already created) run; any error ends that run FAILED with its reason, not the sweep."""
+def log_history(client: MlflowClient, train_id: str) -> pd.Series:
+    history = compare.val_acc_history(client, train_id)
+    if len(history):
+        mlflow.log_metrics({"val_acc": float(history.iloc[-1]), "best_val_acc": float(history.max())})
+    return history
+
+
+def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: str, experiment_id: str) -> None:
+    """Run one claimed trial in its own MLflow child run of the sweep; tell Optuna how it ended.
+
+    COMPLETE (value test_acc) -> FINISHED; pruned -> PRUNED and KILLED with `pruned_at_epoch`;
+    anything raised (diverged included) -> FAIL and FAILED with `failure_reason`.
+    """
     import keras
 
-    failed = False
-    with mlflow.start_run(run_id=trial_run_id, nested=True):
-        mlflow.log_params(cfg.flat())
-        try:
-            train_and_evaluate(cfg, dataset_uri)
-        except Exception as exc:  # noqa: BLE001 - whatever stops one trial must not stop the others
-            failed = True
-            reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:2000]
-            mlflow.set_tags({"failure_reason": reason, "mlflow.note.content": f"**FAILED**: {reason}"})
-            print(f"trial failed: {reason}", file=sys.stderr)
-        finally:
-            keras.backend.clear_session()  # the next trial in this process starts from a clean graph
-    if failed:
-        MlflowClient().set_terminated(trial_run_id, "FAILED")
-
-
-def create_trial_run(client: MlflowClient, parent: mlflow.ActiveRun, trial: dict) -> str:
-    """A child run of the sweep for one trial, named after its values; returns its id."""
-    created = client.create_run(parent.info.experiment_id, run_name=f"trial-{trial['index']} {trial['label']}",
-                                tags={"mlflow.parentRunId": parent.info.run_id, "step": "trial",
-                                      "trial_index": str(trial["index"]), "trial_overrides": trial["label"],
-                                      "model_depth": str(trial["cfg"].model.depth)})
-    return created.info.run_id
-
-
-def run_in_subprocess(spec_path: str, extra_overrides: str, trial: dict, trial_run_id: str, dataset_uri: str) -> None:
-    """Run one trial as `python -m pipeline.sweep --trial-index ...`; a crashed process fails its trial run."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # the child attaches to its trial run
-    cmd = [sys.executable, "-m", "pipeline.sweep", "--spec", spec_path, "--overrides", extra_overrides,
-           "--trial-index", str(trial["index"]), "--trial-run-id", trial_run_id, "--dataset-uri", dataset_uri]
-    done = subprocess.run(cmd, env=env, cwd=config.PROJECT_ROOT, capture_output=True, text=True)
-    sys.stdout.write(done.stdout)
-    sys.stderr.write(done.stderr)
+    values = plan.values(trial)
     client = MlflowClient()
-    if done.returncode != 0 and client.get_run(trial_run_id).info.status == "RUNNING":
-        reason = f"trial process exited with status {done.returncode}: {done.stderr.strip()[-1500:]}"
-        client.set_tag(trial_run_id, "failure_reason", reason)
-        client.set_terminated(trial_run_id, "FAILED")
+    created = client.create_run(experiment_id, run_name=f"trial-{trial.number} {label(values)}",
+                                tags={"mlflow.parentRunId": parent_id, "step": "trial",
+                                      "optuna_study": study.study_name, "optuna_trial": str(trial.number),
+                                      "trial_overrides": label(values), "worker": worker_name()})
+    run_id = created.info.run_id
+    trial.set_user_attr("mlflow_run_id", run_id)
+    print(f"trial {trial.number} ({worker_name()}): {label(values)}", flush=True)
+    value, state, status = None, TrialState.FAIL, "FAILED"
+    mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+    try:
+        cfg = plan.load(values, f"trial {trial.number}")
+        mlflow.log_params(cfg.flat())
+        mlflow.set_tag("model_depth", str(cfg.model.depth))
+        value = train_and_evaluate(cfg, trial)
+        state, status = TrialState.COMPLETE, "FINISHED"
+    except optuna.TrialPruned as exc:
+        state, status = TrialState.PRUNED, "KILLED"
+        mlflow.set_tag("mlflow.note.content", f"**Pruned** by the {plan.pruner_name} pruner: {exc}")
+        print(f"trial {trial.number} pruned: {exc}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - whatever stops one trial must not stop the others
+        reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:2000]
+        mlflow.set_tags({"failure_reason": reason, "mlflow.note.content": f"**FAILED**: {reason}"})
+        trial.set_user_attr("failure_reason", reason[:500])
+        print(f"trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
+    finally:
+        mlflow.end_run(status)
+        keras.backend.clear_session()  # the next trial in this process starts from a clean graph
+    try:
+        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another worker took this one for dead and queued it again
+        print(f"warning: trial {trial.number} was marked FAILED while it ran (its heartbeat was late); "
+              f"its retry counts instead", file=sys.stderr, flush=True)
 
 
-def prepare_datasets(trials: list[dict]) -> dict[str, str]:
-    """Prepare (or reuse) each distinct dataset once, before any trial: prepare key -> dataset URI."""
-    uris: dict[str, str] = {}
-    for trial in trials:
-        key = prepare.prepare_key(trial["cfg"])
-        if key not in uris:
-            uris[key] = prepare.ensure_prepared(trial["cfg"])
-        trial["dataset_uri"] = uris[key]
-    return uris
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def collect(client: MlflowClient, trials: list[dict]) -> pd.DataFrame:
-    """One row per trial, read back from its run: index, overrides, status, test_acc, val_acc, run ids, reason."""
+# ---------------------------------------------------------------- workers and the end of the study
+
+def unfinished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
+
+
+def work(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage) -> None:
+    """Claim and run waiting trials until none is left waiting or running (a stale running trial is
+    failed and queued again meanwhile), then finish the study if no other worker has."""
+    parent_id, experiment_id = study.user_attrs["mlflow_parent_run_id"], study.user_attrs["mlflow_experiment_id"]
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        claimed = claim(study, storage, plan)
+        if claimed is not None:
+            with heartbeat(storage, claimed[1]):
+                run_trial(plan, study, claimed[0], parent_id, experiment_id)
+        elif unfinished(study):
+            time.sleep(POLL_S)
+        else:
+            break
+    finish(plan, study, storage)
+
+
+def finish(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage) -> dict | None:
+    """Register the best finished trial and compare the finished ones, once per study: the worker that
+    creates the lock study `<study>.register` does it; the others return None."""
+    try:
+        lock = optuna.create_study(storage=storage, study_name=f"{study.study_name}.register")
+    except optuna.exceptions.DuplicatedStudyError:
+        return None
+    lock.set_user_attr("worker", worker_name())
+    try:
+        result = register_best(plan, study)
+    except BaseException:
+        optuna.delete_study(study_name=lock.study_name, storage=storage)  # let a rerun try again
+        raise
+    lock.set_user_attr("registered_version", result["decision"]["version"] if result["decision"] else None)
+    return result
+
+
+def trial_table(study: optuna.Study) -> pd.DataFrame:
+    """Optuna's trials table with each trial's MLflow runs: number, params, state, value, epochs, runs."""
+    table = study.trials_dataframe(attrs=("number", "params", "state", "value", "user_attrs"))
+    client = MlflowClient()
     rows = []
-    for trial in trials:
-        found = client.get_run(trial["run_id"])
-        metrics, tags = found.data.metrics, found.data.tags
-        rows.append({"trial": trial["index"], "overrides": trial["label"], "status": found.info.status,
-                     "test_acc": metrics.get("test_acc", math.nan), "val_acc": metrics.get("val_acc", math.nan),
-                     "best_val_acc": metrics.get("best_val_acc", math.nan), "run_id": trial["run_id"],
+    for row in table.to_dict("records"):
+        run_id = row.get("user_attrs_mlflow_run_id")
+        found = client.get_run(run_id) if isinstance(run_id, str) else None
+        tags = found.data.tags if found else {}
+        rows.append({"trial": row["number"], "state": row["state"],
+                     **{k.removeprefix("params_"): v for k, v in row.items() if k.startswith("params_")},
+                     OBJECTIVE: row["value"], "pruned_at_epoch": tags.get("pruned_at_epoch", ""),
+                     "failure_reason": tags.get("failure_reason", ""), "run_id": run_id or "",
                      "train_run_id": tags.get("train_run_id", ""), "model_uri": tags.get("model_uri", ""),
-                     "failure_reason": tags.get("failure_reason", "")})
+                     "train_status": client.get_run(tags["train_run_id"]).info.status
+                     if tags.get("train_run_id") else ""})
     return pd.DataFrame(rows)
 
 
-def best_trial(results: pd.DataFrame) -> pd.Series | None:
-    """The finished trial with the highest test_acc (the first of equals), or None."""
-    finished = results[(results["status"] == "FINISHED") & results["test_acc"].notna()]
-    return None if finished.empty else finished.loc[finished["test_acc"].idxmax()]
-
-
-def run(spec_path: str, extra_overrides: str = "", parallel: int = 1) -> dict:
-    """Validate every trial, then run the sweep under a new parent run; register the best; compare.
-
-    Inputs: the sweep file, overrides for every trial, how many trials run at once (> 1: in
-    subprocesses). Output: {"run_id", "trials" (DataFrame), "best" (row or None), "decision",
-    "comparison_run_id"}. ConfigError before any run opens if the spec or any trial is invalid.
-    """
+def register_best(plan: Plan, study: optuna.Study) -> dict:
+    """Inside the sweep's parent run: register the best COMPLETE trial, compare the COMPLETE ones,
+    record the trials table; end the parent run FINISHED."""
     from pipeline import register
 
-    if parallel < 1:
-        raise config.ConfigError(f"parallel: must be >= 1, got {parallel}")
-    spec = read_spec(spec_path)
-    trials = plan(spec, extra_overrides)
-    base_cfg = trials[0]["cfg"]
-    client = MlflowClient()
-    name = f"sweep-{Path(spec_path).stem.removeprefix('sweep-')}-{len(trials)}trials"
-    with open_run("sweep", experiment=base_cfg.tracking.experiment, run_name=name) as parent:
-        mlflow.log_params({"sweep.spec": spec_path, "sweep.kind": "grid" if "grid" in spec else "random",
-                           "sweep.trials": len(trials), "sweep.parallel": parallel,
-                           "sweep.overrides": extra_overrides or ""})
-        mlflow.log_dict(spec, "sweep.yaml")
-        prepare_datasets(trials)
-        for trial in trials:  # all trial runs exist, and show in the UI, once the sweep starts
-            trial["run_id"] = create_trial_run(client, parent, trial)
-        if parallel == 1:
-            for trial in trials:
-                print(f"trial {trial['index']}/{len(trials)}: {trial['label']}")
-                execute_trial(trial["cfg"], trial["run_id"], trial["dataset_uri"])
-        else:
-            with ThreadPoolExecutor(max_workers=parallel) as pool:
-                list(pool.map(lambda t: run_in_subprocess(spec_path, extra_overrides, t, t["run_id"],
-                                                          t["dataset_uri"]), trials))
-        results = collect(client, trials)
-        best = best_trial(results)
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    active = mlflow.active_run()
+    parent = contextlib.nullcontext() if active and active.info.run_id == parent_id else \
+        mlflow.start_run(run_id=parent_id, nested=active is not None)
+    with parent:
+        results = trial_table(study)
+        done = results[(results["state"] == "COMPLETE") & (results["train_status"] == "FINISHED")]
+        best = None if done.empty else done.loc[done[OBJECTIVE].idxmax()]
         decision, comparison = None, None
         if best is not None:
-            best_cfg = trials[int(best["trial"]) - 1]["cfg"]
+            best_cfg = plan.load(plan.values(study.trials[int(best["trial"])]), f"trial {best['trial']}")
             with step_run(best_cfg, "register"):
                 decision = register.run(best_cfg, best["model_uri"])
-            finished = results[results["status"] == "FINISHED"]["train_run_id"].tolist()
-            comparison = compare.run(run_ids=finished, metric="test_acc")["run_id"]
-            mlflow.log_metric("best_test_acc", float(best["test_acc"]))
-            mlflow.set_tags({"best_trial_run_id": best["run_id"], "registered_version": str(decision["version"]),
+            comparison = compare.run(run_ids=done["train_run_id"].tolist(), metric=OBJECTIVE)["run_id"]
+            mlflow.log_metric("best_test_acc", float(best[OBJECTIVE]))
+            mlflow.set_tags({"best_trial_run_id": best["run_id"], "best_trial": str(best["trial"]),
+                             "registered_version": str(decision["version"]),
                              "alias_moved": str(decision["alias_moved"]).lower()})
-        summary = results.drop(columns=["run_id", "train_run_id", "model_uri"])
+        counts = results["state"].value_counts().to_dict()
+        summary = results.drop(columns=["run_id", "train_run_id", "model_uri", "train_status"])
+        shown = [key for key in plan.space if key in summary]
+        summary[shown] = summary[shown].astype(str)  # 1e-06, not 0.0000
         mlflow.log_text(results.to_csv(index=False), "trials.csv")
-        mlflow.set_tag("mlflow.note.content", f"{len(trials)} trials of `{spec_path}`, "
-                       f"{int((results['status'] == 'FAILED').sum())} failed; best: "
-                       f"{'none' if best is None else 'trial ' + str(best['trial'])}.\n\n"
-                       + compare.to_markdown(summary))
+        mlflow.set_tags({"trials_" + state.lower(): str(n) for state, n in counts.items()})
+        outcome = ", ".join(f"{n} {state.lower()}" for state, n in counts.items())
+        winner = "none" if best is None else f"trial {best['trial']}"
+        mlflow.set_tag("mlflow.note.content", f"Optuna study `{study.study_name}`: {len(results)} trials of "
+                       f"`{plan.spec_path}` ({outcome}); best: {winner}.\n\n" + compare.to_markdown(summary))
         print(compare.to_markdown(summary), end="")
-        run_id = parent.info.run_id
-    return {"run_id": run_id, "trials": results, "best": best, "decision": decision, "comparison_run_id": comparison}
+    return {"trials": results, "best": best, "decision": decision, "comparison_run_id": comparison}
 
 
-def run_one(spec_path: str, extra_overrides: str, index: int, trial_run_id: str, dataset_uri: str) -> None:
-    """The body of a `--parallel` subprocess: re-plan the sweep (it is deterministic) and run trial `index`."""
-    trials = plan(read_spec(spec_path), extra_overrides)
-    execute_trial(trials[index - 1]["cfg"], trial_run_id, dataset_uri)
+# ---------------------------------------------------------------- the command
+
+def adopt_own_run(study: optuna.Study) -> None:
+    """Under `mlflow run`, a command that joins a study already has a run of its own: make it a child
+    of the sweep run (tag step = 'sweep-worker'), so that it does not stand alone in the experiment."""
+    if os.environ.get("MLFLOW_RUN_ID") and "mlflow_parent_run_id" in study.user_attrs:
+        tags = {"mlflow.parentRunId": study.user_attrs["mlflow_parent_run_id"], "step": "sweep-worker",
+                "optuna_study": study.study_name, "mlflow.runName": f"sweep-worker {worker_name()}"}
+        MlflowClient().log_batch(os.environ["MLFLOW_RUN_ID"], tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def worker_command(args: argparse.Namespace, storage: str, study: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.sweep", "--spec", args.spec, "--overrides", args.overrides or "",
+            "--storage", storage, "--study", study, "--workers", "1", "--join"]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check everything, join (or start) the study, run its trials here with `workers` processes.
+    Returns the exit status: 0, or 1 if no trial of the study finished."""
+    try:
+        workers = int(args.workers or 1)
+    except ValueError:
+        raise config.ConfigError(f"workers: must be an integer, got {args.workers!r}") from None
+    if workers < 1:
+        raise config.ConfigError(f"workers: must be >= 1, got {workers}")
+    plan = Plan(args.spec, args.overrides)
+    storage_url = args.storage or default_storage()
+    storage = open_storage(storage_url)
+    name = args.study or default_study(plan)
+    if args.join:  # a worker process of a `--workers N` command: the study is set up
+        study, _ = join_study(plan, storage, name)
+        work(plan, study, storage)
+        return 0
+    existed = study_name_in(storage, name)
+    if existed and study_name_in(storage, f"{name}.register"):
+        study = optuna.load_study(storage=storage, study_name=name)
+        lock = optuna.load_study(storage=storage, study_name=f"{name}.register")
+        adopt_own_run(study)
+        print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials, registered version "
+              f"{lock.user_attrs.get('registered_version')}; pass another -P study= for a new sweep")
+        return 0
+    base = plan.configs[0]
+    study, leads = join_study(plan, storage, name)
+    print(f"{'started' if leads else 'joined'} Optuna study {name} in {safe_url(storage_url)} "
+          f"({plan.sampler_name} sampler, {plan.pruner_name} pruner, {plan.trials} trials); "
+          f"optuna-dashboard {safe_url(storage_url)}", flush=True)
+    with contextlib.ExitStack() as stack:
+        if leads:
+            parent = stack.enter_context(open_run("sweep", experiment=base.tracking.experiment,
+                                                  run_name=f"sweep-{name}"))
+            mlflow.log_params({"sweep.spec": args.spec, "sweep.study": name, "sweep.storage": safe_url(storage_url),
+                               "sweep.sampler": plan.sampler_name, "sweep.pruner": plan.pruner_name,
+                               "sweep.trials": plan.trials, "sweep.overrides": plan.extra_overrides})
+            mlflow.log_dict(plan.spec, "sweep.yaml")
+            mlflow.set_tags({"optuna_study": name, "optuna_storage": safe_url(storage_url)})
+            lead(plan, study, parent.info.run_id, parent.info.experiment_id)
+            for cfg in {prepare.prepare_key(c): c for c in plan.configs}.values() if plan.grid else []:
+                prepare.ensure_prepared(cfg)  # each distinct dataset once, before any trial
+        else:
+            adopt_own_run(study)
+        if workers == 1:
+            work(plan, study, storage)
+        else:
+            env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+            procs = [subprocess.Popen(worker_command(args, storage_url, name), env=env, cwd=config.PROJECT_ROOT)
+                     for _ in range(workers)]
+            codes = [p.wait() for p in procs]
+            if any(codes):
+                raise RuntimeError(f"sweep workers exited with {codes}")
+            finish(plan, study, storage)  # a no-op: one of the workers has finished the study
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        print(f"error: no trial of study {name} finished; nothing registered", file=sys.stderr)
+        return 1
+    best = study.best_trial
+    print(f"study {name}: best trial {best.number} ({label(best.params)}) {OBJECTIVE} {best.value:.4f}")
+    return 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--spec", required=True, help="sweep file, e.g. params/sweep-example.yaml")
     parser.add_argument("--overrides", default="", help="key=value pairs applied to every trial, last")
-    parser.add_argument("--parallel", default="1", help="trials at a time; > 1 runs each in a subprocess")
-    parser.add_argument("--trial-index", type=int, help=argparse.SUPPRESS)  # set by the parent of a subprocess
-    parser.add_argument("--trial-run-id", help=argparse.SUPPRESS)
-    parser.add_argument("--dataset-uri", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.trial_index:
-        run_one(args.spec, args.overrides, args.trial_index, args.trial_run_id, args.dataset_uri)
-        return
-    try:
-        parallel = int(args.parallel or 1)
-    except ValueError:
-        raise config.ConfigError(f"parallel: must be an integer, got {args.parallel!r}") from None
-    result = run(args.spec, args.overrides, parallel)
-    if result["best"] is None:
-        print(f"error: every trial of {args.spec} failed; nothing registered", file=sys.stderr)
-        sys.exit(1)
+    parser.add_argument("--storage", default="", help="Optuna storage URL; empty: optuna.db beside mlflow.db")
+    parser.add_argument("--study", default="", help="Optuna study name; empty: the spec's name and digest")
+    parser.add_argument("--workers", default="", help="worker processes on this host (empty: 1)")
+    parser.add_argument("--join", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers N
+    sys.exit(run(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
@@ -217,9 +218,11 @@ def plot_curves(history: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None) -> str:
+def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
+        extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> str:
     """Train inside the active run; return the logged model's URI. dist: see `distribute.distribution`
-    (made from `train.distribute` if None); in a cluster this is the chief's part."""
+    (made from `train.distribute` if None); in a cluster this is the chief's part. `extra_callbacks`
+    run after the per-epoch logging and checkpoint (a sweep's pruning callback)."""
     t = cfg.train
     dist = dist or distribution(t.distribute)  # first: a multi-worker strategy must precede every TF op
     dataset = prepare.load_dataset(dataset_uri)
@@ -251,7 +254,8 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None) 
     try:
         history = fit(model, cfg, splits, len(dataset.class_names),
                       [MlflowEpochLogger(train_images, logged),
-                       keras.callbacks.BackupAndRestore(str(checkpoint_dir(run_id)), save_freq="epoch")])
+                       keras.callbacks.BackupAndRestore(str(checkpoint_dir(run_id)), save_freq="epoch"),
+                       *extra_callbacks])
     finally:
         release(run_id)  # an interrupted or failed run keeps its checkpoint, for the rerun to resume
     reason = diverged(history)

@@ -1,0 +1,189 @@
+"""Sweeps on Optuna with a real SQLite tracking store and Optuna storage: pruning, parallel workers,
+and specs refused before any run opens."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import sweep
+from pipeline.tracking import cli
+from tests.conftest import ROOT, run_module
+
+TINY = "params/tiny.yaml"
+# A learning rate that learns and one far too small to (1e-6: val_acc stays near chance).
+GRID = "grid:\n  train.lr: [0.1, 0.000001]\n"
+SMALL = {"train.epochs": 3, "train.batch_size": 16, "data.synthetic_train": 1024, "data.synthetic_test": 128,
+         "evaluate.samples": 1}
+
+
+def write_spec(folder, name: str, body: str) -> str:
+    path = folder / f"{name}.yaml"
+    overrides = ", ".join(f"{k}: {v}" for k, v in SMALL.items())
+    path.write_text(f"base: {TINY}\noverrides: {{{overrides}}}\n{body}")
+    return str(path)
+
+
+def sweep_runs(client: MlflowClient, study: str) -> tuple:
+    """(parent run, {trial number: trial run}, {trial number: train run}) of one study."""
+    experiment = client.get_experiment_by_name("cifar10-resnet")
+    parent, = client.search_runs([experiment.experiment_id], f"tags.step = 'sweep' and tags.optuna_study = '{study}'")
+    trials = {int(r.data.tags["optuna_trial"]): r for r in client.search_runs(
+        [experiment.experiment_id], f"tags.step = 'trial' and tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    trains = {number: client.get_run(r.data.tags["train_run_id"]) for number, r in trials.items()
+              if "train_run_id" in r.data.tags}  # a killed trial's fit never finished
+    return parent, trials, trains
+
+
+def epochs_of(client: MlflowClient, run) -> int:
+    return len(client.get_metric_history(run.info.run_id, "val_acc"))
+
+
+def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path):
+    pruned_spec = write_spec(tmp_path, "sweep-pruned", GRID + "pruner: {type: median, n_startup_trials: 1}\n")
+    plain_spec = write_spec(tmp_path, "sweep-plain", GRID + "pruner: none\n")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"  # the default: beside the store's mlflow.db
+
+    done = run_module(store, "pipeline.sweep", "--spec", pruned_spec, "--study", "pruned")
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_module(store, "pipeline.sweep", "--spec", plain_spec, "--study", "plain", "--workers", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    client = MlflowClient()
+    pruned_parent, pruned_trials, pruned_trains = sweep_runs(client, "pruned")
+    plain_parent, plain_trials, plain_trains = sweep_runs(client, "plain")
+    assert sorted(pruned_trials) == sorted(plain_trials) == [0, 1]
+
+    # One worker claims the queued grid in order: lr 0.1 finishes, then lr 1e-6 falls below it and is
+    # pruned before its last epoch, its runs KILLED with the curve up to there kept.
+    studies = {name: optuna.load_study(study_name=name, storage=storage) for name in ("pruned", "plain")}
+    assert [t.state.name for t in studies["pruned"].trials] == ["COMPLETE", "PRUNED"]
+    assert pruned_trials[1].info.status == "KILLED" and pruned_trains[1].info.status == "KILLED"
+    stopped = int(pruned_trials[1].data.tags["pruned_at_epoch"])
+    assert 1 <= stopped < 3 and pruned_trains[1].data.tags["pruned_at_epoch"] == str(stopped)
+    assert epochs_of(client, pruned_trains[1]) == stopped
+    assert sorted(studies["pruned"].trials[1].intermediate_values) == list(range(1, stopped + 1))
+    assert [t.state.name for t in studies["plain"].trials] == ["COMPLETE"] * 2
+    assert all(r.info.status == "FINISHED" for r in plain_trials.values())
+    assert len({r.data.tags["worker"] for r in plain_trials.values()}) == 2  # --workers 2: two processes
+
+    pruned_epochs = sum(epochs_of(client, r) for r in pruned_trains.values())
+    plain_epochs = sum(epochs_of(client, r) for r in plain_trains.values())
+    assert (pruned_epochs, plain_epochs) == (3 + stopped, 2 * 3)
+
+    # The same best trial, registered once per sweep.
+    best = {name: study.best_trial for name, study in studies.items()}
+    assert best["pruned"].number == best["plain"].number and best["pruned"].params == best["plain"].params
+    assert best["pruned"].value == pytest.approx(best["plain"].value, abs=0.02)
+    assert pruned_parent.data.tags["best_trial"] == str(best["pruned"].number)
+    versions = client.search_model_versions("name = 'cifar10-resnet'")
+    assert sorted(v.tags["run_id"] for v in versions) == sorted(
+        [pruned_trains[best["pruned"].number].info.run_id, plain_trains[best["plain"].number].info.run_id])
+    for parent in (pruned_parent, plain_parent):
+        assert parent.info.status == "FINISHED"
+        children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert sorted(r.data.tags["step"] for r in children if r.data.tags["step"] != "trial") in (
+            ["compare", "register"], ["compare", "prepare", "register"])
+
+
+@pytest.mark.parametrize(("body", "args", "message"), [
+    (GRID + "sampler: annealing\n", [], "error: spec.sampler: must be one of grid, random, tpe, got 'annealing'"),
+    ("grid: {}\n", [], "error: spec.grid: the search space is empty"),
+    ("space:\n  train.lr: {min: 0.1, max: 0.01}\ntrials: 3\n", [],
+     "error: spec.space.train.lr: `low <= high` must hold, but got (low=0.1, high=0.01). "
+     "(got {'min': 0.1, 'max': 0.01})"),
+    ("grid:\n  train.lr: [0.1, -1]\n", [], "error: trial 1 (train.lr=-1): train.lr: must be > 0, got -1.0"),
+    (GRID, ["--storage", "nosuchdb://x/y"],
+     "error: storage: cannot open nosuchdb://x/y: NoSuchModuleError: Can't load plugin: sqlalchemy.dialects:nosuchdb"),
+    (GRID, ["--storage", "postgresql://nobody@127.0.0.1:1/x"], "error: storage: cannot open "
+     'postgresql+psycopg2://nobody@127.0.0.1:1/x: OperationalError: connection to server at "127.0.0.1", port 1 '
+     "failed: Connection refused"),
+    (GRID, ["--workers", "0"], "error: workers: must be >= 1, got 0"),
+], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers"])
+def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, monkeypatch, capsys, body, args, message):
+    spec = write_spec(tmp_path, "sweep-bad", body)
+    if "workers:" in message or "psycopg2" in message:  # two as real commands, the others in this process
+        done = run_module(store, "pipeline.sweep", "--spec", spec, *args)
+        code, stderr = done.returncode, done.stderr
+    else:
+        monkeypatch.setattr(sys, "argv", ["pipeline.sweep", "--spec", spec, *args])
+        with pytest.raises(SystemExit) as exited:
+            cli(sweep.main)
+        code, stderr = exited.value.code, capsys.readouterr().err
+    assert code == 2, stderr[-2000:]
+    assert stderr.strip().splitlines() == [message]
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    assert not (tmp_path / "optuna.db").exists() or "storage" in message
+
+
+def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tmp_path):
+    body = "grid:\n  train.lr: [0.05, 0.1]\n  model.units_per_stage: [1, 2]\n"
+    grid = sweep.Plan(write_spec(tmp_path, "sweep-grid", body), "train.epochs=1")
+    assert [c.run_name() for c in grid.configs] == ["resnet11-e1-b32-lr0.05", "resnet20-e1-b32-lr0.05",
+                                                    "resnet11-e1-b32-lr0.1", "resnet20-e1-b32-lr0.1"]
+    assert grid.trials == 4 and grid.sampler_name == "grid"
+
+    spec = write_spec(tmp_path, "sweep-space", "space:\n  train.lr: {min: 0.01, max: 0.3, log: true}\n"
+                      "  train.batch_size: {min: 16, max: 64}\n  model.widths: [[16, 32, 64], [8, 16, 32]]\n"
+                      "sampler: random\ntrials: 5\nseed: 3\n")
+
+    def draws() -> list[dict]:
+        """Claim and finish every queued trial of a fresh in-memory study, as a worker does."""
+        plan = sweep.Plan(spec)
+        storage = optuna.storages.InMemoryStorage()
+        study = optuna.create_study(storage=storage, direction="maximize", sampler=plan.make_sampler(0))
+        sweep.lead(plan, study, "parent-run-id", "0")
+        values = []
+        while (claimed := sweep.claim(study, storage, plan)) is not None:
+            values.append(plan.values(claimed[0]))
+            study.tell(claimed[0], 0.5)
+        assert len(plan.configs) == 2 * 2 * 2  # every combination of the choices and range ends was checked
+        return values
+
+    first = draws()
+    assert first == draws() and len(first) == 5  # seeded: the same draws again
+    assert all(0.01 <= d["train.lr"] <= 0.3 and isinstance(d["train.batch_size"], int)
+               and 16 <= d["train.batch_size"] <= 64 and d["model.widths"] in ([16, 32, 64], [8, 16, 32])
+               for d in first)
+    assert len({d["train.lr"] for d in first}) == 5
+
+
+def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_study(store, tmp_path):
+    spec = write_spec(tmp_path, "sweep-killed", "grid:\n  train.lr: [0.1]\n")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {**store, "SWEEP_HEARTBEAT_SECONDS": "1"}  # stale after 6 s without a heartbeat
+    cmd = [sys.executable, "-m", "pipeline.sweep", "--spec", spec, "--study", "killed"]
+    worker = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    client = MlflowClient()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and worker.poll() is None:  # kill it once its trial has trained an epoch
+        trains = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.step = 'train'")
+        if trains and client.get_metric_history(trains[0].info.run_id, "val_acc"):
+            break
+        time.sleep(0.5)
+    assert worker.poll() is None, "the worker ended before it could be killed"
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    study = optuna.load_study(study_name="killed", storage=storage)
+    assert [t.state.name for t in study.trials] == ["RUNNING"]  # nobody has noticed yet
+
+    done = run_module(env, "pipeline.sweep", "--spec", spec, "--study", "killed")  # the same command again
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="killed", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert study.trials[1].system_attrs["failed_trial"] == 0 and study.trials[1].params == study.trials[0].params
+    killed = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert killed.info.status == "FAILED" and "no heartbeat" in killed.data.tags["failure_reason"]
+    assert client.get_run(killed.data.tags.get("train_run_id") or trains[0].info.run_id).info.status == "FAILED"
+    parent, trials, _ = sweep_runs(client, "killed")
+    assert parent.info.status == "FINISHED" and sorted(trials) == [0, 1]
+    assert parent.data.tags["best_trial"] == "1" and len(client.search_model_versions("name = 'cifar10-resnet'")) == 1

@@ -1,0 +1,152 @@
+"""End to end on the team setup: `scripts/team-server.sh` (PostgreSQL 15 + `mlflow server` with proxied
+artifacts), `main`, and a sweep whose two worker commands (as on two hosts) share one Optuna study in
+PostgreSQL. Everything is checked through the server's REST API, plus both databases directly.
+
+PostgreSQL must be installed (CI installs and starts it): without it this test fails, it does not skip.
+Each run creates its own two databases (unique names) and drops them afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import psycopg2
+import pytest
+
+from tests.conftest import ROOT, free_port, stop_group, wait_until_up
+from tests.test_compare import api, artifact_bytes, create_experiment, params_of, search, tags_of
+
+SCRIPT = ROOT / "scripts" / "team-server.sh"
+USER, PASSWORD = "mlflow", "mlflow"  # the script's default role
+TINY = "params/tiny.yaml"
+SMALL = "data.synthetic_train=768 data.synthetic_test=128 train.epochs=2"
+
+
+def drop_databases(port: str, *names: str) -> None:
+    connection = psycopg2.connect(host="127.0.0.1", port=port, user=USER, password=PASSWORD, dbname="postgres")
+    connection.autocommit = True  # DROP DATABASE runs outside a transaction
+    with connection.cursor() as cursor:
+        for name in names:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    connection.close()
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    """The documented command, on its own databases and port: {"url", "optuna", "mlflow_db", "pgport"}."""
+    folder = tmp_path_factory.mktemp("team")
+    suffix = uuid.uuid4().hex[:10]
+    port, pgport = free_port(), os.environ.get("PGPORT", "5432")
+    settings = {"MLFLOW_DB": f"mlflow_test_{suffix}", "OPTUNA_DB": f"optuna_test_{suffix}", "ARTIFACTS": str(folder /
+                "artifacts"), "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1", "PGPORT": pgport}
+    # No GenAI job runner: it starts several busy consumer processes that this test never uses.
+    env = {**os.environ, **settings, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = folder / "server.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", process, timeout=180, log=log)
+        yield {"url": f"http://127.0.0.1:{port}", "pgport": pgport, "mlflow_db": settings["MLFLOW_DB"],
+               "optuna": f"postgresql://{USER}@127.0.0.1:{pgport}/{settings['OPTUNA_DB']}"}
+    finally:
+        stop_group(process)
+        with contextlib.suppress(psycopg2.OperationalError):
+            drop_databases(pgport, settings["MLFLOW_DB"], settings["OPTUNA_DB"])
+
+
+def mlflow_run(url: str, experiment: str, entry: str, **params: str) -> subprocess.Popen:
+    """`mlflow run` against the team server, started in the background; the Optuna password comes from
+    PGPASSWORD, so it never appears in a logged param."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "TF_CPP_MIN_LOG_LEVEL": "2", "PGPASSWORD": PASSWORD}
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
+           "--experiment-name", experiment]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+def test_main_and_a_two_worker_sweep_on_the_postgresql_server(team, tmp_path):
+    url = team["url"]
+    experiment_id = create_experiment(url, "team")
+    finish(mlflow_run(url, "team", "main", params=TINY, overrides=SMALL))
+
+    # Two workers started as on two hosts: the same command, one study of 6 trials in PostgreSQL.
+    spec = tmp_path / "sweep-team.yaml"
+    spec.write_text(f"base: {TINY}\ngrid:\n  train.lr: [0.2, 0.1, 0.05, 0.02, 0.01, 0.005]\n"
+                    "pruner: {type: median, n_startup_trials: 2}\n")
+    sweep = dict(spec=str(spec), overrides=SMALL, storage=team["optuna"], study="team-sweep")
+    first = mlflow_run(url, "team", "sweep", **sweep)
+    time.sleep(2)
+    second = mlflow_run(url, "team", "sweep", **sweep)
+    outputs = [finish(first), finish(second)]
+
+    # One sweep parent; every trial is its child, each trial ran once, on one of the two workers.
+    parents = search(url, experiment_id, "tags.step = 'sweep'")
+    assert len(parents) == 1 and parents[0]["info"]["status"] == "FINISHED", outputs
+    parent_id = parents[0]["info"]["run_id"]
+    trials = search(url, experiment_id, f"tags.step = 'trial' and tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(trials) == 6
+    assert sorted(int(tags_of(r)["optuna_trial"]) for r in trials) == list(range(6))
+    assert sorted(params_of(r)["train.lr"] for r in trials) == sorted(["0.2", "0.1", "0.05", "0.02", "0.01", "0.005"])
+    assert {r["info"]["status"] for r in trials} <= {"FINISHED", "KILLED"}
+    assert len({tags_of(r)["worker"] for r in trials}) == 2  # both workers took trials
+    assert len(search(url, experiment_id, "tags.step = 'trial'")) == 6  # and no other trial run exists
+
+    # The Optuna study in PostgreSQL agrees: 6 trials, finished or pruned, each naming its MLflow run.
+    study = optuna.load_study(study_name="team-sweep", storage=team["optuna"].replace(
+        f"postgresql://{USER}@", f"postgresql+psycopg2://{USER}:{PASSWORD}@"))
+    assert len(study.trials) == 6
+    assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r["info"]["run_id"] for r in trials}
+    assert study.user_attrs["mlflow_parent_run_id"] == parent_id
+    for run in trials:
+        if run["info"]["status"] == "KILLED":
+            assert int(tags_of(run)["pruned_at_epoch"]) < 2
+
+    # Per-epoch metrics of a training run, through the REST API.
+    best_trial = max((r for r in trials if r["info"]["status"] == "FINISHED"),
+                     key=lambda r: {m["key"]: m["value"] for m in r["data"]["metrics"]}["test_acc"])
+    best_train = tags_of(best_trial)["train_run_id"]
+    history = api(url, "/api/2.0/mlflow/metrics/get-history", run_id=best_train, metric_key="val_acc")["metrics"]
+    assert sorted(m["step"] for m in history) == [1, 2] and all(0 <= m["value"] <= 1 for m in history)
+    assert tags_of(parents[0])["best_trial_run_id"] == best_trial["info"]["run_id"]
+
+    # The registry: main's version 1 and exactly one version from the sweep, its best trial; the alias
+    # on the better of the two.
+    versions = api(url, "/api/2.0/mlflow/model-versions/search", filter="name = 'cifar10-resnet'")["model_versions"]
+    assert sorted(v["version"] for v in versions) == ["1", "2"]
+    v2 = next(v for v in versions if v["version"] == "2")
+    accs = {v["version"]: float({t["key"]: t["value"] for t in v["tags"]}["test_acc"]) for v in versions}
+    assert {t["key"]: t["value"] for t in v2["tags"]}["run_id"] == best_train
+    champion = api(url, "/api/2.0/mlflow/registered-models/alias", name="cifar10-resnet",
+                   alias="champion")["model_version"]
+    assert champion["version"] == max(accs, key=lambda v: (accs[v], -int(v)))
+
+    # Artifacts come through the server: the training history and the sweep's trials table.
+    history_csv = artifact_bytes(url, best_train, "history.csv").decode()
+    assert history_csv.splitlines()[0].startswith("epoch,") and len(history_csv.splitlines()) == 3
+    table = artifact_bytes(url, parent_id, "trials.csv").decode()
+    assert len(table.strip().splitlines()) == 7 and "train.lr" in table.splitlines()[0]
+
+    # And the tracking store really is PostgreSQL.
+    connection = psycopg2.connect(host="127.0.0.1", port=team["pgport"], user=USER, password=PASSWORD,
+                                  dbname=team["mlflow_db"])
+    with connection, connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM runs WHERE run_uuid = %s", (parent_id,))
+        assert cursor.fetchone()[0] == 1
+    connection.close()
