@@ -12,11 +12,10 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from pipeline import config, data, fitting
 from pipeline.distribute import distribution
-
-from conftest import ROOT
 
 JPEG = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"
 
