@@ -71,10 +71,14 @@ def main() -> None:
     parser.add_argument("--data", default="", help="-P data=... for every run (default: each profile's own)")
     parser.add_argument("--extra", default="", help="more `mlflow run` arguments, e.g. \"-P epochs=2\"")
     args = parser.parse_args()
-    results = [run_profile(p, args.data, args.extra.split()) for p in args.profiles.split(",")
-               for _ in range(args.repeat)]
-    for r in results:
-        print(r["row"], flush=True)
+    results = []
+    for profile in [p for p in args.profiles.split(",") for _ in range(args.repeat)]:
+        results.append(run_profile(profile, args.data, args.extra.split()))
+        print(results[-1]["row"], flush=True)
+        write_report(results, args)  # after every run, so an interrupted benchmark keeps what it measured
+
+
+def write_report(results: list[dict], args: argparse.Namespace) -> None:
     runs = pd.DataFrame([r["row"] for r in results])
     medians = runs.groupby("profile", sort=False)[["wall_s", "test_acc"]].median().reset_index()
     medians.insert(1, "runs", runs.groupby("profile", sort=False).size().to_numpy())
