@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--dataset-uri", required=True)
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
+    prepare.check_dataset_uri(args.dataset_uri)
     with step_run(cfg, "evaluate"):
         run(cfg, args.model_uri, args.dataset_uri)
 

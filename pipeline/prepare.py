@@ -97,6 +97,24 @@ def ensure_prepared(cfg: config.Config) -> str:
         return run(cfg, key=key)
 
 
+def check_dataset_uri(dataset_uri: str) -> None:
+    """Refuse a dataset URI that names no artifact (DataError naming `dataset_uri`), before a step opens its run."""
+    from mlflow.exceptions import MlflowException
+
+    run_id, _, path = dataset_uri.removeprefix("runs:/").partition("/")
+    if not dataset_uri.startswith("runs:/"):
+        if not Path(dataset_uri.removeprefix("file://")).exists():
+            raise data.DataError(f"dataset_uri: no file {dataset_uri}")
+        return
+    try:
+        folder = path.rpartition("/")[0] or None
+        found = path in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
+    except MlflowException as exc:
+        raise data.DataError(f"dataset_uri: cannot read {dataset_uri} ({exc.message})".replace("\n", " ")) from None
+    if not found:
+        raise data.DataError(f"dataset_uri: run {run_id} has no artifact {path}")
+
+
 def load_dataset(dataset_uri: str) -> data.Dataset:
     """Download (or locate) a prepared dataset artifact and read it."""
     try:

@@ -320,6 +320,8 @@ def main() -> None:
     dataset_uri = args.dataset_uri
     if args.resume not in ("", "never"):
         dataset_uri = config_to_resume(args.resume, cfg, dataset_uri)
+    if dataset_uri:
+        prepare.check_dataset_uri(dataset_uri)
     dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
     resume_id = find_resumable(cfg, dataset_uri, args.resume)
     with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):

@@ -246,7 +246,8 @@ def test_three_runs_started_together_on_a_fresh_store_all_finish(tmp_path):
     on a store that does not exist yet; the runs land in MLflow's Default experiment."""
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PIPELINE_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
-           "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+           "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(ROOT)}  # the README runs it from the project folder; this test from another
     for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(key, None)
     lrs = ["0.02", "0.05", "0.1"]

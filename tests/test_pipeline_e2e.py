@@ -41,7 +41,7 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store):
         history = client.get_metric_history(train.info.run_id, key)
         assert sorted(m.step for m in history) == [1, 2, 3], key
     lrs = {m.step: m.value for m in client.get_metric_history(train.info.run_id, "lr")}
-    assert lrs[1] == pytest.approx(0.05) and lrs[3] == pytest.approx(0.005)  # boundary at epoch 2
+    assert 0.05 > lrs[1] > lrs[2] > lrs[3] and lrs[3] < 1e-3  # tiny's cosine, from 0.05 to about 0 by the end
     artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
     assert {"curves.png", "history.csv", "config.json"} <= artifacts
 

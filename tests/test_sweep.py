@@ -127,8 +127,8 @@ def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, monkeypa
 def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tmp_path):
     body = "grid:\n  train.lr: [0.05, 0.1]\n  model.units_per_stage: [1, 2]\n"
     grid = sweep.Plan(write_spec(tmp_path, "sweep-grid", body), "train.epochs=1")
-    assert [c.run_name() for c in grid.configs] == ["resnet11-e1-b32-lr0.05", "resnet20-e1-b32-lr0.05",
-                                                    "resnet11-e1-b32-lr0.1", "resnet20-e1-b32-lr0.1"]
+    assert [c.run_name() for c in grid.configs] == ["resnet11-e1-b16-lr0.05", "resnet20-e1-b16-lr0.05",
+                                                    "resnet11-e1-b16-lr0.1", "resnet20-e1-b16-lr0.1"]
     assert grid.trials == 4 and grid.sampler_name == "grid"
 
     spec = write_spec(tmp_path, "sweep-space", "space:\n  train.lr: {min: 0.01, max: 0.3, log: true}\n"
