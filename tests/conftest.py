@@ -61,6 +61,19 @@ def mlflow_run(env: dict, entry_point: str = "main", **params: str) -> subproces
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
+def server_run_command(url: str, experiment: str, entry: str, params: dict, **env_extra: str) -> tuple[list, dict]:
+    """(command, environment) of `mlflow run <project> -e ENTRY --env-manager local --experiment-name
+    EXPERIMENT -P k=v ...` against the tracking server at `url`."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "TF_CPP_MIN_LOG_LEVEL": "2", **env_extra}
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
+           "--experiment-name", experiment]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    return cmd, env
+
+
 def run_module(env: dict, module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=600)

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, free_port, start_tracking_server, stop_group
+from tests.conftest import ROOT, free_port, server_run_command, start_tracking_server, stop_group
 
 TINY = "params/tiny.yaml"
 
@@ -68,13 +68,7 @@ def create_experiment(url: str, name: str) -> str:
 
 def mlflow_run(url: str, experiment_name: str, entry: str, **params: str) -> subprocess.CompletedProcess:
     """`mlflow run <project> -e ENTRY --env-manager local --experiment-name EXPERIMENT -P k=v ...` against `url`."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
-           "--experiment-name", experiment_name]
-    for key, value in params.items():
-        cmd += ["-P", f"{key}={value}"]
+    cmd, env = server_run_command(url, experiment_name, entry, params)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 

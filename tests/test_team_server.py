@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 import time
 import uuid
 
@@ -19,7 +18,7 @@ import optuna
 import psycopg2
 import pytest
 
-from tests.conftest import ROOT, free_port, stop_group, wait_until_up
+from tests.conftest import ROOT, free_port, server_run_command, stop_group, wait_until_up
 from tests.test_compare import api, artifact_bytes, create_experiment, params_of, search, tags_of
 
 SCRIPT = ROOT / "scripts" / "team-server.sh"
@@ -64,13 +63,7 @@ def team(tmp_path_factory):
 def mlflow_run(url: str, experiment: str, entry: str, **params: str) -> subprocess.Popen:
     """`mlflow run` against the team server, started in the background; the Optuna password comes from
     PGPASSWORD, so it never appears in a logged param."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "TF_CPP_MIN_LOG_LEVEL": "2", "PGPASSWORD": PASSWORD}
-    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
-           "--experiment-name", experiment]
-    for key, value in params.items():
-        cmd += ["-P", f"{key}={value}"]
+    cmd, env = server_run_command(url, experiment, entry, params, PGPASSWORD=PASSWORD)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
