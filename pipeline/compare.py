@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline import config
-from pipeline.tracking import cli, open_run
+from pipeline.tracking import cli, markdown_table, open_run
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -135,19 +135,6 @@ def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
     return ordered.head(top) if top else ordered
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table; floats with 4 decimals, missing values empty."""
-    def cell(value) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return ""
-        text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        return text.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
 def plot_curves(table: pd.DataFrame, histories: dict[str, pd.Series], path: Path) -> None:
     """val_acc against epoch, one line per row of `table`, labelled with the run's name."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -180,7 +167,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     runs = search_train_runs(experiment, run_ids)
     histories = {run_id: val_acc_history(client, run_id) for run_id in runs["run_id"]}
     table = top_runs(build_table(runs, histories), metric, top)
-    markdown = to_markdown(table)
+    markdown = markdown_table(table)
     name = f"compare-{len(table)}-runs-by-{metric}"
     with open_run("compare", experiment=experiment, run_name=name) as comparison, tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / "runs.csv", index=False)

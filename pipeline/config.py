@@ -260,17 +260,22 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise TypeError(f"unsupported field type {annotation!r} for {key}")  # programming error
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, *, key: str = "params") -> dict[str, Any]:
+    """The mapping a YAML file holds ({} if empty); a relative path not found here is taken from the
+    project root. ConfigError naming `key` if the file is missing, not YAML or not a mapping."""
+    candidate = Path(path)
+    if not candidate.is_absolute() and not candidate.exists():
+        candidate = PROJECT_ROOT / candidate
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"params: file not found: {path}") from None
+        data = yaml.safe_load(candidate.read_text())
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"{key}: file not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"params: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+        raise ConfigError(f"{key}: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"params: {path} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{key}: {path} must hold a mapping, got {type(data).__name__}")
     return data
 
 
@@ -306,12 +311,9 @@ def parse_overrides(overrides: str | list[str] | None) -> dict[str, dict[str, An
 
 def load(path: str | Path | None = None, overrides: str | list[str] | None = None) -> Config:
     """Load default.yaml, layer the params file at `path` and then `overrides` on top, validate."""
-    merged = _read_yaml(DEFAULT_PARAMS)
+    merged = read_yaml(DEFAULT_PARAMS)
     if path and Path(path).resolve() != DEFAULT_PARAMS:
-        candidate = Path(path)
-        if not candidate.is_absolute() and not candidate.exists():
-            candidate = PROJECT_ROOT / candidate
-        _merge(merged, _read_yaml(candidate), str(path))
+        _merge(merged, read_yaml(path), str(path))
     _merge(merged, parse_overrides(overrides), "overrides")
 
     sections = {}

@@ -13,7 +13,6 @@ Returns the dataset URI `runs:/<run id>/dataset/dataset.npz` that train and eval
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ import mlflow
 from mlflow.data.code_dataset_source import CodeDatasetSource
 
 from pipeline import config, data
-from pipeline.tracking import cli, code_digest, step_run
+from pipeline.tracking import cli, code_digest, json_digest, step_run
 
 DATASET_ARTIFACT = "dataset/dataset.npz"
 
@@ -32,7 +31,7 @@ def prepare_key(cfg: config.Config) -> str:
     params = {k: v for k, v in cfg.flat().items() if k.startswith("data.")}
     inputs = {"params": params, "source_digest": data.source_digest(cfg.data.source),
               "code_digest": code_digest("data", "prepare")}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return json_digest(inputs)
 
 
 def build(cfg: config.Config) -> data.Dataset:

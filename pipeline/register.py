@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import compare, config
 from pipeline.evaluate import model_id_of
-from pipeline.tracking import cli, step_run
+from pipeline.tracking import cli, markdown_table, step_run
 
 
 def model_test_acc(model_uri: str) -> tuple[float, str | None]:
@@ -101,19 +101,18 @@ def report_markdown(report: dict) -> str:
     """The report as Markdown: the version description and `champion_vs_challenger.md`."""
     name, alias, new, old = report["model_name"], report["alias"], report["challenger"], report["champion"]
     verdict = f"@{alias} {'moved to' if report['alias_moved'] else 'stays off'} v{new['version']}: {report['reason']}."
-    lines = [f"**Champion vs challenger** ({name}): {verdict}", "",
-             "| | version | test_acc | model |", "|---|---|---|---|",
-             f"| challenger | v{new['version']} | {fmt(new['test_acc'])} | `{new['model_uri']}` |"]
-    if old:
-        lines.append(f"| champion | v{old['version']} | {fmt(old['test_acc'])} | `{old['model_uri']}` |")
-    else:
-        lines.append(f"| champion | none | | no version held @{alias} |")
+    versions = pd.DataFrame([
+        ["challenger", f"v{new['version']}", fmt(new["test_acc"]), f"`{new['model_uri']}`"],
+        ["champion", f"v{old['version']}", fmt(old["test_acc"]), f"`{old['model_uri']}`"] if old
+        else ["champion", "none", "", f"no version held @{alias}"],
+    ], columns=["", "version", "test_acc", "model"])
+    text = f"**Champion vs challenger** ({name}): {verdict}\n\n{markdown_table(versions)}"
     if report["per_class"]:
-        lines += ["", "Per-class test accuracy (largest change first):", "",
-                  "| class | champion | challenger | difference |", "|---|---|---|---|"]
-        lines += [f"| {row['class']} | {fmt(row['champion'])} | {fmt(row['challenger'])} | "
-                  f"{fmt(row['difference'], '+')} |" for row in report["per_class"]]
-    return "\n".join(lines) + "\n"
+        per_class = pd.DataFrame([[row["class"], fmt(row["champion"]), fmt(row["challenger"]),
+                                   fmt(row["difference"], "+")] for row in report["per_class"]],
+                                 columns=["class", "champion", "challenger", "difference"])
+        text += f"\nPer-class test accuracy (largest change first):\n\n{markdown_table(per_class)}"
+    return text
 
 
 def record_report(client: MlflowClient, report: dict) -> str:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import itertools
 import json
 import math
@@ -55,13 +54,12 @@ from typing import Any
 import mlflow
 import optuna
 import pandas as pd
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from optuna.trial import TrialState
 
 from pipeline import compare, config, prepare
-from pipeline.tracking import cli, open_run, step_run
+from pipeline.tracking import cli, json_digest, markdown_table, open_run, step_run
 
 SPEC_KEYS = {"base", "overrides", "grid", "space", "random", "sampler", "trials", "seed", "pruner"}
 # A grid queues each combination as a fixed trial (Optuna's enqueue_trial), so that each runs exactly once
@@ -88,17 +86,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 def read_spec(path: str | Path) -> dict[str, Any]:
     """The sweep file as a dict; ConfigError on unknown keys, no or several search spaces."""
-    candidate = Path(path)
-    if not candidate.is_absolute() and not candidate.exists():
-        candidate = config.PROJECT_ROOT / candidate
-    try:
-        spec = yaml.safe_load(candidate.read_text())
-    except (FileNotFoundError, IsADirectoryError):
-        raise config.ConfigError(f"spec: file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise config.ConfigError(f"spec: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(spec, dict):
-        raise config.ConfigError(f"spec: {path} must hold a mapping")
+    spec = config.read_yaml(path, key="spec")
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise config.ConfigError(f"spec: unknown keys {sorted(unknown)} (known: {', '.join(sorted(SPEC_KEYS))})")
@@ -284,8 +272,7 @@ def default_storage() -> str:
 def default_study(plan: Plan) -> str:
     """The spec's name and a digest of its content, the overrides and the tracking store: rerunning
     the same command continues the same study, a changed spec starts another."""
-    digest = hashlib.sha256(json.dumps({**plan.fingerprint(), "tracking": mlflow.get_tracking_uri()},
-                                       sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = json_digest({**plan.fingerprint(), "tracking": mlflow.get_tracking_uri()})[:8]
     return f"{Path(plan.spec_path).stem}-{digest}"
 
 
@@ -612,8 +599,8 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
         outcome = ", ".join(f"{n} {state.lower()}" for state, n in counts.items())
         winner = "none" if best is None else f"trial {best['trial']}"
         mlflow.set_tag("mlflow.note.content", f"Optuna study `{study.study_name}`: {len(results)} trials of "
-                       f"`{plan.spec_path}` ({outcome}); best: {winner}.\n\n" + compare.to_markdown(summary))
-        print(compare.to_markdown(summary), end="")
+                       f"`{plan.spec_path}` ({outcome}); best: {winner}.\n\n" + markdown_table(summary))
+        print(markdown_table(summary), end="")
     return {"trials": results, "best": best, "decision": decision, "comparison_run_id": comparison}
 
 

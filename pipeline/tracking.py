@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
+import json
+import math
 import os
 import signal
 import subprocess
@@ -20,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import PROJECT_ROOT, Config, ConfigError
@@ -103,15 +107,32 @@ def code_digest(*modules: str) -> str:
     return h.hexdigest()
 
 
-def _git_commit() -> str | None:
-    head = PROJECT_ROOT / ".git" / "HEAD"
+def json_digest(value: object) -> str:
+    """sha256 of `value` as canonical JSON (sorted keys; str() for what JSON cannot hold): a cache key."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """`table` as a GitHub-flavoured Markdown table (pandas `to_markdown`): floats with 4 decimals,
+    missing values empty, other values as their text (not re-read as numbers: `1e-06` stays `1e-06`)."""
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|")  # tabulate leaves a pipe inside a cell as a column break
+
+    return table.map(cell).to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The project's checked-out commit (`git rev-parse HEAD`), or None outside a git checkout or without git."""
     try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            return (PROJECT_ROOT / ".git" / ref[5:]).read_text().strip()
-        return ref
-    except OSError:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
         return None
+    return out or None
 
 
 def step_run(cfg: Config, step: str, *, run_name: str | None = None,
@@ -134,7 +155,7 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
     """
     parent = mlflow.active_run()
     tags = {"step": step, **(tags or {})}
-    commit = _git_commit()
+    commit = git_commit()
     if commit:
         tags["git_commit"] = commit
     if resume_run_id:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
-import hashlib
 import json
 import shutil
 import tempfile
@@ -42,7 +41,7 @@ from pipeline.fitting import (
     make_model,
     split_validation,
 )
-from pipeline.tracking import PIPELINE_DIR, StepFailed, checkpoint_root, cli, step_run
+from pipeline.tracking import PIPELINE_DIR, StepFailed, checkpoint_root, cli, json_digest, step_run
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -125,7 +124,7 @@ def has_checkpoint(run_id: str) -> bool:
 
 def train_key(cfg: config.Config, dataset_uri: str) -> str:
     """Identity of a training job: every param and the dataset. Equal keys may resume each other."""
-    return hashlib.sha256(json.dumps({**cfg.flat(), "dataset_uri": dataset_uri}, sort_keys=True).encode()).hexdigest()
+    return json_digest({**cfg.flat(), "dataset_uri": dataset_uri})
 
 
 def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> str | None:
@@ -288,8 +287,8 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
     dataset = prepare.load_dataset(dataset_uri) if dataset_uri else prepare.build(cfg)
     splits = split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
     model = compile_model(cfg, dataset, dist, len(splits[0]))
-    key = hashlib.sha256(json.dumps({**cfg.flat(), "dataset": dataset.digest()}, sort_keys=True).encode())
-    backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{key.hexdigest()[:16]}"
+    key = json_digest({**cfg.flat(), "dataset": dataset.digest()})
+    backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{key[:16]}"
     if resume == "never":
         shutil.rmtree(backup, ignore_errors=True)
     print(f"{dist.task} of {dist.workers}: training on {len(splits[0])} images, devices {dist.devices}; "
