@@ -19,7 +19,8 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, free_port, server_run_command, start_tracking_server, stop_group
+from bench.servers import free_port, server_run_command, start_tracking_server, stop_group
+from tests.conftest import ROOT
 
 TINY = "params/tiny.yaml"
 

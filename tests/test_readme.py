@@ -22,8 +22,9 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+from bench.servers import free_port, stop_group, wait_until_up
 from pipeline.data import SYNTHETIC_CLASSES
-from tests.conftest import ROOT, free_port, stop_group, wait_until_up
+from tests.conftest import ROOT
 
 TINY = " -P params=params/tiny.yaml"
 SETUP = ("python3 -m venv .venv", ". .venv/bin/activate", "pip install -r requirements.txt")
