@@ -152,8 +152,8 @@ def plot_curves(table: pd.DataFrame, histories: dict[str, pd.Series], path: Path
     plt.close(fig)
 
 
-def run(experiment: str | None = None, run_ids: list[str] | None = None, top: int | None = None,
-        metric: str = "val_acc") -> dict:
+def run(experiment: str | None = None, run_ids: list[str] | None = None, top: int | None = None, *,
+        metric: str) -> dict:
     """Compare training runs; log the table and plot to a new comparison run.
 
     Inputs: an experiment name (None: all experiments) and/or run ids, `top` N rows by `metric`
@@ -223,10 +223,11 @@ def split_ids(text: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--experiment", default="", help="experiment name (default: every experiment)")
-    parser.add_argument("--run-ids", default="", help="training run ids, comma or space separated")
-    parser.add_argument("--top", default="", help="keep the best N runs by --metric")
-    parser.add_argument("--metric", default="val_acc", help=f"sort column: {', '.join(RESULT_COLUMNS)}")
+    parser.add_argument("--experiment", help="experiment name (default: every experiment)")
+    parser.add_argument("--run-ids", help="training run ids, comma or space separated")
+    parser.add_argument("--top", help="keep the best N runs by --metric")
+    parser.add_argument("--metric", help=f"sort column: {', '.join(RESULT_COLUMNS)}")
+    parser.set_defaults(**config.entry_point_defaults("compare"))
     args = parser.parse_args()
     run_ids = split_ids(args.run_ids)
     experiment = args.experiment or None
@@ -234,7 +235,7 @@ def main() -> None:
         top = int(args.top) if args.top else None
     except ValueError:
         raise config.ConfigError(f"top: must be an integer, got {args.top!r}") from None
-    run(experiment, run_ids, top, args.metric or "val_acc")
+    run(experiment, run_ids, top, metric=args.metric)
 
 
 if __name__ == "__main__":

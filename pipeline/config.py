@@ -22,6 +22,7 @@ import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params" / "default.yaml"
+MLPROJECT = PROJECT_ROOT / "MLproject"
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,16 @@ class DataConfig:
             _check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0 (0 = all)", getattr(self, name))
         for name in ("synthetic_train", "synthetic_test"):
             _check(getattr(self, name) >= 10, f"data.{name}", "must be >= 10", getattr(self, name))
+
+
+def resnet_depth(*, arch: str, block: str, units_per_stage: int, stages: int) -> int:
+    """Weighted layers, the number in a ResNet's name: resnet9 has 8 convs + the classifier; preact has the
+    stem, 3 (bottleneck) or 2 (basic) convs per unit and the classifier (bottleneck 9n + 2 and basic
+    6n + 2 over 3 stages). Projection shortcuts are not counted, by convention."""
+    if arch == "resnet9":
+        return 9
+    per_unit = 3 if block == "bottleneck" else 2
+    return per_unit * units_per_stage * stages + 2
 
 
 @dataclass(frozen=True)
@@ -86,12 +97,8 @@ class ModelConfig:
 
     @property
     def depth(self) -> int:
-        """Weighted layers: resnet9 has 8 convs + the classifier; preact has the stem, 3 (bottleneck) or
-        2 (basic) convs per unit and the classifier."""
-        if self.arch == "resnet9":
-            return 9
-        per_unit = 3 if self.block == "bottleneck" else 2
-        return per_unit * self.units_per_stage * len(self.widths) + 2
+        return resnet_depth(arch=self.arch, block=self.block, units_per_stage=self.units_per_stage,
+                            stages=len(self.widths))
 
 
 @dataclass(frozen=True)
@@ -338,9 +345,18 @@ def from_run_params(params: dict[str, str]) -> Config:
 def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | None) -> Config:
     """Entry-point helper: `--epochs 150 --data PATH` are shortcuts for their dotted keys.
 
-    Empty strings mean "not given" (MLproject passes "" for parameters left at their default).
+    Empty strings mean "not given": `params` "" is default.yaml alone, an empty shortcut leaves its key as
+    the params say (MLproject's defaults for these are "").
     """
     keys = {"epochs": "train.epochs", "data": "data.source"}
     extra = [f"{keys[name]}={value}" for name, value in shortcuts.items() if value not in (None, "")]
     items = (shlex.split(overrides) if overrides else []) + extra
     return load(params or None, items)
+
+
+def entry_point_defaults(entry_point: str) -> dict[str, str]:
+    """The parameter defaults MLproject gives `entry_point` ({name: value}), for `parser.set_defaults`:
+    MLproject is the one place they are written, and `python -m pipeline.<step>` gets the same ones."""
+    parameters = read_yaml(MLPROJECT, key="MLproject")["entry_points"][entry_point]["parameters"]
+    return {name: str(spec["default"]) for name, spec in parameters.items()
+            if isinstance(spec, dict) and "default" in spec}

@@ -43,11 +43,12 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="")
-    parser.add_argument("--epochs", default="")
-    parser.add_argument("--data", default="")
-    parser.add_argument("--overrides", default="")
-    parser.add_argument("--resume", default="", help="'' (continue an interrupted identical run), 'never', or a run id")
+    parser.add_argument("--params")
+    parser.add_argument("--epochs")
+    parser.add_argument("--data")
+    parser.add_argument("--overrides")
+    parser.add_argument("--resume", help="'' (continue an interrupted identical run), 'never', or a run id")
+    parser.set_defaults(**config.entry_point_defaults("main"))
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
     dataset_uri = ""

@@ -125,9 +125,10 @@ def load_dataset(dataset_uri: str) -> data.Dataset:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="")
-    parser.add_argument("--data", default="")
-    parser.add_argument("--overrides", default="")
+    parser.add_argument("--params")
+    parser.add_argument("--data")
+    parser.add_argument("--overrides")
+    parser.set_defaults(**config.entry_point_defaults("prepare"))
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, data=args.data)
     data.source_digest(cfg.data.source)  # a missing path fails here, before any run is opened

@@ -182,9 +182,10 @@ def run(cfg: config.Config, model_uri: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="")
-    parser.add_argument("--overrides", default="")
+    parser.add_argument("--params")
+    parser.add_argument("--overrides")
     parser.add_argument("--model-uri", required=True)
+    parser.set_defaults(**config.entry_point_defaults("register"))
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
     model_test_acc(args.model_uri)  # a wrong URI or an unevaluated model fails before a run is opened

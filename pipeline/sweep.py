@@ -624,7 +624,7 @@ def run(args: argparse.Namespace) -> int:
     """Check everything, join (or start) the study, run its trials here with `workers` processes.
     Returns the exit status: 0, or 1 if no trial of the study finished."""
     try:
-        workers = int(args.workers or 1)
+        workers = int(args.workers)
     except ValueError:
         raise config.ConfigError(f"workers: must be an integer, got {args.workers!r}") from None
     if workers < 1:
@@ -685,12 +685,13 @@ def run(args: argparse.Namespace) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--spec", required=True, help="sweep file, e.g. params/sweep-example.yaml")
-    parser.add_argument("--overrides", default="", help="key=value pairs applied to every trial, last")
-    parser.add_argument("--storage", default="", help="Optuna storage URL; empty: optuna.db beside mlflow.db")
-    parser.add_argument("--study", default="", help="Optuna study name; empty: the spec's name and digest")
-    parser.add_argument("--workers", default="", help="worker processes on this host (empty: 1)")
+    parser.add_argument("--spec", help="sweep file, e.g. params/sweep-example.yaml")
+    parser.add_argument("--overrides", help="key=value pairs applied to every trial, last")
+    parser.add_argument("--storage", help="Optuna storage URL; empty: optuna.db beside mlflow.db")
+    parser.add_argument("--study", help="Optuna study name; empty: the spec's name and digest")
+    parser.add_argument("--workers", help="worker processes on this host")
     parser.add_argument("--join", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers N
+    parser.set_defaults(**config.entry_point_defaults("sweep"))
     sys.exit(run(parser.parse_args()))
 
 
