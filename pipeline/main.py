@@ -13,7 +13,7 @@ import mlflow
 
 from pipeline import config, prepare
 from pipeline.distribute import cluster_from_env
-from pipeline.tracking import cli, step_run
+from pipeline.tracking import cli, step_run, ui_hint
 
 
 def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
@@ -64,8 +64,9 @@ def main() -> None:
     if cluster and not cluster.chief:
         raise config.ConfigError(f"TF_CONFIG: this host is {cluster.task}; the pipeline runs on the chief, "
                                  f"here run `python -m pipeline.train` with the chief's params")
-    with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}"):
+    with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
         run(cfg, resume=args.resume, dataset_uri=dataset_uri)
+    print(ui_hint(parent))
 
 
 if __name__ == "__main__":

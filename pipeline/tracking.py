@@ -12,6 +12,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -39,6 +40,21 @@ def checkpoint_root() -> Path:
 
 # MLflow retries a dead tracking server 7 times with doubling back-off (minutes). A run whose
 # server went away should fail soon and say so; its checkpoint lets the same command resume.
+class _DropMessages(logging.Filter):
+    """Drop log records whose message starts with one of `starts`; every other record passes."""
+
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+# serve.ImageClassifier is logged as an object on purpose (its code ships with the model, see log_model):
+# MLflow's advice to log models from code instead is noise on every training run.
+logging.getLogger("mlflow.pyfunc").addFilter(_DropMessages("Passing a Python object as `python_model`"))
+
 for _var, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
     os.environ.setdefault(_var, _value)
@@ -133,6 +149,16 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out or None
+
+
+def ui_hint(run: mlflow.entities.Run | mlflow.ActiveRun) -> str:
+    """Where to look at `run`: its page on the tracking server, or the `mlflow ui` command for a local store."""
+    uri = mlflow.get_tracking_uri()
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"run {run.info.run_id}: {uri.rstrip('/')}/{page}"
+    return (f"run {run.info.run_id}: see it with `mlflow ui --backend-store-uri {uri}`, then "
+            f"http://127.0.0.1:5000/{page}")
 
 
 def step_run(cfg: Config, step: str, *, run_name: str | None = None,

@@ -1,4 +1,4 @@
-"""Shared fixtures: a throwaway MLflow store per test, quiet TensorFlow. Servers: see bench.servers."""
+"""Shared fixtures: a throwaway MLflow store per test. Servers: see bench.servers; quiet TensorFlow: pipeline."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 
 from bench.servers import ROOT, free_port, server_run_command  # noqa: F401 - ROOT, free_port: imported from here too
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +39,7 @@ def store(tmp_path, monkeypatch, empty_store_db):
     mlflow.set_tracking_uri(uri)
     mlflow.create_experiment("e2e", artifact_location=str(tmp_path / "artifacts"))
     monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     env.pop("MLFLOW_RUN_ID", None)
     yield env
