@@ -4,7 +4,7 @@ Usage: python -m bench.bench_serve [--params PARAMS.yaml ...] [--latency-request
 
 For each params file (default: tiny and resnet20), logs the model it builds (weights untrained:
 speed does not depend on them) through
-`pipeline.train.log_model` into a temporary SQLite store, starts `mlflow models serve` on a
+`pipeline.tracking.training.log_model` into a temporary SQLite store, starts `mlflow models serve` on a
 loopback port, and measures:
 - images/s at batch 1 and 256 for in-process `pyfunc.predict` (uint8 arrays) and over HTTP with
   JSON integer tensors and with base64 PNGs (request bodies are encoded before the clock starts);
@@ -37,7 +37,8 @@ from PIL import Image  # noqa: E402
 
 from bench.machine import machine  # noqa: E402
 from bench.servers import ROOT, free_port, start_model_server, stop_group  # noqa: E402
-from pipeline import config, data, fitting, train  # noqa: E402
+from pipeline import config, data, fitting  # noqa: E402
+from pipeline.tracking import training  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 BIG_BATCH = 256
@@ -51,7 +52,7 @@ def log_untrained_model(params: str, tmp: Path) -> str:
     experiment = mlflow.create_experiment(f"bench-serve-{Path(params).stem}",
                                           artifact_location=(tmp / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment):
-        return train.log_model(fitting.make_model(cfg, dataset, augment=False), list(dataset.class_names),
+        return training.log_model(fitting.make_model(cfg, dataset, augment=False), list(dataset.class_names),
                                dataset.x_test[:2]).model_uri
 
 

@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.machine import machine  # noqa: E402
-from pipeline import augment, config, data, fitting, train  # noqa: E402
+from pipeline import augment, config, data, fitting  # noqa: E402
+from pipeline.tracking import training  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_JPEG = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"
@@ -156,14 +157,14 @@ def bench_tracking(dataset: data.Dataset, epochs: int) -> dict:
         with mlflow.start_run():
             on, off = [], []
             for _ in range(epochs):
-                for timings, callbacks in ((on, [train.MlflowEpochLogger(len(x))]), (off, [])):
+                for timings, callbacks in ((on, [training.MlflowEpochLogger(len(x))]), (off, [])):
                     start = time.perf_counter()
                     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=callbacks)
                     timings.append(time.perf_counter() - start)
             calls = []
             for step in range(20):
                 start = time.perf_counter()
-                mlflow.log_metrics({k: 0.5 for k in train.EPOCH_METRICS}, step=1000 + step)
+                mlflow.log_metrics({k: 0.5 for k in training.EPOCH_METRICS}, step=1000 + step)
                 calls.append(time.perf_counter() - start)
         mlflow.set_tracking_uri(None)
     epoch_off, epoch_on, call = statistics.median(off), statistics.median(on), statistics.median(calls)

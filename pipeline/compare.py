@@ -8,9 +8,6 @@ Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.
         `test_acc`, wall time, images/s) and `val_acc.png` (val_acc per epoch, one curve per
         run); the Markdown table is also the run's description and is printed.
 Returns a dict: the comparison run id, the table (a DataFrame) and the artifact paths.
-
-`describe_train_run` writes a training run's description (which data, which model), shared by
-register and sweep so that every training run reads the same in the MLflow UI.
 """
 
 from __future__ import annotations
@@ -25,10 +22,9 @@ import matplotlib
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from pipeline import config
-from pipeline.tracking import cli, markdown_table, open_run
+from pipeline.tracking import cli, markdown_table, model_metrics, open_run
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -83,22 +79,6 @@ def val_acc_history(client: MlflowClient, run_id: str) -> pd.Series:
                      name=CURVE_METRIC, dtype=float)
 
 
-def model_test_metrics(model_uri: str | None) -> dict[str, float]:
-    """Latest value of each metric evaluate logged on the model `models:/m-...` ({} if none or unknown)."""
-    model_id = (model_uri or "").removeprefix("models:/")
-    if not model_id.startswith("m-"):
-        return {}
-    try:
-        model = mlflow.get_logged_model(model_id)
-    except MlflowException:
-        return {}  # the model was deleted or lives in a store this client cannot see
-    latest: dict[str, tuple[int, float]] = {}
-    for metric in model.metrics or []:
-        if metric.key not in latest or metric.timestamp >= latest[metric.key][0]:
-            latest[metric.key] = (metric.timestamp, metric.value)
-    return {key: value for key, (_, value) in latest.items()}
-
-
 def differing_params(runs: pd.DataFrame) -> list[str]:
     """`params.*` columns whose values are not the same in every run (missing counts as a value)."""
     columns = [c for c in runs.columns if c.startswith("params.") and c.removeprefix("params.") not in IGNORED_PARAMS]
@@ -118,7 +98,7 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             "epochs": len(history),
             "val_acc": history.iloc[-1] if len(history) else math.nan,
             "best_val_acc": history.max() if len(history) else math.nan,
-            "test_acc": model_test_metrics(run.get("tags.model_uri")).get("test_acc", math.nan),
+            "test_acc": model_metrics(run.get("tags.model_uri")).get("test_acc", math.nan),
             "wall_s": wall,
             # The last epoch's throughput: the first one also pays for tracing and compilation.
             "images_per_s": run.get("metrics.images_per_second", math.nan),
@@ -183,37 +163,6 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     print(f"comparison run {run_id}: runs.md, runs.csv, val_acc.png")
     return {"run_id": run_id, "table": table, "markdown": markdown,
             "artifacts": ["runs.md", "runs.csv", "val_acc.png"]}
-
-
-def prepare_run_id(dataset_uri: str) -> str | None:
-    """`runs:/<id>/dataset/dataset.npz` -> <id>."""
-    match = re.match(r"runs:/([0-9a-f]+)/", dataset_uri or "")
-    return match.group(1) if match else None
-
-
-def describe_train_run(client: MlflowClient, run_id: str, *, overwrite: bool = False) -> str | None:
-    """Write a training run's description (tag mlflow.note.content): model, recipe and data digest.
-
-    The data digest is tag `dataset_sha256` of the prepare run named in the run's `dataset_uri`
-    param. Keeps an existing description unless `overwrite`. Returns the text written, or None.
-    """
-    train = client.get_run(run_id)
-    if train.data.tags.get("mlflow.note.content") and not overwrite:
-        return None
-    params, tags = train.data.params, train.data.tags
-    prepare_id = prepare_run_id(params.get("dataset_uri", ""))
-    try:
-        digest = client.get_run(prepare_id).data.tags.get("dataset_sha256", "unknown") if prepare_id else "unknown"
-    except MlflowException:
-        digest = "unknown"  # the prepare run was deleted
-    note = (f"Pre-activation ResNet-{tags.get('model_depth', '?')} ({params.get('model.block', '?')} blocks, "
-            f"units_per_stage {params.get('model.units_per_stage', '?')}, widths {params.get('model.widths', '?')}), "
-            f"{params.get('train.epochs', '?')} epochs, batch {params.get('train.batch_size', '?')}, "
-            f"lr {params.get('train.lr', '?')}.\n\n"
-            f"Data: `{params.get('data.source', '?')}`, sha256 `{digest}` (prepare run `{prepare_id}`).\n\n"
-            f"Model: `{tags.get('model_uri', '?')}`.")
-    client.set_tag(run_id, "mlflow.note.content", note)
-    return note
 
 
 def split_ids(text: str) -> list[str]:

@@ -11,8 +11,7 @@ import argparse
 
 import mlflow
 
-from pipeline import config, prepare
-from pipeline.distribute import cluster_from_env
+from pipeline import config
 from pipeline.tracking import cli, step_run, ui_hint
 
 
@@ -26,8 +25,7 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
     from pipeline import evaluate, register, train  # Keras loads only once the params are known to be good
 
     mlflow.log_params(cfg.flat())
-    dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
-    resume_id = train.find_resumable(cfg, dataset_uri, resume)
+    dataset_uri, resume_id = train.resolve_inputs(cfg, resume=resume, dataset_uri=dataset_uri)
     with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
         model_uri = train.run(cfg, dataset_uri)
     with step_run(cfg, "evaluate"):
@@ -51,19 +49,9 @@ def main() -> None:
     parser.set_defaults(**config.entry_point_defaults("main"))
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
-    dataset_uri = ""
-    if args.resume not in ("", "never"):
-        from pipeline import train
+    from pipeline import train  # imports Keras: only once the params are known to be good
 
-        dataset_uri = train.config_to_resume(args.resume, cfg)
-    prepare.prepare_key(cfg)  # a missing data path fails here, before any run is opened
-    from pipeline import fitting  # imports Keras
-
-    fitting.check_backend(cfg)
-    cluster = cluster_from_env()
-    if cluster and not cluster.chief:
-        raise config.ConfigError(f"TF_CONFIG: this host is {cluster.task}; the pipeline runs on the chief, "
-                                 f"here run `python -m pipeline.train` with the chief's params")
+    dataset_uri = train.check_inputs(cfg, resume=args.resume)
     with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
         run(cfg, resume=args.resume, dataset_uri=dataset_uri)
     print(ui_hint(parent))

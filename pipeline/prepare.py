@@ -21,7 +21,7 @@ import mlflow
 from mlflow.data.code_dataset_source import CodeDatasetSource
 
 from pipeline import config, data
-from pipeline.tracking import cli, code_digest, json_digest, step_run
+from pipeline.tracking import cli, code_digest, find_finished_run, json_digest, step_run
 
 DATASET_ARTIFACT = "dataset/dataset.npz"
 
@@ -79,10 +79,8 @@ def _source(cfg: config.Config):
 
 def find_prepared(key: str) -> str | None:
     """Dataset URI of a finished prepare run with the same key, in any experiment, if any."""
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
-                              filter_string=f"tags.prepare_key = '{key}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"])
-    return f"runs:/{runs[0].info.run_id}/{DATASET_ARTIFACT}" if runs else None
+    run_id = find_finished_run("prepare_key", key)
+    return f"runs:/{run_id}/{DATASET_ARTIFACT}" if run_id else None
 
 
 def ensure_prepared(cfg: config.Config) -> str:

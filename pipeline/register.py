@@ -21,24 +21,31 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline import compare, config
-from pipeline.evaluate import model_id_of
-from pipeline.tracking import cli, markdown_table, step_run
+from pipeline import config
+from pipeline.tracking import (
+    cli,
+    describe_train_run,
+    latest_metrics,
+    markdown_table,
+    model_id,
+    model_metrics,
+    step_run,
+)
 
 
 def model_test_acc(model_uri: str) -> tuple[float, str | None]:
     """`test_acc` recorded on a logged model by evaluate, and the run that trained it."""
-    model_id = model_id_of(model_uri)
-    if model_id is None:
+    logged_model = model_id(model_uri)
+    if logged_model is None:
         raise config.ConfigError(f"model_uri: expected a logged model URI models:/m-..., got {model_uri!r}")
     try:
-        model = mlflow.get_logged_model(model_id)
+        model = mlflow.get_logged_model(logged_model)
     except MlflowException as exc:
-        raise config.ConfigError(f"model_uri: no logged model {model_id} ({exc.message})") from None
-    accs = [m.value for m in model.metrics or [] if m.key == "test_acc"]
-    if not accs:
+        raise config.ConfigError(f"model_uri: no logged model {logged_model} ({exc.message})") from None
+    test_acc = latest_metrics(model.metrics).get("test_acc")
+    if test_acc is None:
         raise config.ConfigError(f"model_uri: {model_uri} has no test_acc yet: run evaluate on it first")
-    return float(accs[-1]), model.source_run_id
+    return float(test_acc), model.source_run_id
 
 
 def current_champion(client: MlflowClient, name: str, alias: str):
@@ -81,9 +88,9 @@ def challenger_report(decision: dict, alias: str, model_uri: str, champion) -> d
     Inputs: register's decision dict, the alias, the challenger's model URI, the previous
     champion's ModelVersion (or None). Output: a JSON-ready dict.
     """
-    challenger_metrics = compare.model_test_metrics(model_uri)
+    challenger_metrics = model_metrics(model_uri)
     champion_uri = version_model_uri(champion) if champion else None
-    champion_metrics = compare.model_test_metrics(champion_uri) if champion else {}
+    champion_metrics = model_metrics(champion_uri) if champion else {}
     per_class = class_differences(per_class_accuracy(challenger_metrics), per_class_accuracy(champion_metrics))
     return {
         "model_name": decision["model_name"], "alias": alias,
@@ -175,7 +182,7 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     mlflow.log_dict(decision, "decision.json")
     record_report(client, challenger_report(decision, alias, model_uri, champion))
     if source_run:
-        compare.describe_train_run(client, source_run)  # a no-op where the training run already has one
+        describe_train_run(client, source_run)  # a no-op where the training run already has one
     print(f"registered {name} v{version.version}: {'@' + alias + ' moved' if moved else 'alias kept'} ({reason})")
     return decision
 

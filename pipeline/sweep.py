@@ -59,7 +59,7 @@ from mlflow.entities import RunTag
 from optuna.trial import TrialState
 
 from pipeline import compare, config, prepare
-from pipeline.tracking import cli, json_digest, markdown_table, open_run, step_run
+from pipeline.tracking import cli, describe_train_run, json_digest, markdown_table, open_run, step_run
 
 SPEC_KEYS = {"base", "overrides", "grid", "space", "random", "sampler", "trials", "seed", "pruner"}
 # A grid queues each combination as a fixed trial (Optuna's enqueue_trial), so that each runs exactly once
@@ -441,7 +441,7 @@ def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
         log_history(client, train_id)
         raise
     train_id = train_run.info.run_id
-    compare.describe_train_run(client, train_id)
+    describe_train_run(client, train_id)
     mlflow.set_tags({"train_run_id": train_id, "model_uri": model_uri})
     history = log_history(client, train_id)
     loss = client.get_run(train_id).data.metrics.get("loss", math.nan)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
-import json
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -28,64 +27,37 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline import compare, config, prepare, serve
+from pipeline import config, prepare
 from pipeline.data import Dataset
-from pipeline.distribute import Distribution, distribution
+from pipeline.distribute import Distribution, cluster_from_env, distribution
 from pipeline.fitting import (
-    EpochTimer,
     check_backend,
     compile_model,
-    current_lr,
     diverged,
     fit,
     make_model,
     split_validation,
 )
-from pipeline.tracking import PIPELINE_DIR, StepFailed, checkpoint_root, cli, json_digest, step_run
+from pipeline.tracking import (
+    StepFailed,
+    checkpoint_root,
+    cli,
+    describe_train_run,
+    json_digest,
+    step_run,
+    unfinished_runs,
+)
+from pipeline.tracking.training import MlflowEpochLogger, log_model, logged_history
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
 
-EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "iterations", "epoch_seconds", "images_per_second")
 # Held (flock) by the process training a run, in the run's checkpoint folder: a live run is never resumed.
 LOCK_FILE = "training.lock"
 
 
-class MlflowEpochLogger(EpochTimer):
-    """Logs one point per epoch for each of EPOCH_METRICS at step = epoch (1-based).
-
-    Written by hand because mlflow.keras.MlflowCallback logs duplicate `validation_*`
-    metrics at step 0 and autolog crashes `fit` on TF 2.21 without tensorboard.
-    `logged_steps`: epochs a resumed run already logged, skipped so no step appears twice.
-    """
-
-    def __init__(self, train_images: int, logged_steps: set[int] = frozenset()):
-        super().__init__()
-        self.train_images = train_images
-        self.logged_steps = set(logged_steps)
-
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
-        if epoch + 1 in self.logged_steps:
-            return
-        seconds = self.seconds[-1]
-        lr = current_lr(self.model.optimizer)
-        row = {k: float(v) for k, v in (logs or {}).items() if k in EPOCH_METRICS}
-        iterations = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        row.update(lr=lr, iterations=iterations, epoch_seconds=seconds, images_per_second=self.train_images / seconds)
-        mlflow.log_metrics(row, step=epoch + 1)
-
-
 class TrainingDiverged(StepFailed):
     """The loss became NaN or infinite."""
-
-
-def logged_history(run_id: str) -> pd.DataFrame:
-    """The run's per-epoch metrics as a table (one row per epoch), read back from MLflow, so a
-    resumed run's history includes the epochs logged before the interruption."""
-    client = MlflowClient()
-    series = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in EPOCH_METRICS}
-    return pd.DataFrame(series).rename_axis("epoch").reset_index().sort_values("epoch")
 
 
 def checkpoint_dir(run_id: str) -> Path:
@@ -127,6 +99,35 @@ def train_key(cfg: config.Config, dataset_uri: str) -> str:
     return json_digest({**cfg.flat(), "dataset_uri": dataset_uri})
 
 
+def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> str:
+    """Check a training command's inputs before any run opens (ConfigError or DataError naming the key);
+    return the dataset URI to train on ("" = prepare or reuse one, see `resolve_inputs`).
+
+    resume, a run id: `cfg` (and `dataset_uri`) must be what that run started with, and its dataset is
+    used (see `config_to_resume`). A dataset URI must name an artifact; else `data.source` must exist.
+    The backend must support the params, and in a cluster (TF_CONFIG) only the chief runs the steps.
+    """
+    if resume not in ("", "never"):
+        dataset_uri = config_to_resume(resume, cfg, dataset_uri)
+    if dataset_uri:
+        prepare.check_dataset_uri(dataset_uri)
+    else:
+        prepare.prepare_key(cfg)  # a missing data path fails here
+    check_backend(cfg)
+    cluster = cluster_from_env()
+    if cluster and not cluster.chief:
+        raise config.ConfigError(f"TF_CONFIG: this host is {cluster.task}; the pipeline runs on the chief, "
+                                 f"here run `python -m pipeline.train` with the chief's params")
+    return dataset_uri
+
+
+def resolve_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> tuple[str, str | None]:
+    """(dataset URI, train run to resume or None), for inputs `check_inputs` passed: an identical finished
+    prepare is reused, else prepare runs (nested in the active run); see `find_resumable`."""
+    dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
+    return dataset_uri, find_resumable(cfg, dataset_uri, resume)
+
+
 def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> str | None:
     """The train run to continue, or None to start a new one.
 
@@ -147,9 +148,7 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
             raise config.ConfigError(f"resume: run {resume} is being trained by another process right now")
         run_id = resume
     else:
-        candidates = (r.info.run_id for r in mlflow.search_runs(
-            search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
-            filter_string=f"tags.train_key = '{train_key(cfg, dataset_uri)}'") if r.info.status != "FINISHED")
+        candidates = unfinished_runs("train_key", train_key(cfg, dataset_uri))
         run_id = next((r for r in candidates if has_checkpoint(r) and claim(r)), None)
         if run_id is None:
             return None
@@ -170,37 +169,6 @@ def inference_copy(cfg: config.Config, dataset: Dataset, model: keras.Model) -> 
         if layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
     return served
-
-
-def log_model(model: keras.Model, class_names: list[str], example: np.ndarray,
-              tta: str = "none") -> mlflow.models.model.ModelInfo:
-    """Log the pyfunc that serves `model` (see pipeline.serve); return its ModelInfo.
-
-    Inputs: the inference Keras model, its class names, a few uint8 (n, 32, 32, 3) images kept as
-    the input example. No signature: MLflow enforces a tensor signature by casting (floats in [0, 1]
-    become 0 under uint8) and no single schema admits both pixel tensors and base64 images, so
-    `serve.to_pixels` validates every request instead. The accepted formats go into the MLmodel
-    metadata.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save(Path(tmp) / "model.keras")
-        (Path(tmp) / "class_names.json").write_text(json.dumps(class_names))
-        return mlflow.pyfunc.log_model(
-            name="model", python_model=serve.ImageClassifier(tta), code_paths=[str(PIPELINE_DIR)],
-            artifacts={serve.KERAS_ARTIFACT: str(Path(tmp) / "model.keras"),
-                       serve.CLASSES_ARTIFACT: str(Path(tmp) / "class_names.json")},
-            signature=False, input_example=np.asarray(example, dtype=np.uint8),
-            metadata={"input_formats": serve.INPUT_FORMATS, "output_format": serve.OUTPUT_FORMAT,
-                      "class_names": list(class_names), "tta": tta},
-            pip_requirements=serving_requirements())
-
-
-def serving_requirements() -> list[str]:
-    """The served model needs the backend it was trained with, Keras, MLflow and Pillow."""
-    from importlib.metadata import version
-
-    packages = (keras.backend.backend(), "keras", "mlflow", "pandas", "pillow")  # backend names are package names
-    return [f"{pkg}=={version(pkg)}" for pkg in packages]
 
 
 def plot_curves(history: pd.DataFrame, path: Path) -> None:
@@ -272,7 +240,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
         mlflow.log_artifacts(tmp)
     info = log_model(served, list(dataset.class_names), dataset.x_test[:2], cfg.evaluate.tta)
     mlflow.set_tag("model_uri", info.model_uri)
-    compare.describe_train_run(MlflowClient(), run_id, overwrite=True)
+    describe_train_run(MlflowClient(), run_id, overwrite=True)
     print(f"logged model {info.model_uri}")
     return info.model_uri
 
@@ -317,13 +285,8 @@ def main() -> None:
     if not dist.chief:
         run_worker(cfg, args.dataset_uri, dist, args.resume)
         return
-    dataset_uri = args.dataset_uri
-    if args.resume not in ("", "never"):
-        dataset_uri = config_to_resume(args.resume, cfg, dataset_uri)
-    if dataset_uri:
-        prepare.check_dataset_uri(dataset_uri)
-    dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
-    resume_id = find_resumable(cfg, dataset_uri, args.resume)
+    dataset_uri = check_inputs(cfg, resume=args.resume, dataset_uri=args.dataset_uri)
+    dataset_uri, resume_id = resolve_inputs(cfg, resume=args.resume, dataset_uri=dataset_uri)
     with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
         run(cfg, dataset_uri, dist)
 

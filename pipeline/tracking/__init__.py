@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.config import PROJECT_ROOT, Config, ConfigError
 from pipeline.data import DataError
 
-PIPELINE_DIR = Path(__file__).resolve().parent
+PIPELINE_DIR = Path(__file__).resolve().parent.parent
 
 
 def checkpoint_root() -> Path:
@@ -309,8 +310,78 @@ def _settle(run_id: str, status: str, wait_for_pid: int, delete: bool, timeout: 
         client.delete_run(run_id)
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--settle"]:  # internal: see _settle_wrapper_run
-        _settle(sys.argv[2], sys.argv[3], int(sys.argv[4]), "--delete" in sys.argv[5:])
-    else:
-        print(f"tracking store {ensure_store()} ready")
+
+# ---------------------------------------------------------------- logged models, metrics, runs by key
+
+def model_id(model_uri: str | None) -> str | None:
+    """`models:/m-...` -> the logged model's id (None for registry URIs like models:/name/1, or no URI)."""
+    tail = (model_uri or "").removeprefix("models:/")
+    return tail if tail.startswith("m-") and "/" not in tail else None
+
+
+def latest_metrics(metrics) -> dict[str, float]:
+    """{key: value} of MLflow Metric entities, keeping each key's newest (by timestamp; the later one on ties)."""
+    latest: dict[str, tuple[int, float]] = {}
+    for metric in metrics or []:
+        if metric.key not in latest or metric.timestamp >= latest[metric.key][0]:
+            latest[metric.key] = (metric.timestamp, metric.value)
+    return {key: value for key, (_, value) in latest.items()}
+
+
+def model_metrics(model_uri: str | None) -> dict[str, float]:
+    """Latest value of each metric logged on the model `models:/m-...` ({} if none or unknown)."""
+    found = model_id(model_uri)
+    if found is None:
+        return {}
+    try:
+        return latest_metrics(mlflow.get_logged_model(found).metrics)
+    except MlflowException:
+        return {}  # the model was deleted or lives in a store this client cannot see
+
+
+def find_finished_run(tag: str, key: str) -> str | None:
+    """Id of the newest FINISHED run, in any experiment, whose tag `tag` equals `key`; None if there is none."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                              filter_string=f"tags.{tag} = '{key}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def unfinished_runs(tag: str, key: str) -> list[str]:
+    """Ids of the runs, in any experiment, whose tag `tag` equals `key` and that did not finish; newest first."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              order_by=["attributes.start_time DESC"], filter_string=f"tags.{tag} = '{key}'")
+    return [r.info.run_id for r in runs if r.info.status != "FINISHED"]
+
+
+# ---------------------------------------------------------------- run descriptions
+
+def prepare_run_id(dataset_uri: str) -> str | None:
+    """`runs:/<id>/dataset/dataset.npz` -> <id>."""
+    match = re.match(r"runs:/([0-9a-f]+)/", dataset_uri or "")
+    return match.group(1) if match else None
+
+
+def describe_train_run(client: mlflow.MlflowClient, run_id: str, *, overwrite: bool = False) -> str | None:
+    """Write a training run's description (tag mlflow.note.content): model, recipe and data digest.
+
+    The data digest is tag `dataset_sha256` of the prepare run named in the run's `dataset_uri`
+    param. Keeps an existing description unless `overwrite`. Returns the text written, or None.
+    """
+    train = client.get_run(run_id)
+    if train.data.tags.get("mlflow.note.content") and not overwrite:
+        return None
+    params, tags = train.data.params, train.data.tags
+    prepare_id = prepare_run_id(params.get("dataset_uri", ""))
+    try:
+        digest = client.get_run(prepare_id).data.tags.get("dataset_sha256", "unknown") if prepare_id else "unknown"
+    except MlflowException:
+        digest = "unknown"  # the prepare run was deleted
+    note = (f"Pre-activation ResNet-{tags.get('model_depth', '?')} ({params.get('model.block', '?')} blocks, "
+            f"units_per_stage {params.get('model.units_per_stage', '?')}, widths {params.get('model.widths', '?')}), "
+            f"{params.get('train.epochs', '?')} epochs, batch {params.get('train.batch_size', '?')}, "
+            f"lr {params.get('train.lr', '?')}.\n\n"
+            f"Data: `{params.get('data.source', '?')}`, sha256 `{digest}` (prepare run `{prepare_id}`).\n\n"
+            f"Model: `{tags.get('model_uri', '?')}`.")
+    client.set_tag(run_id, "mlflow.note.content", note)
+    return note
