@@ -4,6 +4,10 @@
 layered on top of it and holds only what differs; `key=value` overrides (dotted keys, YAML
 values) are applied last. An unknown key, a wrong type or an out-of-range value raises
 `ConfigError` naming the key, before any data is read or any model is built.
+
+`read_yaml` is the one YAML file reader (params and sweep files). `entry_point_defaults` reads the
+entry points' parameter defaults from MLproject, where alone they are written. `resnet_depth` is the
+depth formula behind every model name.
 """
 
 from __future__ import annotations

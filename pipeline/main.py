@@ -2,7 +2,9 @@
 
 Steps talk only through URIs: prepare returns a dataset URI (an identical finished prepare
 run is reused), train a model URI, evaluate records test metrics on that model, register
-reads them. The parent run holds the resolved params and the headline results.
+reads them. The parent run holds the resolved params and the headline results. Inputs are
+checked before any run opens (`train.check_inputs`, shared with the train entry point); the
+console ends with where to look at the run.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
 
     resume: "" continues an interrupted identical train run if one left a checkpoint and no live
     process trains it, "never" always starts afresh, a run id continues that run, whose params must
-    equal `cfg`'s except a larger `train.epochs` (see train.find_resumable, train.config_to_resume).
+    equal `cfg`'s except a larger `train.epochs` (see train.resolve_inputs, train.config_to_resume).
     """
     from pipeline import evaluate, register, train  # Keras loads only once the params are known to be good
 

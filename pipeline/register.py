@@ -1,6 +1,7 @@
 """Step 4, register: add an evaluated model to the Model Registry; move the alias if it is better.
 
-Reads:  a logged model URI whose `test_acc` was recorded by evaluate.
+Reads:  a logged model URI whose `test_acc` was recorded by evaluate (its latest value: the newest
+        timestamp, `tracking.latest_metrics`, the rule compare uses too).
 Writes: a new version of `register.model_name` tagged with its source run id and `test_acc`;
         the alias `register.alias` (default `champion`) moves to it only if its `test_acc`
         beats the current holder's (or no version holds it). A worse model is registered

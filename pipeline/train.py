@@ -7,6 +7,11 @@ Writes: params (every resolved value, once); per-epoch metrics `loss`, `acc`, `v
         the model (a pyfunc around the Keras model, see pipeline.serve: no enforcing signature,
         the accepted input formats in the MLmodel metadata, a uint8 input example).
 Returns the logged model's URI (`models:/m-...`).
+
+`check_inputs` (before any run opens) and `resolve_inputs` (prepare or reuse the dataset, find a run
+to resume) are shared with `main`. Completed epochs are checkpointed per run and resumed by the
+same command; a cluster's other hosts train in lock step without logging (`run_worker`). The epoch
+logger and model logging live in `pipeline.tracking.training`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,18 @@
-"""The one tracking layer: how every step opens its MLflow run and reports a bad input.
+"""The tracking layer: what every step needs from MLflow, in one place.
+
+- Runs: `step_run` / `open_run` open a step's run (reusing the one `mlflow run` opened, nested
+  under an active parent, or resuming a run by id), tag it with the step and the git commit, and
+  end it KILLED on SIGTERM/SIGINT; `cli` turns expected failures into one line and an exit code;
+  `ensure_store` creates the SQLite store once; `ui_hint` says where to look at a run.
+- Keys and digests: `json_digest` (the cache key of prepare, train and sweep), `code_digest`,
+  `git_commit`.
+- Finding runs by key: `find_finished_run` (a prepare to reuse), `unfinished_runs` (a train run
+  to resume).
+- Logged models: `model_id` parses `models:/m-...`; `model_metrics` and `latest_metrics` apply the
+  one rule for a metric's latest value (the newest timestamp).
+- Run descriptions (`describe_train_run`) and Markdown tables (`markdown_table`) for the UI.
+- `pipeline.tracking.training` (imports Keras): the per-epoch logger, the logged history and
+  model logging.
 
 Tracking store: whatever `MLFLOW_TRACKING_URI` names, else MLflow's default, the embedded
 SQLite store `sqlite:///mlflow.db` in the working directory (the project root under
