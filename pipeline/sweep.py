@@ -60,6 +60,7 @@ from optuna.trial import TrialState
 
 from pipeline import compare, config, prepare
 from pipeline.tracking import cli, describe_train_run, json_digest, markdown_table, open_run, step_run
+from pipeline.tracking.resume import checkpoint_dir
 
 SPEC_KEYS = {"base", "overrides", "grid", "space", "random", "sampler", "trials", "seed", "pruner"}
 # A grid queues each combination as a fixed trial (Optuna's enqueue_trial), so that each runs exactly once
@@ -434,7 +435,7 @@ def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
     except optuna.TrialPruned:
         train_id = train_run.info.run_id
         epochs = len(compare.val_acc_history(client, train_id))
-        shutil.rmtree(train.checkpoint_dir(train_id), ignore_errors=True)  # nothing will resume a pruned fit
+        shutil.rmtree(checkpoint_dir(train_id), ignore_errors=True)  # nothing will resume a pruned fit
         client.set_tag(train_id, "pruned_at_epoch", str(epochs))
         client.set_terminated(train_id, "KILLED")
         mlflow.set_tags({"train_run_id": train_id, "pruned_at_epoch": str(epochs)})

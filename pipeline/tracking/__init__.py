@@ -12,7 +12,8 @@
   one rule for a metric's latest value (the newest timestamp).
 - Run descriptions (`describe_train_run`) and Markdown tables (`markdown_table`) for the UI.
 - `pipeline.tracking.training` (imports Keras): the per-epoch logger, the logged history and
-  model logging.
+  model logging. `pipeline.tracking.resume`: checkpoints, locks and which train run a command
+  continues.
 
 Tracking store: whatever `MLFLOW_TRACKING_URI` names, else MLflow's default, the embedded
 SQLite store `sqlite:///mlflow.db` in the working directory (the project root under
