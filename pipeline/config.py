@@ -77,9 +77,13 @@ class ModelConfig:
     l2_norm_and_bias: bool
     bn_momentum: float
     zero_init_residual: bool
+    stem: str
 
     def validate(self) -> None:
         _check(self.arch in ("preact", "resnet9"), "model.arch", "must be 'preact' or 'resnet9'", self.arch)
+        _check(self.stem in ("conv", "whiten"), "model.stem", "must be 'conv' or 'whiten'", self.stem)
+        _check(self.stem == "conv" or self.arch == "resnet9", "model.stem", "'whiten' is for model.arch resnet9",
+               self.stem)
         _check(all(w >= 1 for w in self.widths), "model.widths", "must all be >= 1", self.widths)
         _check(0 <= self.l2 < 1, "model.l2", "must be in [0, 1)", self.l2)
         _check(0 <= self.bn_momentum < 1, "model.bn_momentum", "must be in [0, 1)", self.bn_momentum)

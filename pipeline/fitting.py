@@ -17,7 +17,7 @@ import numpy as np
 from pipeline import config
 from pipeline.data import IMAGE_SIZE, Dataset
 from pipeline.distribute import Distribution
-from pipeline.model import build_resnet
+from pipeline.model import build_resnet, whitening_kernel
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
@@ -75,13 +75,16 @@ def split_validation(dataset: Dataset, fraction: float, seed: int):
 def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) -> keras.Model:
     mean, std = dataset.channel_stats()
     m, t = cfg.model, cfg.train
+    whiten = None
+    if m.stem == "whiten":  # fitted on normalised training images; the served copy gets the weights themselves
+        whiten = whitening_kernel((dataset.x_train[:2000] - mean) / std)
     return build_resnet(num_classes=len(dataset.class_names), arch=m.arch, block=m.block,
                         units_per_stage=m.units_per_stage, widths=m.widths, strides=m.strides,
                         stem_filters=m.stem_filters, l2=m.l2, l2_norm_and_bias=m.l2_norm_and_bias,
                         bn_momentum=m.bn_momentum, zero_init_residual=m.zero_init_residual,
                         mean=mean.tolist(), std=std.tolist(), image_size=IMAGE_SIZE,
                         max_shift=round(t.shift * IMAGE_SIZE) if augment else 0, shift_fill=t.shift_fill,
-                        flip=t.flip and augment, seed=t.seed)
+                        flip=t.flip and augment, seed=t.seed, whiten=whiten)
 
 
 def cpu_has_bf16() -> bool:

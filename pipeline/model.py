@@ -66,7 +66,22 @@ def _preact_body(x, *, block: str, units_per_stage: int, widths, strides, stem_f
     return layers.GlobalAveragePooling2D(name="pool")(x)
 
 
-def _resnet9_body(x, *, widths, l2: float, bn, zero_init: bool):
+def whitening_kernel(images, size: int = 2, eps: float = 5e-4):
+    """A frozen patch-whitening stem's kernel (as in Keller Jordan's airbench): the eigenvectors of the
+    covariance of `size`x`size` patches of (normalised, float) `images`, scaled by 1/sqrt(eigenvalue),
+    each with its negation, so that after a ReLU no direction is lost. Shape (size, size, C, 2*size*size*C)."""
+    import numpy as np
+
+    x = np.asarray(images, dtype=np.float32)
+    h, w, c = x.shape[1:]
+    patches = np.stack([x[:, i:h - size + 1 + i, j:w - size + 1 + j] for i in range(size) for j in range(size)],
+                       axis=-2).reshape(-1, size * size * c)
+    values, vectors = np.linalg.eigh(np.cov(patches, rowvar=False, dtype=np.float64))
+    kernel = (vectors / np.sqrt(values + eps)).reshape(size, size, c, -1)
+    return np.concatenate([kernel, -kernel], axis=-1).astype("float32")
+
+
+def _resnet9_body(x, *, widths, l2: float, bn, zero_init: bool, whiten=None):
     """The conv-BN-ReLU ResNet-9 of the DAWNBench winners (Page's "How to train your ResNet"):
     prep conv, then three layers of conv-BN-ReLU + 2x2 max-pool, the first and last followed by a
     residual pair of conv-BN-ReLU; global max-pool; the classifier's logits are scaled by 1/8.
@@ -74,7 +89,13 @@ def _resnet9_body(x, *, widths, l2: float, bn, zero_init: bool):
     def conv_bn_relu(x, filters, name, zero=False):
         return _bn_relu(_conv(filters, 3, 1, l2, f"{name}_conv")(x), name, bn=bn, zero=zero)
 
-    x = conv_bn_relu(x, widths[0], "prep")
+    if whiten is None:
+        x = conv_bn_relu(x, widths[0], "prep")
+    else:
+        stem = layers.Conv2D(whiten.shape[-1], whiten.shape[0], padding="valid", use_bias=True, trainable=False,
+                             kernel_initializer=keras.initializers.Constant(0.0), name="whiten")
+        x = layers.Activation("relu", name="whiten_relu")(stem(x))
+        stem.kernel.assign(whiten)
     for i, (width, residual) in enumerate(zip(widths[1:], (True, False, True), strict=True), start=1):
         x = conv_bn_relu(x, width, f"layer{i}")
         x = layers.MaxPooling2D(2, name=f"layer{i}_pool")(x)
@@ -101,6 +122,7 @@ def build_resnet(
     std: Sequence[float] = (1.0, 1.0, 1.0),
     max_shift: int = 0,
     shift_fill: str = "nearest",
+    whiten=None,
     flip: bool = False,
     seed: int | None = None,
     image_size: int = 32,
@@ -111,8 +133,8 @@ def build_resnet(
 
     mean/std: per-channel statistics in 0-255 pixel units. max_shift (pixels), shift_fill and
     flip configure the training-time augmentation. l2_norm_and_bias: l2 on BN parameters and
-    biases too (else kernels only). Output: float32 class probabilities, even under a
-    mixed-precision policy.
+    biases too (else kernels only). whiten: a `whitening_kernel` for resnet9's frozen stem in place of
+    its prep conv, or None. Output: float32 class probabilities, even under a mixed-precision policy.
     """
     if arch not in ("preact", "resnet9"):
         raise ValueError(f"arch must be 'preact' or 'resnet9', got {arch!r}")
@@ -125,7 +147,7 @@ def build_resnet(
         x = RandomShiftFlip(max_shift, fill=shift_fill, flip=flip, seed=seed, name="augment")(x)
     bn = partial(_bn, momentum=bn_momentum, l2=l2 if l2_norm_and_bias else None)
     if arch == "resnet9":
-        x = _resnet9_body(x, widths=widths, l2=l2, bn=bn, zero_init=zero_init_residual)
+        x = _resnet9_body(x, widths=widths, l2=l2, bn=bn, zero_init=zero_init_residual, whiten=whiten)
     else:
         x = _preact_body(x, block=block, units_per_stage=units_per_stage, widths=widths, strides=strides,
                          stem_filters=stem_filters, l2=l2, bn=bn, zero_init=zero_init_residual)

@@ -129,3 +129,31 @@ def test_flip_tta_averages_each_image_and_its_mirror():
     assert not np.allclose(plain.predict_proba(x), expected, atol=1e-6)
     with pytest.raises(ValueError, match="tta"):
         serve.ImageClassifier("crop")
+
+
+def test_whiten_stem_is_a_frozen_patch_whitening_fitted_on_the_training_images():
+    from pipeline.data import make_synthetic
+    from pipeline.distribute import distribution
+
+    rng = np.random.default_rng(0)
+    images = 10 * rng.normal(size=(200, 8, 8, 3)) @ rng.normal(size=(3, 3))  # correlated channels, var >> eps
+    kernel = model.whitening_kernel(images)
+    assert kernel.shape == (2, 2, 3, 24)
+    outputs = keras.ops.convert_to_numpy(keras.ops.conv(images.astype("float32"), kernel[..., :12]))
+    np.testing.assert_allclose(np.cov(outputs.reshape(-1, 12), rowvar=False), np.eye(12), atol=0.02)
+    np.testing.assert_allclose(kernel[..., 12:], -kernel[..., :12])  # each direction and its negation
+
+    cfg = config.load("params/quick.yaml", "model.stem=whiten train.epochs=1 train.batch_size=32 train.verbose=0")
+    data = make_synthetic(n_train=64, n_test=32)
+    m = fitting.compile_model(cfg, data, distribution("none"), 64)
+    stem = m.get_layer("whiten")
+    assert not stem.trainable and "prep_conv" not in [layer.name for layer in m.layers]
+    mean, std = data.channel_stats()
+    np.testing.assert_allclose(stem.get_weights()[0], model.whitening_kernel((data.x_train[:2000] - mean) / std),
+                               rtol=1e-5, atol=1e-6)
+    before = stem.get_weights()[0].copy()
+    fitting.fit(m, cfg, fitting.split_validation(data, 0, 0), 10, [])
+    np.testing.assert_array_equal(stem.get_weights()[0], before)  # frozen: training leaves it as fitted
+    assert not any(w is stem.kernel for w in m.trainable_weights)
+    with pytest.raises(config.ConfigError, match="model.stem"):
+        config.load(None, "model.stem=whiten")  # preact has no whitening stem
