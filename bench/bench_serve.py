@@ -1,10 +1,10 @@
 """Served vs in-process inference of the same logged model, on the same CPU, in one run.
 
-Usage: python bench/bench_serve.py [--params PARAMS.yaml ...] [--latency-requests 200] [--batch-requests 16]
+Usage: python -m bench.bench_serve [--params PARAMS.yaml ...] [--latency-requests 200] [--batch-requests 16]
 
 For each params file (default: tiny and resnet20), logs the model it builds (weights untrained:
 speed does not depend on them) through
-`pipeline.train.log_model` into a temporary SQLite store, starts `mlflow models serve` on a
+`pipeline.tracking.training.log_model` into a temporary SQLite store, starts `mlflow models serve` on a
 loopback port, and measures:
 - images/s at batch 1 and 256 for in-process `pyfunc.predict` (uint8 arrays) and over HTTP with
   JSON integer tensors and with base64 PNGs (request bodies are encoded before the clock starts);
@@ -21,9 +21,6 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,15 +28,17 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the pipeline package lives at the root
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no oneDNN / cuInit lines
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import config, data, fitting, train  # noqa: E402
+from bench.machine import machine  # noqa: E402
+from bench.servers import ROOT, free_port, start_model_server, stop_group  # noqa: E402
+from pipeline import config, data, fitting  # noqa: E402
+from pipeline.tracking import training  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 BIG_BATCH = 256
@@ -53,43 +52,8 @@ def log_untrained_model(params: str, tmp: Path) -> str:
     experiment = mlflow.create_experiment(f"bench-serve-{Path(params).stem}",
                                           artifact_location=(tmp / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment):
-        return train.log_model(fitting.make_model(cfg, dataset, augment=False), list(dataset.class_names),
+        return training.log_model(fitting.make_model(cfg, dataset, augment=False), list(dataset.class_names),
                                dataset.x_test[:2]).model_uri
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_uri: str, port: int, log: Path, timeout: float = 180) -> subprocess.Popen:
-    """`mlflow models serve` (one worker) in its own process group; returns once /ping answers."""
-    cli = Path(sys.executable).with_name("mlflow")
-    process = subprocess.Popen([str(cli), "models", "serve", "-m", model_uri, "--env-manager", "local", "-p",
-                                str(port), "-h", "127.0.0.1", "-w", "1"], stdout=log.open("wb"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
-                if response.status == 200:
-                    return process
-        except OSError:
-            time.sleep(0.5)
-    stop_server(process)
-    raise RuntimeError(f"server did not answer /ping within {timeout}s")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def poster(url: str, body: bytes) -> Callable[[], None]:
@@ -180,17 +144,11 @@ def mlflow_parse_seconds(pixels: np.ndarray) -> float:
 
 
 def describe_machine() -> dict:
-    """CPU model and count, whether TensorFlow sees a GPU, library versions."""
+    """The machine as detected (cores, CPU model, GPUs or none) and library versions."""
     from importlib.metadata import version
 
-    import keras
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    gpus = [d for d in keras.distribution.list_devices() if "gpu" in d.lower()]
-    return {"cpu": cpu, "cpu_cores": len(os.sched_getaffinity(0)), "gpu": ", ".join(gpus) or "none",
-            "python": platform.python_version(), "tensorflow": version("tensorflow"), "keras": version("keras"),
-            "mlflow": version("mlflow"), "os": platform.platform()}
+    return {"machine": machine(), "python": platform.python_version(), "tensorflow": version("tensorflow"),
+            "keras": version("keras"), "mlflow": version("mlflow"), "os": platform.platform()}
 
 
 def model_markdown(entry: dict) -> list[str]:
@@ -198,13 +156,11 @@ def model_markdown(entry: dict) -> list[str]:
     r = entry["results"]
     rows = [("in process (uint8 array)", r["in_process"]), ("served, JSON int tensor", r["served_json_int_tensor"]),
             ("served, base64 PNG", r["served_base64_png"])]
-    lines = [f"### `{entry['params']}`: {entry['model']}", "",
-             f"| path | images/s, batch 1 | images/s, batch {BIG_BATCH} | 1-image p50 ms | 1-image p99 ms |",
-             "|---|---:|---:|---:|---:|"]
-    for name, row in rows:
-        lines.append(f"| {name} | {row['batch_1_images_per_s']:.1f} | {row[f'batch_{BIG_BATCH}_images_per_s']:.1f} | "
-                     f"{row['one_image_latency']['p50_ms']:.1f} | {row['one_image_latency']['p99_ms']:.1f} |")
-    lines.append("")
+    table = pd.DataFrame([{"path": name, "images/s, batch 1": row["batch_1_images_per_s"],
+                           f"images/s, batch {BIG_BATCH}": row[f"batch_{BIG_BATCH}_images_per_s"],
+                           "1-image p50 ms": row["one_image_latency"]["p50_ms"],
+                           "1-image p99 ms": row["one_image_latency"]["p99_ms"]} for name, row in rows])
+    lines = [f"### `{entry['params']}`: {entry['model']}", "", table.to_markdown(index=False, floatfmt=".1f"), ""]
     for name in ("base64_png", "json_int_tensor"):
         ratio = r[f"served_{name}"][f"batch_{BIG_BATCH}_ratio_to_in_process"]
         verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
@@ -222,11 +178,11 @@ def to_markdown(report: dict) -> str:
     """The report as a Markdown section."""
     m = report["machine"]
     lines = [f"## Serving benchmark ({report['date']})", "",
-             f"Machine: {m['cpu_cores']}-core CPU ({m['cpu']}), no GPU ({m['gpu']} seen); TensorFlow "
+             f"Machine: {m['machine']}; TensorFlow "
              f"{m['tensorflow']}, Keras {m['keras']}, MLflow {m['mlflow']}, Python {m['python']}; 1-min load "
              f"average before the run {m['load_average_1min_before']}.",
              "Setup: untrained weights; `mlflow models serve --env-manager local`, 1 worker, loopback; client and "
-             "server share the 2 cores; request bodies are encoded before timing; in process = "
+             "server share the machine; request bodies are encoded before timing; in process = "
              "`mlflow.pyfunc.load_model(uri).predict(uint8 array)` in the benchmark process.", ""]
     for entry in report["models"]:
         lines += model_markdown(entry)
@@ -241,12 +197,12 @@ def bench_model(params: str, tmp: Path, args: argparse.Namespace) -> dict:
     """Log the model of `params`, serve it, measure both sides; {"params", "model", "results"}."""
     model_uri = log_untrained_model(params, tmp)
     port = free_port()
-    server = start_server(model_uri, port, tmp / "server.log")
+    server = start_model_server(model_uri, port, tmp / "server.log")
     try:
         results = measure(model_uri, f"http://127.0.0.1:{port}", args.latency_requests, args.batch_requests,
                           args.json_batch_requests)
     finally:
-        stop_server(server)
+        stop_group(server)
     cfg = config.load(params)
     return {"params": params, "model": f"ResNet-{cfg.model.depth} ({cfg.model.block}, widths "
             f"{list(cfg.model.widths)}, {cfg.model.units_per_stage} units/stage)", "results": results}

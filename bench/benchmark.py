@@ -10,7 +10,7 @@ Measured side by side in one process, so machine noise hits both sides of each c
    (ResNet-9 at width 16) and the seed's ResNet-164;
 3. MLflow tracking overhead per epoch: logging on vs off, and the cost of the logging call itself.
 
-Usage: python bench/benchmark.py [--steps N] [--skip-164]
+Usage: python -m bench.benchmark [--steps N] [--skip-164]
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no oneDNN / cuInit lines
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from bench.machine import machine  # noqa: E402
-from pipeline import augment, config, data, fitting, train  # noqa: E402
+from pipeline import augment, config, data, fitting  # noqa: E402
+from pipeline.tracking import training  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_JPEG = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"
@@ -106,15 +107,18 @@ def bench_fit_feed(dataset: data.Dataset, steps_per_execution: int, feed: str = 
     return len(dataset.x_train) / min(timer.seconds[1:])
 
 
+def fit_feeds(dataset_size: int) -> dict:
+    """images/s of the fit feed, host vs device, steps_per_execution 1 and 16, on this process's backend."""
+    dataset = load_images(dataset_size)
+    return {f"{feed}_steps_per_execution_{n}": round(bench_fit_feed(dataset, n, feed))
+            for feed in ("host", "device") for n in (1, 16)}
+
+
 def jax_feeds(dataset_size: int) -> dict:
-    """The fit feed on the JAX backend, host vs device feed, measured in a child process (one backend per process)."""
-    script = ("import json, sys; sys.argv = ['benchmark']; sys.path.insert(0, 'bench'); import benchmark as b; "
-              f"d = b.load_images({dataset_size}); "
-              "print('RESULT', json.dumps({f'{feed}_steps_per_execution_{n}': round(b.bench_fit_feed(d, n, feed)) "
-              "for feed in ('host', 'device') for n in (1, 16)}))")
+    """`fit_feeds` on the JAX backend, measured in a child process (one backend per process)."""
     env = {**os.environ, "KERAS_BACKEND": "jax"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=RESULTS.parent.parent, capture_output=True,
-                         text=True, timeout=1200, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "bench.benchmark", "--fit-feeds", str(dataset_size)], env=env,
+                         cwd=RESULTS.parent.parent, capture_output=True, text=True, timeout=1200, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[7:])
 
 
@@ -153,14 +157,14 @@ def bench_tracking(dataset: data.Dataset, epochs: int) -> dict:
         with mlflow.start_run():
             on, off = [], []
             for _ in range(epochs):
-                for timings, callbacks in ((on, [train.MlflowEpochLogger(len(x))]), (off, [])):
+                for timings, callbacks in ((on, [training.MlflowEpochLogger(len(x))]), (off, [])):
                     start = time.perf_counter()
                     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=callbacks)
                     timings.append(time.perf_counter() - start)
             calls = []
             for step in range(20):
                 start = time.perf_counter()
-                mlflow.log_metrics({k: 0.5 for k in train.EPOCH_METRICS}, step=1000 + step)
+                mlflow.log_metrics({k: 0.5 for k in training.EPOCH_METRICS}, step=1000 + step)
                 calls.append(time.perf_counter() - start)
         mlflow.set_tracking_uri(None)
     epoch_off, epoch_on, call = statistics.median(off), statistics.median(on), statistics.median(calls)
@@ -177,36 +181,37 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = [
         "# Training benchmarks", "",
         f"Machine: {r['machine']}. Keras {r['keras']} on {r['backend']}. Date: {r['date']}.",
-        f"Data: {r['data']}. Batch {BATCH}. All numbers from one run of `python bench/benchmark.py`.", "",
+        f"Data: {r['data']}. Batch {BATCH}. All numbers from one run of `python -m bench.benchmark`.", "",
         "## 1. Input pipeline (augmented, normalised batches per second)", "",
-        "| path | images/s | vs seed |", "|---|---|---|",
-        f"| seed: `ImageDataGenerator(...).flow` | {ip['seed_image_data_generator']:,.0f} | 1x |",
-        f"| project, as `fit` runs it (uint8 in memory, normalise + shift/flip in the XLA step), "
-        f"steps_per_execution 1 | {ip['fit_feed_steps_per_execution_1']:,.0f} | "
-        f"{ip['fit_feed_steps_per_execution_1'] / ip['seed_image_data_generator']:.0f}x |",
-        f"| the same, steps_per_execution 16 | {ip['fit_feed_steps_per_execution_16']:,.0f} | "
-        f"**{ip['speedup_fit_feed']:.0f}x** |",
-        f"| project augmentation kernel alone (uint8 tensor, gather + normalise + shift/flip, XLA) | "
-        f"{ip['augment_kernel']:,.0f} | **{ip['speedup_kernel']:.0f}x** (target >= 50x) |", "",
+        pd.DataFrame([
+            ["seed: `ImageDataGenerator(...).flow`", f"{ip['seed_image_data_generator']:,.0f}", "1x"],
+            ["project, as `fit` runs it (uint8 in memory, normalise + shift/flip in the XLA step), "
+             "steps_per_execution 1", f"{ip['fit_feed_steps_per_execution_1']:,.0f}",
+             f"{ip['fit_feed_steps_per_execution_1'] / ip['seed_image_data_generator']:.0f}x"],
+            ["the same, steps_per_execution 16", f"{ip['fit_feed_steps_per_execution_16']:,.0f}",
+             f"**{ip['speedup_fit_feed']:.0f}x**"],
+            ["project augmentation kernel alone (uint8 tensor, gather + normalise + shift/flip, XLA)",
+             f"{ip['augment_kernel']:,.0f}", f"**{ip['speedup_kernel']:.0f}x** (target >= 50x)"],
+        ], columns=["path", "images/s", "vs seed"]).to_markdown(index=False), "",
         f"The `fit` rows run the real feed with a trivial model body: the ceiling the input path puts on "
-        f"training on this 2-core CPU. 150 epochs in 15 min (6 s per 50,000-image epoch) need "
+        f"training on this machine. 150 epochs in 15 min (6 s per 50,000-image epoch) need "
         f"{ip['needed_for_6s_epoch']:,} images/s.", "",
         "The same `fit` path on the JAX backend (a child process), Keras's host feed vs `train.feed=device` "
-        "(images held on the device, batches gathered there; on this CPU the device is host memory too):", "",
-        "| feed | steps_per_execution 1 | steps_per_execution 16 |", "|---|---|---|",
-        *[f"| {feed} | {r['input_pipeline_jax'][f'{feed}_steps_per_execution_1']:,} | "
-          f"{r['input_pipeline_jax'][f'{feed}_steps_per_execution_16']:,} |" for feed in ("host", "device")], "",
-        "## 2. Train step (`train_on_batch`, steady state after the compiling first step)", "",
-        "| model | settings | first step (s) | images/s |", "|---|---|---|---|",
+        "(images held on the device, batches gathered there; without an accelerator the device is host memory "
+        "too):", "",
+        pd.DataFrame([[feed, *(f"{r['input_pipeline_jax'][f'{feed}_steps_per_execution_{n}']:,}" for n in (1, 16))]
+                      for feed in ("host", "device")],
+                     columns=["feed", "steps_per_execution 1", "steps_per_execution 16"]).to_markdown(index=False),
+        "", "## 2. Train step (`train_on_batch`, steady state after the compiling first step)", "",
+        pd.DataFrame([[name, settings, v["first_step_seconds"], v["images_per_second"]]
+                      for name, variants in r["train_step"].items() for settings, v in variants.items()],
+                     columns=["model", "settings", "first step (s)", "images/s"]).to_markdown(index=False),
     ]
-    for name, variants in r["train_step"].items():
-        for settings, v in variants.items():
-            lines.append(f"| {name} | {settings} | {v['first_step_seconds']} | {v['images_per_second']} |")
     t = r["tracking"]
     lines += [
         "", "## 3. MLflow tracking overhead (quick profile, SQLite store, median of alternating epochs)", "",
         f"- epoch with logging: {t['epoch_seconds_logging_on']} s, without: {t['epoch_seconds_logging_off']} s "
-        f"({t['measured_overhead_percent']:+.2f}%): whole-epoch times on this shared CPU vary by more than the "
+        f"({t['measured_overhead_percent']:+.2f}%): whole-epoch times on a shared machine vary by more than the "
         f"logging costs, so the direct timing of the logging call below is the figure to trust",
         f"- the per-epoch `log_metrics` call itself: {t['log_call_ms_per_epoch']} ms = "
         f"**{t['log_call_share_of_epoch_percent']}%** of a {t['images_per_epoch']}-image epoch (target <= 1%)", "",
@@ -219,8 +224,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed train steps per variant")
     parser.add_argument("--skip-164", action="store_true", help="skip ResNet-164 (~2 min compile each on CPU)")
-    parser.add_argument("--gpu-note", default="No GPU was lent for this run: GPU seconds/epoch not measured here.")
+    parser.add_argument("--gpu-note", default="GPU seconds per epoch are not measured by this script "
+                        "(see bench/gpu.sh).")
+    parser.add_argument("--fit-feeds", type=int, metavar="N", help="internal: print `fit_feeds(N)` as RESULT <json>")
     args = parser.parse_args()
+    if args.fit_feeds:
+        print("RESULT", json.dumps(fit_feeds(args.fit_feeds)))
+        return
 
     dataset = load_images(10000)
     results = {

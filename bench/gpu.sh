@@ -21,8 +21,8 @@ export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 # Most important first: each run compiles for a minute or two, and one command may last 10 minutes.
-python bench/gpu_epoch.py --full --params params/fast.yaml --data "$DATA" --out "$OUT/gpu-fast.json" \
+python -m bench.gpu_epoch --full --params params/fast.yaml --data "$DATA" --out "$OUT/gpu-fast.json" \
   --overrides "train.feed=device"
-python bench/gpu_epoch.py --epochs 3 --params params/improved.yaml --data "$DATA" --out "$OUT/gpu-improved.json" \
+python -m bench.gpu_epoch --epochs 3 --params params/improved.yaml --data "$DATA" --out "$OUT/gpu-improved.json" \
   --overrides "train.feed=device train.steps_per_execution=16"
-python bench/gpu_epoch.py --epochs 2 --params params/default.yaml --data "$DATA" --out "$OUT/gpu-seed.json"
+python -m bench.gpu_epoch --epochs 2 --params params/default.yaml --data "$DATA" --out "$OUT/gpu-seed.json"

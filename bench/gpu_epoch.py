@@ -8,7 +8,7 @@ first, which compiles) and the projected time of the profile's full schedule. Wi
 profile runs its whole schedule and is scored on every test image with its own `evaluate.tta`
 (test_acc, and the wall seconds of the fit and of the fit after its first, compiling, epoch).
 
-Usage: python bench/gpu_epoch.py --out FILE [--params params/default.yaml] [--epochs 3 | --full]
+Usage: python -m bench.gpu_epoch --out FILE [--params params/default.yaml] [--epochs 3 | --full]
        [--overrides "train.precision=mixed_bfloat16 ..."] [--data PATH | --images 50000]
 """
 
@@ -18,16 +18,13 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import keras
 
-import keras  # noqa: E402
-
-from pipeline import config, data, fitting  # noqa: E402
-from pipeline.distribute import distribution  # noqa: E402
+from pipeline import config, data, fitting
+from pipeline.distribute import distribution
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ Optuna storage under a temporary folder:
 small to learn (1e-6 ... 1e-5), as in a search whose range is too wide. Epochs are counted from
 the val_acc curves of the trials' train runs in MLflow.
 
-Usage: python bench/sweep.py [--epochs 3]
+Usage: python -m bench.sweep [--epochs 3]
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -31,24 +30,19 @@ import optuna
 import pandas as pd
 from mlflow import MlflowClient
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.machine import machine
+from bench.servers import ROOT, tracking_env
+
 RESULTS = ROOT / "bench" / "results"
 LRS = [0.1, 0.000001, 0.05, 0.000002, 0.03, 0.000005, 0.02, 0.00001]  # learns, cannot learn, alternately
 RUNS = [("no pruning, 1 worker", "none", 1), ("no pruning, 2 workers", "none", 2), ("median pruning, 1 worker",
                                                                                       "median", 1)]
 
 
-def machine() -> dict:
-    """Cores, CPU model and GPUs (nvidia-smi), as this benchmark saw them."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown")
-    try:
-        gpus = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        gpus = ""
-    return {"cores": len(os.sched_getaffinity(0)), "cpu": model, "gpu": gpus or "none",
-            "platform": platform.platform(), "python": platform.python_version(), "optuna": optuna.__version__,
-            "mlflow": mlflow.__version__}
+def describe_machine() -> dict:
+    """The machine as detected (cores, CPU model, GPUs or none) and library versions."""
+    return {"machine": machine(), "platform": platform.platform(), "python": platform.python_version(),
+            "optuna": optuna.__version__, "mlflow": mlflow.__version__}
 
 
 def run_sweep(folder: Path, pruner: str, workers: int, epochs: int) -> dict:
@@ -59,10 +53,7 @@ def run_sweep(folder: Path, pruner: str, workers: int, epochs: int) -> dict:
     spec.write_text(f"base: params/tiny.yaml\noverrides: {{train.epochs: {epochs}, evaluate.samples: 1}}\n"
                     f"grid:\n  train.lr: {json.dumps(LRS)}\npruner: {pruning}\n")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PIPELINE_CHECKPOINT_DIR": str(folder / "checkpoints")}
-    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(key, None)
+    env = tracking_env(uri, PIPELINE_CHECKPOINT_DIR=str(folder / "checkpoints"))
     # The data is prepared once, outside the timing, so that every sweep starts from the same point.
     prepared = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", "params/tiny.yaml"], cwd=ROOT,
                               env=env, capture_output=True, text=True)
@@ -88,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per trial")
     args = parser.parse_args()
-    info = machine()
+    info = describe_machine()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for index, (name, pruner, workers) in enumerate(RUNS):
@@ -111,11 +102,10 @@ def main() -> None:
          "speed-up": f"{base['wall_s'] / pruned['wall_s']:.2f}x",
          "epochs": f"{pruned['epochs']} vs {base['epochs']} ({pruned['epochs'] / base['epochs']:.0%})"},
     ])
-    gpu = info["gpu"] if info["gpu"] != "none" else "no GPU"
     text = f"""# Sweep benchmark
 
-Machine: {info['cores']} cores, {info['cpu']}, {gpu} ({info['platform']}). Optuna {info['optuna']}, MLflow \
-{info['mlflow']}. Date: {datetime.date.today()}. All numbers from one run of `python bench/sweep.py`.
+Machine: {info['machine']} ({info['platform']}). Optuna {info['optuna']}, MLflow \
+{info['mlflow']}. Date: {datetime.date.today()}. All numbers from one run of `python -m bench.sweep`.
 
 The same 8 trials each time: a grid of `train.lr` over {', '.join(f'{lr:g}' for lr in LRS)} (half of them too \
 small to learn) on the tiny profile (ResNet-11, 2,048 synthetic images, {args.epochs} epochs per trial), every \
@@ -128,8 +118,8 @@ Wall time is the whole `python -m pipeline.sweep` command, data already prepared
 {ratios.to_markdown(index=False)}
 
 Each trial also pays fixed costs that pruning does not remove (starting the trial's runs, building and \
-compiling the model, and for finished trials logging and evaluating the model). Two workers on {info['cores']} \
-cores share them; TensorFlow in one process already uses every core for the training steps themselves.
+compiling the model, and for finished trials logging and evaluating the model). Two workers on one machine \
+share its cores; TensorFlow in one process already uses every core for the training steps themselves.
 """
     (RESULTS / "sweep.md").write_text(text)
     print(text)

@@ -1,1 +1,84 @@
-"""Train, track, evaluate, register and serve a pre-activation ResNet on CIFAR-10 with MLflow."""
+"""Train, track, evaluate, register and serve a pre-activation ResNet on CIFAR-10 with MLflow.
+
+Importing the package quiets library noise that a person running the pipeline cannot act on, at its
+source and before TensorFlow loads; every other warning stays visible:
+- TensorFlow's C++ log below ERROR (oneDNN, cpu_feature_guard) and its failed cuInit on machines
+  without a GPU driver (`TF_CPP_MIN_LOG_LEVEL`, unless already set);
+- the lines TensorFlow's libraries print while `import tensorflow` runs, before its logging is set
+  up (absl's "before absl::InitializeLog()" notice, "Could not find cuda drivers"): dropped by
+  pattern, any other line of that import is passed through;
+- MLflow's per-download progress bars and its "dataset source can be interpreted in multiple ways"
+  warning (pipeline.tracking and pipeline.serve quiet the rest of MLflow's advice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+import warnings
+
+# TensorFlow raises its real errors as Python exceptions; its C++ ERROR lines on a CPU-only machine are
+# the failed cuInit. A user who wants them sets TF_CPP_MIN_LOG_LEVEL=0.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# A dataset's source is a URL or a file path, which MLflow can also read as a generic URI; either is right.
+warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways",
+                        category=UserWarning)
+
+NATIVE_NOISE = re.compile(rb"All log messages before absl::InitializeLog\(\)|cudart_stub\.cc|cpu_feature_guard\.cc"
+                          rb"|^To enable the following instructions|oneDNN custom operations|cuda_platform\.cc")
+
+
+@contextlib.contextmanager
+def native_stderr_without(noise: re.Pattern[bytes]):
+    """Collect what native code writes to file descriptor 2 meanwhile; then write it back without the
+    lines `noise` matches. (Libraries that log before their logging is configured offer no switch.)"""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True) if not noise.search(line)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+class _QuietLoader(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader  # the module keeps its own loader
+        with native_stderr_without(NATIVE_NOISE):
+            self.loader.exec_module(module)
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Runs the first `import tensorflow` (whoever asks for it, Keras included) under `native_stderr_without`."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _QuietTensorFlowImport())

@@ -8,9 +8,6 @@ Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.
         `test_acc`, wall time, images/s) and `val_acc.png` (val_acc per epoch, one curve per
         run); the Markdown table is also the run's description and is printed.
 Returns a dict: the comparison run id, the table (a DataFrame) and the artifact paths.
-
-`describe_train_run` writes a training run's description (which data, which model), shared by
-register and sweep so that every training run reads the same in the MLflow UI.
 """
 
 from __future__ import annotations
@@ -25,10 +22,9 @@ import matplotlib
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from pipeline import config
-from pipeline.tracking import cli, open_run
+from pipeline.tracking import cli, markdown_table, model_metrics, open_run
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -83,22 +79,6 @@ def val_acc_history(client: MlflowClient, run_id: str) -> pd.Series:
                      name=CURVE_METRIC, dtype=float)
 
 
-def model_test_metrics(model_uri: str | None) -> dict[str, float]:
-    """Latest value of each metric evaluate logged on the model `models:/m-...` ({} if none or unknown)."""
-    model_id = (model_uri or "").removeprefix("models:/")
-    if not model_id.startswith("m-"):
-        return {}
-    try:
-        model = mlflow.get_logged_model(model_id)
-    except MlflowException:
-        return {}  # the model was deleted or lives in a store this client cannot see
-    latest: dict[str, tuple[int, float]] = {}
-    for metric in model.metrics or []:
-        if metric.key not in latest or metric.timestamp >= latest[metric.key][0]:
-            latest[metric.key] = (metric.timestamp, metric.value)
-    return {key: value for key, (_, value) in latest.items()}
-
-
 def differing_params(runs: pd.DataFrame) -> list[str]:
     """`params.*` columns whose values are not the same in every run (missing counts as a value)."""
     columns = [c for c in runs.columns if c.startswith("params.") and c.removeprefix("params.") not in IGNORED_PARAMS]
@@ -118,7 +98,7 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             "epochs": len(history),
             "val_acc": history.iloc[-1] if len(history) else math.nan,
             "best_val_acc": history.max() if len(history) else math.nan,
-            "test_acc": model_test_metrics(run.get("tags.model_uri")).get("test_acc", math.nan),
+            "test_acc": model_metrics(run.get("tags.model_uri")).get("test_acc", math.nan),
             "wall_s": wall,
             # The last epoch's throughput: the first one also pays for tracing and compilation.
             "images_per_s": run.get("metrics.images_per_second", math.nan),
@@ -133,19 +113,6 @@ def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
         raise config.ConfigError(f"metric: must be one of {', '.join(numeric)}, got {metric!r}")
     ordered = table.sort_values(metric, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
     return ordered.head(top) if top else ordered
-
-
-def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table; floats with 4 decimals, missing values empty."""
-    def cell(value) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return ""
-        text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        return text.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
 
 
 def plot_curves(table: pd.DataFrame, histories: dict[str, pd.Series], path: Path) -> None:
@@ -165,8 +132,8 @@ def plot_curves(table: pd.DataFrame, histories: dict[str, pd.Series], path: Path
     plt.close(fig)
 
 
-def run(experiment: str | None = None, run_ids: list[str] | None = None, top: int | None = None,
-        metric: str = "val_acc") -> dict:
+def run(experiment: str | None = None, run_ids: list[str] | None = None, top: int | None = None, *,
+        metric: str) -> dict:
     """Compare training runs; log the table and plot to a new comparison run.
 
     Inputs: an experiment name (None: all experiments) and/or run ids, `top` N rows by `metric`
@@ -180,7 +147,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     runs = search_train_runs(experiment, run_ids)
     histories = {run_id: val_acc_history(client, run_id) for run_id in runs["run_id"]}
     table = top_runs(build_table(runs, histories), metric, top)
-    markdown = to_markdown(table)
+    markdown = markdown_table(table)
     name = f"compare-{len(table)}-runs-by-{metric}"
     with open_run("compare", experiment=experiment, run_name=name) as comparison, tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / "runs.csv", index=False)
@@ -198,37 +165,6 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
             "artifacts": ["runs.md", "runs.csv", "val_acc.png"]}
 
 
-def prepare_run_id(dataset_uri: str) -> str | None:
-    """`runs:/<id>/dataset/dataset.npz` -> <id>."""
-    match = re.match(r"runs:/([0-9a-f]+)/", dataset_uri or "")
-    return match.group(1) if match else None
-
-
-def describe_train_run(client: MlflowClient, run_id: str, *, overwrite: bool = False) -> str | None:
-    """Write a training run's description (tag mlflow.note.content): model, recipe and data digest.
-
-    The data digest is tag `dataset_sha256` of the prepare run named in the run's `dataset_uri`
-    param. Keeps an existing description unless `overwrite`. Returns the text written, or None.
-    """
-    train = client.get_run(run_id)
-    if train.data.tags.get("mlflow.note.content") and not overwrite:
-        return None
-    params, tags = train.data.params, train.data.tags
-    prepare_id = prepare_run_id(params.get("dataset_uri", ""))
-    try:
-        digest = client.get_run(prepare_id).data.tags.get("dataset_sha256", "unknown") if prepare_id else "unknown"
-    except MlflowException:
-        digest = "unknown"  # the prepare run was deleted
-    note = (f"Pre-activation ResNet-{tags.get('model_depth', '?')} ({params.get('model.block', '?')} blocks, "
-            f"units_per_stage {params.get('model.units_per_stage', '?')}, widths {params.get('model.widths', '?')}), "
-            f"{params.get('train.epochs', '?')} epochs, batch {params.get('train.batch_size', '?')}, "
-            f"lr {params.get('train.lr', '?')}.\n\n"
-            f"Data: `{params.get('data.source', '?')}`, sha256 `{digest}` (prepare run `{prepare_id}`).\n\n"
-            f"Model: `{tags.get('model_uri', '?')}`.")
-    client.set_tag(run_id, "mlflow.note.content", note)
-    return note
-
-
 def split_ids(text: str) -> list[str]:
     """'a,b c' -> ['a', 'b', 'c']."""
     return [part for part in re.split(r"[,\s]+", text or "") if part]
@@ -236,10 +172,11 @@ def split_ids(text: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--experiment", default="", help="experiment name (default: every experiment)")
-    parser.add_argument("--run-ids", default="", help="training run ids, comma or space separated")
-    parser.add_argument("--top", default="", help="keep the best N runs by --metric")
-    parser.add_argument("--metric", default="val_acc", help=f"sort column: {', '.join(RESULT_COLUMNS)}")
+    parser.add_argument("--experiment", help="experiment name (default: every experiment)")
+    parser.add_argument("--run-ids", help="training run ids, comma or space separated")
+    parser.add_argument("--top", help="keep the best N runs by --metric")
+    parser.add_argument("--metric", help=f"sort column: {', '.join(RESULT_COLUMNS)}")
+    parser.set_defaults(**config.entry_point_defaults("compare"))
     args = parser.parse_args()
     run_ids = split_ids(args.run_ids)
     experiment = args.experiment or None
@@ -247,7 +184,7 @@ def main() -> None:
         top = int(args.top) if args.top else None
     except ValueError:
         raise config.ConfigError(f"top: must be an integer, got {args.top!r}") from None
-    run(experiment, run_ids, top, args.metric or "val_acc")
+    run(experiment, run_ids, top, metric=args.metric)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@
 layered on top of it and holds only what differs; `key=value` overrides (dotted keys, YAML
 values) are applied last. An unknown key, a wrong type or an out-of-range value raises
 `ConfigError` naming the key, before any data is read or any model is built.
+
+`read_yaml` is the one YAML file reader (params and sweep files). `entry_point_defaults` reads the
+entry points' parameter defaults from MLproject, where alone they are written. `resnet_depth` is the
+depth formula behind every model name.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params" / "default.yaml"
+MLPROJECT = PROJECT_ROOT / "MLproject"
 
 
 class ConfigError(ValueError):
@@ -48,6 +53,16 @@ class DataConfig:
             _check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0 (0 = all)", getattr(self, name))
         for name in ("synthetic_train", "synthetic_test"):
             _check(getattr(self, name) >= 10, f"data.{name}", "must be >= 10", getattr(self, name))
+
+
+def resnet_depth(*, arch: str, block: str, units_per_stage: int, stages: int) -> int:
+    """Weighted layers, the number in a ResNet's name: resnet9 has 8 convs + the classifier; preact has the
+    stem, 3 (bottleneck) or 2 (basic) convs per unit and the classifier (bottleneck 9n + 2 and basic
+    6n + 2 over 3 stages). Projection shortcuts are not counted, by convention."""
+    if arch == "resnet9":
+        return 9
+    per_unit = 3 if block == "bottleneck" else 2
+    return per_unit * units_per_stage * stages + 2
 
 
 @dataclass(frozen=True)
@@ -90,12 +105,8 @@ class ModelConfig:
 
     @property
     def depth(self) -> int:
-        """Weighted layers: resnet9 has 8 convs + the classifier; preact has the stem, 3 (bottleneck) or
-        2 (basic) convs per unit and the classifier."""
-        if self.arch == "resnet9":
-            return 9
-        per_unit = 3 if self.block == "bottleneck" else 2
-        return per_unit * self.units_per_stage * len(self.widths) + 2
+        return resnet_depth(arch=self.arch, block=self.block, units_per_stage=self.units_per_stage,
+                            stages=len(self.widths))
 
 
 @dataclass(frozen=True)
@@ -264,17 +275,22 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise TypeError(f"unsupported field type {annotation!r} for {key}")  # programming error
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, *, key: str = "params") -> dict[str, Any]:
+    """The mapping a YAML file holds ({} if empty); a relative path not found here is taken from the
+    project root. ConfigError naming `key` if the file is missing, not YAML or not a mapping."""
+    candidate = Path(path)
+    if not candidate.is_absolute() and not candidate.exists():
+        candidate = PROJECT_ROOT / candidate
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"params: file not found: {path}") from None
+        data = yaml.safe_load(candidate.read_text())
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"{key}: file not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"params: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+        raise ConfigError(f"{key}: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"params: {path} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{key}: {path} must hold a mapping, got {type(data).__name__}")
     return data
 
 
@@ -310,12 +326,9 @@ def parse_overrides(overrides: str | list[str] | None) -> dict[str, dict[str, An
 
 def load(path: str | Path | None = None, overrides: str | list[str] | None = None) -> Config:
     """Load default.yaml, layer the params file at `path` and then `overrides` on top, validate."""
-    merged = _read_yaml(DEFAULT_PARAMS)
+    merged = read_yaml(DEFAULT_PARAMS)
     if path and Path(path).resolve() != DEFAULT_PARAMS:
-        candidate = Path(path)
-        if not candidate.is_absolute() and not candidate.exists():
-            candidate = PROJECT_ROOT / candidate
-        _merge(merged, _read_yaml(candidate), str(path))
+        _merge(merged, read_yaml(path), str(path))
     _merge(merged, parse_overrides(overrides), "overrides")
 
     sections = {}
@@ -340,9 +353,18 @@ def from_run_params(params: dict[str, str]) -> Config:
 def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | None) -> Config:
     """Entry-point helper: `--epochs 150 --data PATH` are shortcuts for their dotted keys.
 
-    Empty strings mean "not given" (MLproject passes "" for parameters left at their default).
+    Empty strings mean "not given": `params` "" is default.yaml alone, an empty shortcut leaves its key as
+    the params say (MLproject's defaults for these are "").
     """
     keys = {"epochs": "train.epochs", "data": "data.source"}
     extra = [f"{keys[name]}={value}" for name, value in shortcuts.items() if value not in (None, "")]
     items = (shlex.split(overrides) if overrides else []) + extra
     return load(params or None, items)
+
+
+def entry_point_defaults(entry_point: str) -> dict[str, str]:
+    """The parameter defaults MLproject gives `entry_point` ({name: value}), for `parser.set_defaults`:
+    MLproject is the one place they are written, and `python -m pipeline.<step>` gets the same ones."""
+    parameters = read_yaml(MLPROJECT, key="MLproject")["entry_points"][entry_point]["parameters"]
+    return {name: str(spec["default"]) for name, spec in parameters.items()
+            if isinstance(spec, dict) and "default" in spec}

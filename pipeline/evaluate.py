@@ -23,7 +23,7 @@ import pandas as pd
 
 from pipeline import config, prepare
 from pipeline.data import Dataset
-from pipeline.tracking import cli, step_run
+from pipeline.tracking import cli, model_id, step_run
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -75,12 +75,6 @@ def plot_samples(dataset: Dataset, probs: np.ndarray, n: int, path: Path) -> Non
     plt.close(fig)
 
 
-def model_id_of(model_uri: str) -> str | None:
-    """`models:/m-...` -> the logged model's id (None for registry URIs like models:/name/1)."""
-    tail = model_uri.removeprefix("models:/")
-    return tail if tail.startswith("m-") and "/" not in tail else None
-
-
 def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
     """Evaluate inside the active run; return the metrics."""
     dataset = prepare.load_dataset(dataset_uri)
@@ -96,9 +90,9 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
     mlflow.log_params({"model_uri": model_uri, "dataset_uri": dataset_uri,
                        "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta})
     mlflow.log_metrics(flat)
-    model_id = model_id_of(model_uri)
-    if model_id:
-        mlflow.log_metrics(flat, model_id=model_id)  # shows on the model's page and feeds `register`
+    logged_model = model_id(model_uri)
+    if logged_model:
+        mlflow.log_metrics(flat, model_id=logged_model)  # shows on the model's page and feeds `register`
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "metrics.json").write_text(json.dumps({**metrics, "model_uri": model_uri}, indent=2))
         confusion.to_csv(Path(tmp) / "confusion_matrix.csv")
@@ -112,10 +106,11 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="")
-    parser.add_argument("--overrides", default="")
+    parser.add_argument("--params")
+    parser.add_argument("--overrides")
     parser.add_argument("--model-uri", required=True)
     parser.add_argument("--dataset-uri", required=True)
+    parser.set_defaults(**config.entry_point_defaults("evaluate"))
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
     prepare.check_dataset_uri(args.dataset_uri)

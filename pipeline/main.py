@@ -2,7 +2,9 @@
 
 Steps talk only through URIs: prepare returns a dataset URI (an identical finished prepare
 run is reused), train a model URI, evaluate records test metrics on that model, register
-reads them. The parent run holds the resolved params and the headline results.
+reads them. The parent run holds the resolved params and the headline results. Inputs are
+checked before any run opens (`train.check_inputs`, shared with the train entry point); the
+console ends with where to look at the run.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ import argparse
 
 import mlflow
 
-from pipeline import config, prepare
-from pipeline.distribute import cluster_from_env
-from pipeline.tracking import cli, step_run
+from pipeline import config
+from pipeline.tracking import cli, step_run, ui_hint
 
 
 def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
@@ -21,13 +22,12 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
 
     resume: "" continues an interrupted identical train run if one left a checkpoint and no live
     process trains it, "never" always starts afresh, a run id continues that run, whose params must
-    equal `cfg`'s except a larger `train.epochs` (see train.find_resumable, train.config_to_resume).
+    equal `cfg`'s except a larger `train.epochs` (see train.resolve_inputs, train.config_to_resume).
     """
     from pipeline import evaluate, register, train  # Keras loads only once the params are known to be good
 
     mlflow.log_params(cfg.flat())
-    dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
-    resume_id = train.find_resumable(cfg, dataset_uri, resume)
+    dataset_uri, resume_id = train.resolve_inputs(cfg, resume=resume, dataset_uri=dataset_uri)
     with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
         model_uri = train.run(cfg, dataset_uri)
     with step_run(cfg, "evaluate"):
@@ -43,28 +43,20 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="")
-    parser.add_argument("--epochs", default="")
-    parser.add_argument("--data", default="")
-    parser.add_argument("--overrides", default="")
-    parser.add_argument("--resume", default="", help="'' (continue an interrupted identical run), 'never', or a run id")
+    parser.add_argument("--params")
+    parser.add_argument("--epochs")
+    parser.add_argument("--data")
+    parser.add_argument("--overrides")
+    parser.add_argument("--resume", help="'' (continue an interrupted identical run), 'never', or a run id")
+    parser.set_defaults(**config.entry_point_defaults("main"))
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
-    dataset_uri = ""
-    if args.resume not in ("", "never"):
-        from pipeline import train
+    from pipeline import train  # imports Keras: only once the params are known to be good
 
-        dataset_uri = train.config_to_resume(args.resume, cfg)
-    prepare.prepare_key(cfg)  # a missing data path fails here, before any run is opened
-    from pipeline import fitting  # imports Keras
-
-    fitting.check_backend(cfg)
-    cluster = cluster_from_env()
-    if cluster and not cluster.chief:
-        raise config.ConfigError(f"TF_CONFIG: this host is {cluster.task}; the pipeline runs on the chief, "
-                                 f"here run `python -m pipeline.train` with the chief's params")
-    with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}"):
+    dataset_uri = train.check_inputs(cfg, resume=args.resume)
+    with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
         run(cfg, resume=args.resume, dataset_uri=dataset_uri)
+    print(ui_hint(parent))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ The model takes raw uint8 RGB pixels, the same thing a served model receives:
 uint8 -> per-channel normalisation (statistics fitted on the training images)
 -> random shift/flip (training only) -> ResNet -> float32 softmax.
 
-Named depths are parameters, not copies: bottleneck depth = 9n + 2 (n = 18: ResNet-164,
-n = 111: ResNet-1001), basic depth = 6n + 2 (n = 3, 9, 18: ResNet-20, 56, 110); ResNet-9 is
-fixed in depth, its widths are the parameter.
+Named depths are parameters, not copies (see `config.resnet_depth`): bottleneck depth = 9n + 2
+(n = 18: ResNet-164, n = 111: ResNet-1001), basic depth = 6n + 2 (n = 3, 9, 18: ResNet-20, 56, 110);
+each is a params file (params/default.yaml, params/resnet*.yaml). ResNet-9 is fixed in depth, its
+widths are the parameter.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import keras
 from keras import layers
 
 from pipeline.augment import RandomShiftFlip
+from pipeline.config import resnet_depth
 
 
 def _conv(filters: int, kernel_size: int, strides: int, l2: float, name: str) -> layers.Conv2D:
@@ -131,8 +133,8 @@ def build_resnet(
 
     mean/std: per-channel statistics in 0-255 pixel units. max_shift (pixels), shift_fill and
     flip configure the training-time augmentation. l2_norm_and_bias: l2 on BN parameters and
-    biases too (else kernels only). Output: float32 class probabilities, even under a
-    mixed-precision policy.
+    biases too (else kernels only). whiten: a `whitening_kernel` for resnet9's frozen stem in place of
+    its prep conv, or None. Output: float32 class probabilities, even under a mixed-precision policy.
     """
     if arch not in ("preact", "resnet9"):
         raise ValueError(f"arch must be 'preact' or 'resnet9', got {arch!r}")
@@ -146,11 +148,10 @@ def build_resnet(
     bn = partial(_bn, momentum=bn_momentum, l2=l2 if l2_norm_and_bias else None)
     if arch == "resnet9":
         x = _resnet9_body(x, widths=widths, l2=l2, bn=bn, zero_init=zero_init_residual, whiten=whiten)
-        depth = 9
     else:
         x = _preact_body(x, block=block, units_per_stage=units_per_stage, widths=widths, strides=strides,
                          stem_filters=stem_filters, l2=l2, bn=bn, zero_init=zero_init_residual)
-        depth = (3 if block == "bottleneck" else 2) * units_per_stage * len(widths) + 2
+    depth = resnet_depth(arch=arch, block=block, units_per_stage=units_per_stage, stages=len(widths))
     bias_reg = keras.regularizers.l2(l2) if l2_norm_and_bias else None
     x = layers.Dense(num_classes, kernel_regularizer=keras.regularizers.l2(l2), bias_regularizer=bias_reg,
                      name="logits")(x)
@@ -160,11 +161,3 @@ def build_resnet(
     return keras.Model(inputs, outputs, name=name or (f"resnet{depth}" if arch == "resnet9"
                                                       else f"preact_resnet{depth}"))
 
-
-# The seed's network and the usual relatives; widths for basic blocks follow He et al. 2016.
-_CIFAR = dict(num_classes=10, strides=(1, 2, 2), stem_filters=16, l2=1e-4)
-resnet164 = partial(build_resnet, block="bottleneck", units_per_stage=18, widths=(64, 128, 256), **_CIFAR)
-resnet1001 = partial(build_resnet, block="bottleneck", units_per_stage=111, widths=(64, 128, 256), **_CIFAR)
-resnet20 = partial(build_resnet, block="basic", units_per_stage=3, widths=(16, 32, 64), **_CIFAR)
-resnet56 = partial(build_resnet, block="basic", units_per_stage=9, widths=(16, 32, 64), **_CIFAR)
-resnet110 = partial(build_resnet, block="basic", units_per_stage=18, widths=(16, 32, 64), **_CIFAR)

@@ -13,7 +13,6 @@ Returns the dataset URI `runs:/<run id>/dataset/dataset.npz` that train and eval
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ import mlflow
 from mlflow.data.code_dataset_source import CodeDatasetSource
 
 from pipeline import config, data
-from pipeline.tracking import cli, code_digest, step_run
+from pipeline.tracking import cli, code_digest, find_finished_run, json_digest, step_run
 
 DATASET_ARTIFACT = "dataset/dataset.npz"
 
@@ -32,7 +31,7 @@ def prepare_key(cfg: config.Config) -> str:
     params = {k: v for k, v in cfg.flat().items() if k.startswith("data.")}
     inputs = {"params": params, "source_digest": data.source_digest(cfg.data.source),
               "code_digest": code_digest("data", "prepare")}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return json_digest(inputs)
 
 
 def build(cfg: config.Config) -> data.Dataset:
@@ -80,10 +79,8 @@ def _source(cfg: config.Config):
 
 def find_prepared(key: str) -> str | None:
     """Dataset URI of a finished prepare run with the same key, in any experiment, if any."""
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
-                              filter_string=f"tags.prepare_key = '{key}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"])
-    return f"runs:/{runs[0].info.run_id}/{DATASET_ARTIFACT}" if runs else None
+    run_id = find_finished_run("prepare_key", key)
+    return f"runs:/{run_id}/{DATASET_ARTIFACT}" if run_id else None
 
 
 def ensure_prepared(cfg: config.Config) -> str:
@@ -126,9 +123,10 @@ def load_dataset(dataset_uri: str) -> data.Dataset:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="")
-    parser.add_argument("--data", default="")
-    parser.add_argument("--overrides", default="")
+    parser.add_argument("--params")
+    parser.add_argument("--data")
+    parser.add_argument("--overrides")
+    parser.set_defaults(**config.entry_point_defaults("prepare"))
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, data=args.data)
     data.source_digest(cfg.data.source)  # a missing path fails here, before any run is opened

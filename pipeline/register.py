@@ -1,6 +1,7 @@
 """Step 4, register: add an evaluated model to the Model Registry; move the alias if it is better.
 
-Reads:  a logged model URI whose `test_acc` was recorded by evaluate.
+Reads:  a logged model URI whose `test_acc` was recorded by evaluate (its latest value: the newest
+        timestamp, `tracking.latest_metrics`, the rule compare uses too).
 Writes: a new version of `register.model_name` tagged with its source run id and `test_acc`;
         the alias `register.alias` (default `champion`) moves to it only if its `test_acc`
         beats the current holder's (or no version holds it). A worse model is registered
@@ -21,24 +22,31 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline import compare, config
-from pipeline.evaluate import model_id_of
-from pipeline.tracking import cli, step_run
+from pipeline import config
+from pipeline.tracking import (
+    cli,
+    describe_train_run,
+    latest_metrics,
+    markdown_table,
+    model_id,
+    model_metrics,
+    step_run,
+)
 
 
 def model_test_acc(model_uri: str) -> tuple[float, str | None]:
     """`test_acc` recorded on a logged model by evaluate, and the run that trained it."""
-    model_id = model_id_of(model_uri)
-    if model_id is None:
+    logged_model = model_id(model_uri)
+    if logged_model is None:
         raise config.ConfigError(f"model_uri: expected a logged model URI models:/m-..., got {model_uri!r}")
     try:
-        model = mlflow.get_logged_model(model_id)
+        model = mlflow.get_logged_model(logged_model)
     except MlflowException as exc:
-        raise config.ConfigError(f"model_uri: no logged model {model_id} ({exc.message})") from None
-    accs = [m.value for m in model.metrics or [] if m.key == "test_acc"]
-    if not accs:
+        raise config.ConfigError(f"model_uri: no logged model {logged_model} ({exc.message})") from None
+    test_acc = latest_metrics(model.metrics).get("test_acc")
+    if test_acc is None:
         raise config.ConfigError(f"model_uri: {model_uri} has no test_acc yet: run evaluate on it first")
-    return float(accs[-1]), model.source_run_id
+    return float(test_acc), model.source_run_id
 
 
 def current_champion(client: MlflowClient, name: str, alias: str):
@@ -81,9 +89,9 @@ def challenger_report(decision: dict, alias: str, model_uri: str, champion) -> d
     Inputs: register's decision dict, the alias, the challenger's model URI, the previous
     champion's ModelVersion (or None). Output: a JSON-ready dict.
     """
-    challenger_metrics = compare.model_test_metrics(model_uri)
+    challenger_metrics = model_metrics(model_uri)
     champion_uri = version_model_uri(champion) if champion else None
-    champion_metrics = compare.model_test_metrics(champion_uri) if champion else {}
+    champion_metrics = model_metrics(champion_uri) if champion else {}
     per_class = class_differences(per_class_accuracy(challenger_metrics), per_class_accuracy(champion_metrics))
     return {
         "model_name": decision["model_name"], "alias": alias,
@@ -101,19 +109,18 @@ def report_markdown(report: dict) -> str:
     """The report as Markdown: the version description and `champion_vs_challenger.md`."""
     name, alias, new, old = report["model_name"], report["alias"], report["challenger"], report["champion"]
     verdict = f"@{alias} {'moved to' if report['alias_moved'] else 'stays off'} v{new['version']}: {report['reason']}."
-    lines = [f"**Champion vs challenger** ({name}): {verdict}", "",
-             "| | version | test_acc | model |", "|---|---|---|---|",
-             f"| challenger | v{new['version']} | {fmt(new['test_acc'])} | `{new['model_uri']}` |"]
-    if old:
-        lines.append(f"| champion | v{old['version']} | {fmt(old['test_acc'])} | `{old['model_uri']}` |")
-    else:
-        lines.append(f"| champion | none | | no version held @{alias} |")
+    versions = pd.DataFrame([
+        ["challenger", f"v{new['version']}", fmt(new["test_acc"]), f"`{new['model_uri']}`"],
+        ["champion", f"v{old['version']}", fmt(old["test_acc"]), f"`{old['model_uri']}`"] if old
+        else ["champion", "none", "", f"no version held @{alias}"],
+    ], columns=["", "version", "test_acc", "model"])
+    text = f"**Champion vs challenger** ({name}): {verdict}\n\n{markdown_table(versions)}"
     if report["per_class"]:
-        lines += ["", "Per-class test accuracy (largest change first):", "",
-                  "| class | champion | challenger | difference |", "|---|---|---|---|"]
-        lines += [f"| {row['class']} | {fmt(row['champion'])} | {fmt(row['challenger'])} | "
-                  f"{fmt(row['difference'], '+')} |" for row in report["per_class"]]
-    return "\n".join(lines) + "\n"
+        per_class = pd.DataFrame([[row["class"], fmt(row["champion"]), fmt(row["challenger"]),
+                                   fmt(row["difference"], "+")] for row in report["per_class"]],
+                                 columns=["class", "champion", "challenger", "difference"])
+        text += f"\nPer-class test accuracy (largest change first):\n\n{markdown_table(per_class)}"
+    return text
 
 
 def record_report(client: MlflowClient, report: dict) -> str:
@@ -176,16 +183,17 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     mlflow.log_dict(decision, "decision.json")
     record_report(client, challenger_report(decision, alias, model_uri, champion))
     if source_run:
-        compare.describe_train_run(client, source_run)  # a no-op where the training run already has one
+        describe_train_run(client, source_run)  # a no-op where the training run already has one
     print(f"registered {name} v{version.version}: {'@' + alias + ' moved' if moved else 'alias kept'} ({reason})")
     return decision
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="")
-    parser.add_argument("--overrides", default="")
+    parser.add_argument("--params")
+    parser.add_argument("--overrides")
     parser.add_argument("--model-uri", required=True)
+    parser.set_defaults(**config.entry_point_defaults("register"))
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
     model_test_acc(args.model_uri)  # a wrong URI or an unevaluated model fails before a run is opened

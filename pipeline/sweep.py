@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import itertools
 import json
 import math
@@ -55,13 +54,13 @@ from typing import Any
 import mlflow
 import optuna
 import pandas as pd
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from optuna.trial import TrialState
 
 from pipeline import compare, config, prepare
-from pipeline.tracking import cli, open_run, step_run
+from pipeline.tracking import cli, describe_train_run, json_digest, markdown_table, open_run, step_run
+from pipeline.tracking.resume import checkpoint_dir
 
 SPEC_KEYS = {"base", "overrides", "grid", "space", "random", "sampler", "trials", "seed", "pruner"}
 # A grid queues each combination as a fixed trial (Optuna's enqueue_trial), so that each runs exactly once
@@ -88,17 +87,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 def read_spec(path: str | Path) -> dict[str, Any]:
     """The sweep file as a dict; ConfigError on unknown keys, no or several search spaces."""
-    candidate = Path(path)
-    if not candidate.is_absolute() and not candidate.exists():
-        candidate = config.PROJECT_ROOT / candidate
-    try:
-        spec = yaml.safe_load(candidate.read_text())
-    except (FileNotFoundError, IsADirectoryError):
-        raise config.ConfigError(f"spec: file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise config.ConfigError(f"spec: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(spec, dict):
-        raise config.ConfigError(f"spec: {path} must hold a mapping")
+    spec = config.read_yaml(path, key="spec")
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise config.ConfigError(f"spec: unknown keys {sorted(unknown)} (known: {', '.join(sorted(SPEC_KEYS))})")
@@ -284,8 +273,7 @@ def default_storage() -> str:
 def default_study(plan: Plan) -> str:
     """The spec's name and a digest of its content, the overrides and the tracking store: rerunning
     the same command continues the same study, a changed spec starts another."""
-    digest = hashlib.sha256(json.dumps({**plan.fingerprint(), "tracking": mlflow.get_tracking_uri()},
-                                       sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = json_digest({**plan.fingerprint(), "tracking": mlflow.get_tracking_uri()})[:8]
     return f"{Path(plan.spec_path).stem}-{digest}"
 
 
@@ -447,14 +435,14 @@ def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
     except optuna.TrialPruned:
         train_id = train_run.info.run_id
         epochs = len(compare.val_acc_history(client, train_id))
-        shutil.rmtree(train.checkpoint_dir(train_id), ignore_errors=True)  # nothing will resume a pruned fit
+        shutil.rmtree(checkpoint_dir(train_id), ignore_errors=True)  # nothing will resume a pruned fit
         client.set_tag(train_id, "pruned_at_epoch", str(epochs))
         client.set_terminated(train_id, "KILLED")
         mlflow.set_tags({"train_run_id": train_id, "pruned_at_epoch": str(epochs)})
         log_history(client, train_id)
         raise
     train_id = train_run.info.run_id
-    compare.describe_train_run(client, train_id)
+    describe_train_run(client, train_id)
     mlflow.set_tags({"train_run_id": train_id, "model_uri": model_uri})
     history = log_history(client, train_id)
     loss = client.get_run(train_id).data.metrics.get("loss", math.nan)
@@ -612,8 +600,8 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
         outcome = ", ".join(f"{n} {state.lower()}" for state, n in counts.items())
         winner = "none" if best is None else f"trial {best['trial']}"
         mlflow.set_tag("mlflow.note.content", f"Optuna study `{study.study_name}`: {len(results)} trials of "
-                       f"`{plan.spec_path}` ({outcome}); best: {winner}.\n\n" + compare.to_markdown(summary))
-        print(compare.to_markdown(summary), end="")
+                       f"`{plan.spec_path}` ({outcome}); best: {winner}.\n\n" + markdown_table(summary))
+        print(markdown_table(summary), end="")
     return {"trials": results, "best": best, "decision": decision, "comparison_run_id": comparison}
 
 
@@ -637,7 +625,7 @@ def run(args: argparse.Namespace) -> int:
     """Check everything, join (or start) the study, run its trials here with `workers` processes.
     Returns the exit status: 0, or 1 if no trial of the study finished."""
     try:
-        workers = int(args.workers or 1)
+        workers = int(args.workers)
     except ValueError:
         raise config.ConfigError(f"workers: must be an integer, got {args.workers!r}") from None
     if workers < 1:
@@ -698,12 +686,13 @@ def run(args: argparse.Namespace) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--spec", required=True, help="sweep file, e.g. params/sweep-example.yaml")
-    parser.add_argument("--overrides", default="", help="key=value pairs applied to every trial, last")
-    parser.add_argument("--storage", default="", help="Optuna storage URL; empty: optuna.db beside mlflow.db")
-    parser.add_argument("--study", default="", help="Optuna study name; empty: the spec's name and digest")
-    parser.add_argument("--workers", default="", help="worker processes on this host (empty: 1)")
+    parser.add_argument("--spec", help="sweep file, e.g. params/sweep-example.yaml")
+    parser.add_argument("--overrides", help="key=value pairs applied to every trial, last")
+    parser.add_argument("--storage", help="Optuna storage URL; empty: optuna.db beside mlflow.db")
+    parser.add_argument("--study", help="Optuna study name; empty: the spec's name and digest")
+    parser.add_argument("--workers", help="worker processes on this host")
     parser.add_argument("--join", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers N
+    parser.set_defaults(**config.entry_point_defaults("sweep"))
     sys.exit(run(parser.parse_args()))
 
 

@@ -7,15 +7,17 @@ Writes: params (every resolved value, once); per-epoch metrics `loss`, `acc`, `v
         the model (a pyfunc around the Keras model, see pipeline.serve: no enforcing signature,
         the accepted input formats in the MLmodel metadata, a uint8 input example).
 Returns the logged model's URI (`models:/m-...`).
+
+`check_inputs` (before any run opens) and `resolve_inputs` (prepare or reuse the dataset, find a run
+to resume) are shared with `main`. Completed epochs are checkpointed per run and resumed by the
+same command (`pipeline.tracking.resume`); a cluster's other hosts train in lock step without
+logging (`run_worker`). The epoch logger and model logging live in `pipeline.tracking.training`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
-import hashlib
-import json
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -27,140 +29,72 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
-from pipeline import compare, config, prepare, serve
+from pipeline import config, prepare
 from pipeline.data import Dataset
-from pipeline.distribute import Distribution, distribution
+from pipeline.distribute import Distribution, cluster_from_env, distribution
 from pipeline.fitting import (
-    EpochTimer,
     check_backend,
     compile_model,
-    current_lr,
     diverged,
     fit,
     make_model,
     split_validation,
 )
-from pipeline.tracking import PIPELINE_DIR, StepFailed, checkpoint_root, cli, step_run
+from pipeline.tracking import (
+    StepFailed,
+    checkpoint_root,
+    cli,
+    describe_train_run,
+    json_digest,
+    step_run,
+)
+from pipeline.tracking.resume import (
+    checkpoint_dir,
+    claim,
+    config_to_resume,
+    find_resumable,
+    log_train_params,
+    release,
+    train_key,
+)
+from pipeline.tracking.training import MlflowEpochLogger, log_model, logged_history
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
-
-EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "iterations", "epoch_seconds", "images_per_second")
-# Held (flock) by the process training a run, in the run's checkpoint folder: a live run is never resumed.
-LOCK_FILE = "training.lock"
-
-
-class MlflowEpochLogger(EpochTimer):
-    """Logs one point per epoch for each of EPOCH_METRICS at step = epoch (1-based).
-
-    Written by hand because mlflow.keras.MlflowCallback logs duplicate `validation_*`
-    metrics at step 0 and autolog crashes `fit` on TF 2.21 without tensorboard.
-    `logged_steps`: epochs a resumed run already logged, skipped so no step appears twice.
-    """
-
-    def __init__(self, train_images: int, logged_steps: set[int] = frozenset()):
-        super().__init__()
-        self.train_images = train_images
-        self.logged_steps = set(logged_steps)
-
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
-        if epoch + 1 in self.logged_steps:
-            return
-        seconds = self.seconds[-1]
-        lr = current_lr(self.model.optimizer)
-        row = {k: float(v) for k, v in (logs or {}).items() if k in EPOCH_METRICS}
-        iterations = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        row.update(lr=lr, iterations=iterations, epoch_seconds=seconds, images_per_second=self.train_images / seconds)
-        mlflow.log_metrics(row, step=epoch + 1)
 
 
 class TrainingDiverged(StepFailed):
     """The loss became NaN or infinite."""
 
 
-def logged_history(run_id: str) -> pd.DataFrame:
-    """The run's per-epoch metrics as a table (one row per epoch), read back from MLflow, so a
-    resumed run's history includes the epochs logged before the interruption."""
-    client = MlflowClient()
-    series = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in EPOCH_METRICS}
-    return pd.DataFrame(series).rename_axis("epoch").reset_index().sort_values("epoch")
+def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> str:
+    """Check a training command's inputs before any run opens (ConfigError or DataError naming the key);
+    return the dataset URI to train on ("" = prepare or reuse one, see `resolve_inputs`).
 
-
-def checkpoint_dir(run_id: str) -> Path:
-    return checkpoint_root() / run_id
-
-
-_claimed: dict[str, object] = {}  # run id -> the open lock file this process holds
-
-
-def claim(run_id: str) -> bool:
-    """Lock the run's checkpoint folder for this process (an OS flock, dropped when the process dies,
-    however it dies); False if another live process holds it, i.e. is training that run now."""
-    if run_id in _claimed:
-        return True
-    path = checkpoint_dir(run_id) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return False
-    _claimed[run_id] = handle
-    return True
-
-
-def release(run_id: str) -> None:
-    handle = _claimed.pop(run_id, None)
-    if handle is not None:
-        handle.close()
-
-
-def has_checkpoint(run_id: str) -> bool:
-    return (checkpoint_dir(run_id) / "training_metadata.json").exists()
-
-
-def train_key(cfg: config.Config, dataset_uri: str) -> str:
-    """Identity of a training job: every param and the dataset. Equal keys may resume each other."""
-    return hashlib.sha256(json.dumps({**cfg.flat(), "dataset_uri": dataset_uri}, sort_keys=True).encode()).hexdigest()
-
-
-def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> str | None:
-    """The train run to continue, or None to start a new one.
-
-    resume "": the newest unfinished run of the same job that left a checkpoint and that no live
-    process is training (so rerunning a killed command continues it, and a second identical command
-    started while the first trains gets a run of its own); "never": None; a run id: that run, which
-    must have a checkpoint and not be training elsewhere. The run returned is claimed (see `claim`).
-    An interrupted parent run of the resumed one (left RUNNING by the kill) is marked KILLED.
+    resume, a run id: `cfg` (and `dataset_uri`) must be what that run started with, and its dataset is
+    used (see `config_to_resume`). A dataset URI must name an artifact; else `data.source` must exist.
+    The backend must support the params, and in a cluster (TF_CONFIG) only the chief runs the steps.
     """
-    if resume == "never":
-        return None
-    client = MlflowClient()
-    if resume:
-        if not has_checkpoint(resume):
-            raise config.ConfigError(f"resume: run {resume} has no checkpoint in {checkpoint_dir(resume)} "
-                                     f"(finished runs delete theirs)")
-        if not claim(resume):
-            raise config.ConfigError(f"resume: run {resume} is being trained by another process right now")
-        run_id = resume
+    if resume not in ("", "never"):
+        dataset_uri = config_to_resume(resume, cfg, dataset_uri)
+    if dataset_uri:
+        prepare.check_dataset_uri(dataset_uri)
     else:
-        candidates = (r.info.run_id for r in mlflow.search_runs(
-            search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
-            filter_string=f"tags.train_key = '{train_key(cfg, dataset_uri)}'") if r.info.status != "FINISHED")
-        run_id = next((r for r in candidates if has_checkpoint(r) and claim(r)), None)
-        if run_id is None:
-            return None
-    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-    active = mlflow.active_run()
-    if parent and (active is None or parent != active.info.run_id) and client.get_run(parent).info.status == "RUNNING":
-        client.set_tag(parent, "resumed_by", active.info.run_id if active else "")
-        client.set_terminated(parent, "KILLED")
-    print(f"resuming train run {run_id} from its last completed epoch")
-    return run_id
+        prepare.prepare_key(cfg)  # a missing data path fails here
+    check_backend(cfg)
+    cluster = cluster_from_env()
+    if cluster and not cluster.chief:
+        raise config.ConfigError(f"TF_CONFIG: this host is {cluster.task}; the pipeline runs on the chief, "
+                                 f"here run `python -m pipeline.train` with the chief's params")
+    return dataset_uri
+
+
+def resolve_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> tuple[str, str | None]:
+    """(dataset URI, train run to resume or None), for inputs `check_inputs` passed: an identical finished
+    prepare is reused, else prepare runs (nested in the active run); see `find_resumable`."""
+    dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
+    return dataset_uri, find_resumable(cfg, dataset_uri, resume)
 
 
 def inference_copy(cfg: config.Config, dataset: Dataset, model: keras.Model) -> keras.Model:
@@ -171,37 +105,6 @@ def inference_copy(cfg: config.Config, dataset: Dataset, model: keras.Model) -> 
         if layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
     return served
-
-
-def log_model(model: keras.Model, class_names: list[str], example: np.ndarray,
-              tta: str = "none") -> mlflow.models.model.ModelInfo:
-    """Log the pyfunc that serves `model` (see pipeline.serve); return its ModelInfo.
-
-    Inputs: the inference Keras model, its class names, a few uint8 (n, 32, 32, 3) images kept as
-    the input example. No signature: MLflow enforces a tensor signature by casting (floats in [0, 1]
-    become 0 under uint8) and no single schema admits both pixel tensors and base64 images, so
-    `serve.to_pixels` validates every request instead. The accepted formats go into the MLmodel
-    metadata.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save(Path(tmp) / "model.keras")
-        (Path(tmp) / "class_names.json").write_text(json.dumps(class_names))
-        return mlflow.pyfunc.log_model(
-            name="model", python_model=serve.ImageClassifier(tta), code_paths=[str(PIPELINE_DIR)],
-            artifacts={serve.KERAS_ARTIFACT: str(Path(tmp) / "model.keras"),
-                       serve.CLASSES_ARTIFACT: str(Path(tmp) / "class_names.json")},
-            signature=False, input_example=np.asarray(example, dtype=np.uint8),
-            metadata={"input_formats": serve.INPUT_FORMATS, "output_format": serve.OUTPUT_FORMAT,
-                      "class_names": list(class_names), "tta": tta},
-            pip_requirements=serving_requirements())
-
-
-def serving_requirements() -> list[str]:
-    """The served model needs the backend it was trained with, Keras, MLflow and Pillow."""
-    from importlib.metadata import version
-
-    packages = (keras.backend.backend(), "keras", "mlflow", "pandas", "pillow")  # backend names are package names
-    return [f"{pkg}=={version(pkg)}" for pkg in packages]
 
 
 def plot_curves(history: pd.DataFrame, path: Path) -> None:
@@ -233,12 +136,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     run_id = mlflow.active_run().info.run_id
     if not claim(run_id):
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
-    params = {**cfg.flat(), "dataset_uri": dataset_uri}
-    logged_epochs = MlflowClient().get_run(run_id).data.params.get("train.epochs")
-    if logged_epochs not in (None, params["train.epochs"]):  # a resumed run extended (MLflow params are immutable)
-        del params["train.epochs"]
-        mlflow.set_tag("extended_epochs", f"{logged_epochs} -> {t.epochs}")
-    mlflow.log_params(params)
+    log_train_params(cfg, dataset_uri)
     mlflow.set_tags({"backend": keras.backend.backend(), "devices": ", ".join(dist.devices),
                      "dtype_policy": model.dtype_policy.name, "jit_compile": str(bool(model.jit_compile)).lower(),
                      "distribute": dist.mode, "workers": str(dist.workers),
@@ -273,7 +171,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
         mlflow.log_artifacts(tmp)
     info = log_model(served, list(dataset.class_names), dataset.x_test[:2], cfg.evaluate.tta)
     mlflow.set_tag("model_uri", info.model_uri)
-    compare.describe_train_run(MlflowClient(), run_id, overwrite=True)
+    describe_train_run(MlflowClient(), run_id, overwrite=True)
     print(f"logged model {info.model_uri}")
     return info.model_uri
 
@@ -288,8 +186,8 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
     dataset = prepare.load_dataset(dataset_uri) if dataset_uri else prepare.build(cfg)
     splits = split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
     model = compile_model(cfg, dataset, dist, len(splits[0]))
-    key = hashlib.sha256(json.dumps({**cfg.flat(), "dataset": dataset.digest()}, sort_keys=True).encode())
-    backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{key.hexdigest()[:16]}"
+    key = json_digest({**cfg.flat(), "dataset": dataset.digest()})
+    backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{key[:16]}"
     if resume == "never":
         shutil.rmtree(backup, ignore_errors=True)
     print(f"{dist.task} of {dist.workers}: training on {len(splits[0])} images, devices {dist.devices}; "
@@ -304,12 +202,13 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="")
-    parser.add_argument("--epochs", default="")
-    parser.add_argument("--data", default="")
-    parser.add_argument("--overrides", default="")
-    parser.add_argument("--dataset-uri", default="", help="prepared dataset; default: prepare (or reuse) from --data")
-    parser.add_argument("--resume", default="", help="'' (continue an interrupted identical run), 'never', or a run id")
+    parser.add_argument("--params")
+    parser.add_argument("--epochs")
+    parser.add_argument("--data")
+    parser.add_argument("--overrides")
+    parser.add_argument("--dataset-uri", help="prepared dataset; default: prepare (or reuse) from --data")
+    parser.add_argument("--resume", help="'' (continue an interrupted identical run), 'never', or a run id")
+    parser.set_defaults(**config.entry_point_defaults("train"))
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
     check_backend(cfg)
@@ -317,45 +216,10 @@ def main() -> None:
     if not dist.chief:
         run_worker(cfg, args.dataset_uri, dist, args.resume)
         return
-    dataset_uri = args.dataset_uri
-    if args.resume not in ("", "never"):
-        dataset_uri = config_to_resume(args.resume, cfg, dataset_uri)
-    if dataset_uri:
-        prepare.check_dataset_uri(dataset_uri)
-    dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
-    resume_id = find_resumable(cfg, dataset_uri, args.resume)
+    dataset_uri = check_inputs(cfg, resume=args.resume, dataset_uri=args.dataset_uri)
+    dataset_uri, resume_id = resolve_inputs(cfg, resume=args.resume, dataset_uri=dataset_uri)
     with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
         run(cfg, dataset_uri, dist)
-
-
-def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> str:
-    """Check that `cfg` (and `dataset_uri`, if given) are what train run `run_id` was started with; return
-    the run's dataset URI. `train.epochs` may grow, to extend the run (the lr schedule is then built for
-    the new length); any other difference is a ConfigError naming the keys."""
-    try:
-        run = MlflowClient().get_run(run_id)
-    except MlflowException:
-        raise config.ConfigError(f"resume: no run {run_id!r} in the tracking store") from None
-    params = run.data.params
-    if "dataset_uri" not in params or run.data.tags.get("step") != "train":
-        raise config.ConfigError(f"resume: run {run_id} is not a train run")
-    logged = config.from_run_params(params)
-    if "extended_epochs" in run.data.tags:
-        logged = dataclasses.replace(logged, train=dataclasses.replace(
-            logged.train, epochs=int(run.data.tags["extended_epochs"].split("->")[-1])))
-    ours, theirs = cfg.flat(), logged.flat()
-    differ = sorted(k for k in ours.keys() | theirs.keys() if k != "train.epochs" and ours.get(k) != theirs.get(k))
-    if dataset_uri and dataset_uri != params["dataset_uri"]:
-        differ.append("dataset_uri")
-    if differ:
-        details = ", ".join(f"{k}={ours.get(k, params.get(k))} (run has {theirs.get(k, params.get(k))})"
-                            for k in differ)
-        raise config.ConfigError(f"resume: run {run_id} was started with other params: {details}; give the "
-                                 f"command it was started with (train.epochs may grow), or resume=never")
-    if cfg.train.epochs < logged.train.epochs:
-        raise config.ConfigError(f"train.epochs: resuming run {run_id} can only keep or extend its "
-                                 f"{logged.train.epochs} epochs, got {cfg.train.epochs}")
-    return params["dataset_uri"]
 
 
 if __name__ == "__main__":

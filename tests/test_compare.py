@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.parse
@@ -18,7 +19,8 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, free_port, server_run_command, start_tracking_server, stop_group
+from bench.servers import free_port, server_run_command, start_tracking_server, stop_group
+from tests.conftest import ROOT
 
 TINY = "params/tiny.yaml"
 
@@ -111,7 +113,7 @@ def test_two_trainings_show_in_the_ui_and_compare(server):
     # compare: a comparison run holding the table (only lr differs) and the val_acc plot.
     done = mlflow_run(server, "e2e", "compare", experiment="e2e")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| run | run_id | train.lr |" in done.stdout
+    assert re.search(r"\| run +\| run_id +\| train\.lr +\|", done.stdout), done.stdout
     comparison = search(server, experiment_id, "tags.step = 'compare'")
     assert len(comparison) == 1 and comparison[0]["info"]["status"] == "FINISHED"
     compare_id = comparison[0]["info"]["run_id"]

@@ -18,10 +18,11 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
+from bench.servers import free_port, start_tracking_server, stop_group
 from pipeline import config, evaluate, main, prepare, register, train
 from pipeline.fitting import learning_rate
 from pipeline.tracking import cli
-from tests.conftest import ROOT, eventually, free_port, run_module, start_tracking_server, stop_group
+from tests.conftest import ROOT, eventually, run_module
 
 TINY = "params/tiny.yaml"
 

@@ -6,7 +6,12 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import model
+from pipeline import config, data, fitting, model
+
+
+def variant(params: str) -> keras.Model:
+    """The model a params file describes, built as train builds it (without the augmentation layer)."""
+    return fitting.make_model(config.load(params), data.make_synthetic(n_train=16, n_test=16), augment=False)
 
 
 def trainable(m: keras.Model) -> int:
@@ -34,7 +39,7 @@ def bottleneck_params(n: int, widths=(64, 128, 256), stem=16, classes=10) -> int
 
 
 def test_seed_resnet164_has_1703258_params_and_166_convs():
-    m = model.resnet164()
+    m = variant("params/default.yaml")
     assert bottleneck_params(18) == 1_703_258
     assert trainable(m) == 1_703_258
     convs = [layer for layer in m.layers if isinstance(layer, keras.layers.Conv2D)]
@@ -53,7 +58,7 @@ def test_depth_is_a_parameter(n, expected):
 
 
 def test_basic_block_resnet20():
-    m = model.resnet20()
+    m = variant("params/resnet20.yaml")
     # He et al. 2016 give 0.27M for ResNet-20. Here: stem 432; stage 1, 3 units of
     # BN(16) + 3x3 16->16 + BN(16) + 3x3 16->16 = 4,672 each -> 14,016; stage 2 (first unit
     # with a 1x1 16->32 projection) 14,432 + 2 x 18,560 = 51,552; stage 3, 57,536 + 2 x 73,984

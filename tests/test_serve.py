@@ -11,8 +11,6 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,9 +23,9 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from bench.servers import free_port, start_model_server, stop_group
 from pipeline import config, predict, prepare, serve, train
 from pipeline.data import decode_image
-from tests.conftest import free_port, stop_group, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_SECONDS = 120
@@ -111,18 +109,12 @@ def server(model_uri, tracking) -> Iterator[str]:
     tmp, uri = tracking
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = (tmp / "server.log").open("wb")
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    process = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                                "-p", str(port), "-h", "127.0.0.1", "-w", "1"],
-                               env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # own process group: uvicorn is a grandchild
+    process = start_model_server(model_uri, port, tmp / "server.log", timeout=SERVER_START_SECONDS,
+                                 env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     try:
-        wait_until_up(f"{url}/ping", process, timeout=SERVER_START_SECONDS, log=tmp / "server.log")
         yield url
     finally:
         stop_group(process)
-        log.close()
 
 
 # --- input handling, no server ----------------------------------------------------------------

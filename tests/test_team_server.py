@@ -18,7 +18,8 @@ import optuna
 import psycopg2
 import pytest
 
-from tests.conftest import ROOT, free_port, server_run_command, stop_group, wait_until_up
+from bench.servers import free_port, server_run_command, stop_group, wait_until_up
+from tests.conftest import ROOT
 from tests.test_compare import api, artifact_bytes, create_experiment, params_of, search, tags_of
 
 SCRIPT = ROOT / "scripts" / "team-server.sh"

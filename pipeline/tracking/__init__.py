@@ -1,4 +1,19 @@
-"""The one tracking layer: how every step opens its MLflow run and reports a bad input.
+"""The tracking layer: what every step needs from MLflow, in one place.
+
+- Runs: `step_run` / `open_run` open a step's run (reusing the one `mlflow run` opened, nested
+  under an active parent, or resuming a run by id), tag it with the step and the git commit, and
+  end it KILLED on SIGTERM/SIGINT; `cli` turns expected failures into one line and an exit code;
+  `ensure_store` creates the SQLite store once; `ui_hint` says where to look at a run.
+- Keys and digests: `json_digest` (the cache key of prepare, train and sweep), `code_digest`,
+  `git_commit`.
+- Finding runs by key: `find_finished_run` (a prepare to reuse), `unfinished_runs` (a train run
+  to resume).
+- Logged models: `model_id` parses `models:/m-...`; `model_metrics` and `latest_metrics` apply the
+  one rule for a metric's latest value (the newest timestamp).
+- Run descriptions (`describe_train_run`) and Markdown tables (`markdown_table`) for the UI.
+- `pipeline.tracking.training` (imports Keras): the per-epoch logger, the logged history and
+  model logging. `pipeline.tracking.resume`: checkpoints, locks and which train run a command
+  continues.
 
 Tracking store: whatever `MLFLOW_TRACKING_URI` names, else MLflow's default, the embedded
 SQLite store `sqlite:///mlflow.db` in the working directory (the project root under
@@ -9,8 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
+import json
+import logging
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,12 +40,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import PROJECT_ROOT, Config, ConfigError
 from pipeline.data import DataError
 
-PIPELINE_DIR = Path(__file__).resolve().parent
+PIPELINE_DIR = Path(__file__).resolve().parent.parent
 
 
 def checkpoint_root() -> Path:
@@ -35,6 +56,21 @@ def checkpoint_root() -> Path:
 
 # MLflow retries a dead tracking server 7 times with doubling back-off (minutes). A run whose
 # server went away should fail soon and say so; its checkpoint lets the same command resume.
+class _DropMessages(logging.Filter):
+    """Drop log records whose message starts with one of `starts`; every other record passes."""
+
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+# serve.ImageClassifier is logged as an object on purpose (its code ships with the model, see log_model):
+# MLflow's advice to log models from code instead is noise on every training run.
+logging.getLogger("mlflow.pyfunc").addFilter(_DropMessages("Passing a Python object as `python_model`"))
+
 for _var, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
     os.environ.setdefault(_var, _value)
@@ -103,15 +139,42 @@ def code_digest(*modules: str) -> str:
     return h.hexdigest()
 
 
-def _git_commit() -> str | None:
-    head = PROJECT_ROOT / ".git" / "HEAD"
+def json_digest(value: object) -> str:
+    """sha256 of `value` as canonical JSON (sorted keys; str() for what JSON cannot hold): a cache key."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """`table` as a GitHub-flavoured Markdown table (pandas `to_markdown`): floats with 4 decimals,
+    missing values empty, other values as their text (not re-read as numbers: `1e-06` stays `1e-06`)."""
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|")  # tabulate leaves a pipe inside a cell as a column break
+
+    return table.map(cell).to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The project's checked-out commit (`git rev-parse HEAD`), or None outside a git checkout or without git."""
     try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            return (PROJECT_ROOT / ".git" / ref[5:]).read_text().strip()
-        return ref
-    except OSError:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
         return None
+    return out or None
+
+
+def ui_hint(run: mlflow.entities.Run | mlflow.ActiveRun) -> str:
+    """Where to look at `run`: its page on the tracking server, or the `mlflow ui` command for a local store."""
+    uri = mlflow.get_tracking_uri()
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"run {run.info.run_id}: {uri.rstrip('/')}/{page}"
+    return (f"run {run.info.run_id}: see it with `mlflow ui --backend-store-uri {uri}`, then "
+            f"http://127.0.0.1:5000/{page}")
 
 
 def step_run(cfg: Config, step: str, *, run_name: str | None = None,
@@ -134,7 +197,7 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
     """
     parent = mlflow.active_run()
     tags = {"step": step, **(tags or {})}
-    commit = _git_commit()
+    commit = git_commit()
     if commit:
         tags["git_commit"] = commit
     if resume_run_id:
@@ -262,8 +325,78 @@ def _settle(run_id: str, status: str, wait_for_pid: int, delete: bool, timeout: 
         client.delete_run(run_id)
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--settle"]:  # internal: see _settle_wrapper_run
-        _settle(sys.argv[2], sys.argv[3], int(sys.argv[4]), "--delete" in sys.argv[5:])
-    else:
-        print(f"tracking store {ensure_store()} ready")
+
+# ---------------------------------------------------------------- logged models, metrics, runs by key
+
+def model_id(model_uri: str | None) -> str | None:
+    """`models:/m-...` -> the logged model's id (None for registry URIs like models:/name/1, or no URI)."""
+    tail = (model_uri or "").removeprefix("models:/")
+    return tail if tail.startswith("m-") and "/" not in tail else None
+
+
+def latest_metrics(metrics) -> dict[str, float]:
+    """{key: value} of MLflow Metric entities, keeping each key's newest (by timestamp; the later one on ties)."""
+    latest: dict[str, tuple[int, float]] = {}
+    for metric in metrics or []:
+        if metric.key not in latest or metric.timestamp >= latest[metric.key][0]:
+            latest[metric.key] = (metric.timestamp, metric.value)
+    return {key: value for key, (_, value) in latest.items()}
+
+
+def model_metrics(model_uri: str | None) -> dict[str, float]:
+    """Latest value of each metric logged on the model `models:/m-...` ({} if none or unknown)."""
+    found = model_id(model_uri)
+    if found is None:
+        return {}
+    try:
+        return latest_metrics(mlflow.get_logged_model(found).metrics)
+    except MlflowException:
+        return {}  # the model was deleted or lives in a store this client cannot see
+
+
+def find_finished_run(tag: str, key: str) -> str | None:
+    """Id of the newest FINISHED run, in any experiment, whose tag `tag` equals `key`; None if there is none."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                              filter_string=f"tags.{tag} = '{key}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def unfinished_runs(tag: str, key: str) -> list[str]:
+    """Ids of the runs, in any experiment, whose tag `tag` equals `key` and that did not finish; newest first."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              order_by=["attributes.start_time DESC"], filter_string=f"tags.{tag} = '{key}'")
+    return [r.info.run_id for r in runs if r.info.status != "FINISHED"]
+
+
+# ---------------------------------------------------------------- run descriptions
+
+def prepare_run_id(dataset_uri: str) -> str | None:
+    """`runs:/<id>/dataset/dataset.npz` -> <id>."""
+    match = re.match(r"runs:/([0-9a-f]+)/", dataset_uri or "")
+    return match.group(1) if match else None
+
+
+def describe_train_run(client: mlflow.MlflowClient, run_id: str, *, overwrite: bool = False) -> str | None:
+    """Write a training run's description (tag mlflow.note.content): model, recipe and data digest.
+
+    The data digest is tag `dataset_sha256` of the prepare run named in the run's `dataset_uri`
+    param. Keeps an existing description unless `overwrite`. Returns the text written, or None.
+    """
+    train = client.get_run(run_id)
+    if train.data.tags.get("mlflow.note.content") and not overwrite:
+        return None
+    params, tags = train.data.params, train.data.tags
+    prepare_id = prepare_run_id(params.get("dataset_uri", ""))
+    try:
+        digest = client.get_run(prepare_id).data.tags.get("dataset_sha256", "unknown") if prepare_id else "unknown"
+    except MlflowException:
+        digest = "unknown"  # the prepare run was deleted
+    note = (f"Pre-activation ResNet-{tags.get('model_depth', '?')} ({params.get('model.block', '?')} blocks, "
+            f"units_per_stage {params.get('model.units_per_stage', '?')}, widths {params.get('model.widths', '?')}), "
+            f"{params.get('train.epochs', '?')} epochs, batch {params.get('train.batch_size', '?')}, "
+            f"lr {params.get('train.lr', '?')}.\n\n"
+            f"Data: `{params.get('data.source', '?')}`, sha256 `{digest}` (prepare run `{prepare_id}`).\n\n"
+            f"Model: `{tags.get('model_uri', '?')}`.")
+    client.set_tag(run_id, "mlflow.note.content", note)
+    return note

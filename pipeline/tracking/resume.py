@@ -1,0 +1,137 @@
+"""Resuming training runs: checkpoints, which run a command continues, and what it may change.
+
+A train run's completed epochs are checkpointed in `checkpoint_dir(run_id)` (Keras BackupAndRestore)
+until it finishes. The process training a run holds an OS lock in that folder (`claim`), so a live
+run is never taken over. `find_resumable` picks the run a command continues (the same `train_key`:
+every param and the dataset); `config_to_resume` checks a command against the run it names, whose
+`train.epochs` may grow (`log_train_params` records the extension, as MLflow params are immutable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipeline import config
+from pipeline.tracking import checkpoint_root, json_digest, unfinished_runs
+
+# Held (flock) by the process training a run, in the run's checkpoint folder: a live run is never resumed.
+LOCK_FILE = "training.lock"
+
+
+def checkpoint_dir(run_id: str) -> Path:
+    return checkpoint_root() / run_id
+
+
+_claimed: dict[str, object] = {}  # run id -> the open lock file this process holds
+
+
+def claim(run_id: str) -> bool:
+    """Lock the run's checkpoint folder for this process (an OS flock, dropped when the process dies,
+    however it dies); False if another live process holds it, i.e. is training that run now."""
+    if run_id in _claimed:
+        return True
+    path = checkpoint_dir(run_id) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return False
+    _claimed[run_id] = handle
+    return True
+
+
+def release(run_id: str) -> None:
+    handle = _claimed.pop(run_id, None)
+    if handle is not None:
+        handle.close()
+
+
+def has_checkpoint(run_id: str) -> bool:
+    return (checkpoint_dir(run_id) / "training_metadata.json").exists()
+
+
+def train_key(cfg: config.Config, dataset_uri: str) -> str:
+    """Identity of a training job: every param and the dataset. Equal keys may resume each other."""
+    return json_digest({**cfg.flat(), "dataset_uri": dataset_uri})
+
+
+def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> str | None:
+    """The train run to continue, or None to start a new one.
+
+    resume "": the newest unfinished run of the same job that left a checkpoint and that no live
+    process is training (so rerunning a killed command continues it, and a second identical command
+    started while the first trains gets a run of its own); "never": None; a run id: that run, which
+    must have a checkpoint and not be training elsewhere. The run returned is claimed (see `claim`).
+    An interrupted parent run of the resumed one (left RUNNING by the kill) is marked KILLED.
+    """
+    if resume == "never":
+        return None
+    client = MlflowClient()
+    if resume:
+        if not has_checkpoint(resume):
+            raise config.ConfigError(f"resume: run {resume} has no checkpoint in {checkpoint_dir(resume)} "
+                                     f"(finished runs delete theirs)")
+        if not claim(resume):
+            raise config.ConfigError(f"resume: run {resume} is being trained by another process right now")
+        run_id = resume
+    else:
+        candidates = unfinished_runs("train_key", train_key(cfg, dataset_uri))
+        run_id = next((r for r in candidates if has_checkpoint(r) and claim(r)), None)
+        if run_id is None:
+            return None
+    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    active = mlflow.active_run()
+    if parent and (active is None or parent != active.info.run_id) and client.get_run(parent).info.status == "RUNNING":
+        client.set_tag(parent, "resumed_by", active.info.run_id if active else "")
+        client.set_terminated(parent, "KILLED")
+    print(f"resuming train run {run_id} from its last completed epoch")
+    return run_id
+
+
+def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> str:
+    """Check that `cfg` (and `dataset_uri`, if given) are what train run `run_id` was started with; return
+    the run's dataset URI. `train.epochs` may grow, to extend the run (the lr schedule is then built for
+    the new length); any other difference is a ConfigError naming the keys."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise config.ConfigError(f"resume: no run {run_id!r} in the tracking store") from None
+    params = run.data.params
+    if "dataset_uri" not in params or run.data.tags.get("step") != "train":
+        raise config.ConfigError(f"resume: run {run_id} is not a train run")
+    logged = config.from_run_params(params)
+    if "extended_epochs" in run.data.tags:
+        logged = dataclasses.replace(logged, train=dataclasses.replace(
+            logged.train, epochs=int(run.data.tags["extended_epochs"].split("->")[-1])))
+    ours, theirs = cfg.flat(), logged.flat()
+    differ = sorted(k for k in ours.keys() | theirs.keys() if k != "train.epochs" and ours.get(k) != theirs.get(k))
+    if dataset_uri and dataset_uri != params["dataset_uri"]:
+        differ.append("dataset_uri")
+    if differ:
+        details = ", ".join(f"{k}={ours.get(k, params.get(k))} (run has {theirs.get(k, params.get(k))})"
+                            for k in differ)
+        raise config.ConfigError(f"resume: run {run_id} was started with other params: {details}; give the "
+                                 f"command it was started with (train.epochs may grow), or resume=never")
+    if cfg.train.epochs < logged.train.epochs:
+        raise config.ConfigError(f"train.epochs: resuming run {run_id} can only keep or extend its "
+                                 f"{logged.train.epochs} epochs, got {cfg.train.epochs}")
+    return params["dataset_uri"]
+
+
+def log_train_params(cfg: config.Config, dataset_uri: str) -> None:
+    """Log every param and the dataset URI on the active train run. A resumed run whose `train.epochs`
+    grew keeps its logged value (MLflow params are immutable) and gets tag `extended_epochs`."""
+    params = {**cfg.flat(), "dataset_uri": dataset_uri}
+    logged_epochs = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params.get("train.epochs")
+    if logged_epochs not in (None, params["train.epochs"]):
+        del params["train.epochs"]
+        mlflow.set_tag("extended_epochs", f"{logged_epochs} -> {cfg.train.epochs}")
+    mlflow.log_params(params)
