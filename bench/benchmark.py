@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no oneDNN / cuInit lines
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads, as pipeline sets it
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

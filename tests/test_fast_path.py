@@ -57,7 +57,7 @@ def run_distributed(store: dict, backend: str, mode: str) -> subprocess.Complete
         from pipeline import train
         from pipeline.tracking import cli
         sys.argv = ["train", "--params", "params/tiny.yaml", "--epochs", "2",
-                    "--overrides", "train.distribute={mode} tracking.experiment=e2e data.synthetic_train=1024"]
+                    "--overrides", "train.distribute={mode} tracking.experiment=e2e"]
         cli(train.main)
     """)
     return subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
@@ -110,7 +110,7 @@ def test_device_batches_cover_every_image_once_per_epoch_in_a_new_order():
 
 def test_main_on_the_jax_backend_with_images_held_on_the_device(store):
     result = mlflow_run({**store, "KERAS_BACKEND": "jax"}, "main", params="params/tiny.yaml",
-                        overrides="train.feed=device data.synthetic_train=1024")  # JAX on a CPU is slow
+                        overrides="train.feed=device")
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
     experiment = client.get_experiment_by_name("e2e").experiment_id
