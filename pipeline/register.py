@@ -183,7 +183,7 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     mlflow.log_dict(decision, "decision.json")
     record_report(client, challenger_report(decision, alias, model_uri, champion))
     if source_run:
-        describe_train_run(client, source_run)  # a no-op where the training run already has one
+        describe_train_run(source_run)  # a no-op where the training run already has one
     print(f"registered {name} v{version.version}: {'@' + alias + ' moved' if moved else 'alias kept'} ({reason})")
     return decision
 

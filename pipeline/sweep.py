@@ -442,7 +442,7 @@ def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
         log_history(client, train_id)
         raise
     train_id = train_run.info.run_id
-    describe_train_run(client, train_id)
+    describe_train_run(train_id)
     mlflow.set_tags({"train_run_id": train_id, "model_uri": model_uri})
     history = log_history(client, train_id)
     loss = client.get_run(train_id).data.metrics.get("loss", math.nan)

@@ -171,7 +171,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
         mlflow.log_artifacts(tmp)
     info = log_model(served, list(dataset.class_names), dataset.x_test[:2], cfg.evaluate.tta)
     mlflow.set_tag("model_uri", info.model_uri)
-    describe_train_run(MlflowClient(), run_id, overwrite=True)
+    describe_train_run(run_id, overwrite=True)
     print(f"logged model {info.model_uri}")
     return info.model_uri
 

@@ -1,19 +1,30 @@
-"""The tracking layer: what every step needs from MLflow, in one place.
+"""The tracking layer: every MLflow call of the pipeline is made here (or in `pipeline.serve`, the
+served model); the steps call these functions and never import MLflow.
 
 - Runs: `step_run` / `open_run` open a step's run (reusing the one `mlflow run` opened, nested
   under an active parent, or resuming a run by id), tag it with the step and the git commit, and
   end it KILLED on SIGTERM/SIGINT; `cli` turns expected failures into one line and an exit code;
   `ensure_store` creates the SQLite store once; `ui_hint` says where to look at a run.
+- The active run: `active_run_id`, `log_params`, `log_metrics`, `set_tags`, `log_dict`, `log_text`,
+  and `artifact_dir`, a temporary folder whose files become the run's artifacts; `tracking_uri`.
 - Keys and digests: `json_digest` (the cache key of prepare, train and sweep), `code_digest`,
   `git_commit`.
 - Finding runs by key: `find_finished_run` (a prepare to reuse), `unfinished_runs` (a train run
-  to resume).
+  to resume); `metric_history` reads a run's metric per step.
 - Logged models: `model_id` parses `models:/m-...`; `model_metrics` and `latest_metrics` apply the
   one rule for a metric's latest value (the newest timestamp).
 - Run descriptions (`describe_train_run`) and Markdown tables (`markdown_table`) for the UI.
-- `pipeline.tracking.training` (imports Keras): the per-epoch logger, the logged history and
-  model logging. `pipeline.tracking.resume`: checkpoints, locks and which train run a command
-  continues.
+
+What each step records and reads, by name:
+- `pipeline.tracking.steps`: prepare (the dataset, its input and digests; reading a dataset URI
+  back), evaluate (loading the model, the test metrics), compare (searching train runs, the
+  comparison), main (the headline results).
+- `pipeline.tracking.training` (imports Keras): the train run's params and tags, the per-epoch
+  logger, the logged history and model logging. `pipeline.tracking.resume`: checkpoints, locks
+  and which train run a command continues.
+- `pipeline.tracking.registry`: the Model Registry (a model's test_acc, versions, the alias, the
+  champion-vs-challenger report).
+- `pipeline.tracking.trials`: the sweep's trial runs and how they end.
 
 Tracking store: whatever `MLFLOW_TRACKING_URI` names, else MLflow's default, the embedded
 SQLite store `sqlite:///mlflow.db` in the working directory (the project root under
@@ -326,6 +337,59 @@ def _settle(run_id: str, status: str, wait_for_pid: int, delete: bool, timeout: 
 
 
 
+# ---------------------------------------------------------------- the active run
+
+def tracking_uri() -> str:
+    """The tracking store this process writes to (`MLFLOW_TRACKING_URI`, else MLflow's default)."""
+    return mlflow.get_tracking_uri()
+
+
+def active_run_id() -> str:
+    """Id of the active run (the innermost one a step or the caller opened)."""
+    return mlflow.active_run().info.run_id
+
+
+def log_params(params: dict) -> None:
+    """Log `params` on the active run (MLflow keeps them as strings, and never changes one)."""
+    mlflow.log_params(params)
+
+
+def log_metrics(metrics: dict[str, float]) -> None:
+    """Log `metrics` on the active run."""
+    mlflow.log_metrics(metrics)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    """Set `tags` on the active run."""
+    mlflow.set_tags(tags)
+
+
+def log_dict(value: dict, artifact_file: str) -> None:
+    """Log `value` as a JSON (or YAML, by the file's extension) artifact of the active run."""
+    mlflow.log_dict(value, artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """Log `text` as an artifact of the active run."""
+    mlflow.log_text(text, artifact_file)
+
+
+@contextlib.contextmanager
+def artifact_dir(artifact_path: str | None = None) -> Iterator[Path]:
+    """A temporary folder to write files into; when the block ends without an error, its files become
+    artifacts of the active run (under `artifact_path`, else at the top)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+        mlflow.log_artifacts(tmp, artifact_path)
+
+
+def metric_history(run_id: str, key: str) -> pd.Series:
+    """A run's metric `key` per step (index: step; the newest value where a step was logged twice)."""
+    history = mlflow.MlflowClient().get_metric_history(run_id, key)
+    return pd.Series({m.step: m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))},
+                     name=key, dtype=float)
+
+
 # ---------------------------------------------------------------- logged models, metrics, runs by key
 
 def model_id(model_uri: str | None) -> str | None:
@@ -377,12 +441,13 @@ def prepare_run_id(dataset_uri: str) -> str | None:
     return match.group(1) if match else None
 
 
-def describe_train_run(client: mlflow.MlflowClient, run_id: str, *, overwrite: bool = False) -> str | None:
+def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
     """Write a training run's description (tag mlflow.note.content): model, recipe and data digest.
 
     The data digest is tag `dataset_sha256` of the prepare run named in the run's `dataset_uri`
     param. Keeps an existing description unless `overwrite`. Returns the text written, or None.
     """
+    client = mlflow.MlflowClient()
     train = client.get_run(run_id)
     if train.data.tags.get("mlflow.note.content") and not overwrite:
         return None
