@@ -8,6 +8,7 @@ Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.
         `test_acc`, wall time, images/s) and `val_acc.png` (val_acc per epoch, one curve per
         run); the Markdown table is also the run's description and is printed.
 Returns a dict: the comparison run id, the table (a DataFrame) and the artifact paths.
+Searching the runs and recording the comparison: `pipeline.tracking.steps`.
 """
 
 from __future__ import annotations
@@ -15,16 +16,13 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import tempfile
 from pathlib import Path
 
 import matplotlib
-import mlflow
 import pandas as pd
-from mlflow import MlflowClient
 
 from pipeline import config
-from pipeline.tracking import cli, markdown_table, model_metrics, open_run
+from pipeline.tracking import artifact_dir, cli, markdown_table, metric_history, model_metrics, open_run, steps
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -37,46 +35,9 @@ RESULT_COLUMNS = ("epochs", "val_acc", "best_val_acc", "test_acc", "wall_s", "im
 IGNORED_PARAMS = ("dataset_uri",)
 
 
-def find_experiment_id(name: str) -> str:
-    """Experiment name -> id; ConfigError if there is none of that name."""
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
-        raise config.ConfigError(f"experiment: no experiment named {name!r}")
-    return experiment.experiment_id
-
-
-def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:
-    """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first.
-
-    Inputs: an experiment name (None: every experiment) and optional run ids to keep. Output: one row
-    per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`,
-    `start_time`, `end_time`. ConfigError if nothing matches or a named run is not a training run.
-    """
-    clauses = ["tags.step = 'train'", "attributes.status = 'FINISHED'"]
-    if run_ids:
-        clauses.append("attributes.run_id IN (" + ", ".join(f"'{r}'" for r in run_ids) + ")")
-    where = " and ".join(clauses)
-    if experiment:
-        runs = mlflow.search_runs(experiment_ids=[find_experiment_id(experiment)], filter_string=where,
-                                  order_by=["attributes.start_time DESC"])
-    else:
-        runs = mlflow.search_runs(search_all_experiments=True, filter_string=where,
-                                  order_by=["attributes.start_time DESC"])
-    missing = sorted(set(run_ids) - set(runs["run_id"])) if len(runs) else sorted(run_ids)
-    if missing:
-        raise config.ConfigError(f"run_ids: not finished training runs{' of ' + experiment if experiment else ''}: "
-                                 f"{', '.join(missing)}")
-    if runs.empty:
-        where = f"experiment {experiment!r}" if experiment else "any experiment"
-        raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {where}")
-    return runs
-
-
-def val_acc_history(client: MlflowClient, run_id: str) -> pd.Series:
+def val_acc_history(run_id: str) -> pd.Series:
     """The run's val_acc per epoch (index: step = epoch)."""
-    history = client.get_metric_history(run_id, CURVE_METRIC)
-    return pd.Series({m.step: m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))},
-                     name=CURVE_METRIC, dtype=float)
+    return metric_history(run_id, CURVE_METRIC)
 
 
 def differing_params(runs: pd.DataFrame) -> list[str]:
@@ -143,21 +104,20 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     run_ids = [r for r in (run_ids or []) if r]
     if top is not None and top < 1:
         raise config.ConfigError(f"top: must be >= 1, got {top}")
-    client = MlflowClient()
-    runs = search_train_runs(experiment, run_ids)
-    histories = {run_id: val_acc_history(client, run_id) for run_id in runs["run_id"]}
+    runs = steps.search_train_runs(experiment, run_ids)
+    histories = {run_id: val_acc_history(run_id) for run_id in runs["run_id"]}
     table = top_runs(build_table(runs, histories), metric, top)
     markdown = markdown_table(table)
     name = f"compare-{len(table)}-runs-by-{metric}"
-    with open_run("compare", experiment=experiment, run_name=name) as comparison, tempfile.TemporaryDirectory() as tmp:
-        table.to_csv(Path(tmp) / "runs.csv", index=False)
-        (Path(tmp) / "runs.md").write_text(markdown)
-        plot_curves(table, histories, Path(tmp) / "val_acc.png")
-        mlflow.log_artifacts(tmp)
+    with open_run("compare", experiment=experiment, run_name=name) as comparison:
+        with artifact_dir() as folder:
+            table.to_csv(folder / "runs.csv", index=False)
+            (folder / "runs.md").write_text(markdown)
+            plot_curves(table, histories, folder / "val_acc.png")
         # Prefixed: `mlflow run` has already logged the entry-point parameters under their bare names.
-        mlflow.log_params({"compare.experiment": experiment or "", "compare.metric": metric, "compare.top": top or ""})
-        mlflow.set_tags({"compared_runs": ",".join(table["run_id"]),
-                         "mlflow.note.content": f"Training runs by {metric}, best first:\n\n{markdown}"})
+        steps.log_comparison({"compare.experiment": experiment or "", "compare.metric": metric,
+                              "compare.top": top or ""}, list(table["run_id"]),
+                             f"Training runs by {metric}, best first:\n\n{markdown}")
         run_id = comparison.info.run_id
     print(markdown, end="")
     print(f"comparison run {run_id}: runs.md, runs.csv, val_acc.png")

@@ -5,25 +5,23 @@ Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`,
         `test_acc_<class>` on this run and on the logged model; artifacts `metrics.json`,
         `per_class.csv`, `confusion_matrix.png`, `predictions.png` (sample test images with
         predicted and true labels, the seed's prediction demo).
-Returns the metrics dict.
+Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import keras
 import matplotlib
-import mlflow
 import numpy as np
 import pandas as pd
 
 from pipeline import config, prepare
 from pipeline.data import Dataset
-from pipeline.tracking import cli, model_id, step_run
+from pipeline.tracking import artifact_dir, cli, step_run, steps
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -78,27 +76,19 @@ def plot_samples(dataset: Dataset, probs: np.ndarray, n: int, path: Path) -> Non
 def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
     """Evaluate inside the active run; return the metrics."""
     dataset = prepare.load_dataset(dataset_uri)
-    try:
-        classifier = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    except Exception as exc:  # noqa: BLE001 - a wrong URI surfaces as several MLflow error types
-        raise config.ConfigError(f"model_uri: cannot load {model_uri} ({exc})".replace("\n", " ")) from None
+    classifier = steps.load_classifier(model_uri)
     tta = getattr(classifier, "tta", "none")  # fixed when the model was logged (evaluate.tta of its train run)
     probs = classifier.predict_proba(dataset.x_test, batch_size=cfg.evaluate.batch_size)
     metrics, confusion = score(probs, dataset)
     flat = {"test_loss": metrics["test_loss"], "test_acc": metrics["test_acc"],
             **{f"test_acc_{k}": v for k, v in metrics["per_class_acc"].items()}}
-    mlflow.log_params({"model_uri": model_uri, "dataset_uri": dataset_uri,
-                       "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta})
-    mlflow.log_metrics(flat)
-    logged_model = model_id(model_uri)
-    if logged_model:
-        mlflow.log_metrics(flat, model_id=logged_model)  # shows on the model's page and feeds `register`
-    with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "metrics.json").write_text(json.dumps({**metrics, "model_uri": model_uri}, indent=2))
-        confusion.to_csv(Path(tmp) / "confusion_matrix.csv")
-        plot_confusion(confusion, Path(tmp) / "confusion_matrix.png")
-        plot_samples(dataset, probs, min(cfg.evaluate.samples, len(probs)), Path(tmp) / "predictions.png")
-        mlflow.log_artifacts(tmp)
+    steps.log_evaluation({"model_uri": model_uri, "dataset_uri": dataset_uri,
+                          "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta}, flat, model_uri)
+    with artifact_dir() as folder:
+        (folder / "metrics.json").write_text(json.dumps({**metrics, "model_uri": model_uri}, indent=2))
+        confusion.to_csv(folder / "confusion_matrix.csv")
+        plot_confusion(confusion, folder / "confusion_matrix.png")
+        plot_samples(dataset, probs, min(cfg.evaluate.samples, len(probs)), folder / "predictions.png")
     print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  "
           f"on all {metrics['test_images']} test images (test-time augmentation: {tta})")
     return metrics

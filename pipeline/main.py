@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-import mlflow
-
 from pipeline import config
-from pipeline.tracking import cli, step_run, ui_hint
+from pipeline.tracking import cli, log_params, step_run, steps, ui_hint
 
 
 def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
@@ -26,7 +24,7 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
     """
     from pipeline import evaluate, register, train  # Keras loads only once the params are known to be good
 
-    mlflow.log_params(cfg.flat())
+    log_params(cfg.flat())
     dataset_uri, resume_id = train.resolve_inputs(cfg, resume=resume, dataset_uri=dataset_uri)
     with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
         model_uri = train.run(cfg, dataset_uri)
@@ -34,10 +32,7 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
         metrics = evaluate.run(cfg, model_uri, dataset_uri)
     with step_run(cfg, "register"):
         decision = register.run(cfg, model_uri)
-    mlflow.log_metrics({"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"]})
-    mlflow.set_tags({"dataset_uri": dataset_uri, "model_uri": model_uri,
-                     "registered_version": str(decision["version"]),
-                     "alias_moved": str(decision["alias_moved"]).lower()})
+    steps.log_pipeline_results(dataset_uri, model_uri, metrics, decision)
     return {"dataset_uri": dataset_uri, "model_uri": model_uri, **metrics, **decision}
 
 

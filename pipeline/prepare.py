@@ -8,20 +8,25 @@ Returns the dataset URI `runs:/<run id>/dataset/dataset.npz` that train and eval
 
 `ensure_prepared` reuses a finished prepare run whose inputs are identical: the data params
 (compared as the strings MLflow stores), the source's digest and this code's digest.
+What is recorded, and how a dataset URI is checked and read back: `pipeline.tracking.steps`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-from pathlib import Path
-
-import mlflow
-from mlflow.data.code_dataset_source import CodeDatasetSource
 
 from pipeline import config, data
-from pipeline.tracking import cli, code_digest, find_finished_run, json_digest, step_run
+from pipeline.tracking import (
+    active_run_id,
+    artifact_dir,
+    cli,
+    code_digest,
+    find_finished_run,
+    json_digest,
+    step_run,
+    steps,
+)
 
 DATASET_ARTIFACT = "dataset/dataset.npz"
 
@@ -51,30 +56,12 @@ def run(cfg: config.Config, *, key: str | None = None) -> str:
         "train_images": len(dataset.x_train), "test_images": len(dataset.x_test),
         "mean": mean.round(4).tolist(), "std": std.round(4).tolist(),
     }
-    mlflow.log_params({k: v for k, v in cfg.flat().items() if k.startswith("data.")})
-    mlflow.set_tags({"prepare_key": key or prepare_key(cfg), "dataset_sha256": digest})
-    mlflow.set_tag("mlflow.note.content", f"Dataset `{cfg.data.source}`, sha256 `{digest}`, "
-                   f"{len(dataset.x_train)} train / {len(dataset.x_test)} test images.")
-    # MLflow keeps dataset digests in a 36-character column: log the first 32 hex digits there;
-    # the full sha256 is in the run's tags and in dataset.json.
-    mlflow.log_input(mlflow.data.from_numpy(dataset.x_train, targets=dataset.y_train, source=_source(cfg),
-                                            name=Path(cfg.data.source).name or cfg.data.source,
-                                            digest=digest[:32]), context="train")
-    mlflow.log_metrics({"train_images": len(dataset.x_train), "test_images": len(dataset.x_test)})
-    with tempfile.TemporaryDirectory() as tmp:
-        dataset.save(Path(tmp) / "dataset.npz")
-        (Path(tmp) / "dataset.json").write_text(json.dumps(summary, indent=2))
-        mlflow.log_artifacts(tmp, "dataset")
+    steps.log_prepared(cfg, dataset, digest, key or prepare_key(cfg))
+    with artifact_dir("dataset") as folder:
+        dataset.save(folder / "dataset.npz")
+        (folder / "dataset.json").write_text(json.dumps(summary, indent=2))
     print(f"prepared {cfg.data.source}: {len(dataset.x_train)} train / {len(dataset.x_test)} test, sha256 {digest}")
-    return f"runs:/{mlflow.active_run().info.run_id}/{DATASET_ARTIFACT}"
-
-
-def _source(cfg: config.Config):
-    if cfg.data.source == "synthetic":
-        return CodeDatasetSource(tags={"generator": "pipeline.data.make_synthetic", "seed": str(cfg.data.seed)})
-    if cfg.data.source == "cifar10":
-        return data.CIFAR10_URL
-    return Path(cfg.data.source).resolve().as_uri()
+    return f"runs:/{active_run_id()}/{DATASET_ARTIFACT}"
 
 
 def find_prepared(key: str) -> str | None:
@@ -96,29 +83,12 @@ def ensure_prepared(cfg: config.Config) -> str:
 
 def check_dataset_uri(dataset_uri: str) -> None:
     """Refuse a dataset URI that names no artifact (DataError naming `dataset_uri`), before a step opens its run."""
-    from mlflow.exceptions import MlflowException
-
-    run_id, _, path = dataset_uri.removeprefix("runs:/").partition("/")
-    if not dataset_uri.startswith("runs:/"):
-        if not Path(dataset_uri.removeprefix("file://")).exists():
-            raise data.DataError(f"dataset_uri: no file {dataset_uri}")
-        return
-    try:
-        folder = path.rpartition("/")[0] or None
-        found = path in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
-    except MlflowException as exc:
-        raise data.DataError(f"dataset_uri: cannot read {dataset_uri} ({exc.message})".replace("\n", " ")) from None
-    if not found:
-        raise data.DataError(f"dataset_uri: run {run_id} has no artifact {path}")
+    steps.check_artifact_uri(dataset_uri, "dataset_uri")
 
 
 def load_dataset(dataset_uri: str) -> data.Dataset:
     """Download (or locate) a prepared dataset artifact and read it."""
-    try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=dataset_uri)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
-        raise data.DataError(f"dataset_uri: cannot read {dataset_uri} ({exc})") from None
-    return data.load_prepared(path)
+    return data.load_prepared(steps.download_artifact(dataset_uri, "dataset_uri"))
 
 
 def main() -> None:

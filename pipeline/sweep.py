@@ -434,7 +434,7 @@ def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
             model_uri = train.run(cfg, dataset_uri, extra_callbacks=[pruning_callback(trial)])
     except optuna.TrialPruned:
         train_id = train_run.info.run_id
-        epochs = len(compare.val_acc_history(client, train_id))
+        epochs = len(compare.val_acc_history(train_id))
         shutil.rmtree(checkpoint_dir(train_id), ignore_errors=True)  # nothing will resume a pruned fit
         client.set_tag(train_id, "pruned_at_epoch", str(epochs))
         client.set_terminated(train_id, "KILLED")
@@ -455,7 +455,7 @@ def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
 
 
 def log_history(client: MlflowClient, train_id: str) -> pd.Series:
-    history = compare.val_acc_history(client, train_id)
+    history = compare.val_acc_history(train_id)
     if len(history):
         mlflow.log_metrics({"val_acc": float(history.iloc[-1]), "best_val_acc": float(history.max())})
     return history

@@ -1,0 +1,145 @@
+"""What prepare, evaluate, compare and main record in MLflow and read back from it.
+
+- prepare: `log_prepared` (data params, cache key and digest tags, description, the MLflow dataset
+  input, counts); `check_artifact_uri` and `download_artifact` read a dataset URI back.
+- evaluate: `load_classifier` (the served pyfunc's Python model), `log_evaluation` (params, and the
+  test metrics on the run and on the logged model).
+- compare: `find_experiment_id`, `search_train_runs`, `log_comparison`.
+- main: `log_pipeline_results`, the headline results on the parent run.
+Files a step writes go in through `pipeline.tracking.artifact_dir`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.exceptions import MlflowException
+
+from pipeline import config, data
+from pipeline.tracking import model_id
+
+# ---------------------------------------------------------------- prepare
+
+
+def log_prepared(cfg: config.Config, dataset: data.Dataset, digest: str, key: str) -> None:
+    """Record a prepared dataset on the active run: the `data.*` params, tags `prepare_key` and
+    `dataset_sha256`, the run's description, an MLflow dataset input and the image counts."""
+    mlflow.log_params({k: v for k, v in cfg.flat().items() if k.startswith("data.")})
+    mlflow.set_tags({"prepare_key": key, "dataset_sha256": digest})
+    mlflow.set_tag("mlflow.note.content", f"Dataset `{cfg.data.source}`, sha256 `{digest}`, "
+                   f"{len(dataset.x_train)} train / {len(dataset.x_test)} test images.")
+    # MLflow keeps dataset digests in a 36-character column: log the first 32 hex digits there;
+    # the full sha256 is in the run's tags and in dataset.json.
+    mlflow.log_input(mlflow.data.from_numpy(dataset.x_train, targets=dataset.y_train, source=_source(cfg),
+                                            name=Path(cfg.data.source).name or cfg.data.source,
+                                            digest=digest[:32]), context="train")
+    mlflow.log_metrics({"train_images": len(dataset.x_train), "test_images": len(dataset.x_test)})
+
+
+def _source(cfg: config.Config):
+    if cfg.data.source == "synthetic":
+        return CodeDatasetSource(tags={"generator": "pipeline.data.make_synthetic", "seed": str(cfg.data.seed)})
+    if cfg.data.source == "cifar10":
+        return data.CIFAR10_URL
+    return Path(cfg.data.source).resolve().as_uri()
+
+
+def check_artifact_uri(uri: str, what: str) -> None:
+    """Refuse a URI that names no artifact (or, not `runs:/`, no file): DataError naming the key `what`."""
+    run_id, _, path = uri.removeprefix("runs:/").partition("/")
+    if not uri.startswith("runs:/"):
+        if not Path(uri.removeprefix("file://")).exists():
+            raise data.DataError(f"{what}: no file {uri}")
+        return
+    try:
+        folder = path.rpartition("/")[0] or None
+        found = path in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
+    except MlflowException as exc:
+        raise data.DataError(f"{what}: cannot read {uri} ({exc.message})".replace("\n", " ")) from None
+    if not found:
+        raise data.DataError(f"{what}: run {run_id} has no artifact {path}")
+
+
+def download_artifact(uri: str, what: str) -> str:
+    """Download (or locate) the artifact `uri`; its local path. DataError naming the key `what` if it cannot."""
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+        raise data.DataError(f"{what}: cannot read {uri} ({exc})") from None
+
+
+# ---------------------------------------------------------------- evaluate
+
+def load_classifier(model_uri: str):
+    """The Python model of the pyfunc logged at `model_uri` (a `serve.ImageClassifier`); ConfigError
+    naming `model_uri` if it cannot be loaded."""
+    try:
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except Exception as exc:  # noqa: BLE001 - a wrong URI surfaces as several MLflow error types
+        raise config.ConfigError(f"model_uri: cannot load {model_uri} ({exc})".replace("\n", " ")) from None
+
+
+def log_evaluation(params: dict, metrics: dict[str, float], model_uri: str) -> None:
+    """Log evaluate's `params` and test `metrics` on the active run, and the metrics on the logged model
+    `models:/m-...` too (they show on the model's page and feed register)."""
+    mlflow.log_params(params)
+    mlflow.log_metrics(metrics)
+    logged_model = model_id(model_uri)
+    if logged_model:
+        mlflow.log_metrics(metrics, model_id=logged_model)
+
+
+# ---------------------------------------------------------------- compare
+
+def find_experiment_id(name: str) -> str:
+    """Experiment name -> id; ConfigError if there is none of that name."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        raise config.ConfigError(f"experiment: no experiment named {name!r}")
+    return experiment.experiment_id
+
+
+def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:
+    """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first.
+
+    Inputs: an experiment name (None: every experiment) and optional run ids to keep. Output: one row
+    per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`,
+    `start_time`, `end_time`. ConfigError if nothing matches or a named run is not a training run.
+    """
+    clauses = ["tags.step = 'train'", "attributes.status = 'FINISHED'"]
+    if run_ids:
+        clauses.append("attributes.run_id IN (" + ", ".join(f"'{r}'" for r in run_ids) + ")")
+    where = " and ".join(clauses)
+    if experiment:
+        runs = mlflow.search_runs(experiment_ids=[find_experiment_id(experiment)], filter_string=where,
+                                  order_by=["attributes.start_time DESC"])
+    else:
+        runs = mlflow.search_runs(search_all_experiments=True, filter_string=where,
+                                  order_by=["attributes.start_time DESC"])
+    missing = sorted(set(run_ids) - set(runs["run_id"])) if len(runs) else sorted(run_ids)
+    if missing:
+        raise config.ConfigError(f"run_ids: not finished training runs{' of ' + experiment if experiment else ''}: "
+                                 f"{', '.join(missing)}")
+    if runs.empty:
+        where = f"experiment {experiment!r}" if experiment else "any experiment"
+        raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {where}")
+    return runs
+
+
+def log_comparison(params: dict, run_ids: list[str], description: str) -> None:
+    """Record a comparison on the active run: its `params`, tag `compared_runs`, its description."""
+    mlflow.log_params(params)
+    mlflow.set_tags({"compared_runs": ",".join(run_ids), "mlflow.note.content": description})
+
+
+# ---------------------------------------------------------------- main
+
+def log_pipeline_results(dataset_uri: str, model_uri: str, metrics: dict, decision: dict) -> None:
+    """The headline results on the `main` parent run: test metrics, the URIs, the registered version."""
+    mlflow.log_metrics({"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"]})
+    mlflow.set_tags({"dataset_uri": dataset_uri, "model_uri": model_uri,
+                     "registered_version": str(decision["version"]),
+                     "alias_moved": str(decision["alias_moved"]).lower()})
