@@ -11,49 +11,17 @@ Writes: a new version of `register.model_name` tagged with its source run id and
         register run's artifacts `champion_vs_challenger.md/.json`. The training run gets a
         description naming its data digest if it has none.
 Returns a dict: version, test_acc, previous champion, whether the alias moved, and why.
+This module decides and writes the report; reading and writing the registry is `pipeline.tracking.registry`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-import mlflow
 import pandas as pd
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from pipeline import config
-from pipeline.tracking import (
-    cli,
-    describe_train_run,
-    latest_metrics,
-    markdown_table,
-    model_id,
-    model_metrics,
-    step_run,
-)
-
-
-def model_test_acc(model_uri: str) -> tuple[float, str | None]:
-    """`test_acc` recorded on a logged model by evaluate, and the run that trained it."""
-    logged_model = model_id(model_uri)
-    if logged_model is None:
-        raise config.ConfigError(f"model_uri: expected a logged model URI models:/m-..., got {model_uri!r}")
-    try:
-        model = mlflow.get_logged_model(logged_model)
-    except MlflowException as exc:
-        raise config.ConfigError(f"model_uri: no logged model {logged_model} ({exc.message})") from None
-    test_acc = latest_metrics(model.metrics).get("test_acc")
-    if test_acc is None:
-        raise config.ConfigError(f"model_uri: {model_uri} has no test_acc yet: run evaluate on it first")
-    return float(test_acc), model.source_run_id
-
-
-def current_champion(client: MlflowClient, name: str, alias: str):
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None  # no registered model of that name yet, or no version holds the alias
+from pipeline.tracking import cli, describe_train_run, markdown_table, model_metrics, registry, step_run
 
 
 def per_class_accuracy(metrics: dict[str, float]) -> dict[str, float]:
@@ -123,48 +91,14 @@ def report_markdown(report: dict) -> str:
     return text
 
 
-def record_report(client: MlflowClient, report: dict) -> str:
-    """Store the report with the model version (description, tags) and on the active run; return its Markdown."""
-    markdown = report_markdown(report)
-    name, version = report["model_name"], report["challenger"]["version"]
-    client.update_model_version(name, version, description=markdown)
-    tags = {"alias_moved": str(report["alias_moved"]).lower(), "decision": report["reason"]}
-    if report["champion"]:
-        tags.update(champion_version=str(report["champion"]["version"]),
-                    test_acc_difference=f"{report['test_acc_difference']:+.6f}"
-                    if report["test_acc_difference"] is not None else "")
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    mlflow.log_dict(report, "champion_vs_challenger.json")
-    mlflow.log_text(markdown, "champion_vs_challenger.md")
-    return markdown
-
-
-def settle_alias(client: MlflowClient, name: str, alias: str) -> None:
-    """Leave the alias on the best-scoring version (the earliest on ties).
-
-    Registers running at the same time can each read a champion that another is replacing; by
-    re-reading every version after writing, the last register to finish repairs any such race.
-    """
-    scored = [v for v in client.search_model_versions(f"name = '{name}'") if "test_acc" in v.tags]
-    if not scored:
-        return
-    best = max(scored, key=lambda v: (float(v.tags["test_acc"]), -int(v.version)))
-    holder = current_champion(client, name, alias)
-    if holder is None or str(holder.version) != str(best.version):
-        client.set_registered_model_alias(name, alias, best.version)
-
-
 def run(cfg: config.Config, model_uri: str) -> dict:
     """Register inside the active run; report champion vs challenger; return the decision."""
     name, alias = cfg.register.model_name, cfg.register.alias
-    test_acc, source_run = model_test_acc(model_uri)  # checked before anything is written
-    client = MlflowClient()
-    champion = current_champion(client, name, alias)
+    test_acc, source_run = registry.model_test_acc(model_uri)  # checked before anything is written
+    champion = registry.current_champion(name, alias)
     champion_acc = float(champion.tags["test_acc"]) if champion and "test_acc" in champion.tags else None
 
-    version = mlflow.register_model(model_uri, name, tags={"test_acc": f"{test_acc:.6f}",
-                                                           "run_id": source_run or ""})
+    version = registry.register_version(model_uri, name, {"test_acc": f"{test_acc:.6f}", "run_id": source_run or ""})
     if champion is None or champion_acc is None:
         moved, reason = True, f"no version held @{alias}"
     elif test_acc > champion_acc:
@@ -172,16 +106,16 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     else:
         moved, reason = False, f"test_acc {test_acc:.4f} does not beat v{champion.version}'s {champion_acc:.4f}"
     if moved:
-        client.set_registered_model_alias(name, alias, version.version)
-    settle_alias(client, name, alias)
+        registry.move_alias(name, alias, version.version)
+    registry.settle_alias(name, alias)
     decision = {"model_name": name, "version": int(version.version), "test_acc": test_acc,
                 "champion_version": int(champion.version) if champion else None, "champion_test_acc": champion_acc,
                 "alias_moved": moved, "reason": reason}
-    mlflow.log_params({"model_uri": model_uri, "register.model_name": name, "register.alias": alias})
-    mlflow.set_tags({"registered_version": str(version.version), "alias_moved": str(moved).lower(),
-                     "decision": reason})
-    mlflow.log_dict(decision, "decision.json")
-    record_report(client, challenger_report(decision, alias, model_uri, champion))
+    registry.log_decision({"model_uri": model_uri, "register.model_name": name, "register.alias": alias},
+                          {"registered_version": str(version.version), "alias_moved": str(moved).lower(),
+                           "decision": reason}, decision)
+    report = challenger_report(decision, alias, model_uri, champion)
+    registry.record_report(report, report_markdown(report))
     if source_run:
         describe_train_run(source_run)  # a no-op where the training run already has one
     print(f"registered {name} v{version.version}: {'@' + alias + ' moved' if moved else 'alias kept'} ({reason})")
@@ -196,7 +130,7 @@ def main() -> None:
     parser.set_defaults(**config.entry_point_defaults("register"))
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
-    model_test_acc(args.model_uri)  # a wrong URI or an unevaluated model fails before a run is opened
+    registry.model_test_acc(args.model_uri)  # a wrong URI or an unevaluated model fails before a run is opened
     with step_run(cfg, "register"):
         run(cfg, args.model_uri)
 

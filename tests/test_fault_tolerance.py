@@ -21,7 +21,7 @@ from mlflow.entities import ViewType
 from bench.servers import free_port, start_tracking_server, stop_group
 from pipeline import config, evaluate, main, prepare, register, train
 from pipeline.fitting import learning_rate
-from pipeline.tracking import cli
+from pipeline.tracking import cli, registry
 from tests.conftest import ROOT, eventually, run_module
 
 TINY = "params/tiny.yaml"
@@ -280,18 +280,18 @@ def register_after_barrier(uri: str, experiment_id: str, model_uri: str, barrier
     """Register `model_uri` in a process of its own; read the champion, wait for the other register to have
     read it too, sleep `delay`, then go on."""
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    read = register.current_champion
+    read = registry.current_champion
     first = [True]
 
-    def read_then_wait(client, name, alias):
-        champion = read(client, name, alias)
+    def read_then_wait(name, alias):
+        champion = read(name, alias)
         if first:
             first.clear()
             barrier.wait(timeout=120)
             time.sleep(delay)
         return champion
 
-    register.current_champion = read_then_wait
+    registry.current_champion = read_then_wait
     with mlflow.start_run(experiment_id=experiment_id):
         decisions.put(register.run(config.load(TINY), model_uri))
 
