@@ -11,24 +11,21 @@ Returns the logged model's URI (`models:/m-...`).
 `check_inputs` (before any run opens) and `resolve_inputs` (prepare or reuse the dataset, find a run
 to resume) are shared with `main`. Completed epochs are checkpointed per run and resumed by the
 same command (`pipeline.tracking.resume`); a cluster's other hosts train in lock step without
-logging (`run_worker`). The epoch logger and model logging live in `pipeline.tracking.training`.
+logging (`run_worker`). What a train run records (params, tags, per-epoch metrics, the model) is
+written by `pipeline.tracking.training`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import keras
 import matplotlib
-import mlflow
 import numpy as np
 import pandas as pd
-from mlflow import MlflowClient
 
 from pipeline import config, prepare
 from pipeline.data import Dataset
@@ -41,24 +38,15 @@ from pipeline.fitting import (
     make_model,
     split_validation,
 )
-from pipeline.tracking import (
-    StepFailed,
-    checkpoint_root,
-    cli,
-    describe_train_run,
-    json_digest,
-    step_run,
+from pipeline.tracking import StepFailed, artifact_dir, checkpoint_root, cli, json_digest, set_tags, step_run
+from pipeline.tracking.resume import checkpoint_dir, config_to_resume, find_resumable, release
+from pipeline.tracking.training import (
+    MlflowEpochLogger,
+    log_trained_model,
+    logged_epochs,
+    logged_history,
+    start_training,
 )
-from pipeline.tracking.resume import (
-    checkpoint_dir,
-    claim,
-    config_to_resume,
-    find_resumable,
-    log_train_params,
-    release,
-    train_key,
-)
-from pipeline.tracking.training import MlflowEpochLogger, log_model, logged_history
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -133,22 +121,17 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     train_images = len(splits[0])
     model = compile_model(cfg, dataset, dist, train_images)
 
-    run_id = mlflow.active_run().info.run_id
-    if not claim(run_id):
-        raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
-    log_train_params(cfg, dataset_uri)
-    mlflow.set_tags({"backend": keras.backend.backend(), "devices": ", ".join(dist.devices),
-                     "dtype_policy": model.dtype_policy.name, "jit_compile": str(bool(model.jit_compile)).lower(),
-                     "distribute": dist.mode, "workers": str(dist.workers),
-                     "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
-                     "train_key": train_key(cfg, dataset_uri)})
-    mlflow.log_dict(dataclasses.asdict(cfg), "config.json")
+    run_id = start_training(cfg, dataset_uri, {
+        "backend": keras.backend.backend(), "devices": ", ".join(dist.devices),
+        "dtype_policy": model.dtype_policy.name, "jit_compile": str(bool(model.jit_compile)).lower(),
+        "distribute": dist.mode, "workers": str(dist.workers),
+        "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights))})
     print(f"training {model.name} ({model.count_params():,} params) on {train_images} images, "
           f"backend {keras.backend.backend()}, {dist.mode} over {dist.workers} host(s), devices {dist.devices}")
 
     # Order matters: metrics are logged before the checkpoint is written, so a kill between the
     # two re-runs that epoch on resume and its already-logged step is skipped (no gap, no duplicate).
-    logged = {m.step for m in MlflowClient().get_metric_history(run_id, "val_acc")}
+    logged = logged_epochs(run_id)
     try:
         history = fit(model, cfg, splits, len(dataset.class_names),
                       [MlflowEpochLogger(train_images, logged),
@@ -160,20 +143,17 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     if reason:
         shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)  # resuming a diverged run would diverge again
         reason += f"; nothing was registered. Lower train.lr (now {t.scaled_lr:g}) or check the data"
-        mlflow.set_tag("failure_reason", reason)
+        set_tags({"failure_reason": reason})
         raise TrainingDiverged(reason)
 
     history = logged_history(run_id)
     served = inference_copy(cfg, dataset, model)
-    with tempfile.TemporaryDirectory() as tmp:
-        history.to_csv(Path(tmp) / "history.csv", index=False)
-        plot_curves(history, Path(tmp) / "curves.png")
-        mlflow.log_artifacts(tmp)
-    info = log_model(served, list(dataset.class_names), dataset.x_test[:2], cfg.evaluate.tta)
-    mlflow.set_tag("model_uri", info.model_uri)
-    describe_train_run(run_id, overwrite=True)
-    print(f"logged model {info.model_uri}")
-    return info.model_uri
+    with artifact_dir() as folder:
+        history.to_csv(folder / "history.csv", index=False)
+        plot_curves(history, folder / "curves.png")
+    model_uri = log_trained_model(run_id, served, list(dataset.class_names), dataset.x_test[:2], cfg.evaluate.tta)
+    print(f"logged model {model_uri}")
+    return model_uri
 
 
 def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume: str = "") -> None:

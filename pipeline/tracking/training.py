@@ -1,12 +1,16 @@
-"""The Keras side of the tracking layer: per-epoch metrics, the logged history, the logged model.
+"""The Keras side of the tracking layer: what a train run records, from its params to its model.
 
-`MlflowEpochLogger` logs EPOCH_METRICS at step = epoch (1-based) into the active run; `logged_history`
-reads them back as a table; `log_model` logs the pyfunc that serves a trained model (see pipeline.serve).
+`start_training` claims the active run for this process and logs its params, tags and `config.json`;
+`MlflowEpochLogger` logs EPOCH_METRICS at step = epoch (1-based) into the active run; `logged_epochs`
+and `logged_history` read them back (the epochs a resumed run already logged; the history as a
+table); `log_model` logs the pyfunc that serves a trained model (see pipeline.serve) and
+`log_trained_model` does so for the train step, tagging the run with the model's URI and describing it.
 Imports Keras, so `pipeline.tracking` itself stays light for the steps that do not train.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from importlib.metadata import version
@@ -17,11 +21,30 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline import serve
+from pipeline import config, serve
 from pipeline.fitting import EpochTimer, current_lr
-from pipeline.tracking import PIPELINE_DIR
+from pipeline.tracking import PIPELINE_DIR, active_run_id, describe_train_run
+from pipeline.tracking.resume import claim, log_train_params, train_key
 
 EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "iterations", "epoch_seconds", "images_per_second")
+
+
+def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str]) -> str:
+    """Claim the active train run for this process (see `resume.claim`; ConfigError if another process
+    trains it now), log every param (`resume.log_train_params`), `tags` and tag `train_key`, and the
+    resolved config as `config.json`. Returns the run's id."""
+    run_id = active_run_id()
+    if not claim(run_id):
+        raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
+    log_train_params(cfg, dataset_uri)
+    mlflow.set_tags({**tags, "train_key": train_key(cfg, dataset_uri)})
+    mlflow.log_dict(dataclasses.asdict(cfg), "config.json")
+    return run_id
+
+
+def logged_epochs(run_id: str) -> set[int]:
+    """The epochs (steps) the run has logged `val_acc` for: a resumed run skips them."""
+    return {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_acc")}
 
 
 class MlflowEpochLogger(EpochTimer):
@@ -78,6 +101,16 @@ def log_model(model: keras.Model, class_names: list[str], example: np.ndarray,
             metadata={"input_formats": serve.INPUT_FORMATS, "output_format": serve.OUTPUT_FORMAT,
                       "class_names": list(class_names), "tta": tta},
             pip_requirements=serving_requirements())
+
+
+def log_trained_model(run_id: str, model: keras.Model, class_names: list[str], example: np.ndarray,
+                      tta: str = "none") -> str:
+    """`log_model` for train run `run_id` (the active run); tag the run `model_uri` and (re)write its
+    description (`describe_train_run`). Returns the model's URI `models:/m-...`."""
+    info = log_model(model, class_names, example, tta)
+    mlflow.set_tag("model_uri", info.model_uri)
+    describe_train_run(run_id, overwrite=True)
+    return info.model_uri
 
 
 def serving_requirements() -> list[str]:
