@@ -30,6 +30,7 @@ Writes: one sweep parent run (tag step = 'sweep'; its id is kept in the study's 
         Once every trial has ended, one worker (exactly one: it creates the study's lock study
         `<study>.register`) registers the best finished trial by test_acc (same rule as `main`)
         and compares the finished trials.
+The MLflow side of trials (creating, entering, failing and reading their runs) is `pipeline.tracking.trials`.
 """
 
 from __future__ import annotations
@@ -51,15 +52,26 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import optuna
 import pandas as pd
-from mlflow import MlflowClient
-from mlflow.entities import RunTag
 from optuna.trial import TrialState
 
 from pipeline import compare, config, prepare
-from pipeline.tracking import cli, describe_train_run, json_digest, markdown_table, open_run, step_run
+from pipeline.tracking import (
+    cli,
+    describe_train_run,
+    json_digest,
+    log_dict,
+    log_metrics,
+    log_params,
+    log_text,
+    markdown_table,
+    open_run,
+    set_tags,
+    step_run,
+    tracking_uri,
+    trials,
+)
 from pipeline.tracking.resume import checkpoint_dir
 
 SPEC_KEYS = {"base", "overrides", "grid", "space", "random", "sampler", "trials", "seed", "pruner"}
@@ -265,7 +277,7 @@ class Plan:
 
 def default_storage() -> str:
     """`optuna.db` beside a SQLite tracking store's file, else in the working directory."""
-    uri = mlflow.get_tracking_uri()
+    uri = tracking_uri()
     folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path.cwd()
     return f"sqlite:///{folder.resolve() / 'optuna.db'}"
 
@@ -273,7 +285,7 @@ def default_storage() -> str:
 def default_study(plan: Plan) -> str:
     """The spec's name and a digest of its content, the overrides and the tracking store: rerunning
     the same command continues the same study, a changed spec starts another."""
-    digest = json_digest({**plan.fingerprint(), "tracking": mlflow.get_tracking_uri()})[:8]
+    digest = json_digest({**plan.fingerprint(), "tracking": tracking_uri()})[:8]
     return f"{Path(plan.spec_path).stem}-{digest}"
 
 
@@ -310,13 +322,7 @@ def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None
     run_id = trial.user_attrs.get("mlflow_run_id")
     reason = f"worker stopped: no heartbeat for over {GRACE_S} s; trial {trial.number} queued again"
     if run_id:
-        client = MlflowClient()
-        for child in client.search_runs([client.get_run(run_id).info.experiment_id],
-                                        f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"):
-            client.set_tag(child.info.run_id, "failure_reason", reason)
-            client.set_terminated(child.info.run_id, "FAILED")
-        client.set_tag(run_id, "failure_reason", reason)
-        client.set_terminated(run_id, "FAILED")
+        trials.fail_trial_runs(run_id, reason)
     print(f"trial {trial.number}: {reason}", file=sys.stderr)
     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
 
@@ -358,7 +364,7 @@ def lead(plan: Plan, study: optuna.Study, parent_id: str, experiment_id: str) ->
         study.enqueue_trial({k: encode(v) for k, v in values.items()})
     study.set_user_attr("mlflow_parent_run_id", parent_id)
     study.set_user_attr("mlflow_experiment_id", experiment_id)
-    study.set_user_attr("mlflow_tracking_uri", mlflow.get_tracking_uri())
+    study.set_user_attr("mlflow_tracking_uri", tracking_uri())
     study.set_user_attr("fingerprint", json.loads(json.dumps(plan.fingerprint(), default=str)))
 
 
@@ -426,7 +432,6 @@ def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
     results to the trial run; return test_acc. A pruned fit leaves its train run KILLED, tagged."""
     from pipeline import evaluate, train  # Keras loads only once every trial is known to be valid
 
-    client = MlflowClient()
     dataset_uri = prepare.ensure_prepared(cfg)
     train_run = None
     try:
@@ -436,28 +441,28 @@ def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
         train_id = train_run.info.run_id
         epochs = len(compare.val_acc_history(train_id))
         shutil.rmtree(checkpoint_dir(train_id), ignore_errors=True)  # nothing will resume a pruned fit
-        client.set_tag(train_id, "pruned_at_epoch", str(epochs))
-        client.set_terminated(train_id, "KILLED")
-        mlflow.set_tags({"train_run_id": train_id, "pruned_at_epoch": str(epochs)})
-        log_history(client, train_id)
+        trials.end_pruned_train(train_id, epochs)
+        set_tags({"train_run_id": train_id, "pruned_at_epoch": str(epochs)})
+        log_history(train_id)
         raise
     train_id = train_run.info.run_id
     describe_train_run(train_id)
-    mlflow.set_tags({"train_run_id": train_id, "model_uri": model_uri})
-    history = log_history(client, train_id)
-    loss = client.get_run(train_id).data.metrics.get("loss", math.nan)
+    set_tags({"train_run_id": train_id, "model_uri": model_uri})
+    history = log_history(train_id)
+    loss = trials.final_metric(train_id, "loss")
     if not math.isfinite(loss):
         raise FloatingPointError(f"diverged: training loss is {loss} after {len(history)} epochs")
     with step_run(cfg, "evaluate"):
         metrics = evaluate.run(cfg, model_uri, dataset_uri)
-    mlflow.log_metrics({"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"]})
+    log_metrics({"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"]})
     return float(metrics[OBJECTIVE])
 
 
-def log_history(client: MlflowClient, train_id: str) -> pd.Series:
+def log_history(train_id: str) -> pd.Series:
+    """Log the train run's final and best val_acc on the active (trial) run; its val_acc per epoch."""
     history = compare.val_acc_history(train_id)
     if len(history):
-        mlflow.log_metrics({"val_acc": float(history.iloc[-1]), "best_val_acc": float(history.max())})
+        log_metrics({"val_acc": float(history.iloc[-1]), "best_val_acc": float(history.max())})
     return history
 
 
@@ -470,33 +475,31 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
     import keras
 
     values = plan.values(trial)
-    client = MlflowClient()
-    created = client.create_run(experiment_id, run_name=f"trial-{trial.number} {label(values)}",
-                                tags={"mlflow.parentRunId": parent_id, "step": "trial",
-                                      "optuna_study": study.study_name, "optuna_trial": str(trial.number),
-                                      "trial_overrides": label(values), "worker": worker_name()})
-    run_id = created.info.run_id
+    run_id = trials.create_trial_run(experiment_id, parent_id, f"trial-{trial.number} {label(values)}",
+                                     {"step": "trial", "optuna_study": study.study_name,
+                                      "optuna_trial": str(trial.number), "trial_overrides": label(values),
+                                      "worker": worker_name()})
     trial.set_user_attr("mlflow_run_id", run_id)
     print(f"trial {trial.number} ({worker_name()}): {label(values)}", flush=True)
     value, state, status = None, TrialState.FAIL, "FAILED"
-    mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+    trials.enter_run(run_id)
     try:
         cfg = plan.load(values, f"trial {trial.number}")
-        mlflow.log_params(cfg.flat())
-        mlflow.set_tag("model_depth", str(cfg.model.depth))
+        log_params(cfg.flat())
+        set_tags({"model_depth": str(cfg.model.depth)})
         value = train_and_evaluate(cfg, trial)
         state, status = TrialState.COMPLETE, "FINISHED"
     except optuna.TrialPruned as exc:
         state, status = TrialState.PRUNED, "KILLED"
-        mlflow.set_tag("mlflow.note.content", f"**Pruned** by the {plan.pruner_name} pruner: {exc}")
+        set_tags({"mlflow.note.content": f"**Pruned** by the {plan.pruner_name} pruner: {exc}"})
         print(f"trial {trial.number} pruned: {exc}", flush=True)
     except Exception as exc:  # noqa: BLE001 - whatever stops one trial must not stop the others
         reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:2000]
-        mlflow.set_tags({"failure_reason": reason, "mlflow.note.content": f"**FAILED**: {reason}"})
+        set_tags({"failure_reason": reason, "mlflow.note.content": f"**FAILED**: {reason}"})
         trial.set_user_attr("failure_reason", reason[:500])
         print(f"trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
     finally:
-        mlflow.end_run(status)
+        trials.end_run(status)
         keras.backend.clear_session()  # the next trial in this process starts from a clean graph
     try:
         study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
@@ -552,19 +555,16 @@ def finish(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage)
 def trial_table(study: optuna.Study) -> pd.DataFrame:
     """Optuna's trials table with each trial's MLflow runs: number, params, state, value, epochs, runs."""
     table = study.trials_dataframe(attrs=("number", "params", "state", "value", "user_attrs"))
-    client = MlflowClient()
     rows = []
     for row in table.to_dict("records"):
         run_id = row.get("user_attrs_mlflow_run_id")
-        found = client.get_run(run_id) if isinstance(run_id, str) else None
-        tags = found.data.tags if found else {}
+        tags = trials.run_tags(run_id) if isinstance(run_id, str) else {}
         rows.append({"trial": row["number"], "state": row["state"],
                      **{k.removeprefix("params_"): v for k, v in row.items() if k.startswith("params_")},
                      OBJECTIVE: row["value"], "pruned_at_epoch": tags.get("pruned_at_epoch", ""),
                      "failure_reason": tags.get("failure_reason", ""), "run_id": run_id or "",
                      "train_run_id": tags.get("train_run_id", ""), "model_uri": tags.get("model_uri", ""),
-                     "train_status": client.get_run(tags["train_run_id"]).info.status
-                     if tags.get("train_run_id") else ""})
+                     "train_status": trials.run_status(tags["train_run_id"]) if tags.get("train_run_id") else ""})
     return pd.DataFrame(rows)
 
 
@@ -573,11 +573,7 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
     record the trials table; end the parent run FINISHED."""
     from pipeline import register
 
-    parent_id = study.user_attrs["mlflow_parent_run_id"]
-    active = mlflow.active_run()
-    parent = contextlib.nullcontext() if active and active.info.run_id == parent_id else \
-        mlflow.start_run(run_id=parent_id, nested=active is not None)
-    with parent:
+    with trials.parent_run(study.user_attrs["mlflow_parent_run_id"]):
         results = trial_table(study)
         done = results[(results["state"] == "COMPLETE") & (results["train_status"] == "FINISHED")]
         best = None if done.empty else done.loc[done[OBJECTIVE].idxmax()]
@@ -587,20 +583,20 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
             with step_run(best_cfg, "register"):
                 decision = register.run(best_cfg, best["model_uri"])
             comparison = compare.run(run_ids=done["train_run_id"].tolist(), metric=OBJECTIVE)["run_id"]
-            mlflow.log_metric("best_test_acc", float(best[OBJECTIVE]))
-            mlflow.set_tags({"best_trial_run_id": best["run_id"], "best_trial": str(best["trial"]),
-                             "registered_version": str(decision["version"]),
-                             "alias_moved": str(decision["alias_moved"]).lower()})
+            log_metrics({"best_test_acc": float(best[OBJECTIVE])})
+            set_tags({"best_trial_run_id": best["run_id"], "best_trial": str(best["trial"]),
+                      "registered_version": str(decision["version"]),
+                      "alias_moved": str(decision["alias_moved"]).lower()})
         counts = results["state"].value_counts().to_dict()
         summary = results.drop(columns=["run_id", "train_run_id", "model_uri", "train_status"])
         shown = [key for key in plan.space if key in summary]
         summary[shown] = summary[shown].astype(str)  # 1e-06, not 0.0000
-        mlflow.log_text(results.to_csv(index=False), "trials.csv")
-        mlflow.set_tags({"trials_" + state.lower(): str(n) for state, n in counts.items()})
+        log_text(results.to_csv(index=False), "trials.csv")
+        set_tags({"trials_" + state.lower(): str(n) for state, n in counts.items()})
         outcome = ", ".join(f"{n} {state.lower()}" for state, n in counts.items())
         winner = "none" if best is None else f"trial {best['trial']}"
-        mlflow.set_tag("mlflow.note.content", f"Optuna study `{study.study_name}`: {len(results)} trials of "
-                       f"`{plan.spec_path}` ({outcome}); best: {winner}.\n\n" + markdown_table(summary))
+        set_tags({"mlflow.note.content": f"Optuna study `{study.study_name}`: {len(results)} trials of "
+                  f"`{plan.spec_path}` ({outcome}); best: {winner}.\n\n" + markdown_table(summary)})
         print(markdown_table(summary), end="")
     return {"trials": results, "best": best, "decision": decision, "comparison_run_id": comparison}
 
@@ -610,10 +606,10 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
 def adopt_own_run(study: optuna.Study) -> None:
     """Under `mlflow run`, a command that joins a study already has a run of its own: make it a child
     of the sweep run (tag step = 'sweep-worker'), so that it does not stand alone in the experiment."""
-    if os.environ.get("MLFLOW_RUN_ID") and "mlflow_parent_run_id" in study.user_attrs:
-        tags = {"mlflow.parentRunId": study.user_attrs["mlflow_parent_run_id"], "step": "sweep-worker",
-                "optuna_study": study.study_name, "mlflow.runName": f"sweep-worker {worker_name()}"}
-        MlflowClient().log_batch(os.environ["MLFLOW_RUN_ID"], tags=[RunTag(k, v) for k, v in tags.items()])
+    if "mlflow_parent_run_id" in study.user_attrs:
+        trials.adopt_wrapper_run({"mlflow.parentRunId": study.user_attrs["mlflow_parent_run_id"],
+                                  "step": "sweep-worker", "optuna_study": study.study_name,
+                                  "mlflow.runName": f"sweep-worker {worker_name()}"})
 
 
 def worker_command(args: argparse.Namespace, storage: str, study: str) -> list[str]:
@@ -655,11 +651,11 @@ def run(args: argparse.Namespace) -> int:
         if leads:
             parent = stack.enter_context(open_run("sweep", experiment=base.tracking.experiment,
                                                   run_name=f"sweep-{name}"))
-            mlflow.log_params({"sweep.spec": args.spec, "sweep.study": name, "sweep.storage": safe_url(storage_url),
+            log_params({"sweep.spec": args.spec, "sweep.study": name, "sweep.storage": safe_url(storage_url),
                                "sweep.sampler": plan.sampler_name, "sweep.pruner": plan.pruner_name,
                                "sweep.trials": plan.trials, "sweep.overrides": plan.extra_overrides})
-            mlflow.log_dict(plan.spec, "sweep.yaml")
-            mlflow.set_tags({"optuna_study": name, "optuna_storage": safe_url(storage_url)})
+            log_dict(plan.spec, "sweep.yaml")
+            set_tags({"optuna_study": name, "optuna_storage": safe_url(storage_url)})
             lead(plan, study, parent.info.run_id, parent.info.experiment_id)
             for cfg in {prepare.prepare_key(c): c for c in plan.configs}.values() if plan.grid else []:
                 prepare.ensure_prepared(cfg)  # each distinct dataset once, before any trial

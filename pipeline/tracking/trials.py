@@ -1,0 +1,88 @@
+"""The sweep's side of the tracking layer: trial runs, how they end, and the sweep's parent run.
+
+A trial's run is created as a child of the sweep run (`create_trial_run`) and entered in the worker
+that claimed the trial (`enter_run`, `end_run`). `fail_trial_runs` ends a dead worker's trial run and
+the runs still open under it FAILED; `end_pruned_train` ends a pruned train run KILLED. `run_tags`,
+`run_status` and `final_metric` read a run back; `parent_run` re-enters the sweep run where another
+worker opened it; `adopt_wrapper_run` makes the run `mlflow run` opened for a joining command a
+child of the sweep run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import RunTag
+
+
+def create_trial_run(experiment_id: str, parent_id: str, run_name: str, tags: dict[str, str]) -> str:
+    """Create (not enter) a child run of `parent_id` in `experiment_id`, tagged `tags`; its id."""
+    created = MlflowClient().create_run(experiment_id, run_name=run_name,
+                                        tags={"mlflow.parentRunId": parent_id, **tags})
+    return created.info.run_id
+
+
+def enter_run(run_id: str) -> None:
+    """Make existing run `run_id` the active run (nested in whatever run is active); see `end_run`."""
+    mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+
+
+def end_run(status: str) -> None:
+    """End the active run with `status` (FINISHED, FAILED, KILLED)."""
+    mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def parent_run(run_id: str) -> Iterator[None]:
+    """Inside run `run_id`: as it is if that run is already active, else entered (nested) for the block."""
+    active = mlflow.active_run()
+    if active and active.info.run_id == run_id:
+        yield
+        return
+    with mlflow.start_run(run_id=run_id, nested=active is not None):
+        yield
+
+
+def fail_trial_runs(run_id: str, reason: str) -> None:
+    """End trial run `run_id` and its child runs still RUNNING FAILED, each tagged `failure_reason`."""
+    client = MlflowClient()
+    for child in client.search_runs([client.get_run(run_id).info.experiment_id],
+                                    f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"):
+        client.set_tag(child.info.run_id, "failure_reason", reason)
+        client.set_terminated(child.info.run_id, "FAILED")
+    client.set_tag(run_id, "failure_reason", reason)
+    client.set_terminated(run_id, "FAILED")
+
+
+def end_pruned_train(run_id: str, epochs: int) -> None:
+    """A train run the pruner stopped after `epochs`: tag `pruned_at_epoch`, end it KILLED."""
+    client = MlflowClient()
+    client.set_tag(run_id, "pruned_at_epoch", str(epochs))
+    client.set_terminated(run_id, "KILLED")
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    return MlflowClient().get_run(run_id).data.tags
+
+
+def run_status(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.status
+
+
+def final_metric(run_id: str, key: str) -> float:
+    """The run's last logged value of metric `key`; NaN if it has none."""
+    return MlflowClient().get_run(run_id).data.metrics.get(key, math.nan)
+
+
+def adopt_wrapper_run(tags: dict[str, str]) -> bool:
+    """Under `mlflow run` (MLFLOW_RUN_ID set), set `tags` on the run it opened for this command; False elsewhere."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return False
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return True
