@@ -307,13 +307,19 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                                  f"postgresql://user@host/db, got {url!r}")
     if url.startswith("postgresql://"):  # SQLAlchemy 2.1's default driver is psycopg 3; this project ships psycopg2
         url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                          heartbeat_stale_trial_callback=on_stale_trial,
-                                          engine_kwargs={"pool_pre_ping": True})
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy, driver and Optuna errors alike mean a bad storage
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
-        raise config.ConfigError(f"storage: cannot open {safe_url(url)}: {type(exc).__name__}: {reason}") from None
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                              heartbeat_stale_trial_callback=on_stale_trial,
+                                              engine_kwargs={"pool_pre_ping": True})
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy, driver and Optuna errors alike mean a bad storage
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+            # Workers starting together on a new PostgreSQL database race to create Optuna's tables; the
+            # loser sees the winner's tables half made. They exist a moment later: open them then.
+            if attempt < 2 and ("already exists" in reason or "duplicate key" in reason):
+                time.sleep(1 + attempt)
+                continue
+            raise config.ConfigError(f"storage: cannot open {safe_url(url)}: {type(exc).__name__}: {reason}") from None
 
 
 def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -144,3 +144,40 @@ def test_main_and_a_two_worker_sweep_on_the_postgresql_server(team, tmp_path):
         cursor.execute("SELECT count(*) FROM runs WHERE run_uuid = %s", (parent_id,))
         assert cursor.fetchone()[0] == 1
     connection.close()
+
+
+def test_workers_opening_a_new_study_database_together_all_get_it():
+    """Workers started together on a new database race to create Optuna's tables: none may fail."""
+    import threading
+
+    from pipeline import sweep
+
+    pgport = os.environ.get("PGPORT", "5432")
+    name = f"optuna_race_{uuid.uuid4().hex[:10]}"
+    subprocess.run(["bash", str(SCRIPT), "postgres"], cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, "MLFLOW_DB": name, "OPTUNA_DB": name, "PGPORT": pgport})
+    url = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{pgport}/{name}"
+    start, errors, opened = threading.Barrier(4), [], []
+
+    def worker():
+        start.wait()
+        try:
+            opened.append(sweep.open_storage(url))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        assert len(opened) == 4
+        study = optuna.create_study(storage=opened[0], study_name="s")
+        assert [s.study_name for s in optuna.get_all_study_summaries(opened[3], include_best_trial=False)] == ["s"]
+        del study
+    finally:
+        for storage in opened:
+            storage.engine.dispose()
+        drop_databases(pgport, name)
