@@ -18,7 +18,8 @@ TINY = "params/tiny.yaml"
 # Library lines a person running the pipeline cannot act on (see pipeline/__init__.py).
 KNOWN_NOISE = ("absl::InitializeLog", "cudart_stub", "cpu_feature_guard", "oneDNN", "cuInit",
                "Add type hints to the `predict` method", "can be interpreted in multiple ways",
-               "Passing a Python object as `python_model`", "Downloading artifacts")
+               "Passing a Python object as `python_model`", "Downloading artifacts",
+               "Successfully registered model", "Created version")
 
 
 def runs_by_step(client: MlflowClient, parent_id: str) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.utils import logging_utils
 
 from pipeline import config
 from pipeline.tracking import latest_metrics, model_id
@@ -42,8 +43,16 @@ def current_champion(name: str, alias: str):
 
 
 def register_version(model_uri: str, name: str, tags: dict[str, str]):
-    """Register `model_uri` as a new version of `name` (created if new), tagged `tags`; the ModelVersion."""
-    return mlflow.register_model(model_uri, name, tags=tags)
+    """Register `model_uri` as a new version of `name` (created if new), tagged `tags`; the ModelVersion.
+
+    MLflow's own "Successfully registered model / Created version" echo is muted: the register step
+    prints one line saying what it registered and why. Failures still raise.
+    """
+    logging_utils.disable_logging()
+    try:
+        return mlflow.register_model(model_uri, name, tags=tags)
+    finally:
+        logging_utils.enable_logging()
 
 
 def move_alias(name: str, alias: str, version: str | int) -> None:
