@@ -1,0 +1,83 @@
+"""The JAX backend: data parallelism over two host devices, images held on the device, and the engine
+checks. (A file of its own, beside test_fast_path.py, so that the two run on different pytest workers.)
+
+These runs use XLA (`train.jit_compile=true`, what `auto` gives on JAX and what every recipe but tiny
+uses): tiny's `false`, right for TensorFlow, would run JAX op by op, compiling each op on its own. The
+tests share one persistent JAX compilation cache (`jax_env`), so what the first compiles the second
+loads: the weight initializers, the same for both, are most of that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax  # requirements-dev.txt installs it: without JAX this module fails, it does not skip
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import mlflow_run
+from tests.test_fast_path import assert_two_device_run, run_distributed, val_acc_curve
+
+XLA = "train.jit_compile=true"
+
+
+@pytest.fixture
+def jax_env(store, jax_compilation_cache) -> dict:
+    """The store's environment with this session's persistent JAX compilation cache: every compile cached."""
+    return {**store, "JAX_COMPILATION_CACHE_DIR": str(jax_compilation_cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+def test_data_parallel_over_two_jax_devices(jax_env):
+    result = run_distributed(jax_env, "jax", "data_parallel", XLA)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert assert_two_device_run(MlflowClient(), "jax").data.tags["jit_compile"] == "true"
+
+
+def test_wrong_engine_for_the_backend_is_a_param_error(jax_env):
+    result = run_distributed(jax_env, "jax", "mirrored")
+    assert result.returncode == 2
+    assert "error: train.distribute: 'mirrored' needs the TensorFlow backend" in result.stderr
+
+
+def test_device_batches_cover_every_image_once_per_epoch_in_a_new_order():
+    import numpy as np
+
+    from pipeline.fitting import DeviceBatches
+
+    images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    labels = np.eye(10, dtype=np.float32)
+    feed = DeviceBatches(images, labels, 4, shuffle=True, seed=0)
+    assert len(feed) == 3 and isinstance(feed[0][0], jax.Array)
+
+    def epoch():
+        batches = [feed[i] for i in range(len(feed))]
+        return np.concatenate([np.asarray(x) for x, _ in batches]), np.concatenate([np.asarray(y) for _, y in batches])
+
+    xs, ys = epoch()
+    first = ys.argmax(axis=1)
+    assert xs.dtype == np.uint8 and sorted(first) == list(range(10))
+    np.testing.assert_array_equal(xs, images[first])  # each image still with its own label
+    feed.on_epoch_end()
+    second = epoch()[1].argmax(axis=1)
+    assert sorted(second) == list(range(10)) and list(second) != list(first)
+    in_order = DeviceBatches(images, labels, 4, shuffle=False)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(in_order[i][0]) for i in range(3)]), images)
+
+
+def test_main_on_the_jax_backend_with_images_held_on_the_device(jax_env):
+    result = mlflow_run({**jax_env, "KERAS_BACKEND": "jax"}, "main", params="params/tiny.yaml",
+                        overrides=f"train.feed=device {XLA}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    run = client.search_runs([experiment], "tags.step = 'train'")[0]
+    assert run.data.tags["backend"] == "jax" and run.data.params["train.feed"] == "device"
+    assert run.data.tags["jit_compile"] == "true"
+    assert len(val_acc_curve(run.info.run_id)) == 3
+    evaluation = client.search_runs([experiment], "tags.step = 'evaluate'")[0]
+    assert evaluation.data.metrics["test_acc"] > 0.5
+    champion = client.get_model_version_by_alias("cifar10-resnet", "champion")
+    requirements = mlflow.pyfunc.get_model_dependencies(f"models:/cifar10-resnet/{champion.version}")
+    assert "jax==" in Path(requirements).read_text()  # the served model asks for the backend it was trained with
