@@ -78,8 +78,8 @@ def eventually(check, timeout: float = 60):
     return result
 
 
-# Test files, longest first (per-file sums of test durations in a whole-suite run on a 2-core AMD EPYC);
-# the rest follow in name order. pytest-xdist (`--dist loadfile --no-loadscope-reorder`, pyproject) hands
+# Test files, roughly longest first (estimated from the slowest tests of whole-suite runs on a 2-core AMD
+# EPYC); the rest follow in name order. pytest-xdist (`--dist loadfile --no-loadscope-reorder`, pyproject) hands
 # whole files to its workers in this order, so the long ones start first and the short ones fill in at
 # the end, instead of a long file starting last on one worker while the others have finished.
 LONGEST_FIRST = ["test_fault_tolerance.py", "test_pipeline_e2e.py", "test_sweep.py", "test_learning.py",
