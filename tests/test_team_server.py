@@ -16,6 +16,7 @@ import uuid
 
 import optuna
 import psycopg2
+import psycopg2.errors
 import pytest
 
 from bench.servers import free_port, server_run_command, stop_group, wait_until_up
@@ -28,12 +29,22 @@ TINY = "params/tiny.yaml"
 SMALL = "data.synthetic_train=768 data.synthetic_test=128 train.epochs=2"
 
 
-def drop_databases(port: str, *names: str) -> None:
+def drop_databases(port: str, *names: str, timeout: float = 60) -> None:
+    """DROP ... WITH (FORCE), retried while a session this role may not end (an autovacuum worker that
+    has just started on the new database) still holds one."""
     connection = psycopg2.connect(host="127.0.0.1", port=port, user=USER, password=PASSWORD, dbname="postgres")
     connection.autocommit = True  # DROP DATABASE runs outside a transaction
+    deadline = time.monotonic() + timeout
     with connection.cursor() as cursor:
         for name in names:
-            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            while True:
+                try:
+                    cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                    break
+                except (psycopg2.errors.InsufficientPrivilege, psycopg2.errors.ObjectInUse):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
     connection.close()
 
 
