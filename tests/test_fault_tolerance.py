@@ -133,8 +133,12 @@ def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path
     assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 2
 
 
+# Epochs twice tiny's, so that Ctrl-C a second after epoch 1's checkpoint lands in epoch 2 on a busy machine too.
+LONGER = "data.synthetic_train=2048"
+
+
 def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tmp_path):
-    interrupted = start_mlflow_run(store, "epochs=2")  # interrupted in epoch 2, past epoch 1's checkpoint
+    interrupted = start_mlflow_run(store, "epochs=2", f"overrides={LONGER}")  # in epoch 2, past epoch 1's checkpoint
     wait_for_checkpoint(tmp_path / "checkpoints", interrupted)
     # Ctrl-C in a terminal: SIGINT to the foreground process group, `mlflow run` and its step alike
     # (`mlflow run` then also sends the step SIGTERM).
@@ -153,23 +157,24 @@ def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tm
 
     # resume=<id> with other params is refused, naming them; so is shrinking the run.
     args = ("--params", TINY, "--resume", run_id)
-    other = run_module(store, "pipeline.main", *args, "--overrides", "train.lr=0.1 train.seed=7", "--epochs", "3")
+    other = run_module(store, "pipeline.main", *args, "--overrides", f"{LONGER} train.lr=0.1 train.seed=7",
+                       "--epochs", "3")
     assert other.returncode == 2, other.stderr[-2000:]
     line = other.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: resume: run {run_id} was started with other params: train.lr=0.1 (run has ")
     assert "train.seed=7 (run has " in line
-    shorter = run_module(store, "pipeline.main", *args, "--epochs", "1")
+    shorter = run_module(store, "pipeline.main", *args, "--overrides", LONGER, "--epochs", "1")
     assert shorter.returncode == 2 and shorter.stderr.strip().splitlines()[-1].startswith("error: train.epochs: ")
 
     # resume=never starts afresh and leaves the interrupted run as it was.
-    fresh = run_to_end(store, "epochs=2", "resume=never")
+    fresh = run_to_end(store, "epochs=2", f"overrides={LONGER}", "resume=never")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "resuming train run" not in fresh.stdout
     assert client.get_run(run_id).info.status == "KILLED"
     assert (tmp_path / "checkpoints" / run_id / "training_metadata.json").exists()
 
     # resume=<id> with more epochs extends the interrupted run.
-    extended = run_to_end(store, "epochs=3", f"resume={run_id}")
+    extended = run_to_end(store, "epochs=3", f"overrides={LONGER}", f"resume={run_id}")
     assert extended.returncode == 0, extended.stderr[-3000:]
     assert f"resuming train run {run_id}" in extended.stdout
     run = client.get_run(run_id)

@@ -40,7 +40,7 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store):
 
     # The console tells the pipeline's story, not the libraries' noise.
     console = result.stdout + result.stderr
-    assert "prepared synthetic: 2048 train / 256 test" in console
+    assert "prepared synthetic: 1024 train / 256 test" in console
     assert all(f"Epoch {epoch}/3" in console for epoch in (1, 2, 3)) and console.count("val_acc: ") == 3
     assert re.search(r"^test_acc 0\.\d{4} ", console, re.M)
     assert "registered cifar10-resnet v1: @champion moved (no version held @champion)" in console
@@ -81,7 +81,7 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store):
     assert champion.tags["run_id"] == train.info.run_id
 
     model = mlflow.pyfunc.load_model("models:/cifar10-resnet@champion")
-    test = data.make_synthetic(n_train=2048, n_test=256, seed=0)
+    test = data.make_synthetic(n_train=1024, n_test=256, seed=0)
     predictions = model.predict(test.x_test[:64])
     assert len(predictions) == 64 and set(predictions["label"]) <= set(data.SYNTHETIC_CLASSES)
     accuracy = np.mean(predictions["label"].to_numpy() == np.array(data.SYNTHETIC_CLASSES)[test.y_test[:64]])
