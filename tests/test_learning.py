@@ -68,9 +68,10 @@ def test_quick_recipe_beats_colour_alone_in_bounded_time(cifar_jpeg):
 
 
 # Each profile's own recipe (schedule, tricks, precision, TTA) on 2,500 images for 4 epochs at batch 64
-# (160 steps; the profiles that scale the lr by the batch do so), without XLA (compiles outweigh 160 steps). The ResNet-164 profiles keep their
-# recipe on a 1-unit-per-stage ResNet-11 at a quarter of the width (ResNet-164 takes minutes to compile
-# here), the fast profile its ResNet-9 at width 16. The quick profile is the test above.
+# (160 steps; the profiles that scale the lr by the batch do so), without XLA (its compiles outweigh 160
+# steps). The ResNet-164 profiles keep their recipe on a 1-unit-per-stage ResNet-11 at a quarter of the
+# width (ResNet-164 takes minutes to compile here), the fast profile its ResNet-9 at width 16. The quick
+# profile is the test above.
 @pytest.mark.parametrize(("profile", "overrides"), [
     ("default", "model.units_per_stage=1 model.widths=[16,32,64]"),
     # 0.999 averages over more steps than 160
