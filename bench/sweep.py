@@ -32,6 +32,7 @@ from mlflow import MlflowClient
 
 from bench.machine import machine
 from bench.servers import ROOT, tracking_env
+from pipeline import config
 
 RESULTS = ROOT / "bench" / "results"
 LRS = [0.1, 0.000001, 0.05, 0.000002, 0.03, 0.000005, 0.02, 0.00001]  # learns, cannot learn, alternately
@@ -102,14 +103,15 @@ def main() -> None:
          "speed-up": f"{base['wall_s'] / pruned['wall_s']:.2f}x",
          "epochs": f"{pruned['epochs']} vs {base['epochs']} ({pruned['epochs'] / base['epochs']:.0%})"},
     ])
+    tiny_images = config.load(ROOT / "params" / "tiny.yaml").data.synthetic_train
     text = f"""# Sweep benchmark
 
 Machine: {info['machine']} ({info['platform']}). Optuna {info['optuna']}, MLflow \
 {info['mlflow']}. Date: {datetime.date.today()}. All numbers from one run of `python -m bench.sweep`.
 
 The same 8 trials each time: a grid of `train.lr` over {', '.join(f'{lr:g}' for lr in LRS)} (half of them too \
-small to learn) on the tiny profile (ResNet-11, 2,048 synthetic images, {args.epochs} epochs per trial), every \
-trial trained, evaluated and logged to MLflow as in a real sweep (SQLite tracking store and Optuna storage). \
+small to learn) on the tiny profile (ResNet-11, {tiny_images:,} synthetic images, {args.epochs} epochs per trial), \
+every trial trained, evaluated and logged to MLflow as in a real sweep (SQLite tracking store and Optuna storage). \
 Wall time is the whole `python -m pipeline.sweep` command, data already prepared. Median pruning: \
 `{{type: median, n_startup_trials: 2}}`, val_acc reported after every epoch.
 
