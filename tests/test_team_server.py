@@ -20,7 +20,7 @@ import psycopg2.errors
 import pytest
 
 from bench.servers import free_port, server_run_command, stop_group, wait_until_up
-from tests.conftest import ROOT
+from tests.conftest import ROOT, eventually
 from tests.test_compare import api, artifact_bytes, create_experiment, params_of, search, tags_of
 
 SCRIPT = ROOT / "scripts" / "team-server.sh"
@@ -34,17 +34,16 @@ def drop_databases(port: str, *names: str, timeout: float = 60) -> None:
     has just started on the new database) still holds one."""
     connection = psycopg2.connect(host="127.0.0.1", port=port, user=USER, password=PASSWORD, dbname="postgres")
     connection.autocommit = True  # DROP DATABASE runs outside a transaction
-    deadline = time.monotonic() + timeout
     with connection.cursor() as cursor:
+        def dropped(name: str) -> bool:
+            try:
+                cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            except (psycopg2.errors.InsufficientPrivilege, psycopg2.errors.ObjectInUse):
+                return False
+            return True
+
         for name in names:
-            while True:
-                try:
-                    cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-                    break
-                except (psycopg2.errors.InsufficientPrivilege, psycopg2.errors.ObjectInUse):
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
+            eventually(lambda name=name: dropped(name), timeout)
     connection.close()
 
 
