@@ -1,28 +1,57 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, for a borrowed machine that has JAX with CUDA but no TensorFlow,
-# MLflow or internet. Through pipeline.fitting (the training code) on the JAX backend it measures:
+# The one prepared GPU check, for a borrowed machine that has JAX with CUDA (and numpy, pyyaml, pillow)
+# but no TensorFlow, Keras, MLflow or internet. Through pipeline.fitting (the training code) on the JAX
+# backend it measures, most important first, each stage under its own time limit so that one slow
+# stage cannot take the others' results with it:
 #   1. params/fast.yaml, its whole schedule on the real images: fit seconds and test_acc (all 10,000);
 #   2. params/improved.yaml (ResNet-164 with the tricks): seconds per epoch, projected 150 epochs;
 #   3. the seed recipe (params/default.yaml): seconds per epoch, projected 150 epochs.
 #
-# Here, once: the wheelhouse (keras, pyyaml and pillow with their dependencies, for CPython 3.11-3.13;
-# numpy and ml_dtypes come with JAX), about 30 MB, and the JPEG copy of CIFAR-10 (20 MB), both ignored by git:
-#   for v in 3.11 3.12 3.13; do pip download -q --only-binary=:all: --python-version $v \
-#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl keras==3.15.1 pyyaml==6.0.4 \
-#     pillow==13.0.0; done
-#   rm -f .whl/numpy-*; mkdir -p .data && cp ../shared/datasets/cifar10-jpeg-q75.tar.gz .data/
-# Then through the device tool: run(command="bash bench/gpu.sh", carry=[".whl", ".data"], timeout_s=600).
-# Results come back in $OUT (gpu-*.json, gpu.txt); copy them to bench/results/.
-set -euo pipefail
+# Here, once: the wheels that machine lacks (keras and the two it needs beyond that image; CPython 3.12),
+# about 3 MB, and the JPEG copy of CIFAR-10 (20 MB), both ignored by git:
+#   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl keras==3.15.1 namex optree
+#   mkdir -p .data && cp ../shared/datasets/cifar10-jpeg-q75.tar.gz .data/
+# Then through the device tool: run(command="bash bench/gpu.sh", carry=[".whl", ".data"], timeout_s=580).
+# Results come back in $OUT (gpu-*.json, gpu.txt, gpu.log); copy them to bench/results/.
+#
+# A CPU rehearsal at toy scale (synthetic images, tiny widths, 2 epochs), for any machine with JAX:
+#   GPU_SH_SMOKE=1 OUT=/tmp/gpu-smoke bash bench/gpu.sh
+set -uo pipefail
 OUT=${OUT:-bench/results}
 DATA=${DATA:-.data/cifar10-jpeg-q75.tar.gz}
-python -m pip install -q --no-index --find-links .whl keras pyyaml pillow
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+LOG="$OUT/gpu.log"
+if ! "$PY" -c "import keras" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpu-site .whl/*.whl \
+    || { echo "installing .whl failed" | tee -a "$LOG"; exit 1; }
+  export PYTHONPATH=/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
-# Most important first: each run compiles for a minute or two, and one command may last 10 minutes.
-python -m bench.gpu_epoch --full --params params/fast.yaml --data "$DATA" --out "$OUT/gpu-fast.json" \
-  --overrides "train.feed=device"
-python -m bench.gpu_epoch --epochs 3 --params params/improved.yaml --data "$DATA" --out "$OUT/gpu-improved.json" \
-  --overrides "train.feed=device train.steps_per_execution=16"
-python -m bench.gpu_epoch --epochs 2 --params params/default.yaml --data "$DATA" --out "$OUT/gpu-seed.json"
+{ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  "$PY" -c "import jax, keras; print('jax', jax.__version__, 'keras', keras.__version__, jax.devices())"
+} 2>&1 | tee "$OUT/gpu.txt"
+
+source_args=(--data "$DATA") small9="" small164=""
+if [[ -n "${GPU_SH_SMOKE:-}" ]]; then
+  source_args=(--images 512) small9="train.epochs=2 model.widths=[8,16,32,64]"
+  small164="model.units_per_stage=1 model.widths=[16,32,64]"
+fi
+
+failed=0
+stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in gpu.log
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$LOG"
+  timeout --signal=INT --kill-after=10 "$limit" "$PY" -m bench.gpu_epoch "${source_args[@]}" \
+    --out "$OUT/gpu-$name.json" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name exit $rc $(date -u +%T)" | tee -a "$LOG"
+  [[ $rc == 0 ]] || failed=1
+}
+stage fast "${FAST_LIMIT:-220}" --full --params params/fast.yaml --overrides "train.feed=device $small9"
+stage improved "${IMPROVED_LIMIT:-180}" --epochs 2 --params params/improved.yaml \
+  --overrides "train.feed=device train.steps_per_execution=8 $small164"
+stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
+  --overrides "train.feed=device train.steps_per_execution=8 $small164"
+exit $failed

@@ -15,6 +15,7 @@ Usage: python -m bench.gpu_epoch --out FILE [--params params/default.yaml] [--ep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -38,17 +39,27 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=50000, help="synthetic training images (test: a fifth)")
     args = parser.parse_args()
 
-    full = config.load_from_cli(args.params, args.overrides)
+    # The model is compiled with the profile's own schedule (its lr over the first epochs is the full run's);
+    # without --full, fit stops after --epochs of it.
+    full = config.load_from_cli(args.params, f"{args.overrides} train.verbose=2")
     epochs = full.train.epochs if args.full else args.epochs
-    cfg = config.load_from_cli(args.params, f"{args.overrides} train.verbose=2", epochs=str(epochs))
+    cfg = dataclasses.replace(full, train=dataclasses.replace(full.train, epochs=epochs))
     dataset = (data.load_source(args.data) if args.data
                else data.make_synthetic(n_train=args.images, n_test=args.images // 5, seed=cfg.data.seed))
     dist = distribution(cfg.train.distribute)
     splits = fitting.split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
-    model = fitting.compile_model(cfg, dataset, dist, len(splits[0]))
+    model = fitting.compile_model(full, dataset, dist, len(splits[0]))
     timer = fitting.EpochTimer()
+    out = Path(args.out)
+
+    class Partial(keras.callbacks.Callback):  # a stage stopped by its time limit still leaves its epochs
+        def on_epoch_end(self, epoch, logs=None):
+            out.write_text(json.dumps({"partial": True, "params": args.params, "overrides": args.overrides,
+                                       "epoch_seconds": [round(s, 2) for s in timer.seconds],
+                                       "train_images": len(splits[0])}, indent=2))
+
     start = time.perf_counter()
-    history = fitting.fit(model, cfg, splits, len(dataset.class_names), [timer])
+    history = fitting.fit(model, cfg, splits, len(dataset.class_names), [timer, Partial()])
     fit_seconds = time.perf_counter() - start
     steady = statistics.median(timer.seconds[1:] or timer.seconds)
     result = {
@@ -70,7 +81,7 @@ def main() -> None:
                       test_images=len(dataset.y_test), tta=cfg.evaluate.tta, fit_seconds=round(fit_seconds, 1),
                       fit_seconds_after_first_epoch=round(sum(timer.seconds[1:]), 1))
     print(json.dumps(result, indent=2))
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
