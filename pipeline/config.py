@@ -29,6 +29,10 @@ DEFAULT_PARAMS = PROJECT_ROOT / "params" / "default.yaml"
 MLPROJECT = PROJECT_ROOT / "MLproject"
 
 
+# model.conv_init: Keras initialisers by name, and pytorch (see pipeline.model.conv_initializer)
+CONV_INITS = ("he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "glorot_uniform", "pytorch")
+
+
 class ConfigError(ValueError):
     """A parameter is unknown, mistyped or out of range; the message names the key."""
 
@@ -78,12 +82,15 @@ class ModelConfig:
     bn_momentum: float
     zero_init_residual: bool
     stem: str
+    conv_init: str
 
     def validate(self) -> None:
         _check(self.arch in ("preact", "resnet9"), "model.arch", "must be 'preact' or 'resnet9'", self.arch)
         _check(self.stem in ("conv", "whiten"), "model.stem", "must be 'conv' or 'whiten'", self.stem)
         _check(self.stem == "conv" or self.arch == "resnet9", "model.stem", "'whiten' is for model.arch resnet9",
                self.stem)
+        _check(self.conv_init in CONV_INITS, "model.conv_init", f"must be one of {', '.join(CONV_INITS)}",
+               self.conv_init)
         _check(all(w >= 1 for w in self.widths), "model.widths", "must all be >= 1", self.widths)
         _check(0 <= self.l2 < 1, "model.l2", "must be in [0, 1)", self.l2)
         _check(0 <= self.bn_momentum < 1, "model.bn_momentum", "must be in [0, 1)", self.bn_momentum)

@@ -19,12 +19,23 @@ import keras
 from keras import layers
 
 from pipeline.augment import RandomShiftFlip
-from pipeline.config import resnet_depth
+from pipeline.config import CONV_INITS, resnet_depth
 
 
-def _conv(filters: int, kernel_size: int, strides: int, l2: float, name: str) -> layers.Conv2D:
+def conv_initializer(name: str) -> keras.initializers.Initializer:
+    """A conv kernel initialiser by name: Keras's own, or pytorch (uniform in +-1/sqrt(fan_in), the default of
+    PyTorch's Conv2d; its variance is a sixth of he_normal's)."""
+    if name not in CONV_INITS:
+        raise ValueError(f"conv_init must be one of {', '.join(CONV_INITS)}, got {name!r}")
+    if name == "pytorch":
+        return keras.initializers.VarianceScaling(scale=1 / 3, mode="fan_in", distribution="uniform")
+    return keras.initializers.get(name)
+
+
+def _conv(filters: int, kernel_size: int, strides: int, name: str, *, l2: float, init: str) -> layers.Conv2D:
     return layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
-                         kernel_initializer="he_normal", kernel_regularizer=keras.regularizers.l2(l2), name=name)
+                         kernel_initializer=conv_initializer(init), kernel_regularizer=keras.regularizers.l2(l2),
+                         name=name)
 
 
 def _bn(x, name: str, *, momentum: float, l2: float | None, zero: bool = False):
@@ -38,29 +49,29 @@ def _bn_relu(x, name: str, *, bn, zero: bool = False):
     return layers.Activation("relu", name=f"{name}_relu")(bn(x, name, zero=zero))
 
 
-def _unit(x, *, block: str, width: int, strides: int, l2: float, bn, zero_init: bool, name: str):
+def _unit(x, *, block: str, width: int, strides: int, conv, bn, zero_init: bool, name: str):
     """One pre-activation unit. When the shape changes, the shortcut is a 1x1 projection taken
     after the unit's first BN-ReLU (as in the seed and He et al. 2016); otherwise identity.
     zero_init: the BN before the branch's last conv starts with gamma 0, so the unit starts as identity."""
     preact = _bn_relu(x, f"{name}_pre", bn=bn)
     project = strides != 1 or x.shape[-1] != width
-    shortcut = _conv(width, 1, strides, l2, f"{name}_proj")(preact) if project else x
+    shortcut = conv(width, 1, strides, f"{name}_proj")(preact) if project else x
     if block == "bottleneck":
-        y = _conv(width // 4, 1, strides, l2, f"{name}_conv1")(preact)
-        y = _conv(width // 4, 3, 1, l2, f"{name}_conv2")(_bn_relu(y, f"{name}_mid1", bn=bn))
-        y = _conv(width, 1, 1, l2, f"{name}_conv3")(_bn_relu(y, f"{name}_mid2", bn=bn, zero=zero_init))
+        y = conv(width // 4, 1, strides, f"{name}_conv1")(preact)
+        y = conv(width // 4, 3, 1, f"{name}_conv2")(_bn_relu(y, f"{name}_mid1", bn=bn))
+        y = conv(width, 1, 1, f"{name}_conv3")(_bn_relu(y, f"{name}_mid2", bn=bn, zero=zero_init))
     else:
-        y = _conv(width, 3, strides, l2, f"{name}_conv1")(preact)
-        y = _conv(width, 3, 1, l2, f"{name}_conv2")(_bn_relu(y, f"{name}_mid1", bn=bn, zero=zero_init))
+        y = conv(width, 3, strides, f"{name}_conv1")(preact)
+        y = conv(width, 3, 1, f"{name}_conv2")(_bn_relu(y, f"{name}_mid1", bn=bn, zero=zero_init))
     return layers.Add(name=f"{name}_add")([y, shortcut])
 
 
-def _preact_body(x, *, block: str, units_per_stage: int, widths, strides, stem_filters: int, l2: float, bn,
+def _preact_body(x, *, block: str, units_per_stage: int, widths, strides, stem_filters: int, conv, bn,
                  zero_init: bool):
-    x = _conv(stem_filters, 3, 1, l2, "stem_conv")(x)
+    x = conv(stem_filters, 3, 1, "stem_conv")(x)
     for stage, (width, stage_strides) in enumerate(zip(widths, strides, strict=True), start=1):
         for unit in range(1, units_per_stage + 1):
-            x = _unit(x, block=block, width=width, strides=stage_strides if unit == 1 else 1, l2=l2, bn=bn,
+            x = _unit(x, block=block, width=width, strides=stage_strides if unit == 1 else 1, conv=conv, bn=bn,
                       zero_init=zero_init, name=f"stage{stage}_unit{unit}")
     x = _bn_relu(x, "final", bn=bn)
     return layers.GlobalAveragePooling2D(name="pool")(x)
@@ -81,13 +92,13 @@ def whitening_kernel(images, size: int = 2, eps: float = 5e-4):
     return np.concatenate([kernel, -kernel], axis=-1).astype("float32")
 
 
-def _resnet9_body(x, *, widths, l2: float, bn, zero_init: bool, whiten=None):
+def _resnet9_body(x, *, widths, conv, bn, zero_init: bool, whiten=None):
     """The conv-BN-ReLU ResNet-9 of the DAWNBench winners (Page's "How to train your ResNet"):
     prep conv, then three layers of conv-BN-ReLU + 2x2 max-pool, the first and last followed by a
     residual pair of conv-BN-ReLU; global max-pool; the classifier's logits are scaled by 1/8.
     widths = (prep, layer1, layer2, layer3)."""
     def conv_bn_relu(x, filters, name, zero=False):
-        return _bn_relu(_conv(filters, 3, 1, l2, f"{name}_conv")(x), name, bn=bn, zero=zero)
+        return _bn_relu(conv(filters, 3, 1, f"{name}_conv")(x), name, bn=bn, zero=zero)
 
     if whiten is None:
         x = conv_bn_relu(x, widths[0], "prep")
@@ -118,6 +129,7 @@ def build_resnet(
     l2_norm_and_bias: bool = False,
     bn_momentum: float = 0.99,
     zero_init_residual: bool = False,
+    conv_init: str = "he_normal",
     mean: Sequence[float] = (0.0, 0.0, 0.0),
     std: Sequence[float] = (1.0, 1.0, 1.0),
     max_shift: int = 0,
@@ -133,7 +145,7 @@ def build_resnet(
 
     mean/std: per-channel statistics in 0-255 pixel units. max_shift (pixels), shift_fill and
     flip configure the training-time augmentation. l2_norm_and_bias: l2 on BN parameters and
-    biases too (else kernels only). whiten: a `whitening_kernel` for resnet9's frozen stem in place of
+    biases too (else kernels only). conv_init: the conv kernels' initialiser (`conv_initializer`). whiten: a `whitening_kernel` for resnet9's frozen stem in place of
     its prep conv, or None. Output: float32 class probabilities, even under a mixed-precision policy.
     """
     if arch not in ("preact", "resnet9"):
@@ -146,11 +158,12 @@ def build_resnet(
     if max_shift or flip:  # without augmentation the model holds stock Keras layers only
         x = RandomShiftFlip(max_shift, fill=shift_fill, flip=flip, seed=seed, name="augment")(x)
     bn = partial(_bn, momentum=bn_momentum, l2=l2 if l2_norm_and_bias else None)
+    conv = partial(_conv, l2=l2, init=conv_init)
     if arch == "resnet9":
-        x = _resnet9_body(x, widths=widths, l2=l2, bn=bn, zero_init=zero_init_residual, whiten=whiten)
+        x = _resnet9_body(x, widths=widths, conv=conv, bn=bn, zero_init=zero_init_residual, whiten=whiten)
     else:
         x = _preact_body(x, block=block, units_per_stage=units_per_stage, widths=widths, strides=strides,
-                         stem_filters=stem_filters, l2=l2, bn=bn, zero_init=zero_init_residual)
+                         stem_filters=stem_filters, conv=conv, bn=bn, zero_init=zero_init_residual)
     depth = resnet_depth(arch=arch, block=block, units_per_stage=units_per_stage, stages=len(widths))
     bias_reg = keras.regularizers.l2(l2) if l2_norm_and_bias else None
     x = layers.Dense(num_classes, kernel_regularizer=keras.regularizers.l2(l2), bias_regularizer=bias_reg,

@@ -97,6 +97,7 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("model.arch=resnet9 model.widths=[16,32,64]", "model.widths"),
     ("model.bn_momentum=1", "model.bn_momentum"),
     ("model.zero_init_residual=1", "model.zero_init_residual"),
+    ("model.conv_init=xavier", "model.conv_init"),
     ("evaluate.tta=crop", "evaluate.tta"),
     ("train.shift=0.7", "train.shift"),
     ("train.shift_fill=wrap", "train.shift_fill"),

@@ -77,6 +77,23 @@ def test_zero_init_residual_starts_each_residual_branch_at_identity(arch):
                    for layer in off.layers)
 
 
+@pytest.mark.parametrize("arch", ["preact", "resnet9"])
+def test_conv_init_pytorch_draws_every_conv_kernel_uniformly_within_one_over_sqrt_fan_in(arch):
+    widths = (16, 32, 64, 128) if arch == "resnet9" else (16, 32)
+    kwargs = dict(num_classes=10, arch=arch, block="basic", units_per_stage=2, widths=widths, strides=(1, 2), l2=0.0)
+    he, torch = model.build_resnet(**kwargs), model.build_resnet(conv_init="pytorch", **kwargs)
+    convs = [layer.name for layer in he.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) >= 8
+    for name in convs:
+        k_he, k_torch = he.get_layer(name).kernel.numpy(), torch.get_layer(name).kernel.numpy()
+        bound = 1 / np.sqrt(np.prod(k_torch.shape[:-1]))  # fan_in = kh * kw * in_channels
+        assert np.abs(k_torch).max() <= bound and np.abs(k_torch).max() > 0.9 * bound
+        if k_he.size >= 2000:  # he_normal's variance (2 / fan_in) is six times pytorch's (1 / (3 fan_in))
+            assert np.var(k_he) / np.var(k_torch) == pytest.approx(6, rel=0.25)
+    with pytest.raises(ValueError, match="conv_init"):
+        model.build_resnet(conv_init="xavier", **kwargs)
+
+
 def test_bn_momentum_and_l2_on_norm_and_bias_are_params():
     cfg = config.load("params/tiny.yaml", "model.bn_momentum=0.9 model.l2_norm_and_bias=true")
     kwargs = dict(num_classes=10, block="basic", units_per_stage=1, widths=(8, 16), strides=(1, 2), l2=1e-4)
