@@ -145,8 +145,9 @@ def build_resnet(
 
     mean/std: per-channel statistics in 0-255 pixel units. max_shift (pixels), shift_fill and
     flip configure the training-time augmentation. l2_norm_and_bias: l2 on BN parameters and
-    biases too (else kernels only). conv_init: the conv kernels' initialiser (`conv_initializer`). whiten: a `whitening_kernel` for resnet9's frozen stem in place of
-    its prep conv, or None. Output: float32 class probabilities, even under a mixed-precision policy.
+    biases too (else kernels only). conv_init: the conv kernels' initialiser (`conv_initializer`).
+    whiten: a `whitening_kernel` for resnet9's frozen stem in place of its prep conv, or None.
+    Output: float32 class probabilities, even under a mixed-precision policy.
     """
     if arch not in ("preact", "resnet9"):
         raise ValueError(f"arch must be 'preact' or 'resnet9', got {arch!r}")
