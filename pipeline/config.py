@@ -30,6 +30,7 @@ MLPROJECT = PROJECT_ROOT / "MLproject"
 
 
 # model.conv_init: Keras initialisers by name, and pytorch (see pipeline.model.conv_initializer)
+TTA_MODES = ("none", "flip", "flip_shift")
 CONV_INITS = ("he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "glorot_uniform", "pytorch")
 
 
@@ -205,7 +206,7 @@ class EvaluateConfig:
     tta: str
 
     def validate(self) -> None:
-        _check(self.tta in ("none", "flip"), "evaluate.tta", "must be 'none' or 'flip'", self.tta)
+        _check(self.tta in TTA_MODES, "evaluate.tta", f"must be one of {', '.join(TTA_MODES)}", self.tta)
         _check(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1", self.batch_size)
         _check(1 <= self.samples <= 100, "evaluate.samples", "must be in [1, 100]", self.samples)
 

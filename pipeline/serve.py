@@ -31,6 +31,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from pipeline.config import TTA_MODES
 from pipeline.data import CHANNELS, IMAGE_SIZE, DataError, decode_image
 
 KERAS_ARTIFACT = "keras_model"
@@ -176,11 +177,34 @@ def to_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
                          "probabilities": [p.astype(float).tolist() for p in probs]})
 
 
+def shift_diagonal(pixels: np.ndarray, step: int) -> np.ndarray:
+    """Images (n, h, w, c) moved `step` pixels down and right (negative: up and left); the uncovered
+    border repeats the edge pixels, as the training shifts' "nearest" fill does."""
+    pad = abs(step)
+    padded = np.pad(pixels, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    h, w = pixels.shape[1:3]
+    return padded[:, pad - step:pad - step + h, pad - step:pad - step + w]
+
+
+def tta_views(pixels: np.ndarray, tta: str) -> list[np.ndarray]:
+    """The views of a batch that `tta` averages: none [images]; flip + their mirror images;
+    flip_shift + both of those shifted one pixel down-right and one up-left (6 views)."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    if tta == "none":
+        return [pixels]
+    mirror = pixels[:, :, ::-1]
+    if tta == "flip":
+        return [pixels, mirror]
+    return [pixels, mirror, *(shift_diagonal(v, step) for step in (1, -1) for v in (pixels, mirror))]
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Wraps the Keras model (artifact `keras_model`) and its class names (artifact `class_names`).
 
-    tta: "flip" averages the probabilities of each image and its mirror image (test-time augmentation);
-    evaluate scores through `predict_proba` too, so the measured and the served model agree.
+    tta: test-time augmentation, the probabilities averaged over `tta_views`: "flip" each image and its
+    mirror image, "flip_shift" those and both shifted by one pixel diagonally either way (6 views).
+    Evaluate scores through `predict_proba` too, so the measured and the served model agree.
     """
 
     # `predict` has no type hints on purpose: `to_pixels` validates every request (see INPUT_FORMATS), and
@@ -189,8 +213,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def __init__(self, tta: str = "none"):
-        if tta not in ("none", "flip"):
-            raise ValueError(f"tta must be 'none' or 'flip', got {tta!r}")
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.tta = tta
 
     def load_context(self, context):
@@ -216,10 +240,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks])
 
     def _predict_batch(self, pixels: np.ndarray) -> np.ndarray:
-        probs = np.asarray(self.model.predict_on_batch(pixels), dtype=np.float32)
-        if getattr(self, "tta", "none") == "flip":  # models logged before tta existed have no attribute
-            probs = (probs + np.asarray(self.model.predict_on_batch(pixels[:, :, ::-1]), dtype=np.float32)) / 2
-        return probs
+        views = tta_views(pixels, getattr(self, "tta", "none"))  # models logged before tta existed have none
+        return np.mean([np.asarray(self.model.predict_on_batch(v), dtype=np.float32) for v in views], axis=0)
 
     def predict(self, context, model_input, params=None):
         """Any accepted input (see the module docstring) -> a DataFrame, one row per image."""

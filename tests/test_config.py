@@ -99,6 +99,7 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("model.zero_init_residual=1", "model.zero_init_residual"),
     ("model.conv_init=xavier", "model.conv_init"),
     ("evaluate.tta=crop", "evaluate.tta"),
+    ("evaluate.tta=shift", "evaluate.tta"),
     ("train.shift=0.7", "train.shift"),
     ("train.shift_fill=wrap", "train.shift_fill"),
     ("train.precision=float8", "train.precision"),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from pipeline import config, data, fitting
+from pipeline import config, data, fitting, serve
 from pipeline.distribute import distribution
 
 JPEG = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"
@@ -32,9 +32,8 @@ def train_and_score(cfg: config.Config, dataset: data.Dataset) -> float:
     splits = fitting.split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
     model = fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0]))
     fitting.fit(model, cfg, splits, len(dataset.class_names), [])
-    probs = model.predict(dataset.x_test, batch_size=500, verbose=0)
-    if cfg.evaluate.tta == "flip":
-        probs = (probs + model.predict(dataset.x_test[:, :, ::-1], batch_size=500, verbose=0)) / 2
+    probs = np.mean([model.predict(view, batch_size=500, verbose=0)
+                     for view in serve.tta_views(dataset.x_test, cfg.evaluate.tta)], axis=0)
     return float((probs.argmax(1) == dataset.y_test).mean())
 
 
