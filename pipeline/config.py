@@ -29,8 +29,9 @@ DEFAULT_PARAMS = PROJECT_ROOT / "params" / "default.yaml"
 MLPROJECT = PROJECT_ROOT / "MLproject"
 
 
-# model.conv_init: Keras initialisers by name, and pytorch (see pipeline.model.conv_initializer)
+# evaluate.tta: the test-time augmentations of the served model (see pipeline.serve.tta_views)
 TTA_MODES = ("none", "flip", "flip_shift")
+# model.conv_init: Keras initialisers by name, and pytorch (see pipeline.model.conv_initializer)
 CONV_INITS = ("he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "glorot_uniform", "pytorch")
 
 
