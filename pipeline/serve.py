@@ -241,7 +241,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def _predict_batch(self, pixels: np.ndarray) -> np.ndarray:
         views = tta_views(pixels, getattr(self, "tta", "none"))  # models logged before tta existed have none
-        return np.mean([np.asarray(self.model.predict_on_batch(v), dtype=np.float32) for v in views], axis=0)
+        probs = [np.asarray(self.model.predict_on_batch(v), dtype=np.float32) for v in views]
+        return probs[0] if len(probs) == 1 else np.mean(probs, axis=0)  # one view: no stacking copy per request
 
     def predict(self, context, model_input, params=None):
         """Any accepted input (see the module docstring) -> a DataFrame, one row per image."""
