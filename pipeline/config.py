@@ -85,12 +85,15 @@ class ModelConfig:
     zero_init_residual: bool
     stem: str
     conv_init: str
+    pool_before_bn: bool
 
     def validate(self) -> None:
         _check(self.arch in ("preact", "resnet9"), "model.arch", "must be 'preact' or 'resnet9'", self.arch)
         _check(self.stem in ("conv", "whiten"), "model.stem", "must be 'conv' or 'whiten'", self.stem)
         _check(self.stem == "conv" or self.arch == "resnet9", "model.stem", "'whiten' is for model.arch resnet9",
                self.stem)
+        _check(not self.pool_before_bn or self.arch == "resnet9", "model.pool_before_bn", "is for model.arch resnet9",
+               self.pool_before_bn)
         _check(self.conv_init in CONV_INITS, "model.conv_init", f"must be one of {', '.join(CONV_INITS)}",
                self.conv_init)
         _check(all(w >= 1 for w in self.widths), "model.widths", "must all be >= 1", self.widths)

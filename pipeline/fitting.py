@@ -82,6 +82,7 @@ def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) ->
                         units_per_stage=m.units_per_stage, widths=m.widths, strides=m.strides,
                         stem_filters=m.stem_filters, l2=m.l2, l2_norm_and_bias=m.l2_norm_and_bias,
                         bn_momentum=m.bn_momentum, zero_init_residual=m.zero_init_residual, conv_init=m.conv_init,
+                        pool_before_bn=m.pool_before_bn,
                         mean=mean.tolist(), std=std.tolist(), image_size=IMAGE_SIZE,
                         max_shift=round(t.shift * IMAGE_SIZE) if augment else 0, shift_fill=t.shift_fill,
                         flip=t.flip and augment, seed=t.seed, whiten=whiten)

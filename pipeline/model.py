@@ -92,13 +92,20 @@ def whitening_kernel(images, size: int = 2, eps: float = 5e-4):
     return np.concatenate([kernel, -kernel], axis=-1).astype("float32")
 
 
-def _resnet9_body(x, *, widths, conv, bn, zero_init: bool, whiten=None):
+def _resnet9_body(x, *, widths, conv, bn, zero_init: bool, whiten=None, pool_before_bn: bool = False):
     """The conv-BN-ReLU ResNet-9 of the DAWNBench winners (Page's "How to train your ResNet"):
     prep conv, then three layers of conv-BN-ReLU + 2x2 max-pool, the first and last followed by a
     residual pair of conv-BN-ReLU; global max-pool; the classifier's logits are scaled by 1/8.
-    widths = (prep, layer1, layer2, layer3)."""
-    def conv_bn_relu(x, filters, name, zero=False):
-        return _bn_relu(conv(filters, 3, 1, f"{name}_conv")(x), name, bn=bn, zero=zero)
+    widths = (prep, layer1, layer2, layer3). pool_before_bn: each layer is conv, max-pool, BN-ReLU instead
+    (as airbench orders it): the max commutes with ReLU, and BN and ReLU run on a quarter of the pixels."""
+    def conv_bn_relu(x, filters, name, zero=False, pool=False):
+        x = conv(filters, 3, 1, f"{name}_conv")(x)
+        if pool and pool_before_bn:
+            x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+        x = _bn_relu(x, name, bn=bn, zero=zero)
+        if pool and not pool_before_bn:
+            x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+        return x
 
     if whiten is None:
         x = conv_bn_relu(x, widths[0], "prep")
@@ -108,8 +115,7 @@ def _resnet9_body(x, *, widths, conv, bn, zero_init: bool, whiten=None):
         x = layers.Activation("relu", name="whiten_relu")(stem(x))
         stem.kernel.assign(whiten)
     for i, (width, residual) in enumerate(zip(widths[1:], (True, False, True), strict=True), start=1):
-        x = conv_bn_relu(x, width, f"layer{i}")
-        x = layers.MaxPooling2D(2, name=f"layer{i}_pool")(x)
+        x = conv_bn_relu(x, width, f"layer{i}", pool=True)
         if residual:
             y = conv_bn_relu(conv_bn_relu(x, width, f"layer{i}_res1"), width, f"layer{i}_res2", zero=zero_init)
             x = layers.Add(name=f"layer{i}_add")([x, y])
@@ -130,6 +136,7 @@ def build_resnet(
     bn_momentum: float = 0.99,
     zero_init_residual: bool = False,
     conv_init: str = "he_normal",
+    pool_before_bn: bool = False,
     mean: Sequence[float] = (0.0, 0.0, 0.0),
     std: Sequence[float] = (1.0, 1.0, 1.0),
     max_shift: int = 0,
@@ -147,6 +154,7 @@ def build_resnet(
     flip configure the training-time augmentation. l2_norm_and_bias: l2 on BN parameters and
     biases too (else kernels only). conv_init: the conv kernels' initialiser (`conv_initializer`).
     whiten: a `whitening_kernel` for resnet9's frozen stem in place of its prep conv, or None.
+    pool_before_bn: resnet9's layers pool straight after their conv, before BN-ReLU (`_resnet9_body`).
     Output: float32 class probabilities, even under a mixed-precision policy.
     """
     if arch not in ("preact", "resnet9"):
@@ -161,7 +169,8 @@ def build_resnet(
     bn = partial(_bn, momentum=bn_momentum, l2=l2 if l2_norm_and_bias else None)
     conv = partial(_conv, l2=l2, init=conv_init)
     if arch == "resnet9":
-        x = _resnet9_body(x, widths=widths, conv=conv, bn=bn, zero_init=zero_init_residual, whiten=whiten)
+        x = _resnet9_body(x, widths=widths, conv=conv, bn=bn, zero_init=zero_init_residual, whiten=whiten,
+                          pool_before_bn=pool_before_bn)
     else:
         x = _preact_body(x, block=block, units_per_stage=units_per_stage, widths=widths, strides=strides,
                          stem_filters=stem_filters, conv=conv, bn=bn, zero_init=zero_init_residual)

@@ -94,6 +94,33 @@ def test_conv_init_pytorch_draws_every_conv_kernel_uniformly_within_one_over_sqr
         model.build_resnet(conv_init="xavier", **kwargs)
 
 
+def test_pool_before_bn_moves_each_pool_between_its_conv_and_bn_and_keeps_the_function():
+    kwargs = dict(num_classes=10, arch="resnet9", widths=(8, 16, 16, 32), l2=0.0, seed=0)
+    late, early = model.build_resnet(**kwargs), model.build_resnet(pool_before_bn=True, **kwargs)
+
+    def inbound(m, name):  # the layer feeding `name`
+        return m.get_layer(name).input._keras_history.operation.name
+
+    for i in (1, 2, 3):
+        assert inbound(early, f"layer{i}_pool") == f"layer{i}_conv" and inbound(early, f"layer{i}_bn") == f"layer{i}_pool"
+        assert inbound(late, f"layer{i}_pool") == f"layer{i}_relu" and inbound(late, f"layer{i}_bn") == f"layer{i}_conv"
+    assert early.count_params() == late.count_params()
+    # With BN's gammas > 0, BN-ReLU is increasing per channel, so the max-pool commutes with it: the same
+    # weights and BN statistics give the same predictions, whichever order.
+    rng = np.random.default_rng(0)
+    for layer in late.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.set_weights([rng.uniform(0.5, 2, w.shape).astype("float32") if j in (0, 3) else
+                               rng.normal(0, 0.5, w.shape).astype("float32") for j, w in enumerate(layer.get_weights())])
+    early.set_weights(late.get_weights())
+    x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(early.predict(x, verbose=0), late.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(model.build_resnet(**{**kwargs, "seed": 1}).predict(x, verbose=0),
+                           late.predict(x, verbose=0), atol=1e-6)
+    with pytest.raises(config.ConfigError, match="model.pool_before_bn"):
+        config.load(None, "model.pool_before_bn=true")  # preact has no max-pools
+
+
 def test_bn_momentum_and_l2_on_norm_and_bias_are_params():
     cfg = config.load("params/tiny.yaml", "model.bn_momentum=0.9 model.l2_norm_and_bias=true")
     kwargs = dict(num_classes=10, block="basic", units_per_stage=1, widths=(8, 16), strides=(1, 2), l2=1e-4)
