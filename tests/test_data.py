@@ -179,6 +179,18 @@ def test_prepared_file_round_trip_and_subset(tmp_path):
         np.testing.assert_allclose(f["mean"], d.channel_stats()[0])
 
 
+def test_channel_stats_equal_the_float_mean_and_std_of_every_pixel():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
+    x[..., 2] //= 4  # channels with different statistics
+    d = data.Dataset(x, np.zeros(50, np.int32), x[:5], np.zeros(5, np.int32), ("a",))
+    mean, std = d.channel_stats()
+    pixels = x.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-12)
+    assert mean[2] < mean[0] / 3
+
+
 def test_decode_image_resizes_and_converts():
     buf = io.BytesIO()
     Image.new("L", (64, 48), color=200).save(buf, format="PNG")
