@@ -61,8 +61,8 @@ class Dataset:
     def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel mean and std of the training pixels, in 0-255 units (float64).
 
-        Computed from each channel's histogram of the 256 pixel values: exact, and without the float64
-        copy of every pixel (50,000 images: 0.3 s instead of 4 s on a 2-core CPU)."""
+        Computed from each channel's histogram of the 256 pixel values: exact, and without a float64
+        copy of every pixel (1.2 GB for 50,000 images)."""
         pixels = self.x_train.reshape(-1, CHANNELS)
         values = np.arange(256, dtype=np.float64)
         counts = np.stack([np.bincount(pixels[:, c], minlength=256) for c in range(CHANNELS)]).astype(np.float64)
