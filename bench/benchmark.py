@@ -7,7 +7,7 @@ Measured side by side in one process, so machine noise hits both sides of each c
    integer shift + flip in keras.ops inside the XLA-compiled step; a trivial model body, so the
    number is the ceiling the feed puts on training), and vs the augmentation kernel alone;
 2. train-step images/s, plain float32 vs the fast-path settings, for the quick profile
-   (ResNet-9 at width 16) and the seed's ResNet-164;
+   (its ResNet-9) and the seed's ResNet-164;
 3. MLflow tracking overhead per epoch: logging on vs off, and the cost of the logging call itself.
 
 Usage: python -m bench.benchmark [--steps N] [--skip-164]
@@ -256,7 +256,7 @@ def main() -> None:
                 "float32 + XLA": ["train.precision=float32", "train.jit_compile=true"],
                 "mixed_bfloat16, no XLA": ["train.precision=mixed_bfloat16", "train.jit_compile=false"],
                 "mixed_bfloat16 + XLA": ["train.precision=mixed_bfloat16", "train.jit_compile=true"]}
-    profiles = {"quick (ResNet-9, width 16)": "params/quick.yaml"}
+    profiles = {"quick (ResNet-9, widths 16-24-64-128)": "params/quick.yaml"}
     if not args.skip_164:
         profiles["seed (ResNet-164)"] = "params/default.yaml"
     results["train_step"] = {}
