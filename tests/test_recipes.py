@@ -102,16 +102,18 @@ def test_pool_before_bn_moves_each_pool_between_its_conv_and_bn_and_keeps_the_fu
         return m.get_layer(name).input._keras_history.operation.name
 
     for i in (1, 2, 3):
-        assert inbound(early, f"layer{i}_pool") == f"layer{i}_conv" and inbound(early, f"layer{i}_bn") == f"layer{i}_pool"
-        assert inbound(late, f"layer{i}_pool") == f"layer{i}_relu" and inbound(late, f"layer{i}_bn") == f"layer{i}_conv"
+        pool, bn = f"layer{i}_pool", f"layer{i}_bn"
+        assert (inbound(early, pool), inbound(early, bn)) == (f"layer{i}_conv", pool)
+        assert (inbound(late, pool), inbound(late, bn)) == (f"layer{i}_relu", f"layer{i}_conv")
     assert early.count_params() == late.count_params()
     # With BN's gammas > 0, BN-ReLU is increasing per channel, so the max-pool commutes with it: the same
     # weights and BN statistics give the same predictions, whichever order.
     rng = np.random.default_rng(0)
     for layer in late.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            layer.set_weights([rng.uniform(0.5, 2, w.shape).astype("float32") if j in (0, 3) else
-                               rng.normal(0, 0.5, w.shape).astype("float32") for j, w in enumerate(layer.get_weights())])
+            # gamma and moving variance positive, beta and moving mean any sign
+            layer.set_weights([(rng.uniform(0.5, 2, w.shape) if j in (0, 3) else rng.normal(0, 0.5, w.shape))
+                               .astype("float32") for j, w in enumerate(layer.get_weights())])
     early.set_weights(late.get_weights())
     x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(early.predict(x, verbose=0), late.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
