@@ -27,8 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads, as pipeline sets it
+import pipeline  # noqa: F401 - before TensorFlow loads: its log level and CPU allocator settings
 
+# isort: split
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

@@ -116,6 +116,20 @@ def fast_path(cfg: config.TrainConfig, dist: Distribution) -> tuple[str, bool | 
     return precision, jit
 
 
+def cpu_allocator() -> str:
+    """Which allocator TensorFlow's CPU memory comes from: "bfc" (pooled; `pipeline` sets
+    TF_CPU_ALLOCATOR_USE_BFC) or "default"; "n/a" on another backend. Only the BFC one keeps statistics."""
+    if keras.backend.backend() != "tensorflow":
+        return "n/a"
+    import tensorflow as tf
+
+    try:
+        tf.config.experimental.get_memory_info("CPU:0")
+    except ValueError:
+        return "default"
+    return "bfc"
+
+
 def check_backend(cfg: config.Config) -> None:
     """Params that only one backend supports; entry points call this before opening any run."""
     if cfg.train.feed == "device" and keras.backend.backend() != "jax":

@@ -33,6 +33,7 @@ from pipeline.distribute import Distribution, cluster_from_env, distribution
 from pipeline.fitting import (
     check_backend,
     compile_model,
+    cpu_allocator,
     diverged,
     fit,
     make_model,
@@ -124,6 +125,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     run_id = start_training(cfg, dataset_uri, {
         "backend": keras.backend.backend(), "devices": ", ".join(dist.devices),
         "dtype_policy": model.dtype_policy.name, "jit_compile": str(bool(model.jit_compile)).lower(),
+        "cpu_allocator": cpu_allocator(),
         "distribute": dist.mode, "workers": str(dist.workers),
         "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights))})
     print(f"training {model.name} ({model.count_params():,} params) on {train_images} images, "

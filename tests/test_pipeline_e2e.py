@@ -29,8 +29,9 @@ def runs_by_step(client: MlflowClient, parent_id: str) -> dict:
 
 
 def test_main_trains_tracks_evaluates_registers_and_learns(store):
-    # A newcomer's shell: no TensorFlow log level of its own (other test modules may set one in this process).
-    result = mlflow_run({k: v for k, v in store.items() if k != "TF_CPP_MIN_LOG_LEVEL"}, "main", params=TINY)
+    # A newcomer's shell: no TensorFlow settings of its own (importing pipeline set them in this process).
+    own = ("TF_CPP_MIN_LOG_LEVEL", "TF_CPU_ALLOCATOR_USE_BFC")
+    result = mlflow_run({k: v for k, v in store.items() if k not in own}, "main", params=TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
     experiment = client.get_experiment_by_name("e2e").experiment_id
@@ -54,6 +55,7 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store):
     train = steps["train"]
     assert train.data.params["train.epochs"] == "3" and train.data.params["model.block"] == "bottleneck"
     assert train.info.run_name == "resnet11-e3-b32-lr0.05"
+    assert train.data.tags["cpu_allocator"] == "bfc"  # TensorFlow's pooled CPU memory, as pipeline asks for it
     for key in ("loss", "acc", "val_loss", "val_acc", "lr", "epoch_seconds"):
         history = client.get_metric_history(train.info.run_id, key)
         assert sorted(m.step for m in history) == [1, 2, 3], key
