@@ -86,7 +86,7 @@ def test_conv_init_pytorch_draws_every_conv_kernel_uniformly_within_one_over_sqr
     assert len(convs) >= 8
     for name in convs:
         k_he, k_torch = he.get_layer(name).kernel.numpy(), torch.get_layer(name).kernel.numpy()
-        bound = 1 / np.sqrt(np.prod(k_torch.shape[:-1]))  # fan_in = kh * kw * in_channels
+        bound = np.float32(1 / np.sqrt(np.prod(k_torch.shape[:-1])))  # fan_in = kh * kw * in_channels, as drawn
         assert np.abs(k_torch).max() <= bound and np.abs(k_torch).max() > 0.9 * bound
         if k_he.size >= 2000:  # he_normal's variance (2 / fan_in) is six times pytorch's (1 / (3 fan_in))
             assert np.var(k_he) / np.var(k_torch) == pytest.approx(6, rel=0.25)
@@ -95,7 +95,10 @@ def test_conv_init_pytorch_draws_every_conv_kernel_uniformly_within_one_over_sqr
 
 
 def test_pool_before_bn_moves_each_pool_between_its_conv_and_bn_and_keeps_the_function():
-    kwargs = dict(num_classes=10, arch="resnet9", widths=(8, 16, 16, 32), l2=0.0, seed=0)
+    # Normalised inputs and seeded weights: raw 0-255 pixels would saturate the softmax, and two saturated models
+    # could agree by chance.
+    kwargs = dict(num_classes=10, arch="resnet9", widths=(8, 16, 16, 32), l2=0.0, mean=(128.0,) * 3, std=(64.0,) * 3)
+    keras.utils.set_random_seed(0)
     late, early = model.build_resnet(**kwargs), model.build_resnet(pool_before_bn=True, **kwargs)
 
     def inbound(m, name):  # the layer feeding `name`
@@ -117,8 +120,7 @@ def test_pool_before_bn_moves_each_pool_between_its_conv_and_bn_and_keeps_the_fu
     early.set_weights(late.get_weights())
     x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(early.predict(x, verbose=0), late.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
-    assert not np.allclose(model.build_resnet(**{**kwargs, "seed": 1}).predict(x, verbose=0),
-                           late.predict(x, verbose=0), atol=1e-6)
+    assert not np.allclose(model.build_resnet(**kwargs).predict(x, verbose=0), late.predict(x, verbose=0), atol=1e-3)
     with pytest.raises(config.ConfigError, match="model.pool_before_bn"):
         config.load(None, "model.pool_before_bn=true")  # preact has no max-pools
 
