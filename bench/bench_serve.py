@@ -28,8 +28,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads, as pipeline sets it
+import pipeline  # noqa: F401 - before TensorFlow loads: its log level and CPU allocator settings
 
+# isort: split
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
