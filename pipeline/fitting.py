@@ -102,9 +102,10 @@ def fast_path(cfg: config.TrainConfig, dist: Distribution) -> tuple[str, bool | 
     """(dtype policy, jit_compile) for `train.precision` and `train.jit_compile`, "auto" resolved.
 
     precision auto: mixed_bfloat16 on GPUs and on CPUs with bf16 units, else float32 (on a 2-core AVX2
-    EPYC, bfloat16 trained a ResNet-9 6x slower than float32). jit_compile auto: Keras's rule (XLA on
-    GPUs, off under tf.distribute), except that a TensorFlow CPU run in float32 alone uses XLA (+15%
-    images/s on that EPYC; with bfloat16 on an AMX Xeon XLA was slower, so it stays off there).
+    EPYC without XLA, bfloat16 trained the quick ResNet-9 7x slower than float32). jit_compile auto: Keras's
+    rule (XLA on GPUs, off under tf.distribute), except that a TensorFlow CPU run in float32 alone uses XLA
+    (790 vs 628 images/s on that EPYC, bench.benchmark 2026-12-01; with bfloat16 on an AMX Xeon XLA was
+    slower, so it stays off there).
     """
     gpu = any("gpu" in d.lower() or "cuda" in d.lower() for d in dist.devices)
     precision = cfg.precision
