@@ -31,15 +31,15 @@ from pathlib import Path
 import pipeline  # noqa: F401 - before TensorFlow loads: its log level and CPU allocator settings
 
 # isort: split
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
+import mlflow
+import numpy as np
+import pandas as pd
+from PIL import Image
 
-from bench.machine import machine  # noqa: E402
-from bench.servers import ROOT, free_port, start_model_server, stop_group  # noqa: E402
-from pipeline import config, data, fitting  # noqa: E402
-from pipeline.tracking import training  # noqa: E402
+from bench.machine import machine
+from bench.servers import ROOT, free_port, start_model_server, stop_group
+from pipeline import config, data, fitting
+from pipeline.tracking import training
 
 RESULTS = ROOT / "bench" / "results"
 BIG_BATCH = 256

@@ -30,13 +30,13 @@ from pathlib import Path
 import pipeline  # noqa: F401 - before TensorFlow loads: its log level and CPU allocator settings
 
 # isort: split
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import keras
+import numpy as np
+import pandas as pd
 
-from bench.machine import machine  # noqa: E402
-from pipeline import augment, config, data, fitting  # noqa: E402
-from pipeline.tracking import training  # noqa: E402
+from bench.machine import machine
+from pipeline import augment, config, data, fitting
+from pipeline.tracking import training
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_JPEG = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"
