@@ -65,8 +65,8 @@ def test_quick_recipe_beats_colour_alone_in_bounded_time(cifar_jpeg):
     acc = train_and_score(cfg, dataset)
     seconds = time.perf_counter() - start
     colour = colour_only_accuracy(dataset)
-    # measured on a 2-core AMD EPYC: 0.45 after 2 epochs of 5,880 images; colour alone 0.29
-    assert acc >= 0.40 and acc >= colour + 0.10, (acc, colour)
+    # measured on a 2-core AMD EPYC (2026-12-01): 0.576 after 2 epochs of 5,880 images in 64 s; colour alone 0.285
+    assert acc >= 0.50 and acc >= colour + 0.20, (acc, colour)
     assert seconds < 600
 
 
