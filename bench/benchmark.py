@@ -257,7 +257,8 @@ def main() -> None:
                 "float32 + XLA": ["train.precision=float32", "train.jit_compile=true"],
                 "mixed_bfloat16, no XLA": ["train.precision=mixed_bfloat16", "train.jit_compile=false"],
                 "mixed_bfloat16 + XLA": ["train.precision=mixed_bfloat16", "train.jit_compile=true"]}
-    profiles = {"quick (ResNet-9, widths 16-24-64-128)": "params/quick.yaml"}
+    widths = "-".join(str(w) for w in config.load("params/quick.yaml").model.widths)
+    profiles = {f"quick (ResNet-9, widths {widths})": "params/quick.yaml"}
     if not args.skip_164:
         profiles["seed (ResNet-164)"] = "params/default.yaml"
     results["train_step"] = {}
