@@ -13,7 +13,7 @@ source and before TensorFlow loads; every other warning stays visible:
 It also makes TensorFlow take CPU memory from its pooling BFC allocator (`TF_CPU_ALLOCATOR_USE_BFC`,
 unless already set). With the default allocator every XLA step maps its scratch buffer afresh and the
 kernel zeroes ~150 MB of new pages per ResNet-9 training step (38,000 page faults, a quarter of the CPU
-time spent in the kernel); pooled, the same step ran 1.39x faster on a 2-core EPYC (`bench.allocator`).
+time spent in the kernel); pooled, the same step ran 1.39x faster on a 2-core EPYC (`bench.cpu_runtime`).
 """
 
 from __future__ import annotations
