@@ -50,7 +50,7 @@ def _proc_counters() -> tuple[int, float]:
 
 
 def child(steps: int) -> dict:
-    """Time the quick profile's train step in this process (its allocator chosen by the environment)."""
+    """Time the quick profile's train step in this process (its settings chosen by the environment)."""
     import keras
 
     from bench.benchmark import load_images
