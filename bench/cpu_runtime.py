@@ -32,15 +32,20 @@ from bench.machine import machine
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parents[1]
 PROFILE = "params/quick.yaml"
-# key: (description, environment of the child)
+# key: (label, environment of the child)
 SIDES = {
-    "default": ("TensorFlow's defaults (TF_CPU_ALLOCATOR_USE_BFC=false, XLA_FLAGS=--xla_cpu_use_xnnpack=false)",
+    "default": ("TensorFlow's defaults",
                 {"TF_CPU_ALLOCATOR_USE_BFC": "false", "XLA_FLAGS": "--xla_cpu_use_xnnpack=false"}),
-    "bfc": ("BFC allocator (TF_CPU_ALLOCATOR_USE_BFC=true, XLA_FLAGS=--xla_cpu_use_xnnpack=false)",
-            {"TF_CPU_ALLOCATOR_USE_BFC": "true", "XLA_FLAGS": "--xla_cpu_use_xnnpack=false"}),
-    "bfc+xnnpack": ("BFC allocator + XNNPACK (TF_CPU_ALLOCATOR_USE_BFC=true, XLA_FLAGS=--xla_cpu_use_xnnpack=true)",
+    "bfc": ("BFC allocator", {"TF_CPU_ALLOCATOR_USE_BFC": "true", "XLA_FLAGS": "--xla_cpu_use_xnnpack=false"}),
+    "bfc+xnnpack": ("BFC allocator + XNNPACK",
                     {"TF_CPU_ALLOCATOR_USE_BFC": "true", "XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}),
 }
+
+
+def describe(side: str) -> str:
+    """A side's label with the environment it runs under."""
+    label, env = SIDES[side]
+    return f"{label} ({', '.join(f'{key}={value}' for key, value in env.items())})"
 
 
 def _proc_counters() -> tuple[int, float]:
@@ -91,7 +96,7 @@ def run_child(side: str, steps: int) -> dict:
 def write_markdown(results: dict, path: Path) -> None:
     rows = []
     for side, runs in results["sides"].items():
-        rows.append([SIDES[side][0], statistics.median(r["images_per_second"] for r in runs),
+        rows.append([describe(side), statistics.median(r["images_per_second"] for r in runs),
                      ", ".join(f"{r['images_per_second']:.0f}" for r in runs),
                      statistics.median(r["page_faults_per_step"] for r in runs),
                      statistics.median(r["kernel_share_of_cpu_percent"] for r in runs)])
@@ -106,7 +111,7 @@ def write_markdown(results: dict, path: Path) -> None:
         f"batch {results['batch']}, {results['steps']} timed steps per child process after 5 warm-up steps; "
         "the sides alternate in separate processes.", "",
         table.to_markdown(index=False), "",
-        *(f"- {SIDES[b][0].split(' (')[0]} over {SIDES[a][0].split(' (')[0]}: **{ratio:.2f}x** (ratio of the medians; "
+        *(f"- {SIDES[b][0]} over {SIDES[a][0]}: **{ratio:.2f}x** (ratio of the medians; "
           f"faster in {wins} of {results['rounds']} rounds)" for a, b, ratio, wins in results["speedups"]), ""]))
 
 
