@@ -125,6 +125,8 @@ def main() -> None:
     if args.child:
         print("RESULT", json.dumps(child(args.steps)), flush=True)
         return
+    if args.rounds < 1 or args.steps < 1:
+        parser.error(f"--rounds and --steps: must be >= 1, got {args.rounds} and {args.steps}")
     chosen = args.sides.split(",")
     unknown = [s for s in chosen if s not in SIDES]
     if unknown or len(chosen) < 2:
