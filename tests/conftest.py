@@ -31,14 +31,6 @@ def empty_store_db(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def jax_compilation_cache(tmp_path_factory) -> Path:
-    """A persistent JAX compilation cache folder for this test session, shared by its pytest-xdist workers
-    (their temporary folders are siblings): the second JAX process to compile a function loads it."""
-    base = tmp_path_factory.getbasetemp()
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-cache"
-
-
 @pytest.fixture
 def store(tmp_path, monkeypatch, empty_store_db):
     """An empty SQLite tracking store + registry with artifacts under tmp_path.
