@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -62,6 +63,29 @@ def mlflow_run(env: dict, entry_point: str = "main", **params: str) -> subproces
 def run_module(env: dict, module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """`python -m pipeline.<module> ARGS...` run in this test process, as a `subprocess.CompletedProcess`
+    (exit code, stdout, stderr); `env` is set for the rest of the test. For commands whose process is
+    not what a test is about: no TensorFlow import (~13 CPU-s here) or MLflow start-up per command."""
+    from pipeline.tracking import cli
+
+    def run(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(sys, "argv", [f"pipeline.{module}", *args])
+        capsys.readouterr()
+        code = 0
+        try:
+            cli(importlib.import_module(f"pipeline.{module}").main, resumable=module in ("main", "train"))
+        except SystemExit as exc:  # how cli() reports a failure
+            code = exc.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([module, *args], code, out, err)
+
+    return run
 
 
 def eventually(check, timeout: float = 60):

@@ -18,12 +18,12 @@ from mlflow.entities import ViewType
 
 from pipeline import config, evaluate, main, prepare, register, train
 from pipeline.tracking import cli, registry
-from tests.conftest import ROOT, run_module
+from tests.conftest import ROOT
 from tests.test_fault_tolerance import TINY, experiment_runs
 
 
-def test_divergence_fails_the_run_exits_3_and_registers_nothing(store):
-    result = run_module(store, "pipeline.main", "--params", TINY, "--epochs", "2",
+def test_divergence_fails_the_run_exits_3_and_registers_nothing(store, in_process):
+    result = in_process("main", "--params", TINY, "--epochs", "2",
                         "--overrides", "train.lr=1e12 tracking.experiment=e2e")
     assert result.returncode == 3, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: training diverged: loss became nan")

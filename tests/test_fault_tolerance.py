@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from bench.servers import free_port, start_tracking_server, stop_group
 from pipeline import config
 from pipeline.fitting import learning_rate
-from tests.conftest import ROOT, eventually, run_module
+from tests.conftest import ROOT, eventually
 
 TINY = "params/tiny.yaml"
 
@@ -137,7 +137,7 @@ def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path
 LONGER = "data.synthetic_train=2048"
 
 
-def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tmp_path):
+def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tmp_path, in_process):
     interrupted = start_mlflow_run(store, "epochs=2", f"overrides={LONGER}")  # in epoch 2, past epoch 1's checkpoint
     wait_for_checkpoint(tmp_path / "checkpoints", interrupted)
     # Ctrl-C in a terminal: SIGINT to the foreground process group, `mlflow run` and its step alike
@@ -157,13 +157,12 @@ def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tm
 
     # resume=<id> with other params is refused, naming them; so is shrinking the run.
     args = ("--params", TINY, "--resume", run_id)
-    other = run_module(store, "pipeline.main", *args, "--overrides", f"{LONGER} train.lr=0.1 train.seed=7",
-                       "--epochs", "3")
+    other = in_process("main", *args, "--overrides", f"{LONGER} train.lr=0.1 train.seed=7", "--epochs", "3")
     assert other.returncode == 2, other.stderr[-2000:]
     line = other.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: resume: run {run_id} was started with other params: train.lr=0.1 (run has ")
     assert "train.seed=7 (run has " in line
-    shorter = run_module(store, "pipeline.main", *args, "--overrides", LONGER, "--epochs", "1")
+    shorter = in_process("main", *args, "--overrides", LONGER, "--epochs", "1")
     assert shorter.returncode == 2 and shorter.stderr.strip().splitlines()[-1].startswith("error: train.epochs: ")
 
     # resume=never starts afresh and leaves the interrupted run as it was.
@@ -187,13 +186,13 @@ def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tm
     assert not any(r.info.status == "RUNNING" for r in experiment_runs(client))
 
 
-def test_dead_tracking_server_fails_within_a_minute_exit_4_and_the_rerun_resumes(tmp_path):
+def test_dead_tracking_server_fails_within_a_minute_exit_4_and_the_rerun_resumes(tmp_path, in_process):
     """The project's own HTTP retry defaults (no MLFLOW_HTTP_REQUEST_* set), through the module entry point."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = start_tracking_server(tmp_path, port)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-           "MLFLOW_TRACKING_URI": uri, "PIPELINE_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+    settings = {"MLFLOW_TRACKING_URI": uri, "PIPELINE_CHECKPOINT_DIR": str(tmp_path / "checkpoints")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **settings,
            "TF_CPP_MIN_LOG_LEVEL": "2"}
     command = [sys.executable, "-m", "pipeline.main", "--params", TINY, "--epochs", "4",
                "--overrides", "tracking.experiment=e2e"]
@@ -210,7 +209,7 @@ def test_dead_tracking_server_fails_within_a_minute_exit_4_and_the_rerun_resumes
         assert f"error: tracking server {uri} failed" in err and "rerun the same command to resume" in err
 
         server = start_tracking_server(tmp_path, port)
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        done = in_process("main", *command[3:], env=settings)  # the same command, in this process
         assert done.returncode == 0, done.stderr[-3000:]
         assert "resuming train run" in done.stdout
         client = MlflowClient(uri)

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from pipeline import data
-from tests.conftest import eventually, mlflow_run, run_module
+from tests.conftest import eventually, mlflow_run
 
 TINY = "params/tiny.yaml"
 # Library lines a person running the pipeline cannot act on (see pipeline/__init__.py).
@@ -147,8 +147,8 @@ def test_bad_params_fail_fast_with_the_key_and_leave_nothing(store, entry, param
     assert client.search_registered_models() == []
 
 
-def test_direct_module_call_with_bad_key_opens_no_run(store):
-    result = run_module(store, "pipeline.train", "--params", TINY, "--overrides", "train.epoch=3")
+def test_direct_module_call_with_bad_key_opens_no_run(store, in_process):
+    result = in_process("train", "--params", TINY, "--overrides", "train.epoch=3")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: train.epoch: unknown key")
     client = MlflowClient()

@@ -46,14 +46,14 @@ def epochs_of(client: MlflowClient, run) -> int:
     return len(client.get_metric_history(run.info.run_id, "val_acc"))
 
 
-def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path):
+def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path, in_process):
     pruned_spec = write_spec(tmp_path, "sweep-pruned", GRID + "pruner: {type: median, n_startup_trials: 1}\n")
     plain_spec = write_spec(tmp_path, "sweep-plain", GRID + "pruner: none\n")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"  # the default: beside the store's mlflow.db
 
-    done = run_module(store, "pipeline.sweep", "--spec", pruned_spec, "--study", "pruned")
+    done = in_process("sweep", "--spec", pruned_spec, "--study", "pruned")
     assert done.returncode == 0, done.stderr[-3000:]
-    done = run_module(store, "pipeline.sweep", "--spec", plain_spec, "--study", "plain", "--workers", "2")
+    done = in_process("sweep", "--spec", plain_spec, "--study", "plain", "--workers", "2")
     assert done.returncode == 0, done.stderr[-3000:]
 
     client = MlflowClient()
@@ -156,7 +156,7 @@ def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tm
     assert len({d["train.lr"] for d in first}) == 5
 
 
-def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_study(store, tmp_path):
+def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_study(store, tmp_path, in_process):
     spec = write_spec(tmp_path, "sweep-killed", "grid:\n  train.lr: [0.1]\n")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     env = {**store, "SWEEP_HEARTBEAT_SECONDS": "1"}  # stale after 6 s without a heartbeat
@@ -176,7 +176,7 @@ def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_stud
     study = optuna.load_study(study_name="killed", storage=storage)
     assert [t.state.name for t in study.trials] == ["RUNNING"]  # nobody has noticed yet
 
-    done = run_module(env, "pipeline.sweep", "--spec", spec, "--study", "killed")  # the same command again
+    done = in_process("sweep", "--spec", spec, "--study", "killed", env={"SWEEP_HEARTBEAT_SECONDS": "1"})  # again
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="killed", storage=storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
