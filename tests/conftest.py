@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import os
 import shutil
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from bench.servers import ROOT, free_port, server_run_command  # noqa: F401 - ROOT, free_port: imported from here too
+
+JPEG = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"  # all of CIFAR-10 as JPEG (CI has it too)
 
 # One TensorFlow thread per pool in every test process and the processes it starts (they inherit the
 # environment): three pytest-xdist workers share two cores, and TensorFlow's default, a pool per core per
@@ -30,6 +33,28 @@ def empty_store_db(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
     mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()  # creates and migrates the tables
     return path
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg(tmp_path_factory):
+    """The JPEG copy of CIFAR-10 beside the project, through `data.load_source`, decoded once per test session:
+    the first pytest-xdist worker to ask decodes the 60,000 images (~30 CPU-s here) and leaves the arrays in
+    the session's shared temporary folder; the others wait for them and load them (~1 s)."""
+    from pipeline import data
+
+    if not JPEG.exists():  # the project stands alone; CI and this machine have the copy beside it
+        pytest.skip(f"{JPEG} is absent")
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    cache = shared / "cifar10-jpeg.npz"
+    with (shared / "cifar10-jpeg.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if cache.exists():
+            return data.load_prepared(cache)
+        dataset = data.load_source(str(JPEG))
+        dataset.save(shared / "cifar10-jpeg.partial.npz")
+        (shared / "cifar10-jpeg.partial.npz").rename(cache)
+        return dataset
 
 
 @pytest.fixture

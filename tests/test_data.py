@@ -14,7 +14,6 @@ from PIL import Image
 
 from pipeline import data
 
-SHARED_JPEG = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -200,9 +199,8 @@ def test_decode_image_resizes_and_converts():
         data.decode_image(b"\x89PNG broken")
 
 
-@pytest.mark.skipif(not SHARED_JPEG.exists(), reason="shared CIFAR-10 JPEG copy not present on this machine")
-def test_real_cifar10_jpeg_copy():
-    d = data.load_source(str(SHARED_JPEG))
+def test_real_cifar10_jpeg_copy(cifar_jpeg):
+    d = cifar_jpeg  # data.load_source of the copy beside the project (conftest)
     assert d.x_train.shape == (50000, 32, 32, 3) and d.x_test.shape == (10000, 32, 32, 3)
     assert d.class_names == tuple(NAMES)
     assert np.bincount(d.y_test).tolist() == [1000] * 10

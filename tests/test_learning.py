@@ -1,8 +1,8 @@
 """Learning on real images: every params profile learns the JPEG copy of CIFAR-10 well above chance,
 and the quick recipe beats a colour-only model by a wide margin in a bounded CPU time.
 
-The JPEG copy lives in ../shared/datasets (present in CI); the profiles train through
-pipeline.fitting, the code `train` runs, on seeded subsets.
+The JPEG copy lives in ../shared/datasets (present in CI; decoded once per session, conftest's
+`cifar_jpeg`); the profiles train through pipeline.fitting, the code `train` runs, on seeded subsets.
 """
 
 from __future__ import annotations
@@ -12,19 +12,9 @@ import time
 import keras
 import numpy as np
 import pytest
-from conftest import ROOT
 
 from pipeline import config, data, fitting, serve
 from pipeline.distribute import distribution
-
-JPEG = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"
-
-
-@pytest.fixture(scope="module")
-def cifar_jpeg() -> data.Dataset:
-    if not JPEG.exists():  # the project stands alone; CI and this machine have the copy beside it
-        pytest.skip(f"{JPEG} is absent")
-    return data.load_source(str(JPEG))
 
 
 def train_and_score(cfg: config.Config, dataset: data.Dataset) -> float:

@@ -222,7 +222,8 @@ def test_whiten_stem_is_a_frozen_patch_whitening_fitted_on_the_training_images()
     np.testing.assert_allclose(np.cov(outputs.reshape(-1, 12), rowvar=False), np.eye(12), atol=0.02)
     np.testing.assert_allclose(kernel[..., 12:], -kernel[..., :12])  # each direction and its negation
 
-    cfg = config.load("params/quick.yaml", "model.stem=whiten train.epochs=1 train.batch_size=32 train.verbose=0")
+    cfg = config.load("params/quick.yaml", "model.stem=whiten train.epochs=1 train.batch_size=32 train.verbose=0 "
+                      "train.jit_compile=false")  # an XLA compile here costs more than the two steps it runs
     data = make_synthetic(n_train=64, n_test=32)
     m = fitting.compile_model(cfg, data, distribution("none"), 64)
     stem = m.get_layer("whiten")
