@@ -18,7 +18,7 @@ from bench.servers import ROOT, free_port, server_run_command  # noqa: F401 - RO
 JPEG = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"  # all of CIFAR-10 as JPEG (CI has it too)
 
 # One TensorFlow thread per pool in every test process and the processes it starts (they inherit the
-# environment): three pytest-xdist workers share two cores, and TensorFlow's default, a pool per core per
+# environment): four pytest-xdist workers share two cores, and TensorFlow's default, a pool per core per
 # process, spends some CPU on threads waiting for cores. Whole suite on a 2-core AMD EPYC: 38.9 CPU-minutes
 # and 21.4 min with this, 39.7 and 21.9 without (one run each). A test that sets its own value keeps it.
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
@@ -90,6 +90,15 @@ def run_module(env: dict, module: str, *args: str) -> subprocess.CompletedProces
                           timeout=600)
 
 
+@pytest.fixture(autouse=True)
+def _sys_path_as_it_was():
+    """Undo what a test adds to `sys.path`: loading a logged model (`mlflow.pyfunc.load_model`) puts its `code/`
+    copy of `pipeline` first there, and processes this one spawns (`multiprocessing`) would import that copy."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
+
+
 @pytest.fixture
 def in_process(monkeypatch, capsys):
     """`python -m pipeline.<module> ARGS...` run in this test process, as a `subprocess.CompletedProcess`
@@ -102,11 +111,13 @@ def in_process(monkeypatch, capsys):
             monkeypatch.setenv(key, value)
         monkeypatch.setattr(sys, "argv", [f"pipeline.{module}", *args])
         capsys.readouterr()
-        code = 0
+        code, path = 0, list(sys.path)
         try:
             cli(importlib.import_module(f"pipeline.{module}").main, resumable=module in ("main", "train"))
         except SystemExit as exc:  # how cli() reports a failure
             code = exc.code
+        finally:
+            sys.path[:] = path  # as a process of its own would leave it (see _sys_path_as_it_was)
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess([module, *args], code, out, err)
 
@@ -126,13 +137,15 @@ def eventually(check, timeout: float = 60):
     return result
 
 
-# Test files, roughly longest first (estimated from the slowest tests of whole-suite runs on a 2-core AMD
-# EPYC); the rest follow in name order. pytest-xdist (`--dist loadfile --no-loadscope-reorder`, pyproject) hands
-# whole files to its workers in this order, so the long ones start first and the short ones fill in at
-# the end, instead of a long file starting last on one worker while the others have finished.
-LONGEST_FIRST = ["test_fault_tolerance.py", "test_pipeline_e2e.py", "test_sweep.py", "test_learning.py",
-                 "test_failures.py", "test_fast_path_jax.py", "test_fast_path.py", "test_readme.py",
-                 "test_team_server.py", "test_compare.py", "test_serve.py", "test_recipes.py"]
+# Test files in the order pytest-xdist (`--dist loadfile --no-loadscope-reorder`, pyproject) hands them out, whole
+# files at a time: each worker first gets one of the four longest, then one of the next four, shortest of those to
+# the worker with the longest (so the first two files of every worker add up to about the same), then the rest go
+# to whichever worker is free. Estimated from whole-suite runs on a 2-core AMD EPYC (four workers, 2026-12-01:
+# 635, 555, 552, 485 s; then 215, 287, 300, 392 s; then 178, 154, 82 and 29 s); files not listed follow in name
+# order, small enough to fill the ends.
+LONGEST_FIRST = ["test_fault_tolerance.py", "test_learning.py", "test_pipeline_e2e.py", "test_sweep.py",
+                 "test_failures.py", "test_readme.py", "test_team_server.py", "test_fast_path.py",
+                 "test_fast_path_jax.py", "test_compare.py", "test_recipes.py", "test_serve.py"]
 
 
 def pytest_collection_modifyitems(items):
