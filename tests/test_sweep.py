@@ -14,7 +14,6 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import sweep
-from pipeline.tracking import cli
 from tests.conftest import ROOT, run_module
 
 TINY = "params/tiny.yaml"
@@ -107,18 +106,13 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
      "failed: Connection refused"),
     (GRID, ["--workers", "0"], "error: workers: must be >= 1, got 0"),
 ], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers"])
-def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, monkeypatch, capsys, body, args, message):
+def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_process, body, args, message):
     spec = write_spec(tmp_path, "sweep-bad", body)
-    if "workers:" in message or "psycopg2" in message:  # two as real commands, the others in this process
-        done = run_module(store, "pipeline.sweep", "--spec", spec, *args)
-        code, stderr = done.returncode, done.stderr
-    else:
-        monkeypatch.setattr(sys, "argv", ["pipeline.sweep", "--spec", spec, *args])
-        with pytest.raises(SystemExit) as exited:
-            cli(sweep.main)
-        code, stderr = exited.value.code, capsys.readouterr().err
-    assert code == 2, stderr[-2000:]
-    assert stderr.strip().splitlines() == [message]
+    real = "workers:" in message or "psycopg2" in message  # two as real commands, the others in this process
+    done = (run_module(store, "pipeline.sweep", "--spec", spec, *args) if real
+            else in_process("sweep", "--spec", spec, *args))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [message]
     client = MlflowClient()
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
     assert not (tmp_path / "optuna.db").exists() or "storage" in message
