@@ -66,11 +66,14 @@ def test_quick_recipe_beats_colour_alone_in_bounded_time(cifar_jpeg):
 # to compile here), the fast profile its ResNet-9 at width 16. The quick profile is the test above.
 @pytest.mark.parametrize(("profile", "overrides"), [
     ("default", "model.units_per_stage=1 model.widths=[16,32,64]"),
-    # 0.999 averages over more steps than 160
+    # 0.999 and 0.99 average over more of the 160 steps than their last ones: the weights of the first steps
+    # would weigh 85% and 20% in the average
     ("improved", "model.units_per_stage=1 model.widths=[16,32,64] train.ema_momentum=0.95"),
-    ("fast", "model.widths=[16,32,64,128]"),
+    ("fast", "model.widths=[16,32,64,128] train.ema_momentum=0.95"),
 ])
 def test_every_profile_learns_real_images_well_above_chance(cifar_jpeg, profile, overrides):
     dataset = cifar_jpeg.subset(max_train=2500, max_test=1000, seed=1)
     cfg = short_run(profile, f"{overrides} train.epochs=4 train.batch_size=64")
-    assert train_and_score(cfg, dataset) >= 0.20  # chance is 0.1; measured 0.25-0.32 on a 2-core AMD EPYC
+    # chance is 0.1; measured 0.25-0.32 on a 2-core AMD EPYC; the fast profile with conv_init pytorch 0.417
+    # (2026-12-01; 0.239 with its own ema_momentum 0.99)
+    assert train_and_score(cfg, dataset) >= 0.20
