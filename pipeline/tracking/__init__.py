@@ -33,9 +33,11 @@ SQLite store `sqlite:///mlflow.db` in the working directory (the project root un
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -280,7 +282,11 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     to continue from the checkpoint. Exit 130 (SIGINT) or 143 (SIGTERM, what `mlflow run` sends its
     step on Ctrl-C): interrupted; every open run ends KILLED and checkpoints stay.
     The SQLite store is created first, under a file lock (see `ensure_store`).
+    At exit the objects alive are frozen out of the cyclic collector: the interpreter's final
+    collections over TensorFlow's and Keras's objects took ~3 s of CPU at the end of every step and
+    freed nothing the OS does not reclaim anyway. Exit handlers still run, all of them.
     """
+    _freeze_at_exit()
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGTERM, signal.SIGINT)}
     wrapper_run = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow unsets it when that run ends
     try:
@@ -318,6 +324,11 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@functools.cache
+def _freeze_at_exit() -> None:
+    atexit.register(gc.freeze)
 
 
 def _settle(run_id: str, status: str, wait_for_pid: int, delete: bool, timeout: float = 300) -> None:
