@@ -80,7 +80,7 @@ def test_bad_input_is_one_line_naming_the_key(store, capsys, monkeypatch, module
 
 
 def test_a_step_freezes_its_objects_out_of_the_collections_at_exit(tmp_path):
-    """The interpreter's final collections over Keras's objects cost ~3 s of CPU per step and free nothing
+    """The interpreter's final collections over Keras's objects add ~4 s to every step and free nothing
     the OS does not reclaim: `cli` freezes what is alive at exit (gc.freeze), after the handlers of the step."""
     script = ("import atexit, gc\n"
               "atexit.register(lambda: print('frozen at exit', gc.get_freeze_count()))  # first in, runs last\n"

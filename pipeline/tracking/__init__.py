@@ -283,8 +283,8 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     step on Ctrl-C): interrupted; every open run ends KILLED and checkpoints stay.
     The SQLite store is created first, under a file lock (see `ensure_store`).
     At exit the objects alive are frozen out of the cyclic collector: the interpreter's final
-    collections over TensorFlow's and Keras's objects took ~3 s of CPU at the end of every step and
-    freed nothing the OS does not reclaim anyway. Exit handlers still run, all of them.
+    collections over TensorFlow's and Keras's objects added ~4 s to the end of every step and freed
+    nothing the OS does not reclaim anyway (bench/results/step_exit.md). Exit handlers all still run.
     """
     _freeze_at_exit()
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGTERM, signal.SIGINT)}
