@@ -4,10 +4,12 @@
 
 Each run gets a fresh SQLite store, so every clock starts from nothing: it runs from the command's
 start to its exit (prepare, train, evaluate and register included). For each run it reads back
-test_acc and the val_acc history, and the wall time at which val_acc first reached 0.5, 0.7, 0.8 and
-0.9 (the logged metric's timestamp minus the command's start). Writes bench/results/time_to_accuracy.md
-(one row per run, then the median per profile) and time_to_accuracy.png (val_acc against wall
-seconds, one curve per run).
+test_acc and the val_acc history, the wall time at which val_acc first reached 0.5, 0.7, 0.8 and
+0.9 (the logged metric's timestamp minus the command's start), and where the wall time went: the
+start (command to the prepare step), each step's run from its start to its end, the training epochs
+(the logged `epoch_seconds`) within train, and the exit. Writes bench/results/time_to_accuracy.md
+(the median per profile, one row per run, the time per phase) and time_to_accuracy.png (val_acc
+against wall seconds, one curve per run).
 """
 
 from __future__ import annotations
@@ -32,6 +34,28 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless back
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9)
+STEPS = ("prepare", "train", "evaluate", "register")
+
+
+def phases(wall: float, spans: dict[str, tuple[float, float]], epoch_seconds: float) -> dict[str, float]:
+    """Where one command's `wall` seconds went. spans: each step run's (start, end) in seconds since the
+    command started (`prepare` missing when an earlier prepare run was reused); epoch_seconds: the sum of
+    train's logged `epoch_seconds`. The phases follow one another, so they add up to `wall`:
+    start (the CLI, the interpreter, imports and input checks, up to the first step), the steps
+    (train split into its epochs and the rest: model build, inference copy, logging the model), the
+    gaps between steps, and exit (after register's run ends)."""
+    first = next(spans[s][0] for s in STEPS if s in spans)
+    out, gaps, previous_end = {"start_s": first}, 0.0, first
+    for step in STEPS:
+        begin, end = spans.get(step, (previous_end, previous_end))
+        gaps += begin - previous_end
+        if step == "train":
+            out["train_epochs_s"], out["train_other_s"] = epoch_seconds, end - begin - epoch_seconds
+        else:
+            out[f"{step}_s"] = end - begin
+        previous_end = end
+    out["between_steps_s"], out["exit_s"] = gaps, wall - previous_end
+    return {key: round(value, 1) for key, value in out.items()}
 
 
 def run_profile(profile: str, data: str, extra: list[str]) -> dict:
@@ -61,7 +85,14 @@ def run_profile(profile: str, data: str, extra: list[str]) -> dict:
         for threshold in THRESHOLDS:
             row[f"val_acc>={threshold}_s"] = next((round(t, 1) for t, v in curve if v >= threshold), None)
         row["registered_version"] = main.data.tags.get("registered_version")
-        return {"row": row, "curve": curve}
+        spans = {}
+        for step in STEPS:
+            found = client.search_runs([train.info.experiment_id], f"tags.step = '{step}'")
+            if found:
+                spans[step] = (found[0].info.start_time / 1000 - start, found[0].info.end_time / 1000 - start)
+        epochs = sum(m.value for m in client.get_metric_history(train.info.run_id, "epoch_seconds"))
+        return {"row": row, "curve": curve,
+                "phases": {"profile": profile, "wall_s": row["wall_s"], **phases(wall, spans, epochs)}}
 
 
 def main() -> None:
@@ -82,6 +113,7 @@ def write_report(results: list[dict], args: argparse.Namespace) -> None:
     runs = pd.DataFrame([r["row"] for r in results])
     medians = runs.groupby("profile", sort=False)[["wall_s", "test_acc"]].median().reset_index()
     medians.insert(1, "runs", runs.groupby("profile", sort=False).size().to_numpy())
+    timing = pd.DataFrame([r["phases"] for r in results])
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -107,7 +139,14 @@ def write_report(results: list[dict], args: argparse.Namespace) -> None:
             "`val_acc>=x_s`: wall seconds when val_acc (held-out split) first reached x. "
             "`test_acc`: all test images.\n\n"
             f"## Median per profile\n\n{medians.to_markdown(index=False)}\n\n"
-            f"## Every run\n\n{runs.to_markdown(index=False)}\n\n![val_acc against wall time](time_to_accuracy.png)\n")
+            f"## Every run\n\n{runs.to_markdown(index=False)}\n\n"
+            "## Where the time went\n\nSeconds per phase of each run above, in order; they add up to `wall_s`. "
+            "`start_s`: from the command's start to the first step's run (the `mlflow run` CLI, the interpreter, "
+            "imports, input checks); a step's seconds run from its run's start to its end; `train_epochs_s`: "
+            "the logged `epoch_seconds` (the first includes compiling the train step; each includes the "
+            "epoch's validation); `train_other_s`: the rest of train (building the model, the inference copy, "
+            "logging the model); `exit_s`: from register's end to the command's exit.\n\n"
+            f"{timing.to_markdown(index=False)}\n\n![val_acc against wall time](time_to_accuracy.png)\n")
     (RESULTS / "time_to_accuracy.md").write_text(text)
     print(text)
 
