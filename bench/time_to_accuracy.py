@@ -85,11 +85,8 @@ def run_profile(profile: str, data: str, extra: list[str]) -> dict:
         for threshold in THRESHOLDS:
             row[f"val_acc>={threshold}_s"] = next((round(t, 1) for t, v in curve if v >= threshold), None)
         row["registered_version"] = main.data.tags.get("registered_version")
-        spans = {}
-        for step in STEPS:
-            found = client.search_runs([train.info.experiment_id], f"tags.step = '{step}'")
-            if found:
-                spans[step] = (found[0].info.start_time / 1000 - start, found[0].info.end_time / 1000 - start)
+        spans = {r.data.tags["step"]: (r.info.start_time / 1000 - start, r.info.end_time / 1000 - start)
+                 for r in client.search_runs([train.info.experiment_id]) if r.data.tags.get("step") in STEPS}
         epochs = sum(m.value for m in client.get_metric_history(train.info.run_id, "epoch_seconds"))
         return {"row": row, "curve": curve,
                 "phases": {"profile": profile, "wall_s": row["wall_s"], **phases(wall, spans, epochs)}}
