@@ -15,10 +15,8 @@ Usage: python -m bench.cpu_runtime [--rounds 3] [--steps 40] [--sides default,bf
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.machine import machine
+from bench.machine import save_results, stamp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parents[1]
@@ -145,13 +143,9 @@ def main() -> None:
         speedups.append((a, b, round(ratio, 3), wins))
     from pipeline import config
 
-    results = {"machine": f"{machine()} ({platform.platform()})", "date": datetime.date.today().isoformat(),
-               "rounds": args.rounds, "steps": args.steps, "batch": config.load(PROFILE).train.batch_size,
+    results = {**stamp(), "rounds": args.rounds, "steps": args.steps, "batch": config.load(PROFILE).train.batch_size,
                "sides": sides, "speedups": speedups}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu_runtime.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, RESULTS / "cpu_runtime.md")
-    print((RESULTS / "cpu_runtime.md").read_text())
+    save_results(RESULTS, "cpu_runtime", results, write_markdown)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 
 def machine() -> str:
@@ -21,3 +25,16 @@ def machine() -> str:
     except (OSError, subprocess.TimeoutExpired):
         gpus = []
     return f"{os.cpu_count()}-core {cpu}, " + (f"GPU: {', '.join(gpus)}" if gpus else "no GPU")
+
+
+def stamp() -> dict:
+    """The machine (as `machine` detects it, with the OS) and today's date, for a benchmark's results."""
+    return {"machine": f"{machine()} ({platform.platform()})", "date": datetime.date.today().isoformat()}
+
+
+def save_results(folder: Path, name: str, results: dict, write_markdown: Callable[[dict, Path], None]) -> None:
+    """Write `results` to folder/<name>.json and, through `write_markdown`, folder/<name>.md; print the latter."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, folder / f"{name}.md")
+    print((folder / f"{name}.md").read_text())

@@ -14,10 +14,8 @@ Usage: python -m bench.step_exit [--rounds 5]
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.machine import machine
+from bench.machine import save_results, stamp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parents[1]
@@ -107,12 +105,8 @@ def main() -> None:
              for key in ("after_last_line_s", "wall_s", "cpu_s")}
     saved["wins"] = sum(f["after_last_line_s"] < c["after_last_line_s"]
                         for c, f in zip(sides["collect"], sides["freeze"], strict=True))
-    results = {"machine": f"{machine()} ({platform.platform()})", "date": datetime.date.today().isoformat(),
-               "rounds": args.rounds, "args": ARGS, "sides": sides, "saved": saved}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "step_exit.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, RESULTS / "step_exit.md")
-    print((RESULTS / "step_exit.md").read_text())
+    results = {**stamp(), "rounds": args.rounds, "args": ARGS, "sides": sides, "saved": saved}
+    save_results(RESULTS, "step_exit", results, write_markdown)
 
 
 if __name__ == "__main__":
