@@ -13,7 +13,6 @@ Searching the runs and recording the comparison: `pipeline.tracking.steps`.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from pathlib import Path
@@ -131,13 +130,10 @@ def split_ids(text: str) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--experiment", help="experiment name (default: every experiment)")
-    parser.add_argument("--run-ids", help="training run ids, comma or space separated")
-    parser.add_argument("--top", help="keep the best N runs by --metric")
-    parser.add_argument("--metric", help=f"sort column: {', '.join(RESULT_COLUMNS)}")
-    parser.set_defaults(**config.entry_point_defaults("compare"))
-    args = parser.parse_args()
+    args = config.entry_point_parser(
+        "compare", __doc__.split("\n")[0], experiment="experiment name (default: every experiment)",
+        run_ids="training run ids, comma or space separated", top="keep the best N runs by --metric",
+        metric=f"sort column: {', '.join(RESULT_COLUMNS)}").parse_args()
     run_ids = split_ids(args.run_ids)
     experiment = args.experiment or None
     try:

@@ -5,13 +5,14 @@ layered on top of it and holds only what differs; `key=value` overrides (dotted 
 values) are applied last. An unknown key, a wrong type or an out-of-range value raises
 `ConfigError` naming the key, before any data is read or any model is built.
 
-`read_yaml` is the one YAML file reader (params and sweep files). `entry_point_defaults` reads the
-entry points' parameter defaults from MLproject, where alone they are written. `resnet_depth` is the
+`read_yaml` is the one YAML file reader (params and sweep files). `entry_point_parser` builds the
+entry points' command lines from MLproject, where alone their parameters are written. `resnet_depth` is the
 depth formula behind every model name.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import fractions
@@ -374,9 +375,18 @@ def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | 
     return load(params or None, items)
 
 
-def entry_point_defaults(entry_point: str) -> dict[str, str]:
-    """The parameter defaults MLproject gives `entry_point` ({name: value}), for `parser.set_defaults`:
-    MLproject is the one place they are written, and `python -m pipeline.<step>` gets the same ones."""
+RESUME_HELP = "'' (continue an interrupted identical run), 'never', or a run id"
+
+
+def entry_point_parser(entry_point: str, description: str, **helps: str) -> argparse.ArgumentParser:
+    """The command line of `python -m pipeline.<entry_point>`: one `--name` option (underscores as dashes) per
+    parameter MLproject gives the entry point, with MLproject's default, required where it has none.
+    MLproject is the one place the entry points' parameters are written, so `mlflow run` and the module
+    accept the same ones. `helps`: help text by parameter name."""
     parameters = read_yaml(MLPROJECT, key="MLproject")["entry_points"][entry_point]["parameters"]
-    return {name: str(spec["default"]) for name, spec in parameters.items()
-            if isinstance(spec, dict) and "default" in spec}
+    parser = argparse.ArgumentParser(description=description)
+    for name, spec in parameters.items():
+        default = spec.get("default") if isinstance(spec, dict) else None
+        parser.add_argument(f"--{name.replace('_', '-')}", required=default is None,
+                            default=None if default is None else str(default), help=helps.get(name))
+    return parser

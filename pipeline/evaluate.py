@@ -10,7 +10,6 @@ Returns the metrics dict. Loading the model and recording the results: `pipeline
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -95,13 +94,7 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params")
-    parser.add_argument("--overrides")
-    parser.add_argument("--model-uri", required=True)
-    parser.add_argument("--dataset-uri", required=True)
-    parser.set_defaults(**config.entry_point_defaults("evaluate"))
-    args = parser.parse_args()
+    args = config.entry_point_parser("evaluate", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
     prepare.check_dataset_uri(args.dataset_uri)
     with step_run(cfg, "evaluate"):

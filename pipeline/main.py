@@ -9,8 +9,6 @@ console ends with where to look at the run.
 
 from __future__ import annotations
 
-import argparse
-
 from pipeline import config
 from pipeline.tracking import cli, log_params, step_run, steps, ui_hint
 
@@ -37,14 +35,7 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params")
-    parser.add_argument("--epochs")
-    parser.add_argument("--data")
-    parser.add_argument("--overrides")
-    parser.add_argument("--resume", help="'' (continue an interrupted identical run), 'never', or a run id")
-    parser.set_defaults(**config.entry_point_defaults("main"))
-    args = parser.parse_args()
+    args = config.entry_point_parser("main", __doc__.split("\n")[0], resume=config.RESUME_HELP).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
     from pipeline import train  # imports Keras: only once the params are known to be good
 

@@ -13,7 +13,6 @@ What is recorded, and how a dataset URI is checked and read back: `pipeline.trac
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from pipeline import config, data
@@ -92,12 +91,7 @@ def load_dataset(dataset_uri: str) -> data.Dataset:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params")
-    parser.add_argument("--data")
-    parser.add_argument("--overrides")
-    parser.set_defaults(**config.entry_point_defaults("prepare"))
-    args = parser.parse_args()
+    args = config.entry_point_parser("prepare", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, data=args.data)
     data.source_digest(cfg.data.source)  # a missing path fails here, before any run is opened
     with step_run(cfg, "prepare"):

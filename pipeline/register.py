@@ -16,8 +16,6 @@ This module decides and writes the report; reading and writing the registry is `
 
 from __future__ import annotations
 
-import argparse
-
 import pandas as pd
 
 from pipeline import config
@@ -123,12 +121,7 @@ def run(cfg: config.Config, model_uri: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params")
-    parser.add_argument("--overrides")
-    parser.add_argument("--model-uri", required=True)
-    parser.set_defaults(**config.entry_point_defaults("register"))
-    args = parser.parse_args()
+    args = config.entry_point_parser("register", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
     registry.model_test_acc(args.model_uri)  # a wrong URI or an unevaluated model fails before a run is opened
     with step_run(cfg, "register"):

@@ -687,14 +687,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--spec", help="sweep file, e.g. params/sweep-example.yaml")
-    parser.add_argument("--overrides", help="key=value pairs applied to every trial, last")
-    parser.add_argument("--storage", help="Optuna storage URL; empty: optuna.db beside mlflow.db")
-    parser.add_argument("--study", help="Optuna study name; empty: the spec's name and digest")
-    parser.add_argument("--workers", help="worker processes on this host")
+    parser = config.entry_point_parser(
+        "sweep", __doc__.split("\n")[0], spec="sweep file, e.g. params/sweep-example.yaml",
+        overrides="key=value pairs applied to every trial, last",
+        storage="Optuna storage URL; empty: optuna.db beside mlflow.db",
+        study="Optuna study name; empty: the spec's name and digest", workers="worker processes on this host")
     parser.add_argument("--join", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers N
-    parser.set_defaults(**config.entry_point_defaults("sweep"))
     sys.exit(run(parser.parse_args()))
 
 

@@ -17,7 +17,6 @@ written by `pipeline.tracking.training`.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -183,14 +182,8 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params")
-    parser.add_argument("--epochs")
-    parser.add_argument("--data")
-    parser.add_argument("--overrides")
-    parser.add_argument("--dataset-uri", help="prepared dataset; default: prepare (or reuse) from --data")
-    parser.add_argument("--resume", help="'' (continue an interrupted identical run), 'never', or a run id")
-    parser.set_defaults(**config.entry_point_defaults("train"))
+    parser = config.entry_point_parser("train", __doc__.split("\n")[0], resume=config.RESUME_HELP,
+                                       dataset_uri="prepared dataset; default: prepare (or reuse) from --data")
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
     check_backend(cfg)

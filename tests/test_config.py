@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 from pipeline import config
@@ -139,3 +141,24 @@ def test_bad_params_files(tmp_path):
         config.load(tmp_path / "unknown.yaml")
     with pytest.raises(config.ConfigError, match="expected section.key=value"):
         config.load(None, "epochs=3")
+
+
+ENTRY_POINTS = config.read_yaml(config.MLPROJECT, key="MLproject")["entry_points"]
+
+
+@pytest.mark.parametrize("entry_point", sorted(ENTRY_POINTS))
+def test_each_entry_points_command_line_is_the_one_mlproject_writes(entry_point):
+    """`mlflow run -e X` and `python -m pipeline.X` take the same parameters, with the same defaults."""
+    spec = ENTRY_POINTS[entry_point]
+    values = {name: f"value-of-{name}" for name in spec["parameters"]}
+    words = shlex.split(spec["command"].format(**values))
+    assert words[:3] == ["python", "-m", f"pipeline.{entry_point}"]
+    parser = config.entry_point_parser(entry_point, "")
+    assert vars(parser.parse_args(words[3:])) == values  # every parameter passed, under its own name
+    defaults = {name: str(p["default"]) for name, p in spec["parameters"].items() if isinstance(p, dict)}
+    required = set(values) - set(defaults)
+    if required:  # a parameter without a default must be given
+        with pytest.raises(SystemExit):
+            parser.parse_args([f"--{name.replace('_', '-')}=x" for name in defaults])
+    given = [f"--{name.replace('_', '-')}=x" for name in required]
+    assert vars(parser.parse_args(given)) == {**defaults, **dict.fromkeys(required, "x")}
