@@ -3,13 +3,13 @@
 Steps talk only through URIs: prepare returns a dataset URI (an identical finished prepare
 run is reused), train a model URI, evaluate records test metrics on that model, register
 reads them. The parent run holds the resolved params and the headline results. Inputs are
-checked before any run opens (`train.check_inputs`, shared with the train entry point); the
-console ends with where to look at the run.
+checked before any run opens and before Keras loads (`pipeline.inputs`, shared with the train entry
+point); the console ends with where to look at the run.
 """
 
 from __future__ import annotations
 
-from pipeline import config
+from pipeline import config, inputs
 from pipeline.tracking import cli, log_params, step_run, steps, ui_hint
 
 
@@ -18,12 +18,12 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
 
     resume: "" continues an interrupted identical train run if one left a checkpoint and no live
     process trains it, "never" always starts afresh, a run id continues that run, whose params must
-    equal `cfg`'s except a larger `train.epochs` (see train.resolve_inputs, train.config_to_resume).
+    equal `cfg`'s except a larger `train.epochs` (see inputs.resolve_inputs, tracking.resume.config_to_resume).
     """
     from pipeline import evaluate, register, train  # Keras loads only once the params are known to be good
 
     log_params(cfg.flat())
-    dataset_uri, resume_id = train.resolve_inputs(cfg, resume=resume, dataset_uri=dataset_uri)
+    dataset_uri, resume_id = inputs.resolve_inputs(cfg, resume=resume, dataset_uri=dataset_uri)
     with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
         model_uri = train.run(cfg, dataset_uri)
     with step_run(cfg, "evaluate"):
@@ -37,9 +37,7 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
 def main() -> None:
     args = config.entry_point_parser("main", __doc__.split("\n")[0], resume=config.RESUME_HELP).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
-    from pipeline import train  # imports Keras: only once the params are known to be good
-
-    dataset_uri = train.check_inputs(cfg, resume=args.resume)
+    dataset_uri = inputs.check_inputs(cfg, resume=args.resume)
     with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
         run(cfg, resume=args.resume, dataset_uri=dataset_uri)
     print(ui_hint(parent))

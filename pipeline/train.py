@@ -8,11 +8,10 @@ Writes: params (every resolved value, once); per-epoch metrics `loss`, `acc`, `v
         the accepted input formats in the MLmodel metadata, a uint8 input example).
 Returns the logged model's URI (`models:/m-...`).
 
-`check_inputs` (before any run opens) and `resolve_inputs` (prepare or reuse the dataset, find a run
-to resume) are shared with `main`. Completed epochs are checkpointed per run and resumed by the
-same command (`pipeline.tracking.resume`); a cluster's other hosts train in lock step without
-logging (`run_worker`). What a train run records (params, tags, per-epoch metrics, the model) is
-written by `pipeline.tracking.training`.
+Its inputs are checked and resolved by `pipeline.inputs`, as `main`'s are. Completed epochs are
+checkpointed per run and resumed by the same command (`pipeline.tracking.resume`); a cluster's other
+hosts train in lock step without logging (`run_worker`). What a train run records (params, tags,
+per-epoch metrics, the model) is written by `pipeline.tracking.training`.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import pandas as pd
 
 from pipeline import config, prepare
 from pipeline.data import Dataset
-from pipeline.distribute import Distribution, cluster_from_env, distribution
+from pipeline.distribute import Distribution, distribution
 from pipeline.fitting import (
     check_backend,
     compile_model,
@@ -38,8 +37,9 @@ from pipeline.fitting import (
     make_model,
     split_validation,
 )
+from pipeline.inputs import check_inputs, resolve_inputs
 from pipeline.tracking import StepFailed, artifact_dir, checkpoint_root, cli, json_digest, set_tags, step_run
-from pipeline.tracking.resume import checkpoint_dir, config_to_resume, find_resumable, release
+from pipeline.tracking.resume import checkpoint_dir, release
 from pipeline.tracking.training import (
     MlflowEpochLogger,
     log_trained_model,
@@ -54,35 +54,6 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless back
 
 class TrainingDiverged(StepFailed):
     """The loss became NaN or infinite."""
-
-
-def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> str:
-    """Check a training command's inputs before any run opens (ConfigError or DataError naming the key);
-    return the dataset URI to train on ("" = prepare or reuse one, see `resolve_inputs`).
-
-    resume, a run id: `cfg` (and `dataset_uri`) must be what that run started with, and its dataset is
-    used (see `config_to_resume`). A dataset URI must name an artifact; else `data.source` must exist.
-    The backend must support the params, and in a cluster (TF_CONFIG) only the chief runs the steps.
-    """
-    if resume not in ("", "never"):
-        dataset_uri = config_to_resume(resume, cfg, dataset_uri)
-    if dataset_uri:
-        prepare.check_dataset_uri(dataset_uri)
-    else:
-        prepare.prepare_key(cfg)  # a missing data path fails here
-    check_backend(cfg)
-    cluster = cluster_from_env()
-    if cluster and not cluster.chief:
-        raise config.ConfigError(f"TF_CONFIG: this host is {cluster.task}; the pipeline runs on the chief, "
-                                 f"here run `python -m pipeline.train` with the chief's params")
-    return dataset_uri
-
-
-def resolve_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> tuple[str, str | None]:
-    """(dataset URI, train run to resume or None), for inputs `check_inputs` passed: an identical finished
-    prepare is reused, else prepare runs (nested in the active run); see `find_resumable`."""
-    dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
-    return dataset_uri, find_resumable(cfg, dataset_uri, resume)
 
 
 def inference_copy(cfg: config.Config, dataset: Dataset, model: keras.Model) -> keras.Model:

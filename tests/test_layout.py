@@ -28,5 +28,5 @@ def test_only_the_tracking_layer_and_serve_import_mlflow():
 
 def test_steps_and_the_keras_side_never_import_mlflow():
     for name in ("prepare", "train", "evaluate", "register", "main", "compare", "sweep",
-                 "fitting", "model", "augment", "data", "config", "distribute", "predict"):
+                 "fitting", "model", "augment", "data", "config", "distribute", "predict", "inputs"):
         assert not imports_mlflow(PIPELINE / f"{name}.py"), name

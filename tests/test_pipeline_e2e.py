@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import mlflow
 import numpy as np
@@ -12,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from pipeline import data
-from tests.conftest import eventually, mlflow_run
+from tests.conftest import ROOT, eventually, mlflow_run
 
 TINY = "params/tiny.yaml"
 # Library lines a person running the pipeline cannot act on (see pipeline/__init__.py).
@@ -145,6 +147,25 @@ def test_bad_params_fail_fast_with_the_key_and_leave_nothing(store, entry, param
     assert refused.info.status == "FAILED" and refused.data.tags["failure_reason"].startswith(key)
     assert client.search_runs([experiment]) == []  # no empty, randomly named run is left in the experiment
     assert client.search_registered_models() == []
+
+
+# The inputs Keras has no part in are refused before it loads: in the seconds the interpreter and MLflow
+# take, not after TensorFlow's import (~12 CPU-s here).
+@pytest.mark.parametrize(("option", "value", "error"), [
+    ("--data", "/no/such/archive.tar.gz", "error: data.source: '/no/such/archive.tar.gz' is neither"),
+    ("--resume", "0123456789abcdef0123456789abcdef", "error: resume: no run '0123456789abcdef0123456789abcdef'"),
+])
+def test_wrong_data_or_run_to_resume_is_refused_before_keras_loads(store, option, value, error):
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.main", "--params", TINY,
+                             option, value], cwd=ROOT, env=store, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if line.startswith("error: ")][0].startswith(error), result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
+    assert {"mlflow", "pipeline.inputs"} <= imported  # the listing does show what was imported
+    assert not {"keras", "tensorflow", "jax"} & imported
+    client = MlflowClient()
+    assert client.search_runs([client.get_experiment_by_name("e2e").experiment_id]) == []
 
 
 def test_direct_module_call_with_bad_key_opens_no_run(store, in_process):
