@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import fractions
 import shlex
 import types
@@ -307,16 +308,23 @@ def read_yaml(path: str | Path, *, key: str = "params") -> dict[str, Any]:
     return data
 
 
+def _did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
+    """'; did you mean train.epochs?' for the closest known name, or '' when none is close."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
 def _merge(base: dict[str, Any], layer: dict[str, Any], origin: str) -> None:
     for section, values in layer.items():
         if section not in base:
-            raise ConfigError(f"{section}: unknown section in {origin} (known: {', '.join(base)})")
+            raise ConfigError(f"{section}: unknown section in {origin}{_did_you_mean(section, list(base))} "
+                              f"(known: {', '.join(base)})")
         if not isinstance(values, dict):
             raise ConfigError(f"{section}: must be a mapping in {origin}, got {values!r}")
         for key, value in values.items():
             if key not in base[section]:
-                raise ConfigError(f"{section}.{key}: unknown key in {origin} "
-                                  f"(known: {', '.join(base[section])})")
+                hint = _did_you_mean(key, list(base[section]), f"{section}.")
+                raise ConfigError(f"{section}.{key}: unknown key in {origin}{hint} (known: {', '.join(base[section])})")
             base[section][key] = value
 
 

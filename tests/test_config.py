@@ -137,10 +137,22 @@ def test_bad_params_files(tmp_path):
     with pytest.raises(config.ConfigError, match="not valid YAML"):
         config.load(tmp_path / "bad.yaml")
     (tmp_path / "unknown.yaml").write_text("train:\n  epochz: 3\n")
-    with pytest.raises(config.ConfigError, match="train.epochz: unknown key"):
+    with pytest.raises(config.ConfigError, match=r"train.epochz: unknown key in .*unknown.yaml; did you mean "
+                                                 r"train.epochs\? \(known: epochs, batch_size"):
         config.load(tmp_path / "unknown.yaml")
     with pytest.raises(config.ConfigError, match="expected section.key=value"):
         config.load(None, "epochs=3")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("trian.epochs=3", r"trian: unknown section in overrides; did you mean train\? \(known: data, model"),
+    ("model.width=[8,16,32]", r"model.width: unknown key in overrides; did you mean model.widths\? \(known: arch"),
+    ("train.lr_schedule=cosine", r"train.lr_schedule: unknown key in overrides; did you mean train.schedule\? "),
+    ("train.xyz=1", r"train.xyz: unknown key in overrides \(known: epochs, "),  # nothing close: no guess
+])
+def test_an_unknown_key_names_the_closest_known_one(override, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(None, override)
 
 
 ENTRY_POINTS = config.read_yaml(config.MLPROJECT, key="MLproject")["entry_points"]
