@@ -1,7 +1,8 @@
-"""TensorFlow's CPU runtime settings: the quick profile's train step under each of them, side by side.
+"""CPU runtime settings: the quick profile's train step under each of them, side by side.
 
 Sides: TensorFlow's defaults; its pooling BFC allocator (`TF_CPU_ALLOCATOR_USE_BFC=true`); that allocator
-with XLA's CPU convolutions and matmuls handed to XNNPACK (`XLA_FLAGS=--xla_cpu_use_xnnpack=true`).
+with XLA's CPU convolutions and matmuls handed to XNNPACK (`XLA_FLAGS=--xla_cpu_use_xnnpack=true`); Keras on
+JAX instead of TensorFlow (`KERAS_BACKEND=jax`, XLA as well).
 Importing `pipeline` sets `TF_CPU_ALLOCATOR_USE_BFC=true` and leaves `XLA_FLAGS` alone (see pipeline/__init__.py;
 XNNPACK measured no faster on a 2-core EPYC, bench/results/cpu_runtime.md). TensorFlow reads
 both variables once per process, so each side runs in its own child process; the sides alternate, round
@@ -9,7 +10,7 @@ after round, so that a busy spell of a shared machine hits them all. Each child 
 as `fit` runs it here) on real images after warm-up steps and counts the minor page faults and kernel time of
 the timed steps. Writes bench/results/cpu_runtime.json and bench/results/cpu_runtime.md.
 
-Usage: python -m bench.cpu_runtime [--rounds 3] [--steps 40] [--sides default,bfc,bfc+xnnpack]
+Usage: python -m bench.cpu_runtime [--rounds 3] [--steps 40] [--sides default,bfc,bfc+xnnpack,jax]
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ ROOT = RESULTS.parents[1]
 PROFILE = "params/quick.yaml"
 # key: (label, environment of the child)
 SIDES = {
-    "default": ("TensorFlow's defaults",
-                {"TF_CPU_ALLOCATOR_USE_BFC": "false", "XLA_FLAGS": "--xla_cpu_use_xnnpack=false"}),
-    "bfc": ("BFC allocator", {"TF_CPU_ALLOCATOR_USE_BFC": "true", "XLA_FLAGS": "--xla_cpu_use_xnnpack=false"}),
-    "bfc+xnnpack": ("BFC allocator + XNNPACK",
-                    {"TF_CPU_ALLOCATOR_USE_BFC": "true", "XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}),
+    "default": ("TensorFlow's defaults", {"KERAS_BACKEND": "tensorflow", "TF_CPU_ALLOCATOR_USE_BFC": "false",
+                                          "XLA_FLAGS": "--xla_cpu_use_xnnpack=false"}),
+    "bfc": ("BFC allocator", {"KERAS_BACKEND": "tensorflow", "TF_CPU_ALLOCATOR_USE_BFC": "true",
+                              "XLA_FLAGS": "--xla_cpu_use_xnnpack=false"}),
+    "bfc+xnnpack": ("BFC allocator + XNNPACK", {"KERAS_BACKEND": "tensorflow", "TF_CPU_ALLOCATOR_USE_BFC": "true",
+                                                "XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}),
+    "jax": ("Keras on JAX", {"KERAS_BACKEND": "jax", "TF_CPU_ALLOCATOR_USE_BFC": "true",
+                             "XLA_FLAGS": "--xla_cpu_use_xnnpack=false"}),
 }
+ENV_KEYS = ("KERAS_BACKEND", "TF_CPU_ALLOCATOR_USE_BFC", "XLA_FLAGS")
 
 
 def describe(side: str) -> str:
@@ -76,8 +81,8 @@ def child(steps: int) -> dict:
     faults, kernel = (a - b for a, b in zip(_proc_counters(), (faults, kernel), strict=True))
     return {"images_per_second": round(steps * batch / wall, 1), "page_faults_per_step": round(faults / steps),
             "kernel_share_of_cpu_percent": round(100 * kernel / cpu, 1), "jit_compile": bool(model.jit_compile),
-            "dtype_policy": model.dtype_policy.name,
-            "env": {key: os.environ.get(key, "") for key in ("TF_CPU_ALLOCATOR_USE_BFC", "XLA_FLAGS")}}
+            "dtype_policy": model.dtype_policy.name, "backend": keras.backend.backend(),
+            "env": {key: os.environ.get(key, "") for key in ENV_KEYS}}
 
 
 def run_child(side: str, steps: int) -> dict:
@@ -86,7 +91,8 @@ def run_child(side: str, steps: int) -> dict:
                          env={**os.environ, **wanted}, cwd=ROOT, capture_output=True, text=True, timeout=900,
                          check=True).stdout
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[7:])
-    if result["env"] != wanted:  # importing pipeline must not override what the environment sets
+    if result["env"] != wanted or result["backend"] != wanted["KERAS_BACKEND"]:  # importing pipeline must not
+        # override what the environment sets
         raise RuntimeError(f"the child ran with {result['env']}, not {wanted}")
     return result
 
