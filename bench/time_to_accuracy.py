@@ -1,6 +1,11 @@
 """Time to accuracy of params profiles, run exactly as a user runs them: `mlflow run .` of `main`.
 
     python -m bench.time_to_accuracy --profiles quick --repeat 3 --data ../shared/datasets/cifar10-jpeg-q75.tar.gz
+    python -m bench.time_to_accuracy --profiles quick --seeds 0,1,2 --data ../shared/datasets/cifar10-jpeg-q75.tar.gz
+
+A training run is deterministic given its seed, so `--repeat` measures how the wall time varies and `--seeds`
+how the accuracy does too: one run per `train.seed` (`-P overrides=train.seed=S`; the seed draws the initial
+weights, the held-out split and the batch order; the test split stays the same).
 
 Each run gets a fresh SQLite store, so every clock starts from nothing: it runs from the command's
 start to its exit (prepare, train, evaluate and register included). For each run it reads back
@@ -58,8 +63,9 @@ def phases(wall: float, spans: dict[str, tuple[float, float]], epoch_seconds: fl
     return {key: round(value, 1) for key, value in out.items()}
 
 
-def run_profile(profile: str, data: str, extra: list[str]) -> dict:
-    """One `mlflow run` of `main` for params/<profile>.yaml in a fresh store; its timings and results."""
+def run_profile(profile: str, data: str, extra: list[str], seed: int | None = None) -> dict:
+    """One `mlflow run` of `main` for params/<profile>.yaml in a fresh store (with `train.seed=seed` unless None);
+    its timings and results."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +73,8 @@ def run_profile(profile: str, data: str, extra: list[str]) -> dict:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PIPELINE_CHECKPOINT_DIR": f"{tmp}/checkpoints",
                "TF_CPP_MIN_LOG_LEVEL": "3"}
         cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
-               "-P", f"params=params/{profile}.yaml", *(["-P", f"data={data}"] if data else []), *extra]
+               "-P", f"params=params/{profile}.yaml", *(["-P", f"data={data}"] if data else []),
+               *(["-P", f"overrides=train.seed={seed}"] if seed is not None else []), *extra]
         start = time.time()
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         wall = time.time() - start
@@ -79,7 +86,8 @@ def run_profile(profile: str, data: str, extra: list[str]) -> dict:
         (main,) = client.search_runs([train.info.experiment_id], "tags.step = 'main'")
         history = sorted(client.get_metric_history(train.info.run_id, "val_acc"), key=lambda m: m.step)
         curve = [(m.timestamp / 1000 - start, m.value) for m in history]
-        row = {"profile": profile, "model": train.info.run_name, "epochs": len(history),
+        row = {"profile": profile, "model": train.info.run_name, "seed": int(train.data.params["train.seed"]),
+               "epochs": len(history),
                "wall_s": round(wall, 1), "test_acc": main.data.metrics["test_acc"],
                "best_val_acc": max(v for _, v in curve)}
         for threshold in THRESHOLDS:
@@ -97,11 +105,21 @@ def main() -> None:
     parser.add_argument("--profiles", default="quick", help="comma-separated params/<name>.yaml files")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--data", default="", help="-P data=... for every run (default: each profile's own)")
+    parser.add_argument("--seeds", default="", help="comma-separated train.seed values: one run per seed (and per "
+                                                    "--repeat) of each profile (default: each profile's own seed)")
     parser.add_argument("--extra", default="", help="more `mlflow run` arguments, e.g. \"-P epochs=2\"")
     args = parser.parse_args()
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [None]
+    except ValueError:
+        parser.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+    if args.seeds and "overrides=" in args.extra:
+        parser.error("--seeds sets -P overrides=train.seed=S; put other overrides in a params file, not in --extra")
+    if args.repeat < 1:
+        parser.error(f"--repeat: must be >= 1, got {args.repeat}")
     results = []
-    for profile in [p for p in args.profiles.split(",") for _ in range(args.repeat)]:
-        results.append(run_profile(profile, args.data, args.extra.split()))
+    for profile, seed in [(p, s) for p in args.profiles.split(",") for s in seeds for _ in range(args.repeat)]:
+        results.append(run_profile(profile, args.data, args.extra.split(), seed))
         print(results[-1]["row"], flush=True)
         write_report(results, args)  # after every run, so an interrupted benchmark keeps what it measured
 
@@ -110,6 +128,8 @@ def write_report(results: list[dict], args: argparse.Namespace) -> None:
     runs = pd.DataFrame([r["row"] for r in results])
     medians = runs.groupby("profile", sort=False)[["wall_s", "test_acc"]].median().reset_index()
     medians.insert(1, "runs", runs.groupby("profile", sort=False).size().to_numpy())
+    medians["test_acc_min"] = runs.groupby("profile", sort=False)["test_acc"].min().to_numpy()
+    medians["test_acc_max"] = runs.groupby("profile", sort=False)["test_acc"].max().to_numpy()
     timing = pd.DataFrame([r["phases"] for r in results])
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -130,11 +150,13 @@ def write_report(results: list[dict], args: argparse.Namespace) -> None:
     data = args.data or "each profile's data.source"
     text = (f"# Time to accuracy\n\nMachine: {machine()}. Date: {datetime.date.today()}. "
             f"`python -m bench.time_to_accuracy --profiles {args.profiles} --repeat {args.repeat}"
-            f"{' --data ' + args.data if args.data else ''}`; data: {data}.\n\n"
+            f"{' --seeds ' + args.seeds if args.seeds else ''}{' --data ' + args.data if args.data else ''}`; "
+            f"data: {data}.\n\n"
             "Each row is one `mlflow run . --env-manager local -P params=params/<profile>.yaml` in a fresh "
             "store; `wall_s` runs from the command's start to its exit (prepare, train, evaluate, register). "
             "`val_acc>=x_s`: wall seconds when val_acc (held-out split) first reached x. "
-            "`test_acc`: all test images.\n\n"
+            "`test_acc`: all test images. `seed`: the run's `train.seed` (initial weights, held-out split, batch "
+            "order); runs with the same seed train the same model.\n\n"
             f"## Median per profile\n\n{medians.to_markdown(index=False)}\n\n"
             f"## Every run\n\n{runs.to_markdown(index=False)}\n\n"
             "## Where the time went\n\nSeconds per phase of each run above, in order; they add up to `wall_s`. "
