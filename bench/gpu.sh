@@ -26,12 +26,12 @@ DATA=${DATA:-.data/cifar10-jpeg-q75.tar.gz}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 LOG="$OUT/gpu.log"
+export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2  # before the check: Keras's default backend is TF
 if ! "$PY" -c "import keras" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpu-site .whl/*.whl \
     || { echo "installing .whl failed" | tee -a "$LOG"; exit 1; }
   export PYTHONPATH=/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$PY" -c "import jax, keras; print('jax', jax.__version__, 'keras', keras.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/gpu.txt"

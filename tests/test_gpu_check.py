@@ -1,0 +1,32 @@
+"""bench/gpu.sh's training stage runs where the borrowed GPU machine's image leaves it: JAX and Keras, without
+TensorFlow, MLflow, pandas or matplotlib. A wrong import there would waste the one GPU call of a session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+ABSENT = ("tensorflow", "mlflow", "pandas", "matplotlib", "sklearn")
+
+
+def test_a_gpu_stage_trains_and_scores_with_tensorflow_and_mlflow_unimportable(tmp_path):
+    stubs = tmp_path / "absent"
+    for name in ABSENT:  # first on the path: `import NAME` fails as on a machine without it
+        (stubs / name).mkdir(parents=True)
+        (stubs / name / "__init__.py").write_text(f"raise ModuleNotFoundError('no {name} on the GPU machine', "
+                                                  f"name={name!r})\n")
+    out = tmp_path / "gpu-fast.json"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": f"{stubs}{os.pathsep}{ROOT}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_epoch", "--images", "512", "--out", str(out), "--full",
+         "--params", "params/fast.yaml",
+         "--overrides", "train.feed=device train.epochs=2 model.widths=[8,16,32,64] train.steps_per_execution=1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["model"] == "resnet9" and len(result["epoch_seconds"]) == 2
+    assert 0.0 <= result["test_acc"] <= 1.0 and result["fit_seconds"] > 0
