@@ -91,8 +91,8 @@ def run_child(side: str, steps: int) -> dict:
                          env={**os.environ, **wanted}, cwd=ROOT, capture_output=True, text=True, timeout=900,
                          check=True).stdout
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[7:])
-    if result["env"] != wanted or result["backend"] != wanted["KERAS_BACKEND"]:  # importing pipeline must not
-        # override what the environment sets
+    # importing pipeline must not override what the environment sets
+    if result["env"] != wanted or result["backend"] != wanted["KERAS_BACKEND"]:
         raise RuntimeError(f"the child ran with {result['env']}, not {wanted}")
     return result
 
