@@ -1,5 +1,6 @@
 """bench/gpu.sh's training stage runs where the borrowed GPU machine's image leaves it: JAX and Keras, without
-TensorFlow, MLflow, pandas or matplotlib. A wrong import there would waste the one GPU call of a session."""
+TensorFlow, MLflow, pandas, matplotlib or scikit-learn. A wrong import there would waste
+the one GPU call of a session."""
 
 from __future__ import annotations
 
