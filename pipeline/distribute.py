@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError
@@ -57,6 +58,28 @@ class Distribution:
     def scope(self) -> contextlib.AbstractContextManager:
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
+    def agree_on_resume(self, checkpoint: Path) -> None:
+        """In a cluster, check that every host continues from the same completed epoch before any trains.
+
+        Each host restores its own checkpoint (`checkpoint`, a BackupAndRestore folder); hosts that restored
+        different epochs would train unequal numbers of steps from different weights: the chief would log
+        and register a model no single schedule produced, and a worker would wait on a collective nobody
+        joins. Every host gathers every host's epoch (one collective, so all reach the same verdict), and
+        each raises the same ConfigError on a mismatch. A no-op outside multi_worker."""
+        if self.mode != "multi_worker":
+            return
+        import tensorflow as tf
+
+        done = completed_epochs(checkpoint)
+        position = self.cluster.tasks.index(self.cluster.task)
+        mine = self.strategy.run(lambda: tf.constant([[position, done]], tf.int32))
+        epochs = {self.cluster.tasks[p]: int(d) for p, d in self.strategy.gather(mine, axis=0).numpy()}
+        if len(set(epochs.values())) > 1:
+            held = ", ".join(f"{task} {done}" for task, done in epochs.items())
+            raise ConfigError(f"resume: the hosts' checkpoints hold different completed epochs ({held}): they "
+                              f"must continue from the same one. Start afresh: rerun every host with resume=never "
+                              f"(`-P resume=never` on the chief, `--resume never` on the others)")
+
     def adapt(self, model: keras.Model) -> None:
         """Make `model.fit` work under this distribution (a no-op except for multi_worker)."""
         if self.mode == "multi_worker":
@@ -84,6 +107,17 @@ class Cluster:
     @property
     def task(self) -> str:
         return f"{self.task_type} {self.index}"
+
+    @property
+    def tasks(self) -> list[str]:
+        """Every training task, chief first: the order of TensorFlow's replicas."""
+        return [f"{name} {i}" for name in ("chief", "worker") for i in range(len(self.spec.get(name, ())))]
+
+
+def completed_epochs(checkpoint: Path) -> int:
+    """How many epochs a Keras BackupAndRestore folder holds (0 if none)."""
+    path = checkpoint / "training_metadata.json"
+    return int(json.loads(path.read_text())["epoch"]) if path.exists() else 0
 
 
 def cluster_from_env() -> Cluster | None:

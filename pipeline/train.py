@@ -105,6 +105,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     # two re-runs that epoch on resume and its already-logged step is skipped (no gap, no duplicate).
     logged = logged_epochs(run_id)
     try:
+        dist.agree_on_resume(checkpoint_dir(run_id))
         history = fit(model, cfg, splits, len(dataset.class_names),
                       [MlflowEpochLogger(train_images, logged),
                        keras.callbacks.BackupAndRestore(str(checkpoint_dir(run_id)), save_freq="epoch"),
@@ -144,6 +145,7 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
         shutil.rmtree(backup, ignore_errors=True)
     print(f"{dist.task} of {dist.workers}: training on {len(splits[0])} images, devices {dist.devices}; "
           f"the chief logs to MLflow")
+    dist.agree_on_resume(backup)
     history = fit(model, cfg, splits, len(dataset.class_names),
                   [keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch")])
     shutil.rmtree(backup, ignore_errors=True)

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import keras
 import mlflow
@@ -16,6 +17,7 @@ from mlflow import MlflowClient
 from pipeline import config, prepare, train
 from pipeline.tracking import cli
 from tests.conftest import ROOT, free_port
+from tests.test_fault_tolerance import kill_tree
 
 
 def val_acc_curve(run_id: str) -> list[float]:
@@ -79,20 +81,29 @@ def assert_two_device_run(client: MlflowClient, backend: str):
     return run
 
 
-def test_multi_worker_over_two_local_hosts_logs_from_the_chief_only(store, tmp_path):
-    """Two processes on localhost stand for two hosts, as in the README: the chief runs the whole
-    pipeline, the worker `pipeline.train` with the same params; TF_CONFIG differs in the task index."""
-    cluster = {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]}
-    args = ["--params", "params/tiny.yaml", "--epochs", "2", "--overrides", "tracking.experiment=e2e"]
-    procs = [subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**store, "TF_CONFIG": json.dumps({"cluster": cluster,
-                                                                     "task": {"type": "worker", "index": i}})})
-             for i, module in enumerate(["pipeline.main", "pipeline.train"])]  # train.distribute stays auto
+def start_two_hosts(env: dict, *args: str, ports: list[int] | None = None) -> list[subprocess.Popen]:
+    """Two processes on localhost standing for two hosts, as in the README: the chief (worker 0) runs the whole
+    pipeline, worker 1 `pipeline.train` with the same ARGS; TF_CONFIG differs in the task index only."""
+    cluster = {"worker": [f"localhost:{port}" for port in ports or (free_port(), free_port())]}
+    return [subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**env, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                                  "task": {"type": "worker", "index": i}})})
+            for i, module in enumerate(["pipeline.main", "pipeline.train"])]  # train.distribute stays auto
+
+
+def finish(procs: list[subprocess.Popen]) -> list[str]:
+    """Wait for both hosts; each must exit 0. Their stdout + stderr."""
     outputs = [p.communicate(timeout=600) for p in procs]
     for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
-    assert "worker 1 of 2: training on" in outputs[1][0]
+    return [out + err for out, err in outputs]
+
+
+def test_multi_worker_over_two_local_hosts_logs_from_the_chief_only(store, tmp_path):
+    chief, worker = finish(start_two_hosts(store, "--params", "params/tiny.yaml", "--epochs", "2",
+                                           "--overrides", "tracking.experiment=e2e"))
+    assert "worker 1 of 2: training on" in worker
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     assert sorted(r.data.tags["step"] for r in runs) == ["evaluate", "main", "prepare", "register", "train"]
@@ -104,6 +115,62 @@ def test_multi_worker_over_two_local_hosts_logs_from_the_chief_only(store, tmp_p
     (main_run,) = [r for r in runs if r.data.tags["step"] == "main"]
     assert main_run.data.metrics["test_acc"] > 0.5
     assert list((tmp_path / "checkpoints").iterdir()) == []  # both hosts removed their checkpoints
+
+
+def test_both_hosts_killed_rerun_and_continue_the_same_run(store, tmp_path):
+    """The README's multi-host resume: both hosts die (SIGKILL) after the first epoch's checkpoints; rerunning
+    both commands continues the chief's MLflow run from there, the lr schedule crossing its boundary after it.
+    Hosts whose checkpoints disagree are refused first, on every host, before any step."""
+    ports = [free_port(), free_port()]
+    # Epochs twice tiny's (more time between checkpoints to kill in), a step decay after epoch 2 of 3.
+    args = ("--params", "params/tiny.yaml", "--epochs", "3", "--overrides",
+            "tracking.experiment=e2e data.synthetic_train=2048 train.schedule=step train.lr_boundaries=[0.5]")
+    procs = start_two_hosts(store, *args, ports=ports)
+    checkpoints = tmp_path / "checkpoints"
+    deadline = time.monotonic() + 300
+    while len(saved := list(checkpoints.glob("*/training_metadata.json"))) < 2:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+        time.sleep(0.1)
+    for proc in procs:  # both hosts die at once, the next checkpoints an epoch away
+        kill_tree(proc.pid)
+        proc.wait(timeout=30)
+    assert [json.loads(path.read_text())["epoch"] for path in saved] == [1, 1]  # 1 epoch done on both, not 2
+
+    # A host whose checkpoint is behind (here: lost) is found before either trains: both refuse, exit 2.
+    (kept,) = checkpoints.glob("worker1-*")
+    kept.rename(tmp_path / "kept")
+    procs = start_two_hosts(store, *args, ports=ports)
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 2, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            "error: resume: the hosts' checkpoints hold different completed epochs (worker 0 1, worker 1 0): they "
+            "must continue from the same one. Start afresh: rerun every host with resume=never (`-P resume=never` "
+            "on the chief, `--resume never` on the others)")
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
+    assert run.info.status == "FAILED" and "different completed epochs" in run.data.tags["failure_reason"]
+    assert sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: m.step)[-1].step == 1
+    assert client.search_model_versions("name = 'cifar10-resnet'") == []
+
+    (tmp_path / "kept").rename(kept)  # the lost checkpoint found again: the same two commands continue the run
+    chief, worker = finish(start_two_hosts(store, *args, ports=ports))
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
+    assert f"resuming train run {run.info.run_id}" in chief
+    for output in (chief, worker):
+        assert "Epoch 1/3" not in output and "Epoch 3/3" in output, output[-3000:]  # both restored epoch 1
+    assert run.info.status == "FINISHED" and run.data.tags["workers"] == "2"
+    history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+               for key in ("val_acc", "iterations", "lr")}
+    assert sorted(history["val_acc"]) == [1, 2, 3]  # no gap, no epoch twice
+    per_epoch = history["iterations"][1]
+    assert per_epoch > 0 and history["iterations"] == {e: e * per_epoch for e in (1, 2, 3)}
+    assert history["lr"] == pytest.approx({1: 0.05, 2: 0.05, 3: 0.005})  # decayed after epoch 2, once resumed
+    assert run.data.metrics["acc"] > 0.5
+    mains = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'main'")
+    assert sorted(r.info.status for r in mains) == ["FAILED", "FINISHED", "KILLED"]  # killed, refused, done
+    assert list(checkpoints.iterdir()) == []  # both hosts removed their checkpoints once done
 
 
 WORKER_1 = json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}})

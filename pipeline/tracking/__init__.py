@@ -216,9 +216,9 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
     if resume_run_id:
         with contextlib.ExitStack() as stack:
             if parent is None and os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened for this try
-                stack.enter_context(_killed_on_interrupt(
+                stack.enter_context(_ended_with_reason(
                     mlflow.start_run(tags={**tags, "resumes_run": resume_run_id})))
-            yield stack.enter_context(_killed_on_interrupt(
+            yield stack.enter_context(_ended_with_reason(
                 mlflow.start_run(run_id=resume_run_id, nested=mlflow.active_run() is not None)))
         return
     if parent is not None:
@@ -230,21 +230,29 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
         if experiment:
             mlflow.set_experiment(experiment)
         ctx = mlflow.start_run(run_name=run_name or step, tags=tags)
-    with _killed_on_interrupt(ctx) as run:
+    with _ended_with_reason(ctx) as run:
         if run_name:  # `mlflow run` names its run at random; a descriptive name reads better in the UI
             mlflow.set_tag("mlflow.runName", run_name)
         yield run
 
 
 @contextlib.contextmanager
-def _killed_on_interrupt(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun]) -> Iterator[mlflow.ActiveRun]:
-    """Enter an `mlflow.start_run` context; a SIGTERM/SIGINT inside ends the run KILLED (not FAILED)."""
+def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun]) -> Iterator[mlflow.ActiveRun]:
+    """Enter an `mlflow.start_run` context; a SIGTERM/SIGINT inside ends the run KILLED (not FAILED), and an
+    expected failure (bad input, a failed step) ends it FAILED with the one-line reason as tag `failure_reason`
+    (unless the step already gave one)."""
     with ctx as run:
         try:
             yield run
         except (Interrupted, KeyboardInterrupt) as exc:
             mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
             mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
+            raise
+        except (ConfigError, DataError, StepFailed) as exc:
+            with contextlib.suppress(MlflowException):
+                client = mlflow.MlflowClient()
+                if "failure_reason" not in client.get_run(run.info.run_id).data.tags:
+                    client.set_tag(run.info.run_id, "failure_reason", str(exc)[:5000])
             raise
 
 
