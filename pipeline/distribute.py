@@ -58,24 +58,29 @@ class Distribution:
     def scope(self) -> contextlib.AbstractContextManager:
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
-    def agree_on_resume(self, checkpoint: Path) -> None:
-        """In a cluster, check that every host continues from the same completed epoch before any trains.
+    def agree(self, job: str, checkpoint: Path) -> None:
+        """In a cluster, check before any step that every host trains the same job from the same epoch.
 
-        Each host restores its own checkpoint (`checkpoint`, a BackupAndRestore folder); hosts that restored
-        different epochs would train unequal numbers of steps from different weights: the chief would log
-        and register a model no single schedule produced, and a worker would wait on a collective nobody
-        joins. Every host gathers every host's epoch (one collective, so all reach the same verdict), and
-        each raises the same ConfigError on a mismatch. A no-op outside multi_worker."""
-        if self.mode != "multi_worker":
-            return
+        job: a digest of what every host must share (`train.training_job`: the model and train params and the
+        data); checkpoint: this host's BackupAndRestore folder, whose epoch it restores. Hosts that differ
+        in either would train different models or unequal numbers of steps: the chief would log and register
+        a model no single recipe produced, or one host would wait on a collective nobody joins. Every host
+        gathers every host's job and epoch (one collective, so all reach the same verdict) and each raises
+        the same ConfigError on a mismatch. For multi_worker only (`cluster` set)."""
         import tensorflow as tf
 
-        done = completed_epochs(checkpoint)
-        position = self.cluster.tasks.index(self.cluster.task)
-        mine = self.strategy.run(lambda: tf.constant([[position, done]], tf.int32))
-        epochs = {self.cluster.tasks[p]: int(d) for p, d in self.strategy.gather(mine, axis=0).numpy()}
-        if len(set(epochs.values())) > 1:
-            held = ", ".join(f"{task} {done}" for task, done in epochs.items())
+        tasks = self.cluster.tasks
+        mine = [tasks.index(self.cluster.task), completed_epochs(checkpoint), int(job[:7], 16), int(job[7:14], 16)]
+        everyone = self.strategy.gather(self.strategy.run(lambda: tf.constant([mine], tf.int32)), axis=0)
+        hosts = {tasks[task]: (done, digest) for task, done, *digest in everyone.numpy().tolist()}
+        chief = tasks[0]  # the chief task, else worker 0
+        differ = [task for task, (_, digest) in hosts.items() if digest != hosts[chief][1]]
+        if differ:
+            raise ConfigError(f"{TF_CONFIG}: {', '.join(differ)} started with other model or train params, or other "
+                              f"data, than the chief ({chief}): start every host with the same params, epochs, "
+                              f"overrides and data")
+        if len({done for done, _ in hosts.values()}) > 1:
+            held = ", ".join(f"{task} {done}" for task, (done, _) in hosts.items())
             raise ConfigError(f"resume: the hosts' checkpoints hold different completed epochs ({held}): they "
                               f"must continue from the same one. Start afresh: rerun every host with resume=never "
                               f"(`-P resume=never` on the chief, `--resume never` on the others)")
@@ -110,7 +115,7 @@ class Cluster:
 
     @property
     def tasks(self) -> list[str]:
-        """Every training task, chief first: the order of TensorFlow's replicas."""
+        """Every training task, chief first (so the one that logs first): the order of TensorFlow's replicas."""
         return [f"{name} {i}" for name in ("chief", "worker") for i in range(len(self.spec.get(name, ())))]
 
 

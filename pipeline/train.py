@@ -105,7 +105,8 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     # two re-runs that epoch on resume and its already-logged step is skipped (no gap, no duplicate).
     logged = logged_epochs(run_id)
     try:
-        dist.agree_on_resume(checkpoint_dir(run_id))
+        if dist.cluster:  # hashing the data takes a moment: only a cluster needs it
+            dist.agree(training_job(cfg, dataset), checkpoint_dir(run_id))
         history = fit(model, cfg, splits, len(dataset.class_names),
                       [MlflowEpochLogger(train_images, logged),
                        keras.callbacks.BackupAndRestore(str(checkpoint_dir(run_id)), save_freq="epoch"),
@@ -129,23 +130,31 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     return model_uri
 
 
+def training_job(cfg: config.Config, dataset: Dataset) -> str:
+    """A digest of what every host of a cluster must share: the model and train params (progress display
+    and how they are spread aside) and the data. Evaluate, register and tracking settings concern the chief only."""
+    shared = {k: v for k, v in cfg.flat().items()
+              if k.startswith(("model.", "train.")) and k not in ("train.verbose", "train.distribute")}
+    return json_digest({**shared, "dataset": dataset.digest()})
+
+
 def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume: str = "") -> None:
     """A non-chief host of a cluster: train in lock step with the chief, log nothing to MLflow.
 
     The dataset comes from `dataset_uri` if given (read-only), else it is built from `data.*`
     exactly as the chief's prepare step builds it. Completed epochs are checkpointed locally,
-    keyed by the params and the dataset digest, so rerunning every host's command resumes.
+    keyed by `training_job`, so rerunning every host's command resumes.
     """
     dataset = prepare.load_dataset(dataset_uri) if dataset_uri else prepare.build(cfg)
     splits = split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
     model = compile_model(cfg, dataset, dist, len(splits[0]))
-    key = json_digest({**cfg.flat(), "dataset": dataset.digest()})
-    backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{key[:16]}"
+    job = training_job(cfg, dataset)
+    backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{job[:16]}"
     if resume == "never":
         shutil.rmtree(backup, ignore_errors=True)
     print(f"{dist.task} of {dist.workers}: training on {len(splits[0])} images, devices {dist.devices}; "
           f"the chief logs to MLflow")
-    dist.agree_on_resume(backup)
+    dist.agree(job, backup)
     history = fit(model, cfg, splits, len(dataset.class_names),
                   [keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch")])
     shutil.rmtree(backup, ignore_errors=True)

@@ -81,15 +81,17 @@ def assert_two_device_run(client: MlflowClient, backend: str):
     return run
 
 
-def start_two_hosts(env: dict, *args: str, ports: list[int] | None = None) -> list[subprocess.Popen]:
+def start_two_hosts(env: dict, *args: str, ports: list[int] | None = None,
+                    worker_args: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     """Two processes on localhost standing for two hosts, as in the README: the chief (worker 0) runs the whole
-    pipeline, worker 1 `pipeline.train` with the same ARGS; TF_CONFIG differs in the task index only."""
+    pipeline, worker 1 `pipeline.train` with the same ARGS (then WORKER_ARGS); TF_CONFIG differs in the task
+    index only. train.distribute stays auto."""
     cluster = {"worker": [f"localhost:{port}" for port in ports or (free_port(), free_port())]}
-    return [subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE,
+    return [subprocess.Popen([sys.executable, "-m", module, *args, *extra], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              env={**env, "TF_CONFIG": json.dumps({"cluster": cluster,
                                                                   "task": {"type": "worker", "index": i}})})
-            for i, module in enumerate(["pipeline.main", "pipeline.train"])]  # train.distribute stays auto
+            for i, (module, extra) in enumerate([("pipeline.main", ()), ("pipeline.train", worker_args)])]
 
 
 def finish(procs: list[subprocess.Popen]) -> list[str]:
@@ -171,6 +173,24 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(store, tmp_path):
     mains = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'main'")
     assert sorted(r.info.status for r in mains) == ["FAILED", "FINISHED", "KILLED"]  # killed, refused, done
     assert list(checkpoints.iterdir()) == []  # both hosts removed their checkpoints once done
+
+
+def test_hosts_started_with_other_params_are_refused_on_every_host(store):
+    """A worker started with another lr would train other weights under the chief's logged params (with another
+    batch size or epoch count it would wait on a collective forever): both hosts exit 2 before any step."""
+    procs = start_two_hosts(store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
+                            worker_args=("--overrides", "tracking.experiment=e2e train.lr=0.2"))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            "error: TF_CONFIG: worker 1 started with other model or train params, or other data, than the chief "
+            "(worker 0): start every host with the same params, epochs, overrides and data")
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("TF_CONFIG: worker 1 ")
+    assert client.get_metric_history(run.info.run_id, "val_acc") == []  # not one epoch
+    assert client.search_model_versions("name = 'cifar10-resnet'") == []
 
 
 WORKER_1 = json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}})
