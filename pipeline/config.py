@@ -231,6 +231,7 @@ class RegisterConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     experiment: str
+    system_metrics: bool
 
     def validate(self) -> None:
         _check(bool(self.experiment.strip()), "tracking.experiment", "must not be empty", self.experiment)

@@ -90,6 +90,7 @@ STEP_SCHEDULE = "overrides=train.schedule=step train.lr_boundaries=[0.5]"
 
 
 def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path):
+    store = {**store, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # system metrics every second, not 10
     live = start_mlflow_run(store, "epochs=3", STEP_SCHEDULE)
     wait_for_checkpoint(tmp_path / "checkpoints", live)
     kill_tree(live.pid, signal.SIGSTOP)  # still alive, holding its lock, but making no progress
@@ -127,6 +128,9 @@ def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path
     assert lrs == pytest.approx({1: 0.05, 2: 0.05, 3: 0.005})  # it decayed after epoch 2, in the resumed part
     assert lrs == metric_steps(client, uninterrupted.info.run_id, "lr")  # exactly as without the kill
     assert iterations == metric_steps(client, uninterrupted.info.run_id, "iterations")
+    # System metrics were sampled before and after the kill, their steps going on (metric_steps: none twice).
+    cpu = metric_steps(client, resumed.info.run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and all(0 <= value <= 100 for value in cpu.values()), cpu
     parents = experiment_runs(client, "tags.step = 'main'")
     assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED", "KILLED"]  # rerun marks it KILLED
     assert not (tmp_path / "checkpoints" / killed.info.run_id).exists()  # a finished run drops its checkpoint

@@ -30,3 +30,19 @@ def test_steps_and_the_keras_side_never_import_mlflow():
     for name in ("prepare", "train", "evaluate", "register", "main", "compare", "sweep",
                  "fitting", "model", "augment", "data", "config", "distribute", "predict", "inputs"):
         assert not imports_mlflow(PIPELINE / f"{name}.py"), name
+
+
+def pins(lines) -> list[str]:
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
+def test_every_requirements_file_pins_the_same_packages():
+    """conda.yaml's pip list is requirements.txt; requirements-gpu.txt is too, with TensorFlow's CUDA build and
+    the GPU metrics bindings added (it once lacked optuna, tabulate and psycopg2: sweeps and compare failed)."""
+    import yaml
+
+    cpu = pins((ROOT / "requirements.txt").read_text().splitlines())
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())["dependencies"]
+    assert next(d["pip"] for d in conda if isinstance(d, dict)) == cpu
+    gpu = pins((ROOT / "requirements-gpu.txt").read_text().splitlines())
+    assert gpu == [p.replace("tensorflow==", "tensorflow[and-cuda]==") for p in cpu] + ["nvidia-ml-py==13.615.71"]

@@ -83,6 +83,8 @@ class _DropMessages(logging.Filter):
 # serve.ImageClassifier is logged as an object on purpose (its code ships with the model, see log_model):
 # MLflow's advice to log models from code instead is noise on every training run.
 logging.getLogger("mlflow.pyfunc").addFilter(_DropMessages("Passing a Python object as `python_model`"))
+# The system metrics monitor's start and stop (tracking.system_metrics) would be 3 lines on every train step.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 for _var, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
@@ -192,21 +194,25 @@ def ui_hint(run: mlflow.entities.Run | mlflow.ActiveRun) -> str:
 
 def step_run(cfg: Config, step: str, *, run_name: str | None = None,
              resume_run_id: str | None = None) -> contextlib.AbstractContextManager[mlflow.ActiveRun]:
-    """`open_run` for a pipeline step, in `tracking.experiment`, tagged with the model depth."""
+    """`open_run` for a pipeline step, in `tracking.experiment`, tagged with the model depth; a train step
+    logs MLflow's system metrics if `tracking.system_metrics`."""
     return open_run(step, experiment=cfg.tracking.experiment, run_name=run_name, resume_run_id=resume_run_id,
-                    tags={"model_depth": str(cfg.model.depth)})
+                    tags={"model_depth": str(cfg.model.depth)},
+                    system_metrics=step == "train" and cfg.tracking.system_metrics)
 
 
 @contextlib.contextmanager
 def open_run(step: str, *, experiment: str | None = None, run_name: str | None = None,
-             resume_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+             resume_run_id: str | None = None, tags: dict[str, str] | None = None,
+             system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Open the MLflow run of one step, tagged `step` (and `tags`, the git commit).
 
     Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and is reused. Inside another
     active run (the `main` driver, a sweep) a nested child run is opened in the parent's
     experiment. Otherwise a new run is opened in `experiment` (MLflow's default if None).
     `resume_run_id` reopens that existing run instead (nested in whatever run is active).
-    A step that raises ends FAILED; one interrupted by SIGTERM/SIGINT ends KILLED.
+    A step that raises ends FAILED; one interrupted by SIGTERM/SIGINT ends KILLED. `system_metrics`: the
+    step's run logs MLflow's system metrics while open (continuing their steps when reopened).
     """
     parent = mlflow.active_run()
     tags = {"step": step, **(tags or {})}
@@ -219,17 +225,18 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
                 stack.enter_context(_ended_with_reason(
                     mlflow.start_run(tags={**tags, "resumes_run": resume_run_id})))
             yield stack.enter_context(_ended_with_reason(
-                mlflow.start_run(run_id=resume_run_id, nested=mlflow.active_run() is not None)))
+                mlflow.start_run(run_id=resume_run_id, nested=mlflow.active_run() is not None,
+                                 log_system_metrics=system_metrics)))
         return
     if parent is not None:
-        ctx = mlflow.start_run(run_name=run_name or step, nested=True,
-                               experiment_id=parent.info.experiment_id, tags=tags)
+        ctx = mlflow.start_run(run_name=run_name or step, nested=True, experiment_id=parent.info.experiment_id,
+                               tags=tags, log_system_metrics=system_metrics)
     elif os.environ.get("MLFLOW_RUN_ID"):
-        ctx = mlflow.start_run(tags=tags)
+        ctx = mlflow.start_run(tags=tags, log_system_metrics=system_metrics)
     else:
         if experiment:
             mlflow.set_experiment(experiment)
-        ctx = mlflow.start_run(run_name=run_name or step, tags=tags)
+        ctx = mlflow.start_run(run_name=run_name or step, tags=tags, log_system_metrics=system_metrics)
     with _ended_with_reason(ctx) as run:
         if run_name:  # `mlflow run` names its run at random; a descriptive name reads better in the UI
             mlflow.set_tag("mlflow.runName", run_name)
