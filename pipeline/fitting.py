@@ -7,9 +7,12 @@ of a cluster and the GPU benchmark call it directly.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 import sys
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -241,6 +244,55 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
                          validation_data=DeviceBatches(x_val, y_val, t.batch_size, shuffle=False), **options)
     return model.fit(x_train, y_train, batch_size=t.batch_size, validation_data=(x_val, y_val), shuffle=True,
                      **options)
+
+
+class Checkpoint(keras.callbacks.BackupAndRestore):
+    """Keras's BackupAndRestore (every epoch), with a checkpoint that survives its process being killed at
+    any instant. Keras overwrites `latest.weights.h5` in place, then the metadata: a kill during the first
+    write leaves a torn file (h5py's "bad object header" on resume), between the two the weights of one
+    epoch under the metadata of the one before. Here each epoch's weights go to a file of their own, then
+    `training_metadata.json`, naming them, replaces the previous one in one rename, and only then is the
+    previous epoch's file deleted: the metadata always names complete weights of the epoch it states.
+    Both are flushed to disk before the rename, for a machine that loses power."""
+
+    METADATA = "training_metadata.json"
+
+    def __init__(self, backup_dir: str | Path):
+        super().__init__(str(backup_dir), save_freq="epoch")
+
+    def _save_model(self):
+        folder = Path(self.backup_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = f"epoch-{self._current_epoch:04d}.weights.h5"
+        self.model.save_weights(str(folder / weights), overwrite=True)
+        staged = folder / f"{self.METADATA}.partial"
+        staged.write_text(json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                                      "weights": weights}))
+        for path in (folder / weights, staged):
+            _flush_to_disk(path)
+        os.replace(staged, folder / self.METADATA)
+        _flush_to_disk(folder)
+        for old in folder.glob("epoch-*.weights.h5"):
+            if old.name != weights:
+                old.unlink()
+
+    def _load_model(self):
+        metadata = Path(self.backup_dir) / self.METADATA
+        if not metadata.exists():
+            return
+        saved = json.loads(metadata.read_text())
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)  # its variables are in the file too
+        self.model.load_weights(str(Path(self.backup_dir) / saved.get("weights", "latest.weights.h5")))
+        self.model._initial_epoch = saved["epoch"]
+
+
+def _flush_to_disk(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def current_lr(optimizer: keras.optimizers.Optimizer) -> float:

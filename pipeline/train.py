@@ -29,6 +29,7 @@ from pipeline import config, prepare
 from pipeline.data import Dataset
 from pipeline.distribute import Distribution, distribution
 from pipeline.fitting import (
+    Checkpoint,
     check_backend,
     compile_model,
     cpu_allocator,
@@ -109,7 +110,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
             dist.agree(training_job(cfg, dataset), checkpoint_dir(run_id))
         history = fit(model, cfg, splits, len(dataset.class_names),
                       [MlflowEpochLogger(train_images, logged),
-                       keras.callbacks.BackupAndRestore(str(checkpoint_dir(run_id)), save_freq="epoch"),
+                       Checkpoint(checkpoint_dir(run_id)),
                        *extra_callbacks])
     finally:
         release(run_id)  # an interrupted or failed run keeps its checkpoint, for the rerun to resume
@@ -156,7 +157,7 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
           f"the chief logs to MLflow")
     dist.agree(job, backup)
     history = fit(model, cfg, splits, len(dataset.class_names),
-                  [keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch")])
+                  [Checkpoint(backup)])
     shutil.rmtree(backup, ignore_errors=True)
     reason = diverged(history)
     if reason:

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from bench.servers import free_port, start_tracking_server, stop_group
 from pipeline import config
-from pipeline.fitting import learning_rate
+from pipeline.fitting import Checkpoint, learning_rate
 from tests.conftest import ROOT, eventually
 
 TINY = "params/tiny.yaml"
@@ -135,6 +135,56 @@ def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path
     assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED", "KILLED"]  # rerun marks it KILLED
     assert not (tmp_path / "checkpoints" / killed.info.run_id).exists()  # a finished run drops its checkpoint
     assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 2
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL in the middle of a checkpoint: nothing after it runs, no handler, no cleanup."""
+
+
+@pytest.mark.parametrize("dies", ["writing the weights", "before the metadata is replaced"])
+def test_a_checkpoint_killed_while_written_restores_the_epoch_before_whole(tmp_path, monkeypatch, dies):
+    """Keras's own BackupAndRestore overwrites one weights file in place: killed during that write, its resume
+    fails on a torn HDF5 file; killed after it, it restores the new weights under the old epoch."""
+    import numpy as np
+
+    def model():
+        keras.utils.set_random_seed(0)
+        net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        net.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+        return net
+
+    x, y = np.random.default_rng(0).normal(size=(64, 4)), np.random.default_rng(1).normal(size=(64, 3))
+    trained, saved = model(), []
+    save_weights = trained.save_weights
+
+    def save_or_die(filepath, overwrite=True):
+        if saved and dies == "writing the weights":
+            Path(filepath).write_bytes(Path(filepath.replace("0002", "0001")).read_bytes()[:500])  # half written
+            raise Killed
+        save_weights(filepath, overwrite=overwrite)
+        saved.append([w.copy() for w in trained.get_weights()])
+
+    def replace_or_die(src, dst):
+        if len(saved) == 2:
+            raise Killed
+        os.rename(src, dst)
+
+    monkeypatch.setattr(trained, "save_weights", save_or_die)
+    monkeypatch.setattr("pipeline.fitting.os.replace", replace_or_die)
+    with pytest.raises(Killed):
+        trained.fit(x, y, epochs=3, verbose=0, callbacks=[Checkpoint(tmp_path / "checkpoint")])
+    monkeypatch.undo()
+
+    restored = model()
+    callback = Checkpoint(tmp_path / "checkpoint")
+    callback.set_model(restored)
+    callback.on_train_begin()
+    assert restored._initial_epoch == 1  # the last epoch whose checkpoint was complete
+    for got, want in zip(restored.get_weights(), saved[0], strict=True):
+        np.testing.assert_array_equal(got, want)  # its weights, not the next epoch's or a torn file's
+    assert restored.optimizer.iterations.numpy() == 2  # 64 images in batches of 32: one epoch's steps
+    history = restored.fit(x, y, epochs=3, verbose=0, callbacks=[callback])
+    assert history.epoch == [1, 2] and not (tmp_path / "checkpoint").exists()  # it went on, then dropped the checkpoint
 
 
 # Epochs twice tiny's, so that Ctrl-C a second after epoch 1's checkpoint lands in epoch 2 on a busy machine too.
