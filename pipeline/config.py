@@ -145,6 +145,7 @@ class TrainConfig:
     precision: str
     jit_compile: str
     steps_per_execution: int
+    checkpoint_every: int
     feed: str
     distribute: str
     seed: int
@@ -174,6 +175,8 @@ class TrainConfig:
                self.jit_compile)
         _check(self.feed in ("host", "device"), "train.feed", "must be host or device", self.feed)
         _check(self.steps_per_execution >= 1, "train.steps_per_execution", "must be >= 1", self.steps_per_execution)
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = no checkpoints)",
+               self.checkpoint_every)
         _check(self.distribute in ("auto", "none", "mirrored", "data_parallel", "multi_worker"), "train.distribute",
                "must be auto, none, mirrored, data_parallel or multi_worker", self.distribute)
         _check(self.verbose in ("auto", "0", "1", "2"), "train.verbose", "must be auto, 0, 1 or 2", self.verbose)

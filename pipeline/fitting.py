@@ -253,12 +253,19 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
     epoch under the metadata of the one before. Here each epoch's weights go to a file of their own, then
     `training_metadata.json`, naming them, replaces the previous one in one rename, and only then is the
     previous epoch's file deleted: the metadata always names complete weights of the epoch it states.
-    Both are flushed to disk before the rename, for a machine that loses power."""
+    Both are flushed to disk before the rename, for a machine that loses power. `every`: epochs between
+    checkpoints (0: none; the folder is still removed when training ends)."""
 
     METADATA = "training_metadata.json"
 
-    def __init__(self, backup_dir: str | Path):
+    def __init__(self, backup_dir: str | Path, every: int = 1):
         super().__init__(str(backup_dir), save_freq="epoch")
+        self.every = every
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._current_epoch, self._last_batch_seen = epoch + 1, 0
+        if self.every and self._current_epoch % self.every == 0:
+            self._save_model()
 
     def _save_model(self):
         folder = Path(self.backup_dir)

@@ -110,7 +110,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
             dist.agree(training_job(cfg, dataset), checkpoint_dir(run_id))
         history = fit(model, cfg, splits, len(dataset.class_names),
                       [MlflowEpochLogger(train_images, logged),
-                       Checkpoint(checkpoint_dir(run_id)),
+                       Checkpoint(checkpoint_dir(run_id), t.checkpoint_every),
                        *extra_callbacks])
     finally:
         release(run_id)  # an interrupted or failed run keeps its checkpoint, for the rerun to resume
@@ -157,7 +157,7 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
           f"the chief logs to MLflow")
     dist.agree(job, backup)
     history = fit(model, cfg, splits, len(dataset.class_names),
-                  [Checkpoint(backup)])
+                  [Checkpoint(backup, cfg.train.checkpoint_every)])
     shutil.rmtree(backup, ignore_errors=True)
     reason = diverged(history)
     if reason:

@@ -109,6 +109,7 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("train.precision=float8", "train.precision"),
     ("train.distribute=tpu", "train.distribute"),
     ("train.steps_per_execution=0", "train.steps_per_execution"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every"),
     ("train.feed=gpu", "train.feed"),
     ("train.flip=maybe", "train.flip"),
     ("train.validation_fraction=1", "train.validation_fraction"),

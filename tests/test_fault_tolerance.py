@@ -187,6 +187,23 @@ def test_a_checkpoint_killed_while_written_restores_the_epoch_before_whole(tmp_p
     assert history.epoch == [1, 2] and not (tmp_path / "checkpoint").exists()  # it went on, then dropped the checkpoint
 
 
+@pytest.mark.parametrize(("every", "held"), [(2, [0, 2, 2, 4, 4]), (0, [0, 0, 0, 0, 0])])
+def test_checkpoints_every_n_epochs_or_none(tmp_path, every, held):
+    """train.checkpoint_every: the epoch the checkpoint holds after each of 5 epochs; the folder goes at the end."""
+    import numpy as np
+
+    from pipeline.distribute import completed_epochs
+
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    net.compile("sgd", "mse")
+    seen = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: seen.append(completed_epochs(tmp_path / "c")))
+    net.fit(np.zeros((8, 4)), np.zeros((8, 3)), epochs=5, verbose=0,
+            callbacks=[Checkpoint(tmp_path / "c", every), record])
+    assert seen == held
+    assert not (tmp_path / "c").exists()
+
+
 # Epochs twice tiny's, so that Ctrl-C a second after epoch 1's checkpoint lands in epoch 2 on a busy machine too.
 LONGER = "data.synthetic_train=2048"
 
