@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError
@@ -58,11 +57,11 @@ class Distribution:
     def scope(self) -> contextlib.AbstractContextManager:
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
-    def agree(self, job: str, checkpoint: Path) -> None:
+    def agree(self, job: str, done: int) -> None:
         """In a cluster, check before any step that every host trains the same job from the same epoch.
 
         job: a digest of what every host must share (`train.training_job`: the model and train params and the
-        data); checkpoint: this host's BackupAndRestore folder, whose epoch it restores. Hosts that differ
+        data); done: the epochs this host's checkpoint holds, which it restores. Hosts that differ
         in either would train different models or unequal numbers of steps: the chief would log and register
         a model no single recipe produced, or one host would wait on a collective nobody joins. Every host
         gathers every host's job and epoch (one collective, so all reach the same verdict) and each raises
@@ -70,7 +69,7 @@ class Distribution:
         import tensorflow as tf
 
         tasks = self.cluster.tasks
-        mine = [tasks.index(self.cluster.task), completed_epochs(checkpoint), int(job[:7], 16), int(job[7:14], 16)]
+        mine = [tasks.index(self.cluster.task), done, int(job[:7], 16), int(job[7:14], 16)]
         everyone = self.strategy.gather(self.strategy.run(lambda: tf.constant([mine], tf.int32)), axis=0)
         hosts = {tasks[task]: (done, digest) for task, done, *digest in everyone.numpy().tolist()}
         chief = tasks[0]  # the chief task, else worker 0
@@ -117,12 +116,6 @@ class Cluster:
     def tasks(self) -> list[str]:
         """Every training task, chief first (so the one that logs first): the order of TensorFlow's replicas."""
         return [f"{name} {i}" for name in ("chief", "worker") for i in range(len(self.spec.get(name, ())))]
-
-
-def completed_epochs(checkpoint: Path) -> int:
-    """How many epochs a Keras BackupAndRestore folder holds (0 if none)."""
-    path = checkpoint / "training_metadata.json"
-    return int(json.loads(path.read_text())["epoch"]) if path.exists() else 0
 
 
 def cluster_from_env() -> Cluster | None:

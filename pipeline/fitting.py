@@ -283,6 +283,12 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
             if old.name != weights:
                 old.unlink()
 
+    @classmethod
+    def completed_epochs(cls, folder: str | Path) -> int:
+        """How many epochs the checkpoint in `folder` holds (0 if none)."""
+        metadata = Path(folder) / cls.METADATA
+        return int(json.loads(metadata.read_text())["epoch"]) if metadata.exists() else 0
+
     def _load_model(self):
         metadata = Path(self.backup_dir) / self.METADATA
         if not metadata.exists():

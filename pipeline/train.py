@@ -107,7 +107,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     logged = logged_epochs(run_id)
     try:
         if dist.cluster:  # hashing the data takes a moment: only a cluster needs it
-            dist.agree(training_job(cfg, dataset), checkpoint_dir(run_id))
+            dist.agree(training_job(cfg, dataset), Checkpoint.completed_epochs(checkpoint_dir(run_id)))
         history = fit(model, cfg, splits, len(dataset.class_names),
                       [MlflowEpochLogger(train_images, logged),
                        Checkpoint(checkpoint_dir(run_id), t.checkpoint_every),
@@ -155,7 +155,7 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
         shutil.rmtree(backup, ignore_errors=True)
     print(f"{dist.task} of {dist.workers}: training on {len(splits[0])} images, devices {dist.devices}; "
           f"the chief logs to MLflow")
-    dist.agree(job, backup)
+    dist.agree(job, Checkpoint.completed_epochs(backup))
     history = fit(model, cfg, splits, len(dataset.class_names),
                   [Checkpoint(backup, cfg.train.checkpoint_every)])
     shutil.rmtree(backup, ignore_errors=True)

@@ -192,12 +192,11 @@ def test_checkpoints_every_n_epochs_or_none(tmp_path, every, held):
     """train.checkpoint_every: the epoch the checkpoint holds after each of 5 epochs; the folder goes at the end."""
     import numpy as np
 
-    from pipeline.distribute import completed_epochs
-
     net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     net.compile("sgd", "mse")
     seen = []
-    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: seen.append(completed_epochs(tmp_path / "c")))
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda *_: seen.append(Checkpoint.completed_epochs(tmp_path / "c")))
     net.fit(np.zeros((8, 4)), np.zeros((8, 3)), epochs=5, verbose=0,
             callbacks=[Checkpoint(tmp_path / "c", every), record])
     assert seen == held

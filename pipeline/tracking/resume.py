@@ -55,7 +55,7 @@ def release(run_id: str) -> None:
 
 
 def has_checkpoint(run_id: str) -> bool:
-    return (checkpoint_dir(run_id) / "training_metadata.json").exists()
+    return (checkpoint_dir(run_id) / "training_metadata.json").exists()  # fitting.Checkpoint.METADATA (no Keras here)
 
 
 def train_key(cfg: config.Config, dataset_uri: str) -> str:
