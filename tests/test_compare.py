@@ -165,3 +165,16 @@ def test_sweep_marks_a_failed_trial_goes_on_and_registers_the_best(server, tmp_p
     assert tags_of(sweep[0])["best_trial_run_id"] == good["info"]["run_id"]
     children = search(server, experiment_id, f"tags.mlflow.parentRunId = '{sweep_id}'")
     assert {tags_of(r)["step"] for r in children} >= {"trial", "register", "compare"}
+
+
+def test_a_runs_description_names_its_architecture():
+    from pipeline import config
+    from pipeline.tracking import model_summary
+
+    for params_file, expected in (("params/default.yaml", "Pre-activation ResNet-164 (bottleneck blocks"),
+                                  ("params/quick.yaml", "ResNet-9 (conv-BN-ReLU, widths [16, 48, 192, 384], "
+                                                        "patch-whitening stem)"),
+                                  ("params/fast.yaml", "ResNet-9 (conv-BN-ReLU, widths [64, 128, 256, 512])")):
+        cfg = config.load(ROOT / params_file)
+        summary = model_summary({k: str(v) for k, v in cfg.flat().items()}, {"model_depth": str(cfg.model.depth)})
+        assert summary.startswith(expected), (params_file, summary)

@@ -467,6 +467,16 @@ def prepare_run_id(dataset_uri: str) -> str | None:
     return match.group(1) if match else None
 
 
+def model_summary(params: dict[str, str], tags: dict[str, str]) -> str:
+    """The model of a training run in words, from its params and tags (`model_depth`)."""
+    depth, widths = tags.get("model_depth", "?"), params.get("model.widths", "?")
+    if params.get("model.arch") == "resnet9":
+        stem = ", patch-whitening stem" if params.get("model.stem") == "whiten" else ""
+        return f"ResNet-9 (conv-BN-ReLU, widths {widths}{stem})"
+    return (f"Pre-activation ResNet-{depth} ({params.get('model.block', '?')} blocks, "
+            f"units_per_stage {params.get('model.units_per_stage', '?')}, widths {widths})")
+
+
 def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
     """Write a training run's description (tag mlflow.note.content): model, recipe and data digest.
 
@@ -483,10 +493,8 @@ def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
         digest = client.get_run(prepare_id).data.tags.get("dataset_sha256", "unknown") if prepare_id else "unknown"
     except MlflowException:
         digest = "unknown"  # the prepare run was deleted
-    note = (f"Pre-activation ResNet-{tags.get('model_depth', '?')} ({params.get('model.block', '?')} blocks, "
-            f"units_per_stage {params.get('model.units_per_stage', '?')}, widths {params.get('model.widths', '?')}), "
-            f"{params.get('train.epochs', '?')} epochs, batch {params.get('train.batch_size', '?')}, "
-            f"lr {params.get('train.lr', '?')}.\n\n"
+    note = (f"{model_summary(params, tags)}, {params.get('train.epochs', '?')} epochs, "
+            f"batch {params.get('train.batch_size', '?')}, lr {params.get('train.lr', '?')}.\n\n"
             f"Data: `{params.get('data.source', '?')}`, sha256 `{digest}` (prepare run `{prepare_id}`).\n\n"
             f"Model: `{tags.get('model_uri', '?')}`.")
     client.set_tag(run_id, "mlflow.note.content", note)
