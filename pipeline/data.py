@@ -13,6 +13,7 @@ types those files contain: a crafted batch cannot run code.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -65,20 +66,21 @@ class Dataset:
         copy of every pixel (1.2 GB for 50,000 images). The pixels are counted in chunks, channel c's
         value v in bin 256 c + v (3x faster than a bincount per strided channel), once per dataset:
         training builds the model twice (to train, and its inference copy)."""
-        cached = self.__dict__.get("_channel_stats")
-        if cached is None:
-            pixels = self.x_train.reshape(-1, CHANNELS)
-            offsets = (np.arange(CHANNELS) * 256).astype(np.uint16)
-            counts = np.zeros(CHANNELS * 256, np.int64)
-            for start in range(0, len(pixels), 1 << 20):
-                counts += np.bincount((pixels[start:start + (1 << 20)] + offsets).ravel(), minlength=CHANNELS * 256)
-            counts = counts.reshape(CHANNELS, 256).astype(np.float64)
-            values = np.arange(256, dtype=np.float64)
-            n = counts.sum(axis=1)
-            mean = counts @ values / n
-            std = np.sqrt((counts * (values[None, :] - mean[:, None]) ** 2).sum(axis=1) / n)
-            cached = self.__dict__["_channel_stats"] = (mean, std)  # frozen: set past __setattr__
-        return cached[0].copy(), cached[1].copy()
+        mean, std = self._channel_stats
+        return mean.copy(), std.copy()
+
+    @functools.cached_property
+    def _channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        pixels = self.x_train.reshape(-1, CHANNELS)
+        offsets = (np.arange(CHANNELS) * 256).astype(np.uint16)
+        counts = np.zeros(CHANNELS * 256, np.int64)
+        for start in range(0, len(pixels), 1 << 20):
+            counts += np.bincount((pixels[start:start + (1 << 20)] + offsets).ravel(), minlength=CHANNELS * 256)
+        counts = counts.reshape(CHANNELS, 256).astype(np.float64)
+        values = np.arange(256, dtype=np.float64)
+        n = counts.sum(axis=1)
+        mean = counts @ values / n
+        return mean, np.sqrt((counts * (values[None, :] - mean[:, None]) ** 2).sum(axis=1) / n)
 
     def subset(self, *, max_train: int, max_test: int, seed: int) -> Dataset:
         """Keep a seeded random subset of each split (0 = keep all)."""
