@@ -223,12 +223,48 @@ class DeviceBatches(keras.utils.PyDataset):
             self.order = self.rng.permutation(len(self.order))
 
 
+def host_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
+                 first_epoch: int = 0):
+    """A tf.data pipeline of (images, labels) batches cut from arrays held in host memory (TensorFlow backend).
+
+    shuffle: an endless sequence of epochs, epoch e in an order drawn from (seed, e) alone, so that a run resumed
+    at epoch `first_epoch` sees the batches the uninterrupted run saw; each epoch ends with its partial batch, as
+    Keras's array feed does. Else: one pass in order (validation).
+
+    It differs from Keras's own array feed in one setting: tf.data's autotuning is off (the buffers are fixed).
+    With it on, destroying an iterator waits for the autotuner's thread to wake from a sleep that grows to a
+    minute, and Keras destroys one after every validation, every epoch (its array feed makes one per epoch)
+    and `fit`: on a 2-core Xeon that stalled training for up to ~20 s at random epoch ends and 26-42 s after the
+    last; `fit` took 1.24x as long over 3 short epochs (bench/results/feed.md), and the quick command's
+    median fell from 623 to 539 s.
+    """
+    import tensorflow as tf
+
+    n = len(images)
+    images, labels = tf.constant(images), tf.constant(labels)
+
+    def epoch_batches(epoch):
+        order = tf.range(n, dtype=tf.int64)
+        if shuffle:
+            order = tf.random.experimental.stateless_shuffle(order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max) if shuffle else tf.data.Dataset.range(1)
+    batches = epochs.flat_map(epoch_batches).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.experimental_optimization.apply_default_optimizations = False  # as Keras's array feed
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA  # as Keras's
+    return batches.prefetch(2).with_options(options)
+
+
 def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
         callbacks: list) -> keras.callbacks.History:
     """`model.fit` on `split_validation`'s splits, validating every epoch; the same on every host of a cluster.
 
-    train.feed host: Keras's array feed (uint8 in host memory, a batch copied per step); device:
-    `DeviceBatches` (JAX only).
+    train.feed host: uint8 arrays in host memory, a batch copied per step (`host_batches` on TensorFlow, Keras's
+    array feed on other backends); device: `DeviceBatches` (JAX only). A `Checkpoint` among `callbacks` tells
+    which epoch training resumes at.
     """
     t = cfg.train
     x_train, y_train, x_val, y_val = splits
@@ -242,8 +278,14 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
     if t.feed == "device":
         return model.fit(DeviceBatches(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed),
                          validation_data=DeviceBatches(x_val, y_val, t.batch_size, shuffle=False), **options)
-    return model.fit(x_train, y_train, batch_size=t.batch_size, validation_data=(x_val, y_val), shuffle=True,
-                     **options)
+    if keras.backend.backend() != "tensorflow":
+        return model.fit(x_train, y_train, batch_size=t.batch_size, validation_data=(x_val, y_val), shuffle=True,
+                         **options)
+    first_epoch = max((Checkpoint.completed_epochs(c.backup_dir) for c in callbacks if isinstance(c, Checkpoint)),
+                      default=0)
+    return model.fit(host_batches(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed, first_epoch=first_epoch),
+                     steps_per_epoch=math.ceil(len(x_train) / t.batch_size),
+                     validation_data=host_batches(x_val, y_val, t.batch_size, shuffle=False), **options)
 
 
 class Checkpoint(keras.callbacks.BackupAndRestore):

@@ -65,7 +65,10 @@ def test_quick_recipe_beats_colour_alone_in_bounded_time(cifar_jpeg):
 # keep their recipe on a 1-unit-per-stage ResNet-11 at a quarter of the width (ResNet-164 takes minutes
 # to compile here), the fast profile its ResNet-9 at width 16. The quick profile is the test above.
 @pytest.mark.parametrize(("profile", "overrides"), [
-    ("default", "model.units_per_stage=1 model.widths=[16,32,64]"),
+    # the seed's BN momentum 0.99 leaves 20% of the initial statistics in the moving averages after 160 steps, so
+    # the evaluated model depended on the batch order: test accuracy 0.187-0.289 over train.seed 0-2 and two feeds
+    # (2-core Xeon, 2026-12-02); with 0.9, 0.304-0.311
+    ("default", "model.units_per_stage=1 model.widths=[16,32,64] model.bn_momentum=0.9"),
     # 0.999 and 0.99 average over more of the 160 steps than their last ones: the weights of the first steps
     # would weigh 85% and 20% in the average
     ("improved", "model.units_per_stage=1 model.widths=[16,32,64] train.ema_momentum=0.95"),
