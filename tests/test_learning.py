@@ -72,11 +72,12 @@ def test_quick_recipe_beats_colour_alone_in_bounded_time(cifar_jpeg):
     # 0.999 and 0.99 average over more of the 160 steps than their last ones: the weights of the first steps
     # would weigh 85% and 20% in the average
     ("improved", "model.units_per_stage=1 model.widths=[16,32,64] train.ema_momentum=0.95"),
-    ("fast", "model.widths=[16,32,64,128] train.ema_momentum=0.95"),
+    ("fast", "model.widths=[16,32,64,128]"),
 ])
 def test_every_profile_learns_real_images_well_above_chance(cifar_jpeg, profile, overrides):
     dataset = cifar_jpeg.subset(max_train=2500, max_test=1000, seed=1)
     cfg = short_run(profile, f"{overrides} train.epochs=4 train.batch_size=64")
     # chance is 0.1; measured 0.25-0.32 on a 2-core AMD EPYC; the fast profile with conv_init pytorch 0.417
-    # (2026-12-01; 0.239 with its own ema_momentum 0.99)
+    # (2026-12-01; 0.239 with its then ema_momentum 0.99); without EMA, as the file has it now, 0.420-0.450 over
+    # train.seed 0-2 (2-core Xeon, 2026-12-02)
     assert train_and_score(cfg, dataset) >= 0.20
