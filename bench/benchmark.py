@@ -18,11 +18,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +31,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from bench.machine import machine
+from bench.machine import child_result, machine
 from pipeline import augment, config, data, fitting
 from pipeline.tracking import training
 
@@ -117,10 +114,8 @@ def fit_feeds(dataset_size: int) -> dict:
 
 def jax_feeds(dataset_size: int) -> dict:
     """`fit_feeds` on the JAX backend, measured in a child process (one backend per process)."""
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    out = subprocess.run([sys.executable, "-m", "bench.benchmark", "--fit-feeds", str(dataset_size)], env=env,
-                         cwd=RESULTS.parent.parent, capture_output=True, text=True, timeout=1200, check=True).stdout
-    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[7:])
+    return child_result("bench.benchmark", "--fit-feeds", str(dataset_size), env={"KERAS_BACKEND": "jax"},
+                        timeout=1200)
 
 
 def bench_train_step(cfg: config.Config, dataset: data.Dataset, steps: int) -> dict:

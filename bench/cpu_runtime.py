@@ -19,17 +19,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from bench.machine import save_results, stamp
+from bench.machine import child_result, save_results, stamp
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = RESULTS.parents[1]
 PROFILE = "params/quick.yaml"
 # key: (label, environment of the child)
 SIDES = {
@@ -87,10 +84,7 @@ def child(steps: int) -> dict:
 
 def run_child(side: str, steps: int) -> dict:
     wanted = SIDES[side][1]
-    out = subprocess.run([sys.executable, "-m", "bench.cpu_runtime", "--child", "--steps", str(steps)],
-                         env={**os.environ, **wanted}, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         check=True).stdout
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[7:])
+    result = child_result("bench.cpu_runtime", "--child", "--steps", str(steps), env=wanted, timeout=900)
     # importing pipeline must not override what the environment sets
     if result["env"] != wanted or result["backend"] != wanted["KERAS_BACKEND"]:
         raise RuntimeError(f"the child ran with {result['env']}, not {wanted}")

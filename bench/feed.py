@@ -18,17 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from bench.machine import save_results, stamp
+from bench.machine import child_result, save_results, stamp
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = RESULTS.parents[1]
 PROFILE = "params/quick.yaml"
 SIDES = {"keras": "Keras's array feed (model.fit(x, y, shuffle=True))",
          "pipeline": "the pipeline's feed (pipeline.fitting.fit: host_batches, autotuning off)"}
@@ -61,13 +58,6 @@ def child(side: str, images: int, epochs: int) -> dict:
     returned = time.perf_counter()
     return {"epoch_seconds": [round(s, 2) for s in timer.seconds], "teardown_s": round(returned - ends[-1], 2),
             "fit_s": round(returned - start, 2), "train_images": len(splits[0])}
-
-
-def run_child(side: str, images: int, epochs: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "bench.feed", "--child", side, "--images", str(images),
-                          "--epochs", str(epochs)], cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                         check=True).stdout
-    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[7:])
 
 
 def summary(runs: list[dict]) -> dict:
@@ -116,7 +106,8 @@ def main() -> None:
     sides: dict[str, list[dict]] = {side: [] for side in SIDES}
     for round_ in range(args.rounds):
         for side in SIDES:
-            sides[side].append(run_child(side, args.images, args.epochs))
+            sides[side].append(child_result("bench.feed", "--child", side, "--images", str(args.images),
+                                            "--epochs", str(args.epochs)))
             print(f"round {round_ + 1}: {side}: {json.dumps(sides[side][-1])}", flush=True)
     results = {**stamp(), "rounds": args.rounds, "images": args.images, "epochs": args.epochs, "sides": sides}
     save_results(RESULTS, "feed", results, write_markdown)

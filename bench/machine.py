@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,3 +39,12 @@ def save_results(folder: Path, name: str, results: dict, write_markdown: Callabl
     (folder / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, folder / f"{name}.md")
     print((folder / f"{name}.md").read_text())
+
+
+def child_result(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
+    """Run `python -m <module> <args>` in the project root (a fresh interpreter, e.g. another backend or fresh
+    TensorFlow settings) and return the JSON it printed on its `RESULT <json>` line."""
+    out = subprocess.run([sys.executable, "-m", module, *args], env={**os.environ, **(env or {})},
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=timeout,
+                         check=True).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
