@@ -251,6 +251,8 @@ def host_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shu
 
     epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max) if shuffle else tf.data.Dataset.range(1)
     batches = epochs.flat_map(epoch_batches).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+    if not shuffle:  # known length: else Keras learns it by running out on the first pass and warns "ran out of data"
+        batches = batches.apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch_size)))
     options = tf.data.Options()
     options.autotune.enabled = False
     options.experimental_optimization.apply_default_optimizations = False  # as Keras's array feed
@@ -285,7 +287,8 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
                       default=0)
     return model.fit(host_batches(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed, first_epoch=first_epoch),
                      steps_per_epoch=math.ceil(len(x_train) / t.batch_size),
-                     validation_data=host_batches(x_val, y_val, t.batch_size, shuffle=False), **options)
+                     validation_data=host_batches(x_val, y_val, t.batch_size, shuffle=False),
+                     shuffle=False, **options)  # the order is host_batches' own (Keras warns that it ignores shuffle)
 
 
 class Checkpoint(keras.callbacks.BackupAndRestore):

@@ -5,11 +5,14 @@ autotuning off (with it on, each destroyed iterator can stall for the autotuner'
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
 
-from pipeline import fitting
+from pipeline import config, data, fitting
+from pipeline.distribute import distribution
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the feed of the TensorFlow backend")
 
@@ -57,5 +60,20 @@ def test_validation_is_one_pass_in_order_and_autotuning_is_off():
     images, labels = arrays()
     validation = fitting.host_batches(images, labels, BATCH, shuffle=False)
     assert epochs_of(take(validation, 100)) == [list(range(N))]
+    assert int(validation.cardinality()) == 3  # known up front: Keras need not run out of it to learn its length
     for dataset in (validation, fitting.host_batches(images, labels, BATCH, shuffle=True)):
         assert dataset.options().autotune.enabled is False
+
+
+def test_fit_through_the_feed_warns_of_nothing():
+    """Keras warned twice per run of this feed: that it ignores `shuffle` and that the input "ran out of data;
+    interrupting training" (the validation pass of unknown length): noise a user reads as a fault."""
+    cfg = config.load("params/tiny.yaml", "train.epochs=2 train.verbose=0 train.steps_per_execution=2")
+    dataset = data.make_synthetic(n_train=200, n_test=20, seed=0)
+    splits = fitting.split_validation(dataset, 0.1, 0)
+    model = fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fitting.fit(model, cfg, splits, len(dataset.class_names), [])
+    assert len(history.history["val_loss"]) == 2
+    assert not [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
