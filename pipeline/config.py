@@ -34,6 +34,10 @@ MLPROJECT = PROJECT_ROOT / "MLproject"
 # evaluate.tta: the test-time augmentations of the served model (see pipeline.serve.tta_views)
 TTA_MODES = ("none", "flip", "flip_shift")
 # model.conv_init: Keras initialisers by name, and pytorch (see pipeline.model.conv_initializer)
+# resnet9's residual branch ends in BN-ReLU: a zero-initialised end of it (gamma or kernel) feeds that ReLU exactly 0,
+# whose gradient is 0, so the branch would never learn (measured: its weights stayed where they started).
+RESNET9_ZERO_INIT = ("must be false for model.arch resnet9: its residual branches end in a ReLU, which passes no "
+                     "gradient to a branch that starts at zero, so they would never train")
 CONV_INITS = ("he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "glorot_uniform", "pytorch")
 
 
@@ -102,6 +106,7 @@ class ModelConfig:
         _check(0 <= self.l2 < 1, "model.l2", "must be in [0, 1)", self.l2)
         _check(0 <= self.bn_momentum < 1, "model.bn_momentum", "must be in [0, 1)", self.bn_momentum)
         if self.arch == "resnet9":  # block, units_per_stage, strides and stem_filters describe preact only
+            _check(not self.zero_init_residual, "model.zero_init_residual", RESNET9_ZERO_INIT, self.zero_init_residual)
             _check(len(self.widths) == 4, "model.widths",
                    "must list 4 widths for resnet9 (prep, layer1, layer2, layer3), e.g. [64, 128, 256, 512]",
                    self.widths)

@@ -19,7 +19,7 @@ import keras
 from keras import layers
 
 from pipeline.augment import RandomShiftFlip
-from pipeline.config import CONV_INITS, resnet_depth
+from pipeline.config import CONV_INITS, RESNET9_ZERO_INIT, resnet_depth
 
 
 def conv_initializer(name: str) -> keras.initializers.Initializer:
@@ -32,37 +32,41 @@ def conv_initializer(name: str) -> keras.initializers.Initializer:
     return keras.initializers.get(name)
 
 
-def _conv(filters: int, kernel_size: int, strides: int, name: str, *, l2: float, init: str) -> layers.Conv2D:
+def _conv(filters: int, kernel_size: int, strides: int, name: str, *, l2: float, init: str,
+          zero: bool = False) -> layers.Conv2D:
+    """A bias-free conv; `zero` starts its kernel at 0 (the last conv of a zero-initialised residual branch)."""
     return layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
-                         kernel_initializer=conv_initializer(init), kernel_regularizer=keras.regularizers.l2(l2),
-                         name=name)
+                         kernel_initializer="zeros" if zero else conv_initializer(init),
+                         kernel_regularizer=keras.regularizers.l2(l2), name=name)
 
 
-def _bn(x, name: str, *, momentum: float, l2: float | None, zero: bool = False):
-    """BatchNormalization; `l2` also regularises gamma and beta, `zero` starts gamma at 0."""
+def _bn(x, name: str, *, momentum: float, l2: float | None):
+    """BatchNormalization; `l2` also regularises gamma and beta."""
     reg = keras.regularizers.l2(l2) if l2 else None
-    return layers.BatchNormalization(momentum=momentum, gamma_initializer="zeros" if zero else "ones",
-                                     gamma_regularizer=reg, beta_regularizer=reg, name=f"{name}_bn")(x)
+    return layers.BatchNormalization(momentum=momentum, gamma_regularizer=reg, beta_regularizer=reg,
+                                     name=f"{name}_bn")(x)
 
 
-def _bn_relu(x, name: str, *, bn, zero: bool = False):
-    return layers.Activation("relu", name=f"{name}_relu")(bn(x, name, zero=zero))
+def _bn_relu(x, name: str, *, bn):
+    return layers.Activation("relu", name=f"{name}_relu")(bn(x, name))
 
 
 def _unit(x, *, block: str, width: int, strides: int, conv, bn, zero_init: bool, name: str):
     """One pre-activation unit. When the shape changes, the shortcut is a 1x1 projection taken
     after the unit's first BN-ReLU (as in the seed and He et al. 2016); otherwise identity.
-    zero_init: the BN before the branch's last conv starts with gamma 0, so the unit starts as identity."""
+    zero_init: the branch's last conv starts with a zero kernel, so the unit starts as the identity (timm's
+    zero_init_last for pre-activation blocks). Not the BN gamma before that conv: a zero gamma feeds its ReLU
+    exactly 0, whose gradient is 0, so gamma, beta and everything before them in the branch would never learn."""
     preact = _bn_relu(x, f"{name}_pre", bn=bn)
     project = strides != 1 or x.shape[-1] != width
     shortcut = conv(width, 1, strides, f"{name}_proj")(preact) if project else x
     if block == "bottleneck":
         y = conv(width // 4, 1, strides, f"{name}_conv1")(preact)
         y = conv(width // 4, 3, 1, f"{name}_conv2")(_bn_relu(y, f"{name}_mid1", bn=bn))
-        y = conv(width, 1, 1, f"{name}_conv3")(_bn_relu(y, f"{name}_mid2", bn=bn, zero=zero_init))
+        y = conv(width, 1, 1, f"{name}_conv3", zero=zero_init)(_bn_relu(y, f"{name}_mid2", bn=bn))
     else:
         y = conv(width, 3, strides, f"{name}_conv1")(preact)
-        y = conv(width, 3, 1, f"{name}_conv2")(_bn_relu(y, f"{name}_mid1", bn=bn, zero=zero_init))
+        y = conv(width, 3, 1, f"{name}_conv2", zero=zero_init)(_bn_relu(y, f"{name}_mid1", bn=bn))
     return layers.Add(name=f"{name}_add")([y, shortcut])
 
 
@@ -92,17 +96,17 @@ def whitening_kernel(images, size: int = 2, eps: float = 5e-4):
     return np.concatenate([kernel, -kernel], axis=-1).astype("float32")
 
 
-def _resnet9_body(x, *, widths, conv, bn, zero_init: bool, whiten=None, pool_before_bn: bool = False):
+def _resnet9_body(x, *, widths, conv, bn, whiten=None, pool_before_bn: bool = False):
     """The conv-BN-ReLU ResNet-9 of the DAWNBench winners (Page's "How to train your ResNet"):
     prep conv, then three layers of conv-BN-ReLU + 2x2 max-pool, the first and last followed by a
     residual pair of conv-BN-ReLU; global max-pool; the classifier's logits are scaled by 1/8.
     widths = (prep, layer1, layer2, layer3). pool_before_bn: each layer is conv, max-pool, BN-ReLU instead
     (as airbench orders it): the max commutes with ReLU, and BN and ReLU run on a quarter of the pixels."""
-    def conv_bn_relu(x, filters, name, zero=False, pool=False):
+    def conv_bn_relu(x, filters, name, pool=False):
         x = conv(filters, 3, 1, f"{name}_conv")(x)
         if pool and pool_before_bn:
             x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
-        x = _bn_relu(x, name, bn=bn, zero=zero)
+        x = _bn_relu(x, name, bn=bn)
         if pool and not pool_before_bn:
             x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
         return x
@@ -117,7 +121,7 @@ def _resnet9_body(x, *, widths, conv, bn, zero_init: bool, whiten=None, pool_bef
     for i, (width, residual) in enumerate(zip(widths[1:], (True, False, True), strict=True), start=1):
         x = conv_bn_relu(x, width, f"layer{i}", pool=True)
         if residual:
-            y = conv_bn_relu(conv_bn_relu(x, width, f"layer{i}_res1"), width, f"layer{i}_res2", zero=zero_init)
+            y = conv_bn_relu(conv_bn_relu(x, width, f"layer{i}_res1"), width, f"layer{i}_res2")
             x = layers.Add(name=f"layer{i}_add")([x, y])
     return layers.GlobalMaxPooling2D(name="pool")(x)
 
@@ -161,6 +165,8 @@ def build_resnet(
         raise ValueError(f"arch must be 'preact' or 'resnet9', got {arch!r}")
     if arch == "preact" and block not in ("bottleneck", "basic"):
         raise ValueError(f"block must be 'bottleneck' or 'basic', got {block!r}")
+    if arch == "resnet9" and zero_init_residual:
+        raise ValueError(f"zero_init_residual: {RESNET9_ZERO_INIT}")
     inputs = keras.Input(shape=(image_size, image_size, 3), dtype="uint8", name="pixels")
     x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], dtype="float32",
                              name="normalize")(inputs)
@@ -169,8 +175,7 @@ def build_resnet(
     bn = partial(_bn, momentum=bn_momentum, l2=l2 if l2_norm_and_bias else None)
     conv = partial(_conv, l2=l2, init=conv_init)
     if arch == "resnet9":
-        x = _resnet9_body(x, widths=widths, conv=conv, bn=bn, zero_init=zero_init_residual, whiten=whiten,
-                          pool_before_bn=pool_before_bn)
+        x = _resnet9_body(x, widths=widths, conv=conv, bn=bn, whiten=whiten, pool_before_bn=pool_before_bn)
     else:
         x = _preact_body(x, block=block, units_per_stage=units_per_stage, widths=widths, strides=strides,
                          stem_filters=stem_filters, conv=conv, bn=bn, zero_init=zero_init_residual)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
 
-from pipeline import config, fitting, model, serve
+from pipeline import config, data, fitting, model, serve
 
 
 def trainable(m: keras.Model) -> int:
@@ -62,19 +64,51 @@ def test_resnet9_is_the_dawnbench_network_at_any_width():
     assert config.load(None, "model.arch=resnet9 model.widths=[64,128,256,512]").run_name().startswith("resnet9-")
 
 
-@pytest.mark.parametrize("arch", ["preact", "resnet9"])
-def test_zero_init_residual_starts_each_residual_branch_at_identity(arch):
-    widths = (16, 32, 64, 128) if arch == "resnet9" else (16, 32)
-    kwargs = dict(num_classes=10, arch=arch, block="basic", units_per_stage=2, widths=widths, strides=(1, 2), l2=0.0)
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_zero_init_residual_starts_each_residual_branch_at_identity(block):
+    kwargs = dict(num_classes=10, arch="preact", block=block, units_per_stage=2, widths=(16, 32), strides=(1, 2),
+                  l2=0.0)
     on, off = model.build_resnet(zero_init_residual=True, **kwargs), model.build_resnet(**kwargs)
-    zero = sorted(layer.name for layer in on.layers if isinstance(layer, keras.layers.BatchNormalization)
-                  and not np.any(layer.gamma.numpy()))
-    if arch == "resnet9":
-        assert zero == ["layer1_res2_bn", "layer3_res2_bn"]
-    else:  # the BN before each unit's last conv
-        assert zero == [f"stage{s}_unit{u}_mid1_bn" for s in (1, 2) for u in (1, 2)]
-    assert not any(isinstance(layer, keras.layers.BatchNormalization) and not np.any(layer.gamma.numpy())
-                   for layer in off.layers)
+    last = "conv2" if block == "basic" else "conv3"
+    zero = sorted(layer.name for layer in on.layers if isinstance(layer, keras.layers.Conv2D)
+                  and not np.any(layer.kernel.numpy()))
+    assert zero == [f"stage{s}_unit{u}_{last}" for s in (1, 2) for u in (1, 2)]  # each branch's last conv
+    assert not any(isinstance(layer, keras.layers.Conv2D) and not np.any(layer.kernel.numpy()) for layer in off.layers)
+    # a unit with an identity shortcut starts as the identity: its output is its input
+    unit = keras.Model(on.get_layer("stage1_unit1_add").output, on.get_layer("stage1_unit2_add").output)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 16)).astype("float32")
+    assert np.array_equal(keras.ops.convert_to_numpy(unit(x, training=True)), x)
+
+
+def test_resnet9_refuses_zero_init_residual_whose_branch_could_never_learn():
+    with pytest.raises(config.ConfigError, match="model.zero_init_residual: must be false for model.arch resnet9"):
+        config.load("params/fast.yaml", "model.zero_init_residual=true")
+    with pytest.raises(ValueError, match="zero_init_residual"):
+        model.build_resnet(num_classes=10, arch="resnet9", widths=(8, 16, 32, 64), l2=0.0, zero_init_residual=True)
+
+
+# Each profile at a tiny size (the same layers and tricks), l2 off so that only the loss moves a weight.
+TINY = {"resnet9": "model.widths=[8,16,32,64]", "basic": "model.units_per_stage=2 model.widths=[8,16,32]",
+        "bottleneck": "model.units_per_stage=2 model.widths=[16,32,64]"}
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in Path("params").glob("*.yaml")
+                                           if not p.stem.startswith("sweep")))
+def test_every_trainable_weight_of_every_profile_learns(profile):
+    """A few SGD steps move every trainable weight of each profile's model. A weight the loss cannot reach is a
+    layer the profile pays for and never trains: zero-initialised BN gammas in front of a ReLU were such weights
+    (the ReLU's gradient at 0 is 0), and they left quick and fast training without their residual branches."""
+    base = config.load(f"params/{profile}.yaml")
+    shape = "resnet9" if base.model.arch == "resnet9" else base.model.block
+    cfg = config.load(f"params/{profile}.yaml", f"{TINY[shape]} model.l2=0")
+    dataset = data.make_synthetic(n_train=256, n_test=16, seed=0)
+    keras.utils.set_random_seed(0)
+    m = fitting.make_model(cfg, dataset)
+    m.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="sparse_categorical_crossentropy")
+    before = [w.numpy().copy() for w in m.trainable_weights]
+    m.fit(dataset.x_train, dataset.y_train, batch_size=64, epochs=2, verbose=0)
+    still = [w.path for w, b in zip(m.trainable_weights, before, strict=True) if np.array_equal(w.numpy(), b)]
+    assert not still, f"{profile}: never moved: {still}"
 
 
 @pytest.mark.parametrize("arch", ["preact", "resnet9"])
