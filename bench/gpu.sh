@@ -8,7 +8,9 @@
 #   3. the seed recipe (params/default.yaml): seconds per epoch, projected 150 epochs;
 #   4. fast.yaml's next steps, whole schedules with test_acc, as many as the call's budget leaves time for:
 #      on a 2-core CPU (2026-12-02) the file reached test_acc 0.862 in its 10 epochs (bench/results/fast-cpu.md),
-#      short of 0.94 on any hardware, so: 24 epochs (Page's baseline length: is it the epochs or the recipe?),
+#      short of 0.94 on any hardware; but that run, and every GPU run before, trained without the ResNet-9's two
+#      residual pairs (model.zero_init_residual froze them at zero; a quarter-width 5-epoch proxy with them: val_acc
+#      0.853 vs 0.806), so stage 1 is the first GPU measure of the recipe whole. Then: 24 epochs (Page's baseline length),
 #      40 (how high this recipe goes on the JPEG copy at all), and 10 with weight EMA 0.99, as the file had it until
 #      a quarter-width 5-epoch CPU proxy measured it 1.2-1.9 points of val_acc below none (params/fast.yaml). Not the
 #      lr: at 4x it (train.lr 0.4) the same proxy did no better (0.771; bench/results/fast-cpu.md).
