@@ -7,10 +7,10 @@
 #   2. params/improved.yaml (ResNet-164 with the tricks): seconds per epoch, projected 150 epochs;
 #   3. the seed recipe (params/default.yaml): seconds per epoch, projected 150 epochs;
 #   4. fast.yaml's next steps, whole schedules with test_acc, as many as the call's budget leaves time for:
-#      on a 2-core CPU (2026-12-02) the file reached test_acc 0.862 in its 10 epochs (bench/results/fast-cpu.md),
-#      short of 0.94 on any hardware; but that run, and every GPU run before, trained without the ResNet-9's two
-#      residual pairs (model.zero_init_residual froze them at zero; a quarter-width 5-epoch proxy with them: val_acc
-#      0.853 vs 0.806), so stage 1 is the first GPU measure of the recipe whole. Then: 24 epochs (Page's baseline length),
+#      every GPU run before 2026-12-03 trained without the ResNet-9's two residual pairs (model.zero_init_residual
+#      froze them at zero), so stage 1 is the first GPU measure of the recipe whole. On a 2-core CPU the file as it is
+#      reached test_acc 0.886 in its 10 epochs (0.862 with the pairs frozen; bench/results/fast-cpu.md), train acc
+#      0.925 vs val_acc 0.910: it underfits in 10 epochs, short of 0.94 on any hardware. Then: 24 epochs (Page's baseline length),
 #      40 (how high this recipe goes on the JPEG copy at all), and 10 with weight EMA 0.99, as the file had it until
 #      a quarter-width 5-epoch CPU proxy measured it 1.2-1.9 points of val_acc below none (params/fast.yaml). Not the
 #      lr: at 4x it (train.lr 0.4) the same proxy did no better (0.771; bench/results/fast-cpu.md).
