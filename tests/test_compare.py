@@ -174,7 +174,8 @@ def test_a_runs_description_names_its_architecture():
     for params_file, expected in (("params/default.yaml", "Pre-activation ResNet-164 (bottleneck blocks"),
                                   ("params/quick.yaml", "ResNet-9 (conv-BN-ReLU, widths [16, 48, 192, 384], "
                                                         "patch-whitening stem)"),
-                                  ("params/fast.yaml", "ResNet-9 (conv-BN-ReLU, widths [64, 128, 256, 512])")):
+                                  ("params/fast.yaml", "ResNet-9 (conv-BN-ReLU, widths [64, 128, 256, 512], "
+                                                       "patch-whitening stem)")):
         cfg = config.load(ROOT / params_file)
         summary = model_summary({k: str(v) for k, v in cfg.flat().items()}, {"model_depth": str(cfg.model.depth)})
         assert summary.startswith(expected), (params_file, summary)
