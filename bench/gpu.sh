@@ -9,12 +9,12 @@
 #   4. fast.yaml's next steps, whole schedules with test_acc, as many as the call's budget leaves time for:
 #      every GPU run before 2026-12-03 trained without the ResNet-9's two residual pairs (model.zero_init_residual
 #      froze them at zero) and with a trained prep conv, so stage 1 is the first GPU measure of the recipe as it is.
-#      On a 2-core CPU (bench/results/fast-cpu.md) it reached test_acc 0.891 in its 10 epochs (0.886 with the layout
-#      before: trained prep conv, BN before pooling; 0.862 with the pairs frozen), train acc 0.944 vs val_acc 0.902:
-#      short of 0.94 on any hardware. Then: the layout before at 10 epochs (its GPU seconds against stage 1's: on the
-#      CPU the whitening stem and pooling before BN cut an epoch from 225 to 150 s), 24 epochs (Page's baseline
-#      length) and 40 (how high this recipe goes on the JPEG copy at all). Not weight EMA: Keras's use_ema averages
-#      the trainable weights, not the BN statistics, and cost 1.2-1.9 points of val_acc in a quarter-width CPU proxy.
+#      On a 2-core CPU (bench/results/fast-cpu.md) its 16 epochs reached test_acc 0.900-0.902 (10 epochs 0.889-0.891;
+#      0.886 with the layout before: trained prep conv, BN before pooling; 0.862 with the pairs frozen), train acc
+#      0.975 vs val_acc 0.896: short of 0.94 on any hardware. Then: 10 epochs (does the GPU agree that 16 are worth
+#      their time?), 24 epochs (Page's baseline length) and 40 (how high this recipe goes on the JPEG copy at all).
+#      Not weight EMA: Keras's use_ema averages the trainable weights, not the BN statistics, and cost 1.2-1.9 points
+#      of val_acc in a quarter-width CPU proxy.
 #
 # Here, once: the wheels that machine lacks (keras and the two it needs beyond that image; CPython 3.12),
 # about 3 MB, and the JPEG copy of CIFAR-10 (20 MB), both ignored by git:
@@ -68,8 +68,8 @@ stage improved "${IMPROVED_LIMIT:-180}" --epochs 2 --params params/improved.yaml
 stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
   --overrides "train.feed=device train.steps_per_execution=8 $small164"
 # Measured 2026-11-30: a whole fast.yaml schedule took 69 s here (improved 160 s, seed 132 s), ~45 s of it compiling.
-stage explore-conv-layout "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
-  --overrides "train.feed=device model.stem=conv model.pool_before_bn=false $small9"
+stage explore-10 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
+  --overrides "train.feed=device train.epochs=10 $small9"
 stage explore-24 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.epochs=24 $small9"
 stage explore-40 "${EXPLORE_LIMIT:-90}" --full --params params/fast.yaml \
