@@ -67,7 +67,8 @@ stage improved "${IMPROVED_LIMIT:-180}" --epochs 2 --params params/improved.yaml
   --overrides "train.feed=device train.steps_per_execution=8 $small164"
 stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
   --overrides "train.feed=device train.steps_per_execution=8 $small164"
-# Measured 2026-11-30: a whole fast.yaml schedule took 69 s here (improved 160 s, seed 132 s), ~45 s of it compiling.
+# Measured 2026-11-30: a whole fast.yaml schedule (10 epochs then) took 69 s here (improved 160 s, seed 132 s), ~45 s of it
+# compiling.
 stage explore-10 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.epochs=10 $small9"
 stage explore-24 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
