@@ -11,17 +11,25 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from pipeline.config import SHIFT_FILLS
+
+
+def _reflect(index, size: int):
+    """Mirror integer indices about the first and last pixel: -1 -> 1, size -> size - 2."""
+    return (size - 1) - ops.abs((size - 1) - ops.abs(index))
+
 
 def shift_flip(images, *, max_shift: int, fill: str = "nearest", flip: bool = True, seed=None):
     """Translate each image by integer (dy, dx) in [-max_shift, max_shift] and flip half of them.
 
     images: float (B, H, W, C). fill: "nearest" repeats the edge pixel (the seed's
-    ImageDataGenerator default), "constant" fills with zeros (the paper's zero padding).
+    ImageDataGenerator default), "constant" fills with zeros (the paper's zero padding), "reflect"
+    mirrors the image about its edge pixel (numpy's and PyTorch's "reflect" padding).
     seed: a `keras.random.SeedGenerator` (inside compiled steps) or an int, for reproducible draws.
     Returns a tensor of the same shape and dtype.
     """
-    if fill not in ("nearest", "constant"):
-        raise ValueError(f"fill must be 'nearest' or 'constant', got {fill!r}")
+    if fill not in SHIFT_FILLS:
+        raise ValueError(f"fill must be one of {', '.join(SHIFT_FILLS)}, got {fill!r}")
     if not isinstance(seed, keras.random.SeedGenerator):
         seed = keras.random.SeedGenerator(seed)  # an int seed would give every draw the same numbers
     batch = ops.shape(images)[0]
@@ -35,9 +43,13 @@ def shift_flip(images, *, max_shift: int, fill: str = "nearest", flip: bool = Tr
         flipped = keras.random.uniform((batch,), seed=seed) < 0.5
         cols = ops.where(flipped[:, None], width - 1 - cols, cols)
     cols = cols + dx[:, None]
-    # One gather of every output pixel from its clipped source: the "nearest" fill. It is ~4x
-    # faster on CPU than two one-hot matmuls and exact (no interpolation).
-    source = ops.clip(rows, 0, height - 1)[:, :, None] * width + ops.clip(cols, 0, width - 1)[:, None, :]
+    # One gather of every output pixel from its source, clipped ("nearest", "constant") or mirrored
+    # ("reflect") into the image. It is ~4x faster on CPU than two one-hot matmuls and exact.
+    if fill == "reflect":  # i -> -i below 0, 2(n-1) - i above n-1 (shifts are < n, so one bounce)
+        src_rows, src_cols = _reflect(rows, height), _reflect(cols, width)
+    else:
+        src_rows, src_cols = ops.clip(rows, 0, height - 1), ops.clip(cols, 0, width - 1)
+    source = src_rows[:, :, None] * width + src_cols[:, None, :]
     flat = ops.reshape(images, (batch, height * width, channels))
     out = ops.reshape(ops.take_along_axis(flat, ops.reshape(source, (batch, height * width, 1)), axis=1),
                       (batch, height, width, channels))

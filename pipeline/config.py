@@ -39,6 +39,9 @@ TTA_MODES = ("none", "flip", "flip_shift")
 RESNET9_ZERO_INIT = ("must be false for model.arch resnet9: its residual branches end in a ReLU, which passes no "
                      "gradient to a branch that starts at zero, so they would never train")
 CONV_INITS = ("he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "glorot_uniform", "pytorch")
+# train.shift_fill: what a shifted image shows where it moved off the edge (see pipeline.augment.shift_flip)
+SHIFT_FILLS = ("nearest", "constant", "reflect")
+CUTOUT_MAX = 32  # train.cutout is a square's side in pixels, smaller than CIFAR-10's 32x32 images
 
 
 class ConfigError(ValueError):
@@ -146,6 +149,7 @@ class TrainConfig:
     shift: float
     shift_fill: str
     flip: bool
+    cutout: int
     validation_fraction: float
     precision: str
     jit_compile: str
@@ -170,8 +174,10 @@ class TrainConfig:
         _check(0 < self.ema_momentum < 1, "train.ema_momentum", "must be in (0, 1)", self.ema_momentum)
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", self.label_smoothing)
         _check(0 <= self.shift < 0.5, "train.shift", "must be a fraction of the image size in [0, 0.5)", self.shift)
-        _check(self.shift_fill in ("nearest", "constant"), "train.shift_fill",
-               "must be 'nearest' or 'constant'", self.shift_fill)
+        _check(self.shift_fill in SHIFT_FILLS, "train.shift_fill", f"must be one of {', '.join(SHIFT_FILLS)}",
+               self.shift_fill)
+        _check(0 <= self.cutout < CUTOUT_MAX, "train.cutout",
+               f"must be a square's side in pixels in [0, {CUTOUT_MAX}) (0: off)", self.cutout)
         _check(0 <= self.validation_fraction < 1, "train.validation_fraction", "must be in [0, 1)",
                self.validation_fraction)
         _check(self.precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"), "train.precision",

@@ -88,7 +88,7 @@ def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) ->
                         pool_before_bn=m.pool_before_bn,
                         mean=mean.tolist(), std=std.tolist(), image_size=IMAGE_SIZE,
                         max_shift=round(t.shift * IMAGE_SIZE) if augment else 0, shift_fill=t.shift_fill,
-                        flip=t.flip and augment, seed=t.seed, whiten=whiten)
+                        flip=t.flip and augment, cutout=t.cutout if augment else 0, seed=t.seed, whiten=whiten)
 
 
 def cpu_has_bf16() -> bool:

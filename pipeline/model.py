@@ -145,6 +145,7 @@ def build_resnet(
     std: Sequence[float] = (1.0, 1.0, 1.0),
     max_shift: int = 0,
     shift_fill: str = "nearest",
+    cutout: int = 0,
     whiten=None,
     flip: bool = False,
     seed: int | None = None,
@@ -154,9 +155,10 @@ def build_resnet(
     """Build a ResNet classifier: `arch` preact (pre-activation, `block`/`units_per_stage`/`strides`/
     `stem_filters`) or resnet9 (4 `widths`).
 
-    mean/std: per-channel statistics in 0-255 pixel units. max_shift (pixels), shift_fill and
-    flip configure the training-time augmentation. l2_norm_and_bias: l2 on BN parameters and
-    biases too (else kernels only). conv_init: the conv kernels' initialiser (`conv_initializer`).
+    mean/std: per-channel statistics in 0-255 pixel units. max_shift (pixels), shift_fill, flip and
+    cutout (the side in pixels of a square set to the mean, 0: none) configure the training-time
+    augmentation. l2_norm_and_bias: l2 on BN parameters and biases too (else kernels only).
+    conv_init: the conv kernels' initialiser (`conv_initializer`).
     whiten: a `whitening_kernel` for resnet9's frozen stem in place of its prep conv, or None.
     pool_before_bn: resnet9's layers pool straight after their conv, before BN-ReLU (`_resnet9_body`).
     Output: float32 class probabilities, even under a mixed-precision policy.
@@ -172,6 +174,10 @@ def build_resnet(
                              name="normalize")(inputs)
     if max_shift or flip:  # without augmentation the model holds stock Keras layers only
         x = RandomShiftFlip(max_shift, fill=shift_fill, flip=flip, seed=seed, name="augment")(x)
+    if cutout:  # DeVries & Taylor's cutout: one square per image, inside it, at 0 (the mean after normalize)
+        side = cutout / image_size  # RandomErasing draws each side as sqrt(scale) of the image's
+        x = layers.RandomErasing(factor=(1.0, 1.0), scale=(side * side, side * side), fill_value=0.0, seed=seed,
+                                 dtype="float32", name="cutout")(x)
     bn = partial(_bn, momentum=bn_momentum, l2=l2 if l2_norm_and_bias else None)
     conv = partial(_conv, l2=l2, init=conv_init)
     if arch == "resnet9":

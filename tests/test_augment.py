@@ -1,4 +1,4 @@
-"""Augmentation: integer-pixel shifts with the chosen fill, fair flips, none at evaluation."""
+"""Augmentation: integer-pixel shifts with the chosen fill, fair flips, cutout squares, none at evaluation."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ def find_transform(original: np.ndarray, out: np.ndarray, max_shift: int, fill: 
                 rows, cols = np.arange(h) + dy, np.arange(w) + dx
                 if fill == "nearest":
                     expected = src[np.clip(rows, 0, h - 1)][:, np.clip(cols, 0, w - 1)]
+                elif fill == "reflect":  # numpy's own reflect padding, then the window
+                    padded = np.pad(src, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="reflect")
+                    expected = padded[max_shift + dy:max_shift + dy + h, max_shift + dx:max_shift + dx + w]
                 else:
                     expected = np.zeros_like(src)
                     ok_r, ok_c = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
@@ -34,7 +37,7 @@ def find_transform(original: np.ndarray, out: np.ndarray, max_shift: int, fill: 
     return None
 
 
-@pytest.mark.parametrize("fill", ["nearest", "constant"])
+@pytest.mark.parametrize("fill", ["nearest", "constant", "reflect"])
 def test_every_output_is_an_integer_shift_with_the_chosen_fill(fill):
     x = distinct_images(64)
     out = keras.ops.convert_to_numpy(shift_flip(x, max_shift=2, fill=fill, seed=7))
@@ -77,3 +80,30 @@ def test_evaluation_applies_no_augmentation():
     x = np.random.default_rng(0).integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(augmented.predict(x, verbose=0), plain.predict(x, verbose=0), rtol=1e-6)
     np.testing.assert_allclose(augmented.predict(x, verbose=0), augmented.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_reflect_mirrors_about_the_edge_pixel():
+    row = np.arange(1, 9, dtype=np.float32)  # one 1x8 image, one channel: 1 2 ... 8
+    x = np.tile(row[None, None, :, None], (64, 8, 1, 1))
+    out = keras.ops.convert_to_numpy(shift_flip(x, max_shift=2, fill="reflect", flip=False, seed=5))
+    rows = {tuple(o[0, :, 0]) for o in out}
+    assert (3, 2, 1, 2, 3, 4, 5, 6) in rows or (2, 1, 2, 3, 4, 5, 6, 7) in rows  # shifted right: 2, 1 mirrored in
+    assert all(set(r) <= set(row) for r in rows) and len(rows) == 5  # dx in -2..2, nothing but image pixels
+
+
+def test_cutout_sets_one_square_of_the_given_side_to_the_mean_in_training_only():
+    kwargs = dict(num_classes=10, arch="resnet9", widths=(8, 8, 8, 8), l2=0.0)
+    model = build_resnet(**kwargs, cutout=8, seed=0)
+    layer = model.get_layer("cutout")
+    x = np.ones((200, 32, 32, 3), dtype=np.float32)  # normalised images; cutout writes 0, the mean
+    out = keras.ops.convert_to_numpy(layer(x, training=True))
+    corners = set()
+    for image in out:
+        zero = (image == 0).all(-1)
+        assert (image == 0).any(-1).sum() == zero.sum() == 64  # all channels, 8 x 8 pixels, nothing else
+        rows, cols = np.nonzero(zero.any(1))[0], np.nonzero(zero.any(0))[0]
+        assert len(rows) == len(cols) == 8 and rows[-1] - rows[0] == cols[-1] - cols[0] == 7  # one square
+        corners.add((rows[0], cols[0]))
+    assert len(corners) > 50 and len({r for r, _ in corners}) > 15  # at random among the 25 x 25 inside
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x, training=False)), x)
+    assert "cutout" not in {layer.name for layer in build_resnet(**kwargs).layers}

@@ -21,7 +21,7 @@ def test_default_is_the_seed_recipe():
     assert (cfg.model.arch, cfg.model.bn_momentum, cfg.model.zero_init_residual) == ("preact", 0.99, False)
     assert (cfg.model.l2_norm_and_bias, t.ema, t.nesterov, t.label_smoothing) == (False, False, False, 0.0)
     assert (t.lr_scaling, t.precision, cfg.evaluate.tta) == ("none", "float32", "none")
-    assert (t.shift, t.flip, t.validation_fraction) == (0.125, True, 0.0)
+    assert (t.shift, t.shift_fill, t.flip, t.cutout, t.validation_fraction) == (0.125, "nearest", True, 0, 0.0)
     assert cfg.data.source == "cifar10"
     assert cfg.register.model_name == "cifar10-resnet" and cfg.register.alias == "champion"
 
@@ -106,6 +106,9 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("evaluate.tta=shift", "evaluate.tta"),
     ("train.shift=0.7", "train.shift"),
     ("train.shift_fill=wrap", "train.shift_fill"),
+    ("train.cutout=32", "train.cutout"),
+    ("train.cutout=-1", "train.cutout"),
+    ("train.cutout=0.25", "train.cutout"),
     ("train.precision=float8", "train.precision"),
     ("train.distribute=tpu", "train.distribute"),
     ("train.steps_per_execution=0", "train.steps_per_execution"),
