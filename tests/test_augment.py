@@ -107,3 +107,15 @@ def test_cutout_sets_one_square_of_the_given_side_to_the_mean_in_training_only()
     assert len(corners) > 50 and len({r for r, _ in corners}) > 15  # at random among the 25 x 25 inside
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x, training=False)), x)
     assert "cutout" not in {layer.name for layer in build_resnet(**kwargs).layers}
+
+
+def test_a_model_with_cutout_and_reflect_shifts_saves_and_loads(tmp_path):
+    """A killed run resumes from a saved model: the augmentation layers must come back as they were."""
+    model = build_resnet(num_classes=10, arch="resnet9", widths=(8, 8, 8, 8), l2=0.0, cutout=12, max_shift=2,
+                         shift_fill="reflect", flip=True, seed=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert loaded.get_layer("cutout").get_config()["scale"] == model.get_layer("cutout").get_config()["scale"]
+    assert (loaded.get_layer("augment").fill, loaded.get_layer("augment").max_shift) == ("reflect", 2)
+    x = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
