@@ -9,11 +9,11 @@
 #   4. fast.yaml's next steps, whole schedules with test_acc, as many as the call's budget leaves time for:
 #      every GPU run before 2026-12-03 trained without the ResNet-9's two residual pairs (model.zero_init_residual
 #      froze them at zero) and with a trained prep conv, so stage 1 is the first GPU measure of the recipe as it is.
-#      On a 2-core CPU (bench/results/fast-cpu.md) its 16 epochs reached test_acc 0.900-0.902 (10 epochs 0.889-0.891;
-#      0.886 with the layout before: trained prep conv, BN before pooling; 0.862 with the pairs frozen), train acc
-#      0.975 vs val_acc 0.896: short of 0.94 on any hardware. Then: 10 epochs (does the GPU agree that 16 are worth
+#      On a 2-core CPU (bench/results/fast-cpu.md) its 16 epochs reached test_acc 0.905 with reflect padding (0.900-0.902
+#      with zeros; 10 epochs 0.889-0.891; 0.886 with the layout before: trained prep conv, BN before pooling; 0.862 with
+#      the pairs frozen), train acc 0.974 vs val_acc 0.907: short of 0.94 on any hardware. Then: 10 epochs (does the GPU agree that 16 are worth
 #      their time?), 24 epochs (Page's baseline length), 24 with cutout 8 (Page's regulariser: on the CPU at 16 epochs
-#      val_acc 0.8956 vs 0.896, train acc 0.940 vs 0.975) and 40 (how high this recipe goes on the JPEG copy at all).
+#      with zeros padding: val_acc 0.8956 vs 0.896, train acc 0.940 vs 0.975) and 40 (how high this recipe goes on the JPEG copy at all).
 #      Not weight EMA: Keras's use_ema averages the trainable weights, not the BN statistics, and cost 1.2-1.9 points
 #      of val_acc in a quarter-width CPU proxy.
 #

@@ -80,6 +80,7 @@ def test_every_profile_learns_real_images_well_above_chance(cifar_jpeg, profile,
     # chance is 0.1; measured 0.25-0.32 on a 2-core AMD EPYC; the fast profile with conv_init pytorch 0.417
     # (2026-12-01; 0.239 with its then ema_momentum 0.99); without EMA, as the file has it now, 0.420-0.450 over
     # train.seed 0-2 (2-core Xeon, 2026-12-02); with the whitening stem and pooling before BN, 0.520-0.528 over
-    # train.seed 0-2 (0.517-0.522 without them; 2-core AMD EPYC with AVX512-BF16, 2026-12-03); the improved profile
+    # train.seed 0-2 (0.517-0.522 without them; 2-core AMD EPYC with AVX512-BF16, 2026-12-03), and with its shifts
+    # padded by reflection 0.542-0.568 (0.520-0.528 with zeros, same machine and day); the improved profile
     # with its cutout 16: 0.273-0.297 over train.seed 0-2 (0.295-0.308 without; same machine and day)
     assert train_and_score(cfg, dataset) >= 0.20
