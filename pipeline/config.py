@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.data import IMAGE_SIZE
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params" / "default.yaml"
 MLPROJECT = PROJECT_ROOT / "MLproject"
@@ -41,7 +43,6 @@ RESNET9_ZERO_INIT = ("must be false for model.arch resnet9: its residual branche
 CONV_INITS = ("he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "glorot_uniform", "pytorch")
 # train.shift_fill: what a shifted image shows where it moved off the edge (see pipeline.augment.shift_flip)
 SHIFT_FILLS = ("nearest", "constant", "reflect")
-CUTOUT_MAX = 32  # train.cutout is a square's side in pixels, smaller than CIFAR-10's 32x32 images
 
 
 class ConfigError(ValueError):
@@ -176,8 +177,8 @@ class TrainConfig:
         _check(0 <= self.shift < 0.5, "train.shift", "must be a fraction of the image size in [0, 0.5)", self.shift)
         _check(self.shift_fill in SHIFT_FILLS, "train.shift_fill", f"must be one of {', '.join(SHIFT_FILLS)}",
                self.shift_fill)
-        _check(0 <= self.cutout < CUTOUT_MAX, "train.cutout",
-               f"must be a square's side in pixels in [0, {CUTOUT_MAX}) (0: off)", self.cutout)
+        _check(0 <= self.cutout < IMAGE_SIZE, "train.cutout",
+               f"must be a square's side in pixels in [0, {IMAGE_SIZE}) (0: off)", self.cutout)
         _check(0 <= self.validation_fraction < 1, "train.validation_fraction", "must be in [0, 1)",
                self.validation_fraction)
         _check(self.precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"), "train.precision",
