@@ -136,6 +136,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int
     batch_size: int
+    drop_remainder: bool
     lr: float
     lr_scaling: str
     schedule: str

@@ -91,6 +91,19 @@ def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) ->
                         flip=t.flip and augment, cutout=t.cutout if augment else 0, seed=t.seed, whiten=whiten)
 
 
+def steps_per_epoch(cfg: config.TrainConfig, train_images: int) -> int:
+    """Optimizer steps in one epoch over `train_images`: every batch, or with `train.drop_remainder` the whole
+    ones only (the images left over differ each epoch). ConfigError if that leaves no step at all."""
+    if not cfg.drop_remainder:
+        return math.ceil(train_images / cfg.batch_size)
+    steps = train_images // cfg.batch_size
+    if steps == 0:
+        raise config.ConfigError(f"train.drop_remainder: the {train_images} training images make no whole batch of "
+                                 f"train.batch_size {cfg.batch_size}; lower the batch size or set "
+                                 f"train.drop_remainder=false")
+    return steps
+
+
 def cpu_has_bf16() -> bool:
     """Whether the CPU has bfloat16 arithmetic (AMX or AVX512-BF16); without it bfloat16 is emulated."""
     try:
@@ -153,7 +166,7 @@ def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, trai
     try:
         with dist.scope():
             model = make_model(cfg, dataset)
-            optimizer = keras.optimizers.SGD(learning_rate=learning_rate(t, math.ceil(train_images / t.batch_size)),
+            optimizer = keras.optimizers.SGD(learning_rate=learning_rate(t, steps_per_epoch(t, train_images)),
                                              momentum=t.momentum, nesterov=t.nesterov, use_ema=t.ema,
                                              ema_momentum=t.ema_momentum)
             model.compile(optimizer=optimizer,
@@ -194,42 +207,62 @@ def _device_gather():
     return jax.jit(lambda images, labels, idx: (jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)))
 
 
-class DeviceBatches(keras.utils.PyDataset):
-    """Batches cut on the accelerator from images copied there once (JAX backend, `train.feed=device`).
+class ArrayBatches(keras.utils.PyDataset):
+    """Batches of (images, labels) cut from arrays in host memory, for backends other than TensorFlow when
+    `train.drop_remainder` asks for whole batches only (Keras's own array feed always ends an epoch with the
+    partial batch). `shuffle`: a seeded new order every epoch; `drop_remainder`: each epoch is
+    `len(images) // batch_size` whole batches, and the images left over are different ones each epoch."""
 
-    The uint8 images and one-hot labels go to the default device when this is made; each batch is a
-    jitted gather there, so per step only the batch's indices leave the host. Keras's own array feed
-    instead slices on the host and copies every batch. `shuffle`: a seeded new order every epoch.
-    """
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
+                 drop_remainder: bool = False):
         super().__init__()
-        import jax
-
-        self.images, self.labels = jax.device_put(images), jax.device_put(labels)
-        self.batch_size, self.shuffle = batch_size, shuffle
+        self.images, self.labels = self.place(images), self.place(labels)
+        self.batch_size, self.shuffle, self.drop_remainder = batch_size, shuffle, drop_remainder
         self.rng = np.random.default_rng(seed)
         self.order = self.rng.permutation(len(images)) if shuffle else np.arange(len(images))
-        self.take = _device_gather()
+
+    def place(self, array: np.ndarray):
+        return array
+
+    def take(self, rows: np.ndarray):
+        return self.images[rows], self.labels[rows]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.order) / self.batch_size)
+        return (len(self.order) // self.batch_size if self.drop_remainder
+                else math.ceil(len(self.order) / self.batch_size))
 
     def __getitem__(self, index: int):
-        return self.take(self.images, self.labels, self.order[index * self.batch_size:(index + 1) * self.batch_size])
+        return self.take(self.order[index * self.batch_size:(index + 1) * self.batch_size])
 
     def on_epoch_end(self) -> None:
         if self.shuffle:
             self.order = self.rng.permutation(len(self.order))
 
 
+class DeviceBatches(ArrayBatches):
+    """Batches cut on the accelerator from images copied there once (JAX backend, `train.feed=device`).
+
+    The uint8 images and one-hot labels go to the default device when this is made; each batch is a
+    jitted gather there, so per step only the batch's indices leave the host. Keras's own array feed
+    instead slices on the host and copies every batch.
+    """
+
+    def place(self, array: np.ndarray):
+        import jax
+
+        return jax.device_put(array)
+
+    def take(self, rows: np.ndarray):
+        return _device_gather()(self.images, self.labels, rows)
+
+
 def host_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 first_epoch: int = 0):
+                 first_epoch: int = 0, drop_remainder: bool = False):
     """A tf.data pipeline of (images, labels) batches cut from arrays held in host memory (TensorFlow backend).
 
     shuffle: an endless sequence of epochs, epoch e in an order drawn from (seed, e) alone, so that a run resumed
     at epoch `first_epoch` sees the batches the uninterrupted run saw; each epoch ends with its partial batch, as
-    Keras's array feed does. Else: one pass in order (validation).
+    Keras's array feed does, or with `drop_remainder` has whole batches only. Else: one pass in order (validation).
 
     It differs from Keras's own array feed in one setting: tf.data's autotuning is off (the buffers are fixed).
     With it on, destroying an iterator waits for the autotuner's thread to wake from a sleep that grows to a
@@ -247,7 +280,7 @@ def host_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shu
         order = tf.range(n, dtype=tf.int64)
         if shuffle:
             order = tf.random.experimental.stateless_shuffle(order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=shuffle and drop_remainder)
 
     epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max) if shuffle else tf.data.Dataset.range(1)
     batches = epochs.flat_map(epoch_batches).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
@@ -265,8 +298,8 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
     """`model.fit` on `split_validation`'s splits, validating every epoch; the same on every host of a cluster.
 
     train.feed host: uint8 arrays in host memory, a batch copied per step (`host_batches` on TensorFlow, Keras's
-    array feed on other backends); device: `DeviceBatches` (JAX only). A `Checkpoint` among `callbacks` tells
-    which epoch training resumes at.
+    array feed on other backends, `ArrayBatches` there with `train.drop_remainder`); device: `DeviceBatches` (JAX
+    only). A `Checkpoint` among `callbacks` tells which epoch training resumes at.
     """
     t = cfg.train
     x_train, y_train, x_val, y_val = splits
@@ -277,16 +310,20 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
     if verbose == 2:
         callbacks, verbose = [*callbacks, EpochLine()], 0
     options = dict(epochs=t.epochs, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks], verbose=verbose)
-    if t.feed == "device":
-        return model.fit(DeviceBatches(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed),
-                         validation_data=DeviceBatches(x_val, y_val, t.batch_size, shuffle=False), **options)
+    steps = steps_per_epoch(t, len(x_train))
+    if t.feed == "device" or (t.drop_remainder and keras.backend.backend() != "tensorflow"):
+        feed = DeviceBatches if t.feed == "device" else ArrayBatches
+        return model.fit(feed(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed,
+                              drop_remainder=t.drop_remainder),
+                         validation_data=feed(x_val, y_val, t.batch_size, shuffle=False), **options)
     if keras.backend.backend() != "tensorflow":
         return model.fit(x_train, y_train, batch_size=t.batch_size, validation_data=(x_val, y_val), shuffle=True,
                          **options)
     first_epoch = max((Checkpoint.completed_epochs(c.backup_dir) for c in callbacks if isinstance(c, Checkpoint)),
                       default=0)
-    return model.fit(host_batches(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed, first_epoch=first_epoch),
-                     steps_per_epoch=math.ceil(len(x_train) / t.batch_size),
+    return model.fit(host_batches(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed, first_epoch=first_epoch,
+                                  drop_remainder=t.drop_remainder),
+                     steps_per_epoch=steps,
                      validation_data=host_batches(x_val, y_val, t.batch_size, shuffle=False),
                      shuffle=False, **options)  # the order is host_batches' own (Keras warns that it ignores shuffle)
 

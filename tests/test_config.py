@@ -22,6 +22,7 @@ def test_default_is_the_seed_recipe():
     assert (cfg.model.l2_norm_and_bias, t.ema, t.nesterov, t.label_smoothing) == (False, False, False, 0.0)
     assert (t.lr_scaling, t.precision, cfg.evaluate.tta) == ("none", "float32", "none")
     assert (t.shift, t.shift_fill, t.flip, t.cutout, t.validation_fraction) == (0.125, "nearest", True, 0, 0.0)
+    assert t.drop_remainder is False  # the seed's feed ends each epoch with its partial batch
     assert cfg.data.source == "cifar10"
     assert cfg.register.model_name == "cifar10-resnet" and cfg.register.alias == "champion"
 
@@ -115,6 +116,7 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("train.checkpoint_every=-1", "train.checkpoint_every"),
     ("train.feed=gpu", "train.feed"),
     ("train.flip=maybe", "train.flip"),
+    ("train.drop_remainder=1", "train.drop_remainder"),
     ("train.validation_fraction=1", "train.validation_fraction"),
     ("model.block=dense", "model.block"),
     ("model.units_per_stage=0", "model.units_per_stage"),

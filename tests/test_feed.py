@@ -45,6 +45,25 @@ def test_each_epoch_is_every_image_once_with_its_label_and_a_partial_last_batch(
     assert len({tuple(order) for order in epochs}) == 4  # a new order every epoch
 
 
+def test_drop_remainder_trains_on_whole_batches_only_and_leaves_out_different_images_each_epoch():
+    """A last batch of a few images puts their statistics into BN's moving averages with the weight of a whole
+    batch (40% at quick.yaml's momentum 0.6): `train.drop_remainder` leaves it out."""
+    images, labels = arrays()
+    batches = take(fitting.host_batches(images, labels, BATCH, shuffle=True, seed=3, drop_remainder=True), 12)
+    assert [len(x) for x, _ in batches] == [4] * 12
+    for x, y in batches:
+        np.testing.assert_array_equal(y, x * 2)
+    epochs = [np.concatenate([x for x, _ in batches[i:i + 2]]).tolist() for i in range(0, 12, 2)]
+    assert all(len(set(order)) == 8 for order in epochs)
+    left_out = {tuple(sorted(set(range(N)) - set(order))) for order in epochs}
+    assert len(left_out) > 1  # not the same two images missed every epoch
+    resumed = take(fitting.host_batches(images, labels, BATCH, shuffle=True, seed=3, first_epoch=1,
+                                        drop_remainder=True), 4)
+    assert [x.tolist() for x, _ in resumed] == [x.tolist() for x, _ in batches[2:6]]
+    validation = fitting.host_batches(images, labels, BATCH, shuffle=False, drop_remainder=True)
+    assert epochs_of(take(validation, 100)) == [list(range(N))]  # validation is never cut
+
+
 def test_the_order_of_an_epoch_depends_on_the_seed_and_the_epoch_alone():
     images, labels = arrays()
     run = epochs_of(take(fitting.host_batches(images, labels, BATCH, shuffle=True, seed=3), 9))
@@ -77,3 +96,40 @@ def test_fit_through_the_feed_warns_of_nothing():
         history = fitting.fit(model, cfg, splits, len(dataset.class_names), [])
     assert len(history.history["val_loss"]) == 2
     assert not [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+@pytest.mark.parametrize(("drop", "steps"), [(False, 3), (True, 2)])
+def test_fit_takes_the_steps_the_schedule_counts(drop, steps):
+    """180 training images at batch 64: 3 steps per epoch (the last of 52 images) or, dropping it, 2; the lr
+    schedule is laid out over the same count, so a one-cycle run still ends at lr 0."""
+    cfg = config.load("params/tiny.yaml", f"train.epochs=2 train.verbose=0 train.batch_size=64 "
+                      f"train.schedule=onecycle train.drop_remainder={str(drop).lower()}")
+    dataset = data.make_synthetic(n_train=200, n_test=20, seed=0)
+    splits = fitting.split_validation(dataset, 0.1, 0)
+    assert len(splits[0]) == 180 and fitting.steps_per_epoch(cfg.train, 180) == steps
+    model = fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0]))
+    fitting.fit(model, cfg, splits, len(dataset.class_names), [])
+    assert int(model.optimizer.iterations) == 2 * steps
+    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_no_whole_batch_is_a_param_error_naming_the_key():
+    cfg = config.load("params/tiny.yaml", "train.batch_size=256 train.drop_remainder=true")
+    with pytest.raises(config.ConfigError, match=r"^train.drop_remainder: the 200 training images make no whole"):
+        fitting.steps_per_epoch(cfg.train, 200)
+    assert fitting.steps_per_epoch(config.load("params/tiny.yaml", "train.batch_size=256").train, 200) == 1
+
+
+def test_array_batches_for_other_backends_drop_the_remainder_too():
+    """Keras's array feed (JAX and torch backends) cannot drop the partial batch: `ArrayBatches` replaces it then."""
+    images, labels = arrays()
+    feed = fitting.ArrayBatches(images, labels, BATCH, shuffle=True, seed=0, drop_remainder=True)
+    assert len(feed) == 2
+    seen = []
+    for _ in range(4):
+        batches = [feed[i] for i in range(len(feed))]
+        assert all(len(x) == BATCH and np.array_equal(y.ravel(), x.ravel() * 2) for x, y in batches)
+        seen.append(sorted(np.concatenate([x for x, _ in batches]).ravel().tolist()))
+        feed.on_epoch_end()
+    assert all(len(set(order)) == 8 for order in seen) and len({tuple(order) for order in seen}) > 1
+    assert len(fitting.ArrayBatches(images, labels, BATCH, shuffle=False)) == 3
