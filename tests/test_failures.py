@@ -35,6 +35,20 @@ def test_divergence_fails_the_run_exits_3_and_registers_nothing(store, in_proces
     assert client.search_registered_models() == []
 
 
+def test_no_whole_batch_to_train_on_exits_2_naming_the_key_and_registers_nothing(store, in_process):
+    """The data's size is known only once prepared: `train.drop_remainder` with a batch larger than the training
+    set is refused by the train step, before any epoch, with the reason on its FAILED run."""
+    result = in_process("main", "--params", TINY, "--epochs", "1",
+                        "--overrides", "train.batch_size=4096 train.drop_remainder=true tracking.experiment=e2e")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: train.drop_remainder: the 1024 training images")
+    client = MlflowClient()
+    (run,) = experiment_runs(client, "tags.step = 'train'")
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("train.drop_remainder:")
+    assert not client.get_metric_history(run.info.run_id, "acc")
+    assert client.search_registered_models() == []
+
+
 BAD = [  # (module, argv, key named by the one-line error)
     (main, ["--epochs", "0"], "train.epochs"),
     (main, ["--epochs", "ten"], "train.epochs"),
