@@ -104,6 +104,11 @@ def steps_per_epoch(cfg: config.TrainConfig, train_images: int) -> int:
     return steps
 
 
+def images_per_epoch(cfg: config.TrainConfig, train_images: int) -> int:
+    """Images trained on in one epoch (`train.drop_remainder` leaves out the rest of the last batch)."""
+    return train_images - train_images % cfg.batch_size if cfg.drop_remainder else train_images
+
+
 def cpu_has_bf16() -> bool:
     """Whether the CPU has bfloat16 arithmetic (AMX or AVX512-BF16); without it bfloat16 is emulated."""
     try:
@@ -310,7 +315,6 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
     if verbose == 2:
         callbacks, verbose = [*callbacks, EpochLine()], 0
     options = dict(epochs=t.epochs, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks], verbose=verbose)
-    steps = steps_per_epoch(t, len(x_train))
     if t.feed == "device" or (t.drop_remainder and keras.backend.backend() != "tensorflow"):
         feed = DeviceBatches if t.feed == "device" else ArrayBatches
         return model.fit(feed(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed,
@@ -323,7 +327,7 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
                       default=0)
     return model.fit(host_batches(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed, first_epoch=first_epoch,
                                   drop_remainder=t.drop_remainder),
-                     steps_per_epoch=steps,
+                     steps_per_epoch=steps_per_epoch(t, len(x_train)),
                      validation_data=host_batches(x_val, y_val, t.batch_size, shuffle=False),
                      shuffle=False, **options)  # the order is host_batches' own (Keras warns that it ignores shuffle)
 

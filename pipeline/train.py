@@ -35,9 +35,9 @@ from pipeline.fitting import (
     cpu_allocator,
     diverged,
     fit,
+    images_per_epoch,
     make_model,
     split_validation,
-    steps_per_epoch,
 )
 from pipeline.inputs import check_inputs, resolve_inputs
 from pipeline.tracking import StepFailed, artifact_dir, checkpoint_root, cli, json_digest, set_tags, step_run
@@ -110,7 +110,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
         if dist.cluster:  # hashing the data takes a moment: only a cluster needs it
             dist.agree(training_job(cfg, dataset), Checkpoint.completed_epochs(checkpoint_dir(run_id)))
         history = fit(model, cfg, splits, len(dataset.class_names),
-                      [MlflowEpochLogger(min(train_images, steps_per_epoch(t, train_images) * t.batch_size), logged),
+                      [MlflowEpochLogger(images_per_epoch(t, train_images), logged),
                        Checkpoint(checkpoint_dir(run_id), t.checkpoint_every),
                        *extra_callbacks])
     finally:
