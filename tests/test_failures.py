@@ -22,13 +22,19 @@ from tests.conftest import ROOT
 from tests.test_fault_tolerance import TINY, experiment_runs
 
 
-def test_divergence_fails_the_run_exits_3_and_registers_nothing(store, in_process):
-    result = in_process("main", "--params", TINY, "--epochs", "2",
-                        "--overrides", "train.lr=1e12 tracking.experiment=e2e")
-    assert result.returncode == 3, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1].startswith("error: training diverged: loss became nan")
+def failed_main(in_process, epochs: str, overrides: str, code: int, error: str):
+    """`main` on the tiny profile, which must exit `code` with `error` on its last line; the client and train run."""
+    result = in_process("main", "--params", TINY, "--epochs", epochs,
+                        "--overrides", f"{overrides} tracking.experiment=e2e")
+    assert result.returncode == code, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {error}")
     client = MlflowClient()
     (run,) = experiment_runs(client, "tags.step = 'train'")
+    return client, run
+
+
+def test_divergence_fails_the_run_exits_3_and_registers_nothing(store, in_process):
+    client, run = failed_main(in_process, "2", "train.lr=1e12", 3, "training diverged: loss became nan")
     assert run.info.status == "FAILED" and "diverged" in run.data.tags["failure_reason"]
     statuses = {r.data.tags.get("step"): r.info.status for r in experiment_runs(client)}
     assert statuses == {"prepare": "FINISHED", "train": "FAILED", "main": "FAILED"}, statuses
@@ -38,12 +44,8 @@ def test_divergence_fails_the_run_exits_3_and_registers_nothing(store, in_proces
 def test_no_whole_batch_to_train_on_exits_2_naming_the_key_and_registers_nothing(store, in_process):
     """The data's size is known only once prepared: `train.drop_remainder` with a batch larger than the training
     set is refused by the train step, before any epoch, with the reason on its FAILED run."""
-    result = in_process("main", "--params", TINY, "--epochs", "1",
-                        "--overrides", "train.batch_size=4096 train.drop_remainder=true tracking.experiment=e2e")
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1].startswith("error: train.drop_remainder: the 1024 training images")
-    client = MlflowClient()
-    (run,) = experiment_runs(client, "tags.step = 'train'")
+    client, run = failed_main(in_process, "1", "train.batch_size=4096 train.drop_remainder=true", 2,
+                              "train.drop_remainder: the 1024 training images")
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("train.drop_remainder:")
     assert not client.get_metric_history(run.info.run_id, "acc")
     assert client.search_registered_models() == []
