@@ -14,6 +14,9 @@
 #      the pairs frozen), train acc 0.974 vs val_acc 0.907: short of 0.94 on any hardware. Then: 10 epochs (does the GPU agree that 16 are worth
 #      their time?), 24 epochs (Page's baseline length), 24 with cutout 8 (Page's regulariser: on the CPU at 16 epochs
 #      with zeros padding: val_acc 0.8956 vs 0.896, train acc 0.940 vs 0.975) and 40 (how high this recipe goes on the JPEG copy at all).
+#      First of them, 16 epochs with ghost batch norm (model.ghost_batch=32, Page's; train.drop_remainder with it): in a
+#      quarter-width CPU proxy (5 epochs) it was ahead at epochs 3-4 and behind at the end (bench/results/fast-cpu.md);
+#      whether it pays at 16 is cheap to ask here and costs ~2.5 h on a slow 2-core CPU.
 #      Not weight EMA: Keras's use_ema averages the trainable weights, not the BN statistics, and cost 1.2-1.9 points
 #      of val_acc in a quarter-width CPU proxy.
 #
@@ -43,9 +46,10 @@ fi
   "$PY" -c "import jax, keras; print('jax', jax.__version__, 'keras', keras.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-source_args=(--data "$DATA") small9="" small164=""
+source_args=(--data "$DATA") small9="" small164="" ghost_batch=""
 if [[ -n "${GPU_SH_SMOKE:-}" ]]; then
   source_args=(--images 512) small9="train.epochs=2 model.widths=[8,16,32,64]"
+  ghost_batch="train.batch_size=64"  # 501 training images make no whole batch of 512
   small164="model.units_per_stage=1 model.widths=[16,32,64]"
 fi
 
@@ -70,6 +74,8 @@ stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
   --overrides "train.feed=device train.steps_per_execution=8 $small164"
 # Measured 2026-11-30: a whole fast.yaml schedule (10 epochs then) took 69 s here (improved 160 s, seed 132 s), ~45 s of it
 # compiling.
+stage explore-16-ghost "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
+  --overrides "train.feed=device model.ghost_batch=32 train.drop_remainder=true $small9 $ghost_batch"
 stage explore-10 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.epochs=10 $small9"
 stage explore-24 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \

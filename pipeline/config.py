@@ -92,6 +92,7 @@ class ModelConfig:
     l2: float
     l2_norm_and_bias: bool
     bn_momentum: float
+    ghost_batch: int
     zero_init_residual: bool
     stem: str
     conv_init: str
@@ -109,6 +110,8 @@ class ModelConfig:
         _check(all(w >= 1 for w in self.widths), "model.widths", "must all be >= 1", self.widths)
         _check(0 <= self.l2 < 1, "model.l2", "must be in [0, 1)", self.l2)
         _check(0 <= self.bn_momentum < 1, "model.bn_momentum", "must be in [0, 1)", self.bn_momentum)
+        _check(self.ghost_batch >= 0, "model.ghost_batch", "must be >= 0 (0 = BN over the whole batch)",
+               self.ghost_batch)
         if self.arch == "resnet9":  # block, units_per_stage, strides and stem_filters describe preact only
             _check(not self.zero_init_residual, "model.zero_init_residual", RESNET9_ZERO_INIT, self.zero_init_residual)
             _check(len(self.widths) == 4, "model.widths",
@@ -379,7 +382,19 @@ def load(path: str | Path | None = None, overrides: str | list[str] | None = Non
                 raise ConfigError(f"{field.name}.{key}: missing from params")
         sections[field.name] = cls(**{key: _coerce(f"{field.name}.{key}", values[key], hints[key]) for key in hints})
         sections[field.name].validate()
+    _check_ghost_batch(sections["model"], sections["train"])
     return Config(**sections)
+
+
+def _check_ghost_batch(model: ModelConfig, train: TrainConfig) -> None:
+    """Ghost batch norm cuts every training batch into ghost batches: each batch must be a whole number of them."""
+    ghost = model.ghost_batch
+    if not ghost:
+        return
+    _check(train.batch_size % ghost == 0, "model.ghost_batch",
+           f"must divide train.batch_size ({train.batch_size}): each batch is cut into ghost batches", ghost)
+    _check(train.drop_remainder, "model.ghost_batch",
+           "needs train.drop_remainder=true: an epoch's last, partial batch is no whole number of ghost batches", ghost)
 
 
 def from_run_params(params: dict[str, str]) -> Config:

@@ -76,6 +76,8 @@ def split_validation(dataset: Dataset, fraction: float, seed: int):
 
 
 def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) -> keras.Model:
+    """The model `cfg` describes, normalised by `dataset`'s statistics. augment=False: the inference copy, without
+    the training-only parts (augmentation layers; stock BN in place of ghost BN, whose inference is the same)."""
     mean, std = dataset.channel_stats()
     m, t = cfg.model, cfg.train
     whiten = None
@@ -84,8 +86,8 @@ def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) ->
     return build_resnet(num_classes=len(dataset.class_names), arch=m.arch, block=m.block,
                         units_per_stage=m.units_per_stage, widths=m.widths, strides=m.strides,
                         stem_filters=m.stem_filters, l2=m.l2, l2_norm_and_bias=m.l2_norm_and_bias,
-                        bn_momentum=m.bn_momentum, zero_init_residual=m.zero_init_residual, conv_init=m.conv_init,
-                        pool_before_bn=m.pool_before_bn,
+                        bn_momentum=m.bn_momentum, ghost_batch=m.ghost_batch if augment else 0,
+                        zero_init_residual=m.zero_init_residual, conv_init=m.conv_init, pool_before_bn=m.pool_before_bn,
                         mean=mean.tolist(), std=std.tolist(), image_size=IMAGE_SIZE,
                         max_shift=round(t.shift * IMAGE_SIZE) if augment else 0, shift_fill=t.shift_fill,
                         flip=t.flip and augment, cutout=t.cutout if augment else 0, seed=t.seed, whiten=whiten)

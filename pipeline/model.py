@@ -16,10 +16,54 @@ from collections.abc import Sequence
 from functools import partial
 
 import keras
-from keras import layers
+from keras import layers, ops
 
 from pipeline.augment import RandomShiftFlip
 from pipeline.config import CONV_INITS, RESNET9_ZERO_INIT, resnet_depth
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class GhostBatchNormalization(layers.BatchNormalization):
+    """BatchNormalization whose training batches are normalised in ghost batches of `virtual_batch_size` images
+    each (Hoffer et al. 2017; Page's ResNet-9 used 32 at batch 512): each ghost batch by its own mean and
+    variance, a noisier normalisation that regularises like a small batch while the optimizer steps on the whole
+    one. The moving statistics follow the mean of the ghost batches' moments; inference is stock BN.
+    Channels last; a training batch must be a whole number of ghost batches (`train.drop_remainder`)."""
+
+    def __init__(self, virtual_batch_size: int, **kwargs):
+        super().__init__(**kwargs)
+        if virtual_batch_size < 1:
+            raise ValueError(f"virtual_batch_size must be >= 1, got {virtual_batch_size}")
+        if self.axis != -1:
+            raise ValueError(f"GhostBatchNormalization normalises channels last (axis=-1), got axis={self.axis}")
+        self.virtual_batch_size = int(virtual_batch_size)
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or mask is not None or self.renorm:
+            return super().call(inputs, training=training, mask=mask)
+        size = self.virtual_batch_size
+        if inputs.shape[0] is not None and inputs.shape[0] % size:
+            raise ValueError(f"{self.name}: a training batch of {inputs.shape[0]} is not a whole number of ghost "
+                             f"batches of {size} (model.ghost_batch); train with whole batches "
+                             f"(train.drop_remainder=true) whose size is a multiple of it")
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        channels = x.shape[-1]
+        ghosts = ops.reshape(x, (-1, size, *x.shape[1:]))
+        mean, variance = ops.moments(ghosts, axes=list(range(1, len(ghosts.shape) - 1)), keepdims=True)
+        y = (ghosts - mean) * ops.rsqrt(variance + self.epsilon)
+        if self.scale:
+            y = y * ops.cast(self.gamma, y.dtype)
+        if self.center:
+            y = y + ops.cast(self.beta, y.dtype)
+        momentum = self.momentum
+        self.moving_mean.assign(self.moving_mean * momentum
+                                + ops.mean(ops.reshape(mean, (-1, channels)), axis=0) * (1.0 - momentum))
+        self.moving_variance.assign(self.moving_variance * momentum
+                                    + ops.mean(ops.reshape(variance, (-1, channels)), axis=0) * (1.0 - momentum))
+        return ops.cast(ops.reshape(y, ops.shape(x)), self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "virtual_batch_size": self.virtual_batch_size}
 
 
 def conv_initializer(name: str) -> keras.initializers.Initializer:
@@ -40,11 +84,11 @@ def _conv(filters: int, kernel_size: int, strides: int, name: str, *, l2: float,
                          kernel_regularizer=keras.regularizers.l2(l2), name=name)
 
 
-def _bn(x, name: str, *, momentum: float, l2: float | None):
-    """BatchNormalization; `l2` also regularises gamma and beta."""
+def _bn(x, name: str, *, momentum: float, l2: float | None, ghost: int = 0):
+    """BatchNormalization; `l2` also regularises gamma and beta; `ghost` > 0: in ghost batches of that many."""
     reg = keras.regularizers.l2(l2) if l2 else None
-    return layers.BatchNormalization(momentum=momentum, gamma_regularizer=reg, beta_regularizer=reg,
-                                     name=f"{name}_bn")(x)
+    kwargs = dict(momentum=momentum, gamma_regularizer=reg, beta_regularizer=reg, name=f"{name}_bn")
+    return (GhostBatchNormalization(ghost, **kwargs) if ghost else layers.BatchNormalization(**kwargs))(x)
 
 
 def _bn_relu(x, name: str, *, bn):
@@ -138,6 +182,7 @@ def build_resnet(
     arch: str = "preact",
     l2_norm_and_bias: bool = False,
     bn_momentum: float = 0.99,
+    ghost_batch: int = 0,
     zero_init_residual: bool = False,
     conv_init: str = "he_normal",
     pool_before_bn: bool = False,
@@ -161,6 +206,8 @@ def build_resnet(
     conv_init: the conv kernels' initialiser (`conv_initializer`).
     whiten: a `whitening_kernel` for resnet9's frozen stem in place of its prep conv, or None.
     pool_before_bn: resnet9's layers pool straight after their conv, before BN-ReLU (`_resnet9_body`).
+    ghost_batch: > 0, every BN normalises training batches in ghost batches of this many images
+    (`GhostBatchNormalization`); 0: over the whole batch.
     Output: float32 class probabilities, even under a mixed-precision policy.
     """
     if arch not in ("preact", "resnet9"):
@@ -178,7 +225,7 @@ def build_resnet(
         side = cutout / image_size  # RandomErasing draws each side as sqrt(scale) of the image's
         x = layers.RandomErasing(factor=(1.0, 1.0), scale=(side * side, side * side), fill_value=0.0, seed=seed,
                                  dtype="float32", name="cutout")(x)
-    bn = partial(_bn, momentum=bn_momentum, l2=l2 if l2_norm_and_bias else None)
+    bn = partial(_bn, momentum=bn_momentum, l2=l2 if l2_norm_and_bias else None, ghost=ghost_batch)
     conv = partial(_conv, l2=l2, init=conv_init)
     if arch == "resnet9":
         x = _resnet9_body(x, widths=widths, conv=conv, bn=bn, whiten=whiten, pool_before_bn=pool_before_bn)

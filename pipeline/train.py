@@ -59,8 +59,8 @@ class TrainingDiverged(StepFailed):
 
 
 def inference_copy(cfg: config.Config, dataset: Dataset, model: keras.Model) -> keras.Model:
-    """The trained model without the augmentation layer: only stock Keras layers, so the
-    logged model loads anywhere without this project's code."""
+    """The trained model without the augmentation layer and with stock BN for ghost BN: only stock Keras layers,
+    so the logged model loads anywhere without this project's code."""
     served = make_model(cfg, dataset, augment=False)
     for layer in served.layers:
         if layer.weights:

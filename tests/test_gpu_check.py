@@ -9,12 +9,19 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 ABSENT = ("tensorflow", "mlflow", "pandas", "matplotlib", "sklearn")
 
 
-def test_a_gpu_stage_trains_and_scores_with_tensorflow_and_mlflow_unimportable(tmp_path):
+SMALL = "train.feed=device train.epochs=2 model.widths=[8,16,32,64] train.steps_per_execution=1"
+
+
+@pytest.mark.parametrize("overrides", [SMALL, f"{SMALL} model.ghost_batch=32 train.drop_remainder=true "
+                                              "train.batch_size=64"], ids=["fast", "ghost-batch-norm"])
+def test_a_gpu_stage_trains_and_scores_with_tensorflow_and_mlflow_unimportable(tmp_path, overrides):
     stubs = tmp_path / "absent"
     for name in ABSENT:  # first on the path: `import NAME` fails as on a machine without it
         (stubs / name).mkdir(parents=True)
@@ -25,7 +32,7 @@ def test_a_gpu_stage_trains_and_scores_with_tensorflow_and_mlflow_unimportable(t
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu_epoch", "--images", "512", "--out", str(out), "--full",
          "--params", "params/fast.yaml",
-         "--overrides", "train.feed=device train.epochs=2 model.widths=[8,16,32,64] train.steps_per_execution=1"],
+         "--overrides", overrides],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import config, data, fitting, model, serve
+from pipeline import config, data, fitting, model, serve, train
 
 
 def trainable(m: keras.Model) -> int:
@@ -175,6 +175,59 @@ def test_bn_momentum_and_l2_on_norm_and_bias_are_params():
     x = np.zeros((1, 32, 32, 3), np.uint8)
     m(x), seed(x)
     assert len(m.losses) == len(seed.losses) + 2 * len(bns) + 1
+
+
+def test_ghost_batch_norm_normalises_each_ghost_batch_by_its_own_moments():
+    # two ghost batches of 4 far apart: each is normalised by its own moments, not the batch's
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (8, 3, 3, 2)).astype("float32")
+    x[:4] += 10.0
+    ghost = model.GhostBatchNormalization(4, momentum=0.5)
+    stock = keras.layers.BatchNormalization(momentum=0.5)
+    y, y_stock = (keras.ops.convert_to_numpy(layer(x, training=True)) for layer in (ghost, stock))
+    for part in (y[:4], y[4:]):
+        np.testing.assert_allclose(part.mean(axis=(0, 1, 2)), 0, atol=1e-5)
+        np.testing.assert_allclose(part.var(axis=(0, 1, 2)), 1, atol=1e-2)
+    assert abs(y_stock[:4].mean()) > 0.9  # the whole batch's moments leave the two halves apart
+    # the moving statistics follow the mean of the ghost batches' moments
+    halves = x.reshape(2, 4, 3, 3, 2)
+    np.testing.assert_allclose(ghost.moving_mean.numpy(), 0.5 * x.mean(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(ghost.moving_variance.numpy(), 0.5 + 0.5 * halves.var(axis=(1, 2, 3)).mean(axis=0),
+                               rtol=1e-4)
+    assert np.all(stock.moving_variance.numpy() > ghost.moving_variance.numpy() + 10)
+    # inference is stock BN's; one ghost batch per batch is stock BN
+    stock.set_weights(ghost.get_weights())
+    np.testing.assert_allclose(ghost(x, training=False), stock(x, training=False), rtol=1e-5, atol=1e-5)
+    whole = model.GhostBatchNormalization(8, momentum=0.5)
+    np.testing.assert_allclose(whole(x, training=True), keras.layers.BatchNormalization(momentum=0.5)(x, training=True),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="model.ghost_batch"):
+        ghost(x[:6], training=True)
+    again = model.GhostBatchNormalization.from_config(ghost.get_config())
+    assert (again.virtual_batch_size, again.momentum) == (4, 0.5)
+
+
+def test_ghost_batch_is_a_param_off_in_the_seed_and_trains_with_stock_bn_served():
+    from pipeline.data import make_synthetic
+    from pipeline.distribute import distribution
+
+    assert config.load(None).model.ghost_batch == 0
+    for overrides in ("model.ghost_batch=-1", "train.drop_remainder=true model.ghost_batch=48",
+                      "model.ghost_batch=32"):  # 48 does not divide 128; without drop_remainder a batch is partial
+        with pytest.raises(config.ConfigError, match="model.ghost_batch"):
+            config.load(None, overrides)
+    cfg = config.load("params/tiny.yaml", "model.ghost_batch=8 train.drop_remainder=true train.epochs=1 "
+                                          "train.verbose=0")
+    data = make_synthetic(n_train=100, n_test=64)  # 3 whole batches of 32, 4 images left out
+    m = fitting.compile_model(cfg, data, distribution("none"), 100)
+    bns = [layer for layer in m.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and all(isinstance(b, model.GhostBatchNormalization) and b.virtual_batch_size == 8 for b in bns)
+    history = fitting.fit(m, cfg, fitting.split_validation(data, 0, 0), 10, [])
+    assert np.isfinite(history.history["loss"][-1])
+    served = train.inference_copy(cfg, data, m)
+    assert not any(isinstance(layer, model.GhostBatchNormalization) for layer in served.layers)
+    np.testing.assert_allclose(served.predict(data.x_test, verbose=0), m.predict(data.x_test, verbose=0),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_ema_is_the_optimizers_and_validates_on_the_averaged_weights():
