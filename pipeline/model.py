@@ -55,11 +55,9 @@ class GhostBatchNormalization(layers.BatchNormalization):
             y = y * ops.cast(self.gamma, y.dtype)
         if self.center:
             y = y + ops.cast(self.beta, y.dtype)
-        momentum = self.momentum
-        self.moving_mean.assign(self.moving_mean * momentum
-                                + ops.mean(ops.reshape(mean, (-1, channels)), axis=0) * (1.0 - momentum))
-        self.moving_variance.assign(self.moving_variance * momentum
-                                    + ops.mean(ops.reshape(variance, (-1, channels)), axis=0) * (1.0 - momentum))
+        for moving, moment in ((self.moving_mean, mean), (self.moving_variance, variance)):
+            moving.assign(moving * self.momentum
+                          + ops.mean(ops.reshape(moment, (-1, channels)), axis=0) * (1.0 - self.momentum))
         return ops.cast(ops.reshape(y, ops.shape(x)), self.compute_dtype)
 
     def get_config(self):
