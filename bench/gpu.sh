@@ -16,7 +16,8 @@
 #      with zeros padding: val_acc 0.8956 vs 0.896, train acc 0.940 vs 0.975) and 40 (how high this recipe goes on the JPEG copy at all).
 #      First of them, 16 epochs with ghost batch norm (model.ghost_batch=32, Page's; train.drop_remainder with it): in a
 #      quarter-width CPU proxy (5 epochs) it was ahead at epochs 3-4 and behind at the end (bench/results/fast-cpu.md);
-#      whether it pays at 16 is cheap to ask here and costs ~2.5 h on a slow 2-core CPU.
+#      whether it pays at 16 is cheap to ask here and costs ~2.5 h on a slow 2-core CPU. Second, 16 epochs with
+#      alternating flips (train.alternate_flip, airbench's: every image seen both ways in any two epochs).
 #      Not weight EMA: Keras's use_ema averages the trainable weights, not the BN statistics, and cost 1.2-1.9 points
 #      of val_acc in a quarter-width CPU proxy.
 #
@@ -76,6 +77,8 @@ stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
 # compiling.
 stage explore-16-ghost "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device model.ghost_batch=32 train.drop_remainder=true $small9 $ghost_batch"
+stage explore-16-altflip "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
+  --overrides "train.feed=device train.alternate_flip=true $small9"
 stage explore-10 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.epochs=10 $small9"
 stage explore-24 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \

@@ -154,6 +154,7 @@ class TrainConfig:
     shift: float
     shift_fill: str
     flip: bool
+    alternate_flip: bool
     cutout: int
     validation_fraction: float
     precision: str
@@ -181,6 +182,8 @@ class TrainConfig:
         _check(0 <= self.shift < 0.5, "train.shift", "must be a fraction of the image size in [0, 0.5)", self.shift)
         _check(self.shift_fill in SHIFT_FILLS, "train.shift_fill", f"must be one of {', '.join(SHIFT_FILLS)}",
                self.shift_fill)
+        _check(self.flip or not self.alternate_flip, "train.alternate_flip",
+               "needs train.flip: true (it orders the flips)", self.alternate_flip)
         _check(0 <= self.cutout < IMAGE_SIZE, "train.cutout",
                f"must be a square's side in pixels in [0, {IMAGE_SIZE}) (0: off)", self.cutout)
         _check(0 <= self.validation_fraction < 1, "train.validation_fraction", "must be in [0, 1)",

@@ -90,7 +90,8 @@ def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) ->
                         zero_init_residual=m.zero_init_residual, conv_init=m.conv_init, pool_before_bn=m.pool_before_bn,
                         mean=mean.tolist(), std=std.tolist(), image_size=IMAGE_SIZE,
                         max_shift=round(t.shift * IMAGE_SIZE) if augment else 0, shift_fill=t.shift_fill,
-                        flip=t.flip and augment, cutout=t.cutout if augment else 0, seed=t.seed, whiten=whiten)
+                        flip=t.flip and not t.alternate_flip and augment,  # alternate: the feed mirrors them
+                        cutout=t.cutout if augment else 0, seed=t.seed, whiten=whiten)
 
 
 def steps_per_epoch(cfg: config.TrainConfig, train_images: int) -> int:
@@ -205,43 +206,67 @@ class EpochLine(keras.callbacks.Callback):
               flush=True)
 
 
+def first_flips(images: int, seed: int) -> np.ndarray:
+    """`train.alternate_flip`: which of `images` training images are mirrored in the first epoch (each with
+    probability 1/2, drawn from `seed` alone). In epoch e those are mirrored when e is even, the others when it is
+    odd, so any two consecutive epochs show every image once each way (airbench's alternating flip)."""
+    return np.random.default_rng([seed, 0xF1]).random(images) < 0.5
+
+
+def flipped_in(first: np.ndarray, epoch: int) -> np.ndarray:
+    """Which images `first_flips`' alternating flips mirror in `epoch` (0-based)."""
+    return first ^ bool(epoch % 2)
+
+
 @functools.cache
 def _device_gather():
-    """One jitted gather of (images, labels) rows for every DeviceBatches, so it compiles once per shape."""
+    """One jitted gather of (images, labels) rows for every DeviceBatches, so it compiles once per shape;
+    `mirror` (one bool per row) flips those images left-right."""
     import jax
     import jax.numpy as jnp
 
-    return jax.jit(lambda images, labels, idx: (jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)))
+    def gather(images, labels, idx, mirror):
+        batch = jnp.take(images, idx, axis=0)
+        return jnp.where(mirror[:, None, None, None], batch[:, :, ::-1], batch), jnp.take(labels, idx, axis=0)
+
+    return jax.jit(gather)
 
 
 class ArrayBatches(keras.utils.PyDataset):
     """Batches of (images, labels) cut from arrays in host memory, for backends other than TensorFlow when
-    `train.drop_remainder` asks for whole batches only (Keras's own array feed always ends an epoch with the
-    partial batch). `shuffle`: a seeded new order every epoch; `drop_remainder`: each epoch is
-    `len(images) // batch_size` whole batches, and the images left over are different ones each epoch."""
+    `train.drop_remainder` or `train.alternate_flip` asks for what Keras's own array feed lacks (it always ends an
+    epoch with the partial batch, and knows nothing of epochs). `shuffle`: a seeded new order every epoch;
+    `drop_remainder`: each epoch is `len(images) // batch_size` whole batches, and the images left over are different
+    ones each epoch; `alternate_flip`: images mirrored as `first_flips` says (training only)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 drop_remainder: bool = False):
+                 drop_remainder: bool = False, alternate_flip: bool = False):
         super().__init__()
         self.images, self.labels = self.place(images), self.place(labels)
         self.batch_size, self.shuffle, self.drop_remainder = batch_size, shuffle, drop_remainder
         self.rng = np.random.default_rng(seed)
         self.order = self.rng.permutation(len(images)) if shuffle else np.arange(len(images))
+        self.first = first_flips(len(images), seed) if alternate_flip else None
+        self.epoch = 0
 
     def place(self, array: np.ndarray):
         return array
 
-    def take(self, rows: np.ndarray):
-        return self.images[rows], self.labels[rows]
+    def take(self, rows: np.ndarray, mirror: np.ndarray):
+        images = self.images[rows]
+        return np.where(mirror[:, None, None, None], images[:, :, ::-1], images), self.labels[rows]
 
     def __len__(self) -> int:
         return (len(self.order) // self.batch_size if self.drop_remainder
                 else math.ceil(len(self.order) / self.batch_size))
 
     def __getitem__(self, index: int):
-        return self.take(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        mirror = np.zeros(len(rows), bool) if self.first is None else flipped_in(self.first, self.epoch)[rows]
+        return self.take(rows, mirror)
 
     def on_epoch_end(self) -> None:
+        self.epoch += 1
         if self.shuffle:
             self.order = self.rng.permutation(len(self.order))
 
@@ -259,17 +284,19 @@ class DeviceBatches(ArrayBatches):
 
         return jax.device_put(array)
 
-    def take(self, rows: np.ndarray):
-        return _device_gather()(self.images, self.labels, rows)
+    def take(self, rows: np.ndarray, mirror: np.ndarray):
+        return _device_gather()(self.images, self.labels, rows, mirror)
 
 
 def host_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 first_epoch: int = 0, drop_remainder: bool = False):
+                 first_epoch: int = 0, drop_remainder: bool = False, alternate_flip: bool = False):
     """A tf.data pipeline of (images, labels) batches cut from arrays held in host memory (TensorFlow backend).
 
     shuffle: an endless sequence of epochs, epoch e in an order drawn from (seed, e) alone, so that a run resumed
     at epoch `first_epoch` sees the batches the uninterrupted run saw; each epoch ends with its partial batch, as
-    Keras's array feed does, or with `drop_remainder` has whole batches only. Else: one pass in order (validation).
+    Keras's array feed does, or with `drop_remainder` has whole batches only; `alternate_flip`: the images
+    `first_flips` and the epoch say are mirrored (a resumed run mirrors the same ones). Else: one pass in order
+    (validation).
 
     It differs from Keras's own array feed in one setting: tf.data's autotuning is off (the buffers are fixed).
     With it on, destroying an iterator waits for the autotuner's thread to wake from a sleep that grows to a
@@ -283,14 +310,26 @@ def host_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shu
     n = len(images)
     images, labels = tf.constant(images), tf.constant(labels)
 
+    first = tf.constant(first_flips(n, seed)) if shuffle and alternate_flip else None
+
     def epoch_batches(epoch):
         order = tf.range(n, dtype=tf.int64)
         if shuffle:
             order = tf.random.experimental.stateless_shuffle(order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=shuffle and drop_remainder)
+        rows = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=shuffle and drop_remainder)
+        if first is None:
+            return rows
+        mirrored = tf.math.logical_xor(first, tf.equal(epoch % 2, 1))  # flipped_in, as a tensor
+        return rows.map(lambda i: (i, tf.gather(mirrored, i)))
+
+    def gather(i, mirror=None):
+        batch = tf.gather(images, i)
+        if mirror is not None:
+            batch = tf.where(mirror[:, None, None, None], tf.reverse(batch, axis=[2]), batch)
+        return batch, tf.gather(labels, i)
 
     epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max) if shuffle else tf.data.Dataset.range(1)
-    batches = epochs.flat_map(epoch_batches).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+    batches = epochs.flat_map(epoch_batches).map(gather)
     if not shuffle:  # known length: else Keras learns it by running out on the first pass and warns "ran out of data"
         batches = batches.apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch_size)))
     options = tf.data.Options()
@@ -305,8 +344,8 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
     """`model.fit` on `split_validation`'s splits, validating every epoch; the same on every host of a cluster.
 
     train.feed host: uint8 arrays in host memory, a batch copied per step (`host_batches` on TensorFlow, Keras's
-    array feed on other backends, `ArrayBatches` there with `train.drop_remainder`); device: `DeviceBatches` (JAX
-    only). A `Checkpoint` among `callbacks` tells which epoch training resumes at.
+    array feed on other backends, `ArrayBatches` there with `train.drop_remainder` or `train.alternate_flip`);
+    device: `DeviceBatches` (JAX only). A `Checkpoint` among `callbacks` tells which epoch training resumes at.
     """
     t = cfg.train
     x_train, y_train, x_val, y_val = splits
@@ -317,10 +356,10 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
     if verbose == 2:
         callbacks, verbose = [*callbacks, EpochLine()], 0
     options = dict(epochs=t.epochs, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks], verbose=verbose)
-    if t.feed == "device" or (t.drop_remainder and keras.backend.backend() != "tensorflow"):
+    if t.feed == "device" or ((t.drop_remainder or t.alternate_flip) and keras.backend.backend() != "tensorflow"):
         feed = DeviceBatches if t.feed == "device" else ArrayBatches
         return model.fit(feed(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed,
-                              drop_remainder=t.drop_remainder),
+                              drop_remainder=t.drop_remainder, alternate_flip=t.alternate_flip),
                          validation_data=feed(x_val, y_val, t.batch_size, shuffle=False), **options)
     if keras.backend.backend() != "tensorflow":
         return model.fit(x_train, y_train, batch_size=t.batch_size, validation_data=(x_val, y_val), shuffle=True,
@@ -328,7 +367,7 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
     first_epoch = max((Checkpoint.completed_epochs(c.backup_dir) for c in callbacks if isinstance(c, Checkpoint)),
                       default=0)
     return model.fit(host_batches(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed, first_epoch=first_epoch,
-                                  drop_remainder=t.drop_remainder),
+                                  drop_remainder=t.drop_remainder, alternate_flip=t.alternate_flip),
                      steps_per_epoch=steps_per_epoch(t, len(x_train)),
                      validation_data=host_batches(x_val, y_val, t.batch_size, shuffle=False),
                      shuffle=False, **options)  # the order is host_batches' own (Keras warns that it ignores shuffle)

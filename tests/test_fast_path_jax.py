@@ -29,7 +29,7 @@ def test_wrong_engine_for_the_backend_is_a_param_error(store):
 def test_device_batches_cover_every_image_once_per_epoch_in_a_new_order():
     import numpy as np
 
-    from pipeline.fitting import DeviceBatches
+    from pipeline.fitting import DeviceBatches, first_flips, flipped_in
 
     images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
     labels = np.eye(10, dtype=np.float32)
@@ -49,6 +49,15 @@ def test_device_batches_cover_every_image_once_per_epoch_in_a_new_order():
     assert sorted(second) == list(range(10)) and list(second) != list(first)
     in_order = DeviceBatches(images, labels, 4, shuffle=False)
     np.testing.assert_array_equal(np.concatenate([np.asarray(in_order[i][0]) for i in range(3)]), images)
+    alternate = DeviceBatches(images, labels, 4, shuffle=True, seed=0, alternate_flip=True)
+    for epoch in range(2):  # train.alternate_flip: the gather on the device mirrors the images first_flips says
+        mirror = flipped_in(first_flips(10, 0), epoch)
+        for i in range(len(alternate)):
+            x, y = (np.asarray(a) for a in alternate[i])
+            rows = y.argmax(axis=1)
+            np.testing.assert_array_equal(x, np.where(mirror[rows, None, None, None], images[rows][:, :, ::-1],
+                                                      images[rows]))
+        alternate.on_epoch_end()
 
 
 def test_main_on_the_jax_backend_data_parallel_over_two_devices_with_images_held_there(store):

@@ -133,3 +133,65 @@ def test_array_batches_for_other_backends_drop_the_remainder_too():
         feed.on_epoch_end()
     assert all(len(set(order)) == 8 for order in seen) and len({tuple(order) for order in seen}) > 1
     assert len(fitting.ArrayBatches(images, labels, BATCH, shuffle=False)) == 3
+
+
+def two_sided(n: int):
+    """Image i is the pixel pair [i, 100 + i], so a mirrored one starts with 100 + i; its label is 2i."""
+    images = np.stack([np.arange(n), 100 + np.arange(n)], axis=1).astype(np.uint8).reshape(n, 1, 2, 1)
+    return images, np.arange(n, dtype=np.float32)[:, None] * 2
+
+
+def mirrored_by_epoch(batches: list, per_epoch: int) -> list[dict[int, bool]]:
+    """{image: mirrored} for each epoch of `per_epoch` batches, checking that each image keeps its label."""
+    epochs = []
+    for start in range(0, len(batches), per_epoch):
+        seen = {}
+        for x, y in batches[start:start + per_epoch]:
+            pairs = x.reshape(-1, 2)
+            index = pairs.min(axis=1)
+            np.testing.assert_array_equal(y.ravel(), index * 2)
+            seen.update(zip(index.tolist(), (pairs[:, 0] >= 100).tolist(), strict=True))
+        epochs.append(seen)
+    return epochs
+
+
+def assert_alternating(epochs: list[dict[int, bool]], n: int) -> None:
+    assert all(sorted(seen) == list(range(n)) for seen in epochs)  # every image once per epoch
+    assert 0 < sum(epochs[0].values()) < n  # the first epoch mirrors some at random, not all or none
+    for before, after in zip(epochs, epochs[1:], strict=False):
+        assert all(after[i] != before[i] for i in range(n))  # the next epoch mirrors exactly the others
+
+
+def test_alternate_flip_mirrors_each_image_the_other_way_every_epoch_and_resumes_in_step():
+    """airbench's alternating flip: random mirroring in the first epoch, then each image the opposite way to the
+    epoch before, so any two epochs show it both ways (random flips leave 1 image in 4 one way in both)."""
+    images, labels = two_sided(N)
+    feed = fitting.host_batches(images, labels, BATCH, shuffle=True, seed=3, alternate_flip=True)
+    batches = take(feed, 12)
+    epochs = mirrored_by_epoch(batches, 3)
+    assert_alternating(epochs, N)
+    resumed = take(fitting.host_batches(images, labels, BATCH, shuffle=True, seed=3, first_epoch=1,
+                                        alternate_flip=True), 6)
+    assert [x.tolist() for x, _ in resumed] == [x.tolist() for x, _ in batches[3:9]]
+    other = mirrored_by_epoch(take(fitting.host_batches(*two_sided(40), BATCH, shuffle=True, seed=4,
+                                                        alternate_flip=True), 10), 10)
+    assert other[0] != mirrored_by_epoch(take(fitting.host_batches(*two_sided(40), BATCH, shuffle=True, seed=3,
+                                                                   alternate_flip=True), 10), 10)[0]
+    validation = fitting.host_batches(images, labels, BATCH, shuffle=False, alternate_flip=True)
+    assert not any(mirrored_by_epoch(take(validation, 100), 3)[0].values())  # validation images are never flipped
+    plain = mirrored_by_epoch(take(fitting.host_batches(images, labels, BATCH, shuffle=True, seed=3), 6), 3)
+    assert not any(any(seen.values()) for seen in plain)  # without it the feed leaves flips to the model
+
+
+def test_array_batches_alternate_flips_as_the_tensorflow_feed_does():
+    images, labels = two_sided(N)
+    feed = fitting.ArrayBatches(images, labels, BATCH, shuffle=True, seed=3, alternate_flip=True)
+    batches = []
+    for _ in range(4):
+        batches += [feed[i] for i in range(len(feed))]
+        feed.on_epoch_end()
+    epochs = mirrored_by_epoch(batches, 3)
+    assert_alternating(epochs, N)
+    tf_feed = mirrored_by_epoch(take(fitting.host_batches(images, labels, BATCH, shuffle=True, seed=3,
+                                                          alternate_flip=True), 3), 3)
+    assert epochs[0] == tf_feed[0]  # the same images mirrored first, whatever the backend

@@ -230,6 +230,25 @@ def test_ghost_batch_is_a_param_off_in_the_seed_and_trains_with_stock_bn_served(
                                rtol=1e-4, atol=1e-5)
 
 
+def test_alternate_flip_is_a_param_off_in_the_seed_that_moves_the_flips_from_the_model_to_the_feed():
+    from pipeline.data import make_synthetic
+    from pipeline.distribute import distribution
+
+    seed = config.load(None).train
+    assert seed.flip and not seed.alternate_flip
+    with pytest.raises(config.ConfigError, match=r"^train.alternate_flip: needs train.flip: true"):
+        config.load(None, "train.flip=false train.alternate_flip=true")
+    cfg = config.load("params/tiny.yaml", "train.alternate_flip=true train.epochs=2 train.verbose=0")
+    data = make_synthetic(n_train=100, n_test=64)
+    m = fitting.compile_model(cfg, data, distribution("none"), 100)
+    augment = m.get_layer("augment").get_config()
+    assert augment["flip"] is False and augment["max_shift"] == round(cfg.train.shift * 32)  # shifts stay in it
+    plain = fitting.make_model(config.load("params/tiny.yaml"), data)
+    assert plain.get_layer("augment").get_config()["flip"] is True
+    history = fitting.fit(m, cfg, fitting.split_validation(data, 0, 0), 10, [])
+    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"][-1])
+
+
 def test_ema_is_the_optimizers_and_validates_on_the_averaged_weights():
     from pipeline.data import make_synthetic
     from pipeline.distribute import distribution
