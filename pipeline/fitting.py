@@ -237,17 +237,21 @@ class ArrayBatches(keras.utils.PyDataset):
     `train.drop_remainder` or `train.alternate_flip` asks for what Keras's own array feed lacks (it always ends an
     epoch with the partial batch, and knows nothing of epochs). `shuffle`: a seeded new order every epoch;
     `drop_remainder`: each epoch is `len(images) // batch_size` whole batches, and the images left over are different
-    ones each epoch; `alternate_flip`: images mirrored as `first_flips` says (training only)."""
+    ones each epoch; `alternate_flip`: images mirrored as `first_flips` says (training only). `first_epoch`: a
+    resumed run's, which starts in the order and with the mirroring the uninterrupted run had there."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 drop_remainder: bool = False, alternate_flip: bool = False):
+                 drop_remainder: bool = False, alternate_flip: bool = False, first_epoch: int = 0):
         super().__init__()
         self.images, self.labels = self.place(images), self.place(labels)
         self.batch_size, self.shuffle, self.drop_remainder = batch_size, shuffle, drop_remainder
         self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(images)) if shuffle else np.arange(len(images))
+        self.order = np.arange(len(images))
+        if shuffle:
+            for _ in range(first_epoch + 1):  # epoch e's order is the generator's (e + 1)-th permutation
+                self.order = self.rng.permutation(len(images))
         self.first = first_flips(len(images), seed) if alternate_flip else None
-        self.epoch = 0
+        self.epoch = first_epoch
 
     def place(self, array: np.ndarray):
         return array
@@ -356,16 +360,16 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
     if verbose == 2:
         callbacks, verbose = [*callbacks, EpochLine()], 0
     options = dict(epochs=t.epochs, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks], verbose=verbose)
+    first_epoch = max((Checkpoint.completed_epochs(c.backup_dir) for c in callbacks if isinstance(c, Checkpoint)),
+                      default=0)
     if t.feed == "device" or ((t.drop_remainder or t.alternate_flip) and keras.backend.backend() != "tensorflow"):
         feed = DeviceBatches if t.feed == "device" else ArrayBatches
-        return model.fit(feed(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed,
+        return model.fit(feed(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed, first_epoch=first_epoch,
                               drop_remainder=t.drop_remainder, alternate_flip=t.alternate_flip),
                          validation_data=feed(x_val, y_val, t.batch_size, shuffle=False), **options)
     if keras.backend.backend() != "tensorflow":
         return model.fit(x_train, y_train, batch_size=t.batch_size, validation_data=(x_val, y_val), shuffle=True,
                          **options)
-    first_epoch = max((Checkpoint.completed_epochs(c.backup_dir) for c in callbacks if isinstance(c, Checkpoint)),
-                      default=0)
     return model.fit(host_batches(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed, first_epoch=first_epoch,
                                   drop_remainder=t.drop_remainder, alternate_flip=t.alternate_flip),
                      steps_per_epoch=steps_per_epoch(t, len(x_train)),

@@ -195,3 +195,5 @@ def test_array_batches_alternate_flips_as_the_tensorflow_feed_does():
     tf_feed = mirrored_by_epoch(take(fitting.host_batches(images, labels, BATCH, shuffle=True, seed=3,
                                                           alternate_flip=True), 3), 3)
     assert epochs[0] == tf_feed[0]  # the same images mirrored first, whatever the backend
+    resumed = fitting.ArrayBatches(images, labels, BATCH, shuffle=True, seed=3, alternate_flip=True, first_epoch=2)
+    assert [x.tolist() for x, _ in (resumed[i] for i in range(3))] == [x.tolist() for x, _ in batches[6:9]]
