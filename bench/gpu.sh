@@ -17,7 +17,8 @@
 #      First of them, 16 epochs with ghost batch norm (model.ghost_batch=32, Page's; train.drop_remainder with it): in a
 #      quarter-width CPU proxy (5 epochs) it was ahead at epochs 3-4 and behind at the end (bench/results/fast-cpu.md);
 #      whether it pays at 16 is cheap to ask here and costs ~2.5 h on a slow 2-core CPU. Second, 16 epochs with
-#      alternating flips (train.alternate_flip, airbench's: every image seen both ways in any two epochs).
+#      alternating flips (train.alternate_flip, airbench's: every image seen both ways in any two epochs): in the
+#      same 5-epoch CPU proxy val_acc 0.846 vs 0.848 (two seeds), too short a run to show a gain of tenths of a point.
 #      Not weight EMA: Keras's use_ema averages the trainable weights, not the BN statistics, and cost 1.2-1.9 points
 #      of val_acc in a quarter-width CPU proxy.
 #

@@ -314,26 +314,24 @@ def host_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shu
     n = len(images)
     images, labels = tf.constant(images), tf.constant(labels)
 
-    first = tf.constant(first_flips(n, seed)) if shuffle and alternate_flip else None
+    alternate = shuffle and alternate_flip
+    if alternate:  # rows n..2n-1 hold the mirror images: mirroring is then part of the one gather, at no cost
+        first = tf.constant(first_flips(n, seed))
+        images = tf.concat([images, tf.reverse(images, axis=[2])], axis=0)
 
     def epoch_batches(epoch):
         order = tf.range(n, dtype=tf.int64)
         if shuffle:
             order = tf.random.experimental.stateless_shuffle(order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
         rows = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=shuffle and drop_remainder)
-        if first is None:
-            return rows
+        if not alternate:
+            return rows.map(lambda i: (i, i))
         mirrored = tf.math.logical_xor(first, tf.equal(epoch % 2, 1))  # flipped_in, as a tensor
-        return rows.map(lambda i: (i, tf.gather(mirrored, i)))
-
-    def gather(i, mirror=None):
-        batch = tf.gather(images, i)
-        if mirror is not None:
-            batch = tf.where(mirror[:, None, None, None], tf.reverse(batch, axis=[2]), batch)
-        return batch, tf.gather(labels, i)
+        return rows.map(lambda i: (i + n * tf.cast(tf.gather(mirrored, i), tf.int64), i))
 
     epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max) if shuffle else tf.data.Dataset.range(1)
-    batches = epochs.flat_map(epoch_batches).map(gather)
+    batches = epochs.flat_map(epoch_batches).map(lambda image_rows, i: (tf.gather(images, image_rows),
+                                                                        tf.gather(labels, i)))
     if not shuffle:  # known length: else Keras learns it by running out on the first pass and warns "ran out of data"
         batches = batches.apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch_size)))
     options = tf.data.Options()
