@@ -219,15 +219,17 @@ def flipped_in(first: np.ndarray, epoch: int) -> np.ndarray:
 
 
 @functools.cache
-def _device_gather():
+def _device_gather(mirroring: bool):
     """One jitted gather of (images, labels) rows for every DeviceBatches, so it compiles once per shape;
-    `mirror` (one bool per row) flips those images left-right."""
+    mirroring: it takes `mirror` too (one bool per row) and flips those images left-right."""
     import jax
     import jax.numpy as jnp
 
-    def gather(images, labels, idx, mirror):
+    def gather(images, labels, idx, mirror=None):
         batch = jnp.take(images, idx, axis=0)
-        return jnp.where(mirror[:, None, None, None], batch[:, :, ::-1], batch), jnp.take(labels, idx, axis=0)
+        if mirroring:
+            batch = jnp.where(mirror[:, None, None, None], batch[:, :, ::-1], batch)
+        return batch, jnp.take(labels, idx, axis=0)
 
     return jax.jit(gather)
 
@@ -256,9 +258,11 @@ class ArrayBatches(keras.utils.PyDataset):
     def place(self, array: np.ndarray):
         return array
 
-    def take(self, rows: np.ndarray, mirror: np.ndarray):
+    def take(self, rows: np.ndarray, mirror: np.ndarray | None):
         images = self.images[rows]
-        return np.where(mirror[:, None, None, None], images[:, :, ::-1], images), self.labels[rows]
+        if mirror is not None:
+            images = np.where(mirror[:, None, None, None], images[:, :, ::-1], images)
+        return images, self.labels[rows]
 
     def __len__(self) -> int:
         return (len(self.order) // self.batch_size if self.drop_remainder
@@ -266,8 +270,7 @@ class ArrayBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        mirror = np.zeros(len(rows), bool) if self.first is None else flipped_in(self.first, self.epoch)[rows]
-        return self.take(rows, mirror)
+        return self.take(rows, None if self.first is None else flipped_in(self.first, self.epoch)[rows])
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
@@ -288,8 +291,10 @@ class DeviceBatches(ArrayBatches):
 
         return jax.device_put(array)
 
-    def take(self, rows: np.ndarray, mirror: np.ndarray):
-        return _device_gather()(self.images, self.labels, rows, mirror)
+    def take(self, rows: np.ndarray, mirror: np.ndarray | None):
+        if mirror is None:
+            return _device_gather(False)(self.images, self.labels, rows)
+        return _device_gather(True)(self.images, self.labels, rows, mirror)
 
 
 def host_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
