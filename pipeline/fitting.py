@@ -330,13 +330,15 @@ def host_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shu
             order = tf.random.experimental.stateless_shuffle(order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
         rows = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=shuffle and drop_remainder)
         if not alternate:
-            return rows.map(lambda i: (i, i))
+            return rows
         mirrored = tf.math.logical_xor(first, tf.equal(epoch % 2, 1))  # flipped_in, as a tensor
         return rows.map(lambda i: (i + n * tf.cast(tf.gather(mirrored, i), tf.int64), i))
 
+    def gather(image_rows, label_rows=None):  # the same rows of both unless alternate flips chose mirror images
+        return tf.gather(images, image_rows), tf.gather(labels, image_rows if label_rows is None else label_rows)
+
     epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max) if shuffle else tf.data.Dataset.range(1)
-    batches = epochs.flat_map(epoch_batches).map(lambda image_rows, i: (tf.gather(images, image_rows),
-                                                                        tf.gather(labels, i)))
+    batches = epochs.flat_map(epoch_batches).map(gather)
     if not shuffle:  # known length: else Keras learns it by running out on the first pass and warns "ran out of data"
         batches = batches.apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch_size)))
     options = tf.data.Options()
