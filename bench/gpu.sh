@@ -11,14 +11,18 @@
 #      froze them at zero) and with a trained prep conv, so stage 1 is the first GPU measure of the recipe as it is.
 #      On a 2-core CPU (bench/results/fast-cpu.md) its 16 epochs reached test_acc 0.905 with reflect padding (0.900-0.902
 #      with zeros; 10 epochs 0.889-0.891; 0.886 with the layout before: trained prep conv, BN before pooling; 0.862 with
-#      the pairs frozen), train acc 0.974 vs val_acc 0.907: short of 0.94 on any hardware. Then: 10 epochs (does the GPU agree that 16 are worth
-#      their time?), 24 epochs (Page's baseline length), 24 with cutout 8 (Page's regulariser: on the CPU at 16 epochs
-#      with zeros padding: val_acc 0.8956 vs 0.896, train acc 0.940 vs 0.975) and 40 (how high this recipe goes on the JPEG copy at all).
-#      First of them, 16 epochs with ghost batch norm (model.ghost_batch=32, Page's; train.drop_remainder with it): in a
-#      quarter-width CPU proxy (5 epochs) it was ahead at epochs 3-4 and behind at the end (bench/results/fast-cpu.md);
-#      whether it pays at 16 is cheap to ask here and costs ~2.5 h on a slow 2-core CPU. Second, 16 epochs with
-#      alternating flips (train.alternate_flip, airbench's: every image seen both ways in any two epochs): in the
-#      same 5-epoch CPU proxy val_acc 0.846 vs 0.848 (two seeds), too short a run to show a gain of tenths of a point.
+#      the pairs frozen), train acc 0.974 vs val_acc 0.907: short of 0.94 on any hardware. So first 24 epochs (Page's
+#      baseline length; at the 0.44-0.55 s per epoch measured here on 2026-11-30, 11-13 s of epochs after the compiling
+#      first: does the JPEG copy allow 0.94 at a length near 10 s at all?). Then 16 epochs with ghost batch norm
+#      (model.ghost_batch=32, Page's; train.drop_remainder with it): in a quarter-width CPU proxy (5 epochs) it was ahead
+#      at epochs 3-4 and behind at the end (bench/results/fast-cpu.md); whether it pays at 16 is cheap to ask here and
+#      costs ~2.5 h on a slow 2-core CPU. Then 16 epochs with alternating flips (train.alternate_flip, airbench's: every
+#      image seen both ways in any two epochs): in the same 5-epoch CPU proxy val_acc 0.846 vs 0.848 (two seeds), too
+#      short a run to show a gain of tenths of a point. Then 40 epochs (how high this recipe goes on the JPEG copy at
+#      all), 10 (does the GPU agree that 16 are worth their time?) and 24 with cutout 8 (Page's regulariser: on the CPU
+#      at 16 epochs with zeros padding: val_acc 0.8956 vs 0.896, train acc 0.940 vs 0.975).
+#      The first three stages take ~6 minutes of the call (2026-11-30: 69, 160 and 132 s), so the first two or three
+#      of these fit; the rest are skipped, with a line saying so.
 #      Not weight EMA: Keras's use_ema averages the trainable weights, not the BN statistics, and cost 1.2-1.9 points
 #      of val_acc in a quarter-width CPU proxy.
 #
@@ -76,16 +80,16 @@ stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
   --overrides "train.feed=device train.steps_per_execution=8 $small164"
 # Measured 2026-11-30: a whole fast.yaml schedule (10 epochs then) took 69 s here (improved 160 s, seed 132 s), ~45 s of it
 # compiling.
+stage explore-24 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
+  --overrides "train.feed=device train.epochs=24 $small9"
 stage explore-16-ghost "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device model.ghost_batch=32 train.drop_remainder=true $small9 $ghost_batch"
 stage explore-16-altflip "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.alternate_flip=true $small9"
-stage explore-10 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
-  --overrides "train.feed=device train.epochs=10 $small9"
-stage explore-24 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
-  --overrides "train.feed=device train.epochs=24 $small9"
-stage explore-24-cutout "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
-  --overrides "train.feed=device train.epochs=24 train.cutout=8 $small9"
 stage explore-40 "${EXPLORE_LIMIT:-90}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.epochs=40 $small9"
+stage explore-10 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
+  --overrides "train.feed=device train.epochs=10 $small9"
+stage explore-24-cutout "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
+  --overrides "train.feed=device train.epochs=24 train.cutout=8 $small9"
 exit $failed
