@@ -297,15 +297,29 @@ class DeviceBatches(ArrayBatches):
         return _device_gather(True)(self.images, self.labels, rows, mirror)
 
 
+class EpochClock(keras.callbacks.Callback):
+    """The epoch whose order `host_batches` draws a pass in, read as the pass starts: `fit` sets it as each epoch
+    begins (a resumed run's first is the epoch it resumes at), before Keras starts that epoch's pass."""
+
+    def __init__(self, epoch: int = 0):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+
 def host_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 first_epoch: int = 0, drop_remainder: bool = False, alternate_flip: bool = False):
+                 clock: EpochClock | None = None, drop_remainder: bool = False, alternate_flip: bool = False):
     """A tf.data pipeline of (images, labels) batches cut from arrays held in host memory (TensorFlow backend).
 
-    shuffle: an endless sequence of epochs, epoch e in an order drawn from (seed, e) alone, so that a run resumed
-    at epoch `first_epoch` sees the batches the uninterrupted run saw; each epoch ends with its partial batch, as
-    Keras's array feed does, or with `drop_remainder` has whole batches only; `alternate_flip`: the images
+    shuffle: each pass over it is one epoch, `clock.epoch`'s, in an order drawn from (seed, epoch) alone, so that a
+    run resumed at an epoch sees the batches the uninterrupted run saw there; each epoch ends with its partial batch,
+    as Keras's array feed does, or with `drop_remainder` has whole batches only; `alternate_flip`: the images
     `first_flips` and the epoch say are mirrored (a resumed run mirrors the same ones). Else: one pass in order
-    (validation).
+    (validation). Either way its length is known, so Keras ends an epoch where the pass ends: with
+    `train.steps_per_execution` k, an endless stream (this feed before 2026-12-04) ran each epoch's steps up to a
+    multiple of k, into the next epoch's batches, and the lr schedule, laid out over the epoch's own count, ended early.
 
     It differs from Keras's own array feed in one setting: tf.data's autotuning is off (the buffers are fixed).
     With it on, destroying an iterator waits for the autotuner's thread to wake from a sleep that grows to a
@@ -337,10 +351,18 @@ def host_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shu
     def gather(image_rows, label_rows=None):  # the same rows of both unless alternate flips chose mirror images
         return tf.gather(images, image_rows), tf.gather(labels, image_rows if label_rows is None else label_rows)
 
-    epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max) if shuffle else tf.data.Dataset.range(1)
-    batches = epochs.flat_map(epoch_batches).map(gather)
-    if not shuffle:  # known length: else Keras learns it by running out on the first pass and warns "ran out of data"
-        batches = batches.apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch_size)))
+    if shuffle:
+        clock = clock or EpochClock()
+
+        def epoch_now():  # run as each pass starts (Keras starts one per epoch, after the epoch's callbacks began)
+            yield clock.epoch
+
+        epochs = tf.data.Dataset.from_generator(epoch_now, output_signature=tf.TensorSpec((), tf.int64))
+    else:
+        epochs = tf.data.Dataset.range(1)
+    steps = n // batch_size if shuffle and drop_remainder else math.ceil(n / batch_size)
+    # the length known up front: else Keras learns it by running out on the first pass and warns "ran out of data"
+    batches = epochs.flat_map(epoch_batches).map(gather).apply(tf.data.experimental.assert_cardinality(steps))
     options = tf.data.Options()
     options.autotune.enabled = False
     options.experimental_optimization.apply_default_optimizations = False  # as Keras's array feed
@@ -371,13 +393,15 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
         feed = DeviceBatches if t.feed == "device" else ArrayBatches
         return model.fit(feed(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed, first_epoch=first_epoch,
                               drop_remainder=t.drop_remainder, alternate_flip=t.alternate_flip),
-                         validation_data=feed(x_val, y_val, t.batch_size, shuffle=False), **options)
+                         validation_data=feed(x_val, y_val, t.batch_size, shuffle=False),
+                         shuffle=False, **options)  # the feed's own order: Keras would reorder its batches at random
     if keras.backend.backend() != "tensorflow":
         return model.fit(x_train, y_train, batch_size=t.batch_size, validation_data=(x_val, y_val), shuffle=True,
                          **options)
-    return model.fit(host_batches(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed, first_epoch=first_epoch,
+    clock = EpochClock(first_epoch)
+    options["callbacks"].append(clock)
+    return model.fit(host_batches(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed, clock=clock,
                                   drop_remainder=t.drop_remainder, alternate_flip=t.alternate_flip),
-                     steps_per_epoch=steps_per_epoch(t, len(x_train)),
                      validation_data=host_batches(x_val, y_val, t.batch_size, shuffle=False),
                      shuffle=False, **options)  # the order is host_batches' own (Keras warns that it ignores shuffle)
 
