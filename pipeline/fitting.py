@@ -414,13 +414,19 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
     `training_metadata.json`, naming them, replaces the previous one in one rename, and only then is the
     previous epoch's file deleted: the metadata always names complete weights of the epoch it states.
     Both are flushed to disk before the rename, for a machine that loses power. `every`: epochs between
-    checkpoints (0: none; the folder is still removed when training ends)."""
+    checkpoints (0: none). `keep`: the folder outlives `fit`, its last epoch saved when training ends, for the
+    caller to remove once the model is safe; else `fit` removes it when training ends."""
 
     METADATA = "training_metadata.json"
 
-    def __init__(self, backup_dir: str | Path, every: int = 1):
-        super().__init__(str(backup_dir), save_freq="epoch")
-        self.every = every
+    def __init__(self, backup_dir: str | Path, every: int = 1, *, keep: bool = False):
+        super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=not keep)
+        self.every, self.keep = every, keep
+
+    def on_train_end(self, logs=None):
+        if self.keep and self.every and self._current_epoch % self.every:  # the last epoch fell between saves
+            self._save_model()
+        super().on_train_end(logs)
 
     def on_epoch_end(self, epoch, logs=None):
         self._current_epoch, self._last_batch_seen = epoch + 1, 0

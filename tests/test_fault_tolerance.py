@@ -203,6 +203,36 @@ def test_checkpoints_every_n_epochs_or_none(tmp_path, every, held):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_them_without_training(
+        store, tmp_path, monkeypatch, in_process):
+    """Logging the model (the largest upload) comes after `fit`: the checkpoint outlives `fit` until the model is
+    logged, its last epoch saved even between `train.checkpoint_every` saves, so a rerun trains nothing again."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import train
+
+    command = ["--params", TINY, "--epochs", "3", "--overrides", "tracking.experiment=e2e train.checkpoint_every=2"]
+    log_trained_model = train.log_trained_model
+
+    def upload_fails(*args, **kwargs):
+        raise MlflowException("the artifact store went away")
+
+    monkeypatch.setattr(train, "log_trained_model", upload_fails)
+    with pytest.raises(MlflowException, match="went away"):  # a traceback on a local store (exit 4 from a server)
+        in_process("train", *command)
+    (folder,) = (tmp_path / "checkpoints").iterdir()
+    assert Checkpoint.completed_epochs(folder) == 3  # the last epoch, though checkpoints come every 2
+
+    monkeypatch.setattr(train, "log_trained_model", log_trained_model)
+    done = in_process("train", *command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming train run" in done.stdout and "Epoch " not in done.stdout  # not one epoch trained again
+    run = MlflowClient().get_run(folder.name)
+    assert run.info.status == "FINISHED" and "logged model" in done.stdout
+    assert sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3]
+    assert not folder.exists()  # gone once the model is logged
+
+
 # Epochs twice tiny's, so that Ctrl-C a second after epoch 1's checkpoint lands in epoch 2 on a busy machine too.
 LONGER = "data.synthetic_train=2048"
 
