@@ -17,6 +17,8 @@ import contextlib
 import dataclasses
 import difflib
 import fractions
+import math
+import re
 import shlex
 import types
 import typing
@@ -69,6 +71,12 @@ class DataConfig:
             _check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0 (0 = all)", getattr(self, name))
         for name in ("synthetic_train", "synthetic_test"):
             _check(getattr(self, name) >= 10, f"data.{name}", "must be >= 10", getattr(self, name))
+        _check_seed("data.seed", self.seed)
+
+
+def _check_seed(key: str, seed: int) -> None:
+    """NumPy's and Keras's generators take seeds in [0, 2**32)."""
+    _check(0 <= seed < 2**32, key, "must be in [0, 2**32)", seed)
 
 
 def resnet_depth(*, arch: str, block: str, units_per_stage: int, stages: int) -> int:
@@ -170,6 +178,7 @@ class TrainConfig:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
         _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        _check_seed("train.seed", self.seed)
         _check(self.lr_scaling in ("none", "linear"), "train.lr_scaling", "must be 'none' or 'linear'", self.lr_scaling)
         _check(self.schedule in ("step", "cosine", "onecycle"), "train.schedule",
                "must be step, cosine or onecycle", self.schedule)
@@ -246,8 +255,14 @@ class RegisterConfig:
 
     def validate(self) -> None:
         _check(bool(self.model_name.strip()), "register.model_name", "must not be empty", self.model_name)
-        _check(self.alias.isidentifier() and not self.alias.lower().startswith("v"), "register.alias",
-               "must be an identifier not starting with 'v' (MLflow reserves v<N>)", self.alias)
+        _check(bool(re.fullmatch(r"\w[\w .-]*", self.model_name)), "register.model_name",
+               "must start with a letter, digit or '_' and hold only those, '-', '.' and spaces (MLflow refuses "
+               "'/' and ':' in names; quotes break its search filters)", self.model_name)
+        # MLflow's rules for aliases, checked before training rather than when registering after it
+        _check(bool(re.fullmatch(r"[\w-]{1,255}", self.alias)), "register.alias",
+               "must be 1-255 letters, digits, '_' or '-'", self.alias)
+        _check(self.alias.lower() != "latest" and not re.fullmatch(r"[vV]\d+", self.alias), "register.alias",
+               "must not be 'latest' or v<N>: MLflow reserves them", self.alias)
 
 
 @dataclass(frozen=True)
@@ -301,9 +316,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as text; `80/150` is a fraction
-            with contextlib.suppress(ValueError, ZeroDivisionError):
+            with contextlib.suppress(ValueError, ZeroDivisionError, OverflowError):
                 value = float(fractions.Fraction(value.strip()))
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number", value)
+        _check(isinstance(value, float) and math.isfinite(value) or isinstance(value, int) and abs(value) < 1e300,
+               key, "must be a finite number", value)
         return float(value)
     if annotation is str:
         # YAML reads `auto`, `1`, `true` as different types; these fields are choices, keep the text.
@@ -353,7 +370,10 @@ def _merge(base: dict[str, Any], layer: dict[str, Any], origin: str) -> None:
 
 def parse_overrides(overrides: str | list[str] | None) -> dict[str, dict[str, Any]]:
     """`"train.lr=0.05 model.widths=[32,64,128]"` -> {"train": {"lr": 0.05}, "model": {...}}."""
-    items = shlex.split(overrides) if isinstance(overrides, str) else list(overrides or [])
+    try:
+        items = shlex.split(overrides) if isinstance(overrides, str) else list(overrides or [])
+    except ValueError as exc:  # an unbalanced quote
+        raise ConfigError(f"overrides: {exc} in {overrides!r}") from None
     layer: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")

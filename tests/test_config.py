@@ -127,6 +127,18 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("data.source=", "data.source"),
     ("evaluate.samples=0", "evaluate.samples"),
     ("register.alias=v1", "register.alias"),
+    ("register.alias=Latest", "register.alias"),  # MLflow reserves it: refused before training, not after
+    ("register.alias=" + "a" * 256, "register.alias"),
+    ("register.alias=best!", "register.alias"),
+    ("register.model_name=a/b", "register.model_name"),
+    ("register.model_name=\"it's\"", "register.model_name"),  # a quote breaks MLflow's search filters
+    ("train.seed=-1", "train.seed"),
+    ("train.seed=4294967296", "train.seed"),
+    ("data.seed=-1", "data.seed"),
+    ("train.lr=.inf", "train.lr"),
+    ("train.lr=1e400", "train.lr"),
+    ("train.lr=.nan", "train.lr"),
+    ("register.model_name=it's", "overrides"),  # an unbalanced quote
     ("train.learning_rate=0.1", "train.learning_rate"),
     ("optimizer.lr=0.1", "optimizer"),
 ])
@@ -134,6 +146,11 @@ def test_bad_values_name_their_key(override, key):
     with pytest.raises(config.ConfigError) as err:
         config.load(None, override)
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("alias", ["validated", "val_best", "champion-2", "v1x", "V"])
+def test_aliases_mlflow_accepts_are_accepted(alias):
+    assert config.load(None, f"register.alias={alias}").register.alias == alias
 
 
 def test_bad_params_files(tmp_path):
