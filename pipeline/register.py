@@ -96,16 +96,20 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     champion = registry.current_champion(name, alias)
     champion_acc = float(champion.tags["test_acc"]) if champion and "test_acc" in champion.tags else None
 
-    version = registry.register_version(model_uri, name, {"test_acc": f"{test_acc:.6f}", "run_id": source_run or ""})
+    tagged = f"{test_acc:.6f}"  # compared as tagged: the champion's score is its tag (an equal score is a tie)
+    version = registry.register_version(model_uri, name, {"test_acc": tagged, "run_id": source_run or ""})
     if champion is None or champion_acc is None:
         moved, reason = True, f"no version held @{alias}"
-    elif test_acc > champion_acc:
+    elif float(tagged) > champion_acc:
         moved, reason = True, f"test_acc {test_acc:.4f} beats v{champion.version}'s {champion_acc:.4f}"
     else:
         moved, reason = False, f"test_acc {test_acc:.4f} does not beat v{champion.version}'s {champion_acc:.4f}"
     if moved:
         registry.move_alias(name, alias, version.version)
-    registry.settle_alias(name, alias)
+    holder = registry.settle_alias(name, alias)
+    if moved != (holder == str(version.version)):  # a register running at the same time scored better or worse
+        moved = holder == str(version.version)
+        reason += f"; @{alias} is on v{holder}, the best-scoring version, after registers that ran alongside"
     decision = {"model_name": name, "version": int(version.version), "test_acc": test_acc,
                 "champion_version": int(champion.version) if champion else None, "champion_test_acc": champion_acc,
                 "alias_moved": moved, "reason": reason}

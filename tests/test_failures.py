@@ -146,6 +146,22 @@ class Echo(mlflow.pyfunc.PythonModel):
         return model_input
 
 
+def test_an_equal_score_is_a_tie_that_keeps_the_champion(store):
+    """test_acc 250/256 = 0.9765625 is tagged 0.976562: an equal challenger must not count as better than that
+    tag (the alias moved, then went back, while the decision said "moved")."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    decisions = []
+    for _ in range(2):
+        with mlflow.start_run(experiment_id=experiment_id):
+            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+            mlflow.log_metric("test_acc", 250 / 256, model_id=info.model_id)
+        with mlflow.start_run(experiment_id=experiment_id):
+            decisions.append(register.run(config.load(TINY), info.model_uri))
+    assert decisions[0]["alias_moved"] and not decisions[1]["alias_moved"]
+    assert "does not beat" in decisions[1]["reason"]
+    assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+
+
 def register_after_barrier(uri: str, experiment_id: str, model_uri: str, barrier, delay: float, decisions) -> None:
     """Register `model_uri` in a process of its own; read the champion, wait for the other register to have
     read it too, sleep `delay`, then go on."""
@@ -186,6 +202,9 @@ def test_racing_registers_leave_the_alias_on_the_best_version(store):
     for proc in procs:
         proc.join(timeout=60)
         assert proc.exitcode == 0
-    assert all(d["alias_moved"] and d["champion_version"] is None for d in results), results  # they did overlap
+    assert all(d["champion_version"] is None for d in results), results  # both read "no champion": they overlapped
+    decided = {d["test_acc"]: d for d in results}  # what each reports is where the alias ended, not what it tried
+    assert decided[0.9]["alias_moved"] and not decided[0.6]["alias_moved"], results
+    assert "after registers that ran alongside" in decided[0.6]["reason"]
     champion = MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion")
     assert float(champion.tags["test_acc"]) == pytest.approx(0.9)

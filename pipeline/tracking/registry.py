@@ -60,19 +60,20 @@ def move_alias(name: str, alias: str, version: str | int) -> None:
     MlflowClient().set_registered_model_alias(name, alias, version)
 
 
-def settle_alias(name: str, alias: str) -> None:
-    """Leave the alias on the best-scoring version (the earliest on ties).
+def settle_alias(name: str, alias: str) -> str | None:
+    """Leave the alias on the best-scoring version (the earliest on ties); return that version.
 
     Registers running at the same time can each read a champion that another is replacing; by
     re-reading every version after writing, the last register to finish repairs any such race.
     """
     scored = [v for v in MlflowClient().search_model_versions(f"name = '{name}'") if "test_acc" in v.tags]
     if not scored:
-        return
+        return None
     best = max(scored, key=lambda v: (float(v.tags["test_acc"]), -int(v.version)))
     holder = current_champion(name, alias)
     if holder is None or str(holder.version) != str(best.version):
         move_alias(name, alias, best.version)
+    return str(best.version)
 
 
 def log_decision(params: dict, tags: dict[str, str], decision: dict) -> None:
