@@ -33,7 +33,7 @@ class LinearWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
-        up = step / max(self.warmup_steps, 1)
+        up = step / self.warmup_steps if self.warmup_steps else 1.0  # no warm-up: the peak from the first step
         down = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
         return self.peak * keras.ops.clip(keras.ops.minimum(up, down), 0.0, 1.0)
 
@@ -41,13 +41,34 @@ class LinearWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
 
 
+@keras.saving.register_keras_serializable(package="pipeline")
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """`after`'s lr scaled by a linear ramp from 0 to 1 over the first `warmup_steps` (Goyal et al.'s gradual
+    warm-up in front of a step schedule; Keras's schedules offer warm-up only in front of a cosine)."""
+
+    def __init__(self, after: keras.optimizers.schedules.LearningRateSchedule, warmup_steps: int):
+        self.after, self.warmup_steps = after, warmup_steps
+
+    def __call__(self, step):
+        ramp = keras.ops.clip(keras.ops.cast(step, "float32") / self.warmup_steps, 0.0, 1.0)
+        return self.after(step) * ramp
+
+    def get_config(self):
+        return {"after": keras.optimizers.schedules.serialize(self.after), "warmup_steps": self.warmup_steps}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.optimizers.schedules.deserialize(config["after"]), config["warmup_steps"])
+
+
 def learning_rate(cfg: config.TrainConfig,
                   steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """The lr as a function of the optimizer step, for `train.schedule`; it depends only on the step,
     so a run resumed from a checkpoint (which restores the step) continues it exactly.
 
-    step: the scaled lr, multiplied by lr_decay after each boundary epoch (fractions of `epochs`);
-    cosine: linear warm-up over `warmup` of the run, then cosine to 0; onecycle: warm-up, then linear to 0.
+    step: the scaled lr, multiplied by lr_decay after each boundary epoch (fractions of `epochs`), ramped up
+    linearly over `warmup` of the run if that is > 0; cosine: linear warm-up over `warmup` of the run, then
+    cosine to 0; onecycle: warm-up, then linear to 0.
     """
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup * total)
@@ -56,13 +77,16 @@ def learning_rate(cfg: config.TrainConfig,
                                                       warmup_target=cfg.scaled_lr, warmup_steps=warmup)
     if cfg.schedule == "onecycle":
         return LinearWarmupDecay(cfg.scaled_lr, warmup, total)
-    if not cfg.lr_boundaries:
+    if not cfg.lr_boundaries and not warmup:
         return cfg.scaled_lr
     # PiecewiseConstantDecay keeps a value up to and including its boundary step: the last step of epoch e
     # (0-based step e * steps - 1) still has the old lr, the first step of epoch e + 1 the new one.
     boundaries = [e * steps_per_epoch - 1 for e in cfg.boundary_epochs]
-    return keras.optimizers.schedules.PiecewiseConstantDecay(
-        boundaries, [cfg.scaled_lr * cfg.lr_decay ** i for i in range(len(boundaries) + 1)])
+    values = [cfg.scaled_lr * cfg.lr_decay ** i for i in range(len(boundaries) + 1)]
+    if not boundaries:  # warm-up, then a constant lr (PiecewiseConstantDecay needs a boundary)
+        boundaries, values = [total], [cfg.scaled_lr] * 2
+    steps = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    return LinearWarmup(steps, warmup) if warmup else steps
 
 
 def split_validation(dataset: Dataset, fraction: float, seed: int):

@@ -50,6 +50,23 @@ def test_warmup_then_decay_to_zero(schedule):
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
+@pytest.mark.parametrize("boundaries", ["[0.5]", "[]"])
+def test_step_schedule_warms_up_when_asked(boundaries):
+    """Goyal et al.'s gradual warm-up in front of the step schedule (it used to be ignored without a word)."""
+    t = config.load(None, f"train.warmup=0.1 train.epochs=10 train.lr_boundaries={boundaries}").train
+    lr = fitting.learning_rate(t, steps_per_epoch=100)  # 1000 steps, 100 of warm-up
+    assert [lr_at(lr, s) for s in (0, 50, 100, 499)] == pytest.approx([0.0, 0.05, 0.1, 0.1], abs=1e-6)
+    assert lr_at(lr, 500) == pytest.approx(0.01 if boundaries != "[]" else 0.1)  # the decay where it was
+    again = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(lr))
+    assert [lr_at(again, s) for s in (50, 500)] == [lr_at(lr, s) for s in (50, 500)]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_no_warmup_starts_at_the_peak(schedule):
+    t = config.load(None, f"train.schedule={schedule} train.warmup=0 train.epochs=10 train.lr=0.4").train
+    assert lr_at(fitting.learning_rate(t, steps_per_epoch=100), 0) == pytest.approx(0.4)  # not a first step at 0
+
+
 def test_resnet9_is_the_dawnbench_network_at_any_width():
     m = model.build_resnet(num_classes=10, arch="resnet9", widths=(16, 32, 64, 128), l2=5e-4)
     # prep 3x3 3->16 + BN; layer1 3x3 16->32 + BN, two residual 3x3 32->32 + BN; layer2 3x3 32->64 + BN;
