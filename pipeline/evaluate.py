@@ -11,6 +11,7 @@ Returns the metrics dict. Loading the model and recording the results: `pipeline
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import keras
@@ -77,6 +78,9 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
     dataset = prepare.load_dataset(dataset_uri)
     classifier = steps.load_classifier(model_uri)
     tta = getattr(classifier, "tta", "none")  # fixed when the model was logged (evaluate.tta of its train run)
+    if cfg.evaluate.tta != tta:  # its test_acc must be the served model's, which the registry compares
+        print(f"note: evaluate.tta={cfg.evaluate.tta} not applied: {model_uri} was logged with test-time "
+              f"augmentation {tta}, and is scored as it is served", file=sys.stderr)
     probs = classifier.predict_proba(dataset.x_test, batch_size=cfg.evaluate.batch_size)
     metrics, confusion = score(probs, dataset)
     flat = {"test_loss": metrics["test_loss"], "test_acc": metrics["test_acc"],

@@ -120,8 +120,13 @@ def test_each_entry_point_runs_on_its_own(store):
     assert refused.returncode != 0 and "run evaluate on it first" in refused.stderr
     assert client.search_registered_models() == []
 
-    evaluated = mlflow_run(store, "evaluate", params=TINY, model_uri=model_uri, dataset_uri=dataset_uri)
+    evaluated = mlflow_run(store, "evaluate", params=TINY, model_uri=model_uri, dataset_uri=dataset_uri,
+                           overrides="evaluate.tta=flip")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    # scored as it is served (logged without test-time augmentation), and told so
+    assert "note: evaluate.tta=flip not applied" in evaluated.stderr
+    evaluate_run = client.search_runs([experiment], "tags.step = 'evaluate'")[0]
+    assert evaluate_run.data.params["evaluate.tta"] == "none"
     registered = mlflow_run(store, "register", params=TINY, model_uri=model_uri,
                             overrides="register.model_name=standalone")
     assert registered.returncode == 0, registered.stderr[-3000:]
