@@ -48,7 +48,7 @@ def main() -> None:
                else data.make_synthetic(n_train=args.images, n_test=args.images // 5, seed=cfg.data.seed))
     dist = distribution(cfg.train.distribute)
     splits = fitting.split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
-    model = fitting.compile_model(full, dataset, dist, len(splits[0]))
+    model = fitting.compile_model(full, fitting.training_part(dataset, splits), dist, len(splits[0]))
     timer = fitting.EpochTimer()
     out = Path(args.out)
 

@@ -6,6 +6,7 @@ of a cluster and the GPU benchmark call it directly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -97,6 +98,13 @@ def split_validation(dataset: Dataset, fraction: float, seed: int):
     n_val = max(1, round(fraction * len(order)))
     val, train = order[:n_val], order[n_val:]
     return dataset.x_train[train], dataset.y_train[train], dataset.x_train[val], dataset.y_train[val]
+
+
+def training_part(dataset: Dataset, splits: tuple) -> Dataset:
+    """`dataset` with the training images of `split_validation`'s `splits` alone, for the statistics the model
+    is built from (normalisation, the whitening stem): the held-out images val_acc scores (and a sweep
+    selects and prunes on) then take no part in the model at all."""
+    return dataclasses.replace(dataset, x_train=splits[0], y_train=splits[1])
 
 
 def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) -> keras.Model:

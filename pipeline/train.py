@@ -38,6 +38,7 @@ from pipeline.fitting import (
     images_per_epoch,
     make_model,
     split_validation,
+    training_part,
 )
 from pipeline.inputs import check_inputs, resolve_inputs
 from pipeline.tracking import StepFailed, artifact_dir, checkpoint_root, cli, json_digest, set_tags, step_run
@@ -92,7 +93,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     dataset = prepare.load_dataset(dataset_uri)
     splits = split_validation(dataset, t.validation_fraction, t.seed)
     train_images = len(splits[0])
-    model = compile_model(cfg, dataset, dist, train_images)
+    model = compile_model(cfg, training_part(dataset, splits), dist, train_images)
 
     run_id = start_training(cfg, dataset_uri, {
         "backend": keras.backend.backend(), "devices": ", ".join(dist.devices),
@@ -124,7 +125,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
             raise TrainingDiverged(reason)
 
         history = logged_history(run_id)
-        served = inference_copy(cfg, dataset, model)
+        served = inference_copy(cfg, training_part(dataset, splits), model)
         with artifact_dir() as folder:
             history.to_csv(folder / "history.csv", index=False)
             plot_curves(history, folder / "curves.png")
@@ -154,7 +155,7 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
     """
     dataset = prepare.load_dataset(dataset_uri) if dataset_uri else prepare.build(cfg)
     splits = split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
-    model = compile_model(cfg, dataset, dist, len(splits[0]))
+    model = compile_model(cfg, training_part(dataset, splits), dist, len(splits[0]))
     job = training_job(cfg, dataset)
     backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{job[:16]}"
     if resume == "never":

@@ -360,3 +360,21 @@ def test_whiten_stem_is_a_frozen_patch_whitening_fitted_on_the_training_images()
     assert not any(w is stem.kernel for w in m.trainable_weights)
     with pytest.raises(config.ConfigError, match="model.stem"):
         config.load(None, "model.stem=whiten")  # preact has no whitening stem
+
+
+def test_the_model_is_built_from_the_training_split_alone():
+    """Held-out images (val_acc, which sweeps select and prune on) take no part in the normalisation or the
+    whitening stem: the model `train` builds sees `training_part` of the dataset."""
+    dataset = data.make_synthetic(n_train=200, n_test=20)
+    held_out = np.random.default_rng(0).permutation(200)[:100]  # split_validation's held-out half at seed 0
+    dataset.x_train[held_out] = 255  # white images, held out: they would lift the mean a lot
+    splits = fitting.split_validation(dataset, 0.5, 0)
+    assert (splits[2] == 255).all()
+    part = fitting.training_part(dataset, splits)
+    assert len(part.x_train) == 100 and part.x_test is dataset.x_test
+    mean, std = part.channel_stats()
+    np.testing.assert_allclose(mean, splits[0].reshape(-1, 3).mean(axis=0))
+    assert (dataset.channel_stats()[0] > mean + 50).all()
+    m = fitting.make_model(config.load("params/quick.yaml"), part, augment=False)
+    np.testing.assert_allclose(m.get_layer("whiten").get_weights()[0],
+                               model.whitening_kernel((splits[0][:2000] - mean) / std), rtol=1e-5, atol=1e-6)
