@@ -224,10 +224,15 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
     assert Checkpoint.completed_epochs(folder) == 3  # the last epoch, though checkpoints come every 2
 
     monkeypatch.setattr(train, "log_trained_model", log_trained_model)
+    # with settings that leave what is trained as it is: the run goes on all the same, and records them
+    command[-1] += " train.checkpoint_every=1 register.alias=best"
     done = in_process("train", *command)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming train run" in done.stdout and "Epoch " not in done.stdout  # not one epoch trained again
     run = MlflowClient().get_run(folder.name)
+    assert run.data.params["train.checkpoint_every"] == "2"  # as logged: MLflow params are immutable
+    assert run.data.tags["resumed_with"] == ("register.alias=best (logged champion), "
+                                             "train.checkpoint_every=1 (logged 2)")
     assert run.info.status == "FINISHED" and "logged model" in done.stdout
     assert sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3]
     assert not folder.exists()  # gone once the model is logged

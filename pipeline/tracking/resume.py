@@ -3,8 +3,9 @@
 A train run's completed epochs are checkpointed in `checkpoint_dir(run_id)` (Keras BackupAndRestore)
 until it finishes. The process training a run holds an OS lock in that folder (`claim`), so a live
 run is never taken over. `find_resumable` picks the run a command continues (the same `train_key`:
-every param and the dataset); `config_to_resume` checks a command against the run it names, whose
-`train.epochs` may grow (`log_train_params` records the extension, as MLflow params are immutable).
+every param that decides what is trained, and the dataset); `config_to_resume` checks a command against the
+run it names, whose `train.epochs` may grow (`log_train_params` records the extension, as MLflow params are
+immutable), as may the params that do not change what is trained (`NOT_TRAINING`).
 """
 
 from __future__ import annotations
@@ -58,9 +59,20 @@ def has_checkpoint(run_id: str) -> bool:
     return (checkpoint_dir(run_id) / "training_metadata.json").exists()  # fitting.Checkpoint.METADATA (no Keras here)
 
 
+# Params that leave what is trained as it is: how training is displayed and checkpointed, and the later steps'
+# settings. A rerun that changes them still continues the run (the run records the change: `log_train_params`).
+NOT_TRAINING = ("train.verbose", "train.checkpoint_every", "evaluate.batch_size", "evaluate.samples", "register.",
+                "tracking.system_metrics")
+
+
+def training_params(cfg: config.Config) -> dict[str, str]:
+    """The params that decide what a train run trains (every one but `NOT_TRAINING`), as MLflow stores them."""
+    return {k: v for k, v in cfg.flat().items() if not k.startswith(NOT_TRAINING)}
+
+
 def train_key(cfg: config.Config, dataset_uri: str) -> str:
-    """Identity of a training job: every param and the dataset. Equal keys may resume each other."""
-    return json_digest({**cfg.flat(), "dataset_uri": dataset_uri})
+    """Identity of a training job: the `training_params` and the dataset. Equal keys may resume each other."""
+    return json_digest({**training_params(cfg), "dataset_uri": dataset_uri})
 
 
 def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> str | None:
@@ -99,7 +111,8 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
 def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> str:
     """Check that `cfg` (and `dataset_uri`, if given) are what train run `run_id` was started with; return
     the run's dataset URI. `train.epochs` may grow, to extend the run (the lr schedule is then built for
-    the new length); any other difference is a ConfigError naming the keys."""
+    the new length), and the params in `NOT_TRAINING` may change; any other difference is a ConfigError naming
+    the keys."""
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
@@ -111,7 +124,7 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     if "extended_epochs" in run.data.tags:
         logged = dataclasses.replace(logged, train=dataclasses.replace(
             logged.train, epochs=int(run.data.tags["extended_epochs"].split("->")[-1])))
-    ours, theirs = cfg.flat(), logged.flat()
+    ours, theirs = training_params(cfg), training_params(logged)
     differ = sorted(k for k in ours.keys() | theirs.keys() if k != "train.epochs" and ours.get(k) != theirs.get(k))
     if dataset_uri and dataset_uri != params["dataset_uri"]:
         differ.append("dataset_uri")
@@ -127,11 +140,14 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
 
 
 def log_train_params(cfg: config.Config, dataset_uri: str) -> None:
-    """Log every param and the dataset URI on the active train run. A resumed run whose `train.epochs`
-    grew keeps its logged value (MLflow params are immutable) and gets tag `extended_epochs`."""
+    """Log every param and the dataset URI on the active train run. A resumed run keeps the values it logged
+    (MLflow params are immutable): one whose `train.epochs` grew gets tag `extended_epochs`, one resumed with
+    other `NOT_TRAINING` params tag `resumed_with` (`key=new (logged old)`, the latest rerun's)."""
     params = {**cfg.flat(), "dataset_uri": dataset_uri}
-    logged_epochs = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params.get("train.epochs")
-    if logged_epochs not in (None, params["train.epochs"]):
-        del params["train.epochs"]
-        mlflow.set_tag("extended_epochs", f"{logged_epochs} -> {cfg.train.epochs}")
-    mlflow.log_params(params)
+    logged = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
+    if logged.get("train.epochs") not in (None, params["train.epochs"]):
+        mlflow.set_tag("extended_epochs", f"{logged['train.epochs']} -> {cfg.train.epochs}")
+    changed = {k: v for k, v in params.items() if k in logged and logged[k] != v and k != "train.epochs"}
+    if changed:
+        mlflow.set_tag("resumed_with", ", ".join(f"{k}={v} (logged {logged[k]})" for k, v in sorted(changed.items())))
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
