@@ -50,10 +50,12 @@ class Dataset:
     y_test: np.ndarray
     class_names: tuple[str, ...]
 
-    def digest(self) -> str:
-        """sha256 over every array byte and the class names: one changed pixel changes it."""
+    def digest(self, *, test_only: bool = False) -> str:
+        """sha256 over every array byte and the class names: one changed pixel changes it. test_only: of the
+        test split alone (what test_acc is measured on: two models' scores compare only if it is equal)."""
         h = hashlib.sha256()
-        for array in (self.x_train, self.y_train, self.x_test, self.y_test):
+        arrays = (self.x_test, self.y_test) if test_only else (self.x_train, self.y_train, self.x_test, self.y_test)
+        for array in arrays:
             h.update(str(array.shape).encode())
             h.update(np.ascontiguousarray(array).tobytes())
         h.update("\n".join(self.class_names).encode())
@@ -285,12 +287,18 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
 def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
     """PNG/JPEG bytes -> uint8 (32, 32, 3) RGB. Other sizes are resized (bilinear, Pillow).
 
-    Training data and served images both go through this function, so they match.
+    Training data and served images both go through this function, so they match. A photo's EXIF orientation is
+    applied (a phone's portrait JPEG is stored on its side), and 16-bit images are scaled to 8 bits (Pillow's
+    RGB conversion clips them: mid-grey would read as white).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(raw)) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I"):  # 16-bit greyscale PNGs open as I;16 or I
+                img = Image.fromarray(np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257), 0, 255)
+                                      .astype(np.uint8))
             img = img.convert("RGB")
             if img.size != (IMAGE_SIZE, IMAGE_SIZE):
                 img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
@@ -321,6 +329,8 @@ def load_image_folder(path: str | Path) -> Dataset:
     path = Path(path)
     files: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
     for parts, read in _iter_image_files(path):
+        if any(p.startswith("._") or p == "__MACOSX" for p in parts):  # macOS's AppleDouble metadata, not images
+            continue
         if len(parts) >= 3 and parts[-3] in files and parts[-1].lower().endswith(IMAGE_SUFFIXES):
             split, cls, name = parts[-3:]
             files[split].setdefault(cls, []).append(("/".join(parts), read()))

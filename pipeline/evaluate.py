@@ -77,6 +77,9 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
     """Evaluate inside the active run; return the metrics."""
     dataset = prepare.load_dataset(dataset_uri)
     classifier = steps.load_classifier(model_uri)
+    if list(classifier.class_names) != list(dataset.class_names):  # a score against other labels means nothing
+        raise config.ConfigError(f"model_uri: {model_uri} was trained on the classes {list(classifier.class_names)}, "
+                                 f"the dataset has {list(dataset.class_names)}: give a dataset of its classes")
     tta = getattr(classifier, "tta", "none")  # fixed when the model was logged (evaluate.tta of its train run)
     if cfg.evaluate.tta != tta:  # its test_acc must be the served model's, which the registry compares
         print(f"note: evaluate.tta={cfg.evaluate.tta} not applied: {model_uri} was logged with test-time "
@@ -86,7 +89,8 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
     flat = {"test_loss": metrics["test_loss"], "test_acc": metrics["test_acc"],
             **{f"test_acc_{k}": v for k, v in metrics["per_class_acc"].items()}}
     steps.log_evaluation({"model_uri": model_uri, "dataset_uri": dataset_uri,
-                          "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta}, flat, model_uri)
+                          "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta}, flat, model_uri,
+                         dataset.digest(test_only=True))
     with artifact_dir() as folder:
         (folder / "metrics.json").write_text(json.dumps({**metrics, "model_uri": model_uri}, indent=2))
         confusion.to_csv(folder / "confusion_matrix.csv")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pandas as pd
 
 from pipeline import config
-from pipeline.tracking import cli, describe_train_run, markdown_table, model_metrics, registry, step_run
+from pipeline.tracking import TEST_DATA_TAG, cli, describe_train_run, markdown_table, model_metrics, registry, step_run
 
 
 def per_class_accuracy(metrics: dict[str, float]) -> dict[str, float]:
@@ -92,21 +92,28 @@ def report_markdown(report: dict) -> str:
 def run(cfg: config.Config, model_uri: str) -> dict:
     """Register inside the active run; report champion vs challenger; return the decision."""
     name, alias = cfg.register.model_name, cfg.register.alias
-    test_acc, source_run = registry.model_test_acc(model_uri)  # checked before anything is written
+    test_acc, source_run, test_data = registry.model_test_acc(model_uri)  # checked before anything is written
     champion = registry.current_champion(name, alias)
     champion_acc = float(champion.tags["test_acc"]) if champion and "test_acc" in champion.tags else None
+    champion_data = champion.tags.get(TEST_DATA_TAG) if champion else None
 
     tagged = f"{test_acc:.6f}"  # compared as tagged: the champion's score is its tag (an equal score is a tie)
-    version = registry.register_version(model_uri, name, {"test_acc": tagged, "run_id": source_run or ""})
+    tags = {"test_acc": tagged, "run_id": source_run or "", **({TEST_DATA_TAG: test_data} if test_data else {})}
+    version = registry.register_version(model_uri, name, tags)
     if champion is None or champion_acc is None:
         moved, reason = True, f"no version held @{alias}"
+    elif not registry.comparable(test_data, champion_data):
+        moved, reason = False, (f"test_acc {test_acc:.4f} was measured on other test data than v{champion.version}'s "
+                                f"{champion_acc:.4f} (test split sha256 {test_data[:12]} vs {champion_data[:12]}): "
+                                f"not comparable, @{alias} kept; register it under another register.model_name, or "
+                                f"move @{alias} to it by hand")
     elif float(tagged) > champion_acc:
         moved, reason = True, f"test_acc {test_acc:.4f} beats v{champion.version}'s {champion_acc:.4f}"
     else:
         moved, reason = False, f"test_acc {test_acc:.4f} does not beat v{champion.version}'s {champion_acc:.4f}"
     if moved:
         registry.move_alias(name, alias, version.version)
-    holder = registry.settle_alias(name, alias)
+    holder = registry.settle_alias(name, alias, test_data)
     if moved != (holder == str(version.version)):  # a register running at the same time scored better or worse
         moved = holder == str(version.version)
         reason += f"; @{alias} is on v{holder}, the best-scoring version, after registers that ran alongside"

@@ -208,6 +208,10 @@ class Plan:
         self.common = override_items(self.spec.get("overrides") or {})
         self.extra = shlex.split(self.extra_overrides)
         raw = self.spec[space_key(self.spec)]
+        swept = sorted({item.partition("=")[0].strip() for item in self.extra} & set(raw))
+        if swept:  # applied after the trial's values, it would replace them, while the runs' names said otherwise
+            raise config.ConfigError(f"overrides: {', '.join(swept)} is swept by spec.{space_key(self.spec)}; "
+                                     f"drop it from overrides or from the search space")
         if self.sampler_name == "grid":
             self.grid = [dict(zip(raw, combo, strict=True)) for combo in itertools.product(*raw.values())]
             trials = self.spec.get("trials", len(self.grid))
@@ -253,8 +257,11 @@ class Plan:
             raise config.ConfigError(f"spec.pruner: {exc}") from None
 
     def fingerprint(self) -> dict[str, Any]:
-        """What makes two commands the same sweep: the spec's content and the command-line overrides."""
-        return {"spec": self.spec, "overrides": self.extra_overrides}
+        """What makes two commands the same sweep: the spec's content, the command-line overrides and every
+        param the trials share (so an edited `base` params file, which the spec names only, makes another)."""
+        swept = self.spec[space_key(self.spec)]
+        shared = {k: v for k, v in self.configs[0].flat().items() if k not in swept}
+        return {"spec": self.spec, "overrides": self.extra_overrides, "params": shared}
 
     def values(self, trial: optuna.Trial | optuna.trial.FrozenTrial) -> dict[str, Any]:
         """The trial's params as YAML values: its queued fixed values, or drawn by the sampler."""

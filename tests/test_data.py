@@ -126,6 +126,8 @@ def test_image_folder_directory_and_tar_gz(tmp_path):
     assert from_dir.x_train.shape == (9, 32, 32, 3) and from_dir.x_test.shape == (9, 32, 32, 3)
     assert list(from_dir.y_train) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert from_dir.digest() == from_tar.digest()
+    (tmp_path / "imgs" / "train" / "cat" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # tar on a Mac
+    assert data.load_source(str(tmp_path / "imgs")).digest() == from_dir.digest()
 
 
 def test_image_folder_with_a_corrupt_image_names_it(tmp_path):
@@ -197,6 +199,21 @@ def test_decode_image_resizes_and_converts():
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8 and (pixels == 200).all()
     with pytest.raises(data.DataError):
         data.decode_image(b"\x89PNG broken")
+
+
+def test_decode_image_reads_16_bit_and_turns_photos_upright():
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(buf, format="PNG")  # 16-bit mid-grey
+    assert (data.decode_image(buf.getvalue()) == 128).all()  # not white
+    upright = np.zeros((32, 32, 3), dtype=np.uint8)
+    upright[:16] = 255  # white on top
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # a camera stores it on its side
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif)
+    pixels = data.decode_image(buf.getvalue()).astype(int)
+    assert pixels[:12].mean() > 200 and pixels[-12:].mean() < 50
 
 
 def test_real_cifar10_jpeg_copy(cifar_jpeg):

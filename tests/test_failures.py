@@ -146,6 +146,38 @@ class Echo(mlflow.pyfunc.PythonModel):
         return model_input
 
 
+def test_evaluate_refuses_a_dataset_of_other_classes(monkeypatch):
+    """Scored against other labels, a test_acc would land on the model and feed register: refused, naming both."""
+    from types import SimpleNamespace
+
+    from pipeline import data
+    from pipeline.tracking import steps
+
+    monkeypatch.setattr(prepare, "load_dataset", lambda uri: data.make_synthetic(n_train=16, n_test=16))
+    monkeypatch.setattr(steps, "load_classifier", lambda uri: SimpleNamespace(class_names=["cat", "dog"], tta="none"))
+    with pytest.raises(config.ConfigError, match=r"^model_uri: models:/m-1 was trained on the classes \['cat', "
+                                                 r"'dog'\], the dataset has \['class_0'"):
+        evaluate.run(config.load(TINY), "models:/m-1", "runs:/0/dataset/dataset.npz")
+
+
+def test_scores_on_other_test_data_do_not_compete_for_the_champion(store):
+    """A model scored on other test images (synthetic ones, a subset) may score higher, but that says nothing
+    about which is better: it is registered without the alias, and the reason says why."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    decisions = []
+    for acc, test_data in ((0.80, "a" * 64), (0.99, "b" * 64), (0.85, "a" * 64)):
+        with mlflow.start_run(experiment_id=experiment_id):
+            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+            mlflow.log_metric("test_acc", acc, model_id=info.model_id)
+            mlflow.set_logged_model_tags(info.model_id, {"test_data_sha256": test_data})
+        with mlflow.start_run(experiment_id=experiment_id):
+            decisions.append(register.run(config.load(TINY), info.model_uri))
+    assert [d["alias_moved"] for d in decisions] == [True, False, True]
+    assert "other test data than v1's 0.8000" in decisions[1]["reason"] and "not comparable" in decisions[1]["reason"]
+    champion = MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion")
+    assert str(champion.version) == "3" and champion.tags["test_data_sha256"] == "a" * 64
+
+
 def test_an_equal_score_is_a_tie_that_keeps_the_champion(store):
     """test_acc 250/256 = 0.9765625 is tagged 0.976562: an equal challenger must not count as better than that
     tag (the alias moved, then went back, while the decision said "moved")."""

@@ -105,7 +105,10 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
      'postgresql+psycopg2://nobody@127.0.0.1:1/x: OperationalError: connection to server at "127.0.0.1", port 1 '
      "failed: Connection refused"),
     (GRID, ["--workers", "0"], "error: workers: must be >= 1, got 0"),
-], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers"])
+    (GRID, ["--overrides", "train.lr=0.3"], "error: overrides: train.lr is swept by spec.grid; drop it from "
+     "overrides or from the search space"),  # it would train every trial at 0.3 under the names of the grid's lrs
+], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers",
+        "override-of-a-swept-key"])
 def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_process, body, args, message):
     spec = write_spec(tmp_path, "sweep-bad", body)
     real = "workers:" in message or "psycopg2" in message  # two as real commands, the others in this process
@@ -124,6 +127,14 @@ def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tm
     assert [c.run_name() for c in grid.configs] == ["resnet11-e1-b16-lr0.05", "resnet20-e1-b16-lr0.05",
                                                     "resnet11-e1-b16-lr0.1", "resnet20-e1-b16-lr0.1"]
     assert grid.trials == 4 and grid.sampler_name == "grid"
+    # the same spec over an edited base params file is another sweep (the spec names the file, not its content)
+    base = tmp_path / "base.yaml"
+    base.write_text("train:\n  momentum: 0.9\n")
+    based = tmp_path / "sweep-based.yaml"
+    based.write_text(f"base: {base}\n{body}")
+    before = sweep.Plan(based).fingerprint()
+    base.write_text("train:\n  momentum: 0.8\n")
+    assert sweep.Plan(based).fingerprint() != before
 
     spec = write_spec(tmp_path, "sweep-space", "space:\n  train.lr: {min: 0.01, max: 0.3, log: true}\n"
                       "  train.batch_size: {min: 16, max: 64}\n  model.widths: [[16, 32, 64], [8, 16, 32]]\n"

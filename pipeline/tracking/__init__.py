@@ -418,6 +418,11 @@ def metric_history(run_id: str, key: str) -> pd.Series:
 
 # ---------------------------------------------------------------- logged models, metrics, runs by key
 
+# Tag on a logged model, its evaluate run and its registered versions: the sha256 of the test split its test_acc
+# was measured on. Scores compare only between equal digests.
+TEST_DATA_TAG = "test_data_sha256"
+
+
 def model_id(model_uri: str | None) -> str | None:
     """`models:/m-...` -> the logged model's id (None for registry URIs like models:/name/1, or no URI)."""
     tail = (model_uri or "").removeprefix("models:/")

@@ -16,11 +16,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils import logging_utils
 
 from pipeline import config
-from pipeline.tracking import latest_metrics, model_id
+from pipeline.tracking import TEST_DATA_TAG, latest_metrics, model_id
 
 
-def model_test_acc(model_uri: str) -> tuple[float, str | None]:
-    """`test_acc` recorded on a logged model by evaluate, and the run that trained it."""
+def model_test_acc(model_uri: str) -> tuple[float, str | None, str | None]:
+    """`test_acc` recorded on a logged model by evaluate, the run that trained it, and the digest of the test
+    split it was measured on (None for a model evaluated before evaluate recorded it)."""
     logged_model = model_id(model_uri)
     if logged_model is None:
         raise config.ConfigError(f"model_uri: expected a logged model URI models:/m-..., got {model_uri!r}")
@@ -31,7 +32,7 @@ def model_test_acc(model_uri: str) -> tuple[float, str | None]:
     test_acc = latest_metrics(model.metrics).get("test_acc")
     if test_acc is None:
         raise config.ConfigError(f"model_uri: {model_uri} has no test_acc yet: run evaluate on it first")
-    return float(test_acc), model.source_run_id
+    return float(test_acc), model.source_run_id, (model.tags or {}).get(TEST_DATA_TAG)
 
 
 def current_champion(name: str, alias: str):
@@ -60,17 +61,26 @@ def move_alias(name: str, alias: str, version: str | int) -> None:
     MlflowClient().set_registered_model_alias(name, alias, version)
 
 
-def settle_alias(name: str, alias: str) -> str | None:
-    """Leave the alias on the best-scoring version (the earliest on ties); return that version.
+def comparable(a: str | None, b: str | None) -> bool:
+    """Whether scores measured on test splits of digests `a` and `b` compare (an unknown one, from a model
+    evaluated before the digest was recorded, compares with any)."""
+    return a is None or b is None or a == b
+
+
+def settle_alias(name: str, alias: str, test_data: str | None) -> str | None:
+    """Leave the alias on the best-scoring version (the earliest on ties) among those scored on the test data of
+    the version that holds it (of `test_data` if none holds it); return the version that holds it then.
 
     Registers running at the same time can each read a champion that another is replacing; by
     re-reading every version after writing, the last register to finish repairs any such race.
     """
-    scored = [v for v in MlflowClient().search_model_versions(f"name = '{name}'") if "test_acc" in v.tags]
-    if not scored:
-        return None
-    best = max(scored, key=lambda v: (float(v.tags["test_acc"]), -int(v.version)))
     holder = current_champion(name, alias)
+    pool = holder.tags.get(TEST_DATA_TAG) if holder else test_data
+    scored = [v for v in MlflowClient().search_model_versions(f"name = '{name}'")
+              if "test_acc" in v.tags and comparable(v.tags.get(TEST_DATA_TAG), pool)]
+    if not scored:
+        return str(holder.version) if holder else None
+    best = max(scored, key=lambda v: (float(v.tags["test_acc"]), -int(v.version)))
     if holder is None or str(holder.version) != str(best.version):
         move_alias(name, alias, best.version)
     return str(best.version)

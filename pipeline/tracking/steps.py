@@ -19,7 +19,7 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.exceptions import MlflowException
 
 from pipeline import config, data
-from pipeline.tracking import model_id
+from pipeline.tracking import TEST_DATA_TAG, model_id
 
 # ---------------------------------------------------------------- prepare
 
@@ -82,14 +82,17 @@ def load_classifier(model_uri: str):
         raise config.ConfigError(f"model_uri: cannot load {model_uri} ({exc})".replace("\n", " ")) from None
 
 
-def log_evaluation(params: dict, metrics: dict[str, float], model_uri: str) -> None:
+def log_evaluation(params: dict, metrics: dict[str, float], model_uri: str, test_data: str) -> None:
     """Log evaluate's `params` and test `metrics` on the active run, and the metrics on the logged model
-    `models:/m-...` too (they show on the model's page and feed register)."""
+    `models:/m-...` too (they show on the model's page and feed register), with tag `test_data_sha256`
+    (`test_data`: the test split's digest, which register compares before it compares scores)."""
     mlflow.log_params(params)
     mlflow.log_metrics(metrics)
+    mlflow.set_tag(TEST_DATA_TAG, test_data)
     logged_model = model_id(model_uri)
     if logged_model:
         mlflow.log_metrics(metrics, model_id=logged_model)
+        mlflow.set_logged_model_tags(logged_model, {TEST_DATA_TAG: test_data})
 
 
 # ---------------------------------------------------------------- compare
