@@ -85,13 +85,13 @@ class Dataset:
         return mean, np.sqrt((counts * (values[None, :] - mean[:, None]) ** 2).sum(axis=1) / n)
 
     def subset(self, *, max_train: int, max_test: int, seed: int) -> Dataset:
-        """Keep a seeded random subset of each split (0 = keep all)."""
-        rng = np.random.default_rng(seed)
+        """Keep a seeded random subset of each split (0 = keep all), each split drawn on its own: the test images
+        kept depend on (max_test, seed) alone, so runs over different max_train are scored on the same ones."""
 
         def pick(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
             if not n or n >= len(x):
                 return x, y
-            keep = np.sort(rng.permutation(len(x))[:n])
+            keep = np.sort(np.random.default_rng(seed).permutation(len(x))[:n])
             return x[keep], y[keep]
 
         x_train, y_train = pick(self.x_train, self.y_train, max_train)

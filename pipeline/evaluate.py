@@ -34,8 +34,9 @@ def score(probs: np.ndarray, dataset: Dataset) -> tuple[dict, pd.DataFrame]:
     loss = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(y_true, probs))
     confusion = pd.crosstab(pd.Categorical.from_codes(y_true, names), pd.Categorical.from_codes(y_pred, names),
                             rownames=["true"], colnames=["predicted"], dropna=False)
-    per_class = pd.Series(np.diag(confusion) / confusion.sum(axis=1).clip(lower=1), index=names)
-    metrics = {"test_loss": float(loss.mean()), "test_acc": float((y_true == y_pred).mean()),
+    counts = confusion.sum(axis=1).to_numpy()
+    per_class = pd.Series(np.diag(confusion) / np.maximum(counts, 1), index=names)[counts > 0]  # a class without
+    metrics = {"test_loss": float(loss.mean()), "test_acc": float((y_true == y_pred).mean()),  # images: no score
                "test_images": len(y_true), "per_class_acc": {k: float(v) for k, v in per_class.items()}}
     return metrics, confusion
 

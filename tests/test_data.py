@@ -170,6 +170,14 @@ def test_one_changed_pixel_changes_the_digest():
     assert a.digest() != b.digest()
 
 
+def test_the_test_subset_does_not_depend_on_the_training_subset():
+    """Runs over different data.max_train are scored on the same data.max_test images (their test_acc compare)."""
+    full = data.make_synthetic(n_train=100, n_test=40)
+    kept = [full.subset(max_train=n, max_test=10, seed=0).digest(test_only=True) for n in (0, 30, 60)]
+    assert len(set(kept)) == 1
+    assert full.subset(max_train=0, max_test=10, seed=1).digest(test_only=True) != kept[0]
+
+
 def test_prepared_file_round_trip_and_subset(tmp_path):
     d = data.make_synthetic(n_train=100, n_test=40).subset(max_train=30, max_test=0, seed=0)
     assert len(d.x_train) == 30 and len(d.x_test) == 40

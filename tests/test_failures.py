@@ -160,6 +160,20 @@ def test_evaluate_refuses_a_dataset_of_other_classes(monkeypatch):
         evaluate.run(config.load(TINY), "models:/m-1", "runs:/0/dataset/dataset.npz")
 
 
+def test_a_class_without_test_images_has_no_score_not_zero():
+    import numpy as np
+
+    from pipeline import data
+
+    dataset = data.make_synthetic(n_train=16, n_test=40)
+    dataset = data.Dataset(dataset.x_train, dataset.y_train, dataset.x_test[dataset.y_test != 3],
+                           dataset.y_test[dataset.y_test != 3], dataset.class_names)
+    probs = np.eye(10)[dataset.y_test]  # a perfect model
+    metrics, _ = evaluate.score(probs, dataset)
+    assert metrics["test_acc"] == 1.0 and "class_3" not in metrics["per_class_acc"]
+    assert set(metrics["per_class_acc"].values()) == {1.0}
+
+
 def test_scores_on_other_test_data_do_not_compete_for_the_champion(store):
     """A model scored on other test images (synthetic ones, a subset) may score higher, but that says nothing
     about which is better: it is registered without the alias, and the reason says why."""
