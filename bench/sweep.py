@@ -51,7 +51,8 @@ def run_sweep(folder: Path, pruner: str, workers: int, epochs: int) -> dict:
     folder.mkdir(parents=True)
     spec = folder / "sweep-bench.yaml"
     pruning = "none" if pruner == "none" else "{type: median, n_startup_trials: 2}"
-    spec.write_text(f"base: params/tiny.yaml\noverrides: {{train.epochs: {epochs}, evaluate.samples: 1}}\n"
+    spec.write_text(f"base: params/tiny.yaml\noverrides: {{train.epochs: {epochs}, evaluate.samples: 1, "
+                    f"train.validation_fraction: 0.1}}\n"
                     f"grid:\n  train.lr: {json.dumps(LRS)}\npruner: {pruning}\n")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     env = tracking_env(uri, PIPELINE_CHECKPOINT_DIR=str(folder / "checkpoints"))
@@ -73,7 +74,7 @@ def run_sweep(folder: Path, pruner: str, workers: int, epochs: int) -> dict:
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     best = study.best_trial
     return {"wall_s": wall, "epochs": epochs_run, "trials": len(study.trials), "states": states,
-            "best_lr": best.params["train.lr"], "best_test_acc": best.value}
+            "best_lr": best.params["train.lr"], "best_val_acc": best.value}
 
 
 def main() -> None:
@@ -94,7 +95,7 @@ def main() -> None:
     table = pd.DataFrame([{"sweep": name, "workers": workers, "pruner": pruner, "trials": r["trials"],
                            "complete / pruned": f"{r['states'].get('COMPLETE', 0)} / {r['states'].get('PRUNED', 0)}",
                            "epochs trained": r["epochs"], "wall time (s)": round(r["wall_s"], 1),
-                           "best lr": r["best_lr"], "best test_acc": round(r["best_test_acc"], 4)}
+                           "best lr": r["best_lr"], "best val_acc": round(r["best_val_acc"], 4)}
                           for (name, pruner, workers), r in ((run, results[run[0]]) for run in RUNS)])
     ratios = pd.DataFrame([
         {"comparison": "2 workers vs 1 (no pruning)", "wall time": f"{two['wall_s'] / base['wall_s']:.2f}x",

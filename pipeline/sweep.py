@@ -28,8 +28,9 @@ Writes: one sweep parent run (tag step = 'sweep'; its id is kept in the study's 
         A worker that dies stops its trial's heartbeat: another worker (or the rerun command)
         marks that trial FAILED, its runs FAILED, and queues it again (at most MAX_RETRY times).
         Once every trial has ended, one worker (exactly one: it creates the study's lock study
-        `<study>.register`) registers the best finished trial by test_acc (same rule as `main`)
-        and compares the finished trials.
+        `<study>.register`) registers the best finished trial (by its final val_acc, on training images
+        held out: `train.validation_fraction` > 0 is required, so no trial is chosen on the test images
+        whose test_acc it reports; register's own rule then applies) and compares the finished trials.
 The MLflow side of trials (creating, entering, failing and reading their runs) is `pipeline.tracking.trials`.
 """
 
@@ -82,7 +83,7 @@ SAMPLERS = {"grid": optuna.samplers.RandomSampler, "random": optuna.samplers.Ran
             "tpe": optuna.samplers.TPESampler}
 PRUNERS = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
            "hyperband": optuna.pruners.HyperbandPruner}
-OBJECTIVE = "test_acc"  # what the study maximises; register picks by it too
+OBJECTIVE = "val_acc"  # what the study maximises: a trial's last, on held-out training images; the best is registered
 HEARTBEAT_S = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS", "20"))  # a trial's worker proves it is alive this often
 # A trial whose heartbeat is older is marked FAILED and queued again. Generous: a busy host can starve the
 # heartbeat thread for a while (model compilation holds the interpreter), and a live worker must not be
@@ -230,6 +231,11 @@ class Plan:
         self.trials = trials
         self.configs = [self.load(values, f"trial {i}" if self.grid else "space")
                         for i, values in enumerate(checked)]
+        if any(c.train.validation_fraction == 0 for c in self.configs):
+            raise config.ConfigError(
+                "train.validation_fraction: a sweep chooses its best trial by val_acc, which must come from "
+                "training images held out: set it > 0 (the spec's overrides or its base; 0 validates on the test "
+                "split, and the best trial's test_acc would be chosen on the very images it is measured on)")
         self.make_sampler(0)  # wrong sampler or pruner arguments fail here, before any run
         self.make_pruner()
 
@@ -442,7 +448,8 @@ def pruning_callback(trial: optuna.Trial):
 
 def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
     """Inside the active trial run: train (pruned by Optuna), refuse a diverged model, evaluate; log the
-    results to the trial run; return test_acc. A pruned fit leaves its train run KILLED, tagged."""
+    results to the trial run; return the last val_acc (`OBJECTIVE`). A pruned fit leaves its train run KILLED,
+    tagged."""
     from pipeline import evaluate, train  # Keras loads only once every trial is known to be valid
 
     dataset_uri = prepare.ensure_prepared(cfg)
@@ -468,7 +475,7 @@ def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
     with step_run(cfg, "evaluate"):
         metrics = evaluate.run(cfg, model_uri, dataset_uri)
     log_metrics({"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"]})
-    return float(metrics[OBJECTIVE])
+    return float(history.iloc[-1])
 
 
 def log_history(train_id: str) -> pd.Series:
@@ -482,7 +489,7 @@ def log_history(train_id: str) -> pd.Series:
 def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: str, experiment_id: str) -> None:
     """Run one claimed trial in its own MLflow child run of the sweep; tell Optuna how it ended.
 
-    COMPLETE (value test_acc) -> FINISHED; pruned -> PRUNED and KILLED with `pruned_at_epoch`;
+    COMPLETE (value: the last val_acc) -> FINISHED; pruned -> PRUNED and KILLED with `pruned_at_epoch`;
     anything raised (diverged included) -> FAIL and FAILED with `failure_reason`.
     """
     import keras
@@ -596,7 +603,8 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
             with step_run(best_cfg, "register"):
                 decision = register.run(best_cfg, best["model_uri"])
             comparison = compare.run(run_ids=done["train_run_id"].tolist(), metric=OBJECTIVE)["run_id"]
-            log_metrics({"best_test_acc": float(best[OBJECTIVE])})
+            log_metrics({"best_trial_val_acc": float(best[OBJECTIVE]),
+                         "best_trial_test_acc": trials.final_metric(best["run_id"], "test_acc")})
             set_tags({"best_trial_run_id": best["run_id"], "best_trial": str(best["trial"]),
                       "registered_version": str(decision["version"]),
                       "alias_moved": str(decision["alias_moved"]).lower()})

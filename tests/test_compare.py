@@ -143,7 +143,8 @@ def test_sweep_marks_a_failed_trial_goes_on_and_registers_the_best(server, tmp_p
     experiment_id = create_experiment(server, "e2e-sweep")
     spec = tmp_path / "sweep-fails.yaml"
     # data_parallel passes validation but needs the JAX backend, so that trial fails at run time.
-    spec.write_text(f"base: {TINY}\noverrides: {{train.epochs: 1, register.model_name: sweep-model}}\n"
+    spec.write_text(f"base: {TINY}\noverrides: {{train.epochs: 1, register.model_name: sweep-model, "
+                    f"train.validation_fraction: 0.1}}\n"
                     "grid:\n  train.distribute: [data_parallel, none]\n")
     done = mlflow_run(server, "e2e-sweep", "sweep", spec=str(spec), storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -20,7 +20,7 @@ TINY = "params/tiny.yaml"
 # A learning rate that learns and one far too small to (1e-6: val_acc stays near chance).
 GRID = "grid:\n  train.lr: [0.1, 0.000001]\n"
 SMALL = {"train.epochs": 3, "train.batch_size": 16, "data.synthetic_train": 1024, "data.synthetic_test": 128,
-         "evaluate.samples": 1}
+         "evaluate.samples": 1, "train.validation_fraction": 0.125}
 
 
 def write_spec(folder, name: str, body: str) -> str:
@@ -107,8 +107,12 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
     (GRID, ["--workers", "0"], "error: workers: must be >= 1, got 0"),
     (GRID, ["--overrides", "train.lr=0.3"], "error: overrides: train.lr is swept by spec.grid; drop it from "
      "overrides or from the search space"),  # it would train every trial at 0.3 under the names of the grid's lrs
+    (GRID, ["--overrides", "train.validation_fraction=0"], "error: train.validation_fraction: a sweep chooses its "
+     "best trial by val_acc, which must come from training images held out: set it > 0 (the spec's overrides or its "
+     "base; 0 validates on the test split, and the best trial's test_acc would be chosen on the very images it is "
+     "measured on)"),
 ], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers",
-        "override-of-a-swept-key"])
+        "override-of-a-swept-key", "selecting-on-the-test-split"])
 def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_process, body, args, message):
     spec = write_spec(tmp_path, "sweep-bad", body)
     real = "workers:" in message or "psycopg2" in message  # two as real commands, the others in this process
