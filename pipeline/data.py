@@ -177,12 +177,15 @@ def keras_cache_dir() -> Path:
 def fetch_cifar10() -> Path:
     """Path of a verified official archive (or extracted folder) from the Keras cache, else download."""
     cache = keras_cache_dir()
-    for name in CIFAR10_ARCHIVE_NAMES:
+    # Keras 3's own `keras.datasets.cifar10.load_data()` keeps the archive as `cifar-10-batches-py-target_archive`
+    # and extracts it under `cifar-10-batches-py-target/`: a machine that ran it has CIFAR-10 already
+    for name in (*CIFAR10_ARCHIVE_NAMES, f"{CIFAR10_DIR}-target_archive"):
         archive = cache / name
         if archive.is_file():
             verify_sha256(archive, CIFAR10_SHA256)
             return archive
-    for folder in (cache / CIFAR10_DIR, cache / f"{CIFAR10_DIR}_extracted" / CIFAR10_DIR):
+    for folder in (cache / CIFAR10_DIR, cache / f"{CIFAR10_DIR}_extracted" / CIFAR10_DIR,
+                   cache / f"{CIFAR10_DIR}-target" / CIFAR10_DIR):
         if (folder / "batches.meta").is_file():
             return folder
     try:

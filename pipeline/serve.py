@@ -74,6 +74,8 @@ def image_column(model_input: pd.DataFrame | dict) -> list:
         raise bad_input(f"named inputs need a column '{IMAGE_COLUMN}' of base64 PNG/JPEG images, "
                         f"got {names}; send pixel tensors unnamed, as {{\"inputs\": [[[[r, g, b], ...]]]}}")
     values = model_input[IMAGE_COLUMN]
+    if isinstance(values, np.ndarray) and values.ndim == 0:  # {"inputs": {"image": "<base64>"}}: one image
+        return [values.item()]
     if isinstance(values, (pd.Series, np.ndarray)):
         return values.tolist()
     return list(values) if isinstance(values, (list, tuple)) else [values]

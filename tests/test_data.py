@@ -70,6 +70,12 @@ def test_cifar10_from_keras_cache_is_verified(tmp_path, monkeypatch):
     with pytest.raises(data.DataError, match="does not match the published"):
         data.load_source("cifar10")
 
+    # where Keras 3's own keras.datasets.cifar10.load_data() leaves it: used, not downloaded again
+    (cache / "cifar-10-python.tar.gz").unlink()
+    (cache / "cifar-10-batches-py-target_archive").write_bytes(archive.read_bytes())
+    monkeypatch.setattr(data, "CIFAR10_SHA256", data.file_sha256(archive))
+    assert data.load_source("cifar10").x_train.shape == (30, 32, 32, 3)
+
 
 def test_cifar10_offline_with_nothing_local_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))

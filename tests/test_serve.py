@@ -158,6 +158,8 @@ def test_encoded_images_decode_like_training_images():
                   [f"data:image/png;base64,{b64(png)}", b64(jpeg)]):
         np.testing.assert_array_equal(serve.to_pixels(given), expected)
     assert serve.to_pixels(b64(png)).shape == (1, 32, 32, 3)
+    for one in ({"image": b64(png)}, {"image": np.array(b64(png))}):  # one named image, as MLflow passes it
+        np.testing.assert_array_equal(serve.to_pixels(one), expected[:1])
 
 
 @pytest.mark.parametrize(("given", "problem"), [
