@@ -133,11 +133,11 @@ def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tm
     assert grid.trials == 4 and grid.sampler_name == "grid"
     # the same spec over an edited base params file is another sweep (the spec names the file, not its content)
     base = tmp_path / "base.yaml"
-    base.write_text("train:\n  momentum: 0.9\n")
+    base.write_text("train:\n  momentum: 0.9\n  validation_fraction: 0.1\n")
     based = tmp_path / "sweep-based.yaml"
     based.write_text(f"base: {base}\n{body}")
     before = sweep.Plan(based).fingerprint()
-    base.write_text("train:\n  momentum: 0.8\n")
+    base.write_text("train:\n  momentum: 0.8\n  validation_fraction: 0.1\n")
     assert sweep.Plan(based).fingerprint() != before
 
     spec = write_spec(tmp_path, "sweep-space", "space:\n  train.lr: {min: 0.01, max: 0.3, log: true}\n"
