@@ -9,23 +9,34 @@ point); the console ends with where to look at the run.
 
 from __future__ import annotations
 
+from mlflow import MlflowClient
+
 from pipeline import config, inputs
-from pipeline.tracking import cli, log_params, step_run, steps, ui_hint
+from pipeline.tracking import cli, log_params, set_tags, step_run, steps, ui_hint
+from pipeline.tracking.resume import trained_before_a_failure
 
 
 def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
     """Run the whole pipeline inside the active (parent) run; return the headline results.
 
     resume: "" continues an interrupted identical train run if one left a checkpoint and no live
-    process trains it, "never" always starts afresh, a run id continues that run, whose params must
-    equal `cfg`'s except a larger `train.epochs` (see inputs.resolve_inputs, tracking.resume.config_to_resume).
+    process trains it, or, where an identical command trained a model and then failed in evaluate or register,
+    goes on from that model (`trained_before_a_failure`); "never" always starts afresh, a run id continues that
+    run, whose params must equal `cfg`'s except a larger `train.epochs` (see inputs.resolve_inputs,
+    tracking.resume.config_to_resume).
     """
     from pipeline import evaluate, register, train  # Keras loads only once the params are known to be good
 
     log_params(cfg.flat())
     dataset_uri, resume_id = inputs.resolve_inputs(cfg, resume=resume, dataset_uri=dataset_uri)
-    with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
-        model_uri = train.run(cfg, dataset_uri)
+    trained = None if resume_id or resume else trained_before_a_failure(cfg, dataset_uri)
+    if trained:  # an identical command trained it, then failed in evaluate or register: go on from there
+        model_uri = MlflowClient().get_run(trained).data.tags["model_uri"]
+        set_tags({"train_run_id": trained})
+        print(f"reusing train run {trained}: an identical command trained it and stopped before registering")
+    else:
+        with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
+            model_uri = train.run(cfg, dataset_uri)
     with step_run(cfg, "evaluate"):
         metrics = evaluate.run(cfg, model_uri, dataset_uri)
     with step_run(cfg, "register"):

@@ -238,6 +238,38 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
     assert not folder.exists()  # gone once the model is logged
 
 
+def test_a_pipeline_that_failed_after_training_goes_on_from_the_trained_model(store, monkeypatch, in_process):
+    """The tracking server lost in evaluate or register (exit 4: "rerun the same command to resume"): the rerun
+    evaluates and registers the model already trained, it does not train the recipe again."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import register
+
+    command = ["--params", TINY, "--epochs", "2", "--overrides", "tracking.experiment=e2e"]
+    register_run = register.run
+
+    def registry_fails(*args, **kwargs):
+        raise MlflowException("the registry went away")
+
+    monkeypatch.setattr(register, "run", registry_fails)
+    with pytest.raises(MlflowException, match="went away"):
+        in_process("main", *command)
+    client = MlflowClient()
+    (failed,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'main'")
+    assert failed.info.status == "FAILED"
+
+    monkeypatch.setattr(register, "run", register_run)
+    done = in_process("main", *command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reusing train run" in done.stdout and "Epoch " not in done.stdout
+    (trained,) = client.search_runs([failed.info.experiment_id], "tags.step = 'train'")  # one training, not two
+    version = client.get_model_version_by_alias("cifar10-resnet", "champion")
+    assert version.tags["run_id"] == trained.info.run_id
+    assert client.get_run(failed.info.run_id).data.tags["resumed_by"] != ""
+    again = in_process("main", *command)  # a finished pipeline is not reused: an identical command trains anew
+    assert again.returncode == 0 and "reusing train run" not in again.stdout and "Epoch 2/2" in again.stdout
+
+
 # Epochs twice tiny's, so that Ctrl-C a second after epoch 1's checkpoint lands in epoch 2 on a busy machine too.
 LONGER = "data.synthetic_train=2048"
 

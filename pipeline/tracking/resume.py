@@ -108,6 +108,33 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
     return run_id
 
 
+def trained_before_a_failure(cfg: config.Config, dataset_uri: str) -> str | None:
+    """A finished train run of the same job (`train_key`) whose `main` stopped after it, in evaluate or register
+    (its parent ended FAILED or KILLED, with no finished register step): rerunning the command goes on from its
+    logged model instead of training again. The newest such run, or None. Its parent gets tag `resumed_by`."""
+    client = MlflowClient()
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.train_key = '{train_key(cfg, dataset_uri)}' and "
+                                            f"attributes.status = 'FINISHED'")
+    for run in runs:
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        if not parent_id or "model_uri" not in run.data.tags:
+            continue
+        parent = client.get_run(parent_id)
+        if parent.data.tags.get("step") != "main" or parent.info.status not in ("FAILED", "KILLED") \
+                or "resumed_by" in parent.data.tags:
+            continue
+        registered = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                        f"tags.step = 'register' and attributes.status = 'FINISHED'")
+        if registered:
+            continue
+        active = mlflow.active_run()
+        client.set_tag(parent_id, "resumed_by", active.info.run_id if active else "")
+        return run.info.run_id
+    return None
+
+
 def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> str:
     """Check that `cfg` (and `dataset_uri`, if given) are what train run `run_id` was started with; return
     the run's dataset URI. `train.epochs` may grow, to extend the run (the lr schedule is then built for
