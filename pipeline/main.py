@@ -9,11 +9,9 @@ point); the console ends with where to look at the run.
 
 from __future__ import annotations
 
-from mlflow import MlflowClient
-
 from pipeline import config, inputs
 from pipeline.tracking import cli, log_params, set_tags, step_run, steps, ui_hint
-from pipeline.tracking.resume import trained_before_a_failure
+from pipeline.tracking.resume import mark_pipeline_done, trained_before_a_failure
 
 
 def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
@@ -31,17 +29,19 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
     dataset_uri, resume_id = inputs.resolve_inputs(cfg, resume=resume, dataset_uri=dataset_uri)
     trained = None if resume_id or resume else trained_before_a_failure(cfg, dataset_uri)
     if trained:  # an identical command trained it, then failed in evaluate or register: go on from there
-        model_uri = MlflowClient().get_run(trained).data.tags["model_uri"]
-        set_tags({"train_run_id": trained})
-        print(f"reusing train run {trained}: an identical command trained it and stopped before registering")
+        train_run_id, model_uri = trained
+        print(f"reusing train run {train_run_id}: an identical command trained it and stopped before registering")
     else:
-        with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
+        with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id) as train_run:
             model_uri = train.run(cfg, dataset_uri)
+        train_run_id = train_run.info.run_id
+    set_tags({"train_run_id": train_run_id})
     with step_run(cfg, "evaluate"):
         metrics = evaluate.run(cfg, model_uri, dataset_uri)
     with step_run(cfg, "register"):
         decision = register.run(cfg, model_uri)
     steps.log_pipeline_results(dataset_uri, model_uri, metrics, decision)
+    mark_pipeline_done(train_run_id)
     return {"dataset_uri": dataset_uri, "model_uri": model_uri, **metrics, **decision}
 
 

@@ -465,6 +465,10 @@ def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
         set_tags({"train_run_id": train_id, "pruned_at_epoch": str(epochs)})
         log_history(train_id)
         raise
+    except BaseException:  # a failed trial is queued again as a new run, never resumed: its checkpoint goes
+        if train_run is not None:
+            shutil.rmtree(checkpoint_dir(train_run.info.run_id), ignore_errors=True)
+        raise
     train_id = train_run.info.run_id
     describe_train_run(train_id)
     set_tags({"train_run_id": train_id, "model_uri": model_uri})

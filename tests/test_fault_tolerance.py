@@ -265,7 +265,7 @@ def test_a_pipeline_that_failed_after_training_goes_on_from_the_trained_model(st
     (trained,) = client.search_runs([failed.info.experiment_id], "tags.step = 'train'")  # one training, not two
     version = client.get_model_version_by_alias("cifar10-resnet", "champion")
     assert version.tags["run_id"] == trained.info.run_id
-    assert client.get_run(failed.info.run_id).data.tags["resumed_by"] != ""
+    assert client.get_run(trained.info.run_id).data.tags["pipeline_done"] != failed.info.run_id  # the rerun's main
     again = in_process("main", *command)  # a finished pipeline is not reused: an identical command trains anew
     assert again.returncode == 0 and "reusing train run" not in again.stdout and "Epoch 2/2" in again.stdout
 

@@ -91,7 +91,8 @@ def test_main_and_a_two_worker_sweep_on_the_postgresql_server(team, tmp_path):
 
     # Two workers started as on two hosts: the same command, one study of 4 trials in PostgreSQL.
     spec = tmp_path / "sweep-team.yaml"
-    spec.write_text(f"base: {TINY}\ngrid:\n  train.lr: [0.2, 0.05, 0.01, 0.005]\n"
+    spec.write_text(f"base: {TINY}\noverrides: {{train.validation_fraction: 0.125}}\n"
+                    "grid:\n  train.lr: [0.2, 0.05, 0.01, 0.005]\n"
                     "pruner: {type: median, n_startup_trials: 2}\n")
     sweep = dict(spec=str(spec), overrides=SMALL, storage=team["optuna"], study="team-sweep")
     first = mlflow_run(url, "team", "sweep", **sweep)

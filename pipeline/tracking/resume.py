@@ -108,31 +108,36 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
     return run_id
 
 
-def trained_before_a_failure(cfg: config.Config, dataset_uri: str) -> str | None:
-    """A finished train run of the same job (`train_key`) whose `main` stopped after it, in evaluate or register
-    (its parent ended FAILED or KILLED, with no finished register step): rerunning the command goes on from its
-    logged model instead of training again. The newest such run, or None. Its parent gets tag `resumed_by`."""
+def trained_before_a_failure(cfg: config.Config, dataset_uri: str) -> tuple[str, str] | None:
+    """(run id, model URI) of a finished train run of the same job (`train_key`) that a `main` trained and no
+    `main` carried through to the registry (`mark_pipeline_done`), none running now: its pipeline failed after
+    training, in evaluate or register, and rerunning the command goes on from its logged model instead of
+    training again. The newest such run, or None."""
     client = MlflowClient()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               order_by=["attributes.start_time DESC"],
                               filter_string=f"tags.train_key = '{train_key(cfg, dataset_uri)}' and "
                                             f"attributes.status = 'FINISHED'")
     for run in runs:
-        parent_id = run.data.tags.get("mlflow.parentRunId")
-        if not parent_id or "model_uri" not in run.data.tags:
+        tags, run_id = run.data.tags, run.info.run_id
+        if "model_uri" not in tags or PIPELINE_DONE in tags or "mlflow.parentRunId" not in tags:
             continue
-        parent = client.get_run(parent_id)
-        if parent.data.tags.get("step") != "main" or parent.info.status not in ("FAILED", "KILLED") \
-                or "resumed_by" in parent.data.tags:
+        parent = client.get_run(tags["mlflow.parentRunId"])
+        if parent.data.tags.get("step") != "main":  # a standalone train or a sweep trial: not main's to reuse
             continue
-        registered = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and "
-                                        f"tags.step = 'register' and attributes.status = 'FINISHED'")
-        if registered:
+        users = [parent, *client.search_runs([parent.info.experiment_id], f"tags.train_run_id = '{run_id}'")]
+        if any(r.info.status == "RUNNING" for r in users):  # a live main is still evaluating or registering it
             continue
-        active = mlflow.active_run()
-        client.set_tag(parent_id, "resumed_by", active.info.run_id if active else "")
-        return run.info.run_id
+        return run_id, tags["model_uri"]
     return None
+
+
+PIPELINE_DONE = "pipeline_done"  # tag on a train run: a main registered its model (the main run's id)
+
+
+def mark_pipeline_done(train_run_id: str) -> None:
+    """Tag train run `train_run_id` as carried through to the registry by the active main run."""
+    MlflowClient().set_tag(train_run_id, PIPELINE_DONE, mlflow.active_run().info.run_id)
 
 
 def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> str:
