@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import platform
 import statistics
@@ -26,6 +27,15 @@ import keras
 
 from pipeline import config, data, fitting
 from pipeline.distribute import distribution
+
+
+def device_kind() -> str:
+    """The accelerator's model name as the backend reports it ("NVIDIA H200"), or the host's processor."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.devices()[0].device_kind
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -63,9 +73,11 @@ def main() -> None:
     fit_seconds = time.perf_counter() - start
     steady = statistics.median(timer.seconds[1:] or timer.seconds)
     result = {
+        "date": datetime.date.today().isoformat(), "device_kind": device_kind(),
         "backend": keras.backend.backend(), "devices": dist.devices, "host": platform.node(),
         "params": args.params, "overrides": args.overrides, "model": model.name,
         "train_images": len(splits[0]), "epochs": epochs, "epoch_seconds": [round(s, 2) for s in timer.seconds],
+        "acc": [round(v, 4) for v in history.history.get("acc", [])],
         "val_acc": [round(v, 4) for v in history.history.get("val_acc", [])],
         "steady_epoch_seconds": round(steady, 2),
         "images_per_second": round(len(splits[0]) / steady),

@@ -3,10 +3,14 @@
 
     python -m bench.gpu_report [--results bench/results] [--date 2026-11-30]
 
-Writes <results>/gpu.md: per run, the params file and overrides, the model, epochs trained, the first
-epoch's seconds (it includes XLA's compiles), the steady seconds per epoch (median of the others),
-images/s, and where the run was a full schedule the fit seconds and test_acc on every test image;
-otherwise the projected minutes of the profile's whole schedule.
+`bench/gpu.sh` on a borrowed GPU machine packs its files into one `gpu-results.tar.gz` (such a machine may
+return only a few files); `--unpack FILE` extracts it into the results folder first.
+
+Writes <results>/gpu.md, with <results>/gpu-notes.md below the table where there is one: per run, the date it
+was measured (`--date` for files that do not say), the device, the params file and overrides, the model, epochs
+trained, the first epoch's seconds (it includes XLA's compiles), the steady seconds per epoch (median of the
+others), images/s, the last epoch's train acc, and where the run was a full schedule its last val_acc, the fit
+seconds and test_acc on every test image; otherwise the projected minutes of the profile's whole schedule.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import tarfile
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +26,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def rows(results: Path) -> pd.DataFrame:
+def rows(results: Path, date: str | None = None) -> pd.DataFrame:
     """One row per gpu-*.json in `results`; a stage stopped by its time limit (`partial`) shows its epochs."""
     records = []
     order = {"gpu-fast.json": 0, "gpu-improved.json": 1, "gpu-seed.json": 2}  # gpu.sh's stages, then the rest
@@ -31,6 +36,8 @@ def rows(results: Path) -> pd.DataFrame:
         full = "test_acc" in run
         records.append({
             "file": path.name,
+            "date": run.get("date", date),
+            "device": run.get("device_kind"),
             "params": run.get("params", ""),
             "overrides": run.get("overrides", "").strip(),
             "model": run.get("model", ""),
@@ -40,6 +47,8 @@ def rows(results: Path) -> pd.DataFrame:
             "images/s": run.get("images_per_second"),
             "fit s": run.get("fit_seconds"),
             "fit s after epoch 1": run.get("fit_seconds_after_first_epoch"),
+            "last train acc": (run.get("acc") or [None])[-1],
+            "last val_acc": (run.get("val_acc") or [None])[-1] if full else None,
             "test_acc": run.get("test_acc"),
             "projected min (full schedule)": None if full or run.get("partial")
             else run.get("projected_full_schedule_minutes"),
@@ -51,25 +60,43 @@ def rows(results: Path) -> pd.DataFrame:
     return frame.astype(object).where(frame.notna(), None)
 
 
+def unpack(archive: Path, results: Path) -> list[str]:
+    """Extract the gpu.sh files of `archive` (gpu.txt, gpu.log, gpu-*.json) into `results`; refuses anything else."""
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        for member in members:
+            name = Path(member.name).name
+            if member.name.removeprefix("./") != name or not (name in ("gpu.txt", "gpu.log") or
+                                                         (name.startswith("gpu-") and name.endswith(".json"))):
+                raise SystemExit(f"{archive}: {member.name!r} is not a bench/gpu.sh result file")
+        results.mkdir(parents=True, exist_ok=True)
+        tar.extractall(results, members=members, filter="data")
+    return sorted(Path(m.name).name for m in members)
+
+
 def report(results: Path, date: str) -> str:
     device = (results / "gpu.txt").read_text().strip() if (results / "gpu.txt").exists() else "device not recorded"
-    table = rows(results).to_markdown(index=False, missingval="")
+    table = rows(results, date).to_markdown(index=False, missingval="")
     return "\n".join([
         "# GPU check (`bench/gpu.sh`)", "",
-        f"Measured {date} on:", "", "```", device, "```", "",
+        "The device as `bench/gpu.sh` recorded it:", "", "```", device, "```", "",
         "Through `pipeline.fitting` with `KERAS_BACKEND=jax` (bfloat16 + XLA where the profile says `auto`), "
         "on the CIFAR-10 JPEG q75 copy. test_acc: every one of the 10,000 test images, with the profile's "
         "`evaluate.tta`. The first epoch includes XLA's compiles of the train and validation steps.", "",
         table, "",
+        *([notes.read_text().strip(), ""] if (notes := results / "gpu-notes.md").exists() else []),
     ])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--date", default=datetime.date.today().isoformat())
+    parser.add_argument("--date", default=datetime.date.today().isoformat(), help="for files that do not say")
+    parser.add_argument("--unpack", help="a gpu-results.tar.gz from bench/gpu.sh to extract into --results first")
     args = parser.parse_args()
     results = Path(args.results)
+    if args.unpack:
+        unpack(Path(args.unpack), results)
     (results / "gpu.md").write_text(report(results, args.date))
     print((results / "gpu.md").read_text())
 

@@ -37,3 +37,41 @@ def test_report_lists_every_stage_in_gpu_sh_order_and_marks_a_stopped_one(tmp_pa
 def test_report_refuses_a_folder_without_results(tmp_path):
     with pytest.raises(SystemExit, match="no gpu-"):
         gpu_report.rows(tmp_path)
+
+
+def test_rows_carry_each_files_date_and_device_and_the_last_accuracies(tmp_path):
+    write(tmp_path, "gpu-fast.json", date="2026-12-04", device_kind="NVIDIA H200", params="params/fast.yaml",
+          epoch_seconds=[20.0, 0.3], acc=[0.5, 0.97], val_acc=[0.6, 0.905], test_acc=0.906, fit_seconds=21.0)
+    write(tmp_path, "gpu-seed.json", params="params/default.yaml", epoch_seconds=[80.0, 15.0], val_acc=[0.1, 0.2],
+          projected_full_schedule_minutes=37.5)
+    fast, seed = (row for _, row in gpu_report.rows(tmp_path, "2026-11-30").iterrows())
+    assert (fast["date"], fast["device"], fast["last train acc"], fast["last val_acc"]) == (
+        "2026-12-04", "NVIDIA H200", 0.97, 0.905)
+    assert seed["date"] == "2026-11-30" and seed["device"] is None  # the file says neither: --date, no device
+    assert seed["last val_acc"] is None  # a timed stage's val_acc after 2 epochs is no result
+    (tmp_path / "gpu-notes.md").write_text("Rows of 2026-12-04 ran commit abc.")
+    assert gpu_report.report(tmp_path, "2026-11-30").rstrip().endswith("Rows of 2026-12-04 ran commit abc.")
+
+
+def test_unpack_extracts_gpu_sh_files_and_refuses_anything_else(tmp_path):
+    import io
+    import tarfile
+
+    def archive(name, members):
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as tar:
+            for member, text in members.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(text.encode())
+                tar.addfile(info, io.BytesIO(text.encode()))
+        return path
+
+    good = archive("good.tar.gz", {"./gpu.txt": "NVIDIA H200", "gpu-fast.json": json.dumps({"epoch_seconds": [1.0]}),
+                                   "gpu.log": "== fast"})
+    results = tmp_path / "results"
+    assert gpu_report.unpack(good, results) == ["gpu-fast.json", "gpu.log", "gpu.txt"]
+    assert (results / "gpu.txt").read_text() == "NVIDIA H200"
+    for bad in ({"../gpu-x.json": "{}"}, {"sub/gpu-x.json": "{}"}, {"evil.sh": "rm -rf /"}):
+        with pytest.raises(SystemExit, match="not a bench/gpu.sh result file"):
+            gpu_report.unpack(archive("bad.tar.gz", bad), tmp_path / "other")
+        assert not (tmp_path / "other").exists()  # nothing extracted from an archive with a stranger in it
