@@ -158,6 +158,7 @@ class TrainConfig:
     nesterov: bool
     ema: bool
     ema_momentum: float
+    ema_bn_batches: int
     label_smoothing: float
     shift: float
     shift_fill: str
@@ -187,6 +188,8 @@ class TrainConfig:
         _check(0 <= self.warmup < 1, "train.warmup", "must be a fraction of train.epochs in [0, 1)", self.warmup)
         _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
         _check(0 < self.ema_momentum < 1, "train.ema_momentum", "must be in (0, 1)", self.ema_momentum)
+        _check(self.ema_bn_batches >= 0, "train.ema_bn_batches", "must be >= 0 (0: keep the raw weights' statistics)",
+               self.ema_bn_batches)
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", self.label_smoothing)
         _check(0 <= self.shift < 0.5, "train.shift", "must be a fraction of the image size in [0, 0.5)", self.shift)
         _check(self.shift_fill in SHIFT_FILLS, "train.shift_fill", f"must be one of {', '.join(SHIFT_FILLS)}",

@@ -402,6 +402,85 @@ def host_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shu
     return batches.prefetch(2).with_options(options)
 
 
+class EMABatchNorm(keras.callbacks.Callback):
+    """With weight EMA, BatchNormalization's moving statistics recomputed under the averaged weights, before each
+    validation (after `SwapEMAWeights` has put them in the model) and when training ends (after `fit` has).
+
+    Keras's `use_ema` averages the trainable weights only: the moving mean and variance stay those gathered under
+    the raw weights, which the averaged ones do not produce, and the model validated, evaluated and served pairs
+    the two (as `torch.optim.swa_utils.update_bn` fixes for SWA). Here each BN layer's statistics become the plain
+    mean of its batch moments over `batches` training batches, augmented as in training: one compiled forward pass
+    in training mode per batch (`stateless_call`, traced with every BN momentum at 0, so each pass returns that
+    batch's moments as the moving statistics), averaged, then assigned. Training reads batch moments, never the
+    moving ones, so it is unaffected. The batches are the same at every call (`seed`), whole ones of `batch_size`
+    (fewer if the images make fewer; all of them in one if they make none). `flip`: mirror each image at random,
+    for a model whose flips the feed does (`train.alternate_flip`)."""
+
+    def __init__(self, images: np.ndarray, batches: int, batch_size: int, *, seed: int = 0, flip: bool = False):
+        super().__init__()
+        rng = np.random.default_rng([seed, 0xB7])
+        count = max(1, min(batches, len(images) // batch_size)) * batch_size
+        self.rows = np.sort(rng.permutation(len(images))[:count]).reshape(-1, min(batch_size, len(images)))
+        self.images, self.flips = images, (rng.random(len(images)) < 0.5) if flip else None
+        self._forward = None
+
+    def batch(self, k: int) -> np.ndarray:
+        x = self.images[self.rows[k]]
+        if self.flips is not None:
+            mirror = self.flips[self.rows[k]]
+            x = np.where(mirror[:, None, None, None], x[:, :, ::-1], x)
+        return x
+
+    def _compiled_forward(self):
+        """The model's training-mode pass as a function of its variables' values, returning the new values of its
+        non-trainable ones; compiled on TensorFlow and JAX (an eager pass of ResNet-164 is many times slower)."""
+        model = self.model
+
+        def forward(trainable, non_trainable, x):
+            return model.stateless_call(trainable, non_trainable, x, training=True)[1]
+
+        backend = keras.backend.backend()
+        if backend == "jax":
+            import jax
+
+            return jax.jit(forward)
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return tf.function(forward)
+        return forward
+
+    def recalibrate(self) -> None:
+        norms = [layer for layer in self.model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+        moving = {id(v) for layer in norms for v in (layer.moving_mean, layer.moving_variance)}
+        variables = self.model.non_trainable_variables
+        slots = [i for i, v in enumerate(variables) if id(v) in moving]
+        momenta = [layer.momentum for layer in norms]
+        try:
+            for layer in norms:
+                layer.momentum = 0.0  # read when the pass is traced: each pass returns its batch's moments
+            if self._forward is None:
+                self._forward = self._compiled_forward()
+            trainable = [v.value for v in self.model.trainable_variables]
+            state = [v.value for v in variables]
+            sums = [np.zeros(variables[i].shape, np.float64) for i in slots]
+            for k in range(len(self.rows)):
+                state = list(self._forward(trainable, state, self.batch(k)))  # carries the augmentation's seeds
+                for total, i in zip(sums, slots, strict=True):
+                    total += keras.ops.convert_to_numpy(state[i])
+        finally:
+            for layer, momentum in zip(norms, momenta, strict=True):
+                layer.momentum = momentum
+        for total, i in zip(sums, slots, strict=True):
+            variables[i].assign(total / len(self.rows))
+
+    def on_test_begin(self, logs=None):
+        self.recalibrate()
+
+    def on_train_end(self, logs=None):
+        self.recalibrate()
+
+
 def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
         callbacks: list) -> keras.callbacks.History:
     """`model.fit` on `split_validation`'s splits, validating every epoch; the same on every host of a cluster.
@@ -414,7 +493,9 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
     x_train, y_train, x_val, y_val = splits
     y_train, y_val = keras.utils.to_categorical(y_train, num_classes), keras.utils.to_categorical(y_val, num_classes)
     if t.ema:  # validate on the averaged weights (the ones evaluated and served), train on the raw ones
-        callbacks = [keras.callbacks.SwapEMAWeights(), *callbacks]
+        bn = [EMABatchNorm(x_train, t.ema_bn_batches, t.batch_size, seed=t.seed, flip=t.alternate_flip)
+              ] if t.ema_bn_batches else []
+        callbacks = [keras.callbacks.SwapEMAWeights(), *bn, *callbacks]
     verbose = progress_verbosity(t.verbose)
     if verbose == 2:
         callbacks, verbose = [*callbacks, EpochLine()], 0

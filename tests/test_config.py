@@ -98,6 +98,7 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("train.warmup=1", "train.warmup"),
     ("train.ema=maybe", "train.ema"),
     ("train.ema_momentum=1", "train.ema_momentum"),
+    ("train.ema_bn_batches=-1", "train.ema_bn_batches"),
     ("model.arch=vgg", "model.arch"),
     ("model.arch=resnet9 model.widths=[16,32,64]", "model.widths"),
     ("model.bn_momentum=1", "model.bn_momentum"),

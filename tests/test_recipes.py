@@ -289,6 +289,57 @@ def test_ema_is_the_optimizers_and_validates_on_the_averaged_weights():
     assert not all(np.allclose(v, r) for v, r in zip(seen["validated"], seen["raw"], strict=True))
 
 
+def test_ema_bn_makes_each_bn_statistic_the_mean_of_its_batch_moments_under_the_model_weights():
+    inputs = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    norm = keras.layers.BatchNormalization(momentum=0.9, name="bn")
+    m = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(norm(conv))))
+    images = np.random.default_rng(0).normal(2.0, 3.0, (100, 8, 8, 3)).astype("float32")
+    bn = fitting.EMABatchNorm(images, batches=3, batch_size=16, seed=5)
+    bn.set_model(m)
+    weights = [w.numpy().copy() for w in m.trainable_weights]
+    bn.recalibrate()
+    assert bn.rows.shape == (3, 16) and len(np.unique(bn.rows)) == 48  # 3 whole batches of distinct images
+    features = keras.Model(inputs, conv)
+    moments = [(f.mean(axis=(0, 1, 2)), f.var(axis=(0, 1, 2)))
+               for f in (features.predict(images[rows], verbose=0) for rows in bn.rows)]
+    np.testing.assert_allclose(norm.moving_mean.numpy(), np.mean([m for m, _ in moments], axis=0), rtol=1e-5)
+    np.testing.assert_allclose(norm.moving_variance.numpy(), np.mean([v for _, v in moments], axis=0), rtol=1e-4)
+    assert norm.momentum == 0.9  # restored
+    assert all(np.array_equal(w, v.numpy()) for w, v in zip(weights, m.trainable_weights, strict=True))
+    few = fitting.EMABatchNorm(images[:10], batches=3, batch_size=16)  # fewer images than a batch: all in one
+    assert few.rows.shape == (1, 10)
+
+
+@pytest.mark.parametrize("batches", [0, 2])
+def test_ema_training_ends_with_bn_statistics_of_the_averaged_weights(batches):
+    from pipeline.data import make_synthetic
+    from pipeline.distribute import distribution
+
+    cfg = config.load("params/tiny.yaml", "train.ema=true train.ema_momentum=0.9 train.epochs=1 train.verbose=0 "
+                      f"train.shift=0 train.flip=false train.ema_bn_batches={batches}")
+    data = make_synthetic(n_train=256, n_test=64)
+    m = fitting.compile_model(cfg, data, distribution("none"), 256)
+    before_validation = []
+
+    class Probe(keras.callbacks.Callback):  # runs after EMABatchNorm: what validation sees
+        def on_test_begin(self, logs=None):
+            before_validation.append(statistics(self.model))
+
+    def statistics(model_):
+        return [v.numpy().copy() for v in model_.non_trainable_weights if "moving" in v.path]
+
+    fitting.fit(m, cfg, fitting.split_validation(data, 0, 0), 10, [Probe()])
+    end = statistics(m)
+    again = fitting.EMABatchNorm(data.x_train, 2, cfg.train.batch_size, seed=cfg.train.seed)
+    again.set_model(m)
+    again.recalibrate()  # under the final (averaged) weights, with no augmentation left to vary: a fixed point
+    recomputed = statistics(m)
+    same = all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(end, recomputed, strict=True))
+    assert same == bool(batches)  # without it the statistics are the raw weights', not the averaged ones'
+    assert len(before_validation) == 1 and before_validation[0]
+
+
 def test_flip_tta_averages_each_image_and_its_mirror():
     m = model.build_resnet(num_classes=10, block="basic", units_per_stage=1, widths=(8, 16), strides=(1, 2), l2=0.0,
                            mean=(128.0,) * 3, std=(64.0,) * 3)
