@@ -3,7 +3,8 @@
 Sources (the `data.source` param):
 - `cifar10`: the official `cifar-10-python.tar.gz` from the Keras cache (`$KERAS_HOME` or
   `~/.keras`, folder `datasets/`), downloaded there if absent, verified by its published sha256;
-- a path to that archive or to an extracted `cifar-10-batches-py/` folder;
+- a path to that archive (under any name: it is known by its contents) or to an extracted
+  `cifar-10-batches-py/` folder;
 - a path to an image folder, directory or `.tar.gz`, laid out `train/<class>/*`, `test/<class>/*`;
 - `synthetic`: a generated, learnable 10-class dataset (offline demos and tests).
 
@@ -209,9 +210,21 @@ def verify_sha256(path: Path, expected: str) -> None:
 
 
 def _looks_like_cifar_python(path: Path) -> bool:
+    """The official layout by its contents, whatever the archive's name: the folder holds `batches.meta` (or
+    `cifar-10-batches-py/` does), or one of the first members of the archive is a python batch."""
     if path.is_dir():
         return (path / "batches.meta").is_file() or (path / CIFAR10_DIR / "batches.meta").is_file()
-    return path.name in CIFAR10_ARCHIVE_NAMES
+    if path.name in CIFAR10_ARCHIVE_NAMES:
+        return True
+    batches = {"batches.meta", "test_batch", *CIFAR10_TRAIN_BATCHES}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for _, member in zip(range(16), tar, strict=False):  # the official one lists its batches first
+                if member.isfile() and member.name.rsplit("/", 1)[-1] in batches:
+                    return True
+    except (tarfile.TarError, OSError, EOFError):
+        return False  # the image folder reader names what is wrong with it
+    return False
 
 
 class _BatchUnpickler(pickle.Unpickler):

@@ -57,6 +57,23 @@ def test_official_archive_and_folder_read_the_same(tmp_path):
     assert from_archive.digest() == from_folder.digest()
 
 
+def test_official_archive_is_known_by_its_contents_under_any_name(tmp_path):
+    archive, x_train, _ = write_official(tmp_path)
+    renamed = archive.rename(tmp_path / "cifar10 copy.tgz")
+    np.testing.assert_array_equal(data.load_source(str(renamed)).x_train, x_train)
+    images = tmp_path / "images.tar.gz"  # an image archive is still read as one
+    with tarfile.open(images, "w:gz") as tar:
+        for split in ("train", "test"):
+            for shade, cls in enumerate(NAMES[:2]):
+                buffer = io.BytesIO()
+                Image.fromarray(np.full((32, 32, 3), 40 + 100 * shade, np.uint8)).save(buffer, format="PNG")
+                info = tarfile.TarInfo(f"{split}/{cls}/0.png")
+                info.size = buffer.tell()
+                buffer.seek(0)
+                tar.addfile(info, buffer)
+    assert data.load_source(str(images)).class_names == tuple(NAMES[:2])
+
+
 def test_cifar10_from_keras_cache_is_verified(tmp_path, monkeypatch):
     archive, _, _ = write_official(tmp_path / "made")
     cache = tmp_path / "keras" / "datasets"
