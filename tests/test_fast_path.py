@@ -64,8 +64,10 @@ def run_distributed(env: dict, backend: str, mode: str, overrides: str = "") -> 
                           timeout=600)
 
 
-def test_data_parallel_over_two_tensorflow_devices(store):
-    result = run_distributed(store, "tensorflow", "mirrored")
+@pytest.mark.parametrize("overrides", ["", "train.ema=true train.ema_momentum=0.9 train.ema_bn_batches=4"],
+                         ids=["plain", "ema-bn-statistics"])  # the second recomputes BN statistics under the strategy
+def test_data_parallel_over_two_tensorflow_devices(store, overrides):
+    result = run_distributed(store, "tensorflow", "mirrored", overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_two_device_run(MlflowClient(), "tensorflow")
 
