@@ -12,12 +12,11 @@
 # acc 0.998: on the JPEG copy this ResNet-9 stops near 0.91, short of 0.94 at any length tried. 16 epochs with ghost
 # batch norm and train.drop_remainder: 0.9099 vs 0.9058, and a first epoch of 11.9 s instead of 23.5 s: whole batches
 # only spare XLA a second compile for the last, partial one. So, after the file itself: drop_remainder alone (does
-# it halve the compile?), ghost batch norm at 24 epochs, a second train.seed (the spread of one measurement), 32
-# epochs, and alternating flips at 24 (at 16: 0.9063 vs 0.9058).
+# it halve the compile?), weight EMA with its BN statistics recomputed (train.ema_bn_batches; in the 5-epoch
+# quarter-width CPU proxy, bench/results/fast-cpu.md, ahead of the raw weights), ghost batch norm at 24 epochs, a
+# second train.seed (the spread of one measurement), 32 epochs, and alternating flips at 24 (at 16: 0.9063 vs 0.9058).
 #      The first three stages took ~4 minutes of the call on 2026-12-04 (fast 49 s, improved 114 s, seed ~90 s on
 #      2026-11-30), each explore stage ~50 s.
-#      Not weight EMA for fast.yaml: Keras's use_ema averages the trainable weights, not the BN statistics, and cost
-#      1.2-1.9 points of val_acc in a quarter-width CPU proxy.
 #
 # Here, once: the wheels that machine lacks (keras and the two it needs beyond that image; CPython 3.12),
 # about 3 MB, and the JPEG copy of CIFAR-10 (20 MB), both ignored by git:
@@ -75,6 +74,8 @@ stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
   --overrides "train.feed=device train.steps_per_execution=8 $small164"
 stage explore-drop "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.drop_remainder=true $small9 $ghost_batch"
+stage explore-ema "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
+  --overrides "train.feed=device train.ema=true $small9"
 stage explore-24-ghost "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device model.ghost_batch=32 train.drop_remainder=true $small9 $ghost_batch"
 stage explore-seed1 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \

@@ -20,8 +20,8 @@ SMALL = "train.feed=device train.epochs=2 model.widths=[8,16,32,64] train.steps_
 
 
 @pytest.mark.parametrize("overrides", [SMALL, f"{SMALL} model.ghost_batch=32 train.drop_remainder=true "
-                                              "train.batch_size=64 train.alternate_flip=true"],
-                         ids=["fast", "ghost-batch-norm-alternate-flip"])  # the second: both extra stages' params
+                                              "train.batch_size=64 train.alternate_flip=true train.ema=true"],
+                         ids=["fast", "ghost-batch-norm-alternate-flip-ema"])  # the second: the extra stages' params
 def test_a_gpu_stage_trains_and_scores_with_tensorflow_and_mlflow_unimportable(tmp_path, overrides):
     stubs = tmp_path / "absent"
     for name in ABSENT:  # first on the path: `import NAME` fails as on a machine without it
