@@ -13,8 +13,9 @@
 # batch norm and train.drop_remainder: 0.9099 vs 0.9058, and a first epoch of 11.9 s instead of 23.5 s: whole batches
 # only spare XLA a second compile for the last, partial one. So, after the file itself: drop_remainder alone (does
 # it halve the compile?), weight EMA with its BN statistics recomputed (train.ema_bn_batches; in the 5-epoch
-# quarter-width CPU proxy, bench/results/fast-cpu.md, level with the raw weights: 0.849 vs 0.847, 0.832 without), ghost batch norm at 24 epochs, a
-# second train.seed (the spread of one measurement), 32 epochs, and alternating flips at 24 (at 16: 0.9063 vs 0.9058).
+# quarter-width CPU proxy, bench/results/fast-cpu.md, level with the raw weights: 0.849 vs 0.847, 0.832 without),
+# ghost batch norm at 24 epochs, a second train.seed (the spread of one measurement), 32 epochs, and alternating
+# flips at 24 (at 16: 0.9063 vs 0.9058).
 #      The first three stages took ~4 minutes of the call on 2026-12-04 (fast 49 s, improved 114 s, seed ~90 s on
 #      2026-11-30), each explore stage ~50 s.
 #

@@ -60,17 +60,24 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
     return frame.astype(object).where(frame.notna(), None)
 
 
+def is_result_name(name: str) -> bool:
+    """What bench/gpu.sh writes: gpu.txt, gpu.log and one gpu-NAME.json per stage."""
+    return name in ("gpu.txt", "gpu.log") or (name.startswith("gpu-") and name.endswith(".json"))
+
+
 def unpack(archive: Path, results: Path) -> list[str]:
-    """Extract the gpu.sh files of `archive` (gpu.txt, gpu.log, gpu-*.json) into `results`; refuses anything else."""
-    with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if m.isfile()]
-        for member in members:
-            name = Path(member.name).name
-            if member.name.removeprefix("./") != name or not (name in ("gpu.txt", "gpu.log") or
-                                                         (name.startswith("gpu-") and name.endswith(".json"))):
-                raise SystemExit(f"{archive}: {member.name!r} is not a bench/gpu.sh result file")
-        results.mkdir(parents=True, exist_ok=True)
-        tar.extractall(results, members=members, filter="data")
+    """Extract the gpu.sh files of `archive` into `results`; refuses an archive holding anything else, or in a
+    folder, before extracting any of it."""
+    try:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            for member in members:
+                if not is_result_name(member.name.removeprefix("./")):
+                    raise SystemExit(f"{archive}: {member.name!r} is not a bench/gpu.sh result file")
+            results.mkdir(parents=True, exist_ok=True)
+            tar.extractall(results, members=members, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise SystemExit(f"{archive}: not a readable gpu-results.tar.gz ({exc})") from None
     return sorted(Path(m.name).name for m in members)
 
 

@@ -75,3 +75,6 @@ def test_unpack_extracts_gpu_sh_files_and_refuses_anything_else(tmp_path):
         with pytest.raises(SystemExit, match="not a bench/gpu.sh result file"):
             gpu_report.unpack(archive("bad.tar.gz", bad), tmp_path / "other")
         assert not (tmp_path / "other").exists()  # nothing extracted from an archive with a stranger in it
+    (tmp_path / "truncated.tar.gz").write_bytes(good.read_bytes()[:40])
+    with pytest.raises(SystemExit, match="not a readable gpu-results.tar.gz"):
+        gpu_report.unpack(tmp_path / "truncated.tar.gz", tmp_path / "other")
