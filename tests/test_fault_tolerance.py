@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import keras
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -203,18 +204,23 @@ def test_checkpoints_every_n_epochs_or_none(tmp_path, every, held):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("uploaded", [False, True], ids=["upload-fails", "fails-after-upload"])
 def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_them_without_training(
-        store, tmp_path, monkeypatch, in_process):
+        store, tmp_path, monkeypatch, in_process, uploaded):
     """Logging the model (the largest upload) comes after `fit`: the checkpoint outlives `fit` until the model is
-    logged, its last epoch saved even between `train.checkpoint_every` saves, so a rerun trains nothing again."""
+    logged, its last epoch saved even between `train.checkpoint_every` saves, so a rerun trains nothing again.
+    A failure after the model is logged whole (before the step ends): the rerun keeps that model, no second one."""
     from mlflow.exceptions import MlflowException
 
     from pipeline import train
+    from pipeline.tracking.training import log_model
 
     command = ["--params", TINY, "--epochs", "3", "--overrides", "tracking.experiment=e2e train.checkpoint_every=2"]
     log_trained_model = train.log_trained_model
 
-    def upload_fails(*args, **kwargs):
+    def upload_fails(run_id, *args, **kwargs):
+        if uploaded:
+            log_model(*args, **kwargs)
         raise MlflowException("the artifact store went away")
 
     monkeypatch.setattr(train, "log_trained_model", upload_fails)
@@ -236,6 +242,8 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
     assert run.info.status == "FINISHED" and "logged model" in done.stdout
     assert sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3]
     assert not folder.exists()  # gone once the model is logged
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert [m.model_uri for m in models] == [run.data.tags["model_uri"]]  # one model, the first if it was whole
 
 
 def test_a_pipeline_that_failed_after_training_goes_on_from_the_trained_model(store, monkeypatch, in_process):

@@ -20,6 +20,7 @@ import keras
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities import LoggedModelStatus
 
 from pipeline import config, serve
 from pipeline.fitting import EpochTimer, current_lr
@@ -106,11 +107,24 @@ def log_model(model: keras.Model, class_names: list[str], example: np.ndarray,
 def log_trained_model(run_id: str, model: keras.Model, class_names: list[str], example: np.ndarray,
                       tta: str = "none") -> str:
     """`log_model` for train run `run_id` (the active run); tag the run `model_uri` and (re)write its
-    description (`describe_train_run`). Returns the model's URI `models:/m-...`."""
-    info = log_model(model, class_names, example, tta)
-    mlflow.set_tag("model_uri", info.model_uri)
+    description (`describe_train_run`). Returns the model's URI `models:/m-...`.
+
+    A run that logged its model whole already (a kill or a lost server between the upload and the end of the
+    step; the rerun resumes from the checkpoint, which outlives the upload) keeps that one: no second model."""
+    model_uri = logged_model_of(run_id) or log_model(model, class_names, example, tta).model_uri
+    mlflow.set_tag("model_uri", model_uri)
     describe_train_run(run_id, overwrite=True)
-    return info.model_uri
+    return model_uri
+
+
+def logged_model_of(run_id: str) -> str | None:
+    """The URI of the model train run `run_id` logged whole (status READY; an upload cut short stays
+    PENDING), if any."""
+    run = mlflow.MlflowClient().get_run(run_id)
+    found = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                        filter_string=f"source_run_id = '{run_id}' AND name = 'model'")
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    return ready[0].model_uri if ready else None
 
 
 def serving_requirements() -> list[str]:
