@@ -286,10 +286,11 @@ class Config:
     register: RegisterConfig
     tracking: TrackingConfig
 
-    def flat(self) -> dict[str, str]:
-        """Every parameter as `section.key -> str`, the form MLflow stores and compares."""
+    def flat(self, *sections: str) -> dict[str, str]:
+        """Every parameter (of `sections` if given) as `section.key -> str`, the form MLflow stores and compares."""
         return {f"{section}.{key}": _to_param_string(value)
-                for section, values in dataclasses.asdict(self).items() for key, value in values.items()}
+                for section, values in dataclasses.asdict(self).items() if not sections or section in sections
+                for key, value in values.items()}
 
     def run_name(self) -> str:
         """A readable name for the MLflow UI, e.g. `resnet164-e150-b128-lr0.1`."""

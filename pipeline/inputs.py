@@ -6,24 +6,31 @@ the `main` and `train` entry points.
 
 from __future__ import annotations
 
+import sys
+
 from pipeline import config, prepare
 from pipeline.distribute import cluster_from_env
 from pipeline.tracking.resume import config_to_resume, find_resumable
 
 
-def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> str:
+def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> tuple[config.Config, str]:
     """Check a training command's inputs before any run opens (ConfigError or DataError naming the key);
-    return the dataset URI to train on ("" = prepare or reuse one, see `resolve_inputs`).
+    return the params to train with and the dataset URI to train on ("" = prepare or reuse one, see
+    `resolve_inputs`).
 
-    resume, a run id: `cfg` (and `dataset_uri`) must be what that run started with, and its dataset is
-    used (see `config_to_resume`). A dataset URI must name an artifact; else `data.source` must exist.
-    The backend must support the params, and in a cluster (TF_CONFIG) only the chief runs the steps.
+    A dataset URI given by the command must name a prepare step's artifact, and its `data.*` params replace the
+    params file's (a note says which changed), so the run records the data it trains on. resume, a run id: `cfg`
+    (and `dataset_uri`) must be what that run started with, and its dataset is used (see `config_to_resume`).
+    Without a dataset URI `data.source` must exist. The backend must support the params, and in a cluster
+    (TF_CONFIG) only the chief runs the steps.
     """
-    if resume not in ("", "never"):
-        dataset_uri = config_to_resume(resume, cfg, dataset_uri)
     if dataset_uri:
         prepare.check_dataset_uri(dataset_uri)
-    else:
+        cfg = with_dataset_params(cfg, dataset_uri)
+    if resume not in ("", "never"):
+        dataset_uri = config_to_resume(resume, cfg, dataset_uri)
+        prepare.check_dataset_uri(dataset_uri)
+    elif not dataset_uri:
         prepare.prepare_key(cfg)  # a missing data path fails here
     if cfg.train.feed == "device":  # the one param that depends on the backend: only it loads Keras here
         from pipeline.fitting import check_backend
@@ -33,7 +40,19 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> s
     if cluster and not cluster.chief:
         raise config.ConfigError(f"TF_CONFIG: this host is {cluster.task}; the pipeline runs on the chief, "
                                  f"here run `python -m pipeline.train` with the chief's params")
-    return dataset_uri
+    return cfg, dataset_uri
+
+
+def with_dataset_params(cfg: config.Config, dataset_uri: str) -> config.Config:
+    """`cfg` with the `data.*` params the dataset at `dataset_uri` was prepared with; a note on stderr names
+    those that differ from `cfg`'s."""
+    ours = cfg.flat("data")
+    theirs = {k: v for k, v in prepare.dataset_params(dataset_uri).items() if k in ours}
+    changed = {k: v for k, v in theirs.items() if v != ours[k]}
+    if changed:
+        print(f"note: the data params are the dataset's ({dataset_uri}): "
+              + ", ".join(f"{k}={v} (params: {ours[k]})" for k, v in sorted(changed.items())), file=sys.stderr)
+    return config.from_run_params({**cfg.flat(), **theirs})
 
 
 def resolve_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> tuple[str, str | None]:

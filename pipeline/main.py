@@ -48,7 +48,7 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
 def main() -> None:
     args = config.entry_point_parser("main", __doc__.split("\n")[0], resume=config.RESUME_HELP).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
-    dataset_uri = inputs.check_inputs(cfg, resume=args.resume)
+    cfg, dataset_uri = inputs.check_inputs(cfg, resume=args.resume)
     with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
         run(cfg, resume=args.resume, dataset_uri=dataset_uri)
     print(ui_hint(parent))

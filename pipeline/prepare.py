@@ -2,7 +2,7 @@
 
 Reads:  the source named by `data.source` (see pipeline.data).
 Writes: artifact `dataset/dataset.npz` (uint8 images, int32 labels, class names, per-channel
-        mean/std in 0-255 units) and `dataset/dataset.json` (counts, stats, digests, source);
+        mean/std in 0-255 units) and `dataset/dataset.json` (counts, stats, digests, source, the data params);
         an MLflow dataset input carrying the sha256 digest of the array bytes.
 Returns the dataset URI `runs:/<run id>/dataset/dataset.npz` that train and evaluate read.
 
@@ -27,13 +27,12 @@ from pipeline.tracking import (
     steps,
 )
 
-DATASET_ARTIFACT = "dataset/dataset.npz"
+DATASET_ARTIFACT = steps.DATASET_ARTIFACT
 
 
 def prepare_key(cfg: config.Config) -> str:
     """Cache key of a prepare run: data params, source digest and code digest."""
-    params = {k: v for k, v in cfg.flat().items() if k.startswith("data.")}
-    inputs = {"params": params, "source_digest": data.source_digest(cfg.data.source),
+    inputs = {"params": cfg.flat("data"), "source_digest": data.source_digest(cfg.data.source),
               "code_digest": code_digest("data", "prepare")}
     return json_digest(inputs)
 
@@ -53,7 +52,7 @@ def run(cfg: config.Config, *, key: str | None = None) -> str:
     summary = {
         "source": cfg.data.source, "sha256": digest, "class_names": list(dataset.class_names),
         "train_images": len(dataset.x_train), "test_images": len(dataset.x_test),
-        "mean": mean.round(4).tolist(), "std": std.round(4).tolist(),
+        "mean": mean.round(4).tolist(), "std": std.round(4).tolist(), "params": cfg.flat("data"),
     }
     steps.log_prepared(cfg, dataset, digest, key or prepare_key(cfg))
     with artifact_dir("dataset") as folder:
@@ -83,6 +82,11 @@ def ensure_prepared(cfg: config.Config) -> str:
 def check_dataset_uri(dataset_uri: str) -> None:
     """Refuse a dataset URI that names no artifact (DataError naming `dataset_uri`), before a step opens its run."""
     steps.check_artifact_uri(dataset_uri, "dataset_uri")
+
+
+def dataset_params(dataset_uri: str) -> dict[str, str]:
+    """The `data.*` params the dataset at `dataset_uri` was prepared with (DataError if it does not say)."""
+    return steps.dataset_params(dataset_uri)
 
 
 def load_dataset(dataset_uri: str) -> data.Dataset:

@@ -181,7 +181,7 @@ def main() -> None:
     if not dist.chief:
         run_worker(cfg, args.dataset_uri, dist, args.resume)
         return
-    dataset_uri = check_inputs(cfg, resume=args.resume, dataset_uri=args.dataset_uri)
+    cfg, dataset_uri = check_inputs(cfg, resume=args.resume, dataset_uri=args.dataset_uri)
     dataset_uri, resume_id = resolve_inputs(cfg, resume=args.resume, dataset_uri=dataset_uri)
     with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
         run(cfg, dataset_uri, dist)

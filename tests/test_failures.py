@@ -70,6 +70,7 @@ BAD = [  # (module, argv, key named by the one-line error)
     (main, ["--overrides", "train.feed=device"], "train.feed"),
     (train, ["--resume", "0123456789abcdef"], "resume"),
     (train, ["--dataset-uri", "runs:/0123456789abcdef/dataset/dataset.npz"], "dataset_uri"),
+    (train, ["--dataset-uri", "params/tiny.yaml"], "dataset_uri"),  # a file no prepare step wrote
     (evaluate, ["--model-uri", "models:/m-0123", "--dataset-uri", "runs:/0123/x.npz"], "dataset_uri"),
     (evaluate, ["--overrides", "evaluate.batch_size=0", "--model-uri", "x", "--dataset-uri", "y"],
      "evaluate.batch_size"),

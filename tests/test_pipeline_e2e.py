@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -14,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from pipeline import data
+from pipeline.tracking import steps
 from tests.conftest import ROOT, eventually, mlflow_run
 
 TINY = "params/tiny.yaml"
@@ -103,17 +105,22 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store):
 
 
 def test_each_entry_point_runs_on_its_own(store):
-    prepared = mlflow_run(store, "prepare", params=TINY)
+    prepared = mlflow_run(store, "prepare", params=TINY, overrides="data.synthetic_test=128")
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     client = MlflowClient()
     experiment = client.get_experiment_by_name("e2e").experiment_id
     prepare_run = client.search_runs([experiment], "tags.step = 'prepare'")[0]
     dataset_uri = f"runs:/{prepare_run.info.run_id}/dataset/dataset.npz"
+    folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{prepare_run.info.run_id}/dataset"))
+    assert steps.dataset_params(str(folder / "dataset.npz"))["data.synthetic_test"] == "128"  # a copy says it too
 
     trained = mlflow_run(store, "train", params=TINY, epochs="2", dataset_uri=dataset_uri)
     assert trained.returncode == 0, trained.stderr[-3000:]
     train_run = client.search_runs([experiment], "tags.step = 'train'")[0]
     assert len(client.get_metric_history(train_run.info.run_id, "val_acc")) == 2
+    # the run records the data it trained on, the prepare run's, not the params file's 256 test images
+    assert train_run.data.params["data.synthetic_test"] == "128"
+    assert "note: the data params are the dataset's" in trained.stderr and "(params: 256)" in trained.stderr
     model_uri = train_run.data.tags["model_uri"]
 
     refused = mlflow_run(store, "register", params=TINY, model_uri=model_uri)

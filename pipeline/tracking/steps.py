@@ -1,7 +1,8 @@
 """What prepare, evaluate, compare and main record in MLflow and read back from it.
 
 - prepare: `log_prepared` (data params, cache key and digest tags, description, the MLflow dataset
-  input, counts); `check_artifact_uri` and `download_artifact` read a dataset URI back.
+  input, counts); `check_artifact_uri` and `download_artifact` read a dataset URI back, `dataset_params`
+  the data params it was prepared with.
 - evaluate: `load_classifier` (the served pyfunc's Python model), `log_evaluation` (params, and the
   test metrics on the run and on the logged model).
 - compare: `find_experiment_id`, `search_train_runs`, `log_comparison`.
@@ -11,6 +12,7 @@ Files a step writes go in through `pipeline.tracking.artifact_dir`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -23,11 +25,13 @@ from pipeline.tracking import TEST_DATA_TAG, model_id
 
 # ---------------------------------------------------------------- prepare
 
+DATASET_ARTIFACT = "dataset/dataset.npz"
+
 
 def log_prepared(cfg: config.Config, dataset: data.Dataset, digest: str, key: str) -> None:
     """Record a prepared dataset on the active run: the `data.*` params, tags `prepare_key` and
     `dataset_sha256`, the run's description, an MLflow dataset input and the image counts."""
-    mlflow.log_params({k: v for k, v in cfg.flat().items() if k.startswith("data.")})
+    mlflow.log_params(cfg.flat("data"))
     mlflow.set_tags({"prepare_key": key, "dataset_sha256": digest})
     mlflow.set_tag("mlflow.note.content", f"Dataset `{cfg.data.source}`, sha256 `{digest}`, "
                    f"{len(dataset.x_train)} train / {len(dataset.x_test)} test images.")
@@ -69,6 +73,23 @@ def download_artifact(uri: str, what: str) -> str:
         return mlflow.artifacts.download_artifacts(artifact_uri=uri)
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
         raise data.DataError(f"{what}: cannot read {uri} ({exc})") from None
+
+
+def dataset_params(uri: str) -> dict[str, str]:
+    """The `data.*` params of the prepare step that wrote the dataset at `uri`: its run's (`runs:/`), else those in
+    the `dataset.json` it wrote beside the file. DataError naming `dataset_uri` if neither says: a train run's
+    `data.*` params are those of the data it trains on, never the params file's guess."""
+    run_id, _, _ = uri.removeprefix("runs:/").partition("/")
+    if uri.startswith("runs:/"):
+        params = mlflow.MlflowClient().get_run(run_id).data.params
+    else:
+        summary = Path(uri.removeprefix("file://")).with_name("dataset.json")
+        params = json.loads(summary.read_text()).get("params", {}) if summary.is_file() else {}
+    found = {k: v for k, v in params.items() if k.startswith("data.")}
+    if not found:
+        raise data.DataError(f"dataset_uri: {uri} was not written by a prepare step (it records no data.* params); "
+                             f"give runs:/<prepare run id>/{DATASET_ARTIFACT}")
+    return found
 
 
 # ---------------------------------------------------------------- evaluate
