@@ -5,7 +5,8 @@ Sources (the `data.source` param):
   `~/.keras`, folder `datasets/`), downloaded there if absent, verified by its published sha256;
 - a path to that archive (under any name: it is known by its contents) or to an extracted
   `cifar-10-batches-py/` folder;
-- a path to an image folder, directory or `.tar.gz`, laid out `train/<class>/*`, `test/<class>/*`;
+- a path to an image folder, directory, `.tar.gz` or `.zip`, laid out `train/<class>/*`, `test/<class>/*`
+  (under any one top folder);
 - `synthetic`: a generated, learnable 10-class dataset (offline demos and tests).
 
 The official batches are pickles, so they are read with an unpickler that admits only the
@@ -20,6 +21,7 @@ import io
 import os
 import pickle
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,11 +326,21 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
 
 
 def _iter_image_files(path: Path):
-    """Yield (split, class, name, bytes) for every image file of a folder or .tar.gz."""
+    """Yield (path parts, bytes reader) for every file of a folder, .zip or tar archive (.tar.gz, .tar, ...)."""
     if path.is_dir():
         for file in sorted(path.rglob("*")):
             if file.is_file():
                 yield file.relative_to(path).parts, file.read_bytes
+        return
+    if zipfile.is_zipfile(path):  # e.g. a repository's "Download ZIP": <repo>-main/train/<class>/...
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.infolist():
+                    if not member.is_dir():
+                        data = archive.read(member)
+                        yield tuple(p for p in member.filename.split("/") if p not in ("", ".")), (lambda d=data: d)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
         return
     try:
         with tarfile.open(path, "r:*") as tar:

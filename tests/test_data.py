@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -139,16 +140,23 @@ def write_image_folder(root: Path, classes=("cat", "dog", "ship"), per_class: in
                 img.save(root / split / cls / f"{i}.{'png' if i % 2 else 'jpg'}")
 
 
-def test_image_folder_directory_and_tar_gz(tmp_path):
+def test_image_folder_directory_tar_gz_and_zip(tmp_path):
     write_image_folder(tmp_path / "imgs", size=(40, 24))  # other sizes are resized to 32x32
     archive = tmp_path / "imgs.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tmp_path / "imgs", arcname="imgs")
+    zipped = tmp_path / "CIFAR-10-images-master.zip"  # as a repository's "Download ZIP" holds it: one top folder
+    with zipfile.ZipFile(zipped, "w") as archive_zip:
+        for file in sorted((tmp_path / "imgs").rglob("*")):
+            archive_zip.write(file, f"CIFAR-10-images-master/{file.relative_to(tmp_path / 'imgs')}")
     from_dir, from_tar = data.load_source(str(tmp_path / "imgs")), data.load_source(str(archive))
     assert from_dir.class_names == ("cat", "dog", "ship")
     assert from_dir.x_train.shape == (9, 32, 32, 3) and from_dir.x_test.shape == (9, 32, 32, 3)
     assert list(from_dir.y_train) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert from_dir.digest() == from_tar.digest()
+    assert from_dir.digest() == from_tar.digest() == data.load_source(str(zipped)).digest()
+    zipped.write_bytes(zipped.read_bytes()[:-200])  # its central directory cut off
+    with pytest.raises(data.DataError, match="CIFAR-10-images-master.zip"):
+        data.load_source(str(zipped))
     (tmp_path / "imgs" / "train" / "cat" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # tar on a Mac
     assert data.load_source(str(tmp_path / "imgs")).digest() == from_dir.digest()
 
