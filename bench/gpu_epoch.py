@@ -9,7 +9,7 @@ profile runs its whole schedule and is scored on every test image with its own `
 (test_acc, and the wall seconds of the fit and of the fit after its first, compiling, epoch).
 
 Usage: python -m bench.gpu_epoch --out FILE [--params params/default.yaml] [--epochs 3 | --full]
-       [--overrides "train.precision=mixed_bfloat16 ..."] [--data PATH | --images 50000]
+       [--overrides "train.precision=mixed_bfloat16 ..."] [--data PATH | --images 50000] [--virtual-cpus N]
 """
 
 from __future__ import annotations
@@ -47,7 +47,15 @@ def main() -> None:
     parser.add_argument("--overrides", default="")
     parser.add_argument("--data", default="", help="a data source (see pipeline.data); default synthetic images")
     parser.add_argument("--images", type=int, default=50000, help="synthetic training images (test: a fifth)")
+    parser.add_argument("--virtual-cpus", type=int, default=0,
+                        help="split the CPU into N TensorFlow devices (a rehearsal of several; on JAX set "
+                             "XLA_FLAGS=--xla_force_host_platform_device_count=N before the process starts)")
     args = parser.parse_args()
+    if args.virtual_cpus and keras.backend.backend() == "tensorflow":  # before anything initialises TensorFlow
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.virtual_cpus)
 
     # The model is compiled with the profile's own schedule (its lr over the first epochs is the full run's);
     # without --full, fit stops after --epochs of it.
@@ -75,6 +83,8 @@ def main() -> None:
     result = {
         "date": datetime.date.today().isoformat(), "device_kind": device_kind(),
         "backend": keras.backend.backend(), "devices": dist.devices, "host": platform.node(),
+        "distribute": dist.mode, "jit_compile": str(model.jit_compile).lower(), "dtype_policy": model.dtype_policy.name,
+        "batch_size": cfg.train.batch_size,
         "params": args.params, "overrides": args.overrides, "model": model.name,
         "train_images": len(splits[0]), "epochs": epochs, "epoch_seconds": [round(s, 2) for s in timer.seconds],
         "acc": [round(v, 4) for v in history.history.get("acc", [])],

@@ -1,0 +1,168 @@
+"""Several accelerators on one machine: which `train.distribute` to train with, and whether XLA pays under
+TensorFlow's MirroredStrategy (Keras's `jit_compile="auto"` leaves XLA off under any tf.distribute strategy).
+
+    python -m bench.multi_gpu [--params params/fast.yaml] [--epochs 3] [--data PATH | --images 50000]
+                              [--backends tensorflow,jax] [--results bench/results]
+
+Each arm is one `bench.gpu_epoch` run in a process of its own (a backend and its devices are fixed at start-up),
+the profile's own global batch and schedule, `--epochs` of it (the first compiles, so the speed is the median of
+the others):
+
+    tensorflow  one device              train.distribute=none
+    tensorflow  MirroredStrategy        train.distribute=mirrored           (XLA off: Keras's auto)
+    tensorflow  MirroredStrategy + XLA  train.distribute=mirrored train.jit_compile=true
+    jax         one device              train.distribute=none
+    jax         DataParallel            train.distribute=data_parallel      (JAX always compiles)
+
+A backend that is not installed is reported as skipped. Writes <results>/multi_gpu.json and multi_gpu.md: per arm
+the devices, XLA, steady seconds per epoch, images/s, the speed-up over the same backend's one device and the last
+val_acc; then the fastest arm, the choice. Needs two GPUs or more (exit 2 otherwise); `--virtual-cpus N` rehearses
+every arm on N virtual CPU devices instead (its timings mean nothing), writing nowhere unless `--results` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from bench.machine import save_results, stamp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ARMS = [  # (backend, arm, overrides)
+    ("tensorflow", "one device", "train.distribute=none"),
+    ("tensorflow", "MirroredStrategy", "train.distribute=mirrored"),
+    ("tensorflow", "MirroredStrategy + XLA", "train.distribute=mirrored train.jit_compile=true"),
+    ("jax", "one device", "train.distribute=none"),
+    ("jax", "DataParallel", "train.distribute=data_parallel"),
+]
+
+
+def gpu_count() -> int:
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.splitlines())
+
+
+def run_arm(backend: str, overrides: str, args: argparse.Namespace) -> dict:
+    """One `bench.gpu_epoch` run; its JSON, or {"error": ...} naming how it failed."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    source = ["--data", args.data] if args.data else ["--images", str(args.images)]
+    extra = []
+    if args.virtual_cpus:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.virtual_cpus}"
+        extra = ["--virtual-cpus", str(args.virtual_cpus)]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "arm.json"
+        done = subprocess.run([sys.executable, "-m", "bench.gpu_epoch", "--out", str(out), "--params", args.params,
+                               "--epochs", str(args.epochs), "--overrides", f"{overrides} {args.overrides}",
+                               *source, *extra], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=args.timeout)
+        result = json.loads(out.read_text()) if out.exists() else {"partial": True}
+    if result.get("partial"):
+        return {"error": f"exit {done.returncode}: {failure(done.stderr)}"}
+    if done.returncode != 0:  # e.g. XLA's CPU devices aborting at exit; the measure itself is whole
+        result["error"] = f"exit {done.returncode} after its result"
+    return result
+
+
+def failure(stderr: str) -> str:
+    """What a failed arm's stderr says: its Python exception with the lines after it (TensorFlow's message goes on
+    below its first line), else its last line (an XLA abort), in one line of at most 300 characters."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.lstrip().startswith("@")]
+    raised = [i for i, line in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    text = " ".join(lines[raised[-1]:] if raised else lines[-1:]) or "no result"
+    return text[:300]
+
+
+def table(results: dict) -> pd.DataFrame:
+    """One row per arm: what it ran on, its speed and the speed-up over the same backend's one device."""
+    rows = []
+    for arm in results["arms"]:
+        run = arm.get("result") or {}
+        rows.append({"backend": arm["backend"], "arm": arm["arm"], "overrides": arm["overrides"],
+                     "devices": len(run.get("devices", [])) or None, "XLA": run.get("jit_compile"),
+                     "steady s/epoch": run.get("steady_epoch_seconds"), "images/s": run.get("images_per_second"),
+                     "last val_acc": (run.get("val_acc") or [None])[-1],
+                     "note": arm.get("skipped") or run.get("error") or ""})
+    frame = pd.DataFrame(rows)
+    one = frame[frame["arm"] == "one device"].set_index("backend")["steady s/epoch"]
+    frame["speed-up"] = [round(one[b] / s, 2) if b in one and pd.notna(one[b]) and pd.notna(s) else None
+                         for b, s in zip(frame["backend"], frame["steady s/epoch"], strict=True)]
+    return frame
+
+
+def choice(frame: pd.DataFrame) -> str:
+    measured = frame[frame["steady s/epoch"].notna() & (frame["note"] == "")]
+    if measured.empty:
+        return "no arm finished cleanly: nothing to choose"
+    best = measured.loc[measured["steady s/epoch"].idxmin()]
+    return (f"fastest: {best['backend']} {best['arm']} (`{best['overrides']}`), {best['steady s/epoch']} s per "
+            f"epoch, {best['speed-up']}x its backend's one device")
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    frame = table(results)
+    lines = ["# Several accelerators on one machine", "",
+             f"Machine: {results['machine']}; {results['date']}. `python -m bench.multi_gpu {results['command']}`: "
+             f"{results['params']}, its global batch, {results['epochs']} epochs per arm (the first compiles; the "
+             f"speed is the median of the others).", ""]
+    if results.get("virtual_cpus"):
+        lines += [f"A rehearsal on {results['virtual_cpus']} virtual CPU devices: the timings mean nothing.", ""]
+    lines += [frame.to_markdown(index=False), "", f"Choice: {choice(frame)}.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params/fast.yaml")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--overrides", default="", help="added to every arm's, e.g. train.feed=host")
+    parser.add_argument("--data", default="", help="a data source (see pipeline.data); default synthetic images")
+    parser.add_argument("--images", type=int, default=50000)
+    parser.add_argument("--backends", default="tensorflow,jax")
+    parser.add_argument("--virtual-cpus", type=int, default=0)
+    parser.add_argument("--results", default="")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per arm")
+    args = parser.parse_args(argv)
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = sorted(set(backends) - {backend for backend, _, _ in ARMS})
+    if unknown:
+        parser.exit(2, f"error: --backends: unknown {unknown}; known: tensorflow, jax\n")
+    gpus = gpu_count()
+    if not args.virtual_cpus and gpus < 2:
+        parser.exit(2, f"error: found {gpus} GPU(s): several are needed (--virtual-cpus N rehearses on the CPU)\n")
+    results = {**stamp(), "command": " ".join(argv if argv is not None else sys.argv[1:]), "params": args.params,
+               "epochs": args.epochs, "virtual_cpus": args.virtual_cpus, "arms": []}
+    for backend, arm, overrides in ARMS:
+        if backend not in backends:
+            continue
+        entry = {"backend": backend, "arm": arm, "overrides": overrides}
+        if importlib.util.find_spec(backend) is None:
+            entry["skipped"] = f"{backend} is not installed"
+        else:
+            print(f"== {backend} {arm}: {overrides}", flush=True)
+            entry["result"] = run_arm(backend, overrides, args)
+        results["arms"].append(entry)
+    folder = Path(args.results) if args.results else (None if args.virtual_cpus else ROOT / "bench" / "results")
+    if folder is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_markdown(results, Path(tmp) / "multi_gpu.md")
+            print((Path(tmp) / "multi_gpu.md").read_text())
+        return
+    save_results(folder, "multi_gpu", results, write_markdown)
+
+
+if __name__ == "__main__":
+    main()
