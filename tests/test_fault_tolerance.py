@@ -246,6 +246,29 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
     assert [m.model_uri for m in models] == [run.data.tags["model_uri"]]  # one model, the first if it was whole
 
 
+def test_the_model_kept_on_a_rerun_is_one_logged_whole_after_the_last_epoch(store):
+    """What `log_trained_model` reuses: a READY model of the run, newer than its last logged epoch. A run resumed
+    for more epochs after its model was logged (extended) logs a new one, with the new weights."""
+    from pipeline.tracking.training import logged_model_of
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    mlflow.set_experiment("e2e")
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        assert logged_model_of(run_id) is None  # nothing logged yet
+        mlflow.log_metric("loss", 1.0, step=1)
+        first = mlflow.pyfunc.log_model(name="model", python_model=Echo()).model_uri
+        assert logged_model_of(run_id) == first  # logged after epoch 1: kept
+        time.sleep(0.01)
+        mlflow.log_metric("loss", 0.5, step=2)  # the run went on for another epoch
+        assert logged_model_of(run_id) is None
+        second = mlflow.pyfunc.log_model(name="model", python_model=Echo()).model_uri
+        assert logged_model_of(run_id) == second != first
+
+
 def test_a_pipeline_that_failed_after_training_goes_on_from_the_trained_model(store, monkeypatch, in_process):
     """The tracking server lost in evaluate or register (exit 4: "rerun the same command to resume"): the rerun
     evaluates and registers the model already trained, it does not train the recipe again."""

@@ -109,8 +109,9 @@ def log_trained_model(run_id: str, model: keras.Model, class_names: list[str], e
     """`log_model` for train run `run_id` (the active run); tag the run `model_uri` and (re)write its
     description (`describe_train_run`). Returns the model's URI `models:/m-...`.
 
-    A run that logged its model whole already (a kill or a lost server between the upload and the end of the
-    step; the rerun resumes from the checkpoint, which outlives the upload) keeps that one: no second model."""
+    A run that logged its model whole after its last epoch already (a kill or a lost server between the upload and
+    the end of the step; the rerun resumes from the checkpoint, which outlives the upload) keeps that one: no second
+    model. One resumed to train more epochs logs a new one."""
     model_uri = logged_model_of(run_id) or log_model(model, class_names, example, tta).model_uri
     mlflow.set_tag("model_uri", model_uri)
     describe_train_run(run_id, overwrite=True)
@@ -118,13 +119,15 @@ def log_trained_model(run_id: str, model: keras.Model, class_names: list[str], e
 
 
 def logged_model_of(run_id: str) -> str | None:
-    """The URI of the model train run `run_id` logged whole (status READY; an upload cut short stays
-    PENDING), if any."""
-    run = mlflow.MlflowClient().get_run(run_id)
-    found = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
-                                        filter_string=f"source_run_id = '{run_id}' AND name = 'model'")
-    ready = [m for m in found if m.status == LoggedModelStatus.READY]
-    return ready[0].model_uri if ready else None
+    """The URI of the model train run `run_id` logged whole (status READY; an upload cut short stays PENDING)
+    after its last logged epoch, if any."""
+    client = mlflow.MlflowClient()
+    last_epoch = max((m.timestamp for m in client.get_metric_history(run_id, "loss")), default=0)
+    found = mlflow.search_logged_models(experiment_ids=[client.get_run(run_id).info.experiment_id],
+                                        filter_string=f"source_run_id = '{run_id}' AND name = 'model'",
+                                        output_format="list")
+    ready = [m for m in found if m.status == LoggedModelStatus.READY and m.creation_timestamp >= last_epoch]
+    return max(ready, key=lambda m: m.creation_timestamp).model_uri if ready else None
 
 
 def serving_requirements() -> list[str]:
