@@ -120,7 +120,8 @@ def write_markdown(results: dict, path: Path) -> None:
              f"speed is the median of the others).", ""]
     if results.get("virtual_cpus"):
         lines += [f"A rehearsal on {results['virtual_cpus']} virtual CPU devices: the timings mean nothing.", ""]
-    lines += [frame.to_markdown(index=False), "", f"Choice: {choice(frame)}.", ""]
+    lines += [frame.astype(object).where(frame.notna(), "").to_markdown(index=False), "",
+              f"Choice: {choice(frame)}.", ""]
     path.write_text("\n".join(lines))
 
 
