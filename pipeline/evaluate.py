@@ -3,7 +3,7 @@
 Reads:  a model URI (from train) and a prepared dataset URI (from prepare).
 Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`,
         `test_acc_<class>` on this run and on the logged model; artifacts `metrics.json`,
-        `per_class.csv`, `confusion_matrix.png`, `predictions.png` (sample test images with
+        `confusion_matrix.csv`, `confusion_matrix.png`, `predictions.png` (sample test images with
         predicted and true labels, the seed's prediction demo).
 Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`.
 """
