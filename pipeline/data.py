@@ -89,16 +89,26 @@ class Dataset:
 
     def subset(self, *, max_train: int, max_test: int, seed: int) -> Dataset:
         """Keep a seeded random subset of each split (0 = keep all), each split drawn on its own: the test images
-        kept depend on (max_test, seed) alone, so runs over different max_train are scored on the same ones."""
+        kept depend on (max_test, seed) alone, so runs over different max_train are scored on the same ones. The
+        test subset keeps each class's share (to within one image), so its per-class scores rest on as many
+        images as the split allows; the training subset is a plain random draw."""
 
-        def pick(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        def pick(x: np.ndarray, y: np.ndarray, n: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
             if not n or n >= len(x):
                 return x, y
-            keep = np.sort(np.random.default_rng(seed).permutation(len(x))[:n])
+            order = np.random.default_rng(seed).permutation(len(x))
+            if stratify:  # by each image's place among its class's, as a fraction: every class advances in step
+                labels = y[order]
+                place = np.empty(len(order))
+                for label in np.unique(labels):
+                    members = np.flatnonzero(labels == label)
+                    place[members] = (np.arange(len(members)) + 0.5) / len(members)
+                order = order[np.argsort(place, kind="stable")]
+            keep = np.sort(order[:n])
             return x[keep], y[keep]
 
-        x_train, y_train = pick(self.x_train, self.y_train, max_train)
-        x_test, y_test = pick(self.x_test, self.y_test, max_test)
+        x_train, y_train = pick(self.x_train, self.y_train, max_train, stratify=False)
+        x_test, y_test = pick(self.x_test, self.y_test, max_test, stratify=True)
         return Dataset(x_train, y_train, x_test, y_test, self.class_names)
 
     def save(self, path: str | Path) -> None:

@@ -209,6 +209,24 @@ def test_the_test_subset_does_not_depend_on_the_training_subset():
     assert full.subset(max_train=0, max_test=10, seed=1).digest(test_only=True) != kept[0]
 
 
+def test_the_test_subset_keeps_each_classs_share():
+    """A class's share of a test subset is its share of the split, to within one image (a random draw of 100 of
+    1,000 balanced images gives some class 6 or 14); the training subset stays a plain random draw."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), [100, 100, 100, 100, 100, 100, 100, 100, 100, 300]).astype(np.int32)
+    rng.shuffle(y)
+    x = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
+    full = data.Dataset(x, y, x, y, tuple(f"c{i}" for i in range(10)))
+    for seed in range(5):
+        for n in (100, 120, 333):
+            counts = np.bincount(full.subset(max_train=0, max_test=n, seed=seed).y_test, minlength=10)
+            assert counts.sum() == n
+            assert np.all(np.abs(counts - n * np.bincount(y) / len(y)) < 1 + 1e-9), (seed, n, counts)
+    train_counts = [np.bincount(full.subset(max_train=100, max_test=0, seed=s).y_train, minlength=10)[:9]
+                    for s in range(5)]
+    assert any(c.max() - c.min() > 2 for c in train_counts)  # not stratified: a plain draw varies more
+
+
 def test_prepared_file_round_trip_and_subset(tmp_path):
     d = data.make_synthetic(n_train=100, n_test=40).subset(max_train=30, max_test=0, seed=0)
     assert len(d.x_train) == 30 and len(d.x_test) == 40
