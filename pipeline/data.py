@@ -7,6 +7,8 @@ Sources (the `data.source` param):
   `cifar-10-batches-py/` folder;
 - a path to an image folder, directory, `.tar.gz` or `.zip`, laid out `train/<class>/*`, `test/<class>/*`
   (under any one top folder);
+- a path to an `.npz` of arrays `x_train`, `y_train`, `x_test`, `y_test` (e.g. `keras.datasets.cifar10.load_data()`
+  saved with `np.savez`), optionally `class_names`;
 - `synthetic`: a generated, learnable 10-class dataset (offline demos and tests).
 
 The official batches are pickles, so they are read with an unpickler that admits only the
@@ -30,6 +32,7 @@ import numpy as np
 IMAGE_SIZE = 32
 CHANNELS = 3
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Published sha256 of cifar-10-python.tar.gz (the one keras.datasets.cifar10 verifies).
 CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
 CIFAR10_ARCHIVE_NAMES = ("cifar-10-python.tar.gz", "cifar-10-batches-py.tar.gz")
@@ -126,6 +129,44 @@ def load_prepared(path: str | Path) -> Dataset:
     return dataset
 
 
+def _is_npz(path: Path) -> bool:
+    """NumPy's .npz (a zip of .npy arrays), by its contents."""
+    if not (path.is_file() and zipfile.is_zipfile(path)):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return bool(names) and all(name.endswith(".npy") for name in names)
+
+
+def load_arrays(path: str | Path) -> Dataset:
+    """Read arrays `x_train`, `y_train`, `x_test`, `y_test` from an .npz (what `np.savez(path, x_train=...)` writes of
+    `keras.datasets.cifar10.load_data()`, or a prepared `dataset.npz`): uint8 (N, 32, 32, 3) images, integer labels
+    (N,) or (N, 1). Class names from its `class_names` array, else CIFAR-10's when the labels lie in 0-9."""
+    required = ("x_train", "y_train", "x_test", "y_test")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in required if k not in f.files]
+            if missing:
+                raise DataError(f"{path}: no array {', '.join(missing)} (an .npz source holds {', '.join(required)}, "
+                                f"and optionally class_names)")
+            arrays = {k: f[k] for k in (*required, *(["class_names"] if "class_names" in f.files else []))}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:  # ValueError: an object array, which needs pickles
+        raise DataError(f"{path}: unreadable .npz ({exc})") from None
+    labels = {}
+    for split in ("train", "test"):
+        y = arrays[f"y_{split}"]
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{path}: y_{split} must hold integer labels, got {y.dtype}")
+        labels[split] = (y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y).astype(np.int32)
+    if "class_names" in arrays:
+        names = tuple(str(c) for c in arrays["class_names"])
+    elif max(labels["train"].max(initial=0), labels["test"].max(initial=0)) < len(CIFAR10_CLASSES):
+        names = CIFAR10_CLASSES
+    else:
+        raise DataError(f"{path}: labels beyond 0-9 need a class_names array")
+    return Dataset(arrays["x_train"], labels["train"], arrays["x_test"], labels["test"], names)
+
+
 def _check_arrays(d: Dataset, origin: str) -> None:
     for split, x, y in (("train", d.x_train, d.y_train), ("test", d.x_test, d.y_test)):
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, CHANNELS):
@@ -176,7 +217,12 @@ def load_source(source: str, *, synthetic_train: int = 10000, synthetic_test: in
         path = Path(source)
         if not path.exists():
             raise DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path")
-        dataset = load_cifar10_archive(path) if _looks_like_cifar_python(path) else load_image_folder(path)
+        if _looks_like_cifar_python(path):
+            dataset = load_cifar10_archive(path)
+        elif _is_npz(path):
+            dataset = load_arrays(path)
+        else:
+            dataset = load_image_folder(path)
     _check_arrays(dataset, source)
     return dataset
 

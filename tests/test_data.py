@@ -161,6 +161,32 @@ def test_image_folder_directory_tar_gz_and_zip(tmp_path):
     assert data.load_source(str(tmp_path / "imgs")).digest() == from_dir.digest()
 
 
+def test_npz_arrays_as_a_source(tmp_path):
+    """keras.datasets.cifar10.load_data() saved with np.savez: labels (N, 1), no class names (CIFAR-10's are
+    taken); a prepared dataset.npz reads back as it was; wrong arrays are refused naming the problem."""
+    rng = np.random.default_rng(0)
+    x_train, x_test = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (20, 10))
+    y_train, y_test = rng.integers(0, 10, (20, 1), dtype=np.uint8), rng.integers(0, 10, (10, 1), dtype=np.uint8)
+    np.savez(tmp_path / "keras-style.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    d = data.load_source(str(tmp_path / "keras-style.npz"))
+    assert d.class_names == data.CIFAR10_CLASSES and d.class_names[0] == "airplane"
+    assert list(d.y_train) == list(y_train[:, 0]) and d.y_test.dtype == np.int32
+    assert np.array_equal(d.x_test, x_test)
+
+    named = data.Dataset(x_train, y_train[:, 0].astype(np.int32) % 3, x_test, y_test[:, 0].astype(np.int32) % 3,
+                         ("a", "b", "c"))
+    named.save(tmp_path / "dataset.npz")  # a prepared dataset as a source
+    assert data.load_source(str(tmp_path / "dataset.npz")).digest() == named.digest()
+
+    np.savez(tmp_path / "no-test.npz", x_train=x_train, y_train=y_train)
+    np.savez(tmp_path / "floats.npz", x_train=x_train / 255, y_train=y_train, x_test=x_test / 255, y_test=y_test)
+    np.savez(tmp_path / "twelve.npz", x_train=x_train, y_train=y_train + 2, x_test=x_test, y_test=y_test)
+    for name, message in [("no-test.npz", "no array x_test, y_test"), ("floats.npz", "must be uint8"),
+                          ("twelve.npz", "labels beyond 0-9 need a class_names array")]:
+        with pytest.raises(data.DataError, match=message):
+            data.load_source(str(tmp_path / name))
+
+
 def test_image_folder_with_a_corrupt_image_names_it(tmp_path):
     write_image_folder(tmp_path)
     (tmp_path / "train" / "dog" / "1.png").write_bytes(b"not an image at all")
