@@ -65,10 +65,13 @@ def run_arm(backend: str, overrides: str, args: argparse.Namespace) -> dict:
         extra = ["--virtual-cpus", str(args.virtual_cpus)]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "arm.json"
-        done = subprocess.run([sys.executable, "-m", "bench.gpu_epoch", "--out", str(out), "--params", args.params,
-                               "--epochs", str(args.epochs), "--overrides", f"{overrides} {args.overrides}",
-                               *source, *extra], env=env, cwd=ROOT, capture_output=True, text=True,
-                              timeout=args.timeout)
+        try:
+            done = subprocess.run([sys.executable, "-m", "bench.gpu_epoch", "--out", str(out), "--params",
+                                   args.params, "--epochs", str(args.epochs), "--overrides",
+                                   f"{overrides} {args.overrides}", *source, *extra], env=env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"stopped after --timeout {args.timeout:g} s"}
         result = json.loads(out.read_text()) if out.exists() else {"partial": True}
     if result.get("partial"):
         return {"error": f"exit {done.returncode}: {failure(done.stderr)}"}

@@ -73,6 +73,15 @@ def test_an_arms_run_is_read_as_a_result_or_a_failure(monkeypatch, code, writes,
     assert "train.distribute=data_parallel train.feed=host" in seen["cmd"]
 
 
+def test_an_arm_past_its_time_limit_is_reported_and_the_others_go_on(monkeypatch):
+    def too_slow(cmd, **kwargs):
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(multi_gpu.subprocess, "run", too_slow)
+    args = argparse.Namespace(data="x", images=0, virtual_cpus=0, params="p", epochs=3, overrides="", timeout=90)
+    assert multi_gpu.run_arm("tensorflow", "train.distribute=none", args) == {"error": "stopped after --timeout 90 s"}
+
+
 def test_without_several_gpus_it_refuses(monkeypatch, capsys):
     monkeypatch.setattr(multi_gpu, "gpu_count", lambda: 1)
     with pytest.raises(SystemExit) as exit_info:
