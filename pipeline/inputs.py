@@ -24,13 +24,15 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
     Without a dataset URI `data.source` must exist. The backend must support the params, and in a cluster
     (TF_CONFIG) only the chief runs the steps.
     """
-    if dataset_uri:
-        prepare.check_dataset_uri(dataset_uri)
-        cfg = with_dataset_params(cfg, dataset_uri)
+    given = dataset_uri
+    if given:
+        prepare.check_dataset_uri(given)
+        cfg = with_dataset_params(cfg, given)
     if resume not in ("", "never"):
-        dataset_uri = config_to_resume(resume, cfg, dataset_uri)
-        prepare.check_dataset_uri(dataset_uri)
-    elif not dataset_uri:
+        dataset_uri = config_to_resume(resume, cfg, given)  # `given` if given (else refused), or the run's
+        if not given:
+            prepare.check_dataset_uri(dataset_uri)
+    elif not given:
         prepare.prepare_key(cfg)  # a missing data path fails here
     if cfg.train.feed == "device":  # the one param that depends on the backend: only it loads Keras here
         from pipeline.fitting import check_backend

@@ -79,9 +79,8 @@ def dataset_params(uri: str) -> dict[str, str]:
     """The `data.*` params of the prepare step that wrote the dataset at `uri`: its run's (`runs:/`), else those in
     the `dataset.json` it wrote beside the file. DataError naming `dataset_uri` if neither says: a train run's
     `data.*` params are those of the data it trains on, never the params file's guess."""
-    run_id, _, _ = uri.removeprefix("runs:/").partition("/")
     if uri.startswith("runs:/"):
-        params = mlflow.MlflowClient().get_run(run_id).data.params
+        params = mlflow.MlflowClient().get_run(uri.removeprefix("runs:/").partition("/")[0]).data.params
     else:
         summary = Path(uri.removeprefix("file://")).with_name("dataset.json")
         params = json.loads(summary.read_text()).get("params", {}) if summary.is_file() else {}
