@@ -20,12 +20,17 @@ def machine() -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    gpus = gpu_names()
+    return f"{os.cpu_count()}-core {cpu}, " + (f"GPU: {', '.join(gpus)}" if gpus else "no GPU")
+
+
+def gpu_names() -> list[str]:
+    """The NVIDIA GPUs nvidia-smi lists (none where it is absent)."""
     try:
-        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                               text=True, timeout=20).stdout.strip().splitlines()
     except (OSError, subprocess.TimeoutExpired):
-        gpus = []
-    return f"{os.cpu_count()}-core {cpu}, " + (f"GPU: {', '.join(gpus)}" if gpus else "no GPU")
+        return []
 
 
 def stamp() -> dict:

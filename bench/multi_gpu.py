@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.machine import save_results, stamp
+from bench.machine import gpu_names, save_results, stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,14 +45,6 @@ ARMS = [  # (backend, arm, overrides)
     ("jax", "one device", "train.distribute=none"),
     ("jax", "DataParallel", "train.distribute=data_parallel"),
 ]
-
-
-def gpu_count() -> int:
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(line.startswith("GPU ") for line in listed.splitlines())
 
 
 def run_arm(backend: str, overrides: str, args: argparse.Namespace) -> dict:
@@ -144,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(backends) - {backend for backend, _, _ in ARMS})
     if unknown:
         parser.exit(2, f"error: --backends: unknown {unknown}; known: tensorflow, jax\n")
-    gpus = gpu_count()
+    gpus = len(gpu_names())
     if not args.virtual_cpus and gpus < 2:
         parser.exit(2, f"error: found {gpus} GPU(s): several are needed (--virtual-cpus N rehearses on the CPU)\n")
     results = {**stamp(), "command": " ".join(argv if argv is not None else sys.argv[1:]), "params": args.params,

@@ -83,7 +83,7 @@ def test_an_arm_past_its_time_limit_is_reported_and_the_others_go_on(monkeypatch
 
 
 def test_without_several_gpus_it_refuses(monkeypatch, capsys):
-    monkeypatch.setattr(multi_gpu, "gpu_count", lambda: 1)
+    monkeypatch.setattr(multi_gpu, "gpu_names", lambda: ["NVIDIA H200"])
     with pytest.raises(SystemExit) as exit_info:
         multi_gpu.main(["--backends", "tensorflow"])
     assert exit_info.value.code == 2
