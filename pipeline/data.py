@@ -121,10 +121,8 @@ class Dataset:
 
 
 def load_prepared(path: str | Path) -> Dataset:
-    """Read a dataset written by `Dataset.save` (a plain .npz: no pickles allowed)."""
-    with np.load(path, allow_pickle=False) as f:
-        dataset = Dataset(f["x_train"], f["y_train"], f["x_test"], f["y_test"],
-                          tuple(str(c) for c in f["class_names"]))
+    """Read a dataset written by `Dataset.save` (a plain .npz: no pickles allowed; see `load_arrays`)."""
+    dataset = load_arrays(path)
     _check_arrays(dataset, str(path))
     return dataset
 
