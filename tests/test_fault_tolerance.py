@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -90,11 +91,30 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float
 STEP_SCHEDULE = "overrides=train.schedule=step train.lr_boundaries=[0.5]"
 
 
+def stop_holding_no_store_lock(pid: int, db: Path, tries: int = 50) -> None:
+    """SIGSTOP the process tree at a moment it holds no lock on the SQLite store: stopped inside a transaction (its
+    system metrics are written every second) it would lock the store for every other process, which is SQLite's
+    nature and not what a test of the training lock is about."""
+    for _ in range(tries):
+        kill_tree(pid, signal.SIGSTOP)
+        probe = sqlite3.connect(db, timeout=0.2)
+        try:
+            probe.execute("BEGIN EXCLUSIVE")
+            probe.rollback()
+            return
+        except sqlite3.OperationalError:  # locked: let it finish that transaction, then stop it again
+            kill_tree(pid, signal.SIGCONT)
+            time.sleep(0.3)
+        finally:
+            probe.close()
+    raise AssertionError(f"the store stayed locked at {tries} tries to stop process {pid}")
+
+
 def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path):
     store = {**store, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # system metrics every second, not 10
     live = start_mlflow_run(store, "epochs=3", STEP_SCHEDULE)
     wait_for_checkpoint(tmp_path / "checkpoints", live)
-    kill_tree(live.pid, signal.SIGSTOP)  # still alive, holding its lock, but making no progress
+    stop_holding_no_store_lock(live.pid, tmp_path / "mlflow.db")  # alive, holding its training lock, no progress
     try:
         second = run_to_end(store, "epochs=3", STEP_SCHEDULE)  # the identical command, while the first one trains
     finally:
