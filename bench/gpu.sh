@@ -11,11 +11,13 @@
 # 24 with cutout 8 0.9123 (now the file: 7.4 s of epochs after a 24.8 s compiling first one), at 40 0.9131 with train
 # acc 0.998: on the JPEG copy this ResNet-9 stops near 0.91, short of 0.94 at any length tried. 16 epochs with ghost
 # batch norm and train.drop_remainder: 0.9099 vs 0.9058, and a first epoch of 11.9 s instead of 23.5 s: whole batches
-# only spare XLA a second compile for the last, partial one. So, after the file itself: drop_remainder alone (does
-# it halve the compile?), weight EMA with its BN statistics recomputed (train.ema_bn_batches; in the 5-epoch
-# quarter-width CPU proxy, bench/results/fast-cpu.md, level with the raw weights: 0.849 vs 0.847, 0.832 without),
-# ghost batch norm at 24 epochs, a second train.seed (the spread of one measurement), 32 epochs, and alternating
-# flips at 24 (at 16: 0.9063 vs 0.9058).
+# only spare XLA a second compile for the last, partial one. So, after the file itself: the file at 1.5x the width
+# (2.2x the computation: does capacity lift the plateau on the JPEG copy, and what does it cost in seconds?),
+# drop_remainder alone (does it halve the compile?), weight EMA with its BN statistics recomputed
+# (train.ema_bn_batches; in the 5-epoch quarter-width CPU proxy, bench/results/fast-cpu.md, level with the raw
+# weights: 0.849 vs 0.847, 0.832 without), a second train.seed (the spread of one measurement), ghost batch norm at
+# 24 epochs, 32 epochs, and alternating flips at 24 (at 16: 0.9063 vs 0.9058). Every whole schedule also records
+# val_acc and test_acc with each test-time augmentation (none, flip, flip_shift; bench.gpu_epoch's tta_scores).
 #      The first three stages took ~4 minutes of the call on 2026-12-04 (fast 49 s, improved 114 s, seed ~90 s on
 #      2026-11-30), each explore stage ~50 s.
 #
@@ -73,14 +75,16 @@ stage improved "${IMPROVED_LIMIT:-180}" --epochs 2 --params params/improved.yaml
   --overrides "train.feed=device train.steps_per_execution=8 $small164"
 stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
   --overrides "train.feed=device train.steps_per_execution=8 $small164"
+stage explore-wide "${EXPLORE_LIMIT:-100}" --full --params params/fast.yaml \
+  --overrides "train.feed=device model.widths=[64,192,384,768] $small9"
 stage explore-drop "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.drop_remainder=true $small9 $ghost_batch"
 stage explore-ema "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.ema=true $small9"
-stage explore-24-ghost "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
-  --overrides "train.feed=device model.ghost_batch=32 train.drop_remainder=true $small9 $ghost_batch"
 stage explore-seed1 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.seed=1 $small9"
+stage explore-24-ghost "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
+  --overrides "train.feed=device model.ghost_batch=32 train.drop_remainder=true $small9 $ghost_batch"
 stage explore-32 "${EXPLORE_LIMIT:-80}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.epochs=32 $small9"
 stage explore-24-altflip "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \

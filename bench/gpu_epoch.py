@@ -6,7 +6,8 @@ few pure-Python wheels this needs and runs it with KERAS_BACKEND=jax. Writes JSO
 every epoch's seconds and val_acc, the steady seconds per epoch (median of the epochs after the
 first, which compiles) and the projected time of the profile's full schedule. With `--full`, the
 profile runs its whole schedule and is scored on every test image with its own `evaluate.tta`
-(test_acc, and the wall seconds of the fit and of the fit after its first, compiling, epoch).
+(test_acc, and the wall seconds of the fit and of the fit after its first, compiling, epoch), and with every
+test-time augmentation on the held-out and the test images (tta_scores: choose on val_acc).
 
 Usage: python -m bench.gpu_epoch --out FILE [--params params/default.yaml] [--epochs 3 | --full]
        [--overrides "train.precision=mixed_bfloat16 ..."] [--data PATH | --images 50000] [--virtual-cpus N]
@@ -24,8 +25,11 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from pipeline import config, data, fitting
+from pipeline.augment import tta_views
+from pipeline.config import TTA_MODES
 from pipeline.distribute import distribution
 
 
@@ -36,6 +40,20 @@ def device_kind() -> str:
 
         return jax.devices()[0].device_kind
     return platform.processor() or platform.machine()
+
+
+def tta_scores(model, validation, test, batch_size: int) -> dict[str, dict[str, float]]:
+    """Accuracy with each test-time augmentation (pipeline.augment.tta_views) on the held-out training images
+    (val_acc, where there are any: the split to choose a mode on) and on the test images (test_acc)."""
+    scores = {tta: {} for tta in TTA_MODES}
+    for name, (x, y) in (("val_acc", validation), ("test_acc", test)):
+        if not len(y):
+            continue
+        views = [model.predict(view, batch_size=batch_size, verbose=0) for view in tta_views(x, "flip_shift")]
+        for tta in TTA_MODES:  # flip_shift's views begin with flip's, which begin with none's
+            probs = np.mean(views[:len(tta_views(x[:1], tta))], axis=0)
+            scores[tta][name] = round(float((probs.argmax(1) == y).mean()), 4)
+    return scores
 
 
 def main() -> None:
@@ -95,12 +113,10 @@ def main() -> None:
         "full_schedule_epochs": full.train.epochs,
     }
     if args.full:  # score as evaluate does (pipeline.serve needs MLflow, absent here): every image, its TTA
-        x, batch = dataset.x_test, cfg.evaluate.batch_size
-        probs = model.predict(x, batch_size=batch, verbose=0)
-        if cfg.evaluate.tta == "flip":
-            probs = (probs + model.predict(x[:, :, ::-1], batch_size=batch, verbose=0)) / 2
-        result.update(test_acc=round(float((probs.argmax(1) == dataset.y_test).mean()), 4),
-                      test_images=len(dataset.y_test), tta=cfg.evaluate.tta, fit_seconds=round(fit_seconds, 1),
+        held_out = splits[2:] if cfg.train.validation_fraction > 0 else (dataset.x_test[:0], dataset.y_test[:0])
+        scores = tta_scores(model, held_out, (dataset.x_test, dataset.y_test), cfg.evaluate.batch_size)
+        result.update(test_acc=scores[cfg.evaluate.tta]["test_acc"], test_images=len(dataset.y_test),
+                      tta=cfg.evaluate.tta, tta_scores=scores, fit_seconds=round(fit_seconds, 1),
                       fit_seconds_after_first_epoch=round(sum(timer.seconds[1:]), 1))
     print(json.dumps(result, indent=2))
     out.write_text(json.dumps(result, indent=2))

@@ -10,7 +10,8 @@ Writes <results>/gpu.md, with <results>/gpu-notes.md below the table where there
 was measured (`--date` for files that do not say), the device, the params file and overrides, the model, epochs
 trained, the first epoch's seconds (it includes XLA's compiles), the steady seconds per epoch (median of the
 others), images/s, the last epoch's train acc, and where the run was a full schedule its last val_acc, the fit
-seconds and test_acc on every test image; otherwise the projected minutes of the profile's whole schedule.
+seconds and test_acc on every test image (and val_acc/test_acc with each test-time augmentation, where the
+run recorded them); otherwise the projected minutes of the profile's whole schedule.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
             "last train acc": (run.get("acc") or [None])[-1],
             "last val_acc": (run.get("val_acc") or [None])[-1] if full else None,
             "test_acc": run.get("test_acc"),
+            "val/test acc by TTA": tta_cell(run.get("tta_scores")),
             "projected min (full schedule)": None if full or run.get("partial")
             else run.get("projected_full_schedule_minutes"),
             "status": "stopped at its time limit" if run.get("partial") else ("full schedule" if full else "timed"),
@@ -58,6 +60,15 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
         raise SystemExit(f"no gpu-*.json in {results}")
     frame = pd.DataFrame.from_records(records)
     return frame.astype(object).where(frame.notna(), None)
+
+
+def tta_cell(scores: dict | None) -> str | None:
+    """bench.gpu_epoch's tta_scores in one cell: `none .905/.901, flip .910/.912, ...` (val_acc/test_acc)."""
+    if not scores:
+        return None
+    def acc(value):
+        return f"{value:.4f}".removeprefix("0") if value is not None else "-"
+    return ", ".join(f"{tta} {acc(s.get('val_acc'))}/{acc(s.get('test_acc'))}" for tta, s in scores.items())
 
 
 def is_result_name(name: str) -> bool:

@@ -4,14 +4,18 @@ It runs inside the compiled train step on whatever device holds the batch. Keras
 RandomTranslation/RandomCrop layers set `supports_jit=False`, which silently turns XLA off
 for the whole train step, so the shift is written here as one batched gather: exact
 integer-pixel translations, no interpolation, any backend, jit-compatible.
+
+Below them, the test-time views (`tta_views`): plain numpy on the host, for evaluate, the served model and
+bench.gpu_epoch (which runs where MLflow is absent).
 """
 
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
-from pipeline.config import SHIFT_FILLS
+from pipeline.config import SHIFT_FILLS, TTA_MODES
 
 
 def _reflect(index, size: int):
@@ -79,3 +83,25 @@ class RandomShiftFlip(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "max_shift": self.max_shift, "fill": self.fill, "flip": self.flip,
                 "seed": self.seed}
+
+
+def shift_diagonal(pixels: np.ndarray, step: int) -> np.ndarray:
+    """Images (n, h, w, c) moved `step` pixels down and right (negative: up and left); the uncovered
+    border repeats the edge pixels, as the training shifts' "nearest" fill does."""
+    pad = abs(step)
+    padded = np.pad(pixels, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    h, w = pixels.shape[1:3]
+    return padded[:, pad - step:pad - step + h, pad - step:pad - step + w]
+
+
+def tta_views(pixels: np.ndarray, tta: str) -> list[np.ndarray]:
+    """The views of a batch that `tta` averages: none [images]; flip + their mirror images;
+    flip_shift + both of those shifted one pixel down-right and one up-left (6 views)."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    if tta == "none":
+        return [pixels]
+    mirror = pixels[:, :, ::-1]
+    if tta == "flip":
+        return [pixels, mirror]
+    return [pixels, mirror, *(shift_diagonal(v, step) for step in (1, -1) for v in (pixels, mirror))]

@@ -35,7 +35,7 @@ DEFAULT_PARAMS = PROJECT_ROOT / "params" / "default.yaml"
 MLPROJECT = PROJECT_ROOT / "MLproject"
 
 
-# evaluate.tta: the test-time augmentations of the served model (see pipeline.serve.tta_views)
+# evaluate.tta: the test-time augmentations of the served model (see pipeline.augment.tta_views)
 TTA_MODES = ("none", "flip", "flip_shift")
 # model.conv_init: Keras initialisers by name, and pytorch (see pipeline.model.conv_initializer)
 # resnet9's residual branch ends in BN-ReLU: a zero-initialised end of it (gamma or kernel) feeds that ReLU exactly 0,

@@ -31,6 +31,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from pipeline.augment import tta_views
 from pipeline.config import TTA_MODES
 from pipeline.data import CHANNELS, IMAGE_SIZE, DataError, decode_image
 
@@ -177,28 +178,6 @@ def to_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"label": [class_names[i] for i in best],
                          "probability": probs[np.arange(len(probs)), best].astype(float),
                          "probabilities": [p.astype(float).tolist() for p in probs]})
-
-
-def shift_diagonal(pixels: np.ndarray, step: int) -> np.ndarray:
-    """Images (n, h, w, c) moved `step` pixels down and right (negative: up and left); the uncovered
-    border repeats the edge pixels, as the training shifts' "nearest" fill does."""
-    pad = abs(step)
-    padded = np.pad(pixels, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
-    h, w = pixels.shape[1:3]
-    return padded[:, pad - step:pad - step + h, pad - step:pad - step + w]
-
-
-def tta_views(pixels: np.ndarray, tta: str) -> list[np.ndarray]:
-    """The views of a batch that `tta` averages: none [images]; flip + their mirror images;
-    flip_shift + both of those shifted one pixel down-right and one up-left (6 views)."""
-    if tta not in TTA_MODES:
-        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-    if tta == "none":
-        return [pixels]
-    mirror = pixels[:, :, ::-1]
-    if tta == "flip":
-        return [pixels, mirror]
-    return [pixels, mirror, *(shift_diagonal(v, step) for step in (1, -1) for v in (pixels, mirror))]
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):

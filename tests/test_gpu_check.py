@@ -39,3 +39,8 @@ def test_a_gpu_stage_trains_and_scores_with_tensorflow_and_mlflow_unimportable(t
     result = json.loads(out.read_text())
     assert result["model"] == "resnet9" and len(result["epoch_seconds"]) == 2
     assert 0.0 <= result["test_acc"] <= 1.0 and result["fit_seconds"] > 0
+    # every test-time augmentation scored on the held-out images (fast.yaml holds 2% out) and the test images,
+    # the profile's own (flip) being the test_acc it reports
+    scores = result["tta_scores"]
+    assert list(scores) == ["none", "flip", "flip_shift"] and scores["flip"]["test_acc"] == result["test_acc"]
+    assert all(0.0 <= s[split] <= 1.0 for s in scores.values() for split in ("val_acc", "test_acc"))

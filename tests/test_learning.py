@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import config, data, fitting, serve
+from pipeline import augment, config, data, fitting
 from pipeline.distribute import distribution
 
 
@@ -23,7 +23,7 @@ def train_and_score(cfg: config.Config, dataset: data.Dataset) -> float:
     model = fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0]))
     fitting.fit(model, cfg, splits, len(dataset.class_names), [])
     probs = np.mean([model.predict(view, batch_size=500, verbose=0)
-                     for view in serve.tta_views(dataset.x_test, cfg.evaluate.tta)], axis=0)
+                     for view in augment.tta_views(dataset.x_test, cfg.evaluate.tta)], axis=0)
     return float((probs.argmax(1) == dataset.y_test).mean())
 
 

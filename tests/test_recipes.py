@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import config, data, fitting, model, serve, train
+from pipeline import augment, config, data, fitting, model, serve, train
 
 
 def trainable(m: keras.Model) -> int:
@@ -355,10 +355,10 @@ def test_flip_tta_averages_each_image_and_its_mirror():
 
 def test_shift_diagonal_moves_content_and_repeats_the_edge():
     x = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
-    down = serve.shift_diagonal(x, 1)
+    down = augment.shift_diagonal(x, 1)
     np.testing.assert_array_equal(down[:, 1:, 1:], x[:, :-1, :-1])  # pixel (i, j) lands on (i + 1, j + 1)
     np.testing.assert_array_equal(down[:, 0, 1:], x[:, 0, :-1])  # the uncovered top row repeats the edge
-    up = serve.shift_diagonal(x, -1)
+    up = augment.shift_diagonal(x, -1)
     np.testing.assert_array_equal(up[:, :-1, :-1], x[:, 1:, 1:])
     np.testing.assert_array_equal(up[:, -1, :-1], x[:, -1, 1:])
     assert down.shape == up.shape == x.shape and down.dtype == np.uint8
@@ -368,11 +368,11 @@ def test_flip_shift_tta_averages_six_views():
     m = model.build_resnet(num_classes=10, block="basic", units_per_stage=1, widths=(8, 16), strides=(1, 2), l2=0.0,
                            mean=(128.0,) * 3, std=(64.0,) * 3)
     x = np.random.default_rng(1).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
-    views = serve.tta_views(x, "flip_shift")
+    views = augment.tta_views(x, "flip_shift")
     assert len(views) == 6 and len({v.tobytes() for v in views}) == 6
     mirror = x[:, :, ::-1]
-    expected_views = [x, mirror, serve.shift_diagonal(x, 1), serve.shift_diagonal(mirror, 1),
-                      serve.shift_diagonal(x, -1), serve.shift_diagonal(mirror, -1)]
+    expected_views = [x, mirror, augment.shift_diagonal(x, 1), augment.shift_diagonal(mirror, 1),
+                      augment.shift_diagonal(x, -1), augment.shift_diagonal(mirror, -1)]
     expected = np.mean([m.predict(v, verbose=0) for v in expected_views], axis=0)
     tta = serve.ImageClassifier("flip_shift")
     tta.model = m
@@ -381,7 +381,7 @@ def test_flip_shift_tta_averages_six_views():
     flip.model = m
     assert not np.allclose(flip.predict_proba(x), expected, atol=1e-6)
     with pytest.raises(ValueError, match="tta"):
-        serve.tta_views(x, "shift")
+        augment.tta_views(x, "shift")
 
 
 def test_whiten_stem_is_a_frozen_patch_whitening_fitted_on_the_training_images():
