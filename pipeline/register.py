@@ -1,11 +1,12 @@
 """Step 4, register: add an evaluated model to the Model Registry; move the alias if it is better.
 
-Reads:  a logged model URI whose `test_acc` was recorded by evaluate (its latest value: the newest
-        timestamp, `tracking.latest_metrics`, the rule compare uses too).
-Writes: a new version of `register.model_name` tagged with its source run id and `test_acc`;
-        the alias `register.alias` (default `champion`) moves to it only if its `test_acc`
-        beats the current holder's (or no version holds it). A worse model is registered
-        but never takes the alias. Run tags record the decision.
+Reads:  a logged model URI `models:/m-...` that evaluate scored (its newest evaluation: test_acc, the per-class
+        scores of the same evaluate run, the digest of its test split; `registry.model_score`).
+Writes: a new version of `register.model_name` tagged with its source run id, `test_acc`, the evaluate run and
+        the test split's digest; the alias `register.alias` (default `champion`) moves to it only if its
+        `test_acc` beats the current holder's on the same test data (or no version holds it). A worse model is
+        registered but never takes the alias, nor does one whose champion's score is unknown (registered by
+        hand, never evaluated). Run tags record the decision.
         A champion-vs-challenger report (both versions' test_acc, per-class accuracy
         differences, the decision and why) becomes the version's description and tags and the
         register run's artifacts `champion_vs_challenger.md/.json`. The training run gets a
@@ -19,7 +20,7 @@ from __future__ import annotations
 import pandas as pd
 
 from pipeline import config
-from pipeline.tracking import TEST_DATA_TAG, cli, describe_train_run, markdown_table, model_metrics, registry, step_run
+from pipeline.tracking import TEST_DATA_TAG, cli, describe_train_run, markdown_table, registry, step_run
 
 
 def per_class_accuracy(metrics: dict[str, float]) -> dict[str, float]:
@@ -39,33 +40,30 @@ def class_differences(challenger: dict[str, float], champion: dict[str, float]) 
     return table.sort_values("difference", key=abs, ascending=False, na_position="last", kind="stable")
 
 
-def version_model_uri(version) -> str:
-    """A model version's logged model URI `models:/m-...` (its `source` for versions registered otherwise)."""
-    return f"models:/{version.model_id}" if getattr(version, "model_id", None) else version.source
-
-
 def fmt(value: float | None, sign: str = "") -> str:
     """4 decimals, empty for a missing value; sign="+" always shows the sign."""
     return "" if value is None else f"{value:{sign}.4f}"
 
 
-def challenger_report(decision: dict, alias: str, model_uri: str, champion) -> dict:
+def challenger_report(decision: dict, alias: str, model_uri: str, challenger: registry.Score, champion,
+                      held: registry.Score | None) -> dict:
     """The champion-vs-challenger report: both versions, per-class differences, the decision.
 
-    Inputs: register's decision dict, the alias, the challenger's model URI, the previous
-    champion's ModelVersion (or None). Output: a JSON-ready dict.
+    Inputs: register's decision dict, the alias, the challenger's model URI and the evaluation it was scored by,
+    the previous champion's ModelVersion (or None) and its score. Each side's per-class accuracies come from the
+    evaluation its test_acc came from. Output: a JSON-ready dict.
     """
-    challenger_metrics = model_metrics(model_uri)
-    champion_uri = version_model_uri(champion) if champion else None
-    champion_metrics = model_metrics(champion_uri) if champion else {}
-    per_class = class_differences(per_class_accuracy(challenger_metrics), per_class_accuracy(champion_metrics))
+    champion_metrics = held.metrics if held else {}
+    per_class = class_differences(per_class_accuracy(challenger.metrics), per_class_accuracy(champion_metrics))
+    difference = (None if decision["champion_test_acc"] is None
+                  else round(decision["test_acc"] - decision["champion_test_acc"], 6))
     return {
         "model_name": decision["model_name"], "alias": alias,
         "challenger": {"version": decision["version"], "model_uri": model_uri, "test_acc": decision["test_acc"]},
-        "champion": None if champion is None else {"version": decision["champion_version"], "model_uri": champion_uri,
+        "champion": None if champion is None else {"version": decision["champion_version"],
+                                                   "model_uri": registry.version_model_uri(champion),
                                                    "test_acc": decision["champion_test_acc"]},
-        "test_acc_difference": None if decision["champion_test_acc"] is None
-        else decision["test_acc"] - decision["champion_test_acc"],
+        "test_acc_difference": difference,
         "per_class": per_class.astype(object).where(per_class.notna(), None).to_dict(orient="records"),
         "alias_moved": decision["alias_moved"], "reason": decision["reason"],
     }
@@ -92,28 +90,35 @@ def report_markdown(report: dict) -> str:
 def run(cfg: config.Config, model_uri: str) -> dict:
     """Register inside the active run; report champion vs challenger; return the decision."""
     name, alias = cfg.register.model_name, cfg.register.alias
-    test_acc, source_run, test_data = registry.model_test_acc(model_uri)  # checked before anything is written
+    score = registry.model_test_acc(model_uri)  # checked before anything is written
+    after = registry.latest_version(name)  # versions above it are registered by registers alongside this one
     champion = registry.current_champion(name, alias)
-    champion_acc = float(champion.tags["test_acc"]) if champion and "test_acc" in champion.tags else None
-    champion_data = champion.tags.get(TEST_DATA_TAG) if champion else None
+    held = registry.version_score(champion) if champion else None
+    champion_acc = held.test_acc if held else None
 
-    tagged = f"{test_acc:.6f}"  # compared as tagged: the champion's score is its tag (an equal score is a tie)
-    tags = {"test_acc": tagged, "run_id": source_run or "", **({TEST_DATA_TAG: test_data} if test_data else {})}
+    tagged = f"{score.test_acc:.6f}"  # compared as tagged: the champion's score is its tag (an equal score is a tie)
+    test_acc, test_data = float(tagged), score.test_data
+    tags = {"test_acc": tagged, "run_id": score.source_run or "", registry.EVALUATE_RUN_TAG: score.evaluate_run or "",
+            **({TEST_DATA_TAG: test_data} if test_data else {})}
     version = registry.register_version(model_uri, name, tags)
-    if champion is None or champion_acc is None:
+    if champion is None:
         moved, reason = True, f"no version held @{alias}"
-    elif not registry.comparable(test_data, champion_data):
+    elif champion_acc is None:
+        moved, reason = False, (f"v{champion.version} holds @{alias} without a test_acc (registered by hand, and "
+                                f"evaluate has not scored its model): @{alias} kept; evaluate it, or move @{alias} "
+                                f"by hand")
+    elif not registry.comparable(test_data, held.test_data):
         moved, reason = False, (f"test_acc {test_acc:.4f} was measured on other test data than v{champion.version}'s "
-                                f"{champion_acc:.4f} (test split sha256 {test_data[:12]} vs {champion_data[:12]}): "
+                                f"{champion_acc:.4f} (test split sha256 {test_data[:12]} vs {held.test_data[:12]}): "
                                 f"not comparable, @{alias} kept; register it under another register.model_name, or "
                                 f"move @{alias} to it by hand")
-    elif float(tagged) > champion_acc:
+    elif test_acc > champion_acc:
         moved, reason = True, f"test_acc {test_acc:.4f} beats v{champion.version}'s {champion_acc:.4f}"
     else:
         moved, reason = False, f"test_acc {test_acc:.4f} does not beat v{champion.version}'s {champion_acc:.4f}"
     if moved:
         registry.move_alias(name, alias, version.version)
-    holder = registry.settle_alias(name, alias, test_data)
+    holder = registry.settle_alias(name, alias, test_data, after)
     if moved != (holder == str(version.version)):  # a register running at the same time scored better or worse
         moved = holder == str(version.version)
         reason += f"; @{alias} is on v{holder}, the best-scoring version, after registers that ran alongside"
@@ -123,10 +128,10 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     registry.log_decision({"model_uri": model_uri, "register.model_name": name, "register.alias": alias},
                           {"registered_version": str(version.version), "alias_moved": str(moved).lower(),
                            "decision": reason}, decision)
-    report = challenger_report(decision, alias, model_uri, champion)
+    report = challenger_report(decision, alias, model_uri, score, champion, held)
     registry.record_report(report, report_markdown(report))
-    if source_run:
-        describe_train_run(source_run)  # a no-op where the training run already has one
+    if score.source_run:
+        describe_train_run(score.source_run)  # a no-op where the training run already has one
     print(f"registered {name} v{version.version}: {'@' + alias + ' moved' if moved else 'alias kept'} ({reason})")
     return decision
 

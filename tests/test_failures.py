@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from pipeline import config, evaluate, main, prepare, register, train
-from pipeline.tracking import cli, registry
+from pipeline.tracking import cli, registry, steps
 from tests.conftest import ROOT
 from tests.test_fault_tolerance import TINY, experiment_runs
 
@@ -255,3 +255,88 @@ def test_racing_registers_leave_the_alias_on_the_best_version(store):
     assert "after registers that ran alongside" in decided[0.6]["reason"]
     champion = MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion")
     assert float(champion.tags["test_acc"]) == pytest.approx(0.9)
+
+
+def evaluated_model(experiment_id: str, metrics: dict[str, float], test_data: str = "a" * 64) -> str:
+    """A stand-in logged model scored as evaluate scores one (steps.log_evaluation in a run of its own)."""
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+    evaluate_again(experiment_id, info.model_uri, metrics, test_data)
+    return info.model_uri
+
+
+def evaluate_again(experiment_id: str, model_uri: str, metrics: dict[str, float], test_data: str = "a" * 64) -> None:
+    with mlflow.start_run(experiment_id=experiment_id):
+        steps.log_evaluation({"model_uri": model_uri}, metrics, model_uri, test_data)
+
+
+def registered(experiment_id: str, model_uri: str) -> dict:
+    with mlflow.start_run(experiment_id=experiment_id):
+        return register.run(config.load(TINY), model_uri)
+
+
+def test_a_champion_moved_by_hand_stays_where_it_was_put(store):
+    """A roll-back (the alias moved by hand to a worse version) is a decision: a later register weighs its new
+    version against that holder only, and never puts back a better version from before."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    for acc in (0.9, 0.8):
+        registered(experiment_id, evaluated_model(experiment_id, {"test_acc": acc}))
+    client.set_registered_model_alias("cifar10-resnet", "champion", "2")  # rolled back from v1 (0.9) to v2 (0.8)
+    other = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.99}, "b" * 64))
+    assert not other["alias_moved"] and other["champion_version"] == 2 and "not comparable" in other["reason"]
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
+    better = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.85}))
+    assert better["alias_moved"] and "beats v2's 0.8000" in better["reason"], better
+    assert "alongside" not in better["reason"]
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "4"
+
+
+def test_a_champion_registered_by_hand_is_weighed_by_its_models_score(store):
+    """A version registered without register's tags: its logged model's evaluation is its score (a tie keeps it);
+    one whose model evaluate never scored keeps the alias, and the reason says why."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    for name, metrics in (("handpicked", {"test_acc": 250 / 256}), ("unscored", None)):
+        if metrics:
+            uri = evaluated_model(experiment_id, metrics)
+        else:
+            with mlflow.start_run(experiment_id=experiment_id):
+                uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
+        mlflow.register_model(uri, name)
+        client.set_registered_model_alias(name, "champion", "1")
+        challenger = evaluated_model(experiment_id, {"test_acc": 250 / 256})
+        with mlflow.start_run(experiment_id=experiment_id):
+            decision = register.run(config.load(TINY, f"register.model_name={name}"), challenger)
+        assert not decision["alias_moved"] and decision["champion_version"] == 1, decision
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+        if metrics:
+            assert decision["champion_test_acc"] == 0.976562 and "does not beat v1's 0.9766" in decision["reason"]
+        else:
+            assert decision["champion_test_acc"] is None and "without a test_acc" in decision["reason"]
+
+
+def test_the_report_takes_each_sides_per_class_scores_from_the_evaluation_of_its_test_acc(store):
+    """A champion evaluated again later (on fewer images, with a class missing) keeps the per-class scores of the
+    evaluation it was registered with; the challenger shows those of its own newest evaluation only."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    champion = evaluated_model(experiment_id, {"test_acc": 0.9, "test_acc_cat": 0.8, "test_acc_dog": 1.0})
+    registered(experiment_id, champion)
+    evaluate_again(experiment_id, champion, {"test_acc": 0.5, "test_acc_cat": 0.5}, "c" * 64)
+    challenger = evaluated_model(experiment_id, {"test_acc": 0.7, "test_acc_cat": 0.6, "test_acc_dog": 0.9})
+    evaluate_again(experiment_id, challenger, {"test_acc": 0.95, "test_acc_cat": 0.9}, "a" * 64)
+    decision = registered(experiment_id, challenger)
+    assert decision["alias_moved"] and decision["test_acc"] == 0.95 and decision["champion_test_acc"] == 0.9
+    report = mlflow.artifacts.load_dict(f"runs:/{mlflow.last_active_run().info.run_id}/champion_vs_challenger.json")
+    rows = {row["class"]: row for row in report["per_class"]}
+    assert (rows["cat"]["champion"], rows["cat"]["challenger"], rows["dog"]["champion"]) == (0.8, 0.9, 1.0)
+    assert rows["dog"]["challenger"] is None  # absent from the challenger's newest evaluation: no score, not 0.9
+    assert report["test_acc_difference"] == pytest.approx(0.05)
+
+
+def test_a_bare_logged_model_id_is_refused_before_anything_is_registered(store):
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": 0.9})
+    with pytest.raises(config.ConfigError, match=r"^model_uri: expected a logged model URI models:/m-\.\.\., got 'm-"):
+        registry.model_test_acc(uri.removeprefix("models:/"))
+    assert MlflowClient().search_registered_models() == []

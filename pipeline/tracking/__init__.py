@@ -424,8 +424,11 @@ TEST_DATA_TAG = "test_data_sha256"
 
 
 def model_id(model_uri: str | None) -> str | None:
-    """`models:/m-...` -> the logged model's id (None for registry URIs like models:/name/1, or no URI)."""
-    tail = (model_uri or "").removeprefix("models:/")
+    """`models:/m-...` -> the logged model's id (None for registry URIs like models:/name/1, a bare `m-...`, or
+    no URI: MLflow registers a bare id as a version whose source is that string, which no one can load)."""
+    if not (model_uri or "").startswith("models:/"):
+        return None
+    tail = model_uri.removeprefix("models:/")
     return tail if tail.startswith("m-") and "/" not in tail else None
 
 

@@ -1,14 +1,17 @@
 """The Model Registry side of the tracking layer: what `register` reads and writes.
 
-`model_test_acc` reads the test_acc evaluate logged on a model (the latest value, `latest_metrics`);
+`model_score` reads one evaluation of a logged model (evaluate logs test_acc, per-class scores and the test split's
+digest for it); `model_test_acc` the newest, for register; `version_score` that of a registered version;
 `current_champion` finds the version holding an alias; `register_version` adds a version;
 `move_alias` and `settle_alias` place the alias; `log_decision` and `record_report` store
 the decision and the champion-vs-challenger report on the register run and the version.
 Versions are MLflow `ModelVersion` entities: register reads their `version`, `tags`, `model_id`
-and `source` only.
+and `source` only; register tags each with `test_acc`, `run_id`, `evaluate_run_id` and `test_data_sha256`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import mlflow
 from mlflow import MlflowClient
@@ -18,21 +21,87 @@ from mlflow.utils import logging_utils
 from pipeline import config
 from pipeline.tracking import TEST_DATA_TAG, latest_metrics, model_id
 
+EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose score register compared
 
-def model_test_acc(model_uri: str) -> tuple[float, str | None, str | None]:
-    """`test_acc` recorded on a logged model by evaluate, the run that trained it, and the digest of the test
-    split it was measured on (None for a model evaluated before evaluate recorded it)."""
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """One evaluation of a logged model, as evaluate recorded it: `test_acc` (None: never evaluated), every metric
+    of that evaluate run on the model (`test_acc_<class>` too), the digest of its test split, the evaluate run
+    and the run that trained the model."""
+
+    test_acc: float | None
+    metrics: dict[str, float]
+    test_data: str | None = None
+    evaluate_run: str | None = None
+    source_run: str | None = None
+
+
+def model_score(model_uri: str | None, *, tagged_acc: str | None = None, evaluate_run: str | None = None) -> Score:
+    """The evaluation of the logged model `models:/m-...` that `evaluate_run` made; else the newest whose
+    test_acc, as register tags it (6 decimals), is `tagged_acc`; else the newest. Each evaluate run logs its
+    metrics on the model, so one evaluation's metrics never mix with another's (a class absent from a later,
+    smaller test split keeps no score from an earlier one). Score(None, {}) for an unknown or unevaluated model."""
+    found = model_id(model_uri)
+    try:
+        model = mlflow.get_logged_model(found) if found else None
+    except MlflowException:
+        model = None  # deleted, or in a store this client cannot see
+    if model is None:
+        return Score(None, {})
+    by_run: dict[str, list] = {}
+    for metric in model.metrics or []:
+        by_run.setdefault(metric.run_id, []).append(metric)
+    evaluations = sorted(((max(m.timestamp for m in metrics if m.key == "test_acc"), run, latest_metrics(metrics))
+                          for run, metrics in by_run.items() if any(m.key == "test_acc" for m in metrics)),
+                         key=lambda e: e[0], reverse=True)
+    chosen = ([e for e in evaluations if e[1] == evaluate_run]
+              or [e for e in evaluations if tagged_acc is not None and f"{e[2]['test_acc']:.6f}" == tagged_acc]
+              or evaluations)
+    if not chosen:
+        return Score(None, {}, source_run=model.source_run_id)
+    _, run, metrics = chosen[0]
+    try:  # evaluate tags its run with the test split's digest; the model's tag is that of its latest evaluation
+        test_data = MlflowClient().get_run(run).data.tags.get(TEST_DATA_TAG) if run else None
+    except MlflowException:
+        test_data = None
+    return Score(float(metrics["test_acc"]), metrics, test_data or (model.tags or {}).get(TEST_DATA_TAG), run,
+                 model.source_run_id)
+
+
+def model_test_acc(model_uri: str) -> Score:
+    """The newest evaluation of a logged model (`model_score`); ConfigError naming `model_uri` where the URI is
+    not `models:/m-...` of a model in this store, or evaluate has not scored it."""
     logged_model = model_id(model_uri)
     if logged_model is None:
         raise config.ConfigError(f"model_uri: expected a logged model URI models:/m-..., got {model_uri!r}")
     try:
-        model = mlflow.get_logged_model(logged_model)
+        mlflow.get_logged_model(logged_model)
     except MlflowException as exc:
         raise config.ConfigError(f"model_uri: no logged model {logged_model} ({exc.message})") from None
-    test_acc = latest_metrics(model.metrics).get("test_acc")
-    if test_acc is None:
+    score = model_score(model_uri)
+    if score.test_acc is None:
         raise config.ConfigError(f"model_uri: {model_uri} has no test_acc yet: run evaluate on it first")
-    return float(test_acc), model.source_run_id, (model.tags or {}).get(TEST_DATA_TAG)
+    return score
+
+
+def version_model_uri(version) -> str:
+    """A model version's logged model URI `models:/m-...` (its `source` for versions registered otherwise)."""
+    return f"models:/{version.model_id}" if getattr(version, "model_id", None) else version.source
+
+
+def version_score(version) -> Score:
+    """A model version's score: its `test_acc` tag (register's, 6 decimals) and the evaluation it came from; for a
+    version registered by hand, without the tag, its logged model's newest evaluation (rounded alike)."""
+    tags = version.tags or {}
+    score = model_score(version_model_uri(version), tagged_acc=tags.get("test_acc"),
+                        evaluate_run=tags.get(EVALUATE_RUN_TAG))
+    if "test_acc" in tags:
+        matched = score.test_acc is not None and f"{score.test_acc:.6f}" == tags["test_acc"]
+        return Score(float(tags["test_acc"]), score.metrics if matched else {},
+                     tags.get(TEST_DATA_TAG, score.test_data if matched else None), score.evaluate_run,
+                     score.source_run)
+    return dataclasses.replace(score, test_acc=None if score.test_acc is None else round(score.test_acc, 6))
 
 
 def current_champion(name: str, alias: str):
@@ -41,6 +110,16 @@ def current_champion(name: str, alias: str):
         return MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException:
         return None  # no registered model of that name yet, or no version holds the alias
+
+
+def versions(name: str) -> list:
+    """Every version of registered model `name` (none if there is no such model)."""
+    return MlflowClient().search_model_versions(f"name = '{name}'")
+
+
+def latest_version(name: str) -> int:
+    """The highest version number of registered model `name`; 0 if it has none."""
+    return max((int(v.version) for v in versions(name)), default=0)
 
 
 def register_version(model_uri: str, name: str, tags: dict[str, str]):
@@ -67,20 +146,28 @@ def comparable(a: str | None, b: str | None) -> bool:
     return a is None or b is None or a == b
 
 
-def settle_alias(name: str, alias: str, test_data: str | None) -> str | None:
-    """Leave the alias on the best-scoring version (the earliest on ties) among those scored on the test data of
-    the version that holds it (of `test_data` if none holds it); return the version that holds it then.
+def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> str | None:
+    """Leave the alias on the best-scoring (the earliest on ties) of the version that holds it and the versions
+    registered after version `after` (those of registers running alongside this one), among those scored on the
+    holder's test data (on `test_data` if none holds it); return the version that holds it then.
 
-    Registers running at the same time can each read a champion that another is replacing; by
-    re-reading every version after writing, the last register to finish repairs any such race.
+    Registers running at the same time can each read a champion that another is replacing; by re-reading
+    the versions they registered after writing, the last register to finish repairs any such race. Versions
+    from before (`after` and older) are not weighed again: a champion moved by hand, a roll-back to a worse
+    version, stays. A holder whose score is unknown here (registered by hand, never evaluated) stays too.
     """
     holder = current_champion(name, alias)
-    pool = holder.tags.get(TEST_DATA_TAG) if holder else test_data
-    scored = [v for v in MlflowClient().search_model_versions(f"name = '{name}'")
-              if "test_acc" in v.tags and comparable(v.tags.get(TEST_DATA_TAG), pool)]
-    if not scored:
-        return str(holder.version) if holder else None
-    best = max(scored, key=lambda v: (float(v.tags["test_acc"]), -int(v.version)))
+    held = version_score(holder) if holder else None
+    if held is not None and held.test_acc is None:
+        return str(holder.version)
+    pool = held.test_data if held else test_data
+    entries = [(float(v.tags["test_acc"]), -int(v.version), v) for v in versions(name)
+               if int(v.version) > after and "test_acc" in v.tags and comparable(v.tags.get(TEST_DATA_TAG), pool)]
+    if holder is not None:
+        entries.append((held.test_acc, -int(holder.version), holder))
+    if not entries:
+        return None
+    best = max(entries, key=lambda entry: entry[:2])[2]
     if holder is None or str(holder.version) != str(best.version):
         move_alias(name, alias, best.version)
     return str(best.version)
