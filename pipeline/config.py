@@ -305,8 +305,40 @@ def _to_param_string(value: Any) -> str:
     return str(value)
 
 
+class _Text(str):
+    """An override's value as typed (`-P overrides`, the entry points' shortcuts, a run's logged params): `_coerce`
+    reads it by the field's type, so a path or a name stays as written (YAML would cut `run #2` at its comment
+    and read `0755` as an octal number) and an integer is read in base 10 (YAML 1.1 reads `010` as 8, `1:30`
+    as 90); lists and the rest go through YAML."""
+
+
+def _parse_text(key: str, text: _Text, annotation: Any) -> Any:
+    raw = text.strip()
+    if not raw:
+        return ""
+    if annotation is str:  # a quoted YAML (or JSON) string unquoted, true/false as YAML spells them; else as typed
+        if raw[0] in "'\"":
+            with contextlib.suppress(yaml.YAMLError):
+                if isinstance(quoted := yaml.safe_load(raw), str):
+                    return quoted
+        return raw.lower() if raw.lower() in ("true", "false") else str(text)
+    if annotation is int and re.fullmatch(r"[+-]?[0-9]+", raw):
+        return int(raw, 10)
+    if annotation is int and re.fullmatch(r"[+-]?[0-9_:]+", raw):  # YAML 1.1's 1_000, 1:30 (base 60)
+        raise ConfigError(f"{key}: must be an integer, got {str(text)!r}")
+    if annotation is float:
+        with contextlib.suppress(ValueError, ZeroDivisionError, OverflowError):
+            return float(fractions.Fraction(raw))  # 0.1, 1e-4, 80/150, 010: decimal, as written
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"{key}: cannot parse value {str(text)!r}") from None
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against a dataclass field type; ints are accepted where floats are."""
+    if isinstance(value, _Text):
+        value = _parse_text(key, value, annotation)
     origin = typing.get_origin(annotation)
     if origin is tuple:
         _check(isinstance(value, (list, tuple)), key, "must be a list", value)
@@ -343,6 +375,8 @@ def read_yaml(path: str | Path, *, key: str = "params") -> dict[str, Any]:
         data = yaml.safe_load(candidate.read_text())
     except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"{key}: file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path} is not a YAML text file (not UTF-8 text)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if data is None:
@@ -372,23 +406,26 @@ def _merge(base: dict[str, Any], layer: dict[str, Any], origin: str) -> None:
             base[section][key] = value
 
 
-def parse_overrides(overrides: str | list[str] | None) -> dict[str, dict[str, Any]]:
-    """`"train.lr=0.05 model.widths=[32,64,128]"` -> {"train": {"lr": 0.05}, "model": {...}}."""
+def split_overrides(overrides: str | None) -> list[str]:
+    """`"train.lr=0.05 tracking.experiment='my runs'"` -> its items, split as a shell does; ConfigError on an
+    unbalanced quote."""
     try:
-        items = shlex.split(overrides) if isinstance(overrides, str) else list(overrides or [])
-    except ValueError as exc:  # an unbalanced quote
+        return shlex.split(overrides) if overrides else []
+    except ValueError as exc:  # No closing quotation, No escaped character
         raise ConfigError(f"overrides: {exc} in {overrides!r}") from None
+
+
+def parse_overrides(overrides: str | list[str] | None) -> dict[str, dict[str, Any]]:
+    """`"train.lr=0.05 model.widths=[32,64,128]"` -> {"train": {"lr": _Text("0.05")}, "model": {...}}: each value
+    as typed, read by its field's type when the params are checked (`_coerce`)."""
+    items = split_overrides(overrides) if isinstance(overrides, str) else list(overrides or [])
     layer: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not section or not name:
             raise ConfigError(f"overrides: expected section.key=value, got {item!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            raise ConfigError(f"{key}: cannot parse value {raw!r}") from None
-        layer.setdefault(section, {})[name] = value
+        layer.setdefault(section, {})[name] = _Text(raw)
     return layer
 
 
@@ -438,7 +475,7 @@ def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | 
     """
     keys = {"epochs": "train.epochs", "data": "data.source"}
     extra = [f"{keys[name]}={value}" for name, value in shortcuts.items() if value not in (None, "")]
-    items = (shlex.split(overrides) if overrides else []) + extra
+    items = split_overrides(overrides) + extra
     return load(params or None, items)
 
 

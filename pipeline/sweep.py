@@ -42,7 +42,6 @@ import itertools
 import json
 import math
 import os
-import shlex
 import shutil
 import socket
 import subprocess
@@ -207,7 +206,7 @@ class Plan:
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise config.ConfigError(f"spec.seed: must be an integer, got {self.seed!r}")
         self.common = override_items(self.spec.get("overrides") or {})
-        self.extra = shlex.split(self.extra_overrides)
+        self.extra = config.split_overrides(self.extra_overrides)
         raw = self.spec[space_key(self.spec)]
         swept = sorted({item.partition("=")[0].strip() for item in self.extra} & set(raw))
         if swept:  # applied after the trial's values, it would replace them, while the runs' names said otherwise

@@ -74,6 +74,30 @@ def test_cli_shortcuts_and_empty_values():
     assert config.load_from_cli("", "", epochs="", data="").train.epochs == 150
 
 
+
+def test_values_are_read_by_their_keys_type_not_as_yaml_1_1():
+    """A path or a name stays as typed (YAML cut `run #2` at its comment, read `0755` as octal 493 and
+    `team: cifar` as a mapping); an integer is base 10 (YAML 1.1 read `010` as 8 and `1:30` as 90)."""
+    cfg = config.load_from_cli("", "tracking.experiment=0755 train.lr=010", epochs="010", data="/tmp/run #2/x.npz")
+    assert (cfg.train.epochs, cfg.data.source, cfg.tracking.experiment, cfg.train.lr) == (
+        10, "/tmp/run #2/x.npz", "0755", 10.0)
+    for epochs in ("1:30", "1_000"):
+        with pytest.raises(config.ConfigError, match=f"^train.epochs: must be an integer, got '{epochs}'"):
+            config.load_from_cli("", "", epochs=epochs)
+    # what a run logged comes back as it was (resume, -P dataset_uri), a JSON-quoted string unquoted (sweep specs)
+    back = config.from_run_params({"tracking.experiment": "exp #3", "data.source": "team: cifar", "train.epochs": "7"})
+    assert (back.tracking.experiment, back.data.source, back.train.epochs) == ("exp #3", "team: cifar", 7)
+    quoted = config.load(None, ['tracking.experiment="my runs"', "train.jit_compile=True"])
+    assert (quoted.tracking.experiment, quoted.train.jit_compile) == ("my runs", "true")
+
+
+def test_an_unbalanced_quote_or_a_binary_params_file_is_one_line(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"^overrides: No closing quotation in \"register.model_name=it's\"$"):
+        config.load_from_cli("", "register.model_name=it's")
+    (tmp_path / "weights.npz").write_bytes(b"PK\x03\x04\x93\xff\x00")
+    with pytest.raises(config.ConfigError, match=r"^params: .*weights.npz is not a YAML text file"):
+        config.load_from_cli(str(tmp_path / "weights.npz"), "")
+
 def test_flat_params_are_the_strings_mlflow_stores():
     flat = config.load().flat()
     assert flat["train.lr_boundaries"] == "[0.5333333333333333, 0.8]"
