@@ -91,11 +91,15 @@ def learning_rate(cfg: config.TrainConfig,
 
 
 def split_validation(dataset: Dataset, fraction: float, seed: int):
-    """(x_train, y_train, x_val, y_val): a seeded held-out slice, or the test split if fraction = 0."""
+    """(x_train, y_train, x_val, y_val): a seeded held-out slice, or the test split if fraction = 0.
+    ConfigError if holding out leaves no image to train on (a model trained on none would score as one)."""
     if fraction == 0:
         return dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test
     order = np.random.default_rng(seed).permutation(len(dataset.x_train))
     n_val = max(1, round(fraction * len(order)))
+    if n_val >= len(order):
+        raise config.ConfigError(f"train.validation_fraction: holding out {n_val} of the {len(order)} training "
+                                 f"images leaves none to train on; lower it, or train on more (data.max_train)")
     val, train = order[:n_val], order[n_val:]
     return dataset.x_train[train], dataset.y_train[train], dataset.x_train[val], dataset.y_train[val]
 

@@ -51,6 +51,16 @@ def test_no_whole_batch_to_train_on_exits_2_naming_the_key_and_registers_nothing
     assert client.search_registered_models() == []
 
 
+
+def test_no_image_left_to_train_on_exits_2_naming_the_key_and_registers_nothing(store, in_process):
+    """Holding out the only training image left none: the model trained on nothing, logged NaN losses, scored
+    at chance and took @champion. Refused by the train step before any epoch."""
+    client, run = failed_main(in_process, "1", "data.max_train=1 train.validation_fraction=0.5", 2,
+                              "train.validation_fraction: holding out 1 of the 1 training images leaves none")
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("train.validation_fraction:")
+    assert not client.get_metric_history(run.info.run_id, "acc")
+    assert client.search_registered_models() == []
+
 BAD = [  # (module, argv, key named by the one-line error)
     (main, ["--epochs", "0"], "train.epochs"),
     (main, ["--epochs", "ten"], "train.epochs"),
