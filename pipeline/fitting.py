@@ -528,8 +528,9 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
     any instant. Keras overwrites `latest.weights.h5` in place, then the metadata: a kill during the first
     write leaves a torn file (h5py's "bad object header" on resume), between the two the weights of one
     epoch under the metadata of the one before. Here each epoch's weights go to a file of their own, then
-    `training_metadata.json`, naming them, replaces the previous one in one rename, and only then is the
-    previous epoch's file deleted: the metadata always names complete weights of the epoch it states.
+    `training_metadata.json`, naming them (and holding the augmentation's random state, `seed_states`), replaces
+    the previous one in one rename, and only then is the previous epoch's file deleted: the metadata always
+    names complete weights of the epoch it states.
     Both are flushed to disk before the rename, for a machine that loses power. `every`: epochs between
     checkpoints (0: none). `keep`: the folder outlives `fit`, its last epoch saved when training ends, for the
     caller to remove once the model is safe; else `fit` removes it when training ends."""
@@ -557,7 +558,8 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
         self.model.save_weights(str(folder / weights), overwrite=True)
         staged = folder / f"{self.METADATA}.partial"
         staged.write_text(json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen,
-                                      "weights": weights}))
+                                      "weights": weights, "seed_states": [
+                                          keras.ops.convert_to_numpy(v).tolist() for v in seed_states(self.model)]}))
         for path in (folder / weights, staged):
             _flush_to_disk(path)
         os.replace(staged, folder / self.METADATA)
@@ -580,7 +582,18 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)  # its variables are in the file too
         self.model.load_weights(str(Path(self.backup_dir) / saved.get("weights", "latest.weights.h5")))
+        states = seed_states(self.model)
+        if len(states) == len(saved.get("seed_states", [])):  # (checkpoints written before they were saved: none)
+            for variable, value in zip(states, saved["seed_states"], strict=True):
+                variable.assign(np.asarray(value, dtype=variable.dtype))
         self.model._initial_epoch = saved["epoch"]
+
+
+def seed_states(model: keras.Model) -> list:
+    """The state variables of the model's `keras.random.SeedGenerator`s (the augmentation's shifts, flips and
+    cutout draw from them), in the model's order. `save_weights` leaves them out, so a checkpoint holds them
+    apart: without them a resumed run drew the augmentations of its first epoch again and trained differently."""
+    return [v for v in model.variables if v.name == "seed_generator_state"]
 
 
 def _flush_to_disk(path: Path) -> None:

@@ -408,3 +408,31 @@ def test_dead_tracking_server_fails_within_a_minute_exit_4_and_the_rerun_resumes
         assert client.get_model_version_by_alias("cifar10-resnet", "champion") is not None
     finally:
         stop_group(server)
+
+
+@pytest.mark.parametrize(("every", "stop"), [(1, 2), (2, 3)])
+def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_path, every, stop):
+    """The shifts, flips and cutout draw from SeedGenerators whose state `save_weights` leaves out: the checkpoint
+    holds it, so the epochs after a resume have the losses of the uninterrupted run (they differed from the first
+    epoch after it; without augmentation they matched)."""
+    import numpy as np
+
+    from pipeline import data, fitting
+    from pipeline.distribute import distribution
+
+    cfg = config.load(TINY, "train.epochs=4 train.cutout=4 train.verbose=0")
+    dataset = data.make_synthetic(n_train=256, n_test=64, seed=0)
+    splits = fitting.split_validation(dataset, 0.0, 0)
+
+    def fit(folder, *callbacks):
+        model = fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0]))
+        return fitting.fit(model, cfg, splits, 10, [Checkpoint(folder, every, keep=True), *callbacks]).history["loss"]
+
+    stop_after = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: setattr(stop_after.model, "stop_training", epoch + 1 == stop))
+    uninterrupted = fit(tmp_path / "a")
+    fit(tmp_path / "b", stop_after)  # as a kill after epoch `stop` would leave it, the last epoch saved (keep)
+    assert Checkpoint.completed_epochs(tmp_path / "b") == stop
+    resumed = fit(tmp_path / "b")
+    assert len(resumed) == 4 - stop
+    np.testing.assert_allclose(resumed, uninterrupted[stop:], rtol=1e-5)
