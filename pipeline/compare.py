@@ -32,6 +32,13 @@ CURVE_METRIC = "val_acc"
 RESULT_COLUMNS = ("epochs", "val_acc", "best_val_acc", "test_acc", "wall_s", "images_per_s")
 # Params that identify rather than configure a run; they differ between runs without meaning anything.
 IGNORED_PARAMS = ("dataset_uri",)
+# Columns where lower is better (so sorted lowest first), besides any `*_loss`; the others sort highest first.
+LOWER_IS_BETTER = ("wall_s", "loss")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether the best runs by `metric` have its lowest values: wall time and losses."""
+    return metric in LOWER_IS_BETTER or metric.endswith("_loss")
 
 
 def val_acc_history(run_id: str) -> pd.Series:
@@ -67,11 +74,13 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
 
 
 def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
-    """Rows sorted by `metric`, best (highest) first, runs without it last; the first `top` if given."""
+    """Rows sorted by `metric`, best first (lowest first for times and losses, else highest), runs without it
+    last; the first `top` if given."""
     if metric not in table.columns or not pd.api.types.is_numeric_dtype(table[metric]):
         numeric = [c for c in RESULT_COLUMNS if c in table.columns]
         raise config.ConfigError(f"metric: must be one of {', '.join(numeric)}, got {metric!r}")
-    ordered = table.sort_values(metric, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+    ordered = table.sort_values(metric, ascending=lower_is_better(metric), na_position="last",
+                                kind="stable").reset_index(drop=True)
     return ordered.head(top) if top else ordered
 
 
@@ -97,7 +106,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     """Compare training runs; log the table and plot to a new comparison run.
 
     Inputs: an experiment name (None: all experiments) and/or run ids, `top` N rows by `metric`
-    (any numeric column of the table, highest first). Every input is checked before the
+    (any numeric column of the table, best first: see `top_runs`). Every input is checked before the
     comparison run opens. Output: {"run_id", "table", "markdown", "artifacts"}.
     """
     run_ids = [r for r in (run_ids or []) if r]
@@ -108,6 +117,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     table = top_runs(build_table(runs, histories), metric, top)
     markdown = markdown_table(table)
     name = f"compare-{len(table)}-runs-by-{metric}"
+    order = "lowest" if lower_is_better(metric) else "highest"
     with open_run("compare", experiment=experiment, run_name=name) as comparison:
         with artifact_dir() as folder:
             table.to_csv(folder / "runs.csv", index=False)
@@ -116,7 +126,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
         # Prefixed: `mlflow run` has already logged the entry-point parameters under their bare names.
         steps.log_comparison({"compare.experiment": experiment or "", "compare.metric": metric,
                               "compare.top": top or ""}, list(table["run_id"]),
-                             f"Training runs by {metric}, best first:\n\n{markdown}")
+                             f"Training runs by {metric}, best ({order}) first:\n\n{markdown}")
         run_id = comparison.info.run_id
     print(markdown, end="")
     print(f"comparison run {run_id}: runs.md, runs.csv, val_acc.png")
@@ -133,7 +143,7 @@ def main() -> None:
     args = config.entry_point_parser(
         "compare", __doc__.split("\n")[0], experiment="experiment name (default: every experiment)",
         run_ids="training run ids, comma or space separated", top="keep the best N runs by --metric",
-        metric=f"sort column: {', '.join(RESULT_COLUMNS)}").parse_args()
+        metric=f"sort column, best first (wall_s: lowest first): {', '.join(RESULT_COLUMNS)}").parse_args()
     run_ids = split_ids(args.run_ids)
     experiment = args.experiment or None
     try:

@@ -2,8 +2,9 @@
 
 Usage: python -m pipeline.predict cat.png dog.jpg --url http://127.0.0.1:5000
 Sends the files as base64 PNG/JPEG to `<url>/invocations` and prints one line per image:
-file, predicted label, its probability (tab-separated). Exits 1 with a message on stderr when a
-file cannot be read, the server cannot be reached or it refuses the request.
+file, predicted label, its probability (tab-separated). Exits 1 with a message on stderr when --url
+is not an http(s) URL, a file cannot be read, the server cannot be reached or it refuses the request
+(naming the file it refused), printing no predictions then.
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """
 
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
+import re
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -42,17 +46,39 @@ def server_message(body: bytes) -> str:
     return message.rsplit("\nError: ", 1)[-1].strip() or "(no message)"
 
 
-def request_predictions(url: str, images: list[str], timeout: float) -> list[dict]:
-    """POST base64 images to `<url>/invocations`; return the server's predictions, one dict per image."""
+def check_url(url: str) -> None:
+    """PredictError naming --url unless `url` is http(s)://host[:port][/path]: urllib raises ValueError for
+    some others, and would read a `file:` URL or report a missing scheme as a failed connection."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        valid = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0  # port: ValueError if bad
+    except ValueError as exc:
+        raise PredictError(f"--url: not a valid URL: {url!r} ({exc})") from None
+    if not valid:
+        raise PredictError(f"--url: expected http://host:port, got {url!r}")
+
+
+def name_images(message: str, names: list[str]) -> str:
+    """The server's `image <i>:` (the index in one request) in `message` -> `<names[i]>:`."""
+    return re.sub(r"\bimage (\d+):", lambda m: f"{names[int(m[1])]}:" if int(m[1]) < len(names) else m[0], message)
+
+
+def request_predictions(url: str, images: list[str], timeout: float, names: list[str] | None = None) -> list[dict]:
+    """POST base64 images to `<url>/invocations`; return the server's predictions, one dict per image.
+    `names` (one per image: file names) replace the server's `image <i>` in its error message."""
+    check_url(url)
     request = urllib.request.Request(f"{url.rstrip('/')}/invocations", data=json.dumps({"inputs": images}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             predictions = json.loads(response.read())["predictions"]
     except urllib.error.HTTPError as exc:
-        raise PredictError(f"server refused the request (HTTP {exc.code}): {server_message(exc.read())}") from None
+        message = name_images(server_message(exc.read()), names or [])
+        raise PredictError(f"server refused the request (HTTP {exc.code}): {message}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         raise PredictError(f"cannot reach {url} ({getattr(exc, 'reason', exc)})") from None
+    except http.client.InvalidURL as exc:  # a ValueError too: e.g. a space in the host name
+        raise PredictError(f"--url: not a valid URL: {url!r} ({exc})") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise PredictError(f"unexpected answer from {url} ({exc!r})") from None
     if len(predictions) != len(images):
@@ -65,7 +91,8 @@ def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) 
     lines = []
     for start in range(0, len(paths), batch_size):
         batch = paths[start:start + batch_size]
-        for path, row in zip(batch, request_predictions(url, encode_files(batch), timeout), strict=True):
+        predictions = request_predictions(url, encode_files(batch), timeout, [str(path) for path in batch])
+        for path, row in zip(batch, predictions, strict=True):
             lines.append(f"{path}\t{row['label']}\t{row['probability']:.4f}")
     return lines
 

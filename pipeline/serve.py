@@ -167,6 +167,10 @@ def check_pixels(model_input: Any) -> np.ndarray:
             raise bad_input("pixels contain NaN or infinity")
         if not np.equal(np.mod(x, 1), 0).all():
             raise bad_input("pixels must be integers 0-255; got fractional values (scaled to [0, 1]?)")
+        # Whole floats pass (JSON clients send 255.0), but only 0.0 and 1.0 is an image scaled to [0, 1] (white,
+        # line art) that would read as nearly black: a brightest pixel of 1 of 255 is no real image. All 0.0 passes.
+        if x.min() >= 0 and x.max() == 1:
+            raise bad_input("pixels must be integers 0-255; got floats of only 0.0 and 1.0 (scaled to [0, 1]?)")
     if x.min() < 0 or x.max() > 255:
         raise bad_input(f"pixels must lie in 0-255, got values in [{x.min()}, {x.max()}]")
     return x.astype(np.uint8)

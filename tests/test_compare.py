@@ -180,3 +180,37 @@ def test_a_runs_description_names_its_architecture():
         cfg = config.load(ROOT / params_file)
         summary = model_summary({k: str(v) for k, v in cfg.flat().items()}, {"model_depth": str(cfg.model.depth)})
         assert summary.startswith(expected), (params_file, summary)
+
+
+def test_top_runs_puts_the_best_first_lowest_for_times_and_losses():
+    import pandas as pd
+
+    from pipeline.compare import top_runs
+
+    table = pd.DataFrame({"run_id": ["slow", "fast", "unfinished"], "test_acc": [0.9, 0.8, float("nan")],
+                          "wall_s": [300.0, 100.0, float("nan")], "val_loss": [0.4, 0.6, 0.5]})
+    assert top_runs(table, "wall_s", 1)["run_id"].tolist() == ["fast"]
+    assert top_runs(table, "val_loss", None)["run_id"].tolist() == ["slow", "unfinished", "fast"]
+    assert top_runs(table, "test_acc", None)["run_id"].tolist() == ["slow", "fast", "unfinished"]  # missing: last
+
+
+def test_malformed_run_ids_are_refused_before_any_search(store, monkeypatch):
+    import mlflow
+
+    from pipeline import config
+    from pipeline.tracking import steps
+
+    good = "0123456789abcdef0123456789abcdef"
+    with monkeypatch.context() as patch:
+        patch.setattr(mlflow, "search_runs", lambda *args, **kwargs: pytest.fail("searched"))
+        for bad in ("x'y", good.upper(), good[:31]):
+            with pytest.raises(config.ConfigError, match=r"^run_ids: not a run id \(32 lowercase hex characters\): "
+                                                         f"{re.escape(repr(bad))}$"):
+                steps.search_train_runs(None, [good, bad])
+
+    # From the command line: one error line, exit status 2, no comparison run.
+    done = subprocess.run([sys.executable, "-m", "pipeline.compare", "--run-ids", f"{good},x'y"], env=store, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == "error: run_ids: not a run id (32 lowercase hex characters): \"x'y\""
+    assert mlflow.search_runs(search_all_experiments=True, filter_string="tags.step = 'compare'").empty

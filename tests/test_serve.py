@@ -126,10 +126,15 @@ def test_to_pixels_accepts_integer_tensors_and_single_images():
         assert out.dtype == np.uint8 and out.shape == (3, 32, 32, 3)
         np.testing.assert_array_equal(out, pixels)
     np.testing.assert_array_equal(serve.to_pixels(pixels[0].tolist()), pixels[:1])
+    # Black as floats, and integers 0 and 1 (a very dark image): not mistaken for pixels scaled to [0, 1].
+    for dark in (np.zeros((1, 32, 32, 3)), np.ones((1, 32, 32, 3), dtype=np.int64), [[[[0, 1, 1]] * 32] * 32]):
+        np.testing.assert_array_equal(serve.to_pixels(dark), np.asarray(dark, dtype=np.uint8))
 
 
 @pytest.mark.parametrize(("given", "problem"), [
     (random_pixels(2) / 255.0, "fractional values"),
+    (np.ones((2, 32, 32, 3)), "floats of only 0.0 and 1.0 (scaled to [0, 1]?)"),
+    (np.where(random_pixels(1) > 127, 1.0, 0.0), "floats of only 0.0 and 1.0 (scaled to [0, 1]?)"),
     (random_pixels(2).astype(np.int64) + 1, "0-255"),
     (random_pixels(2).astype(np.int64) - 256, "0-255"),
     (np.full((1, 32, 32, 3), np.nan), "NaN"),
@@ -140,8 +145,8 @@ def test_to_pixels_accepts_integer_tensors_and_single_images():
     (np.zeros((0, 32, 32, 3)), "empty batch"),
     ([[[[1, 2, 3]]], [[[1, 2]]]], "(n, 32, 32, 3)"),
     (np.ones((1, 32, 32, 3), dtype=bool), "integers 0-255"),
-], ids=["floats01", "over255", "negative", "nan", "shape", "4channels", "1channel", "empty-list", "empty-array",
-        "ragged", "bool"])
+], ids=["floats01", "white01", "line-art01", "over255", "negative", "nan", "shape", "4channels", "1channel",
+        "empty-list", "empty-array", "ragged", "bool"])
 def test_to_pixels_refuses_bad_tensors(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -236,6 +241,7 @@ NAN_BODY = json.dumps({"inputs": np.where(random_pixels(1) > 100, np.nan, 1.0).t
 
 @pytest.mark.parametrize(("body", "problem"), [
     ({"inputs": (random_pixels(2) / 255).tolist()}, "fractional values"),
+    ({"inputs": np.ones((1, 32, 32, 3)).tolist()}, "floats of only 0.0 and 1.0"),
     ({"inputs": (random_pixels(1).astype(int) + 200).tolist()}, "must lie in 0-255"),
     ({"inputs": (random_pixels(1).astype(int) - 300).tolist()}, "must lie in 0-255"),
     ({"inputs": random_pixels(1, shape=(32, 16)).tolist()}, "shape (n, 32, 32, 3)"),
@@ -249,8 +255,8 @@ NAN_BODY = json.dumps({"inputs": np.where(random_pixels(1) > 100, np.nan, 1.0).t
     ({"inputs": [[[[1, 2, 3]]], [[[1, 2]]]]}, "inhomogeneous"),
     (b'{"inputs": [[[', "valid JSON"),
     ({"inputs": "abc"}, "image 0: not a base64 image"),
-], ids=["floats01", "over255", "negative", "shape", "4channels", "empty", "empty-frame", "nan", "invalid-base64",
-        "not-an-image", "wrong-column", "ragged", "broken-json", "bare-string"])
+], ids=["floats01", "white01", "over255", "negative", "shape", "4channels", "empty", "empty-frame", "nan",
+        "invalid-base64", "not-an-image", "wrong-column", "ragged", "broken-json", "bare-string"])
 def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(server, body, problem):
     status, answer = post(server, body)
     assert status == 400, answer
@@ -287,3 +293,30 @@ def test_predict_client_prints_one_line_per_image_and_fails_clearly(server, loca
     assert "cannot reach" in capsys.readouterr().err
     assert predict.main([str(tmp_path / "missing.png"), "--url", server]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path, capsys):
+    files = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "notes.txt"]
+    for seed, path in enumerate(files[:2]):
+        path.write_bytes(encode(random_pixels(1, seed=seed)[0], "PNG"))
+    files[2].write_text("not a picture")
+    assert predict.main([str(f) for f in files] + ["--url", server, "--batch-size", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert f"{files[2]}: not a decodable PNG/JPEG" in err and "image 0" not in err and len(err.splitlines()) == 1
+    assert out == ""  # no predictions printed when a request fails, as the module docstring says
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("localhost", "expected http://host:port, got 'localhost'"),
+    ("localhost:5000", "expected http://host:port"),
+    ("ftp://127.0.0.1", "expected http://host:port"),
+    ("http://[::1", "Invalid IPv6 URL"),
+    ("http://127.0.0.1:abc", "not a valid URL"),
+    ("http://exa mple.com", "not a valid URL"),
+], ids=["no-scheme", "host-port", "ftp", "ipv6", "port", "space"])
+def test_predict_client_refuses_a_bad_url_in_one_line(tmp_path, capsys, url, problem):
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    assert predict.main([str(image), "--url", url, "--timeout", "5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --url: ") and problem in err and len(err.splitlines()) == 1

@@ -130,8 +130,14 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
 
     Inputs: an experiment name (None: every experiment) and optional run ids to keep. Output: one row
     per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`,
-    `start_time`, `end_time`. ConfigError if nothing matches or a named run is not a training run.
+    `start_time`, `end_time`. ConfigError if nothing matches, a run id is malformed or a named run is not
+    a training run.
     """
+    # Checked before they go into the filter string, where a quote would make MLflow fail on its syntax.
+    malformed = [r for r in run_ids if len(r) != 32 or set(r) - set("0123456789abcdef")]
+    if malformed:
+        raise config.ConfigError(f"run_ids: not a run id (32 lowercase hex characters): "
+                                 f"{', '.join(map(repr, malformed))}")
     clauses = ["tags.step = 'train'", "attributes.status = 'FINISHED'"]
     if run_ids:
         clauses.append("attributes.run_id IN (" + ", ".join(f"'{r}'" for r in run_ids) + ")")
