@@ -1,7 +1,7 @@
 """A training command's inputs (data, a dataset URI, a run to resume, the host's place in a cluster),
-checked before any run opens and before Keras loads, so that a wrong path or run id is refused in the
-seconds the interpreter and MLflow take to start, not after TensorFlow's ~12 CPU-s import. Shared by
-the `main` and `train` entry points.
+checked before any run opens, and for `main` before Keras loads, so that a wrong path or run id is refused in
+the seconds the interpreter and MLflow take to start, not after TensorFlow's ~12 CPU-s import (the `train`
+entry point imports Keras first, to check the backend and its devices). Shared by both entry points.
 """
 
 from __future__ import annotations

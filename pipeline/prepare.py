@@ -80,7 +80,11 @@ def ensure_prepared(cfg: config.Config) -> str:
 
 
 def check_dataset_uri(dataset_uri: str) -> None:
-    """Refuse a dataset URI that names no artifact (DataError naming `dataset_uri`), before a step opens its run."""
+    """Refuse a dataset URI that names no prepared dataset file or no artifact (DataError naming `dataset_uri`),
+    before a step opens its run."""
+    if not dataset_uri.endswith(".npz"):  # the folder, or dataset.json beside the file, failed later as unreadable
+        raise data.DataError(f"dataset_uri: {dataset_uri} names no prepared dataset (.npz); give "
+                             f"runs:/<prepare run id>/{steps.DATASET_ARTIFACT}")
     steps.check_artifact_uri(dataset_uri, "dataset_uri")
 
 

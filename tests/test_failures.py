@@ -61,6 +61,7 @@ def test_no_image_left_to_train_on_exits_2_naming_the_key_and_registers_nothing(
     assert not client.get_metric_history(run.info.run_id, "acc")
     assert client.search_registered_models() == []
 
+
 BAD = [  # (module, argv, key named by the one-line error)
     (main, ["--epochs", "0"], "train.epochs"),
     (main, ["--epochs", "ten"], "train.epochs"),
@@ -81,6 +82,7 @@ BAD = [  # (module, argv, key named by the one-line error)
     (train, ["--resume", "0123456789abcdef"], "resume"),
     (train, ["--dataset-uri", "runs:/0123456789abcdef/dataset/dataset.npz"], "dataset_uri"),
     (train, ["--dataset-uri", "params/tiny.yaml"], "dataset_uri"),  # a file no prepare step wrote
+    (train, ["--dataset-uri", "runs:/0123456789abcdef/dataset/dataset.json"], "dataset_uri"),  # not the .npz
     (evaluate, ["--model-uri", "models:/m-0123", "--dataset-uri", "runs:/0123/x.npz"], "dataset_uri"),
     (evaluate, ["--overrides", "evaluate.batch_size=0", "--model-uri", "x", "--dataset-uri", "y"],
      "evaluate.batch_size"),
@@ -105,6 +107,26 @@ def test_bad_input_is_one_line_naming_the_key(store, capsys, monkeypatch, module
     assert client.search_registered_models() == []
     assert client.search_model_versions() == []
 
+
+
+def test_a_run_without_a_checkpoint_or_a_dataset_without_its_summary_is_refused_before_a_run_opens(store, tmp_path):
+    """resume=<id> of a train run that left no checkpoint (a finished one) was refused only inside main's run,
+    after Keras loaded; a local dataset whose dataset.json is not prepare's raised a traceback."""
+    from pipeline import data, inputs
+
+    cfg = config.load(TINY)
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    with mlflow.start_run(experiment_id=experiment_id) as finished:  # a train run as train logs one
+        mlflow.log_params({**cfg.flat(), "dataset_uri": "runs:/0123456789abcdef/dataset/dataset.npz"})
+        mlflow.set_tag("step", "train")
+    with pytest.raises(config.ConfigError, match=f"^resume: run {finished.info.run_id} has no checkpoint"):
+        inputs.check_inputs(cfg, resume=finished.info.run_id)
+    (tmp_path / "dataset.npz").write_bytes(b"")
+    for summary in ("{not json", '["a list"]'):
+        (tmp_path / "dataset.json").write_text(summary)
+        with pytest.raises(data.DataError, match=r"^dataset_uri: .*dataset.json beside the dataset is not prepare's"):
+            inputs.check_inputs(cfg, resume="", dataset_uri=str(tmp_path / "dataset.npz"))
+    assert len(MlflowClient().search_runs([experiment_id])) == 1  # the stand-in alone: none opened
 
 def test_a_step_freezes_its_objects_out_of_the_collections_at_exit(tmp_path):
     """The interpreter's final collections over Keras's objects add ~4 s to every step and free nothing

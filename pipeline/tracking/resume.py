@@ -144,7 +144,7 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     """Check that `cfg` (and `dataset_uri`, if given) are what train run `run_id` was started with; return
     the run's dataset URI. `train.epochs` may grow, to extend the run (the lr schedule is then built for
     the new length), and the params in `NOT_TRAINING` may change; any other difference is a ConfigError naming
-    the keys."""
+    the keys, as is a run that left no checkpoint here."""
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
@@ -168,6 +168,9 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     if cfg.train.epochs < logged.train.epochs:
         raise config.ConfigError(f"train.epochs: resuming run {run_id} can only keep or extend its "
                                  f"{logged.train.epochs} epochs, got {cfg.train.epochs}")
+    if not has_checkpoint(run_id):  # as find_resumable says it, but before any run opens
+        raise config.ConfigError(f"resume: run {run_id} has no checkpoint in {checkpoint_dir(run_id)} "
+                                 f"(finished runs delete theirs)")
     return params["dataset_uri"]
 
 

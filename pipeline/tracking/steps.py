@@ -83,7 +83,12 @@ def dataset_params(uri: str) -> dict[str, str]:
         params = mlflow.MlflowClient().get_run(uri.removeprefix("runs:/").partition("/")[0]).data.params
     else:
         summary = Path(uri.removeprefix("file://")).with_name("dataset.json")
-        params = json.loads(summary.read_text()).get("params", {}) if summary.is_file() else {}
+        try:
+            params = json.loads(summary.read_text()).get("params", {}) if summary.is_file() else {}
+        except (ValueError, AttributeError, OSError) as exc:  # not JSON, or not the mapping prepare writes
+            raise data.DataError(f"dataset_uri: {summary} beside the dataset is not prepare's dataset.json "
+                                 f"({exc})") from None
+        params = params if isinstance(params, dict) else {}
     found = {k: v for k, v in params.items() if k.startswith("data.")}
     if not found:
         raise data.DataError(f"dataset_uri: {uri} was not written by a prepare step (it records no data.* params); "
