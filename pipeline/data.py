@@ -22,6 +22,8 @@ import hashlib
 import io
 import os
 import pickle
+import posixpath
+import re
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -40,6 +42,11 @@ CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SYNTHETIC_CLASSES = tuple(f"class_{i}" for i in range(10))
+SOURCES = ("'cifar10', 'synthetic', the official CIFAR-10 python archive or its cifar-10-batches-py/ folder, an image "
+           "folder (a directory, .tar.gz or .zip of train/<class>/*.png|jpg and test/<class>/*.png|jpg) or an .npz")
+# evaluate logs `test_acc_<class>`: MLflow's metric names (mlflow.utils.validation) admit these characters only
+METRIC_NAME = re.compile(r"[/\w.\- :]+")
+METRIC_CHARS = "letters, digits, underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/)"
 
 
 class DataError(ValueError):
@@ -143,29 +150,70 @@ def load_arrays(path: str | Path) -> Dataset:
     required = ("x_train", "y_train", "x_test", "y_test")
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in required if k not in f.files]
-            if missing:
-                raise DataError(f"{path}: no array {', '.join(missing)} (an .npz source holds {', '.join(required)}, "
-                                f"and optionally class_names)")
-            arrays = {k: f[k] for k in (*required, *(["class_names"] if "class_names" in f.files else []))}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:  # ValueError: an object array, which needs pickles
+            arrays = {k: f[k] for k in f.files if k in (*required, "class_names")}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # ValueError: an object array (needs pickles)
         raise DataError(f"{path}: unreadable .npz ({exc})") from None
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: no array {', '.join(missing)} (an .npz source holds {', '.join(required)}, "
+                        f"and optionally class_names)")
     labels = {}
     for split in ("train", "test"):
         y = arrays[f"y_{split}"]
         if not np.issubdtype(y.dtype, np.integer):
             raise DataError(f"{path}: y_{split} must hold integer labels, got {y.dtype}")
-        labels[split] = (y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y).astype(np.int32)
+        labels[split] = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
     if "class_names" in arrays:
-        names = tuple(str(c) for c in arrays["class_names"])
+        names = _class_names(arrays["class_names"], f"{path}: class_names")
     elif max(labels["train"].max(initial=0), labels["test"].max(initial=0)) < len(CIFAR10_CLASSES):
         names = CIFAR10_CLASSES
     else:
         raise DataError(f"{path}: labels beyond 0-9 need a class_names array")
-    return Dataset(arrays["x_train"], labels["train"], arrays["x_test"], labels["test"], names)
+    for split, y in labels.items():  # before the int32 cast, which would wrap 2**32 + 1 to 1
+        if y.size:
+            _check_label_range(y.min(), y.max(), len(names), f"{path}: y_{split}")
+    return Dataset(arrays["x_train"], labels["train"].astype(np.int32), arrays["x_test"],
+                   labels["test"].astype(np.int32), names)
+
+
+def _class_names(values: object, where: str) -> tuple[str, ...]:
+    """A flat list (or 1-d array) of str or UTF-8 bytes names -> str names; anything else is refused."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1 or values.dtype.kind not in "US":
+            raise DataError(f"{where} must be a 1-d array of class names (text), got {values.ndim}-d {values.dtype}")
+        values = values.tolist()
+    bad = [v for v in values if not isinstance(v, (str, bytes))] if isinstance(values, (list, tuple)) else [values]
+    if bad:
+        raise DataError(f"{where} must be a list of class names (text), got {bad[0]!r:.40} ({type(bad[0]).__name__})")
+    try:
+        return tuple(v.decode() if isinstance(v, bytes) else v for v in values)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: a class name is not UTF-8 text ({exc})") from None
+
+
+def _check_class_names(names: tuple[str, ...], origin: str) -> None:
+    """Every source's class names: some, unique, and each usable in the metric name `test_acc_<class>` (MLflow's
+    rule: its characters, at most 250 in all, and no path part to normalise away), so that evaluate cannot fail on
+    them after training."""
+    if not names:
+        raise DataError(f"{origin}: no class names")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f"{origin}: duplicate class names {duplicates}")
+    for name in names:
+        metric = f"test_acc_{name}"
+        if not METRIC_NAME.fullmatch(name) or posixpath.normpath(metric) != metric or len(metric) > 250:
+            raise DataError(f"{origin}: class name {name!r} cannot be used (evaluate logs test_acc_<class>): a class "
+                            f"name is 1-241 {METRIC_CHARS}, with no empty, '.' or '..' part between slashes")
+
+
+def _check_label_range(low: int, high: int, n_classes: int, where: str) -> None:
+    if low < 0 or high >= n_classes:
+        raise DataError(f"{where} must lie in [0, {n_classes}) ({n_classes} class names), got [{low}, {high}]")
 
 
 def _check_arrays(d: Dataset, origin: str) -> None:
+    _check_class_names(d.class_names, origin)
     for split, x, y in (("train", d.x_train, d.y_train), ("test", d.x_test, d.y_test)):
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, CHANNELS):
             raise DataError(f"{origin}: {split} images must be uint8 (N, 32, 32, 3), got {x.dtype} {x.shape}")
@@ -173,9 +221,7 @@ def _check_arrays(d: Dataset, origin: str) -> None:
             raise DataError(f"{origin}: {split} has {len(x)} images but labels of shape {y.shape}")
         if len(x) == 0:
             raise DataError(f"{origin}: the {split} split is empty")
-        if y.min() < 0 or y.max() >= len(d.class_names):
-            raise DataError(f"{origin}: {split} labels must lie in [0, {len(d.class_names)}), "
-                            f"got [{y.min()}, {y.max()}]")
+        _check_label_range(y.min(), y.max(), len(d.class_names), f"{origin}: {split} labels")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -305,15 +351,28 @@ def _unpickle_batch(raw: bytes, name: str) -> dict:
         raise DataError(f"{name}: not a valid CIFAR-10 batch ({exc})") from None
     if not isinstance(batch, dict):
         raise DataError(f"{name}: not a valid CIFAR-10 batch (holds a {type(batch).__name__})")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    return {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
-def _batch_arrays(batch: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _batch_arrays(batch: dict, name: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     data, labels = batch.get("data"), batch.get("labels")
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != IMAGE_SIZE * IMAGE_SIZE * CHANNELS:
         raise DataError(f"{name}: 'data' must be an (N, 3072) array")
-    if labels is None or len(labels) != len(data):
-        raise DataError(f"{name}: 'labels' must have one entry per image")
+    if data.dtype.kind not in "iu":
+        raise DataError(f"{name}: 'data' must hold integer pixel values 0-255, got {data.dtype}")
+    if data.dtype != np.uint8 and data.size and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"{name}: 'data' must hold pixel values 0-255, got [{data.min()}, {data.max()}]")
+    if isinstance(labels, np.ndarray):
+        labels = labels.tolist()
+    if not isinstance(labels, (list, tuple)):
+        raise DataError(f"{name}: 'labels' must be a list of integers, got {type(labels).__name__}")
+    bad = [v for v in labels if type(v) is not int]  # bools and floats (1.7) are not class indices either
+    if bad:
+        raise DataError(f"{name}: 'labels' must be integers, got {bad[0]!r:.40} ({type(bad[0]).__name__})")
+    if len(labels) != len(data):
+        raise DataError(f"{name}: 'labels' must have one entry per image ({len(labels)} for {len(data)} images)")
+    if labels:
+        _check_label_range(min(labels), max(labels), n_classes, f"{name}: 'labels'")
     # Rows are 1024 red, then 1024 green, then 1024 blue values, each image row-major.
     x = data.astype(np.uint8).reshape(-1, CHANNELS, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(x), np.asarray(labels, dtype=np.int32)
@@ -325,31 +384,38 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
     needed = ("batches.meta", *CIFAR10_TRAIN_BATCHES, "test_batch")
     if path.is_dir():
         folder = path if (path / "batches.meta").is_file() else path / CIFAR10_DIR
+        where = {n: str(folder / n) for n in needed}
         try:
             raw = {n: (folder / n).read_bytes() for n in needed}
         except FileNotFoundError as exc:
             missing = Path(exc.filename).name
             raise DataError(f"{path}: missing {missing} (expected the files of {CIFAR10_DIR}/)") from None
     else:
-        raw = {}
+        raw, where = {}, {}
         try:
-            with tarfile.open(path, "r:gz") as tar:
+            if not tarfile.is_tarfile(path):  # any compression, as _looks_like_cifar_python opened it
+                raise DataError(f"{path}: not a tar archive (expected the official {CIFAR10_ARCHIVE_NAMES[0]})")
+            with tarfile.open(path, "r:*") as tar:
                 for member in tar:  # read in place: nothing is extracted to disk
                     base = member.name.rsplit("/", 1)[-1]
                     if member.isfile() and base in needed:
-                        raw[base] = tar.extractfile(member).read()
+                        raw[base], where[base] = tar.extractfile(member).read(), f"{path}:{member.name}"
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
         missing = [n for n in needed if n not in raw]
         if missing:
             raise DataError(f"{path}: missing {', '.join(missing)} (expected {CIFAR10_DIR}/ with the 6 batches)")
 
-    meta = _unpickle_batch(raw["batches.meta"], "batches.meta")
-    class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("label_names", []))
-    if not class_names:
-        raise DataError("batches.meta: no label_names")
-    train = [_batch_arrays(_unpickle_batch(raw[n], n), n) for n in CIFAR10_TRAIN_BATCHES]
-    x_test, y_test = _batch_arrays(_unpickle_batch(raw["test_batch"], "test_batch"), "test_batch")
+    meta_name = where["batches.meta"]
+    meta = _unpickle_batch(raw["batches.meta"], meta_name)
+    if "label_names" not in meta:
+        raise DataError(f"{meta_name}: no label_names")
+    class_names = _class_names(meta["label_names"], f"{meta_name}: label_names")
+    _check_class_names(class_names, meta_name)
+    train = [_batch_arrays(_unpickle_batch(raw[n], where[n]), where[n], len(class_names))
+             for n in CIFAR10_TRAIN_BATCHES]
+    x_test, y_test = _batch_arrays(_unpickle_batch(raw["test_batch"], where["test_batch"]), where["test_batch"],
+                                   len(class_names))
     return Dataset(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
                    x_test, y_test, class_names)
 
@@ -375,6 +441,8 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
             if img.size != (IMAGE_SIZE, IMAGE_SIZE):
                 img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:  # a canvas beyond Pillow's pixel limit, refused before decoding
+        raise DataError(f"{name}: image too large ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{name}: not a decodable PNG/JPEG image ({exc})") from None
 
@@ -397,6 +465,8 @@ def _iter_image_files(path: Path):
             raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
         return
     try:
+        if not tarfile.is_tarfile(path):
+            raise DataError(f"{path}: not a dataset source; data.source takes {SOURCES}")
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
                 if member.isfile():

@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
+import struct
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +131,148 @@ def test_crafted_pickle_cannot_run_code(tmp_path):
     with pytest.raises(data.DataError, match="forbidden"):
         data.load_source(str(tmp_path / "cifar-10-batches-py"))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(("batch_key", "value", "message"), [
+    (b"labels", 3, "'labels' must be a list of integers, got int"),
+    (b"labels", [b"3"] * 6, r"'labels' must be integers, got b'3' \(bytes\)"),
+    (b"labels", [[1, 2]] * 6, r"'labels' must be integers, got \[1, 2\] \(list\)"),
+    (b"labels", [1.7] * 6, r"'labels' must be integers, got 1.7 \(float\)"),  # not silently 1
+    (b"labels", [True] * 6, "'labels' must be integers, got True"),
+    (b"labels", [0, 1, 2, 3, 4, 2**32 + 1], r"'labels' must lie in \[0, 10\) \(10 class names\), got \[0, 42949"),
+    (b"labels", [1, 2], r"'labels' must have one entry per image \(2 for 6 images\)"),
+    (b"data", np.full((6, 3072), 0.5), "'data' must hold integer pixel values 0-255, got float64"),  # not silently 0
+    (b"data", np.full((6, 3072), 300, np.int64), r"'data' must hold pixel values 0-255, got \[300, 300\]"),  # not 44
+])
+def test_official_batch_with_wrong_values_is_refused_naming_it(tmp_path, batch_key, value, message):
+    archive, _, _ = write_official(tmp_path)
+    batch, _, _ = official_batch(np.random.default_rng(1), 6)
+    batch[batch_key] = value
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(data.DataError, match=r"cifar-10-batches-py/data_batch_2: " + message):
+        data.load_source(str(tmp_path / "cifar-10-batches-py"))
+    with tarfile.open(archive, "w:gz") as tar:  # the archive names its member
+        tar.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    with pytest.raises(data.DataError, match=re.escape(f"{archive}:cifar-10-batches-py/data_batch_2: ") + message):
+        data.load_source(str(archive))
+
+
+@pytest.mark.parametrize(("label_names", "message"), [
+    (7, r"label_names must be a list of class names \(text\), got 7 \(int\)"),
+    ([b"cat", 3], r"label_names must be a list of class names \(text\), got 3 \(int\)"),
+    ([b"cat", b"\xff"], "label_names: a class name is not UTF-8 text"),
+    ([b"cat", b"cat"], r"duplicate class names \['cat'\]"),
+    ([b"cat", b"dog's"], "class name \"dog's\" cannot be used"),
+    ([], "no class names"),
+])
+def test_official_meta_with_wrong_label_names_is_refused(tmp_path, label_names, message):
+    write_official(tmp_path)
+    meta = {b"label_names": label_names, b"num_cases_per_batch": 6, b"num_vis": 3072}
+    (tmp_path / "cifar-10-batches-py" / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    with pytest.raises(data.DataError, match=r"cifar-10-batches-py/batches.meta: .*" + message):
+        data.load_source(str(tmp_path / "cifar-10-batches-py"))
+
+
+def test_official_archive_in_any_tar_compression(tmp_path):
+    archive, x_train, _ = write_official(tmp_path)
+    for name, mode in (("cifar.tar", "w"), ("cifar.tar.bz2", "w:bz2"), ("cifar-10-python.tar.gz", None)):
+        if mode:  # an intact archive, known by its contents, is read as it was opened (not as gzip)
+            with tarfile.open(tmp_path / name, mode) as tar:
+                tar.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+        np.testing.assert_array_equal(data.load_source(str(tmp_path / name)).x_train, x_train)
+    archive.write_bytes(b"not an archive at all")  # the official name, other contents: one line, no tarfile list
+    with pytest.raises(data.DataError, match=r"cifar-10-python.tar.gz: not a tar archive \(expected") as err:
+        data.load_source(str(archive))
+    assert "\n" not in str(err.value)
+
+
+def test_a_file_that_is_no_source_says_what_sources_are(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "one.png")
+    with pytest.raises(data.DataError) as err:
+        data.load_source(str(tmp_path / "one.png"))
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'one.png'}: not a dataset source; data.source takes 'cifar10'")
+    assert "\n" not in message and "truncated" not in message and ".npz" in message
+
+
+def test_class_names_mlflow_cannot_log_are_refused_for_every_source(tmp_path):
+    """evaluate logs test_acc_<class>: a name MLflow refuses there is refused at load instead, the same way for
+    image folders, .npz files and the official batches, and exactly the names MLflow refuses."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_metric
+
+    def mlflow_accepts(name: str) -> bool:
+        try:
+            _validate_metric(f"test_acc_{name}", 0.5, 0, 0)
+            return True
+        except MlflowException:
+            return False
+
+    def we_accept(name: str) -> bool:
+        try:
+            data._check_class_names((name, "other"), "here")
+            return True
+        except data.DataError:
+            return False
+
+    names = ["cat", "pick-up truck", "Ünïcode_1.0", "a:b", "a/b", "/a", "..", "dog's", "cat (tabby)", "a+b", "a\tb",
+             "a//b", "a/", "a/./b", "a/../b", "x" * 241, "x" * 242, "été"]
+    assert [we_accept(n) for n in names] == [mlflow_accepts(n) for n in names]
+    assert not we_accept("")  # MLflow would take test_acc_, but a class needs a name
+    assert sum(map(we_accept, names)) == 9  # some of each
+
+    write_image_folder(tmp_path / "imgs", classes=("cat (tabby)", "dog"))
+    with pytest.raises(data.DataError, match=r"imgs: class name 'cat \(tabby\)' cannot be used .*letters, digits, "):
+        data.load_source(str(tmp_path / "imgs"))
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0, 1])
+    for names, message in [(["dog's", "cat"], "class name \"dog's\" cannot be used"), (["", "cat"], "class name ''"),
+                           (["a", "a", "b"], r"duplicate class names \['a'\]")]:
+        np.savez(tmp_path / "named.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(names))
+        with pytest.raises(data.DataError, match=r"named.npz: " + message):
+            data.load_source(str(tmp_path / "named.npz"))
+    write_official(tmp_path / "official")
+    meta = {b"label_names": [b"cat (tabby)", *[c.encode() for c in NAMES[1:]]]}
+    (tmp_path / "official" / "cifar-10-batches-py" / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    with pytest.raises(data.DataError, match=r"batches.meta: class name 'cat \(tabby\)' cannot be used"):
+        data.load_source(str(tmp_path / "official"))
+
+
+def test_npz_class_names_and_labels_are_checked_before_use(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0, 1])
+
+    def load(**arrays):
+        np.savez(tmp_path / "d.npz", **{"x_train": x, "y_train": y, "x_test": x, "y_test": y, **arrays})
+        return data.load_source(str(tmp_path / "d.npz"))
+
+    assert load(class_names=np.array([b"cat", b"dog"])).class_names == ("cat", "dog")  # bytes decoded, not "b'cat'"
+    with pytest.raises(data.DataError, match=r"d.npz: class_names must be a 1-d array of class names \(text\), "
+                                             r"got 0-d <U3"):
+        load(class_names=np.array("cat"))
+    with pytest.raises(data.DataError, match="class_names must be a 1-d array .* got 1-d int64"):
+        load(class_names=np.arange(2))
+    with pytest.raises(data.DataError, match=r"d.npz: y_test must lie in \[0, 2\) \(2 class names\), "
+                                             r"got \[0, 4294967297\]"):  # not cast to int32's 1
+        load(class_names=np.array(["cat", "dog"]), y_test=np.array([0, 1, 0, 2**32 + 1]))
+    np.savez(tmp_path / "no-test.npz", x_train=x, y_train=y)
+    with pytest.raises(data.DataError) as err:
+        data.load_source(str(tmp_path / "no-test.npz"))
+    assert str(err.value) == (f"{tmp_path / 'no-test.npz'}: no array x_test, y_test (an .npz source holds x_train, "
+                              f"y_train, x_test, y_test, and optionally class_names)")  # not wrapped in "unreadable"
+
+
+def test_image_over_the_pixel_limit_is_refused_naming_it(tmp_path):
+    """A few bytes of PNG header can declare a 14000x14000 canvas: Pillow refuses it, and so does the loader."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 14000, 14000, 8, 2, 0, 0, 0)  # 8-bit RGB, no pixels follow
+    write_image_folder(tmp_path)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    (tmp_path / "train" / "dog" / "big.png").write_bytes(png)
+    with pytest.raises(data.DataError, match=r"train/dog/big.png: image too large \(Image size \(196000000 pixels\)"):
+        data.load_source(str(tmp_path))
 
 
 def write_image_folder(root: Path, classes=("cat", "dog", "ship"), per_class: int = 3, size=(32, 32)) -> None:
