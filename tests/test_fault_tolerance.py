@@ -366,6 +366,7 @@ def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tm
     assert f"resuming train run {run_id}" in extended.stdout
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["extended_epochs"] == "2 -> 3"
+    assert "-e3-" in run.info.run_name and ", 3 epochs," in run.data.tags["mlflow.note.content"]  # not the 2 logged
     assert sorted(metric_steps(client, run_id, "val_acc")) == [1, 2, 3]
     iterations = metric_steps(client, run_id, "iterations")
     assert iterations == {e: e * iterations[1] for e in (1, 2, 3)}

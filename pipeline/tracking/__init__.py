@@ -501,7 +501,8 @@ def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
         digest = client.get_run(prepare_id).data.tags.get("dataset_sha256", "unknown") if prepare_id else "unknown"
     except MlflowException:
         digest = "unknown"  # the prepare run was deleted
-    note = (f"{model_summary(params, tags)}, {params.get('train.epochs', '?')} epochs, "
+    epochs = tags.get("extended_epochs", "").rpartition("-> ")[2] or params.get("train.epochs", "?")
+    note = (f"{model_summary(params, tags)}, {epochs} epochs, "
             f"batch {params.get('train.batch_size', '?')}, lr {params.get('train.lr', '?')}.\n\n"
             f"Data: `{params.get('data.source', '?')}`, sha256 `{digest}` (prepare run `{prepare_id}`).\n\n"
             f"Model: `{tags.get('model_uri', '?')}`.")

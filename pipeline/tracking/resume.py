@@ -176,12 +176,14 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
 
 def log_train_params(cfg: config.Config, dataset_uri: str) -> None:
     """Log every param and the dataset URI on the active train run. A resumed run keeps the values it logged
-    (MLflow params are immutable): one whose `train.epochs` grew gets tag `extended_epochs`, one resumed with
-    other `NOT_TRAINING` params tag `resumed_with` (`key=new (logged old)`, the latest rerun's)."""
+    (MLflow params are immutable): one whose `train.epochs` grew gets tag `extended_epochs` and a run name with
+    the new count, one resumed with other `NOT_TRAINING` params tag `resumed_with` (`key=new (logged old)`, the
+    latest rerun's)."""
     params = {**cfg.flat(), "dataset_uri": dataset_uri}
     logged = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
     if logged.get("train.epochs") not in (None, params["train.epochs"]):
-        mlflow.set_tag("extended_epochs", f"{logged['train.epochs']} -> {cfg.train.epochs}")
+        mlflow.set_tags({"extended_epochs": f"{logged['train.epochs']} -> {cfg.train.epochs}",
+                         "mlflow.runName": cfg.run_name()})  # the name says the epochs: now the new count
     changed = {k: v for k, v in params.items() if k in logged and logged[k] != v and k != "train.epochs"}
     if changed:
         mlflow.set_tag("resumed_with", ", ".join(f"{k}={v} (logged {logged[k]})" for k, v in sorted(changed.items())))
