@@ -214,3 +214,16 @@ def test_malformed_run_ids_are_refused_before_any_search(store, monkeypatch):
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == "error: run_ids: not a run id (32 lowercase hex characters): \"x'y\""
     assert mlflow.search_runs(search_all_experiments=True, filter_string="tags.step = 'compare'").empty
+
+
+def test_a_run_trained_on_a_local_dataset_file_names_its_digest(store, tmp_path):
+    """A train run given a local dataset file (no prepare run to read the digest from) takes it from the
+    dataset.json prepare wrote beside the file."""
+    import mlflow
+
+    from pipeline.tracking import describe_train_run
+
+    (tmp_path / "dataset.json").write_text(json.dumps({"sha256": "ab" * 32}))
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("e2e").experiment_id) as run:
+        mlflow.log_params({"dataset_uri": f"file://{tmp_path / 'dataset.npz'}", "train.epochs": "3"})
+    assert f"sha256 `{'ab' * 32}`" in describe_train_run(run.info.run_id)
