@@ -501,10 +501,10 @@ def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
         digest = client.get_run(prepare_id).data.tags.get("dataset_sha256", "unknown") if prepare_id else "unknown"
     except MlflowException:
         digest = "unknown"  # the prepare run was deleted
-    if not prepare_id:  # a local dataset file: prepare wrote its digest in the dataset.json beside it
-        summary = Path(params.get("dataset_uri", "").removeprefix("file://")).with_name("dataset.json")
+    local = params.get("dataset_uri", "").removeprefix("file://")
+    if local and not prepare_id:  # a local dataset file: prepare wrote its digest in the dataset.json beside it
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            digest = json.loads(summary.read_text()).get("sha256") or digest
+            digest = json.loads(Path(local).with_name("dataset.json").read_text()).get("sha256") or digest
     epochs = tags.get("extended_epochs", "").rpartition("-> ")[2] or params.get("train.epochs", "?")
     note = (f"{model_summary(params, tags)}, {epochs} epochs, "
             f"batch {params.get('train.batch_size', '?')}, lr {params.get('train.lr', '?')}.\n\n"
