@@ -463,8 +463,8 @@ def _check_ghost_batch(model: ModelConfig, train: TrainConfig) -> None:
 
 def from_run_params(params: dict[str, str]) -> Config:
     """Rebuild a Config from the `section.key` params a run logged (other params are ignored)."""
-    sections = {f.name for f in dataclasses.fields(Config)}
-    return load(None, [f"{k}={v}" for k, v in params.items() if k.partition(".")[0] in sections])
+    sections = {f.name for f in dataclasses.fields(Config)}  # not `data`, `epochs`: `mlflow run` logs its -P too
+    return load(None, [f"{k}={v}" for k, v in params.items() if "." in k and k.partition(".")[0] in sections])
 
 
 def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | None) -> Config:
@@ -482,13 +482,22 @@ def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | 
 RESUME_HELP = "'' (continue an interrupted identical run), 'never', or a run id"
 
 
+class _Parser(argparse.ArgumentParser):
+    """An unknown `-P name` (mlflow run passes it on as `--name`) or a missing one is a ConfigError: one line,
+    exit 2, and the run `mlflow run` opened goes to the trash, as for any bad param (argparse printed its usage
+    and left that run FAILED)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"arguments: {message}")
+
+
 def entry_point_parser(entry_point: str, description: str, **helps: str) -> argparse.ArgumentParser:
     """The command line of `python -m pipeline.<entry_point>`: one `--name` option (underscores as dashes) per
     parameter MLproject gives the entry point, with MLproject's default, required where it has none.
     MLproject is the one place the entry points' parameters are written, so `mlflow run` and the module
     accept the same ones. `helps`: help text by parameter name."""
     parameters = read_yaml(MLPROJECT, key="MLproject")["entry_points"][entry_point]["parameters"]
-    parser = argparse.ArgumentParser(description=description)
+    parser = _Parser(description=description)
     for name, spec in parameters.items():
         default = spec.get("default") if isinstance(spec, dict) else None
         parser.add_argument(f"--{name.replace('_', '-')}", required=default is None,

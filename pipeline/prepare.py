@@ -18,6 +18,7 @@ import json
 from pipeline import config, data
 from pipeline.tracking import (
     active_run_id,
+    apart_from_wrapper_run,
     artifact_dir,
     cli,
     code_digest,
@@ -69,13 +70,14 @@ def find_prepared(key: str) -> str | None:
 
 
 def ensure_prepared(cfg: config.Config) -> str:
-    """Reuse an identical finished prepare run, or run prepare as a nested run."""
+    """Reuse an identical finished prepare run, or run prepare as a nested run (a run of its own beside the one
+    `mlflow run . -e train` opened for training: `apart_from_wrapper_run`)."""
     key = prepare_key(cfg)
     found = find_prepared(key)
     if found:
         print(f"reusing prepared dataset {found}")
         return found
-    with step_run(cfg, "prepare"):
+    with apart_from_wrapper_run(cfg) as prepare_cfg, step_run(prepare_cfg, "prepare"):
         return run(cfg, key=key)
 
 

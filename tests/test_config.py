@@ -218,7 +218,30 @@ def test_each_entry_points_command_line_is_the_one_mlproject_writes(entry_point)
     defaults = {name: str(p["default"]) for name, p in spec["parameters"].items() if isinstance(p, dict)}
     required = set(values) - set(defaults)
     if required:  # a parameter without a default must be given
-        with pytest.raises(SystemExit):
+        with pytest.raises(config.ConfigError, match="^arguments: the following arguments are required"):
             parser.parse_args([f"--{name.replace('_', '-')}=x" for name in defaults])
     given = [f"--{name.replace('_', '-')}=x" for name in required]
     assert vars(parser.parse_args(given)) == {**defaults, **dict.fromkeys(required, "x")}
+
+
+def test_what_mlflow_run_logs_beside_the_params_does_not_come_back_as_params():
+    """`mlflow run` logs its -P values too (`data`, `epochs`: often ''); a resumed run's params are rebuilt from
+    the section.key ones only (resume=<id> of a run `mlflow run . -e train` started failed on `data=''`)."""
+    back = config.from_run_params({"data": "''", "epochs": "''", "dataset_uri": "''", "train.epochs": "30"})
+    assert back.train.epochs == 30 and back.data.source == "cifar10"
+
+
+def test_an_unknown_or_missing_entry_point_argument_is_one_line():
+    """An unknown -P name reaches the step as `--name`: argparse printed its usage and exited 2, leaving the run
+    `mlflow run` opened FAILED in the experiment; a ConfigError trashes it like any bad param."""
+    with pytest.raises(config.ConfigError, match=r"^arguments: unrecognized arguments: --experiment foo$"):
+        config.entry_point_parser("main", "x").parse_args(["--experiment", "foo"])
+    with pytest.raises(config.ConfigError, match=r"^arguments: the following arguments are required: --model-uri"):
+        config.entry_point_parser("register", "x").parse_args([])
+
+
+def test_a_run_without_a_model_uri_tag_has_no_model():
+    from pipeline.tracking import model_id
+
+    assert model_id(float("nan")) is None and model_id(None) is None  # search_runs' frame: NaN for a missing tag
+    assert model_id("m-0123") is None and model_id("models:/m-0123") == "m-0123"

@@ -139,6 +139,19 @@ def test_each_entry_point_runs_on_its_own(store):
     assert registered.returncode == 0, registered.stderr[-3000:]
     assert str(client.get_model_version_by_alias("standalone", "champion").version) == "1"
 
+    # -e train on data no prepare run holds yet: the run `mlflow run` opened is the train run, the prepare a run
+    # of its own beside it, both in the experiment asked for (the prepare took that run, train went elsewhere)
+    fresh = mlflow_run(store, "train", params=TINY, epochs="1", overrides="data.synthetic_test=64")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    prepares = client.search_runs([experiment], "tags.step = 'prepare'")
+    trains = client.search_runs([experiment], "tags.step = 'train'", order_by=["attributes.start_time DESC"])
+    assert len(prepares) == 2 and len(trains) == 2, (prepares, trains)
+    newest = trains[0]
+    assert newest.data.params["data.synthetic_test"] == "64" and newest.data.params["dataset_uri"] in ("", "''")
+    new_prepare = next(r for r in prepares if r.info.run_id != prepare_run.info.run_id)
+    assert newest.data.tags["dataset_uri"] == f"runs:/{new_prepare.info.run_id}/dataset/dataset.npz"
+    assert new_prepare.data.tags["dataset_sha256"] in newest.data.tags["mlflow.note.content"]
+
 
 # One refusal per place a command can fail before training: the params (every key: test_config.py),
 # the model Keras would build, the data source. Each is a real `mlflow run` and its wrapper run.

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import gc
@@ -202,6 +203,24 @@ def step_run(cfg: Config, step: str, *, run_name: str | None = None,
 
 
 @contextlib.contextmanager
+def apart_from_wrapper_run(cfg: Config) -> Iterator[Config]:
+    """Under `mlflow run` with no run active, the run `mlflow run` opened (MLFLOW_RUN_ID) is the entry point's own
+    step's (train's, whose data may be prepared first): a step run opened inside this context is a run of its
+    own, in that run's experiment (not `tracking.experiment`). Yields the params to open it with."""
+    wrapper = os.environ.get("MLFLOW_RUN_ID") if mlflow.active_run() is None else None
+    if not wrapper:
+        yield cfg
+        return
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment(client.get_run(wrapper).info.experiment_id).name
+    del os.environ["MLFLOW_RUN_ID"]
+    try:
+        yield dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, experiment=experiment))
+    finally:
+        os.environ["MLFLOW_RUN_ID"] = wrapper
+
+
+@contextlib.contextmanager
 def open_run(step: str, *, experiment: str | None = None, run_name: str | None = None,
              resume_run_id: str | None = None, tags: dict[str, str] | None = None,
              system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
@@ -222,8 +241,8 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
     if resume_run_id:
         with contextlib.ExitStack() as stack:
             if parent is None and os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened for this try
-                stack.enter_context(_ended_with_reason(
-                    mlflow.start_run(tags={**tags, "resumes_run": resume_run_id})))
+                stack.enter_context(_ended_with_reason(  # step "resume": compare and searches skip it
+                    mlflow.start_run(tags={**tags, "step": "resume", "resumes_run": resume_run_id})))
             yield stack.enter_context(_ended_with_reason(
                 mlflow.start_run(run_id=resume_run_id, nested=mlflow.active_run() is not None,
                                  log_system_metrics=system_metrics)))
@@ -426,7 +445,7 @@ TEST_DATA_TAG = "test_data_sha256"
 def model_id(model_uri: str | None) -> str | None:
     """`models:/m-...` -> the logged model's id (None for registry URIs like models:/name/1, a bare `m-...`, or
     no URI: MLflow registers a bare id as a version whose source is that string, which no one can load)."""
-    if not (model_uri or "").startswith("models:/"):
+    if not isinstance(model_uri, str) or not model_uri.startswith("models:/"):  # NaN: a run without the tag
         return None
     tail = model_uri.removeprefix("models:/")
     return tail if tail.startswith("m-") and "/" not in tail else None
@@ -496,12 +515,13 @@ def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
     if train.data.tags.get("mlflow.note.content") and not overwrite:
         return None
     params, tags = train.data.params, train.data.tags
-    prepare_id = prepare_run_id(params.get("dataset_uri", ""))
+    dataset_uri = tags.get("dataset_uri") or params.get("dataset_uri", "").strip("'")  # resume.trained_dataset_uri
+    prepare_id = prepare_run_id(dataset_uri)
     try:
         digest = client.get_run(prepare_id).data.tags.get("dataset_sha256", "unknown") if prepare_id else "unknown"
     except MlflowException:
         digest = "unknown"  # the prepare run was deleted
-    local = params.get("dataset_uri", "").removeprefix("file://")
+    local = dataset_uri.removeprefix("file://")
     if local and not prepare_id:  # a local dataset file: prepare wrote its digest in the dataset.json beside it
         with contextlib.suppress(OSError, ValueError, AttributeError):
             digest = json.loads(Path(local).with_name("dataset.json").read_text()).get("sha256") or digest

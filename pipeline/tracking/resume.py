@@ -150,7 +150,8 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     except MlflowException:
         raise config.ConfigError(f"resume: no run {run_id!r} in the tracking store") from None
     params = run.data.params
-    if "dataset_uri" not in params or run.data.tags.get("step") != "train":
+    trained_on = trained_dataset_uri(run)
+    if not trained_on or run.data.tags.get("step") != "train":
         raise config.ConfigError(f"resume: run {run_id} is not a train run")
     logged = config.from_run_params(params)
     if "extended_epochs" in run.data.tags:
@@ -158,7 +159,7 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
             logged.train, epochs=int(run.data.tags["extended_epochs"].split("->")[-1])))
     ours, theirs = training_params(cfg), training_params(logged)
     differ = sorted(k for k in ours.keys() | theirs.keys() if k != "train.epochs" and ours.get(k) != theirs.get(k))
-    if dataset_uri and dataset_uri != params["dataset_uri"]:
+    if dataset_uri and dataset_uri != trained_on:
         differ.append("dataset_uri")
     if differ:
         details = ", ".join(f"{k}={ours.get(k, params.get(k))} (run has {theirs.get(k, params.get(k))})"
@@ -171,7 +172,12 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     if not has_checkpoint(run_id):  # as find_resumable says it, but before any run opens
         raise config.ConfigError(f"resume: run {run_id} has no checkpoint in {checkpoint_dir(run_id)} "
                                  f"(finished runs delete theirs)")
-    return params["dataset_uri"]
+    return trained_on
+
+
+def trained_dataset_uri(run) -> str:
+    """The dataset a train run trained on: its tag `dataset_uri`, else (runs before the tag) its param."""
+    return run.data.tags.get("dataset_uri") or run.data.params.get("dataset_uri", "").strip("'")
 
 
 def log_train_params(cfg: config.Config, dataset_uri: str) -> None:
@@ -180,6 +186,7 @@ def log_train_params(cfg: config.Config, dataset_uri: str) -> None:
     the new count, one resumed with other `NOT_TRAINING` params tag `resumed_with` (`key=new (logged old)`, the
     latest rerun's)."""
     params = {**cfg.flat(), "dataset_uri": dataset_uri}
+    mlflow.set_tag("dataset_uri", dataset_uri)  # `mlflow run . -e train` logged param dataset_uri as its -P: ''
     logged = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
     if logged.get("train.epochs") not in (None, params["train.epochs"]):
         mlflow.set_tags({"extended_epochs": f"{logged['train.epochs']} -> {cfg.train.epochs}",
