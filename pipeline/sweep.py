@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fractions
 import itertools
 import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +60,7 @@ from optuna.trial import TrialState
 
 from pipeline import compare, config, prepare
 from pipeline.tracking import (
+    Interrupted,
     cli,
     describe_train_run,
     json_digest,
@@ -89,6 +92,7 @@ HEARTBEAT_S = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS", "20"))  # a trial's 
 # mistaken for a dead one.
 GRACE_S = 6 * HEARTBEAT_S
 MAX_RETRY = 2  # queue a trial whose worker died at most this many times
+SEEDS = 2**32  # Optuna's samplers take a seed in [0, 2**32 - 1]; trial n draws with (seed + n) modulo this
 POLL_S = 2.0  # an idle worker looks for new or stale trials this often until the study is done
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -125,7 +129,9 @@ def named_type(spec: dict, key: str, default: str, known: dict) -> tuple[str, di
     if isinstance(value, dict):
         kwargs = {k: v for k, v in value.items() if k != "type"}
         value = value.get("type")
-    if value not in known:
+        if not all(isinstance(k, str) for k in kwargs):
+            raise config.ConfigError(f"spec.{key}: argument names must be text, got {sorted(map(str, kwargs))}")
+    if not isinstance(value, str) or value not in known:
         raise config.ConfigError(f"spec.{key}: must be one of {', '.join(known)}, got {value!r}")
     return value, kwargs
 
@@ -165,7 +171,7 @@ def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution
         if not (isinstance(domain, dict) and {"min", "max"} <= set(domain) <= {"min", "max", "log"}):
             raise config.ConfigError(f"spec.{where}.{key}: must be a non-empty list or {{min, max, log}}, "
                                      f"got {domain!r}")
-        low, high, log = domain["min"], domain["max"], domain.get("log", False)
+        low, high, log = number(domain["min"]), number(domain["max"]), domain.get("log", False)
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) \
                 or not isinstance(log, bool):
             raise config.ConfigError(f"spec.{where}.{key}: min and max must be numbers and log true or false, "
@@ -177,6 +183,17 @@ def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution
         except ValueError as exc:
             raise config.ConfigError(f"spec.{where}.{key}: {exc} (got {domain!r})") from None
     return result
+
+
+def number(value: Any) -> Any:
+    """A range end: YAML 1.1 reads `1e-3` (no dot) as text; such text (or a fraction, `1/3`) is the float it
+    names, the way params files read it (config._coerce). Anything else is returned as it is."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError, ZeroDivisionError, OverflowError):
+            parsed = float(fractions.Fraction(value.strip()))
+            if math.isfinite(parsed):
+                return parsed
+    return value
 
 
 def override_items(values: dict[str, Any]) -> list[str]:
@@ -199,12 +216,13 @@ class Plan:
     def __init__(self, spec_path: str, extra_overrides: str = ""):
         self.spec_path, self.extra_overrides = spec_path, extra_overrides or ""
         self.spec = read_spec(spec_path)
+        base = self.spec.get("base")
+        if base is not None and not (isinstance(base, str) and base.strip()):
+            raise config.ConfigError(f"spec.base: must be a params file path such as params/tiny.yaml, got {base!r}")
         self.space = distributions(self.spec)
         self.sampler_name, self.sampler_kwargs = sampler_of(self.spec)
         self.pruner_name, self.pruner_kwargs = named_type(self.spec, "pruner", "none", PRUNERS)
-        self.seed = self.spec.get("seed")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise config.ConfigError(f"spec.seed: must be an integer, got {self.seed!r}")
+        self.seed = self.seed_of()
         self.common = override_items(self.spec.get("overrides") or {})
         self.extra = config.split_overrides(self.extra_overrides)
         raw = self.spec[space_key(self.spec)]
@@ -225,18 +243,73 @@ class Plan:
             if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
                 raise config.ConfigError(f"spec.trials: must be an integer >= 1 with a {space_key(self.spec)}: "
                                          f"space, got {trials!r}")
-            ends = {k: v if isinstance(v, list) else [v["min"], v["max"]] for k, v in raw.items()}
+            ends = {k: v if isinstance(v, list) else [self.space[k].low, self.space[k].high] for k, v in raw.items()}
             checked = [dict(zip(ends, combo, strict=True)) for combo in itertools.product(*ends.values())]
         self.trials = trials
         self.configs = [self.load(values, f"trial {i}" if self.grid else "space")
                         for i, values in enumerate(checked)]
+        if self.grid:
+            self.check_repeats(raw)
         if any(c.train.validation_fraction == 0 for c in self.configs):
             raise config.ConfigError(
                 "train.validation_fraction: a sweep chooses its best trial by val_acc, which must come from "
                 "training images held out: set it > 0 (the spec's overrides or its base; 0 validates on the test "
                 "split, and the best trial's test_acc would be chosen on the very images it is measured on)")
-        self.make_sampler(0)  # wrong sampler or pruner arguments fail here, before any run
-        self.make_pruner()
+        for cfg in {c.data.source: c for c in self.configs}.values():
+            prepare.prepare_key(cfg)  # DataError for a data.source that names nothing
+        self.rehearse()  # wrong sampler or pruner arguments fail here, before any run
+
+    def seed_of(self) -> int | None:
+        """The spec's `seed`, or the sampler's own `seed` argument (the same thing: both may be given only if
+        equal); ConfigError unless an integer in [0, 2**32 - 1]."""
+        seeds = {key: value for key, value in (("spec.seed", self.spec.get("seed")),
+                                               ("spec.sampler.seed", self.sampler_kwargs.pop("seed", None)))
+                 if value is not None}
+        for key, seed in seeds.items():
+            if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEEDS:
+                raise config.ConfigError(f"{key}: must be an integer from 0 to {SEEDS - 1}, got {seed!r}")
+        if len(set(seeds.values())) > 1:
+            raise config.ConfigError(f"spec.seed: {seeds['spec.seed']} and spec.sampler.seed: "
+                                     f"{seeds['spec.sampler.seed']} differ; give one seed")
+        return next(iter(seeds.values()), None)
+
+    def check_repeats(self, raw: dict[str, list]) -> None:
+        """Refuse grid combinations that load to the same params (`1` and `1.0`, `0.1` and `1e-1`): their
+        trials would be the same, run twice."""
+        seen: dict[str, int] = {}
+        for i, cfg in enumerate(self.configs):
+            j = seen.setdefault(json.dumps(cfg.flat(), sort_keys=True, default=str), i)
+            if j != i:
+                text = [{k: json.dumps(encode(v)) for k, v in self.grid[n].items()} for n in (i, j)]
+                key = next((k for k in raw if text[0][k] != text[1][k]), next(iter(raw)))
+                raise config.ConfigError(f"spec.grid.{key}: values repeat, so some trials would run twice: "
+                                         f"{raw[key]!r}")
+
+    def rehearse(self, n: int = 3) -> None:
+        """Run `n` trials of an in-memory study as workers do (a fresh sampler per trial, each param drawn, a
+        value reported at step 1, should_prune asked): Optuna checks most sampler and pruner arguments only
+        then, so a bad one fails here, as a ConfigError naming spec.sampler or spec.pruner, before any run."""
+        study = optuna.create_study(storage=None, direction="maximize", sampler=self.make_sampler(0),
+                                    pruner=self.make_pruner())
+        for number in range(n):
+            what = "spec.sampler"
+            try:
+                study.sampler = self.make_sampler(number)
+                trial = study.ask()
+                self.values(trial)
+                what = "spec.pruner"
+                trial.report(0.5, step=1)
+                trial.should_prune()
+                what = "spec.sampler"
+                study.tell(trial, 0.5)
+            except config.ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever Optuna raises means a bad argument
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                raise config.ConfigError(f"{what}: {reason} (with the arguments {self.kwargs_of(what)!r})") from None
+
+    def kwargs_of(self, what: str) -> dict[str, Any]:
+        return self.sampler_kwargs if what == "spec.sampler" else self.pruner_kwargs
 
     def load(self, values: dict[str, Any], what: str) -> config.Config:
         try:
@@ -245,11 +318,11 @@ class Plan:
             raise config.ConfigError(f"{what} ({label(values)}): {exc}") from None
 
     def make_sampler(self, offset: int) -> optuna.samplers.BaseSampler:
-        """A fresh sampler; seeded `seed + offset` (the trial number) so that parallel workers draw apart
-        and a one-worker sweep repeats exactly."""
+        """A fresh sampler; seeded `seed + offset` (the trial number; modulo 2**32) so that trials, and
+        parallel workers, draw apart and a one-worker sweep repeats exactly."""
         kwargs = dict(self.sampler_kwargs)
-        if self.seed is not None and "seed" not in kwargs:
-            kwargs["seed"] = self.seed + offset
+        if self.seed is not None:
+            kwargs["seed"] = (self.seed + offset) % SEEDS
         try:
             return SAMPLERS[self.sampler_name](**kwargs)
         except (TypeError, ValueError) as exc:
@@ -339,7 +412,7 @@ def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None
     trial's MLflow run and the runs still open under it, then queue the trial again."""
     run_id = trial.user_attrs.get("mlflow_run_id")
     reason = f"worker stopped: no heartbeat for over {GRACE_S} s; trial {trial.number} queued again"
-    if run_id:
+    if run_id and trials.run_status(run_id) == "RUNNING":  # an interrupted trial's runs ended KILLED: kept so
         trials.fail_trial_runs(run_id, reason)
     print(f"trial {trial.number}: {reason}", file=sys.stderr)
     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
@@ -369,10 +442,15 @@ def join_study(plan: Plan, storage: optuna.storages.RDBStorage, name: str) -> tu
                                      f"remove it (optuna delete-study --study-name {name} --storage ...) or "
                                      f"pass another -P study=")
         time.sleep(0.5)
-    if study.user_attrs["fingerprint"] != json.loads(json.dumps(plan.fingerprint(), default=str)):
-        raise config.ConfigError(f"study: {name} was started from another spec or other overrides; "
-                                 f"pass another -P study= for this one")
+    check_fingerprint(plan, study)
     return study, False
+
+
+def check_fingerprint(plan: Plan, study: optuna.Study) -> None:
+    """ConfigError unless `study` was started from the same spec and overrides as `plan`."""
+    if study.user_attrs.get("fingerprint") != json.loads(json.dumps(plan.fingerprint(), default=str)):
+        raise config.ConfigError(f"study: {study.study_name} was started from another spec or other overrides; "
+                                 f"pass another -P study= for this one")
 
 
 def lead(plan: Plan, study: optuna.Study, parent_id: str, experiment_id: str) -> None:
@@ -493,7 +571,8 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
     """Run one claimed trial in its own MLflow child run of the sweep; tell Optuna how it ended.
 
     COMPLETE (value: the last val_acc) -> FINISHED; pruned -> PRUNED and KILLED with `pruned_at_epoch`;
-    anything raised (diverged included) -> FAIL and FAILED with `failure_reason`.
+    anything raised (diverged included) -> FAIL and FAILED with `failure_reason`; SIGTERM/SIGINT -> KILLED
+    with `interrupted_by` and raised on (Optuna's trial stays RUNNING: once stale, it is queued again).
     """
     import keras
 
@@ -516,6 +595,10 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
         state, status = TrialState.PRUNED, "KILLED"
         set_tags({"mlflow.note.content": f"**Pruned** by the {plan.pruner_name} pruner: {exc}"})
         print(f"trial {trial.number} pruned: {exc}", flush=True)
+    except (Interrupted, KeyboardInterrupt) as exc:  # the trial stays RUNNING in the study: a rerun queues it again
+        status = "KILLED"
+        set_tags({"interrupted_by": signal.Signals(getattr(exc, "signum", signal.SIGINT)).name})
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever stops one trial must not stop the others
         reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:2000]
         set_tags({"failure_reason": reason, "mlflow.note.content": f"**FAILED**: {reason}"})
@@ -662,6 +745,7 @@ def run(args: argparse.Namespace) -> int:
     if existed and study_name_in(storage, f"{name}.register"):
         study = optuna.load_study(storage=storage, study_name=name)
         lock = optuna.load_study(storage=storage, study_name=f"{name}.register")
+        check_fingerprint(plan, study)
         adopt_own_run(study)
         print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials, registered version "
               f"{lock.user_attrs.get('registered_version')}; pass another -P study= for a new sweep")

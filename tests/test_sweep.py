@@ -13,7 +13,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import sweep
+from pipeline import config, sweep
+from pipeline.tracking import Interrupted
 from tests.conftest import ROOT, run_module
 
 TINY = "params/tiny.yaml"
@@ -111,8 +112,13 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
      "best trial by val_acc, which must come from training images held out: set it > 0 (the spec's overrides or its "
      "base; 0 validates on the test split, and the best trial's test_acc would be chosen on the very images it is "
      "measured on)"),
+    (GRID, ["--overrides", "data.source=/nonexistent/x.npz"],
+     "error: data.source: '/nonexistent/x.npz' is neither 'cifar10', 'synthetic' nor an existing path"),
+    ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\nsampler: {type: tpe, n_startup_trials: abc}\n", [],
+     "error: spec.sampler: TypeError: '<' not supported between instances of 'int' and 'str' "
+     "(with the arguments {'n_startup_trials': 'abc'})"),  # Optuna checks it only when the first trial draws
 ], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers",
-        "override-of-a-swept-key", "selecting-on-the-test-split"])
+        "override-of-a-swept-key", "selecting-on-the-test-split", "no-data-source", "bad-sampler-argument"])
 def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_process, body, args, message):
     spec = write_spec(tmp_path, "sweep-bad", body)
     real = "workers:" in message or "psycopg2" in message  # two as real commands, the others in this process
@@ -123,6 +129,106 @@ def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_proce
     client = MlflowClient()
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
     assert not (tmp_path / "optuna.db").exists() or "storage" in message
+
+
+SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("base: 5\ngrid: {train.lr: [0.1]}\n", "spec.base: must be a params file path such as params/tiny.yaml, got 5"),
+    (f"base: [{TINY}]\ngrid: {{train.lr: [0.1]}}\n",
+     f"spec.base: must be a params file path such as params/tiny.yaml, got ['{TINY}']"),
+    ("grid: {train.lr: [0.1]}\nsampler: [grid]\n", "spec.sampler: must be one of grid, random, tpe, got ['grid']"),
+    ("grid: {train.lr: [0.1]}\npruner: [median]\n", "spec.pruner: must be one of none, median, hyperband, "
+     "got ['median']"),
+    (SPACE + "pruner: {type: hyperband, min_resource: abc}\n", "spec.pruner: TypeError: unsupported operand "
+     "type(s) for /: 'int' and 'str' (with the arguments {'min_resource': 'abc'})"),
+    (SPACE + "seed: 4294967296\n", "spec.seed: must be an integer from 0 to 4294967295, got 4294967296"),
+    (SPACE + "sampler: {type: random, seed: -1}\n",
+     "spec.sampler.seed: must be an integer from 0 to 4294967295, got -1"),
+    (SPACE + "seed: 3\nsampler: {type: tpe, seed: 4}\n", "spec.seed: 3 and spec.sampler.seed: 4 differ; give one seed"),
+    ("grid: {train.lr: [1, 1.0]}\n", "spec.grid.train.lr: values repeat, so some trials would run twice: [1, 1.0]"),
+    ("grid:\n  train.lr: [0.1, 1e-1, '0.1', 1/10]\n  train.momentum: [0.9]\n",
+     "spec.grid.train.lr: values repeat, so some trials would run twice: [0.1, '1e-1', '0.1', '1/10']"),
+], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "seed-too-big",
+        "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways"])
+def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
+    spec = tmp_path / "sweep-bad.yaml"
+    has_base = body.startswith("base:")
+    spec.write_text(("" if has_base else f"base: {TINY}\n") + "overrides: {train.validation_fraction: 0.1}\n" + body)
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(str(spec))
+    assert str(raised.value) == message
+
+
+def test_range_ends_in_scientific_notation_are_numbers(tmp_path):
+    spec = write_spec(tmp_path, "sweep-sci", "space:\n  train.lr: {min: 1e-3, max: 1e-1, log: true}\n"
+                      "  train.batch_size: {min: 16, max: 32}\ntrials: 2\n")
+    plan = sweep.Plan(spec)
+    lr, batch = plan.space["train.lr"], plan.space["train.batch_size"]
+    assert isinstance(lr, optuna.distributions.FloatDistribution) and (lr.low, lr.high, lr.log) == (0.001, 0.1, True)
+    assert isinstance(batch, optuna.distributions.IntDistribution) and (batch.low, batch.high) == (16, 32)
+    assert sorted({c.train.lr for c in plan.configs}) == [0.001, 0.1]  # both ends checked as numbers
+
+
+def draw_all(spec: str) -> list[dict]:
+    """Claim and finish every queued trial of a fresh in-memory study, as a worker does; their values."""
+    plan = sweep.Plan(spec)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, direction="maximize", sampler=plan.make_sampler(0))
+    sweep.lead(plan, study, "parent-run-id", "0")
+    values = []
+    while (claimed := sweep.claim(study, storage, plan)) is not None:
+        values.append(plan.values(claimed[0]))
+        study.tell(claimed[0], 0.5)
+    return values
+
+
+@pytest.mark.parametrize("sampler", ["{type: random, seed: 0}", "{type: tpe, seed: 7}", "random\nseed: 4294967295"])
+def test_a_seeded_sampler_draws_apart_per_trial_and_repeats(tmp_path, sampler):
+    spec = write_spec(tmp_path, "sweep-seeded", f"space:\n  train.lr: {{min: 0.01, max: 0.3}}\ntrials: 4\n"
+                      f"sampler: {sampler}\n")
+    first = draw_all(spec)
+    assert len({d["train.lr"] for d in first}) == 4  # every trial its own draw (its seed + its number)
+    assert draw_all(spec) == first
+
+
+def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, monkeypatch):
+    import mlflow
+
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-interrupted", "grid:\n  train.lr: [0.1]\n"))
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)  # not the one an in-process sweep of a test before left active
+    parent = client.create_run(experiment_id).info.run_id
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, direction="maximize", sampler=plan.make_sampler(0))
+    sweep.lead(plan, study, parent, experiment_id)
+    trial, _ = sweep.claim(study, storage, plan)
+
+    def interrupted(cfg, trial):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", interrupted)
+    with pytest.raises(Interrupted):
+        sweep.run_trial(plan, study, trial, parent, experiment_id)
+    assert mlflow.active_run() is None
+    run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["interrupted_by"] == "SIGTERM"
+    assert "failure_reason" not in run.data.tags
+    assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # stale once its heartbeat stops: queued again
+
+
+def test_a_done_study_of_another_spec_is_refused(store, tmp_path, in_process):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    other = optuna.create_study(storage=storage, study_name="taken", direction="maximize")
+    other.set_user_attr("fingerprint", {"spec": {"grid": {"train.lr": [0.5]}}})
+    optuna.create_study(storage=storage, study_name="taken.register")
+    done = in_process("sweep", "--spec", write_spec(tmp_path, "sweep-mine", GRID), "--study", "taken")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        "error: study: taken was started from another spec or other overrides; pass another -P study= for this one"]
+    assert "is done" not in done.stdout
 
 
 def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tmp_path):
@@ -144,21 +250,9 @@ def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tm
                       "  train.batch_size: {min: 16, max: 64}\n  model.widths: [[16, 32, 64], [8, 16, 32]]\n"
                       "sampler: random\ntrials: 5\nseed: 3\n")
 
-    def draws() -> list[dict]:
-        """Claim and finish every queued trial of a fresh in-memory study, as a worker does."""
-        plan = sweep.Plan(spec)
-        storage = optuna.storages.InMemoryStorage()
-        study = optuna.create_study(storage=storage, direction="maximize", sampler=plan.make_sampler(0))
-        sweep.lead(plan, study, "parent-run-id", "0")
-        values = []
-        while (claimed := sweep.claim(study, storage, plan)) is not None:
-            values.append(plan.values(claimed[0]))
-            study.tell(claimed[0], 0.5)
-        assert len(plan.configs) == 2 * 2 * 2  # every combination of the choices and range ends was checked
-        return values
-
-    first = draws()
-    assert first == draws() and len(first) == 5  # seeded: the same draws again
+    assert len(sweep.Plan(spec).configs) == 2 * 2 * 2  # every combination of the choices and range ends was checked
+    first = draw_all(spec)
+    assert first == draw_all(spec) and len(first) == 5  # seeded: the same draws again
     assert all(0.01 <= d["train.lr"] <= 0.3 and isinstance(d["train.batch_size"], int)
                and 16 <= d["train.batch_size"] <= 64 and d["model.widths"] in ([16, 32, 64], [8, 16, 32])
                for d in first)
