@@ -372,3 +372,16 @@ def test_a_bare_logged_model_id_is_refused_before_anything_is_registered(store):
     with pytest.raises(config.ConfigError, match=r"^model_uri: expected a logged model URI models:/m-\.\.\., got 'm-"):
         registry.model_test_acc(uri.removeprefix("models:/"))
     assert MlflowClient().search_registered_models() == []
+
+
+def test_an_evaluation_of_a_registry_uri_lands_on_its_logged_model(store):
+    """evaluate -P model_uri=models:/cifar10-resnet@champion: the scores go on the champion's logged model too
+    (register reads them there), as for models:/m-...; they went on the evaluate run only."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    registered(experiment_id, uri)
+    for registry_uri, acc in (("models:/cifar10-resnet@champion", 0.6), ("models:/cifar10-resnet/1", 0.7)):
+        evaluate_again(experiment_id, registry_uri, {"test_acc": acc})
+        assert registry.model_test_acc(uri).test_acc == acc
+    assert steps.registered_model_id("models:/cifar10-resnet@nobody") is None
+    assert steps.registered_model_id("models:/cifar10-resnet/latest") is None

@@ -114,10 +114,25 @@ def log_evaluation(params: dict, metrics: dict[str, float], model_uri: str, test
     mlflow.log_params(params)
     mlflow.log_metrics(metrics)
     mlflow.set_tag(TEST_DATA_TAG, test_data)
-    logged_model = model_id(model_uri)
+    logged_model = model_id(model_uri) or registered_model_id(model_uri)
     if logged_model:
         mlflow.log_metrics(metrics, model_id=logged_model)
         mlflow.set_logged_model_tags(logged_model, {TEST_DATA_TAG: test_data})
+
+
+def registered_model_id(model_uri: str) -> str | None:
+    """The logged model behind a registry URI (`models:/name@alias`, `models:/name/3`), or None: an evaluation of
+    `@champion` lands on the champion's logged model too, where register reads it."""
+    name, at, alias = model_uri.removeprefix("models:/").partition("@")
+    name, slash, number = (name, "", "") if at else name.partition("/")
+    if not model_uri.startswith("models:/") or not (alias or number.isdigit()):
+        return None
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    except MlflowException:
+        return None
+    return getattr(version, "model_id", None) or model_id(version.source)  # MLflow 3.17 leaves model_id unset
 
 
 # ---------------------------------------------------------------- compare
