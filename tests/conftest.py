@@ -67,6 +67,9 @@ def store(tmp_path, monkeypatch, empty_store_db):
     import mlflow
 
     shutil.copyfile(empty_store_db, tmp_path / "mlflow.db")
+    # MLflow's active experiment is process-wide: one an in-process command of an earlier test set belongs to that
+    # test's store, and starting a run by id under it fails ("active experiment ID does not match")
+    mlflow.tracking.fluent._active_experiment_id = None
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
@@ -77,6 +80,7 @@ def store(tmp_path, monkeypatch, empty_store_db):
     env.pop("MLFLOW_RUN_ID", None)
     yield env
     mlflow.set_tracking_uri(None)
+    mlflow.tracking.fluent._active_experiment_id = None
 
 
 def mlflow_run(env: dict, entry_point: str = "main", **params: str) -> subprocess.CompletedProcess:

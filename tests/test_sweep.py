@@ -199,7 +199,6 @@ def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, m
     plan = sweep.Plan(write_spec(tmp_path, "sweep-interrupted", "grid:\n  train.lr: [0.1]\n"))
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("e2e").experiment_id
-    mlflow.set_experiment(experiment_id=experiment_id)  # not the one an in-process sweep of a test before left active
     parent = client.create_run(experiment_id).info.run_id
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=storage, direction="maximize", sampler=plan.make_sampler(0))
