@@ -504,6 +504,12 @@ def model_summary(params: dict[str, str], tags: dict[str, str]) -> str:
             f"units_per_stage {params.get('model.units_per_stage', '?')}, widths {widths})")
 
 
+def trained_dataset_uri(run) -> str:
+    """The dataset a train run trained on: its tag `dataset_uri`, else (runs before the tag) its param (under
+    `mlflow run . -e train` that param is the -P as given, often '')."""
+    return run.data.tags.get("dataset_uri") or run.data.params.get("dataset_uri", "").strip("'")
+
+
 def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
     """Write a training run's description (tag mlflow.note.content): model, recipe and data digest.
 
@@ -515,7 +521,7 @@ def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
     if train.data.tags.get("mlflow.note.content") and not overwrite:
         return None
     params, tags = train.data.params, train.data.tags
-    dataset_uri = tags.get("dataset_uri") or params.get("dataset_uri", "").strip("'")  # resume.trained_dataset_uri
+    dataset_uri = trained_dataset_uri(train)
     prepare_id = prepare_run_id(dataset_uri)
     try:
         digest = client.get_run(prepare_id).data.tags.get("dataset_sha256", "unknown") if prepare_id else "unknown"

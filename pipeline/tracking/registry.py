@@ -47,8 +47,11 @@ def model_score(model_uri: str | None, *, tagged_acc: str | None = None, evaluat
         model = mlflow.get_logged_model(found) if found else None
     except MlflowException:
         model = None  # deleted, or in a store this client cannot see
-    if model is None:
-        return Score(None, {})
+    return _evaluation(model, tagged_acc, evaluate_run) if model else Score(None, {})
+
+
+def _evaluation(model, tagged_acc: str | None = None, evaluate_run: str | None = None) -> Score:
+    """`model_score` of a LoggedModel entity."""
     by_run: dict[str, list] = {}
     for metric in model.metrics or []:
         by_run.setdefault(metric.run_id, []).append(metric)
@@ -76,10 +79,9 @@ def model_test_acc(model_uri: str) -> Score:
     if logged_model is None:
         raise config.ConfigError(f"model_uri: expected a logged model URI models:/m-..., got {model_uri!r}")
     try:
-        mlflow.get_logged_model(logged_model)
+        score = _evaluation(mlflow.get_logged_model(logged_model))
     except MlflowException as exc:
         raise config.ConfigError(f"model_uri: no logged model {logged_model} ({exc.message})") from None
-    score = model_score(model_uri)
     if score.test_acc is None:
         raise config.ConfigError(f"model_uri: {model_uri} has no test_acc yet: run evaluate on it first")
     return score

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline import config
-from pipeline.tracking import checkpoint_root, json_digest, unfinished_runs
+from pipeline.tracking import checkpoint_root, json_digest, trained_dataset_uri, unfinished_runs
 
 # Held (flock) by the process training a run, in the run's checkpoint folder: a live run is never resumed.
 LOCK_FILE = "training.lock"
@@ -173,11 +173,6 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
         raise config.ConfigError(f"resume: run {run_id} has no checkpoint in {checkpoint_dir(run_id)} "
                                  f"(finished runs delete theirs)")
     return trained_on
-
-
-def trained_dataset_uri(run) -> str:
-    """The dataset a train run trained on: its tag `dataset_uri`, else (runs before the tag) its param."""
-    return run.data.tags.get("dataset_uri") or run.data.params.get("dataset_uri", "").strip("'")
 
 
 def log_train_params(cfg: config.Config, dataset_uri: str) -> None:
