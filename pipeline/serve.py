@@ -162,6 +162,7 @@ def check_pixels(model_input: Any) -> np.ndarray:
         return x
     if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise bad_input(f"pixels must be integers 0-255, got values of type {x.dtype}")
+    low, high = x.min(), x.max()
     if np.issubdtype(x.dtype, np.floating):
         if not np.isfinite(x).all():
             raise bad_input("pixels contain NaN or infinity")
@@ -169,10 +170,10 @@ def check_pixels(model_input: Any) -> np.ndarray:
             raise bad_input("pixels must be integers 0-255; got fractional values (scaled to [0, 1]?)")
         # Whole floats pass (JSON clients send 255.0), but only 0.0 and 1.0 is an image scaled to [0, 1] (white,
         # line art) that would read as nearly black: a brightest pixel of 1 of 255 is no real image. All 0.0 passes.
-        if x.min() >= 0 and x.max() == 1:
+        if low >= 0 and high == 1:
             raise bad_input("pixels must be integers 0-255; got floats of only 0.0 and 1.0 (scaled to [0, 1]?)")
-    if x.min() < 0 or x.max() > 255:
-        raise bad_input(f"pixels must lie in 0-255, got values in [{x.min()}, {x.max()}]")
+    if low < 0 or high > 255:
+        raise bad_input(f"pixels must lie in 0-255, got values in [{low}, {high}]")
     return x.astype(np.uint8)
 
 
