@@ -134,8 +134,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
     unknown = sorted(set(backends) - {backend for backend, _, _ in ARMS})
-    if unknown:
-        parser.exit(2, f"error: --backends: unknown {unknown}; known: tensorflow, jax\n")
+    if unknown or not backends:
+        parser.exit(2, f"error: --backends: {f'unknown {unknown}' if unknown else 'none given'}; known: tensorflow, "
+                       f"jax\n")
+    # Checked here, not by each arm's bench.gpu_epoch: else every arm fails alike, after its start-up, and a table
+    # of failures replaces bench/results/multi_gpu.md.
+    if args.epochs < 2:
+        parser.exit(2, f"error: --epochs: must be >= 2 (the first epoch compiles), got {args.epochs}\n")
+    if args.virtual_cpus != 0 and args.virtual_cpus < 2:
+        parser.exit(2, f"error: --virtual-cpus: must be 0 or >= 2 (devices to rehearse on), got {args.virtual_cpus}\n")
     gpus = len(gpu_names())
     if not args.virtual_cpus and gpus < 2:
         parser.exit(2, f"error: found {gpus} GPU(s): several are needed (--virtual-cpus N rehearses on the CPU)\n")

@@ -8,7 +8,8 @@ train.distribute:
 - auto: multi_worker if `TF_CONFIG` names several tasks, else mirrored / data_parallel if there
   are several GPUs, else none.
 
-Multi-worker training runs the same command on every host, each with its own `TF_CONFIG`.
+Multi-worker training runs the same command on every host, each with its own `TF_CONFIG`; with a
+`TF_CONFIG` naming several tasks, only auto and multi_worker are accepted, on TensorFlow only.
 Only the chief (task `chief`, else `worker` 0) talks to MLflow; the other workers train in
 lock step without logging anything (see the README's "Several hosts").
 """
@@ -54,6 +55,47 @@ class Distribution:
     def workers(self) -> int:
         return self.cluster.workers if self.cluster else 1
 
+    @property
+    def replicas(self) -> int:
+        """The model's copies that each take a slice of every global batch: of all hosts for multi_worker."""
+        if self.strategy is not None:
+            return int(self.strategy.num_replicas_in_sync)
+        return len(self.devices) if self.mode == "data_parallel" else 1
+
+    def check_batches(self, batch_size: int, drop_remainder: bool, ghost_batch: int, train_images: int,
+                      val_images: int = 0) -> None:
+        """ConfigError, before any run trains, for a global batch these replicas cannot share.
+
+        Each global batch is split over the replicas. A replica whose slice is empty (a batch, or the epoch's
+        partial last batch, smaller than the replicas) normalises nothing: BatchNormalization's batch mean
+        over no image is NaN, which reaches the moving statistics; val_loss goes NaN after the first epoch and
+        the run stops as 'diverged' (on TensorFlow's CPU devices, oneDNN's conv on an empty batch fails first).
+        Ghost batch norm cuts each replica's slice, not the global batch, into ghost batches."""
+        replicas = self.replicas
+        if self.strategy is None or replicas < 2:  # JAX's DataParallel: one program over the global batch
+            return
+        where = f"{replicas} replicas ({self.mode} over {', '.join(self.devices)}" + \
+            (f", {self.workers} hosts)" if self.cluster else ")")
+        if batch_size < replicas:
+            raise ConfigError(f"train.batch_size: {batch_size} is split over {where}: some would train on empty "
+                              f"slices; use a batch of at least {replicas}")
+        if ghost_batch and batch_size % (replicas * ghost_batch):
+            raise ConfigError(f"model.ghost_batch: each of the {where} normalises its slice of "
+                              f"train.batch_size {batch_size} in ghost batches of {ghost_batch}: the batch must be a "
+                              f"multiple of {replicas} x {ghost_batch} = {replicas * ghost_batch}")
+        last = 0 if drop_remainder else train_images % batch_size
+        if 0 < last < replicas:
+            raise ConfigError(f"train.batch_size: each epoch ends with a batch of {last} of the {train_images} "
+                              f"training images, split over {where}: a replica would train on an empty slice, whose "
+                              f"BatchNormalization statistics are NaN. Set train.drop_remainder=true, or a batch "
+                              f"size that leaves at least {replicas} images or none")
+        cpu = any("cpu" in d.lower() for d in self.devices)
+        if cpu and 0 < val_images % batch_size < replicas:
+            raise ConfigError(f"train.batch_size: validation ends with a batch of {val_images % batch_size} of "
+                              f"the {val_images} images, split over {where}: TensorFlow's CPU convolution fails "
+                              f"on a replica's empty slice. Use a batch size that leaves at least {replicas} "
+                              f"validation images or none")
+
     def scope(self) -> contextlib.AbstractContextManager:
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
@@ -70,7 +112,8 @@ class Distribution:
 
         tasks = self.cluster.tasks
         mine = [tasks.index(self.cluster.task), done, int(job[:7], 16), int(job[7:14], 16)]
-        everyone = self.strategy.gather(self.strategy.run(lambda: tf.constant([mine], tf.int32)), axis=0)
+        with host_lost_as_step_failure():
+            everyone = self.strategy.gather(self.strategy.run(lambda: tf.constant([mine], tf.int32)), axis=0)
         hosts = {tasks[task]: (done, digest) for task, done, *digest in everyone.numpy().tolist()}
         chief = tasks[0]  # the chief task, else worker 0
         differ = [task for task, (_, digest) in hosts.items() if digest != hosts[chief][1]]
@@ -88,6 +131,7 @@ class Distribution:
         """Make `model.fit` work under this distribution (a no-op except for multi_worker)."""
         if self.mode == "multi_worker":
             _multi_worker_fit_fixes(model, self.strategy)
+            _host_lost_as_step_failure(model)
 
 
 @dataclass(frozen=True)
@@ -128,9 +172,16 @@ def cluster_from_env() -> Cluster | None:
         return None
     try:
         spec = json.loads(raw)
-        cluster = Cluster(spec["cluster"], spec["task"]["type"], int(spec["task"]["index"]))
-        ok = cluster.task_type in ("chief", "worker") and 0 <= cluster.index < len(cluster.spec[cluster.task_type])
-    except (ValueError, KeyError, TypeError) as exc:
+        cluster = Cluster(spec["cluster"], spec["task"]["type"], _task_index(spec["task"]["index"]))
+        for name in ("chief", "worker"):  # else TensorFlow's traceback, or a string's letters counted as hosts
+            hosts = cluster.spec.get(name, [])
+            if not (isinstance(hosts, list) and all(isinstance(h, str) and h for h in hosts)):
+                raise TypeError(f"{name!r} must be a list of 'host:port' strings, got {hosts!r}")
+        if len(cluster.spec.get("chief", [])) > 1:
+            raise ValueError(f"at most one 'chief' (the host that logs), got {cluster.spec['chief']!r}")
+        listed = cluster.spec.get(cluster.task_type, [])
+        ok = cluster.task_type in ("chief", "worker") and 0 <= cluster.index < len(listed)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{TF_CONFIG}: not a cluster spec like "
                           '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
                           f'"index": 0}} ({exc.__class__.__name__}: {exc})') from None
@@ -144,16 +195,31 @@ def cluster_from_env() -> Cluster | None:
     return cluster
 
 
+def _task_index(value) -> int:
+    """TF_CONFIG's task index: an integer (TensorFlow reads "1" as 1 too; 0.5 or true are no task's index)."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+        raise ValueError(f"the task index must be 0, 1, ..., got {value!r}")
+    return int(value)
+
+
 def distribution(mode: str) -> Distribution:
     """Set up `mode` (see the module table). Call before the first TensorFlow op: a multi-worker
     strategy must exist before any op runs, and its creation waits for every host to connect."""
     import keras
 
     backend = keras.backend.backend()
-    cluster = cluster_from_env() if backend == "tensorflow" else None
+    cluster = cluster_from_env()
+    if cluster and mode not in ("auto", "multi_worker"):  # else the chief trains alone, the workers are refused
+        raise ConfigError(f"train.distribute: {mode!r} trains on one host, but {TF_CONFIG} names {cluster.workers} "
+                          f"hosts: use auto or multi_worker (every GPU of every host), or unset {TF_CONFIG} to train "
+                          f"on this host alone")
     if mode == "multi_worker" or (mode == "auto" and cluster):  # before anything initialises TensorFlow
-        if backend != "tensorflow":
-            raise ConfigError(f"train.distribute: 'multi_worker' needs the TensorFlow backend, not {backend}")
+        if backend != "tensorflow":  # else each host would train alone, or a worker be told to run what it runs
+            raise ConfigError(f"train.distribute: {mode!r}"
+                              + (f" with {TF_CONFIG} naming {cluster.workers} hosts" if cluster else "")
+                              + f": training over several hosts ('multi_worker') needs the TensorFlow backend, not "
+                              f"{backend}: set KERAS_BACKEND=tensorflow"
+                              + (f", or unset {TF_CONFIG} to train on this host alone" if cluster else ""))
         if not cluster:
             raise ConfigError(f"train.distribute: 'multi_worker' needs {TF_CONFIG} naming at least two tasks "
                               f"(see the README's 'Several hosts')")
@@ -216,3 +282,42 @@ def _multi_worker_fit_fixes(model: keras.Model, strategy) -> None:
 
     reduce_local_first.multi_worker_fix = True
     tf_trainer.reduce_per_replica = reduce_local_first
+
+
+HOST_LOST = "stopped answering"
+
+
+@contextlib.contextmanager
+def host_lost_as_step_failure():
+    """A host of the cluster lost (killed, crashed, unreachable) as one line: TensorFlow's coordination service
+    notices its missing heartbeats and aborts every collective with an UnavailableError several screens long.
+    Every host's checkpoint keeps its completed epochs, so rerunning every host's command continues the run."""
+    import tensorflow as tf
+
+    from pipeline.tracking import StepFailed
+
+    try:
+        yield
+    except tf.errors.UnavailableError as exc:
+        import re
+
+        text = str(exc)
+        lost = sorted({f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text)})
+        lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__]
+        said = next((line for line in lines if re.search(r"unhealthy|heartbeat|aborted|unavailable|connect", line,
+                                                         re.IGNORECASE)), lines[0])
+        raise StepFailed(f"{TF_CONFIG}: {', '.join(lost) or 'a host of the cluster'} {HOST_LOST} (TensorFlow: "
+                         f"{said[:200]}): the other hosts cannot train without it. Completed epochs stay "
+                         f"checkpointed on every host: once it is back, rerun every host's command to continue") \
+            from None
+
+
+def _host_lost_as_step_failure(model: keras.Model) -> None:
+    """`model.fit` raising `host_lost_as_step_failure`'s error instead of TensorFlow's."""
+    fit = model.fit
+
+    def fit_or_host_lost(*args, **kwargs):
+        with host_lost_as_step_failure():
+            return fit(*args, **kwargs)
+
+    model.fit = fit_or_host_lost

@@ -104,6 +104,13 @@ def split_validation(dataset: Dataset, fraction: float, seed: int):
     return dataset.x_train[train], dataset.y_train[train], dataset.x_train[val], dataset.y_train[val]
 
 
+def check_replica_batches(cfg: config.Config, dist: Distribution, splits: tuple) -> None:
+    """ConfigError, before anything trains, for batches `dist`'s replicas cannot share (`Distribution.check_batches`:
+    an empty slice on a replica gives NaN BatchNormalization statistics or a failed conv)."""
+    t = cfg.train
+    dist.check_batches(t.batch_size, t.drop_remainder, cfg.model.ghost_batch, len(splits[0]), len(splits[2]))
+
+
 def training_part(dataset: Dataset, splits: tuple) -> Dataset:
     """`dataset` with the training images of `split_validation`'s `splits` alone, for the statistics the model
     is built from (normalisation, the whitening stem): the held-out images val_acc scores (and a sweep

@@ -31,6 +31,7 @@ from pipeline.distribute import Distribution, distribution
 from pipeline.fitting import (
     Checkpoint,
     check_backend,
+    check_replica_batches,
     compile_model,
     cpu_allocator,
     diverged,
@@ -92,6 +93,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     dist = dist or distribution(t.distribute)  # first: a multi-worker strategy must precede every TF op
     dataset = prepare.load_dataset(dataset_uri)
     splits = split_validation(dataset, t.validation_fraction, t.seed)
+    check_replica_batches(cfg, dist, splits)
     train_images = len(splits[0])
     model = compile_model(cfg, training_part(dataset, splits), dist, train_images)
 
@@ -155,6 +157,7 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
     """
     dataset = prepare.load_dataset(dataset_uri) if dataset_uri else prepare.build(cfg)
     splits = split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
+    check_replica_batches(cfg, dist, splits)
     model = compile_model(cfg, training_part(dataset, splits), dist, len(splits[0]))
     job = training_job(cfg, dataset)
     backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{job[:16]}"

@@ -72,6 +72,20 @@ def test_data_parallel_over_two_tensorflow_devices(store, overrides):
     assert_two_device_run(MlflowClient(), "tensorflow")
 
 
+def test_an_epoch_ending_in_fewer_images_than_replicas_is_refused_before_training(store):
+    """1,025 images at batch 32 end each epoch with 1 image for 2 replicas: one would normalise an empty slice
+    (NaN BatchNormalization statistics: 'diverged' on a GPU, a failed conv on CPU devices). Exit 2, one line."""
+    result = run_distributed(store, "tensorflow", "mirrored", "data.synthetic_train=1025 train.batch_size=32")
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "train.batch_size" in line and "batch of 1 of the 1025" in line and "drop_remainder=true" in line
+    assert "Traceback" not in result.stderr
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
+    assert run.info.status == "FAILED" and "train.batch_size" in run.data.tags["failure_reason"]
+    assert not client.search_logged_models([client.get_experiment_by_name("e2e").experiment_id])
+
+
 def assert_two_device_run(client: MlflowClient, backend: str):
     """The one train run of the store's `e2e` experiment trained 2 epochs on both devices, and learned: that run."""
     run = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")[0]

@@ -91,3 +91,167 @@ def test_without_several_gpus_it_refuses(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         multi_gpu.main(["--backends", "torch", "--virtual-cpus", "2"])
     assert exit_info.value.code == 2 and "unknown ['torch']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--backends", ","], "error: --backends: none given"),
+    (["--epochs", "1", "--virtual-cpus", "2"], "error: --epochs: must be >= 2"),
+    (["--virtual-cpus", "1"], "error: --virtual-cpus: must be 0 or >= 2"),
+    (["--virtual-cpus", "-2"], "error: --virtual-cpus: must be 0 or >= 2"),
+])
+def test_arguments_no_arm_can_run_with_are_refused_before_any_arm(monkeypatch, capsys, argv, message):
+    """Not one failed arm per backend after its start-up, nor (on a GPU machine) a table of failures written over
+    bench/results/multi_gpu.md, nor pandas' KeyError on an empty table."""
+    monkeypatch.setattr(multi_gpu, "gpu_names", lambda: ["NVIDIA H200", "NVIDIA H200"])
+    monkeypatch.setattr(multi_gpu, "run_arm", lambda *a: pytest.fail("an arm ran"))
+    monkeypatch.setattr(multi_gpu, "save_results", lambda *a: pytest.fail("results written"))
+    with pytest.raises(SystemExit) as exit_info:
+        multi_gpu.main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith(message)
+
+
+# pipeline.distribute: what TF_CONFIG, the backend and the batch allow, and a host lost mid-training.
+
+def tf_config(cluster, task_type="worker", index=0) -> str:
+    return json.dumps({"cluster": cluster, "task": {"type": task_type, "index": index}})
+
+
+TWO = ["localhost:1", "localhost:2"]
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (tf_config({"worker": "host-a:12345"}), "'worker' must be a list of 'host:port' strings"),  # TF: TypeError
+    (tf_config({"worker": ["a:1", 2]}), "'worker' must be a list of 'host:port' strings"),
+    (tf_config({"chief": TWO}, "chief", 1), "at most one 'chief'"),  # TF: ValueError; both would log to MLflow
+    (tf_config({"worker": TWO}, index=0.5), "the task index must be 0, 1, ..., got 0.5"),  # int(): worker 0
+    (tf_config({"worker": TWO}, index=True), "the task index must be 0, 1, ..., got True"),
+    (tf_config({"worker": TWO}, index=-1), "the task index must be 0, 1, ..., got -1"),
+    (json.dumps({"cluster": ["a:1", "b:2"], "task": {"type": "worker", "index": 0}}), "not a cluster spec"),
+])
+def test_a_malformed_tf_config_is_a_param_error(monkeypatch, raw, message):
+    """Each was accepted, then TensorFlow's MultiWorkerMirroredStrategy raised a traceback (exit 1), or the host
+    took another task than TensorFlow's."""
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    monkeypatch.setenv("TF_CONFIG", raw)
+    with pytest.raises(ConfigError, match=r"^TF_CONFIG: not a cluster spec") as error:
+        distribute.cluster_from_env()
+    assert message in str(error.value)
+
+
+def test_a_task_index_written_as_a_string_is_read_as_tensorflow_reads_it(monkeypatch):
+    from pipeline import distribute
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("TF_CONFIG", tf_config({"worker": TWO}, index="1"))
+    cluster = distribute.cluster_from_env()
+    assert (cluster.task, cluster.workers, cluster.chief) == ("worker 1", 2, False)
+
+
+@pytest.mark.parametrize("mode", ["auto", "multi_worker"])
+def test_a_cluster_on_another_backend_than_tensorflow_is_refused(monkeypatch, mode):
+    """Under JAX TF_CONFIG was ignored: the chief trained alone (tags distribute=none, workers=1) and the README's
+    worker command was told to run `python -m pipeline.train`, which it was running."""
+    import keras
+
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("TF_CONFIG", tf_config({"worker": TWO}))
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ConfigError, match=f"^train.distribute: '{mode}' with TF_CONFIG naming 2 hosts: training over "
+                                          "several hosts .* needs the TensorFlow backend, not jax: set "
+                                          "KERAS_BACKEND=tensorflow, or unset TF_CONFIG"):
+        distribute.distribution(mode)
+
+
+class Strategy:
+    def __init__(self, replicas: int):
+        self.num_replicas_in_sync = replicas
+
+
+def mirrored(replicas: int = 2, devices: str = "CPU"):
+    from pipeline.distribute import Distribution
+
+    return Distribution("mirrored", [f"/device:{devices}:{i}" for i in range(replicas)], Strategy(replicas))
+
+
+@pytest.mark.parametrize(("batch", "drop", "ghost", "train", "val", "message"), [
+    # 1025 images of batch 32 end each epoch with 1 image, 2 replicas: one trains on none, BN's mean of nothing is
+    # NaN: val_loss nan after epoch 1 and "training diverged ... Lower train.lr" (on CPU devices: a traceback)
+    (32, False, 0, 1025, 256, "each epoch ends with a batch of 1 of the 1025 training images, split over 2 replicas"),
+    (1, False, 0, 1024, 256, "train.batch_size: 1 is split over 2 replicas"),
+    # ghost 32 of batch 32: 16 per replica; GhostBatchNormalization's ValueError traceback
+    (32, True, 32, 1024, 256, "model.ghost_batch: each of the 2 replicas (mirrored over /device:CPU:0, "
+                              "/device:CPU:1) normalises its slice of train.batch_size 32 in ghost batches of 32: "
+                              "the batch must be a multiple of 2 x 32 = 64"),
+    (32, False, 0, 1024, 257, "validation ends with a batch of 1 of the 257 images"),  # oneDNN's conv on CPUs
+])
+def test_a_batch_the_replicas_cannot_share_is_a_param_error(batch, drop, ghost, train, val, message):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        mirrored().check_batches(batch, drop, ghost, train, val)
+    assert message in str(error.value)
+
+
+def test_batches_every_replica_gets_images_of_are_accepted():
+    from pipeline.distribute import Distribution
+
+    mirrored().check_batches(32, True, 0, 1025, 256)  # the partial batch dropped
+    mirrored().check_batches(32, False, 0, 1026, 256)  # 2 images: one each
+    mirrored().check_batches(33, False, 0, 1023, 256)  # uneven slices (17 and 16), none empty
+    mirrored().check_batches(64, True, 32, 1024, 256)
+    mirrored(devices="GPU").check_batches(32, False, 0, 1024, 257)  # a GPU's conv takes an empty slice
+    Distribution("none", ["cpu:0"]).check_batches(32, False, 32, 1025, 257)
+    Distribution("data_parallel", ["cpu:0", "cpu:1"]).check_batches(32, False, 0, 1025, 257)  # one SPMD program
+
+
+def test_a_host_lost_mid_training_is_one_line_naming_it(monkeypatch):
+    """A worker killed mid-epoch: its peers got TensorFlow's UnavailableError (exit 1, 50 lines, the run FAILED
+    with no reason) ~7 s later. Now a StepFailed (exit 3) naming the host and how to continue."""
+    import tensorflow as tf
+
+    from pipeline import distribute
+    from pipeline.tracking import StepFailed
+
+    lost = ("Collective ops is aborted by: Error reported from /job:worker/task:1: The following tasks are unhealthy "
+            "(stopped sending heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have crashed. Check the task logs "
+            "for an earlier error, or scheduler events (e.g. preemption, eviction) to debug further.\n"
+            "\t [[{{node CollectiveReduceV2}}]] [Op:__inference_multi_step_on_iterator_4646]")
+
+    class Model:
+        def fit(self, *args, **kwargs):
+            raise tf.errors.UnavailableError(None, None, lost)
+
+    monkeypatch.setattr(distribute, "_multi_worker_fit_fixes", lambda model, strategy: None)
+    dist = distribute.Distribution("multi_worker", ["/job:worker/replica:0/task:0/device:CPU:0"], Strategy(2),
+                                   distribute.Cluster({"worker": TWO}, "worker", 0))
+    model = Model()
+    dist.adapt(model)
+    with pytest.raises(StepFailed) as error:
+        model.fit(epochs=3)
+    text = str(error.value)
+    assert "\n" not in text and text.startswith(
+        "TF_CONFIG: worker 1 stopped answering (TensorFlow: Collective ops is aborted by: Error reported from "
+        "/job:worker/task:1: The following tasks are unhealthy (stopped sending heartbeats):): the other hosts ")
+    assert text.endswith("Completed epochs stay checkpointed on every host: once it is back, rerun every host's "
+                         "command to continue")
+
+
+@pytest.mark.parametrize("mode", ["none", "mirrored"])
+def test_a_one_host_mode_under_a_cluster_is_refused(monkeypatch, mode):
+    """train.distribute=mirrored with the README's TF_CONFIG: worker 0 trained alone (workers=1) while worker 1 was
+    told to run `python -m pipeline.train`, the command it was running."""
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    for index in (0, 1):
+        monkeypatch.setenv("TF_CONFIG", tf_config({"worker": TWO}, index=index))
+        with pytest.raises(ConfigError, match=f"^train.distribute: '{mode}' trains on one host, but TF_CONFIG names 2 "
+                                              "hosts: use auto or multi_worker"):
+            distribute.distribution(mode)
