@@ -754,7 +754,7 @@ def run(args: argparse.Namespace) -> int:
     study, leads = join_study(plan, storage, name)
     print(f"{'started' if leads else 'joined'} Optuna study {name} in {safe_url(storage_url)} "
           f"({plan.sampler_name} sampler, {plan.pruner_name} pruner, {plan.trials} trials); "
-          f"optuna-dashboard {safe_url(storage_url)}", flush=True)
+          f"optuna-dashboard {safe_url(storage.url)}", flush=True)  # the driver it opened
     with contextlib.ExitStack() as stack:
         if leads:
             parent = stack.enter_context(open_run("sweep", experiment=base.tracking.experiment,

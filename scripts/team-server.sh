@@ -8,11 +8,18 @@
 # Settings (environment, defaults in brackets):
 #   MLFLOW_DB [mlflow]      database of the tracking store and the Model Registry
 #   OPTUNA_DB [optuna]      database for Optuna studies (`-P storage=` of sweeps)
-#   DB_USER [mlflow]        role owning both; DB_PASSWORD [mlflow] its password (set your own)
+#   DB_USER [mlflow]        role owning both; DB_PASSWORD [mlflow] its password (set your own). A role
+#                           that exists already keeps its password: DB_PASSWORD must be that one.
 #   PGHOST [127.0.0.1]  PGPORT [5432]  PG_VERSION [15]  PG_CLUSTER [main]
 #   ARTIFACTS [./mlartifacts]   where the server keeps artifacts
 #   HOST [0.0.0.0]  PORT [5000]  WORKERS [2]   where and how `mlflow server` listens
+#   ALLOWED_HOSTS []        more names (comma-separated, e.g. team-host,mlflow.example.com) by which
+#                           members reach the server. This host's own names and addresses, localhost and
+#                           private IPs are always allowed; MLflow answers 403 to any other Host header,
+#                           and refuses the UI's changes from any other origin.
 # PostgreSQL refuses to run as root: as root, its commands run as the `postgres` user.
+# The database password reaches `mlflow server` URL-encoded through its environment
+# (MLFLOW_BACKEND_STORE_URI), never on a command line.
 set -euo pipefail
 
 MLFLOW_DB=${MLFLOW_DB:-mlflow}
@@ -27,52 +34,124 @@ ARTIFACTS=${ARTIFACTS:-$PWD/mlartifacts}
 HOST=${HOST:-0.0.0.0}
 PORT=${PORT:-5000}
 WORKERS=${WORKERS:-2}
+ALLOWED_HOSTS=${ALLOWED_HOSTS:-}
 
 for name in "$MLFLOW_DB" "$OPTUNA_DB" "$DB_USER"; do
   [[ $name =~ ^[a-z_][a-z0-9_]*$ ]] || { echo "error: database and role names take a-z, 0-9 and _, got '$name'" >&2; exit 2; }
 done
 
+fail() { echo "error: $*" >&2; exit 1; }
+
+# The caller's libpq settings stay out of the admin commands, which use the local socket: an exported
+# PGHOST=127.0.0.1 would send them over TCP, where the postgres role has no password.
+admin_env=(env -u PGHOST -u PGHOSTADDR -u PGUSER -u PGDATABASE -u PGSERVICE -u PGPASSWORD)
 as_postgres() {
-  if [[ $(id -un) == postgres ]]; then "$@"
-  elif [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"
-  else sudo -u postgres "$@"
+  if [[ $(id -un) == postgres ]]; then "${admin_env[@]}" "$@"
+  elif [[ $(id -u) == 0 ]]; then runuser -u postgres -- "${admin_env[@]}" "$@"
+  else sudo -u postgres "${admin_env[@]}" "$@"
   fi
 }
 
 psql_admin() { as_postgres psql -p "$PGPORT" -v ON_ERROR_STOP=1 -qtAX "$@"; }
+exists() { [[ -n $(psql_admin -d postgres -c "SELECT 1 FROM $1 WHERE $2 = '$3'") ]]; }
 
 start_postgres() {
   if ! command -v pg_ctlcluster >/dev/null || [[ ! -d /usr/lib/postgresql/$PG_VERSION ]]; then
-    echo "error: PostgreSQL $PG_VERSION is not installed (Debian: apt-get install -y postgresql-$PG_VERSION)" >&2
-    exit 1
+    fail "PostgreSQL $PG_VERSION is not installed (Debian: apt-get install -y postgresql-$PG_VERSION)"
   fi
+  if [[ $(id -un) != postgres && $(id -u) != 0 ]] && ! command -v sudo >/dev/null; then
+    fail "PostgreSQL's admin commands run as the postgres user: run this as root or postgres, or install sudo"
+  fi
+  local cluster port out
+  cluster=$(pg_lsclusters -h 2>/dev/null | awk -v v="$PG_VERSION" -v c="$PG_CLUSTER" '$1 == v && $2 == c')
+  [[ -n $cluster ]] || fail "no PostgreSQL cluster $PG_VERSION/$PG_CLUSTER (pg_lsclusters lists them;" \
+    "set PG_VERSION/PG_CLUSTER, or create it: pg_createcluster $PG_VERSION $PG_CLUSTER)"
+  port=$(awk '{print $3}' <<< "$cluster")
+  [[ $port == "$PGPORT" ]] || fail "PostgreSQL cluster $PG_VERSION/$PG_CLUSTER is on port $port, not PGPORT=$PGPORT"
   if ! pg_isready -q -h "$PGHOST" -p "$PGPORT"; then
     # Two callers may start it at once; the loser's "already running" is fine.
-    as_postgres pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start 2>/dev/null || true
+    if ! out=$(as_postgres pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start 2>&1) && [[ $out != *"already running"* ]]; then
+      fail "could not start PostgreSQL $PG_VERSION/$PG_CLUSTER: $(head -n 1 <<< "$out")"
+    fi
     for _ in $(seq 60); do pg_isready -q -h "$PGHOST" -p "$PGPORT" && break; sleep 0.5; done
-    pg_isready -q -h "$PGHOST" -p "$PGPORT" || {
-      echo "error: PostgreSQL $PG_VERSION/$PG_CLUSTER did not start on $PGHOST:$PGPORT; see /var/log/postgresql/" >&2
-      exit 1
-    }
+    pg_isready -q -h "$PGHOST" -p "$PGPORT" ||
+      fail "PostgreSQL $PG_VERSION/$PG_CLUSTER does not answer on $PGHOST:$PGPORT; see /var/log/postgresql/"
   fi
-  psql_admin -d postgres -c "DO \$\$ BEGIN
-      CREATE ROLE $DB_USER LOGIN PASSWORD '${DB_PASSWORD//\'/\'\'}';
-    EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END \$\$;"
+  # The password goes through stdin (not a command line), as a plain literal (in a DO block, a $$ in
+  # it would end the block).
+  local existed=1
+  if ! exists pg_roles rolname "$DB_USER"; then
+    existed=
+    psql_admin -d postgres 2>/dev/null <<< "CREATE ROLE $DB_USER LOGIN PASSWORD '${DB_PASSWORD//\'/\'\'}'" \
+      || exists pg_roles rolname "$DB_USER"  # another caller created it meanwhile
+  fi
+  # Log in as mlflow server will, before any database is made: a role made earlier with another
+  # password is one line here, not a traceback from every server worker later.
+  local login
+  if ! login=$(PGPASSWORD=$DB_PASSWORD PGCONNECT_TIMEOUT=10 psql -h "$PGHOST" -p "$PGPORT" -U "$DB_USER" \
+        -d postgres -w -qtAX -c "SELECT 1" 2>&1); then
+    login=$(head -n 1 <<< "${login#psql: error: }")
+    local hint=" (role $DB_USER existed already and keeps its password: set DB_PASSWORD to it, or as postgres"
+    [[ -z $existed ]] || login+="$hint: ALTER ROLE $DB_USER PASSWORD '...')"
+    fail "cannot log in to PostgreSQL on $PGHOST:$PGPORT as $DB_USER with DB_PASSWORD: $login"
+  fi
   for db in "$MLFLOW_DB" "$OPTUNA_DB"; do
-    if [[ -z $(psql_admin -d postgres -c "SELECT 1 FROM pg_database WHERE datname = '$db'") ]]; then
-      as_postgres createdb -p "$PGPORT" -O "$DB_USER" "$db" 2>/dev/null \
-        || [[ -n $(psql_admin -d postgres -c "SELECT 1 FROM pg_database WHERE datname = '$db'") ]]
+    if ! exists pg_database datname "$db"; then
+      as_postgres createdb -p "$PGPORT" -O "$DB_USER" "$db" 2>/dev/null || exists pg_database datname "$db"
     fi
   done
   echo "PostgreSQL $PG_VERSION on $PGHOST:$PGPORT: databases $MLFLOW_DB (tracking) and $OPTUNA_DB (Optuna), owner $DB_USER"
 }
 
+# Checked before anything is made: with a server already on the port (this script run twice, say),
+# `mlflow server` logs a bind error and exits 0.
+check_port() {
+  command -v python >/dev/null || fail "no python on PATH: activate the project's virtual environment (. .venv/bin/activate)"
+  python - "$HOST" "$PORT" <<'PY' || exit 1
+import socket, sys
+host, port = sys.argv[1], sys.argv[2]
+if not port.isdigit() or not 0 < int(port) < 65536:
+    sys.exit(f"error: PORT takes a port number, got {port!r}")
+try:
+    family, kind, proto, _, address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        s.bind(address)
+except OSError as exc:
+    sys.exit(f"error: mlflow server cannot listen on {host}:{port} ({exc.strerror or exc}): another server there?"
+             " set HOST/PORT")
+PY
+}
+
+[[ ${1:-} == postgres ]] || check_port
 start_postgres
 [[ ${1:-} == postgres ]] && exit 0
 
 mkdir -p "$ARTIFACTS"
+
+# Host headers and browser origins MLflow accepts: its own defaults (localhost, private IPs) and the
+# names members use (this host's, ALLOWED_HOSTS). These are fnmatch patterns: a literal [ is [[].
+hosts=(localhost "localhost:*" 127.0.0.1 "127.0.0.1:*" "[::1]" "[[]::1]:*" 0.0.0.0 "0.0.0.0:*" "192.168.*" "10.*"
+       $(printf '172.%s.* ' $(seq 16 31)) "fc00:*" "fd00:*")
+origins=() names=()
+IFS=', ' read -r -a extra <<< "$ALLOWED_HOSTS"
+for name in $(hostname) $(hostname -f 2>/dev/null) $(hostname -I 2>/dev/null) "${extra[@]}"; do
+  [[ $name == *:* && $name != \[* ]] && name="[$name]"  # an IPv6 address, as a Host header writes it
+  [[ " ${names[*]} " == *" $name "* ]] && continue
+  names+=("$name")
+  hosts+=("$name" "${name/#\[/[[]}:*")
+  origins+=("http://$name:$PORT" "https://$name")
+done
+MLFLOW_SERVER_ALLOWED_HOSTS=$(IFS=,; echo "${hosts[*]}")
+MLFLOW_SERVER_CORS_ALLOWED_ORIGINS=$(IFS=,; echo "${origins[*]}")
+password=$(DB_PASSWORD=$DB_PASSWORD python -c 'import os, urllib.parse
+print(urllib.parse.quote(os.environ["DB_PASSWORD"], safe=""))')
+MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://$DB_USER:$password@$PGHOST:$PGPORT/$MLFLOW_DB"
+export MLFLOW_SERVER_ALLOWED_HOSTS MLFLOW_SERVER_CORS_ALLOWED_ORIGINS MLFLOW_BACKEND_STORE_URI
+
 echo "mlflow server on http://$HOST:$PORT: backend postgresql://$DB_USER@$PGHOST:$PGPORT/$MLFLOW_DB, artifacts $ARTIFACTS"
+echo "members reach it by these names (more: ALLOWED_HOSTS), localhost or a private IP: ${names[*]}"
 echo "sweeps: -P storage=postgresql://$DB_USER@$PGHOST:$PGPORT/$OPTUNA_DB (password from PGPASSWORD or ~/.pgpass)"
 exec python -m mlflow server --host "$HOST" --port "$PORT" --workers "$WORKERS" \
-  --backend-store-uri "postgresql+psycopg2://$DB_USER:$DB_PASSWORD@$PGHOST:$PGPORT/$MLFLOW_DB" \
   --artifacts-destination "$ARTIFACTS" --serve-artifacts

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
+from pathlib import Path
 
 import optuna
 import psycopg2
@@ -54,7 +58,8 @@ def team(tmp_path_factory):
     suffix = uuid.uuid4().hex[:10]
     port, pgport = free_port(), os.environ.get("PGPORT", "5432")
     settings = {"MLFLOW_DB": f"mlflow_test_{suffix}", "OPTUNA_DB": f"optuna_test_{suffix}", "ARTIFACTS": str(folder /
-                "artifacts"), "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1", "PGPORT": pgport}
+                "artifacts"), "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1", "PGPORT": pgport,
+                "ALLOWED_HOSTS": "team-host.example"}
     # No GenAI job runner: it starts several busy consumer processes that this test never uses.
     env = {**os.environ, **settings, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = folder / "server.log"
@@ -99,6 +104,8 @@ def test_main_and_a_two_worker_sweep_on_the_postgresql_server(team, tmp_path):
     time.sleep(2)
     second = mlflow_run(url, "team", "sweep", **sweep)
     outputs = [finish(first), finish(second)]
+    # The dashboard hint names the driver the storage opened (a bare postgresql:// needs psycopg 3).
+    assert f"optuna-dashboard postgresql+psycopg2://{USER}@" in outputs[0], outputs[0]
 
     # One sweep parent; every trial is its child, each trial ran once, on one of the two workers.
     parents = search(url, experiment_id, "tags.step = 'sweep'")
@@ -192,3 +199,132 @@ def test_workers_opening_a_new_study_database_together_all_get_it():
         for storage in opened:
             storage.engine.dispose()
         drop_databases(pgport, name)
+
+
+# ---------------------------------------------------------------- the script's own checks
+
+def run_script(*args: str, timeout: float = 120, **settings: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PGPORT": os.environ.get("PGPORT", "5432"), **settings}
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def database_exists(name: str) -> bool:
+    connection = psycopg2.connect(host="127.0.0.1", port=os.environ.get("PGPORT", "5432"), user=USER,
+                                  password=PASSWORD, dbname="postgres")
+    with connection, connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        found = cursor.fetchone() is not None
+    connection.close()
+    return found
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), result
+    return lines[0]
+
+
+def request(url: str, host: str, *, origin: str | None = None) -> int:
+    """The HTTP status of a GET (or, with `origin`, a browser's POST) to `url` with Host header `host`."""
+    headers = {"Host": host, **({"Origin": origin, "Content-Type": "application/json"} if origin else {})}
+    data = f'{{"name": "origin-{uuid.uuid4().hex[:8]}"}}'.encode() if origin else None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_members_reach_the_server_by_this_hosts_name_and_allowed_hosts(team):
+    """MLflow's default answers 403 to any Host header but localhost and private IPs, so
+    MLFLOW_TRACKING_URI=http://team-host:5000 failed; and refused the UI's changes from its own origin."""
+    port = team["url"].rsplit(":", 1)[1]
+    search = f"{team['url']}/api/2.0/mlflow/experiments/search?max_results=1"
+    for name in (socket.gethostname(), "team-host.example", "10.1.2.3", "localhost"):
+        assert request(search, f"{name}:{port}") == 200, name
+    assert request(search, f"evil.example:{port}") == 403  # the DNS-rebinding check stays on
+    create = f"{team['url']}/api/2.0/mlflow/experiments/create"
+    for name in (socket.gethostname(), "team-host.example"):
+        assert request(create, f"{name}:{port}", origin=f"http://{name}:{port}") == 200, name
+    assert request(create, f"{socket.gethostname()}:{port}", origin="http://evil.example") == 403
+
+
+def test_a_port_in_use_is_one_line_before_anything_is_made():
+    """Run twice on one port, the second `mlflow server` logged a bind error and exited 0, having made the
+    databases."""
+    name = f"mlflow_port_{uuid.uuid4().hex[:10]}"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        try:
+            result = run_script(MLFLOW_DB=name, OPTUNA_DB=name, HOST="127.0.0.1", PORT=port, WORKERS="1",
+                                MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+            assert f"127.0.0.1:{port}" in one_error_line(result) and "in use" in result.stderr
+            assert not database_exists(name)
+        finally:
+            drop_databases(os.environ.get("PGPORT", "5432"), name)
+    assert "PORT takes a port number" in one_error_line(run_script(PORT="50OO"))
+
+
+def test_bad_postgresql_settings_are_one_line_and_quick():
+    """A wrong password (the role exists already), an unknown cluster, a PGPORT the cluster is not on:
+    one line and exit 1 at once, not a traceback later or a 30 s wait that blames the start."""
+    name = f"mlflow_bad_{uuid.uuid4().hex[:10]}"
+    try:
+        line = one_error_line(run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name, DB_PASSWORD="not-the-password"))
+        assert "password authentication failed" in line and "existed already" in line
+        assert not database_exists(name)  # nothing half made
+    finally:
+        drop_databases(os.environ.get("PGPORT", "5432"), name)
+    started = time.monotonic()
+    assert "no PostgreSQL cluster 15/nosuch" in one_error_line(run_script("postgres", PG_CLUSTER="nosuch"))
+    other_port = str(free_port())
+    assert f"not PGPORT={other_port}" in one_error_line(run_script("postgres", PGPORT=other_port))
+    assert time.monotonic() - started < 15
+
+
+def test_an_exported_pghost_does_not_send_the_admin_commands_over_tcp():
+    """PGHOST is a documented setting, so the script's environment has it: psql as postgres then went
+    over TCP, asked for the postgres role's password and failed (or waited for it on a terminal)."""
+    name = f"mlflow_pghost_{uuid.uuid4().hex[:10]}"
+    try:
+        result = run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name, PGHOST="127.0.0.1", PGUSER=USER)
+        assert result.returncode == 0, result
+        assert database_exists(name)
+    finally:
+        drop_databases(os.environ.get("PGPORT", "5432"), name)
+
+
+def test_a_password_with_url_and_sql_characters_works_and_stays_off_command_lines(tmp_path):
+    """DB_PASSWORD went into the backend URI unencoded (an @ or / broke it: every worker's traceback) and
+    onto `mlflow server`'s command line, which every local user reads in ps; a $$ broke role creation."""
+    suffix = uuid.uuid4().hex[:10]
+    user, name, password = f"mlflow_pw_{suffix}", f"mlflow_pw_{suffix}", f"p@ss/w:rd?#%$$'x {suffix}"
+    pgport = os.environ.get("PGPORT", "5432")
+    port = free_port()
+    log = tmp_path / "server.log"
+    env = {**os.environ, "MLFLOW_DB": name, "OPTUNA_DB": name, "DB_USER": user, "DB_PASSWORD": password,
+           "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1", "PGPORT": pgport,
+           "ARTIFACTS": str(tmp_path / "artifacts"), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with log.open("ab") as out:
+        process = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", process, timeout=180, log=log)
+        assert request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5",
+                       f"127.0.0.1:{port}") == 200
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                assert b"p@ss/w" not in cmdline.read_bytes() and b"p%40ss" not in cmdline.read_bytes(), cmdline
+    finally:
+        stop_group(process)
+        connection = psycopg2.connect(host="127.0.0.1", port=pgport, user=user, password=password, dbname="postgres")
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        connection.close()
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
+        subprocess.run([*as_postgres, "psql", "-p", pgport, "-qc", f"DROP ROLE IF EXISTS {user}"], check=True,
+                       cwd="/")
