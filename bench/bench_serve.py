@@ -217,13 +217,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-requests", type=int, default=16, help=f"batch-{BIG_BATCH} calls per path")
     parser.add_argument("--json-batch-requests", type=int, default=4, help=f"batch-{BIG_BATCH} JSON tensor calls")
     args = parser.parse_args(argv)
+    for option in ("latency_requests", "batch_requests", "json_batch_requests"):
+        if getattr(args, option) < 1:  # no calls timed: NaN images/s and ratios in the report
+            parser.error(f"--{option.replace('_', '-')}: must be >= 1, got {getattr(args, option)}")
+    for params in args.params:  # before any model is logged or served
+        try:
+            config.load(params)
+        except config.ConfigError as exc:
+            parser.error(f"--params: {exc}")
     load_before = round(os.getloadavg()[0], 2)  # other work on the machine skews every number: record it
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         uri = f"sqlite:///{tmp}/mlflow.db"
         os.environ["MLFLOW_TRACKING_URI"] = uri  # read by the server process too
         mlflow.set_tracking_uri(uri)
-        models = [bench_model(params, tmp, args) for params in args.params]
+        models = []
+        for params in args.params:
+            try:
+                models.append(bench_model(params, tmp, args))
+            except (RuntimeError, OSError) as exc:  # the server did not start, or a request failed
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+                detail = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+                raise SystemExit(f"{params}: {detail}; no results written") from None
     machine = {**describe_machine(), "load_average_1min_before": load_before}
     report = {"date": datetime.date.today().isoformat(), "machine": machine, "models": models,
               "target_ratio_batch_256": TARGET_RATIO}

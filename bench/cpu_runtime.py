@@ -127,8 +127,8 @@ def main() -> None:
         parser.error(f"--rounds and --steps: must be >= 1, got {args.rounds} and {args.steps}")
     chosen = args.sides.split(",")
     unknown = [s for s in chosen if s not in SIDES]
-    if unknown or len(chosen) < 2:
-        parser.error(f"--sides: two or more of {', '.join(SIDES)}, got {args.sides!r}")
+    if unknown or len(chosen) < 2 or len(set(chosen)) < len(chosen):  # a repeated side is its own "baseline"
+        parser.error(f"--sides: two or more different ones of {', '.join(SIDES)}, got {args.sides!r}")
     sides: dict[str, list[dict]] = {side: [] for side in chosen}
     for round_ in range(args.rounds):
         for side in chosen:

@@ -56,6 +56,22 @@ def tta_scores(model, validation, test, batch_size: int) -> dict[str, dict[str, 
     return scores
 
 
+class Partial(keras.callbacks.Callback):
+    """After each epoch, `out` as a stage stopped by its time limit leaves it: `partial`, the epochs' seconds so far
+    and `fields` (the date, device and run it measured); written whole or not at all (the limit's SIGINT may come
+    at any time)."""
+
+    def __init__(self, out: Path, timer: fitting.EpochTimer, fields: dict):
+        super().__init__()
+        self.out, self.timer, self.fields = out, timer, fields
+
+    def on_epoch_end(self, epoch, logs=None):
+        part = self.out.with_name(f".{self.out.name}.part")
+        part.write_text(json.dumps({"partial": True, **self.fields,
+                                    "epoch_seconds": [round(s, 2) for s in self.timer.seconds]}, indent=2))
+        part.replace(self.out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -69,6 +85,8 @@ def main() -> None:
                         help="split the CPU into N TensorFlow devices (a rehearsal of several; on JAX set "
                              "XLA_FLAGS=--xla_force_host_platform_device_count=N before the process starts)")
     args = parser.parse_args()
+    if not args.full and args.epochs < 2:  # the steady time is the median of the epochs after the compiling first
+        parser.error(f"--epochs: must be >= 2 (the first epoch compiles), got {args.epochs}")
     if args.virtual_cpus and keras.backend.backend() == "tensorflow":  # before anything initialises TensorFlow
         import tensorflow as tf
 
@@ -77,30 +95,36 @@ def main() -> None:
 
     # The model is compiled with the profile's own schedule (its lr over the first epochs is the full run's);
     # without --full, fit stops after --epochs of it.
-    full = config.load_from_cli(args.params, f"{args.overrides} train.verbose=2")
-    epochs = full.train.epochs if args.full else args.epochs
-    cfg = dataclasses.replace(full, train=dataclasses.replace(full.train, epochs=epochs))
-    dataset = (data.load_source(args.data) if args.data
-               else data.make_synthetic(n_train=args.images, n_test=args.images // 5, seed=cfg.data.seed))
+    try:
+        full = config.load_from_cli(args.params, f"{args.overrides} train.verbose=2")
+        epochs = full.train.epochs if args.full else args.epochs
+        cfg = dataclasses.replace(full, train=dataclasses.replace(full.train, epochs=epochs))
+        dataset = (data.load_source(args.data) if args.data
+                   else data.make_synthetic(n_train=args.images, n_test=args.images // 5, seed=cfg.data.seed))
+    except (config.ConfigError, data.DataError) as exc:
+        parser.error(str(exc))
     dist = distribution(cfg.train.distribute)
     splits = fitting.split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
+    try:
+        fitting.check_replica_batches(cfg, dist, splits)
+    except config.ConfigError as exc:
+        parser.error(str(exc))
     model = fitting.compile_model(full, fitting.training_part(dataset, splits), dist, len(splits[0]))
     timer = fitting.EpochTimer()
     out = Path(args.out)
 
-    class Partial(keras.callbacks.Callback):  # a stage stopped by its time limit still leaves its epochs
-        def on_epoch_end(self, epoch, logs=None):
-            out.write_text(json.dumps({"partial": True, "params": args.params, "overrides": args.overrides,
-                                       "epoch_seconds": [round(s, 2) for s in timer.seconds],
-                                       "train_images": len(splits[0])}, indent=2))
+    measured = {"date": datetime.date.today().isoformat(), "device_kind": device_kind(),
+                "backend": keras.backend.backend(), "host": platform.node(),
+                "data": args.data or f"synthetic ({args.images} training images)", "test_images": len(dataset.y_test)}
+    partial = Partial(out, timer, {**measured, "params": args.params, "overrides": args.overrides,
+                                   "train_images": len(splits[0])})
 
     start = time.perf_counter()
-    history = fitting.fit(model, cfg, splits, len(dataset.class_names), [timer, Partial()])
+    history = fitting.fit(model, cfg, splits, len(dataset.class_names), [timer, partial])
     fit_seconds = time.perf_counter() - start
     steady = statistics.median(timer.seconds[1:] or timer.seconds)
     result = {
-        "date": datetime.date.today().isoformat(), "device_kind": device_kind(),
-        "backend": keras.backend.backend(), "devices": dist.devices, "host": platform.node(),
+        **measured, "devices": dist.devices,
         "distribute": dist.mode, "jit_compile": str(model.jit_compile).lower(), "dtype_policy": model.dtype_policy.name,
         "batch_size": cfg.train.batch_size,
         "params": args.params, "overrides": args.overrides, "model": model.name,
@@ -115,7 +139,7 @@ def main() -> None:
     if args.full:  # score as evaluate does (pipeline.serve needs MLflow, absent here): every image, its TTA
         held_out = splits[2:] if cfg.train.validation_fraction > 0 else (dataset.x_test[:0], dataset.y_test[:0])
         scores = tta_scores(model, held_out, (dataset.x_test, dataset.y_test), cfg.evaluate.batch_size)
-        result.update(test_acc=scores[cfg.evaluate.tta]["test_acc"], test_images=len(dataset.y_test),
+        result.update(test_acc=scores[cfg.evaluate.tta]["test_acc"],
                       tta=cfg.evaluate.tta, tta_scores=scores, fit_seconds=round(fit_seconds, 1),
                       fit_seconds_after_first_epoch=round(sum(timer.seconds[1:]), 1))
     print(json.dumps(result, indent=2))

@@ -7,11 +7,11 @@
 return only a few files); `--unpack FILE` extracts it into the results folder first.
 
 Writes <results>/gpu.md, with <results>/gpu-notes.md below the table where there is one: per run, the date it
-was measured (`--date` for files that do not say), the device, the params file and overrides, the model, epochs
-trained, the first epoch's seconds (it includes XLA's compiles), the steady seconds per epoch (median of the
-others), images/s, the last epoch's train acc, and where the run was a full schedule its last val_acc, the fit
-seconds and test_acc on every test image (and val_acc/test_acc with each test-time augmentation, where the
-run recorded them); otherwise the projected minutes of the profile's whole schedule.
+was measured (`--date` for files that do not say), the device, the params file and overrides, the model, the data
+(where the file says), epochs trained, the first epoch's seconds (it includes XLA's compiles), the steady seconds
+per epoch (median of the others), images/s, the last epoch's train acc, and where the run was a full schedule its
+last val_acc, the fit seconds and test_acc on every test image (and val_acc/test_acc with each test-time
+augmentation, where the run recorded them); otherwise the projected minutes of the profile's whole schedule.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
             "params": run.get("params", ""),
             "overrides": run.get("overrides", "").strip(),
             "model": run.get("model", ""),
+            "data": data_cell(run),
             "epochs": len(seconds),
             "first epoch s": seconds[0] if seconds else None,
             "steady s/epoch": run.get("steady_epoch_seconds"),
@@ -60,6 +61,15 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
         raise SystemExit(f"no gpu-*.json in {results}")
     frame = pd.DataFrame.from_records(records)
     return frame.astype(object).where(frame.notna(), None)
+
+
+def data_cell(run: dict) -> str | None:
+    """What a run trained and was scored on: the data file's name (or synthetic) and its test images, where the
+    run recorded them (bench.gpu_epoch does since 2026-12-04; earlier files: bench/gpu.sh's JPEG copy)."""
+    if not run.get("data"):
+        return None
+    name = Path(run["data"]).name if not run["data"].startswith("synthetic") else run["data"]
+    return f"{name}, {run['test_images']:,} test images" if run.get("test_images") else name
 
 
 def tta_cell(scores: dict | None) -> str | None:
@@ -99,8 +109,10 @@ def report(results: Path, date: str) -> str:
         "# GPU check (`bench/gpu.sh`)", "",
         "The device as `bench/gpu.sh` recorded it:", "", "```", device, "```", "",
         "Through `pipeline.fitting` with `KERAS_BACKEND=jax` (bfloat16 + XLA where the profile says `auto`), "
-        "on the CIFAR-10 JPEG q75 copy. test_acc: every one of the 10,000 test images, with the profile's "
-        "`evaluate.tta`. The first epoch includes XLA's compiles of the train and validation steps.", "",
+        "on the data each row names (bench/gpu.sh's stages: the CIFAR-10 JPEG q75 copy; a blank cell: a file "
+        "that does not say, written by those stages). test_acc: every test image of that data (the JPEG copy's "
+        "10,000), with the profile's `evaluate.tta`. The first epoch includes XLA's compiles of the train and "
+        "validation steps.", "",
         table, "",
         *([notes.read_text().strip(), ""] if (notes := results / "gpu-notes.md").exists() else []),
     ])

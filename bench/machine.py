@@ -48,8 +48,20 @@ def save_results(folder: Path, name: str, results: dict, write_markdown: Callabl
 
 def child_result(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
     """Run `python -m <module> <args>` in the project root (a fresh interpreter, e.g. another backend or fresh
-    TensorFlow settings) and return the JSON it printed on its `RESULT <json>` line."""
-    out = subprocess.run([sys.executable, "-m", module, *args], env={**os.environ, **(env or {})},
-                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=timeout,
-                         check=True).stdout
-    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    TensorFlow settings) and return the JSON it printed on its `RESULT <json>` line. A child that fails, runs out
+    of time or prints no result ends the benchmark with one line naming the child and its last line of output
+    (SystemExit, so no results file is written from the rounds before it)."""
+    command = f"python -m {module} {' '.join(args)}"
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, *args], env={**os.environ, **(env or {})},
+                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"`{command}` did not finish within {timeout:g} s; no results written") from None
+    result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if proc.returncode != 0 or result is None:
+        last = next((line.strip() for line in reversed((proc.stderr + proc.stdout).splitlines()) if line.strip()),
+                    "no output")
+        raise SystemExit(f"`{command}` failed (exit {proc.returncode}{'' if proc.returncode else ', no RESULT line'}):"
+                         f" {last}; no results written")
+    return json.loads(result[len("RESULT "):])

@@ -58,7 +58,9 @@ def run_child(side: str) -> dict:
         end = time.perf_counter()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if process.returncode != 0 or not any(line.startswith("run ") for line in lines):
-        raise RuntimeError(f"{side}: exit {process.returncode}\n{''.join(lines[-20:])}")
+        last = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
+        raise SystemExit(f"{side}: `python -m pipeline.main` failed (exit {process.returncode}): {last}; "
+                         "no results written")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"after_last_line_s": round(end - last_line, 2), "wall_s": round(end - start, 2), "cpu_s": round(cpu, 2)}
 

@@ -46,6 +46,14 @@ def describe_machine() -> dict:
             "optuna": optuna.__version__, "mlflow": mlflow.__version__}
 
 
+def check(proc: subprocess.CompletedProcess, what: str) -> None:
+    """A failed command ends the benchmark with one line (its last line of output); no results are written."""
+    if proc.returncode != 0:
+        last = next((line.strip() for line in reversed((proc.stderr + proc.stdout).splitlines()) if line.strip()),
+                    "no output")
+        raise SystemExit(f"{what} failed (exit {proc.returncode}): {last}; no results written")
+
+
 def run_sweep(folder: Path, pruner: str, workers: int, epochs: int) -> dict:
     """One sweep in its own store; wall time of the command and epochs/states read back."""
     folder.mkdir(parents=True)
@@ -59,12 +67,12 @@ def run_sweep(folder: Path, pruner: str, workers: int, epochs: int) -> dict:
     # The data is prepared once, outside the timing, so that every sweep starts from the same point.
     prepared = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", "params/tiny.yaml"], cwd=ROOT,
                               env=env, capture_output=True, text=True)
-    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    check(prepared, "pipeline.prepare")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--spec", str(spec), "--study", "bench",
                            "--workers", str(workers)], cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    assert done.returncode == 0, done.stderr[-3000:]
+    check(done, f"pipeline.sweep ({pruner} pruning, {workers} worker{'s' if workers > 1 else ''})")
     client = MlflowClient(uri)
     study = optuna.load_study(study_name="bench", storage=f"sqlite:///{folder / 'optuna.db'}")
     epochs_run = 0
@@ -81,6 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per trial")
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs: must be >= 1, got {args.epochs}")
     info = describe_machine()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

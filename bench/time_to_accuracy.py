@@ -79,7 +79,9 @@ def run_profile(profile: str, data: str, extra: list[str], seed: int | None = No
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         wall = time.time() - start
         if proc.returncode != 0:
-            raise SystemExit(f"{profile}: `{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+            reason = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "")
+            raise SystemExit(f"{profile}: `mlflow run` failed (exit {proc.returncode}): {reason}")
         client = mlflow.MlflowClient(uri)
         (train,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                       "tags.step = 'train'")
@@ -117,14 +119,28 @@ def main() -> None:
         parser.error("--seeds sets -P overrides=train.seed=S; put other overrides in a params file, not in --extra")
     if args.repeat < 1:
         parser.error(f"--repeat: must be >= 1, got {args.repeat}")
+    missing = [p for p in args.profiles.split(",") if not (ROOT / "params" / f"{p}.yaml").is_file()]
+    if missing:  # before any run: a later profile would otherwise fail only after the earlier ones' runs
+        parser.error(f"--profiles: no params/<name>.yaml for {', '.join(repr(p) for p in missing)}")
+    planned = [(p, s) for p in args.profiles.split(",") for s in seeds for _ in range(args.repeat)]
     results = []
-    for profile, seed in [(p, s) for p in args.profiles.split(",") for s in seeds for _ in range(args.repeat)]:
-        results.append(run_profile(profile, args.data, args.extra.split(), seed))
+    for profile, seed in planned:
+        try:
+            results.append(run_profile(profile, args.data, args.extra.split(), seed))
+        except SystemExit as exc:
+            kept = f"; {RESULTS / 'time_to_accuracy.md'} holds the {len(results)} earlier run(s), marked incomplete"
+            raise SystemExit(f"{exc}{kept if results else '; no results written'}") from None
         print(results[-1]["row"], flush=True)
-        write_report(results, args)  # after every run, so an interrupted benchmark keeps what it measured
+        # after every run, so an interrupted benchmark keeps what it measured, marked incomplete until the last
+        write_report(results, args, len(planned))
 
 
-def write_report(results: list[dict], args: argparse.Namespace) -> None:
+def write_report(results: list[dict], args: argparse.Namespace, planned: int | None = None) -> None:
+    """The report of `results`; while fewer than `planned` runs have finished, its title and first line say so."""
+    planned = planned or len(results)
+    incomplete = (f"**Incomplete: {len(results)} of the command's {planned} runs finished** (the benchmark was "
+                  "interrupted or a run failed); these are not the command's results.\n\n"
+                  if len(results) < planned else "")
     runs = pd.DataFrame([r["row"] for r in results])
     medians = runs.groupby("profile", sort=False)[["wall_s", "test_acc"]].median().reset_index()
     medians.insert(1, "runs", runs.groupby("profile", sort=False).size().to_numpy())
@@ -140,7 +156,7 @@ def write_report(results: list[dict], args: argparse.Namespace) -> None:
                                                    f"(test_acc {r['row']['test_acc']:.3f})")
     ax.set_xlabel("wall seconds since the command started")
     ax.set_ylabel("val_acc")
-    ax.set_title(machine(), fontsize=8)
+    ax.set_title(machine() + (f" (incomplete: {len(results)} of {planned} runs)" if incomplete else ""), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -148,9 +164,11 @@ def write_report(results: list[dict], args: argparse.Namespace) -> None:
     plt.close(fig)
 
     data = args.data or "each profile's data.source"
-    text = (f"# Time to accuracy\n\nMachine: {machine()}. Date: {datetime.date.today()}. "
+    text = (f"# Time to accuracy{' (incomplete)' if incomplete else ''}\n\n{incomplete}"
+            f"Machine: {machine()}. Date: {datetime.date.today()}. "
             f"`python -m bench.time_to_accuracy --profiles {args.profiles} --repeat {args.repeat}"
-            f"{' --seeds ' + args.seeds if args.seeds else ''}{' --data ' + args.data if args.data else ''}`; "
+            f"{' --seeds ' + args.seeds if args.seeds else ''}{' --data ' + args.data if args.data else ''}"
+            f"{f' --extra {args.extra!r}' if args.extra else ''}`; "
             f"data: {data}.\n\n"
             "Each row is one `mlflow run . --env-manager local -P params=params/<profile>.yaml` in a fresh "
             "store; `wall_s` runs from the command's start to its exit (prepare, train, evaluate, register). "

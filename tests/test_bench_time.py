@@ -1,4 +1,6 @@
-"""bench.time_to_accuracy: a command's wall time split into phases that follow one another and add up."""
+"""bench.time_to_accuracy: a command's wall time split into phases that follow one another and add up. And the
+training and serving benchmarks' bad input: one line and a non-zero exit, before any measuring where it can be
+told then, and never a results file from a benchmark that did not finish (or one marked as such)."""
 
 from __future__ import annotations
 
@@ -29,9 +31,150 @@ def test_a_reused_prepare_run_counts_zero_and_the_start_runs_to_train():
     (["--seeds", "0,x"], "--seeds: comma-separated integers, got '0,x'"),
     (["--seeds", "0", "--extra", "-P overrides=train.lr=0.1"], "--seeds sets -P overrides=train.seed=S"),
     (["--repeat", "0"], "--repeat: must be >= 1, got 0"),
+    (["--profiles", "nosuch"], "--profiles: no params/<name>.yaml for 'nosuch'"),
 ])
 def test_bad_arguments_exit_2_naming_the_option_before_any_run(args, message):
     proc = subprocess.run([sys.executable, "-m", "bench.time_to_accuracy", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def fake_run(profile: str, test_acc: float) -> dict:
+    row = {"profile": profile, "model": "m", "seed": 0, "epochs": 2, "wall_s": 10.0, "test_acc": test_acc}
+    phases_ = {"profile": profile, "wall_s": 10.0, "start_s": 2.0, "train_epochs_s": 8.0}
+    return {"row": row, "curve": [(5.0, 0.4), (9.0, 0.6)], "phases": phases_}
+
+
+def test_a_report_written_before_the_last_run_says_it_is_incomplete(tmp_path, monkeypatch):
+    import argparse
+
+    from bench import time_to_accuracy
+
+    monkeypatch.setattr(time_to_accuracy, "RESULTS", tmp_path)
+    args = argparse.Namespace(profiles="tiny", repeat=3, seeds="", data="", extra="-P epochs=2")
+    time_to_accuracy.write_report([fake_run("tiny", 0.5)], args, 3)
+    text = (tmp_path / "time_to_accuracy.md").read_text()
+    assert text.startswith("# Time to accuracy (incomplete)")
+    assert "**Incomplete: 1 of the command's 3 runs finished**" in text
+    assert "--extra '-P epochs=2'" in text  # the command as it ran
+    time_to_accuracy.write_report([fake_run("tiny", 0.5)] * 3, args, 3)
+    assert "ncomplete" not in (tmp_path / "time_to_accuracy.md").read_text()
+
+
+def test_a_failed_run_is_one_line_naming_its_error(monkeypatch):
+    from bench import time_to_accuracy
+
+    stderr = ("INFO creating tables\nerror: params: file not found: params/x.yaml\n"
+              "ERROR mlflow.cli: === Run failed ===\n")
+    monkeypatch.setattr(time_to_accuracy.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 1, stdout="", stderr=stderr))
+    with pytest.raises(SystemExit) as exc:
+        time_to_accuracy.run_profile("x", "", [])
+    assert str(exc.value) == "x: `mlflow run` failed (exit 1): error: params: file not found: params/x.yaml"
+
+
+def test_a_failed_child_of_a_benchmark_is_one_line_with_its_reason():
+    from bench.machine import child_result
+
+    with pytest.raises(SystemExit) as exc:  # the child's own argument check fails: exit 2
+        child_result("bench.feed", "--child", "keras", "--images", "10", timeout=300)
+    message = str(exc.value)
+    assert "\n" not in message and "python -m bench.feed --child keras --images 10` failed (exit 2)" in message
+    assert "--images >= 256" in message and message.endswith("no results written")
+
+
+def test_sweep_benchmark_refuses_zero_epochs_before_any_sweep():
+    proc = subprocess.run([sys.executable, "-m", "bench.sweep", "--epochs", "0"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "--epochs: must be >= 1, got 0" in proc.stderr
+
+
+def test_sweep_benchmark_failed_command_is_one_line():
+    from bench import sweep
+
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback\n  ...\nerror: trial 0: bad\n")
+    with pytest.raises(SystemExit, match=r"^pipeline.sweep failed \(exit 1\): error: trial 0: bad; no results"):
+        sweep.check(failed, "pipeline.sweep")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--batch-requests", "0"], "--batch-requests: must be >= 1, got 0"),
+    (["--latency-requests", "0"], "--latency-requests: must be >= 1, got 0"),
+    (["--json-batch-requests", "-1"], "--json-batch-requests: must be >= 1, got -1"),
+    (["--params", "nosuch.yaml"], "--params: params: file not found: nosuch.yaml"),
+])
+def test_serving_benchmark_refuses_bad_arguments_before_serving(args, message, tmp_path, monkeypatch, capsys):
+    from bench import bench_serve
+
+    monkeypatch.setattr(bench_serve, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench_serve, "bench_model", lambda *a: pytest.fail("measured despite bad arguments"))
+    with pytest.raises(SystemExit) as exc:
+        bench_serve.main(["--params", "params/tiny.yaml", *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_serving_benchmark_whose_server_fails_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    from bench import bench_serve
+
+    def server_dies(params, tmp, args):
+        raise RuntimeError("server exited with 1:\nTraceback ...\nModuleNotFoundError: no module named x")
+
+    monkeypatch.setattr(bench_serve, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(bench_serve, "bench_model", server_dies)
+    monkeypatch.setattr(bench_serve.mlflow, "set_tracking_uri", lambda uri: None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///unused.db")  # restored after the test
+    with pytest.raises(SystemExit) as exc:
+        bench_serve.main(["--params", "params/tiny.yaml"])
+    assert str(exc.value) == ("params/tiny.yaml: server exited with 1: ... ModuleNotFoundError: no module named x; "
+                              "no results written")
+    assert not (tmp_path / "results").exists()
+
+
+def test_training_benchmark_refuses_zero_steps():
+    from bench import benchmark
+
+    with pytest.raises(SystemExit) as exc:
+        benchmark.parse_args(["--steps", "0"])
+    assert exc.value.code == 2
+
+
+def test_training_benchmark_rows_state_their_own_speed_up(tmp_path):
+    from bench import benchmark
+
+    feeds = {f"{feed}_steps_per_execution_{n}": 1000 for feed in ("host", "device") for n in (1, 16)}
+    results = {"machine": "m", "keras": "3", "backend": "tensorflow", "date": "d", "data": "synthetic", "gpu": "-",
+               "input_pipeline": {"seed_image_data_generator": 1000, "fit_feed_steps_per_execution_1": 40000,
+                                  "fit_feed_steps_per_execution_16": 30000, "augment_kernel": 100000,
+                                  "speedup_fit_feed": 40.0, "speedup_kernel": 100.0, "needed_for_6s_epoch": 8333},
+               "input_pipeline_jax": feeds, "train_step": {},
+               "tracking": {"epoch_seconds_logging_on": 1.0, "epoch_seconds_logging_off": 1.0,
+                            "measured_overhead_percent": 0.0, "log_call_ms_per_epoch": 1.0,
+                            "log_call_share_of_epoch_percent": 0.1, "images_per_epoch": 5000}}
+    benchmark.write_markdown(results, tmp_path / "benchmark.md")
+    row = next(line for line in (tmp_path / "benchmark.md").read_text().splitlines()
+               if line.startswith("| the same, steps_per_execution 16"))
+    assert "30,000" in row and "**30x**" in row  # steps_per_execution 1's 40x is not this row's
+
+
+def test_step_exit_child_that_fails_is_one_line(monkeypatch):
+    from bench import step_exit
+
+    monkeypatch.setattr(step_exit, "ARGS", ["--params", "nosuch.yaml"])
+    with pytest.raises(SystemExit) as exc:
+        step_exit.run_child("freeze")
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith("freeze: `python -m pipeline.main` failed (exit 2)")
+    assert "nosuch.yaml" in message
+
+
+def test_cpu_runtime_refuses_a_side_repeated_as_its_own_baseline(tmp_path, monkeypatch, capsys):
+    from bench import cpu_runtime
+
+    monkeypatch.setattr(cpu_runtime, "RESULTS", tmp_path)
+    monkeypatch.setattr(cpu_runtime, "run_child", lambda *a: pytest.fail("measured despite bad arguments"))
+    monkeypatch.setattr(sys, "argv", ["cpu_runtime", "--sides", "bfc,bfc"])
+    with pytest.raises(SystemExit) as exc:
+        cpu_runtime.main()
+    assert exc.value.code == 2 and "--sides: two or more different ones of" in capsys.readouterr().err

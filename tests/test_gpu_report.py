@@ -82,3 +82,16 @@ def test_unpack_extracts_gpu_sh_files_and_refuses_anything_else(tmp_path):
     (tmp_path / "truncated.tar.gz").write_bytes(good.read_bytes()[:40])
     with pytest.raises(SystemExit, match="not a readable gpu-results.tar.gz"):
         gpu_report.unpack(tmp_path / "truncated.tar.gz", tmp_path / "other")
+
+
+def test_rows_name_the_data_each_run_was_measured_on(tmp_path):
+    write(tmp_path, "gpu-fast.json", params="params/fast.yaml", epoch_seconds=[2.0, 1.0], test_acc=0.3,
+          data="synthetic (512 training images)", test_images=102)
+    write(tmp_path, "gpu-seed.json", params="params/default.yaml", epoch_seconds=[80.0, 15.0],
+          data=".data/cifar10-jpeg-q75.tar.gz", test_images=10000)
+    write(tmp_path, "gpu-improved.json", params="params/improved.yaml", epoch_seconds=[100.0, 5.0])
+    fast, improved, seed = (row for _, row in gpu_report.rows(tmp_path).iterrows())
+    assert fast["data"] == "synthetic (512 training images), 102 test images"  # a CPU rehearsal is no JPEG run
+    assert seed["data"] == "cifar10-jpeg-q75.tar.gz, 10,000 test images"
+    assert improved["data"] is None  # an older file that does not say
+    assert "every one of the 10,000 test images" not in gpu_report.report(tmp_path, "2026-12-04")
