@@ -33,6 +33,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Pooled CPU memory (see above); read once, when TensorFlow makes its first CPU allocator.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+# Keras builds, saves and loads a functional model by walking its graph recursively, a few Python frames per layer on
+# the deepest path: ResNet-1001's ~3,400 layers overflow the default limit of 1,000 (RecursionError in map_graph).
+# Python 3.11 keeps pure-Python calls off the C stack, so a higher limit is safe at this depth.
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
 # A dataset's source is a URL or a file path, which MLflow can also read as a generic URI; either is right.
 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways",
                         category=UserWarning)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 
 from pipeline import config, data, fitting, model
+from tests.conftest import ROOT
 
 
 def variant(params: str) -> keras.Model:
@@ -90,3 +94,14 @@ def test_mixed_precision_outputs_float32():
         assert out.dtype == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_resnet1001_builds_in_a_fresh_process():
+    """Keras walks a functional graph recursively: ResNet-1001's ~3,400 layers overflowed Python's default recursion
+    limit (RecursionError), so params/resnet1001.yaml never trained. Importing the package raises the limit."""
+    code = ("from pipeline import config, data, fitting; "
+            "m = fitting.make_model(config.load('params/resnet1001.yaml'), "
+            "data.make_synthetic(n_train=16, n_test=16), augment=False); print(m.count_params())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-400:]
+    assert int(out.stdout.split()[-1]) == 10_476_922  # 10.33M trainable; He et al.: 10.2M
