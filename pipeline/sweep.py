@@ -747,6 +747,10 @@ def run(args: argparse.Namespace) -> int:
         lock = optuna.load_study(storage=storage, study_name=f"{name}.register")
         check_fingerprint(plan, study)
         adopt_own_run(study)
+        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # as the run that ended it said
+            print(f"error: study {name} in {safe_url(storage_url)} is done, but none of its {len(study.trials)} "
+                  "trials finished; nothing registered. Pass another -P study= for a new sweep", file=sys.stderr)
+            return 1
         print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials, registered version "
               f"{lock.user_attrs.get('registered_version')}; pass another -P study= for a new sweep")
         return 0

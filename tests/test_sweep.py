@@ -230,6 +230,19 @@ def test_a_done_study_of_another_spec_is_refused(store, tmp_path, in_process):
     assert "is done" not in done.stdout
 
 
+def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_1(store, tmp_path, in_process):
+    """Its first command exits 1 (no trial finished, nothing registered); the rerun said "is done" and exited 0."""
+    spec = write_spec(tmp_path, "sweep-diverges", "grid:\n  train.lr: [1.0e+9]\n")  # diverges in its first epoch
+    args = ("sweep", "--spec", spec, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}")
+    first = in_process(*args)
+    assert first.returncode == 1, first.stderr[-2000:]
+    assert "no trial of study" in first.stderr
+    rerun = in_process(*args)
+    assert rerun.returncode == 1, rerun.stderr[-2000:]
+    assert "is done, but none of its 1 trials finished; nothing registered" in rerun.stderr
+    assert "registered version" not in rerun.stdout
+
+
 def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tmp_path):
     body = "grid:\n  train.lr: [0.05, 0.1]\n  model.units_per_stage: [1, 2]\n"
     grid = sweep.Plan(write_spec(tmp_path, "sweep-grid", body), "train.epochs=1")
