@@ -205,6 +205,11 @@ def _check_class_names(names: tuple[str, ...], origin: str) -> None:
         if not METRIC_NAME.fullmatch(name) or posixpath.normpath(metric) != metric or len(metric) > 250:
             raise DataError(f"{origin}: class name {name!r} cannot be used (evaluate logs test_acc_<class>): a class "
                             f"name is 1-241 {METRIC_CHARS}, with no empty, '.' or '..' part between slashes")
+    nested = sorted((n, m) for n in names for m in names if m.startswith(n + "/"))
+    if nested:  # a file store keeps metric test_acc_a in a file where test_acc_a/b needs a folder
+        raise DataError(f"{origin}: class names {nested[0][0]!r} and {nested[0][1]!r} clash as metric names "
+                        f"test_acc_{nested[0][0]} and test_acc_{nested[0][1]} (a file and a folder of one name in a "
+                        "file-based MLflow store): rename one")
 
 
 def _check_label_range(low: int, high: int, n_classes: int, where: str) -> None:

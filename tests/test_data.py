@@ -227,7 +227,8 @@ def test_class_names_mlflow_cannot_log_are_refused_for_every_source(tmp_path):
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0, 1])
     for names, message in [(["dog's", "cat"], "class name \"dog's\" cannot be used"), (["", "cat"], "class name ''"),
-                           (["a", "a", "b"], r"duplicate class names \['a'\]")]:
+                           (["a", "a", "b"], r"duplicate class names \['a'\]"),
+                           (["cat", "cat/tabby"], "class names 'cat' and 'cat/tabby' clash as metric names")]:
         np.savez(tmp_path / "named.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(names))
         with pytest.raises(data.DataError, match=r"named.npz: " + message):
             data.load_source(str(tmp_path / "named.npz"))
