@@ -94,7 +94,7 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
                          dataset.digest(test_only=True))
     with artifact_dir() as folder:
         (folder / "metrics.json").write_text(json.dumps({**metrics, "model_uri": model_uri}, indent=2))
-        confusion.to_csv(folder / "confusion_matrix.csv")
+        confusion.to_csv(folder / "confusion_matrix.csv", index_label="true \\ predicted")  # rows \ columns
         plot_confusion(confusion, folder / "confusion_matrix.png")
         plot_samples(dataset, probs, min(cfg.evaluate.samples, len(probs)), folder / "predictions.png")
     print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  "

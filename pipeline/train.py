@@ -54,6 +54,7 @@ from pipeline.tracking.training import (
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 class TrainingDiverged(StepFailed):
@@ -75,6 +76,7 @@ def plot_curves(history: pd.DataFrame, path: Path) -> None:
     ax.plot(history["epoch"], history["acc"], label="acc")
     if "val_acc" in history:
         ax.plot(history["epoch"], history["val_acc"], label="val_acc")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.legend(loc="best")

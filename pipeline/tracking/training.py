@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def logged_epochs(run_id: str) -> set[int]:
 
 
 class MlflowEpochLogger(EpochTimer):
-    """Logs one point per epoch for each of EPOCH_METRICS at step = epoch (1-based).
+    """Logs one point per epoch for each of EPOCH_METRICS at step = epoch (1-based): `lr` the last step's,
+    `iterations` the optimizer's steps so far, `epoch_seconds` the whole epoch (validation included),
+    `images_per_second` the images trained on over the training steps' time alone.
 
     Written by hand because mlflow.keras.MlflowCallback logs duplicate `validation_*`
     metrics at step 0 and autolog crashes `fit` on TF 2.21 without tensorboard.
@@ -61,15 +64,24 @@ class MlflowEpochLogger(EpochTimer):
         self.train_images = train_images
         self.logged_steps = set(logged_steps)
 
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._trained = self._start
+
+    def on_train_batch_end(self, batch, logs=None):  # train's Checkpoint has this hook too: no new per-step cost
+        self._trained = time.perf_counter()  # the step is done: Keras has read its logs
+
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
         if epoch + 1 in self.logged_steps:
             return
-        seconds = self.seconds[-1]
         lr = current_lr(self.model.optimizer)
         row = {k: float(v) for k, v in (logs or {}).items() if k in EPOCH_METRICS}
         iterations = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        row.update(lr=lr, iterations=iterations, epoch_seconds=seconds, images_per_second=self.train_images / seconds)
+        # epoch_seconds: the whole epoch, validation (and EMA's BN recalibration) included; images_per_second: the
+        # training steps' throughput alone, which the size of the validation split does not change
+        row.update(lr=lr, iterations=iterations, epoch_seconds=self.seconds[-1],
+                   images_per_second=self.train_images / (self._trained - self._start))
         mlflow.log_metrics(row, step=epoch + 1)
 
 

@@ -1,0 +1,87 @@
+"""What MlflowEpochLogger records per epoch, checked against what the epoch did."""
+
+import time
+
+import keras
+import mlflow
+import numpy as np
+
+
+class SlowValidation(keras.callbacks.Callback):
+    """Validation (or the EMA BN recalibration before it) that takes `seconds`."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def on_test_begin(self, logs=None):
+        time.sleep(self.seconds)
+
+
+def test_images_per_second_is_training_throughput_and_epoch_seconds_includes_validation(store):
+    from pipeline.tracking.training import MlflowEpochLogger
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 4), dtype=np.float32), keras.utils.to_categorical(rng.integers(0, 3, 64), 3)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy",
+                  metrics=[keras.metrics.CategoricalAccuracy(name="acc")])
+    mlflow.set_experiment("e2e")  # artifacts under tmp_path (the store fixture), not ./mlruns
+    with mlflow.start_run() as run:
+        model.fit(x, y, batch_size=32, epochs=2, validation_data=(x, y), verbose=0,
+                  callbacks=[SlowValidation(1.5), MlflowEpochLogger(64)])
+    client = mlflow.MlflowClient()
+    seconds = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")}
+    speed = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "images_per_second")}
+    assert seconds[2] >= 1.5  # the whole epoch, validation included
+    # two steps of a 15-weight model take milliseconds: the 1.5 s of validation must not count as training time
+    assert speed[2] > 64 / 1.5 * 5
+
+
+def test_confusion_matrix_csv_names_both_axes_rows_true_columns_predicted(store, monkeypatch):
+    from pipeline import config, data, evaluate, prepare
+    from pipeline.tracking import steps
+
+    dataset = data.make_synthetic(n_train=32, n_test=40, seed=0)
+
+    class EverythingIsClassZero:
+        class_names, tta = list(dataset.class_names), "none"
+
+        def predict_proba(self, pixels, batch_size=256):
+            probs = np.full((len(pixels), len(self.class_names)), 0.01, np.float32)
+            probs[:, 0] = 0.91
+            return probs
+
+    monkeypatch.setattr(prepare, "load_dataset", lambda uri: dataset)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri: EverythingIsClassZero())
+    mlflow.set_experiment("e2e")  # artifacts under tmp_path (the store fixture), not ./mlruns
+    with mlflow.start_run() as run:
+        evaluate.run(config.load("params/tiny.yaml"), "stub-model", "stub-data")
+    text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/confusion_matrix.csv")
+    header, *rows = text.splitlines()
+    assert header.split(",") == ["true \\ predicted", *dataset.class_names]
+    counts = np.bincount(dataset.y_test, minlength=len(dataset.class_names))
+    for row, name, n in zip(rows, dataset.class_names, counts, strict=True):  # every image predicted class 0
+        assert row.split(",") == [name, str(n), *["0"] * (len(dataset.class_names) - 1)]
+
+
+def test_curves_png_marks_whole_epochs_only(monkeypatch, tmp_path):
+    import matplotlib.figure
+    import pandas as pd
+
+    from pipeline import train
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    train.plot_curves(pd.DataFrame({"epoch": [1, 2, 3], "acc": [0.5, 0.7, 0.8], "val_acc": [0.6, 0.7, 0.9]}),
+                      tmp_path / "curves.png")
+    ticks = [t for t in saved[0].axes[0].get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_readme_says_what_the_training_loss_contains():
+    from tests.conftest import ROOT
+
+    notes = (ROOT / "README.md").read_text().split("Notes on the numbers:")[1].split("\n\n")[0]
+    # compile_model's loss is CategoricalCrossentropy(label_smoothing=...) plus the layers' l2 penalties
+    assert "label_smoothing" in notes and "L2" in notes and "no smoothing, no L2" in notes
