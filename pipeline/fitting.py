@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -165,22 +166,40 @@ def cpu_has_bf16() -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
-def fast_path(cfg: config.TrainConfig, dist: Distribution) -> tuple[str, bool | str]:
-    """(dtype policy, jit_compile) for `train.precision` and `train.jit_compile`, "auto" resolved.
+PROBED: dict = {}  # the last CPU probe fast_path consulted: pipeline.train records it on the run
 
-    precision auto: mixed_bfloat16 on GPUs and on CPUs with bf16 units, else float32 (on a 2-core AVX2
-    EPYC without XLA, bfloat16 trained the quick ResNet-9 7x slower than float32). jit_compile auto: Keras's
-    rule (XLA on GPUs, off under tf.distribute), except that a TensorFlow CPU run in float32 alone uses XLA
-    (790 vs 628 images/s on that EPYC, bench.benchmark 2026-12-01; with bfloat16 on an AMX Xeon XLA was
-    slower, so it stays off there).
+
+def fast_path(cfg: config.TrainConfig, dist: Distribution, probe: Callable[[], tuple] | None = None
+              ) -> tuple[str, bool | str]:
+    """(dtype policy, jit_compile) for `train.precision` and `train.jit_compile`, "auto" resolved. `probe()`:
+    (job, build, x, y) for `cpu_probe.fastest`; without it a CPU's `auto` follows the flag rule below.
+
+    On GPUs: precision auto is mixed_bfloat16, jit_compile auto Keras's rule (XLA on, off under tf.distribute).
+    On a CPU with TensorFlow on one device, each `auto` is measured (`pipeline.cpu_probe`): float32 or bfloat16
+    (where the CPU has bf16 units: AMX or AVX512-BF16), with or without XLA, whichever trains fastest here.
+    Elsewhere (JAX, or several CPU devices) precision auto is bfloat16 where the CPU has bf16 units, else float32,
+    and jit_compile auto Keras's rule.
     """
     gpu = any("gpu" in d.lower() or "cuda" in d.lower() for d in dist.devices)
+    jit: bool | str = {"auto": "auto", "true": True, "false": False}[cfg.jit_compile]
+    PROBED.clear()
+    if probe and not gpu and dist.mode == "none" and keras.backend.backend() == "tensorflow" and "auto" in (
+            cfg.precision, cfg.jit_compile):
+        from pipeline import cpu_probe
+
+        precisions = ((["float32", "mixed_bfloat16"] if cpu_has_bf16() else ["float32"]) if cfg.precision == "auto"
+                      else [cfg.precision])
+        candidates = [(p, j) for p in precisions for j in ([False, True] if jit == "auto" else [jit])]
+        (precision, jit), speeds, cached = cpu_probe.fastest(candidates, *probe())
+        if speeds:
+            PROBED.update(choice=cpu_probe.label((precision, jit)), images_per_second=speeds, cached=cached)
+            print(f"CPU fast path: {cpu_probe.label((precision, jit))}, the fastest train step here "
+                  f"({', '.join(f'{k} {v:g}' for k, v in speeds.items())} images/s, a few steps of this model each"
+                  f"{', measured earlier: ' + str(cpu_probe.cache_file()) if cached else ''})", flush=True)
+        return precision, jit
     precision = cfg.precision
     if precision == "auto":
         precision = "mixed_bfloat16" if gpu or cpu_has_bf16() else "float32"
-    jit: bool | str = {"auto": "auto", "true": True, "false": False}[cfg.jit_compile]
-    if jit == "auto" and not gpu and dist.mode == "none" and keras.backend.backend() == "tensorflow":
-        jit = precision == "float32"
     return precision, jit
 
 
@@ -210,11 +229,8 @@ def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, trai
     leak into models built later in the process, such as the float32 served copy."""
     t = cfg.train
     check_backend(cfg)
-    keras.utils.set_random_seed(t.seed)
-    precision, jit = fast_path(t, dist)
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(precision)
-    try:
+
+    def build(precision: str, jit: bool | str) -> keras.Model:
         with dist.scope():
             model = make_model(cfg, dataset)
             optimizer = keras.optimizers.SGD(learning_rate=learning_rate(t, steps_per_epoch(t, train_images)),
@@ -225,6 +241,22 @@ def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, trai
                           metrics=[keras.metrics.CategoricalAccuracy(name="acc")],
                           jit_compile=jit,
                           steps_per_execution=t.steps_per_execution)
+        return model
+
+    def probe() -> tuple:  # what pipeline.cpu_probe times: this model, on a batch of these images
+        n = min(t.batch_size, len(dataset.x_train))
+        speed_keys = ("batch_size", "shift", "shift_fill", "flip", "cutout", "ema", "steps_per_execution")
+        job = json.dumps([dataclasses.asdict(cfg.model), {k: getattr(t, k) for k in speed_keys},
+                          len(dataset.class_names)], sort_keys=True, default=str)
+        return job, build, dataset.x_train[:n], keras.utils.to_categorical(dataset.y_train[:n],
+                                                                         len(dataset.class_names))
+
+    precision, jit = fast_path(t, dist, probe)  # before the seed: the probe's models leave the run's draws as they were
+    keras.utils.set_random_seed(t.seed)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        model = build(precision, jit)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     dist.adapt(model)

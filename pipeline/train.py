@@ -16,6 +16,7 @@ per-epoch metrics, the model) is written by `pipeline.tracking.training`.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from pipeline import config, prepare
+from pipeline import config, fitting, prepare
 from pipeline.data import Dataset
 from pipeline.distribute import Distribution, distribution
 from pipeline.fitting import (
@@ -104,7 +105,8 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
         "dtype_policy": model.dtype_policy.name, "jit_compile": str(bool(model.jit_compile)).lower(),
         "cpu_allocator": cpu_allocator(),
         "distribute": dist.mode, "workers": str(dist.workers),
-        "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights))})
+        "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
+        **({"cpu_fast_path_probe": json.dumps(fitting.PROBED)} if fitting.PROBED else {})})
     print(f"training {model.name} ({model.count_params():,} params) on {train_images} images, "
           f"backend {keras.backend.backend()}, {dist.mode} over {dist.workers} host(s), devices {dist.devices}")
 
