@@ -58,7 +58,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from pipeline import compare, config, prepare
+from pipeline import compare, config, data, prepare
 from pipeline.tracking import (
     Interrupted,
     cli,
@@ -257,6 +257,8 @@ class Plan:
                 "split, and the best trial's test_acc would be chosen on the very images it is measured on)")
         for cfg in {c.data.source: c for c in self.configs}.values():
             prepare.prepare_key(cfg)  # DataError for a data.source that names nothing
+            if cfg.data.source == "cifar10":  # found (verified) or downloaded once, before any run: offline, one
+                data.fetch_cifar10()          # line here, not every trial failing on the download
         self.rehearse()  # wrong sampler or pruner arguments fail here, before any run
 
     def seed_of(self) -> int | None:

@@ -131,6 +131,25 @@ def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_proce
     assert not (tmp_path / "optuna.db").exists() or "storage" in message
 
 
+def test_official_cifar10_out_of_reach_is_one_line_before_any_trial(store, tmp_path, in_process, monkeypatch):
+    """Offline, every trial of a cifar10 sweep failed on the download in turn (16 failed trials, a spent study)."""
+    from pipeline import data
+
+    def offline():
+        raise data.DataError("data.source: cannot download CIFAR-10 (Name or service not known)")
+
+    monkeypatch.setattr(data, "fetch_cifar10", offline)
+    spec = write_spec(tmp_path, "sweep-offline", GRID)
+    done = in_process("sweep", "--spec", spec, "--overrides", "data.source=cifar10",
+                      "--storage", f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        "error: data.source: cannot download CIFAR-10 (Name or service not known)"]
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    assert not (tmp_path / "optuna.db").exists()
+
+
 SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
 
 
