@@ -257,8 +257,6 @@ class Plan:
                 "split, and the best trial's test_acc would be chosen on the very images it is measured on)")
         for cfg in {c.data.source: c for c in self.configs}.values():
             prepare.prepare_key(cfg)  # DataError for a data.source that names nothing
-            if cfg.data.source == "cifar10":  # found (verified) or downloaded once, before any run: offline, one
-                data.fetch_cifar10()          # line here, not every trial failing on the download
         self.rehearse()  # wrong sampler or pruner arguments fail here, before any run
 
     def seed_of(self) -> int | None:
@@ -736,6 +734,9 @@ def run(args: argparse.Namespace) -> int:
     if workers < 1:
         raise config.ConfigError(f"workers: must be >= 1, got {workers}")
     plan = Plan(args.spec, args.overrides)
+    if not args.join and any(c.data.source == "cifar10" for c in plan.configs):
+        data.fetch_cifar10()  # found (verified) or downloaded once, before any run: offline, one line here, not
+        #                       every trial failing on the download in turn
     storage_url = args.storage or default_storage()
     storage = open_storage(storage_url)
     name = args.study or default_study(plan)
