@@ -20,12 +20,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import lzma
 import os
 import pickle
 import posixpath
 import re
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,10 @@ SOURCES = ("'cifar10', 'synthetic', the official CIFAR-10 python archive or its 
 # evaluate logs `test_acc_<class>`: MLflow's metric names (mlflow.utils.validation) admit these characters only
 METRIC_NAME = re.compile(r"[/\w.\- :]+")
 METRIC_CHARS = "letters, digits, underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/)"
+# What a damaged archive raises while it is read: zlib's and lzma's errors are no OSError
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error, lzma.LZMAError)
+# A file named like an archive that neither zipfile nor tarfile can open is a damaged one, not some other file
+ARCHIVE_SUFFIXES = (".zip", ".npz", ".tar", ".tgz", ".tbz2", ".txz", ".gz", ".bz2", ".xz")
 
 
 class DataError(ValueError):
@@ -151,7 +157,8 @@ def load_arrays(path: str | Path) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files if k in (*required, "class_names")}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # ValueError: an object array (needs pickles)
+    except Exception as exc:  # noqa: BLE001 - an object array (ValueError: needs pickles), or a damaged file: zipfile,
+        # zlib and numpy's header parser (tokenize.TokenError) each raise their own
         raise DataError(f"{path}: unreadable .npz ({exc})") from None
     missing = [k for k in required if k not in arrays]
     if missing:
@@ -325,13 +332,35 @@ def _looks_like_cifar_python(path: Path) -> bool:
         return True
     batches = {"batches.meta", "test_batch", *CIFAR10_TRAIN_BATCHES}
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with tarfile.open(path, "r:*", tarinfo=_CheckedTarInfo) as tar:
             for _, member in zip(range(16), tar, strict=False):  # the official one lists its batches first
                 if member.isfile() and member.name.rsplit("/", 1)[-1] in batches:
                     return True
-    except (tarfile.TarError, OSError, EOFError):
+    except ARCHIVE_ERRORS:
         return False  # the image folder reader names what is wrong with it
     return False
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """tarfile ends an archive's member list, silently, at any damaged or missing header after the first one: a
+    truncated or bit-flipped archive would read as a shorter one (fewer images, no error). Here only tar's
+    end-of-archive block ends it; any other bad header is an error."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # the end-of-archive block
+            raise
+        except tarfile.HeaderError as exc:
+            raise tarfile.ReadError(f"damaged or missing member header at byte {tar.offset}: {exc}") from None
+
+
+def _read_to_end(tar: tarfile.TarFile) -> None:
+    """Read a compressed archive's stream to its end, where gzip, bzip2 and xz check their checksum: tarfile stops
+    at tar's end-of-archive block, so a flipped bit in a member's data would otherwise go unnoticed."""
+    while tar.fileobj.read(1 << 20):
+        pass
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -400,12 +429,13 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
         try:
             if not tarfile.is_tarfile(path):  # any compression, as _looks_like_cifar_python opened it
                 raise DataError(f"{path}: not a tar archive (expected the official {CIFAR10_ARCHIVE_NAMES[0]})")
-            with tarfile.open(path, "r:*") as tar:
+            with tarfile.open(path, "r:*", tarinfo=_CheckedTarInfo) as tar:
                 for member in tar:  # read in place: nothing is extracted to disk
                     base = member.name.rsplit("/", 1)[-1]
                     if member.isfile() and base in needed:
                         raw[base], where[base] = tar.extractfile(member).read(), f"{path}:{member.name}"
-        except (tarfile.TarError, OSError, EOFError) as exc:
+                _read_to_end(tar)
+        except ARCHIVE_ERRORS as exc:
             raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
         missing = [n for n in needed if n not in raw]
         if missing:
@@ -466,18 +496,22 @@ def _iter_image_files(path: Path):
                     if not member.is_dir():
                         data = archive.read(member)
                         yield tuple(p for p in member.filename.split("/") if p not in ("", ".")), (lambda d=data: d)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except ARCHIVE_ERRORS as exc:
             raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
         return
     try:
         if not tarfile.is_tarfile(path):
+            if path.name.lower().endswith(ARCHIVE_SUFFIXES):  # e.g. a .zip cut short: its directory is at its end
+                raise DataError(f"{path}: unreadable archive (not a whole zip or tar file); it may be truncated "
+                                "or corrupt")
             raise DataError(f"{path}: not a dataset source; data.source takes {SOURCES}")
-        with tarfile.open(path, "r:*") as tar:
+        with tarfile.open(path, "r:*", tarinfo=_CheckedTarInfo) as tar:
             for member in tar:
                 if member.isfile():
                     data = tar.extractfile(member).read()
                     yield tuple(p for p in member.name.split("/") if p not in ("", ".")), (lambda d=data: d)
-    except (tarfile.TarError, OSError, EOFError) as exc:
+            _read_to_end(tar)
+    except ARCHIVE_ERRORS as exc:
         raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
 
 
@@ -485,12 +519,18 @@ def load_image_folder(path: str | Path) -> Dataset:
     """Read `train/<class>/*` and `test/<class>/*` images; class names are the folder names."""
     path = Path(path)
     files: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
+    tops: set[tuple[str, ...]] = set()  # the folders holding train/ and test/
     for parts, read in _iter_image_files(path):
         if any(p.startswith("._") or p == "__MACOSX" for p in parts):  # macOS's AppleDouble metadata, not images
             continue
         if len(parts) >= 3 and parts[-3] in files and parts[-1].lower().endswith(IMAGE_SUFFIXES):
             split, cls, name = parts[-3:]
             files[split].setdefault(cls, []).append(("/".join(parts), read()))
+            tops.add(parts[:-3])
+    if len(tops) > 1:  # two copies (or two datasets) side by side would be read as one, duplicates and all
+        found = ", ".join("/".join((*top, "train|test")) for top in sorted(tops)[:3])
+        raise DataError(f"{path}: train/<class>/ and test/<class>/ folders in more than one place ({found}"
+                        f"{', ...' if len(tops) > 3 else ''}): give the folder that holds the one dataset to read")
     train_classes, test_classes = sorted(files["train"]), sorted(files["test"])
     if not train_classes:
         raise DataError(f"{path}: no images found under train/<class>/ (expected train/<class>/*.png|jpg "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import pickle
@@ -117,6 +118,64 @@ def test_truncated_archive_is_refused(tmp_path):
     archive.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(data.DataError, match="truncated|missing"):
         data.load_source(str(archive))
+
+
+def test_a_tar_cut_at_a_header_or_with_a_damaged_one_is_refused_not_read_short(tmp_path):
+    """tarfile itself ends the member list quietly at a bad header after the first: a copy cut at a 512-byte
+    boundary, or a flipped bit in a header, read as a shorter dataset (one test image fewer, no error)."""
+    write_image_folder(tmp_path / "imgs")
+    intact = tmp_path / "imgs.tar"
+    with tarfile.open(intact, "w") as tar:
+        tar.add(tmp_path / "imgs", arcname="imgs")
+    raw = intact.read_bytes()
+    with tarfile.open(intact) as tar:
+        last = tar.getmembers()[-1].offset  # the header of the last image (imgs/train/ship/2.jpg)
+    flipped = bytearray(raw)
+    flipped[last + 1] ^= 1
+    for name, damaged, why in [("cut.tar", raw[:last], "empty header"), ("flip.tar", bytes(flipped), "bad checksum"),
+                               ("flip.tar.gz", gzip.compress(bytes(flipped)), "bad checksum")]:
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(data.DataError, match=f"{name}: unreadable archive .*member header at byte {last}: {why}"):
+            data.load_source(str(tmp_path / name))
+    packed = bytearray(gzip.compress(raw))
+    packed[-8] ^= 1  # gzip's CRC, which tarfile never reads (it stops at tar's end-of-archive block)
+    (tmp_path / "crc.tar.gz").write_bytes(bytes(packed))
+    with pytest.raises(data.DataError, match="crc.tar.gz: unreadable archive .CRC check failed"):
+        data.load_source(str(tmp_path / "crc.tar.gz"))
+    assert len(data.load_source(str(intact)).x_train) == 9
+
+
+def test_damaged_zip_npz_and_xz_are_one_line_not_a_traceback(tmp_path):
+    """zlib's and lzma's errors are no OSError: a damaged deflate stream or xz block escaped as a traceback, and
+    a .zip or .npz cut short was called 'not a dataset source' (its directory is at its end)."""
+    write_image_folder(tmp_path / "imgs", classes=("cat", "dog"), per_class=2)
+    flat = np.zeros((4, 32, 32, 3), np.uint8)
+    np.savez_compressed(tmp_path / "z.npz", x_train=flat, y_train=np.arange(4), x_test=flat, y_test=np.arange(4))
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted((tmp_path / "imgs").rglob("*.png")):  # uncompressed PNGs: zip's deflate has work to do
+            buffer = io.BytesIO()
+            Image.open(file).resize((64, 64)).save(buffer, format="PNG", compress_level=0)
+            archive.writestr(str(file.relative_to(tmp_path / "imgs")), buffer.getvalue())
+    with tarfile.open(tmp_path / "imgs.tar.xz", "w:xz") as tar:
+        tar.add(tmp_path / "imgs", arcname="imgs")
+    for name, offset in [("z.npz", 120), ("imgs.zip", 100), ("imgs.tar.xz", 0.5)]:
+        raw = bytearray((tmp_path / name).read_bytes())
+        raw[int(offset * len(raw)) if offset < 1 else offset] ^= 0xFF
+        (tmp_path / f"bad-{name}").write_bytes(bytes(raw))
+        with pytest.raises(data.DataError, match=f"bad-{name}: unreadable"):
+            data.load_source(str(tmp_path / f"bad-{name}"))
+        (tmp_path / f"cut-{name}").write_bytes(bytes(raw[: len(raw) // 2]))
+        with pytest.raises(data.DataError, match=f"cut-{name}: unreadable archive .*truncated"):
+            data.load_source(str(tmp_path / f"cut-{name}"))
+
+
+def test_image_folders_in_more_than_one_place_are_refused_not_merged(tmp_path):
+    write_image_folder(tmp_path / "data" / "cifar")
+    write_image_folder(tmp_path / "data" / "cifar-backup")
+    with pytest.raises(data.DataError, match=r"folders in more than one place \(cifar/train\|test, "
+                                             r"cifar-backup/train\|test\)"):
+        data.load_source(str(tmp_path / "data"))
+    assert len(data.load_source(str(tmp_path / "data" / "cifar")).x_train) == 9
 
 
 def test_crafted_pickle_cannot_run_code(tmp_path):
