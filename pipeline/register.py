@@ -87,6 +87,10 @@ def report_markdown(report: dict) -> str:
     return text
 
 
+def _version(model_version) -> str | None:
+    return None if model_version is None else str(model_version.version)
+
+
 def run(cfg: config.Config, model_uri: str) -> dict:
     """Register inside the active run; report champion vs challenger; return the decision."""
     name, alias = cfg.register.model_name, cfg.register.alias
@@ -116,8 +120,9 @@ def run(cfg: config.Config, model_uri: str) -> dict:
         moved, reason = True, f"test_acc {test_acc:.4f} beats v{champion.version}'s {champion_acc:.4f}"
     else:
         moved, reason = False, f"test_acc {test_acc:.4f} does not beat v{champion.version}'s {champion_acc:.4f}"
-    if moved:
+    if moved and _version(registry.current_champion(name, alias)) == _version(champion):
         registry.move_alias(name, alias, version.version)
+    # else a register alongside moved the alias since it was read: settle weighs this version against the new holder
     holder = registry.settle_alias(name, alias, test_data, after)
     if moved != (holder == str(version.version)):  # a register running at the same time scored better or worse
         moved = holder == str(version.version)

@@ -307,6 +307,31 @@ def registered(experiment_id: str, model_uri: str) -> dict:
         return register.run(config.load(TINY), model_uri)
 
 
+def test_a_register_does_not_move_the_alias_off_a_better_version_moved_there_alongside(store, monkeypatch):
+    """Register B has registered v2 (0.7) when register A (0.6) reads the versions and the champion (v1, 0.5);
+    B then moves @champion to v2 and settles. A's version came after v2, so A's settling never weighs v2 again:
+    A must not put the alias on its worse version, over v2."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
+    b_model, a_model = (evaluated_model(experiment_id, {"test_acc": acc}) for acc in (0.7, 0.6))
+    b = registry.register_version(b_model, "cifar10-resnet", {"test_acc": "0.700000", "test_data_sha256": "a" * 64})
+    read, b_done = registry.current_champion, []
+
+    def champion_then_b_finishes(name, alias):
+        found = read(name, alias)
+        if not b_done:
+            b_done.append(True)
+            registry.move_alias(name, alias, b.version)  # B: 0.7 beats v1's 0.5
+            registry.settle_alias(name, alias, "a" * 64, 1)
+        return found
+
+    monkeypatch.setattr(registry, "current_champion", champion_then_b_finishes)
+    decision = registered(experiment_id, a_model)
+    assert decision["champion_version"] == 1 and not decision["alias_moved"], decision
+    assert "@champion is on v2" in decision["reason"]
+    assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
+
+
 def test_a_champion_moved_by_hand_stays_where_it_was_put(store):
     """A roll-back (the alias moved by hand to a worse version) is a decision: a later register weighs its new
     version against that holder only, and never puts back a better version from before."""

@@ -321,6 +321,24 @@ def test_a_pipeline_that_failed_after_training_goes_on_from_the_trained_model(st
     assert again.returncode == 0 and "reusing train run" not in again.stdout and "Epoch 2/2" in again.stdout
 
 
+def test_a_model_trained_by_other_code_is_not_gone_on_from(store, monkeypatch):
+    """The same params and data, but the code that trains and serves a model changed since the failed pipeline
+    trained one (an edit, a pull): the rerun trains anew instead of registering the old code's model."""
+    from pipeline.tracking import resume
+
+    cfg, dataset_uri = config.load(ROOT / TINY), "runs:/0123/dataset/dataset.npz"
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    train_tags = {"step": "train", "model_uri": "models:/m-0123", "train_key": resume.train_key(cfg, dataset_uri),
+                  "train_code": resume.train_code()}
+    # a main that ended without tagging its train run pipeline_done, as one that failed after training
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}), \
+            mlflow.start_run(nested=True, tags=train_tags) as trained:
+        pass
+    assert resume.trained_before_a_failure(cfg, dataset_uri) == (trained.info.run_id, "models:/m-0123")
+    monkeypatch.setattr(resume, "TRAIN_CODE", (*resume.TRAIN_CODE, "evaluate"))  # other code, the same command
+    assert resume.trained_before_a_failure(cfg, dataset_uri) is None
+
+
 # Epochs twice tiny's, so that Ctrl-C a second after epoch 1's checkpoint lands in epoch 2 on a busy machine too.
 LONGER = "data.synthetic_train=2048"
 

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline import config
-from pipeline.tracking import checkpoint_root, json_digest, trained_dataset_uri, unfinished_runs
+from pipeline.tracking import checkpoint_root, code_digest, json_digest, trained_dataset_uri, unfinished_runs
 
 # Held (flock) by the process training a run, in the run's checkpoint folder: a live run is never resumed.
 LOCK_FILE = "training.lock"
@@ -108,11 +108,20 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
     return run_id
 
 
+# The modules that decide what a train run trains and how its logged model serves (`train_code`, tag `train_code` on
+# the run): a failed pipeline's model is no rerun's to go on from once they changed (an edit, a pull).
+TRAIN_CODE = ("augment", "data", "fitting", "model", "serve", "train")
+
+
+def train_code() -> str:
+    return code_digest(*TRAIN_CODE)
+
+
 def trained_before_a_failure(cfg: config.Config, dataset_uri: str) -> tuple[str, str] | None:
     """(run id, model URI) of a finished train run of the same job (`train_key`) that a `main` trained and no
-    `main` carried through to the registry (`mark_pipeline_done`), none running now: its pipeline failed after
-    training, in evaluate or register, and rerunning the command goes on from its logged model instead of
-    training again. The newest such run, or None."""
+    `main` carried through to the registry (`mark_pipeline_done`), none running now, trained by the code here now
+    (`train_code`): its pipeline failed after training, in evaluate or register, and rerunning the command goes on
+    from its logged model instead of training again. The newest such run, or None."""
     client = MlflowClient()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               order_by=["attributes.start_time DESC"],
@@ -120,7 +129,8 @@ def trained_before_a_failure(cfg: config.Config, dataset_uri: str) -> tuple[str,
                                             f"attributes.status = 'FINISHED'")
     for run in runs:
         tags, run_id = run.data.tags, run.info.run_id
-        if "model_uri" not in tags or PIPELINE_DONE in tags or "mlflow.parentRunId" not in tags:
+        if ("model_uri" not in tags or PIPELINE_DONE in tags or "mlflow.parentRunId" not in tags
+                or tags.get("train_code") != train_code()):
             continue
         parent = client.get_run(tags["mlflow.parentRunId"])
         if parent.data.tags.get("step") != "main":  # a standalone train or a sweep trial: not main's to reuse

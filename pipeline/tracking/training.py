@@ -26,20 +26,20 @@ from mlflow.entities import LoggedModelStatus
 from pipeline import config, serve
 from pipeline.fitting import EpochTimer, current_lr
 from pipeline.tracking import PIPELINE_DIR, active_run_id, describe_train_run
-from pipeline.tracking.resume import claim, log_train_params, train_key
+from pipeline.tracking.resume import claim, log_train_params, train_code, train_key
 
 EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "iterations", "epoch_seconds", "images_per_second")
 
 
 def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str]) -> str:
     """Claim the active train run for this process (see `resume.claim`; ConfigError if another process
-    trains it now), log every param (`resume.log_train_params`), `tags` and tag `train_key`, and the
+    trains it now), log every param (`resume.log_train_params`), `tags` and tags `train_key` and `train_code`, and the
     resolved config as `config.json`. Returns the run's id."""
     run_id = active_run_id()
     if not claim(run_id):
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     log_train_params(cfg, dataset_uri)
-    mlflow.set_tags({**tags, "train_key": train_key(cfg, dataset_uri)})
+    mlflow.set_tags({**tags, "train_key": train_key(cfg, dataset_uri), "train_code": train_code()})
     mlflow.log_dict(dataclasses.asdict(cfg), "config.json")
     return run_id
 
