@@ -14,6 +14,7 @@ import argparse
 import base64
 import http.client
 import json
+import math
 import re
 import sys
 import urllib.error
@@ -81,6 +82,12 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
         raise PredictError(f"--url: not a valid URL: {url!r} ({exc})") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise PredictError(f"unexpected answer from {url} ({exc!r})") from None
+    # Another model's server (say, a text classifier, which takes strings too) answers other rows.
+    if not isinstance(predictions, list) or not all(
+            isinstance(row, dict) and isinstance(row.get("label"), str)
+            and isinstance(row.get("probability"), (int, float)) for row in predictions):
+        raise PredictError(f"unexpected answer from {url}: {json.dumps(predictions)[:200]} holds no label and "
+                           f"probability per image; is it serving this project's model?")
     if len(predictions) != len(images):
         raise PredictError(f"server answered {len(predictions)} predictions for {len(images)} images")
     return predictions
@@ -106,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):  # 0 makes the socket non-blocking, inf overflows it
+        parser.error(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
     try:
         lines = predict_files(args.images, args.url, args.batch_size, args.timeout)
     except PredictError as exc:

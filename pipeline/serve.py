@@ -43,6 +43,8 @@ PIXEL_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, CHANNELS)
 MAX_ENCODED_PIXELS = 4096 * 4096
 # Browsers hand out `data:image/png;base64,...`; accept the prefix rather than make every client strip it.
 DATA_URI_PREFIX = re.compile(r"^data:[\w/+.-]*;base64,")
+# `base64 cat.png` (GNU coreutils) and MIME encoders wrap lines at 76 characters: valid base64 all the same.
+WHITESPACE = re.compile(r"\s+")
 
 INPUT_FORMATS = (
     'pixel tensors {"inputs": [[[[r, g, b], ...]]]}: integers 0-255, shape (n, 32, 32, 3); '
@@ -74,6 +76,11 @@ def image_column(model_input: pd.DataFrame | dict) -> list:
     if IMAGE_COLUMN not in names:  # other columns (ids, file names) may ride along and are ignored
         raise bad_input(f"named inputs need a column '{IMAGE_COLUMN}' of base64 PNG/JPEG images, "
                         f"got {names}; send pixel tensors unnamed, as {{\"inputs\": [[[[r, g, b], ...]]]}}")
+    # `instances` rows become columns: a row whose image key is misspelled would drop out unseen, and the answer
+    # would have fewer rows than the request (a DataFrame keeps every row).
+    if isinstance(model_input, dict) and len(names) > 1:
+        raise bad_input(f"named inputs take only '{IMAGE_COLUMN}', got {names}; send other columns "
+                        f"(ids, file names) in a dataframe_records or dataframe_split")
     values = model_input[IMAGE_COLUMN]
     if isinstance(values, np.ndarray) and values.ndim == 0:  # {"inputs": {"image": "<base64>"}}: one image
         return [values.item()]
@@ -113,7 +120,7 @@ def to_bytes(item: Any, name: str) -> bytes:
         raw = item
     elif isinstance(item, str):
         try:
-            raw = base64.b64decode(DATA_URI_PREFIX.sub("", item.strip()), validate=True)
+            raw = base64.b64decode(WHITESPACE.sub("", DATA_URI_PREFIX.sub("", item.strip())), validate=True)
         except binascii.Error as exc:
             raise bad_input(f"{name}: not a base64 image: not valid base64 ({exc})") from None
     else:

@@ -160,7 +160,8 @@ def test_encoded_images_decode_like_training_images():
     expected = np.stack([decode_image(png), decode_image(jpeg)])
     for given in ([b64(png), b64(jpeg)], np.array([b64(png), b64(jpeg)]), [png, jpeg],
                   pd.DataFrame({"image": [b64(png), b64(jpeg)]}), {"image": [b64(png), b64(jpeg)]},
-                  [f"data:image/png;base64,{b64(png)}", b64(jpeg)]):
+                  [f"data:image/png;base64,{b64(png)}", b64(jpeg)],
+                  [base64.encodebytes(png).decode(), base64.encodebytes(jpeg).decode()]):  # lines of 76, as `base64`
         np.testing.assert_array_equal(serve.to_pixels(given), expected)
     assert serve.to_pixels(b64(png)).shape == (1, 32, 32, 3)
     for one in ({"image": b64(png)}, {"image": np.array(b64(png))}):  # one named image, as MLflow passes it
@@ -174,8 +175,10 @@ def test_encoded_images_decode_like_training_images():
     ([""], "image 0: empty image"),
     (pd.DataFrame({"img": ["x"]}), "a column 'image'"),
     (pd.DataFrame({"image": []}), "empty batch"),
+    ({"image": np.array(["x"]), "picture": np.array(["y"])}, "take only 'image'"),  # {"instances": [{..}, {..}]}
     (np.array("abc"), "image 0: not a base64 image"),  # what the server makes of {"inputs": "abc"}
-], ids=["invalid-base64", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame", "0-d-string"])
+], ids=["invalid-base64", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
+        "instances-dropped", "0-d-string"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -320,3 +323,46 @@ def test_predict_client_refuses_a_bad_url_in_one_line(tmp_path, capsys, url, pro
     assert predict.main([str(image), "--url", url, "--timeout", "5"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --url: ") and problem in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_predict_client_refuses_a_bad_timeout_before_connecting(tmp_path, capsys, timeout):
+    # inf overflowed the socket's timeout (a traceback), nan and -1 read as "unexpected answer from" the server
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with pytest.raises(SystemExit) as info:
+        predict.main([str(image), "--url", f"http://127.0.0.1:{free_port()}", "--timeout", timeout])
+    assert info.value.code == 2
+    assert f"--timeout must be a number of seconds > 0, got {timeout}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("answer", [[0], [{"label": 3, "probability": 0.9}], {"label": "cat"}],
+                         ids=["numbers", "numeric-label", "not-a-list"])
+def test_predict_client_reports_another_models_answer_in_one_line(tmp_path, capsys, answer):
+    # another model's server (a text classifier takes strings too) answered rows that `row['label']` crashed on
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"predictions": answer}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    try:
+        assert predict.main([str(image), "--url", f"http://127.0.0.1:{other.server_port}"]) == 1
+    finally:
+        other.shutdown()
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1
+    assert "unexpected answer from" in err and "is it serving this project's model?" in err

@@ -321,3 +321,16 @@ def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_stud
     parent, trials, _ = sweep_runs(client, "killed")
     assert parent.info.status == "FINISHED" and sorted(trials) == [0, 1]
     assert parent.data.tags["best_trial"] == "1" and len(client.search_model_versions("name = 'cifar10-resnet'")) == 1
+
+
+def test_the_tpe_example_prunes_from_epoch_2_as_its_comment_says():
+    # Trials report val_acc at step = epoch (from 1); n_warmup_steps: 1 let the median pruner stop one after epoch 1.
+    plan = sweep.Plan(str(ROOT / "params" / "sweep-tpe.yaml"))
+    study = optuna.create_study(direction="maximize", pruner=plan.make_pruner())
+    for _ in range(4):  # n_startup_trials finished trials, well ahead
+        study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values={1: 0.8, 2: 0.9}))
+    trial = study.ask()
+    trial.report(0.1, step=1)
+    assert not trial.should_prune()
+    trial.report(0.1, step=2)
+    assert trial.should_prune()
