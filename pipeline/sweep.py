@@ -643,12 +643,14 @@ def work(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage) -
 
 def finish(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage) -> dict | None:
     """Register the best finished trial and compare the finished ones, once per study: the worker that
-    creates the lock study `<study>.register` does it; the others return None."""
+    creates the lock study `<study>.register` does it; the others return None. The lock records who took it and
+    when, and at the end the registered version: a lock without one is a register running, or a killed one."""
     try:
         lock = optuna.create_study(storage=storage, study_name=f"{study.study_name}.register")
     except optuna.exceptions.DuplicatedStudyError:
         return None
     lock.set_user_attr("worker", worker_name())
+    lock.set_user_attr("started", time.time())
     try:
         result = register_best(plan, study)
     except BaseException:
@@ -656,6 +658,26 @@ def finish(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage)
         raise
     lock.set_user_attr("registered_version", result["decision"]["version"] if result["decision"] else None)
     return result
+
+
+# A register of the best trial takes seconds; one on another host silent this long is taken for dead.
+REGISTER_STALE_S = 600
+
+
+def registering_worker_gone(lock: optuna.Study) -> bool:
+    """Whether the worker holding `<study>.register` without a registered version died (SIGKILL, a lost host)
+    between taking it and recording what it registered. On this host its process is looked up; a worker on
+    another host counts as gone REGISTER_STALE_S after it took the lock."""
+    host, _, pid = str(lock.user_attrs.get("worker", "")).rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # another user's live process
+            return False
+        return False
+    return time.time() - float(lock.user_attrs.get("started", 0)) > REGISTER_STALE_S
 
 
 def trial_table(study: optuna.Study) -> pd.DataFrame:
@@ -745,9 +767,21 @@ def run(args: argparse.Namespace) -> int:
         work(plan, study, storage)
         return 0
     existed = study_name_in(storage, name)
-    if existed and study_name_in(storage, f"{name}.register"):
+    lock = optuna.load_study(storage=storage, study_name=f"{name}.register") if existed and study_name_in(
+        storage, f"{name}.register") else None
+    if lock and "registered_version" not in lock.user_attrs:  # its register runs now, or its worker was killed
+        check_fingerprint(plan, optuna.load_study(storage=storage, study_name=name))
+        worker = lock.user_attrs.get("worker", "a worker")
+        if not registering_worker_gone(lock):
+            raise config.ConfigError(f"study: {name} is being registered by {worker} right now; rerun once it "
+                                     "has finished")
+        print(f"the worker registering study {name} ({worker}) stopped before it finished; registering again",
+              flush=True)
+        with contextlib.suppress(KeyError):  # a rerun alongside removed it first
+            optuna.delete_study(study_name=lock.study_name, storage=storage)
+        lock = None  # on as a rerun of a study not done: finish() registers
+    if lock:
         study = optuna.load_study(storage=storage, study_name=name)
-        lock = optuna.load_study(storage=storage, study_name=f"{name}.register")
         check_fingerprint(plan, study)
         adopt_own_run(study)
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # as the run that ended it said

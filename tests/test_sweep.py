@@ -323,6 +323,37 @@ def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_stud
     assert parent.data.tags["best_trial"] == "1" and len(client.search_model_versions("name = 'cifar10-resnet'")) == 1
 
 
+def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(store, tmp_path, in_process):
+    """SIGKILL between taking the study's register lock and recording the version left a study that every rerun
+    called done ("registered version None") with nothing registered. A live registering worker is waited for."""
+    spec = write_spec(tmp_path, "sweep-regkill", "grid:\n  train.lr: [0.1]\n")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = ("--spec", spec, "--study", "regkill", "--storage", storage)
+    die = "import os, signal; from pipeline import sweep; " \
+          "sweep.register_best = lambda *a: os.kill(os.getpid(), signal.SIGKILL); sweep.main()"
+    killed = subprocess.run([sys.executable, "-c", die, *args], env=store, cwd=ROOT, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    lock = optuna.load_study(study_name="regkill.register", storage=storage)
+    dead = lock.user_attrs["worker"]
+    assert "registered_version" not in lock.user_attrs
+    client = MlflowClient()
+    assert not client.search_model_versions("name = 'cifar10-resnet'")
+
+    lock.set_user_attr("worker", sweep.worker_name())  # as if this live process were registering it now
+    busy = in_process("sweep", *args)
+    assert busy.returncode == 2 and "is being registered by" in busy.stderr, busy.stderr[-2000:]
+
+    lock.set_user_attr("worker", dead)
+    done = in_process("sweep", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"the worker registering study regkill ({dead}) stopped before it finished" in done.stdout
+    assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 1
+    parent, _, _ = sweep_runs(client, "regkill")
+    assert parent.info.status == "FINISHED" and parent.data.tags["registered_version"] == "1"
+    again = in_process("sweep", *args)
+    assert again.returncode == 0 and "is done: 1 trials, registered version 1" in again.stdout
+
+
 def test_the_tpe_example_prunes_from_epoch_2_as_its_comment_says():
     # Trials report val_acc at step = epoch (from 1); n_warmup_steps: 1 let the median pruner stop one after epoch 1.
     plan = sweep.Plan(str(ROOT / "params" / "sweep-tpe.yaml"))
