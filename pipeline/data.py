@@ -25,6 +25,7 @@ import os
 import pickle
 import posixpath
 import re
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -42,10 +43,11 @@ CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001
 CIFAR10_ARCHIVE_NAMES = ("cifar-10-python.tar.gz", "cifar-10-batches-py.tar.gz")
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what Pillow decodes here
 SYNTHETIC_CLASSES = tuple(f"class_{i}" for i in range(10))
 SOURCES = ("'cifar10', 'synthetic', the official CIFAR-10 python archive or its cifar-10-batches-py/ folder, an image "
-           "folder (a directory, .tar.gz or .zip of train/<class>/*.png|jpg and test/<class>/*.png|jpg) or an .npz")
+           "folder (a directory, .tar.gz or .zip of train/<class>/ and test/<class>/ images: PNG, JPEG, BMP, GIF, "
+           "WebP, TIFF) or an .npz")
 # evaluate logs `test_acc_<class>`: MLflow's metric names (mlflow.utils.validation) admit these characters only
 METRIC_NAME = re.compile(r"[/\w.\- :]+")
 METRIC_CHARS = "letters, digits, underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/)"
@@ -520,6 +522,7 @@ def load_image_folder(path: str | Path) -> Dataset:
     path = Path(path)
     files: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
     tops: set[tuple[str, ...]] = set()  # the folders holding train/ and test/
+    skipped: list[str] = []
     for parts, read in _iter_image_files(path):
         if any(p.startswith("._") or p == "__MACOSX" for p in parts):  # macOS's AppleDouble metadata, not images
             continue
@@ -527,14 +530,20 @@ def load_image_folder(path: str | Path) -> Dataset:
             split, cls, name = parts[-3:]
             files[split].setdefault(cls, []).append(("/".join(parts), read()))
             tops.add(parts[:-3])
+        elif len(parts) >= 3 and parts[-3] in files and not parts[-1].startswith("."):
+            skipped.append("/".join(parts))  # in a class folder, but no image suffix: said, not dropped unseen
     if len(tops) > 1:  # two copies (or two datasets) side by side would be read as one, duplicates and all
         found = ", ".join("/".join((*top, "train|test")) for top in sorted(tops)[:3])
         raise DataError(f"{path}: train/<class>/ and test/<class>/ folders in more than one place ({found}"
                         f"{', ...' if len(tops) > 3 else ''}): give the folder that holds the one dataset to read")
+    if skipped:
+        print(f"warning: {path}: {len(skipped)} files in class folders are not read, having none of the image "
+              f"suffixes {' '.join(IMAGE_SUFFIXES)}: {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}",
+              file=sys.stderr, flush=True)
     train_classes, test_classes = sorted(files["train"]), sorted(files["test"])
     if not train_classes:
-        raise DataError(f"{path}: no images found under train/<class>/ (expected train/<class>/*.png|jpg "
-                        f"and test/<class>/*.png|jpg)")
+        raise DataError(f"{path}: no images found under train/<class>/ (expected train/<class>/*.png|jpg|... "
+                        f"and test/<class>/*.png|jpg|...)")
     if train_classes != test_classes:
         raise DataError(f"{path}: test classes {test_classes} differ from train classes {train_classes}")
     if len(train_classes) < 2:

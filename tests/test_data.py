@@ -366,6 +366,22 @@ def test_image_folder_directory_tar_gz_and_zip(tmp_path):
     assert data.load_source(str(tmp_path / "imgs")).digest() == from_dir.digest()
 
 
+def test_bmp_webp_and_gif_images_are_read_and_other_files_in_class_folders_are_named(tmp_path, capsys):
+    """Only .png/.jpg were read: a class folder's .bmp or .webp images dropped out of the dataset unseen."""
+    write_image_folder(tmp_path / "imgs")
+    rng = np.random.default_rng(1)
+    for suffix in ("bmp", "webp", "gif"):
+        Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "imgs" / "train" / "dog" / f"more.{suffix}")
+    (tmp_path / "imgs" / "train" / "dog" / "labels.txt").write_text("dog\n")
+    (tmp_path / "imgs" / "train" / "dog" / ".DS_Store").write_bytes(b"\0")  # hidden: not worth a word
+    capsys.readouterr()
+    d = data.load_source(str(tmp_path / "imgs"))
+    assert list(d.y_train).count(1) == 3 + 3 and len(d.x_train) == 12
+    err = capsys.readouterr().err
+    assert "1 files in class folders are not read" in err and "train/dog/labels.txt" in err and "DS_Store" not in err
+
+
 def test_npz_arrays_as_a_source(tmp_path):
     """keras.datasets.cifar10.load_data() saved with np.savez: labels (N, 1), no class names (CIFAR-10's are
     taken); a prepared dataset.npz reads back as it was; wrong arrays are refused naming the problem."""
