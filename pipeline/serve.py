@@ -73,9 +73,12 @@ def to_pixels(model_input: Any) -> np.ndarray:
 def image_column(model_input: pd.DataFrame | dict) -> list:
     """The `image` column of a DataFrame (dataframe_split / _records) or dict (named `inputs`) as a list."""
     names = list(model_input.columns if isinstance(model_input, pd.DataFrame) else model_input)
+    if not names:  # {"dataframe_records": []} or {"dataframe_split": {"columns": [], "data": []}}
+        raise bad_input("empty batch: no images to predict")
     if IMAGE_COLUMN not in names:  # other columns (ids, file names) may ride along and are ignored
+        shown = f"{names[:5]}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"  # not 3,072 pixel columns
         raise bad_input(f"named inputs need a column '{IMAGE_COLUMN}' of base64 PNG/JPEG images, "
-                        f"got {names}; send pixel tensors unnamed, as {{\"inputs\": [[[[r, g, b], ...]]]}}")
+                        f"got {shown}; send pixel tensors unnamed, as {{\"inputs\": [[[[r, g, b], ...]]]}}")
     # `instances` rows become columns: a row whose image key is misspelled would drop out unseen, and the answer
     # would have fewer rows than the request (a DataFrame keeps every row).
     if isinstance(model_input, dict) and len(names) > 1:

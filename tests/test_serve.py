@@ -177,8 +177,10 @@ def test_encoded_images_decode_like_training_images():
     (pd.DataFrame({"image": []}), "empty batch"),
     ({"image": np.array(["x"]), "picture": np.array(["y"])}, "take only 'image'"),  # {"instances": [{..}, {..}]}
     (np.array("abc"), "image 0: not a base64 image"),  # what the server makes of {"inputs": "abc"}
+    (pd.DataFrame([]), "empty batch"),  # {"dataframe_records": []}: said "needs a column 'image'"
+    (pd.DataFrame(np.zeros((1, 3072))), "[0, 1, 2, 3, 4] and 3067 more;"),  # flattened pixels: not 3,072 names
 ], ids=["invalid-base64", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
-        "instances-dropped", "0-d-string"])
+        "instances-dropped", "0-d-string", "no-records", "pixel-columns"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
