@@ -186,12 +186,20 @@ class TrainConfig:
         self._check_boundaries()
         _check(0 < self.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]", self.lr_decay)
         _check(0 <= self.warmup < 1, "train.warmup", "must be a fraction of train.epochs in [0, 1)", self.warmup)
+        # the warm-up ramps the step schedule's lr: one still ramping at a decay would never reach the peak lr
+        first = self.boundary_epochs[:1] if self.schedule == "step" else ()
+        _check(not first or self.warmup * self.epochs <= first[0], "train.warmup",
+               f"must end by the step schedule's first decay, after epoch {first[0] if first else 0} of "
+               f"{self.epochs} (train.lr_boundaries), else the lr never reaches train.lr", self.warmup)
         _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
         _check(0 < self.ema_momentum < 1, "train.ema_momentum", "must be in (0, 1)", self.ema_momentum)
         _check(self.ema_bn_batches >= 0, "train.ema_bn_batches", "must be >= 0 (0: keep the raw weights' statistics)",
                self.ema_bn_batches)
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", self.label_smoothing)
         _check(0 <= self.shift < 0.5, "train.shift", "must be a fraction of the image size in [0, 0.5)", self.shift)
+        # shifts are whole pixels (round(shift * 32)): a shift under half a pixel would silently be none at all
+        _check(self.shift == 0 or round(self.shift * IMAGE_SIZE) >= 1, "train.shift",
+               f"rounds to 0 of {IMAGE_SIZE} pixels (no shift); use 0 for none or at least 1/{IMAGE_SIZE}", self.shift)
         _check(self.shift_fill in SHIFT_FILLS, "train.shift_fill", f"must be one of {', '.join(SHIFT_FILLS)}",
                self.shift_fill)
         _check(self.flip or not self.alternate_flip, "train.alternate_flip",
@@ -394,12 +402,14 @@ def _did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
 
 def _merge(base: dict[str, Any], layer: dict[str, Any], origin: str) -> None:
     for section, values in layer.items():
+        section = str(section)  # a YAML key may be a number, null or a boolean
         if section not in base:
             raise ConfigError(f"{section}: unknown section in {origin}{_did_you_mean(section, list(base))} "
                               f"(known: {', '.join(base)})")
         if not isinstance(values, dict):
             raise ConfigError(f"{section}: must be a mapping in {origin}, got {values!r}")
         for key, value in values.items():
+            key = str(key)
             if key not in base[section]:
                 hint = _did_you_mean(key, list(base[section]), f"{section}.")
                 raise ConfigError(f"{section}.{key}: unknown key in {origin}{hint} (known: {', '.join(base[section])})")
@@ -415,16 +425,26 @@ def split_overrides(overrides: str | None) -> list[str]:
         raise ConfigError(f"overrides: {exc} in {overrides!r}") from None
 
 
+def _open_list(value: str) -> bool:
+    return value.count("[") > value.count("]")
+
+
 def parse_overrides(overrides: str | list[str] | None) -> dict[str, dict[str, Any]]:
     """`"train.lr=0.05 model.widths=[32,64,128]"` -> {"train": {"lr": _Text("0.05")}, "model": {...}}: each value
     as typed, read by its field's type when the params are checked (`_coerce`)."""
-    items = split_overrides(overrides) if isinstance(overrides, str) else list(overrides or [])
+    items: list[str] = []
+    for item in split_overrides(overrides) if isinstance(overrides, str) else list(overrides or []):
+        if items and "=" not in item and _open_list(items[-1].partition("=")[2]):
+            items[-1] += " " + item  # the rest of a list written as YAML writes it, `model.widths=[16, 32, 64]`
+        else:
+            items.append(item)
     layer: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not section or not name:
-            raise ConfigError(f"overrides: expected section.key=value, got {item!r}")
+            hint = " (a value with spaces needs quotes: key='a b')" if items[0] is not item and not sep else ""
+            raise ConfigError(f"overrides: expected section.key=value, got {item!r}{hint}")
         layer.setdefault(section, {})[name] = _Text(raw)
     return layer
 
@@ -459,6 +479,24 @@ def _check_ghost_batch(model: ModelConfig, train: TrainConfig) -> None:
            f"must divide train.batch_size ({train.batch_size}): each batch is cut into ghost batches", ghost)
     _check(train.drop_remainder, "model.ghost_batch",
            "needs train.drop_remainder=true: an epoch's last, partial batch is no whole number of ghost batches", ghost)
+
+
+def held_out_images(train: TrainConfig, images: int) -> int:
+    """How many of `images` training images `train.validation_fraction` holds out (0: validation on the test split)."""
+    return max(1, round(train.validation_fraction * images)) if train.validation_fraction else 0
+
+
+def check_training_images(train: TrainConfig, images: int) -> None:
+    """ConfigError if `images` training images (before the held-out split) leave none to train on, or with
+    `train.drop_remainder` no whole batch (a model trained on none would score as one)."""
+    n_val = held_out_images(train, images)
+    if n_val >= images:
+        raise ConfigError(f"train.validation_fraction: holding out {n_val} of the {images} training "
+                          f"images leaves none to train on; lower it, or train on more (data.max_train)")
+    if train.drop_remainder and images - n_val < train.batch_size:
+        raise ConfigError(f"train.drop_remainder: the {images - n_val} training images make no whole batch of "
+                          f"train.batch_size {train.batch_size}; lower the batch size or set "
+                          f"train.drop_remainder=false")
 
 
 def from_run_params(params: dict[str, str]) -> Config:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from pipeline import config, prepare
+from pipeline.data import CIFAR10_TRAIN_IMAGES
 from pipeline.distribute import cluster_from_env
 from pipeline.tracking.resume import config_to_resume, find_resumable
 
@@ -34,6 +35,9 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
             prepare.check_dataset_uri(dataset_uri)
     elif not given:
         prepare.prepare_key(cfg)  # a missing data path fails here
+    images = known_training_images(cfg)
+    if images:  # too few to hold out or to batch: refused now, not in the train run after prepare
+        config.check_training_images(cfg.train, images)
     if cfg.train.feed == "device":  # the one param that depends on the backend: only it loads Keras here
         from pipeline.fitting import check_backend
 
@@ -43,6 +47,13 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
         raise config.ConfigError(f"TF_CONFIG: this host is {cluster.task}; the pipeline runs on the chief, "
                                  f"here run `python -m pipeline.train` with the chief's params")
     return cfg, dataset_uri
+
+
+def known_training_images(cfg: config.Config) -> int | None:
+    """The training images `data.*` gives before any data is read (cifar10: 50,000; synthetic: its count; at most
+    `data.max_train`), or None for a path, whose count only reading it tells."""
+    images = {"cifar10": CIFAR10_TRAIN_IMAGES, "synthetic": cfg.data.synthetic_train}.get(cfg.data.source)
+    return images and (min(images, cfg.data.max_train) if cfg.data.max_train else images)
 
 
 def with_dataset_params(cfg: config.Config, dataset_uri: str) -> config.Config:

@@ -173,6 +173,38 @@ def test_bad_values_name_their_key(override, key):
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
 
 
+def test_lists_in_overrides_may_be_written_with_spaces_as_yaml_writes_them():
+    """`model.widths=[16, 32, 64]` (default.yaml's own spelling) was cut at its spaces: 'expected section.key=value,
+    got '32,''; a stray word after a value with a space says to quote it."""
+    cfg = config.load(None, "model.widths=[16, 32, 64] train.lr_boundaries=[40/150, 60/150] train.epochs=150")
+    assert cfg.model.widths == (16, 32, 64) and cfg.train.boundary_epochs == (40, 60)
+    assert config.load_from_cli("", "train.lr_boundaries=[ 0.5 , 0.75 ]").train.boundary_epochs == (75, 112)
+    with pytest.raises(config.ConfigError, match=r"^overrides: expected section.key=value, got 'runs' \(a value with "
+                                                 r"spaces needs quotes"):
+        config.load(None, "tracking.experiment=my runs")
+
+
+def test_schedule_params_that_do_nothing_or_never_reach_the_peak_are_refused():
+    """A shift under half a pixel rounded to no shift at all; a step schedule's warm-up still ramping at its first
+    decay never reached train.lr."""
+    with pytest.raises(config.ConfigError, match=r"^train.shift: rounds to 0 of 32 pixels \(no shift\)"):
+        config.load(None, "train.shift=0.01")
+    assert config.load(None, "train.shift=0.03125").train.shift == 0.03125  # 1 px, quick.yaml's
+    with pytest.raises(config.ConfigError, match=r"^train.warmup: must end by the step schedule's first decay, "
+                                                 r"after epoch 80 of 150"):
+        config.load(None, "train.warmup=0.6")
+    assert config.load(None, "train.warmup=0.5").train.warmup == 0.5  # over by epoch 75
+    assert config.load(None, "train.warmup=0.6 train.schedule=cosine").train.warmup == 0.6
+
+
+def test_a_params_file_with_a_number_or_null_for_a_key_names_it(tmp_path):
+    for text, message in (("train:\n  1: 2\n", "train.1: unknown key"), ("1:\n  a: 2\n", "1: unknown section"),
+                          ("train:\n  null: 2\n", "train.None: unknown key")):
+        (tmp_path / "p.yaml").write_text(text)
+        with pytest.raises(config.ConfigError, match=f"^{message}"):
+            config.load(tmp_path / "p.yaml")
+
+
 @pytest.mark.parametrize("alias", ["validated", "val_best", "champion-2", "v1x", "V"])
 def test_aliases_mlflow_accepts_are_accepted(alias):
     assert config.load(None, f"register.alias={alias}").register.alias == alias

@@ -41,25 +41,33 @@ def test_divergence_fails_the_run_exits_3_and_registers_nothing(store, in_proces
     assert client.search_registered_models() == []
 
 
-def test_no_whole_batch_to_train_on_exits_2_naming_the_key_and_registers_nothing(store, in_process):
-    """The data's size is known only once prepared: `train.drop_remainder` with a batch larger than the training
-    set is refused by the train step, before any epoch, with the reason on its FAILED run."""
-    client, run = failed_main(in_process, "1", "train.batch_size=4096 train.drop_remainder=true", 2,
-                              "train.drop_remainder: the 1024 training images")
-    assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("train.drop_remainder:")
-    assert not client.get_metric_history(run.info.run_id, "acc")
-    assert client.search_registered_models() == []
+@pytest.mark.parametrize(("overrides", "error"), [
+    ("train.batch_size=4096 train.drop_remainder=true", "train.drop_remainder: the 1024 training images make no whole"),
+    ("data.max_train=1 train.validation_fraction=0.5", "train.validation_fraction: holding out 1 of the 1 training "
+                                                       "images leaves none"),
+    ("data.max_train=100 train.validation_fraction=0.1 train.drop_remainder=true train.batch_size=128",
+     "train.drop_remainder: the 90 training images make no whole batch of train.batch_size 128"),
+])
+def test_too_few_images_to_hold_out_or_batch_are_refused_before_any_run(store, capsys, monkeypatch, overrides, error):
+    """Holding out the only training image left none (the model trained on nothing, scored at chance and took
+    @champion); a batch larger than the training set with `train.drop_remainder` made no step. For cifar10 and
+    synthetic data the count is known from the params: refused before prepare or any run (it was refused only
+    inside the train run, after CIFAR-10 was downloaded and prepared); for a path, the train step refuses it."""
+    monkeypatch.setattr(sys, "argv", ["pipeline.main", "--params", TINY, "--epochs", "1", "--overrides", overrides])
+    with pytest.raises(SystemExit) as exit_info:
+        cli(main.main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {error}")
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              run_view_type=ViewType.ALL) == []
+    from pipeline import fitting  # the train step's own check, for data whose count only reading it tells
 
-
-
-def test_no_image_left_to_train_on_exits_2_naming_the_key_and_registers_nothing(store, in_process):
-    """Holding out the only training image left none: the model trained on nothing, logged NaN losses, scored
-    at chance and took @champion. Refused by the train step before any epoch."""
-    client, run = failed_main(in_process, "1", "data.max_train=1 train.validation_fraction=0.5", 2,
-                              "train.validation_fraction: holding out 1 of the 1 training images leaves none")
-    assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("train.validation_fraction:")
-    assert not client.get_metric_history(run.info.run_id, "acc")
-    assert client.search_registered_models() == []
+    cfg = config.load(TINY, overrides)
+    with pytest.raises(config.ConfigError, match=f"^{error.split(': ', 1)[0]}"):
+        dataset = prepare.build(cfg)
+        splits = fitting.split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
+        fitting.steps_per_epoch(cfg.train, len(splits[0]))
 
 
 BAD = [  # (module, argv, key named by the one-line error)
@@ -107,6 +115,20 @@ def test_bad_input_is_one_line_naming_the_key(store, capsys, monkeypatch, module
     assert client.search_registered_models() == []
     assert client.search_model_versions() == []
 
+
+
+def test_an_experiment_in_the_trash_is_one_line_naming_the_key(store, capsys, monkeypatch):
+    """MLflow refuses to reuse a deleted experiment's name: `tracking.experiment` naming one was a traceback."""
+    client = MlflowClient()
+    client.delete_experiment(client.create_experiment("binned"))
+    monkeypatch.setattr(sys, "argv", ["pipeline.main", "--params", TINY, "--overrides", "tracking.experiment=binned"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli(main.main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: tracking.experiment: 'binned' is in MLflow's trash; restore it (mlflow experiments restore")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)],
+                              run_view_type=ViewType.ALL) == []
 
 
 def test_a_run_without_a_checkpoint_or_a_dataset_without_its_summary_is_refused_before_a_run_opens(store, tmp_path):

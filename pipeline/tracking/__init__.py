@@ -254,12 +254,22 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
         ctx = mlflow.start_run(tags=tags, log_system_metrics=system_metrics)
     else:
         if experiment:
-            mlflow.set_experiment(experiment)
+            _set_experiment(experiment)
         ctx = mlflow.start_run(run_name=run_name or step, tags=tags, log_system_metrics=system_metrics)
     with _ended_with_reason(ctx) as run:
         if run_name:  # `mlflow run` names its run at random; a descriptive name reads better in the UI
             mlflow.set_tag("mlflow.runName", run_name)
         yield run
+
+
+def _set_experiment(name: str) -> None:
+    """`mlflow.set_experiment`; ConfigError naming `tracking.experiment` if that experiment is in MLflow's trash
+    (MLflow refuses to reuse its name: a traceback, before any run was opened)."""
+    found = mlflow.MlflowClient().get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise ConfigError(f"tracking.experiment: {name!r} is in MLflow's trash; restore it (mlflow experiments "
+                          f"restore --experiment-id {found.experiment_id}) or name another")
+    mlflow.set_experiment(name)
 
 
 @contextlib.contextmanager
