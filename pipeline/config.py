@@ -512,9 +512,18 @@ def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | 
     the params say (MLproject's defaults for these are "").
     """
     keys = {"epochs": "train.epochs", "data": "data.source"}
-    extra = [f"{keys[name]}={value}" for name, value in shortcuts.items() if value not in (None, "")]
-    items = split_overrides(overrides) + extra
-    return load(params or None, items)
+    given = {name: value for name, value in shortcuts.items() if value not in (None, "")}
+    items = split_overrides(overrides) + [f"{keys[name]}={value}" for name, value in given.items()]
+    cfg = load(params or None, items)
+    layered = parse_overrides(split_overrides(overrides))
+    for name in given:  # `-P epochs=30 -P overrides="train.epochs=10"`: one of them would be dropped unseen
+        section, key = keys[name].split(".")
+        if key in layered.get(section, {}):
+            theirs = getattr(getattr(load(params or None, split_overrides(overrides)), section), key)
+            if theirs != getattr(getattr(cfg, section), key):
+                raise ConfigError(f"{keys[name]}: -P {name}={given[name]} and overrides' {keys[name]}="
+                                  f"{layered[section][key]} disagree; give one")
+    return cfg
 
 
 RESUME_HELP = "'' (continue an interrupted identical run), 'never', or a run id"

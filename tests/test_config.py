@@ -72,6 +72,11 @@ def test_cli_shortcuts_and_empty_values():
     cfg = config.load_from_cli("", "", epochs="7", data="synthetic")
     assert cfg.train.epochs == 7 and cfg.data.source == "synthetic"
     assert config.load_from_cli("", "", epochs="", data="").train.epochs == 150
+    # a shortcut and an override of the same key: the same value is fine, two values are refused (the shortcut won)
+    assert config.load_from_cli("", "train.epochs=010", epochs="10").train.epochs == 10
+    with pytest.raises(config.ConfigError, match=r"^train.epochs: -P epochs=30 and overrides' train.epochs=10 "
+                                                 r"disagree; give one$"):
+        config.load_from_cli("", "train.epochs=10", epochs="30")
 
 
 
