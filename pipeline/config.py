@@ -481,15 +481,15 @@ def _check_ghost_batch(model: ModelConfig, train: TrainConfig) -> None:
            "needs train.drop_remainder=true: an epoch's last, partial batch is no whole number of ghost batches", ghost)
 
 
-def held_out_images(train: TrainConfig, images: int) -> int:
+def held_out_images(fraction: float, images: int) -> int:
     """How many of `images` training images `train.validation_fraction` holds out (0: validation on the test split)."""
-    return max(1, round(train.validation_fraction * images)) if train.validation_fraction else 0
+    return max(1, round(fraction * images)) if fraction else 0
 
 
 def check_training_images(train: TrainConfig, images: int) -> None:
     """ConfigError if `images` training images (before the held-out split) leave none to train on, or with
     `train.drop_remainder` no whole batch (a model trained on none would score as one)."""
-    n_val = held_out_images(train, images)
+    n_val = held_out_images(train.validation_fraction, images)
     if n_val >= images:
         raise ConfigError(f"train.validation_fraction: holding out {n_val} of the {images} training "
                           f"images leaves none to train on; lower it, or train on more (data.max_train)")

@@ -97,7 +97,7 @@ def split_validation(dataset: Dataset, fraction: float, seed: int):
     if fraction == 0:
         return dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test
     order = np.random.default_rng(seed).permutation(len(dataset.x_train))
-    n_val = max(1, round(fraction * len(order)))
+    n_val = config.held_out_images(fraction, len(order))
     if n_val >= len(order):
         raise config.ConfigError(f"train.validation_fraction: holding out {n_val} of the {len(order)} training "
                                  f"images leaves none to train on; lower it, or train on more (data.max_train)")
