@@ -34,8 +34,9 @@ def test_images_per_second_is_training_throughput_and_epoch_seconds_includes_val
     seconds = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")}
     speed = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "images_per_second")}
     assert seconds[2] >= 1.5  # the whole epoch, validation included
-    # two steps of a 15-weight model take milliseconds: the 1.5 s of validation must not count as training time
-    assert speed[2] > 64 / 1.5 * 5
+    # the 1.5 s of validation must not count as training time: the rate is over at most the epoch less 1 s of it
+    # (not a speed bound: on a loaded machine two steps of this tiny model have taken 2.4 s)
+    assert speed[2] > 64 / (seconds[2] - 1.0)
 
 
 def test_confusion_matrix_csv_names_both_axes_rows_true_columns_predicted(store, monkeypatch):
