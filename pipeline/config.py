@@ -187,18 +187,19 @@ class TrainConfig:
         _check(0 < self.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]", self.lr_decay)
         _check(0 <= self.warmup < 1, "train.warmup", "must be a fraction of train.epochs in [0, 1)", self.warmup)
         # the warm-up ramps the step schedule's lr: one still ramping at a decay would never reach the peak lr
-        first = self.boundary_epochs[:1] if self.schedule == "step" else ()
-        _check(not first or self.warmup * self.epochs <= first[0], "train.warmup",
-               f"must end by the step schedule's first decay, after epoch {first[0] if first else 0} of "
-               f"{self.epochs} (train.lr_boundaries), else the lr never reaches train.lr", self.warmup)
+        if self.schedule == "step" and self.boundary_epochs:
+            first = self.boundary_epochs[0]
+            _check(self.warmup * self.epochs <= first, "train.warmup",
+                   f"must end by the step schedule's first decay, after epoch {first} of {self.epochs} "
+                   f"(train.lr_boundaries), else the lr never reaches train.lr", self.warmup)
         _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
         _check(0 < self.ema_momentum < 1, "train.ema_momentum", "must be in (0, 1)", self.ema_momentum)
         _check(self.ema_bn_batches >= 0, "train.ema_bn_batches", "must be >= 0 (0: keep the raw weights' statistics)",
                self.ema_bn_batches)
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", self.label_smoothing)
         _check(0 <= self.shift < 0.5, "train.shift", "must be a fraction of the image size in [0, 0.5)", self.shift)
-        # shifts are whole pixels (round(shift * 32)): a shift under half a pixel would silently be none at all
-        _check(self.shift == 0 or round(self.shift * IMAGE_SIZE) >= 1, "train.shift",
+        # shifts are whole pixels (`shift_pixels`): a shift under half a pixel would silently be none at all
+        _check(self.shift == 0 or self.shift_pixels >= 1, "train.shift",
                f"rounds to 0 of {IMAGE_SIZE} pixels (no shift); use 0 for none or at least 1/{IMAGE_SIZE}", self.shift)
         _check(self.shift_fill in SHIFT_FILLS, "train.shift_fill", f"must be one of {', '.join(SHIFT_FILLS)}",
                self.shift_fill)
@@ -240,6 +241,11 @@ class TrainConfig:
     def boundary_epochs(self) -> tuple[int, ...]:
         """The epochs after which the step schedule multiplies the lr by lr_decay."""
         return tuple(round(b * self.epochs) for b in self.lr_boundaries)
+
+    @property
+    def shift_pixels(self) -> int:
+        """The largest shift in pixels: `shift` is a fraction of the image size."""
+        return round(self.shift * IMAGE_SIZE)
 
     @property
     def scaled_lr(self) -> float:
@@ -482,21 +488,28 @@ def _check_ghost_batch(model: ModelConfig, train: TrainConfig) -> None:
 
 
 def held_out_images(fraction: float, images: int) -> int:
-    """How many of `images` training images `train.validation_fraction` holds out (0: validation on the test split)."""
-    return max(1, round(fraction * images)) if fraction else 0
+    """How many of `images` training images `train.validation_fraction` holds out (0: validation on the test split).
+    ConfigError if that leaves none to train on (a model trained on none would score as one)."""
+    n_val = max(1, round(fraction * images)) if fraction else 0
+    if n_val >= images:
+        raise ConfigError(f"train.validation_fraction: holding out {n_val} of the {images} training "
+                          f"images leaves none to train on; lower it, or train on more (data.max_train)")
+    return n_val
+
+
+def check_whole_batch(train: TrainConfig, images: int) -> None:
+    """ConfigError if with `train.drop_remainder` the `images` trained on make no whole batch: no step at all."""
+    if train.drop_remainder and images < train.batch_size:
+        raise ConfigError(f"train.drop_remainder: the {images} training images make no whole batch of "
+                          f"train.batch_size {train.batch_size}; lower the batch size or set "
+                          f"train.drop_remainder=false")
 
 
 def check_training_images(train: TrainConfig, images: int) -> None:
     """ConfigError if `images` training images (before the held-out split) leave none to train on, or with
-    `train.drop_remainder` no whole batch (a model trained on none would score as one)."""
-    n_val = held_out_images(train.validation_fraction, images)
-    if n_val >= images:
-        raise ConfigError(f"train.validation_fraction: holding out {n_val} of the {images} training "
-                          f"images leaves none to train on; lower it, or train on more (data.max_train)")
-    if train.drop_remainder and images - n_val < train.batch_size:
-        raise ConfigError(f"train.drop_remainder: the {images - n_val} training images make no whole batch of "
-                          f"train.batch_size {train.batch_size}; lower the batch size or set "
-                          f"train.drop_remainder=false")
+    `train.drop_remainder` no whole batch: the train step's checks (`fitting.split_validation`,
+    `fitting.steps_per_epoch`), before any data is read."""
+    check_whole_batch(train, images - held_out_images(train.validation_fraction, images))
 
 
 def from_run_params(params: dict[str, str]) -> Config:
@@ -513,13 +526,13 @@ def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | 
     """
     keys = {"epochs": "train.epochs", "data": "data.source"}
     given = {name: value for name, value in shortcuts.items() if value not in (None, "")}
-    items = split_overrides(overrides) + [f"{keys[name]}={value}" for name, value in given.items()]
-    cfg = load(params or None, items)
-    layered = parse_overrides(split_overrides(overrides))
+    typed = split_overrides(overrides)
+    cfg = load(params or None, typed + [f"{keys[name]}={value}" for name, value in given.items()])
+    layered = parse_overrides(typed)
     for name in given:  # `-P epochs=30 -P overrides="train.epochs=10"`: one of them would be dropped unseen
         section, key = keys[name].split(".")
         if key in layered.get(section, {}):
-            theirs = getattr(getattr(load(params or None, split_overrides(overrides)), section), key)
+            theirs = getattr(getattr(load(params or None, typed), section), key)
             if theirs != getattr(getattr(cfg, section), key):
                 raise ConfigError(f"{keys[name]}: -P {name}={given[name]} and overrides' {keys[name]}="
                                   f"{layered[section][key]} disagree; give one")

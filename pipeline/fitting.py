@@ -98,9 +98,6 @@ def split_validation(dataset: Dataset, fraction: float, seed: int):
         return dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test
     order = np.random.default_rng(seed).permutation(len(dataset.x_train))
     n_val = config.held_out_images(fraction, len(order))
-    if n_val >= len(order):
-        raise config.ConfigError(f"train.validation_fraction: holding out {n_val} of the {len(order)} training "
-                                 f"images leaves none to train on; lower it, or train on more (data.max_train)")
     val, train = order[:n_val], order[n_val:]
     return dataset.x_train[train], dataset.y_train[train], dataset.x_train[val], dataset.y_train[val]
 
@@ -133,7 +130,7 @@ def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) ->
                         bn_momentum=m.bn_momentum, ghost_batch=m.ghost_batch if augment else 0,
                         zero_init_residual=m.zero_init_residual, conv_init=m.conv_init, pool_before_bn=m.pool_before_bn,
                         mean=mean.tolist(), std=std.tolist(), image_size=IMAGE_SIZE,
-                        max_shift=round(t.shift * IMAGE_SIZE) if augment else 0, shift_fill=t.shift_fill,
+                        max_shift=t.shift_pixels if augment else 0, shift_fill=t.shift_fill,
                         flip=t.flip and not t.alternate_flip and augment,  # alternate: the feed mirrors them
                         cutout=t.cutout if augment else 0, seed=t.seed, whiten=whiten)
 
@@ -143,12 +140,8 @@ def steps_per_epoch(cfg: config.TrainConfig, train_images: int) -> int:
     ones only (the images left over differ each epoch). ConfigError if that leaves no step at all."""
     if not cfg.drop_remainder:
         return math.ceil(train_images / cfg.batch_size)
-    steps = train_images // cfg.batch_size
-    if steps == 0:
-        raise config.ConfigError(f"train.drop_remainder: the {train_images} training images make no whole batch of "
-                                 f"train.batch_size {cfg.batch_size}; lower the batch size or set "
-                                 f"train.drop_remainder=false")
-    return steps
+    config.check_whole_batch(cfg, train_images)
+    return train_images // cfg.batch_size
 
 
 def images_per_epoch(cfg: config.TrainConfig, train_images: int) -> int:

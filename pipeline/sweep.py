@@ -769,8 +769,10 @@ def run(args: argparse.Namespace) -> int:
     existed = study_name_in(storage, name)
     lock = optuna.load_study(storage=storage, study_name=f"{name}.register") if existed and study_name_in(
         storage, f"{name}.register") else None
+    if lock:
+        study = optuna.load_study(storage=storage, study_name=name)
+        check_fingerprint(plan, study)
     if lock and "registered_version" not in lock.user_attrs:  # its register runs now, or its worker was killed
-        check_fingerprint(plan, optuna.load_study(storage=storage, study_name=name))
         worker = lock.user_attrs.get("worker", "a worker")
         if not registering_worker_gone(lock):
             raise config.ConfigError(f"study: {name} is being registered by {worker} right now; rerun once it "
@@ -781,8 +783,6 @@ def run(args: argparse.Namespace) -> int:
             optuna.delete_study(study_name=lock.study_name, storage=storage)
         lock = None  # on as a rerun of a study not done: finish() registers
     if lock:
-        study = optuna.load_study(storage=storage, study_name=name)
-        check_fingerprint(plan, study)
         adopt_own_run(study)
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # as the run that ended it said
             print(f"error: study {name} in {safe_url(storage_url)} is done, but none of its {len(study.trials)} "

@@ -126,11 +126,10 @@ def trained_before_a_failure(cfg: config.Config, dataset_uri: str) -> tuple[str,
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               order_by=["attributes.start_time DESC"],
                               filter_string=f"tags.train_key = '{train_key(cfg, dataset_uri)}' and "
-                                            f"attributes.status = 'FINISHED'")
+                                            f"tags.train_code = '{train_code()}' and attributes.status = 'FINISHED'")
     for run in runs:
         tags, run_id = run.data.tags, run.info.run_id
-        if ("model_uri" not in tags or PIPELINE_DONE in tags or "mlflow.parentRunId" not in tags
-                or tags.get("train_code") != train_code()):
+        if "model_uri" not in tags or PIPELINE_DONE in tags or "mlflow.parentRunId" not in tags:
             continue
         parent = client.get_run(tags["mlflow.parentRunId"])
         if parent.data.tags.get("step") != "main":  # a standalone train or a sweep trial: not main's to reuse
