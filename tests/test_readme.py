@@ -5,7 +5,8 @@ no MLFLOW_TRACKING_URI): the first command's `python -m pipeline.tracking && mlf
 (the venv and pip steps before it are what this test process already is), the compare commands,
 the serve command in the background and the predict client on two image files. The training
 command gets the tiny profile by appending ` -P params=params/tiny.yaml`; `<run id>` placeholders
-become the training run's id and the server's port a free one. Nothing else is changed.
+become the training run's id and the server's port a free one. Nothing else is changed. The several-hosts
+section's tracking server is started too, to check the names it answers.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +117,47 @@ def test_the_readme_commands_work_in_sequence(tmp_path):
     assert [line[0] for line in lines] == ["cat.png", "truck.jpg"]
     for _, label, probability in lines:
         assert label in SYNTHETIC_CLASSES and 0 < float(probability) <= 1
+
+
+def answer(port: int, host: str) -> int:
+    """The HTTP status of a tracking-server API call to 127.0.0.1:`port` with `Host: host` (0: no answer yet)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1",
+                                     headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def test_the_tracking_server_command_answers_the_names_the_readme_reaches_it_by(tmp_path):
+    """The several-hosts section's `mlflow server ... --allowed-hosts ...`, as written but for its store, port and
+    workers: naming hosts replaces MLflow's defaults (localhost and private IPs), so the chief's
+    MLFLOW_TRACKING_URI and localhost's spellings must be among them, and a private IP not listed gets 403."""
+    (block,) = [block for block in shell_blocks() if any(c.startswith("mlflow server ") for c in block)]
+    server = next(c for c in block if c.startswith("mlflow server "))
+    uri = next(c for c in block if c.startswith("export MLFLOW_TRACKING_URI=http://")).partition("=")[2]
+    port = free_port()
+    server = server.removesuffix("&").replace("sqlite:///mlflow.db", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    server = server.replace("--host 0.0.0.0", "--host 127.0.0.1").replace("--port 5000", f"--port {port}")
+    assert f"--port {port}" in server and "127.0.0.1" in server, server
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with (tmp_path / "server.log").open("wb") as out:
+        process = subprocess.Popen(["bash", "-c", f"exec {server} --workers 1"], cwd=tmp_path, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while answer(port, "localhost:5000") == 0 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        names = [urllib.parse.urlsplit(uri).netloc, "localhost:5000", "127.0.0.1:5000", "10.0.0.5:5000"]
+        answers = {name: answer(port, name) for name in names}
+    finally:
+        stop_group(process)
+    assert answers == {names[0]: 200, "localhost:5000": 200, "127.0.0.1:5000": 200, "10.0.0.5:5000": 403}, (
+        answers, (tmp_path / "server.log").read_text()[-2000:])
 
 
 @pytest.mark.parametrize("role", ["train", "compare", "serve", "predict"])
