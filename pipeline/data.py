@@ -518,6 +518,16 @@ def _iter_image_files(path: Path):
         raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
 
 
+def _split_index(parts: tuple[str, ...]) -> int | None:
+    """Where the train/ or test/ folder is in a file's path, None if the file is in no class folder.
+
+    The last such folder with a class folder below it: a dataset under a folder named test keeps its splits
+    (test/train/cat/x.png is a train cat), and images in folders below a class folder are that class's
+    (train/cat/extra/x.png is a cat, as Keras's image_dataset_from_directory reads them), not dropped unseen.
+    """
+    return next((i for i in range(len(parts) - 3, -1, -1) if parts[i] in ("train", "test")), None)
+
+
 def load_image_folder(path: str | Path) -> Dataset:
     """Read `train/<class>/*` and `test/<class>/*` images; class names are the folder names."""
     path = Path(path)
@@ -527,11 +537,13 @@ def load_image_folder(path: str | Path) -> Dataset:
     for parts, read in _iter_image_files(path):
         if any(p.startswith("._") or p == "__MACOSX" for p in parts):  # macOS's AppleDouble metadata, not images
             continue
-        if len(parts) >= 3 and parts[-3] in files and parts[-1].lower().endswith(IMAGE_SUFFIXES):
-            split, cls, name = parts[-3:]
-            files[split].setdefault(cls, []).append(("/".join(parts), read()))
-            tops.add(parts[:-3])
-        elif len(parts) >= 3 and parts[-3] in files and not parts[-1].startswith("."):
+        at = _split_index(parts)
+        if at is None:
+            continue
+        if parts[-1].lower().endswith(IMAGE_SUFFIXES):
+            files[parts[at]].setdefault(parts[at + 1], []).append(("/".join(parts), read()))
+            tops.add(parts[:at])
+        elif not parts[-1].startswith("."):
             skipped.append("/".join(parts))  # in a class folder, but no image suffix: said, not dropped unseen
     if len(tops) > 1:  # two copies (or two datasets) side by side would be read as one, duplicates and all
         found = ", ".join("/".join((*top, "train|test")) for top in sorted(tops)[:3])

@@ -9,7 +9,9 @@ Writes: a new version of `register.model_name` tagged with its source run id, `t
         hand, never evaluated). Run tags record the decision.
         A champion-vs-challenger report (both versions' test_acc, per-class accuracy
         differences, the decision and why) becomes the version's description and tags and the
-        register run's artifacts `champion_vs_challenger.md/.json`. The training run gets a
+        register run's artifacts `champion_vs_challenger.md/.json`. The version is created with the report
+        (the alias still to place) and its tags in one write; a rerun after a register stopped before tagging
+        the decision finishes that version rather than registering the model again. The training run gets a
         description naming its data digest if it has none.
 Returns a dict: version, test_acc, previous champion, whether the alias moved, and why.
 This module decides and writes the report; reading and writing the registry is `pipeline.tracking.registry`.
@@ -72,9 +74,15 @@ def challenger_report(decision: dict, alias: str, model_uri: str, challenger: re
 def report_markdown(report: dict) -> str:
     """The report as Markdown: the version description and `champion_vs_challenger.md`."""
     name, alias, new, old = report["model_name"], report["alias"], report["challenger"], report["champion"]
-    verdict = f"@{alias} {'moved to' if report['alias_moved'] else 'stays off'} v{new['version']}: {report['reason']}."
+    if report["alias_moved"] is None:  # written with the version: the register run places the alias next
+        verdict = (f"@{alias} not placed yet ({report['reason']}): if this line stays, the register that created "
+                   f"this version was stopped before placing it; rerun register on `{new['model_uri']}` to finish.")
+    else:
+        verdict = (f"@{alias} {'moved to' if report['alias_moved'] else 'stays off'} v{new['version']}: "
+                   f"{report['reason']}.")
+    this = "this version" if new["version"] is None else f"v{new['version']}"
     versions = pd.DataFrame([
-        ["challenger", f"v{new['version']}", fmt(new["test_acc"]), f"`{new['model_uri']}`"],
+        ["challenger", this, fmt(new["test_acc"]), f"`{new['model_uri']}`"],
         ["champion", f"v{old['version']}", fmt(old["test_acc"]), f"`{old['model_uri']}`"] if old
         else ["champion", "none", "", f"no version held @{alias}"],
     ], columns=["", "version", "test_acc", "model"])
@@ -104,8 +112,12 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     test_acc, test_data = float(tagged), score.test_data
     tags = {"test_acc": tagged, "run_id": score.source_run or "", registry.EVALUATE_RUN_TAG: score.evaluate_run or "",
             **({TEST_DATA_TAG: test_data} if test_data else {})}
-    version = registry.register_version(model_uri, name, tags)
-    if champion is None:
+    # a register of this model stopped (killed, Ctrl-C) before its report: finished now, not registered twice
+    version = registry.unfinished_version(name, model_uri, tags)
+    if version is not None and _version(champion) == _version(version):
+        moved, reason = True, (f"v{version.version} holds @{alias} already: a register of this model placed it "
+                               f"there and was stopped before its report")
+    elif champion is None:
         moved, reason = True, f"no version held @{alias}"
     elif champion_acc is None:
         moved, reason = False, (f"v{champion.version} holds @{alias} without a test_acc (registered by hand, and "
@@ -120,6 +132,13 @@ def run(cfg: config.Config, model_uri: str) -> dict:
         moved, reason = True, f"test_acc {test_acc:.4f} beats v{champion.version}'s {champion_acc:.4f}"
     else:
         moved, reason = False, f"test_acc {test_acc:.4f} does not beat v{champion.version}'s {champion_acc:.4f}"
+    decision = {"model_name": name, "version": None, "test_acc": test_acc,
+                "champion_version": int(champion.version) if champion else None, "champion_test_acc": champion_acc,
+                "alias_moved": None, "reason": reason}
+    if version is None:  # created with its report, the alias still to place: no kill leaves a bare version
+        pending = challenger_report(decision, alias, model_uri, score, champion, held)
+        version = registry.register_version(model_uri, name, {**tags, **registry.report_tags(pending)},
+                                            description=report_markdown(pending))
     if moved and _version(registry.current_champion(name, alias)) == _version(champion):
         registry.move_alias(name, alias, version.version)
     # else a register alongside moved the alias since it was read: settle weighs this version against the new holder
@@ -127,9 +146,7 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     if moved != (holder == str(version.version)):  # a register running at the same time scored better or worse
         moved = holder == str(version.version)
         reason += f"; @{alias} is on v{holder}, the best-scoring version, after registers that ran alongside"
-    decision = {"model_name": name, "version": int(version.version), "test_acc": test_acc,
-                "champion_version": int(champion.version) if champion else None, "champion_test_acc": champion_acc,
-                "alias_moved": moved, "reason": reason}
+    decision.update(version=int(version.version), alias_moved=moved, reason=reason)
     registry.log_decision({"model_uri": model_uri, "register.model_name": name, "register.alias": alias},
                           {"registered_version": str(version.version), "alias_moved": str(moved).lower(),
                            "decision": reason}, decision)

@@ -382,6 +382,27 @@ def test_bmp_webp_and_gif_images_are_read_and_other_files_in_class_folders_are_n
     assert "1 files in class folders are not read" in err and "train/dog/labels.txt" in err and "DS_Store" not in err
 
 
+def test_images_in_folders_below_a_class_folder_are_that_class(tmp_path, capsys):
+    """train/<class>/extra/x.png was skipped without a word: a dataset lost those images unseen."""
+    root = tmp_path / "test"  # a dataset under a folder named test keeps its train/ and test/ splits
+    write_image_folder(root)
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        (root / split / "dog" / "extra" / "deeper").mkdir(parents=True)
+        for sub in ("extra", "extra/deeper"):
+            Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(
+                root / split / "dog" / sub / "x.png")
+    (root / "train" / "dog" / "extra" / "notes.txt").write_text("dog\n")
+    archive = tmp_path / "test.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="test")
+    capsys.readouterr()
+    d = data.load_source(str(tmp_path))
+    assert list(d.y_train) == list(d.y_test) == [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2]
+    assert "train/dog/extra/notes.txt" in capsys.readouterr().err  # named as other files in class folders are
+    assert data.load_source(str(archive)).digest() == data.load_source(str(root)).digest() == d.digest()
+
+
 def test_npz_arrays_as_a_source(tmp_path):
     """keras.datasets.cifar10.load_data() saved with np.savez: labels (N, 1), no class names (CIFAR-10's are
     taken); a prepared dataset.npz reads back as it was; wrong arrays are refused naming the problem."""

@@ -4,6 +4,7 @@ run behind; concurrent starts on a fresh store and racing registers all finish, 
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import subprocess
@@ -352,6 +353,41 @@ def test_a_register_does_not_move_the_alias_off_a_better_version_moved_there_alo
     assert decision["champion_version"] == 1 and not decision["alias_moved"], decision
     assert "@champion is on v2" in decision["reason"]
     assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
+
+
+@pytest.mark.parametrize("stopped_in", ["move_alias", "record_report"])
+def test_a_register_stopped_after_creating_its_version_leaves_it_described_and_the_rerun_finishes_it(
+        store, monkeypatch, stopped_in):
+    """A register killed between creating the version and writing its report left a version with no description
+    and no decision; the rerun registered the model a second time (weighed against itself if it held the alias)."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
+    challenger = evaluated_model(experiment_id, {"test_acc": 0.7})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    step = getattr(registry, stopped_in)
+    monkeypatch.setattr(registry, stopped_in, killed)
+    with pytest.raises(KeyboardInterrupt):
+        registered(experiment_id, challenger)
+    version = client.get_model_version("cifar10-resnet", "2")
+    assert "@champion not placed yet (test_acc 0.7000 beats v1's 0.5000)" in version.description
+    assert version.tags["test_acc"] == "0.700000" and version.tags["champion_version"] == "1"
+    assert "decision" not in version.tags  # not finished: what the rerun looks for
+    logged = client.get_logged_model(challenger.removeprefix("models:/"))
+    assert [str(v["version"]) for v in json.loads(logged.tags["mlflow.modelVersions"])] == ["2"]
+
+    monkeypatch.setattr(registry, stopped_in, step)
+    decision = registered(experiment_id, challenger)
+    assert decision["version"] == 2 and decision["alias_moved"], decision
+    assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 2  # finished, not registered again
+    version = client.get_model_version("cifar10-resnet", "2")
+    assert version.description.startswith("**Champion vs challenger** (cifar10-resnet): @champion moved to v2: ")
+    assert version.tags["alias_moved"] == "true" and version.tags["decision"] == decision["reason"]
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
+    assert ("holds @champion already" if stopped_in == "record_report" else "beats v1's") in decision["reason"]
 
 
 def test_a_champion_moved_by_hand_stays_where_it_was_put(store):

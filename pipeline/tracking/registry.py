@@ -12,16 +12,19 @@ and `source` only; register tags each with `test_acc`, `run_id`, `evaluate_run_i
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.utils import logging_utils
+from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from pipeline import config
 from pipeline.tracking import TEST_DATA_TAG, latest_metrics, model_id
 
 EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose score register compared
+DECISION_TAG = "decision"  # on a version: why the alias moved or not; written last, when register is done
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,17 +127,35 @@ def latest_version(name: str) -> int:
     return max((int(v.version) for v in versions(name)), default=0)
 
 
-def register_version(model_uri: str, name: str, tags: dict[str, str]):
+def register_version(model_uri: str, name: str, tags: dict[str, str], *, description: str | None = None):
     """Register `model_uri` as a new version of `name` (created if new), tagged `tags`; the ModelVersion.
 
-    MLflow's own "Successfully registered model / Created version" echo is muted: the register step
-    prints one line saying what it registered and why. Failures still raise.
+    The version is created with its tags and `description` in one write, so no kill leaves it without them
+    (`mlflow.register_model` takes no description). The logged model lists the version in its
+    `mlflow.modelVersions` tag, as `mlflow.register_model` records it for the UI. Failures raise.
     """
-    logging_utils.disable_logging()
+    client = MlflowClient()
     try:
-        return mlflow.register_model(model_uri, name, tags=tags)
-    finally:
-        logging_utils.enable_logging()
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
+            raise
+    logged_model = model_id(model_uri)
+    version = client.create_model_version(name, model_uri, tags=tags, description=description, model_id=logged_model)
+    if logged_model:  # the UI's link from the logged model to its versions; the version itself is whole already
+        listed = json.loads(client.get_logged_model(logged_model).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+        client.set_logged_model_tags(logged_model, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            [*listed, {"name": version.name, "version": version.version}])})
+    return version
+
+
+def unfinished_version(name: str, model_uri: str, tags: dict[str, str]):
+    """The version of `name` that a register of `model_uri` with the same score (`tags`' test_acc and test data)
+    created and was stopped (killed, Ctrl-C) before recording its decision; None if there is none. A rerun
+    finishes that version rather than registering the model a second time."""
+    return next((v for v in sorted(versions(name), key=lambda v: int(v.version))
+                 if version_model_uri(v) == model_uri and "test_acc" in v.tags and DECISION_TAG not in v.tags
+                 and all(v.tags.get(key) == tags.get(key) for key in ("test_acc", TEST_DATA_TAG))), None)
 
 
 def move_alias(name: str, alias: str, version: str | int) -> None:
@@ -182,18 +203,26 @@ def log_decision(params: dict, tags: dict[str, str], decision: dict) -> None:
     mlflow.log_dict(decision, "decision.json")
 
 
+def report_tags(report: dict) -> dict[str, str]:
+    """The version tags of a champion-vs-challenger report; `alias_moved` and the decision (written last: a
+    version without it is one whose register was stopped) only once the alias is placed."""
+    tags = {}
+    if report["champion"]:
+        tags.update(champion_version=str(report["champion"]["version"]),
+                    test_acc_difference=f"{report['test_acc_difference']:+.6f}"
+                    if report["test_acc_difference"] is not None else "")
+    if report["alias_moved"] is not None:
+        tags.update({"alias_moved": str(report["alias_moved"]).lower(), DECISION_TAG: report["reason"]})
+    return tags
+
+
 def record_report(report: dict, markdown: str) -> None:
     """Store the champion-vs-challenger report with the model version (description, tags) and on the
     active run (`champion_vs_challenger.json`, `.md`)."""
     client = MlflowClient()
     name, version = report["model_name"], report["challenger"]["version"]
     client.update_model_version(name, version, description=markdown)
-    tags = {"alias_moved": str(report["alias_moved"]).lower(), "decision": report["reason"]}
-    if report["champion"]:
-        tags.update(champion_version=str(report["champion"]["version"]),
-                    test_acc_difference=f"{report['test_acc_difference']:+.6f}"
-                    if report["test_acc_difference"] is not None else "")
-    for key, value in tags.items():
+    for key, value in report_tags(report).items():  # the decision last: it marks the version finished
         client.set_model_version_tag(name, version, key, value)
     mlflow.log_dict(report, "champion_vs_challenger.json")
     mlflow.log_text(markdown, "champion_vs_challenger.md")
