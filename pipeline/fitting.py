@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline import config
+from pipeline import config, interrupts
 from pipeline.data import IMAGE_SIZE, Dataset
 from pipeline.distribute import Distribution
 from pipeline.model import build_resnet, whitening_kernel
@@ -517,6 +517,20 @@ class EMABatchNorm(keras.callbacks.Callback):
         self.recalibrate()
 
 
+class Interruptible(keras.callbacks.Callback):
+    """Raises again a stopping signal's exception that Keras swallowed (`pipeline.interrupts`): after each batch,
+    right after the conversion of the batch's logs that swallows it, and after each epoch."""
+
+    def on_train_begin(self, logs=None):
+        interrupts.take()  # one that surfaced before this fit was handled by its catcher
+
+    def _raise_pending(self, *args, **kwargs):
+        if (exc := interrupts.take()) is not None:
+            raise exc
+
+    on_train_batch_end = on_test_batch_end = on_predict_batch_end = on_epoch_end = _raise_pending
+
+
 def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
         callbacks: list) -> keras.callbacks.History:
     """`model.fit` on `split_validation`'s splits, validating every epoch; the same on every host of a cluster.
@@ -535,7 +549,8 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
     verbose = progress_verbosity(t.verbose)
     if verbose == 2:
         callbacks, verbose = [*callbacks, EpochLine()], 0
-    options = dict(epochs=t.epochs, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks], verbose=verbose)
+    options = dict(epochs=t.epochs, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks, Interruptible()],
+                   verbose=verbose)
     first_epoch = max((Checkpoint.completed_epochs(c.backup_dir) for c in callbacks if isinstance(c, Checkpoint)),
                       default=0)
     if t.feed == "device" or ((t.drop_remainder or t.alternate_flip) and keras.backend.backend() != "tensorflow"):

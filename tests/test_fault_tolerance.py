@@ -455,3 +455,38 @@ def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_pa
     resumed = fit(tmp_path / "b")
     assert len(resumed) == 4 - stop
     np.testing.assert_allclose(resumed, uninterrupted[stop:], rtol=1e-5)
+
+
+def test_a_stopping_signal_that_keras_swallows_after_a_batch_still_stops_the_training(monkeypatch):
+    """Keras 3.15's `pythonify_logs`, run after every batch, converts the batch's logs inside a bare `except: pass`:
+    a signal whose handler raised there was swallowed, training went on, and with the handler's SIG_IGN already
+    in place no further SIGTERM or SIGINT could stop the step (on JAX, whose main thread waits for each step in
+    that conversion, most signals landed there). pipeline.interrupts keeps it; fit raises it again."""
+    import keras.src.backend
+
+    from pipeline import data, fitting, tracking
+    from pipeline.distribute import distribution
+
+    cfg = config.load("params/tiny.yaml", ["train.epochs=3", "train.validation_fraction=0"])
+    dataset = data.make_synthetic(n_train=256, n_test=64, seed=0)
+    splits = fitting.split_validation(dataset, 0, cfg.train.seed)
+    model = fitting.compile_model(cfg, dataset, distribution(cfg.train.distribute), len(splits[0]))
+    real, signalled = keras.src.backend.convert_to_numpy, []
+
+    def convert(value):  # SIGTERM (what `mlflow run` sends its step) while the logs' conversion waits
+        if not signalled and sys._getframe(1).f_code.co_name == "pythonify_logs":
+            signalled.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, inside that bare except
+        return real(value)
+
+    monkeypatch.setattr(keras.src.backend, "convert_to_numpy", convert)
+    timer = fitting.EpochTimer()
+    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
+                                                                                         signal.SIGINT)}
+    try:
+        with pytest.raises(tracking.Interrupted, match="SIGTERM"):
+            fitting.fit(model, cfg, splits, len(dataset.class_names), [timer])
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert signalled and timer.seconds == []  # stopped in the first epoch, at the batch it arrived in

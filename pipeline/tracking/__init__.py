@@ -57,6 +57,7 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from pipeline import interrupts
 from pipeline.config import PROJECT_ROOT, Config, ConfigError
 from pipeline.data import DataError
 
@@ -112,7 +113,7 @@ def _raise_interrupted(signum, frame):
     # signal wins, the ones after it would only cut the clean-up short.
     for other in (signal.SIGTERM, signal.SIGINT):
         signal.signal(other, signal.SIG_IGN)
-    raise Interrupted(signum)
+    interrupts.raise_(Interrupted(signum))  # recorded: Keras may swallow it (pipeline.interrupts)
 
 
 @contextlib.contextmanager
