@@ -4,32 +4,39 @@
 # backend it measures, most important first, each stage under its own time limit so that one slow
 # stage cannot take the others' results with it:
 #   1. params/fast.yaml, its whole schedule on the real images: fit seconds and test_acc (all 10,000);
-#   2. params/improved.yaml (ResNet-164 with the tricks): seconds per epoch, projected 150 epochs;
-#   3. the seed recipe (params/default.yaml): seconds per epoch, projected 150 epochs;
-#   4. fast.yaml's next steps, whole schedules with test_acc, as many as the call's budget leaves time for.
+#   2. the seed recipe (params/default.yaml): seconds per epoch, projected 150 epochs;
+#   3. params/improved.yaml (ResNet-164 with the tricks), its whole 150 epochs and test_acc, for the rest of the
+#      call: its ~12 minutes outlast one call (10 at most), so it stops cleanly before the call's end with its
+#      training saved in .gpu-state/improved (bench.gpu_epoch --checkpoint), which comes back packed with the
+#      results and goes with the next call (carry ".gpu-state"), which goes on from it;
+#   4. once improved.yaml is whole, fast.yaml's next steps, whole schedules with test_acc, as long as time is left.
+# GPU_SH_STAGES="improved" (names separated by spaces) runs only those stages: a second call in one lease.
 # Measured 2026-12-04 on one H200 (bench/results/gpu.md): fast.yaml at 16 epochs test_acc 0.9058, at 24 0.9100, at
 # 24 with cutout 8 0.9123 (now the file: 7.4 s of epochs after a 24.8 s compiling first one), at 40 0.9131 with train
 # acc 0.998: on the JPEG copy this ResNet-9 stops near 0.91, short of 0.94 at any length tried. 16 epochs with ghost
 # batch norm and train.drop_remainder: 0.9099 vs 0.9058, and a first epoch of 11.9 s instead of 23.5 s: whole batches
-# only spare XLA a second compile for the last, partial one. So, after the file itself: the file at 1.5x the width
-# (2.2x the computation: does capacity lift the plateau on the JPEG copy, and what does it cost in seconds?),
-# drop_remainder alone (does it halve the compile?), weight EMA with its BN statistics recomputed
-# (train.ema_bn_batches; in the 5-epoch quarter-width CPU proxy, bench/results/fast-cpu.md, level with the raw
-# weights: 0.849 vs 0.847, 0.832 without), a second train.seed (the spread of one measurement), ghost batch norm at
-# 24 epochs, 32 epochs, and alternating flips at 24 (at 16: 0.9063 vs 0.9058). Every whole schedule also records
-# val_acc and test_acc with each test-time augmentation (none, flip, flip_shift; bench.gpu_epoch's tta_scores).
-#      The first three stages took ~4 minutes of the call on 2026-12-04 (fast 49 s, improved 114 s, seed ~90 s on
-#      2026-11-30), each explore stage ~50 s.
+# only spare XLA a second compile for the last, partial one. improved.yaml: 4.63 s per epoch after a first of 100 s.
+# The next questions about fast.yaml: the file at 1.5x the width (2.2x the computation: does capacity lift the
+# plateau on the JPEG copy, and what does it cost in seconds?), drop_remainder alone (does it halve the compile?),
+# weight EMA with its BN statistics recomputed (train.ema_bn_batches; in the 5-epoch quarter-width CPU proxy,
+# bench/results/fast-cpu.md, level with the raw weights: 0.849 vs 0.847, 0.832 without), a second train.seed (the
+# spread of one measurement), ghost batch norm at 24 epochs, 32 epochs, and alternating flips at 24 (at 16: 0.9063
+# vs 0.9058). Every whole schedule also records val_acc and test_acc with each test-time augmentation (none, flip,
+# flip_shift; bench.gpu_epoch's tta_scores).
+#      On 2026-12-04 fast took 49 s of the call, two epochs of improved 114 s, each explore stage ~50 s; the seed
+#      stage ~90 s on 2026-11-30.
 #
 # Here, once: the wheels that machine lacks (keras and the two it needs beyond that image; CPython 3.12),
 # about 3 MB, and the JPEG copy of CIFAR-10 (20 MB), both ignored by git:
 #   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl keras==3.15.1 namex optree
 #   mkdir -p .data && cp ../shared/datasets/cifar10-jpeg-q75.tar.gz .data/
-# Then through the device tool: run(command="bash bench/gpu.sh", carry=[".whl", ".data"], timeout_s=580).
-# That machine returns at most 8 files, so with OUT set elsewhere than bench/results the script ends by packing its
-# files (gpu-*.json, gpu.txt, gpu.log) into one $OUT/gpu-results.tar.gz; here, then:
-#   python -m bench.gpu_report --unpack PATH/gpu-results.tar.gz   (extracts into bench/results, writes gpu.md)
+# Then through the device tool: run(command="bash bench/gpu.sh", carry=[".whl", ".data", ".gpu-state"],
+# timeout_s=580). That machine returns at most 8 files of 16 MiB, so with OUT set elsewhere than bench/results the
+# script ends by packing its files (gpu-*.json, gpu.txt, gpu.log, and .gpu-state while a run is unfinished) into
+# $OUT/gpu-results.tar.gz, cut into 15 MiB pieces (.part0, .part1, ...) where it is larger; here, then:
+#   python -m bench.gpu_report --unpack PATH/gpu-results.tar.gz   (extracts the results into bench/results and
+#   .gpu-state into the checkout, replacing the one carried, and writes gpu.md)
 #
 # A CPU rehearsal at toy scale (synthetic images, tiny widths, 2 epochs), for any machine with JAX:
 #   GPU_SH_SMOKE=1 OUT=/tmp/gpu-smoke bash bench/gpu.sh
@@ -49,16 +56,21 @@ fi
   "$PY" -c "import jax, keras; print('jax', jax.__version__, 'keras', keras.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-source_args=(--data "$DATA") small9="" small164="" ghost_batch=""
+source_args=(--data "$DATA") small9="" small164="" ghost_batch="" short164=""
 if [[ -n "${GPU_SH_SMOKE:-}" ]]; then
   source_args=(--images 512) small9="train.epochs=2 model.widths=[8,16,32,64]"
   ghost_batch="train.batch_size=64"  # 501 training images make no whole batch of 512
-  small164="model.units_per_stage=1 model.widths=[16,32,64]"
+  small164="model.units_per_stage=1 model.widths=[16,32,64]" short164="train.epochs=3"
+  STATE=${GPU_SH_STATE:-$OUT/state-smoke}  # never the checkout's own
 fi
+STATE=${STATE:-${GPU_SH_STATE:-.gpu-state}}  # improved.yaml's training between calls
 
 failed=0 budget=${GPU_SH_BUDGET:-570}  # the call's own limit (run's timeout_s) less a margin
 stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in gpu.log; skipped without the time
   local name=$1 limit=$2; shift 2
+  if [[ -n "${GPU_SH_STAGES:-}" && " $GPU_SH_STAGES " != *" $name "* ]]; then
+    return
+  fi
   if (( SECONDS + limit > budget )); then
     echo "== $name skipped: ${SECONDS}s of ${budget}s used, it may take ${limit}s" | tee -a "$LOG"
     return
@@ -71,10 +83,19 @@ stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in
   [[ $rc == 0 ]] || failed=1
 }
 stage fast "${FAST_LIMIT:-220}" --full --params params/fast.yaml --overrides "train.feed=device $small9"
-stage improved "${IMPROVED_LIMIT:-180}" --epochs 2 --params params/improved.yaml \
-  --overrides "train.feed=device train.steps_per_execution=8 $small164"
 stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
   --overrides "train.feed=device train.steps_per_execution=8 $small164"
+# the rest of the call less a margin for packing: it stops itself at an epoch's end 30 s before its limit
+left=$(( budget - SECONDS - 20 ))
+if (( left >= 150 )); then  # its first epoch compiles for ~100 s
+  stage improved "$left" --full --params params/improved.yaml --checkpoint "$STATE/improved" \
+    --stop-after "$(( left - 30 ))" --overrides "train.feed=device train.steps_per_execution=8 $small164 $short164"
+else
+  echo "== improved skipped: ${left}s left of the call" | tee -a "$LOG"
+fi
+if [[ -d "$STATE/improved" ]]; then
+  budget=0  # unfinished: the next call goes on with it before anything else
+fi
 stage explore-wide "${EXPLORE_LIMIT:-100}" --full --params params/fast.yaml \
   --overrides "train.feed=device model.widths=[64,192,384,768] $small9"
 stage explore-drop "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
@@ -89,7 +110,14 @@ stage explore-32 "${EXPLORE_LIMIT:-80}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.epochs=32 $small9"
 stage explore-24-altflip "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.alternate_flip=true $small9"
-if [[ "$(realpath -m "$OUT")" != "$(realpath -m bench/results)" ]]; then  # one file back instead of up to 11
-  ( cd "$OUT" && tar -czf gpu-results.tar.gz --remove-files gpu.txt gpu.log gpu-*.json ) || failed=1
+if [[ "$(realpath -m "$OUT")" != "$(realpath -m bench/results)" ]]; then  # a few files back instead of up to 12
+  results=(gpu.txt gpu.log) state=()
+  for f in "$OUT"/gpu-*.json; do [[ -e "$f" ]] && results+=("${f##*/}"); done
+  [[ -d "$STATE" && "$STATE" == .gpu-state ]] && state=(-C "$PWD" .gpu-state)  # an unfinished run goes back too
+  { tar -czf "$OUT/gpu-results.tar.gz" -C "$OUT" "${results[@]}" "${state[@]}" \
+      && (cd "$OUT" && rm -f "${results[@]}") \
+      && if (( $(stat -c %s "$OUT/gpu-results.tar.gz") > 15 * 1024 * 1024 )); then  # 16 MiB a file comes back
+        split -b 15M -d -a 1 "$OUT/gpu-results.tar.gz" "$OUT/gpu-results.tar.gz.part" && rm "$OUT/gpu-results.tar.gz"
+      fi; } || failed=1
 fi
 exit $failed

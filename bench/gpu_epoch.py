@@ -9,17 +9,29 @@ profile runs its whole schedule and is scored on every test image with its own `
 (test_acc, and the wall seconds of the fit and of the fit after its first, compiling, epoch), and with every
 test-time augmentation on the held-out and the test images (tta_scores: choose on val_acc).
 
-Usage: python -m bench.gpu_epoch --out FILE [--params params/default.yaml] [--epochs 3 | --full]
+A whole schedule longer than one call of the borrowed machine (params/improved.yaml's 150 epochs) runs over
+several with `--checkpoint DIR`: every train.checkpoint_every epochs the training is saved there
+(pipeline.fitting.Checkpoint, as `pipeline.train` saves it) with the epochs' history so far, and the next call
+with the same arguments goes on from it; the finished run's JSON holds every epoch, `resumed_at` (the epoch each
+later call began at) and `parts` (each call's date and device), and the folder is removed. `--stop-after SECONDS`
+ends such a call cleanly at an epoch's end before the next one would pass that many seconds of the process, the
+checkpoint saved there (a stage's hard limit, a SIGINT, would lose the epochs since the last one).
+
+Usage: python -m bench.gpu_epoch --out FILE [--params params/default.yaml]
+       [--epochs 3 | --full [--checkpoint DIR [--stop-after SECONDS]]]
        [--overrides "train.precision=mixed_bfloat16 ..."] [--data PATH | --images 50000] [--virtual-cpus N]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
 import platform
+import shutil
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +39,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline import config, data, fitting
+from pipeline import config, data, fitting, interrupts
 from pipeline.augment import tta_views
 from pipeline.config import TTA_MODES
 from pipeline.distribute import distribution
@@ -56,28 +68,103 @@ def tta_scores(model, validation, test, batch_size: int) -> dict[str, dict[str, 
     return scores
 
 
+def write_whole(path: Path, record: dict) -> None:
+    """`record` as JSON at `path`, whole or not at all (a time limit's SIGINT may come at any instant)."""
+    part = path.with_name(f".{path.name}.part")
+    part.write_text(json.dumps(record, indent=2))
+    part.replace(path)
+
+
 class Partial(keras.callbacks.Callback):
     """After each epoch, `out` as a stage stopped by its time limit leaves it: `partial`, the epochs' seconds so far
-    and `fields` (the date, device and run it measured); written whole or not at all (the limit's SIGINT may come
-    at any time)."""
+    (after `before`'s, those of earlier calls of a run resumed from a checkpoint) and `fields` (the date, device
+    and run it measured)."""
 
-    def __init__(self, out: Path, timer: fitting.EpochTimer, fields: dict):
+    def __init__(self, out: Path, timer: fitting.EpochTimer, fields: dict, before: dict | None = None):
         super().__init__()
         self.out, self.timer, self.fields = out, timer, fields
+        self.before = list((before or {}).get("epoch_seconds", []))
 
     def on_epoch_end(self, epoch, logs=None):
-        part = self.out.with_name(f".{self.out.name}.part")
-        part.write_text(json.dumps({"partial": True, **self.fields,
-                                    "epoch_seconds": [round(s, 2) for s in self.timer.seconds]}, indent=2))
-        part.replace(self.out)
+        write_whole(self.out, {"partial": True, **self.fields,
+                               "epoch_seconds": [*self.before, *(round(s, 2) for s in self.timer.seconds)]})
+
+
+class StopBefore(keras.callbacks.Callback):
+    """Stops training at an epoch's end when another epoch as long as the last one would end past `deadline`
+    (time.monotonic()); `stopped` says whether it did."""
+
+    def __init__(self, deadline: float, timer: fitting.EpochTimer):
+        super().__init__()
+        self.deadline, self.timer, self.stopped = deadline, timer, False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 < self.params["epochs"] and time.monotonic() + self.timer.seconds[-1] > self.deadline:
+            self.model.stop_training = self.stopped = True
+
+
+class Progress(keras.callbacks.Callback):
+    """The history of a run that `--checkpoint` lets go on over several calls, kept beside its checkpoint in
+    `progress.json`: what it trains (`identity`), each epoch's seconds, acc and val_acc, and each call's date and
+    device. Written before the checkpoint, it may run ahead of it (saved every train.checkpoint_every epochs, and a
+    stop may come between the two): `resume` cuts it to the epochs the checkpoint holds."""
+
+    NAME = "progress.json"
+
+    def __init__(self, folder: Path, timer: fitting.EpochTimer, before: dict):
+        super().__init__()
+        self.folder, self.timer, self.record = folder, timer, before
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        record = self.record
+        for key, value in (("epoch_seconds", round(self.timer.seconds[-1], 2)),
+                           ("acc", round(float(logs.get("acc", float("nan"))), 4)),
+                           ("val_acc", round(float(logs.get("val_acc", float("nan"))), 4))):
+            record[key].append(value)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_whole(self.folder / self.NAME, record)
+
+    @classmethod
+    def resume(cls, folder: Path, identity: dict, part: dict) -> dict:
+        """The record to go on with in `folder` (a new one where it holds no checkpoint), `part` added; a
+        checkpoint of another run: ValueError."""
+        done = fitting.Checkpoint.completed_epochs(folder) if folder.is_dir() else 0
+        path = folder / cls.NAME
+        if not done:
+            return {"identity": identity, "epoch_seconds": [], "acc": [], "val_acc": [], "resumed_at": [],
+                    "parts": [part]}
+        if not path.exists():
+            raise ValueError(f"--checkpoint: {folder} holds a checkpoint of {done} epochs without its {cls.NAME}")
+        record = json.loads(path.read_text())
+        if record.get("identity") != identity:
+            changed = sorted(k for k in identity if record.get("identity", {}).get(k) != identity[k])
+            raise ValueError(f"--checkpoint: {folder} holds a run of other {', '.join(changed)} "
+                             f"({record.get('identity')}); remove it to start afresh")
+        for key in ("epoch_seconds", "acc", "val_acc"):
+            record[key] = record[key][:done]
+        record["resumed_at"].append(done)
+        record["parts"].append(part)
+        return record
+
+
+STARTED = time.monotonic()  # --stop-after counts from here: after the imports, a few seconds into the process
 
 
 def main() -> None:
+    # a stage's time limit stops it with SIGINT (gpu.sh's `timeout --signal=INT`); a shell that starts it in the
+    # background hands it SIGINT ignored, and then only the SIGKILL after it would end it. Recorded: Keras may
+    # swallow it (pipeline.interrupts)
+    signal.signal(signal.SIGINT, interrupts.keyboard_interrupt)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params/default.yaml")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--full", action="store_true", help="the profile's own epochs, then test_acc")
+    parser.add_argument("--checkpoint", default="",
+                        help="with --full: a folder to save the training in and to go on from in a later call")
+    parser.add_argument("--stop-after", type=float, default=0,
+                        help="with --checkpoint: stop at the last epoch end before this many seconds of the process")
     parser.add_argument("--overrides", default="")
     parser.add_argument("--data", default="", help="a data source (see pipeline.data); default synthetic images")
     parser.add_argument("--images", type=int, default=50000, help="synthetic training images (test: a fifth)")
@@ -87,6 +174,10 @@ def main() -> None:
     args = parser.parse_args()
     if not args.full and args.epochs < 2:  # the steady time is the median of the epochs after the compiling first
         parser.error(f"--epochs: must be >= 2 (the first epoch compiles), got {args.epochs}")
+    if args.checkpoint and not args.full:
+        parser.error("--checkpoint: only with --full (a timed run of a few epochs has nothing to go on with)")
+    if args.stop_after and not args.checkpoint:
+        parser.error("--stop-after: only with --checkpoint (a run stopped without one could not go on)")
     if args.virtual_cpus and keras.backend.backend() == "tensorflow":  # before anything initialises TensorFlow
         import tensorflow as tf
 
@@ -116,21 +207,41 @@ def main() -> None:
     measured = {"date": datetime.date.today().isoformat(), "device_kind": device_kind(),
                 "backend": keras.backend.backend(), "host": platform.node(),
                 "data": args.data or f"synthetic ({args.images} training images)", "test_images": len(dataset.y_test)}
-    partial = Partial(out, timer, {**measured, "params": args.params, "overrides": args.overrides,
-                                   "train_images": len(splits[0])})
+    before = {}
+    if args.checkpoint:
+        folder = Path(args.checkpoint)
+        identity = {"params": args.params, "config": json.loads(json.dumps(dataclasses.asdict(full))),
+                    "overrides": args.overrides, "data": measured["data"], "backend": measured["backend"]}
+        try:
+            before = Progress.resume(folder, identity, {key: measured[key] for key in ("date", "device_kind", "host")})
+        except ValueError as exc:
+            parser.error(str(exc))
+    callbacks = [timer, Partial(out, timer, {**measured, "params": args.params, "overrides": args.overrides,
+                                             "train_images": len(splits[0]), "checkpoint": args.checkpoint}, before)]
+    stop = StopBefore(STARTED + args.stop_after if args.stop_after else float("inf"), timer)
+    if args.checkpoint:  # the record before the Checkpoint: never behind it (resume cuts what runs ahead)
+        callbacks += [stop, Progress(folder, timer, copy.deepcopy(before)),
+                      fitting.Checkpoint(folder, cfg.train.checkpoint_every or 1, keep=True)]  # saves where it stops
 
     start = time.perf_counter()
-    history = fitting.fit(model, cfg, splits, len(dataset.class_names), [timer, partial])
+    history = fitting.fit(model, cfg, splits, len(dataset.class_names), callbacks)
     fit_seconds = time.perf_counter() - start
-    steady = statistics.median(timer.seconds[1:] or timer.seconds)
+    if stop.stopped:  # `partial`'s file says how far it got; the checkpoint holds it
+        print(f"stopped after epoch {len(before.get('epoch_seconds', [])) + len(timer.seconds)} of {epochs} "
+              f"(--stop-after {args.stop_after:g} s); {args.checkpoint} goes on from there")
+        return
+    seconds = [*before.get("epoch_seconds", []), *(round(s, 2) for s in timer.seconds)]  # earlier calls' first
+    firsts = {0, *before.get("resumed_at", [])}  # each call's first epoch compiles: the steady ones are the others
+    steady = statistics.median([s for i, s in enumerate(seconds) if i not in firsts] or seconds)
+    history = {key: [*before.get(key, []), *(round(v, 4) for v in history.history.get(key, []))]
+               for key in ("acc", "val_acc")}
     result = {
         **measured, "devices": dist.devices,
         "distribute": dist.mode, "jit_compile": str(model.jit_compile).lower(), "dtype_policy": model.dtype_policy.name,
         "batch_size": cfg.train.batch_size,
         "params": args.params, "overrides": args.overrides, "model": model.name,
-        "train_images": len(splits[0]), "epochs": epochs, "epoch_seconds": [round(s, 2) for s in timer.seconds],
-        "acc": [round(v, 4) for v in history.history.get("acc", [])],
-        "val_acc": [round(v, 4) for v in history.history.get("val_acc", [])],
+        "train_images": len(splits[0]), "epochs": epochs, "epoch_seconds": seconds,
+        "acc": history["acc"], "val_acc": history["val_acc"],
         "steady_epoch_seconds": round(steady, 2),
         "images_per_second": round(len(splits[0]) / steady),
         "projected_full_schedule_minutes": round(full.train.epochs * steady / 60, 1),
@@ -141,9 +252,13 @@ def main() -> None:
         scores = tta_scores(model, held_out, (dataset.x_test, dataset.y_test), cfg.evaluate.batch_size)
         result.update(test_acc=scores[cfg.evaluate.tta]["test_acc"],
                       tta=cfg.evaluate.tta, tta_scores=scores, fit_seconds=round(fit_seconds, 1),
-                      fit_seconds_after_first_epoch=round(sum(timer.seconds[1:]), 1))
+                      fit_seconds_after_first_epoch=round(sum(s for i, s in enumerate(seconds) if i not in firsts), 1))
+        if before.get("resumed_at"):  # over several calls: the sum of their epochs (fit's wall is this call's)
+            result.update(resumed_at=before["resumed_at"], parts=before["parts"], fit_seconds=round(sum(seconds), 1))
     print(json.dumps(result, indent=2))
-    out.write_text(json.dumps(result, indent=2))
+    write_whole(out, result)
+    if args.checkpoint:  # the run is whole and scored: nothing to go on with
+        shutil.rmtree(args.checkpoint)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
     python -m bench.gpu_report [--results bench/results] [--date 2026-11-30]
 
 `bench/gpu.sh` on a borrowed GPU machine packs its files into one `gpu-results.tar.gz` (such a machine may
-return only a few files); `--unpack FILE` extracts it into the results folder first.
+return only a few files, of 16 MiB at most: a larger archive comes in pieces, FILE.part0, FILE.part1, ...);
+`--unpack FILE` extracts it into the results folder first, and an unfinished run's training (`.gpu-state/`, for
+the next call to go on from) into the checkout, in place of the one there.
 
 Writes <results>/gpu.md, with <results>/gpu-notes.md below the table where there is one: per run, the date it
 was measured (`--date` for files that do not say), the device, the params file and overrides, the model, the data
@@ -19,7 +21,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -55,12 +59,23 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
             "val/test acc by TTA": tta_cell(run.get("tta_scores")),
             "projected min (full schedule)": None if full or run.get("partial")
             else run.get("projected_full_schedule_minutes"),
-            "status": "stopped at its time limit" if run.get("partial") else ("full schedule" if full else "timed"),
+            "status": status(run),
         })
     if not records:
         raise SystemExit(f"no gpu-*.json in {results}")
     frame = pd.DataFrame.from_records(records)
     return frame.astype(object).where(frame.notna(), None)
+
+
+def status(run: dict) -> str:
+    """A stage stopped short (going on from its checkpoint in the next call, where it has one), a whole schedule
+    (over how many calls), or a few timed epochs."""
+    if run.get("partial"):
+        return ("stopped short of its end; the next call goes on from its checkpoint" if run.get("checkpoint")
+                else "stopped at its time limit")
+    if "test_acc" in run:
+        return f"full schedule over {len(run['parts'])} calls" if run.get("parts") else "full schedule"
+    return "timed"
 
 
 def data_cell(run: dict) -> str | None:
@@ -86,20 +101,48 @@ def is_result_name(name: str) -> bool:
     return name in ("gpu.txt", "gpu.log") or (name.startswith("gpu-") and name.endswith(".json"))
 
 
-def unpack(archive: Path, results: Path) -> list[str]:
-    """Extract the gpu.sh files of `archive` into `results`; refuses an archive holding anything else, or in a
-    folder, before extracting any of it."""
+STATE = ".gpu-state"  # bench/gpu.sh's unfinished training, in the checkout: carried to the next call
+
+
+def pieces(archive: Path) -> list[Path]:
+    """`archive`, or the pieces bench/gpu.sh cut it into (ARCHIVE.part0, .part1, ...), in order."""
+    if archive.exists():
+        return [archive]
+    found = sorted(archive.parent.glob(f"{archive.name}.part*"), key=lambda p: p.name.removeprefix(
+        f"{archive.name}.part").zfill(6))
+    if not found:
+        raise SystemExit(f"{archive}: no such file, nor pieces {archive.name}.part0, .part1, ...")
+    return found
+
+
+def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
+    """Extract the gpu.sh files of `archive` (or its pieces) into `results`, and its `.gpu-state/` into `checkout`
+    in place of the one there (an archive without one whose improved run is whole: the one there is done with).
+    Refuses an archive holding anything else, or in a folder, before extracting any of it."""
     try:
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
-            for member in members:
-                if not is_result_name(member.name.removeprefix("./")):
-                    raise SystemExit(f"{archive}: {member.name!r} is not a bench/gpu.sh result file")
-            results.mkdir(parents=True, exist_ok=True)
-            tar.extractall(results, members=members, filter="data")
+        with tempfile.TemporaryFile() as joined:
+            for piece in pieces(archive):
+                with piece.open("rb") as part:
+                    shutil.copyfileobj(part, joined)
+            joined.seek(0)
+            with tarfile.open(fileobj=joined) as tar:
+                members = [m for m in tar.getmembers() if m.isfile()]
+                state = [m for m in members if m.name.removeprefix("./").startswith(f"{STATE}/")]
+                found = [m for m in members if m not in state]
+                for member in found:
+                    if not is_result_name(member.name.removeprefix("./")):
+                        raise SystemExit(f"{archive}: {member.name!r} is not a bench/gpu.sh result file")
+                results.mkdir(parents=True, exist_ok=True)
+                tar.extractall(results, members=found, filter="data")
+                improved = results / "gpu-improved.json"
+                whole = any(Path(m.name).name == improved.name for m in found) and "test_acc" in json.loads(
+                    improved.read_text())
+                if state or whole:
+                    shutil.rmtree(checkout / STATE, ignore_errors=True)
+                tar.extractall(checkout, members=state, filter="data")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise SystemExit(f"{archive}: not a readable gpu-results.tar.gz ({exc})") from None
-    return sorted(Path(m.name).name for m in members)
+    return sorted(Path(m.name).name for m in found)
 
 
 def report(results: Path, date: str) -> str:

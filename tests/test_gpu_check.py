@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,3 +93,51 @@ def test_a_gpu_stage_stopped_at_its_time_limit_names_its_date_and_device(tmp_pat
     assert row["status"] == "stopped at its time limit"
     assert row["device"] == gpu_epoch.device_kind() and row["device"]  # not blank: the machine it ran on
     assert row["date"] == partial["date"] != "1999-01-01"  # the day it ran, not the report's --date
+
+
+def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_in_the_next_call(tmp_path):
+    """params/improved.yaml's 150 epochs outlast one call of the borrowed machine: with --checkpoint a call that
+    stops at --stop-after, or is stopped by the stage's hard limit (SIGINT), leaves the training saved, and the
+    next call finishes it to the same result as one uninterrupted run (the lr schedule, the weights, the EMA and
+    the augmentation's random state all go on)."""
+    from pipeline.fitting import Checkpoint
+
+    folder, out = tmp_path / "state", tmp_path / "gpu-x.json"
+    args = ["--images", "1024", "--full", "--params", "params/fast.yaml", "--overrides",
+            SMALL.replace("train.epochs=2", "train.epochs=6") + " train.checkpoint_every=1 train.ema=true"]
+    first = gpu_epoch(tmp_path, *args, "--checkpoint", str(folder), "--stop-after", "1")  # past it at epoch 1's end
+    assert first.returncode == 0 and "stopped after epoch 1 of 6" in first.stdout, first.stderr[-3000:]
+    assert Checkpoint.completed_epochs(folder) == 1
+    partial = json.loads(out.read_text())
+    assert partial["partial"] and partial["checkpoint"] == str(folder) and len(partial["epoch_seconds"]) == 1
+
+    other = gpu_epoch(tmp_path, *args[:-1], args[-1] + " train.seed=1", "--checkpoint", str(folder))
+    assert other.returncode == 2 and "holds a run of other config, overrides" in other.stderr, other.stderr[-2000:]
+    assert Checkpoint.completed_epochs(folder) == 1  # refused before touching it
+
+    log = tmp_path / "stopped.log"
+    with log.open("w") as sink:
+        stopped = gpu_epoch(tmp_path, *args, "--checkpoint", str(folder), stdout=sink, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while Checkpoint.completed_epochs(folder) < 3 and stopped.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stopped.send_signal(signal.SIGINT)  # gpu.sh's `timeout --signal=INT` at the stage's hard limit
+    stopped.wait(60)
+    done = Checkpoint.completed_epochs(folder)
+    assert stopped.returncode != 0 and 3 <= done < 6, (stopped.returncode, done, log.read_text()[-3000:])
+    assert len(json.loads(out.read_text())["epoch_seconds"]) >= done  # every call's epochs, the first call's too
+
+    resumed = gpu_epoch(tmp_path, *args, "--checkpoint", str(folder))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert not folder.exists()  # whole and scored: nothing left to go on with
+    assert result["resumed_at"] == [1, done] and len(result["parts"]) == 3 and "partial" not in result
+    assert len(result["epoch_seconds"]) == len(result["acc"]) == len(result["val_acc"]) == 6
+    assert result["fit_seconds"] == pytest.approx(sum(result["epoch_seconds"]), abs=0.1)
+
+    (tmp_path / "whole").mkdir()
+    whole = gpu_epoch(tmp_path / "whole", *args)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    reference = json.loads((tmp_path / "whole" / "gpu-x.json").read_text())
+    assert (result["acc"], result["val_acc"]) == (reference["acc"], reference["val_acc"])
+    assert result["tta_scores"] == reference["tta_scores"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from bench import gpu_report
@@ -95,3 +96,50 @@ def test_rows_name_the_data_each_run_was_measured_on(tmp_path):
     assert seed["data"] == "cifar10-jpeg-q75.tar.gz, 10,000 test images"
     assert improved["data"] is None  # an older file that does not say
     assert "every one of the 10,000 test images" not in gpu_report.report(tmp_path, "2026-12-04")
+
+
+def test_unpack_joins_pieces_and_hands_an_unfinished_run_to_the_checkout_until_it_is_whole(tmp_path):
+    """improved.yaml's 150 epochs go on over several calls: its training comes back in the archive (cut into
+    pieces of 15 MiB, the machine returns 16 MiB a file), replaces the checkout's .gpu-state for the next call to
+    carry, and goes once a call brings the run back whole."""
+    import io
+    import tarfile
+
+    def archive(members):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for member, data in members.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    checkout, results = tmp_path / "checkout", tmp_path / "results"
+    (checkout / ".gpu-state" / "improved").mkdir(parents=True)
+    (checkout / ".gpu-state" / "improved" / "epoch-0010.weights.h5").write_bytes(b"older")
+    weights = np.random.default_rng(0).bytes(200_000)  # incompressible: the archive is as large as the weights
+    stopped = archive({"gpu.txt": b"NVIDIA H200", "gpu-improved.json": json.dumps(
+        {"partial": True, "checkpoint": ".gpu-state/improved", "epoch_seconds": [100.0] + [4.6] * 60}).encode(),
+        ".gpu-state/improved/epoch-0060.weights.h5": weights,
+        ".gpu-state/improved/progress.json": b"{}"})
+    pieces = [stopped[i:i + 60_000] for i in range(0, len(stopped), 60_000)]
+    for k, piece in enumerate(pieces):
+        (tmp_path / f"gpu-results.tar.gz.part{k}").write_bytes(piece)
+    assert len(pieces) >= 3
+    assert gpu_report.unpack(tmp_path / "gpu-results.tar.gz", results, checkout) == ["gpu-improved.json", "gpu.txt"]
+    state = checkout / ".gpu-state" / "improved"
+    assert sorted(p.name for p in state.iterdir()) == ["epoch-0060.weights.h5", "progress.json"]  # the old one gone
+    assert (state / "epoch-0060.weights.h5").read_bytes() == weights
+    row = gpu_report.rows(results).iloc[0]
+    assert row["status"] == "stopped short of its end; the next call goes on from its checkpoint"
+    assert row["epochs"] == 61 and row["test_acc"] is None
+
+    (tmp_path / "whole.tar.gz").write_bytes(archive({"gpu-improved.json": json.dumps(
+        {"epoch_seconds": [100.0] + [4.6] * 149, "test_acc": 0.95, "resumed_at": [61], "parts": [{}, {}]}).encode()}))
+    gpu_report.unpack(tmp_path / "whole.tar.gz", results, checkout)
+    assert not (checkout / ".gpu-state").exists()  # done with: the next call starts nothing from it
+    row = gpu_report.rows(results).iloc[0]
+    assert (row["status"], row["test_acc"], row["epochs"]) == ("full schedule over 2 calls", 0.95, 150)
+
+    with pytest.raises(SystemExit, match="no such file, nor pieces"):
+        gpu_report.unpack(tmp_path / "absent.tar.gz", results, checkout)
