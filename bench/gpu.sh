@@ -12,8 +12,8 @@
 #   4. once improved.yaml is whole, fast.yaml's next steps, whole schedules with test_acc, as long as time is left.
 # GPU_SH_STAGES="improved" (names separated by spaces) runs only those stages: a second call in one lease.
 # Measured 2026-12-04 on one H200 (bench/results/gpu.md): fast.yaml at 16 epochs test_acc 0.9058, at 24 0.9100, at
-# 24 with cutout 8 0.9123 (now the file: 7.4 s of epochs after a 24.8 s compiling first one), at 40 0.9131 with train
-# acc 0.998: on the JPEG copy this ResNet-9 stops near 0.91, short of 0.94 at any length tried. 16 epochs with ghost
+# 24 with cutout 8 0.9123 (now the file: 7.4 s of epochs after a 24.8 s compiling first one), at 40 0.9131 (val_acc
+# flat, 0.906-0.908, over its last three epochs): on the JPEG copy this ResNet-9 stops near 0.91, short of 0.94 at any length tried. 16 epochs with ghost
 # batch norm and train.drop_remainder: 0.9099 vs 0.9058, and a first epoch of 11.9 s instead of 23.5 s: whole batches
 # only spare XLA a second compile for the last, partial one. improved.yaml: 4.63 s per epoch after a first of 100 s.
 # The next questions about fast.yaml: the file at 1.5x the width (2.2x the computation: does capacity lift the
