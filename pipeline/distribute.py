@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -161,6 +163,12 @@ class Cluster:
         """Every training task, chief first (so the one that logs first): the order of TensorFlow's replicas."""
         return [f"{name} {i}" for name in ("chief", "worker") for i in range(len(self.spec.get(name, ())))]
 
+    @property
+    def addresses(self) -> dict[str, str]:
+        """Every training task's 'host:port', by task (`tasks`' order)."""
+        return {f"{name} {i}": address for name in ("chief", "worker")
+                for i, address in enumerate(self.spec.get(name, ()))}
+
 
 def cluster_from_env() -> Cluster | None:
     """This host's place in the cluster TF_CONFIG describes; None if it is unset or names one task.
@@ -225,6 +233,7 @@ def distribution(mode: str) -> Distribution:
                               f"(see the README's 'Several hosts')")
         import tensorflow as tf
 
+        wait_for_hosts(cluster)  # TensorFlow's wait below cannot be interrupted: it starts once every host is up
         strategy = tf.distribute.MultiWorkerMirroredStrategy()  # blocks until every task has connected
         return Distribution("multi_worker", list(strategy.extended.worker_devices), strategy, cluster)
     devices = keras.distribution.list_devices()
@@ -245,6 +254,74 @@ def distribution(mode: str) -> Distribution:
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=replicas))
         return Distribution(mode, replicas)
     return Distribution(mode, (gpus or devices)[:1])
+
+
+HOSTS_TIMEOUT = "PIPELINE_HOSTS_TIMEOUT"  # seconds a host waits for the cluster's other hosts to start
+
+
+def hosts_timeout() -> float:
+    raw = os.environ.get(HOSTS_TIMEOUT, "600")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"{HOSTS_TIMEOUT}: the seconds a host waits for the others to start, got {raw!r}")
+    return seconds
+
+
+def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
+    """Wait until every other host of `cluster` answers on its TF_CONFIG port, at most `timeout` s
+    ($PIPELINE_HOSTS_TIMEOUT, default 600): then a ConfigError names the hosts that did not come.
+
+    TensorFlow's collective setup (`MultiWorkerMirroredStrategy()`) waits for every host in C++ holding the GIL,
+    where no Python signal handler, thread or timeout runs: a host whose peers never came ignored Ctrl-C for good.
+    This wait is Python's, so Ctrl-C ends it. Meanwhile this host's own port answers (a plain listener, closed
+    before TensorFlow binds the port), so hosts started in any order find each other; a peer's TensorFlow that
+    reaches the listener is turned away and retries (about once a second) until TensorFlow answers there."""
+    timeout = hosts_timeout() if timeout is None else timeout
+    peers = cluster.addresses
+    mine = peers.pop(cluster.task)
+    try:
+        listener = socket.create_server(("", _host_port(mine)[1]), family=socket.AF_INET6, dualstack_ipv6=True) \
+            if socket.has_dualstack_ipv6() else socket.create_server(("", _host_port(mine)[1]))
+    except OSError as exc:
+        raise ConfigError(f"{TF_CONFIG}: this host ({cluster.task}, {mine}) cannot listen on its port: "
+                          f"{exc.strerror or exc}") from None
+    listener.setblocking(False)
+    deadline, why, said = time.monotonic() + timeout, {}, False
+    try:
+        while True:
+            for task, address in list(peers.items()):
+                try:
+                    socket.create_connection(_host_port(address), timeout=1).close()
+                    del peers[task]
+                except OSError as exc:
+                    why[task] = exc.strerror or str(exc) or type(exc).__name__
+            with contextlib.suppress(OSError):  # the others' probes (and TensorFlow's attempts): answered, closed
+                while True:
+                    listener.accept()[0].close()
+            if not peers:
+                return
+            if time.monotonic() > deadline:
+                missing = ", ".join(f"{task} ({address}: {why[task]})" for task, address in peers.items())
+                raise ConfigError(f"{TF_CONFIG}: {missing} did not start within {timeout:g} s (${HOSTS_TIMEOUT}): "
+                                  f"start every host's command, or check TF_CONFIG's addresses and that their ports "
+                                  f"are open between the hosts")
+            if not said:
+                print(f"{cluster.task}: waiting for {', '.join(f'{t} ({a})' for t, a in peers.items())} to start "
+                      f"(at most {timeout:g} s, ${HOSTS_TIMEOUT}; Ctrl-C stops)", flush=True)
+                said = True
+            time.sleep(0.2)
+    finally:
+        listener.close()
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit()):
+        raise ConfigError(f"{TF_CONFIG}: {address!r} is not a 'host:port' address")
+    return host.strip("[]"), int(port)
 
 
 def _multi_worker_fit_fixes(model: keras.Model, strategy) -> None:

@@ -11,7 +11,7 @@ import sys
 from pipeline import config, prepare
 from pipeline.data import CIFAR10_TRAIN_IMAGES
 from pipeline.distribute import cluster_from_env
-from pipeline.tracking.resume import config_to_resume, find_resumable
+from pipeline.tracking.resume import check_resumable_code, config_to_resume, find_resumable
 
 
 def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> tuple[config.Config, str]:
@@ -22,7 +22,8 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
     A dataset URI given by the command must name a prepare step's artifact, and its `data.*` params replace the
     params file's (a note says which changed), so the run records the data it trains on. resume, a run id: `cfg`
     (and `dataset_uri`) must be what that run started with, and its dataset is used (see `config_to_resume`).
-    Without a dataset URI `data.source` must exist. The backend must support the params, and in a cluster
+    Without a dataset URI `data.source` must exist. resume "": the run a rerun would continue must have been
+    checkpointed by the code here (`check_resumable_code`). The backend must support the params, and in a cluster
     (TF_CONFIG) only the chief runs the steps.
     """
     given = dataset_uri
@@ -34,7 +35,9 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
         if not given:
             prepare.check_dataset_uri(dataset_uri)
     elif not given:
-        prepare.prepare_key(cfg)  # a missing data path fails here
+        key = prepare.prepare_key(cfg)  # a missing data path fails here
+    if not resume:  # a plain rerun: the run it would continue must have been checkpointed by the code here
+        check_resumable_code(cfg, given or prepare.find_prepared(key))
     images = known_training_images(cfg)
     if images:  # too few to hold out or to batch: refused now, not in the train run after prepare
         config.check_training_images(cfg.train, images)

@@ -10,18 +10,19 @@ point); the console ends with where to look at the run.
 from __future__ import annotations
 
 from pipeline import config, inputs
+from pipeline.distribute import Distribution, cluster_from_env, distribution
 from pipeline.tracking import cli, log_params, set_tags, step_run, steps, ui_hint
 from pipeline.tracking.resume import mark_pipeline_done, trained_before_a_failure
 
 
-def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
+def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "", dist: Distribution | None = None) -> dict:
     """Run the whole pipeline inside the active (parent) run; return the headline results.
 
     resume: "" continues an interrupted identical train run if one left a checkpoint and no live
     process trains it, or, where an identical command trained a model and then failed in evaluate or register,
     goes on from that model (`trained_before_a_failure`); "never" always starts afresh, a run id continues that
     run, whose params must equal `cfg`'s except a larger `train.epochs` (see inputs.resolve_inputs,
-    tracking.resume.config_to_resume).
+    tracking.resume.config_to_resume). dist: see `train.run`.
     """
     from pipeline import evaluate, register, train  # Keras loads only once the params are known to be good
 
@@ -33,7 +34,7 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "") -> dict:
         print(f"reusing train run {train_run_id}: an identical command trained it and stopped before registering")
     else:
         with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id) as train_run:
-            model_uri = train.run(cfg, dataset_uri)
+            model_uri = train.run(cfg, dataset_uri, dist)
         train_run_id = train_run.info.run_id
     set_tags({"train_run_id": train_run_id})
     with step_run(cfg, "evaluate"):
@@ -49,8 +50,11 @@ def main() -> None:
     args = config.entry_point_parser("main", __doc__.split("\n")[0], resume=config.RESUME_HELP).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
     cfg, dataset_uri = inputs.check_inputs(cfg, resume=args.resume)
+    # In a cluster the hosts meet first (`distribute.wait_for_hosts`): one that never comes, or Ctrl-C while waiting
+    # for it, leaves no run behind
+    dist = distribution(cfg.train.distribute) if cluster_from_env() else None
     with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
-        run(cfg, resume=args.resume, dataset_uri=dataset_uri)
+        run(cfg, resume=args.resume, dataset_uri=dataset_uri, dist=dist)
     print(ui_hint(parent))
 
 

@@ -5,7 +5,9 @@ registers: test_failures.py (a file of its own, so that pytest-xdist runs the tw
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import select
 import signal
 import sqlite3
 import subprocess
@@ -339,6 +341,50 @@ def test_a_model_trained_by_other_code_is_not_gone_on_from(store, monkeypatch):
     assert resume.trained_before_a_failure(cfg, dataset_uri) is None
 
 
+def test_a_checkpoint_of_other_code_is_resumed_only_by_id_and_the_run_says_so(store, tmp_path, monkeypatch,
+                                                                               in_process):
+    """An interrupted training, then the code that trains changed (an edit, a pull): rerunning the command is
+    refused, naming both digests, before any run opens (it would go on from the old code's weights with the new
+    code, and look like a clean run); resume=<id> goes on all the same, with a warning and tag resumed_across_code."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import train
+    from pipeline.tracking import resume
+
+    command = ["--params", TINY, "--epochs", "2", "--overrides", "tracking.experiment=e2e"]
+    log_trained_model = train.log_trained_model
+
+    def upload_fails(*args, **kwargs):
+        raise MlflowException("gone")
+
+    monkeypatch.setattr(train, "log_trained_model", upload_fails)
+    with pytest.raises(MlflowException, match="gone"):  # interrupted after its epochs: the checkpoint stays
+        in_process("main", *command)
+    monkeypatch.setattr(train, "log_trained_model", log_trained_model)
+    (folder,) = (tmp_path / "checkpoints").iterdir()
+    run_id, old_code = folder.name, resume.train_code()
+    client = MlflowClient()
+    runs_before = len(experiment_runs(client))
+
+    monkeypatch.setattr(resume, "TRAIN_CODE", (*resume.TRAIN_CODE, "evaluate"))  # other code, the same command
+    refused = in_process("main", *command)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: resume: train run {run_id} was checkpointed by other code (train_code {old_code[:12]}, here "
+        f"{resume.train_code()[:12]}: pipeline/{{augment,data,fitting,model,serve,train,evaluate}}.py changed "
+        f"since); resume={run_id} goes on from its weights with the code here (tagged resumed_across_code), "
+        f"resume=never starts afresh")
+    assert len(experiment_runs(client)) == runs_before and Checkpoint.completed_epochs(folder) == 2  # untouched
+
+    command[command.index("2")] = "3"  # one more epoch, trained by the new code
+    done = in_process("main", *command, "--resume", run_id)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"warning: train run {run_id} was checkpointed by other code (train_code {old_code[:12]}" in done.stderr
+    tags = client.get_run(run_id).data.tags
+    assert tags["resumed_across_code"] == f"{old_code[:12]} -> {resume.train_code()[:12]} after epoch 2"
+    assert tags["train_code"] == resume.train_code()
+
+
 # Epochs twice tiny's, so that Ctrl-C a second after epoch 1's checkpoint lands in epoch 2 on a busy machine too.
 LONGER = "data.synthetic_train=2048"
 
@@ -391,6 +437,27 @@ def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tm
     trains = experiment_runs(client, "tags.step = 'train'")
     assert len(trains) == 2 and all(r.info.status == "FINISHED" for r in trains)
     assert not any(r.info.status == "RUNNING" for r in experiment_runs(client))
+
+
+def test_ctrl_c_stops_a_host_whose_peers_never_start_and_leaves_no_run(store):
+    """A cluster host started alone waited for its peers inside TensorFlow's collective setup, which blocks in C++
+    holding the GIL: Ctrl-C did nothing, for good (the README said `kill -9`). The hosts now meet first, in Python,
+    before any run opens: Ctrl-C ends the wait at once, exit 130, and no run is left behind."""
+    peer = f"localhost:{free_port()}"  # nobody starts there
+    tf_config = {"cluster": {"worker": [f"localhost:{free_port()}", peer]}, "task": {"type": "worker", "index": 0}}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.main", "--params", TINY], cwd=ROOT, text=True,
+                            env={**store, "TF_CONFIG": json.dumps(tf_config)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 90)  # TensorFlow imported, the wait for worker 1 begun
+        first = proc.stdout.readline() if ready else ""
+        assert first.startswith(f"worker 0: waiting for worker 1 ({peer}) to start (at most 600 s"), first
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 130 and "error: interrupted by SIGINT" in err.strip().splitlines()[-1], err[-3000:]
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
 def test_dead_tracking_server_fails_within_a_minute_exit_4_and_the_rerun_resumes(tmp_path, in_process):

@@ -255,3 +255,46 @@ def test_a_one_host_mode_under_a_cluster_is_refused(monkeypatch, mode):
         with pytest.raises(ConfigError, match=f"^train.distribute: '{mode}' trains on one host, but TF_CONFIG names 2 "
                                               "hosts: use auto or multi_worker"):
             distribute.distribution(mode)
+
+
+def test_hosts_meet_in_any_order_and_those_that_never_start_are_named(monkeypatch):
+    """TensorFlow's own wait for the other hosts blocks in C++ (no Ctrl-C, no timeout, ~1 h): `wait_for_hosts` waits
+    first, in Python. Two hosts find each other (each answers on its port while it waits); a host that never
+    starts is named, with the reason, once $PIPELINE_HOSTS_TIMEOUT passes."""
+    import socket
+    import threading
+    import time
+
+    from bench.servers import free_port
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    ports = [free_port(), free_port()]
+    hosts = [f"localhost:{port}" for port in ports]
+    met, servers = [], []
+
+    def host(index: int, delay: float) -> None:
+        time.sleep(delay)
+        distribute.wait_for_hosts(distribute.Cluster({"worker": hosts}, "worker", index), timeout=20)
+        met.append(index)
+        servers.append(socket.create_server(("", ports[index])))  # TensorFlow's server, which then takes the port
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=host, args=(1, 0)), threading.Thread(target=host, args=(0, 1))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(met) == [0, 1] and time.monotonic() - started < 10
+    for server in servers:
+        server.close()
+
+    monkeypatch.setenv("PIPELINE_HOSTS_TIMEOUT", "0.5")
+    with pytest.raises(ConfigError) as error:
+        distribute.wait_for_hosts(distribute.Cluster({"worker": hosts}, "worker", 0))  # worker 1 never starts
+    assert str(error.value) == (
+        f"TF_CONFIG: worker 1 ({hosts[1]}: Connection refused) did not start within 0.5 s ($PIPELINE_HOSTS_TIMEOUT): "
+        f"start every host's command, or check TF_CONFIG's addresses and that their ports are open between the hosts")
+    monkeypatch.setenv("PIPELINE_HOSTS_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match=r"^PIPELINE_HOSTS_TIMEOUT: the seconds a host waits .*, got 'soon'$"):
+        distribute.wait_for_hosts(distribute.Cluster({"worker": hosts}, "worker", 0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import sys
 from pathlib import Path
 
 import mlflow
@@ -95,17 +96,60 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
             raise config.ConfigError(f"resume: run {resume} is being trained by another process right now")
         run_id = resume
     else:
-        candidates = unfinished_runs("train_key", train_key(cfg, dataset_uri))
-        run_id = next((r for r in candidates if has_checkpoint(r) and claim(r)), None)
+        run_id = newest_resumable(cfg, dataset_uri)
         if run_id is None:
             return None
+        refuse_other_code(run_id)  # as check_inputs did before any run opened, unless a run changed since
     parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
     active = mlflow.active_run()
     if parent and (active is None or parent != active.info.run_id) and client.get_run(parent).info.status == "RUNNING":
         client.set_tag(parent, "resumed_by", active.info.run_id if active else "")
         client.set_terminated(parent, "KILLED")
     print(f"resuming train run {run_id} from its last completed epoch")
+    changed = code_change(run_id)
+    if changed:  # resume=<id>: the way on that refuse_other_code's message gives; start_training tags the run
+        print(f"warning: train run {run_id} was checkpointed by other code (train_code {changed[0][:12]}, "
+              f"here {changed[1][:12]}): its next epochs train with the code here from the old code's weights "
+              f"(tag resumed_across_code)", file=sys.stderr)
     return run_id
+
+
+def newest_resumable(cfg: config.Config, dataset_uri: str) -> str | None:
+    """The newest unfinished run of the same job that left a checkpoint and that no live process trains, claimed."""
+    candidates = unfinished_runs("train_key", train_key(cfg, dataset_uri))
+    return next((r for r in candidates if has_checkpoint(r) and claim(r)), None)
+
+
+def code_change(run_id: str) -> tuple[str, str] | None:
+    """(tag `train_code` of train run `run_id`, `train_code()` here) if they differ; None if equal or untagged."""
+    theirs, ours = MlflowClient().get_run(run_id).data.tags.get("train_code"), train_code()
+    return (theirs, ours) if theirs and theirs != ours else None
+
+
+def refuse_other_code(run_id: str) -> None:
+    """ConfigError if train run `run_id`, which a plain rerun would continue, was checkpointed by other code
+    (`TRAIN_CODE` changed since: an edit, a pull): going on from its weights with this code is no clean run of
+    either. Releases the run first."""
+    changed = code_change(run_id)
+    if changed:
+        release(run_id)
+        raise config.ConfigError(
+            f"resume: train run {run_id} was checkpointed by other code (train_code {changed[0][:12]}, here "
+            f"{changed[1][:12]}: pipeline/{{{','.join(TRAIN_CODE)}}}.py changed since); resume={run_id} goes on "
+            f"from its weights with the code here (tagged resumed_across_code), resume=never starts afresh")
+
+
+def check_resumable_code(cfg: config.Config, dataset_uri: str | None) -> None:
+    """`refuse_other_code` for the run a plain rerun would continue (`find_resumable`), before any run opens
+    (`dataset_uri`: the one the command will train on, None if it is not prepared yet: then no run resumes)."""
+    if not dataset_uri:
+        return
+    held = set(_claimed)
+    run_id = newest_resumable(cfg, dataset_uri)
+    if run_id and run_id not in held:
+        release(run_id)  # find_resumable claims it again, once the runs are open
+    if run_id:
+        refuse_other_code(run_id)
 
 
 # The modules that decide what a train run trains and how its logged model serves (`train_code`, tag `train_code` on

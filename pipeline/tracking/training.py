@@ -24,9 +24,9 @@ import pandas as pd
 from mlflow.entities import LoggedModelStatus
 
 from pipeline import config, serve
-from pipeline.fitting import EpochTimer, current_lr
+from pipeline.fitting import Checkpoint, EpochTimer, current_lr
 from pipeline.tracking import PIPELINE_DIR, active_run_id, describe_train_run
-from pipeline.tracking.resume import claim, log_train_params, train_code, train_key
+from pipeline.tracking.resume import checkpoint_dir, claim, code_change, log_train_params, train_code, train_key
 
 EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "iterations", "epoch_seconds", "images_per_second")
 
@@ -39,6 +39,12 @@ def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str]) -
     if not claim(run_id):
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     log_train_params(cfg, dataset_uri)
+    changed = code_change(run_id)
+    if changed:  # resumed by id across a code change: the run says so, as `train_code` now names the new code only
+        across = mlflow.MlflowClient().get_run(run_id).data.tags.get("resumed_across_code")
+        epochs = Checkpoint.completed_epochs(checkpoint_dir(run_id))
+        step = f"{changed[0][:12]} -> {changed[1][:12]} after epoch {epochs}"
+        tags = {**tags, "resumed_across_code": f"{across}, {step}" if across else step}
     mlflow.set_tags({**tags, "train_key": train_key(cfg, dataset_uri), "train_code": train_code()})
     mlflow.log_dict(dataclasses.asdict(cfg), "config.json")
     return run_id
