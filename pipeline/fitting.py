@@ -135,6 +135,18 @@ def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) ->
                         cutout=t.cutout if augment else 0, seed=t.seed, whiten=whiten)
 
 
+def inference_copy(cfg: config.Config, dataset: Dataset, model: keras.Model) -> keras.Model:
+    """The trained model without the augmentation layer and with stock BN for ghost BN: only stock Keras layers,
+    so the logged model loads anywhere without this project's code. Built under the global dtype policy (float32:
+    `compile_model` sets `train.precision` only while it builds), so it is the model served and scored whatever
+    precision trained it."""
+    served = make_model(cfg, dataset, augment=False)
+    for layer in served.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return served
+
+
 def steps_per_epoch(cfg: config.TrainConfig, train_images: int) -> int:
     """Optimizer steps in one epoch over `train_images`: every batch, or with `train.drop_remainder` the whole
     ones only (the images left over differ each epoch). ConfigError if that leaves no step at all."""
@@ -587,16 +599,34 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
     def __init__(self, backup_dir: str | Path, every: int = 1, *, keep: bool = False):
         super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=not keep)
         self.every, self.keep = every, keep
+        self._trained = None
 
     def on_train_end(self, logs=None):
         if self.keep and self.every and self._current_epoch % self.every:  # the last epoch fell between saves
-            self._save_model()
+            if self._trained is None:
+                self._save_model()
+            else:  # the trained weights, not the averages `fit` has put in their place (see on_epoch_end)
+                averaged = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
+                self._assign(self._trained)
+                self._save_model()
+                self._assign(averaged)
         super().on_train_end(logs)
+
+    def _assign(self, values: list) -> None:
+        for variable, value in zip(self.model.trainable_variables, values, strict=True):
+            variable.assign(value)
 
     def on_epoch_end(self, epoch, logs=None):
         self._current_epoch, self._last_batch_seen = epoch + 1, 0
+        self._trained = None
         if self.every and self._current_epoch % self.every == 0:
             self._save_model()
+        elif self.keep and self.every and getattr(getattr(self.model.optimizer, "inner_optimizer",
+                                                          self.model.optimizer), "use_ema", False):
+            # on_train_end saves this epoch if training ends here: by then `fit` has replaced the weights by their
+            # EMA, and a run going on from the averages (bench.gpu_epoch --stop-after, an extended run) would
+            # train on from weights epochs behind the uninterrupted run's. Keep the trained ones for it.
+            self._trained = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
 
     def _save_model(self):
         folder = Path(self.backup_dir)

@@ -38,7 +38,7 @@ from pipeline.fitting import (
     diverged,
     fit,
     images_per_epoch,
-    make_model,
+    inference_copy,
     split_validation,
     training_part,
 )
@@ -60,16 +60,6 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 class TrainingDiverged(StepFailed):
     """The loss became NaN or infinite."""
-
-
-def inference_copy(cfg: config.Config, dataset: Dataset, model: keras.Model) -> keras.Model:
-    """The trained model without the augmentation layer and with stock BN for ghost BN: only stock Keras layers,
-    so the logged model loads anywhere without this project's code."""
-    served = make_model(cfg, dataset, augment=False)
-    for layer in served.layers:
-        if layer.weights:
-            layer.set_weights(model.get_layer(layer.name).get_weights())
-    return served
 
 
 def plot_curves(history: pd.DataFrame, path: Path) -> None:

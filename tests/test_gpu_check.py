@@ -141,3 +141,32 @@ def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_i
     reference = json.loads((tmp_path / "whole" / "gpu-x.json").read_text())
     assert (result["acc"], result["val_acc"]) == (reference["acc"], reference["val_acc"])
     assert result["tta_scores"] == reference["tta_scores"]
+
+
+def test_the_full_runs_scores_are_the_served_float32_models_whatever_precision_trained_it(tmp_path, monkeypatch):
+    """tta_scores and test_acc score the model train logs (pipeline.fitting.inference_copy: float32, no augmentation
+    layers), not the bfloat16 training model, whose predictions differ in a few images in 1,000."""
+    from bench import gpu_epoch
+    from pipeline import data, serve
+
+    scored, real = [], gpu_epoch.tta_scores
+
+    def capture(model, validation, test, batch_size):
+        scored.append(model)
+        return real(model, validation, test, batch_size)
+
+    out = tmp_path / "gpu-x.json"
+    monkeypatch.setattr(gpu_epoch, "tta_scores", capture)
+    monkeypatch.setattr(sys, "argv", ["gpu_epoch", "--out", str(out), "--params", "params/tiny.yaml", "--images",
+                                      "256", "--full", "--overrides", "train.precision=mixed_bfloat16 train.epochs=2 "
+                                      "train.validation_fraction=0.25 evaluate.tta=flip"])
+    gpu_epoch.main()
+    result = json.loads(out.read_text())
+    assert result["dtype_policy"] == "mixed_bfloat16" and len(scored) == 1
+    model = scored[0]
+    assert model.dtype_policy.name == "float32" and "augment" not in [layer.name for layer in model.layers]
+    dataset = data.make_synthetic(n_train=256, n_test=256 // 5, seed=0)
+    served = serve.ImageClassifier("flip")
+    served.model = model
+    accuracy = (served.predict_proba(dataset.x_test).argmax(1) == dataset.y_test).mean()
+    assert result["test_acc"] == round(float(accuracy), 4)
