@@ -103,8 +103,9 @@ def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_i
     from pipeline.fitting import Checkpoint
 
     folder, out = tmp_path / "state", tmp_path / "gpu-x.json"
+    # with EMA (improved.yaml's), checkpoints every 2 epochs (improved.yaml: 5) and a first stop between two
     args = ["--images", "1024", "--full", "--params", "params/fast.yaml", "--overrides",
-            SMALL.replace("train.epochs=2", "train.epochs=6") + " train.checkpoint_every=1 train.ema=true"]
+            SMALL.replace("train.epochs=2", "train.epochs=6") + " train.checkpoint_every=2 train.ema=true"]
     first = gpu_epoch(tmp_path, *args, "--checkpoint", str(folder), "--stop-after", "1")  # past it at epoch 1's end
     assert first.returncode == 0 and "stopped after epoch 1 of 6" in first.stdout, first.stderr[-3000:]
     assert Checkpoint.completed_epochs(folder) == 1
