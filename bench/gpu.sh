@@ -10,7 +10,12 @@
 #      training saved in .gpu-state/improved (bench.gpu_epoch --checkpoint), which comes back packed with the
 #      results and goes with the next call (carry ".gpu-state"), which goes on from it;
 #   4. once improved.yaml is whole, fast.yaml's next steps, whole schedules with test_acc, as long as time is left.
-# GPU_SH_STAGES="improved" (names separated by spaces) runs only those stages: a second call in one lease.
+#   While improved.yaml's run is unfinished a call goes on with it first (1 and 2 were measured by the call that
+#   began it) and runs nothing after it; once whole, its result is kept in .gpu-state/improved.json (carried) and
+#   later calls skip it (remove that file to train it again).
+# GPU_SH_STAGES="improved" (names separated by spaces) runs only those stages: a second call in one lease, with
+# GPU_SH_BUDGET set to its timeout_s (or the device time left, if less) less 10: a call the device tool ends before
+# the script packs its files brings the training of that call back to no one.
 # Measured 2026-12-04 on one H200 (bench/results/gpu.md): fast.yaml at 16 epochs test_acc 0.9058, at 24 0.9100, at
 # 24 with cutout 8 0.9123 (now the file: 7.4 s of epochs after a 24.8 s compiling first one), at 40 0.9131 (val_acc
 # flat, 0.906-0.908, over its last three epochs): on the JPEG copy this ResNet-9 stops near 0.91, short of 0.94 at any length tried. 16 epochs with ghost
@@ -33,7 +38,7 @@
 #   mkdir -p .data && cp ../shared/datasets/cifar10-jpeg-q75.tar.gz .data/
 # Then through the device tool: run(command="bash bench/gpu.sh", carry=[".whl", ".data", ".gpu-state"],
 # timeout_s=580). That machine returns at most 8 files of 16 MiB, so with OUT set elsewhere than bench/results the
-# script ends by packing its files (gpu-*.json, gpu.txt, gpu.log, and .gpu-state while a run is unfinished) into
+# script ends by packing its files (gpu-*.json, gpu.txt, gpu.log, and .gpu-state: improved's training or result) into
 # $OUT/gpu-results.tar.gz, cut into 15 MiB pieces (.part0, .part1, ...) where it is larger; here, then:
 #   python -m bench.gpu_report --unpack PATH/gpu-results.tar.gz   (extracts the results into bench/results and
 #   .gpu-state into the checkout, replacing the one carried, and writes gpu.md)
@@ -80,22 +85,34 @@ stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in
     --out "$OUT/gpu-$name.json" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   echo "== $name exit $rc $(date -u +%T)" | tee -a "$LOG"
-  [[ $rc == 0 ]] || failed=1
+  [[ $rc == 0 ]] && passed+=" $name " || { failed=1 failures+=" $name "; }
 }
-stage fast "${FAST_LIMIT:-220}" --full --params params/fast.yaml --overrides "train.feed=device $small9"
-stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
-  --overrides "train.feed=device train.steps_per_execution=8 $small164"
-# the rest of the call less a margin for packing: it stops itself at an epoch's end 30 s before its limit
+passed="" failures=""
+if [[ -d "$STATE/improved" && -z "${GPU_SH_STAGES:-}" ]]; then  # measured by the call that began that run
+  echo "== fast, seed skipped: improved.yaml's unfinished run ($STATE/improved) goes on first" | tee -a "$LOG"
+else
+  stage fast "${FAST_LIMIT:-220}" --full --params params/fast.yaml --overrides "train.feed=device $small9"
+  stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
+    --overrides "train.feed=device train.steps_per_execution=8 $small164"
+fi
+# the rest of the call less a margin for packing: it stops itself at an epoch's end 60 s before its limit,
+# for the scoring after its last epoch (its predict compiles; not timed yet on a GPU)
 left=$(( budget - SECONDS - 20 ))
-if (( left >= 150 )); then  # its first epoch compiles for ~100 s
+if [[ -f "$STATE/improved.json" ]]; then  # else each later call would begin it afresh and leave no time for the rest
+  echo "== improved skipped: whole in an earlier call ($STATE/improved.json; remove it to train it again)" \
+    | tee -a "$LOG"
+elif (( left >= 150 )); then  # its first epoch compiles for ~100 s
   stage improved "$left" --full --params params/improved.yaml --checkpoint "$STATE/improved" \
-    --stop-after "$(( left - 30 ))" --overrides "train.feed=device train.steps_per_execution=8 $small164 $short164"
+    --stop-after "$(( left - 60 ))" --overrides "train.feed=device train.steps_per_execution=8 $small164 $short164"
+  if [[ "$passed" == *" improved "* && ! -d "$STATE/improved" ]]; then  # whole and scored
+    mkdir -p "$STATE" && cp "$OUT/gpu-improved.json" "$STATE/improved.json"
+  fi
 else
   echo "== improved skipped: ${left}s left of the call" | tee -a "$LOG"
 fi
-if [[ -d "$STATE/improved" ]]; then
-  budget=0  # unfinished: the next call goes on with it before anything else
-fi
+if [[ -d "$STATE/improved" && -z "${GPU_SH_STAGES:-}" && "$failures" != *" improved "* ]]; then
+  budget=0  # unfinished: the next call goes on with it before anything else (stages named in GPU_SH_STAGES run;
+fi          # one that failed here, refused or crashed, leaves the rest of the call to the next stages)
 stage explore-wide "${EXPLORE_LIMIT:-100}" --full --params params/fast.yaml \
   --overrides "train.feed=device model.widths=[64,192,384,768] $small9"
 stage explore-drop "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
@@ -113,7 +130,7 @@ stage explore-24-altflip "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml
 if [[ "$(realpath -m "$OUT")" != "$(realpath -m bench/results)" ]]; then  # a few files back instead of up to 12
   results=(gpu.txt gpu.log) state=()
   for f in "$OUT"/gpu-*.json; do [[ -e "$f" ]] && results+=("${f##*/}"); done
-  [[ -d "$STATE" && "$STATE" == .gpu-state ]] && state=(-C "$PWD" .gpu-state)  # an unfinished run goes back too
+  [[ -d "$STATE" && "$STATE" == .gpu-state ]] && state=(-C "$PWD" .gpu-state)  # improved.yaml's run goes back too
   { tar -czf "$OUT/gpu-results.tar.gz" -C "$OUT" "${results[@]}" "${state[@]}" \
       && (cd "$OUT" && rm -f "${results[@]}") \
       && if (( $(stat -c %s "$OUT/gpu-results.tar.gz") > 15 * 1024 * 1024 )); then  # 16 MiB a file comes back

@@ -92,14 +92,18 @@ class Partial(keras.callbacks.Callback):
 
 class StopBefore(keras.callbacks.Callback):
     """Stops training at an epoch's end when another epoch as long as the last one would end past `deadline`
-    (time.monotonic()); `stopped` says whether it did."""
+    (time.monotonic()); `stopped` says whether it did. After this call's first epoch, which compiles (~100 s of
+    improved.yaml's, 4.6 s the next), the next one is taken to last `steady` seconds where earlier calls of the run
+    measured that: with the first epoch's length a call with a few minutes left stopped after it."""
 
-    def __init__(self, deadline: float, timer: fitting.EpochTimer):
+    def __init__(self, deadline: float, timer: fitting.EpochTimer, steady: float | None = None):
         super().__init__()
-        self.deadline, self.timer, self.stopped = deadline, timer, False
+        self.deadline, self.timer, self.steady, self.stopped = deadline, timer, steady, False
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 < self.params["epochs"] and time.monotonic() + self.timer.seconds[-1] > self.deadline:
+        seconds = self.timer.seconds
+        estimate = self.steady if self.steady and len(seconds) == 1 else seconds[-1]
+        if epoch + 1 < self.params["epochs"] and time.monotonic() + estimate > self.deadline:
             self.model.stop_training = self.stopped = True
 
 
@@ -125,6 +129,20 @@ class Progress(keras.callbacks.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         write_whole(self.folder / self.NAME, record)
 
+    # what leaves the training as it is (pipeline.tracking.resume.NOT_TRAINING, and the scoring settings, read after
+    # the last epoch): a call may change it and go on.
+    # The params file and the overrides count through the config they make, however spelled
+    NOT_TRAINING = ("params", "overrides", "train.verbose", "train.checkpoint_every", "evaluate.", "register.",
+                    "tracking.")
+
+    @classmethod
+    def trained(cls, identity: dict) -> dict:
+        """`identity` flat (config keys as in params files: train.lr), less what leaves the training as it is."""
+        flat = {**{k: v for k, v in identity.items() if k != "config"},
+                **{f"{section}.{key}": value for section, values in identity.get("config", {}).items()
+                   for key, value in values.items()}}
+        return {k: v for k, v in flat.items() if not k.startswith(cls.NOT_TRAINING)}
+
     @classmethod
     def resume(cls, folder: Path, identity: dict, part: dict) -> dict:
         """The record to go on with in `folder` (a new one where it holds no checkpoint), `part` added; a
@@ -137,15 +155,24 @@ class Progress(keras.callbacks.Callback):
         if not path.exists():
             raise ValueError(f"--checkpoint: {folder} holds a checkpoint of {done} epochs without its {cls.NAME}")
         record = json.loads(path.read_text())
-        if record.get("identity") != identity:
-            changed = sorted(k for k in identity if record.get("identity", {}).get(k) != identity[k])
-            raise ValueError(f"--checkpoint: {folder} holds a run of other {', '.join(changed)} "
-                             f"({record.get('identity')}); remove it to start afresh")
+        ours, theirs = cls.trained(identity), cls.trained(record.get("identity", {}))
+        changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        if changed:
+            raise ValueError(f"--checkpoint: {folder} holds a run of other " + ", ".join(
+                f"{k} ({theirs.get(k, 'absent')} there, {ours.get(k, 'absent')} here)" for k in changed)
+                + "; remove it to start afresh")
         for key in ("epoch_seconds", "acc", "val_acc"):
             record[key] = record[key][:done]
         record["resumed_at"].append(done)
         record["parts"].append(part)
         return record
+
+
+def steady_seconds(record: dict) -> float | None:
+    """The median seconds of a run's epochs but each call's first (it compiles), where it has any."""
+    firsts = {0, *record.get("resumed_at", [])}
+    steady = [s for i, s in enumerate(record.get("epoch_seconds", [])) if i not in firsts]
+    return statistics.median(steady) if steady else None
 
 
 STARTED = time.monotonic()  # --stop-after counts from here: after the imports, a few seconds into the process
@@ -203,6 +230,7 @@ def main() -> None:
     model = fitting.compile_model(full, fitting.training_part(dataset, splits), dist, len(splits[0]))
     timer = fitting.EpochTimer()
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the epochs: the first one writes there
 
     measured = {"date": datetime.date.today().isoformat(), "device_kind": device_kind(),
                 "backend": keras.backend.backend(), "host": platform.node(),
@@ -218,7 +246,7 @@ def main() -> None:
             parser.error(str(exc))
     callbacks = [timer, Partial(out, timer, {**measured, "params": args.params, "overrides": args.overrides,
                                              "train_images": len(splits[0]), "checkpoint": args.checkpoint}, before)]
-    stop = StopBefore(STARTED + args.stop_after if args.stop_after else float("inf"), timer)
+    stop = StopBefore(STARTED + args.stop_after if args.stop_after else float("inf"), timer, steady_seconds(before))
     if args.checkpoint:  # the record before the Checkpoint: never behind it (resume cuts what runs ahead)
         callbacks += [stop, Progress(folder, timer, copy.deepcopy(before)),
                       fitting.Checkpoint(folder, cfg.train.checkpoint_every or 1, keep=True)]  # saves where it stops
@@ -232,7 +260,7 @@ def main() -> None:
         return
     seconds = [*before.get("epoch_seconds", []), *(round(s, 2) for s in timer.seconds)]  # earlier calls' first
     firsts = {0, *before.get("resumed_at", [])}  # each call's first epoch compiles: the steady ones are the others
-    steady = statistics.median([s for i, s in enumerate(seconds) if i not in firsts] or seconds)
+    steady = steady_seconds({**before, "epoch_seconds": seconds}) or statistics.median(seconds)
     history = {key: [*before.get(key, []), *(round(v, 4) for v in history.history.get(key, []))]
                for key in ("acc", "val_acc")}
     result = {

@@ -5,8 +5,9 @@
 
 `bench/gpu.sh` on a borrowed GPU machine packs its files into one `gpu-results.tar.gz` (such a machine may
 return only a few files, of 16 MiB at most: a larger archive comes in pieces, FILE.part0, FILE.part1, ...);
-`--unpack FILE` extracts it into the results folder first, and an unfinished run's training (`.gpu-state/`, for
-the next call to go on from) into the checkout, in place of the one there.
+`--unpack FILE` extracts it into the results folder first, and `.gpu-state/` (an unfinished run's training, for
+the next call to go on from, or a whole run's result, for later calls to skip it) into the checkout, in place of
+the one there.
 
 Writes <results>/gpu.md, with <results>/gpu-notes.md below the table where there is one: per run, the date it
 was measured (`--date` for files that do not say), the device, the params file and overrides, the model, the data

@@ -532,6 +532,32 @@ def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_pa
     np.testing.assert_allclose(resumed, uninterrupted[stop:], rtol=1e-5)
 
 
+def test_a_fit_stopped_between_checkpoints_with_weight_ema_goes_on_from_its_raw_weights(tmp_path):
+    """bench.gpu_epoch --stop-after stops params/improved.yaml (train.ema, a checkpoint every 5 epochs) at any
+    epoch's end: the checkpoint saved there holds the raw weights. Saved when `fit` ended, it held the averaged
+    ones that `fit` puts in the model, and the resumed run trained from those (its losses were another run's)."""
+    import numpy as np
+
+    from pipeline import data, fitting
+    from pipeline.distribute import distribution
+
+    cfg = config.load(TINY, "train.epochs=4 train.ema=true train.verbose=0")
+    dataset = data.make_synthetic(n_train=256, n_test=64, seed=0)
+    splits = fitting.split_validation(dataset, 0.0, 0)
+
+    def fit(folder, *callbacks):
+        model = fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0]))
+        return fitting.fit(model, cfg, splits, 10, [*callbacks, Checkpoint(folder, 5, keep=True)]).history["loss"]
+
+    stop_after = keras.callbacks.LambdaCallback(  # before the checkpoint, as bench.gpu_epoch's StopBefore
+        on_epoch_end=lambda epoch, logs: setattr(stop_after.model, "stop_training", epoch + 1 == 2))
+    uninterrupted = fit(tmp_path / "a")
+    fit(tmp_path / "b", stop_after)
+    assert Checkpoint.completed_epochs(tmp_path / "b") == 2
+    resumed = fit(tmp_path / "b")
+    np.testing.assert_allclose(resumed, uninterrupted[2:], rtol=1e-5)
+
+
 def test_a_stopping_signal_that_keras_swallows_after_a_batch_still_stops_the_training(monkeypatch):
     """Keras 3.15's `pythonify_logs`, run after every batch, converts the batch's logs inside a bare `except: pass`:
     a signal whose handler raised there was swallowed, training went on, and with the handler's SIG_IGN already

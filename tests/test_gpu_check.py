@@ -80,7 +80,7 @@ def test_a_gpu_stage_stopped_at_its_time_limit_names_its_date_and_device(tmp_pat
                 callback.on_epoch_end(epoch)
         raise KeyboardInterrupt  # gpu.sh's `timeout --signal=INT`
 
-    out = tmp_path / "gpu-x.json"
+    out = tmp_path / "new" / "gpu-x.json"  # a folder not there yet: made before the first epoch writes there
     monkeypatch.setattr(gpu_epoch.fitting, "fit", fit_stopped_after_two_epochs)
     monkeypatch.setattr(sys, "argv", ["gpu_epoch", "--out", str(out), "--params", "params/tiny.yaml", "--images",
                                       "64", "--epochs", "3"])
@@ -89,10 +89,62 @@ def test_a_gpu_stage_stopped_at_its_time_limit_names_its_date_and_device(tmp_pat
     partial = json.loads(out.read_text())
     assert partial["partial"] and partial["epoch_seconds"] == [20.0, 0.5] and partial["train_images"] == 64
     assert (partial["data"], partial["test_images"]) == ("synthetic (64 training images)", 12)
-    row = gpu_report.rows(tmp_path, "1999-01-01").iloc[0]
+    row = gpu_report.rows(out.parent, "1999-01-01").iloc[0]
     assert row["status"] == "stopped at its time limit"
     assert row["device"] == gpu_epoch.device_kind() and row["device"]  # not blank: the machine it ran on
     assert row["date"] == partial["date"] != "1999-01-01"  # the day it ran, not the report's --date
+
+
+def test_a_resumed_call_takes_the_epoch_after_its_compiling_first_to_last_as_the_runs_steady_ones():
+    """--stop-after's estimate of the next epoch: after a resumed call's first epoch (improved.yaml's: ~100 s of
+    XLA compiles, then 4.6 s each) the steady seconds earlier calls measured, not the first's. With the first's,
+    a call with 190 s left after it stopped there and trained one epoch instead of ~40."""
+    import types
+
+    from bench.gpu_epoch import StopBefore, steady_seconds
+    from pipeline.fitting import EpochTimer
+
+    before = {"epoch_seconds": [100.0, 4.6, 4.7, 101.0, 4.5], "resumed_at": [3]}
+    assert steady_seconds(before) == 4.6 and steady_seconds({"epoch_seconds": [], "resumed_at": []}) is None
+
+    def stops(seconds, steady):
+        timer = EpochTimer()
+        timer.seconds = seconds
+        stop = StopBefore(time.monotonic() + 60, timer, steady)
+        stop.set_params({"epochs": 150})
+        stop.set_model(types.SimpleNamespace(stop_training=False))
+        stop.on_epoch_end(len(seconds) - 1)
+        return stop.stopped
+
+    assert not stops([100.0], steady_seconds(before))  # 60 s left: another epoch of 4.6 s fits
+    assert stops([100.0], None)  # a first call knows no steady epoch: the first one's length, to be safe
+    assert stops([100.0, 4.6, 70.0], 4.6)  # past the first, the last epoch's own length
+
+
+def test_a_checkpointed_run_goes_on_under_settings_that_leave_its_training_as_it_is(tmp_path):
+    """As pipeline.train's resume (NOT_TRAINING): another evaluate.batch_size or train.checkpoint_every, or the
+    same config spelled by other overrides, goes on (a commit between two calls may change a default there: the
+    whole config was compared, and the run refused, its calls lost); another seed or width is refused, by name."""
+    import dataclasses
+
+    from bench.gpu_epoch import Progress
+    from pipeline import config
+
+    def identity(overrides):
+        cfg = config.load_from_cli("params/improved.yaml", f"{overrides} train.verbose=2")
+        return {"params": "params/improved.yaml", "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
+                "overrides": overrides, "data": "synthetic (512 training images)", "backend": "jax"}
+
+    (tmp_path / "training_metadata.json").write_text('{"epoch": 5}')
+    (tmp_path / "progress.json").write_text(json.dumps({
+        "identity": identity("train.feed=device"), "epoch_seconds": [100.0] + [4.6] * 6, "acc": [0.1] * 7,
+        "val_acc": [0.1] * 7, "resumed_at": [], "parts": [{}]}))
+    record = Progress.resume(tmp_path, identity("train.feed=device evaluate.batch_size=500 train.checkpoint_every=10 "
+                                                "train.seed=0"), {"date": "later"})
+    assert record["resumed_at"] == [5] and len(record["epoch_seconds"]) == 5 and record["parts"][-1]["date"] == "later"
+    with pytest.raises(ValueError, match=r"other model.widths \(\[64, 128, 256\] there, \[16, 32, 64\] here\), "
+                                         r"train.seed \(0 there, 1 here\); remove it"):
+        Progress.resume(tmp_path, identity("train.feed=device train.seed=1 model.widths=[16,32,64]"), {})
 
 
 def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_in_the_next_call(tmp_path):
@@ -113,7 +165,8 @@ def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_i
     assert partial["partial"] and partial["checkpoint"] == str(folder) and len(partial["epoch_seconds"]) == 1
 
     other = gpu_epoch(tmp_path, *args[:-1], args[-1] + " train.seed=1", "--checkpoint", str(folder))
-    assert other.returncode == 2 and "holds a run of other config, overrides" in other.stderr, other.stderr[-2000:]
+    assert other.returncode == 2 and "holds a run of other train.seed (0 there, 1 here); remove it" in other.stderr, \
+        other.stderr[-2000:]
     assert Checkpoint.completed_epochs(folder) == 1  # refused before touching it
 
     log = tmp_path / "stopped.log"
@@ -171,3 +224,63 @@ def test_the_full_runs_scores_are_the_served_float32_models_whatever_precision_t
     served.model = model
     accuracy = (served.predict_proba(dataset.x_test).argmax(1) == dataset.y_test).mean()
     assert result["test_acc"] == round(float(accuracy), 4)
+
+
+FAKE_PYTHON = """#!/bin/bash
+# bench/gpu.sh's python: `-c` checks pass; a stage records its name, then leaves improved.yaml's run unfinished
+# (its checkpoint folder) where FAKE_UNFINISHED is set, else whole
+[[ $1 == -c ]] && exit 0
+while (( $# )); do case $1 in --out) out=$2; shift;; --checkpoint) ckpt=$2; shift;; esac; shift; done
+name=${out##*/gpu-}; echo "${name%.json}" >> "$FAKE_LOG"
+[[ -n ${ckpt:-} && -n ${FAKE_REFUSED:-} ]] && exit 2  # a checkpoint of other params
+if [[ -n ${ckpt:-} && -n ${FAKE_UNFINISHED:-} ]]; then
+  mkdir -p "$ckpt" && echo '{}' > "$ckpt/progress.json" && echo '{"partial": true}' > "$out"
+else
+  echo '{"epoch_seconds": [1.0], "test_acc": 0.5}' > "$out" && rm -rf "${ckpt:-/nonexistent}"
+fi
+"""
+
+
+def test_gpu_sh_goes_on_with_an_unfinished_improved_run_first_and_past_a_whole_one(tmp_path):
+    """A call that carries improved.yaml's unfinished run gives it the call (fast and seed were measured by the
+    call that began it; they took ~140 s of the ~400 left to it); once whole, later calls skip it and run the
+    next steps (they began it afresh, and its 150 epochs left them no time); stages named in GPU_SH_STAGES run."""
+    import shutil
+    import tarfile
+
+    from bench import gpu_report
+
+    fake, checkout, log = tmp_path / "python", tmp_path / "checkout", tmp_path / "stages.log"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    checkout.mkdir()
+
+    def call(out, **env):
+        log.write_text("")
+        proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=checkout, capture_output=True,
+                              text=True, timeout=120, env={"PATH": os.environ["PATH"], "PYTHON": str(fake),
+                                                           "OUT": str(tmp_path / out), "FAKE_LOG": str(log), **env})
+        assert proc.returncode == (1 if "FAKE_REFUSED" in env else 0), proc.stdout + proc.stderr
+        with tarfile.open(tmp_path / out / "gpu-results.tar.gz") as tar:
+            return log.read_text().split(), sorted(m.name for m in tar.getmembers() if m.isfile())
+
+    explore = ["explore-wide", "explore-drop", "explore-ema", "explore-seed1", "explore-24-ghost", "explore-32",
+               "explore-24-altflip"]
+    assert call("first", FAKE_UNFINISHED="1")[0] == ["fast", "seed", "improved"]
+    ran, packed = call("second", FAKE_UNFINISHED="1")
+    assert ran == ["improved"] and ".gpu-state/improved/progress.json" in packed
+    assert call("named", FAKE_UNFINISHED="1", GPU_SH_STAGES="explore-drop")[0] == ["explore-drop"]
+    assert call("refused", FAKE_REFUSED="1")[0] == ["improved", *explore]  # the rest of the call not lost with it
+
+    shutil.rmtree(checkout / ".gpu-state")
+    (tmp_path / "others").mkdir()
+    (tmp_path / "others" / "gpu-improved.json").write_text('{"test_acc": 0.5}')  # an earlier run's, in OUT
+    assert call("others", GPU_SH_STAGES="fast")[0] == ["fast"]
+    assert not (checkout / ".gpu-state" / "improved.json").exists()  # not run here: not taken for whole
+    ran, packed = call("whole")
+    assert ran == ["fast", "seed", "improved", *explore] and ".gpu-state/improved.json" in packed
+    local = tmp_path / "local"
+    (local / ".gpu-state" / "improved").mkdir(parents=True)  # the unfinished run it carried
+    gpu_report.unpack(tmp_path / "whole" / "gpu-results.tar.gz", tmp_path / "results", local)
+    assert [p.name for p in (local / ".gpu-state").iterdir()] == ["improved.json"]  # carried by the next call
+    assert call("after")[0] == ["fast", "seed", *explore]
