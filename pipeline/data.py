@@ -534,11 +534,14 @@ def load_image_folder(path: str | Path) -> Dataset:
     files: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
     tops: set[tuple[str, ...]] = set()  # the folders holding train/ and test/
     skipped: list[str] = []
+    unclassed: list[str] = []
     for parts, read in _iter_image_files(path):
         if any(p.startswith("._") or p == "__MACOSX" for p in parts):  # macOS's AppleDouble metadata, not images
             continue
         at = _split_index(parts)
         if at is None:
+            if len(parts) >= 2 and parts[-2] in ("train", "test") and parts[-1].lower().endswith(IMAGE_SUFFIXES):
+                unclassed.append("/".join(parts))  # an image of no class: said, not dropped unseen
             continue
         if parts[-1].lower().endswith(IMAGE_SUFFIXES):
             files[parts[at]].setdefault(parts[at + 1], []).append(("/".join(parts), read()))
@@ -552,6 +555,10 @@ def load_image_folder(path: str | Path) -> Dataset:
     if skipped:
         print(f"warning: {path}: {len(skipped)} files in class folders are not read, having none of the image "
               f"suffixes {' '.join(IMAGE_SUFFIXES)}: {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}",
+              file=sys.stderr, flush=True)
+    if unclassed:
+        print(f"warning: {path}: {len(unclassed)} images directly in train/ or test/ are not read, being in no "
+              f"class folder (train/<class>/): {', '.join(unclassed[:3])}{', ...' if len(unclassed) > 3 else ''}",
               file=sys.stderr, flush=True)
     train_classes, test_classes = sorted(files["train"]), sorted(files["test"])
     if not train_classes:

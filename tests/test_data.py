@@ -375,11 +375,13 @@ def test_bmp_webp_and_gif_images_are_read_and_other_files_in_class_folders_are_n
             tmp_path / "imgs" / "train" / "dog" / f"more.{suffix}")
     (tmp_path / "imgs" / "train" / "dog" / "labels.txt").write_text("dog\n")
     (tmp_path / "imgs" / "train" / "dog" / ".DS_Store").write_bytes(b"\0")  # hidden: not worth a word
+    (tmp_path / "imgs" / "train" / "dog" / "more.bmp").rename(tmp_path / "imgs" / "train" / "stray.bmp")  # no class
     capsys.readouterr()
     d = data.load_source(str(tmp_path / "imgs"))
-    assert list(d.y_train).count(1) == 3 + 3 and len(d.x_train) == 12
+    assert list(d.y_train).count(1) == 3 + 2 and len(d.x_train) == 11
     err = capsys.readouterr().err
     assert "1 files in class folders are not read" in err and "train/dog/labels.txt" in err and "DS_Store" not in err
+    assert "1 images directly in train/ or test/ are not read" in err and "train/stray.bmp" in err
 
 
 def test_images_in_folders_below_a_class_folder_are_that_class(tmp_path, capsys):
