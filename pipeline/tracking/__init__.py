@@ -345,8 +345,7 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
             if wrapper_run:  # the run `mlflow run` opened, whether this step entered it or not
                 mlflow.MlflowClient().set_tag(wrapper_run, "interrupted_by", signal.Signals(signum).name)
                 _settle_wrapper_run(wrapper_run, "KILLED")
-        hint = (f" Completed epochs are checkpointed under {checkpoint_root()}: rerun the same command to resume."
-                if resumable else "")
+        hint = _resume_hint() if resumable else ""
         print(f"error: interrupted by {signal.Signals(signum).name}; open runs ended KILLED.{hint}", file=sys.stderr)
         sys.exit(128 + signum)
     except (ConfigError, DataError) as exc:
@@ -362,13 +361,17 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
         if not uri.startswith(("http://", "https://")):
             raise
         reason = str(exc.message).strip().splitlines()[0][:300]
-        hint = (f" Completed epochs are checkpointed under {checkpoint_root()}: rerun the same command to resume."
-                if resumable else "")
+        hint = _resume_hint() if resumable else ""
         print(f"error: tracking server {uri} failed: {reason}.{hint}", file=sys.stderr)
         sys.exit(4)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _resume_hint() -> str:
+    # "if any": a step stopped before its first epoch ended (loading data, waiting for a cluster's hosts) has none
+    return f" Completed epochs, if any, are checkpointed under {checkpoint_root()}: rerun the same command to resume."
 
 
 @functools.cache
