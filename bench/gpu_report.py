@@ -52,8 +52,8 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
             "first epoch s": seconds[0] if seconds else None,
             "steady s/epoch": run.get("steady_epoch_seconds"),
             "images/s": run.get("images_per_second"),
-            "fit s": run.get("fit_seconds"),
-            "fit s after epoch 1": run.get("fit_seconds_after_first_epoch"),
+            "fit s": run.get("fit_seconds"),  # over several calls (`parts`): the sum of their epochs
+            "fit s after epoch 1": run.get("fit_seconds_after_first_epoch"),  # ... after each call's first
             "last train acc": (run.get("acc") or [None])[-1],
             "last val_acc": (run.get("val_acc") or [None])[-1] if full else None,
             "test_acc": run.get("test_acc"),
@@ -156,7 +156,8 @@ def report(results: Path, date: str) -> str:
         "on the data each row names (bench/gpu.sh's stages: the CIFAR-10 JPEG q75 copy; a blank cell: a file "
         "that does not say, written by those stages). test_acc: every test image of that data (the JPEG copy's "
         "10,000), with the profile's `evaluate.tta`. The first epoch includes XLA's compiles of the train and "
-        "validation steps.", "",
+        "validation steps. A run over several calls (status `full schedule over N calls`): fit s is the sum of its "
+        "epochs, each call's first included, and fit s after epoch 1 leaves out each call's first epoch.", "",
         table, "",
         *([notes.read_text().strip(), ""] if (notes := results / "gpu-notes.md").exists() else []),
     ])
