@@ -101,28 +101,33 @@ class Distribution:
     def scope(self) -> contextlib.AbstractContextManager:
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
-    def agree(self, job: str, done: int) -> None:
+    def agree(self, job: dict[str, str], done: int) -> None:
         """In a cluster, check before any step that every host trains the same job from the same epoch.
 
-        job: a digest of what every host must share (`train.training_job`: the model and train params and the
-        data); done: the epochs this host's checkpoint holds, which it restores. Hosts that differ
-        in either would train different models or unequal numbers of steps: the chief would log and register
-        a model no single recipe produced, or one host would wait on a collective nobody joins. Every host
+        job: hex digests of what every host must share, by what they digest (`train.training_job`: the model and
+        train params, the data, the code); done: the epochs this host's checkpoint holds, which it restores. Hosts
+        that differ in either would train different models or unequal numbers of steps: the chief would log and
+        register a model no single recipe produced, or one host would wait on a collective nobody joins. Every host
         gathers every host's job and epoch (one collective, so all reach the same verdict) and each raises
         the same ConfigError on a mismatch. For multi_worker only (`cluster` set)."""
         import tensorflow as tf
 
-        tasks = self.cluster.tasks
-        mine = [tasks.index(self.cluster.task), done, int(job[:7], 16), int(job[7:14], 16)]
+        tasks, parts = self.cluster.tasks, list(job)
+        # Two 28-bit pieces of each digest (int32 tensors).
+        mine = [tasks.index(self.cluster.task), done,
+                *(int(job[part][i:i + 7], 16) for part in parts for i in (0, 7))]
         with host_lost_as_step_failure():
             everyone = self.strategy.gather(self.strategy.run(lambda: tf.constant([mine], tf.int32)), axis=0)
-        hosts = {tasks[task]: (done, digest) for task, done, *digest in everyone.numpy().tolist()}
+        hosts = {tasks[task]: (done, dict(zip(parts, zip(d[::2], d[1::2], strict=True), strict=True)))
+                 for task, done, *d in everyone.numpy().tolist()}
         chief = tasks[0]  # the chief task, else worker 0
-        differ = [task for task, (_, digest) in hosts.items() if digest != hosts[chief][1]]
-        if differ:
-            raise ConfigError(f"{TF_CONFIG}: {', '.join(differ)} started with other model or train params, or other "
-                              f"data, than the chief ({chief}): start every host with the same params, epochs, "
-                              f"overrides and data")
+        differ = {task: [part for part in parts if digests[part] != hosts[chief][1][part]]
+                  for task, (_, digests) in hosts.items()}
+        if any(differ.values()):
+            what = "; ".join(f"{task} started with other {' and other '.join(differs)}"
+                             for task, differs in differ.items() if differs)
+            raise ConfigError(f"{TF_CONFIG}: {what} than the chief ({chief}): start every host with the same code, "
+                              f"params, epochs, overrides and data")
         if len({done for done, _ in hosts.values()}) > 1:
             held = ", ".join(f"{task} {done}" for task, (done, _) in hosts.items())
             raise ConfigError(f"resume: the hosts' checkpoints hold different completed epochs ({held}): they "

@@ -44,7 +44,7 @@ from pipeline.fitting import (
 )
 from pipeline.inputs import check_inputs, resolve_inputs
 from pipeline.tracking import StepFailed, artifact_dir, checkpoint_root, cli, json_digest, set_tags, step_run
-from pipeline.tracking.resume import checkpoint_dir, release
+from pipeline.tracking.resume import TRAIN_CODE, checkpoint_dir, release, train_code
 from pipeline.tracking.training import (
     MlflowEpochLogger,
     log_trained_model,
@@ -134,12 +134,15 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     return model_uri
 
 
-def training_job(cfg: config.Config, dataset: Dataset) -> str:
-    """A digest of what every host of a cluster must share: the model and train params (progress display
-    and how they are spread aside) and the data. Evaluate, register and tracking settings concern the chief only."""
+def training_job(cfg: config.Config, dataset: Dataset) -> dict[str, str]:
+    """Digests of what every host of a cluster must share, by what they digest: the model and train params
+    (progress display and how they are spread aside), the data, and the training code (`train_code`: a host left
+    on other code would train in lock step with it, and the chief would log a model no single code trained).
+    Evaluate, register and tracking settings concern the chief only."""
     shared = {k: v for k, v in cfg.flat().items()
               if k.startswith(("model.", "train.")) and k not in ("train.verbose", "train.distribute")}
-    return json_digest({**shared, "dataset": dataset.digest()})
+    return {"model or train params": json_digest(shared), "data": dataset.digest(),
+            f"code (pipeline/{{{','.join(TRAIN_CODE)}}}.py)": train_code()}
 
 
 def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume: str = "") -> None:
@@ -154,7 +157,7 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
     check_replica_batches(cfg, dist, splits)
     model = compile_model(cfg, training_part(dataset, splits), dist, len(splits[0]))
     job = training_job(cfg, dataset)
-    backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{job[:16]}"
+    backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{json_digest(job)[:16]}"
     if resume == "never":
         shutil.rmtree(backup, ignore_errors=True)
     print(f"{dist.task} of {dist.workers}: training on {len(splits[0])} images, devices {dist.devices}; "

@@ -4,10 +4,12 @@ The JAX backend's share of it is in test_fast_path_jax.py, a file of its own so 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import keras
 import mlflow
@@ -16,6 +18,7 @@ from mlflow import MlflowClient
 
 from pipeline import config, prepare, train
 from pipeline.tracking import cli
+from pipeline.tracking.resume import TRAIN_CODE
 from tests.conftest import ROOT, free_port
 from tests.test_fault_tolerance import kill_tree
 
@@ -97,17 +100,18 @@ def assert_two_device_run(client: MlflowClient, backend: str):
     return run
 
 
-def start_two_hosts(env: dict, *args: str, ports: list[int] | None = None,
-                    worker_args: tuple[str, ...] = ()) -> list[subprocess.Popen]:
+def start_two_hosts(env: dict, *args: str, ports: list[int] | None = None, worker_args: tuple[str, ...] = (),
+                    worker_root: Path = ROOT) -> list[subprocess.Popen]:
     """Two processes on localhost standing for two hosts, as in the README: the chief (worker 0) runs the whole
-    pipeline, worker 1 `pipeline.train` with the same ARGS (then WORKER_ARGS); TF_CONFIG differs in the task
-    index only. train.distribute stays auto."""
+    pipeline, worker 1 `pipeline.train` with the same ARGS (then WORKER_ARGS) from the checkout WORKER_ROOT;
+    TF_CONFIG differs in the task index only. train.distribute stays auto."""
     cluster = {"worker": [f"localhost:{port}" for port in ports or (free_port(), free_port())]}
-    return [subprocess.Popen([sys.executable, "-m", module, *args, *extra], cwd=ROOT, stdout=subprocess.PIPE,
+    return [subprocess.Popen([sys.executable, "-m", module, *args, *extra], cwd=root, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              env={**env, "TF_CONFIG": json.dumps({"cluster": cluster,
                                                                   "task": {"type": "worker", "index": i}})})
-            for i, (module, extra) in enumerate([("pipeline.main", ()), ("pipeline.train", worker_args)])]
+            for i, (module, extra, root) in enumerate([("pipeline.main", (), ROOT),
+                                                       ("pipeline.train", worker_args, worker_root)])]
 
 
 def finish(procs: list[subprocess.Popen]) -> list[str]:
@@ -191,17 +195,29 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(store, tmp_path):
     assert list(checkpoints.iterdir()) == []  # both hosts removed their checkpoints once done
 
 
-def test_hosts_started_with_other_params_are_refused_on_every_host(store):
-    """A worker started with another lr would train other weights under the chief's logged params (with another
-    batch size or epoch count it would wait on a collective forever): both hosts exit 2 before any step."""
+@pytest.mark.parametrize("other", ["lr", "code"])
+def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(store, tmp_path, other):
+    """A worker started with another lr, or left on other code (a checkout not pulled), would train other weights
+    under the chief's logged params and code (with another batch size or epoch count it would wait on a collective
+    forever): both hosts exit 2 before any step, naming what differs."""
+    worker_args, worker_root = ("--overrides", "tracking.experiment=e2e train.lr=0.2"), ROOT
+    what = "model or train params"
+    if other == "code":  # the same params, from a checkout whose model.py differs by one line
+        worker_args, worker_root = (), tmp_path / "checkout"
+        for folder in ("pipeline", "params"):
+            shutil.copytree(ROOT / folder, worker_root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "MLproject", worker_root)
+        with open(worker_root / "pipeline" / "model.py", "a") as f:
+            f.write("\nPADDING = 'same'\n")
+        what = f"code (pipeline/{{{','.join(TRAIN_CODE)}}}.py)"
     procs = start_two_hosts(store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
-                            worker_args=("--overrides", "tracking.experiment=e2e train.lr=0.2"))
+                            worker_args=worker_args, worker_root=worker_root)
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2, err[-3000:]
         assert err.strip().splitlines()[-1] == (
-            "error: TF_CONFIG: worker 1 started with other model or train params, or other data, than the chief "
-            "(worker 0): start every host with the same params, epochs, overrides and data")
+            f"error: TF_CONFIG: worker 1 started with other {what} than the chief (worker 0): start every host "
+            f"with the same code, params, epochs, overrides and data")
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("TF_CONFIG: worker 1 ")
