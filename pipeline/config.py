@@ -351,8 +351,10 @@ def _parse_text(key: str, text: _Text, annotation: Any) -> Any:
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against a dataclass field type; ints are accepted where floats are."""
-    if isinstance(value, _Text):
-        value = _parse_text(key, value, annotation)
+    if isinstance(value, _Text) or isinstance(value, str) and annotation in (bool, int):
+        # also a number or boolean quoted in a params file (`epochs: "10"`, `ema: "true"`, as tiny.yaml quotes its
+        # jit_compile): refused as "must be an integer, got '10'", it is read by the key's type as typed overrides are
+        value = _parse_text(key, _Text(value), annotation)
     origin = typing.get_origin(annotation)
     if origin is tuple:
         _check(isinstance(value, (list, tuple)), key, "must be a list", value)
@@ -379,18 +381,52 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise TypeError(f"unsupported field type {annotation!r} for {key}")  # programming error
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one silently, so a
+    second `train:` section appended to a params file dropped every key of the first (tiny.yaml trained 150 epochs)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key: an override, as YAML means it
+                continue
+            name, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            with contextlib.suppress(TypeError):  # an unhashable key: the constructor's own error says so
+                if name in seen:
+                    raise _DuplicateKey(f"gives {name!r} twice (lines {seen[name]} and {line}): YAML would silently "
+                                        f"keep only the last; give it once")
+                seen[name] = line
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node)
+        if re.fullmatch(r"[-+]?0[0-7_]+|[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+", text):  # YAML 1.1's octal and base 60
+            return text  # read by its key's type (`_coerce`), as an override is: `epochs: 010` was 8, `0755` a name 493
+        return super().construct_yaml_int(node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+
+
 def read_yaml(path: str | Path, *, key: str = "params") -> dict[str, Any]:
     """The mapping a YAML file holds ({} if empty); a relative path not found here is taken from the
-    project root. ConfigError naming `key` if the file is missing, not YAML or not a mapping."""
+    project root. ConfigError naming `key` if the file is missing, not YAML, not a mapping, or gives a key twice
+    in one mapping."""
     candidate = Path(path)
     if not candidate.is_absolute() and not candidate.exists():
         candidate = PROJECT_ROOT / candidate
     try:
-        data = yaml.safe_load(candidate.read_text())
+        data = yaml.load(candidate.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
     except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"{key}: file not found: {path}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{key}: {path} is not a YAML text file (not UTF-8 text)") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{key}: {path} {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if data is None:

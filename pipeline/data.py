@@ -465,12 +465,17 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
 
     Training data and served images both go through this function, so they match. A photo's EXIF orientation is
     applied (a phone's portrait JPEG is stored on its side), and 16-bit images are scaled to 8 bits (Pillow's
-    RGB conversion clips them: mid-grey would read as white).
+    RGB conversion clips them: mid-grey would read as white); 32-bit ones, of unknown scale, are refused.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(raw)) as img:
+            # 32-bit TIFFs (float "F", integer "I") hold 0-1, 0-255 or any range: read as 8 or 16 bits, 0-1 floats and
+            # 0-255 integers came out black. (16-bit images open as I;16, a 16-bit PGM as I: no BitsPerSample tag.)
+            if img.mode == "F" or (img.mode == "I" and getattr(img, "tag_v2", {}).get(258) == (32,)):
+                raise DataError(f"{name}: a 32-bit {'float' if img.mode == 'F' else 'integer'} image, whose pixel "
+                                f"scale is unknown: save it with 8 or 16 bits per channel")
             img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I"):  # 16-bit greyscale PNGs open as I;16 or I
                 img = Image.fromarray(np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257), 0, 255)
@@ -479,6 +484,8 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
             if img.size != (IMAGE_SIZE, IMAGE_SIZE):
                 img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
+    except DataError:
+        raise
     except Image.DecompressionBombError as exc:  # a canvas beyond Pillow's pixel limit, refused before decoding
         raise DataError(f"{name}: image too large ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -10,7 +10,7 @@ point); the console ends with where to look at the run.
 from __future__ import annotations
 
 from pipeline import config, inputs
-from pipeline.distribute import Distribution, cluster_from_env, distribution
+from pipeline.distribute import Distribution, distribution
 from pipeline.tracking import cli, log_params, set_tags, step_run, steps, ui_hint
 from pipeline.tracking.resume import mark_pipeline_done, trained_before_a_failure
 
@@ -50,9 +50,11 @@ def main() -> None:
     args = config.entry_point_parser("main", __doc__.split("\n")[0], resume=config.RESUME_HELP).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
     cfg, dataset_uri = inputs.check_inputs(cfg, resume=args.resume)
-    # In a cluster the hosts meet first (`distribute.wait_for_hosts`): one that never comes, or Ctrl-C while waiting
-    # for it, leaves no run behind
-    dist = distribution(cfg.train.distribute) if cluster_from_env() else None
+    # Before any run opens, as the train entry point does: a mode this backend or host cannot run (data_parallel on
+    # TensorFlow, multi_worker without TF_CONFIG) is refused here, not after prepare in an empty train run. In a
+    # cluster the hosts meet first (`distribute.wait_for_hosts`): one that never comes, or Ctrl-C while waiting for
+    # it, leaves no run behind
+    dist = distribution(cfg.train.distribute)
     with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
         run(cfg, resume=args.resume, dataset_uri=dataset_uri, dist=dist)
     print(ui_hint(parent))

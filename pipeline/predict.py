@@ -42,8 +42,8 @@ def server_message(body: bytes) -> str:
     """The reason in an MLflow error body, without the echo of the request MLflow puts before it."""
     try:
         message = str(json.loads(body).get("message", ""))
-    except (ValueError, AttributeError):
-        message = body.decode("utf-8", "replace")
+    except (ValueError, AttributeError):  # not MLflow's answer (a proxy's or another server's HTML page): one line
+        message = " ".join(re.sub(r"<[^>]*>", " ", body.decode("utf-8", "replace")).split())[:300]
     return message.rsplit("\nError: ", 1)[-1].strip() or "(no message)"
 
 
@@ -68,13 +68,17 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
     """POST base64 images to `<url>/invocations`; return the server's predictions, one dict per image.
     `names` (one per image: file names) replace the server's `image <i>` in its error message."""
     check_url(url)
-    request = urllib.request.Request(f"{url.rstrip('/')}/invocations", data=json.dumps({"inputs": images}).encode(),
+    endpoint = f"{url.rstrip('/')}/invocations"
+    request = urllib.request.Request(endpoint, data=json.dumps({"inputs": images}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             predictions = json.loads(response.read())["predictions"]
     except urllib.error.HTTPError as exc:
         message = name_images(server_message(exc.read()), names or [])
+        if exc.code == 404:  # a tracking server (`mlflow server` also defaults to port 5000), or --url .../invocations
+            raise PredictError(f"HTTP 404 for {endpoint}: no model server at --url {url}; it takes the base URL of "
+                               f"`mlflow models serve` (http://host:port), not a tracking server's") from None
         raise PredictError(f"server refused the request (HTTP {exc.code}): {message}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         raise PredictError(f"cannot reach {url} ({getattr(exc, 'reason', exc)})") from None

@@ -5,8 +5,9 @@ Input, as JSON bodies for `mlflow models serve` (or the same objects passed to `
   (a single (32, 32, 3) image is accepted too);
 - encoded images, PNG or JPEG of any size, base64 strings: `{"inputs": ["<b64>", ...]}`,
   `{"dataframe_split": {"columns": ["image"], "data": [["<b64>"], ...]}}` or
-  `{"dataframe_records": [{"image": "<b64>"}, ...]}`. They are converted to 32x32 RGB by
-  `pipeline.data.decode_image`, the function training images went through. Raw bytes work in process.
+  `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs"). They are
+  converted to 32x32 RGB by `pipeline.data.decode_image`, the function training images went through.
+  Raw bytes work in process.
 Output: one row per image with the predicted `label`, its `probability` and all class
 `probabilities` (in `class_names` order).
 
@@ -62,6 +63,8 @@ def bad_input(message: str) -> MlflowException:
 
 def to_pixels(model_input: Any) -> np.ndarray:
     """Any accepted input (see the module docstring) -> validated uint8 pixels (n, 32, 32, 3)."""
+    if isinstance(model_input, list) and model_input and all(isinstance(row, dict) for row in model_input):
+        model_input = pd.DataFrame(model_input)  # records under "inputs": [{"image": ...}], as dataframe_records
     if isinstance(model_input, (pd.DataFrame, dict)):
         return decode_images(image_column(model_input))
     encoded = encoded_images(model_input)
@@ -96,6 +99,8 @@ def encoded_images(model_input: Any) -> list | None:
     """The encoded images of an unnamed batch (base64 strings or bytes), or None if it holds pixel values."""
     if isinstance(model_input, (str, bytes)):
         return [model_input]
+    if isinstance(model_input, (pd.Series, tuple)):  # in process: a frame's image column passed on its own
+        model_input = list(model_input)
     if isinstance(model_input, np.ndarray):
         # Only a 0-d (a bare `"inputs": "..."`) or 1-d array of text or objects can hold encoded images;
         # don't copy pixel tensors to lists.
@@ -119,6 +124,8 @@ def decode_images(items: list) -> np.ndarray:
 
 def to_bytes(item: Any, name: str) -> bytes:
     """A base64 string (optionally a `data:` URI) or raw bytes -> the encoded image bytes."""
+    if isinstance(item, np.ndarray) and item.ndim == 0:  # MLflow makes each value of an "inputs" record a 0-d array
+        item = item.item()
     if isinstance(item, bytes):
         raw = item
     elif isinstance(item, str):

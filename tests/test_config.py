@@ -202,6 +202,26 @@ def test_schedule_params_that_do_nothing_or_never_reach_the_peak_are_refused():
     assert config.load(None, "train.warmup=0.6 train.schedule=cosine").train.warmup == 0.6
 
 
+def test_a_quoted_or_octal_looking_value_in_a_params_file_is_read_by_its_keys_type(tmp_path):
+    """tiny.yaml quotes `jit_compile: "false"` (a choice); `ema: "true"` or `epochs: "10"` written alike were refused
+    as `train.epochs: must be an integer, got '10'`, the message contradicting itself."""
+    (tmp_path / "quoted.yaml").write_text('train:\n  ema: "true"\n  epochs: "10"\nmodel:\n  widths: ["16", 32, 64]\n')
+    cfg = config.load(tmp_path / "quoted.yaml")
+    assert (cfg.train.ema, cfg.train.epochs, cfg.model.widths) == (True, 10, (16, 32, 64))
+    # YAML 1.1's octal read `epochs: 010` as 8 and the name `0755` as 493: a params file reads them as overrides do
+    (tmp_path / "octal.yaml").write_text("train:\n  epochs: 010\n  lr: 010\ntracking:\n  experiment: 0755\n"
+                                         "data:\n  synthetic_train: 10_000\n")
+    cfg = config.load(tmp_path / "octal.yaml")
+    assert (cfg.train.epochs, cfg.train.lr, cfg.tracking.experiment, cfg.data.synthetic_train) == (
+        10, 10.0, "0755", 10_000)
+    for text, message in (('train:\n  ema: "maybe"\n', "train.ema: must be true or false, got 'maybe'"),
+                          ('train:\n  epochs: "1:30"\n', "train.epochs: must be an integer, got '1:30'"),
+                          ("train:\n  epochs: 1:30\n", "train.epochs: must be an integer, got '1:30'")):  # not 90
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(config.ConfigError, match=f"^{message}"):
+            config.load(tmp_path / "bad.yaml")
+
+
 def test_a_params_file_with_a_number_or_null_for_a_key_names_it(tmp_path):
     for text, message in (("train:\n  1: 2\n", "train.1: unknown key"), ("1:\n  a: 2\n", "1: unknown section"),
                           ("train:\n  null: 2\n", "train.None: unknown key")):
@@ -227,6 +247,22 @@ def test_bad_params_files(tmp_path):
         config.load(tmp_path / "unknown.yaml")
     with pytest.raises(config.ConfigError, match="expected section.key=value"):
         config.load(None, "epochs=3")
+
+
+def test_a_key_given_twice_in_a_params_file_is_refused_not_dropped(tmp_path):
+    """PyYAML keeps the last of two equal keys silently: a `train:` section appended to a copy of tiny.yaml dropped
+    tiny's whole train section, and the run trained the seed's 150 epochs of a step schedule."""
+    tiny = (config.PROJECT_ROOT / "params" / "tiny.yaml").read_text()
+    (tmp_path / "twice.yaml").write_text(tiny + "train:\n  cutout: 8\n")
+    with pytest.raises(config.ConfigError, match=r"^params: .*twice.yaml gives 'train' twice \(lines 12 and 22\): "
+                                                 r"YAML would silently keep only the last; give it once$"):
+        config.load(tmp_path / "twice.yaml")
+    (tmp_path / "lr.yaml").write_text("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n")
+    with pytest.raises(config.ConfigError, match=r"gives 'lr' twice \(lines 2 and 4\)"):
+        config.load(tmp_path / "lr.yaml")
+    # a YAML merge key's values may be overridden, as YAML means it
+    (tmp_path / "merge.yaml").write_text("x: &base {lr: 0.1, epochs: 3}\ny:\n  <<: *base\n  lr: 0.2\n")
+    assert config.read_yaml(tmp_path / "merge.yaml")["y"] == {"lr": 0.2, "epochs": 3}
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -543,6 +543,15 @@ def test_decode_image_reads_16_bit_and_turns_photos_upright():
     assert pixels[:12].mean() > 200 and pixels[-12:].mean() < 50
 
 
+@pytest.mark.parametrize("pixels", [np.full((32, 32), 0.5, dtype=np.float32), np.full((32, 32), 128, dtype=np.int32)],
+                         ids=["float-0-1", "int32-0-255"])
+def test_decode_image_refuses_32_bit_images_of_unknown_scale(pixels):
+    buf = io.BytesIO()  # both decoded silently to black (mean 0) before; a 32-bit TIFF's range is anyone's guess
+    Image.fromarray(pixels).save(buf, format="TIFF")
+    with pytest.raises(data.DataError, match="cat.tif: a 32-bit .* image, whose pixel scale is unknown"):
+        data.decode_image(buf.getvalue(), "cat.tif")
+
+
 def test_real_cifar10_jpeg_copy(cifar_jpeg):
     d = cifar_jpeg  # data.load_source of the copy beside the project (conftest)
     assert d.x_train.shape == (50000, 32, 32, 3) and d.x_test.shape == (10000, 32, 32, 3)

@@ -7,6 +7,7 @@ started on a free loopback port and killed at the end.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
@@ -161,7 +162,11 @@ def test_encoded_images_decode_like_training_images():
     for given in ([b64(png), b64(jpeg)], np.array([b64(png), b64(jpeg)]), [png, jpeg],
                   pd.DataFrame({"image": [b64(png), b64(jpeg)]}), {"image": [b64(png), b64(jpeg)]},
                   [f"data:image/png;base64,{b64(png)}", b64(jpeg)],
-                  [base64.encodebytes(png).decode(), base64.encodebytes(jpeg).decode()]):  # lines of 76, as `base64`
+                  [base64.encodebytes(png).decode(), base64.encodebytes(jpeg).decode()],  # lines of 76, as `base64`
+                  # a frame's column on its own, and records under "inputs" as the server passes them (0-d arrays):
+                  # read as pixel values, they were refused with "pixels must have shape (n, 32, 32, 3), got (2,)"
+                  pd.Series([b64(png), b64(jpeg)]), (b64(png), b64(jpeg)),
+                  [{"image": np.array(b64(png))}, {"image": np.array(b64(jpeg)), "id": np.array(7)}]):
         np.testing.assert_array_equal(serve.to_pixels(given), expected)
     assert serve.to_pixels(b64(png)).shape == (1, 32, 32, 3)
     for one in ({"image": b64(png)}, {"image": np.array(b64(png))}):  # one named image, as MLflow passes it
@@ -179,8 +184,10 @@ def test_encoded_images_decode_like_training_images():
     (np.array("abc"), "image 0: not a base64 image"),  # what the server makes of {"inputs": "abc"}
     (pd.DataFrame([]), "empty batch"),  # {"dataframe_records": []}: said "needs a column 'image'"
     (pd.DataFrame(np.zeros((1, 3072))), "[0, 1, 2, 3, 4] and 3067 more;"),  # flattened pixels: not 3,072 names
+    ([{"picture": np.array("x")}], "a column 'image'"),  # {"inputs": [{"picture": ...}]}
+    ([{"image": np.array(b64(encode(random_pixels(1)[0])))}, {"img": np.array("y")}], "image 1: expected"),
 ], ids=["invalid-base64", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
-        "instances-dropped", "0-d-string", "no-records", "pixel-columns"])
+        "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -225,14 +232,15 @@ def test_served_pixel_tensors_match_in_process(server, local_model):
     assert_same_predictions(answer["predictions"], local_model.predict(pixels))
 
 
-@pytest.mark.parametrize("layout", ["inputs", "dataframe_split", "dataframe_records"])
+@pytest.mark.parametrize("layout", ["inputs", "dataframe_split", "dataframe_records", "inputs_records"])
 def test_served_png_and_jpeg_match_in_process(server, local_model, layout):
     images = [encode(random_pixels(1, seed=3)[0], "PNG"), encode(random_pixels(1, seed=4, shape=(48, 64))[0], "PNG"),
               encode(random_pixels(1, seed=5, shape=(48, 64))[0], "JPEG")]
     encoded = [b64(raw) for raw in images]
     body = {"inputs": {"inputs": encoded},
             "dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}},
-            "dataframe_records": {"dataframe_records": [{"image": e} for e in encoded]}}[layout]
+            "dataframe_records": {"dataframe_records": [{"image": e} for e in encoded]},
+            "inputs_records": {"inputs": [{"image": e} for e in encoded]}}[layout]
     status, answer = post(server, body)
     assert status == 200
     assert_same_predictions(answer["predictions"], local_model.predict(encoded))
@@ -338,18 +346,16 @@ def test_predict_client_refuses_a_bad_timeout_before_connecting(tmp_path, capsys
     assert f"--timeout must be a number of seconds > 0, got {timeout}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("answer", [[0], [{"label": 3, "probability": 0.9}], {"label": "cat"}],
-                         ids=["numbers", "numeric-label", "not-a-list"])
-def test_predict_client_reports_another_models_answer_in_one_line(tmp_path, capsys, answer):
-    # another model's server (a text classifier takes strings too) answered rows that `row['label']` crashed on
+@contextlib.contextmanager
+def answering(status: int, body: bytes) -> Iterator[str]:
+    """A loopback HTTP server answering every POST with `status` and `body`; its base URL."""
     import http.server
     import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
-            body = json.dumps({"predictions": answer}).encode()
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -359,12 +365,48 @@ def test_predict_client_reports_another_models_answer_in_one_line(tmp_path, caps
 
     other = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=other.serve_forever, daemon=True).start()
-    image = tmp_path / "a.png"
-    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
     try:
-        assert predict.main([str(image), "--url", f"http://127.0.0.1:{other.server_port}"]) == 1
+        yield f"http://127.0.0.1:{other.server_port}"
     finally:
         other.shutdown()
+
+
+@pytest.mark.parametrize("answer", [[0], [{"label": 3, "probability": 0.9}], {"label": "cat"}],
+                         ids=["numbers", "numeric-label", "not-a-list"])
+def test_predict_client_reports_another_models_answer_in_one_line(tmp_path, capsys, answer):
+    # another model's server (a text classifier takes strings too) answered rows that `row['label']` crashed on
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(200, json.dumps({"predictions": answer}).encode()) as url:
+        assert predict.main([str(image), "--url", url]) == 1
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1
     assert "unexpected answer from" in err and "is it serving this project's model?" in err
+
+
+@pytest.mark.parametrize(("status", "page", "problem"), [
+    (404, b"<!doctype html>\n<html lang=en>\n<title>404 Not Found</title>\n<h1>Not Found</h1>\n"
+          b"<p>The requested URL was not found on the server.</p>\n",  # what `mlflow server` answers
+     "no model server at --url"),
+    (502, b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+          b"</center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n",
+     "server refused the request (HTTP 502): 502 Bad Gateway 502 Bad Gateway nginx"),
+], ids=["tracking-server", "proxy-page"])
+def test_predict_client_reports_a_server_that_is_not_a_model_server_in_one_line(tmp_path, capsys, status, page,
+                                                                                 problem):
+    # `mlflow server` (a tracking server, port 5000 by default like --url's) answered an HTML page: the error ran over
+    # six lines of HTML and said "server refused the request (HTTP 404)" without saying --url was wrong
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(status, page) as url:
+        assert predict.main([str(image), "--url", url]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and problem in err and "<" not in err
+
+
+def test_predict_client_names_a_url_ending_in_invocations(server, tmp_path, capsys):
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    assert predict.main([str(image), "--url", f"{server}/invocations"]) == 1
+    err = capsys.readouterr().err
+    assert f"HTTP 404 for {server}/invocations/invocations: no model server at --url {server}/invocations" in err
