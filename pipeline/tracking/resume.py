@@ -94,9 +94,9 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
                                      f"(finished runs delete theirs)")
         if not claim(resume):
             raise config.ConfigError(f"resume: run {resume} is being trained by another process right now")
-        run_id = resume
+        run_id, changed = resume, code_change(resume)
     else:
-        run_id = newest_resumable(cfg, dataset_uri)
+        run_id, changed = newest_resumable(cfg, dataset_uri), None
         if run_id is None:
             return None
         refuse_other_code(run_id)  # as check_inputs did before any run opened, unless a run changed since
@@ -106,7 +106,6 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
         client.set_tag(parent, "resumed_by", active.info.run_id if active else "")
         client.set_terminated(parent, "KILLED")
     print(f"resuming train run {run_id} from its last completed epoch")
-    changed = code_change(run_id)
     if changed:  # resume=<id>: the way on that refuse_other_code's message gives; start_training tags the run
         print(f"warning: train run {run_id} was checkpointed by other code (train_code {changed[0][:12]}, "
               f"here {changed[1][:12]}): its next epochs train with the code here from the old code's weights "
