@@ -88,8 +88,11 @@ def run_profile(profile: str, data: str, extra: list[str], seed: int | None = No
         (main,) = client.search_runs([train.info.experiment_id], "tags.step = 'main'")
         history = sorted(client.get_metric_history(train.info.run_id, "val_acc"), key=lambda m: m.step)
         curve = [(m.timestamp / 1000 - start, m.value) for m in history]
+        held_out = float(train.data.params.get("train.validation_fraction", 0))
         row = {"profile": profile, "model": train.info.run_name, "seed": int(train.data.params["train.seed"]),
                "epochs": len(history),
+               # a profile that holds out no training images validates on the test split itself
+               "val_split": f"{held_out:g} of train held out" if held_out else "test split",
                "wall_s": round(wall, 1), "test_acc": main.data.metrics["test_acc"],
                "best_val_acc": max(v for _, v in curve)}
         for threshold in THRESHOLDS:
@@ -172,7 +175,8 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int | N
             f"data: {data}.\n\n"
             "Each row is one `mlflow run . --env-manager local -P params=params/<profile>.yaml` in a fresh "
             "store; `wall_s` runs from the command's start to its exit (prepare, train, evaluate, register). "
-            "`val_acc>=x_s`: wall seconds when val_acc (held-out split) first reached x. "
+            "`val_acc>=x_s`: wall seconds when val_acc first reached x, on the images `val_split` names (training "
+            "images held out, or the test split itself where the profile holds none out). "
             "`test_acc`: all test images. `seed`: the run's `train.seed` (initial weights, held-out split, batch "
             "order); runs with the same seed train the same model.\n\n"
             f"## Median per profile\n\n{medians.to_markdown(index=False)}\n\n"

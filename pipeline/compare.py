@@ -4,9 +4,9 @@ Reads:  training runs (tag step = 'train') of every experiment, or of one, or na
         by a column of the table; their params, metric histories and the test metrics that
         evaluate logged on each run's model (train runs carry the model's URI in tag `model_uri`).
 Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
-        run: the params that differ between the runs, epochs, final and best `val_acc`,
-        `test_acc`, wall time, images/s) and `val_acc.png` (val_acc per epoch, one curve per
-        run); the Markdown table is also the run's description and is printed.
+        run: the params (and `train_code`) that differ between the runs, epochs, final and best `val_acc`,
+        `test_acc`, `test_data` where the runs' test splits differ, wall time, images/s) and `val_acc.png`
+        (val_acc per epoch, one curve per run); the Markdown table is also the run's description and is printed.
 Returns a dict: the comparison run id, the table (a DataFrame) and the artifact paths.
 Searching the runs and recording the comparison: `pipeline.tracking.steps`.
 """
@@ -21,7 +21,16 @@ import matplotlib
 import pandas as pd
 
 from pipeline import config
-from pipeline.tracking import artifact_dir, cli, markdown_table, metric_history, model_metrics, open_run, steps
+from pipeline.tracking import (
+    artifact_dir,
+    cli,
+    markdown_table,
+    metric_history,
+    model_metrics,
+    model_test_data,
+    open_run,
+    steps,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -32,6 +41,9 @@ CURVE_METRIC = "val_acc"
 RESULT_COLUMNS = ("epochs", "val_acc", "best_val_acc", "test_acc", "wall_s", "images_per_s")
 # Params that identify rather than configure a run; they differ between runs without meaning anything.
 IGNORED_PARAMS = ("dataset_uri",)
+# Tags naming what trained a run besides its params (`train_code`: the digest of the training code): a column,
+# shortened, where they differ between the runs, as the same params under other code are another experiment.
+PROVENANCE_TAGS = ("train_code",)
 # Columns where lower is better (so sorted lowest first), besides any `*_loss`; the others sort highest first.
 LOWER_IS_BETTER = ("wall_s", "loss")
 
@@ -53,15 +65,18 @@ def differing_params(runs: pd.DataFrame) -> list[str]:
 
 
 def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataFrame:
-    """One row per run: name, run id, the differing params (without the `params.` prefix), RESULT_COLUMNS."""
+    """One row per run: name, run id, the differing params (without the `params.` prefix) and PROVENANCE_TAGS,
+    RESULT_COLUMNS (and `test_data` after test_acc where the test splits differ)."""
     rows = []
     varying = differing_params(runs)
+    provenance = [t for t in PROVENANCE_TAGS if f"tags.{t}" in runs and runs[f"tags.{t}"].dropna().nunique() > 1]
     for _, run in runs.iterrows():
         history = histories[run["run_id"]]
         wall = (run["end_time"] - run["start_time"]).total_seconds() if pd.notna(run.get("end_time")) else math.nan
         rows.append({
             "run": run.get("tags.mlflow.runName"), "run_id": run["run_id"],
             **{c.removeprefix("params."): run[c] for c in varying},
+            **{t: run[f"tags.{t}"][:12] if isinstance(run[f"tags.{t}"], str) else None for t in provenance},
             "epochs": len(history),
             "val_acc": history.iloc[-1] if len(history) else math.nan,
             "best_val_acc": history.max() if len(history) else math.nan,
@@ -69,13 +84,26 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             "wall_s": wall,
             # The last epoch's throughput: the first one also pays for tracing and compilation.
             "images_per_s": run.get("metrics.images_per_second", math.nan),
+            "test_data": model_test_data(run.get("tags.model_uri")),
         })
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if table["test_data"].dropna().nunique() > 1:  # test_acc on other test images (another copy, a subset) says so
+        table.insert(table.columns.get_loc("test_acc") + 1, "test_data", table.pop("test_data").str[:12])
+    else:
+        table = table.drop(columns="test_data")
+    return table
+
+
+def test_data_note(table: pd.DataFrame) -> str:
+    """A line before the table where its test_acc values come from different test splits, else ''."""
+    splits = table["test_data"].dropna().nunique() if "test_data" in table else 0
+    return (f"test_acc was measured on {splits} different test splits (column test_data: the sha256 of each run's "
+            "newest evaluation): only rows with the same test_data compare.\n\n" if splits > 1 else "")
 
 
 def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
-    """Rows sorted by `metric`, best first (lowest first for times and losses, else highest), runs without it
-    last; the first `top` if given."""
+    """Rows sorted by `metric`, best first (lowest first for times and losses, else highest; equals in the
+    table's order), runs without it last; the first `top` if given."""
     if metric not in table.columns or not pd.api.types.is_numeric_dtype(table[metric]):
         numeric = [c for c in RESULT_COLUMNS if c in table.columns]
         raise config.ConfigError(f"metric: must be one of {', '.join(numeric)}, got {metric!r}")
@@ -112,10 +140,12 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     run_ids = [r for r in (run_ids or []) if r]
     if top is not None and top < 1:
         raise config.ConfigError(f"top: must be >= 1, got {top}")
-    runs = steps.search_train_runs(experiment, run_ids)
+    # Oldest first, so that among equal scores the earlier run leads: a sweep's registered best trial is the first
+    # of its equals too (the lowest trial number), and the top row of its comparison must be that trial
+    runs = steps.search_train_runs(experiment, run_ids).sort_values("start_time", kind="stable")
     histories = {run_id: val_acc_history(run_id) for run_id in runs["run_id"]}
     table = top_runs(build_table(runs, histories), metric, top)
-    markdown = markdown_table(table)
+    markdown = test_data_note(table) + markdown_table(table)
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
     with open_run("compare", experiment=experiment, run_name=name) as comparison:

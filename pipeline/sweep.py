@@ -61,6 +61,7 @@ from optuna.trial import TrialState
 from pipeline import compare, config, data, prepare
 from pipeline.tracking import (
     Interrupted,
+    StepFailed,
     cli,
     describe_train_run,
     json_digest,
@@ -285,10 +286,17 @@ class Plan:
                 raise config.ConfigError(f"spec.grid.{key}: values repeat, so some trials would run twice: "
                                          f"{raw[key]!r}")
 
-    def rehearse(self, n: int = 3) -> None:
+    def rehearse(self, n: int | None = None) -> None:
         """Run `n` trials of an in-memory study as workers do (a fresh sampler per trial, each param drawn, a
         value reported at step 1, should_prune asked): Optuna checks most sampler and pruner arguments only
-        then, so a bad one fails here, as a ConfigError naming spec.sampler or spec.pruner, before any run."""
+        then, so a bad one fails here, as a ConfigError naming spec.sampler or spec.pruner, before any run.
+        By default 3, past the sampler's and the pruner's startup trials (up to `trials`): TPE draws at random for
+        its first `n_startup_trials` (10 unless given) and uses its other arguments only after them."""
+        if n is None:
+            startups = [self.sampler_kwargs.get("n_startup_trials", 10 if self.sampler_name == "tpe" else 0),
+                        self.pruner_kwargs.get("n_startup_trials", 0)]
+            startup = max([s for s in startups if isinstance(s, int) and not isinstance(s, bool)], default=0)
+            n = 3 + min(max(startup, 0), self.trials)
         study = optuna.create_study(storage=None, direction="maximize", sampler=self.make_sampler(0),
                                     pruner=self.make_pruner())
         for number in range(n):
@@ -680,6 +688,13 @@ def registering_worker_gone(lock: optuna.Study) -> bool:
     return time.time() - float(lock.user_attrs.get("started", 0)) > REGISTER_STALE_S
 
 
+def registered(storage: optuna.storages.RDBStorage, name: str) -> bool:
+    """Whether study `name` is done: its lock study records what was registered (None where no trial finished)."""
+    lock = f"{name}.register"
+    return study_name_in(storage, lock) and "registered_version" in optuna.load_study(
+        storage=storage, study_name=lock).user_attrs
+
+
 def trial_table(study: optuna.Study) -> pd.DataFrame:
     """Optuna's trials table with each trial's MLflow runs: number, params, state, value, epochs, runs."""
     table = study.trials_dataframe(attrs=("number", "params", "state", "value", "user_attrs"))
@@ -798,14 +813,21 @@ def run(args: argparse.Namespace) -> int:
           f"optuna-dashboard {safe_url(storage.url)}", flush=True)  # the driver it opened
     with contextlib.ExitStack() as stack:
         if leads:
-            parent = stack.enter_context(open_run("sweep", experiment=base.tracking.experiment,
-                                                  run_name=f"sweep-{name}"))
-            log_params({"sweep.spec": args.spec, "sweep.study": name, "sweep.storage": safe_url(storage_url),
-                               "sweep.sampler": plan.sampler_name, "sweep.pruner": plan.pruner_name,
-                               "sweep.trials": plan.trials, "sweep.overrides": plan.extra_overrides})
-            log_dict(plan.spec, "sweep.yaml")
-            set_tags({"optuna_study": name, "optuna_storage": safe_url(storage_url)})
-            lead(plan, study, parent.info.run_id, parent.info.experiment_id)
+            try:
+                parent = stack.enter_context(open_run("sweep", experiment=base.tracking.experiment,
+                                                      run_name=f"sweep-{name}"))
+                log_params({"sweep.spec": args.spec, "sweep.study": name, "sweep.storage": safe_url(storage_url),
+                            "sweep.sampler": plan.sampler_name, "sweep.pruner": plan.pruner_name,
+                            "sweep.trials": plan.trials, "sweep.overrides": plan.extra_overrides})
+                log_dict(plan.spec, "sweep.yaml")
+                set_tags({"optuna_study": name, "optuna_storage": safe_url(storage_url)})
+                lead(plan, study, parent.info.run_id, parent.info.experiment_id)
+            except BaseException:  # (a trashed tracking.experiment, Ctrl-C) a study left without its fingerprint
+                #                    would hold up every rerun of this command for a minute, then refuse it
+                with contextlib.suppress(Exception):  # the original error is the one to report
+                    if "fingerprint" not in study.user_attrs:
+                        optuna.delete_study(study_name=name, storage=storage)
+                raise
             for cfg in {prepare.prepare_key(c): c for c in plan.configs}.values() if plan.grid else []:
                 prepare.ensure_prepared(cfg)  # each distinct dataset once, before any trial
         else:
@@ -817,8 +839,12 @@ def run(args: argparse.Namespace) -> int:
             procs = [subprocess.Popen(worker_command(args, storage_url, name), env=env, cwd=config.PROJECT_ROOT)
                      for _ in range(workers)]
             codes = [p.wait() for p in procs]
-            if any(codes):
-                raise RuntimeError(f"sweep workers exited with {codes}")
+            if any(codes):  # one killed (out of memory, say): the others retry its trial and finish the study
+                if not registered(storage, name):
+                    raise StepFailed(f"sweep workers exited with {codes} before study {name} was done; rerun the "
+                                     f"same command to go on with it")
+                print(f"warning: sweep workers exited with {codes}; the others finished study {name}",
+                      file=sys.stderr, flush=True)
             finish(plan, study, storage)  # a no-op: one of the workers has finished the study
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:

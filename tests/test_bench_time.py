@@ -178,3 +178,40 @@ def test_cpu_runtime_refuses_a_side_repeated_as_its_own_baseline(tmp_path, monke
     with pytest.raises(SystemExit) as exc:
         cpu_runtime.main()
     assert exc.value.code == 2 and "--sides: two or more different ones of" in capsys.readouterr().err
+
+
+def test_a_run_read_back_times_each_threshold_by_its_epoch_and_names_its_validation_split(monkeypatch):
+    """The report said val_acc came from a held-out split even for a profile that validates on the test split."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from bench import time_to_accuracy
+
+    def command(cmd, env, **kwargs):  # what `mlflow run` of main leaves in the fresh store, in seconds from its start
+        client, now = MlflowClient(env["MLFLOW_TRACKING_URI"]), int(started * 1000)
+        experiment = client.create_experiment("x", artifact_location=env["PIPELINE_CHECKPOINT_DIR"])
+        runs = {}
+        for step, begin, end in (("main", 1, 9), ("prepare", 2, 3), ("train", 3, 7), ("evaluate", 7, 8),
+                                 ("register", 8, 8.5)):
+            runs[step] = client.create_run(experiment, start_time=now + int(begin * 1000), tags={"step": step},
+                                           run_name="resnet11-e3" if step == "train" else step).info.run_id
+            client.set_terminated(runs[step], end_time=now + int(end * 1000))
+        client.log_param(runs["train"], "train.seed", "0")
+        client.log_param(runs["train"], "train.validation_fraction", "0.0")
+        client.log_batch(runs["train"], metrics=[Metric("val_acc", v, now + int(t * 1000), epoch) for epoch, (t, v)
+                                                 in enumerate([(4, 0.45), (5, 0.72), (6, 0.71)], start=1)]
+                         + [Metric("epoch_seconds", 1.0, now, epoch) for epoch in (1, 2, 3)])
+        client.log_metric(runs["main"], "test_acc", 0.7)
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(time_to_accuracy.subprocess, "run", command)
+    started = time.time()
+    result = time_to_accuracy.run_profile("tiny", "", [])
+    row = result["row"]
+    assert (row["epochs"], row["val_split"], row["best_val_acc"]) == (3, "test split", 0.72)
+    assert row["val_acc>=0.5_s"] == row["val_acc>=0.7_s"] == pytest.approx(5.0, abs=0.2)  # epoch 2, not 1 or 3
+    assert row["val_acc>=0.8_s"] is None and row["val_acc>=0.9_s"] is None
+    assert result["phases"]["train_epochs_s"] == 3.0
+    assert result["phases"]["train_other_s"] == pytest.approx(1.0, abs=0.1)

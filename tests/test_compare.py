@@ -227,3 +227,67 @@ def test_a_run_trained_on_a_local_dataset_file_names_its_digest(store, tmp_path)
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("e2e").experiment_id) as run:
         mlflow.log_params({"dataset_uri": f"file://{tmp_path / 'dataset.npz'}", "train.epochs": "3"})
     assert f"sha256 `{'ab' * 32}`" in describe_train_run(run.info.run_id)
+
+
+def test_test_accs_measured_on_different_test_splits_are_marked(monkeypatch):
+    """A model evaluated again on other test images (another copy, a subset) ranked first by test_acc among runs
+    scored on the full test split, and nothing in the table said so."""
+    import pandas as pd
+
+    from pipeline import compare
+
+    scores = {"models:/m-a": (0.34, "7a930fdd5b92" + "0" * 52), "models:/m-b": (0.22, "57f856aa645c" + "0" * 52),
+              "models:/m-c": (0.20, "57f856aa645c" + "0" * 52)}
+    monkeypatch.setattr(compare, "model_metrics", lambda uri: {"test_acc": scores[uri][0]})
+    monkeypatch.setattr(compare, "model_test_data", lambda uri: scores[uri][1])
+    runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "params.train.lr": ["0.1"] * 3,
+                         "tags.model_uri": list(scores), "start_time": pd.NaT, "end_time": pd.NaT})
+    histories = {r: pd.Series({1: 0.5}) for r in "abc"}
+    table = compare.top_runs(compare.build_table(runs, histories), "test_acc", None)
+    assert table["test_data"].tolist() == ["7a930fdd5b92", "57f856aa645c", "57f856aa645c"]
+    assert list(table.columns).index("test_data") == list(table.columns).index("test_acc") + 1
+    assert compare.test_data_note(table).startswith("test_acc was measured on 2 different test splits")
+    assert compare.test_data_note(table.tail(2)) == ""
+
+    scores["models:/m-a"] = (0.34, scores["models:/m-b"][1])  # one test split: no column, no note
+    table = compare.build_table(runs, histories)
+    assert "test_data" not in table and compare.test_data_note(table) == ""
+
+
+def test_runs_with_equal_scores_are_listed_oldest_first(store):
+    """A sweep registers the first of its trials with equal val_acc (held-out splits of a few hundred images make
+    ties common), but its comparison listed the newest of them on top, as if it had won."""
+    from mlflow import MlflowClient
+
+    from pipeline import compare
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    ids = []
+    for start, val_acc in ((1_000, 0.99), (2_000, 0.97), (3_000, 0.99)):  # trials 0, 1, 2 of a sweep
+        run = client.create_run(experiment, start_time=start, tags={"step": "train"}).info.run_id
+        client.log_metric(run, "val_acc", val_acc, step=1)
+        client.set_terminated(run, end_time=start + 500)
+        ids.append(run)
+    table = compare.run("e2e", metric="val_acc")["table"]
+    assert table["run_id"].tolist() == [ids[0], ids[2], ids[1]]
+
+
+def test_runs_trained_by_other_code_are_marked(monkeypatch):
+    """The same params trained before and after an edit of the training code showed as two rows with nothing
+    between them differing but their scores."""
+    import pandas as pd
+
+    from pipeline import compare
+
+    monkeypatch.setattr(compare, "model_metrics", lambda uri: {})
+    monkeypatch.setattr(compare, "model_test_data", lambda uri: None)
+    runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "params.train.lr": ["0.1"] * 3,
+                         "tags.model_uri": [None] * 3, "start_time": pd.NaT, "end_time": pd.NaT,
+                         "tags.train_code": ["1" * 64, "2" * 64, None]})  # None: a run from before the tag
+    histories = {r: pd.Series({1: 0.5}) for r in "abc"}
+    table = compare.build_table(runs, histories)
+    assert table["train_code"].tolist()[:2] == ["1" * 12, "2" * 12] and pd.isna(table["train_code"][2])
+    assert list(table.columns)[:3] == ["run", "run_id", "train_code"]  # no param differs
+    runs["tags.train_code"] = "1" * 64
+    assert "train_code" not in compare.build_table(runs, histories)

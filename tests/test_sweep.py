@@ -150,6 +150,19 @@ def test_official_cifar10_out_of_reach_is_one_line_before_any_trial(store, tmp_p
     assert not (tmp_path / "optuna.db").exists()
 
 
+def test_a_leader_refused_before_its_study_is_set_up_leaves_no_study(store, tmp_path, in_process):
+    """Its study stayed without a fingerprint: every rerun of the command waited a minute, then was refused."""
+    client = MlflowClient()
+    client.delete_experiment(client.create_experiment("trashed"))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    spec = write_spec(tmp_path, "sweep-trashed", GRID)
+    done = in_process("sweep", "--spec", spec, "--overrides", "tracking.experiment=trashed", "--storage", storage)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: tracking.experiment: 'trashed' is in MLflow's trash"), line
+    assert optuna.get_all_study_summaries(storage, include_best_trial=False) == []
+
+
 SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
 
 
@@ -162,6 +175,9 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
      "got ['median']"),
     (SPACE + "pruner: {type: hyperband, min_resource: abc}\n", "spec.pruner: TypeError: unsupported operand "
      "type(s) for /: 'int' and 'str' (with the arguments {'min_resource': 'abc'})"),
+    ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 8\nsampler: {type: tpe, n_startup_trials: 6, "
+     "n_ei_candidates: 0}\n", "spec.sampler: ValueError: The size of `samples` must be positive, but got 0. (with the "
+     "arguments {'n_startup_trials': 6, 'n_ei_candidates': 0})"),  # TPE uses it only after its 6 random trials
     (SPACE + "seed: 4294967296\n", "spec.seed: must be an integer from 0 to 4294967295, got 4294967296"),
     (SPACE + "sampler: {type: random, seed: -1}\n",
      "spec.sampler.seed: must be an integer from 0 to 4294967295, got -1"),
@@ -169,8 +185,8 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
     ("grid: {train.lr: [1, 1.0]}\n", "spec.grid.train.lr: values repeat, so some trials would run twice: [1, 1.0]"),
     ("grid:\n  train.lr: [0.1, 1e-1, '0.1', 1/10]\n  train.momentum: [0.9]\n",
      "spec.grid.train.lr: values repeat, so some trials would run twice: [0.1, '1e-1', '0.1', '1/10']"),
-], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "seed-too-big",
-        "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways"])
+], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
+        "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
     has_base = body.startswith("base:")
@@ -321,6 +337,39 @@ def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_stud
     parent, trials, _ = sweep_runs(client, "killed")
     assert parent.info.status == "FINISHED" and sorted(trials) == [0, 1]
     assert parent.data.tags["best_trial"] == "1" and len(client.search_model_versions("name = 'cifar10-resnet'")) == 1
+
+
+def test_a_killed_worker_of_several_is_a_warning_once_the_others_finish_the_study(store, tmp_path, in_process,
+                                                                                 monkeypatch):
+    """`--workers 2` with one worker killed (out of memory, say) while the other retried its trial and registered the
+    best ended in a traceback, and the finished sweep run was marked FAILED. Nothing finished: one line, exit 3."""
+    real = subprocess.Popen
+
+    class Killed:
+        def wait(self):
+            return -signal.SIGKILL
+
+    def popen(cmd, **kwargs):  # the first worker process of a command (or all) is killed at once
+        if "--join" not in cmd:
+            return real(cmd, **kwargs)
+        workers.append(cmd)
+        return Killed() if kill_all or len(workers) == 1 else real(cmd, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    spec = write_spec(tmp_path, "sweep-workers", "grid:\n  train.lr: [0.1]\n")
+    workers, kill_all = [], False
+    done = in_process("sweep", "--spec", spec, "--study", "one-killed", "--workers", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "warning: sweep workers exited with [-9, 0]; the others finished study one-killed" in done.stderr
+    client = MlflowClient()
+    parent, _, _ = sweep_runs(client, "one-killed")
+    assert parent.info.status == "FINISHED" and parent.data.tags["registered_version"] == "1"
+
+    workers, kill_all = [], True
+    done = in_process("sweep", "--spec", spec, "--study", "all-killed", "--workers", "2")
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == ["error: sweep workers exited with [-9, -9] before study all-killed "
+                                                "was done; rerun the same command to go on with it"]
 
 
 def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(store, tmp_path, in_process):

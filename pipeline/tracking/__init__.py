@@ -12,7 +12,7 @@ served model); the steps call these functions and never import MLflow.
 - Finding runs by key: `find_finished_run` (a prepare to reuse), `unfinished_runs` (a train run
   to resume); `metric_history` reads a run's metric per step.
 - Logged models: `model_id` parses `models:/m-...`; `model_metrics` and `latest_metrics` apply the
-  one rule for a metric's latest value (the newest timestamp).
+  one rule for a metric's latest value (the newest timestamp); `model_test_data` names the test split it came from.
 - Run descriptions (`describe_train_run`) and Markdown tables (`markdown_table`) for the UI.
 
 What each step records and reads, by name:
@@ -483,6 +483,16 @@ def model_metrics(model_uri: str | None) -> dict[str, float]:
         return latest_metrics(mlflow.get_logged_model(found).metrics)
     except MlflowException:
         return {}  # the model was deleted or lives in a store this client cannot see
+
+
+def model_test_data(model_uri: str | None) -> str | None:
+    """Tag `test_data_sha256` of the logged model `models:/m-...`: the test split of its newest evaluation, the one
+    `model_metrics` reads test_acc from (None if unknown)."""
+    found = model_id(model_uri)
+    try:
+        return (mlflow.get_logged_model(found).tags or {}).get(TEST_DATA_TAG) if found else None
+    except MlflowException:
+        return None
 
 
 def find_finished_run(tag: str, key: str) -> str | None:
