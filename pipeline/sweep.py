@@ -636,6 +636,7 @@ def work(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage) -
     """Claim and run waiting trials until none is left waiting or running (a stale running trial is
     failed and queued again meanwhile), then finish the study if no other worker has."""
     parent_id, experiment_id = study.user_attrs["mlflow_parent_run_id"], study.user_attrs["mlflow_experiment_id"]
+    waiting_for: set[int] = set()
     while True:
         optuna.storages.fail_stale_trials(study)
         claimed = claim(study, storage, plan)
@@ -643,6 +644,12 @@ def work(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage) -
             with heartbeat(storage, claimed[1]):
                 run_trial(plan, study, claimed[0], parent_id, experiment_id)
         elif unfinished(study):
+            running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+            if running - waiting_for:  # say why this worker idles: a rerun after Ctrl-C waits up to GRACE_S here
+                print(f"waiting for trial(s) {', '.join(map(str, sorted(running)))}: running in another worker, or "
+                      f"stopped (a killed or interrupted worker's trial is queued again {GRACE_S} s after its last "
+                      f"heartbeat)", flush=True)
+            waiting_for = running
             time.sleep(POLL_S)
         else:
             break

@@ -328,6 +328,7 @@ def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_stud
 
     done = in_process("sweep", "--spec", spec, "--study", "killed", env={"SWEEP_HEARTBEAT_SECONDS": "1"})  # again
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "waiting for trial(s) 0: running in another worker, or stopped" in done.stdout  # not a silent wait
     study = optuna.load_study(study_name="killed", storage=storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
     assert study.trials[1].system_attrs["failed_trial"] == 0 and study.trials[1].params == study.trials[0].params
