@@ -69,9 +69,12 @@ start_postgres() {
   port=$(awk '{print $3}' <<< "$cluster")
   [[ $port == "$PGPORT" ]] || fail "PostgreSQL cluster $PG_VERSION/$PG_CLUSTER is on port $port, not PGPORT=$PGPORT"
   if ! pg_isready -q -h "$PGHOST" -p "$PGPORT"; then
-    # Two callers may start it at once; the loser's "already running" is fine.
+    # Two callers may start it at once: the loser's start fails, with "already running" or, while the
+    # winner's server is still coming up, pg_ctl's own error; either way the server then answers.
     if ! out=$(as_postgres pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start 2>&1) && [[ $out != *"already running"* ]]; then
-      fail "could not start PostgreSQL $PG_VERSION/$PG_CLUSTER: $(head -n 1 <<< "$out")"
+      for _ in $(seq 10); do pg_isready -q -h "$PGHOST" -p "$PGPORT" && break; sleep 0.5; done
+      pg_isready -q -h "$PGHOST" -p "$PGPORT" ||
+        fail "could not start PostgreSQL $PG_VERSION/$PG_CLUSTER: $(head -n 1 <<< "$out")"
     fi
     for _ in $(seq 60); do pg_isready -q -h "$PGHOST" -p "$PGPORT" && break; sleep 0.5; done
     pg_isready -q -h "$PGHOST" -p "$PGPORT" ||
@@ -108,8 +111,13 @@ start_postgres() {
 check_port() {
   command -v python >/dev/null || fail "no python on PATH: activate the project's virtual environment (. .venv/bin/activate)"
   python - "$HOST" "$PORT" <<'PY' || exit 1
-import socket, sys
+import importlib.util, socket, sys
 host, port = sys.argv[1], sys.argv[2]
+# Another python on PATH (the venv not activated) failed only at the end, after the databases were made.
+missing = [name for name in ("mlflow", "psycopg2") if importlib.util.find_spec(name) is None]
+if missing:
+    sys.exit(f"error: {sys.executable} has no {' or '.join(missing)}: activate the project's virtual environment"
+             " (. .venv/bin/activate)")
 if not port.isdigit() or not 0 < int(port) < 65536:
     sys.exit(f"error: PORT takes a port number, got {port!r}")
 try:
@@ -124,11 +132,16 @@ except OSError as exc:
 PY
 }
 
-[[ ${1:-} == postgres ]] || check_port
+# Also before anything is made: an ARTIFACTS the server cannot make (a normal user's /srv/...) stopped the
+# script only after it had made the databases.
+check_artifacts() {
+  mkdir -p "$ARTIFACTS" 2>/dev/null && [[ -w $ARTIFACTS ]] ||
+    fail "cannot make or write ARTIFACTS=$ARTIFACTS: run this as a user who may, or set ARTIFACTS"
+}
+
+[[ ${1:-} == postgres ]] || { check_port; check_artifacts; }
 start_postgres
 [[ ${1:-} == postgres ]] && exit 0
-
-mkdir -p "$ARTIFACTS"
 
 # Host headers and browser origins MLflow accepts: its own defaults (localhost, private IPs) and the
 # names members use (this host's, ALLOWED_HOSTS). These are fnmatch patterns: a literal [ is [[].

@@ -195,6 +195,48 @@ def test_three_runs_started_together_on_a_fresh_store_all_finish(tmp_path):
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == str(best.version)
 
 
+def test_the_store_lock_is_the_database_files_and_serves_users_who_cannot_write_it(tmp_path, monkeypatch):
+    """The lock was keyed by the URI's spelling, so `sqlite:///mlflow.db` in two users' folders was one lock file
+    in /tmp, created by the first user (0644): every step of the second died on a PermissionError traceback."""
+    import tempfile
+
+    from pipeline import tracking
+
+    locked = []
+    real_lock = tracking.file_lock
+    monkeypatch.setattr(tracking, "file_lock", lambda path: (locked.append(path), real_lock(path))[1])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder, uri in [("a", "sqlite:///mlflow.db"), ("a", f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"),
+                        ("b", "sqlite:///mlflow.db")]:
+        monkeypatch.chdir(tmp_path / folder)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert tracking.ensure_store() == uri
+    assert locked[0] == locked[1] != locked[2]  # one file, two spellings: one lock; another folder's file: another
+
+    # A lock file this process may not write (another user's, 0644 in /tmp): the lock still works. As root,
+    # the check runs in a child that has become `nobody`, for whom root's file is read-only.
+    fd, name = tempfile.mkstemp(suffix=".lock")
+    os.close(fd)
+    os.chmod(name, 0o444)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                with tracking.file_lock(Path(name)) as got:
+                    code = 0 if got else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.unlink(name)
+
+
 class Echo(mlflow.pyfunc.PythonModel):
     """A stand-in model: register only needs a logged model with a test_acc on it."""
 

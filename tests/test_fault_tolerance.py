@@ -496,6 +496,28 @@ def test_dead_tracking_server_fails_within_a_minute_exit_4_and_the_rerun_resumes
         stop_group(server)
 
 
+def test_creating_the_store_checks_that_a_server_or_other_store_answers():
+    """`python -m pipeline.tracking` (the README's first command) said "tracking store ... ready" for a server
+    that was down, a mistyped scheme or a driver this project lacks, and `mlflow run` then retried for minutes;
+    a step given such a URI died on a traceback. Now: one line naming the URI (never its password), non-zero."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    dead = f"http://127.0.0.1:{free_port()}"
+    for uri, code, error in [
+        (dead, 4, f"error: tracking server {dead} failed: "),
+        ("htp://team-host:5000", 2,
+         "error: MLFLOW_TRACKING_URI: cannot open the tracking store htp://team-host:5000: "),
+        ("postgresql://mlflow:s3cret@127.0.0.1:1/mlflow", 2,  # SQLAlchemy's default driver (psycopg 3) is not shipped
+         "error: MLFLOW_TRACKING_URI: cannot open the tracking store postgresql://mlflow:***@127.0.0.1:1/mlflow: "
+         "ModuleNotFoundError"),
+    ]:
+        done = subprocess.run([sys.executable, "-m", "pipeline.tracking"], cwd=ROOT, capture_output=True, text=True,
+                              env={**env, "MLFLOW_TRACKING_URI": uri}, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == code and len(lines) == 1 and lines[0].startswith(error), (uri, done.stderr[-2000:])
+        assert "ready" not in done.stdout and "s3cret" not in done.stderr
+
+
 @pytest.mark.parametrize(("every", "stop", "ema"), [(1, 2, False), (2, 3, False), (2, 3, True)])
 def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_path, every, stop, ema):
     """The shifts, flips and cutout draw from SeedGenerators whose state `save_weights` leaves out: the checkpoint

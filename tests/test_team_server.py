@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -250,6 +251,26 @@ def test_members_reach_the_server_by_this_hosts_name_and_allowed_hosts(team):
     assert request(create, f"{socket.gethostname()}:{port}", origin="http://evil.example") == 403
 
 
+def test_ci_installs_python3_venv_where_python3_has_no_ensurepip(tmp_path):
+    """`.ci/run` installed PostgreSQL where it was missing but not python3-venv: on a Debian whose python3 has no
+    ensurepip, `python3 -m venv .venv` failed after the installs. Stubs stand in for apt-get (which records its
+    arguments and stops the script), sudo and such a python3."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    log = tmp_path / "apt.log"
+    log.touch()
+    for name, body in {"apt-get": f'echo "$*" >> {log}; [ "$1" = update ]', "sudo": 'exec "$@"',
+                       "python3": '[ "$*" = "-c import ensurepip" ] && exit 1; exit 3'}.items():
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    # PG_CLUSTER=nosuch: a script that went on would stop in team-server.sh before it touched PostgreSQL
+    result = subprocess.run([str(ROOT / ".ci" / "run")], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PG_CLUSTER": "nosuch"})
+    assert result.returncode != 0
+    installs = [line.split() for line in log.read_text().splitlines() if line.startswith("install")]
+    assert len(installs) == 1 and "python3-venv" in installs[0], (log.read_text(), result.stderr)
+
+
 def test_a_port_in_use_is_one_line_before_anything_is_made():
     """Run twice on one port, the second `mlflow server` logged a bind error and exited 0, having made the
     databases."""
@@ -268,6 +289,27 @@ def test_a_port_in_use_is_one_line_before_anything_is_made():
     assert "PORT takes a port number" in one_error_line(run_script(PORT="50OO"))
 
 
+def test_an_artifacts_folder_or_a_python_it_cannot_use_is_one_line_before_anything_is_made(tmp_path):
+    """As a normal user, the README's ARTIFACTS=/srv/mlflow-artifacts failed in mkdir after the databases were made."""
+    name = f"mlflow_art_{uuid.uuid4().hex[:10]}"
+    (tmp_path / "a-file").write_text("")
+    try:
+        result = run_script(MLFLOW_DB=name, OPTUNA_DB=name, HOST="127.0.0.1", PORT=str(free_port()),
+                            ARTIFACTS=str(tmp_path / "a-file" / "artifacts"))
+        assert f"ARTIFACTS={tmp_path / 'a-file' / 'artifacts'}" in one_error_line(result)
+        assert not database_exists(name)
+        # A `python` on PATH without the project's packages (the venv not activated) failed at the very end.
+        stubs = tmp_path / "bin"
+        stubs.mkdir()
+        (stubs / "python").symlink_to(Path(sys.base_prefix) / "bin" / "python3")  # the venv's base: no mlflow
+        result = run_script(MLFLOW_DB=name, OPTUNA_DB=name, HOST="127.0.0.1", PORT=str(free_port()),
+                            ARTIFACTS=str(tmp_path / "artifacts"), PATH=f"{stubs}:{os.environ['PATH']}")
+        assert "has no mlflow" in one_error_line(result) and "activate" in result.stderr
+        assert not database_exists(name)
+    finally:
+        drop_databases(os.environ.get("PGPORT", "5432"), name)
+
+
 def test_bad_postgresql_settings_are_one_line_and_quick():
     """A wrong password (the role exists already), an unknown cluster, a PGPORT the cluster is not on:
     one line and exit 1 at once, not a traceback later or a 30 s wait that blames the start."""
@@ -283,6 +325,29 @@ def test_bad_postgresql_settings_are_one_line_and_quick():
     other_port = str(free_port())
     assert f"not PGPORT={other_port}" in one_error_line(run_script("postgres", PGPORT=other_port))
     assert time.monotonic() - started < 15
+
+
+def test_a_start_that_loses_the_race_to_another_caller_is_fine_once_the_server_answers():
+    """Callers started together on a stopped cluster: the loser's `pg_ctlcluster start` failed with pg_ctl's own error
+    (not "already running") while the winner's server came up, and the script stopped (1 in 3 tries of 3 callers).
+    Stubs play the loser: the cluster looks down at first, its start fails; then the real server answers."""
+    import shutil
+    import tempfile
+
+    stubs = Path(tempfile.mkdtemp())  # not under tmp_path: the postgres user runs pg_ctlcluster from here
+    try:
+        stubs.chmod(0o755)
+        scripts = {"pg_isready": f'[ -e {stubs}/asked ] && exec /usr/bin/pg_isready "$@"; touch {stubs}/asked; exit 2',
+                   "pg_ctlcluster": 'echo "Error: /usr/lib/postgresql/15/bin/pg_ctl start ... exited with status 1:"'
+                                    "; exit 1"}
+        for name, body in scripts.items():
+            (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+            (stubs / name).chmod(0o755)
+        result = run_script("postgres", PATH=f"{stubs}:{os.environ['PATH']}")
+        assert result.returncode == 0, result
+        assert (stubs / "asked").exists()  # the stubs were used
+    finally:
+        shutil.rmtree(stubs)
 
 
 def test_an_exported_pghost_does_not_send_the_admin_commands_over_tcp():

@@ -121,7 +121,13 @@ def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
     """An exclusive OS lock (flock) on `path` for the duration; yields False if `blocking` is off and
     another process holds it. The OS drops the lock when the process dies, however it dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    try:  # read-only: flock needs no write access, so a lock file another user created serves as well
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o644)  # readable by the other users of the store, whatever the umask
+    with os.fdopen(fd) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -134,17 +140,42 @@ def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
 
 
 def ensure_store() -> str:
-    """Create the SQLite tracking store (tables and migrations) if it does not exist yet; its URI.
+    """Create the SQLite tracking store (tables and migrations) if it does not exist yet, or check that
+    another store answers; its URI.
 
     Serialised by a file lock, so processes starting together on a fresh store do not run MLflow's
-    schema creation at the same time (which fails). Other stores (a server) are left to their owner.
+    schema creation at the same time (which fails). The lock is keyed by the database file, not the URI's
+    spelling (`sqlite:///mlflow.db` names another file in every folder). Other stores (a server) are left
+    to their owner, only asked to answer: an unreachable server is MlflowException (`cli`: exit 4), a URI
+    MLflow cannot open at all is ConfigError naming it.
     """
     uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///"):
-        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        database = os.path.abspath(uri.removeprefix("sqlite:///").partition("?")[0])
+        digest = hashlib.sha256(database.encode()).hexdigest()[:16]
         with file_lock(Path(tempfile.gettempdir()) / f"pipeline-store-{digest}.lock"):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
-    return uri
+        return uri
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        if uri.startswith(("http://", "https://")):
+            raise
+        reason = _first_line(exc.message)  # e.g. an unknown scheme (a typo)
+    except Exception as exc:  # noqa: BLE001 - a missing driver, a refused login: whatever the store's library raises
+        reason = f"{type(exc).__name__}: {_first_line(str(exc))}"
+    else:
+        return uri
+    raise ConfigError(f"MLFLOW_TRACKING_URI: cannot open the tracking store {_without_password(uri)}: {reason}")
+
+
+def _first_line(text: str) -> str:
+    return (str(text).strip().splitlines() or [""])[0][:300]
+
+
+def _without_password(uri: str) -> str:
+    """`uri` with the password of its user part, if any, as `***` (an error line must not print it)."""
+    return re.sub(r"^([a-z0-9+.-]+://[^/@:]*):[^/@]*@", r"\1:***@", uri, flags=re.IGNORECASE)
 
 
 def code_digest(*modules: str) -> str:

@@ -1,13 +1,15 @@
-"""`python -m pipeline.tracking`: create the tracking store if missing (see `ensure_store`).
+"""`python -m pipeline.tracking`: create the tracking store if missing, or check that it answers (see `ensure_store`).
 
 `--settle RUN_ID STATUS PID [--delete]` is internal: see `_settle_wrapper_run`.
 """
 
 import sys
 
-from pipeline.tracking import _settle, ensure_store
+from pipeline.tracking import _settle, cli, tracking_uri
 
 if sys.argv[1:2] == ["--settle"]:
     _settle(sys.argv[2], sys.argv[3], int(sys.argv[4]), "--delete" in sys.argv[5:])
 else:
-    print(f"tracking store {ensure_store()} ready")
+    # cli creates or probes the store first: a server that does not answer, or a URI MLflow cannot open,
+    # is one line and a non-zero exit, not "ready"
+    cli(lambda: print(f"tracking store {tracking_uri()} ready"))
