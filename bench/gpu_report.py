@@ -58,14 +58,22 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
             "last val_acc": (run.get("val_acc") or [None])[-1] if full else None,
             "test_acc": run.get("test_acc"),
             "val/test acc by TTA": tta_cell(run.get("tta_scores")),
-            "projected min (full schedule)": None if full or run.get("partial")
-            else run.get("projected_full_schedule_minutes"),
+            "projected min (full schedule)": None if full or run.get("partial") else projected_minutes(run),
             "status": status(run),
         })
     if not records:
         raise SystemExit(f"no gpu-*.json in {results}")
     frame = pd.DataFrame.from_records(records)
     return frame.astype(object).where(frame.notna(), None)
+
+
+def projected_minutes(run: dict) -> float | None:
+    """The whole schedule's minutes: the first epoch as measured (its compiles are part of any run), the others at
+    the steady pace. (Files written before `bench.gpu_epoch` projected so counted every epoch at the steady pace.)"""
+    seconds, steady, epochs = run.get("epoch_seconds"), run.get("steady_epoch_seconds"), run.get("full_schedule_epochs")
+    if not (seconds and steady and epochs):
+        return run.get("projected_full_schedule_minutes")
+    return round((seconds[0] + (epochs - 1) * steady) / 60, 1)
 
 
 def status(run: dict) -> str:

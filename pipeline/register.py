@@ -11,7 +11,8 @@ Writes: a new version of `register.model_name` tagged with its source run id, `t
         differences, the decision and why) becomes the version's description and tags and the
         register run's artifacts `champion_vs_challenger.md/.json`. The version is created with the report
         (the alias still to place) and its tags in one write; a rerun after a register stopped before tagging
-        the decision finishes that version rather than registering the model again. The training run gets a
+        the decision finishes that version rather than registering the model again, and one whose register
+        finished registers nothing (a rerun of a `main` that failed after it). The training run gets a
         description naming its data digest if it has none.
 Returns a dict: version, test_acc, previous champion, whether the alias moved, and why.
 This module decides and writes the report; reading and writing the registry is `pipeline.tracking.registry`.
@@ -99,6 +100,22 @@ def _version(model_version) -> str | None:
     return None if model_version is None else str(model_version.version)
 
 
+def registered_already(name: str, alias: str, model_uri: str, version) -> dict:
+    """register's decision where a register finished `version` of `model_uri` with the same score: nothing is
+    written to the registry again (the version keeps its report), the register run records why."""
+    holder = _version(registry.current_champion(name, alias))
+    moved = holder == str(version.version)
+    reason = (f"v{version.version} registers {model_uri} with this test_acc on the same test data already: not "
+              f"registered again; @{alias} is {'on it' if moved else f'on v{holder}' if holder else 'on no version'}")
+    decision = {"model_name": name, "version": int(version.version), "test_acc": float(version.tags["test_acc"]),
+                "champion_version": None, "champion_test_acc": None, "alias_moved": moved, "reason": reason}
+    registry.log_decision({"model_uri": model_uri, "register.model_name": name, "register.alias": alias},
+                          {"registered_version": str(version.version), "alias_moved": str(moved).lower(),
+                           "decision": reason}, decision)
+    print(f"{name}: {reason}")
+    return decision
+
+
 def run(cfg: config.Config, model_uri: str) -> dict:
     """Register inside the active run; report champion vs challenger; return the decision."""
     name, alias = cfg.register.model_name, cfg.register.alias
@@ -113,7 +130,10 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     tags = {"test_acc": tagged, "run_id": score.source_run or "", registry.EVALUATE_RUN_TAG: score.evaluate_run or "",
             **({TEST_DATA_TAG: test_data} if test_data else {})}
     # a register of this model stopped (killed, Ctrl-C) before its report: finished now, not registered twice
-    version = registry.unfinished_version(name, model_uri, tags)
+    version = registry.same_score_version(name, model_uri, tags, finished=False)
+    done = None if version else registry.same_score_version(name, model_uri, tags, finished=True)
+    if done is not None:  # registered with this score already: a rerun of a main that failed after its register
+        return registered_already(name, alias, model_uri, done)
     if version is not None and _version(champion) == _version(version):
         moved, reason = True, (f"v{version.version} holds @{alias} already: a register of this model placed it "
                                f"there and was stopped before its report")
@@ -150,10 +170,10 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     registry.log_decision({"model_uri": model_uri, "register.model_name": name, "register.alias": alias},
                           {"registered_version": str(version.version), "alias_moved": str(moved).lower(),
                            "decision": reason}, decision)
+    if score.source_run:  # before the report, whose decision tag marks the version finished: nothing may fail after
+        describe_train_run(score.source_run)  # a no-op where the training run already has one
     report = challenger_report(decision, alias, model_uri, score, champion, held)
     registry.record_report(report, report_markdown(report))
-    if score.source_run:
-        describe_train_run(score.source_run)  # a no-op where the training run already has one
     print(f"registered {name} v{version.version}: {'@' + alias + ' moved' if moved else 'alias kept'} ({reason})")
     return decision
 

@@ -238,8 +238,8 @@ def test_test_accs_measured_on_different_test_splits_are_marked(monkeypatch):
 
     scores = {"models:/m-a": (0.34, "7a930fdd5b92" + "0" * 52), "models:/m-b": (0.22, "57f856aa645c" + "0" * 52),
               "models:/m-c": (0.20, "57f856aa645c" + "0" * 52)}
-    monkeypatch.setattr(compare, "model_metrics", lambda uri: {"test_acc": scores[uri][0]})
-    monkeypatch.setattr(compare, "model_test_data", lambda uri: scores[uri][1])
+    monkeypatch.setattr(compare, "model_metrics", lambda uri, dataset_uri=None: {"test_acc": scores[uri][0]})
+    monkeypatch.setattr(compare, "model_test_data", lambda uri, dataset_uri=None: scores[uri][1])
     runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "params.train.lr": ["0.1"] * 3,
                          "tags.model_uri": list(scores), "start_time": pd.NaT, "end_time": pd.NaT})
     histories = {r: pd.Series({1: 0.5}) for r in "abc"}
@@ -280,8 +280,8 @@ def test_runs_trained_by_other_code_are_marked(monkeypatch):
 
     from pipeline import compare
 
-    monkeypatch.setattr(compare, "model_metrics", lambda uri: {})
-    monkeypatch.setattr(compare, "model_test_data", lambda uri: None)
+    monkeypatch.setattr(compare, "model_metrics", lambda uri, dataset_uri=None: {})
+    monkeypatch.setattr(compare, "model_test_data", lambda uri, dataset_uri=None: None)
     runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "params.train.lr": ["0.1"] * 3,
                          "tags.model_uri": [None] * 3, "start_time": pd.NaT, "end_time": pd.NaT,
                          "tags.train_code": ["1" * 64, "2" * 64, None]})  # None: a run from before the tag
@@ -291,3 +291,28 @@ def test_runs_trained_by_other_code_are_marked(monkeypatch):
     assert list(table.columns)[:3] == ["run", "run_id", "train_code"]  # no param differs
     runs["tags.train_code"] = "1" * 64
     assert "train_code" not in compare.build_table(runs, histories)
+
+
+def test_test_acc_is_the_models_score_on_the_data_it_trained_on(store):
+    """A later evaluation on other test images (a data.max_test subset) was the row's test_acc: compare ranked
+    that 0.99 first, over a model that beat it on the whole test split."""
+    import mlflow
+
+    from pipeline import compare
+    from pipeline.tracking import steps
+    from tests.test_failures import Echo
+
+    experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    for name, evaluations in (("a", [("runs:/p/full", 0.9)]), ("b", [("runs:/p/full", 0.8), ("runs:/q/part", 0.99)])):
+        with mlflow.start_run(experiment_id=experiment_id, run_name=name,
+                              tags={"step": "train", "dataset_uri": "runs:/p/full"}):
+            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+            model_uri = info.model_uri
+            mlflow.set_tag("model_uri", model_uri)
+            mlflow.log_metric("val_acc", 0.8, step=0)
+        for dataset_uri, acc in evaluations:
+            with mlflow.start_run(experiment_id=experiment_id):
+                steps.log_evaluation({"model_uri": model_uri, "dataset_uri": dataset_uri}, {"test_acc": acc},
+                                     model_uri, dataset_uri[-4:] * 16)
+    table = compare.run(experiment="e2e", metric="test_acc")["table"]
+    assert table[["run", "test_acc"]].values.tolist() == [["a", 0.9], ["b", 0.8]]

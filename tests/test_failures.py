@@ -432,6 +432,61 @@ def test_a_register_stopped_after_creating_its_version_leaves_it_described_and_t
     assert ("holds @champion already" if stopped_in == "record_report" else "beats v1's") in decision["reason"]
 
 
+def test_a_register_whose_report_upload_fails_leaves_its_version_for_the_rerun(store, monkeypatch):
+    """The report's artifacts were uploaded after the version's decision tag: a failed upload (an artifact store
+    down) failed the register but left the version finished, and the rerun registered the model a second time."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    challenger = evaluated_model(experiment_id, {"test_acc": 0.7})
+    upload = mlflow.log_dict
+
+    def unavailable(value, path, *args, **kwargs):
+        if path == "champion_vs_challenger.json":
+            raise OSError("artifact store unavailable")
+        return upload(value, path, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_dict", unavailable)
+    with pytest.raises(OSError):
+        registered(experiment_id, challenger)
+    assert "decision" not in client.get_model_version("cifar10-resnet", "1").tags
+    monkeypatch.setattr(mlflow, "log_dict", upload)
+    decision = registered(experiment_id, challenger)
+    assert decision["version"] == 1 and decision["alias_moved"], decision
+    assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 1
+
+
+def test_a_model_registered_with_its_score_already_is_not_registered_again(store):
+    """A `main` whose tracking server went away after its register (in its headline results) is rerun, as its
+    error says: it goes on from the trained model, evaluates it again and registered it a second time (v2, the
+    same model and score, "does not beat v1's"). Scored again on other test data, it is a new version."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    model = evaluated_model(experiment_id, {"test_acc": 0.7})
+    first = registered(experiment_id, model)
+    evaluate_again(experiment_id, model, {"test_acc": 0.7})  # the rerun's evaluate: the same score
+    again = registered(experiment_id, model)
+    assert (again["version"], again["alias_moved"]) == (first["version"], True) == (1, True), again
+    assert "not registered again; @champion is on it" in again["reason"]
+    assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 1
+    assert client.get_model_version("cifar10-resnet", "1").tags["decision"] == first["reason"]  # its report kept
+    evaluate_again(experiment_id, model, {"test_acc": 0.6}, "b" * 64)
+    assert registered(experiment_id, model)["version"] == 2
+
+
+def test_the_report_of_a_hundred_classes_fits_a_version_description(store):
+    """MLflow keeps a version's description in 5,000 characters: the report of a 100-class dataset was longer, and
+    on the team server's PostgreSQL creating the version failed ("value too long for type character
+    varying(5000)"), leaving a registered model without it. The register run's report stays whole."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    per_class = {f"test_acc_fine_class_{i:03d}": 0.5 for i in range(100)}
+    decision = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5, **per_class}))
+    description = MlflowClient().get_model_version("cifar10-resnet", "1").description
+    assert len(description) <= 5000 and description.startswith("**Champion vs challenger** (cifar10-resnet): @champ")
+    assert description.endswith("the whole report is the register run's champion_vs_challenger.md)\n")
+    report = mlflow.artifacts.load_text(f"runs:/{mlflow.last_active_run().info.run_id}/champion_vs_challenger.md")
+    assert "| fine_class_099 |" in report and decision["alias_moved"]
+
+
 def test_a_champion_moved_by_hand_stays_where_it_was_put(store):
     """A roll-back (the alias moved by hand to a worse version) is a decision: a later register weighs its new
     version against that holder only, and never puts back a better version from before."""

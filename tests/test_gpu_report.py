@@ -17,7 +17,8 @@ def write(folder, name, **run):
 def test_report_lists_every_stage_in_gpu_sh_order_and_marks_a_stopped_one(tmp_path):
     (tmp_path / "gpu.txt").write_text("NVIDIA H200, 143771 MiB\njax 0.11.2")
     write(tmp_path, "gpu-seed.json", params="params/default.yaml", model="preact_resnet164", epoch_seconds=[80.0, 15.0],
-          steady_epoch_seconds=15.0, images_per_second=3333, projected_full_schedule_minutes=37.5)
+          steady_epoch_seconds=15.0, images_per_second=3333, projected_full_schedule_minutes=37.5,
+          full_schedule_epochs=150)
     write(tmp_path, "gpu-fast.json", params="params/fast.yaml", overrides="train.feed=device ", model="resnet9",
           epoch_seconds=[30.0, 0.5, 0.5], steady_epoch_seconds=0.5, fit_seconds=31.0,
           fit_seconds_after_first_epoch=1.0, test_acc=0.91, projected_full_schedule_minutes=0.0)
@@ -29,7 +30,9 @@ def test_report_lists_every_stage_in_gpu_sh_order_and_marks_a_stopped_one(tmp_pa
                                                                                      "full schedule")
     assert fast["projected min (full schedule)"] is None  # a full run reports what it measured, not a projection
     assert improved["status"] == "stopped at its time limit" and improved["projected min (full schedule)"] is None
-    assert seed["projected min (full schedule)"] == 37.5 and seed["test_acc"] is None
+    # the first epoch as measured (80 s: its compiles), the other 149 at the steady 15 s, not 150 x 15 s as older
+    # files projected
+    assert seed["projected min (full schedule)"] == 38.6 and seed["test_acc"] is None
     text = gpu_report.report(tmp_path, "2026-01-02")
     assert "NVIDIA H200" in text and "2026-01-02" in text and "nan" not in text
     assert text.count("| gpu-") == 3

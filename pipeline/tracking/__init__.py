@@ -12,7 +12,8 @@ served model); the steps call these functions and never import MLflow.
 - Finding runs by key: `find_finished_run` (a prepare to reuse), `unfinished_runs` (a train run
   to resume); `metric_history` reads a run's metric per step.
 - Logged models: `model_id` parses `models:/m-...`; `model_metrics` and `latest_metrics` apply the
-  one rule for a metric's latest value (the newest timestamp); `model_test_data` names the test split it came from.
+  one rule for a metric's latest value (the newest timestamp); `model_test_data` names the test split it came from;
+  `run_param` reads one param of a run.
 - Run descriptions (`describe_train_run`) and Markdown tables (`markdown_table`) for the UI.
 
 What each step records and reads, by name:
@@ -505,23 +506,44 @@ def latest_metrics(metrics) -> dict[str, float]:
     return {key: value for key, (_, value) in latest.items()}
 
 
-def model_metrics(model_uri: str | None) -> dict[str, float]:
-    """Latest value of each metric logged on the model `models:/m-...` ({} if none or unknown)."""
+def model_metrics(model_uri: str | None, dataset_uri: str | None = None) -> dict[str, float]:
+    """Latest value of each metric logged on the model `models:/m-...` ({} if none or unknown); with `dataset_uri`,
+    of the runs that logged them with that param only (evaluations of that dataset)."""
+    return latest_metrics(_model_metric_records(model_uri, dataset_uri))
+
+
+def model_test_data(model_uri: str | None, dataset_uri: str | None = None) -> str | None:
+    """Tag `test_data_sha256` of the evaluate run whose test_acc `model_metrics` (with the same arguments) reads:
+    the test split that score was measured on (None if unknown)."""
+    scores = [m for m in _model_metric_records(model_uri, dataset_uri) if m.key == "test_acc" and m.run_id]
+    if not scores:
+        return None
+    try:
+        return mlflow.MlflowClient().get_run(max(scores, key=lambda m: m.timestamp).run_id).data.tags.get(TEST_DATA_TAG)
+    except MlflowException:
+        return None
+
+
+def _model_metric_records(model_uri: str | None, dataset_uri: str | None) -> list:
+    """The metrics logged on the model `models:/m-...` ([] if unknown), of the runs with param `dataset_uri` if
+    given."""
     found = model_id(model_uri)
     if found is None:
-        return {}
+        return []
     try:
-        return latest_metrics(mlflow.get_logged_model(found).metrics)
+        metrics = mlflow.get_logged_model(found).metrics or []
     except MlflowException:
-        return {}  # the model was deleted or lives in a store this client cannot see
+        return []  # the model was deleted or lives in a store this client cannot see
+    if dataset_uri is not None:
+        on = {run for run in {m.run_id for m in metrics} if run and run_param(run, "dataset_uri") == dataset_uri}
+        metrics = [m for m in metrics if m.run_id in on]
+    return metrics
 
 
-def model_test_data(model_uri: str | None) -> str | None:
-    """Tag `test_data_sha256` of the logged model `models:/m-...`: the test split of its newest evaluation, the one
-    `model_metrics` reads test_acc from (None if unknown)."""
-    found = model_id(model_uri)
+def run_param(run_id: str, key: str) -> str | None:
+    """Param `key` of run `run_id`; None if it has none or the run is gone."""
     try:
-        return (mlflow.get_logged_model(found).tags or {}).get(TEST_DATA_TAG) if found else None
+        return mlflow.MlflowClient().get_run(run_id).data.params.get(key)
     except MlflowException:
         return None
 

@@ -3,6 +3,7 @@
 `model_score` reads one evaluation of a logged model (evaluate logs test_acc, per-class scores and the test split's
 digest for it); `model_test_acc` the newest, for register; `version_score` that of a registered version;
 `current_champion` finds the version holding an alias; `register_version` adds a version;
+`same_score_version` finds the version a register of the same model and score wrote;
 `move_alias` and `settle_alias` place the alias; `log_decision` and `record_report` store
 the decision and the champion-vs-challenger report on the register run and the version.
 Versions are MLflow `ModelVersion` entities: register reads their `version`, `tags`, `model_id`
@@ -25,6 +26,7 @@ from pipeline.tracking import TEST_DATA_TAG, latest_metrics, model_id
 
 EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose score register compared
 DECISION_TAG = "decision"  # on a version: why the alias moved or not; written last, when register is done
+DESCRIPTION_CHARS = 5000  # MLflow's column for a version's description: PostgreSQL refuses a longer one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +143,8 @@ def register_version(model_uri: str, name: str, tags: dict[str, str], *, descrip
         if exc.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
             raise
     logged_model = model_id(model_uri)
-    version = client.create_model_version(name, model_uri, tags=tags, description=description, model_id=logged_model)
+    version = client.create_model_version(name, model_uri, tags=tags, description=fit_description(description),
+                                          model_id=logged_model)
     if logged_model:  # the UI's link from the logged model to its versions; the version itself is whole already
         listed = json.loads(client.get_logged_model(logged_model).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
         client.set_logged_model_tags(logged_model, {MLFLOW_MODEL_VERSIONS: json.dumps(
@@ -149,12 +152,22 @@ def register_version(model_uri: str, name: str, tags: dict[str, str], *, descrip
     return version
 
 
-def unfinished_version(name: str, model_uri: str, tags: dict[str, str]):
+def fit_description(markdown: str | None) -> str | None:
+    """`markdown` as a version's description: whole, or its first lines that fit `DESCRIPTION_CHARS` and a line
+    saying so (a per-class table of ~70 classes is longer; the register run's artifacts keep it whole)."""
+    if markdown is None or len(markdown) <= DESCRIPTION_CHARS:
+        return markdown
+    note = "\n(cut to fit a version's description: the whole report is the register run's champion_vs_challenger.md)\n"
+    return markdown[:DESCRIPTION_CHARS - len(note)].rpartition("\n")[0] + note
+
+
+def same_score_version(name: str, model_uri: str, tags: dict[str, str], *, finished: bool):
     """The version of `name` that a register of `model_uri` with the same score (`tags`' test_acc and test data)
-    created and was stopped (killed, Ctrl-C) before recording its decision; None if there is none. A rerun
-    finishes that version rather than registering the model a second time."""
+    created and finished (`finished`), or was stopped (killed, Ctrl-C) before recording its decision; None if
+    there is none. A rerun finishes an unfinished one, and registers nothing again where one is finished (a `main`
+    that failed after its register, rerun), rather than registering the model a second time."""
     return next((v for v in sorted(versions(name), key=lambda v: int(v.version))
-                 if version_model_uri(v) == model_uri and "test_acc" in v.tags and DECISION_TAG not in v.tags
+                 if version_model_uri(v) == model_uri and "test_acc" in v.tags and (DECISION_TAG in v.tags) == finished
                  and all(v.tags.get(key) == tags.get(key) for key in ("test_acc", TEST_DATA_TAG))), None)
 
 
@@ -217,12 +230,14 @@ def report_tags(report: dict) -> dict[str, str]:
 
 
 def record_report(report: dict, markdown: str) -> None:
-    """Store the champion-vs-challenger report with the model version (description, tags) and on the
-    active run (`champion_vs_challenger.json`, `.md`)."""
-    client = MlflowClient()
-    name, version = report["model_name"], report["challenger"]["version"]
-    client.update_model_version(name, version, description=markdown)
-    for key, value in report_tags(report).items():  # the decision last: it marks the version finished
-        client.set_model_version_tag(name, version, key, value)
+    """Store the champion-vs-challenger report on the active run (`champion_vs_challenger.json`, `.md`) and with
+    the model version (description, tags), the version's decision tag last."""
+    # The uploads first: one that fails after the decision tag left a finished version, and the rerun of the
+    # failed register registered the model a second time
     mlflow.log_dict(report, "champion_vs_challenger.json")
     mlflow.log_text(markdown, "champion_vs_challenger.md")
+    client = MlflowClient()
+    name, version = report["model_name"], report["challenger"]["version"]
+    client.update_model_version(name, version, description=fit_description(markdown))
+    for key, value in report_tags(report).items():  # the decision last: it marks the version finished
+        client.set_model_version_tag(name, version, key, value)
