@@ -31,7 +31,8 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "", dist: Di
     trained = None if resume_id or resume else trained_before_a_failure(cfg, dataset_uri)
     if trained:  # an identical command trained it, then failed in evaluate or register: go on from there
         train_run_id, model_uri = trained
-        print(f"reusing train run {train_run_id}: an identical command trained it and stopped before registering")
+        print(f"reusing train run {train_run_id}: an identical command trained it and stopped before its pipeline "
+              f"finished (in evaluate or register)")
     else:
         with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id) as train_run:
             model_uri = train.run(cfg, dataset_uri, dist)
