@@ -204,9 +204,15 @@ def bench_model(params: str, tmp: Path, args: argparse.Namespace) -> dict:
                           args.json_batch_requests)
     finally:
         stop_group(server)
-    cfg = config.load(params)
-    return {"params": params, "model": f"ResNet-{cfg.model.depth} ({cfg.model.block}, widths "
-            f"{list(cfg.model.widths)}, {cfg.model.units_per_stage} units/stage)", "results": results}
+    return {"params": params, "model": describe_model(config.load(params).model), "results": results}
+
+
+def describe_model(m: config.ModelConfig) -> str:
+    """The model's name for the report; resnet9 has neither blocks nor units per stage to name (its params
+    file's `block` and `units_per_stage` are defaults it ignores)."""
+    if m.arch == "resnet9":
+        return f"ResNet-9 (widths {list(m.widths)})"
+    return f"ResNet-{m.depth} ({m.block}, widths {list(m.widths)}, {m.units_per_stage} units/stage)"
 
 
 def main(argv: list[str] | None = None) -> int:

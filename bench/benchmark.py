@@ -102,7 +102,7 @@ def bench_fit_feed(dataset: data.Dataset, steps_per_execution: int, feed: str = 
     splits = (dataset.x_train, dataset.y_train, dataset.x_test[:BATCH], dataset.y_test[:BATCH])
     timer = fitting.EpochTimer()
     fitting.fit(model, cfg, splits, len(dataset.class_names), [timer])
-    return len(dataset.x_train) / min(timer.seconds[1:])
+    return fitting.images_per_epoch(cfg.train, len(dataset.x_train)) / min(timer.seconds[1:])  # drop_remainder
 
 
 def fit_feeds(dataset_size: int) -> dict:

@@ -6,9 +6,10 @@ JAX instead of TensorFlow (`KERAS_BACKEND=jax`, XLA as well).
 Importing `pipeline` sets `TF_CPU_ALLOCATOR_USE_BFC=true` and leaves `XLA_FLAGS` alone (see pipeline/__init__.py;
 XNNPACK measured no faster on a 2-core EPYC, bench/results/cpu_runtime.md). TensorFlow reads
 both variables once per process, so each side runs in its own child process; the sides alternate, round
-after round, so that a busy spell of a shared machine hits them all. Each child times `train_on_batch` (XLA,
-as `fit` runs it here) on real images after warm-up steps and counts the minor page faults and kernel time of
-the timed steps. Writes bench/results/cpu_runtime.json and bench/results/cpu_runtime.md.
+after round, so that a busy spell of a shared machine hits them all. Each child times `train_on_batch` on real
+images after warm-up steps and counts the minor page faults and kernel time of the timed steps. Every side times
+the same step, float32 + XLA (`OVERRIDES`), whatever the profile's `auto` picks for training on the machine.
+Writes bench/results/cpu_runtime.json and bench/results/cpu_runtime.md.
 
 Usage: python -m bench.cpu_runtime [--rounds 3] [--steps 40] [--sides default,bfc,bfc+xnnpack,jax]
 """
@@ -28,6 +29,10 @@ from bench.machine import child_result, save_results, stamp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILE = "params/quick.yaml"
+# The step every side times, pinned: the profile's `auto` is measured per machine, on TensorFlow only
+# (pipeline/cpu_probe.py), and can pick a step without XLA, where XNNPACK (XLA's) changes nothing and JAX (always
+# XLA) would time another program than the TensorFlow sides.
+OVERRIDES = ["train.precision=float32", "train.jit_compile=true"]
 # key: (label, environment of the child)
 SIDES = {
     "default": ("TensorFlow's defaults", {"KERAS_BACKEND": "tensorflow", "TF_CPU_ALLOCATOR_USE_BFC": "false",
@@ -62,7 +67,7 @@ def child(steps: int) -> dict:
     from pipeline import config, fitting
     from pipeline.distribute import distribution
 
-    cfg = config.load(PROFILE)
+    cfg = config.load(PROFILE, OVERRIDES)
     dataset = load_images(5000)
     batch = cfg.train.batch_size
     model = fitting.compile_model(cfg, dataset, distribution("none"), 45000)
@@ -88,6 +93,9 @@ def run_child(side: str, steps: int) -> dict:
     # importing pipeline must not override what the environment sets
     if result["env"] != wanted or result["backend"] != wanted["KERAS_BACKEND"]:
         raise RuntimeError(f"the child ran with {result['env']}, not {wanted}")
+    if (result["dtype_policy"], result["jit_compile"]) != ("float32", True):  # every side the same step
+        raise SystemExit(f"{side}: the child timed a {result['dtype_policy']} step with jit_compile "
+                         f"{result['jit_compile']}, not float32 + XLA ({' '.join(OVERRIDES)}); no results written")
     return result
 
 
@@ -105,7 +113,8 @@ def write_markdown(results: dict, path: Path) -> None:
         "# CPU runtime settings", "",
         f"Machine: {results['machine']}. Date: {results['date']}. `python -m bench.cpu_runtime --rounds "
         f"{results['rounds']} --steps {results['steps']} --sides {','.join(results['sides'])}`.", "",
-        f"Train step of the quick profile ({PROFILE}: {first['dtype_policy']}, XLA {first['jit_compile']}), "
+        f"Train step of the quick profile ({PROFILE} with {' '.join(OVERRIDES)}: {first['dtype_policy']}, XLA "
+        f"{first['jit_compile']}, on every side), "
         f"batch {results['batch']}, {results['steps']} timed steps per child process after 5 warm-up steps; "
         "the sides alternate in separate processes.", "",
         table.to_markdown(index=False), "",

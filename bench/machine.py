@@ -14,14 +14,28 @@ from pathlib import Path
 
 def machine() -> str:
     """What this ran on, as detected: CPU model and cores, GPUs (nvidia-smi) or none."""
-    cpu = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        cpu = describe_cpu(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        cpu = None
     gpus = gpu_names()
-    return f"{os.cpu_count()}-core {cpu}, " + (f"GPU: {', '.join(gpus)}" if gpus else "no GPU")
+    return (f"{os.cpu_count()}-core {cpu or platform.processor() or platform.machine()}, "
+            + (f"GPU: {', '.join(gpus)}" if gpus else "no GPU"))
+
+
+def describe_cpu(cpuinfo: str) -> str | None:
+    """The first processor of /proc/cpuinfo's text: its model name, and (virtual machines often name the CPU only
+    "AMD EPYC") its family, model and bfloat16 units (AVX512-BF16, AMX), which set the CPU speeds measured here."""
+    info: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    if "model name" not in info:
+        return None
+    units = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))
+             if flag in info.get("flags", "").split()]
+    return (f"{info['model name']} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}; "
+            f"{', '.join(units) or 'no bfloat16 units'})")
 
 
 def gpu_names() -> list[str]:

@@ -180,6 +180,50 @@ def test_cpu_runtime_refuses_a_side_repeated_as_its_own_baseline(tmp_path, monke
     assert exc.value.code == 2 and "--sides: two or more different ones of" in capsys.readouterr().err
 
 
+def test_cpu_runtime_times_the_same_float32_xla_step_on_every_side(monkeypatch):
+    # quick.yaml's `auto` is probed per machine on TensorFlow only: on a bfloat16 CPU the TensorFlow sides timed a
+    # step without XLA (XNNPACK, XLA's, then changes nothing) and the JAX side one with it, under one header
+    from bench import cpu_runtime
+    from pipeline import config
+
+    train = config.load(cpu_runtime.PROFILE, cpu_runtime.OVERRIDES).train
+    assert (train.precision, train.jit_compile) == ("float32", "true")
+    env = cpu_runtime.SIDES["bfc"][1]
+    child = {"env": env, "backend": "tensorflow", "dtype_policy": "mixed_bfloat16", "jit_compile": False}
+    monkeypatch.setattr(cpu_runtime, "child_result", lambda *a, **k: child)
+    with pytest.raises(SystemExit) as exc:
+        cpu_runtime.run_child("bfc", 2)
+    assert "\n" not in str(exc.value) and "bfc: the child timed a mixed_bfloat16 step" in str(exc.value)
+    monkeypatch.setattr(cpu_runtime, "child_result", lambda *a, **k: {**child, "dtype_policy": "float32",
+                                                                       "jit_compile": True})
+    assert cpu_runtime.run_child("bfc", 2)["jit_compile"] is True
+
+
+def test_feed_benchmark_sides_train_as_many_images_per_epoch():
+    # the pipeline's feed drops the partial batch under quick.yaml's train.drop_remainder; Keras's array feed
+    # always trains it (one more step, and a second compile for its shape) unless given whole batches
+    import numpy as np
+
+    from bench import feed
+    from pipeline import config, fitting
+
+    cfg = config.load(feed.PROFILE)
+    assert cfg.train.drop_remainder
+    splits = (np.zeros((10035, 1), np.uint8), np.zeros(10035, np.int32), np.zeros((205, 1), np.uint8),
+              np.zeros(205, np.int32))
+    x_train, y_train, x_val, _ = feed.keras_splits(cfg, splits)
+    steps = fitting.steps_per_epoch(cfg.train, len(splits[0]))
+    assert len(x_train) == len(y_train) == steps * cfg.train.batch_size == 9984 and len(x_val) == 205
+
+
+def test_serving_benchmark_names_resnet9_without_the_preact_fields_it_ignores():
+    from bench.bench_serve import describe_model
+    from pipeline import config
+
+    assert describe_model(config.load("params/quick.yaml").model) == "ResNet-9 (widths [16, 48, 192, 384])"
+    assert describe_model(config.load("params/tiny.yaml").model).startswith("ResNet-11 (bottleneck, widths")
+
+
 def test_a_run_read_back_times_each_threshold_by_its_epoch_and_names_its_validation_split(monkeypatch):
     """The report said val_acc came from a held-out split even for a profile that validates on the test split."""
     import time
@@ -215,3 +259,16 @@ def test_a_run_read_back_times_each_threshold_by_its_epoch_and_names_its_validat
     assert row["val_acc>=0.8_s"] is None and row["val_acc>=0.9_s"] is None
     assert result["phases"]["train_epochs_s"] == 3.0
     assert result["phases"]["train_other_s"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_benchmark_reports_name_the_cpus_family_model_and_bfloat16_units():
+    # a VM's "model name" is often just "AMD EPYC", while the CPU speeds measured depend on its generation
+    import os
+
+    from bench.machine import describe_cpu, machine
+
+    cpuinfo = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+               "model name\t: AMD EPYC\nflags\t\t: fpu avx512f avx512_bf16\n\nprocessor\t: 1\ncpu family\t: 26\n")
+    assert describe_cpu(cpuinfo) == "AMD EPYC (family 25, model 17; AVX512-BF16)"
+    assert describe_cpu(cpuinfo.replace(" avx512_bf16", "")) == "AMD EPYC (family 25, model 17; no bfloat16 units)"
+    assert describe_cpu("") is None and f"{os.cpu_count()}-core " in machine()
