@@ -389,7 +389,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one silently, so a
     second `train:` section appended to a params file dropped every key of the first (tiny.yaml trained 150 epochs)."""
 
-    def construct_mapping(self, node, deep=False):
+    def flatten_mapping(self, node):
+        # Checked here, before the merge keys' pairs join node.value, and once per node: a mapping merged into a
+        # later one may be flattened before it is constructed (`- &b {<<: *a, lr: 0.2}` then `<<: *b`), and
+        # its own override of a merged key then read as a key given twice
+        checked = self.__dict__.setdefault("_checked", set())
+        if node not in checked:
+            checked.add(node)
+            self._refuse_duplicates(node)
+        super().flatten_mapping(node)
+
+    def _refuse_duplicates(self, node):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key: an override, as YAML means it
@@ -400,7 +410,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     raise _DuplicateKey(f"gives {name!r} twice (lines {seen[name]} and {line}): YAML would silently "
                                         f"keep only the last; give it once")
                 seen[name] = line
-        return super().construct_mapping(node, deep)
 
     def construct_yaml_int(self, node):
         text = self.construct_scalar(node)

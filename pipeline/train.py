@@ -157,7 +157,10 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
     check_replica_batches(cfg, dist, splits)
     model = compile_model(cfg, training_part(dataset, splits), dist, len(splits[0]))
     job = training_job(cfg, dataset)
-    backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{json_digest(job)[:16]}"
+    # Keyed by params and data, not code: after every host pulled new code, the chief's `resume=<id>` goes on from
+    # its checkpoint, and this host's must be found too (`agree` checks that the hosts' code is the same)
+    trained = {part: digest for part, digest in job.items() if not part.startswith("code")}
+    backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{json_digest(trained)[:16]}"
     if resume == "never":
         shutil.rmtree(backup, ignore_errors=True)
     print(f"{dist.task} of {dist.workers}: training on {len(splits[0])} images, devices {dist.devices}; "

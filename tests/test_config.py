@@ -263,6 +263,11 @@ def test_a_key_given_twice_in_a_params_file_is_refused_not_dropped(tmp_path):
     # a YAML merge key's values may be overridden, as YAML means it
     (tmp_path / "merge.yaml").write_text("x: &base {lr: 0.1, epochs: 3}\ny:\n  <<: *base\n  lr: 0.2\n")
     assert config.read_yaml(tmp_path / "merge.yaml")["y"] == {"lr": 0.2, "epochs": 3}
+    # also where the overriding mapping sits in a list and is merged on later (PyYAML flattens it first): its
+    # override of a merged key was refused as "gives 'lr' twice (lines 1 and 3)"
+    (tmp_path / "nested.yaml").write_text("x: &base {lr: 0.1, epochs: 3}\nys:\n  - &y {<<: *base, lr: 0.2}\n"
+                                          "z:\n  <<: *y\n")
+    assert config.read_yaml(tmp_path / "nested.yaml")["z"] == {"lr": 0.2, "epochs": 3}
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -499,9 +499,9 @@ def test_dead_tracking_server_fails_within_a_minute_exit_4_and_the_rerun_resumes
 def test_creating_the_store_checks_that_a_server_or_other_store_answers():
     """`python -m pipeline.tracking` (the README's first command) said "tracking store ... ready" for a server
     that was down, a mistyped scheme or a driver this project lacks, and `mlflow run` then retried for minutes;
-    a step given such a URI died on a traceback. Now: one line naming the URI (never its password), non-zero."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    a step given such a URI died on a traceback. Now: one line naming the URI (never its password), non-zero, at
+    once for a dead server (MLflow's client would retry it for minutes: past this test's 120 s per command)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     dead = f"http://127.0.0.1:{free_port()}"
     for uri, code, error in [
         (dead, 4, f"error: tracking server {dead} failed: "),
@@ -510,12 +510,52 @@ def test_creating_the_store_checks_that_a_server_or_other_store_answers():
         ("postgresql://mlflow:s3cret@127.0.0.1:1/mlflow", 2,  # SQLAlchemy's default driver (psycopg 3) is not shipped
          "error: MLFLOW_TRACKING_URI: cannot open the tracking store postgresql://mlflow:***@127.0.0.1:1/mlflow: "
          "ModuleNotFoundError"),
+        # a password holding "/" (as generated ones do), and MLflow's own message quoting the URI (a `postgres://`
+        # typo, a server's request URL), printed it
+        ("postgresql://mlflow:s3/cret@127.0.0.1:1/mlflow", 2,
+         "error: MLFLOW_TRACKING_URI: cannot open the tracking store postgresql://mlflow:***@127.0.0.1:1/mlflow: "),
+        ("postgres://mlflow:s3cret@127.0.0.1:1/mlflow", 2,
+         "error: MLFLOW_TRACKING_URI: cannot open the tracking store postgres://mlflow:***@127.0.0.1:1/mlflow: "),
+        (dead.replace("//", "//alice:s3cret@"), 4, f"error: tracking server {dead.replace('//', '//alice:***@')} "),
     ]:
         done = subprocess.run([sys.executable, "-m", "pipeline.tracking"], cwd=ROOT, capture_output=True, text=True,
                               env={**env, "MLFLOW_TRACKING_URI": uri}, timeout=120)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == code and len(lines) == 1 and lines[0].startswith(error), (uri, done.stderr[-2000:])
-        assert "ready" not in done.stdout and "s3cret" not in done.stderr
+        assert "ready" not in done.stdout and "s3cret" not in done.stderr and "s3/cret" not in done.stderr
+
+
+@pytest.mark.parametrize(("status", "answers"), [(502, False), (503, False), (401, True), (200, True)])
+def test_a_proxys_gateway_error_is_no_answer_but_any_other_http_answer_is(monkeypatch, status, answers):
+    """A proxy in front of a tracking server that is down answers 502/503/504: that server does not answer. A
+    login page's 401 (or the server's own 200) is an answer: MLflow's own requests go on from there."""
+    import http.server
+    import threading
+
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import ensure_store
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        if answers:
+            assert ensure_store() == uri
+        else:
+            with pytest.raises(MlflowException, match=f"no answer \\(HTTP {status} "):
+                ensure_store()
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.parametrize(("every", "stop", "ema"), [(1, 2, False), (2, 3, False), (2, 3, True)])

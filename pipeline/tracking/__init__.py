@@ -147,27 +147,55 @@ def ensure_store() -> str:
     Serialised by a file lock, so processes starting together on a fresh store do not run MLflow's
     schema creation at the same time (which fails). The lock is keyed by the database file, not the URI's
     spelling (`sqlite:///mlflow.db` names another file in every folder). Other stores (a server) are left
-    to their owner, only asked to answer: an unreachable server is MlflowException (`cli`: exit 4), a URI
-    MLflow cannot open at all is ConfigError naming it.
+    to their owner, only asked to answer: a server that does not (`_check_server_answers`) is MlflowException
+    (`cli`: exit 4), a URI MLflow cannot open at all is ConfigError naming it.
     """
     uri = mlflow.get_tracking_uri()
+    shown = _without_password(uri)  # also in the reason: MLflow's own message quotes the URI whole
     if uri.startswith("sqlite:///"):
         database = os.path.abspath(uri.removeprefix("sqlite:///").partition("?")[0])
         digest = hashlib.sha256(database.encode()).hexdigest()[:16]
         with file_lock(Path(tempfile.gettempdir()) / f"pipeline-store-{digest}.lock"):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
         return uri
+    if uri.startswith(("http://", "https://")):
+        _check_server_answers(uri, shown)
+        return uri
     try:
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as exc:
         if uri.startswith(("http://", "https://")):
             raise
-        reason = _first_line(exc.message)  # e.g. an unknown scheme (a typo)
+        reason = _first_line(str(exc.message).replace(uri, shown))  # e.g. an unknown scheme (a typo)
     except Exception as exc:  # noqa: BLE001 - a missing driver, a refused login: whatever the store's library raises
-        reason = f"{type(exc).__name__}: {_first_line(str(exc))}"
+        reason = f"{type(exc).__name__}: {_first_line(str(exc).replace(uri, shown))}"
     else:
         return uri
-    raise ConfigError(f"MLFLOW_TRACKING_URI: cannot open the tracking store {_without_password(uri)}: {reason}")
+    raise ConfigError(f"MLFLOW_TRACKING_URI: cannot open the tracking store {shown}: {reason}")
+
+
+def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
+    """MlflowException (`cli`: exit 4) if nothing answers at tracking server `uri`: refused, unknown host, silent
+    for `timeout` s. One try: MLflow's own client retries a dead server for minutes, and a step started with a bad
+    param would wait all that time before saying so. Any HTTP answer counts (even a 401 from a proxy's login), and
+    TLS is left to MLflow's own settings (a private CA's server fails requests' check, not MLflow's); a proxy's 502,
+    503 or 504 (the server behind it is down) does not count."""
+    import requests
+
+    try:
+        status = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).status_code
+        if status in (502, 503, 504):  # a proxy in front of a server that is down
+            raise MlflowException(f"no answer (HTTP {status} from what stands in front of it)")
+    except requests.exceptions.SSLError:
+        pass
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))  # the OS's reason, in urllib3's nested wrapping
+        reason = errno.group(1).strip() if errno else f"nothing within {timeout:g} s" if isinstance(
+            exc, requests.exceptions.Timeout) else type(exc).__name__
+        raise MlflowException(f"no answer ({reason})") from None
+    except requests.exceptions.RequestException as exc:  # not a URL requests can read (a stray ':' or '/')
+        raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} is not a URL a client can reach "
+                          f"({_first_line(str(exc).replace(uri, shown))})") from None
 
 
 def _first_line(text: str) -> str:
@@ -175,8 +203,9 @@ def _first_line(text: str) -> str:
 
 
 def _without_password(uri: str) -> str:
-    """`uri` with the password of its user part, if any, as `***` (an error line must not print it)."""
-    return re.sub(r"^([a-z0-9+.-]+://[^/@:]*):[^/@]*@", r"\1:***@", uri, flags=re.IGNORECASE)
+    """`uri` with the password of its user part, if any, as `***` (an error line must not print it). The password
+    runs to the first `@`, as SQLAlchemy reads it: a generated one may hold a `/`."""
+    return re.sub(r"^([a-z0-9+.-]+://[^/@:]*):[^@]*@", r"\1:***@", uri, flags=re.IGNORECASE)
 
 
 def code_digest(*modules: str) -> str:
@@ -392,9 +421,10 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
         uri = mlflow.get_tracking_uri()
         if not uri.startswith(("http://", "https://")):
             raise
-        reason = str(exc.message).strip().splitlines()[0][:300]
+        shown = _without_password(uri)  # MLflow's message quotes the request's URL, credentials and all
+        reason = str(exc.message).replace(uri, shown).strip().splitlines()[0][:300]
         hint = _resume_hint() if resumable else ""
-        print(f"error: tracking server {uri} failed: {reason}.{hint}", file=sys.stderr)
+        print(f"error: tracking server {shown} failed: {reason}.{hint}", file=sys.stderr)
         sys.exit(4)
     finally:
         for signum, handler in previous.items():
