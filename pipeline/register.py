@@ -54,11 +54,16 @@ def challenger_report(decision: dict, alias: str, model_uri: str, challenger: re
 
     Inputs: register's decision dict, the alias, the challenger's model URI and the evaluation it was scored by,
     the previous champion's ModelVersion (or None) and its score. Each side's per-class accuracies come from the
-    evaluation its test_acc came from. Output: a JSON-ready dict.
+    evaluation its test_acc came from; measured on other test splits, they are shown without differences.
+    Output: a JSON-ready dict.
     """
     champion_metrics = held.metrics if held else {}
     per_class = class_differences(per_class_accuracy(challenger.metrics), per_class_accuracy(champion_metrics))
-    difference = (None if decision["champion_test_acc"] is None
+    # scores on other test images (another copy, a subset) do not subtract: each side's stays, no difference
+    compare = held is None or registry.comparable(challenger.test_data, held.test_data)
+    if not compare:
+        per_class["difference"] = float("nan")
+    difference = (None if decision["champion_test_acc"] is None or not compare
                   else round(decision["test_acc"] - decision["champion_test_acc"], 6))
     return {
         "model_name": decision["model_name"], "alias": alias,

@@ -286,6 +286,10 @@ def test_scores_on_other_test_data_do_not_compete_for_the_champion(store):
             decisions.append(register.run(config.load(TINY), info.model_uri))
     assert [d["alias_moved"] for d in decisions] == [True, False, True]
     assert "other test data than v1's 0.8000" in decisions[1]["reason"] and "not comparable" in decisions[1]["reason"]
+    # its report shows both scores, but no difference between scores of other test images
+    other = MlflowClient().get_model_version("cifar10-resnet", "2")
+    assert other.tags["test_acc_difference"] == "" and "+0.1900" not in other.description
+    assert MlflowClient().get_model_version("cifar10-resnet", "3").tags["test_acc_difference"] == "+0.050000"
     champion = MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion")
     assert str(champion.version) == "3" and champion.tags["test_data_sha256"] == "a" * 64
 
