@@ -27,8 +27,7 @@ from pipeline.tracking import (
     cli,
     markdown_table,
     metric_history,
-    model_metrics,
-    model_test_data,
+    model_score,
     open_run,
     steps,
 )
@@ -80,6 +79,9 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
     provenance = [t for t in PROVENANCE_TAGS if f"tags.{t}" in runs and runs[f"tags.{t}"].dropna().nunique() > 1]
     for _, run in runs.iterrows():
         history = histories[run["run_id"]]
+        # on the data it trained on: a later evaluation on other test images (a data.max_test subset, another
+        # copy) scores what the other rows' do not, and ranked first a model worse on the whole split
+        metrics, test_data = model_score(run.get("tags.model_uri"), trained_on(run))
         wall = (run["end_time"] - run["start_time"]).total_seconds() if pd.notna(run.get("end_time")) else math.nan
         rows.append({
             "run": run.get("tags.mlflow.runName"), "run_id": run["run_id"],
@@ -88,13 +90,11 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             "epochs": len(history),
             "val_acc": history.iloc[-1] if len(history) else math.nan,
             "best_val_acc": history.max() if len(history) else math.nan,
-            # on the data it trained on: a later evaluation on other test images (a data.max_test subset, another
-            # copy) scores what the other rows' do not, and ranked first a model worse on the whole split
-            "test_acc": model_metrics(run.get("tags.model_uri"), trained_on(run)).get("test_acc", math.nan),
+            "test_acc": metrics.get("test_acc", math.nan),
             "wall_s": wall,
             # The last epoch's throughput: the first one also pays for tracing and compilation.
             "images_per_s": run.get("metrics.images_per_second", math.nan),
-            "test_data": model_test_data(run.get("tags.model_uri"), trained_on(run)),
+            "test_data": test_data,
         })
     table = pd.DataFrame(rows)
     if table["test_data"].dropna().nunique() > 1:  # test_acc on other test images (another copy, a subset) says so

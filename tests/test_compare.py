@@ -238,8 +238,8 @@ def test_test_accs_measured_on_different_test_splits_are_marked(monkeypatch):
 
     scores = {"models:/m-a": (0.34, "7a930fdd5b92" + "0" * 52), "models:/m-b": (0.22, "57f856aa645c" + "0" * 52),
               "models:/m-c": (0.20, "57f856aa645c" + "0" * 52)}
-    monkeypatch.setattr(compare, "model_metrics", lambda uri, dataset_uri=None: {"test_acc": scores[uri][0]})
-    monkeypatch.setattr(compare, "model_test_data", lambda uri, dataset_uri=None: scores[uri][1])
+    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: ({"test_acc": scores[uri][0]},
+                                                                              scores[uri][1]))
     runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "params.train.lr": ["0.1"] * 3,
                          "tags.model_uri": list(scores), "start_time": pd.NaT, "end_time": pd.NaT})
     histories = {r: pd.Series({1: 0.5}) for r in "abc"}
@@ -280,8 +280,7 @@ def test_runs_trained_by_other_code_are_marked(monkeypatch):
 
     from pipeline import compare
 
-    monkeypatch.setattr(compare, "model_metrics", lambda uri, dataset_uri=None: {})
-    monkeypatch.setattr(compare, "model_test_data", lambda uri, dataset_uri=None: None)
+    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: ({}, None))
     runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "params.train.lr": ["0.1"] * 3,
                          "tags.model_uri": [None] * 3, "start_time": pd.NaT, "end_time": pd.NaT,
                          "tags.train_code": ["1" * 64, "2" * 64, None]})  # None: a run from before the tag

@@ -11,9 +11,9 @@ served model); the steps call these functions and never import MLflow.
   `git_commit`.
 - Finding runs by key: `find_finished_run` (a prepare to reuse), `unfinished_runs` (a train run
   to resume); `metric_history` reads a run's metric per step.
-- Logged models: `model_id` parses `models:/m-...`; `model_metrics` and `latest_metrics` apply the
-  one rule for a metric's latest value (the newest timestamp); `model_test_data` names the test split it came from;
-  `run_param` reads one param of a run.
+- Logged models: `model_id` parses `models:/m-...`; `model_score` and `latest_metrics` apply the
+  one rule for a metric's latest value (the newest timestamp); `model_score` also names the test split of its
+  test_acc.
 - Run descriptions (`describe_train_run`) and Markdown tables (`markdown_table`) for the UI.
 
 What each step records and reads, by name:
@@ -536,46 +536,27 @@ def latest_metrics(metrics) -> dict[str, float]:
     return {key: value for key, (_, value) in latest.items()}
 
 
-def model_metrics(model_uri: str | None, dataset_uri: str | None = None) -> dict[str, float]:
-    """Latest value of each metric logged on the model `models:/m-...` ({} if none or unknown); with `dataset_uri`,
-    of the runs that logged them with that param only (evaluations of that dataset)."""
-    return latest_metrics(_model_metric_records(model_uri, dataset_uri))
-
-
-def model_test_data(model_uri: str | None, dataset_uri: str | None = None) -> str | None:
-    """Tag `test_data_sha256` of the evaluate run whose test_acc `model_metrics` (with the same arguments) reads:
-    the test split that score was measured on (None if unknown)."""
-    scores = [m for m in _model_metric_records(model_uri, dataset_uri) if m.key == "test_acc" and m.run_id]
-    if not scores:
-        return None
-    try:
-        return mlflow.MlflowClient().get_run(max(scores, key=lambda m: m.timestamp).run_id).data.tags.get(TEST_DATA_TAG)
-    except MlflowException:
-        return None
-
-
-def _model_metric_records(model_uri: str | None, dataset_uri: str | None) -> list:
-    """The metrics logged on the model `models:/m-...` ([] if unknown), of the runs with param `dataset_uri` if
-    given."""
+def model_score(model_uri: str | None, dataset_uri: str | None = None) -> tuple[dict[str, float], str | None]:
+    """(latest value of each metric logged on the model `models:/m-...`, tag `test_data_sha256` of the evaluate run
+    whose test_acc that is: the test split it was measured on); ({}, None) if none or unknown. With `dataset_uri`,
+    of the runs that logged them with that param only (evaluations of that dataset). One read of the model and
+    one of each run that logged on it."""
     found = model_id(model_uri)
     if found is None:
-        return []
+        return {}, None
     try:
         metrics = mlflow.get_logged_model(found).metrics or []
     except MlflowException:
-        return []  # the model was deleted or lives in a store this client cannot see
+        return {}, None  # the model was deleted or lives in a store this client cannot see
+    runs = {}
+    for run_id in {m.run_id for m in metrics if m.run_id}:
+        with contextlib.suppress(MlflowException):  # a run deleted since
+            runs[run_id] = mlflow.MlflowClient().get_run(run_id).data
     if dataset_uri is not None:
-        on = {run for run in {m.run_id for m in metrics} if run and run_param(run, "dataset_uri") == dataset_uri}
-        metrics = [m for m in metrics if m.run_id in on]
-    return metrics
-
-
-def run_param(run_id: str, key: str) -> str | None:
-    """Param `key` of run `run_id`; None if it has none or the run is gone."""
-    try:
-        return mlflow.MlflowClient().get_run(run_id).data.params.get(key)
-    except MlflowException:
-        return None
+        metrics = [m for m in metrics if m.run_id in runs and runs[m.run_id].params.get("dataset_uri") == dataset_uri]
+    scores = [m for m in metrics if m.key == "test_acc" and m.run_id in runs]
+    test_data = runs[max(scores, key=lambda m: m.timestamp).run_id].tags.get(TEST_DATA_TAG) if scores else None
+    return latest_metrics(metrics), test_data
 
 
 def find_finished_run(tag: str, key: str) -> str | None:
