@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fractions
+import inspect
 import itertools
 import json
 import math
@@ -206,6 +207,12 @@ def label(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items())
 
 
+def default_startup(cls: type) -> int:
+    """The `n_startup_trials` an Optuna sampler or pruner class takes when not given (0 if it has none)."""
+    parameter = inspect.signature(cls).parameters.get("n_startup_trials")
+    return parameter.default if parameter is not None and isinstance(parameter.default, int) else 0
+
+
 class Plan:
     """A checked sweep: its spec, Optuna distributions, sampler and pruner, and a config per trial.
 
@@ -291,10 +298,12 @@ class Plan:
         value reported at step 1, should_prune asked): Optuna checks most sampler and pruner arguments only
         then, so a bad one fails here, as a ConfigError naming spec.sampler or spec.pruner, before any run.
         By default 3, past the sampler's and the pruner's startup trials (up to `trials`): TPE draws at random for
-        its first `n_startup_trials` (10 unless given) and uses its other arguments only after them."""
+        its first `n_startup_trials` (10 unless given) and uses its other arguments only after them; the median
+        pruner prunes nothing in its first 5."""
         if n is None:
-            startups = [self.sampler_kwargs.get("n_startup_trials", 10 if self.sampler_name == "tpe" else 0),
-                        self.pruner_kwargs.get("n_startup_trials", 0)]
+            startups = [kwargs.get("n_startup_trials", default_startup(cls))
+                        for cls, kwargs in ((SAMPLERS[self.sampler_name], self.sampler_kwargs),
+                                            (PRUNERS[self.pruner_name], self.pruner_kwargs))]
             startup = max([s for s in startups if isinstance(s, int) and not isinstance(s, bool)], default=0)
             n = 3 + min(max(startup, 0), self.trials)
         study = optuna.create_study(storage=None, direction="maximize", sampler=self.make_sampler(0),

@@ -196,6 +196,22 @@ def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     assert str(raised.value) == message
 
 
+@pytest.mark.parametrize(("body", "rehearsed"), [
+    ("sampler: random\npruner: median\ntrials: 20\n", 3 + 5),  # the median pruner's default startup: 5 trials
+    ("sampler: {type: tpe, n_startup_trials: 4}\ntrials: 20\n", 3 + 4),
+    ("sampler: tpe\ntrials: 6\n", 3 + 6),  # TPE's 10 startup trials, but no more than the sweep runs
+])
+def test_the_rehearsal_runs_past_the_samplers_and_pruners_startup_trials(tmp_path, monkeypatch, body, rehearsed):
+    """Optuna uses some sampler and pruner arguments only after their startup trials: the spec check runs past
+    them, or a bad one crashes the sweep trials later."""
+    spec = write_spec(tmp_path, "sweep-startup", "space:\n  train.lr: {min: 0.01, max: 0.3}\n" + body)
+    studies = []
+    create = sweep.optuna.create_study
+    monkeypatch.setattr(sweep.optuna, "create_study", lambda **kw: studies.append(create(**kw)) or studies[-1])
+    sweep.Plan(spec)
+    assert [len(s.trials) for s in studies if s._storage.__class__.__name__ == "InMemoryStorage"] == [rehearsed]
+
+
 def test_range_ends_in_scientific_notation_are_numbers(tmp_path):
     spec = write_spec(tmp_path, "sweep-sci", "space:\n  train.lr: {min: 1e-3, max: 1e-1, log: true}\n"
                       "  train.batch_size: {min: 16, max: 32}\ntrials: 2\n")
