@@ -199,7 +199,7 @@ def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
 
 
 def _first_line(text: str) -> str:
-    return (str(text).strip().splitlines() or [""])[0][:300]
+    return (str(text).strip().splitlines() or [""])[0][:600]  # whole sentences: MLflow ends its advice with the fix
 
 
 def _without_password(uri: str) -> str:
