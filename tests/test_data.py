@@ -405,6 +405,78 @@ def test_images_in_folders_below_a_class_folder_are_that_class(tmp_path, capsys)
     assert data.load_source(str(archive)).digest() == data.load_source(str(root)).digest() == d.digest()
 
 
+def test_linked_class_folders_and_linked_images_are_read_from_a_folder_and_its_tar(tmp_path):
+    """A class folder linked in from elsewhere vanished from a folder source (Python 3.11's rglob does not enter
+    linked folders), and tar's link members (a symlinked or hard-linked image) were skipped: fewer images, no word."""
+    write_image_folder(tmp_path / "elsewhere", classes=("ship",))
+    root = tmp_path / "imgs"
+    write_image_folder(root, classes=("cat", "dog"))
+    for split in ("train", "test"):
+        os.symlink(tmp_path / "elsewhere" / split / "ship", root / split / "ship")
+    d = data.load_source(str(root))
+    assert d.class_names == ("cat", "dog", "ship") and list(d.y_train) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    digest = data.source_digest(str(root))
+    (tmp_path / "elsewhere" / "train" / "ship" / "0.jpg").unlink()  # the linked data changed: so does the digest
+    assert data.source_digest(str(root)) != digest
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:  # tar keeps the linked folder as a link: refused, named
+        tar.add(root, arcname="imgs")
+    with pytest.raises(data.DataError, match=r"imgs/test/ship is a link to .*tar -h"):
+        data.load_source(str(archive))
+    for split in ("train", "test"):
+        (root / split / "ship").unlink()
+    os.link(root / "train" / "cat" / "0.jpg", root / "train" / "cat" / "hard.jpg")
+    os.symlink("1.png", root / "train" / "cat" / "soft.png")
+    os.symlink("/nowhere/LICENSE", root / "LICENSE")  # a link beside the dataset, not in it, is no matter
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="imgs")
+    from_dir, from_tar = data.load_source(str(root)), data.load_source(str(archive))
+    assert len(from_dir.x_train) == 8 and from_tar.digest() == from_dir.digest()
+    os.symlink("..", root / "train" / "loop")
+    with pytest.raises(data.DataError, match="a link to a folder above it"):
+        data.load_source(str(root))
+
+
+def test_test_images_that_are_training_images_are_named(tmp_path, capsys):
+    """An image copied into both train/ and test/ was scored as unseen without a word: test_acc overstated."""
+    root = tmp_path / "imgs"
+    write_image_folder(root)
+    capsys.readouterr()
+    data.load_source(str(root))
+    assert "test images are also training images" not in capsys.readouterr().err
+    (root / "test" / "dog" / "copy.png").write_bytes((root / "train" / "cat" / "1.png").read_bytes())
+    data.load_source(str(root))
+    assert f"warning: {root}: 1 of 10 test images are also training images" in capsys.readouterr().err
+
+
+def test_archive_files_that_are_no_images_are_not_read(tmp_path, monkeypatch):
+    """Every member of a .zip or tar was read into memory, images or not: a 1.5 GB video zipped to 1.5 MB beside the
+    images took 3 GB to be warned about as not read."""
+    write_image_folder(tmp_path / "imgs", classes=("cat", "dog"), per_class=2)
+    (tmp_path / "imgs" / "train" / "cat" / "video.mp4").write_bytes(b"\0" * 1000)
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as archive:
+        for file in sorted((tmp_path / "imgs").rglob("*.*")):
+            archive.write(file, str(file.relative_to(tmp_path)))
+    with tarfile.open(tmp_path / "imgs.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "imgs", arcname="imgs")
+    read = []
+    zip_read, tar_open = zipfile.ZipFile.read, tarfile.TarFile.extractfile
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, member: read.append(member.filename)
+                        or zip_read(self, member))
+
+    def extractfile(self, member):
+        file = tar_open(self, member)
+        file.read = lambda *args, read_=file.read: read.append(member.name) or read_(*args)
+        return file
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", extractfile)
+    expected = data.load_source(str(tmp_path / "imgs")).digest()
+    for name in ("imgs.zip", "imgs.tar.gz"):
+        read.clear()
+        assert data.load_source(str(tmp_path / name)).digest() == expected
+        assert len(read) == 8 and not [n for n in read if n.endswith("video.mp4")]
+
+
 def test_npz_arrays_as_a_source(tmp_path):
     """keras.datasets.cifar10.load_data() saved with np.savez: labels (N, 1), no class names (CIFAR-10's are
     taken); a prepared dataset.npz reads back as it was; wrong arrays are refused naming the problem."""
