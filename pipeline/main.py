@@ -9,10 +9,12 @@ point); the console ends with where to look at the run.
 
 from __future__ import annotations
 
+import shutil
+
 from pipeline import config, inputs
 from pipeline.distribute import Distribution, distribution
 from pipeline.tracking import cli, log_params, set_tags, step_run, steps, ui_hint
-from pipeline.tracking.resume import mark_pipeline_done, trained_before_a_failure
+from pipeline.tracking.resume import checkpoint_dir, claim, mark_pipeline_done, release, trained_before_a_failure
 
 
 def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "", dist: Distribution | None = None) -> dict:
@@ -57,7 +59,14 @@ def main() -> None:
     # it, leaves no run behind
     dist = distribution(cfg.train.distribute)
     with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
-        run(cfg, resume=args.resume, dataset_uri=dataset_uri, dist=dist)
+        # Held while this process lives: a rerun tells this main, RUNNING, from one killed (SIGKILL: left RUNNING),
+        # whose trained model it goes on from (`trained_before_a_failure`)
+        claim(parent.info.run_id)
+        try:
+            run(cfg, resume=args.resume, dataset_uri=dataset_uri, dist=dist)
+        finally:
+            release(parent.info.run_id)
+            shutil.rmtree(checkpoint_dir(parent.info.run_id), ignore_errors=True)  # the lock file alone
     print(ui_hint(parent))
 
 

@@ -341,6 +341,46 @@ def test_a_model_trained_by_other_code_is_not_gone_on_from(store, monkeypatch):
     assert resume.trained_before_a_failure(cfg, dataset_uri) is None
 
 
+def test_a_pipeline_killed_after_training_is_gone_on_from_and_its_runs_end_killed(store):
+    """A main killed by SIGKILL in evaluate or register leaves itself and that step RUNNING: the rerun tells it
+    from a live main by the main's claim (free once its process is gone), ends both KILLED and goes on from its
+    model, instead of training the recipe again and leaving them RUNNING forever. A live main's model is not taken."""
+    from pipeline.tracking import resume
+
+    cfg, dataset_uri = config.load(ROOT / TINY), "runs:/0123/dataset/dataset.npz"
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    train_tags = {"step": "train", "model_uri": "models:/m-0123", "train_key": resume.train_key(cfg, dataset_uri),
+                  "train_code": resume.train_code()}
+    killed = mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"})  # never ended, as after SIGKILL
+    with mlflow.start_run(nested=True, experiment_id=experiment_id, tags=train_tags) as trained:
+        pass
+    evaluating = mlflow.start_run(nested=True, experiment_id=experiment_id, tags={"step": "evaluate"})
+    mlflow.end_run("RUNNING")  # leaves it RUNNING, as a killed process does
+    mlflow.end_run("RUNNING")
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}):  # its lock is not here: another host's
+        assert resume.trained_before_a_failure(cfg, dataset_uri) is None
+    lock = resume.checkpoint_dir(killed.info.run_id) / resume.LOCK_FILE
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}):  # the rerun, main still live
+            assert resume.trained_before_a_failure(cfg, dataset_uri) is None
+        assert client.get_run(killed.info.run_id).info.status == "RUNNING"
+    finally:
+        holder.kill()
+        holder.wait()
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as rerun:  # main's process gone
+        assert resume.trained_before_a_failure(cfg, dataset_uri) == (trained.info.run_id, "models:/m-0123")
+    for run_id in (killed.info.run_id, evaluating.info.run_id):
+        run = client.get_run(run_id)
+        assert (run.info.status, run.data.tags.get("resumed_by")) == ("KILLED", rerun.info.run_id)
+    assert not lock.parent.exists()
+
+
 def test_a_checkpoint_of_other_code_is_resumed_only_by_id_and_the_run_says_so(store, tmp_path, monkeypatch,
                                                                                in_process):
     """An interrupted training, then the code that trains changed (an edit, a pull): rerunning the command is
@@ -657,3 +697,30 @@ def test_a_stopping_signal_that_keras_swallows_after_a_batch_still_stops_the_tra
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     assert signalled and timer.seconds == []  # stopped in the first epoch, at the batch it arrived in
+
+
+def test_a_stopping_signal_swallowed_in_a_step_still_ends_the_step_killed_with_143(store):
+    """A SIGTERM whose exception Python itself swallows (it landed in a weakref callback, as after a model was
+    logged: "Exception ignored in: <function WeakKeyDictionary...remove>") let evaluate and register run on, the
+    handler's SIG_IGN already in place, and the step exit 0 with a model registered. The step ends KILLED, 143."""
+    import weakref
+
+    from pipeline import tracking
+
+    cfg = config.load(ROOT / TINY, ["tracking.experiment=e2e"])
+
+    class Model:
+        pass
+
+    def main():
+        with tracking.step_run(cfg, "evaluate"):
+            model = Model()
+            weakref.finalize(model, os.kill, os.getpid(), signal.SIGTERM)  # the handler runs in the finalizer
+            del model  # its "Exception ignored" goes to stderr; the step goes on
+            time.sleep(0.1)
+
+    with pytest.raises(SystemExit) as stopped:
+        tracking.cli(main)
+    assert stopped.value.code == 143
+    (run,) = experiment_runs(MlflowClient())
+    assert (run.info.status, run.data.tags.get("interrupted_by")) == ("KILLED", "SIGTERM")

@@ -342,6 +342,10 @@ def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun])
     with ctx as run:
         try:
             yield run
+            # A signal whose exception was swallowed on the way (a weakref callback's or `__del__`'s "Exception
+            # ignored", a bare except): with SIG_IGN already in place nothing else would stop the pipeline
+            if (pending := interrupts.take()) is not None:
+                raise pending
         except (Interrupted, KeyboardInterrupt) as exc:
             mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
             mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
@@ -397,8 +401,12 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     wrapper_run = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow unsets it when that run ends
     try:
         ensure_store()
+        interrupts.take()  # one an earlier entry point in this process handled
         main()
+        if (pending := interrupts.take()) is not None:  # swallowed outside any step (see `_ended_with_reason`)
+            raise pending
     except (Interrupted, KeyboardInterrupt) as exc:
+        interrupts.take()  # handled here
         signum = getattr(exc, "signum", signal.SIGINT)
         with contextlib.suppress(MlflowException):
             while mlflow.active_run():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import shutil
 import sys
 from pathlib import Path
 
@@ -178,10 +179,29 @@ def trained_before_a_failure(cfg: config.Config, dataset_uri: str) -> tuple[str,
         if parent.data.tags.get("step") != "main":  # a standalone train or a sweep trial: not main's to reuse
             continue
         users = [parent, *client.search_runs([parent.info.experiment_id], f"tags.train_run_id = '{run_id}'")]
-        if any(r.info.status == "RUNNING" for r in users):  # a live main is still evaluating or registering it
+        running = [r.info.run_id for r in users if r.info.status == "RUNNING"]
+        # A live main holds its claim; one whose lock file is not here runs on another host (a team's server) or
+        # predates the lock: taken for live
+        claimed = [main for main in running if (checkpoint_dir(main) / LOCK_FILE).exists() and claim(main)]
+        if len(claimed) < len(running):  # a live main is still evaluating or registering it
+            for main in claimed:
+                release(main)
             continue
+        for main in running:  # killed (SIGKILL, power lost) before it could end its runs: they would stay RUNNING
+            end_dead_main(client, main)
         return run_id, tags["model_uri"]
     return None
+
+
+def end_dead_main(client: MlflowClient, main_run_id: str) -> None:
+    """End a main run whose process died without ending it (its `claim` was free), and its RUNNING steps, KILLED."""
+    steps = client.search_runs([client.get_run(main_run_id).info.experiment_id],
+                               f"tags.`mlflow.parentRunId` = '{main_run_id}' and attributes.status = 'RUNNING'")
+    for run_id in [*(r.info.run_id for r in steps), main_run_id]:
+        client.set_tag(run_id, "resumed_by", mlflow.active_run().info.run_id)
+        client.set_terminated(run_id, "KILLED")
+    release(main_run_id)
+    shutil.rmtree(checkpoint_dir(main_run_id), ignore_errors=True)  # only its lock file: a main has no checkpoint
 
 
 PIPELINE_DONE = "pipeline_done"  # tag on a train run: a main registered its model (the main run's id)
