@@ -14,7 +14,14 @@ import shutil
 from pipeline import config, inputs
 from pipeline.distribute import Distribution, distribution
 from pipeline.tracking import cli, log_params, set_tags, step_run, steps, ui_hint
-from pipeline.tracking.resume import checkpoint_dir, claim, mark_pipeline_done, release, trained_before_a_failure
+from pipeline.tracking.resume import (
+    checkpoint_dir,
+    claim,
+    mark_pipeline_done,
+    release,
+    remove_stale_locks,
+    trained_before_a_failure,
+)
 
 
 def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "", dist: Distribution | None = None) -> dict:
@@ -61,6 +68,7 @@ def main() -> None:
     with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
         # Held while this process lives: a rerun tells this main, RUNNING, from one killed (SIGKILL: left RUNNING),
         # whose trained model it goes on from (`trained_before_a_failure`)
+        remove_stale_locks()
         claim(parent.info.run_id)
         try:
             run(cfg, resume=args.resume, dataset_uri=dataset_uri, dist=dist)

@@ -51,6 +51,24 @@ def claim(run_id: str) -> bool:
     return True
 
 
+def remove_stale_locks() -> None:
+    """Remove the folders in `checkpoint_root` that hold a lock file alone, no live process's: left by a process
+    killed (SIGKILL) before its first checkpoint, or by a killed `main` (whose folder only ever holds its lock).
+    A killed main still RUNNING keeps its own: it tells a rerun that it is dead (`trained_before_a_failure`)."""
+    root = checkpoint_root()
+    for folder in root.iterdir() if root.is_dir() else []:
+        if [p.name for p in folder.iterdir()] != [LOCK_FILE] or folder.name in _claimed or not claim(folder.name):
+            continue
+        try:
+            run = MlflowClient().get_run(folder.name)
+            dead_main = run.info.status == "RUNNING" and run.data.tags.get("step") == "main"
+        except MlflowException:  # not a run of this store
+            dead_main = False
+        if not dead_main:
+            shutil.rmtree(folder, ignore_errors=True)
+        release(folder.name)
+
+
 def release(run_id: str) -> None:
     handle = _claimed.pop(run_id, None)
     if handle is not None:
