@@ -6,9 +6,10 @@
 #   1. params/fast.yaml, its whole schedule on the real images: fit seconds and test_acc (all 10,000);
 #   2. the seed recipe (params/default.yaml): seconds per epoch, projected 150 epochs;
 #   3. params/improved.yaml (ResNet-164 with the tricks), its whole 150 epochs and test_acc, for the rest of the
-#      call: its ~12 minutes outlast one call (10 at most), so it stops cleanly before the call's end with its
-#      training saved in .gpu-state/improved (bench.gpu_epoch --checkpoint), which comes back packed with the
-#      results and goes with the next call (carry ".gpu-state"), which goes on from it;
+#      call: its ~13 minutes (projected 13.2, bench/results/gpu.md) outlast one call (10 at most), so it stops
+#      cleanly before the call's end with its training saved in .gpu-state/improved (bench.gpu_epoch
+#      --checkpoint), which comes back packed with the results and goes with the next call (carry ".gpu-state"),
+#      which goes on from it;
 #   4. once improved.yaml is whole, fast.yaml's next steps, whole schedules with test_acc, as long as time is left.
 #   While improved.yaml's run is unfinished a call goes on with it first (1 and 2 were measured by the call that
 #   began it) and runs nothing after it; once whole, its result is kept in .gpu-state/improved.json (carried) and
