@@ -14,7 +14,8 @@ test_acc and the val_acc history, the wall time at which val_acc first reached 0
 start (command to the prepare step), each step's run from its start to its end, the training epochs
 (the logged `epoch_seconds`) within train, and the exit. Writes bench/results/time_to_accuracy.md
 (the median per profile, one row per run, the time per phase) and time_to_accuracy.png (val_acc
-against wall seconds, one curve per run).
+against wall seconds, one curve per run); `--name` writes them under another name, so a recheck leaves
+the committed report as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -113,7 +115,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="", help="comma-separated train.seed values: one run per seed (and per "
                                                     "--repeat) of each profile (default: each profile's own seed)")
     parser.add_argument("--extra", default="", help="more `mlflow run` arguments, e.g. \"-P epochs=2\"")
+    parser.add_argument("--name", default="time_to_accuracy",
+                        help="the report's file name in bench/results, without .md/.png (default time_to_accuracy): "
+                             "a recheck under its own name leaves the committed report as it is")
     args = parser.parse_args()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name) or args.name.endswith((".md", ".png")):
+        parser.error(f"--name: a file name without folder or extension, got {args.name!r}")
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [None]
     except ValueError:
@@ -131,7 +138,7 @@ def main() -> None:
         try:
             results.append(run_profile(profile, args.data, args.extra.split(), seed))
         except SystemExit as exc:
-            kept = f"; {RESULTS / 'time_to_accuracy.md'} holds the {len(results)} earlier run(s), marked incomplete"
+            kept = f"; {RESULTS / (args.name + '.md')} holds the {len(results)} earlier run(s), marked incomplete"
             raise SystemExit(f"{exc}{kept if results else '; no results written'}") from None
         print(results[-1]["row"], flush=True)
         # after every run, so an interrupted benchmark keeps what it measured, marked incomplete until the last
@@ -163,7 +170,8 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int | N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "time_to_accuracy.png", dpi=120)
+    name = getattr(args, "name", "time_to_accuracy")
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
     plt.close(fig)
 
     data = args.data or "each profile's data.source"
@@ -171,7 +179,8 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int | N
             f"Machine: {machine()}. Date: {datetime.date.today()}. "
             f"`python -m bench.time_to_accuracy --profiles {args.profiles} --repeat {args.repeat}"
             f"{' --seeds ' + args.seeds if args.seeds else ''}{' --data ' + args.data if args.data else ''}"
-            f"{f' --extra {args.extra!r}' if args.extra else ''}`; "
+            f"{f' --extra {args.extra!r}' if args.extra else ''}"
+            f"{f' --name {name}' if name != 'time_to_accuracy' else ''}`; "
             f"data: {data}.\n\n"
             "Each row is one `mlflow run . --env-manager local -P params=params/<profile>.yaml` in a fresh "
             "store; `wall_s` runs from the command's start to its exit (prepare, train, evaluate, register). "
@@ -187,8 +196,8 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int | N
             "the logged `epoch_seconds` (the first includes compiling the train step; each includes the "
             "epoch's validation); `train_other_s`: the rest of train (building the model, the inference copy, "
             "logging the model); `exit_s`: from register's end to the command's exit.\n\n"
-            f"{timing.to_markdown(index=False)}\n\n![val_acc against wall time](time_to_accuracy.png)\n")
-    (RESULTS / "time_to_accuracy.md").write_text(text)
+            f"{timing.to_markdown(index=False)}\n\n![val_acc against wall time]({name}.png)\n")
+    (RESULTS / f"{name}.md").write_text(text)
     print(text)
 
 

@@ -32,6 +32,8 @@ def test_a_reused_prepare_run_counts_zero_and_the_start_runs_to_train():
     (["--seeds", "0", "--extra", "-P overrides=train.lr=0.1"], "--seeds sets -P overrides=train.seed=S"),
     (["--repeat", "0"], "--repeat: must be >= 1, got 0"),
     (["--profiles", "nosuch"], "--profiles: no params/<name>.yaml for 'nosuch'"),
+    (["--name", "../README"], "--name: a file name without folder or extension, got '../README'"),
+    (["--name", "recheck.md"], "--name: a file name without folder or extension, got 'recheck.md'"),
 ])
 def test_bad_arguments_exit_2_naming_the_option_before_any_run(args, message):
     proc = subprocess.run([sys.executable, "-m", "bench.time_to_accuracy", *args], cwd=ROOT, capture_output=True,
@@ -60,6 +62,19 @@ def test_a_report_written_before_the_last_run_says_it_is_incomplete(tmp_path, mo
     assert "--extra '-P epochs=2'" in text  # the command as it ran
     time_to_accuracy.write_report([fake_run("tiny", 0.5)] * 3, args, 3)
     assert "ncomplete" not in (tmp_path / "time_to_accuracy.md").read_text()
+
+
+def test_a_named_report_leaves_the_default_one_as_it_is(tmp_path, monkeypatch):
+    import argparse
+
+    from bench import time_to_accuracy
+
+    monkeypatch.setattr(time_to_accuracy, "RESULTS", tmp_path)
+    args = argparse.Namespace(profiles="tiny", repeat=1, seeds="", data="", extra="", name="recheck")
+    time_to_accuracy.write_report([fake_run("tiny", 0.5)], args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recheck.md", "recheck.png"]
+    text = (tmp_path / "recheck.md").read_text()
+    assert "--name recheck`" in text and "](recheck.png)" in text
 
 
 def test_a_failed_run_is_one_line_naming_its_error(monkeypatch):
