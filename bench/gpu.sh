@@ -62,9 +62,13 @@ fi
   "$PY" -c "import jax, keras; print('jax', jax.__version__, 'keras', keras.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/gpu.txt"
 
+# Each key once in an overrides string (pipeline.config refuses one given twice, where the last would win unseen):
+# the smoke's toy scale replaces, not follows, a stage's own widths and epochs (wide9, long9)
 source_args=(--data "$DATA") small9="" small164="" ghost_batch="" short164=""
+wide9="model.widths=[64,192,384,768]" long9="train.epochs=32"
 if [[ -n "${GPU_SH_SMOKE:-}" ]]; then
   source_args=(--images 512) small9="train.epochs=2 model.widths=[8,16,32,64]"
+  wide9="train.epochs=2 model.widths=[8,24,48,96]" long9="train.epochs=3 model.widths=[8,16,32,64]"
   ghost_batch="train.batch_size=64"  # 501 training images make no whole batch of 512
   small164="model.units_per_stage=1 model.widths=[16,32,64]" short164="train.epochs=3"
   STATE=${GPU_SH_STATE:-$OUT/state-smoke}  # never the checkout's own
@@ -115,7 +119,7 @@ if [[ -d "$STATE/improved" && -z "${GPU_SH_STAGES:-}" && "$failures" != *" impro
   budget=0  # unfinished: the next call goes on with it before anything else (stages named in GPU_SH_STAGES run;
 fi          # one that failed here, refused or crashed, leaves the rest of the call to the next stages)
 stage explore-wide "${EXPLORE_LIMIT:-100}" --full --params params/fast.yaml \
-  --overrides "train.feed=device model.widths=[64,192,384,768] $small9"
+  --overrides "train.feed=device $wide9"
 stage explore-drop "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.drop_remainder=true $small9 $ghost_batch"
 stage explore-ema "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
@@ -125,7 +129,7 @@ stage explore-seed1 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
 stage explore-24-ghost "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device model.ghost_batch=32 train.drop_remainder=true $small9 $ghost_batch"
 stage explore-32 "${EXPLORE_LIMIT:-80}" --full --params params/fast.yaml \
-  --overrides "train.feed=device train.epochs=32 $small9"
+  --overrides "train.feed=device $long9"
 stage explore-24-altflip "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.alternate_flip=true $small9"
 if [[ "$(realpath -m "$OUT")" != "$(realpath -m bench/results)" ]]; then  # a few files back instead of up to 12

@@ -214,7 +214,9 @@ def main() -> None:
     # The model is compiled with the profile's own schedule (its lr over the first epochs is the full run's);
     # without --full, fit stops after --epochs of it.
     try:
-        full = config.load_from_cli(args.params, f"{args.overrides} train.verbose=2")
+        full = config.load_from_cli(args.params, args.overrides)
+        # one line per epoch in gpu.log, whatever the overrides say (an appended train.verbose=2 would repeat theirs)
+        full = dataclasses.replace(full, train=dataclasses.replace(full.train, verbose="2"))
         epochs = full.train.epochs if args.full else args.epochs
         cfg = dataclasses.replace(full, train=dataclasses.replace(full.train, epochs=epochs))
         dataset = (data.load_source(args.data) if args.data

@@ -35,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.machine import gpu_names, save_results, stamp
+from pipeline import config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,6 +144,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: --epochs: must be >= 2 (the first epoch compiles), got {args.epochs}\n")
     if args.virtual_cpus != 0 and args.virtual_cpus < 2:
         parser.exit(2, f"error: --virtual-cpus: must be 0 or >= 2 (devices to rehearse on), got {args.virtual_cpus}\n")
+    try:  # each arm's run takes its overrides, then these, as one string: a key in both is refused there
+        given = {item.partition("=")[0].strip() for item in config.split_overrides(args.overrides)}
+    except config.ConfigError as exc:
+        parser.exit(2, f"error: --overrides: {exc}\n")
+    armed = sorted(given & {item.partition("=")[0] for *_, overrides in ARMS for item in overrides.split()})
+    if armed:
+        parser.exit(2, f"error: --overrides: {', '.join(armed)} is set by the arms themselves; give other keys\n")
     gpus = len(gpu_names())
     if not args.virtual_cpus and gpus < 2:
         parser.exit(2, f"error: found {gpus} GPU(s): several are needed (--virtual-cpus N rehearses on the CPU)\n")

@@ -343,8 +343,8 @@ def _parse_text(key: str, text: _Text, annotation: Any) -> Any:
     if annotation is float:
         with contextlib.suppress(ValueError, ZeroDivisionError, OverflowError):
             return float(fractions.Fraction(raw))  # 0.1, 1e-4, 80/150, 010: decimal, as written
-    try:
-        return yaml.safe_load(raw)
+    try:  # a params file's loader: a list's `010` and `1:30` stay text, read by the item's type (safe_load: 8, 90)
+        return yaml.load(raw, Loader=_UniqueKeyLoader)
     except yaml.YAMLError:
         raise ConfigError(f"{key}: cannot parse value {str(text)!r}") from None
 
@@ -468,27 +468,42 @@ def _merge(base: dict[str, Any], layer: dict[str, Any], origin: str) -> None:
 
 
 def split_overrides(overrides: str | None) -> list[str]:
-    """`"train.lr=0.05 tracking.experiment='my runs'"` -> its items, split as a shell does; ConfigError on an
-    unbalanced quote."""
+    """`"train.lr=0.05 tracking.experiment='my runs' model.widths=[16, 32]"` -> its items, split as a shell does, a
+    list's pieces joined again; ConfigError on an unbalanced quote or a key given twice in the one string."""
     try:
-        return shlex.split(overrides) if overrides else []
+        items = _join_lists(shlex.split(overrides) if overrides else [])
     except ValueError as exc:  # No closing quotation, No escaped character
         raise ConfigError(f"overrides: {exc} in {overrides!r}") from None
+    seen: dict[str, str] = {}
+    for item in items:  # as a params file's (`_UniqueKeyLoader`): the last would win unseen
+        key, sep, value = item.partition("=")
+        if sep and key.strip() in seen:
+            raise ConfigError(f"{key.strip()}: given twice in overrides ({seen[key.strip()]!r} and {value!r}): only "
+                              f"the last would count; give it once")
+        if sep:
+            seen[key.strip()] = value
+    return items
 
 
 def _open_list(value: str) -> bool:
     return value.count("[") > value.count("]")
 
 
-def parse_overrides(overrides: str | list[str] | None) -> dict[str, dict[str, Any]]:
-    """`"train.lr=0.05 model.widths=[32,64,128]"` -> {"train": {"lr": _Text("0.05")}, "model": {...}}: each value
-    as typed, read by its field's type when the params are checked (`_coerce`)."""
+def _join_lists(words: list[str]) -> list[str]:
     items: list[str] = []
-    for item in split_overrides(overrides) if isinstance(overrides, str) else list(overrides or []):
+    for item in words:
         if items and "=" not in item and _open_list(items[-1].partition("=")[2]):
             items[-1] += " " + item  # the rest of a list written as YAML writes it, `model.widths=[16, 32, 64]`
         else:
             items.append(item)
+    return items
+
+
+def parse_overrides(overrides: str | list[str] | None) -> dict[str, dict[str, Any]]:
+    """`"train.lr=0.05 model.widths=[32,64,128]"` -> {"train": {"lr": _Text("0.05")}, "model": {...}}: each value
+    as typed, read by its field's type when the params are checked (`_coerce`). A list's items are layers (the
+    last of a key wins: a sweep's trial over its spec's overrides); one string gives each key once."""
+    items = split_overrides(overrides) if isinstance(overrides, str) else _join_lists(list(overrides or []))
     layer: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -577,7 +592,9 @@ def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | 
     for name in given:  # `-P epochs=30 -P overrides="train.epochs=10"`: one of them would be dropped unseen
         section, key = keys[name].split(".")
         if key in layered.get(section, {}):
-            theirs = getattr(getattr(load(params or None, typed), section), key)
+            # the overrides' value read by the key's type: loading them alone would check them against the rest of
+            # the params (`train.epochs=3` refused by the default's lr_boundaries, not said to disagree with -P epochs)
+            theirs = _coerce(keys[name], layered[section][key], type(getattr(getattr(cfg, section), key)))
             if theirs != getattr(getattr(cfg, section), key):
                 raise ConfigError(f"{keys[name]}: -P {name}={given[name]} and overrides' {keys[name]}="
                                   f"{layered[section][key]} disagree; give one")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 
 import pytest
@@ -77,6 +79,10 @@ def test_cli_shortcuts_and_empty_values():
     with pytest.raises(config.ConfigError, match=r"^train.epochs: -P epochs=30 and overrides' train.epochs=10 "
                                                  r"disagree; give one$"):
         config.load_from_cli("", "train.epochs=10", epochs="30")
+    # said so even where the overrides' value would not load on its own: it was refused for default.yaml's
+    # lr_boundaries at 3 epochs, a run of 30 asked for
+    with pytest.raises(config.ConfigError, match=r"^train.epochs: -P epochs=30 and overrides' train.epochs=3 "):
+        config.load_from_cli("", "train.epochs=3", epochs="30")
 
 
 
@@ -89,6 +95,10 @@ def test_values_are_read_by_their_keys_type_not_as_yaml_1_1():
     for epochs in ("1:30", "1_000"):
         with pytest.raises(config.ConfigError, match=f"^train.epochs: must be an integer, got '{epochs}'"):
             config.load_from_cli("", "", epochs=epochs)
+    # a list's integers too, as in a params file: `[064, 128, 256, 512]` trained widths 52, 128, 256, 512
+    assert config.load("params/fast.yaml", "model.widths=[064,128,256,512]").model.widths == (64, 128, 256, 512)
+    with pytest.raises(config.ConfigError, match=r"^model.widths: must be an integer, got '1:30'"):
+        config.load(None, "model.widths=[1:30, 32, 64]")
     # what a run logged comes back as it was (resume, -P dataset_uri), a JSON-quoted string unquoted (sweep specs)
     back = config.from_run_params({"tracking.experiment": "exp #3", "data.source": "team: cifar", "train.epochs": "7"})
     assert (back.tracking.experiment, back.data.source, back.train.epochs) == ("exp #3", "team: cifar", 7)
@@ -268,6 +278,58 @@ def test_a_key_given_twice_in_a_params_file_is_refused_not_dropped(tmp_path):
     (tmp_path / "nested.yaml").write_text("x: &base {lr: 0.1, epochs: 3}\nys:\n  - &y {<<: *base, lr: 0.2}\n"
                                           "z:\n  <<: *y\n")
     assert config.read_yaml(tmp_path / "nested.yaml")["z"] == {"lr": 0.2, "epochs": 3}
+
+
+def test_a_key_given_twice_in_one_overrides_string_is_refused_not_dropped():
+    """`-P overrides="train.epochs=10 train.epochs=20"` trained 20 epochs, the 10 dropped unseen, as a params file's
+    second key was; a list's items are still layers (a sweep's trial values over its spec's overrides)."""
+    for overrides, message in [("train.epochs=10 train.lr=0.2 train.epochs=20", "train.epochs: given twice in "
+                                "overrides ('10' and '20'): only the last would count; give it once"),
+                               ("model.widths=[16, 32, 64] model.widths=[8,16,32]",
+                                "model.widths: given twice in overrides ('[16, 32, 64]' and '[8,16,32]')"),
+                               ("train.seed=1 train.seed=1", "train.seed: given twice in overrides ('1' and '1')")]:
+        with pytest.raises(config.ConfigError, match=f"^{re.escape(message)}"):
+            config.load_from_cli("params/tiny.yaml", overrides)
+        with pytest.raises(config.ConfigError, match=f"^{re.escape(message)}"):
+            config.load("params/tiny.yaml", overrides)
+    assert config.load("params/tiny.yaml", ["train.epochs=10", "train.epochs=20"]).train.epochs == 20
+    assert config.load_from_cli("params/tiny.yaml", "train.epochs=4", epochs="4").train.epochs == 4  # agreeing
+
+
+GPU_SH_PYTHON = """#!/bin/bash
+# bench/gpu.sh's python: `-c` checks pass; a stage (bench.gpu_epoch) records its params and overrides, and succeeds
+[[ $1 == -c ]] && exit 0
+while (( $# )); do case $1 in --out) out=$2; shift;; --params) params=$2; shift;; --overrides) ov=$2; shift;; esac
+  shift; done
+printf '%s\t%s\t%s\n' "${out##*/}" "$params" "$ov" >> "$FAKE_LOG"
+echo '{"epoch_seconds": [1.0], "test_acc": 0.5}' > "$out"
+"""
+
+
+@pytest.mark.parametrize("smoke", ["", "1"], ids=["gpu", "smoke"])
+def test_every_gpu_sh_stages_overrides_load_with_its_params_file(tmp_path, smoke):
+    """gpu.sh composes its stages' overrides from shell variables (the smoke's toy scale, $small9...): composed
+    after a stage's own model.widths or train.epochs they gave the key twice, which the config now refuses, and
+    that stage of the one GPU call would fail. Each stage's string as bench.gpu_epoch loads it."""
+    import subprocess
+
+    fake, log = tmp_path / "python", tmp_path / "stages.log"
+    fake.write_text(GPU_SH_PYTHON)
+    fake.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "FAKE_LOG": str(log),
+           "GPU_SH_STATE": str(tmp_path / "state"), **({"GPU_SH_SMOKE": smoke} if smoke else {})}
+    proc = subprocess.run(["bash", str(config.PROJECT_ROOT / "bench" / "gpu.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stages = [line.split("\t") for line in log.read_text().splitlines()]
+    assert [name for name, *_ in stages] == [f"gpu-{name}.json" for name in (
+        "fast", "seed", "improved", "explore-wide", "explore-drop", "explore-ema", "explore-seed1",
+        "explore-24-ghost", "explore-32", "explore-24-altflip")]
+    loaded = {name: config.load_from_cli(params, overrides) for name, params, overrides in stages}
+    assert all(cfg.train.feed == "device" for cfg in loaded.values())
+    wide, long = loaded["gpu-explore-wide.json"], loaded["gpu-explore-32.json"]
+    fast = config.load_from_cli("params/fast.yaml", "train.epochs=2 model.widths=[8,16,32,64]" if smoke else "")
+    assert long.train.epochs > fast.train.epochs and sum(wide.model.widths) > sum(fast.model.widths)  # what they try
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -98,6 +98,10 @@ def test_without_several_gpus_it_refuses(monkeypatch, capsys):
     (["--epochs", "1", "--virtual-cpus", "2"], "error: --epochs: must be >= 2"),
     (["--virtual-cpus", "1"], "error: --virtual-cpus: must be 0 or >= 2"),
     (["--virtual-cpus", "-2"], "error: --virtual-cpus: must be 0 or >= 2"),
+    (["--overrides", "train.jit_compile=false", "--virtual-cpus", "2"],  # the XLA arm's would be refused
+     "error: --overrides: train.jit_compile is set by the arms themselves; give other keys"),
+    (["--overrides", "train.seed=1 train.seed=2", "--virtual-cpus", "2"],
+     "error: --overrides: train.seed: given twice in overrides ('1' and '2')"),
 ])
 def test_arguments_no_arm_can_run_with_are_refused_before_any_arm(monkeypatch, capsys, argv, message):
     """Not one failed arm per backend after its start-up, nor (on a GPU machine) a table of failures written over
