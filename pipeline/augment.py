@@ -1,4 +1,4 @@
-"""Batched random shift + horizontal flip written with `keras.ops`.
+"""Batched random shift + horizontal flip, and cutout, written with `keras.ops`.
 
 It runs inside the compiled train step on whatever device holds the batch. Keras's own
 RandomTranslation/RandomCrop layers set `supports_jit=False`, which silently turns XLA off
@@ -83,6 +83,45 @@ class RandomShiftFlip(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "max_shift": self.max_shift, "fill": self.fill, "flip": self.flip,
                 "seed": self.seed}
+
+
+def cutout(images, *, side: int, seed=None):
+    """Set one `side` x `side` square of each image to 0 (the mean after normalisation), wholly inside the image:
+    its top-left corner uniform over all (H - side + 1) x (W - side + 1) places (Page's and airbench's cutout;
+    DeVries & Taylor's centre falls anywhere and the square is clipped at the border). Integer corners: Keras's
+    `RandomErasing` draws its start as a float and erases from the next whole pixel, so it never reached row 0
+    or column 0. images: float (B, H, W, C); seed: a `keras.random.SeedGenerator` or an int, as `shift_flip`'s."""
+    if not isinstance(seed, keras.random.SeedGenerator):
+        seed = keras.random.SeedGenerator(seed)
+    batch = ops.shape(images)[0]
+    height, width = images.shape[1], images.shape[2]
+    top = keras.random.randint((batch, 1), 0, height - side + 1, seed=seed)
+    left = keras.random.randint((batch, 1), 0, width - side + 1, seed=seed)
+    rows, cols = ops.arange(height)[None, :] - top, ops.arange(width)[None, :] - left
+    square = ((rows >= 0) & (rows < side))[:, :, None] & ((cols >= 0) & (cols < side))[:, None, :]
+    return ops.where(square[..., None], ops.zeros_like(images), images)
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class RandomCutout(keras.layers.Layer):
+    """`cutout` as a layer that acts only in training; inference passes images through. Its draws come from
+    seed + 1: from `seed` itself they would repeat `RandomShiftFlip`'s, the corners tied to the shifts."""
+
+    def __init__(self, side: int, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.side, self.seed = side, seed
+        self.seed_generator = keras.random.SeedGenerator(None if seed is None else seed + 1)
+
+    def call(self, inputs, training=False):
+        if not training or self.side == 0:
+            return inputs
+        return cutout(inputs, side=self.side, seed=self.seed_generator)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "side": self.side, "seed": self.seed}
 
 
 def shift_diagonal(pixels: np.ndarray, step: int) -> np.ndarray:

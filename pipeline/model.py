@@ -2,7 +2,7 @@
 
 The model takes raw uint8 RGB pixels, the same thing a served model receives:
 uint8 -> per-channel normalisation (statistics fitted on the training images)
--> random shift/flip (training only) -> ResNet -> float32 softmax.
+-> random shift/flip and cutout (training only) -> ResNet -> float32 softmax.
 
 Named depths are parameters, not copies (see `config.resnet_depth`): bottleneck depth = 9n + 2
 (n = 18: ResNet-164, n = 111: ResNet-1001), basic depth = 6n + 2 (n = 3, 9, 18: ResNet-20, 56, 110);
@@ -18,7 +18,7 @@ from functools import partial
 import keras
 from keras import layers, ops
 
-from pipeline.augment import RandomShiftFlip
+from pipeline.augment import RandomCutout, RandomShiftFlip
 from pipeline.config import CONV_INITS, RESNET9_ZERO_INIT, resnet_depth
 
 
@@ -219,10 +219,8 @@ def build_resnet(
                              name="normalize")(inputs)
     if max_shift or flip:  # without augmentation the model holds stock Keras layers only
         x = RandomShiftFlip(max_shift, fill=shift_fill, flip=flip, seed=seed, name="augment")(x)
-    if cutout:  # DeVries & Taylor's cutout: one square per image, inside it, at 0 (the mean after normalize)
-        side = cutout / image_size  # RandomErasing draws each side as sqrt(scale) of the image's
-        x = layers.RandomErasing(factor=(1.0, 1.0), scale=(side * side, side * side), fill_value=0.0, seed=seed,
-                                 dtype="float32", name="cutout")(x)
+    if cutout:  # one square per image, wholly inside it, at 0 (the mean after normalize)
+        x = RandomCutout(cutout, seed=seed, name="cutout")(x)
     bn = partial(_bn, momentum=bn_momentum, l2=l2 if l2_norm_and_bias else None, ghost=ghost_batch)
     conv = partial(_conv, l2=l2, init=conv_init)
     if arch == "resnet9":

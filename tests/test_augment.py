@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.augment import RandomShiftFlip, shift_flip
+from pipeline.augment import RandomCutout, RandomShiftFlip, shift_flip
 from pipeline.model import build_resnet
 
 
@@ -109,13 +109,44 @@ def test_cutout_sets_one_square_of_the_given_side_to_the_mean_in_training_only()
     assert "cutout" not in {layer.name for layer in build_resnet(**kwargs).layers}
 
 
+def test_cutout_squares_are_placed_uniformly_over_every_place_inside_the_image():
+    """Keras's RandomErasing (the cutout before) drew its start as a float and erased from the next whole pixel:
+    corners 1..24 only, so row 0 and column 0 were never erased."""
+    side, n = 8, 8000
+    out = keras.ops.convert_to_numpy(RandomCutout(side, seed=0)(np.ones((n, 32, 32, 1), np.float32), training=True))
+    zero = out[..., 0] == 0
+    assert (zero.sum((1, 2)) == side * side).all()  # exactly side x side pixels in every image
+    rows, cols = zero.any(2), zero.any(1)
+    assert (rows.sum(1) == side).all() and (cols.sum(1) == side).all()
+    places = 32 - side + 1
+    for axis in (rows, cols):
+        first = np.bincount(axis.argmax(1), minlength=32)
+        assert (first[:places] > 0.7 * n / places).all() and first[places:].sum() == 0  # corners 0..24, uniform
+        covered = np.array([min(i, places - 1) - max(0, i - side + 1) + 1 for i in range(32)]) / places
+        np.testing.assert_allclose(axis.mean(0), covered, atol=0.025)  # row 0: 1/25, middle rows 8/25
+    assert zero[:, 0, 0].any() and zero[:, -1, -1].any() and zero[:, 0, -1].any() and zero[:, -1, 0].any()
+
+
+def test_cutout_is_seeded_and_draws_apart_from_the_shifts():
+    """Same seed, same squares; but not the shifts' own numbers: from one seed both layers drew the same keys, and
+    every square's row was then a function of its image's vertical shift."""
+    x = distinct_images(2000, size=32)
+    a, b = (keras.ops.convert_to_numpy(RandomCutout(8, seed=3)(x, training=True)) for _ in range(2))
+    np.testing.assert_array_equal(a, b)
+    shifted = keras.ops.convert_to_numpy(RandomShiftFlip(2, flip=False, seed=3)(x, training=True))
+    dy = np.round((shifted[:, 16, 16, 0] - x[:, 16, 16, 0]) / 96)  # distinct_images: a row is 96, a column 3
+    top = (a == 0).all(-1).any(2).argmax(1)
+    assert set(np.unique(dy)) == {-2, -1, 0, 1, 2}
+    assert np.mean(top % 5 == dy + 2) < 0.3  # independent draws: 1/5 (from the shifts' keys: always)
+
+
 def test_a_model_with_cutout_and_reflect_shifts_saves_and_loads(tmp_path):
     """A killed run resumes from a saved model: the augmentation layers must come back as they were."""
     model = build_resnet(num_classes=10, arch="resnet9", widths=(8, 8, 8, 8), l2=0.0, cutout=12, max_shift=2,
                          shift_fill="reflect", flip=True, seed=0)
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
-    assert loaded.get_layer("cutout").get_config()["scale"] == model.get_layer("cutout").get_config()["scale"]
+    assert loaded.get_layer("cutout").side == 12
     assert (loaded.get_layer("augment").fill, loaded.get_layer("augment").max_shift) == ("reflect", 2)
     x = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
