@@ -25,6 +25,7 @@ import os
 import pickle
 import posixpath
 import re
+import stat
 import sys
 import tarfile
 import zipfile
@@ -45,6 +46,11 @@ CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TRAIN_IMAGES = 50000  # 5 batches of 10,000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what Pillow decodes here
+# The largest image file read. Each image's bytes are held in memory until it is decoded, so a 2 GB member named
+# x.png (or a tar header claiming that much) took 2-4 GB and many seconds to be found undecodable: it is refused by
+# the size its header (or the file system) gives, before it is read. A 32x32 image file is a few KB (tens with
+# metadata), a camera photo to be resized a few MB; 128 MiB still holds an uncompressed 40-megapixel RGB TIFF.
+MAX_IMAGE_BYTES = 128 << 20
 SYNTHETIC_CLASSES = tuple(f"class_{i}" for i in range(10))
 SOURCES = ("'cifar10', 'synthetic', the official CIFAR-10 python archive or its cifar-10-batches-py/ folder, an image "
            "folder (a directory, .tar.gz or .zip of train/<class>/ and test/<class>/ images: PNG, JPEG, BMP, GIF, "
@@ -255,28 +261,50 @@ def source_digest(source: str) -> str:
     if source == "cifar10":
         return CIFAR10_SHA256
     path = Path(source)
-    if path.is_file():
-        return file_sha256(path)
-    if path.is_dir():
-        h = hashlib.sha256()
-        for file in _files_under(path):
-            h.update(str(file.relative_to(path)).encode())
-            h.update(file.read_bytes())
-        return h.hexdigest()
+    try:
+        if path.is_file():
+            return file_sha256(path)
+        if path.is_dir():
+            h = hashlib.sha256()
+            for file in _files_under(path):
+                h.update(str(file.relative_to(path)).encode())
+                with open(file, "rb") as f:  # in chunks: a 2 GB file in the folder took 2 GB of memory to be hashed
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+            return h.hexdigest()
+    except OSError as exc:  # e.g. a file copied in by another user, unreadable: was a traceback
+        raise _unreadable(exc) from None
     raise DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path")
+
+
+def _unreadable(exc: OSError) -> DataError:
+    return DataError(f"{exc.filename}: cannot be read ({exc.strerror or exc})")
+
+
+def _refuse_unlistable(exc: OSError) -> None:
+    raise _unreadable(exc)
 
 
 def _files_under(path: Path) -> list[Path]:
     """Every file under a folder, sorted, through linked folders too: Python 3.11's rglob does not enter them, so a
-    class folder linked in from elsewhere was dropped unseen. A link to a folder above it (a loop) is refused."""
+    class folder linked in from elsewhere was dropped unseen. A link to a folder above it (a loop) is refused, and so
+    are a folder that cannot be listed and a file that cannot be looked at (os.walk skipped the one, os.path.isfile
+    said False of the other: a class folder another user owns, mode 700 or 644, was dropped unseen)."""
     files = []
-    for folder, subfolders, names in os.walk(path, followlinks=True):
+    for folder, subfolders, names in os.walk(path, followlinks=True, onerror=_refuse_unlistable):
         here = os.path.realpath(folder)
         for name in subfolders:
             target = os.path.realpath(os.path.join(folder, name))
             if os.path.commonpath((here, target)) == target:  # the link's target holds this folder
                 raise DataError(f"{Path(folder) / name}: a link to a folder above it (a loop)")
-        files += [Path(folder) / name for name in names if os.path.isfile(os.path.join(folder, name))]
+        for name in names:
+            try:
+                if stat.S_ISREG(os.stat(os.path.join(folder, name)).st_mode):
+                    files.append(Path(folder) / name)
+            except FileNotFoundError:  # a link to nothing: no file
+                pass
+            except OSError as exc:
+                raise _unreadable(exc) from None
     return sorted(files)
 
 
@@ -520,30 +548,65 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
 def _archive_reader(path: Path, read):  # noqa: ANN001, ANN202 - a bytes reader in, one out
     """`read`, with a damaged member's error as a DataError naming the archive."""
 
-    def checked() -> bytes:
+    def checked(n: int) -> bytes:
         try:
-            return read()
+            return read(n)
         except ARCHIVE_ERRORS as exc:
             raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
 
     return checked
 
 
+def _read_file(file: Path, n: int) -> bytes:
+    try:
+        with open(file, "rb") as f:
+            return f.read(n)
+    except OSError as exc:  # e.g. an image another user owns: was a traceback
+        raise _unreadable(exc) from None
+
+
+def _read_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo, n: int) -> bytes:
+    # zipfile refused these with a traceback (RuntimeError, NotImplementedError): said in one line instead
+    if member.flag_bits & 0x1:
+        raise DataError(f"{path}:{member.filename}: encrypted (a password-protected zip): zip the images without one")
+    if member.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+        raise DataError(f"{path}:{member.filename}: compressed with zip method {member.compress_type} (e.g. "
+                        "Deflate64 or zstd), which Python cannot read: zip the images with plain deflate")
+    with archive.open(member) as f:  # read(n) inflates at most n bytes, whatever size the zip's directory gives
+        return f.read(n)
+
+
+def _read_image(read, size: int | None, where: str) -> bytes:  # noqa: ANN001 - a reader of at most n bytes
+    """An image file's bytes, refused (naming it) beyond MAX_IMAGE_BYTES: by `size` (its tar or zip header's, its
+    file's), before reading, and by reading at most one byte more (a tar link, whose size is its target's). Not
+    read(MAX_IMAGE_BYTES + 1) for every file: Python allocates what read(n) asks for before it reads."""
+    limit = f"more than the {MAX_IMAGE_BYTES >> 20} MiB an image file may have: not an image, or save it smaller"
+    if size is not None and size > MAX_IMAGE_BYTES:
+        raise DataError(f"{where}: {size:,} bytes, {limit}")
+    raw = read((MAX_IMAGE_BYTES if size is None else size) + 1)
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise DataError(f"{where}: {limit}")
+    return raw
+
+
 def _iter_image_files(path: Path):
-    """Yield (path parts, bytes reader) for every file of a folder, .zip or tar archive (.tar.gz, .tar, ...). A
-    member is read only if its reader is called, before the next is yielded: a file that is no image (a 1.5 GB video
-    zipped to 1.5 MB) took its size in memory to be warned about."""
+    """Yield (path parts, size or None, reader of at most n bytes) for every file of a folder, .zip or tar archive
+    (.tar.gz, .tar, ...). A member is read only if its reader is called, before the next is yielded: a file that is
+    no image (a 1.5 GB video zipped to 1.5 MB) took its size in memory to be warned about."""
     if path.is_dir():
         for file in _files_under(path):
-            yield file.relative_to(path).parts, file.read_bytes
+            yield file.relative_to(path).parts, file.stat().st_size, functools.partial(_read_file, file)
         return
     if zipfile.is_zipfile(path):  # e.g. a repository's "Download ZIP": <repo>-main/train/<class>/...
         try:
             with zipfile.ZipFile(path) as archive:
                 for member in archive.infolist():
-                    if not member.is_dir():
-                        yield (tuple(p for p in member.filename.split("/") if p not in ("", ".")),
-                               _archive_reader(path, lambda m=member: archive.read(m)))
+                    # Windows PowerShell's Compress-Archive writes train\cat\0.png (the zip spec says /): read, as
+                    # Info-ZIP's unzip and libarchive read a zip made on MS-DOS/Windows, its \ as a folder separator
+                    name = member.filename.replace("\\", "/") if member.create_system == 0 else member.filename
+                    if not name.endswith("/"):
+                        yield (tuple(p for p in name.split("/") if p not in ("", ".")), member.file_size,
+                               _archive_reader(path, lambda n, m=member: _read_member(path, archive, m, n)))
         except ARCHIVE_ERRORS as exc:
             raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
         return
@@ -568,8 +631,8 @@ def _iter_image_files(path: Path):
                         raise DataError(f"{path}: {member.name} is a link to {member.linkname}, which the archive "
                                         "does not hold as a file: archive the folder with its links followed "
                                         "(tar -h)")
-                    if file is not None:
-                        yield parts, _archive_reader(path, file.read)
+                    if file is not None:  # a link's own size is 0: its target's is known by reading
+                        yield parts, member.size if member.isfile() else None, _archive_reader(path, file.read)
             _read_to_end(tar)
     except ARCHIVE_ERRORS as exc:
         raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
@@ -592,7 +655,7 @@ def load_image_folder(path: str | Path) -> Dataset:
     tops: set[tuple[str, ...]] = set()  # the folders holding train/ and test/
     skipped: list[str] = []
     unclassed: list[str] = []
-    for parts, read in _iter_image_files(path):
+    for parts, size, read in _iter_image_files(path):
         if any(p.startswith("._") or p == "__MACOSX" for p in parts):  # macOS's AppleDouble metadata, not images
             continue
         at = _split_index(parts)
@@ -601,7 +664,8 @@ def load_image_folder(path: str | Path) -> Dataset:
                 unclassed.append("/".join(parts))  # an image of no class: said, not dropped unseen
             continue
         if parts[-1].lower().endswith(IMAGE_SUFFIXES):
-            files[parts[at]].setdefault(parts[at + 1], []).append(("/".join(parts), read()))
+            name = "/".join(parts)
+            files[parts[at]].setdefault(parts[at + 1], []).append((name, _read_image(read, size, f"{path}:{name}")))
             tops.add(parts[:at])
         elif not parts[-1].startswith("."):
             skipped.append("/".join(parts))  # in a class folder, but no image suffix: said, not dropped unseen

@@ -9,6 +9,7 @@ import pickle
 import re
 import struct
 import tarfile
+import tracemalloc
 import zipfile
 import zlib
 from pathlib import Path
@@ -167,6 +168,25 @@ def test_damaged_zip_npz_and_xz_are_one_line_not_a_traceback(tmp_path):
         (tmp_path / f"cut-{name}").write_bytes(bytes(raw[: len(raw) // 2]))
         with pytest.raises(data.DataError, match=f"cut-{name}: unreadable archive .*truncated"):
             data.load_source(str(tmp_path / f"cut-{name}"))
+
+
+def test_an_encrypted_zip_or_one_python_cannot_inflate_is_one_line_not_a_traceback(tmp_path):
+    """zipfile raises RuntimeError for a password-protected member and NotImplementedError for a compression method
+    it lacks (Deflate64, zstd): both ended prepare in a traceback."""
+    write_image_folder(tmp_path / "imgs", classes=("cat", "dog"), per_class=1)
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as archive:
+        for file in sorted((tmp_path / "imgs").rglob("*.*")):
+            archive.write(file, str(file.relative_to(tmp_path)))
+    raw = (tmp_path / "imgs.zip").read_bytes()
+    # (the flag bits' or the method's offset in local and central headers), its value, what is said
+    for offsets, value, message in (((6, 8), 1, "encrypted"), ((8, 10), 9, "compressed with zip method 9")):
+        patched = bytearray(raw)
+        for signature, offset in zip((b"PK\x03\x04", b"PK\x01\x02"), offsets, strict=True):
+            for at in (m.start() for m in re.finditer(re.escape(signature), raw)):
+                patched[at + offset:at + offset + 2] = struct.pack("<H", value)
+        (tmp_path / "bad.zip").write_bytes(bytes(patched))
+        with pytest.raises(data.DataError, match=f"bad.zip:imgs/test/cat/0.jpg: {message}"):
+            data.load_source(str(tmp_path / "bad.zip"))
 
 
 def test_image_folders_in_more_than_one_place_are_refused_not_merged(tmp_path):
@@ -366,6 +386,18 @@ def test_image_folder_directory_tar_gz_and_zip(tmp_path):
     assert data.load_source(str(tmp_path / "imgs")).digest() == from_dir.digest()
 
 
+def test_a_zip_made_on_windows_with_backslashes_is_read(tmp_path):
+    """Windows PowerShell's Compress-Archive names members train\\cat\\0.png: every image was read as a file in no
+    folder, and the zip refused as holding no train/<class>/ images. unzip reads \\ as / in a zip made on Windows."""
+    write_image_folder(tmp_path / "imgs", classes=("cat", "dog"), per_class=2)
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as archive:
+        for file in sorted((tmp_path / "imgs").rglob("*.*")):
+            member = zipfile.ZipInfo("imgs\\" + str(file.relative_to(tmp_path / "imgs")).replace("/", "\\"))
+            member.create_system = 0  # MS-DOS/Windows, as PowerShell writes it
+            archive.writestr(member, file.read_bytes())
+    assert data.load_source(str(tmp_path / "imgs.zip")).digest() == data.load_source(str(tmp_path / "imgs")).digest()
+
+
 def test_bmp_webp_and_gif_images_are_read_and_other_files_in_class_folders_are_named(tmp_path, capsys):
     """Only .png/.jpg were read: a class folder's .bmp or .webp images dropped out of the dataset unseen."""
     write_image_folder(tmp_path / "imgs")
@@ -437,6 +469,44 @@ def test_linked_class_folders_and_linked_images_are_read_from_a_folder_and_its_t
         data.load_source(str(root))
 
 
+def test_a_folder_or_file_that_cannot_be_read_is_named_not_dropped_or_a_traceback(tmp_path, monkeypatch):
+    """os.walk skips a folder it cannot list, and os.path.isfile says False of a file in a folder it may list but not
+    enter: class folders another user owns (mode 700, or 644) were dropped unseen, the dataset a class short; an
+    unreadable image or archive ended prepare in a traceback (PermissionError)."""
+    root = tmp_path / "imgs"
+    write_image_folder(root)
+    denied = {root / "train" / "ship", root / "test" / "ship"}  # as chmod 000 makes them (tests may run as root)
+
+    def refusing(function):  # noqa: ANN001, ANN202
+        def call(file, *args, **kwargs):  # noqa: ANN001, ANN202
+            if isinstance(file, (str, os.PathLike)) and Path(file) in denied:
+                raise PermissionError(13, "Permission denied", str(file))
+            return function(file, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "scandir", refusing(os.scandir))
+    monkeypatch.setattr(data, "open", refusing(open), raising=False)
+    for read in (data.load_source, data.source_digest):
+        with pytest.raises(data.DataError, match=r"imgs/(train|test)/ship: cannot be read \(Permission denied\)$"):
+            read(str(root))
+    denied = {root / "train" / "ship" / "0.jpg"}  # its folder listed, not entered: the file cannot be looked at
+    monkeypatch.setattr(os, "stat", refusing(os.stat))
+    for read in (data.load_source, data.source_digest):
+        with pytest.raises(data.DataError, match=r"imgs/train/ship/0.jpg: cannot be read \(Permission denied\)$"):
+            read(str(root))
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "open", refusing(open), raising=False)
+    denied = {root / "train" / "cat" / "1.png"}
+    for read in (data.load_source, data.source_digest):
+        with pytest.raises(data.DataError, match=r"imgs/train/cat/1.png: cannot be read \(Permission denied\)$"):
+            read(str(root))
+    with tarfile.open(tmp_path / "imgs.tar", "w") as tar:
+        tar.add(root, arcname="imgs")
+    denied = {tmp_path / "imgs.tar"}
+    with pytest.raises(data.DataError, match=r"imgs.tar: cannot be read \(Permission denied\)$"):
+        data.source_digest(str(tmp_path / "imgs.tar"))
+
+
 def test_test_images_that_are_training_images_are_named(tmp_path, capsys):
     """An image copied into both train/ and test/ was scored as unseen without a word: test_acc overstated."""
     root = tmp_path / "imgs"
@@ -460,9 +530,9 @@ def test_archive_files_that_are_no_images_are_not_read(tmp_path, monkeypatch):
     with tarfile.open(tmp_path / "imgs.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "imgs", arcname="imgs")
     read = []
-    zip_read, tar_open = zipfile.ZipFile.read, tarfile.TarFile.extractfile
-    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, member: read.append(member.filename)
-                        or zip_read(self, member))
+    zip_open, tar_open = zipfile.ZipFile.open, tarfile.TarFile.extractfile
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, member, *args: read.append(member.filename)
+                        or zip_open(self, member, *args))
 
     def extractfile(self, member):
         file = tar_open(self, member)
@@ -475,6 +545,69 @@ def test_archive_files_that_are_no_images_are_not_read(tmp_path, monkeypatch):
         read.clear()
         assert data.load_source(str(tmp_path / name)).digest() == expected
         assert len(read) == 8 and not [n for n in read if n.endswith("video.mp4")]
+
+
+def test_an_oversized_image_file_is_refused_by_its_size_before_it_is_read(tmp_path, monkeypatch):
+    """Each image file was read whole before Pillow saw it: a 2 GB file named x.png took 2 GB of memory (4 in a zip)
+    and seconds to be called undecodable, and a folder source's digest read it whole too. Its size (the file
+    system's, the tar or zip header's) refuses it first; a link's, unknown, by reading one byte past the limit."""
+    root = tmp_path / "imgs"
+    write_image_folder(root, classes=("cat", "dog"), per_class=2)
+    big = root / "train" / "cat" / "x.png"
+    big.touch()
+    os.truncate(big, 256 << 20)  # sparse: no disk, no time
+    tracemalloc.start()
+    try:
+        digest = data.source_digest(str(root))
+        with pytest.raises(data.DataError) as err:
+            data.load_source(str(root))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(err.value) == (f"{root}:train/cat/x.png: 268,435,456 bytes, more than the 128 MiB an image file may "
+                              "have: not an image, or save it smaller")
+    assert peak < 32 << 20 and len(digest) == 64
+    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 100_000)  # archives, kept small: the images are ~3 KB each
+    big.write_bytes(b"\0" * 200_000)
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(root.rglob("*.*")):
+            archive.write(file, str(file.relative_to(tmp_path)))
+    with tarfile.open(tmp_path / "imgs.tar.gz", "w:gz") as tar:
+        tar.add(root, arcname="imgs")
+    for name in ("imgs.zip", "imgs.tar.gz"):
+        with pytest.raises(data.DataError, match=re.escape(f"{name}:imgs/train/cat/x.png: 200,000 bytes, more "
+                                                           "than the 0 MiB")):
+            data.load_source(str(tmp_path / name))
+    info = tarfile.TarInfo("imgs/big.png")
+    info.size = 200_000
+    with tarfile.open(tmp_path / "links.tar", "w") as tar:  # a link in a class folder to an oversized file
+        tar.addfile(info, io.BytesIO(b"\0" * 200_000))
+        link = tarfile.TarInfo("imgs/train/dog/y.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../big.png"
+        tar.addfile(link)
+        tar.add(root / "train" / "cat" / "0.jpg", arcname="imgs/train/cat/0.jpg")
+        tar.add(root / "test", arcname="imgs/test")
+    with pytest.raises(data.DataError, match=re.escape("links.tar:imgs/train/dog/y.png: more than the 0 MiB")):
+        data.load_source(str(tmp_path / "links.tar"))
+
+
+def test_a_tar_header_claiming_a_huge_image_is_refused_naming_it(tmp_path):
+    """A member whose header claims 8 GB is refused by that size, naming it, before any of it is read (cut short
+    here: whatever followed its header was read, then the archive called truncated)."""
+    write_image_folder(tmp_path / "imgs", classes=("cat", "dog"), per_class=2)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(tmp_path / "imgs", arcname="imgs")
+        tar.addfile(tarfile.TarInfo("imgs/train/cat/huge.png"))
+    raw = bytearray(buffer.getvalue()[:-1024])  # without tar's end blocks, as if cut short
+    at = raw.rindex(b"imgs/train/cat/huge.png")
+    header = raw[at:at + 512]
+    header[124:136], header[148:156] = b"%011o\0" % ((8 << 30) - 1), b" " * 8  # size, checksum
+    header[148:156] = b"%06o\0 " % sum(header)
+    raw[at:at + 512] = header
+    (tmp_path / "imgs.tar.gz").write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(data.DataError, match=re.escape("imgs.tar.gz:imgs/train/cat/huge.png: 8,589,934,591 bytes")):
+        data.load_source(str(tmp_path / "imgs.tar.gz"))
 
 
 def test_npz_arrays_as_a_source(tmp_path):
