@@ -66,8 +66,9 @@ def main() -> None:
     # it, leaves no run behind
     dist = distribution(cfg.train.distribute)
     with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
-        # Held while this process lives: a rerun tells this main, RUNNING, from one killed (SIGKILL: left RUNNING),
-        # whose trained model it goes on from (`trained_before_a_failure`)
+        # Held while this process lives: a later main tells this one, RUNNING, from one killed (SIGKILL, the OOM
+        # killer: left RUNNING with the step it was in), whose runs it ends KILLED (`remove_stale_locks`) and whose
+        # trained model a rerun goes on from (`trained_before_a_failure`)
         remove_stale_locks()
         claim(parent.info.run_id)
         try:

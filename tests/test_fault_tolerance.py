@@ -381,6 +381,102 @@ def test_a_pipeline_killed_after_training_is_gone_on_from_and_its_runs_end_kille
     assert not lock.parent.exists()
 
 
+def test_a_main_killed_in_any_step_has_its_runs_ended_killed_by_the_next_main(store, monkeypatch):
+    """A main killed (SIGKILL, the OOM killer) in prepare, or in train before its first checkpoint, left itself and
+    that step RUNNING for good: only a rerun going on from a trained model or a checkpoint ended them. The next main
+    on the machine finds each dead main by its free lock and ends its RUNNING steps and itself KILLED (a main `mlflow
+    run` marked FAILED keeps that); a live main, and a train run a live process resumed, are left alone. Every
+    folder's run is read in one search, not one store call per folder."""
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+
+    def dead(status: str, step: str) -> tuple[str, str]:  # a main and its step as a kill leaves them
+        main = mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"})
+        child = mlflow.start_run(nested=True, experiment_id=experiment_id, tags={"step": step})
+        mlflow.end_run("RUNNING")
+        mlflow.end_run(status)
+        return main.info.run_id, child.info.run_id
+
+    def lock(run_id: str) -> Path:
+        path = resume.checkpoint_dir(run_id) / resume.LOCK_FILE
+        path.parent.mkdir(parents=True)
+        path.touch()
+        return path.parent
+
+    in_prepare, preparing = dead("RUNNING", "prepare")
+    failed, training = dead("FAILED", "train")  # the step killed alone: `mlflow run` marked its run FAILED
+    live, live_prepare = dead("RUNNING", "prepare")
+    resumed_from, resumed = dead("KILLED", "train")  # its train run resumed by a live main (find_resumable)
+    for run_id in (in_prepare, failed, training, resumed_from, "0123abcd", *(f"{i:032x}" for i in range(30))):
+        lock(run_id)  # the 31 last: lock-only folders of no run here
+    held = [str(lock(r) / resume.LOCK_FILE) for r in (live, resumed)]
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; held = [open(p) for p in sys.argv[1:]]; "
+                               "[fcntl.flock(f, fcntl.LOCK_EX) for f in held]; print('held', flush=True); "
+                               "time.sleep(120)", *held], stdout=subprocess.PIPE, text=True)
+    calls = []
+    originals = {name: getattr(MlflowClient, name) for name in ("get_run", "search_runs")}
+    for name in originals:
+        def counted(self, *args, name=name, **kwargs):
+            calls.append(name)
+            return originals[name](self, *args, **kwargs)
+
+        monkeypatch.setattr(MlflowClient, name, counted)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as rerun:
+            resume.remove_stale_locks()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert calls == ["search_runs"] * 4  # the folders' runs, then each of the 3 dead mains' RUNNING steps
+    status = {r.info.run_id: (r.info.status, r.data.tags.get("ended_by")) for r in experiment_runs(client)}
+    ended = ("KILLED", rerun.info.run_id)
+    assert [status[r] for r in (in_prepare, preparing, failed, training)] == [ended, ended, ("FAILED", None), ended]
+    assert [status[r] for r in (live, live_prepare, resumed_from, resumed)] == [
+        ("RUNNING", None), ("RUNNING", None), ("KILLED", None), ("RUNNING", None)]
+    assert sorted(p.name for p in resume.checkpoint_root().iterdir()) == sorted([live, resumed])
+
+
+def test_a_new_lock_file_appears_already_locked(tmp_path, monkeypatch):
+    """`claim` makes a run's lock file locked before it bears its name: made and then locked, it stood unlocked
+    for an instant, in which another main's `remove_stale_locks` could take it for a dead main's and end the live
+    main KILLED. Two processes making the same lock at once: one holds it, the other is told it is held."""
+    import fcntl
+
+    from pipeline.tracking import resume
+
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(tmp_path))
+    seen = []
+    link = os.link
+
+    def looked_at(source, target):  # what another process sees just before the lock file bears its name
+        seen.append(sorted(p.name for p in Path(target).parent.iterdir()))
+        with open(source) as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # already locked
+        link(source, target)
+
+    monkeypatch.setattr(resume.os, "link", looked_at)
+    assert resume.claim("abc")
+    assert seen == [[f".{resume.LOCK_FILE}.{os.getpid()}"]]  # no lock-only folder for remove_stale_locks to take
+    assert [p.name for p in (tmp_path / "abc").iterdir()] == [resume.LOCK_FILE]
+    with open(tmp_path / "abc" / resume.LOCK_FILE) as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the file under the name is the one held
+
+    def beaten(source, target):  # another process made and locked it first
+        other = open(target, "w")  # noqa: SIM115 - held past this function, as the other process holds it
+        fcntl.flock(other, fcntl.LOCK_EX)
+        seen.append(other)
+        link(source, target)
+
+    monkeypatch.setattr(resume.os, "link", beaten)
+    assert not resume.claim("def")
+    assert [p.name for p in (tmp_path / "def").iterdir()] == [resume.LOCK_FILE]
+    seen[-1].close()
+    resume.release("abc")
+
+
 def test_a_checkpoint_of_other_code_is_resumed_only_by_id_and_the_run_says_so(store, tmp_path, monkeypatch,
                                                                                in_process):
     """An interrupted training, then the code that trains changed (an edit, a pull): rerunning the command is
