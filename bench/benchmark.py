@@ -123,7 +123,7 @@ def bench_train_step(cfg: config.Config, dataset: data.Dataset, steps: int) -> d
     keras.mixed_precision.set_global_policy(cfg.train.precision)
     model = fitting.make_model(cfg, dataset)
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="categorical_crossentropy",
-                  jit_compile={"auto": "auto", "true": True, "false": False}[cfg.train.jit_compile])
+                  jit_compile=cfg.train.jit_compile)
     x, y = dataset.x_train[:BATCH], keras.utils.to_categorical(dataset.y_train[:BATCH], 10)
     start = time.perf_counter()
     model.train_on_batch(x, y)

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import difflib
 import fractions
-import math
 import re
 import shlex
 import types
@@ -45,6 +44,8 @@ RESNET9_ZERO_INIT = ("must be false for model.arch resnet9: its residual branche
 CONV_INITS = ("he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "glorot_uniform", "pytorch")
 # train.shift_fill: what a shifted image shows where it moved off the edge (see pipeline.augment.shift_flip)
 SHIFT_FILLS = ("nearest", "constant", "reflect")
+# train.jit_compile: true, false or auto, as Keras's compile() takes it
+Auto = typing.Literal["auto"]
 
 
 class ConfigError(ValueError):
@@ -167,7 +168,7 @@ class TrainConfig:
     cutout: int
     validation_fraction: float
     precision: str
-    jit_compile: str
+    jit_compile: bool | Auto
     steps_per_execution: int
     checkpoint_every: int
     feed: str
@@ -211,8 +212,6 @@ class TrainConfig:
                self.validation_fraction)
         _check(self.precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"), "train.precision",
                "must be auto, float32, mixed_float16 or mixed_bfloat16", self.precision)
-        _check(self.jit_compile in ("auto", "true", "false"), "train.jit_compile", "must be auto, true or false",
-               self.jit_compile)
         _check(self.feed in ("host", "device"), "train.feed", "must be host or device", self.feed)
         _check(self.steps_per_execution >= 1, "train.steps_per_execution", "must be >= 1", self.steps_per_execution)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = no checkpoints)",
@@ -320,65 +319,76 @@ def _to_param_string(value: Any) -> str:
 
 
 class _Text(str):
-    """An override's value as typed (`-P overrides`, the entry points' shortcuts, a run's logged params): `_coerce`
-    reads it by the field's type, so a path or a name stays as written (YAML would cut `run #2` at its comment
-    and read `0755` as an octal number) and an integer is read in base 10 (YAML 1.1 reads `010` as 8, `1:30`
-    as 90); lists and the rest go through YAML."""
+    """An override's value as typed (`-P overrides`, the entry points' shortcuts, a run's logged params): a YAML
+    quoted string (`'my runs'`, a sweep's JSON `"0755"`) is unquoted once, and the rest kept as typed (YAML would
+    cut `run #2` at its comment); `_coerce` then reads it by its key's type, as it reads a params file's text."""
 
 
-def _parse_text(key: str, text: _Text, annotation: Any) -> Any:
+# booleans as YAML 1.1 spells them, in any case: `ema: yes` has always loaded (PyYAML), in params and overrides alike
+BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+BOOLEAN_SPELLINGS = "true or false (or yes/no, on/off)"
+
+
+def _spelling(annotation: Any) -> str:
+    """What a value of this type is written as, for the messages."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return ", or ".join(_spelling(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is typing.Literal:
+        return " or ".join(typing.get_args(annotation))
+    return {bool: BOOLEAN_SPELLINGS, int: "an integer", float: "a number", str: "a string"}[annotation]
+
+
+def _read(text: str, annotation: Any) -> Any:
+    """`text` as a value of `annotation`; ValueError if it spells none. Written as Python reads them, not as YAML 1.1
+    does: an integer in base 10 (YAML read `010` as 8, `1:30` as 90, `0x10` as 16), a str as written (YAML read
+    `2026.12` as a float, `True` as a bool, `2026-12-01` as a date)."""
     raw = text.strip()
-    if not raw:
-        return ""
-    if annotation is str:  # a quoted YAML (or JSON) string unquoted, true/false as YAML spells them; else as typed
-        if raw[0] in "'\"":
-            with contextlib.suppress(yaml.YAMLError):
-                if isinstance(quoted := yaml.safe_load(raw), str):
-                    return quoted
-        return raw.lower() if raw.lower() in ("true", "false") else str(text)
-    if annotation is int and re.fullmatch(r"[+-]?[0-9]+", raw):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # the first type that reads it
+        for member in typing.get_args(annotation):
+            with contextlib.suppress(ValueError):
+                return _read(text, member)
+        raise ValueError
+    if typing.get_origin(annotation) is typing.Literal:
+        if raw in typing.get_args(annotation):
+            return raw
+        raise ValueError
+    if annotation is str:
+        return str(text) if raw else ""
+    if annotation is bool and raw.lower() in BOOLEANS:
+        return BOOLEANS[raw.lower()]
+    if annotation is int and re.fullmatch(r"[+-]?[0-9]+(_[0-9]+)*", raw):  # 1_000 as float's Fraction reads it
         return int(raw, 10)
-    if annotation is int and re.fullmatch(r"[+-]?[0-9_:]+", raw):  # YAML 1.1's 1_000, 1:30 (base 60)
-        raise ConfigError(f"{key}: must be an integer, got {str(text)!r}")
     if annotation is float:
-        with contextlib.suppress(ValueError, ZeroDivisionError, OverflowError):
-            return float(fractions.Fraction(raw))  # 0.1, 1e-4, 80/150, 010: decimal, as written
-    try:  # a params file's loader: a list's `010` and `1:30` stay text, read by the item's type (safe_load: 8, 90)
-        return yaml.load(raw, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError:
-        raise ConfigError(f"{key}: cannot parse value {str(text)!r}") from None
+        return float(fractions.Fraction(raw))  # 0.1, 1e-4, 80/150, 010: decimal, as written
+    if annotation in (bool, int):
+        raise ValueError
+    raise TypeError(f"unsupported field type {annotation!r}")  # programming error
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check `value` against a dataclass field type; ints are accepted where floats are."""
-    if isinstance(value, _Text) or isinstance(value, str) and annotation in (bool, int):
-        # also a number or boolean quoted in a params file (`epochs: "10"`, `ema: "true"`, as tiny.yaml quotes its
-        # jit_compile): refused as "must be an integer, got '10'", it is read by the key's type as typed overrides are
-        value = _parse_text(key, _Text(value), annotation)
-    origin = typing.get_origin(annotation)
-    if origin is tuple:
-        _check(isinstance(value, (list, tuple)), key, "must be a list", value)
-        item_type = typing.get_args(annotation)[0]
-        return tuple(_coerce(key, v, item_type) for v in value)
-    if annotation is bool:
-        _check(isinstance(value, bool), key, "must be true or false", value)
-        return value
-    if annotation is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer", value)
-        return value
-    if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as text; `80/150` is a fraction
-            with contextlib.suppress(ValueError, ZeroDivisionError, OverflowError):
-                value = float(fractions.Fraction(value.strip()))
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number", value)
-        _check(isinstance(value, float) and math.isfinite(value) or isinstance(value, int) and abs(value) < 1e300,
-               key, "must be a finite number", value)
-        return float(value)
-    if annotation is str:
-        # YAML reads `auto`, `1`, `true` as different types; these fields are choices, keep the text.
-        _check(isinstance(value, (str, int, bool)) and value is not None, key, "must be a string", value)
-        return _to_param_string(value)
-    raise TypeError(f"unsupported field type {annotation!r} for {key}")  # programming error
+    """`value` read by its key's type `annotation`, the one reader of every value: a params file's scalars come as
+    the text written (`_ParamsLoader`), an override's as typed (`_Text`); a list's items by the item's type."""
+    if isinstance(value, _Text) and value.strip()[:1] in ("'", '"'):
+        with contextlib.suppress(yaml.YAMLError):
+            if isinstance(quoted := yaml.safe_load(value), str):
+                value = quoted
+    if typing.get_origin(annotation) is tuple:
+        if isinstance(value, str):  # `[16, 32]` in overrides, or quoted in a params file
+            try:
+                value = yaml.load(value, Loader=_ParamsLoader)
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}: cannot parse value {str(value)!r}") from None
+        _check(isinstance(value, list), key, "must be a list", value)
+        return tuple(_coerce(key, v, typing.get_args(annotation)[0]) for v in value)
+    if isinstance(value, (bool, int, float)):  # an explicit YAML tag, `!!int 5`
+        value = _to_param_string(value)
+    _check(isinstance(value, str), key, f"must be {_spelling(annotation)}", value)
+    try:
+        return _read(value, annotation)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{key}: must be {_spelling(annotation)}, got {str(value)!r}") from None
+    except OverflowError:
+        raise ConfigError(f"{key}: must be a finite number, got {str(value)!r}") from None
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -421,15 +431,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
 
 
-def read_yaml(path: str | Path, *, key: str = "params") -> dict[str, Any]:
+class _ParamsLoader(_UniqueKeyLoader):
+    """A params file's loader: each scalar is its text, read by its key's type (`_coerce`) as an override's is.
+    YAML 1.1 read it by its look whatever the key: `experiment: 2026.12` was refused as a float, `True` stored as
+    'true', `0x10` as '16', while `jit_compile: yes` was read as true where `train.jit_compile=yes` was refused."""
+
+    def resolve(self, kind, value, implicit):
+        tag = super().resolve(kind, value, implicit)
+        if kind is yaml.ScalarNode and implicit[0] and tag != "tag:yaml.org,2002:merge":  # a plain scalar
+            return "tag:yaml.org,2002:str"
+        return tag
+
+
+def read_yaml(path: str | Path, *, key: str = "params", text: bool = False) -> dict[str, Any]:
     """The mapping a YAML file holds ({} if empty); a relative path not found here is taken from the
     project root. ConfigError naming `key` if the file is missing, not YAML, not a mapping, or gives a key twice
-    in one mapping."""
+    in one mapping. `text`: every scalar as the text written (`_ParamsLoader`: a params file)."""
     candidate = Path(path)
     if not candidate.is_absolute() and not candidate.exists():
         candidate = PROJECT_ROOT / candidate
     try:
-        data = yaml.load(candidate.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
+        data = yaml.load(candidate.read_text(), Loader=_ParamsLoader if text else _UniqueKeyLoader)  # SafeLoaders
     except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"{key}: file not found: {path}") from None
     except UnicodeDecodeError:
@@ -438,7 +460,7 @@ def read_yaml(path: str | Path, *, key: str = "params") -> dict[str, Any]:
         raise ConfigError(f"{key}: {path} {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if data is None:
+    if data is None or data == "":  # no document, or an empty one (`---` alone)
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{key}: {path} must hold a mapping, got {type(data).__name__}")
@@ -517,9 +539,9 @@ def parse_overrides(overrides: str | list[str] | None) -> dict[str, dict[str, An
 
 def load(path: str | Path | None = None, overrides: str | list[str] | None = None) -> Config:
     """Load default.yaml, layer the params file at `path` and then `overrides` on top, validate."""
-    merged = read_yaml(DEFAULT_PARAMS)
+    merged = read_yaml(DEFAULT_PARAMS, text=True)
     if path and Path(path).resolve() != DEFAULT_PARAMS:
-        _merge(merged, read_yaml(path), str(path))
+        _merge(merged, read_yaml(path, text=True), str(path))
     _merge(merged, parse_overrides(overrides), "overrides")
 
     sections = {}

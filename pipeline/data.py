@@ -3,8 +3,8 @@
 Sources (the `data.source` param):
 - `cifar10`: the official `cifar-10-python.tar.gz` from the Keras cache (`$KERAS_HOME` or
   `~/.keras`, folder `datasets/`), downloaded there if absent, verified by its published sha256;
-- a path to that archive (under any name: it is known by its contents) or to an extracted
-  `cifar-10-batches-py/` folder;
+- a path to that archive (under any name: it is known by its contents), to an extracted
+  `cifar-10-batches-py/` folder or to a .zip of it;
 - a path to an image folder, directory, `.tar.gz` or `.zip`, laid out `train/<class>/*`, `test/<class>/*`
   (under any one top folder);
 - a path to an `.npz` of arrays `x_train`, `y_train`, `x_test`, `y_test` (e.g. `keras.datasets.cifar10.load_data()`
@@ -51,10 +51,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 # the size its header (or the file system) gives, before it is read. A 32x32 image file is a few KB (tens with
 # metadata), a camera photo to be resized a few MB; 128 MiB still holds an uncompressed 40-megapixel RGB TIFF.
 MAX_IMAGE_BYTES = 128 << 20
+# Folder names that look like a split's, in any case: named when train/ or test/ holds no class folders of images
+SPLIT_LIKE_NAMES = ("train", "training", "test", "testing", "val", "valid", "validation", "eval", "dev")
 SYNTHETIC_CLASSES = tuple(f"class_{i}" for i in range(10))
-SOURCES = ("'cifar10', 'synthetic', the official CIFAR-10 python archive or its cifar-10-batches-py/ folder, an image "
-           "folder (a directory, .tar.gz or .zip of train/<class>/ and test/<class>/ images: PNG, JPEG, BMP, GIF, "
-           "WebP, TIFF) or an .npz")
+SOURCES = ("'cifar10', 'synthetic', the official CIFAR-10 python archive or its cifar-10-batches-py/ folder (or a zip "
+           "of it), an image folder (a directory, .tar.gz or .zip of train/<class>/ and test/<class>/ images: PNG, "
+           "JPEG, BMP, GIF, WebP, TIFF) or an .npz")
 # evaluate logs `test_acc_<class>`: MLflow's metric names (mlflow.utils.validation) admit these characters only
 METRIC_NAME = re.compile(r"[/\w.\- :]+")
 METRIC_CHARS = "letters, digits, underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/)"
@@ -285,11 +287,12 @@ def _refuse_unlistable(exc: OSError) -> None:
     raise _unreadable(exc)
 
 
-def _files_under(path: Path) -> list[Path]:
+def _files_under(path: Path, folders: list[Path] | None = None) -> list[Path]:
     """Every file under a folder, sorted, through linked folders too: Python 3.11's rglob does not enter them, so a
     class folder linked in from elsewhere was dropped unseen. A link to a folder above it (a loop) is refused, and so
     are a folder that cannot be listed and a file that cannot be looked at (os.walk skipped the one, os.path.isfile
-    said False of the other: a class folder another user owns, mode 700 or 644, was dropped unseen)."""
+    said False of the other: a class folder another user owns, mode 700 or 644, was dropped unseen). `folders`, if
+    given, gets every folder under it (an empty class folder is one)."""
     files = []
     for folder, subfolders, names in os.walk(path, followlinks=True, onerror=_refuse_unlistable):
         here = os.path.realpath(folder)
@@ -297,6 +300,8 @@ def _files_under(path: Path) -> list[Path]:
             target = os.path.realpath(os.path.join(folder, name))
             if os.path.commonpath((here, target)) == target:  # the link's target holds this folder
                 raise DataError(f"{Path(folder) / name}: a link to a folder above it (a loop)")
+            if folders is not None:
+                folders.append(Path(folder) / name)
         for name in names:
             try:
                 if stat.S_ISREG(os.stat(os.path.join(folder, name)).st_mode):
@@ -381,12 +386,19 @@ def verify_sha256(path: Path, expected: str) -> None:
 
 def _looks_like_cifar_python(path: Path) -> bool:
     """The official layout by its contents, whatever the archive's name: the folder holds `batches.meta` (or
-    `cifar-10-batches-py/` does), or one of the first members of the archive is a python batch."""
+    `cifar-10-batches-py/` does), one of the first members of the tar archive is a python batch, or a zip holds
+    one (`cifar-10-batches-py/` zipped: it was read as an image folder with no images)."""
     if path.is_dir():
         return (path / "batches.meta").is_file() or (path / CIFAR10_DIR / "batches.meta").is_file()
     if path.name in CIFAR10_ARCHIVE_NAMES:
         return True
     batches = {"batches.meta", "test_batch", *CIFAR10_TRAIN_BATCHES}
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return any(_zip_name(m).rsplit("/", 1)[-1] in batches for m in archive.infolist() if not m.is_dir())
+        except ARCHIVE_ERRORS:
+            return False  # the image folder reader names what is wrong with it
     try:
         with tarfile.open(path, "r:*", tarinfo=_CheckedTarInfo) as tar:
             for _, member in zip(range(16), tar, strict=False):  # the official one lists its batches first
@@ -469,7 +481,7 @@ def _batch_arrays(batch: dict, name: str, n_classes: int) -> tuple[np.ndarray, n
 
 
 def load_cifar10_archive(path: str | Path) -> Dataset:
-    """Read the official python-format archive (.tar.gz) or its extracted folder."""
+    """Read the official python-format archive (.tar.gz), its extracted folder or a .zip of that folder."""
     path = Path(path)
     needed = ("batches.meta", *CIFAR10_TRAIN_BATCHES, "test_batch")
     if path.is_dir():
@@ -480,6 +492,21 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
         except FileNotFoundError as exc:
             missing = Path(exc.filename).name
             raise DataError(f"{path}: missing {missing} (expected the files of {CIFAR10_DIR}/)") from None
+    elif zipfile.is_zipfile(path):
+        raw, where = {}, {}
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.infolist():
+                    name = _zip_name(member)
+                    base = name.rsplit("/", 1)[-1]
+                    if not member.is_dir() and base in needed:
+                        raw[base] = _read_member(path, archive, member, member.file_size + 1)
+                        where[base] = f"{path}:{name}"
+        except ARCHIVE_ERRORS as exc:
+            raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
+        missing = [n for n in needed if n not in raw]
+        if missing:
+            raise DataError(f"{path}: missing {', '.join(missing)} (expected {CIFAR10_DIR}/ with the 6 batches)")
     else:
         raw, where = {}, {}
         try:
@@ -541,7 +568,9 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
         raise
     except Image.DecompressionBombError as exc:  # a canvas beyond Pillow's pixel limit, refused before decoding
         raise DataError(f"{name}: image too large ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:  # Pillow's message names the file as <_io.BytesIO object at 0x...>
+        raise DataError(f"{name}: not a decodable PNG/JPEG image (no image format Pillow reads)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{name}: not a decodable PNG/JPEG image ({exc})") from None
 
 
@@ -589,23 +618,34 @@ def _read_image(read, size: int | None, where: str) -> bytes:  # noqa: ANN001 - 
     return raw
 
 
+def _zip_name(member: zipfile.ZipInfo) -> str:
+    # Windows PowerShell's Compress-Archive writes train\cat\0.png (the zip spec says /): read, as Info-ZIP's unzip
+    # and libarchive read a zip made on MS-DOS/Windows, its \ as a folder separator
+    return member.filename.replace("\\", "/") if member.create_system == 0 else member.filename
+
+
 def _iter_image_files(path: Path):
     """Yield (path parts, size or None, reader of at most n bytes) for every file of a folder, .zip or tar archive
-    (.tar.gz, .tar, ...). A member is read only if its reader is called, before the next is yielded: a file that is
-    no image (a 1.5 GB video zipped to 1.5 MB) took its size in memory to be warned about."""
+    (.tar.gz, .tar, ...), and (path parts, None, None) for the folders it lists (an empty class folder is one). A
+    member is read only if its reader is called, before the next is yielded: a file that is no image (a 1.5 GB video
+    zipped to 1.5 MB) took its size in memory to be warned about."""
     if path.is_dir():
-        for file in _files_under(path):
+        folders: list[Path] = []
+        for file in _files_under(path, folders):
             yield file.relative_to(path).parts, file.stat().st_size, functools.partial(_read_file, file)
+        for folder in folders:
+            yield folder.relative_to(path).parts, None, None
         return
     if zipfile.is_zipfile(path):  # e.g. a repository's "Download ZIP": <repo>-main/train/<class>/...
         try:
             with zipfile.ZipFile(path) as archive:
                 for member in archive.infolist():
-                    # Windows PowerShell's Compress-Archive writes train\cat\0.png (the zip spec says /): read, as
-                    # Info-ZIP's unzip and libarchive read a zip made on MS-DOS/Windows, its \ as a folder separator
-                    name = member.filename.replace("\\", "/") if member.create_system == 0 else member.filename
-                    if not name.endswith("/"):
-                        yield (tuple(p for p in name.split("/") if p not in ("", ".")), member.file_size,
+                    name = _zip_name(member)
+                    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+                    if name.endswith("/"):
+                        yield parts, None, None
+                    else:
+                        yield (parts, member.file_size,
                                _archive_reader(path, lambda n, m=member: _read_member(path, archive, m, n)))
         except ARCHIVE_ERRORS as exc:
             raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
@@ -633,6 +673,8 @@ def _iter_image_files(path: Path):
                                         "(tar -h)")
                     if file is not None:  # a link's own size is 0: its target's is known by reading
                         yield parts, member.size if member.isfile() else None, _archive_reader(path, file.read)
+                elif member.isdir():
+                    yield tuple(p for p in member.name.split("/") if p not in ("", ".")), None, None
             _read_to_end(tar)
     except ARCHIVE_ERRORS as exc:
         raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
@@ -653,16 +695,25 @@ def load_image_folder(path: str | Path) -> Dataset:
     path = Path(path)
     files: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
     tops: set[tuple[str, ...]] = set()  # the folders holding train/ and test/
+    class_folders: set[tuple[str, ...]] = set()  # every <split>/<class>/ folder, with images or without
+    image_folders: set[tuple[str, ...]] = set()  # every folder holding images: named when no split is found
     skipped: list[str] = []
     unclassed: list[str] = []
     for parts, size, read in _iter_image_files(path):
         if any(p.startswith("._") or p == "__MACOSX" for p in parts):  # macOS's AppleDouble metadata, not images
             continue
+        if read is None:  # a folder
+            if len(parts) >= 2 and parts[-2] in ("train", "test"):
+                class_folders.add(parts)
+            continue
+        if parts[-1].lower().endswith(IMAGE_SUFFIXES):
+            image_folders.add(parts[:-1])
         at = _split_index(parts)
         if at is None:
             if len(parts) >= 2 and parts[-2] in ("train", "test") and parts[-1].lower().endswith(IMAGE_SUFFIXES):
                 unclassed.append("/".join(parts))  # an image of no class: said, not dropped unseen
             continue
+        class_folders.add(parts[:at + 2])
         if parts[-1].lower().endswith(IMAGE_SUFFIXES):
             name = "/".join(parts)
             files[parts[at]].setdefault(parts[at + 1], []).append((name, _read_image(read, size, f"{path}:{name}")))
@@ -682,9 +733,29 @@ def load_image_folder(path: str | Path) -> Dataset:
               f"class folder (train/<class>/): {', '.join(unclassed[:3])}{', ...' if len(unclassed) > 3 else ''}",
               file=sys.stderr, flush=True)
     train_classes, test_classes = sorted(files["train"]), sorted(files["test"])
-    if not train_classes:
-        raise DataError(f"{path}: no images found under train/<class>/ (expected train/<class>/*.png|jpg|... "
+    if not train_classes or not test_classes:
+        missing = "test" if train_classes else "train"
+        # Train/, Test/ or val/ hold the images: said, as "no images under train/" or "test classes [] differ" sent
+        # the user looking in the wrong place. Not read as splits: train/ and Train/ side by side would be merged, and
+        # val/ is no test split
+        found = sorted({"/".join(folder[:i + 1]) + "/" for folder in image_folders
+                        for i, name in enumerate(folder) if name.lower() in SPLIT_LIKE_NAMES})
+        if found:
+            raise DataError(f"{path}: no images found under {missing}/<class>/: found {', '.join(found[:4])}"
+                            f"{', ...' if len(found) > 4 else ''}; expected train/ and test/ (lower case), each "
+                            "holding <class>/ folders of images")
+        raise DataError(f"{path}: no images found under {missing}/<class>/ (expected train/<class>/*.png|jpg|... "
                         f"and test/<class>/*.png|jpg|...)")
+    # A class folder with no images (or only other files) is refused, not warned about as stray files are: the class
+    # names are the model's outputs, so it changes them as differing train/test classes (refused below) do. Left out,
+    # the model got one class fewer unseen; kept, it would have a class never trained and scored on no images.
+    (top,) = tops
+    empty = sorted("/".join(folder) + "/" for folder in class_folders if folder[:-2] == top
+                   and not folder[-1].startswith(".") and folder[-1] not in files[folder[-2]])
+    if empty:
+        raise DataError(f"{path}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:3])}"
+                        f"{', ...' if len(empty) > 3 else ''} hold{'' if len(empty) > 1 else 's'} no images: a class "
+                        "with no images cannot be learned or scored: add its images or remove the folder")
     if train_classes != test_classes:
         raise DataError(f"{path}: test classes {test_classes} differ from train classes {train_classes}")
     if len(train_classes) < 2:

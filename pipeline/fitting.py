@@ -186,7 +186,7 @@ def fast_path(cfg: config.TrainConfig, dist: Distribution, probe: Callable[[], t
     and jit_compile auto Keras's rule.
     """
     gpu = any("gpu" in d.lower() or "cuda" in d.lower() for d in dist.devices)
-    jit: bool | str = {"auto": "auto", "true": True, "false": False}[cfg.jit_compile]
+    jit: bool | str = cfg.jit_compile
     PROBED.clear()
     if probe and not gpu and dist.mode == "none" and keras.backend.backend() == "tensorflow" and "auto" in (
             cfg.precision, cfg.jit_compile):

@@ -202,7 +202,7 @@ def test_cpu_runtime_times_the_same_float32_xla_step_on_every_side(monkeypatch):
     from pipeline import config
 
     train = config.load(cpu_runtime.PROFILE, cpu_runtime.OVERRIDES).train
-    assert (train.precision, train.jit_compile) == ("float32", "true")
+    assert (train.precision, train.jit_compile) == ("float32", True)
     env = cpu_runtime.SIDES["bfc"][1]
     child = {"env": env, "backend": "tensorflow", "dtype_policy": "mixed_bfloat16", "jit_compile": False}
     monkeypatch.setattr(cpu_runtime, "child_result", lambda *a, **k: child)

@@ -92,7 +92,7 @@ def test_values_are_read_by_their_keys_type_not_as_yaml_1_1():
     cfg = config.load_from_cli("", "tracking.experiment=0755 train.lr=010", epochs="010", data="/tmp/run #2/x.npz")
     assert (cfg.train.epochs, cfg.data.source, cfg.tracking.experiment, cfg.train.lr) == (
         10, "/tmp/run #2/x.npz", "0755", 10.0)
-    for epochs in ("1:30", "1_000"):
+    for epochs in ("1:30", "0x10"):
         with pytest.raises(config.ConfigError, match=f"^train.epochs: must be an integer, got '{epochs}'"):
             config.load_from_cli("", "", epochs=epochs)
     # a list's integers too, as in a params file: `[064, 128, 256, 512]` trained widths 52, 128, 256, 512
@@ -103,7 +103,7 @@ def test_values_are_read_by_their_keys_type_not_as_yaml_1_1():
     back = config.from_run_params({"tracking.experiment": "exp #3", "data.source": "team: cifar", "train.epochs": "7"})
     assert (back.tracking.experiment, back.data.source, back.train.epochs) == ("exp #3", "team: cifar", 7)
     quoted = config.load(None, ['tracking.experiment="my runs"', "train.jit_compile=True"])
-    assert (quoted.tracking.experiment, quoted.train.jit_compile) == ("my runs", "true")
+    assert (quoted.tracking.experiment, quoted.train.jit_compile) == ("my runs", True)
 
 
 def test_an_unbalanced_quote_or_a_binary_params_file_is_one_line(tmp_path):
@@ -224,7 +224,8 @@ def test_a_quoted_or_octal_looking_value_in_a_params_file_is_read_by_its_keys_ty
     cfg = config.load(tmp_path / "octal.yaml")
     assert (cfg.train.epochs, cfg.train.lr, cfg.tracking.experiment, cfg.data.synthetic_train) == (
         10, 10.0, "0755", 10_000)
-    for text, message in (('train:\n  ema: "maybe"\n', "train.ema: must be true or false, got 'maybe'"),
+    for text, message in (('train:\n  ema: "maybe"\n', r"train.ema: must be true or false \(or yes/no, on/off\), "
+                                                        "got 'maybe'"),
                           ('train:\n  epochs: "1:30"\n', "train.epochs: must be an integer, got '1:30'"),
                           ("train:\n  epochs: 1:30\n", "train.epochs: must be an integer, got '1:30'")):  # not 90
         (tmp_path / "bad.yaml").write_text(text)
@@ -232,9 +233,44 @@ def test_a_quoted_or_octal_looking_value_in_a_params_file_is_read_by_its_keys_ty
             config.load(tmp_path / "bad.yaml")
 
 
+@pytest.mark.parametrize(("key", "text", "expected"), [
+    ("train.jit_compile", "yes", True),  # the file's was true, the override's refused
+    ("train.jit_compile", "Off", False),
+    ("train.jit_compile", "auto", "auto"),
+    ("train.jit_compile", "maybe", r"must be true or false \(or yes/no, on/off\), or auto, got 'maybe'"),
+    ("train.ema", "YES", True),
+    ("train.ema", "1", r"must be true or false \(or yes/no, on/off\), got '1'"),
+    ("tracking.experiment", "True", "True"),  # both stored 'true'
+    ("tracking.experiment", "2026.12", "2026.12"),  # the file's was refused as a float until quoted
+    ("tracking.experiment", "0x10", "0x10"),  # the file's was '16'
+    ("tracking.experiment", "2026-12-01", "2026-12-01"),  # the file's was refused as a date
+    ("train.epochs", "1_000", 1000),  # the override's was refused
+    ("train.epochs", "0x10", "must be an integer, got '0x10'"),  # both were 16
+    ("model.widths", "[1_000, 016, 64]", (1000, 16, 64)),
+    ("model.widths", "[0x10, 32, 64]", "must be an integer, got '0x10'"),  # both were 16
+    ("train.lr", "0x10", "must be a number, got '0x10'"),  # both were 16.0
+])
+def test_a_value_reads_the_same_from_a_params_file_and_from_overrides(tmp_path, key, text, expected):
+    """Each value is read by its key's type wherever it comes from: a params file's went through YAML 1.1, which read
+    it by its look (`jit_compile: yes` true where `train.jit_compile=yes` was refused, `experiment: 2026.12` a float),
+    and an override's list through YAML too (`[1_000]` was read where `train.epochs=1_000` was refused)."""
+    section, name = key.split(".")
+    (tmp_path / "p.yaml").write_text(f"{section}:\n  {name}: {text}\n")
+    loads = {"params file": lambda: config.load(tmp_path / "p.yaml"), "overrides": lambda: config.load(None, [
+        f"{key}={text}"]), "-P overrides": lambda: config.load_from_cli("", shlex.quote(f"{key}={text}"))}
+    if key == "train.epochs":
+        loads["-P epochs"] = lambda: config.load_from_cli("", "", epochs=text)
+    for where, load in loads.items():
+        if isinstance(expected, str) and expected.startswith("must"):
+            with pytest.raises(config.ConfigError, match=f"^{key}: {expected}"):
+                load()
+        else:
+            assert getattr(getattr(load(), section), name) == expected, where
+
+
 def test_a_params_file_with_a_number_or_null_for_a_key_names_it(tmp_path):
     for text, message in (("train:\n  1: 2\n", "train.1: unknown key"), ("1:\n  a: 2\n", "1: unknown section"),
-                          ("train:\n  null: 2\n", "train.None: unknown key")):
+                          ("train:\n  null: 2\n", "train.null: unknown key")):  # as written
         (tmp_path / "p.yaml").write_text(text)
         with pytest.raises(config.ConfigError, match=f"^{message}"):
             config.load(tmp_path / "p.yaml")

@@ -252,6 +252,24 @@ def test_official_meta_with_wrong_label_names_is_refused(tmp_path, label_names, 
         data.load_source(str(tmp_path / "cifar-10-batches-py"))
 
 
+def test_official_batches_zipped_are_read(tmp_path):
+    """A zip of cifar-10-batches-py/ said "no images found under train/<class>/": only tars were known."""
+    archive, x_train, x_test = write_official(tmp_path)
+    zipped = zip_folder(tmp_path / "cifar-10-batches-py", tmp_path / "cifar10.zip")
+    d = data.load_source(str(zipped))
+    np.testing.assert_array_equal(d.x_train, x_train)
+    np.testing.assert_array_equal(d.x_test, x_test)
+    assert d.digest() == data.load_source(str(archive)).digest()
+    marker = tmp_path / "ran"  # through the same safe unpickler and checks as the tar
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(f"cos\nsystem\n(S'touch {marker}'\ntR.".encode())
+    with pytest.raises(data.DataError, match=r"crafted.zip:cifar-10-batches-py/test_batch: .*forbidden type os.system"):
+        data.load_source(str(zip_folder(tmp_path / "cifar-10-batches-py", tmp_path / "crafted.zip")))
+    assert not marker.exists()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(data.DataError, match="short.zip: missing data_batch_3"):
+        data.load_source(str(zip_folder(tmp_path / "cifar-10-batches-py", tmp_path / "short.zip")))
+
+
 def test_official_archive_in_any_tar_compression(tmp_path):
     archive, x_train, _ = write_official(tmp_path)
     for name, mode in (("cifar.tar", "w"), ("cifar.tar.bz2", "w:bz2"), ("cifar-10-python.tar.gz", None)):
@@ -639,8 +657,65 @@ def test_npz_arrays_as_a_source(tmp_path):
 def test_image_folder_with_a_corrupt_image_names_it(tmp_path):
     write_image_folder(tmp_path)
     (tmp_path / "train" / "dog" / "1.png").write_bytes(b"not an image at all")
-    with pytest.raises(data.DataError, match=r"train/dog/1.png: not a decodable"):
+    with pytest.raises(data.DataError, match=r"train/dog/1.png: not a decodable") as caught:
         data.load_source(str(tmp_path))
+    assert "BytesIO" not in str(caught.value)  # Pillow's message named it <_io.BytesIO object at 0x7f...>
+
+
+def zip_folder(folder: Path, archive: Path) -> Path:
+    """Zip a folder as `zip -r` does: its folders too (an empty one is kept)."""
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for item in sorted(folder.rglob("*")):
+            zipped.write(item, str(item.relative_to(folder.parent)))
+    return archive
+
+
+def test_an_empty_class_folder_is_refused_naming_it(tmp_path):
+    """train/bird/ and test/bird/ with no images were left out of the class names: one class fewer, unseen."""
+    write_image_folder(tmp_path / "imgs")
+    for split in ("train", "test"):
+        (tmp_path / "imgs" / split / "bird").mkdir()
+        (tmp_path / "imgs" / split / ".ipynb_checkpoints").mkdir()  # hidden: no class
+    with tarfile.open(tmp_path / "imgs.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "imgs", arcname="imgs")
+    zip_folder(tmp_path / "imgs", tmp_path / "imgs.zip")
+    for source, top in (("imgs", ""), ("imgs.tar.gz", "imgs/"), ("imgs.zip", "imgs/")):
+        with pytest.raises(data.DataError, match=rf"{source}: class folders {top}test/bird/, {top}train/bird/ hold no "
+                           "images: a class with no images cannot be learned or scored"):
+            data.load_source(str(tmp_path / source))
+    (tmp_path / "imgs" / "test" / "bird").rmdir()  # in one split only: named too (was "test classes ... differ")
+    (tmp_path / "imgs" / "train" / "bird" / "notes.txt").write_text("to do")  # no image: no class either
+    with zipfile.ZipFile(tmp_path / "flat.zip", "w") as zipped:  # a zip without folder entries
+        for file in sorted((tmp_path / "imgs").rglob("*.*")):
+            zipped.write(file, str(file.relative_to(tmp_path / "imgs")))
+    for source in ("imgs", "flat.zip"):
+        with pytest.raises(data.DataError, match=r": class folder train/bird/ holds no images"):
+            data.load_source(str(tmp_path / source))
+    (tmp_path / "imgs" / "train" / "bird" / "notes.txt").unlink()
+    (tmp_path / "imgs" / "train" / "bird").rmdir()
+    assert data.load_source(str(tmp_path / "imgs")).class_names == ("cat", "dog", "ship")
+
+
+@pytest.mark.parametrize("splits, found", [(("Train", "Test"), "found Test/, Train/"),
+                                           (("train", "val"), "found train/, val/"),
+                                           (("TRAIN", "test"), "found TRAIN/, test/")])
+def test_split_folders_named_otherwise_are_named_with_what_is_expected(tmp_path, splits, found):
+    """Train/ and Test/ said "no images found under train/<class>/", and val/ for test/ "test classes [] differ from
+    train classes [...]": both sent the user looking in the wrong place."""
+    write_image_folder(tmp_path / "imgs")
+    for split, name in zip(("train", "test"), splits, strict=True):
+        (tmp_path / "imgs" / split).rename(tmp_path / "imgs" / f"{name}.tmp")
+        (tmp_path / "imgs" / f"{name}.tmp").rename(tmp_path / "imgs" / name)
+    with tarfile.open(tmp_path / "imgs.tar", "w") as tar:
+        tar.add(tmp_path / "imgs", arcname="top")
+    expected = "; expected train/ and test/ (lower case), each holding <class>/ folders of images"
+    for source, prefix in (("imgs", ""), ("imgs.tar", "top/")):
+        with pytest.raises(data.DataError) as caught:
+            data.load_source(str(tmp_path / source))
+        missing = "train" if splits[0] != "train" else "test"
+        assert str(caught.value) == (f"{tmp_path / source}: no images found under {missing}/<class>/: "
+                                     f"{found.replace('found ', 'found ' + prefix).replace(', ', ', ' + prefix)}"
+                                     f"{expected}")
 
 
 def test_image_folder_with_mismatched_classes_or_no_layout(tmp_path):
