@@ -40,7 +40,7 @@ import keras
 import numpy as np
 
 from pipeline import config, data, fitting, interrupts
-from pipeline.augment import tta_views
+from pipeline.augment import normalized_zero, tta_views
 from pipeline.config import TTA_MODES
 from pipeline.distribute import distribution
 
@@ -54,14 +54,17 @@ def device_kind() -> str:
     return platform.processor() or platform.machine()
 
 
-def tta_scores(model, validation, test, batch_size: int) -> dict[str, dict[str, float]]:
+def tta_scores(model, validation, test, batch_size: int, fill: str = "nearest") -> dict[str, dict[str, float]]:
     """Accuracy with each test-time augmentation (pipeline.augment.tta_views) on the held-out training images
-    (val_acc, where there are any: the split to choose a mode on) and on the test images (test_acc)."""
+    (val_acc, where there are any: the split to choose a mode on) and on the test images (test_acc). fill: the
+    train.shift_fill the model trained with, which flip_shift's views fill their border with, as served."""
+    zero = normalized_zero(model) if fill == "constant" else None
     scores = {tta: {} for tta in TTA_MODES}
     for name, (x, y) in (("val_acc", validation), ("test_acc", test)):
         if not len(y):
             continue
-        views = [model.predict(view, batch_size=batch_size, verbose=0) for view in tta_views(x, "flip_shift")]
+        views = [model.predict(view, batch_size=batch_size, verbose=0)
+                 for view in tta_views(x, "flip_shift", fill, zero)]
         for tta in TTA_MODES:  # flip_shift's views begin with flip's, which begin with none's
             probs = np.mean(views[:len(tta_views(x[:1], tta))], axis=0)
             scores[tta][name] = round(float((probs.argmax(1) == y).mean()), 4)
@@ -282,7 +285,8 @@ def main() -> None:
         # the model train logs (float32; a bfloat16 training model's own predictions differ in a few images in 1,000)
         held_out = splits[2:] if cfg.train.validation_fraction > 0 else (dataset.x_test[:0], dataset.y_test[:0])
         served = fitting.inference_copy(cfg, fitting.training_part(dataset, splits), model)
-        scores = tta_scores(served, held_out, (dataset.x_test, dataset.y_test), cfg.evaluate.batch_size)
+        scores = tta_scores(served, held_out, (dataset.x_test, dataset.y_test), cfg.evaluate.batch_size,
+                            fill=cfg.train.shift_fill)
         result.update(test_acc=scores[cfg.evaluate.tta]["test_acc"],
                       tta=cfg.evaluate.tta, tta_scores=scores, fit_seconds=round(fit_seconds, 1),
                       fit_seconds_after_first_epoch=round(sum(s for i, s in enumerate(seconds) if i not in firsts), 1))

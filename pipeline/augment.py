@@ -124,18 +124,39 @@ class RandomCutout(keras.layers.Layer):
         return {**super().get_config(), "side": self.side, "seed": self.seed}
 
 
-def shift_diagonal(pixels: np.ndarray, step: int) -> np.ndarray:
-    """Images (n, h, w, c) moved `step` pixels down and right (negative: up and left); the uncovered
-    border repeats the edge pixels, as the training shifts' "nearest" fill does."""
+def shift_diagonal(pixels: np.ndarray, step: int, fill: str = "nearest", zero=None) -> np.ndarray:
+    """Images (n, h, w, c) moved `step` pixels down and right (negative: up and left), the uncovered border
+    filled as the training shifts' `fill` fills it (`shift_flip`), so a test view shows the model no border it
+    never trained on: "nearest" repeats the edge pixels, "reflect" mirrors the image about them, "constant" is
+    `zero`, the per-channel pixel the model normalises to 0 (`normalized_zero`): the training shift writes its
+    zeros after normalisation, so they are the mean, not black. uint8 pixels get `zero` rounded."""
+    if fill not in SHIFT_FILLS:
+        raise ValueError(f"fill must be one of {', '.join(SHIFT_FILLS)}, got {fill!r}")
     pad = abs(step)
-    padded = np.pad(pixels, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    padded = np.pad(pixels, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect" if fill == "reflect" else "edge")
+    if fill == "constant":
+        if zero is None:
+            raise ValueError("fill 'constant' needs `zero`, the pixel the model normalises to 0")
+        zero = np.asarray(zero)
+        if np.issubdtype(pixels.dtype, np.integer):  # numpy would truncate 125.9 to 125
+            zero = np.rint(zero)
+        zero = zero.astype(pixels.dtype)
+        padded[:, :pad] = padded[:, -pad:] = zero
+        padded[:, :, :pad] = padded[:, :, -pad:] = zero
     h, w = pixels.shape[1:3]
     return padded[:, pad - step:pad - step + h, pad - step:pad - step + w]
 
 
-def tta_views(pixels: np.ndarray, tta: str) -> list[np.ndarray]:
+def normalized_zero(model: keras.Model) -> np.ndarray:
+    """The per-channel pixel that `model`'s input normalisation (its `normalize` layer, `build_resnet`) maps to 0:
+    its mean, what a "constant" training shift fills with."""
+    return np.ravel(keras.ops.convert_to_numpy(model.get_layer("normalize").mean))
+
+
+def tta_views(pixels: np.ndarray, tta: str, fill: str = "nearest", zero=None) -> list[np.ndarray]:
     """The views of a batch that `tta` averages: none [images]; flip + their mirror images;
-    flip_shift + both of those shifted one pixel down-right and one up-left (6 views)."""
+    flip_shift + both of those shifted one pixel down-right and one up-left (6 views), their uncovered border
+    filled as the model's training shifts filled it (`fill`, `zero`: see `shift_diagonal`)."""
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     if tta == "none":
@@ -143,4 +164,4 @@ def tta_views(pixels: np.ndarray, tta: str) -> list[np.ndarray]:
     mirror = pixels[:, :, ::-1]
     if tta == "flip":
         return [pixels, mirror]
-    return [pixels, mirror, *(shift_diagonal(v, step) for step in (1, -1) for v in (pixels, mirror))]
+    return [pixels, mirror, *(shift_diagonal(v, step, fill, zero) for step in (1, -1) for v in (pixels, mirror))]

@@ -97,8 +97,10 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
         confusion.to_csv(folder / "confusion_matrix.csv", index_label="true \\ predicted")  # rows \ columns
         plot_confusion(confusion, folder / "confusion_matrix.png")
         plot_samples(dataset, probs, min(cfg.evaluate.samples, len(probs)), folder / "predictions.png")
+    # flip_shift fills its shifted views' border as the model's training shifts did (models logged before: nearest)
+    border = f", borders {getattr(classifier, 'shift_fill', 'nearest')}" if tta == "flip_shift" else ""
     print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  "
-          f"on all {metrics['test_images']} test images (test-time augmentation: {tta})")
+          f"on all {metrics['test_images']} test images (test-time augmentation: {tta}{border})")
     return metrics
 
 

@@ -32,8 +32,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from pipeline.augment import tta_views
-from pipeline.config import TTA_MODES
+from pipeline.augment import normalized_zero, tta_views
+from pipeline.config import SHIFT_FILLS, TTA_MODES
 from pipeline.data import CHANNELS, IMAGE_SIZE, DataError, decode_image
 
 KERAS_ARTIFACT = "keras_model"
@@ -206,7 +206,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Wraps the Keras model (artifact `keras_model`) and its class names (artifact `class_names`).
 
     tta: test-time augmentation, the probabilities averaged over `tta_views`: "flip" each image and its
-    mirror image, "flip_shift" those and both shifted by one pixel diagonally either way (6 views).
+    mirror image, "flip_shift" those and both shifted by one pixel diagonally either way (6 views), the uncovered
+    border filled as the training shifts filled it: `shift_fill`, train.shift_fill of the run that trained it.
     Evaluate scores through `predict_proba` too, so the measured and the served model agree.
     """
 
@@ -215,10 +216,12 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     # ChatModel uses it); without it MLflow warns "Add type hints to the `predict` method" on every import.
     _skip_type_hint_validation = True
 
-    def __init__(self, tta: str = "none"):
+    def __init__(self, tta: str = "none", shift_fill: str = "nearest"):
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-        self.tta = tta
+        if shift_fill not in SHIFT_FILLS:
+            raise ValueError(f"shift_fill must be one of {', '.join(SHIFT_FILLS)}, got {shift_fill!r}")
+        self.tta, self.shift_fill = tta, shift_fill
 
     def load_context(self, context):
         import keras
@@ -243,7 +246,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks])
 
     def _predict_batch(self, pixels: np.ndarray) -> np.ndarray:
-        views = tta_views(pixels, getattr(self, "tta", "none"))  # models logged before tta existed have none
+        # Models logged before tta existed have none; before shift_fill, their shifted views repeated the edge.
+        tta, fill = getattr(self, "tta", "none"), getattr(self, "shift_fill", "nearest")
+        zero = normalized_zero(self.model) if tta == "flip_shift" and fill == "constant" else None
+        views = tta_views(pixels, tta, fill, zero)
         probs = [np.asarray(self.model.predict_on_batch(v), dtype=np.float32) for v in views]
         return probs[0] if len(probs) == 1 else np.mean(probs, axis=0)  # one view: no stacking copy per request
 

@@ -126,7 +126,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
             history.to_csv(folder / "history.csv", index=False)
             plot_curves(history, folder / "curves.png")
         model_uri = log_trained_model(run_id, served, list(dataset.class_names), dataset.x_test[:2],
-                                      cfg.evaluate.tta)
+                                      cfg.evaluate.tta, cfg.train.shift_fill)
         shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)
     finally:
         release(run_id)  # held until the model is logged: else a second identical command could resume this run

@@ -253,7 +253,7 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
 
     monkeypatch.setattr(train, "log_trained_model", log_trained_model)
     # with settings that leave what is trained as it is: the run goes on all the same, and records them
-    command[-1] += " train.checkpoint_every=1 register.alias=best"
+    command[-1] = "tracking.experiment=e2e train.checkpoint_every=1 register.alias=best"
     done = in_process("train", *command)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming train run" in done.stdout and "Epoch " not in done.stdout  # not one epoch trained again

@@ -205,9 +205,9 @@ def test_the_full_runs_scores_are_the_served_float32_models_whatever_precision_t
 
     scored, real = [], gpu_epoch.tta_scores
 
-    def capture(model, validation, test, batch_size):
+    def capture(model, *args, **kwargs):
         scored.append(model)
-        return real(model, validation, test, batch_size)
+        return real(model, *args, **kwargs)
 
     out = tmp_path / "gpu-x.json"
     monkeypatch.setattr(gpu_epoch, "tta_scores", capture)

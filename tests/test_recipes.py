@@ -384,6 +384,50 @@ def test_flip_shift_tta_averages_six_views():
         augment.tta_views(x, "shift")
 
 
+@pytest.mark.parametrize("fill", ["nearest", "reflect", "constant"])
+def test_flip_shift_views_fill_their_border_as_the_training_shifts_did(fill):
+    """The shifted test views of a model trained with reflect or constant fills repeated the edge pixels: a border
+    it never saw in training. Each view must be one of the training augmentation's (1-pixel shift, flip or not),
+    compared after the model's normalisation, where the training shifts run ("constant": zeros there, the mean)."""
+    mean, std = np.array([128.0, 100.0, 61.0], np.float32), np.array([64.0, 32.0, 16.0], np.float32)
+    m = model.build_resnet(num_classes=10, block="basic", units_per_stage=1, widths=(8, 16), strides=(1, 2), l2=0.0,
+                           mean=mean, std=std)
+    x = np.random.default_rng(2).integers(0, 256, size=(2, 6, 6, 3), dtype=np.uint8)
+    normalize = lambda pixels: (pixels.astype(np.float32) - mean) / std  # noqa: E731
+    draws = keras.ops.convert_to_numpy(augment.shift_flip(np.repeat(normalize(x), 300, axis=0), max_shift=1,
+                                                          fill=fill, flip=True, seed=0)).reshape(2, 300, 6, 6, 3)
+    views = augment.tta_views(x, "flip_shift", fill, augment.normalized_zero(m))
+    for view in views[2:]:  # moved down-right and up-left, each plain and mirrored
+        assert not np.array_equal(view, x) and not np.array_equal(view, x[:, :, ::-1])
+        for image, trained in zip(normalize(view), draws, strict=True):
+            assert any(np.array_equal(image, t) for t in trained)
+
+
+def test_served_flip_shift_fills_as_its_model_trained_and_older_models_repeat_the_edge():
+    m = model.build_resnet(num_classes=10, block="basic", units_per_stage=1, widths=(8, 16), strides=(1, 2), l2=0.0,
+                           mean=(128.0,) * 3, std=(64.0,) * 3)
+    x = np.random.default_rng(1).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+
+    def expected(mode):  # numpy's own padding, then the window moved (1, 1) and (-1, -1)
+        views = [x, x[:, :, ::-1]]
+        for step in (1, -1):
+            for v in (x, x[:, :, ::-1]):
+                padded = np.pad(v, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=mode)
+                views.append(padded[:, 1 - step:33 - step, 1 - step:33 - step])
+        return np.mean([m.predict(v, verbose=0) for v in views], axis=0)
+
+    reflect = serve.ImageClassifier("flip_shift", "reflect")
+    reflect.model = m
+    np.testing.assert_allclose(reflect.predict_proba(x, batch_size=2), expected("reflect"), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(expected("reflect"), expected("edge"), atol=1e-6)
+    old = serve.ImageClassifier("flip_shift")
+    del old.shift_fill  # as unpickled from a model logged before shift_fill was recorded
+    old.model = m
+    np.testing.assert_allclose(old.predict_proba(x, batch_size=2), expected("edge"), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="shift_fill"):
+        serve.ImageClassifier("flip_shift", "wrap")
+
+
 def test_whiten_stem_is_a_frozen_patch_whitening_fitted_on_the_training_images():
     from pipeline.data import make_synthetic
     from pipeline.distribute import distribution

@@ -90,10 +90,12 @@ def tracking(tmp_path_factory) -> Iterator[tuple[Path, str]]:
 
 @pytest.fixture(scope="module")
 def model_uri(tracking) -> str:
-    """Prepare and train a one-epoch tiny model in process; its `models:/` URI."""
+    """Prepare and train a one-epoch tiny model in process; its `models:/` URI. Served with flip_shift TTA, trained
+    with reflect fills: the server's shifted views must fill their border so."""
     tmp, _ = tracking
     cfg = config.load(ROOT / "params" / "tiny.yaml",
-                      ["train.epochs=1", "train.verbose=0", "data.synthetic_train=512", "data.synthetic_test=64"])
+                      ["train.epochs=1", "train.verbose=0", "data.synthetic_train=512", "data.synthetic_test=64",
+                       "train.shift_fill=reflect", "evaluate.tta=flip_shift"])
     experiment = mlflow.create_experiment("serve-tests", artifact_location=(tmp / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment):
         return train.run(cfg, prepare.run(cfg))
@@ -218,6 +220,27 @@ def test_in_process_predict_returns_labels_and_probabilities(local_model):
 
 
 # --- over HTTP --------------------------------------------------------------------------------
+
+def test_served_flip_shift_fills_the_border_as_the_model_trained(server, model_uri, local_model):
+    """train records the model's train.shift_fill beside its tta, and the server (a fresh process) shifts the test
+    views with mirrored borders, as the training shifts made them; they repeated the edge pixels whatever the fill."""
+    info = mlflow.models.get_model_info(model_uri)
+    assert (info.metadata["tta"], info.metadata["shift_fill"]) == ("flip_shift", "reflect")
+    keras_model, pixels = local_model.unwrap_python_model().model, random_pixels(3, seed=6)
+
+    def average(mode):  # numpy's own padding, then the window moved (1, 1) and (-1, -1)
+        views = [pixels, pixels[:, :, ::-1]]
+        for step in (1, -1):
+            for v in (pixels, pixels[:, :, ::-1]):
+                views.append(np.pad(v, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=mode)[:, 1 - step:33 - step,
+                                                                                     1 - step:33 - step])
+        return np.mean([keras_model.predict(v, verbose=0) for v in views], axis=0)
+
+    status, answer = post(server, {"inputs": pixels.tolist()})
+    assert status == 200
+    np.testing.assert_allclose([row["probabilities"] for row in answer["predictions"]], average("reflect"), atol=1e-5)
+    assert not np.allclose(average("reflect"), average("edge"), atol=1e-5)
+
 
 def test_serving_input_example_is_answered(server, model_uri):
     folder = Path(mlflow.artifacts.download_artifacts(model_uri))

@@ -100,37 +100,38 @@ def logged_history(run_id: str) -> pd.DataFrame:
 
 
 def log_model(model: keras.Model, class_names: list[str], example: np.ndarray,
-              tta: str = "none") -> mlflow.models.model.ModelInfo:
+              tta: str = "none", shift_fill: str = "nearest") -> mlflow.models.model.ModelInfo:
     """Log the pyfunc that serves `model` (see pipeline.serve); return its ModelInfo.
 
     Inputs: the inference Keras model, its class names, a few uint8 (n, 32, 32, 3) images kept as
     the input example. No signature: MLflow enforces a tensor signature by casting (floats in [0, 1]
     become 0 under uint8) and no single schema admits both pixel tensors and base64 images, so
     `serve.to_pixels` validates every request instead. The accepted formats go into the MLmodel
-    metadata.
+    metadata, with `tta` (evaluate.tta: the served test-time augmentation) and `shift_fill` (train.shift_fill
+    of the run that trained `model`: flip_shift's shifted views fill their border as its training shifts did).
     """
     with tempfile.TemporaryDirectory() as tmp:
         model.save(Path(tmp) / "model.keras")
         (Path(tmp) / "class_names.json").write_text(json.dumps(class_names))
         return mlflow.pyfunc.log_model(
-            name="model", python_model=serve.ImageClassifier(tta), code_paths=[str(PIPELINE_DIR)],
+            name="model", python_model=serve.ImageClassifier(tta, shift_fill), code_paths=[str(PIPELINE_DIR)],
             artifacts={serve.KERAS_ARTIFACT: str(Path(tmp) / "model.keras"),
                        serve.CLASSES_ARTIFACT: str(Path(tmp) / "class_names.json")},
             signature=False, input_example=np.asarray(example, dtype=np.uint8),
             metadata={"input_formats": serve.INPUT_FORMATS, "output_format": serve.OUTPUT_FORMAT,
-                      "class_names": list(class_names), "tta": tta},
+                      "class_names": list(class_names), "tta": tta, "shift_fill": shift_fill},
             pip_requirements=serving_requirements())
 
 
 def log_trained_model(run_id: str, model: keras.Model, class_names: list[str], example: np.ndarray,
-                      tta: str = "none") -> str:
+                      tta: str = "none", shift_fill: str = "nearest") -> str:
     """`log_model` for train run `run_id` (the active run); tag the run `model_uri` and (re)write its
     description (`describe_train_run`). Returns the model's URI `models:/m-...`.
 
     A run that logged its model whole after its last epoch already (a kill or a lost server between the upload and
     the end of the step; the rerun resumes from the checkpoint, which outlives the upload) keeps that one: no second
     model. One resumed to train more epochs logs a new one."""
-    model_uri = logged_model_of(run_id) or log_model(model, class_names, example, tta).model_uri
+    model_uri = logged_model_of(run_id) or log_model(model, class_names, example, tta, shift_fill).model_uri
     mlflow.set_tag("model_uri", model_uri)
     describe_train_run(run_id, overwrite=True)
     return model_uri
