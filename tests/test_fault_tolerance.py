@@ -385,7 +385,8 @@ def test_a_main_killed_in_any_step_has_its_runs_ended_killed_by_the_next_main(st
     """A main killed (SIGKILL, the OOM killer) in prepare, or in train before its first checkpoint, left itself and
     that step RUNNING for good: only a rerun going on from a trained model or a checkpoint ended them. The next main
     on the machine finds each dead main by its free lock and ends its RUNNING steps and itself KILLED (a main `mlflow
-    run` marked FAILED keeps that); a live main, and a train run a live process resumed, are left alone. Every
+    run` marked FAILED keeps that), as it ends a train run alone killed before its first checkpoint; a live main,
+    and a train run a live process resumed, are left alone. Every
     folder's run is read in one search, not one store call per folder."""
     from pipeline.tracking import resume
 
@@ -409,7 +410,10 @@ def test_a_main_killed_in_any_step_has_its_runs_ended_killed_by_the_next_main(st
     failed, training = dead("FAILED", "train")  # the step killed alone: `mlflow run` marked its run FAILED
     live, live_prepare = dead("RUNNING", "prepare")
     resumed_from, resumed = dead("KILLED", "train")  # its train run resumed by a live main (find_resumable)
-    for run_id in (in_prepare, failed, training, resumed_from, "0123abcd", *(f"{i:032x}" for i in range(30))):
+    alone = mlflow.start_run(experiment_id=experiment_id, tags={"step": "train"}).info.run_id  # pipeline.train alone
+    mlflow.end_run("RUNNING")
+    for run_id in (in_prepare, failed, training, resumed_from, alone, "0123abcd",
+                   *(f"{i:032x}" for i in range(30))):
         lock(run_id)  # the 31 last: lock-only folders of no run here
     held = [str(lock(r) / resume.LOCK_FILE) for r in (live, resumed)]
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; held = [open(p) for p in sys.argv[1:]]; "
@@ -433,7 +437,8 @@ def test_a_main_killed_in_any_step_has_its_runs_ended_killed_by_the_next_main(st
     assert calls == ["search_runs"] * 4  # the folders' runs, then each of the 3 dead mains' RUNNING steps
     status = {r.info.run_id: (r.info.status, r.data.tags.get("ended_by")) for r in experiment_runs(client)}
     ended = ("KILLED", rerun.info.run_id)
-    assert [status[r] for r in (in_prepare, preparing, failed, training)] == [ended, ended, ("FAILED", None), ended]
+    assert [status[r] for r in (in_prepare, preparing, failed, training, alone)] == [
+        ended, ended, ("FAILED", None), ended, ended]
     assert [status[r] for r in (live, live_prepare, resumed_from, resumed)] == [
         ("RUNNING", None), ("RUNNING", None), ("KILLED", None), ("RUNNING", None)]
     assert sorted(p.name for p in resume.checkpoint_root().iterdir()) == sorted([live, resumed])

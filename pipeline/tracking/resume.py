@@ -77,7 +77,8 @@ def remove_stale_locks() -> None:
     """Remove the folders in `checkpoint_root` that hold a lock file alone, no live process's: left by a process
     killed (SIGKILL, the OOM killer) before its first checkpoint, or by a killed `main`, whose folder only ever holds
     its lock: that main's runs left RUNNING (itself, the step it was in: prepare, train, evaluate, register) end KILLED
-    (`end_dead_main`), else nothing would ever end them. The folders' runs are read in one search, not one call each
+    (`end_dead_main`), else nothing would ever end them, as does a train run killed before its first checkpoint
+    (`python -m pipeline.train` alone: no main to end it). The folders' runs are read in one search, not one call each
     (200 folders: ~2 s from a tracking server on this host)."""
     root = checkpoint_root()
     folders = [f for f in (root.iterdir() if root.is_dir() else [])
@@ -90,9 +91,13 @@ def remove_stale_locks() -> None:
         run = runs.get(folder.name)
         if run is not None and run.data.tags.get("step") == "main":
             end_dead_main(client, run, tag="ended_by")
-        else:  # a train's, or not a run of this store
-            shutil.rmtree(folder, ignore_errors=True)
-            release(folder.name)
+            continue
+        if run is not None and run.info.status == "RUNNING":  # a train killed before its first checkpoint (under
+            # a main the main's end would end it too; `python -m pipeline.train` alone has none): nothing to resume
+            client.set_tag(run.info.run_id, "ended_by", mlflow.active_run().info.run_id)
+            client.set_terminated(run.info.run_id, "KILLED")
+        shutil.rmtree(folder, ignore_errors=True)  # a train's, or not a run of this store
+        release(folder.name)
 
 
 def _runs_by_id(client: MlflowClient, run_ids: list[str]) -> dict[str, mlflow.entities.Run]:
