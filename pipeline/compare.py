@@ -7,7 +7,7 @@ Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.
         run: the params (and `train_code`) that differ between the runs, epochs, final and best `val_acc`,
         `test_acc` on the dataset it trained on, `test_data` where the runs' test splits differ, wall time,
         images/s) and `val_acc.png` (val_acc per epoch, one curve per run); the Markdown table is also the run's
-        description and is printed.
+        description (the rows that fit MLflow's 8,000-character tag, then how many more runs.md holds) and is printed.
 Returns a dict: the comparison run id, the table (a DataFrame) and the artifact paths.
 Searching the runs and recording the comparison: `pipeline.tracking.steps`.
 """

@@ -545,17 +545,41 @@ def load(path: str | Path | None = None, overrides: str | list[str] | None = Non
     _merge(merged, parse_overrides(overrides), "overrides")
 
     sections = {}
-    for field in dataclasses.fields(Config):
-        cls = field.type if isinstance(field.type, type) else globals()[field.type]
-        hints = typing.get_type_hints(cls, globalns=globals(), localns={"types": types})
-        values = merged[field.name]
+    for name, (cls, hints) in _sections().items():
+        values = merged[name]
         for key in hints:
             if key not in values:
-                raise ConfigError(f"{field.name}.{key}: missing from params")
-        sections[field.name] = cls(**{key: _coerce(f"{field.name}.{key}", values[key], hints[key]) for key in hints})
-        sections[field.name].validate()
+                raise ConfigError(f"{name}.{key}: missing from params")
+        sections[name] = cls(**{key: _coerce(f"{name}.{key}", values[key], hints[key]) for key in hints})
+        sections[name].validate()
     _check_ghost_batch(sections["model"], sections["train"])
     return Config(**sections)
+
+
+def _sections() -> dict[str, tuple[type, dict[str, Any]]]:
+    """Each params section's dataclass and its keys' types."""
+    result = {}
+    for field in dataclasses.fields(Config):
+        cls = field.type if isinstance(field.type, type) else globals()[field.type]
+        result[field.name] = cls, typing.get_type_hints(cls, globalns=globals(), localns={"types": types})
+    return result
+
+
+def read_key(key: str, value: Any, where: str) -> Any:
+    """`value` (a scalar's text as `read_yaml(..., text=True)` gives it, or a list of them) read by the type of the
+    dotted params key `key`, as `load` reads a params file: a sweep spec's values (its `where`, e.g. spec.grid), so that
+    they reach the params as a params file's would. A list key's value is a list. ConfigError naming `where` and the
+    key if it is unknown or `value` is not of its type."""
+    section, _, name = key.partition(".")
+    hints = _sections().get(section, (None, {}))[1]
+    if name not in hints:
+        known = [f"{s}.{k}" for s, (_, keys) in _sections().items() for k in keys]
+        raise ConfigError(f"{where}.{key}: unknown params key{_did_you_mean(key, known)}")
+    try:
+        value = _coerce(key, value, hints[name])
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.{exc}") from None
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _check_ghost_batch(model: ModelConfig, train: TrainConfig) -> None:

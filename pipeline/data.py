@@ -46,6 +46,7 @@ CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TRAIN_IMAGES = 50000  # 5 batches of 10,000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what Pillow decodes here
+IMAGE_FORMATS = "PNG, JPEG, BMP, GIF, WebP or TIFF"  # their formats, as messages (data and the served model) name them
 # The largest image file read. Each image's bytes are held in memory until it is decoded, so a 2 GB member named
 # x.png (or a tar header claiming that much) took 2-4 GB and many seconds to be found undecodable: it is refused by
 # the size its header (or the file system) gives, before it is read. A 32x32 image file is a few KB (tens with
@@ -55,8 +56,8 @@ MAX_IMAGE_BYTES = 128 << 20
 SPLIT_LIKE_NAMES = ("train", "training", "test", "testing", "val", "valid", "validation", "eval", "dev")
 SYNTHETIC_CLASSES = tuple(f"class_{i}" for i in range(10))
 SOURCES = ("'cifar10', 'synthetic', the official CIFAR-10 python archive or its cifar-10-batches-py/ folder (or a zip "
-           "of it), an image folder (a directory, .tar.gz or .zip of train/<class>/ and test/<class>/ images: PNG, "
-           "JPEG, BMP, GIF, WebP, TIFF) or an .npz")
+           "of it), an image folder (a directory, .tar.gz or .zip of train/<class>/ and test/<class>/ images: "
+           f"{IMAGE_FORMATS}) or an .npz")
 # evaluate logs `test_acc_<class>`: MLflow's metric names (mlflow.utils.validation) admit these characters only
 METRIC_NAME = re.compile(r"[/\w.\- :]+")
 METRIC_CHARS = "letters, digits, underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/)"
@@ -541,7 +542,7 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
 # --- image folders ----------------------------------------------------------------------------
 
 def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (32, 32, 3) RGB. Other sizes are resized (bilinear, Pillow).
+    """Encoded image bytes (IMAGE_FORMATS) -> uint8 (32, 32, 3) RGB. Other sizes are resized (bilinear, Pillow).
 
     Training data and served images both go through this function, so they match. A photo's EXIF orientation is
     applied (a phone's portrait JPEG is stored on its side), and 16-bit images are scaled to 8 bits (Pillow's
@@ -569,9 +570,9 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
     except Image.DecompressionBombError as exc:  # a canvas beyond Pillow's pixel limit, refused before decoding
         raise DataError(f"{name}: image too large ({exc})") from None
     except UnidentifiedImageError:  # Pillow's message names the file as <_io.BytesIO object at 0x...>
-        raise DataError(f"{name}: not a decodable PNG/JPEG image (no image format Pillow reads)") from None
+        raise DataError(f"{name}: not a decodable {IMAGE_FORMATS} image (no image format Pillow reads)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{name}: not a decodable PNG/JPEG image ({exc})") from None
+        raise DataError(f"{name}: not a decodable {IMAGE_FORMATS} image ({exc})") from None
 
 
 def _archive_reader(path: Path, read):  # noqa: ANN001, ANN202 - a bytes reader in, one out

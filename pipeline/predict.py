@@ -1,7 +1,7 @@
 """Ask a running model server (`mlflow models serve -m <model uri>`) what some pictures show.
 
 Usage: python -m pipeline.predict cat.png dog.jpg --url http://127.0.0.1:5000
-Sends the files as base64 PNG/JPEG to `<url>/invocations` and prints one line per image:
+Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF) as base64 to `<url>/invocations` and prints one line per image:
 file, predicted label, its probability (tab-separated). Exits 1 with a message on stderr when --url
 is not an http(s) URL, a file cannot be read, the server cannot be reached or it refuses the request
 (naming the file it refused), printing no predictions then.
@@ -110,7 +110,7 @@ def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files, any size")
+    parser.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, BMP, GIF, WebP or TIFF files, any size")
     parser.add_argument("--url", default="http://127.0.0.1:5000", help="the model server (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per request (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")

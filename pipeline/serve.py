@@ -3,7 +3,7 @@
 Input, as JSON bodies for `mlflow models serve` (or the same objects passed to `predict` in process):
 - pixel tensors `{"inputs": [[[[r, g, b], ...], ...], ...]}`: integers 0-255, shape (n, 32, 32, 3)
   (a single (32, 32, 3) image is accepted too);
-- encoded images, PNG or JPEG of any size, base64 strings: `{"inputs": ["<b64>", ...]}`,
+- encoded images (PNG, JPEG, BMP, GIF, WebP or TIFF) of any size, base64 strings: `{"inputs": ["<b64>", ...]}`,
   `{"dataframe_split": {"columns": ["image"], "data": [["<b64>"], ...]}}` or
   `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs"). They are
   converted to 32x32 RGB by `pipeline.data.decode_image`, the function training images went through.
@@ -34,7 +34,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.augment import normalized_zero, tta_views
 from pipeline.config import SHIFT_FILLS, TTA_MODES
-from pipeline.data import CHANNELS, IMAGE_SIZE, DataError, decode_image
+from pipeline.data import CHANNELS, IMAGE_FORMATS, IMAGE_SIZE, DataError, decode_image
 
 KERAS_ARTIFACT = "keras_model"
 CLASSES_ARTIFACT = "class_names"
@@ -49,7 +49,7 @@ WHITESPACE = re.compile(r"\s+")
 
 INPUT_FORMATS = (
     'pixel tensors {"inputs": [[[[r, g, b], ...]]]}: integers 0-255, shape (n, 32, 32, 3); '
-    'encoded PNG/JPEG images of any size as base64 strings: {"inputs": ["<b64>", ...]}, '
+    f'encoded {IMAGE_FORMATS} images of any size as base64 strings: {{"inputs": ["<b64>", ...]}}, '
     f'or a dataframe_split / dataframe_records column named "{IMAGE_COLUMN}"; '
     "they are resized to 32x32 RGB (bilinear) as the training images were."
 )
@@ -80,7 +80,7 @@ def image_column(model_input: pd.DataFrame | dict) -> list:
         raise bad_input("empty batch: no images to predict")
     if IMAGE_COLUMN not in names:  # other columns (ids, file names) may ride along and are ignored
         shown = f"{names[:5]}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"  # not 3,072 pixel columns
-        raise bad_input(f"named inputs need a column '{IMAGE_COLUMN}' of base64 PNG/JPEG images, "
+        raise bad_input(f"named inputs need a column '{IMAGE_COLUMN}' of base64 {IMAGE_FORMATS} images, "
                         f"got {shown}; send pixel tensors unnamed, as {{\"inputs\": [[[[r, g, b], ...]]]}}")
     # `instances` rows become columns: a row whose image key is misspelled would drop out unseen, and the answer
     # would have fewer rows than the request (a DataFrame keeps every row).
@@ -116,7 +116,7 @@ def encoded_images(model_input: Any) -> list | None:
 
 
 def decode_images(items: list) -> np.ndarray:
-    """Base64 strings or raw bytes of PNG/JPEG images -> uint8 pixels (n, 32, 32, 3)."""
+    """Base64 strings or raw bytes of encoded images -> uint8 pixels (n, 32, 32, 3)."""
     if not items:
         raise bad_input("empty batch: send at least one image")
     return np.stack([decode_one(to_bytes(item, f"image {i}"), f"image {i}") for i, item in enumerate(items)])
@@ -134,14 +134,14 @@ def to_bytes(item: Any, name: str) -> bytes:
         except binascii.Error as exc:
             raise bad_input(f"{name}: not a base64 image: not valid base64 ({exc})") from None
     else:
-        raise bad_input(f"{name}: expected a base64-encoded PNG/JPEG string, got {type(item).__name__}")
+        raise bad_input(f"{name}: expected a base64-encoded {IMAGE_FORMATS} image string, got {type(item).__name__}")
     if not raw:
         raise bad_input(f"{name}: empty image")
     return raw
 
 
 def decode_one(raw: bytes, name: str) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (32, 32, 3) through `decode_image`, refusing oversized canvases first."""
+    """Encoded image bytes -> uint8 (32, 32, 3) through `decode_image`, refusing oversized canvases first."""
     from PIL import Image
 
     try:
@@ -174,7 +174,7 @@ def check_pixels(model_input: Any) -> np.ndarray:
         raise bad_input(f"pixels must have {CHANNELS} channels (RGB), got {x.shape[3]} (shape {x.shape})")
     if x.ndim != 4 or x.shape[1:] != PIXEL_SHAPE:
         raise bad_input(f"pixels must have shape (n, 32, 32, 3), got {x.shape}; "
-                        f"send other sizes as base64 PNG/JPEG images")
+                        f"send other sizes as base64 {IMAGE_FORMATS} images")
     if x.dtype == np.uint8:
         return x
     if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):

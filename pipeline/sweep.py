@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fractions
 import inspect
 import itertools
 import json
@@ -65,6 +64,7 @@ from pipeline.tracking import (
     StepFailed,
     cli,
     describe_train_run,
+    fit_note,
     json_digest,
     log_dict,
     log_metrics,
@@ -117,7 +117,26 @@ def read_spec(path: str | Path) -> dict[str, Any]:
             raise config.ConfigError(f"spec.{key}: must map dotted keys to values, got {spec[key]!r}")
     if not spec[spaces[0]]:
         raise config.ConfigError(f"spec.{spaces[0]}: the search space is empty")
+    # The values of params keys are read by their key's type, as the params file's are (YAML 1.1 read them by their
+    # look: `tracking.experiment: True` was 'true', `0x10` 16): from the text written, the rest of the spec as YAML.
+    written = config.read_yaml(path, key="spec", text=True)
+    for key in ("overrides", spaces[0]):
+        if key in spec:
+            spec[key] = {name: params_values(f"spec.{key}", name, text, value)  # the same document: the same order
+                         for (name, text), value in zip(written[key].items(), spec[key].values(), strict=True)}
     return spec
+
+
+def params_values(where: str, key: str, text: Any, value: Any) -> Any:
+    """A spec value of params key `key` (`text` as written, `value` as YAML read it) read by the key's type: an
+    override, each choice of a list, or the ends of a {min, max, log} range (`log` is Optuna's, as YAML reads it)."""
+    if where == "spec.overrides":
+        return config.read_key(key, text, where)
+    if isinstance(text, list):
+        return [config.read_key(key, v, where) for v in text]
+    if isinstance(text, dict) and {"min", "max"} <= set(text):
+        return {**value, **{end: config.read_key(key, text[end], where) for end in ("min", "max")}}
+    return value  # refused by `distributions`
 
 
 def space_key(spec: dict) -> str:
@@ -159,7 +178,8 @@ def decode(choices: list, value: Any) -> Any:
 
 def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution]:
     """The search space as Optuna distributions: a list is a categorical choice, {min, max[, log]} a
-    float (int if both ends are integers) range. ConfigError naming the key for anything else."""
+    range of the key's type (an integer key's draws integers, a number key's floats). ConfigError naming the key
+    for anything else."""
     where = space_key(spec)
     result: dict[str, optuna.distributions.BaseDistribution] = {}
     for key, domain in spec[where].items():
@@ -173,7 +193,7 @@ def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution
         if not (isinstance(domain, dict) and {"min", "max"} <= set(domain) <= {"min", "max", "log"}):
             raise config.ConfigError(f"spec.{where}.{key}: must be a non-empty list or {{min, max, log}}, "
                                      f"got {domain!r}")
-        low, high, log = number(domain["min"]), number(domain["max"]), domain.get("log", False)
+        low, high, log = domain["min"], domain["max"], domain.get("log", False)
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) \
                 or not isinstance(log, bool):
             raise config.ConfigError(f"spec.{where}.{key}: min and max must be numbers and log true or false, "
@@ -185,17 +205,6 @@ def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution
         except ValueError as exc:
             raise config.ConfigError(f"spec.{where}.{key}: {exc} (got {domain!r})") from None
     return result
-
-
-def number(value: Any) -> Any:
-    """A range end: YAML 1.1 reads `1e-3` (no dot) as text; such text (or a fraction, `1/3`) is the float it
-    names, the way params files read it (config._coerce). Anything else is returned as it is."""
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError, ZeroDivisionError, OverflowError):
-            parsed = float(fractions.Fraction(value.strip()))
-            if math.isfinite(parsed):
-                return parsed
-    return value
 
 
 def override_items(values: dict[str, Any]) -> list[str]:
@@ -755,8 +764,8 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
         set_tags({"trials_" + state.lower(): str(n) for state, n in counts.items()})
         outcome = ", ".join(f"{n} {state.lower()}" for state, n in counts.items())
         winner = "none" if best is None else f"trial {best['trial']}"
-        set_tags({"mlflow.note.content": f"Optuna study `{study.study_name}`: {len(results)} trials of "
-                  f"`{plan.spec_path}` ({outcome}); best: {winner}.\n\n" + markdown_table(summary)})
+        set_tags({"mlflow.note.content": fit_note(f"Optuna study `{study.study_name}`: {len(results)} trials of "
+                  f"`{plan.spec_path}` ({outcome}); best: {winner}.\n\n" + markdown_table(summary), "trials.csv")})
         print(markdown_table(summary), end="")
     return {"trials": results, "best": best, "decision": decision, "comparison_run_id": comparison}
 

@@ -315,3 +315,24 @@ def test_test_acc_is_the_models_score_on_the_data_it_trained_on(store):
                                      model_uri, dataset_uri[-4:] * 16)
     table = compare.run(experiment="e2e", metric="test_acc")["table"]
     assert table[["run", "test_acc"]].values.tolist() == [["a", 0.9], ["b", 0.8]]
+
+
+def test_a_comparison_too_long_for_a_description_ends_on_a_whole_row_and_says_so(store):
+    """MLflow cuts a tag at 8,000 characters: the description of a comparison of 50 runs ended mid-row, unsaid."""
+    from mlflow import MlflowClient
+
+    from pipeline import compare
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    for i in range(50):
+        run = client.create_run(experiment, start_time=1_000 + i, run_name=f"resnet-{i:02d}-" + "x" * 90,
+                                tags={"step": "train"}).info.run_id
+        client.log_metric(run, "val_acc", i / 100, step=1)
+        client.set_terminated(run, end_time=2_000)
+    comparison = compare.run("e2e", metric="val_acc")
+    note = client.get_run(comparison["run_id"]).data.tags["mlflow.note.content"]
+    rows = [line for line in note.splitlines() if line.startswith("| resnet-")]
+    assert len(note) <= 8000 and len(comparison["table"]) == 50
+    assert all(line.endswith("|") for line in note.splitlines() if line.startswith("|")) and 10 < len(rows) < 50
+    assert note.endswith(f"\n... and {50 - len(rows)} more rows: see runs.md for the whole table\n")

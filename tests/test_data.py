@@ -808,6 +808,15 @@ def test_decode_image_resizes_and_converts():
         data.decode_image(b"\x89PNG broken")
 
 
+def test_an_undecodable_image_is_said_to_be_none_of_the_formats_read():
+    """A broken cat.webp was 'not a decodable PNG/JPEG image', as if WebP (BMP, GIF, TIFF) were not read at all."""
+    formats = {name.upper() for name in re.split(r", | or ", data.IMAGE_FORMATS)}
+    assert formats == {Image.registered_extensions()[suffix] for suffix in data.IMAGE_SUFFIXES}  # every one named
+    with pytest.raises(data.DataError) as caught:
+        data.decode_image(b"RIFF\0\0\0\0WEBPVP8 broken", "train/cat/1.webp")
+    assert str(caught.value).startswith("train/cat/1.webp: not a decodable PNG, JPEG, BMP, GIF, WebP or TIFF image (")
+
+
 def test_decode_image_reads_16_bit_and_turns_photos_upright():
     buf = io.BytesIO()
     Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(buf, format="PNG")  # 16-bit mid-grey

@@ -30,6 +30,8 @@ from pipeline.data import decode_image
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_SECONDS = 120
+# decode_image's word for bytes that are no image it reads, in the served model's 400s as in data
+UNDECODABLE = "not a decodable PNG, JPEG, BMP, GIF, WebP or TIFF image"
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ def test_encoded_images_decode_like_training_images():
 
 @pytest.mark.parametrize(("given", "problem"), [
     (["not base64!!"], "not valid base64"),
-    ([b64(b"hello, not an image")], "not a decodable PNG/JPEG"),
+    ([b64(b"hello, not an image")], UNDECODABLE),
     ([b64(encode(random_pixels(1)[0])), 7], "image 1"),
     ([""], "image 0: empty image"),
     (pd.DataFrame({"img": ["x"]}), "a column 'image'"),
@@ -286,7 +288,7 @@ NAN_BODY = json.dumps({"inputs": np.where(random_pixels(1) > 100, np.nan, 1.0).t
     ({"dataframe_split": {"columns": ["image"], "data": []}}, "empty batch"),
     (NAN_BODY, "NaN"),
     ({"inputs": ["%%% not base64 %%%"]}, "not valid base64"),
-    ({"inputs": [b64(b"GIF89a? no, just text")]}, "not a decodable PNG/JPEG"),
+    ({"inputs": [b64(b"GIF89a? no, just text")]}, UNDECODABLE),
     ({"dataframe_records": [{"picture": b64(b"x")}]}, "a column 'image'"),
     ({"inputs": [[[[1, 2, 3]]], [[[1, 2]]]]}, "inhomogeneous"),
     (b'{"inputs": [[[', "valid JSON"),
@@ -323,7 +325,7 @@ def test_predict_client_prints_one_line_per_image_and_fails_clearly(server, loca
     (tmp_path / "notes.txt").write_text("not a picture")
     assert predict.main([str(tmp_path / "notes.txt"), "--url", server]) == 1
     err = capsys.readouterr().err
-    assert "HTTP 400" in err and "not a decodable PNG/JPEG" in err and "Failed to predict" not in err
+    assert "HTTP 400" in err and UNDECODABLE in err and "Failed to predict" not in err
 
     assert predict.main([str(files[0]), "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "5"]) == 1
     assert "cannot reach" in capsys.readouterr().err
@@ -338,7 +340,7 @@ def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path
     files[2].write_text("not a picture")
     assert predict.main([str(f) for f in files] + ["--url", server, "--batch-size", "2"]) == 1
     out, err = capsys.readouterr()
-    assert f"{files[2]}: not a decodable PNG/JPEG" in err and "image 0" not in err and len(err.splitlines()) == 1
+    assert f"{files[2]}: {UNDECODABLE}" in err and "image 0" not in err and len(err.splitlines()) == 1
     assert out == ""  # no predictions printed when a request fails, as the module docstring says
 
 

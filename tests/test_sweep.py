@@ -99,7 +99,7 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
     ("space:\n  train.lr: {min: 0.1, max: 0.01}\ntrials: 3\n", [],
      "error: spec.space.train.lr: `low <= high` must hold, but got (low=0.1, high=0.01). "
      "(got {'min': 0.1, 'max': 0.01})"),
-    ("grid:\n  train.lr: [0.1, -1]\n", [], "error: trial 1 (train.lr=-1): train.lr: must be > 0, got -1.0"),
+    ("grid:\n  train.lr: [0.1, -1]\n", [], "error: trial 1 (train.lr=-1.0): train.lr: must be > 0, got -1.0"),
     (GRID, ["--storage", "nosuchdb://x/y"],
      "error: storage: cannot open nosuchdb://x/y: NoSuchModuleError: Can't load plugin: sqlalchemy.dialects:nosuchdb"),
     (GRID, ["--storage", "postgresql://nobody@127.0.0.1:1/x"], "error: storage: cannot open "
@@ -182,11 +182,17 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
     (SPACE + "sampler: {type: random, seed: -1}\n",
      "spec.sampler.seed: must be an integer from 0 to 4294967295, got -1"),
     (SPACE + "seed: 3\nsampler: {type: tpe, seed: 4}\n", "spec.seed: 3 and spec.sampler.seed: 4 differ; give one seed"),
-    ("grid: {train.lr: [1, 1.0]}\n", "spec.grid.train.lr: values repeat, so some trials would run twice: [1, 1.0]"),
+    ("grid: {train.lr: [1, 1.0]}\n", "spec.grid.train.lr: values repeat, so some trials would run twice: [1.0, 1.0]"),
     ("grid:\n  train.lr: [0.1, 1e-1, '0.1', 1/10]\n  train.momentum: [0.9]\n",
-     "spec.grid.train.lr: values repeat, so some trials would run twice: [0.1, '1e-1', '0.1', '1/10']"),
+     "spec.grid.train.lr: values repeat, so some trials would run twice: [0.1, 0.1, 0.1, 0.1]"),
+    # read by the key's type as in a params file, not by YAML 1.1 (which read 0x10 as 16 and 1:30 as 90)
+    ("grid: {train.epochs: [2, 0x10]}\n", "spec.grid.train.epochs: must be an integer, got '0x10'"),
+    ("space:\n  train.batch_size: {min: 16, max: 64.5}\ntrials: 2\n",
+     "spec.space.train.batch_size: must be an integer, got '64.5'"),
+    ("grid: {train.lrr: [0.1]}\n", "spec.grid.train.lrr: unknown params key; did you mean train.lr?"),
 ], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
-        "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways"])
+        "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
+        "float-end-of-an-int-range", "unknown-key"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
     has_base = body.startswith("base:")
@@ -210,6 +216,35 @@ def test_the_rehearsal_runs_past_the_samplers_and_pruners_startup_trials(tmp_pat
     monkeypatch.setattr(sweep.optuna, "create_study", lambda **kw: studies.append(create(**kw)) or studies[-1])
     sweep.Plan(spec)
     assert [len(s.trials) for s in studies if s._storage.__class__.__name__ == "InMemoryStorage"] == [rehearsed]
+
+
+SAME_TEXT = [("tracking.experiment", v) for v in ("True", "yes", "0x10", "2026.10", "2026-12-01", "010", "1e3")] + [
+    ("train.epochs", "010"), ("train.ema", "On"), ("train.lr", "1e-1"), ("model.widths", "[16, 0032, 64]")]
+
+
+@pytest.mark.parametrize("where", ["overrides", "grid"])
+@pytest.mark.parametrize(("key", "text"), SAME_TEXT)
+def test_a_specs_values_reach_the_params_as_a_params_files_do(tmp_path, where, key, text):
+    """YAML 1.1 read a spec's values by their look: `tracking.experiment: True` ran as 'true', `yes` as 'true',
+    `0x10` as '16', `2026.10` as '2026.1', and a date crashed the sweep with a traceback."""
+    section, name = key.split(".")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"{section}:\n  {name}: {text}\n")
+    expected = config.load(params).flat()[key]
+    body = f"  {key}: {text}\n" if where == "overrides" else f"  {key}: [{text}]\n"
+    spec = tmp_path / "sweep-text.yaml"
+    spec.write_text("overrides:\n  train.validation_fraction: 0.1\n" + (body + "grid:\n  train.lr: [0.1]\n"
+                                                                         if where == "overrides" else "grid:\n" + body))
+    assert [c.flat()[key] for c in sweep.Plan(str(spec)).configs] == [expected]
+
+
+def test_a_range_draws_its_keys_type(tmp_path):
+    """A number key's range with integer ends drew integers only (`train.lr: {min: 1, max: 3}`: 1, 2 or 3)."""
+    spec = write_spec(tmp_path, "sweep-range", "space:\n  train.momentum: {min: 0, max: 0.9}\n"
+                      "  train.lr: {min: 1, max: 3}\nsampler: random\ntrials: 6\nseed: 0\n")
+    assert isinstance(sweep.Plan(spec).space["train.lr"], optuna.distributions.FloatDistribution)
+    lrs = [d["train.lr"] for d in draw_all(spec)]
+    assert len(set(lrs)) == 6 and not all(lr.is_integer() for lr in lrs)
 
 
 def test_range_ends_in_scientific_notation_are_numbers(tmp_path):

@@ -57,6 +57,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from pipeline import interrupts
 from pipeline.config import PROJECT_ROOT, Config, ConfigError
@@ -232,6 +233,20 @@ def markdown_table(table: pd.DataFrame) -> str:
         return text.replace("|", "\\|")  # tabulate leaves a pipe inside a cell as a column break
 
     return table.map(cell).to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+def fit_note(text: str, whole: str) -> str:
+    """`text` as a run's description (tag mlflow.note.content): whole where it fits MLflow's tag limit, else its lines
+    that fit and one saying how many more artifact `whole` holds. MLflow cut it at the limit, mid-row of a long
+    table, with nothing in the UI to say so."""
+    if len(text) <= MAX_TAG_VAL_LENGTH:
+        return text
+    lines = text.splitlines(keepends=True)
+    kept, size = 0, 0
+    while size + len(lines[kept]) + 100 <= MAX_TAG_VAL_LENGTH:  # room for the last line
+        size += len(lines[kept])
+        kept += 1
+    return "".join(lines[:kept]) + f"\n... and {len(lines) - kept} more rows: see {whole} for the whole table\n"
 
 
 @functools.cache

@@ -21,7 +21,7 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.exceptions import MlflowException
 
 from pipeline import config, data
-from pipeline.tracking import TEST_DATA_TAG, model_id
+from pipeline.tracking import TEST_DATA_TAG, fit_note, model_id
 
 # ---------------------------------------------------------------- prepare
 
@@ -181,7 +181,7 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
 def log_comparison(params: dict, run_ids: list[str], description: str) -> None:
     """Record a comparison on the active run: its `params`, tag `compared_runs`, its description."""
     mlflow.log_params(params)
-    mlflow.set_tags({"compared_runs": ",".join(run_ids), "mlflow.note.content": description})
+    mlflow.set_tags({"compared_runs": ",".join(run_ids), "mlflow.note.content": fit_note(description, "runs.md")})
 
 
 # ---------------------------------------------------------------- main
