@@ -74,8 +74,9 @@ def main() -> None:
         try:
             run(cfg, resume=args.resume, dataset_uri=dataset_uri, dist=dist)
         finally:
+            # the lock file alone, removed before it is released: a lock file left unlocked is a dead main's
+            shutil.rmtree(checkpoint_dir(parent.info.run_id), ignore_errors=True)
             release(parent.info.run_id)
-            shutil.rmtree(checkpoint_dir(parent.info.run_id), ignore_errors=True)  # the lock file alone
     print(ui_hint(parent))
 
 

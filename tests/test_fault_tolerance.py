@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -415,6 +416,7 @@ def test_a_main_killed_in_any_step_has_its_runs_ended_killed_by_the_next_main(st
     for run_id in (in_prepare, failed, training, resumed_from, alone, "0123abcd",
                    *(f"{i:032x}" for i in range(30))):
         lock(run_id)  # the 31 last: lock-only folders of no run here
+    (resume.checkpoint_root() / ".DS_Store").touch()  # a stray file, no folder: it failed every main (a traceback)
     held = [str(lock(r) / resume.LOCK_FILE) for r in (live, resumed)]
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; held = [open(p) for p in sys.argv[1:]]; "
                                "[fcntl.flock(f, fcntl.LOCK_EX) for f in held]; print('held', flush=True); "
@@ -441,7 +443,7 @@ def test_a_main_killed_in_any_step_has_its_runs_ended_killed_by_the_next_main(st
         ended, ended, ("FAILED", None), ended, ended]
     assert [status[r] for r in (live, live_prepare, resumed_from, resumed)] == [
         ("RUNNING", None), ("RUNNING", None), ("KILLED", None), ("RUNNING", None)]
-    assert sorted(p.name for p in resume.checkpoint_root().iterdir()) == sorted([live, resumed])
+    assert sorted(p.name for p in resume.checkpoint_root().iterdir()) == sorted([".DS_Store", live, resumed])
 
 
 def test_a_new_lock_file_appears_already_locked(tmp_path, monkeypatch):
@@ -480,6 +482,88 @@ def test_a_new_lock_file_appears_already_locked(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "def").iterdir()] == [resume.LOCK_FILE]
     seen[-1].close()
     resume.release("abc")
+
+
+def test_a_lock_is_claimed_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    """A checkpoint folder on FAT or a bucket mounted with FUSE: `_new_lock`'s link failed (EPERM, ENOSYS) with a
+    traceback, every train and main with it; the lock file is made as before hard links were used."""
+    import errno
+    import fcntl
+
+    from pipeline.tracking import resume
+
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(tmp_path))
+
+    def no_links(source, target):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(resume.os, "link", no_links)
+    assert resume.claim("abc")
+    assert [p.name for p in (tmp_path / "abc").iterdir()] == [resume.LOCK_FILE]
+    with open(tmp_path / "abc" / resume.LOCK_FILE) as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held
+    resume.release("abc")
+
+
+def test_a_run_its_live_process_ends_meanwhile_is_not_ended_killed_by_another_main(store):
+    """A train run whose folder holds its lock alone (checkpoint_every 0, or before its first checkpoint) that ends
+    while another main's `remove_stale_locks` runs: read RUNNING before its lock was tried, then ended FINISHED and
+    its folder removed, the other main made the lock anew, took it and ended the finished run KILLED. Its lock is
+    tried first now, and only a lock file left there is taken."""
+    from pipeline.tracking import resume
+
+    experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    # ends as train.run does: its folder removed, then its lock released, then its run ended
+    owner = subprocess.Popen([sys.executable, "-c", "import shutil, sys, mlflow; from pipeline.tracking import resume; "
+                              "run = mlflow.start_run(experiment_id=sys.argv[1], tags={'step': 'train'}); "
+                              "resume.claim(run.info.run_id); print(run.info.run_id, flush=True); "
+                              "sys.stdin.readline(); shutil.rmtree(resume.checkpoint_dir(run.info.run_id)); "
+                              "resume.release(run.info.run_id); mlflow.end_run(); print('ended', flush=True)",
+                              experiment_id],
+                             env=store, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    claim = resume.claim
+
+    def owner_ends_meanwhile(*args, **kwargs):  # just before its lock is tried
+        if owner.stdin:
+            owner.stdin.write("\n")
+            owner.stdin.close()
+            owner.stdin = None
+            assert owner.stdout.readline() == "ended\n"
+        return claim(*args, **kwargs)
+
+    try:
+        live = owner.stdout.readline().strip()
+        with mlflow.start_run(experiment_id=experiment_id), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(resume, "claim", owner_ends_meanwhile)
+            resume.remove_stale_locks()
+    finally:
+        owner.kill()
+        owner.wait()
+    run = MlflowClient().get_run(live)
+    assert (run.info.status, run.data.tags.get("ended_by")) == ("FINISHED", None)
+    assert not resume.checkpoint_dir(live).exists()
+
+
+def test_a_lock_file_removed_while_it_is_locked_is_not_claimed(tmp_path, monkeypatch):
+    """A run that ends removes its folder, then releases its lock (`main` as `train`): a lock taken between the two
+    is on a file no longer named, no dead process's."""
+    import fcntl
+
+    from pipeline.tracking import resume
+
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(tmp_path))
+    assert resume.claim("abc")
+    owner = resume._claimed.pop("abc")  # as another live process holds it
+    flock = fcntl.flock
+
+    def owner_ends_meanwhile(handle, operation):
+        shutil.rmtree(tmp_path / "abc")
+        owner.close()
+        flock(handle, operation)
+
+    monkeypatch.setattr(resume.fcntl, "flock", owner_ends_meanwhile)
+    assert not resume.claim("abc", left=True)
+    assert "abc" not in resume._claimed and not (tmp_path / "abc").exists()
 
 
 def test_a_checkpoint_of_other_code_is_resumed_only_by_id_and_the_run_says_so(store, tmp_path, monkeypatch,

@@ -37,29 +37,48 @@ def checkpoint_dir(run_id: str) -> Path:
 _claimed: dict[str, object] = {}  # run id -> the open lock file this process holds
 
 
-def claim(run_id: str) -> bool:
+def claim(run_id: str, *, left: bool = False) -> bool:
     """Lock the run's checkpoint folder for this process (an OS flock, dropped when the process dies,
-    however it dies); False if another live process holds it, i.e. is training that run now."""
+    however it dies); False if another live process holds it, i.e. is training that run now, or if its process
+    removes the lock file meanwhile (a run that ends removes its folder, then releases its lock). `left`: only a lock
+    file already there, none made (False if there is none)."""
     if run_id in _claimed:
         return True
     path = checkpoint_dir(run_id) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = _new_lock(path) if not path.exists() else None
+    if not left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    handle = _new_lock(path) if not left and not path.exists() else None
     if handle is None:
-        handle = path.open("a")
+        try:
+            handle = path.open("r+")  # not made: one made here would stand unlocked for an instant (`_new_lock`)
+        except FileNotFoundError:
+            return False
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
+            return False
+        if not _named(path, handle):  # its run ended while this locked it: no dead process's
             handle.close()
             return False
     _claimed[run_id] = handle
     return True
 
 
+def _named(path: Path, handle) -> bool:  # noqa: ANN001 - an open file
+    """Whether `path` still names the file open in `handle`."""
+    try:
+        named, held = path.stat(), os.fstat(handle.fileno())
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
 def _new_lock(path: Path):  # noqa: ANN202 - an open file
     """A lock file that appears already locked, or None if another process made it first: made and then locked, it
     would stand unlocked for an instant, in which another main's `remove_stale_locks` takes it for a dead main's
-    and ends the live main KILLED."""
+    and ends the live main KILLED. None too on a file system without hard links (FAT, a bucket mounted with FUSE),
+    the lock file made there unlocked, for `claim` to lock: that instant, or no lock at all."""
     made = path.with_name(f".{LOCK_FILE}.{os.getpid()}")
     handle = made.open("w")
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a name no other process uses: never held
@@ -67,6 +86,10 @@ def _new_lock(path: Path):  # noqa: ANN202 - an open file
         os.link(made, path)
     except FileExistsError:
         handle.close()
+        return None
+    except OSError:  # EPERM (FAT), ENOSYS (gcsfuse), ...
+        handle.close()
+        path.touch()
         return None
     finally:
         made.unlink()
@@ -81,13 +104,12 @@ def remove_stale_locks() -> None:
     (`python -m pipeline.train` alone: no main to end it). The folders' runs are read in one search, not one call each
     (200 folders: ~2 s from a tracking server on this host)."""
     root = checkpoint_root()
+    # Claimed before their runs are read: a run read RUNNING, then ended by its live process, was ended KILLED
     folders = [f for f in (root.iterdir() if root.is_dir() else [])
-               if f.name not in _claimed and [p.name for p in f.iterdir()] == [LOCK_FILE]]
+               if f.name not in _claimed and _lock_only(f) and claim(f.name, left=True)]
     client = MlflowClient()
     runs = _runs_by_id(client, [f.name for f in folders])
     for folder in folders:
-        if not claim(folder.name):  # live
-            continue
         run = runs.get(folder.name)
         if run is not None and run.data.tags.get("step") == "main":
             end_dead_main(client, run, tag="ended_by")
@@ -98,6 +120,15 @@ def remove_stale_locks() -> None:
             client.set_terminated(run.info.run_id, "KILLED")
         shutil.rmtree(folder, ignore_errors=True)  # a train's, or not a run of this store
         release(folder.name)
+
+
+def _lock_only(folder: Path) -> bool:
+    """Whether `folder` holds its lock file alone; False for a stray file (a .DS_Store failed every main) and for a
+    folder its run removed as it ended."""
+    try:
+        return [p.name for p in folder.iterdir()] == [LOCK_FILE]
+    except (NotADirectoryError, FileNotFoundError):
+        return False
 
 
 def _runs_by_id(client: MlflowClient, run_ids: list[str]) -> dict[str, mlflow.entities.Run]:
@@ -250,7 +281,7 @@ def trained_before_a_failure(cfg: config.Config, dataset_uri: str) -> tuple[str,
         running = [r.info.run_id for r in users if r.info.status == "RUNNING"]
         # A live main holds its claim; one whose lock file is not here runs on another host (a team's server) or
         # predates the lock: taken for live
-        claimed = [main for main in running if (checkpoint_dir(main) / LOCK_FILE).exists() and claim(main)]
+        claimed = [main for main in running if claim(main, left=True)]
         if len(claimed) < len(running):  # a live main is still evaluating or registering it
             for main in claimed:
                 release(main)
