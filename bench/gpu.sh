@@ -82,7 +82,8 @@ stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in
     return
   fi
   if (( SECONDS + limit > budget )); then
-    echo "== $name skipped: ${SECONDS}s of ${budget}s used, it may take ${limit}s" | tee -a "$LOG"
+    [[ -n $unfinished ]] \
+      || echo "== $name skipped: ${SECONDS}s of ${budget}s used, it may take ${limit}s" | tee -a "$LOG"
     return
   fi
   echo "== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$LOG"
@@ -92,7 +93,7 @@ stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in
   echo "== $name exit $rc $(date -u +%T)" | tee -a "$LOG"
   [[ $rc == 0 ]] && passed+=" $name " || { failed=1 failures+=" $name "; }
 }
-passed="" failures=""
+passed="" failures="" unfinished=""
 if [[ -d "$STATE/improved" && -z "${GPU_SH_STAGES:-}" ]]; then  # measured by the call that began that run
   echo "== fast, seed skipped: improved.yaml's unfinished run ($STATE/improved) goes on first" | tee -a "$LOG"
 else
@@ -116,8 +117,12 @@ else
   echo "== improved skipped: ${left}s left of the call" | tee -a "$LOG"
 fi
 if [[ -d "$STATE/improved" && -z "${GPU_SH_STAGES:-}" && "$failures" != *" improved "* ]]; then
-  budget=0  # unfinished: the next call goes on with it before anything else (stages named in GPU_SH_STAGES run;
-fi          # one that failed here, refused or crashed, leaves the rest of the call to the next stages)
+  # unfinished: the next call goes on with it before anything else (stages named in GPU_SH_STAGES run; one that
+  # failed here, refused or crashed, leaves the rest of the call to the next stages)
+  budget=0 unfinished=1
+  echo "== the next stages skipped: improved.yaml's run is unfinished ($STATE/improved), the next call goes on" \
+    "with it first" | tee -a "$LOG"
+fi
 stage explore-wide "${EXPLORE_LIMIT:-100}" --full --params params/fast.yaml \
   --overrides "train.feed=device $wide9"
 stage explore-drop "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \

@@ -126,7 +126,7 @@ def pieces(archive: Path) -> list[Path]:
 
 def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
     """Extract the gpu.sh files of `archive` (or its pieces) into `results`, and its `.gpu-state/` into `checkout`
-    in place of the one there (an archive without one whose improved run is whole: the one there is done with).
+    in place of the one there (an archive without one leaves it as it is).
     Refuses an archive holding anything else, or in a folder, before extracting any of it."""
     try:
         with tempfile.TemporaryFile() as joined:
@@ -143,10 +143,10 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
                         raise SystemExit(f"{archive}: {member.name!r} is not a bench/gpu.sh result file")
                 results.mkdir(parents=True, exist_ok=True)
                 tar.extractall(results, members=found, filter="data")
-                improved = results / "gpu-improved.json"
-                whole = any(Path(m.name).name == improved.name for m in found) and "test_acc" in json.loads(
-                    improved.read_text())
-                if state or whole:
+                # gpu.sh packs the checkout's .gpu-state whenever it trained there, a whole run's improved.json
+                # included: an archive without one (the CPU smoke, GPU_SH_STATE elsewhere) trained another
+                # improved run, and says nothing of the one here
+                if state:
                     shutil.rmtree(checkout / STATE, ignore_errors=True)
                 tar.extractall(checkout, members=state, filter="data")
     except (tarfile.TarError, OSError, EOFError) as exc:

@@ -262,11 +262,15 @@ def test_gpu_sh_goes_on_with_an_unfinished_improved_run_first_and_past_a_whole_o
                                                            "OUT": str(tmp_path / out), "FAKE_LOG": str(log), **env})
         assert proc.returncode == (1 if "FAKE_REFUSED" in env else 0), proc.stdout + proc.stderr
         with tarfile.open(tmp_path / out / "gpu-results.tar.gz") as tar:
+            logs[out] = tar.extractfile("gpu.log").read().decode()
             return log.read_text().split(), sorted(m.name for m in tar.getmembers() if m.isfile())
 
     explore = ["explore-wide", "explore-drop", "explore-ema", "explore-seed1", "explore-24-ghost", "explore-32",
                "explore-24-altflip"]
+    logs = {}
     assert call("first", FAKE_UNFINISHED="1")[0] == ["fast", "seed", "improved"]
+    # why the next stages did not run, once, not each one as out of a budget of 0 s
+    assert "improved.yaml's run is unfinished" in logs["first"] and "of 0s used" not in logs["first"]
     ran, packed = call("second", FAKE_UNFINISHED="1")
     assert ran == ["improved"] and ".gpu-state/improved/progress.json" in packed
     assert call("named", FAKE_UNFINISHED="1", GPU_SH_STAGES="explore-drop")[0] == ["explore-drop"]

@@ -104,7 +104,7 @@ def test_rows_name_the_data_each_run_was_measured_on(tmp_path):
 def test_unpack_joins_pieces_and_hands_an_unfinished_run_to_the_checkout_until_it_is_whole(tmp_path):
     """improved.yaml's 150 epochs go on over several calls: its training comes back in the archive (cut into
     pieces of 15 MiB, the machine returns 16 MiB a file), replaces the checkout's .gpu-state for the next call to
-    carry, and goes once a call brings the run back whole."""
+    carry, and goes once a call brings the run back whole; an archive without one (the CPU smoke's) leaves it."""
     import io
     import tarfile
 
@@ -137,10 +137,18 @@ def test_unpack_joins_pieces_and_hands_an_unfinished_run_to_the_checkout_until_i
     assert row["status"] == "stopped short of its end; the next call goes on from its checkpoint"
     assert row["epochs"] == 61 and row["test_acc"] is None
 
-    (tmp_path / "whole.tar.gz").write_bytes(archive({"gpu-improved.json": json.dumps(
-        {"epoch_seconds": [100.0] + [4.6] * 149, "test_acc": 0.95, "resumed_at": [61], "parts": [{}, {}]}).encode()}))
+    whole = json.dumps({"epoch_seconds": [100.0] + [4.6] * 149, "test_acc": 0.95, "resumed_at": [61],
+                        "parts": [{}, {}], "data": ".data/cifar10-jpeg-q75.tar.gz"}).encode()
+    smoke = json.dumps({"epoch_seconds": [6.4, 0.3, 0.3], "test_acc": 0.19, "data": "synthetic (512 training images)"})
+    # the CPU smoke's archive: a whole improved run of its own, its state kept away from the checkout's
+    (tmp_path / "smoke.tar.gz").write_bytes(archive({"gpu-improved.json": smoke.encode()}))
+    gpu_report.unpack(tmp_path / "smoke.tar.gz", tmp_path / "smoke", checkout)
+    assert sorted(p.name for p in state.iterdir()) == ["epoch-0060.weights.h5", "progress.json"]  # still there
+
+    # as gpu.sh packs a whole run: its result kept in .gpu-state/improved.json, the training gone
+    (tmp_path / "whole.tar.gz").write_bytes(archive({"gpu-improved.json": whole, ".gpu-state/improved.json": whole}))
     gpu_report.unpack(tmp_path / "whole.tar.gz", results, checkout)
-    assert not (checkout / ".gpu-state").exists()  # done with: the next call starts nothing from it
+    assert [p.name for p in (checkout / ".gpu-state").iterdir()] == ["improved.json"]  # the next call skips it
     row = gpu_report.rows(results).iloc[0]
     assert (row["status"], row["test_acc"], row["epochs"]) == ("full schedule over 2 calls", 0.95, 150)
 
