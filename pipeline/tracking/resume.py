@@ -116,8 +116,7 @@ def remove_stale_locks() -> None:
             continue
         if run is not None and run.info.status == "RUNNING":  # a train killed before its first checkpoint (under
             # a main the main's end would end it too; `python -m pipeline.train` alone has none): nothing to resume
-            client.set_tag(run.info.run_id, "ended_by", mlflow.active_run().info.run_id)
-            client.set_terminated(run.info.run_id, "KILLED")
+            _end_killed(client, [run], "ended_by")
         shutil.rmtree(folder, ignore_errors=True)  # a train's, or not a run of this store
         release(folder.name)
 
@@ -300,12 +299,17 @@ def end_dead_main(client: MlflowClient, main: mlflow.entities.Run | str, *, tag:
     steps = client.search_runs([main.info.experiment_id], f"tags.`mlflow.parentRunId` = '{main.info.run_id}' and "
                                                           f"attributes.status = 'RUNNING'")
     steps = [r for r in steps if not _held(r.info.run_id)]  # a train run a live main resumed (`find_resumable`)
-    ended = [*steps, main] if main.info.status == "RUNNING" else steps
-    for run in ended:
+    _end_killed(client, [*steps, main] if main.info.status == "RUNNING" else steps, tag)
+    # only its lock file (a main has no checkpoint), removed before it is released, as a main ending removes its own
+    shutil.rmtree(checkpoint_dir(main.info.run_id), ignore_errors=True)
+    release(main.info.run_id)
+
+
+def _end_killed(client: MlflowClient, runs: list[mlflow.entities.Run], tag: str) -> None:
+    """End `runs` KILLED, each tagged `tag` with the active run's id (the run that found them dead)."""
+    for run in runs:
         client.set_tag(run.info.run_id, tag, mlflow.active_run().info.run_id)
         client.set_terminated(run.info.run_id, "KILLED")
-    release(main.info.run_id)
-    shutil.rmtree(checkpoint_dir(main.info.run_id), ignore_errors=True)  # only its lock file: a main has no checkpoint
 
 
 def _held(run_id: str) -> bool:
