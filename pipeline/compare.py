@@ -6,8 +6,10 @@ Reads:  training runs (tag step = 'train') of every experiment, or of one, or na
 Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
         run: the params (and `train_code`) that differ between the runs, epochs, final and best `val_acc`,
         `test_acc` on the dataset it trained on, `test_data` where the runs' test splits differ, wall time,
-        images/s) and `val_acc.png` (val_acc per epoch, one curve per run); the Markdown table is also the run's
-        description (the rows that fit MLflow's 8,000-character tag, then how many more runs.md holds) and is printed.
+        images/s), `val_acc.png` (val_acc per epoch, one curve per run, the best LEGEND_RUNS named) and
+        `compared_runs.txt` (the run ids, one a line; also tag `compared_runs` where they fit a tag); the Markdown
+        table is also the run's description (the rows that fit MLflow's 8,000-character tag, then how many more
+        runs.md holds) and is printed.
 Returns a dict: the comparison run id, the table (a DataFrame) and the artifact paths.
 Searching the runs and recording the comparison: `pipeline.tracking.steps`.
 """
@@ -46,6 +48,10 @@ IGNORED_PARAMS = ("dataset_uri",)
 PROVENANCE_TAGS = ("train_code",)
 # Columns where lower is better (so sorted lowest first), besides any `*_loss`; the others sort highest first.
 LOWER_IS_BETTER = ("wall_s", "loss")
+# val_acc.png names the best LEGEND_RUNS runs (distinct colour and line style each: at most 20); more draw grey.
+LEGEND_RUNS = 20
+# A run name longer than this is cut in the legend (its short id stays), so the legend leaves room for the plot.
+LABEL_CHARS = 40
 
 
 def lower_is_better(metric: str) -> bool:
@@ -122,19 +128,52 @@ def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
     return ordered.head(top) if top else ordered
 
 
-def plot_curves(table: pd.DataFrame, histories: dict[str, pd.Series], path: Path) -> None:
-    """val_acc against epoch, one line per row of `table`, labelled with the run's name."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in table.itertuples(index=False):
+def curve_label(row) -> str:
+    """A run's legend entry: its name (cut to LABEL_CHARS) and short id, '$' kept literal (matplotlib reads text
+    between two as math: a name like 'lr $\\alpha$' failed the comparison, others rendered mangled)."""
+    name = str(row.run) if len(str(row.run)) <= LABEL_CHARS else str(row.run)[:LABEL_CHARS - 1] + "…"
+    missing = "" if row.epochs else ", no val_acc"
+    return f"{name} ({row.run_id[:7]}{missing})".replace("$", r"\$")
+
+
+def curves_figure(table: pd.DataFrame, histories: dict[str, pd.Series], metric: str) -> plt.Figure:
+    """val_acc against epoch, one line per row of `table` (best first by `metric`): the first LEGEND_RUNS in
+    distinct colour and line style, named in a legend beside the axes, the others thin and grey beneath them.
+    Fifty runs in one legend inside the axes covered the curves and ran off the picture."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    named, rest = table.head(LEGEND_RUNS), table.iloc[LEGEND_RUNS:]
+    handles, labels = [], []
+    for row in rest.itertuples(index=False):
         history = histories[row.run_id]
-        ax.plot(history.index, history.to_numpy(), marker="o", markersize=3, label=f"{row.run} ({row.run_id[:7]})")
+        # dots too: a run of one epoch draws no line
+        ax.plot(history.index, history.to_numpy(), color="0.6", linewidth=0.8, alpha=0.6, marker="o", markersize=1.5)
+    if len(rest):
+        handles.append(ax.lines[-1])
+        labels.append(f"{len(rest)} more runs, ranked below by {metric} (runs.md)")
+    colors = plt.get_cmap("tab10").colors
+    for i, row in enumerate(named.itertuples(index=False)):
+        history = histories[row.run_id]
+        # 10 colours, then the same with dashes and squares: no two named curves look alike
+        (line,) = ax.plot(history.index, history.to_numpy(), color=colors[i % 10], linestyle=("-", "--")[i // 10],
+                          marker=("o", "s")[i // 10], markersize=3, zorder=3)
+        handles.insert(i, line)
+        labels.insert(i, curve_label(row))  # explicit: matplotlib leaves out a label starting with '_'
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel(CURVE_METRIC)
-    ax.set_title(f"{CURVE_METRIC} of {len(table)} training runs")
+    ax.set_title(f"{CURVE_METRIC} of {len(table)} training runs"
+                 + (f", the best {len(named)} by {metric} named" if len(rest) else ""))
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
+    legend = fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    # The axes keep their size: the figure grows by the legend's width (and to its height)
+    box = legend.get_window_extent(fig.canvas.get_renderer())
+    fig.set_size_inches(7 + box.width / fig.dpi, max(4.5, box.height / fig.dpi + 0.3))
+    return fig
+
+
+def plot_curves(table: pd.DataFrame, histories: dict[str, pd.Series], path: Path, metric: str = CURVE_METRIC) -> None:
+    """`curves_figure` saved as a PNG at `path`."""
+    fig = curves_figure(table, histories, metric)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -162,16 +201,16 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
         with artifact_dir() as folder:
             table.to_csv(folder / "runs.csv", index=False)
             (folder / "runs.md").write_text(markdown)
-            plot_curves(table, histories, folder / "val_acc.png")
+            plot_curves(table, histories, folder / "val_acc.png", metric)
         # Prefixed: `mlflow run` has already logged the entry-point parameters under their bare names.
         steps.log_comparison({"compare.experiment": experiment or "", "compare.metric": metric,
                               "compare.top": top or ""}, list(table["run_id"]),
                              f"Training runs by {metric}, best ({order}) first:\n\n{markdown}")
         run_id = comparison.info.run_id
     print(markdown, end="")
-    print(f"comparison run {run_id}: runs.md, runs.csv, val_acc.png")
+    print(f"comparison run {run_id}: runs.md, runs.csv, val_acc.png, compared_runs.txt")
     return {"run_id": run_id, "table": table, "markdown": markdown,
-            "artifacts": ["runs.md", "runs.csv", "val_acc.png"]}
+            "artifacts": ["runs.md", "runs.csv", "val_acc.png", "compared_runs.txt"]}
 
 
 def split_ids(text: str) -> list[str]:

@@ -118,7 +118,7 @@ def test_two_trainings_show_in_the_ui_and_compare(server):
     assert len(comparison) == 1 and comparison[0]["info"]["status"] == "FINISHED"
     compare_id = comparison[0]["info"]["run_id"]
     files = {f["path"] for f in api(server, "/api/2.0/mlflow/artifacts/list", run_id=compare_id).get("files", [])}
-    assert files == {"runs.md", "runs.csv", "val_acc.png"}
+    assert files == {"runs.md", "runs.csv", "val_acc.png", "compared_runs.txt"}
     rows = list(csv.DictReader(io.StringIO(artifact_bytes(server, compare_id, "runs.csv").decode())))
     assert sorted(r["train.lr"] for r in rows) == ["0.02", "0.1"]
     assert all(r["epochs"] == "2" and float(r["test_acc"]) == pytest.approx(accs[str(i)], abs=1e-5)
@@ -336,3 +336,55 @@ def test_a_comparison_too_long_for_a_description_ends_on_a_whole_row_and_says_so
     assert len(note) <= 8000 and len(comparison["table"]) == 50
     assert all(line.endswith("|") for line in note.splitlines() if line.startswith("|")) and 10 < len(rows) < 50
     assert note.endswith(f"\n... and {50 - len(rows)} more rows: see runs.md for the whole table\n")
+
+
+def test_a_comparison_of_more_runs_than_a_tag_holds_lists_them_all(store):
+    """MLflow cut tag `compared_runs` at 8,000 characters: a comparison of 300 runs listed 242 ids and part of
+    another, like a whole list, with only a log line to say so."""
+    import mlflow
+
+    from pipeline.tracking import steps
+
+    experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    for count in (3, 300):
+        ids = [f"{i:032x}" for i in range(count)]
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            steps.log_comparison({}, ids, "table")
+        tags = mlflow.get_run(run.info.run_id).data.tags
+        listed = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/compared_runs.txt")
+        assert listed.splitlines() == ids and tags["compared_runs_count"] == str(count)
+        assert tags["compared_runs"] == (",".join(ids) if count == 3 else
+                                         "300 runs, too many for this tag: see artifact compared_runs.txt")
+
+
+def test_the_val_acc_plot_of_many_runs_keeps_its_legend_in_the_picture_and_off_the_curves():
+    """With 50 runs the legend, inside the axes, covered the curves and ran off the top of val_acc.png; a run
+    named '_baseline' had no legend entry and one named 'lr $\\alpha$ ...' failed the comparison."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+
+    from pipeline import compare
+
+    ids = [f"{i:02d}" + "ab" * 15 for i in range(50)]
+    names = ["_baseline", "lr $\\notacommand$ x"] + [f"resnet164-e150-b128-lr0.{i:02d}-" + "x" * 60 for i in range(48)]
+    histories = {r: pd.Series(np.linspace(0.3, 0.5 + i / 100, 30), index=range(1, 31)) for i, r in enumerate(ids)}
+    histories[ids[2]] = pd.Series(dtype=float)  # a run that logged no val_acc
+    table = pd.DataFrame({"run": names, "run_id": ids, "epochs": [len(histories[r]) for r in ids]})
+    fig = compare.curves_figure(table, histories, "val_acc")
+    fig.savefig(io.BytesIO(), format="png", dpi=120)  # as plot_curves does
+    fig.canvas.draw()  # lays it out again at its own dpi, where the extents below are measured
+    renderer = fig.canvas.get_renderer()
+    legend, axes = fig.legends[0].get_window_extent(renderer), fig.axes[0].get_tightbbox(renderer)
+    assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1 and fig.bbox.y0 <= legend.y0
+    assert legend.y1 <= fig.bbox.y1 and not legend.overlaps(fig.axes[0].get_window_extent(renderer))
+    assert fig.bbox.contains(axes.x0, axes.y0) and fig.bbox.contains(axes.x1, axes.y1)
+    assert len(fig.axes[0].lines) == 50  # still one curve per run
+    assert all(line.get_marker() not in ("None", "") for line in fig.axes[0].lines)  # one epoch shows too
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(labels) == compare.LEGEND_RUNS + 1 and labels[-1].startswith("30 more runs")
+    assert labels[:3] == ["_baseline (00ababa)", "lr \\$\\notacommand\\$ x (01ababa)",
+                          f"resnet164-e150-b128-lr0.00-{'x' * 12}… (02ababa, no val_acc)"]
+    styles = {(line.get_color(), line.get_linestyle()) for line in fig.legends[0].get_lines()[:-1]}
+    assert len(styles) == compare.LEGEND_RUNS  # no two named curves look alike

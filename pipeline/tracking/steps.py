@@ -19,6 +19,7 @@ import mlflow
 import pandas as pd
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from pipeline import config, data
 from pipeline.tracking import TEST_DATA_TAG, fit_note, model_id
@@ -179,9 +180,17 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
 
 
 def log_comparison(params: dict, run_ids: list[str], description: str) -> None:
-    """Record a comparison on the active run: its `params`, tag `compared_runs`, its description."""
+    """Record a comparison on the active run: its `params`, artifact `compared_runs.txt` (the run ids, one a line),
+    tags `compared_runs` (the ids, comma separated, where they fit a tag, else how many and where they are) and
+    `compared_runs_count`, its description."""
     mlflow.log_params(params)
-    mlflow.set_tags({"compared_runs": ",".join(run_ids), "mlflow.note.content": fit_note(description, "runs.md")})
+    mlflow.log_text("".join(f"{r}\n" for r in run_ids), "compared_runs.txt")
+    # MLflow cut the list at its tag limit (~240 ids, the last one partial) with only a log line to say so
+    listed = ",".join(run_ids)
+    if len(listed) > MAX_TAG_VAL_LENGTH:
+        listed = f"{len(run_ids)} runs, too many for this tag: see artifact compared_runs.txt"
+    mlflow.set_tags({"compared_runs": listed, "compared_runs_count": str(len(run_ids)),
+                     "mlflow.note.content": fit_note(description, "runs.md")})
 
 
 # ---------------------------------------------------------------- main
