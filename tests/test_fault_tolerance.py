@@ -446,6 +446,91 @@ def test_a_main_killed_in_any_step_has_its_runs_ended_killed_by_the_next_main(st
     assert sorted(p.name for p in resume.checkpoint_root().iterdir()) == sorted([".DS_Store", live, resumed])
 
 
+def test_a_main_ends_only_its_own_stores_dead_runs(store, tmp_path, empty_store_db, monkeypatch):
+    """Two tracking stores (two MLFLOW_TRACKING_URI) sharing one checkpoint folder: a main of one removed the lock
+    folder of the other's dead main, whose runs then stayed RUNNING for good (only a main of their store can see
+    them). A lock file names its store: another store's folder is left to that store's next main. A store is its
+    file, however its URI spells it (relative to the working directory, through a symlink), and a lock file made
+    before stores were recorded is taken as before."""
+    from pipeline.tracking import resume
+
+    shutil.copyfile(empty_store_db, tmp_path / "b.db")
+    (tmp_path / "link").symlink_to(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    store_a, store_b = mlflow.get_tracking_uri(), f"sqlite:///{tmp_path / 'b.db'}"
+    experiment_a = mlflow.get_experiment_by_name("e2e").experiment_id
+
+    def dead_main(uri: str, experiment_id: str) -> str:  # a main killed (SIGKILL) once it held its lock
+        mlflow.set_tracking_uri(uri)
+        run_id = mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}).info.run_id
+        mlflow.end_run("RUNNING")
+        assert resume.claim(run_id)
+        resume._claimed.pop(run_id).close()  # its process gone
+        return run_id
+
+    of_b = dead_main(store_b, "0")
+    spelled = [dead_main(uri, experiment_a) for uri in ("sqlite:///mlflow.db", f"sqlite:///{tmp_path}/link/mlflow.db")]
+    (resume.checkpoint_root() / "0123abcd").mkdir()
+    (resume.checkpoint_root() / "0123abcd" / resume.LOCK_FILE).touch()  # a lock file naming no store: no run here
+    mlflow.set_tracking_uri(store_a)
+    with mlflow.start_run(experiment_id=experiment_a, tags={"step": "main"}):
+        resume.remove_stale_locks()
+    assert [MlflowClient().get_run(r).info.status for r in spelled] == ["KILLED", "KILLED"]
+    assert [p.name for p in resume.checkpoint_root().iterdir()] == [of_b]
+    mlflow.set_tracking_uri(store_b)
+    with mlflow.start_run(experiment_id="0", tags={"step": "main"}) as main_b:
+        resume.remove_stale_locks()
+    run = MlflowClient().get_run(of_b)
+    assert (run.info.status, run.data.tags.get("ended_by")) == ("KILLED", main_b.info.run_id)
+    assert not resume.checkpoint_root().exists() or not list(resume.checkpoint_root().iterdir())
+
+
+@pytest.mark.parametrize("left", ["killed in _new_lock", "an old temporary file", "a live process's new one",
+                                  "an NFS client's"])
+def test_a_dead_main_is_found_dead_whatever_its_folder_has_left_over(store, left):
+    """A main killed (SIGKILL) in `_new_lock`, once it linked its temporary file to the lock file, left that file
+    beside the lock file, and a lock file removed while open stays on NFS as a `.nfs*` file: the folder was no longer
+    lock-only, and its main stayed RUNNING for good. A temporary file of a dead process, or an old one, is ignored
+    (a live one's, young, is not: its lock may be on its way), as are `.nfs*` files."""
+    from pipeline.tracking import resume
+
+    experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    name = {"killed in _new_lock": f".{resume.LOCK_FILE}.{dead.stdout.strip()}",
+            "an old temporary file": f".{resume.LOCK_FILE}.{os.getpid()}",
+            "a live process's new one": f".{resume.LOCK_FILE}.{os.getpid()}",
+            "an NFS client's": ".nfs0000000000abcd0001"}[left]
+    killed = mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}).info.run_id
+    mlflow.end_run("RUNNING")
+    assert resume.claim(killed)
+    resume._claimed.pop(killed).close()  # its process gone
+    (resume.checkpoint_dir(killed) / name).touch()
+    if left == "an old temporary file":
+        os.utime(resume.checkpoint_dir(killed) / name, (time.time() - 60, time.time() - 60))
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}):
+        resume.remove_stale_locks()
+    ended = left != "a live process's new one"
+    assert MlflowClient().get_run(killed).info.status == ("KILLED" if ended else "RUNNING")
+    assert resume.checkpoint_dir(killed).exists() is not ended
+
+
+def test_the_folders_runs_that_ended_on_nfs_leave_are_removed(store):
+    """On NFS a run that ends removes its folder while it holds its lock file open: the file stays as a `.nfs*` file
+    until the lock is released, and so does the folder, emptied after: one empty folder was left per run. The next
+    main removes the empty ones, not a new one (whose lock file may be on its way), nor one whose `.nfs*` file is
+    still there (removing it breaks the process that holds it)."""
+    from pipeline.tracking import resume
+
+    root = resume.checkpoint_root()
+    for name in ("emptied", "new", "closing"):
+        (root / name).mkdir(parents=True)
+    (root / "closing" / ".nfs0000000000abcd0001").touch()
+    for name in ("emptied", "closing"):
+        os.utime(root / name, (time.time() - 60, time.time() - 60))
+    resume.remove_stale_locks()
+    assert sorted(p.name for p in root.iterdir()) == ["closing", "new"]
+
+
 def test_a_new_lock_file_appears_already_locked(tmp_path, monkeypatch):
     """`claim` makes a run's lock file locked before it bears its name: made and then locked, it stood unlocked
     for an instant, in which another main's `remove_stale_locks` could take it for a dead main's and end the live

@@ -10,12 +10,15 @@ immutable), as may the params that do not change what is trained (`NOT_TRAINING`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import os
 import re
 import shutil
 import sys
+import time
+import urllib.parse
 from pathlib import Path
 
 import mlflow
@@ -24,10 +27,20 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
 from pipeline import config
-from pipeline.tracking import checkpoint_root, code_digest, json_digest, trained_dataset_uri, unfinished_runs
+from pipeline.tracking import (
+    _without_password,
+    checkpoint_root,
+    code_digest,
+    json_digest,
+    trained_dataset_uri,
+    unfinished_runs,
+)
 
-# Held (flock) by the process training a run, in the run's checkpoint folder: a live run is never resumed.
+# Held (flock) by the process training a run, in the run's checkpoint folder: a live run is never resumed. It holds
+# the tracking store of the process that made it (`_store`).
 LOCK_FILE = "training.lock"
+# Seconds after which a `_new_lock` temporary file or an empty folder is no live process's (each lasts microseconds)
+LEFT_S = 10
 
 
 def checkpoint_dir(run_id: str) -> Path:
@@ -82,6 +95,8 @@ def _new_lock(path: Path):  # noqa: ANN202 - an open file
     made = path.with_name(f".{LOCK_FILE}.{os.getpid()}")
     handle = made.open("w")
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a name no other process uses: never held
+    handle.write(_store())  # written before the file bears its name: never read half-written
+    handle.flush()
     try:
         os.link(made, path)
     except FileExistsError:
@@ -89,11 +104,34 @@ def _new_lock(path: Path):  # noqa: ANN202 - an open file
         return None
     except OSError:  # EPERM (FAT), ENOSYS (gcsfuse), ...
         handle.close()
-        path.touch()
+        with contextlib.suppress(FileExistsError), path.open("x") as lock:
+            lock.write(_store())
         return None
     finally:
         made.unlink()
     return handle
+
+
+def _store() -> str:
+    """The tracking store this process writes to, as its lock files record it: a local one (a SQLite file, a folder)
+    by its real path, as `sqlite:///mlflow.db` names another file in every working directory and one file has many
+    spellings (`sqlite:////abs/mlflow.db`, a folder through a symlink); any other (a server, a database) by its URI
+    less the password (the file is for anyone to read, and a new password is the same store)."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return "sqlite:///" + os.path.realpath(uri.removeprefix("sqlite:///").partition("?")[0])
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return "file://" + os.path.realpath(parsed.path)
+    return _without_password(uri).rstrip("/")
+
+
+def _store_of(folder: Path) -> str:
+    """The store recorded in `folder`'s lock file (`_store`); "" for one made before stores were recorded."""
+    try:
+        return (folder / LOCK_FILE).read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def remove_stale_locks() -> None:
@@ -102,11 +140,18 @@ def remove_stale_locks() -> None:
     its lock: that main's runs left RUNNING (itself, the step it was in: prepare, train, evaluate, register) end KILLED
     (`end_dead_main`), else nothing would ever end them, as does a train run killed before its first checkpoint
     (`python -m pipeline.train` alone: no main to end it). The folders' runs are read in one search, not one call each
-    (200 folders: ~2 s from a tracking server on this host)."""
-    root = checkpoint_root()
+    (200 folders: ~2 s from a tracking server on this host). Only this store's folders (`_store_of`): another store's
+    (two `MLFLOW_TRACKING_URI` sharing `PIPELINE_CHECKPOINT_DIR`) are left to that store's next main, the only one
+    that can end their runs. Empty folders are removed (on NFS a lock file removed while open stays as a `.nfs*`
+    file until released, and keeps its folder)."""
+    root, ours = checkpoint_root(), _store()
+    names = {f: _names(f) for f in (root.iterdir() if root.is_dir() else []) if f.name not in _claimed}
+    for folder in [f for f, listed in names.items() if listed == [] and _old(f)]:  # a new one's lock may be coming
+        with contextlib.suppress(OSError):  # NFS: its `.nfs*` file not gone yet, the next main's turn
+            folder.rmdir()
     # Claimed before their runs are read: a run read RUNNING, then ended by its live process, was ended KILLED
-    folders = [f for f in (root.iterdir() if root.is_dir() else [])
-               if f.name not in _claimed and _lock_only(f) and claim(f.name, left=True)]
+    folders = [f for f, listed in names.items()
+               if listed == [LOCK_FILE] and _store_of(f) in ("", ours) and claim(f.name, left=True)]
     client = MlflowClient()
     runs = _runs_by_id(client, [f.name for f in folders])
     for folder in folders:
@@ -117,17 +162,43 @@ def remove_stale_locks() -> None:
         if run is not None and run.info.status == "RUNNING":  # a train killed before its first checkpoint (under
             # a main the main's end would end it too; `python -m pipeline.train` alone has none): nothing to resume
             _end_killed(client, [run], "ended_by")
-        shutil.rmtree(folder, ignore_errors=True)  # a train's, or not a run of this store
+        shutil.rmtree(folder, ignore_errors=True)  # a train's, or no run here (deleted, or a lock not naming its store)
         release(folder.name)
 
 
-def _lock_only(folder: Path) -> bool:
-    """Whether `folder` holds its lock file alone; False for a stray file (a .DS_Store failed every main) and for a
+def _names(folder: Path) -> list[str] | None:
+    """The names in `folder` but `_left_over` ones; None for a stray file (a .DS_Store failed every main) and for a
     folder its run removed as it ended."""
     try:
-        return [p.name for p in folder.iterdir()] == [LOCK_FILE]
+        return [p.name for p in folder.iterdir() if not _left_over(p)]
     except (NotADirectoryError, FileNotFoundError):
+        return None
+
+
+def _left_over(path: Path) -> bool:
+    """Whether `path` in a run's folder is none of the run's: an NFS client's `.nfs*` file (a file removed while open,
+    as a lock file by a run that ends: gone once closed), or the temporary file of a process killed in `_new_lock`
+    (its pid dead, or older than `LEFT_S`: a live one's lasts microseconds). A live lock is never taken for dead all
+    the same: `claim` tells."""
+    if path.name.startswith(".nfs"):
+        return True
+    pid = re.fullmatch(rf"\.{re.escape(LOCK_FILE)}\.(\d+)", path.name)
+    if not pid:
         return False
+    with contextlib.suppress(PermissionError):  # another user's process: alive
+        try:
+            os.kill(int(pid[1]), 0)
+        except (ProcessLookupError, OverflowError):
+            return True
+    return _old(path)
+
+
+def _old(path: Path) -> bool:
+    """Whether `path` is older than `LEFT_S` (or gone)."""
+    try:
+        return time.time() - path.stat().st_mtime > LEFT_S
+    except FileNotFoundError:
+        return True
 
 
 def _runs_by_id(client: MlflowClient, run_ids: list[str]) -> dict[str, mlflow.entities.Run]:
