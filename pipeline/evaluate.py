@@ -1,8 +1,8 @@
 """Step 3, evaluate: score a logged model on the whole test split (no truncation by steps).
 
 Reads:  a model URI (from train) and a prepared dataset URI (from prepare).
-Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`,
-        `test_acc_<class>` on this run and on the logged model; artifacts `metrics.json`,
+Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`, `test_images` (how many it
+        scored), `test_acc_<class>` on this run and on the logged model; artifacts `metrics.json`,
         `confusion_matrix.csv`, `confusion_matrix.png`, `predictions.png` (sample test images with
         predicted and true labels, the seed's prediction demo).
 Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`.
@@ -87,7 +87,8 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
               f"augmentation {tta}, and is scored as it is served", file=sys.stderr)
     probs = classifier.predict_proba(dataset.x_test, batch_size=cfg.evaluate.batch_size)
     metrics, confusion = score(probs, dataset)
-    flat = {"test_loss": metrics["test_loss"], "test_acc": metrics["test_acc"],
+    # test_images too: the UI then tells a score on a subset from one on the whole split by more than a digest
+    flat = {"test_loss": metrics["test_loss"], "test_acc": metrics["test_acc"], "test_images": metrics["test_images"],
             **{f"test_acc_{k}": v for k, v in metrics["per_class_acc"].items()}}
     steps.log_evaluation({"model_uri": model_uri, "dataset_uri": dataset_uri,
                           "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta}, flat, model_uri,

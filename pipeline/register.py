@@ -1,6 +1,7 @@
 """Step 4, register: add an evaluated model to the Model Registry; move the alias if it is better.
 
-Reads:  a logged model URI `models:/m-...` that evaluate scored (its newest evaluation: test_acc, the per-class
+Reads:  a logged model URI `models:/m-...` that evaluate scored (its newest evaluation by an evaluate run that
+        finished, not one that failed, was killed or deleted: test_acc, the per-class
         scores of the same evaluate run, the digest of its test split; `registry.model_score`).
 Writes: a new version of `register.model_name` tagged with its source run id, `test_acc`, the evaluate run and
         the test split's digest; the alias `register.alias` (default `champion`) moves to it only if its

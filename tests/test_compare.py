@@ -294,7 +294,7 @@ def test_runs_trained_by_other_code_are_marked(monkeypatch):
 
 def test_test_acc_is_the_models_score_on_the_data_it_trained_on(store):
     """A later evaluation on other test images (a data.max_test subset) was the row's test_acc: compare ranked
-    that 0.99 first, over a model that beat it on the whole test split."""
+    that 0.99 first, over a model that beat it on the whole test split. So was one whose evaluate run failed."""
     import mlflow
 
     from pipeline import compare
@@ -302,17 +302,19 @@ def test_test_acc_is_the_models_score_on_the_data_it_trained_on(store):
     from tests.test_failures import Echo
 
     experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
-    for name, evaluations in (("a", [("runs:/p/full", 0.9)]), ("b", [("runs:/p/full", 0.8), ("runs:/q/part", 0.99)])):
+    for name, evaluations in (("a", [("runs:/p/full", 0.9)]),
+                              ("b", [("runs:/p/full", 0.8), ("runs:/q/part", 0.99), ("runs:/p/full", 0.95, "FAILED")])):
         with mlflow.start_run(experiment_id=experiment_id, run_name=name,
                               tags={"step": "train", "dataset_uri": "runs:/p/full"}):
             info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
             model_uri = info.model_uri
             mlflow.set_tag("model_uri", model_uri)
             mlflow.log_metric("val_acc", 0.8, step=0)
-        for dataset_uri, acc in evaluations:
+        for dataset_uri, acc, *status in evaluations:
             with mlflow.start_run(experiment_id=experiment_id):
                 steps.log_evaluation({"model_uri": model_uri, "dataset_uri": dataset_uri}, {"test_acc": acc},
                                      model_uri, dataset_uri[-4:] * 16)
+                mlflow.end_run(*status)
     table = compare.run(experiment="e2e", metric="test_acc")["table"]
     assert table[["run", "test_acc"]].values.tolist() == [["a", 0.9], ["b", 0.8]]
 

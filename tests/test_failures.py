@@ -569,3 +569,70 @@ def test_an_evaluation_of_a_registry_uri_lands_on_its_logged_model(store):
         assert registry.model_test_acc(uri).test_acc == acc
     assert steps.registered_model_id("models:/cifar10-resnet@nobody") is None
     assert steps.registered_model_id("models:/cifar10-resnet/latest") is None
+
+
+def test_an_evaluation_whose_run_failed_or_was_deleted_is_no_score(store):
+    """evaluate logs its scores on the model before its artifacts: an evaluate run that then failed (an artifact
+    upload lost) or was killed left a score that register took as the model's, and compare showed; so did one of a
+    run the user deleted. Only finished evaluate runs count."""
+    from pipeline import tracking
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
+    challenger = evaluated_model(experiment_id, {"test_acc": 0.4})
+    for status in ("FAILED", "KILLED"):
+        with mlflow.start_run(experiment_id=experiment_id) as failed:
+            steps.log_evaluation({"model_uri": challenger}, {"test_acc": 0.9}, challenger, "a" * 64)
+            mlflow.end_run(status)
+        assert client.get_run(failed.info.run_id).info.status == status
+    assert registry.model_test_acc(challenger).test_acc == 0.4  # its finished evaluation, not the newest
+    assert tracking.model_score(challenger)[0]["test_acc"] == 0.4  # compare's column
+    decision = registered(experiment_id, challenger)
+    assert not decision["alias_moved"] and decision["test_acc"] == 0.4, decision
+
+    deleted = evaluated_model(experiment_id, {"test_acc": 0.9})
+    client.delete_run(client.get_logged_model(deleted.removeprefix("models:/")).metrics[0].run_id)
+    with pytest.raises(config.ConfigError, match=r"has no test_acc from an evaluate run that finished: run evaluate"):
+        registry.model_test_acc(deleted)
+    assert tracking.model_score(deleted) == ({}, None)
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+
+
+def test_a_model_whose_training_run_was_deleted_for_good_registers_whole(store):
+    """After `mlflow gc` removed its training run, register failed with a traceback after placing the alias and
+    before its report (describing the training run), leaving the version unfinished on every rerun."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    soft, gone = (evaluated_model(experiment_id, {"test_acc": acc}) for acc in (0.5, 0.6))
+    for uri in (soft, gone):  # the stand-in training runs have no description: register would write one
+        client.delete_run(client.get_logged_model(uri.removeprefix("models:/")).source_run_id)
+    _get_store()._hard_delete_run(client.get_logged_model(gone.removeprefix("models:/")).source_run_id)
+    for uri, version in ((soft, "1"), (gone, "2")):
+        decision = registered(experiment_id, uri)
+        assert decision["alias_moved"] and decision["version"] == int(version), decision
+        assert "decision" in client.get_model_version("cifar10-resnet", version).tags  # finished
+
+
+def test_evaluate_records_how_many_test_images_it_scored(store, monkeypatch):
+    """Two evaluations, on the whole test split and on a `data.max_test` subset, differed in the UI by a digest
+    only: the count of images scored was in metrics.json alone."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from pipeline import data
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    dataset = data.make_synthetic(n_train=16, n_test=40)
+    monkeypatch.setattr(prepare, "load_dataset", lambda uri: dataset)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri: SimpleNamespace(
+        class_names=dataset.class_names, tta="none", predict_proba=lambda x, batch_size: np.eye(10)[dataset.y_test]))
+    with mlflow.start_run(experiment_id=experiment_id):
+        uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        evaluate.run(config.load(TINY), uri, "runs:/0/dataset/dataset.npz")
+    assert MlflowClient().get_run(run.info.run_id).data.metrics["test_images"] == 40
+    assert registry.model_test_acc(uri).metrics["test_images"] == 40  # on the model's page too

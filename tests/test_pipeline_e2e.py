@@ -80,6 +80,7 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store):
     assert {"metrics.json", "confusion_matrix.png", "confusion_matrix.csv", "predictions.png"} <= eval_files
     report = json.loads(mlflow.artifacts.load_text(f"runs:/{evaluation.info.run_id}/metrics.json"))
     assert report["test_images"] == 256 and report["test_acc"] == pytest.approx(metrics["test_acc"])
+    assert metrics["test_images"] == parent.data.metrics["test_images"] == 256  # in the UI, beside test_acc
 
     champion = client.get_model_version_by_alias("cifar10-resnet", "champion")
     assert str(champion.version) == "1"

@@ -559,11 +559,23 @@ def latest_metrics(metrics) -> dict[str, float]:
     return {key: value for key, (_, value) in latest.items()}
 
 
+def finished_run(run_id: str | None):
+    """The run `run_id` if it FINISHED and was not deleted, else None: the metrics an evaluate run that failed, was
+    killed, is still running or was deleted logged on a model are no evaluation (register and compare skip them)."""
+    if not run_id:
+        return None
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None  # deleted for good (`mlflow gc`)
+    return run if run.info.status == "FINISHED" and run.info.lifecycle_stage == "active" else None
+
+
 def model_score(model_uri: str | None, dataset_uri: str | None = None) -> tuple[dict[str, float], str | None]:
-    """(latest value of each metric logged on the model `models:/m-...`, tag `test_data_sha256` of the evaluate run
-    whose test_acc that is: the test split it was measured on); ({}, None) if none or unknown. With `dataset_uri`,
-    of the runs that logged them with that param only (evaluations of that dataset). One read of the model and
-    one of each run that logged on it."""
+    """(latest value of each metric logged on the model `models:/m-...` by finished evaluate runs (`finished_run`),
+    tag `test_data_sha256` of the evaluate run whose test_acc that is: the test split it was measured on); ({}, None)
+    if none or unknown. With `dataset_uri`, of the runs that logged them with that param only (evaluations of that
+    dataset). One read of the model and one of each run that logged on it."""
     found = model_id(model_uri)
     if found is None:
         return {}, None
@@ -571,13 +583,12 @@ def model_score(model_uri: str | None, dataset_uri: str | None = None) -> tuple[
         metrics = mlflow.get_logged_model(found).metrics or []
     except MlflowException:
         return {}, None  # the model was deleted or lives in a store this client cannot see
-    runs = {}
-    for run_id in {m.run_id for m in metrics if m.run_id}:
-        with contextlib.suppress(MlflowException):  # a run deleted since
-            runs[run_id] = mlflow.MlflowClient().get_run(run_id).data
+    runs = {run_id: run.data for run_id in {m.run_id for m in metrics if m.run_id}
+            if (run := finished_run(run_id)) is not None}
+    metrics = [m for m in metrics if m.run_id in runs]
     if dataset_uri is not None:
-        metrics = [m for m in metrics if m.run_id in runs and runs[m.run_id].params.get("dataset_uri") == dataset_uri]
-    scores = [m for m in metrics if m.key == "test_acc" and m.run_id in runs]
+        metrics = [m for m in metrics if runs[m.run_id].params.get("dataset_uri") == dataset_uri]
+    scores = [m for m in metrics if m.key == "test_acc"]
     test_data = runs[max(scores, key=lambda m: m.timestamp).run_id].tags.get(TEST_DATA_TAG) if scores else None
     return latest_metrics(metrics), test_data
 
@@ -628,9 +639,12 @@ def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
     param. Keeps an existing description unless `overwrite`. Returns the text written, or None.
     """
     client = mlflow.MlflowClient()
-    train = client.get_run(run_id)
-    if train.data.tags.get("mlflow.note.content") and not overwrite:
-        return None
+    try:
+        train = client.get_run(run_id)
+    except MlflowException:
+        return None  # deleted for good (`mlflow gc`): its model may still be registered, undescribed
+    if train.info.lifecycle_stage != "active" or (train.data.tags.get("mlflow.note.content") and not overwrite):
+        return None  # a deleted run takes no tags
     params, tags = train.data.params, train.data.tags
     dataset_uri = trained_dataset_uri(train)
     prepare_id = prepare_run_id(dataset_uri)

@@ -22,7 +22,7 @@ from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from pipeline import config
-from pipeline.tracking import TEST_DATA_TAG, latest_metrics, model_id
+from pipeline.tracking import TEST_DATA_TAG, finished_run, latest_metrics, model_id
 
 EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose score register compared
 DECISION_TAG = "decision"  # on a version: why the alias moved or not; written last, when register is done
@@ -56,25 +56,24 @@ def model_score(model_uri: str | None, *, tagged_acc: str | None = None, evaluat
 
 
 def _evaluation(model, tagged_acc: str | None = None, evaluate_run: str | None = None) -> Score:
-    """`model_score` of a LoggedModel entity."""
+    """`model_score` of a LoggedModel entity. Only evaluate runs that finished count (`finished_run`): one that
+    failed or was killed after scoring (an artifact upload lost), one still running, or one deleted is no evaluation."""
     by_run: dict[str, list] = {}
     for metric in model.metrics or []:
         by_run.setdefault(metric.run_id, []).append(metric)
-    evaluations = sorted(((max(m.timestamp for m in metrics if m.key == "test_acc"), run, latest_metrics(metrics))
-                          for run, metrics in by_run.items() if any(m.key == "test_acc" for m in metrics)),
-                         key=lambda e: e[0], reverse=True)
+    runs = {run: found for run, metrics in by_run.items()
+            if any(m.key == "test_acc" for m in metrics) and (found := finished_run(run)) is not None}
+    evaluations = sorted(((max(m.timestamp for m in by_run[run] if m.key == "test_acc"), run,
+                           latest_metrics(by_run[run])) for run in runs), key=lambda e: e[0], reverse=True)
     chosen = ([e for e in evaluations if e[1] == evaluate_run]
               or [e for e in evaluations if tagged_acc is not None and f"{e[2]['test_acc']:.6f}" == tagged_acc]
               or evaluations)
     if not chosen:
         return Score(None, {}, source_run=model.source_run_id)
     _, run, metrics = chosen[0]
-    try:  # evaluate tags its run with the test split's digest; the model's tag is that of its latest evaluation
-        test_data = MlflowClient().get_run(run).data.tags.get(TEST_DATA_TAG) if run else None
-    except MlflowException:
-        test_data = None
-    return Score(float(metrics["test_acc"]), metrics, test_data or (model.tags or {}).get(TEST_DATA_TAG), run,
-                 model.source_run_id)
+    # evaluate tags its run with the test split's digest; the model's tag is that of its latest evaluation
+    test_data = runs[run].data.tags.get(TEST_DATA_TAG) or (model.tags or {}).get(TEST_DATA_TAG)
+    return Score(float(metrics["test_acc"]), metrics, test_data, run, model.source_run_id)
 
 
 def model_test_acc(model_uri: str) -> Score:
@@ -87,8 +86,9 @@ def model_test_acc(model_uri: str) -> Score:
         score = _evaluation(mlflow.get_logged_model(logged_model))
     except MlflowException as exc:
         raise config.ConfigError(f"model_uri: no logged model {logged_model} ({exc.message})") from None
-    if score.test_acc is None:
-        raise config.ConfigError(f"model_uri: {model_uri} has no test_acc yet: run evaluate on it first")
+    if score.test_acc is None:  # an evaluate run that failed, was killed or deleted does not count
+        raise config.ConfigError(f"model_uri: {model_uri} has no test_acc from an evaluate run that finished: run "
+                                 f"evaluate on it first")
     return score
 
 

@@ -196,8 +196,9 @@ def log_comparison(params: dict, run_ids: list[str], description: str) -> None:
 # ---------------------------------------------------------------- main
 
 def log_pipeline_results(dataset_uri: str, model_uri: str, metrics: dict, decision: dict) -> None:
-    """The headline results on the `main` parent run: test metrics, the URIs, the registered version."""
-    mlflow.log_metrics({"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"]})
+    """The headline results on the `main` parent run: test metrics (and how many images), the URIs, the registered
+    version."""
+    mlflow.log_metrics({key: metrics[key] for key in ("test_acc", "test_loss", "test_images")})
     mlflow.set_tags({"dataset_uri": dataset_uri, "model_uri": model_uri,
                      "registered_version": str(decision["version"]),
                      "alias_moved": str(decision["alias_moved"]).lower()})
