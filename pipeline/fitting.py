@@ -171,6 +171,38 @@ def cpu_has_bf16() -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
+@functools.cache
+def jax_cpu_bf16_xla_wrong() -> bool:
+    """Whether JAX's XLA on the CPU computes a bfloat16 max-pool, ReLU, 3x3 conv (64 channels), ReLU wrongly.
+    jaxlib 0.11.2 and 0.12.0.1 hand it to one YNNPACK fusion that returns NaN and wrong values for about half the
+    outputs (a different share each call), 2026-12-05 on an AMD EPYC with AVX512-BF16; jaxlib 0.10.2, float32, the
+    same ops unjitted and TensorFlow 2.21's XLA are right, and `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`
+    mends it. Every ResNet here was hit in inference mode (Keras's validation: val_loss NaN, val_acc of garbage
+    predictions); its training steps were right. Its float32 served copy is not touched."""
+    import jax
+    from jax import lax
+
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.normal(size=(16, 6, 6, 64)).astype(jax.numpy.bfloat16), jax.devices("cpu")[0])
+    w = jax.device_put((rng.normal(size=(3, 3, 64, 64)) * 0.05).astype(jax.numpy.bfloat16), jax.devices("cpu")[0])
+
+    def f(x, w):
+        h = jax.nn.relu(lax.reduce_window(x, -np.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"))
+        return jax.nn.relu(lax.conv_general_dilated(h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+
+    eager, jitted = (np.asarray(g(x, w), np.float32) for g in (f, jax.jit(f)))
+    return not np.allclose(jitted, eager, rtol=0.02, atol=0.05)  # bfloat16 rounding alone stays well inside
+
+
+def jax_cpu_bf16_xla_fallback(precision: str, cfg: config.TrainConfig, devices) -> tuple[str, bool | str] | None:
+    """(precision, jit_compile) instead of bfloat16 + XLA on a JAX CPU that computes it wrongly
+    (`jax_cpu_bf16_xla_wrong`): float32 for precision auto, else no XLA; None where nothing needs to change."""
+    if (keras.backend.backend() != "jax" or precision != "mixed_bfloat16" or cfg.jit_compile is False
+            or any("gpu" in d.lower() or "cuda" in d.lower() for d in devices) or not jax_cpu_bf16_xla_wrong()):
+        return None
+    return ("float32", cfg.jit_compile) if cfg.precision == "auto" else (precision, False)
+
+
 PROBED: dict = {}  # the last CPU probe fast_path consulted: pipeline.train records it on the run
 
 
@@ -183,7 +215,8 @@ def fast_path(cfg: config.TrainConfig, dist: Distribution, probe: Callable[[], t
     On a CPU with TensorFlow on one device, each `auto` is measured (`pipeline.cpu_probe`): float32 or bfloat16
     (where the CPU has bf16 units: AMX or AVX512-BF16), with or without XLA, whichever trains fastest here.
     Elsewhere (JAX, or several CPU devices) precision auto is bfloat16 where the CPU has bf16 units, else float32,
-    and jit_compile auto Keras's rule.
+    and jit_compile auto Keras's rule; where that is bfloat16 + XLA on a JAX CPU that computes it wrongly
+    (`jax_cpu_bf16_xla_wrong`), float32 for precision auto, else no XLA (both given: `check_backend` refuses).
     """
     gpu = any("gpu" in d.lower() or "cuda" in d.lower() for d in dist.devices)
     jit: bool | str = cfg.jit_compile
@@ -205,6 +238,12 @@ def fast_path(cfg: config.TrainConfig, dist: Distribution, probe: Callable[[], t
     precision = cfg.precision
     if precision == "auto":
         precision = "mixed_bfloat16" if gpu or cpu_has_bf16() else "float32"
+    fallback = jax_cpu_bf16_xla_fallback(precision, cfg, dist.devices)
+    if fallback:
+        chosen = "train.precision auto: float32" if fallback[0] == "float32" else "train.jit_compile auto: no XLA"
+        print(f"{chosen}, as this JAX's XLA computes bfloat16 convolutions wrongly on a CPU (NaN val_loss; "
+              f"XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= mends it)", flush=True)
+        return fallback
     return precision, jit
 
 
@@ -226,6 +265,15 @@ def check_backend(cfg: config.Config) -> None:
     """Params that only one backend supports; entry points call this before opening any run."""
     if cfg.train.feed == "device" and keras.backend.backend() != "jax":
         raise config.ConfigError(f"train.feed: 'device' needs the JAX backend, not {keras.backend.backend()}")
+    t = cfg.train
+    if t.precision == "mixed_bfloat16" and t.jit_compile is True and keras.backend.backend() == "jax":
+        import jax
+
+        if jax.default_backend() == "cpu" and jax_cpu_bf16_xla_wrong():
+            raise config.ConfigError("train.precision: mixed_bfloat16 with train.jit_compile true computes wrong "
+                                     "results on this JAX's CPU (its XLA miscompiles bfloat16 convolutions: NaN "
+                                     "val_loss); use train.jit_compile auto or false, float32, or set "
+                                     "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=")
 
 
 def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, train_images: int) -> keras.Model:
