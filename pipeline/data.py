@@ -47,6 +47,9 @@ CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TRAIN_IMAGES = 50000  # 5 batches of 10,000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what Pillow decodes here
 IMAGE_FORMATS = "PNG, JPEG, BMP, GIF, WebP or TIFF"  # their formats, as messages (data and the served model) name them
+# Pillow's names for them; only these decoders see the bytes. Pillow opens ~40 formats by content, whatever the suffix:
+# a served request or a data file in EPS ran Ghostscript on it (where installed), PPM, TGA, ICO, PSD... were accepted.
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 # The largest image file read. Each image's bytes are held in memory until it is decoded, so a 2 GB member named
 # x.png (or a tar header claiming that much) took 2-4 GB and many seconds to be found undecodable: it is refused by
 # the size its header (or the file system) gives, before it is read. A 32x32 image file is a few KB (tens with
@@ -551,7 +554,7 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(raw)) as img:
+        with Image.open(io.BytesIO(raw), formats=PIL_FORMATS) as img:
             # 32-bit TIFFs (float "F", integer "I") hold 0-1, 0-255 or any range: read as 8 or 16 bits, 0-1 floats and
             # 0-255 integers came out black. (16-bit images open as I;16, a 16-bit PGM as I: no BitsPerSample tag.)
             if img.mode == "F" or (img.mode == "I" and getattr(img, "tag_v2", {}).get(258) == (32,)):
@@ -570,7 +573,7 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
     except Image.DecompressionBombError as exc:  # a canvas beyond Pillow's pixel limit, refused before decoding
         raise DataError(f"{name}: image too large ({exc})") from None
     except UnidentifiedImageError:  # Pillow's message names the file as <_io.BytesIO object at 0x...>
-        raise DataError(f"{name}: not a decodable {IMAGE_FORMATS} image (no image format Pillow reads)") from None
+        raise DataError(f"{name}: not a decodable {IMAGE_FORMATS} image (not one of those formats)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{name}: not a decodable {IMAGE_FORMATS} image ({exc})") from None
 

@@ -110,7 +110,9 @@ def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, BMP, GIF, WebP or TIFF files, any size")
+    parser.add_argument("images", nargs="+", type=Path,
+                        help="PNG, JPEG, BMP, GIF, WebP or TIFF files, up to 16.8 megapixels (4096x4096; the server "
+                             "refuses larger ones)")
     parser.add_argument("--url", default="http://127.0.0.1:5000", help="the model server (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per request (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")

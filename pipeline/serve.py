@@ -3,8 +3,8 @@
 Input, as JSON bodies for `mlflow models serve` (or the same objects passed to `predict` in process):
 - pixel tensors `{"inputs": [[[[r, g, b], ...], ...], ...]}`: integers 0-255, shape (n, 32, 32, 3)
   (a single (32, 32, 3) image is accepted too);
-- encoded images (PNG, JPEG, BMP, GIF, WebP or TIFF) of any size, base64 strings: `{"inputs": ["<b64>", ...]}`,
-  `{"dataframe_split": {"columns": ["image"], "data": [["<b64>"], ...]}}` or
+- encoded images (PNG, JPEG, BMP, GIF, WebP or TIFF) of up to 16.8 megapixels, base64 strings:
+  `{"inputs": ["<b64>", ...]}`, `{"dataframe_split": {"columns": ["image"], "data": [["<b64>"], ...]}}` or
   `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs"). They are
   converted to 32x32 RGB by `pipeline.data.decode_image`, the function training images went through.
   Raw bytes work in process.
@@ -34,7 +34,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.augment import normalized_zero, tta_views
 from pipeline.config import SHIFT_FILLS, TTA_MODES
-from pipeline.data import CHANNELS, IMAGE_FORMATS, IMAGE_SIZE, DataError, decode_image
+from pipeline.data import CHANNELS, IMAGE_FORMATS, IMAGE_SIZE, PIL_FORMATS, DataError, decode_image
 
 KERAS_ARTIFACT = "keras_model"
 CLASSES_ARTIFACT = "class_names"
@@ -42,6 +42,8 @@ IMAGE_COLUMN = "image"
 PIXEL_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, CHANNELS)
 # A few hundred bytes of PNG can declare a canvas of billions of pixels: refuse those before decoding.
 MAX_ENCODED_PIXELS = 4096 * 4096
+# Said wherever the formats are (README, metadata, predict's help): a 24-megapixel camera JPEG is refused.
+SIZE_LIMIT = f"up to {MAX_ENCODED_PIXELS / 1e6:.1f} megapixels (4096x4096)"
 # Browsers hand out `data:image/png;base64,...`; accept the prefix rather than make every client strip it.
 DATA_URI_PREFIX = re.compile(r"^data:[\w/+.-]*;base64,")
 # `base64 cat.png` (GNU coreutils) and MIME encoders wrap lines at 76 characters: valid base64 all the same.
@@ -49,7 +51,7 @@ WHITESPACE = re.compile(r"\s+")
 
 INPUT_FORMATS = (
     'pixel tensors {"inputs": [[[[r, g, b], ...]]]}: integers 0-255, shape (n, 32, 32, 3); '
-    f'encoded {IMAGE_FORMATS} images of any size as base64 strings: {{"inputs": ["<b64>", ...]}}, '
+    f'encoded {IMAGE_FORMATS} images of {SIZE_LIMIT} as base64 strings: {{"inputs": ["<b64>", ...]}}, '
     f'or a dataframe_split / dataframe_records column named "{IMAGE_COLUMN}"; '
     "they are resized to 32x32 RGB (bilinear) as the training images were."
 )
@@ -145,7 +147,7 @@ def decode_one(raw: bytes, name: str) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(raw)) as img:  # reads the header only
+        with Image.open(io.BytesIO(raw), formats=PIL_FORMATS) as img:  # reads the header only
             width, height = img.size
     except Image.DecompressionBombError as exc:
         raise bad_input(f"{name}: image too large ({exc})") from None

@@ -817,6 +817,19 @@ def test_an_undecodable_image_is_said_to_be_none_of_the_formats_read():
     assert str(caught.value).startswith("train/cat/1.webp: not a decodable PNG, JPEG, BMP, GIF, WebP or TIFF image (")
 
 
+@pytest.mark.parametrize("fmt", ["PPM", "TGA", "ICO", "PCX", "EPS"])
+def test_decode_image_reads_only_the_formats_it_names(fmt):
+    """Pillow opens ~40 formats by their content: a .png holding PPM, TGA or ICO was read, one holding EPS handed
+    to Ghostscript (where installed), from data files and from anyone who can reach the model server."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(buf, format=fmt)
+    with pytest.raises(data.DataError, match=r"^cat.png: not a decodable PNG, .* image \(not one of those formats\)$"):
+        data.decode_image(buf.getvalue(), "cat.png")
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(buf, format="MPO")  # a camera's multi-picture JPEG is a JPEG
+    assert np.abs(data.decode_image(buf.getvalue()).astype(int) - (10, 20, 30)).max() <= 2  # lossy
+
+
 def test_decode_image_reads_16_bit_and_turns_photos_upright():
     buf = io.BytesIO()
     Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(buf, format="PNG")  # 16-bit mid-grey

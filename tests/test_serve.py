@@ -190,19 +190,30 @@ def test_encoded_images_decode_like_training_images():
     (pd.DataFrame(np.zeros((1, 3072))), "[0, 1, 2, 3, 4] and 3067 more;"),  # flattened pixels: not 3,072 names
     ([{"picture": np.array("x")}], "a column 'image'"),  # {"inputs": [{"picture": ...}]}
     ([{"image": np.array(b64(encode(random_pixels(1)[0])))}, {"img": np.array("y")}], "image 1: expected"),
+    # Pillow reads ~40 formats: PPM was answered, EPS went to Ghostscript where installed (anyone's request)
+    ([b64(encode(random_pixels(1)[0], "PPM"))], f"image 0: {UNDECODABLE} (not one of those formats)"),
+    ([b64(encode(random_pixels(1)[0], "EPS"))], f"image 0: {UNDECODABLE} (not one of those formats)"),
 ], ids=["invalid-base64", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
-        "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image"])
+        "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image",
+        "ppm", "eps"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
     assert problem in info.value.message
 
 
-def test_to_pixels_refuses_huge_canvas_before_decoding():
+def test_to_pixels_refuses_huge_canvas_before_decoding(capsys):
     buffer = io.BytesIO()
     Image.new("1", (5000, 4000)).save(buffer, "PNG")  # 1-bit: small to build, 20 Mpx declared
     with pytest.raises(MlflowException, match="too large"):
         serve.to_pixels([buffer.getvalue()])
+    # The limit is said where the formats are: "of any size" there, a 24-megapixel camera JPEG got a 400.
+    assert serve.SIZE_LIMIT == "up to 16.8 megapixels (4096x4096)" and serve.SIZE_LIMIT in serve.INPUT_FORMATS
+    serving = (ROOT / "README.md").read_text().split("## Serving", 1)[1].split("\n## ", 1)[0]
+    assert "any size" not in serving and serving.count("16.8 megapixels") == 2
+    with pytest.raises(SystemExit):
+        predict.main(["--help"])
+    assert "16.8 megapixels" in " ".join(capsys.readouterr().out.split())
 
 
 # --- the logged model -------------------------------------------------------------------------
