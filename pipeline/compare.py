@@ -5,6 +5,7 @@ Reads:  training runs (tag step = 'train') of every experiment, or of one, or na
         evaluate logged on each run's model (train runs carry the model's URI in tag `model_uri`).
 Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
         run: the params (and `train_code`) that differ between the runs, epochs, final and best `val_acc`,
+        `val_data` where the runs' validation images differ or one validated on the test split,
         `test_acc` on the dataset it trained on, `test_data` where the runs' test splits differ, wall time,
         images/s), `val_acc.png` (val_acc per epoch, one curve per run, the best LEGEND_RUNS named) and
         `compared_runs.txt` (the run ids, one a line; also tag `compared_runs` where they fit a tag); the Markdown
@@ -25,8 +26,10 @@ import pandas as pd
 
 from pipeline import config
 from pipeline.tracking import (
+    VAL_DATA_TAG,
     artifact_dir,
     cli,
+    json_digest,
     markdown_table,
     metric_history,
     model_score,
@@ -77,9 +80,36 @@ def trained_on(run: pd.Series) -> str:
     return tag if isinstance(tag, str) and tag else param.strip("'") if isinstance(param, str) else ""
 
 
+# val_data of a run validated on the test split (train.validation_fraction 0) starts so: its val_acc is a test score.
+ON_TEST = "test split "
+# val_data of a run from before VAL_DATA_TAG, not validated on the test split: a digest of what chose its images.
+FROM_PARAMS = "params:"
+
+
+def val_data(run: pd.Series, test_data: str | None) -> str | None:
+    """What a training run's val_acc was measured on: the first 12 hex digits of tag `val_data_sha256`, or of the
+    evaluated test split (`test_data`) of an older run validated on it, else FROM_PARAMS and a digest of the dataset
+    URI, train.validation_fraction and train.seed (which choose the held-out images); ON_TEST first for a run
+    validated on the test split. None if the run logged no train.validation_fraction."""
+    fraction, tag = run.get("params.train.validation_fraction"), run.get(f"tags.{VAL_DATA_TAG}")
+    try:
+        on_test = float(fraction) == 0
+    except (TypeError, ValueError):
+        return tag[:12] if isinstance(tag, str) and tag else None
+    if isinstance(tag, str) and tag:
+        digest = tag[:12]
+    elif on_test and test_data:  # the same digest a newer run tags: its validation images are that test split
+        digest = test_data[:12]
+    else:
+        chosen_by = [trained_on(run), "test" if on_test else fraction, run.get("params.train.seed")]
+        digest = FROM_PARAMS + json_digest(chosen_by)[:12]
+    return ON_TEST + digest if on_test else digest
+
+
 def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataFrame:
     """One row per run: name, run id, the differing params (without the `params.` prefix) and PROVENANCE_TAGS,
-    RESULT_COLUMNS (and `test_data` after test_acc where the test splits differ)."""
+    RESULT_COLUMNS (with `val_data` after best_val_acc where the validation images differ or a run validated on
+    the test split, and `test_data` after test_acc where the test splits differ)."""
     rows = []
     varying = differing_params(runs)
     provenance = [t for t in PROVENANCE_TAGS if f"tags.{t}" in runs and runs[f"tags.{t}"].dropna().nunique() > 1]
@@ -96,6 +126,7 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             "epochs": len(history),
             "val_acc": history.iloc[-1] if len(history) else math.nan,
             "best_val_acc": history.max() if len(history) else math.nan,
+            "val_data": val_data(run, test_data),
             "test_acc": metrics.get("test_acc", math.nan),
             "wall_s": wall,
             # The last epoch's throughput: the first one also pays for tracing and compilation.
@@ -103,6 +134,11 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             "test_data": test_data,
         })
     table = pd.DataFrame(rows)
+    sets = table["val_data"].dropna()
+    if sets.nunique() > 1 or sets.str.startswith(ON_TEST).any():  # val_accs of other images, or test scores
+        table.insert(table.columns.get_loc("best_val_acc") + 1, "val_data", table.pop("val_data"))
+    else:
+        table = table.drop(columns="val_data")
     if table["test_data"].dropna().nunique() > 1:  # test_acc on other test images (another copy, a subset) says so
         table.insert(table.columns.get_loc("test_acc") + 1, "test_data", table.pop("test_data").str[:12])
     else:
@@ -115,6 +151,24 @@ def test_data_note(table: pd.DataFrame) -> str:
     splits = table["test_data"].dropna().nunique() if "test_data" in table else 0
     return (f"test_acc was measured on {splits} different test splits (column test_data: the sha256 of the test split "
             "each test_acc was measured on): only rows with the same test_data compare.\n\n" if splits > 1 else "")
+
+
+def val_data_note(table: pd.DataFrame) -> str:
+    """Lines before the table where its val_acc values come from different validation images, or are test scores
+    (a run validated on the test split), else ''."""
+    sets = table["val_data"].dropna() if "val_data" in table else pd.Series(dtype=str)
+    on_test = int(sets.str.startswith(ON_TEST).sum())
+    older = (f"; `{FROM_PARAMS}` for a run from before that was recorded: a digest of its dataset, "
+             "train.validation_fraction and train.seed" if sets.str.contains(FROM_PARAMS).any() else "")
+    note = (f"val_acc and best_val_acc were measured on {sets.nunique()} different validation sets (column val_data: "
+            f"the sha256 of each run's validation images{older}): only rows with the same val_data compare.\n\n"
+            if sets.nunique() > 1 else "")
+    if on_test:
+        note += (f"The rows whose val_data starts `{ON_TEST.strip()}` ({on_test}) validated on the test split "
+                 "(train.validation_fraction 0): their val_acc is a test score, a run chosen by it is chosen on the "
+                 "test images, and its test_acc is then no unbiased estimate. Hold training images out "
+                 "(train.validation_fraction > 0) to choose.\n\n")
+    return note
 
 
 def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
@@ -194,7 +248,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     runs = steps.search_train_runs(experiment, run_ids).sort_values("start_time", kind="stable")
     histories = {run_id: val_acc_history(run_id) for run_id in runs["run_id"]}
     table = top_runs(build_table(runs, histories), metric, top)
-    markdown = test_data_note(table) + markdown_table(table)
+    markdown = val_data_note(table) + test_data_note(table) + markdown_table(table)
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
     with open_run("compare", experiment=experiment, run_name=name) as comparison:

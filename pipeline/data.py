@@ -87,13 +87,8 @@ class Dataset:
     def digest(self, *, test_only: bool = False) -> str:
         """sha256 over every array byte and the class names: one changed pixel changes it. test_only: of the
         test split alone (what test_acc is measured on: two models' scores compare only if it is equal)."""
-        h = hashlib.sha256()
         arrays = (self.x_test, self.y_test) if test_only else (self.x_train, self.y_train, self.x_test, self.y_test)
-        for array in arrays:
-            h.update(str(array.shape).encode())
-            h.update(np.ascontiguousarray(array).tobytes())
-        h.update("\n".join(self.class_names).encode())
-        return h.hexdigest()
+        return arrays_digest(arrays, self.class_names)
 
     def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel mean and std of the training pixels, in 0-255 units (float64).
@@ -249,6 +244,17 @@ def _check_arrays(d: Dataset, origin: str) -> None:
         if len(x) == 0:
             raise DataError(f"{origin}: the {split} split is empty")
         _check_label_range(y.min(), y.max(), len(d.class_names), f"{origin}: {split} labels")
+
+
+def arrays_digest(arrays, class_names) -> str:
+    """sha256 over the arrays' shapes and bytes, then the class names: `Dataset.digest`, and that of a training
+    run's validation images (`val_data_sha256`; on the test split it equals the test split's digest)."""
+    h = hashlib.sha256()
+    for array in arrays:
+        h.update(str(array.shape).encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    h.update("\n".join(class_names).encode())
+    return h.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:

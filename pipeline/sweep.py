@@ -30,7 +30,8 @@ Writes: one sweep parent run (tag step = 'sweep'; its id is kept in the study's 
         Once every trial has ended, one worker (exactly one: it creates the study's lock study
         `<study>.register`) registers the best finished trial (by its final val_acc, on training images
         held out: `train.validation_fraction` > 0 is required, so no trial is chosen on the test images
-        whose test_acc it reports; register's own rule then applies) and compares the finished trials.
+        whose test_acc it reports, and the same for every trial, so none is ranked on a share of other size;
+        register's own rule then applies) and compares the finished trials.
 The MLflow side of trials (creating, entering, failing and reading their runs) is `pipeline.tracking.trials`.
 """
 
@@ -88,6 +89,9 @@ SAMPLERS = {"grid": optuna.samplers.RandomSampler, "random": optuna.samplers.Ran
 PRUNERS = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
            "hyperband": optuna.pruners.HyperbandPruner}
 OBJECTIVE = "val_acc"  # what the study maximises: a trial's last, on held-out training images; the best is registered
+# Params that change which images a trial holds out besides train.validation_fraction (train.seed draws them, data.*
+# says which there are): trials differing in one are ranked by val_acc on different images, which a sweep warns of.
+HELD_OUT_KEYS = ("train.seed", "data.source", "data.max_train", "data.seed", "data.synthetic_train")
 HEARTBEAT_S = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS", "20"))  # a trial's worker proves it is alive this often
 # A trial whose heartbeat is older is marked FAILED and queued again. Generous: a busy host can starve the
 # heartbeat thread for a while (model compilation holds the interpreter), and a live worker must not be
@@ -272,6 +276,13 @@ class Plan:
                 "train.validation_fraction: a sweep chooses its best trial by val_acc, which must come from "
                 "training images held out: set it > 0 (the spec's overrides or its base; 0 validates on the test "
                 "split, and the best trial's test_acc would be chosen on the very images it is measured on)")
+        fractions = sorted({c.train.validation_fraction for c in self.configs})
+        if len(fractions) > 1:  # each trial scored on other images, and the one that trained on most favoured
+            raise config.ConfigError(
+                f"train.validation_fraction: a sweep ranks its trials by val_acc on the images they hold out, so it "
+                f"must be the same for every trial, got {', '.join(map(str, fractions))}: set it in the spec's "
+                "overrides or its base, not its search space")
+        self.held_out_varies = [k for k in HELD_OUT_KEYS if len({str(c.flat()[k]) for c in self.configs}) > 1]
         for cfg in {c.data.source: c for c in self.configs}.values():
             prepare.prepare_key(cfg)  # DataError for a data.source that names nothing
         self.rehearse()  # wrong sampler or pruner arguments fail here, before any run
@@ -796,6 +807,10 @@ def run(args: argparse.Namespace) -> int:
     if workers < 1:
         raise config.ConfigError(f"workers: must be >= 1, got {workers}")
     plan = Plan(args.spec, args.overrides)
+    if plan.held_out_varies and not args.join:  # once, not in every worker process
+        print(f"warning: the trials differ in {', '.join(plan.held_out_varies)}, and so do the held-out images "
+              "their val_acc is measured on: the best trial is chosen on different images (the comparison's "
+              "val_data column shows each trial's)", file=sys.stderr, flush=True)
     if not args.join and any(c.data.source == "cifar10" for c in plan.configs):
         data.fetch_cifar10()  # found (verified) or downloaded once, before any run: offline, one line here, not
         #                       every trial failing on the download in turn

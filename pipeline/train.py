@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import config, fitting, prepare
-from pipeline.data import Dataset
+from pipeline.data import Dataset, arrays_digest
 from pipeline.distribute import Distribution, distribution
 from pipeline.fitting import (
     Checkpoint,
@@ -43,7 +43,16 @@ from pipeline.fitting import (
     training_part,
 )
 from pipeline.inputs import check_inputs, resolve_inputs
-from pipeline.tracking import StepFailed, artifact_dir, checkpoint_root, cli, json_digest, set_tags, step_run
+from pipeline.tracking import (
+    VAL_DATA_TAG,
+    StepFailed,
+    artifact_dir,
+    checkpoint_root,
+    cli,
+    json_digest,
+    set_tags,
+    step_run,
+)
 from pipeline.tracking.resume import TRAIN_CODE, checkpoint_dir, release, train_code
 from pipeline.tracking.training import (
     MlflowEpochLogger,
@@ -96,6 +105,8 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
         "cpu_allocator": cpu_allocator(),
         "distribute": dist.mode, "workers": str(dist.workers),
         "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
+        # what val_acc is measured on: compare tells runs validated on other images (or on the test split) apart
+        VAL_DATA_TAG: arrays_digest(splits[2:], dataset.class_names),
         **({"cpu_fast_path_probe": json.dumps(fitting.PROBED)} if fitting.PROBED else {})})
     print(f"training {model.name} ({model.count_params():,} params) on {train_images} images, "
           f"backend {keras.backend.backend()}, {dist.mode} over {dist.workers} host(s), devices {dist.devices}")

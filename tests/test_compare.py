@@ -254,6 +254,42 @@ def test_test_accs_measured_on_different_test_splits_are_marked(monkeypatch):
     assert "test_data" not in table and compare.test_data_note(table) == ""
 
 
+def test_val_accs_measured_on_other_images_or_on_the_test_split_are_marked(monkeypatch):
+    """compare ranked val_acc across runs validated on other images, one of them on the test split itself
+    (train.validation_fraction 0: its val_acc a test score, ranked first), and nothing in the table said so."""
+    import pandas as pd
+
+    from pipeline import compare
+    from pipeline.tracking import json_digest
+
+    evaluated = {"models:/m-e": "3" * 64}  # an older run validated on the test split, evaluated on it
+    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: ({}, evaluated.get(uri)))
+    runs = pd.DataFrame({"run_id": list("abcde"), "tags.mlflow.runName": list("abcde"),
+                         "params.train.validation_fraction": ["0.0", "0.1", "0.1", "0.1", "0.0"],
+                         "params.train.seed": "0", "params.dataset_uri": "'runs:/p/dataset/dataset.npz'",
+                         "tags.val_data_sha256": ["1" * 64, "2" * 64, "2" * 64, None, None],  # None: older runs
+                         "tags.model_uri": [f"models:/m-{r}" for r in "abcde"],
+                         "start_time": pd.NaT, "end_time": pd.NaT})
+    histories = {r: pd.Series({1: 0.5}) for r in "abcde"}
+    table = compare.build_table(runs, histories)
+    older = "params:" + json_digest(["runs:/p/dataset/dataset.npz", "0.1", "0"])[:12]
+    assert table["val_data"].tolist() == ["test split 111111111111", "222222222222", "222222222222", older,
+                                          "test split 333333333333"]
+    assert list(table.columns).index("val_data") == list(table.columns).index("best_val_acc") + 1
+    note = compare.val_data_note(table)
+    assert note.startswith("val_acc and best_val_acc were measured on 4 different validation sets")
+    assert "`params:` for a run from before that was recorded" in note
+    assert "The rows whose val_data starts `test split` (2) validated on the test split" in note
+
+    same = compare.build_table(runs.iloc[1:3], histories)  # the same held-out images: no column, no note
+    assert "val_data" not in same and compare.val_data_note(same) == ""
+    alone = compare.build_table(runs.iloc[:1], histories)  # one run, but on the test split: still said
+    assert alone["val_data"].tolist() == ["test split 111111111111"]
+    assert compare.val_data_note(alone).startswith("The rows whose val_data starts `test split` (1) validated on the "
+                                                   "test split (train.validation_fraction 0): their val_acc is a test "
+                                                   "score")
+
+
 def test_runs_with_equal_scores_are_listed_oldest_first(store):
     """A sweep registers the first of its trials with equal val_acc (held-out splits of a few hundred images make
     ties common), but its comparison listed the newest of them on top, as if it had won."""

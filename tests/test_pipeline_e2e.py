@@ -81,6 +81,8 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store):
     report = json.loads(mlflow.artifacts.load_text(f"runs:/{evaluation.info.run_id}/metrics.json"))
     assert report["test_images"] == 256 and report["test_acc"] == pytest.approx(metrics["test_acc"])
     assert metrics["test_images"] == parent.data.metrics["test_images"] == 256  # in the UI, beside test_acc
+    # tiny validates on the test split (train.validation_fraction 0): the train run's val_data is the test split
+    assert train.data.tags["val_data_sha256"] == evaluation.data.tags["test_data_sha256"]
 
     champion = client.get_model_version_by_alias("cifar10-resnet", "champion")
     assert str(champion.version) == "1"

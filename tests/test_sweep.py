@@ -190,9 +190,16 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
     ("space:\n  train.batch_size: {min: 16, max: 64.5}\ntrials: 2\n",
      "spec.space.train.batch_size: must be an integer, got '64.5'"),
     ("grid: {train.lrr: [0.1]}\n", "spec.grid.train.lrr: unknown params key; did you mean train.lr?"),
+    # each trial would be ranked by val_acc on other images, the one that trained on most favoured
+    ("grid: {train.validation_fraction: [0.1, 0.2]}\n", "train.validation_fraction: a sweep ranks its trials by "
+     "val_acc on the images they hold out, so it must be the same for every trial, got 0.1, 0.2: set it in the "
+     "spec's overrides or its base, not its search space"),
+    ("space:\n  train.validation_fraction: {min: 0.05, max: 0.3}\ntrials: 2\n", "train.validation_fraction: a sweep "
+     "ranks its trials by val_acc on the images they hold out, so it must be the same for every trial, got 0.05, "
+     "0.3: set it in the spec's overrides or its base, not its search space"),
 ], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
         "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
-        "float-end-of-an-int-range", "unknown-key"])
+        "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
     has_base = body.startswith("base:")
@@ -200,6 +207,23 @@ def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     with pytest.raises(config.ConfigError) as raised:
         sweep.Plan(str(spec))
     assert str(raised.value) == message
+
+
+def test_trials_validated_on_different_held_out_images_are_warned_of(store, tmp_path, in_process, monkeypatch):
+    """train.seed also draws the images a trial holds out: a sweep over it chose its best trial by val_acc on
+    different images each, unsaid."""
+    spec = write_spec(tmp_path, "sweep-seeds", "grid:\n  train.seed: [0, 1]\n")
+    assert sweep.Plan(write_spec(tmp_path, "sweep-lrs", GRID)).held_out_varies == []
+
+    def stop(url):
+        raise config.ConfigError("storage: stopped here")
+
+    monkeypatch.setattr(sweep, "open_storage", stop)  # after the checks, before any trial
+    done = in_process("sweep", "--spec", spec)
+    assert done.stderr.strip().splitlines() == [
+        "warning: the trials differ in train.seed, and so do the held-out images their val_acc is measured on: the "
+        "best trial is chosen on different images (the comparison's val_data column shows each trial's)",
+        "error: storage: stopped here"]
 
 
 @pytest.mark.parametrize(("body", "rehearsed"), [

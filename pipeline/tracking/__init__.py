@@ -539,6 +539,9 @@ def metric_history(run_id: str, key: str) -> pd.Series:
 # Tag on a logged model, its evaluate run and its registered versions: the sha256 of the test split its test_acc
 # was measured on. Scores compare only between equal digests.
 TEST_DATA_TAG = "test_data_sha256"
+# Tag on a training run: the sha256 of the images its val_acc was measured on (`data.arrays_digest`; with
+# train.validation_fraction 0 the test split's, equal to its TEST_DATA_TAG). val_accs compare only between equal ones.
+VAL_DATA_TAG = "val_data_sha256"
 
 
 def model_id(model_uri: str | None) -> str | None:
