@@ -25,8 +25,10 @@ Writes: one sweep parent run (tag step = 'sweep'; its id is kept in the study's 
         train and evaluate runs. After every epoch the trial reports val_acc to Optuna; a trial the
         pruner stops ends KILLED with tag `pruned_at_epoch` (its curve stays on its train run). A
         trial that raises or diverges ends FAILED with tag `failure_reason`; the sweep goes on.
-        A worker that dies stops its trial's heartbeat: another worker (or the rerun command)
-        marks that trial FAILED, its runs FAILED, and queues it again (at most MAX_RETRY times).
+        A trial stopped by Ctrl-C or SIGTERM ends KILLED (tag `interrupted_by`) and is queued again at
+        once, to run afresh when the sweep goes on. A worker that dies stops its trial's heartbeat:
+        another worker (or the rerun command) marks that trial FAILED, its runs FAILED, and queues it
+        again (at most MAX_RETRY times).
         Once every trial has ended, one worker (exactly one: it creates the study's lock study
         `<study>.register`) registers the best finished trial (by its final val_acc, on training images
         held out: `train.validation_fraction` > 0 is required, so no trial is chosen on the test images
@@ -266,6 +268,13 @@ class Plan:
                                          f"space, got {trials!r}")
             ends = {k: v if isinstance(v, list) else [self.space[k].low, self.space[k].high] for k, v in raw.items()}
             checked = [dict(zip(ends, combo, strict=True)) for combo in itertools.product(*ends.values())]
+            sizes = [len(d.choices) if isinstance(d, optuna.distributions.CategoricalDistribution)
+                     else d.high - d.low + 1 if isinstance(d, optuna.distributions.IntDistribution) else math.inf
+                     for d in self.space.values()]
+            if trials > math.prod(sizes):  # the samplers would draw the same params again (and leave others out)
+                raise config.ConfigError(f"spec.trials: {trials} trials over the {math.prod(sizes)} combinations of "
+                                         f"spec.{space_key(self.spec)} would run some twice; give trials <= "
+                                         f"{math.prod(sizes)}, or a grid: to run each once")
         self.trials = trials
         self.configs = [self.load(values, f"trial {i}" if self.grid else "space")
                         for i, values in enumerate(checked)]
@@ -448,7 +457,10 @@ def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None
     """A worker stopped (killed, host lost) mid-trial; Optuna has marked its trial FAILED. Fail the
     trial's MLflow run and the runs still open under it, then queue the trial again."""
     run_id = trial.user_attrs.get("mlflow_run_id")
-    reason = f"worker stopped: no heartbeat for over {GRACE_S} s; trial {trial.number} queued again"
+    tries = [*trial.system_attrs.get("retry_history", []), trial.number]  # what the retry callback counts
+    then = f"trial {trial.number} queued again" if len(tries) <= MAX_RETRY else \
+        f"not queued again: the worker of each of trials {', '.join(map(str, tries))} (its tries) stopped"
+    reason = f"worker stopped: no heartbeat for over {GRACE_S} s; {then}"
     if run_id and trials.run_status(run_id) == "RUNNING":  # an interrupted trial's runs ended KILLED: kept so
         trials.fail_trial_runs(run_id, reason)
     print(f"trial {trial.number}: {reason}", file=sys.stderr)
@@ -480,7 +492,25 @@ def join_study(plan: Plan, storage: optuna.storages.RDBStorage, name: str) -> tu
                                      f"pass another -P study=")
         time.sleep(0.5)
     check_fingerprint(plan, study)
+    check_parent_run(study)
     return study, False
+
+
+def check_parent_run(study: optuna.Study) -> None:
+    """ConfigError unless the study's sweep run is in this command's tracking store, and not deleted: a command
+    tracking elsewhere (a host without the team's MLFLOW_TRACKING_URI) ran the study's trials into its own store,
+    then failed to register them, and left the study unable to register anywhere."""
+    parent_id, name = study.user_attrs["mlflow_parent_run_id"], study.study_name
+    stage = trials.run_stage(parent_id)
+    if stage is None:
+        raise config.ConfigError(
+            f"study: {name} tracks its runs in {safe_url(study.user_attrs.get('mlflow_tracking_uri', '?'))}, whose "
+            f"sweep run {parent_id} is not in this command's tracking store {safe_url(tracking_uri())}; set "
+            f"MLFLOW_TRACKING_URI to the study's, or pass another -P study= for a new sweep")
+    if stage == "deleted":
+        raise config.ConfigError(
+            f"study: {name}'s sweep run {parent_id} is deleted; restore it (mlflow runs restore --run-id "
+            f"{parent_id}) to go on with the study, or pass another -P study= for a new sweep")
 
 
 def check_fingerprint(plan: Plan, study: optuna.Study) -> None:
@@ -609,7 +639,7 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
 
     COMPLETE (value: the last val_acc) -> FINISHED; pruned -> PRUNED and KILLED with `pruned_at_epoch`;
     anything raised (diverged included) -> FAIL and FAILED with `failure_reason`; SIGTERM/SIGINT -> KILLED
-    with `interrupted_by` and raised on (Optuna's trial stays RUNNING: once stale, it is queued again).
+    with `interrupted_by` and raised on (Optuna's trial stays RUNNING: `work` queues it again).
     """
     import keras
 
@@ -632,7 +662,7 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
         state, status = TrialState.PRUNED, "KILLED"
         set_tags({"mlflow.note.content": f"**Pruned** by the {plan.pruner_name} pruner: {exc}"})
         print(f"trial {trial.number} pruned: {exc}", flush=True)
-    except (Interrupted, KeyboardInterrupt) as exc:  # the trial stays RUNNING in the study: a rerun queues it again
+    except (Interrupted, KeyboardInterrupt) as exc:  # the trial stays RUNNING in the study: `work` queues it again
         status = "KILLED"
         set_tags({"interrupted_by": signal.Signals(getattr(exc, "signum", signal.SIGINT)).name})
         raise
@@ -671,18 +701,38 @@ def work(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage) -
         claimed = claim(study, storage, plan)
         if claimed is not None:
             with heartbeat(storage, claimed[1]):
-                run_trial(plan, study, claimed[0], parent_id, experiment_id)
+                try:
+                    run_trial(plan, study, claimed[0], parent_id, experiment_id)
+                except (Interrupted, KeyboardInterrupt):
+                    requeue_interrupted(study, storage, claimed[1])
+                    raise
         elif unfinished(study):
             running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-            if running - waiting_for:  # say why this worker idles: a rerun after Ctrl-C waits up to GRACE_S here
+            if running - waiting_for:  # say why this worker idles: a rerun after a kill waits up to GRACE_S here
                 print(f"waiting for trial(s) {', '.join(map(str, sorted(running)))}: running in another worker, or "
-                      f"stopped (a killed or interrupted worker's trial is queued again {GRACE_S} s after its last "
-                      f"heartbeat)", flush=True)
+                      f"stopped (a killed worker's trial is queued again {GRACE_S} s after its last heartbeat)",
+                      flush=True)
             waiting_for = running
             time.sleep(POLL_S)
         else:
             break
     finish(plan, study, storage)
+
+
+def requeue_interrupted(study: optuna.Study, storage: optuna.storages.RDBStorage, trial_id: int) -> None:
+    """End a trial stopped by Ctrl-C or SIGTERM FAIL and queue a copy (its params, its retry history as it was) at
+    once: a rerun starts it without waiting GRACE_S for its heartbeat to go stale, and a stop asked for uses none
+    of the MAX_RETRY retries meant for dying workers (a trial interrupted three times was lost)."""
+    frozen = storage.get_trial(trial_id)
+    try:
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return
+    except optuna.exceptions.UpdateFinishedTrialError:  # taken for dead, and queued again, already
+        return
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=frozen.params,
+                                              distributions=frozen.distributions, system_attrs=frozen.system_attrs))
+    print(f"trial {frozen.number}: interrupted; queued again, to run afresh when the sweep goes on", file=sys.stderr,
+          flush=True)
 
 
 def finish(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage) -> dict | None:
@@ -792,6 +842,24 @@ def adopt_own_run(study: optuna.Study) -> None:
                                   "mlflow.runName": f"sweep-worker {worker_name()}"})
 
 
+STOP_S = 10  # how long the workers of an interrupted command have to stop on a Ctrl-C that reached them too
+
+
+def stop_workers(procs: list[subprocess.Popen], signum: int | None) -> None:
+    """Stop the worker processes of a command stopped by signal `signum` (None: by an error) and wait for them.
+    A Ctrl-C in a terminal reaches them too: they have STOP_S to end on it (a second signal while Python still
+    holds the first prints a traceback), then those still running get `signum` (SIGTERM after an error)."""
+    deadline = time.monotonic() + (STOP_S if signum else 0)
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signum or signal.SIGTERM)
+    for p in procs:
+        p.wait()
+
+
 def worker_command(args: argparse.Namespace, storage: str, study: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.sweep", "--spec", args.spec, "--overrides", args.overrides or "",
             "--storage", storage, "--study", study, "--workers", "1", "--join"]
@@ -876,9 +944,21 @@ def run(args: argparse.Namespace) -> int:
             work(plan, study, storage)
         else:
             env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-            procs = [subprocess.Popen(worker_command(args, storage_url, name), env=env, cwd=config.PROJECT_ROOT)
-                     for _ in range(workers)]
-            codes = [p.wait() for p in procs]
+            # The workers run in this command's folder, so that relative paths (the spec, its base, a data.source)
+            # name the same files as here (from the project root a spec beside the user was "file not found"),
+            # importing this project's pipeline wherever that folder is.
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(config.PROJECT_ROOT), env.get("PYTHONPATH")]))
+            procs: list[subprocess.Popen] = []
+            try:
+                for _ in range(workers):
+                    procs.append(subprocess.Popen(worker_command(args, storage_url, name), env=env))
+                codes = [p.wait() for p in procs]
+            except BaseException as exc:  # SIGTERM to this process alone (kill, timeout), Ctrl-C: stop the workers
+                #                               too, or they go on with the sweep, and register its best, after it
+                #                               said it stopped
+                stop_workers(procs, getattr(exc, "signum", signal.SIGINT)
+                             if isinstance(exc, (Interrupted, KeyboardInterrupt)) else None)
+                raise
             if any(codes):  # one killed (out of memory, say): the others retry its trial and finish the study
                 if not registered(storage, name):
                     raise StepFailed(f"sweep workers exited with {codes} before study {name} was done; rerun the "

@@ -3,11 +3,13 @@ and specs refused before any run opens."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -197,9 +199,17 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
     ("space:\n  train.validation_fraction: {min: 0.05, max: 0.3}\ntrials: 2\n", "train.validation_fraction: a sweep "
      "ranks its trials by val_acc on the images they hold out, so it must be the same for every trial, got 0.05, "
      "0.3: set it in the spec's overrides or its base, not its search space"),
+    # TPE ran (0.1, 1) once, (0.1, 2) four times, (0.05, 2) never
+    ("space:\n  train.lr: [0.05, 0.1]\n  model.units_per_stage: [1, 2]\nsampler: tpe\ntrials: 8\nseed: 0\n",
+     "spec.trials: 8 trials over the 4 combinations of spec.space would run some twice; give trials <= 4, or a grid: "
+     "to run each once"),
+    ("space:\n  train.epochs: {min: 1, max: 2}\n  train.lr: [0.1]\ntrials: 3\n",
+     "spec.trials: 3 trials over the 2 combinations of spec.space would run some twice; give trials <= 2, or a grid: "
+     "to run each once"),
 ], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
         "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
-        "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range"])
+        "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range",
+        "more-trials-than-choices", "more-trials-than-integers"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
     has_base = body.startswith("base:")
@@ -328,6 +338,37 @@ def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, m
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # stale once its heartbeat stops: queued again
 
 
+def test_an_interrupted_trial_is_queued_again_at_once_however_often(store, tmp_path, monkeypatch):
+    """A Ctrl-C'd trial stayed RUNNING: the rerun idled 120 s until its heartbeat went stale, and each Ctrl-C used
+    one of the MAX_RETRY retries meant for dying workers, so the third one lost the trial from the sweep."""
+    spec = write_spec(tmp_path, "sweep-ctrl-c", "space:\n  train.lr: {min: 0.01, max: 0.3}\ntrials: 1\n"
+                      "sampler: random\nseed: 0\n")
+    plan = sweep.Plan(spec)
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(storage=storage, study_name="ctrl-c", direction="maximize")
+    sweep.lead(plan, study, client.create_run(experiment_id).info.run_id, experiment_id)
+
+    def interrupted(cfg, trial):
+        raise Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", interrupted)
+    for _ in range(sweep.MAX_RETRY + 1):
+        with pytest.raises(Interrupted):
+            sweep.work(plan, study, storage)
+        assert study.trials[-1].state.name == "WAITING"  # not left RUNNING, for a rerun to wait out
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL"] * (sweep.MAX_RETRY + 1) + ["WAITING"]
+    assert len({t.params["train.lr"] for t in study.trials}) == 1  # the same draw, to run afresh
+    assert all(client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "KILLED" for t in study.trials[:-1])
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", lambda cfg, trial: 0.5)
+    monkeypatch.setattr(sweep, "finish", lambda *args: None)
+    sweep.work(plan, study, storage)  # at once: no trial left RUNNING to wait out
+    assert [t.state.name for t in study.trials][-1] == "COMPLETE"
+
+
 def test_a_done_study_of_another_spec_is_refused(store, tmp_path, in_process):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     other = optuna.create_study(storage=storage, study_name="taken", direction="maximize")
@@ -338,6 +379,37 @@ def test_a_done_study_of_another_spec_is_refused(store, tmp_path, in_process):
     assert done.stderr.strip().splitlines() == [
         "error: study: taken was started from another spec or other overrides; pass another -P study= for this one"]
     assert "is done" not in done.stdout
+
+
+def test_a_study_whose_sweep_run_is_not_in_this_store_or_deleted_is_refused_before_any_trial(store, tmp_path,
+                                                                                             in_process):
+    """A host without the team's MLFLOW_TRACKING_URI joined the study: it ran its trials into its own store (under a
+    sweep run that store lacks), marked them COMPLETE, then died in a traceback registering them. A sweep run deleted
+    in the UI: the trials ran, then the traceback."""
+    spec = write_spec(tmp_path, "sweep-elsewhere", GRID)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    deleted = client.create_run(experiment_id).info.run_id
+    client.delete_run(deleted)
+    for name, parent in (("elsewhere", "0" * 32), ("deleted", deleted)):
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+        sweep.lead(sweep.Plan(spec), study, parent, experiment_id)
+        study.set_user_attr("mlflow_tracking_uri", "http://mlflow:secret@team-host:5000")
+    done = in_process("sweep", "--spec", spec, "--study", "elsewhere", "--storage", storage)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"error: study: elsewhere tracks its runs in http://mlflow:***@team-host:5000, whose sweep run {'0' * 32} is "
+        f"not in this command's tracking store sqlite:///{tmp_path / 'mlflow.db'}; set MLFLOW_TRACKING_URI to the "
+        f"study's, or pass another -P study= for a new sweep"]
+    done = in_process("sweep", "--spec", spec, "--study", "deleted", "--storage", storage)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"error: study: deleted's sweep run {deleted} is deleted; restore it (mlflow runs restore --run-id {deleted}) "
+        f"to go on with the study, or pass another -P study= for a new sweep"]
+    for name in ("elsewhere", "deleted"):
+        assert {t.state.name for t in optuna.load_study(study_name=name, storage=storage).trials} == {"WAITING"}
+    assert [r.info.run_id for r in client.search_runs([experiment_id], run_view_type=3)] == [deleted]
 
 
 def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_1(store, tmp_path, in_process):
@@ -415,6 +487,28 @@ def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_stud
     assert parent.data.tags["best_trial"] == "1" and len(client.search_model_versions("name = 'cifar10-resnet'")) == 1
 
 
+def test_a_trial_whose_worker_stopped_too_often_is_not_said_to_be_queued_again(tmp_path, monkeypatch, capsys):
+    """The third stale try of a trial printed "trial 2 queued again" while nothing was queued: the sweep finished
+    without that trial."""
+    monkeypatch.setattr(sweep, "GRACE_S", 1)
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(storage=storage, study_name="stale", direction="maximize")
+    study.enqueue_trial({})
+    lines = []
+    while waiting := study.get_trials(states=(optuna.trial.TrialState.WAITING,)):  # a worker claims it, then dies
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, waiting[0].number)
+        storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.RUNNING)
+        storage.record_heartbeat(trial_id)
+        time.sleep(2.5)  # past the grace period, whole seconds in the storage
+        optuna.storages.fail_stale_trials(study)
+        lines += capsys.readouterr().err.splitlines()
+    assert [t.state.name for t in study.trials] == ["FAIL"] * (sweep.MAX_RETRY + 1)
+    assert lines == ["trial 0: worker stopped: no heartbeat for over 1 s; trial 0 queued again",
+                     "trial 1: worker stopped: no heartbeat for over 1 s; trial 1 queued again",
+                     "trial 2: worker stopped: no heartbeat for over 1 s; not queued again: the worker of each of "
+                     "trials 0, 1, 2 (its tries) stopped"]
+
+
 def test_a_killed_worker_of_several_is_a_warning_once_the_others_finish_the_study(store, tmp_path, in_process,
                                                                                  monkeypatch):
     """`--workers 2` with one worker killed (out of memory, say) while the other retried its trial and registered the
@@ -446,6 +540,52 @@ def test_a_killed_worker_of_several_is_a_warning_once_the_others_finish_the_stud
     assert done.returncode == 3, done.stderr[-3000:]
     assert done.stderr.strip().splitlines() == ["error: sweep workers exited with [-9, -9] before study all-killed "
                                                 "was done; rerun the same command to go on with it"]
+
+
+def test_a_sweep_of_several_workers_stopped_by_sigterm_stops_its_workers(store, tmp_path):
+    """`kill` (or `timeout`) sent SIGTERM to the command alone: it said "interrupted", exited 143, and its worker
+    processes went on with every trial and registered the best as @champion."""
+    spec = write_spec(tmp_path, "sweep-stopped", "grid:\n  train.lr: [0.05, 0.1]\n")
+    cmd = [sys.executable, "-m", "pipeline.sweep", "--spec", spec, "--study", "stopped", "--workers", "2"]
+    log = tmp_path / "stderr.txt"  # not a pipe: the workers hold it open as long as they live
+    with log.open("w") as stderr:
+        command = subprocess.Popen(cmd, env=store, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+    client = MlflowClient()
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and command.poll() is None:  # both workers are in their trials
+            children = [int(p) for p in Path(f"/proc/{command.pid}/task/{command.pid}/children").read_text().split()]
+            trials = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.step = 'trial'")
+            if len(children) == 2 and len(trials) == 2:
+                break
+            time.sleep(0.5)
+        assert command.poll() is None and len(children) == 2, "the sweep ended before it could be stopped"
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(timeout=120) == 128 + signal.SIGTERM
+        assert "error: interrupted by SIGTERM" in log.read_text()
+        alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
+                 and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+        assert alive == [], "worker processes outlived the stopped sweep"
+    finally:
+        for pid in children:  # without the fix: the orphans, stopped here
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    assert not client.search_model_versions("name = 'cifar10-resnet'")
+
+
+def test_the_workers_of_a_sweep_read_its_relative_spec_path_as_the_command_does(store, tmp_path, in_process,
+                                                                                monkeypatch):
+    """Run from another folder than the project's, `--spec my-sweep.yaml --workers 2` started its study, then each
+    worker (run from the project root) said "spec: file not found", and the command told to rerun it as it was."""
+    write_spec(tmp_path, "sweep-here", "grid:\n  train.lr: [0.1]\n")
+    monkeypatch.chdir(tmp_path)
+    done = in_process("sweep", "--spec", "sweep-here.yaml", "--study", "here", "--workers", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    parent, trials, _ = sweep_runs(MlflowClient(), "here")
+    assert parent.data.tags["registered_version"] == "1" and [r.info.status for r in trials.values()] == ["FINISHED"]
 
 
 def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(store, tmp_path, in_process):

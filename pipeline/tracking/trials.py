@@ -3,7 +3,7 @@
 A trial's run is created as a child of the sweep run (`create_trial_run`) and entered in the worker
 that claimed the trial (`enter_run`, `end_run`). `fail_trial_runs` ends a dead worker's trial run and
 the runs still open under it FAILED; `end_pruned_train` ends a pruned train run KILLED. `run_tags`,
-`run_status` and `final_metric` read a run back; `parent_run` re-enters the sweep run where another
+`run_status`, `run_stage` and `final_metric` read a run back; `parent_run` re-enters the sweep run where another
 worker opened it; `adopt_wrapper_run` makes the run `mlflow run` opened for a joining command a
 child of the sweep run.
 """
@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
+from mlflow.exceptions import MlflowException
 
 
 def create_trial_run(experiment_id: str, parent_id: str, run_name: str, tags: dict[str, str]) -> str:
@@ -72,6 +73,16 @@ def run_tags(run_id: str) -> dict[str, str]:
 
 def run_status(run_id: str) -> str:
     return MlflowClient().get_run(run_id).info.status
+
+
+def run_stage(run_id: str) -> str | None:
+    """The run's lifecycle stage (active, deleted), or None where this tracking store has no such run."""
+    try:
+        return MlflowClient().get_run(run_id).info.lifecycle_stage
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
 def final_metric(run_id: str, key: str) -> float:
