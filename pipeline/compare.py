@@ -6,8 +6,9 @@ Reads:  training runs (tag step = 'train') of every experiment, or of one, or na
 Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
         run: the params (and `train_code`) that differ between the runs, epochs, final and best `val_acc`,
         `val_data` where the runs' validation images differ or one validated on the test split,
-        `test_acc` on the dataset it trained on, `test_data` where the runs' test splits differ, wall time,
-        images/s), `val_acc.png` (val_acc per epoch, one curve per run, the best LEGEND_RUNS named) and
+        `test_acc` on the dataset it trained on, `test_data` where the runs' test splits differ,
+        `test_images_in_train` where a test_acc counts images its model trained on, wall time, images/s),
+        `val_acc.png` (val_acc per epoch, one curve per run, the best LEGEND_RUNS named) and
         `compared_runs.txt` (the run ids, one a line; also tag `compared_runs` where they fit a tag); the Markdown
         table is also the run's description (the rows that fit MLflow's 8,000-character tag, then how many more
         runs.md holds) and is printed.
@@ -109,7 +110,8 @@ def val_data(run: pd.Series, test_data: str | None) -> str | None:
 def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataFrame:
     """One row per run: name, run id, the differing params (without the `params.` prefix) and PROVENANCE_TAGS,
     RESULT_COLUMNS (with `val_data` after best_val_acc where the validation images differ or a run validated on
-    the test split, and `test_data` after test_acc where the test splits differ)."""
+    the test split, `test_data` after test_acc where the test splits differ, `test_images_in_train` where a
+    test_acc counts images its model was trained on)."""
     rows = []
     varying = differing_params(runs)
     provenance = [t for t in PROVENANCE_TAGS if f"tags.{t}" in runs and runs[f"tags.{t}"].dropna().nunique() > 1]
@@ -132,6 +134,7 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             # The last epoch's throughput: the first one also pays for tracing and compilation.
             "images_per_s": run.get("metrics.images_per_second", math.nan),
             "test_data": test_data,
+            "test_images_in_train": metrics.get("test_images_in_train", math.nan),
         })
     table = pd.DataFrame(rows)
     sets = table["val_data"].dropna()
@@ -139,6 +142,9 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
         table.insert(table.columns.get_loc("best_val_acc") + 1, "val_data", table.pop("val_data"))
     else:
         table = table.drop(columns="val_data")
+    in_train = table.pop("test_images_in_train")
+    if (in_train > 0).any():  # a test_acc partly on training images overstates: shown beside it
+        table.insert(table.columns.get_loc("test_acc") + 1, "test_images_in_train", in_train.astype("Int64"))
     if table["test_data"].dropna().nunique() > 1:  # test_acc on other test images (another copy, a subset) says so
         table.insert(table.columns.get_loc("test_acc") + 1, "test_data", table.pop("test_data").str[:12])
     else:
@@ -147,10 +153,17 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
 
 
 def test_data_note(table: pd.DataFrame) -> str:
-    """A line before the table where its test_acc values come from different test splits, else ''."""
+    """A line before the table where its test_acc values come from different test splits, one where some count
+    test images their model was trained on; else ''."""
     splits = table["test_data"].dropna().nunique() if "test_data" in table else 0
-    return (f"test_acc was measured on {splits} different test splits (column test_data: the sha256 of the test split "
+    note = (f"test_acc was measured on {splits} different test splits (column test_data: the sha256 of the test split "
             "each test_acc was measured on): only rows with the same test_data compare.\n\n" if splits > 1 else "")
+    leaked = int((table["test_images_in_train"] > 0).sum()) if "test_images_in_train" in table else 0
+    if leaked:
+        note += (f"The test_acc of {leaked} run{'s' * (leaked > 1)} counts test images the model was trained on "
+                 "(column test_images_in_train: the same pixels): it overstates, and register moves no alias on "
+                 "it.\n\n")
+    return note
 
 
 def val_data_note(table: pd.DataFrame) -> str:

@@ -2,9 +2,10 @@
 
 Reads:  a model URI (from train) and a prepared dataset URI (from prepare).
 Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`, `test_images` (how many it
-        scored), `test_acc_<class>` on this run and on the logged model; artifacts `metrics.json`,
-        `confusion_matrix.csv`, `confusion_matrix.png`, `predictions.png` (sample test images with
-        predicted and true labels, the seed's prediction demo).
+        scored), `test_images_in_train` (how many of those the model was trained on, pixel for pixel: register
+        moves no alias on a score that counts any), `test_acc_<class>` on this run and on the logged model;
+        artifacts `metrics.json`, `confusion_matrix.csv`, `confusion_matrix.png`, `predictions.png` (sample test
+        images with predicted and true labels, the seed's prediction demo).
 Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`.
 """
 
@@ -19,7 +20,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from pipeline import config, prepare
+from pipeline import config, data, prepare
 from pipeline.data import Dataset
 from pipeline.tracking import artifact_dir, cli, step_run, steps
 
@@ -74,6 +75,22 @@ def plot_samples(dataset: Dataset, probs: np.ndarray, n: int, path: Path) -> Non
     plt.close(fig)
 
 
+def test_images_in_train(model_uri: str, dataset_uri: str, dataset: Dataset) -> int:
+    """How many of `dataset`'s test images the model was trained on: the training split (held-out validation
+    images included: train.validation_fraction takes them from it) of the dataset its training run names, which
+    may be another than the one scored (a model trained on a copy with test images in train/, scored on the
+    cleaned copy, scores them as unseen); the scored dataset's own where the run names none or it is gone."""
+    trained_on = steps.training_dataset_uri(model_uri)
+    x_train = dataset.x_train
+    if trained_on and trained_on != dataset_uri:
+        try:
+            x_train = prepare.load_dataset(trained_on).x_train
+        except data.DataError as exc:
+            print(f"note: cannot read the dataset {model_uri} was trained on ({exc}): test images are looked for "
+                  f"in the training split of {dataset_uri}", file=sys.stderr)
+    return data.test_images_in_train(x_train, dataset.x_test)
+
+
 def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
     """Evaluate inside the active run; return the metrics."""
     dataset = prepare.load_dataset(dataset_uri)
@@ -87,9 +104,10 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
               f"augmentation {tta}, and is scored as it is served", file=sys.stderr)
     probs = classifier.predict_proba(dataset.x_test, batch_size=cfg.evaluate.batch_size)
     metrics, confusion = score(probs, dataset)
+    metrics["test_images_in_train"] = test_images_in_train(model_uri, dataset_uri, dataset)
     # test_images too: the UI then tells a score on a subset from one on the whole split by more than a digest
-    flat = {"test_loss": metrics["test_loss"], "test_acc": metrics["test_acc"], "test_images": metrics["test_images"],
-            **{f"test_acc_{k}": v for k, v in metrics["per_class_acc"].items()}}
+    flat = {key: metrics[key] for key in ("test_loss", "test_acc", "test_images", "test_images_in_train")}
+    flat.update({f"test_acc_{k}": v for k, v in metrics["per_class_acc"].items()})
     steps.log_evaluation({"model_uri": model_uri, "dataset_uri": dataset_uri,
                           "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta}, flat, model_uri,
                          dataset.digest(test_only=True))
@@ -102,6 +120,10 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
     border = f", borders {getattr(classifier, 'shift_fill', 'nearest')}" if tta == "flip_shift" else ""
     print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  "
           f"on all {metrics['test_images']} test images (test-time augmentation: {tta}{border})")
+    if metrics["test_images_in_train"]:
+        print(f"warning: {metrics['test_images_in_train']} of these {metrics['test_images']} test images are images "
+              f"{model_uri} was trained on (the same pixels): test_acc overstates, and register moves no alias on it",
+              file=sys.stderr)
     return metrics
 
 

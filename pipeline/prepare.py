@@ -3,7 +3,9 @@
 Reads:  the source named by `data.source` (see pipeline.data).
 Writes: artifact `dataset/dataset.npz` (uint8 images, int32 labels, class names, per-channel
         mean/std in 0-255 units) and `dataset/dataset.json` (counts, stats, digests, source, the data params);
-        an MLflow dataset input carrying the sha256 digest of the array bytes.
+        an MLflow dataset input carrying the sha256 digest of the array bytes; metric `test_images_in_train`
+        (test images that are training images too, pixel for pixel: test_acc on them overstates), also in
+        dataset.json and said again whenever the run is reused.
 Returns the dataset URI `runs:/<run id>/dataset/dataset.npz` that train and evaluate read.
 
 `ensure_prepared` reuses a finished prepare run whose inputs are identical: the data params
@@ -14,6 +16,7 @@ What is recorded, and how a dataset URI is checked and read back: `pipeline.trac
 from __future__ import annotations
 
 import json
+import sys
 
 from pipeline import config, data
 from pipeline.tracking import (
@@ -50,17 +53,27 @@ def run(cfg: config.Config, *, key: str | None = None) -> str:
     dataset = build(cfg)
     digest = dataset.digest()
     mean, std = dataset.channel_stats()
+    in_train = data.test_images_in_train(dataset.x_train, dataset.x_test)  # of the subset kept: what is scored
     summary = {
         "source": cfg.data.source, "sha256": digest, "class_names": list(dataset.class_names),
-        "train_images": len(dataset.x_train), "test_images": len(dataset.x_test),
+        "train_images": len(dataset.x_train), "test_images": len(dataset.x_test), "test_images_in_train": in_train,
         "mean": mean.round(4).tolist(), "std": std.round(4).tolist(), "params": cfg.flat("data"),
     }
-    steps.log_prepared(cfg, dataset, digest, key or prepare_key(cfg))
+    warn_test_images_in_train(cfg.data.source, in_train, len(dataset.x_test))
+    steps.log_prepared(cfg, dataset, digest, key or prepare_key(cfg), in_train)
     with artifact_dir("dataset") as folder:
         dataset.save(folder / "dataset.npz")
         (folder / "dataset.json").write_text(json.dumps(summary, indent=2))
     print(f"prepared {cfg.data.source}: {len(dataset.x_train)} train / {len(dataset.x_test)} test, sha256 {digest}")
     return f"runs:/{active_run_id()}/{DATASET_ARTIFACT}"
+
+
+def warn_test_images_in_train(source: str, in_train: int | None, test_images: int | None) -> None:
+    """Say on stderr that `in_train` of the test images are training images too (nothing if none)."""
+    if in_train:
+        print(f"warning: {source}: {in_train} of {test_images} test images are also training images (the same "
+              f"pixels): test_acc scores them as unseen, and register moves no alias on it", file=sys.stderr,
+              flush=True)
 
 
 def find_prepared(key: str) -> str | None:
@@ -76,6 +89,8 @@ def ensure_prepared(cfg: config.Config) -> str:
     found = find_prepared(key)
     if found:
         print(f"reusing prepared dataset {found}")
+        # said again: the console of the run that prepared it is long gone
+        warn_test_images_in_train(cfg.data.source, *steps.prepared_counts(found))
         return found
     with apart_from_wrapper_run(cfg) as prepare_cfg, step_run(prepare_cfg, "prepare"):
         return run(cfg, key=key)

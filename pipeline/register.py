@@ -4,10 +4,12 @@ Reads:  a logged model URI `models:/m-...` that evaluate scored (its newest eval
         finished, not one that failed, was killed or deleted: test_acc, the per-class
         scores of the same evaluate run, the digest of its test split; `registry.model_score`).
 Writes: a new version of `register.model_name` tagged with its source run id, `test_acc`, the evaluate run and
-        the test split's digest; the alias `register.alias` (default `champion`) moves to it only if its
-        `test_acc` beats the current holder's on the same test data (or no version holds it). A worse model is
-        registered but never takes the alias, nor does one whose champion's score is unknown (registered by
-        hand, never evaluated). Run tags record the decision.
+        the test split's digest and how many of its images the model was trained on; the alias `register.alias`
+        (default `champion`) moves to it only if its `test_acc` beats the current holder's on the same test data
+        (or no version holds it), measured on no image it was trained on. A worse model is registered but never
+        takes the alias, nor does one whose champion's score is unknown (registered by hand, never evaluated),
+        nor one whose test_acc counts training images (evaluate's `test_images_in_train`). Run tags record the
+        decision.
         A champion-vs-challenger report (both versions' test_acc, per-class accuracy
         differences, the decision and why) becomes the version's description and tags and the
         register run's artifacts `champion_vs_challenger.md/.json`. The version is created with the report
@@ -134,7 +136,8 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     tagged = f"{score.test_acc:.6f}"  # compared as tagged: the champion's score is its tag (an equal score is a tie)
     test_acc, test_data = float(tagged), score.test_data
     tags = {"test_acc": tagged, "run_id": score.source_run or "", registry.EVALUATE_RUN_TAG: score.evaluate_run or "",
-            **({TEST_DATA_TAG: test_data} if test_data else {})}
+            **({TEST_DATA_TAG: test_data} if test_data else {}),
+            **({registry.IN_TRAIN: str(score.in_train)} if score.in_train is not None else {})}
     # a register of this model stopped (killed, Ctrl-C) before its report: finished now, not registered twice
     version = registry.same_score_version(name, model_uri, tags, finished=False)
     done = None if version else registry.same_score_version(name, model_uri, tags, finished=True)
@@ -143,6 +146,11 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     if version is not None and _version(champion) == _version(version):
         moved, reason = True, (f"v{version.version} holds @{alias} already: a register of this model placed it "
                                f"there and was stopped before its report")
+    elif score.in_train:  # a score on images it learned is no measure of unseen ones, however it compares
+        moved, reason = False, (f"test_acc {test_acc:.4f} counts {score.in_train} test images the model was "
+                                f"trained on (the same pixels in its training split): not a score on unseen images, "
+                                f"@{alias} not moved to it; take them out of the training or test split, prepare and "
+                                f"evaluate again, or move @{alias} to it by hand")
     elif champion is None:
         moved, reason = True, f"no version held @{alias}"
     elif champion_acc is None:

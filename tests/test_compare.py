@@ -290,6 +290,31 @@ def test_val_accs_measured_on_other_images_or_on_the_test_split_are_marked(monke
                                                    "score")
 
 
+def test_test_accs_that_count_training_images_are_marked(monkeypatch):
+    """A model whose test split overlapped its training data ranked first by test_acc, nothing in the table
+    saying its score was partly on images it had learned."""
+    import pandas as pd
+
+    from pipeline import compare
+    from pipeline.tracking import markdown_table
+
+    scores = {"models:/m-a": {"test_acc": 0.9, "test_images_in_train": 64.0},
+              "models:/m-b": {"test_acc": 0.8, "test_images_in_train": 0.0}, "models:/m-c": {"test_acc": 0.7}}
+    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: (scores[uri], "0" * 64))
+    runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "params.train.lr": ["0.1"] * 3,
+                         "tags.model_uri": list(scores), "start_time": pd.NaT, "end_time": pd.NaT})
+    histories = {r: pd.Series({1: 0.5}) for r in "abc"}
+    table = compare.top_runs(compare.build_table(runs, histories), "test_acc", None)
+    assert list(table.columns).index("test_images_in_train") == list(table.columns).index("test_acc") + 1
+    assert table["test_images_in_train"].tolist()[:2] == [64, 0] and pd.isna(table["test_images_in_train"][2])
+    note = compare.test_data_note(table)
+    assert note.startswith("The test_acc of 1 run counts test images the model was trained on")
+    assert "| 64 " in markdown_table(table) and "<NA>" not in markdown_table(table)
+    scores["models:/m-a"]["test_images_in_train"] = 0.0  # none anywhere: no column, no note
+    table = compare.build_table(runs, histories)
+    assert "test_images_in_train" not in table and compare.test_data_note(table) == ""
+
+
 def test_runs_with_equal_scores_are_listed_oldest_first(store):
     """A sweep registers the first of its trials with equal val_acc (held-out splits of a few hundred images make
     ties common), but its comparison listed the newest of them on top, as if it had won."""

@@ -525,16 +525,30 @@ def test_a_folder_or_file_that_cannot_be_read_is_named_not_dropped_or_a_tracebac
         data.source_digest(str(tmp_path / "imgs.tar"))
 
 
-def test_test_images_that_are_training_images_are_named(tmp_path, capsys):
-    """An image copied into both train/ and test/ was scored as unseen without a word: test_acc overstated."""
+def test_test_images_that_are_training_images_are_counted(tmp_path):
+    """An image copied into both train/ and test/ was scored as unseen: test_acc overstated. Exact pixels count,
+    each test image once; one changed pixel is another image."""
     root = tmp_path / "imgs"
     write_image_folder(root)
-    capsys.readouterr()
-    data.load_source(str(root))
-    assert "test images are also training images" not in capsys.readouterr().err
+    clean = data.load_source(str(root))
+    assert data.test_images_in_train(clean.x_train, clean.x_test) == 0
     (root / "test" / "dog" / "copy.png").write_bytes((root / "train" / "cat" / "1.png").read_bytes())
-    data.load_source(str(root))
-    assert f"warning: {root}: 1 of 10 test images are also training images" in capsys.readouterr().err
+    copied = data.load_source(str(root))
+    assert data.test_images_in_train(copied.x_train, copied.x_test) == 1
+    x_test = np.concatenate([copied.x_test, copied.x_train[[1, 1, 2]]])  # train image 1 twice: two test images
+    nearly = copied.x_train[3].copy()
+    nearly[0, 0, 0] ^= 1
+    assert data.test_images_in_train(copied.x_train, np.concatenate([x_test, nearly[None]])) == 4
+    assert data.test_images_in_train(copied.x_train, copied.x_train) == len(copied.x_train)
+    assert data.test_images_in_train(copied.x_train[:0], x_test) == 0
+    # another image of the same key (word 0 up by multiplier 1, word 1 down by multiplier 0): not counted
+    m = np.random.default_rng(0).integers(1, 2 ** 63, 384, dtype=np.uint64) | np.uint64(1)
+    words = copied.x_train[4].reshape(-1).view(np.uint64).copy()
+    words[0] += m[1]
+    words[1] -= m[0]
+    twin = words.view(np.uint8).reshape(1, 32, 32, 3)
+    assert (twin[0] != copied.x_train[4]).any()
+    assert data.test_images_in_train(copied.x_train, twin) == 0
 
 
 def test_archive_files_that_are_no_images_are_not_read(tmp_path, monkeypatch):

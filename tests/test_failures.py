@@ -636,3 +636,88 @@ def test_evaluate_records_how_many_test_images_it_scored(store, monkeypatch):
         evaluate.run(config.load(TINY), uri, "runs:/0/dataset/dataset.npz")
     assert MlflowClient().get_run(run.info.run_id).data.metrics["test_images"] == 40
     assert registry.model_test_acc(uri).metrics["test_images"] == 40  # on the model's page too
+
+
+def leaky_dataset(copied: int = 6):
+    """A synthetic dataset, and a copy of it with its first `copied` test images copied into train/ too (in place of
+    training images): the same test split."""
+    import numpy as np
+
+    from pipeline import data
+
+    clean = data.make_synthetic(n_train=64, n_test=32)
+    x_train = np.concatenate([clean.x_test[:copied], clean.x_train[copied:]])
+    y_train = np.concatenate([clean.y_test[:copied], clean.y_train[copied:]])
+    return clean, data.Dataset(x_train, y_train, clean.x_test, clean.y_test, clean.class_names)
+
+
+def test_prepare_records_test_images_in_train_and_says_so_when_reused(store, tmp_path, capsys):
+    """Test images copied into train/ were a console warning of the prepare that read them, and not a word when
+    main reused that prepare run: the prepare run, its dataset.json and every reuse now say how many."""
+    import numpy as np
+
+    _, leaky = leaky_dataset()
+    np.savez(tmp_path / "leaky.npz", x_train=leaky.x_train, y_train=leaky.y_train, x_test=leaky.x_test,
+             y_test=leaky.y_test, class_names=np.array(leaky.class_names))
+    cfg = config.load(TINY, [f"data.source={tmp_path / 'leaky.npz'}", "tracking.experiment=e2e"])
+    warning = f"warning: {tmp_path / 'leaky.npz'}: 6 of 32 test images are also training images (the same pixels)"
+    uris = []
+    for _ in range(2):
+        capsys.readouterr()
+        uris.append(prepare.ensure_prepared(cfg))
+        assert warning in capsys.readouterr().err
+    assert uris[0] == uris[1]  # the second one reused the first
+    run = MlflowClient().get_run(uris[0].removeprefix("runs:/").partition("/")[0])
+    assert run.data.metrics["test_images_in_train"] == 6 and "**6 of the test images" in run.data.tags[
+        "mlflow.note.content"]
+    summary = mlflow.artifacts.load_dict(uris[0].replace("dataset.npz", "dataset.json"))
+    assert summary["test_images_in_train"] == 6
+
+
+def test_evaluate_counts_test_images_of_the_data_the_model_trained_on(store, monkeypatch):
+    """A model trained on a copy with test images in train/ and scored on the cleaned copy (the same test images)
+    scored them as unseen; scored on the copy it trained on, nothing on the run or the model said so."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    clean, leaky = leaky_dataset()
+    datasets = {"runs:/clean/dataset/dataset.npz": clean, "runs:/leaky/dataset/dataset.npz": leaky}
+    monkeypatch.setattr(prepare, "load_dataset", lambda uri: datasets[uri])
+    monkeypatch.setattr(steps, "load_classifier", lambda uri: SimpleNamespace(
+        class_names=clean.class_names, tta="none", predict_proba=lambda x, batch_size: np.eye(10)[clean.y_test]))
+    for trained_on in ("leaky", "clean", None):  # None: a model no train run logged: the scored dataset's split
+        with mlflow.start_run(experiment_id=experiment_id):
+            if trained_on:
+                mlflow.set_tag("dataset_uri", f"runs:/{trained_on}/dataset/dataset.npz")
+            uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
+        for scored in ("leaky", "clean"):
+            with mlflow.start_run(experiment_id=experiment_id) as run:
+                metrics = evaluate.run(config.load(TINY), uri, f"runs:/{scored}/dataset/dataset.npz")
+            expected = 6 if (trained_on or scored) == "leaky" else 0
+            assert MlflowClient().get_run(run.info.run_id).data.metrics["test_images_in_train"] == expected
+            assert metrics["test_images_in_train"] == expected
+            assert registry.model_test_acc(uri).in_train == expected  # on the model, where register reads it
+
+
+def test_a_score_on_test_images_the_model_trained_on_takes_no_alias(store):
+    """register promoted a test_acc that counted images the model was trained on: it is registered (tagged with
+    how many) without the alias, even where no version holds it, and a clean model's score still takes it."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    leaky = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.9, "test_images_in_train": 6}))
+    assert not leaky["alias_moved"] and leaky["version"] == 1
+    assert "counts 6 test images the model was trained on" in leaky["reason"]
+    version = client.get_model_version("cifar10-resnet", "1")
+    assert version.tags["test_images_in_train"] == "6" and version.tags["decision"] == leaky["reason"]
+    assert registry.current_champion("cifar10-resnet", "champion") is None
+    clean = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5, "test_images_in_train": 0}))
+    assert clean["alias_moved"] and clean["reason"] == "no version held @champion", clean
+    better = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.95, "test_images_in_train": 1}))
+    assert not better["alias_moved"] and "counts 1 test images" in better["reason"]
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
+    # a register running alongside weighs the versions registered since it began: never one of those
+    assert registry.settle_alias("cifar10-resnet", "champion", "a" * 64, 0) == "2"
+    client.delete_registered_model_alias("cifar10-resnet", "champion")
+    assert registry.settle_alias("cifar10-resnet", "champion", "a" * 64, 0) == "2"

@@ -83,11 +83,14 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store):
     assert metrics["test_images"] == parent.data.metrics["test_images"] == 256  # in the UI, beside test_acc
     # tiny validates on the test split (train.validation_fraction 0): the train run's val_data is the test split
     assert train.data.tags["val_data_sha256"] == evaluation.data.tags["test_data_sha256"]
+    # and how many of them are training images too: on every step that can tell, none in synthetic data
+    assert metrics["test_images_in_train"] == parent.data.metrics["test_images_in_train"] == 0
+    assert prepare.data.metrics["test_images_in_train"] == report["test_images_in_train"] == 0
 
     champion = client.get_model_version_by_alias("cifar10-resnet", "champion")
     assert str(champion.version) == "1"
     assert float(champion.tags["test_acc"]) == pytest.approx(metrics["test_acc"], abs=1e-6)
-    assert champion.tags["run_id"] == train.info.run_id
+    assert champion.tags["run_id"] == train.info.run_id and champion.tags["test_images_in_train"] == "0"
 
     model = mlflow.pyfunc.load_model("models:/cifar10-resnet@champion")
     test = data.make_synthetic(n_train=1024, n_test=256, seed=0)

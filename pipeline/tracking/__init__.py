@@ -227,7 +227,7 @@ def markdown_table(table: pd.DataFrame) -> str:
     """`table` as a GitHub-flavoured Markdown table (pandas `to_markdown`): floats with 4 decimals,
     missing values empty, other values as their text (not re-read as numbers: `1e-06` stays `1e-06`)."""
     def cell(value) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):  # NA: of an Int64
             return ""
         text = f"{value:.4f}" if isinstance(value, float) else str(value)
         return text.replace("|", "\\|")  # tabulate leaves a pipe inside a cell as a column break

@@ -7,7 +7,8 @@ digest for it); `model_test_acc` the newest, for register; `version_score` that 
 `move_alias` and `settle_alias` place the alias; `log_decision` and `record_report` store
 the decision and the champion-vs-challenger report on the register run and the version.
 Versions are MLflow `ModelVersion` entities: register reads their `version`, `tags`, `model_id`
-and `source` only; register tags each with `test_acc`, `run_id`, `evaluate_run_id` and `test_data_sha256`.
+and `source` only; register tags each with `test_acc`, `run_id`, `evaluate_run_id`, `test_data_sha256` and
+`test_images_in_train`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pipeline.tracking import TEST_DATA_TAG, finished_run, latest_metrics, model
 
 EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose score register compared
 DECISION_TAG = "decision"  # on a version: why the alias moved or not; written last, when register is done
+# evaluate's metric, and a version's tag: how many of the test images its test_acc counts the model was trained on
+IN_TRAIN = "test_images_in_train"
 DESCRIPTION_CHARS = 5000  # MLflow's column for a version's description: PostgreSQL refuses a longer one
 
 
@@ -40,6 +43,11 @@ class Score:
     test_data: str | None = None
     evaluate_run: str | None = None
     source_run: str | None = None
+
+    @property
+    def in_train(self) -> int | None:
+        """How many of the scored test images the model was trained on (None: evaluated before it was counted)."""
+        return int(self.metrics[IN_TRAIN]) if IN_TRAIN in self.metrics else None
 
 
 def model_score(model_uri: str | None, *, tagged_acc: str | None = None, evaluate_run: str | None = None) -> Score:
@@ -185,7 +193,8 @@ def comparable(a: str | None, b: str | None) -> bool:
 def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> str | None:
     """Leave the alias on the best-scoring (the earliest on ties) of the version that holds it and the versions
     registered after version `after` (those of registers running alongside this one), among those scored on the
-    holder's test data (on `test_data` if none holds it); return the version that holds it then.
+    holder's test data (on `test_data` if none holds it) and on no image they were trained on; return the version
+    that holds it then.
 
     Registers running at the same time can each read a champion that another is replacing; by re-reading
     the versions they registered after writing, the last register to finish repairs any such race. Versions
@@ -198,7 +207,8 @@ def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> st
         return str(holder.version)
     pool = held.test_data if held else test_data
     entries = [(float(v.tags["test_acc"]), -int(v.version), v) for v in versions(name)
-               if int(v.version) > after and "test_acc" in v.tags and comparable(v.tags.get(TEST_DATA_TAG), pool)]
+               if int(v.version) > after and "test_acc" in v.tags and comparable(v.tags.get(TEST_DATA_TAG), pool)
+               and v.tags.get(IN_TRAIN, "0") == "0"]
     if holder is not None:
         entries.append((held.test_acc, -int(holder.version), holder))
     if not entries:

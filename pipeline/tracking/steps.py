@@ -22,26 +22,36 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from pipeline import config, data
-from pipeline.tracking import TEST_DATA_TAG, fit_note, model_id
+from pipeline.tracking import TEST_DATA_TAG, fit_note, model_id, trained_dataset_uri
 
 # ---------------------------------------------------------------- prepare
 
 DATASET_ARTIFACT = "dataset/dataset.npz"
 
 
-def log_prepared(cfg: config.Config, dataset: data.Dataset, digest: str, key: str) -> None:
+def log_prepared(cfg: config.Config, dataset: data.Dataset, digest: str, key: str, in_train: int) -> None:
     """Record a prepared dataset on the active run: the `data.*` params, tags `prepare_key` and
-    `dataset_sha256`, the run's description, an MLflow dataset input and the image counts."""
+    `dataset_sha256`, the run's description, an MLflow dataset input and the image counts (`test_images_in_train`
+    too: test images that are training images as well)."""
     mlflow.log_params(cfg.flat("data"))
     mlflow.set_tags({"prepare_key": key, "dataset_sha256": digest})
+    overlap = (f"\n\n**{in_train} of the test images are also training images** (the same pixels): test_acc "
+               f"scores them as unseen, and register moves no alias on it." if in_train else "")
     mlflow.set_tag("mlflow.note.content", f"Dataset `{cfg.data.source}`, sha256 `{digest}`, "
-                   f"{len(dataset.x_train)} train / {len(dataset.x_test)} test images.")
+                   f"{len(dataset.x_train)} train / {len(dataset.x_test)} test images.{overlap}")
     # MLflow keeps dataset digests in a 36-character column: log the first 32 hex digits there;
     # the full sha256 is in the run's tags and in dataset.json.
     mlflow.log_input(mlflow.data.from_numpy(dataset.x_train, targets=dataset.y_train, source=_source(cfg),
                                             name=Path(cfg.data.source).name or cfg.data.source,
                                             digest=digest[:32]), context="train")
-    mlflow.log_metrics({"train_images": len(dataset.x_train), "test_images": len(dataset.x_test)})
+    mlflow.log_metrics({"train_images": len(dataset.x_train), "test_images": len(dataset.x_test),
+                        "test_images_in_train": in_train})
+
+
+def prepared_counts(dataset_uri: str) -> tuple[int | None, int | None]:
+    """(test_images_in_train, test_images) as the prepare run of `runs:/<id>/...` logged them; None where unknown."""
+    metrics = mlflow.MlflowClient().get_run(dataset_uri.removeprefix("runs:/").partition("/")[0]).data.metrics
+    return tuple(int(metrics[k]) if k in metrics else None for k in ("test_images_in_train", "test_images"))
 
 
 def _source(cfg: config.Config):
@@ -121,6 +131,19 @@ def log_evaluation(params: dict, metrics: dict[str, float], model_uri: str, test
         mlflow.set_logged_model_tags(logged_model, {TEST_DATA_TAG: test_data})
 
 
+def training_dataset_uri(model_uri: str) -> str | None:
+    """The dataset URI the run that trained the model at `model_uri` (a logged model or a registry URI) trained on;
+    None where that is unknown (a model logged otherwise, its run deleted)."""
+    logged_model = model_id(model_uri) or registered_model_id(model_uri)
+    try:
+        source = mlflow.get_logged_model(logged_model).source_run_id if logged_model else None
+        if not source:
+            return None
+        return trained_dataset_uri(mlflow.MlflowClient().get_run(source)) or None
+    except MlflowException:
+        return None  # the model or its run deleted for good
+
+
 def registered_model_id(model_uri: str) -> str | None:
     """The logged model behind a registry URI (`models:/name@alias`, `models:/name/3`), or None: an evaluation of
     `@champion` lands on the champion's logged model too, where register reads it."""
@@ -196,9 +219,9 @@ def log_comparison(params: dict, run_ids: list[str], description: str) -> None:
 # ---------------------------------------------------------------- main
 
 def log_pipeline_results(dataset_uri: str, model_uri: str, metrics: dict, decision: dict) -> None:
-    """The headline results on the `main` parent run: test metrics (and how many images), the URIs, the registered
-    version."""
-    mlflow.log_metrics({key: metrics[key] for key in ("test_acc", "test_loss", "test_images")})
+    """The headline results on the `main` parent run: test metrics (and how many images, and how many of them the
+    model was trained on), the URIs, the registered version."""
+    mlflow.log_metrics({key: metrics[key] for key in ("test_acc", "test_loss", "test_images", "test_images_in_train")})
     mlflow.set_tags({"dataset_uri": dataset_uri, "model_uri": model_uri,
                      "registered_version": str(decision["version"]),
                      "alias_moved": str(decision["alias_moved"]).lower()})
