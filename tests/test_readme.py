@@ -164,3 +164,27 @@ def test_the_tracking_server_command_answers_the_names_the_readme_reaches_it_by(
 def test_the_documented_commands_are_found(role):
     """The parser above finds each command it runs (a renamed section must fail here, not pass vacuously)."""
     assert documented()[role]
+
+
+# Paths the README names as what a command writes, not as files here.
+WRITTEN_BY_A_COMMAND = {"bench/results/multi_gpu.md", "bench/results/quick-recheck.md"}
+
+
+def test_every_file_test_and_params_key_the_readme_names_exists():
+    """A reader follows the README's links and names to files, tests and params keys: each must be there (a renamed
+    test, a moved report or a dropped key would leave the README pointing at nothing)."""
+    from pipeline import config
+
+    text = (ROOT / "README.md").read_text()
+    paths = set(re.findall(r"\]\(([^)#:]+)\)", text)) | set(
+        re.findall(r"`((?:bench|params|pipeline|docs|scripts|tests|\.ci)/[\w./-]+)`", text))
+    missing = sorted(p for p in paths - WRITTEN_BY_A_COMMAND if not (ROOT / p.split("::")[0]).exists())
+    assert not missing, missing
+    tests = re.findall(r"(test_\w+\.py)::(test_\w+)", text)
+    assert tests and not [t for t in tests if f"def {t[1]}(" not in (ROOT / "tests" / t[0]).read_text()]
+    known = {f"{section}.{key}" for section, (_, keys) in config._sections().items() for key in keys}
+    fenced = re.findall(r"```\w*\n(.*?)```", text, re.S)
+    spans = fenced + re.findall(r"`([^`\n]+)`", re.sub(r"```\w*\n.*?```", "", text, flags=re.S))
+    keys = {k for k in re.findall(r"(?<![\w/.])((?:data|model|train|evaluate|register|tracking)\.\w+)(?![\w(])",
+                                  " ".join(spans)) if not k.endswith(".py")}
+    assert len(keys) > 30 and not sorted(keys - known - {"train.epoch"}), sorted(keys - known)  # the misspelt example
