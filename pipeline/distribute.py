@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import keras
 
 TF_CONFIG = "TF_CONFIG"
+TRAINED = -1  # `Distribution.agree`'s epochs of a chief that goes on from a model trained before: nothing to train
 
 
 @dataclass
@@ -101,22 +102,26 @@ class Distribution:
     def scope(self) -> contextlib.AbstractContextManager:
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
-    def agree(self, job: dict[str, str], done: int) -> None:
-        """In a cluster, check before any step that every host trains the same job from the same epoch.
+    def agree(self, job: dict[str, str], done: int) -> int:
+        """In a cluster, check before the model is built that every host trains the same job from the same epoch;
+        return the chief's `done`.
 
         job: hex digests of what every host must share, by what they digest (`train.training_job`: the model and
-        train params, the data, the code); done: the epochs this host's checkpoint holds, which it restores. Hosts
+        train params, the data, the code); done: the epochs this host's checkpoint holds, which it restores, or on the
+        chief `TRAINED`: it trains nothing (its model was trained before), and the others stop too. Hosts
         that differ in either would train different models or unequal numbers of steps: the chief would log and
-        register a model no single recipe produced, or one host would wait on a collective nobody joins. Every host
-        gathers every host's job and epoch (one collective, so all reach the same verdict) and each raises
-        the same ConfigError on a mismatch. For multi_worker only (`cluster` set)."""
+        register a model no single recipe produced, or one host would wait on a collective nobody joins. Building
+        the model is such a collective (each variable's initial value is broadcast from the chief): hosts building
+        models of other shapes failed there, each with TensorFlow's traceback. Every host gathers every host's job
+        and epoch (one collective, so all reach the same verdict) and each raises the same ConfigError on a
+        mismatch. For multi_worker only (`cluster` set)."""
         import tensorflow as tf
 
         tasks, parts = self.cluster.tasks, list(job)
         # Two 28-bit pieces of each digest (int32 tensors).
         mine = [tasks.index(self.cluster.task), done,
                 *(int(job[part][i:i + 7], 16) for part in parts for i in (0, 7))]
-        with host_lost_as_step_failure():
+        with host_lost_as_step_failure(self.task):
             everyone = self.strategy.gather(self.strategy.run(lambda: tf.constant([mine], tf.int32)), axis=0)
         hosts = {tasks[task]: (done, dict(zip(parts, zip(d[::2], d[1::2], strict=True), strict=True)))
                  for task, done, *d in everyone.numpy().tolist()}
@@ -128,17 +133,20 @@ class Distribution:
                              for task, differs in differ.items() if differs)
             raise ConfigError(f"{TF_CONFIG}: {what} than the chief ({chief}): start every host with the same code, "
                               f"params, epochs, overrides and data")
+        if hosts[chief][0] == TRAINED:
+            return TRAINED
         if len({done for done, _ in hosts.values()}) > 1:
             held = ", ".join(f"{task} {done}" for task, (done, _) in hosts.items())
             raise ConfigError(f"resume: the hosts' checkpoints hold different completed epochs ({held}): they "
                               f"must continue from the same one. Start afresh: rerun every host with resume=never "
                               f"(`-P resume=never` on the chief, `--resume never` on the others)")
+        return hosts[chief][0]
 
     def adapt(self, model: keras.Model) -> None:
         """Make `model.fit` work under this distribution (a no-op except for multi_worker)."""
         if self.mode == "multi_worker":
             _multi_worker_fit_fixes(model, self.strategy)
-            _host_lost_as_step_failure(model)
+            _host_lost_as_step_failure(model, self.task)
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,10 @@ def cluster_from_env() -> Cluster | None:
             hosts = cluster.spec.get(name, [])
             if not (isinstance(hosts, list) and all(isinstance(h, str) and h for h in hosts)):
                 raise TypeError(f"{name!r} must be a list of 'host:port' strings, got {hosts!r}")
+            for address in hosts:  # else an OverflowError's traceback, or a wait for a port that cannot answer
+                host, _, port = address.rpartition(":")
+                if not (host and port.isdigit() and 0 < int(port) < 65536):
+                    raise ValueError(f"{address!r} is not a 'host:port' address with a port in 1-65535")
         if len(cluster.spec.get("chief", [])) > 1:
             raise ValueError(f"at most one 'chief' (the host that logs), got {cluster.spec['chief']!r}")
         listed = cluster.spec.get(cluster.task_type, [])
@@ -370,10 +382,12 @@ HOST_LOST = "stopped answering"
 
 
 @contextlib.contextmanager
-def host_lost_as_step_failure():
+def host_lost_as_step_failure(own: str = ""):
     """A host of the cluster lost (killed, crashed, unreachable) as one line: TensorFlow's coordination service
     notices its missing heartbeats and aborts every collective with an UnavailableError several screens long.
-    Every host's checkpoint keeps its completed epochs, so rerunning every host's command continues the run."""
+    Every host's checkpoint keeps its completed epochs, so rerunning every host's command continues the run.
+    own: this host's task ("worker 0"), never the one lost: TensorFlow's `{{function_node ...}}` prefix names this
+    host's own device (a peer that lost worker 1 said "worker 0, worker 1 stopped answering")."""
     import tensorflow as tf
 
     from pipeline.tracking import StepFailed
@@ -383,8 +397,10 @@ def host_lost_as_step_failure():
     except tf.errors.UnavailableError as exc:
         import re
 
-        text = str(exc)
-        lost = sorted({f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text)})
+        # the op and function names TensorFlow wraps around its message (the local device's among them)
+        text = re.sub(r"\{\{[^{}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]", "", str(exc))
+        lost = sorted({f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text)}
+                      - {own})
         lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__]
         said = next((line for line in lines if re.search(r"unhealthy|heartbeat|aborted|unavailable|connect", line,
                                                          re.IGNORECASE)), lines[0])
@@ -394,12 +410,12 @@ def host_lost_as_step_failure():
             from None
 
 
-def _host_lost_as_step_failure(model: keras.Model) -> None:
+def _host_lost_as_step_failure(model: keras.Model, own: str) -> None:
     """`model.fit` raising `host_lost_as_step_failure`'s error instead of TensorFlow's."""
     fit = model.fit
 
     def fit_or_host_lost(*args, **kwargs):
-        with host_lost_as_step_failure():
+        with host_lost_as_step_failure(own):
             return fit(*args, **kwargs)
 
     model.fit = fit_or_host_lost

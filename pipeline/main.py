@@ -42,6 +42,8 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "", dist: Di
         train_run_id, model_uri = trained
         print(f"reusing train run {train_run_id}: an identical command trained it and stopped before its pipeline "
               f"finished (in evaluate or register)")
+        if dist and dist.cluster:  # the other hosts, started to train it, wait for the chief: they end at once
+            train.skip_training(cfg, dataset_uri, dist)
     else:
         with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id) as train_run:
             model_uri = train.run(cfg, dataset_uri, dist)

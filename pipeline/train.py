@@ -28,7 +28,7 @@ import pandas as pd
 
 from pipeline import config, fitting, prepare
 from pipeline.data import Dataset, arrays_digest
-from pipeline.distribute import Distribution, distribution
+from pipeline.distribute import TRAINED, Distribution, distribution
 from pipeline.fitting import (
     Checkpoint,
     check_backend,
@@ -46,6 +46,7 @@ from pipeline.inputs import check_inputs, resolve_inputs
 from pipeline.tracking import (
     VAL_DATA_TAG,
     StepFailed,
+    active_run_id,
     artifact_dir,
     checkpoint_root,
     cli,
@@ -96,6 +97,8 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     dataset = prepare.load_dataset(dataset_uri)
     splits = split_validation(dataset, t.validation_fraction, t.seed)
     check_replica_batches(cfg, dist, splits)
+    if dist.cluster:  # before the model is built (see `agree`); hashing the data takes a moment: a cluster's only
+        dist.agree(training_job(cfg, dataset), Checkpoint.completed_epochs(checkpoint_dir(active_run_id())))
     train_images = len(splits[0])
     model = compile_model(cfg, training_part(dataset, splits), dist, train_images)
 
@@ -104,6 +107,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
         "dtype_policy": model.dtype_policy.name, "jit_compile": str(bool(model.jit_compile)).lower(),
         "cpu_allocator": cpu_allocator(),
         "distribute": dist.mode, "workers": str(dist.workers),
+        "replicas": str(dist.replicas),  # of every host: `devices` names this host's only (multi_worker)
         "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
         # what val_acc is measured on: compare tells runs validated on other images (or on the test split) apart
         VAL_DATA_TAG: arrays_digest(splits[2:], dataset.class_names),
@@ -118,8 +122,6 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     # lost in between leaves the trained weights for the rerun, which logs them without training again. In a
     # cluster it goes when `fit` ends, as every worker's does (their epochs must agree on a rerun).
     try:
-        if dist.cluster:  # hashing the data takes a moment: only a cluster needs it
-            dist.agree(training_job(cfg, dataset), Checkpoint.completed_epochs(checkpoint_dir(run_id)))
         history = fit(model, cfg, splits, len(dataset.class_names),
                       [MlflowEpochLogger(images_per_epoch(t, train_images), logged),
                        Checkpoint(checkpoint_dir(run_id), t.checkpoint_every, keep=not dist.cluster),
@@ -150,10 +152,14 @@ def training_job(cfg: config.Config, dataset: Dataset) -> dict[str, str]:
     (progress display and how they are spread aside), the data, and the training code (`train_code`: a host left
     on other code would train in lock step with it, and the chief would log a model no single code trained).
     Evaluate, register and tracking settings concern the chief only."""
-    shared = {k: v for k, v in cfg.flat().items()
-              if k.startswith(("model.", "train.")) and k not in ("train.verbose", "train.distribute")}
-    return {"model or train params": json_digest(shared), "data": dataset.digest(),
+    return {"model or train params": json_digest(shared_params(cfg)), "data": dataset.digest(),
             f"code (pipeline/{{{','.join(TRAIN_CODE)}}}.py)": train_code()}
+
+
+def shared_params(cfg: config.Config, *leave_out: str) -> dict[str, str]:
+    """The model and train params every host of a cluster must share (`training_job`), but `leave_out`."""
+    return {k: v for k, v in cfg.flat().items() if k.startswith(("model.", "train."))
+            and k not in ("train.verbose", "train.distribute", *leave_out)}
 
 
 def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume: str = "") -> None:
@@ -166,23 +172,39 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
     dataset = prepare.load_dataset(dataset_uri) if dataset_uri else prepare.build(cfg)
     splits = split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
     check_replica_batches(cfg, dist, splits)
-    model = compile_model(cfg, training_part(dataset, splits), dist, len(splits[0]))
     job = training_job(cfg, dataset)
-    # Keyed by params and data, not code: after every host pulled new code, the chief's `resume=<id>` goes on from
-    # its checkpoint, and this host's must be found too (`agree` checks that the hosts' code is the same)
-    trained = {part: digest for part, digest in job.items() if not part.startswith("code")}
-    backup = checkpoint_root() / f"{dist.task.replace(' ', '')}-{json_digest(trained)[:16]}"
+    backup = worker_checkpoint_dir(cfg, job["data"], dist.task)
     if resume == "never":
         shutil.rmtree(backup, ignore_errors=True)
     print(f"{dist.task} of {dist.workers}: training on {len(splits[0])} images, devices {dist.devices}; "
           f"the chief logs to MLflow")
-    dist.agree(job, Checkpoint.completed_epochs(backup))
+    if dist.agree(job, Checkpoint.completed_epochs(backup)) == TRAINED:
+        print(f"{dist.task}: nothing to train: the chief goes on from the model an identical command trained before "
+              f"its pipeline failed (in evaluate or register)")
+        return
+    model = compile_model(cfg, training_part(dataset, splits), dist, len(splits[0]))  # after `agree`: see there
     history = fit(model, cfg, splits, len(dataset.class_names),
                   [Checkpoint(backup, cfg.train.checkpoint_every)])
     shutil.rmtree(backup, ignore_errors=True)
     reason = diverged(history)
     if reason:
         raise TrainingDiverged(reason)
+
+
+def worker_checkpoint_dir(cfg: config.Config, data_digest: str, task: str) -> Path:
+    """Where a non-chief host (`task`, "worker 1") checkpoints its epochs. Keyed by params and data, not code: after
+    every host pulled new code, the chief's `resume=<id>` goes on from its checkpoint, and this host's must be found
+    too (`agree` checks that the hosts' code is the same). Nor by what a resumed run may change
+    (`resume.config_to_resume`): with `train.epochs` in the key, the chief's `resume=<id> epochs=<more>` (extending
+    a killed run) found its checkpoint and this host none ("worker 1 0")."""
+    params = shared_params(cfg, "train.epochs", "train.checkpoint_every")
+    return checkpoint_root() / f"{task.replace(' ', '')}-{json_digest({'params': params, 'data': data_digest})[:16]}"
+
+
+def skip_training(cfg: config.Config, dataset_uri: str, dist: Distribution) -> None:
+    """The chief's part when it goes on from a model trained before (`main`'s `trained_before_a_failure`): the other
+    hosts of its cluster, started to train it, learn that there is nothing to (they end at once, exit 0)."""
+    dist.agree(training_job(cfg, prepare.load_dataset(dataset_uri)), TRAINED)
 
 
 def main() -> None:

@@ -93,7 +93,7 @@ def assert_two_device_run(client: MlflowClient, backend: str):
     """The one train run of the store's `e2e` experiment trained 2 epochs on both devices, and learned: that run."""
     run = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")[0]
     assert run.info.status == "FINISHED"
-    assert len(run.data.tags["devices"].split(", ")) == 2, run.data.tags["devices"]
+    assert len(run.data.tags["devices"].split(", ")) == 2 and run.data.tags["replicas"] == "2", run.data.tags
     assert run.data.tags["backend"] == backend
     assert len(val_acc_curve(run.info.run_id)) == 2
     assert run.data.metrics["acc"] > 0.5
@@ -132,6 +132,7 @@ def test_multi_worker_over_two_local_hosts_logs_from_the_chief_only(store, tmp_p
     (run,) = [r for r in runs if r.data.tags["step"] == "train"]
     assert run.info.status == "FINISHED"
     assert run.data.tags["distribute"] == "multi_worker" and run.data.tags["workers"] == "2"
+    assert run.data.tags["replicas"] == "2" and len(run.data.tags["devices"].split(", ")) == 1  # the chief's only
     assert len(val_acc_curve(run.info.run_id)) == 2
     assert run.data.metrics["acc"] > 0.5
     (main_run,) = [r for r in runs if r.data.tags["step"] == "main"]
@@ -195,12 +196,15 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(store, tmp_path):
     assert list(checkpoints.iterdir()) == []  # both hosts removed their checkpoints once done
 
 
-@pytest.mark.parametrize("other", ["lr", "code"])
+@pytest.mark.parametrize("other", ["lr", "model", "code"])
 def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(store, tmp_path, other):
     """A worker started with another lr, or left on other code (a checkout not pulled), would train other weights
     under the chief's logged params and code (with another batch size or epoch count it would wait on a collective
-    forever): both hosts exit 2 before any step, naming what differs."""
-    worker_args, worker_root = ("--overrides", "tracking.experiment=e2e train.lr=0.2"), ROOT
+    forever): both hosts exit 2 before any step, naming what differs. With another model (other variable shapes)
+    both failed sooner, with TensorFlow's traceback (exit 1), in building it: its variables' initial values are
+    broadcast from the chief."""
+    other_params = {"lr": "train.lr=0.2", "model": "model.widths=[16,32,128]"}.get(other, "")
+    worker_args, worker_root = ("--overrides", f"tracking.experiment=e2e {other_params}"), ROOT
     what = "model or train params"
     if other == "code":  # the same params, from a checkout whose model.py differs by one line
         worker_args, worker_root = (), tmp_path / "checkout"
@@ -223,6 +227,45 @@ def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(store
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("TF_CONFIG: worker 1 ")
     assert client.get_metric_history(run.info.run_id, "val_acc") == []  # not one epoch
     assert client.search_model_versions("name = 'cifar10-resnet'") == []
+
+
+def test_a_workers_checkpoint_is_found_by_a_rerun_that_extends_the_run(store):
+    """The chief's `resume=<id>` may grow train.epochs (or change train.checkpoint_every) to extend a killed run: worker
+    1's checkpoint, keyed by every param, was then not found and both hosts refused ("checkpoints hold different
+    completed epochs (worker 0 1, worker 1 0)"). Other params or data are another job: another folder."""
+    cfg, data = config.load("params/tiny.yaml", []), "d" * 64
+    folder = train.worker_checkpoint_dir(cfg, data, "worker 1")
+    extended = config.load("params/tiny.yaml", ["train.epochs=5", "train.checkpoint_every=2"])
+    assert train.worker_checkpoint_dir(extended, data, "worker 1") == folder and folder.name.startswith("worker1-")
+    others = {train.worker_checkpoint_dir(config.load("params/tiny.yaml", ["train.lr=0.2"]), data, "worker 1"),
+              train.worker_checkpoint_dir(cfg, "e" * 64, "worker 1"),
+              train.worker_checkpoint_dir(cfg, data, "worker 2")}
+    assert len(others) == 3 and folder not in others
+
+
+def test_a_cluster_rerun_that_goes_on_from_a_trained_model_trains_nothing(store, monkeypatch, in_process):
+    """The chief's pipeline failed after training (here in register): the rerun's chief goes on from the trained model
+    (`trained_before_a_failure`). Worker 1, started to train it, waited in building the model until the chief ended,
+    then crashed with TensorFlow's traceback (exit 1); now it is told there is nothing to train and ends (exit 0)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import register
+
+    args = ("--params", "params/tiny.yaml", "--epochs", "1", "--overrides", "tracking.experiment=e2e")
+
+    def registry_fails(*args, **kwargs):
+        raise MlflowException("the registry went away")
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.setattr(register, "run", registry_fails)
+    with pytest.raises(MlflowException, match="went away"):
+        in_process("main", *args)  # trained on this host alone: the same job (train_key) as the cluster's
+    chief, worker = finish(start_two_hosts(store, *args))
+    assert "reusing train run" in chief and "Epoch " not in chief + worker
+    assert "worker 1: nothing to train: the chief goes on from the model an identical command trained" in worker
+    client = MlflowClient()
+    (trained,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
+    assert client.get_model_version_by_alias("cifar10-resnet", "champion").tags["run_id"] == trained.info.run_id
 
 
 WORKER_1 = json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}})
