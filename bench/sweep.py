@@ -32,7 +32,7 @@ from mlflow import MlflowClient
 
 from bench.machine import machine
 from bench.servers import ROOT, tracking_env
-from pipeline import config
+from pipeline import config, sweep
 
 RESULTS = ROOT / "bench" / "results"
 LRS = [0.1, 0.000001, 0.05, 0.000002, 0.03, 0.000005, 0.02, 0.00001]  # learns, cannot learn, alternately
@@ -80,7 +80,7 @@ def run_sweep(folder: Path, pruner: str, workers: int, epochs: int) -> dict:
         train_id = client.get_run(trial.user_attrs["mlflow_run_id"]).data.tags["train_run_id"]
         epochs_run += len(client.get_metric_history(train_id, "val_acc"))
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
-    best = study.best_trial
+    best = sweep.best_of(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))  # the trial registered
     return {"wall_s": wall, "epochs": epochs_run, "trials": len(study.trials), "states": states,
             "best_lr": best.params["train.lr"], "best_val_acc": best.value}
 

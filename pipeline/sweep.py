@@ -430,6 +430,24 @@ def safe_url(url: str) -> str:
         return url
 
 
+def dashboard_hint(url: str) -> str:
+    """The optuna-dashboard command for storage `url`, without its password: a log keeps no secret, and a masked
+    `***` copied from it would not log in, so the hint says where the password goes instead."""
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:  # noqa: BLE001 - an unparsable URL is reported by open_storage
+        return f"optuna-dashboard {url}"
+    if parsed.password is None:
+        return f"optuna-dashboard {url}"
+    where = ("its password in PGPASSWORD or ~/.pgpass" if parsed.get_backend_name() == "postgresql"
+             else "its password added to the URL")
+    bare = sqlalchemy.engine.URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port,
+                                        parsed.database, parsed.query)  # URL.set(password=None) keeps it
+    return f"optuna-dashboard {bare.render_as_string(hide_password=False)} (with {where})"
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """The Optuna storage at `url` (tables created if new), with heartbeats; ConfigError if it cannot be opened.
     `postgresql://` URLs use psycopg2."""
@@ -797,6 +815,13 @@ def trial_table(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def best_of(done: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
+    """The best of finished trials as register_best picks it: the highest value, the lowest-numbered of equals
+    (ties are common on small validation sets; Optuna's study.best_trial takes whichever its storage's SQL
+    returns first, as its ORDER BY has no tie-break)."""
+    return max(done, key=lambda t: (t.value, -t.number))
+
+
 def register_best(plan: Plan, study: optuna.Study) -> dict:
     """Inside the sweep's parent run: register the best COMPLETE trial, compare the COMPLETE ones,
     record the trials table; end the parent run FINISHED."""
@@ -805,7 +830,7 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
     with trials.parent_run(study.user_attrs["mlflow_parent_run_id"]):
         results = trial_table(study)
         done = results[(results["state"] == "COMPLETE") & (results["train_status"] == "FINISHED")]
-        best = None if done.empty else done.loc[done[OBJECTIVE].idxmax()]
+        best = None if done.empty else done.loc[done[OBJECTIVE].idxmax()]  # rows in trial order: as best_of
         decision, comparison = None, None
         if best is not None:
             best_cfg = plan.load(plan.values(study.trials[int(best["trial"])]), f"trial {best['trial']}")
@@ -918,7 +943,7 @@ def run(args: argparse.Namespace) -> int:
     study, leads = join_study(plan, storage, name)
     print(f"{'started' if leads else 'joined'} Optuna study {name} in {safe_url(storage_url)} "
           f"({plan.sampler_name} sampler, {plan.pruner_name} pruner, {plan.trials} trials); "
-          f"optuna-dashboard {safe_url(storage.url)}", flush=True)  # the driver it opened
+          f"{dashboard_hint(storage.url)}", flush=True)  # the driver it opened
     with contextlib.ExitStack() as stack:
         if leads:
             try:
@@ -970,7 +995,7 @@ def run(args: argparse.Namespace) -> int:
     if not done:
         print(f"error: no trial of study {name} finished; nothing registered", file=sys.stderr)
         return 1
-    best = study.best_trial
+    best = best_of(done)  # registration's rule, not study.best_trial's (no tie-break)
     print(f"study {name}: best trial {best.number} ({label(best.params)}) {OBJECTIVE} {best.value:.4f}")
     return 0
 

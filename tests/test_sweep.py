@@ -81,7 +81,8 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
     assert (pruned_epochs, plain_epochs) == (3 + stopped, 2 * 3)
 
     # The same best trial, registered once per sweep.
-    best = {name: study.best_trial for name, study in studies.items()}
+    best = {name: sweep.best_of(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+            for name, study in studies.items()}
     assert best["pruned"].number == best["plain"].number and best["pruned"].params == best["plain"].params
     assert best["pruned"].value == pytest.approx(best["plain"].value, abs=0.02)
     assert pruned_parent.data.tags["best_trial"] == str(best["pruned"].number)
@@ -234,6 +235,37 @@ def test_trials_validated_on_different_held_out_images_are_warned_of(store, tmp_
         "warning: the trials differ in train.seed, and so do the held-out images their val_acc is measured on: the "
         "best trial is chosen on different images (the comparison's val_data column shows each trial's)",
         "error: storage: stopped here"]
+
+
+def test_the_best_trial_named_is_the_first_of_equals_as_registered():
+    """Ties are common on small validation sets: the sweep's last line names the trial registration picks (the
+    lowest-numbered of equals, register_best's rows being in trial order), not Optuna's study.best_trial, whose
+    SQL has no tie-break and whose in-memory storage keeps the first of equals to finish."""
+    study = optuna.create_study(direction="maximize")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    first = study.ask(dist)  # trial 0 starts first and ends last (another worker finishes trial 1 meanwhile)
+    study.add_trial(optuna.trial.create_trial(value=0.9902, params={"x": 0.5}, distributions=dist))
+    study.add_trial(optuna.trial.create_trial(value=0.5, params={"x": 0.1}, distributions=dist))
+    study.tell(first, 0.9902)
+    assert study.best_trial.number == 1  # the case: Optuna names another trial than the first of equals
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert sweep.best_of(done).number == 0
+    assert sweep.trial_table(study)["trial"].tolist() == [0, 1, 2]  # register_best's idxmax: the first row of equals
+
+
+@pytest.mark.parametrize(("url", "hint"), [
+    ("postgresql+psycopg2://mlflow:s3cr%40t@team-host:5432/optuna",
+     "optuna-dashboard postgresql+psycopg2://mlflow@team-host:5432/optuna (with its password in PGPASSWORD or "
+     "~/.pgpass)"),
+    ("postgresql+psycopg2://mlflow@team-host/optuna", "optuna-dashboard postgresql+psycopg2://mlflow@team-host/optuna"),
+    ("mysql+pymysql://user:s3cr%40t@db/optuna",
+     "optuna-dashboard mysql+pymysql://user@db/optuna (with its password added to the URL)"),
+    ("sqlite:////tmp/optuna.db", "optuna-dashboard sqlite:////tmp/optuna.db"),
+], ids=["postgresql-password", "postgresql-pgpassword", "mysql-password", "sqlite"])
+def test_the_dashboard_hint_leaves_the_password_out_and_says_where_it_goes(url, hint):
+    """A masked `***` copied from the hint would not log in, and a log keeps no secret: the hint drops the password
+    and says where it goes."""
+    assert sweep.dashboard_hint(url) == hint
 
 
 @pytest.mark.parametrize(("body", "rehearsed"), [
