@@ -3,9 +3,10 @@
 Reads:  a model URI (from train) and a prepared dataset URI (from prepare).
 Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`, `test_images` (how many it
         scored), `test_images_in_train` (how many of those the model was trained on, pixel for pixel: register
-        moves no alias on a score that counts any), `test_acc_<class>` on this run and on the logged model;
-        artifacts `metrics.json`, `confusion_matrix.csv`, `confusion_matrix.png`, `predictions.png` (sample test
-        images with predicted and true labels, the seed's prediction demo).
+        moves no alias on a score that counts any), `test_acc_<class>` on this run and on the logged model,
+        and tag `test_data_sha256` (the scored test split's digest) on both; artifacts `metrics.json`,
+        `confusion_matrix.csv`, `confusion_matrix.png`, `predictions.png` (sample test images with predicted and
+        true labels, the seed's prediction demo).
 Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`.
 """
 

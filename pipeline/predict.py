@@ -1,9 +1,9 @@
 """Ask a running model server (`mlflow models serve -m <model uri>`) what some pictures show.
 
 Usage: python -m pipeline.predict cat.png dog.jpg --url http://127.0.0.1:5000
-Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF) as base64 to `<url>/invocations` and prints one line per image:
-file, predicted label, its probability (tab-separated). Exits 1 with a message on stderr when --url
-is not an http(s) URL, a file cannot be read, the server cannot be reached or it refuses the request
+Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as base64 to `<url>/invocations` and
+prints one line per image: file, predicted label, its probability (tab-separated). Exits 1 with a message on stderr
+when --url is not an http(s) URL, a file cannot be read, the server cannot be reached or it refuses the request
 (naming the file it refused), printing no predictions then.
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """

@@ -30,8 +30,8 @@ Writes: one sweep parent run (tag step = 'sweep'; its id is kept in the study's 
         another worker (or the rerun command) marks that trial FAILED, its runs FAILED, and queues it
         again (at most MAX_RETRY times).
         Once every trial has ended, one worker (exactly one: it creates the study's lock study
-        `<study>.register`) registers the best finished trial (by its final val_acc, on training images
-        held out: `train.validation_fraction` > 0 is required, so no trial is chosen on the test images
+        `<study>.register`) registers the best finished trial (by its final val_acc, the first of equals, on
+        training images held out: `train.validation_fraction` > 0 is required, so no trial is chosen on the test images
         whose test_acc it reports, and the same for every trial, so none is ranked on a share of other size;
         register's own rule then applies) and compares the finished trials.
 The MLflow side of trials (creating, entering, failing and reading their runs) is `pipeline.tracking.trials`.

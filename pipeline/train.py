@@ -2,8 +2,10 @@
 
 Reads:  a prepared dataset URI (from prepare; prepared on the spot, or reused, if not given).
 Writes: params (every resolved value, once); per-epoch metrics `loss`, `acc`, `val_loss`,
-        `val_acc`, `lr`, `epoch_seconds`, `images_per_second` with step = epoch (1-based);
-        artifacts `history.csv`, `curves.png` (acc/val_acc, the seed's plot), `config.json`;
+        `val_acc`, `lr`, `iterations`, `epoch_seconds`, `images_per_second` with step = epoch (1-based);
+        tags such as `devices` (this host's), `replicas` (over every host) and `val_data_sha256` (the images
+        val_acc is measured on: the test split's with train.validation_fraction 0); artifacts `history.csv`,
+        `curves.png` (acc/val_acc, the seed's plot), `config.json`;
         the model (a pyfunc around the Keras model, see pipeline.serve: no enforcing signature,
         the accepted input formats in the MLmodel metadata, a uint8 input example).
 Returns the logged model's URI (`models:/m-...`).
