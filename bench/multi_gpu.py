@@ -12,11 +12,13 @@ the others):
     tensorflow  MirroredStrategy        train.distribute=mirrored           (XLA off: Keras's auto)
     tensorflow  MirroredStrategy + XLA  train.distribute=mirrored train.jit_compile=true
     jax         one device              train.distribute=none
-    jax         DataParallel            train.distribute=data_parallel      (JAX always compiles)
+    jax         DataParallel            train.distribute=data_parallel
 
-A backend that is not installed is reported as skipped. Writes <results>/multi_gpu.json and multi_gpu.md: per arm
-the devices, XLA, steady seconds per epoch, images/s, the speed-up over the same backend's one device and the last
-val_acc; then the fastest arm, the choice. Needs two GPUs or more (exit 2 otherwise); `--virtual-cpus N` rehearses
+The JAX arms compile their train step with XLA as the profile's `train.jit_compile` says (auto: on; false, as in
+params/tiny.yaml: Keras runs the step op by op). A backend that is not installed is reported as skipped. Writes
+<results>/multi_gpu.json and multi_gpu.md: per arm the devices, XLA (the model's `jit_compile`), steady seconds
+per epoch, images/s, the speed-up over the same backend's one device and the last val_acc; then the fastest arm,
+the choice. Needs two GPUs or more (exit 2 otherwise); `--virtual-cpus N` rehearses
 every arm on N virtual CPU devices instead (its timings mean nothing), writing nowhere unless `--results` is given.
 """
 
@@ -75,11 +77,16 @@ def run_arm(backend: str, overrides: str, args: argparse.Namespace) -> dict:
 
 def failure(stderr: str) -> str:
     """What a failed arm's stderr says: its Python exception with the lines after it (TensorFlow's message goes on
-    below its first line), else its last line (an XLA abort), in one line of at most 300 characters."""
+    below its first line), else its last line (an XLA abort), in one line of at most 300 characters. TensorFlow's
+    "Detected at node ... defined at" traceback of the graph's Python, its source pointers and node names come
+    between the exception's first line and its cause: they are left out, else the note was that traceback."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.lstrip().startswith("@")]
     raised = [i for i, line in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception): ", line)]
-    text = " ".join(lines[raised[-1]:] if raised else lines[-1:]) or "no result"
-    return text[:300]
+    said = lines[raised[-1]:] if raised else lines[-1:]
+    if raised:
+        said = [line for line in said if not re.match(r'(Detected at node |File ")', line)]
+    text = re.sub(r"\s*(\(defined @ [^)]*\)|\[\[.*?\]\]|\[Op:[^\]]*\])", "", " ".join(said))
+    return text.strip()[:300] or "no result"
 
 
 def table(results: dict) -> pd.DataFrame:

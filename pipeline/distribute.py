@@ -121,7 +121,7 @@ class Distribution:
         # Two 28-bit pieces of each digest (int32 tensors).
         mine = [tasks.index(self.cluster.task), done,
                 *(int(job[part][i:i + 7], 16) for part in parts for i in (0, 7))]
-        with host_lost_as_step_failure(self.task):
+        with host_lost_as_step_failure(self.task, before=tasks[0]):  # a host that failed in prepare ends here
             everyone = self.strategy.gather(self.strategy.run(lambda: tf.constant([mine], tf.int32)), axis=0)
         hosts = {tasks[task]: (done, dict(zip(parts, zip(d[::2], d[1::2], strict=True), strict=True)))
                  for task, done, *d in everyone.numpy().tolist()}
@@ -382,12 +382,15 @@ HOST_LOST = "stopped answering"
 
 
 @contextlib.contextmanager
-def host_lost_as_step_failure(own: str = ""):
+def host_lost_as_step_failure(own: str = "", before: str = ""):
     """A host of the cluster lost (killed, crashed, unreachable) as one line: TensorFlow's coordination service
     notices its missing heartbeats and aborts every collective with an UnavailableError several screens long.
     Every host's checkpoint keeps its completed epochs, so rerunning every host's command continues the run.
     own: this host's task ("worker 0"), never the one lost: TensorFlow's `{{function_node ...}}` prefix names this
-    host's own device (a peer that lost worker 1 said "worker 0, worker 1 stopped answering")."""
+    host's own device (a peer that lost worker 1 said "worker 0, worker 1 stopped answering").
+    before: set (to the chief's task) around the hosts' first collective (`Distribution.agree`): a host lost there
+    ended before training began, most often with an error of its own (the chief's prepare failing on a bad data
+    path): said so, and where its error is, rather than "stopped answering" and a rerun that would continue."""
     import tensorflow as tf
 
     from pipeline.tracking import StepFailed
@@ -404,6 +407,13 @@ def host_lost_as_step_failure(own: str = ""):
         lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__]
         said = next((line for line in lines if re.search(r"unhealthy|heartbeat|aborted|unavailable|connect", line,
                                                          re.IGNORECASE)), lines[0])
+        if before:
+            who = ", ".join(f"{task} (the chief)" if task == before else task for task in lost) or \
+                "a host of the cluster"
+            where = " (the chief's also in the failure_reason tag of its failed MLflow run)" if before in lost else ""
+            raise StepFailed(f"{TF_CONFIG}: {who} ended before training began (TensorFlow: {said[:200]}): nothing was "
+                             f"trained. Its own output says why{where}: fix that, then rerun every host's command") \
+                from None
         raise StepFailed(f"{TF_CONFIG}: {', '.join(lost) or 'a host of the cluster'} {HOST_LOST} (TensorFlow: "
                          f"{said[:200]}): the other hosts cannot train without it. Completed epochs stay "
                          f"checkpointed on every host: once it is back, rerun every host's command to continue") \

@@ -56,7 +56,7 @@ from pipeline.tracking import (
     set_tags,
     step_run,
 )
-from pipeline.tracking.resume import TRAIN_CODE, checkpoint_dir, release, train_code
+from pipeline.tracking.resume import TRAIN_CODE, checkpoint_dir, log_train_params, release, train_code
 from pipeline.tracking.training import (
     MlflowEpochLogger,
     log_trained_model,
@@ -96,6 +96,9 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     run after the per-epoch logging and checkpoint (a sweep's pruning callback)."""
     t = cfg.train
     dist = dist or distribution(t.distribute)  # first: a multi-worker strategy must precede every TF op
+    # Before any refusal below (the replicas' batches, the hosts' `agree`): a run refused there ends FAILED with its
+    # reason and the params that say what it was (`start_training`'s tags and config.json follow once it trains)
+    log_train_params(cfg, dataset_uri)
     dataset = prepare.load_dataset(dataset_uri)
     splits = split_validation(dataset, t.validation_fraction, t.seed)
     check_replica_batches(cfg, dist, splits)

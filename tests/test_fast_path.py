@@ -86,6 +86,8 @@ def test_an_epoch_ending_in_fewer_images_than_replicas_is_refused_before_trainin
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
     assert run.info.status == "FAILED" and "train.batch_size" in run.data.tags["failure_reason"]
+    # with its params: refused before training began, it had none, and said nothing in the MLflow UI of what it was
+    assert run.data.params["train.batch_size"] == "32" and run.data.params["data.synthetic_train"] == "1025"
     assert not client.search_logged_models([client.get_experiment_by_name("e2e").experiment_id])
 
 
@@ -225,8 +227,27 @@ def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(store
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("TF_CONFIG: worker 1 ")
+    assert run.data.params["train.lr"] == "0.05" and run.data.params["model.widths"] == "[16, 32, 64]"  # the chief's
     assert client.get_metric_history(run.info.run_id, "val_acc") == []  # not one epoch
     assert client.search_model_versions("name = 'cifar10-resnet'") == []
+
+
+def test_a_chief_that_fails_before_training_is_named_so_on_the_workers(store, tmp_path):
+    """The chief's prepare fails (a data path bad on the chief alone): worker 1, waiting for it in the hosts' first
+    collective, said "worker 0 stopped answering" and "rerun every host's command to continue". Now it says the chief
+    ended before training began and where its error is; no host hangs."""
+    bad = tmp_path / "cifar10.tar.gz"
+    bad.write_bytes(b"not an archive" * 100)
+    chief, worker = start_two_hosts(store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
+                                    "--data", str(bad), worker_args=("--data", "synthetic"))
+    outputs = [p.communicate(timeout=300) for p in (chief, worker)]
+    assert chief.returncode == 2, outputs[0][1][-2000:]
+    assert "unreadable archive" in outputs[0][1].strip().splitlines()[-1]
+    assert worker.returncode == 3, outputs[1][1][-3000:]
+    last = outputs[1][1].strip().splitlines()[-1]
+    assert last.startswith("error: TF_CONFIG: worker 0 (the chief) ended before training began (TensorFlow: "), last
+    assert last.endswith("Its own output says why (the chief's also in the failure_reason tag of its failed MLflow "
+                         "run): fix that, then rerun every host's command")
 
 
 def test_a_workers_checkpoint_is_found_by_a_rerun_that_extends_the_run(store):

@@ -49,6 +49,19 @@ def test_speed_up_over_the_backends_one_device_and_the_fastest_clean_arm_is_chos
                "\n\nTrying to access resource x located in device CPU:1 from device CPU:0\n",
      "exit 1: tensorflow.python.framework.errors_impl.InvalidArgumentError: Graph execution error: Trying to access "
      "resource x located in device CPU:1 from device CPU:0"),
+    # TensorFlow's graph traceback between the exception and its cause (XLA under MirroredStrategy on 2 CPU devices):
+    # the note was "...Graph execution error: Detected at node StatefulPartitionedCall defined at (most recent call
+    # last): File "<frozen runpy>", line 198, ..." up to its 300 characters
+    (1, False, "tensorflow.python.framework.errors_impl.InvalidArgumentError: Graph execution error:\n"
+               "Detected at node StatefulPartitionedCall defined at (most recent call last):\n"
+               '  File "<frozen runpy>", line 198, in _run_module_as_main\n'
+               + '  File "/x/keras/src/backend/tensorflow/trainer.py", line 125, in wrapper\n' * 9
+               + "Trying to access resource seed_generator/state/replica_1/3 (defined @ /x/keras/src/backend/"
+               "tensorflow/core.py:43) located in device CPU:1 from device CPU:0\n Cf. https://www.tensorflow.org/xla/known_issues"
+               "\n\t [[{{node StatefulPartitionedCall}}]] [Op:__inference_multi_step_on_iterator_7498]\n",
+     "exit 1: tensorflow.python.framework.errors_impl.InvalidArgumentError: Graph execution error: Trying to access "
+     "resource seed_generator/state/replica_1/3 located in device CPU:1 from device CPU:0 Cf. "
+     "https://www.tensorflow.org/xla/known_issues"),
     (-6, False, "F1204 rendezvous.cc:161] Termination timeout\n    @     0x7fb5 std::__invoke_impl<>()\n",
      "exit -6: F1204 rendezvous.cc:161] Termination timeout"),
 ])
@@ -263,6 +276,39 @@ def test_a_host_lost_mid_training_is_one_line_naming_it(monkeypatch, index, lost
         f"TF_CONFIG: {said} stopped answering (TensorFlow: Collective ops is aborted by: ")
     assert text.endswith("Completed epochs stay checkpointed on every host: once it is back, rerun every host's "
                          "command to continue")
+
+
+@pytest.mark.parametrize(("index", "lost", "said", "where"), [
+    (1, EAGER % 1 + RESET, "worker 0 (the chief)",
+     " (the chief's also in the failure_reason tag of its failed MLflow run)"),
+    (0, EAGER % 0 + UNHEALTHY, "worker 1", ""),
+], ids=["the-chief", "a-worker"])
+def test_a_host_that_ends_before_training_is_said_to_have_ended_before_training(index, lost, said, where):
+    """The chief failed in prepare (a bad data path on it alone): worker 1, waiting in `agree` (the hosts' first
+    collective), said "worker 0 stopped answering ... Completed epochs stay checkpointed ... rerun every host's
+    command to continue", as if a training host had been lost. Now: which host ended before training began, and
+    where its error is."""
+    import tensorflow as tf
+
+    from pipeline import distribute
+    from pipeline.tracking import StepFailed
+
+    class Gone(Strategy):
+        def run(self, fn):
+            raise tf.errors.UnavailableError(None, None, lost)
+
+        def gather(self, value, axis):
+            return value
+
+    dist = distribute.Distribution("multi_worker", [f"/job:worker/replica:0/task:{index}/device:CPU:0"], Gone(2),
+                                   distribute.Cluster({"worker": TWO}, "worker", index))
+    with pytest.raises(StepFailed) as error:
+        dist.agree({"data": "d" * 64}, 0)
+    text = str(error.value)
+    assert "\n" not in text and text.startswith(
+        f"TF_CONFIG: {said} ended before training began (TensorFlow: Collective ops is aborted by: ")
+    assert text.endswith(f"): nothing was trained. Its own output says why{where}: fix that, then rerun every host's "
+                         f"command"), text
 
 
 @pytest.mark.parametrize("mode", ["none", "mirrored"])
