@@ -194,11 +194,16 @@ def jax_cpu_bf16_xla_wrong() -> bool:
     return not np.allclose(jitted, eager, rtol=0.02, atol=0.05)  # bfloat16 rounding alone stays well inside
 
 
-def jax_cpu_bf16_xla_fallback(precision: str, cfg: config.TrainConfig, devices) -> tuple[str, bool | str] | None:
+def on_gpu(devices) -> bool:
+    """Whether the training devices (`Distribution.devices`) are GPUs."""
+    return any("gpu" in d.lower() or "cuda" in d.lower() for d in devices)
+
+
+def jax_cpu_bf16_xla_fallback(precision: str, cfg: config.TrainConfig, gpu: bool) -> tuple[str, bool | str] | None:
     """(precision, jit_compile) instead of bfloat16 + XLA on a JAX CPU that computes it wrongly
     (`jax_cpu_bf16_xla_wrong`): float32 for precision auto, else no XLA; None where nothing needs to change."""
     if (keras.backend.backend() != "jax" or precision != "mixed_bfloat16" or cfg.jit_compile is False
-            or any("gpu" in d.lower() or "cuda" in d.lower() for d in devices) or not jax_cpu_bf16_xla_wrong()):
+            or gpu or not jax_cpu_bf16_xla_wrong()):
         return None
     return ("float32", cfg.jit_compile) if cfg.precision == "auto" else (precision, False)
 
@@ -218,7 +223,7 @@ def fast_path(cfg: config.TrainConfig, dist: Distribution, probe: Callable[[], t
     and jit_compile auto Keras's rule; where that is bfloat16 + XLA on a JAX CPU that computes it wrongly
     (`jax_cpu_bf16_xla_wrong`), float32 for precision auto, else no XLA (both given: `check_backend` refuses).
     """
-    gpu = any("gpu" in d.lower() or "cuda" in d.lower() for d in dist.devices)
+    gpu = on_gpu(dist.devices)
     jit: bool | str = cfg.jit_compile
     PROBED.clear()
     if probe and not gpu and dist.mode == "none" and keras.backend.backend() == "tensorflow" and "auto" in (
@@ -238,7 +243,7 @@ def fast_path(cfg: config.TrainConfig, dist: Distribution, probe: Callable[[], t
     precision = cfg.precision
     if precision == "auto":
         precision = "mixed_bfloat16" if gpu or cpu_has_bf16() else "float32"
-    fallback = jax_cpu_bf16_xla_fallback(precision, cfg, dist.devices)
+    fallback = jax_cpu_bf16_xla_fallback(precision, cfg, gpu)
     if fallback:
         chosen = "train.precision auto: float32" if fallback[0] == "float32" else "train.jit_compile auto: no XLA"
         print(f"{chosen}, as this JAX's XLA computes bfloat16 convolutions wrongly on a CPU (NaN val_loss; "

@@ -153,8 +153,8 @@ def ensure_store() -> str:
     """
     uri = mlflow.get_tracking_uri()
     shown = _without_password(uri)  # also in the reason: MLflow's own message quotes the URI whole
-    if uri.startswith("sqlite:///"):
-        database = os.path.abspath(uri.removeprefix("sqlite:///").partition("?")[0])
+    database = sqlite_file(uri)
+    if database:
         digest = hashlib.sha256(database.encode()).hexdigest()[:16]
         with file_lock(Path(tempfile.gettempdir()) / f"pipeline-store-{digest}.lock"):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
@@ -173,6 +173,12 @@ def ensure_store() -> str:
     else:
         return uri
     raise ConfigError(f"MLFLOW_TRACKING_URI: cannot open the tracking store {shown}: {reason}")
+
+
+def sqlite_file(uri: str) -> str | None:
+    """The real path of a `sqlite:///` store's database file (`sqlite:///mlflow.db` names another file in every
+    folder, and one file has many spellings: absolute, through a symlink); None for other stores."""
+    return os.path.realpath(uri.removeprefix("sqlite:///").partition("?")[0]) if uri.startswith("sqlite:///") else None
 
 
 def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:

@@ -32,6 +32,7 @@ from pipeline.tracking import (
     checkpoint_root,
     code_digest,
     json_digest,
+    sqlite_file,
     trained_dataset_uri,
     unfinished_runs,
 )
@@ -118,8 +119,8 @@ def _store() -> str:
     spellings (`sqlite:////abs/mlflow.db`, a folder through a symlink); any other (a server, a database) by its URI
     less the password (the file is for anyone to read, and a new password is the same store)."""
     uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        return "sqlite:///" + os.path.realpath(uri.removeprefix("sqlite:///").partition("?")[0])
+    if database := sqlite_file(uri):
+        return "sqlite:///" + database
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme in ("", "file"):
         return "file://" + os.path.realpath(parsed.path)
