@@ -6,6 +6,7 @@ Reads:  training runs (tag step = 'train') of every experiment, or of one, or na
 Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
         run: the params (and `train_code`) that differ between the runs, epochs, final and best `val_acc`,
         `val_data` where the runs' validation images differ or one validated on the test split,
+        `val_images_in_train` where a val_acc counts images its run trained on,
         `test_acc` on the dataset it trained on, `test_data` where the runs' test splits differ,
         `test_images_in_train` where a test_acc counts images its model trained on, wall time, images/s),
         `val_acc.png` (val_acc per epoch, one curve per run, the best LEGEND_RUNS named) and
@@ -110,8 +111,9 @@ def val_data(run: pd.Series, test_data: str | None) -> str | None:
 def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataFrame:
     """One row per run: name, run id, the differing params (without the `params.` prefix) and PROVENANCE_TAGS,
     RESULT_COLUMNS (with `val_data` after best_val_acc where the validation images differ or a run validated on
-    the test split, `test_data` after test_acc where the test splits differ, `test_images_in_train` where a
-    test_acc counts images its model was trained on)."""
+    the test split, `val_images_in_train` after those where a val_acc counts images its run trained on,
+    `test_data` after test_acc where the test splits differ, `test_images_in_train` where a test_acc counts images
+    its model was trained on)."""
     rows = []
     varying = differing_params(runs)
     provenance = [t for t in PROVENANCE_TAGS if f"tags.{t}" in runs and runs[f"tags.{t}"].dropna().nunique() > 1]
@@ -129,6 +131,7 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             "val_acc": history.iloc[-1] if len(history) else math.nan,
             "best_val_acc": history.max() if len(history) else math.nan,
             "val_data": val_data(run, test_data),
+            "val_images_in_train": run.get("metrics.val_images_in_train", math.nan),  # NaN: a run from before it
             "test_acc": metrics.get("test_acc", math.nan),
             "wall_s": wall,
             # The last epoch's throughput: the first one also pays for tracing and compilation.
@@ -142,6 +145,10 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
         table.insert(table.columns.get_loc("best_val_acc") + 1, "val_data", table.pop("val_data"))
     else:
         table = table.drop(columns="val_data")
+    held_out = table.pop("val_images_in_train")
+    if (held_out > 0).any():  # a val_acc partly on images trained on overstates: shown beside it
+        after = "val_data" if "val_data" in table else "best_val_acc"
+        table.insert(table.columns.get_loc(after) + 1, "val_images_in_train", held_out.astype("Int64"))
     in_train = table.pop("test_images_in_train")
     if (in_train > 0).any():  # a test_acc partly on training images overstates: shown beside it
         table.insert(table.columns.get_loc("test_acc") + 1, "test_images_in_train", in_train.astype("Int64"))
@@ -167,8 +174,8 @@ def test_data_note(table: pd.DataFrame) -> str:
 
 
 def val_data_note(table: pd.DataFrame) -> str:
-    """Lines before the table where its val_acc values come from different validation images, or are test scores
-    (a run validated on the test split), else ''."""
+    """Lines before the table where its val_acc values come from different validation images, are test scores
+    (a run validated on the test split), or count images their run trained on, else ''."""
     sets = table["val_data"].dropna() if "val_data" in table else pd.Series(dtype=str)
     on_test = int(sets.str.startswith(ON_TEST).sum())
     older = (f"; `{FROM_PARAMS}` for a run from before that was recorded: a digest of its dataset, "
@@ -181,6 +188,11 @@ def val_data_note(table: pd.DataFrame) -> str:
                  "(train.validation_fraction 0): their val_acc is a test score, a run chosen by it is chosen on the "
                  "test images, and its test_acc is then no unbiased estimate. Hold training images out "
                  "(train.validation_fraction > 0) to choose.\n\n")
+    seen = int((table["val_images_in_train"] > 0).sum()) if "val_images_in_train" in table else 0
+    if seen:
+        note += (f"The val_acc of {seen} run{'s' * (seen > 1)} counts images it was measured on that are also images "
+                 "its model trained on (column val_images_in_train: the same pixels): it overstates, and runs chosen "
+                 "by it are chosen partly on images they learned.\n\n")
     return note
 
 

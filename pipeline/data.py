@@ -345,7 +345,8 @@ def load_source(source: str, *, synthetic_train: int = 10000, synthetic_test: in
 
 def test_images_in_train(x_train: np.ndarray, x_test: np.ndarray) -> int:
     """How many test images are training images too, pixel for pixel (a file copied into both splits, a split made
-    twice): test_acc scores them as unseen, so it overstates. CIFAR-10 has none (nor has its JPEG q75 copy).
+    twice): test_acc scores them as unseen, so it overstates. CIFAR-10 has none (nor has its JPEG q75 copy). Train
+    counts the images val_acc is measured on against those it trains on with it too (`val_images_in_train`).
 
     Each image is keyed by a 64-bit sum of its bytes as 8-byte words times fixed odd multipliers (0.1 s for
     60,000 images, against 0.6 s hashing each with blake2b in Python); a test image whose key some training image

@@ -4,7 +4,9 @@ Reads:  a prepared dataset URI (from prepare; prepared on the spot, or reused, i
 Writes: params (every resolved value, once); per-epoch metrics `loss`, `acc`, `val_loss`,
         `val_acc`, `lr`, `iterations`, `epoch_seconds`, `images_per_second` with step = epoch (1-based);
         tags such as `devices` (this host's), `replicas` (over every host) and `val_data_sha256` (the images
-        val_acc is measured on: the test split's with train.validation_fraction 0); artifacts `history.csv`,
+        val_acc is measured on: the test split's with train.validation_fraction 0); metric `val_images_in_train`
+        (how many of those have the same pixels as an image the model trains on; a warning where any do:
+        val_acc then overstates); artifacts `history.csv`,
         `curves.png` (acc/val_acc, the seed's plot), `config.json`;
         the model (a pyfunc around the Keras model, see pipeline.serve: no enforcing signature,
         the accepted input formats in the MLmodel metadata, a uint8 input example).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import config, fitting, prepare
-from pipeline.data import Dataset, arrays_digest
+from pipeline.data import Dataset, arrays_digest, test_images_in_train
 from pipeline.distribute import TRAINED, Distribution, distribution
 from pipeline.fitting import (
     Checkpoint,
@@ -53,6 +56,7 @@ from pipeline.tracking import (
     checkpoint_root,
     cli,
     json_digest,
+    log_metrics,
     set_tags,
     step_run,
 )
@@ -117,6 +121,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
         # what val_acc is measured on: compare tells runs validated on other images (or on the test split) apart
         VAL_DATA_TAG: arrays_digest(splits[2:], dataset.class_names),
         **({"cpu_fast_path_probe": json.dumps(fitting.PROBED)} if fitting.PROBED else {})})
+    log_val_images_in_train(splits, t.validation_fraction)
     print(f"training {model.name} ({model.count_params():,} params) on {train_images} images, "
           f"backend {keras.backend.backend()}, {dist.mode} over {dist.workers} host(s), devices {dist.devices}")
 
@@ -150,6 +155,21 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
         release(run_id)  # held until the model is logged: else a second identical command could resume this run
     print(f"logged model {model_uri}")
     return model_uri
+
+
+def log_val_images_in_train(splits: tuple, validation_fraction: float) -> int:
+    """Log metric `val_images_in_train`: how many of the images val_acc is measured on (`split_validation`'s) have
+    the same pixels as an image the model trains on; say so on stderr where any do. Returns the count."""
+    x_train, _, x_val, _ = splits
+    count = test_images_in_train(x_train, x_val)
+    log_metrics({"val_images_in_train": count})
+    if count:
+        held_out = ("held-out training images" if validation_fraction
+                    else "test images (train.validation_fraction 0)")
+        print(f"warning: {count} of the {len(x_val)} {held_out} val_acc is measured on are also images the model "
+              "trains on (the same pixels): val_acc scores them as unseen and overstates, and a sweep choosing or "
+              "pruning trials by it is misled", file=sys.stderr, flush=True)
+    return count
 
 
 def training_job(cfg: config.Config, dataset: Dataset) -> dict[str, str]:

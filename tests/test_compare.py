@@ -315,6 +315,33 @@ def test_test_accs_that_count_training_images_are_marked(monkeypatch):
     assert "test_images_in_train" not in table and compare.test_data_note(table) == ""
 
 
+def test_val_accs_that_count_images_trained_on_are_marked(monkeypatch):
+    """A run whose held-out images had copies among the images it trained on ranked first by val_acc (as a sweep
+    picks its winner), nothing in the table saying its score was partly on images it had learned."""
+    import math
+
+    import pandas as pd
+
+    from pipeline import compare
+    from pipeline.tracking import markdown_table
+
+    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: ({"test_acc": 0.5}, "0" * 64))
+    runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "params.train.lr": ["0.1"] * 3,
+                         "params.train.validation_fraction": ["0.1"] * 3, "tags.val_data_sha256": ["1" * 64] * 3,
+                         "metrics.val_images_in_train": [12.0, 0.0, math.nan],  # c: a run from before the metric
+                         "tags.model_uri": ["models:/m-a"] * 3, "start_time": pd.NaT, "end_time": pd.NaT})
+    histories = {r: pd.Series({1: acc}) for r, acc in zip("abc", (0.9, 0.8, 0.7), strict=True)}
+    table = compare.top_runs(compare.build_table(runs, histories), "val_acc", None)
+    assert list(table.columns).index("val_images_in_train") == list(table.columns).index("best_val_acc") + 1
+    assert table["val_images_in_train"].tolist()[:2] == [12, 0] and pd.isna(table["val_images_in_train"][2])
+    assert compare.val_data_note(table).startswith("The val_acc of 1 run counts images it was measured on that are "
+                                                   "also images its model trained on")
+    assert "| 12 " in markdown_table(table) and "<NA>" not in markdown_table(table)
+    runs["metrics.val_images_in_train"] = [0.0, 0.0, math.nan]  # none anywhere: no column, no note
+    table = compare.build_table(runs, histories)
+    assert "val_images_in_train" not in table and compare.val_data_note(table) == ""
+
+
 def test_runs_with_equal_scores_are_listed_oldest_first(store):
     """A sweep registers the first of its trials with equal val_acc (held-out splits of a few hundred images make
     ties common), but its comparison listed the newest of them on top, as if it had won."""

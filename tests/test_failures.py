@@ -674,6 +674,44 @@ def test_prepare_records_test_images_in_train_and_says_so_when_reused(store, tmp
     assert summary["test_images_in_train"] == 6
 
 
+def held_out_copied(copied: int, fraction: float = 0.25, seed: int = 0):
+    """A synthetic dataset of 128 training images in which `copied` of the images `train.validation_fraction`
+    `fraction` holds out at `train.seed` `seed` have a copy (the same pixels) among the images trained on (in place of
+    training images: the same images are held out)."""
+    from pipeline import data, fitting
+
+    clean = data.make_synthetic(n_train=128, n_test=32)
+    trained, _, held_out, _ = fitting.split_validation(clean, fraction, seed)
+    where = {image.tobytes(): i for i, image in enumerate(clean.x_train)}
+    x_train = clean.x_train.copy()
+    for original, copy in zip(held_out[:copied], trained[:copied], strict=True):
+        x_train[where[copy.tobytes()]] = original
+    return data.Dataset(x_train, clean.y_train, clean.x_test, clean.y_test, clean.class_names)
+
+
+@pytest.mark.parametrize(("made", "fraction", "expected"), [
+    ("held-out copied", 0.25, 5), ("clean", 0.25, 0), ("test copied", 0.0, 6)])
+def test_train_counts_validation_images_it_trains_on(store, in_process, tmp_path, made, fraction, expected):
+    """A held-out image with a copy among the images trained on (a picture in the training split twice) inflated
+    val_acc, which a sweep selects and prunes on, and nothing said so: the train run logs `val_images_in_train` and
+    warns. With train.validation_fraction 0 val_acc is on the test split: the test images that are training images."""
+    import numpy as np
+
+    dataset = {"held-out copied": lambda: held_out_copied(5), "clean": lambda: held_out_copied(0),
+               "test copied": lambda: leaky_dataset(6)[1]}[made]()
+    np.savez(tmp_path / "data.npz", x_train=dataset.x_train, y_train=dataset.y_train, x_test=dataset.x_test,
+             y_test=dataset.y_test, class_names=np.array(dataset.class_names))
+    result = in_process("train", "--params", TINY, "--epochs", "1", "--overrides",
+                        f"data.source={tmp_path / 'data.npz'} train.validation_fraction={fraction} "
+                        "tracking.experiment=e2e")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
+    assert run.data.metrics["val_images_in_train"] == expected
+    held_out = "held-out training images" if fraction else "test images (train.validation_fraction 0)"
+    warning = f"warning: {expected} of the 32 {held_out} val_acc is measured on are also images the model trains on"
+    assert warning in result.stderr if expected else "val_acc is measured on are" not in result.stderr
+
+
 def test_evaluate_counts_test_images_of_the_data_the_model_trained_on(store, monkeypatch):
     """A model trained on a copy with test images in train/ and scored on the cleaned copy (the same test images)
     scored them as unseen; scored on the copy it trained on, nothing on the run or the model said so."""
