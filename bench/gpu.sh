@@ -12,11 +12,13 @@
 #      which goes on from it;
 #   4. once improved.yaml is whole, fast.yaml's next steps, whole schedules with test_acc, as long as time is left.
 #   While improved.yaml's run is unfinished a call goes on with it first (1 and 2 were measured by the call that
-#   began it) and runs nothing after it; once whole, its result is kept in .gpu-state/improved.json (carried) and
-#   later calls skip it (remove that file to train it again).
+#   began it) and runs nothing after it, unless it does not go on (a checkpoint of other settings is refused, by
+#   name; or it crashes): then fast and seed run after it. Once whole, its result is kept in
+#   .gpu-state/improved.json (carried) and later calls skip it (remove that file to train it again).
 # GPU_SH_STAGES="improved" (names separated by spaces) runs only those stages: a second call in one lease, with
 # GPU_SH_BUDGET set to its timeout_s (or the device time left, if less) less 10: a call the device tool ends before
-# the script packs its files brings the training of that call back to no one.
+# the script packs its files brings the training of that call back to no one (its loose files come back, at most 8,
+# and bench.gpu_report --unpack takes them; its table says `not run` of each stage gpu.log names without a file).
 # Measured 2026-12-04 on one H200 (bench/results/gpu.md): fast.yaml at 16 epochs test_acc 0.9058, at 24 0.9100, at
 # 24 with cutout 8 0.9123 (now the file: 7.4 s of epochs after a 24.8 s compiling first one), at 40 0.9131 (val_acc
 # flat, 0.906-0.908, over its last three epochs): on the JPEG copy this ResNet-9 stops near 0.91, short of 0.94 at any length tried. 16 epochs with ghost
@@ -32,11 +34,15 @@
 #      On 2026-12-04 fast took 49 s of the call, two epochs of improved 114 s, each explore stage ~50 s; the seed
 #      stage ~90 s on 2026-11-30.
 #
-# Here, once: the wheels that machine lacks (keras and the two it needs beyond that image; CPython 3.12),
-# about 3 MB, and the JPEG copy of CIFAR-10 (20 MB), both ignored by git:
-#   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl keras==3.15.1 namex optree
+# Here, once: the wheels that machine lacks (keras and the two it needs beyond that image, whose python3 was 3.12;
+# optree is built for one CPython, so also for the ones beside it: pip there picks the one that fits), 3.8 MB, and
+# the JPEG copy of CIFAR-10 (20 MB), both ignored by git:
+#   for v in 3.12 3.11 3.13; do pip download -q --no-deps --only-binary=:all: --python-version $v --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl keras==3.15.1 namex optree==0.20.0; done
 #   mkdir -p .data && cp ../shared/datasets/cifar10-jpeg-q75.tar.gz .data/
+# It installs keras from .whl unless the machine's Python has that very version, and namex and optree where it lacks
+# them; a misspelt GPU_SH_STAGES, wheels that fit no Python there, or a keras that does not import with its JAX end
+# the call at once with one line saying so (in gpu.log, packed as below).
 # Then through the device tool: run(command="bash bench/gpu.sh", carry=[".whl", ".data", ".gpu-state"],
 # timeout_s=580). That machine returns at most 8 files of 16 MiB, so with OUT set elsewhere than bench/results the
 # script ends by packing its files (gpu-*.json, gpu.txt, gpu.log, and .gpu-state: improved's training or result) into
@@ -50,17 +56,43 @@ set -uo pipefail
 OUT=${OUT:-bench/results}
 DATA=${DATA:-.data/cifar10-jpeg-q75.tar.gz}
 PY=${PYTHON:-python3}
+SITE=${GPU_SH_SITE:-/tmp/gpu-site}  # where the wheels go (emptied first: a warm machine keeps an earlier call's)
+STAGES="fast seed improved explore-wide explore-drop explore-ema explore-seed1 explore-24-ghost explore-32
+  explore-24-altflip"
+for name in ${GPU_SH_STAGES:-}; do  # a misspelt name would run nothing and waste the call
+  [[ " ${STAGES//$'\n'/ } " == *" $name "* ]] \
+    || { echo "GPU_SH_STAGES: no stage '$name' (stages: $(echo $STAGES))" >&2; exit 2; }
+done
 mkdir -p "$OUT"
 LOG="$OUT/gpu.log"
+echo "== call of $(date -u '+%F %T') UTC" | tee -a "$LOG"  # the date of the stages this log names (bench.gpu_report)
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2  # before the check: Keras's default backend is TF
-if ! "$PY" -c "import keras" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpu-site .whl/*.whl \
-    || { echo "installing .whl failed" | tee -a "$LOG"; exit 1; }
-  export PYTHONPATH=/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}
+# Keras from .whl unless this Python has that very version (another one would measure other code); namex and optree
+# from there where this Python lacks them, chosen by pip among the wheels of each Python .whl holds (an optree wheel
+# is built for one CPython; keras and namex are pure Python)
+wheel=$(compgen -G ".whl/keras-*.whl" | head -1) want=${wheel#.whl/keras-} want=${want%%-*}
+if [[ -n $want ]] && ! "$PY" -c "import keras, sys; sys.exit(keras.__version__ != '$want')" 2>/dev/null; then
+  need=("keras==$want")
+  for module in namex optree; do "$PY" -c "import $module" 2>/dev/null || need+=("$module"); done
+  rm -rf "$SITE"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --find-links .whl --target "$SITE" \
+    "${need[@]}" 2>&1 | tee -a "$LOG"
+  if (( PIPESTATUS[0] )); then
+    echo "installing ${need[*]} from .whl failed for $("$PY" -V 2>&1) (.whl holds: $(cd .whl && echo *.whl))" \
+      | tee -a "$LOG"
+    exit 1
+  fi
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  "$PY" -c "import jax, keras; print('jax', jax.__version__, 'keras', keras.__version__, jax.devices())"
+  "$PY" -c "import sys, jax, keras; print('python', sys.version.split()[0], 'jax', jax.__version__, 'keras',
+    keras.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/gpu.txt"
+if (( PIPESTATUS[0] )); then  # every stage would fail the same way after its imports: say why once, and stop
+  echo "== no stage run: keras ${want:-(no .whl)} and this machine's JAX and Python do not import together" \
+    "(gpu.txt says why)" | tee -a "$LOG"
+  stopped=1
+fi
 
 # Each key once in an overrides string (pipeline.config refuses one given twice, where the last would win unseen):
 # the smoke's toy scale replaces, not follows, a stage's own widths and epochs (wide9, long9)
@@ -78,7 +110,7 @@ STATE=${STATE:-${GPU_SH_STATE:-.gpu-state}}  # improved.yaml's training between 
 failed=0 budget=${GPU_SH_BUDGET:-570}  # the call's own limit (run's timeout_s) less a margin
 stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in gpu.log; skipped without the time
   local name=$1 limit=$2; shift 2
-  if [[ -n "${GPU_SH_STAGES:-}" && " $GPU_SH_STAGES " != *" $name "* ]]; then
+  if [[ -n "${GPU_SH_STAGES:-}" && " $GPU_SH_STAGES " != *" $name "* || -n ${stopped:-} ]]; then
     return
   fi
   if (( SECONDS + limit > budget )); then
@@ -93,18 +125,28 @@ stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in
   echo "== $name exit $rc $(date -u +%T)" | tee -a "$LOG"
   [[ $rc == 0 ]] && passed+=" $name " || { failed=1 failures+=" $name "; }
 }
-passed="" failures="" unfinished=""
-if [[ -d "$STATE/improved" && -z "${GPU_SH_STAGES:-}" ]]; then  # measured by the call that began that run
-  echo "== fast, seed skipped: improved.yaml's unfinished run ($STATE/improved) goes on first" | tee -a "$LOG"
-else
+# an unfinished improved.yaml run: a checkpoint saved (a folder without one, stopped before its first save, begins
+# afresh like no folder)
+resumable() { [[ -f "$STATE/improved/training_metadata.json" ]]; }
+fast_and_seed() {
   stage fast "${FAST_LIMIT:-220}" --full --params params/fast.yaml --overrides "train.feed=device $small9"
   stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
     --overrides "train.feed=device train.steps_per_execution=8 $small164"
+}
+passed="" failures="" unfinished="" resumed=""
+if resumable && [[ -z "${GPU_SH_STAGES:-}" ]]; then  # measured by the call that began that run
+  resumed=1
+  [[ -n ${stopped:-} ]] \
+    || echo "== fast, seed skipped: improved.yaml's unfinished run ($STATE/improved) goes on first" | tee -a "$LOG"
+else
+  fast_and_seed
 fi
 # the rest of the call less a margin for packing: it stops itself at an epoch's end 60 s before its limit,
 # for the scoring after its last epoch (its predict compiles; not timed yet on a GPU)
 left=$(( budget - SECONDS - 20 ))
-if [[ -f "$STATE/improved.json" ]]; then  # else each later call would begin it afresh and leave no time for the rest
+if [[ -n ${stopped:-} ]]; then
+  :
+elif [[ -f "$STATE/improved.json" ]]; then  # else each later call would begin it afresh and leave no time for the rest
   echo "== improved skipped: whole in an earlier call ($STATE/improved.json; remove it to train it again)" \
     | tee -a "$LOG"
 elif (( left >= 150 )); then  # its first epoch compiles for ~100 s
@@ -116,7 +158,14 @@ elif (( left >= 150 )); then  # its first epoch compiles for ~100 s
 else
   echo "== improved skipped: ${left}s left of the call" | tee -a "$LOG"
 fi
-if [[ -d "$STATE/improved" && -z "${GPU_SH_STAGES:-}" && "$failures" != *" improved "* ]]; then
+if [[ -n $resumed && "$failures" == *" improved "* ]]; then
+  # the run it skipped them for did not go on (refused: a checkpoint of other settings, its line above; or it
+  # crashed): the call's first measurements still come first
+  echo "== improved did not go on from $STATE/improved (its lines above say why): fast and seed run now" \
+    | tee -a "$LOG"
+  fast_and_seed
+fi
+if resumable && [[ -z "${GPU_SH_STAGES:-}${stopped:-}" && "$failures" != *" improved "* ]]; then
   # unfinished: the next call goes on with it before anything else (stages named in GPU_SH_STAGES run; one that
   # failed here, refused or crashed, leaves the rest of the call to the next stages)
   budget=0 unfinished=1
@@ -137,6 +186,7 @@ stage explore-32 "${EXPLORE_LIMIT:-80}" --full --params params/fast.yaml \
   --overrides "train.feed=device $long9"
 stage explore-24-altflip "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.alternate_flip=true $small9"
+[[ -n ${stopped:-} ]] && failed=1
 if [[ "$(realpath -m "$OUT")" != "$(realpath -m bench/results)" ]]; then  # a few files back instead of up to 12
   results=(gpu.txt gpu.log) state=()
   for f in "$OUT"/gpu-*.json; do [[ -e "$f" ]] && results+=("${f##*/}"); done

@@ -222,10 +222,26 @@ def main() -> None:
         full = dataclasses.replace(full, train=dataclasses.replace(full.train, verbose="2"))
         epochs = full.train.epochs if args.full else args.epochs
         cfg = dataclasses.replace(full, train=dataclasses.replace(full.train, epochs=epochs))
+    except config.ConfigError as exc:
+        parser.error(str(exc))
+    measured = {"date": datetime.date.today().isoformat(), "device_kind": device_kind(),
+                "backend": keras.backend.backend(), "host": platform.node(),
+                "data": args.data or f"synthetic ({args.images} training images)"}
+    before = {}
+    if args.checkpoint:  # before the data's ~15 s of decoding: a checkpoint of other settings is refused at once
+        folder = Path(args.checkpoint)
+        identity = {"params": args.params, "config": json.loads(json.dumps(dataclasses.asdict(full))),
+                    "overrides": args.overrides, "data": measured["data"], "backend": measured["backend"]}
+        try:
+            before = Progress.resume(folder, identity, {key: measured[key] for key in ("date", "device_kind", "host")})
+        except ValueError as exc:
+            parser.error(str(exc))
+    try:
         dataset = (data.load_source(args.data) if args.data
                    else data.make_synthetic(n_train=args.images, n_test=args.images // 5, seed=cfg.data.seed))
     except (config.ConfigError, data.DataError) as exc:
         parser.error(str(exc))
+    measured["test_images"] = len(dataset.y_test)
     dist = distribution(cfg.train.distribute)
     splits = fitting.split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
     try:
@@ -237,18 +253,6 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)  # before the epochs: the first one writes there
 
-    measured = {"date": datetime.date.today().isoformat(), "device_kind": device_kind(),
-                "backend": keras.backend.backend(), "host": platform.node(),
-                "data": args.data or f"synthetic ({args.images} training images)", "test_images": len(dataset.y_test)}
-    before = {}
-    if args.checkpoint:
-        folder = Path(args.checkpoint)
-        identity = {"params": args.params, "config": json.loads(json.dumps(dataclasses.asdict(full))),
-                    "overrides": args.overrides, "data": measured["data"], "backend": measured["backend"]}
-        try:
-            before = Progress.resume(folder, identity, {key: measured[key] for key in ("date", "device_kind", "host")})
-        except ValueError as exc:
-            parser.error(str(exc))
     callbacks = [timer, Partial(out, timer, {**measured, "params": args.params, "overrides": args.overrides,
                                              "train_images": len(splits[0]), "checkpoint": args.checkpoint}, before)]
     stop = StopBefore(STARTED + args.stop_after if args.stop_after else float("inf"), timer, steady_seconds(before))

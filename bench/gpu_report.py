@@ -7,7 +7,8 @@
 return only a few files, of 16 MiB at most: a larger archive comes in pieces, FILE.part0, FILE.part1, ...);
 `--unpack FILE` extracts it into the results folder first, and `.gpu-state/` (an unfinished run's training, for
 the next call to go on from, or a whole run's result, for later calls to skip it) into the checkout, in place of
-the one there.
+the one there. A call ended at its limit before gpu.sh packed anything leaves its files loose beside where FILE
+would be: `--unpack` takes those (the checkout's `.gpu-state` stays: that call's training did not come back).
 
 Writes <results>/gpu.md, with <results>/gpu-notes.md below the table where there is one: per run, the date it
 was measured (`--date` for files that do not say), the device, the params file and overrides, the model, the data
@@ -15,6 +16,9 @@ was measured (`--date` for files that do not say), the device, the params file a
 per epoch (median of the others), images/s, the last epoch's train acc, and where the run was a full schedule its
 last val_acc, the fit seconds and test_acc on every test image (and val_acc/test_acc with each test-time
 augmentation, where the run recorded them); otherwise the projected minutes of the profile's whole schedule.
+With the call's gpu.log beside them, each stage it names that wrote no file in that call has a row `not run` with
+the reason (skipped for time, its limit reached inside its first, compiling epoch, or its exit status and last
+line), and a stopped stage's status says whether its limit stopped it or it failed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import shutil
 import tarfile
 import tempfile
@@ -33,10 +38,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def rows(results: Path, date: str | None = None) -> pd.DataFrame:
-    """One row per gpu-*.json in `results`; a stage stopped by its time limit (`partial`) shows its epochs."""
+    """One row per gpu-*.json in `results`; a stage stopped by its time limit (`partial`) shows its epochs. Where
+    `results` holds the last call's gpu.log, a stage it names that wrote no file in that call (skipped, or ended
+    before its first epoch did) has a row saying `not run` and why, and a stopped one's status is the log's."""
     records = []
     order = {"gpu-fast.json": 0, "gpu-improved.json": 1, "gpu-seed.json": 2}  # gpu.sh's stages, then the rest
-    for path in sorted(results.glob("gpu-*.json"), key=lambda p: (order.get(p.name, 3), p.name)):
+    called, stages = stage_log(results)
+    files = {path.name: path for path in results.glob("gpu-*.json")}
+    unrun = {f"gpu-{name}.json": stage for name, stage in stages.items() if not stage["wrote"]}
+    for name in sorted(files.keys() | unrun.keys(), key=lambda name: (order.get(name, 3), name)):
+        if name in unrun:  # an older call's file of that name, if any, keeps its own row
+            records.append({"file": name, "date": called or date, "status": f"not run: {unrun[name]['why']}"})
+        if name not in files:
+            continue
+        path = files[name]
         run = json.loads(path.read_text())
         seconds = run.get("epoch_seconds", [])
         full = "test_acc" in run
@@ -59,12 +74,46 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
             "test_acc": run.get("test_acc"),
             "val/test acc by TTA": tta_cell(run.get("tta_scores")),
             "projected min (full schedule)": None if full or run.get("partial") else projected_minutes(run),
-            "status": status(run),
+            "status": status(run, stages.get(path.stem.removeprefix("gpu-"))),
         })
     if not records:
         raise SystemExit(f"no gpu-*.json in {results}")
-    frame = pd.DataFrame.from_records(records)
+    frame = pd.DataFrame.from_records(records, columns=max((list(r) for r in records), key=len))  # a run's order
     return frame.astype(object).where(frame.notna(), None)
+
+
+LIMIT_EXITS = (124, 137)  # timeout's: the stage's SIGINT at its limit, the SIGKILL 10 s after
+
+
+def stage_log(results: Path) -> tuple[str | None, dict[str, dict]]:
+    """What the last call's gpu.log (in `results`) says: the call's date, and per stage it names whether the stage
+    wrote its file in that call (`wrote`: an epoch ended, or it exited 0), its exit status, and else `why` not."""
+    log = results / "gpu.log"
+    if not log.exists():
+        return None, {}
+    called, stages, current = None, {}, None
+    for line in log.read_text(errors="replace").splitlines():
+        if match := re.match(r"== call of (\d{4}-\d\d-\d\d)", line):
+            called = match[1]
+        elif match := re.match(r"== ([\w, -]+?) skipped: (.*)", line):
+            for name in match[1].split(", "):
+                stages[name] = {"wrote": False, "why": f"skipped, {match[2]}"}
+        elif match := re.match(r"== ([\w-]+) \(limit (\d+)s\)", line):
+            current = stages[match[1]] = {"limit": int(match[2]), "epochs": 0, "last": ""}
+        elif current is not None and (match := re.match(r"== ([\w-]+) exit (\d+)", line)):
+            rc, current["exit"] = int(match[2]), int(match[2])
+            current["wrote"] = bool(current["epochs"]) or rc == 0
+            current["why"] = (f"stopped at its {current['limit']} s limit before its first epoch ended (it includes "
+                              f"XLA's compiles)" if rc in LIMIT_EXITS else f"failed, exit {rc}: {current['last']}")
+            current = None
+        elif current is not None and line.strip():
+            if re.match(r"Epoch \d+/\d+", line):
+                current["epochs"] += 1
+            else:
+                current["last"] = line.strip()
+    if current is not None:  # the call ended inside this stage (the device tool's limit): no exit line
+        current.update(wrote=bool(current["epochs"]), why="the call ended during it, before its first epoch ended")
+    return called, stages
 
 
 def projected_minutes(run: dict) -> float | None:
@@ -76,12 +125,21 @@ def projected_minutes(run: dict) -> float | None:
     return round((seconds[0] + (epochs - 1) * steady) / 60, 1)
 
 
-def status(run: dict) -> str:
+def status(run: dict, stage: dict | None = None) -> str:
     """A stage stopped short (going on from its checkpoint in the next call, where it has one), a whole schedule
-    (over how many calls), or a few timed epochs."""
+    (over how many calls), or a few timed epochs. `stage`: what the call's gpu.log says of it (stage_log), where
+    this file is that call's: whether a stopped one ended at its limit or failed."""
     if run.get("partial"):
-        return ("stopped short of its end; the next call goes on from its checkpoint" if run.get("checkpoint")
-                else "stopped at its time limit")
+        resumes = "; the next call goes on from its checkpoint" if run.get("checkpoint") else ""
+        stage = stage if stage and stage.get("wrote") else {}  # no log, or the file of an earlier call
+        if stage and "exit" not in stage:  # its call ended before packing: its training did not come back
+            return "stopped when the call ended" + ("; the next call goes on from the checkpoint it carried"
+                                                    if resumes else "")
+        if stage.get("exit", 0) not in (0, *LIMIT_EXITS):
+            return f"failed after {len(run.get('epoch_seconds', []))} epochs, exit {stage['exit']}: {stage['last']}"
+        if stage.get("exit") in LIMIT_EXITS or not resumes:
+            return f"stopped at its time limit{resumes}"
+        return f"stopped short of its end{resumes}"
     if "test_acc" in run:
         return f"full schedule over {len(run['parts'])} calls" if run.get("parts") else "full schedule"
     return "timed"
@@ -127,7 +185,17 @@ def pieces(archive: Path) -> list[Path]:
 def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
     """Extract the gpu.sh files of `archive` (or its pieces) into `results`, and its `.gpu-state/` into `checkout`
     in place of the one there (an archive without one leaves it as it is).
-    Refuses an archive holding anything else, or in a folder, before extracting any of it."""
+    Refuses an archive holding anything else, or in a folder, before extracting any of it. Where there is no archive
+    but its folder holds gpu.sh's files loose (a call ended at its limit before gpu.sh packed them), those."""
+    loose = [] if archive.exists() or list(archive.parent.glob(f"{archive.name}.part*")) else sorted(
+        path for path in archive.parent.glob("gpu*") if path.is_file() and is_result_name(path.name))
+    if loose:
+        print(f"{archive}: not there: the call ended before bench/gpu.sh packed its files; its {len(loose)} loose "
+              f"ones taken. No {STATE} came back (the training of that call is lost): {checkout / STATE} stays")
+        results.mkdir(parents=True, exist_ok=True)
+        for path in loose:
+            shutil.copyfile(path, results / path.name)
+        return [path.name for path in loose]
     try:
         with tempfile.TemporaryFile() as joined:
             for piece in pieces(archive):

@@ -114,14 +114,15 @@ class Distribution:
         the model is such a collective (each variable's initial value is broadcast from the chief): hosts building
         models of other shapes failed there, each with TensorFlow's traceback. Every host gathers every host's job
         and epoch (one collective, so all reach the same verdict) and each raises the same ConfigError on a
-        mismatch. For multi_worker only (`cluster` set)."""
+        mismatch. A host lost here, or after it before training began (`before_training`), is said to have ended
+        before training began. For multi_worker only (`cluster` set)."""
         import tensorflow as tf
 
         tasks, parts = self.cluster.tasks, list(job)
         # Two 28-bit pieces of each digest (int32 tensors).
         mine = [tasks.index(self.cluster.task), done,
                 *(int(job[part][i:i + 7], 16) for part in parts for i in (0, 7))]
-        with host_lost_as_step_failure(self.task, before=tasks[0]):  # a host that failed in prepare ends here
+        with self.before_training():  # a host that failed in prepare ends here
             everyone = self.strategy.gather(self.strategy.run(lambda: tf.constant([mine], tf.int32)), axis=0)
         hosts = {tasks[task]: (done, dict(zip(parts, zip(d[::2], d[1::2], strict=True), strict=True)))
                  for task, done, *d in everyone.numpy().tolist()}
@@ -142,11 +143,20 @@ class Distribution:
                               f"(`-P resume=never` on the chief, `--resume never` on the others)")
         return hosts[chief][0]
 
+    def before_training(self) -> contextlib.AbstractContextManager:
+        """Around what a host of a cluster does from `agree` until `fit`'s first step (building the model, whose
+        variables' initial values are broadcast from the chief): a host lost there (failed with an error of its own,
+        killed) ended before training began, which `host_lost_as_step_failure` says in one line on the others.
+        A no-op when training alone."""
+        if self.cluster is None:
+            return contextlib.nullcontext()
+        return host_lost_as_step_failure(self.task, before=self.cluster.tasks[0])
+
     def adapt(self, model: keras.Model) -> None:
         """Make `model.fit` work under this distribution (a no-op except for multi_worker)."""
         if self.mode == "multi_worker":
             _multi_worker_fit_fixes(model, self.strategy)
-            _host_lost_as_step_failure(model, self.task)
+            _host_lost_as_step_failure(model, self.task, self.cluster.tasks[0])
 
 
 @dataclass(frozen=True)
@@ -383,49 +393,71 @@ HOST_LOST = "stopped answering"
 
 @contextlib.contextmanager
 def host_lost_as_step_failure(own: str = "", before: str = ""):
-    """A host of the cluster lost (killed, crashed, unreachable) as one line: TensorFlow's coordination service
-    notices its missing heartbeats and aborts every collective with an UnavailableError several screens long.
-    Every host's checkpoint keeps its completed epochs, so rerunning every host's command continues the run.
-    own: this host's task ("worker 0"), never the one lost: TensorFlow's `{{function_node ...}}` prefix names this
-    host's own device (a peer that lost worker 1 said "worker 0, worker 1 stopped answering").
-    before: set (to the chief's task) around the hosts' first collective (`Distribution.agree`): a host lost there
-    ended before training began, most often with an error of its own (the chief's prepare failing on a bad data
-    path): said so, and where its error is, rather than "stopped answering" and a rerun that would continue."""
+    """A host of the cluster lost (killed, crashed, unreachable) as one line (`host_lost`): TensorFlow's
+    coordination service notices its missing heartbeats, or its closed connection, and aborts every collective with
+    an UnavailableError several screens long. own, before: see `host_lost`."""
     import tensorflow as tf
-
-    from pipeline.tracking import StepFailed
 
     try:
         yield
     except tf.errors.UnavailableError as exc:
-        import re
-
-        # the op and function names TensorFlow wraps around its message (the local device's among them)
-        text = re.sub(r"\{\{[^{}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]", "", str(exc))
-        lost = sorted({f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text)}
-                      - {own})
-        lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__]
-        said = next((line for line in lines if re.search(r"unhealthy|heartbeat|aborted|unavailable|connect", line,
-                                                         re.IGNORECASE)), lines[0])
-        if before:
-            who = ", ".join(f"{task} (the chief)" if task == before else task for task in lost) or \
-                "a host of the cluster"
-            where = " (the chief's also in the failure_reason tag of its failed MLflow run)" if before in lost else ""
-            raise StepFailed(f"{TF_CONFIG}: {who} ended before training began (TensorFlow: {said[:200]}): nothing was "
-                             f"trained. Its own output says why{where}: fix that, then rerun every host's command") \
-                from None
-        raise StepFailed(f"{TF_CONFIG}: {', '.join(lost) or 'a host of the cluster'} {HOST_LOST} (TensorFlow: "
-                         f"{said[:200]}): the other hosts cannot train without it. Completed epochs stay "
-                         f"checkpointed on every host: once it is back, rerun every host's command to continue") \
-            from None
+        raise host_lost(exc, own, before) from None
 
 
-def _host_lost_as_step_failure(model: keras.Model, own: str) -> None:
-    """`model.fit` raising `host_lost_as_step_failure`'s error instead of TensorFlow's."""
+def host_lost(exc: Exception, own: str = "", before: str = ""):
+    """The StepFailed for TensorFlow's UnavailableError `exc`, naming the host lost. Every host's checkpoint keeps
+    its completed epochs, so rerunning every host's command continues the run.
+    own: this host's task ("worker 0"), never the one lost: TensorFlow's `{{function_node ...}}` prefix names this
+    host's own device (a peer that lost worker 1 said "worker 0, worker 1 stopped answering").
+    before: the chief's task, set from the hosts' first collective (`Distribution.agree`) until `fit`'s first step
+    (`Distribution.before_training`, `_host_lost_as_step_failure`): a host lost there ended before training began,
+    most often with an error of its own (the chief's prepare failing on a bad data path, its model or datasets
+    failing to build, a ConfigError on it alone): said so, and where its error is, rather than TensorFlow's
+    traceback, or "stopped answering" and a rerun that would continue."""
+    import re
+
+    from pipeline.tracking import StepFailed
+
+    # the op and function names TensorFlow wraps around its message (the local device's among them)
+    text = re.sub(r"\{\{[^{}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]", "", str(exc))
+    lost = sorted({f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text)} - {own})
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__]
+    said = next((line for line in lines if re.search(r"unhealthy|heartbeat|aborted|unavailable|connect", line,
+                                                     re.IGNORECASE)), lines[0])
+    if before:
+        who = ", ".join(f"{task} (the chief)" if task == before else task for task in lost) or \
+            "a host of the cluster"
+        where = (" (and, where the chief could end its MLflow run, in that run's failure_reason tag)"
+                 if before in lost else "")
+        return StepFailed(f"{TF_CONFIG}: {who} ended before training began (TensorFlow: {said[:200]}): nothing was "
+                          f"trained. Its own output says why{where}: fix that, then rerun every host's command")
+    return StepFailed(f"{TF_CONFIG}: {', '.join(lost) or 'a host of the cluster'} {HOST_LOST} (TensorFlow: "
+                      f"{said[:200]}): the other hosts cannot train without it. Completed epochs stay "
+                      f"checkpointed on every host: once it is back, rerun every host's command to continue")
+
+
+def _host_lost_as_step_failure(model: keras.Model, own: str, chief: str) -> None:
+    """`model.fit` raising `host_lost`'s error instead of TensorFlow's: until its first train step has ended here,
+    that the host lost ended before training began (the chief failing between building the model and `fit`, in
+    opening its MLflow run, say, left the others in the first step's collective), then that it stopped answering."""
+    import keras
+    import tensorflow as tf
+
     fit = model.fit
 
+    class FirstStep(keras.callbacks.Callback):
+        async_safe = True  # sets a flag, reads no logs
+        ended = False
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ended = True
+
     def fit_or_host_lost(*args, **kwargs):
-        with host_lost_as_step_failure(own):
+        first = FirstStep()
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or ()), first]
+        try:
             return fit(*args, **kwargs)
+        except tf.errors.UnavailableError as exc:
+            raise host_lost(exc, own, before="" if first.ended else chief) from None
 
     model.fit = fit_or_host_lost

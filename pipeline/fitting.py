@@ -314,7 +314,8 @@ def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, trai
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(precision)
     try:
-        model = build(precision, jit)
+        with dist.before_training():  # in a cluster, a host that ends meanwhile is named in one line on the others
+            model = build(precision, jit)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     dist.adapt(model)

@@ -103,17 +103,26 @@ def assert_two_device_run(client: MlflowClient, backend: str):
 
 
 def start_two_hosts(env: dict, *args: str, ports: list[int] | None = None, worker_args: tuple[str, ...] = (),
-                    worker_root: Path = ROOT) -> list[subprocess.Popen]:
+                    worker_root: Path = ROOT, preludes: tuple[str, str] = ("", "")) -> list[subprocess.Popen]:
     """Two processes on localhost standing for two hosts, as in the README: the chief (worker 0) runs the whole
     pipeline, worker 1 `pipeline.train` with the same ARGS (then WORKER_ARGS) from the checkout WORKER_ROOT;
-    TF_CONFIG differs in the task index only. train.distribute stays auto."""
+    TF_CONFIG differs in the task index only. train.distribute stays auto. PRELUDES: Python code each host runs
+    first, in the process that then runs its module (a fault of that host alone)."""
     cluster = {"worker": [f"localhost:{port}" for port in ports or (free_port(), free_port())]}
-    return [subprocess.Popen([sys.executable, "-m", module, *args, *extra], cwd=root, stdout=subprocess.PIPE,
+
+    def command(module: str, prelude: str) -> list[str]:
+        if not prelude:
+            return [sys.executable, "-m", module]
+        return [sys.executable, "-c", f"{prelude}\nimport runpy\nrunpy.run_module({module!r}, run_name='__main__', "
+                                      f"alter_sys=True)"]
+
+    return [subprocess.Popen([*command(module, prelude), *args, *extra], cwd=root, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              env={**env, "TF_CONFIG": json.dumps({"cluster": cluster,
                                                                   "task": {"type": "worker", "index": i}})})
-            for i, (module, extra, root) in enumerate([("pipeline.main", (), ROOT),
-                                                       ("pipeline.train", worker_args, worker_root)])]
+            for i, (module, extra, root, prelude) in enumerate([("pipeline.main", (), ROOT, preludes[0]),
+                                                                ("pipeline.train", worker_args, worker_root,
+                                                                 preludes[1])])]
 
 
 def finish(procs: list[subprocess.Popen]) -> list[str]:
@@ -246,8 +255,78 @@ def test_a_chief_that_fails_before_training_is_named_so_on_the_workers(store, tm
     assert worker.returncode == 3, outputs[1][1][-3000:]
     last = outputs[1][1].strip().splitlines()[-1]
     assert last.startswith("error: TF_CONFIG: worker 0 (the chief) ended before training began (TensorFlow: "), last
-    assert last.endswith("Its own output says why (the chief's also in the failure_reason tag of its failed MLflow "
-                         "run): fix that, then rerun every host's command")
+    assert last.endswith("Its own output says why (and, where the chief could end its MLflow run, in that run's "
+                         "failure_reason tag): fix that, then rerun every host's command")
+
+
+FAULTS = {  # a fault of one host, after the hosts agreed and before training began (see `Distribution.agree`)
+    "raises in building the model": "from pipeline import fitting\n"
+                                     "def make_model(*args, **kwargs):\n"
+                                     "    raise RuntimeError('the model does not fit in memory')\n"
+                                     "fitting.make_model = make_model",
+    "is killed in building the model": "import os, signal\nfrom pipeline import fitting\n"
+                                       "def make_model(*args, **kwargs):\n"
+                                       "    os.kill(os.getpid(), signal.SIGKILL)\n"
+                                       "fitting.make_model = make_model",
+    "is refused in building the model": "from pipeline import fitting\nfrom pipeline.config import ConfigError\n"
+                                        "def make_model(*args, **kwargs):\n"
+                                        "    raise ConfigError('model.widths: refused on this host alone')\n"
+                                        "fitting.make_model = make_model",
+    # the chief's model built (the worker's fit waits in its first step), its train run not
+    "is refused in opening its train run": "from pipeline import train\nfrom pipeline.config import ConfigError\n"
+                                           "def start_training(*args, **kwargs):\n"
+                                           "    raise ConfigError('model.widths: refused on this host alone')\n"
+                                           "train.start_training = start_training",
+}
+
+
+@pytest.mark.parametrize(("host", "fault"), [("chief", "raises in building the model"),
+                                             ("chief", "is killed in building the model"),
+                                             ("chief", "is refused in opening its train run"),
+                                             ("worker", "is refused in building the model")])
+def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_other(store, host, fault):
+    """A host failing between `agree` and the first train step (in building the model, whose variables' initial
+    values are broadcast from the chief, or the chief in opening its train run while the other waits in `fit`'s
+    first step): the other host ended with TensorFlow's UnavailableError traceback (exit 1; on the chief a train run
+    FAILED with no reason), or said "worker 0 stopped answering ... rerun every host's command to continue". Now it
+    says in one line (exit 3) which host ended before training began; the failing host's own error is its own."""
+    failing = 0 if host == "chief" else 1
+    started = time.monotonic()
+    procs = start_two_hosts(store, "--params", "params/tiny.yaml", "--epochs", "1", "--overrides",
+                            "tracking.experiment=e2e",
+                            preludes=tuple(FAULTS[fault] if i == failing else "" for i in (0, 1)))
+    (_, failed_err), (_, err) = [procs[i].communicate(timeout=120) for i in (failing, 1 - failing)]
+    assert time.monotonic() - started < 100
+    failed, other = procs[failing], procs[1 - failing]
+    if "killed" in fault:
+        assert failed.returncode == -9
+    elif "raises" in fault:
+        assert failed.returncode == 1 and failed_err.strip().splitlines()[-1] == (
+            "RuntimeError: the model does not fit in memory")
+    else:
+        assert failed.returncode == 2 and failed_err.strip().splitlines()[-1] == (
+            "error: model.widths: refused on this host alone"), failed_err[-3000:]
+    assert other.returncode == 3, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    lost = "worker 0 (the chief)" if host == "chief" else "worker 1"
+    assert last.startswith(f"error: TF_CONFIG: {lost} ended before training began (TensorFlow: "), last
+    assert last.endswith("): nothing was trained. Its own output says why"
+                         + (" (and, where the chief could end its MLflow run, in that run's failure_reason tag)"
+                            if failing == 0 else "") + ": fix that, then rerun every host's command"), last
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    (run,) = client.search_runs([experiment], "tags.step = 'train'")
+    assert client.get_metric_history(run.info.run_id, "val_acc") == []  # not one epoch
+    assert client.search_model_versions("name = 'cifar10-resnet'") == []
+    if "killed" in fault:  # left RUNNING: the next main on that host ends it KILLED (`remove_stale_locks`)
+        return
+    (main,) = client.search_runs([experiment], "tags.step = 'main'")
+    assert run.info.status == main.info.status == "FAILED"
+    if failing == 1:  # the chief's run says why
+        assert run.data.tags["failure_reason"] == last.removeprefix("error: ")
+    elif "refused" in fault:
+        assert run.data.tags["failure_reason"] == "model.widths: refused on this host alone"
 
 
 def test_a_workers_checkpoint_is_found_by_a_rerun_that_extends_the_run(store):

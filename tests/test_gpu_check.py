@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,9 +165,12 @@ def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_i
     partial = json.loads(out.read_text())
     assert partial["partial"] and partial["checkpoint"] == str(folder) and len(partial["epoch_seconds"]) == 1
 
-    other = gpu_epoch(tmp_path, *args[:-1], args[-1] + " train.seed=1", "--checkpoint", str(folder))
-    assert other.returncode == 2 and "holds a run of other train.seed (0 there, 1 here); remove it" in other.stderr, \
-        other.stderr[-2000:]
+    # refused before the data is read (the JPEG copy's ~15 s, every call while the checkpoint stays)
+    other = gpu_epoch(tmp_path, *args[:-1], args[-1] + " train.seed=1", "--checkpoint", str(folder),
+                      "--data", "/nonexistent/cifar.tar.gz")
+    assert other.returncode == 2 and ("holds a run of other data (synthetic (1024 training images) there, "
+                                      "/nonexistent/cifar.tar.gz here), train.seed (0 there, 1 here); remove it"
+                                      ) in other.stderr, other.stderr[-2000:]
     assert Checkpoint.completed_epochs(folder) == 1  # refused before touching it
 
     log = tmp_path / "stopped.log"
@@ -234,7 +238,8 @@ while (( $# )); do case $1 in --out) out=$2; shift;; --checkpoint) ckpt=$2; shif
 name=${out##*/gpu-}; echo "${name%.json}" >> "$FAKE_LOG"
 [[ -n ${ckpt:-} && -n ${FAKE_REFUSED:-} ]] && exit 2  # a checkpoint of other params
 if [[ -n ${ckpt:-} && -n ${FAKE_UNFINISHED:-} ]]; then
-  mkdir -p "$ckpt" && echo '{}' > "$ckpt/progress.json" && echo '{"partial": true}' > "$out"
+  mkdir -p "$ckpt" && echo '{}' > "$ckpt/progress.json" && echo '{"epoch": 5}' > "$ckpt/training_metadata.json"
+  echo '{"partial": true}' > "$out"
 else
   echo '{"epoch_seconds": [1.0], "test_acc": 0.5}' > "$out" && rm -rf "${ckpt:-/nonexistent}"
 fi
@@ -274,8 +279,13 @@ def test_gpu_sh_goes_on_with_an_unfinished_improved_run_first_and_past_a_whole_o
     ran, packed = call("second", FAKE_UNFINISHED="1")
     assert ran == ["improved"] and ".gpu-state/improved/progress.json" in packed
     assert call("named", FAKE_UNFINISHED="1", GPU_SH_STAGES="explore-drop")[0] == ["explore-drop"]
-    assert call("refused", FAKE_REFUSED="1")[0] == ["improved", *explore]  # the rest of the call not lost with it
+    # the rest of the call not lost with it, nor fast and seed, skipped for a run that did not go on
+    assert call("refused", FAKE_REFUSED="1")[0] == ["improved", "fast", "seed", *explore]
+    assert "improved did not go on from .gpu-state/improved (its lines above say why)" in logs["refused"]
 
+    # a folder stopped before its first checkpoint (improved.yaml saves every 5 epochs) holds nothing to go on from
+    (checkout / ".gpu-state" / "improved" / "training_metadata.json").unlink()
+    assert call("unsaved", FAKE_UNFINISHED="1")[0] == ["fast", "seed", "improved"]
     shutil.rmtree(checkout / ".gpu-state")
     (tmp_path / "others").mkdir()
     (tmp_path / "others" / "gpu-improved.json").write_text('{"test_acc": 0.5}')  # an earlier run's, in OUT
@@ -288,3 +298,205 @@ def test_gpu_sh_goes_on_with_an_unfinished_improved_run_first_and_past_a_whole_o
     gpu_report.unpack(tmp_path / "whole" / "gpu-results.tar.gz", tmp_path / "results", local)
     assert [p.name for p in (local / ".gpu-state").iterdir()] == ["improved.json"]  # carried by the next call
     assert call("after")[0] == ["fast", "seed", *explore]
+
+
+def test_gpu_sh_refuses_a_misspelt_stage_name_before_anything_runs(tmp_path):
+    """GPU_SH_STAGES naming no stage ran nothing, and the call came back empty."""
+    fake, log = tmp_path / "python", tmp_path / "stages.log"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={"PATH": os.environ["PATH"], "PYTHON": str(fake), "FAKE_LOG": str(log),
+                                           "OUT": str(tmp_path / "out"), "GPU_SH_STAGES": "explore-drop explore-wdie"})
+    assert proc.returncode == 2 and "GPU_SH_STAGES: no stage 'explore-wdie' (stages: fast seed improved" in proc.stderr
+    assert not log.exists() and not (tmp_path / "out").exists()
+    import re
+
+    script = (ROOT / "bench" / "gpu.sh").read_text()  # the names it knows are those of its stages
+    known = re.search(r'^STAGES="([^"]*)"', script, re.M)[1].split()
+    assert sorted(known) == sorted(re.findall(r"^\s*stage ([\w-]+) ", script, re.M)) and len(known) == 10
+
+
+def wheel(folder, name: str, version: str, tag: str, source: str) -> None:
+    """A wheel of one module `name` (its __init__.py: `source`), as pip installs it."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dist = f"{name}-{version}"
+    with zipfile.ZipFile(folder / f"{dist}-{tag}.whl", "w") as whl:
+        whl.writestr(f"{name}/__init__.py", source)
+        whl.writestr(f"{dist}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        whl.writestr(f"{dist}.dist-info/WHEEL", f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: "
+                                                f"{'true' if tag.startswith('py3') else 'false'}\nTag: {tag}\n")
+        whl.writestr(f"{dist}.dist-info/RECORD", "")
+
+
+# bench/gpu.sh's python where this one (not 3.12) stands for the machine's: pip as it is, `-c` and `-V` without
+# site-packages (no keras, optree or jax but the stubs on PYTHONPATH); a stage logs its name and the keras it imports
+IMAGE_PYTHON = f"""#!/bin/bash
+[[ $1 == -m && $2 == pip ]] && exec {sys.executable} "$@"
+[[ $1 == -c || $1 == -V ]] && exec {sys.executable} -S "$@"
+while (( $# )); do case $1 in --out) out=$2; shift;; esac; shift; done
+name=${{out##*/gpu-}}; echo "${{name%.json}} $({sys.executable} -S -c 'import keras; print(keras.__version__)')" \\
+  >> "$FAKE_LOG"
+echo '{{"epoch_seconds": [1.0], "test_acc": 0.5}}' > "$out"
+"""
+
+KERAS = """import jax
+if jax.__version__ != "0.11.2":  # as a Keras whose backend calls what this JAX no longer has
+    raise ImportError(f"this keras needs jax 0.11.2, not {{jax.__version__}}")
+__version__ = "{version}"
+"""
+
+
+@pytest.mark.parametrize(("image", "wheels", "installed"), [
+    # the cp312 optree wheel fits no other Python, but this one has optree: not needed (all of .whl was installed,
+    # and pip refused the lot)
+    (["optree"], ["optree-0.18.0-cp312-cp312-manylinux_2_28_x86_64"], ["keras", "namex"]),
+    # no optree here: pip picks this Python's wheel among those .whl holds for several
+    ([], ["optree-0.18.0-cp312-cp312-manylinux_2_28_x86_64",
+          f"optree-0.18.0-cp{sys.version_info.major}{sys.version_info.minor}-"
+          f"cp{sys.version_info.major}{sys.version_info.minor}-manylinux_2_28_x86_64"], ["keras", "namex", "optree"]),
+    # another keras here (the image's) would measure other code: the one of .whl goes first on the path
+    (["optree", "namex", "keras"], ["optree-0.18.0-cp312-cp312-manylinux_2_28_x86_64"], ["keras"]),
+], ids=["optree-there", "optree-for-this-python", "other-keras-there"])
+def test_gpu_sh_installs_from_its_wheels_what_the_machines_python_lacks(tmp_path, image, wheels, installed):
+    stubs, whl, log = tmp_path / "stubs", tmp_path / "checkout" / ".whl", tmp_path / "stages.log"
+    for name in ["jax", *image]:  # the machine's own packages
+        (stubs / name).mkdir(parents=True)
+        (stubs / name / "__init__.py").write_text(
+            "import os\n__version__ = os.environ.get('FAKE_JAX_VERSION', '0.11.2')\ndef devices():\n    return []\n"
+            if name == "jax" else KERAS.format(version="3.5.0") if name == "keras" else "")
+    wheel(whl, "keras", "3.15.1", "py3-none-any", KERAS.format(version="3.15.1"))
+    wheel(whl, "namex", "0.1.0", "py3-none-any", "")
+    for name in wheels:
+        wheel(whl, "optree", "0.18.0", name.removeprefix("optree-0.18.0-"), "")
+    fake = tmp_path / "python"
+    fake.write_text(IMAGE_PYTHON)
+    fake.chmod(0o755)
+
+    def call(out, **env):
+        return subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=whl.parent, capture_output=True,
+                              text=True, timeout=180, env={
+                                  "PATH": os.environ["PATH"], "PYTHON": str(fake), "OUT": str(tmp_path / out),
+                                  "FAKE_LOG": str(log), "PYTHONPATH": str(stubs), "GPU_SH_SITE": str(tmp_path / "site"),
+                                  "GPU_SH_STAGES": "fast explore-drop", **env})
+
+    proc = call("first")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert log.read_text().split("\n") == ["fast 3.15.1", "explore-drop 3.15.1", ""]
+    assert sorted(p.name for p in (tmp_path / "site").iterdir() if "." not in p.name) == installed
+    assert f"python {sys.version.split()[0]} jax 0.11.2 keras 3.15.1" in proc.stdout
+    assert call("again").returncode == 0  # a warm machine keeps the site of a call before
+
+    # a JAX that this keras does not import with: every stage would fail alike; one line, and the reason back
+    log.unlink()
+    proc = call("broken", FAKE_JAX_VERSION="0.13.0")
+    assert proc.returncode == 1 and not log.exists()
+    import tarfile
+
+    with tarfile.open(tmp_path / "broken" / "gpu-results.tar.gz") as tar:
+        assert "this keras needs jax 0.11.2, not 0.13.0" in tar.extractfile("gpu.txt").read().decode()
+        assert "== no stage run: keras 3.15.1 and this machine's JAX and Python do not import together" in \
+            tar.extractfile("gpu.log").read().decode()
+
+
+def test_gpu_sh_names_the_python_its_wheels_do_not_fit(tmp_path):
+    """No optree for this Python in .whl, nor here: one line naming the Python and the wheels, exit 1."""
+    whl = tmp_path / "checkout" / ".whl"
+    wheel(whl, "keras", "3.15.1", "py3-none-any", "")
+    wheel(whl, "namex", "0.1.0", "py3-none-any", "")
+    wheel(whl, "optree", "0.18.0", "cp39-cp39-manylinux_2_28_x86_64", "")
+    fake = tmp_path / "python"
+    fake.write_text(IMAGE_PYTHON)
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=whl.parent, capture_output=True, text=True,
+                          timeout=180, env={"PATH": os.environ["PATH"], "PYTHON": str(fake),
+                                            "OUT": str(tmp_path / "out"), "FAKE_LOG": str(tmp_path / "stages.log"),
+                                            "GPU_SH_SITE": str(tmp_path / "site")})
+    assert proc.returncode == 1 and not (tmp_path / "stages.log").exists()
+    assert (f"installing keras==3.15.1 namex optree from .whl failed for Python {sys.version.split()[0]} (.whl holds: "
+            "keras-3.15.1-py3-none-any.whl namex-0.1.0-py3-none-any.whl optree-0.18.0-cp39-cp39-manylinux_2_28_x86_64"
+            ".whl)") in (tmp_path / "out" / "gpu.log").read_text()
+
+
+# bench/gpu.sh's python for the calls gpu_report reads: fast trains whole; seed compiles past its limit; improved
+# ends an epoch (its file, partial, and its checkpoint written), then fails, or (FAKE_HANG) hangs till the call ends
+REPORTED_PYTHON = """#!/bin/bash
+[[ $1 == -c ]] && exit 0
+while (( $# )); do case $1 in --out) out=$2; shift;; --checkpoint) ckpt=$2; shift;; esac; shift; done
+case ${out##*/gpu-} in
+  fast.json) echo "Epoch 1/2 - 9.0s"; echo "Epoch 2/2 - 1.0s"
+    echo '{"epoch_seconds": [9.0, 1.0], "test_acc": 0.5}' > "$out";;
+  seed.json) exec sleep 20;;
+  improved.json) echo "Epoch 1/150 - 100.0s"; mkdir -p "$ckpt"; echo '{"epoch": 1}' > "$ckpt/training_metadata.json"
+    echo '{"partial": true, "checkpoint": ".gpu-state/improved", "epoch_seconds": [100.0]}' > "$out"
+    [[ -n ${FAKE_HANG:-} ]] && exec sleep 20
+    echo "Traceback (most recent call last):"; echo "FloatingPointError: NaN loss at epoch 2"; exit 1;;
+esac
+"""
+
+
+def test_gpu_report_says_which_stages_of_the_call_did_not_run_and_how_each_stopped(tmp_path):
+    """A stage that wrote no file in the call (skipped, its limit reached while XLA compiled its first epoch) was
+    absent from the table, or shown by an earlier call's file of its name as if measured; a partial file said
+    `stopped at its time limit` of a stage that crashed. gpu.log says which: the table now does."""
+    from bench import gpu_report
+
+    fake, checkout, results = tmp_path / "python", tmp_path / "checkout", tmp_path / "results"
+    fake.write_text(REPORTED_PYTHON)
+    fake.chmod(0o755)
+    checkout.mkdir()
+    results.mkdir()
+    (results / "gpu-seed.json").write_text(json.dumps({"date": "2026-11-30", "epoch_seconds": [80.0, 15.0]}))
+    env = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "GPU_SH_BUDGET": "200",
+           "FAST_LIMIT": "30", "SEED_LIMIT": "1", "EXPLORE_LIMIT": "250"}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=checkout, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    gpu_report.unpack(tmp_path / "out" / "gpu-results.tar.gz", results, checkout)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    table = {(row["file"], row["date"]): row["status"] for _, row in gpu_report.rows(results, "1999-01-01").iterrows()}
+    assert table.pop(("gpu-fast.json", "1999-01-01")) == "full schedule"  # (gpu_epoch's files say their date)
+    assert table.pop(("gpu-improved.json", "1999-01-01")) == ("failed after 1 epochs, exit 1: FloatingPointError: "
+                                                             "NaN loss at epoch 2")
+    assert table.pop(("gpu-seed.json", "2026-11-30")) == "timed"  # an earlier call's, dated so
+    assert table.pop(("gpu-seed.json", today)) == "not run: stopped at its 1 s limit before its first epoch ended " \
+                                                  "(it includes XLA's compiles)"
+    assert table.pop(("gpu-explore-wide.json", today)).startswith("not run: skipped, ")
+    assert all(status.startswith("not run: skipped, ") and status.endswith("s of 200s used, it may take 250s")
+               for status in table.values()) and len(table) == 6
+    assert "not run: skipped" in gpu_report.report(results, "1999-01-01")
+
+
+def test_gpu_report_takes_the_loose_files_of_a_call_ended_before_it_packed_them(tmp_path):
+    """The device tool ends a call at its limit (a second call of a lease, its GPU_SH_BUDGET not lowered): gpu.sh
+    never packs, and what its stages wrote comes back loose. --unpack took only the archive ('no such file')."""
+    from bench import gpu_report
+
+    fake, checkout, results = tmp_path / "python", tmp_path / "checkout", tmp_path / "results"
+    fake.write_text(REPORTED_PYTHON)
+    fake.chmod(0o755)
+    (checkout / ".gpu-state" / "improved").mkdir(parents=True)
+    (checkout / ".gpu-state" / "improved" / "training_metadata.json").write_text('{"epoch": 40}')  # carried
+    shutil.copytree(checkout / ".gpu-state", tmp_path / "carried" / ".gpu-state")
+    out = tmp_path / "out"
+    env = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "OUT": str(out), "FAKE_HANG": "1"}
+    call = subprocess.Popen(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=tmp_path / "carried",
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while "Epoch 1/150" not in ((out / "gpu.log").read_text() if (out / "gpu.log").exists() else "") \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(call.pid, signal.SIGKILL)  # as the device tool's limit: no trap, nothing packed
+    call.wait(10)
+    assert not (out / "gpu-results.tar.gz").exists() and (out / "gpu-improved.json").exists()
+    assert gpu_report.unpack(out / "gpu-results.tar.gz", results, checkout) == ["gpu-improved.json", "gpu.log",
+                                                                                 "gpu.txt"]
+    table = {row["file"]: row["status"] for _, row in gpu_report.rows(results).iterrows()}
+    assert table == {"gpu-fast.json": "not run: skipped, improved.yaml's unfinished run (.gpu-state/improved) goes "
+                                      "on first", "gpu-seed.json": table["gpu-fast.json"],
+                     "gpu-improved.json": "stopped when the call ended; the next call goes on from the checkpoint it "
+                                          "carried"}
+    # no .gpu-state came back: the checkout's, carried, stays for the next call
+    assert (checkout / ".gpu-state" / "improved" / "training_metadata.json").read_text() == '{"epoch": 40}'

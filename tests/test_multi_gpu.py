@@ -245,6 +245,29 @@ EAGER = ("{{function_node __wrapped__CollectiveReduceV2_Nordering_token_1_device
          "device:CPU:0}} ")
 
 
+class FailingFit:
+    """A model whose `fit` ends `steps` train steps (its callbacks told so), then loses a host (TensorFlow's `lost`)."""
+
+    def __init__(self, lost: str, steps: int):
+        self.lost, self.steps = lost, steps
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        import tensorflow as tf
+
+        for step in range(self.steps):
+            for callback in callbacks or ():
+                callback.on_train_batch_end(step)
+        raise tf.errors.UnavailableError(None, None, self.lost)
+
+
+def adapted(index: int):
+    """worker INDEX of a 2-host cluster (of which it knows only its place)."""
+    from pipeline import distribute
+
+    return distribute.Distribution("multi_worker", [f"/job:worker/replica:0/task:{index}/device:CPU:0"], Strategy(2),
+                                   distribute.Cluster({"worker": TWO}, "worker", index))
+
+
 @pytest.mark.parametrize(("index", "lost", "said"), [
     (0, "{{function_node __inference_multi_step_on_iterator_4646}} " + UNHEALTHY
      + "\t [[{{node CollectiveReduceV2}}]] [Op:__inference_multi_step_on_iterator_4646]", "worker 1"),
@@ -255,22 +278,14 @@ def test_a_host_lost_mid_training_is_one_line_naming_it(monkeypatch, index, lost
     """A worker killed mid-epoch: its peers got TensorFlow's UnavailableError (exit 1, 50 lines, the run FAILED
     with no reason) ~7 s later. Now a StepFailed (exit 3) naming the host lost, not the one reporting it, and how to
     continue."""
-    import tensorflow as tf
-
     from pipeline import distribute
     from pipeline.tracking import StepFailed
 
-    class Model:
-        def fit(self, *args, **kwargs):
-            raise tf.errors.UnavailableError(None, None, lost)
-
     monkeypatch.setattr(distribute, "_multi_worker_fit_fixes", lambda model, strategy: None)
-    dist = distribute.Distribution("multi_worker", [f"/job:worker/replica:0/task:{index}/device:CPU:0"], Strategy(2),
-                                   distribute.Cluster({"worker": TWO}, "worker", index))
-    model = Model()
-    dist.adapt(model)
+    model = FailingFit(lost, steps=5)
+    adapted(index).adapt(model)
     with pytest.raises(StepFailed) as error:
-        model.fit(epochs=3)
+        model.fit(epochs=3, callbacks=[])
     text = str(error.value)
     assert "\n" not in text and "{{" not in text and text.startswith(
         f"TF_CONFIG: {said} stopped answering (TensorFlow: Collective ops is aborted by: ")
@@ -280,7 +295,7 @@ def test_a_host_lost_mid_training_is_one_line_naming_it(monkeypatch, index, lost
 
 @pytest.mark.parametrize(("index", "lost", "said", "where"), [
     (1, EAGER % 1 + RESET, "worker 0 (the chief)",
-     " (the chief's also in the failure_reason tag of its failed MLflow run)"),
+     " (and, where the chief could end its MLflow run, in that run's failure_reason tag)"),
     (0, EAGER % 0 + UNHEALTHY, "worker 1", ""),
 ], ids=["the-chief", "a-worker"])
 def test_a_host_that_ends_before_training_is_said_to_have_ended_before_training(index, lost, said, where):
@@ -309,6 +324,38 @@ def test_a_host_that_ends_before_training_is_said_to_have_ended_before_training(
         f"TF_CONFIG: {said} ended before training began (TensorFlow: Collective ops is aborted by: ")
     assert text.endswith(f"): nothing was trained. Its own output says why{where}: fix that, then rerun every host's "
                          f"command"), text
+
+
+@pytest.mark.parametrize(("index", "lost", "said", "where"), [
+    (1, EAGER % 1 + RESET, "worker 0 (the chief)",
+     " (and, where the chief could end its MLflow run, in that run's failure_reason tag)"),
+    (0, "{{function_node __inference_multi_step_on_iterator_4646}} " + UNHEALTHY
+     + "\t [[{{node CollectiveReduceV2}}]] [Op:__inference_multi_step_on_iterator_4646]", "worker 1", ""),
+], ids=["the-chief", "a-worker"])
+def test_a_host_lost_before_the_first_train_step_ended_before_training_began(monkeypatch, index, lost, said, where):
+    """The chief failed between building its model and `fit` (a ConfigError in opening its train run): worker 1,
+    waiting in the first step's collective, said "worker 0 stopped answering ... Completed epochs stay checkpointed
+    ... rerun every host's command to continue". Until this host's first train step has ended, the host lost ended
+    before training began; once it has, it stopped answering (the test above)."""
+    from pipeline import distribute
+    from pipeline.tracking import StepFailed
+
+    monkeypatch.setattr(distribute, "_multi_worker_fit_fixes", lambda model, strategy: None)
+    for steps, callbacks in [(0, None), (0, []), (1, [])]:
+        model = FailingFit(lost, steps)
+        adapted(index).adapt(model)
+        with pytest.raises(StepFailed) as error:
+            model.fit(epochs=3, callbacks=callbacks)
+        text = str(error.value)
+        assert "\n" not in text
+        if steps:
+            assert text.startswith(f"TF_CONFIG: {said.removesuffix(' (the chief)')} stopped answering (TensorFlow: ")
+            continue
+        assert text.startswith(f"TF_CONFIG: {said} ended before training began (TensorFlow: Collective ops is "
+                               f"aborted by: "), text
+        assert text.endswith(f"): nothing was trained. Its own output says why{where}: fix that, then rerun every "
+                             f"host's command"), text
+    assert callbacks == []  # the caller's list is left as it was
 
 
 @pytest.mark.parametrize("mode", ["none", "mirrored"])
