@@ -4,17 +4,18 @@
 # backend it measures, most important first, each stage under its own time limit so that one slow
 # stage cannot take the others' results with it:
 #   1. params/fast.yaml, its whole schedule on the real images: fit seconds and test_acc (all 10,000);
-#   2. the seed recipe (params/default.yaml): seconds per epoch, projected 150 epochs;
-#   3. params/improved.yaml (ResNet-164 with the tricks), its whole 150 epochs and test_acc, for the rest of the
-#      call: its ~13 minutes (projected 13.2, bench/results/gpu.md) outlast one call (10 at most), so it stops
-#      cleanly before the call's end with its training saved in .gpu-state/improved (bench.gpu_epoch
-#      --checkpoint), which comes back packed with the results and goes with the next call (carry ".gpu-state"),
-#      which goes on from it;
-#   4. once improved.yaml is whole, fast.yaml's next steps, whole schedules with test_acc, as long as time is left.
-#   While improved.yaml's run is unfinished a call goes on with it first (1 and 2 were measured by the call that
-#   began it) and runs nothing after it, unless it does not go on (a checkpoint of other settings is refused, by
-#   name; or it crashes): then fast and seed run after it. Once whole, its result is kept in
-#   .gpu-state/improved.json (carried) and later calls skip it (remove that file to train it again).
+#   2. explore-ceiling: fast.yaml at twice its widths for 40 epochs, whether capacity lifts its plateau near 0.91 on
+#      the JPEG copy (the question that decides whether 0.94 is in reach of a ResNet-9 here at all);
+#   3. the seed recipe (params/default.yaml): seconds per epoch, projected 150 epochs;
+#   4. params/improved.yaml (ResNet-164 with the tricks) for IMPROVED_LIMIT (200 s): seconds per epoch and the
+#      projected 150 epochs. Its whole run (~14 minutes of one GPU with its compile, bench/results/gpu.md) outlasts
+#      one call (10 minutes at most) and the device time a lease has in all (15 minutes); it stops cleanly at an
+#      epoch's end with its training saved in .gpu-state/improved (bench.gpu_epoch --checkpoint), which comes back
+#      packed with the results, and a later call carrying .gpu-state goes on from it (GPU_SH_STAGES="improved"
+#      gives it the rest of a call). Once whole, its result is kept in .gpu-state/improved.json (carried) and later
+#      calls skip it (remove that file to train it again). A checkpoint of other settings is refused by name and
+#      the call goes on with the next stages;
+#   5. fast.yaml's next questions, whole schedules with test_acc, most telling first, as long as time is left.
 # GPU_SH_STAGES="improved" (names separated by spaces) runs only those stages: a second call in one lease, with
 # GPU_SH_BUDGET set to its timeout_s (or the device time left, if less) less 10: a call the device tool ends before
 # the script packs its files brings the training of that call back to no one (its loose files come back, at most 8,
@@ -24,12 +25,12 @@
 # flat, 0.906-0.908, over its last three epochs): on the JPEG copy this ResNet-9 stops near 0.91, short of 0.94 at any length tried. 16 epochs with ghost
 # batch norm and train.drop_remainder: 0.9099 vs 0.9058, and a first epoch of 11.9 s instead of 23.5 s: whole batches
 # only spare XLA a second compile for the last, partial one. improved.yaml: 4.63 s per epoch after a first of 100 s.
-# The next questions about fast.yaml: the file at 1.5x the width (2.2x the computation: does capacity lift the
-# plateau on the JPEG copy, and what does it cost in seconds?), drop_remainder alone (does it halve the compile?),
+# The next questions about fast.yaml, in the order asked: the file at 1.5x the width (2.2x the computation: what
+# capacity costs in seconds), ghost batch norm at 24 epochs, a second train.seed (the spread of one measurement),
 # weight EMA with its BN statistics recomputed (train.ema_bn_batches; in the 5-epoch quarter-width CPU proxy,
-# bench/results/fast-cpu.md, level with the raw weights: 0.849 vs 0.847, 0.832 without), a second train.seed (the
-# spread of one measurement), ghost batch norm at 24 epochs, 32 epochs, and alternating flips at 24 (at 16: 0.9063
-# vs 0.9058). Every whole schedule also records val_acc and test_acc with each test-time augmentation (none, flip,
+# bench/results/fast-cpu.md, level with the raw weights: 0.849 vs 0.847, 0.832 without), 32 epochs, drop_remainder
+# alone (does it halve the compile?), and alternating flips at 24 (at 16: 0.9063 vs 0.9058). Every whole schedule
+# also records val_acc and test_acc with each test-time augmentation (none, flip,
 # flip_shift; bench.gpu_epoch's tta_scores).
 #      On 2026-12-04 fast took 49 s of the call, two epochs of improved 114 s, each explore stage ~50 s; the seed
 #      stage ~90 s on 2026-11-30.
@@ -57,8 +58,8 @@ OUT=${OUT:-bench/results}
 DATA=${DATA:-.data/cifar10-jpeg-q75.tar.gz}
 PY=${PYTHON:-python3}
 SITE=${GPU_SH_SITE:-/tmp/gpu-site}  # where the wheels go (emptied first: a warm machine keeps an earlier call's)
-STAGES="fast seed improved explore-wide explore-drop explore-ema explore-seed1 explore-24-ghost explore-32
-  explore-24-altflip"
+STAGES="fast explore-ceiling seed improved explore-wide explore-24-ghost explore-seed1 explore-ema explore-32
+  explore-drop explore-24-altflip"
 for name in ${GPU_SH_STAGES:-}; do  # a misspelt name would run nothing and waste the call
   [[ " ${STAGES//$'\n'/ } " == *" $name "* ]] \
     || { echo "GPU_SH_STAGES: no stage '$name' (stages: $(echo $STAGES))" >&2; exit 2; }
@@ -97,10 +98,11 @@ fi
 # Each key once in an overrides string (pipeline.config refuses one given twice, where the last would win unseen):
 # the smoke's toy scale replaces, not follows, a stage's own widths and epochs (wide9, long9)
 source_args=(--data "$DATA") small9="" small164="" ghost_batch="" short164=""
-wide9="model.widths=[64,192,384,768]" long9="train.epochs=32"
+wide9="model.widths=[64,192,384,768]" long9="train.epochs=32" ceiling9="model.widths=[64,256,512,1024] train.epochs=40"
 if [[ -n "${GPU_SH_SMOKE:-}" ]]; then
   source_args=(--images 512) small9="train.epochs=2 model.widths=[8,16,32,64]"
   wide9="train.epochs=2 model.widths=[8,24,48,96]" long9="train.epochs=3 model.widths=[8,16,32,64]"
+  ceiling9="train.epochs=2 model.widths=[8,32,64,128]"
   ghost_batch="train.batch_size=64"  # 501 training images make no whole batch of 512
   small164="model.units_per_stage=1 model.widths=[16,32,64]" short164="train.epochs=3"
   STATE=${GPU_SH_STATE:-$OUT/state-smoke}  # never the checkout's own
@@ -114,8 +116,7 @@ stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in
     return
   fi
   if (( SECONDS + limit > budget )); then
-    [[ -n $unfinished ]] \
-      || echo "== $name skipped: ${SECONDS}s of ${budget}s used, it may take ${limit}s" | tee -a "$LOG"
+    echo "== $name skipped: ${SECONDS}s of ${budget}s used, it may take ${limit}s" | tee -a "$LOG"
     return
   fi
   echo "== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$LOG"
@@ -125,28 +126,24 @@ stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in
   echo "== $name exit $rc $(date -u +%T)" | tee -a "$LOG"
   [[ $rc == 0 ]] && passed+=" $name " || { failed=1 failures+=" $name "; }
 }
-# an unfinished improved.yaml run: a checkpoint saved (a folder without one, stopped before its first save, begins
-# afresh like no folder)
-resumable() { [[ -f "$STATE/improved/training_metadata.json" ]]; }
-fast_and_seed() {
-  stage fast "${FAST_LIMIT:-220}" --full --params params/fast.yaml --overrides "train.feed=device $small9"
-  stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
-    --overrides "train.feed=device train.steps_per_execution=8 $small164"
-}
-passed="" failures="" unfinished="" resumed=""
-if resumable && [[ -z "${GPU_SH_STAGES:-}" ]]; then  # measured by the call that began that run
-  resumed=1
-  [[ -n ${stopped:-} ]] \
-    || echo "== fast, seed skipped: improved.yaml's unfinished run ($STATE/improved) goes on first" | tee -a "$LOG"
-else
-  fast_and_seed
-fi
-# the rest of the call less a margin for packing: it stops itself at an epoch's end 60 s before its limit,
-# for the scoring after its last epoch (its predict compiles; not timed yet on a GPU)
-left=$(( budget - SECONDS - 20 ))
-if [[ -n ${stopped:-} ]]; then
+passed="" failures=""
+stage fast "${FAST_LIMIT:-220}" --full --params params/fast.yaml --overrides "train.feed=device $small9"
+# Does capacity lift fast.yaml's plateau near 0.91 on the JPEG copy (0.9131 at 40 epochs)? Its widths doubled (4x
+# the computation), 40 epochs: if even that stays well short of 0.94, no ResNet-9 reaches it here in 10 s.
+stage explore-ceiling "${CEILING_LIMIT:-150}" --full --params params/fast.yaml \
+  --overrides "train.feed=device $ceiling9"
+stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
+  --overrides "train.feed=device train.steps_per_execution=8 $small164"
+# improved.yaml: its first epochs, for the seconds per epoch and the projected 150 epochs (~14 min of one GPU with
+# its compile: more than the 15 minutes a lease holds in all, and .gpu-state does not outlive the checkout), within
+# IMPROVED_LIMIT; named in GPU_SH_STAGES it has the rest of the call instead. It stops at an epoch's end 60 s
+# before its limit, for the scoring after its last epoch (its predict compiles), its training saved in
+# .gpu-state/improved, from which the next call goes on (carry ".gpu-state").
+left=$(( budget - SECONDS - 20 ))  # the rest of the call less a margin for packing
+[[ " ${GPU_SH_STAGES:-} " == *" improved "* ]] || left=$(( left < ${IMPROVED_LIMIT:-200} ? left : ${IMPROVED_LIMIT:-200} ))
+if [[ -n ${stopped:-} || ( -n "${GPU_SH_STAGES:-}" && " $GPU_SH_STAGES " != *" improved "* ) ]]; then
   :
-elif [[ -f "$STATE/improved.json" ]]; then  # else each later call would begin it afresh and leave no time for the rest
+elif [[ -f "$STATE/improved.json" ]]; then  # trained whole by earlier calls: not begun afresh
   echo "== improved skipped: whole in an earlier call ($STATE/improved.json; remove it to train it again)" \
     | tee -a "$LOG"
 elif (( left >= 150 )); then  # its first epoch compiles for ~100 s
@@ -154,36 +151,26 @@ elif (( left >= 150 )); then  # its first epoch compiles for ~100 s
     --stop-after "$(( left - 60 ))" --overrides "train.feed=device train.steps_per_execution=8 $small164 $short164"
   if [[ "$passed" == *" improved "* && ! -d "$STATE/improved" ]]; then  # whole and scored
     mkdir -p "$STATE" && cp "$OUT/gpu-improved.json" "$STATE/improved.json"
+  elif [[ "$passed" == *" improved "* ]]; then
+    echo "== improved stopped within its ${left}s: seconds per epoch and the projected 150 epochs in" \
+      "gpu-improved.json; its training in $STATE/improved, for a later call to go on from" | tee -a "$LOG"
   fi
 else
   echo "== improved skipped: ${left}s left of the call" | tee -a "$LOG"
 fi
-if [[ -n $resumed && "$failures" == *" improved "* ]]; then
-  # the run it skipped them for did not go on (refused: a checkpoint of other settings, its line above; or it
-  # crashed): the call's first measurements still come first
-  echo "== improved did not go on from $STATE/improved (its lines above say why): fast and seed run now" \
-    | tee -a "$LOG"
-  fast_and_seed
-fi
-if resumable && [[ -z "${GPU_SH_STAGES:-}${stopped:-}" && "$failures" != *" improved "* ]]; then
-  # unfinished: the next call goes on with it before anything else (stages named in GPU_SH_STAGES run; one that
-  # failed here, refused or crashed, leaves the rest of the call to the next stages)
-  budget=0 unfinished=1
-  echo "== the next stages skipped: improved.yaml's run is unfinished ($STATE/improved), the next call goes on" \
-    "with it first" | tee -a "$LOG"
-fi
+# fast.yaml's next questions, most telling first, for as long as the call leaves time
 stage explore-wide "${EXPLORE_LIMIT:-100}" --full --params params/fast.yaml \
   --overrides "train.feed=device $wide9"
-stage explore-drop "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
-  --overrides "train.feed=device train.drop_remainder=true $small9 $ghost_batch"
-stage explore-ema "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
-  --overrides "train.feed=device train.ema=true $small9"
-stage explore-seed1 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
-  --overrides "train.feed=device train.seed=1 $small9"
 stage explore-24-ghost "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device model.ghost_batch=32 train.drop_remainder=true $small9 $ghost_batch"
+stage explore-seed1 "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
+  --overrides "train.feed=device train.seed=1 $small9"
+stage explore-ema "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
+  --overrides "train.feed=device train.ema=true $small9"
 stage explore-32 "${EXPLORE_LIMIT:-80}" --full --params params/fast.yaml \
   --overrides "train.feed=device $long9"
+stage explore-drop "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
+  --overrides "train.feed=device train.drop_remainder=true $small9 $ghost_batch"
 stage explore-24-altflip "${EXPLORE_LIMIT:-75}" --full --params params/fast.yaml \
   --overrides "train.feed=device train.alternate_flip=true $small9"
 [[ -n ${stopped:-} ]] && failed=1

@@ -359,13 +359,16 @@ def test_every_gpu_sh_stages_overrides_load_with_its_params_file(tmp_path, smoke
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stages = [line.split("\t") for line in log.read_text().splitlines()]
     assert [name for name, *_ in stages] == [f"gpu-{name}.json" for name in (
-        "fast", "seed", "improved", "explore-wide", "explore-drop", "explore-ema", "explore-seed1",
-        "explore-24-ghost", "explore-32", "explore-24-altflip")]
+        "fast", "explore-ceiling", "seed", "improved", "explore-wide", "explore-24-ghost", "explore-seed1",
+        "explore-ema", "explore-32", "explore-drop", "explore-24-altflip")]
     loaded = {name: config.load_from_cli(params, overrides) for name, params, overrides in stages}
     assert all(cfg.train.feed == "device" for cfg in loaded.values())
     wide, long = loaded["gpu-explore-wide.json"], loaded["gpu-explore-32.json"]
+    ceiling = loaded["gpu-explore-ceiling.json"]
     fast = config.load_from_cli("params/fast.yaml", "train.epochs=2 model.widths=[8,16,32,64]" if smoke else "")
     assert long.train.epochs > fast.train.epochs and sum(wide.model.widths) > sum(fast.model.widths)  # what they try
+    assert list(ceiling.model.widths[1:]) == [2 * w for w in fast.model.widths[1:]]  # twice the widths (behind the stem)
+    assert ceiling.train.epochs == (fast.train.epochs if smoke else 40)
 
 
 @pytest.mark.parametrize(("override", "message"), [

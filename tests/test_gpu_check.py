@@ -246,10 +246,12 @@ fi
 """
 
 
-def test_gpu_sh_goes_on_with_an_unfinished_improved_run_first_and_past_a_whole_one(tmp_path):
-    """A call that carries improved.yaml's unfinished run gives it the call (fast and seed were measured by the
-    call that began it; they took ~140 s of the ~400 left to it); once whole, later calls skip it and run the
-    next steps (they began it afresh, and its 150 epochs left them no time); stages named in GPU_SH_STAGES run."""
+def test_gpu_sh_times_improved_within_its_limit_goes_on_from_its_checkpoint_and_past_a_whole_one(tmp_path):
+    """improved.yaml's 150 epochs outlast a call and a lease: a call gives it IMPROVED_LIMIT (its seconds per epoch
+    and projection) and goes on with fast.yaml's questions, not the rest of the call; named in GPU_SH_STAGES it
+    has the rest. A call that carries its unfinished run goes on from it in its place; once whole, later calls
+    skip it; a checkpoint refused (other settings) costs that stage alone."""
+    import re
     import shutil
     import tarfile
 
@@ -270,34 +272,38 @@ def test_gpu_sh_goes_on_with_an_unfinished_improved_run_first_and_past_a_whole_o
             logs[out] = tar.extractfile("gpu.log").read().decode()
             return log.read_text().split(), sorted(m.name for m in tar.getmembers() if m.isfile())
 
-    explore = ["explore-wide", "explore-drop", "explore-ema", "explore-seed1", "explore-24-ghost", "explore-32",
+    def improved_limit(out):
+        return int(re.search(r"^== improved \(limit (\d+)s\)", logs[out], re.M)[1])
+
+    first = ["fast", "explore-ceiling", "seed"]
+    explore = ["explore-wide", "explore-24-ghost", "explore-seed1", "explore-ema", "explore-32", "explore-drop",
                "explore-24-altflip"]
     logs = {}
-    assert call("first", FAKE_UNFINISHED="1")[0] == ["fast", "seed", "improved"]
-    # why the next stages did not run, once, not each one as out of a budget of 0 s
-    assert "improved.yaml's run is unfinished" in logs["first"] and "of 0s used" not in logs["first"]
-    ran, packed = call("second", FAKE_UNFINISHED="1")
-    assert ran == ["improved"] and ".gpu-state/improved/progress.json" in packed
-    assert call("named", FAKE_UNFINISHED="1", GPU_SH_STAGES="explore-drop")[0] == ["explore-drop"]
-    # the rest of the call not lost with it, nor fast and seed, skipped for a run that did not go on
-    assert call("refused", FAKE_REFUSED="1")[0] == ["improved", "fast", "seed", *explore]
-    assert "improved did not go on from .gpu-state/improved (its lines above say why)" in logs["refused"]
+    ran, packed = call("first", FAKE_UNFINISHED="1")
+    assert ran == [*first, "improved", *explore] and improved_limit("first") == 200
+    assert "== improved stopped within its 200s: seconds per epoch and the projected 150 epochs" in logs["first"]
+    assert ".gpu-state/improved/progress.json" in packed  # its training goes back, for a later call
+    ran, packed = call("second", FAKE_UNFINISHED="1", IMPROVED_LIMIT="170")  # carried: goes on in its place
+    assert ran == [*first, "improved", *explore] and improved_limit("second") == 170
+    assert call("named", FAKE_UNFINISHED="1", GPU_SH_STAGES="improved", GPU_SH_BUDGET="400")[0] == ["improved"]
+    assert improved_limit("named") > 370  # the rest of the call: 400 less 20 for packing
+    assert call("other", FAKE_UNFINISHED="1", GPU_SH_STAGES="explore-drop")[0] == ["explore-drop"]
+    # a checkpoint of other settings: that stage fails, the rest of the call is not lost with it
+    assert call("refused", FAKE_REFUSED="1")[0] == [*first, "improved", *explore]
 
-    # a folder stopped before its first checkpoint (improved.yaml saves every 5 epochs) holds nothing to go on from
-    (checkout / ".gpu-state" / "improved" / "training_metadata.json").unlink()
-    assert call("unsaved", FAKE_UNFINISHED="1")[0] == ["fast", "seed", "improved"]
     shutil.rmtree(checkout / ".gpu-state")
     (tmp_path / "others").mkdir()
     (tmp_path / "others" / "gpu-improved.json").write_text('{"test_acc": 0.5}')  # an earlier run's, in OUT
     assert call("others", GPU_SH_STAGES="fast")[0] == ["fast"]
     assert not (checkout / ".gpu-state" / "improved.json").exists()  # not run here: not taken for whole
     ran, packed = call("whole")
-    assert ran == ["fast", "seed", "improved", *explore] and ".gpu-state/improved.json" in packed
+    assert ran == [*first, "improved", *explore] and ".gpu-state/improved.json" in packed
     local = tmp_path / "local"
     (local / ".gpu-state" / "improved").mkdir(parents=True)  # the unfinished run it carried
     gpu_report.unpack(tmp_path / "whole" / "gpu-results.tar.gz", tmp_path / "results", local)
     assert [p.name for p in (local / ".gpu-state").iterdir()] == ["improved.json"]  # carried by the next call
-    assert call("after")[0] == ["fast", "seed", *explore]
+    shutil.copytree(local / ".gpu-state", checkout / ".gpu-state", dirs_exist_ok=True)
+    assert call("after")[0] == [*first, *explore] and "== improved skipped: whole in an earlier call" in logs["after"]
 
 
 def test_gpu_sh_refuses_a_misspelt_stage_name_before_anything_runs(tmp_path):
@@ -308,13 +314,14 @@ def test_gpu_sh_refuses_a_misspelt_stage_name_before_anything_runs(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60, env={"PATH": os.environ["PATH"], "PYTHON": str(fake), "FAKE_LOG": str(log),
                                            "OUT": str(tmp_path / "out"), "GPU_SH_STAGES": "explore-drop explore-wdie"})
-    assert proc.returncode == 2 and "GPU_SH_STAGES: no stage 'explore-wdie' (stages: fast seed improved" in proc.stderr
+    assert proc.returncode == 2
+    assert "GPU_SH_STAGES: no stage 'explore-wdie' (stages: fast explore-ceiling seed" in proc.stderr
     assert not log.exists() and not (tmp_path / "out").exists()
     import re
 
     script = (ROOT / "bench" / "gpu.sh").read_text()  # the names it knows are those of its stages
     known = re.search(r'^STAGES="([^"]*)"', script, re.M)[1].split()
-    assert sorted(known) == sorted(re.findall(r"^\s*stage ([\w-]+) ", script, re.M)) and len(known) == 10
+    assert sorted(known) == sorted(re.findall(r"^\s*stage ([\w-]+) ", script, re.M)) and len(known) == 11
 
 
 def wheel(folder, name: str, version: str, tag: str, source: str) -> None:
