@@ -9,19 +9,10 @@ point); the console ends with where to look at the run.
 
 from __future__ import annotations
 
-import shutil
-
 from pipeline import config, inputs
 from pipeline.distribute import Distribution, distribution
 from pipeline.tracking import cli, log_params, set_tags, step_run, steps, ui_hint
-from pipeline.tracking.resume import (
-    checkpoint_dir,
-    claim,
-    mark_pipeline_done,
-    release,
-    remove_stale_locks,
-    trained_before_a_failure,
-)
+from pipeline.tracking.resume import main_lock, mark_pipeline_done, remove_stale_locks, trained_before_a_failure
 
 
 def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "", dist: Distribution | None = None) -> dict:
@@ -67,18 +58,13 @@ def main() -> None:
     # cluster the hosts meet first (`distribute.wait_for_hosts`): one that never comes, or Ctrl-C while waiting for
     # it, leaves no run behind
     dist = distribution(cfg.train.distribute)
-    with step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
-        # Held while this process lives: a later main tells this one, RUNNING, from one killed (SIGKILL, the OOM
+    with main_lock() as hold, step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
+        # Held until its run has ended: a later main tells this one, RUNNING, from one killed (SIGKILL, the OOM
         # killer: left RUNNING with the step it was in), whose runs it ends KILLED (`remove_stale_locks`) and whose
         # trained model a rerun goes on from (`trained_before_a_failure`)
         remove_stale_locks()
-        claim(parent.info.run_id)
-        try:
-            run(cfg, resume=args.resume, dataset_uri=dataset_uri, dist=dist)
-        finally:
-            # the lock file alone, removed before it is released: a lock file left unlocked is a dead main's
-            shutil.rmtree(checkpoint_dir(parent.info.run_id), ignore_errors=True)
-            release(parent.info.run_id)
+        hold(parent.info.run_id)
+        run(cfg, resume=args.resume, dataset_uri=dataset_uri, dist=dist)
     print(ui_hint(parent))
 
 

@@ -131,28 +131,29 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     # The checkpoint outlives `fit` until the model is logged (the largest upload): a kill or a tracking server
     # lost in between leaves the trained weights for the rerun, which logs them without training again. In a
     # cluster it goes when `fit` ends, as every worker's does (their epochs must agree on a rerun).
-    try:
-        history = fit(model, cfg, splits, len(dataset.class_names),
-                      [MlflowEpochLogger(images_per_epoch(t, train_images), logged),
-                       Checkpoint(checkpoint_dir(run_id), t.checkpoint_every, keep=not dist.cluster),
-                       *extra_callbacks])
-        reason = diverged(history)
-        if reason:
-            shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)  # resuming a diverged run would diverge again
-            reason += f"; nothing was registered. Lower train.lr (now {t.scaled_lr:g}) or check the data"
-            set_tags({"failure_reason": reason})
-            raise TrainingDiverged(reason)
+    history = fit(model, cfg, splits, len(dataset.class_names),
+                  [MlflowEpochLogger(images_per_epoch(t, train_images), logged),
+                   Checkpoint(checkpoint_dir(run_id), t.checkpoint_every, keep=not dist.cluster),
+                   *extra_callbacks])
+    reason = diverged(history)
+    if reason:
+        shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)  # resuming a diverged run would diverge again
+        reason += f"; nothing was registered. Lower train.lr (now {t.scaled_lr:g}) or check the data"
+        set_tags({"failure_reason": reason})
+        raise TrainingDiverged(reason)
 
-        history = logged_history(run_id)
-        served = inference_copy(cfg, training_part(dataset, splits), model)
-        with artifact_dir() as folder:
-            history.to_csv(folder / "history.csv", index=False)
-            plot_curves(history, folder / "curves.png")
-        model_uri = log_trained_model(run_id, served, list(dataset.class_names), dataset.x_test[:2],
-                                      cfg.evaluate.tta, cfg.train.shift_fill)
-        shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)
-    finally:
-        release(run_id)  # held until the model is logged: else a second identical command could resume this run
+    history = logged_history(run_id)
+    served = inference_copy(cfg, training_part(dataset, splits), model)
+    with artifact_dir() as folder:
+        history.to_csv(folder / "history.csv", index=False)
+        plot_curves(history, folder / "curves.png")
+    model_uri = log_trained_model(run_id, served, list(dataset.class_names), dataset.x_test[:2],
+                                  cfg.evaluate.tta, cfg.train.shift_fill)
+    shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)
+    # Held until the model is logged: else a second identical command could resume this run. A run that fails
+    # (SIGTERM too) keeps it until it has ended (`tracking.open_run`): released first, an identical command started
+    # meanwhile resumed it, then it was ended KILLED under that command
+    release(run_id)
     print(f"logged model {model_uri}")
     return model_uri
 

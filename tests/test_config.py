@@ -367,7 +367,7 @@ def test_every_gpu_sh_stages_overrides_load_with_its_params_file(tmp_path, smoke
     ceiling = loaded["gpu-explore-ceiling.json"]
     fast = config.load_from_cli("params/fast.yaml", "train.epochs=2 model.widths=[8,16,32,64]" if smoke else "")
     assert long.train.epochs > fast.train.epochs and sum(wide.model.widths) > sum(fast.model.widths)  # what they try
-    assert list(ceiling.model.widths[1:]) == [2 * w for w in fast.model.widths[1:]]  # twice the widths (behind the stem)
+    assert list(ceiling.model.widths[1:]) == [2 * w for w in fast.model.widths[1:]]  # twice, behind the stem
     assert ceiling.train.epochs == (fast.train.epochs if smoke else 40)
 
 

@@ -324,6 +324,39 @@ def test_a_pipeline_that_failed_after_training_goes_on_from_the_trained_model(st
     assert again.returncode == 0 and "reusing train run" not in again.stdout and "Epoch 2/2" in again.stdout
 
 
+def test_a_main_that_lost_its_store_leaves_its_lock_for_the_next_main(store, in_process):
+    """The tracking server lost (exit 4) in evaluate or register: the main could not end its runs, left RUNNING,
+    and it removed its lock folder all the same: no later main told it from a live one (another host's), its runs
+    stayed RUNNING for good and a rerun trained again instead of going on from its model. Its lock file goes only
+    once its run has ended: the next main finds it dead and ends it KILLED."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import main
+    from pipeline.tracking import resume
+
+    def lost(*args, **kwargs):
+        raise MlflowException("the tracking server went away")
+
+    def server_lost(*args, **kwargs):  # nothing reaches the store any more, ending a run neither
+        patch.setattr(MlflowClient, "set_terminated", lost)
+        lost()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(main, "run", server_lost)
+        with pytest.raises(MlflowException, match="went away"):  # a traceback on a local store (exit 4 from a server)
+            in_process("main", "--params", TINY, "--overrides", "tracking.experiment=e2e")
+    experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    (lost_main,) = experiment_runs(MlflowClient())
+    assert lost_main.info.status == "RUNNING"
+    assert [p.name for p in resume.checkpoint_dir(lost_main.info.run_id).iterdir()] == [resume.LOCK_FILE]
+    assert lost_main.info.run_id not in resume._claimed  # released: the next main takes it for a dead main's
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as rerun:
+        resume.remove_stale_locks()
+    run = MlflowClient().get_run(lost_main.info.run_id)
+    assert (run.info.status, run.data.tags.get("ended_by")) == ("KILLED", rerun.info.run_id)
+    assert not resume.checkpoint_dir(lost_main.info.run_id).exists()
+
+
 def test_a_model_trained_by_other_code_is_not_gone_on_from(store, monkeypatch):
     """The same params and data, but the code that trains and serves a model changed since the failed pipeline
     trained one (an edit, a pull): the rerun trains anew instead of registering the old code's model."""
@@ -514,6 +547,59 @@ def test_a_dead_main_is_found_dead_whatever_its_folder_has_left_over(store, left
     assert resume.checkpoint_dir(killed).exists() is not ended
 
 
+@pytest.mark.parametrize("left", ["written", "empty", "another store's", "another store's, empty", "held"])
+def test_a_main_killed_before_its_lock_file_bore_its_name_is_found_dead(store, tmp_path, empty_store_db, left):
+    """A main killed (SIGKILL, or SIGTERM while in `_new_lock`) once it made its temporary file and before it linked
+    it to the lock file's name left that file alone in its folder (empty if killed before writing it): its folder
+    held no lock file, was never lock-only, and stayed for good, its main RUNNING. The temporary file of a dead
+    process stands for its lock now: its run ends KILLED and its folder goes, by a main of the store it records,
+    or, empty, of the store that has its run (another store's is left to that store's next main); one a live
+    process holds locked is not taken."""
+    from pipeline.tracking import resume
+
+    shutil.copyfile(empty_store_db, tmp_path / "b.db")
+    store_a, store_b = mlflow.get_tracking_uri(), f"sqlite:///{tmp_path / 'b.db'}"
+    theirs = left.startswith("another store's")
+    mlflow.set_tracking_uri(store_b if theirs else store_a)
+    killed = mlflow.start_run(experiment_id="0", tags={"step": "main"}).info.run_id
+    mlflow.end_run("RUNNING")
+    written = resume._store()
+    mlflow.set_tracking_uri(store_a)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = resume.checkpoint_dir(killed)
+    folder.mkdir(parents=True)
+    temporary = folder / f".{resume.LOCK_FILE}.{dead.stdout.strip()}"
+    temporary.write_text("" if left.endswith("empty") else written)
+    holder = None
+    if left == "held":  # a live process stopped in `_new_lock` past `LEFT_S`, its temporary file locked
+        temporary = temporary.rename(folder / f".{resume.LOCK_FILE}.{os.getpid()}")
+        os.utime(temporary, (time.time() - 60, time.time() - 60))
+        holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
+                                   "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+                                   str(temporary)], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline() == "held\n"
+    try:
+        with mlflow.start_run(experiment_id="0", tags={"step": "main"}) as main_a:
+            resume.remove_stale_locks()
+    finally:
+        if holder:
+            holder.kill()
+            holder.wait()
+    if left == "held":
+        assert MlflowClient().get_run(killed).info.status == "RUNNING"
+        assert [p.name for p in folder.iterdir()] == [temporary.name]
+        return
+    if theirs:  # not this store's to end: its folder is left as it was, for that store's next main
+        assert [p.name for p in folder.iterdir()] == [temporary.name]
+        mlflow.set_tracking_uri(store_b)
+        with mlflow.start_run(experiment_id="0", tags={"step": "main"}) as main_b:
+            resume.remove_stale_locks()
+    run = MlflowClient().get_run(killed)
+    assert (run.info.status, run.data.tags.get("ended_by")) == ("KILLED", (main_b if theirs else main_a).info.run_id)
+    assert not folder.exists()
+    assert not resume._claimed
+
+
 def test_the_folders_runs_that_ended_on_nfs_leave_are_removed(store):
     """On NFS a run that ends removes its folder while it holds its lock file open: the file stays as a `.nfs*` file
     until the lock is released, and so does the folder, emptied after: one empty folder was left per run. The next
@@ -590,6 +676,26 @@ def test_a_lock_is_claimed_where_the_file_system_has_no_hard_links(tmp_path, mon
     resume.release("abc")
 
 
+@pytest.mark.parametrize("at", ["flock", "_store"])
+def test_a_lock_interrupted_while_it_is_made_leaves_no_temporary_file(tmp_path, monkeypatch, at):
+    """SIGTERM (Ctrl-C on `mlflow run`: `Interrupted`, raised wherever the process is) in `_new_lock` before its
+    temporary file bore the lock file's name left that file in the folder while the process went on to end its
+    runs KILLED and exit; the file is removed however `_new_lock` ends."""
+    from pipeline import tracking
+    from pipeline.tracking import resume
+
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(tmp_path))
+
+    def interrupted(*args):
+        raise tracking.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(resume.fcntl if at == "flock" else resume, at, interrupted)
+    with pytest.raises(tracking.Interrupted):
+        resume.claim("abc")
+    assert list((tmp_path / "abc").iterdir()) == []
+    assert "abc" not in resume._claimed
+
+
 def test_a_run_its_live_process_ends_meanwhile_is_not_ended_killed_by_another_main(store):
     """A train run whose folder holds its lock alone (checkpoint_every 0, or before its first checkpoint) that ends
     while another main's `remove_stale_locks` runs: read RUNNING before its lock was tried, then ended FINISHED and
@@ -627,6 +733,37 @@ def test_a_run_its_live_process_ends_meanwhile_is_not_ended_killed_by_another_ma
     run = MlflowClient().get_run(live)
     assert (run.info.status, run.data.tags.get("ended_by")) == ("FINISHED", None)
     assert not resume.checkpoint_dir(live).exists()
+
+
+def test_a_step_its_live_process_ends_meanwhile_is_not_ended_killed_with_its_dead_main(store, monkeypatch):
+    """A dead main's train run resumed by a live main (`find_resumable`) that ends it as the dead main's steps are
+    ended: read RUNNING, its lock file there, then removed by its process as it ended, `_held` made the folder and
+    its lock file anew, took it for a dead process's lock and ended the run KILLED, and left that lock-only folder
+    behind. Only a lock file left there is taken."""
+    from pipeline.tracking import resume
+
+    experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    dead = mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}).info.run_id
+    trained = mlflow.start_run(nested=True, experiment_id=experiment_id, tags={"step": "train"}).info.run_id
+    mlflow.end_run("RUNNING")
+    mlflow.end_run("RUNNING")
+    assert resume.claim(trained)
+    owner = resume._claimed.pop(trained)  # as the live main that resumed it holds it
+    claim = resume.claim
+
+    def owner_ends_meanwhile(run_id, **kwargs):  # as train.run ends: its folder removed, then its lock released
+        if run_id == trained:
+            shutil.rmtree(resume.checkpoint_dir(trained))
+            owner.close()
+        return claim(run_id, **kwargs)
+
+    monkeypatch.setattr(resume, "claim", owner_ends_meanwhile)
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as rerun:
+        resume.end_dead_main(MlflowClient(), dead, tag="ended_by")
+    status = {r: (run.info.status, run.data.tags.get("ended_by"))
+              for r in (dead, trained) if (run := MlflowClient().get_run(r))}
+    assert status == {dead: ("KILLED", rerun.info.run_id), trained: ("RUNNING", None)}  # its process ends it
+    assert not resume.checkpoint_dir(trained).exists()
 
 
 def test_a_lock_file_removed_while_it_is_locked_is_not_claimed(tmp_path, monkeypatch):
@@ -747,6 +884,43 @@ def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tm
     trains = experiment_runs(client, "tags.step = 'train'")
     assert len(trains) == 2 and all(r.info.status == "FINISHED" for r in trains)
     assert not any(r.info.status == "RUNNING" for r in experiment_runs(client))
+
+
+def test_an_interrupted_train_run_is_claimed_until_it_has_ended(store, in_process, monkeypatch):
+    """SIGTERM in training (Ctrl-C on `mlflow run`): the process released its train run's claim, then ended the run
+    KILLED; an identical command started in between resumed the run and trained it, marked KILLED under it. The
+    claim goes once the run has ended."""
+    import fcntl
+
+    from pipeline import tracking, train
+    from pipeline.tracking import resume
+
+    def interrupted(*args, **kwargs):
+        raise tracking.Interrupted(signal.SIGTERM)
+
+    held_at_end = {}
+    set_terminated = MlflowClient.set_terminated
+
+    def ended(self, run_id, *args, **kwargs):  # could another command claim the run as it ends?
+        lock = resume.checkpoint_dir(run_id) / resume.LOCK_FILE
+        if lock.exists():
+            with lock.open() as other:
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held_at_end[run_id] = False
+                except BlockingIOError:
+                    held_at_end[run_id] = True
+        return set_terminated(self, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(train, "fit", interrupted)
+    monkeypatch.setattr(MlflowClient, "set_terminated", ended)
+    done = in_process("train", "--params", TINY, "--overrides", "tracking.experiment=e2e")
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    (run,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
+    assert run.info.status == "KILLED" and held_at_end == {run.info.run_id: True}
+    assert run.info.run_id not in resume._claimed  # released once ended: a rerun resumes it
+    assert resume.claim(run.info.run_id)
+    resume.release(run.info.run_id)
 
 
 def test_ctrl_c_stops_a_host_whose_peers_never_start_and_leaves_no_run(store):

@@ -359,24 +359,33 @@ def _set_experiment(name: str) -> None:
 def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun]) -> Iterator[mlflow.ActiveRun]:
     """Enter an `mlflow.start_run` context; a SIGTERM/SIGINT inside ends the run KILLED (not FAILED), and an
     expected failure (bad input, a failed step) ends it FAILED with the one-line reason as tag `failure_reason`
-    (unless the step already gave one)."""
-    with ctx as run:
-        try:
-            yield run
-            # A signal whose exception was swallowed on the way (a weakref callback's or `__del__`'s "Exception
-            # ignored", a bare except): with SIG_IGN already in place nothing else would stop the pipeline
-            if (pending := interrupts.take()) is not None:
-                raise pending
-        except (Interrupted, KeyboardInterrupt) as exc:
-            mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
-            mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
-            raise
-        except (ConfigError, DataError, StepFailed) as exc:
-            with contextlib.suppress(MlflowException):
-                client = mlflow.MlflowClient()
-                if "failure_reason" not in client.get_run(run.info.run_id).data.tags:
-                    client.set_tag(run.info.run_id, "failure_reason", str(exc)[:5000])
-            raise
+    (unless the step already gave one). A claim the step holds on the run (`resume.claim`: a train run's) goes once the
+    run has ended, however it ends: released before, an identical command started meanwhile resumed the run, then saw
+    it ended under it."""
+    run = None
+    try:
+        with ctx as run:
+            try:
+                yield run
+                # A signal whose exception was swallowed on the way (a weakref callback's or `__del__`'s "Exception
+                # ignored", a bare except): with SIG_IGN already in place nothing else would stop the pipeline
+                if (pending := interrupts.take()) is not None:
+                    raise pending
+            except (Interrupted, KeyboardInterrupt) as exc:
+                mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
+                mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
+                raise
+            except (ConfigError, DataError, StepFailed) as exc:
+                with contextlib.suppress(MlflowException):
+                    client = mlflow.MlflowClient()
+                    if "failure_reason" not in client.get_run(run.info.run_id).data.tags:
+                        client.set_tag(run.info.run_id, "failure_reason", str(exc)[:5000])
+                raise
+    finally:
+        if run is not None:
+            from pipeline.tracking.resume import release  # (it imports this module)
+
+            release(run.info.run_id)
 
 
 def _settle_wrapper_run(run_id: str, status: str, *, delete: bool = False) -> None:

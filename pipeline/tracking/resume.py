@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -95,19 +96,23 @@ def _new_lock(path: Path):  # noqa: ANN202 - an open file
     the lock file made there unlocked, for `claim` to lock: that instant, or no lock at all."""
     made = path.with_name(f".{LOCK_FILE}.{os.getpid()}")
     handle = made.open("w")
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a name no other process uses: never held
-    handle.write(_store())  # written before the file bears its name: never read half-written
-    handle.flush()
-    try:
-        os.link(made, path)
-    except FileExistsError:
+    try:  # removed however this ends, SIGTERM (`Interrupted`) too; SIGKILL leaves it (`_left_over`, `_claim_unnamed`)
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a name no other process uses: never held
+        handle.write(_store())  # written before the file bears its name: never read half-written
+        handle.flush()
+        try:
+            os.link(made, path)
+        except FileExistsError:
+            handle.close()
+            return None
+        except OSError:  # EPERM (FAT), ENOSYS (gcsfuse), ...
+            handle.close()
+            with contextlib.suppress(FileExistsError), path.open("x") as lock:
+                lock.write(_store())
+            return None
+    except BaseException:
         handle.close()
-        return None
-    except OSError:  # EPERM (FAT), ENOSYS (gcsfuse), ...
-        handle.close()
-        with contextlib.suppress(FileExistsError), path.open("x") as lock:
-            lock.write(_store())
-        return None
+        raise
     finally:
         made.unlink()
     return handle
@@ -143,20 +148,26 @@ def remove_stale_locks() -> None:
     (`python -m pipeline.train` alone: no main to end it). The folders' runs are read in one search, not one call each
     (200 folders: ~2 s from a tracking server on this host). Only this store's folders (`_store_of`): another store's
     (two `MLFLOW_TRACKING_URI` sharing `PIPELINE_CHECKPOINT_DIR`) are left to that store's next main, the only one
-    that can end their runs. Empty folders are removed (on NFS a lock file removed while open stays as a `.nfs*`
-    file until released, and keeps its folder)."""
+    that can end their runs. A folder that holds only the temporary file of a process killed in `_new_lock` is taken
+    as lock-only (`_claim_unnamed`). Empty folders are removed (on NFS a lock file removed while open stays as a
+    `.nfs*` file until released, and keeps its folder)."""
     root, ours = checkpoint_root(), _store()
     names = {f: _names(f) for f in (root.iterdir() if root.is_dir() else []) if f.name not in _claimed}
     for folder in [f for f, listed in names.items() if listed == [] and _old(f)]:  # a new one's lock may be coming
         with contextlib.suppress(OSError):  # NFS: its `.nfs*` file not gone yet, the next main's turn
             folder.rmdir()
     # Claimed before their runs are read: a run read RUNNING, then ended by its live process, was ended KILLED
+    unnamed = {f: store for f, listed in names.items()
+               if listed == [] and (store := _claim_unnamed(f, ours)) is not None}
     folders = [f for f, listed in names.items()
-               if listed == [LOCK_FILE] and _store_of(f) in ("", ours) and claim(f.name, left=True)]
+               if listed == [LOCK_FILE] and _store_of(f) in ("", ours) and claim(f.name, left=True)] + [*unnamed]
     client = MlflowClient()
     runs = _runs_by_id(client, [f.name for f in folders])
     for folder in folders:
         run = runs.get(folder.name)
+        if run is None and unnamed.get(folder) == "":  # its store unknown: another store's run, left to its main
+            release(folder.name)
+            continue
         if run is not None and run.data.tags.get("step") == "main":
             end_dead_main(client, run, tag="ended_by")
             continue
@@ -165,6 +176,32 @@ def remove_stale_locks() -> None:
             _end_killed(client, [run], "ended_by")
         shutil.rmtree(folder, ignore_errors=True)  # a train's, or no run here (deleted, or a lock not naming its store)
         release(folder.name)
+
+
+def _claim_unnamed(folder: Path, ours: str) -> str | None:
+    """Claim (as `claim`) a run's folder whose process was killed in `_new_lock` before its temporary file bore the
+    lock file's name: that file, left alone in the folder (`_left_over`: its process dead, or it old), stands for the
+    lock file. The store the file records ("" if killed before writing it: a main of any store may read its run),
+    None if not claimed: another store's (`_store_of`), or a live process holds it (stopped in `_new_lock` past
+    `LEFT_S`)."""
+    with contextlib.suppress(FileNotFoundError):
+        for path in folder.iterdir():
+            if not _TEMPORARY.fullmatch(path.name):
+                continue
+            try:
+                handle = path.open()  # read only: flock needs no more
+            except FileNotFoundError:  # another main removed the folder meanwhile
+                continue
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                store = handle.read()
+            except (BlockingIOError, UnicodeDecodeError):
+                store = None
+            if store in ("", ours) and _named(path, handle):
+                _claimed[folder.name] = handle
+                return store
+            handle.close()
+    return None
 
 
 def _names(folder: Path) -> list[str] | None:
@@ -176,6 +213,9 @@ def _names(folder: Path) -> list[str] | None:
         return None
 
 
+_TEMPORARY = re.compile(rf"\.{re.escape(LOCK_FILE)}\.(\d+)")  # `_new_lock`'s temporary file, by its process id
+
+
 def _left_over(path: Path) -> bool:
     """Whether `path` in a run's folder is none of the run's: an NFS client's `.nfs*` file (a file removed while open,
     as a lock file by a run that ends: gone once closed), or the temporary file of a process killed in `_new_lock`
@@ -183,7 +223,7 @@ def _left_over(path: Path) -> bool:
     the same: `claim` tells."""
     if path.name.startswith(".nfs"):
         return True
-    pid = re.fullmatch(rf"\.{re.escape(LOCK_FILE)}\.(\d+)", path.name)
+    pid = _TEMPORARY.fullmatch(path.name)
     if not pid:
         return False
     with contextlib.suppress(PermissionError):  # another user's process: alive
@@ -377,6 +417,28 @@ def end_dead_main(client: MlflowClient, main: mlflow.entities.Run | str, *, tag:
     release(main.info.run_id)
 
 
+@contextlib.contextmanager
+def main_lock() -> Iterator[Callable[[str], object]]:
+    """For a `main` (entered before its run opens, so left after it has ended): yields `hold`, which claims the main
+    run for this process (`claim`). Its lock file goes once the run has ended (a kill before leaves it for the next
+    main, which ends the main KILLED if it had not ended). One whose store was lost (MlflowException: a tracking
+    server gone, its runs perhaps left RUNNING) stays, released, for the next main on this machine to take for a dead
+    main's and end them, as after SIGKILL: removed, they stayed RUNNING for good, and a rerun trained again instead
+    of going on from the model (`trained_before_a_failure`)."""
+    held: list[str] = []
+    lost = False
+    try:
+        yield lambda run_id: held.append(run_id) or claim(run_id)
+    except MlflowException:
+        lost = True
+        raise
+    finally:
+        for run_id in held:
+            if not lost:
+                shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)
+            release(run_id)
+
+
 def _end_killed(client: MlflowClient, runs: list[mlflow.entities.Run], tag: str) -> None:
     """End `runs` KILLED, each tagged `tag` with the active run's id (the run that found them dead)."""
     for run in runs:
@@ -386,12 +448,12 @@ def _end_killed(client: MlflowClient, runs: list[mlflow.entities.Run], tag: str)
 
 def _held(run_id: str) -> bool:
     """Whether a live process, this one too, holds run `run_id`'s claim (the lock file is only looked at: no folder
-    is made for a run that has none)."""
+    is made for a run that has none). A lock file removed meanwhile is its live process's, ending the run."""
     if run_id in _claimed:
         return True
     if not (checkpoint_dir(run_id) / LOCK_FILE).exists():
         return False
-    if not claim(run_id):
+    if not claim(run_id, left=True):
         return True
     release(run_id)
     return False
