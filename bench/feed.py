@@ -41,7 +41,7 @@ def child(side: str, images: int, epochs: int) -> dict:
 
     cfg = config.load(PROFILE, [f"train.epochs={epochs}", "train.verbose=0"])
     dataset = load_images(images)
-    splits = fitting.split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
+    splits = fitting.held_out_split(dataset, cfg.train)
     model = fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0]))
     timer = fitting.EpochTimer()
     ends: list[float] = []

@@ -243,7 +243,7 @@ def main() -> None:
         parser.error(str(exc))
     measured["test_images"] = len(dataset.y_test)
     dist = distribution(cfg.train.distribute)
-    splits = fitting.split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
+    splits = fitting.held_out_split(dataset, cfg.train)
     try:
         fitting.check_replica_batches(cfg, dist, splits)
     except config.ConfigError as exc:

@@ -5,7 +5,8 @@
 
 A training run is deterministic given its seed, so `--repeat` measures how the wall time varies and `--seeds`
 how the accuracy does too: one run per `train.seed` (`-P overrides=train.seed=S`; the seed draws the initial
-weights, the held-out split and the batch order; the test split stays the same).
+weights, the held-out split (unless the profile sets train.validation_seed) and the batch order; the test split
+stays the same).
 
 Each run gets a fresh SQLite store, so every clock starts from nothing: it runs from the command's
 start to its exit (prepare, train, evaluate and register included). For each run it reads back
@@ -186,8 +187,8 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int | N
             "store; `wall_s` runs from the command's start to its exit (prepare, train, evaluate, register). "
             "`val_acc>=x_s`: wall seconds when val_acc first reached x, on the images `val_split` names (training "
             "images held out, or the test split itself where the profile holds none out). "
-            "`test_acc`: all test images. `seed`: the run's `train.seed` (initial weights, held-out split, batch "
-            "order); runs with the same seed train the same model.\n\n"
+            "`test_acc`: all test images. `seed`: the run's `train.seed` (initial weights, held-out split unless "
+            "`train.validation_seed` is set, batch order); runs with the same seed train the same model.\n\n"
             f"## Median per profile\n\n{medians.to_markdown(index=False)}\n\n"
             f"## Every run\n\n{runs.to_markdown(index=False)}\n\n"
             "## Where the time went\n\nSeconds per phase of each run above, in order; they add up to `wall_s`. "

@@ -174,6 +174,7 @@ class TrainConfig:
     feed: str
     distribute: str
     seed: int
+    validation_seed: int | None
     verbose: str
 
     def validate(self) -> None:
@@ -181,6 +182,8 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
         _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
         _check_seed("train.seed", self.seed)
+        if self.validation_seed is not None:
+            _check_seed("train.validation_seed", self.validation_seed)
         _check(self.lr_scaling in ("none", "linear"), "train.lr_scaling", "must be 'none' or 'linear'", self.lr_scaling)
         _check(self.schedule in ("step", "cosine", "onecycle"), "train.schedule",
                "must be step, cosine or onecycle", self.schedule)
@@ -210,6 +213,9 @@ class TrainConfig:
                f"must be a square's side in pixels in [0, {IMAGE_SIZE}) (0: off)", self.cutout)
         _check(0 <= self.validation_fraction < 1, "train.validation_fraction", "must be in [0, 1)",
                self.validation_fraction)
+        _check(self.validation_seed is None or self.validation_fraction > 0, "train.validation_seed",
+               "draws the held-out images, and train.validation_fraction 0 holds none out (val_acc is on the test "
+               "split): set train.validation_fraction > 0, or leave train.validation_seed null", self.validation_seed)
         _check(self.precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"), "train.precision",
                "must be auto, float32, mixed_float16 or mixed_bfloat16", self.precision)
         _check(self.feed in ("host", "device"), "train.feed", "must be host or device", self.feed)
@@ -245,6 +251,12 @@ class TrainConfig:
     def shift_pixels(self) -> int:
         """The largest shift in pixels: `shift` is a fraction of the image size."""
         return round(self.shift * IMAGE_SIZE)
+
+    @property
+    def held_out_seed(self) -> int:
+        """The seed that draws the training images held out for val_acc (`fitting.held_out_split`):
+        `validation_seed`, or `seed` where that is null (so a run without it holds out what it always did)."""
+        return self.seed if self.validation_seed is None else self.validation_seed
 
     @property
     def scaled_lr(self) -> float:
@@ -315,6 +327,8 @@ def _to_param_string(value: Any) -> str:
         return "[" + ", ".join(_to_param_string(v) for v in value) + "]"
     if isinstance(value, bool):
         return str(value).lower()
+    if value is None:
+        return "null"  # as YAML writes it, and `_read` reads it back (a run's logged params)
     return str(value)
 
 
@@ -327,6 +341,7 @@ class _Text(str):
 # booleans as YAML 1.1 spells them, in any case: `ema: yes` has always loaded (PyYAML), in params and overrides alike
 BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 BOOLEAN_SPELLINGS = "true or false (or yes/no, on/off)"
+NULLS = ("null", "Null", "NULL", "~", "")  # null as YAML spells it, for a key that may be null (`int | None`)
 
 
 def _spelling(annotation: Any) -> str:
@@ -335,7 +350,8 @@ def _spelling(annotation: Any) -> str:
         return ", or ".join(_spelling(a) for a in typing.get_args(annotation))
     if typing.get_origin(annotation) is typing.Literal:
         return " or ".join(typing.get_args(annotation))
-    return {bool: BOOLEAN_SPELLINGS, int: "an integer", float: "a number", str: "a string"}[annotation]
+    return {bool: BOOLEAN_SPELLINGS, int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}[annotation]
 
 
 def _read(text: str, annotation: Any) -> Any:
@@ -351,6 +367,10 @@ def _read(text: str, annotation: Any) -> Any:
     if typing.get_origin(annotation) is typing.Literal:
         if raw in typing.get_args(annotation):
             return raw
+        raise ValueError
+    if annotation is type(None):  # YAML's spellings of null (an empty value among them): `validation_seed: null`
+        if raw in NULLS:
+            return None
         raise ValueError
     if annotation is str:
         return str(text) if raw else ""

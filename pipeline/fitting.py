@@ -91,8 +91,15 @@ def learning_rate(cfg: config.TrainConfig,
     return LinearWarmup(steps, warmup) if warmup else steps
 
 
+def held_out_split(dataset: Dataset, train: config.TrainConfig):
+    """`split_validation` as a run of `train` params draws it, on every host of a cluster, in every trial of a sweep:
+    `train.validation_fraction` held out, drawn by `train.held_out_seed` (train.validation_seed, or train.seed where
+    that is null: then the images it always drew)."""
+    return split_validation(dataset, train.validation_fraction, train.held_out_seed)
+
+
 def split_validation(dataset: Dataset, fraction: float, seed: int):
-    """(x_train, y_train, x_val, y_val): a seeded held-out slice, or the test split if fraction = 0.
+    """(x_train, y_train, x_val, y_val): a slice drawn by `seed` alone held out, or the test split if fraction = 0.
     ConfigError if holding out leaves no image to train on (a model trained on none would score as one)."""
     if fraction == 0:
         return dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test

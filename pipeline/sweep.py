@@ -91,9 +91,11 @@ SAMPLERS = {"grid": optuna.samplers.RandomSampler, "random": optuna.samplers.Ran
 PRUNERS = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
            "hyperband": optuna.pruners.HyperbandPruner}
 OBJECTIVE = "val_acc"  # what the study maximises: a trial's last, on held-out training images; the best is registered
-# Params that change which images a trial holds out besides train.validation_fraction (train.seed draws them, data.*
-# says which there are): trials differing in one are ranked by val_acc on different images, which a sweep warns of.
-HELD_OUT_KEYS = ("train.seed", "data.source", "data.max_train", "data.seed", "data.synthetic_train")
+# Params that change which images a trial holds out besides train.validation_fraction (train.validation_seed, or
+# train.seed where it is null, draws them: `held_out_varies`; data.* says which there are): trials differing in one
+# are ranked by val_acc on different images, which a sweep warns of.
+HELD_OUT_KEYS = ("train.seed", "train.validation_seed", "data.source", "data.max_train", "data.seed",
+                 "data.synthetic_train")
 HEARTBEAT_S = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS", "20"))  # a trial's worker proves it is alive this often
 # A trial whose heartbeat is older is marked FAILED and queued again. Generous: a busy host can starve the
 # heartbeat thread for a while (model compilation holds the interpreter), and a live worker must not be
@@ -213,6 +215,24 @@ def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution
     return result
 
 
+def held_out_varies(configs: list[config.Config]) -> list[str]:
+    """The `HELD_OUT_KEYS` in which `configs` differ so that their held-out images do: a data.* key that differs;
+    train.seed and train.validation_seed where the seed drawing the images (`TrainConfig.held_out_seed`) differs,
+    each that differs (train.seed among the trials whose validation_seed is null, the only ones it draws for). Trials
+    of other train.seed and the same validation_seed hold out the same images: none is named."""
+    seeds_differ = len({c.train.held_out_seed for c in configs}) > 1
+
+    def varies(key: str) -> bool:
+        among = configs
+        if key == "train.seed":
+            among = [c for c in configs if c.train.validation_seed is None]
+        if key in ("train.seed", "train.validation_seed") and not seeds_differ:
+            return False
+        return len({c.flat()[key] for c in among}) > 1
+
+    return [k for k in HELD_OUT_KEYS if varies(k)]
+
+
 def override_items(values: dict[str, Any]) -> list[str]:
     """{"train.lr": 0.1, "model.widths": [16, 32]} -> ["train.lr=0.1", "model.widths=[16, 32]"] (JSON is YAML)."""
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
@@ -291,7 +311,7 @@ class Plan:
                 f"train.validation_fraction: a sweep ranks its trials by val_acc on the images they hold out, so it "
                 f"must be the same for every trial, got {', '.join(map(str, fractions))}: set it in the spec's "
                 "overrides or its base, not its search space")
-        self.held_out_varies = [k for k in HELD_OUT_KEYS if len({str(c.flat()[k]) for c in self.configs}) > 1]
+        self.held_out_varies = held_out_varies(self.configs)
         for cfg in {c.data.source: c for c in self.configs}.values():
             prepare.prepare_key(cfg)  # DataError for a data.source that names nothing
         self.rehearse()  # wrong sampler or pruner arguments fail here, before any run
@@ -901,9 +921,11 @@ def run(args: argparse.Namespace) -> int:
         raise config.ConfigError(f"workers: must be >= 1, got {workers}")
     plan = Plan(args.spec, args.overrides)
     if plan.held_out_varies and not args.join:  # once, not in every worker process
+        hint = ("; set train.validation_seed (in the spec's overrides) to validate every trial on the same images"
+                if "train.seed" in plan.held_out_varies else "")
         print(f"warning: the trials differ in {', '.join(plan.held_out_varies)}, and so do the held-out images "
               "their val_acc is measured on: the best trial is chosen on different images (the comparison's "
-              "val_data column shows each trial's)", file=sys.stderr, flush=True)
+              f"val_data column shows each trial's){hint}", file=sys.stderr, flush=True)
     if not args.join and any(c.data.source == "cifar10" for c in plan.configs):
         data.fetch_cifar10()  # found (verified) or downloaded once, before any run: offline, one line here, not
         #                       every trial failing on the download in turn

@@ -42,9 +42,9 @@ from pipeline.fitting import (
     cpu_allocator,
     diverged,
     fit,
+    held_out_split,
     images_per_epoch,
     inference_copy,
-    split_validation,
     training_part,
 )
 from pipeline.inputs import check_inputs, resolve_inputs
@@ -104,7 +104,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     # reason and the params that say what it was (`start_training`'s tags and config.json follow once it trains)
     log_train_params(cfg, dataset_uri)
     dataset = prepare.load_dataset(dataset_uri)
-    splits = split_validation(dataset, t.validation_fraction, t.seed)
+    splits = held_out_split(dataset, t)
     check_replica_batches(cfg, dist, splits)
     if dist.cluster:  # before the model is built (see `agree`); hashing the data takes a moment: a cluster's only
         dist.agree(training_job(cfg, dataset), Checkpoint.completed_epochs(checkpoint_dir(active_run_id())))
@@ -196,7 +196,7 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
     keyed by `training_job`, so rerunning every host's command resumes.
     """
     dataset = prepare.load_dataset(dataset_uri) if dataset_uri else prepare.build(cfg)
-    splits = split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
+    splits = held_out_split(dataset, cfg.train)
     check_replica_batches(cfg, dist, splits)
     job = training_job(cfg, dataset)
     backup = worker_checkpoint_dir(cfg, job["data"], dist.task)

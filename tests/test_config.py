@@ -25,6 +25,7 @@ def test_default_is_the_seed_recipe():
     assert (t.lr_scaling, t.precision, cfg.evaluate.tta) == ("none", "float32", "none")
     assert (t.shift, t.shift_fill, t.flip, t.cutout, t.validation_fraction) == (0.125, "nearest", True, 0, 0.0)
     assert t.drop_remainder is False  # the seed's feed ends each epoch with its partial batch
+    assert t.validation_seed is None  # train.seed draws the held-out images (none with validation_fraction 0)
     assert cfg.data.source == "cifar10"
     assert cfg.register.model_name == "cifar10-resnet" and cfg.register.alias == "champion"
 
@@ -113,6 +114,27 @@ def test_an_unbalanced_quote_or_a_binary_params_file_is_one_line(tmp_path):
     with pytest.raises(config.ConfigError, match=r"^params: .*weights.npz is not a YAML text file"):
         config.load_from_cli(str(tmp_path / "weights.npz"), "")
 
+def test_validation_seed_null_leaves_the_held_out_images_to_train_seed():
+    """train.validation_seed null (default.yaml's): train.seed draws the held-out images, as it did before the key,
+    in every params file (quick.yaml's were measured over train.seed 0, 1 and 2, each drawing its own); set, it
+    alone draws them. Logged as 'null' and read back from a run's params, or from a run logged before the key."""
+    for path in (None, "params/quick.yaml", "params/tiny.yaml", "params/fast.yaml"):
+        cfg = config.load(path)
+        assert cfg.train.validation_seed is None and cfg.train.held_out_seed == cfg.train.seed == 0, path
+        assert config.load(path, "train.seed=2").train.held_out_seed == 2, path
+    cfg = config.load("params/quick.yaml", "train.seed=2 train.validation_seed=0")
+    assert (cfg.train.seed, cfg.train.held_out_seed) == (2, 0)
+    assert config.load("params/quick.yaml", "train.validation_seed=4294967295").train.held_out_seed == 2**32 - 1
+    with pytest.raises(config.ConfigError, match=r"^train.validation_seed: draws the held-out images, and "
+                                                 r"train.validation_fraction 0 holds none out"):
+        config.load("params/quick.yaml", "train.validation_seed=0 train.validation_fraction=0")
+    assert cfg.flat()["train.validation_seed"] == "0" and config.load().flat()["train.validation_seed"] == "null"
+    for logged in (cfg, config.load(None, "train.seed=3")):
+        assert config.from_run_params(logged.flat()) == logged
+    before = {k: v for k, v in config.load(None, "train.seed=3").flat().items() if k != "train.validation_seed"}
+    assert config.from_run_params(before).train.held_out_seed == 3
+
+
 def test_flat_params_are_the_strings_mlflow_stores():
     flat = config.load().flat()
     assert flat["train.lr_boundaries"] == "[0.5333333333333333, 0.8]"
@@ -175,6 +197,11 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("train.seed=-1", "train.seed"),
     ("train.seed=4294967296", "train.seed"),
     ("data.seed=-1", "data.seed"),
+    ("train.validation_seed=-1", "train.validation_seed"),
+    ("train.validation_seed=4294967296", "train.validation_seed"),
+    ("train.validation_seed=first", "train.validation_seed"),
+    ("train.validation_seed=0.5", "train.validation_seed"),
+    ("train.validation_seed=0", "train.validation_seed"),  # with validation_fraction 0 it would draw nothing
     ("train.lr=.inf", "train.lr"),
     ("train.lr=1e400", "train.lr"),
     ("train.lr=.nan", "train.lr"),
@@ -249,6 +276,10 @@ def test_a_quoted_or_octal_looking_value_in_a_params_file_is_read_by_its_keys_ty
     ("model.widths", "[1_000, 016, 64]", (1000, 16, 64)),
     ("model.widths", "[0x10, 32, 64]", "must be an integer, got '0x10'"),  # both were 16
     ("train.lr", "0x10", "must be a number, got '0x10'"),  # both were 16.0
+    ("train.validation_seed", "null", None),
+    ("train.validation_seed", "~", None),
+    ("train.validation_seed", "0x10", "must be an integer, or null, got '0x10'"),
+    ("train.validation_seed", "none", "must be an integer, or null, got 'none'"),
 ])
 def test_a_value_reads_the_same_from_a_params_file_and_from_overrides(tmp_path, key, text, expected):
     """Each value is read by its key's type wherever it comes from: a params file's went through YAML 1.1, which read

@@ -67,7 +67,7 @@ def test_too_few_images_to_hold_out_or_batch_are_refused_before_any_run(store, c
     cfg = config.load(TINY, overrides)
     with pytest.raises(config.ConfigError, match=f"^{error.split(': ', 1)[0]}"):
         dataset = prepare.build(cfg)
-        splits = fitting.split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
+        splits = fitting.held_out_split(dataset, cfg.train)
         fitting.steps_per_epoch(cfg.train, len(splits[0]))
 
 

@@ -19,7 +19,7 @@ from pipeline.distribute import distribution
 
 def train_and_score(cfg: config.Config, dataset: data.Dataset) -> float:
     """Fit on the training subset, return accuracy on its test subset, with the profile's own TTA."""
-    splits = fitting.split_validation(dataset, cfg.train.validation_fraction, cfg.train.seed)
+    splits = fitting.held_out_split(dataset, cfg.train)
     model = fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0]))
     fitting.fit(model, cfg, splits, len(dataset.class_names), [])
     probs = np.mean([model.predict(view, batch_size=500, verbose=0)

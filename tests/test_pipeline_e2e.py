@@ -199,9 +199,41 @@ def test_wrong_data_or_run_to_resume_is_refused_before_keras_loads(store, option
     assert client.search_runs([client.get_experiment_by_name("e2e").experiment_id]) == []
 
 
-def test_direct_module_call_with_bad_key_opens_no_run(store, in_process):
-    result = in_process("train", "--params", TINY, "--overrides", "train.epoch=3")
+@pytest.mark.parametrize(("overrides", "error"), [
+    ("train.epoch=3", "error: train.epoch: unknown key"),
+    ("train.validation_seed=-1", "error: train.validation_seed: must be in [0, 2**32), got -1"),
+    ("train.validation_seed=first", "error: train.validation_seed: must be an integer, or null, got 'first'"),
+], ids=["unknown-key", "negative-validation-seed", "validation-seed-word"])
+def test_direct_module_call_with_bad_key_opens_no_run(store, in_process, overrides, error):
+    result = in_process("train", "--params", TINY, "--overrides", overrides)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: train.epoch: unknown key")
+    assert result.stderr.strip().splitlines()[-1].startswith(error)
     client = MlflowClient()
     assert client.search_runs([client.get_experiment_by_name("e2e").experiment_id]) == []
+
+
+def test_train_validation_seed_alone_draws_the_held_out_images(store, in_process):
+    """train.seed drew the held-out images too, so runs of other seeds were validated on other images (tag
+    val_data_sha256); train.validation_seed, when set, draws them alone, and null keeps train.seed's draw of before."""
+    from pipeline import config, prepare
+
+    common = "tracking.experiment=e2e data.synthetic_train=256 train.validation_fraction=0.25"
+    tags, params = {}, {}
+    for seeds in ("train.seed=0", "train.seed=1 train.validation_seed=0", "train.seed=0 train.validation_seed=1"):
+        done = in_process("train", "--params", TINY, "--epochs", "1", "--overrides", f"{common} {seeds}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        client = MlflowClient()
+        (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], max_results=1,
+                                    order_by=["attributes.start_time DESC"])  # the one just trained
+        tags[seeds] = run.data.tags["val_data_sha256"]
+        params[seeds] = run.data.params["train.validation_seed"]
+    assert params == {"train.seed=0": "null", "train.seed=1 train.validation_seed=0": "0",
+                      "train.seed=0 train.validation_seed=1": "1"}
+    dataset = prepare.build(config.load(TINY, common))
+    expected = {}
+    for seed in (0, 1):  # the draw as it always was: the first quarter of a permutation from the seed alone
+        held_out = np.random.default_rng(seed).permutation(256)[:64]
+        expected[seed] = data.arrays_digest([dataset.x_train[held_out], dataset.y_train[held_out]], dataset.class_names)
+    assert tags["train.seed=0"] == expected[0]  # null: train.seed draws them, as before the key
+    assert tags["train.seed=1 train.validation_seed=0"] == expected[0]  # another seed, the same images
+    assert tags["train.seed=0 train.validation_seed=1"] == expected[1] != expected[0]  # validation_seed alone

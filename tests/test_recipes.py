@@ -457,6 +457,28 @@ def test_whiten_stem_is_a_frozen_patch_whitening_fitted_on_the_training_images()
         config.load(None, "model.stem=whiten")  # preact has no whitening stem
 
 
+def test_the_held_out_images_are_drawn_by_validation_seed_else_by_seed():
+    """What every host and every sweep trial holds out (`fitting.held_out_split`): with train.validation_seed null,
+    the images train.seed drew before the key; set, it alone draws them, whatever train.seed."""
+    dataset = data.make_synthetic(n_train=200, n_test=20)
+
+    def held_out(overrides: str) -> np.ndarray:
+        x_train, _, x_val, _ = fitting.held_out_split(dataset, config.load(None, f"{overrides} "
+                                                                             "train.validation_fraction=0.25").train)
+        assert len(x_train) == 150
+        return x_val
+
+    for seed in (0, 3):  # null: as split_validation drew with train.seed, the first quarter of its permutation
+        expected = dataset.x_train[np.random.default_rng(seed).permutation(200)[:50]]
+        np.testing.assert_array_equal(held_out(f"train.seed={seed}"), expected)
+        np.testing.assert_array_equal(held_out(f"train.seed={seed} train.validation_seed=null"), expected)
+        np.testing.assert_array_equal(held_out(f"train.seed=7 train.validation_seed={seed}"), expected)
+    np.testing.assert_array_equal(held_out("train.seed=0 train.validation_seed=5"),
+                                  held_out("train.seed=1 train.validation_seed=5"))
+    assert not np.array_equal(held_out("train.seed=0 train.validation_seed=5"),
+                              held_out("train.seed=0 train.validation_seed=6"))
+
+
 def test_the_model_is_built_from_the_training_split_alone():
     """Held-out images (val_acc, which sweeps select and prune on) take no part in the normalisation or the
     whitening stem: the model `train` builds sees `training_part` of the dataset."""

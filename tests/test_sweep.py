@@ -233,8 +233,46 @@ def test_trials_validated_on_different_held_out_images_are_warned_of(store, tmp_
     done = in_process("sweep", "--spec", spec)
     assert done.stderr.strip().splitlines() == [
         "warning: the trials differ in train.seed, and so do the held-out images their val_acc is measured on: the "
-        "best trial is chosen on different images (the comparison's val_data column shows each trial's)",
+        "best trial is chosen on different images (the comparison's val_data column shows each trial's); set "
+        "train.validation_seed (in the spec's overrides) to validate every trial on the same images",
         "error: storage: stopped here"]
+    # with train.validation_seed set, the seeds draw no held-out images: the trials are ranked on the same ones
+    done = in_process("sweep", "--spec", spec, "--overrides", "train.validation_seed=0")
+    assert done.stderr.strip().splitlines() == ["error: storage: stopped here"]
+
+
+def test_a_seed_sweep_with_one_validation_seed_ranks_its_trials_on_the_same_images(store, tmp_path, in_process):
+    """Trials of other train.seed and one train.validation_seed: each trial's train run holds out the same images
+    (tag val_data_sha256), logs the key, and the sweep warns of nothing."""
+    spec = write_spec(tmp_path, "sweep-seeds", "grid:\n  train.seed: [0, 1]\n")
+    done = in_process("sweep", "--spec", spec, "--study", "seeds",
+                      "--overrides", "train.validation_seed=3 train.epochs=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "warning: the trials differ" not in done.stderr
+    _, _, trains = sweep_runs(MlflowClient(), "seeds")
+    assert sorted(r.data.params["train.seed"] for r in trains.values()) == ["0", "1"]
+    assert {r.data.params["train.validation_seed"] for r in trains.values()} == {"3"}
+    assert len({r.data.tags["val_data_sha256"] for r in trains.values()}) == 1
+
+
+@pytest.mark.parametrize(("body", "overrides", "varies"), [
+    ("grid:\n  train.seed: [0, 1]\n", "", ["train.seed"]),
+    ("grid:\n  train.seed: [0, 1]\n", "train.validation_seed=0", []),
+    ("grid:\n  train.seed: [0, 1]\n", "train.validation_seed=7", []),
+    ("space:\n  train.seed: {min: 0, max: 9}\ntrials: 3\n", "train.validation_seed=0", []),
+    ("grid:\n  train.validation_seed: [0, 1]\n", "", ["train.validation_seed"]),
+    ("grid:\n  train.validation_seed: [null, 0]\n", "", []),  # null at train.seed 0: the images of 0
+    ("grid:\n  train.validation_seed: [null, 5]\n", "", ["train.validation_seed"]),
+    ("grid:\n  train.seed: [0, 1]\n  train.validation_seed: [null, 1]\n", "", ["train.seed", "train.validation_seed"]),
+    ("grid:\n  train.seed: [0, 1]\n  data.seed: [0, 1]\n", "train.validation_seed=0", ["data.seed"]),
+    ("grid:\n  data.max_train: [512, 1024]\n", "", ["data.max_train"]),
+], ids=["seeds", "seeds-one-validation-seed", "seeds-another-validation-seed", "seed-range-one-validation-seed",
+        "validation-seeds", "null-and-the-seed", "null-and-another", "seeds-and-null", "data-seeds", "max-train"])
+def test_trials_hold_out_other_images_where_the_seed_drawing_them_or_the_data_differ(tmp_path, body, overrides,
+                                                                                      varies):
+    """The held-out images are drawn by train.validation_seed, or train.seed where it is null: trials of other
+    train.seed and one validation_seed hold out the same images, and only what changes them is named."""
+    assert sweep.Plan(write_spec(tmp_path, "sweep-held-out", body), overrides).held_out_varies == varies
 
 
 def test_the_best_trial_named_is_the_first_of_equals_as_registered():
