@@ -53,6 +53,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ from pipeline.tracking import (
     step_run,
     tracking_uri,
     trials,
+    unexpected,
+    unexpected_reason,
 )
 from pipeline.tracking.resume import checkpoint_dir
 
@@ -637,7 +640,7 @@ def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
     dataset_uri = prepare.ensure_prepared(cfg)
     train_run = None
     try:
-        with step_run(cfg, "train", run_name=cfg.run_name()) as train_run:
+        with step_run(cfg, "train", run_name=cfg.run_name(), not_failures=(optuna.TrialPruned,)) as train_run:
             model_uri = train.run(cfg, dataset_uri, extra_callbacks=[pruning_callback(trial)])
     except optuna.TrialPruned:
         train_id = train_run.info.run_id
@@ -676,8 +679,9 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
     """Run one claimed trial in its own MLflow child run of the sweep; tell Optuna how it ended.
 
     COMPLETE (value: the last val_acc) -> FINISHED; pruned -> PRUNED and KILLED with `pruned_at_epoch`;
-    anything raised (diverged included) -> FAIL and FAILED with `failure_reason`; SIGTERM/SIGINT -> KILLED
-    with `interrupted_by` and raised on (Optuna's trial stays RUNNING: `work` queues it again).
+    anything raised (diverged included) -> FAIL and FAILED with `failure_reason` (an unexpected exception's: its
+    type and message, `tracking.unexpected_reason`, its traceback printed); SIGTERM/SIGINT -> KILLED with
+    `interrupted_by` and raised on (Optuna's trial stays RUNNING: `work` queues it again).
     """
     import keras
 
@@ -705,7 +709,11 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
         set_tags({"interrupted_by": signal.Signals(getattr(exc, "signum", signal.SIGINT)).name})
         raise
     except Exception as exc:  # noqa: BLE001 - whatever stops one trial must not stop the others
-        reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:2000]
+        if isinstance(exc, FloatingPointError) or not unexpected(exc):  # FloatingPointError: train_and_evaluate's
+            reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:2000]
+        else:  # a bug stays debuggable: its traceback where the reason says it is
+            traceback.print_exception(exc)
+            reason = unexpected_reason(exc)
         set_tags({"failure_reason": reason, "mlflow.note.content": f"**FAILED**: {reason}"})
         trial.set_user_attr("failure_reason", reason[:500])
         print(f"trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)

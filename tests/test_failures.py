@@ -42,6 +42,140 @@ def test_divergence_fails_the_run_exits_3_and_registers_nothing(store, in_proces
     assert client.search_registered_models() == []
 
 
+NO_SPACE = ("unexpected OSError: [Errno 28] No space left on device: '/checkpoints/epoch.weights.h5'; full traceback "
+            "on the step's stderr (the console it ran in; `mlflow run` keeps no copy)")
+
+
+def test_an_unexpected_error_ends_the_step_and_main_failed_with_its_reason_and_goes_on(store, monkeypatch):
+    """An exception no step expects (a bug, a full disk, an error of TensorFlow) ended its runs FAILED with no
+    `failure_reason`: nothing in the UI said why. The step's run and main's get its type and message, and the
+    exception itself goes on out of `cli`, the very one, with its traceback (printed as Python prints it)."""
+    import traceback
+
+    full = OSError(28, "No space left on device", "/checkpoints/epoch.weights.h5")
+
+    def no_space(*args, **kwargs):
+        raise full
+
+    monkeypatch.setattr(train, "fit", no_space)
+    monkeypatch.setattr(sys, "argv", ["pipeline.main", "--params", TINY, "--epochs", "1",
+                                      "--overrides", "tracking.experiment=e2e"])
+    with pytest.raises(OSError) as raised:
+        cli(main.main, resumable=True)
+    assert raised.value is full and raised.value.__context__ is None  # neither replaced nor chained to another
+    printed = "".join(traceback.format_exception(raised.value))
+    assert "in no_space" in printed and printed.endswith(
+        "OSError: [Errno 28] No space left on device: '/checkpoints/epoch.weights.h5'\n")
+    client = MlflowClient()
+    runs = {r.data.tags["step"]: r for r in experiment_runs(client)}
+    assert {step: r.info.status for step, r in runs.items()} == {
+        "prepare": "FINISHED", "train": "FAILED", "main": "FAILED"}
+    assert runs["train"].data.tags["failure_reason"] == runs["main"].data.tags["failure_reason"] == NO_SPACE
+    assert "failure_reason" not in runs["prepare"].data.tags
+
+
+def test_an_unexpected_errors_traceback_prints_on_the_steps_stderr_as_its_reason_says(store, tmp_path):
+    """The reason's "full traceback on the step's stderr", in a step's process of its own (as `mlflow run` starts
+    it: it keeps no copy, see pipeline/tracking): the traceback, exit 1, the run FAILED with that reason."""
+    script = ("import os, pipeline.tracking as t\n"
+              "def step():\n"
+              "    with t.open_run('prepare', experiment='e2e'):\n"
+              "        raise OSError(28, 'No space left on device', '/checkpoints/epoch.weights.h5')\n"
+              "t.cli(step)\n")
+    done = subprocess.run([sys.executable, "-c", script], env=store, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback (most recent call last):" in lines and ", in step" in done.stderr
+    assert lines[-1] == "OSError: [Errno 28] No space left on device: '/checkpoints/epoch.weights.h5'"
+    (run,) = experiment_runs(MlflowClient())
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == NO_SPACE
+
+
+def test_a_run_keeps_its_own_reason_and_an_interrupt_or_a_not_failure_gives_none(store):
+    from pipeline.tracking import open_run, set_tags
+
+    client = MlflowClient()
+    with pytest.raises(ValueError, match="^bug$"), open_run("train", experiment="e2e") as own:
+        set_tags({"failure_reason": "the step's own words"})
+        raise ValueError("bug")
+    with pytest.raises(KeyboardInterrupt), open_run("train", experiment="e2e") as interrupted:
+        raise KeyboardInterrupt
+    with pytest.raises(LookupError), open_run("train", experiment="e2e", not_failures=(LookupError,)) as pruned:
+        raise KeyError("pruned")
+    assert client.get_run(own.info.run_id).data.tags["failure_reason"] == "the step's own words"
+    for run, status in ((interrupted, "KILLED"), (pruned, "FAILED")):
+        ended = client.get_run(run.info.run_id)
+        assert ended.info.status == status and "failure_reason" not in ended.data.tags, ended.data.tags
+
+
+def test_a_failing_store_neither_replaces_the_error_nor_is_asked_again(store, monkeypatch):
+    """The tracking store may be what failed: tagging the reason must not raise a second error over the first, and
+    a store that failed once is not asked again for the runs around (a dead server takes 7 s a request)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import open_run
+
+    asked = []
+
+    def store_fails(self, run_id, key, value, *args, **kwargs):
+        asked.append(run_id)
+        raise MlflowException("the tracking store went away")
+
+    monkeypatch.setattr(MlflowClient, "set_tag", store_fails)
+    for error in (OSError(28, "No space left on device"), MlflowException("the artifact store went away")):
+        asked.clear()
+        with (pytest.raises(type(error)) as raised, open_run("main", experiment="e2e") as parent,
+              open_run("train") as child):
+            raise error
+        assert raised.value is error and error.__context__ is None
+        assert asked == [child.info.run_id]  # the inner run alone: main's is not asked again
+        assert MlflowClient().get_run(parent.info.run_id).info.status == "FAILED"
+
+
+def test_the_run_mlflow_run_opened_gets_the_reason_of_a_failure_before_the_steps_run(store, monkeypatch):
+    """Under `mlflow run` (MLFLOW_RUN_ID), an error raised before the step's own run opened (a prepare ahead of
+    `mlflow run . -e train`'s run, in a run of its own) left the run `mlflow run` ends FAILED without a reason."""
+    client = MlflowClient()
+    wrapper = client.create_run(client.get_experiment_by_name("e2e").experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", wrapper)
+
+    def bug():
+        return {}["missing"]
+
+    with pytest.raises(KeyError):
+        cli(bug)
+    assert client.get_run(wrapper).data.tags["failure_reason"] == (
+        "unexpected KeyError: 'missing'; full traceback on the step's stderr (the console it ran in; `mlflow run` "
+        "keeps no copy)")
+
+
+@pytest.mark.parametrize(("message", "line"), [
+    # TensorFlow's: the node's error last, after the stack it was defined at, then its annotations
+    ("Graph execution error:\n\nDetected at node compile_loss/SparseSoftmaxCrossEntropyWithLogits defined at (most "
+     "recent call last):\n  File \"<string>\", line 6, in <module>\n\nReceived a label value of 7 which is outside the "
+     "valid range of [0, 3).  Label values: 7 7\n\t [[{{node compile_loss/SparseSoftmaxCrossEntropyWithLogits}}]] "
+     "[Op:__inference_multi_step_on_iterator_209]",
+     "Received a label value of 7 which is outside the valid range of [0, 3). Label values: 7 7"),
+    ("Graph execution error:\n\nOOM when allocating tensor with shape[1024,64,32,32]\n\t [[{{node conv}}]]\nHint: If "
+     "you want to see a list of allocated tensors when OOM happens, add report_tensor_allocations_upon_oom to "
+     "RunOptions.\n [Op:__inference_train_function_5]", "OOM when allocating tensor with shape[1024,64,32,32]"),
+    # Keras's, the arguments of the layer's call after the error
+    ("Exception encountered when calling Dense.call().\n\nInput 0 is incompatible: expected axis -1 of 4, got 5\n\n"
+     "Arguments received by Dense.call():\n  • inputs=tf.Tensor(shape=(8, 5), dtype=float32)",
+     "Input 0 is incompatible: expected axis -1 of 4, got 5"),
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4294967296 bytes.",
+     "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4294967296 bytes."),
+    ("", ""), ("x" * 400, "x" * 297 + "..."),
+])
+def test_the_reason_is_the_last_meaningful_line_of_the_message(message, line):
+    from pipeline.tracking import failure_line, unexpected_reason
+
+    assert failure_line(RuntimeError(message)) == line
+    assert unexpected_reason(RuntimeError(message)).startswith(f"unexpected RuntimeError{': ' + line if line else ''};")
+    assert len(unexpected_reason(RuntimeError(message))) <= 420
+
+
 @pytest.mark.parametrize(("overrides", "error"), [
     ("train.batch_size=4096 train.drop_remainder=true", "train.drop_remainder: the 1024 training images make no whole"),
     ("data.max_train=1 train.validation_fraction=0.5", "train.validation_fraction: holding out 1 of the 1 training "

@@ -327,6 +327,10 @@ def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_ot
         assert run.data.tags["failure_reason"] == last.removeprefix("error: ")
     elif "refused" in fault:
         assert run.data.tags["failure_reason"] == "model.widths: refused on this host alone"
+    else:  # an unexpected error: its type and message, as the workers' line says to look there
+        assert run.data.tags["failure_reason"] == main.data.tags["failure_reason"] == (
+            "unexpected RuntimeError: the model does not fit in memory; full traceback on the step's stderr (the "
+            "console it ran in; `mlflow run` keeps no copy)")
 
 
 def test_a_workers_checkpoint_is_found_by_a_rerun_that_extends_the_run(store):

@@ -70,6 +70,7 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
     assert pruned_trials[1].info.status == "KILLED" and pruned_trains[1].info.status == "KILLED"
     stopped = int(pruned_trials[1].data.tags["pruned_at_epoch"])
     assert 1 <= stopped < 3 and pruned_trains[1].data.tags["pruned_at_epoch"] == str(stopped)
+    assert "failure_reason" not in pruned_trains[1].data.tags  # pruned, not failed
     assert epochs_of(client, pruned_trains[1]) == stopped
     assert sorted(studies["pruned"].trials[1].intermediate_values) == list(range(1, stopped + 1))
     assert [t.state.name for t in studies["plain"].trials] == ["COMPLETE"] * 2
@@ -406,6 +407,37 @@ def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, m
     assert run.info.status == "KILLED" and run.data.tags["interrupted_by"] == "SIGTERM"
     assert "failure_reason" not in run.data.tags
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # stale once its heartbeat stops: queued again
+
+
+def test_a_trial_that_fails_unexpectedly_prints_its_traceback_and_says_why_in_its_reason(store, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """A trial ending on an unexpected exception (a bug, a full disk) printed one line, its reason the whole message
+    flattened (a TensorFlow error's file list, cut before the error itself), and no traceback: the sweep goes on,
+    its traceback is printed and its reason is the step's (`tracking.unexpected_reason`)."""
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-bug", "grid:\n  train.lr: [0.1]\n"))
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    parent = client.create_run(experiment_id).info.run_id
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, direction="maximize", sampler=plan.make_sampler(0))
+    sweep.lead(plan, study, parent, experiment_id)
+    trial, _ = sweep.claim(study, storage, plan)
+
+    def bug(cfg, trial):
+        raise RuntimeError("Graph execution error:\n\nDetected at node x defined at (most recent call last):\n  File "
+                           "\"a.py\", line 1\n\nindices[3] = 12 is not in [0, 10)\n\t [[{{node x}}]] [Op:f]")
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", bug)
+    capsys.readouterr()
+    sweep.run_trial(plan, study, trial, parent, experiment_id)
+    reason = ("unexpected RuntimeError: indices[3] = 12 is not in [0, 10); full traceback on the step's stderr (the "
+              "console it ran in; `mlflow run` keeps no copy)")
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last):" in err and ", in bug" in err
+    assert err.strip().splitlines()[-1] == f"trial 0 failed: {reason}"
+    run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == reason
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
 
 
 def test_an_interrupted_trial_is_queued_again_at_once_however_often(store, tmp_path, monkeypatch):

@@ -3,7 +3,9 @@ served model); the steps call these functions and never import MLflow.
 
 - Runs: `step_run` / `open_run` open a step's run (reusing the one `mlflow run` opened, nested
   under an active parent, or resuming a run by id), tag it with the step and the git commit, and
-  end it KILLED on SIGTERM/SIGINT; `cli` turns expected failures into one line and an exit code;
+  end it KILLED on SIGTERM/SIGINT, or FAILED with tag `failure_reason` on any other exception (`reason_of`: an
+  expected failure's line, or an unexpected one's type and message); `cli` turns expected failures into one line
+  and an exit code;
   `ensure_store` creates the SQLite store once; `ui_hint` says where to look at a run.
 - The active run: `active_run_id`, `log_params`, `log_metrics`, `set_tags`, `log_dict`, `log_text`,
   and `artifact_dir`, a temporary folder whose files become the run's artifacts; `tracking_uri`.
@@ -97,6 +99,43 @@ for _var, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUES
 
 class StepFailed(RuntimeError):
     """A step failed for a reason the user can act on (e.g. training diverged); the message says what."""
+
+
+# Failures a step expects and says in one line (`cli`): a run they end gets that line as tag `failure_reason`.
+EXPECTED_FAILURES = (ConfigError, DataError, StepFailed)
+
+# Where an unexpected exception's traceback is: Python prints it on the step's stderr as the process exits, and
+# `mlflow run` (local backend) starts the step with its own stdout and stderr, storing no copy anywhere.
+TRACEBACK_WHERE = "full traceback on the step's stderr (the console it ran in; `mlflow run` keeps no copy)"
+
+# TensorFlow's annotations around its message: the node (`[[{{node ...}}]]`) and the op (`[Op:...]`)
+_TF_ANNOTATIONS = re.compile(r"\{\{[^{}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]")
+
+
+def failure_line(exc: BaseException, limit: int = 300) -> str:
+    """The last meaningful line of `exc`'s message, whitespace collapsed, at most `limit` characters ("" if none).
+
+    The last line, as Python's own traceback ends with what went wrong: TensorFlow's "Graph execution error:" comes
+    first, the node's error ("Received a label value of 10 which is outside the valid range of [0, 10)") after the
+    stack it was defined at. Skipped: TensorFlow's node and op annotations and its `Hint:` lines, and the arguments
+    Keras lists after the error of a layer's call."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - a message that cannot be shown is no reason to lose the failure
+        return ""
+    text = text.split("\n\nArguments received by ")[0]
+    lines = [" ".join(line.split()) for line in _TF_ANNOTATIONS.sub("", text).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Hint:")]
+    line = lines[-1] if lines else ""
+    return line if len(line) <= limit else line[:limit - 3].rstrip() + "..."
+
+
+def unexpected_reason(exc: BaseException) -> str:
+    """Tag `failure_reason` of a run an unexpected exception ended (a bug, an OSError such as a full disk, an error of
+    TensorFlow or JAX, MemoryError): its type, its message's last meaningful line (`failure_line`) and where the whole
+    traceback is; one line of at most ~420 characters."""
+    line = failure_line(exc)
+    return f"unexpected {type(exc).__name__}{': ' + line if line else ''}; {TRACEBACK_WHERE}"
 
 
 class Interrupted(BaseException):
@@ -276,13 +315,13 @@ def ui_hint(run: mlflow.entities.Run | mlflow.ActiveRun) -> str:
             f"http://127.0.0.1:5000/{page}")
 
 
-def step_run(cfg: Config, step: str, *, run_name: str | None = None,
-             resume_run_id: str | None = None) -> contextlib.AbstractContextManager[mlflow.ActiveRun]:
+def step_run(cfg: Config, step: str, *, run_name: str | None = None, resume_run_id: str | None = None,
+             not_failures: tuple[type[BaseException], ...] = ()) -> contextlib.AbstractContextManager[mlflow.ActiveRun]:
     """`open_run` for a pipeline step, in `tracking.experiment`, tagged with the model depth; a train step
     logs MLflow's system metrics if `tracking.system_metrics`."""
     return open_run(step, experiment=cfg.tracking.experiment, run_name=run_name, resume_run_id=resume_run_id,
                     tags={"model_depth": str(cfg.model.depth)},
-                    system_metrics=step == "train" and cfg.tracking.system_metrics)
+                    system_metrics=step == "train" and cfg.tracking.system_metrics, not_failures=not_failures)
 
 
 @contextlib.contextmanager
@@ -306,14 +345,16 @@ def apart_from_wrapper_run(cfg: Config) -> Iterator[Config]:
 @contextlib.contextmanager
 def open_run(step: str, *, experiment: str | None = None, run_name: str | None = None,
              resume_run_id: str | None = None, tags: dict[str, str] | None = None,
-             system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
+             system_metrics: bool = False,
+             not_failures: tuple[type[BaseException], ...] = ()) -> Iterator[mlflow.ActiveRun]:
     """Open the MLflow run of one step, tagged `step` (and `tags`, the git commit).
 
     Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and is reused. Inside another
     active run (the `main` driver, a sweep) a nested child run is opened in the parent's
     experiment. Otherwise a new run is opened in `experiment` (MLflow's default if None).
     `resume_run_id` reopens that existing run instead (nested in whatever run is active).
-    A step that raises ends FAILED; one interrupted by SIGTERM/SIGINT ends KILLED. `system_metrics`: the
+    A step that raises ends FAILED with tag `failure_reason` (except for `not_failures`, which the caller ends as it
+    sees fit); one interrupted by SIGTERM/SIGINT ends KILLED (see `_ended_with_reason`). `system_metrics`: the
     step's run logs MLflow's system metrics while open (continuing their steps when reopened).
     """
     parent = mlflow.active_run()
@@ -325,10 +366,10 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
         with contextlib.ExitStack() as stack:
             if parent is None and os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened for this try
                 stack.enter_context(_ended_with_reason(  # step "resume": compare and searches skip it
-                    mlflow.start_run(tags={**tags, "step": "resume", "resumes_run": resume_run_id})))
+                    mlflow.start_run(tags={**tags, "step": "resume", "resumes_run": resume_run_id}), not_failures))
             yield stack.enter_context(_ended_with_reason(
                 mlflow.start_run(run_id=resume_run_id, nested=mlflow.active_run() is not None,
-                                 log_system_metrics=system_metrics)))
+                                 log_system_metrics=system_metrics), not_failures))
         return
     if parent is not None:
         ctx = mlflow.start_run(run_name=run_name or step, nested=True, experiment_id=parent.info.experiment_id,
@@ -339,7 +380,7 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
         if experiment:
             _set_experiment(experiment)
         ctx = mlflow.start_run(run_name=run_name or step, tags=tags, log_system_metrics=system_metrics)
-    with _ended_with_reason(ctx) as run:
+    with _ended_with_reason(ctx, not_failures) as run:
         if run_name:  # `mlflow run` names its run at random; a descriptive name reads better in the UI
             mlflow.set_tag("mlflow.runName", run_name)
         yield run
@@ -356,12 +397,15 @@ def _set_experiment(name: str) -> None:
 
 
 @contextlib.contextmanager
-def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun]) -> Iterator[mlflow.ActiveRun]:
-    """Enter an `mlflow.start_run` context; a SIGTERM/SIGINT inside ends the run KILLED (not FAILED), and an
-    expected failure (bad input, a failed step) ends it FAILED with the one-line reason as tag `failure_reason`
-    (unless the step already gave one). A claim the step holds on the run (`resume.claim`: a train run's) goes once the
-    run has ended, however it ends: released before, an identical command started meanwhile resumed the run, then saw
-    it ended under it."""
+def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun],
+                       not_failures: tuple[type[BaseException], ...] = ()) -> Iterator[mlflow.ActiveRun]:
+    """Enter an `mlflow.start_run` context; a SIGTERM/SIGINT inside ends the run KILLED (not FAILED). Any other
+    exception ends it FAILED with tag `failure_reason` (`reason_of`; unless the step already gave one), and goes on
+    as it was (an unexpected one's traceback is printed as ever). `not_failures` end the run without the tag: the
+    caller settles how (a sweep's pruned fit). Runs nested in each other (main's and its steps') end one after the
+    other with the same exception, and so get the same reason. A claim the step holds on the run (`resume.claim`: a
+    train run's) goes once the run has ended, however it ends: released before, an identical command started
+    meanwhile resumed the run, then saw it ended under it."""
     run = None
     try:
         with ctx as run:
@@ -375,17 +419,61 @@ def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun])
                 mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
                 mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
                 raise
-            except (ConfigError, DataError, StepFailed) as exc:
-                with contextlib.suppress(MlflowException):
-                    client = mlflow.MlflowClient()
-                    if "failure_reason" not in client.get_run(run.info.run_id).data.tags:
-                        client.set_tag(run.info.run_id, "failure_reason", str(exc)[:5000])
+            except not_failures:
+                raise
+            except Exception as exc:
+                tag_failure(run.info.run_id, reason_of(exc), exc)
                 raise
     finally:
         if run is not None:
             from pipeline.tracking.resume import release  # (it imports this module)
 
             release(run.info.run_id)
+
+
+def reason_of(exc: Exception) -> str:
+    """Tag `failure_reason` of a run `exc` ended: an expected failure's one line (`EXPECTED_FAILURES`), a tracking
+    server's failure as `cli` says it (exit 4), else `unexpected_reason`."""
+    if isinstance(exc, EXPECTED_FAILURES):
+        return str(exc)[:5000]
+    return _server_failure(exc) or unexpected_reason(exc)
+
+
+def unexpected(exc: BaseException) -> bool:
+    """Whether `exc` is a failure no step expects: `cli` lets its traceback print (`unexpected_reason`)."""
+    return isinstance(exc, Exception) and not isinstance(exc, EXPECTED_FAILURES) and _server_failure(exc) is None
+
+
+def _server_failure(exc: BaseException) -> str | None:
+    """What `cli` says of an MlflowException from a tracking server (exit 4: the server failed; credentials in the
+    URI as `***`); None for any other exception or store."""
+    uri = mlflow.get_tracking_uri()
+    if not isinstance(exc, MlflowException) or not uri.startswith(("http://", "https://")):
+        return None
+    shown = _without_password(uri)  # MLflow's message quotes the request's URL, credentials and all
+    return f"tracking server {shown} failed: {_first_line(str(exc.message).replace(uri, shown))[:300]}"
+
+
+def tag_failure(run_id: str, reason: str, exc: BaseException) -> None:
+    """Tag run `run_id` `failure_reason` `reason`, as `exc` ended it, unless it has one (the step's own, or one given
+    for `exc` before: the run `mlflow run` opened is often the step's). Never raises: the tracking store may be what
+    failed, and `exc` is the error to report. Once a try failed, no other is made for `exc` (a server that stopped
+    answering takes 7 s of MLflow's retries to fail each request, with this module's MLFLOW_HTTP_REQUEST_* defaults,
+    on a 2-core AMD EPYC),
+    nor for an exception raised while handling it (MLflow's own end of the run failing the same way)."""
+    seen, cause = set(), exc
+    while cause is not None and id(cause) not in seen:
+        if getattr(cause, "_failure_reason_untaggable", False):
+            return
+        seen.add(id(cause))
+        cause = cause.__context__
+    try:
+        client = mlflow.MlflowClient()
+        if "failure_reason" not in client.get_run(run_id).data.tags:
+            client.set_tag(run_id, "failure_reason", reason)
+    except Exception:  # noqa: BLE001 - whatever the store raises (MlflowException, a driver's error)
+        with contextlib.suppress(AttributeError):  # an exception type with __slots__ takes no attribute
+            exc._failure_reason_untaggable = True
 
 
 def _settle_wrapper_run(run_id: str, status: str, *, delete: bool = False) -> None:
@@ -420,7 +508,9 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     deleted). Exit 3: the step failed (e.g. training diverged). Exit 4: the tracking server
     stopped answering (after bounded retries); `resumable` entry points (those that train) add how
     to continue from the checkpoint. Exit 130 (SIGINT) or 143 (SIGTERM, what `mlflow run` sends its
-    step on Ctrl-C): interrupted; every open run ends KILLED and checkpoints stay.
+    step on Ctrl-C): interrupted; every open run ends KILLED and checkpoints stay. Any other exception (a bug,
+    a full disk, an error of TensorFlow or JAX) goes on, its traceback printed, and exits 1. A run that a failure
+    ends FAILED carries tag `failure_reason` (`reason_of`), as does the run `mlflow run` opened.
     The SQLite store is created first, under a file lock (see `ensure_store`).
     At exit the objects alive are frozen out of the cyclic collector: the interpreter's final
     collections over TensorFlow's and Keras's objects added ~4 s to the end of every step and freed
@@ -454,15 +544,16 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
         sys.exit(2)
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if wrapper_run:  # where it failed outside the step's run (a prepare before `mlflow run . -e train`'s run)
+            tag_failure(wrapper_run, reason_of(exc), exc)
         sys.exit(3)
-    except MlflowException as exc:
-        uri = mlflow.get_tracking_uri()
-        if not uri.startswith(("http://", "https://")):
-            raise
-        shown = _without_password(uri)  # MLflow's message quotes the request's URL, credentials and all
-        reason = str(exc.message).replace(uri, shown).strip().splitlines()[0][:300]
+    except Exception as exc:
+        if wrapper_run:
+            tag_failure(wrapper_run, reason_of(exc), exc)
+        if unexpected(exc):
+            raise  # the traceback prints, as Python prints it
         hint = _resume_hint() if resumable else ""
-        print(f"error: tracking server {shown} failed: {reason}.{hint}", file=sys.stderr)
+        print(f"error: {_server_failure(exc)}.{hint}", file=sys.stderr)
         sys.exit(4)
     finally:
         for signum, handler in previous.items():
