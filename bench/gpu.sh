@@ -8,13 +8,14 @@
 #      the JPEG copy (the question that decides whether 0.94 is in reach of a ResNet-9 here at all);
 #   3. the seed recipe (params/default.yaml): seconds per epoch, projected 150 epochs;
 #   4. params/improved.yaml (ResNet-164 with the tricks) for IMPROVED_LIMIT (200 s): seconds per epoch and the
-#      projected 150 epochs. Its whole run (~14 minutes of one GPU with its compile, bench/results/gpu.md) outlasts
-#      one call (10 minutes at most) and the device time a lease has in all (15 minutes); it stops cleanly at an
-#      epoch's end with its training saved in .gpu-state/improved (bench.gpu_epoch --checkpoint), which comes back
-#      packed with the results, and a later call carrying .gpu-state goes on from it (GPU_SH_STAGES="improved"
-#      gives it the rest of a call). Once whole, its result is kept in .gpu-state/improved.json (carried) and later
-#      calls skip it (remove that file to train it again). A checkpoint of other settings is refused by name and
-#      the call goes on with the next stages;
+#      projected 150 epochs. Its whole run (~14 minutes of one GPU with its compile, bench/results/gpu.md)
+#      outlasts one call (10 minutes at most) and, with a second call's compile and the machine's start, the
+#      device time a lease has in all (15 minutes); it stops cleanly at an epoch's end with its training saved in
+#      .gpu-state/improved (bench.gpu_epoch --checkpoint), which comes back packed with the results, and a later
+#      call carrying .gpu-state goes on from it (GPU_SH_STAGES="improved" gives it the rest of a call). Once
+#      whole, its result is kept in .gpu-state/improved.json (carried) and later calls skip it (remove that file
+#      to train it again). A checkpoint of other settings is refused by name and the call goes on with the next
+#      stages;
 #   5. fast.yaml's next questions, whole schedules with test_acc, most telling first, as long as time is left.
 # GPU_SH_STAGES="improved" (names separated by spaces) runs only those stages: a second call in one lease, with
 # GPU_SH_BUDGET set to its timeout_s (or the device time left, if less) less 10: a call the device tool ends before
@@ -96,7 +97,7 @@ if (( PIPESTATUS[0] )); then  # every stage would fail the same way after its im
 fi
 
 # Each key once in an overrides string (pipeline.config refuses one given twice, where the last would win unseen):
-# the smoke's toy scale replaces, not follows, a stage's own widths and epochs (wide9, long9)
+# the smoke's toy scale replaces, not follows, a stage's own widths and epochs (wide9, long9, ceiling9)
 source_args=(--data "$DATA") small9="" small164="" ghost_batch="" short164=""
 wide9="model.widths=[64,192,384,768]" long9="train.epochs=32" ceiling9="model.widths=[64,256,512,1024] train.epochs=40"
 if [[ -n "${GPU_SH_SMOKE:-}" ]]; then
@@ -135,7 +136,8 @@ stage explore-ceiling "${CEILING_LIMIT:-150}" --full --params params/fast.yaml \
 stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
   --overrides "train.feed=device train.steps_per_execution=8 $small164"
 # improved.yaml: its first epochs, for the seconds per epoch and the projected 150 epochs (~14 min of one GPU with
-# its compile: more than the 15 minutes a lease holds in all, and .gpu-state does not outlive the checkout), within
+# its compile: over two calls, each compiling, and with the machine's start, more than the 15 minutes a lease holds
+# in all; and .gpu-state does not outlive the checkout), within
 # IMPROVED_LIMIT; named in GPU_SH_STAGES it has the rest of the call instead. It stops at an epoch's end 60 s
 # before its limit, for the scoring after its last epoch (its predict compiles), its training saved in
 # .gpu-state/improved, from which the next call goes on (carry ".gpu-state").

@@ -2,7 +2,7 @@
 
 Reads:  a sweep file (see params/sweep-example.yaml, params/sweep-tpe.yaml):
             base: params/tiny.yaml                 # params file every trial starts from
-            overrides: {train.epochs: 2}           # optional, the same for every trial
+            overrides: {train.validation_fraction: 0.1}   # optional, the same for every trial
             grid: {train.lr: [0.05, 0.1], model.units_per_stage: [1, 2]}   # every combination once
         or  space: {train.lr: {min: 0.01, max: 0.2, log: true}, train.batch_size: [32, 64]}
             sampler: tpe                           # or random (the default under the older key `random:`)

@@ -4,8 +4,8 @@ served model); the steps call these functions and never import MLflow.
 - Runs: `step_run` / `open_run` open a step's run (reusing the one `mlflow run` opened, nested
   under an active parent, or resuming a run by id), tag it with the step and the git commit, and
   end it KILLED on SIGTERM/SIGINT, or FAILED with tag `failure_reason` on any other exception (`reason_of`: an
-  expected failure's line, or an unexpected one's type and message); `cli` turns expected failures into one line
-  and an exit code;
+  expected failure's line, a tracking server's failure as `cli` says it, or an unexpected one's type, last line and
+  where its traceback is); `cli` turns expected failures into one line and an exit code;
   `ensure_store` creates the SQLite store once; `ui_hint` says where to look at a run.
 - The active run: `active_run_id`, `log_params`, `log_metrics`, `set_tags`, `log_dict`, `log_text`,
   and `artifact_dir`, a temporary folder whose files become the run's artifacts; `tracking_uri`.
