@@ -384,10 +384,9 @@ def test_a_seeded_sampler_draws_apart_per_trial_and_repeats(tmp_path, sampler):
     assert draw_all(spec) == first
 
 
-def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, monkeypatch):
-    import mlflow
-
-    plan = sweep.Plan(write_spec(tmp_path, "sweep-interrupted", "grid:\n  train.lr: [0.1]\n"))
+def one_trial(tmp_path, name: str):
+    """A one-trial grid sweep led in store "e2e", its trial claimed: (plan, study, trial, parent run id, experiment)."""
+    plan = sweep.Plan(write_spec(tmp_path, name, "grid:\n  train.lr: [0.1]\n"))
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("e2e").experiment_id
     parent = client.create_run(experiment_id).info.run_id
@@ -395,6 +394,14 @@ def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, m
     study = optuna.create_study(storage=storage, direction="maximize", sampler=plan.make_sampler(0))
     sweep.lead(plan, study, parent, experiment_id)
     trial, _ = sweep.claim(study, storage, plan)
+    return plan, study, trial, parent, experiment_id
+
+
+def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, monkeypatch):
+    import mlflow
+
+    plan, study, trial, parent, experiment_id = one_trial(tmp_path, "sweep-interrupted")
+    client = MlflowClient()
 
     def interrupted(cfg, trial):
         raise Interrupted(signal.SIGTERM)
@@ -414,14 +421,8 @@ def test_a_trial_that_fails_unexpectedly_prints_its_traceback_and_says_why_in_it
     """A trial ending on an unexpected exception (a bug, a full disk) printed one line, its reason the whole message
     flattened (a TensorFlow error's file list, cut before the error itself), and no traceback: the sweep goes on,
     its traceback is printed and its reason is the step's (`tracking.unexpected_reason`)."""
-    plan = sweep.Plan(write_spec(tmp_path, "sweep-bug", "grid:\n  train.lr: [0.1]\n"))
+    plan, study, trial, parent, experiment_id = one_trial(tmp_path, "sweep-bug")
     client = MlflowClient()
-    experiment_id = client.get_experiment_by_name("e2e").experiment_id
-    parent = client.create_run(experiment_id).info.run_id
-    storage = optuna.storages.InMemoryStorage()
-    study = optuna.create_study(storage=storage, direction="maximize", sampler=plan.make_sampler(0))
-    sweep.lead(plan, study, parent, experiment_id)
-    trial, _ = sweep.claim(study, storage, plan)
 
     def bug(cfg, trial):
         raise RuntimeError("Graph execution error:\n\nDetected at node x defined at (most recent call last):\n  File "
