@@ -159,14 +159,19 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
     return table
 
 
+def rows_counting(table: pd.DataFrame, column: str) -> int:
+    """How many rows of `table` count images their score should not (`column` > 0: test_images_in_train,
+    val_images_in_train); 0 where the column is absent (`build_table` drops it where every count is 0)."""
+    return int((table[column] > 0).sum()) if column in table else 0
+
+
 def test_data_note(table: pd.DataFrame) -> str:
     """A line before the table where its test_acc values come from different test splits, one where some count
     test images their model was trained on; else ''."""
     splits = table["test_data"].dropna().nunique() if "test_data" in table else 0
     note = (f"test_acc was measured on {splits} different test splits (column test_data: the sha256 of the test split "
             "each test_acc was measured on): only rows with the same test_data compare.\n\n" if splits > 1 else "")
-    leaked = int((table["test_images_in_train"] > 0).sum()) if "test_images_in_train" in table else 0
-    if leaked:
+    if leaked := rows_counting(table, "test_images_in_train"):
         note += (f"The test_acc of {leaked} run{'s' * (leaked > 1)} counts test images the model was trained on "
                  "(column test_images_in_train: the same pixels): it overstates, and register moves no alias on "
                  "it.\n\n")
@@ -188,8 +193,7 @@ def val_data_note(table: pd.DataFrame) -> str:
                  "(train.validation_fraction 0): their val_acc is a test score, a run chosen by it is chosen on the "
                  "test images, and its test_acc is then no unbiased estimate. Hold training images out "
                  "(train.validation_fraction > 0) to choose.\n\n")
-    seen = int((table["val_images_in_train"] > 0).sum()) if "val_images_in_train" in table else 0
-    if seen:
+    if seen := rows_counting(table, "val_images_in_train"):
         note += (f"The val_acc of {seen} run{'s' * (seen > 1)} counts images it was measured on that are also images "
                  "its model trained on (column val_images_in_train: the same pixels): it overstates, and runs chosen "
                  "by it are chosen partly on images they learned.\n\n")
