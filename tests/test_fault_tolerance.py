@@ -47,8 +47,8 @@ def run_to_end(env: dict, *params: str) -> subprocess.CompletedProcess:
     return subprocess.run(main_command(*params), env=env, capture_output=True, text=True, timeout=600)
 
 
-def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
-    """Send `sig` (SIGKILL: like a machine dying) to a process and all its descendants. (`mlflow run`
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Send `sig` (SIGKILL: like a machine dying) to a process and all its descendants; their ids. (`mlflow run`
     starts the training command in a session of its own, so signalling its process group is not enough.)"""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -64,6 +64,22 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
     for victim in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, sig)
+    return victims
+
+
+def wait_until_stopped(pids: list[int], timeout: float = 5) -> None:
+    """Block until every thread of `pids` is stopped (or gone): `kill` returns before a SIGSTOP has stopped a thread
+    running on another core, which may still begin a transaction meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for pid in pids:
+            for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+                with contextlib.suppress(OSError):
+                    states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        if all(state in ("T", "t", "Z", "X") for state in states):
+            return
+        time.sleep(0.01)
 
 
 def wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -99,7 +115,7 @@ def stop_holding_no_store_lock(pid: int, db: Path, tries: int = 50) -> None:
     system metrics are written every second) it would lock the store for every other process, which is SQLite's
     nature and not what a test of the training lock is about."""
     for _ in range(tries):
-        kill_tree(pid, signal.SIGSTOP)
+        wait_until_stopped(kill_tree(pid, signal.SIGSTOP))
         probe = sqlite3.connect(db, timeout=0.2)
         try:
             probe.execute("BEGIN EXCLUSIVE")
