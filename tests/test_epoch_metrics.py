@@ -80,9 +80,9 @@ def test_curves_png_marks_whole_epochs_only(monkeypatch, tmp_path):
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
 
 
-def test_readme_says_what_the_training_loss_contains():
+def test_the_docs_say_what_the_training_loss_contains():
     from tests.conftest import ROOT
 
-    notes = (ROOT / "README.md").read_text().split("Notes on the numbers:")[1].split("\n\n")[0]
+    notes = (ROOT / "docs" / "steps.md").read_text().split("Notes on the numbers:")[1].split("\n\n")[0]
     # compile_model's loss is CategoricalCrossentropy(label_smoothing=...) plus the layers' l2 penalties
     assert "label_smoothing" in notes and "L2" in notes and "no smoothing, no L2" in notes
