@@ -11,7 +11,7 @@ train.distribute:
 Multi-worker training runs the same command on every host, each with its own `TF_CONFIG`; with a
 `TF_CONFIG` naming several tasks, only auto and multi_worker are accepted, on TensorFlow only.
 Only the chief (task `chief`, else `worker` 0) talks to MLflow; the other workers train in
-lock step without logging anything (see the README's "Several hosts").
+lock step without logging anything (see docs/several-hosts.md).
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def distribution(mode: str) -> Distribution:
                               + (f", or unset {TF_CONFIG} to train on this host alone" if cluster else ""))
         if not cluster:
             raise ConfigError(f"train.distribute: 'multi_worker' needs {TF_CONFIG} naming at least two tasks "
-                              f"(see the README's 'Several hosts')")
+                              f"(see docs/several-hosts.md)")
         import tensorflow as tf
 
         wait_for_hosts(cluster)  # TensorFlow's wait below cannot be interrupted: it starts once every host is up
