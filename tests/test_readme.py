@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -166,25 +167,78 @@ def test_the_documented_commands_are_found(role):
     assert documented()[role]
 
 
-# Paths the README names as what a command writes, not as files here.
+# Paths the README and docs pages name as what a command writes, not as files here.
 WRITTEN_BY_A_COMMAND = {"bench/results/multi_gpu.md", "bench/results/quick-recheck.md"}
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def anchors(text: str) -> Iterator[str]:
+    """The anchors GitHub gives a Markdown page's headings: lower case, punctuation dropped, spaces as hyphens, a
+    repeated heading numbered (headings in fenced blocks, such as a shell comment, are none)."""
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", re.sub(r"```\w*\n.*?```", "", text, flags=re.S), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        yield slug if not seen[slug] else f"{slug}-{seen[slug]}"
+
+
+def names(page: Path) -> tuple[list[str], list[tuple[str, str]], set[str]]:
+    """What `page` names that must exist: links and paths that resolve to nothing (a link relative to the page's
+    folder, a `path` in backticks relative to the project; an anchor must be a heading of the page it points into),
+    the `test_x.py::test_y` tests it names, and the params keys in its code spans and blocks."""
+    text = page.read_text()
+    prose = re.sub(r"```\w*\n.*?```", "", text, flags=re.S)
+    missing = []
+    for link in re.findall(r"\]\(([^)\s]+)\)", prose):
+        if "://" in link or link.startswith("mailto:"):
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path) if path else page
+        if not target.exists():
+            missing.append(f"{page.name}: {link}")
+        elif anchor and target.suffix == ".md" and anchor not in set(anchors(target.read_text())):
+            missing.append(f"{page.name}: {link} (no such heading)")
+    for path in set(re.findall(r"`((?:bench|params|pipeline|docs|scripts|tests|\.ci)/[\w./-]+)`", text)):
+        if path not in WRITTEN_BY_A_COMMAND and not (ROOT / path.split("::")[0]).exists():
+            missing.append(f"{page.name}: {path}")
+    tests = re.findall(r"(test_\w+\.py)::(test_\w+)", text)
+    spans = re.findall(r"```\w*\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]+)`", prose)
+    keys = {k for k in re.findall(r"(?<![\w/.])((?:data|model|train|evaluate|register|tracking)\.\w+)(?![\w(])",
+                                  " ".join(spans)) if not k.endswith(".py")}
+    return missing, tests, keys
 
 
 def test_every_file_test_and_params_key_the_readme_names_exists():
     """A reader follows the README's links and names to files, tests and params keys: each must be there (a renamed
-    test, a moved report or a dropped key would leave the README pointing at nothing)."""
+    test, a moved report or a dropped key would leave the README pointing at nothing). The same for the docs/ pages
+    it links to, and for the links between them: `docs/x.md#heading` must be a heading there."""
     from pipeline import config
 
-    text = (ROOT / "README.md").read_text()
-    paths = set(re.findall(r"\]\(([^)#:]+)\)", text)) | set(
-        re.findall(r"`((?:bench|params|pipeline|docs|scripts|tests|\.ci)/[\w./-]+)`", text))
-    missing = sorted(p for p in paths - WRITTEN_BY_A_COMMAND if not (ROOT / p.split("::")[0]).exists())
-    assert not missing, missing
-    tests = re.findall(r"(test_\w+\.py)::(test_\w+)", text)
-    assert tests and not [t for t in tests if f"def {t[1]}(" not in (ROOT / "tests" / t[0]).read_text()]
     known = {f"{section}.{key}" for section, (_, keys) in config._sections().items() for key in keys}
-    fenced = re.findall(r"```\w*\n(.*?)```", text, re.S)
-    spans = fenced + re.findall(r"`([^`\n]+)`", re.sub(r"```\w*\n.*?```", "", text, flags=re.S))
-    keys = {k for k in re.findall(r"(?<![\w/.])((?:data|model|train|evaluate|register|tracking)\.\w+)(?![\w(])",
-                                  " ".join(spans)) if not k.endswith(".py")}
-    assert len(keys) > 30 and not sorted(keys - known - {"train.epoch"}), sorted(keys - known)  # the misspelt example
+    found = {page.name: names(page) for page in PAGES}
+    assert {"README.md", "params.md", "data.md", "results.md", "benchmarks.md", "gpus.md", "reliability.md",
+            "comparing.md", "sweeps.md", "team.md", "several-hosts.md", "steps.md"} <= set(found)
+    missing = [m for page_missing, _, _ in found.values() for m in page_missing]
+    assert not missing, missing
+    tests = [t for _, page_tests, _ in found.values() for t in page_tests]
+    assert found["reliability.md"][1] and found["benchmarks.md"][1], "the pages name tests, and this test reads them"
+    assert not [t for t in tests if f"def {t[1]}(" not in (ROOT / "tests" / t[0]).read_text()], tests
+    keys = set().union(*(page_keys for _, _, page_keys in found.values()))
+    assert len(found["README.md"][2]) > 30 and len(keys) > 40
+    assert not sorted(keys - known - {"train.epoch"}), sorted(keys - known)  # the misspelt example
+
+
+def test_the_link_check_finds_a_broken_link_a_missing_heading_and_an_unknown_key(tmp_path):
+    """The check above fails where it should: links resolve from the page's own folder, anchors must be headings."""
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("# A page\n\n## Some `odd.key`: heading\n\n[ok](#some-oddkey-heading) [up](../README.md) "
+                    "[gone](../nowhere.md) [bad](#no-heading) [self](page.md#a-page)\n\n```bash\n# not a heading\n```\n"
+                    "`train.batch_size` `train.no_such_key` `test_readme.py::test_the_documented_commands_are_found`\n")
+    (tmp_path / "README.md").write_text("# R\n")
+    missing, tests, keys = names(page)
+    assert missing == ["page.md: ../nowhere.md", "page.md: #no-heading (no such heading)"], missing
+    assert tests == [("test_readme.py", "test_the_documented_commands_are_found")]
+    assert keys == {"train.batch_size", "train.no_such_key"}
+    assert set(anchors((ROOT / "README.md").read_text())) >= {"several-hosts-tensorflow-multiworkermirroredstrategy",
+                                                               "what-survives-a-crash-what-is-checked-on-input"}
