@@ -11,7 +11,7 @@ import sys
 from pipeline import config, prepare
 from pipeline.data import CIFAR10_TRAIN_IMAGES
 from pipeline.distribute import cluster_from_env
-from pipeline.tracking.resume import check_resumable_code, config_to_resume, find_resumable
+from pipeline.tracking.resume import check_checkpoint_root, check_resumable_code, config_to_resume, find_resumable
 
 
 def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> tuple[config.Config, str]:
@@ -23,9 +23,11 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
     params file's (a note says which changed), so the run records the data it trains on. resume, a run id: `cfg`
     (and `dataset_uri`) must be what that run started with, and its dataset is used (see `config_to_resume`).
     Without a dataset URI `data.source` must exist. resume "": the run a rerun would continue must have been
-    checkpointed by the code here (`check_resumable_code`). The backend must support the params, and in a cluster
+    checkpointed by the code here (`check_resumable_code`). The checkpoint folder must be writable
+    (`check_checkpoint_root`). The backend must support the params, and in a cluster
     (TF_CONFIG) only the chief runs the steps.
     """
+    check_checkpoint_root()  # each run's lock lives there (another user's folder: one line, not a traceback)
     given = dataset_uri
     if given:
         prepare.check_dataset_uri(given)

@@ -83,7 +83,7 @@ from pipeline.tracking import (
     unexpected,
     unexpected_reason,
 )
-from pipeline.tracking.resume import checkpoint_dir
+from pipeline.tracking.resume import check_checkpoint_root, checkpoint_dir
 
 SPEC_KEYS = {"base", "overrides", "grid", "space", "random", "sampler", "trials", "seed", "pruner"}
 # A grid queues each combination as a fixed trial (Optuna's enqueue_trial), so that each runs exactly once
@@ -928,6 +928,7 @@ def run(args: argparse.Namespace) -> int:
     if workers < 1:
         raise config.ConfigError(f"workers: must be >= 1, got {workers}")
     plan = Plan(args.spec, args.overrides)
+    check_checkpoint_root()  # each trial's train run locks its folder there
     if plan.held_out_varies and not args.join:  # once, not in every worker process
         hint = ("; set train.validation_seed (in the spec's overrides) to validate every trial on the same images"
                 if "train.seed" in plan.held_out_varies else "")

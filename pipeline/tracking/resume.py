@@ -5,18 +5,24 @@ until it finishes. The process training a run holds an OS lock in that folder (`
 run is never taken over. `find_resumable` picks the run a command continues (the same `train_key`:
 every param that decides what is trained, and the dataset); `config_to_resume` checks a command against the
 run it names, whose `train.epochs` may grow (`log_train_params` records the extension, as MLflow params are
-immutable), as may the params that do not change what is trained (`NOT_TRAINING`).
+immutable), as may the params that do not change what is trained (`NOT_TRAINING`). A checkpoint folder several
+users share: the folder must be this user's to write (`check_checkpoint_root`, before any run opens), and another
+user's lock this process cannot inspect is never taken for a dead process's (`_locked`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
+import ipaddress
 import os
+import pwd
 import re
 import shutil
 import sys
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -49,35 +55,100 @@ def checkpoint_dir(run_id: str) -> Path:
     return checkpoint_root() / run_id
 
 
+def check_checkpoint_root() -> None:
+    """ConfigError unless this process may make run folders in `checkpoint_root` (or make it, where it is missing:
+    as `mkdir -p` would, with the umask, once a run needs it): checked before any run opens, as each run's lock lives
+    there. A folder several users share is theirs to make group-writable (docs/team.md)."""
+    root = checkpoint_root()
+    try:
+        if root.is_dir():
+            with tempfile.TemporaryFile(dir=root):  # unnamed where the file system can (O_TMPFILE): no main sees it
+                pass
+        else:
+            above = next(p for p in root.absolute().parents if p.exists())
+            if root.exists() or not above.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            if not writable(above):
+                raise PermissionError(errno.EACCES, f"{os.strerror(errno.EACCES)} (to make it in {above})")
+    except OSError as exc:
+        raise config.ConfigError(
+            f"PIPELINE_CHECKPOINT_DIR: cannot write the checkpoint folder {root} as user {_user(os.geteuid())}: "
+            f"{exc.strerror or exc}; give this user write access to it (a folder shared by a team: group-writable, "
+            f"chmod g+ws, each user's umask 002) or set PIPELINE_CHECKPOINT_DIR to a folder of this user's") from None
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _check_writable_checkpoint(run_id: str) -> None:
+    """ConfigError if run `run_id`'s checkpoint folder is another user's, which this process may not write (`claim`
+    takes no such run: its next checkpoints could not be saved)."""
+    folder = checkpoint_dir(run_id)
+    if folder.is_dir() and not writable(folder):
+        raise config.ConfigError(f"resume: run {run_id}'s checkpoint folder {folder} belongs to user "
+                                 f"{_user(folder.stat().st_uid)}, and user {_user(os.geteuid())} may not write it; "
+                                 f"resume there as that user, or resume=never to start afresh")
+
+
 _claimed: dict[str, object] = {}  # run id -> the open lock file this process holds
 
 
 def claim(run_id: str, *, left: bool = False) -> bool:
     """Lock the run's checkpoint folder for this process (an OS flock, dropped when the process dies,
     however it dies); False if another live process holds it, i.e. is training that run now, or if its process
-    removes the lock file meanwhile (a run that ends removes its folder, then releases its lock). `left`: only a lock
-    file already there, none made (False if there is none)."""
+    removes the lock file meanwhile (a run that ends removes its folder, then releases its lock), or if this process
+    cannot tell (`_locked`: another user's lock file it may not read, in a shared checkpoint folder). `left`: only a
+    lock file already there, none made (False if there is none); else False too for another user's folder that this
+    process may not write, whose run it could not checkpoint."""
     if run_id in _claimed:
         return True
     path = checkpoint_dir(run_id) / LOCK_FILE
     if not left:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not writable(path.parent):  # another user's run (a shared folder): this process could not checkpoint it
+            return False
     handle = _new_lock(path) if not left and not path.exists() else None
     if handle is None:
-        try:
-            handle = path.open("r+")  # not made: one made here would stand unlocked for an instant (`_new_lock`)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
+        handle = _locked(path)  # not made: one made here would stand unlocked for an instant (`_new_lock`)
+        if handle is None:
             return False
         if not _named(path, handle):  # its run ended while this locked it: no dead process's
             handle.close()
             return False
     _claimed[run_id] = handle
     return True
+
+
+def _locked(path: Path):  # noqa: ANN202 - an open file, or None
+    """`path` opened and locked (flock) by this process; None if it is gone, or another live process holds it, or
+    this process cannot tell: another user's file it may not read, or one it may only read where an exclusive lock
+    needs it open for writing (NFS, whose flock is a byte-range lock), or no locks at all. A lock this process
+    cannot inspect is never taken for a dead process's."""
+    try:
+        handle = path.open("r+")
+    except PermissionError:  # another user's (a shared folder): flock needs no write access on a local disk
+        try:
+            handle = path.open()
+        except OSError:
+            return None
+    except OSError:  # FileNotFoundError: gone (its run ended), IsADirectoryError, ...
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: held; EBADF (NFS, read only), ENOLCK: not to be told
+        handle.close()
+        return None
+    return handle
+
+
+def writable(folder: Path) -> bool:
+    """Whether this process may make and remove files in `folder` (a shared checkpoint folder: another user's run
+    folder is not, unless it is group-writable and this user is in its group)."""
+    return os.access(folder, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids)
 
 
 def _named(path: Path, handle) -> bool:  # noqa: ANN001 - an open file
@@ -121,21 +192,56 @@ def _new_lock(path: Path):  # noqa: ANN202 - an open file
 def _store() -> str:
     """The tracking store this process writes to, as its lock files record it: a local one (a SQLite file, a folder)
     by its real path, as `sqlite:///mlflow.db` names another file in every working directory and one file has many
-    spellings (`sqlite:////abs/mlflow.db`, a folder through a symlink); any other (a server, a database) by its URI
-    less the password (the file is for anyone to read, and a new password is the same store)."""
+    spellings (`sqlite:////abs/mlflow.db`, a folder through a symlink); a server or a database by its URI as
+    `_canonical` spells it (one server has many spellings too)."""
     uri = mlflow.get_tracking_uri()
     if database := sqlite_file(uri):
         return "sqlite:///" + database
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme in ("", "file"):
         return "file://" + os.path.realpath(parsed.path)
-    return _without_password(uri).rstrip("/")
+    return _canonical(uri)
+
+
+# Schemes of a tracking server or a database whose URIs `_canonical` spells one way, with their default ports (a
+# database scheme may name its driver: `postgresql+psycopg2`)
+_DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def _canonical(uri: str) -> str:
+    """One spelling of a server's or a database's URI, as far as the URI alone tells (no name is looked up: that
+    could hang, and a name may resolve otherwise elsewhere): scheme and host name lower-case, a trailing dot of the
+    host name, the default port and (a server's) trailing slash dropped, `localhost`, `127.0.0.1` and `::1` (any
+    spelling of an IP address) one loopback host, no user part (the file is for anyone to read, and another user or
+    a new password is the same store). Another URI (a local store `_store` spelled already; `databricks`) as it is,
+    less its password and (not a local store's) trailing slash."""
+    scheme = uri.partition("://")[0].lower()
+    base = scheme.partition("+")[0]
+    if base in _DEFAULT_PORTS and base not in ("http", "https"):  # a database's password runs to the first `@`
+        # (`_without_password`), a `/` in it too: no URL parser reads it so
+        uri = re.sub(r"^([a-z0-9+.-]+://)[^/@:]*(:[^@]*)?@", r"\1", uri, flags=re.IGNORECASE)
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        port, host = parts.port, parts.hostname
+    except ValueError:  # a port that is no number
+        host = None
+    if base not in _DEFAULT_PORTS or not host:
+        return _without_password(uri).rstrip("/") if scheme not in ("sqlite", "file") else uri
+    host = host.rstrip(".")
+    with contextlib.suppress(ValueError):
+        host = ipaddress.ip_address(host).compressed  # `::0001`, `0:0:0:0:0:0:0:1`: `::1`
+    host = "localhost" if host in _LOOPBACK else f"[{host}]" if ":" in host else host
+    netloc = host if port in (None, _DEFAULT_PORTS[base]) else f"{host}:{port}"
+    path = parts.path.rstrip("/") if base in ("http", "https") else parts.path
+    return urllib.parse.urlunsplit((scheme, netloc, path, parts.query, parts.fragment))
 
 
 def _store_of(folder: Path) -> str:
-    """The store recorded in `folder`'s lock file (`_store`); "" for one made before stores were recorded."""
+    """The store recorded in `folder`'s lock file (`_store`, spelled by `_canonical`, as an older one may not be);
+    "" for one made before stores were recorded, or one this process may not read."""
     try:
-        return (folder / LOCK_FILE).read_text()
+        return _canonical((folder / LOCK_FILE).read_text())
     except (OSError, UnicodeDecodeError):
         return ""
 
@@ -150,9 +256,15 @@ def remove_stale_locks() -> None:
     (two `MLFLOW_TRACKING_URI` sharing `PIPELINE_CHECKPOINT_DIR`) are left to that store's next main, the only one
     that can end their runs. A folder that holds only the temporary file of a process killed in `_new_lock` is taken
     as lock-only (`_claim_unnamed`). Empty folders are removed (on NFS a lock file removed while open stays as a
-    `.nfs*` file until released, and keeps its folder)."""
+    `.nfs*` file until released, and keeps its folder). In a folder several users share, another user's folder that
+    this process may not list, or whose lock it may not inspect (`_locked`), is left alone, never taken for dead; a
+    dead one it may not remove has its runs ended all the same and stays, for a main of a user who may remove it."""
     root, ours = checkpoint_root(), _store()
-    names = {f: _names(f) for f in (root.iterdir() if root.is_dir() else []) if f.name not in _claimed}
+    try:
+        entries = list(root.iterdir())
+    except OSError:  # none yet (FileNotFoundError), or not to be listed by this user: nothing to tell dead here
+        entries = []
+    names = {f: _names(f) for f in entries if f.name not in _claimed}
     for folder in [f for f, listed in names.items() if listed == [] and _old(f)]:  # a new one's lock may be coming
         with contextlib.suppress(OSError):  # NFS: its `.nfs*` file not gone yet, the next main's turn
             folder.rmdir()
@@ -188,14 +300,12 @@ def _claim_unnamed(folder: Path, ours: str) -> str | None:
         for path in folder.iterdir():
             if not _TEMPORARY.fullmatch(path.name):
                 continue
-            try:
-                handle = path.open()  # read only: flock needs no more
-            except FileNotFoundError:  # another main removed the folder meanwhile
+            handle = _locked(path)
+            if handle is None:  # another main removed the folder meanwhile, or held, or not to be told
                 continue
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                store = handle.read()
-            except (BlockingIOError, UnicodeDecodeError):
+                store = _canonical(handle.read())
+            except UnicodeDecodeError:
                 store = None
             if store in ("", ours) and _named(path, handle):
                 _claimed[folder.name] = handle
@@ -205,11 +315,11 @@ def _claim_unnamed(folder: Path, ours: str) -> str | None:
 
 
 def _names(folder: Path) -> list[str] | None:
-    """The names in `folder` but `_left_over` ones; None for a stray file (a .DS_Store failed every main) and for a
-    folder its run removed as it ended."""
+    """The names in `folder` but `_left_over` ones; None for a stray file (a .DS_Store failed every main), for a
+    folder its run removed as it ended, and for another user's that this process may not list."""
     try:
         return [p.name for p in folder.iterdir() if not _left_over(p)]
-    except (NotADirectoryError, FileNotFoundError):
+    except (NotADirectoryError, FileNotFoundError, PermissionError):  # PermissionError: another user's, left alone
         return None
 
 
@@ -303,6 +413,7 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
         if not has_checkpoint(resume):
             raise config.ConfigError(f"resume: run {resume} has no checkpoint in {checkpoint_dir(resume)} "
                                      f"(finished runs delete theirs)")
+        _check_writable_checkpoint(resume)
         if not claim(resume):
             raise config.ConfigError(f"resume: run {resume} is being trained by another process right now")
         run_id, changed = resume, code_change(resume)
@@ -325,9 +436,22 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
 
 
 def newest_resumable(cfg: config.Config, dataset_uri: str) -> str | None:
-    """The newest unfinished run of the same job that left a checkpoint and that no live process trains, claimed."""
-    candidates = unfinished_runs("train_key", train_key(cfg, dataset_uri))
-    return next((r for r in candidates if has_checkpoint(r) and claim(r)), None)
+    """The newest unfinished run of the same job that left a checkpoint and that no live process trains, claimed;
+    one whose folder is another user's, which this process may not write, is not continued (a note says so)."""
+    candidates = [r for r in unfinished_runs("train_key", train_key(cfg, dataset_uri)) if has_checkpoint(r)]
+    for run_id in candidates:
+        if not writable(checkpoint_dir(run_id)):  # another user's: its next checkpoints could not be saved here
+            if run_id not in _noted:
+                _noted.add(run_id)
+                print(f"note: train run {run_id} left a checkpoint in {checkpoint_dir(run_id)}, which user "
+                      f"{_user(os.geteuid())} may not write; not continued here (-P resume={run_id} as its user "
+                      f"goes on with it)", file=sys.stderr)
+        elif claim(run_id):
+            return run_id
+    return None
+
+
+_noted: set[str] = set()  # the runs `newest_resumable` said it could not continue (it is asked twice per command)
 
 
 def code_change(run_id: str) -> tuple[str, str] | None:
@@ -391,7 +515,7 @@ def trained_before_a_failure(cfg: config.Config, dataset_uri: str) -> tuple[str,
         users = [parent, *client.search_runs([parent.info.experiment_id], f"tags.train_run_id = '{run_id}'")]
         running = [r.info.run_id for r in users if r.info.status == "RUNNING"]
         # A live main holds its claim; one whose lock file is not here runs on another host (a team's server) or
-        # predates the lock: taken for live
+        # predates the lock, and one another user's this process may not inspect (`_locked`): taken for live
         claimed = [main for main in running if claim(main, left=True)]
         if len(claimed) < len(running):  # a live main is still evaluating or registering it
             for main in claimed:
@@ -448,7 +572,8 @@ def _end_killed(client: MlflowClient, runs: list[mlflow.entities.Run], tag: str)
 
 def _held(run_id: str) -> bool:
     """Whether a live process, this one too, holds run `run_id`'s claim (the lock file is only looked at: no folder
-    is made for a run that has none). A lock file removed meanwhile is its live process's, ending the run."""
+    is made for a run that has none). A lock file removed meanwhile is its live process's, ending the run; one this
+    process cannot inspect (another user's, `_locked`) is taken as held."""
     if run_id in _claimed:
         return True
     if not (checkpoint_dir(run_id) / LOCK_FILE).exists():
@@ -499,6 +624,7 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     if not has_checkpoint(run_id):  # as find_resumable says it, but before any run opens
         raise config.ConfigError(f"resume: run {run_id} has no checkpoint in {checkpoint_dir(run_id)} "
                                  f"(finished runs delete theirs)")
+    _check_writable_checkpoint(run_id)
     return trained_on
 
 
