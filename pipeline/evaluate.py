@@ -8,6 +8,7 @@ Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`, `t
         `confusion_matrix.csv`, `confusion_matrix.png`, `predictions.png` (sample test images with predicted and
         true labels, the seed's prediction demo).
 Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`.
+Register runs `run` too, in an evaluate run of its own, to score a champion on a challenger's test data.
 """
 
 from __future__ import annotations
@@ -92,13 +93,26 @@ def test_images_in_train(model_uri: str, dataset_uri: str, dataset: Dataset) -> 
     return data.test_images_in_train(x_train, dataset.x_test)
 
 
-def run(cfg: config.Config, model_uri: str, dataset_uri: str) -> dict:
-    """Evaluate inside the active run; return the metrics."""
-    dataset = prepare.load_dataset(dataset_uri)
-    classifier = steps.load_classifier(model_uri)
-    if list(classifier.class_names) != list(dataset.class_names):  # a score against other labels means nothing
+def check_classes(classifier, dataset: Dataset, model_uri: str) -> None:
+    """ConfigError naming `model_uri` where the model was trained on other classes than `dataset` has (a score
+    against other labels means nothing), or is no image classifier that names its classes (a model logged
+    otherwise)."""
+    if not hasattr(classifier, "class_names"):
+        raise config.ConfigError(f"model_uri: {model_uri} is not an image classifier this pipeline logged (a "
+                                 f"{type(classifier).__name__}): evaluate cannot score it")
+    if list(classifier.class_names) != list(dataset.class_names):
         raise config.ConfigError(f"model_uri: {model_uri} was trained on the classes {list(classifier.class_names)}, "
                                  f"the dataset has {list(dataset.class_names)}: give a dataset of its classes")
+
+
+def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Dataset | None = None,
+        classifier=None) -> dict:
+    """Evaluate inside the active run; return the metrics. `dataset` and `classifier`: the dataset at `dataset_uri`
+    and the model at `model_uri`, where the caller has read them already (register, scoring its champion on a
+    challenger's test data, checks both before it opens a run)."""
+    dataset = prepare.load_dataset(dataset_uri) if dataset is None else dataset
+    classifier = steps.load_classifier(model_uri) if classifier is None else classifier
+    check_classes(classifier, dataset, model_uri)
     tta = getattr(classifier, "tta", "none")  # fixed when the model was logged (evaluate.tta of its train run)
     if cfg.evaluate.tta != tta:  # its test_acc must be the served model's, which the registry compares
         print(f"note: evaluate.tta={cfg.evaluate.tta} not applied: {model_uri} was logged with test-time "

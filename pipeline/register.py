@@ -6,7 +6,10 @@ Reads:  a logged model URI `models:/m-...` that evaluate scored (its newest eval
 Writes: a new version of `register.model_name` tagged with its source run id, `test_acc`, the evaluate run and
         the test split's digest and how many of its images the model was trained on; the alias `register.alias`
         (default `champion`) moves to it only if its `test_acc` beats the current holder's on the same test data
-        (or no version holds it), measured on no image it was trained on. A worse model is registered but never
+        (or no version holds it), measured on no image it was trained on. Where the holder was scored on other
+        test data, it is weighed by its model's score on the challenger's (`champion_on_test_data`: an evaluation
+        on it that finished, else one register makes with evaluate's code, an evaluate run nested in this one);
+        where that cannot be had, the alias stays. A worse model is registered but never
         takes the alias, nor does one whose champion's score is unknown (registered by hand, never evaluated),
         nor one whose test_acc counts training images (evaluate's `test_images_in_train`). Run tags record the
         decision.
@@ -17,16 +20,33 @@ Writes: a new version of `register.model_name` tagged with its source run id, `t
         the decision finishes that version rather than registering the model again, and one whose register
         finished registers nothing (a rerun of a `main` that failed after it). The training run gets a
         description naming its data digest if it has none.
-Returns a dict: version, test_acc, previous champion, whether the alias moved, and why.
+Returns a dict: version, test_acc, previous champion (its version, the test_acc and the evaluate run it was weighed
+by), whether the alias moved, and why.
 This module decides and writes the report; reading and writing the registry is `pipeline.tracking.registry`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 
-from pipeline import config
-from pipeline.tracking import TEST_DATA_TAG, cli, describe_train_run, markdown_table, registry, step_run
+from pipeline import config, data
+from pipeline.tracking import (
+    TEST_DATA_TAG,
+    cli,
+    describe_train_run,
+    markdown_table,
+    model_id,
+    open_run,
+    registry,
+    set_tags,
+    step_run,
+    steps,
+)
+
+# Tag on an evaluate run register opened to score a champion on a challenger's test data: `<model name>/<version>`
+RESCORE_TAG = "scores_champion"
 
 
 def per_class_accuracy(metrics: dict[str, float]) -> dict[str, float]:
@@ -52,13 +72,14 @@ def fmt(value: float | None, sign: str = "") -> str:
 
 
 def challenger_report(decision: dict, alias: str, model_uri: str, challenger: registry.Score, champion,
-                      held: registry.Score | None) -> dict:
+                      held: registry.Score | None, registered: registry.Score | None = None) -> dict:
     """The champion-vs-challenger report: both versions, per-class differences, the decision.
 
     Inputs: register's decision dict, the alias, the challenger's model URI and the evaluation it was scored by,
-    the previous champion's ModelVersion (or None) and its score. Each side's per-class accuracies come from the
-    evaluation its test_acc came from; measured on other test splits, they are shown without differences.
-    Output: a JSON-ready dict.
+    the previous champion's ModelVersion (or None) and the score it is weighed by, and, where that is its model's
+    score on the challenger's test data (`champion_on_test_data`), the score it was registered with. Each side's
+    per-class accuracies come from the evaluation its test_acc came from; measured on other test splits, they are
+    shown without differences. Output: a JSON-ready dict.
     """
     champion_metrics = held.metrics if held else {}
     per_class = class_differences(per_class_accuracy(challenger.metrics), per_class_accuracy(champion_metrics))
@@ -71,9 +92,11 @@ def challenger_report(decision: dict, alias: str, model_uri: str, challenger: re
     return {
         "model_name": decision["model_name"], "alias": alias,
         "challenger": {"version": decision["version"], "model_uri": model_uri, "test_acc": decision["test_acc"]},
-        "champion": None if champion is None else {"version": decision["champion_version"],
-                                                   "model_uri": registry.version_model_uri(champion),
-                                                   "test_acc": decision["champion_test_acc"]},
+        "champion": None if champion is None else {
+            "version": decision["champion_version"], "model_uri": registry.version_model_uri(champion),
+            "test_acc": decision["champion_test_acc"], "evaluate_run": held.evaluate_run if held else None,
+            **({"registered_test_acc": registered.test_acc, "registered_test_data": registered.test_data}
+               if registered is not None else {})},
         "test_acc_difference": difference,
         "per_class": per_class.astype(object).where(per_class.notna(), None).to_dict(orient="records"),
         "alias_moved": decision["alias_moved"], "reason": decision["reason"],
@@ -96,6 +119,10 @@ def report_markdown(report: dict) -> str:
         else ["champion", "none", "", f"no version held @{alias}"],
     ], columns=["", "version", "test_acc", "model"])
     text = f"**Champion vs challenger** ({name}): {verdict}\n\n{markdown_table(versions)}"
+    if old and "registered_test_acc" in old:
+        text += (f"\nv{old['version']}'s test_acc is its model's score on the challenger's test data (evaluate run "
+                 f"`{old['evaluate_run']}`); it was registered with {fmt(old['registered_test_acc'])}, measured on "
+                 f"other test data (test split sha256 `{(old['registered_test_data'] or '')[:12]}`).\n")
     if report["per_class"]:
         per_class = pd.DataFrame([[row["class"], fmt(row["champion"]), fmt(row["challenger"]),
                                    fmt(row["difference"], "+")] for row in report["per_class"]],
@@ -108,6 +135,58 @@ def _version(model_version) -> str | None:
     return None if model_version is None else str(model_version.version)
 
 
+def champion_on_test_data(cfg: config.Config, name: str, champion, challenger: registry.Score
+                          ) -> tuple[registry.Score | None, str]:
+    """The score of `champion` (a ModelVersion registered with a score on other test data than `challenger`'s)
+    on the challenger's test data, and how it was had; (None, why not) where it cannot be had.
+
+    Its logged model's newest evaluation of that test split whose evaluate run finished (`registry.model_score`:
+    one an earlier register made, or one the user ran) is the score; without one, evaluate's own `run` scores the
+    model on the dataset the challenger's evaluate run read (its param `dataset_uri`), as the model is served
+    (its test-time augmentation, as at its own evaluation), in an evaluate run nested in the register run, tagged
+    `scores_champion` (`<name>/<version>`): it records the score on the model as any evaluation does, so later
+    registers on that test data find it and score nothing again. Not had, with the reason: the champion's model
+    is not a logged model or cannot be loaded, the challenger's evaluate run names no dataset, the dataset cannot
+    be read or holds other test images now (a file changed since), or its classes are not the model's.
+    """
+    uri = registry.version_model_uri(champion)
+    found = registry.model_score(uri, test_data=challenger.test_data)
+    if found.test_acc is not None:
+        return found, f"its model's evaluation on it by evaluate run {found.evaluate_run}"
+    if model_id(uri) is None:
+        return None, f"its model {uri} is not a logged model models:/m-... that evaluate records a score on"
+    dataset_uri = challenger.dataset_uri
+    if not dataset_uri:
+        return None, f"evaluate run {challenger.evaluate_run} names no dataset_uri to read that test data from"
+    from pipeline import evaluate, prepare  # Keras loads only where a champion is scored
+
+    try:
+        dataset = prepare.load_dataset(dataset_uri)
+        digest = dataset.digest(test_only=True)
+        if digest != challenger.test_data:
+            return None, (f"{dataset_uri} holds other test images now (test split sha256 {digest[:12]}, not "
+                          f"{challenger.test_data[:12]})")
+        classifier = steps.load_classifier(uri)
+        evaluate.check_classes(classifier, dataset, uri)
+        print(f"v{champion.version} holds @{cfg.register.alias} with a score on other test data: scoring its model "
+              f"{uri} on the challenger's test data ({dataset_uri}) to compare on equal data")
+        tta = getattr(classifier, "tta", "none")  # what evaluate scores it with anyway: no note that it differs
+        as_served = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, tta=tta))
+        with open_run("evaluate", experiment=cfg.tracking.experiment,
+                      run_name=f"evaluate-{name}-v{champion.version}",
+                      tags={RESCORE_TAG: f"{name}/{champion.version}"}) as scoring:
+            set_tags({"mlflow.note.content": f"v{champion.version} of `{name}` (`{uri}`) scored on the test data "
+                                             f"of a challenger (`{dataset_uri}`) by the register run that "
+                                             f"weighed them, to compare their test_acc on the same images."})
+            evaluate.run(as_served, uri, dataset_uri, dataset=dataset, classifier=classifier)
+    except (config.ConfigError, data.DataError) as exc:
+        return None, str(exc)
+    made = registry.model_score(uri, evaluate_run=scoring.info.run_id, test_data=challenger.test_data)
+    if made.evaluate_run != scoring.info.run_id:  # it recorded no score on the model: none a later register finds
+        return None, f"evaluate run {scoring.info.run_id} recorded no score on {uri}"
+    return made, f"scored on it by evaluate run {scoring.info.run_id}"
+
+
 def registered_already(name: str, alias: str, model_uri: str, version) -> dict:
     """register's decision where a register finished `version` of `model_uri` with the same score: nothing is
     written to the registry again (the version keeps its report), the register run records why."""
@@ -116,7 +195,8 @@ def registered_already(name: str, alias: str, model_uri: str, version) -> dict:
     reason = (f"v{version.version} registers {model_uri} with this test_acc on the same test data already: not "
               f"registered again; @{alias} is {'on it' if moved else f'on v{holder}' if holder else 'on no version'}")
     decision = {"model_name": name, "version": int(version.version), "test_acc": float(version.tags["test_acc"]),
-                "champion_version": None, "champion_test_acc": None, "alias_moved": moved, "reason": reason}
+                "champion_version": None, "champion_test_acc": None, "champion_evaluate_run": None,
+                "alias_moved": moved, "reason": reason}
     registry.log_decision({"model_uri": model_uri, "register.model_name": name, "register.alias": alias},
                           {"registered_version": str(version.version), "alias_moved": str(moved).lower(),
                            "decision": reason}, decision)
@@ -143,7 +223,17 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     done = None if version else registry.same_score_version(name, model_uri, tags, finished=True)
     if done is not None:  # registered with this score already: a rerun of a main that failed after its register
         return registered_already(name, alias, model_uri, done)
-    if version is not None and _version(champion) == _version(version):
+    resumed = version is not None and _version(champion) == _version(version)
+    registered, how = None, ""  # the champion's registered score, where it is weighed by another, and how had
+    if (champion is not None and champion_acc is not None and not score.in_train and not resumed
+            and not registry.comparable(test_data, held.test_data)):  # scored on other test data: on the challenger's
+        rescored, how = champion_on_test_data(cfg, name, champion, score)
+        if rescored is not None:
+            registered, held, champion_acc = held, rescored, float(f"{rescored.test_acc:.6f}")
+    on_equal_data = "" if registered is None else (
+        f" on this test data ({how}; v{champion.version} was registered with {registered.test_acc:.4f} on other "
+        f"test data, test split sha256 {registered.test_data[:12]})")
+    if resumed:
         moved, reason = True, (f"v{version.version} holds @{alias} already: a register of this model placed it "
                                f"there and was stopped before its report")
     elif score.in_train:  # a score on images it learned is no measure of unseen ones, however it compares
@@ -159,18 +249,25 @@ def run(cfg: config.Config, model_uri: str) -> dict:
                                 f"by hand")
     elif not registry.comparable(test_data, held.test_data):
         moved, reason = False, (f"test_acc {test_acc:.4f} was measured on other test data than v{champion.version}'s "
-                                f"{champion_acc:.4f} (test split sha256 {test_data[:12]} vs {held.test_data[:12]}): "
+                                f"{champion_acc:.4f} (test split sha256 {test_data[:12]} vs {held.test_data[:12]}), "
+                                f"and v{champion.version}'s model could not be scored on this one ({how}): "
                                 f"not comparable, @{alias} kept; register it under another register.model_name, or "
                                 f"move @{alias} to it by hand")
+    elif registered is not None and held.in_train:  # the champion's score on these images is none on unseen ones
+        moved, reason = False, (f"v{champion.version}'s model scored {champion_acc:.4f}{on_equal_data}, counting "
+                                f"{held.in_train} test images it was trained on (the same pixels in its training "
+                                f"split): not a score on unseen images to weigh test_acc {test_acc:.4f} against, "
+                                f"@{alias} kept; move @{alias} to it by hand")
     elif test_acc > champion_acc:
-        moved, reason = True, f"test_acc {test_acc:.4f} beats v{champion.version}'s {champion_acc:.4f}"
+        moved, reason = True, f"test_acc {test_acc:.4f} beats v{champion.version}'s {champion_acc:.4f}{on_equal_data}"
     else:
-        moved, reason = False, f"test_acc {test_acc:.4f} does not beat v{champion.version}'s {champion_acc:.4f}"
+        moved, reason = False, (f"test_acc {test_acc:.4f} does not beat v{champion.version}'s "
+                                f"{champion_acc:.4f}{on_equal_data}")
     decision = {"model_name": name, "version": None, "test_acc": test_acc,
                 "champion_version": int(champion.version) if champion else None, "champion_test_acc": champion_acc,
-                "alias_moved": None, "reason": reason}
+                "champion_evaluate_run": held.evaluate_run if held else None, "alias_moved": None, "reason": reason}
     if version is None:  # created with its report, the alias still to place: no kill leaves a bare version
-        pending = challenger_report(decision, alias, model_uri, score, champion, held)
+        pending = challenger_report(decision, alias, model_uri, score, champion, held, registered)
         version = registry.register_version(model_uri, name, {**tags, **registry.report_tags(pending)},
                                             description=report_markdown(pending))
     if moved and _version(registry.current_champion(name, alias)) == _version(champion):
@@ -186,7 +283,7 @@ def run(cfg: config.Config, model_uri: str) -> dict:
                            "decision": reason}, decision)
     if score.source_run:  # before the report, whose decision tag marks the version finished: nothing may fail after
         describe_train_run(score.source_run)  # a no-op where the training run already has one
-    report = challenger_report(decision, alias, model_uri, score, champion, held)
+    report = challenger_report(decision, alias, model_uri, score, champion, held, registered)
     registry.record_report(report, report_markdown(report))
     print(f"registered {name} v{version.version}: {'@' + alias + ' moved' if moved else 'alias kept'} ({reason})")
     return decision

@@ -893,3 +893,134 @@ def test_a_score_on_test_images_the_model_trained_on_takes_no_alias(store):
     assert registry.settle_alias("cifar10-resnet", "champion", "a" * 64, 0) == "2"
     client.delete_registered_model_alias("cifar10-resnet", "champion")
     assert registry.settle_alias("cifar10-resnet", "champion", "a" * 64, 0) == "2"
+
+
+
+def main_run(in_process, epochs: str, overrides: str, code: int = 0):
+    """`main` on the tiny profile in this process, which must exit `code`."""
+    result = in_process("main", "--params", TINY, "--epochs", epochs,
+                        "--overrides", f"{overrides} tracking.experiment=e2e".strip())
+    assert result.returncode == code, result.stderr[-3000:]
+    return result
+
+
+def test_a_champion_scored_on_other_test_data_is_scored_on_the_challengers_to_compare(store, in_process, monkeypatch):
+    """A first register of a smoke run scored on a `data.max_test` subset held @champion for good: every later model
+    scored on the whole split was "not comparable". Register now scores the champion's model on the challenger's
+    test data (evaluate's own code, with the champion's test-time augmentation), logs that evaluation, compares on
+    it, and a later register on that data reuses it instead of scoring again. A register stopped while it scores
+    leaves no version, and its rerun scores again."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    main_run(in_process, "1", "data.max_test=64 evaluate.tta=flip")  # v1, flip TTA, scored on 64 test images
+    v1 = client.get_model_version("cifar10-resnet", "1")
+    champion_uri = registry.version_model_uri(v1)
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+
+    scoring = evaluate.run
+
+    def stopped_while_scoring_the_champion(cfg, model_uri, *args, **kwargs):
+        if model_uri == champion_uri:
+            raise KeyboardInterrupt
+        return scoring(cfg, model_uri, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "run", stopped_while_scoring_the_champion)
+    main_run(in_process, "2", "", code=130)  # v2's model, scored on all 256 test images, without TTA
+    assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 1  # nothing registered
+    (killed,) = experiment_runs(client, "tags.scores_champion = 'cifar10-resnet/1'")
+    assert killed.info.status == "KILLED"
+    monkeypatch.setattr(evaluate, "run", scoring)
+    main_run(in_process, "2", "")  # the rerun goes on from the trained model: evaluates, scores v1 again, registers
+    v2 = client.get_model_version("cifar10-resnet", "2")
+    assert v1.tags["test_data_sha256"] != v2.tags["test_data_sha256"]
+    (register_run,) = experiment_runs(client, "tags.step = 'register' and tags.registered_version = '2'")
+    decision = mlflow.artifacts.load_dict(f"runs:/{register_run.info.run_id}/decision.json")
+    assert "not comparable" not in decision["reason"], decision
+    # the champion's model scored on v2's test data, in an evaluate run nested in the register run
+    (rescore,) = experiment_runs(client, f"tags.`mlflow.parentRunId` = '{register_run.info.run_id}'")
+    assert rescore.info.status == "FINISHED" and rescore.data.tags["step"] == "evaluate"
+    assert rescore.data.tags["scores_champion"] == "cifar10-resnet/1"
+    assert rescore.data.tags["test_data_sha256"] == v2.tags["test_data_sha256"]
+    assert rescore.data.params["model_uri"] == champion_uri
+    assert rescore.data.params["evaluate.tta"] == "flip"  # as the champion is served and was first scored
+    assert rescore.data.metrics["test_images"] == 256 and rescore.data.metrics["test_images_in_train"] == 0
+    champion_acc = float(f"{rescore.data.metrics['test_acc']:.6f}")
+    assert decision["champion_version"] == 1 and decision["champion_test_acc"] == champion_acc
+    assert decision["champion_evaluate_run"] == rescore.info.run_id
+    assert decision["alias_moved"] == (decision["test_acc"] > champion_acc), decision
+    assert f"v1's {champion_acc:.4f} on this test data (scored on it by evaluate run {rescore.info.run_id}; v1 was " \
+           f"registered with {float(v1.tags['test_acc']):.4f} on other test data" in decision["reason"]
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == (
+        "2" if decision["alias_moved"] else "1")
+    report = mlflow.artifacts.load_dict(f"runs:/{register_run.info.run_id}/champion_vs_challenger.json")
+    assert report["test_acc_difference"] == pytest.approx(decision["test_acc"] - champion_acc, abs=1e-6)
+    assert report["champion"]["registered_test_acc"] == float(v1.tags["test_acc"])
+    assert v2.tags["champion_evaluate_run_id"] == rescore.info.run_id
+    assert "v1's test_acc is its model's score on the challenger's test data" in v2.description
+    assert client.get_model_version("cifar10-resnet", "1").tags == v1.tags  # it keeps the score it was registered with
+
+    # Rolled back to v1 by hand: a later challenger on v2's test data is weighed by that evaluation, none made again
+    client.set_registered_model_alias("cifar10-resnet", "champion", "1")
+    later = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}, v2.tags["test_data_sha256"]))
+    assert later["champion_test_acc"] == champion_acc and later["champion_evaluate_run"] == rescore.info.run_id
+    assert f"by evaluate run {rescore.info.run_id}" in later["reason"] and not later["alias_moved"], later
+    assert len(experiment_runs(client, "tags.scores_champion = 'cifar10-resnet/1'")) == 2  # the killed one, that one
+
+
+def test_a_champion_that_cannot_be_scored_on_the_challengers_test_data_keeps_the_alias_saying_why(
+        store, tmp_path, monkeypatch):
+    """Where the champion's model cannot be scored on the challenger's test data (no dataset named, one unreadable
+    or changed since, a model evaluate cannot score), the alias stays as before and the decision says why; no
+    evaluate run is opened. Scores on the same test data are compared as they are: nothing is scored again."""
+    from pipeline import data
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))  # v1, a stand-in: not loadable
+    dataset = data.make_synthetic(n_train=16, n_test=40)
+    dataset.save(tmp_path / "other.npz")
+    digest = dataset.digest(test_only=True)
+    missing = f"runs:/{'0' * 32}/dataset/dataset.npz"
+    whys = {
+        None: "names no dataset_uri to read that test data from",
+        (missing, "b" * 64): f"dataset_uri: cannot read {missing}",
+        (str(tmp_path / "other.npz"), "c" * 64): f"{tmp_path / 'other.npz'} holds other test images now (test split "
+                                                 f"sha256 {digest[:12]}, not cccccccccccc)",
+        (str(tmp_path / "other.npz"), digest): "is not an image classifier this pipeline logged (a Echo)",
+    }
+    for where, why in whys.items():
+        with mlflow.start_run(experiment_id=experiment_id):
+            uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
+        dataset_uri, test_data = where or (None, "d" * 64)
+        with mlflow.start_run(experiment_id=experiment_id):
+            steps.log_evaluation({"model_uri": uri, **({"dataset_uri": dataset_uri} if dataset_uri else {})},
+                                 {"test_acc": 0.9}, uri, test_data)
+        decision = registered(experiment_id, uri)
+        assert not decision["alias_moved"] and "not comparable, @champion kept" in decision["reason"], decision
+        assert "v1's model could not be scored on this one (" in decision["reason"] and why in decision["reason"]
+    assert experiment_runs(MlflowClient(), "tags.scores_champion = 'cifar10-resnet/1'") == []
+    assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored again on the same test data")
+
+    monkeypatch.setattr(register, "champion_on_test_data", never)
+    decision = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.6}))
+    assert decision["alias_moved"] and decision["reason"] == "test_acc 0.6000 beats v1's 0.5000", decision
+
+
+def test_a_dead_mains_register_leaves_no_evaluation_of_its_champion_running(store):
+    """A main killed (SIGKILL) while its register scored the champion left that nested evaluate run RUNNING for
+    good: the next main ends it KILLED with the dead main's steps."""
+    from pipeline.tracking import resume
+
+    experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    dead = mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}).info.run_id
+    step = mlflow.start_run(nested=True, experiment_id=experiment_id, tags={"step": "register"}).info.run_id
+    scoring = mlflow.start_run(nested=True, experiment_id=experiment_id, tags={"step": "evaluate"}).info.run_id
+    for _ in range(3):
+        mlflow.end_run("RUNNING")
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as rerun:
+        resume.end_dead_main(MlflowClient(), dead, tag="ended_by")
+    for run_id in (dead, step, scoring):
+        run = MlflowClient().get_run(run_id)
+        assert (run.info.status, run.data.tags.get("ended_by")) == ("KILLED", rerun.info.run_id)

@@ -1,14 +1,16 @@
 """The Model Registry side of the tracking layer: what `register` reads and writes.
 
 `model_score` reads one evaluation of a logged model (evaluate logs test_acc, per-class scores and the test split's
-digest for it); `model_test_acc` the newest, for register; `version_score` that of a registered version;
+digest for it), of any test split or of one (a champion's score on a challenger's test data); `model_test_acc` the
+newest, for register; `version_score` that of a registered version;
 `current_champion` finds the version holding an alias; `register_version` adds a version;
 `same_score_version` finds the version a register of the same model and score wrote;
 `move_alias` and `settle_alias` place the alias; `log_decision` and `record_report` store
 the decision and the champion-vs-challenger report on the register run and the version.
 Versions are MLflow `ModelVersion` entities: register reads their `version`, `tags`, `model_id`
 and `source` only; register tags each with `test_acc`, `run_id`, `evaluate_run_id`, `test_data_sha256` and
-`test_images_in_train`.
+`test_images_in_train`, and with its report's `champion_version`, `champion_evaluate_run_id`, `test_acc_difference`,
+`alias_moved` and `decision`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pipeline import config
 from pipeline.tracking import TEST_DATA_TAG, finished_run, latest_metrics, model_id
 
 EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose score register compared
+CHAMPION_EVALUATE_RUN_TAG = "champion_evaluate_run_id"  # on a version: that of the champion's score it was weighed by
 DECISION_TAG = "decision"  # on a version: why the alias moved or not; written last, when register is done
 # evaluate's metric, and a version's tag: how many of the test images its test_acc counts the model was trained on
 IN_TRAIN = "test_images_in_train"
@@ -35,14 +38,16 @@ DESCRIPTION_CHARS = 5000  # MLflow's column for a version's description: Postgre
 @dataclasses.dataclass(frozen=True)
 class Score:
     """One evaluation of a logged model, as evaluate recorded it: `test_acc` (None: never evaluated), every metric
-    of that evaluate run on the model (`test_acc_<class>` too), the digest of its test split, the evaluate run
-    and the run that trained the model."""
+    of that evaluate run on the model (`test_acc_<class>` too), the digest of its test split, the evaluate run,
+    the run that trained the model and the dataset URI the evaluate run read (its param `dataset_uri`; None where
+    it records none)."""
 
     test_acc: float | None
     metrics: dict[str, float]
     test_data: str | None = None
     evaluate_run: str | None = None
     source_run: str | None = None
+    dataset_uri: str | None = None
 
     @property
     def in_train(self) -> int | None:
@@ -50,27 +55,32 @@ class Score:
         return int(self.metrics[IN_TRAIN]) if IN_TRAIN in self.metrics else None
 
 
-def model_score(model_uri: str | None, *, tagged_acc: str | None = None, evaluate_run: str | None = None) -> Score:
+def model_score(model_uri: str | None, *, tagged_acc: str | None = None, evaluate_run: str | None = None,
+                test_data: str | None = None) -> Score:
     """The evaluation of the logged model `models:/m-...` that `evaluate_run` made; else the newest whose
     test_acc, as register tags it (6 decimals), is `tagged_acc`; else the newest. Each evaluate run logs its
     metrics on the model, so one evaluation's metrics never mix with another's (a class absent from a later,
-    smaller test split keeps no score from an earlier one). Score(None, {}) for an unknown or unevaluated model."""
+    smaller test split keeps no score from an earlier one). With `test_data`, of the evaluations of the test split
+    of that digest only (an evaluate run's tag `test_data_sha256`): the model's score on those test images.
+    Score(None, {}) for an unknown or unevaluated model."""
     found = model_id(model_uri)
     try:
         model = mlflow.get_logged_model(found) if found else None
     except MlflowException:
         model = None  # deleted, or in a store this client cannot see
-    return _evaluation(model, tagged_acc, evaluate_run) if model else Score(None, {})
+    return _evaluation(model, tagged_acc, evaluate_run, test_data) if model else Score(None, {})
 
 
-def _evaluation(model, tagged_acc: str | None = None, evaluate_run: str | None = None) -> Score:
+def _evaluation(model, tagged_acc: str | None = None, evaluate_run: str | None = None,
+                test_data: str | None = None) -> Score:
     """`model_score` of a LoggedModel entity. Only evaluate runs that finished count (`finished_run`): one that
     failed or was killed after scoring (an artifact upload lost), one still running, or one deleted is no evaluation."""
     by_run: dict[str, list] = {}
     for metric in model.metrics or []:
         by_run.setdefault(metric.run_id, []).append(metric)
     runs = {run: found for run, metrics in by_run.items()
-            if any(m.key == "test_acc" for m in metrics) and (found := finished_run(run)) is not None}
+            if any(m.key == "test_acc" for m in metrics) and (found := finished_run(run)) is not None
+            and (test_data is None or found.data.tags.get(TEST_DATA_TAG) == test_data)}
     evaluations = sorted(((max(m.timestamp for m in by_run[run] if m.key == "test_acc"), run,
                            latest_metrics(by_run[run])) for run in runs), key=lambda e: e[0], reverse=True)
     chosen = ([e for e in evaluations if e[1] == evaluate_run]
@@ -81,7 +91,8 @@ def _evaluation(model, tagged_acc: str | None = None, evaluate_run: str | None =
     _, run, metrics = chosen[0]
     # evaluate tags its run with the test split's digest; the model's tag is that of its latest evaluation
     test_data = runs[run].data.tags.get(TEST_DATA_TAG) or (model.tags or {}).get(TEST_DATA_TAG)
-    return Score(float(metrics["test_acc"]), metrics, test_data, run, model.source_run_id)
+    return Score(float(metrics["test_acc"]), metrics, test_data, run, model.source_run_id,
+                 runs[run].data.params.get("dataset_uri", "").strip("'") or None)
 
 
 def model_test_acc(model_uri: str) -> Score:
@@ -234,6 +245,8 @@ def report_tags(report: dict) -> dict[str, str]:
         tags.update(champion_version=str(report["champion"]["version"]),
                     test_acc_difference=f"{report['test_acc_difference']:+.6f}"
                     if report["test_acc_difference"] is not None else "")
+        if report["champion"].get("evaluate_run"):  # the evaluation the champion's test_acc here came from
+            tags[CHAMPION_EVALUATE_RUN_TAG] = report["champion"]["evaluate_run"]
     if report["alias_moved"] is not None:
         tags.update({"alias_moved": str(report["alias_moved"]).lower(), DECISION_TAG: report["reason"]})
     return tags

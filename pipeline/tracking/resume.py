@@ -528,13 +528,17 @@ def trained_before_a_failure(cfg: config.Config, dataset_uri: str) -> tuple[str,
 
 
 def end_dead_main(client: MlflowClient, main: mlflow.entities.Run | str, *, tag: str = "resumed_by") -> None:
-    """End the RUNNING steps of a main whose process died without ending them (its `claim` was free), and the main
-    itself if RUNNING (one `mlflow run` marked FAILED once its step was killed keeps that), KILLED; tag `tag` names
-    the active run that found it dead."""
+    """End the RUNNING steps of a main whose process died without ending them (its `claim` was free), the RUNNING
+    runs nested in those (a register's evaluation of its champion, `pipeline.register.champion_on_test_data`), and
+    the main itself if RUNNING (one `mlflow run` marked FAILED once its step was killed keeps that), KILLED; tag
+    `tag` names the active run that found it dead."""
     main = client.get_run(main) if isinstance(main, str) else main
-    steps = client.search_runs([main.info.experiment_id], f"tags.`mlflow.parentRunId` = '{main.info.run_id}' and "
-                                                          f"attributes.status = 'RUNNING'")
-    steps = [r for r in steps if not _held(r.info.run_id)]  # a train run a live main resumed (`find_resumable`)
+    running = client.search_runs([main.info.experiment_id], "attributes.status = 'RUNNING'",  # nested ones: in it too
+                                 max_results=50_000)  # MLflow's most in one page; its default, 1,000, a team exceeds
+    steps = [r for r in running if r.data.tags.get("mlflow.parentRunId") == main.info.run_id
+             and not _held(r.info.run_id)]  # not a train run a live main resumed (`find_resumable`)
+    ids = {r.info.run_id for r in steps}
+    steps += [r for r in running if r.data.tags.get("mlflow.parentRunId") in ids]  # a register's scoring evaluate run
     _end_killed(client, [*steps, main] if main.info.status == "RUNNING" else steps, tag)
     # only its lock file (a main has no checkpoint), removed before it is released, as a main ending removes its own
     shutil.rmtree(checkpoint_dir(main.info.run_id), ignore_errors=True)
