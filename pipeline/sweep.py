@@ -33,7 +33,9 @@ Writes: one sweep parent run (tag step = 'sweep'; its id is kept in the study's 
         `<study>.register`) registers the best finished trial (by its final val_acc, the first of equals, on
         training images held out: `train.validation_fraction` > 0 is required, so no trial is chosen on the test images
         whose test_acc it reports, and the same for every trial, so none is ranked on a share of other size;
-        register's own rule then applies) and compares the finished trials.
+        register's own rule then applies) and compares the finished trials. Where none finished, the command exits 1
+        with one line (`nothing_finished`), which is also tag `failure_reason` of the sweep run, ended FAILED, and of
+        the run `mlflow run` opened for a command that joined the study or reran it once done.
 The MLflow side of trials (creating, entering, failing and reading their runs) is `pipeline.tracking.trials`.
 """
 
@@ -78,6 +80,7 @@ from pipeline.tracking import (
     open_run,
     set_tags,
     step_run,
+    tag_failure,
     tracking_uri,
     trials,
     unexpected,
@@ -850,17 +853,38 @@ def best_of(done: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
     return max(done, key=lambda t: (t.value, -t.number))
 
 
+STATE_WORDS = {"COMPLETE": "finished", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running", "WAITING": "waiting"}
+
+
+class NoTrialFinished(StepFailed):
+    """No trial of the study finished: nothing to register. The command exits 1 (`run`)."""
+
+
+def nothing_finished(study: optuna.Study) -> str:
+    """The one line of a study none of whose trials finished: the command's `error:` line and tag `failure_reason` of
+    its sweep run, e.g. "no trial of study s-1a2b3c4d finished (2 failed, 1 pruned); nothing registered ..."."""
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    outcome = ", ".join(f"{n} {STATE_WORDS.get(state, state.lower())}" for state, n in counts.items())
+    return (f"no trial of study {study.study_name} finished ({outcome or 'no trials'}); nothing registered: each "
+            f"trial's run says why (tag failure_reason, or pruned_at_epoch)")
+
+
 def register_best(plan: Plan, study: optuna.Study) -> dict:
     """Inside the sweep's parent run: register the best COMPLETE trial, compare the COMPLETE ones,
-    record the trials table; end the parent run FINISHED."""
+    record the trials table; end the parent run FINISHED, or, where no trial finished, FAILED with tag
+    `failure_reason` (`nothing_finished`; the command that opened it, if still on, ends it so itself: `run`)."""
     from pipeline import register
 
-    with trials.parent_run(study.user_attrs["mlflow_parent_run_id"]):
-        results = trial_table(study)
-        done = results[(results["state"] == "COMPLETE") & (results["train_status"] == "FINISHED")]
+    results = trial_table(study)
+    done = results[(results["state"] == "COMPLETE") & (results["train_status"] == "FINISHED")]
+    with trials.parent_run(study.user_attrs["mlflow_parent_run_id"], "FINISHED" if len(done) else "FAILED"):
         best = None if done.empty else done.loc[done[OBJECTIVE].idxmax()]  # rows in trial order: as best_of
         decision, comparison = None, None
-        if best is not None:
+        if best is None:
+            set_tags({"failure_reason": nothing_finished(study)})
+        else:
             best_cfg = plan.load(plan.values(study.trials[int(best["trial"])]), f"trial {best['trial']}")
             with step_run(best_cfg, "register"):
                 decision = register.run(best_cfg, best["model_uri"])
@@ -920,7 +944,7 @@ def worker_command(args: argparse.Namespace, storage: str, study: str) -> list[s
 
 def run(args: argparse.Namespace) -> int:
     """Check everything, join (or start) the study, run its trials here with `workers` processes.
-    Returns the exit status: 0, or 1 if no trial of the study finished."""
+    Returns the exit status: 0, or 1 if no trial of the study finished (said in one line: `no_trial_finished`)."""
     try:
         workers = int(args.workers)
     except ValueError:
@@ -964,9 +988,9 @@ def run(args: argparse.Namespace) -> int:
     if lock:
         adopt_own_run(study)
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # as the run that ended it said
-            print(f"error: study {name} in {safe_url(storage_url)} is done, but none of its {len(study.trials)} "
-                  "trials finished; nothing registered. Pass another -P study= for a new sweep", file=sys.stderr)
-            return 1
+            return no_trial_finished(NoTrialFinished(
+                f"study {name} in {safe_url(storage_url)} is done, but none of its {len(study.trials)} trials "
+                "finished; nothing registered. Pass another -P study= for a new sweep"))
         print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials, registered version "
               f"{lock.user_attrs.get('registered_version')}; pass another -P study= for a new sweep")
         return 0
@@ -976,6 +1000,8 @@ def run(args: argparse.Namespace) -> int:
           f"({plan.sampler_name} sampler, {plan.pruner_name} pruner, {plan.trials} trials); "
           f"{dashboard_hint(storage.url)}", flush=True)  # the driver it opened
     with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.suppress(NoTrialFinished))  # raised below, once the sweep run (entered after
+        #                                                            this, so left first) has ended FAILED with it
         if leads:
             try:
                 parent = stack.enter_context(open_run("sweep", experiment=base.tracking.experiment,
@@ -1022,13 +1048,24 @@ def run(args: argparse.Namespace) -> int:
                 print(f"warning: sweep workers exited with {codes}; the others finished study {name}",
                       file=sys.stderr, flush=True)
             finish(plan, study, storage)  # a no-op: one of the workers has finished the study
+        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # raised inside the sweep run,
+            raise NoTrialFinished(nothing_finished(study))  # where this command leads: it ends FAILED, saying so
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
-        print(f"error: no trial of study {name} finished; nothing registered", file=sys.stderr)
-        return 1
+        return no_trial_finished(NoTrialFinished(nothing_finished(study)))
     best = best_of(done)  # registration's rule, not study.best_trial's (no tie-break)
     print(f"study {name}: best trial {best.number} ({label(best.params)}) {OBJECTIVE} {best.value:.4f}")
     return 0
+
+
+def no_trial_finished(exc: NoTrialFinished) -> int:
+    """Say `exc` (no trial of the study finished) on the console, and in tag `failure_reason` of the run `mlflow run`
+    opened for this command (unless it has one: the sweep run's own, as `_ended_with_reason` ended it); exit status 1.
+    """
+    print(f"error: {exc}", file=sys.stderr)
+    if wrapper := os.environ.get("MLFLOW_RUN_ID"):
+        tag_failure(wrapper, str(exc), exc)
+    return 1
 
 
 def main() -> None:

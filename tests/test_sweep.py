@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import config, sweep
-from pipeline.tracking import Interrupted
+from pipeline.tracking import Interrupted, StepFailed
 from tests.conftest import ROOT, run_module
 
 TINY = "params/tiny.yaml"
@@ -516,16 +516,61 @@ def test_a_study_whose_sweep_run_is_not_in_this_store_or_deleted_is_refused_befo
 
 
 def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_1(store, tmp_path, in_process):
-    """Its first command exits 1 (no trial finished, nothing registered); the rerun said "is done" and exited 0."""
+    """Its first command exits 1 (no trial finished, nothing registered); the rerun said "is done" and exited 0.
+    Each command's own run ends saying why in one line, as every other failing step's does: the sweep run ended
+    FINISHED (under `mlflow run`: FAILED by `mlflow run`, with no reason), and the run `mlflow run` opened for the
+    rerun FAILED with no reason."""
     spec = write_spec(tmp_path, "sweep-diverges", "grid:\n  train.lr: [1.0e+9]\n")  # diverges in its first epoch
     args = ("sweep", "--spec", spec, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}")
     first = in_process(*args)
     assert first.returncode == 1, first.stderr[-2000:]
-    assert "no trial of study" in first.stderr
-    rerun = in_process(*args)
+    (line,) = [line for line in first.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: no trial of study sweep-diverges-") and " finished (1 failed); nothing " in line
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("cifar10-resnet").experiment_id
+    (parent,) = client.search_runs([experiment_id], "tags.step = 'sweep'")
+    assert parent.info.status == "FAILED" and parent.data.tags["failure_reason"] == line.removeprefix("error: ")
+    (trial,) = client.search_runs([experiment_id], "tags.step = 'trial'")
+    assert trial.info.status == "FAILED" and trial.data.tags["failure_reason"].startswith("TrainingDiverged: ")
+
+    wrapper = client.create_run(client.get_experiment_by_name("e2e").experiment_id).info.run_id  # as `mlflow run`
+    rerun = in_process(*args, env={"MLFLOW_RUN_ID": wrapper})
     assert rerun.returncode == 1, rerun.stderr[-2000:]
-    assert "is done, but none of its 1 trials finished; nothing registered" in rerun.stderr
+    (line,) = [line for line in rerun.stderr.splitlines() if line.startswith("error: ")]
+    assert line.endswith("is done, but none of its 1 trials finished; nothing registered. Pass another -P study= "
+                         "for a new sweep")
     assert "registered version" not in rerun.stdout
+    tags = client.get_run(wrapper).data.tags
+    assert tags["failure_reason"] == line.removeprefix("error: ") and tags["step"] == "sweep-worker"
+    assert tags["mlflow.parentRunId"] == parent.info.run_id
+    assert client.get_run(parent.info.run_id).info.status == "FAILED"  # the rerun left it as it was
+
+
+def test_a_worker_that_ends_a_study_none_of_whose_trials_finished_ends_its_sweep_run_failed_saying_why(
+        store, tmp_path, monkeypatch):
+    """The worker that ends the study (a `-P workers=N` command's, another host's, a rerun's after the leader died)
+    enters the sweep run by id to record the trials: it ended it FINISHED, with no reason, whatever the trials did."""
+    spec = write_spec(tmp_path, "sweep-all-fail", "grid:\n  train.lr: [0.1, 0.2]\n")
+    plan = sweep.Plan(spec)
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    parent = client.create_run(experiment_id, tags={"step": "sweep"}).info.run_id  # not active here: another's
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(storage=storage, study_name="all-fail", direction="maximize")
+    sweep.lead(plan, study, parent, experiment_id)
+
+    def fails(cfg, trial):
+        raise StepFailed(f"data.source: unreadable on this host (trial {trial.number})")
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", fails)
+    sweep.work(plan, study, storage)
+    run = client.get_run(parent)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"] == sweep.nothing_finished(study) == (
+        "no trial of study all-fail finished (2 failed); nothing registered: each trial's run says why (tag "
+        "failure_reason, or pruned_at_epoch)")
+    assert run.data.tags["trials_fail"] == "2"
+    assert optuna.load_study(study_name="all-fail.register", storage=storage).user_attrs["registered_version"] is None
 
 
 def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tmp_path):

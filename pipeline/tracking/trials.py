@@ -4,8 +4,8 @@ A trial's run is created as a child of the sweep run (`create_trial_run`) and en
 that claimed the trial (`enter_run`, `end_run`). `fail_trial_runs` ends a dead worker's trial run and
 the runs still open under it FAILED; `end_pruned_train` ends a pruned train run KILLED. `run_tags`,
 `run_status`, `run_stage` and `final_metric` read a run back; `parent_run` re-enters the sweep run where another
-worker opened it; `adopt_wrapper_run` makes the run `mlflow run` opened for a joining command a
-child of the sweep run.
+worker opened it (and ends it: FAILED where no trial finished); `adopt_wrapper_run` makes the run `mlflow run`
+opened for a joining command a child of the sweep run.
 """
 
 from __future__ import annotations
@@ -39,14 +39,16 @@ def end_run(status: str) -> None:
 
 
 @contextlib.contextmanager
-def parent_run(run_id: str) -> Iterator[None]:
-    """Inside run `run_id`: as it is if that run is already active, else entered (nested) for the block."""
+def parent_run(run_id: str, status: str = "FINISHED") -> Iterator[None]:
+    """Inside run `run_id`: as it is if that run is already active (its opener ends it), else entered (nested) for
+    the block and ended with `status` if the block ends without an error."""
     active = mlflow.active_run()
     if active and active.info.run_id == run_id:
         yield
         return
     with mlflow.start_run(run_id=run_id, nested=active is not None):
         yield
+        mlflow.end_run(status)
 
 
 def fail_trial_runs(run_id: str, reason: str) -> None:
