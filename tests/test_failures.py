@@ -1024,3 +1024,20 @@ def test_a_dead_mains_register_leaves_no_evaluation_of_its_champion_running(stor
     for run_id in (dead, step, scoring):
         run = MlflowClient().get_run(run_id)
         assert (run.info.status, run.data.tags.get("ended_by")) == ("KILLED", rerun.info.run_id)
+
+
+def test_a_champion_weighed_by_its_registered_score_names_no_other_evaluation_as_its_source(store):
+    """A champion's registered score whose evaluate run is gone (deleted) was reported as measured by its model's
+    newest evaluation, another (a register's scoring of it on other test data, here): the challenger's tag
+    `champion_evaluate_run_id` and the decision named a run that measured another test_acc on other images."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    v1_model = evaluated_model(experiment_id, {"test_acc": 0.5})  # on test data "a"
+    registered(experiment_id, v1_model)
+    own = client.get_model_version("cifar10-resnet", "1").tags[registry.EVALUATE_RUN_TAG]
+    client.delete_run(own)  # its evaluation gone: the version keeps the score it was registered with
+    evaluate_again(experiment_id, v1_model, {"test_acc": 0.7}, "b" * 64)  # its model scored on other test data
+    decision = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.6}))  # on "a" again
+    assert decision["champion_test_acc"] == 0.5 and decision["alias_moved"], decision
+    assert decision["champion_evaluate_run"] is None, decision
+    assert registry.CHAMPION_EVALUATE_RUN_TAG not in client.get_model_version("cifar10-resnet", "2").tags

@@ -118,15 +118,17 @@ def version_model_uri(version) -> str:
 
 def version_score(version) -> Score:
     """A model version's score: its `test_acc` tag (register's, 6 decimals) and the evaluation it came from; for a
-    version registered by hand, without the tag, its logged model's newest evaluation (rounded alike)."""
+    version registered by hand, without the tag, its logged model's newest evaluation (rounded alike). Where no
+    evaluation of the model has the tagged score (its evaluate run deleted), no metrics and no evaluate run: the
+    newest is another score, perhaps on other test data."""
     tags = version.tags or {}
     score = model_score(version_model_uri(version), tagged_acc=tags.get("test_acc"),
                         evaluate_run=tags.get(EVALUATE_RUN_TAG))
     if "test_acc" in tags:
         matched = score.test_acc is not None and f"{score.test_acc:.6f}" == tags["test_acc"]
         return Score(float(tags["test_acc"]), score.metrics if matched else {},
-                     tags.get(TEST_DATA_TAG, score.test_data if matched else None), score.evaluate_run,
-                     score.source_run)
+                     tags.get(TEST_DATA_TAG, score.test_data if matched else None),
+                     score.evaluate_run if matched else None, score.source_run)
     return dataclasses.replace(score, test_acc=None if score.test_acc is None else round(score.test_acc, 6))
 
 
