@@ -28,12 +28,14 @@ This module decides and writes the report; reading and writing the registry is `
 from __future__ import annotations
 
 import dataclasses
+import traceback
 
 import pandas as pd
 
 from pipeline import config, data
 from pipeline.tracking import (
     TEST_DATA_TAG,
+    StepFailed,
     cli,
     describe_train_run,
     markdown_table,
@@ -43,6 +45,8 @@ from pipeline.tracking import (
     set_tags,
     step_run,
     steps,
+    unexpected,
+    unexpected_reason,
 )
 
 # Tag on an evaluate run register opened to score a champion on a challenger's test data: `<model name>/<version>`
@@ -147,7 +151,9 @@ def champion_on_test_data(cfg: config.Config, name: str, champion, challenger: r
     `scores_champion` (`<name>/<version>`): it records the score on the model as any evaluation does, so later
     registers on that test data find it and score nothing again. Not had, with the reason: the champion's model
     is not a logged model or cannot be loaded, the challenger's evaluate run names no dataset, the dataset cannot
-    be read or holds other test images now (a file changed since), or its classes are not the model's.
+    be read or holds other test images now (a file changed since), or its classes are not the model's, or scoring
+    it failed unexpectedly (out of memory, an error of TensorFlow or JAX: its traceback printed, its evaluate run
+    ended FAILED saying why), which would otherwise fail every register until the champion is moved by hand.
     """
     uri = registry.version_model_uri(champion)
     found = registry.model_score(uri, test_data=challenger.test_data)
@@ -179,8 +185,13 @@ def champion_on_test_data(cfg: config.Config, name: str, champion, challenger: r
                                              f"of a challenger (`{dataset_uri}`) by the register run that "
                                              f"weighed them, to compare their test_acc on the same images."})
             evaluate.run(as_served, uri, dataset_uri, dataset=dataset, classifier=classifier)
-    except (config.ConfigError, data.DataError) as exc:
+    except (config.ConfigError, data.DataError, StepFailed) as exc:
         return None, str(exc)
+    except Exception as exc:  # out of memory, an error of TensorFlow or JAX: the register goes on, the alias stays
+        if not unexpected(exc):  # the tracking server failed: so does the register (exit 4), rerun it
+            raise
+        traceback.print_exc()  # where the reason says the traceback is; the scoring run, if opened, ended FAILED
+        return None, unexpected_reason(exc)
     made = registry.model_score(uri, evaluate_run=scoring.info.run_id, test_data=challenger.test_data)
     if made.evaluate_run != scoring.info.run_id:  # it recorded no score on the model: none a later register finds
         return None, f"evaluate run {scoring.info.run_id} recorded no score on {uri}"

@@ -1008,6 +1008,43 @@ def test_a_champion_that_cannot_be_scored_on_the_challengers_test_data_keeps_the
     assert decision["alias_moved"] and decision["reason"] == "test_acc 0.6000 beats v1's 0.5000", decision
 
 
+def test_a_champion_whose_scoring_fails_unexpectedly_keeps_the_alias_and_the_register_goes_on(
+        store, tmp_path, monkeypatch, capsys):
+    """Scoring the champion on the challenger's test data failing unexpectedly (out of memory, an error of TensorFlow
+    or JAX) failed the register before the challenger's version existed, and every rerun the same way: no model
+    could be registered until the champion was moved by hand. Now the register goes on: the alias stays, the decision
+    says why, the traceback prints, and the scoring run ends FAILED with the reason."""
+    from types import SimpleNamespace
+
+    from pipeline import data, evaluate
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))  # v1, on test data "a"
+    dataset = data.make_synthetic(n_train=16, n_test=40)
+    dataset.save(tmp_path / "other.npz")
+    monkeypatch.setattr(steps, "load_classifier", lambda uri: SimpleNamespace(tta="none"))
+    monkeypatch.setattr(evaluate, "check_classes", lambda *args: None)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while scoring")
+
+    monkeypatch.setattr(evaluate, "run", out_of_memory)
+    with mlflow.start_run(experiment_id=experiment_id):
+        uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
+    with mlflow.start_run(experiment_id=experiment_id):
+        steps.log_evaluation({"model_uri": uri, "dataset_uri": str(tmp_path / "other.npz")}, {"test_acc": 0.9}, uri,
+                             dataset.digest(test_only=True))
+    decision = registered(experiment_id, uri)
+    assert not decision["alias_moved"] and decision["version"] == 2, decision
+    assert ("v1's model could not be scored on this one (unexpected RuntimeError: RESOURCE_EXHAUSTED: out of memory "
+            "while scoring" in decision["reason"]), decision
+    assert "Traceback" in capsys.readouterr().err
+    (scoring,) = experiment_runs(MlflowClient(), "tags.scores_champion = 'cifar10-resnet/1'")
+    assert scoring.info.status == "FAILED"
+    assert scoring.data.tags["failure_reason"].startswith("unexpected RuntimeError: RESOURCE_EXHAUSTED")
+    assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+
+
 def test_a_dead_mains_register_leaves_no_evaluation_of_its_champion_running(store):
     """A main killed (SIGKILL) while its register scored the champion left that nested evaluate run RUNNING for
     good: the next main ends it KILLED with the dead main's steps."""
