@@ -216,7 +216,7 @@ def describe_model(m: config.ModelConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", nargs="+", default=["params/tiny.yaml", "params/resnet20.yaml"],
                         help="models to log (default: %(default)s)")
     parser.add_argument("--latency-requests", type=int, default=200, help="one-image calls per path")

@@ -217,7 +217,7 @@ def write_markdown(results: dict, path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed train steps per variant")
     parser.add_argument("--skip-164", action="store_true", help="skip ResNet-164 (~2 min compile each on CPU)")
     parser.add_argument("--gpu-note", default="GPU seconds per epoch are not measured by this script "

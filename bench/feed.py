@@ -102,7 +102,7 @@ def write_markdown(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=10240, help="training images loaded (2%% are held out)")
     parser.add_argument("--epochs", type=int, default=3)

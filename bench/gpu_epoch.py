@@ -186,7 +186,7 @@ def main() -> None:
     # background hands it SIGINT ignored, and then only the SIGKILL after it would end it. Recorded: Keras may
     # swallow it (pipeline.interrupts)
     signal.signal(signal.SIGINT, interrupts.keyboard_interrupt)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params/default.yaml")
     parser.add_argument("--epochs", type=int, default=3)

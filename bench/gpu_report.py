@@ -240,7 +240,7 @@ def report(results: Path, date: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--date", default=datetime.date.today().isoformat(), help="for files that do not say")
     parser.add_argument("--unpack", help="a gpu-results.tar.gz from bench/gpu.sh to extract into --results first")

@@ -129,7 +129,7 @@ def write_markdown(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params/fast.yaml")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--overrides", default="", help="added to every arm's, e.g. train.feed=host")

@@ -86,7 +86,7 @@ def run_sweep(folder: Path, pruner: str, workers: int, epochs: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per trial")
     args = parser.parse_args()
     if args.epochs < 1:

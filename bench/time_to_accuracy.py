@@ -109,7 +109,7 @@ def run_profile(profile: str, data: str, extra: list[str], seed: int | None = No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profiles", default="quick", help="comma-separated params/<name>.yaml files")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--data", default="", help="-P data=... for every run (default: each profile's own)")

@@ -46,8 +46,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 CURVE_METRIC = "val_acc"
 # Columns every table has, after the differing params; `--metric` picks one of the numeric ones.
 RESULT_COLUMNS = ("epochs", "val_acc", "best_val_acc", "test_acc", "wall_s", "images_per_s")
-# Params that identify rather than configure a run; they differ between runs without meaning anything.
-IGNORED_PARAMS = ("dataset_uri",)
+# Params that identify rather than configure a run; they differ between runs without meaning anything: the
+# dataset URI, and the train entry point's own parameters, which `mlflow run . -e train` logs on the run as given
+# (`''` where left out), beside the dotted params they resolve to.
+IGNORED_PARAMS = ("dataset_uri",
+                  *config.read_yaml(config.MLPROJECT, key="MLproject")["entry_points"]["train"]["parameters"])
 # Tags naming what trained a run besides its params (`train_code`: the digest of the training code): a column,
 # shortened, where they differ between the runs, as the same params under other code are another experiment.
 PROVENANCE_TAGS = ("train_code",)
@@ -70,8 +73,10 @@ def val_acc_history(run_id: str) -> pd.Series:
 
 
 def differing_params(runs: pd.DataFrame) -> list[str]:
-    """`params.*` columns whose values are not the same in every run (missing counts as a value)."""
-    columns = [c for c in runs.columns if c.startswith("params.") and c.removeprefix("params.") not in IGNORED_PARAMS]
+    """`params.*` columns whose values are not the same in every run (missing counts as a value), sorted, so that
+    every comparison of the same runs has its columns in the same order."""
+    columns = sorted(c for c in runs.columns
+                     if c.startswith("params.") and c.removeprefix("params.") not in IGNORED_PARAMS)
     return [c for c in columns if runs[c].astype("string").fillna("<unset>").nunique() > 1]
 
 

@@ -73,12 +73,17 @@ class Distribution:
         partial last batch, smaller than the replicas) normalises nothing: BatchNormalization's batch mean
         over no image is NaN, which reaches the moving statistics; val_loss goes NaN after the first epoch and
         the run stops as 'diverged' (on TensorFlow's CPU devices, oneDNN's conv on an empty batch fails first).
-        Ghost batch norm cuts each replica's slice, not the global batch, into ghost batches."""
+        Ghost batch norm cuts each replica's slice, not the global batch, into ghost batches.
+        JAX's DataParallel shards every batch evenly over its devices: a batch, the epoch's partial last batch or
+        validation's last batch that is no multiple of the devices fails inside `fit` (jax's IndivisibleError)."""
         replicas = self.replicas
-        if self.strategy is None or replicas < 2:  # JAX's DataParallel: one program over the global batch
+        if replicas < 2:
             return
         where = f"{replicas} replicas ({self.mode} over {', '.join(self.devices)}" + \
             (f", {self.workers} hosts)" if self.cluster else ")")
+        if self.strategy is None:  # JAX's DataParallel
+            self._check_even_batches(batch_size, drop_remainder, train_images, val_images, where)
+            return
         if batch_size < replicas:
             raise ConfigError(f"train.batch_size: {batch_size} is split over {where}: some would train on empty "
                               f"slices; use a batch of at least {replicas}")
@@ -98,6 +103,23 @@ class Distribution:
                               f"the {val_images} images, split over {where}: TensorFlow's CPU convolution fails "
                               f"on a replica's empty slice. Use a batch size that leaves at least {replicas} "
                               f"validation images or none")
+
+    def _check_even_batches(self, batch_size: int, drop_remainder: bool, train_images: int, val_images: int,
+                            where: str) -> None:
+        """ConfigError for a batch keras.distribution.DataParallel cannot shard evenly over its devices."""
+        replicas = self.replicas
+        even = f"which keras.distribution.DataParallel cannot split evenly over {where}"
+        if batch_size % replicas:
+            raise ConfigError(f"train.batch_size: {batch_size}, {even}: use a multiple of {replicas}")
+        last = 0 if drop_remainder else train_images % batch_size
+        if last % replicas:
+            raise ConfigError(f"train.batch_size: each epoch ends with a batch of {last} of the {train_images} "
+                              f"training images, {even}. Set train.drop_remainder=true, or a batch size that leaves "
+                              f"a multiple of {replicas} images")
+        if val_images % batch_size % replicas:
+            raise ConfigError(f"train.batch_size: validation ends with a batch of {val_images % batch_size} of the "
+                              f"{val_images} images, {even}. Use a batch size that leaves a multiple of {replicas} "
+                              f"validation images")
 
     def scope(self) -> contextlib.AbstractContextManager:
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()

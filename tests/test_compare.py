@@ -380,6 +380,29 @@ def test_runs_trained_by_other_code_are_marked(monkeypatch):
     assert "train_code" not in compare.build_table(runs, histories)
 
 
+def test_the_parameters_mlflow_run_logs_on_a_train_run_are_no_columns(monkeypatch):
+    """`mlflow run . -e train -P params=...` logs its entry point's parameters on the train run as given (`''` where
+    left out): they showed as columns `params`, `data`, `overrides`, `resume` beside the dotted params they resolve
+    to, and `epochs` (`''`) took the place of the epochs column. The differing params come in the same order every
+    time."""
+    import pandas as pd
+
+    from pipeline import compare
+
+    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: ({}, None))
+    entry = {f"params.{k}": ["params/tiny.yaml" if k == "params" else "''", None, None]
+             for k in ("params", "epochs", "data", "overrides", "dataset_uri", "resume")}
+    runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "tags.model_uri": [None] * 3,
+                         "start_time": pd.NaT, "end_time": pd.NaT, **entry,
+                         "params.train.lr": ["0.1", "0.1", "0.2"], "params.model.arch": ["preact"] * 2 + ["resnet9"]})
+    histories = {r: pd.Series({1: 0.5, 2: 0.6, 3: 0.7}) for r in "abc"}
+    table = compare.build_table(runs, histories)
+    assert list(table.columns)[:4] == ["run", "run_id", "model.arch", "train.lr"]
+    assert not {"params", "data", "overrides", "dataset_uri", "resume"} & set(table.columns)
+    assert table["epochs"].tolist() == [3, 3, 3]
+    assert compare.differing_params(runs[list(reversed(runs.columns))]) == ["params.model.arch", "params.train.lr"]
+
+
 def test_test_acc_is_the_models_score_on_the_data_it_trained_on(store):
     """A later evaluation on other test images (a data.max_test subset) was the row's test_acc: compare ranked
     that 0.99 first, over a model that beat it on the whole test split. So was one whose evaluate run failed."""

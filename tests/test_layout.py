@@ -46,3 +46,24 @@ def test_every_requirements_file_pins_the_same_packages():
     assert next(d["pip"] for d in conda if isinstance(d, dict)) == cpu
     gpu = pins((ROOT / "requirements-gpu.txt").read_text().splitlines())
     assert gpu == [p.replace("tensorflow==", "tensorflow[and-cuda]==") for p in cpu] + ["nvidia-ml-py==13.615.71"]
+
+
+def test_every_command_lines_help_opens_with_its_docstrings_whole_first_paragraph():
+    """`python -m bench.multi_gpu --help` opened on half a sentence, "... and whether XLA pays under": the
+    description was the docstring's first line, not its first paragraph."""
+    import re
+    import subprocess
+    import sys
+
+    modules = [p for p in [*(ROOT / "bench").glob("*.py"), *PIPELINE.glob("*.py")]
+               if "description=__doc__" in p.read_text()]
+    assert len(modules) >= 10
+    for path in modules:
+        first = ast.get_docstring(ast.parse(path.read_text())).split("\n\n")[0]
+        if "\n" not in first:
+            continue  # one line: nothing to cut
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        shown = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=120)
+        assert shown.returncode == 0, (module, shown.stderr[-2000:])
+        assert " ".join(first.split()) in re.sub(r"\s+", " ", shown.stdout), (module, shown.stdout[:600])

@@ -228,7 +228,25 @@ def test_batches_every_replica_gets_images_of_are_accepted():
     mirrored().check_batches(64, True, 32, 1024, 256)
     mirrored(devices="GPU").check_batches(32, False, 0, 1024, 257)  # a GPU's conv takes an empty slice
     Distribution("none", ["cpu:0"]).check_batches(32, False, 32, 1025, 257)
-    Distribution("data_parallel", ["cpu:0", "cpu:1"]).check_batches(32, False, 0, 1025, 257)  # one SPMD program
+    Distribution("data_parallel", ["cpu:0", "cpu:1"]).check_batches(32, False, 0, 1026, 258)  # even last batches
+    Distribution("data_parallel", ["cpu:0", "cpu:1"]).check_batches(32, True, 0, 1025, 256)  # the odd one dropped
+
+
+@pytest.mark.parametrize(("batch", "drop", "train", "val", "message"), [
+    (33, True, 1056, 264, "train.batch_size: 33, which keras.distribution.DataParallel cannot split evenly over 2 "
+                          "replicas (data_parallel over cpu:0, cpu:1): use a multiple of 2"),
+    (32, False, 1025, 256, "each epoch ends with a batch of 1 of the 1025 training images"),
+    # 251 test images validated in batches of 32 (tiny.yaml, data.synthetic_test=251): jax's IndivisibleError
+    # traceback in the last validation batch of the first epoch, "dimension size is 27"
+    (32, False, 1024, 251, "validation ends with a batch of 27 of the 251 images"),
+])
+def test_a_batch_jaxs_data_parallel_cannot_split_evenly_is_a_param_error(batch, drop, train, val, message):
+    from pipeline.config import ConfigError
+    from pipeline.distribute import Distribution
+
+    with pytest.raises(ConfigError) as error:
+        Distribution("data_parallel", ["cpu:0", "cpu:1"]).check_batches(batch, drop, 0, train, val)
+    assert message in str(error.value)
 
 
 # TensorFlow's messages as two local hosts got them (2026-12-05): worker 1 killed in a compiled train step, and in an
