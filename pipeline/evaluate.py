@@ -25,6 +25,7 @@ import pandas as pd
 from pipeline import config, data, prepare
 from pipeline.data import Dataset
 from pipeline.tracking import artifact_dir, cli, step_run, steps
+from pipeline.tracking.resume import step_lock
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -146,7 +147,8 @@ def main() -> None:
     args = config.entry_point_parser("evaluate", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
     prepare.check_dataset_uri(args.dataset_uri)
-    with step_run(cfg, "evaluate"):
+    with step_lock() as hold, step_run(cfg, "evaluate") as step:
+        hold(step)  # killed, it is left for the next main to end
         run(cfg, args.model_uri, args.dataset_uri)
 
 

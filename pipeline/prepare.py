@@ -31,6 +31,7 @@ from pipeline.tracking import (
     step_run,
     steps,
 )
+from pipeline.tracking.resume import step_lock
 
 DATASET_ARTIFACT = steps.DATASET_ARTIFACT
 
@@ -120,7 +121,8 @@ def main() -> None:
     args = config.entry_point_parser("prepare", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, data=args.data)
     data.source_digest(cfg.data.source)  # a missing path fails here, before any run is opened
-    with step_run(cfg, "prepare"):
+    with step_lock() as hold, step_run(cfg, "prepare") as step:
+        hold(step)  # killed, it is left for the next main to end
         run(cfg)
 
 

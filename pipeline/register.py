@@ -48,6 +48,7 @@ from pipeline.tracking import (
     unexpected,
     unexpected_reason,
 )
+from pipeline.tracking.resume import step_lock
 
 # Tag on an evaluate run register opened to score a champion on a challenger's test data: `<model name>/<version>`
 RESCORE_TAG = "scores_champion"
@@ -304,7 +305,8 @@ def main() -> None:
     args = config.entry_point_parser("register", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
     registry.model_test_acc(args.model_uri)  # a wrong URI or an unevaluated model fails before a run is opened
-    with step_run(cfg, "register"):
+    with step_lock() as hold, step_run(cfg, "register") as step:
+        hold(step)  # killed, it is left for the next main to end
         run(cfg, args.model_uri)
 
 

@@ -431,6 +431,48 @@ def test_a_pipeline_killed_after_training_is_gone_on_from_and_its_runs_end_kille
     assert not lock.parent.exists()
 
 
+def test_a_step_run_on_its_own_and_killed_is_ended_by_the_next_main(store):
+    """A step run on its own (`mlflow run . -e register`, `python -m pipeline.evaluate`) killed by SIGKILL left its run,
+    and a register's evaluation of its champion nested in it, RUNNING for good: no main was there to end them. Such a
+    step holds its run as a main does (`step_lock`), so the next main ends both KILLED; a live one is left alone, and
+    one that ends removes its lock folder."""
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    script = ("import sys, time, mlflow\n"
+              "from pipeline.tracking.resume import step_lock\n"
+              f"with step_lock() as hold, mlflow.start_run(experiment_id='{experiment_id}', "
+              "tags={'step': 'register'}) as step:\n"
+              "    hold(step)\n"
+              f"    nested = mlflow.start_run(nested=True, experiment_id='{experiment_id}',\n"
+              "                              tags={'step': 'evaluate'})\n"
+              "    print(step.info.run_id, nested.info.run_id, flush=True)\n"
+              "    time.sleep(float(sys.argv[1]))\n"
+              "    mlflow.end_run()\n")
+    steps = {}
+    for name, seconds in (("killed", 120), ("live", 120), ("ended", 0)):
+        steps[name] = subprocess.Popen([sys.executable, "-c", script, str(seconds)], cwd=ROOT, env=store,
+                                       stdout=subprocess.PIPE, text=True)
+        steps[name].ids = steps[name].stdout.readline().split()
+    try:
+        assert steps["ended"].wait(timeout=60) == 0
+        assert not resume.checkpoint_dir(steps["ended"].ids[0]).exists()  # a step that ends leaves no lock
+        assert (resume.checkpoint_dir(steps["killed"].ids[0]) / resume.LOCK_FILE).exists()
+        steps["killed"].kill()
+        steps["killed"].wait()
+        with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as rerun:
+            resume.remove_stale_locks()
+        status = {r.info.run_id: (r.info.status, r.data.tags.get("ended_by")) for r in experiment_runs(client)}
+        assert [status[r] for r in steps["killed"].ids] == [("KILLED", rerun.info.run_id)] * 2
+        assert [status[r] for r in steps["live"].ids] == [("RUNNING", None)] * 2
+        assert not resume.checkpoint_dir(steps["killed"].ids[0]).exists()
+    finally:
+        for process in steps.values():
+            process.kill()
+            process.wait()
+
+
 def test_a_main_killed_in_any_step_has_its_runs_ended_killed_by_the_next_main(store, monkeypatch):
     """A main killed (SIGKILL, the OOM killer) in prepare, or in train before its first checkpoint, left itself and
     that step RUNNING for good: only a rerun going on from a trained model or a checkpoint ended them. The next main

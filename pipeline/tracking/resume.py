@@ -247,18 +247,20 @@ def _store_of(folder: Path) -> str:
 
 
 def remove_stale_locks() -> None:
-    """Remove the folders in `checkpoint_root` that hold a lock file alone, no live process's: left by a process
-    killed (SIGKILL, the OOM killer) before its first checkpoint, or by a killed `main`, whose folder only ever holds
-    its lock: that main's runs left RUNNING (itself, the step it was in: prepare, train, evaluate, register) end KILLED
-    (`end_dead_main`), else nothing would ever end them, as does a train run killed before its first checkpoint
-    (`python -m pipeline.train` alone: no main to end it). The folders' runs are read in one search, not one call each
-    (200 folders: ~2 s from a tracking server on this host). Only this store's folders (`_store_of`): another store's
-    (two `MLFLOW_TRACKING_URI` sharing `PIPELINE_CHECKPOINT_DIR`) are left to that store's next main, the only one
-    that can end their runs. A folder that holds only the temporary file of a process killed in `_new_lock` is taken
-    as lock-only (`_claim_unnamed`). Empty folders are removed (on NFS a lock file removed while open stays as a
-    `.nfs*` file until released, and keeps its folder). In a folder several users share, another user's folder that
-    this process may not list, or whose lock it may not inspect (`_locked`), is left alone, never taken for dead; a
-    dead one it may not remove has its runs ended all the same and stays, for a main of a user who may remove it."""
+    """Remove the folders in `checkpoint_root` that hold a lock file alone, no live process's: left by a process killed
+    (SIGKILL, the OOM killer) before its first checkpoint, or by a killed `main`, whose folder only ever holds its
+    lock: that main's runs left RUNNING (itself, the step it was in: prepare, train, evaluate, register) end KILLED
+    (`end_dead_main`), else nothing would ever end them, as do those of a step run on its own (`step_lock`: prepare,
+    evaluate, register; a register's evaluation of its champion too), as does a train run killed before its first
+    checkpoint (`python -m pipeline.train` alone: no main to end it). The folders' runs are read in one search, not
+    one call each (200 folders: ~2 s from a tracking server on this host). Only this store's folders (`_store_of`):
+    another store's (two `MLFLOW_TRACKING_URI` sharing `PIPELINE_CHECKPOINT_DIR`) are left to that store's next
+    main, the only one that can end their runs. A folder that holds only the temporary file of a process killed in
+    `_new_lock` is taken as lock-only (`_claim_unnamed`). Empty folders are removed (on NFS a lock file removed
+    while open stays as a `.nfs*` file until released, and keeps its folder). In a folder several users share,
+    another user's folder that this process may not list, or whose lock it may not inspect (`_locked`), is left
+    alone, never taken for dead; a dead one it may not remove has its runs ended all the same and stays, for a main
+    of a user who may remove it."""
     root, ours = checkpoint_root(), _store()
     try:
         entries = list(root.iterdir())
@@ -280,7 +282,7 @@ def remove_stale_locks() -> None:
         if run is None and unnamed.get(folder) == "":  # its store unknown: another store's run, left to its main
             release(folder.name)
             continue
-        if run is not None and run.data.tags.get("step") == "main":
+        if run is not None and run.data.tags.get("step") != "train":  # a main, or a step run on its own (`step_lock`)
             end_dead_main(client, run, tag="ended_by")
             continue
         if run is not None and run.info.status == "RUNNING":  # a train killed before its first checkpoint (under
@@ -565,6 +567,22 @@ def main_lock() -> Iterator[Callable[[str], object]]:
             if not lost:
                 shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)
             release(run_id)
+
+
+@contextlib.contextmanager
+def step_lock() -> Iterator[Callable[[mlflow.ActiveRun], None]]:
+    """For a step run on its own (`mlflow run . -e register`, `python -m pipeline.evaluate`; not under a main, whose
+    lock stands for its steps), entered before its run opens: yields `hold`, which holds the run for this process as
+    `main_lock` holds a main's, so that the next main ends it KILLED (and the runs nested in it: a register's
+    evaluation of its champion) if this process is killed (SIGKILL, the OOM killer) before it ends; they stayed
+    RUNNING for good. Best effort: a checkpoint folder this user may not write (these steps write no checkpoint, and
+    never asked for one) leaves the run unheld, as before."""
+    with main_lock() as hold:
+        def hold_step(step: mlflow.ActiveRun) -> None:
+            with contextlib.suppress(OSError):
+                hold(step.info.run_id)
+
+        yield hold_step
 
 
 def _end_killed(client: MlflowClient, runs: list[mlflow.entities.Run], tag: str) -> None:
