@@ -464,6 +464,41 @@ def register_after_barrier(uri: str, experiment_id: str, model_uri: str, barrier
         decisions.put(register.run(config.load(TINY), model_uri))
 
 
+def test_two_registers_placing_an_alias_no_version_holds_both_place_it(store, monkeypatch):
+    """Where no version held the alias, two registers placing it at once could both insert it (MLflow's SQL store
+    reads, then inserts): the second insert failed as a duplicate (sqlite3.IntegrityError: UNIQUE constraint failed:
+    registered_model_aliases...) and took its whole `main` down, once in CI's three runs started together. The
+    refused one now sets it again, which updates it; any other error still fails."""
+    from mlflow.exceptions import MlflowException
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    for acc in (0.5, 0.6):
+        registry.register_version(evaluated_model(experiment_id, {"test_acc": acc}), "cifar10-resnet",
+                                  {"test_acc": f"{acc:.6f}"})
+    real = MlflowClient.set_registered_model_alias
+    calls = []
+
+    def raced(self, name, alias, version):
+        calls.append(version)
+        if len(calls) == 1:  # the other register's insert lands first; this one's is refused
+            real(self, name, alias, "1")
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases."
+                                  "workspace, registered_model_aliases.name, registered_model_aliases.alias")
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", raced)
+    registry.move_alias("cifar10-resnet", "champion", "2")
+    assert calls == ["2", "2"]
+    assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
+
+    def refused(self, name, alias, version):
+        raise MlflowException("the tracking store went away")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refused)
+    with pytest.raises(MlflowException, match="went away"):
+        registry.move_alias("cifar10-resnet", "champion", "1")
+
+
 def test_racing_registers_leave_the_alias_on_the_best_version(store):
     experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
     models = {}

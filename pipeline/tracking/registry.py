@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import mlflow
 from mlflow import MlflowClient
@@ -193,8 +194,17 @@ def same_score_version(name: str, model_uri: str, tags: dict[str, str], *, finis
 
 
 def move_alias(name: str, alias: str, version: str | int) -> None:
-    """Point `alias` of registered model `name` at `version`."""
-    MlflowClient().set_registered_model_alias(name, alias, version)
+    """Point `alias` of registered model `name` at `version`. Where no version holds it, two registers placing it at
+    once can both insert it (MLflow's SQL store reads, then inserts): the one whose insert the database refuses as a
+    duplicate sets it again, which updates it (`settle_alias` then weighs the two versions)."""
+    client = MlflowClient()
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except MlflowException as exc:
+        if not re.search(r"unique constraint|IntegrityError|UniqueViolation|duplicate key", str(exc.message),
+                         re.IGNORECASE):
+            raise
+        client.set_registered_model_alias(name, alias, version)
 
 
 def comparable(a: str | None, b: str | None) -> bool:
