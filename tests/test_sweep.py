@@ -693,7 +693,9 @@ def test_a_killed_worker_of_several_is_a_warning_once_the_others_finish_the_stud
 def test_a_sweep_of_several_workers_stopped_by_sigterm_stops_its_workers(store, tmp_path):
     """`kill` (or `timeout`) sent SIGTERM to the command alone: it said "interrupted", exited 143, and its worker
     processes went on with every trial and registered the best as @champion."""
-    spec = write_spec(tmp_path, "sweep-stopped", "grid:\n  train.lr: [0.05, 0.1]\n")
+    # trials long enough to be caught in: on an idle machine 3 tiny epochs ended, and a version was registered,
+    # before the poll below saw both trials running
+    spec = write_spec(tmp_path, "sweep-stopped", "grid:\n  train.lr: [0.05, 0.1]\n  train.epochs: [100]\n")
     cmd = [sys.executable, "-m", "pipeline.sweep", "--spec", spec, "--study", "stopped", "--workers", "2"]
     log = tmp_path / "stderr.txt"  # not a pipe: the workers hold it open as long as they live
     with log.open("w") as stderr:
