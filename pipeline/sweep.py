@@ -42,6 +42,7 @@ The MLflow side of trials (creating, entering, failing and reading their runs) i
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import inspect
 import itertools
@@ -863,9 +864,7 @@ class NoTrialFinished(StepFailed):
 def nothing_finished(study: optuna.Study) -> str:
     """The one line of a study none of whose trials finished: the command's `error:` line and tag `failure_reason` of
     its sweep run, e.g. "no trial of study s-1a2b3c4d finished (2 failed, 1 pruned); nothing registered ..."."""
-    counts: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    counts = collections.Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
     outcome = ", ".join(f"{n} {STATE_WORDS.get(state, state.lower())}" for state, n in counts.items())
     return (f"no trial of study {study.study_name} finished ({outcome or 'no trials'}); nothing registered: each "
             f"trial's run says why (tag failure_reason, or pruned_at_epoch)")
@@ -999,60 +998,59 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'started' if leads else 'joined'} Optuna study {name} in {safe_url(storage_url)} "
           f"({plan.sampler_name} sampler, {plan.pruner_name} pruner, {plan.trials} trials); "
           f"{dashboard_hint(storage.url)}", flush=True)  # the driver it opened
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(contextlib.suppress(NoTrialFinished))  # raised below, once the sweep run (entered after
-        #                                                            this, so left first) has ended FAILED with it
-        if leads:
-            try:
-                parent = stack.enter_context(open_run("sweep", experiment=base.tracking.experiment,
-                                                      run_name=f"sweep-{name}"))
-                log_params({"sweep.spec": args.spec, "sweep.study": name, "sweep.storage": safe_url(storage_url),
-                            "sweep.sampler": plan.sampler_name, "sweep.pruner": plan.pruner_name,
-                            "sweep.trials": plan.trials, "sweep.overrides": plan.extra_overrides})
-                log_dict(plan.spec, "sweep.yaml")
-                set_tags({"optuna_study": name, "optuna_storage": safe_url(storage_url)})
-                lead(plan, study, parent.info.run_id, parent.info.experiment_id)
-            except BaseException:  # (a trashed tracking.experiment, Ctrl-C) a study left without its fingerprint
-                #                    would hold up every rerun of this command for a minute, then refuse it
-                with contextlib.suppress(Exception):  # the original error is the one to report
-                    if "fingerprint" not in study.user_attrs:
-                        optuna.delete_study(study_name=name, storage=storage)
-                raise
-            for cfg in {prepare.prepare_key(c): c for c in plan.configs}.values() if plan.grid else []:
-                prepare.ensure_prepared(cfg)  # each distinct dataset once, before any trial
-        else:
-            adopt_own_run(study)
-        if workers == 1:
-            work(plan, study, storage)
-        else:
-            env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-            # The workers run in this command's folder, so that relative paths (the spec, its base, a data.source)
-            # name the same files as here (from the project root a spec beside the user was "file not found"),
-            # importing this project's pipeline wherever that folder is.
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(config.PROJECT_ROOT), env.get("PYTHONPATH")]))
-            procs: list[subprocess.Popen] = []
-            try:
-                for _ in range(workers):
-                    procs.append(subprocess.Popen(worker_command(args, storage_url, name), env=env))
-                codes = [p.wait() for p in procs]
-            except BaseException as exc:  # SIGTERM to this process alone (kill, timeout), Ctrl-C: stop the workers
-                #                               too, or they go on with the sweep, and register its best, after it
-                #                               said it stopped
-                stop_workers(procs, getattr(exc, "signum", signal.SIGINT)
-                             if isinstance(exc, (Interrupted, KeyboardInterrupt)) else None)
-                raise
-            if any(codes):  # one killed (out of memory, say): the others retry its trial and finish the study
-                if not registered(storage, name):
-                    raise StepFailed(f"sweep workers exited with {codes} before study {name} was done; rerun the "
-                                     f"same command to go on with it")
-                print(f"warning: sweep workers exited with {codes}; the others finished study {name}",
-                      file=sys.stderr, flush=True)
-            finish(plan, study, storage)  # a no-op: one of the workers has finished the study
-        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # raised inside the sweep run,
-            raise NoTrialFinished(nothing_finished(study))  # where this command leads: it ends FAILED, saying so
+    try:
+        with contextlib.ExitStack() as stack:
+            if leads:
+                try:
+                    parent = stack.enter_context(open_run("sweep", experiment=base.tracking.experiment,
+                                                          run_name=f"sweep-{name}"))
+                    log_params({"sweep.spec": args.spec, "sweep.study": name, "sweep.storage": safe_url(storage_url),
+                                "sweep.sampler": plan.sampler_name, "sweep.pruner": plan.pruner_name,
+                                "sweep.trials": plan.trials, "sweep.overrides": plan.extra_overrides})
+                    log_dict(plan.spec, "sweep.yaml")
+                    set_tags({"optuna_study": name, "optuna_storage": safe_url(storage_url)})
+                    lead(plan, study, parent.info.run_id, parent.info.experiment_id)
+                except BaseException:  # (a trashed tracking.experiment, Ctrl-C) a study left without its fingerprint
+                    #                    would hold up every rerun of this command for a minute, then refuse it
+                    with contextlib.suppress(Exception):  # the original error is the one to report
+                        if "fingerprint" not in study.user_attrs:
+                            optuna.delete_study(study_name=name, storage=storage)
+                    raise
+                for cfg in {prepare.prepare_key(c): c for c in plan.configs}.values() if plan.grid else []:
+                    prepare.ensure_prepared(cfg)  # each distinct dataset once, before any trial
+            else:
+                adopt_own_run(study)
+            if workers == 1:
+                work(plan, study, storage)
+            else:
+                env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+                # The workers run in this command's folder, so that relative paths (the spec, its base, a data.source)
+                # name the same files as here (from the project root a spec beside the user was "file not found"),
+                # importing this project's pipeline wherever that folder is.
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(config.PROJECT_ROOT), env.get("PYTHONPATH")]))
+                procs: list[subprocess.Popen] = []
+                try:
+                    for _ in range(workers):
+                        procs.append(subprocess.Popen(worker_command(args, storage_url, name), env=env))
+                    codes = [p.wait() for p in procs]
+                except BaseException as exc:  # SIGTERM to this process alone (kill, timeout), Ctrl-C: stop the workers
+                    #                               too, or they go on with the sweep, and register its best, after it
+                    #                               said it stopped
+                    stop_workers(procs, getattr(exc, "signum", signal.SIGINT)
+                                 if isinstance(exc, (Interrupted, KeyboardInterrupt)) else None)
+                    raise
+                if any(codes):  # one killed (out of memory, say): the others retry its trial and finish the study
+                    if not registered(storage, name):
+                        raise StepFailed(f"sweep workers exited with {codes} before study {name} was done; rerun the "
+                                         f"same command to go on with it")
+                    print(f"warning: sweep workers exited with {codes}; the others finished study {name}",
+                          file=sys.stderr, flush=True)
+                finish(plan, study, storage)  # a no-op: one of the workers has finished the study
+            if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                raise NoTrialFinished(nothing_finished(study))
+    except NoTrialFinished as exc:  # raised inside the sweep run, where this command leads: it ended FAILED with it
+        return no_trial_finished(exc)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not done:
-        return no_trial_finished(NoTrialFinished(nothing_finished(study)))
     best = best_of(done)  # registration's rule, not study.best_trial's (no tie-break)
     print(f"study {name}: best trial {best.number} ({label(best.params)}) {OBJECTIVE} {best.value:.4f}")
     return 0
