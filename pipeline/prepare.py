@@ -3,10 +3,11 @@
 Reads:  the source named by `data.source` (see pipeline.data).
 Writes: artifact `dataset/dataset.npz` (uint8 images, int32 labels, class names, per-channel
         mean/std in 0-255 units) and `dataset/dataset.json` (counts, stats, digests, source, the data params);
-        an MLflow dataset input carrying the sha256 digest of the array bytes; tags `prepare_key` and
-        `dataset_sha256`; metrics `train_images`, `test_images` and `test_images_in_train` (test images that are
-        training images too, pixel for pixel: test_acc on them overstates), the last also in dataset.json and the
-        run's description, and said again whenever the run is reused.
+        an MLflow dataset input carrying the first 32 hex digits of the array bytes' sha256 (MLflow's digest column
+        is 36 characters); tags `prepare_key` and `dataset_sha256` (the whole sha256); metrics `train_images`,
+        `test_images` and `test_images_in_train` (test images that are training images too, pixel for pixel:
+        test_acc on them overstates), the last also in dataset.json and the run's description, and said again
+        whenever the run is reused.
 Returns the dataset URI `runs:/<run id>/dataset/dataset.npz` that train and evaluate read.
 
 `ensure_prepared` reuses a finished prepare run whose inputs are identical: the data params

@@ -12,7 +12,8 @@ Reads:  a sweep file (see params/sweep-example.yaml, params/sweep-tpe.yaml):
         `sampler` and `pruner` also take {type: <name>, <argument>: <value>, ...}: the arguments of
         Optuna's TPESampler / RandomSampler / MedianPruner / HyperbandPruner.
         Every trial's params (a grid: every combination; a space: every combination of its choices
-        and range ends) are validated, the storage opened and the study checked before any run opens.
+        and range ends) are validated (with cifar10 or synthetic data, also whether they leave images to train on,
+        and a whole batch), the storage opened and the study checked before any run opens.
 Storage: an Optuna study (`--study`, default: named after the spec, its overrides and the tracking
         store) in an Optuna storage (`--storage`: an SQLAlchemy URL; default `optuna.db` beside
         the SQLite tracking store, else in the working directory). The same command started again,
@@ -65,7 +66,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from pipeline import compare, config, data, prepare
+from pipeline import compare, config, data, inputs, prepare
 from pipeline.tracking import (
     Interrupted,
     StepFailed,
@@ -318,6 +319,8 @@ class Plan:
                 f"train.validation_fraction: a sweep ranks its trials by val_acc on the images they hold out, so it "
                 f"must be the same for every trial, got {', '.join(map(str, fractions))}: set it in the spec's "
                 "overrides or its base, not its search space")
+        for i, (values, cfg) in enumerate(zip(checked, self.configs, strict=True)):
+            self.check_images(cfg, f"trial {i}" if self.grid else "space", values)
         self.held_out_varies = held_out_varies(self.configs)
         for cfg in {c.data.source: c for c in self.configs}.values():
             prepare.prepare_key(cfg)  # DataError for a data.source that names nothing
@@ -380,6 +383,18 @@ class Plan:
             except Exception as exc:  # noqa: BLE001 - whatever Optuna raises means a bad argument
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 raise config.ConfigError(f"{what}: {reason} (with the arguments {self.kwargs_of(what)!r})") from None
+
+    @staticmethod
+    def check_images(cfg: config.Config, what: str, values: dict[str, Any]) -> None:
+        """ConfigError naming the trial where its cifar10 or synthetic data (whose counts follow from the params) hold
+        too few training images to hold out train.validation_fraction or, with train.drop_remainder, to make a whole
+        batch: refused before any run, as main and train refuse them (`config.check_training_images`)."""
+        images = inputs.known_training_images(cfg)
+        try:
+            if images:
+                config.check_training_images(cfg.train, images)
+        except config.ConfigError as exc:
+            raise config.ConfigError(f"{what} ({label(values)}): {exc}") from None
 
     def kwargs_of(self, what: str) -> dict[str, Any]:
         return self.sampler_kwargs if what == "spec.sampler" else self.pruner_kwargs

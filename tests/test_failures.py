@@ -252,6 +252,22 @@ def test_bad_input_is_one_line_naming_the_key(store, capsys, monkeypatch, module
 
 
 
+@pytest.mark.parametrize("module", ["pipeline.main", "pipeline.compare"])
+def test_help_needs_no_tracking_store(tmp_path, module):
+    """`python -m pipeline.<step> --help` made `mlflow.db` in the working directory (the store was created before
+    the arguments were read), and with MLFLOW_TRACKING_URI naming a server that does not answer it exited 4."""
+    from tests.conftest import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PIPELINE_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    for uri in (None, f"http://127.0.0.1:{free_port()}"):
+        shown = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=300, env={**env, **({"MLFLOW_TRACKING_URI": uri} if uri else {})})
+        assert shown.returncode == 0, (uri, shown.stderr[-2000:])
+        assert shown.stdout.startswith("usage: ") and ("--overrides" in shown.stdout or "--metric" in shown.stdout)
+        assert list(tmp_path.iterdir()) == [], (uri, list(tmp_path.iterdir()))
+
+
 def test_an_experiment_in_the_trash_is_one_line_naming_the_key(store, capsys, monkeypatch):
     """MLflow refuses to reuse a deleted experiment's name: `tracking.experiment` naming one was a traceback."""
     client = MlflowClient()

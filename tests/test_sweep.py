@@ -208,10 +208,18 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
     ("space:\n  train.epochs: {min: 1, max: 2}\n  train.lr: [0.1]\ntrials: 3\n",
      "spec.trials: 3 trials over the 2 combinations of spec.space would run some twice; give trials <= 2, or a grid: "
      "to run each once"),
+    # too few training images to hold out or to batch, as main and train refuse them (tiny: 1,024 synthetic images,
+    # 102 held out): every such trial failed in its train run, the study spent
+    ("grid:\n  train.batch_size: [32, 1024]\n  train.drop_remainder: [true]\n",
+     "trial 1 (train.batch_size=1024 train.drop_remainder=true): train.drop_remainder: the 922 training images make "
+     "no whole batch of train.batch_size 1024; lower the batch size or set train.drop_remainder=false"),
+    ("space:\n  data.max_train: {min: 1, max: 512}\ntrials: 2\n",
+     "space (data.max_train=1): train.validation_fraction: holding out 1 of the 1 training images leaves none to "
+     "train on; lower it, or train on more (data.max_train)"),
 ], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
         "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
         "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range",
-        "more-trials-than-choices", "more-trials-than-integers"])
+        "more-trials-than-choices", "more-trials-than-integers", "no-whole-batch", "none-left-to-train-on"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
     has_base = body.startswith("base:")

@@ -511,7 +511,8 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     step on Ctrl-C): interrupted; every open run ends KILLED and checkpoints stay. Any other exception (a bug,
     a full disk, an error of TensorFlow or JAX) goes on, its traceback printed, and exits 1. A run that a failure
     ends FAILED carries tag `failure_reason` (`reason_of`), as does the run `mlflow run` opened.
-    The SQLite store is created first, under a file lock (see `ensure_store`).
+    The SQLite store is created first, under a file lock (see `ensure_store`), unless the command line asks for
+    `--help`, which needs no store (nor a server that answers).
     At exit the objects alive are frozen out of the cyclic collector: the interpreter's final
     collections over TensorFlow's and Keras's objects added ~4 s to the end of every step and freed
     nothing the OS does not reclaim anyway (bench/results/step_exit.md). Exit handlers all still run.
@@ -520,7 +521,8 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGTERM, signal.SIGINT)}
     wrapper_run = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow unsets it when that run ends
     try:
-        ensure_store()
+        if not {"-h", "--help"} & set(sys.argv[1:]):  # argparse prints the help and exits 0: no store to make
+            ensure_store()
         interrupts.take()  # one an earlier entry point in this process handled
         main()
         if (pending := interrupts.take()) is not None:  # swallowed outside any step (see `_ended_with_reason`)
