@@ -284,6 +284,10 @@ def main() -> None:
         # the first epoch as measured (XLA's compiles are part of any run's time), the rest at the steady pace
         "projected_full_schedule_minutes": round((seconds[0] + (full.train.epochs - 1) * steady) / 60, 1),
         "full_schedule_epochs": full.train.epochs,
+        # a first epoch that loaded its programs from JAX's compilation cache (an earlier stage compiled them) is
+        # short by about that much: the figures say so
+        "compile_cache": fitting.compile_cache(),
+        **dict(zip(("compile_cache_programs", "compile_seconds_saved"), fitting.compile_cache_loaded(), strict=True)),
     }
     if args.full:  # score as evaluate does (pipeline.serve needs MLflow, absent here): every image, its TTA, and
         # the model train logs (float32; a bfloat16 training model's own predictions differ in a few images in 1,000)

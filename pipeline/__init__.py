@@ -14,6 +14,11 @@ It also makes TensorFlow take CPU memory from its pooling BFC allocator (`TF_CPU
 unless already set). With the default allocator every XLA step maps its scratch buffer afresh and the
 kernel zeroes ~150 MB of new pages per ResNet-9 training step (38,000 page faults, a quarter of the CPU
 time spent in the kernel); pooled, the same step ran 1.39x faster on a 2-core EPYC (`bench.cpu_runtime`).
+
+And it keeps Keras-on-JAX's compiled programs across runs, in `JAX_COMPILATION_CACHE_DIR` (unless already set:
+`~/.cache/cifar10-resnet/jax`, under `XDG_CACHE_HOME` where set). A program is looked up by what it computes (the
+model, the shapes, the recipe's constants, the devices, JAX's version), so another seed of a recipe, a resumed run or
+the same command again loads its train and test steps instead of compiling them (`fitting.compile_cache`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Pooled CPU memory (see above); read once, when TensorFlow makes its first CPU allocator.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+# Keras on JAX: compiled XLA programs kept on disk across processes (JAX's persistent compilation cache, read when JAX
+# is imported), so a run of a model compiled before starts at once (see above). `JAX_COMPILATION_CACHE_DIR=` (empty)
+# turns it off; a folder that cannot be written costs a warning, not the run.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cifar10-resnet", "jax"))
 # Keras builds, saves and loads a functional model by walking its graph recursively, a few Python frames per layer on
 # the deepest path: ResNet-1001's ~3,400 layers overflow the default limit of 1,000 (RecursionError in map_graph).
 # Python 3.11 keeps pure-Python calls off the C stack, so a higher limit is safe at this depth.

@@ -273,6 +273,42 @@ def cpu_allocator() -> str:
     return "bfc"
 
 
+_LOADED = {"programs": 0, "seconds_saved": 0.0}  # what JAX's persistent compilation cache spared this process
+
+
+def _count_loaded(event: str, duration_secs: float = 0.0, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _LOADED["programs"] += 1
+    elif event == "/jax/compilation_cache/compile_time_saved_sec":
+        _LOADED["seconds_saved"] += duration_secs
+
+
+def compile_cache() -> str:
+    """Where Keras on JAX keeps its compiled programs across runs (JAX's persistent compilation cache, which `pipeline`
+    turns on): the folder, "off" (`JAX_COMPILATION_CACHE_DIR` set empty), "n/a" on another backend. Counts from here on
+    what it spares this process (`compile_cache_loaded`)."""
+    if keras.backend.backend() != "jax":
+        return "n/a"
+    import jax
+
+    _listen_for_loads()
+    return jax.config.jax_compilation_cache_dir or "off"
+
+
+@functools.cache
+def _listen_for_loads() -> None:
+    import jax
+
+    jax.monitoring.register_event_listener(_count_loaded)
+    jax.monitoring.register_event_duration_secs_listener(_count_loaded)
+
+
+def compile_cache_loaded() -> tuple[int, float]:
+    """How many compiled programs JAX's persistent compilation cache gave this process since `compile_cache`, and the
+    seconds of compiling they spared it (JAX's figure: their compile time then, less the time to read them)."""
+    return _LOADED["programs"], _LOADED["seconds_saved"]
+
+
 def check_backend(cfg: config.Config) -> None:
     """Params that only one backend supports; entry points call this before opening any run."""
     if cfg.train.feed == "device" and keras.backend.backend() != "jax":
@@ -294,6 +330,7 @@ def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, trai
     leak into models built later in the process, such as the float32 served copy."""
     t = cfg.train
     check_backend(cfg)
+    compile_cache()  # counting what it spares from the first program on
 
     def build(precision: str, jit: bool | str) -> keras.Model:
         with dist.scope():

@@ -13,6 +13,11 @@ from pathlib import Path
 
 import pytest
 
+# No JAX compilation cache for the suite (set before `bench` imports `pipeline`, which turns it on in the user's cache
+# folder): each test compiles what it runs, as on a fresh machine, and nothing is written outside the test folders.
+# tests/test_fast_path_jax.py tests the cache in a folder of its own.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
+
 from bench.servers import ROOT, free_port, server_run_command  # noqa: F401 - ROOT, free_port: imported from here too
 
 JPEG = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"  # all of CIFAR-10 as JPEG (CI has it too)

@@ -77,3 +77,32 @@ def test_main_on_the_jax_backend_data_parallel_over_two_devices_with_images_held
     champion = client.get_model_version_by_alias("cifar10-resnet", "champion")
     requirements = mlflow.pyfunc.get_model_dependencies(f"models:/cifar10-resnet/{champion.version}")
     assert "jax==" in Path(requirements).read_text()  # the served model asks for the backend it was trained with
+
+
+def test_a_second_run_loads_its_compiled_programs_from_jaxs_cache_and_says_so(store, tmp_path):
+    """`pipeline` turns on JAX's persistent compilation cache (the suite turns it off, tests/conftest.py): the same
+    training again loads its train and test steps instead of compiling them, and its run says how many and how much
+    compiling that spared; `JAX_COMPILATION_CACHE_DIR=` (empty) turns it off."""
+    from tests.conftest import run_module
+
+    cache = tmp_path / "jax-cache"
+    # JAX keeps only programs that took over 1 s to compile: tiny's take less
+    env = {**store, "KERAS_BACKEND": "jax", "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    args = ("--params", "params/tiny.yaml", "--epochs", "1", "--resume", "never",
+            "--overrides", f"{XLA} data.synthetic_train=256 data.synthetic_test=64")
+    cold = run_module(env, "pipeline.train", *args)
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    assert any(cache.iterdir())
+    warm = run_module(env, "pipeline.train", *args)
+    off = run_module({**env, "JAX_COMPILATION_CACHE_DIR": ""}, "pipeline.train", *args)
+    assert warm.returncode == off.returncode == 0, (warm.stderr[-3000:], off.stderr[-3000:])
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, "tags.step = 'train'", order_by=["attributes.start_time ASC"])
+    assert [r.data.tags["compile_cache"] for r in runs] == [str(cache), str(cache), "off"]
+    programs = [r.data.metrics["compile_cache_programs"] for r in runs]
+    assert programs[0] == 0 and programs[1] >= 2 and programs[2] == 0, programs  # the train step and the test step
+    assert runs[1].data.metrics["compile_seconds_saved"] > 0
+    assert "compiled program(s) loaded from" in warm.stdout
+    assert "loaded from" not in cold.stdout + off.stdout
