@@ -43,7 +43,9 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
     images = known_training_images(cfg)
     if images:  # too few to hold out or to batch: refused now, not in the train run after prepare
         config.check_training_images(cfg.train, images)
-    if cfg.train.feed == "device":  # the one param that depends on the backend: only it loads Keras here
+    t = cfg.train
+    if t.feed == "device" or (t.precision == "mixed_bfloat16" and t.jit_compile is True):  # the params that depend on
+        # the backend (`check_backend`): only they load Keras here
         from pipeline.fitting import check_backend
 
         check_backend(cfg)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import config, cpu_probe, data, fitting
+from pipeline import config, cpu_probe, data, fitting, inputs
 from pipeline.distribute import Distribution, distribution
 
 SLOW = {("float32", False): 0.002, ("float32", True): 0.03, ("mixed_bfloat16", False): 0.015}
@@ -152,6 +152,19 @@ def test_bfloat16_with_xla_both_asked_for_on_a_jax_cpu_that_computes_it_wrongly_
     with pytest.raises(config.ConfigError, match=r"^train.precision: mixed_bfloat16 with train.jit_compile true "
                                                  r"computes wrong results on this JAX's CPU"):
         fitting.check_backend(cfg)
+
+
+
+def test_main_refuses_bfloat16_with_xla_on_a_jax_cpu_that_computes_it_wrongly_before_prepare(monkeypatch, store):
+    import mlflow
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    monkeypatch.setattr(fitting, "jax_cpu_bf16_xla_wrong", lambda: True)
+    cfg = config.load("params/fast.yaml", ["train.precision=mixed_bfloat16", "train.jit_compile=true",
+                                           "data.source=synthetic"])
+    with pytest.raises(config.ConfigError, match=r"^train.precision: mixed_bfloat16 with train.jit_compile true"):
+        inputs.check_inputs(cfg, resume="")  # main's checks, before any run opens (it was refused in the train run, after prepare)
+    assert mlflow.search_runs(search_all_experiments=True).empty
 
 
 def test_the_jax_cpu_check_tells_a_right_xla_from_a_wrong_one(monkeypatch):
