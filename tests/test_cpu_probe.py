@@ -163,7 +163,7 @@ def test_main_refuses_bfloat16_with_xla_on_a_jax_cpu_that_computes_it_wrongly_be
     cfg = config.load("params/fast.yaml", ["train.precision=mixed_bfloat16", "train.jit_compile=true",
                                            "data.source=synthetic"])
     with pytest.raises(config.ConfigError, match=r"^train.precision: mixed_bfloat16 with train.jit_compile true"):
-        inputs.check_inputs(cfg, resume="")  # main's checks, before any run opens (it was refused in the train run, after prepare)
+        inputs.check_inputs(cfg, resume="")  # main's checks, before any run opens
     assert mlflow.search_runs(search_all_experiments=True).empty
 
 
