@@ -65,6 +65,8 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
             "data": data_cell(run),
             "epochs": len(seconds),
             "first epoch s": seconds[0] if seconds else None,
+            # programs an earlier stage compiled, loaded from JAX's compilation cache: a first epoch short by that
+            "programs loaded": run.get("compile_cache_programs"),
             "steady s/epoch": run.get("steady_epoch_seconds"),
             "images/s": run.get("images_per_second"),
             "fit s": run.get("fit_seconds"),  # over several calls (`parts`): the sum of their epochs

@@ -47,13 +47,15 @@ def test_rows_carry_each_files_date_and_device_and_the_last_accuracies(tmp_path)
     write(tmp_path, "gpu-fast.json", date="2026-12-04", device_kind="NVIDIA H200", params="params/fast.yaml",
           epoch_seconds=[20.0, 0.3], acc=[0.5, 0.97], val_acc=[0.6, 0.905], test_acc=0.906, fit_seconds=21.0,
           tta_scores={"none": {"val_acc": 0.9, "test_acc": 0.8995}, "flip": {"val_acc": 0.905, "test_acc": 0.906},
-                      "flip_shift": {"test_acc": 0.9071}})
+                      "flip_shift": {"test_acc": 0.9071}}, compile_cache_programs=2)
     write(tmp_path, "gpu-seed.json", params="params/default.yaml", epoch_seconds=[80.0, 15.0], val_acc=[0.1, 0.2],
           projected_full_schedule_minutes=37.5)
     fast, seed = (row for _, row in gpu_report.rows(tmp_path, "2026-11-30").iterrows())
     assert (fast["date"], fast["device"], fast["last train acc"], fast["last val_acc"]) == (
         "2026-12-04", "NVIDIA H200", 0.97, 0.905)
     assert seed["date"] == "2026-11-30" and seed["device"] is None  # the file says neither: --date, no device
+    # its first epoch loaded 2 programs an earlier stage compiled; a file from before the cache says nothing
+    assert (fast["programs loaded"], seed["programs loaded"]) == (2, None)
     assert seed["last val_acc"] is None  # a timed stage's val_acc after 2 epochs is no result
     assert fast["val/test acc by TTA"] == "none .9000/.8995, flip .9050/.9060, flip_shift -/.9071"
     assert seed["val/test acc by TTA"] is None
