@@ -56,6 +56,7 @@ IGNORED_PARAMS = ("dataset_uri",
 PROVENANCE_TAGS = ("train_code",)
 # Columns where lower is better (so sorted lowest first), besides any `*_loss`; the others sort highest first.
 LOWER_IS_BETTER = ("wall_s", "loss")
+DECIMALS = {"wall_s": 1, "images_per_s": 0}  # in runs.md and on the console (runs.csv keeps every digit)
 # val_acc.png names the best LEGEND_RUNS runs (distinct colour and line style each: at most 20); more draw grey.
 LEGEND_RUNS = 20
 # A run name longer than this is cut in the legend (its short id stays), so the legend leaves room for the plot.
@@ -282,7 +283,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     runs = steps.search_train_runs(experiment, run_ids).sort_values("start_time", kind="stable")
     histories = {run_id: val_acc_history(run_id) for run_id in runs["run_id"]}
     table = top_runs(build_table(runs, histories), metric, top)
-    markdown = val_data_note(table) + test_data_note(table) + markdown_table(table)
+    markdown = val_data_note(table) + test_data_note(table) + markdown_table(table, DECIMALS)
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
     with open_run("compare", experiment=experiment, run_name=name) as comparison:

@@ -310,6 +310,9 @@ def test_test_accs_that_count_training_images_are_marked(monkeypatch):
     note = compare.test_data_note(table)
     assert note.startswith("The test_acc of 1 run counts test images the model was trained on")
     assert "| 64 " in markdown_table(table) and "<NA>" not in markdown_table(table)
+    table["wall_s"], table["images_per_s"] = [61.25, 2.0, float("nan")], [1801.4785, 900.5, float("nan")]
+    shown = markdown_table(table, compare.DECIMALS)  # seconds to a tenth, images/s whole, the rest as before
+    assert "| 61.2 " in shown and "| 1801 " in shown and "| 900 " in shown and "| 0.9000 " in shown
     scores["models:/m-a"]["test_images_in_train"] = 0.0  # none anywhere: no column, no note
     table = compare.build_table(runs, histories)
     assert "test_images_in_train" not in table and compare.test_data_note(table) == ""

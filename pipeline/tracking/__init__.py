@@ -268,16 +268,19 @@ def json_digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    """`table` as a GitHub-flavoured Markdown table (pandas `to_markdown`): floats with 4 decimals,
-    missing values empty, other values as their text (not re-read as numbers: `1e-06` stays `1e-06`)."""
-    def cell(value) -> str:
+def markdown_table(table: pd.DataFrame, decimals: dict[str, int] | None = None) -> str:
+    """`table` as a GitHub-flavoured Markdown table (pandas `to_markdown`): floats with 4 decimals (`decimals`: other
+    counts by column, such as seconds to 1), missing values empty, other values as their text (not re-read as
+    numbers: `1e-06` stays `1e-06`)."""
+    def cell(value, places: int) -> str:
         if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):  # NA: of an Int64
             return ""
-        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        text = f"{value:.{places}f}" if isinstance(value, float) else str(value)
         return text.replace("|", "\\|")  # tabulate leaves a pipe inside a cell as a column break
 
-    return table.map(cell).to_markdown(index=False, disable_numparse=True) + "\n"
+    places = decimals or {}
+    cells = table.apply(lambda column: column.map(functools.partial(cell, places=places.get(column.name, 4))))
+    return cells.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
 def fit_note(text: str, whole: str) -> str:
