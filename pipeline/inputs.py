@@ -40,9 +40,7 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
         key = prepare.prepare_key(cfg)  # a missing data path fails here
     if not resume:  # a plain rerun: the run it would continue must have been checkpointed by the code here
         check_resumable_code(cfg, given or prepare.find_prepared(key))
-    images = known_training_images(cfg)
-    if images:  # too few to hold out or to batch: refused now, not in the train run after prepare
-        config.check_training_images(cfg.train, images)
+    check_known_training_images(cfg)  # too few to hold out or to batch: refused now, not in the train run after prepare
     t = cfg.train
     if t.feed == "device" or (t.precision == "mixed_bfloat16" and t.jit_compile is True):  # the params that depend on
         # the backend (`check_backend`): only they load Keras here
@@ -54,6 +52,15 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
         raise config.ConfigError(f"TF_CONFIG: this host is {cluster.task}; the pipeline runs on the chief, "
                                  f"here run `python -m pipeline.train` with the chief's params")
     return cfg, dataset_uri
+
+
+def check_known_training_images(cfg: config.Config) -> None:
+    """ConfigError where `data.*` gives, before any data is read (`known_training_images`), too few training images to
+    hold out train.validation_fraction or, with train.drop_remainder, to make a whole batch
+    (`config.check_training_images`); nothing for a path, whose count only reading it tells."""
+    images = known_training_images(cfg)
+    if images:
+        config.check_training_images(cfg.train, images)
 
 
 def known_training_images(cfg: config.Config) -> int | None:

@@ -389,10 +389,8 @@ class Plan:
         """ConfigError naming the trial where its cifar10 or synthetic data (whose counts follow from the params) hold
         too few training images to hold out train.validation_fraction or, with train.drop_remainder, to make a whole
         batch: refused before any run, as main and train refuse them (`config.check_training_images`)."""
-        images = inputs.known_training_images(cfg)
         try:
-            if images:
-                config.check_training_images(cfg.train, images)
+            inputs.check_known_training_images(cfg)
         except config.ConfigError as exc:
             raise config.ConfigError(f"{what} ({label(values)}): {exc}") from None
 

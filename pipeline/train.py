@@ -163,12 +163,13 @@ def log_compile_cache_loads() -> None:
     """On JAX, log what its persistent compilation cache spared the training (`fitting.compile_cache_loaded`): metrics
     `compile_cache_programs` and `compile_seconds_saved` (the first epoch's `epoch_seconds` is that much shorter than
     a first run's), and say it on the console where it spared any."""
-    if fitting.compile_cache() == "n/a":
+    folder = fitting.compile_cache()
+    if folder == "n/a":
         return
     programs, saved = fitting.compile_cache_loaded()
     log_metrics({"compile_cache_programs": programs, "compile_seconds_saved": round(saved, 2)})
     if programs:
-        print(f"{programs} compiled program(s) loaded from {fitting.compile_cache()}: {saved:.1f} s of compiling "
+        print(f"{programs} compiled program(s) loaded from {folder}: {saved:.1f} s of compiling "
               f"spared (JAX_COMPILATION_CACHE_DIR)", flush=True)
 
 
