@@ -52,10 +52,11 @@
 #   python -m bench.gpu_report --unpack PATH/gpu-results.tar.gz   (extracts the results into bench/results and
 #   .gpu-state into the checkout, replacing the one carried, and writes gpu.md)
 #
-# A stage whose programs an earlier stage of the call compiled (the same model, shapes and schedule: another
-# train.seed) loads them from JAX's compilation cache (pipeline's, ~/.cache/cifar10-resnet/jax there, fresh with each
-# machine): its first epoch is then short by about `compile_seconds_saved`, and its gpu-*.json says so
-# (`compile_cache_programs`).
+# A stage whose programs an earlier stage of the call compiled (the same model, shapes, schedule and training images)
+# loads them from JAX's compilation cache (pipeline's, ~/.cache/cifar10-resnet/jax there, fresh with each machine):
+# its first epoch is then short by about `compile_seconds_saved`, and its gpu-*.json says so
+# (`compile_cache_programs`). None of this call's stages does so today: each differs from the others in its model
+# or schedule, and explore-seed1's seed draws other held-out images (the normalisation's mean and std differ).
 #
 # A CPU rehearsal at toy scale (synthetic images, tiny widths, 2 epochs), for any machine with JAX:
 #   GPU_SH_SMOKE=1 OUT=/tmp/gpu-smoke bash bench/gpu.sh

@@ -17,8 +17,8 @@ time spent in the kernel); pooled, the same step ran 1.39x faster on a 2-core EP
 
 And it keeps Keras-on-JAX's compiled programs across runs, in `JAX_COMPILATION_CACHE_DIR` (unless already set:
 `~/.cache/cifar10-resnet/jax`, under `XDG_CACHE_HOME` where set). A program is looked up by what it computes (the
-model, the shapes, the recipe's constants, the devices, JAX's version), so another seed of a recipe, a resumed run or
-the same command again loads its train and validation steps instead of compiling them (`fitting.compile_cache`).
+model, the shapes, the recipe's constants, the devices, JAX's version), so the same command again or a resumed run
+loads its train and validation steps instead of compiling them (`fitting.compile_cache`).
 """
 
 from __future__ import annotations
