@@ -272,6 +272,7 @@ def main() -> None:
     steady = steady_seconds({**before, "epoch_seconds": seconds}) or statistics.median(seconds)
     history = {key: [*before.get(key, []), *(round(v, 4) for v in history.history.get(key, []))]
                for key in ("acc", "val_acc")}
+    loaded = fitting.compile_cache_loaded()
     result = {
         **measured, "devices": dist.devices,
         "distribute": dist.mode, "jit_compile": str(model.jit_compile).lower(), "dtype_policy": model.dtype_policy.name,
@@ -287,7 +288,7 @@ def main() -> None:
         # a first epoch that loaded its programs from JAX's compilation cache (an earlier stage compiled them) is
         # short by about that much: the figures say so
         "compile_cache": fitting.compile_cache(),
-        **dict(zip(("compile_cache_programs", "compile_seconds_saved"), fitting.compile_cache_loaded(), strict=True)),
+        "compile_cache_programs": loaded[0], "compile_seconds_saved": round(loaded[1], 2),
     }
     if args.full:  # score as evaluate does (pipeline.serve needs MLflow, absent here): every image, its TTA, and
         # the model train logs (float32; a bfloat16 training model's own predictions differ in a few images in 1,000)
