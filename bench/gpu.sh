@@ -57,6 +57,9 @@
 # its first epoch is then short by about `compile_seconds_saved`, and its gpu-*.json says so
 # (`compile_cache_programs`). None of this call's stages does so today: each differs from the others in its model
 # or schedule, and explore-seed1's seed draws other held-out images (the normalisation's mean and std differ).
+# improved keeps its own cache in .gpu-state/jax, carried with its unfinished training (while .whl, .data and
+# .gpu-state stay within the 64 MiB a call carries; GPU_SH_CARRY_MIB): a later call on the same kind of GPU that
+# goes on from it loads its programs instead of compiling them for ~100 s (each call's count: `parts` of its JSON).
 #
 # A CPU rehearsal at toy scale (synthetic images, tiny widths, 2 epochs), for any machine with JAX:
 #   GPU_SH_SMOKE=1 OUT=/tmp/gpu-smoke bash bench/gpu.sh
@@ -117,6 +120,7 @@ fi
 STATE=${STATE:-${GPU_SH_STATE:-.gpu-state}}  # improved.yaml's training between calls
 
 failed=0 budget=${GPU_SH_BUDGET:-570}  # the call's own limit (run's timeout_s) less a margin
+CARRY_MIB=${GPU_SH_CARRY_MIB:-64}  # what the device tool carries to a call in all (.whl, .data, .gpu-state)
 stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in gpu.log; skipped without the time
   local name=$1 limit=$2; shift 2
   if [[ -n "${GPU_SH_STAGES:-}" && " $GPU_SH_STAGES " != *" $name "* || -n ${stopped:-} ]]; then
@@ -154,14 +158,29 @@ if [[ -n ${stopped:-} || ( -n "${GPU_SH_STAGES:-}" && " $GPU_SH_STAGES " != *" i
 elif [[ -f "$STATE/improved.json" ]]; then  # trained whole by earlier calls: not begun afresh
   echo "== improved skipped: whole in an earlier call ($STATE/improved.json; remove it to train it again)" \
     | tee -a "$LOG"
-elif (( left >= 150 )); then  # its first epoch compiles for ~100 s
-  stage improved "$left" --full --params params/improved.yaml --checkpoint "$STATE/improved" \
-    --stop-after "$(( left - 60 ))" --overrides "train.feed=device train.steps_per_execution=8 $small164 $short164"
+elif (( left >= 150 )); then  # its first epoch compiles for ~100 s (less where $STATE/jax holds its programs)
+  # Its compiled programs go with its training, in JAX's compilation cache at $STATE/jax: a call that goes on from it
+  # on the same kind of GPU loads them instead of compiling again (another kind, or another JAX, compiles afresh)
+  JAX_COMPILATION_CACHE_DIR="$STATE/jax" stage improved "$left" --full --params params/improved.yaml \
+    --checkpoint "$STATE/improved" --stop-after "$(( left - 60 ))" \
+    --overrides "train.feed=device train.steps_per_execution=8 $small164 $short164"
   if [[ "$passed" == *" improved "* && ! -d "$STATE/improved" ]]; then  # whole and scored
     mkdir -p "$STATE" && cp "$OUT/gpu-improved.json" "$STATE/improved.json"
   elif [[ "$passed" == *" improved "* ]]; then
     echo "== improved stopped within its ${left}s: seconds per epoch and the projected 150 epochs in" \
       "gpu-improved.json; its training in $STATE/improved, for a later call to go on from" | tee -a "$LOG"
+  fi
+  if [[ ! -d "$STATE/improved" ]]; then  # nothing left to go on from
+    rm -rf "$STATE/jax"
+  elif [[ -d "$STATE/jax" ]]; then  # kept only where the next call can still carry it with the rest
+    carried=0
+    for path in .whl .data "$STATE"; do [[ -e "$path" ]] && carried=$(( carried + $(du -sb "$path" | cut -f1) )); done
+    if (( carried > (CARRY_MIB - 1) * 1024 * 1024 )); then
+      echo "== improved's compiled programs not kept ($(( $(du -sb "$STATE/jax" | cut -f1) / 1024 / 1024 )) MiB):" \
+        "with .whl, .data and $STATE, $(( carried / 1024 / 1024 )) MiB, over the ${CARRY_MIB} MiB a call" \
+        "carries; the next call compiles them again" | tee -a "$LOG"
+      rm -rf "$STATE/jax"
+    fi
   fi
 else
   echo "== improved skipped: ${left}s left of the call" | tee -a "$LOG"

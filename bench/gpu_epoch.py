@@ -13,9 +13,10 @@ A whole schedule longer than one call of the borrowed machine (params/improved.y
 several with `--checkpoint DIR`: every train.checkpoint_every epochs the training is saved there
 (pipeline.fitting.Checkpoint, as `pipeline.train` saves it) with the epochs' history so far, and the next call
 with the same arguments goes on from it; the finished run's JSON holds every epoch, `resumed_at` (the epoch each
-later call began at) and `parts` (each call's date and device), and the folder is removed. `--stop-after SECONDS`
-ends such a call cleanly at an epoch's end before the next one would pass that many seconds of the process, the
-checkpoint saved there (a stage's hard limit, a SIGINT, would lose the epochs since the last one).
+later call began at) and `parts` (each call's date, device and the programs it loaded from JAX's compilation cache
+instead of compiling them), and the folder is removed. `--stop-after SECONDS` ends such a call cleanly at an
+epoch's end before the next one would pass that many seconds of the process, the checkpoint saved there (a stage's
+hard limit, a SIGINT, would lose the epochs since the last one).
 
 Usage: python -m bench.gpu_epoch --out FILE [--params params/default.yaml]
        [--epochs 3 | --full [--checkpoint DIR [--stop-after SECONDS]]]
@@ -89,8 +90,15 @@ class Partial(keras.callbacks.Callback):
         self.before = list((before or {}).get("epoch_seconds", []))
 
     def on_epoch_end(self, epoch, logs=None):
-        write_whole(self.out, {"partial": True, **self.fields,
+        write_whole(self.out, {"partial": True, **self.fields, **cache_loads(),
                                "epoch_seconds": [*self.before, *(round(s, 2) for s in self.timer.seconds)]})
+
+
+def cache_loads() -> dict:
+    """What JAX's compilation cache spared this process so far (`fitting.compile_cache_loaded`), as train logs it: a
+    first epoch that loaded its programs is short by about `compile_seconds_saved`."""
+    programs, saved = fitting.compile_cache_loaded()
+    return {"compile_cache_programs": programs, "compile_seconds_saved": round(saved, 2)}
 
 
 class StopBefore(keras.callbacks.Callback):
@@ -129,6 +137,7 @@ class Progress(keras.callbacks.Callback):
                            ("acc", round(float(logs.get("acc", float("nan"))), 4)),
                            ("val_acc", round(float(logs.get("val_acc", float("nan"))), 4))):
             record[key].append(value)
+        record["parts"][-1].update(cache_loads())  # this call's: its first epoch compiled, or loaded what it ran
         self.folder.mkdir(parents=True, exist_ok=True)
         write_whole(self.folder / self.NAME, record)
 
@@ -257,7 +266,8 @@ def main() -> None:
                                              "train_images": len(splits[0]), "checkpoint": args.checkpoint}, before)]
     stop = StopBefore(STARTED + args.stop_after if args.stop_after else float("inf"), timer, steady_seconds(before))
     if args.checkpoint:  # the record before the Checkpoint: never behind it (resume cuts what runs ahead)
-        callbacks += [stop, Progress(folder, timer, copy.deepcopy(before)),
+        progress = Progress(folder, timer, copy.deepcopy(before))
+        callbacks += [stop, progress,
                       fitting.Checkpoint(folder, cfg.train.checkpoint_every or 1, keep=True)]  # saves where it stops
 
     start = time.perf_counter()
@@ -272,7 +282,6 @@ def main() -> None:
     steady = steady_seconds({**before, "epoch_seconds": seconds}) or statistics.median(seconds)
     history = {key: [*before.get(key, []), *(round(v, 4) for v in history.history.get(key, []))]
                for key in ("acc", "val_acc")}
-    loaded = fitting.compile_cache_loaded()
     result = {
         **measured, "devices": dist.devices,
         "distribute": dist.mode, "jit_compile": str(model.jit_compile).lower(), "dtype_policy": model.dtype_policy.name,
@@ -287,8 +296,7 @@ def main() -> None:
         "full_schedule_epochs": full.train.epochs,
         # a first epoch that loaded its programs from JAX's compilation cache (an earlier stage compiled them) is
         # short by about that much: the figures say so
-        "compile_cache": fitting.compile_cache(),
-        "compile_cache_programs": loaded[0], "compile_seconds_saved": round(loaded[1], 2),
+        "compile_cache": fitting.compile_cache(), **cache_loads(),
     }
     if args.full:  # score as evaluate does (pipeline.serve needs MLflow, absent here): every image, its TTA, and
         # the model train logs (float32; a bfloat16 training model's own predictions differ in a few images in 1,000)
@@ -300,7 +308,8 @@ def main() -> None:
                       tta=cfg.evaluate.tta, tta_scores=scores, fit_seconds=round(fit_seconds, 1),
                       fit_seconds_after_first_epoch=round(sum(s for i, s in enumerate(seconds) if i not in firsts), 1))
         if before.get("resumed_at"):  # over several calls: the sum of their epochs (fit's wall is this call's)
-            result.update(resumed_at=before["resumed_at"], parts=before["parts"], fit_seconds=round(sum(seconds), 1))
+            result.update(resumed_at=before["resumed_at"], parts=progress.record["parts"],  # with each one's loads
+                          fit_seconds=round(sum(seconds), 1))
     print(json.dumps(result, indent=2))
     write_whole(out, result)
     if args.checkpoint:  # the run is whole and scored: nothing to go on with

@@ -66,7 +66,7 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
             "epochs": len(seconds),
             "first epoch s": seconds[0] if seconds else None,
             # programs an earlier stage compiled, loaded from JAX's compilation cache: a first epoch short by that
-            "programs loaded": run.get("compile_cache_programs"),
+            "programs loaded": programs_loaded(run),
             "steady s/epoch": run.get("steady_epoch_seconds"),
             "images/s": run.get("images_per_second"),
             "fit s": run.get("fit_seconds"),  # over several calls (`parts`): the sum of their epochs
@@ -82,6 +82,15 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
         raise SystemExit(f"no gpu-*.json in {results}")
     frame = pd.DataFrame.from_records(records, columns=max((list(r) for r in records), key=len))  # a run's order
     return frame.astype(object).where(frame.notna(), None)
+
+
+def programs_loaded(run: dict) -> int | str | None:
+    """The programs a stage loaded from JAX's compilation cache; over several calls (`parts`) each call's, in order
+    ("0, 3": the first compiled, the second loaded three)."""
+    parts = run.get("parts") or []
+    if len(parts) > 1 and any("compile_cache_programs" in part for part in parts):  # recorded since 2026-12-05
+        return ", ".join(str(part.get("compile_cache_programs", "?")) for part in parts)
+    return run.get("compile_cache_programs")
 
 
 LIMIT_EXITS = (124, 137)  # timeout's: the stage's SIGINT at its limit, the SIGKILL 10 s after

@@ -148,12 +148,18 @@ def test_a_checkpointed_run_goes_on_under_settings_that_leave_its_training_as_it
         Progress.resume(tmp_path, identity("train.feed=device train.seed=1 model.widths=[16,32,64]"), {})
 
 
-def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_in_the_next_call(tmp_path):
+def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_in_the_next_call(tmp_path,
+                                                                                               monkeypatch):
     """params/improved.yaml's 150 epochs outlast one call of the borrowed machine: with --checkpoint a call that
     stops at --stop-after, or is stopped by the stage's hard limit (SIGINT), leaves the training saved, and the
     next call finishes it to the same result as one uninterrupted run (the lr schedule, the weights, the EMA and
-    the augmentation's random state all go on)."""
+    the augmentation's random state all go on). With JAX's compilation cache kept beside it (gpu.sh's
+    .gpu-state/jax) the calls after the first load their programs instead of compiling them, and each call's part
+    of the record says how many it loaded."""
     from pipeline.fitting import Checkpoint
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # these toy programs compile in under 1 s
 
     folder, out = tmp_path / "state", tmp_path / "gpu-x.json"
     # with EMA (improved.yaml's), checkpoints every 2 epochs (improved.yaml: 5) and a first stop between two
@@ -164,6 +170,7 @@ def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_i
     assert Checkpoint.completed_epochs(folder) == 1
     partial = json.loads(out.read_text())
     assert partial["partial"] and partial["checkpoint"] == str(folder) and len(partial["epoch_seconds"]) == 1
+    assert partial["compile_cache_programs"] == 0  # the first call compiled what it ran
 
     # refused before the data is read (the JPEG copy's ~15 s, every call while the checkpoint stays)
     other = gpu_epoch(tmp_path, *args[:-1], args[-1] + " train.seed=1", "--checkpoint", str(folder),
@@ -190,6 +197,8 @@ def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_i
     result = json.loads(out.read_text())
     assert not folder.exists()  # whole and scored: nothing left to go on with
     assert result["resumed_at"] == [1, done] and len(result["parts"]) == 3 and "partial" not in result
+    loaded = [part["compile_cache_programs"] for part in result["parts"]]
+    assert loaded[0] == 0 and min(loaded[1:]) >= 1 and result["compile_cache_programs"] >= loaded[2], loaded
     assert len(result["epoch_seconds"]) == len(result["acc"]) == len(result["val_acc"]) == 6
     assert result["fit_seconds"] == pytest.approx(sum(result["epoch_seconds"]), abs=0.1)
 
@@ -232,10 +241,15 @@ def test_the_full_runs_scores_are_the_served_float32_models_whatever_precision_t
 
 FAKE_PYTHON = """#!/bin/bash
 # bench/gpu.sh's python: `-c` checks pass; a stage records its name, then leaves improved.yaml's run unfinished
-# (its checkpoint folder) where FAKE_UNFINISHED is set, else whole
+# (its checkpoint folder) where FAKE_UNFINISHED is set, else whole; a stage given a JAX compilation cache in its
+# environment (improved) writes an entry of FAKE_CACHE_KIB KiB there
 [[ $1 == -c ]] && exit 0
 while (( $# )); do case $1 in --out) out=$2; shift;; --checkpoint) ckpt=$2; shift;; esac; shift; done
 name=${out##*/gpu-}; echo "${name%.json}" >> "$FAKE_LOG"
+if [[ -n ${JAX_COMPILATION_CACHE_DIR:-} ]]; then
+  mkdir -p "$JAX_COMPILATION_CACHE_DIR" && head -c "$(( ${FAKE_CACHE_KIB:-4} * 1024 ))" /dev/zero \
+    > "$JAX_COMPILATION_CACHE_DIR/${name%.json}-cache"
+fi
 [[ -n ${ckpt:-} && -n ${FAKE_REFUSED:-} ]] && exit 2  # a checkpoint of other params
 if [[ -n ${ckpt:-} && -n ${FAKE_UNFINISHED:-} ]]; then
   mkdir -p "$ckpt" && echo '{}' > "$ckpt/progress.json" && echo '{"epoch": 5}' > "$ckpt/training_metadata.json"
@@ -306,6 +320,39 @@ def test_gpu_sh_times_improved_within_its_limit_goes_on_from_its_checkpoint_and_
     assert call("after")[0] == [*first, *explore] and "== improved skipped: whole in an earlier call" in logs["after"]
 
 
+def test_gpu_sh_carries_improveds_compiled_programs_with_its_unfinished_training_while_they_fit(tmp_path):
+    """improved.yaml compiles for ~100 s on each call that goes on from its checkpoint: its stage keeps JAX's
+    compilation cache in .gpu-state/jax, packed with its training, as long as what the next call carries (.whl,
+    .data, .gpu-state) stays within the device tool's 64 MiB; over it, or once the run is whole, it is dropped."""
+    import tarfile
+
+    fake, checkout = tmp_path / "python", tmp_path / "checkout"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    (checkout / ".data").mkdir(parents=True)
+    (checkout / ".data" / "images.tar.gz").write_bytes(b"\0" * (20 << 20))  # what the JPEG copy takes of the 64
+
+    def call(out, **env):
+        proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=checkout, capture_output=True,
+                              text=True, timeout=120, env={"PATH": os.environ["PATH"], "PYTHON": str(fake),
+                                                           "OUT": str(tmp_path / out), "FAKE_LOG": os.devnull,
+                                                           "GPU_SH_STAGES": "fast improved", **env})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        with tarfile.open(tmp_path / out / "gpu-results.tar.gz") as tar:
+            return tar.extractfile("gpu.log").read().decode(), sorted(m.name for m in tar.getmembers() if m.isfile())
+
+    log, packed = call("small", FAKE_UNFINISHED="1", FAKE_CACHE_KIB="1024")
+    assert ".gpu-state/jax/improved-cache" in packed and ".gpu-state/improved/progress.json" in packed
+    assert not [name for name in packed if "fast-cache" in name]  # the other stages keep the machine's own cache
+    log, packed = call("large", FAKE_UNFINISHED="1", FAKE_CACHE_KIB=str(44 << 10))  # 20 + 44 MiB, and the training
+    assert not [name for name in packed if name.startswith(".gpu-state/jax")]
+    assert ".gpu-state/improved/progress.json" in packed  # the training itself is carried all the same
+    assert "== improved's compiled programs not kept (44 MiB): with .whl, .data and .gpu-state, 64 MiB, over the" \
+           " 64 MiB a call carries; the next call compiles them again" in log
+    log, packed = call("whole")
+    assert ".gpu-state/improved.json" in packed and not [name for name in packed if "/jax" in name]
+
+
 def test_gpu_sh_refuses_a_misspelt_stage_name_before_anything_runs(tmp_path):
     """GPU_SH_STAGES naming no stage ran nothing, and the call came back empty."""
     fake, log = tmp_path / "python", tmp_path / "stages.log"
@@ -321,7 +368,8 @@ def test_gpu_sh_refuses_a_misspelt_stage_name_before_anything_runs(tmp_path):
 
     script = (ROOT / "bench" / "gpu.sh").read_text()  # the names it knows are those of its stages
     known = re.search(r'^STAGES="([^"]*)"', script, re.M)[1].split()
-    assert sorted(known) == sorted(re.findall(r"^\s*stage ([\w-]+) ", script, re.M)) and len(known) == 11
+    staged = re.findall(r'^\s*(?:\w+="[^"]*" )?stage ([\w-]+) ', script, re.M)  # some with an environment
+    assert sorted(known) == sorted(staged) and len(known) == 11
 
 
 def wheel(folder, name: str, version: str, tag: str, source: str) -> None:

@@ -153,6 +153,13 @@ def test_unpack_joins_pieces_and_hands_an_unfinished_run_to_the_checkout_until_i
     assert [p.name for p in (checkout / ".gpu-state").iterdir()] == ["improved.json"]  # the next call skips it
     row = gpu_report.rows(results).iloc[0]
     assert (row["status"], row["test_acc"], row["epochs"]) == ("full schedule over 2 calls", 0.95, 150)
+    assert row["programs loaded"] is None  # recorded by none of its calls
+
+    # each call's loads, once recorded: the second loaded what the first compiled (.gpu-state/jax, carried)
+    loads = [{"compile_cache_programs": 0}, {"compile_cache_programs": 3}]
+    (results / "gpu-improved.json").write_text(json.dumps({**json.loads(whole), "parts": loads,
+                                                           "compile_cache_programs": 3}))
+    assert gpu_report.rows(results).iloc[0]["programs loaded"] == "0, 3"
 
     with pytest.raises(SystemExit, match="no such file, nor pieces"):
         gpu_report.unpack(tmp_path / "absent.tar.gz", results, checkout)
