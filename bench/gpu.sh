@@ -4,6 +4,9 @@
 # backend it measures, most important first, each stage under its own time limit so that one slow
 # stage cannot take the others' results with it:
 #   1. params/fast.yaml, its whole schedule on the real images: fit seconds and test_acc (all 10,000);
+#   1b. fast-warm: the same again, its programs loaded from JAX's compilation cache that stage 1 filled: the fit's
+#      seconds without its ~25 s of compiling, as a machine that has run it before trains it (the way airbench
+#      times its runs, after a warm-up run);
 #   2. explore-ceiling: fast.yaml at twice its widths for 40 epochs, whether capacity lifts its plateau near 0.91 on
 #      the JPEG copy (the question that decides whether 0.94 is in reach of a ResNet-9 here at all);
 #   3. the seed recipe (params/default.yaml): seconds per epoch, projected 150 epochs;
@@ -68,7 +71,7 @@ OUT=${OUT:-bench/results}
 DATA=${DATA:-.data/cifar10-jpeg-q75.tar.gz}
 PY=${PYTHON:-python3}
 SITE=${GPU_SH_SITE:-/tmp/gpu-site}  # where the wheels go (emptied first: a warm machine keeps an earlier call's)
-STAGES="fast explore-ceiling seed improved explore-wide explore-24-ghost explore-seed1 explore-ema explore-32
+STAGES="fast fast-warm explore-ceiling seed improved explore-wide explore-24-ghost explore-seed1 explore-ema explore-32
   explore-drop explore-24-altflip"
 for name in ${GPU_SH_STAGES:-}; do  # a misspelt name would run nothing and waste the call
   [[ " ${STAGES//$'\n'/ } " == *" $name "* ]] \
@@ -139,6 +142,9 @@ stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in
 }
 passed="" failures=""
 stage fast "${FAST_LIMIT:-220}" --full --params params/fast.yaml --overrides "train.feed=device $small9"
+# the same command again: every program it runs loaded from the cache the fast stage filled (its JSON's
+# compile_cache_programs says how many), so its fit is what a second run of fast.yaml on this machine takes
+stage fast-warm "${WARM_LIMIT:-90}" --full --params params/fast.yaml --overrides "train.feed=device $small9"
 # Does capacity lift fast.yaml's plateau near 0.91 on the JPEG copy (0.9131 at 40 epochs)? Its widths doubled (4x
 # the computation), 40 epochs: if even that stays well short of 0.94, no ResNet-9 reaches it here in 10 s.
 stage explore-ceiling "${CEILING_LIMIT:-150}" --full --params params/fast.yaml \

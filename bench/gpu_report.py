@@ -42,11 +42,12 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
     `results` holds the last call's gpu.log, a stage it names that wrote no file in that call (skipped, or ended
     before its first epoch did) has a row saying `not run` and why, and a stopped one's status is the log's."""
     records = []
-    order = {"gpu-fast.json": 0, "gpu-improved.json": 1, "gpu-seed.json": 2}  # gpu.sh's stages, then the rest
+    order = {name: i for i, name in enumerate(("gpu-fast.json", "gpu-fast-warm.json", "gpu-improved.json",
+                                                "gpu-seed.json"))}  # gpu.sh's headline stages, then the rest
     called, stages = stage_log(results)
     files = {path.name: path for path in results.glob("gpu-*.json")}
     unrun = {f"gpu-{name}.json": stage for name, stage in stages.items() if not stage["wrote"]}
-    for name in sorted(files.keys() | unrun.keys(), key=lambda name: (order.get(name, 3), name)):
+    for name in sorted(files.keys() | unrun.keys(), key=lambda name: (order.get(name, len(order)), name)):
         if name in unrun:  # an older call's file of that name, if any, keeps its own row
             records.append({"file": name, "date": called or date, "status": f"not run: {unrun[name]['why']}"})
         if name not in files:

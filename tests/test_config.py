@@ -390,7 +390,7 @@ def test_every_gpu_sh_stages_overrides_load_with_its_params_file(tmp_path, smoke
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stages = [line.split("\t") for line in log.read_text().splitlines()]
     assert [name for name, *_ in stages] == [f"gpu-{name}.json" for name in (
-        "fast", "explore-ceiling", "seed", "improved", "explore-wide", "explore-24-ghost", "explore-seed1",
+        "fast", "fast-warm", "explore-ceiling", "seed", "improved", "explore-wide", "explore-24-ghost", "explore-seed1",
         "explore-ema", "explore-32", "explore-drop", "explore-24-altflip")]
     loaded = {name: config.load_from_cli(params, overrides) for name, params, overrides in stages}
     assert all(cfg.train.feed == "device" for cfg in loaded.values())
@@ -400,6 +400,7 @@ def test_every_gpu_sh_stages_overrides_load_with_its_params_file(tmp_path, smoke
     assert long.train.epochs > fast.train.epochs and sum(wide.model.widths) > sum(fast.model.widths)  # what they try
     assert list(ceiling.model.widths[1:]) == [2 * w for w in fast.model.widths[1:]]  # twice, behind the stem
     assert ceiling.train.epochs == (fast.train.epochs if smoke else 40)
+    assert loaded["gpu-fast-warm.json"] == loaded["gpu-fast.json"]  # the same programs: loaded, not compiled again
 
 
 @pytest.mark.parametrize(("override", "message"), [

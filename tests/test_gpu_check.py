@@ -289,7 +289,7 @@ def test_gpu_sh_times_improved_within_its_limit_goes_on_from_its_checkpoint_and_
     def improved_limit(out):
         return int(re.search(r"^== improved \(limit (\d+)s\)", logs[out], re.M)[1])
 
-    first = ["fast", "explore-ceiling", "seed"]
+    first = ["fast", "fast-warm", "explore-ceiling", "seed"]
     explore = ["explore-wide", "explore-24-ghost", "explore-seed1", "explore-ema", "explore-32", "explore-drop",
                "explore-24-altflip"]
     logs = {}
@@ -362,14 +362,14 @@ def test_gpu_sh_refuses_a_misspelt_stage_name_before_anything_runs(tmp_path):
                           timeout=60, env={"PATH": os.environ["PATH"], "PYTHON": str(fake), "FAKE_LOG": str(log),
                                            "OUT": str(tmp_path / "out"), "GPU_SH_STAGES": "explore-drop explore-wdie"})
     assert proc.returncode == 2
-    assert "GPU_SH_STAGES: no stage 'explore-wdie' (stages: fast explore-ceiling seed" in proc.stderr
+    assert "GPU_SH_STAGES: no stage 'explore-wdie' (stages: fast fast-warm explore-ceiling seed" in proc.stderr
     assert not log.exists() and not (tmp_path / "out").exists()
     import re
 
     script = (ROOT / "bench" / "gpu.sh").read_text()  # the names it knows are those of its stages
     known = re.search(r'^STAGES="([^"]*)"', script, re.M)[1].split()
     staged = re.findall(r'^\s*(?:\w+="[^"]*" )?stage ([\w-]+) ', script, re.M)  # some with an environment
-    assert sorted(known) == sorted(staged) and len(known) == 11
+    assert sorted(known) == sorted(staged) and len(known) == 12
 
 
 def wheel(folder, name: str, version: str, tag: str, source: str) -> None:

@@ -23,9 +23,14 @@ def test_report_lists_every_stage_in_gpu_sh_order_and_marks_a_stopped_one(tmp_pa
           epoch_seconds=[30.0, 0.5, 0.5], steady_epoch_seconds=0.5, fit_seconds=31.0,
           fit_seconds_after_first_epoch=1.0, test_acc=0.91, projected_full_schedule_minutes=0.0)
     write(tmp_path, "gpu-improved.json", partial=True, params="params/improved.yaml", epoch_seconds=[120.0])
+    write(tmp_path, "gpu-explore-32.json", params="params/fast.yaml", epoch_seconds=[30.0, 0.5])
+    write(tmp_path, "gpu-fast-warm.json", params="params/fast.yaml", epoch_seconds=[1.5, 0.5, 0.5], fit_seconds=2.5,
+          test_acc=0.91, compile_cache_programs=3)
     frame = gpu_report.rows(tmp_path)
-    assert list(frame["file"]) == ["gpu-fast.json", "gpu-improved.json", "gpu-seed.json"]
-    fast, improved, seed = (frame.iloc[i] for i in range(3))
+    assert list(frame["file"]) == ["gpu-fast.json", "gpu-fast-warm.json", "gpu-improved.json", "gpu-seed.json",
+                                   "gpu-explore-32.json"]
+    assert frame.iloc[1]["programs loaded"] == 3  # its first epoch short by what fast compiled
+    fast, improved, seed = (frame.iloc[i] for i in (0, 2, 3))
     assert (fast["test_acc"], fast["epochs"], fast["overrides"], fast["status"]) == (0.91, 3, "train.feed=device",
                                                                                      "full schedule")
     assert fast["projected min (full schedule)"] is None  # a full run reports what it measured, not a projection
@@ -35,7 +40,7 @@ def test_report_lists_every_stage_in_gpu_sh_order_and_marks_a_stopped_one(tmp_pa
     assert seed["projected min (full schedule)"] == 38.6 and seed["test_acc"] is None
     text = gpu_report.report(tmp_path, "2026-01-02")
     assert "NVIDIA H200" in text and "2026-01-02" in text and "nan" not in text
-    assert text.count("| gpu-") == 3
+    assert text.count("| gpu-") == 5
 
 
 def test_report_refuses_a_folder_without_results(tmp_path):
