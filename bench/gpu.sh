@@ -56,13 +56,14 @@
 #   .gpu-state into the checkout, replacing the one carried, and writes gpu.md)
 #
 # A stage whose programs an earlier stage of the call compiled (the same model, shapes, schedule and training images)
-# loads them from JAX's compilation cache (pipeline's, ~/.cache/cifar10-resnet/jax there, fresh with each machine):
+# loads them from JAX's compilation cache (a folder of the call's own, under $TMPDIR, removed at its end):
 # its first epoch is then short by about `compile_seconds_saved`, and its gpu-*.json says so
-# (`compile_cache_programs`). None of this call's stages does so today: each differs from the others in its model
-# or schedule, and explore-seed1's seed draws other held-out images (the normalisation's mean and std differ).
-# improved keeps its own cache in .gpu-state/jax, carried with its unfinished training (while .whl, .data and
-# .gpu-state stay within the 64 MiB a call carries; GPU_SH_CARRY_MIB): a later call on the same kind of GPU that
-# goes on from it loads its programs instead of compiling them for ~100 s (each call's count: `parts` of its JSON).
+# (`compile_cache_programs`). Of this call's stages only fast-warm does so (fast's programs): the others each differ
+# from the rest in model or schedule, and explore-seed1's seed draws other held-out images (the normalisation's mean
+# and std differ). improved keeps its own cache in .gpu-state/jax, carried with its unfinished training (while the
+# checkout, .whl, .data and .gpu-state stay within the 64 MiB a call sends; GPU_SH_CARRY_MIB): a later call on the
+# same kind of GPU that goes on from it loads its programs instead of compiling them for ~100 s (each call's count:
+# `parts` of its JSON).
 #
 # A CPU rehearsal at toy scale (synthetic images, tiny widths, 2 epochs), for any machine with JAX:
 #   GPU_SH_SMOKE=1 OUT=/tmp/gpu-smoke bash bench/gpu.sh
@@ -121,9 +122,32 @@ if [[ -n "${GPU_SH_SMOKE:-}" ]]; then
   STATE=${GPU_SH_STATE:-$OUT/state-smoke}  # never the checkout's own
 fi
 STATE=${STATE:-${GPU_SH_STATE:-.gpu-state}}  # improved.yaml's training between calls
+# The stages' JAX compilation cache: a folder of the call's own, removed at its end. pipeline's (~/.cache) outlives
+# the call on a machine kept warm, and a later call's fast stage loaded the programs an earlier one compiled: fast
+# timed without its compiling, and fast-warm no different from it. One set in the environment is used as it is
+# (empty: off); improved keeps its own in $STATE/jax.
+if [[ -z ${JAX_COMPILATION_CACHE_DIR+set} ]] && stage_cache=$(mktemp -d "${TMPDIR:-/tmp}/gpu-jax.XXXXXX"); then
+  export JAX_COMPILATION_CACHE_DIR=$stage_cache
+  trap 'rm -rf "$stage_cache"' EXIT
+fi
 
 failed=0 budget=${GPU_SH_BUDGET:-570}  # the call's own limit (run's timeout_s) less a margin
-CARRY_MIB=${GPU_SH_CARRY_MIB:-64}  # what the device tool carries to a call in all (.whl, .data, .gpu-state)
+CARRY_MIB=${GPU_SH_CARRY_MIB:-64}  # what the device tool sends to a call in all (checkout, .whl, .data, .gpu-state)
+sent_bytes() {  # what the next call sends: the checkout's files that git does not ignore, and the carried .whl, .data
+  # and $STATE; where git does not know the checkout (the machine's copy), all of it but .git and __pycache__
+  local tree="" path size
+  if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f1)
+    for path in .whl .data "$STATE"; do  # a link counts as itself: the device tool sends it as a link
+      [[ -e "$path" || -L "$path" ]] || continue
+      size=$(du -sb "$path" 2>/dev/null | cut -f1)
+      tree=$(( ${tree:-0} + ${size:-0} ))
+    done
+  else
+    tree=$(du -sb --exclude=.git --exclude=__pycache__ . 2>/dev/null | cut -f1)
+  fi
+  echo "${tree:-0}"
+}
 stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in gpu.log; skipped without the time
   local name=$1 limit=$2; shift 2
   if [[ -n "${GPU_SH_STAGES:-}" && " $GPU_SH_STAGES " != *" $name "* || -n ${stopped:-} ]]; then
@@ -179,11 +203,10 @@ elif (( left >= 150 )); then  # its first epoch compiles for ~100 s (less where 
   if [[ ! -d "$STATE/improved" ]]; then  # nothing left to go on from
     rm -rf "$STATE/jax"
   elif [[ -d "$STATE/jax" ]]; then  # kept only where the next call can still carry it with the rest
-    carried=0
-    for path in .whl .data "$STATE"; do [[ -e "$path" ]] && carried=$(( carried + $(du -sb "$path" | cut -f1) )); done
+    carried=$(sent_bytes) programs=$(du -sb "$STATE/jax" 2>/dev/null | cut -f1)
     if (( carried > (CARRY_MIB - 1) * 1024 * 1024 )); then
-      echo "== improved's compiled programs not kept ($(( $(du -sb "$STATE/jax" | cut -f1) / 1024 / 1024 )) MiB):" \
-        "with .whl, .data and $STATE, $(( carried / 1024 / 1024 )) MiB, over the ${CARRY_MIB} MiB a call" \
+      echo "== improved's compiled programs not kept ($(( ${programs:-0} / 1024 / 1024 )) MiB): with the checkout," \
+        ".whl, .data and $STATE, $(( carried / 1024 / 1024 )) MiB, over the ${CARRY_MIB} MiB a call" \
         "carries; the next call compiles them again" | tee -a "$LOG"
       rm -rf "$STATE/jax"
     fi

@@ -95,7 +95,7 @@ class Partial(keras.callbacks.Callback):
 
 
 def cache_loads() -> dict:
-    """What JAX's compilation cache spared this process so far (`fitting.compile_cache_loaded`), as train logs it: a
+    """What JAX's compilation cache spared the training so far (`fitting.compile_cache_loaded`), as train logs it: a
     first epoch that loaded its programs is short by about `compile_seconds_saved`."""
     programs, saved = fitting.compile_cache_loaded()
     return {"compile_cache_programs": programs, "compile_seconds_saved": round(saved, 2)}

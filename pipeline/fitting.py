@@ -273,7 +273,7 @@ def cpu_allocator() -> str:
     return "bfc"
 
 
-_LOADED = {"programs": 0, "seconds_saved": 0.0}  # what JAX's persistent compilation cache spared this process
+_LOADED = {"programs": 0, "seconds_saved": 0.0}  # what JAX's persistent compilation cache spared the training
 
 
 def _count_loaded(event: str, duration_secs: float = 0.0, **_) -> None:
@@ -286,7 +286,7 @@ def _count_loaded(event: str, duration_secs: float = 0.0, **_) -> None:
 def compile_cache() -> str:
     """Where Keras on JAX keeps its compiled programs across runs (JAX's persistent compilation cache, which `pipeline`
     turns on): the folder, "off" (`JAX_COMPILATION_CACHE_DIR` set empty), "n/a" on another backend. Counts from here on
-    what it spares this process (`compile_cache_loaded`)."""
+    what it spares (`compile_cache_loaded`; from zero again at each `count_compile_cache_loads`)."""
     if keras.backend.backend() != "jax":
         return "n/a"
     import jax
@@ -303,9 +303,18 @@ def _listen_for_loads() -> None:
     jax.monitoring.register_event_duration_secs_listener(_count_loaded)
 
 
+def count_compile_cache_loads() -> None:
+    """Count what JAX's persistent compilation cache spares from zero, from here on: `compile_model` calls it, so that
+    each training counts its own loads (a sweep worker trains its trials one after another in one process, each
+    followed by programs of its served copy), not the process's."""
+    compile_cache()
+    _LOADED.update(programs=0, seconds_saved=0.0)
+
+
 def compile_cache_loaded() -> tuple[int, float]:
-    """How many compiled programs JAX's persistent compilation cache gave this process since `compile_cache`, and the
-    seconds of compiling they spared it (JAX's figure: their compile time then, less the time to read them)."""
+    """How many compiled programs JAX's persistent compilation cache gave this process since the last
+    `count_compile_cache_loads` (the last `compile_model`: the training's), and the seconds of compiling they spared
+    it (JAX's figure: their compile time then, less the time to read them)."""
     return _LOADED["programs"], _LOADED["seconds_saved"]
 
 
@@ -330,7 +339,7 @@ def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, trai
     leak into models built later in the process, such as the float32 served copy."""
     t = cfg.train
     check_backend(cfg)
-    compile_cache()  # counting what it spares from the first program on
+    count_compile_cache_loads()  # what the cache spares this training, from its first program on
 
     def build(precision: str, jit: bool | str) -> keras.Model:
         with dist.scope():

@@ -4,6 +4,7 @@ told then, and never a results file from a benchmark that did not finish (or one
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -87,6 +88,28 @@ def test_a_failed_run_is_one_line_naming_its_error(monkeypatch):
     with pytest.raises(SystemExit) as exc:
         time_to_accuracy.run_profile("x", "", [])
     assert str(exc.value) == "x: `mlflow run` failed (exit 1): error: params: file not found: params/x.yaml"
+
+
+def test_every_run_compiles_afresh_in_a_jax_compilation_cache_of_its_own(monkeypatch):
+    """`pipeline` (imported by `bench`) points JAX's compilation cache at ~/.cache for this process and its children:
+    each run of the benchmark would load what the one before it compiled, its clock not starting from nothing."""
+    import mlflow  # noqa: F401 - imported before subprocess.run is replaced (run_profile imports it)
+
+    from bench import time_to_accuracy
+
+    folders = []
+
+    def run(cmd, env, **_):
+        folders.append(env["JAX_COMPILATION_CACHE_DIR"])
+        assert not os.path.exists(env["JAX_COMPILATION_CACHE_DIR"])
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="error: stop here\n")
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/cifar10-resnet/jax"))
+    monkeypatch.setattr(time_to_accuracy.subprocess, "run", run)
+    for _ in range(2):
+        with pytest.raises(SystemExit, match="error: stop here"):
+            time_to_accuracy.run_profile("quick", "", [])
+    assert len(set(folders)) == 2 and not any(folder.startswith(os.path.expanduser("~")) for folder in folders)
 
 
 def test_a_failed_child_of_a_benchmark_is_one_line_with_its_reason():

@@ -117,3 +117,35 @@ def test_the_jax_compilation_cache_set_empty_is_off(monkeypatch):
     assert fitting.compile_cache() == "off"
     monkeypatch.setattr(keras.backend, "backend", lambda: "tensorflow")
     assert fitting.compile_cache() == "n/a"
+
+
+COUNTS_PER_TRAINING = """
+import jax
+from pipeline import config, data, fitting
+from pipeline.distribute import distribution
+
+cfg = config.load_from_cli("params/tiny.yaml", "")
+dataset = data.make_synthetic(n_train=64, n_test=16)
+fitting.compile_model(cfg, dataset, distribution("none"), 64)
+# what JAX records for each program it loads from its persistent compilation cache (jax._src.compiler)
+jax.monitoring.record_event("/jax/compilation_cache/cache_hits")
+jax.monitoring.record_event_duration_secs("/jax/compilation_cache/compile_time_saved_sec", 2.5)
+print("first", *fitting.compile_cache_loaded())
+fitting.compile_model(cfg, dataset, distribution("none"), 64)  # the next training of the process (a sweep's trial)
+print("second", *fitting.compile_cache_loaded())
+"""
+
+
+def test_each_training_counts_only_the_programs_it_loaded_from_jaxs_cache():
+    """A sweep worker trains its trials one after another in one process: each train run's compile_cache_programs
+    and compile_seconds_saved are its own training's loads, not those of the trials before it (nor of their served
+    copies' programs, loaded after their counts were logged)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-c", COUNTS_PER_TRAINING], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "first 1 2.5" in result.stdout and "second 0 0.0" in result.stdout, result.stdout

@@ -347,10 +347,88 @@ def test_gpu_sh_carries_improveds_compiled_programs_with_its_unfinished_training
     log, packed = call("large", FAKE_UNFINISHED="1", FAKE_CACHE_KIB=str(44 << 10))  # 20 + 44 MiB, and the training
     assert not [name for name in packed if name.startswith(".gpu-state/jax")]
     assert ".gpu-state/improved/progress.json" in packed  # the training itself is carried all the same
-    assert "== improved's compiled programs not kept (44 MiB): with .whl, .data and .gpu-state, 64 MiB, over the" \
-           " 64 MiB a call carries; the next call compiles them again" in log
+    assert "== improved's compiled programs not kept (44 MiB): with the checkout, .whl, .data and .gpu-state, 64 MiB," \
+           " over the 64 MiB a call carries; the next call compiles them again" in log
     log, packed = call("whole")
     assert ".gpu-state/improved.json" in packed and not [name for name in packed if "/jax" in name]
+
+
+@pytest.mark.parametrize("git", [False, True], ids=["machine-copy", "git-checkout"])
+def test_gpu_sh_counts_the_checkouts_own_files_in_what_the_next_call_carries(tmp_path, git):
+    """The device tool's 64 MiB hold the checkout's files too (bench/results' figures...), not only .whl, .data and
+    .gpu-state: compiled programs that fit beside those alone but not with the checkout made the next call too large
+    to send. In a git checkout only what git does not ignore travels (a .venv does not count); in the machine's copy,
+    all of it but .git and __pycache__."""
+    import tarfile
+
+    fake, checkout = tmp_path / "python", tmp_path / "checkout"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    (checkout / ".data").mkdir(parents=True)
+    (checkout / ".data" / "images.tar.gz").write_bytes(b"\0" * (20 << 20))
+    if git:
+        (checkout / ".venv").mkdir()
+        (checkout / ".venv" / "lib.so").write_bytes(b"\0" * (30 << 20))  # ignored: stays behind
+        (checkout / ".gitignore").write_text("/.venv/\n/.data/\n/.gpu-state/\n")
+        subprocess.run(["git", "init", "-q"], cwd=checkout, check=True)
+
+    def kept(out, cache_mib):
+        proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=checkout, capture_output=True,
+                              text=True, timeout=120, env={"PATH": os.environ["PATH"], "PYTHON": str(fake),
+                                                           "OUT": str(tmp_path / out), "FAKE_LOG": os.devnull,
+                                                           "GPU_SH_STAGES": "improved", "FAKE_UNFINISHED": "1",
+                                                           "FAKE_CACHE_KIB": str(cache_mib << 10)})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        with tarfile.open(tmp_path / out / "gpu-results.tar.gz") as tar:
+            return ".gpu-state/jax/improved-cache" in tar.getnames()
+
+    assert kept("alone", 40)  # 20 + 40 MiB (and a .venv git ignores)
+    (checkout / "bench" / "results").mkdir(parents=True)
+    (checkout / "bench" / "results" / "curves.png").write_bytes(b"\0" * (4 << 20))  # the checkout's own files
+    assert not kept("with-the-checkout", 40)  # 20 + 40 + 4 MiB: over 64
+    assert kept("smaller", 30)
+
+
+FAKE_CACHING_PYTHON = """#!/bin/bash
+# bench/gpu.sh's python, as JAX's compilation cache sees a stage: the folder in its environment, else pipeline's
+# default under $HOME; it records whether that folder held programs already, then leaves one there
+[[ $1 == -c ]] && exit 0
+while (( $# )); do case $1 in --out) out=$2; shift;; esac; shift; done
+name=${out##*/gpu-} cache=${JAX_COMPILATION_CACHE_DIR-$HOME/.cache/cifar10-resnet/jax} state=off
+if [[ -n $cache ]]; then
+  [[ -n "$(ls -A "$cache" 2>/dev/null)" ]] && state=warm || state=cold
+  mkdir -p "$cache" && echo program > "$cache/${name%.json}-program"
+fi
+echo "${name%.json} $state" >> "$FAKE_LOG"
+echo '{"epoch_seconds": [1.0], "test_acc": 0.5}' > "$out"
+"""
+
+
+def test_gpu_sh_times_fast_compiling_on_a_machine_an_earlier_call_left_warm(tmp_path):
+    """A machine kept warm between two calls keeps its files: with pipeline's cache in ~/.cache the second call's
+    fast stage loaded the programs the first one compiled (fast timed without its compiling, fast-warm no different).
+    Each call's stages share a cache of the call's own, removed at its end; one set in the environment stays."""
+    fake, log, home, tmp = tmp_path / "python", tmp_path / "stages.log", tmp_path / "home", tmp_path / "tmp"
+    fake.write_text(FAKE_CACHING_PYTHON)
+    fake.chmod(0o755)
+    tmp.mkdir()
+
+    def call(out, **env):
+        log.write_text("")
+        proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env={"PATH": os.environ["PATH"], "PYTHON": str(fake), "HOME": str(home),
+                                                "TMPDIR": str(tmp), "OUT": str(tmp_path / out), "FAKE_LOG": str(log),
+                                                "GPU_SH_STAGES": "fast fast-warm", **env})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return log.read_text().splitlines()
+
+    for out in ("first", "second"):  # the same warm machine
+        assert call(out) == ["fast cold", "fast-warm warm"]
+        assert not list(tmp.iterdir())  # removed at the call's end
+    assert call("off", JAX_COMPILATION_CACHE_DIR="") == ["fast off", "fast-warm off"]
+    mine = tmp_path / "my-cache"
+    assert call("mine", JAX_COMPILATION_CACHE_DIR=str(mine)) == ["fast cold", "fast-warm warm"]
+    assert call("mine-again", JAX_COMPILATION_CACHE_DIR=str(mine)) == ["fast warm", "fast-warm warm"]  # kept
 
 
 def test_gpu_sh_refuses_a_misspelt_stage_name_before_anything_runs(tmp_path):
@@ -537,7 +615,8 @@ def test_gpu_report_takes_the_loose_files_of_a_call_ended_before_it_packed_them(
     shutil.copytree(checkout / ".gpu-state", tmp_path / "carried" / ".gpu-state")
     out = tmp_path / "out"
     env = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "OUT": str(out), "FAKE_HANG": "1",
-           "GPU_SH_STAGES": "improved"}  # a second call, going on with the run the first carried back
+           "GPU_SH_STAGES": "improved", "TMPDIR": str(tmp_path)}  # a second call, going on with the run the first
+    #                                   carried back; its stages' cache folder, killed with it, is left in tmp_path
     call = subprocess.Popen(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=tmp_path / "carried",
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     deadline = time.monotonic() + 60
