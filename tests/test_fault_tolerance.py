@@ -1105,6 +1105,37 @@ def test_a_proxys_gateway_error_is_no_answer_but_any_other_http_answer_is(monkey
         server.shutdown()
 
 
+def test_the_ready_line_and_the_runs_console_link_never_print_the_stores_password(monkeypatch):
+    """`python -m pipeline.tracking` said `tracking store http://alice:s3cret@host ready`, and every step's last line
+    (`ui_hint`) named the store whole: a team's PostgreSQL or server password in the console and its logs."""
+    import http.server
+    import threading
+
+    from pipeline.tracking import store_ready, ui_hint
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{port}")
+    try:
+        assert store_ready() == f"tracking store http://alice:***@127.0.0.1:{port} ready"
+    finally:
+        server.shutdown()
+    run = mlflow.entities.Run(mlflow.entities.RunInfo("r1", "7", "", 0, 0, "FINISHED", "", ""), None)
+    assert ui_hint(run) == f"run r1: http://alice:***@127.0.0.1:{port}/#/experiments/7/runs/r1"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow:s3/cret@db-host:5432/mlflow")
+    assert ui_hint(run) == ("run r1: see it with `mlflow ui --backend-store-uri postgresql://mlflow:***@db-host:5432/"
+                            "mlflow`, then http://127.0.0.1:5000/#/experiments/7/runs/r1")
+
+
 @pytest.mark.parametrize(("every", "stop", "ema"), [(1, 2, False), (2, 3, False), (2, 3, True)])
 def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_path, every, stop, ema):
     """The shifts, flips and cutout draw from SeedGenerators whose state `save_weights` leaves out: the checkpoint

@@ -244,6 +244,11 @@ def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
                           f"({_first_line(str(exc).replace(uri, shown))})") from None
 
 
+def store_ready() -> str:
+    """`python -m pipeline.tracking`'s line: the store `ensure_store` created or found answering, password hidden."""
+    return f"tracking store {_without_password(ensure_store())} ready"
+
+
 def _first_line(text: str) -> str:
     return (str(text).strip().splitlines() or [""])[0][:600]  # whole sentences: MLflow ends its advice with the fix
 
@@ -310,7 +315,7 @@ def git_commit() -> str | None:
 
 def ui_hint(run: mlflow.entities.Run | mlflow.ActiveRun) -> str:
     """Where to look at `run`: its page on the tracking server, or the `mlflow ui` command for a local store."""
-    uri = mlflow.get_tracking_uri()
+    uri = _without_password(mlflow.get_tracking_uri())  # a console line, kept in logs: no password
     page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     if uri.startswith(("http://", "https://")):
         return f"run {run.info.run_id}: {uri.rstrip('/')}/{page}"
