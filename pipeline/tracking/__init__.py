@@ -244,6 +244,11 @@ def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
                           f"({_first_line(str(exc).replace(uri, shown))})") from None
 
 
+def asks_for_help(args: list[str]) -> bool:
+    """Whether argparse reads `args` as a request for the help: `-h`, `--help` or an abbreviation of it (`--he`)."""
+    return any(arg == "-h" or (arg.startswith("--h") and "--help".startswith(arg)) for arg in args)
+
+
 def store_ready() -> str:
     """`python -m pipeline.tracking`'s line: the store `ensure_store` created or found answering, password hidden."""
     return f"tracking store {_without_password(ensure_store())} ready"
@@ -529,7 +534,7 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGTERM, signal.SIGINT)}
     wrapper_run = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow unsets it when that run ends
     try:
-        if not {"-h", "--help"} & set(sys.argv[1:]):  # argparse prints the help and exits 0: no store to make
+        if not asks_for_help(sys.argv[1:]):  # argparse prints the help and exits 0: no store to make
             ensure_store()
         interrupts.take()  # one an earlier entry point in this process handled
         main()
