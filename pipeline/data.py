@@ -64,8 +64,10 @@ SOURCES = ("'cifar10', 'synthetic', the official CIFAR-10 python archive or its 
 # evaluate logs `test_acc_<class>`: MLflow's metric names (mlflow.utils.validation) admit these characters only
 METRIC_NAME = re.compile(r"[/\w.\- :]+")
 METRIC_CHARS = "letters, digits, underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/)"
-# What a damaged archive raises while it is read: zlib's and lzma's errors are no OSError
-ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error, lzma.LZMAError)
+# What a damaged archive raises while it is read: zlib's and lzma's errors are no OSError, and zipfile raises
+# NotImplementedError for a directory entry asking for a zip version above the 6.3 it reads (a flipped bit, or a tool's)
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error, lzma.LZMAError,
+                  NotImplementedError)
 # A file named like an archive that neither zipfile nor tarfile can open is a damaged one, not some other file
 ARCHIVE_SUFFIXES = (".zip", ".npz", ".tar", ".tgz", ".tbz2", ".txz", ".gz", ".bz2", ".xz")
 
@@ -150,12 +152,26 @@ def load_prepared(path: str | Path) -> Dataset:
     return dataset
 
 
-def _is_npz(path: Path) -> bool:
-    """NumPy's .npz (a zip of .npy arrays), by its contents."""
+def _is_zip(path: Path) -> bool:
+    """A zip file: one that starts as a zip does, and whose directory zipfile finds at its end. zipfile alone looks
+    only at the end: it took a .tar whose last member is a zip (an image folder's tar holding a zip of other images)
+    for that zip, and read the zip in the tar's place; a .tar.gz whose compressed bytes hold a zip's end signature
+    near their end would be refused as a damaged zip."""
     if not (path.is_file() and zipfile.is_zipfile(path)):
         return False
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
+    with open(path, "rb") as f:
+        return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")  # a member's local header, or an empty zip's directory
+
+
+def _is_npz(path: Path) -> bool:
+    """NumPy's .npz (a zip of .npy arrays), by its contents."""
+    if not _is_zip(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except ARCHIVE_ERRORS:  # a damaged directory (zipfile's BadZipFile was a traceback): the archive reader names it
+        return False
     return bool(names) and all(name.endswith(".npy") for name in names)
 
 
@@ -401,7 +417,10 @@ def fetch_cifar10() -> Path:
 
 
 def verify_sha256(path: Path, expected: str) -> None:
-    actual = file_sha256(path)
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:  # e.g. an archive another user put in a shared Keras cache, unreadable: was a traceback
+        raise _unreadable(exc) from None
     if actual != expected:
         raise DataError(f"{path}: sha256 {actual} does not match the published {expected}; "
                         f"the file is truncated or not the official archive: delete it and fetch it again")
@@ -416,7 +435,7 @@ def _looks_like_cifar_python(path: Path) -> bool:
     if path.name in CIFAR10_ARCHIVE_NAMES:
         return True
     batches = {"batches.meta", "test_batch", *CIFAR10_TRAIN_BATCHES}
-    if zipfile.is_zipfile(path):
+    if _is_zip(path):
         try:
             with zipfile.ZipFile(path) as archive:
                 return any(_zip_name(m).rsplit("/", 1)[-1] in batches for m in archive.infolist() if not m.is_dir())
@@ -515,7 +534,10 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
         except FileNotFoundError as exc:
             missing = Path(exc.filename).name
             raise DataError(f"{path}: missing {missing} (expected the files of {CIFAR10_DIR}/)") from None
-    elif zipfile.is_zipfile(path):
+        except OSError as exc:  # a batch another user owns (the `cifar10` source reads an extracted folder in the
+            # Keras cache as it is), or a folder in its place: was a traceback
+            raise _unreadable(exc) from None
+    elif _is_zip(path):
         raw, where = {}, {}
         try:
             with zipfile.ZipFile(path) as archive:
@@ -647,6 +669,26 @@ def _zip_name(member: zipfile.ZipInfo) -> str:
     return member.filename.replace("\\", "/") if member.create_system == 0 else member.filename
 
 
+def _is_zip_link(member: zipfile.ZipInfo) -> bool:
+    """A symbolic link stored as one (`zip -y`, or a zip made on macOS): a Unix zip member of link mode."""
+    return member.create_system == 3 and stat.S_ISLNK(member.external_attr >> 16)
+
+
+def _zip_link_target(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo,
+                     files: dict[str, zipfile.ZipInfo]) -> tuple[zipfile.ZipInfo | None, str]:
+    """(the file member a link member names, through links to links, or None where the archive holds no such file:
+    a link to a folder, to a path outside the archive, or a loop; the path the link names)."""
+    named = ""
+    for _ in range(40):  # as many links as Linux follows in one path (ELOOP)
+        if not _is_zip_link(member):
+            return member, named
+        named = _read_member(path, archive, member, 4096).decode("utf-8", "surrogateescape")
+        member = files.get(posixpath.normpath(posixpath.join(posixpath.dirname(_zip_name(member)), named)))
+        if member is None:
+            break
+    return None, named
+
+
 def _iter_image_files(path: Path):
     """Yield (path parts, size or None, reader of at most n bytes) for every file of a folder, .zip or tar archive
     (.tar.gz, .tar, ...), and (path parts, None, None) for the folders it lists (an empty class folder is one). A
@@ -659,17 +701,29 @@ def _iter_image_files(path: Path):
         for folder in folders:
             yield folder.relative_to(path).parts, None, None
         return
-    if zipfile.is_zipfile(path):  # e.g. a repository's "Download ZIP": <repo>-main/train/<class>/...
+    if _is_zip(path):  # e.g. a repository's "Download ZIP": <repo>-main/train/<class>/...
         try:
             with zipfile.ZipFile(path) as archive:
+                files = {posixpath.normpath(_zip_name(m)): m for m in archive.infolist()
+                         if not _zip_name(m).endswith("/")}
                 for member in archive.infolist():
                     name = _zip_name(member)
                     parts = tuple(p for p in name.split("/") if p not in ("", "."))
                     if name.endswith("/"):
                         yield parts, None, None
-                    else:
-                        yield (parts, member.file_size,
-                               _archive_reader(path, lambda n, m=member: _read_member(path, archive, m, n)))
+                        continue
+                    if _is_zip_link(member):  # `zip -y` keeps a link as a member holding the path it names: read
+                        # as an image, it was refused as undecodable, and a linked class folder was dropped unseen
+                        target, named = _zip_link_target(path, archive, member, files)
+                        if target is None:
+                            if {"train", "test"} & set(parts[:-1]):
+                                raise DataError(f"{path}: {name} is a link to {named}, which the archive does not "
+                                                "hold as a file: zip the folder with its links followed (zip -r, "
+                                                "without -y)")
+                            continue
+                        member = target
+                    yield (parts, member.file_size,
+                           _archive_reader(path, lambda n, m=member: _read_member(path, archive, m, n)))
         except ARCHIVE_ERRORS as exc:
             raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
         return
@@ -716,7 +770,7 @@ def _split_index(parts: tuple[str, ...]) -> int | None:
 def load_image_folder(path: str | Path) -> Dataset:
     """Read `train/<class>/*` and `test/<class>/*` images; class names are the folder names."""
     path = Path(path)
-    files: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
+    files: dict[str, dict[str, dict[str, bytes]]] = {"train": {}, "test": {}}  # split -> class -> name -> bytes
     tops: set[tuple[str, ...]] = set()  # the folders holding train/ and test/
     class_folders: set[tuple[str, ...]] = set()  # every <split>/<class>/ folder, with images or without
     image_folders: set[tuple[str, ...]] = set()  # every folder holding images: named when no split is found
@@ -739,7 +793,9 @@ def load_image_folder(path: str | Path) -> Dataset:
         class_folders.add(parts[:at + 2])
         if parts[-1].lower().endswith(IMAGE_SUFFIXES):
             name = "/".join(parts)
-            files[parts[at]].setdefault(parts[at + 1], []).append((name, _read_image(read, size, f"{path}:{name}")))
+            # dict: an archive holding a name twice (`tar -u` appends a newer copy) gives the last, as tar -x and
+            # unzip -o leave it; a list read both, the image twice and its old pixels too
+            files[parts[at]].setdefault(parts[at + 1], {})[name] = _read_image(read, size, f"{path}:{name}")
             tops.add(parts[:at])
         elif not parts[-1].startswith("."):
             skipped.append("/".join(parts))  # in a class folder, but no image suffix: said, not dropped unseen
@@ -787,7 +843,7 @@ def load_image_folder(path: str | Path) -> Dataset:
     def split_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = [], []
         for label, cls in enumerate(train_classes):
-            for name, raw in sorted(files[split][cls]):
+            for name, raw in sorted(files[split][cls].items()):
                 images.append(decode_image(raw, f"{path}:{name}"))
                 labels.append(label)
         return np.stack(images), np.asarray(labels, dtype=np.int32)
