@@ -3,8 +3,10 @@
 Usage: python -m pipeline.predict cat.png dog.jpg --url http://127.0.0.1:5000
 Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as base64 to `<url>/invocations` and
 prints one line per image: file, predicted label, its probability (tab-separated). Exits 1 with a message on stderr
-when --url is not an http(s) URL, a file cannot be read, the server cannot be reached or it refuses the request
-(naming the file it refused), printing no predictions then.
+when --url is not an http(s) URL, a file cannot be read, the server cannot be reached, it refuses the request
+(naming the file it refused) or its answer is not a model server's (another service on that port, an answer cut
+short), printing no predictions then. A --url of http://user:password@host:port sends the user and password as
+HTTP Basic authentication (a server behind a proxy that asks for them); messages show the password as ***.
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """
 
@@ -47,6 +49,27 @@ def server_message(body: bytes) -> str:
     return message.rsplit("\nError: ", 1)[-1].strip() or "(no message)"
 
 
+def error_body(exc: urllib.error.HTTPError) -> bytes:
+    """The body of an error answer, or what came of it before the connection failed."""
+    try:
+        return exc.read()
+    except http.client.IncompleteRead as cut:
+        return cut.partial
+    except (OSError, http.client.HTTPException):
+        return b""
+
+
+def incomplete(exc: http.client.IncompleteRead) -> str:
+    """'<n> bytes read[, <m> more expected]' of a cut-short answer."""
+    return f"{len(exc.partial)} bytes read" + (f", {exc.expected} more expected" if exc.expected else "")
+
+
+def printable(exc: Exception) -> str:
+    """`exc` as one line of printable text: a non-HTTP service's first line may hold control bytes (a TLS alert)."""
+    text = re.sub(r"[^\x20-\x7e]", "?", " ".join(str(exc).split()))[:120]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def check_url(url: str) -> None:
     """PredictError naming --url unless `url` is http(s)://host[:port][/path]: urllib raises ValueError for
     some others, and would read a `file:` URL or report a missing scheme as a failed connection."""
@@ -54,9 +77,26 @@ def check_url(url: str) -> None:
         parts = urllib.parse.urlsplit(url)
         valid = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0  # port: ValueError if bad
     except ValueError as exc:
-        raise PredictError(f"--url: not a valid URL: {url!r} ({exc})") from None
+        raise PredictError(f"--url: not a valid URL: {without_password(url)!r} ({exc})") from None
     if not valid:
-        raise PredictError(f"--url: expected http://host:port, got {url!r}")
+        raise PredictError(f"--url: expected http://host:port, got {without_password(url)!r}")
+
+
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """`url` without its user part, and the HTTP Basic `Authorization` header that part gives (None without one): a
+    model server behind a proxy that asks for a password is reached as http://user:password@host, which urllib reads
+    as a host name ("Name or service not known")."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, None
+    credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return bare, "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
+
+
+def without_password(url: str) -> str:
+    """`url` with the password of its user part as `***`: an error line must not print it."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/]*@", r"\1:***@", url, flags=re.IGNORECASE)
 
 
 def name_images(message: str, names: list[str]) -> str:
@@ -68,22 +108,30 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
     """POST base64 images to `<url>/invocations`; return the server's predictions, one dict per image.
     `names` (one per image: file names) replace the server's `image <i>` in its error message."""
     check_url(url)
-    endpoint = f"{url.rstrip('/')}/invocations"
-    request = urllib.request.Request(endpoint, data=json.dumps({"inputs": images}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    bare, authorization = split_credentials(url)
+    url = without_password(url)  # as the messages below show it
+    endpoint = f"{bare.rstrip('/')}/invocations"
+    headers = {"Content-Type": "application/json", **({"Authorization": authorization} if authorization else {})}
+    request = urllib.request.Request(endpoint, data=json.dumps({"inputs": images}).encode(), headers=headers,
+                                     method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             predictions = json.loads(response.read())["predictions"]
     except urllib.error.HTTPError as exc:
-        message = name_images(server_message(exc.read()), names or [])
+        message = name_images(server_message(error_body(exc)), names or [])
         if exc.code == 404:  # a tracking server (`mlflow server` also defaults to port 5000), or --url .../invocations
             raise PredictError(f"HTTP 404 for {endpoint}: no model server at --url {url}; it takes the base URL of "
                                f"`mlflow models serve` (http://host:port), not a tracking server's") from None
         raise PredictError(f"server refused the request (HTTP {exc.code}): {message}") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+    except OSError as exc:  # URLError (refused, unknown host), a timeout, a connection reset, TLS
         raise PredictError(f"cannot reach {url} ({getattr(exc, 'reason', exc)})") from None
     except http.client.InvalidURL as exc:  # a ValueError too: e.g. a space in the host name
         raise PredictError(f"--url: not a valid URL: {url!r} ({exc})") from None
+    except http.client.IncompleteRead as exc:  # the server closed before the end of its answer (a worker killed)
+        raise PredictError(f"the answer from {url} was cut short ({incomplete(exc)}): did the server stop?") from None
+    except http.client.HTTPException as exc:  # no HTTP at all: another service on that port (SSH, PostgreSQL, TLS)
+        raise PredictError(f"no HTTP answer from {url} ({printable(exc)}); --url takes the address of "
+                           f"`mlflow models serve` (http://host:port)") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise PredictError(f"unexpected answer from {url} ({exc!r})") from None
     # Another model's server (say, a text classifier, which takes strings too) answers other rows.
@@ -113,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", type=Path,
                         help="PNG, JPEG, BMP, GIF, WebP or TIFF files, up to 16.8 megapixels (4096x4096; the server "
                              "refuses larger ones)")
-    parser.add_argument("--url", default="http://127.0.0.1:5000", help="the model server (default: %(default)s)")
+    parser.add_argument("--url", default="http://127.0.0.1:5000",
+                        help="the model server (default: %(default)s); http://user:password@host:port for one behind a "
+                             "proxy that asks for a password (HTTP Basic)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per request (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -90,9 +90,9 @@ def image_column(model_input: pd.DataFrame | dict) -> list:
         raise bad_input(f"named inputs take only '{IMAGE_COLUMN}', got {names}; send other columns "
                         f"(ids, file names) in a dataframe_records or dataframe_split")
     values = model_input[IMAGE_COLUMN]
-    if isinstance(values, np.ndarray) and values.ndim == 0:  # {"inputs": {"image": "<base64>"}}: one image
-        return [values.item()]
-    if isinstance(values, (pd.Series, np.ndarray)):
+    if isinstance(values, np.ndarray):  # 0-d: {"inputs": {"image": "<base64>"}}, one image
+        return array_items(values)
+    if isinstance(values, pd.Series):
         return values.tolist()
     return list(values) if isinstance(values, (list, tuple)) else [values]
 
@@ -109,12 +109,24 @@ def encoded_images(model_input: Any) -> list | None:
         if model_input.ndim > 1 or model_input.dtype.kind not in "USO":
             return None
         if model_input.ndim == 0:
-            return [model_input.item()]
-        model_input = model_input.tolist()
+            return array_items(model_input)
+        model_input = array_items(model_input)
     # A list starting with text is a batch of encoded images; to_bytes reports any item that is not.
     if isinstance(model_input, list) and model_input and isinstance(model_input[0], (str, bytes)):
         return model_input
     return None
+
+
+def array_items(values: np.ndarray) -> list:
+    """An array's items as a list (a 0-d array: its one item). Fixed-width bytes (numpy's "S", what `np.array` makes
+    of raw image bytes) whole: numpy drops their trailing zero bytes, with which many BMP, TIFF and WebP files end
+    (refused as truncated then); the zero padding up to the array's width is ignored by every decoder, as any bytes
+    after the image are."""
+    if values.ndim > 1:  # rows, refused item by item as lists
+        return values.tolist()
+    if values.dtype.kind == "S":
+        return [row.tobytes() for row in values.reshape(-1, 1)]
+    return values.reshape(-1).tolist()
 
 
 def decode_images(items: list) -> np.ndarray:
@@ -127,7 +139,7 @@ def decode_images(items: list) -> np.ndarray:
 def to_bytes(item: Any, name: str) -> bytes:
     """A base64 string (optionally a `data:` URI) or raw bytes -> the encoded image bytes."""
     if isinstance(item, np.ndarray) and item.ndim == 0:  # MLflow makes each value of an "inputs" record a 0-d array
-        item = item.item()
+        item = array_items(item)[0]
     if isinstance(item, bytes):
         raw = item
     elif isinstance(item, str):
@@ -185,8 +197,10 @@ def check_pixels(model_input: Any) -> np.ndarray:
     if np.issubdtype(x.dtype, np.floating):
         if not np.isfinite(x).all():
             raise bad_input("pixels contain NaN or infinity")
-        if not np.equal(np.mod(x, 1), 0).all():
-            raise bad_input("pixels must be integers 0-255; got fractional values (scaled to [0, 1]?)")
+        if not np.equal(np.mod(x, 1), 0).all():  # the likely cause, from the range: scaled, normalised or unrounded
+            cause = ("scaled to [0, 1]?" if low >= 0 and high <= 1 else "normalised?" if low < 0
+                     else "round them to whole numbers")
+            raise bad_input(f"pixels must be integers 0-255; got fractional values in [{low:g}, {high:g}] ({cause})")
         # Whole floats pass (JSON clients send 255.0), but only 0.0 and 1.0 is an image scaled to [0, 1] (white,
         # line art) that would read as nearly black: a brightest pixel of 1 of 255 is no real image. All 0.0 passes.
         if low >= 0 and high == 1:

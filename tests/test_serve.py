@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -137,7 +138,10 @@ def test_to_pixels_accepts_integer_tensors_and_single_images():
 
 
 @pytest.mark.parametrize(("given", "problem"), [
-    (random_pixels(2) / 255.0, "fractional values"),
+    (random_pixels(2) / 255.0, "fractional values in [0, 1] (scaled to [0, 1]?)"),
+    # the hint was "scaled to [0, 1]?" whatever the range: normalised pixels, and unrounded ones, are not
+    (random_pixels(2) / 127.5 - 1, "fractional values in [-1, 1] (normalised?)"),
+    (random_pixels(2) * 0.999, "fractional values in [0, 254.745] (round them to whole numbers)"),
     (np.ones((2, 32, 32, 3)), "floats of only 0.0 and 1.0 (scaled to [0, 1]?)"),
     (np.where(random_pixels(1) > 127, 1.0, 0.0), "floats of only 0.0 and 1.0 (scaled to [0, 1]?)"),
     (random_pixels(2).astype(np.int64) + 1, "0-255"),
@@ -150,8 +154,8 @@ def test_to_pixels_accepts_integer_tensors_and_single_images():
     (np.zeros((0, 32, 32, 3)), "empty batch"),
     ([[[[1, 2, 3]]], [[[1, 2]]]], "(n, 32, 32, 3)"),
     (np.ones((1, 32, 32, 3), dtype=bool), "integers 0-255"),
-], ids=["floats01", "white01", "line-art01", "over255", "negative", "nan", "shape", "4channels", "1channel",
-        "empty-list", "empty-array", "ragged", "bool"])
+], ids=["floats01", "normalised", "unrounded", "white01", "line-art01", "over255", "negative", "nan", "shape",
+        "4channels", "1channel", "empty-list", "empty-array", "ragged", "bool"])
 def test_to_pixels_refuses_bad_tensors(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -175,6 +179,25 @@ def test_encoded_images_decode_like_training_images():
     assert serve.to_pixels(b64(png)).shape == (1, 32, 32, 3)
     for one in ({"image": b64(png)}, {"image": np.array(b64(png))}):  # one named image, as MLflow passes it
         np.testing.assert_array_equal(serve.to_pixels(one), expected[:1])
+
+
+def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
+    # numpy's fixed-width bytes drop trailing zero bytes: a BMP ending in a black row's padding, an LZW TIFF and a
+    # lossless WebP lost their last bytes and were refused as undecodable
+    pixels = random_pixels(1, seed=8, shape=(30, 30))[0]
+    pixels[0] = 0
+    images = [encode(pixels, "BMP"), encode(pixels, "WEBP"), encode(random_pixels(1, seed=9)[0], "PNG")]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "TIFF", compression="tiff_lzw")
+    images.append(buffer.getvalue())
+    assert all(raw.endswith(b"\0") for raw in images[:2] + images[3:])
+    expected = np.stack([decode_image(raw) for raw in images])
+    np.testing.assert_array_equal(serve.to_pixels(images), expected)  # a list keeps bytes whole
+    for given in (np.array(images), {"image": np.array(images)}):
+        np.testing.assert_array_equal(serve.to_pixels(given), expected)
+    for i, raw in enumerate(images):
+        for one in (np.array(raw), [{"image": np.array(raw)}], {"image": np.array(raw)}):
+            np.testing.assert_array_equal(serve.to_pixels(one), expected[i:i + 1])
 
 
 @pytest.mark.parametrize(("given", "problem"), [
@@ -383,14 +406,17 @@ def test_predict_client_refuses_a_bad_timeout_before_connecting(tmp_path, capsys
 
 
 @contextlib.contextmanager
-def answering(status: int, body: bytes) -> Iterator[str]:
-    """A loopback HTTP server answering every POST with `status` and `body`; its base URL."""
+def answering(status: int, body: bytes, authorizations: list | None = None) -> Iterator[str]:
+    """A loopback HTTP server answering every POST with `status` and `body`; its base URL. Each request's
+    Authorization header (None without one) is appended to `authorizations`."""
     import http.server
     import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
+            if authorizations is not None:
+                authorizations.append(self.headers["Authorization"])
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -405,6 +431,73 @@ def answering(status: int, body: bytes) -> Iterator[str]:
         yield f"http://127.0.0.1:{other.server_port}"
     finally:
         other.shutdown()
+
+
+def test_predict_client_sends_the_urls_credentials_and_hides_the_password(tmp_path, capsys):
+    # http://user:password@host (a model server behind a proxy asking for a password) was read by urllib as the host
+    # name "user:password@host": "cannot reach ... (Name or service not known)", the password printed
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    seen = []
+    with answering(200, json.dumps({"predictions": [{"label": "cat", "probability": 0.5}]}).encode(),
+                   seen) as url:
+        assert predict.main([str(image), "--url", url.replace("//", "//ann:s%40cret@")]) == 0
+    assert seen == ["Basic " + b64(b"ann:s@cret")]
+    assert capsys.readouterr().out == f"{image}\tcat\t0.5000\n"
+    unreachable = f"http://ann:s3cret@127.0.0.1:{free_port()}"
+    assert predict.main([str(image), "--url", unreachable]) == 1
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and f"cannot reach http://ann:***@127.0.0.1:{unreachable.rsplit(':', 1)[1]} (" in err
+
+
+@contextlib.contextmanager
+def replying(raw: bytes) -> Iterator[str]:
+    """A loopback TCP server that reads each whole request and answers `raw` as it is (no HTTP framing added),
+    then closes the connection; its base URL."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # the listener closed at the end
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    request = b""
+                    while b"\r\n\r\n" not in request:
+                        request += conn.recv(65536)
+                    head, _, body = request.partition(b"\r\n\r\n")
+                    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+                    while len(body) < length:
+                        body += conn.recv(65536)
+                    conn.sendall(raw)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize(("raw", "problem"), [
+    (b"SSH-2.0-OpenSSH_9.6\r\n", "no HTTP answer from"),
+    (b"\x15\x03\x01\x00\x02\x02\x46", "no HTTP answer from"),  # a TLS server's alert
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{\"predictions\": [",
+     "was cut short (17 bytes read, 983 more expected)"),
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 1000\r\n\r\n{\"message\": \"bad",
+     "server refused the request (HTTP 400)"),
+], ids=["ssh", "tls-alert", "cut-short", "error-cut-short"])
+def test_predict_client_reports_an_answer_that_is_not_http_or_cut_short_in_one_line(tmp_path, capsys, raw, problem):
+    # http.client's BadStatusLine and IncompleteRead are no OSError: --url at another service's port, or a server that
+    # stopped mid-answer, ended in a traceback
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with replying(raw) as url:
+        assert predict.main([str(image), "--url", url, "--timeout", "10"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and problem in err, err
+    assert err.isprintable() or err[:-1].isprintable()
 
 
 @pytest.mark.parametrize("answer", [[0], [{"label": 3, "probability": 0.9}], {"label": "cat"}],
