@@ -129,6 +129,21 @@ def array_items(values: np.ndarray) -> list:
     return values.reshape(-1).tolist()
 
 
+def pad_for_jax(pixels: np.ndarray) -> np.ndarray:
+    """On JAX, `pixels` padded with black images to the next power of two: JAX compiles the model once per batch size,
+    and a server answering requests of 1, 2, 3, ... images compiled for each new size, in that request's time (on a
+    2-core AMD EPYC, 2026-12-05: 1.2-1.4 s for the seed's ResNet-164 against 0.03 s to run it on 3 images, 0.2 s for
+    quick's ResNet-9); padded, at most log2 of the chunk size + 1 sizes. Each image's probabilities are its own (the
+    model normalises with its moving statistics: no image sees another). TensorFlow retraces for new sizes less
+    often (Keras's reduce_retracing): unpadded there."""
+    import keras
+
+    n = len(pixels)
+    if keras.backend.backend() != "jax" or n == 0 or not n & (n - 1):
+        return pixels
+    return np.concatenate([pixels, np.zeros((2 ** n.bit_length() - n, *pixels.shape[1:]), pixels.dtype)])
+
+
 def decode_images(items: list) -> np.ndarray:
     """Base64 strings or raw bytes of encoded images -> uint8 pixels (n, 32, 32, 3)."""
     if not items:
@@ -265,8 +280,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         # Models logged before tta existed have none; before shift_fill, their shifted views repeated the edge.
         tta, fill = getattr(self, "tta", "none"), getattr(self, "shift_fill", "nearest")
         zero = normalized_zero(self.model) if tta == "flip_shift" and fill == "constant" else None
-        views = tta_views(pixels, tta, fill, zero)
-        probs = [np.asarray(self.model.predict_on_batch(v), dtype=np.float32) for v in views]
+        n = len(pixels)
+        views = tta_views(pad_for_jax(pixels), tta, fill, zero)
+        probs = [np.asarray(self.model.predict_on_batch(v), dtype=np.float32)[:n] for v in views]
         return probs[0] if len(probs) == 1 else np.mean(probs, axis=0)  # one view: no stacking copy per request
 
     def predict(self, context, model_input, params=None):

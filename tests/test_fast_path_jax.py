@@ -149,3 +149,37 @@ def test_each_training_counts_only_the_programs_it_loaded_from_jaxs_cache():
                             env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "first 1 2.5" in result.stdout and "second 0 0.0" in result.stdout, result.stdout
+
+
+SERVED_SIZES = """
+import keras, numpy as np
+from pipeline import serve
+model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Conv2D(4, 3),
+                          keras.layers.BatchNormalization(), keras.layers.GlobalAveragePooling2D(),
+                          keras.layers.Dense(10, activation="softmax")])
+served = serve.ImageClassifier("flip")
+served.model, served.class_names = model, [str(i) for i in range(10)]
+images = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+alone = np.concatenate([served.predict_proba(image[None]) for image in images])
+sizes = []
+predict_on_batch = model.predict_on_batch
+model.predict_on_batch = lambda x: sizes.append(len(x)) or predict_on_batch(x)
+for n in range(1, 10):
+    np.testing.assert_allclose(served.predict_proba(images[:n]), alone[:n], rtol=1e-5, atol=1e-6)
+print("sizes", sorted(set(sizes)))
+"""
+
+
+def test_a_model_served_on_jax_compiles_for_a_few_batch_sizes_not_for_every_request_size():
+    """JAX compiles the served model once per batch size: a server answering requests of 1, 2, 3, ... images compiled
+    it again for each new size, in that request's time. Padded to powers of two, requests of 1-9 images run it at
+    4 sizes, and each image's probabilities are those it has alone."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-c", SERVED_SIZES], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sizes [1, 2, 4, 8, 16]" in result.stdout, result.stdout
