@@ -40,9 +40,11 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 # Keras on JAX: compiled XLA programs kept on disk across processes (JAX's persistent compilation cache, read when JAX
 # is imported), so a run of a model compiled before starts at once (see above). `JAX_COMPILATION_CACHE_DIR=` (empty)
-# turns it off; a folder that cannot be written costs a warning, not the run.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cifar10-resnet", "jax"))
+# turns it off; a folder that cannot be written costs a warning, not the run. Without a home folder (HOME unset and no
+# passwd entry, as in some containers) it stays off: `~` unexpanded would have made a folder named `~` where it ran.
+_cache_base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+if os.path.isabs(_cache_base):
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_cache_base, "cifar10-resnet", "jax"))
 # Keras builds, saves and loads a functional model by walking its graph recursively, a few Python frames per layer on
 # the deepest path: ResNet-1001's ~3,400 layers overflow the default limit of 1,000 (RecursionError in map_graph).
 # Python 3.11 keeps pure-Python calls off the C stack, so a higher limit is safe at this depth.

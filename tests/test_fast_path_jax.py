@@ -183,3 +183,23 @@ def test_a_model_served_on_jax_compiles_for_a_few_batch_sizes_not_for_every_requ
                             env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sizes [1, 2, 4, 8, 16]" in result.stdout, result.stdout
+
+
+def test_without_a_home_folder_the_jax_cache_stays_off_instead_of_a_folder_named_tilde(tmp_path):
+    """HOME unset and no passwd entry (some containers): `~` stays `~`, and the cache went to a folder named `~` in
+    the working directory. A relative XDG_CACHE_HOME is no cache folder either (the XDG spec ignores it)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = ("import os; os.path.expanduser = lambda path: path; import pipeline; "
+              "print(repr(os.environ.get('JAX_COMPILATION_CACHE_DIR')))")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME", "HOME")}
+    for extra, expected in (({}, "None"), ({"XDG_CACHE_HOME": "relative"}, "None"),
+                            ({"XDG_CACHE_HOME": str(tmp_path)}, repr(str(tmp_path / "cifar10-resnet" / "jax")))):
+        result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                                env={**env, "PYTHONPATH": str(ROOT), **extra}, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip() == expected, (extra, result.stdout)
+    assert not (tmp_path / "~").exists()
