@@ -268,19 +268,24 @@ def plot_curves(table: pd.DataFrame, histories: dict[str, pd.Series], path: Path
 
 
 def run(experiment: str | None = None, run_ids: list[str] | None = None, top: int | None = None, *,
-        metric: str) -> dict:
+        metric: str, in_given_order: bool = False) -> dict:
     """Compare training runs; log the table and plot to a new comparison run.
 
     Inputs: an experiment name (None: all experiments) and/or run ids, `top` N rows by `metric`
-    (any numeric column of the table, best first: see `top_runs`). Every input is checked before the
-    comparison run opens. Output: {"run_id", "table", "markdown", "artifacts"}.
+    (any numeric column of the table, best first: see `top_runs`; equal scores oldest first, or in the order of
+    `run_ids` with `in_given_order`). Every input is checked before the comparison run opens.
+    Output: {"run_id", "table", "markdown", "artifacts"}.
     """
     run_ids = [r for r in (run_ids or []) if r]
     if top is not None and top < 1:
         raise config.ConfigError(f"top: must be >= 1, got {top}")
-    # Oldest first, so that among equal scores the earlier run leads: a sweep's registered best trial is the first
-    # of its equals too (the lowest trial number), and the top row of its comparison must be that trial
-    runs = steps.search_train_runs(experiment, run_ids).sort_values("start_time", kind="stable")
+    runs = steps.search_train_runs(experiment, run_ids)
+    if in_given_order:  # a sweep's trials in trial order: it registers the first of its equals, the lowest numbered,
+        #                 whose train run a worker beside it may have started a moment later than the next trial's
+        position = {run_id: i for i, run_id in enumerate(run_ids)}
+        runs = runs.sort_values("run_id", key=lambda ids: ids.map(position), kind="stable")
+    else:  # among equal scores the earlier run leads
+        runs = runs.sort_values("start_time", kind="stable")
     histories = {run_id: val_acc_history(run_id) for run_id in runs["run_id"]}
     table = top_runs(build_table(runs, histories), metric, top)
     markdown = val_data_note(table) + test_data_note(table) + markdown_table(table, DECIMALS)

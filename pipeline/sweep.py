@@ -122,9 +122,12 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 def read_spec(path: str | Path) -> dict[str, Any]:
     """The sweep file as a dict; ConfigError on unknown keys, no or several search spaces."""
     spec = config.read_yaml(path, key="spec")
-    unknown = set(spec) - SPEC_KEYS
+    # The values of params keys are read by their key's type, as the params file's are (YAML 1.1 read them by their
+    # look: `tracking.experiment: True` was 'true', `0x10` 16): from the text written, the rest of the spec as YAML.
+    written = config.read_yaml(path, key="spec", text=True)
+    unknown = sorted(map(str, set(written) - SPEC_KEYS))  # as written: YAML 1.1 reads `on:` as True (unsortable)
     if unknown:
-        raise config.ConfigError(f"spec: unknown keys {sorted(unknown)} (known: {', '.join(sorted(SPEC_KEYS))})")
+        raise config.ConfigError(f"spec: unknown keys {unknown} (known: {', '.join(sorted(SPEC_KEYS))})")
     spaces = [key for key in ("grid", "space", "random") if key in spec]
     if len(spaces) != 1:
         raise config.ConfigError("spec: give exactly one search space: grid, or space (random is its older name)")
@@ -133,9 +136,6 @@ def read_spec(path: str | Path) -> dict[str, Any]:
             raise config.ConfigError(f"spec.{key}: must map dotted keys to values, got {spec[key]!r}")
     if not spec[spaces[0]]:
         raise config.ConfigError(f"spec.{spaces[0]}: the search space is empty")
-    # The values of params keys are read by their key's type, as the params file's are (YAML 1.1 read them by their
-    # look: `tracking.experiment: True` was 'true', `0x10` 16): from the text written, the rest of the spec as YAML.
-    written = config.read_yaml(path, key="spec", text=True)
     for key in ("overrides", spaces[0]):
         if key in spec:
             spec[key] = {name: params_values(f"spec.{key}", name, text, value)  # the same document: the same order
@@ -200,8 +200,10 @@ def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution
     result: dict[str, optuna.distributions.BaseDistribution] = {}
     for key, domain in spec[where].items():
         if isinstance(domain, list) and domain:
-            if where == "grid" and len({json.dumps(encode(v)) for v in domain}) != len(domain):
-                raise config.ConfigError(f"spec.grid.{key}: values repeat, so some trials would run twice: {domain!r}")
+            # a space's too: `trials` is checked against its count of distinct combinations
+            if len({json.dumps(encode(v)) for v in domain}) != len(domain):
+                raise config.ConfigError(f"spec.{where}.{key}: values repeat, so some trials would run twice: "
+                                         f"{domain!r}")
             result[key] = optuna.distributions.CategoricalDistribution([encode(v) for v in domain])
             continue
         if where == "grid":
@@ -284,7 +286,7 @@ class Plan:
         if self.sampler_name == "grid":
             self.grid = [dict(zip(raw, combo, strict=True)) for combo in itertools.product(*raw.values())]
             trials = self.spec.get("trials", len(self.grid))
-            if trials != len(self.grid):
+            if trials != len(self.grid) or not isinstance(trials, int) or isinstance(trials, bool):  # 4.0, true
                 raise config.ConfigError(f"spec.trials: a grid runs each of its {len(self.grid)} combinations once, "
                                          f"got trials {trials!r}; leave trials out")
             checked = self.grid
@@ -297,7 +299,8 @@ class Plan:
             ends = {k: v if isinstance(v, list) else [self.space[k].low, self.space[k].high] for k, v in raw.items()}
             checked = [dict(zip(ends, combo, strict=True)) for combo in itertools.product(*ends.values())]
             sizes = [len(d.choices) if isinstance(d, optuna.distributions.CategoricalDistribution)
-                     else d.high - d.low + 1 if isinstance(d, optuna.distributions.IntDistribution) else math.inf
+                     else d.high - d.low + 1 if isinstance(d, optuna.distributions.IntDistribution)
+                     else 1 if d.low == d.high else math.inf  # {min: 0.1, max: 0.1} draws 0.1 only
                      for d in self.space.values()]
             if trials > math.prod(sizes):  # the samplers would draw the same params again (and leave others out)
                 raise config.ConfigError(f"spec.trials: {trials} trials over the {math.prod(sizes)} combinations of "
@@ -538,6 +541,10 @@ def join_study(plan: Plan, storage: optuna.storages.RDBStorage, name: str) -> tu
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
                                     sampler=plan.make_sampler(0), pruner=plan.make_pruner())
+        # The lock of a study of this name that was deleted (optuna delete-study, the dashboard) would tell
+        # `finish` that another worker registers this one: its trials would run and nothing be registered, unsaid.
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=f"{name}.register", storage=storage)
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(storage=storage, study_name=name, sampler=plan.make_sampler(0),
@@ -900,7 +907,9 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
             best_cfg = plan.load(plan.values(study.trials[int(best["trial"])]), f"trial {best['trial']}")
             with step_run(best_cfg, "register"):
                 decision = register.run(best_cfg, best["model_uri"])
-            comparison = compare.run(run_ids=done["train_run_id"].tolist(), metric=OBJECTIVE)["run_id"]
+            # its equals in trial order, as `best` is chosen: the top row is the trial registered
+            comparison = compare.run(run_ids=done["train_run_id"].tolist(), metric=OBJECTIVE,
+                                     in_given_order=True)["run_id"]
             log_metrics({"best_trial_val_acc": float(best[OBJECTIVE]),
                          "best_trial_test_acc": trials.final_metric(best["run_id"], "test_acc")})
             set_tags({"best_trial_run_id": best["run_id"], "best_trial": str(best["trial"]),

@@ -364,6 +364,33 @@ def test_runs_with_equal_scores_are_listed_oldest_first(store):
     assert table["run_id"].tolist() == [ids[0], ids[2], ids[1]]
 
 
+def test_a_pipe_or_a_line_break_in_a_cell_stays_in_its_cell(store):
+    """A param value or run name with a line break made tabulate write a second, made-up row below its run in runs.md
+    and the description (its name's second line under `run`, every other cell empty), one ranked among the runs."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline import compare
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    for start, name, source, val_acc in ((1_000, "a", "x|y.npz", 0.9), (2_000, "b\nc", "p\nq.npz", 0.8),
+                                         (3_000, "d", "r\r\ns.npz", 0.7)):
+        run = client.create_run(experiment, start_time=start, run_name=name, tags={"step": "train"}).info.run_id
+        client.log_param(run, "data.source", source)
+        client.log_metric(run, "val_acc", val_acc, step=1)
+        client.set_terminated(run, end_time=start + 500)
+    comparison = compare.run("e2e", metric="val_acc")
+    rows = [line for line in comparison["markdown"].splitlines() if line.startswith("|")][2:]
+    ids = comparison["table"]["run_id"].tolist()
+    assert [[cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:4]] for row in rows] == [
+        ["a", ids[0], "x\\|y.npz"], ["b\\nc", ids[1], "p\\nq.npz"], ["d", ids[2], "r\\ns.npz"]]
+    run = mlflow.get_run(comparison["run_id"])
+    assert mlflow.artifacts.load_text(f"{run.info.artifact_uri}/runs.md") == comparison["markdown"]
+    with open(mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/runs.csv"), newline="") as file:
+        assert [row["data.source"] for row in csv.DictReader(file)] == ["x|y.npz", "p\nq.npz", "r\r\ns.npz"]
+
+
 def test_runs_trained_by_other_code_are_marked(monkeypatch):
     """The same params trained before and after an edit of the training code showed as two rows with nothing
     between them differing but their scores."""

@@ -216,10 +216,27 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
     ("space:\n  data.max_train: {min: 1, max: 512}\ntrials: 2\n",
      "space (data.max_train=1): train.validation_fraction: holding out 1 of the 1 training images leaves none to "
      "train on; lower it, or train on more (data.max_train)"),
+    # a traceback (TypeError from range(2.0) in the rehearsal) where a pruner took startup trials, else accepted
+    ("grid: {train.lr: [0.1, 0.2]}\ntrials: 2.0\npruner: median\n",
+     "spec.trials: a grid runs each of its 2 combinations once, got trials 2.0; leave trials out"),
+    ("grid: {train.lr: [0.1]}\ntrials: true\n",
+     "spec.trials: a grid runs each of its 1 combinations once, got trials True; leave trials out"),
+    # a space's repeated choice, or a range of one number, ran the same params again within `trials`
+    ("space:\n  train.lr: [0.1, 1e-1]\n  model.units_per_stage: [1, 2]\ntrials: 4\n",
+     "spec.space.train.lr: values repeat, so some trials would run twice: [0.1, 0.1]"),
+    ("space:\n  train.lr: {min: 0.1, max: 0.1}\ntrials: 3\n",
+     "spec.trials: 3 trials over the 1 combinations of spec.space would run some twice; give trials <= 1, or a grid: "
+     "to run each once"),
+    # YAML 1.1 read `on:` as True: sorting it with 'trails' was a TypeError traceback
+    ("on: 1\ntrails: 4\ngrid: {train.lr: [0.1]}\n",
+     "spec: unknown keys ['on', 'trails'] (known: base, grid, overrides, pruner, random, sampler, seed, space, "
+     "trials)"),
 ], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
         "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
         "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range",
-        "more-trials-than-choices", "more-trials-than-integers", "no-whole-batch", "none-left-to-train-on"])
+        "more-trials-than-choices", "more-trials-than-integers", "no-whole-batch", "none-left-to-train-on",
+        "grid-trials-float", "grid-trials-bool", "repeated-choice-in-a-space", "range-of-one-number",
+        "unknown-keys-of-other-types"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
     has_base = body.startswith("base:")
@@ -298,6 +315,37 @@ def test_the_best_trial_named_is_the_first_of_equals_as_registered():
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert sweep.best_of(done).number == 0
     assert sweep.trial_table(study)["trial"].tolist() == [0, 1, 2]  # register_best's idxmax: the first row of equals
+
+
+def test_a_sweeps_comparison_lists_its_registered_trial_first_of_its_equals(store, tmp_path, monkeypatch):
+    """The comparison listed equal val_accs oldest first, while the sweep registers the lowest-numbered of them: where
+    two workers claimed trials 0 and 1 together and trial 1's train run started first, the comparison's top row was
+    trial 1, not the trial registered."""
+    from pipeline import register
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-ties", GRID))
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("mlflow_parent_run_id", client.create_run(experiment_id).info.run_id)
+    trains = []
+    for lr, start in ((0.1, 2_000), (0.000001, 1_000)):  # trial 1's train run started first
+        train = client.create_run(experiment_id, start_time=start, tags={"step": "train"}).info.run_id
+        client.log_metric(train, "val_acc", 0.99, step=1)
+        client.set_terminated(train, end_time=start + 5_000)
+        trial = client.create_run(experiment_id, tags={"step": "trial", "train_run_id": train,
+                                                       "model_uri": f"runs:/{train}/model"}).info.run_id
+        client.set_terminated(trial)
+        study.add_trial(optuna.trial.create_trial(value=0.99, params={"train.lr": lr}, distributions=plan.space,
+                                                  user_attrs={"mlflow_run_id": trial}))
+        trains.append(train)
+    registered = []
+    monkeypatch.setattr(register, "run", lambda cfg, model_uri: registered.append(model_uri) or
+                        {"version": 1, "alias_moved": True})
+    result = sweep.register_best(plan, study)
+    assert int(result["best"]["trial"]) == 0 and registered == [f"runs:/{trains[0]}/model"]
+    comparison = client.get_run(result["comparison_run_id"])
+    assert comparison.data.tags["compared_runs"] == f"{trains[0]},{trains[1]}"
 
 
 @pytest.mark.parametrize(("url", "hint"), [
@@ -478,6 +526,22 @@ def test_an_interrupted_trial_is_queued_again_at_once_however_often(store, tmp_p
     monkeypatch.setattr(sweep, "finish", lambda *args: None)
     sweep.work(plan, study, storage)  # at once: no trial left RUNNING to wait out
     assert [t.state.name for t in study.trials][-1] == "COMPLETE"
+
+
+def test_a_study_deleted_and_started_again_under_its_name_registers_its_best(store, tmp_path, monkeypatch):
+    """A done study deleted with Optuna's tools (optuna delete-study, the dashboard) left its lock study
+    `<name>.register` behind: the same command then ran every trial again, printed the best and exited 0, but
+    registered and compared nothing (`finish` took the old lock for another worker registering)."""
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-again", GRID))
+    optuna.create_study(storage=storage, study_name="again")
+    optuna.create_study(storage=storage, study_name="again.register").set_user_attr("registered_version", 1)
+    optuna.delete_study(study_name="again", storage=storage)
+    study, leads = sweep.join_study(plan, storage, "again")
+    assert leads and not sweep.registered(storage, "again")
+    monkeypatch.setattr(sweep, "register_best", lambda plan, study: {"decision": {"version": 2}})
+    assert sweep.finish(plan, study, storage) == {"decision": {"version": 2}}
+    assert sweep.registered(storage, "again")
 
 
 def test_a_done_study_of_another_spec_is_refused(store, tmp_path, in_process):

@@ -281,12 +281,13 @@ def json_digest(value: object) -> str:
 def markdown_table(table: pd.DataFrame, decimals: dict[str, int] | None = None) -> str:
     """`table` as a GitHub-flavoured Markdown table (pandas `to_markdown`): floats with 4 decimals (`decimals`: other
     counts by column, such as seconds to 1), missing values empty, other values as their text (not re-read as
-    numbers: `1e-06` stays `1e-06`)."""
+    numbers: `1e-06` stays `1e-06`), a line break in one as `\\n`."""
     def cell(value, places: int) -> str:
         if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):  # NA: of an Int64
             return ""
         text = f"{value:.{places}f}" if isinstance(value, float) else str(value)
-        return text.replace("|", "\\|")  # tabulate leaves a pipe inside a cell as a column break
+        # tabulate leaves a pipe inside a cell as a column break, and writes a line break as another row below
+        return text.replace("|", "\\|").replace("\r\n", "\\n").replace("\r", "\\r").replace("\n", "\\n")
 
     places = decimals or {}
     cells = table.apply(lambda column: column.map(functools.partial(cell, places=places.get(column.name, 4))))
