@@ -499,6 +499,8 @@ def _merge(base: dict[str, Any], layer: dict[str, Any], origin: str) -> None:
         if section not in base:
             raise ConfigError(f"{section}: unknown section in {origin}{_did_you_mean(section, list(base))} "
                               f"(known: {', '.join(base)})")
+        if isinstance(values, str) and values.strip() in NULLS:  # `train:` with each key under it commented out
+            continue
         if not isinstance(values, dict):
             raise ConfigError(f"{section}: must be a mapping in {origin}, got {values!r}")
         for key, value in values.items():

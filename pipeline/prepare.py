@@ -80,7 +80,9 @@ def warn_test_images_in_train(source: str, in_train: int | None, test_images: in
 
 
 def find_prepared(key: str) -> str | None:
-    """Dataset URI of a finished prepare run with the same key, in any experiment, if any."""
+    """Dataset URI of the first finished prepare run with the same key, in any experiment, if any: always the same
+    one, as a train run's `train_key` holds it (the newest, a killed main's rerun trained afresh on the dataset of
+    an identical prepare run on its own meanwhile, instead of resuming)."""
     run_id = find_finished_run("prepare_key", key)
     return f"runs:/{run_id}/{DATASET_ARTIFACT}" if run_id else None
 

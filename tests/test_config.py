@@ -299,6 +299,19 @@ def test_a_value_reads_the_same_from_a_params_file_and_from_overrides(tmp_path, 
             assert getattr(getattr(load(), section), name) == expected, where
 
 
+def test_a_section_with_every_key_commented_out_changes_nothing(tmp_path):
+    """`train:` with each key under it commented out is YAML's null: refused as `train: must be a mapping ..., got ''`,
+    where a params file with nothing in it loads as default.yaml. A section that is a scalar is still refused."""
+    (tmp_path / "p.yaml").write_text("train:\n  # epochs: 3\nevaluate: null\nmodel: ~\ndata:\n  max_train: 5\n")
+    cfg = config.load(tmp_path / "p.yaml")
+    assert (cfg.train, cfg.evaluate, cfg.model) == (config.load().train, config.load().evaluate, config.load().model)
+    assert cfg.data.max_train == 5
+    for text in ("train: 3\n", "train: [epochs]\n", "train: false\n"):
+        (tmp_path / "p.yaml").write_text(text)
+        with pytest.raises(config.ConfigError, match=r"^train: must be a mapping in "):
+            config.load(tmp_path / "p.yaml")
+
+
 def test_a_params_file_with_a_number_or_null_for_a_key_names_it(tmp_path):
     for text, message in (("train:\n  1: 2\n", "train.1: unknown key"), ("1:\n  a: 2\n", "1: unknown section"),
                           ("train:\n  null: 2\n", "train.null: unknown key")):  # as written

@@ -20,6 +20,7 @@ import keras
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 
 from bench.servers import free_port, start_tracking_server, stop_group
 from pipeline import config
@@ -175,6 +176,30 @@ def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path
     assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED", "KILLED"]  # rerun marks it KILLED
     assert not (tmp_path / "checkpoints" / killed.info.run_id).exists()  # a finished run drops its checkpoint
     assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 2
+
+
+def test_a_killed_run_resumes_after_an_identical_prepare_run_on_its_own(store, tmp_path):
+    """A rerun found the newest identical prepare run: one run on its own after the kill (`-e prepare`) gave the rerun
+    another dataset URI, so another `train_key`, and it trained afresh, the killed run left RUNNING. Every command
+    now reuses the first, whose dataset the killed run trained on."""
+    longer = "data.synthetic_train=4096"  # epochs of seconds: killed after the first, not after the last
+    killed = start_mlflow_run(store, "epochs=3", f"overrides={longer}")
+    wait_for_checkpoint(tmp_path / "checkpoints", killed)
+    kill_tree(killed.pid)
+    killed.wait(timeout=30)
+    prepared = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", TINY, "--overrides", longer],
+                              env=store, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert len(client.search_runs(experiments, "tags.step = 'prepare'")) == 2  # two identical prepare runs
+    done = run_to_end(store, "epochs=3", f"overrides={longer}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    train = experiment_runs(client, "tags.step = 'train'")
+    assert len(train) == 1 and train[0].info.status == "FINISHED"  # the killed run, resumed
+    assert f"resuming train run {train[0].info.run_id}" in done.stdout
+    assert "Epoch 1/3" not in done.stdout + done.stderr
 
 
 class Killed(BaseException):
@@ -980,6 +1005,70 @@ def test_an_interrupted_train_run_is_claimed_until_it_has_ended(store, in_proces
     assert run.info.run_id not in resume._claimed  # released once ended: a rerun resumes it
     assert resume.claim(run.info.run_id)
     resume.release(run.info.run_id)
+
+
+RESUMED = ["--params", TINY, "--overrides", "tracking.experiment=e2e"]
+
+
+def interrupted_train_run(in_process, monkeypatch):
+    """A train run of `RESUMED` interrupted in training (SIGTERM), as if it left a checkpoint: a stand-in, for
+    commands refused before any run opens; the run and its checkpoint folder."""
+    from pipeline import tracking, train
+    from pipeline.tracking import resume
+
+    def interrupted(*args, **kwargs):
+        raise tracking.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(train, "fit", interrupted)
+    assert in_process("train", *RESUMED).returncode == 128 + signal.SIGTERM
+    (run,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
+    folder = resume.checkpoint_dir(run.info.run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "training_metadata.json").write_text("{}")  # stands for its checkpoint: never read here
+    return run, folder
+
+
+def test_resuming_a_live_run_by_id_is_refused_before_any_run_opens(store, in_process, monkeypatch):
+    """resume=<id> of a run another live process trains was refused only once main had opened its run (and prepared
+    or reused the data): a FAILED main run was left behind, where every other resume refused opens none."""
+    from pipeline.tracking import resume
+
+    run, folder = interrupted_train_run(in_process, monkeypatch)
+    command = RESUMED
+    holder = subprocess.Popen(  # the live process training it: holds its lock, as `resume.claim` does
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(120)", str(folder / resume.LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        runs_before = len(experiment_runs(MlflowClient()))
+        refused = in_process("main", *command, "--resume", run.info.run_id)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: resume: run {run.info.run_id} is being trained by another process right now")
+    assert len(experiment_runs(MlflowClient())) == runs_before  # no main run, FAILED or otherwise
+
+
+def test_resuming_a_run_in_mlflows_trash_is_refused_before_any_run_opens(store, in_process, monkeypatch):
+    """resume=<id> of a deleted run: MLflow refused to reopen it once main had opened its own run, a traceback, exit 1,
+    a FAILED main run left behind."""
+    run, _ = interrupted_train_run(in_process, monkeypatch)
+    client = MlflowClient()
+    client.delete_run(run.info.run_id)
+    def runs():
+        return sorted((r.info.run_id, r.info.status, r.info.lifecycle_stage)
+                      for r in client.search_runs([run.info.experiment_id], run_view_type=ViewType.ALL))
+
+    runs_before = runs()
+    refused = in_process("main", *RESUMED, "--resume", run.info.run_id)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: resume: run {run.info.run_id} is in MLflow's trash; restore it (mlflow runs restore --run-id "
+        f"{run.info.run_id}) to go on with it, or resume=never to start afresh")
+    assert runs() == runs_before  # no main run, FAILED or otherwise
 
 
 def test_ctrl_c_stops_a_host_whose_peers_never_start_and_leaves_no_run(store):

@@ -67,6 +67,20 @@ def test_no_warmup_starts_at_the_peak(schedule):
     assert lr_at(fitting.learning_rate(t, steps_per_epoch=100), 0) == pytest.approx(0.4)  # not a first step at 0
 
 
+@pytest.mark.parametrize("schedule", ["step", "cosine", "onecycle"])
+def test_a_warmup_too_short_for_one_step_says_it_is_none(schedule, capsys):
+    """fast.yaml's warm-up of 0.2 over a toy run's 2 steps (bench/gpu.sh's smoke: 512 images, 2 epochs at batch 512)
+    rounded to 0 steps: the lr started at its peak, as with no warm-up, and nothing said so."""
+    t = config.load(None, f"train.schedule={schedule} train.warmup=0.2 train.epochs=2 train.lr=0.4 "
+                          f"train.lr_boundaries=[]").train
+    lr = fitting.learning_rate(t, steps_per_epoch=1)
+    assert lr_at(lr, 0) == pytest.approx(0.4)  # at the peak from the first step
+    assert capsys.readouterr().err == ("warning: train.warmup 0.2 rounds to 0 of the run's 2 optimizer steps: no "
+                                       "warm-up, the lr starts at its peak (at least 1/2 warms up over one step)\n")
+    assert lr_at(fitting.learning_rate(t, steps_per_epoch=3), 0) == 0.0  # 6 steps: 1 of warm-up, starting at 0
+    assert capsys.readouterr().err == ""
+
+
 def test_resnet9_is_the_dawnbench_network_at_any_width():
     m = model.build_resnet(num_classes=10, arch="resnet9", widths=(16, 32, 64, 128), l2=5e-4)
     # prep 3x3 3->16 + BN; layer1 3x3 16->32 + BN, two residual 3x3 32->32 + BN; layer2 3x3 32->64 + BN;

@@ -719,10 +719,12 @@ def model_score(model_uri: str | None, dataset_uri: str | None = None) -> tuple[
 
 
 def find_finished_run(tag: str, key: str) -> str | None:
-    """Id of the newest FINISHED run, in any experiment, whose tag `tag` equals `key`; None if there is none."""
+    """Id of the first (oldest) FINISHED run, in any experiment, whose tag `tag` equals `key`; None if there is none.
+    The first, so that every later command finds the same one: a later identical run (a prepare run on its own)
+    would change what they find, and with it the `train_key` a rerun resumes by."""
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
                               filter_string=f"tags.{tag} = '{key}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"])
+                              order_by=["attributes.start_time ASC"])
     return runs[0].info.run_id if runs else None
 
 

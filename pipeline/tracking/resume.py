@@ -618,7 +618,7 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     """Check that `cfg` (and `dataset_uri`, if given) are what train run `run_id` was started with; return
     the run's dataset URI. `train.epochs` may grow, to extend the run (the lr schedule is then built for
     the new length), and the params in `NOT_TRAINING` may change; any other difference is a ConfigError naming
-    the keys, as is a run that left no checkpoint here."""
+    the keys, as is a run in MLflow's trash, one that left no checkpoint here or one a live process trains now."""
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
@@ -627,6 +627,9 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     trained_on = trained_dataset_uri(run)
     if not trained_on or run.data.tags.get("step") != "train":
         raise config.ConfigError(f"resume: run {run_id} is not a train run")
+    if run.info.lifecycle_stage == "deleted":  # MLflow refuses to reopen it: a traceback, once main's run was open
+        raise config.ConfigError(f"resume: run {run_id} is in MLflow's trash; restore it (mlflow runs restore --run-id "
+                                 f"{run_id}) to go on with it, or resume=never to start afresh")
     logged = config.from_run_params(params)
     if "extended_epochs" in run.data.tags:
         logged = dataclasses.replace(logged, train=dataclasses.replace(
@@ -647,6 +650,8 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
         raise config.ConfigError(f"resume: run {run_id} has no checkpoint in {checkpoint_dir(run_id)} "
                                  f"(finished runs delete theirs)")
     _check_writable_checkpoint(run_id)
+    if _held(run_id):  # as find_resumable says it, but before any run opens (it opened main's, left FAILED)
+        raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     return trained_on
 
 
