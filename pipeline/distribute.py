@@ -226,14 +226,23 @@ def cluster_from_env() -> Cluster | None:
     try:
         spec = json.loads(raw)
         cluster = Cluster(spec["cluster"], spec["task"]["type"], _task_index(spec["task"]["index"]))
+        if not isinstance(cluster.spec, dict):
+            raise TypeError(f"'cluster' must map task types to addresses, got {cluster.spec!r}")
+        others = sorted(set(cluster.spec) - {"chief", "worker"})
+        if others:  # a 'ps' listed but never started: TensorFlow's collective setup waited for it forever
+            raise ValueError(f"only 'chief' and 'worker' tasks train here, got {', '.join(map(repr, others))}")
         for name in ("chief", "worker"):  # else TensorFlow's traceback, or a string's letters counted as hosts
             hosts = cluster.spec.get(name, [])
             if not (isinstance(hosts, list) and all(isinstance(h, str) and h for h in hosts)):
                 raise TypeError(f"{name!r} must be a list of 'host:port' strings, got {hosts!r}")
             for address in hosts:  # else an OverflowError's traceback, or a wait for a port that cannot answer
                 host, _, port = address.rpartition(":")
-                if not (host and port.isdigit() and 0 < int(port) < 65536):
+                if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
                     raise ValueError(f"{address!r} is not a 'host:port' address with a port in 1-65535")
+        addresses = [*cluster.spec.get("chief", []), *cluster.spec.get("worker", [])]
+        if len(set(addresses)) < len(addresses):  # else two tasks on one port: TensorFlow waits forever, deaf to Ctrl-C
+            twice = sorted({a for a in addresses if addresses.count(a) > 1})
+            raise ValueError(f"every task needs an address of its own, got {', '.join(twice)} more than once")
         if len(cluster.spec.get("chief", [])) > 1:
             raise ValueError(f"at most one 'chief' (the host that logs), got {cluster.spec['chief']!r}")
         listed = cluster.spec.get(cluster.task_type, [])
@@ -254,7 +263,8 @@ def cluster_from_env() -> Cluster | None:
 
 def _task_index(value) -> int:
     """TF_CONFIG's task index: an integer (TensorFlow reads "1" as 1 too; 0.5 or true are no task's index)."""
-    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+    if isinstance(value, bool) or not isinstance(value, int | str) or not (str(value).strip().isascii()
+                                                                            and str(value).strip().isdigit()):
         raise ValueError(f"the task index must be 0, 1, ..., got {value!r}")
     return int(value)
 

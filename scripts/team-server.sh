@@ -10,7 +10,7 @@
 #   OPTUNA_DB [optuna]      database for Optuna studies (`-P storage=` of sweeps)
 #   DB_USER [mlflow]        role owning both; DB_PASSWORD [mlflow] its password (set your own). A role
 #                           that exists already keeps its password: DB_PASSWORD must be that one.
-#   PGHOST [127.0.0.1]  PGPORT [5432]  PG_VERSION [15]  PG_CLUSTER [main]
+#   PGHOST [127.0.0.1] (a name or an address, IPv6 too)  PGPORT [5432]  PG_VERSION [15]  PG_CLUSTER [main]
 #   ARTIFACTS [./mlartifacts]   where the server keeps artifacts
 #   HOST [0.0.0.0]  PORT [5000]  WORKERS [2]   where and how `mlflow server` listens
 #   ALLOWED_HOSTS []        more names (comma-separated, e.g. team-host,mlflow.example.com) by which
@@ -110,9 +110,9 @@ start_postgres() {
 # `mlflow server` logs a bind error and exits 0.
 check_port() {
   command -v python >/dev/null || fail "no python on PATH: activate the project's virtual environment (. .venv/bin/activate)"
-  python - "$HOST" "$PORT" <<'PY' || exit 1
+  python - "$HOST" "$PORT" "$WORKERS" <<'PY' || exit 1
 import importlib.util, socket, sys
-host, port = sys.argv[1], sys.argv[2]
+host, port, workers = sys.argv[1], sys.argv[2], sys.argv[3]
 # Another python on PATH (the venv not activated) failed only at the end, after the databases were made.
 missing = [name for name in ("mlflow", "psycopg2") if importlib.util.find_spec(name) is None]
 if missing:
@@ -120,6 +120,9 @@ if missing:
              " (. .venv/bin/activate)")
 if not port.isdigit() or not 0 < int(port) < 65536:
     sys.exit(f"error: PORT takes a port number, got {port!r}")
+# Else uvicorn refused it only once the databases were made.
+if not (workers.isascii() and workers.isdigit() and int(workers) > 0):
+    sys.exit(f"error: WORKERS takes the number of server processes (1, 2, ...), got {workers!r}")
 try:
     family, kind, proto, _, address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
@@ -160,11 +163,13 @@ MLFLOW_SERVER_ALLOWED_HOSTS=$(IFS=,; echo "${hosts[*]}")
 MLFLOW_SERVER_CORS_ALLOWED_ORIGINS=$(IFS=,; echo "${origins[*]}")
 password=$(DB_PASSWORD=$DB_PASSWORD python -c 'import os, urllib.parse
 print(urllib.parse.quote(os.environ["DB_PASSWORD"], safe=""))')
-MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://$DB_USER:$password@$PGHOST:$PGPORT/$MLFLOW_DB"
+pghost=$PGHOST  # an IPv6 address, bracketed in a URL (else SQLAlchemy's traceback from every server worker)
+[[ $pghost == *:* && $pghost != \[* ]] && pghost="[$pghost]"
+MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://$DB_USER:$password@$pghost:$PGPORT/$MLFLOW_DB"
 export MLFLOW_SERVER_ALLOWED_HOSTS MLFLOW_SERVER_CORS_ALLOWED_ORIGINS MLFLOW_BACKEND_STORE_URI
 
-echo "mlflow server on http://$HOST:$PORT: backend postgresql://$DB_USER@$PGHOST:$PGPORT/$MLFLOW_DB, artifacts $ARTIFACTS"
+echo "mlflow server on http://$HOST:$PORT: backend postgresql://$DB_USER@$pghost:$PGPORT/$MLFLOW_DB, artifacts $ARTIFACTS"
 echo "members reach it by these names (more: ALLOWED_HOSTS), localhost or a private IP: ${names[*]}"
-echo "sweeps: -P storage=postgresql://$DB_USER@$PGHOST:$PGPORT/$OPTUNA_DB (password from PGPASSWORD or ~/.pgpass)"
+echo "sweeps: -P storage=postgresql://$DB_USER@$pghost:$PGPORT/$OPTUNA_DB (password from PGPASSWORD or ~/.pgpass)"
 exec python -m mlflow server --host "$HOST" --port "$PORT" --workers "$WORKERS" \
   --artifacts-destination "$ARTIFACTS" --serve-artifacts

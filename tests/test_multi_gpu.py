@@ -149,6 +149,14 @@ TWO = ["localhost:1", "localhost:2"]
     (tf_config({"worker": ["localhost:99999", "localhost:2"]}), "'localhost:99999' is not a 'host:port' address with"),
     (tf_config({"worker": ["localhost:1", "localhost:0"]}), "'localhost:0' is not a 'host:port' address with a port"),
     (tf_config({"worker": ["localhost:1", "host-b"]}), "'host-b' is not a 'host:port' address with a port in 1-65535"),
+    # two tasks on one address: worker 0 found its own port answering, then TensorFlow waited forever (SIGTERM too)
+    (tf_config({"worker": ["localhost:1", "localhost:1"]}), "got localhost:1 more than once"),
+    (tf_config({"chief": ["localhost:1"], "worker": ["localhost:1"]}), "got localhost:1 more than once"),
+    # a 'ps' never started (MultiWorkerMirroredStrategy has no use for one): TensorFlow waited for it forever
+    (tf_config({"worker": TWO, "ps": ["localhost:3"]}), "only 'chief' and 'worker' tasks train here, got 'ps'"),
+    # Python's int() reads other scripts' digits; TensorFlow's address parser does not
+    (tf_config({"worker": ["localhost:\u0661", "localhost:2"]}), "'localhost:\u0661' is not a 'host:port' address"),
+    (tf_config({"worker": TWO}, index="\u0661"), "the task index must be 0, 1, ..., got '\u0661'"),
 ])
 def test_a_malformed_tf_config_is_a_param_error(monkeypatch, raw, message):
     """Each was accepted, then TensorFlow's MultiWorkerMirroredStrategy raised a traceback (exit 1), or the host

@@ -291,6 +291,39 @@ def test_a_port_in_use_is_one_line_before_anything_is_made():
     assert "PORT takes a port number" in one_error_line(run_script(PORT="50OO"))
 
 
+@pytest.mark.parametrize("workers", ["two", "0", "-1", "1.5"])
+def test_a_workers_count_that_is_no_number_is_one_line_before_postgresql_is_touched(workers):
+    """uvicorn refused `--workers two` only once PostgreSQL was started and the databases made. (PG_VERSION=99:
+    were WORKERS not checked first, the script would stop at "PostgreSQL 99 is not installed".)"""
+    line = one_error_line(run_script(WORKERS=workers, PG_VERSION="99", HOST="127.0.0.1", PORT=str(free_port())))
+    assert line == f"error: WORKERS takes the number of server processes (1, 2, ...), got {workers!r}"
+
+
+def test_an_ipv6_pghost_is_bracketed_in_the_servers_store_uri(tmp_path):
+    """PGHOST=::1 made `postgresql+psycopg2://mlflow:...@::1:5432/mlflow`, which SQLAlchemy cannot parse: every
+    server worker's traceback, once the databases were made. PostgreSQL's tools are stubbed here (each query finds
+    its role or database), and `python -m mlflow` prints the URI it was given instead of serving."""
+    from sqlalchemy.engine import make_url
+
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    scripts = {"pg_lsclusters": "echo '15 main 5432 online postgres /nowhere /nowhere.log'", "pg_isready": "",
+               "pg_ctlcluster": "exit 1", "createdb": "exit 1", "psql": "echo 1",
+               "runuser": 'shift 3; exec "$@"',  # runuser -u postgres -- CMD...
+               "python": f'[[ $1 == -m && $2 == mlflow ]] && {{ echo "uri=$MLFLOW_BACKEND_STORE_URI"; exit 0; }}\n'
+                         f'exec {sys.executable} "$@"'}
+    for name, body in scripts.items():
+        (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    result = run_script(PGHOST="::1", PGPORT="5432", PG_VERSION="15", PG_CLUSTER="main", DB_PASSWORD="p@ss/%",
+                        HOST="127.0.0.1", PORT=str(free_port()), ARTIFACTS=str(tmp_path / "artifacts"),
+                        PATH=f"{stubs}:{os.environ['PATH']}")
+    assert result.returncode == 0, result.stderr
+    uri = make_url(result.stdout.split("uri=")[1].strip())
+    assert (uri.host, uri.port, uri.password, uri.database) == ("::1", 5432, "p@ss/%", "mlflow")
+    assert "postgresql://mlflow@[::1]:5432/optuna" in result.stdout
+
+
 def test_an_artifacts_folder_or_a_python_it_cannot_use_is_one_line_before_anything_is_made(tmp_path):
     """As a normal user, the README's ARTIFACTS=/srv/mlflow-artifacts failed in mkdir after the databases were made."""
     name = f"mlflow_art_{uuid.uuid4().hex[:10]}"
