@@ -240,8 +240,14 @@ def cluster_from_env() -> Cluster | None:
                 if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
                     raise ValueError(f"{address!r} is not a 'host:port' address with a port in 1-65535")
         addresses = [*cluster.spec.get("chief", []), *cluster.spec.get("worker", [])]
-        if len(set(addresses)) < len(addresses):  # else two tasks on one port: TensorFlow waits forever, deaf to Ctrl-C
-            twice = sorted({a for a in addresses if addresses.count(a) > 1})
+        spelled = {}  # one address however spelled: `localhost:1`, `LocalHost:1`, `127.0.0.1:1` and `[::1]:1`
+        for address in addresses:
+            host, _, port = address.rpartition(":")
+            host = host.strip("[]").lower()
+            spelled.setdefault(("localhost" if host in ("localhost", "127.0.0.1", "::1") else host, port),
+                               []).append(address)
+        twice = [" = ".join(dict.fromkeys(names)) for names in spelled.values() if len(names) > 1]
+        if twice:  # else two tasks on one port: TensorFlow waits forever, deaf to Ctrl-C
             raise ValueError(f"every task needs an address of its own, got {', '.join(twice)} more than once")
         if len(cluster.spec.get("chief", [])) > 1:
             raise ValueError(f"at most one 'chief' (the host that logs), got {cluster.spec['chief']!r}")

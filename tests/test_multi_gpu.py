@@ -152,6 +152,9 @@ TWO = ["localhost:1", "localhost:2"]
     # two tasks on one address: worker 0 found its own port answering, then TensorFlow waited forever (SIGTERM too)
     (tf_config({"worker": ["localhost:1", "localhost:1"]}), "got localhost:1 more than once"),
     (tf_config({"chief": ["localhost:1"], "worker": ["localhost:1"]}), "got localhost:1 more than once"),
+    (tf_config({"chief": ["localhost:1"], "worker": ["127.0.0.1:1", "[::1]:2"]}),
+     "got localhost:1 = 127.0.0.1:1 more than once"),
+    (tf_config({"worker": ["Team-Host:1", "team-host:1"]}), "got Team-Host:1 = team-host:1 more than once"),
     # a 'ps' never started (MultiWorkerMirroredStrategy has no use for one): TensorFlow waited for it forever
     (tf_config({"worker": TWO, "ps": ["localhost:3"]}), "only 'chief' and 'worker' tasks train here, got 'ps'"),
     # Python's int() reads other scripts' digits; TensorFlow's address parser does not
