@@ -26,6 +26,9 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError
 
+# The names of this host's loopback interface: one host however spelled (TF_CONFIG's addresses, tracking URIs)
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
 if TYPE_CHECKING:
     import keras
 
@@ -244,7 +247,7 @@ def cluster_from_env() -> Cluster | None:
         for address in addresses:
             host, _, port = address.rpartition(":")
             host = host.strip("[]").lower()
-            spelled.setdefault(("localhost" if host in ("localhost", "127.0.0.1", "::1") else host, port),
+            spelled.setdefault(("localhost" if host in LOOPBACK else host, port),
                                []).append(address)
         twice = [" = ".join(dict.fromkeys(names)) for names in spelled.values() if len(names) > 1]
         if twice:  # else two tasks on one port: TensorFlow waits forever, deaf to Ctrl-C

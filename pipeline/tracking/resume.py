@@ -34,6 +34,7 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
 from pipeline import config
+from pipeline.distribute import LOOPBACK
 from pipeline.tracking import (
     _without_password,
     checkpoint_root,
@@ -206,7 +207,6 @@ def _store() -> str:
 # Schemes of a tracking server or a database whose URIs `_canonical` spells one way, with their default ports (a
 # database scheme may name its driver: `postgresql+psycopg2`)
 _DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
-_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 def _canonical(uri: str) -> str:
@@ -231,7 +231,7 @@ def _canonical(uri: str) -> str:
     host = host.rstrip(".")
     with contextlib.suppress(ValueError):
         host = ipaddress.ip_address(host).compressed  # `::0001`, `0:0:0:0:0:0:0:1`: `::1`
-    host = "localhost" if host in _LOOPBACK else f"[{host}]" if ":" in host else host
+    host = "localhost" if host in LOOPBACK else f"[{host}]" if ":" in host else host
     netloc = host if port in (None, _DEFAULT_PORTS[base]) else f"{host}:{port}"
     path = parts.path.rstrip("/") if base in ("http", "https") else parts.path
     return urllib.parse.urlunsplit((scheme, netloc, path, parts.query, parts.fragment))
