@@ -50,7 +50,7 @@ def log_untrained_model(params: str, tmp: Path) -> str:
     """Log the model of `params` (untrained) into a SQLite store under `tmp`; its `models:/` URI."""
     cfg = config.load(params)
     dataset = data.make_synthetic(n_train=256, n_test=16)
-    experiment = mlflow.create_experiment(f"bench-serve-{Path(params).stem}",
+    experiment = mlflow.create_experiment(f"bench-serve-{params}",  # as given: two files may share a name
                                           artifact_location=(tmp / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment):
         return training.log_model(fitting.make_model(cfg, dataset, augment=False), list(dataset.class_names),
@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     for option in ("latency_requests", "batch_requests", "json_batch_requests"):
         if getattr(args, option) < 1:  # no calls timed: NaN images/s and ratios in the report
             parser.error(f"--{option.replace('_', '-')}: must be >= 1, got {getattr(args, option)}")
-    for params in args.params:  # before any model is logged or served
+    for i, params in enumerate(args.params):  # before any model is logged or served
+        if any(Path(params).resolve() == Path(other).resolve() for other in args.params[:i]):
+            parser.error(f"--params: {params} given twice")
         try:
             config.load(params)
         except config.ConfigError as exc:

@@ -226,12 +226,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1:  # before minutes of other measurements: no timed step has no median
         parser.error(f"--steps: must be >= 1, got {args.steps}")
+    if args.fit_feeds is not None and args.fit_feeds < 1:  # 0 was taken for "not given": the whole benchmark ran
+        parser.error(f"--fit-feeds: must be >= 1 images, got {args.fit_feeds}")
     return args
 
 
 def main() -> None:
     args = parse_args()
-    if args.fit_feeds:
+    if args.fit_feeds is not None:
         print("RESULT", json.dumps(fit_feeds(args.fit_feeds)))
         return
 

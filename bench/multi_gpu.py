@@ -18,7 +18,8 @@ The JAX arms compile their train step with XLA as the profile's `train.jit_compi
 params/tiny.yaml: Keras runs the step op by op). A backend that is not installed is reported as skipped. Writes
 <results>/multi_gpu.json and multi_gpu.md: per arm the devices, XLA (the model's `jit_compile`), steady seconds
 per epoch, images/s, the speed-up over the same backend's one device and the last val_acc; then the fastest arm,
-the choice. Needs two GPUs or more (exit 2 otherwise); `--virtual-cpus N` rehearses
+the choice. Needs two GPUs or more (exit 2 otherwise; also, before any arm, for arguments no arm could run with:
+a params file not found, a bad override, data not found); `--virtual-cpus N` rehearses
 every arm on N virtual CPU devices instead (its timings mean nothing), writing nowhere unless `--results` is given.
 """
 
@@ -158,6 +159,19 @@ def main(argv: list[str] | None = None) -> None:
     armed = sorted(given & {item.partition("=")[0] for *_, overrides in ARMS for item in overrides.split()})
     if armed:
         parser.exit(2, f"error: --overrides: {', '.join(armed)} is set by the arms themselves; give other keys\n")
+    # each arm's params as its bench.gpu_epoch loads them: a params file not found or a bad value fails every arm
+    for backend, _, overrides in ARMS:
+        if backend in backends:
+            try:
+                config.load_from_cli(args.params, f"{overrides} {args.overrides}")
+            except config.ConfigError as exc:
+                parser.exit(2, f"error: --params/--overrides: {exc}\n")
+    if args.data and args.data not in ("cifar10", "synthetic") and not Path(args.data).exists():
+        parser.exit(2, f"error: --data: no such file or folder: {args.data}\n")
+    if not args.data and args.images < 1:
+        parser.exit(2, f"error: --images: must be >= 1, got {args.images}\n")
+    if not args.timeout > 0:
+        parser.exit(2, f"error: --timeout: must be > 0 seconds, got {args.timeout:g}\n")
     gpus = len(gpu_names())
     if not args.virtual_cpus and gpus < 2:
         parser.exit(2, f"error: found {gpus} GPU(s): several are needed (--virtual-cpus N rehearses on the CPU)\n")

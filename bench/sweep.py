@@ -8,7 +8,8 @@ Optuna storage under a temporary folder:
 3. median pruning, 1 worker.
 1 vs 2 is the worker speed-up; 1 vs 3 what pruning saves. Half of the learning rates are far too
 small to learn (1e-6 ... 1e-5), as in a search whose range is too wide. Epochs are counted from
-the val_acc curves of the trials' train runs in MLflow.
+the val_acc curves of the trials' train runs in MLflow. A sweep that failed a trial (`pipeline.sweep` goes on past
+it and exits 0) ends the benchmark with one line naming the trial, and no results are written.
 
 Usage: python -m bench.sweep [--epochs 3]
 """
@@ -72,16 +73,30 @@ def run_sweep(folder: Path, pruner: str, workers: int, epochs: int) -> dict:
     done = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--spec", str(spec), "--study", "bench",
                            "--workers", str(workers)], cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    check(done, f"pipeline.sweep ({pruner} pruning, {workers} worker{'s' if workers > 1 else ''})")
-    client = MlflowClient(uri)
+    what = f"pipeline.sweep ({pruner} pruning, {workers} worker{'s' if workers > 1 else ''})"
+    check(done, what)
     study = optuna.load_study(study_name="bench", storage=f"sqlite:///{folder / 'optuna.db'}")
+    return {"wall_s": wall, **read_back(MlflowClient(uri), study, what)}
+
+
+def read_back(client: MlflowClient, study: optuna.Study, what: str) -> dict:
+    """Epochs trained (the val_acc points of the trials' train runs), trials, their states and the best trial of a
+    sweep that ended. A trial that failed, or is not over, ends the benchmark with one line (`pipeline.sweep` goes on
+    past a failed trial and exits 0): its wall time is not that of the 8 trials, and it trained no curve to count."""
+    ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    bad = [t for t in study.trials if t.state not in ended]
+    if bad:
+        said = "; ".join(f"trial {t.number} {t.state.name}"
+                         + (f": {t.user_attrs['failure_reason']}" if "failure_reason" in t.user_attrs else "")
+                         for t in bad)
+        raise SystemExit(f"{what}: {said}; no results written")
     epochs_run = 0
     for trial in study.trials:
         train_id = client.get_run(trial.user_attrs["mlflow_run_id"]).data.tags["train_run_id"]
         epochs_run += len(client.get_metric_history(train_id, "val_acc"))
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
     best = sweep.best_of(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))  # the trial registered
-    return {"wall_s": wall, "epochs": epochs_run, "trials": len(study.trials), "states": states,
+    return {"epochs": epochs_run, "trials": len(study.trials), "states": states,
             "best_lr": best.params["train.lr"], "best_val_acc": best.value}
 
 

@@ -25,6 +25,7 @@ import argparse
 import datetime
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -118,7 +119,8 @@ def main() -> None:
     parser.add_argument("--data", default="", help="-P data=... for every run (default: each profile's own)")
     parser.add_argument("--seeds", default="", help="comma-separated train.seed values: one run per seed (and per "
                                                     "--repeat) of each profile (default: each profile's own seed)")
-    parser.add_argument("--extra", default="", help="more `mlflow run` arguments, e.g. \"-P epochs=2\"")
+    parser.add_argument("--extra", default="", help="more `mlflow run` arguments, split as a shell splits them, e.g. "
+                                                    "\"-P epochs=2 -P overrides='train.lr=0.1 train.nesterov=false'\"")
     parser.add_argument("--name", default="time_to_accuracy",
                         help="the report's file name in bench/results, without .md/.png (default time_to_accuracy): "
                              "a recheck under its own name leaves the committed report as it is")
@@ -129,6 +131,10 @@ def main() -> None:
         seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [None]
     except ValueError:
         parser.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+    try:  # as a shell splits it: -P overrides="a=1 b=2" is one parameter
+        extra = shlex.split(args.extra)
+    except ValueError as exc:  # No closing quotation
+        parser.error(f"--extra: {exc} in {args.extra!r}")
     if args.seeds and "overrides=" in args.extra:
         parser.error("--seeds sets -P overrides=train.seed=S; put other overrides in a params file, not in --extra")
     if args.repeat < 1:
@@ -140,7 +146,7 @@ def main() -> None:
     results = []
     for profile, seed in planned:
         try:
-            results.append(run_profile(profile, args.data, args.extra.split(), seed))
+            results.append(run_profile(profile, args.data, extra, seed))
         except SystemExit as exc:
             kept = f"; {RESULTS / (args.name + '.md')} holds the {len(results)} earlier run(s), marked incomplete"
             raise SystemExit(f"{exc}{kept if results else '; no results written'}") from None

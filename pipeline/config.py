@@ -675,7 +675,11 @@ RESUME_HELP = "'' (continue an interrupted identical run), 'never', or a run id"
 class _Parser(argparse.ArgumentParser):
     """An unknown `-P name` (mlflow run passes it on as `--name`) or a missing one is a ConfigError: one line,
     exit 2, and the run `mlflow run` opened goes to the trash, as for any bad param (argparse printed its usage
-    and left that run FAILED)."""
+    and left that run FAILED). A name that begins another's is unknown too: argparse took `-P epoch=30` for
+    `--epochs`, over the `-P epochs` given before it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         raise ConfigError(f"arguments: {message}")

@@ -641,16 +641,16 @@ class EMABatchNorm(keras.callbacks.Callback):
 
 class Interruptible(keras.callbacks.Callback):
     """Raises again a stopping signal's exception that Keras swallowed (`pipeline.interrupts`): after each batch,
-    right after the conversion of the batch's logs that swallows it, and after each epoch."""
-
-    def on_train_begin(self, logs=None):
-        interrupts.take()  # one that surfaced before this fit was handled by its catcher
+    right after the conversion of the batch's logs that swallows it, and after each epoch; and, before the first
+    batch, one swallowed before this fit (a weakref callback's "Exception ignored" while the data loaded or the model
+    was built): cleared there, training ran to its end with the handlers ignoring every further signal, and the
+    step's end (`tracking._ended_with_reason`) no longer saw it. (The entry points' `cli` clears one it handled.)"""
 
     def _raise_pending(self, *args, **kwargs):
         if (exc := interrupts.take()) is not None:
             raise exc
 
-    on_train_batch_end = on_test_batch_end = on_predict_batch_end = on_epoch_end = _raise_pending
+    on_train_begin = on_train_batch_end = on_test_batch_end = on_predict_batch_end = on_epoch_end = _raise_pending
 
 
 def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,

@@ -35,12 +35,31 @@ def test_a_reused_prepare_run_counts_zero_and_the_start_runs_to_train():
     (["--profiles", "nosuch"], "--profiles: no params/<name>.yaml for 'nosuch'"),
     (["--name", "../README"], "--name: a file name without folder or extension, got '../README'"),
     (["--name", "recheck.md"], "--name: a file name without folder or extension, got 'recheck.md'"),
+    (["--extra", "-P overrides='train.lr=0.1"], "--extra: No closing quotation in \"-P overrides='train.lr=0.1\""),
 ])
 def test_bad_arguments_exit_2_naming_the_option_before_any_run(args, message):
     proc = subprocess.run([sys.executable, "-m", "bench.time_to_accuracy", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_extra_arguments_reach_mlflow_run_split_as_a_shell_splits_them(monkeypatch):
+    """`--extra '-P overrides="a=1 b=2"'` was split at every space: `mlflow run` got overrides='"a=1' and 'b=2"'."""
+    from bench import time_to_accuracy
+
+    seen = []
+
+    def run_profile(profile, data, extra, seed=None):
+        seen.append(extra)
+        raise SystemExit("stop")
+
+    monkeypatch.setattr(time_to_accuracy, "run_profile", run_profile)
+    monkeypatch.setattr(sys, "argv", ["time_to_accuracy", "--profiles", "tiny", "--extra",
+                                      '-P epochs=2 -P overrides="train.lr=0.1 train.nesterov=false"'])
+    with pytest.raises(SystemExit, match="^stop; no results written$"):
+        time_to_accuracy.main()
+    assert seen == [["-P", "epochs=2", "-P", "overrides=train.lr=0.1 train.nesterov=false"]]
 
 
 def fake_run(profile: str, test_acc: float) -> dict:
@@ -136,11 +155,62 @@ def test_sweep_benchmark_failed_command_is_one_line():
         sweep.check(failed, "pipeline.sweep")
 
 
+def test_sweep_benchmark_whose_sweep_failed_a_trial_is_one_line_not_a_wall_time(tmp_path, monkeypatch):
+    """`pipeline.sweep` goes on past a failed trial and exits 0: the benchmark read the failed trial's runs (a KeyError
+    on its missing train_run_id tag), where it should say the sweep measured is not that of its 8 trials."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from bench import sweep
+
+    study = optuna.create_study(direction="maximize")
+    lr = optuna.distributions.CategoricalDistribution(sweep.LRS)
+    for number, state in enumerate([optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                                    optuna.trial.TrialState.COMPLETE]):
+        attrs = {"mlflow_run_id": f"trial{number}",
+                 **({"failure_reason": "ValueError: out of memory"} if state.name == "FAIL" else {})}
+        study.add_trial(optuna.trial.create_trial(params={"train.lr": sweep.LRS[number]},
+                                                  distributions={"train.lr": lr},
+                                                  value=0.5 + number / 10 if state.name == "COMPLETE" else None,
+                                                  state=state, user_attrs=attrs))
+
+    class Client:  # what MLflow holds of each trial: a finished one's train run and its val_acc points
+        def __init__(self, uri):
+            pass
+
+        def get_run(self, run_id):
+            tags = {} if run_id == "trial1" else {"train_run_id": f"train-{run_id}"}
+            return SimpleNamespace(data=SimpleNamespace(tags=tags))
+
+        def get_metric_history(self, run_id, key):
+            return [0.5, 0.6, 0.7]
+
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 0, "", ""))
+    monkeypatch.setattr(sweep.optuna, "load_study", lambda **k: study)
+    monkeypatch.setattr(sweep, "MlflowClient", Client)
+    with pytest.raises(SystemExit) as exc:
+        sweep.run_sweep(tmp_path / "0", "none", 1, 3)
+    assert str(exc.value) == ("pipeline.sweep (none pruning, 1 worker): trial 1 FAIL: ValueError: out of memory; "
+                              "no results written")
+    # a sweep whose trials all ended: its epochs, trials and best counted
+    ok = optuna.create_study(direction="maximize")
+    for trial in study.trials:
+        if trial.state.name == "COMPLETE":
+            ok.add_trial(trial)
+    monkeypatch.setattr(sweep.optuna, "load_study", lambda **k: ok)
+    result = sweep.run_sweep(tmp_path / "1", "none", 1, 3)
+    assert (result["epochs"], result["trials"], result["states"], result["best_val_acc"]) == (6, 2, {"COMPLETE": 2},
+                                                                                             0.7)
+    assert result["best_lr"] == sweep.LRS[2] and result["wall_s"] >= 0
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--batch-requests", "0"], "--batch-requests: must be >= 1, got 0"),
     (["--latency-requests", "0"], "--latency-requests: must be >= 1, got 0"),
     (["--json-batch-requests", "-1"], "--json-batch-requests: must be >= 1, got -1"),
     (["--params", "nosuch.yaml"], "--params: params: file not found: nosuch.yaml"),
+    (["--params", "params/tiny.yaml", "./params/tiny.yaml"], "--params: ./params/tiny.yaml given twice"),
 ])
 def test_serving_benchmark_refuses_bad_arguments_before_serving(args, message, tmp_path, monkeypatch, capsys):
     from bench import bench_serve
@@ -170,12 +240,30 @@ def test_serving_benchmark_whose_server_fails_is_one_line_and_writes_nothing(tmp
     assert not (tmp_path / "results").exists()
 
 
-def test_training_benchmark_refuses_zero_steps():
+def test_serving_benchmark_logs_two_params_files_of_one_name_each_as_its_own(store, tmp_path):
+    """Each model went into an experiment named after its file's stem: a second `tiny.yaml` (another folder) was
+    MLflow's traceback of a name already taken, after the first model's minutes of measuring."""
+    import shutil
+
+    from bench import bench_serve
+
+    other = tmp_path / "other" / "tiny.yaml"
+    other.parent.mkdir()
+    shutil.copyfile(ROOT / "params" / "tiny.yaml", other)
+    uris = [bench_serve.log_untrained_model(params, tmp_path) for params in ("params/tiny.yaml", str(other))]
+    assert len(set(uris)) == 2 and all(uri.startswith("models:/m-") for uri in uris)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--steps", "0"], "--steps: must be >= 1, got 0"),
+    (["--fit-feeds", "0"], "--fit-feeds: must be >= 1 images, got 0"),  # was the whole benchmark, minutes of it
+])
+def test_training_benchmark_refuses_bad_arguments(args, message, capsys):
     from bench import benchmark
 
     with pytest.raises(SystemExit) as exc:
-        benchmark.parse_args(["--steps", "0"])
-    assert exc.value.code == 2
+        benchmark.parse_args(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_training_benchmark_rows_state_their_own_speed_up(tmp_path):

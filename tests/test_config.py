@@ -460,6 +460,10 @@ def test_an_unknown_or_missing_entry_point_argument_is_one_line():
     `mlflow run` opened FAILED in the experiment; a ConfigError trashes it like any bad param."""
     with pytest.raises(config.ConfigError, match=r"^arguments: unrecognized arguments: --experiment foo$"):
         config.entry_point_parser("main", "x").parse_args(["--experiment", "foo"])
+    # the start of a known name: argparse took `-P epoch=30` (`--epoch 30`, after MLproject's `--epochs ''`) for epochs
+    with pytest.raises(config.ConfigError, match=r"^arguments: unrecognized arguments: --epoch 30$"):
+        config.entry_point_parser("main", "x").parse_args(["--epochs", "", "--epoch", "30"])
+    assert config.entry_point_parser("main", "x").parse_args(["--epochs=30"]).epochs == "30"
     with pytest.raises(config.ConfigError, match=r"^arguments: the following arguments are required: --model-uri"):
         config.entry_point_parser("register", "x").parse_args([])
 

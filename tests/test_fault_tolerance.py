@@ -1322,6 +1322,40 @@ def test_a_stopping_signal_that_keras_swallows_after_a_batch_still_stops_the_tra
     assert signalled and timer.seconds == []  # stopped in the first epoch, at the batch it arrived in
 
 
+def test_a_stopping_signal_swallowed_before_fit_stops_it_before_its_first_batch():
+    """A SIGTERM whose exception Python swallowed before `fit` (a weakref callback's "Exception ignored", while the data
+    loaded or the model was built) was cleared when training began: every epoch trained with the handlers ignoring
+    any further signal, and the train step ended FINISHED, evaluate and register after it."""
+    import weakref
+
+    from pipeline import data, fitting, tracking
+    from pipeline.distribute import distribution
+
+    cfg = config.load("params/tiny.yaml", ["train.epochs=2", "train.validation_fraction=0"])
+    dataset = data.make_synthetic(n_train=256, n_test=64, seed=0)
+    splits = fitting.split_validation(dataset, 0, cfg.train.seed)
+    model = fitting.compile_model(cfg, dataset, distribution(cfg.train.distribute), len(splits[0]))
+
+    class Built:
+        pass
+
+    timer = fitting.EpochTimer()
+    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
+                                                                                         signal.SIGINT)}
+    try:
+        built = Built()
+        weakref.finalize(built, os.kill, os.getpid(), signal.SIGTERM)  # the handler runs in the finalizer
+        del built  # its "Exception ignored" goes to stderr; the code goes on, to fit
+        time.sleep(0.1)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # the handler ran: no signal stops fit now
+        with pytest.raises(tracking.Interrupted, match="SIGTERM"):
+            fitting.fit(model, cfg, splits, len(dataset.class_names), [timer])
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert timer.seconds == []  # not one epoch trained
+
+
 def test_a_stopping_signal_swallowed_in_a_step_still_ends_the_step_killed_with_143(store):
     """A SIGTERM whose exception Python itself swallows (it landed in a weakref callback, as after a model was
     logged: "Exception ignored in: <function WeakKeyDictionary...remove>") let evaluate and register run on, the

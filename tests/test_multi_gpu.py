@@ -115,6 +115,14 @@ def test_without_several_gpus_it_refuses(monkeypatch, capsys):
      "error: --overrides: train.jit_compile is set by the arms themselves; give other keys"),
     (["--overrides", "train.seed=1 train.seed=2", "--virtual-cpus", "2"],
      "error: --overrides: train.seed: given twice in overrides ('1' and '2')"),
+    # every arm's bench.gpu_epoch refused these after its start-up, and the table of failures was written, exit 0
+    (["--params", "params/nosuch.yaml", "--virtual-cpus", "2"],
+     "error: --params/--overrides: params: file not found: params/nosuch.yaml"),
+    (["--overrides", "train.batch_size=0", "--virtual-cpus", "2"],
+     "error: --params/--overrides: train.batch_size: must be >= 1, got 0"),
+    (["--data", "nosuch.tar.gz", "--virtual-cpus", "2"], "error: --data: no such file or folder: nosuch.tar.gz"),
+    (["--images", "0", "--virtual-cpus", "2"], "error: --images: must be >= 1, got 0"),
+    (["--timeout", "0", "--virtual-cpus", "2"], "error: --timeout: must be > 0 seconds, got 0"),
 ])
 def test_arguments_no_arm_can_run_with_are_refused_before_any_arm(monkeypatch, capsys, argv, message):
     """Not one failed arm per backend after its start-up, nor (on a GPU machine) a table of failures written over

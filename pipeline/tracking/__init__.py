@@ -245,7 +245,8 @@ def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
 
 
 def asks_for_help(args: list[str]) -> bool:
-    """Whether argparse reads `args` as a request for the help: `-h`, `--help` or an abbreviation of it (`--he`)."""
+    """Whether `args` ask for the help: `-h`, `--help`, or an abbreviation of it (`--he`), which an entry point's
+    parser refuses (`config._Parser`, no abbreviations): either way no store is made first."""
     return any(arg == "-h" or (arg.startswith("--h") and "--help".startswith(arg)) for arg in args)
 
 
