@@ -286,6 +286,10 @@ class RegisterConfig:
         _check(bool(re.fullmatch(r"\w[\w .-]*", self.model_name)), "register.model_name",
                "must start with a letter, digit or '_' and hold only those, '-', '.' and spaces (MLflow refuses "
                "'/' and ':' in names; quotes break its search filters)", self.model_name)
+        # MLflow keeps it in 256-character columns, which PostgreSQL (a team's store) enforces: when register ran,
+        # after training, not now
+        _check(len(self.model_name) <= 256, "register.model_name", "must be at most 256 characters (MLflow's "
+               "column for it)", self.model_name)
         # MLflow's rules for aliases, checked before training rather than when registering after it
         _check(bool(re.fullmatch(r"[\w-]{1,255}", self.alias)), "register.alias",
                "must be 1-255 letters, digits, '_' or '-'", self.alias)

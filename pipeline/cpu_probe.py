@@ -86,15 +86,10 @@ def fastest(candidates: list[Candidate], job: str, build: Callable[[str, bool], 
     if len(candidates) == 1:
         return candidates[0], {}, False
     path, key = cache_file(), machine_key(candidates, job)
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    speeds = cached.get(key, {}).get("images_per_second") if isinstance(cached, dict) else None
-    hit = isinstance(speeds, dict) and set(speeds) == {label(c) for c in candidates}
+    cached, speeds = _cached(path, key, candidates)
+    hit = speeds is not None
     if not hit:
         speeds = measure(candidates, build, x, y)
-        cached = cached if isinstance(cached, dict) else {}
         cached[key] = {"images_per_second": speeds, "date": time.strftime("%Y-%m-%d"), "host": platform.node()}
         try:  # a read-only home leaves the choice measured, just not kept
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,3 +100,24 @@ def fastest(candidates: list[Candidate], job: str, build: Callable[[str, bool], 
             pass
     best = max(candidates, key=lambda c: speeds[label(c)])
     return best, speeds, hit
+
+
+def _cached(path: Path, key: str, candidates: list[Candidate]) -> tuple[dict, dict[str, float] | None]:
+    """(the cache file's entries, {} if it is unreadable; the images/s of each candidate kept under `key`, or None)."""
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    cached = cached if isinstance(cached, dict) else {}
+    speeds = cached.get(key, {}).get("images_per_second") if isinstance(cached.get(key), dict) else None
+    hit = isinstance(speeds, dict) and set(speeds) == {label(c) for c in candidates}
+    return cached, speeds if hit else None
+
+
+def cached_fastest(candidates: list[Candidate], job: str) -> Candidate | None:
+    """The candidate `fastest` would take, where that needs no measuring (one candidate, or the cache holds them);
+    None where only measuring would tell."""
+    if len(candidates) == 1:
+        return candidates[0]
+    speeds = _cached(cache_file(), machine_key(candidates, job), candidates)[1]
+    return max(candidates, key=lambda c: speeds[label(c)]) if speeds else None

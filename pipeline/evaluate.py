@@ -7,7 +7,9 @@ Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`, `t
         and tag `test_data_sha256` (the scored test split's digest) on both; artifacts `metrics.json`,
         `confusion_matrix.csv`, `confusion_matrix.png`, `predictions.png` (sample test images with predicted and
         true labels, the seed's prediction demo).
-Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`.
+Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`. On its own
+(`-e evaluate`), it reads and checks the model and the dataset before it opens a run: a URI naming no model, a model
+that is no image classifier, one not logged whole (FAILED, PENDING) or one of other classes is one line, exit 2.
 Register runs `run` too, in an evaluate run of its own, to score a champion on a challenger's test data.
 """
 
@@ -147,9 +149,14 @@ def main() -> None:
     args = config.entry_point_parser("evaluate", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
     prepare.check_dataset_uri(args.dataset_uri)
+    # Read and checked before any run opens, as register checks its model: a URI naming no model, a model that is
+    # no image classifier, one not logged whole or one of other classes is one line, exit 2, and leaves no run
+    classifier = steps.load_classifier(args.model_uri)
+    dataset = prepare.load_dataset(args.dataset_uri)
+    check_classes(classifier, dataset, args.model_uri)
     with step_lock() as hold, step_run(cfg, "evaluate") as step:
         hold(step)  # killed, it is left for the next main to end
-        run(cfg, args.model_uri, args.dataset_uri)
+        run(cfg, args.model_uri, args.dataset_uri, dataset=dataset, classifier=classifier)
 
 
 if __name__ == "__main__":

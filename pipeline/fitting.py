@@ -126,6 +126,19 @@ def training_part(dataset: Dataset, splits: tuple) -> Dataset:
     return dataclasses.replace(dataset, x_train=splits[0], y_train=splits[1])
 
 
+WHITENING_IMAGES = 2000  # the whitening stem's patch covariance is estimated on this many training images
+
+
+def whitening_images(images: np.ndarray) -> np.ndarray:
+    """The training images `model.stem: whiten` is fitted on: WHITENING_IMAGES of them drawn at random (seed 0, in
+    their order) from all of `images`, or all of them where there are no more. Not the first ones: image folders and
+    archives list their images class by class, and with train.validation_fraction 0 the training split keeps that
+    order (the first 2,000 of CIFAR-10's JPEG archive are airplanes)."""
+    if len(images) <= WHITENING_IMAGES:
+        return images
+    return images[np.sort(np.random.default_rng(0).permutation(len(images))[:WHITENING_IMAGES])]
+
+
 def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) -> keras.Model:
     """The model `cfg` describes, normalised by `dataset`'s statistics. augment=False: the inference copy, without
     the training-only parts (augmentation layers; stock BN in place of ghost BN, whose inference is the same)."""
@@ -133,7 +146,7 @@ def make_model(cfg: config.Config, dataset: Dataset, *, augment: bool = True) ->
     m, t = cfg.model, cfg.train
     whiten = None
     if m.stem == "whiten":  # fitted on normalised training images; the served copy gets the weights themselves
-        whiten = whitening_kernel((dataset.x_train[:2000] - mean) / std)
+        whiten = whitening_kernel((whitening_images(dataset.x_train) - mean) / std)
     return build_resnet(num_classes=len(dataset.class_names), arch=m.arch, block=m.block,
                         units_per_stage=m.units_per_stage, widths=m.widths, strides=m.strides,
                         stem_filters=m.stem_filters, l2=m.l2, l2_norm_and_bias=m.l2_norm_and_bias,
@@ -221,8 +234,8 @@ def jax_cpu_bf16_xla_fallback(precision: str, cfg: config.TrainConfig, gpu: bool
 PROBED: dict = {}  # the last CPU probe fast_path consulted: pipeline.train records it on the run
 
 
-def fast_path(cfg: config.TrainConfig, dist: Distribution, probe: Callable[[], tuple] | None = None
-              ) -> tuple[str, bool | str]:
+def fast_path(cfg: config.TrainConfig, dist: Distribution, probe: Callable[[], tuple] | None = None, *,
+              measure: bool = True) -> tuple[str, bool | str] | None:
     """(dtype policy, jit_compile) for `train.precision` and `train.jit_compile`, "auto" resolved. `probe()`:
     (job, build, x, y) for `cpu_probe.fastest`; without it a CPU's `auto` follows the flag rule below.
 
@@ -232,10 +245,13 @@ def fast_path(cfg: config.TrainConfig, dist: Distribution, probe: Callable[[], t
     Elsewhere (JAX, or several CPU devices) precision auto is bfloat16 where the CPU has bf16 units, else float32,
     and jit_compile auto Keras's rule; where that is bfloat16 + XLA on a JAX CPU that computes it wrongly
     (`jax_cpu_bf16_xla_wrong`), float32 for precision auto, else no XLA (both given: `check_backend` refuses).
+    `measure` False: what this machine takes without measuring anything, quietly (None where only the probe would
+    tell: its cache holds no answer for this model); `PROBED` is left as it was.
     """
     gpu = on_gpu(dist.devices)
     jit: bool | str = cfg.jit_compile
-    PROBED.clear()
+    if measure:
+        PROBED.clear()
     if probe and not gpu and dist.mode == "none" and keras.backend.backend() == "tensorflow" and "auto" in (
             cfg.precision, cfg.jit_compile):
         from pipeline import cpu_probe
@@ -243,6 +259,8 @@ def fast_path(cfg: config.TrainConfig, dist: Distribution, probe: Callable[[], t
         precisions = ((["float32", "mixed_bfloat16"] if cpu_has_bf16() else ["float32"]) if cfg.precision == "auto"
                       else [cfg.precision])
         candidates = [(p, j) for p in precisions for j in ([False, True] if jit == "auto" else [jit])]
+        if not measure:
+            return cpu_probe.cached_fastest(candidates, probe()[0])
         (precision, jit), speeds, cached = cpu_probe.fastest(candidates, *probe())
         if speeds:
             PROBED.update(choice=cpu_probe.label((precision, jit)), images_per_second=speeds, cached=cached)
@@ -256,10 +274,34 @@ def fast_path(cfg: config.TrainConfig, dist: Distribution, probe: Callable[[], t
     fallback = jax_cpu_bf16_xla_fallback(precision, cfg, gpu)
     if fallback:
         chosen = "train.precision auto: float32" if fallback[0] == "float32" else "train.jit_compile auto: no XLA"
-        print(f"{chosen}, as this JAX's XLA computes bfloat16 convolutions wrongly on a CPU (NaN val_loss; "
-              f"XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= mends it)", flush=True)
+        if measure:
+            print(f"{chosen}, as this JAX's XLA computes bfloat16 convolutions wrongly on a CPU (NaN val_loss; "
+                  f"XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= mends it)", flush=True)
         return fallback
     return precision, jit
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """What a resumed train run trained its epochs with (its tags `dtype_policy`, `jit_compile`), for the rest of it
+    to go on with (`compile_model`) whatever `auto` resolves to here; `source`: which run, in words."""
+
+    precision: str
+    jit_compile: bool
+    source: str
+
+    def described(self) -> str:
+        return f"{self.precision} {'with' if self.jit_compile else 'without'} XLA"
+
+
+def bf16_xla_wrong_here(precision: str, jit: bool | str) -> bool:
+    """Whether `precision` with `jit` true computes wrong results here: bfloat16 + XLA on a JAX CPU that computes it
+    wrongly (`jax_cpu_bf16_xla_wrong`)."""
+    if precision != "mixed_bfloat16" or jit is not True or keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu" and jax_cpu_bf16_xla_wrong()
 
 
 def cpu_allocator() -> str:
@@ -326,28 +368,30 @@ def check_backend(cfg: config.Config) -> None:
     if cfg.train.feed == "device" and keras.backend.backend() != "jax":
         raise config.ConfigError(f"train.feed: 'device' needs the JAX backend, not {keras.backend.backend()}")
     t = cfg.train
-    if t.precision == "mixed_bfloat16" and t.jit_compile is True and keras.backend.backend() == "jax":
-        import jax
-
-        if jax.default_backend() == "cpu" and jax_cpu_bf16_xla_wrong():
-            raise config.ConfigError("train.precision: mixed_bfloat16 with train.jit_compile true computes wrong "
-                                     "results on this JAX's CPU (its XLA miscompiles bfloat16 convolutions: NaN "
-                                     "val_loss); use train.jit_compile auto or false, float32, or set "
-                                     "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=")
+    if bf16_xla_wrong_here(t.precision, t.jit_compile):
+        raise config.ConfigError("train.precision: mixed_bfloat16 with train.jit_compile true computes wrong "
+                                 "results on this JAX's CPU (its XLA miscompiles bfloat16 convolutions: NaN "
+                                 "val_loss); use train.jit_compile auto or false, float32, or set "
+                                 "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=")
 
 
-def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, train_images: int) -> keras.Model:
+def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, train_images: int,
+                  recorded: Recorded | None = None) -> keras.Model:
     """The training model (with augmentation), compiled for `dist`. Seeds the run; `train.precision`
     is the global dtype policy only while the model is built (its layers keep it), so it does not
-    leak into models built later in the process, such as the float32 served copy."""
+    leak into models built later in the process, such as the float32 served copy. `recorded`: a resumed run's
+    precision and XLA choice, taken for each `auto` unmeasured (`fast_path` is for its first epochs only); a line
+    says so where this machine would take another, or cannot tell without measuring."""
     t = cfg.train
     check_backend(cfg)
     count_compile_cache_loads()  # what the cache spares this training, from its first program on
+    # once, not per build: the CPU probe builds the model once per candidate, and each said a warning again
+    schedule = learning_rate(t, steps_per_epoch(t, train_images))
 
     def build(precision: str, jit: bool | str) -> keras.Model:
         with dist.scope():
             model = make_model(cfg, dataset)
-            optimizer = keras.optimizers.SGD(learning_rate=learning_rate(t, steps_per_epoch(t, train_images)),
+            optimizer = keras.optimizers.SGD(learning_rate=schedule,
                                              momentum=t.momentum, nesterov=t.nesterov, use_ema=t.ema,
                                              ema_momentum=t.ema_momentum)
             model.compile(optimizer=optimizer,
@@ -365,7 +409,15 @@ def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, trai
         return job, build, dataset.x_train[:n], keras.utils.to_categorical(dataset.y_train[:n],
                                                                          len(dataset.class_names))
 
-    precision, jit = fast_path(t, dist, probe)  # before the seed: the probe's models leave the run's draws as they were
+    here = None
+    if recorded is None:  # before the seed: the probe's models leave the run's draws as they were
+        precision, jit = fast_path(t, dist, probe)
+    else:
+        PROBED.clear()
+        here = fast_path(t, dist, probe, measure=False)
+        precision = recorded.precision if t.precision == "auto" else t.precision
+        jit = recorded.jit_compile if t.jit_compile == "auto" else t.jit_compile
+        check_recorded(recorded, t)
     keras.utils.set_random_seed(t.seed)
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(precision)
@@ -374,8 +426,40 @@ def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, trai
             model = build(precision, jit)
     finally:
         keras.mixed_precision.set_global_policy(previous)
+    if recorded is not None:
+        _say_recorded(t, recorded, here, model)
     dist.adapt(model)
     return model
+
+
+def check_recorded(recorded: Recorded, t: config.TrainConfig) -> None:
+    """ConfigError where this machine cannot go on with a resumed run's precision and XLA choice (`t`: the run's
+    params): bfloat16 + XLA on a JAX CPU that computes it wrongly (`bf16_xla_wrong_here`)."""
+    if bf16_xla_wrong_here(recorded.precision, recorded.jit_compile):
+        mine = Recorded(*(jax_cpu_bf16_xla_fallback(recorded.precision, t, False) or ("float32", False)), "")
+        raise config.ConfigError(
+            f"train.precision: {recorded.source} in {recorded.described()}, which this JAX computes wrongly on its "
+            f"CPU (its XLA miscompiles bfloat16 convolutions: NaN val_loss; a fresh run here takes "
+            f"{mine.described()}); set XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= to go on with it, or "
+            f"resume=never to start afresh")
+
+
+def _say_recorded(t: config.TrainConfig, recorded: Recorded, here: tuple[str, bool | str] | None,
+                  model: keras.Model) -> None:
+    """The line `compile_model` prints where a resumed run's `auto` goes on as recorded, not as this machine (`here`:
+    its choice, None where only measuring would tell) would take it."""
+    auto = [f"train.{k} auto" for k in ("precision", "jit_compile") if getattr(t, k) == "auto"]
+    if not auto:
+        return
+    if here is not None:
+        jit = model._resolve_auto_jit_compile() if here[1] == "auto" else here[1]  # Keras's rule, for this model here
+        mine = Recorded(here[0] if t.precision == "auto" else recorded.precision,
+                        jit if t.jit_compile == "auto" else recorded.jit_compile, "")
+        if (mine.precision, mine.jit_compile) == (recorded.precision, recorded.jit_compile):
+            return
+    print(f"{' and '.join(auto)}: {recorded.described()}, as {recorded.source}; "
+          + (f"this machine would take {mine.described()}" if here is not None else "not measured on this machine"),
+          flush=True)
 
 
 def progress_verbosity(setting: str) -> int:
@@ -571,14 +655,17 @@ class EMABatchNorm(keras.callbacks.Callback):
     in training mode per batch (`stateless_call`, traced with every BN momentum at 0, so each pass returns that
     batch's moments as the moving statistics), averaged, then assigned. Training reads batch moments, never the
     moving ones, so it is unaffected. The batches are the same at every call (`seed`), whole ones of `batch_size`
-    (fewer if the images make fewer; all of them in one if they make none). `flip`: mirror each image at random,
-    for a model whose flips the feed does (`train.alternate_flip`)."""
+    (fewer if the images make fewer; all of them in one if they make none), each a random draw from all of `images`
+    as a training batch is: image folders list their images class by class, and batches of neighbours (one class
+    each) averaged within-class variances, far under those BN normalises with in training. `flip`: mirror each
+    image at random, for a model whose flips the feed does (`train.alternate_flip`)."""
 
     def __init__(self, images: np.ndarray, batches: int, batch_size: int, *, seed: int = 0, flip: bool = False):
         super().__init__()
         rng = np.random.default_rng([seed, 0xB7])
         count = max(1, min(batches, len(images) // batch_size)) * batch_size
-        self.rows = np.sort(rng.permutation(len(images))[:count]).reshape(-1, min(batch_size, len(images)))
+        drawn = rng.permutation(len(images))[:count].reshape(-1, min(batch_size, len(images)))
+        self.rows = np.sort(drawn, axis=1)  # each batch's rows in order: one gather, front to back
         self.images, self.flips = images, (rng.random(len(images)) < 0.5) if flip else None
         self._forward = None
 

@@ -6,12 +6,22 @@ entry point imports Keras first, to check the backend and its devices). Shared b
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import sys
+from pathlib import Path
 
 from pipeline import config, prepare
 from pipeline.data import CIFAR10_TRAIN_IMAGES
 from pipeline.distribute import cluster_from_env
-from pipeline.tracking.resume import check_checkpoint_root, check_resumable_code, config_to_resume, find_resumable
+from pipeline.tracking.resume import (
+    check_checkpoint_root,
+    check_resumable_code,
+    config_to_resume,
+    find_resumable,
+    recorded_training,
+)
 
 
 def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> tuple[config.Config, str]:
@@ -23,7 +33,8 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
     params file's (a note says which changed), so the run records the data it trains on. resume, a run id: `cfg`
     (and `dataset_uri`) must be what that run started with, and its dataset is used (see `config_to_resume`).
     Without a dataset URI `data.source` must exist. resume "": the run a rerun would continue must have been
-    checkpointed by the code here (`check_resumable_code`). The checkpoint folder must be writable
+    checkpointed by the code here (`check_resumable_code`). Either way the run resumed goes on with the backend,
+    precision and XLA choice it trained with (`check_resumed_machine`). The checkpoint folder must be writable
     (`check_checkpoint_root`). The backend must support the params, and in a cluster
     (TF_CONFIG) only the chief runs the steps.
     """
@@ -32,14 +43,18 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
     if given:
         prepare.check_dataset_uri(given)
         cfg = with_dataset_params(cfg, given)
+    resumed = None
     if resume not in ("", "never"):
         dataset_uri = config_to_resume(resume, cfg, given)  # `given` if given (else refused), or the run's
+        resumed = resume
         if not given:
             prepare.check_dataset_uri(dataset_uri)
     elif not given:
         key = prepare.prepare_key(cfg)  # a missing data path fails here
     if not resume:  # a plain rerun: the run it would continue must have been checkpointed by the code here
-        check_resumable_code(cfg, given or prepare.find_prepared(key))
+        resumed = check_resumable_code(cfg, given or prepare.find_prepared(key))
+    if resumed:
+        check_resumed_machine(resumed, cfg)
     check_known_training_images(cfg)  # too few to hold out or to batch: refused now, not in the train run after prepare
     t = cfg.train
     if t.feed == "device" or (t.precision == "mixed_bfloat16" and t.jit_compile is True):  # the params that depend on
@@ -52,6 +67,65 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
         raise config.ConfigError(f"TF_CONFIG: this host is {cluster.task}; the pipeline runs on the chief, "
                                  f"here run `python -m pipeline.train` with the chief's params")
     return cfg, dataset_uri
+
+
+def check_resumed_machine(run_id: str, cfg: config.Config) -> None:
+    """Before any run opens: train run `run_id`, which the command resumes, goes on with the backend, precision and XLA
+    choice it trained with (`resume.recorded_training`; `auto` and KERAS_BACKEND are each machine's own), or is
+    refused with a ConfigError naming the key and both values.
+
+    The backend: where Keras is not loaded yet (`main`), KERAS_BACKEND is set to the run's for this process, with a
+    line where this machine would load another (`configured_backend`); refused where that backend is not installed,
+    or where this process runs another already (the `train` entry point loads Keras first). The precision and XLA
+    choice: refused where this machine computes them wrongly (`fitting.check_recorded`); `train.run` goes on with
+    them."""
+    backend, precision, jit, source = recorded_training(run_id)
+    if backend:
+        go_on_with_backend(backend, source)
+    if precision == "mixed_bfloat16" and jit:  # the one choice a machine may not run (loads Keras)
+        from pipeline import fitting
+
+        fitting.check_recorded(fitting.Recorded(precision, jit, source), cfg.train)
+
+
+def go_on_with_backend(backend: str, source: str) -> None:
+    """Make this process run Keras on `backend`, the one `source` (a resumed run, in words) trained on (see
+    `check_resumed_machine`)."""
+    loaded = "keras" in sys.modules
+    if loaded:
+        import keras
+
+        here = keras.backend.backend()
+    else:
+        here = configured_backend()
+    if here == backend:
+        return
+    if importlib.util.find_spec(backend) is None:  # Keras's backend names are their packages' names
+        raise config.ConfigError(f"KERAS_BACKEND: {source} on {backend}, which is not installed here (this machine "
+                                 f"runs {here}); install {backend} to go on with it, or resume=never to start afresh")
+    if loaded:
+        raise config.ConfigError(f"KERAS_BACKEND: {source} on {backend}, and this process runs {here}; set "
+                                 f"KERAS_BACKEND={backend} to go on with it, or resume=never to start afresh")
+    os.environ["KERAS_BACKEND"] = backend
+    print(f"KERAS_BACKEND: {backend}, as {source} on it; this machine would load {here} (resume=never starts "
+          f"afresh on it)", flush=True)
+
+
+def configured_backend() -> str:
+    """The backend Keras loads in this process, read as Keras reads it but without loading it: KERAS_BACKEND, else
+    `backend` in keras.json (in $KERAS_HOME, else ~/.keras, or /tmp/.keras where the home folder is not writable),
+    else tensorflow."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    folder = os.environ.get("KERAS_HOME")
+    if folder is None:
+        home = os.path.expanduser("~")
+        folder = os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
+    try:
+        chosen = json.loads((Path(folder).expanduser() / "keras.json").read_text()).get("backend")
+    except (OSError, ValueError, AttributeError):
+        chosen = None
+    return chosen or "tensorflow"
 
 
 def check_known_training_images(cfg: config.Config) -> None:

@@ -179,8 +179,9 @@ def champion_on_test_data(cfg: config.Config, name: str, champion, challenger: r
               f"{uri} on the challenger's test data ({dataset_uri}) to compare on equal data")
         tta = getattr(classifier, "tta", "none")  # what evaluate scores it with anyway: no note that it differs
         as_served = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, tta=tta))
+        suffix = f"-v{champion.version}"  # MLflow's column for a run's name holds 250 (PostgreSQL enforces it)
         with open_run("evaluate", experiment=cfg.tracking.experiment,
-                      run_name=f"evaluate-{name}-v{champion.version}",
+                      run_name=f"evaluate-{name}"[:250 - len(suffix)] + suffix,
                       tags={RESCORE_TAG: f"{name}/{champion.version}"}) as scoring:
             set_tags({"mlflow.note.content": f"v{champion.version} of `{name}` (`{uri}`) scored on the test data "
                                              f"of a challenger (`{dataset_uri}`) by the register run that "

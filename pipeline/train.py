@@ -13,7 +13,8 @@ Writes: params (every resolved value, once); per-epoch metrics `loss`, `acc`, `v
 Returns the logged model's URI (`models:/m-...`).
 
 Its inputs are checked and resolved by `pipeline.inputs`, as `main`'s are. Completed epochs are
-checkpointed per run and resumed by the same command (`pipeline.tracking.resume`); a cluster's other
+checkpointed per run and resumed by the same command (`pipeline.tracking.resume`), in the backend, precision and XLA
+choice the run recorded in tags `backend`, `dtype_policy` and `jit_compile` (`recorded_fast_path`); a cluster's other
 hosts train in lock step without logging (`run_worker`). What a train run records (params, tags,
 per-epoch metrics, the model) is written by `pipeline.tracking.training`.
 """
@@ -60,7 +61,14 @@ from pipeline.tracking import (
     set_tags,
     step_run,
 )
-from pipeline.tracking.resume import TRAIN_CODE, checkpoint_dir, log_train_params, release, train_code
+from pipeline.tracking.resume import (
+    TRAIN_CODE,
+    checkpoint_dir,
+    log_train_params,
+    recorded_training,
+    release,
+    train_code,
+)
 from pipeline.tracking.training import (
     MlflowEpochLogger,
     log_trained_model,
@@ -99,6 +107,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     (made from `train.distribute` if None); in a cluster this is the chief's part. `extra_callbacks`
     run after the per-epoch logging and checkpoint (a sweep's pruning callback)."""
     t = cfg.train
+    recorded = recorded_fast_path(active_run_id())  # a resumed run's: before anything is logged, the backend's refusal
     dist = dist or distribution(t.distribute)  # first: a multi-worker strategy must precede every TF op
     # Before any refusal below (the replicas' batches, the hosts' `agree`): a run refused there ends FAILED with its
     # reason and the params that say what it was (`start_training`'s tags and config.json follow once it trains)
@@ -109,7 +118,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     if dist.cluster:  # before the model is built (see `agree`); hashing the data takes a moment: a cluster's only
         dist.agree(training_job(cfg, dataset), Checkpoint.completed_epochs(checkpoint_dir(active_run_id())))
     train_images = len(splits[0])
-    model = compile_model(cfg, training_part(dataset, splits), dist, train_images)
+    model = compile_model(cfg, training_part(dataset, splits), dist, train_images, recorded)
 
     run_id = start_training(cfg, dataset_uri, {
         "backend": keras.backend.backend(), "devices": ", ".join(dist.devices),
@@ -157,6 +166,20 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     release(run_id)
     print(f"logged model {model_uri}")
     return model_uri
+
+
+def recorded_fast_path(run_id: str) -> fitting.Recorded | None:
+    """The precision and XLA choice train run `run_id` trained its epochs with, for a resumed run to go on with
+    (`compile_model`); None for a run that has trained none (its tags `dtype_policy`, `jit_compile` not set yet).
+    ConfigError if it trained on another backend than this process's (`inputs.check_resumed_machine` refuses that
+    before any run opens, or has this process load the run's; here for a run resumed by another command meanwhile)."""
+    backend, precision, jit, source = recorded_training(run_id)
+    if backend and backend != keras.backend.backend():
+        raise config.ConfigError(f"KERAS_BACKEND: {source} on {backend}, and this process runs "
+                                 f"{keras.backend.backend()}; set KERAS_BACKEND={backend} to go on with it, or "
+                                 f"resume=never to start afresh")
+    return fitting.Recorded(precision, jit, f"{source} (tags dtype_policy, jit_compile)") if precision and (
+        jit is not None) else None
 
 
 def log_compile_cache_loads() -> None:

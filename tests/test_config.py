@@ -194,6 +194,7 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("register.alias=best!", "register.alias"),
     ("register.model_name=a/b", "register.model_name"),
     ("register.model_name=\"it's\"", "register.model_name"),  # a quote breaks MLflow's search filters
+    ("register.model_name=" + "a" * 257, "register.model_name"),  # PostgreSQL refused it after training
     ("train.seed=-1", "train.seed"),
     ("train.seed=4294967296", "train.seed"),
     ("data.seed=-1", "data.seed"),

@@ -412,6 +412,45 @@ def test_evaluate_refuses_a_dataset_of_other_classes(monkeypatch):
         evaluate.run(config.load(TINY), "models:/m-1", "runs:/0/dataset/dataset.npz")
 
 
+def test_evaluate_refuses_a_model_it_cannot_score_before_any_run_opens(store, in_process, monkeypatch):
+    """`evaluate` checked its dataset URI only before opening its run: a model URI naming no model, one that is no
+    image classifier, one MLflow marked FAILED (its upload failed part way) and one of other classes than the
+    dataset's each left a FAILED evaluate run behind; the FAILED model was even scored, and register took that score."""
+    from types import SimpleNamespace
+
+    from mlflow.entities import LoggedModelStatus
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    prepared = in_process("prepare", "--params", TINY, "--overrides", "tracking.experiment=e2e")
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    (prepare_run,) = experiment_runs(client)
+    dataset_uri = f"runs:/{prepare_run.info.run_id}/dataset/dataset.npz"
+    with mlflow.start_run(experiment_id=experiment_id):
+        echo = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_id
+        cut = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_id
+    client.finalize_logged_model(cut, LoggedModelStatus.FAILED)
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    other_classes = SimpleNamespace(class_names=["cat", "dog"], tta="none")
+
+    def evaluated(model_uri: str) -> str:
+        result = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                            "--model-uri", model_uri, "--dataset-uri", dataset_uri)
+        assert result.returncode == 2, result.stderr[-3000:]
+        return result.stderr.strip().splitlines()[-1]
+
+    assert evaluated("models:/m-0123456789abcdef").startswith(
+        "error: model_uri: cannot load models:/m-0123456789abcdef")
+    assert evaluated(f"models:/{echo}").startswith(f"error: model_uri: models:/{echo} is not an image classifier")
+    assert evaluated(f"models:/{cut}").startswith(f"error: model_uri: models:/{cut} was not logged whole (status "
+                                                  f"FAILED")
+    monkeypatch.setattr(steps, "load_classifier", lambda uri: other_classes)
+    assert evaluated(f"models:/{echo}").startswith(f"error: model_uri: models:/{echo} was trained on the classes "
+                                                   f"['cat', 'dog']")
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    assert not client.get_logged_model(cut).metrics
+
+
 def test_a_class_without_test_images_has_no_score_not_zero():
     import numpy as np
 
@@ -721,6 +760,23 @@ def test_a_champion_registered_by_hand_is_weighed_by_its_models_score(store):
             assert decision["champion_test_acc"] is None and "without a test_acc" in decision["reason"]
 
 
+@pytest.mark.parametrize("tag", ["n/a", "nan", "", "93.1"])
+def test_a_champions_test_acc_tag_edited_to_no_accuracy_is_weighed_by_its_models_score(store, tag):
+    """A version's test_acc tag edited by hand to something that is no accuracy failed every register with a
+    traceback (`n/a`, empty), or, NaN, lost every comparison while the alias went to the challenger all the same, the
+    decision blaming registers that ran alongside; a percentage won every one. Such a tag now counts as none: the
+    version is weighed by its model's score, as one registered by hand."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
+    client.set_model_version_tag("cifar10-resnet", "1", "test_acc", tag)
+    decision = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.6}))
+    assert decision["alias_moved"] and decision["reason"] == "test_acc 0.6000 beats v1's 0.5000", decision
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
+    decision = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.55}))  # v1 weighs nothing
+    assert not decision["alias_moved"] and decision["reason"] == "test_acc 0.5500 does not beat v2's 0.6000"
+
+
 def test_the_report_takes_each_sides_per_class_scores_from_the_evaluation_of_its_test_acc(store):
     """A champion evaluated again later (on fewer images, with a class missing) keeps the per-class scores of the
     evaluation it was registered with; the challenger shows those of its own newest evaluation only."""
@@ -749,13 +805,17 @@ def test_a_bare_logged_model_id_is_refused_before_anything_is_registered(store):
 
 def test_an_evaluation_of_a_registry_uri_lands_on_its_logged_model(store):
     """evaluate -P model_uri=models:/cifar10-resnet@champion: the scores go on the champion's logged model too
-    (register reads them there), as for models:/m-...; they went on the evaluate run only."""
+    (register reads them there), as for models:/m-...; they went on the evaluate run only. So do those of
+    runs:/<train run id>/model, which went on the evaluate run only too: register then found the model unevaluated."""
     experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
     uri = evaluated_model(experiment_id, {"test_acc": 0.5})
     registered(experiment_id, uri)
-    for registry_uri, acc in (("models:/cifar10-resnet@champion", 0.6), ("models:/cifar10-resnet/1", 0.7)):
-        evaluate_again(experiment_id, registry_uri, {"test_acc": acc})
+    source_run = MlflowClient().get_logged_model(uri.removeprefix("models:/")).source_run_id
+    for other_uri, acc in (("models:/cifar10-resnet@champion", 0.6), ("models:/cifar10-resnet/1", 0.7),
+                           (f"runs:/{source_run}/model", 0.8)):
+        evaluate_again(experiment_id, other_uri, {"test_acc": acc})
         assert registry.model_test_acc(uri).test_acc == acc
+    assert steps.logged_model_id(f"runs:/{source_run}/no-such-model") is None
     assert steps.registered_model_id("models:/cifar10-resnet@nobody") is None
     assert steps.registered_model_id("models:/cifar10-resnet/latest") is None
 
@@ -1098,6 +1158,36 @@ def test_a_champion_whose_scoring_fails_unexpectedly_keeps_the_alias_and_the_reg
     assert scoring.info.status == "FAILED"
     assert scoring.data.tags["failure_reason"].startswith("unexpected RuntimeError: RESOURCE_EXHAUSTED")
     assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+
+
+def test_the_run_scoring_a_champion_of_the_longest_model_name_has_a_name_mlflow_keeps(store, tmp_path, monkeypatch):
+    """MLflow keeps a run's name in a 250-character column, which PostgreSQL (a team's store) enforces: the run scoring
+    a champion of a 256-character register.model_name, `evaluate-<name>-v1`, would fail the register there."""
+    from types import SimpleNamespace
+
+    from pipeline import data, evaluate
+
+    name = "m" * 256
+    cfg = config.load(TINY, f"register.model_name={name}")
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    champion = evaluated_model(experiment_id, {"test_acc": 0.5})  # v1, on test data "a"
+    with mlflow.start_run(experiment_id=experiment_id):
+        register.run(cfg, champion)
+    dataset = data.make_synthetic(n_train=16, n_test=40)
+    dataset.save(tmp_path / "other.npz")
+    monkeypatch.setattr(steps, "load_classifier", lambda uri: SimpleNamespace(tta="none"))
+    monkeypatch.setattr(evaluate, "check_classes", lambda *args: None)
+    monkeypatch.setattr(evaluate, "run", lambda *args, **kwargs: {})  # scores nothing: the run's name is the point
+    with mlflow.start_run(experiment_id=experiment_id):
+        uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
+    with mlflow.start_run(experiment_id=experiment_id):
+        steps.log_evaluation({"model_uri": uri, "dataset_uri": str(tmp_path / "other.npz")}, {"test_acc": 0.9}, uri,
+                             dataset.digest(test_only=True))
+    with mlflow.start_run(experiment_id=experiment_id):
+        register.run(cfg, uri)
+    (scoring,) = experiment_runs(MlflowClient(), f"tags.scores_champion = '{name}/1'")
+    assert len(scoring.info.run_name) == 250 and scoring.info.run_name.startswith("evaluate-mmm")
+    assert scoring.info.run_name.endswith("m-v1")
 
 
 def test_a_dead_mains_register_leaves_no_evaluation_of_its_champion_running(store):

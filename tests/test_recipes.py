@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import keras
@@ -79,6 +80,27 @@ def test_a_warmup_too_short_for_one_step_says_it_is_none(schedule, capsys):
                                        "warm-up, the lr starts at its peak (at least 1/2 warms up over one step)\n")
     assert lr_at(fitting.learning_rate(t, steps_per_epoch=3), 0) == 0.0  # 6 steps: 1 of warm-up, starting at 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_warmup_too_short_for_one_step_is_said_once_whatever_the_cpu_probe_builds(capsys, monkeypatch, tmp_path):
+    """`train.precision: auto` on a CPU builds the run's model once per candidate to time it (`pipeline.cpu_probe`):
+    each build printed the warm-up's warning again, five lines for one run."""
+    from pipeline import cpu_probe
+    from pipeline.distribute import distribution
+
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    built = []
+
+    def measure(candidates, build, x, y):  # what cpu_probe.measure builds, without timing its steps
+        built.extend(build(*c) for c in candidates)
+        return {cpu_probe.label(c): 1.0 for c in candidates}
+
+    monkeypatch.setattr(cpu_probe, "measure", measure)
+    cfg = config.load("params/tiny.yaml", "train.epochs=1 train.batch_size=64 train.warmup=0.2 "
+                                          "train.precision=auto train.jit_compile=auto")
+    fitting.compile_model(cfg, data.make_synthetic(n_train=64, n_test=10), distribution("none"), 64)
+    assert len(built) >= 2  # the probe built its candidates
+    assert capsys.readouterr().err.count("warning: train.warmup 0.2 rounds to 0") == 1
 
 
 def test_resnet9_is_the_dawnbench_network_at_any_width():
@@ -325,6 +347,26 @@ def test_ema_bn_makes_each_bn_statistic_the_mean_of_its_batch_moments_under_the_
     assert few.rows.shape == (1, 10)
 
 
+def test_ema_bn_batches_are_random_draws_whatever_the_order_of_the_training_images():
+    """Image folders and archives list their training images class by class, and with train.validation_fraction 0
+    the training split keeps that order. The recalibration's batches are random draws, as the training batches
+    are: batches of neighbouring images (one class each) averaged their within-class variances, far under the
+    variance BN normalises in training, so the validated and served model scaled its features up."""
+    inputs = keras.Input((8, 8, 3))
+    norm = keras.layers.BatchNormalization(momentum=0.9, name="bn")
+    m = keras.Model(inputs, norm(inputs))
+    rng = np.random.default_rng(0)
+    images = np.concatenate([rng.normal(-5.0, 1.0, (100, 8, 8, 3)),  # two "classes", one after the other
+                             rng.normal(5.0, 1.0, (100, 8, 8, 3))]).astype("float32")
+    bn = fitting.EMABatchNorm(images, batches=4, batch_size=32, seed=0)
+    bn.set_model(m)
+    bn.recalibrate()
+    assert all(0.2 < np.mean(rows >= 100) < 0.8 for rows in bn.rows)  # each batch holds both halves
+    assert (np.diff(bn.rows, axis=1) > 0).all()  # each batch's rows in order (one gather, front to back)
+    # a random batch's variance is ~25 (1 within a class, 25 between the two); one class's alone ~1
+    assert (norm.moving_variance.numpy() > 20).all(), norm.moving_variance.numpy()
+
+
 @pytest.mark.parametrize("batches", [0, 2])
 def test_ema_training_ends_with_bn_statistics_of_the_averaged_weights(batches):
     from pipeline.data import make_synthetic
@@ -469,6 +511,22 @@ def test_whiten_stem_is_a_frozen_patch_whitening_fitted_on_the_training_images()
     assert not any(w is stem.kernel for w in m.trainable_weights)
     with pytest.raises(config.ConfigError, match="model.stem"):
         config.load(None, "model.stem=whiten")  # preact has no whitening stem
+
+
+def test_the_whitening_stem_is_fitted_on_images_drawn_from_the_whole_training_split():
+    """Image folders and archives list their training images class by class, and with train.validation_fraction 0
+    the training split keeps that order: the stem was fitted on the first 2,000 images, all of the first class
+    (CIFAR-10's JPEG archive: 2,000 airplanes), and whitened other images' patches far from unit variance."""
+    dataset = data.make_synthetic(n_train=4000, n_test=20)  # each class its own colour
+    order = np.argsort(dataset.y_train, kind="stable")  # class by class, as an image folder lists them
+    ordered = dataclasses.replace(dataset, x_train=dataset.x_train[order], y_train=dataset.y_train[order])
+    assert (ordered.y_train[:2000] < 6).all()  # the first 2,000 hold 5 or 6 of the 10 classes only
+    kernel = fitting.make_model(config.load("params/quick.yaml"), ordered, augment=False).get_layer(
+        "whiten").get_weights()[0]
+    mean, std = ordered.channel_stats()
+    outputs = keras.ops.convert_to_numpy(keras.ops.conv(((ordered.x_train - mean) / std).astype("float32"),
+                                                        kernel[..., :12]))
+    np.testing.assert_allclose(np.cov(outputs.reshape(-1, 12), rowvar=False), np.eye(12), atol=0.1)
 
 
 def test_the_held_out_images_are_drawn_by_validation_seed_else_by_seed():

@@ -2,7 +2,7 @@
 
 `model_score` reads one evaluation of a logged model (evaluate logs test_acc, per-class scores and the test split's
 digest for it), of any test split or of one (a champion's score on a challenger's test data); `model_test_acc` the
-newest, for register; `version_score` that of a registered version;
+newest, for register; `version_score` that of a registered version (`tagged_test_acc`: its tag, where a number);
 `current_champion` finds the version holding an alias; `register_version` adds a version;
 `same_score_version` finds the version a register of the same model and score wrote;
 `move_alias` and `settle_alias` place the alias; `log_decision` and `record_report` store
@@ -117,17 +117,28 @@ def version_model_uri(version) -> str:
     return f"models:/{version.model_id}" if getattr(version, "model_id", None) else version.source
 
 
+def tagged_test_acc(version) -> float | None:
+    """A version's `test_acc` tag as a number; None where it has none, or one that is no accuracy in [0, 1] (edited by
+    hand: empty, text, NaN, a percentage), which would fail every register or win or lose every comparison."""
+    try:
+        value = float((version.tags or {})["test_acc"])
+    except (KeyError, ValueError):
+        return None
+    return value if 0 <= value <= 1 else None  # NaN is neither
+
+
 def version_score(version) -> Score:
     """A model version's score: its `test_acc` tag (register's, 6 decimals) and the evaluation it came from; for a
-    version registered by hand, without the tag, its logged model's newest evaluation (rounded alike). Where no
-    evaluation of the model has the tagged score (its evaluate run deleted), no metrics and no evaluate run: the
-    newest is another score, perhaps on other test data."""
+    version registered by hand, without the tag (or with one that is no accuracy, `tagged_test_acc`), its logged
+    model's newest evaluation (rounded alike). Where no evaluation of the model has the tagged score (its evaluate run
+    deleted), no metrics and no evaluate run: the newest is another score, perhaps on other test data."""
     tags = version.tags or {}
-    score = model_score(version_model_uri(version), tagged_acc=tags.get("test_acc"),
+    tagged = tagged_test_acc(version)
+    score = model_score(version_model_uri(version), tagged_acc=tags["test_acc"] if tagged is not None else None,
                         evaluate_run=tags.get(EVALUATE_RUN_TAG))
-    if "test_acc" in tags:
+    if tagged is not None:
         matched = score.test_acc is not None and f"{score.test_acc:.6f}" == tags["test_acc"]
-        return Score(float(tags["test_acc"]), score.metrics if matched else {},
+        return Score(tagged, score.metrics if matched else {},
                      tags.get(TEST_DATA_TAG, score.test_data if matched else None),
                      score.evaluate_run if matched else None, score.source_run)
     return dataclasses.replace(score, test_acc=None if score.test_acc is None else round(score.test_acc, 6))
@@ -229,9 +240,9 @@ def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> st
     if held is not None and held.test_acc is None:
         return str(holder.version)
     pool = held.test_data if held else test_data
-    entries = [(float(v.tags["test_acc"]), -int(v.version), v) for v in versions(name)
-               if int(v.version) > after and "test_acc" in v.tags and comparable(v.tags.get(TEST_DATA_TAG), pool)
-               and v.tags.get(IN_TRAIN, "0") == "0"]
+    entries = [(tagged_test_acc(v), -int(v.version), v) for v in versions(name)
+               if int(v.version) > after and tagged_test_acc(v) is not None
+               and comparable(v.tags.get(TEST_DATA_TAG), pool) and v.tags.get(IN_TRAIN, "0") == "0"]
     if holder is not None:
         entries.append((held.test_acc, -int(holder.version), holder))
     if not entries:

@@ -5,9 +5,10 @@ until it finishes. The process training a run holds an OS lock in that folder (`
 run is never taken over. `find_resumable` picks the run a command continues (the same `train_key`:
 every param that decides what is trained, and the dataset); `config_to_resume` checks a command against the
 run it names, whose `train.epochs` may grow (`log_train_params` records the extension, as MLflow params are
-immutable), as may the params that do not change what is trained (`NOT_TRAINING`). A checkpoint folder several
-users share: the folder must be this user's to write (`check_checkpoint_root`, before any run opens), and another
-user's lock this process cannot inspect is never taken for a dead process's (`_locked`).
+immutable), as may the params that do not change what is trained (`NOT_TRAINING`); what each machine resolves for
+itself (the backend, `auto` precision and XLA) goes on as the run recorded it (`recorded_training`). A checkpoint
+folder several users share: the folder must be this user's to write (`check_checkpoint_root`, before any run opens),
+and another user's lock this process cannot inspect is never taken for a dead process's (`_locked`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 import errno
 import fcntl
 import ipaddress
+import json
 import os
 import pwd
 import re
@@ -383,6 +385,34 @@ def has_checkpoint(run_id: str) -> bool:
     return (checkpoint_dir(run_id) / "training_metadata.json").exists()  # fitting.Checkpoint.METADATA (no Keras here)
 
 
+def checkpointed_epochs(run_id: str) -> int:
+    """The epochs run `run_id`'s checkpoint holds (`fitting.Checkpoint.completed_epochs`, read without Keras); 0 if
+    none, or unreadable."""
+    try:
+        return int(json.loads((checkpoint_dir(run_id) / "training_metadata.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+# What a train run trained with that no param fixes: the backend (KERAS_BACKEND), and what `train.precision` and
+# `train.jit_compile` auto resolved to (`fitting.fast_path`), each the machine's own. Tags of the run (`train.run`);
+# a resumed run goes on with them (`recorded_training`), not with what the machine it resumes on would take.
+RECORDED_TAGS = ("backend", "dtype_policy", "jit_compile")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")  # the dtype policies `train.precision` names
+
+
+def recorded_training(run_id: str) -> tuple[str | None, str | None, bool | None, str]:
+    """(backend, dtype policy, jit_compile) train run `run_id` recorded (None each where it recorded none, or what no
+    run records: a run stopped before it trained), and its source in words for messages: `train run <id> trained its
+    first N epoch(s)`."""
+    tags = MlflowClient().get_run(run_id).data.tags
+    backend, policy, jit = (tags.get(k) for k in RECORDED_TAGS)
+    epochs = checkpointed_epochs(run_id)
+    trained = f" its first {epochs} epochs" if epochs > 1 else " its first epoch" if epochs else ""
+    return (backend or None, policy if policy in PRECISIONS else None,
+            {"true": True, "false": False}.get(jit or ""), f"train run {run_id} trained{trained}")
+
+
 # Params that leave what is trained as it is: how training is displayed and checkpointed, and the later steps'
 # settings. A rerun that changes them still continues the run (the run records the change: `log_train_params`).
 NOT_TRAINING = ("train.verbose", "train.checkpoint_every", "evaluate.batch_size", "evaluate.samples", "register.",
@@ -475,17 +505,19 @@ def refuse_other_code(run_id: str) -> None:
             f"from its weights with the code here (tagged resumed_across_code), resume=never starts afresh")
 
 
-def check_resumable_code(cfg: config.Config, dataset_uri: str | None) -> None:
+def check_resumable_code(cfg: config.Config, dataset_uri: str | None) -> str | None:
     """`refuse_other_code` for the run a plain rerun would continue (`find_resumable`), before any run opens
-    (`dataset_uri`: the one the command will train on, None if it is not prepared yet: then no run resumes)."""
+    (`dataset_uri`: the one the command will train on, None if it is not prepared yet: then no run resumes).
+    Returns that run's id, or None."""
     if not dataset_uri:
-        return
+        return None
     held = set(_claimed)
     run_id = newest_resumable(cfg, dataset_uri)
     if run_id and run_id not in held:
         release(run_id)  # find_resumable claims it again, once the runs are open
     if run_id:
         refuse_other_code(run_id)
+    return run_id
 
 
 # The modules that decide what a train run trains and how its logged model serves (`train_code`, tag `train_code` on

@@ -4,7 +4,7 @@
   input, counts); `check_artifact_uri` and `download_artifact` read a dataset URI back, `dataset_params`
   the data params it was prepared with.
 - evaluate: `load_classifier` (the served pyfunc's Python model), `log_evaluation` (params, and the
-  test metrics on the run and on the logged model).
+  test metrics on the run and on the logged model, `logged_model_id`).
 - compare: `find_experiment_id`, `search_train_runs`, `log_comparison`.
 - main: `log_pipeline_results`, the headline results on the parent run.
 Files a step writes go in through `pipeline.tracking.artifact_dir`.
@@ -18,6 +18,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
@@ -111,7 +112,18 @@ def dataset_params(uri: str) -> dict[str, str]:
 
 def load_classifier(model_uri: str):
     """The Python model of the pyfunc logged at `model_uri` (a `serve.ImageClassifier`); ConfigError
-    naming `model_uri` if it cannot be loaded."""
+    naming `model_uri` if it cannot be loaded, or if MLflow has its logged model as not whole: FAILED (its upload
+    failed part way) or PENDING (cut short by a kill, or under way now). Such a model may load, from the files that
+    arrived, and a score on it would be registered; the rerun of its training logs the model again."""
+    found = logged_model_id(model_uri)
+    try:
+        status = mlflow.get_logged_model(found).status if found else LoggedModelStatus.READY
+    except MlflowException:
+        status = LoggedModelStatus.READY  # no such model: loading it below says so
+    if status != LoggedModelStatus.READY:
+        raise config.ConfigError(f"model_uri: {model_uri} was not logged whole (status {status}: its upload failed or "
+                                 f"was cut short, or is under way now); rerun the command that trained it, which logs "
+                                 f"it again")
     try:
         return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     except Exception as exc:  # noqa: BLE001 - a wrong URI surfaces as several MLflow error types
@@ -125,16 +137,16 @@ def log_evaluation(params: dict, metrics: dict[str, float], model_uri: str, test
     mlflow.log_params(params)
     mlflow.log_metrics(metrics)
     mlflow.set_tag(TEST_DATA_TAG, test_data)
-    logged_model = model_id(model_uri) or registered_model_id(model_uri)
+    logged_model = logged_model_id(model_uri)
     if logged_model:
         mlflow.log_metrics(metrics, model_id=logged_model)
         mlflow.set_logged_model_tags(logged_model, {TEST_DATA_TAG: test_data})
 
 
 def training_dataset_uri(model_uri: str) -> str | None:
-    """The dataset URI the run that trained the model at `model_uri` (a logged model or a registry URI) trained on;
+    """The dataset URI the run that trained the model at `model_uri` (`logged_model_id`'s URIs) trained on;
     None where that is unknown (a model logged otherwise, its run deleted)."""
-    logged_model = model_id(model_uri) or registered_model_id(model_uri)
+    logged_model = logged_model_id(model_uri)
     try:
         source = mlflow.get_logged_model(logged_model).source_run_id if logged_model else None
         if not source:
@@ -142,6 +154,19 @@ def training_dataset_uri(model_uri: str) -> str | None:
         return trained_dataset_uri(mlflow.MlflowClient().get_run(source)) or None
     except MlflowException:
         return None  # the model or its run deleted for good
+
+
+def logged_model_id(model_uri: str) -> str | None:
+    """The logged model behind `model_uri`: `models:/m-...` itself, a registry URI's version's
+    (`registered_model_id`), or the one a `runs:/<run id>/<name>` URI loads (MLflow 3 logs a run's model as a logged
+    model, whose id its MLmodel file holds); None for others (a folder) or where there is none."""
+    found = model_id(model_uri) or registered_model_id(model_uri)
+    if found or not model_uri.startswith("runs:/"):
+        return found
+    try:
+        return mlflow.models.get_model_info(model_uri).model_id
+    except Exception:  # noqa: BLE001 - no such run or artifact: MLflow raises several types
+        return None
 
 
 def registered_model_id(model_uri: str) -> str | None:
