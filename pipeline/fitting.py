@@ -76,7 +76,9 @@ def learning_rate(cfg: config.TrainConfig,
     warmup = round(cfg.warmup * total)
     if cfg.warmup and not warmup:  # it was silently none: a short run (toy data, few epochs) of a recipe's warm-up
         print(f"warning: train.warmup {cfg.warmup:g} rounds to 0 of the run's {total} optimizer steps: no warm-up, "
-              f"the lr starts at its peak (at least 1/{total} warms up over one step)", file=sys.stderr, flush=True)
+              f"the lr starts at its peak ("
+              + (f"at least 1/{total} warms up over one step)" if total > 1 else "one step has no room for one)"),
+              file=sys.stderr, flush=True)
     if cfg.schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(total - warmup, 1), alpha=0.0,
                                                       warmup_target=cfg.scaled_lr, warmup_steps=warmup)

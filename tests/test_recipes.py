@@ -80,6 +80,11 @@ def test_a_warmup_too_short_for_one_step_says_it_is_none(schedule, capsys):
                                        "warm-up, the lr starts at its peak (at least 1/2 warms up over one step)\n")
     assert lr_at(fitting.learning_rate(t, steps_per_epoch=3), 0) == 0.0  # 6 steps: 1 of warm-up, starting at 0
     assert capsys.readouterr().err == ""
+    one = config.load(None, f"train.schedule={schedule} train.warmup=0.2 train.epochs=1 train.lr=0.4 "
+                            f"train.lr_boundaries=[]").train
+    fitting.learning_rate(one, steps_per_epoch=1)  # a one-step run: no warm-up a train.warmup < 1 could give
+    assert capsys.readouterr().err == ("warning: train.warmup 0.2 rounds to 0 of the run's 1 optimizer steps: no "
+                                       "warm-up, the lr starts at its peak (one step has no room for one)\n")
 
 
 def test_a_warmup_too_short_for_one_step_is_said_once_whatever_the_cpu_probe_builds(capsys, monkeypatch, tmp_path):
