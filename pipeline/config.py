@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import difflib
 import fractions
+import functools
 import re
 import shlex
 import types
@@ -565,9 +566,21 @@ def parse_overrides(overrides: str | list[str] | None) -> dict[str, dict[str, An
 
 def load(path: str | Path | None = None, overrides: str | list[str] | None = None) -> Config:
     """Load default.yaml, layer the params file at `path` and then `overrides` on top, validate."""
+    return load_layered(read_layers(path), overrides)
+
+
+def read_layers(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """default.yaml with the params file at `path` layered on top, as text: what `load_layered` layers overrides on
+    (read once where many sets of overrides are checked over the same file: a sweep's space)."""
     merged = read_yaml(DEFAULT_PARAMS, text=True)
     if path and Path(path).resolve() != DEFAULT_PARAMS:
         _merge(merged, read_yaml(path, text=True), str(path))
+    return merged
+
+
+def load_layered(layers: dict[str, dict[str, Any]], overrides: str | list[str] | None = None) -> Config:
+    """`overrides` layered on `layers` (`read_layers`, left as it is), validated."""
+    merged = {section: dict(values) for section, values in layers.items()}
     _merge(merged, parse_overrides(overrides), "overrides")
 
     sections = {}
@@ -582,8 +595,9 @@ def load(path: str | Path | None = None, overrides: str | list[str] | None = Non
     return Config(**sections)
 
 
+@functools.cache
 def _sections() -> dict[str, tuple[type, dict[str, Any]]]:
-    """Each params section's dataclass and its keys' types."""
+    """Each params section's dataclass and its keys' types (read once: a sweep checks thousands of params)."""
     result = {}
     for field in dataclasses.fields(Config):
         cls = field.type if isinstance(field.type, type) else globals()[field.type]

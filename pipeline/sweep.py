@@ -12,8 +12,9 @@ Reads:  a sweep file (see params/sweep-example.yaml, params/sweep-tpe.yaml):
         `sampler` and `pruner` also take {type: <name>, <argument>: <value>, ...}: the arguments of
         Optuna's TPESampler / RandomSampler / MedianPruner / HyperbandPruner.
         Every trial's params (a grid: every combination; a space: every combination of its choices
-        and range ends) are validated (with cifar10 or synthetic data, also whether they leave images to train on,
-        and a whole batch), the storage opened and the study checked before any run opens.
+        and range ends, then what its ranges draw between their ends: `Plan.check_inside`) are validated (with
+        cifar10 or synthetic data, also whether they leave images to train on, and a whole batch), the storage
+        opened and the study checked before any run opens.
 Storage: an Optuna study (`--study`, default: named after the spec, its overrides and the tracking
         store) in an Optuna storage (`--storage`: an SQLAlchemy URL; default `optuna.db` beside
         the SQLite tracking store, else in the working directory). The same command started again,
@@ -50,6 +51,7 @@ import itertools
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -112,6 +114,13 @@ GRACE_S = 6 * HEARTBEAT_S
 MAX_RETRY = 2  # queue a trial whose worker died at most this many times
 SEEDS = 2**32  # Optuna's samplers take a seed in [0, 2**32 - 1]; trial n draws with (seed + n) modulo this
 POLL_S = 2.0  # an idle worker looks for new or stale trials this often until the study is done
+# A space's ranges are checked inside too (`Plan.check_inside`): an integer range at every value, or at RANGE_VALUES
+# spread evenly where it has more, a float range at FLOAT_POINTS evenly between its ends (on a log scale: log), each
+# with the others' ends and choices, then with each other: about CHECKS combinations besides each value's first
+# (a seeded sample of them where there are more).
+RANGE_VALUES = 1000
+FLOAT_POINTS = 5
+CHECKS = 2000
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -225,6 +234,27 @@ def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution
     return result
 
 
+def spread(low: float, high: float, count: int, log: bool) -> list[float]:
+    """`count` points from `low` to `high`, both included, evenly apart (on a log scale where `log`)."""
+    if count < 2 or low == high:
+        return [low]
+    a, b = (math.log(low), math.log(high)) if log else (low, high)
+    points = [a + (b - a) * i / (count - 1) for i in range(count)]
+    return [low, *(math.exp(p) if log else p for p in points[1:-1]), high]
+
+
+def range_values(dist: optuna.distributions.BaseDistribution) -> list:
+    """The values of a {min, max, log} range that a space is checked at: an integer range's every value (RANGE_VALUES
+    spread as it draws where it has more), a float range's ends and FLOAT_POINTS evenly between them (to six
+    digits)."""
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        if dist.high - dist.low < RANGE_VALUES:
+            return list(range(dist.low, dist.high + 1))
+        return sorted({round(v) for v in spread(dist.low, dist.high, RANGE_VALUES, dist.log)})
+    inside = spread(dist.low, dist.high, FLOAT_POINTS + 2, dist.log)[1:-1]
+    return sorted({dist.low, dist.high} | {float(f"{v:.6g}") for v in inside})  # as a message shows them
+
+
 def held_out_varies(configs: list[config.Config]) -> list[str]:
     """The `HELD_OUT_KEYS` in which `configs` differ so that their held-out images do: a data.* key that differs;
     train.seed and train.validation_seed where the seed drawing the images (`TrainConfig.held_out_seed`) differs,
@@ -263,7 +293,8 @@ class Plan:
 
     Overrides layer as: spec `overrides`, the trial's values, `extra_overrides` (the command line).
     Building it validates the grid's every combination, or every combination of a space's choices
-    and range ends; ConfigError names the first that is invalid.
+    and range ends and then what its ranges draw between them (`check_inside`); ConfigError names the first that is
+    invalid.
     """
 
     def __init__(self, spec_path: str, extra_overrides: str = ""):
@@ -324,6 +355,8 @@ class Plan:
                 "overrides or its base, not its search space")
         for i, (values, cfg) in enumerate(zip(checked, self.configs, strict=True)):
             self.check_images(cfg, f"trial {i}" if self.grid else "space", values)
+        if not self.grid:
+            self.check_inside(checked)
         self.held_out_varies = held_out_varies(self.configs)
         for cfg in {c.data.source: c for c in self.configs}.values():
             prepare.prepare_key(cfg)  # DataError for a data.source that names nothing
@@ -386,6 +419,45 @@ class Plan:
             except Exception as exc:  # noqa: BLE001 - whatever Optuna raises means a bad argument
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 raise config.ConfigError(f"{what}: {reason} (with the arguments {self.kwargs_of(what)!r})") from None
+
+    def check_inside(self, ends: list[dict[str, Any]]) -> None:
+        """ConfigError naming a range of the space that can draw a value its ends do not show the params refuse (a
+        train.batch_size that model.ghost_batch does not divide), and the value: every trial drawing it would fail.
+        Checked at `range_values`: each value inside a range with the others' ends and choices (`ends`, already
+        checked; at most CHECKS combinations, else each value with one of them in turn), then values inside two
+        ranges or more together (every combination, fewest values inside first, where there are at most CHECKS, else
+        a seeded sample making up CHECKS, at least a quarter of it)."""
+        where, raw = space_key(self.spec), self.spec[space_key(self.spec)]
+        values = {k: raw[k] if isinstance(raw[k], list) else range_values(d) for k, d in self.space.items()}
+        inside = {k: set(values[k]) - {d.low, d.high} for k, d in self.space.items() if not isinstance(raw[k], list)}
+        inside = {k: v for k, v in inside.items() if v}
+        if not inside:
+            return
+        if sum(map(len, inside.values())) * len(ends) <= CHECKS:
+            single = [{**end, key: v} for key, vs in inside.items() for v in sorted(vs) for end in ends]
+        else:
+            single = [{**ends[i % len(ends)], key: v} for key, vs in inside.items() for i, v in enumerate(sorted(vs))]
+        if math.prod(map(len, values.values())) <= CHECKS:
+            combos = (dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values()))
+            several = sorted((c for c in combos if sum(c[k] in vs for k, vs in inside.items()) > 1),
+                             key=lambda c: sum(c[k] in vs for k, vs in inside.items()))
+        else:
+            draw = random.Random(0)
+            several = [{k: draw.choice(v) for k, v in values.items()}
+                       for _ in range(max(CHECKS - len(single), CHECKS // 4))]
+        layers = config.read_layers(self.spec.get("base") or None)  # its ends loaded: a params file that loads
+        for combo in single + several:
+            try:
+                inputs.check_known_training_images(
+                    config.load_layered(layers, self.common + override_items(combo) + self.extra))
+            except config.ConfigError as exc:
+                drawn = [k for k, vs in inside.items() if combo[k] in vs]
+                others = {k: v for k, v in combo.items() if k not in drawn}
+                raise config.ConfigError(
+                    f"spec.{where}.{' and '.join(drawn)}: can draw "
+                    f"{' and '.join(json.dumps(combo[k]) for k in drawn)}{' together' if len(drawn) > 1 else ''}"
+                    f"{f' (with {label(others)})' if others else ''}, which the params refuse: {exc}; narrow the "
+                    f"range, or list the values that pass") from None
 
     @staticmethod
     def check_images(cfg: config.Config, what: str, values: dict[str, Any]) -> None:

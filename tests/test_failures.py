@@ -1082,6 +1082,66 @@ def test_a_champion_scored_on_other_test_data_is_scored_on_the_challengers_to_co
     assert len(experiment_runs(client, "tags.scores_champion = 'cifar10-resnet/1'")) == 2  # the killed one, that one
 
 
+def test_registers_overlapping_while_they_score_the_champion_each_score_it_and_the_alias_ends_on_the_best(
+        store, tmp_path, monkeypatch):
+    """Two registers of challengers scored on other test data than the champion's, overlapping while they score it:
+    each scores it (nothing tells one that the other is scoring it), each decision is weighed by its own evaluation
+    of the same model on the same images, the alias ends on the best, and a later register on that test data reuses
+    the newest evaluation instead of scoring a third time (docs/comparing.md#registers-running-at-the-same-time)."""
+    import threading
+    from types import SimpleNamespace
+
+    from pipeline import data
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))  # v1, on test data "a"
+    dataset = data.make_synthetic(n_train=16, n_test=40)
+    dataset.save(tmp_path / "other.npz")
+    digest = dataset.digest(test_only=True)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri: SimpleNamespace(tta="none"))
+    monkeypatch.setattr(evaluate, "check_classes", lambda *args: None)
+    both_scoring = threading.Barrier(2, timeout=120)
+
+    def scored(cfg, model_uri, dataset_uri, **kwargs):  # evaluate's record of the champion's score, once both score it
+        both_scoring.wait()
+        steps.log_evaluation({"model_uri": model_uri, "dataset_uri": dataset_uri}, {"test_acc": 0.7}, model_uri,
+                             digest)
+
+    monkeypatch.setattr(evaluate, "run", scored)
+    challengers = {}
+    for acc in (0.8, 0.6):
+        with mlflow.start_run(experiment_id=experiment_id):
+            uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
+        with mlflow.start_run(experiment_id=experiment_id):
+            steps.log_evaluation({"model_uri": uri, "dataset_uri": str(tmp_path / "other.npz")}, {"test_acc": acc},
+                                 uri, digest)
+        challengers[acc] = uri
+    decisions: dict[float, dict] = {}
+
+    def register_challenger(acc: float) -> None:  # in a thread: MLflow's active run is the thread's own
+        decisions[acc] = registered(experiment_id, challengers[acc])
+
+    threads = [threading.Thread(target=register_challenger, args=(acc,)) for acc in challengers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert sorted(decisions) == [0.6, 0.8], decisions
+    scorings = experiment_runs(client, "tags.scores_champion = 'cifar10-resnet/1'")
+    assert len(scorings) == 2 and all(run.info.status == "FINISHED" for run in scorings)  # the work done twice
+    assert sorted(d["champion_evaluate_run"] for d in decisions.values()) == sorted(r.info.run_id for r in scorings)
+    assert all(d["champion_version"] == 1 and d["champion_test_acc"] == 0.7 for d in decisions.values()), decisions
+    assert decisions[0.8]["alias_moved"] and not decisions[0.6]["alias_moved"], decisions
+    best = str(decisions[0.8]["version"])
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == best
+
+    client.set_registered_model_alias("cifar10-resnet", "champion", "1")  # rolled back by hand
+    later = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.65}, digest))
+    assert later["champion_evaluate_run"] in {r.info.run_id for r in scorings} and not later["alias_moved"], later
+    assert len(experiment_runs(client, "tags.scores_champion = 'cifar10-resnet/1'")) == 2  # none made again
+
+
 def test_a_champion_that_cannot_be_scored_on_the_challengers_test_data_keeps_the_alias_saying_why(
         store, tmp_path, monkeypatch):
     """Where the champion's model cannot be scored on the challenger's test data (no dataset named, one unreadable

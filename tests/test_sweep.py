@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,6 +217,17 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
     ("space:\n  data.max_train: {min: 1, max: 512}\ntrials: 2\n",
      "space (data.max_train=1): train.validation_fraction: holding out 1 of the 1 training images leaves none to "
      "train on; lower it, or train on more (data.max_train)"),
+    # a value inside a range that its ends do not show the params refuse: each trial drawing it failed, its slot spent
+    ("space:\n  model.ghost_batch: [16]\n  train.drop_remainder: [true]\n  train.batch_size: {min: 16, max: 64}\n"
+     "  model.widths: [[16, 32, 64], [8, 16, 32]]\ntrials: 4\n",
+     "spec.space.train.batch_size: can draw 17 (with model.ghost_batch=16 train.drop_remainder=true "
+     "model.widths=[16, 32, 64]), which the params refuse: model.ghost_batch: must divide train.batch_size (17): "
+     "each batch is cut into ghost batches, got 16; narrow the range, or list the values that pass"),
+    ("space:\n  train.schedule: [step]\n  train.lr_boundaries: [[0.3, 0.5]]\n  train.lr: {min: 0.01, max: 0.1, log: "
+     "true}\n  train.epochs: {min: 4, max: 6}\ntrials: 4\n",
+     "spec.space.train.epochs: can draw 5 (with train.schedule=step train.lr_boundaries=[0.3, 0.5] train.lr=0.01), "
+     "which the params refuse: train.lr_boundaries: must fall on distinct epochs between the first and the last of 5 "
+     "(they round to epochs [2, 2]), got (0.3, 0.5); narrow the range, or list the values that pass"),
     # a traceback (TypeError from range(2.0) in the rehearsal) where a pruner took startup trials, else accepted
     ("grid: {train.lr: [0.1, 0.2]}\ntrials: 2.0\npruner: median\n",
      "spec.trials: a grid runs each of its 2 combinations once, got trials 2.0; leave trials out"),
@@ -235,6 +247,7 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
         "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
         "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range",
         "more-trials-than-choices", "more-trials-than-integers", "no-whole-batch", "none-left-to-train-on",
+        "ghost-batch-inside-a-range", "boundaries-inside-a-range",
         "grid-trials-float", "grid-trials-bool", "repeated-choice-in-a-space", "range-of-one-number",
         "unknown-keys-of-other-types"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
@@ -244,6 +257,44 @@ def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     with pytest.raises(config.ConfigError) as raised:
         sweep.Plan(str(spec))
     assert str(raised.value) == message
+
+
+def test_a_spaces_ranges_are_checked_inside_within_bounds(tmp_path, monkeypatch):
+    """A range is checked between its ends: an integer range at each value (at most sweep.RANGE_VALUES, spread as
+    it draws), a float range at sweep.FLOAT_POINTS points (on a log scale where log), together within sweep.CHECKS."""
+    wide = sweep.range_values(optuna.distributions.IntDistribution(16, 100_000))
+    assert len(wide) <= sweep.RANGE_VALUES and wide[0] == 16 and wide[-1] == 100_000
+    assert sweep.range_values(optuna.distributions.IntDistribution(1, 100_000, log=True))[:10] == list(range(1, 11))
+    assert sweep.range_values(optuna.distributions.IntDistribution(16, 64)) == list(range(16, 65))
+    assert sweep.range_values(optuna.distributions.FloatDistribution(0.001, 0.1, log=True)) == pytest.approx(
+        [0.001, 0.001 * 10 ** (1 / 3), 0.001 * 10 ** (2 / 3), 0.01, 0.01 * 10 ** (1 / 3), 0.01 * 10 ** (2 / 3), 0.1],
+        rel=1e-5)  # six digits, as a message shows them
+    loaded = []
+    load_layered = config.load_layered
+
+    def stand_in(layers, overrides):  # no params rule refuses a float inside its range and not at its ends: a stand-in
+        cfg = load_layered(layers, overrides)
+        loaded.append(cfg)
+        if 0.002 < cfg.train.lr < 0.05 and 20_000 < cfg.train.batch_size < 90_000:
+            raise config.ConfigError(f"train.lr: a stand-in rule refuses {cfg.train.lr:.4f}")
+        return cfg
+
+    monkeypatch.setattr(config, "load_layered", stand_in)
+    spec = write_spec(tmp_path, "sweep-inside", "space:\n  train.lr: {min: 0.001, max: 0.1, log: true}\n"
+                      "  train.batch_size: {min: 16, max: 100000}\n  model.units_per_stage: [1, 2]\ntrials: 4\n")
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(spec)
+    found = re.fullmatch(r"spec\.space\.train\.lr and train\.batch_size: can draw (\S+) and (\d+) together \(with "
+                         r"model\.units_per_stage=[12]\), which the params refuse: train\.lr: a stand-in rule refuses "
+                         r"\S+; narrow the range, or list the values that pass", str(raised.value))
+    assert found, str(raised.value)  # neither alone: only together, among a seeded sample of the combinations
+    assert 0.002 < float(found[1]) < 0.05 and 20_000 < int(found[2]) < 90_000
+    loaded.clear()
+    monkeypatch.setattr(sweep, "CHECKS", 40)
+    with contextlib.suppress(config.ConfigError):  # a sample of 10 may miss it: the price of the bound
+        sweep.Plan(spec)
+    # the 8 ends and choices, each value inside once (with those of the other keys in turn), 10 drawn together
+    assert len(loaded) <= 8 + len(wide) - 2 + sweep.FLOAT_POINTS + 40 // 4
 
 
 def test_trials_validated_on_different_held_out_images_are_warned_of(store, tmp_path, in_process, monkeypatch):
