@@ -3,8 +3,10 @@ compile and fit as `pipeline.train` (pipeline.fitting), without MLflow.
 
 For a borrowed GPU machine that has JAX but not TensorFlow or MLflow: `bench/gpu.sh` installs the
 few pure-Python wheels this needs and runs it with KERAS_BACKEND=jax. Writes JSON with the device,
-every epoch's seconds and val_acc, the steady seconds per epoch (median of the epochs after the
-first, which compiles) and the projected time of the profile's full schedule. With `--full`, the
+every epoch's seconds (whole, and of its training steps alone) and val_acc, the steady seconds per epoch (median of
+the epochs after the first, which compiles), `train_images_per_second` (the images an epoch trains on over the
+steady seconds of its training steps, validation left out: what train's `images_per_second` metric counts) and the
+projected time of the profile's full schedule. With `--full`, the
 profile runs its whole schedule and is scored on every test image with its own `evaluate.tta`
 (test_acc, and the wall seconds of the fit and of the fit after its first, compiling, epoch), and with every
 test-time augmentation on the held-out and the test images (tta_scores: choose on val_acc).
@@ -80,18 +82,21 @@ def write_whole(path: Path, record: dict) -> None:
 
 
 class Partial(keras.callbacks.Callback):
-    """After each epoch, `out` as a stage stopped by its time limit leaves it: `partial`, the epochs' seconds so far
-    (after `before`'s, those of earlier calls of a run resumed from a checkpoint) and `fields` (the date, device
-    and run it measured)."""
+    """After each epoch, `out` as a stage stopped by its time limit leaves it: `partial`, the epochs' seconds so far,
+    whole and of their training steps (after `before`'s, those of earlier calls of a run resumed from a checkpoint),
+    and `fields` (the date, device and run it measured)."""
 
     def __init__(self, out: Path, timer: fitting.EpochTimer, fields: dict, before: dict | None = None):
         super().__init__()
         self.out, self.timer, self.fields = out, timer, fields
         self.before = list((before or {}).get("epoch_seconds", []))
+        self.before_steps = list((before or {}).get("train_step_seconds", []))
 
     def on_epoch_end(self, epoch, logs=None):
         write_whole(self.out, {"partial": True, **self.fields, **cache_loads(),
-                               "epoch_seconds": [*self.before, *(round(s, 2) for s in self.timer.seconds)]})
+                               "epoch_seconds": [*self.before, *(round(s, 2) for s in self.timer.seconds)],
+                               "train_step_seconds": [*self.before_steps,
+                                                      *(round(s, 3) for s in self.timer.train_seconds)]})
 
 
 def cache_loads() -> dict:
@@ -134,9 +139,10 @@ class Progress(keras.callbacks.Callback):
         logs = logs or {}
         record = self.record
         for key, value in (("epoch_seconds", round(self.timer.seconds[-1], 2)),
+                           ("train_step_seconds", round(self.timer.train_seconds[-1], 3)),
                            ("acc", round(float(logs.get("acc", float("nan"))), 4)),
                            ("val_acc", round(float(logs.get("val_acc", float("nan"))), 4))):
-            record[key].append(value)
+            record.setdefault(key, []).append(value)  # train_step_seconds: recorded since 2026-12-06
         record["parts"][-1].update(cache_loads())  # this call's: its first epoch compiled, or loaded what it ran
         self.folder.mkdir(parents=True, exist_ok=True)
         write_whole(self.folder / self.NAME, record)
@@ -162,8 +168,8 @@ class Progress(keras.callbacks.Callback):
         done = fitting.Checkpoint.completed_epochs(folder) if folder.is_dir() else 0
         path = folder / cls.NAME
         if not done:
-            return {"identity": identity, "epoch_seconds": [], "acc": [], "val_acc": [], "resumed_at": [],
-                    "parts": [part]}
+            return {"identity": identity, "epoch_seconds": [], "train_step_seconds": [], "acc": [], "val_acc": [],
+                    "resumed_at": [], "parts": [part]}
         if not path.exists():
             raise ValueError(f"--checkpoint: {folder} holds a checkpoint of {done} epochs without its {cls.NAME}")
         record = json.loads(path.read_text())
@@ -175,15 +181,18 @@ class Progress(keras.callbacks.Callback):
                 + "; remove it to start afresh")
         for key in ("epoch_seconds", "acc", "val_acc"):
             record[key] = record[key][:done]
+        if "train_step_seconds" in record:  # a record begun before they were recorded (2026-12-06) goes on without
+            record["train_step_seconds"] = record["train_step_seconds"][:done]
         record["resumed_at"].append(done)
         record["parts"].append(part)
         return record
 
 
-def steady_seconds(record: dict) -> float | None:
-    """The median seconds of a run's epochs but each call's first (it compiles), where it has any."""
+def steady_seconds(record: dict, key: str = "epoch_seconds") -> float | None:
+    """The median seconds (`key`: of whole epochs, or train_step_seconds: of their training steps) of a run's epochs
+    but each call's first (it compiles), where it has any."""
     firsts = {0, *record.get("resumed_at", [])}
-    steady = [s for i, s in enumerate(record.get("epoch_seconds", [])) if i not in firsts]
+    steady = [s for i, s in enumerate(record.get(key, [])) if i not in firsts]
     return statistics.median(steady) if steady else None
 
 
@@ -193,8 +202,16 @@ STARTED = time.monotonic()  # --stop-after counts from here: after the imports, 
 def main() -> None:
     # a stage's time limit stops it with SIGINT (gpu.sh's `timeout --signal=INT`); a shell that starts it in the
     # background hands it SIGINT ignored, and then only the SIGKILL after it would end it. Recorded: Keras may
-    # swallow it (pipeline.interrupts)
-    signal.signal(signal.SIGINT, interrupts.keyboard_interrupt)
+    # swallow it (pipeline.interrupts). The caller's handler comes back however main ends (a test calls it in-process)
+    previous = signal.signal(signal.SIGINT, interrupts.keyboard_interrupt)
+    try:
+        measure()
+    finally:
+        if previous is not None:  # None: a handler not installed from Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous)
+
+
+def measure() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params/default.yaml")
@@ -280,6 +297,14 @@ def main() -> None:
     seconds = [*before.get("epoch_seconds", []), *(round(s, 2) for s in timer.seconds)]  # earlier calls' first
     firsts = {0, *before.get("resumed_at", [])}  # each call's first epoch compiles: the steady ones are the others
     steady = steady_seconds({**before, "epoch_seconds": seconds}) or statistics.median(seconds)
+    # the training steps alone, as train's images_per_second counts them
+    this_call = [round(s, 3) for s in timer.train_seconds]
+    if len(before.get("train_step_seconds", [])) == len(seconds) - len(this_call):
+        steps = {**before, "train_step_seconds": [*before.get("train_step_seconds", []), *this_call]}
+    else:  # resumed from a record begun before they were recorded (2026-12-06): this call's epochs only
+        steps = {"train_step_seconds": this_call}
+    steady_steps = steady_seconds(steps, "train_step_seconds") or statistics.median(steps["train_step_seconds"])
+    trained = fitting.images_per_epoch(cfg.train, len(splits[0]))
     history = {key: [*before.get(key, []), *(round(v, 4) for v in history.history.get(key, []))]
                for key in ("acc", "val_acc")}
     result = {
@@ -290,7 +315,13 @@ def main() -> None:
         "train_images": len(splits[0]), "epochs": epochs, "epoch_seconds": seconds,
         "acc": history["acc"], "val_acc": history["val_acc"],
         "steady_epoch_seconds": round(steady, 2),
-        "images_per_second": round(len(splits[0]) / steady),
+        # images trained per second of training steps, as train's `images_per_second` metric: the images each
+        # epoch trains on (train.drop_remainder leaves out the last partial batch) over the median seconds of its
+        # training steps, validation left out. (Files before 2026-12-06 held `images_per_second`: the training
+        # split's size over the whole epoch's steady seconds, validation included.)
+        "train_step_seconds": steps["train_step_seconds"],
+        "steady_train_step_seconds": round(steady_steps, 3), "images_per_epoch": trained,
+        "train_images_per_second": round(trained / steady_steps),
         # the first epoch as measured (XLA's compiles are part of any run's time), the rest at the steady pace
         "projected_full_schedule_minutes": round((seconds[0] + (full.train.epochs - 1) * steady) / 60, 1),
         "full_schedule_epochs": full.train.epochs,

@@ -13,9 +13,12 @@ would be: `--unpack` takes those (the checkout's `.gpu-state` stays: that call's
 Writes <results>/gpu.md, with <results>/gpu-notes.md below the table where there is one: per run, the date it
 was measured (`--date` for files that do not say), the device, the params file and overrides, the model, the data
 (where the file says), epochs trained, the first epoch's seconds (it includes XLA's compiles), the steady seconds
-per epoch (median of the others), images/s, the last epoch's train acc, and where the run was a full schedule its
-last val_acc, the fit seconds and test_acc on every test image (and val_acc/test_acc with each test-time
-augmentation, where the run recorded them); otherwise the projected minutes of the profile's whole schedule.
+per epoch (median of the others), images/s (train steps: the images an epoch trains on over the steady seconds of
+its training steps, as train's `images_per_second` metric; files written before 2026-12-06 hold instead the
+training split over the steady whole epoch, validation included, shown in a column of their own), the last
+epoch's train acc, and where the run was a full schedule its last val_acc, the fit seconds and test_acc on every
+test image (and val_acc/test_acc with each test-time augmentation, where the run recorded them); otherwise the
+projected minutes of the profile's whole schedule.
 With the call's gpu.log beside them, each stage it names that wrote no file in that call has a row `not run` with
 the reason (skipped for time, its limit reached inside its first, compiling epoch, or its exit status and last
 line), and a stopped stage's status says whether its limit stopped it or it failed.
@@ -69,7 +72,11 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
             # programs an earlier stage compiled, loaded from JAX's compilation cache: a first epoch short by that
             "programs loaded": programs_loaded(run),
             "steady s/epoch": run.get("steady_epoch_seconds"),
-            "images/s": run.get("images_per_second"),
+            # images trained per second of training steps (train's images_per_second); files before 2026-12-06
+            # hold only `images_per_second`, the training split over the whole steady epoch, validation included
+            "images/s (train steps)": run.get("train_images_per_second"),
+            "images/s (whole epoch, older files)": (None if "train_images_per_second" in run
+                                                    else run.get("images_per_second")),
             "fit s": run.get("fit_seconds"),  # over several calls (`parts`): the sum of their epochs
             "fit s after epoch 1": run.get("fit_seconds_after_first_epoch"),  # ... after each call's first
             "last train acc": (run.get("acc") or [None])[-1],
@@ -244,8 +251,12 @@ def report(results: Path, date: str) -> str:
         "on the data each row names (bench/gpu.sh's stages: the CIFAR-10 JPEG q75 copy; a blank cell: a file "
         "that does not say, written by those stages). test_acc: every test image of that data (the JPEG copy's "
         "10,000), with the profile's `evaluate.tta`. The first epoch includes XLA's compiles of the train and "
-        "validation steps. A run over several calls (status `full schedule over N calls`): fit s is the sum of its "
-        "epochs, each call's first included, and fit s after epoch 1 leaves out each call's first epoch.", "",
+        "validation steps. images/s (train steps): the images an epoch trains on over the steady seconds of its "
+        "training steps, validation left out, as train's `images_per_second` metric; files written before "
+        "2026-12-06 recorded the training split over the steady whole epoch, validation included (images/s "
+        "(whole epoch, older files)). A run over several calls (status `full schedule over N calls`): fit s is the "
+        "sum of its epochs, each call's first included, and fit s after epoch 1 leaves out each call's first epoch.",
+        "",
         table, "",
         *([notes.read_text().strip(), ""] if (notes := results / "gpu-notes.md").exists() else []),
     ])

@@ -16,11 +16,13 @@ the others):
 
 The JAX arms compile their train step with XLA as the profile's `train.jit_compile` says (auto: on; false, as in
 params/tiny.yaml: Keras runs the step op by op). A backend that is not installed is reported as skipped. Writes
-<results>/multi_gpu.json and multi_gpu.md: per arm the devices, XLA (the model's `jit_compile`), steady seconds
-per epoch, images/s, the speed-up over the same backend's one device and the last val_acc; then the fastest arm,
-the choice. Needs two GPUs or more (exit 2 otherwise; also, before any arm, for arguments no arm could run with:
-a params file not found, a bad override, data not found); `--virtual-cpus N` rehearses
-every arm on N virtual CPU devices instead (its timings mean nothing), writing nowhere unless `--results` is given.
+<results>/multi_gpu.json and multi_gpu.md: per arm the devices, XLA (the model's `jit_compile`), steady seconds per
+epoch, images/s (trained per second of training steps, as train's `images_per_second`), the speed-up over the same
+backend's one device and the last val_acc; then the fastest arm, the choice. Where no arm ran to a result (each
+failed, or none is installed), the report says so and the command exits 1. Needs two GPUs or more (exit 2 otherwise;
+also, before any arm, for arguments no arm could run with: a params file not found, a bad override, data not found);
+`--virtual-cpus N` rehearses every arm on N virtual CPU devices instead (its timings mean nothing), writing nowhere
+unless `--results` is given.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def table(results: dict) -> pd.DataFrame:
         run = arm.get("result") or {}
         rows.append({"backend": arm["backend"], "arm": arm["arm"], "overrides": arm["overrides"],
                      "devices": len(run.get("devices", [])) or None, "XLA": run.get("jit_compile"),
-                     "steady s/epoch": run.get("steady_epoch_seconds"), "images/s": run.get("images_per_second"),
+                     "steady s/epoch": run.get("steady_epoch_seconds"),
+                     "images/s (train steps)": run.get("train_images_per_second"),
                      "last val_acc": (run.get("val_acc") or [None])[-1],
                      "note": arm.get("skipped") or run.get("error") or ""})
     frame = pd.DataFrame(rows)
@@ -108,6 +111,8 @@ def table(results: dict) -> pd.DataFrame:
 
 
 def choice(frame: pd.DataFrame) -> str:
+    if frame["steady s/epoch"].isna().all():
+        return "no arm ran to a result (see the note column): nothing was measured, nothing to choose"
     measured = frame[frame["steady s/epoch"].notna() & (frame["note"] == "")]
     if measured.empty:
         return "no arm finished cleanly: nothing to choose"
@@ -124,6 +129,8 @@ def write_markdown(results: dict, path: Path) -> None:
              f"speed is the median of the others).", ""]
     if results.get("virtual_cpus"):
         lines += [f"A rehearsal on {results['virtual_cpus']} virtual CPU devices: the timings mean nothing.", ""]
+    if frame["steady s/epoch"].isna().all():
+        lines += ["**No arm ran to a result: nothing was measured** (each arm's note says why).", ""]
     lines += [frame.astype(object).where(frame.notna(), "").to_markdown(index=False), "",
               f"Choice: {choice(frame)}.", ""]
     path.write_text("\n".join(lines))
@@ -192,8 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             write_markdown(results, Path(tmp) / "multi_gpu.md")
             print((Path(tmp) / "multi_gpu.md").read_text())
-        return
-    save_results(folder, "multi_gpu", results, write_markdown)
+    else:
+        save_results(folder, "multi_gpu", results, write_markdown)
+    if table(results)["steady s/epoch"].isna().all():  # scripts and CI see the benchmark failed
+        first = next((arm.get("skipped") or (arm.get("result") or {}).get("error") for arm in results["arms"]), "")
+        written = f"; {folder / 'multi_gpu.md'} says so" if folder else ""
+        raise SystemExit(f"error: no arm ran to a result (the first: {first}){written}")
 
 
 if __name__ == "__main__":

@@ -9,14 +9,18 @@ weights, the held-out split (unless the profile sets train.validation_seed) and 
 stays the same).
 
 Each run gets a fresh SQLite store (and, on JAX, a fresh compilation cache), so every clock starts from nothing:
-it runs from the command's start to its exit (prepare, train, evaluate and register included). For each run it
-reads back test_acc and the val_acc history, the wall time at which val_acc first reached 0.5, 0.7, 0.8 and
-0.9 (the logged metric's timestamp minus the command's start), and where the wall time went: the
-start (command to the prepare step), each step's run from its start to its end, the training epochs
+`wall_s` runs from the command's start to its exit (prepare, train, evaluate and register included), and
+`registered_s` from its start to the registered model version's creation (the registry's timestamp, inside the
+register step). For each run it reads back test_acc and the val_acc history, the wall time at which val_acc
+first reached 0.5, 0.7, 0.8 and 0.9 (the logged metric's timestamp minus the command's start), and where the wall
+time went: the start (command to the prepare step), each step's run from its start to its end, the training epochs
 (the logged `epoch_seconds`) within train, and the exit. Writes bench/results/time_to_accuracy.md
 (the median per profile, one row per run, the time per phase) and time_to_accuracy.png (val_acc
 against wall seconds, one curve per run); `--name` writes them under another name, so a recheck leaves
-the committed report as it is.
+the committed report as it is. The report is written after every run, marked incomplete until the last: a failed
+run or Ctrl-C (one line, exit 130) leaves the finished runs' report so marked. `--extra` passes more `mlflow run`
+arguments; those that change the entry point (`-e`) or the experiment (`--experiment-name`, `--experiment-id`) are
+refused (exit 2): the runs read back are `main`'s in the fresh store's experiments.
 """
 
 from __future__ import annotations
@@ -105,6 +109,10 @@ def run_profile(profile: str, data: str, extra: list[str], seed: int | None = No
         for threshold in THRESHOLDS:
             row[f"val_acc>={threshold}_s"] = next((round(t, 1) for t, v in curve if v >= threshold), None)
         row["registered_version"] = main.data.tags.get("registered_version")
+        # the model version's creation, as the registry stamps it (the fresh store holds this run's only): the
+        # register step ends, and the command exits, about a second after it
+        version = [v for v in client.search_model_versions() if str(v.version) == row["registered_version"]]
+        row["registered_s"] = round(version[0].creation_timestamp / 1000 - start, 1) if version else None
         spans = {r.data.tags["step"]: (r.info.start_time / 1000 - start, r.info.end_time / 1000 - start)
                  for r in client.search_runs([train.info.experiment_id]) if r.data.tags.get("step") in STEPS}
         epochs = sum(m.value for m in client.get_metric_history(train.info.run_id, "epoch_seconds"))
@@ -135,6 +143,11 @@ def main() -> None:
         extra = shlex.split(args.extra)
     except ValueError as exc:  # No closing quotation
         parser.error(f"--extra: {exc} in {args.extra!r}")
+    refused = refused_extra(extra)
+    if refused:  # the runs read back are main's and its steps' in the store's experiments: another entry point or
+        # experiment leaves none there to read (an unpack ValueError after the whole run)
+        parser.error(f"--extra: {refused} is not for this benchmark, which times `mlflow run` of the `main` entry "
+                     f"point in its own store's experiment")
     if args.seeds and "overrides=" in args.extra:
         parser.error("--seeds sets -P overrides=train.seed=S; put other overrides in a params file, not in --extra")
     if args.repeat < 1:
@@ -144,15 +157,35 @@ def main() -> None:
         parser.error(f"--profiles: no params/<name>.yaml for {', '.join(repr(p) for p in missing)}")
     planned = [(p, s) for p in args.profiles.split(",") for s in seeds for _ in range(args.repeat)]
     results = []
-    for profile, seed in planned:
+    for number, (profile, seed) in enumerate(planned, start=1):
+        kept = (f"; {RESULTS / (args.name + '.md')} holds the {len(results)} earlier run(s), marked incomplete"
+                if results else "; no results written")
         try:
-            results.append(run_profile(profile, args.data, extra, seed))
-        except SystemExit as exc:
-            kept = f"; {RESULTS / (args.name + '.md')} holds the {len(results)} earlier run(s), marked incomplete"
-            raise SystemExit(f"{exc}{kept if results else '; no results written'}") from None
-        print(results[-1]["row"], flush=True)
-        # after every run, so an interrupted benchmark keeps what it measured, marked incomplete until the last
-        write_report(results, args, len(planned))
+            try:
+                results.append(run_profile(profile, args.data, extra, seed))
+            except SystemExit as exc:
+                raise SystemExit(f"{exc}{kept}") from None
+            print(results[-1]["row"], flush=True)
+            # after every run, so an interrupted benchmark keeps what it measured, marked incomplete until the last
+            write_report(results, args, len(planned))
+        except KeyboardInterrupt:  # Ctrl-C: the report of the runs before this one stays, marked incomplete
+            print(f"interrupted during run {number} of {len(planned)} ({profile}){kept}", file=sys.stderr)
+            raise SystemExit(130) from None
+
+
+REFUSED_EXTRA = ("-e", "--entry-point", "--experiment-name", "--experiment-id")
+
+
+def refused_extra(extra: list[str]) -> str | None:
+    """The first `mlflow run` option in `extra` that changes the entry point or the experiment, or None. A value of
+    -P or -A (`-P overrides=-e`) is no option."""
+    for i, token in enumerate(extra):
+        if i and extra[i - 1] in ("-P", "--param-list", "-A", "--docker-args"):
+            continue
+        name = token.partition("=")[0]
+        if name in REFUSED_EXTRA[1:] or (token.startswith("-e") and not token.startswith("--")):
+            return REFUSED_EXTRA[0] if name.startswith("-e") else name
+    return None
 
 
 def write_report(results: list[dict], args: argparse.Namespace, planned: int | None = None) -> None:
@@ -162,7 +195,8 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int | N
                   "interrupted or a run failed); these are not the command's results.\n\n"
                   if len(results) < planned else "")
     runs = pd.DataFrame([r["row"] for r in results])
-    medians = runs.groupby("profile", sort=False)[["wall_s", "test_acc"]].median().reset_index()
+    timed = [key for key in ("wall_s", "registered_s") if key in runs]
+    medians = runs.groupby("profile", sort=False)[[*timed, "test_acc"]].median().reset_index()
     medians.insert(1, "runs", runs.groupby("profile", sort=False).size().to_numpy())
     medians["test_acc_min"] = runs.groupby("profile", sort=False)["test_acc"].min().to_numpy()
     medians["test_acc_max"] = runs.groupby("profile", sort=False)["test_acc"].max().to_numpy()
@@ -193,7 +227,10 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int | N
             f"{f' --name {name}' if name != 'time_to_accuracy' else ''}`; "
             f"data: {data}.\n\n"
             "Each row is one `mlflow run . --env-manager local -P params=params/<profile>.yaml` in a fresh "
-            "store; `wall_s` runs from the command's start to its exit (prepare, train, evaluate, register). "
+            "store; `wall_s` runs from the command's start to its exit (prepare, train, evaluate, register, and "
+            "the exit after them); `registered_s` from the command's start to the registered model version's "
+            "creation, as the registry stamps it (inside the register step; `exit_s` below is what follows that "
+            "step). "
             "`val_acc>=x_s`: wall seconds when val_acc first reached x, on the images `val_split` names (training "
             "images held out, or the test split itself where the profile holds none out). "
             "`test_acc`: all test images. `seed`: the run's `train.seed` (initial weights, held-out split unless "

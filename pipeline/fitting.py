@@ -890,16 +890,22 @@ def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Wall-clock seconds of every epoch of one `fit` (validation included), in `seconds`."""
+    """Wall-clock seconds of every epoch of one `fit`: in `seconds` the whole epoch (validation, and EMA's BN
+    recalibration, included), in `train_seconds` its training steps alone (from the epoch's start to its last train
+    step's end), which images trained per second are counted over."""
 
     def on_train_begin(self, logs=None):
-        self.seconds = []
+        self.seconds, self.train_seconds = [], []
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+        self._start = self._trained = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):  # fit's Interruptible has this hook too: no new per-step cost
+        self._trained = time.perf_counter()  # the step is done: Keras has read its logs
 
     def on_epoch_end(self, epoch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
+        self.train_seconds.append(self._trained - self._start)
 
 
 def diverged(history: keras.callbacks.History) -> str | None:

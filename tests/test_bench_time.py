@@ -36,6 +36,12 @@ def test_a_reused_prepare_run_counts_zero_and_the_start_runs_to_train():
     (["--name", "../README"], "--name: a file name without folder or extension, got '../README'"),
     (["--name", "recheck.md"], "--name: a file name without folder or extension, got 'recheck.md'"),
     (["--extra", "-P overrides='train.lr=0.1"], "--extra: No closing quotation in \"-P overrides='train.lr=0.1\""),
+    # another entry point or experiment left no train/main run to read back: an unpack ValueError after the run
+    (["--extra", "-e train"], "--extra: -e is not for this benchmark"),
+    (["--extra", "-P epochs=2 -etrain"], "--extra: -e is not for this benchmark"),
+    (["--extra=--entry-point=train"], "--extra: --entry-point is not for this benchmark"),
+    (["--extra=--experiment-name x"], "--extra: --experiment-name is not for this benchmark"),
+    (["--extra=--experiment-id=0"], "--extra: --experiment-id is not for this benchmark"),
 ])
 def test_bad_arguments_exit_2_naming_the_option_before_any_run(args, message):
     proc = subprocess.run([sys.executable, "-m", "bench.time_to_accuracy", *args], cwd=ROOT, capture_output=True,
@@ -60,6 +66,42 @@ def test_extra_arguments_reach_mlflow_run_split_as_a_shell_splits_them(monkeypat
     with pytest.raises(SystemExit, match="^stop; no results written$"):
         time_to_accuracy.main()
     assert seen == [["-P", "epochs=2", "-P", "overrides=train.lr=0.1 train.nesterov=false"]]
+
+
+def test_an_option_value_that_looks_like_a_refused_option_is_no_option():
+    from bench.time_to_accuracy import refused_extra
+
+    assert refused_extra(["-P", "overrides=-e", "-P", "-e"]) is None
+    assert refused_extra(["--env-manager", "local"]) is None
+
+
+def test_ctrl_c_is_one_line_exit_130_and_keeps_the_finished_runs_report_marked_incomplete(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Ctrl-C during a run ended the benchmark with a KeyboardInterrupt traceback."""
+    from bench import time_to_accuracy
+
+    runs = iter([fake_run("tiny", 0.5)])
+
+    def run_profile(profile, data, extra, seed=None):
+        try:
+            return next(runs)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+
+    monkeypatch.setattr(time_to_accuracy, "RESULTS", tmp_path)
+    monkeypatch.setattr(time_to_accuracy, "run_profile", run_profile)
+    monkeypatch.setattr(sys, "argv", ["time_to_accuracy", "--profiles", "tiny", "--repeat", "3"])
+    with pytest.raises(SystemExit) as exc:
+        time_to_accuracy.main()
+    assert exc.value.code == 130
+    err = capsys.readouterr().err
+    assert err == (f"interrupted during run 2 of 3 (tiny); {tmp_path / 'time_to_accuracy.md'} holds the 1 earlier "
+                   f"run(s), marked incomplete\n")
+    assert "**Incomplete: 1 of the command's 3 runs finished**" in (tmp_path / "time_to_accuracy.md").read_text()
+    runs = iter([])  # interrupted in the first run: nothing written
+    with pytest.raises(SystemExit) as exc:
+        time_to_accuracy.main()
+    assert exc.value.code == 130 and capsys.readouterr().err.endswith("(tiny); no results written\n")
 
 
 def fake_run(profile: str, test_acc: float) -> dict:
@@ -374,6 +416,10 @@ def test_a_run_read_back_times_each_threshold_by_its_epoch_and_names_its_validat
                                                  in enumerate([(4, 0.45), (5, 0.72), (6, 0.71)], start=1)]
                          + [Metric("epoch_seconds", 1.0, now, epoch) for epoch in (1, 2, 3)])
         client.log_metric(runs["main"], "test_acc", 0.7)
+        time.sleep(max(0.0, started + 0.5 - time.time()))  # registered 0.5 s (or more) into the command
+        client.create_registered_model("cifar10-resnet")
+        version = client.create_model_version("cifar10-resnet", f"{env['PIPELINE_CHECKPOINT_DIR']}/model")
+        client.set_tag(runs["main"], "registered_version", version.version)
         return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
 
     monkeypatch.setattr(time_to_accuracy.subprocess, "run", command)
@@ -383,6 +429,8 @@ def test_a_run_read_back_times_each_threshold_by_its_epoch_and_names_its_validat
     assert (row["epochs"], row["val_split"], row["best_val_acc"]) == (3, "test split", 0.72)
     assert row["val_acc>=0.5_s"] == row["val_acc>=0.7_s"] == pytest.approx(5.0, abs=0.2)  # epoch 2, not 1 or 3
     assert row["val_acc>=0.8_s"] is None and row["val_acc>=0.9_s"] is None
+    # the registered model's time is the version's creation in the registry, not the command's exit
+    assert row["registered_version"] == "1" and 0.5 <= row["registered_s"] <= row["wall_s"]
     assert result["phases"]["train_epochs_s"] == 3.0
     assert result["phases"]["train_other_s"] == pytest.approx(1.0, abs=0.1)
 

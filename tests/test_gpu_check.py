@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -40,7 +41,8 @@ def test_a_gpu_stage_trains_and_scores_with_tensorflow_and_mlflow_unimportable(t
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["model"] == "resnet9" and len(result["epoch_seconds"]) == 2
+    assert result["model"] == "resnet9" and len(result["epoch_seconds"]) == len(result["train_step_seconds"]) == 2
+    assert result["train_images_per_second"] > 0
     assert 0.0 <= result["test_acc"] <= 1.0 and result["fit_seconds"] > 0
     assert (result["data"], result["test_images"]) == ("synthetic (512 training images)", 102)  # gpu_report says so
     # every test-time augmentation scored on the held-out images (fast.yaml holds 2% out) and the test images,
@@ -69,6 +71,33 @@ def test_gpu_stage_bad_arguments_are_one_line_and_exit_2(tmp_path, args, message
     assert not (tmp_path / "gpu-x.json").exists()  # 1 epoch: its compile time was reported as the steady epoch
 
 
+def test_main_gives_the_callers_sigint_handler_back_however_it_ends(tmp_path, monkeypatch):
+    """main installs its own SIGINT handler (a stage's time limit): it stayed installed after main returned or
+    raised, in a caller such as this test process."""
+    from bench import gpu_epoch
+
+    def callers(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGINT, callers)
+    try:
+        monkeypatch.setattr(sys, "argv", ["gpu_epoch", "--out", str(tmp_path / "x.json"), "--epochs", "1"])
+        with pytest.raises(SystemExit):  # refused: --epochs 1
+            gpu_epoch.main()
+        assert signal.getsignal(signal.SIGINT) is callers
+
+        def fails(*args):
+            assert signal.getsignal(signal.SIGINT) is not callers  # its own while it measures
+            raise RuntimeError("stop")
+
+        monkeypatch.setattr(gpu_epoch, "measure", fails)
+        with pytest.raises(RuntimeError):
+            gpu_epoch.main()
+        assert signal.getsignal(signal.SIGINT) is callers
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_gpu_stage_stopped_at_its_time_limit_names_its_date_and_device(tmp_path, monkeypatch):
     from bench import gpu_epoch, gpu_report
 
@@ -94,6 +123,72 @@ def test_a_gpu_stage_stopped_at_its_time_limit_names_its_date_and_device(tmp_pat
     assert row["status"] == "stopped at its time limit"
     assert row["device"] == gpu_epoch.device_kind() and row["device"]  # not blank: the machine it ran on
     assert row["date"] == partial["date"] != "1999-01-01"  # the day it ran, not the report's --date
+
+
+def test_images_per_second_is_the_images_trained_over_the_training_steps_time_as_trains(tmp_path, monkeypatch):
+    """It was the training split's size over the median whole epoch, validation included, with the images
+    train.drop_remainder leaves out counted: another figure than train's `images_per_second` metric (images trained
+    over the training steps' time), under the same name. The older files' `images_per_second` stays readable."""
+    import types
+
+    from bench import gpu_epoch, gpu_report
+
+    def fit(model, cfg, splits, classes, callbacks):  # 3 epochs: whole, and their training steps alone
+        timer = callbacks[0]
+        timer.on_train_begin()
+        for epoch, (whole, steps) in enumerate(((10.0, 9.0), (2.0, 1.5), (2.2, 1.7))):
+            timer.seconds.append(whole)
+            timer.train_seconds.append(steps)
+            for callback in callbacks[1:]:
+                callback.on_epoch_end(epoch)
+        return types.SimpleNamespace(history={"acc": [0.1] * 3, "val_acc": [0.1] * 3})
+
+    out = tmp_path / "gpu-x.json"
+    monkeypatch.setattr(gpu_epoch.fitting, "fit", fit)
+    monkeypatch.setattr(sys, "argv", ["gpu_epoch", "--out", str(out), "--params", "params/tiny.yaml", "--images",
+                                      "100", "--epochs", "3", "--overrides",
+                                      "train.drop_remainder=true train.validation_fraction=0"])
+    gpu_epoch.main()
+    result = json.loads(out.read_text())
+    assert (result["train_images"], result["images_per_epoch"]) == (100, 96)  # 3 whole batches of 32
+    assert result["train_step_seconds"] == [9.0, 1.5, 1.7] and result["steady_train_step_seconds"] == 1.6
+    assert result["train_images_per_second"] == 60 and "images_per_second" not in result  # 96 / 1.6, not 100 / 2.1
+    row = gpu_report.rows(tmp_path).iloc[0]
+    assert (row["images/s (train steps)"], row["images/s (whole epoch, older files)"]) == (60, None)
+    older = {key: value for key, value in result.items() if not key.startswith(("train_", "steady_train"))}
+    (tmp_path / "gpu-x.json").write_text(json.dumps({**older, "images_per_second": 48}))
+    row = gpu_report.rows(tmp_path).iloc[0]
+    assert (row["images/s (train steps)"], row["images/s (whole epoch, older files)"]) == (None, 48)
+
+
+def test_the_epoch_timer_counts_the_training_steps_apart_from_validation():
+    import keras
+
+    from pipeline.fitting import EpochTimer
+
+    class SlowValidation(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            time.sleep(1.0)
+
+    x = np.zeros((64, 4), np.float32)
+    y = keras.utils.to_categorical(np.zeros(64), 3)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    timer = EpochTimer()
+    model.fit(x, y, batch_size=32, epochs=2, validation_data=(x, y), verbose=0, callbacks=[SlowValidation(), timer])
+    assert len(timer.train_seconds) == len(timer.seconds) == 2
+    assert all(0 < steps <= whole - 1.0 for steps, whole in zip(timer.train_seconds, timer.seconds, strict=True))
+
+
+def test_the_gpu_results_of_earlier_calls_stay_readable():
+    """bench/results holds files written before train_images_per_second: their images/s is shown as what it was."""
+    from bench import gpu_report
+
+    for folder in (ROOT / "bench" / "results", ROOT / "bench" / "results" / "gpu-2026-11-30"):
+        frame = gpu_report.rows(folder, "2026-11-30")
+        fast = frame[frame["file"] == "gpu-fast.json"].iloc[0]
+        assert fast["images/s (whole epoch, older files)"] > 0 and fast["images/s (train steps)"] is None
+        assert gpu_report.report(folder, "2026-11-30").count("| gpu-") == len(frame)
 
 
 def test_a_resumed_call_takes_the_epoch_after_its_compiling_first_to_last_as_the_runs_steady_ones():
@@ -200,6 +295,8 @@ def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_i
     loaded = [part["compile_cache_programs"] for part in result["parts"]]
     assert loaded[0] == 0 and min(loaded[1:]) >= 1 and result["compile_cache_programs"] >= loaded[2], loaded
     assert len(result["epoch_seconds"]) == len(result["acc"]) == len(result["val_acc"]) == 6
+    assert len(result["train_step_seconds"]) == 6 and result["train_images_per_second"] > 0  # every call's epochs
+    assert all(0 < s <= w for s, w in zip(result["train_step_seconds"], result["epoch_seconds"], strict=True))
     assert result["fit_seconds"] == pytest.approx(sum(result["epoch_seconds"]), abs=0.1)
 
     (tmp_path / "whole").mkdir()

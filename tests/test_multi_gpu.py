@@ -19,7 +19,7 @@ def arm(backend, name, seconds=None, val_acc=0.9, error=None, skipped=None):
     if skipped:
         return {**entry, "skipped": skipped}
     result = {"devices": ["gpu:0", "gpu:1"], "jit_compile": "true", "steady_epoch_seconds": seconds,
-              "images_per_second": round(49000 / seconds) if seconds else None, "val_acc": [0.5, val_acc]}
+              "train_images_per_second": round(48000 / seconds) if seconds else None, "val_acc": [0.5, val_acc]}
     return {**entry, "result": {**result, **({"error": error} if error else {})}}
 
 
@@ -31,13 +31,38 @@ def test_speed_up_over_the_backends_one_device_and_the_fastest_clean_arm_is_chos
                         arm("jax", "DataParallel", 0.5, error="exit 134 after its result")]}
     frame = multi_gpu.table(results)
     assert list(frame["speed-up"]) == [1.0, 1.6, 2.5, 1.0, 2.0]
+    assert list(frame["images/s (train steps)"]) == [24000, 38400, 60000, 48000, 96000]  # bench.gpu_epoch's figure
     assert "MirroredStrategy + XLA" in multi_gpu.choice(frame) and "2.5x" in multi_gpu.choice(frame)  # not the crash
     results["arms"] = [arm("tensorflow", "one device", skipped="tensorflow is not installed"),
                        arm("jax", "DataParallel", error="exit 1: ValueError: boom")]
     multi_gpu.write_markdown(results, tmp_path / "m.md")
     text = (tmp_path / "m.md").read_text()
     assert "tensorflow is not installed" in text and "ValueError: boom" in text
-    assert "Choice: no arm finished cleanly" in text
+    assert "Choice: no arm ran to a result" in text and "**No arm ran to a result" in text
+
+
+@pytest.mark.parametrize("virtual", [False, True])
+def test_a_benchmark_where_no_arm_ran_to_a_result_says_so_and_exits_non_zero(monkeypatch, tmp_path, capsys,
+                                                                               virtual):
+    """Every arm failing at run time wrote its table of failures ("nothing to choose") and exited 0: a script or CI
+    took the benchmark for done."""
+    monkeypatch.setattr(multi_gpu, "gpu_names", lambda: ["NVIDIA H200", "NVIDIA H200"])
+    monkeypatch.setattr(multi_gpu, "run_arm", lambda *a: {"error": "exit 1: ValueError: boom"})
+    argv = ["--backends", "jax", "--results", str(tmp_path), *(["--virtual-cpus", "2"] if virtual else [])]
+    with pytest.raises(SystemExit) as exit_info:
+        multi_gpu.main(argv)
+    assert exit_info.value.code not in (0, None)
+    assert str(exit_info.value.code) == (f"error: no arm ran to a result (the first: exit 1: ValueError: boom); "
+                                         f"{tmp_path / 'multi_gpu.md'} says so")
+    text = (tmp_path / "multi_gpu.md").read_text()
+    assert "**No arm ran to a result: nothing was measured**" in text and "ValueError: boom" in text
+    assert "Choice: no arm ran to a result" in text
+    # one arm with a number (its process crashed after its result): measured, exit 0
+    results = iter([{"error": "exit 1: ValueError: boom"},
+                    {"steady_epoch_seconds": 1.0, "devices": ["cpu:0", "cpu:1"], "error": "exit 134 after its result"}])
+    monkeypatch.setattr(multi_gpu, "run_arm", lambda *a: next(results))
+    multi_gpu.main(argv)
+    assert "No arm ran" not in (tmp_path / "multi_gpu.md").read_text()
 
 
 @pytest.mark.parametrize(("code", "writes", "stderr", "error"), [

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -70,13 +69,6 @@ class MlflowEpochLogger(EpochTimer):
         self.train_images = train_images
         self.logged_steps = set(logged_steps)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        super().on_epoch_begin(epoch, logs)
-        self._trained = self._start
-
-    def on_train_batch_end(self, batch, logs=None):  # train's Checkpoint has this hook too: no new per-step cost
-        self._trained = time.perf_counter()  # the step is done: Keras has read its logs
-
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
         if epoch + 1 in self.logged_steps:
@@ -87,7 +79,7 @@ class MlflowEpochLogger(EpochTimer):
         # epoch_seconds: the whole epoch, validation (and EMA's BN recalibration) included; images_per_second: the
         # training steps' throughput alone, which the size of the validation split does not change
         row.update(lr=lr, iterations=iterations, epoch_seconds=self.seconds[-1],
-                   images_per_second=self.train_images / (self._trained - self._start))
+                   images_per_second=self.train_images / self.train_seconds[-1])
         mlflow.log_metrics(row, step=epoch + 1)
 
 
