@@ -89,8 +89,9 @@ def bench_project_augment(x: np.ndarray, batches: int) -> float:
 
 def bench_fit_feed(dataset: data.Dataset, steps_per_execution: int, feed: str = "host", epochs: int = 3) -> float:
     """Images/s of `pipeline.fitting.fit` epochs with a trivial model body: the uint8 arrays, the
-    chosen feed (Keras's array feed, or DeviceBatches), the model's normalisation and shift/flip
-    layers, one XLA-compiled step per `steps_per_execution` batches. Best epoch after the first."""
+    chosen feed (host: host_batches on TensorFlow, ArrayBatches on JAX; device: DeviceBatches), the model's
+    normalisation and shift/flip layers, one XLA-compiled step per `steps_per_execution` batches. Best epoch after
+    the first."""
     cfg = config.load("params/quick.yaml", [f"train.feed={feed}", f"train.steps_per_execution={steps_per_execution}",
                                             f"train.epochs={epochs + 1}", "train.verbose=0"])
     front = fitting.make_model(cfg, dataset)

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 TF_CONFIG = "TF_CONFIG"
 TRAINED = -1  # `Distribution.agree`'s epochs of a chief that goes on from a model trained before: nothing to train
+# `Distribution.agree`'s codes of a (dtype policy, jit_compile) choice: an index into each
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+JIT_COMPILE = (False, True, "auto")
 
 
 @dataclass
@@ -127,9 +130,10 @@ class Distribution:
     def scope(self) -> contextlib.AbstractContextManager:
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
-    def agree(self, job: dict[str, str], done: int) -> int:
+    def agree(self, job: dict[str, str], done: int,
+              fast_path: tuple[str, bool | str] = ("float32", False)) -> tuple[int, tuple[str, bool | str]]:
         """In a cluster, check before the model is built that every host trains the same job from the same epoch;
-        return the chief's `done`.
+        return the chief's `done` and `fast_path`, which every host trains with.
 
         job: hex digests of what every host must share, by what they digest (`train.training_job`: the model and
         train params, the data, the code); done: the epochs this host's checkpoint holds, which it restores, or on the
@@ -140,33 +144,22 @@ class Distribution:
         models of other shapes failed there, each with TensorFlow's traceback. Every host gathers every host's job
         and epoch (one collective, so all reach the same verdict) and each raises the same ConfigError on a
         mismatch. A host lost here, or after it before training began (`before_training`), is said to have ended
-        before training began. For multi_worker only (`cluster` set)."""
+        before training began. For multi_worker only (`cluster` set).
+
+        fast_path: the (dtype policy, jit_compile) this host would train with (`fitting.planned_fast_path`: the
+        params' `auto` resolved here, or a resumed chief's as its run recorded). `train.precision: auto` resolves
+        per machine (bfloat16 on GPUs and CPUs with bf16 units, else float32), so hosts of different kinds, or a
+        cluster resumed on other hosts than it trained on, would train in different precisions: every host takes
+        the chief's, the one its run logs and records."""
         import tensorflow as tf
 
         tasks, parts = self.cluster.tasks, list(job)
         # Two 28-bit pieces of each digest (int32 tensors).
-        mine = [tasks.index(self.cluster.task), done,
+        mine = [tasks.index(self.cluster.task), done, PRECISIONS.index(fast_path[0]), JIT_COMPILE.index(fast_path[1]),
                 *(int(job[part][i:i + 7], 16) for part in parts for i in (0, 7))]
         with self.before_training():  # a host that failed in prepare ends here
             everyone = self.strategy.gather(self.strategy.run(lambda: tf.constant([mine], tf.int32)), axis=0)
-        hosts = {tasks[task]: (done, dict(zip(parts, zip(d[::2], d[1::2], strict=True), strict=True)))
-                 for task, done, *d in everyone.numpy().tolist()}
-        chief = tasks[0]  # the chief task, else worker 0
-        differ = {task: [part for part in parts if digests[part] != hosts[chief][1][part]]
-                  for task, (_, digests) in hosts.items()}
-        if any(differ.values()):
-            what = "; ".join(f"{task} started with other {' and other '.join(differs)}"
-                             for task, differs in differ.items() if differs)
-            raise ConfigError(f"{TF_CONFIG}: {what} than the chief ({chief}): start every host with the same code, "
-                              f"params, epochs, overrides and data")
-        if hosts[chief][0] == TRAINED:
-            return TRAINED
-        if len({done for done, _ in hosts.values()}) > 1:
-            held = ", ".join(f"{task} {done}" for task, (done, _) in hosts.items())
-            raise ConfigError(f"resume: the hosts' checkpoints hold different completed epochs ({held}): they "
-                              f"must continue from the same one. Start afresh: rerun every host with resume=never "
-                              f"(`-P resume=never` on the chief, `--resume never` on the others)")
-        return hosts[chief][0]
+        return agreement(tasks, parts, everyone.numpy().tolist())
 
     def before_training(self) -> contextlib.AbstractContextManager:
         """Around what a host of a cluster does from `agree` until `fit`'s first step (building the model, whose
@@ -182,6 +175,29 @@ class Distribution:
         if self.mode == "multi_worker":
             _multi_worker_fit_fixes(model, self.strategy)
             _host_lost_as_step_failure(model, self.task, self.cluster.tasks[0])
+
+
+def agreement(tasks: list[str], parts: list[str], rows: list[list[int]]) -> tuple[int, tuple[str, bool | str]]:
+    """`Distribution.agree`'s verdict on every host's row (task index, done, fast path codes, digest pieces), the
+    same on every host: the chief's done and fast path, or the ConfigError every host raises."""
+    hosts = {tasks[task]: (done, (PRECISIONS[precision], JIT_COMPILE[jit]),
+                           dict(zip(parts, zip(d[::2], d[1::2], strict=True), strict=True)))
+             for task, done, precision, jit, *d in rows}
+    chief = tasks[0]  # the chief task, else worker 0
+    differ = {task: [part for part in parts if digests[part] != hosts[chief][2][part]]
+              for task, (_, _, digests) in hosts.items()}
+    if any(differ.values()):
+        what = "; ".join(f"{task} started with other {' and other '.join(differs)}"
+                         for task, differs in differ.items() if differs)
+        raise ConfigError(f"{TF_CONFIG}: {what} than the chief ({chief}): start every host with the same code, "
+                          f"params, epochs, overrides and data")
+    done, fast_path, _ = hosts[chief]
+    if done != TRAINED and len({done for done, _, _ in hosts.values()}) > 1:
+        held = ", ".join(f"{task} {done}" for task, (done, _, _) in hosts.items())
+        raise ConfigError(f"resume: the hosts' checkpoints hold different completed epochs ({held}): they "
+                          f"must continue from the same one. Start afresh: rerun every host with resume=never "
+                          f"(`-P resume=never` on the chief, `--resume never` on the others)")
+    return done, fast_path
 
 
 @dataclass(frozen=True)

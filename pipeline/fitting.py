@@ -296,6 +296,23 @@ class Recorded:
         return f"{self.precision} {'with' if self.jit_compile else 'without'} XLA"
 
 
+def described(precision: str, jit: bool | str) -> str:
+    """A (dtype policy, jit_compile) choice in words: "mixed_bfloat16 with XLA"."""
+    return f"{precision} " + {True: "with XLA", False: "without XLA"}.get(jit, f"with jit_compile {jit}")
+
+
+def planned_fast_path(cfg: config.TrainConfig, dist: Distribution,
+                      recorded: Recorded | None = None) -> tuple[str, bool | str]:
+    """The (dtype policy, jit_compile) `compile_model` takes on this host, told before anything is built, for a
+    cluster's hosts to agree on (`Distribution.agree`): `recorded`'s for each `auto` of a resumed run, else
+    `fast_path`'s (no CPU probe: it measures on one device only). jit_compile may stay "auto": Keras's rule, which
+    leaves XLA off under any tf.distribute strategy, so on every host of a cluster."""
+    if recorded is not None:
+        return (recorded.precision if cfg.precision == "auto" else cfg.precision,
+                recorded.jit_compile if cfg.jit_compile == "auto" else cfg.jit_compile)
+    return fast_path(cfg, dist, measure=False)
+
+
 def bf16_xla_wrong_here(precision: str, jit: bool | str) -> bool:
     """Whether `precision` with `jit` true computes wrong results here: bfloat16 + XLA on a JAX CPU that computes it
     wrongly (`jax_cpu_bf16_xla_wrong`)."""
@@ -378,12 +395,14 @@ def check_backend(cfg: config.Config) -> None:
 
 
 def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, train_images: int,
-                  recorded: Recorded | None = None) -> keras.Model:
+                  recorded: Recorded | None = None, chief: tuple[str, bool | str] | None = None) -> keras.Model:
     """The training model (with augmentation), compiled for `dist`. Seeds the run; `train.precision`
     is the global dtype policy only while the model is built (its layers keep it), so it does not
     leak into models built later in the process, such as the float32 served copy. `recorded`: a resumed run's
     precision and XLA choice, taken for each `auto` unmeasured (`fast_path` is for its first epochs only); a line
-    says so where this machine would take another, or cannot tell without measuring."""
+    says so where this machine would take another, or cannot tell without measuring. `chief`: in a cluster, the
+    (dtype policy, jit_compile) the hosts agreed on (`Distribution.agree`: the chief's), taken as it is; a line
+    says so where this host would take another."""
     t = cfg.train
     check_backend(cfg)
     count_compile_cache_loads()  # what the cache spares this training, from its first program on
@@ -412,7 +431,16 @@ def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, trai
                                                                          len(dataset.class_names))
 
     here = None
-    if recorded is None:  # before the seed: the probe's models leave the run's draws as they were
+    if recorded is None and chief is not None:
+        PROBED.clear()
+        here = fast_path(t, dist, measure=False)
+        precision, jit = chief
+        if here != chief:  # explicit values are the chief's: the hosts agreed on their params
+            auto = [f"train.{k} auto" for k in ("precision", "jit_compile") if getattr(t, k) == "auto"]
+            print(f"{' and '.join(auto)}: {described(*chief)}, as the chief "
+                  f"({dist.cluster.tasks[0] if dist.cluster else 'chief'}) trains; this host would take "
+                  f"{described(*here)}", flush=True)
+    elif recorded is None:  # before the seed: the probe's models leave the run's draws as they were
         precision, jit = fast_path(t, dist, probe)
     else:
         PROBED.clear()
@@ -511,9 +539,9 @@ def _device_gather(mirroring: bool):
 
 
 class ArrayBatches(keras.utils.PyDataset):
-    """Batches of (images, labels) cut from arrays in host memory, for backends other than TensorFlow when
-    `train.drop_remainder` or `train.alternate_flip` asks for what Keras's own array feed lacks (it always ends an
-    epoch with the partial batch, and knows nothing of epochs). `shuffle`: a seeded new order every epoch;
+    """Batches of (images, labels) cut from arrays in host memory, for backends other than TensorFlow: what Keras's own
+    array feed lacks (it always ends an epoch with the partial batch, knows nothing of epochs, and a resumed run's
+    order is not the uninterrupted one's). `shuffle`: a seeded new order every epoch;
     `drop_remainder`: each epoch is `len(images) // batch_size` whole batches, and the images left over are different
     ones each epoch; `alternate_flip`: images mirrored as `first_flips` says (training only). `first_epoch`: a
     resumed run's, which starts in the order and with the mirroring the uninterrupted run had there."""
@@ -746,9 +774,12 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
         callbacks: list) -> keras.callbacks.History:
     """`model.fit` on `split_validation`'s splits, validating every epoch; the same on every host of a cluster.
 
-    train.feed host: uint8 arrays in host memory, a batch copied per step (`host_batches` on TensorFlow, Keras's
-    array feed on other backends, `ArrayBatches` there with `train.drop_remainder` or `train.alternate_flip`);
-    device: `DeviceBatches` (JAX only). A `Checkpoint` among `callbacks` tells which epoch training resumes at.
+    train.feed host: uint8 arrays in host memory, a batch copied per step (`host_batches` on TensorFlow,
+    `ArrayBatches` on other backends); device: `DeviceBatches` (JAX only). Either way the training order is drawn
+    from (train.seed, epoch) alone: a `Checkpoint` among `callbacks` tells which epoch training resumes at, and a
+    resumed run sees the batches (and draws the augmentations) the uninterrupted one did there. Keras's own array
+    feed shuffles from NumPy's global generator, which `compile_model` seeds: a run resumed at epoch e drew epoch 0's
+    order again.
     """
     t = cfg.train
     x_train, y_train, x_val, y_val = splits
@@ -764,15 +795,12 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
                    verbose=verbose)
     first_epoch = max((Checkpoint.completed_epochs(c.backup_dir) for c in callbacks if isinstance(c, Checkpoint)),
                       default=0)
-    if t.feed == "device" or ((t.drop_remainder or t.alternate_flip) and keras.backend.backend() != "tensorflow"):
+    if keras.backend.backend() != "tensorflow":
         feed = DeviceBatches if t.feed == "device" else ArrayBatches
         return model.fit(feed(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed, first_epoch=first_epoch,
                               drop_remainder=t.drop_remainder, alternate_flip=t.alternate_flip),
                          validation_data=feed(x_val, y_val, t.batch_size, shuffle=False),
                          shuffle=False, **options)  # the feed's own order: Keras would reorder its batches at random
-    if keras.backend.backend() != "tensorflow":
-        return model.fit(x_train, y_train, batch_size=t.batch_size, validation_data=(x_val, y_val), shuffle=True,
-                         **options)
     clock = EpochClock(first_epoch)
     options["callbacks"].append(clock)
     return model.fit(host_batches(x_train, y_train, t.batch_size, shuffle=True, seed=t.seed, clock=clock,

@@ -15,8 +15,8 @@ Returns the logged model's URI (`models:/m-...`).
 Its inputs are checked and resolved by `pipeline.inputs`, as `main`'s are. Completed epochs are
 checkpointed per run and resumed by the same command (`pipeline.tracking.resume`), in the backend, precision and XLA
 choice the run recorded in tags `backend`, `dtype_policy` and `jit_compile` (`recorded_fast_path`); a cluster's other
-hosts train in lock step without logging (`run_worker`). What a train run records (params, tags,
-per-epoch metrics, the model) is written by `pipeline.tracking.training`.
+hosts train in lock step without logging (`run_worker`), in the chief's precision and XLA choice (`Distribution.agree`).
+What a train run records (params, tags, per-epoch metrics, the model) is written by `pipeline.tracking.training`.
 """
 
 from __future__ import annotations
@@ -115,10 +115,12 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     dataset = prepare.load_dataset(dataset_uri)
     splits = held_out_split(dataset, t)
     check_replica_batches(cfg, dist, splits)
+    agreed = None
     if dist.cluster:  # before the model is built (see `agree`); hashing the data takes a moment: a cluster's only
-        dist.agree(training_job(cfg, dataset), Checkpoint.completed_epochs(checkpoint_dir(active_run_id())))
+        agreed = dist.agree(training_job(cfg, dataset), Checkpoint.completed_epochs(checkpoint_dir(active_run_id())),
+                            fitting.planned_fast_path(t, dist, recorded))[1]
     train_images = len(splits[0])
-    model = compile_model(cfg, training_part(dataset, splits), dist, train_images, recorded)
+    model = compile_model(cfg, training_part(dataset, splits), dist, train_images, recorded, agreed)
 
     run_id = start_training(cfg, dataset_uri, {
         "backend": keras.backend.backend(), "devices": ", ".join(dist.devices),
@@ -242,11 +244,13 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
         shutil.rmtree(backup, ignore_errors=True)
     print(f"{dist.task} of {dist.workers}: training on {len(splits[0])} images, devices {dist.devices}; "
           f"the chief logs to MLflow")
-    if dist.agree(job, Checkpoint.completed_epochs(backup)) == TRAINED:
+    done, chiefs = dist.agree(job, Checkpoint.completed_epochs(backup), fitting.planned_fast_path(cfg.train, dist))
+    if done == TRAINED:
         print(f"{dist.task}: nothing to train: the chief goes on from the model an identical command trained before "
               f"its pipeline failed (in evaluate or register)")
         return
-    model = compile_model(cfg, training_part(dataset, splits), dist, len(splits[0]))  # after `agree`: see there
+    # after `agree` (see there), in the chief's precision and XLA choice: `auto` may resolve otherwise on this host
+    model = compile_model(cfg, training_part(dataset, splits), dist, len(splits[0]), chief=chiefs)
     history = fit(model, cfg, splits, len(dataset.class_names),
                   [Checkpoint(backup, cfg.train.checkpoint_every)])
     shutil.rmtree(backup, ignore_errors=True)

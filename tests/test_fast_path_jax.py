@@ -203,3 +203,50 @@ def test_without_a_home_folder_the_jax_cache_stays_off_instead_of_a_folder_named
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.strip() == expected, (extra, result.stdout)
     assert not (tmp_path / "~").exists()
+
+
+RESUMED_ORDER = """
+import sys
+from pathlib import Path
+
+import keras
+from pipeline import config, data, fitting
+from pipeline.distribute import distribution
+
+cfg = config.load("params/tiny.yaml", "train.epochs=3 train.cutout=4 train.verbose=0 train.jit_compile=true")
+dataset = data.make_synthetic(n_train=96, n_test=32, seed=0)
+splits = fitting.split_validation(dataset, 0.0, 0)
+
+
+def fit(folder, *callbacks):
+    model = fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0]))
+    return fitting.fit(model, cfg, splits, 10, [fitting.Checkpoint(folder, 1, keep=True), *callbacks]).history["loss"]
+
+
+stop = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: setattr(stop.model, "stop_training", True))
+uninterrupted = fit(Path(sys.argv[1]) / "a")
+fit(Path(sys.argv[1]) / "b", stop)  # as a kill after epoch 1 leaves it
+print("losses", uninterrupted[1:], fit(Path(sys.argv[1]) / "b"))
+"""
+
+
+def test_a_resumed_fit_on_jax_trains_on_the_batches_an_uninterrupted_one_does(tmp_path):
+    """On JAX without train.drop_remainder or train.alternate_flip, training went through Keras's array feed, which
+    shuffles from NumPy's global generator, seeded afresh by `compile_model`: a run resumed at epoch 2 drew epoch 1's
+    order (and the augmentations that follow it) again, and its losses were another run's. `ArrayBatches` draws
+    each epoch's order from (train.seed, epoch), as `host_batches` does on TensorFlow."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-c", RESUMED_ORDER, str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("losses ")]
+    uninterrupted, resumed = json.loads(f"[{line.removeprefix('losses ').replace('] [', '], [')}]")
+    assert len(uninterrupted) == len(resumed) == 2
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5)

@@ -171,7 +171,7 @@ def test_no_whole_batch_is_a_param_error_naming_the_key():
 
 
 def test_array_batches_for_other_backends_drop_the_remainder_too():
-    """Keras's array feed (JAX and torch backends) cannot drop the partial batch: `ArrayBatches` replaces it then."""
+    """Keras's array feed cannot drop the partial batch: `ArrayBatches`, the feed of the JAX and torch backends, can."""
     images, labels = arrays()
     feed = fitting.ArrayBatches(images, labels, BATCH, shuffle=True, seed=0, drop_remainder=True)
     assert len(feed) == 2

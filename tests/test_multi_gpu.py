@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from bench import multi_gpu
+from pipeline import config
 
 
 def arm(backend, name, seconds=None, val_acc=0.9, error=None, skipped=None):
@@ -418,6 +419,115 @@ def test_a_host_lost_before_the_first_train_step_ended_before_training_began(mon
         assert text.endswith(f"): nothing was trained. Its own output says why{where}: fix that, then rerun every "
                              f"host's command"), text
     assert callbacks == []  # the caller's list is left as it was
+
+
+class TwoHosts:
+    """Two hosts' `Distribution.agree` in two threads of this process: each one's `gather` returns both hosts' rows
+    in task order once both have sent theirs, as MultiWorkerMirroredStrategy's does over the network."""
+
+    def __init__(self):
+        import threading
+
+        self.rows, self.met = {}, threading.Barrier(2, timeout=30)
+
+    def host(self, index: int):
+        from pipeline import distribute
+
+        hosts = self
+
+        class Strategy:
+            def run(self, fn):
+                return fn()
+
+            def gather(self, value, axis):
+                import tensorflow as tf
+
+                hosts.rows[index] = value
+                hosts.met.wait()
+                return tf.concat([hosts.rows[i] for i in (0, 1)], axis=axis)
+
+        return distribute.Distribution("multi_worker", [f"/job:worker/replica:0/task:{index}/device:CPU:0"],
+                                       Strategy(), distribute.Cluster({"worker": TWO}, "worker", index))
+
+    def agree(self, fast_paths: list, done: tuple[int, int] = (0, 0), jobs: tuple[str, str] = ("d" * 64,) * 2):
+        """What each host's `agree` returns, or the error it raises, given each host's fast path."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def agree(index):
+            try:
+                return self.host(index).agree({"data": jobs[index]}, done[index], fast_paths[index])
+            except Exception as exc:  # noqa: BLE001 - compared below
+                return exc
+
+        with ThreadPoolExecutor(2) as pool:
+            return list(pool.map(agree, (0, 1)))
+
+
+@pytest.mark.parametrize("fast_paths", [
+    [("mixed_bfloat16", "auto"), ("float32", "auto")],  # a GPU (or bf16 CPU) chief, a CPU worker without bf16
+    [("float32", True), ("mixed_bfloat16", "auto")],  # a chief resumed as its run recorded, a worker of another kind
+    [("float32", False), ("float32", False)],
+])
+def test_every_host_of_a_cluster_trains_in_the_chiefs_precision_and_xla_choice(fast_paths):
+    """train.precision auto resolves per machine (bfloat16 on GPUs and CPUs with bf16 units, else float32), and a
+    resumed chief goes on as its run recorded while the other hosts, reading no run, resolved `auto` themselves: the
+    hosts trained in lock step in different precisions, silently. `agree` hands every host the chief's."""
+    assert TwoHosts().agree(fast_paths) == [(0, fast_paths[0])] * 2
+    assert TwoHosts().agree(fast_paths, done=(2, 2)) == [(2, fast_paths[0])] * 2
+
+
+def test_the_hosts_verdict_on_their_jobs_and_epochs_is_the_same_on_every_host():
+    """Other data, or other epochs, are still refused on every host, whatever their fast paths; a chief that trains
+    nothing (TRAINED) stops them all."""
+    from pipeline.config import ConfigError
+    from pipeline.distribute import TRAINED
+
+    fast = [("float32", False), ("mixed_bfloat16", False)]
+    for errors, message in ((TwoHosts().agree(fast, jobs=("d" * 64, "e" * 64)),
+                             "TF_CONFIG: worker 1 started with other data than the chief (worker 0)"),
+                            (TwoHosts().agree(fast, done=(1, 0)),
+                             "resume: the hosts' checkpoints hold different completed epochs (worker 0 1, "
+                             "worker 1 0)")):
+        assert all(isinstance(e, ConfigError) and str(e).startswith(message) for e in errors), errors
+    assert [done for done, _ in TwoHosts().agree(fast, done=(TRAINED, 0))] == [TRAINED] * 2
+
+
+def test_a_worker_builds_its_model_in_the_chiefs_precision_where_it_would_take_another(monkeypatch, tmp_path,
+                                                                                          capsys):
+    """Worker 1 of a cluster whose chief trains in bfloat16 (a GPU, or a CPU with bf16 units; or a resumed run that
+    recorded it), on a CPU without bf16 units: it sent what it would take, and built its model in the chief's
+    choice, saying so. A resumed chief sends what its run recorded, for each `auto`."""
+    from pipeline import distribute, fitting, train
+
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(tmp_path))
+    monkeypatch.setattr(fitting, "cpu_has_bf16", lambda: False)
+    cfg = config.load("params/tiny.yaml", ["train.precision=auto", "train.jit_compile=auto", "data.synthetic_train=64",
+                                           "data.synthetic_test=32"])
+    sent, built = [], []
+
+    class Worker(distribute.Distribution):
+        def agree(self, job, done, fast_path=("float32", False)):
+            sent.append(fast_path)
+            return done, ("mixed_bfloat16", False)
+
+    class History:
+        history = {"loss": [1.0]}
+
+    def fit(model, *args):
+        built.append(model)
+        return History()
+
+    monkeypatch.setattr(train, "fit", fit)
+    worker = Worker("none", ["/device:CPU:0"], None, distribute.Cluster({"worker": TWO}, "worker", 1))
+    train.run_worker(cfg, "", worker)
+    assert sent == [("float32", "auto")]  # what this host takes: no bf16 units, Keras's rule for XLA
+    assert built[0].dtype_policy.name == "mixed_bfloat16" and built[0].jit_compile is False
+    assert ("train.precision auto and train.jit_compile auto: mixed_bfloat16 without XLA, as the chief (worker 0) "
+            "trains; this host would take float32 with jit_compile auto") in capsys.readouterr().out
+    recorded = fitting.Recorded("mixed_bfloat16", True, "train run r1")
+    assert fitting.planned_fast_path(cfg.train, worker, recorded) == ("mixed_bfloat16", True)
+    explicit = config.load("params/tiny.yaml", ["train.precision=float32"]).train  # tiny's jit_compile: false
+    assert fitting.planned_fast_path(explicit, worker, recorded) == ("float32", False)
 
 
 @pytest.mark.parametrize("mode", ["none", "mirrored"])
