@@ -4,7 +4,8 @@ Reads:  training runs (tag step = 'train') of every experiment, or of one, or na
         by a column of the table; their params, metric histories and the test metrics that
         evaluate logged on each run's model (train runs carry the model's URI in tag `model_uri`).
 Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
-        run: the params (and `train_code`) that differ between the runs, epochs, final and best `val_acc`,
+        run: the params (and the PROVENANCE_TAGS: `train_code`, `backend`, `dtype_policy`, `jit_compile`,
+        `replicas`) that differ between the runs, epochs, final and best `val_acc`,
         `val_data` where the runs' validation images differ or one validated on the test split,
         `val_images_in_train` where a val_acc counts images its run trained on,
         `test_acc` on the dataset it trained on, `test_data` where the runs' test splits differ,
@@ -51,9 +52,13 @@ RESULT_COLUMNS = ("epochs", "val_acc", "best_val_acc", "test_acc", "wall_s", "im
 # (`''` where left out), beside the dotted params they resolve to.
 IGNORED_PARAMS = ("dataset_uri",
                   *config.read_yaml(config.MLPROJECT, key="MLproject")["entry_points"]["train"]["parameters"])
-# Tags naming what trained a run besides its params (`train_code`: the digest of the training code): a column,
-# shortened, where they differ between the runs, as the same params under other code are another experiment.
-PROVENANCE_TAGS = ("train_code",)
+# Tags naming what trained a run besides its params: a column where they differ between the runs, as the same params
+# under other code are another experiment (`train_code`: the digest of the training code, shortened), and so are they
+# on another backend, precision, XLA choice or number of replicas (what `train.precision: auto` and
+# `train.jit_compile: auto` resolved to on the run's machine: a GPU's bfloat16 run and a CPU's float32 run of the same
+# params showed as two rows with no column telling them apart).
+PROVENANCE_TAGS = ("train_code", "backend", "dtype_policy", "jit_compile", "replicas")
+DIGEST_TAGS = ("train_code",)  # shortened to 12 hex digits in the table
 # Columns where lower is better (so sorted lowest first), besides any `*_loss`; the others sort highest first.
 LOWER_IS_BETTER = ("wall_s", "loss")
 DECIMALS = {"wall_s": 1, "images_per_s": 0}  # in runs.md and on the console (runs.csv keeps every digit)
@@ -132,7 +137,8 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
         rows.append({
             "run": run.get("tags.mlflow.runName"), "run_id": run["run_id"],
             **{c.removeprefix("params."): run[c] for c in varying},
-            **{t: run[f"tags.{t}"][:12] if isinstance(run[f"tags.{t}"], str) else None for t in provenance},
+            **{t: (tag[:12] if t in DIGEST_TAGS else tag) if isinstance(tag := run[f"tags.{t}"], str) else None
+               for t in provenance},
             "epochs": len(history),
             "val_acc": history.iloc[-1] if len(history) else math.nan,
             "best_val_acc": history.max() if len(history) else math.nan,

@@ -23,7 +23,7 @@ import shlex
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -67,6 +67,9 @@ class DataConfig:
     synthetic_test: int
     seed: int
 
+    def __post_init__(self):
+        object.__setattr__(self, "source", normal_source(self.source))
+
     def validate(self) -> None:
         _check(bool(self.source.strip()), "data.source", "must not be empty", self.source)
         for name in ("max_train", "max_test"):
@@ -74,6 +77,20 @@ class DataConfig:
         for name in ("synthetic_train", "synthetic_test"):
             _check(getattr(self, name) >= 10, f"data.{name}", "must be >= 10", getattr(self, name))
         _check_seed("data.seed", self.seed)
+
+
+BUILT_IN_SOURCES = ("cifar10", "synthetic")
+
+
+def normal_source(source: str) -> str:
+    """`data.source` spelled one way for one path: without `./`, doubled or trailing slashes (`-P data=images/`, as a
+    shell completes a folder, and `images` were two params, so a second prepare and a compare column for identical
+    runs). `..` stays (through a link it leads elsewhere), and so does a path's absolute or relative form; a folder
+    named like a built-in source keeps a leading `./` (`./cifar10/` -> `./cifar10`)."""
+    if not source.strip() or source in BUILT_IN_SOURCES:
+        return source
+    normal = str(PurePath(source))
+    return f"./{normal}" if normal in BUILT_IN_SOURCES else normal
 
 
 def _check_seed(key: str, seed: int) -> None:
@@ -681,6 +698,7 @@ def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | 
             # the overrides' value read by the key's type: loading them alone would check them against the rest of
             # the params (`train.epochs=3` refused by the default's lr_boundaries, not said to disagree with -P epochs)
             theirs = _coerce(keys[name], layered[section][key], type(getattr(getattr(cfg, section), key)))
+            theirs = normal_source(theirs) if keys[name] == "data.source" else theirs  # `d/` is `d`, as loaded
             if theirs != getattr(getattr(cfg, section), key):
                 raise ConfigError(f"{keys[name]}: -P {name}={given[name]} and overrides' {keys[name]}="
                                   f"{layered[section][key]} disagree; give one")

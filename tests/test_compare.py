@@ -410,6 +410,28 @@ def test_runs_trained_by_other_code_are_marked(monkeypatch):
     assert "train_code" not in compare.build_table(runs, histories)
 
 
+def test_runs_of_the_same_params_trained_in_another_precision_or_backend_are_marked(monkeypatch):
+    """`train.precision: auto` is bfloat16 on a GPU and float32 on a CPU: the two runs of one params file showed as rows
+    with no column between them differing, their val_accs apart for no reason the table gave. Whole values: a
+    12-character cut made `mixed_bfloat16` `mixed_bfloat`."""
+    import pandas as pd
+
+    from pipeline import compare
+
+    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: ({}, None))
+    runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"),
+                         "params.train.precision": ["auto"] * 3, "tags.model_uri": [None] * 3,
+                         "start_time": pd.NaT, "end_time": pd.NaT,
+                         "tags.train_code": ["1" * 64] * 3, "tags.backend": ["tensorflow", "jax", "tensorflow"],
+                         "tags.dtype_policy": ["mixed_bfloat16", "float32", "float32"],
+                         "tags.jit_compile": ["true"] * 3, "tags.replicas": ["1"] * 3})
+    histories = {r: pd.Series({1: 0.5}) for r in "abc"}
+    table = compare.build_table(runs, histories)
+    assert list(table.columns)[:4] == ["run", "run_id", "backend", "dtype_policy"]  # only those that differ
+    assert table["dtype_policy"].tolist() == ["mixed_bfloat16", "float32", "float32"]
+    assert table["backend"].tolist() == ["tensorflow", "jax", "tensorflow"]
+
+
 def test_the_parameters_mlflow_run_logs_on_a_train_run_are_no_columns(monkeypatch):
     """`mlflow run . -e train -P params=...` logs its entry point's parameters on the train run as given (`''` where
     left out): they showed as columns `params`, `data`, `overrides`, `resume` beside the dotted params they resolve
@@ -531,3 +553,27 @@ def test_the_val_acc_plot_of_many_runs_keeps_its_legend_in_the_picture_and_off_t
                           f"resnet164-e150-b128-lr0.00-{'x' * 12}… (02ababa, no val_acc)"]
     styles = {(line.get_color(), line.get_linestyle()) for line in fig.legends[0].get_lines()[:-1]}
     assert len(styles) == compare.LEGEND_RUNS  # no two named curves look alike
+
+
+def test_a_train_run_shows_the_dataset_it_trained_on_in_the_ui(store):
+    """Only the prepare run carried a dataset input: the UI's Dataset column and filter were empty for every training
+    run, so runs on other data looked alike there. A train run logs its prepare run's input (same digest), once."""
+    import mlflow
+
+    from pipeline import config, prepare
+    from pipeline.tracking import steps
+
+    cfg = config.load("params/tiny.yaml", ["tracking.experiment=e2e", "data.synthetic_train=40",
+                                           "data.synthetic_test=20"])
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("e2e").experiment_id) as run:
+        dataset_uri = prepare.run(cfg)
+    prepared = mlflow.get_run(run.info.run_id).inputs.dataset_inputs[0].dataset
+    with mlflow.start_run(experiment_id=run.info.experiment_id) as train:
+        for _ in range(2):  # a resumed run logs it again
+            steps.log_dataset_input(dataset_uri, "train")
+        steps.log_dataset_input("/nowhere/dataset.npz", "train")  # no prepare run: nothing
+    inputs = mlflow.get_run(train.info.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest, i.dataset.source) for i in inputs] == [
+        (prepared.name, prepared.digest, prepared.source)]
+    assert prepared.digest == mlflow.get_run(run.info.run_id).data.tags["dataset_sha256"][:32]
+    assert {(t.key, t.value) for t in inputs[0].tags} == {("mlflow.data.context", "train")}

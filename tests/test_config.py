@@ -474,3 +474,22 @@ def test_a_run_without_a_model_uri_tag_has_no_model():
 
     assert model_id(float("nan")) is None and model_id(None) is None  # search_runs' frame: NaN for a missing tag
     assert model_id("m-0123") is None and model_id("models:/m-0123") == "m-0123"
+
+
+def test_one_data_path_spelled_two_ways_is_one_param(tmp_path):
+    """`-P data=images/` (a shell completes a folder so) and `-P data=images`, or `./d.npz` and `d.npz`, named the same
+    file but gave two `data.source` params: prepare ran again (its key holds the params) and compare showed a
+    data.source column for identical runs. `..` stays (a link may lead elsewhere), as do the built-in names."""
+    def source(text: str) -> str:
+        cfg = config.load_from_cli(None, None, data=text)
+        assert cfg.flat("data")["data.source"] == cfg.data.source
+        return cfg.data.source
+
+    assert {source(s) for s in ("images", "images/", "./images", "./images//", "images/.")} == {"images"}
+    assert source(f"{tmp_path}//d.npz") == source(f"{tmp_path}/./d.npz") == f"{tmp_path}/d.npz"
+    assert source("../shared/d.npz") == "../shared/d.npz" and source("a/../d.npz") == "a/../d.npz"
+    assert (source("cifar10"), source("synthetic")) == ("cifar10", "synthetic")
+    # a folder named like a built-in source is still that folder, however it is spelled
+    assert source("./cifar10/") == source("cifar10/") == "./cifar10"
+    assert config.from_run_params({"data.source": "./images/"}).data.source == "images"
+    assert config.load_from_cli(None, "data.source=images/", data="./images").data.source == "images"  # they agree

@@ -71,6 +71,8 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store):
     prepare = steps["prepare"]
     digest = prepare.data.tags["dataset_sha256"]
     assert len(digest) == 64 and prepare.inputs.dataset_inputs[0].dataset.digest == digest[:32]
+    # the UI's Dataset column names the data a training run used too
+    assert [i.dataset.digest for i in train.inputs.dataset_inputs] == [digest[:32]]
 
     evaluation = steps["evaluate"]
     metrics = evaluation.data.metrics

@@ -1,8 +1,8 @@
 """What prepare, evaluate, compare and main record in MLflow and read back from it.
 
 - prepare: `log_prepared` (data params, cache key and digest tags, description, the MLflow dataset
-  input, counts); `check_artifact_uri` and `download_artifact` read a dataset URI back, `dataset_params`
-  the data params it was prepared with.
+  input, counts); `log_dataset_input` logs that input on a train run too; `check_artifact_uri` and
+  `download_artifact` read a dataset URI back, `dataset_params` the data params it was prepared with.
 - evaluate: `load_classifier` (the served pyfunc's Python model), `log_evaluation` (params, and the
   test metrics on the run and on the logged model, `logged_model_id`).
 - compare: `find_experiment_id`, `search_train_runs`, `log_comparison`.
@@ -18,12 +18,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow.data.code_dataset_source import CodeDatasetSource
-from mlflow.entities import LoggedModelStatus
+from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from pipeline import config, data
-from pipeline.tracking import TEST_DATA_TAG, fit_note, model_id, trained_dataset_uri
+from pipeline.tracking import TEST_DATA_TAG, fit_note, model_id, prepare_run_id, trained_dataset_uri
 
 # ---------------------------------------------------------------- prepare
 
@@ -53,6 +54,21 @@ def prepared_counts(dataset_uri: str) -> tuple[int | None, int | None]:
     """(test_images_in_train, test_images) as the prepare run of `runs:/<id>/...` logged them; None where unknown."""
     metrics = mlflow.MlflowClient().get_run(dataset_uri.removeprefix("runs:/").partition("/")[0]).data.metrics
     return tuple(int(metrics[k]) if k in metrics else None for k in ("test_images_in_train", "test_images"))
+
+
+def log_dataset_input(dataset_uri: str, context: str) -> None:
+    """Log on the active run, with `context`, the dataset input of the prepare run `runs:/<id>/...` names: the same
+    name, digest and source, so the MLflow UI's Dataset column and filter show which data each training run used (a
+    train run had none: the data was named only in its description). Nothing for a dataset file no prepare run
+    logged, or a prepare run gone."""
+    prepare_id = prepare_run_id(dataset_uri)
+    client = mlflow.MlflowClient()
+    try:
+        inputs = client.get_run(prepare_id).inputs.dataset_inputs if prepare_id else []
+    except MlflowException:
+        return  # the prepare run was deleted for good (`mlflow gc`)
+    client.log_inputs(mlflow.active_run().info.run_id, [
+        DatasetInput(found.dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]) for found in inputs[:1]])
 
 
 def _source(cfg: config.Config):

@@ -1,6 +1,7 @@
 """The Keras side of the tracking layer: what a train run records, from its params to its model.
 
-`start_training` claims the active run for this process and logs its params, tags and `config.json`;
+`start_training` claims the active run for this process and logs its params, tags, `config.json` and the dataset
+input of the prepare run it trains on;
 `MlflowEpochLogger` logs EPOCH_METRICS at step = epoch (1-based) into the active run; `logged_epochs`
 and `logged_history` read them back (the epochs a resumed run already logged; the history as a
 table); `log_model` logs the pyfunc that serves a trained model (see pipeline.serve) and
@@ -24,7 +25,7 @@ from mlflow.entities import LoggedModelStatus
 
 from pipeline import config, serve
 from pipeline.fitting import Checkpoint, EpochTimer, current_lr
-from pipeline.tracking import PIPELINE_DIR, active_run_id, describe_train_run
+from pipeline.tracking import PIPELINE_DIR, active_run_id, describe_train_run, steps
 from pipeline.tracking.resume import checkpoint_dir, claim, code_change, log_train_params, train_code, train_key
 
 EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "iterations", "epoch_seconds", "images_per_second")
@@ -32,12 +33,14 @@ EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "iterations", "epoc
 
 def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str]) -> str:
     """Claim the active train run for this process (see `resume.claim`; ConfigError if another process
-    trains it now), log every param (`resume.log_train_params`), `tags` and tags `train_key` and `train_code`, and the
-    resolved config as `config.json`. Returns the run's id."""
+    trains it now), log every param (`resume.log_train_params`), the dataset input of `dataset_uri`'s prepare run
+    (`steps.log_dataset_input`, context `train`), `tags` and tags `train_key` and `train_code`, and the resolved config
+    as `config.json`. Returns the run's id."""
     run_id = active_run_id()
     if not claim(run_id):
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     log_train_params(cfg, dataset_uri)
+    steps.log_dataset_input(dataset_uri, "train")  # the UI's Dataset column: which data it trained on
     changed = code_change(run_id)
     if changed:  # resumed by id across a code change: the run says so, as `train_code` now names the new code only
         across = mlflow.MlflowClient().get_run(run_id).data.tags.get("resumed_across_code")
