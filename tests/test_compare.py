@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import subprocess
 import sys
 import urllib.parse
 import urllib.request
 
+import mlflow
 import pytest
 
 from bench.servers import free_port, server_run_command, start_tracking_server, stop_group
@@ -74,7 +74,7 @@ def mlflow_run(url: str, experiment_name: str, entry: str, **params: str) -> sub
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_two_trainings_show_in_the_ui_and_compare(server):
+def test_two_trainings_show_in_the_ui_and_compare(server, in_process):
     experiment_id = create_experiment(server, "e2e")
     for lr in ("0.02", "0.1"):
         done = mlflow_run(server, "e2e", "main", params=TINY, epochs="2", overrides=f"train.lr={lr}")
@@ -127,14 +127,17 @@ def test_two_trainings_show_in_the_ui_and_compare(server):
     assert artifact_bytes(server, compare_id, "val_acc.png").startswith(b"\x89PNG")
     assert set(tags_of(comparison[0])["compared_runs"].split(",")) == {r["info"]["run_id"] for r in trains}
 
-    # Top 1 by test_acc, and a bad experiment name: one error line, exit status 2, no run.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server}
-    top = subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", "e2e", "--top", "1",
-                          "--metric", "test_acc"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # Top 1 by test_acc, and a bad experiment name: one error line, exit status 2, no run. `python -m
+    # pipeline.compare` in this process (its process is what `mlflow run . -e compare` above ran).
+    mlflow.set_tracking_uri(server)
+    try:
+        top = in_process("compare", "--experiment", "e2e", "--top", "1", "--metric", "test_acc",
+                         env={"MLFLOW_TRACKING_URI": server})
+        bad = in_process("compare", "--experiment", "no-such")
+    finally:
+        mlflow.set_tracking_uri(None)
     assert top.returncode == 0, top.stderr[-2000:]
     assert f"{max(accs.values()):.4f}" in top.stdout and top.stdout.count("| resnet11-") == 1
-    bad = subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", "no-such"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: experiment: no experiment named " \
                                                                           "'no-such'"
 

@@ -48,8 +48,9 @@ def test_mixed_precision_and_xla_reach_the_same_place_as_float32(store):
     assert abs(curves["float32"][-1] - curves["fast"][-1]) < 0.15, curves
 
 
-def run_distributed(env: dict, backend: str, mode: str, overrides: str = "") -> subprocess.CompletedProcess:
-    """Train in a fresh process with 2 virtual CPU devices (TF logical devices / XLA host devices)."""
+def run_distributed(env: dict, backend: str, mode: str, *overrides: str) -> subprocess.CompletedProcess:
+    """Train in a fresh process with 2 virtual CPU devices (TF logical devices / XLA host devices): one `train`
+    command per OVERRIDES (one with none if none are given), one after the other in that process."""
     env = {**env, "KERAS_BACKEND": backend, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     script = textwrap.dedent(f"""
         import sys
@@ -59,20 +60,24 @@ def run_distributed(env: dict, backend: str, mode: str, overrides: str = "") -> 
             tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from pipeline import train
         from pipeline.tracking import cli
-        sys.argv = ["train", "--params", "params/tiny.yaml", "--epochs", "2",
-                    "--overrides", "train.distribute={mode} tracking.experiment=e2e {overrides}"]
-        cli(train.main)
+        for overrides in {list(overrides) or [""]!r}:
+            sys.argv = ["train", "--params", "params/tiny.yaml", "--epochs", "2",
+                        "--overrides", "train.distribute={mode} tracking.experiment=e2e " + overrides]
+            cli(train.main)
     """)
     return subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
 
 
-@pytest.mark.parametrize("overrides", ["", "train.ema=true train.ema_momentum=0.9 train.ema_bn_batches=4"],
-                         ids=["plain", "ema-bn-statistics"])  # the second recomputes BN statistics under the strategy
-def test_data_parallel_over_two_tensorflow_devices(store, overrides):
-    result = run_distributed(store, "tensorflow", "mirrored", overrides)
+def test_data_parallel_over_two_tensorflow_devices(store):
+    """Plain, then with weight EMA, which recomputes the BN statistics under the strategy (train.ema_bn_batches):
+    two trainings in one process, which sets up its two devices once (a TensorFlow start-up saved)."""
+    result = run_distributed(store, "tensorflow", "mirrored", "",
+                             "train.ema=true train.ema_momentum=0.9 train.ema_bn_batches=4")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_two_device_run(MlflowClient(), "tensorflow")
+    runs = assert_two_device_runs(MlflowClient(), "tensorflow", 2)
+    assert sorted((run.data.params["train.ema"], run.data.params["train.ema_bn_batches"]) for run in runs) == [
+        ("false", "50"), ("true", "4")]
 
 
 def test_an_epoch_ending_in_fewer_images_than_replicas_is_refused_before_training(store):
@@ -93,13 +98,21 @@ def test_an_epoch_ending_in_fewer_images_than_replicas_is_refused_before_trainin
 
 def assert_two_device_run(client: MlflowClient, backend: str):
     """The one train run of the store's `e2e` experiment trained 2 epochs on both devices, and learned: that run."""
-    run = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")[0]
-    assert run.info.status == "FINISHED"
-    assert len(run.data.tags["devices"].split(", ")) == 2 and run.data.tags["replicas"] == "2", run.data.tags
-    assert run.data.tags["backend"] == backend
-    assert len(val_acc_curve(run.info.run_id)) == 2
-    assert run.data.metrics["acc"] > 0.5
+    (run,) = assert_two_device_runs(client, backend, 1)
     return run
+
+
+def assert_two_device_runs(client: MlflowClient, backend: str, count: int) -> list:
+    """The store's `e2e` experiment holds `count` train runs, each trained 2 epochs on both devices and learned."""
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
+    assert len(runs) == count, [run.info.run_id for run in runs]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert len(run.data.tags["devices"].split(", ")) == 2 and run.data.tags["replicas"] == "2", run.data.tags
+        assert run.data.tags["backend"] == backend
+        assert len(val_acc_curve(run.info.run_id)) == 2
+        assert run.data.metrics["acc"] > 0.5
+    return runs
 
 
 def start_two_hosts(env: dict, *args: str, ports: list[int] | None = None, worker_args: tuple[str, ...] = (),

@@ -9,10 +9,12 @@ tiny uses): tiny's `false`, right for TensorFlow, would run JAX op by op, compil
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import jax  # requirements-dev.txt installs it: without JAX this module fails, it does not skip
 import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import mlflow_run
@@ -136,19 +138,12 @@ print("second", *fitting.compile_cache_loaded())
 """
 
 
-def test_each_training_counts_only_the_programs_it_loaded_from_jaxs_cache():
+def test_each_training_counts_only_the_programs_it_loaded_from_jaxs_cache(jax_scripts):
     """A sweep worker trains its trials one after another in one process: each train run's compile_cache_programs
     and compile_seconds_saved are its own training's loads, not those of the trials before it (nor of their served
     copies' programs, loaded after their counts were logged)."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    result = subprocess.run([sys.executable, "-c", COUNTS_PER_TRAINING], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "first 1 2.5" in result.stdout and "second 0 0.0" in result.stdout, result.stdout
+    out = jax_scripts["COUNTS_PER_TRAINING"]
+    assert "Traceback" not in out and "first 1 2.5" in out and "second 0 0.0" in out, out[-3000:]
 
 
 SERVED_SIZES = """
@@ -170,19 +165,38 @@ print("sizes", sorted(set(sizes)))
 """
 
 
-def test_a_model_served_on_jax_compiles_for_a_few_batch_sizes_not_for_every_request_size():
+def test_a_model_served_on_jax_compiles_for_a_few_batch_sizes_not_for_every_request_size(jax_scripts):
     """JAX compiles the served model once per batch size: a server answering requests of 1, 2, 3, ... images compiled
     it again for each new size, in that request's time. Padded to powers of two, requests of 1-9 images run it at
     4 sizes, and each image's probabilities are those it has alone."""
+    out = jax_scripts["SERVED_SIZES"]
+    assert "Traceback" not in out and "sizes [1, 2, 4, 8, 16]" in out, out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def jax_scripts() -> dict[str, str]:
+    """COUNTS_PER_TRAINING and SERVED_SIZES, each in a namespace of its own, in one fresh process on the JAX backend
+    (one JAX and Keras start-up for both, ~6 CPU-s): what each printed, with its traceback if it failed."""
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    result = subprocess.run([sys.executable, "-c", SERVED_SIZES], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "sizes [1, 2, 4, 8, 16]" in result.stdout, result.stdout
+    runner = textwrap.dedent(f"""
+        import traceback
+        for name, code in {{"COUNTS_PER_TRAINING": {COUNTS_PER_TRAINING!r}, "SERVED_SIZES": {SERVED_SIZES!r}}}.items():
+            print(f"=== {{name}}", flush=True)
+            try:
+                exec(compile(code, name, "exec"), {{"__name__": "__main__"}})
+            except BaseException:
+                traceback.print_exc(file=sys.stdout)
+            sys.stdout.flush()
+    """)
+    result = subprocess.run([sys.executable, "-c", "import sys\n" + runner], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=300)
+    parts = dict(part.split("\n", 1) for part in result.stdout.split("=== ")[1:])
+    return {name: parts.get(name, "") + f"\n(exit {result.returncode}) {result.stderr[-2000:]}"
+            for name in ("COUNTS_PER_TRAINING", "SERVED_SIZES")}
 
 
 def test_without_a_home_folder_the_jax_cache_stays_off_instead_of_a_folder_named_tilde(tmp_path):

@@ -178,7 +178,7 @@ def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path
     assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 2
 
 
-def test_a_killed_run_resumes_after_an_identical_prepare_run_on_its_own(store, tmp_path):
+def test_a_killed_run_resumes_after_an_identical_prepare_run_on_its_own(store, tmp_path, in_process):
     """A rerun found the newest identical prepare run: one run on its own after the kill (`-e prepare`) gave the rerun
     another dataset URI, so another `train_key`, and it trained afresh, the killed run left RUNNING. Every command
     now reuses the first, whose dataset the killed run trained on."""
@@ -187,9 +187,7 @@ def test_a_killed_run_resumes_after_an_identical_prepare_run_on_its_own(store, t
     wait_for_checkpoint(tmp_path / "checkpoints", killed)
     kill_tree(killed.pid)
     killed.wait(timeout=30)
-    prepared = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", TINY, "--overrides", longer],
-                              env=store, cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+    prepared = in_process("prepare", "--params", TINY, "--overrides", longer)  # `python -m pipeline.prepare`
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -1225,12 +1223,16 @@ def test_the_ready_line_and_the_runs_console_link_never_print_the_stores_passwor
                             "mlflow`, then http://127.0.0.1:5000/#/experiments/7/runs/r1")
 
 
+UNINTERRUPTED: dict[bool, list[float]] = {}  # train.ema -> the losses of the uninterrupted fit, computed once
+
+
 @pytest.mark.parametrize(("every", "stop", "ema"), [(1, 2, False), (2, 3, False), (2, 3, True)])
 def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_path, every, stop, ema):
     """The shifts, flips and cutout draw from SeedGenerators whose state `save_weights` leaves out: the checkpoint
     holds it, so the epochs after a resume have the losses of the uninterrupted run (they differed from the first
     epoch after it; without augmentation they matched). With weight EMA the last epoch, saved when training ends,
-    holds the trained weights, not the averages `fit` ends with (a resume from those lost 0.845 -> 1.050)."""
+    holds the trained weights, not the averages `fit` ends with (a resume from those lost 0.845 -> 1.050).
+    The uninterrupted fit, checkpointed every epoch, is the same for every `every` and `stop`: one per `ema`."""
     import numpy as np
 
     from pipeline import data, fitting
@@ -1243,14 +1245,16 @@ def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_pa
 
     models = []
 
-    def fit(folder, *callbacks):
+    def fit(folder, *callbacks, every=every):
         models.append(fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0])))
         return fitting.fit(models[-1], cfg, splits, 10,
                            [Checkpoint(folder, every, keep=True), *callbacks]).history["loss"]
 
     stop_after = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: setattr(stop_after.model, "stop_training", epoch + 1 == stop))
-    uninterrupted = fit(tmp_path / "a")
+    if ema not in UNINTERRUPTED:
+        UNINTERRUPTED[ema] = fit(tmp_path / "a", every=1)
+    uninterrupted = UNINTERRUPTED[ema]
     fit(tmp_path / "b", stop_after)  # as a kill after epoch `stop` would leave it, the last epoch saved (keep)
     if ema:  # the model fit leaves (validated, served) still holds the averages
         assert all(np.array_equal(v.numpy(), a.numpy()) for v, a in zip(

@@ -112,7 +112,7 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store):
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == str(best.version)
 
 
-def test_each_entry_point_runs_on_its_own(store):
+def test_each_entry_point_runs_on_its_own(store, in_process):
     prepared = mlflow_run(store, "prepare", params=TINY, overrides="data.synthetic_test=128")
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     client = MlflowClient()
@@ -131,8 +131,10 @@ def test_each_entry_point_runs_on_its_own(store):
     assert "note: the data params are the dataset's" in trained.stderr and "(params: 256)" in trained.stderr
     model_uri = train_run.data.tags["model_uri"]
 
-    refused = mlflow_run(store, "register", params=TINY, model_uri=model_uri)
-    assert refused.returncode != 0 and "run evaluate on it first" in refused.stderr
+    # `python -m pipeline.register` in this process: `-e register` runs through `mlflow run` below
+    refused = in_process("register", "--params", TINY, "--model-uri", model_uri,
+                         "--overrides", "tracking.experiment=e2e")
+    assert refused.returncode == 2 and "run evaluate on it first" in refused.stderr, refused.stderr[-3000:]
     assert client.search_registered_models() == []
 
     evaluated = mlflow_run(store, "evaluate", params=TINY, model_uri=model_uri, dataset_uri=dataset_uri,
