@@ -9,7 +9,9 @@ Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.
         `val_data` where the runs' validation images differ or one validated on the test split,
         `val_images_in_train` where a val_acc counts images its run trained on,
         `test_acc` on the dataset it trained on, `test_data` where the runs' test splits differ,
-        `test_images_in_train` where a test_acc counts images its model trained on, wall time, images/s),
+        `test_images_in_train` where a test_acc counts images its model trained on, `wall_s` (the seconds train
+        spent on the run over all its sessions: metric `wall_seconds`; `wall_s_from` marks an older run's that is
+        its end time less its start time), images/s),
         `val_acc.png` (val_acc per epoch, one curve per run, the best LEGEND_RUNS named) and
         `compared_runs.txt` (the run ids, one a line; also tag `compared_runs` where they fit a tag); the Markdown
         table is also the run's description (the rows that fit MLflow's 8,000-character tag, then how many more
@@ -119,12 +121,30 @@ def val_data(run: pd.Series, test_data: str | None) -> str | None:
     return ON_TEST + digest if on_test else digest
 
 
+# wall_s_from of a run logged before metric `wall_seconds`: its wall_s is its end time less its start time.
+SPAN = "end - start"
+
+
+def wall_seconds(run: pd.Series) -> tuple[float, bool]:
+    """A training run's wall_s and whether it is its calendar span: the seconds train spent on it, summed over its
+    sessions (metric `wall_seconds`, `pipeline.tracking.training.SessionClock`: no time between an interruption and
+    its resume counts), else, for a run logged before that metric, its end time less its start time (True), which a
+    resumed run's first start stretches over every gap. NaN for a run not ended (still training, or left RUNNING by
+    a kill)."""
+    if pd.isna(run.get("end_time")):
+        return math.nan, False
+    logged = run.get("metrics.wall_seconds", math.nan)
+    if pd.notna(logged):
+        return float(logged), False
+    return (run["end_time"] - run["start_time"]).total_seconds(), True
+
+
 def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataFrame:
     """One row per run: name, run id, the differing params (without the `params.` prefix) and PROVENANCE_TAGS,
     RESULT_COLUMNS (with `val_data` after best_val_acc where the validation images differ or a run validated on
     the test split, `val_images_in_train` after those where a val_acc counts images its run trained on,
     `test_data` after test_acc where the test splits differ, `test_images_in_train` where a test_acc counts images
-    its model was trained on)."""
+    its model was trained on, `wall_s_from` after wall_s where a run's wall_s is its end - start: `wall_seconds`)."""
     rows = []
     varying = differing_params(runs)
     provenance = [t for t in PROVENANCE_TAGS if f"tags.{t}" in runs and runs[f"tags.{t}"].dropna().nunique() > 1]
@@ -133,7 +153,7 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
         # on the data it trained on: a later evaluation on other test images (a data.max_test subset, another
         # copy) scores what the other rows' do not, and ranked first a model worse on the whole split
         metrics, test_data = model_score(run.get("tags.model_uri"), trained_on(run))
-        wall = (run["end_time"] - run["start_time"]).total_seconds() if pd.notna(run.get("end_time")) else math.nan
+        wall, span = wall_seconds(run)
         rows.append({
             "run": run.get("tags.mlflow.runName"), "run_id": run["run_id"],
             **{c.removeprefix("params."): run[c] for c in varying},
@@ -146,12 +166,16 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             "val_images_in_train": run.get("metrics.val_images_in_train", math.nan),  # NaN: a run from before it
             "test_acc": metrics.get("test_acc", math.nan),
             "wall_s": wall,
+            "wall_s_from": span,
             # The last epoch's throughput: the first one also pays for tracing and compilation.
             "images_per_s": run.get("metrics.images_per_second", math.nan),
             "test_data": test_data,
             "test_images_in_train": metrics.get("test_images_in_train", math.nan),
         })
     table = pd.DataFrame(rows)
+    spans = table.pop("wall_s_from")
+    if spans.any():  # an older run's wall_s is its calendar span: marked beside it
+        table.insert(table.columns.get_loc("wall_s") + 1, "wall_s_from", spans.map({True: SPAN, False: ""}))
     sets = table["val_data"].dropna()
     if sets.nunique() > 1 or sets.str.startswith(ON_TEST).any():  # val_accs of other images, or test scores
         table.insert(table.columns.get_loc("best_val_acc") + 1, "val_data", table.pop("val_data"))
@@ -188,6 +212,18 @@ def test_data_note(table: pd.DataFrame) -> str:
                  "(column test_images_in_train: the same pixels): it overstates, and register moves no alias on "
                  "it.\n\n")
     return note
+
+
+def wall_note(table: pd.DataFrame) -> str:
+    """A line before the table where some rows' wall_s is their calendar span (runs logged before metric
+    `wall_seconds`), else ''."""
+    spans = int((table["wall_s_from"] == SPAN).sum()) if "wall_s_from" in table else 0
+    if not spans:
+        return ""
+    return (f"The wall_s of {spans} run{'s' * (spans > 1)} (column wall_s_from: `{SPAN}`), logged before train "
+            "recorded the seconds it spent, is its end time less its start time: for a run interrupted and resumed "
+            "or extended later, that counts the time between its sessions too, and it compares with no other "
+            "row's.\n\n")
 
 
 def val_data_note(table: pd.DataFrame) -> str:
@@ -294,7 +330,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
         runs = runs.sort_values("start_time", kind="stable")
     histories = {run_id: val_acc_history(run_id) for run_id in runs["run_id"]}
     table = top_runs(build_table(runs, histories), metric, top)
-    markdown = val_data_note(table) + test_data_note(table) + markdown_table(table, DECIMALS)
+    markdown = val_data_note(table) + test_data_note(table) + wall_note(table) + markdown_table(table, DECIMALS)
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
     with open_run("compare", experiment=experiment, run_name=name) as comparison:

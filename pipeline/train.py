@@ -3,6 +3,8 @@
 Reads:  a prepared dataset URI (from prepare; prepared on the spot, or reused, if not given).
 Writes: params (every resolved value, once); per-epoch metrics `loss`, `acc`, `val_loss`,
         `val_acc`, `lr`, `iterations`, `epoch_seconds`, `images_per_second` with step = epoch (1-based);
+        metric `wall_seconds` (the seconds train spent on the run, summed over its sessions: a resumed or extended
+        run's counts no time between them), logged at each epoch's end and the session's;
         tags such as `devices` (this host's), `replicas` (over every host) and `val_data_sha256` (the images
         val_acc is measured on: the test split's with train.validation_fraction 0); metric `val_images_in_train`
         (how many of those have the same pixels as an image the model trains on; a warning where any do:
@@ -21,6 +23,7 @@ What a train run records (params, tags, per-epoch metrics, the model) is written
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -31,6 +34,7 @@ import keras
 import matplotlib
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from pipeline import config, fitting, prepare
 from pipeline.data import Dataset, arrays_digest, test_images_in_train
@@ -64,6 +68,7 @@ from pipeline.tracking import (
 from pipeline.tracking.resume import (
     TRAIN_CODE,
     checkpoint_dir,
+    claimed,
     log_train_params,
     recorded_training,
     release,
@@ -71,6 +76,7 @@ from pipeline.tracking.resume import (
 )
 from pipeline.tracking.training import (
     MlflowEpochLogger,
+    SessionClock,
     log_trained_model,
     logged_epochs,
     logged_history,
@@ -105,7 +111,27 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
         extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> str:
     """Train inside the active run; return the logged model's URI. dist: see `distribute.distribution`
     (made from `train.distribute` if None); in a cluster this is the chief's part. `extra_callbacks`
-    run after the per-epoch logging and checkpoint (a sweep's pruning callback)."""
+    run after the per-epoch logging and checkpoint (a sweep's pruning callback).
+
+    The seconds this session spends, from here to its end (or to each epoch's end), are added to those of the run's
+    earlier sessions in metric `wall_seconds` (`SessionClock`): compare's wall_s. A session that fails, is stopped
+    (Ctrl-C, SIGTERM) or pruned logs its total too, once it has claimed the run and unless the tracking store is what
+    failed."""
+    clock = SessionClock(active_run_id())
+    try:
+        return train_session(cfg, dataset_uri, dist, extra_callbacks, clock)
+    except BaseException as exc:
+        # Only a run this process trains (not one refused as another live process's) and only where the store still
+        # answers: its time counts
+        if claimed(clock.run_id) and not isinstance(exc, (MlflowException, OSError)):
+            with contextlib.suppress(Exception):
+                clock.log()
+        raise
+
+
+def train_session(cfg: config.Config, dataset_uri: str, dist: Distribution | None,
+                  extra_callbacks: Sequence[keras.callbacks.Callback], clock: SessionClock) -> str:
+    """`run`'s training, timed by `clock`: logs its total once the model is logged."""
     t = cfg.train
     recorded = recorded_fast_path(active_run_id())  # a resumed run's: before anything is logged, the backend's refusal
     dist = dist or distribution(t.distribute)  # first: a multi-worker strategy must precede every TF op
@@ -145,7 +171,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     history = fit(model, cfg, splits, len(dataset.class_names),
                   [MlflowEpochLogger(images_per_epoch(t, train_images), logged),
                    Checkpoint(checkpoint_dir(run_id), t.checkpoint_every, keep=not dist.cluster),
-                   *extra_callbacks])
+                   clock, *extra_callbacks])
     reason = diverged(history)
     if reason:
         shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)  # resuming a diverged run would diverge again
@@ -162,6 +188,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     model_uri = log_trained_model(run_id, served, list(dataset.class_names), dataset.x_test[:2],
                                   cfg.evaluate.tta, cfg.train.shift_fill)
     shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)
+    clock.log()  # the session's end: before the claim goes, as nothing may be logged once another command resumes
     # Held until the model is logged: else a second identical command could resume this run. A run that fails
     # (SIGTERM too) keeps it until it has ended (`tracking.open_run`): released first, an identical command started
     # meanwhile resumed it, then it was ended KILLED under that command

@@ -580,3 +580,91 @@ def test_a_train_run_shows_the_dataset_it_trained_on_in_the_ui(store):
         (prepared.name, prepared.digest, prepared.source)]
     assert prepared.digest == mlflow.get_run(run.info.run_id).data.tags["dataset_sha256"][:32]
     assert {(t.key, t.value) for t in inputs[0].tags} == {("mlflow.data.context", "train")}
+
+
+def test_a_resumed_runs_wall_s_is_the_time_it_trained_not_the_gap_between_its_sessions(store, in_process, monkeypatch,
+                                                                                        tmp_path):
+    """A run stopped after an epoch and resumed later keeps its first start time: its wall_s (end - start) counted
+    the hours between its sessions, and `--metric wall_s` ranked it as the slowest of runs that trained as long.
+    wall_s is the seconds train spent on it, summed over its sessions (metric wall_seconds), rebuild included; a run
+    logged before that metric shows its end - start, marked."""
+    import signal
+    import sqlite3
+
+    import keras
+    from mlflow import MlflowClient
+
+    from pipeline import compare, tracking, train
+
+    trained = train.fit
+
+    def stopped_after_an_epoch(model, cfg, splits, num_classes, callbacks):
+        class Stop(keras.callbacks.Callback):  # after the epoch's checkpoint: SIGTERM, as a kill of the session
+            def on_epoch_end(self, epoch, logs=None):
+                raise tracking.Interrupted(signal.SIGTERM)
+        return trained(model, cfg, splits, num_classes, [*callbacks, Stop()])
+
+    args = ("train", "--params", "params/tiny.yaml", "--epochs", "2",
+            "--overrides", "tracking.experiment=e2e data.synthetic_train=256 data.synthetic_test=64")
+    monkeypatch.setattr(train, "fit", stopped_after_an_epoch)
+    assert in_process(*args).returncode == 128 + signal.SIGTERM
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    (stopped,) = client.search_runs([experiment], "tags.step = 'train'")
+    run_id = stopped.info.run_id
+    first_session = stopped.data.metrics.get("wall_seconds", 0.0)  # logged as the stopped session ended
+    # resumed an hour later: the same as its first session starting an hour earlier
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("UPDATE runs SET start_time = start_time - 3600000 WHERE run_uuid = ?", (run_id,))
+    monkeypatch.setattr(train, "fit", trained)
+    resumed = in_process(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming train run {run_id}" in resumed.stdout
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and (run.info.end_time - run.info.start_time) / 1000 > 3600
+    epoch_seconds = {m.step: m.value for m in client.get_metric_history(run_id, "epoch_seconds")}
+    # an older run, logged before wall_seconds: 50 s from start to end
+    older = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.log_metric(older, "val_acc", 0.5, step=1)
+    client.set_terminated(older, end_time=51_000)
+
+    result = compare.run("e2e", metric="wall_s")
+    table = result["table"].set_index("run_id")
+    wall = table.loc[run_id, "wall_s"]
+    # both sessions (the second's rebuild and epoch 2 after the first's epoch 1), not the hour between them
+    assert first_session + epoch_seconds[2] < wall < 50
+    assert first_session > 0 and wall == run.data.metrics["wall_seconds"]
+    assert table.loc[run_id, "wall_s_from"] == "" and table.loc[older, "wall_s_from"] == "end - start"
+    assert table.loc[older, "wall_s"] == 50
+    assert result["table"]["run_id"].tolist() == [run_id, older]  # by wall_s: ranked by the hour, it came last
+    assert "The wall_s of 1 run (column wall_s_from: `end - start`)" in result["markdown"]
+
+
+@pytest.mark.parametrize("claimed", [True, False], ids=["its-own", "another-process-trains-it"])
+def test_a_session_that_fails_adds_its_seconds_only_to_a_run_it_trains(store, monkeypatch, claimed):
+    """A stopped or failed session counts in its run's wall_seconds; one refused because another live process trains
+    the run (claim refused) must log nothing there: a point of its own would step past that process's total."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline import config, train
+    from pipeline.tracking import resume
+
+    def refused(cfg, dataset_uri, dist, extra_callbacks, clock):
+        if claimed:
+            assert resume.claim(clock.run_id)
+        raise config.ConfigError("resume: run is being trained by another process right now")
+
+    monkeypatch.setattr(train, "train_session", refused)
+    experiment = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    with mlflow.start_run(experiment_id=experiment) as run:
+        MlflowClient().log_metric(run.info.run_id, "wall_seconds", 100.0, step=0)  # an earlier session's
+        with pytest.raises(config.ConfigError):
+            train.run(config.load("params/tiny.yaml"), "")
+        resume.release(run.info.run_id)
+    history = MlflowClient().get_metric_history(run.info.run_id, "wall_seconds")
+    if claimed:
+        assert [m.step for m in history] == [0, 1] and 100 < history[-1].value < 110
+    else:
+        assert [(m.step, m.value) for m in history] == [(0, 100.0)]

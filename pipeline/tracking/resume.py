@@ -624,6 +624,11 @@ def _end_killed(client: MlflowClient, runs: list[mlflow.entities.Run], tag: str)
         client.set_terminated(run.info.run_id, "KILLED")
 
 
+def claimed(run_id: str) -> bool:
+    """Whether this process holds run `run_id`'s claim (`claim`): it, and no other live process, trains that run."""
+    return run_id in _claimed
+
+
 def _held(run_id: str) -> bool:
     """Whether a live process, this one too, holds run `run_id`'s claim (the lock file is only looked at: no folder
     is made for a run that has none). A lock file removed meanwhile is its live process's, ending the run; one this

@@ -2,7 +2,8 @@
 
 `start_training` claims the active run for this process and logs its params, tags, `config.json` and the dataset
 input of the prepare run it trains on;
-`MlflowEpochLogger` logs EPOCH_METRICS at step = epoch (1-based) into the active run; `logged_epochs`
+`MlflowEpochLogger` logs EPOCH_METRICS at step = epoch (1-based) into the active run; `SessionClock` logs
+WALL_METRIC, the seconds the train step has spent on the run over all its sessions; `logged_epochs`
 and `logged_history` read them back (the epochs a resumed run already logged; the history as a
 table); `log_model` logs the pyfunc that serves a trained model (see pipeline.serve) and
 `log_trained_model` does so for the train step, tagging the run with the model's URI and describing it.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -29,6 +31,10 @@ from pipeline.tracking import PIPELINE_DIR, active_run_id, describe_train_run, s
 from pipeline.tracking.resume import checkpoint_dir, claim, code_change, log_train_params, train_code, train_key
 
 EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "iterations", "epoch_seconds", "images_per_second")
+# The seconds the train step has spent on a run, summed over its sessions (the first, and each resume or extension):
+# what compare shows as wall_s. A resumed run keeps its first start time, so its end - start counts the hours or days
+# between its sessions.
+WALL_METRIC = "wall_seconds"
 
 
 def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str]) -> str:
@@ -50,6 +56,32 @@ def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str]) -
     mlflow.set_tags({**tags, "train_key": train_key(cfg, dataset_uri), "train_code": train_code()})
     mlflow.log_dict(dataclasses.asdict(cfg), "config.json")
     return run_id
+
+
+class SessionClock(keras.callbacks.Callback):
+    """Logs WALL_METRIC on run `run_id`: the seconds of the sessions before this one (its largest logged value)
+    plus this session's, from when this clock was made (before the data loads and the model is built and compiled,
+    so a resumed run counts its rebuild too) to each epoch's end (a session killed outright counts up to its last
+    epoch) and to `log`'s call (the session's end). Each point takes the next step, so the run's latest value is
+    its newest total."""
+
+    def __init__(self, run_id: str):
+        super().__init__()
+        self._start = time.monotonic()
+        self.run_id = run_id
+        before = mlflow.MlflowClient().get_metric_history(run_id, WALL_METRIC)
+        self.before = max((m.value for m in before), default=0.0)
+        self._step = max((m.step for m in before), default=-1) + 1
+
+    def log(self) -> float:
+        """Log the run's total so far; return it."""
+        total = self.before + time.monotonic() - self._start
+        mlflow.MlflowClient().log_metric(self.run_id, WALL_METRIC, total, step=self._step)
+        self._step += 1
+        return total
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.log()
 
 
 def logged_epochs(run_id: str) -> set[int]:
