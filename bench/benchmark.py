@@ -193,7 +193,8 @@ def write_markdown(results: dict, path: Path) -> None:
         f"The `fit` rows run the real feed with a trivial model body: the ceiling the input path puts on "
         f"training on this machine. 150 epochs in 15 min (6 s per 50,000-image epoch) need "
         f"{ip['needed_for_6s_epoch']:,} images/s.", "",
-        "The same `fit` path on the JAX backend (a child process), Keras's host feed vs `train.feed=device` "
+        "The same `fit` path on the JAX backend (a child process), the host feed (batches drawn on the host, each "
+        "epoch's order from the seed and the epoch) vs `train.feed=device` "
         "(images held on the device, batches gathered there; without an accelerator the device is host memory "
         "too):", "",
         pd.DataFrame([[feed, *(f"{r['input_pipeline_jax'][f'{feed}_steps_per_execution_{n}']:,}" for n in (1, 16))]
