@@ -23,7 +23,6 @@ What a train run records (params, tags, per-epoch metrics, the model) is written
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import sys
@@ -34,7 +33,6 @@ import keras
 import matplotlib
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 
 from pipeline import config, fitting, prepare
 from pipeline.data import Dataset, arrays_digest, test_images_in_train
@@ -68,7 +66,6 @@ from pipeline.tracking import (
 from pipeline.tracking.resume import (
     TRAIN_CODE,
     checkpoint_dir,
-    claimed,
     log_train_params,
     recorded_training,
     release,
@@ -121,11 +118,7 @@ def run(cfg: config.Config, dataset_uri: str, dist: Distribution | None = None,
     try:
         return train_session(cfg, dataset_uri, dist, extra_callbacks, clock)
     except BaseException as exc:
-        # Only a run this process trains (not one refused as another live process's) and only where the store still
-        # answers: its time counts
-        if claimed(clock.run_id) and not isinstance(exc, (MlflowException, OSError)):
-            with contextlib.suppress(Exception):
-                clock.log()
+        clock.log_after(exc)
         raise
 
 

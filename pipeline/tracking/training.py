@@ -12,6 +12,7 @@ Imports Keras, so `pipeline.tracking` itself stays light for the steps that do n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -24,11 +25,20 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.entities import LoggedModelStatus
+from mlflow.exceptions import MlflowException
 
 from pipeline import config, serve
 from pipeline.fitting import Checkpoint, EpochTimer, current_lr
 from pipeline.tracking import PIPELINE_DIR, active_run_id, describe_train_run, steps
-from pipeline.tracking.resume import checkpoint_dir, claim, code_change, log_train_params, train_code, train_key
+from pipeline.tracking.resume import (
+    checkpoint_dir,
+    claim,
+    claimed,
+    code_change,
+    log_train_params,
+    train_code,
+    train_key,
+)
 
 EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "iterations", "epoch_seconds", "images_per_second")
 # The seconds the train step has spent on a run, summed over its sessions (the first, and each resume or extension):
@@ -79,6 +89,13 @@ class SessionClock(keras.callbacks.Callback):
         mlflow.MlflowClient().log_metric(self.run_id, WALL_METRIC, total, step=self._step)
         self._step += 1
         return total
+
+    def log_after(self, exc: BaseException) -> None:
+        """At a session that ends in `exc` (failed, stopped, pruned): log its total, only on a run this process trains
+        (not one refused as another live process's: `resume.claimed`) and only where the store is not what failed."""
+        if claimed(self.run_id) and not isinstance(exc, (MlflowException, OSError)):
+            with contextlib.suppress(Exception):
+                self.log()
 
     def on_epoch_end(self, epoch, logs=None):
         self.log()
