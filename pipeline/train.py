@@ -50,7 +50,7 @@ from pipeline.fitting import (
     inference_copy,
     training_part,
 )
-from pipeline.inputs import check_inputs, resolve_inputs
+from pipeline.inputs import check_inputs, go_on_with_backend, resolve_inputs
 from pipeline.tracking import (
     VAL_DATA_TAG,
     StepFailed,
@@ -196,10 +196,8 @@ def recorded_fast_path(run_id: str) -> fitting.Recorded | None:
     ConfigError if it trained on another backend than this process's (`inputs.check_resumed_machine` refuses that
     before any run opens, or has this process load the run's; here for a run resumed by another command meanwhile)."""
     backend, precision, jit, source = recorded_training(run_id)
-    if backend and backend != keras.backend.backend():
-        raise config.ConfigError(f"KERAS_BACKEND: {source} on {backend}, and this process runs "
-                                 f"{keras.backend.backend()}; set KERAS_BACKEND={backend} to go on with it, or "
-                                 f"resume=never to start afresh")
+    if backend:
+        go_on_with_backend(backend, source)  # Keras is loaded here: refused unless it runs `backend`
     return fitting.Recorded(precision, jit, f"{source} (tags dtype_policy, jit_compile)") if precision and (
         jit is not None) else None
 
