@@ -52,6 +52,18 @@ def stamp() -> dict:
     return {"machine": f"{machine()} ({platform.platform()})", "date": datetime.date.today().isoformat()}
 
 
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write `path` through `write(staged)` into a file beside it, then rename that over `path`: a reader, or a report
+    rewritten after every run and interrupted (Ctrl-C, a kill) while it writes, sees the old file or the new one,
+    never one cut short. The staged file is removed if `write` fails."""
+    staged = path.with_name(f".{path.name}.partial")
+    try:
+        write(staged)
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
 def save_results(folder: Path, name: str, results: dict, write_markdown: Callable[[dict, Path], None]) -> None:
     """Write `results` to folder/<name>.json and, through `write_markdown`, folder/<name>.md; print the latter."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,10 @@ time went: the start (command to the prepare step), each step's run from its sta
 (the median per profile, one row per run, the time per phase) and time_to_accuracy.png (val_acc
 against wall seconds, one curve per run); `--name` writes them under another name, so a recheck leaves
 the committed report as it is. The report is written after every run, marked incomplete until the last: a failed
-run or Ctrl-C (one line, exit 130) leaves the finished runs' report so marked. `--extra` passes more `mlflow run`
-arguments; those that change the entry point (`-e`) or the experiment (`--experiment-name`, `--experiment-id`) are
-refused (exit 2): the runs read back are `main`'s in the fresh store's experiments.
+run or Ctrl-C (one line, exit 130) leaves the finished runs' report so marked, and each rewrite replaces the
+whole file at once (Ctrl-C while it is written leaves the one before, never one cut short). `--extra` passes
+more `mlflow run` arguments; those that change the entry point (`-e`) or the experiment (`--experiment-name`,
+`--experiment-id`) are refused (exit 2): the runs read back are `main`'s in the fresh store's experiments.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 
-from bench.machine import machine
+from bench.machine import machine, replace_atomically
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -215,7 +216,7 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int | N
     ax.legend(fontsize=7)
     fig.tight_layout()
     name = getattr(args, "name", "time_to_accuracy")
-    fig.savefig(RESULTS / f"{name}.png", dpi=120)
+    replace_atomically(RESULTS / f"{name}.png", lambda staged: fig.savefig(staged, dpi=120, format="png"))
     plt.close(fig)
 
     data = args.data or "each profile's data.source"
@@ -244,7 +245,7 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int | N
             "epoch's validation); `train_other_s`: the rest of train (building the model, the inference copy, "
             "logging the model); `exit_s`: from register's end to the command's exit.\n\n"
             f"{timing.to_markdown(index=False)}\n\n![val_acc against wall time]({name}.png)\n")
-    (RESULTS / f"{name}.md").write_text(text)
+    replace_atomically(RESULTS / f"{name}.md", lambda staged: staged.write_text(text))
     print(text)
 
 

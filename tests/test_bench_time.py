@@ -126,6 +126,30 @@ def test_a_report_written_before_the_last_run_says_it_is_incomplete(tmp_path, mo
     assert "ncomplete" not in (tmp_path / "time_to_accuracy.md").read_text()
 
 
+def test_a_report_interrupted_while_it_is_rewritten_stays_the_one_before(tmp_path, monkeypatch):
+    import argparse
+    import pathlib
+
+    from bench import time_to_accuracy
+
+    monkeypatch.setattr(time_to_accuracy, "RESULTS", tmp_path)
+    args = argparse.Namespace(profiles="tiny", repeat=2, seeds="", data="", extra="")
+    time_to_accuracy.write_report([fake_run("tiny", 0.5)], args, 2)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    write_text = pathlib.Path.write_text
+
+    def cut_short(path, text, *a, **k):  # Ctrl-C halfway through the file
+        write_text(path, text[:len(text) // 2], *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pathlib.Path, "write_text", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        time_to_accuracy.write_report([fake_run("tiny", 0.5), fake_run("tiny", 0.6)], args, 2)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after["time_to_accuracy.md"] == before["time_to_accuracy.md"]  # the whole report of the first run
+    assert sorted(after) == ["time_to_accuracy.md", "time_to_accuracy.png"]  # nothing staged is left
+
+
 def test_a_named_report_leaves_the_default_one_as_it_is(tmp_path, monkeypatch):
     import argparse
 
