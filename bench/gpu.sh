@@ -176,8 +176,9 @@ stage explore-ceiling "${CEILING_LIMIT:-150}" --full --params params/fast.yaml \
 stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
   --overrides "train.feed=device train.steps_per_execution=8 $small164"
 # improved.yaml: its first epochs, for the seconds per epoch and the projected 150 epochs (~14 min of one GPU with
-# its compile: over two calls, each compiling, and with the machine's start, more than the 15 minutes a lease holds
-# in all; and .gpu-state does not outlive the checkout), within
+# its compile: over two calls, the second loading the first's compiled programs where they fit in what a call
+# carries, and with the machine's start, more than the 15 minutes a lease holds in all; and .gpu-state does not
+# outlive the checkout), within
 # IMPROVED_LIMIT; named in GPU_SH_STAGES it has the rest of the call instead. It stops at an epoch's end 60 s
 # before its limit, for the scoring after its last epoch (its predict compiles), its training saved in
 # .gpu-state/improved, from which the next call goes on (carry ".gpu-state").

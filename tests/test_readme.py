@@ -7,6 +7,10 @@ the serve command in the background and the predict client on two image files. T
 command gets the tiny profile by appending ` -P params=params/tiny.yaml`; `<run id>` placeholders
 become the training run's id and the server's port a free one. Nothing else is changed. The several-hosts
 section's tracking server is started too, to check the names it answers.
+
+The README and the docs pages are checked without running anything too: their links, anchors, named files, tests,
+params keys, commands' entry points and options, the tags and metrics the pipeline logs, the layout page's list of
+files, and which way a "below" or "above" link points.
 """
 
 from __future__ import annotations
@@ -242,3 +246,195 @@ def test_the_link_check_finds_a_broken_link_a_missing_heading_and_an_unknown_key
     assert keys == {"train.batch_size", "train.no_such_key"}
     assert set(anchors((ROOT / "README.md").read_text())) >= {"several-hosts-tensorflow-multiworkermirroredstrategy",
                                                                "what-survives-a-crash-what-is-checked-on-input"}
+
+
+# The calls that log tags or metrics, or take the tags a run is opened with, by their literal names.
+LOGGING_CALLS = {"set_tag", "set_tags", "log_metric", "log_metrics", "set_logged_model_tags", "start_training",
+                 "create_trial_run", "adopt_wrapper_run", "start_run"}
+
+
+def logged_names(folder: Path) -> dict[str, str]:
+    """Every tag and metric name the code under `folder` logs by a literal name (a string, or a module's string
+    constant, as a dict key or a `set_tag`/`log_metric` argument), with the file that logs it; MLflow's own
+    (`mlflow.*`) left out."""
+    import ast
+
+    trees = {path: ast.parse(path.read_text()) for path in sorted(folder.rglob("*.py"))}
+    constants = {target.id: node.value.value for tree in trees.values() for node in tree.body  # imported ones too
+                 if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                 and isinstance(node.value.value, str) for target in node.targets if isinstance(target, ast.Name)}
+
+    def text(node) -> str | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        return constants.get(node.id if isinstance(node, ast.Name) else getattr(node, "attr", ""))
+
+    found: dict[str, str] = {}
+    for path, tree in trees.items():
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+            function = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+            if function not in LOGGING_CALLS:
+                continue
+            keys = [key for arg in [*call.args, *(k.value for k in call.keywords)] if isinstance(arg, ast.Dict)
+                    for key in arg.keys]
+            if function in ("set_tag", "log_metric") and len(call.args) >= 2:  # (run_id,) name, value
+                keys.append(call.args[-2])
+            for key in keys:
+                name = key is not None and text(key)
+                if name and re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                    found.setdefault(name, str(path.relative_to(folder.parent)))
+    return found
+
+
+def named_in_docs(name: str, pages: list[Path]) -> bool:
+    """Whether a page names `name` in a code span, as itself (`train.distribute` is not `distribute`)."""
+    pattern = re.compile(rf"(?<![\w.]){re.escape(name)}(?![\w.])")
+    for page in pages:
+        text = page.read_text()
+        spans = re.findall(r"`([^`\n]+)`", re.sub(r"```\w*\n.*?```", "", text, flags=re.S))
+        if any(pattern.search(span) for span in spans):
+            return True
+    return False
+
+
+def test_every_tag_and_metric_the_pipeline_logs_is_named_in_the_docs():
+    """A reader looking at a run in the MLflow UI finds what each of its tags and metrics means: every name the
+    pipeline logs is named (in a code span) in the README or a docs page, so a new tag or a renamed metric must
+    come with its documentation."""
+    logged = logged_names(ROOT / "pipeline")
+    assert {"backend", "trainable_params", "wall_seconds", "train_key", "best_trial_val_acc", "optuna_study",
+            "test_data_sha256", "val_data_sha256"} <= set(logged), sorted(logged)
+    missing = {name: where for name, where in logged.items() if not named_in_docs(name, PAGES)}
+    assert not missing, missing
+
+
+def test_the_logged_names_check_reads_dict_keys_constants_and_single_tags(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(
+        'TAG = "the_tag"\n'
+        'def f(client, mlflow, run):\n'
+        '    mlflow.set_tags({"a_tag": "1", TAG: "2", "mlflow.note.content": "x"})\n'
+        '    client.set_tag(run, "single_tag", "v")\n'
+        '    mlflow.log_metrics({"a_metric": 1.0}, step=1)\n'
+        '    print({"not_logged": 1})\n')
+    assert logged_names(tmp_path / "pkg") == {"a_tag": "pkg/m.py", "the_tag": "pkg/m.py", "single_tag": "pkg/m.py",
+                                              "a_metric": "pkg/m.py"}
+    page = tmp_path / "p.md"
+    page.write_text("`a_tag` and `train.the_tag`, `step=single_tag`\n\n```bash\n`a_metric`\n```\n")
+    assert [named_in_docs(n, [page]) for n in ("a_tag", "the_tag", "single_tag", "a_metric")] == [
+        True, False, True, False]
+
+
+def unnamed_in_layout(root: Path) -> list[str]:
+    """What docs/layout.md under `root` leaves out of "every file and folder of the project": a top-level entry
+    (what .gitignore lists left out) or a module of pipeline/, pipeline/tracking/ or bench/ (other than
+    `__init__.py`) that it does not name."""
+    import fnmatch
+
+    layout = (root / "docs" / "layout.md").read_text()
+    if (root / ".git").exists():  # what the checkout tracks, not what a reader's runs left beside it
+        tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout
+        entries = sorted({line.split("/")[0] for line in tracked.splitlines()})
+    else:
+        ignored = [line.strip().strip("/") for line in (root / ".gitignore").read_text().splitlines() if line.strip()]
+        entries = sorted(p.name for p in root.iterdir() if not any(fnmatch.fnmatch(p.name, i) for i in ignored))
+    modules = [p for folder in ("pipeline", "pipeline/tracking", "bench") for p in sorted((root / folder).iterdir())
+               if p.suffix in (".py", ".sh") and p.name != "__init__.py"]
+    missing = [name for name in entries if not re.search(rf"(?<![\w/.-]){re.escape(name)}(?![\w-]|\.\w)", layout)]
+    return missing + [str(p.relative_to(root)) for p in modules
+                      if not re.search(rf"(?<![\w-]){re.escape(p.stem)}(?![\w-])", layout)]
+
+
+def test_the_layout_page_names_every_file_and_folder():
+    """docs/layout.md says it lists every file and folder of the project and what it holds: a new top-level file, a
+    new module or a new benchmark must come with its line."""
+    assert not unnamed_in_layout(ROOT)
+
+
+def test_the_layout_check_finds_an_unnamed_file_and_module(tmp_path):
+    for folder in ("docs", "pipeline/tracking", "bench"):
+        (tmp_path / folder).mkdir(parents=True)
+    for name in ("README.md", "new.toml", "mlflow.db", "pipeline/__init__.py", "pipeline/train.py",
+                 "pipeline/tracking/steps.py", "bench/gpu.sh", "bench/new_bench.py"):
+        (tmp_path / name).write_text("")
+    (tmp_path / ".gitignore").write_text("mlflow.db\n__pycache__/\n")
+    (tmp_path / "docs" / "layout.md").write_text("README.md .gitignore docs/ pipeline/train.py, steps.py gpu.sh "
+                                                 "pipeline/__init__.py: sub-bench/ and new.toml.bak\n")
+    assert unnamed_in_layout(tmp_path) == ["bench", "new.toml", "bench/new_bench.py"]
+
+
+def misdirected(page: Path) -> list[str]:
+    """Links within `page` spelt `[below](#x)` whose heading comes before them, or `[above](#x)` after."""
+    text = page.read_text()
+    offsets = {}
+    for heading, slug in zip(re.finditer(r"^#{1,6} +(.+?) *$", text, re.M), anchors(text), strict=False):
+        offsets.setdefault(slug, heading.start())
+    wrong = []
+    for link in re.finditer(r"\[(below|above)\]\(#([^)\s]+)\)", text):
+        where, anchor = link.groups()
+        at = offsets.get(anchor)
+        if at is not None and (at < link.start()) != (where == "above"):
+            wrong.append(f"{page.name}: [{where}](#{anchor})")
+    return wrong
+
+
+def test_links_said_to_be_below_or_above_point_that_way():
+    """A reader told "below" reads on: a section that moved must take its links' words with it."""
+    assert not [w for page in PAGES for w in misdirected(page)]
+
+
+def test_the_direction_check_finds_a_link_pointing_the_wrong_way(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Top\n\n[below](#end) [above](#top) [above](#end) [below](#top)\n\n## End\n")
+    assert misdirected(page) == ["page.md: [above](#end)", "page.md: [below](#top)"]
+
+
+def unknown_options(page: Path) -> list[str]:
+    """In `page`'s code, the `mlflow run .` commands' entry points (`-e`) and `-P` names that MLproject does not
+    have, and the `python -m pipeline.<x>`/`bench.<x>` commands whose module or `--option` does not exist (an
+    entry point's options are its MLproject parameters; a bench module's, the ones its source adds)."""
+    import yaml
+
+    entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+    text = page.read_text()
+    spans = re.findall(r"```\w*\n(.*?)```", text, re.S) + re.findall(
+        r"`([^`\n]+)`", re.sub(r"```\w*\n.*?```", "", text, flags=re.S))
+    unknown = []
+    for span in (s.replace("\\\n", " ") for s in spans):
+        for command in re.findall(r"mlflow run \.[^\n;&|#]*", span):
+            entry = re.search(r"(?:-e|--entry-point) (\w+)", command)
+            entry = entry[1] if entry else "main"
+            if entry not in entry_points:
+                unknown.append(f"{page.name}: -e {entry}")
+                continue
+            unknown += [f"{page.name}: -e {entry} -P {name}" for name in re.findall(r"-P (\w+)=", command)
+                        if name not in entry_points[entry]["parameters"]]
+        for module, rest in re.findall(r"python -m ((?:pipeline|bench)\.\w+)([^\n;&|#`]*)", span):
+            source = ROOT / (module.replace(".", "/") + ".py")
+            if not source.exists() and not (ROOT / module.replace(".", "/") / "__main__.py").exists():
+                unknown.append(f"{page.name}: {module}")
+                continue
+            step = module.split(".")[1]
+            known = ({f"--{p.replace('_', '-')}" for p in entry_points[step]["parameters"]}
+                     if module.startswith("pipeline.") and step in entry_points
+                     else set(re.findall(r"\"(--[\w-]+)\"", source.read_text())) if source.exists() else set())
+            unknown += [f"{page.name}: {module} {option}" for option in re.findall(r"(?<!\S)(--[\w-]+)", rest)
+                        if option not in known | {"--help"}]
+    return unknown
+
+
+def test_every_documented_command_names_entry_points_and_options_that_exist():
+    """The commands the pages show, beyond those the sequence above runs: a renamed `-P` parameter, entry point,
+    module or option must take its documentation with it."""
+    assert not [u for page in PAGES for u in unknown_options(page)]
+
+
+def test_the_command_check_finds_unknown_entry_points_parameters_modules_and_options(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("```bash\nmlflow run . -e compare --env-manager local -P top=5 -P nope=1\n"
+                    "mlflow run . -e nothing -P x=1\npython -m pipeline.train --params p --nope 1\n```\n"
+                    "`mlflow run . -P params=x -P epoch=3`, `python -m bench.sweep --epochs 2 --bad`, "
+                    "`python -m bench.nothing`, `python -m pipeline.tracking`\n")
+    assert unknown_options(page) == [
+        "page.md: -e compare -P nope", "page.md: -e nothing", "page.md: pipeline.train --nope",
+        "page.md: -e main -P epoch", "page.md: bench.sweep --bad", "page.md: bench.nothing"]
