@@ -7,6 +7,7 @@ Input, as JSON bodies for `mlflow models serve` (or the same objects passed to `
   `{"inputs": ["<b64>", ...]}`, `{"dataframe_split": {"columns": ["image"], "data": [["<b64>"], ...]}}` or
   `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs"). They are
   converted to 32x32 RGB by `pipeline.data.decode_image`, the function training images went through.
+  Large ones go best in a frame: MLflow reads an "inputs" list into one array of strings as long as the longest.
   Raw bytes work in process.
 Output: one row per image with the predicted `label`, its `probability` and all class
 `probabilities` (in `class_names` order).
@@ -20,7 +21,6 @@ the message; any other exception would become a 400 without the reason.
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import json
 import re
@@ -78,7 +78,7 @@ def to_pixels(model_input: Any) -> np.ndarray:
 def image_column(model_input: pd.DataFrame | dict) -> list:
     """The `image` column of a DataFrame (dataframe_split / _records) or dict (named `inputs`) as a list."""
     names = list(model_input.columns if isinstance(model_input, pd.DataFrame) else model_input)
-    if not names:  # {"dataframe_records": []} or {"dataframe_split": {"columns": [], "data": []}}
+    if not names and not len(model_input):  # {"dataframe_records": []}; [{}, {}] has rows, without their image
         raise bad_input("empty batch: no images to predict")
     if IMAGE_COLUMN not in names:  # other columns (ids, file names) may ride along and are ignored
         shown = f"{names[:5]}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"  # not 3,072 pixel columns
@@ -155,12 +155,14 @@ def to_bytes(item: Any, name: str) -> bytes:
     """A base64 string (optionally a `data:` URI) or raw bytes -> the encoded image bytes."""
     if isinstance(item, np.ndarray) and item.ndim == 0:  # MLflow makes each value of an "inputs" record a 0-d array
         item = array_items(item)[0]
+    if item is None or (isinstance(item, float) and np.isnan(item)):  # a record without the column is NaN in a frame
+        raise bad_input(f"{name}: no image (null, or a record without '{IMAGE_COLUMN}')")
     if isinstance(item, bytes):
         raw = item
     elif isinstance(item, str):
         try:
             raw = base64.b64decode(WHITESPACE.sub("", DATA_URI_PREFIX.sub("", item.strip())), validate=True)
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, and text beyond ASCII (a pasted "…"): was a 400 without a reason
             raise bad_input(f"{name}: not a base64 image: not valid base64 ({exc})") from None
     else:
         raise bad_input(f"{name}: expected a base64-encoded {IMAGE_FORMATS} image string, got {type(item).__name__}")

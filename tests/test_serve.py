@@ -202,6 +202,7 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
 
 @pytest.mark.parametrize(("given", "problem"), [
     (["not base64!!"], "not valid base64"),
+    (["iVBORw0K…"], "image 0: not a base64 image: not valid base64 (string argument should contain only ASCII"),
     ([b64(b"hello, not an image")], UNDECODABLE),
     ([b64(encode(random_pixels(1)[0])), 7], "image 1"),
     ([""], "image 0: empty image"),
@@ -212,13 +213,17 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     (pd.DataFrame([]), "empty batch"),  # {"dataframe_records": []}: said "needs a column 'image'"
     (pd.DataFrame(np.zeros((1, 3072))), "[0, 1, 2, 3, 4] and 3067 more;"),  # flattened pixels: not 3,072 names
     ([{"picture": np.array("x")}], "a column 'image'"),  # {"inputs": [{"picture": ...}]}
-    ([{"image": np.array(b64(encode(random_pixels(1)[0])))}, {"img": np.array("y")}], "image 1: expected"),
+    # its missing image is NaN in the frame: said "expected a base64-encoded ... image string, got float"
+    ([{"image": np.array(b64(encode(random_pixels(1)[0])))}, {"img": np.array("y")}],
+     "image 1: no image (null, or a record without 'image')"),
+    (pd.DataFrame({"image": [b64(encode(random_pixels(1)[0])), None]}), "image 1: no image"),  # split's [null]
+    (pd.DataFrame([{}, {}]), "a column 'image'"),  # {"dataframe_records": [{}, {}]}: said "empty batch"
     # Pillow reads ~40 formats: PPM was answered, EPS went to Ghostscript where installed (anyone's request)
     ([b64(encode(random_pixels(1)[0], "PPM"))], f"image 0: {UNDECODABLE} (not one of those formats)"),
     ([b64(encode(random_pixels(1)[0], "EPS"))], f"image 0: {UNDECODABLE} (not one of those formats)"),
-], ids=["invalid-base64", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
+], ids=["invalid-base64", "non-ascii", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
         "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image",
-        "ppm", "eps"])
+        "null-image", "records-without-columns", "ppm", "eps"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -406,15 +411,18 @@ def test_predict_client_refuses_a_bad_timeout_before_connecting(tmp_path, capsys
 
 
 @contextlib.contextmanager
-def answering(status: int, body: bytes, authorizations: list | None = None) -> Iterator[str]:
+def answering(status: int, body: bytes, authorizations: list | None = None,
+              requests: list | None = None) -> Iterator[str]:
     """A loopback HTTP server answering every POST with `status` and `body`; its base URL. Each request's
-    Authorization header (None without one) is appended to `authorizations`."""
+    Authorization header (None without one) is appended to `authorizations`, its (path, body) to `requests`."""
     import http.server
     import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
+            request = self.rfile.read(int(self.headers["Content-Length"]))
+            if requests is not None:
+                requests.append((self.path, request))
             if authorizations is not None:
                 authorizations.append(self.headers["Authorization"])
             self.send_response(status)
@@ -448,6 +456,41 @@ def test_predict_client_sends_the_urls_credentials_and_hides_the_password(tmp_pa
     assert predict.main([str(image), "--url", unreachable]) == 1
     err = capsys.readouterr().err
     assert "s3cret" not in err and f"cannot reach http://ann:***@127.0.0.1:{unreachable.rsplit(':', 1)[1]} (" in err
+
+
+def test_predict_client_sends_images_the_server_holds_at_their_own_size(local_model, tmp_path):
+    # sent as {"inputs": [...]}, MLflow's server read the batch into one numpy array of fixed-width strings, each as
+    # long as the longest: a 3.5 MB photo among 63 thumbnails took 1.2 GB of the server's memory
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+
+    files = [tmp_path / f"{i}.png" for i in range(16)]
+    files[0].write_bytes(encode(random_pixels(1, seed=1, shape=(128, 128))[0]))
+    for seed, path in enumerate(files[1:], start=2):
+        path.write_bytes(encode(random_pixels(1, seed=seed, shape=(8, 8))[0]))
+    sent = []
+    answer = {"predictions": [{"label": "cat", "probability": 0.5}] * len(files)}
+    with answering(200, json.dumps(answer).encode(), requests=sent) as url:
+        assert predict.main([str(f) for f in files] + ["--url", url]) == 0
+    parsed = infer_and_parse_data(json.loads(sent[0][1]))
+    held = parsed.nbytes if isinstance(parsed, np.ndarray) else parsed.memory_usage(deep=True).sum()
+    assert held < 2 * len(sent[0][1])
+    expected = local_model.predict([b64(f.read_bytes()) for f in files])  # and the served model reads it as sent
+    assert_same_predictions(local_model.predict(parsed).to_dict("records"), expected)
+
+
+@pytest.mark.parametrize(("given", "path"), [
+    ("", "/invocations"), ("/", "/invocations"), ("/model/", "/model/invocations"),
+    ("/?key=k1", "/invocations?key=k1"), ("/model?key=k1#top", "/model/invocations?key=k1"),
+], ids=["bare", "slash", "path", "query", "path-query-fragment"])
+def test_predict_client_posts_to_invocations_under_the_urls_path_keeping_its_query(tmp_path, given, path):
+    # http://host/?key=k1 (a gateway's key) was posted to `/?key=k1/invocations`: "HTTP 404 ... no model server"
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    sent = []
+    with answering(200, json.dumps({"predictions": [{"label": "cat", "probability": 0.5}]}).encode(),
+                   requests=sent) as url:
+        assert predict.main([str(image), "--url", url + given]) == 0
+    assert sent[0][0] == path
 
 
 @contextlib.contextmanager
