@@ -776,6 +776,7 @@ def load_image_folder(path: str | Path) -> Dataset:
     image_folders: set[tuple[str, ...]] = set()  # every folder holding images: named when no split is found
     skipped: list[str] = []
     unclassed: list[str] = []
+    elsewhere: list[tuple[str, ...]] = []  # images in no train/ or test/ folder: val/ beside them is named below
     for parts, size, read in _iter_image_files(path):
         if any(p.startswith("._") or p == "__MACOSX" for p in parts):  # macOS's AppleDouble metadata, not images
             continue
@@ -789,6 +790,8 @@ def load_image_folder(path: str | Path) -> Dataset:
         if at is None:
             if len(parts) >= 2 and parts[-2] in ("train", "test") and parts[-1].lower().endswith(IMAGE_SUFFIXES):
                 unclassed.append("/".join(parts))  # an image of no class: said, not dropped unseen
+            elif parts[-1].lower().endswith(IMAGE_SUFFIXES):
+                elsewhere.append(parts)
             continue
         class_folders.add(parts[:at + 2])
         if parts[-1].lower().endswith(IMAGE_SUFFIXES):
@@ -829,6 +832,14 @@ def load_image_folder(path: str | Path) -> Dataset:
     # names are the model's outputs, so it changes them as differing train/test classes (refused below) do. Left out,
     # the model got one class fewer unseen; kept, it would have a class never trained and scored on no images.
     (top,) = tops
+    # val/ (or valid/, Train/...) beside train/ and test/ is no split here: its images, dropped unseen, are said
+    split_like = [f"{'/'.join(parts[:len(top) + 1])}/" for parts in elsewhere if parts[:len(top)] == top
+                  and len(parts) > len(top) + 1 and parts[len(top)].lower() in SPLIT_LIKE_NAMES]
+    if split_like:
+        folders = sorted(set(split_like))
+        print(f"warning: {path}: {len(split_like)} images under {', '.join(folders)} are not read: the splits are "
+              "train/ and test/ (train.validation_fraction holds images out of train/ for val_acc)",
+              file=sys.stderr, flush=True)
     empty = sorted("/".join(folder) + "/" for folder in class_folders if folder[:-2] == top
                    and not folder[-1].startswith(".") and folder[-1] not in files[folder[-2]])
     if empty:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import config, prepare
+from pipeline import config, data, prepare
 from pipeline.data import CIFAR10_TRAIN_IMAGES
 from pipeline.distribute import cluster_from_env
 from pipeline.tracking.resume import (
@@ -32,11 +32,11 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
     A dataset URI given by the command must name a prepare step's artifact, and its `data.*` params replace the
     params file's (a note says which changed), so the run records the data it trains on. resume, a run id: `cfg`
     (and `dataset_uri`) must be what that run started with, and its dataset is used (see `config_to_resume`).
-    Without a dataset URI `data.source` must exist. resume "": the run a rerun would continue must have been
-    checkpointed by the code here (`check_resumable_code`). Either way the run resumed goes on with the backend,
-    precision and XLA choice it trained with (`check_resumed_machine`). The checkpoint folder must be writable
-    (`check_checkpoint_root`). The backend must support the params, and in a cluster
-    (TF_CONFIG) only the chief runs the steps.
+    Without a dataset URI `data.source` must exist (cifar10: in the Keras cache or downloadable now, unless a dataset
+    prepared from it is reused). resume "": the run a rerun would continue must have been checkpointed by the code
+    here (`check_resumable_code`). Either way the run resumed goes on with the backend, precision and XLA choice it
+    trained with (`check_resumed_machine`). The checkpoint folder must be writable (`check_checkpoint_root`). The
+    backend must support the params, and in a cluster (TF_CONFIG) only the chief runs the steps.
     """
     check_checkpoint_root()  # each run's lock lives there (another user's folder: one line, not a traceback)
     given = dataset_uri
@@ -50,9 +50,11 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
         if not given:
             prepare.check_dataset_uri(dataset_uri)
     elif not given:
-        key = prepare.prepare_key(cfg)  # a missing data path fails here
+        prepared = prepare.find_prepared(prepare.prepare_key(cfg))  # a missing data path fails here
+        if not prepared and cfg.data.source == "cifar10":  # and, with no dataset prepared to reuse, CIFAR-10 neither
+            data.fetch_cifar10()  # in the Keras cache nor downloadable (as prepare.check_source)
     if not resume:  # a plain rerun: the run it would continue must have been checkpointed by the code here
-        resumed = check_resumable_code(cfg, given or prepare.find_prepared(key))
+        resumed = check_resumable_code(cfg, given or prepared)
     if resumed:
         check_resumed_machine(resumed, cfg)
     check_known_training_images(cfg)  # too few to hold out or to batch: refused now, not in the train run after prepare

@@ -89,7 +89,8 @@ def find_prepared(key: str) -> str | None:
 
 def ensure_prepared(cfg: config.Config) -> str:
     """Reuse an identical finished prepare run, or run prepare as a nested run (a run of its own beside the one
-    `mlflow run . -e train` opened for training: `apart_from_wrapper_run`)."""
+    `mlflow run . -e train` opened for training: `apart_from_wrapper_run`). Either way the dataset URI every later
+    command finds (`find_prepared`): an identical prepare started beside this one may have finished first."""
     key = prepare_key(cfg)
     found = find_prepared(key)
     if found:
@@ -98,7 +99,17 @@ def ensure_prepared(cfg: config.Config) -> str:
         warn_test_images_in_train(cfg.data.source, *steps.prepared_counts(found))
         return found
     with apart_from_wrapper_run(cfg) as prepare_cfg, step_run(prepare_cfg, "prepare"):
-        return run(cfg, key=key)
+        prepared = run(cfg, key=key)
+    return find_prepared(key) or prepared
+
+
+def check_source(cfg: config.Config) -> None:
+    """Refuse, before any run opens, a data source there is nothing to prepare from (DataError naming data.source): a
+    missing path, or CIFAR-10 neither in the Keras cache nor downloadable (found and verified, or downloaded, now).
+    Offline, the default source failed inside prepare: main's run and prepare's were left FAILED in the store."""
+    data.source_digest(cfg.data.source)
+    if cfg.data.source == "cifar10":
+        data.fetch_cifar10()
 
 
 def check_dataset_uri(dataset_uri: str) -> None:
@@ -123,7 +134,7 @@ def load_dataset(dataset_uri: str) -> data.Dataset:
 def main() -> None:
     args = config.entry_point_parser("prepare", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, data=args.data)
-    data.source_digest(cfg.data.source)  # a missing path fails here, before any run is opened
+    check_source(cfg)  # a missing path or CIFAR-10 out of reach fails here, before any run is opened
     with step_lock() as hold, step_run(cfg, "prepare") as step:
         hold(step)  # killed, it is left for the next main to end
         run(cfg)

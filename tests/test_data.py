@@ -844,6 +844,23 @@ def test_split_folders_named_otherwise_are_named_with_what_is_expected(tmp_path,
                                      f"{expected}")
 
 
+def test_images_in_a_val_folder_beside_train_and_test_are_named_not_dropped_unseen(tmp_path, capsys):
+    """A train/ valid/ test/ layout read train/ and test/ and left valid/'s images out without a word."""
+    write_image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "test").rename(tmp_path / "imgs" / "valid")
+    write_image_folder(tmp_path / "other")
+    (tmp_path / "other" / "test").rename(tmp_path / "imgs" / "test")
+    Image.new("RGB", (32, 32)).save(tmp_path / "imgs" / "logo.png")  # not in a split's place: not worth a word
+    with tarfile.open(tmp_path / "imgs.tar", "w") as tar:
+        tar.add(tmp_path / "imgs", arcname="top")
+    for source, prefix in (("imgs", ""), ("imgs.tar", "top/")):
+        capsys.readouterr()
+        assert len(data.load_source(str(tmp_path / source)).x_test) == 9
+        assert capsys.readouterr().err.splitlines() == [
+            f"warning: {tmp_path / source}: 9 images under {prefix}valid/ are not read: the splits are train/ and "
+            "test/ (train.validation_fraction holds images out of train/ for val_acc)"]
+
+
 def test_image_folder_with_mismatched_classes_or_no_layout(tmp_path):
     write_image_folder(tmp_path / "a")
     (tmp_path / "a" / "test" / "ship").rename(tmp_path / "a" / "test" / "boat")

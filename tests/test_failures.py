@@ -251,6 +251,35 @@ def test_bad_input_is_one_line_naming_the_key(store, capsys, monkeypatch, module
     assert client.search_model_versions() == []
 
 
+def test_cifar10_out_of_reach_is_one_line_before_any_run(store, in_process, monkeypatch, tmp_path):
+    """Offline with no archive in the Keras cache, the default source failed inside prepare: `mlflow run .` left a main
+    and a prepare run FAILED in the store, where a missing data path is refused before any run opens. A dataset
+    prepared from it before is still reused offline."""
+    from pipeline import data, inputs
+    from tests.test_data import write_official
+
+    offline = "data.source: cannot download CIFAR-10 (Name or service not known)"
+
+    def unreachable():
+        raise data.DataError(offline)
+
+    monkeypatch.setattr(data, "fetch_cifar10", unreachable)
+    for module in ("main", "prepare"):
+        done = in_process(module, "--params", TINY, "--data", "cifar10")
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == f"error: {offline}"
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              run_view_type=ViewType.ALL) == []
+
+    archive, _, _ = write_official(tmp_path / "made")
+    monkeypatch.setattr(data, "fetch_cifar10", lambda: archive)
+    assert in_process("prepare", "--params", TINY, "--data", "cifar10").returncode == 0
+    monkeypatch.setattr(data, "fetch_cifar10", unreachable)
+    cfg = config.load(TINY, "data.source=cifar10")
+    assert inputs.check_inputs(cfg, resume="never") == (cfg, "")
+
+
 
 @pytest.mark.parametrize("module", ["pipeline.main", "pipeline.compare"])
 def test_help_needs_no_tracking_store(tmp_path, module):

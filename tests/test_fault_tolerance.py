@@ -200,6 +200,34 @@ def test_a_killed_run_resumes_after_an_identical_prepare_run_on_its_own(store, t
     assert "Epoch 1/3" not in done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("ends", ["before", "after"])
+def test_identical_prepares_started_together_give_every_command_one_dataset(store, monkeypatch, ends):
+    """Two identical commands started together each prepare. One trained on its own dataset URI while every later
+    command found the other's (the first to start): killed, its rerun trained afresh. Here the other prepare starts
+    first and ends `ends` this one: this command trains on the dataset later ones find."""
+    from pipeline import prepare
+
+    cfg = config.load(ROOT / TINY, "data.synthetic_train=64 data.synthetic_test=32 tracking.experiment=e2e")
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    real_run, others = prepare.run, []
+
+    def beside(cfg, *, key):  # noqa: ANN001, ANN202 - prepare.run's signature
+        others.append(client.create_run(experiment_id, start_time=int(time.time() * 1000) - 60_000,
+                                        tags={"prepare_key": key}).info.run_id)
+        if ends == "before":
+            client.set_terminated(others[0], "FINISHED")
+        return real_run(cfg, key=key)
+
+    monkeypatch.setattr(prepare, "run", beside)
+    trained_on, key = prepare.ensure_prepared(cfg), prepare.prepare_key(cfg)
+    if ends == "after":
+        client.set_terminated(others[0], "FINISHED")
+    finished = client.search_runs([experiment_id], f"tags.prepare_key = '{key}' and attributes.status = 'FINISHED'")
+    assert len(finished) == 2
+    assert prepare.find_prepared(key) == trained_on
+
+
 class Killed(BaseException):
     """Stands for SIGKILL in the middle of a checkpoint: nothing after it runs, no handler, no cleanup."""
 
@@ -394,6 +422,25 @@ def test_a_main_that_lost_its_store_leaves_its_lock_for_the_next_main(store, in_
     run = MlflowClient().get_run(lost_main.info.run_id)
     assert (run.info.status, run.data.tags.get("ended_by")) == ("KILLED", rerun.info.run_id)
     assert not resume.checkpoint_dir(lost_main.info.run_id).exists()
+
+
+def test_another_dataset_written_to_a_local_dataset_uri_is_another_job(tmp_path):
+    """`-e train -P dataset_uri=PATH` (a local prepared file) was known by its path alone: killed, then rerun after
+    another dataset was written to that path, it resumed the old data's weights and trained them on the new data."""
+    from pipeline import data
+    from pipeline.tracking import json_digest, resume
+
+    cfg, path = config.load(ROOT / TINY), tmp_path / "dataset.npz"
+    data.make_synthetic(n_train=20, n_test=10, seed=0).save(path)
+    first = resume.train_key(cfg, str(path))
+    assert resume.train_key(cfg, str(path)) == first  # the same file: the same job, which a rerun goes on with
+    data.make_synthetic(n_train=20, n_test=10, seed=1).save(path)
+    assert resume.train_key(cfg, str(path)) != first
+    assert resume.train_key(cfg, f"file://{path}") != first
+    uri = "runs:/0123/dataset/dataset.npz"  # an artifact, which never changes: the key runs were tagged with
+    assert resume.train_key(cfg, uri) == json_digest({**resume.training_params(cfg), "dataset_uri": uri})
+    with pytest.raises(data.DataError, match=r"^dataset_uri: .*gone.npz: cannot be read \(No such file"):
+        resume.train_key(cfg, str(tmp_path / "gone.npz"))
 
 
 def test_a_model_trained_by_other_code_is_not_gone_on_from(store, monkeypatch):

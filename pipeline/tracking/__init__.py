@@ -720,12 +720,15 @@ def model_score(model_uri: str | None, dataset_uri: str | None = None) -> tuple[
 
 
 def find_finished_run(tag: str, key: str) -> str | None:
-    """Id of the first (oldest) FINISHED run, in any experiment, whose tag `tag` equals `key`; None if there is none.
+    """Id of the first FINISHED run to finish, in any experiment, whose tag `tag` equals `key`; None if there is none.
     The first, so that every later command finds the same one: a later identical run (a prepare run on its own)
-    would change what they find, and with it the `train_key` a rerun resumes by."""
+    would change what they find, and with it the `train_key` a rerun resumes by. The first to finish, not to start:
+    no run finishing later can come before it (two identical commands started together each prepared, and the one
+    whose prepare started later but finished first trained on a dataset no later command found: killed, its rerun
+    trained afresh)."""
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
                               filter_string=f"tags.{tag} = '{key}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time ASC"])
+                              order_by=["attributes.end_time ASC", "attributes.start_time ASC"])
     return runs[0].info.run_id if runs else None
 
 

@@ -35,7 +35,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
-from pipeline import config
+from pipeline import config, data
 from pipeline.distribute import LOOPBACK
 from pipeline.tracking import (
     _without_password,
@@ -425,8 +425,16 @@ def training_params(cfg: config.Config) -> dict[str, str]:
 
 
 def train_key(cfg: config.Config, dataset_uri: str) -> str:
-    """Identity of a training job: the `training_params` and the dataset. Equal keys may resume each other."""
-    return json_digest({**training_params(cfg), "dataset_uri": dataset_uri})
+    """Identity of a training job: the `training_params` and the dataset. Equal keys may resume each other. A local
+    dataset file (`-P dataset_uri=PATH`; a `runs:/` artifact never changes) is known by its bytes too: another dataset
+    written to the same path is other data (a killed run, rerun after that, went on from the old data's weights)."""
+    dataset = {"dataset_uri": dataset_uri}
+    if not dataset_uri.startswith("runs:/"):
+        try:
+            dataset["dataset_sha256"] = data.file_sha256(dataset_uri.removeprefix("file://"))
+        except OSError as exc:  # e.g. another user's file: one line, as reading the dataset would say
+            raise data.DataError(f"dataset_uri: {exc.filename}: cannot be read ({exc.strerror or exc})") from None
+    return json_digest({**training_params(cfg), **dataset})
 
 
 def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> str | None:
