@@ -495,7 +495,9 @@ def read_yaml(path: str | Path, *, key: str = "params", text: bool = False) -> d
     try:
         data = yaml.load(candidate.read_text(), Loader=_ParamsLoader if text else _UniqueKeyLoader)  # SafeLoaders
     except (FileNotFoundError, IsADirectoryError):
-        raise ConfigError(f"{key}: file not found: {path}") from None
+        beside = PROJECT_ROOT / "params" / Path(path).name  # `-P params=quick.yaml` for params/quick.yaml
+        hint = f" (did you mean params/{beside.name}?)" if not Path(path).is_absolute() and beside.is_file() else ""
+        raise ConfigError(f"{key}: file not found: {path}{hint}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{key}: {path} is not a YAML text file (not UTF-8 text)") from None
     except _DuplicateKey as exc:

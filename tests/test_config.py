@@ -327,8 +327,11 @@ def test_aliases_mlflow_accepts_are_accepted(alias):
 
 
 def test_bad_params_files(tmp_path):
-    with pytest.raises(config.ConfigError, match="not found"):
+    with pytest.raises(config.ConfigError, match="not found: .*missing.yaml$"):
         config.load(tmp_path / "missing.yaml")
+    with pytest.raises(config.ConfigError, match=r"^params: file not found: quick.yaml \(did you mean "
+                                                 r"params/quick.yaml\?\)$"):
+        config.load("quick.yaml")  # `-P params=quick.yaml`, run from the project root
     (tmp_path / "bad.yaml").write_text("train: [1, 2")
     with pytest.raises(config.ConfigError, match="not valid YAML"):
         config.load(tmp_path / "bad.yaml")
