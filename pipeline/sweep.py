@@ -52,6 +52,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -168,12 +169,18 @@ def space_key(spec: dict) -> str:
     return next(key for key in ("grid", "space", "random") if key in spec)
 
 
+EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e0, 2E-3, .5e1
+
+
 def named_type(spec: dict, key: str, default: str, known: dict) -> tuple[str, dict[str, Any]]:
     """`sampler: tpe` or `sampler: {type: tpe, n_startup_trials: 3}` -> ("tpe", {"n_startup_trials": 3})."""
     value = spec.get(key, default)
     kwargs: dict[str, Any] = {}
     if isinstance(value, dict):
-        kwargs = {k: v for k, v in value.items() if k != "type"}
+        # numbers YAML 1.1 reads as text (`prior_weight: 1e0`, `1e-3`: no dot) as the numbers they are: Optuna
+        # refused the text with a TypeError naming no number
+        kwargs = {k: float(v) if isinstance(v, str) and EXPONENT_NUMBER.fullmatch(v) else v
+                  for k, v in value.items() if k != "type"}
         value = value.get("type")
         if not all(isinstance(k, str) for k in kwargs):
             raise config.ConfigError(f"spec.{key}: argument names must be text, got {sorted(map(str, kwargs))}")

@@ -430,6 +430,14 @@ def test_the_rehearsal_runs_past_the_samplers_and_pruners_startup_trials(tmp_pat
     assert [len(s.trials) for s in studies if s._storage.__class__.__name__ == "InMemoryStorage"] == [rehearsed]
 
 
+def test_sampler_and_pruner_numbers_in_exponent_form_reach_optuna_as_numbers(tmp_path):
+    """YAML 1.1 reads `1e0` and `5e-1` (no dot) as text: TPE's `prior_weight: 5E-1` was refused with Optuna's
+    TypeError, naming no number."""
+    spec = write_spec(tmp_path, "sweep-exponent", "space:\n  train.lr: {min: 0.01, max: 0.3}\n"
+                      "sampler: {type: tpe, prior_weight: 5E-1, n_startup_trials: 2}\ntrials: 4\n")
+    assert sweep.Plan(spec).sampler_kwargs == {"prior_weight": 0.5, "n_startup_trials": 2}
+
+
 SAME_TEXT = [("tracking.experiment", v) for v in ("True", "yes", "0x10", "2026.10", "2026-12-01", "010", "1e3")] + [
     ("train.epochs", "010"), ("train.ema", "On"), ("train.lr", "1e-1"), ("model.widths", "[16, 0032, 64]")]
 
