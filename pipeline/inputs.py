@@ -133,10 +133,17 @@ def configured_backend() -> str:
 def check_known_training_images(cfg: config.Config) -> None:
     """ConfigError where `data.*` gives, before any data is read (`known_training_images`), too few training images to
     hold out train.validation_fraction or, with train.drop_remainder, to make a whole batch
-    (`config.check_training_images`); nothing for a path, whose count only reading it tells."""
+    (`config.check_training_images`). A path's count only reading it tells, but `data.max_train` bounds it: too few
+    at that bound is too few at any count below it (refused before prepare, not in the train run after it)."""
     images = known_training_images(cfg)
     if images:
         config.check_training_images(cfg.train, images)
+    elif cfg.data.max_train:
+        try:
+            config.check_training_images(cfg.train, cfg.data.max_train)
+        except config.ConfigError as exc:
+            raise config.ConfigError(f"{exc} (data.max_train={cfg.data.max_train}: {cfg.data.source} gives at most "
+                                     f"that many)") from None
 
 
 def known_training_images(cfg: config.Config) -> int | None:

@@ -187,7 +187,8 @@ def test_too_few_images_to_hold_out_or_batch_are_refused_before_any_run(store, c
     """Holding out the only training image left none (the model trained on nothing, scored at chance and took
     @champion); a batch larger than the training set with `train.drop_remainder` made no step. For cifar10 and
     synthetic data the count is known from the params: refused before prepare or any run (it was refused only
-    inside the train run, after CIFAR-10 was downloaded and prepared); for a path, the train step refuses it."""
+    inside the train run, after CIFAR-10 was downloaded and prepared); for a path, the train step refuses it (or, at
+    data.max_train, the command: the next test)."""
     monkeypatch.setattr(sys, "argv", ["pipeline.main", "--params", TINY, "--epochs", "1", "--overrides", overrides])
     with pytest.raises(SystemExit) as exit_info:
         cli(main.main)
@@ -203,6 +204,25 @@ def test_too_few_images_to_hold_out_or_batch_are_refused_before_any_run(store, c
         dataset = prepare.build(cfg)
         splits = fitting.held_out_split(dataset, cfg.train)
         fitting.steps_per_epoch(cfg.train, len(splits[0]))
+
+
+def test_too_few_images_of_a_path_at_data_max_train_are_refused_before_any_run(store, capsys, monkeypatch, tmp_path):
+    """A path's image count is known only once it is read, but data.max_train bounds it: too few at the bound was
+    refused only in the train run, after prepare had read and stored the data."""
+    (tmp_path / "images.tar.gz").write_bytes(b"not read: refused before")
+    monkeypatch.setattr(sys, "argv", ["pipeline.main", "--params", TINY, "--data", str(tmp_path / "images.tar.gz"),
+                                      "--overrides", "data.max_train=100 train.drop_remainder=true "
+                                                     "train.batch_size=128"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli(main.main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: train.drop_remainder: the 100 training images make no whole batch of train.batch_size 128; lower "
+        f"the batch size or set train.drop_remainder=false (data.max_train=100: {tmp_path}/images.tar.gz gives at "
+        f"most that many)")
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              run_view_type=ViewType.ALL) == []
 
 
 BAD = [  # (module, argv, key named by the one-line error)
