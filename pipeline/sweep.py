@@ -62,6 +62,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -593,6 +594,30 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             raise config.ConfigError(f"storage: cannot open {safe_url(url)}: {type(exc).__name__}: {reason}") from None
 
 
+def storage_failure(exc: BaseException) -> str | None:
+    """The driver's one line where `exc` is the storage's database failing (its server down, the connection lost,
+    SQLite's file locked), whether raised by SQLAlchemy or wrapped by Optuna; None for any other exception."""
+    import sqlalchemy
+
+    cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+    if not isinstance(cause, sqlalchemy.exc.OperationalError):
+        return None
+    return str(cause.orig or cause).strip().splitlines()[0][:300]
+
+
+@contextlib.contextmanager
+def storage_failures(url: str) -> Iterator[None]:
+    """A storage that fails mid-sweep is StepFailed (exit 3), one line naming it: it was Optuna's traceback, whose
+    message blames the data ("invalid data in the commit, e.g. exceeding max length"), in the sweep run's reason too."""
+    try:
+        yield
+    except Exception as exc:
+        if (reason := storage_failure(exc)) is None:
+            raise
+        raise StepFailed(f"storage {safe_url(url)} failed: {reason}; rerun the same command to go on with the "
+                         "study") from None
+
+
 def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A worker stopped (killed, host lost) mid-trial; Optuna has marked its trial FAILED. Fail the
     trial's MLflow run and the runs still open under it, then queue the trial again."""
@@ -702,7 +727,8 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int):
             try:
                 storage.record_heartbeat(trial_id)
             except Exception as exc:  # noqa: BLE001 - a missed beat is retried; only a dead process goes stale
-                print(f"warning: heartbeat of trial {trial_id} failed: {type(exc).__name__}: {exc}".splitlines()[0],
+                reason = storage_failure(exc) or f"{type(exc).__name__}: {exc}"  # Optuna's own message blames the data
+                print(f"warning: heartbeat of trial {trial_id} failed: {reason}".splitlines()[0],
                       file=sys.stderr, flush=True)
             if stop.wait(HEARTBEAT_S):
                 return
@@ -812,7 +838,9 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
         set_tags({"interrupted_by": signal.Signals(getattr(exc, "signum", signal.SIGINT)).name})
         raise
     except Exception as exc:  # noqa: BLE001 - whatever stops one trial must not stop the others
-        if isinstance(exc, FloatingPointError) or not unexpected(exc):  # FloatingPointError: train_and_evaluate's
+        if (failed := storage_failure(exc)) is not None:  # no bug, and Optuna's own message blames the data
+            reason = f"the Optuna storage failed: {failed}"
+        elif isinstance(exc, FloatingPointError) or not unexpected(exc):  # FloatingPointError: train_and_evaluate's
             reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:2000]
         else:  # a bug stays debuggable: its traceback where the reason says it is
             traceback.print_exception(exc)
@@ -1066,8 +1094,9 @@ def run(args: argparse.Namespace) -> int:
     storage = open_storage(storage_url)
     name = args.study or default_study(plan)
     if args.join:  # a worker process of a `--workers N` command: the study is set up
-        study, _ = join_study(plan, storage, name)
-        work(plan, study, storage)
+        with storage_failures(storage_url):
+            study, _ = join_study(plan, storage, name)
+            work(plan, study, storage)
         return 0
     existed = study_name_in(storage, name)
     lock = optuna.load_study(storage=storage, study_name=f"{name}.register") if existed and study_name_in(
@@ -1105,6 +1134,7 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     parent = stack.enter_context(open_run("sweep", experiment=base.tracking.experiment,
                                                           run_name=f"sweep-{name}"))
+                    stack.enter_context(storage_failures(storage_url))  # inside the run: its reason is the line
                     log_params({"sweep.spec": args.spec, "sweep.study": name, "sweep.storage": safe_url(storage_url),
                                 "sweep.sampler": plan.sampler_name, "sweep.pruner": plan.pruner_name,
                                 "sweep.trials": plan.trials, "sweep.overrides": plan.extra_overrides})
@@ -1120,6 +1150,7 @@ def run(args: argparse.Namespace) -> int:
                 for cfg in {prepare.prepare_key(c): c for c in plan.configs}.values() if plan.grid else []:
                     prepare.ensure_prepared(cfg)  # each distinct dataset once, before any trial
             else:
+                stack.enter_context(storage_failures(storage_url))
                 adopt_own_run(study)
             if workers == 1:
                 work(plan, study, storage)

@@ -102,6 +102,13 @@ start_postgres() {
     if ! exists pg_database datname "$db"; then
       as_postgres createdb -p "$PGPORT" -O "$DB_USER" "$db" 2>/dev/null || exists pg_database datname "$db"
     fi
+    # One made otherwise (by hand, as postgres) may not let the role make its tables: one line here, not a
+    # traceback from every server worker (or every sweep) later.
+    if [[ $(psql_admin -d "$db" -c "SELECT has_schema_privilege('$DB_USER', 'public', 'CREATE')") != t ]]; then
+      fail "database $db exists, owned by $(psql_admin -d postgres -c \
+        "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = '$db'"), and $DB_USER may not make" \
+        "tables in it: as postgres, ALTER DATABASE $db OWNER TO $DB_USER (or use another MLFLOW_DB/OPTUNA_DB)"
+    fi
   done
   echo "PostgreSQL $PG_VERSION on $PGHOST:$PGPORT: databases $MLFLOW_DB (tracking) and $OPTUNA_DB (Optuna), owner $DB_USER"
 }

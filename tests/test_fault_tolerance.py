@@ -1173,6 +1173,22 @@ def test_dead_tracking_server_fails_within_a_minute_exit_4_and_the_rerun_resumes
         stop_group(server)
 
 
+def test_a_server_gone_mid_run_is_one_line_that_says_why(monkeypatch):
+    """The step's last line cut MLflow's message at 300 characters, before its reason: `... (Caused by
+    NewConnectionError(.` instead of Connection refused."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import _server_failure
+
+    dead = f"http://alice:s3cret@127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(MlflowException) as failed:
+        MlflowClient().get_run("0" * 32)
+    assert _server_failure(failed.value) == (f"tracking server {dead.replace('s3cret', '***')} failed: "
+                                             "no answer (Connection refused)")
+
+
 def test_creating_the_store_checks_that_a_server_or_other_store_answers():
     """`python -m pipeline.tracking` (the README's first command) said "tracking store ... ready" for a server
     that was down, a mistyped scheme or a driver this project lacks, and `mlflow run` then retried for minutes;

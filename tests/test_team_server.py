@@ -204,6 +204,34 @@ def test_workers_opening_a_new_study_database_together_all_get_it():
         drop_databases(pgport, name)
 
 
+def test_a_study_whose_database_goes_away_mid_sweep_is_one_line():
+    """A sweep whose Optuna PostgreSQL failed mid-study (its server stopped, its database gone) died on a traceback
+    of Optuna's, whose message blames the data ("invalid data in the commit, e.g. exceeding max length"), and the
+    sweep run kept that message as its reason."""
+    from pipeline import sweep
+    from pipeline.tracking import StepFailed
+
+    pgport = os.environ.get("PGPORT", "5432")
+    name = f"optuna_gone_{uuid.uuid4().hex[:10]}"
+    run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name).check_returncode()
+    url = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{pgport}/{name}"
+    storage = sweep.open_storage(url)
+    try:
+        study = optuna.create_study(storage=storage, study_name="s")
+        trial = study.ask()
+        drop_databases(pgport, name)
+        with pytest.raises(StepFailed) as failed, sweep.storage_failures(url):
+            study.tell(trial, 0.5)  # Optuna's StorageInternalError, from SQLAlchemy's OperationalError
+        assert str(failed.value) == (f"storage postgresql://{USER}:***@127.0.0.1:{pgport}/{name} failed: "
+                                     f'connection to server at "127.0.0.1", port {pgport} failed: FATAL:  database '
+                                     f'"{name}" does not exist; rerun the same command to go on with the study')
+        with pytest.raises(ValueError, match="other"), sweep.storage_failures(url):
+            raise ValueError("any other error goes on as it was")
+    finally:
+        storage.engine.dispose()
+        drop_databases(pgport, name)
+
+
 # ---------------------------------------------------------------- the script's own checks
 
 def run_script(*args: str, timeout: float = 120, **settings: str) -> subprocess.CompletedProcess:
@@ -308,7 +336,7 @@ def test_an_ipv6_pghost_is_bracketed_in_the_servers_store_uri(tmp_path):
     stubs = tmp_path / "bin"
     stubs.mkdir()
     scripts = {"pg_lsclusters": "echo '15 main 5432 online postgres /nowhere /nowhere.log'", "pg_isready": "",
-               "pg_ctlcluster": "exit 1", "createdb": "exit 1", "psql": "echo 1",
+               "pg_ctlcluster": "exit 1", "createdb": "exit 1", "psql": "echo t",
                "runuser": 'shift 3; exec "$@"',  # runuser -u postgres -- CMD...
                "python": f'[[ $1 == -m && $2 == mlflow ]] && {{ echo "uri=$MLFLOW_BACKEND_STORE_URI"; exit 0; }}\n'
                          f'exec {sys.executable} "$@"'}
@@ -360,6 +388,19 @@ def test_bad_postgresql_settings_are_one_line_and_quick():
     other_port = str(free_port())
     assert f"not PGPORT={other_port}" in one_error_line(run_script("postgres", PGPORT=other_port))
     assert time.monotonic() - started < 15
+
+
+def test_a_database_the_role_may_not_make_tables_in_is_one_line():
+    """A database that existed already, made by hand as postgres (`createdb mlflow`), was taken as it was: the script
+    said "owner mlflow", then every server worker died on "permission denied for schema public" (a sweep too)."""
+    name = f"mlflow_owner_{uuid.uuid4().hex[:10]}"
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
+    subprocess.run([*as_postgres, "createdb", "-p", os.environ.get("PGPORT", "5432"), name], check=True, cwd="/")
+    try:
+        line = one_error_line(run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name))
+        assert f"database {name} exists, owned by postgres" in line and f"ALTER DATABASE {name} OWNER TO" in line
+    finally:
+        subprocess.run([*as_postgres, "dropdb", "-p", os.environ.get("PGPORT", "5432"), name], check=True, cwd="/")
 
 
 def test_a_start_that_loses_the_race_to_another_caller_is_fine_once_the_server_answers():

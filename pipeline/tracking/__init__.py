@@ -466,7 +466,10 @@ def _server_failure(exc: BaseException) -> str | None:
     if not isinstance(exc, MlflowException) or not uri.startswith(("http://", "https://")):
         return None
     shown = _without_password(uri)  # MLflow's message quotes the request's URL, credentials and all
-    return f"tracking server {shown} failed: {_first_line(str(exc.message).replace(uri, shown))[:300]}"
+    # A server gone: the OS's reason, as `_check_server_answers` says it; it ends MLflow's message, past 300 characters
+    errno = re.search(r"failed with exception .*\[Errno -?\d+\] ([^'\")]+)", str(exc.message))
+    reason = f"no answer ({errno.group(1).strip()})" if errno else _first_line(str(exc.message).replace(uri, shown))
+    return f"tracking server {shown} failed: {reason[:300]}"
 
 
 def tag_failure(run_id: str, reason: str, exc: BaseException) -> None:
