@@ -17,6 +17,7 @@ types those files contain: a crafted batch cannot run code.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import io
@@ -390,8 +391,40 @@ def keras_cache_dir() -> Path:
 
 
 def fetch_cifar10() -> Path:
-    """Path of a verified official archive (or extracted folder) from the Keras cache, else download."""
+    """Path of a verified official archive (or extracted folder) from the Keras cache, else download. Commands that
+    download it at once take turns (a file lock in the cache): Keras writes the download into the cache's file, so
+    two writing it together left a file that failed its hash check (each later one finds the first's download)."""
     cache = keras_cache_dir()
+    found = _cifar10_in_cache(cache)
+    if found:
+        return found
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        lock = open(cache / f".{CIFAR10_ARCHIVE_NAMES[0]}.lock", "a")  # noqa: SIM115 - held until the download ends
+    except OSError as exc:  # a cache not ours: Keras could not write the download there either
+        raise DataError(f"data.source: cannot download CIFAR-10 into {cache} ({exc.strerror or exc}). Put the "
+                        f"official cifar-10-python.tar.gz ({CIFAR10_URL}) there or pass its path (or an image "
+                        f"folder) as -P data=PATH") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        found = _cifar10_in_cache(cache)  # another command's download, finished while this one waited
+        if found:
+            return found
+        try:
+            import keras  # downloads are Keras's job: it retries, caches and checks the hash
+
+            return Path(keras.utils.get_file(fname=CIFAR10_ARCHIVE_NAMES[0], origin=CIFAR10_URL,
+                                             file_hash=CIFAR10_SHA256, hash_algorithm="sha256"))
+        except Exception as exc:  # noqa: BLE001 - any network or hash failure ends the same way
+            raise DataError(
+                f"data.source: cannot download CIFAR-10 ({type(exc).__name__}: {exc}). Put the official "
+                f"cifar-10-python.tar.gz ({CIFAR10_URL}) in {cache}/ or pass its path (or an image folder) "
+                f"as -P data=PATH"
+            ) from None
+
+
+def _cifar10_in_cache(cache: Path) -> Path | None:
+    """The verified official archive, or an extracted folder, the Keras cache holds; None if it holds neither."""
     # Keras 3's own `keras.datasets.cifar10.load_data()` keeps the archive as `cifar-10-batches-py-target_archive`
     # and extracts it under `cifar-10-batches-py-target/`: a machine that ran it has CIFAR-10 already
     for name in (*CIFAR10_ARCHIVE_NAMES, f"{CIFAR10_DIR}-target_archive"):
@@ -403,17 +436,7 @@ def fetch_cifar10() -> Path:
                    cache / f"{CIFAR10_DIR}-target" / CIFAR10_DIR):
         if (folder / "batches.meta").is_file():
             return folder
-    try:
-        import keras  # downloads are Keras's job: it retries, caches and checks the hash
-
-        return Path(keras.utils.get_file(fname=CIFAR10_ARCHIVE_NAMES[0], origin=CIFAR10_URL,
-                                         file_hash=CIFAR10_SHA256, hash_algorithm="sha256"))
-    except Exception as exc:  # noqa: BLE001 - any network or hash failure ends the same way
-        raise DataError(
-            f"data.source: cannot download CIFAR-10 ({type(exc).__name__}: {exc}). Put the official "
-            f"cifar-10-python.tar.gz ({CIFAR10_URL}) in {cache}/ or pass its path (or an image folder) "
-            f"as -P data=PATH"
-        ) from None
+    return None
 
 
 def verify_sha256(path: Path, expected: str) -> None:

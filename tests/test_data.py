@@ -125,6 +125,36 @@ def test_an_official_batch_or_archive_that_cannot_be_read_is_named_not_a_traceba
         data.load_source("cifar10")
 
 
+def test_commands_downloading_cifar10_at_once_take_turns(tmp_path, monkeypatch):
+    """Keras writes a download into the cache's file: two commands downloading CIFAR-10 together wrote it at once,
+    and it failed its hash check. They take turns; the second finds the first's download."""
+    import threading
+
+    import keras
+
+    archive, _, _ = write_official(tmp_path / "made")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(data, "CIFAR10_SHA256", data.file_sha256(archive))
+    downloads = []
+
+    def download(fname, **kwargs):  # a slow network: the other command starts meanwhile
+        downloads.append(fname)
+        target = data.keras_cache_dir() / fname
+        threading.Event().wait(0.5)
+        target.write_bytes(archive.read_bytes())
+        return str(target)
+
+    monkeypatch.setattr(keras.utils, "get_file", download)
+    found = []
+    commands = [threading.Thread(target=lambda: found.append(data.fetch_cifar10())) for _ in range(2)]
+    for command in commands:
+        command.start()
+    for command in commands:
+        command.join()
+    assert downloads == ["cifar-10-python.tar.gz"]
+    assert found == [data.keras_cache_dir() / "cifar-10-python.tar.gz"] * 2
+
+
 def test_cifar10_offline_with_nothing_local_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     import keras
