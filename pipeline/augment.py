@@ -23,6 +23,25 @@ def _reflect(index, size: int):
     return (size - 1) - ops.abs((size - 1) - ops.abs(index))
 
 
+def replica_draws(batch):
+    """(rows to draw, the function that keeps this replica's own) for a random draw of one row per image of `batch`.
+
+    Under a `tf.distribute` strategy each replica runs the augmentation on its slice of the global batch from the same
+    seed state (a `SeedGenerator`'s state is one mirrored variable), so every replica drew the same numbers: with R
+    replicas, image k of each slice got the same shift, flip and cutout square, R times fewer draws per step than on
+    one device. There each replica draws for all R slices and keeps the rows of its own (an epoch's last batch, split
+    unevenly, may repeat a row between neighbours). Elsewhere (one device, JAX's DataParallel: one program over the
+    whole batch): `batch` rows, all kept."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            first = context.replica_id_in_sync_group * batch
+            return batch * context.num_replicas_in_sync, lambda drawn: drawn[first:first + batch]
+    return batch, lambda drawn: drawn
+
+
 def shift_flip(images, *, max_shift: int, fill: str = "nearest", flip: bool = True, seed=None):
     """Translate each image by integer (dy, dx) in [-max_shift, max_shift] and flip half of them.
 
@@ -38,13 +57,14 @@ def shift_flip(images, *, max_shift: int, fill: str = "nearest", flip: bool = Tr
         seed = keras.random.SeedGenerator(seed)  # an int seed would give every draw the same numbers
     batch = ops.shape(images)[0]
     height, width, channels = images.shape[1], images.shape[2], images.shape[3]
-    dy = keras.random.randint((batch,), -max_shift, max_shift + 1, seed=seed)
-    dx = keras.random.randint((batch,), -max_shift, max_shift + 1, seed=seed)
+    draws, mine = replica_draws(batch)
+    dy = mine(keras.random.randint((draws,), -max_shift, max_shift + 1, seed=seed))
+    dx = mine(keras.random.randint((draws,), -max_shift, max_shift + 1, seed=seed))
     # Output row i reads source row i + dy; output column k reads (flipped) column k + dx.
     rows = ops.arange(height)[None, :] + dy[:, None]
     cols = ops.arange(width)[None, :]
     if flip:
-        flipped = keras.random.uniform((batch,), seed=seed) < 0.5
+        flipped = mine(keras.random.uniform((draws,), seed=seed)) < 0.5
         cols = ops.where(flipped[:, None], width - 1 - cols, cols)
     cols = cols + dx[:, None]
     # One gather of every output pixel from its source, clipped ("nearest", "constant") or mirrored
@@ -95,8 +115,9 @@ def cutout(images, *, side: int, seed=None):
         seed = keras.random.SeedGenerator(seed)
     batch = ops.shape(images)[0]
     height, width = images.shape[1], images.shape[2]
-    top = keras.random.randint((batch, 1), 0, height - side + 1, seed=seed)
-    left = keras.random.randint((batch, 1), 0, width - side + 1, seed=seed)
+    draws, mine = replica_draws(batch)
+    top = mine(keras.random.randint((draws, 1), 0, height - side + 1, seed=seed))
+    left = mine(keras.random.randint((draws, 1), 0, width - side + 1, seed=seed))
     rows, cols = ops.arange(height)[None, :] - top, ops.arange(width)[None, :] - left
     square = ((rows >= 0) & (rows < side))[:, :, None] & ((cols >= 0) & (cols < side))[:, None, :]
     return ops.where(square[..., None], ops.zeros_like(images), images)

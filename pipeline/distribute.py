@@ -130,6 +130,16 @@ class Distribution:
     def scope(self) -> contextlib.AbstractContextManager:
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
+    def end(self) -> None:
+        """Training is over: what the process builds and runs next (the served copy and its input example, evaluate in
+        `main`, a sweep's next trial) runs on one device. JAX's DataParallel is Keras's process-wide distribution: left
+        in place, every later model was sharded over the devices, and a batch no multiple of them (the served model's
+        power-of-two batches on 3 GPUs) failed with jax's IndivisibleError; a later `none` trained data-parallel."""
+        if self.mode == "data_parallel":
+            import keras
+
+            keras.distribution.set_distribution(None)
+
     def agree(self, job: dict[str, str], done: int,
               fast_path: tuple[str, bool | str] = ("float32", False)) -> tuple[int, tuple[str, bool | str]]:
         """In a cluster, check before the model is built that every host trains the same job from the same epoch;
@@ -337,6 +347,7 @@ def distribution(mode: str) -> Distribution:
         replicas = gpus or devices
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=replicas))
         return Distribution(mode, replicas)
+    keras.distribution.set_distribution(None)  # an earlier training's data_parallel in this process (a sweep's trial)
     return Distribution(mode, (gpus or devices)[:1])
 
 

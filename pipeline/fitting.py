@@ -756,6 +756,51 @@ class EMABatchNorm(keras.callbacks.Callback):
         self.recalibrate()
 
 
+class ReplicaMeanBatchNorm(keras.callbacks.Callback):
+    """Under a `tf.distribute` strategy of several replicas (mirrored, multi_worker), BatchNormalization's moving
+    statistics made the mean of every replica's, of every host's, before each validation and when training ends.
+
+    Keras 3 makes them mirrored variables that each replica updates from its own slice of the batch and that are never
+    synchronised (tf.keras read them as the mean of the replicas'): the copies drifted apart, validation scored each
+    replica's slice of the images with that replica's statistics, while the checkpoint, the served model and evaluate
+    read the first replica's alone, and a resumed run gave every replica the first's, validating otherwise than the
+    uninterrupted run. The moving average is linear, so their mean is the moving average of the slices' mean moments,
+    whenever it is taken: every replica then holds the statistics that are validated, checkpointed and served."""
+
+    def __init__(self, strategy):
+        super().__init__()
+        self.strategy, self._average = strategy, None
+
+    def average(self) -> None:
+        import tensorflow as tf
+
+        if self._average is None:
+            norms = [layer for layer in self.model._flatten_layers()
+                     if isinstance(layer, keras.layers.BatchNormalization)]
+            moving = [v.value for layer in norms for v in (layer.moving_mean, layer.moving_variance)]
+
+            def replica_mean():  # each replica's copy: the mean of every replica's
+                means = tf.distribute.get_replica_context().all_reduce("MEAN", [v.read_value() for v in moving])
+                for variable, mean in zip(moving, means, strict=True):
+                    variable.assign(mean)
+
+            self._average = tf.function(lambda: self.strategy.run(replica_mean))
+        self._average()
+
+    def on_test_begin(self, logs=None):
+        self.average()
+
+    def on_train_end(self, logs=None):
+        self.average()
+
+
+def replica_mean_batch_norm(model: keras.Model) -> list:
+    """[`ReplicaMeanBatchNorm`] where `model` trains under a `tf.distribute` strategy of several replicas, else []."""
+    if keras.backend.backend() != "tensorflow" or model.distribute_strategy.num_replicas_in_sync < 2:
+        return []
+    return [ReplicaMeanBatchNorm(model.distribute_strategy)]
+
+
 class Interruptible(keras.callbacks.Callback):
     """Raises again a stopping signal's exception that Keras swallowed (`pipeline.interrupts`): after each batch,
     right after the conversion of the batch's logs that swallows it, and after each epoch; and, before the first
@@ -791,6 +836,8 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
     verbose = progress_verbosity(t.verbose)
     if verbose == 2:
         callbacks, verbose = [*callbacks, EpochLine()], 0
+    # the replicas' statistics averaged first: before EMA's recomputation, the validation, the checkpoint at the end
+    callbacks = [*replica_mean_batch_norm(model), *callbacks]
     options = dict(epochs=t.epochs, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks, Interruptible()],
                    verbose=verbose)
     first_epoch = max((Checkpoint.completed_epochs(c.backup_dir) for c in callbacks if isinstance(c, Checkpoint)),

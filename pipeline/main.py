@@ -39,6 +39,8 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "", dist: Di
         with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id) as train_run:
             model_uri = train.run(cfg, dataset_uri, dist)
         train_run_id = train_run.info.run_id
+    if dist:  # evaluate and register on one device (train.run ends a distribution it trained under)
+        dist.end()
     set_tags({"train_run_id": train_run_id})
     with step_run(cfg, "evaluate"):
         metrics = evaluate.run(cfg, model_uri, dataset_uri)

@@ -165,6 +165,7 @@ def train_session(cfg: config.Config, dataset_uri: str, dist: Distribution | Non
                   [MlflowEpochLogger(images_per_epoch(t, train_images), logged),
                    Checkpoint(checkpoint_dir(run_id), t.checkpoint_every, keep=not dist.cluster),
                    clock, *extra_callbacks])
+    dist.end()
     reason = diverged(history)
     if reason:
         shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)  # resuming a diverged run would diverge again

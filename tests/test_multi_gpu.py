@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
+import sys
+import textwrap
 
 import pytest
 
 from bench import multi_gpu
 from pipeline import config
+from tests.conftest import ROOT
 
 
 def arm(backend, name, seconds=None, val_acc=0.9, error=None, skipped=None):
@@ -275,6 +279,102 @@ def test_batches_every_replica_gets_images_of_are_accepted():
     Distribution("none", ["cpu:0"]).check_batches(32, False, 32, 1025, 257)
     Distribution("data_parallel", ["cpu:0", "cpu:1"]).check_batches(32, False, 0, 1026, 258)  # even last batches
     Distribution("data_parallel", ["cpu:0", "cpu:1"]).check_batches(32, True, 0, 1025, 256)  # the odd one dropped
+
+
+def test_each_replica_draws_its_own_shifts_flips_and_cutout_squares():
+    """Under MirroredStrategy each replica augments its slice of the batch from the one mirrored seed state: every
+    replica drew the same numbers, so with 2 replicas image k of each slice got the same shift, flip and cutout square
+    (half the draws of one device). Here one image fills the batch: the two slices come out different, and the next
+    step draws anew. Two TensorFlow CPU devices, in a process of their own (set before TensorFlow starts)."""
+    script = textwrap.dedent("""
+        import json
+        import numpy as np
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from pipeline.augment import RandomCutout, RandomShiftFlip
+        from pipeline.distribute import distribution
+        strategy = distribution("mirrored").strategy
+        with strategy.scope():
+            layers = {"shift_flip": RandomShiftFlip(3, seed=0), "cutout": RandomCutout(4, seed=0)}
+        images = np.tile(np.arange(1, 65, dtype="float32").reshape(1, 8, 8, 1), (8, 1, 1, 1))
+        batch = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(images))))
+        seen = {}
+        for name, layer in layers.items():
+            step = tf.function(lambda x: strategy.run(lambda x: layer(x, training=True), args=(x,)))
+            first, second = ([v.numpy() for v in strategy.experimental_local_results(step(batch))] for _ in range(2))
+            seen[name] = [len(first[0]), np.array_equal(*first), np.array_equal(first[0], second[0])]
+        print(json.dumps(seen))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    # per layer: each replica's slice of 4 images; the two slices the same; a replica's slice the same next step
+    assert seen == {"shift_flip": [4, False, False], "cutout": [4, False, False]}
+
+
+def test_every_replica_validates_and_saves_the_mean_of_the_replicas_batch_norm_statistics():
+    """Keras 3's BatchNormalization moving statistics are mirrored variables each replica updates from its own slice
+    and never synchronised: validation scored each replica's slice with that replica's, the checkpoint and the served
+    model held the first replica's alone, and a resumed run (every replica given the first's) validated otherwise than
+    the uninterrupted one. After `fit` every replica holds the same, their mean: a 1-epoch tiny run over two
+    TensorFlow CPU devices, in a process of their own (set before TensorFlow starts)."""
+    script = textwrap.dedent("""
+        import json
+        import keras
+        import numpy as np
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from pipeline import config, fitting, prepare
+        from pipeline.distribute import distribution
+        cfg = config.load("params/tiny.yaml", ["data.synthetic_train=64", "data.synthetic_test=32", "train.epochs=1",
+                                               "train.distribute=mirrored", "train.verbose=0"])
+        dataset, dist = prepare.build(cfg), distribution("mirrored")
+        splits = fitting.held_out_split(dataset, cfg.train)
+        model = fitting.compile_model(cfg, fitting.training_part(dataset, splits), dist, len(splits[0]))
+        fitting.fit(model, cfg, splits, len(dataset.class_names), [])
+        norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+        copies = [[c.numpy() for c in v.value.values] for n in norms for v in (n.moving_mean, n.moving_variance)]
+        print(json.dumps([len(copies), sum(np.array_equal(*pair) for pair in copies)]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    statistics, the_same = json.loads(done.stdout.splitlines()[-1])
+    assert statistics > 4 and the_same == statistics  # every moving mean and variance: one value on both replicas
+
+
+def test_jaxs_data_parallel_ends_with_its_training():
+    """keras.distribution.DataParallel is process-wide: after a data_parallel training, the served copy, evaluate in
+    `main` and a sweep's next trial (`none`) were still sharded over every device, and a batch no multiple of them
+    failed (jax's IndivisibleError; the served model's power-of-two batches on 3 GPUs). Three XLA host devices, in a
+    process of their own (set before JAX starts)."""
+    script = textwrap.dedent("""
+        import keras
+        import numpy as np
+        from pipeline.distribute import distribution
+
+        def predicts_one_image():
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+            try:
+                return model.predict(np.ones((1, 4), "float32"), verbose=0).shape == (1, 2)
+            except Exception as exc:
+                return type(exc).__name__
+
+        trained = distribution("data_parallel")
+        seen = [trained.replicas, predicts_one_image()]
+        seen.append(distribution("none").replicas == 1 and predicts_one_image())  # the next trial of a sweep
+        distribution("data_parallel").end()  # what follows a training: its served copy, evaluate
+        seen.append(predicts_one_image())
+        print(seen)
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "[3, 'IndivisibleError', True, True]"
 
 
 @pytest.mark.parametrize(("batch", "drop", "train", "val", "message"), [
