@@ -55,15 +55,15 @@
 #   python -m bench.gpu_report --unpack PATH/gpu-results.tar.gz   (extracts the results into bench/results and
 #   .gpu-state into the checkout, replacing the one carried, and writes gpu.md)
 #
-# A stage whose programs an earlier stage of the call compiled (the same model, shapes, schedule and training images)
-# loads them from JAX's compilation cache (a folder of the call's own, under $TMPDIR, removed at its end):
-# its first epoch is then short by about `compile_seconds_saved`, and its gpu-*.json says so
-# (`compile_cache_programs`). Of this call's stages only fast-warm does so (fast's programs): the others each differ
-# from the rest in model or schedule, and explore-seed1's seed draws other held-out images (the normalisation's mean
-# and std differ). improved keeps its own cache in .gpu-state/jax, carried with its unfinished training (while the
-# checkout, .whl, .data and .gpu-state stay within the 64 MiB a call sends; GPU_SH_CARRY_MIB): a later call on the
-# same kind of GPU that goes on from it loads its programs instead of compiling them for ~100 s (each call's count:
-# `parts` of its JSON).
+# Each stage compiles into a JAX compilation cache of its own (a folder of the call's, under $TMPDIR, removed at its
+# end), so that its first epoch and fit seconds include its compiling as fast's do; only fast-warm loads programs,
+# fast's (its gpu-*.json says how many: `compile_cache_programs`; its first epoch is short by about
+# `compile_seconds_saved`). Shared, every explore stage of fast.yaml's model loaded some of fast's (those its schedule
+# leaves the same: in the CPU rehearsal weight initialisers and a train step), and explore-drop's first epoch, the
+# question of whether whole batches halve the compile, was short for that alone. improved keeps its own cache in
+# .gpu-state/jax, carried with its unfinished training (while the checkout, .whl, .data and .gpu-state stay within
+# the 64 MiB a call sends; GPU_SH_CARRY_MIB): a later call on the same kind of GPU that goes on from it loads its
+# programs instead of compiling them for ~100 s (each call's count: `parts` of its JSON).
 #
 # A CPU rehearsal at toy scale (synthetic images, tiny widths, 2 epochs), for any machine with JAX:
 #   GPU_SH_SMOKE=1 OUT=/tmp/gpu-smoke bash bench/gpu.sh
@@ -122,10 +122,10 @@ if [[ -n "${GPU_SH_SMOKE:-}" ]]; then
   STATE=${GPU_SH_STATE:-$OUT/state-smoke}  # never the checkout's own
 fi
 STATE=${STATE:-${GPU_SH_STATE:-.gpu-state}}  # improved.yaml's training between calls
-# The stages' JAX compilation cache: a folder of the call's own, removed at its end. pipeline's (~/.cache) outlives
-# the call on a machine kept warm, and a later call's fast stage loaded the programs an earlier one compiled: fast
-# timed without its compiling, and fast-warm no different from it. One set in the environment is used as it is
-# (empty: off); improved keeps its own in $STATE/jax.
+# The stages' JAX compilation caches: a folder of the call's own, removed at its end, one subfolder per stage (fast-warm
+# shares fast's). pipeline's (~/.cache) outlives the call on a machine kept warm, and a later call's fast stage loaded
+# the programs an earlier one compiled: fast timed without its compiling, and fast-warm no different from it. One set
+# in the environment is used as it is, by every stage (empty: off); improved keeps its own in $STATE/jax.
 if [[ -z ${JAX_COMPILATION_CACHE_DIR+set} ]] && stage_cache=$(mktemp -d "${TMPDIR:-/tmp}/gpu-jax.XXXXXX"); then
   export JAX_COMPILATION_CACHE_DIR=$stage_cache
   trap 'rm -rf "$stage_cache"' EXIT
@@ -158,7 +158,10 @@ stage() {  # stage NAME SECONDS ARGS...: one bench.gpu_epoch run, its console in
     return
   fi
   echo "== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$LOG"
-  timeout --signal=INT --kill-after=10 "$limit" "$PY" -m bench.gpu_epoch "${source_args[@]}" \
+  local cache=()  # the stage's own folder of the call's cache (fast-warm: fast's); one set otherwise, as it is
+  [[ -n ${stage_cache:-} && ${JAX_COMPILATION_CACHE_DIR-} == "$stage_cache" ]] \
+    && cache=(env "JAX_COMPILATION_CACHE_DIR=$stage_cache/${name%-warm}")
+  "${cache[@]}" timeout --signal=INT --kill-after=10 "$limit" "$PY" -m bench.gpu_epoch "${source_args[@]}" \
     --out "$OUT/gpu-$name.json" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   echo "== $name exit $rc $(date -u +%T)" | tee -a "$LOG"
