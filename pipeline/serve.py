@@ -21,9 +21,12 @@ the message; any other exception would become a 400 without the reason.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
+import os
 import re
+import sys
 from typing import Any
 
 import mlflow
@@ -32,7 +35,6 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from pipeline.augment import normalized_zero, tta_views
 from pipeline.config import SHIFT_FILLS, TTA_MODES
 from pipeline.data import CHANNELS, IMAGE_FORMATS, IMAGE_SIZE, PIL_FORMATS, DataError, decode_image
 
@@ -242,6 +244,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     mirror image, "flip_shift" those and both shifted by one pixel diagonally either way (6 views), the uncovered
     border filled as the training shifts filled it: `shift_fill`, train.shift_fill of the run that trained it.
     Evaluate scores through `predict_proba` too, so the measured and the served model agree.
+    backend: the Keras backend that trained it (`keras.backend.backend()`), which `load_context` loads it on where
+    KERAS_BACKEND is unset and that backend is installed: Keras picks TensorFlow otherwise, which a JAX model's logged
+    environment lacks. (The saved model loads on either, so where only TensorFlow is installed it runs there.)
     """
 
     # `predict` has no type hints on purpose: `to_pixels` validates every request (see INPUT_FORMATS), and
@@ -249,14 +254,19 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     # ChatModel uses it); without it MLflow warns "Add type hints to the `predict` method" on every import.
     _skip_type_hint_validation = True
 
-    def __init__(self, tta: str = "none", shift_fill: str = "nearest"):
+    def __init__(self, tta: str = "none", shift_fill: str = "nearest", backend: str | None = None):
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         if shift_fill not in SHIFT_FILLS:
             raise ValueError(f"shift_fill must be one of {', '.join(SHIFT_FILLS)}, got {shift_fill!r}")
-        self.tta, self.shift_fill = tta, shift_fill
+        self.tta, self.shift_fill, self.backend = tta, shift_fill, backend
 
     def load_context(self, context):
+        # Keras reads KERAS_BACKEND once, when first imported: nothing this module imports at its top loads it.
+        # Models logged before the backend was recorded have none.
+        backend = getattr(self, "backend", None)
+        if backend and "keras" not in sys.modules and importlib.util.find_spec(backend):
+            os.environ.setdefault("KERAS_BACKEND", backend)
         import keras
 
         # Models logged before inference copies dropped the augmentation layer still hold that custom class:
@@ -279,6 +289,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks])
 
     def _predict_batch(self, pixels: np.ndarray) -> np.ndarray:
+        from pipeline.augment import normalized_zero, tta_views  # imports Keras: not before load_context
+
         # Models logged before tta existed have none; before shift_fill, their shifted views repeated the edge.
         tta, fill = getattr(self, "tta", "none"), getattr(self, "shift_fill", "nearest")
         zero = normalized_zero(self.model) if tta == "flip_shift" and fill == "constant" else None

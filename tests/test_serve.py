@@ -6,18 +6,24 @@ started on a free loopback port and killed at the end.
 
 from __future__ import annotations
 
+import ast
 import base64
 import contextlib
+import importlib.metadata
 import io
 import json
 import math
 import os
 import re
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import cloudpickle
+import keras
 import mlflow
 import numpy as np
 import pandas as pd
@@ -28,6 +34,7 @@ from PIL import Image
 from bench.servers import free_port, start_model_server, stop_group
 from pipeline import config, predict, prepare, serve, train
 from pipeline.data import decode_image
+from pipeline.tracking import training
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_SECONDS = 120
@@ -251,6 +258,78 @@ def test_logged_model_documents_formats_and_enforces_no_casting_signature(model_
     assert info.signature is None  # a uint8 tensor signature would silently cast floats to 0
     assert "base64" in info.metadata["input_formats"] and "0-255" in info.metadata["input_formats"]
     assert info.saved_input_example_info["serving_input_path"] == "serving_input_example.json"
+
+
+def imported_packages(code: Path) -> dict[str, set[str]]:
+    """Every top-level module that `pipeline.serve` in a logged model's `code/` copy imports, lazily too, through the
+    modules of `pipeline` it imports, with the distributions (normalised names) that install it (mlflow: mlflow,
+    mlflow-skinny and mlflow-tracing): what serving it needs installed."""
+    def source(module: str) -> Path:  # pipeline.x -> code/pipeline/x.py, or its __init__.py
+        path = code.joinpath(*module.split("."))
+        return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+    to_read, read, top_names = ["pipeline", "pipeline.serve"], set(), set()
+    while to_read:
+        module = to_read.pop()
+        if module in read or not source(module).exists():  # `from pipeline.config import X`: X is no module
+            continue
+        read.add(module)
+        for node in ast.walk(ast.parse(source(module).read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] == "pipeline":
+                    to_read.append(name)
+                elif name.split(".")[0] not in sys.stdlib_module_names:
+                    top_names.add(name.split(".")[0])
+    distributions = importlib.metadata.packages_distributions()
+    return {name: {re.sub(r"[-_.]+", "-", d).lower() for d in distributions[name]} for name in top_names}
+
+
+def test_logged_requirements_pin_every_package_the_served_code_imports(model_uri):
+    """requirements.txt (what `--env-manager virtualenv` or `uv` installs) pins each package the served code imports,
+    and cloudpickle, which reads python_model.pkl, to the versions that logged it, and nothing else: NumPy, PyYAML and
+    cloudpickle were missing, left to whatever release another package's range admitted on the day."""
+    folder = Path(mlflow.artifacts.download_artifacts(model_uri))
+    pins = dict(line.split("==") for line in (folder / "requirements.txt").read_text().split())
+    pins = {re.sub(r"[-_.]+", "-", name).lower(): pinned for name, pinned in pins.items()}
+    assert pins == {name: importlib.metadata.version(name) for name in pins}
+    # the backend's package is imported on that backend only (augment: TensorFlow's replica context)
+    backend = keras.backend.backend()
+    needed = {module: dists for module, dists in imported_packages(folder / "code").items()
+              if module not in ("tensorflow", "jax")} | {backend: {backend}}
+    assert [module for module, dists in needed.items() if not dists & set(pins)] == []
+    assert set(pins) - set().union(*needed.values()) == {"cloudpickle"}
+    assert pins["cloudpickle"] == mlflow.models.Model.load(folder).flavors["python_function"]["cloudpickle_version"]
+
+
+def test_serving_requirements_of_a_jax_model_pin_jaxlib(monkeypatch):
+    """jax==X admits older jaxlib releases (0.10.2: jaxlib 0.10.1 too): the one that trained the model is pinned."""
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    pins = training.serving_requirements()
+    assert pins[:2] == [f"jax=={importlib.metadata.version('jax')}", f"jaxlib=={importlib.metadata.version('jaxlib')}"]
+    assert not any(pin.startswith("tensorflow") for pin in pins)
+
+
+def test_served_model_loads_on_the_backend_it_was_trained_on_from_its_own_code(model_uri, local_model, tmp_path):
+    """Keras picks TensorFlow where KERAS_BACKEND is unset, which a JAX model's logged environment lacks ("No module
+    named 'tensorflow'" in a fresh `--env-manager uv`): the model loads on its own backend instead. Run from another
+    folder, without the checkout on the path: `pipeline` comes from the model's `code/` copy."""
+    assert local_model.unwrap_python_model().backend == keras.backend.backend()
+    folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model")))
+    with (folder / "python_model.pkl").open("wb") as f:  # the same model, as if trained on JAX
+        cloudpickle.dump(serve.ImageClassifier("flip_shift", "reflect", "jax"), f)
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "PYTHONPATH")}
+    script = ("import mlflow; model = mlflow.pyfunc.load_model('model'); import keras, pipeline; "
+              "print(keras.backend.backend(), pipeline.__file__, model.predict(model.input_example)['label'].size)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["jax", str(folder / "code" / "pipeline" / "__init__.py"), "2"]
 
 
 def test_in_process_predict_returns_labels_and_probabilities(local_model):

@@ -152,13 +152,15 @@ def log_model(model: keras.Model, class_names: list[str], example: np.ndarray,
     become 0 under uint8) and no single schema admits both pixel tensors and base64 images, so
     `serve.to_pixels` validates every request instead. The accepted formats go into the MLmodel
     metadata, with `tta` (evaluate.tta: the served test-time augmentation) and `shift_fill` (train.shift_fill
-    of the run that trained `model`: flip_shift's shifted views fill their border as its training shifts did).
+    of the run that trained `model`: flip_shift's shifted views fill their border as its training shifts did); the
+    served model keeps the Keras backend it was trained on, to load on it where KERAS_BACKEND is unset.
     """
     with tempfile.TemporaryDirectory() as tmp:
         model.save(Path(tmp) / "model.keras")
         (Path(tmp) / "class_names.json").write_text(json.dumps(class_names))
         return mlflow.pyfunc.log_model(
-            name="model", python_model=serve.ImageClassifier(tta, shift_fill), code_paths=[str(PIPELINE_DIR)],
+            name="model", python_model=serve.ImageClassifier(tta, shift_fill, keras.backend.backend()),
+            code_paths=[str(PIPELINE_DIR)],
             artifacts={serve.KERAS_ARTIFACT: str(Path(tmp) / "model.keras"),
                        serve.CLASSES_ARTIFACT: str(Path(tmp) / "class_names.json")},
             signature=False, input_example=np.asarray(example, dtype=np.uint8),
@@ -194,6 +196,11 @@ def logged_model_of(run_id: str) -> str | None:
 
 
 def serving_requirements() -> list[str]:
-    """The served model needs the backend it was trained with, Keras, MLflow and Pillow."""
-    packages = (keras.backend.backend(), "keras", "mlflow", "pandas", "pillow")  # backend names are package names
-    return [f"{pkg}=={version(pkg)}" for pkg in packages]
+    """What the served model imports (pipeline.serve and the modules it loads: the backend it was trained with, with
+    jaxlib beside jax, Keras, MLflow, NumPy, pandas, Pillow, PyYAML) and cloudpickle, which reads its
+    python_model.pkl, each pinned to the version that logged it: an environment built from them later gets no newer
+    release of any."""
+    backend = keras.backend.backend()  # backend names are package names
+    packages = (backend, *(("jaxlib",) if backend == "jax" else ()), "keras", "mlflow", "cloudpickle", "numpy",
+                "pandas", "pillow", "pyyaml")
+    return [f"{pkg}=={version(pkg)}" for pkg in dict.fromkeys(packages)]
