@@ -9,7 +9,6 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -20,6 +19,7 @@ from mlflow.entities import ViewType
 from pipeline import config, evaluate, main, prepare, register, train
 from pipeline.tracking import cli, registry, steps
 from tests.conftest import ROOT
+from tests.register_race import register_after_barrier
 from tests.test_fault_tolerance import TINY, experiment_runs
 
 
@@ -301,18 +301,24 @@ def test_cifar10_out_of_reach_is_one_line_before_any_run(store, in_process, monk
 
 
 
-@pytest.mark.parametrize("module", ["pipeline.main", "pipeline.compare"])
-def test_help_needs_no_tracking_store(tmp_path, module):
+@pytest.mark.parametrize("module", ["main", "compare"])
+def test_help_needs_no_tracking_store(tmp_path, monkeypatch, in_process, module):
     """`python -m pipeline.<step> --help` made `mlflow.db` in the working directory (the store was created before
-    the arguments were read), and with MLFLOW_TRACKING_URI naming a server that does not answer it exited 4."""
+    the arguments were read), and with MLFLOW_TRACKING_URI naming a server that does not answer it exited 4. Run in
+    this process (`in_process`: `cli` as the module's `python -m` runs it), from an empty working directory."""
     from tests.conftest import free_port
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PIPELINE_"))}
-    env["PYTHONPATH"] = str(ROOT)
+    for key in [k for k in os.environ if k.startswith(("MLFLOW_", "PIPELINE_"))]:
+        monkeypatch.delenv(key)
+    mlflow.set_tracking_uri(None)  # as in a process of its own: no store set, MLflow's default in the working directory
+    monkeypatch.chdir(tmp_path)
     # an abbreviation is no option (`config._Parser`): `--hel` is refused in one line, before any store is made
     for uri, asked in ((None, "--help"), (f"http://127.0.0.1:{free_port()}", "--help"), (None, "--hel")):
-        shown = subprocess.run([sys.executable, "-m", module, asked], cwd=tmp_path, capture_output=True, text=True,
-                               timeout=300, env={**env, **({"MLFLOW_TRACKING_URI": uri} if uri else {})})
+        if uri:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        else:
+            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        shown = in_process(module, asked)
         if asked == "--hel":
             assert shown.returncode == 2 and shown.stderr.strip() == "error: arguments: unrecognized arguments: --hel"
         else:
@@ -381,8 +387,9 @@ def test_three_runs_started_together_on_a_fresh_store_all_finish(tmp_path):
     for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(key, None)
     lrs = ["0.02", "0.05", "0.1"]
+    small = "data.synthetic_train=256 data.synthetic_test=64"  # the start and the registers race, not the epochs
     procs = [subprocess.Popen(["bash", "-c", f"python -m pipeline.tracking && mlflow run {ROOT} --env-manager local "
-                               f"-P params={TINY} -P epochs=1 -P 'overrides=train.lr={lr} train.seed={i}'"],
+                               f"-P params={TINY} -P epochs=1 -P 'overrides=train.lr={lr} train.seed={i} {small}'"],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i, lr in enumerate(lrs)]
     outputs = [p.communicate(timeout=900) for p in procs]
@@ -550,26 +557,6 @@ def test_an_equal_score_is_a_tie_that_keeps_the_champion(store):
     assert decisions[0]["alias_moved"] and not decisions[1]["alias_moved"]
     assert "does not beat" in decisions[1]["reason"]
     assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
-
-
-def register_after_barrier(uri: str, experiment_id: str, model_uri: str, barrier, delay: float, decisions) -> None:
-    """Register `model_uri` in a process of its own; read the champion, wait for the other register to have
-    read it too, sleep `delay`, then go on."""
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    read = registry.current_champion
-    first = [True]
-
-    def read_then_wait(name, alias):
-        champion = read(name, alias)
-        if first:
-            first.clear()
-            barrier.wait(timeout=120)
-            time.sleep(delay)
-        return champion
-
-    registry.current_champion = read_then_wait
-    with mlflow.start_run(experiment_id=experiment_id):
-        decisions.put(register.run(config.load(TINY), model_uri))
 
 
 def test_two_registers_placing_an_alias_no_version_holds_both_place_it(store, monkeypatch):
@@ -1076,7 +1063,8 @@ def test_a_champion_scored_on_other_test_data_is_scored_on_the_challengers_to_co
     leaves no version, and its rerun scores again."""
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("e2e").experiment_id
-    main_run(in_process, "1", "data.max_test=64 evaluate.tta=flip")  # v1, flip TTA, scored on 64 test images
+    small = "data.synthetic_train=256"  # a quarter of tiny's training images: what is scored matters here, not how well
+    main_run(in_process, "1", f"{small} data.max_test=64 evaluate.tta=flip")  # v1, flip TTA, scored on 64 test images
     v1 = client.get_model_version("cifar10-resnet", "1")
     champion_uri = registry.version_model_uri(v1)
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
@@ -1089,12 +1077,12 @@ def test_a_champion_scored_on_other_test_data_is_scored_on_the_challengers_to_co
         return scoring(cfg, model_uri, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "run", stopped_while_scoring_the_champion)
-    main_run(in_process, "2", "", code=130)  # v2's model, scored on all 256 test images, without TTA
+    main_run(in_process, "2", small, code=130)  # v2's model, scored on all 256 test images, without TTA
     assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 1  # nothing registered
     (killed,) = experiment_runs(client, "tags.scores_champion = 'cifar10-resnet/1'")
     assert killed.info.status == "KILLED"
     monkeypatch.setattr(evaluate, "run", scoring)
-    main_run(in_process, "2", "")  # the rerun goes on from the trained model: evaluates, scores v1 again, registers
+    main_run(in_process, "2", small)  # the rerun goes on from the trained model: evaluates, scores v1 again, registers
     v2 = client.get_model_version("cifar10-resnet", "2")
     assert v1.tags["test_data_sha256"] != v2.tags["test_data_sha256"]
     (register_run,) = experiment_runs(client, "tags.step = 'register' and tags.registered_version = '2'")
