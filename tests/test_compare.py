@@ -151,21 +151,14 @@ def test_two_trainings_show_in_the_ui_and_compare(server, in_process):
                                                                           "'no-such'"
 
 
-def test_sweep_marks_a_failed_trial_goes_on_and_registers_the_best(server, tmp_path, in_process):
+def test_sweep_marks_a_failed_trial_goes_on_and_registers_the_best(server, tmp_path):
     experiment_id = create_experiment(server, "e2e-sweep")
     spec = tmp_path / "sweep-fails.yaml"
     # data_parallel passes validation but needs the JAX backend, so that trial fails at run time.
     spec.write_text(f"base: {TINY}\noverrides: {{train.epochs: 1, register.model_name: sweep-model, "
-                    f"train.validation_fraction: 0.1, tracking.experiment: e2e-sweep}}\n"
+                    f"train.validation_fraction: 0.1}}\n"
                     "grid:\n  train.distribute: [data_parallel, none]\n")
-    # `python -m pipeline.sweep` in this process, against the server; a sweep under the run `mlflow run` opened:
-    # test_team_server.py (`mlflow run -e sweep`), test_sweep.py (MLFLOW_RUN_ID set as `mlflow run` sets it)
-    mlflow.set_tracking_uri(server)
-    try:
-        done = in_process("sweep", "--spec", str(spec), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
-                          env={"MLFLOW_TRACKING_URI": server})
-    finally:
-        mlflow.set_tracking_uri(None)
+    done = mlflow_run(server, "e2e-sweep", "sweep", spec=str(spec), storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert done.returncode == 0, done.stderr[-3000:]
 
     sweep = search(server, experiment_id, "tags.step = 'sweep'")
