@@ -9,7 +9,6 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -20,6 +19,7 @@ from mlflow.entities import ViewType
 from pipeline import config, evaluate, main, prepare, register, train
 from pipeline.tracking import cli, registry, steps
 from tests.conftest import ROOT
+from tests.register_race import register_after_barrier
 from tests.test_fault_tolerance import TINY, experiment_runs
 
 
@@ -301,18 +301,24 @@ def test_cifar10_out_of_reach_is_one_line_before_any_run(store, in_process, monk
 
 
 
-@pytest.mark.parametrize("module", ["pipeline.main", "pipeline.compare"])
-def test_help_needs_no_tracking_store(tmp_path, module):
+@pytest.mark.parametrize("module", ["main", "compare"])
+def test_help_needs_no_tracking_store(tmp_path, monkeypatch, in_process, module):
     """`python -m pipeline.<step> --help` made `mlflow.db` in the working directory (the store was created before
-    the arguments were read), and with MLFLOW_TRACKING_URI naming a server that does not answer it exited 4."""
+    the arguments were read), and with MLFLOW_TRACKING_URI naming a server that does not answer it exited 4. Run in
+    this process (`in_process`: `cli` as the module's `python -m` runs it), from an empty working directory."""
     from tests.conftest import free_port
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PIPELINE_"))}
-    env["PYTHONPATH"] = str(ROOT)
+    for key in [k for k in os.environ if k.startswith(("MLFLOW_", "PIPELINE_"))]:
+        monkeypatch.delenv(key)
+    mlflow.set_tracking_uri(None)  # as in a process of its own: no store set, MLflow's default in the working directory
+    monkeypatch.chdir(tmp_path)
     # an abbreviation is no option (`config._Parser`): `--hel` is refused in one line, before any store is made
     for uri, asked in ((None, "--help"), (f"http://127.0.0.1:{free_port()}", "--help"), (None, "--hel")):
-        shown = subprocess.run([sys.executable, "-m", module, asked], cwd=tmp_path, capture_output=True, text=True,
-                               timeout=300, env={**env, **({"MLFLOW_TRACKING_URI": uri} if uri else {})})
+        if uri:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        else:
+            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        shown = in_process(module, asked)
         if asked == "--hel":
             assert shown.returncode == 2 and shown.stderr.strip() == "error: arguments: unrecognized arguments: --hel"
         else:
@@ -381,8 +387,9 @@ def test_three_runs_started_together_on_a_fresh_store_all_finish(tmp_path):
     for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(key, None)
     lrs = ["0.02", "0.05", "0.1"]
+    small = "data.synthetic_train=256 data.synthetic_test=64"  # the start and the registers race, not the epochs
     procs = [subprocess.Popen(["bash", "-c", f"python -m pipeline.tracking && mlflow run {ROOT} --env-manager local "
-                               f"-P params={TINY} -P epochs=1 -P 'overrides=train.lr={lr} train.seed={i}'"],
+                               f"-P params={TINY} -P epochs=1 -P 'overrides=train.lr={lr} train.seed={i} {small}'"],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i, lr in enumerate(lrs)]
     outputs = [p.communicate(timeout=900) for p in procs]
@@ -550,26 +557,6 @@ def test_an_equal_score_is_a_tie_that_keeps_the_champion(store):
     assert decisions[0]["alias_moved"] and not decisions[1]["alias_moved"]
     assert "does not beat" in decisions[1]["reason"]
     assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
-
-
-def register_after_barrier(uri: str, experiment_id: str, model_uri: str, barrier, delay: float, decisions) -> None:
-    """Register `model_uri` in a process of its own; read the champion, wait for the other register to have
-    read it too, sleep `delay`, then go on."""
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    read = registry.current_champion
-    first = [True]
-
-    def read_then_wait(name, alias):
-        champion = read(name, alias)
-        if first:
-            first.clear()
-            barrier.wait(timeout=120)
-            time.sleep(delay)
-        return champion
-
-    registry.current_champion = read_then_wait
-    with mlflow.start_run(experiment_id=experiment_id):
-        decisions.put(register.run(config.load(TINY), model_uri))
 
 
 def test_two_registers_placing_an_alias_no_version_holds_both_place_it(store, monkeypatch):

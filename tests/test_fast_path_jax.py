@@ -18,15 +18,21 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import mlflow_run
-from tests.test_fast_path import assert_two_device_run, run_distributed
+from tests.test_fast_path import assert_two_device_run
 
 XLA = "train.jit_compile=true"
 
 
-def test_wrong_engine_for_the_backend_is_a_param_error(store):
-    result = run_distributed(store, "jax", "mirrored")
-    assert result.returncode == 2
-    assert "error: train.distribute: 'mirrored' needs the TensorFlow backend" in result.stderr
+def test_wrong_engine_for_the_backend_is_a_param_error(store, in_process, monkeypatch):
+    """`train` on JAX asked for TensorFlow's engine: refused as a param error. In this process (its Keras loaded on
+    TensorFlow, told it runs JAX): the refusal comes before any training, so no JAX process need start for it."""
+    import keras
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    result = in_process("train", "--params", "params/tiny.yaml", "--epochs", "2", "--overrides",
+                        "train.distribute=mirrored tracking.experiment=e2e")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: train.distribute: 'mirrored' needs the TensorFlow backend, not jax" in result.stderr
 
 
 def test_device_batches_cover_every_image_once_per_epoch_in_a_new_order():
@@ -85,20 +91,37 @@ def test_main_on_the_jax_backend_data_parallel_over_two_devices_with_images_held
 def test_a_second_run_loads_its_compiled_programs_from_jaxs_cache_and_says_so(store, tmp_path):
     """`pipeline` turns on JAX's persistent compilation cache (the suite turns it off, tests/conftest.py): the same
     training again loads its train and test steps instead of compiling them, and its run says how many and how much
-    compiling that spared."""
-    from tests.conftest import run_module
+    compiling that spared. The two trainings run one after the other in one process (as a sweep's trials do: one JAX
+    start-up less); the second's model is a new one, whose programs JAX's in-memory caches do not hold."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
 
     cache = tmp_path / "jax-cache"
     # JAX keeps only programs that took over 1 s to compile: tiny's take less
     env = {**store, "KERAS_BACKEND": "jax", "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    args = ("--params", "params/tiny.yaml", "--epochs", "1", "--resume", "never",
-            "--overrides", f"{XLA} data.synthetic_train=256 data.synthetic_test=64")
-    cold = run_module(env, "pipeline.train", *args)
-    assert cold.returncode == 0, cold.stderr[-3000:]
-    assert any(cache.iterdir())
-    warm = run_module(env, "pipeline.train", *args)
-    assert warm.returncode == 0, warm.stderr[-3000:]
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from pipeline import train
+        from pipeline.tracking import cli
+        for name in ("cold", "warm"):
+            print(f"=== {{name}}", flush=True)
+            sys.argv = ["train", "--params", "params/tiny.yaml", "--epochs", "1", "--resume", "never",
+                        "--overrides", "{XLA} data.synthetic_train=256 data.synthetic_test=64"]
+            cli(train.main)
+            sys.stdout.flush()
+            if name == "cold":
+                print("cache holds programs:", any(Path({str(cache)!r}).iterdir()), flush=True)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parts = dict(part.split("\n", 1) for part in result.stdout.split("=== ")[1:])
+    cold, warm = parts["cold"], parts["warm"]
+    assert "cache holds programs: True" in cold, cold[-3000:]
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, "tags.step = 'train'", order_by=["attributes.start_time ASC"])
@@ -106,7 +129,7 @@ def test_a_second_run_loads_its_compiled_programs_from_jaxs_cache_and_says_so(st
     programs = [r.data.metrics["compile_cache_programs"] for r in runs]
     assert programs[0] == 0 and programs[1] >= 2, programs  # the train step and the test step
     assert runs[1].data.metrics["compile_seconds_saved"] > 0
-    assert "compiled program(s) loaded from" in warm.stdout and "loaded from" not in cold.stdout
+    assert "compiled program(s) loaded from" in warm and "loaded from" not in cold
 
 
 def test_the_jax_compilation_cache_set_empty_is_off(monkeypatch):
@@ -257,8 +280,12 @@ def test_a_resumed_fit_on_jax_trains_on_the_batches_an_uninterrupted_one_does(tm
 
     from tests.conftest import ROOT
 
+    # JAX's persistent compilation cache, in a folder of this test's: the second and third trainings' models load the
+    # first's programs instead of compiling them again (68 -> 44 CPU-s here); the same programs, the same losses
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     result = subprocess.run([sys.executable, "-c", RESUMED_ORDER, str(tmp_path)], cwd=ROOT, capture_output=True,
-                            text=True, env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=300)
+                            text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("losses ")]
     uninterrupted, resumed = json.loads(f"[{line.removeprefix('losses ').replace('] [', '], [')}]")

@@ -107,8 +107,10 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float
     return {m.step: m.value for m in history}
 
 
-# A step schedule that decays after epoch 2 of 3, so the resumed run (killed after epoch 1) crosses it.
-STEP_SCHEDULE = "overrides=train.schedule=step train.lr_boundaries=[0.5]"
+# A step schedule that decays after epoch 2 of 3, so the resumed run (killed after epoch 1) crosses it. The experiment
+# is a param too, so that `mlflow run --experiment-name e2e` and `python -m pipeline.main` in this process (its
+# runs in `tracking.experiment`) are one command: the same job (resume.train_key), runs in one experiment.
+STEP_SCHEDULE = "train.schedule=step train.lr_boundaries=[0.5] tracking.experiment=e2e"
 
 
 def stop_holding_no_store_lock(pid: int, db: Path, tries: int = 50) -> None:
@@ -130,13 +132,16 @@ def stop_holding_no_store_lock(pid: int, db: Path, tries: int = 50) -> None:
     raise AssertionError(f"the store stayed locked at {tries} tries to stop process {pid}")
 
 
-def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path):
+def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path, in_process):
     store = {**store, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # system metrics every second, not 10
-    live = start_mlflow_run(store, "epochs=3", STEP_SCHEDULE)
+    live = start_mlflow_run(store, "epochs=3", f"overrides={STEP_SCHEDULE}")
     wait_for_checkpoint(tmp_path / "checkpoints", live)
     stop_holding_no_store_lock(live.pid, tmp_path / "mlflow.db")  # alive, holding its training lock, no progress
+    # The identical command, while the first one trains (`python -m pipeline.main`, run in this process: another
+    # process than the first's all the same)
+    command = ("--params", TINY, "--epochs", "3", "--overrides", STEP_SCHEDULE)
     try:
-        second = run_to_end(store, "epochs=3", STEP_SCHEDULE)  # the identical command, while the first one trains
+        second = in_process("main", *command, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     finally:
         kill_tree(live.pid)  # now the first one dies without a word, like a machine going down
         live.wait(timeout=30)
@@ -147,10 +152,10 @@ def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path
     runs = {r.info.status: r for r in experiment_runs(client, "tags.step = 'train'")}
     assert sorted(runs) == ["FINISHED", "RUNNING"]  # two runs; nobody was left to mark the killed one
     killed, uninterrupted = runs["RUNNING"], runs["FINISHED"]
-    done = run_to_end(store, "epochs=3", STEP_SCHEDULE)
+    done = in_process("main", *command)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming train run {killed.info.run_id}" in done.stdout
-    assert "Epoch 1/3" not in done.stdout + done.stderr  # continued from the checkpoint, not from scratch
+    assert "Epoch 1/3" not in done.stdout + done.stderr and "Epoch 3/3" in done.stdout  # from the checkpoint on
 
     assert len(experiment_runs(client, "tags.step = 'train'")) == 2
     resumed = client.get_run(killed.info.run_id)
@@ -182,7 +187,8 @@ def test_a_killed_run_resumes_after_an_identical_prepare_run_on_its_own(store, t
     """A rerun found the newest identical prepare run: one run on its own after the kill (`-e prepare`) gave the rerun
     another dataset URI, so another `train_key`, and it trained afresh, the killed run left RUNNING. Every command
     now reuses the first, whose dataset the killed run trained on."""
-    longer = "data.synthetic_train=4096"  # epochs of seconds: killed after the first, not after the last
+    # epochs of seconds: killed after the first, not after the last (the experiment: see STEP_SCHEDULE)
+    longer = "data.synthetic_train=4096 tracking.experiment=e2e"
     killed = start_mlflow_run(store, "epochs=3", f"overrides={longer}")
     wait_for_checkpoint(tmp_path / "checkpoints", killed)
     kill_tree(killed.pid)
@@ -192,12 +198,12 @@ def test_a_killed_run_resumes_after_an_identical_prepare_run_on_its_own(store, t
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert len(client.search_runs(experiments, "tags.step = 'prepare'")) == 2  # two identical prepare runs
-    done = run_to_end(store, "epochs=3", f"overrides={longer}")
+    done = in_process("main", "--params", TINY, "--epochs", "3", "--overrides", longer)  # the same command
     assert done.returncode == 0, done.stderr[-3000:]
-    train = experiment_runs(client, "tags.step = 'train'")
+    train = client.search_runs(experiments, "tags.step = 'train'")
     assert len(train) == 1 and train[0].info.status == "FINISHED"  # the killed run, resumed
     assert f"resuming train run {train[0].info.run_id}" in done.stdout
-    assert "Epoch 1/3" not in done.stdout + done.stderr
+    assert "Epoch 1/3" not in done.stdout + done.stderr and "Epoch 3/3" in done.stdout
 
 
 @pytest.mark.parametrize("ends", ["before", "after"])
@@ -961,8 +967,9 @@ def test_a_checkpoint_of_other_code_is_resumed_only_by_id_and_the_run_says_so(st
     assert tags["train_code"] == resume.train_code()
 
 
-# Epochs twice tiny's, so that Ctrl-C a second after epoch 1's checkpoint lands in epoch 2 on a busy machine too.
-LONGER = "data.synthetic_train=2048"
+# Epochs twice tiny's, so that Ctrl-C a second after epoch 1's checkpoint lands in epoch 2 on a busy machine too
+# (the experiment: see STEP_SCHEDULE).
+LONGER = "data.synthetic_train=2048 tracking.experiment=e2e"
 
 
 def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tmp_path, in_process):
@@ -993,10 +1000,10 @@ def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tm
     shorter = in_process("main", *args, "--overrides", LONGER, "--epochs", "1")
     assert shorter.returncode == 2 and shorter.stderr.strip().splitlines()[-1].startswith("error: train.epochs: ")
 
-    # resume=never starts afresh and leaves the interrupted run as it was.
-    fresh = run_to_end(store, "epochs=2", f"overrides={LONGER}", "resume=never")
+    # resume=never starts afresh and leaves the interrupted run as it was (the same command, in this process).
+    fresh = in_process("main", "--params", TINY, "--epochs", "2", "--overrides", LONGER, "--resume", "never")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert "resuming train run" not in fresh.stdout
+    assert "resuming train run" not in fresh.stdout and "Epoch 1/2" in fresh.stdout
     assert client.get_run(run_id).info.status == "KILLED"
     assert (tmp_path / "checkpoints" / run_id / "training_metadata.json").exists()
 
@@ -1189,12 +1196,31 @@ def test_a_server_gone_mid_run_is_one_line_that_says_why(monkeypatch):
                                              "no answer (Connection refused)")
 
 
-def test_creating_the_store_checks_that_a_server_or_other_store_answers():
+def test_creating_the_store_checks_that_a_server_or_other_store_answers(monkeypatch, capsys):
     """`python -m pipeline.tracking` (the README's first command) said "tracking store ... ready" for a server
     that was down, a mistyped scheme or a driver this project lacks, and `mlflow run` then retried for minutes;
     a step given such a URI died on a traceback. Now: one line naming the URI (never its password), non-zero, at
-    once for a dead server (MLflow's client would retry it for minutes: past this test's 120 s per command)."""
+    once for a dead server (MLflow's client would retry it for minutes: past this test's 120 s per command).
+    The first URI through the command itself, with no MLFLOW_* set (the project's own HTTP retry defaults); the
+    others through what it runs, in this process (no Python and MLflow start-up per URI)."""
+    from pipeline.tracking import cli, store_ready
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    for key in [k for k in os.environ if k.startswith("MLFLOW_") and not k.startswith("MLFLOW_HTTP_REQUEST_")]:
+        monkeypatch.delenv(key)
+    mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+
+    def in_this_process(uri: str) -> subprocess.CompletedProcess:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        capsys.readouterr()
+        code = 0
+        try:
+            cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([uri], code, out, err)
+
     dead = f"http://127.0.0.1:{free_port()}"
     for uri, code, error in [
         (dead, 4, f"error: tracking server {dead} failed: "),
@@ -1213,8 +1239,13 @@ def test_creating_the_store_checks_that_a_server_or_other_store_answers():
         # MLflow 3 refuses a file store, and ends its long sentence with the way out: kept whole
         ("file:///tmp/no-file-store", 2, "error: MLFLOW_TRACKING_URI: cannot open the tracking store file:///tmp/"),
     ]:
-        done = subprocess.run([sys.executable, "-m", "pipeline.tracking"], cwd=ROOT, capture_output=True, text=True,
-                              env={**env, "MLFLOW_TRACKING_URI": uri}, timeout=120)
+        start = time.monotonic()
+        if uri == dead:
+            done = subprocess.run([sys.executable, "-m", "pipeline.tracking"], cwd=ROOT, capture_output=True,
+                                  text=True, env={**env, "MLFLOW_TRACKING_URI": uri}, timeout=120)
+        else:
+            done = in_this_process(uri)
+        assert time.monotonic() - start < 120, uri
         lines = done.stderr.strip().splitlines()
         assert done.returncode == code and len(lines) == 1 and lines[0].startswith(error), (uri, done.stderr[-2000:])
         assert "ready" not in done.stdout and "s3cret" not in done.stderr and "s3/cret" not in done.stderr
@@ -1286,16 +1317,16 @@ def test_the_ready_line_and_the_runs_console_link_never_print_the_stores_passwor
                             "mlflow`, then http://127.0.0.1:5000/#/experiments/7/runs/r1")
 
 
-UNINTERRUPTED: dict[bool, list[float]] = {}  # train.ema -> the losses of the uninterrupted fit, computed once
-
-
-@pytest.mark.parametrize(("every", "stop", "ema"), [(1, 2, False), (2, 3, False), (2, 3, True)])
-def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_path, every, stop, ema):
+@pytest.mark.parametrize("ema", [False, True])
+def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_path, ema):
     """The shifts, flips and cutout draw from SeedGenerators whose state `save_weights` leaves out: the checkpoint
     holds it, so the epochs after a resume have the losses of the uninterrupted run (they differed from the first
     epoch after it; without augmentation they matched). With weight EMA the last epoch, saved when training ends,
     holds the trained weights, not the averages `fit` ends with (a resume from those lost 0.845 -> 1.050).
-    The uninterrupted fit, checkpointed every epoch, is the same for every `every` and `stop`: one per `ema`."""
+    One fit, stopped and resumed twice: after epoch 2 (without EMA at a checkpoint, one every epoch; with EMA between
+    checkpoints, one every 5 epochs, stopped before the checkpoint callback sees the epoch, as bench.gpu_epoch
+    --stop-after stops params/improved.yaml), then after epoch 3 between checkpoints (one every 2 epochs), then to
+    its end; each resumed epoch's loss is the uninterrupted fit's."""
     import numpy as np
 
     from pipeline import data, fitting
@@ -1305,53 +1336,28 @@ def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_pa
                       "train.ema_momentum=0.9")
     dataset = data.make_synthetic(n_train=256, n_test=64, seed=0)
     splits = fitting.split_validation(dataset, 0.0, 0)
-
     models = []
 
-    def fit(folder, *callbacks, every=every):
+    def fit(folder, every, stop=None, stop_first=False):
         models.append(fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0])))
-        return fitting.fit(models[-1], cfg, splits, 10,
-                           [Checkpoint(folder, every, keep=True), *callbacks]).history["loss"]
+        callbacks = [Checkpoint(folder, every, keep=True), keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: setattr(models[-1], "stop_training", epoch + 1 == stop))]
+        return fitting.fit(models[-1], cfg, splits, 10, callbacks[::-1] if stop_first else callbacks).history["loss"]
 
-    stop_after = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: setattr(stop_after.model, "stop_training", epoch + 1 == stop))
-    if ema not in UNINTERRUPTED:
-        UNINTERRUPTED[ema] = fit(tmp_path / "a", every=1)
-    uninterrupted = UNINTERRUPTED[ema]
-    fit(tmp_path / "b", stop_after)  # as a kill after epoch `stop` would leave it, the last epoch saved (keep)
+    uninterrupted = fit(tmp_path / "a", 1)
+    assert len(uninterrupted) == 4
+    # as a kill after epoch 2 would leave it, the last epoch saved (keep)
+    first = fit(tmp_path / "b", 5, stop=2, stop_first=True) if ema else fit(tmp_path / "b", 1, stop=2)
+    assert len(first) == 2 and Checkpoint.completed_epochs(tmp_path / "b") == 2
+    second = fit(tmp_path / "b", 2, stop=3)
+    assert len(second) == 1 and Checkpoint.completed_epochs(tmp_path / "b") == 3
+    np.testing.assert_allclose(second, uninterrupted[2:3], rtol=1e-5)
     if ema:  # the model fit leaves (validated, served) still holds the averages
         assert all(np.array_equal(v.numpy(), a.numpy()) for v, a in zip(
             models[-1].trainable_variables, models[-1].optimizer._model_variables_moving_average, strict=True))
-    assert Checkpoint.completed_epochs(tmp_path / "b") == stop
-    resumed = fit(tmp_path / "b")
-    assert len(resumed) == 4 - stop
-    np.testing.assert_allclose(resumed, uninterrupted[stop:], rtol=1e-5)
-
-
-def test_a_fit_stopped_between_checkpoints_with_weight_ema_goes_on_from_its_raw_weights(tmp_path):
-    """bench.gpu_epoch --stop-after stops params/improved.yaml (train.ema, a checkpoint every 5 epochs) at any
-    epoch's end: the checkpoint saved there holds the raw weights. Saved when `fit` ended, it held the averaged
-    ones that `fit` puts in the model, and the resumed run trained from those (its losses were another run's)."""
-    import numpy as np
-
-    from pipeline import data, fitting
-    from pipeline.distribute import distribution
-
-    cfg = config.load(TINY, "train.epochs=4 train.ema=true train.verbose=0")
-    dataset = data.make_synthetic(n_train=256, n_test=64, seed=0)
-    splits = fitting.split_validation(dataset, 0.0, 0)
-
-    def fit(folder, *callbacks):
-        model = fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0]))
-        return fitting.fit(model, cfg, splits, 10, [*callbacks, Checkpoint(folder, 5, keep=True)]).history["loss"]
-
-    stop_after = keras.callbacks.LambdaCallback(  # before the checkpoint, as bench.gpu_epoch's StopBefore
-        on_epoch_end=lambda epoch, logs: setattr(stop_after.model, "stop_training", epoch + 1 == 2))
-    uninterrupted = fit(tmp_path / "a")
-    fit(tmp_path / "b", stop_after)
-    assert Checkpoint.completed_epochs(tmp_path / "b") == 2
-    resumed = fit(tmp_path / "b")
-    np.testing.assert_allclose(resumed, uninterrupted[2:], rtol=1e-5)
+    resumed = fit(tmp_path / "b", 2)
+    assert len(resumed) == 1
+    np.testing.assert_allclose(resumed, uninterrupted[3:], rtol=1e-5)
 
 
 def test_a_stopping_signal_that_keras_swallows_after_a_batch_still_stops_the_training(monkeypatch):

@@ -32,7 +32,7 @@ def runs_by_step(client: MlflowClient, parent_id: str) -> dict:
     return {r.data.tags["step"]: r for r in children}
 
 
-def test_main_trains_tracks_evaluates_registers_and_learns(store):
+def test_main_trains_tracks_evaluates_registers_and_learns(store, in_process):
     # A newcomer's shell: no TensorFlow settings of its own (importing pipeline set them in this process).
     own = ("TF_CPP_MIN_LOG_LEVEL", "TF_CPU_ALLOCATOR_USE_BFC")
     result = mlflow_run({k: v for k, v in store.items() if k not in own}, "main", params=TINY)
@@ -101,8 +101,10 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store):
     accuracy = np.mean(predictions["label"].to_numpy() == np.array(data.SYNTHETIC_CLASSES)[test.y_test[:64]])
     assert accuracy > 0.5
 
-    # A second, worse run (1 epoch) reuses the prepared dataset and is registered without the alias.
-    again = mlflow_run(store, "main", params=TINY, epochs="1", overrides="train.lr_boundaries=[]")
+    # A second, worse run (1 epoch) reuses the prepared dataset and is registered without the alias. `python -m
+    # pipeline.main` in this process (Keras is loaded here already): `mlflow run` of main is what ran above.
+    again = in_process("main", "--params", TINY, "--epochs", "1",
+                       "--overrides", "train.lr_boundaries=[] tracking.experiment=e2e")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reusing prepared dataset" in again.stdout
     assert len(client.search_runs([experiment], "tags.step = 'prepare'")) == 1
@@ -122,7 +124,11 @@ def test_each_entry_point_runs_on_its_own(store, in_process):
     folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{prepare_run.info.run_id}/dataset"))
     assert steps.dataset_params(str(folder / "dataset.npz"))["data.synthetic_test"] == "128"  # a copy says it too
 
-    trained = mlflow_run(store, "train", params=TINY, epochs="2", dataset_uri=dataset_uri)
+    # train and evaluate as `python -m pipeline.<step>` in this process (Keras loads once): how `mlflow run` starts a
+    # step is what `-e prepare` above and `-e register` and `-e train` below go through; their command lines are
+    # MLproject's (test_config.test_each_entry_points_command_line_is_the_one_mlproject_writes)
+    trained = in_process("train", "--params", TINY, "--epochs", "2", "--dataset-uri", dataset_uri,
+                         "--overrides", "tracking.experiment=e2e")
     assert trained.returncode == 0, trained.stderr[-3000:]
     train_run = client.search_runs([experiment], "tags.step = 'train'")[0]
     assert len(client.get_metric_history(train_run.info.run_id, "val_acc")) == 2
@@ -131,14 +137,14 @@ def test_each_entry_point_runs_on_its_own(store, in_process):
     assert "note: the data params are the dataset's" in trained.stderr and "(params: 256)" in trained.stderr
     model_uri = train_run.data.tags["model_uri"]
 
-    # `python -m pipeline.register` in this process: `-e register` runs through `mlflow run` below
+    # `python -m pipeline.register` in this process too: `-e register` runs through `mlflow run` below
     refused = in_process("register", "--params", TINY, "--model-uri", model_uri,
                          "--overrides", "tracking.experiment=e2e")
     assert refused.returncode == 2 and "run evaluate on it first" in refused.stderr, refused.stderr[-3000:]
     assert client.search_registered_models() == []
 
-    evaluated = mlflow_run(store, "evaluate", params=TINY, model_uri=model_uri, dataset_uri=dataset_uri,
-                           overrides="evaluate.tta=flip")
+    evaluated = in_process("evaluate", "--params", TINY, "--model-uri", model_uri, "--dataset-uri", dataset_uri,
+                           "--overrides", "evaluate.tta=flip tracking.experiment=e2e")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     # scored as it is served (logged without test-time augmentation), and told so
     assert "note: evaluate.tta=flip not applied" in evaluated.stderr

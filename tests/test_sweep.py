@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,9 +28,14 @@ SMALL = {"train.epochs": 3, "train.batch_size": 16, "data.synthetic_train": 1024
          "evaluate.samples": 1, "train.validation_fraction": 0.125}
 
 
-def write_spec(folder, name: str, body: str) -> str:
+# For trials whose learning no test here measures: one epoch on fewer images.
+QUICK = {"train.epochs": 1, "data.synthetic_train": 512}
+
+
+def write_spec(folder, name: str, body: str, changes: dict | None = None) -> str:
+    """A spec over params/tiny.yaml with SMALL (and `changes` to it) as its overrides."""
     path = folder / f"{name}.yaml"
-    overrides = ", ".join(f"{k}: {v}" for k, v in SMALL.items())
+    overrides = ", ".join(f"{k}: {v}" for k, v in {**SMALL, **(changes or {})}.items())
     path.write_text(f"base: {TINY}\noverrides: {{{overrides}}}\n{body}")
     return str(path)
 
@@ -56,7 +62,7 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
 
     done = in_process("sweep", "--spec", pruned_spec, "--study", "pruned")
     assert done.returncode == 0, done.stderr[-3000:]
-    done = in_process("sweep", "--spec", plain_spec, "--study", "plain", "--workers", "2")
+    done = in_process("sweep", "--spec", plain_spec, "--study", "plain")
     assert done.returncode == 0, done.stderr[-3000:]
 
     client = MlflowClient()
@@ -76,7 +82,6 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
     assert sorted(studies["pruned"].trials[1].intermediate_values) == list(range(1, stopped + 1))
     assert [t.state.name for t in studies["plain"].trials] == ["COMPLETE"] * 2
     assert all(r.info.status == "FINISHED" for r in plain_trials.values())
-    assert len({r.data.tags["worker"] for r in plain_trials.values()}) == 2  # --workers 2: two processes
 
     pruned_epochs = sum(epochs_of(client, r) for r in pruned_trains.values())
     plain_epochs = sum(epochs_of(client, r) for r in plain_trains.values())
@@ -321,9 +326,8 @@ def test_trials_validated_on_different_held_out_images_are_warned_of(store, tmp_
 def test_a_seed_sweep_with_one_validation_seed_ranks_its_trials_on_the_same_images(store, tmp_path, in_process):
     """Trials of other train.seed and one train.validation_seed: each trial's train run holds out the same images
     (tag val_data_sha256), logs the key, and the sweep warns of nothing."""
-    spec = write_spec(tmp_path, "sweep-seeds", "grid:\n  train.seed: [0, 1]\n")
-    done = in_process("sweep", "--spec", spec, "--study", "seeds",
-                      "--overrides", "train.validation_seed=3 train.epochs=1")
+    spec = write_spec(tmp_path, "sweep-seeds", "grid:\n  train.seed: [0, 1]\n", QUICK)
+    done = in_process("sweep", "--spec", spec, "--study", "seeds", "--overrides", "train.validation_seed=3")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "warning: the trials differ" not in done.stderr
     _, _, trains = sweep_runs(MlflowClient(), "seeds")
@@ -732,10 +736,15 @@ def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tm
     assert len({d["train.lr"] for d in first}) == 5
 
 
-def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_study(store, tmp_path, in_process):
+def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_study(store, tmp_path, in_process,
+                                                                                  monkeypatch):
     spec = write_spec(tmp_path, "sweep-killed", "grid:\n  train.lr: [0.1]\n")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     env = {**store, "SWEEP_HEARTBEAT_SECONDS": "1"}  # stale after 6 s without a heartbeat
+    # what SWEEP_HEARTBEAT_SECONDS=1 sets in a process of its own, for the rerun in this one (read at import: the
+    # rerun waited out the default 120 s)
+    monkeypatch.setattr(sweep, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(sweep, "GRACE_S", 6)
     cmd = [sys.executable, "-m", "pipeline.sweep", "--spec", spec, "--study", "killed"]
     worker = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -752,9 +761,10 @@ def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_stud
     study = optuna.load_study(study_name="killed", storage=storage)
     assert [t.state.name for t in study.trials] == ["RUNNING"]  # nobody has noticed yet
 
-    done = in_process("sweep", "--spec", spec, "--study", "killed", env={"SWEEP_HEARTBEAT_SECONDS": "1"})  # again
+    done = in_process("sweep", "--spec", spec, "--study", "killed")  # again
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "waiting for trial(s) 0: running in another worker, or stopped" in done.stdout  # not a silent wait
+    assert ("waiting for trial(s) 0: running in another worker, or stopped (a killed worker's trial is queued again "
+            "6 s after its last heartbeat)") in done.stdout  # not a silent wait
     study = optuna.load_study(study_name="killed", storage=storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
     assert study.trials[1].system_attrs["failed_trial"] == 0 and study.trials[1].params == study.trials[0].params
@@ -791,7 +801,9 @@ def test_a_trial_whose_worker_stopped_too_often_is_not_said_to_be_queued_again(t
 def test_a_killed_worker_of_several_is_a_warning_once_the_others_finish_the_study(store, tmp_path, in_process,
                                                                                  monkeypatch):
     """`--workers 2` with one worker killed (out of memory, say) while the other retried its trial and registered the
-    best ended in a traceback, and the finished sweep run was marked FAILED. Nothing finished: one line, exit 3."""
+    best ended in a traceback, and the finished sweep run was marked FAILED. Nothing finished: one line, exit 3.
+    Run from another folder than the project's, `--spec my-sweep.yaml --workers 2` started its study, then each worker
+    (run from the project root) said "spec: file not found", and the command told to rerun it as it was."""
     real = subprocess.Popen
 
     class Killed:
@@ -805,14 +817,17 @@ def test_a_killed_worker_of_several_is_a_warning_once_the_others_finish_the_stud
         return Killed() if kill_all or len(workers) == 1 else real(cmd, **kwargs)
 
     monkeypatch.setattr(subprocess, "Popen", popen)
-    spec = write_spec(tmp_path, "sweep-workers", "grid:\n  train.lr: [0.1]\n")
+    write_spec(tmp_path, "sweep-workers", "grid:\n  train.lr: [0.1]\n", QUICK)
+    monkeypatch.chdir(tmp_path)
+    spec = "sweep-workers.yaml"  # relative to this folder, where the worker runs too
     workers, kill_all = [], False
     done = in_process("sweep", "--spec", spec, "--study", "one-killed", "--workers", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "warning: sweep workers exited with [-9, 0]; the others finished study one-killed" in done.stderr
     client = MlflowClient()
-    parent, _, _ = sweep_runs(client, "one-killed")
+    parent, trials, _ = sweep_runs(client, "one-killed")
     assert parent.info.status == "FINISHED" and parent.data.tags["registered_version"] == "1"
+    assert [r.info.status for r in trials.values()] == ["FINISHED"]
 
     workers, kill_all = [], True
     done = in_process("sweep", "--spec", spec, "--study", "all-killed", "--workers", "2")
@@ -842,6 +857,9 @@ def test_a_sweep_of_several_workers_stopped_by_sigterm_stops_its_workers(store, 
                 break
             time.sleep(0.5)
         assert command.poll() is None and len(children) == 2, "the sweep ended before it could be stopped"
+        # --workers 2: two processes, each in a trial of its own
+        assert sorted(r.data.tags["worker"] for r in trials) == sorted(f"{socket.gethostname()}:{pid}"
+                                                                        for pid in children)
         command.send_signal(signal.SIGTERM)
         assert command.wait(timeout=120) == 128 + signal.SIGTERM
         assert "error: interrupted by SIGTERM" in log.read_text()
@@ -857,24 +875,19 @@ def test_a_sweep_of_several_workers_stopped_by_sigterm_stops_its_workers(store, 
     assert not client.search_model_versions("name = 'cifar10-resnet'")
 
 
-def test_the_workers_of_a_sweep_read_its_relative_spec_path_as_the_command_does(store, tmp_path, in_process,
-                                                                                monkeypatch):
-    """Run from another folder than the project's, `--spec my-sweep.yaml --workers 2` started its study, then each
-    worker (run from the project root) said "spec: file not found", and the command told to rerun it as it was."""
-    write_spec(tmp_path, "sweep-here", "grid:\n  train.lr: [0.1]\n")
-    monkeypatch.chdir(tmp_path)
-    done = in_process("sweep", "--spec", "sweep-here.yaml", "--study", "here", "--workers", "2")
-    assert done.returncode == 0, done.stderr[-3000:]
-    parent, trials, _ = sweep_runs(MlflowClient(), "here")
-    assert parent.data.tags["registered_version"] == "1" and [r.info.status for r in trials.values()] == ["FINISHED"]
-
-
-def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(store, tmp_path, in_process):
+def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(store, tmp_path, in_process,
+                                                                             monkeypatch):
     """SIGKILL between taking the study's register lock and recording the version left a study that every rerun
     called done ("registered version None") with nothing registered. A live registering worker is waited for."""
-    spec = write_spec(tmp_path, "sweep-regkill", "grid:\n  train.lr: [0.1]\n")
+    spec = write_spec(tmp_path, "sweep-regkill", "grid:\n  train.lr: [0.1]\n", QUICK)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = ("--spec", spec, "--study", "regkill", "--storage", storage)
+    with monkeypatch.context() as patched:  # its trial runs here; a worker that finds nothing left registers
+        patched.setattr(sweep, "finish", lambda *a: None)
+        trained = in_process("sweep", *args)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert [t.state.name for t in optuna.load_study(study_name="regkill", storage=storage).trials] == ["COMPLETE"]
+    assert "regkill.register" not in [s.study_name for s in optuna.get_all_study_summaries(storage, False)]
     die = "import os, signal; from pipeline import sweep; " \
           "sweep.register_best = lambda *a: os.kill(os.getpid(), signal.SIGKILL); sweep.main()"
     killed = subprocess.run([sys.executable, "-c", die, *args], env=store, cwd=ROOT, capture_output=True, text=True)

@@ -32,7 +32,7 @@ from tests.test_compare import api, artifact_bytes, create_experiment, params_of
 SCRIPT = ROOT / "scripts" / "team-server.sh"
 USER, PASSWORD = "mlflow", "mlflow"  # the script's default role
 TINY = "params/tiny.yaml"
-SMALL = "data.synthetic_train=768 data.synthetic_test=128 train.epochs=2"
+SMALL = "data.synthetic_train=512 data.synthetic_test=128 train.epochs=2 evaluate.samples=1"
 
 
 def drop_databases(port: str, *names: str, timeout: float = 60) -> None:
@@ -91,10 +91,19 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> str:
     return out
 
 
-def test_main_and_a_two_worker_sweep_on_the_postgresql_server(team, tmp_path):
+def test_main_and_a_two_worker_sweep_on_the_postgresql_server(team, tmp_path, in_process):
+    import mlflow
+
     url = team["url"]
     experiment_id = create_experiment(url, "team")
-    finish(mlflow_run(url, "team", "main", params=TINY, overrides=SMALL))
+    # `main` in this process (`mlflow run` against the server: the sweep's commands below), logging to the server
+    try:
+        done = in_process("main", "--params", TINY, "--overrides", f"{SMALL} tracking.experiment=team",
+                          env={"MLFLOW_TRACKING_URI": url, "PIPELINE_CHECKPOINT_DIR": str(tmp_path / "checkpoints")})
+    finally:
+        mlflow.tracking.fluent._active_experiment_id = None  # the server's "team": no other test's
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert [r["info"]["status"] for r in search(url, experiment_id, "tags.step = 'main'")] == ["FINISHED"]
 
     # Two workers started as on two hosts: the same command, one study of 4 trials in PostgreSQL.
     spec = tmp_path / "sweep-team.yaml"
