@@ -70,30 +70,31 @@ def run_distributed(env: dict, backend: str, mode: str, *overrides: str) -> subp
 
 
 def test_data_parallel_over_two_tensorflow_devices(store):
-    """Plain, then with weight EMA, which recomputes the BN statistics under the strategy (train.ema_bn_batches):
-    two trainings in one process, which sets up its two devices once (a TensorFlow start-up saved)."""
+    """Plain, then with weight EMA, which recomputes the BN statistics under the strategy (train.ema_bn_batches),
+    then an epoch ending in fewer images than replicas, refused: three `train` commands in one process, which sets up
+    its two devices once (TensorFlow start-ups saved). 1,025 images at batch 32 end each epoch with 1 image for 2
+    replicas: one would normalise an empty slice (NaN BatchNormalization statistics: 'diverged' on a GPU, a failed
+    conv on CPU devices). Exit 2, one line, before training."""
     result = run_distributed(store, "tensorflow", "mirrored", "",
-                             "train.ema=true train.ema_momentum=0.9 train.ema_bn_batches=4")
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = assert_two_device_runs(MlflowClient(), "tensorflow", 2)
-    assert sorted((run.data.params["train.ema"], run.data.params["train.ema_bn_batches"]) for run in runs) == [
-        ("false", "50"), ("true", "4")]
-
-
-def test_an_epoch_ending_in_fewer_images_than_replicas_is_refused_before_training(store):
-    """1,025 images at batch 32 end each epoch with 1 image for 2 replicas: one would normalise an empty slice
-    (NaN BatchNormalization statistics: 'diverged' on a GPU, a failed conv on CPU devices). Exit 2, one line."""
-    result = run_distributed(store, "tensorflow", "mirrored", "data.synthetic_train=1025 train.batch_size=32")
+                             "train.ema=true train.ema_momentum=0.9 train.ema_bn_batches=4",
+                             "data.synthetic_train=1025 train.batch_size=32")
+    # the last command's exit: a failure of either training before it would have ended the process with no refusal
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "train.batch_size" in line and "batch of 1 of the 1025" in line and "drop_remainder=true" in line
     assert "Traceback" not in result.stderr
     client = MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    runs = assert_two_device_runs(client, "tensorflow", 2, "attributes.status = 'FINISHED'")
+    assert sorted((run.data.params["train.ema"], run.data.params["train.ema_bn_batches"]) for run in runs) == [
+        ("false", "50"), ("true", "4")]
+    (run,) = client.search_runs([experiment], "tags.step = 'train' and attributes.status != 'FINISHED'")
     assert run.info.status == "FAILED" and "train.batch_size" in run.data.tags["failure_reason"]
     # with its params: refused before training began, it had none, and said nothing in the MLflow UI of what it was
     assert run.data.params["train.batch_size"] == "32" and run.data.params["data.synthetic_train"] == "1025"
-    assert not client.search_logged_models([client.get_experiment_by_name("e2e").experiment_id])
+    assert client.get_metric_history(run.info.run_id, "val_acc") == []
+    models = client.search_logged_models([experiment])
+    assert {model.source_run_id for model in models} == {run.info.run_id for run in runs}  # none of the refused one
 
 
 def assert_two_device_run(client: MlflowClient, backend: str):
@@ -102,9 +103,11 @@ def assert_two_device_run(client: MlflowClient, backend: str):
     return run
 
 
-def assert_two_device_runs(client: MlflowClient, backend: str, count: int) -> list:
-    """The store's `e2e` experiment holds `count` train runs, each trained 2 epochs on both devices and learned."""
-    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
+def assert_two_device_runs(client: MlflowClient, backend: str, count: int, where: str = "") -> list:
+    """The store's `e2e` experiment holds `count` train runs (those matching WHERE, a filter string, if given), each
+    trained 2 epochs on both devices and learned."""
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id],
+                              "tags.step = 'train'" + (f" and {where}" if where else ""))
     assert len(runs) == count, [run.info.run_id for run in runs]
     for run in runs:
         assert run.info.status == "FINISHED"
@@ -220,32 +223,35 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(store, tmp_path):
     assert list(checkpoints.iterdir()) == []  # both hosts removed their checkpoints once done
 
 
-@pytest.mark.parametrize("other", ["lr", "model", "code"])
-def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(store, tmp_path, other):
+def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(store, tmp_path):
     """A worker started with another lr, or left on other code (a checkout not pulled), would train other weights
     under the chief's logged params and code (with another batch size or epoch count it would wait on a collective
     forever): both hosts exit 2 before any step, naming what differs. With another model (other variable shapes)
     both failed sooner, with TensorFlow's traceback (exit 1), in building it: its variables' initial values are
-    broadcast from the chief."""
-    other_params = {"lr": "train.lr=0.2", "model": "model.widths=[16,32,128]"}.get(other, "")
-    worker_args, worker_root = ("--overrides", f"tracking.experiment=e2e {other_params}"), ROOT
-    what = "model or train params"
-    if other == "code":  # the same params, from a checkout whose model.py differs by one line
-        worker_args, worker_root = (), tmp_path / "checkout"
-        for folder in ("pipeline", "params"):
-            shutil.copytree(ROOT / folder, worker_root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy(ROOT / "MLproject", worker_root)
-        with open(worker_root / "pipeline" / "model.py", "a") as f:
-            f.write("\nPADDING = 'same'\n")
-        what = f"code (pipeline/{{{','.join(TRAIN_CODE)}}}.py)"
+    broadcast from the chief. One cluster for all three: a worker with another model, from a checkout whose model.py
+    differs by one line, is refused naming both; another lr is another job's params as another model's are."""
+    small = ["data.synthetic_train=64", "data.synthetic_test=32"]
+    dataset = prepare.build(config.load("params/tiny.yaml", small))
+    chiefs = train.training_job(config.load("params/tiny.yaml", small), dataset)
+    for other in ("train.lr=0.2", "model.widths=[16,32,128]"):
+        job = train.training_job(config.load("params/tiny.yaml", [*small, other]), dataset)
+        assert [part for part in job if job[part] != chiefs[part]] == ["model or train params"], other
+    worker_root = tmp_path / "checkout"
+    for folder in ("pipeline", "params"):
+        shutil.copytree(ROOT / folder, worker_root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "MLproject", worker_root)
+    with open(worker_root / "pipeline" / "model.py", "a") as f:
+        f.write("\nPADDING = 'same'\n")
     procs = start_two_hosts(store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
-                            worker_args=worker_args, worker_root=worker_root)
+                            worker_args=("--overrides", "tracking.experiment=e2e model.widths=[16,32,128]"),
+                            worker_root=worker_root)
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2, err[-3000:]
         assert err.strip().splitlines()[-1] == (
-            f"error: TF_CONFIG: worker 1 started with other {what} than the chief (worker 0): start every host "
-            f"with the same code, params, epochs, overrides and data")
+            f"error: TF_CONFIG: worker 1 started with other model or train params and other code "
+            f"(pipeline/{{{','.join(TRAIN_CODE)}}}.py) than the chief (worker 0): start every host with the same "
+            f"code, params, epochs, overrides and data")
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("TF_CONFIG: worker 1 ")

@@ -281,68 +281,79 @@ def test_batches_every_replica_gets_images_of_are_accepted():
     Distribution("data_parallel", ["cpu:0", "cpu:1"]).check_batches(32, True, 0, 1025, 256)  # the odd one dropped
 
 
-def test_each_replica_draws_its_own_shifts_flips_and_cutout_squares():
-    """Under MirroredStrategy each replica augments its slice of the batch from the one mirrored seed state: every
-    replica drew the same numbers, so with 2 replicas image k of each slice got the same shift, flip and cutout square
-    (half the draws of one device). Here one image fills the batch: the two slices come out different, and the next
-    step draws anew. Two TensorFlow CPU devices, in a process of their own (set before TensorFlow starts)."""
+@pytest.fixture(scope="module")
+def two_tensorflow_devices() -> dict:
+    """What the checks below saw under MirroredStrategy over two TensorFlow CPU devices, set before TensorFlow starts:
+    in one process of their own, which starts TensorFlow once for both (a TensorFlow start-up saved). Each check's
+    result by name, or the traceback it ended with."""
     script = textwrap.dedent("""
         import json
-        import numpy as np
-        import tensorflow as tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from pipeline.augment import RandomCutout, RandomShiftFlip
-        from pipeline.distribute import distribution
-        strategy = distribution("mirrored").strategy
-        with strategy.scope():
-            layers = {"shift_flip": RandomShiftFlip(3, seed=0), "cutout": RandomCutout(4, seed=0)}
-        images = np.tile(np.arange(1, 65, dtype="float32").reshape(1, 8, 8, 1), (8, 1, 1, 1))
-        batch = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(images))))
-        seen = {}
-        for name, layer in layers.items():
-            step = tf.function(lambda x: strategy.run(lambda x: layer(x, training=True), args=(x,)))
-            first, second = ([v.numpy() for v in strategy.experimental_local_results(step(batch))] for _ in range(2))
-            seen[name] = [len(first[0]), np.array_equal(*first), np.array_equal(first[0], second[0])]
-        print(json.dumps(seen))
-    """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "KERAS_BACKEND": "tensorflow"},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.splitlines()[-1])
-    # per layer: each replica's slice of 4 images; the two slices the same; a replica's slice the same next step
-    assert seen == {"shift_flip": [4, False, False], "cutout": [4, False, False]}
-
-
-def test_every_replica_validates_and_saves_the_mean_of_the_replicas_batch_norm_statistics():
-    """Keras 3's BatchNormalization moving statistics are mirrored variables each replica updates from its own slice
-    and never synchronised: validation scored each replica's slice with that replica's, the checkpoint and the served
-    model held the first replica's alone, and a resumed run (every replica given the first's) validated otherwise than
-    the uninterrupted one. After `fit` every replica holds the same, their mean: a 1-epoch tiny run over two
-    TensorFlow CPU devices, in a process of their own (set before TensorFlow starts)."""
-    script = textwrap.dedent("""
-        import json
+        import traceback
         import keras
         import numpy as np
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from pipeline import config, fitting, prepare
+        from pipeline.augment import RandomCutout, RandomShiftFlip
         from pipeline.distribute import distribution
-        cfg = config.load("params/tiny.yaml", ["data.synthetic_train=64", "data.synthetic_test=32", "train.epochs=1",
-                                               "train.distribute=mirrored", "train.verbose=0"])
-        dataset, dist = prepare.build(cfg), distribution("mirrored")
-        splits = fitting.held_out_split(dataset, cfg.train)
-        model = fitting.compile_model(cfg, fitting.training_part(dataset, splits), dist, len(splits[0]))
-        fitting.fit(model, cfg, splits, len(dataset.class_names), [])
-        norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-        copies = [[c.numpy() for c in v.value.values] for n in norms for v in (n.moving_mean, n.moving_variance)]
-        print(json.dumps([len(copies), sum(np.array_equal(*pair) for pair in copies)]))
+
+        def augments():
+            strategy = distribution("mirrored").strategy
+            with strategy.scope():
+                layers = {"shift_flip": RandomShiftFlip(3, seed=0), "cutout": RandomCutout(4, seed=0)}
+            images = np.tile(np.arange(1, 65, dtype="float32").reshape(1, 8, 8, 1), (8, 1, 1, 1))
+            batch = next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(images))))
+            seen = {}
+            for name, layer in layers.items():
+                step = tf.function(lambda x: strategy.run(lambda x: layer(x, training=True), args=(x,)))
+                first, second = ([v.numpy() for v in strategy.experimental_local_results(step(batch))]
+                                 for _ in range(2))
+                seen[name] = [len(first[0]), np.array_equal(*first), np.array_equal(first[0], second[0])]
+            return seen
+
+        def batch_norm_statistics():
+            cfg = config.load("params/tiny.yaml", ["data.synthetic_train=64", "data.synthetic_test=32",
+                                                   "train.epochs=1", "train.distribute=mirrored", "train.verbose=0"])
+            dataset, dist = prepare.build(cfg), distribution("mirrored")
+            splits = fitting.held_out_split(dataset, cfg.train)
+            model = fitting.compile_model(cfg, fitting.training_part(dataset, splits), dist, len(splits[0]))
+            fitting.fit(model, cfg, splits, len(dataset.class_names), [])
+            norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+            copies = [[c.numpy() for c in v.value.values] for n in norms for v in (n.moving_mean, n.moving_variance)]
+            return [len(copies), sum(np.array_equal(*pair) for pair in copies)]
+
+        seen = {}
+        for check in (augments, batch_norm_statistics):
+            try:
+                seen[check.__name__] = check()
+            except Exception:
+                seen[check.__name__] = traceback.format_exc()
+        print(json.dumps(seen, default=int))
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "KERAS_BACKEND": "tensorflow"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    statistics, the_same = json.loads(done.stdout.splitlines()[-1])
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_each_replica_draws_its_own_shifts_flips_and_cutout_squares(two_tensorflow_devices):
+    """Under MirroredStrategy each replica augments its slice of the batch from the one mirrored seed state: every
+    replica drew the same numbers, so with 2 replicas image k of each slice got the same shift, flip and cutout square
+    (half the draws of one device). Here one image fills the batch: the two slices come out different, and the next
+    step draws anew."""
+    # per layer: each replica's slice of 4 images; the two slices the same; a replica's slice the same next step
+    assert two_tensorflow_devices["augments"] == {"shift_flip": [4, False, False], "cutout": [4, False, False]}
+
+
+def test_every_replica_validates_and_saves_the_mean_of_the_replicas_batch_norm_statistics(two_tensorflow_devices):
+    """Keras 3's BatchNormalization moving statistics are mirrored variables each replica updates from its own slice
+    and never synchronised: validation scored each replica's slice with that replica's, the checkpoint and the served
+    model held the first replica's alone, and a resumed run (every replica given the first's) validated otherwise than
+    the uninterrupted one. After `fit` every replica holds the same, their mean: a 1-epoch tiny run."""
+    seen = two_tensorflow_devices["batch_norm_statistics"]
+    assert isinstance(seen, list), seen  # else the traceback it ended with
+    statistics, the_same = seen
     assert statistics > 4 and the_same == statistics  # every moving mean and variance: one value on both replicas
 
 
