@@ -819,11 +819,11 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
                                      {"step": "trial", "optuna_study": study.study_name,
                                       "optuna_trial": str(trial.number), "trial_overrides": label(values),
                                       "worker": worker_name()})
-    trial.set_user_attr("mlflow_run_id", run_id)
-    print(f"trial {trial.number} ({worker_name()}): {label(values)}", flush=True)
     value, state, status = None, TrialState.FAIL, "FAILED"
-    trials.enter_run(run_id)
-    try:
+    try:  # from the run's creation on: a signal before it is entered ends it KILLED too, never left RUNNING
+        trial.set_user_attr("mlflow_run_id", run_id)
+        print(f"trial {trial.number} ({worker_name()}): {label(values)}", flush=True)
+        trials.enter_run(run_id)
         cfg = plan.load(values, f"trial {trial.number}")
         log_params(cfg.flat())
         set_tags({"model_depth": str(cfg.model.depth)})
@@ -835,7 +835,7 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
         print(f"trial {trial.number} pruned: {exc}", flush=True)
     except (Interrupted, KeyboardInterrupt) as exc:  # the trial stays RUNNING in the study: `work` queues it again
         status = "KILLED"
-        set_tags({"interrupted_by": signal.Signals(getattr(exc, "signum", signal.SIGINT)).name})
+        trials.set_run_tags(run_id, {"interrupted_by": signal.Signals(getattr(exc, "signum", signal.SIGINT)).name})
         raise
     except Exception as exc:  # noqa: BLE001 - whatever stops one trial must not stop the others
         if (failed := storage_failure(exc)) is not None:  # no bug, and Optuna's own message blames the data
@@ -845,11 +845,11 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
         else:  # a bug stays debuggable: its traceback where the reason says it is
             traceback.print_exception(exc)
             reason = unexpected_reason(exc)
-        set_tags({"failure_reason": reason, "mlflow.note.content": f"**FAILED**: {reason}"})
+        trials.set_run_tags(run_id, {"failure_reason": reason, "mlflow.note.content": f"**FAILED**: {reason}"})
         trial.set_user_attr("failure_reason", reason[:500])
         print(f"trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
     finally:
-        trials.end_run(status)
+        trials.end_run(status, run_id)
         keras.backend.clear_session()  # the next trial in this process starts from a clean graph
     try:
         study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)

@@ -516,22 +516,28 @@ def one_trial(tmp_path, name: str):
     return plan, study, trial, parent, experiment_id
 
 
-def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("during", ["training", "entering its run"])
+def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, monkeypatch, during):
+    """Wherever the signal lands after the trial's run is created: entering it (left RUNNING, it was), or training."""
     import mlflow
 
     plan, study, trial, parent, experiment_id = one_trial(tmp_path, "sweep-interrupted")
     client = MlflowClient()
 
-    def interrupted(cfg, trial):
+    def interrupted(*args):
         raise Interrupted(signal.SIGTERM)
 
-    monkeypatch.setattr(sweep, "train_and_evaluate", interrupted)
+    if during == "training":
+        monkeypatch.setattr(sweep, "train_and_evaluate", interrupted)
+    else:
+        monkeypatch.setattr(sweep.trials, "enter_run", interrupted)
     with pytest.raises(Interrupted):
         sweep.run_trial(plan, study, trial, parent, experiment_id)
     assert mlflow.active_run() is None
     run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["interrupted_by"] == "SIGTERM"
     assert "failure_reason" not in run.data.tags
+    assert "interrupted_by" not in client.get_run(parent).data.tags  # the trial's run tagged, not the sweep's
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # stale once its heartbeat stops: queued again
 
 

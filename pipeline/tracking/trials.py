@@ -33,9 +33,19 @@ def enter_run(run_id: str) -> None:
     mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
 
 
-def end_run(status: str) -> None:
-    """End the active run with `status` (FINISHED, FAILED, KILLED)."""
-    mlflow.end_run(status)
+def end_run(status: str, run_id: str | None = None) -> None:
+    """End the active run with `status` (FINISHED, FAILED, KILLED); with `run_id`, that run, entered or not (a signal
+    can come between its creation and `enter_run`)."""
+    active = mlflow.active_run()
+    if run_id is None or (active is not None and active.info.run_id == run_id):
+        mlflow.end_run(status)
+    else:
+        MlflowClient().set_terminated(run_id, status)
+
+
+def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+    """Set `tags` on run `run_id`, entered or not."""
+    MlflowClient().log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 
 @contextlib.contextmanager
