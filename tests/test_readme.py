@@ -250,7 +250,7 @@ def test_the_link_check_finds_a_broken_link_a_missing_heading_and_an_unknown_key
 
 # The calls that log tags or metrics, or take the tags a run is opened with, by their literal names.
 LOGGING_CALLS = {"set_tag", "set_tags", "log_metric", "log_metrics", "set_logged_model_tags", "start_training",
-                 "create_trial_run", "adopt_wrapper_run", "start_run"}
+                 "create_trial_run", "adopt_wrapper_run", "set_run_tags", "start_run"}
 
 
 def logged_names(folder: Path) -> dict[str, str]:

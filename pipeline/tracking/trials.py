@@ -107,5 +107,5 @@ def adopt_wrapper_run(tags: dict[str, str]) -> bool:
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return False
-    MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    set_run_tags(run_id, tags)
     return True
