@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import keras
@@ -148,6 +149,7 @@ def test_resnet9_refuses_zero_init_residual_whose_branch_could_never_learn():
 # Each profile at a tiny size (the same layers and tricks), l2 off so that only the loss moves a weight.
 TINY = {"resnet9": "model.widths=[8,16,32,64]", "basic": "model.units_per_stage=2 model.widths=[8,16,32]",
         "bottleneck": "model.units_per_stage=2 model.widths=[16,32,64]"}
+NEVER_MOVED: dict[str, list[str]] = {}  # a tiny model's digest -> its weights that a few steps left unmoved
 
 
 @pytest.mark.parametrize("profile", sorted(p.stem for p in Path("params").glob("*.yaml")
@@ -162,11 +164,16 @@ def test_every_trainable_weight_of_every_profile_learns(profile):
     dataset = data.make_synthetic(n_train=256, n_test=16, seed=0)
     keras.utils.set_random_seed(0)
     m = fitting.make_model(cfg, dataset)
-    m.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="sparse_categorical_crossentropy")
-    before = [w.numpy().copy() for w in m.trainable_weights]
-    m.fit(dataset.x_train, dataset.y_train, batch_size=64, epochs=2, verbose=0)
-    still = [w.path for w, b in zip(m.trainable_weights, before, strict=True) if np.array_equal(w.numpy(), b)]
-    assert not still, f"{profile}: never moved: {still}"
+    # Profiles whose tiny models are the same model (every layer's config, initialisers included, and the same seed:
+    # default and resnet1001; resnet20, 56 and 110) train the same way: the first one's steps answer for the others
+    same = hashlib.sha256(m.to_json().encode()).hexdigest()
+    if same not in NEVER_MOVED:
+        m.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="sparse_categorical_crossentropy")
+        before = [w.numpy().copy() for w in m.trainable_weights]
+        m.fit(dataset.x_train, dataset.y_train, batch_size=64, epochs=2, verbose=0)
+        NEVER_MOVED[same] = [w.path for w, b in zip(m.trainable_weights, before, strict=True)
+                             if np.array_equal(w.numpy(), b)]
+    assert not NEVER_MOVED[same], f"{profile}: never moved: {NEVER_MOVED[same]}"
 
 
 @pytest.mark.parametrize("arch", ["preact", "resnet9"])
