@@ -17,7 +17,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import mlflow_run
+from tests.conftest import run_module
 from tests.test_fast_path import assert_two_device_run
 
 XLA = "train.jit_compile=true"
@@ -70,11 +70,12 @@ def test_device_batches_cover_every_image_once_per_epoch_in_a_new_order():
 
 
 def test_main_on_the_jax_backend_data_parallel_over_two_devices_with_images_held_there(store):
-    """The whole pipeline through `mlflow run` on JAX, two host devices, the device feed: one run for all three,
-    since each JAX process spends most of its minute compiling."""
+    """The whole pipeline (`python -m pipeline.main`, as `mlflow run`'s main entry point runs it: test_pipeline_e2e
+    runs it through `mlflow run`) on JAX, two host devices, the device feed: one run for all three, since each JAX
+    process spends most of its minute compiling."""
     env = {**store, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    result = mlflow_run(env, "main", params="params/tiny.yaml", epochs="2",
-                        overrides=f"train.feed=device train.distribute=data_parallel {XLA}")
+    result = run_module(env, "pipeline.main", "--params", "params/tiny.yaml", "--epochs", "2", "--overrides",
+                        f"tracking.experiment=e2e train.feed=device train.distribute=data_parallel {XLA}")
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
     run = assert_two_device_run(client, "jax")
@@ -88,13 +89,49 @@ def test_main_on_the_jax_backend_data_parallel_over_two_devices_with_images_held
     assert "jax==" in Path(requirements).read_text()  # the served model asks for the backend it was trained with
 
 
-def test_a_second_run_loads_its_compiled_programs_from_jaxs_cache_and_says_so(store, tmp_path):
+RESUMED_ORDER = """
+import sys
+from pathlib import Path
+
+import keras
+from pipeline import config, data, fitting
+from pipeline.distribute import distribution
+
+cfg = config.load("params/tiny.yaml", "train.epochs=3 train.cutout=4 train.verbose=0 train.jit_compile=true")
+dataset = data.make_synthetic(n_train=96, n_test=32, seed=0)
+splits = fitting.split_validation(dataset, 0.0, 0)
+
+
+def fit(folder, *callbacks):
+    model = fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0]))
+    return fitting.fit(model, cfg, splits, 10, [fitting.Checkpoint(folder, 1, keep=True), *callbacks]).history["loss"]
+
+
+stop = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: setattr(stop.model, "stop_training", True))
+uninterrupted = fit(Path(sys.argv[1]) / "a")
+fit(Path(sys.argv[1]) / "b", stop)  # as a kill after epoch 1 leaves it
+print("losses", uninterrupted[1:], fit(Path(sys.argv[1]) / "b"), flush=True)
+"""
+
+
+def test_a_second_run_loads_its_compiled_programs_from_jaxs_cache_and_a_resumed_fit_trains_as_an_uninterrupted_one(
+        store, tmp_path):
     """`pipeline` turns on JAX's persistent compilation cache (the suite turns it off, tests/conftest.py): the same
     training again loads its train and test steps instead of compiling them, and its run says how many and how much
     compiling that spared. The two trainings run one after the other in one process (as a sweep's trials do: one JAX
-    start-up less); the second's model is a new one, whose programs JAX's in-memory caches do not hold."""
+    start-up less); the second's model is a new one, whose programs JAX's in-memory caches do not hold.
+
+    Then, in the same process (one JAX start-up less again), RESUMED_ORDER: on JAX without train.drop_remainder or
+    train.alternate_flip, training went through Keras's array feed, which shuffles from NumPy's global generator,
+    seeded afresh by `compile_model`: a run resumed at epoch 2 drew epoch 1's order (and the augmentations that follow
+    it) again, and its losses were another run's. `ArrayBatches` draws each epoch's order from (train.seed, epoch),
+    as `host_batches` does on TensorFlow. Its second and third trainings' models load the first's programs from the
+    cache instead of compiling them again; the same programs, the same losses."""
+    import json
     import subprocess
     import sys
+
+    import numpy as np
 
     from tests.conftest import ROOT
 
@@ -115,6 +152,9 @@ def test_a_second_run_loads_its_compiled_programs_from_jaxs_cache_and_says_so(st
             sys.stdout.flush()
             if name == "cold":
                 print("cache holds programs:", any(Path({str(cache)!r}).iterdir()), flush=True)
+        print("=== resumed", flush=True)
+        sys.argv = ["-c", {str(tmp_path)!r}]
+        exec(compile({RESUMED_ORDER!r}, "RESUMED_ORDER", "exec"), {{"__name__": "__main__"}})
     """)
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
@@ -130,6 +170,11 @@ def test_a_second_run_loads_its_compiled_programs_from_jaxs_cache_and_says_so(st
     assert programs[0] == 0 and programs[1] >= 2, programs  # the train step and the test step
     assert runs[1].data.metrics["compile_seconds_saved"] > 0
     assert "compiled program(s) loaded from" in warm and "loaded from" not in cold
+
+    (line,) = [line for line in parts["resumed"].splitlines() if line.startswith("losses ")]
+    uninterrupted, resumed = json.loads(f"[{line.removeprefix('losses ').replace('] [', '], [')}]")
+    assert len(uninterrupted) == len(resumed) == 2
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5)
 
 
 def test_the_jax_compilation_cache_set_empty_is_off(monkeypatch):
@@ -240,54 +285,3 @@ def test_without_a_home_folder_the_jax_cache_stays_off_instead_of_a_folder_named
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.strip() == expected, (extra, result.stdout)
     assert not (tmp_path / "~").exists()
-
-
-RESUMED_ORDER = """
-import sys
-from pathlib import Path
-
-import keras
-from pipeline import config, data, fitting
-from pipeline.distribute import distribution
-
-cfg = config.load("params/tiny.yaml", "train.epochs=3 train.cutout=4 train.verbose=0 train.jit_compile=true")
-dataset = data.make_synthetic(n_train=96, n_test=32, seed=0)
-splits = fitting.split_validation(dataset, 0.0, 0)
-
-
-def fit(folder, *callbacks):
-    model = fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0]))
-    return fitting.fit(model, cfg, splits, 10, [fitting.Checkpoint(folder, 1, keep=True), *callbacks]).history["loss"]
-
-
-stop = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: setattr(stop.model, "stop_training", True))
-uninterrupted = fit(Path(sys.argv[1]) / "a")
-fit(Path(sys.argv[1]) / "b", stop)  # as a kill after epoch 1 leaves it
-print("losses", uninterrupted[1:], fit(Path(sys.argv[1]) / "b"))
-"""
-
-
-def test_a_resumed_fit_on_jax_trains_on_the_batches_an_uninterrupted_one_does(tmp_path):
-    """On JAX without train.drop_remainder or train.alternate_flip, training went through Keras's array feed, which
-    shuffles from NumPy's global generator, seeded afresh by `compile_model`: a run resumed at epoch 2 drew epoch 1's
-    order (and the augmentations that follow it) again, and its losses were another run's. `ArrayBatches` draws
-    each epoch's order from (train.seed, epoch), as `host_batches` does on TensorFlow."""
-    import json
-    import subprocess
-    import sys
-
-    import numpy as np
-
-    from tests.conftest import ROOT
-
-    # JAX's persistent compilation cache, in a folder of this test's: the second and third trainings' models load the
-    # first's programs instead of compiling them again (68 -> 44 CPU-s here); the same programs, the same losses
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    result = subprocess.run([sys.executable, "-c", RESUMED_ORDER, str(tmp_path)], cwd=ROOT, capture_output=True,
-                            text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (line,) = [line for line in result.stdout.splitlines() if line.startswith("losses ")]
-    uninterrupted, resumed = json.loads(f"[{line.removeprefix('losses ').replace('] [', '], [')}]")
-    assert len(uninterrupted) == len(resumed) == 2
-    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5)

@@ -23,38 +23,47 @@ ABSENT = ("tensorflow", "mlflow", "pandas", "matplotlib", "sklearn")
 SMALL = "train.feed=device train.epochs=2 model.widths=[8,16,32,64] train.steps_per_execution=1"
 
 
-@pytest.mark.parametrize("overrides", [SMALL, f"{SMALL} model.ghost_batch=32 train.drop_remainder=true "
-                                              "train.batch_size=64 train.alternate_flip=true train.ema=true"],
-                         ids=["fast", "ghost-batch-norm-alternate-flip-ema"])  # the second: the extra stages' params
-def test_a_gpu_stage_trains_and_scores_with_tensorflow_and_mlflow_unimportable(tmp_path, overrides):
+# the second: the extra stages' params
+STAGES = {"fast": SMALL, "ghost-batch-norm-alternate-flip-ema": f"{SMALL} model.ghost_batch=32 "
+          "train.drop_remainder=true train.batch_size=64 train.alternate_flip=true train.ema=true"}
+
+
+def test_a_gpu_stage_trains_and_scores_with_tensorflow_and_mlflow_unimportable(tmp_path):
+    """Each of STAGES' trainings, one after the other in one process (one JAX and Keras start-up for both) in which
+    `import NAME` fails for each of ABSENT."""
     stubs = tmp_path / "absent"
     for name in ABSENT:  # first on the path: `import NAME` fails as on a machine without it
         (stubs / name).mkdir(parents=True)
         (stubs / name / "__init__.py").write_text(f"raise ModuleNotFoundError('no {name} on the GPU machine', "
                                                   f"name={name!r})\n")
-    out = tmp_path / "gpu-fast.json"
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": f"{stubs}{os.pathsep}{ROOT}"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_epoch", "--images", "512", "--out", str(out), "--full",
-         "--params", "params/fast.yaml",
-         "--overrides", overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    runner = (f"import sys\nfrom bench import gpu_epoch\n"
+              f"for out, overrides in {[(str(tmp_path / f'{i}.json'), o) for i, o in enumerate(STAGES.values())]!r}:\n"
+              f"    sys.argv = ['gpu_epoch', '--images', '512', '--out', out, '--full', '--params', "
+              f"'params/fast.yaml', '--overrides', overrides]\n"
+              f"    gpu_epoch.main()\n")
+    proc = subprocess.run([sys.executable, "-c", runner], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["model"] == "resnet9" and len(result["epoch_seconds"]) == len(result["train_step_seconds"]) == 2
-    assert result["train_images_per_second"] > 0
-    assert 0.0 <= result["test_acc"] <= 1.0 and result["fit_seconds"] > 0
-    assert (result["data"], result["test_images"]) == ("synthetic (512 training images)", 102)  # gpu_report says so
-    # every test-time augmentation scored on the held-out images (fast.yaml holds 2% out) and the test images,
-    # the profile's own (flip) being the test_acc it reports
-    scores = result["tta_scores"]
-    assert list(scores) == ["none", "flip", "flip_shift"] and scores["flip"]["test_acc"] == result["test_acc"]
-    assert all(0.0 <= s[split] <= 1.0 for s in scores.values() for split in ("val_acc", "test_acc"))
+    for i, stage in enumerate(STAGES):
+        result = json.loads((tmp_path / f"{i}.json").read_text())
+        assert result["overrides"] == STAGES[stage], stage
+        assert result["model"] == "resnet9" and len(result["epoch_seconds"]) == len(result["train_step_seconds"]) == 2
+        assert result["train_images_per_second"] > 0
+        assert 0.0 <= result["test_acc"] <= 1.0 and result["fit_seconds"] > 0
+        assert (result["data"], result["test_images"]) == ("synthetic (512 training images)", 102)  # gpu_report says
+        # every test-time augmentation scored on the held-out images (fast.yaml holds 2% out) and the test images,
+        # the profile's own (flip) being the test_acc it reports
+        scores = result["tta_scores"]
+        assert list(scores) == ["none", "flip", "flip_shift"] and scores["flip"]["test_acc"] == result["test_acc"]
+        assert all(0.0 <= s[split] <= 1.0 for s in scores.values() for split in ("val_acc", "test_acc"))
 
 
 def gpu_epoch(tmp_path, *args, **popen):
+    """`python -m bench.gpu_epoch --out TMP_PATH/gpu-x.json ARGS` on JAX; ARGS `-c CODE`: `python -c CODE`."""
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "bench.gpu_epoch", "--out", str(tmp_path / "gpu-x.json"), *args]
+    command = ([sys.executable, *args] if args[0] == "-c"
+               else [sys.executable, "-m", "bench.gpu_epoch", "--out", str(tmp_path / "gpu-x.json"), *args])
     if popen:
         return subprocess.Popen(command, cwd=ROOT, env=env, **popen)
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -253,7 +262,7 @@ def test_a_checkpointed_run_goes_on_under_settings_that_leave_its_training_as_it
 
 
 def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_in_the_next_call(tmp_path,
-                                                                                               monkeypatch):
+                                                                                               monkeypatch, capsys):
     """params/improved.yaml's 150 epochs outlast one call of the borrowed machine: with --checkpoint a call that
     stops at --stop-after, or is stopped by the stage's hard limit (SIGINT), leaves the training saved, and the
     next call finishes it to the same result as one uninterrupted run (the lr schedule, the weights, the EMA and
@@ -266,22 +275,48 @@ def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_i
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # these toy programs compile in under 1 s
 
     folder, out = tmp_path / "state", tmp_path / "gpu-x.json"
-    # with EMA (improved.yaml's), checkpoints every 2 epochs (improved.yaml: 5) and a first stop between two
-    args = ["--images", "1024", "--full", "--params", "params/fast.yaml", "--overrides",
+    # with EMA (improved.yaml's), checkpoints every 2 epochs (improved.yaml: 5) and a first stop between two; 512
+    # images: one batch (fast.yaml's 512) an epoch
+    args = ["--images", "512", "--full", "--params", "params/fast.yaml", "--overrides",
             SMALL.replace("train.epochs=2", "train.epochs=6") + " train.checkpoint_every=2 train.ema=true"]
-    first = gpu_epoch(tmp_path, *args, "--checkpoint", str(folder), "--stop-after", "1")  # past it at epoch 1's end
+    # the first call, then in the same process (one JAX start-up less) the uninterrupted run to compare with at the
+    # end, on its own (no --checkpoint); its programs go to the cache too, after the first call counted its own
+    (tmp_path / "whole").mkdir()
+    calls = [[str(out), "--checkpoint", str(folder), "--stop-after", "1"],  # past it at epoch 1's end
+             [str(tmp_path / "whole" / "gpu-x.json")]]
+    first = gpu_epoch(tmp_path, "-c", "import sys\nfrom bench import gpu_epoch\n"
+                                      f"for where, *extra in {calls!r}:\n"
+                                      f"    sys.argv = ['gpu_epoch', '--out', where, *{args!r}, *extra]\n"
+                                      "    gpu_epoch.main()\n")
     assert first.returncode == 0 and "stopped after epoch 1 of 6" in first.stdout, first.stderr[-3000:]
     assert Checkpoint.completed_epochs(folder) == 1
     partial = json.loads(out.read_text())
     assert partial["partial"] and partial["checkpoint"] == str(folder) and len(partial["epoch_seconds"]) == 1
     assert partial["compile_cache_programs"] == 0  # the first call compiled what it ran
 
-    # refused before the data is read (the JPEG copy's ~15 s, every call while the checkpoint stays)
-    other = gpu_epoch(tmp_path, *args[:-1], args[-1] + " train.seed=1", "--checkpoint", str(folder),
-                      "--data", "/nonexistent/cifar.tar.gz")
-    assert other.returncode == 2 and ("holds a run of other data (synthetic (1024 training images) there, "
-                                      "/nonexistent/cifar.tar.gz here), train.seed (0 there, 1 here); remove it"
-                                      ) in other.stderr, other.stderr[-2000:]
+    # refused before the data is read (the JPEG copy's ~15 s, every call while the checkpoint stays). In this
+    # process (its Keras loaded on TensorFlow, told it runs JAX, as the checkpoint's calls did): the refusal comes
+    # before any data or training, so no JAX process need start for it
+    import keras
+
+    from bench.gpu_epoch import main
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before the checkpoint's run was refused")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(keras.backend, "backend", lambda: "jax")
+        patched.setattr("pipeline.data.load_source", no_data)
+        patched.setattr("pipeline.data.make_synthetic", no_data)
+        patched.setattr(sys, "argv", ["gpu_epoch", "--out", str(out), *args[:-1], args[-1] + " train.seed=1",
+                                      "--checkpoint", str(folder), "--data", "/nonexistent/cifar.tar.gz"])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as refused:
+            main()
+    stderr = capsys.readouterr().err
+    assert refused.value.code == 2 and ("holds a run of other data (synthetic (512 training images) there, "
+                                        "/nonexistent/cifar.tar.gz here), train.seed (0 there, 1 here); remove it"
+                                        ) in stderr, stderr[-2000:]
     assert Checkpoint.completed_epochs(folder) == 1  # refused before touching it
 
     log = tmp_path / "stopped.log"
@@ -308,10 +343,8 @@ def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_i
     assert all(0 < s <= w for s, w in zip(result["train_step_seconds"], result["epoch_seconds"], strict=True))
     assert result["fit_seconds"] == pytest.approx(sum(result["epoch_seconds"]), abs=0.1)
 
-    (tmp_path / "whole").mkdir()
-    whole = gpu_epoch(tmp_path / "whole", *args)
-    assert whole.returncode == 0, whole.stderr[-3000:]
     reference = json.loads((tmp_path / "whole" / "gpu-x.json").read_text())
+    assert "partial" not in reference and "resumed_at" not in reference and len(reference["acc"]) == 6
     assert (result["acc"], result["val_acc"]) == (reference["acc"], reference["val_acc"])
     assert result["tta_scores"] == reference["tta_scores"]
 
