@@ -44,8 +44,11 @@ def start_mlflow_run(env: dict, *params: str) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
-def run_to_end(env: dict, *params: str) -> subprocess.CompletedProcess:
-    return subprocess.run(main_command(*params), env=env, capture_output=True, text=True, timeout=600)
+def start_main(env: dict, *args: str) -> subprocess.Popen:
+    """`python -m pipeline.main --params TINY ARGS...` in the background (no `mlflow run` around it: a process
+    fewer, where what `mlflow run` adds is not what a test is about)."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline.main", "--params", TINY, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
@@ -111,6 +114,8 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float
 # is a param too, so that `mlflow run --experiment-name e2e` and `python -m pipeline.main` in this process (its
 # runs in `tracking.experiment`) are one command: the same job (resume.train_key), runs in one experiment.
 STEP_SCHEDULE = "train.schedule=step train.lr_boundaries=[0.5] tracking.experiment=e2e"
+# Fewer images than tiny's, for commands run in this process that nothing interrupts in an epoch.
+FEWER = "data.synthetic_train=256 data.synthetic_test=64 evaluate.samples=1"
 
 
 def stop_holding_no_store_lock(pid: int, db: Path, tries: int = 50) -> None:
@@ -134,7 +139,7 @@ def stop_holding_no_store_lock(pid: int, db: Path, tries: int = 50) -> None:
 
 def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path, in_process):
     store = {**store, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # system metrics every second, not 10
-    live = start_mlflow_run(store, "epochs=3", f"overrides={STEP_SCHEDULE}")
+    live = start_main(store, "--epochs", "3", "--overrides", STEP_SCHEDULE)
     wait_for_checkpoint(tmp_path / "checkpoints", live)
     stop_holding_no_store_lock(live.pid, tmp_path / "mlflow.db")  # alive, holding its training lock, no progress
     # The identical command, while the first one trains (`python -m pipeline.main`, run in this process: another
@@ -187,9 +192,10 @@ def test_a_killed_run_resumes_after_an_identical_prepare_run_on_its_own(store, t
     """A rerun found the newest identical prepare run: one run on its own after the kill (`-e prepare`) gave the rerun
     another dataset URI, so another `train_key`, and it trained afresh, the killed run left RUNNING. Every command
     now reuses the first, whose dataset the killed run trained on."""
-    # epochs of seconds: killed after the first, not after the last (the experiment: see STEP_SCHEDULE)
-    longer = "data.synthetic_train=4096 tracking.experiment=e2e"
-    killed = start_mlflow_run(store, "epochs=3", f"overrides={longer}")
+    # epochs of seconds: killed after the first, not after the last (the experiment: see STEP_SCHEDULE; the images:
+    # see LONGER)
+    longer = "data.synthetic_train=2048 tracking.experiment=e2e"
+    killed = start_main(store, "--epochs", "3", "--overrides", longer)
     wait_for_checkpoint(tmp_path / "checkpoints", killed)
     kill_tree(killed.pid)
     killed.wait(timeout=30)
@@ -311,7 +317,8 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
     from pipeline import train
     from pipeline.tracking.training import log_model
 
-    command = ["--params", TINY, "--epochs", "3", "--overrides", "tracking.experiment=e2e train.checkpoint_every=2"]
+    command = ["--params", TINY, "--epochs", "3", "--overrides",
+               f"tracking.experiment=e2e {FEWER} train.checkpoint_every=2"]
     log_trained_model = train.log_trained_model
 
     def upload_fails(run_id, *args, **kwargs):
@@ -327,7 +334,7 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
 
     monkeypatch.setattr(train, "log_trained_model", log_trained_model)
     # with settings that leave what is trained as it is: the run goes on all the same, and records them
-    command[-1] = "tracking.experiment=e2e train.checkpoint_every=1 register.alias=best"
+    command[-1] = f"tracking.experiment=e2e {FEWER} train.checkpoint_every=1 register.alias=best"
     done = in_process("train", *command)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming train run" in done.stdout and "Epoch " not in done.stdout  # not one epoch trained again
@@ -371,8 +378,9 @@ def test_a_pipeline_that_failed_after_training_goes_on_from_the_trained_model(st
     from mlflow.exceptions import MlflowException
 
     from pipeline import register
+    from pipeline.tracking import resume
 
-    command = ["--params", TINY, "--epochs", "2", "--overrides", "tracking.experiment=e2e"]
+    command = ["--params", TINY, "--epochs", "2", "--overrides", f"tracking.experiment=e2e {FEWER}"]
     register_run = register.run
 
     def registry_fails(*args, **kwargs):
@@ -384,17 +392,21 @@ def test_a_pipeline_that_failed_after_training_goes_on_from_the_trained_model(st
     client = MlflowClient()
     (failed,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'main'")
     assert failed.info.status == "FAILED"
+    (trained,) = client.search_runs([failed.info.experiment_id], "tags.step = 'train'")
+    # what the command's main asks before it trains: the model trained before the failure
+    cfg, dataset_uri = config.load(ROOT / TINY, f"train.epochs=2 {command[-1]}"), trained.data.tags["dataset_uri"]
+    assert resume.trained_before_a_failure(cfg, dataset_uri) == (trained.info.run_id, trained.data.tags["model_uri"])
 
     monkeypatch.setattr(register, "run", register_run)
     done = in_process("main", *command)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reusing train run" in done.stdout and "Epoch " not in done.stdout
-    (trained,) = client.search_runs([failed.info.experiment_id], "tags.step = 'train'")  # one training, not two
+    assert len(client.search_runs([failed.info.experiment_id], "tags.step = 'train'")) == 1  # one training, not two
     version = client.get_model_version_by_alias("cifar10-resnet", "champion")
     assert version.tags["run_id"] == trained.info.run_id
     assert client.get_run(trained.info.run_id).data.tags["pipeline_done"] != failed.info.run_id  # the rerun's main
-    again = in_process("main", *command)  # a finished pipeline is not reused: an identical command trains anew
-    assert again.returncode == 0 and "reusing train run" not in again.stdout and "Epoch 2/2" in again.stdout
+    # a finished pipeline is not reused: an identical command trains anew (main.run trains where this is None)
+    assert resume.trained_before_a_failure(cfg, dataset_uri) is None
 
 
 def test_a_main_that_lost_its_store_leaves_its_lock_for_the_next_main(store, in_process):
@@ -932,7 +944,7 @@ def test_a_checkpoint_of_other_code_is_resumed_only_by_id_and_the_run_says_so(st
     from pipeline import train
     from pipeline.tracking import resume
 
-    command = ["--params", TINY, "--epochs", "2", "--overrides", "tracking.experiment=e2e"]
+    command = ["--params", TINY, "--epochs", "2", "--overrides", f"tracking.experiment=e2e {FEWER}"]
     log_trained_model = train.log_trained_model
 
     def upload_fails(*args, **kwargs):
@@ -1007,8 +1019,8 @@ def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tm
     assert client.get_run(run_id).info.status == "KILLED"
     assert (tmp_path / "checkpoints" / run_id / "training_metadata.json").exists()
 
-    # resume=<id> with more epochs extends the interrupted run.
-    extended = run_to_end(store, "epochs=3", f"overrides={LONGER}", f"resume={run_id}")
+    # resume=<id> with more epochs extends the interrupted run (`python -m pipeline.main`, in this process).
+    extended = in_process("main", "--params", TINY, "--epochs", "3", "--overrides", LONGER, "--resume", run_id)
     assert extended.returncode == 0, extended.stderr[-3000:]
     assert f"resuming train run {run_id}" in extended.stdout
     run = client.get_run(run_id)
@@ -1317,8 +1329,7 @@ def test_the_ready_line_and_the_runs_console_link_never_print_the_stores_passwor
                             "mlflow`, then http://127.0.0.1:5000/#/experiments/7/runs/r1")
 
 
-@pytest.mark.parametrize("ema", [False, True])
-def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_path, ema):
+def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_path):
     """The shifts, flips and cutout draw from SeedGenerators whose state `save_weights` leaves out: the checkpoint
     holds it, so the epochs after a resume have the losses of the uninterrupted run (they differed from the first
     epoch after it; without augmentation they matched). With weight EMA the last epoch, saved when training ends,
@@ -1326,38 +1337,45 @@ def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_pa
     One fit, stopped and resumed twice: after epoch 2 (without EMA at a checkpoint, one every epoch; with EMA between
     checkpoints, one every 5 epochs, stopped before the checkpoint callback sees the epoch, as bench.gpu_epoch
     --stop-after stops params/improved.yaml), then after epoch 3 between checkpoints (one every 2 epochs), then to
-    its end; each resumed epoch's loss is the uninterrupted fit's."""
+    its end; each resumed epoch's loss is the uninterrupted fit's. EMA trains on the raw weights (it averages them
+    beside, and validates on the averages): one uninterrupted fit without it is the reference of both."""
     import numpy as np
 
     from pipeline import data, fitting
     from pipeline.distribute import distribution
 
-    cfg = config.load(TINY, f"train.epochs=4 train.cutout=4 train.verbose=0 train.ema={str(ema).lower()} "
-                      "train.ema_momentum=0.9")
-    dataset = data.make_synthetic(n_train=256, n_test=64, seed=0)
+    dataset = data.make_synthetic(n_train=128, n_test=32, seed=0)
     splits = fitting.split_validation(dataset, 0.0, 0)
     models = []
 
-    def fit(folder, every, stop=None, stop_first=False):
+    def fit(cfg, folder, every, stop=None, stop_first=False):
         models.append(fitting.compile_model(cfg, dataset, distribution("none"), len(splits[0])))
         callbacks = [Checkpoint(folder, every, keep=True), keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: setattr(models[-1], "stop_training", epoch + 1 == stop))]
         return fitting.fit(models[-1], cfg, splits, 10, callbacks[::-1] if stop_first else callbacks).history["loss"]
 
-    uninterrupted = fit(tmp_path / "a", 1)
+    def params(ema: bool) -> config.Config:
+        return config.load(TINY, f"train.epochs=4 train.cutout=4 train.verbose=0 train.ema={str(ema).lower()} "
+                           "train.ema_momentum=0.9")
+
+    uninterrupted = fit(params(False), tmp_path / "a", 1)
     assert len(uninterrupted) == 4
-    # as a kill after epoch 2 would leave it, the last epoch saved (keep)
-    first = fit(tmp_path / "b", 5, stop=2, stop_first=True) if ema else fit(tmp_path / "b", 1, stop=2)
-    assert len(first) == 2 and Checkpoint.completed_epochs(tmp_path / "b") == 2
-    second = fit(tmp_path / "b", 2, stop=3)
-    assert len(second) == 1 and Checkpoint.completed_epochs(tmp_path / "b") == 3
-    np.testing.assert_allclose(second, uninterrupted[2:3], rtol=1e-5)
-    if ema:  # the model fit leaves (validated, served) still holds the averages
-        assert all(np.array_equal(v.numpy(), a.numpy()) for v, a in zip(
-            models[-1].trainable_variables, models[-1].optimizer._model_variables_moving_average, strict=True))
-    resumed = fit(tmp_path / "b", 2)
-    assert len(resumed) == 1
-    np.testing.assert_allclose(resumed, uninterrupted[3:], rtol=1e-5)
+    for ema in (False, True):
+        cfg, folder = params(ema), tmp_path / f"b-{ema}"
+        # as a kill after epoch 2 would leave it, the last epoch saved (keep)
+        first = fit(cfg, folder, 5, stop=2, stop_first=True) if ema else fit(cfg, folder, 1, stop=2)
+        assert len(first) == 2 and Checkpoint.completed_epochs(folder) == 2
+        if ema:  # trained on the raw weights: the same losses as without EMA
+            np.testing.assert_allclose(first, uninterrupted[:2], rtol=1e-5)
+        second = fit(cfg, folder, 2, stop=3)
+        assert len(second) == 1 and Checkpoint.completed_epochs(folder) == 3
+        np.testing.assert_allclose(second, uninterrupted[2:3], rtol=1e-5, err_msg=f"ema={ema}")
+        if ema:  # the model fit leaves (validated, served) still holds the averages
+            assert all(np.array_equal(v.numpy(), a.numpy()) for v, a in zip(
+                models[-1].trainable_variables, models[-1].optimizer._model_variables_moving_average, strict=True))
+        resumed = fit(cfg, folder, 2)
+        assert len(resumed) == 1
+        np.testing.assert_allclose(resumed, uninterrupted[3:], rtol=1e-5, err_msg=f"ema={ema}")
 
 
 def test_a_stopping_signal_that_keras_swallows_after_a_batch_still_stops_the_training(monkeypatch):

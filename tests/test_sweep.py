@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -56,8 +57,9 @@ def epochs_of(client: MlflowClient, run) -> int:
 
 
 def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path, in_process):
-    pruned_spec = write_spec(tmp_path, "sweep-pruned", GRID + "pruner: {type: median, n_startup_trials: 1}\n")
-    plain_spec = write_spec(tmp_path, "sweep-plain", GRID + "pruner: none\n")
+    fewer = {"data.synthetic_train": 512, "train.batch_size": 32}  # 14 steps an epoch: lr 0.1 learns in the first
+    pruned_spec = write_spec(tmp_path, "sweep-pruned", GRID + "pruner: {type: median, n_startup_trials: 1}\n", fewer)
+    plain_spec = write_spec(tmp_path, "sweep-plain", GRID + "pruner: none\n", fewer)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"  # the default: beside the store's mlflow.db
 
     done = in_process("sweep", "--spec", pruned_spec, "--study", "pruned")
@@ -744,26 +746,42 @@ def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tm
 
 def test_a_killed_worker_leaves_its_trial_failed_and_the_rerun_finishes_the_study(store, tmp_path, in_process,
                                                                                   monkeypatch):
-    spec = write_spec(tmp_path, "sweep-killed", "grid:\n  train.lr: [0.1]\n")
+    spec = write_spec(tmp_path, "sweep-killed", "grid:\n  train.lr: [0.1]\n", QUICK)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     env = {**store, "SWEEP_HEARTBEAT_SECONDS": "1"}  # stale after 6 s without a heartbeat
     # what SWEEP_HEARTBEAT_SECONDS=1 sets in a process of its own, for the rerun in this one (read at import: the
     # rerun waited out the default 120 s)
     monkeypatch.setattr(sweep, "HEARTBEAT_S", 1)
     monkeypatch.setattr(sweep, "GRACE_S", 6)
-    cmd = [sys.executable, "-m", "pipeline.sweep", "--spec", spec, "--study", "killed"]
-    worker = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    # `python -m pipeline.sweep`, its trial held at the end of its first epoch (reported to the trial, its fit not
+    # done) until it is killed there: a kill in training, at a moment of the test's choosing
+    held = ("import sys, time; from pipeline import sweep; report = sweep.pruning_callback\n"
+            "def held(trial):\n"
+            "    callback = report(trial)\n"
+            "    def on_epoch_end(epoch, logs=None, end=callback.on_epoch_end):\n"
+            "        end(epoch, logs)\n"
+            "        print('trained an epoch', flush=True)\n"
+            "        time.sleep(300)\n"
+            "    callback.on_epoch_end = on_epoch_end\n"
+            "    return callback\n"
+            "sweep.pruning_callback = held\n"
+            "sys.argv[0] = 'pipeline.sweep'\n"
+            "sweep.cli(sweep.main)\n")
+    cmd = [sys.executable, "-c", held, "--spec", spec, "--study", "killed"]
+    worker = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               start_new_session=True)
+    try:
+        deadline, line = time.monotonic() + 300, "-"
+        while line and "trained an epoch" not in line:
+            ready, _, _ = select.select([worker.stdout], [], [], max(0, deadline - time.monotonic()))
+            line = worker.stdout.readline() if ready else ""
+        assert line and worker.poll() is None, "the worker ended before it could be killed"
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
     client = MlflowClient()
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and worker.poll() is None:  # kill it once its trial has trained an epoch
-        trains = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.step = 'train'")
-        if trains and client.get_metric_history(trains[0].info.run_id, "val_acc"):
-            break
-        time.sleep(0.5)
-    assert worker.poll() is None, "the worker ended before it could be killed"
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait()
+    trains = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.step = 'train'")
+    assert len(trains) == 1 and trains[0].info.status == "RUNNING"  # killed in training
     study = optuna.load_study(study_name="killed", storage=storage)
     assert [t.state.name for t in study.trials] == ["RUNNING"]  # nobody has noticed yet
 

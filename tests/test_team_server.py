@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -35,10 +36,10 @@ TINY = "params/tiny.yaml"
 SMALL = "data.synthetic_train=512 data.synthetic_test=128 train.epochs=2 evaluate.samples=1"
 
 
-def drop_databases(port: str, *names: str, timeout: float = 60) -> None:
-    """DROP ... WITH (FORCE), retried while a session this role may not end (an autovacuum worker that
-    has just started on the new database) still holds one."""
-    connection = psycopg2.connect(host="127.0.0.1", port=port, user=USER, password=PASSWORD, dbname="postgres")
+def drop_databases(port: str, *names: str, timeout: float = 60, user: str = USER, password: str = PASSWORD) -> None:
+    """DROP ... WITH (FORCE), as the role that owns them, retried while a session this role may not end (an
+    autovacuum worker that has just started on the new database) still holds one."""
+    connection = psycopg2.connect(host="127.0.0.1", port=port, user=user, password=password, dbname="postgres")
     connection.autocommit = True  # DROP DATABASE runs outside a transaction
     with connection.cursor() as cursor:
         def dropped(name: str) -> bool:
@@ -55,13 +56,16 @@ def drop_databases(port: str, *names: str, timeout: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
-    """The documented command, on its own databases and port: {"url", "optuna", "mlflow_db", "pgport"}."""
+    """The documented command, on its own databases, role and port: {"url", "optuna", "mlflow_db", "pgport", "user",
+    "password"}. The role's password holds characters that URLs and SQL treat specially (see
+    test_a_password_with_url_and_sql_characters_works_and_stays_off_command_lines): one server start for both."""
     folder = tmp_path_factory.mktemp("team")
     suffix = uuid.uuid4().hex[:10]
+    user, password = f"mlflow_pw_{suffix}", f"p@ss/w:rd?#%$$'x {suffix}"
     port, pgport = free_port(), os.environ.get("PGPORT", "5432")
     settings = {"MLFLOW_DB": f"mlflow_test_{suffix}", "OPTUNA_DB": f"optuna_test_{suffix}", "ARTIFACTS": str(folder /
                 "artifacts"), "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1", "PGPORT": pgport,
-                "ALLOWED_HOSTS": "team-host.example"}
+                "ALLOWED_HOSTS": "team-host.example", "DB_USER": user, "DB_PASSWORD": password}
     # No GenAI job runner: it starts several busy consumer processes that this test never uses.
     env = {**os.environ, **settings, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = folder / "server.log"
@@ -71,17 +75,21 @@ def team(tmp_path_factory):
     try:
         wait_until_up(f"http://127.0.0.1:{port}/health", process, timeout=180, log=log)
         yield {"url": f"http://127.0.0.1:{port}", "pgport": pgport, "mlflow_db": settings["MLFLOW_DB"],
-               "optuna": f"postgresql://{USER}@127.0.0.1:{pgport}/{settings['OPTUNA_DB']}"}
+               "optuna": f"postgresql://{user}@127.0.0.1:{pgport}/{settings['OPTUNA_DB']}", "user": user,
+               "password": password}
     finally:
         stop_group(process)
         with contextlib.suppress(psycopg2.OperationalError):
-            drop_databases(pgport, settings["MLFLOW_DB"], settings["OPTUNA_DB"])
+            drop_databases(pgport, settings["MLFLOW_DB"], settings["OPTUNA_DB"], user=user, password=password)
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
+        subprocess.run([*as_postgres, "psql", "-p", pgport, "-qc", f"DROP ROLE IF EXISTS {user}"], check=True,
+                       cwd="/")
 
 
-def mlflow_run(url: str, experiment: str, entry: str, **params: str) -> subprocess.Popen:
+def mlflow_run(url: str, experiment: str, entry: str, password: str, **params: str) -> subprocess.Popen:
     """`mlflow run` against the team server, started in the background; the Optuna password comes from
     PGPASSWORD, so it never appears in a logged param."""
-    cmd, env = server_run_command(url, experiment, entry, params, PGPASSWORD=PASSWORD)
+    cmd, env = server_run_command(url, experiment, entry, params, PGPASSWORD=password)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -94,7 +102,7 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> str:
 def test_main_and_a_two_worker_sweep_on_the_postgresql_server(team, tmp_path, in_process):
     import mlflow
 
-    url = team["url"]
+    url, user, password = team["url"], team["user"], team["password"]
     experiment_id = create_experiment(url, "team")
     # `main` in this process (`mlflow run` against the server: the sweep's commands below), logging to the server
     try:
@@ -105,18 +113,44 @@ def test_main_and_a_two_worker_sweep_on_the_postgresql_server(team, tmp_path, in
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert [r["info"]["status"] for r in search(url, experiment_id, "tags.step = 'main'")] == ["FINISHED"]
 
-    # Two workers started as on two hosts: the same command, one study of 4 trials in PostgreSQL.
+    # Two workers started as on two hosts: the same command, one study of 4 trials in PostgreSQL. The first under
+    # `mlflow run` (it starts the study and leads it); the second, once the first is in a trial, in this process (the
+    # sweep's `python -m pipeline.sweep`, as `mlflow run` runs it).
     spec = tmp_path / "sweep-team.yaml"
     spec.write_text(f"base: {TINY}\noverrides: {{train.validation_fraction: 0.125}}\n"
                     "grid:\n  train.lr: [0.2, 0.05, 0.01, 0.005]\n"
                     "pruner: {type: median, n_startup_trials: 2}\n")
     sweep = dict(spec=str(spec), overrides=SMALL, storage=team["optuna"], study="team-sweep")
-    first = mlflow_run(url, "team", "sweep", **sweep)
-    time.sleep(2)
-    second = mlflow_run(url, "team", "sweep", **sweep)
-    outputs = [finish(first), finish(second)]
+    optuna_url = team["optuna"].replace(f"postgresql://{user}@",
+                                        f"postgresql+psycopg2://{user}:{urllib.parse.quote(password, safe='')}@")
+    first = mlflow_run(url, "team", "sweep", password, **sweep)
+    optuna_db = psycopg2.connect(host="127.0.0.1", port=team["pgport"], user=user, password=password,
+                                 dbname=team["optuna"].rsplit("/", 1)[1])
+    optuna_db.autocommit = True
+    try:
+        def in_a_trial() -> bool:
+            """the first worker has claimed a trial"""
+            if first.poll() is not None:
+                raise AssertionError(f"the first worker ended first: {first.stdout.read()[-4000:]}")
+            with optuna_db.cursor() as cursor:
+                try:
+                    cursor.execute("SELECT count(*) FROM trials JOIN studies USING (study_id) "
+                                   "WHERE study_name = 'team-sweep' AND state = 'RUNNING'")
+                except psycopg2.errors.UndefinedTable:  # Optuna's tables are not made yet
+                    return False
+                return cursor.fetchone()[0] > 0
+
+        eventually(in_a_trial, 300)
+        second = in_process("sweep", *(f"--{k}={v}" for k, v in sweep.items()), env={"PGPASSWORD": password})
+    finally:
+        optuna_db.close()
+        mlflow.tracking.fluent._active_experiment_id = None
+        outputs = [finish(first)]
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    outputs.append(second.stdout)
     # The dashboard hint names the driver the storage opened (a bare postgresql:// needs psycopg 3).
-    assert f"optuna-dashboard postgresql+psycopg2://{USER}@" in outputs[0], outputs[0]
+    assert f"optuna-dashboard postgresql+psycopg2://{user}@" in outputs[0], outputs[0]
+    assert "started Optuna study team-sweep" in outputs[0] and "joined Optuna study team-sweep" in outputs[1]
 
     # One sweep parent; every trial is its child, each trial ran once, on one of the two workers.
     parents = search(url, experiment_id, "tags.step = 'sweep'")
@@ -131,8 +165,7 @@ def test_main_and_a_two_worker_sweep_on_the_postgresql_server(team, tmp_path, in
     assert len(search(url, experiment_id, "tags.step = 'trial'")) == 4  # and no other trial run exists
 
     # The Optuna study in PostgreSQL agrees: 4 trials, finished or pruned, each naming its MLflow run.
-    study = optuna.load_study(study_name="team-sweep", storage=team["optuna"].replace(
-        f"postgresql://{USER}@", f"postgresql+psycopg2://{USER}:{PASSWORD}@"))
+    study = optuna.load_study(study_name="team-sweep", storage=optuna_url)
     assert len(study.trials) == 4
     assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
     assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r["info"]["run_id"] for r in trials}
@@ -168,7 +201,7 @@ def test_main_and_a_two_worker_sweep_on_the_postgresql_server(team, tmp_path, in
     assert len(table.strip().splitlines()) == 5 and "train.lr" in table.splitlines()[0]
 
     # And the tracking store really is PostgreSQL.
-    connection = psycopg2.connect(host="127.0.0.1", port=team["pgport"], user=USER, password=PASSWORD,
+    connection = psycopg2.connect(host="127.0.0.1", port=team["pgport"], user=user, password=password,
                                   dbname=team["mlflow_db"])
     with connection, connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM runs WHERE run_uuid = %s", (parent_id,))
@@ -447,34 +480,13 @@ def test_an_exported_pghost_does_not_send_the_admin_commands_over_tcp():
         drop_databases(os.environ.get("PGPORT", "5432"), name)
 
 
-def test_a_password_with_url_and_sql_characters_works_and_stays_off_command_lines(tmp_path):
+def test_a_password_with_url_and_sql_characters_works_and_stays_off_command_lines(team):
     """DB_PASSWORD went into the backend URI unencoded (an @ or / broke it: every worker's traceback) and
-    onto `mlflow server`'s command line, which every local user reads in ps; a $$ broke role creation."""
-    suffix = uuid.uuid4().hex[:10]
-    user, name, password = f"mlflow_pw_{suffix}", f"mlflow_pw_{suffix}", f"p@ss/w:rd?#%$$'x {suffix}"
-    pgport = os.environ.get("PGPORT", "5432")
-    port = free_port()
-    log = tmp_path / "server.log"
-    env = {**os.environ, "MLFLOW_DB": name, "OPTUNA_DB": name, "DB_USER": user, "DB_PASSWORD": password,
-           "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1", "PGPORT": pgport,
-           "ARTIFACTS": str(tmp_path / "artifacts"), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with log.open("ab") as out:
-        process = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", process, timeout=180, log=log)
-        assert request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5",
-                       f"127.0.0.1:{port}") == 200
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            with contextlib.suppress(OSError):
-                assert b"p@ss/w" not in cmdline.read_bytes() and b"p%40ss" not in cmdline.read_bytes(), cmdline
-    finally:
-        stop_group(process)
-        connection = psycopg2.connect(host="127.0.0.1", port=pgport, user=user, password=password, dbname="postgres")
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        connection.close()
-        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
-        subprocess.run([*as_postgres, "psql", "-p", pgport, "-qc", f"DROP ROLE IF EXISTS {user}"], check=True,
-                       cwd="/")
+    onto `mlflow server`'s command line, which every local user reads in ps; a $$ broke role creation. The `team`
+    server's role has such a password (and test_main_and_a_two_worker_sweep_on_the_postgresql_server works on it)."""
+    assert "@" in team["password"] and "/" in team["password"] and "$$" in team["password"]
+    port = team["url"].rsplit(":", 1)[1]
+    assert request(f"{team['url']}/api/2.0/mlflow/experiments/search?max_results=5", f"127.0.0.1:{port}") == 200
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            assert b"p@ss/w" not in cmdline.read_bytes() and b"p%40ss" not in cmdline.read_bytes(), cmdline
