@@ -420,6 +420,9 @@ def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, trai
                           metrics=[keras.metrics.CategoricalAccuracy(name="acc")],
                           jit_compile=jit,
                           steps_per_execution=t.steps_per_execution)
+            # Its variables now, not in the first training step: Keras on TensorFlow without a distribution strategy
+            # builds it there, and TensorFlow traces a step that creates variables twice (~3 CPU-s per training)
+            model.optimizer.build(model.trainable_variables)  # (a LossScaleOptimizer builds the one it wraps)
         return model
 
     def probe() -> tuple:  # what pipeline.cpu_probe times: this model, on a batch of these images
