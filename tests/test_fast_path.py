@@ -3,6 +3,7 @@ The JAX backend's share of it is in test_fast_path_jax.py, a file of its own so 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ def test_mixed_precision_and_xla_reach_the_same_place_as_float32(store):
     for name, overrides in {"float32": ["train.jit_compile=false"],
                             "fast": ["train.precision=mixed_bfloat16", "train.jit_compile=true",
                                      "train.steps_per_execution=4"]}.items():
-        cfg = config.load("params/tiny.yaml", overrides)
+        cfg = config.load("params/tiny.yaml", ["data.synthetic_train=512", "data.synthetic_test=128", *overrides])
         with mlflow.start_run(experiment_id=MlflowClient().get_experiment_by_name("e2e").experiment_id) as run:
             dataset_uri = prepare.ensure_prepared(cfg)
             train.run(cfg, dataset_uri)
@@ -48,41 +49,41 @@ def test_mixed_precision_and_xla_reach_the_same_place_as_float32(store):
     assert abs(curves["float32"][-1] - curves["fast"][-1]) < 0.15, curves
 
 
-def run_distributed(env: dict, backend: str, mode: str, *overrides: str) -> subprocess.CompletedProcess:
-    """Train in a fresh process with 2 virtual CPU devices (TF logical devices / XLA host devices): one `train`
-    command per OVERRIDES (one with none if none are given), one after the other in that process."""
-    env = {**env, "KERAS_BACKEND": backend, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    script = textwrap.dedent(f"""
+def run_mirrored(forker: Forker, env: dict, *overrides: str) -> ForkedHost:
+    """Train in a fresh process (forked, see `Forker`) with 2 TensorFlow logical CPU devices: one `train` command per
+    OVERRIDES, one after the other in that process, each with train.distribute=mirrored."""
+    code = textwrap.dedent(f"""
         import sys
-        if "{backend}" == "tensorflow":
-            import tensorflow as tf
-            cpu = tf.config.list_physical_devices("CPU")[0]
-            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from pipeline import train
         from pipeline.tracking import cli
-        for overrides in {list(overrides) or [""]!r}:
+        for overrides in {list(overrides)!r}:
             sys.argv = ["train", "--params", "params/tiny.yaml", "--epochs", "2",
-                        "--overrides", "train.distribute={mode} tracking.experiment=e2e " + overrides]
+                        "--overrides", "train.distribute=mirrored tracking.experiment=e2e " + overrides]
             cli(train.main)
     """)
-    return subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    host = forker.start({**env, "KERAS_BACKEND": "tensorflow"}, code)
+    host.wait(timeout=600)
+    return host
 
 
-def test_data_parallel_over_two_tensorflow_devices(store):
+def test_data_parallel_over_two_tensorflow_devices(forker, store):
     """Plain, then with weight EMA, which recomputes the BN statistics under the strategy (train.ema_bn_batches),
     then an epoch ending in fewer images than replicas, refused: three `train` commands in one process, which sets up
     its two devices once (TensorFlow start-ups saved). 1,025 images at batch 32 end each epoch with 1 image for 2
     replicas: one would normalise an empty slice (NaN BatchNormalization statistics: 'diverged' on a GPU, a failed
     conv on CPU devices). Exit 2, one line, before training."""
-    result = run_distributed(store, "tensorflow", "mirrored", "",
-                             "train.ema=true train.ema_momentum=0.9 train.ema_bn_batches=4",
-                             "data.synthetic_train=1025 train.batch_size=32")
+    small = "data.synthetic_train=512 data.synthetic_test=128 "
+    host = run_mirrored(forker, store, small, small + "train.ema=true train.ema_momentum=0.9 train.ema_bn_batches=4",
+                        "data.synthetic_train=1025 train.batch_size=32")
+    _, err = host.communicate()
     # the last command's exit: a failure of either training before it would have ended the process with no refusal
-    assert result.returncode == 2, result.stderr[-3000:]
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert host.returncode == 2, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert "train.batch_size" in line and "batch of 1 of the 1025" in line and "drop_remainder=true" in line
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in err
     client = MlflowClient()
     experiment = client.get_experiment_by_name("e2e").experiment_id
     runs = assert_two_device_runs(client, "tensorflow", 2, "attributes.status = 'FINISHED'")
@@ -118,30 +119,156 @@ def assert_two_device_runs(client: MlflowClient, backend: str, count: int, where
     return runs
 
 
-def start_two_hosts(env: dict, *args: str, ports: list[int] | None = None, worker_args: tuple[str, ...] = (),
-                    worker_root: Path = ROOT, preludes: tuple[str, str] = ("", "")) -> list[subprocess.Popen]:
+# The host processes' parent: it imports what a host imports (TensorFlow, Keras, MLflow: ~8 CPU-s a process here),
+# then forks each host from there, so that a host costs what it runs, not that import. A forked host is a process of
+# its own, as `python -m MODULE` or `python -c CODE` started: its own environment, working folder, argv, stdout and
+# stderr (files), TensorFlow runtime (made after the fork: nothing here runs an op), exit status (read by this
+# parent, which reaps it). A checkout other than ROOT gets its own `pipeline` (imported afresh in the host).
+FORKER = textwrap.dedent("""
+    import json, os, select, signal, sys
+
+    sys.path.insert(0, os.getcwd())  # the checkout, as for `python -m` there
+    import pipeline  # its settings before TensorFlow loads, as in a host started on its own
+    import keras, matplotlib.pyplot, mlflow, pandas, tensorflow  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import pipeline.main, pipeline.train  # noqa: F401
+
+    ROOT, BACKEND = os.path.realpath(os.getcwd()), keras.backend.backend()
+
+
+    def serve():  # one request a line on stdin, answered with the host's pid: in the host, its request; here None
+        hosts = {}
+        while True:
+            while hosts and (ended := os.waitpid(-1, os.WNOHANG))[0]:
+                folder = hosts.pop(ended[0])
+                with open(f"{folder}/rc.partial", "w") as f:
+                    f.write(str(os.waitstatus_to_exitcode(ended[1])))
+                os.rename(f"{folder}/rc.partial", f"{folder}/rc")
+            if not select.select([sys.stdin], [], [], 0.05)[0]:
+                continue
+            line = sys.stdin.readline()
+            if not line:  # the tests are over: no host outlives them
+                for pid in hosts:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                return None
+            request = json.loads(line)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if (pid := os.fork()) == 0:
+                return request
+            hosts[pid] = request["folder"]
+            print(pid, flush=True)
+
+
+    request = serve()
+    if request is None:
+        os._exit(0)  # nothing to flush or save: no interpreter teardown (seconds of CPU with TensorFlow loaded)
+    for fd, name, flags in ((0, os.devnull, os.O_RDONLY), (1, request["folder"] + "/out", os.O_WRONLY | os.O_CREAT),
+                            (2, request["folder"] + "/err", os.O_WRONLY | os.O_CREAT)):
+        os.dup2(opened := os.open(name, flags), fd)
+        os.close(opened)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    if os.environ.get("KERAS_BACKEND", BACKEND) != BACKEND:
+        raise RuntimeError(f"hosts forked from here run Keras on {BACKEND}")
+    os.chdir(request["cwd"])
+    if os.path.realpath(request["cwd"]) != ROOT:  # another checkout: its own pipeline package
+        for name in [name for name in sys.modules if name == "pipeline" or name.startswith("pipeline.")]:
+            del sys.modules[name]
+    sys.path[0] = request["cwd"]
+    sys.argv = ["-c"]
+    exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
+""")
+
+
+class ForkedHost:
+    """A host process forked by `Forker`, read as a `subprocess.Popen` with stdout and stderr piped."""
+
+    def __init__(self, pid: int, folder: Path, forker: subprocess.Popen):
+        self.pid, self.folder, self.forker, self.returncode = pid, folder, forker, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and (self.folder / "rc").exists():
+            self.returncode = int((self.folder / "rc").read_text())
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"host {self.pid}", timeout)
+            assert self.forker.poll() is None, "the hosts' parent ended: no exit status to read"
+            time.sleep(0.05)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return (self.folder / "out").read_text(), (self.folder / "err").read_text()
+
+
+class Forker:
+    """Starts host processes, each forked from one that imported TensorFlow, Keras and MLflow once (`FORKER`)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.count = folder, 0
+        (folder / "forker.py").write_text(FORKER)
+        self.log = (folder / "forker.log").open("a")
+        self.proc = self._started()
+
+    def _started(self) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(self.folder / "forker.py")], cwd=ROOT, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+    def start(self, env: dict, code: str, cwd: Path = ROOT) -> ForkedHost:
+        """A host running CODE (as `python -c CODE`) in CWD with environment ENV."""
+        if self.proc.poll() is not None:  # ended (killed from outside): the hosts of later tests come from a new one
+            self.proc = self._started()
+        self.count += 1
+        folder = self.folder / f"host{self.count}"
+        folder.mkdir()
+        self.proc.stdin.write(json.dumps({"env": env, "code": code, "cwd": str(cwd), "folder": str(folder)}) + "\n")
+        self.proc.stdin.flush()
+        pid = self.proc.stdout.readline()
+        assert pid, (self.folder / "forker.log").read_text()[-3000:]
+        return ForkedHost(int(pid), folder, self.proc)
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def forker(tmp_path_factory):
+    forker = Forker(tmp_path_factory.mktemp("hosts"))
+    yield forker
+    forker.close()
+
+
+def module_code(module: str, args: list[str], prelude: str = "") -> str:
+    """Python code that runs PRELUDE, then `python -m MODULE ARGS...`."""
+    return (f"import sys\nsys.argv = {[module, *args]!r}\n{prelude}\nimport runpy\n"
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+
+
+def start_two_hosts(forker: Forker, env: dict, *args: str, ports: list[int] | None = None,
+                    worker_args: tuple[str, ...] = (), worker_root: Path = ROOT,
+                    preludes: tuple[str, str] = ("", "")) -> list[ForkedHost]:
     """Two processes on localhost standing for two hosts, as in the README: the chief (worker 0) runs the whole
     pipeline, worker 1 `pipeline.train` with the same ARGS (then WORKER_ARGS) from the checkout WORKER_ROOT;
     TF_CONFIG differs in the task index only. train.distribute stays auto. PRELUDES: Python code each host runs
     first, in the process that then runs its module (a fault of that host alone)."""
     cluster = {"worker": [f"localhost:{port}" for port in ports or (free_port(), free_port())]}
-
-    def command(module: str, prelude: str) -> list[str]:
-        if not prelude:
-            return [sys.executable, "-m", module]
-        return [sys.executable, "-c", f"{prelude}\nimport runpy\nrunpy.run_module({module!r}, run_name='__main__', "
-                                      f"alter_sys=True)"]
-
-    return [subprocess.Popen([*command(module, prelude), *args, *extra], cwd=root, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True,
-                             env={**env, "TF_CONFIG": json.dumps({"cluster": cluster,
-                                                                  "task": {"type": "worker", "index": i}})})
+    return [forker.start({**env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
+                         module_code(module, [*args, *extra], prelude), root)
             for i, (module, extra, root, prelude) in enumerate([("pipeline.main", (), ROOT, preludes[0]),
                                                                 ("pipeline.train", worker_args, worker_root,
                                                                  preludes[1])])]
 
 
-def finish(procs: list[subprocess.Popen]) -> list[str]:
+def finish(procs: list[ForkedHost]) -> list[str]:
     """Wait for both hosts; each must exit 0. Their stdout + stderr."""
     outputs = [p.communicate(timeout=600) for p in procs]
     for proc, (_, err) in zip(procs, outputs, strict=True):
@@ -149,33 +276,17 @@ def finish(procs: list[subprocess.Popen]) -> list[str]:
     return [out + err for out, err in outputs]
 
 
-def test_multi_worker_over_two_local_hosts_logs_from_the_chief_only(store, tmp_path):
-    chief, worker = finish(start_two_hosts(store, "--params", "params/tiny.yaml", "--epochs", "2",
-                                           "--overrides", "tracking.experiment=e2e"))
-    assert "worker 1 of 2: training on" in worker
-    client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
-    assert sorted(r.data.tags["step"] for r in runs) == ["evaluate", "main", "prepare", "register", "train"]
-    (run,) = [r for r in runs if r.data.tags["step"] == "train"]
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["distribute"] == "multi_worker" and run.data.tags["workers"] == "2"
-    assert run.data.tags["replicas"] == "2" and len(run.data.tags["devices"].split(", ")) == 1  # the chief's only
-    assert len(val_acc_curve(run.info.run_id)) == 2
-    assert run.data.metrics["acc"] > 0.5
-    (main_run,) = [r for r in runs if r.data.tags["step"] == "main"]
-    assert main_run.data.metrics["test_acc"] > 0.5
-    assert list((tmp_path / "checkpoints").iterdir()) == []  # both hosts removed their checkpoints
-
-
-def test_both_hosts_killed_rerun_and_continue_the_same_run(store, tmp_path):
+def test_both_hosts_killed_rerun_and_continue_the_same_run(forker, store, tmp_path):
     """The README's multi-host resume: both hosts die (SIGKILL) after the first epoch's checkpoints; rerunning
     both commands continues the chief's MLflow run from there, the lr schedule crossing its boundary after it.
-    Hosts whose checkpoints disagree are refused first, on every host, before any step."""
+    Hosts whose checkpoints disagree are refused first, on every host, before any step. The run that ends is the
+    README's whole multi-worker run: the chief's pipeline through register, over both hosts, logged by the chief
+    alone (worker 1 opens no run)."""
     ports = [free_port(), free_port()]
     # Epochs twice tiny's (more time between checkpoints to kill in), a step decay after epoch 2 of 3.
     args = ("--params", "params/tiny.yaml", "--epochs", "3", "--overrides",
             "tracking.experiment=e2e data.synthetic_train=2048 train.schedule=step train.lr_boundaries=[0.5]")
-    procs = start_two_hosts(store, *args, ports=ports)
+    procs = start_two_hosts(forker, store, *args, ports=ports)
     checkpoints = tmp_path / "checkpoints"
     deadline = time.monotonic() + 300
     while len(saved := list(checkpoints.glob("*/training_metadata.json"))) < 2:
@@ -190,7 +301,7 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(store, tmp_path):
     # A host whose checkpoint is behind (here: lost) is found before either trains: both refuse, exit 2.
     (kept,) = checkpoints.glob("worker1-*")
     kept.rename(tmp_path / "kept")
-    procs = start_two_hosts(store, *args, ports=ports)
+    procs = start_two_hosts(forker, store, *args, ports=ports)
     outputs = [p.communicate(timeout=300) for p in procs]
     for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 2, err[-3000:]
@@ -205,12 +316,15 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(store, tmp_path):
     assert client.search_model_versions("name = 'cifar10-resnet'") == []
 
     (tmp_path / "kept").rename(kept)  # the lost checkpoint found again: the same two commands continue the run
-    chief, worker = finish(start_two_hosts(store, *args, ports=ports))
+    chief, worker = finish(start_two_hosts(forker, store, *args, ports=ports))
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
     assert f"resuming train run {run.info.run_id}" in chief
     for output in (chief, worker):
         assert "Epoch 1/3" not in output and "Epoch 3/3" in output, output[-3000:]  # both restored epoch 1
     assert run.info.status == "FINISHED" and run.data.tags["workers"] == "2"
+    assert "worker 1 of 2: training on" in worker
+    assert run.data.tags["distribute"] == "multi_worker"
+    assert run.data.tags["replicas"] == "2" and len(run.data.tags["devices"].split(", ")) == 1  # the chief's only
     history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
                for key in ("val_acc", "iterations", "lr")}
     assert sorted(history["val_acc"]) == [1, 2, 3]  # no gap, no epoch twice
@@ -218,12 +332,18 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(store, tmp_path):
     assert per_epoch > 0 and history["iterations"] == {e: e * per_epoch for e in (1, 2, 3)}
     assert history["lr"] == pytest.approx({1: 0.05, 2: 0.05, 3: 0.005})  # decayed after epoch 2, once resumed
     assert run.data.metrics["acc"] > 0.5
-    mains = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'main'")
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    # one train, evaluate and register run, none of worker 1's: the chief's mains (the prepare reused after the first)
+    assert sorted(r.data.tags["step"] for r in runs) == ["evaluate", "main", "main", "main", "prepare", "register",
+                                                         "train"]
+    mains = [r for r in runs if r.data.tags["step"] == "main"]
     assert sorted(r.info.status for r in mains) == ["FAILED", "FINISHED", "KILLED"]  # killed, refused, done
+    (done,) = [r for r in mains if r.info.status == "FINISHED"]
+    assert done.data.metrics["test_acc"] > 0.5
     assert list(checkpoints.iterdir()) == []  # both hosts removed their checkpoints once done
 
 
-def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(store, tmp_path):
+def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(forker, store, tmp_path):
     """A worker started with another lr, or left on other code (a checkout not pulled), would train other weights
     under the chief's logged params and code (with another batch size or epoch count it would wait on a collective
     forever): both hosts exit 2 before any step, naming what differs. With another model (other variable shapes)
@@ -242,7 +362,7 @@ def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(store
     shutil.copy(ROOT / "MLproject", worker_root)
     with open(worker_root / "pipeline" / "model.py", "a") as f:
         f.write("\nPADDING = 'same'\n")
-    procs = start_two_hosts(store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
+    procs = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
                             worker_args=("--overrides", "tracking.experiment=e2e model.widths=[16,32,128]"),
                             worker_root=worker_root)
     for proc in procs:
@@ -260,14 +380,14 @@ def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(store
     assert client.search_model_versions("name = 'cifar10-resnet'") == []
 
 
-def test_a_chief_that_fails_before_training_is_named_so_on_the_workers(store, tmp_path):
+def test_a_chief_that_fails_before_training_is_named_so_on_the_workers(forker, store, tmp_path):
     """The chief's prepare fails (a data path bad on the chief alone): worker 1, waiting for it in the hosts' first
     collective, said "worker 0 stopped answering" and "rerun every host's command to continue". Now it says the chief
     ended before training began and where its error is; no host hangs."""
     bad = tmp_path / "cifar10.tar.gz"
     bad.write_bytes(b"not an archive" * 100)
-    chief, worker = start_two_hosts(store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
-                                    "--data", str(bad), worker_args=("--data", "synthetic"))
+    chief, worker = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--overrides",
+                                    "tracking.experiment=e2e", "--data", str(bad), worker_args=("--data", "synthetic"))
     outputs = [p.communicate(timeout=300) for p in (chief, worker)]
     assert chief.returncode == 2, outputs[0][1][-2000:]
     assert "unreadable archive" in outputs[0][1].strip().splitlines()[-1]
@@ -303,7 +423,7 @@ FAULTS = {  # a fault of one host, after the hosts agreed and before training be
                                              ("chief", "is killed in building the model"),
                                              ("chief", "is refused in opening its train run"),
                                              ("worker", "is refused in building the model")])
-def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_other(store, host, fault):
+def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_other(forker, store, host, fault):
     """A host failing between `agree` and the first train step (in building the model, whose variables' initial
     values are broadcast from the chief, or the chief in opening its train run while the other waits in `fit`'s
     first step): the other host ended with TensorFlow's UnavailableError traceback (exit 1; on the chief a train run
@@ -311,7 +431,7 @@ def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_ot
     says in one line (exit 3) which host ended before training began; the failing host's own error is its own."""
     failing = 0 if host == "chief" else 1
     started = time.monotonic()
-    procs = start_two_hosts(store, "--params", "params/tiny.yaml", "--epochs", "1", "--overrides",
+    procs = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--epochs", "1", "--overrides",
                             "tracking.experiment=e2e",
                             preludes=tuple(FAULTS[fault] if i == failing else "" for i in (0, 1)))
     (_, failed_err), (_, err) = [procs[i].communicate(timeout=120) for i in (failing, 1 - failing)]
@@ -366,7 +486,7 @@ def test_a_workers_checkpoint_is_found_by_a_rerun_that_extends_the_run(store):
     assert len(others) == 3 and folder not in others
 
 
-def test_a_cluster_rerun_that_goes_on_from_a_trained_model_trains_nothing(store, monkeypatch, in_process):
+def test_a_cluster_rerun_that_goes_on_from_a_trained_model_trains_nothing(forker, store, monkeypatch, in_process):
     """The chief's pipeline failed after training (here in register): the rerun's chief goes on from the trained model
     (`trained_before_a_failure`). Worker 1, started to train it, waited in building the model until the chief ended,
     then crashed with TensorFlow's traceback (exit 1); now it is told there is nothing to train and ends (exit 0)."""
@@ -383,7 +503,7 @@ def test_a_cluster_rerun_that_goes_on_from_a_trained_model_trains_nothing(store,
     monkeypatch.setattr(register, "run", registry_fails)
     with pytest.raises(MlflowException, match="went away"):
         in_process("main", *args)  # trained on this host alone: the same job (train_key) as the cluster's
-    chief, worker = finish(start_two_hosts(store, *args))
+    chief, worker = finish(start_two_hosts(forker, store, *args))
     assert "reusing train run" in chief and "Epoch " not in chief + worker
     assert "worker 1: nothing to train: the chief goes on from the model an identical command trained" in worker
     client = MlflowClient()
