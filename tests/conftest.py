@@ -149,13 +149,13 @@ def eventually(check, timeout: float = 60):
 # Test files in the order pytest-xdist (`--dist loadfile --no-loadscope-reorder`, pyproject) hands them out, whole
 # files at a time: each worker first gets one of the four longest, then one of the next four, shortest of those to
 # the worker with the longest (so the first two files of every worker add up to about the same), then the rest go
-# to whichever worker is free. Estimated from a whole-suite run on a 2-core AMD EPYC (Zen 3, four workers,
-# 2026-12-06: 947, 721, 607, 696 s; then 246, 300, 390, 393 s) less the cuts made after it; files not listed follow
-# in name order, small enough to fill the ends.
-LONGEST_FIRST = ["test_fault_tolerance.py", "test_fast_path.py", "test_sweep.py", "test_learning.py",
-                 "test_cpu_probe.py", "test_recipes.py", "test_pipeline_e2e.py", "test_fast_path_jax.py",
-                 "test_failures.py", "test_gpu_check.py", "test_readme.py", "test_compare.py", "test_team_server.py",
-                 "test_serve.py"]
+# to whichever worker is free. Estimated from the CPU seconds of each file in a whole-suite run on a 2-core AMD EPYC
+# (Zen 3, four workers, 2026-12-06) less the cuts made after it; files not listed follow in name order, small
+# enough to fill the ends.
+LONGEST_FIRST = ["test_fault_tolerance.py", "test_sweep.py", "test_failures.py", "test_fast_path.py",
+                 "test_cpu_probe.py", "test_gpu_check.py", "test_pipeline_e2e.py", "test_learning.py",
+                 "test_fast_path_jax.py", "test_compare.py", "test_recipes.py", "test_team_server.py",
+                 "test_readme.py", "test_serve.py"]
 
 
 def pytest_collection_modifyitems(items):
