@@ -402,9 +402,8 @@ def fetch_cifar10() -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         lock = open(cache / f".{CIFAR10_ARCHIVE_NAMES[0]}.lock", "a")  # noqa: SIM115 - held until the download ends
     except OSError as exc:  # a cache not ours: Keras could not write the download there either
-        raise DataError(f"data.source: cannot download CIFAR-10 into {cache} ({exc.strerror or exc}). Put the "
-                        f"official cifar-10-python.tar.gz ({CIFAR10_URL}) there or pass its path (or an image "
-                        f"folder) as -P data=PATH") from None
+        raise DataError(f"data.source: cannot download CIFAR-10 into {cache} ({exc.strerror or exc}). "
+                        f"{_without_download(cache)}") from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         found = _cifar10_in_cache(cache)  # another command's download, finished while this one waited
@@ -416,11 +415,14 @@ def fetch_cifar10() -> Path:
             return Path(keras.utils.get_file(fname=CIFAR10_ARCHIVE_NAMES[0], origin=CIFAR10_URL,
                                              file_hash=CIFAR10_SHA256, hash_algorithm="sha256"))
         except Exception as exc:  # noqa: BLE001 - any network or hash failure ends the same way
-            raise DataError(
-                f"data.source: cannot download CIFAR-10 ({type(exc).__name__}: {exc}). Put the official "
-                f"cifar-10-python.tar.gz ({CIFAR10_URL}) in {cache}/ or pass its path (or an image folder) "
-                f"as -P data=PATH"
-            ) from None
+            raise DataError(f"data.source: cannot download CIFAR-10 ({type(exc).__name__}: {exc}). "
+                            f"{_without_download(cache)}") from None
+
+
+def _without_download(cache: Path) -> str:
+    """How to go on where CIFAR-10 cannot be downloaded into the Keras cache `cache`."""
+    return (f"Put the official cifar-10-python.tar.gz ({CIFAR10_URL}) in {cache}/ or pass its path (or an image "
+            f"folder) as -P data=PATH")
 
 
 def _cifar10_in_cache(cache: Path) -> Path | None:

@@ -165,7 +165,16 @@ def test_cifar10_offline_with_nothing_local_says_where_to_put_it(tmp_path, monke
     monkeypatch.setattr(keras.utils, "get_file", no_network)
     with pytest.raises(data.DataError) as err:
         data.load_source("cifar10")
-    assert "cifar-10-python.tar.gz" in str(err.value) and str(tmp_path / "datasets") in str(err.value)
+    how = (f"Put the official cifar-10-python.tar.gz ({data.CIFAR10_URL}) in {tmp_path / 'datasets'}/ or pass its "
+           f"path (or an image folder) as -P data=PATH")
+    assert str(err.value) == f"data.source: cannot download CIFAR-10 (OSError: network is unreachable). {how}"
+    # a cache it cannot write (the download could not be written there either): the same way on
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(data.DataError) as err:
+        data.load_source("cifar10")
+    assert str(err.value).startswith(f"data.source: cannot download CIFAR-10 into {tmp_path / 'a-file' / 'datasets'} (")
+    assert str(err.value).endswith(how.replace(str(tmp_path / "datasets"), str(tmp_path / "a-file" / "datasets")))
 
 
 def test_truncated_archive_is_refused(tmp_path):
