@@ -319,13 +319,28 @@ def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_i
                                         ) in stderr, stderr[-2000:]
     assert Checkpoint.completed_epochs(folder) == 1  # refused before touching it
 
-    log = tmp_path / "stopped.log"
+    # the second call, stopped by SIGINT (gpu.sh's `timeout --signal=INT` at the stage's hard limit) in an epoch
+    # after a checkpoint. Its epochs take a fraction of a second each: a test process descheduled for longer would
+    # signal too late (the run over), so the call holds at the first batch once the checkpoint holds >= 3 epochs,
+    # until the signal comes; the signal still arrives from outside, in the middle of `fit`
+    log, held = tmp_path / "stopped.log", tmp_path / "held"
+    hold = ("import sys, time, keras\nfrom bench import gpu_epoch\nfrom pipeline import fitting\n"
+            "class Hold(keras.callbacks.Callback):\n"
+            "    def on_train_batch_begin(self, batch, logs=None):\n"
+            f"        if fitting.Checkpoint.completed_epochs({str(folder)!r}) >= 3:\n"
+            f"            open({str(held)!r}, 'w').close()\n"
+            "            time.sleep(120)\n"
+            "fit = fitting.fit\n"
+            "fitting.fit = lambda model, cfg, splits, classes, callbacks: fit(model, cfg, splits, classes, "
+            "[*callbacks, Hold()])\n"
+            f"sys.argv = ['gpu_epoch', '--out', {str(out)!r}, *{args!r}, '--checkpoint', {str(folder)!r}]\n"
+            "gpu_epoch.main()\n")
     with log.open("w") as sink:
-        stopped = gpu_epoch(tmp_path, *args, "--checkpoint", str(folder), stdout=sink, stderr=subprocess.STDOUT)
+        stopped = gpu_epoch(tmp_path, "-c", hold, stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
-    while Checkpoint.completed_epochs(folder) < 3 and stopped.poll() is None and time.monotonic() < deadline:
+    while not held.exists() and stopped.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    stopped.send_signal(signal.SIGINT)  # gpu.sh's `timeout --signal=INT` at the stage's hard limit
+    stopped.send_signal(signal.SIGINT)
     stopped.wait(60)
     done = Checkpoint.completed_epochs(folder)
     assert stopped.returncode != 0 and 3 <= done < 6, (stopped.returncode, done, log.read_text()[-3000:])
