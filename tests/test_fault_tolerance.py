@@ -1074,9 +1074,10 @@ def test_an_interrupted_train_run_is_claimed_until_it_has_ended(store, in_proces
 RESUMED = ["--params", TINY, "--overrides", "tracking.experiment=e2e"]
 
 
-def interrupted_train_run(in_process, monkeypatch):
-    """A train run of `RESUMED` interrupted in training (SIGTERM), as if it left a checkpoint: a stand-in, for
-    commands refused before any run opens; the run and its checkpoint folder."""
+def interrupted_train_run(in_process, monkeypatch, command: list[str] = RESUMED):
+    """A train run of `command` interrupted in training (SIGTERM), as if it left a checkpoint: a stand-in, for
+    commands refused before any run opens; the run and its checkpoint folder. Training stays interrupted for the rest
+    of the test."""
     from pipeline import tracking, train
     from pipeline.tracking import resume
 
@@ -1084,7 +1085,7 @@ def interrupted_train_run(in_process, monkeypatch):
         raise tracking.Interrupted(signal.SIGTERM)
 
     monkeypatch.setattr(train, "fit", interrupted)
-    assert in_process("train", *RESUMED).returncode == 128 + signal.SIGTERM
+    assert in_process("train", *command).returncode == 128 + signal.SIGTERM
     (run,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
     folder = resume.checkpoint_dir(run.info.run_id)
     folder.mkdir(parents=True, exist_ok=True)
@@ -1133,6 +1134,57 @@ def test_resuming_a_run_in_mlflows_trash_is_refused_before_any_run_opens(store, 
         f"error: resume: run {run.info.run_id} is in MLflow's trash; restore it (mlflow runs restore --run-id "
         f"{run.info.run_id}) to go on with it, or resume=never to start afresh")
     assert runs() == runs_before  # no main run, FAILED or otherwise
+
+
+def test_resuming_by_id_on_a_local_dataset_file_overwritten_since_is_refused_before_any_run_opens(
+        store, tmp_path, in_process, monkeypatch):
+    """resume=<id> of a train run on a local dataset file (`-P dataset_uri=PATH`) compared the path alone: another
+    dataset written to that path since, the run went on training the old data's weights on the other data (a plain
+    rerun did not: `train_key` holds the file's sha256). With the original bytes back it goes on, extended too."""
+    import hashlib
+
+    from pipeline import data
+    from pipeline.tracking import resume
+
+    overrides = "tracking.experiment=e2e data.synthetic_train=256 data.synthetic_test=64"
+    path = tmp_path / "local" / "dataset.npz"
+    path.parent.mkdir()
+    data.make_synthetic(n_train=256, n_test=64, seed=0).save(path)  # as prepare writes it: the file, dataset.json
+    (path.parent / "dataset.json").write_text(json.dumps({"params": config.load(ROOT / TINY, overrides).flat("data")}))
+    original = path.read_bytes()
+    trained_on = hashlib.sha256(original).hexdigest()
+    command = ["--params", TINY, "--overrides", overrides, "--dataset-uri", str(path)]
+    run, folder = interrupted_train_run(in_process, monkeypatch, command)
+    run_id, client = run.info.run_id, MlflowClient()
+    assert (run.data.tags["dataset_uri"], run.data.tags["dataset_sha256"]) == (str(path), trained_on)
+
+    data.make_synthetic(n_train=256, n_test=64, seed=1).save(path)  # another dataset, written to the same path
+    def state():
+        return sorted((r.info.run_id, r.info.status, r.info.lifecycle_stage, sorted(r.data.tags.items()),
+                       sorted(r.data.params.items()))
+                      for r in client.search_runs([run.info.experiment_id], run_view_type=ViewType.ALL))
+
+    before, checkpoint = state(), sorted(p.name for p in folder.iterdir())
+    for module, args in (("main", command[:4]), ("train", command)):  # the run's dataset_uri; the same path, given
+        refused = in_process(module, *args, "--resume", run_id)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f"error: dataset_uri: {path} holds other bytes than train run {run_id} trained on (sha256 "
+            f"{hashlib.sha256(path.read_bytes()).hexdigest()[:12]} here, {trained_on[:12]} in the run: another "
+            f"dataset was written there since); put the original file back to go on with the run, or resume=never "
+            f"to start afresh")
+    assert state() == before and sorted(p.name for p in folder.iterdir()) == checkpoint  # no run opened or changed
+
+    client.delete_tag(run_id, "dataset_sha256")  # a run started before train runs recorded it: its path alone, as then
+    assert resume.config_to_resume(run_id, config.load(ROOT / TINY, overrides)) == str(path)
+    client.set_tag(run_id, "dataset_sha256", trained_on)
+
+    path.write_bytes(original)  # the original file put back: the run goes on (its training still interrupted here)
+    resumed = in_process("train", *command, "--epochs", "4", "--resume", run_id)
+    assert resumed.returncode == 128 + signal.SIGTERM, resumed.stderr[-3000:]
+    assert f"resuming train run {run_id}" in resumed.stdout
+    tags = client.get_run(run_id).data.tags
+    assert (tags["extended_epochs"], tags["dataset_sha256"]) == ("3 -> 4", trained_on)
 
 
 def test_ctrl_c_stops_a_host_whose_peers_never_start_and_leaves_no_run(store):

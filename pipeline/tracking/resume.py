@@ -424,17 +424,31 @@ def training_params(cfg: config.Config) -> dict[str, str]:
     return {k: v for k, v in cfg.flat().items() if not k.startswith(NOT_TRAINING)}
 
 
-def train_key(cfg: config.Config, dataset_uri: str) -> str:
+def train_key(cfg: config.Config, dataset_uri: str, dataset_sha256: str | None = None) -> str:
     """Identity of a training job: the `training_params` and the dataset. Equal keys may resume each other. A local
     dataset file (`-P dataset_uri=PATH`; a `runs:/` artifact never changes) is known by its bytes too: another dataset
-    written to the same path is other data (a killed run, rerun after that, went on from the old data's weights)."""
+    written to the same path is other data (a killed run, rerun after that, went on from the old data's weights).
+    `dataset_sha256`: that file's `local_dataset_sha256`, where the caller has it already."""
     dataset = {"dataset_uri": dataset_uri}
-    if not dataset_uri.startswith("runs:/"):
-        try:
-            dataset["dataset_sha256"] = data.file_sha256(dataset_uri.removeprefix("file://"))
-        except OSError as exc:  # e.g. another user's file: one line, as reading the dataset would say
-            raise data.DataError(f"dataset_uri: {exc.filename}: cannot be read ({exc.strerror or exc})") from None
+    if digest := dataset_sha256 or local_dataset_sha256(dataset_uri):
+        dataset["dataset_sha256"] = digest
     return json_digest({**training_params(cfg), **dataset})
+
+
+# Tag on a train run of a local dataset file: the sha256 of the file's bytes when the run last started or resumed
+# (`training.start_training`), which `config_to_resume` checks a `resume=<id>` against
+DATASET_SHA256 = "dataset_sha256"
+
+
+def local_dataset_sha256(dataset_uri: str) -> str | None:
+    """The sha256 of the bytes of a local dataset file (`-P dataset_uri=PATH`); None for a `runs:/` artifact, which
+    never changes. DataError naming `dataset_uri` if the file cannot be read."""
+    if dataset_uri.startswith("runs:/"):
+        return None
+    try:
+        return data.file_sha256(dataset_uri.removeprefix("file://"))
+    except OSError as exc:  # e.g. another user's file: one line, as reading the dataset would say
+        raise data.DataError(f"dataset_uri: {exc.filename}: cannot be read ({exc.strerror or exc})") from None
 
 
 def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> str | None:
@@ -663,7 +677,8 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     """Check that `cfg` (and `dataset_uri`, if given) are what train run `run_id` was started with; return
     the run's dataset URI. `train.epochs` may grow, to extend the run (the lr schedule is then built for
     the new length), and the params in `NOT_TRAINING` may change; any other difference is a ConfigError naming
-    the keys, as is a run in MLflow's trash, one that left no checkpoint here or one a live process trains now."""
+    the keys, as is a local dataset file that holds other bytes than the run trained on (`_check_same_bytes`), a run in
+    MLflow's trash, one that left no checkpoint here or one a live process trains now."""
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
@@ -691,6 +706,7 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     if cfg.train.epochs < logged.train.epochs:
         raise config.ConfigError(f"train.epochs: resuming run {run_id} can only keep or extend its "
                                  f"{logged.train.epochs} epochs, got {cfg.train.epochs}")
+    _check_same_bytes(run, dataset_uri or trained_on)
     if not has_checkpoint(run_id):  # as find_resumable says it, but before any run opens
         raise config.ConfigError(f"resume: run {run_id} has no checkpoint in {checkpoint_dir(run_id)} "
                                  f"(finished runs delete theirs)")
@@ -698,6 +714,26 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     if _held(run_id):  # as find_resumable says it, but before any run opens (it opened main's, left FAILED)
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     return trained_on
+
+
+def _check_same_bytes(run: mlflow.entities.Run, dataset_uri: str) -> None:
+    """ConfigError naming `dataset_uri` if that local dataset file, which `config_to_resume` resumes train run `run`
+    on, no longer holds the bytes the run trained on (its tag `DATASET_SHA256`): another dataset was written to the
+    same path since, and the run would go on training the old data's weights on other data. A file gone is left to
+    `prepare.check_dataset_uri` to refuse ("no file"). A run started before train runs recorded the tag is known by
+    its path alone, as every run was then (and records the tag once resumed): its tag `train_key` holds the bytes'
+    digest too, but mixed with params that the run's logged ones need not give back (keys a newer config added, which
+    the run never logged; `train.epochs` as last extended), so a key that differs could not tell other bytes from
+    other params, and no run is refused on a guess."""
+    recorded = run.data.tags.get(DATASET_SHA256)
+    if not recorded or dataset_uri.startswith("runs:/") or not os.path.exists(dataset_uri.removeprefix("file://")):
+        return
+    now = local_dataset_sha256(dataset_uri)
+    if now != recorded:
+        raise config.ConfigError(
+            f"dataset_uri: {dataset_uri} holds other bytes than train run {run.info.run_id} trained on (sha256 "
+            f"{now[:12]} here, {recorded[:12]} in the run: another dataset was written there since); put the "
+            f"original file back to go on with the run, or resume=never to start afresh")
 
 
 def log_train_params(cfg: config.Config, dataset_uri: str) -> None:

@@ -31,10 +31,12 @@ from pipeline import config, serve
 from pipeline.fitting import Checkpoint, EpochTimer, current_lr
 from pipeline.tracking import PIPELINE_DIR, active_run_id, describe_train_run, steps
 from pipeline.tracking.resume import (
+    DATASET_SHA256,
     checkpoint_dir,
     claim,
     claimed,
     code_change,
+    local_dataset_sha256,
     log_train_params,
     train_code,
     train_key,
@@ -50,8 +52,8 @@ WALL_METRIC = "wall_seconds"
 def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str]) -> str:
     """Claim the active train run for this process (see `resume.claim`; ConfigError if another process
     trains it now), log every param (`resume.log_train_params`), the dataset input of `dataset_uri`'s prepare run
-    (`steps.log_dataset_input`, context `train`), `tags` and tags `train_key` and `train_code`, and the resolved config
-    as `config.json`. Returns the run's id."""
+    (`steps.log_dataset_input`, context `train`), `tags` and tags `train_key`, `train_code` and (a local dataset file)
+    `dataset_sha256`, and the resolved config as `config.json`. Returns the run's id."""
     run_id = active_run_id()
     if not claim(run_id):
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
@@ -63,7 +65,9 @@ def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str]) -
         epochs = Checkpoint.completed_epochs(checkpoint_dir(run_id))
         step = f"{changed[0][:12]} -> {changed[1][:12]} after epoch {epochs}"
         tags = {**tags, "resumed_across_code": f"{across}, {step}" if across else step}
-    mlflow.set_tags({**tags, "train_key": train_key(cfg, dataset_uri), "train_code": train_code()})
+    digest = local_dataset_sha256(dataset_uri)  # a local file's bytes, which a `resume=<id>` is checked against
+    mlflow.set_tags({**tags, "train_key": train_key(cfg, dataset_uri, digest), "train_code": train_code(),
+                     **({DATASET_SHA256: digest} if digest else {})})
     mlflow.log_dict(dataclasses.asdict(cfg), "config.json")
     return run_id
 
