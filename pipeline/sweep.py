@@ -30,7 +30,9 @@ Writes: one sweep parent run (tag step = 'sweep'; its id is kept in the study's 
         A trial stopped by Ctrl-C or SIGTERM ends KILLED (tag `interrupted_by`) and is queued again at
         once, to run afresh when the sweep goes on. A worker that dies stops its trial's heartbeat:
         another worker (or the rerun command) marks that trial FAILED, its runs FAILED, and queues it
-        again (at most MAX_RETRY times).
+        again (at most MAX_RETRY times). Optuna is told how a trial ended before its run ends: a run FINISHED is
+        a trial COMPLETE in the study (a tell that fails ends the run FAILED, and the trial is queued again
+        once stale). The runs of a trial queued again are tagged `superseded_by_retry`: its retry counts instead.
         Once every trial has ended, one worker (exactly one: it creates the study's lock study
         `<study>.register`) registers the best finished trial (by its final val_acc, the first of equals, on
         training images held out: `train.validation_fraction` > 0 is required, so no trial is chosen on the test images
@@ -619,17 +621,20 @@ def storage_failures(url: str) -> Iterator[None]:
 
 
 def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """A worker stopped (killed, host lost) mid-trial; Optuna has marked its trial FAILED. Fail the
-    trial's MLflow run and the runs still open under it, then queue the trial again."""
+    """A worker stopped (killed, host lost) mid-trial, or took too long to beat, or its tell failed; Optuna has marked
+    its trial FAILED. Fail the trial's MLflow run and the runs still open under it, then queue the trial again
+    (at most MAX_RETRY times) and tag its runs `superseded_by_retry`."""
     run_id = trial.user_attrs.get("mlflow_run_id")
     tries = [*trial.system_attrs.get("retry_history", []), trial.number]  # what the retry callback counts
     then = f"trial {trial.number} queued again" if len(tries) <= MAX_RETRY else \
         f"not queued again: the worker of each of trials {', '.join(map(str, tries))} (its tries) stopped"
     reason = f"worker stopped: no heartbeat for over {GRACE_S} s; {then}"
-    if run_id and trials.run_status(run_id) == "RUNNING":  # an interrupted trial's runs ended KILLED: kept so
-        trials.fail_trial_runs(run_id, reason)
+    if run_id and trials.run_status(run_id) == "RUNNING":  # an interrupted trial's runs ended KILLED: kept so, and
+        trials.fail_trial_runs(run_id, reason)               # a run ended when its tell failed (FAILED) too
     print(f"trial {trial.number}: {reason}", file=sys.stderr)
     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+    if run_id and len(tries) <= MAX_RETRY:  # its retry's runs count instead: the comparisons leave these out
+        trials.supersede_trial_runs(run_id)
 
 
 def study_name_in(storage: optuna.storages.RDBStorage, name: str) -> bool:
@@ -805,12 +810,17 @@ def log_history(train_id: str) -> pd.Series:
 
 
 def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: str, experiment_id: str) -> None:
-    """Run one claimed trial in its own MLflow child run of the sweep; tell Optuna how it ended.
+    """Run one claimed trial in its own MLflow child run of the sweep; tell Optuna how it ended, then end the run.
 
     COMPLETE (value: the last val_acc) -> FINISHED; pruned -> PRUNED and KILLED with `pruned_at_epoch`;
     anything raised (diverged included) -> FAIL and FAILED with `failure_reason` (an unexpected exception's: its
     type and message, `tracking.unexpected_reason`, its traceback printed); SIGTERM/SIGINT -> KILLED with
     `interrupted_by` and raised on (Optuna's trial stays RUNNING: `work` queues it again).
+    Optuna is told first, so that a run ends FINISHED only once its trial is COMPLETE in the study: a tell that fails
+    (the storage's database gone or locked) ends the run FAILED with `failure_reason` "the Optuna storage failed: ..."
+    (a failed trial's run keeps its own) and is raised on, the trial left RUNNING to be queued again once its
+    heartbeat is stale; a trial another worker failed meanwhile (its heartbeat late: `on_stale_trial`) ends FAILED
+    with `failure_reason`, and tag `superseded_by_retry` on its runs where it was queued again (`superseded`).
     """
     import keras
 
@@ -821,41 +831,82 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
                                       "worker": worker_name()})
     value, state, status = None, TrialState.FAIL, "FAILED"
     try:  # from the run's creation on: a signal before it is entered ends it KILLED too, never left RUNNING
-        trial.set_user_attr("mlflow_run_id", run_id)
-        print(f"trial {trial.number} ({worker_name()}): {label(values)}", flush=True)
-        trials.enter_run(run_id)
-        cfg = plan.load(values, f"trial {trial.number}")
-        log_params(cfg.flat())
-        set_tags({"model_depth": str(cfg.model.depth)})
-        value = train_and_evaluate(cfg, trial)
-        state, status = TrialState.COMPLETE, "FINISHED"
-    except optuna.TrialPruned as exc:
-        state, status = TrialState.PRUNED, "KILLED"
-        set_tags({"mlflow.note.content": f"**Pruned** by the {plan.pruner_name} pruner: {exc}"})
-        print(f"trial {trial.number} pruned: {exc}", flush=True)
-    except (Interrupted, KeyboardInterrupt) as exc:  # the trial stays RUNNING in the study: `work` queues it again
-        status = "KILLED"
-        trials.set_run_tags(run_id, {"interrupted_by": signal.Signals(getattr(exc, "signum", signal.SIGINT)).name})
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever stops one trial must not stop the others
-        if (failed := storage_failure(exc)) is not None:  # no bug, and Optuna's own message blames the data
-            reason = f"the Optuna storage failed: {failed}"
-        elif isinstance(exc, FloatingPointError) or not unexpected(exc):  # FloatingPointError: train_and_evaluate's
-            reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:2000]
-        else:  # a bug stays debuggable: its traceback where the reason says it is
-            traceback.print_exception(exc)
-            reason = unexpected_reason(exc)
-        trials.set_run_tags(run_id, {"failure_reason": reason, "mlflow.note.content": f"**FAILED**: {reason}"})
-        trial.set_user_attr("failure_reason", reason[:500])
-        print(f"trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
+        try:
+            trial.set_user_attr("mlflow_run_id", run_id)
+            print(f"trial {trial.number} ({worker_name()}): {label(values)}", flush=True)
+            trials.enter_run(run_id)
+            cfg = plan.load(values, f"trial {trial.number}")
+            log_params(cfg.flat())
+            set_tags({"model_depth": str(cfg.model.depth)})
+            value = train_and_evaluate(cfg, trial)
+            state, status = TrialState.COMPLETE, "FINISHED"
+        except optuna.TrialPruned as exc:
+            state, status = TrialState.PRUNED, "KILLED"
+            set_tags({"mlflow.note.content": f"**Pruned** by the {plan.pruner_name} pruner: {exc}"})
+            print(f"trial {trial.number} pruned: {exc}", flush=True)
+        except (Interrupted, KeyboardInterrupt) as exc:  # the trial stays RUNNING in the study: `work` queues it again
+            status = "KILLED"
+            tag_interrupted(run_id, exc)
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever stops one trial must not stop the others
+            if (failed := storage_failure(exc)) is not None:  # no bug, and Optuna's own message blames the data
+                reason = f"the Optuna storage failed: {failed}"
+            elif isinstance(exc, FloatingPointError) or not unexpected(exc):  # FloatingPointError: train_and_evaluate's
+                reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:2000]
+            else:  # a bug stays debuggable: its traceback where the reason says it is
+                traceback.print_exception(exc)
+                reason = unexpected_reason(exc)
+            tag_failed(run_id, reason)
+            trial.set_user_attr("failure_reason", reason[:500])
+            print(f"trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
+        try:  # Optuna 5 raises ValueError ("Cannot tell a FAIL trial") where it reads the trial finished already
+            told = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state,
+                              skip_if_finished=True).state
+        except optuna.exceptions.UpdateFinishedTrialError:  # finished between tell's read and its write
+            told = TrialState.FAIL
+        except (Interrupted, KeyboardInterrupt) as exc:  # as above: `work` queues it again
+            status = "KILLED"
+            tag_interrupted(run_id, exc)
+            raise
+        except Exception as exc:  # the study still holds the trial RUNNING: a worker queues it again, stale
+            if status != "FAILED":  # a failed trial's run keeps its own reason
+                failed = storage_failure(exc)
+                tag_failed(run_id, unexpected_reason(exc) if failed is None else f"the Optuna storage failed: {failed}")
+            status = "FAILED"
+            raise
+        if told != state:  # another worker took this one for dead and failed it (a failed one keeps its own reason)
+            status = "FAILED"
+            superseded(study, trial, run_id)
     finally:
         trials.end_run(status, run_id)
         keras.backend.clear_session()  # the next trial in this process starts from a clean graph
-    try:
-        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-    except optuna.exceptions.UpdateFinishedTrialError:  # another worker took this one for dead and queued it again
-        print(f"warning: trial {trial.number} was marked FAILED while it ran (its heartbeat was late); "
-              f"its retry counts instead", file=sys.stderr, flush=True)
+
+
+def tag_interrupted(run_id: str, exc: BaseException) -> None:
+    trials.set_run_tags(run_id, {"interrupted_by": signal.Signals(getattr(exc, "signum", signal.SIGINT)).name})
+
+
+def tag_failed(run_id: str, reason: str) -> None:
+    trials.set_run_tags(run_id, {"failure_reason": reason, "mlflow.note.content": f"**FAILED**: {reason}"})
+
+
+def retried(study: optuna.Study, number: int) -> bool:
+    """Whether trial `number` was queued again after its worker was taken for stopped (Optuna's retry callback
+    appends the number to the copy's `retry_history`)."""
+    return any(number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False))
+
+
+def superseded(study: optuna.Study, trial: optuna.Trial, run_id: str) -> None:
+    """Tag the run of a trial that another worker failed while it ran (its heartbeat late, `on_stale_trial`):
+    `failure_reason`, and where that worker queued it again, `superseded_by_retry` on it and its runs (the evaluate
+    run started since, too): the retry's runs count instead, in the study, the register and the comparisons."""
+    again = retried(study, trial.number)
+    reason = ("failed in the study while it ran: its heartbeat was late, and another worker took its worker for "
+              "stopped; " + ("its retry counts instead" if again else "not queued again (its tries are used up)"))
+    tag_failed(run_id, reason)
+    if again:
+        trials.supersede_trial_runs(run_id)
+    print(f"warning: trial {trial.number} {reason}", file=sys.stderr, flush=True)
 
 
 def worker_name() -> str:
@@ -899,7 +950,8 @@ def work(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage) -
 def requeue_interrupted(study: optuna.Study, storage: optuna.storages.RDBStorage, trial_id: int) -> None:
     """End a trial stopped by Ctrl-C or SIGTERM FAIL and queue a copy (its params, its retry history as it was) at
     once: a rerun starts it without waiting GRACE_S for its heartbeat to go stale, and a stop asked for uses none
-    of the MAX_RETRY retries meant for dying workers (a trial interrupted three times was lost)."""
+    of the MAX_RETRY retries meant for dying workers (a trial interrupted three times was lost). Its runs (KILLED, a
+    train run that had finished: FINISHED) are tagged `superseded_by_retry`."""
     frozen = storage.get_trial(trial_id)
     try:
         if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
@@ -908,6 +960,9 @@ def requeue_interrupted(study: optuna.Study, storage: optuna.storages.RDBStorage
         return
     study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=frozen.params,
                                               distributions=frozen.distributions, system_attrs=frozen.system_attrs))
+    if run_id := frozen.user_attrs.get("mlflow_run_id"):  # a tag, not worth losing the signal's exit status over
+        with contextlib.suppress(Exception):
+            trials.supersede_trial_runs(run_id)
     print(f"trial {frozen.number}: interrupted; queued again, to run afresh when the sweep goes on", file=sys.stderr,
           flush=True)
 
@@ -968,7 +1023,8 @@ def trial_table(study: optuna.Study) -> pd.DataFrame:
         rows.append({"trial": row["number"], "state": row["state"],
                      **{k.removeprefix("params_"): v for k, v in row.items() if k.startswith("params_")},
                      OBJECTIVE: row["value"], "pruned_at_epoch": tags.get("pruned_at_epoch", ""),
-                     "failure_reason": tags.get("failure_reason", ""), "run_id": run_id or "",
+                     "failure_reason": tags.get("failure_reason", ""),
+                     "superseded_by_retry": tags.get("superseded_by_retry", ""), "run_id": run_id or "",
                      "train_run_id": tags.get("train_run_id", ""), "model_uri": tags.get("model_uri", ""),
                      "train_status": trials.run_status(tags["train_run_id"]) if tags.get("train_run_id") else ""})
     return pd.DataFrame(rows)
@@ -998,13 +1054,15 @@ def nothing_finished(study: optuna.Study) -> str:
 
 
 def register_best(plan: Plan, study: optuna.Study) -> dict:
-    """Inside the sweep's parent run: register the best COMPLETE trial, compare the COMPLETE ones,
+    """Inside the sweep's parent run: register the best COMPLETE trial, compare the COMPLETE ones (never a try
+    superseded by its retry),
     record the trials table; end the parent run FINISHED, or, where no trial finished, FAILED with tag
     `failure_reason` (`nothing_finished`; the command that opened it, if still on, ends it so itself: `run`)."""
     from pipeline import register
 
     results = trial_table(study)
-    done = results[(results["state"] == "COMPLETE") & (results["train_status"] == "FINISHED")]
+    done = results[(results["state"] == "COMPLETE") & (results["train_status"] == "FINISHED")
+                   & (results["superseded_by_retry"] != "true")]  # Optuna holds a superseded try FAIL: never so
     with trials.parent_run(study.user_attrs["mlflow_parent_run_id"], "FINISHED" if len(done) else "FAILED"):
         best = None if done.empty else done.loc[done[OBJECTIVE].idxmax()]  # rows in trial order: as best_of
         decision, comparison = None, None
@@ -1023,7 +1081,7 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
                       "registered_version": str(decision["version"]),
                       "alias_moved": str(decision["alias_moved"]).lower()})
         counts = results["state"].value_counts().to_dict()
-        summary = results.drop(columns=["run_id", "train_run_id", "model_uri", "train_status"])
+        summary = results.drop(columns=["run_id", "train_run_id", "model_uri", "train_status", "superseded_by_retry"])
         shown = [key for key in plan.space if key in summary]
         summary[shown] = summary[shown].astype(str)  # 1e-06, not 0.0000
         log_text(results.to_csv(index=False), "trials.csv")

@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import config, sweep
-from pipeline.tracking import Interrupted, StepFailed
+from pipeline.tracking import Interrupted, StepFailed, steps
 from tests.conftest import ROOT, run_module
 
 TINY = "params/tiny.yaml"
@@ -597,6 +597,130 @@ def test_an_interrupted_trial_is_queued_again_at_once_however_often(store, tmp_p
     monkeypatch.setattr(sweep, "finish", lambda *args: None)
     sweep.work(plan, study, storage)  # at once: no trial left RUNNING to wait out
     assert [t.state.name for t in study.trials][-1] == "COMPLETE"
+
+
+def retried_sweep(tmp_path, monkeypatch, name: str):
+    """A one-trial sweep led in store "e2e" on an SQLite storage whose heartbeats go stale after 1 s, its register
+    stubbed: (plan, study, storage, parent run id, the model URIs registered)."""
+    from pipeline import register
+
+    monkeypatch.setattr(sweep, "GRACE_S", 1)  # read by open_storage
+    plan = sweep.Plan(write_spec(tmp_path, name, "grid:\n  train.lr: [0.1]\n"))
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+    parent = client.create_run(experiment_id).info.run_id
+    sweep.lead(plan, study, parent, experiment_id)
+    registered = []
+    monkeypatch.setattr(register, "run", lambda cfg, model_uri: registered.append(model_uri) or
+                        {"version": 1, "alias_moved": True})
+    return plan, study, storage, parent, registered
+
+
+def trains(values: list[float], during=lambda trial: None):
+    """A `train_and_evaluate` whose n-th call logs a finished train run (tag step = 'train') of val_acc values[n] under
+    the trial's run, calling `during(trial)` while that run is open, and returns the value."""
+    import mlflow
+
+    calls = iter(values)
+
+    def train_and_evaluate(cfg, trial):
+        value = next(calls)
+        experiment_id = mlflow.active_run().info.experiment_id
+        with mlflow.start_run(experiment_id=experiment_id, nested=True, tags={"step": "train"}) as train:
+            mlflow.log_metric("val_acc", value, step=1)
+            during(trial)
+        mlflow.set_tags({"train_run_id": train.info.run_id, "model_uri": f"runs:/{train.info.run_id}/model"})
+        return value
+
+    return train_and_evaluate
+
+
+def trial_runs_of(client: MlflowClient, parent: str) -> list:
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    return client.search_runs([experiment_id], f"tags.step = 'trial' and tags.mlflow.parentRunId = '{parent}'")
+
+
+def test_a_trial_whose_tell_fails_ends_failed_and_only_its_retry_finishes(store, tmp_path, monkeypatch):
+    """The trial's run ended FINISHED before Optuna was told: a tell the storage failed left the run FINISHED and the
+    trial RUNNING, queued again once stale, so the sweep ended with two FINISHED runs for the one trial."""
+    import sqlite3
+
+    import sqlalchemy
+
+    plan, study, storage, parent, registered = retried_sweep(tmp_path, monkeypatch, "sweep-tell-fails")
+    client = MlflowClient()
+
+    def storage_fails(self, *args, **kwargs):  # as RDBStorage raises a failed commit
+        try:
+            raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, sqlite3.OperationalError("database is locked"))
+        except sqlalchemy.exc.OperationalError as exc:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
+
+    tell = optuna.Study.tell
+    monkeypatch.setattr(optuna.Study, "tell", storage_fails)
+    monkeypatch.setattr(sweep, "train_and_evaluate", trains([0.9, 0.5]))
+    with pytest.raises(optuna.exceptions.StorageInternalError):  # the worker stops: `storage_failures`' one line
+        sweep.work(plan, study, storage)
+    assert [t.state.name for t in study.trials] == ["RUNNING"]
+    first = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert first.info.status == "FAILED"
+    assert first.data.tags["failure_reason"] == "the Optuna storage failed: database is locked"
+
+    monkeypatch.setattr(optuna.Study, "tell", tell)
+    time.sleep(2.5)  # its heartbeat stale, whole seconds in the storage: the rerun queues it again and runs it
+    sweep.work(plan, study, storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert study.trials[1].system_attrs["retry_history"] == [0]
+    retry = client.get_run(study.trials[1].user_attrs["mlflow_run_id"])
+    runs = trial_runs_of(client, parent)
+    assert [r.info.run_id for r in runs if r.info.status == "FINISHED"] == [retry.info.run_id]
+    first = client.get_run(first.info.run_id)
+    assert first.info.status == "FAILED" and first.data.tags["superseded_by_retry"] == "true"
+    assert first.data.tags["failure_reason"] == "the Optuna storage failed: database is locked"  # kept
+    first_train = first.data.tags["train_run_id"]
+    assert client.get_run(first_train).data.tags["superseded_by_retry"] == "true"
+    assert "superseded_by_retry" not in retry.data.tags
+    # registered and compared: the retry alone, though the first try's val_acc was higher
+    assert registered == [retry.data.tags["model_uri"]]
+    assert client.get_run(parent).data.tags["best_trial"] == "1"
+    # the comparison of an experiment's runs lists the retry's train run only; one named is compared as asked
+    assert steps.search_train_runs("e2e", [])["run_id"].tolist() == [retry.data.tags["train_run_id"]]
+    assert steps.search_train_runs("e2e", [first_train])["run_id"].tolist() == [first_train]
+
+
+def test_a_trial_failed_for_a_late_heartbeat_while_it_ran_is_superseded_by_its_retry(store, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """A live worker whose heartbeat came late (a busy host) finds its trial failed and queued again by another when it
+    tells Optuna: Optuna 5 raised "Cannot tell a FAIL trial" (not the UpdateFinishedTrialError caught) once the run had
+    ended FINISHED, so the worker stopped on a traceback, a FINISHED run beside the retry's."""
+    plan, study, storage, parent, registered = retried_sweep(tmp_path, monkeypatch, "sweep-late-beat")
+    client = MlflowClient()
+
+    def taken_for_stopped(trial):  # another worker (or the rerun command) finds its heartbeat stale meanwhile
+        if trial.number == 0:
+            time.sleep(2.5)
+            optuna.storages.fail_stale_trials(study)
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", trains([0.9, 0.5], taken_for_stopped))
+    sweep.work(plan, study, storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    first = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    retry = client.get_run(study.trials[1].user_attrs["mlflow_run_id"])
+    assert first.info.status == "FAILED" and first.data.tags["superseded_by_retry"] == "true"
+    reason = ("failed in the study while it ran: its heartbeat was late, and another worker took its worker for "
+              "stopped; its retry counts instead")
+    assert first.data.tags["failure_reason"] == reason
+    assert f"warning: trial 0 {reason}" in capsys.readouterr().err
+    assert client.get_run(first.data.tags["train_run_id"]).data.tags["superseded_by_retry"] == "true"
+    assert [r.info.run_id for r in trial_runs_of(client, parent) if r.info.status == "FINISHED"] == [
+        retry.info.run_id]
+    assert registered == [retry.data.tags["model_uri"]]
+    sweep_run = client.get_run(parent)
+    assert sweep_run.data.tags["best_trial"] == "1" and sweep_run.data.tags["best_trial_run_id"] == retry.info.run_id
+    compared = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.step = 'compare'")
+    assert [r.data.tags["compared_runs"] for r in compared] == [retry.data.tags["train_run_id"]]
 
 
 def test_a_study_deleted_and_started_again_under_its_name_registers_its_best(store, tmp_path, monkeypatch):

@@ -211,7 +211,8 @@ def find_experiment_id(name: str) -> str:
 
 
 def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:
-    """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first.
+    """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first; without run ids,
+    none tagged `superseded_by_retry` (a sweep's trial queued again, whose retry's train run counts instead).
 
     Inputs: an experiment name (None: every experiment) and optional run ids to keep. Output: one row
     per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`,
@@ -233,6 +234,8 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
     else:
         runs = mlflow.search_runs(search_all_experiments=True, filter_string=where,
                                   order_by=["attributes.start_time DESC"])
+    if not run_ids and "tags.superseded_by_retry" in runs:  # a sweep's trial queued again: its retry's run counts
+        runs = runs[runs["tags.superseded_by_retry"] != "true"].reset_index(drop=True)
     missing = sorted(set(run_ids) - set(runs["run_id"])) if len(runs) else sorted(run_ids)
     if missing:
         raise config.ConfigError(f"run_ids: not finished training runs{' of ' + experiment if experiment else ''}: "

@@ -2,7 +2,8 @@
 
 A trial's run is created as a child of the sweep run (`create_trial_run`) and entered in the worker
 that claimed the trial (`enter_run`, `end_run`). `fail_trial_runs` ends a dead worker's trial run and
-the runs still open under it FAILED; `end_pruned_train` ends a pruned train run KILLED. `run_tags`,
+the runs still open under it FAILED; `supersede_trial_runs` tags a trial run queued again, and its runs,
+`superseded_by_retry`; `end_pruned_train` ends a pruned train run KILLED. `run_tags`,
 `run_status`, `run_stage` and `final_metric` read a run back; `parent_run` re-enters the sweep run where another
 worker opened it (and ends it: FAILED where no trial finished); `adopt_wrapper_run` makes the run `mlflow run`
 opened for a joining command a child of the sweep run.
@@ -70,6 +71,17 @@ def fail_trial_runs(run_id: str, reason: str) -> None:
         client.set_terminated(child.info.run_id, "FAILED")
     client.set_tag(run_id, "failure_reason", reason)
     client.set_terminated(run_id, "FAILED")
+
+
+def supersede_trial_runs(run_id: str) -> None:
+    """Tag trial run `run_id` and its child runs `superseded_by_retry` = "true": its trial was queued again, and the
+    retry's runs count instead (a sweep registers and compares Optuna's COMPLETE trials; `compare` lists no run so
+    tagged unless named)."""
+    client = MlflowClient()
+    for child in client.search_runs([client.get_run(run_id).info.experiment_id],
+                                    f"tags.mlflow.parentRunId = '{run_id}'"):
+        client.set_tag(child.info.run_id, "superseded_by_retry", "true")
+    client.set_tag(run_id, "superseded_by_retry", "true")
 
 
 def end_pruned_train(run_id: str, epochs: int) -> None:
