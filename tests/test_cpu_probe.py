@@ -20,6 +20,9 @@ from pipeline.distribute import Distribution, distribution
 from pipeline.tracking.resume import checkpoint_dir
 from tests.conftest import ROOT
 
+# The smallest ResNet the params describe: one stage of one basic unit. The XLA compiles (the probe's, an epoch's)
+# and, on JAX, the op-by-op compiles that build a model take longer the more layers it has.
+ONE_STAGE = ["model.block=basic", "model.widths=[16]", "model.strides=[1]"]
 SLOW = {("float32", False): 0.002, ("float32", True): 0.03, ("mixed_bfloat16", False): 0.015}
 
 
@@ -110,7 +113,7 @@ def test_a_run_trains_with_the_measured_choice_and_records_it(store, cache):
 
     cfg = config.load("params/tiny.yaml", ["train.epochs=1", "train.verbose=0", "data.synthetic_train=256",
                                            "data.synthetic_test=64", "train.precision=auto", "train.jit_compile=auto",
-                                           "tracking.experiment=e2e"])
+                                           "tracking.experiment=e2e", *ONE_STAGE])
     import mlflow
 
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("e2e").experiment_id) as run:
@@ -192,7 +195,7 @@ def test_the_jax_cpu_check_tells_a_right_xla_from_a_wrong_one(monkeypatch):
 # last part of it.
 RESUMABLE = ["--params", "params/tiny.yaml", "--epochs", "2", "--overrides",
              "tracking.experiment=e2e train.precision=auto train.jit_compile=auto data.synthetic_train=256 "
-             "data.synthetic_test=64"]
+             "data.synthetic_test=64 " + " ".join(ONE_STAGE)]
 
 
 def stopped_after_one_epoch(in_process, monkeypatch):
