@@ -114,6 +114,14 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store, in_process):
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == str(best.version)
 
 
+def logged_file(model_uri: str, path: str) -> Path:
+    """The file `path` of the logged model `models:/m-...` where the (local) artifact store keeps it."""
+    location = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+    found = Path(location.removeprefix("file://")) / path
+    assert found.is_file(), found
+    return found
+
+
 def test_each_entry_point_runs_on_its_own(store, in_process):
     prepared = mlflow_run(store, "prepare", params=TINY, overrides="data.synthetic_test=128")
     assert prepared.returncode == 0, prepared.stderr[-3000:]
@@ -143,6 +151,24 @@ def test_each_entry_point_runs_on_its_own(store, in_process):
     assert refused.returncode == 2 and "run evaluate on it first" in refused.stderr, refused.stderr[-3000:]
     assert client.search_registered_models() == []
 
+    # its scoring code edited in the copy logged with it, which serving it runs (as this checkout's is, after an edit
+    # or a pull since it trained): scored here, it would run other code than it is served with. Refused, one line,
+    # exit 2, before any run opens; with the copy as it was, it is scored
+    served_code = logged_file(model_uri, "code/pipeline/serve.py")
+    as_logged = served_code.read_bytes()
+    served_code.write_bytes(as_logged + b"# changed since\n")
+    changed = in_process("evaluate", "--params", TINY, "--model-uri", model_uri, "--dataset-uri", dataset_uri,
+                         "--overrides", "tracking.experiment=e2e")
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert changed.stderr.strip().splitlines()[-1].startswith(
+        f"error: model_uri: {model_uri} is served with other scoring code than this checkout's (pipeline/serve.py "
+        f"differs from the copy logged with it, which serving it runs)"), changed.stderr[-3000:]
+    commit = train_run.data.tags.get("git_commit")  # where it was trained in a git checkout
+    trained_with = f"git commit {commit[:12]} of train run" if commit else "train run"
+    assert (f"check out the code it was trained with ({trained_with} {train_run.info.run_id}) and score it there, or "
+            f"train it again with this code") in changed.stderr, changed.stderr[-3000:]
+    assert client.search_runs([experiment], "tags.step = 'evaluate'", run_view_type=ViewType.ALL) == []
+    served_code.write_bytes(as_logged)
     evaluated = in_process("evaluate", "--params", TINY, "--model-uri", model_uri, "--dataset-uri", dataset_uri,
                            "--overrides", "evaluate.tta=flip tracking.experiment=e2e")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
@@ -167,6 +193,21 @@ def test_each_entry_point_runs_on_its_own(store, in_process):
     new_prepare = next(r for r in prepares if r.info.run_id != prepare_run.info.run_id)
     assert newest.data.tags["dataset_uri"] == f"runs:/{new_prepare.info.run_id}/dataset/dataset.npz"
     assert new_prepare.data.tags["dataset_sha256"] in newest.data.tags["mlflow.note.content"]
+
+    # registered on other test data than v1 of `standalone`, whose scoring code differs from this checkout's (edited
+    # in its logged copy): v1 is not scored again with this checkout's code, and the alias stays, saying why
+    evaluated = in_process("evaluate", "--params", TINY, "--model-uri", newest.data.tags["model_uri"], "--dataset-uri",
+                           newest.data.tags["dataset_uri"], "--overrides", "tracking.experiment=e2e")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    served_code.write_bytes(as_logged + b"# changed since\n")
+    challenged = in_process("register", "--params", TINY, "--model-uri", newest.data.tags["model_uri"],
+                            "--overrides", "register.model_name=standalone tracking.experiment=e2e")
+    assert challenged.returncode == 0, challenged.stderr[-3000:]
+    assert "registered standalone v2: alias kept" in challenged.stdout, challenged.stdout[-3000:]
+    assert (f"v1's model could not be scored on this one (model_uri: {model_uri} is served with other scoring code "
+            f"than this checkout's (pipeline/serve.py differs") in challenged.stdout
+    assert str(client.get_model_version_by_alias("standalone", "champion").version) == "1"
+    assert client.search_runs([experiment], "tags.scores_champion = 'standalone/1'", run_view_type=ViewType.ALL) == []
 
 
 # One refusal per place a command can fail before training: the params (every key: test_config.py),

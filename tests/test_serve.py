@@ -34,7 +34,8 @@ from PIL import Image
 from bench.servers import free_port, start_model_server, stop_group
 from pipeline import config, predict, prepare, serve, train
 from pipeline.data import decode_image
-from pipeline.tracking import training
+from pipeline.tracking import PIPELINE_DIR, steps, training
+from pipeline.tracking.resume import TRAIN_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_SECONDS = 120
@@ -330,6 +331,33 @@ def test_served_model_loads_on_the_backend_it_was_trained_on_from_its_own_code(m
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["jax", str(folder / "code" / "pipeline" / "__init__.py"), "2"]
+
+
+def test_scoring_a_served_model_runs_no_code_of_pipeline_but_scoring_code(model_uri):
+    """Loading the served model and scoring pixels with it (flip_shift views, reflected borders: the most code it
+    runs) runs code of `steps.SCORING_CODE`'s modules of pipeline/ only, and of both: the files evaluate compares with
+    the model's logged copy before it scores it. All of them are training code too (`TRAIN_CODE`): a model `main`
+    trains, or goes on from, has them as the checkout has."""
+    files: set[str] = set()
+
+    def profile(frame, event, arg):  # all it does per call: Keras's loading makes ~10^5
+        files.add(frame.f_code.co_filename)
+
+    def profiled(call):
+        sys.setprofile(profile)
+        try:
+            return call()
+        finally:
+            sys.setprofile(None)
+
+    model = profiled(lambda: mlflow.pyfunc.load_model(model_uri))
+    pixels = random_pixels(3, seed=8)
+    model.predict(pixels)  # Keras traces its predict function here, unprofiled: the same code of pipeline/ runs
+    profiled(lambda: model.predict(pixels))
+    ran = {Path(f).relative_to(PIPELINE_DIR).with_suffix("").as_posix() for f in files
+           if Path(f).is_relative_to(PIPELINE_DIR)}
+    assert ran == set(steps.SCORING_CODE), ran
+    assert set(steps.SCORING_CODE) <= set(TRAIN_CODE)
 
 
 def test_in_process_predict_returns_labels_and_probabilities(local_model):

@@ -3,8 +3,9 @@
 - prepare: `log_prepared` (data params, cache key and digest tags, description, the MLflow dataset
   input, counts); `log_dataset_input` logs that input on a train run too; `check_artifact_uri` and
   `download_artifact` read a dataset URI back, `dataset_params` the data params it was prepared with.
-- evaluate: `load_classifier` (the served pyfunc's Python model), `log_evaluation` (params, and the
-  test metrics on the run and on the logged model, `logged_model_id`).
+- evaluate: `load_classifier` (the served pyfunc's Python model, refused where the scoring code logged with it,
+  SCORING_CODE, is not this checkout's: `scoring_code_changes`), `log_evaluation` (params, and the test metrics on
+  the run and on the logged model, `logged_model_id`).
 - compare: `find_experiment_id`, `search_train_runs`, `log_comparison`.
 - main: `log_pipeline_results`, the headline results on the parent run.
 Files a step writes go in through `pipeline.tracking.artifact_dir`.
@@ -12,6 +13,7 @@ Files a step writes go in through `pipeline.tracking.artifact_dir`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -24,7 +26,14 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from pipeline import config, data
-from pipeline.tracking import TEST_DATA_TAG, fit_note, model_id, prepare_run_id, trained_dataset_uri
+from pipeline.tracking import (
+    PIPELINE_DIR,
+    TEST_DATA_TAG,
+    fit_note,
+    model_id,
+    prepare_run_id,
+    trained_dataset_uri,
+)
 
 # ---------------------------------------------------------------- prepare
 
@@ -126,11 +135,43 @@ def dataset_params(uri: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- evaluate
 
+# The modules of pipeline/ whose code a served model runs to score pixels: `serve` (ImageClassifier's `load_context`,
+# `predict_proba`, `pad_for_jax`, `check_pixels`) and `augment` (the test-time views, `tta_views`, and the custom layers
+# of models logged before inference copies dropped them). What else it imports, pipeline/__init__.py, config and data,
+# gives it constants and decodes encoded images, which evaluate's prepared pixels never go through
+# (`test_serve.py::test_scoring_a_served_model_runs_no_code_of_pipeline_but_scoring_code`). A process that has imported
+# `pipeline` (evaluate, register) loads a logged model's Python model with its own copy of these, not the model's
+# `code/pipeline/` that `mlflow models serve` runs: `load_classifier` refuses a model whose copy differs. Part of
+# TRAIN_CODE, so a model `main` trains, or goes on from (`trained_before_a_failure`), always matches.
+SCORING_CODE = ("augment", "serve")
+
+
+def scoring_code_changes(model_dir: str | Path) -> list[str]:
+    """The files of SCORING_CODE (`pipeline/<module>.py`) whose copy logged with the model downloaded at `model_dir`
+    (its pyfunc's code folder, `code/pipeline/`: what serving it runs) differs from this checkout's, byte for byte
+    (sha256), or is missing there; none for a model logged without a copy of `pipeline` (not by this pipeline)."""
+    meta = mlflow.models.Model.load(Path(model_dir) / "MLmodel")
+    code = (meta.flavors.get("python_function") or {}).get("code")
+    logged = Path(model_dir) / code / "pipeline" if code else None
+    if logged is None or not logged.is_dir():
+        return []
+
+    def sha256(path: Path) -> str | None:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+    return [f"pipeline/{module}.py" for module in SCORING_CODE
+            if sha256(logged / f"{module}.py") != sha256(PIPELINE_DIR / f"{module}.py")]
+
+
 def load_classifier(model_uri: str):
     """The Python model of the pyfunc logged at `model_uri` (a `serve.ImageClassifier`); ConfigError
     naming `model_uri` if it cannot be loaded, or if MLflow has its logged model as not whole: FAILED (its upload
     failed part way) or PENDING (cut short by a kill, or under way now). Such a model may load, from the files that
-    arrived, and a score on it would be registered; the rerun of its training logs the model again."""
+    arrived, and a score on it would be registered; the rerun of its training logs the model again.
+
+    ConfigError too, before Keras loads it, where its logged scoring code is not this checkout's
+    (`scoring_code_changes`: an edit or a pull since it was trained): loaded here it would score with this checkout's
+    code, not the code it is served with, and a score of it would not be the served model's."""
     found = logged_model_id(model_uri)
     try:
         status = mlflow.get_logged_model(found).status if found else LoggedModelStatus.READY
@@ -141,9 +182,35 @@ def load_classifier(model_uri: str):
                                  f"was cut short, or is under way now); rerun the command that trained it, which logs "
                                  f"it again")
     try:
-        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+        # downloaded once (a local store's folder is read in place), its code compared, then loaded from there
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+        changed = scoring_code_changes(folder)
     except Exception as exc:  # noqa: BLE001 - a wrong URI surfaces as several MLflow error types
         raise config.ConfigError(f"model_uri: cannot load {model_uri} ({exc})".replace("\n", " ")) from None
+    if changed:
+        differ = "differs" if len(changed) == 1 else "differ"
+        raise config.ConfigError(f"model_uri: {model_uri} is served with other scoring code than this checkout's "
+                                 f"({', '.join(changed)} {differ} from the copy logged with it, which serving it "
+                                 f"runs): scored here, its score would not be the served model's; check out the code "
+                                 f"it was trained with{trained_at(found)} and score it there, or train it again with "
+                                 f"this code")
+    try:
+        return mlflow.pyfunc.load_model(folder).unwrap_python_model()
+    except Exception as exc:  # noqa: BLE001 - a broken model surfaces as several error types
+        raise config.ConfigError(f"model_uri: cannot load {model_uri} ({exc})".replace("\n", " ")) from None
+
+
+def trained_at(logged_model: str | None) -> str:
+    """` (git commit <commit> of train run <id>)` for the logged model's source run, as far as it is known; ''."""
+    try:
+        run_id = mlflow.get_logged_model(logged_model).source_run_id if logged_model else None
+        tags = mlflow.MlflowClient().get_run(run_id).data.tags if run_id else {}
+    except MlflowException:
+        return ""  # the model or its run deleted for good
+    if not run_id:
+        return ""
+    commit = tags.get("git_commit") or tags.get("mlflow.source.git.commit")
+    return f" (git commit {commit[:12]} of train run {run_id})" if commit else f" (train run {run_id})"
 
 
 def log_evaluation(params: dict, metrics: dict[str, float], model_uri: str, test_data: str) -> None:
