@@ -500,17 +500,43 @@ def progress_verbosity(setting: str) -> int:
     return (1 if sys.stdout.isatty() else 2) if setting == "auto" else int(setting)
 
 
+def seconds_left(seconds: list[float], done: int, total: int) -> float | None:
+    """Seconds the epochs after epoch `done` of `total` should take, at the median of `seconds`, the epochs of this
+    `fit` so far, its first left out once there is another (it compiled the train step); None before any epoch ended.
+    Validation is in each epoch's seconds, so in the estimate too."""
+    if not seconds:
+        return None
+    return float(np.median(seconds[1:] or seconds)) * max(total - done, 0)
+
+
+def duration(seconds: float) -> str:
+    """`42 s`, `17 min`, `3 h 05 min`: a remaining time as a person reads it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 class EpochLine(keras.callbacks.Callback):
-    """Verbosity 2: one console line per epoch, `Epoch 3/10 - 41.2s - acc: 0.7012 - loss: ... - val_acc: ...`
-    (Keras's own verbose=2 prints two: the epoch header, then the metrics)."""
+    """Verbosity 2: one console line per epoch, `Epoch 3/10 - 41.2s - acc: 0.7012 - loss: ... - val_acc: ... -
+    ~5 min left, ends ~14:07 UTC` (Keras's own verbose=2 prints two: the epoch header, then the metrics; the time
+    left: `seconds_left`, high after a fit's first epoch, which compiles, until the second)."""
+
+    def on_train_begin(self, logs=None):
+        self.seconds = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
         metrics = " - ".join(f"{name}: {value:.4f}" for name, value in (logs or {}).items())
-        print(f"Epoch {epoch + 1}/{self.params['epochs']} - {time.perf_counter() - self._start:.1f}s - {metrics}",
-              flush=True)
+        line = f"Epoch {epoch + 1}/{self.params['epochs']} - {self.seconds[-1]:.1f}s - {metrics}"
+        left = seconds_left(self.seconds, epoch + 1, self.params["epochs"])
+        if left:
+            ends = time.strftime("%H:%M", time.gmtime(time.time() + left))
+            line += f" - ~{duration(left)} left, ends ~{ends} UTC"
+        print(line, flush=True)
 
 
 def first_flips(images: int, seed: int) -> np.ndarray:

@@ -1,5 +1,7 @@
 """What MlflowEpochLogger records per epoch, checked against what the epoch did."""
 
+import calendar
+import re
 import time
 
 import keras
@@ -37,6 +39,50 @@ def test_images_per_second_is_training_throughput_and_epoch_seconds_includes_val
     # the 1.5 s of validation must not count as training time: the rate is over at most the epoch less 1 s of it
     # (not a speed bound: on a loaded machine two steps of this tiny model have taken 2.4 s)
     assert speed[2] > 64 / (seconds[2] - 1.0)
+
+
+def test_each_epoch_says_when_the_run_should_end_on_the_console_and_in_a_tag(store, capsys):
+    """After each epoch: the time left at the median pace of the fit's epochs (its first left out once there is
+    another: it compiles), on the console line of verbosity 2 and as tag `expected_end` (once the last epoch ended,
+    when it did)."""
+    from pipeline.fitting import EpochLine, duration, seconds_left
+    from pipeline.tracking.training import EXPECTED_END_TAG, MlflowEpochLogger
+
+    assert seconds_left([], 0, 5) is None
+    assert seconds_left([10.0], 1, 3) == 20.0  # one epoch: all there is to go by
+    assert seconds_left([10.0, 2.0, 4.0], 3, 5) == 6.0  # the compiling first left out: median 3 s, two epochs left
+    assert seconds_left([10.0, 2.0], 4, 4) == 0.0
+    assert [duration(s) for s in (42, 1000, 11_100)] == ["42 s", "17 min", "3 h 05 min"]
+
+    def tag_time(value: str) -> float:
+        return calendar.timegm(time.strptime(value, "%Y-%m-%d %H:%M:%S UTC"))
+
+    estimates = []
+
+    class ReadTag(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            tags = mlflow.MlflowClient().get_run(mlflow.active_run().info.run_id).data.tags
+            estimates.append(tag_time(tags[EXPECTED_END_TAG]) - time.time())
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 4), dtype=np.float32), keras.utils.to_categorical(rng.integers(0, 3, 64), 3)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+    mlflow.set_experiment("e2e")
+    capsys.readouterr()
+    with mlflow.start_run() as run:
+        model.fit(x, y, batch_size=32, epochs=3, validation_data=(x, y), verbose=0,
+                  callbacks=[SlowValidation(2.0), MlflowEpochLogger(64), ReadTag(), EpochLine()])
+    lines = capsys.readouterr().out.splitlines()
+    seconds = [m.value for m in sorted(mlflow.MlflowClient().get_metric_history(run.info.run_id, "epoch_seconds"),
+                                       key=lambda m: m.step)]
+    # the tag has whole seconds: after epoch 1, two epochs of epoch 1's pace; after 2, one of epoch 2's; then none
+    assert abs(estimates[0] - 2 * seconds[0]) < 1.5 and abs(estimates[1] - seconds[1]) < 1.5, (estimates, seconds)
+    assert abs(estimates[2]) < 1.5, estimates
+    assert [line.split(" - ")[0] for line in lines] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"], lines
+    assert re.search(r" - ~\d+ s left, ends ~\d\d:\d\d UTC$", lines[0]) and int(
+        re.search(r"~(\d+) s left", lines[0]).group(1)) >= 4, lines  # two epochs of over 2 s each
+    assert "left" in lines[1] and "left" not in lines[2], lines
 
 
 def test_confusion_matrix_csv_names_both_axes_rows_true_columns_predicted(store, monkeypatch):

@@ -28,7 +28,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 
 from pipeline import config, serve
-from pipeline.fitting import Checkpoint, EpochTimer, current_lr
+from pipeline.fitting import Checkpoint, EpochTimer, current_lr, seconds_left
 from pipeline.tracking import PIPELINE_DIR, active_run_id, describe_train_run, steps
 from pipeline.tracking.resume import (
     DATASET_SHA256,
@@ -42,6 +42,9 @@ from pipeline.tracking.resume import (
     train_key,
 )
 
+# Tag on a train run, set after each epoch: when its last epoch should end (has ended, once it has) at the pace of
+# this session's epochs so far (`fitting.seconds_left`): a live run's finish, read in the runs table
+EXPECTED_END_TAG = "expected_end"
 EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "iterations", "epoch_seconds", "images_per_second")
 # The seconds the train step has spent on a run, summed over its sessions (the first, and each resume or extension):
 # what compare shows as wall_s. A resumed run keeps its first start time, so its end - start counts the hours or days
@@ -113,7 +116,7 @@ def logged_epochs(run_id: str) -> set[int]:
 class MlflowEpochLogger(EpochTimer):
     """Logs one point per epoch for each of EPOCH_METRICS at step = epoch (1-based): `lr` the last step's,
     `iterations` the optimizer's steps so far, `epoch_seconds` the whole epoch (validation included),
-    `images_per_second` the images trained on over the training steps' time alone.
+    `images_per_second` the images trained on over the training steps' time alone; and tag EXPECTED_END_TAG.
 
     Written by hand because mlflow.keras.MlflowCallback logs duplicate `validation_*`
     metrics at step 0 and autolog crashes `fit` on TF 2.21 without tensorboard.
@@ -137,6 +140,8 @@ class MlflowEpochLogger(EpochTimer):
         row.update(lr=lr, iterations=iterations, epoch_seconds=self.seconds[-1],
                    images_per_second=self.train_images / self.train_seconds[-1])
         mlflow.log_metrics(row, step=epoch + 1)
+        left = seconds_left(self.seconds, epoch + 1, self.params["epochs"])
+        mlflow.set_tag(EXPECTED_END_TAG, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + left)))
 
 
 def logged_history(run_id: str) -> pd.DataFrame:
