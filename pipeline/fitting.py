@@ -520,7 +520,12 @@ def duration(seconds: float) -> str:
 class EpochLine(keras.callbacks.Callback):
     """Verbosity 2: one console line per epoch, `Epoch 3/10 - 41.2s - acc: 0.7012 - loss: ... - val_acc: ... -
     ~5 min left, ends ~14:07 UTC` (Keras's own verbose=2 prints two: the epoch header, then the metrics; the time
-    left: `seconds_left`, high after a fit's first epoch, which compiles, until the second)."""
+    left: `seconds_left`, high after a fit's first epoch, which compiles, until the second). `bar`: under Keras's
+    progress bar (verbosity 1, placed before this callback), the time left alone, on a line of its own."""
+
+    def __init__(self, bar: bool = False):
+        super().__init__()
+        self.bar = bar
 
     def on_train_begin(self, logs=None):
         self.seconds = []
@@ -531,12 +536,13 @@ class EpochLine(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
         metrics = " - ".join(f"{name}: {value:.4f}" for name, value in (logs or {}).items())
-        line = f"Epoch {epoch + 1}/{self.params['epochs']} - {self.seconds[-1]:.1f}s - {metrics}"
+        parts = [] if self.bar else [f"Epoch {epoch + 1}/{self.params['epochs']}", f"{self.seconds[-1]:.1f}s", metrics]
         left = seconds_left(self.seconds, epoch + 1, self.params["epochs"])
         if left:
             ends = time.strftime("%H:%M", time.gmtime(time.time() + left))
-            line += f" - ~{duration(left)} left, ends ~{ends} UTC"
-        print(line, flush=True)
+            parts.append(f"~{duration(left)} left, ends ~{ends} UTC")
+        if parts:
+            print(" - ".join(parts), flush=True)
 
 
 def first_flips(images: int, seed: int) -> np.ndarray:
@@ -865,6 +871,8 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
     verbose = progress_verbosity(t.verbose)
     if verbose == 2:
         callbacks, verbose = [*callbacks, EpochLine()], 0
+    elif verbose == 1:  # Keras adds its bar after every callback given: placed here, the time left follows it
+        callbacks = [*callbacks, keras.callbacks.ProgbarLogger(), EpochLine(bar=True)]
     # the replicas' statistics averaged first: before EMA's recomputation, the validation, the checkpoint at the end
     callbacks = [*replica_mean_batch_norm(model), *callbacks]
     options = dict(epochs=t.epochs, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks, Interruptible()],

@@ -84,6 +84,13 @@ def test_each_epoch_says_when_the_run_should_end_on_the_console_and_in_a_tag(sto
         re.search(r"~(\d+) s left", lines[0]).group(1)) >= 4, lines  # two epochs of over 2 s each
     assert "left" in lines[1] and "left" not in lines[2], lines
 
+    # under Keras's progress bar (verbosity 1): the time left on a line of its own, after the bar's epoch
+    model.fit(x, y, batch_size=32, epochs=2, verbose=1,
+              callbacks=[keras.callbacks.ProgbarLogger(), EpochLine(bar=True)])
+    out = capsys.readouterr().out
+    left = re.findall(r"^~\d+ s left, ends ~\d\d:\d\d UTC$", out, flags=re.MULTILINE)
+    assert len(left) == 1 and out.index("Epoch 1/2") < out.index(left[0]) < out.index("Epoch 2/2"), out
+
 
 def test_confusion_matrix_csv_names_both_axes_rows_true_columns_predicted(store, monkeypatch):
     from pipeline import config, data, evaluate, prepare
