@@ -13,7 +13,6 @@ Files a step writes go in through `pipeline.tracking.artifact_dir`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -157,7 +156,7 @@ def scoring_code_changes(model_dir: str | Path) -> list[str]:
         return []
 
     def sha256(path: Path) -> str | None:
-        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        return data.file_sha256(path) if path.is_file() else None
 
     return [f"pipeline/{module}.py" for module in SCORING_CODE
             if sha256(logged / f"{module}.py") != sha256(PIPELINE_DIR / f"{module}.py")]
