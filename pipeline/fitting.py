@@ -500,6 +500,25 @@ def progress_verbosity(setting: str) -> int:
     return (1 if sys.stdout.isatty() else 2) if setting == "auto" else int(setting)
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Wall-clock seconds of every epoch of one `fit`: in `seconds` the whole epoch (validation, and EMA's BN
+    recalibration, included), in `train_seconds` its training steps alone (from the epoch's start to its last train
+    step's end), which images trained per second are counted over."""
+
+    def on_train_begin(self, logs=None):
+        self.seconds, self.train_seconds = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = self._trained = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):  # fit's Interruptible has this hook too: no new per-step cost
+        self._trained = time.perf_counter()  # the step is done: Keras has read its logs
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+        self.train_seconds.append(self._trained - self._start)
+
+
 def seconds_left(seconds: list[float], done: int, total: int) -> float | None:
     """Seconds the epochs after epoch `done` of `total` should take, at the median of `seconds`, the epochs of this
     `fit` so far, its first left out once there is another (it compiled the train step); None before any epoch ended.
@@ -517,7 +536,7 @@ def duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-class EpochLine(keras.callbacks.Callback):
+class EpochLine(EpochTimer):
     """Verbosity 2: one console line per epoch, `Epoch 3/10 - 41.2s - acc: 0.7012 - loss: ... - val_acc: ... -
     ~5 min left, ends ~14:07 UTC` (Keras's own verbose=2 prints two: the epoch header, then the metrics; the time
     left: `seconds_left`, high after a fit's first epoch, which compiles, until the second). `bar`: under Keras's
@@ -527,14 +546,8 @@ class EpochLine(keras.callbacks.Callback):
         super().__init__()
         self.bar = bar
 
-    def on_train_begin(self, logs=None):
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
     def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
+        super().on_epoch_end(epoch, logs)
         metrics = " - ".join(f"{name}: {value:.4f}" for name, value in (logs or {}).items())
         parts = [] if self.bar else [f"Epoch {epoch + 1}/{self.params['epochs']}", f"{self.seconds[-1]:.1f}s", metrics]
         left = seconds_left(self.seconds, epoch + 1, self.params["epochs"])
@@ -999,25 +1012,6 @@ def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
         lr = lr(keras.ops.maximum(optimizer.iterations - 1, 0))
     return float(keras.ops.convert_to_numpy(lr))
-
-
-class EpochTimer(keras.callbacks.Callback):
-    """Wall-clock seconds of every epoch of one `fit`: in `seconds` the whole epoch (validation, and EMA's BN
-    recalibration, included), in `train_seconds` its training steps alone (from the epoch's start to its last train
-    step's end), which images trained per second are counted over."""
-
-    def on_train_begin(self, logs=None):
-        self.seconds, self.train_seconds = [], []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = self._trained = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):  # fit's Interruptible has this hook too: no new per-step cost
-        self._trained = time.perf_counter()  # the step is done: Keras has read its logs
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-        self.train_seconds.append(self._trained - self._start)
 
 
 def diverged(history: keras.callbacks.History) -> str | None:

@@ -844,10 +844,6 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
             state, status = TrialState.PRUNED, "KILLED"
             set_tags({"mlflow.note.content": f"**Pruned** by the {plan.pruner_name} pruner: {exc}"})
             print(f"trial {trial.number} pruned: {exc}", flush=True)
-        except (Interrupted, KeyboardInterrupt) as exc:  # the trial stays RUNNING in the study: `work` queues it again
-            status = "KILLED"
-            tag_interrupted(run_id, exc)
-            raise
         except Exception as exc:  # noqa: BLE001 - whatever stops one trial must not stop the others
             if (failed := storage_failure(exc)) is not None:  # no bug, and Optuna's own message blames the data
                 reason = f"the Optuna storage failed: {failed}"
@@ -864,10 +860,6 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
                               skip_if_finished=True).state
         except optuna.exceptions.UpdateFinishedTrialError:  # finished between tell's read and its write
             told = TrialState.FAIL
-        except (Interrupted, KeyboardInterrupt) as exc:  # as above: `work` queues it again
-            status = "KILLED"
-            tag_interrupted(run_id, exc)
-            raise
         except Exception as exc:  # the study still holds the trial RUNNING: a worker queues it again, stale
             if status != "FAILED":  # a failed trial's run keeps its own reason
                 failed = storage_failure(exc)
@@ -877,6 +869,10 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
         if told != state:  # another worker took this one for dead and failed it (a failed one keeps its own reason)
             status = "FAILED"
             superseded(study, trial, run_id)
+    except (Interrupted, KeyboardInterrupt) as exc:  # in the trial or its tell: the trial stays RUNNING in the
+        status = "KILLED"                            # study, and `work` queues it again
+        tag_interrupted(run_id, exc)
+        raise
     finally:
         trials.end_run(status, run_id)
         keras.backend.clear_session()  # the next trial in this process starts from a clean graph
