@@ -86,12 +86,17 @@ def wait_until_stopped(pids: list[int], timeout: float = 5) -> None:
         time.sleep(0.01)
 
 
-def wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Block until some train run has checkpointed its first completed epoch."""
+def wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 300, freeze: bool = False) -> None:
+    """Block until some train run has checkpointed its first completed epoch. With `freeze`, SIGSTOP the process
+    tree as soon as it has (within a poll of it, not after a second more): the next epoch cannot end before a signal
+    sent next, however loaded the machine is; SIGCONT it after sending."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if list(root.glob("*/training_metadata.json")):
-            time.sleep(1)  # past the checkpoint's last write, well before the next epoch ends
+            if freeze:  # (the metadata is written last, by a rename: the checkpoint is whole)
+                wait_until_stopped(kill_tree(proc.pid, signal.SIGSTOP))
+            else:
+                time.sleep(1)  # past the checkpoint's last write, well before the next epoch ends
             return
         if proc.poll() is not None:
             raise AssertionError(f"training ended before a checkpoint: {proc.stderr.read()[-3000:]}")
@@ -196,7 +201,7 @@ def test_a_killed_run_resumes_after_an_identical_prepare_run_on_its_own(store, t
     # see LONGER)
     longer = "data.synthetic_train=2048 tracking.experiment=e2e"
     killed = start_main(store, "--epochs", "3", "--overrides", longer)
-    wait_for_checkpoint(tmp_path / "checkpoints", killed)
+    wait_for_checkpoint(tmp_path / "checkpoints", killed, freeze=True)
     kill_tree(killed.pid)
     killed.wait(timeout=30)
     prepared = in_process("prepare", "--params", TINY, "--overrides", longer)  # `python -m pipeline.prepare`
@@ -979,17 +984,18 @@ def test_a_checkpoint_of_other_code_is_resumed_only_by_id_and_the_run_says_so(st
     assert tags["train_code"] == resume.train_code()
 
 
-# Epochs twice tiny's, so that Ctrl-C a second after epoch 1's checkpoint lands in epoch 2 on a busy machine too
-# (the experiment: see STEP_SCHEDULE).
+# Epochs twice tiny's, so that Ctrl-C just after epoch 1's checkpoint lands in epoch 2 (the experiment: see
+# STEP_SCHEDULE).
 LONGER = "data.synthetic_train=2048 tracking.experiment=e2e"
 
 
 def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tmp_path, in_process):
     interrupted = start_mlflow_run(store, "epochs=2", f"overrides={LONGER}")  # in epoch 2, past epoch 1's checkpoint
-    wait_for_checkpoint(tmp_path / "checkpoints", interrupted)
+    wait_for_checkpoint(tmp_path / "checkpoints", interrupted, freeze=True)  # frozen as epoch 2 begins
     # Ctrl-C in a terminal: SIGINT to the foreground process group, `mlflow run` and its step alike
-    # (`mlflow run` then also sends the step SIGTERM).
+    # (`mlflow run` then also sends the step SIGTERM); delivered as the tree goes on.
     os.killpg(interrupted.pid, signal.SIGINT)
+    kill_tree(interrupted.pid, signal.SIGCONT)
     _, err = interrupted.communicate(timeout=120)
     assert interrupted.returncode != 0
     assert "error: interrupted by SIGINT; open runs ended KILLED" in err, err[-3000:]
