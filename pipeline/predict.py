@@ -3,9 +3,10 @@
 Usage: python -m pipeline.predict cat.png dog.jpg --url http://127.0.0.1:5000
 Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as base64, a `dataframe_split` column
 `image`, to `<url>/invocations` (under the URL's path, before its query) and prints one line per image: file,
-predicted label, its probability (tab-separated). Exits 1 with a message on stderr when --url is not an http(s) URL,
-a file cannot be read, the server cannot be reached, it refuses the request (naming the file it refused) or its
-answer is not a model server's (another service on that port, an answer cut short), printing no predictions then. A
+predicted label, its probability (tab-separated). Exits 2 with one line on stderr, before reading any file, when
+--url is not an http(s) URL (as for a bad --batch-size or --timeout). Exits 1 with a message on stderr when a file
+cannot be read, the server cannot be reached, it refuses the request (naming the file it refused) or its answer is
+not a model server's (another service on that port, an answer cut short), printing no predictions then. A
 --url of http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a
 proxy that asks for them); messages show the password as ***.
 Only the standard library is used, so the client starts fast and needs no ML packages.
@@ -79,6 +80,9 @@ def check_url(url: str) -> None:
         valid = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0  # port: ValueError if bad
     except ValueError as exc:
         raise PredictError(f"--url: not a valid URL: {without_password(url)!r} ({exc})") from None
+    if re.search(r"[\x00-\x20\x7f]", parts.netloc):  # http.client refuses it only as it connects
+        raise PredictError(f"--url: not a valid URL: {without_password(url)!r} (a space or control character in "
+                           f"its host)")
     if not valid:
         raise PredictError(f"--url: expected http://host:port, got {without_password(url)!r}")
 
@@ -179,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be >= 1")
     if not (math.isfinite(args.timeout) and args.timeout > 0):  # 0 makes the socket non-blocking, inf overflows it
         parser.error(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
+    try:
+        check_url(args.url)  # a usage error, like the two above: exit 2, before any file is read
+    except PredictError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         lines = predict_files(args.images, args.url, args.batch_size, args.timeout)
     except PredictError as exc:

@@ -501,9 +501,11 @@ def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path
 def test_predict_client_refuses_a_bad_url_in_one_line(tmp_path, capsys, url, problem):
     image = tmp_path / "a.png"
     image.write_bytes(encode(random_pixels(1)[0], "PNG"))
-    assert predict.main([str(image), "--url", url, "--timeout", "5"]) == 1
+    assert predict.main([str(image), "--url", url, "--timeout", "5"]) == 2  # a usage error, as a bad --timeout
     err = capsys.readouterr().err
     assert err.startswith("error: --url: ") and problem in err and len(err.splitlines()) == 1
+    assert predict.main([str(tmp_path / "missing.png"), "--url", url]) == 2  # checked before any file is read
+    assert capsys.readouterr().err == err
 
 
 @pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
