@@ -235,9 +235,8 @@ def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
     except requests.exceptions.SSLError:
         pass
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-        errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))  # the OS's reason, in urllib3's nested wrapping
-        reason = errno.group(1).strip() if errno else f"nothing within {timeout:g} s" if isinstance(
-            exc, requests.exceptions.Timeout) else type(exc).__name__
+        reason = _os_reason(str(exc)) or (f"nothing within {timeout:g} s" if isinstance(
+            exc, requests.exceptions.Timeout) else type(exc).__name__)
         raise MlflowException(f"no answer ({reason})") from None
     except requests.exceptions.RequestException as exc:  # not a URL requests can read (a stray ':' or '/')
         raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} is not a URL a client can reach "
@@ -253,6 +252,13 @@ def asks_for_help(args: list[str]) -> bool:
 def store_ready() -> str:
     """`python -m pipeline.tracking`'s line: the store `ensure_store` created or found answering, password hidden."""
     return f"tracking store {_without_password(ensure_store())} ready"
+
+
+def _os_reason(text: str) -> str | None:
+    """The OS's reason a connection failed (`[Errno 111] Connection refused` -> "Connection refused") as requests and
+    urllib3 nest it in their messages, and MLflow in its own; None if `text` holds none."""
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    return errno.group(1).strip() if errno else None
 
 
 def _first_line(text: str) -> str:
@@ -467,8 +473,9 @@ def _server_failure(exc: BaseException) -> str | None:
         return None
     shown = _without_password(uri)  # MLflow's message quotes the request's URL, credentials and all
     # A server gone: the OS's reason, as `_check_server_answers` says it; it ends MLflow's message, past 300 characters
-    errno = re.search(r"failed with exception .*\[Errno -?\d+\] ([^'\")]+)", str(exc.message))
-    reason = f"no answer ({errno.group(1).strip()})" if errno else _first_line(str(exc.message).replace(uri, shown))
+    message = str(exc.message)
+    errno = _os_reason(message.partition("failed with exception ")[2])
+    reason = f"no answer ({errno})" if errno else _first_line(message.replace(uri, shown))
     return f"tracking server {shown} failed: {reason[:300]}"
 
 
