@@ -64,6 +64,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -542,10 +543,40 @@ def default_storage() -> str:
 
 
 def default_study(plan: Plan) -> str:
-    """The spec's name and a digest of its content, the overrides and the tracking store: rerunning
-    the same command continues the same study, a changed spec starts another."""
-    digest = json_digest({**plan.fingerprint(), "tracking": tracking_uri()})[:8]
+    """The spec's name and a digest of its content, the overrides and the tracking store (`canonical_tracking_uri`):
+    rerunning the same command continues the same study, a changed spec starts another."""
+    digest = json_digest({**plan.fingerprint(), "tracking": canonical_tracking_uri(tracking_uri())})[:8]
     return f"{Path(plan.spec_path).stem}-{digest}"
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def canonical_tracking_uri(uri: str) -> str:
+    """One spelling of the tracking store `uri`, for the study's digest: a relative SQLite file made absolute (from
+    the working directory, as MLflow opens it), http(s) with scheme and host in lower case, no default port and no
+    trailing slash, any other scheme in lower case. A URI spelled so already is returned as it is (the digest of a
+    study named before stays), as is one that does not parse."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:  # a path, or a URI such as file:./mlruns: as typed
+        return uri
+    scheme = scheme.lower()
+    if scheme == "sqlite":
+        path, mark, query = rest.removeprefix("/").partition("?")
+        if not rest.startswith("/") or path in ("", ":memory:") or os.path.isabs(path):
+            return f"{scheme}://{rest}"
+        return f"{scheme}:///{os.path.abspath(path)}{mark}{query}"
+    if scheme not in DEFAULT_PORTS:
+        return f"{scheme}://{rest}"
+    parts = urllib.parse.urlsplit(f"{scheme}://{rest}")
+    try:
+        port = parts.port
+    except ValueError:  # not a number: MLflow refuses it anyway
+        return f"{scheme}://{rest}"
+    host = parts.hostname or ""
+    netloc = (parts.netloc.rpartition("@")[0] + "@" if "@" in parts.netloc else "") + \
+        (f"[{host}]" if ":" in host else host) + (f":{port}" if port not in (None, DEFAULT_PORTS[scheme]) else "")
+    return urllib.parse.urlunsplit((scheme, netloc, parts.path.rstrip("/"), parts.query, parts.fragment))
 
 
 def safe_url(url: str) -> str:

@@ -405,6 +405,32 @@ def test_a_sweeps_comparison_lists_its_registered_trial_first_of_its_equals(stor
     assert comparison.data.tags["compared_runs"] == f"{trains[0]},{trains[1]}"
 
 
+@pytest.mark.parametrize(("typed", "canonical"), [
+    ("sqlite:///mlflow.db", "sqlite:///{cwd}/mlflow.db"),
+    ("sqlite:///./runs/../mlflow.db?timeout=20", "sqlite:///{cwd}/mlflow.db?timeout=20"),
+    ("http://Team-Host:5000/", "http://team-host:5000"),
+    ("HTTPS://mlflow:s3cret@Team-Host:443/mlflow/", "https://mlflow:s3cret@team-host/mlflow"),
+    ("POSTGRESQL://mlflow@Team-Host/mlflow", "postgresql://mlflow@Team-Host/mlflow"),
+], ids=["sqlite-relative", "sqlite-dot-dot", "http-slash", "https-default-port", "postgresql-scheme"])
+def test_one_tracking_store_spelled_two_ways_names_one_study_and_a_canonical_spelling_keeps_its_name(
+        tmp_path, monkeypatch, typed, canonical):
+    """The default study name digested the tracking URI as typed: the same store spelled two ways (a relative SQLite
+    file and its absolute path, a trailing slash) named two studies, and a rerun started the sweep over."""
+    canonical = canonical.format(cwd=Path.cwd())
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-named", GRID))
+
+    def named(uri: str) -> str:
+        monkeypatch.setattr(sweep, "tracking_uri", lambda: uri)
+        return sweep.default_study(plan)
+
+    def named_as_typed(uri: str) -> str:  # the name the spelling had before: its text digested as it is
+        return f"sweep-named-{sweep.json_digest({**plan.fingerprint(), 'tracking': uri})[:8]}"
+
+    assert named(typed) == named(canonical)
+    assert named(canonical) == named_as_typed(canonical)  # a study named from the canonical spelling is found again
+    assert named_as_typed(typed) != named_as_typed(canonical)  # what two studies came from
+
+
 @pytest.mark.parametrize(("url", "hint"), [
     ("postgresql+psycopg2://mlflow:s3cr%40t@team-host:5432/optuna",
      "optuna-dashboard postgresql+psycopg2://mlflow@team-host:5432/optuna (with its password in PGPASSWORD or "
