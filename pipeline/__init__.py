@@ -19,6 +19,9 @@ And it keeps Keras-on-JAX's compiled programs across runs, in `JAX_COMPILATION_C
 `~/.cache/cifar10-resnet/jax`, under `XDG_CACHE_HOME` where set). A program is looked up by what it computes (the
 model, the shapes, the recipe's constants, the devices, JAX's version), so the same command again or a resumed run
 loads its train and validation steps instead of compiling them (`fitting.compile_cache`).
+
+First of all, it reads the package's source once (`pipeline.source`): the code this process runs, digests and logs
+with its models, whatever happens to the files on disk meanwhile.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import re
 import sys
 import tempfile
 import warnings
+
+from pipeline import source as source  # first: the package's files as this process loads them
 
 # TensorFlow raises its real errors as Python exceptions; its C++ ERROR lines on a CPU-only machine are
 # the failed cuInit. A user who wants them sets TF_CPP_MIN_LOG_LEVEL=0.

@@ -32,7 +32,8 @@ Writes: one sweep parent run (tag step = 'sweep'; its id is kept in the study's 
         another worker (or the rerun command) marks that trial FAILED, its runs FAILED, and queues it
         again (at most MAX_RETRY times). Optuna is told how a trial ended before its run ends: a run FINISHED is
         a trial COMPLETE in the study (a tell that fails ends the run FAILED, and the trial is queued again
-        once stale). The runs of a trial queued again are tagged `superseded_by_retry`: its retry counts instead.
+        once stale; one that raised once the storage had recorded it, read again, ends the run as told). The runs
+        of a trial queued again are tagged `superseded_by_retry`: its retry counts instead.
         Once every trial has ended, one worker (exactly one: it creates the study's lock study
         `<study>.register`) registers the best finished trial (by its final val_acc, the first of equals, on
         training images held out: `train.validation_fraction` > 0 is required, so no trial is chosen on the test images
@@ -63,6 +64,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +120,8 @@ GRACE_S = 6 * HEARTBEAT_S
 MAX_RETRY = 2  # queue a trial whose worker died at most this many times
 SEEDS = 2**32  # Optuna's samplers take a seed in [0, 2**32 - 1]; trial n draws with (seed + n) modulo this
 POLL_S = 2.0  # an idle worker looks for new or stale trials this often until the study is done
+TELL_READS = 3  # reads of a trial whose tell raised (`stored_as_told`), TELL_BACKOFF_S, then twice that, apart
+TELL_BACKOFF_S = 0.5
 # A space's ranges are checked inside too (`Plan.check_inside`): an integer range at every value, or at RANGE_VALUES
 # spread evenly where it has more, a float range at FLOAT_POINTS evenly between its ends (on a log scale: log), each
 # with the others' ends and choices, then with each other: about CHECKS combinations besides each value's first
@@ -539,10 +543,40 @@ def default_storage() -> str:
 
 
 def default_study(plan: Plan) -> str:
-    """The spec's name and a digest of its content, the overrides and the tracking store: rerunning
-    the same command continues the same study, a changed spec starts another."""
-    digest = json_digest({**plan.fingerprint(), "tracking": tracking_uri()})[:8]
+    """The spec's name and a digest of its content, the overrides and the tracking store (`canonical_tracking_uri`):
+    rerunning the same command continues the same study, a changed spec starts another."""
+    digest = json_digest({**plan.fingerprint(), "tracking": canonical_tracking_uri(tracking_uri())})[:8]
     return f"{Path(plan.spec_path).stem}-{digest}"
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def canonical_tracking_uri(uri: str) -> str:
+    """One spelling of the tracking store `uri`, for the study's digest: a relative SQLite file made absolute (from
+    the working directory, as MLflow opens it), http(s) with scheme and host in lower case, no default port and no
+    trailing slash, any other scheme in lower case. A URI spelled so already is returned as it is (the digest of a
+    study named before stays), as is one that does not parse."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:  # a path, or a URI such as file:./mlruns: as typed
+        return uri
+    scheme = scheme.lower()
+    if scheme == "sqlite":
+        path, mark, query = rest.removeprefix("/").partition("?")
+        if not rest.startswith("/") or path in ("", ":memory:") or os.path.isabs(path):
+            return f"{scheme}://{rest}"
+        return f"{scheme}:///{os.path.abspath(path)}{mark}{query}"
+    if scheme not in DEFAULT_PORTS:
+        return f"{scheme}://{rest}"
+    parts = urllib.parse.urlsplit(f"{scheme}://{rest}")
+    try:
+        port = parts.port
+    except ValueError:  # not a number: MLflow refuses it anyway
+        return f"{scheme}://{rest}"
+    host = parts.hostname or ""
+    netloc = (parts.netloc.rpartition("@")[0] + "@" if "@" in parts.netloc else "") + \
+        (f"[{host}]" if ":" in host else host) + (f":{port}" if port not in (None, DEFAULT_PORTS[scheme]) else "")
+    return urllib.parse.urlunsplit((scheme, netloc, parts.path.rstrip("/"), parts.query, parts.fragment))
 
 
 def safe_url(url: str) -> str:
@@ -819,8 +853,10 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
     Optuna is told first, so that a run ends FINISHED only once its trial is COMPLETE in the study: a tell that fails
     (the storage's database gone or locked) ends the run FAILED with `failure_reason` "the Optuna storage failed: ..."
     (a failed trial's run keeps its own) and is raised on, the trial left RUNNING to be queued again once its
-    heartbeat is stale; a trial another worker failed meanwhile (its heartbeat late: `on_stale_trial`) ends FAILED
-    with `failure_reason`, and tag `superseded_by_retry` on its runs where it was queued again (`superseded`).
+    heartbeat is stale; a tell that raised once its commit had landed (the storage, read again, holds the trial as
+    told: `stored_as_told`) ends the run as told, with a warning; a trial another worker failed meanwhile (its
+    heartbeat late: `on_stale_trial`) ends FAILED with `failure_reason`, and tag `superseded_by_retry` on its runs
+    where it was queued again (`superseded`).
     """
     import keras
 
@@ -860,12 +896,19 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
                               skip_if_finished=True).state
         except optuna.exceptions.UpdateFinishedTrialError:  # finished between tell's read and its write
             told = TrialState.FAIL
-        except Exception as exc:  # the study still holds the trial RUNNING: a worker queues it again, stale
-            if status != "FAILED":  # a failed trial's run keeps its own reason
-                failed = storage_failure(exc)
-                tag_failed(run_id, unexpected_reason(exc) if failed is None else f"the Optuna storage failed: {failed}")
-            status = "FAILED"
-            raise
+        except Exception as exc:  # the study holds the trial RUNNING (a worker queues it again, stale), unless the
+            failed = storage_failure(exc)  # tell committed before it raised (the connection lost before the answer)
+            if not stored_as_told(study, trial, state, value):
+                if status != "FAILED":  # a failed trial's run keeps its own reason
+                    tag_failed(run_id, unexpected_reason(exc) if failed is None else
+                               f"the Optuna storage failed: {failed}")
+                status = "FAILED"
+                raise
+            told = state
+            why = f"the Optuna storage failed: {failed}" if failed is not None else \
+                f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            print(f"warning: trial {trial.number}: telling Optuna raised ({why}), but the storage holds the trial "
+                  f"{state.name} as told: its run ends as told", file=sys.stderr, flush=True)
         if told != state:  # another worker took this one for dead and failed it (a failed one keeps its own reason)
             status = "FAILED"
             superseded(study, trial, run_id)
@@ -876,6 +919,23 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
     finally:
         trials.end_run(status, run_id)
         keras.backend.clear_session()  # the next trial in this process starts from a clean graph
+
+
+def stored_as_told(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None) -> bool:
+    """Whether the storage holds `trial` finished as it was told: `state`, and `value` where COMPLETE (a pruned
+    trial's is Optuna's, its last reported). A tell may commit and then raise (the connection lost between the commit
+    and its answer). Read afresh (not Optuna's cache), up to TELL_READS times with a growing pause; False where the
+    storage cannot be read, or holds the trial otherwise (RUNNING: the tell never landed)."""
+    storage = getattr(study._storage, "_backend", study._storage)  # under Optuna's cache, where the study has one
+    for attempt in range(TELL_READS):
+        try:
+            stored = storage.get_trial(trial._trial_id)
+        except Exception:  # noqa: BLE001 - the storage still failing: read again, then take the tell as failed
+            if attempt + 1 < TELL_READS:
+                time.sleep(TELL_BACKOFF_S * 2**attempt)
+            continue
+        return stored.state == state and (state != TrialState.COMPLETE or stored.values == [float(value)])
+    return False
 
 
 def tag_interrupted(run_id: str, exc: BaseException) -> None:

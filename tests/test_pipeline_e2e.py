@@ -161,7 +161,7 @@ def test_each_entry_point_runs_on_its_own(store, in_process):
                          "--overrides", "tracking.experiment=e2e")
     assert changed.returncode == 2, changed.stderr[-3000:]
     assert changed.stderr.strip().splitlines()[-1].startswith(
-        f"error: model_uri: {model_uri} is served with other scoring code than this checkout's (pipeline/serve.py "
+        f"error: model_uri: {model_uri} is served with other scoring code than this process loaded (pipeline/serve.py "
         f"differs from the copy logged with it, which serving it runs)"), changed.stderr[-3000:]
     commit = train_run.data.tags.get("git_commit")  # where it was trained in a git checkout
     trained_with = f"git commit {commit[:12]} of train run" if commit else "train run"
@@ -205,7 +205,7 @@ def test_each_entry_point_runs_on_its_own(store, in_process):
     assert challenged.returncode == 0, challenged.stderr[-3000:]
     assert "registered standalone v2: alias kept" in challenged.stdout, challenged.stdout[-3000:]
     assert (f"v1's model could not be scored on this one (model_uri: {model_uri} is served with other scoring code "
-            f"than this checkout's (pipeline/serve.py differs") in challenged.stdout
+            f"than this process loaded (pipeline/serve.py differs") in challenged.stdout
     assert str(client.get_model_version_by_alias("standalone", "champion").version) == "1"
     assert client.search_runs([experiment], "tags.scores_champion = 'standalone/1'", run_view_type=ViewType.ALL) == []
 

@@ -15,8 +15,10 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+import textwrap
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -33,8 +35,9 @@ from PIL import Image
 
 from bench.servers import free_port, start_model_server, stop_group
 from pipeline import config, predict, prepare, serve, train
+from pipeline import tracking as tracking_layer
 from pipeline.data import decode_image
-from pipeline.tracking import PIPELINE_DIR, steps, training
+from pipeline.tracking import PIPELINE_DIR, resume, steps, training
 from pipeline.tracking.resume import TRAIN_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -358,6 +361,88 @@ def test_scoring_a_served_model_runs_no_code_of_pipeline_but_scoring_code(model_
            if Path(f).is_relative_to(PIPELINE_DIR)}
     assert ran == set(steps.SCORING_CODE), ran
     assert set(steps.SCORING_CODE) <= set(TRAIN_CODE)
+
+
+def test_a_model_logged_after_an_edit_on_disk_carries_the_code_this_process_loaded(model_uri, local_model, tmp_path,
+                                                                                    monkeypatch):
+    """A `main` trains, evaluates and logs its model in one process: pipeline/ edited on disk meanwhile (a pull, an
+    editor) is not the code it trained and scores with. The model is logged with the code the process loaded, its
+    `train_code` stays, and the check of a logged model's scoring code compares with that code too. The files on disk
+    are an edited copy here, wherever the pipeline reads pipeline/ from disk (`PIPELINE_DIR`); the checkout's stay as
+    they are, the bytes this process imported."""
+    loaded = {f"{module}.py": (PIPELINE_DIR / f"{module}.py").read_bytes() for module in TRAIN_CODE}
+    train_code = resume.train_code()
+    edited = tmp_path / "pipeline"
+    shutil.copytree(PIPELINE_DIR, edited, ignore=shutil.ignore_patterns("__pycache__"))
+    for name, code in loaded.items():
+        (edited / name).write_bytes(code + b"# edited on disk\n")
+    for module in (tracking_layer, training, steps):
+        monkeypatch.setattr(module, "PIPELINE_DIR", edited, raising=False)
+
+    assert resume.train_code() == train_code
+    # the model logged before the edit: its scoring code is this process's, whatever the disk holds now
+    assert steps.scoring_code_changes(mlflow.artifacts.download_artifacts(model_uri)) == []
+    classifier = local_model.unwrap_python_model()
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("serve-tests").experiment_id):
+        info = training.log_model(classifier.model, classifier.class_names, random_pixels(2))
+    folder = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "logged")))
+    code = folder / "code" / "pipeline"
+    assert {name: (code / name).read_bytes() for name in loaded} == loaded
+    # the package's layout, every module of it, as `mlflow models serve` imports it
+    assert ({p.relative_to(code).as_posix() for p in code.rglob("*") if p.is_file()} ==
+            {p.relative_to(PIPELINE_DIR).as_posix() for p in PIPELINE_DIR.rglob("*.py")})
+    assert steps.scoring_code_changes(folder) == []
+    (code / "serve.py").write_bytes(loaded["serve.py"] + b"# edited on disk\n")  # as edited: other code than loaded
+    assert steps.scoring_code_changes(folder) == ["pipeline/serve.py"]
+
+
+def test_modules_imported_after_an_edit_on_disk_run_the_source_read_at_the_first_import(tmp_path):
+    """`main` imports train, evaluate and register once its params are checked, after the package: a module imported
+    after an edit on disk runs the source read when the package was first imported, even where a `.pyc` of the edited
+    file is cached, as do the digests of the code and the scoring-code check. In a process of its own, on a copy of
+    pipeline/ (edited there, the checkout's never)."""
+    shutil.copytree(PIPELINE_DIR, tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    script = textwrap.dedent("""
+        import json, py_compile, sys
+        from pathlib import Path
+
+        import mlflow
+
+        import pipeline
+        from pipeline.tracking import code_digest, steps
+
+        package = Path(pipeline.__file__).resolve().parent
+        assert package == Path.cwd().resolve() / "pipeline", package
+        assert "pipeline.inputs" not in sys.modules
+        names = ("inputs", "serve", "augment")
+        digest = code_digest(*names)
+        loaded = {name: (package / f"{name}.py").read_bytes() for name in names}
+        for name in names:
+            (package / f"{name}.py").write_bytes(loaded[name] + b"\\nEDITED = True\\n")
+        # the cached .pyc another process importing the edited file leaves
+        py_compile.compile(str(package / "inputs.py"), doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+
+        import pipeline.inputs
+
+        model = Path("model")
+        (model / "code" / "pipeline").mkdir(parents=True)
+        for name in ("serve", "augment"):
+            (model / "code" / "pipeline" / f"{name}.py").write_bytes(loaded[name])
+        meta = mlflow.models.Model()
+        meta.add_flavor("python_function", code="code")
+        meta.save(str(model / "MLmodel"))
+        print(json.dumps({"edited_runs": hasattr(pipeline.inputs, "EDITED"),
+                          "digest_moved": code_digest(*names) != digest,
+                          "scoring_code_changes": steps.scoring_code_changes(model)}))
+        """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"edited_runs": False, "digest_moved": False,
+                                                        "scoring_code_changes": []}
+    assert b"EDITED = True" in (tmp_path / "pipeline" / "inputs.py").read_bytes()  # the edit was made
 
 
 def test_in_process_predict_returns_labels_and_probabilities(local_model):

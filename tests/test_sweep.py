@@ -405,6 +405,32 @@ def test_a_sweeps_comparison_lists_its_registered_trial_first_of_its_equals(stor
     assert comparison.data.tags["compared_runs"] == f"{trains[0]},{trains[1]}"
 
 
+@pytest.mark.parametrize(("typed", "canonical"), [
+    ("sqlite:///mlflow.db", "sqlite:///{cwd}/mlflow.db"),
+    ("sqlite:///./runs/../mlflow.db?timeout=20", "sqlite:///{cwd}/mlflow.db?timeout=20"),
+    ("http://Team-Host:5000/", "http://team-host:5000"),
+    ("HTTPS://mlflow:s3cret@Team-Host:443/mlflow/", "https://mlflow:s3cret@team-host/mlflow"),
+    ("POSTGRESQL://mlflow@Team-Host/mlflow", "postgresql://mlflow@Team-Host/mlflow"),
+], ids=["sqlite-relative", "sqlite-dot-dot", "http-slash", "https-default-port", "postgresql-scheme"])
+def test_one_tracking_store_spelled_two_ways_names_one_study_and_a_canonical_spelling_keeps_its_name(
+        tmp_path, monkeypatch, typed, canonical):
+    """The default study name digested the tracking URI as typed: the same store spelled two ways (a relative SQLite
+    file and its absolute path, a trailing slash) named two studies, and a rerun started the sweep over."""
+    canonical = canonical.format(cwd=Path.cwd())
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-named", GRID))
+
+    def named(uri: str) -> str:
+        monkeypatch.setattr(sweep, "tracking_uri", lambda: uri)
+        return sweep.default_study(plan)
+
+    def named_as_typed(uri: str) -> str:  # the name the spelling had before: its text digested as it is
+        return f"sweep-named-{sweep.json_digest({**plan.fingerprint(), 'tracking': uri})[:8]}"
+
+    assert named(typed) == named(canonical)
+    assert named(canonical) == named_as_typed(canonical)  # a study named from the canonical spelling is found again
+    assert named_as_typed(typed) != named_as_typed(canonical)  # what two studies came from
+
+
 @pytest.mark.parametrize(("url", "hint"), [
     ("postgresql+psycopg2://mlflow:s3cr%40t@team-host:5432/optuna",
      "optuna-dashboard postgresql+psycopg2://mlflow@team-host:5432/optuna (with its password in PGPASSWORD or "
@@ -688,6 +714,85 @@ def test_a_trial_whose_tell_fails_ends_failed_and_only_its_retry_finishes(store,
     # the comparison of an experiment's runs lists the retry's train run only; one named is compared as asked
     assert steps.search_train_runs("e2e", [])["run_id"].tolist() == [retry.data.tags["train_run_id"]]
     assert steps.search_train_runs("e2e", [first_train])["run_id"].tolist() == [first_train]
+
+
+def connection_lost() -> optuna.exceptions.StorageInternalError:
+    """What RDBStorage raises where the database's connection dropped after a commit, before its answer."""
+    import sqlalchemy
+
+    try:
+        raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, Exception("server closed the connection"))
+    except sqlalchemy.exc.OperationalError as exc:
+        try:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
+        except optuna.exceptions.StorageInternalError as wrapped:
+            return wrapped
+
+
+def test_a_trial_whose_tell_committed_and_then_raised_ends_finished_as_the_study_holds_it(store, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A tell that committed and then raised in the worker (the connection lost before the commit's answer) ended the
+    run FAILED ("the Optuna storage failed: ...") while the study held the trial COMPLETE: the worker stopped, and the
+    sweep registered a trial whose run had failed. The storage, read again, holds it as told: the run ends FINISHED."""
+    plan, study, storage, parent, registered = retried_sweep(tmp_path, monkeypatch, "sweep-tell-answer-lost")
+    client = MlflowClient()
+    tell = optuna.Study.tell
+    told = []
+
+    def committed_then_lost(self, *args, **kwargs):
+        told.append(tell(self, *args, **kwargs))
+        raise connection_lost()
+
+    monkeypatch.setattr(optuna.Study, "tell", committed_then_lost)
+    monkeypatch.setattr(sweep, "train_and_evaluate", trains([0.9]))
+    capsys.readouterr()
+    sweep.work(plan, study, storage)  # no StorageInternalError: the worker goes on, and registers
+    assert len(told) == 1  # the tell did raise, once its commit had landed
+    assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 0.9)]
+    run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags  # the run agrees with the study
+    assert ("warning: trial 0: telling Optuna raised (the Optuna storage failed: server closed the connection), but "
+            "the storage holds the trial COMPLETE as told: its run ends as told") in capsys.readouterr().err
+    assert [r.info.run_id for r in trial_runs_of(client, parent) if r.info.status == "FINISHED"] == [run.info.run_id]
+    assert registered == [run.data.tags["model_uri"]]
+    assert client.get_run(parent).data.tags["best_trial"] == "0"
+
+
+@pytest.mark.parametrize("last_read", ["answers", "fails"])
+def test_a_tell_that_raised_is_read_again_a_few_times_before_its_run_fails(store, tmp_path, monkeypatch, last_read):
+    """The storage, still failing after the tell raised, is read again TELL_READS times: where every read fails, the
+    tell is taken as failed (the run FAILED, raised on), whatever it had committed."""
+    plan, study, trial, parent, experiment_id = one_trial(tmp_path, "sweep-tell-reread")
+    unreadable = sweep.TELL_READS - (last_read == "answers")  # reads that fail
+    client = MlflowClient()
+    monkeypatch.setattr(sweep, "TELL_BACKOFF_S", 0.01)
+    tell, get_trial, reads = optuna.Study.tell, study._storage.get_trial, []
+
+    def still_failing(trial_id):
+        reads.append(trial_id)
+        if len(reads) <= unreadable:
+            raise connection_lost()
+        return get_trial(trial_id)
+
+    def committed_then_lost(self, *args, **kwargs):
+        tell(self, *args, **kwargs)
+        monkeypatch.setattr(study._storage, "get_trial", still_failing)
+        raise connection_lost()
+
+    monkeypatch.setattr(optuna.Study, "tell", committed_then_lost)
+    monkeypatch.setattr(sweep, "train_and_evaluate", trains([0.9]))
+    with contextlib.nullcontext() if unreadable < sweep.TELL_READS else pytest.raises(
+            optuna.exceptions.StorageInternalError):
+        sweep.run_trial(plan, study, trial, parent, experiment_id)
+    assert reads == [trial._trial_id] * min(unreadable + 1, sweep.TELL_READS)
+    monkeypatch.setattr(study._storage, "get_trial", get_trial)
+    assert study.trials[0].state.name == "COMPLETE"  # committed, either way
+    run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    if unreadable < sweep.TELL_READS:
+        assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
+    else:
+        assert run.info.status == "FAILED"
+        assert run.data.tags["failure_reason"] == "the Optuna storage failed: server closed the connection"
 
 
 def test_a_trial_failed_for_a_late_heartbeat_while_it_ran_is_superseded_by_its_retry(store, tmp_path, monkeypatch,

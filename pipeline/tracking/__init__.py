@@ -9,8 +9,8 @@ served model); the steps call these functions and never import MLflow.
   `ensure_store` creates the SQLite store once; `ui_hint` says where to look at a run.
 - The active run: `active_run_id`, `log_params`, `log_metrics`, `set_tags`, `log_dict`, `log_text`,
   and `artifact_dir`, a temporary folder whose files become the run's artifacts; `tracking_uri`.
-- Keys and digests: `json_digest` (the cache key of prepare, train and sweep), `code_digest`,
-  `git_commit`.
+- Keys and digests: `json_digest` (the cache key of prepare, train and sweep), `code_digest` (of the code this
+  process loaded), `git_commit`.
 - Finding runs by key: `find_finished_run` (a prepare to reuse), `unfinished_runs` (a train run
   to resume); `metric_history` reads a run's metric per step.
 - Logged models: `model_id` parses `models:/m-...`; `model_score` and `latest_metrics` apply the
@@ -61,7 +61,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
-from pipeline import interrupts
+from pipeline import interrupts, source
 from pipeline.config import PROJECT_ROOT, Config, ConfigError
 from pipeline.data import DataError
 
@@ -272,11 +272,13 @@ def _without_password(uri: str) -> str:
 
 
 def code_digest(*modules: str) -> str:
-    """sha256 of the named pipeline modules' source: a cache key that changes with the code."""
+    """sha256 of the named pipeline modules' source as this process loaded it (`pipeline.source`: the code it runs,
+    not the files on disk now, which an edit or a pull may have changed since): a cache key that changes with the
+    code."""
     h = hashlib.sha256()
     for module in sorted(modules):
         h.update(module.encode())
-        h.update((PIPELINE_DIR / f"{module}.py").read_bytes())
+        h.update(source.FILES[f"{module}.py"])
     return h.hexdigest()
 
 

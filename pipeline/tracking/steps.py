@@ -4,8 +4,8 @@
   input, counts); `log_dataset_input` logs that input on a train run too; `check_artifact_uri` and
   `download_artifact` read a dataset URI back, `dataset_params` the data params it was prepared with.
 - evaluate: `load_classifier` (the served pyfunc's Python model, refused where the scoring code logged with it,
-  SCORING_CODE, is not this checkout's: `scoring_code_changes`), `log_evaluation` (params, and the test metrics on
-  the run and on the logged model, `logged_model_id`).
+  SCORING_CODE, is not the code this process loaded: `scoring_code_changes`), `log_evaluation` (params, and the test
+  metrics on the run and on the logged model, `logged_model_id`).
 - compare: `find_experiment_id`, `search_train_runs`, `log_comparison`.
 - main: `log_pipeline_results`, the headline results on the parent run.
 Files a step writes go in through `pipeline.tracking.artifact_dir`.
@@ -24,9 +24,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
-from pipeline import config, data
+from pipeline import config, data, source
 from pipeline.tracking import (
-    PIPELINE_DIR,
     TEST_DATA_TAG,
     fit_note,
     model_id,
@@ -140,26 +139,30 @@ def dataset_params(uri: str) -> dict[str, str]:
 # gives it constants and decodes encoded images, which evaluate's prepared pixels never go through
 # (`test_serve.py::test_scoring_a_served_model_runs_no_code_of_pipeline_but_scoring_code`). A process that has imported
 # `pipeline` (evaluate, register) loads a logged model's Python model with its own copy of these, not the model's
-# `code/pipeline/` that `mlflow models serve` runs: `load_classifier` refuses a model whose copy differs. Part of
-# TRAIN_CODE, so a model `main` trains, or goes on from (`trained_before_a_failure`), always matches.
+# `code/pipeline/` that `mlflow models serve` runs: `load_classifier` refuses a model whose copy differs from the source
+# this process loaded (`pipeline.source`: the code it runs, whatever the files on disk hold by then). Part of
+# TRAIN_CODE, so a model `main` trains, or goes on from (`trained_before_a_failure`), always matches: it logs the
+# source it loaded, and `train_code` is that source's digest.
 SCORING_CODE = ("augment", "serve")
 
 
 def scoring_code_changes(model_dir: str | Path) -> list[str]:
     """The files of SCORING_CODE (`pipeline/<module>.py`) whose copy logged with the model downloaded at `model_dir`
-    (its pyfunc's code folder, `code/pipeline/`: what serving it runs) differs from this checkout's, byte for byte
-    (sha256), or is missing there; none for a model logged without a copy of `pipeline` (not by this pipeline)."""
+    (its pyfunc's code folder, `code/pipeline/`: what serving it runs) differs, byte for byte, from the source this
+    process loaded (`pipeline.source`: the code it scores with, not the files on disk now, which an edit or a pull may
+    have changed since), or is missing there; none for a model logged without a copy of `pipeline` (not by this
+    pipeline)."""
     meta = mlflow.models.Model.load(Path(model_dir) / "MLmodel")
     code = (meta.flavors.get("python_function") or {}).get("code")
     logged = Path(model_dir) / code / "pipeline" if code else None
     if logged is None or not logged.is_dir():
         return []
 
-    def sha256(path: Path) -> str | None:
-        return data.file_sha256(path) if path.is_file() else None
+    def logged_bytes(path: Path) -> bytes | None:
+        return path.read_bytes() if path.is_file() else None
 
     return [f"pipeline/{module}.py" for module in SCORING_CODE
-            if sha256(logged / f"{module}.py") != sha256(PIPELINE_DIR / f"{module}.py")]
+            if logged_bytes(logged / f"{module}.py") != source.FILES[f"{module}.py"]]
 
 
 def load_classifier(model_uri: str):
@@ -168,8 +171,8 @@ def load_classifier(model_uri: str):
     failed part way) or PENDING (cut short by a kill, or under way now). Such a model may load, from the files that
     arrived, and a score on it would be registered; the rerun of its training logs the model again.
 
-    ConfigError too, before Keras loads it, where its logged scoring code is not this checkout's
-    (`scoring_code_changes`: an edit or a pull since it was trained): loaded here it would score with this checkout's
+    ConfigError too, before Keras loads it, where its logged scoring code is not the code this process loaded
+    (`scoring_code_changes`: an edit or a pull since it was trained): loaded here it would score with this process's
     code, not the code it is served with, and a score of it would not be the served model's."""
     found = logged_model_id(model_uri)
     try:
@@ -188,7 +191,7 @@ def load_classifier(model_uri: str):
         raise config.ConfigError(f"model_uri: cannot load {model_uri} ({exc})".replace("\n", " ")) from None
     if changed:
         differ = "differs" if len(changed) == 1 else "differ"
-        raise config.ConfigError(f"model_uri: {model_uri} is served with other scoring code than this checkout's "
+        raise config.ConfigError(f"model_uri: {model_uri} is served with other scoring code than this process loaded "
                                  f"({', '.join(changed)} {differ} from the copy logged with it, which serving it "
                                  f"runs): scored here, its score would not be the served model's; check out the code "
                                  f"it was trained with{trained_at(found)} and score it there, or train it again with "

@@ -27,9 +27,9 @@ import pandas as pd
 from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 
-from pipeline import config, serve
+from pipeline import config, serve, source
 from pipeline.fitting import Checkpoint, EpochTimer, current_lr, seconds_left
-from pipeline.tracking import PIPELINE_DIR, active_run_id, describe_train_run, steps
+from pipeline.tracking import active_run_id, describe_train_run, steps
 from pipeline.tracking.resume import (
     DATASET_SHA256,
     checkpoint_dir,
@@ -163,13 +163,17 @@ def log_model(model: keras.Model, class_names: list[str], example: np.ndarray,
     metadata, with `tta` (evaluate.tta: the served test-time augmentation) and `shift_fill` (train.shift_fill
     of the run that trained `model`: flip_shift's shifted views fill their border as its training shifts did); the
     served model keeps the Keras backend it was trained on, to load on it where KERAS_BACKEND is unset.
+
+    The code logged with it (`code/pipeline/`, which serving it runs) is the package's source as this process loaded
+    it (`pipeline.source`): the code that trained `model` and scores with it here, not the files on disk now (a pull
+    or an edit while it trained): its `.py` files, all the package holds, without `__pycache__`.
     """
     with tempfile.TemporaryDirectory() as tmp:
         model.save(Path(tmp) / "model.keras")
         (Path(tmp) / "class_names.json").write_text(json.dumps(class_names))
         return mlflow.pyfunc.log_model(
             name="model", python_model=serve.ImageClassifier(tta, shift_fill, keras.backend.backend()),
-            code_paths=[str(PIPELINE_DIR)],
+            code_paths=[str(source.write(Path(tmp) / "code"))],
             artifacts={serve.KERAS_ARTIFACT: str(Path(tmp) / "model.keras"),
                        serve.CLASSES_ARTIFACT: str(Path(tmp) / "class_names.json")},
             signature=False, input_example=np.asarray(example, dtype=np.uint8),
