@@ -63,7 +63,8 @@ def child(params: str, overrides: str) -> dict:
     nodes.update({f"function {_unnumbered(f.signature.name)}": _digest(f) for f in definition.library.function})
     ops = collections.Counter([node.op for node in definition.node]
                               + [node.op for f in definition.library.function for node in f.node_def])
-    return {"nodes": len(nodes), "digest": hashlib.sha256(json.dumps(sorted(nodes.items())).encode()).hexdigest(),
+    return {"nodes": len(definition.node), "functions": len(definition.library.function),
+            "digest": hashlib.sha256(json.dumps(sorted(nodes.items())).encode()).hexdigest(),
             "node_digests": nodes, "ops": dict(sorted(ops.items())),
             "dtype_policy": model.dtype_policy.name, "jit_compile": bool(model.jit_compile),
             "trainable_params": int(sum(w.numpy().size for w in model.trainable_weights))}
@@ -132,9 +133,9 @@ def compare(base: dict, other: dict) -> str:
 def write_markdown(results: dict, path: Path) -> None:
     import pandas as pd
 
-    rows = [[rev["label"], rev["nodes"], rev["digest"][:16], rev["dtype_policy"], rev["jit_compile"],
+    rows = [[rev["label"], rev["nodes"], rev["functions"], rev["digest"][:16], rev["dtype_policy"], rev["jit_compile"],
              rev["against_first"].replace("identical", "**identical**")] for rev in results["revisions"]]
-    table = pd.DataFrame(rows, columns=["revision", "nodes", "graph digest", "dtype policy", "XLA",
+    table = pd.DataFrame(rows, columns=["revision", "nodes", "library functions", "graph digest", "dtype policy", "XLA",
                                         "against the first"])
     path.write_text("\n".join([
         "# The training step's graph, revision by revision", "",
