@@ -84,10 +84,17 @@ def child_result(module: str, *args: str, env: dict[str, str] | None = None, tim
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         raise SystemExit(f"`{command}` did not finish within {timeout:g} s; no results written") from None
-    result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
-    if proc.returncode != 0 or result is None:
-        last = next((line.strip() for line in reversed((proc.stderr + proc.stdout).splitlines()) if line.strip()),
-                    "no output")
+    result, last = read_child(proc)
+    if result is None:
         raise SystemExit(f"`{command}` failed (exit {proc.returncode}{'' if proc.returncode else ', no RESULT line'}):"
                          f" {last}; no results written")
-    return json.loads(result[len("RESULT "):])
+    return result
+
+
+def read_child(proc: subprocess.CompletedProcess) -> tuple[dict | None, str]:
+    """What a finished child printed on its `RESULT <json>` line (None where it failed or printed none), and its last
+    line of output, to name what went wrong."""
+    result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    last = next((line.strip() for line in reversed((proc.stderr + proc.stdout).splitlines()) if line.strip()),
+                "no output")
+    return (json.loads(result[len("RESULT "):]) if proc.returncode == 0 and result else None), last

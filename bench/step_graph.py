@@ -105,14 +105,14 @@ def trace_at(commit: str, params: str, overrides: str, folder: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "--params", params,
                            "--overrides", overrides], cwd=tree, env=env, capture_output=True, text=True, timeout=900)
-    result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
-    if proc.returncode != 0 or result is None:
-        last = next((line.strip() for line in reversed((proc.stderr + proc.stdout).splitlines()) if line.strip()),
-                    "no output")
+    from bench.machine import read_child
+
+    result, last = read_child(proc)
+    if result is None:
         label = "the working tree" if commit == "." else commit[:12]
         print(f"error: tracing the step at {label} failed (exit {proc.returncode}): {last}", file=sys.stderr)
         raise SystemExit(1)
-    return json.loads(result[len("RESULT "):])
+    return result
 
 
 def compare(base: dict, other: dict) -> str:
