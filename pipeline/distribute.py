@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ConfigError
 
@@ -304,6 +304,13 @@ def _task_index(value) -> int:
     return int(value)
 
 
+# One MirroredStrategy per set of devices for the life of the process, whatever trains under it. Each new one numbers
+# its collective ops (the gradients' all-reduce) from the same keys as the last: the second training of another model
+# in one process (a sweep's next trial, a model of other widths) met the first's op under its key and ended at its
+# first step ("Shape mismatch in the collective instance ...: expected shape [352] ... [8946]").
+_MIRRORED: dict[tuple[str, ...], Any] = {}
+
+
 def distribution(mode: str) -> Distribution:
     """Set up `mode` (see the module table). Call before the first TensorFlow op: a multi-worker
     strategy must exist before any op runs, and its creation waits for every host to connect."""
@@ -342,7 +349,9 @@ def distribution(mode: str) -> Distribution:
         import tensorflow as tf
 
         names = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
-        return Distribution(mode, names, tf.distribute.MirroredStrategy(devices=names))
+        if (strategy := _MIRRORED.get(tuple(names))) is None:
+            strategy = _MIRRORED[tuple(names)] = tf.distribute.MirroredStrategy(devices=names)
+        return Distribution(mode, names, strategy)
     if mode == "data_parallel":
         replicas = gpus or devices
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=replicas))

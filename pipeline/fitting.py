@@ -736,13 +736,20 @@ class EMABatchNorm(keras.callbacks.Callback):
     (fewer if the images make fewer; all of them in one if they make none), each a random draw from all of `images`
     as a training batch is: image folders list their images class by class, and batches of neighbours (one class
     each) averaged within-class variances, far under those BN normalises with in training. `flip`: mirror each
-    image at random, for a model whose flips the feed does (`train.alternate_flip`)."""
+    image at random, for a model whose flips the feed does (`train.alternate_flip`).
 
-    def __init__(self, images: np.ndarray, batches: int, batch_size: int, *, seed: int = 0, flip: bool = False):
+    `replicas`: the copies of the model a `tf.distribute` strategy trains, each normalising its own slice of every
+    batch, never the whole (`batch_norm_replicas`): the moments are then each slice's, and the statistics their mean, as
+    training's are (`ReplicaMeanBatchNorm`). They were the whole global batch's, a larger sample than any replica
+    normalised with in training. The same images either way."""
+
+    def __init__(self, images: np.ndarray, batches: int, batch_size: int, *, seed: int = 0, flip: bool = False,
+                 replicas: int = 1):
         super().__init__()
         rng = np.random.default_rng([seed, 0xB7])
-        count = max(1, min(batches, len(images) // batch_size)) * batch_size
-        drawn = rng.permutation(len(images))[:count].reshape(-1, min(batch_size, len(images)))
+        count = min(len(images), max(1, min(batches, len(images) // batch_size)) * batch_size)
+        width = max(1, min(batch_size, len(images)) // replicas)  # a replica's slice of a batch
+        drawn = rng.permutation(len(images))[:count - count % width].reshape(-1, width)
         self.rows = np.sort(drawn, axis=1)  # each batch's rows in order: one gather, front to back
         self.images, self.flips = images, (rng.random(len(images)) < 0.5) if flip else None
         self._forward = None
@@ -842,9 +849,17 @@ class ReplicaMeanBatchNorm(keras.callbacks.Callback):
         self.average()
 
 
+def batch_norm_replicas(model: keras.Model) -> int:
+    """Into how many slices training cuts each batch for BatchNormalization: the replicas of a `tf.distribute`
+    strategy, which normalise theirs apart; 1 otherwise (JAX's data_parallel normalises the whole sharded batch)."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    return int(model.distribute_strategy.num_replicas_in_sync)
+
+
 def replica_mean_batch_norm(model: keras.Model) -> list:
     """[`ReplicaMeanBatchNorm`] where `model` trains under a `tf.distribute` strategy of several replicas, else []."""
-    if keras.backend.backend() != "tensorflow" or model.distribute_strategy.num_replicas_in_sync < 2:
+    if batch_norm_replicas(model) < 2:
         return []
     return [ReplicaMeanBatchNorm(model.distribute_strategy)]
 
@@ -878,8 +893,8 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
     x_train, y_train, x_val, y_val = splits
     y_train, y_val = keras.utils.to_categorical(y_train, num_classes), keras.utils.to_categorical(y_val, num_classes)
     if t.ema:  # validate on the averaged weights (the ones evaluated and served), train on the raw ones
-        bn = [EMABatchNorm(x_train, t.ema_bn_batches, t.batch_size, seed=t.seed, flip=t.alternate_flip)
-              ] if t.ema_bn_batches else []
+        bn = [EMABatchNorm(x_train, t.ema_bn_batches, t.batch_size, seed=t.seed, flip=t.alternate_flip,
+                           replicas=batch_norm_replicas(model))] if t.ema_bn_batches else []
         callbacks = [keras.callbacks.SwapEMAWeights(), *bn, *callbacks]
     verbose = progress_verbosity(t.verbose)
     if verbose == 2:

@@ -323,8 +323,37 @@ def two_tensorflow_devices() -> dict:
             copies = [[c.numpy() for c in v.value.values] for n in norms for v in (n.moving_mean, n.moving_variance)]
             return [len(copies), sum(np.array_equal(*pair) for pair in copies)]
 
+        def ema_batch_norm_slices():
+            sizes = []
+
+            class Recorded(fitting.EMABatchNorm):
+                def recalibrate(self):
+                    sizes.append(list(self.rows.shape))
+                    super().recalibrate()
+
+            fitting.EMABatchNorm = Recorded
+            cfg = config.load("params/tiny.yaml", ["data.synthetic_train=64", "data.synthetic_test=32",
+                                                   "train.epochs=1", "train.distribute=mirrored", "train.verbose=0",
+                                                   "train.ema=true", "train.ema_bn_batches=2", "train.batch_size=16"])
+            dataset, dist = prepare.build(cfg), distribution("mirrored")
+            splits = fitting.held_out_split(dataset, cfg.train)
+            model = fitting.compile_model(cfg, fitting.training_part(dataset, splits), dist, len(splits[0]))
+            fitting.fit(model, cfg, splits, len(dataset.class_names), [])
+            return sizes
+
+        def another_model():  # after the trainings above, in the same process: as a sweep's next trial
+            cfg = config.load("params/tiny.yaml", ["data.synthetic_train=64", "data.synthetic_test=32",
+                                                   "train.epochs=2", "train.distribute=mirrored", "train.verbose=0",
+                                                   "model.widths=[8,16,24]"])
+            dataset, dist = prepare.build(cfg), distribution("mirrored")
+            splits = fitting.held_out_split(dataset, cfg.train)
+            model = fitting.compile_model(cfg, fitting.training_part(dataset, splits), dist, len(splits[0]))
+            history = fitting.fit(model, cfg, splits, len(dataset.class_names), [])
+            return [len(history.history["loss"]), bool(np.isfinite(history.history["loss"]).all()),
+                    dist.strategy is distribution("mirrored").strategy]
+
         seen = {}
-        for check in (augments, batch_norm_statistics):
+        for check in (augments, batch_norm_statistics, ema_batch_norm_slices, another_model):
             try:
                 seen[check.__name__] = check()
             except Exception:
@@ -355,6 +384,21 @@ def test_every_replica_validates_and_saves_the_mean_of_the_replicas_batch_norm_s
     assert isinstance(seen, list), seen  # else the traceback it ended with
     statistics, the_same = seen
     assert statistics > 4 and the_same == statistics  # every moving mean and variance: one value on both replicas
+
+
+def test_ema_batch_norm_recalibrates_on_each_replicas_slice_of_a_batch(two_tensorflow_devices):
+    """With weight EMA under MirroredStrategy, the moving statistics recomputed under the averaged weights are each
+    replica's slice's moments (8 images of a batch of 16 on 2 replicas), as training gathers them: they were the whole
+    global batch's. Recalibrated before the one validation and at the end: 2 batches of 16, so 4 slices, each time."""
+    assert two_tensorflow_devices["ema_batch_norm_slices"] == [[4, 8], [4, 8]]
+
+
+def test_another_model_trains_under_mirrored_after_the_first_in_the_same_process(two_tensorflow_devices):
+    """A sweep's trials train one after another in one process. Each took a new MirroredStrategy, which numbered its
+    gradients' all-reduce from the same collective keys as the last: a trial of another model (here other widths,
+    after three trainings) ended at its first step with "Shape mismatch in the collective instance". One strategy per
+    set of devices now serves every training of the process."""
+    assert two_tensorflow_devices["another_model"] == [2, True, True]
 
 
 def test_jaxs_data_parallel_ends_with_its_training():

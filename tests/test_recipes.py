@@ -359,6 +359,28 @@ def test_ema_bn_makes_each_bn_statistic_the_mean_of_its_batch_moments_under_the_
     assert few.rows.shape == (1, 10)
 
 
+def test_ema_bn_under_several_replicas_averages_the_moments_of_each_replicas_slice():
+    """Under a tf.distribute strategy each replica normalises its own slice of a batch in training: the recalibrated
+    statistics are the mean of the slices' moments, over the same images as one replica's whole batches. The whole
+    batch's variance is a larger sample's (and, by the slices' spread of means, larger): it was used before."""
+    inputs = keras.Input((4, 4, 1))
+    norm = keras.layers.BatchNormalization(momentum=0.9, name="bn")
+    m = keras.Model(inputs, norm(inputs))
+    rng = np.random.default_rng(1)  # each image about its own level: a slice of 2 sees less of their spread than 8
+    images = (rng.normal(0.0, 1.0, (40, 4, 4, 1)) + rng.normal(0.0, 2.0, (40, 1, 1, 1))).astype("float32")
+    whole, sliced = (fitting.EMABatchNorm(images, batches=2, batch_size=8, seed=3, replicas=r) for r in (1, 4))
+    assert whole.rows.shape == (2, 8) and sliced.rows.shape == (8, 2)
+    assert set(whole.rows.ravel()) == set(sliced.rows.ravel())  # the same 16 images
+    sliced.set_model(m)
+    sliced.recalibrate()
+    slices = [images[rows] for rows in sliced.rows]
+    np.testing.assert_allclose(norm.moving_mean.numpy(), np.mean([s.mean() for s in slices]), rtol=1e-5)
+    np.testing.assert_allclose(norm.moving_variance.numpy(), np.mean([s.var() for s in slices]), rtol=1e-4)
+    assert norm.moving_variance.numpy() < 0.9 * np.mean([images[r].var() for r in whole.rows])
+    few = fitting.EMABatchNorm(images[:5], batches=2, batch_size=8, replicas=2)  # fewer images than a batch
+    assert few.rows.shape == (2, 2)  # as the replicas share it: 2 and 3 (the fifth image left out)
+
+
 def test_ema_bn_batches_are_random_draws_whatever_the_order_of_the_training_images():
     """Image folders and archives list their training images class by class, and with train.validation_fraction 0
     the training split keeps that order. The recalibration's batches are random draws, as the training batches
