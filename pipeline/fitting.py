@@ -571,9 +571,11 @@ def flipped_in(first: np.ndarray, epoch: int) -> np.ndarray:
 
 
 @functools.cache
-def _device_gather(mirroring: bool):
+def _device_gather(mirroring: bool, batch_shardings: tuple | None = None):
     """One jitted gather of (images, labels) rows for every DeviceBatches, so it compiles once per shape;
-    mirroring: it takes `mirror` too (one bool per row) and flips those images left-right."""
+    mirroring: it takes `mirror` too (one bool per row) and flips those images left-right. `batch_shardings`: the
+    layouts its (images, labels) batches come out in (each device gathering its own slice), else the images'
+    device's."""
     import jax
     import jax.numpy as jnp
 
@@ -583,7 +585,20 @@ def _device_gather(mirroring: bool):
             batch = jnp.where(mirror[:, None, None, None], batch[:, :, ::-1], batch)
         return batch, jnp.take(labels, idx, axis=0)
 
-    return jax.jit(gather)
+    return jax.jit(gather, out_shardings=batch_shardings)
+
+
+def _data_parallel_shardings():
+    """(everywhere, batches): under JAX's data_parallel (Keras's `DataParallel`), an array whole on every device of
+    its mesh, and the layouts Keras cuts batches of images and of one-hot labels into over them (its own, so that it
+    leaves the batches as they are); else (None, None)."""
+    distribution = keras.distribution.distribution()
+    if not isinstance(distribution, keras.distribution.DataParallel):
+        return None, None
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    everywhere = NamedSharding(distribution.device_mesh.backend_mesh, PartitionSpec())
+    return everywhere, tuple(distribution.get_data_layout((None,) * rank).backend_layout for rank in (4, 2))
 
 
 class ArrayBatches(keras.utils.PyDataset):
@@ -636,17 +651,23 @@ class DeviceBatches(ArrayBatches):
     The uint8 images and one-hot labels go to the default device when this is made; each batch is a
     jitted gather there, so per step only the batch's indices leave the host. Keras's own array feed
     instead slices on the host and copies every batch.
+
+    Under data_parallel every device of the mesh holds the images, and each gathers its own slice of every batch:
+    the batch comes out in the layout Keras's `DataParallel` trains on, which it then leaves as it is. Before
+    2026-12-06 the images were on the first device alone, which gathered every whole batch, and each step copied the
+    other devices' slices from it.
     """
 
     def place(self, array: np.ndarray):
         import jax
 
-        return jax.device_put(array)
+        return jax.device_put(array, _data_parallel_shardings()[0])
 
     def take(self, rows: np.ndarray, mirror: np.ndarray | None):
+        gather = _device_gather(mirror is not None, _data_parallel_shardings()[1])
         if mirror is None:
-            return _device_gather(False)(self.images, self.labels, rows)
-        return _device_gather(True)(self.images, self.labels, rows, mirror)
+            return gather(self.images, self.labels, rows)
+        return gather(self.images, self.labels, rows, mirror)
 
 
 class EpochClock(keras.callbacks.Callback):

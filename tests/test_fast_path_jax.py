@@ -69,6 +69,47 @@ def test_device_batches_cover_every_image_once_per_epoch_in_a_new_order():
         alternate.on_epoch_end()
 
 
+DATA_PARALLEL_FEED = """
+import json
+
+import keras
+import numpy as np
+from keras.src.backend.jax.trainer import _distribute_data
+
+from pipeline.fitting import DeviceBatches
+
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices()))
+images = np.arange(8 * 2 * 2 * 3, dtype=np.uint8).reshape(8, 2, 2, 3)
+feed = DeviceBatches(images, np.eye(8, dtype=np.float32), 4, shuffle=True, seed=0, alternate_flip=True)
+x, y = feed[0]
+placed = _distribute_data((x, y))  # what Keras's trainer does with each batch under DataParallel
+rows = np.asarray(y).argmax(axis=1)
+print(json.dumps({
+    "images_on": len(feed.images.sharding.device_set),
+    "slices": [[s.device.id, s.data.shape[0]] for s in x.addressable_shards],
+    "left_as_they_are": placed[0] is x and placed[1] is y,
+    "each_image_its_label": all(set((np.asarray(x)[k].ravel() // 12).tolist()) == {int(rows[k])} for k in range(4)),
+}))
+"""
+
+
+def test_under_data_parallel_each_device_gathers_its_own_slice_of_every_batch():
+    """`train.feed=device` with data_parallel: every device holds the images and gathers its own half of each batch,
+    in the layout Keras's DataParallel trains on, which Keras then leaves as it is. The images were on the first
+    device alone, which gathered every whole batch, and each step copied the other devices' halves from it."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run([sys.executable, "-c", DATA_PARALLEL_FEED], env=env, cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen == {"images_on": 2, "slices": [[0, 2], [1, 2]], "left_as_they_are": True,
+                    "each_image_its_label": True}
+
+
 def test_main_on_the_jax_backend_data_parallel_over_two_devices_with_images_held_there(store):
     """The whole pipeline (`python -m pipeline.main`, as `mlflow run`'s main entry point runs it: test_pipeline_e2e
     runs it through `mlflow run`) on JAX, two host devices, the device feed: one run for all three, since each JAX
