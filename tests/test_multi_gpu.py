@@ -342,6 +342,7 @@ def two_tensorflow_devices() -> dict:
             return sizes
 
         def another_model():  # after the trainings above, in the same process: as a sweep's next trial
+            keras.backend.clear_session()  # as the sweep does after each trial
             cfg = config.load("params/tiny.yaml", ["data.synthetic_train=64", "data.synthetic_test=32",
                                                    "train.epochs=2", "train.distribute=mirrored", "train.verbose=0",
                                                    "model.widths=[8,16,24]"])
