@@ -32,7 +32,8 @@ Writes: one sweep parent run (tag step = 'sweep'; its id is kept in the study's 
         another worker (or the rerun command) marks that trial FAILED, its runs FAILED, and queues it
         again (at most MAX_RETRY times). Optuna is told how a trial ended before its run ends: a run FINISHED is
         a trial COMPLETE in the study (a tell that fails ends the run FAILED, and the trial is queued again
-        once stale; one that raised once the storage had recorded it, read again, ends the run as told). The runs
+        once stale; one that raised once the storage had recorded it, read again, ends the run as told, and where
+        no read answered, the study's end reads it again: `confirm_late_tells`). The runs
         of a trial queued again are tagged `superseded_by_retry`: its retry counts instead.
         Once every trial has ended, one worker (exactly one: it creates the study's lock study
         `<study>.register`) registers the best finished trial (by its final val_acc, the first of equals, on
@@ -899,9 +900,10 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
         except Exception as exc:  # the study holds the trial RUNNING (a worker queues it again, stale), unless the
             failed = storage_failure(exc)  # tell committed before it raised (the connection lost before the answer)
             if not stored_as_told(study, trial, state, value):
-                if status != "FAILED":  # a failed trial's run keeps its own reason
+                if status != "FAILED":  # a failed trial's run keeps its own reason; this one's tell may have landed
                     tag_failed(run_id, unexpected_reason(exc) if failed is None else
                                f"the Optuna storage failed: {failed}")
+                    trials.set_run_tags(run_id, {TELL_UNCONFIRMED: f"{state.name} {status}"})  # `confirm_late_tells`
                 status = "FAILED"
                 raise
             told = state
@@ -919,6 +921,33 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
     finally:
         trials.end_run(status, run_id)
         keras.backend.clear_session()  # the next trial in this process starts from a clean graph
+
+
+# Tag on a trial's run ended FAILED because its tell raised and the storage could not be read back: "STATE STATUS",
+# the trial's state as told and the run's status had the tell been confirmed (`confirm_late_tells`)
+TELL_UNCONFIRMED = "tell_unconfirmed"
+
+
+def confirm_late_tells(study: optuna.Study) -> list[int]:
+    """When the study ends: each trial whose run ended FAILED on a tell it could not confirm (`TELL_UNCONFIRMED`) and
+    that the study holds as that tell said (its commit landed before the connection was lost, and no read answered
+    then), its run ended as told after all (FINISHED, or KILLED for a pruned one), its `failure_reason` gone and a
+    note saying so: else a trial COMPLETE in the study kept a FAILED run, which the sweep could register as its best.
+    Where the study holds it otherwise (RUNNING, failed since, queued again) the run stays FAILED. The trials
+    confirmed, by number."""
+    confirmed = []
+    for trial in study.get_trials(deepcopy=False):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        told = trials.run_tags(run_id).get(TELL_UNCONFIRMED, "").split() if isinstance(run_id, str) else []
+        if len(told) != 2 or trial.state.name != told[0] or trials.run_status(run_id) != "FAILED":
+            continue
+        trials.amend_ended_run(run_id, told[1], drop=(TELL_UNCONFIRMED, "failure_reason"),
+                               note=f"Its tell's answer was lost and the storage could not be read then; when the "
+                                    f"sweep ended the study held the trial {trial.state.name} as told: {told[1]}.")
+        confirmed.append(trial.number)
+        print(f"warning: trial {trial.number}: its run had ended FAILED on a tell it could not confirm; the study holds "
+              f"it {trial.state.name} as told: its run ends {told[1]}", file=sys.stderr, flush=True)
+    return confirmed
 
 
 def stored_as_told(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None) -> bool:
@@ -1116,6 +1145,7 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
     `failure_reason` (`nothing_finished`; the command that opened it, if still on, ends it so itself: `run`)."""
     from pipeline import register
 
+    confirm_late_tells(study)
     results = trial_table(study)
     done = results[(results["state"] == "COMPLETE") & (results["train_status"] == "FINISHED")
                    & (results["superseded_by_retry"] != "true")]  # Optuna holds a superseded try FAIL: never so

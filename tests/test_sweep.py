@@ -795,6 +795,53 @@ def test_a_tell_that_raised_is_read_again_a_few_times_before_its_run_fails(store
         assert run.data.tags["failure_reason"] == "the Optuna storage failed: server closed the connection"
 
 
+@pytest.mark.parametrize("landed", [True, False])
+def test_a_tell_that_landed_unseen_is_confirmed_when_the_sweep_ends(store, tmp_path, monkeypatch, capsys, landed):
+    """A tell that committed and raised, every read back failing too: the run ended FAILED ("the Optuna storage
+    failed") while the study held the trial COMPLETE, and the sweep registered that trial, its run FAILED. When the
+    sweep ends the study is read again: the run ends FINISHED as told, its failure_reason gone. A tell that never
+    landed (the trial still RUNNING in the study) leaves the run FAILED."""
+    plan, study, storage, parent, registered = retried_sweep(tmp_path, monkeypatch, f"sweep-tell-unseen-{landed}")
+    client = MlflowClient()
+    monkeypatch.setattr(sweep, "TELL_BACKOFF_S", 0.01)
+    backend = getattr(study._storage, "_backend", study._storage)  # what `stored_as_told` reads, under the cache
+    tell, get_trial = optuna.Study.tell, backend.get_trial
+
+    def unreadable(trial_id):
+        raise connection_lost()
+
+    def lost(self, *args, **kwargs):
+        if landed:
+            tell(self, *args, **kwargs)
+        monkeypatch.setattr(backend, "get_trial", unreadable)
+        raise connection_lost()
+
+    monkeypatch.setattr(optuna.Study, "tell", lost)
+    monkeypatch.setattr(sweep, "train_and_evaluate", trains([0.9]))
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        sweep.work(plan, study, storage)
+    monkeypatch.setattr(backend, "get_trial", get_trial)  # the storage answers again
+    run_id = study.trials[0].user_attrs["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert client.get_run(run_id).data.tags[sweep.TELL_UNCONFIRMED] == "COMPLETE FINISHED"
+    capsys.readouterr()
+    if not landed:
+        assert sweep.confirm_late_tells(study) == []
+        run = client.get_run(run_id)
+        assert study.trials[0].state.name == "RUNNING"  # queued again once its heartbeat is stale
+        assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("the Optuna storage failed")
+        return
+    sweep.finish(plan, study, storage)  # registers the best: confirms the late tells first
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
+    assert sweep.TELL_UNCONFIRMED not in run.data.tags and "held the trial COMPLETE" in run.data.tags[
+        "mlflow.note.content"]
+    assert "trial 0: its run had ended FAILED on a tell it could not confirm" in capsys.readouterr().err
+    assert sweep.confirm_late_tells(study) == []  # once
+    assert registered == [run.data.tags["model_uri"]]
+    assert client.get_run(parent).data.tags["best_trial"] == "0"
+
+
 def test_a_trial_failed_for_a_late_heartbeat_while_it_ran_is_superseded_by_its_retry(store, tmp_path, monkeypatch,
                                                                                     capsys):
     """A live worker whose heartbeat came late (a busy host) finds its trial failed and queued again by another when it

@@ -73,6 +73,17 @@ def fail_trial_runs(run_id: str, reason: str) -> None:
     client.set_terminated(run_id, "FAILED")
 
 
+def amend_ended_run(run_id: str, status: str, *, drop: tuple[str, ...], note: str) -> None:
+    """End run `run_id` (ended already) `status` instead, without tags `drop`, its note in the MLflow UI `note`."""
+    client = MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    for key in drop:
+        if key in tags:
+            client.delete_tag(run_id, key)
+    client.set_tag(run_id, "mlflow.note.content", note)
+    client.set_terminated(run_id, status)
+
+
 def supersede_trial_runs(run_id: str) -> None:
     """Tag trial run `run_id` and its child runs `superseded_by_retry` = "true": its trial was queued again, and the
     retry's runs count instead (a sweep registers and compares Optuna's COMPLETE trials; `compare` lists no run so
