@@ -45,6 +45,14 @@ CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001
 CIFAR10_ARCHIVE_NAMES = ("cifar-10-python.tar.gz", "cifar-10-batches-py.tar.gz")
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+# md5 of each file of the official archive's cifar-10-batches-py/ (the sums torchvision checks them against): an
+# extracted folder in the Keras cache stands for `data.source: cifar10`, keyed by the archive's published sha256
+CIFAR10_FILES_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
 CIFAR10_TRAIN_IMAGES = 50000  # 5 batches of 10,000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what Pillow decodes here
 IMAGE_FORMATS = "PNG, JPEG, BMP, GIF, WebP or TIFF"  # their formats, as messages (data and the served model) name them
@@ -274,9 +282,9 @@ def arrays_digest(arrays, class_names) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
+def file_sha256(path: str | Path, algorithm: str = "sha256") -> str:
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def source_digest(source: str) -> str:
@@ -437,8 +445,28 @@ def _cifar10_in_cache(cache: Path) -> Path | None:
     for folder in (cache / CIFAR10_DIR, cache / f"{CIFAR10_DIR}_extracted" / CIFAR10_DIR,
                    cache / f"{CIFAR10_DIR}-target" / CIFAR10_DIR):
         if (folder / "batches.meta").is_file():
+            verify_cifar10_folder(folder)
             return folder
     return None
+
+
+def verify_cifar10_folder(folder: Path) -> None:
+    """DataError naming the first file of an extracted official folder that is missing, unreadable or not the official
+    bytes (`CIFAR10_FILES_MD5`). It stands for the official CIFAR-10, whose published checksum keys its prepare runs
+    unread: a truncated extraction or an edited batch was read and prepared as the official data, without a word."""
+    for name, expected in CIFAR10_FILES_MD5.items():
+        path = folder / name
+        if not path.is_file():
+            raise DataError(f"{path}: missing from the extracted CIFAR-10 folder; delete the folder (the official "
+                            f"archive is then fetched again)")
+        try:
+            actual = file_sha256(path, "md5")
+        except OSError as exc:
+            raise _unreadable(exc) from None
+        if actual != expected:
+            raise DataError(f"{path}: md5 {actual} does not match the official {expected}; the extracted folder is "
+                            f"truncated or not the official CIFAR-10: delete it (the archive is then fetched again), "
+                            f"or pass it as -P data={folder} to train on it as it is")
 
 
 def verify_sha256(path: Path, expected: str) -> None:

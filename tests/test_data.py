@@ -100,6 +100,30 @@ def test_cifar10_from_keras_cache_is_verified(tmp_path, monkeypatch):
     assert data.load_source("cifar10").x_train.shape == (30, 32, 32, 3)
 
 
+def test_an_extracted_cifar10_folder_in_the_keras_cache_is_verified_file_by_file(tmp_path, monkeypatch):
+    """`data.source: cifar10` stands for the official archive, its prepare runs keyed by its published checksum: an
+    extracted cifar-10-batches-py/ in the Keras cache (no archive beside it) was read as it was, a truncated or edited
+    batch prepared as the official data. Each file's md5 is checked against the official one; a file that differs or
+    is missing is named, and nothing is prepared."""
+    _, x_train, _ = write_official(tmp_path / "keras" / "datasets")
+    folder = tmp_path / "keras" / "datasets" / "cifar-10-batches-py"
+    (tmp_path / "keras" / "datasets" / "cifar-10-python.tar.gz").unlink()  # the folder alone
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with pytest.raises(data.DataError, match=r"cifar-10-batches-py/data_batch_1: md5 [0-9a-f]{32} does not match the "
+                                             r"official c99cafc152244af753f735de768cd75f; .*-P data="):
+        data.load_source("cifar10")  # these made-up batches are not the official ones
+    made = {name: data.file_sha256(folder / name, "md5") for name in data.CIFAR10_FILES_MD5}
+    monkeypatch.setattr(data, "CIFAR10_FILES_MD5", made)  # as if they were
+    np.testing.assert_array_equal(data.load_source("cifar10").x_train, x_train)
+    batch = folder / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:-10])  # truncated
+    with pytest.raises(data.DataError, match=r"data_batch_3: md5 .* does not match the official"):
+        data.load_source("cifar10")
+    batch.unlink()
+    with pytest.raises(data.DataError, match=r"data_batch_3: missing from the extracted CIFAR-10 folder"):
+        data.load_source("cifar10")
+
+
 def test_an_official_batch_or_archive_that_cannot_be_read_is_named_not_a_traceback(tmp_path, monkeypatch):
     """An extracted batch or a cached archive that cannot be read (another user's, in a shared Keras cache) ended
     prepare in a traceback (PermissionError, IsADirectoryError), where an unreadable image is named in one line."""
