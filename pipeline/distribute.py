@@ -244,10 +244,11 @@ class Cluster:
                 for i, address in enumerate(self.spec.get(name, ()))}
 
 
-def cluster_from_env() -> Cluster | None:
+def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
     """This host's place in the cluster TF_CONFIG describes; None if it is unset or names one task.
 
-    A non-chief task must not be started by `mlflow run`, which would open a run nobody logs to.
+    A non-chief task must not be started by `mlflow run`, which would open a run nobody logs to (`any_task`: whatever
+    this task is, for a command that checks it runs on no cluster).
     """
     raw = os.environ.get(TF_CONFIG, "").strip()
     if not raw:
@@ -290,7 +291,7 @@ def cluster_from_env() -> Cluster | None:
         raise ConfigError(f"{TF_CONFIG}: task {spec['task']!r} is not a chief or worker listed in the cluster")
     if cluster.workers < 2:
         return None
-    if not cluster.chief and os.environ.get("MLFLOW_RUN_ID"):
+    if not cluster.chief and os.environ.get("MLFLOW_RUN_ID") and not any_task:
         raise ConfigError(f"{TF_CONFIG}: this host is {cluster.task}, which logs nothing: start it with "
                           f"`python -m pipeline.train` and the chief's params, not with `mlflow run`")
     return cluster

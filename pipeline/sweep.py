@@ -945,8 +945,8 @@ def confirm_late_tells(study: optuna.Study) -> list[int]:
                                note=f"Its tell's answer was lost and the storage could not be read then; when the "
                                     f"sweep ended the study held the trial {trial.state.name} as told: {told[1]}.")
         confirmed.append(trial.number)
-        print(f"warning: trial {trial.number}: its run had ended FAILED on a tell it could not confirm; the study holds "
-              f"it {trial.state.name} as told: its run ends {told[1]}", file=sys.stderr, flush=True)
+        print(f"warning: trial {trial.number}: its run had ended FAILED on a tell it could not confirm; the study "
+              f"holds it {trial.state.name} as told: its run ends {told[1]}", file=sys.stderr, flush=True)
     return confirmed
 
 
@@ -992,6 +992,20 @@ def superseded(study: optuna.Study, trial: optuna.Trial, run_id: str) -> None:
     if again:
         trials.supersede_trial_runs(run_id)
     print(f"warning: trial {trial.number} {reason}", file=sys.stderr, flush=True)
+
+
+def check_no_cluster() -> None:
+    """ConfigError, before any run opens, where TF_CONFIG names several hosts: a sweep trains each trial on this host
+    (its `workers` are processes here, or sweep commands on other hosts sharing the storage), and the other hosts of
+    a cluster, started with one trial's params, could follow no other. Each trial waited for them
+    ($PIPELINE_HOSTS_TIMEOUT, 10 minutes by default) and failed, one after another."""
+    from pipeline.distribute import TF_CONFIG, cluster_from_env
+
+    cluster = cluster_from_env(any_task=True)
+    if cluster is not None:
+        raise config.ConfigError(f"{TF_CONFIG}: names {cluster.workers} hosts, but a sweep trains each trial on one "
+                                 f"host: unset {TF_CONFIG}; to share a sweep between hosts, start the same sweep "
+                                 f"command on each (docs/sweeps.md#several-processes-and-hosts)")
 
 
 def worker_name() -> str:
@@ -1224,6 +1238,7 @@ def run(args: argparse.Namespace) -> int:
     if workers < 1:
         raise config.ConfigError(f"workers: must be >= 1, got {workers}")
     plan = Plan(args.spec, args.overrides)
+    check_no_cluster()
     check_checkpoint_root()  # each trial's train run locks its folder there
     if plan.held_out_varies and not args.join:  # once, not in every worker process
         hint = ("; set train.validation_seed (in the spec's overrides) to validate every trial on the same images"

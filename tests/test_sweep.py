@@ -4,6 +4,7 @@ and specs refused before any run opens."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import select
@@ -141,6 +142,26 @@ def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_proce
     client = MlflowClient()
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
     assert not (tmp_path / "optuna.db").exists() or "storage" in message
+
+
+@pytest.mark.parametrize("task", ["worker", "chief"])
+def test_a_sweep_on_a_cluster_is_one_line_before_any_run(store, tmp_path, in_process, monkeypatch, task):
+    """With TF_CONFIG naming several hosts, each trial of a sweep waited for the other hosts (10 minutes by default)
+    and failed, one after another: hosts started with one trial's params can follow no other. Refused before any
+    run opens, on any task of the cluster (under `mlflow run`, too: MLFLOW_RUN_ID set)."""
+    hosts = {"chief": ["localhost:23456"], "worker": ["localhost:23457"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": hosts, "task": {"type": task, "index": 0}}))
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)  # as `mlflow run` sets it: a worker is refused all the same
+    spec = write_spec(tmp_path, "sweep-cluster", GRID)
+    done = in_process("sweep", "--spec", spec, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        "error: TF_CONFIG: names 2 hosts, but a sweep trains each trial on one host: unset TF_CONFIG; to share a sweep "
+        "between hosts, start the same sweep command on each (docs/sweeps.md#several-processes-and-hosts)"]
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    assert not (tmp_path / "optuna.db").exists()
 
 
 def test_official_cifar10_out_of_reach_is_one_line_before_any_trial(store, tmp_path, in_process, monkeypatch):
