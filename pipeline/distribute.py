@@ -305,6 +305,29 @@ def _task_index(value) -> int:
     return int(value)
 
 
+def check_mode(mode: str, backend: str, cluster: Cluster | None) -> None:
+    """ConfigError for a `train.distribute` mode that `backend` and the cluster (TF_CONFIG's, or None) cannot train
+    in: what `distribution` refuses, checked without setting anything up (a sweep checks each trial's here)."""
+    if cluster and mode not in ("auto", "multi_worker"):  # else the chief trains alone, the workers are refused
+        raise ConfigError(f"train.distribute: {mode!r} trains on one host, but {TF_CONFIG} names {cluster.workers} "
+                          f"hosts: use auto or multi_worker (every GPU of every host), or unset {TF_CONFIG} to train "
+                          f"on this host alone")
+    if mode == "multi_worker" or (mode == "auto" and cluster):
+        if backend != "tensorflow":  # else each host would train alone, or a worker be told to run what it runs
+            raise ConfigError(f"train.distribute: {mode!r}"
+                              + (f" with {TF_CONFIG} naming {cluster.workers} hosts" if cluster else "")
+                              + f": training over several hosts ('multi_worker') needs the TensorFlow backend, not "
+                              f"{backend}: set KERAS_BACKEND=tensorflow"
+                              + (f", or unset {TF_CONFIG} to train on this host alone" if cluster else ""))
+        if not cluster:
+            raise ConfigError(f"train.distribute: 'multi_worker' needs {TF_CONFIG} naming at least two tasks "
+                              f"(see docs/several-hosts.md)")
+    if mode == "mirrored" and backend != "tensorflow":
+        raise ConfigError(f"train.distribute: 'mirrored' needs the TensorFlow backend, not {backend}")
+    if mode == "data_parallel" and backend != "jax":
+        raise ConfigError(f"train.distribute: 'data_parallel' needs the JAX backend, not {backend}")
+
+
 # One MirroredStrategy per set of devices for the life of the process, whatever trains under it. Each new one numbers
 # its collective ops (the gradients' all-reduce) from the same keys as the last: the second training of another model
 # in one process (a sweep's next trial, a model of other widths) met the first's op under its key and ended at its
@@ -319,20 +342,8 @@ def distribution(mode: str) -> Distribution:
 
     backend = keras.backend.backend()
     cluster = cluster_from_env()
-    if cluster and mode not in ("auto", "multi_worker"):  # else the chief trains alone, the workers are refused
-        raise ConfigError(f"train.distribute: {mode!r} trains on one host, but {TF_CONFIG} names {cluster.workers} "
-                          f"hosts: use auto or multi_worker (every GPU of every host), or unset {TF_CONFIG} to train "
-                          f"on this host alone")
+    check_mode(mode, backend, cluster)
     if mode == "multi_worker" or (mode == "auto" and cluster):  # before anything initialises TensorFlow
-        if backend != "tensorflow":  # else each host would train alone, or a worker be told to run what it runs
-            raise ConfigError(f"train.distribute: {mode!r}"
-                              + (f" with {TF_CONFIG} naming {cluster.workers} hosts" if cluster else "")
-                              + f": training over several hosts ('multi_worker') needs the TensorFlow backend, not "
-                              f"{backend}: set KERAS_BACKEND=tensorflow"
-                              + (f", or unset {TF_CONFIG} to train on this host alone" if cluster else ""))
-        if not cluster:
-            raise ConfigError(f"train.distribute: 'multi_worker' needs {TF_CONFIG} naming at least two tasks "
-                              f"(see docs/several-hosts.md)")
         import tensorflow as tf
 
         wait_for_hosts(cluster)  # TensorFlow's wait below cannot be interrupted: it starts once every host is up
@@ -342,10 +353,6 @@ def distribution(mode: str) -> Distribution:
     gpus = [d for d in devices if d.split(":")[0].lower() in ("gpu", "cuda")]
     if mode == "auto":
         mode = ("mirrored" if backend == "tensorflow" else "data_parallel") if len(gpus) > 1 else "none"
-    if mode == "mirrored" and backend != "tensorflow":
-        raise ConfigError(f"train.distribute: 'mirrored' needs the TensorFlow backend, not {backend}")
-    if mode == "data_parallel" and backend != "jax":
-        raise ConfigError(f"train.distribute: 'data_parallel' needs the JAX backend, not {backend}")
     if mode == "mirrored":
         import tensorflow as tf
 

@@ -370,6 +370,7 @@ class Plan:
                 "overrides or its base, not its search space")
         for i, (values, cfg) in enumerate(zip(checked, self.configs, strict=True)):
             self.check_images(cfg, f"trial {i}" if self.grid else "space", values)
+            check_trains_here(cfg)
         if not self.grid:
             self.check_inside(checked)
         self.held_out_varies = held_out_varies(self.configs)
@@ -992,6 +993,25 @@ def superseded(study: optuna.Study, trial: optuna.Trial, run_id: str) -> None:
     if again:
         trials.supersede_trial_runs(run_id)
     print(f"warning: trial {trial.number} {reason}", file=sys.stderr, flush=True)
+
+
+def check_trains_here(cfg: config.Config) -> None:
+    """ConfigError, before any run opens, for a trial's params its train step would refuse before training (as the
+    train entry point does before its run opens): the backend's (`check_backend`, `train.distribute`'s modes), and
+    multi_worker, which trains over several hosts where a sweep trains each trial on one. Each trial failed on them in
+    turn, and the study was spent. Keras is loaded for it only where such a param is set."""
+    t = cfg.train
+    if t.distribute == "multi_worker":
+        raise config.ConfigError("train.distribute: 'multi_worker' trains over several hosts, but a sweep trains each "
+                                 "trial on one: use auto (every GPU of this host), mirrored, data_parallel or none")
+    if t.distribute in ("mirrored", "data_parallel") or t.feed == "device" or t.precision == "mixed_bfloat16":
+        import keras
+
+        from pipeline.distribute import check_mode
+        from pipeline.fitting import check_backend
+
+        check_backend(cfg)
+        check_mode(t.distribute, keras.backend.backend(), None)
 
 
 def check_no_cluster() -> None:

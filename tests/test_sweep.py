@@ -130,8 +130,16 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
     ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\nsampler: {type: tpe, n_startup_trials: abc}\n", [],
      "error: spec.sampler: TypeError: '<' not supported between instances of 'int' and 'str' "
      "(with the arguments {'n_startup_trials': 'abc'})"),  # Optuna checks it only when the first trial draws
+    # what the train step refuses before training: every trial failed on it in turn, the study spent
+    (GRID, ["--overrides", "train.feed=device"], "error: train.feed: 'device' needs the JAX backend, not tensorflow"),
+    ("grid:\n  train.distribute: [none, data_parallel]\n", [],
+     "error: train.distribute: 'data_parallel' needs the JAX backend, not tensorflow"),
+    (GRID, ["--overrides", "train.distribute=multi_worker"], "error: train.distribute: 'multi_worker' trains over "
+     "several hosts, but a sweep trains each trial on one: use auto (every GPU of this host), mirrored, data_parallel "
+     "or none"),
 ], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers",
-        "override-of-a-swept-key", "selecting-on-the-test-split", "no-data-source", "bad-sampler-argument"])
+        "override-of-a-swept-key", "selecting-on-the-test-split", "no-data-source", "bad-sampler-argument",
+        "wrong-backend-feed", "wrong-backend-mode", "several-hosts-mode"])
 def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_process, body, args, message):
     spec = write_spec(tmp_path, "sweep-bad", body)
     real = "workers:" in message or "psycopg2" in message  # two as real commands, the others in this process
