@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import fractions
 import functools
+import os
 import re
 import shlex
 import types
@@ -91,6 +92,17 @@ def normal_source(source: str) -> str:
         return source
     normal = str(PurePath(source))
     return f"./{normal}" if normal in BUILT_IN_SOURCES else normal
+
+
+def source_identity(source: str) -> str:
+    """What `data.source` names, however it is spelled, for the keys that find a prepare run to reuse and a train run
+    to resume: an existing path as the file or folder it leads to (absolute, links followed: `../shared/x.tar.gz` from
+    the project and its absolute path are one source); else as it is (a built-in source, or a missing path, which
+    prepare refuses). Two spellings were two prepare runs, and a killed run was not resumed by a rerun spelling its
+    data otherwise. The logged param keeps the spelling given (`normal_source`)."""
+    if source in BUILT_IN_SOURCES or not os.path.exists(source):
+        return source
+    return os.path.realpath(source)
 
 
 def _check_seed(key: str, seed: int) -> None:

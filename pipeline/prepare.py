@@ -38,8 +38,10 @@ DATASET_ARTIFACT = steps.DATASET_ARTIFACT
 
 
 def prepare_key(cfg: config.Config) -> str:
-    """Cache key of a prepare run: data params, source digest and code digest."""
-    inputs = {"params": cfg.flat("data"), "source_digest": data.source_digest(cfg.data.source),
+    """Cache key of a prepare run: data params (`data.source` as `config.source_identity`: the same file however
+    spelled), source digest and code digest."""
+    params = {**cfg.flat("data"), "data.source": config.source_identity(cfg.data.source)}
+    inputs = {"params": params, "source_digest": data.source_digest(cfg.data.source),
               "code_digest": code_digest("data", "prepare")}
     return json_digest(inputs)
 

@@ -466,6 +466,30 @@ def test_another_dataset_written_to_a_local_dataset_uri_is_another_job(tmp_path)
         resume.train_key(cfg, str(tmp_path / "gone.npz"))
 
 
+def test_one_data_file_however_spelled_is_one_prepare_and_one_training_job(store, tmp_path, monkeypatch):
+    """`-P data=../shared/x` and its absolute path (or a link to it) named one file but were two `data.source`
+    values: a second prepare, and a killed run not resumed by a rerun spelling its data the other way (another
+    train_key). The keys take the file the path leads to; the logged param keeps the spelling given."""
+    from pipeline import data, prepare
+    from pipeline.tracking import resume
+
+    (tmp_path / "d").mkdir()
+    data.make_synthetic(n_train=64, n_test=32, seed=0).save(tmp_path / "d" / "x.npz")
+    (tmp_path / "link.npz").symlink_to(tmp_path / "d" / "x.npz")
+    monkeypatch.chdir(tmp_path / "d")  # relative spellings from here, as `mlflow run` runs from the project
+    spellings = ["x.npz", str(tmp_path / "d" / "x.npz"), "../d/x.npz", str(tmp_path / "link.npz")]
+    cfgs = [config.load(ROOT / TINY, f"data.source={s} tracking.experiment=e2e") for s in spellings]
+    assert [c.data.source for c in cfgs] == spellings  # as given, in the logged params
+    assert len({prepare.prepare_key(c) for c in cfgs}) == 1
+    first = prepare.ensure_prepared(cfgs[0])
+    assert all(prepare.ensure_prepared(c) == first for c in cfgs[1:])  # prepared once, reused by every spelling
+    assert len({resume.train_key(c, first) for c in cfgs}) == 1  # one job: a rerun spelled otherwise resumes it
+    data.make_synthetic(n_train=64, n_test=32, seed=1).save(tmp_path / "d" / "y.npz")  # another file: another job
+    other = config.load(ROOT / TINY, "data.source=y.npz tracking.experiment=e2e")
+    assert prepare.prepare_key(other) != prepare.prepare_key(cfgs[0])
+    assert resume.train_key(other, first) != resume.train_key(cfgs[0], first)
+
+
 def test_a_model_trained_by_other_code_is_not_gone_on_from(store, monkeypatch):
     """The same params and data, but the code that trains and serves a model changed since the failed pipeline
     trained one (an edit, a pull): the rerun trains anew instead of registering the old code's model."""

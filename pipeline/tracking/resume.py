@@ -420,8 +420,10 @@ NOT_TRAINING = ("train.verbose", "train.checkpoint_every", "evaluate.batch_size"
 
 
 def training_params(cfg: config.Config) -> dict[str, str]:
-    """The params that decide what a train run trains (every one but `NOT_TRAINING`), as MLflow stores them."""
-    return {k: v for k, v in cfg.flat().items() if not k.startswith(NOT_TRAINING)}
+    """The params that decide what a train run trains (every one but `NOT_TRAINING`), as MLflow stores them, but
+    `data.source` as the file it names (`config.source_identity`: a rerun spelling it otherwise resumes the run)."""
+    params = {k: v for k, v in cfg.flat().items() if not k.startswith(NOT_TRAINING)}
+    return {**params, "data.source": config.source_identity(params["data.source"])}
 
 
 def train_key(cfg: config.Config, dataset_uri: str, dataset_sha256: str | None = None) -> str:
