@@ -937,7 +937,7 @@ def confirm_late_tells(study: optuna.Study) -> list[int]:
     Where the study holds it otherwise (RUNNING, failed since, queued again) the run stays FAILED. The trials
     confirmed, by number."""
     confirmed = []
-    for trial in study.get_trials(deepcopy=False):
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):  # as told
         run_id = trial.user_attrs.get("mlflow_run_id")
         told = trials.run_tags(run_id).get(TELL_UNCONFIRMED, "").split() if isinstance(run_id, str) else []
         if len(told) != 2 or trial.state.name != told[0] or trials.run_status(run_id) != "FAILED":
