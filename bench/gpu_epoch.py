@@ -42,6 +42,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from bench.machine import replace_atomically
 from pipeline import config, data, fitting, interrupts
 from pipeline.augment import normalized_zero, tta_views
 from pipeline.config import TTA_MODES
@@ -76,9 +77,7 @@ def tta_scores(model, validation, test, batch_size: int, fill: str = "nearest") 
 
 def write_whole(path: Path, record: dict) -> None:
     """`record` as JSON at `path`, whole or not at all (a time limit's SIGINT may come at any instant)."""
-    part = path.with_name(f".{path.name}.part")
-    part.write_text(json.dumps(record, indent=2))
-    part.replace(path)
+    replace_atomically(path, lambda staged: staged.write_text(json.dumps(record, indent=2)))
 
 
 class Partial(keras.callbacks.Callback):

@@ -45,8 +45,8 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
     `results` holds the last call's gpu.log, a stage it names that wrote no file in that call (skipped, or ended
     before its first epoch did) has a row saying `not run` and why, and a stopped one's status is the log's."""
     records = []
-    order = {name: i for i, name in enumerate(("gpu-fast.json", "gpu-fast-warm.json", "gpu-improved.json",
-                                                "gpu-seed.json"))}  # gpu.sh's headline stages, then the rest
+    order = {name: i for i, name in enumerate(("gpu-fast.json", "gpu-fast-warm.json", "gpu-reference-airbench94.json",
+                                                "gpu-improved.json", "gpu-seed.json"))}  # gpu.sh's headline stages
     called, stages = stage_log(results)
     files = {path.name: path for path in results.glob("gpu-*.json")}
     unrun = {f"gpu-{name}.json": stage for name, stage in stages.items() if not stage["wrote"]}
@@ -67,7 +67,7 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
             "overrides": run.get("overrides", "").strip(),
             "model": run.get("model", ""),
             "data": data_cell(run),
-            "epochs": len(seconds),
+            "epochs": run.get("epochs", len(seconds)),  # the reference's 9.9 (bench.airbench_reference)
             "first epoch s": seconds[0] if seconds else None,
             # programs an earlier stage compiled, loaded from JAX's compilation cache: a first epoch short by that
             "programs loaded": programs_loaded(run),
@@ -159,6 +159,10 @@ def status(run: dict, stage: dict | None = None) -> str:
         if stage.get("exit") in LIMIT_EXITS or not resumes:
             return f"stopped at its time limit{resumes}"
         return f"stopped short of its end{resumes}"
+    if run.get("reference"):  # bench.airbench_reference: another recipe, several runs
+        timed = sum(1 for r in run.get("runs", []) if r.get("timed"))
+        return (f"reference, {len(run.get('runs', []))} runs (medians; fit s over the {timed} timed): "
+                f"{run['reference']}")
     if "test_acc" in run:
         return f"full schedule over {len(run['parts'])} calls" if run.get("parts") else "full schedule"
     return "timed"

@@ -397,7 +397,9 @@ FAKE_PYTHON = """#!/bin/bash
 # bench/gpu.sh's python: `-c` checks pass; a stage records its name, then leaves improved.yaml's run unfinished
 # (its checkpoint folder) where FAKE_UNFINISHED is set, else whole; a stage given a JAX compilation cache in its
 # environment (improved) writes an entry of FAKE_CACHE_KIB KiB there
+[[ $1 == -c && $2 == *torch* && -n ${FAKE_NO_TORCH:-} ]] && exit 1  # the image without PyTorch, say
 [[ $1 == -c ]] && exit 0
+[[ $1 == -V ]] && echo "Python 3.12.3" && exit 0
 while (( $# )); do case $1 in --out) out=$2; shift;; --checkpoint) ckpt=$2; shift;; esac; shift; done
 name=${out##*/gpu-}; echo "${name%.json}" >> "$FAKE_LOG"
 if [[ -n ${JAX_COMPILATION_CACHE_DIR:-} ]]; then
@@ -428,7 +430,8 @@ def test_gpu_sh_times_improved_within_its_limit_goes_on_from_its_checkpoint_and_
     fake, checkout, log = tmp_path / "python", tmp_path / "checkout", tmp_path / "stages.log"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
-    checkout.mkdir()
+    (checkout / ".whl").mkdir(parents=True)
+    (checkout / ".whl" / "airbench-0.1.8.tar.gz").write_bytes(b"")  # the reference stage's package: it runs
 
     def call(out, **env):
         log.write_text("")
@@ -443,7 +446,7 @@ def test_gpu_sh_times_improved_within_its_limit_goes_on_from_its_checkpoint_and_
     def improved_limit(out):
         return int(re.search(r"^== improved \(limit (\d+)s\)", logs[out], re.M)[1])
 
-    first = ["fast", "fast-warm", "explore-ceiling", "seed"]
+    first = ["fast", "fast-warm", "reference-airbench94", "explore-ceiling", "seed"]
     explore = ["explore-wide", "explore-24-ghost", "explore-seed1", "explore-ema", "explore-32", "explore-drop",
                "explore-24-altflip"]
     logs = {}
@@ -456,6 +459,9 @@ def test_gpu_sh_times_improved_within_its_limit_goes_on_from_its_checkpoint_and_
     assert call("named", FAKE_UNFINISHED="1", GPU_SH_STAGES="improved", GPU_SH_BUDGET="400")[0] == ["improved"]
     assert improved_limit("named") > 370  # the rest of the call: 400 less 20 for packing
     assert call("other", FAKE_UNFINISHED="1", GPU_SH_STAGES="explore-drop")[0] == ["explore-drop"]
+    assert call("no-torch", FAKE_NO_TORCH="1", GPU_SH_STAGES="reference-airbench94")[0] == []
+    assert "== reference-airbench94 skipped: Python 3.12.3 has no PyTorch and torchvision with a CUDA GPU" \
+        in logs["no-torch"]
     # a checkpoint of other settings: that stage fails, the rest of the call is not lost with it
     assert call("refused", FAKE_REFUSED="1")[0] == [*first, "improved", *explore]
 
@@ -614,14 +620,15 @@ def test_gpu_sh_refuses_a_misspelt_stage_name_before_anything_runs(tmp_path):
                           timeout=60, env={"PATH": os.environ["PATH"], "PYTHON": str(fake), "FAKE_LOG": str(log),
                                            "OUT": str(tmp_path / "out"), "GPU_SH_STAGES": "explore-drop explore-wdie"})
     assert proc.returncode == 2
-    assert "GPU_SH_STAGES: no stage 'explore-wdie' (stages: fast fast-warm explore-ceiling seed" in proc.stderr
+    assert "GPU_SH_STAGES: no stage 'explore-wdie' (stages: fast fast-warm reference-airbench94 explore-ceiling seed" \
+        in proc.stderr
     assert not log.exists() and not (tmp_path / "out").exists()
     import re
 
     script = (ROOT / "bench" / "gpu.sh").read_text()  # the names it knows are those of its stages
     known = re.search(r'^STAGES="([^"]*)"', script, re.M)[1].split()
-    staged = re.findall(r'^\s*(?:\w+="[^"]*" )?stage ([\w-]+) ', script, re.M)  # some with an environment
-    assert sorted(known) == sorted(staged) and len(known) == 12
+    staged = re.findall(r'^\s*(?:\w+=\S* )*stage ([\w-]+) ', script, re.M)  # some with an environment
+    assert sorted(known) == sorted(staged) and len(known) == 13
 
 
 def wheel(folder, name: str, version: str, tag: str, source: str) -> None:
@@ -771,6 +778,8 @@ def test_gpu_report_says_which_stages_of_the_call_did_not_run_and_how_each_stopp
     assert table.pop(("gpu-seed.json", today)) == "not run: stopped at its 1 s limit before its first epoch ended " \
                                                   "(it includes XLA's compiles)"
     assert table.pop(("gpu-explore-wide.json", today)).startswith("not run: skipped, ")
+    assert table.pop(("gpu-reference-airbench94.json", today)) == ("not run: skipped, no .whl/airbench-*.tar.gz "
+                                                                  "(pip download --no-deps airbench==0.1.8 -d .whl)")
     assert all(status.startswith("not run: skipped, ") and status.endswith("s of 200s used, it may take 250s")
                for status in table.values()) and len(table) == 6
     assert "not run: skipped" in gpu_report.report(results, "1999-01-01")
@@ -807,3 +816,130 @@ def test_gpu_report_takes_the_loose_files_of_a_call_ended_before_it_packed_them(
                                           "it carried"}
     # no .gpu-state came back: the checkout's, carried, stays for the next call
     assert (checkout / ".gpu-state" / "improved" / "training_metadata.json").read_text() == '{"epoch": 40}'
+
+
+# bench.airbench_reference's view of PyTorch and of airbench where neither is installed (CI): torch saves by pickle;
+# airbench's loader reads ./cifar10/*.pt as the real one does, and each run's "model" scores by its number and
+# tta_level, so that the report's medians can be checked
+FAKE_TORCH = '''import pickle
+__version__ = "0.0+fake"
+def from_numpy(array):
+    return array
+def save(obj, path):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+class cuda:
+    synchronize = staticmethod(lambda: None)
+    get_device_name = staticmethod(lambda index: "Fake GPU")
+'''
+FAKE_AIRBENCH = '''import os, pickle
+RUNS = []
+class CifarLoader:
+    def __init__(self, path, train=True, batch_size=500, aug=None, altflip=False):
+        with open(os.path.join(path, "train.pt" if train else "test.pt"), "rb") as f:
+            saved = pickle.load(f)
+        self.images, self.labels, self.classes = saved["images"], saved["labels"], saved["classes"]
+        self.batch_size, self.aug, self.altflip = batch_size, aug, altflip
+def train94(loader, verbose=True):
+    assert not verbose and loader.batch_size == 1024 and loader.altflip and loader.aug == {"flip": True, "translate": 2}
+    assert os.path.exists("cifar10/test.pt")  # where its own test loader reads it
+    RUNS.append(loader.images.shape)
+    return len(RUNS)
+def evaluate(model, loader, tta_level=0):
+    assert loader.images.shape[1:] == (32, 32, 3) and str(loader.labels.dtype) == "int64"
+    return [0.9, 0.5, 0.7, 0.6][model - 1] + 0.01 * tta_level
+'''
+FAKE_HYP = 'hyp = {"opt": {"train_epochs": 9.9, "batch_size": 1024}, "aug": {"flip": True, "translate": 2}}\n'
+
+
+def airbench_sdist(path, files: dict[str, str]) -> None:
+    """A source archive as PyPI's airbench-0.1.8.tar.gz lays it out, holding `files` under airbench-0.1.8/."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in {"setup.py": "", **files}.items():
+            info = tarfile.TarInfo(f"airbench-0.1.8/{name}")
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+
+
+def test_the_airbench_reference_trains_on_the_given_data_in_a_folder_of_its_own(tmp_path):
+    """airbench reads ./cifar10/{train,test}.pt: the reference writes them from the data into a folder of the call's
+    own, where it runs airbench (one untimed run, then --runs timed), and comes back to leave nothing behind but its
+    JSON: the medians of every run's scores with each TTA, the seconds of the timed ones alone."""
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    airbench_sdist(tmp_path / "airbench-0.1.8.tar.gz", {"airbench/__init__.py": FAKE_AIRBENCH,
+                                                         "airbench/lib_airbench94.py": FAKE_HYP})
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "cwd").mkdir()
+    env = {**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{ROOT}", "TMPDIR": str(tmp_path / "tmp")}
+    sdist = tmp_path / "airbench-0.1.8.tar.gz"
+    proc = subprocess.run([sys.executable, "-m", "bench.airbench_reference", "--images", "64", "--runs", "3",
+                           "--out", "out/gpu-reference-airbench94.json", "--package", str(sdist)],
+                          cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "cwd" / "out" / "gpu-reference-airbench94.json").read_text())  # --out as given
+    assert [run["timed"] for run in result["runs"]] == [False, True, True, True]
+    assert [run["test_acc"]["mirror_translate"] for run in result["runs"]] == [0.92, 0.52, 0.72, 0.62]
+    assert result["test_acc"] == 0.67 and result["tta"] == "mirror_translate"  # the median of all four
+    assert result["tta_scores"] == {"none": {"test_acc": 0.65}, "mirror": {"test_acc": 0.66},
+                                    "mirror_translate": {"test_acc": 0.67}}
+    assert (result["test_acc_min"], result["test_acc_max"]) == (0.52, 0.92)
+    assert result["fit_seconds"] == sorted(run["seconds"] for run in result["runs"][1:])[1]
+    assert result["device_kind"] == "Fake GPU" and result["epochs"] == 9.9 and result["test_images"] == 12
+    assert result["reference"].startswith("airbench94 (airbench-0.1.8, unchanged): 94.01%")
+    assert sorted(p.name for p in (tmp_path / "cwd").iterdir()) == ["out"]  # no cifar10/ here
+    assert not list((tmp_path / "tmp").iterdir())  # its folder removed
+
+    from bench import gpu_report
+
+    row = gpu_report.rows(tmp_path / "cwd" / "out").iloc[0]
+    assert (row["epochs"], row["test_acc"], row["fit s"]) == (9.9, 0.67, result["fit_seconds"])
+    assert row["status"].startswith("reference, 4 runs (medians; fit s over the 3 timed): airbench94")
+    assert row["val/test acc by TTA"] == "none -/.6500, mirror -/.6600, mirror_translate -/.6700"
+
+
+def test_the_airbench_reference_writes_airbenchs_files_with_the_training_images_shuffled_once():
+    """airbench fits its whitening layer on the first 5,000 training images; an image folder lists them class by
+    class (all airplanes): the training split goes in one fixed random order, each image with its label."""
+    from bench.airbench_reference import airbench_files
+    from pipeline import data
+
+    d = data.make_synthetic(n_train=200, n_test=40, seed=3)
+    order = np.argsort(d.y_train, kind="stable")  # class by class, as an image folder reads
+    d = data.Dataset(d.x_train[order], d.y_train[order], d.x_test, d.y_test, d.class_names)
+    files = airbench_files(d, seed=0)
+    train, test = files["train"], files["test"]
+    assert train["labels"].dtype == np.int64 and train["images"].dtype == np.uint8
+    assert not np.array_equal(train["labels"], d.y_train)  # no longer class by class
+    pairs = {(img.tobytes(), int(label)) for img, label in zip(train["images"], train["labels"], strict=True)}
+    assert pairs == {(img.tobytes(), int(label)) for img, label in zip(d.x_train, d.y_train, strict=True)}
+    assert np.array_equal(test["images"], d.x_test) and np.array_equal(test["labels"], d.y_test)
+    assert train["classes"] == list(d.class_names)
+    assert np.array_equal(airbench_files(d, seed=0)["train"]["labels"], train["labels"])  # one fixed order
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--runs", "0"], "--runs: must be >= 1, got 0"),
+    (["--package", "missing.tar.gz"], "--package: missing.tar.gz: no such file (pip download --no-deps "
+                                      "airbench==0.1.8 -d .whl)"),
+    (["--data", "nowhere"], "data.source: 'nowhere' is neither"),
+    (["--package", "{sdist_empty}"], "holds no airbench/*.py (an airbench sdist from PyPI?)"),
+    (["--package", "{not_tar}"], "not a readable .tar.gz"),
+], ids=["runs", "no-package", "no-data", "not-airbench", "not-tar"])
+def test_the_airbench_reference_refuses_bad_arguments_in_one_line_before_any_training(tmp_path, args, message):
+    sdist = tmp_path / "airbench-0.1.8.tar.gz"
+    airbench_sdist(sdist, {"airbench/__init__.py": FAKE_AIRBENCH})
+    airbench_sdist(tmp_path / "empty.tar.gz", {"README.md": "no package"})
+    (tmp_path / "not.tar.gz").write_text("plain text")
+    args = [a.format(sdist_empty=tmp_path / "empty.tar.gz", not_tar=tmp_path / "not.tar.gz") for a in args]
+    argv = ["--out", str(tmp_path / "out.json"), "--package", str(sdist), "--images", "64", *args]
+    fake = tmp_path / "fake"  # no PyTorch to reach: each refusal comes before it
+    proc = subprocess.run([sys.executable, "-m", "bench.airbench_reference", *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{ROOT}"})
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not (tmp_path / "out.json").exists()
