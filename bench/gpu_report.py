@@ -159,7 +159,9 @@ def status(run: dict, stage: dict | None = None) -> str:
         if stage.get("exit") in LIMIT_EXITS or not resumes:
             return f"stopped at its time limit{resumes}"
         return f"stopped short of its end{resumes}"
-    if run.get("reference"):  # bench.airbench_reference: another recipe, several runs
+    if run.get("reference"):  # bench.airbench_reference: another recipe, one run or several
+        if run.get("cold"):
+            return f"reference, 1 run (its fit s cold: cuDNN's autotuning included): {run['reference']}"
         timed = sum(1 for r in run.get("runs", []) if r.get("timed"))
         return (f"reference, {len(run.get('runs', []))} runs (medians; fit s over the {timed} timed): "
                 f"{run['reference']}")

@@ -446,16 +446,16 @@ def test_gpu_sh_times_improved_within_its_limit_goes_on_from_its_checkpoint_and_
     def improved_limit(out):
         return int(re.search(r"^== improved \(limit (\d+)s\)", logs[out], re.M)[1])
 
-    first = ["fast", "fast-warm", "reference-airbench94", "explore-ceiling", "seed"]
-    explore = ["explore-wide", "explore-24-ghost", "explore-seed1", "explore-ema", "explore-32", "explore-drop",
-               "explore-24-altflip"]
+    first = ["fast", "fast-warm", "reference-airbench94", "reference-airbench96", "seed"]
+    last = ["explore-ceiling", "explore-wide", "explore-24-ghost", "explore-seed1", "explore-ema", "explore-32",
+            "explore-drop", "explore-24-altflip"]
     logs = {}
     ran, packed = call("first", FAKE_UNFINISHED="1")
-    assert ran == [*first, "improved", *explore] and improved_limit("first") == 200
+    assert ran == [*first, "improved", *last] and improved_limit("first") == 200
     assert "== improved stopped within its 200s: seconds per epoch and the projected 150 epochs" in logs["first"]
     assert ".gpu-state/improved/progress.json" in packed  # its training goes back, for a later call
     ran, packed = call("second", FAKE_UNFINISHED="1", IMPROVED_LIMIT="170")  # carried: goes on in its place
-    assert ran == [*first, "improved", *explore] and improved_limit("second") == 170
+    assert ran == [*first, "improved", *last] and improved_limit("second") == 170
     assert call("named", FAKE_UNFINISHED="1", GPU_SH_STAGES="improved", GPU_SH_BUDGET="400")[0] == ["improved"]
     assert improved_limit("named") > 370  # the rest of the call: 400 less 20 for packing
     assert call("other", FAKE_UNFINISHED="1", GPU_SH_STAGES="explore-drop")[0] == ["explore-drop"]
@@ -463,7 +463,7 @@ def test_gpu_sh_times_improved_within_its_limit_goes_on_from_its_checkpoint_and_
     assert "== reference-airbench94 skipped: Python 3.12.3 has no PyTorch and torchvision with a CUDA GPU" \
         in logs["no-torch"]
     # a checkpoint of other settings: that stage fails, the rest of the call is not lost with it
-    assert call("refused", FAKE_REFUSED="1")[0] == [*first, "improved", *explore]
+    assert call("refused", FAKE_REFUSED="1")[0] == [*first, "improved", *last]
 
     shutil.rmtree(checkout / ".gpu-state")
     (tmp_path / "others").mkdir()
@@ -471,13 +471,13 @@ def test_gpu_sh_times_improved_within_its_limit_goes_on_from_its_checkpoint_and_
     assert call("others", GPU_SH_STAGES="fast")[0] == ["fast"]
     assert not (checkout / ".gpu-state" / "improved.json").exists()  # not run here: not taken for whole
     ran, packed = call("whole")
-    assert ran == [*first, "improved", *explore] and ".gpu-state/improved.json" in packed
+    assert ran == [*first, "improved", *last] and ".gpu-state/improved.json" in packed
     local = tmp_path / "local"
     (local / ".gpu-state" / "improved").mkdir(parents=True)  # the unfinished run it carried
     gpu_report.unpack(tmp_path / "whole" / "gpu-results.tar.gz", tmp_path / "results", local)
     assert [p.name for p in (local / ".gpu-state").iterdir()] == ["improved.json"]  # carried by the next call
     shutil.copytree(local / ".gpu-state", checkout / ".gpu-state", dirs_exist_ok=True)
-    assert call("after")[0] == [*first, *explore] and "== improved skipped: whole in an earlier call" in logs["after"]
+    assert call("after")[0] == [*first, *last] and "== improved skipped: whole in an earlier call" in logs["after"]
 
 
 def test_gpu_sh_carries_improveds_compiled_programs_with_its_unfinished_training_while_they_fit(tmp_path):
@@ -620,15 +620,15 @@ def test_gpu_sh_refuses_a_misspelt_stage_name_before_anything_runs(tmp_path):
                           timeout=60, env={"PATH": os.environ["PATH"], "PYTHON": str(fake), "FAKE_LOG": str(log),
                                            "OUT": str(tmp_path / "out"), "GPU_SH_STAGES": "explore-drop explore-wdie"})
     assert proc.returncode == 2
-    assert "GPU_SH_STAGES: no stage 'explore-wdie' (stages: fast fast-warm reference-airbench94 explore-ceiling seed" \
-        in proc.stderr
+    assert "GPU_SH_STAGES: no stage 'explore-wdie' (stages: fast fast-warm reference-airbench94 reference-airbench96 " \
+        "seed improved explore-ceiling" in proc.stderr
     assert not log.exists() and not (tmp_path / "out").exists()
     import re
 
     script = (ROOT / "bench" / "gpu.sh").read_text()  # the names it knows are those of its stages
     known = re.search(r'^STAGES="([^"]*)"', script, re.M)[1].split()
     staged = re.findall(r'^\s*(?:\w+=\S* )*stage ([\w-]+) ', script, re.M)  # some with an environment
-    assert sorted(known) == sorted(staged) and len(known) == 13
+    assert sorted(known) == sorted(staged) and len(known) == 14
 
 
 def wheel(folder, name: str, version: str, tag: str, source: str) -> None:
@@ -778,8 +778,9 @@ def test_gpu_report_says_which_stages_of_the_call_did_not_run_and_how_each_stopp
     assert table.pop(("gpu-seed.json", today)) == "not run: stopped at its 1 s limit before its first epoch ended " \
                                                   "(it includes XLA's compiles)"
     assert table.pop(("gpu-explore-wide.json", today)).startswith("not run: skipped, ")
-    assert table.pop(("gpu-reference-airbench94.json", today)) == ("not run: skipped, no .whl/airbench-*.tar.gz "
-                                                                  "(pip download --no-deps airbench==0.1.8 -d .whl)")
+    for recipe in (94, 96):
+        assert table.pop((f"gpu-reference-airbench{recipe}.json", today)) == (
+            "not run: skipped, no .whl/airbench-*.tar.gz (pip download --no-deps airbench==0.1.8 -d .whl)")
     assert all(status.startswith("not run: skipped, ") and status.endswith("s of 200s used, it may take 250s")
                for status in table.values()) and len(table) == 6
     assert "not run: skipped" in gpu_report.report(results, "1999-01-01")
@@ -849,7 +850,9 @@ def evaluate(model, loader, tta_level=0):
     assert loader.images.shape[1:] == (32, 32, 3) and str(loader.labels.dtype) == "int64"
     return [0.9, 0.5, 0.7, 0.6][model - 1] + 0.01 * tta_level
 '''
-FAKE_HYP = 'hyp = {"opt": {"train_epochs": 9.9, "batch_size": 1024}, "aug": {"flip": True, "translate": 2}}\n'
+FAKE_RECIPE = ('from airbench import train94 as train{n}\n'
+               'hyp = {{"opt": {{"train_epochs": {epochs}, "batch_size": 1024}},\n'
+               '       "aug": {{"flip": True, "translate": 2}}}}\n')
 
 
 def airbench_sdist(path, files: dict[str, str]) -> None:
@@ -871,8 +874,9 @@ def test_the_airbench_reference_trains_on_the_given_data_in_a_folder_of_its_own(
     fake = tmp_path / "fake"
     (fake / "torch").mkdir(parents=True)
     (fake / "torch" / "__init__.py").write_text(FAKE_TORCH)
-    airbench_sdist(tmp_path / "airbench-0.1.8.tar.gz", {"airbench/__init__.py": FAKE_AIRBENCH,
-                                                         "airbench/lib_airbench94.py": FAKE_HYP})
+    airbench_sdist(tmp_path / "airbench-0.1.8.tar.gz", {
+        "airbench/__init__.py": FAKE_AIRBENCH, "airbench/lib_airbench94.py": FAKE_RECIPE.format(n=94, epochs=9.9),
+        "airbench/lib_airbench96.py": FAKE_RECIPE.format(n=96, epochs=40.0)})
     (tmp_path / "tmp").mkdir()
     (tmp_path / "cwd").mkdir()
     env = {**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{ROOT}", "TMPDIR": str(tmp_path / "tmp")}
@@ -890,7 +894,8 @@ def test_the_airbench_reference_trains_on_the_given_data_in_a_folder_of_its_own(
     assert (result["test_acc_min"], result["test_acc_max"]) == (0.52, 0.92)
     assert result["fit_seconds"] == sorted(run["seconds"] for run in result["runs"][1:])[1]
     assert result["device_kind"] == "Fake GPU" and result["epochs"] == 9.9 and result["test_images"] == 12
-    assert result["reference"].startswith("airbench94 (airbench-0.1.8, unchanged): 94.01%")
+    assert result["reference"].startswith("airbench94 (airbench-0.1.8, unchanged): 94.01% (mean of 1,000 runs)")
+    assert not result["cold"]
     assert sorted(p.name for p in (tmp_path / "cwd").iterdir()) == ["out"]  # no cifar10/ here
     assert not list((tmp_path / "tmp").iterdir())  # its folder removed
 
@@ -900,6 +905,18 @@ def test_the_airbench_reference_trains_on_the_given_data_in_a_folder_of_its_own(
     assert (row["epochs"], row["test_acc"], row["fit s"]) == (9.9, 0.67, result["fit_seconds"])
     assert row["status"].startswith("reference, 4 runs (medians; fit s over the 3 timed): airbench94")
     assert row["val/test acc by TTA"] == "none -/.6500, mirror -/.6600, mirror_translate -/.6700"
+
+    # the larger recipe, its one run cold: its seconds are the run's, cuDNN's autotuning in them, and it says so
+    proc = subprocess.run([sys.executable, "-m", "bench.airbench_reference", "--images", "64", "--runs", "0",
+                           "--recipe", "96", "--out", "cold/gpu-reference-airbench96.json", "--package", str(sdist)],
+                          cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cold = json.loads((tmp_path / "cwd" / "cold" / "gpu-reference-airbench96.json").read_text())
+    assert cold["cold"] and len(cold["runs"]) == 1 and cold["fit_seconds"] == cold["runs"][0]["seconds"]
+    assert cold["test_acc"] == 0.92 and cold["epochs"] == 40.0 and cold["model"] == "airbench96"
+    assert gpu_report.rows(tmp_path / "cwd" / "cold").iloc[0]["status"].startswith(
+        "reference, 1 run (its fit s cold: cuDNN's autotuning included): airbench96 (airbench-0.1.8, unchanged): "
+        "96.05% (mean of 200 runs)")
 
 
 def test_the_airbench_reference_writes_airbenchs_files_with_the_training_images_shuffled_once():
@@ -923,13 +940,14 @@ def test_the_airbench_reference_writes_airbenchs_files_with_the_training_images_
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--runs", "0"], "--runs: must be >= 1, got 0"),
+    (["--runs", "-1"], "--runs: must be >= 0, got -1"),
+    (["--recipe", "97"], "argument --recipe: invalid choice: 97 (choose from 94, 95, 96)"),
     (["--package", "missing.tar.gz"], "--package: missing.tar.gz: no such file (pip download --no-deps "
                                       "airbench==0.1.8 -d .whl)"),
     (["--data", "nowhere"], "data.source: 'nowhere' is neither"),
     (["--package", "{sdist_empty}"], "holds no airbench/*.py (an airbench sdist from PyPI?)"),
     (["--package", "{not_tar}"], "not a readable .tar.gz"),
-], ids=["runs", "no-package", "no-data", "not-airbench", "not-tar"])
+], ids=["runs", "recipe", "no-package", "no-data", "not-airbench", "not-tar"])
 def test_the_airbench_reference_refuses_bad_arguments_in_one_line_before_any_training(tmp_path, args, message):
     sdist = tmp_path / "airbench-0.1.8.tar.gz"
     airbench_sdist(sdist, {"airbench/__init__.py": FAKE_AIRBENCH})
