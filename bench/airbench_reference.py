@@ -15,7 +15,9 @@ One untimed run first (cuDNN's autotuning, PyTorch's first kernel loads), then `
 epoch's image preparation included, as airbench counts them but the first two; its per-epoch scoring off, as airbench
 leaves it out of its time); with `--runs 0` the first alone, its seconds `cold`. Every run, the first too, is scored
 on every test image with airbench's three test-time augmentations (none, mirror, mirror and 1-pixel translations: its
-own figure is the last's). Writes JSON that bench.gpu_report shows beside the stages of fast.yaml.
+own figure is the last's). Writes JSON that bench.gpu_report shows beside the stages of fast.yaml, after every run
+(`partial` until the last: a stage stopped by its time limit keeps the runs it finished), with a line `Run N/M` in the
+console for gpu.log.
 
 Usage: python -m bench.airbench_reference --out FILE --package .whl/airbench-0.1.8.tar.gz
        [--recipe 94 | 95 | 96] [--data PATH | --images 512] [--runs 3] [--seed 0]
@@ -128,16 +130,15 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     work, cwd = Path(tempfile.mkdtemp(prefix="airbench-")), os.getcwd()
     try:
-        result = measure(dataset, args, work)
+        print(json.dumps(measure(dataset, args, work, out), indent=2))
     finally:
         os.chdir(cwd)
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result, indent=2))
-    replace_atomically(out, lambda staged: staged.write_text(json.dumps(result, indent=2)))
 
 
-def measure(dataset: data.Dataset, args: argparse.Namespace, work: Path) -> dict:
-    """The recipe's untimed first run and its timed ones, in `work` (its package and its cifar10/ go there)."""
+def measure(dataset: data.Dataset, args: argparse.Namespace, work: Path, out: Path) -> dict:
+    """The recipe's untimed first run and its timed ones, in `work` (its package and its cifar10/ go there), their
+    record written to `out` after each (`partial` until the last)."""
     import torch
 
     sys.path.insert(0, str(unpack_package(Path(args.package), work / "package")))
@@ -164,14 +165,7 @@ def measure(dataset: data.Dataset, args: argparse.Namespace, work: Path) -> dict
         torch.cuda.synchronize()
         return model, time.perf_counter() - start
 
-    runs = []
-    for run in range(args.runs + 1):  # the first untimed: cuDNN's autotuning and the first kernel loads
-        model, seconds = trained()
-        runs.append({"timed": run > 0, "seconds": round(seconds, 2),
-                     "test_acc": {tta: round(airbench.evaluate(model, test, tta_level=level), 4)
-                                  for level, tta in enumerate(TTA_LEVELS)}})
-        print(json.dumps(runs[-1]), flush=True)
-    return {
+    described = {
         "date": datetime.date.today().isoformat(), "device_kind": torch.cuda.get_device_name(0),
         "backend": f"torch {torch.__version__}", "host": platform.node(),
         "reference": f"airbench{args.recipe} ({Path(args.package).name.removesuffix('.tar.gz')}, unchanged): "
@@ -179,9 +173,19 @@ def measure(dataset: data.Dataset, args: argparse.Namespace, work: Path) -> dict
         "params": f"airbench{args.recipe} (reference)", "overrides": "", "model": f"airbench{args.recipe}",
         "data": args.data or f"synthetic ({args.images} training images)", "test_images": len(dataset.y_test),
         "train_images": len(dataset.y_train), "epochs": hyp["opt"]["train_epochs"],
-        "batch_size": hyp["opt"]["batch_size"], "runs": runs,
-        **summary(runs),
+        "batch_size": hyp["opt"]["batch_size"], "runs_planned": args.runs + 1,
     }
+    runs, record = [], {}
+    for run in range(args.runs + 1):  # the first untimed: cuDNN's autotuning and the first kernel loads
+        model, seconds = trained()
+        runs.append({"timed": run > 0, "seconds": round(seconds, 2),
+                     "test_acc": {tta: round(airbench.evaluate(model, test, tta_level=level), 4)
+                                  for level, tta in enumerate(TTA_LEVELS)}})
+        print(f"Run {run + 1}/{args.runs + 1}: {json.dumps(runs[-1])}", flush=True)  # gpu.log: the stage wrote
+        # every run's file as it goes: a stage stopped at its time limit keeps the runs it finished
+        record = {**described, "runs": runs, **summary(runs), **({"partial": True} if run < args.runs else {})}
+        replace_atomically(out, lambda staged: staged.write_text(json.dumps(record, indent=2)))  # noqa: B023
+    return record
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def stage_log(results: Path) -> tuple[str | None, dict[str, dict]]:
                               f"XLA's compiles)" if rc in LIMIT_EXITS else f"failed, exit {rc}: {current['last']}")
             current = None
         elif current is not None and line.strip():
-            if re.match(r"Epoch \d+/\d+", line):
+            if re.match(r"(Epoch|Run) \d+/\d+", line):  # an epoch (bench.airbench_reference: a run) ended
                 current["epochs"] += 1
             else:
                 current["last"] = line.strip()
@@ -148,6 +148,15 @@ def status(run: dict, stage: dict | None = None) -> str:
     """A stage stopped short (going on from its checkpoint in the next call, where it has one), a whole schedule
     (over how many calls), or a few timed epochs. `stage`: what the call's gpu.log says of it (stage_log), where
     this file is that call's: whether a stopped one ended at its limit or failed."""
+    if run.get("reference"):  # bench.airbench_reference: another recipe, one run or several
+        if run.get("partial"):  # its limit (or a failure) stopped it after some runs
+            return (f"reference, stopped after {len(run.get('runs', []))} of {run.get('runs_planned')} runs "
+                    f"(medians of those): {run['reference']}")
+        if run.get("cold"):
+            return f"reference, 1 run (its fit s cold: cuDNN's autotuning included): {run['reference']}"
+        timed = sum(1 for r in run.get("runs", []) if r.get("timed"))
+        return (f"reference, {len(run.get('runs', []))} runs (medians; fit s over the {timed} timed): "
+                f"{run['reference']}")
     if run.get("partial"):
         resumes = "; the next call goes on from its checkpoint" if run.get("checkpoint") else ""
         stage = stage if stage and stage.get("wrote") else {}  # no log, or the file of an earlier call
@@ -159,12 +168,6 @@ def status(run: dict, stage: dict | None = None) -> str:
         if stage.get("exit") in LIMIT_EXITS or not resumes:
             return f"stopped at its time limit{resumes}"
         return f"stopped short of its end{resumes}"
-    if run.get("reference"):  # bench.airbench_reference: another recipe, one run or several
-        if run.get("cold"):
-            return f"reference, 1 run (its fit s cold: cuDNN's autotuning included): {run['reference']}"
-        timed = sum(1 for r in run.get("runs", []) if r.get("timed"))
-        return (f"reference, {len(run.get('runs', []))} runs (medians; fit s over the {timed} timed): "
-                f"{run['reference']}")
     if "test_acc" in run:
         return f"full schedule over {len(run['parts'])} calls" if run.get("parts") else "full schedule"
     return "timed"

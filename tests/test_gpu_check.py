@@ -462,6 +462,11 @@ def test_gpu_sh_times_improved_within_its_limit_goes_on_from_its_checkpoint_and_
     assert call("no-torch", FAKE_NO_TORCH="1", GPU_SH_STAGES="reference-airbench94")[0] == []
     assert "== reference-airbench94 skipped: Python 3.12.3 has no PyTorch and torchvision with a CUDA GPU" \
         in logs["no-torch"]
+    (checkout / ".whl" / "airbench-0.1.8.tar.gz").rename(tmp_path / "airbench-0.1.8.tar.gz")
+    assert call("no-sdist", GPU_SH_STAGES="reference-airbench94 reference-airbench96")[0] == []
+    assert logs["no-sdist"].count("skipped: no .whl/airbench-*.tar.gz (pip download --no-deps airbench==0.1.8 "
+                                  "-d .whl)") == 2
+    (tmp_path / "airbench-0.1.8.tar.gz").rename(checkout / ".whl" / "airbench-0.1.8.tar.gz")
     # a checkpoint of other settings: that stage fails, the rest of the call is not lost with it
     assert call("refused", FAKE_REFUSED="1")[0] == [*first, "improved", *last]
 
@@ -743,6 +748,10 @@ case ${out##*/gpu-} in
   fast.json) echo "Epoch 1/2 - 9.0s"; echo "Epoch 2/2 - 1.0s"
     echo '{"epoch_seconds": [9.0, 1.0], "test_acc": 0.5}' > "$out";;
   seed.json) exec sleep 20;;
+  reference-airbench94.json) echo "Run 1/4: {}"  # its first run's record, then its limit
+    echo '{"partial": true, "reference": "airbench94 (x)", "runs": [{"timed": false}], "runs_planned": 4}' > "$out"
+    exec sleep 20;;
+  reference-airbench96.json) echo "ModuleNotFoundError: No module named 'torchvision'"; exit 1;;
   improved.json) echo "Epoch 1/150 - 100.0s"; mkdir -p "$ckpt"; echo '{"epoch": 1}' > "$ckpt/training_metadata.json"
     echo '{"partial": true, "checkpoint": ".gpu-state/improved", "epoch_seconds": [100.0]}' > "$out"
     [[ -n ${FAKE_HANG:-} ]] && exec sleep 20
@@ -760,11 +769,12 @@ def test_gpu_report_says_which_stages_of_the_call_did_not_run_and_how_each_stopp
     fake, checkout, results = tmp_path / "python", tmp_path / "checkout", tmp_path / "results"
     fake.write_text(REPORTED_PYTHON)
     fake.chmod(0o755)
-    checkout.mkdir()
+    (checkout / ".whl").mkdir(parents=True)
+    (checkout / ".whl" / "airbench-0.1.8.tar.gz").write_bytes(b"")
     results.mkdir()
     (results / "gpu-seed.json").write_text(json.dumps({"date": "2026-11-30", "epoch_seconds": [80.0, 15.0]}))
     env = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "GPU_SH_BUDGET": "200",
-           "FAST_LIMIT": "30", "SEED_LIMIT": "1", "EXPLORE_LIMIT": "250"}
+           "FAST_LIMIT": "30", "SEED_LIMIT": "1", "EXPLORE_LIMIT": "250", "REFERENCE_LIMIT": "1"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=checkout, capture_output=True, text=True,
                           timeout=120, env=env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -778,9 +788,11 @@ def test_gpu_report_says_which_stages_of_the_call_did_not_run_and_how_each_stopp
     assert table.pop(("gpu-seed.json", today)) == "not run: stopped at its 1 s limit before its first epoch ended " \
                                                   "(it includes XLA's compiles)"
     assert table.pop(("gpu-explore-wide.json", today)).startswith("not run: skipped, ")
-    for recipe in (94, 96):
-        assert table.pop((f"gpu-reference-airbench{recipe}.json", today)) == (
-            "not run: skipped, no .whl/airbench-*.tar.gz (pip download --no-deps airbench==0.1.8 -d .whl)")
+    # the reference's runs before its limit stay (a line per run in gpu.log); the other failed at its start
+    assert table.pop(("gpu-reference-airbench94.json", "1999-01-01")) == ("reference, stopped after 1 of 4 runs "
+                                                                          "(medians of those): airbench94 (x)")
+    assert table.pop(("gpu-reference-airbench96.json", today)) == ("not run: failed, exit 1: ModuleNotFoundError: No "
+                                                                  "module named 'torchvision'")
     assert all(status.startswith("not run: skipped, ") and status.endswith("s of 200s used, it may take 250s")
                for status in table.values()) and len(table) == 6
     assert "not run: skipped" in gpu_report.report(results, "1999-01-01")
@@ -842,6 +854,8 @@ class CifarLoader:
         self.images, self.labels, self.classes = saved["images"], saved["labels"], saved["classes"]
         self.batch_size, self.aug, self.altflip = batch_size, aug, altflip
 def train94(loader, verbose=True):
+    if len(RUNS) + 1 == int(os.environ.get("FAKE_FAIL_AT", 0)):
+        raise RuntimeError("CUDA out of memory")
     assert not verbose and loader.batch_size == 1024 and loader.altflip and loader.aug == {"flip": True, "translate": 2}
     assert os.path.exists("cifar10/test.pt")  # where its own test loader reads it
     RUNS.append(loader.images.shape)
@@ -905,6 +919,21 @@ def test_the_airbench_reference_trains_on_the_given_data_in_a_folder_of_its_own(
     assert (row["epochs"], row["test_acc"], row["fit s"]) == (9.9, 0.67, result["fit_seconds"])
     assert row["status"].startswith("reference, 4 runs (medians; fit s over the 3 timed): airbench94")
     assert row["val/test acc by TTA"] == "none -/.6500, mirror -/.6600, mirror_translate -/.6700"
+
+    # a run that fails (or a limit's SIGINT): the runs before it stay in the file, `partial`
+    proc = subprocess.run([sys.executable, "-m", "bench.airbench_reference", "--images", "64", "--runs", "3",
+                           "--out", "failed/gpu-reference-airbench94.json", "--package", str(sdist)],
+                          cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=120,
+                          env={**env, "FAKE_FAIL_AT": "3"})
+    assert proc.returncode == 1 and "RuntimeError: CUDA out of memory" in proc.stderr
+    assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("Run ")] == ["Run 1/4",
+                                                                                                 "Run 2/4"]
+    failed = json.loads((tmp_path / "cwd" / "failed" / "gpu-reference-airbench94.json").read_text())
+    assert failed["partial"] and failed["runs_planned"] == 4 and len(failed["runs"]) == 2
+    assert failed["test_acc"] == 0.72  # the median of the two (0.92, 0.52)
+    assert gpu_report.rows(tmp_path / "cwd" / "failed").iloc[0]["status"] == (
+        f"reference, stopped after 2 of 4 runs (medians of those): {failed['reference']}")
+    assert not list((tmp_path / "tmp").iterdir())
 
     # the larger recipe, its one run cold: its seconds are the run's, cuDNN's autotuning in them, and it says so
     proc = subprocess.run([sys.executable, "-m", "bench.airbench_reference", "--images", "64", "--runs", "0",
