@@ -20,7 +20,7 @@ own figure is the last's). Writes JSON that bench.gpu_report shows beside the st
 console for gpu.log.
 
 Usage: python -m bench.airbench_reference --out FILE --package .whl/airbench-0.1.8.tar.gz
-       [--recipe 94 | 95 | 96] [--data PATH | --images 512] [--runs 3] [--seed 0]
+       [--recipe 94 | 95 | 96] [--data PATH [--decoded NPZ] | --images 512] [--runs 3] [--seed 0]
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--package", required=True, help="airbench's sdist (.tar.gz) from PyPI")
     parser.add_argument("--data", default="", help="a data source (see pipeline.data); default synthetic images")
+    parser.add_argument("--decoded", default="", help="with --data: an .npz of its arrays, decoded once (bench/gpu.sh "
+                                                      "for all its stages), read in its place; the record names --data")
     parser.add_argument("--images", type=int, default=50000, help="synthetic training images (test: a fifth)")
     parser.add_argument("--recipe", type=int, choices=sorted(CLAIMED), default=94, help="airbench94, 95 or 96")
     parser.add_argument("--runs", type=int, default=3, help="timed runs after the untimed first (0: the first alone)")
@@ -112,6 +114,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.runs < 0:
         parser.error(f"--runs: must be >= 0, got {args.runs}")
+    if args.decoded and not args.data:
+        parser.error("--decoded: only with --data (the source it was decoded from, which the record names)")
     if not Path(args.package).is_file():
         parser.error(f"--package: {args.package}: no such file (pip download --no-deps airbench==0.1.8 -d .whl)")
     try:
@@ -119,7 +123,7 @@ def main() -> None:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        dataset = (data.load_source(args.data) if args.data
+        dataset = (data.load_source(args.decoded or args.data) if args.data
                    else data.make_synthetic(n_train=args.images, n_test=args.images // 5, seed=args.seed))
     except data.DataError as exc:
         parser.error(str(exc))

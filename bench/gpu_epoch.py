@@ -22,7 +22,8 @@ hard limit, a SIGINT, would lose the epochs since the last one).
 
 Usage: python -m bench.gpu_epoch --out FILE [--params params/default.yaml]
        [--epochs 3 | --full [--checkpoint DIR [--stop-after SECONDS]]]
-       [--overrides "train.precision=mixed_bfloat16 ..."] [--data PATH | --images 50000] [--virtual-cpus N]
+       [--overrides "train.precision=mixed_bfloat16 ..."] [--data PATH [--decoded NPZ] | --images 50000]
+       [--virtual-cpus N]
 """
 
 from __future__ import annotations
@@ -222,6 +223,8 @@ def measure() -> None:
                         help="with --checkpoint: stop at the last epoch end before this many seconds of the process")
     parser.add_argument("--overrides", default="")
     parser.add_argument("--data", default="", help="a data source (see pipeline.data); default synthetic images")
+    parser.add_argument("--decoded", default="", help="with --data: an .npz of its arrays, decoded once (bench/gpu.sh "
+                                                      "for all its stages), read in its place; the record names --data")
     parser.add_argument("--images", type=int, default=50000, help="synthetic training images (test: a fifth)")
     parser.add_argument("--virtual-cpus", type=int, default=0,
                         help="split the CPU into N TensorFlow devices (a rehearsal of several; on JAX set "
@@ -233,6 +236,8 @@ def measure() -> None:
         parser.error("--checkpoint: only with --full (a timed run of a few epochs has nothing to go on with)")
     if args.stop_after and not args.checkpoint:
         parser.error("--stop-after: only with --checkpoint (a run stopped without one could not go on)")
+    if args.decoded and not args.data:
+        parser.error("--decoded: only with --data (the source it was decoded from, which the record names)")
     if args.virtual_cpus and keras.backend.backend() == "tensorflow":  # before anything initialises TensorFlow
         import tensorflow as tf
 
@@ -262,7 +267,7 @@ def measure() -> None:
         except ValueError as exc:
             parser.error(str(exc))
     try:
-        dataset = (data.load_source(args.data) if args.data
+        dataset = (data.load_source(args.decoded or args.data) if args.data
                    else data.make_synthetic(n_train=args.images, n_test=args.images // 5, seed=cfg.data.seed))
     except (config.ConfigError, data.DataError) as exc:
         parser.error(str(exc))

@@ -37,9 +37,16 @@ def test_a_gpu_stage_trains_and_scores_with_tensorflow_and_mlflow_unimportable(t
         (stubs / name / "__init__.py").write_text(f"raise ModuleNotFoundError('no {name} on the GPU machine', "
                                                   f"name={name!r})\n")
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": f"{stubs}{os.pathsep}{ROOT}"}
+    from pipeline import data
+
+    # the second reads its images as bench/gpu.sh's stages do, decoded once (a source of their own: 100 test images)
+    data.make_synthetic(n_train=512, n_test=100).save(tmp_path / "decoded.npz")
+    sources = [["--images", "512"], ["--data", "/nonexistent/cifar10-jpeg-q75.tar.gz", "--decoded",
+                                     str(tmp_path / "decoded.npz")]]
+    runs = [(str(tmp_path / f"{i}.json"), o, sources[i]) for i, o in enumerate(STAGES.values())]
     runner = (f"import sys\nfrom bench import gpu_epoch\n"
-              f"for out, overrides in {[(str(tmp_path / f'{i}.json'), o) for i, o in enumerate(STAGES.values())]!r}:\n"
-              f"    sys.argv = ['gpu_epoch', '--images', '512', '--out', out, '--full', '--params', "
+              f"for out, overrides, source in {runs!r}:\n"
+              f"    sys.argv = ['gpu_epoch', *source, '--out', out, '--full', '--params', "
               f"'params/fast.yaml', '--overrides', overrides]\n"
               f"    gpu_epoch.main()\n")
     proc = subprocess.run([sys.executable, "-c", runner], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -51,7 +58,8 @@ def test_a_gpu_stage_trains_and_scores_with_tensorflow_and_mlflow_unimportable(t
         assert result["model"] == "resnet9" and len(result["epoch_seconds"]) == len(result["train_step_seconds"]) == 2
         assert result["train_images_per_second"] > 0
         assert 0.0 <= result["test_acc"] <= 1.0 and result["fit_seconds"] > 0
-        assert (result["data"], result["test_images"]) == ("synthetic (512 training images)", 102)  # gpu_report says
+        assert (result["data"], result["test_images"]) == [("synthetic (512 training images)", 102),  # the report
+                                                           ("/nonexistent/cifar10-jpeg-q75.tar.gz", 100)][i]  # says
         # every test-time augmentation scored on the held-out images (fast.yaml holds 2% out) and the test images,
         # the profile's own (flip) being the test_acc it reports
         scores = result["tta_scores"]
@@ -73,6 +81,7 @@ def gpu_epoch(tmp_path, *args, **popen):
     (["--epochs", "1"], "--epochs: must be >= 2 (the first epoch compiles), got 1"),
     (["--params", "nosuch.yaml"], "params: file not found: nosuch.yaml"),
     (["--data", "/nonexistent/cifar.tar.gz"], "data.source: '/nonexistent/cifar.tar.gz' is neither"),
+    (["--decoded", "x.npz"], "--decoded: only with --data (the source it was decoded from, which the record names)"),
 ])
 def test_gpu_stage_bad_arguments_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
     """In this process (each refusal comes before any training: no JAX process need start for it): argparse's
@@ -920,6 +929,18 @@ def test_the_airbench_reference_trains_on_the_given_data_in_a_folder_of_its_own(
     assert row["status"].startswith("reference, 4 runs (medians; fit s over the 3 timed): airbench94")
     assert row["val/test acc by TTA"] == "none -/.6500, mirror -/.6600, mirror_translate -/.6700"
 
+    # the data decoded once by gpu.sh: its arrays read, the source named
+    from pipeline import data
+
+    data.make_synthetic(n_train=48, n_test=16, seed=1).save(tmp_path / "decoded.npz")
+    proc = subprocess.run([sys.executable, "-m", "bench.airbench_reference", "--data", str(tmp_path / "nowhere.tar.gz"),
+                           "--decoded", str(tmp_path / "decoded.npz"), "--runs", "0",
+                           "--out", "decoded/gpu-reference-airbench94.json", "--package", str(sdist)],
+                          cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    decoded = json.loads((tmp_path / "cwd" / "decoded" / "gpu-reference-airbench94.json").read_text())
+    assert decoded["data"] == str(tmp_path / "nowhere.tar.gz") and decoded["test_images"] == 16
+
     # a run that fails (or a limit's SIGINT): the runs before it stay in the file, `partial`
     proc = subprocess.run([sys.executable, "-m", "bench.airbench_reference", "--images", "64", "--runs", "3",
                            "--out", "failed/gpu-reference-airbench94.json", "--package", str(sdist)],
@@ -971,12 +992,13 @@ def test_the_airbench_reference_writes_airbenchs_files_with_the_training_images_
 @pytest.mark.parametrize(("args", "message"), [
     (["--runs", "-1"], "--runs: must be >= 0, got -1"),
     (["--recipe", "97"], "argument --recipe: invalid choice: 97 (choose from 94, 95, 96)"),
+    (["--decoded", "x.npz"], "--decoded: only with --data (the source it was decoded from, which the record names)"),
     (["--package", "missing.tar.gz"], "--package: missing.tar.gz: no such file (pip download --no-deps "
                                       "airbench==0.1.8 -d .whl)"),
     (["--data", "nowhere"], "data.source: 'nowhere' is neither"),
     (["--package", "{sdist_empty}"], "holds no airbench/*.py (an airbench sdist from PyPI?)"),
     (["--package", "{not_tar}"], "not a readable .tar.gz"),
-], ids=["runs", "recipe", "no-package", "no-data", "not-airbench", "not-tar"])
+], ids=["runs", "recipe", "decoded", "no-package", "no-data", "not-airbench", "not-tar"])
 def test_the_airbench_reference_refuses_bad_arguments_in_one_line_before_any_training(tmp_path, args, message):
     sdist = tmp_path / "airbench-0.1.8.tar.gz"
     airbench_sdist(sdist, {"airbench/__init__.py": FAKE_AIRBENCH})
@@ -990,3 +1012,55 @@ def test_the_airbench_reference_refuses_bad_arguments_in_one_line_before_any_tra
                           env={**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{ROOT}"})
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+# bench/gpu.sh's python for the data decoded once: `-c` of the decode writes its .npz (or fails, FAKE_DECODE_FAILS);
+# a stage logs its name, its --data and --decoded, and whether that file is there
+DECODING_PYTHON = """#!/bin/bash
+if [[ $1 == -c && $2 == *load_source* ]]; then
+  [[ -n ${FAKE_DECODE_FAILS:-} ]] && { echo "pipeline.data.DataError: test/cat/0001.jpg: truncated"; exit 1; }
+  touch "$4"; exit 0
+fi
+[[ $1 == -c ]] && exit 0
+while (( $# )); do case $1 in --out) out=$2; shift;; --data) data=$2; shift;; --decoded) decoded=$2; shift;; esac; shift
+done
+name=${out##*/gpu-}; there=$([[ -f ${decoded:-/nonexistent} ]] && echo there || echo absent)
+echo "${name%.json} $data ${decoded:-none} $there" >> "$FAKE_LOG"
+echo '{"epoch_seconds": [1.0], "test_acc": 0.5}' > "$out"
+"""
+
+
+def test_gpu_sh_decodes_the_data_once_for_every_stage_and_removes_it_at_the_end(tmp_path):
+    """Each stage decoded the JPEG copy itself (~14 s of its limit on a 2-core CPU, some 3 minutes of a call): the
+    call decodes it once into a folder of its own, which every stage reads, naming $DATA all the same, and removes
+    it at its end; where that decode fails, each stage decodes $DATA itself, as before."""
+    fake, checkout, log, tmp = tmp_path / "python", tmp_path / "checkout", tmp_path / "stages.log", tmp_path / "tmp"
+    fake.write_text(DECODING_PYTHON)
+    fake.chmod(0o755)
+    for folder in (checkout / ".data", checkout / ".whl", tmp):
+        folder.mkdir(parents=True)
+    (checkout / ".data" / "cifar10-jpeg-q75.tar.gz").write_bytes(b"images")
+    (checkout / ".whl" / "airbench-0.1.8.tar.gz").write_bytes(b"")
+
+    def call(out, **env):
+        log.write_text("")
+        proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=checkout, capture_output=True,
+                              text=True, timeout=120, env={"PATH": os.environ["PATH"], "PYTHON": str(fake),
+                                                           "TMPDIR": str(tmp), "OUT": str(tmp_path / out),
+                                                           "FAKE_LOG": str(log), **env,
+                                                           "GPU_SH_STAGES": "fast reference-airbench94 seed"})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert not list(tmp.iterdir())  # the decoded data and the stages' caches: removed at the call's end
+        return [line.split() for line in log.read_text().splitlines()], proc.stdout
+
+    stages, console = call("once")
+    assert [stage[0] for stage in stages] == ["fast", "reference-airbench94", "seed"]
+    assert {stage[1] for stage in stages} == {".data/cifar10-jpeg-q75.tar.gz"}  # what the records name
+    assert len({stage[2] for stage in stages}) == 1 and stages[0][2].startswith(str(tmp / "gpu-data."))
+    assert {stage[3] for stage in stages} == {"there"}
+    assert "== .data/cifar10-jpeg-q75.tar.gz decoded once for every stage in " in console
+
+    stages, console = call("each", FAKE_DECODE_FAILS="1")
+    assert [stage[1:] for stage in stages] == [[".data/cifar10-jpeg-q75.tar.gz", "none", "absent"]] * 3
+    assert "pipeline.data.DataError: test/cat/0001.jpg: truncated" in console
+    assert "== .data/cifar10-jpeg-q75.tar.gz not decoded once (above): each stage decodes it itself" in console
