@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.machine import replace_atomically
+from bench.machine import write_whole
 from pipeline import data
 
 TTA_LEVELS = ("none", "mirror", "mirror_translate")  # airbench.evaluate's tta_level 0, 1, 2
@@ -151,8 +152,6 @@ def measure(dataset: data.Dataset, args: argparse.Namespace, work: Path, out: Pa
         torch.save({"images": torch.from_numpy(arrays["images"]), "labels": torch.from_numpy(arrays["labels"]),
                     "classes": arrays["classes"]}, work / "cifar10" / f"{name}.pt")
     os.chdir(work)  # airbench reads ./cifar10
-    import importlib
-
     import airbench
 
     recipe = importlib.import_module(f"airbench.lib_airbench{args.recipe}")
@@ -188,7 +187,7 @@ def measure(dataset: data.Dataset, args: argparse.Namespace, work: Path, out: Pa
         print(f"Run {run + 1}/{args.runs + 1}: {json.dumps(runs[-1])}", flush=True)  # gpu.log: the stage wrote
         # every run's file as it goes: a stage stopped at its time limit keeps the runs it finished
         record = {**described, "runs": runs, **summary(runs), **({"partial": True} if run < args.runs else {})}
-        replace_atomically(out, lambda staged: staged.write_text(json.dumps(record, indent=2)))  # noqa: B023
+        write_whole(out, record)
     return record
 
 

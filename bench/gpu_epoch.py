@@ -43,7 +43,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from bench.machine import replace_atomically
+from bench.machine import write_whole
 from pipeline import config, data, fitting, interrupts
 from pipeline.augment import normalized_zero, tta_views
 from pipeline.config import TTA_MODES
@@ -74,11 +74,6 @@ def tta_scores(model, validation, test, batch_size: int, fill: str = "nearest") 
             probs = np.mean(views[:len(tta_views(x[:1], tta))], axis=0)
             scores[tta][name] = round(float((probs.argmax(1) == y).mean()), 4)
     return scores
-
-
-def write_whole(path: Path, record: dict) -> None:
-    """`record` as JSON at `path`, whole or not at all (a time limit's SIGINT may come at any instant)."""
-    replace_atomically(path, lambda staged: staged.write_text(json.dumps(record, indent=2)))
 
 
 class Partial(keras.callbacks.Callback):

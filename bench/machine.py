@@ -64,6 +64,11 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         staged.unlink(missing_ok=True)
 
 
+def write_whole(path: Path, record: dict) -> None:
+    """`record` as JSON at `path`, whole or not at all (a time limit's SIGINT may come at any instant)."""
+    replace_atomically(path, lambda staged: staged.write_text(json.dumps(record, indent=2)))
+
+
 def save_results(folder: Path, name: str, results: dict, write_markdown: Callable[[dict, Path], None]) -> None:
     """Write `results` to folder/<name>.json and, through `write_markdown`, folder/<name>.md; print the latter."""
     folder.mkdir(parents=True, exist_ok=True)
