@@ -46,7 +46,8 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
     before its first epoch did) has a row saying `not run` and why, and a stopped one's status is the log's."""
     records = []
     order = {name: i for i, name in enumerate(("gpu-fast.json", "gpu-fast-warm.json", "gpu-reference-airbench94.json",
-                                                "gpu-improved.json", "gpu-seed.json"))}  # gpu.sh's headline stages
+                                                "gpu-reference-airbench96.json", "gpu-improved.json",
+                                                "gpu-seed.json"))}  # gpu.sh's headline stages, then the rest
     called, stages = stage_log(results)
     files = {path.name: path for path in results.glob("gpu-*.json")}
     unrun = {f"gpu-{name}.json": stage for name, stage in stages.items() if not stage["wrote"]}
