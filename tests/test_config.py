@@ -406,8 +406,8 @@ def test_every_gpu_sh_stages_overrides_load_with_its_params_file(tmp_path, smoke
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stages = [line.split("\t") for line in log.read_text().splitlines()]
-    assert [name for name, *_ in stages] == [f"gpu-{name}.json" for name in (
-        "fast", "fast-warm", "explore-ceiling", "seed", "improved", "explore-wide", "explore-24-ghost", "explore-seed1",
+    assert [name for name, *_ in stages] == [f"gpu-{name}.json" for name in (  # (the references: no .whl here)
+        "fast", "fast-warm", "seed", "improved", "explore-ceiling", "explore-wide", "explore-24-ghost", "explore-seed1",
         "explore-ema", "explore-32", "explore-drop", "explore-24-altflip")]
     loaded = {name: config.load_from_cli(params, overrides) for name, params, overrides in stages}
     assert all(cfg.train.feed == "device" for cfg in loaded.values())
