@@ -664,6 +664,12 @@ def _check_ghost_batch(model: ModelConfig, train: TrainConfig) -> None:
            "needs train.drop_remainder=true: an epoch's last, partial batch is no whole number of ghost batches", ghost)
 
 
+def needs_backend_check(train: TrainConfig) -> bool:
+    """Whether `train` sets a param that only some backends (or machines) run, which `fitting.check_backend` checks
+    (and which needs Keras loaded): the callers that check inputs before any run opens load Keras for these alone."""
+    return train.feed == "device" or (train.precision == "mixed_bfloat16" and train.jit_compile is True)
+
+
 def held_out_images(fraction: float, images: int) -> int:
     """How many of `images` training images `train.validation_fraction` holds out (0: validation on the test split).
     ConfigError if that leaves none to train on (a model trained on none would score as one)."""

@@ -58,9 +58,7 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
     if resumed:
         check_resumed_machine(resumed, cfg)
     check_known_training_images(cfg)  # too few to hold out or to batch: refused now, not in the train run after prepare
-    t = cfg.train
-    if t.feed == "device" or (t.precision == "mixed_bfloat16" and t.jit_compile is True):  # the params that depend on
-        # the backend (`check_backend`): only they load Keras here
+    if config.needs_backend_check(cfg.train):  # only those params load Keras here
         from pipeline.fitting import check_backend
 
         check_backend(cfg)

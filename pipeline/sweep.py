@@ -1004,7 +1004,7 @@ def check_trains_here(cfg: config.Config) -> None:
     if t.distribute == "multi_worker":
         raise config.ConfigError("train.distribute: 'multi_worker' trains over several hosts, but a sweep trains each "
                                  "trial on one: use auto (every GPU of this host), mirrored, data_parallel or none")
-    if t.distribute in ("mirrored", "data_parallel") or t.feed == "device" or t.precision == "mixed_bfloat16":
+    if t.distribute in ("mirrored", "data_parallel") or config.needs_backend_check(t):
         import keras
 
         from pipeline.distribute import check_mode
