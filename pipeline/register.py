@@ -4,13 +4,13 @@ Reads:  a logged model URI `models:/m-...` that evaluate scored (its newest eval
         finished, not one that failed, was killed or deleted: test_acc, the per-class
         scores of the same evaluate run, the digest of its test split; `registry.model_score`).
 Writes: a new version of `register.model_name` tagged with its source run id, `test_acc`, the evaluate run and
-        the test split's digest and how many of its images the model was trained on; the alias `register.alias`
-        (default `champion`) moves to it only if its `test_acc` beats the current holder's on the same test data
-        (or no version holds it), measured on no image it was trained on. Where the holder was scored on other
-        test data, it is weighed by its model's score on the challenger's (`champion_on_test_data`: an evaluation
-        on it that finished, else one register makes with evaluate's code, an evaluate run nested in this one);
-        where that cannot be had, the alias stays. A worse model is registered but never
-        takes the alias, nor does one whose champion's score is unknown (registered by hand, never evaluated),
+        the test split's digest, how many of its images the model was trained on and the alias it is weighed for;
+        the alias `register.alias` (default `champion`) moves to it only if its `test_acc` beats the current
+        holder's on the same test data (or no version holds it), measured on no image it was trained on. Where the
+        holder was scored on other test data, it is weighed by its model's score on the challenger's
+        (`champion_on_test_data`: an evaluation on it that finished, else one register makes with evaluate's code,
+        an evaluate run nested in this one); where that cannot be had, the alias stays. A worse model is registered
+        but never takes the alias, nor does one whose champion's score is unknown (registered by hand, never evaluated),
         nor one whose test_acc counts training images (evaluate's `test_images_in_train`). Run tags record the
         decision.
         A champion-vs-challenger report (both versions' test_acc, per-class accuracy
@@ -18,8 +18,8 @@ Writes: a new version of `register.model_name` tagged with its source run id, `t
         register run's artifacts `champion_vs_challenger.md/.json`. The version is created with the report
         (the alias still to place) and its tags in one write; a rerun after a register stopped before tagging
         the decision finishes that version rather than registering the model again, and one whose register
-        finished registers nothing (a rerun of a `main` that failed after it). The training run gets a
-        description naming its data digest if it has none.
+        finished for the same alias registers nothing (a rerun of a `main` that failed after it). The training run
+        gets a description naming its data digest if it has none.
 Returns a dict: version, test_acc, previous champion (its version, the test_acc and the evaluate run it was weighed
 by), whether the alias moved, and why.
 This module decides and writes the report; reading and writing the registry is `pipeline.tracking.registry`.
@@ -229,6 +229,7 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     tagged = f"{score.test_acc:.6f}"  # compared as tagged: the champion's score is its tag (an equal score is a tie)
     test_acc, test_data = float(tagged), score.test_data
     tags = {"test_acc": tagged, "run_id": score.source_run or "", registry.EVALUATE_RUN_TAG: score.evaluate_run or "",
+            registry.ALIAS_TAG: alias,
             **({TEST_DATA_TAG: test_data} if test_data else {}),
             **({registry.IN_TRAIN: str(score.in_train)} if score.in_train is not None else {})}
     # a register of this model stopped (killed, Ctrl-C) before its report: finished now, not registered twice

@@ -754,6 +754,28 @@ def test_a_model_registered_with_its_score_already_is_not_registered_again(store
     assert registered(experiment_id, model)["version"] == 2
 
 
+def test_a_model_registered_for_one_alias_is_weighed_for_another(store):
+    """Registered for @champion, the same model registered again with `register.alias=staging` was taken for a
+    rerun of the first register: nothing registered, "@staging is on no version", and @staging never placed, though
+    no version held it. Only a register for the same alias is a rerun; one for another weighs it for that alias."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    model = evaluated_model(experiment_id, {"test_acc": 0.7})
+    assert registered(experiment_id, model)["alias_moved"]
+    staging = config.load(TINY, "register.alias=staging")
+    with mlflow.start_run(experiment_id=experiment_id):
+        decision = register.run(staging, model)
+    assert decision["alias_moved"] and decision["reason"] == "no version held @staging", decision
+    held = client.get_model_version_by_alias("cifar10-resnet", "staging")
+    assert str(held.version) == str(decision["version"]) and held.tags["test_acc"] == "0.700000"
+    assert registry.version_model_uri(held) == model
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+    with mlflow.start_run(experiment_id=experiment_id):  # its rerun: registered already, for this alias
+        again = register.run(staging, model)
+    assert again["version"] == decision["version"] and "not registered again; @staging is on it" in again["reason"]
+    assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 2
+
+
 def test_the_report_of_a_hundred_classes_fits_a_version_description(store):
     """MLflow keeps a version's description in 5,000 characters: the report of a 100-class dataset was longer, and
     on the team server's PostgreSQL creating the version failed ("value too long for type character

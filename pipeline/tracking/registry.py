@@ -9,8 +9,8 @@ newest, for register; `version_score` that of a registered version (`tagged_test
 the decision and the champion-vs-challenger report on the register run and the version.
 Versions are MLflow `ModelVersion` entities: register reads their `version`, `tags`, `model_id`
 and `source` only; register tags each with `test_acc`, `run_id`, `evaluate_run_id`, `test_data_sha256` and
-`test_images_in_train`, and with its report's `champion_version`, `champion_evaluate_run_id`, `test_acc_difference`,
-`alias_moved` and `decision`.
+`test_images_in_train`, and with the `alias` it was weighed for, its report's `champion_version`,
+`champion_evaluate_run_id`, `test_acc_difference`, `alias_moved` and `decision`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pipeline.tracking import TEST_DATA_TAG, finished_run, latest_metrics, model
 EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose score register compared
 CHAMPION_EVALUATE_RUN_TAG = "champion_evaluate_run_id"  # on a version: that of the champion's score it was weighed by
 DECISION_TAG = "decision"  # on a version: why the alias moved or not; written last, when register is done
+ALIAS_TAG = "alias"  # on a version: the alias its register weighed it for (`register.alias`)
 # evaluate's metric, and a version's tag: how many of the test images its test_acc counts the model was trained on
 IN_TRAIN = "test_images_in_train"
 DESCRIPTION_CHARS = 5000  # MLflow's column for a version's description: PostgreSQL refuses a longer one
@@ -196,12 +197,15 @@ def fit_description(markdown: str | None) -> str | None:
 
 def same_score_version(name: str, model_uri: str, tags: dict[str, str], *, finished: bool):
     """The version of `name` that a register of `model_uri` with the same score (`tags`' test_acc and test data)
-    created and finished (`finished`), or was stopped (killed, Ctrl-C) before recording its decision; None if
-    there is none. A rerun finishes an unfinished one, and registers nothing again where one is finished (a `main`
-    that failed after its register, rerun), rather than registering the model a second time."""
+    for the same alias (`tags`' alias; a version from before that tag matches any) created and finished
+    (`finished`), or was stopped (killed, Ctrl-C) before recording its decision; None if there is none. A rerun
+    finishes an unfinished one, and registers nothing again where one is finished (a `main` that failed after its
+    register, rerun), rather than registering the model a second time. A register for another alias is no rerun
+    (taken for one, `register.alias=staging` was never placed on a model registered for @champion)."""
     return next((v for v in sorted(versions(name), key=lambda v: int(v.version))
                  if version_model_uri(v) == model_uri and "test_acc" in v.tags and (DECISION_TAG in v.tags) == finished
-                 and all(v.tags.get(key) == tags.get(key) for key in ("test_acc", TEST_DATA_TAG))), None)
+                 and all(v.tags.get(key) == tags.get(key) for key in ("test_acc", TEST_DATA_TAG))
+                 and v.tags.get(ALIAS_TAG, tags.get(ALIAS_TAG)) == tags.get(ALIAS_TAG)), None)
 
 
 def move_alias(name: str, alias: str, version: str | int) -> None:
