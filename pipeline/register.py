@@ -239,6 +239,9 @@ def run(cfg: config.Config, model_uri: str) -> dict:
         return registered_already(name, alias, model_uri, done)
     resumed = version is not None and _version(champion) == _version(version)
     registered, how = None, ""  # the champion's registered score, where it is weighed by another, and how had
+    if resumed:  # the champion it was weighed against, as its report has it: not itself, which holds the alias now
+        champion, held, registered = registry.weighed_champion(name, version)
+        champion_acc = held.test_acc if held else None
     if (champion is not None and champion_acc is not None and not score.in_train and not resumed
             and not registry.comparable(test_data, held.test_data)):  # scored on other test data: on the challenger's
         rescored, how = champion_on_test_data(cfg, name, champion, score)

@@ -713,6 +713,31 @@ def test_a_register_stopped_after_creating_its_version_leaves_it_described_and_t
     assert ("holds @champion already" if stopped_in == "record_report" else "beats v1's") in decision["reason"]
 
 
+def test_the_rerun_of_a_register_stopped_after_placing_the_alias_reports_the_champion_it_beat(store, monkeypatch):
+    """Stopped after moving @champion to v2, before its report, the register's rerun found v2 holding the alias and
+    wrote a report weighing v2 against itself: champion v2, test_acc_difference +0.000000, every per-class
+    difference 0, in place of v1's 0.5 that v2 beat by 0.2."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5, "test_acc_cat": 0.4}))
+    challenger = evaluated_model(experiment_id, {"test_acc": 0.7, "test_acc_cat": 0.9})
+    record = registry.record_report
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry, "record_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        registered(experiment_id, challenger)
+    monkeypatch.setattr(registry, "record_report", record)
+    decision = registered(experiment_id, challenger)
+    assert (decision["version"], decision["champion_version"], decision["champion_test_acc"]) == (2, 1, 0.5)
+    version = client.get_model_version("cifar10-resnet", "2")
+    assert version.tags["champion_version"] == "1" and version.tags["test_acc_difference"] == "+0.200000"
+    assert version.tags["alias_moved"] == "true" and "holds @champion already" in version.tags["decision"]
+    assert "| champion   | v1" in version.description and "+0.5000" in version.description  # cat: 0.9 - 0.4
+
+
 def test_a_register_whose_report_upload_fails_leaves_its_version_for_the_rerun(store, monkeypatch):
     """The report's artifacts were uploaded after the version's decision tag: a failed upload (an artifact store
     down) failed the register but left the version finished, and the rerun registered the model a second time."""

@@ -4,7 +4,8 @@
 digest for it), of any test split or of one (a champion's score on a challenger's test data); `model_test_acc` the
 newest, for register; `version_score` that of a registered version (`tagged_test_acc`: its tag, where a number);
 `current_champion` finds the version holding an alias; `register_version` adds a version;
-`same_score_version` finds the version a register of the same model and score wrote;
+`same_score_version` finds the version a register of the same model and score wrote, `weighed_champion` the
+champion its report weighed it against;
 `move_alias` and `settle_alias` place the alias; `log_decision` and `record_report` store
 the decision and the champion-vs-challenger report on the register run and the version.
 Versions are MLflow `ModelVersion` entities: register reads their `version`, `tags`, `model_id`
@@ -206,6 +207,26 @@ def same_score_version(name: str, model_uri: str, tags: dict[str, str], *, finis
                  if version_model_uri(v) == model_uri and "test_acc" in v.tags and (DECISION_TAG in v.tags) == finished
                  and all(v.tags.get(key) == tags.get(key) for key in ("test_acc", TEST_DATA_TAG))
                  and v.tags.get(ALIAS_TAG, tags.get(ALIAS_TAG)) == tags.get(ALIAS_TAG)), None)
+
+
+def weighed_champion(name: str, version) -> tuple:
+    """The champion that the report of `version` (a version of `name` whose register was stopped before it finished)
+    weighed it against: (its ModelVersion, the score it was weighed by, the score it was registered with where that
+    is another: its model's evaluation `champion_evaluate_run_id` on the challenger's test data), from the version's
+    tags `champion_version` and `champion_evaluate_run_id`; (None, None, None) where no version held the alias or that
+    one is gone. What the rerun reports, not the version itself that holds the alias now."""
+    tags = version.tags or {}
+    try:
+        champion = MlflowClient().get_model_version(name, tags["champion_version"])
+    except (KeyError, MlflowException):
+        return None, None, None
+    held = version_score(champion)
+    weighed_by = tags.get(CHAMPION_EVALUATE_RUN_TAG)
+    if weighed_by and weighed_by != held.evaluate_run:  # scored on the challenger's test data by that evaluate run
+        rescored = model_score(version_model_uri(champion), evaluate_run=weighed_by)
+        if rescored.evaluate_run == weighed_by:
+            return champion, dataclasses.replace(rescored, test_acc=float(f"{rescored.test_acc:.6f}")), held
+    return champion, held, None
 
 
 def move_alias(name: str, alias: str, version: str | int) -> None:
