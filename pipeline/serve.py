@@ -113,8 +113,9 @@ def encoded_images(model_input: Any) -> list | None:
         if model_input.ndim == 0:
             return array_items(model_input)
         model_input = array_items(model_input)
-    # A list starting with text is a batch of encoded images; to_bytes reports any item that is not.
-    if isinstance(model_input, list) and model_input and isinstance(model_input[0], (str, bytes)):
+    # A list holding text is a batch of encoded images (a pixel tensor's items are rows); to_bytes reports any item
+    # that is not, a null first one too.
+    if isinstance(model_input, list) and any(isinstance(item, (str, bytes)) for item in model_input):
         return model_input
     return None
 

@@ -232,9 +232,13 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     # Pillow reads ~40 formats: PPM was answered, EPS went to Ghostscript where installed (anyone's request)
     ([b64(encode(random_pixels(1)[0], "PPM"))], f"image 0: {UNDECODABLE} (not one of those formats)"),
     ([b64(encode(random_pixels(1)[0], "EPS"))], f"image 0: {UNDECODABLE} (not one of those formats)"),
+    # a null before the images ({"inputs": [null, "<b64>"]}): the batch was read as pixel values, "pixels must have
+    # shape (n, 32, 32, 3), got (2,); send other sizes as base64 ... images" to a client that had sent base64 images
+    ([None, b64(encode(random_pixels(1)[0]))], "image 0: no image (null, or a record without 'image')"),
+    (np.array([None, b64(encode(random_pixels(1)[0]))]), "image 0: no image (null, or a record without 'image')"),
 ], ids=["invalid-base64", "non-ascii", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
         "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image",
-        "null-image", "records-without-columns", "ppm", "eps"])
+        "null-image", "records-without-columns", "ppm", "eps", "null-first", "null-first-array"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -524,8 +528,9 @@ NAN_BODY = json.dumps({"inputs": np.where(random_pixels(1) > 100, np.nan, 1.0).t
     ({"inputs": [[[[1, 2, 3]]], [[[1, 2]]]]}, "inhomogeneous"),
     (b'{"inputs": [[[', "valid JSON"),
     ({"inputs": "abc"}, "image 0: not a base64 image"),
+    ({"inputs": [None, b64(encode(random_pixels(1)[0]))]}, "image 0: no image"),
 ], ids=["floats01", "white01", "over255", "negative", "shape", "4channels", "empty", "empty-frame", "nan",
-        "invalid-base64", "not-an-image", "wrong-column", "ragged", "broken-json", "bare-string"])
+        "invalid-base64", "not-an-image", "wrong-column", "ragged", "broken-json", "bare-string", "null-first"])
 def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(server, body, problem):
     status, answer = post(server, body)
     assert status == 400, answer
