@@ -5,10 +5,10 @@ Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as ba
 `image`, to `<url>/invocations` (under the URL's path, before its query) and prints one line per image: file,
 predicted label, its probability (tab-separated). Exits 2 with one line on stderr, before reading any file, when
 --url is not an http(s) URL (as for a bad --batch-size or --timeout). Exits 1 with a message on stderr when a file
-cannot be read, the server cannot be reached, it refuses the request (naming the file it refused) or its answer is
-not a model server's (another service on that port, an answer cut short), printing no predictions then. A
---url of http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a
-proxy that asks for them); messages show the password as ***.
+cannot be read, the server cannot be reached or does not answer within --timeout, it refuses the request (naming the
+file it refused) or its answer is not a model server's (another service on that port, an answer cut short), printing
+no predictions then. A --url of http://user:password@host:port sends the user and password as HTTP Basic
+authentication (a server behind a proxy that asks for them); messages show the password as ***.
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """
 
@@ -135,7 +135,10 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
             raise PredictError(f"HTTP 404 for {endpoint}: no model server at --url {url}; it takes the base URL of "
                                f"`mlflow models serve` (http://host:port), not a tracking server's") from None
         raise PredictError(f"server refused the request (HTTP {exc.code}): {message}") from None
-    except OSError as exc:  # URLError (refused, unknown host), a timeout, a connection reset, TLS
+    except TimeoutError:  # connected, then no answer in time (a timeout connecting is a URLError: cannot reach)
+        raise PredictError(f"no answer from {url} within --timeout {timeout:g} s (a large batch or a slow model?): "
+                           f"raise --timeout or lower --batch-size") from None
+    except OSError as exc:  # URLError (refused, unknown host, a timeout connecting), a connection reset, TLS
         raise PredictError(f"cannot reach {url} ({getattr(exc, 'reason', exc)})") from None
     except http.client.InvalidURL as exc:  # a ValueError too: e.g. a space in the host name
         raise PredictError(f"--url: not a valid URL: {url!r} ({exc})") from None

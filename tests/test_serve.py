@@ -609,6 +609,21 @@ def test_predict_client_refuses_a_bad_timeout_before_connecting(tmp_path, capsys
     assert f"--timeout must be a number of seconds > 0, got {timeout}" in capsys.readouterr().err
 
 
+def test_predict_client_reports_a_server_slower_than_the_timeout_as_such(tmp_path, capsys):
+    # a server that took longer than --timeout to answer (a large batch on a CPU, a model still loading) was reported
+    # as "cannot reach http://... (timed out)": the server is up, and the cure is a longer --timeout, not a restart
+    import socket
+
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # connections complete in its backlog, never answered
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        assert predict.main([str(image), "--url", url, "--timeout", "0.5"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "cannot reach" not in err
+    assert f"no answer from {url} within --timeout 0.5 s" in err
+
+
 @contextlib.contextmanager
 def answering(status: int, body: bytes, authorizations: list | None = None,
               requests: list | None = None) -> Iterator[str]:
