@@ -19,6 +19,7 @@ import base64
 import http.client
 import json
 import math
+import os
 import re
 import sys
 import urllib.error
@@ -160,6 +161,12 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
     return predictions
 
 
+def shown(path: Path) -> str:
+    """`path` as printed: the bytes of its name that the file system's encoding does not decode (a Latin-1 name on a
+    UTF-8 system) as \\xNN escapes, as stderr shows them; print raised UnicodeEncodeError on them."""
+    return os.fsencode(path).decode(sys.getfilesystemencoding(), "backslashreplace")
+
+
 def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) -> list[str]:
     """Image files -> lines `file<TAB>label<TAB>probability`, sending `batch_size` images a request."""
     lines = []
@@ -167,7 +174,7 @@ def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) 
         batch = paths[start:start + batch_size]
         predictions = request_predictions(url, encode_files(batch), timeout, [str(path) for path in batch])
         for path, row in zip(batch, predictions, strict=True):
-            lines.append(f"{path}\t{row['label']}\t{row['probability']:.4f}")
+            lines.append(f"{shown(path)}\t{row['label']}\t{row['probability']:.4f}")
     return lines
 
 

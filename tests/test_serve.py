@@ -692,6 +692,16 @@ def test_predict_client_sends_images_the_server_holds_at_their_own_size(local_mo
     assert_same_predictions(local_model.predict(parsed).to_dict("records"), expected)
 
 
+def test_predict_client_prints_a_file_name_not_in_the_locales_encoding_escaped(tmp_path, capsys):
+    # a name of Latin-1 bytes on a UTF-8 system (from an old archive) ended, once every image was answered, in a
+    # UnicodeEncodeError traceback from print, and no predictions: stderr escapes such names, stdout did not
+    image = tmp_path / os.fsdecode(b"caf\xe9.png")
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(200, json.dumps({"predictions": [{"label": "cat", "probability": 0.5}]}).encode()) as url:
+        assert predict.main([str(image), "--url", url]) == 0
+    assert capsys.readouterr().out == f"{tmp_path}/caf\\xe9.png\tcat\t0.5000\n"
+
+
 @pytest.mark.parametrize(("given", "path"), [
     ("", "/invocations"), ("/", "/invocations"), ("/model/", "/model/invocations"),
     ("/?key=k1", "/invocations?key=k1"), ("/model?key=k1#top", "/model/invocations?key=k1"),
