@@ -80,7 +80,11 @@ def check_url(url: str) -> None:
         parts = urllib.parse.urlsplit(url)
         valid = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0  # port: ValueError if bad
     except ValueError as exc:
-        raise PredictError(f"--url: not a valid URL: {without_password(url)!r} ({exc})") from None
+        shown = without_password(url)
+        # With a password, the port urllib could not read may be the password's start, cut at a '/', '?' or '#'
+        reason = exc if shown == url else ("a bad host or port, or a '/', '?' or '#' in the password not written "
+                                           "%2F, %3F, %23")
+        raise PredictError(f"--url: not a valid URL: {shown!r} ({reason})") from None
     if re.search(r"[\x00-\x20\x7f]", parts.netloc):  # http.client refuses it only as it connects
         raise PredictError(f"--url: not a valid URL: {without_password(url)!r} (a space or control character in "
                            f"its host)")
@@ -101,8 +105,12 @@ def split_credentials(url: str) -> tuple[str, str | None]:
 
 
 def without_password(url: str) -> str:
-    """`url` with the password of its user part as `***`: an error line must not print it."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/]*@", r"\1:***@", url, flags=re.IGNORECASE)
+    """`url` with the password of its user part as `***`: an error line must not print it. A password holding a '/'
+    (not written %2F) is masked up to the last '@' too, unless what follows the ':' is a port and a path."""
+    masked = re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/]*@", r"\1:***@", url, flags=re.IGNORECASE)
+    if masked != url:
+        return masked
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*):(?![0-9]*(?:[/?#]|$)).*@", r"\1:***@", url, flags=re.IGNORECASE)
 
 
 def name_images(message: str, names: list[str]) -> str:

@@ -672,6 +672,18 @@ def test_predict_client_sends_the_urls_credentials_and_hides_the_password(tmp_pa
     assert "s3cret" not in err and f"cannot reach http://ann:***@127.0.0.1:{unreachable.rsplit(':', 1)[1]} (" in err
 
 
+@pytest.mark.parametrize("password", ["s3cr/et", "s3cr?et", "s3cr#et"], ids=["slash", "question-mark", "hash"])
+def test_predict_client_hides_a_password_holding_a_url_delimiter(tmp_path, capsys, password):
+    # a '/', '?' or '#' not written %2F, %3F, %23 ends the host part where urllib reads it: the password's start was
+    # read as the port and shown, "(Port could not be cast to integer value as 's3cr')", and with a '/' the whole URL
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    assert predict.main([str(image), "--url", f"http://ann:{password}@127.0.0.1:5000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --url: not a valid URL: 'http://ann:***@127.0.0.1:5000' (") and "%2F" in err
+    assert "s3cr" not in err and "et@" not in err and len(err.splitlines()) == 1
+
+
 def test_predict_client_sends_images_the_server_holds_at_their_own_size(local_model, tmp_path):
     # sent as {"inputs": [...]}, MLflow's server read the batch into one numpy array of fixed-width strings, each as
     # long as the longest: a 3.5 MB photo among 63 thumbnails took 1.2 GB of the server's memory
