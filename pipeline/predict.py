@@ -171,8 +171,10 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
 
 def shown(path: Path) -> str:
     """`path` as printed: the bytes of its name that the file system's encoding does not decode (a Latin-1 name on a
-    UTF-8 system) as \\xNN escapes, as stderr shows them; print raised UnicodeEncodeError on them."""
-    return os.fsencode(path).decode(sys.getfilesystemencoding(), "backslashreplace")
+    UTF-8 system) as \\xNN escapes, as stderr shows them; print raised UnicodeEncodeError on them. Control characters
+    as \\t, \\n, \\xNN: a tab or a newline in a name broke the line of three tab-separated fields."""
+    name = os.fsencode(path).decode(sys.getfilesystemencoding(), "backslashreplace")
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: m[0].encode("unicode_escape").decode("ascii"), name)
 
 
 def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) -> list[str]:

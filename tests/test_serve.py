@@ -714,6 +714,18 @@ def test_predict_client_prints_a_file_name_not_in_the_locales_encoding_escaped(t
     assert capsys.readouterr().out == f"{tmp_path}/caf\\xe9.png\tcat\t0.5000\n"
 
 
+def test_predict_client_prints_one_line_of_three_fields_per_image_whatever_the_file_names(tmp_path, capsys):
+    # a tab or a newline in a file name (legal on Linux) went out as it was: two lines for one image, or four fields
+    files = [tmp_path / "tab\tname.png", tmp_path / "new\nline.png"]
+    for path in files:
+        path.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    answer = {"predictions": [{"label": "cat", "probability": 0.5}] * 2}
+    with answering(200, json.dumps(answer).encode()) as url:
+        assert predict.main([str(f) for f in files] + ["--url", url]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert lines == [[f"{tmp_path}/tab\\tname.png", "cat", "0.5000"], [f"{tmp_path}/new\\nline.png", "cat", "0.5000"]]
+
+
 @pytest.mark.parametrize(("given", "path"), [
     ("", "/invocations"), ("/", "/invocations"), ("/model/", "/model/invocations"),
     ("/?key=k1", "/invocations?key=k1"), ("/model?key=k1#top", "/model/invocations?key=k1"),
