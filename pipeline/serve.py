@@ -92,6 +92,8 @@ def image_column(model_input: pd.DataFrame | dict) -> list:
         raise bad_input(f"named inputs take only '{IMAGE_COLUMN}', got {names}; send other columns "
                         f"(ids, file names) in a dataframe_records or dataframe_split")
     values = model_input[IMAGE_COLUMN]
+    if isinstance(values, pd.DataFrame):  # {"dataframe_split": {"columns": ["image", "image"], ...}}
+        raise bad_input(f"{values.shape[1]} columns named '{IMAGE_COLUMN}': send the images in one")
     if isinstance(values, np.ndarray):  # 0-d: {"inputs": {"image": "<base64>"}}, one image
         return array_items(values)
     if isinstance(values, pd.Series):
