@@ -90,6 +90,11 @@ def check_url(url: str) -> None:
                            f"its host)")
     if not valid:
         raise PredictError(f"--url: expected http://host:port, got {without_password(url)!r}")
+    try:
+        parts.hostname.encode("idna")  # as the socket encodes it, connecting: refused there as an "unexpected answer"
+    except UnicodeError:
+        raise PredictError(f"--url: not a valid URL: {without_password(url)!r} (an empty label or one of over 63 "
+                           f"characters in its host)") from None
 
 
 def split_credentials(url: str) -> tuple[str, str | None]:

@@ -591,7 +591,10 @@ def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path
     ("http://[::1", "Invalid IPv6 URL"),
     ("http://127.0.0.1:abc", "not a valid URL"),
     ("http://exa mple.com", "not a valid URL"),
-], ids=["no-scheme", "host-port", "ftp", "ipv6", "port", "space"])
+    # a typo's empty label, which urllib's IDNA encoding refuses as it connects: "unexpected answer from", exit 1
+    ("http://model..example.com:5001", "not a valid URL: 'http://model..example.com:5001' (an empty label or one of "
+                                       "over 63 characters in its host)"),
+], ids=["no-scheme", "host-port", "ftp", "ipv6", "port", "space", "empty-label"])
 def test_predict_client_refuses_a_bad_url_in_one_line(tmp_path, capsys, url, problem):
     image = tmp_path / "a.png"
     image.write_bytes(encode(random_pixels(1)[0], "PNG"))
