@@ -85,7 +85,8 @@ def check_url(url: str) -> None:
         reason = exc if shown == url else ("a bad host or port, or a '/', '?' or '#' in the password not written "
                                            "%2F, %3F, %23")
         raise PredictError(f"--url: not a valid URL: {shown!r} ({reason})") from None
-    if re.search(r"[\x00-\x20\x7f]", parts.netloc):  # http.client refuses it only as it connects
+    host = urllib.parse.unquote(parts.netloc.rpartition("@")[2])  # urllib decodes the host's %XX, connecting
+    if re.search(r"[\x00-\x20\x7f]", parts.netloc + host):  # http.client refuses it only as it connects
         raise PredictError(f"--url: not a valid URL: {without_password(url)!r} (a space or control character in "
                            f"its host)")
     if not valid:

@@ -594,7 +594,9 @@ def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path
     # a typo's empty label, which urllib's IDNA encoding refuses as it connects: "unexpected answer from", exit 1
     ("http://model..example.com:5001", "not a valid URL: 'http://model..example.com:5001' (an empty label or one of "
                                        "over 63 characters in its host)"),
-], ids=["no-scheme", "host-port", "ftp", "ipv6", "port", "space", "empty-label"])
+    # urllib decodes the host's %XX: refused as it connected, exit 1 after the files were read
+    ("http://exa%20mple.com", "not a valid URL: 'http://exa%20mple.com' (a space or control character in its host)"),
+], ids=["no-scheme", "host-port", "ftp", "ipv6", "port", "space", "empty-label", "encoded-space"])
 def test_predict_client_refuses_a_bad_url_in_one_line(tmp_path, capsys, url, problem):
     image = tmp_path / "a.png"
     image.write_bytes(encode(random_pixels(1)[0], "PNG"))
