@@ -5,10 +5,10 @@ Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as ba
 `image`, to `<url>/invocations` (under the URL's path, before its query) and prints one line per image: file,
 predicted label, its probability (tab-separated). Exits 2 with one line on stderr, before reading any file, when
 --url is not an http(s) URL (as for a bad --batch-size or --timeout). Exits 1 with a message on stderr when a file
-cannot be read, the server cannot be reached, it refuses the request (naming the file it refused) or its answer is
-not a model server's (another service on that port, an answer cut short), printing no predictions then. A
---url of http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a
-proxy that asks for them); messages show the password as ***.
+cannot be read, the server cannot be reached or does not answer within --timeout, it refuses the request (naming the
+file it refused) or its answer is not a model server's (another service on that port, an answer cut short), printing
+no predictions then. A --url of http://user:password@host:port sends the user and password as HTTP Basic
+authentication (a server behind a proxy that asks for them); messages show the password as ***.
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """
 
@@ -19,6 +19,7 @@ import base64
 import http.client
 import json
 import math
+import os
 import re
 import sys
 import urllib.error
@@ -79,12 +80,22 @@ def check_url(url: str) -> None:
         parts = urllib.parse.urlsplit(url)
         valid = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0  # port: ValueError if bad
     except ValueError as exc:
-        raise PredictError(f"--url: not a valid URL: {without_password(url)!r} ({exc})") from None
-    if re.search(r"[\x00-\x20\x7f]", parts.netloc):  # http.client refuses it only as it connects
+        shown = without_password(url)
+        # With a password, the port urllib could not read may be the password's start, cut at a '/', '?' or '#'
+        reason = exc if shown == url else ("a bad host or port, or a '/', '?' or '#' in the password not written "
+                                           "%2F, %3F, %23")
+        raise PredictError(f"--url: not a valid URL: {shown!r} ({reason})") from None
+    host = urllib.parse.unquote(parts.netloc.rpartition("@")[2])  # urllib decodes the host's %XX, connecting
+    if re.search(r"[\x00-\x20\x7f]", parts.netloc + host):  # http.client refuses it only as it connects
         raise PredictError(f"--url: not a valid URL: {without_password(url)!r} (a space or control character in "
                            f"its host)")
     if not valid:
         raise PredictError(f"--url: expected http://host:port, got {without_password(url)!r}")
+    try:
+        parts.hostname.encode("idna")  # as the socket encodes it, connecting: refused there as an "unexpected answer"
+    except UnicodeError:
+        raise PredictError(f"--url: not a valid URL: {without_password(url)!r} (an empty label or one of over 63 "
+                           f"characters in its host)") from None
 
 
 def split_credentials(url: str) -> tuple[str, str | None]:
@@ -100,8 +111,12 @@ def split_credentials(url: str) -> tuple[str, str | None]:
 
 
 def without_password(url: str) -> str:
-    """`url` with the password of its user part as `***`: an error line must not print it."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/]*@", r"\1:***@", url, flags=re.IGNORECASE)
+    """`url` with the password of its user part as `***`: an error line must not print it. A password holding a '/'
+    (not written %2F) is masked up to the last '@' too, unless what follows the ':' is a port and a path."""
+    masked = re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/]*@", r"\1:***@", url, flags=re.IGNORECASE)
+    if masked != url:
+        return masked
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*):(?![0-9]*(?:[/?#]|$)).*@", r"\1:***@", url, flags=re.IGNORECASE)
 
 
 def name_images(message: str, names: list[str]) -> str:
@@ -135,7 +150,10 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
             raise PredictError(f"HTTP 404 for {endpoint}: no model server at --url {url}; it takes the base URL of "
                                f"`mlflow models serve` (http://host:port), not a tracking server's") from None
         raise PredictError(f"server refused the request (HTTP {exc.code}): {message}") from None
-    except OSError as exc:  # URLError (refused, unknown host), a timeout, a connection reset, TLS
+    except TimeoutError:  # connected, then no answer in time (a timeout connecting is a URLError: cannot reach)
+        raise PredictError(f"no answer from {url} within --timeout {timeout:g} s (a large batch or a slow model?): "
+                           f"raise --timeout or lower --batch-size") from None
+    except OSError as exc:  # URLError (refused, unknown host, a timeout connecting), a connection reset, TLS
         raise PredictError(f"cannot reach {url} ({getattr(exc, 'reason', exc)})") from None
     except http.client.InvalidURL as exc:  # a ValueError too: e.g. a space in the host name
         raise PredictError(f"--url: not a valid URL: {url!r} ({exc})") from None
@@ -157,6 +175,14 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
     return predictions
 
 
+def shown(path: Path) -> str:
+    """`path` as printed: the bytes of its name that the file system's encoding does not decode (a Latin-1 name on a
+    UTF-8 system) as \\xNN escapes, as stderr shows them; print raised UnicodeEncodeError on them. Control characters
+    as \\t, \\n, \\xNN: a tab or a newline in a name broke the line of three tab-separated fields."""
+    name = os.fsencode(path).decode(sys.getfilesystemencoding(), "backslashreplace")
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: m[0].encode("unicode_escape").decode("ascii"), name)
+
+
 def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) -> list[str]:
     """Image files -> lines `file<TAB>label<TAB>probability`, sending `batch_size` images a request."""
     lines = []
@@ -164,7 +190,7 @@ def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) 
         batch = paths[start:start + batch_size]
         predictions = request_predictions(url, encode_files(batch), timeout, [str(path) for path in batch])
         for path, row in zip(batch, predictions, strict=True):
-            lines.append(f"{path}\t{row['label']}\t{row['probability']:.4f}")
+            lines.append(f"{shown(path)}\t{row['label']}\t{row['probability']:.4f}")
     return lines
 
 

@@ -92,6 +92,8 @@ def image_column(model_input: pd.DataFrame | dict) -> list:
         raise bad_input(f"named inputs take only '{IMAGE_COLUMN}', got {names}; send other columns "
                         f"(ids, file names) in a dataframe_records or dataframe_split")
     values = model_input[IMAGE_COLUMN]
+    if isinstance(values, pd.DataFrame):  # {"dataframe_split": {"columns": ["image", "image"], ...}}
+        raise bad_input(f"{values.shape[1]} columns named '{IMAGE_COLUMN}': send the images in one")
     if isinstance(values, np.ndarray):  # 0-d: {"inputs": {"image": "<base64>"}}, one image
         return array_items(values)
     if isinstance(values, pd.Series):
@@ -113,8 +115,9 @@ def encoded_images(model_input: Any) -> list | None:
         if model_input.ndim == 0:
             return array_items(model_input)
         model_input = array_items(model_input)
-    # A list starting with text is a batch of encoded images; to_bytes reports any item that is not.
-    if isinstance(model_input, list) and model_input and isinstance(model_input[0], (str, bytes)):
+    # A list holding text is a batch of encoded images (a pixel tensor's items are rows); to_bytes reports any item
+    # that is not, a null first one too.
+    if isinstance(model_input, list) and any(isinstance(item, (str, bytes)) for item in model_input):
         return model_input
     return None
 

@@ -232,9 +232,17 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     # Pillow reads ~40 formats: PPM was answered, EPS went to Ghostscript where installed (anyone's request)
     ([b64(encode(random_pixels(1)[0], "PPM"))], f"image 0: {UNDECODABLE} (not one of those formats)"),
     ([b64(encode(random_pixels(1)[0], "EPS"))], f"image 0: {UNDECODABLE} (not one of those formats)"),
+    # a null before the images ({"inputs": [null, "<b64>"]}): the batch was read as pixel values, "pixels must have
+    # shape (n, 32, 32, 3), got (2,); send other sizes as base64 ... images" to a client that had sent base64 images
+    ([None, b64(encode(random_pixels(1)[0]))], "image 0: no image (null, or a record without 'image')"),
+    (np.array([None, b64(encode(random_pixels(1)[0]))]), "image 0: no image (null, or a record without 'image')"),
+    # {"dataframe_split": {"columns": ["image", "image"], ...}}: said "image 0: expected a base64-encoded ... image
+    # string, got DataFrame"
+    (pd.DataFrame([["x", "y"]], columns=["image", "image"]), "2 columns named 'image': send the images in one"),
 ], ids=["invalid-base64", "non-ascii", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
         "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image",
-        "null-image", "records-without-columns", "ppm", "eps"])
+        "null-image", "records-without-columns", "ppm", "eps", "null-first", "null-first-array",
+        "two-image-columns"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -524,8 +532,9 @@ NAN_BODY = json.dumps({"inputs": np.where(random_pixels(1) > 100, np.nan, 1.0).t
     ({"inputs": [[[[1, 2, 3]]], [[[1, 2]]]]}, "inhomogeneous"),
     (b'{"inputs": [[[', "valid JSON"),
     ({"inputs": "abc"}, "image 0: not a base64 image"),
+    ({"inputs": [None, b64(encode(random_pixels(1)[0]))]}, "image 0: no image"),
 ], ids=["floats01", "white01", "over255", "negative", "shape", "4channels", "empty", "empty-frame", "nan",
-        "invalid-base64", "not-an-image", "wrong-column", "ragged", "broken-json", "bare-string"])
+        "invalid-base64", "not-an-image", "wrong-column", "ragged", "broken-json", "bare-string", "null-first"])
 def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(server, body, problem):
     status, answer = post(server, body)
     assert status == 400, answer
@@ -582,7 +591,12 @@ def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path
     ("http://[::1", "Invalid IPv6 URL"),
     ("http://127.0.0.1:abc", "not a valid URL"),
     ("http://exa mple.com", "not a valid URL"),
-], ids=["no-scheme", "host-port", "ftp", "ipv6", "port", "space"])
+    # a typo's empty label, which urllib's IDNA encoding refuses as it connects: "unexpected answer from", exit 1
+    ("http://model..example.com:5001", "not a valid URL: 'http://model..example.com:5001' (an empty label or one of "
+                                       "over 63 characters in its host)"),
+    # urllib decodes the host's %XX: refused as it connected, exit 1 after the files were read
+    ("http://exa%20mple.com", "not a valid URL: 'http://exa%20mple.com' (a space or control character in its host)"),
+], ids=["no-scheme", "host-port", "ftp", "ipv6", "port", "space", "empty-label", "encoded-space"])
 def test_predict_client_refuses_a_bad_url_in_one_line(tmp_path, capsys, url, problem):
     image = tmp_path / "a.png"
     image.write_bytes(encode(random_pixels(1)[0], "PNG"))
@@ -602,6 +616,21 @@ def test_predict_client_refuses_a_bad_timeout_before_connecting(tmp_path, capsys
         predict.main([str(image), "--url", f"http://127.0.0.1:{free_port()}", "--timeout", timeout])
     assert info.value.code == 2
     assert f"--timeout must be a number of seconds > 0, got {timeout}" in capsys.readouterr().err
+
+
+def test_predict_client_reports_a_server_slower_than_the_timeout_as_such(tmp_path, capsys):
+    # a server that took longer than --timeout to answer (a large batch on a CPU, a model still loading) was reported
+    # as "cannot reach http://... (timed out)": the server is up, and the cure is a longer --timeout, not a restart
+    import socket
+
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # connections complete in its backlog, never answered
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        assert predict.main([str(image), "--url", url, "--timeout", "0.5"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "cannot reach" not in err
+    assert f"no answer from {url} within --timeout 0.5 s" in err
 
 
 @contextlib.contextmanager
@@ -652,6 +681,18 @@ def test_predict_client_sends_the_urls_credentials_and_hides_the_password(tmp_pa
     assert "s3cret" not in err and f"cannot reach http://ann:***@127.0.0.1:{unreachable.rsplit(':', 1)[1]} (" in err
 
 
+@pytest.mark.parametrize("password", ["s3cr/et", "s3cr?et", "s3cr#et"], ids=["slash", "question-mark", "hash"])
+def test_predict_client_hides_a_password_holding_a_url_delimiter(tmp_path, capsys, password):
+    # a '/', '?' or '#' not written %2F, %3F, %23 ends the host part where urllib reads it: the password's start was
+    # read as the port and shown, "(Port could not be cast to integer value as 's3cr')", and with a '/' the whole URL
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    assert predict.main([str(image), "--url", f"http://ann:{password}@127.0.0.1:5000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --url: not a valid URL: 'http://ann:***@127.0.0.1:5000' (") and "%2F" in err
+    assert "s3cr" not in err and "et@" not in err and len(err.splitlines()) == 1
+
+
 def test_predict_client_sends_images_the_server_holds_at_their_own_size(local_model, tmp_path):
     # sent as {"inputs": [...]}, MLflow's server read the batch into one numpy array of fixed-width strings, each as
     # long as the longest: a 3.5 MB photo among 63 thumbnails took 1.2 GB of the server's memory
@@ -670,6 +711,28 @@ def test_predict_client_sends_images_the_server_holds_at_their_own_size(local_mo
     assert held < 2 * len(sent[0][1])
     expected = local_model.predict([b64(f.read_bytes()) for f in files])  # and the served model reads it as sent
     assert_same_predictions(local_model.predict(parsed).to_dict("records"), expected)
+
+
+def test_predict_client_prints_a_file_name_not_in_the_locales_encoding_escaped(tmp_path, capsys):
+    # a name of Latin-1 bytes on a UTF-8 system (from an old archive) ended, once every image was answered, in a
+    # UnicodeEncodeError traceback from print, and no predictions: stderr escapes such names, stdout did not
+    image = tmp_path / os.fsdecode(b"caf\xe9.png")
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(200, json.dumps({"predictions": [{"label": "cat", "probability": 0.5}]}).encode()) as url:
+        assert predict.main([str(image), "--url", url]) == 0
+    assert capsys.readouterr().out == f"{tmp_path}/caf\\xe9.png\tcat\t0.5000\n"
+
+
+def test_predict_client_prints_one_line_of_three_fields_per_image_whatever_the_file_names(tmp_path, capsys):
+    # a tab or a newline in a file name (legal on Linux) went out as it was: two lines for one image, or four fields
+    files = [tmp_path / "tab\tname.png", tmp_path / "new\nline.png"]
+    for path in files:
+        path.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    answer = {"predictions": [{"label": "cat", "probability": 0.5}] * 2}
+    with answering(200, json.dumps(answer).encode()) as url:
+        assert predict.main([str(f) for f in files] + ["--url", url]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert lines == [[f"{tmp_path}/tab\\tname.png", "cat", "0.5000"], [f"{tmp_path}/new\\nline.png", "cat", "0.5000"]]
 
 
 @pytest.mark.parametrize(("given", "path"), [
