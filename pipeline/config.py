@@ -736,9 +736,26 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
+        self.given: dict[str, str] = {}
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.given = {}  # the options of this command line (`_Once`)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
         raise ConfigError(f"arguments: {message}")
+
+
+class _Once(argparse.Action):
+    """An option given twice is refused, as `mlflow run` refuses a -P name given twice: argparse kept the last, so
+    `--overrides A ... --overrides B` dropped A's params unseen."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in parser.given:
+            parser.error(f"{option_string} given twice ({parser.given[option_string]!r} and {values!r}): only the "
+                         f"last would count; give it once")
+        parser.given[option_string] = values
+        setattr(namespace, self.dest, values)
 
 
 def entry_point_parser(entry_point: str, description: str, **helps: str) -> argparse.ArgumentParser:
@@ -750,6 +767,6 @@ def entry_point_parser(entry_point: str, description: str, **helps: str) -> argp
     parser = _Parser(description=description)
     for name, spec in parameters.items():
         default = spec.get("default") if isinstance(spec, dict) else None
-        parser.add_argument(f"--{name.replace('_', '-')}", required=default is None,
+        parser.add_argument(f"--{name.replace('_', '-')}", action=_Once, required=default is None,
                             default=None if default is None else str(default), help=helps.get(name))
     return parser

@@ -472,6 +472,20 @@ def test_an_unknown_or_missing_entry_point_argument_is_one_line():
         config.entry_point_parser("register", "x").parse_args([])
 
 
+def test_an_entry_point_argument_given_twice_is_refused_not_dropped():
+    """`mlflow run` refuses a -P name given twice; `python -m pipeline.train --overrides A ... --overrides B` kept B
+    alone, and A's params were dropped unseen (argparse keeps the last), as a key given twice in overrides was."""
+    parser = config.entry_point_parser("train", "x")
+    with pytest.raises(config.ConfigError, match=r"^arguments: --overrides given twice \('train.lr=0.5' and "
+                                                 r"'train.epochs=3'\): only the last would count; give it once$"):
+        parser.parse_args(["--overrides", "train.lr=0.5", "--overrides", "train.epochs=3"])
+    with pytest.raises(config.ConfigError, match=r"^arguments: --epochs given twice \('5' and '5'\)"):
+        parser.parse_args(["--epochs=5", "--epochs", "5"])
+    # each parse starts afresh: the same parser takes each name once per command line
+    assert vars(parser.parse_args(["--epochs", "5"]))["epochs"] == "5"
+    assert vars(parser.parse_args(["--epochs", "6", "--data", "synthetic"]))["epochs"] == "6"
+
+
 def test_a_run_without_a_model_uri_tag_has_no_model():
     from pipeline.tracking import model_id
 
