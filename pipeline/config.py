@@ -434,7 +434,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 raise ConfigError(f"{key}: cannot parse value {str(value)!r}") from None
         _check(isinstance(value, list), key, "must be a list", value)
         return tuple(_coerce(key, v, typing.get_args(annotation)[0]) for v in value)
-    if isinstance(value, (bool, int, float)):  # an explicit YAML tag, `!!int 5`
+    if value is None or isinstance(value, (bool, int, float)):  # an explicit YAML tag, `!!int 5`, `!!null`
         value = _to_param_string(value)
     _check(isinstance(value, str), key, f"must be {_spelling(annotation)}", value)
     try:

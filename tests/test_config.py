@@ -321,6 +321,17 @@ def test_a_params_file_with_a_number_or_null_for_a_key_names_it(tmp_path):
             config.load(tmp_path / "p.yaml")
 
 
+def test_a_value_with_an_explicit_yaml_tag_is_read_by_its_keys_type(tmp_path):
+    """`!!null` is null, as `!!int 5` is 5: `validation_seed: !!null` was refused as "must be an integer, or null,
+    got None", the null it names; on a key that takes no null it is refused as the text null would be."""
+    (tmp_path / "p.yaml").write_text("train:\n  validation_seed: !!null\n  epochs: !!int 30\n  ema: !!bool yes\n")
+    t = config.load(tmp_path / "p.yaml").train
+    assert (t.validation_seed, t.epochs, t.ema) == (None, 30, True)
+    (tmp_path / "p.yaml").write_text("train:\n  lr: !!null\n")
+    with pytest.raises(config.ConfigError, match=r"^train\.lr: must be a number, got 'null'$"):
+        config.load(tmp_path / "p.yaml")
+
+
 @pytest.mark.parametrize("alias", ["validated", "val_best", "champion-2", "v1x", "V"])
 def test_aliases_mlflow_accepts_are_accepted(alias):
     assert config.load(None, f"register.alias={alias}").register.alias == alias
