@@ -499,17 +499,19 @@ class _ParamsLoader(_UniqueKeyLoader):
 
 def read_yaml(path: str | Path, *, key: str = "params", text: bool = False) -> dict[str, Any]:
     """The mapping a YAML file holds ({} if empty); a relative path not found here is taken from the
-    project root. ConfigError naming `key` if the file is missing, not YAML, not a mapping, or gives a key twice
-    in one mapping. `text`: every scalar as the text written (`_ParamsLoader`: a params file)."""
+    project root. ConfigError naming `key` if the file is missing or unreadable, not YAML, not a mapping, or gives a
+    key twice in one mapping. `text`: every scalar as the text written (`_ParamsLoader`: a params file)."""
     candidate = Path(path)
     if not candidate.is_absolute() and not candidate.exists():
         candidate = PROJECT_ROOT / candidate
     try:
         data = yaml.load(candidate.read_text(), Loader=_ParamsLoader if text else _UniqueKeyLoader)  # SafeLoaders
-    except (FileNotFoundError, IsADirectoryError):
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # the last: a path through a file
         beside = PROJECT_ROOT / "params" / Path(path).name  # `-P params=quick.yaml` for params/quick.yaml
         hint = f" (did you mean params/{beside.name}?)" if not Path(path).is_absolute() and beside.is_file() else ""
         raise ConfigError(f"{key}: file not found: {path}{hint}") from None
+    except OSError as exc:  # another user's file (EACCES), a name too long: was a traceback
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{key}: {path} is not a YAML text file (not UTF-8 text)") from None
     except _DuplicateKey as exc:

@@ -114,6 +114,19 @@ def test_an_unbalanced_quote_or_a_binary_params_file_is_one_line(tmp_path):
     with pytest.raises(config.ConfigError, match=r"^params: .*weights.npz is not a YAML text file"):
         config.load_from_cli(str(tmp_path / "weights.npz"), "")
 
+def test_a_params_file_the_system_cannot_open_is_one_line(tmp_path):
+    """Only a missing file or a folder was one line: a path through a file (`params/quick.yaml/x.yaml`), a name
+    longer than the file system takes, or another user's file (EACCES) was an OSError's traceback."""
+    (tmp_path / "p.yaml").write_text("train:\n  epochs: 3\n")
+    with pytest.raises(config.ConfigError, match=r"^params: file not found: .*p\.yaml/x\.yaml$"):
+        config.load(tmp_path / "p.yaml" / "x.yaml")
+    long = tmp_path / ("p" * 300 + ".yaml")  # over NAME_MAX (255) on every file system the project runs on
+    with pytest.raises(config.ConfigError, match=r"^params: cannot read .*pppp\.yaml: File name too long$"):
+        config.load(long)
+    with pytest.raises(config.ConfigError, match=r"^spec: cannot read .*pppp\.yaml: File name too long$"):
+        config.read_yaml(long, key="spec")  # a sweep's spec, read by the same reader
+
+
 def test_validation_seed_null_leaves_the_held_out_images_to_train_seed():
     """train.validation_seed null (default.yaml's): train.seed draws the held-out images, as it did before the key,
     in every params file (quick.yaml's were measured over train.seed 0, 1 and 2, each drawing its own); set, it
