@@ -43,6 +43,8 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
     if given:
         prepare.check_dataset_uri(given)
         cfg = with_dataset_params(cfg, given)
+    # too few to hold out or to batch: refused now, before the data is looked up (a CIFAR-10 download) or prepared
+    check_known_training_images(cfg)
     resumed = None
     if resume not in ("", "never"):
         dataset_uri = config_to_resume(resume, cfg, given)  # `given` if given (else refused), or the run's
@@ -57,7 +59,6 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
         resumed = check_resumable_code(cfg, given or prepared)
     if resumed:
         check_resumed_machine(resumed, cfg)
-    check_known_training_images(cfg)  # too few to hold out or to batch: refused now, not in the train run after prepare
     if config.needs_backend_check(cfg.train):  # only those params load Keras here
         from pipeline.fitting import check_backend
 
