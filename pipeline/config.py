@@ -434,7 +434,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 raise ConfigError(f"{key}: cannot parse value {str(value)!r}") from None
         _check(isinstance(value, list), key, "must be a list", value)
         return tuple(_coerce(key, v, typing.get_args(annotation)[0]) for v in value)
-    if isinstance(value, (bool, int, float)):  # an explicit YAML tag, `!!int 5`
+    if value is None or isinstance(value, (bool, int, float)):  # an explicit YAML tag, `!!int 5`, `!!null`
         value = _to_param_string(value)
     _check(isinstance(value, str), key, f"must be {_spelling(annotation)}", value)
     try:
@@ -499,17 +499,19 @@ class _ParamsLoader(_UniqueKeyLoader):
 
 def read_yaml(path: str | Path, *, key: str = "params", text: bool = False) -> dict[str, Any]:
     """The mapping a YAML file holds ({} if empty); a relative path not found here is taken from the
-    project root. ConfigError naming `key` if the file is missing, not YAML, not a mapping, or gives a key twice
-    in one mapping. `text`: every scalar as the text written (`_ParamsLoader`: a params file)."""
+    project root. ConfigError naming `key` if the file is missing or unreadable, not YAML, not a mapping, or gives a
+    key twice in one mapping. `text`: every scalar as the text written (`_ParamsLoader`: a params file)."""
     candidate = Path(path)
     if not candidate.is_absolute() and not candidate.exists():
         candidate = PROJECT_ROOT / candidate
     try:
         data = yaml.load(candidate.read_text(), Loader=_ParamsLoader if text else _UniqueKeyLoader)  # SafeLoaders
-    except (FileNotFoundError, IsADirectoryError):
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # the last: a path through a file
         beside = PROJECT_ROOT / "params" / Path(path).name  # `-P params=quick.yaml` for params/quick.yaml
         hint = f" (did you mean params/{beside.name}?)" if not Path(path).is_absolute() and beside.is_file() else ""
         raise ConfigError(f"{key}: file not found: {path}{hint}") from None
+    except OSError as exc:  # another user's file (EACCES), a name too long: was a traceback
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{key}: {path} is not a YAML text file (not UTF-8 text)") from None
     except _DuplicateKey as exc:
@@ -736,9 +738,26 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
+        self.given: dict[str, str] = {}
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.given = {}  # the options of this command line (`_Once`)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
         raise ConfigError(f"arguments: {message}")
+
+
+class _Once(argparse.Action):
+    """An option given twice is refused, as `mlflow run` refuses a -P name given twice: argparse kept the last, so
+    `--overrides A ... --overrides B` dropped A's params unseen."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in parser.given:
+            parser.error(f"{option_string} given twice ({parser.given[option_string]!r} and {values!r}): only the "
+                         f"last would count; give it once")
+        parser.given[option_string] = values
+        setattr(namespace, self.dest, values)
 
 
 def entry_point_parser(entry_point: str, description: str, **helps: str) -> argparse.ArgumentParser:
@@ -750,6 +769,6 @@ def entry_point_parser(entry_point: str, description: str, **helps: str) -> argp
     parser = _Parser(description=description)
     for name, spec in parameters.items():
         default = spec.get("default") if isinstance(spec, dict) else None
-        parser.add_argument(f"--{name.replace('_', '-')}", required=default is None,
+        parser.add_argument(f"--{name.replace('_', '-')}", action=_Once, required=default is None,
                             default=None if default is None else str(default), help=helps.get(name))
     return parser

@@ -43,7 +43,9 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
     if given:
         prepare.check_dataset_uri(given)
         cfg = with_dataset_params(cfg, given)
-    resumed = None
+    # too few to hold out or to batch: refused now, before the data is looked up (a CIFAR-10 download) or prepared
+    check_known_training_images(cfg)
+    resumed, fetch = None, False
     if resume not in ("", "never"):
         dataset_uri = config_to_resume(resume, cfg, given)  # `given` if given (else refused), or the run's
         resumed = resume
@@ -51,13 +53,13 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
             prepare.check_dataset_uri(dataset_uri)
     elif not given:
         prepared = prepare.find_prepared(prepare.prepare_key(cfg))  # a missing data path fails here
-        if not prepared and cfg.data.source == "cifar10":  # and, with no dataset prepared to reuse, CIFAR-10 neither
-            data.fetch_cifar10()  # in the Keras cache nor downloadable (as prepare.check_source)
+        # and, with no dataset prepared to reuse, CIFAR-10 neither in the Keras cache nor downloadable (as
+        # prepare.check_source): looked up last, once the params are known to be good (it may download 170 MB)
+        fetch = not prepared and cfg.data.source == "cifar10"
     if not resume:  # a plain rerun: the run it would continue must have been checkpointed by the code here
         resumed = check_resumable_code(cfg, given or prepared)
     if resumed:
         check_resumed_machine(resumed, cfg)
-    check_known_training_images(cfg)  # too few to hold out or to batch: refused now, not in the train run after prepare
     if config.needs_backend_check(cfg.train):  # only those params load Keras here
         from pipeline.fitting import check_backend
 
@@ -66,6 +68,8 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
     if cluster and not cluster.chief:
         raise config.ConfigError(f"TF_CONFIG: this host is {cluster.task}; the pipeline runs on the chief, "
                                  f"here run `python -m pipeline.train` with the chief's params")
+    if fetch:
+        data.fetch_cifar10()
     return cfg, dataset_uri
 
 

@@ -114,6 +114,19 @@ def test_an_unbalanced_quote_or_a_binary_params_file_is_one_line(tmp_path):
     with pytest.raises(config.ConfigError, match=r"^params: .*weights.npz is not a YAML text file"):
         config.load_from_cli(str(tmp_path / "weights.npz"), "")
 
+def test_a_params_file_the_system_cannot_open_is_one_line(tmp_path):
+    """Only a missing file or a folder was one line: a path through a file (`params/quick.yaml/x.yaml`), a name
+    longer than the file system takes, or another user's file (EACCES) was an OSError's traceback."""
+    (tmp_path / "p.yaml").write_text("train:\n  epochs: 3\n")
+    with pytest.raises(config.ConfigError, match=r"^params: file not found: .*p\.yaml/x\.yaml$"):
+        config.load(tmp_path / "p.yaml" / "x.yaml")
+    long = tmp_path / ("p" * 300 + ".yaml")  # over NAME_MAX (255) on every file system the project runs on
+    with pytest.raises(config.ConfigError, match=r"^params: cannot read .*pppp\.yaml: File name too long$"):
+        config.load(long)
+    with pytest.raises(config.ConfigError, match=r"^spec: cannot read .*pppp\.yaml: File name too long$"):
+        config.read_yaml(long, key="spec")  # a sweep's spec, read by the same reader
+
+
 def test_validation_seed_null_leaves_the_held_out_images_to_train_seed():
     """train.validation_seed null (default.yaml's): train.seed draws the held-out images, as it did before the key,
     in every params file (quick.yaml's were measured over train.seed 0, 1 and 2, each drawing its own); set, it
@@ -321,6 +334,17 @@ def test_a_params_file_with_a_number_or_null_for_a_key_names_it(tmp_path):
             config.load(tmp_path / "p.yaml")
 
 
+def test_a_value_with_an_explicit_yaml_tag_is_read_by_its_keys_type(tmp_path):
+    """`!!null` is null, as `!!int 5` is 5: `validation_seed: !!null` was refused as "must be an integer, or null,
+    got None", the null it names; on a key that takes no null it is refused as the text null would be."""
+    (tmp_path / "p.yaml").write_text("train:\n  validation_seed: !!null\n  epochs: !!int 30\n  ema: !!bool yes\n")
+    t = config.load(tmp_path / "p.yaml").train
+    assert (t.validation_seed, t.epochs, t.ema) == (None, 30, True)
+    (tmp_path / "p.yaml").write_text("train:\n  lr: !!null\n")
+    with pytest.raises(config.ConfigError, match=r"^train\.lr: must be a number, got 'null'$"):
+        config.load(tmp_path / "p.yaml")
+
+
 @pytest.mark.parametrize("alias", ["validated", "val_best", "champion-2", "v1x", "V"])
 def test_aliases_mlflow_accepts_are_accepted(alias):
     assert config.load(None, f"register.alias={alias}").register.alias == alias
@@ -470,6 +494,20 @@ def test_an_unknown_or_missing_entry_point_argument_is_one_line():
     assert config.entry_point_parser("main", "x").parse_args(["--epochs=30"]).epochs == "30"
     with pytest.raises(config.ConfigError, match=r"^arguments: the following arguments are required: --model-uri"):
         config.entry_point_parser("register", "x").parse_args([])
+
+
+def test_an_entry_point_argument_given_twice_is_refused_not_dropped():
+    """`mlflow run` refuses a -P name given twice; `python -m pipeline.train --overrides A ... --overrides B` kept B
+    alone, and A's params were dropped unseen (argparse keeps the last), as a key given twice in overrides was."""
+    parser = config.entry_point_parser("train", "x")
+    with pytest.raises(config.ConfigError, match=r"^arguments: --overrides given twice \('train.lr=0.5' and "
+                                                 r"'train.epochs=3'\): only the last would count; give it once$"):
+        parser.parse_args(["--overrides", "train.lr=0.5", "--overrides", "train.epochs=3"])
+    with pytest.raises(config.ConfigError, match=r"^arguments: --epochs given twice \('5' and '5'\)"):
+        parser.parse_args(["--epochs=5", "--epochs", "5"])
+    # each parse starts afresh: the same parser takes each name once per command line
+    assert vars(parser.parse_args(["--epochs", "5"]))["epochs"] == "5"
+    assert vars(parser.parse_args(["--epochs", "6", "--data", "synthetic"]))["epochs"] == "6"
 
 
 def test_a_run_without_a_model_uri_tag_has_no_model():

@@ -211,6 +211,45 @@ def test_too_few_images_to_hold_out_or_batch_are_refused_before_any_run(store, c
         fitting.steps_per_epoch(cfg.train, len(splits[0]))
 
 
+def test_too_few_cifar10_images_for_the_params_are_refused_before_cifar10_is_looked_up(store, capsys, monkeypatch):
+    """The count follows from the params alone, but the command first made sure CIFAR-10 was at hand: with no archive
+    in the Keras cache it downloaded 170 MB and only then refused the params (offline it said the download failed,
+    not what was wrong with the params)."""
+    from pipeline import data
+
+    looked_up = []
+    monkeypatch.setattr(data, "fetch_cifar10", lambda: looked_up.append("fetch_cifar10") or "/no/download")
+    monkeypatch.setattr(sys, "argv", ["pipeline.main", "--params", TINY, "--data", "cifar10", "--epochs", "1",
+                                      "--overrides", "data.max_train=1 train.validation_fraction=0.5"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli(main.main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: train.validation_fraction: holding out 1 of the 1 training images leaves none")
+    assert looked_up == []
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              run_view_type=ViewType.ALL) == []
+
+
+def test_params_this_backend_cannot_train_are_refused_before_cifar10_is_looked_up(store, capsys, monkeypatch):
+    """`main` checks the backend's params (train.feed device on TensorFlow) before any run opens, but after it made
+    sure CIFAR-10 was at hand: with no archive cached it downloaded 170 MB first (offline it said the download
+    failed, not what was wrong with the params)."""
+    from pipeline import data
+
+    looked_up = []
+    monkeypatch.setattr(data, "fetch_cifar10", lambda: looked_up.append("fetch_cifar10") or "/no/download")
+    monkeypatch.setattr(sys, "argv", ["pipeline.main", "--params", TINY, "--data", "cifar10",
+                                      "--overrides", "train.feed=device"])  # the test process runs TensorFlow
+    with pytest.raises(SystemExit) as exit_info:
+        cli(main.main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: train.feed: 'device' needs the JAX backend, not tensorflow")
+    assert looked_up == []
+
+
 def test_too_few_images_of_a_path_at_data_max_train_are_refused_before_any_run(store, capsys, monkeypatch, tmp_path):
     """A path's image count is known only once it is read, but data.max_train bounds it: too few at the bound was
     refused only in the train run, after prepare had read and stored the data."""
