@@ -316,6 +316,9 @@ class RegisterConfig:
         _check(bool(re.fullmatch(r"\w[\w .-]*", self.model_name)), "register.model_name",
                "must start with a letter, digit or '_' and hold only those, '-', '.' and spaces (MLflow refuses "
                "'/' and ':' in names; quotes break its search filters)", self.model_name)
+        # "my model " is another registered model than "my model", and the UI shows the two alike
+        _check(self.model_name == self.model_name.rstrip(), "register.model_name", "must not end with a space",
+               self.model_name)
         # MLflow keeps it in 256-character columns, which PostgreSQL (a team's store) enforces: when register ran,
         # after training, not now
         _check(len(self.model_name) <= 256, "register.model_name", "must be at most 256 characters (MLflow's "

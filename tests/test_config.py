@@ -208,6 +208,7 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("register.model_name=a/b", "register.model_name"),
     ("register.model_name=\"it's\"", "register.model_name"),  # a quote breaks MLflow's search filters
     ("register.model_name=" + "a" * 257, "register.model_name"),  # PostgreSQL refused it after training
+    ("register.model_name='my model '", "register.model_name"),  # another model than "my model", shown alike
     ("train.seed=-1", "train.seed"),
     ("train.seed=4294967296", "train.seed"),
     ("data.seed=-1", "data.seed"),
