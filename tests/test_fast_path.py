@@ -257,15 +257,19 @@ def start_two_hosts(forker: Forker, env: dict, *args: str, ports: list[int] | No
                     worker_args: tuple[str, ...] = (), worker_root: Path = ROOT,
                     preludes: tuple[str, str] = ("", "")) -> list[ForkedHost]:
     """Two processes on localhost standing for two hosts, as in the README: the chief (worker 0) runs the whole
-    pipeline, worker 1 `pipeline.train` with the same ARGS (then WORKER_ARGS) from the checkout WORKER_ROOT;
-    TF_CONFIG differs in the task index only. train.distribute stays auto. PRELUDES: Python code each host runs
-    first, in the process that then runs its module (a fault of that host alone)."""
+    pipeline, worker 1 `pipeline.train` with the same ARGS (`--option value` pairs), those WORKER_ARGS name taking
+    WORKER_ARGS' values instead (an option given twice is refused), from the checkout WORKER_ROOT; TF_CONFIG differs
+    in the task index only. train.distribute stays auto. PRELUDES: Python code each host runs first, in the process
+    that then runs its module (a fault of that host alone)."""
+    replaced = set(worker_args[0::2])
+    worker_args = (*(part for name, value in zip(args[0::2], args[1::2], strict=True) if name not in replaced
+                     for part in (name, value)), *worker_args)
     cluster = {"worker": [f"localhost:{port}" for port in ports or (free_port(), free_port())]}
     return [forker.start({**env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
-                         module_code(module, [*args, *extra], prelude), root)
-            for i, (module, extra, root, prelude) in enumerate([("pipeline.main", (), ROOT, preludes[0]),
-                                                                ("pipeline.train", worker_args, worker_root,
-                                                                 preludes[1])])]
+                         module_code(module, list(host_args), prelude), root)
+            for i, (module, host_args, root, prelude) in enumerate([("pipeline.main", args, ROOT, preludes[0]),
+                                                                    ("pipeline.train", worker_args, worker_root,
+                                                                     preludes[1])])]
 
 
 def finish(procs: list[ForkedHost]) -> list[str]:
