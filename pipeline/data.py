@@ -322,12 +322,12 @@ def _refuse_unlistable(exc: OSError) -> None:
     raise _unreadable(exc)
 
 
-def _files_under(path: Path, folders: list[Path] | None = None) -> list[Path]:
+def _files_under(path: Path, folders: list[Path] | None = None, dead_links: list[Path] | None = None) -> list[Path]:
     """Every file under a folder, sorted, through linked folders too: Python 3.11's rglob does not enter them, so a
     class folder linked in from elsewhere was dropped unseen. A link to a folder above it (a loop) is refused, and so
     are a folder that cannot be listed and a file that cannot be looked at (os.walk skipped the one, os.path.isfile
     said False of the other: a class folder another user owns, mode 700 or 644, was dropped unseen). `folders`, if
-    given, gets every folder under it (an empty class folder is one)."""
+    given, gets every folder under it (an empty class folder is one); `dead_links`, if given, every link to nothing."""
     files = []
     for folder, subfolders, names in os.walk(path, followlinks=True, onerror=_refuse_unlistable):
         here = os.path.realpath(folder)
@@ -342,7 +342,8 @@ def _files_under(path: Path, folders: list[Path] | None = None) -> list[Path]:
                 if stat.S_ISREG(os.stat(os.path.join(folder, name)).st_mode):
                     files.append(Path(folder) / name)
             except FileNotFoundError:  # a link to nothing: no file
-                pass
+                if dead_links is not None and os.path.islink(os.path.join(folder, name)):
+                    dead_links.append(Path(folder) / name)
             except OSError as exc:
                 raise _unreadable(exc) from None
     return sorted(files)
@@ -684,6 +685,11 @@ def _archive_reader(path: Path, read):  # noqa: ANN001, ANN202 - a bytes reader 
     return checked
 
 
+def _dead_link(link: Path, n: int) -> bytes:
+    raise DataError(f"{link}: a link to {os.readlink(link)}, which does not exist: fetch the file it names, or remove "
+                    "the link")
+
+
 def _read_file(file: Path, n: int) -> bytes:
     try:
         with open(file, "rb") as f:
@@ -749,8 +755,12 @@ def _iter_image_files(path: Path):
     zipped to 1.5 MB) took its size in memory to be warned about."""
     if path.is_dir():
         folders: list[Path] = []
-        for file in _files_under(path, folders):
+        dead_links: list[Path] = []
+        for file in _files_under(path, folders, dead_links):
             yield file.relative_to(path).parts, file.stat().st_size, functools.partial(_read_file, file)
+        for link in dead_links:  # an image in a class folder linking to nothing is refused when read, as an
+            # archive's link to what it does not hold is: skipped, it was an image dropped unseen (a git-annex checkout)
+            yield link.relative_to(path).parts, None, functools.partial(_dead_link, link)
         for folder in folders:
             yield folder.relative_to(path).parts, None, None
         return

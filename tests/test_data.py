@@ -589,6 +589,20 @@ def test_linked_class_folders_and_linked_images_are_read_from_a_folder_and_its_t
         data.load_source(str(root))
 
 
+def test_a_folder_source_with_an_image_linked_to_nothing_is_refused_naming_it(tmp_path):
+    """An image in a class folder that is a link to nothing (a git-annex or DVC checkout whose content was never
+    fetched, a folder of links into a cache since moved) was skipped: fewer images, no word, where a tar's or zip's
+    link to what it does not hold is refused. A dead link beside the dataset, not in it, is no matter."""
+    root = tmp_path / "imgs"
+    write_image_folder(root)
+    os.symlink("/nowhere/LICENSE", root / "LICENSE")
+    assert len(data.load_source(str(root)).x_train) == 9
+    os.symlink("/annex/objects/ab/cd.png", root / "train" / "cat" / "3.png")
+    with pytest.raises(data.DataError, match=r"imgs/train/cat/3.png: a link to /annex/objects/ab/cd.png, which "
+                                             r"does not exist"):
+        data.load_source(str(root))
+
+
 def zip_link(archive: zipfile.ZipFile, name: str, target: str) -> None:
     """Add a link member as `zip -y` stores one: a Unix member of link mode holding the path it names."""
     member = zipfile.ZipInfo(name)
