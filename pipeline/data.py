@@ -234,11 +234,13 @@ def _class_names(values: object, where: str) -> tuple[str, ...]:
 
 
 def _check_class_names(names: tuple[str, ...], origin: str) -> None:
-    """Every source's class names: some, unique, and each usable in the metric name `test_acc_<class>` (MLflow's
+    """Every source's class names: two or more, unique, and each usable in the metric name `test_acc_<class>` (MLflow's
     rule: its characters, at most 250 in all, and no path part to normalise away), so that evaluate cannot fail on
     them after training."""
     if not names:
         raise DataError(f"{origin}: no class names")
+    if len(names) < 2:  # one softmax output is always 1: a model that learned nothing scored test_acc 1.0
+        raise DataError(f"{origin}: need at least 2 classes, found {list(names)}")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DataError(f"{origin}: duplicate class names {duplicates}")

@@ -462,6 +462,21 @@ def test_npz_class_names_and_labels_are_checked_before_use(tmp_path):
                               f"y_train, x_test, y_test, and optionally class_names)")  # not wrapped in "unreadable"
 
 
+def test_an_npz_of_one_class_is_refused_as_an_image_folder_of_one_is(tmp_path):
+    """One class name (and every label 0) was read: the model's one softmax output is always 1, so it learned
+    nothing yet scored test_acc 1.0 and took @champion. An image folder of one class was refused already."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), np.zeros(4, dtype=np.int64)
+    np.savez(tmp_path / "one.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(["cat"]))
+    with pytest.raises(data.DataError, match=r"one.npz: need at least 2 classes, found \['cat'\]"):
+        data.load_source(str(tmp_path / "one.npz"))
+    np.savez(tmp_path / "two.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(["cat", "dog"]))
+    assert data.load_source(str(tmp_path / "two.npz")).class_names == ("cat", "dog")
+    write_image_folder(tmp_path / "cat-only", classes=("cat",))
+    with pytest.raises(data.DataError, match=r"cat-only: need at least 2 classes, found \['cat'\]"):
+        data.load_source(str(tmp_path / "cat-only"))
+
+
 def test_image_over_the_pixel_limit_is_refused_naming_it(tmp_path):
     """A few bytes of PNG header can declare a 14000x14000 canvas: Pillow refuses it, and so does the loader."""
     def chunk(kind: bytes, body: bytes) -> bytes:
