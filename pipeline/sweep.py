@@ -1273,6 +1273,10 @@ def run(args: argparse.Namespace) -> int:
         raise config.ConfigError(f"workers: must be an integer, got {args.workers!r}") from None
     if workers < 1:
         raise config.ConfigError(f"workers: must be >= 1, got {workers}")
+    if args.study and args.study.endswith(".register"):  # study X's lock (`finish`), which starting X deletes
+        study = args.study.removesuffix(".register")
+        raise config.ConfigError(f"study: {args.study} is the record of who registers study {study}, not a study; "
+                                 f"pass -P study={study}, or another name")
     plan = Plan(args.spec, args.overrides)
     check_no_cluster()
     check_checkpoint_root()  # each trial's train run locks its folder there
