@@ -615,6 +615,9 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     if "://" not in url:
         raise config.ConfigError(f"storage: expected an SQLAlchemy URL such as sqlite:///optuna.db or "
                                  f"postgresql://user@host/db, got {url!r}")
+    if in_memory(url):  # each process's own, gone when it ends: workers found no study, a rerun began again
+        raise config.ConfigError(f"storage: {url} is an in-memory database, which neither other worker processes nor "
+                                 f"a rerun can reach; give a file such as sqlite:///optuna.db, or leave it empty")
     if url.startswith("postgresql://"):  # SQLAlchemy 2.1's default driver is psycopg 3; this project ships psycopg2
         url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
     for attempt in range(3):
@@ -630,6 +633,19 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 time.sleep(1 + attempt)
                 continue
             raise config.ConfigError(f"storage: cannot open {safe_url(url)}: {type(exc).__name__}: {reason}") from None
+
+
+def in_memory(url: str) -> bool:
+    """Whether `url` is an in-memory SQLite database (sqlite://, sqlite:///:memory:, a file: URI of mode=memory)."""
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:  # noqa: BLE001 - an unparsable URL is reported by open_storage
+        return False
+    database = parsed.database or ""
+    return parsed.get_backend_name() == "sqlite" and (
+        database in ("", ":memory:") or database.startswith("file::memory:") or "mode=memory" in url)
 
 
 def storage_failure(exc: BaseException) -> str | None:
@@ -1257,6 +1273,10 @@ def run(args: argparse.Namespace) -> int:
         raise config.ConfigError(f"workers: must be an integer, got {args.workers!r}") from None
     if workers < 1:
         raise config.ConfigError(f"workers: must be >= 1, got {workers}")
+    if args.study and args.study.endswith(".register"):  # study X's lock (`finish`), which starting X deletes
+        study = args.study.removesuffix(".register")
+        raise config.ConfigError(f"study: {args.study} is the record of who registers study {study}, not a study; "
+                                 f"pass -P study={study}, or another name")
     plan = Plan(args.spec, args.overrides)
     check_no_cluster()
     check_checkpoint_root()  # each trial's train run locks its folder there

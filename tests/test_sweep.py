@@ -119,6 +119,19 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
      'postgresql+psycopg2://nobody@127.0.0.1:1/x: OperationalError: connection to server at "127.0.0.1", port 1 '
      "failed: Connection refused"),
     (GRID, ["--workers", "0"], "error: workers: must be >= 1, got 0"),
+    # an in-memory study is each process's own: a --workers N command's workers found no study set up (a KeyError
+    # traceback in each), and a rerun could not go on with it but ran every trial again
+    (GRID, ["--storage", "sqlite://", "--workers", "2"], "error: storage: sqlite:// is an in-memory database, which "
+     "neither other worker processes nor a rerun can reach; give a file such as sqlite:///optuna.db, or leave it "
+     "empty"),
+    (GRID, ["--storage", "sqlite:///:memory:"], "error: storage: sqlite:///:memory: is an in-memory database, which "
+     "neither other worker processes nor a rerun can reach; give a file such as sqlite:///optuna.db, or leave it "
+     "empty"),
+    # the name of the record a study's registering worker keeps, listed beside the study by Optuna's tools: taken for
+    # a study where it exists, it was waited on for a minute, then refused with advice to delete it (its study would
+    # then register again); where it did not, the study ran, and starting study sweep-bad-1a2b3c4d would delete it
+    (GRID, ["--study", "sweep-bad-1a2b3c4d.register"], "error: study: sweep-bad-1a2b3c4d.register is the record of "
+     "who registers study sweep-bad-1a2b3c4d, not a study; pass -P study=sweep-bad-1a2b3c4d, or another name"),
     (GRID, ["--overrides", "train.lr=0.3"], "error: overrides: train.lr is swept by spec.grid; drop it from "
      "overrides or from the search space"),  # it would train every trial at 0.3 under the names of the grid's lrs
     (GRID, ["--overrides", "train.validation_fraction=0"], "error: train.validation_fraction: a sweep chooses its "
@@ -138,7 +151,8 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
      "several hosts, but a sweep trains each trial on one: use auto (every GPU of this host), mirrored, data_parallel "
      "or none"),
 ], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers",
-        "override-of-a-swept-key", "selecting-on-the-test-split", "no-data-source", "bad-sampler-argument",
+        "in-memory-storage-workers", "in-memory-storage", "register-record-as-study", "override-of-a-swept-key",
+        "selecting-on-the-test-split", "no-data-source", "bad-sampler-argument",
         "wrong-backend-feed", "wrong-backend-mode", "several-hosts-mode"])
 def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_process, body, args, message):
     spec = write_spec(tmp_path, "sweep-bad", body)
