@@ -1347,6 +1347,32 @@ def test_creating_the_store_checks_that_a_server_or_other_store_answers(monkeypa
                                                                   "this exception.")
 
 
+@pytest.mark.parametrize("where", ["folder", "other file", "below a file"])
+def test_a_sqlite_uri_that_names_no_database_file_is_one_line_at_once(monkeypatch, capsys, tmp_path, where):
+    """`sqlite:///` naming a folder (`sqlite:////data/mlruns`) had MLflow retry "unable to open database file" for
+    ~100 s before its traceback; naming another file (a dataset, a typo's config file) or a path below a file, a
+    traceback at once (sqlalchemy's DatabaseError, FileExistsError), exit 1. Now one line naming the path, exit 2,
+    and nothing written where it points."""
+    from pipeline.tracking import cli, store_ready
+
+    (tmp_path / "data.npz").write_bytes(b"PK\x03\x04 not a database" * 10)
+    path = {"folder": tmp_path, "other file": tmp_path / "data.npz",
+            "below a file": tmp_path / "data.npz" / "mlflow.db"}[where]
+    before = sorted(tmp_path.rglob("*"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
+    mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+    capsys.readouterr()
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exited:
+        cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert exited.value.code == 2 and time.monotonic() - start < 10, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: MLFLOW_TRACKING_URI: cannot open the tracking store sqlite:///{path}: "), err[-2000:]
+    assert "ready" not in out and sorted(tmp_path.rglob("*")) == before
+
+
 @pytest.mark.parametrize(("status", "answers"), [(502, False), (503, False), (401, True), (200, True)])
 def test_a_proxys_gateway_error_is_no_answer_but_any_other_http_answer_is(monkeypatch, status, answers):
     """A proxy in front of a tracking server that is down answers 502/503/504: that server does not answer. A
