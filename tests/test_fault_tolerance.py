@@ -447,6 +447,25 @@ def test_a_main_that_lost_its_store_leaves_its_lock_for_the_next_main(store, in_
     assert not resume.checkpoint_dir(lost_main.info.run_id).exists()
 
 
+def test_an_empty_checkpoint_dir_variable_is_the_default_folder_not_the_working_directory(store, tmp_path,
+                                                                                          monkeypatch):
+    """`PIPELINE_CHECKPOINT_DIR=` (set, but empty: a CI file's blank value) made the working directory the checkpoint
+    root: a main removed every empty folder older than 10 s in it (`remove_stale_locks`, a user's own folders too)
+    and trained runs' checkpoints into it. An empty value is unset: the project's `checkpoints/`."""
+    import pipeline.tracking
+    from pipeline.tracking import resume
+
+    monkeypatch.setattr(pipeline.tracking, "PROJECT_ROOT", tmp_path / "project")
+    work = tmp_path / "work"
+    (work / "photos").mkdir(parents=True)
+    os.utime(work / "photos", (time.time() - 3600, time.time() - 3600))  # an hour old: no new run's folder
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", "")
+    resume.remove_stale_locks()  # as every main does first
+    assert (work / "photos").is_dir()
+    assert resume.checkpoint_dir("0" * 32) == tmp_path / "project" / "checkpoints" / ("0" * 32)
+
+
 def test_another_dataset_written_to_a_local_dataset_uri_is_another_job(tmp_path):
     """`-e train -P dataset_uri=PATH` (a local prepared file) was known by its path alone: killed, then rerun after
     another dataset was written to that path, it resumed the old data's weights and trained them on the new data."""

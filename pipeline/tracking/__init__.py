@@ -69,8 +69,9 @@ PIPELINE_DIR = Path(__file__).resolve().parent.parent
 
 
 def checkpoint_root() -> Path:
-    """Where per-run training checkpoints (the last completed epoch) live until the run finishes."""
-    return Path(os.environ.get("PIPELINE_CHECKPOINT_DIR", PROJECT_ROOT / "checkpoints"))
+    """Where per-run training checkpoints (the last completed epoch) live until the run finishes. An empty
+    `PIPELINE_CHECKPOINT_DIR` is unset: as `Path("")`, the working directory, whose empty folders every main removed."""
+    return Path(os.environ.get("PIPELINE_CHECKPOINT_DIR") or PROJECT_ROOT / "checkpoints")
 
 
 # MLflow retries a dead tracking server 7 times with doubling back-off (minutes). A run whose
