@@ -447,6 +447,25 @@ def test_a_main_that_lost_its_store_leaves_its_lock_for_the_next_main(store, in_
     assert not resume.checkpoint_dir(lost_main.info.run_id).exists()
 
 
+def test_an_empty_checkpoint_dir_variable_is_the_default_folder_not_the_working_directory(store, tmp_path,
+                                                                                          monkeypatch):
+    """`PIPELINE_CHECKPOINT_DIR=` (set, but empty: a CI file's blank value) made the working directory the checkpoint
+    root: a main removed every empty folder older than 10 s in it (`remove_stale_locks`, a user's own folders too)
+    and trained runs' checkpoints into it. An empty value is unset: the project's `checkpoints/`."""
+    import pipeline.tracking
+    from pipeline.tracking import resume
+
+    monkeypatch.setattr(pipeline.tracking, "PROJECT_ROOT", tmp_path / "project")
+    work = tmp_path / "work"
+    (work / "photos").mkdir(parents=True)
+    os.utime(work / "photos", (time.time() - 3600, time.time() - 3600))  # an hour old: no new run's folder
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", "")
+    resume.remove_stale_locks()  # as every main does first
+    assert (work / "photos").is_dir()
+    assert resume.checkpoint_dir("0" * 32) == tmp_path / "project" / "checkpoints" / ("0" * 32)
+
+
 def test_another_dataset_written_to_a_local_dataset_uri_is_another_job(tmp_path):
     """`-e train -P dataset_uri=PATH` (a local prepared file) was known by its path alone: killed, then rerun after
     another dataset was written to that path, it resumed the old data's weights and trained them on the new data."""
@@ -1345,6 +1364,32 @@ def test_creating_the_store_checks_that_a_server_or_other_store_answers(monkeypa
         assert "ready" not in done.stdout and "s3cret" not in done.stderr and "s3/cret" not in done.stderr
         assert not uri.startswith("file:") or lines[0].endswith("set `MLFLOW_ALLOW_FILE_STORE=true` to opt out of "
                                                                   "this exception.")
+
+
+@pytest.mark.parametrize("where", ["folder", "other file", "below a file"])
+def test_a_sqlite_uri_that_names_no_database_file_is_one_line_at_once(monkeypatch, capsys, tmp_path, where):
+    """`sqlite:///` naming a folder (`sqlite:////data/mlruns`) had MLflow retry "unable to open database file" for
+    ~100 s before its traceback; naming another file (a dataset, a typo's config file) or a path below a file, a
+    traceback at once (sqlalchemy's DatabaseError, FileExistsError), exit 1. Now one line naming the path, exit 2,
+    and nothing written where it points."""
+    from pipeline.tracking import cli, store_ready
+
+    (tmp_path / "data.npz").write_bytes(b"PK\x03\x04 not a database" * 10)
+    path = {"folder": tmp_path, "other file": tmp_path / "data.npz",
+            "below a file": tmp_path / "data.npz" / "mlflow.db"}[where]
+    before = sorted(tmp_path.rglob("*"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
+    mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+    capsys.readouterr()
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exited:
+        cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert exited.value.code == 2 and time.monotonic() - start < 10, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: MLFLOW_TRACKING_URI: cannot open the tracking store sqlite:///{path}: "), err[-2000:]
+    assert "ready" not in out and sorted(tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize(("status", "answers"), [(502, False), (503, False), (401, True), (200, True)])

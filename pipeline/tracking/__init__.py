@@ -69,8 +69,9 @@ PIPELINE_DIR = Path(__file__).resolve().parent.parent
 
 
 def checkpoint_root() -> Path:
-    """Where per-run training checkpoints (the last completed epoch) live until the run finishes."""
-    return Path(os.environ.get("PIPELINE_CHECKPOINT_DIR", PROJECT_ROOT / "checkpoints"))
+    """Where per-run training checkpoints (the last completed epoch) live until the run finishes. An empty
+    `PIPELINE_CHECKPOINT_DIR` is unset: as `Path("")`, the working directory, whose empty folders every main removed."""
+    return Path(os.environ.get("PIPELINE_CHECKPOINT_DIR") or PROJECT_ROOT / "checkpoints")
 
 
 # MLflow retries a dead tracking server 7 times with doubling back-off (minutes). A run whose
@@ -194,6 +195,7 @@ def ensure_store() -> str:
     shown = _without_password(uri)  # also in the reason: MLflow's own message quotes the URI whole
     database = sqlite_file(uri)
     if database:
+        _check_sqlite_file(database, shown)
         digest = hashlib.sha256(database.encode()).hexdigest()[:16]
         with file_lock(Path(tempfile.gettempdir()) / f"pipeline-store-{digest}.lock"):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
@@ -212,6 +214,30 @@ def ensure_store() -> str:
     else:
         return uri
     raise ConfigError(f"MLFLOW_TRACKING_URI: cannot open the tracking store {shown}: {reason}")
+
+
+def _check_sqlite_file(database: str, shown: str) -> None:
+    """ConfigError naming `database` if a `sqlite:///` store's file cannot be a SQLite database: a folder (MLflow
+    retried "unable to open database file" for ~100 s, then a traceback), another file (a dataset, a typo: sqlalchemy's
+    DatabaseError traceback) or a path below a file. A missing file (in missing folders too) is a new store."""
+    path = Path(database)
+    if path.is_dir():
+        reason = f"{database} is a folder, not a SQLite database file"
+    elif path.is_file() and path.stat().st_size:
+        try:
+            with path.open("rb") as file:
+                header = file.read(16)
+        except OSError:  # not to be read by this user: MLflow's own error says so
+            return
+        if header == b"SQLite format 3\x00":
+            return
+        reason = f"{database} is not a SQLite database file"
+    elif not path.exists() and (above := next(p for p in path.parents if p.exists())) and not above.is_dir():
+        reason = f"{above} is a file, not a folder"
+    else:
+        return
+    raise ConfigError(f"MLFLOW_TRACKING_URI: cannot open the tracking store {shown}: {reason}; name a SQLite file "
+                      f"(a new one is created)")
 
 
 def sqlite_file(uri: str) -> str | None:
