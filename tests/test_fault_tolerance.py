@@ -466,6 +466,21 @@ def test_an_empty_checkpoint_dir_variable_is_the_default_folder_not_the_working_
     assert resume.checkpoint_dir("0" * 32) == tmp_path / "project" / "checkpoints" / ("0" * 32)
 
 
+def test_a_checkpoint_root_of_other_uses_keeps_its_empty_folders(store, tmp_path, monkeypatch):
+    """`PIPELINE_CHECKPOINT_DIR=$HOME` (a folder of other uses): every main removed each empty folder older than 10 s
+    in it (`remove_stale_locks`), a user's own too. Only those named as a run's or another host's are removed."""
+    from pipeline.tracking import resume
+
+    home = tmp_path / "home"
+    old = time.time() - 3600  # an hour old: no new run's folder
+    for name in ("photos", "a" * 32, "worker1-" + "b" * 16, "A" * 32):
+        (home / name).mkdir(parents=True)
+        os.utime(home / name, (old, old))
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(home))
+    resume.remove_stale_locks()  # as every main does first
+    assert sorted(p.name for p in home.iterdir()) == ["A" * 32, "photos"]
+
+
 def test_another_dataset_written_to_a_local_dataset_uri_is_another_job(tmp_path):
     """`-e train -P dataset_uri=PATH` (a local prepared file) was known by its path alone: killed, then rerun after
     another dataset was written to that path, it resumed the old data's weights and trained them on the new data."""

@@ -248,6 +248,11 @@ def _store_of(folder: Path) -> str:
         return ""
 
 
+# The names of the folders under the checkpoint root: a run's id (MLflow's 32 hex digits), another host's training
+# (`train.worker_checkpoint_dir`: task, '-', 16 hex digits)
+RUN_FOLDER = re.compile(r"[0-9a-f]{32}|\w+-[0-9a-f]{16}")
+
+
 def remove_stale_locks() -> None:
     """Remove the folders in `checkpoint_root` that hold a lock file alone, no live process's: left by a process killed
     (SIGKILL, the OOM killer) before its first checkpoint, or by a killed `main`, whose folder only ever holds its
@@ -258,18 +263,20 @@ def remove_stale_locks() -> None:
     one call each (200 folders: ~2 s from a tracking server on this host). Only this store's folders (`_store_of`):
     another store's (two `MLFLOW_TRACKING_URI` sharing `PIPELINE_CHECKPOINT_DIR`) are left to that store's next
     main, the only one that can end their runs. A folder that holds only the temporary file of a process killed in
-    `_new_lock` is taken as lock-only (`_claim_unnamed`). Empty folders are removed (on NFS a lock file removed
-    while open stays as a `.nfs*` file until released, and keeps its folder). In a folder several users share,
-    another user's folder that this process may not list, or whose lock it may not inspect (`_locked`), is left
-    alone, never taken for dead; a dead one it may not remove has its runs ended all the same and stays, for a main
-    of a user who may remove it."""
+    `_new_lock` is taken as lock-only (`_claim_unnamed`). Empty folders named as runs' are removed (`RUN_FOLDER`; on
+    NFS a lock file removed while open stays as a `.nfs*` file until released, and keeps its folder). In a folder
+    several users share, another user's folder that this process may not list, or whose lock it may not inspect
+    (`_locked`), is left alone, never taken for dead; a dead one it may not remove has its runs ended all the same
+    and stays, for a main of a user who may remove it."""
     root, ours = checkpoint_root(), _store()
     try:
         entries = list(root.iterdir())
     except OSError:  # none yet (FileNotFoundError), or not to be listed by this user: nothing to tell dead here
         entries = []
     names = {f: _names(f) for f in entries if f.name not in _claimed}
-    for folder in [f for f, listed in names.items() if listed == [] and _old(f)]:  # a new one's lock may be coming
+    # a new one's lock may be coming; a folder not named as runs' and hosts' are (a user's own, where the root is a
+    # folder of other uses: PIPELINE_CHECKPOINT_DIR=$HOME) is never this pipeline's to remove
+    for folder in [f for f, listed in names.items() if listed == [] and RUN_FOLDER.fullmatch(f.name) and _old(f)]:
         with contextlib.suppress(OSError):  # NFS: its `.nfs*` file not gone yet, the next main's turn
             folder.rmdir()
     # Claimed before their runs are read: a run read RUNNING, then ended by its live process, was ended KILLED
