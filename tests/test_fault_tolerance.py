@@ -817,13 +817,14 @@ def test_the_folders_runs_that_ended_on_nfs_leave_are_removed(store):
     from pipeline.tracking import resume
 
     root = resume.checkpoint_root()
-    for name in ("emptied", "new", "closing"):
+    emptied, new, closing = ("a" * 32, "b" * 32, "c" * 32)  # run ids' folders
+    for name in (emptied, new, closing):
         (root / name).mkdir(parents=True)
-    (root / "closing" / ".nfs0000000000abcd0001").touch()
-    for name in ("emptied", "closing"):
+    (root / closing / ".nfs0000000000abcd0001").touch()
+    for name in (emptied, closing):
         os.utime(root / name, (time.time() - 60, time.time() - 60))
     resume.remove_stale_locks()
-    assert sorted(p.name for p in root.iterdir()) == ["closing", "new"]
+    assert sorted(p.name for p in root.iterdir()) == [new, closing]
 
 
 def test_a_new_lock_file_appears_already_locked(tmp_path, monkeypatch):
