@@ -39,7 +39,7 @@ def encode_files(paths: list[Path]) -> list[str]:
         try:
             encoded.append(base64.b64encode(path.read_bytes()).decode("ascii"))
         except OSError as exc:
-            raise PredictError(f"{path}: cannot read ({exc.strerror or exc})") from None
+            raise PredictError(f"{shown(path)}: cannot read ({exc.strerror or exc})") from None
     return encoded
 
 
@@ -176,9 +176,10 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
 
 
 def shown(path: Path) -> str:
-    """`path` as printed: the bytes of its name that the file system's encoding does not decode (a Latin-1 name on a
-    UTF-8 system) as \\xNN escapes, as stderr shows them; print raised UnicodeEncodeError on them. Control characters
-    as \\t, \\n, \\xNN: a tab or a newline in a name broke the line of three tab-separated fields."""
+    """`path` as printed, on stdout and in error lines: the bytes of its name that the file system's encoding does
+    not decode (a Latin-1 name on a UTF-8 system) as \\xNN escapes; print raised UnicodeEncodeError on them. Control
+    characters as \\t, \\n, \\xNN: a tab or a newline in a name broke the line of three tab-separated fields, or
+    an error's one line."""
     name = os.fsencode(path).decode(sys.getfilesystemencoding(), "backslashreplace")
     return re.sub(r"[\x00-\x1f\x7f]", lambda m: m[0].encode("unicode_escape").decode("ascii"), name)
 
@@ -188,7 +189,7 @@ def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) 
     lines = []
     for start in range(0, len(paths), batch_size):
         batch = paths[start:start + batch_size]
-        predictions = request_predictions(url, encode_files(batch), timeout, [str(path) for path in batch])
+        predictions = request_predictions(url, encode_files(batch), timeout, [shown(path) for path in batch])
         for path, row in zip(batch, predictions, strict=True):
             lines.append(f"{shown(path)}\t{row['label']}\t{row['probability']:.4f}")
     return lines

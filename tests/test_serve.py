@@ -735,6 +735,23 @@ def test_predict_client_prints_one_line_of_three_fields_per_image_whatever_the_f
     assert lines == [[f"{tmp_path}/tab\\tname.png", "cat", "0.5000"], [f"{tmp_path}/new\\nline.png", "cat", "0.5000"]]
 
 
+def test_predict_client_names_a_file_on_stderr_escaped_as_on_stdout(tmp_path, capsys):
+    # the names in an error line went out as they were: a newline in one split the line in two, and a name of Latin-1
+    # bytes on a UTF-8 system showed as \udce9 (or, on a stderr that does not escape, raised UnicodeEncodeError)
+    files = [tmp_path / "new\nline.png", tmp_path / os.fsdecode(b"caf\xe9.png")]
+    for path in files:
+        path.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    refusal = json.dumps({"error_code": "BAD_REQUEST", "message": "image 0: not decodable; image 1: too large"})
+    with answering(400, refusal.encode()) as url:
+        assert predict.main([str(f) for f in files] + ["--url", url]) == 1
+    assert capsys.readouterr().err == (f"error: server refused the request (HTTP 400): {tmp_path}/new\\nline.png: "
+                                       f"not decodable; {tmp_path}/caf\\xe9.png: too large\n")
+    folder = tmp_path / "tab\tand\nnewline.png"
+    folder.mkdir()
+    assert predict.main([str(folder), "--url", f"http://127.0.0.1:{free_port()}"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path}/tab\\tand\\nnewline.png: cannot read (Is a directory)\n"
+
+
 @pytest.mark.parametrize(("given", "path"), [
     ("", "/invocations"), ("/", "/invocations"), ("/model/", "/model/invocations"),
     ("/?key=k1", "/invocations?key=k1"), ("/model?key=k1#top", "/model/invocations?key=k1"),
