@@ -91,6 +91,11 @@ def check_url(url: str) -> None:
                            f"its host)")
     if not valid:
         raise PredictError(f"--url: expected http://host:port, got {without_password(url)!r}")
+    if parts.username is None and parts.port is not None and "@" in parts.path + parts.query + parts.fragment:
+        # http://ann:12/s3cret@host: urllib reads host ann, port 12, and a path holding the password it would send there
+        raise PredictError(f"--url: not a valid URL: {without_password(url)!r} (an '@' after its host and port: a "
+                           f"'/', '?' or '#' in the password not written %2F, %3F, %23, or an '@' in the path or "
+                           f"query not written %40)")
     try:
         parts.hostname.encode("idna")  # as the socket encodes it, connecting: refused there as an "unexpected answer"
     except UnicodeError:
@@ -112,11 +117,12 @@ def split_credentials(url: str) -> tuple[str, str | None]:
 
 def without_password(url: str) -> str:
     """`url` with the password of its user part as `***`: an error line must not print it. A password holding a '/'
-    (not written %2F) is masked up to the last '@' too, unless what follows the ':' is a port and a path."""
+    (not written %2F) is masked up to the last '@' too, even where its start reads as a port (http://ann:12/ab@host,
+    which `check_url` refuses)."""
     masked = re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/]*@", r"\1:***@", url, flags=re.IGNORECASE)
     if masked != url:
         return masked
-    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*):(?![0-9]*(?:[/?#]|$)).*@", r"\1:***@", url, flags=re.IGNORECASE)
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*):.*@", r"\1:***@", url, flags=re.IGNORECASE)
 
 
 def name_images(message: str, names: list[str]) -> str:

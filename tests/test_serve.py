@@ -681,10 +681,13 @@ def test_predict_client_sends_the_urls_credentials_and_hides_the_password(tmp_pa
     assert "s3cret" not in err and f"cannot reach http://ann:***@127.0.0.1:{unreachable.rsplit(':', 1)[1]} (" in err
 
 
-@pytest.mark.parametrize("password", ["s3cr/et", "s3cr?et", "s3cr#et"], ids=["slash", "question-mark", "hash"])
+@pytest.mark.parametrize("password", ["s3cr/et", "s3cr?et", "s3cr#et", "12/s3cret", "12?s3cret", "5000#s3cret"],
+                         ids=["slash", "question-mark", "hash", "digits-slash", "digits-question-mark", "digits-hash"])
 def test_predict_client_hides_a_password_holding_a_url_delimiter(tmp_path, capsys, password):
     # a '/', '?' or '#' not written %2F, %3F, %23 ends the host part where urllib reads it: the password's start was
-    # read as the port and shown, "(Port could not be cast to integer value as 's3cr')", and with a '/' the whole URL
+    # read as the port and shown, "(Port could not be cast to integer value as 's3cr')", and with a '/' the whole URL.
+    # One that starts with digits is a port to urllib: the request went to host "ann", the password in its path
+    # ("cannot reach http://ann:12/s3cret@127.0.0.1:5000 (Name or service not known)")
     image = tmp_path / "a.png"
     image.write_bytes(encode(random_pixels(1)[0], "PNG"))
     assert predict.main([str(image), "--url", f"http://ann:{password}@127.0.0.1:5000"]) == 2
