@@ -189,12 +189,14 @@ def load_arrays(path: str | Path) -> Dataset:
     `keras.datasets.cifar10.load_data()`, or a prepared `dataset.npz`): uint8 (N, 32, 32, 3) images, integer labels
     (N,) or (N, 1). Class names from its `class_names` array, else CIFAR-10's when the labels lie in 0-9."""
     required = ("x_train", "y_train", "x_test", "y_test")
+    arrays, key = {}, None
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files if k in (*required, "class_names")}
+            for key in (k for k in f.files if k in (*required, "class_names")):
+                arrays[key] = f[key]
     except Exception as exc:  # noqa: BLE001 - an object array (ValueError: needs pickles), or a damaged file: zipfile,
         # zlib and numpy's header parser (tokenize.TokenError) each raise their own
-        raise DataError(f"{path}: unreadable .npz ({exc})") from None
+        raise DataError(f"{path}: unreadable .npz ({f'array {key}: ' if key else ''}{exc})") from None
     missing = [k for k in required if k not in arrays]
     if missing:
         raise DataError(f"{path}: no array {', '.join(missing)} (an .npz source holds {', '.join(required)}, "
@@ -202,7 +204,7 @@ def load_arrays(path: str | Path) -> Dataset:
     labels = {}
     for split in ("train", "test"):
         y = arrays[f"y_{split}"]
-        if not np.issubdtype(y.dtype, np.integer):
+        if y.dtype.kind not in "iu":  # not np.integer: timedelta64 is one to numpy, its counts read as class indices
             raise DataError(f"{path}: y_{split} must hold integer labels, got {y.dtype}")
         labels[split] = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
     if "class_names" in arrays:

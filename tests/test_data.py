@@ -455,6 +455,13 @@ def test_npz_class_names_and_labels_are_checked_before_use(tmp_path):
     with pytest.raises(data.DataError, match=r"d.npz: y_test must lie in \[0, 2\) \(2 class names\), "
                                              r"got \[0, 4294967297\]"):  # not cast to int32's 1
         load(class_names=np.array(["cat", "dog"]), y_test=np.array([0, 1, 0, 2**32 + 1]))
+    # timedelta64 is an integer to numpy's dtype tree: its counts were read as class indices
+    for labels in (y.astype("m8[s]"), y.astype("M8[s]"), y.astype(bool), y + 0.5):
+        expected = f"d.npz: y_train must hold integer labels, got {labels.dtype}"
+        with pytest.raises(data.DataError, match=re.escape(expected) + "$"):
+            load(y_train=labels)
+    with pytest.raises(data.DataError, match=r"d.npz: unreadable .npz \(array y_test: Object arrays cannot be loaded"):
+        load(y_test=y.astype(object))  # which array needs pickles was not said
     np.savez(tmp_path / "no-test.npz", x_train=x, y_train=y)
     with pytest.raises(data.DataError) as err:
         data.load_source(str(tmp_path / "no-test.npz"))
