@@ -17,8 +17,10 @@ types those files contain: a crafted batch cannot run code.
 
 from __future__ import annotations
 
+import bz2
 import fcntl
 import functools
+import gzip
 import hashlib
 import io
 import lzma
@@ -796,6 +798,9 @@ def _iter_image_files(path: Path):
         return
     try:
         if not tarfile.is_tarfile(path):
+            if compression := _compressed_zip(path):
+                raise DataError(f"{path}: a {compression}-compressed zip or .npz, which is read only as it is: "
+                                "decompress it and pass the file it holds")
             if path.name.lower().endswith(ARCHIVE_SUFFIXES):  # e.g. a .zip cut short: its directory is at its end
                 raise DataError(f"{path}: unreadable archive (not a whole zip or tar file); it may be truncated "
                                 "or corrupt")
@@ -822,6 +827,19 @@ def _iter_image_files(path: Path):
             _read_to_end(tar)
     except ARCHIVE_ERRORS as exc:
         raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None
+
+
+def _compressed_zip(path: Path) -> str | None:
+    """The compression ('gzip', 'bzip2' or 'xz') of a zip compressed once more (dataset.npz.gz, or those bytes named
+    .npz), else None: refused as an archive "truncated or corrupt", it was fetched again to no end."""
+    for name, opener in (("gzip", gzip.open), ("bzip2", bz2.open), ("xz", lzma.open)):
+        try:
+            with opener(path) as f:
+                head = f.read(4)
+        except (OSError, EOFError, lzma.LZMAError):  # not this compression
+            continue
+        return name if head in (b"PK\x03\x04", b"PK\x05\x06") else None
+    return None
 
 
 def _split_index(parts: tuple[str, ...]) -> int | None:

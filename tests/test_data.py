@@ -234,6 +234,35 @@ def test_a_tar_cut_at_a_header_or_with_a_damaged_one_is_refused_not_read_short(t
     assert len(data.load_source(str(intact)).x_train) == 9
 
 
+def test_a_compressed_npz_or_zip_is_named_as_such_not_as_a_truncated_archive(tmp_path):
+    """A gzipped .npz (dataset.npz.gz, or gzip's bytes under the name .npz) was refused as "not a whole zip or tar
+    file; it may be truncated or corrupt", which sent the user fetching it again."""
+    import bz2
+    import lzma
+
+    flat = np.zeros((4, 32, 32, 3), np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=flat, y_train=np.arange(4), x_test=flat, y_test=np.arange(4))
+    write_image_folder(tmp_path / "imgs", classes=("cat", "dog"), per_class=1)
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as archive:
+        for file in sorted((tmp_path / "imgs").rglob("*.png")):
+            archive.write(file, str(file.relative_to(tmp_path / "imgs")))
+    npz, zipped = (tmp_path / "d.npz").read_bytes(), (tmp_path / "imgs.zip").read_bytes()
+    for name, packed, compression in [
+            ("g.npz", gzip.compress(npz), "gzip"), ("d.npz.gz", gzip.compress(npz), "gzip"),
+            ("d.npz.bz2", bz2.compress(npz), "bzip2"), ("d.npz.xz", lzma.compress(npz), "xz"),
+            ("imgs.zip.gz", gzip.compress(zipped), "gzip"), ("data", gzip.compress(npz), "gzip")]:
+        (tmp_path / name).write_bytes(packed)
+        with pytest.raises(data.DataError) as caught:
+            data.load_source(str(tmp_path / name))
+        assert str(caught.value).startswith(f"{tmp_path / name}: a {compression}-compressed zip or .npz")
+        assert "truncated" not in str(caught.value) and "not a dataset source" not in str(caught.value)
+    with tarfile.open(tmp_path / "imgs.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "imgs", arcname="imgs")
+    (tmp_path / "cut.tar.gz").write_bytes((tmp_path / "imgs.tar.gz").read_bytes()[:60])  # in its first block: as it was
+    with pytest.raises(data.DataError, match="cut.tar.gz: unreadable archive .*truncated"):
+        data.load_source(str(tmp_path / "cut.tar.gz"))
+
+
 def test_damaged_zip_npz_and_xz_are_one_line_not_a_traceback(tmp_path):
     """zlib's and lzma's errors are no OSError: a damaged deflate stream or xz block escaped as a traceback, and
     a .zip or .npz cut short was called 'not a dataset source' (its directory is at its end)."""
