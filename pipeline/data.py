@@ -328,12 +328,14 @@ def _refuse_unlistable(exc: OSError) -> None:
     raise _unreadable(exc)
 
 
-def _files_under(path: Path, folders: list[Path] | None = None, dead_links: list[Path] | None = None) -> list[Path]:
+def _files_under(path: Path, folders: list[Path] | None = None, dead_links: list[Path] | None = None,
+                 special: list[tuple[Path, int]] | None = None) -> list[Path]:
     """Every file under a folder, sorted, through linked folders too: Python 3.11's rglob does not enter them, so a
     class folder linked in from elsewhere was dropped unseen. A link to a folder above it (a loop) is refused, and so
     are a folder that cannot be listed and a file that cannot be looked at (os.walk skipped the one, os.path.isfile
     said False of the other: a class folder another user owns, mode 700 or 644, was dropped unseen). `folders`, if
-    given, gets every folder under it (an empty class folder is one); `dead_links`, if given, every link to nothing."""
+    given, gets every folder under it (an empty class folder is one); `dead_links`, if given, every link to nothing;
+    `special`, if given, every FIFO, device file or socket, with its mode."""
     files = []
     for folder, subfolders, names in os.walk(path, followlinks=True, onerror=_refuse_unlistable):
         here = os.path.realpath(folder)
@@ -345,8 +347,11 @@ def _files_under(path: Path, folders: list[Path] | None = None, dead_links: list
                 folders.append(Path(folder) / name)
         for name in names:
             try:
-                if stat.S_ISREG(os.stat(os.path.join(folder, name)).st_mode):
+                mode = os.stat(os.path.join(folder, name)).st_mode
+                if stat.S_ISREG(mode):
                     files.append(Path(folder) / name)
+                elif special is not None:
+                    special.append((Path(folder) / name, mode))
             except FileNotFoundError:  # a link to nothing: no file
                 if dead_links is not None and os.path.islink(os.path.join(folder, name)):
                     dead_links.append(Path(folder) / name)
@@ -691,6 +696,17 @@ def _archive_reader(path: Path, read):  # noqa: ANN001, ANN202 - a bytes reader 
     return checked
 
 
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+               stat.S_IFSOCK: "a socket"}
+_TAR_KINDS = {tarfile.FIFOTYPE: "a FIFO (named pipe)", tarfile.CHRTYPE: "a character device",
+              tarfile.BLKTYPE: "a block device"}
+
+
+def _not_a_file(where: str, kind: str, n: int) -> bytes:
+    raise DataError(f"{where}: {kind}, not a file: no image can be read from it; remove it or put the image in its "
+                    "place")
+
+
 def _dead_link(link: Path, n: int) -> bytes:
     raise DataError(f"{link}: a link to {os.readlink(link)}, which does not exist: fetch the file it names, or remove "
                     "the link")
@@ -762,8 +778,12 @@ def _iter_image_files(path: Path):
     if path.is_dir():
         folders: list[Path] = []
         dead_links: list[Path] = []
-        for file in _files_under(path, folders, dead_links):
+        special: list[tuple[Path, int]] = []
+        for file in _files_under(path, folders, dead_links, special):
             yield file.relative_to(path).parts, file.stat().st_size, functools.partial(_read_file, file)
+        for file, mode in special:  # a FIFO (read, it would wait for a writer) or a device: named as other files are
+            kind = _FILE_KINDS.get(stat.S_IFMT(mode), "a special file")
+            yield file.relative_to(path).parts, None, functools.partial(_not_a_file, str(file), kind)
         for link in dead_links:  # an image in a class folder linking to nothing is refused when read, as an
             # archive's link to what it does not hold is: skipped, it was an image dropped unseen (a git-annex checkout)
             yield link.relative_to(path).parts, None, functools.partial(_dead_link, link)
@@ -824,6 +844,10 @@ def _iter_image_files(path: Path):
                         yield parts, member.size if member.isfile() else None, _archive_reader(path, file.read)
                 elif member.isdir():
                     yield tuple(p for p in member.name.split("/") if p not in ("", ".")), None, None
+                else:  # a FIFO or a device: no image, yet named as the files beside it are, not skipped unseen
+                    kind = _TAR_KINDS.get(member.type, f"a tar member of type {member.type!r}")
+                    yield (tuple(p for p in member.name.split("/") if p not in ("", ".")), None,
+                           functools.partial(_not_a_file, f"{path}:{member.name}", kind))
             _read_to_end(tar)
     except ARCHIVE_ERRORS as exc:
         raise DataError(f"{path}: unreadable archive ({exc}); it may be truncated") from None

@@ -654,6 +654,35 @@ def test_a_folder_source_with_an_image_linked_to_nothing_is_refused_naming_it(tm
         data.load_source(str(root))
 
 
+def test_a_fifo_or_device_in_a_class_folder_or_its_tar_is_named_not_skipped(tmp_path, capsys):
+    """A named pipe or a device file in a class folder (or such a member of a tar) was skipped without a word, where
+    any other file there is named: one with an image's name is refused (it holds no image to read), another warned
+    about as a file that is not read."""
+    root = tmp_path / "imgs"
+    write_image_folder(root)
+    os.mkfifo(root / "train" / "cat" / "3.png")
+    with pytest.raises(data.DataError, match=r"imgs/train/cat/3.png: a FIFO \(named pipe\), not a file"):
+        data.load_source(str(root))
+    archive = tmp_path / "imgs.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root, arcname="imgs")
+    with pytest.raises(data.DataError, match=r"imgs.tar:imgs/train/cat/3.png: a FIFO \(named pipe\), not a file"):
+        data.load_source(str(archive))
+    (root / "train" / "cat" / "3.png").unlink()
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root, arcname="imgs")
+        device = tarfile.TarInfo("imgs/test/dog/tty0.jpg")
+        device.type = tarfile.CHRTYPE
+        tar.addfile(device)
+    with pytest.raises(data.DataError, match=r"imgs.tar:imgs/test/dog/tty0.jpg: a character device, not a file"):
+        data.load_source(str(archive))
+    os.mkfifo(root / "test" / "dog" / "pipe")
+    capsys.readouterr()
+    assert len(data.load_source(str(root)).x_test) == 9
+    err = capsys.readouterr().err
+    assert "1 files in class folders are not read" in err and err.rstrip().endswith(": test/dog/pipe")
+
+
 def zip_link(archive: zipfile.ZipFile, name: str, target: str) -> None:
     """Add a link member as `zip -y` stores one: a Unix member of link mode holding the path it names."""
     member = zipfile.ZipInfo(name)
