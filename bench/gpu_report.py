@@ -33,7 +33,7 @@ import re
 import shutil
 import tarfile
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
@@ -235,8 +235,9 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
                 members = [m for m in tar.getmembers() if m.isfile()]
                 state = [m for m in members if m.name.removeprefix("./").startswith(f"{STATE}/")]
                 found = [m for m in members if m not in state]
-                for member in found:
-                    if not is_result_name(member.name.removeprefix("./")):
+                for member in found + state:  # a state member naming `..` lands beside .gpu-state, or outside
+                    name = member.name.removeprefix("./")
+                    if not (is_result_name(name) if member in found else ".." not in PurePosixPath(name).parts):
                         raise SystemExit(f"{archive}: {member.name!r} is not a bench/gpu.sh result file")
                 results.mkdir(parents=True, exist_ok=True)
                 tar.extractall(results, members=found, filter="data")

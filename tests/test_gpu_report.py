@@ -168,3 +168,28 @@ def test_unpack_joins_pieces_and_hands_an_unfinished_run_to_the_checkout_until_i
 
     with pytest.raises(SystemExit, match="no such file, nor pieces"):
         gpu_report.unpack(tmp_path / "absent.tar.gz", results, checkout)
+
+
+@pytest.mark.parametrize("name", [".gpu-state/../../evil", ".gpu-state/../README.md", "./.gpu-state/improved/../../x"])
+def test_unpack_refuses_a_state_member_outside_gpu_state_before_touching_the_checkout(tmp_path, name):
+    """A `.gpu-state/` member naming `..` was taken for training: the checkout's .gpu-state (an unfinished run's
+    training) was removed and the results extracted before the archive was called unreadable."""
+    import io
+    import tarfile
+
+    archive = tmp_path / "gpu-results.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for member, text in {"gpu.txt": "NVIDIA H200", name: "x"}.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    checkout, results = tmp_path / "checkout", tmp_path / "results"
+    (checkout / ".gpu-state" / "improved").mkdir(parents=True)
+    (checkout / ".gpu-state" / "improved" / "epoch-0060.weights.h5").write_bytes(b"training")
+    (checkout / "README.md").write_text("readme")
+    with pytest.raises(SystemExit, match=f"{name!r} is not a bench/gpu.sh result file"):
+        gpu_report.unpack(archive, results, checkout)
+    assert (checkout / ".gpu-state" / "improved" / "epoch-0060.weights.h5").read_bytes() == b"training"
+    assert sorted(p.name for p in checkout.iterdir()) == [".gpu-state", "README.md"]
+    assert (checkout / "README.md").read_text() == "readme"
+    assert not results.exists()  # nothing extracted from an archive with a stranger in it
