@@ -279,6 +279,10 @@ def main() -> None:
     parser.add_argument("--date", default=datetime.date.today().isoformat(), help="for files that do not say")
     parser.add_argument("--unpack", help="a gpu-results.tar.gz from bench/gpu.sh to extract into --results first")
     args = parser.parse_args()
+    try:  # it goes into the table as the date those runs were measured
+        args.date = datetime.date.fromisoformat(args.date).isoformat()
+    except ValueError:
+        parser.error(f"--date: a date as YYYY-MM-DD, got {args.date!r}")
     results = Path(args.results)
     if args.unpack:
         unpack(Path(args.unpack), results)

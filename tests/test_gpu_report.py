@@ -193,3 +193,17 @@ def test_unpack_refuses_a_state_member_outside_gpu_state_before_touching_the_che
     assert sorted(p.name for p in checkout.iterdir()) == [".gpu-state", "README.md"]
     assert (checkout / "README.md").read_text() == "readme"
     assert not results.exists()  # nothing extracted from an archive with a stranger in it
+
+
+@pytest.mark.parametrize("date", ["yesterday", "2026-13-01", "30.11.2026", ""])
+def test_a_bad_date_is_refused_in_one_line_before_any_report_is_written(tmp_path, date):
+    """`--date yesterday` went into the table as the date the files' runs were measured."""
+    import subprocess
+    import sys
+
+    write(tmp_path, "gpu-fast.json", params="params/fast.yaml", epoch_seconds=[2.0, 1.0])
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_report", "--results", str(tmp_path), "--date", date],
+                          cwd=gpu_report.ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--date: a date as YYYY-MM-DD, got {date!r}" in proc.stderr
+    assert not (tmp_path / "gpu.md").exists()
