@@ -470,3 +470,19 @@ def test_benchmark_reports_name_the_cpus_family_model_and_bfloat16_units():
     assert describe_cpu(cpuinfo) == "AMD EPYC (family 25, model 17; AVX512-BF16)"
     assert describe_cpu(cpuinfo.replace(" avx512_bf16", "")) == "AMD EPYC (family 25, model 17; no bfloat16 units)"
     assert describe_cpu("") is None and f"{os.cpu_count()}-core " in machine()
+
+
+@pytest.mark.parametrize("said", ["No devices were found", "NVIDIA-SMI has failed because it couldn't communicate "
+                                                           "with the NVIDIA driver."])
+def test_a_failing_nvidia_smi_names_no_gpu(tmp_path, monkeypatch, said):
+    """nvidia-smi installed but without a GPU or its driver prints why on stdout and exits non-zero: the reports
+    named the machine `GPU: No devices were found`."""
+    from bench.machine import gpu_names, machine
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\necho \"{said}\"\necho\nexit 6\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert gpu_names() == [] and machine().endswith(", no GPU")
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3'\necho 'NVIDIA H100 80GB HBM3'\n")
+    assert gpu_names() == ["NVIDIA H100 80GB HBM3"] * 2
