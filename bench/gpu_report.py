@@ -107,18 +107,28 @@ LIMIT_EXITS = (124, 137)  # timeout's: the stage's SIGINT at its limit, the SIGK
 
 def stage_log(results: Path) -> tuple[str | None, dict[str, dict]]:
     """What the last call's gpu.log (in `results`) says: the call's date, and per stage it names whether the stage
-    wrote its file in that call (`wrote`: an epoch ended, or it exited 0), its exit status, and else `why` not."""
+    wrote its file in that call (`wrote`: an epoch ended, or it exited 0), its exit status, and else `why` not.
+    bench/gpu.sh appends each call to the log (OUT=bench/results): a stage the last call did not name is as the last
+    earlier call that wrote its file says (that file's), and none of theirs is `not run`."""
     log = results / "gpu.log"
     if not log.exists():
         return None, {}
-    called, stages, current = None, {}, None
+    called, earlier, stages, current = None, {}, {}, None
+
+    def ended_during(stage: dict | None) -> None:  # the call ended inside it (the device tool's limit): no exit line
+        if stage is not None:
+            stage.update(wrote=bool(stage["epochs"]), why="the call ended during it, before its first epoch ended")
+
     for line in log.read_text(errors="replace").splitlines():
         if match := re.match(r"== call of (\d{4}-\d\d-\d\d)", line):
-            called = match[1]
+            ended_during(current)
+            earlier.update((name, stage) for name, stage in stages.items() if stage["wrote"])
+            called, stages, current = match[1], {}, None
         elif match := re.match(r"== ([\w, -]+?) skipped: (.*)", line):
             for name in match[1].split(", "):
                 stages[name] = {"wrote": False, "why": f"skipped, {match[2]}"}
         elif match := re.match(r"== ([\w-]+) \(limit (\d+)s\)", line):
+            ended_during(current)
             current = stages[match[1]] = {"limit": int(match[2]), "epochs": 0, "last": ""}
         elif current is not None and (match := re.match(r"== ([\w-]+) exit (\d+)", line)):
             rc, current["exit"] = int(match[2]), int(match[2])
@@ -131,9 +141,8 @@ def stage_log(results: Path) -> tuple[str | None, dict[str, dict]]:
                 current["epochs"] += 1
             else:
                 current["last"] = line.strip()
-    if current is not None:  # the call ended inside this stage (the device tool's limit): no exit line
-        current.update(wrote=bool(current["epochs"]), why="the call ended during it, before its first epoch ended")
-    return called, stages
+    ended_during(current)
+    return called, {**{name: stage for name, stage in earlier.items() if name not in stages}, **stages}
 
 
 def projected_minutes(run: dict) -> float | None:

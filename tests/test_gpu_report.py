@@ -207,3 +207,29 @@ def test_a_bad_date_is_refused_in_one_line_before_any_report_is_written(tmp_path
     assert proc.returncode == 2, proc.stderr
     assert f"--date: a date as YYYY-MM-DD, got {date!r}" in proc.stderr
     assert not (tmp_path / "gpu.md").exists()
+
+
+def test_a_log_of_several_calls_says_not_run_only_of_the_last_calls_stages(tmp_path):
+    """bench/gpu.sh appends each call to gpu.log (OUT=bench/results, the default): a stage that failed in an earlier
+    call, and was not part of the last, was reported `not run: failed` under the last call's date."""
+    (tmp_path / "gpu.log").write_text("\n".join([
+        "== call of 2026-12-01 10:00:00 UTC",
+        "== fast (limit 220s) 10:00:01", "Traceback (most recent call last):", "RuntimeError: out of memory",
+        "== fast exit 1 10:00:30",
+        "== improved (limit 400s) 10:00:31", "Epoch 1/150", "Traceback (most recent call last):",
+        "FloatingPointError: NaN loss", "== improved exit 1 10:03:00",
+        "== seed (limit 150s) 10:03:01", "Epoch 1/2",  # the call ended here
+        "== call of 2026-12-02 10:00:00 UTC",
+        "== explore-32 (limit 80s) 10:00:01", "== explore-32 exit 124 10:01:21",
+        "== explore-wide skipped: 500s of 570s used, it may take 100s", ""]))
+    write(tmp_path, "gpu-improved.json", partial=True, checkpoint=".gpu-state/improved", epoch_seconds=[100.0])
+    write(tmp_path, "gpu-seed.json", partial=True, epoch_seconds=[80.0])
+    table = {(row["file"], row["date"]): row["status"] for _, row in gpu_report.rows(tmp_path, "1999-01-01").iterrows()}
+    assert table == {
+        # the earlier call's files, as that call's log says they ended
+        ("gpu-improved.json", "1999-01-01"): "failed after 1 epochs, exit 1: FloatingPointError: NaN loss",
+        ("gpu-seed.json", "1999-01-01"): "stopped when the call ended",
+        # the last call's
+        ("gpu-explore-32.json", "2026-12-02"): "not run: stopped at its 80 s limit before its first epoch ended "
+                                               "(it includes XLA's compiles)",
+        ("gpu-explore-wide.json", "2026-12-02"): "not run: skipped, 500s of 570s used, it may take 100s"}
