@@ -225,7 +225,9 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
     in place of the one there (an archive without one leaves it as it is).
     Refuses an archive holding anything else, or in a folder, before extracting any of it. Where there is no archive
     but its folder holds gpu.sh's files loose (a call ended at its limit before gpu.sh packed them), those."""
-    loose = [] if archive.exists() or list(archive.parent.glob(f"{archive.name}.part*")) else sorted(
+    # (the results folder's own files are results already, not a call's)
+    loose = [] if archive.exists() or list(archive.parent.glob(f"{archive.name}.part*")) or (
+        archive.parent.resolve() == results.resolve()) else sorted(
         path for path in archive.parent.glob("gpu*") if path.is_file() and is_result_name(path.name))
     if loose:
         print(f"{archive}: not there: the call ended before bench/gpu.sh packed its files; its {len(loose)} loose "

@@ -233,3 +233,13 @@ def test_a_log_of_several_calls_says_not_run_only_of_the_last_calls_stages(tmp_p
         ("gpu-explore-32.json", "2026-12-02"): "not run: stopped at its 80 s limit before its first epoch ended "
                                                "(it includes XLA's compiles)",
         ("gpu-explore-wide.json", "2026-12-02"): "not run: skipped, 500s of 570s used, it may take 100s"}
+
+
+def test_unpack_of_a_missing_archive_in_the_results_folder_names_it_missing(tmp_path):
+    """An archive path that is not there, in a results folder holding earlier results, took those for a call's
+    loose files: `the call ended before bench/gpu.sh packed its files`, then a SameFileError traceback."""
+    write(tmp_path, "gpu-fast.json", params="params/fast.yaml", epoch_seconds=[2.0, 1.0])
+    (tmp_path / "gpu.txt").write_text("NVIDIA H200")
+    with pytest.raises(SystemExit, match="gpu-results.tar.gz: no such file, nor pieces"):
+        gpu_report.unpack(tmp_path / "gpu-results.tar.gz", tmp_path, tmp_path / "checkout")
+    assert (tmp_path / "gpu.txt").read_text() == "NVIDIA H200"
