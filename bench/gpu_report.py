@@ -250,6 +250,8 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
                     name = member.name.removeprefix("./")
                     if not (is_result_name(name) if member in found else ".." not in PurePosixPath(name).parts):
                         raise SystemExit(f"{archive}: {member.name!r} is not a bench/gpu.sh result file")
+                if not found:  # gpu.sh packs gpu.txt and gpu.log at least: the table would be the earlier files'
+                    raise SystemExit(f"{archive}: no bench/gpu.sh result file in it (gpu.txt, gpu.log, gpu-*.json)")
                 results.mkdir(parents=True, exist_ok=True)
                 tar.extractall(results, members=found, filter="data")
                 # gpu.sh packs the checkout's .gpu-state whenever it trained there, a whole run's improved.json

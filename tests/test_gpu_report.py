@@ -243,3 +243,24 @@ def test_unpack_of_a_missing_archive_in_the_results_folder_names_it_missing(tmp_
     with pytest.raises(SystemExit, match="gpu-results.tar.gz: no such file, nor pieces"):
         gpu_report.unpack(tmp_path / "gpu-results.tar.gz", tmp_path, tmp_path / "checkout")
     assert (tmp_path / "gpu.txt").read_text() == "NVIDIA H200"
+
+
+def test_unpack_refuses_an_archive_without_any_result_file(tmp_path):
+    """An empty archive (or one of folders alone) unpacked nothing, and the table of the results folder's earlier
+    files was written as that call's."""
+    import io
+    import tarfile
+
+    results = tmp_path / "results"
+    results.mkdir()
+    write(results, "gpu-fast.json", params="params/fast.yaml", epoch_seconds=[2.0, 1.0])
+    archive = tmp_path / "gpu-results.tar.gz"
+    for members in ({}, {".gpu-state": tarfile.DIRTYPE}):
+        with tarfile.open(archive, "w:gz") as tar:
+            for name, kind in members.items():
+                info = tarfile.TarInfo(name)
+                info.type = kind
+                tar.addfile(info, io.BytesIO())
+        with pytest.raises(SystemExit, match="gpu-results.tar.gz: no bench/gpu.sh result file in it"):
+            gpu_report.unpack(archive, results, tmp_path / "checkout")
+    assert sorted(p.name for p in results.iterdir()) == ["gpu-fast.json"]
