@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
@@ -213,11 +215,14 @@ def pieces(archive: Path) -> list[Path]:
     """`archive`, or the pieces bench/gpu.sh cut it into (ARCHIVE.part0, .part1, ...), in order."""
     if archive.exists():
         return [archive]
-    found = sorted(archive.parent.glob(f"{archive.name}.part*"), key=lambda p: p.name.removeprefix(
-        f"{archive.name}.part").zfill(6))
-    if not found:
+    numbered = {int(number): path for path in archive.parent.glob(f"{archive.name}.part*")
+                if (number := path.name.removeprefix(f"{archive.name}.part")).isdigit()}
+    if not numbered:
         raise SystemExit(f"{archive}: no such file, nor pieces {archive.name}.part0, .part1, ...")
-    return found
+    if missing := sorted(set(range(max(numbered) + 1)) - numbered.keys()):  # joined without it: garbage
+        raise SystemExit(f"{archive}: piece {', '.join(f'{archive.name}.part{k}' for k in missing)} missing (found "
+                         f"{', '.join(f'.part{k}' for k in sorted(numbered))})")
+    return [numbered[k] for k in sorted(numbered)]
 
 
 def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
@@ -242,6 +247,12 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
                 with piece.open("rb") as part:
                     shutil.copyfileobj(part, joined)
             joined.seek(0)
+            if joined.read(2) == b"\x1f\x8b":  # gzip's checksum, which tarfile does not check: a damaged piece
+                joined.seek(0)
+                with gzip.GzipFile(fileobj=joined) as unzipped:
+                    while unzipped.read(1 << 20):
+                        pass
+            joined.seek(0)
             with tarfile.open(fileobj=joined) as tar:
                 members = [m for m in tar.getmembers() if m.isfile()]
                 state = [m for m in members if m.name.removeprefix("./").startswith(f"{STATE}/")]
@@ -260,7 +271,7 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
                 if state:
                     shutil.rmtree(checkout / STATE, ignore_errors=True)
                 tar.extractall(checkout, members=state, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # zlib's: a damaged piece
         raise SystemExit(f"{archive}: not a readable gpu-results.tar.gz ({exc})") from None
     return sorted(Path(m.name).name for m in found)
 

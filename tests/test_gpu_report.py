@@ -264,3 +264,32 @@ def test_unpack_refuses_an_archive_without_any_result_file(tmp_path):
         with pytest.raises(SystemExit, match="gpu-results.tar.gz: no bench/gpu.sh result file in it"):
             gpu_report.unpack(archive, results, tmp_path / "checkout")
     assert sorted(p.name for p in results.iterdir()) == ["gpu-fast.json"]
+
+
+def test_unpack_names_a_missing_piece_and_refuses_a_damaged_one_in_one_line(tmp_path):
+    """A piece that did not come back, or came back damaged, was zlib's traceback (`invalid literal/length code`)."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for member, data in {"gpu.txt": b"NVIDIA H200", ".gpu-state/improved/epoch-0060.weights.h5":
+                             np.random.default_rng(0).bytes(200_000)}.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    whole = buffer.getvalue()
+    checkout, results, archive = tmp_path / "checkout", tmp_path / "results", tmp_path / "gpu-results.tar.gz"
+    (checkout / ".gpu-state").mkdir(parents=True)
+    (checkout / ".gpu-state" / "improved.json").write_text("{}")
+    for k in (0, 2, 3):
+        (tmp_path / f"gpu-results.tar.gz.part{k}").write_bytes(whole[k * 60_000:(k + 1) * 60_000])
+    with pytest.raises(SystemExit, match=r"gpu-results.tar.gz: piece gpu-results.tar.gz.part1 missing \(found .part0, "
+                                         r".part2, .part3\)"):
+        gpu_report.unpack(archive, results, checkout)
+    damaged = bytearray(whole[60_000:120_000])
+    damaged[1000:1100] = bytes(100)
+    (tmp_path / "gpu-results.tar.gz.part1").write_bytes(bytes(damaged))
+    with pytest.raises(SystemExit, match="gpu-results.tar.gz: not a readable gpu-results.tar.gz"):
+        gpu_report.unpack(archive, results, checkout)
+    assert not results.exists() and [p.name for p in (checkout / ".gpu-state").iterdir()] == ["improved.json"]
