@@ -59,7 +59,12 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
         if name not in files:
             continue
         path = files[name]
-        run = json.loads(path.read_text())
+        try:
+            run = json.loads(path.read_text())
+        except ValueError as exc:  # cut short, or not JSON
+            raise SystemExit(f"{path}: not a bench/gpu.sh result ({exc})") from None
+        if not isinstance(run, dict):
+            raise SystemExit(f"{path}: not a bench/gpu.sh result (a JSON {type(run).__name__}, not a record)")
         seconds = run.get("epoch_seconds", [])
         full = "test_acc" in run
         records.append({

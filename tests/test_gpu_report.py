@@ -293,3 +293,12 @@ def test_unpack_names_a_missing_piece_and_refuses_a_damaged_one_in_one_line(tmp_
     with pytest.raises(SystemExit, match="gpu-results.tar.gz: not a readable gpu-results.tar.gz"):
         gpu_report.unpack(archive, results, checkout)
     assert not results.exists() and [p.name for p in (checkout / ".gpu-state").iterdir()] == ["improved.json"]
+
+
+@pytest.mark.parametrize("text", ['{"epoch_seconds": [1.0', "[]", ""])
+def test_a_results_file_that_is_not_a_json_record_is_one_line_naming_it(tmp_path, text):
+    """A gpu-*.json cut short, or holding no record, was json's or pandas' traceback."""
+    write(tmp_path, "gpu-fast.json", params="params/fast.yaml", epoch_seconds=[2.0, 1.0])
+    (tmp_path / "gpu-seed.json").write_text(text)
+    with pytest.raises(SystemExit, match=r"gpu-seed.json: not a bench/gpu.sh result \(.+\)$"):
+        gpu_report.rows(tmp_path)
