@@ -54,8 +54,9 @@
 #   pip download -q --no-deps airbench==0.1.8 -d .whl
 #   mkdir -p .data && cp ../shared/datasets/cifar10-jpeg-q75.tar.gz .data/
 # It installs keras from .whl unless the machine's Python has that very version, and namex and optree where it lacks
-# them; a misspelt GPU_SH_STAGES, wheels that fit no Python there, or a keras that does not import with its JAX end
-# the call at once with one line saying so (in gpu.log, packed as below).
+# them; a misspelt GPU_SH_STAGES, a budget or limit (GPU_SH_BUDGET, FAST_LIMIT, ...) that is no whole number, wheels
+# that fit no Python there, or a keras that does not import with its JAX end the call at once with one line saying so
+# (in gpu.log, packed as below; the first two before anything runs, on stderr).
 # Then through the device tool: run(command="bash bench/gpu.sh", carry=[".whl", ".data", ".gpu-state"],
 # timeout_s=580). That machine returns at most 8 files of 16 MiB, so with OUT set elsewhere than bench/results the
 # script ends by packing its files (gpu-*.json, gpu.txt, gpu.log, and .gpu-state: improved's training or result) into
@@ -85,6 +86,11 @@ STAGES="fast fast-warm reference-airbench94 reference-airbench96 seed improved e
 for name in ${GPU_SH_STAGES:-}; do  # a misspelt name would run nothing and waste the call
   [[ " ${STAGES//$'\n'/ } " == *" $name "* ]] \
     || { echo "GPU_SH_STAGES: no stage '$name' (stages: $(echo $STAGES))" >&2; exit 2; }
+done
+for var in GPU_SH_BUDGET GPU_SH_CARRY_MIB FAST_LIMIT WARM_LIMIT REFERENCE_LIMIT REFERENCE96_LIMIT SEED_LIMIT \
+  IMPROVED_LIMIT CEILING_LIMIT EXPLORE_LIMIT; do  # seconds (MiB): another value fails every check of the time left,
+  # and each stage runs whatever the budget (0: timeout's none), until the script dies before packing
+  [[ -z ${!var+set} || ${!var} =~ ^[1-9][0-9]*$ ]] || { echo "$var: a whole number from 1, got '${!var}'" >&2; exit 2; }
 done
 mkdir -p "$OUT"
 LOG="$OUT/gpu.log"

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import re
 import shutil
 import tarfile
 import tempfile
-from pathlib import Path
+import zlib
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
@@ -57,7 +59,12 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
         if name not in files:
             continue
         path = files[name]
-        run = json.loads(path.read_text())
+        try:
+            run = json.loads(path.read_text())
+        except ValueError as exc:  # cut short, or not JSON
+            raise SystemExit(f"{path}: not a bench/gpu.sh result ({exc})") from None
+        if not isinstance(run, dict):
+            raise SystemExit(f"{path}: not a bench/gpu.sh result (a JSON {type(run).__name__}, not a record)")
         seconds = run.get("epoch_seconds", [])
         full = "test_acc" in run
         records.append({
@@ -107,18 +114,28 @@ LIMIT_EXITS = (124, 137)  # timeout's: the stage's SIGINT at its limit, the SIGK
 
 def stage_log(results: Path) -> tuple[str | None, dict[str, dict]]:
     """What the last call's gpu.log (in `results`) says: the call's date, and per stage it names whether the stage
-    wrote its file in that call (`wrote`: an epoch ended, or it exited 0), its exit status, and else `why` not."""
+    wrote its file in that call (`wrote`: an epoch ended, or it exited 0), its exit status, and else `why` not.
+    bench/gpu.sh appends each call to the log (OUT=bench/results): a stage the last call did not name is as the last
+    earlier call that wrote its file says (that file's), and none of theirs is `not run`."""
     log = results / "gpu.log"
     if not log.exists():
         return None, {}
-    called, stages, current = None, {}, None
+    called, earlier, stages, current = None, {}, {}, None
+
+    def ended_during(stage: dict | None) -> None:  # the call ended inside it (the device tool's limit): no exit line
+        if stage is not None:
+            stage.update(wrote=bool(stage["epochs"]), why="the call ended during it, before its first epoch ended")
+
     for line in log.read_text(errors="replace").splitlines():
         if match := re.match(r"== call of (\d{4}-\d\d-\d\d)", line):
-            called = match[1]
+            ended_during(current)
+            earlier.update((name, stage) for name, stage in stages.items() if stage["wrote"])
+            called, stages, current = match[1], {}, None
         elif match := re.match(r"== ([\w, -]+?) skipped: (.*)", line):
             for name in match[1].split(", "):
                 stages[name] = {"wrote": False, "why": f"skipped, {match[2]}"}
         elif match := re.match(r"== ([\w-]+) \(limit (\d+)s\)", line):
+            ended_during(current)
             current = stages[match[1]] = {"limit": int(match[2]), "epochs": 0, "last": ""}
         elif current is not None and (match := re.match(r"== ([\w-]+) exit (\d+)", line)):
             rc, current["exit"] = int(match[2]), int(match[2])
@@ -131,9 +148,8 @@ def stage_log(results: Path) -> tuple[str | None, dict[str, dict]]:
                 current["epochs"] += 1
             else:
                 current["last"] = line.strip()
-    if current is not None:  # the call ended inside this stage (the device tool's limit): no exit line
-        current.update(wrote=bool(current["epochs"]), why="the call ended during it, before its first epoch ended")
-    return called, stages
+    ended_during(current)
+    return called, {**{name: stage for name, stage in earlier.items() if name not in stages}, **stages}
 
 
 def projected_minutes(run: dict) -> float | None:
@@ -204,11 +220,14 @@ def pieces(archive: Path) -> list[Path]:
     """`archive`, or the pieces bench/gpu.sh cut it into (ARCHIVE.part0, .part1, ...), in order."""
     if archive.exists():
         return [archive]
-    found = sorted(archive.parent.glob(f"{archive.name}.part*"), key=lambda p: p.name.removeprefix(
-        f"{archive.name}.part").zfill(6))
-    if not found:
+    numbered = {int(number): path for path in archive.parent.glob(f"{archive.name}.part*")
+                if (number := path.name.removeprefix(f"{archive.name}.part")).isdigit()}
+    if not numbered:
         raise SystemExit(f"{archive}: no such file, nor pieces {archive.name}.part0, .part1, ...")
-    return found
+    if missing := sorted(set(range(max(numbered) + 1)) - numbered.keys()):  # joined without it: garbage
+        raise SystemExit(f"{archive}: piece {', '.join(f'{archive.name}.part{k}' for k in missing)} missing (found "
+                         f"{', '.join(f'.part{k}' for k in sorted(numbered))})")
+    return [numbered[k] for k in sorted(numbered)]
 
 
 def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
@@ -216,7 +235,9 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
     in place of the one there (an archive without one leaves it as it is).
     Refuses an archive holding anything else, or in a folder, before extracting any of it. Where there is no archive
     but its folder holds gpu.sh's files loose (a call ended at its limit before gpu.sh packed them), those."""
-    loose = [] if archive.exists() or list(archive.parent.glob(f"{archive.name}.part*")) else sorted(
+    # (the results folder's own files are results already, not a call's)
+    loose = [] if archive.exists() or list(archive.parent.glob(f"{archive.name}.part*")) or (
+        archive.parent.resolve() == results.resolve()) else sorted(
         path for path in archive.parent.glob("gpu*") if path.is_file() and is_result_name(path.name))
     if loose:
         print(f"{archive}: not there: the call ended before bench/gpu.sh packed its files; its {len(loose)} loose "
@@ -231,13 +252,22 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
                 with piece.open("rb") as part:
                     shutil.copyfileobj(part, joined)
             joined.seek(0)
+            if joined.read(2) == b"\x1f\x8b":  # gzip's checksum, which tarfile does not check: a damaged piece
+                joined.seek(0)
+                with gzip.GzipFile(fileobj=joined) as unzipped:
+                    while unzipped.read(1 << 20):
+                        pass
+            joined.seek(0)
             with tarfile.open(fileobj=joined) as tar:
                 members = [m for m in tar.getmembers() if m.isfile()]
                 state = [m for m in members if m.name.removeprefix("./").startswith(f"{STATE}/")]
                 found = [m for m in members if m not in state]
-                for member in found:
-                    if not is_result_name(member.name.removeprefix("./")):
+                for member in found + state:  # a state member naming `..` lands beside .gpu-state, or outside
+                    name = member.name.removeprefix("./")
+                    if not (is_result_name(name) if member in found else ".." not in PurePosixPath(name).parts):
                         raise SystemExit(f"{archive}: {member.name!r} is not a bench/gpu.sh result file")
+                if not found:  # gpu.sh packs gpu.txt and gpu.log at least: the table would be the earlier files'
+                    raise SystemExit(f"{archive}: no bench/gpu.sh result file in it (gpu.txt, gpu.log, gpu-*.json)")
                 results.mkdir(parents=True, exist_ok=True)
                 tar.extractall(results, members=found, filter="data")
                 # gpu.sh packs the checkout's .gpu-state whenever it trained there, a whole run's improved.json
@@ -246,7 +276,7 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
                 if state:
                     shutil.rmtree(checkout / STATE, ignore_errors=True)
                 tar.extractall(checkout, members=state, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # zlib's: a damaged piece
         raise SystemExit(f"{archive}: not a readable gpu-results.tar.gz ({exc})") from None
     return sorted(Path(m.name).name for m in found)
 
@@ -278,6 +308,10 @@ def main() -> None:
     parser.add_argument("--date", default=datetime.date.today().isoformat(), help="for files that do not say")
     parser.add_argument("--unpack", help="a gpu-results.tar.gz from bench/gpu.sh to extract into --results first")
     args = parser.parse_args()
+    try:  # it goes into the table as the date those runs were measured
+        args.date = datetime.date.fromisoformat(args.date).isoformat()
+    except ValueError:
+        parser.error(f"--date: a date as YYYY-MM-DD, got {args.date!r}")
     results = Path(args.results)
     if args.unpack:
         unpack(Path(args.unpack), results)

@@ -39,12 +39,14 @@ def describe_cpu(cpuinfo: str) -> str | None:
 
 
 def gpu_names() -> list[str]:
-    """The NVIDIA GPUs nvidia-smi lists (none where it is absent)."""
+    """The NVIDIA GPUs nvidia-smi lists (none where it is absent, or fails: without a GPU or its driver it says why on
+    its standard output)."""
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=20).stdout.strip().splitlines()
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return []
+    return proc.stdout.strip().splitlines() if proc.returncode == 0 else []
 
 
 def stamp() -> dict:

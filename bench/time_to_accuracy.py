@@ -174,6 +174,11 @@ def main() -> None:
             raise SystemExit(130) from None
 
 
+def table(frame: pd.DataFrame) -> str:
+    """`frame` in Markdown, a missing value (a threshold never reached, a time not read back) blank, not `nan`."""
+    return frame.astype(object).where(frame.notna(), None).to_markdown(index=False, missingval="")
+
+
 REFUSED_EXTRA = ("-e", "--entry-point", "--experiment-name", "--experiment-id")
 
 
@@ -197,7 +202,8 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int | N
                   if len(results) < planned else "")
     runs = pd.DataFrame([r["row"] for r in results])
     timed = [key for key in ("wall_s", "registered_s") if key in runs]
-    medians = runs.groupby("profile", sort=False)[[*timed, "test_acc"]].median().reset_index()
+    # a run without a value (registered_s not read back) leaves its profile's median blank, not the others'
+    medians = runs.groupby("profile", sort=False)[[*timed, "test_acc"]].median(skipna=False).reset_index()
     medians.insert(1, "runs", runs.groupby("profile", sort=False).size().to_numpy())
     medians["test_acc_min"] = runs.groupby("profile", sort=False)["test_acc"].min().to_numpy()
     medians["test_acc_max"] = runs.groupby("profile", sort=False)["test_acc"].max().to_numpy()
@@ -236,15 +242,15 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int | N
             "images held out, or the test split itself where the profile holds none out). "
             "`test_acc`: all test images. `seed`: the run's `train.seed` (initial weights, held-out split unless "
             "`train.validation_seed` is set, batch order); runs with the same seed train the same model.\n\n"
-            f"## Median per profile\n\n{medians.to_markdown(index=False)}\n\n"
-            f"## Every run\n\n{runs.to_markdown(index=False)}\n\n"
+            f"## Median per profile\n\n{table(medians)}\n\n"
+            f"## Every run\n\n{table(runs)}\n\n"
             "## Where the time went\n\nSeconds per phase of each run above, in order; they add up to `wall_s`. "
             "`start_s`: from the command's start to the first step's run (the `mlflow run` CLI, the interpreter, "
             "imports, input checks); a step's seconds run from its run's start to its end; `train_epochs_s`: "
             "the logged `epoch_seconds` (the first includes compiling the train step; each includes the "
             "epoch's validation); `train_other_s`: the rest of train (building the model, the inference copy, "
             "logging the model); `exit_s`: from register's end to the command's exit.\n\n"
-            f"{timing.to_markdown(index=False)}\n\n![val_acc against wall time]({name}.png)\n")
+            f"{table(timing)}\n\n![val_acc against wall time]({name}.png)\n")
     replace_atomically(RESULTS / f"{name}.md", lambda staged: staged.write_text(text))
     print(text)
 

@@ -470,3 +470,42 @@ def test_benchmark_reports_name_the_cpus_family_model_and_bfloat16_units():
     assert describe_cpu(cpuinfo) == "AMD EPYC (family 25, model 17; AVX512-BF16)"
     assert describe_cpu(cpuinfo.replace(" avx512_bf16", "")) == "AMD EPYC (family 25, model 17; no bfloat16 units)"
     assert describe_cpu("") is None and f"{os.cpu_count()}-core " in machine()
+
+
+@pytest.mark.parametrize("said", ["No devices were found", "NVIDIA-SMI has failed because it couldn't communicate "
+                                                           "with the NVIDIA driver."])
+def test_a_failing_nvidia_smi_names_no_gpu(tmp_path, monkeypatch, said):
+    """nvidia-smi installed but without a GPU or its driver prints why on stdout and exits non-zero: the reports
+    named the machine `GPU: No devices were found`."""
+    from bench.machine import gpu_names, machine
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\necho \"{said}\"\necho\nexit 6\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert gpu_names() == [] and machine().endswith(", no GPU")
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3'\necho 'NVIDIA H100 80GB HBM3'\n")
+    assert gpu_names() == ["NVIDIA H100 80GB HBM3"] * 2
+
+
+def test_a_threshold_never_reached_and_a_time_not_read_back_are_blank_never_nan_nor_a_median_of_fewer(
+        tmp_path, monkeypatch):
+    """A run whose val_acc never reached 0.9 showed `nan` in the table; a run without registered_s left the median
+    of the others as the profile's median over both runs."""
+    import argparse
+
+    from bench import time_to_accuracy
+
+    monkeypatch.setattr(time_to_accuracy, "RESULTS", tmp_path)
+    runs = [fake_run("tiny", 0.5), fake_run("tiny", 0.6)]
+    for run, reached, registered in zip(runs, (None, 9.0), (None, 8.0), strict=True):
+        run["row"] = {**run["row"], "val_acc>=0.9_s": reached, "registered_s": registered}
+    args = argparse.Namespace(profiles="tiny", repeat=2, seeds="", data="", extra="")
+    time_to_accuracy.write_report(runs, args, 2)
+    text = (tmp_path / "time_to_accuracy.md").read_text()
+    assert "nan" not in text
+    tables = [[[cell.strip() for cell in line.strip("|").split("|")] for line in block.splitlines()
+               if line.startswith("|")] for block in text.split("\n\n") if block.startswith("|")]
+    medians, every = ({name: [row[i] for row in table[2:]] for i, name in enumerate(table[0])} for table in tables[:2])
+    assert medians["registered_s"] == [""] and medians["wall_s"] == ["10"]  # of one run of two: no median
+    assert every["val_acc>=0.9_s"] == ["", "9"] and every["registered_s"] == ["", "8"]

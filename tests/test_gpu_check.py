@@ -645,6 +645,23 @@ def test_gpu_sh_refuses_a_misspelt_stage_name_before_anything_runs(tmp_path):
     assert sorted(known) == sorted(staged) and len(known) == 14
 
 
+
+@pytest.mark.parametrize(("variable", "value"), [("GPU_SH_BUDGET", "10m"), ("GPU_SH_BUDGET", "abc"),
+                                                 ("FAST_LIMIT", "0"), ("IMPROVED_LIMIT", "08"),
+                                                 ("GPU_SH_CARRY_MIB", "64MiB")])
+def test_gpu_sh_refuses_a_budget_or_limit_that_is_no_whole_number_before_anything_runs(tmp_path, variable, value):
+    """GPU_SH_BUDGET=10m made every stage's check of the time left fail, so each ran whatever the budget, until the
+    script died on an unbound variable before packing what they wrote; FAST_LIMIT=0 ran fast without a limit."""
+    fake, log = tmp_path / "python", tmp_path / "stages.log"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={"PATH": os.environ["PATH"], "PYTHON": str(fake), "FAKE_LOG": str(log),
+                                           "OUT": str(tmp_path / "out"), variable: value})
+    assert proc.returncode == 2
+    assert proc.stderr == f"{variable}: a whole number from 1, got '{value}'\n"
+    assert not log.exists() and not (tmp_path / "out").exists()
+
 def wheel(folder, name: str, version: str, tag: str, source: str) -> None:
     """A wheel of one module `name` (its __init__.py: `source`), as pip installs it."""
     import zipfile

@@ -168,3 +168,137 @@ def test_unpack_joins_pieces_and_hands_an_unfinished_run_to_the_checkout_until_i
 
     with pytest.raises(SystemExit, match="no such file, nor pieces"):
         gpu_report.unpack(tmp_path / "absent.tar.gz", results, checkout)
+
+
+@pytest.mark.parametrize("name", [".gpu-state/../../evil", ".gpu-state/../README.md", "./.gpu-state/improved/../../x"])
+def test_unpack_refuses_a_state_member_outside_gpu_state_before_touching_the_checkout(tmp_path, name):
+    """A `.gpu-state/` member naming `..` was taken for training: the checkout's .gpu-state (an unfinished run's
+    training) was removed and the results extracted before the archive was called unreadable."""
+    import io
+    import tarfile
+
+    archive = tmp_path / "gpu-results.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for member, text in {"gpu.txt": "NVIDIA H200", name: "x"}.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    checkout, results = tmp_path / "checkout", tmp_path / "results"
+    (checkout / ".gpu-state" / "improved").mkdir(parents=True)
+    (checkout / ".gpu-state" / "improved" / "epoch-0060.weights.h5").write_bytes(b"training")
+    (checkout / "README.md").write_text("readme")
+    with pytest.raises(SystemExit, match=f"{name!r} is not a bench/gpu.sh result file"):
+        gpu_report.unpack(archive, results, checkout)
+    assert (checkout / ".gpu-state" / "improved" / "epoch-0060.weights.h5").read_bytes() == b"training"
+    assert sorted(p.name for p in checkout.iterdir()) == [".gpu-state", "README.md"]
+    assert (checkout / "README.md").read_text() == "readme"
+    assert not results.exists()  # nothing extracted from an archive with a stranger in it
+
+
+@pytest.mark.parametrize("date", ["yesterday", "2026-13-01", "30.11.2026", ""])
+def test_a_bad_date_is_refused_in_one_line_before_any_report_is_written(tmp_path, date):
+    """`--date yesterday` went into the table as the date the files' runs were measured."""
+    import subprocess
+    import sys
+
+    write(tmp_path, "gpu-fast.json", params="params/fast.yaml", epoch_seconds=[2.0, 1.0])
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_report", "--results", str(tmp_path), "--date", date],
+                          cwd=gpu_report.ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--date: a date as YYYY-MM-DD, got {date!r}" in proc.stderr
+    assert not (tmp_path / "gpu.md").exists()
+
+
+def test_a_log_of_several_calls_says_not_run_only_of_the_last_calls_stages(tmp_path):
+    """bench/gpu.sh appends each call to gpu.log (OUT=bench/results, the default): a stage that failed in an earlier
+    call, and was not part of the last, was reported `not run: failed` under the last call's date."""
+    (tmp_path / "gpu.log").write_text("\n".join([
+        "== call of 2026-12-01 10:00:00 UTC",
+        "== fast (limit 220s) 10:00:01", "Traceback (most recent call last):", "RuntimeError: out of memory",
+        "== fast exit 1 10:00:30",
+        "== improved (limit 400s) 10:00:31", "Epoch 1/150", "Traceback (most recent call last):",
+        "FloatingPointError: NaN loss", "== improved exit 1 10:03:00",
+        "== seed (limit 150s) 10:03:01", "Epoch 1/2",  # the call ended here
+        "== call of 2026-12-02 10:00:00 UTC",
+        "== explore-32 (limit 80s) 10:00:01", "== explore-32 exit 124 10:01:21",
+        "== explore-wide skipped: 500s of 570s used, it may take 100s", ""]))
+    write(tmp_path, "gpu-improved.json", partial=True, checkpoint=".gpu-state/improved", epoch_seconds=[100.0])
+    write(tmp_path, "gpu-seed.json", partial=True, epoch_seconds=[80.0])
+    table = {(row["file"], row["date"]): row["status"] for _, row in gpu_report.rows(tmp_path, "1999-01-01").iterrows()}
+    assert table == {
+        # the earlier call's files, as that call's log says they ended
+        ("gpu-improved.json", "1999-01-01"): "failed after 1 epochs, exit 1: FloatingPointError: NaN loss",
+        ("gpu-seed.json", "1999-01-01"): "stopped when the call ended",
+        # the last call's
+        ("gpu-explore-32.json", "2026-12-02"): "not run: stopped at its 80 s limit before its first epoch ended "
+                                               "(it includes XLA's compiles)",
+        ("gpu-explore-wide.json", "2026-12-02"): "not run: skipped, 500s of 570s used, it may take 100s"}
+
+
+def test_unpack_of_a_missing_archive_in_the_results_folder_names_it_missing(tmp_path):
+    """An archive path that is not there, in a results folder holding earlier results, took those for a call's
+    loose files: `the call ended before bench/gpu.sh packed its files`, then a SameFileError traceback."""
+    write(tmp_path, "gpu-fast.json", params="params/fast.yaml", epoch_seconds=[2.0, 1.0])
+    (tmp_path / "gpu.txt").write_text("NVIDIA H200")
+    with pytest.raises(SystemExit, match="gpu-results.tar.gz: no such file, nor pieces"):
+        gpu_report.unpack(tmp_path / "gpu-results.tar.gz", tmp_path, tmp_path / "checkout")
+    assert (tmp_path / "gpu.txt").read_text() == "NVIDIA H200"
+
+
+def test_unpack_refuses_an_archive_without_any_result_file(tmp_path):
+    """An empty archive (or one of folders alone) unpacked nothing, and the table of the results folder's earlier
+    files was written as that call's."""
+    import io
+    import tarfile
+
+    results = tmp_path / "results"
+    results.mkdir()
+    write(results, "gpu-fast.json", params="params/fast.yaml", epoch_seconds=[2.0, 1.0])
+    archive = tmp_path / "gpu-results.tar.gz"
+    for members in ({}, {".gpu-state": tarfile.DIRTYPE}):
+        with tarfile.open(archive, "w:gz") as tar:
+            for name, kind in members.items():
+                info = tarfile.TarInfo(name)
+                info.type = kind
+                tar.addfile(info, io.BytesIO())
+        with pytest.raises(SystemExit, match="gpu-results.tar.gz: no bench/gpu.sh result file in it"):
+            gpu_report.unpack(archive, results, tmp_path / "checkout")
+    assert sorted(p.name for p in results.iterdir()) == ["gpu-fast.json"]
+
+
+def test_unpack_names_a_missing_piece_and_refuses_a_damaged_one_in_one_line(tmp_path):
+    """A piece that did not come back, or came back damaged, was zlib's traceback (`invalid literal/length code`)."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for member, data in {"gpu.txt": b"NVIDIA H200", ".gpu-state/improved/epoch-0060.weights.h5":
+                             np.random.default_rng(0).bytes(200_000)}.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    whole = buffer.getvalue()
+    checkout, results, archive = tmp_path / "checkout", tmp_path / "results", tmp_path / "gpu-results.tar.gz"
+    (checkout / ".gpu-state").mkdir(parents=True)
+    (checkout / ".gpu-state" / "improved.json").write_text("{}")
+    for k in (0, 2, 3):
+        (tmp_path / f"gpu-results.tar.gz.part{k}").write_bytes(whole[k * 60_000:(k + 1) * 60_000])
+    with pytest.raises(SystemExit, match=r"gpu-results.tar.gz: piece gpu-results.tar.gz.part1 missing \(found .part0, "
+                                         r".part2, .part3\)"):
+        gpu_report.unpack(archive, results, checkout)
+    damaged = bytearray(whole[60_000:120_000])
+    damaged[1000:1100] = bytes(100)
+    (tmp_path / "gpu-results.tar.gz.part1").write_bytes(bytes(damaged))
+    with pytest.raises(SystemExit, match="gpu-results.tar.gz: not a readable gpu-results.tar.gz"):
+        gpu_report.unpack(archive, results, checkout)
+    assert not results.exists() and [p.name for p in (checkout / ".gpu-state").iterdir()] == ["improved.json"]
+
+
+@pytest.mark.parametrize("text", ['{"epoch_seconds": [1.0', "[]", ""])
+def test_a_results_file_that_is_not_a_json_record_is_one_line_naming_it(tmp_path, text):
+    """A gpu-*.json cut short, or holding no record, was json's or pandas' traceback."""
+    write(tmp_path, "gpu-fast.json", params="params/fast.yaml", epoch_seconds=[2.0, 1.0])
+    (tmp_path / "gpu-seed.json").write_text(text)
+    with pytest.raises(SystemExit, match=r"gpu-seed.json: not a bench/gpu.sh result \(.+\)$"):
+        gpu_report.rows(tmp_path)
