@@ -329,6 +329,10 @@ class Plan:
         if swept:  # applied after the trial's values, it would replace them, while the runs' names said otherwise
             raise config.ConfigError(f"overrides: {', '.join(swept)} is swept by spec.{space_key(self.spec)}; "
                                      f"drop it from overrides or from the search space")
+        swept = sorted(set(self.spec.get("overrides") or {}) & set(raw))
+        if swept:  # applied before the trial's values, it was replaced by them unseen
+            raise config.ConfigError(f"spec.overrides: {', '.join(swept)} is swept by spec.{space_key(self.spec)}; "
+                                     f"drop it from spec.overrides or from the search space")
         if self.sampler_name == "grid":
             self.grid = [dict(zip(raw, combo, strict=True)) for combo in itertools.product(*raw.values())]
             trials = self.spec.get("trials", len(self.grid))

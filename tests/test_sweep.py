@@ -35,9 +35,10 @@ QUICK = {"train.epochs": 1, "data.synthetic_train": 512}
 
 
 def write_spec(folder, name: str, body: str, changes: dict | None = None) -> str:
-    """A spec over params/tiny.yaml with SMALL (and `changes` to it) as its overrides."""
+    """A spec over params/tiny.yaml with SMALL (and `changes` to it; None leaves a key out, as one the body sweeps)
+    as its overrides."""
     path = folder / f"{name}.yaml"
-    overrides = ", ".join(f"{k}: {v}" for k, v in {**SMALL, **(changes or {})}.items())
+    overrides = ", ".join(f"{k}: {v}" for k, v in {**SMALL, **(changes or {})}.items() if v is not None)
     path.write_text(f"base: {TINY}\noverrides: {{{overrides}}}\n{body}")
     return str(path)
 
@@ -246,10 +247,11 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
      "spec.space.train.batch_size: must be an integer, got '64.5'"),
     ("grid: {train.lrr: [0.1]}\n", "spec.grid.train.lrr: unknown params key; did you mean train.lr?"),
     # each trial would be ranked by val_acc on other images, the one that trained on most favoured
-    ("grid: {train.validation_fraction: [0.1, 0.2]}\n", "train.validation_fraction: a sweep ranks its trials by "
-     "val_acc on the images they hold out, so it must be the same for every trial, got 0.1, 0.2: set it in the "
-     "spec's overrides or its base, not its search space"),
-    ("space:\n  train.validation_fraction: {min: 0.05, max: 0.3}\ntrials: 2\n", "train.validation_fraction: a sweep "
+    ("overrides: {}\ngrid: {train.validation_fraction: [0.1, 0.2]}\n", "train.validation_fraction: a sweep ranks "
+     "its trials by val_acc on the images they hold out, so it must be the same for every trial, got 0.1, 0.2: set it "
+     "in the spec's overrides or its base, not its search space"),
+    ("overrides: {}\nspace:\n  train.validation_fraction: {min: 0.05, max: 0.3}\ntrials: 2\n",
+     "train.validation_fraction: a sweep "
      "ranks its trials by val_acc on the images they hold out, so it must be the same for every trial, got 0.05, "
      "0.3: set it in the spec's overrides or its base, not its search space"),
     # TPE ran (0.1, 1) once, (0.1, 2) four times, (0.05, 2) never
@@ -303,10 +305,23 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
     has_base = body.startswith("base:")
-    spec.write_text(("" if has_base else f"base: {TINY}\n") + "overrides: {train.validation_fraction: 0.1}\n" + body)
+    overrides = "" if "overrides:" in body else "overrides: {train.validation_fraction: 0.1}\n"  # else the body's
+    spec.write_text(("" if has_base else f"base: {TINY}\n") + overrides + body)
     with pytest.raises(config.ConfigError) as raised:
         sweep.Plan(str(spec))
     assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("body", [GRID, "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"])
+def test_a_specs_override_of_a_swept_key_is_refused(tmp_path, body):
+    """The trial's value replaced the spec's override unseen: every trial trained at its own train.lr, while the
+    spec said one for all."""
+    spec = write_spec(tmp_path, "sweep-both", body, {"train.lr": 0.5})
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(spec)
+    where = "grid" if body == GRID else "space"
+    assert str(raised.value) == (f"spec.overrides: train.lr is swept by spec.{where}; drop it from spec.overrides or "
+                                 "from the search space")
 
 
 def test_a_spaces_ranges_are_checked_inside_within_bounds(tmp_path, monkeypatch):
@@ -331,7 +346,8 @@ def test_a_spaces_ranges_are_checked_inside_within_bounds(tmp_path, monkeypatch)
 
     monkeypatch.setattr(config, "load_layered", stand_in)
     spec = write_spec(tmp_path, "sweep-inside", "space:\n  train.lr: {min: 0.001, max: 0.1, log: true}\n"
-                      "  train.batch_size: {min: 16, max: 100000}\n  model.units_per_stage: [1, 2]\ntrials: 4\n")
+                      "  train.batch_size: {min: 16, max: 100000}\n  model.units_per_stage: [1, 2]\ntrials: 4\n",
+                      {"train.batch_size": None})
     with pytest.raises(config.ConfigError) as raised:
         sweep.Plan(spec)
     found = re.fullmatch(r"spec\.space\.train\.lr and train\.batch_size: can draw (\S+) and (\d+) together \(with "
@@ -528,7 +544,7 @@ def test_a_specs_values_reach_the_params_as_a_params_files_do(tmp_path, where, k
     expected = config.load(params).flat()[key]
     body = f"  {key}: {text}\n" if where == "overrides" else f"  {key}: [{text}]\n"
     spec = tmp_path / "sweep-text.yaml"
-    spec.write_text("overrides:\n  train.validation_fraction: 0.1\n" + (body + "grid:\n  train.lr: [0.1]\n"
+    spec.write_text("overrides:\n  train.validation_fraction: 0.1\n" + (body + "grid:\n  train.momentum: [0.9]\n"
                                                                          if where == "overrides" else "grid:\n" + body))
     assert [c.flat()[key] for c in sweep.Plan(str(spec)).configs] == [expected]
 
@@ -544,7 +560,7 @@ def test_a_range_draws_its_keys_type(tmp_path):
 
 def test_range_ends_in_scientific_notation_are_numbers(tmp_path):
     spec = write_spec(tmp_path, "sweep-sci", "space:\n  train.lr: {min: 1e-3, max: 1e-1, log: true}\n"
-                      "  train.batch_size: {min: 16, max: 32}\ntrials: 2\n")
+                      "  train.batch_size: {min: 16, max: 32}\ntrials: 2\n", {"train.batch_size": None})
     plan = sweep.Plan(spec)
     lr, batch = plan.space["train.lr"], plan.space["train.batch_size"]
     assert isinstance(lr, optuna.distributions.FloatDistribution) and (lr.low, lr.high, lr.log) == (0.001, 0.1, True)
@@ -1052,7 +1068,7 @@ def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tm
 
     spec = write_spec(tmp_path, "sweep-space", "space:\n  train.lr: {min: 0.01, max: 0.3, log: true}\n"
                       "  train.batch_size: {min: 16, max: 64}\n  model.widths: [[16, 32, 64], [8, 16, 32]]\n"
-                      "sampler: random\ntrials: 5\nseed: 3\n")
+                      "sampler: random\ntrials: 5\nseed: 3\n", {"train.batch_size": None})
 
     assert len(sweep.Plan(spec).configs) == 2 * 2 * 2  # every combination of the choices and range ends was checked
     first = draw_all(spec)
@@ -1184,7 +1200,7 @@ def test_a_sweep_of_several_workers_stopped_by_sigterm_stops_its_workers(store, 
     processes went on with every trial and registered the best as @champion."""
     # trials long enough to be caught in: on an idle machine 3 tiny epochs ended, and a version was registered,
     # before the poll below saw both trials running
-    spec = write_spec(tmp_path, "sweep-stopped", "grid:\n  train.lr: [0.05, 0.1]\n  train.epochs: [100]\n")
+    spec = write_spec(tmp_path, "sweep-stopped", "grid:\n  train.lr: [0.05, 0.1]\n", {"train.epochs": 100})
     cmd = [sys.executable, "-m", "pipeline.sweep", "--spec", spec, "--study", "stopped", "--workers", "2"]
     log = tmp_path / "stderr.txt"  # not a pipe: the workers hold it open as long as they live
     with log.open("w") as stderr:
