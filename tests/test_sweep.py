@@ -135,6 +135,8 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
      "who registers study sweep-bad-1a2b3c4d, not a study; pass -P study=sweep-bad-1a2b3c4d, or another name"),
     (GRID, ["--overrides", "train.lr=0.3"], "error: overrides: train.lr is swept by spec.grid; drop it from "
      "overrides or from the search space"),  # it would train every trial at 0.3 under the names of the grid's lrs
+    ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 1000000000000\n", [], "error: spec.trials: must be at "
+     "most 10000 (a sweep queues every trial in its study before the first runs), got 1000000000000"),
     (GRID, ["--overrides", "train.validation_fraction=0"], "error: train.validation_fraction: a sweep chooses its "
      "best trial by val_acc, which must come from training images held out: set it > 0 (the spec's overrides or its "
      "base; 0 validates on the test split, and the best trial's test_acc would be chosen on the very images it is "
@@ -153,7 +155,7 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
      "or none"),
 ], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers",
         "in-memory-storage-workers", "in-memory-storage", "register-record-as-study", "override-of-a-swept-key",
-        "selecting-on-the-test-split", "no-data-source", "bad-sampler-argument",
+        "more-trials-than-can-run", "selecting-on-the-test-split", "no-data-source", "bad-sampler-argument",
         "wrong-backend-feed", "wrong-backend-mode", "several-hosts-mode"])
 def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_process, body, args, message):
     spec = write_spec(tmp_path, "sweep-bad", body)
@@ -295,13 +297,22 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
     ("on: 1\ntrails: 4\ngrid: {train.lr: [0.1]}\n",
      "spec: unknown keys ['on', 'trails'] (known: base, grid, overrides, pruner, random, sampler, seed, space, "
      "trials)"),
+    # a count no sweep can run: every trial is queued in the study before the first runs (a MemoryError traceback
+    # once the sweep run had opened, or hours of queueing), and a grid's combinations are each checked first
+    ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 1000000000000\n",
+     "spec.trials: must be at most 10000 (a sweep queues every trial in its study before the first runs), "
+     "got 1000000000000"),
+    ("grid:\n" + "".join(f"  {key}: {list(range(1, 17))}\n" for key in (
+        "train.seed", "data.seed", "train.epochs", "evaluate.samples", "evaluate.batch_size")),
+     "spec.grid: its 1048576 combinations are more than the 10000 trials a sweep runs (it queues every trial in its "
+     "study before the first runs); list fewer values"),
 ], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
         "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
         "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range",
         "more-trials-than-choices", "more-trials-than-integers", "no-whole-batch", "none-left-to-train-on",
         "ghost-batch-inside-a-range", "boundaries-inside-a-range",
         "grid-trials-float", "grid-trials-bool", "repeated-choice-in-a-space", "range-of-one-number",
-        "unknown-keys-of-other-types"])
+        "unknown-keys-of-other-types", "more-trials-than-can-run", "grid-larger-than-can-run"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
     has_base = body.startswith("base:")
