@@ -324,6 +324,9 @@ class Plan:
         self.space = distributions(self.spec)
         self.sampler_name, self.sampler_kwargs = sampler_of(self.spec)
         self.pruner_name, self.pruner_kwargs = named_type(self.spec, "pruner", "none", PRUNERS)
+        startup = self.sampler_kwargs.get("n_startup_trials")
+        if isinstance(startup, int) and not isinstance(startup, bool) and startup < 0:  # TPE took it for 0, unsaid
+            raise config.ConfigError(f"spec.sampler.n_startup_trials: must be an integer >= 0, got {startup}")
         self.seed = self.seed_of()
         self.common = override_items(self.spec.get("overrides") or {})
         self.extra = config.split_overrides(self.extra_overrides)

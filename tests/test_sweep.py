@@ -306,13 +306,17 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
         "train.seed", "data.seed", "train.epochs", "evaluate.samples", "evaluate.batch_size")),
      "spec.grid: its 1048576 combinations are more than the 10000 trials a sweep runs (it queues every trial in its "
      "study before the first runs); list fewer values"),
+    # TPE took a negative count of random startup trials for none, silently
+    (SPACE + "sampler: {type: tpe, n_startup_trials: -3}\n",
+     "spec.sampler.n_startup_trials: must be an integer >= 0, got -3"),
 ], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
         "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
         "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range",
         "more-trials-than-choices", "more-trials-than-integers", "no-whole-batch", "none-left-to-train-on",
         "ghost-batch-inside-a-range", "boundaries-inside-a-range",
         "grid-trials-float", "grid-trials-bool", "repeated-choice-in-a-space", "range-of-one-number",
-        "unknown-keys-of-other-types", "more-trials-than-can-run", "grid-larger-than-can-run"])
+        "unknown-keys-of-other-types", "more-trials-than-can-run", "grid-larger-than-can-run",
+        "negative-startup-trials"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
     has_base = body.startswith("base:")
