@@ -408,6 +408,9 @@ class Plan:
         if len(set(seeds.values())) > 1:
             raise config.ConfigError(f"spec.seed: {seeds['spec.seed']} and spec.sampler.seed: "
                                      f"{seeds['spec.sampler.seed']} differ; give one seed")
+        if seeds and self.sampler_name == "grid":  # it named another study, and drew nothing
+            raise config.ConfigError(f"{next(iter(seeds))}: a grid queues each of its combinations and draws none, so "
+                                     f"a seed changes nothing; leave it out")
         return next(iter(seeds.values()), None)
 
     def check_repeats(self, raw: dict[str, list]) -> None:

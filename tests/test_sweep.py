@@ -309,6 +309,12 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
     # TPE took a negative count of random startup trials for none, silently
     (SPACE + "sampler: {type: tpe, n_startup_trials: -3}\n",
      "spec.sampler.n_startup_trials: must be an integer >= 0, got -3"),
+    # a grid queues its combinations and draws none: a seed changed nothing but the study's name
+    ("grid: {train.lr: [0.1, 0.2]}\nseed: 3\n",
+     "spec.seed: a grid queues each of its combinations and draws none, so a seed changes nothing; leave it out"),
+    ("grid: {train.lr: [0.1, 0.2]}\nsampler: {type: grid, seed: 3}\n",
+     "spec.sampler.seed: a grid queues each of its combinations and draws none, so a seed changes nothing; leave "
+     "it out"),
 ], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
         "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
         "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range",
@@ -316,7 +322,7 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
         "ghost-batch-inside-a-range", "boundaries-inside-a-range",
         "grid-trials-float", "grid-trials-bool", "repeated-choice-in-a-space", "range-of-one-number",
         "unknown-keys-of-other-types", "more-trials-than-can-run", "grid-larger-than-can-run",
-        "negative-startup-trials"])
+        "negative-startup-trials", "seed-of-a-grid", "sampler-seed-of-a-grid"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
     has_base = body.startswith("base:")
