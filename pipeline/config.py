@@ -370,9 +370,10 @@ def _to_param_string(value: Any) -> str:
 
 
 class _Text(str):
-    """An override's value as typed (`-P overrides`, the entry points' shortcuts, a run's logged params): a YAML
-    quoted string (`'my runs'`, a sweep's JSON `"0755"`) is unquoted once, and the rest kept as typed (YAML would
-    cut `run #2` at its comment); `_coerce` then reads it by its key's type, as it reads a params file's text."""
+    """An override's value as typed (`-P overrides`, the entry points' shortcuts): a YAML quoted string (`'my runs'`, a
+    sweep's JSON `"0755"`) is unquoted once, and the rest kept as typed (YAML would cut `run #2` at its comment);
+    `_coerce` then reads it by its key's type, as it reads a params file's text. Not a run's logged params, logged
+    without quotes (`from_run_params`)."""
 
 
 # booleans as YAML 1.1 spells them, in any case: `ema: yes` has always loaded (PyYAML), in params and overrides alike
@@ -701,9 +702,18 @@ def check_training_images(train: TrainConfig, images: int) -> None:
 
 
 def from_run_params(params: dict[str, str]) -> Config:
-    """Rebuild a Config from the `section.key` params a run logged (other params are ignored)."""
+    """Rebuild a Config from the `section.key` params a run logged (other params are ignored). Each is read as logged
+    (`Config.flat`), by its key's type: no quotes are taken off, as an override's are (`_Text`), since none were added:
+    `tracking.experiment: "'baseline'"` comes back with its quotes."""
     sections = {f.name for f in dataclasses.fields(Config)}  # not `data`, `epochs`: `mlflow run` logs its -P too
-    return load(None, [f"{k}={v}" for k, v in params.items() if "." in k and k.partition(".")[0] in sections])
+    layer: dict[str, dict[str, Any]] = {}
+    for key, value in params.items():
+        section, dot, name = key.partition(".")
+        if dot and section in sections:
+            layer.setdefault(section, {})[name] = str(value)
+    layers = read_layers(None)
+    _merge(layers, layer, "overrides")
+    return load_layered(layers)
 
 
 def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | None) -> Config:

@@ -202,14 +202,17 @@ def champion_on_test_data(cfg: config.Config, name: str, champion, challenger: r
 
 def registered_already(name: str, alias: str, model_uri: str, version) -> dict:
     """register's decision where a register finished `version` of `model_uri` with the same score: nothing is
-    written to the registry again (the version keeps its report), the register run records why."""
+    written to the registry again (the version keeps its report), the register run records why, naming the champion
+    the version was weighed against as its report does (`registry.weighed_champion`)."""
     holder = _version(registry.current_champion(name, alias))
+    champion, held, _ = registry.weighed_champion(name, version)
     moved = holder == str(version.version)
     reason = (f"v{version.version} registers {model_uri} with this test_acc on the same test data already: not "
               f"registered again; @{alias} is {'on it' if moved else f'on v{holder}' if holder else 'on no version'}")
     decision = {"model_name": name, "version": int(version.version), "test_acc": float(version.tags["test_acc"]),
-                "champion_version": None, "champion_test_acc": None, "champion_evaluate_run": None,
-                "alias_moved": moved, "reason": reason}
+                "champion_version": int(champion.version) if champion else None,
+                "champion_test_acc": held.test_acc if held else None,
+                "champion_evaluate_run": held.evaluate_run if held else None, "alias_moved": moved, "reason": reason}
     registry.log_decision({"model_uri": model_uri, "register.model_name": name, "register.alias": alias},
                           {"registered_version": str(version.version), "alias_moved": str(moved).lower(),
                            "decision": reason}, decision)

@@ -119,6 +119,9 @@ HEARTBEAT_S = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS", "20"))  # a trial's 
 # mistaken for a dead one.
 GRACE_S = 6 * HEARTBEAT_S
 MAX_RETRY = 2  # queue a trial whose worker died at most this many times
+# The most trials a sweep runs: `lead` queues every one in the study before the first runs (a few each second into
+# SQLite), and a grid's every combination is checked first.
+MAX_TRIALS = 10_000
 SEEDS = 2**32  # Optuna's samplers take a seed in [0, 2**32 - 1]; trial n draws with (seed + n) modulo this
 POLL_S = 2.0  # an idle worker looks for new or stale trials this often until the study is done
 TELL_READS = 3  # reads of a trial whose tell raised (`stored_as_told`), TELL_BACKOFF_S, then twice that, apart
@@ -321,6 +324,9 @@ class Plan:
         self.space = distributions(self.spec)
         self.sampler_name, self.sampler_kwargs = sampler_of(self.spec)
         self.pruner_name, self.pruner_kwargs = named_type(self.spec, "pruner", "none", PRUNERS)
+        startup = self.sampler_kwargs.get("n_startup_trials")
+        if isinstance(startup, int) and not isinstance(startup, bool) and startup < 0:  # TPE took it for 0, unsaid
+            raise config.ConfigError(f"spec.sampler.n_startup_trials: must be an integer >= 0, got {startup}")
         self.seed = self.seed_of()
         self.common = override_items(self.spec.get("overrides") or {})
         self.extra = config.split_overrides(self.extra_overrides)
@@ -329,7 +335,16 @@ class Plan:
         if swept:  # applied after the trial's values, it would replace them, while the runs' names said otherwise
             raise config.ConfigError(f"overrides: {', '.join(swept)} is swept by spec.{space_key(self.spec)}; "
                                      f"drop it from overrides or from the search space")
+        swept = sorted(set(self.spec.get("overrides") or {}) & set(raw))
+        if swept:  # applied before the trial's values, it was replaced by them unseen
+            raise config.ConfigError(f"spec.overrides: {', '.join(swept)} is swept by spec.{space_key(self.spec)}; "
+                                     f"drop it from spec.overrides or from the search space")
         if self.sampler_name == "grid":
+            combinations = math.prod(map(len, raw.values()))
+            if combinations > MAX_TRIALS:  # checked before the combinations are listed, each loaded
+                raise config.ConfigError(f"spec.grid: its {combinations} combinations are more than the {MAX_TRIALS} "
+                                         f"trials a sweep runs (it queues every trial in its study before the first "
+                                         f"runs); list fewer values")
             self.grid = [dict(zip(raw, combo, strict=True)) for combo in itertools.product(*raw.values())]
             trials = self.spec.get("trials", len(self.grid))
             if trials != len(self.grid) or not isinstance(trials, int) or isinstance(trials, bool):  # 4.0, true
@@ -342,6 +357,9 @@ class Plan:
             if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
                 raise config.ConfigError(f"spec.trials: must be an integer >= 1 with a {space_key(self.spec)}: "
                                          f"space, got {trials!r}")
+            if trials > MAX_TRIALS:  # a MemoryError once the sweep run had opened, or hours of queueing
+                raise config.ConfigError(f"spec.trials: must be at most {MAX_TRIALS} (a sweep queues every trial in "
+                                         f"its study before the first runs), got {trials}")
             ends = {k: v if isinstance(v, list) else [self.space[k].low, self.space[k].high] for k, v in raw.items()}
             checked = [dict(zip(ends, combo, strict=True)) for combo in itertools.product(*ends.values())]
             sizes = [len(d.choices) if isinstance(d, optuna.distributions.CategoricalDistribution)
@@ -390,6 +408,9 @@ class Plan:
         if len(set(seeds.values())) > 1:
             raise config.ConfigError(f"spec.seed: {seeds['spec.seed']} and spec.sampler.seed: "
                                      f"{seeds['spec.sampler.seed']} differ; give one seed")
+        if seeds and self.sampler_name == "grid":  # it named another study, and drew nothing
+            raise config.ConfigError(f"{next(iter(seeds))}: a grid queues each of its combinations and draws none, so "
+                                     f"a seed changes nothing; leave it out")
         return next(iter(seeds.values()), None)
 
     def check_repeats(self, raw: dict[str, list]) -> None:

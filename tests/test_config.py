@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -105,6 +106,22 @@ def test_values_are_read_by_their_keys_type_not_as_yaml_1_1():
     assert (back.tracking.experiment, back.data.source, back.train.epochs) == ("exp #3", "team: cifar", 7)
     quoted = config.load(None, ['tracking.experiment="my runs"', "train.jit_compile=True"])
     assert (quoted.tracking.experiment, quoted.train.jit_compile) == ("my runs", True)
+
+
+def test_a_runs_logged_values_that_hold_quotes_come_back_as_they_were(tmp_path, monkeypatch):
+    """A run's params are logged as the values are (`Config.flat`), no quotes added: a value that holds its own
+    quotes (`tracking.experiment: "'baseline'"`) was unquoted when read back, so train -P dataset_uri=... (whose
+    params are rebuilt with the dataset's data.* params) logged into experiment `baseline`, another one."""
+    from pipeline import inputs
+
+    params = tmp_path / "quoted.yaml"
+    for experiment in ('"v2"', "'a' 'b'", "'baseline'"):
+        params.write_text(f"tracking:\n  experiment: {json.dumps(experiment)}\n")
+        cfg = config.load(params)
+        assert cfg.tracking.experiment == experiment
+        assert config.from_run_params(cfg.flat()) == cfg
+    monkeypatch.setattr(inputs.prepare, "dataset_params", lambda uri: {"data.source": "synthetic"})
+    assert inputs.with_dataset_params(cfg, "runs:/0123/dataset/dataset.npz").tracking.experiment == "'baseline'"
 
 
 def test_an_unbalanced_quote_or_a_binary_params_file_is_one_line(tmp_path):

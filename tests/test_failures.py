@@ -818,6 +818,26 @@ def test_a_model_registered_with_its_score_already_is_not_registered_again(store
     assert registered(experiment_id, model)["version"] == 2
 
 
+def test_a_model_registered_already_names_the_champion_it_was_weighed_against(store):
+    """The rerun of a register that finished (a `main` rerun after it) logged and returned a decision whose
+    champion_version, champion_test_acc and champion_evaluate_run were null, though its version was weighed against
+    a champion, as its report and its first decision say."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.7}))  # v1 @champion
+    for acc in (0.8, 0.6):  # v2 beats v1 and takes @champion; v3 does not beat v2
+        model = evaluated_model(experiment_id, {"test_acc": acc})
+        first = registered(experiment_id, model)
+        assert first["champion_version"] is not None, first
+        with mlflow.start_run(experiment_id=experiment_id) as rerun:
+            again = register.run(config.load(TINY), model)
+        assert again["version"] == first["version"] and "not registered again" in again["reason"], again
+        weighed = ("champion_version", "champion_test_acc", "champion_evaluate_run")
+        assert [again[k] for k in weighed] == [first[k] for k in weighed], (first, again)
+        logged = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=rerun.info.run_id,
+                                                                    artifact_path="decision.json")).read_text())
+        assert [logged[k] for k in weighed] == [first[k] for k in weighed]
+
+
 def test_a_model_registered_for_one_alias_is_weighed_for_another(store):
     """Registered for @champion, the same model registered again with `register.alias=staging` was taken for a
     rerun of the first register: nothing registered, "@staging is on no version", and @staging never placed, though

@@ -35,9 +35,10 @@ QUICK = {"train.epochs": 1, "data.synthetic_train": 512}
 
 
 def write_spec(folder, name: str, body: str, changes: dict | None = None) -> str:
-    """A spec over params/tiny.yaml with SMALL (and `changes` to it) as its overrides."""
+    """A spec over params/tiny.yaml with SMALL (and `changes` to it; None leaves a key out, as one the body sweeps)
+    as its overrides."""
     path = folder / f"{name}.yaml"
-    overrides = ", ".join(f"{k}: {v}" for k, v in {**SMALL, **(changes or {})}.items())
+    overrides = ", ".join(f"{k}: {v}" for k, v in {**SMALL, **(changes or {})}.items() if v is not None)
     path.write_text(f"base: {TINY}\noverrides: {{{overrides}}}\n{body}")
     return str(path)
 
@@ -134,6 +135,8 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
      "who registers study sweep-bad-1a2b3c4d, not a study; pass -P study=sweep-bad-1a2b3c4d, or another name"),
     (GRID, ["--overrides", "train.lr=0.3"], "error: overrides: train.lr is swept by spec.grid; drop it from "
      "overrides or from the search space"),  # it would train every trial at 0.3 under the names of the grid's lrs
+    ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 1000000000000\n", [], "error: spec.trials: must be at "
+     "most 10000 (a sweep queues every trial in its study before the first runs), got 1000000000000"),
     (GRID, ["--overrides", "train.validation_fraction=0"], "error: train.validation_fraction: a sweep chooses its "
      "best trial by val_acc, which must come from training images held out: set it > 0 (the spec's overrides or its "
      "base; 0 validates on the test split, and the best trial's test_acc would be chosen on the very images it is "
@@ -152,7 +155,7 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
      "or none"),
 ], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers",
         "in-memory-storage-workers", "in-memory-storage", "register-record-as-study", "override-of-a-swept-key",
-        "selecting-on-the-test-split", "no-data-source", "bad-sampler-argument",
+        "more-trials-than-can-run", "selecting-on-the-test-split", "no-data-source", "bad-sampler-argument",
         "wrong-backend-feed", "wrong-backend-mode", "several-hosts-mode"])
 def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_process, body, args, message):
     spec = write_spec(tmp_path, "sweep-bad", body)
@@ -246,10 +249,11 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
      "spec.space.train.batch_size: must be an integer, got '64.5'"),
     ("grid: {train.lrr: [0.1]}\n", "spec.grid.train.lrr: unknown params key; did you mean train.lr?"),
     # each trial would be ranked by val_acc on other images, the one that trained on most favoured
-    ("grid: {train.validation_fraction: [0.1, 0.2]}\n", "train.validation_fraction: a sweep ranks its trials by "
-     "val_acc on the images they hold out, so it must be the same for every trial, got 0.1, 0.2: set it in the "
-     "spec's overrides or its base, not its search space"),
-    ("space:\n  train.validation_fraction: {min: 0.05, max: 0.3}\ntrials: 2\n", "train.validation_fraction: a sweep "
+    ("overrides: {}\ngrid: {train.validation_fraction: [0.1, 0.2]}\n", "train.validation_fraction: a sweep ranks "
+     "its trials by val_acc on the images they hold out, so it must be the same for every trial, got 0.1, 0.2: set it "
+     "in the spec's overrides or its base, not its search space"),
+    ("overrides: {}\nspace:\n  train.validation_fraction: {min: 0.05, max: 0.3}\ntrials: 2\n",
+     "train.validation_fraction: a sweep "
      "ranks its trials by val_acc on the images they hold out, so it must be the same for every trial, got 0.05, "
      "0.3: set it in the spec's overrides or its base, not its search space"),
     # TPE ran (0.1, 1) once, (0.1, 2) four times, (0.05, 2) never
@@ -293,20 +297,52 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
     ("on: 1\ntrails: 4\ngrid: {train.lr: [0.1]}\n",
      "spec: unknown keys ['on', 'trails'] (known: base, grid, overrides, pruner, random, sampler, seed, space, "
      "trials)"),
+    # a count no sweep can run: every trial is queued in the study before the first runs (a MemoryError traceback
+    # once the sweep run had opened, or hours of queueing), and a grid's combinations are each checked first
+    ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 1000000000000\n",
+     "spec.trials: must be at most 10000 (a sweep queues every trial in its study before the first runs), "
+     "got 1000000000000"),
+    ("grid:\n" + "".join(f"  {key}: {list(range(1, 17))}\n" for key in (
+        "train.seed", "data.seed", "train.epochs", "evaluate.samples", "evaluate.batch_size")),
+     "spec.grid: its 1048576 combinations are more than the 10000 trials a sweep runs (it queues every trial in its "
+     "study before the first runs); list fewer values"),
+    # TPE took a negative count of random startup trials for none, silently
+    (SPACE + "sampler: {type: tpe, n_startup_trials: -3}\n",
+     "spec.sampler.n_startup_trials: must be an integer >= 0, got -3"),
+    # a grid queues its combinations and draws none: a seed changed nothing but the study's name
+    ("grid: {train.lr: [0.1, 0.2]}\nseed: 3\n",
+     "spec.seed: a grid queues each of its combinations and draws none, so a seed changes nothing; leave it out"),
+    ("grid: {train.lr: [0.1, 0.2]}\nsampler: {type: grid, seed: 3}\n",
+     "spec.sampler.seed: a grid queues each of its combinations and draws none, so a seed changes nothing; leave "
+     "it out"),
 ], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
         "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
         "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range",
         "more-trials-than-choices", "more-trials-than-integers", "no-whole-batch", "none-left-to-train-on",
         "ghost-batch-inside-a-range", "boundaries-inside-a-range",
         "grid-trials-float", "grid-trials-bool", "repeated-choice-in-a-space", "range-of-one-number",
-        "unknown-keys-of-other-types"])
+        "unknown-keys-of-other-types", "more-trials-than-can-run", "grid-larger-than-can-run",
+        "negative-startup-trials", "seed-of-a-grid", "sampler-seed-of-a-grid"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
     has_base = body.startswith("base:")
-    spec.write_text(("" if has_base else f"base: {TINY}\n") + "overrides: {train.validation_fraction: 0.1}\n" + body)
+    overrides = "" if "overrides:" in body else "overrides: {train.validation_fraction: 0.1}\n"  # else the body's
+    spec.write_text(("" if has_base else f"base: {TINY}\n") + overrides + body)
     with pytest.raises(config.ConfigError) as raised:
         sweep.Plan(str(spec))
     assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("body", [GRID, "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"])
+def test_a_specs_override_of_a_swept_key_is_refused(tmp_path, body):
+    """The trial's value replaced the spec's override unseen: every trial trained at its own train.lr, while the
+    spec said one for all."""
+    spec = write_spec(tmp_path, "sweep-both", body, {"train.lr": 0.5})
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(spec)
+    where = "grid" if body == GRID else "space"
+    assert str(raised.value) == (f"spec.overrides: train.lr is swept by spec.{where}; drop it from spec.overrides or "
+                                 "from the search space")
 
 
 def test_a_spaces_ranges_are_checked_inside_within_bounds(tmp_path, monkeypatch):
@@ -331,7 +367,8 @@ def test_a_spaces_ranges_are_checked_inside_within_bounds(tmp_path, monkeypatch)
 
     monkeypatch.setattr(config, "load_layered", stand_in)
     spec = write_spec(tmp_path, "sweep-inside", "space:\n  train.lr: {min: 0.001, max: 0.1, log: true}\n"
-                      "  train.batch_size: {min: 16, max: 100000}\n  model.units_per_stage: [1, 2]\ntrials: 4\n")
+                      "  train.batch_size: {min: 16, max: 100000}\n  model.units_per_stage: [1, 2]\ntrials: 4\n",
+                      {"train.batch_size": None})
     with pytest.raises(config.ConfigError) as raised:
         sweep.Plan(spec)
     found = re.fullmatch(r"spec\.space\.train\.lr and train\.batch_size: can draw (\S+) and (\d+) together \(with "
@@ -528,7 +565,7 @@ def test_a_specs_values_reach_the_params_as_a_params_files_do(tmp_path, where, k
     expected = config.load(params).flat()[key]
     body = f"  {key}: {text}\n" if where == "overrides" else f"  {key}: [{text}]\n"
     spec = tmp_path / "sweep-text.yaml"
-    spec.write_text("overrides:\n  train.validation_fraction: 0.1\n" + (body + "grid:\n  train.lr: [0.1]\n"
+    spec.write_text("overrides:\n  train.validation_fraction: 0.1\n" + (body + "grid:\n  train.momentum: [0.9]\n"
                                                                          if where == "overrides" else "grid:\n" + body))
     assert [c.flat()[key] for c in sweep.Plan(str(spec)).configs] == [expected]
 
@@ -544,7 +581,7 @@ def test_a_range_draws_its_keys_type(tmp_path):
 
 def test_range_ends_in_scientific_notation_are_numbers(tmp_path):
     spec = write_spec(tmp_path, "sweep-sci", "space:\n  train.lr: {min: 1e-3, max: 1e-1, log: true}\n"
-                      "  train.batch_size: {min: 16, max: 32}\ntrials: 2\n")
+                      "  train.batch_size: {min: 16, max: 32}\ntrials: 2\n", {"train.batch_size": None})
     plan = sweep.Plan(spec)
     lr, batch = plan.space["train.lr"], plan.space["train.batch_size"]
     assert isinstance(lr, optuna.distributions.FloatDistribution) and (lr.low, lr.high, lr.log) == (0.001, 0.1, True)
@@ -1052,7 +1089,7 @@ def test_a_grid_queues_each_combination_and_a_space_draws_in_range_repeatably(tm
 
     spec = write_spec(tmp_path, "sweep-space", "space:\n  train.lr: {min: 0.01, max: 0.3, log: true}\n"
                       "  train.batch_size: {min: 16, max: 64}\n  model.widths: [[16, 32, 64], [8, 16, 32]]\n"
-                      "sampler: random\ntrials: 5\nseed: 3\n")
+                      "sampler: random\ntrials: 5\nseed: 3\n", {"train.batch_size": None})
 
     assert len(sweep.Plan(spec).configs) == 2 * 2 * 2  # every combination of the choices and range ends was checked
     first = draw_all(spec)
@@ -1184,7 +1221,7 @@ def test_a_sweep_of_several_workers_stopped_by_sigterm_stops_its_workers(store, 
     processes went on with every trial and registered the best as @champion."""
     # trials long enough to be caught in: on an idle machine 3 tiny epochs ended, and a version was registered,
     # before the poll below saw both trials running
-    spec = write_spec(tmp_path, "sweep-stopped", "grid:\n  train.lr: [0.05, 0.1]\n  train.epochs: [100]\n")
+    spec = write_spec(tmp_path, "sweep-stopped", "grid:\n  train.lr: [0.05, 0.1]\n", {"train.epochs": 100})
     cmd = [sys.executable, "-m", "pipeline.sweep", "--spec", spec, "--study", "stopped", "--workers", "2"]
     log = tmp_path / "stderr.txt"  # not a pipe: the workers hold it open as long as they live
     with log.open("w") as stderr:
