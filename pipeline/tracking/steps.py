@@ -165,16 +165,17 @@ def scoring_code_changes(model_dir: str | Path) -> list[str]:
             if logged_bytes(logged / f"{module}.py") != source.FILES[f"{module}.py"]]
 
 
-def load_classifier(model_uri: str):
+def load_classifier(model_uri: str, logged_model: str | None = None):
     """The Python model of the pyfunc logged at `model_uri` (a `serve.ImageClassifier`); ConfigError
     naming `model_uri` if it cannot be loaded, or if MLflow has its logged model as not whole: FAILED (its upload
     failed part way) or PENDING (cut short by a kill, or under way now). Such a model may load, from the files that
-    arrived, and a score on it would be registered; the rerun of its training logs the model again.
+    arrived, and a score on it would be registered; the rerun of its training logs the model again. `logged_model`:
+    the id `logged_model_id` read for `model_uri` already, which is loaded then (an alias may have moved since).
 
     ConfigError too, before Keras loads it, where its logged scoring code is not the code this process loaded
     (`scoring_code_changes`: an edit or a pull since it was trained): loaded here it would score with this process's
     code, not the code it is served with, and a score of it would not be the served model's."""
-    found = logged_model_id(model_uri)
+    found = logged_model or logged_model_id(model_uri)
     try:
         status = mlflow.get_logged_model(found).status if found else LoggedModelStatus.READY
     except MlflowException:
@@ -185,7 +186,8 @@ def load_classifier(model_uri: str):
                                  f"it again")
     try:
         # downloaded once (a local store's folder is read in place), its code compared, then loaded from there
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+        # the logged model whose status was read: a registry URI read again may name another by now
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{found}" if found else model_uri)
         changed = scoring_code_changes(folder)
     except Exception as exc:  # noqa: BLE001 - a wrong URI surfaces as several MLflow error types
         raise config.ConfigError(f"model_uri: cannot load {model_uri} ({exc})".replace("\n", " ")) from None
