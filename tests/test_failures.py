@@ -527,6 +527,7 @@ def test_evaluate_refuses_a_model_it_cannot_score_before_any_run_opens(store, in
     dataset's each left a FAILED evaluate run behind; the FAILED model was even scored, and register took that score."""
     from types import SimpleNamespace
 
+    import keras
     from mlflow.entities import LoggedModelStatus
 
     client = MlflowClient()
@@ -538,6 +539,9 @@ def test_evaluate_refuses_a_model_it_cannot_score_before_any_run_opens(store, in
     with mlflow.start_run(experiment_id=experiment_id):
         echo = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_id
         cut = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_id
+        keras_model = keras.Sequential([keras.Input(shape=(32, 32, 3)), keras.layers.Flatten(),
+                                        keras.layers.Dense(10, activation="softmax")])
+        keras_flavor = mlflow.keras.log_model(keras_model, name="model", pip_requirements=["keras"]).model_id
     client.finalize_logged_model(cut, LoggedModelStatus.FAILED)
     runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
     other_classes = SimpleNamespace(class_names=["cat", "dog"], tta="none")
@@ -551,6 +555,9 @@ def test_evaluate_refuses_a_model_it_cannot_score_before_any_run_opens(store, in
     assert evaluated("models:/m-0123456789abcdef").startswith(
         "error: model_uri: cannot load models:/m-0123456789abcdef")
     assert evaluated(f"models:/{echo}").startswith(f"error: model_uri: models:/{echo} is not an image classifier")
+    assert evaluated(f"models:/{keras_flavor}") == (f"error: model_uri: models:/{keras_flavor} is not an image "
+                                                    f"classifier this pipeline logged (a keras model): evaluate "
+                                                    f"cannot score it")
     assert evaluated(f"models:/{cut}").startswith(f"error: model_uri: models:/{cut} was not logged whole (status "
                                                   f"FAILED")
     monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: other_classes)

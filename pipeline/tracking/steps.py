@@ -165,12 +165,22 @@ def scoring_code_changes(model_dir: str | Path) -> list[str]:
             if logged_bytes(logged / f"{module}.py") != source.FILES[f"{module}.py"]]
 
 
+def other_flavor(model_dir: str | Path) -> str | None:
+    """What the model downloaded at `model_dir` is, where it is no pyfunc of a Python model (as `serve.ImageClassifier`
+    is logged): its flavors (`keras`, `sklearn`, ...) but python_function; None for a Python model's pyfunc."""
+    flavors = mlflow.models.Model.load(Path(model_dir) / "MLmodel").flavors
+    if (flavors.get("python_function") or {}).get("loader_module") == "mlflow.pyfunc.model":
+        return None
+    return ", ".join(name for name in flavors if name != "python_function") or "python_function"
+
+
 def load_classifier(model_uri: str, logged_model: str | None = None):
     """The Python model of the pyfunc logged at `model_uri` (a `serve.ImageClassifier`); ConfigError
     naming `model_uri` if it cannot be loaded, or if MLflow has its logged model as not whole: FAILED (its upload
     failed part way) or PENDING (cut short by a kill, or under way now). Such a model may load, from the files that
     arrived, and a score on it would be registered; the rerun of its training logs the model again. `logged_model`:
     the id `logged_model_id` read for `model_uri` already, which is loaded then (an alias may have moved since).
+    ConfigError, before it is loaded, for a model of another flavor (`other_flavor`: Keras, scikit-learn, ...).
 
     ConfigError too, before Keras loads it, where its logged scoring code is not the code this process loaded
     (`scoring_code_changes`: an edit or a pull since it was trained): loaded here it would score with this process's
@@ -188,9 +198,12 @@ def load_classifier(model_uri: str, logged_model: str | None = None):
         # downloaded once (a local store's folder is read in place), its code compared, then loaded from there
         # the logged model whose status was read: a registry URI read again may name another by now
         folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{found}" if found else model_uri)
-        changed = scoring_code_changes(folder)
+        changed, flavor = scoring_code_changes(folder), other_flavor(folder)
     except Exception as exc:  # noqa: BLE001 - a wrong URI surfaces as several MLflow error types
         raise config.ConfigError(f"model_uri: cannot load {model_uri} ({exc})".replace("\n", " ")) from None
+    if flavor:  # loaded whole first, then refused as "cannot load (Unable to retrieve base model object from pyfunc)"
+        raise config.ConfigError(f"model_uri: {model_uri} is not an image classifier this pipeline logged (a {flavor} "
+                                 f"model): evaluate cannot score it")
     if changed:
         differ = "differs" if len(changed) == 1 else "differ"
         raise config.ConfigError(f"model_uri: {model_uri} is served with other scoring code than this process loaded "
