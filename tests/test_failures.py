@@ -971,18 +971,20 @@ def test_a_bare_logged_model_id_is_refused_before_anything_is_registered(store):
 def test_an_evaluation_of_a_registry_uri_lands_on_its_logged_model(store):
     """evaluate -P model_uri=models:/cifar10-resnet@champion: the scores go on the champion's logged model too
     (register reads them there), as for models:/m-...; they went on the evaluate run only. So do those of
-    runs:/<train run id>/model, which went on the evaluate run only too: register then found the model unevaluated."""
+    runs:/<train run id>/model, which went on the evaluate run only too: register then found the model unevaluated;
+    and those of models:/cifar10-resnet/latest (MLflow's newest version), which went on the evaluate run only."""
     experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
     uri = evaluated_model(experiment_id, {"test_acc": 0.5})
     registered(experiment_id, uri)
     source_run = MlflowClient().get_logged_model(uri.removeprefix("models:/")).source_run_id
     for other_uri, acc in (("models:/cifar10-resnet@champion", 0.6), ("models:/cifar10-resnet/1", 0.7),
-                           (f"runs:/{source_run}/model", 0.8)):
+                           (f"runs:/{source_run}/model", 0.8), ("models:/cifar10-resnet/latest", 0.9)):
         evaluate_again(experiment_id, other_uri, {"test_acc": acc})
         assert registry.model_test_acc(uri).test_acc == acc
     assert steps.logged_model_id(f"runs:/{source_run}/no-such-model") is None
     assert steps.registered_model_id("models:/cifar10-resnet@nobody") is None
-    assert steps.registered_model_id("models:/cifar10-resnet/latest") is None
+    assert steps.registered_model_id("models:/cifar10-resnet/no-such-stage") is None
+    assert steps.registered_model_id("models:/cifar10-resnet/2") is None
 
 
 class Answers(mlflow.pyfunc.PythonModel):

@@ -21,6 +21,7 @@ import pandas as pd
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
@@ -270,16 +271,18 @@ def logged_model_id(model_uri: str) -> str | None:
 
 
 def registered_model_id(model_uri: str) -> str | None:
-    """The logged model behind a registry URI (`models:/name@alias`, `models:/name/3`), or None: an evaluation of
-    `@champion` lands on the champion's logged model too, where register reads it."""
-    name, at, alias = model_uri.removeprefix("models:/").partition("@")
-    name, slash, number = (name, "", "") if at else name.partition("/")
-    if not model_uri.startswith("models:/") or not (alias or number.isdigit()):
+    """The logged model behind a registry URI (`models:/name@alias`, `models:/name/3`, `models:/name/latest`, a stage),
+    or None: an evaluation of `@champion` lands on the champion's logged model too, where register reads it. Read as
+    MLflow reads the URI to load it (`get_model_name_and_version`)."""
+    if not model_uri.startswith("models:/") or model_id(model_uri):
         return None
     client = mlflow.MlflowClient()
     try:
-        version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+        found = get_model_name_and_version(client, model_uri)  # (name, version), or (id,) for models:/<id>
+        version = client.get_model_version(*found) if len(found) == 2 else None
     except MlflowException:
+        return None
+    if version is None:
         return None
     return getattr(version, "model_id", None) or model_id(version.source)  # MLflow 3.17 leaves model_id unset
 
