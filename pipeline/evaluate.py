@@ -47,16 +47,27 @@ def score(probs: np.ndarray, dataset: Dataset) -> tuple[dict, pd.DataFrame]:
     return metrics, confusion
 
 
+# The confusion matrix's plot writes each cell's count up to this many classes, and the class names up to LABELLED; a
+# cell is CELL_INCHES wide (the figure at least 7x6 inches, the seed's). Every count of 100 classes (CIFAR-100 as an
+# image folder) took evaluate 19 s to draw, unreadable in 7x6 inches; of 200, 97 s; of 1,000, hours. The counts are
+# all in confusion_matrix.csv.
+ANNOTATED, LABELLED, CELL_INCHES = 30, 100, 0.3
+
+
 def plot_confusion(confusion: pd.DataFrame, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 6))
-    image = ax.imshow(confusion.to_numpy(), cmap="Blues")
-    ax.set_xticks(range(len(confusion.columns)), confusion.columns, rotation=45, ha="right")
-    ax.set_yticks(range(len(confusion.index)), confusion.index)
+    counts, n = confusion.to_numpy(), len(confusion)
+    side = max(6.0, CELL_INCHES * n) if n <= LABELLED else 12.0  # unlabelled: a pixel or so a class at 120 dpi
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(counts, cmap="Blues")
+    if n <= LABELLED:
+        ax.set_xticks(range(n), confusion.columns, rotation=45, ha="right")
+        ax.set_yticks(range(n), confusion.index)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for (i, j), n in np.ndenumerate(confusion.to_numpy()):
-        ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
-                color="white" if n > confusion.to_numpy().max() / 2 else "black")
+    if n <= ANNOTATED:
+        for (i, j), count in np.ndenumerate(counts):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if count > counts.max() / 2 else "black")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -109,12 +120,17 @@ def check_classes(classifier, dataset: Dataset, model_uri: str) -> None:
 
 
 def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Dataset | None = None,
-        classifier=None) -> dict:
+        classifier=None, logged_model: str | None = None) -> dict:
     """Evaluate inside the active run; return the metrics. `dataset` and `classifier`: the dataset at `dataset_uri`
     and the model at `model_uri`, where the caller has read them already (register, scoring its champion on a
-    challenger's test data, checks both before it opens a run)."""
+    challenger's test data, checks both before it opens a run); `logged_model`: the id of the logged model the caller
+    loaded `classifier` from (`steps.logged_model_id`), which the scores land on: `models:/name@alias` read again
+    after scoring may name another model (a register moved the alias meanwhile), whose page would show this score."""
     dataset = prepare.load_dataset(dataset_uri) if dataset is None else dataset
-    classifier = steps.load_classifier(model_uri) if classifier is None else classifier
+    if classifier is None or logged_model is None:
+        logged_model = steps.logged_model_id(model_uri)
+    classifier = steps.load_classifier(model_uri, logged_model) if classifier is None else classifier
+    scored = f"models:/{logged_model}" if logged_model else model_uri  # the model loaded, whatever the URI names now
     check_classes(classifier, dataset, model_uri)
     tta = getattr(classifier, "tta", "none")  # fixed when the model was logged (evaluate.tta of its train run)
     if cfg.evaluate.tta != tta:  # its test_acc must be the served model's, which the registry compares
@@ -122,12 +138,12 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
               f"augmentation {tta}, and is scored as it is served", file=sys.stderr)
     probs = classifier.predict_proba(dataset.x_test, batch_size=cfg.evaluate.batch_size)
     metrics, confusion = score(probs, dataset)
-    metrics["test_images_in_train"] = test_images_in_train(model_uri, dataset_uri, dataset)
+    metrics["test_images_in_train"] = test_images_in_train(scored, dataset_uri, dataset)
     # test_images too: the UI then tells a score on a subset from one on the whole split by more than a digest
     flat = {key: metrics[key] for key in ("test_loss", "test_acc", "test_images", "test_images_in_train")}
     flat.update({f"test_acc_{k}": v for k, v in metrics["per_class_acc"].items()})
     steps.log_evaluation({"model_uri": model_uri, "dataset_uri": dataset_uri,
-                          "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta}, flat, model_uri,
+                          "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta}, flat, scored,
                          dataset.digest(test_only=True))
     with artifact_dir() as folder:
         (folder / "metrics.json").write_text(json.dumps({**metrics, "model_uri": model_uri}, indent=2))
@@ -151,12 +167,13 @@ def main() -> None:
     prepare.check_dataset_uri(args.dataset_uri)
     # Read and checked before any run opens, as register checks its model: a URI naming no model, a model that is
     # no image classifier, one not logged whole or one of other classes is one line, exit 2, and leaves no run
-    classifier = steps.load_classifier(args.model_uri)
+    logged_model = steps.logged_model_id(args.model_uri)  # read once: the model loaded is the one scored
+    classifier = steps.load_classifier(args.model_uri, logged_model)
     dataset = prepare.load_dataset(args.dataset_uri)
     check_classes(classifier, dataset, args.model_uri)
     with step_lock() as hold, step_run(cfg, "evaluate") as step:
         hold(step)  # killed, it is left for the next main to end
-        run(cfg, args.model_uri, args.dataset_uri, dataset=dataset, classifier=classifier)
+        run(cfg, args.model_uri, args.dataset_uri, dataset=dataset, classifier=classifier, logged_model=logged_model)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def test_confusion_matrix_csv_names_both_axes_rows_true_columns_predicted(store,
             return probs
 
     monkeypatch.setattr(prepare, "load_dataset", lambda uri: dataset)
-    monkeypatch.setattr(steps, "load_classifier", lambda uri: EverythingIsClassZero())
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: EverythingIsClassZero())
     mlflow.set_experiment("e2e")  # artifacts under tmp_path (the store fixture), not ./mlruns
     with mlflow.start_run() as run:
         evaluate.run(config.load("params/tiny.yaml"), "stub-model", "stub-data")

@@ -514,7 +514,8 @@ def test_evaluate_refuses_a_dataset_of_other_classes(monkeypatch):
     from pipeline.tracking import steps
 
     monkeypatch.setattr(prepare, "load_dataset", lambda uri: data.make_synthetic(n_train=16, n_test=16))
-    monkeypatch.setattr(steps, "load_classifier", lambda uri: SimpleNamespace(class_names=["cat", "dog"], tta="none"))
+    monkeypatch.setattr(steps, "load_classifier",
+                        lambda uri, logged_model=None: SimpleNamespace(class_names=["cat", "dog"], tta="none"))
     with pytest.raises(config.ConfigError, match=r"^model_uri: models:/m-1 was trained on the classes \['cat', "
                                                  r"'dog'\], the dataset has \['class_0'"):
         evaluate.run(config.load(TINY), "models:/m-1", "runs:/0/dataset/dataset.npz")
@@ -526,6 +527,7 @@ def test_evaluate_refuses_a_model_it_cannot_score_before_any_run_opens(store, in
     dataset's each left a FAILED evaluate run behind; the FAILED model was even scored, and register took that score."""
     from types import SimpleNamespace
 
+    import keras
     from mlflow.entities import LoggedModelStatus
 
     client = MlflowClient()
@@ -537,6 +539,9 @@ def test_evaluate_refuses_a_model_it_cannot_score_before_any_run_opens(store, in
     with mlflow.start_run(experiment_id=experiment_id):
         echo = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_id
         cut = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_id
+        keras_model = keras.Sequential([keras.Input(shape=(32, 32, 3)), keras.layers.Flatten(),
+                                        keras.layers.Dense(10, activation="softmax")])
+        keras_flavor = mlflow.keras.log_model(keras_model, name="model", pip_requirements=["keras"]).model_id
     client.finalize_logged_model(cut, LoggedModelStatus.FAILED)
     runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
     other_classes = SimpleNamespace(class_names=["cat", "dog"], tta="none")
@@ -550,13 +555,38 @@ def test_evaluate_refuses_a_model_it_cannot_score_before_any_run_opens(store, in
     assert evaluated("models:/m-0123456789abcdef").startswith(
         "error: model_uri: cannot load models:/m-0123456789abcdef")
     assert evaluated(f"models:/{echo}").startswith(f"error: model_uri: models:/{echo} is not an image classifier")
+    assert evaluated(f"models:/{keras_flavor}") == (f"error: model_uri: models:/{keras_flavor} is not an image "
+                                                    f"classifier this pipeline logged (a keras model): evaluate "
+                                                    f"cannot score it")
     assert evaluated(f"models:/{cut}").startswith(f"error: model_uri: models:/{cut} was not logged whole (status "
                                                   f"FAILED")
-    monkeypatch.setattr(steps, "load_classifier", lambda uri: other_classes)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: other_classes)
     assert evaluated(f"models:/{echo}").startswith(f"error: model_uri: models:/{echo} was trained on the classes "
                                                    f"['cat', 'dog']")
     assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
     assert not client.get_logged_model(cut).metrics
+
+
+def test_the_confusion_matrix_of_many_classes_is_drawn_in_seconds_and_readable(tmp_path, monkeypatch):
+    """A dataset of 100 classes (CIFAR-100 as an image folder) had evaluate write each of the 10,000 counts into a
+    7x6-inch plot: 19 s on a 2-core CPU after the scores were logged, unreadable; 200 classes, 97 s; 1,000, hours.
+    The plot grows with the classes (names up to 100); a cell shows its count up to 30 classes, the colour beyond."""
+    import matplotlib.axes
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    written, text = [], matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda ax, *args, **kwargs: written.append(args) or text(
+        ax, *args, **kwargs))
+    for n, counts in ((10, 100), (30, 900), (100, 0), (1000, 0)):
+        names = [f"class_{i}" for i in range(n)]
+        written.clear()
+        evaluate.plot_confusion(pd.DataFrame(np.eye(n, dtype=int) * 7, index=names, columns=names),
+                                tmp_path / f"{n}.png")
+        assert len(written) == counts, n
+        with Image.open(tmp_path / f"{n}.png") as png:
+            assert png.height >= min(max(720, 0.3 * 120 * n), 1440), (n, png.size)  # 0.3 inch a class at 120 dpi
 
 
 def test_a_class_without_test_images_has_no_score_not_zero():
@@ -961,18 +991,69 @@ def test_a_bare_logged_model_id_is_refused_before_anything_is_registered(store):
 def test_an_evaluation_of_a_registry_uri_lands_on_its_logged_model(store):
     """evaluate -P model_uri=models:/cifar10-resnet@champion: the scores go on the champion's logged model too
     (register reads them there), as for models:/m-...; they went on the evaluate run only. So do those of
-    runs:/<train run id>/model, which went on the evaluate run only too: register then found the model unevaluated."""
+    runs:/<train run id>/model, which went on the evaluate run only too: register then found the model unevaluated;
+    and those of models:/cifar10-resnet/latest (MLflow's newest version), which went on the evaluate run only."""
     experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
     uri = evaluated_model(experiment_id, {"test_acc": 0.5})
     registered(experiment_id, uri)
     source_run = MlflowClient().get_logged_model(uri.removeprefix("models:/")).source_run_id
     for other_uri, acc in (("models:/cifar10-resnet@champion", 0.6), ("models:/cifar10-resnet/1", 0.7),
-                           (f"runs:/{source_run}/model", 0.8)):
+                           (f"runs:/{source_run}/model", 0.8), ("models:/cifar10-resnet/latest", 0.9)):
         evaluate_again(experiment_id, other_uri, {"test_acc": acc})
         assert registry.model_test_acc(uri).test_acc == acc
     assert steps.logged_model_id(f"runs:/{source_run}/no-such-model") is None
     assert steps.registered_model_id("models:/cifar10-resnet@nobody") is None
-    assert steps.registered_model_id("models:/cifar10-resnet/latest") is None
+    assert steps.registered_model_id("models:/cifar10-resnet/no-such-stage") is None
+    assert steps.registered_model_id("models:/cifar10-resnet/2") is None
+
+
+class Answers(mlflow.pyfunc.PythonModel):
+    """A stand-in image classifier that answers `labels`, in order, whatever the pixels."""
+
+    def __init__(self, class_names, labels):
+        self.class_names, self.labels, self.tta = list(class_names), labels, "none"
+
+    def predict_proba(self, pixels, batch_size=256):
+        import numpy as np
+
+        return np.eye(len(self.class_names), dtype=np.float32)[self.labels[:len(pixels)]]
+
+
+def test_an_evaluation_of_an_alias_moved_while_it_scores_lands_on_the_model_it_scored(store, in_process, tmp_path,
+                                                                                         monkeypatch):
+    """evaluate -P model_uri=models:/cifar10-resnet@champion read the alias to load the model, and again to record
+    the score: a register moving the alias while it scored put v1's test_acc on v2's logged model, where register
+    and compare read it as v2's."""
+    import numpy as np
+
+    from pipeline import data
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    dataset = data.make_synthetic(n_train=16, n_test=40)
+    np.savez(tmp_path / "data.npz", x_train=dataset.x_train, y_train=dataset.y_train, x_test=dataset.x_test,
+             y_test=dataset.y_test, class_names=np.array(dataset.class_names))
+    uris = []
+    client.create_registered_model("cifar10-resnet")
+    for labels in (dataset.y_test, (dataset.y_test + 1) % 10):  # v1 right on every image, v2 on none
+        with mlflow.start_run(experiment_id=experiment_id):
+            uris.append(mlflow.pyfunc.log_model(name="model", python_model=Answers(dataset.class_names, labels),
+                                                pip_requirements=["mlflow"]).model_uri)
+        client.create_model_version("cifar10-resnet", uris[-1], model_id=uris[-1].removeprefix("models:/"))
+    client.set_registered_model_alias("cifar10-resnet", "champion", "1")
+    scoring = evaluate.score
+
+    def score_while_the_alias_moves(probs, scored):
+        client.set_registered_model_alias("cifar10-resnet", "champion", "2")
+        return scoring(probs, scored)
+
+    monkeypatch.setattr(evaluate, "score", score_while_the_alias_moves)
+    result = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                        "--model-uri", "models:/cifar10-resnet@champion", "--dataset-uri", str(tmp_path / "data.npz"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test_acc 1.0000" in result.stdout
+    assert registry.model_test_acc(uris[0]).test_acc == 1.0
+    assert not client.get_logged_model(uris[1].removeprefix("models:/")).metrics
 
 
 def test_an_evaluation_whose_run_failed_or_was_deleted_is_no_score(store):
@@ -1032,7 +1113,7 @@ def test_evaluate_records_how_many_test_images_it_scored(store, monkeypatch):
     experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
     dataset = data.make_synthetic(n_train=16, n_test=40)
     monkeypatch.setattr(prepare, "load_dataset", lambda uri: dataset)
-    monkeypatch.setattr(steps, "load_classifier", lambda uri: SimpleNamespace(
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
         class_names=dataset.class_names, tta="none", predict_proba=lambda x, batch_size: np.eye(10)[dataset.y_test]))
     with mlflow.start_run(experiment_id=experiment_id):
         uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
@@ -1127,7 +1208,7 @@ def test_evaluate_counts_test_images_of_the_data_the_model_trained_on(store, mon
     clean, leaky = leaky_dataset()
     datasets = {"runs:/clean/dataset/dataset.npz": clean, "runs:/leaky/dataset/dataset.npz": leaky}
     monkeypatch.setattr(prepare, "load_dataset", lambda uri: datasets[uri])
-    monkeypatch.setattr(steps, "load_classifier", lambda uri: SimpleNamespace(
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
         class_names=clean.class_names, tta="none", predict_proba=lambda x, batch_size: np.eye(10)[clean.y_test]))
     for trained_on in ("leaky", "clean", None):  # None: a model no train run logged: the scored dataset's split
         with mlflow.start_run(experiment_id=experiment_id):

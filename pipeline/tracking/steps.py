@@ -21,6 +21,7 @@ import pandas as pd
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
@@ -165,16 +166,27 @@ def scoring_code_changes(model_dir: str | Path) -> list[str]:
             if logged_bytes(logged / f"{module}.py") != source.FILES[f"{module}.py"]]
 
 
-def load_classifier(model_uri: str):
+def other_flavor(model_dir: str | Path) -> str | None:
+    """What the model downloaded at `model_dir` is, where it is no pyfunc of a Python model (as `serve.ImageClassifier`
+    is logged): its flavors (`keras`, `sklearn`, ...) but python_function; None for a Python model's pyfunc."""
+    flavors = mlflow.models.Model.load(Path(model_dir) / "MLmodel").flavors
+    if (flavors.get("python_function") or {}).get("loader_module") == "mlflow.pyfunc.model":
+        return None
+    return ", ".join(name for name in flavors if name != "python_function") or "python_function"
+
+
+def load_classifier(model_uri: str, logged_model: str | None = None):
     """The Python model of the pyfunc logged at `model_uri` (a `serve.ImageClassifier`); ConfigError
     naming `model_uri` if it cannot be loaded, or if MLflow has its logged model as not whole: FAILED (its upload
     failed part way) or PENDING (cut short by a kill, or under way now). Such a model may load, from the files that
-    arrived, and a score on it would be registered; the rerun of its training logs the model again.
+    arrived, and a score on it would be registered; the rerun of its training logs the model again. `logged_model`:
+    the id `logged_model_id` read for `model_uri` already, which is loaded then (an alias may have moved since).
+    ConfigError, before it is loaded, for a model of another flavor (`other_flavor`: Keras, scikit-learn, ...).
 
     ConfigError too, before Keras loads it, where its logged scoring code is not the code this process loaded
     (`scoring_code_changes`: an edit or a pull since it was trained): loaded here it would score with this process's
     code, not the code it is served with, and a score of it would not be the served model's."""
-    found = logged_model_id(model_uri)
+    found = logged_model or logged_model_id(model_uri)
     try:
         status = mlflow.get_logged_model(found).status if found else LoggedModelStatus.READY
     except MlflowException:
@@ -185,10 +197,14 @@ def load_classifier(model_uri: str):
                                  f"it again")
     try:
         # downloaded once (a local store's folder is read in place), its code compared, then loaded from there
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
-        changed = scoring_code_changes(folder)
+        # the logged model whose status was read: a registry URI read again may name another by now
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{found}" if found else model_uri)
+        changed, flavor = scoring_code_changes(folder), other_flavor(folder)
     except Exception as exc:  # noqa: BLE001 - a wrong URI surfaces as several MLflow error types
         raise config.ConfigError(f"model_uri: cannot load {model_uri} ({exc})".replace("\n", " ")) from None
+    if flavor:  # loaded whole first, then refused as "cannot load (Unable to retrieve base model object from pyfunc)"
+        raise config.ConfigError(f"model_uri: {model_uri} is not an image classifier this pipeline logged (a {flavor} "
+                                 f"model): evaluate cannot score it")
     if changed:
         differ = "differs" if len(changed) == 1 else "differ"
         raise config.ConfigError(f"model_uri: {model_uri} is served with other scoring code than this process loaded "
@@ -255,16 +271,18 @@ def logged_model_id(model_uri: str) -> str | None:
 
 
 def registered_model_id(model_uri: str) -> str | None:
-    """The logged model behind a registry URI (`models:/name@alias`, `models:/name/3`), or None: an evaluation of
-    `@champion` lands on the champion's logged model too, where register reads it."""
-    name, at, alias = model_uri.removeprefix("models:/").partition("@")
-    name, slash, number = (name, "", "") if at else name.partition("/")
-    if not model_uri.startswith("models:/") or not (alias or number.isdigit()):
+    """The logged model behind a registry URI (`models:/name@alias`, `models:/name/3`, `models:/name/latest`, a stage),
+    or None: an evaluation of `@champion` lands on the champion's logged model too, where register reads it. Read as
+    MLflow reads the URI to load it (`get_model_name_and_version`)."""
+    if not model_uri.startswith("models:/") or model_id(model_uri):
         return None
     client = mlflow.MlflowClient()
     try:
-        version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+        found = get_model_name_and_version(client, model_uri)  # (name, version), or (id,) for models:/<id>
+        version = client.get_model_version(*found) if len(found) == 2 else None
     except MlflowException:
+        return None
+    if version is None:
         return None
     return getattr(version, "model_id", None) or model_id(version.source)  # MLflow 3.17 leaves model_id unset
 
