@@ -678,3 +678,42 @@ def test_a_session_that_fails_adds_its_seconds_only_to_a_run_it_trains(store, mo
         assert [m.step for m in history] == [0, 1] and 100 < history[-1].value < 110
     else:
         assert [(m.step, m.value) for m in history] == [(0, 100.0)]
+
+
+def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process, monkeypatch):
+    """`experiment=` naming a deleted experiment said it held no finished training runs, as if it were empty; with no
+    experiment named, MLflow's default experiment in the trash (where the comparison run goes) was a traceback, exit 1,
+    after every run was searched."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # as a process of its own: set by an earlier command
+    client = MlflowClient()
+    binned = client.create_experiment("binned")
+    for experiment in (binned, client.get_experiment_by_name("e2e").experiment_id):
+        run = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+        client.log_metric(run, "val_acc", 0.5, step=1)
+        client.set_terminated(run, end_time=2_000)
+    client.delete_experiment(binned)
+    client.delete_experiment("0")
+
+    def comparisons():
+        every = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+        return client.search_runs(every, "tags.step = 'compare'", run_view_type=ViewType.ALL)
+
+    named = in_process("compare", "--experiment", "binned")
+    assert named.returncode == 2, named.stderr[-3000:]
+    assert named.stderr.strip().splitlines()[-1] == (
+        f"error: experiment: 'binned' is in MLflow's trash; restore it (mlflow experiments restore --experiment-id "
+        f"{binned}) or name another")
+    unnamed = in_process("compare")
+    assert unnamed.returncode == 2, unnamed.stderr[-3000:]
+    assert unnamed.stderr.strip().splitlines()[-1] == (
+        "error: experiment: none named, so the comparison run goes to MLflow's default experiment 'Default', which is "
+        "in MLflow's trash; restore it (mlflow experiments restore --experiment-id 0) or set MLFLOW_EXPERIMENT_NAME "
+        "to another")
+    assert comparisons() == []
+    # as the error says: every experiment's runs compared, the comparison recorded in another experiment
+    done = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "e2e"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r.info.experiment_id for r in comparisons()] == [client.get_experiment_by_name("e2e").experiment_id]

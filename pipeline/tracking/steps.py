@@ -6,7 +6,8 @@
 - evaluate: `load_classifier` (the served pyfunc's Python model, refused where the scoring code logged with it,
   SCORING_CODE, is not the code this process loaded: `scoring_code_changes`), `log_evaluation` (params, and the test
   metrics on the run and on the logged model, `logged_model_id`).
-- compare: `find_experiment_id`, `search_train_runs`, `log_comparison`.
+- compare: `find_experiment_id`, `search_train_runs`, `check_default_experiment` (where the comparison run goes),
+  `log_comparison`.
 - main: `log_pipeline_results`, the headline results on the parent run.
 Files a step writes go in through `pipeline.tracking.artifact_dir`.
 """
@@ -14,6 +15,7 @@ Files a step writes go in through `pipeline.tracking.artifact_dir`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -272,11 +274,30 @@ def registered_model_id(model_uri: str) -> str | None:
 # ---------------------------------------------------------------- compare
 
 def find_experiment_id(name: str) -> str:
-    """Experiment name -> id; ConfigError if there is none of that name."""
+    """Experiment name -> id; ConfigError if there is none of that name, or it is in MLflow's trash (its runs are
+    too: the search found none, and said the experiment held no finished training runs)."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
         raise config.ConfigError(f"experiment: no experiment named {name!r}")
+    if experiment.lifecycle_stage == "deleted":
+        raise config.ConfigError(f"experiment: {name!r} is in MLflow's trash; restore it (mlflow experiments restore "
+                                 f"--experiment-id {experiment.experiment_id}) or name another")
     return experiment.experiment_id
+
+
+def check_default_experiment() -> None:
+    """ConfigError if the comparison run of every experiment's runs would go to an experiment in MLflow's trash:
+    MLflow's default one (MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID, else `Default`), which MLflow refused to open
+    a run in (a traceback). Nothing to check under `mlflow run` (its run is open already) or inside an active run."""
+    if mlflow.active_run() is not None or os.environ.get("MLFLOW_RUN_ID"):
+        return
+    # the experiment `mlflow.start_run` picks where none is named
+    experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
+    if experiment.lifecycle_stage == "deleted":
+        raise config.ConfigError(
+            f"experiment: none named, so the comparison run goes to MLflow's default experiment {experiment.name!r}, "
+            f"which is in MLflow's trash; restore it (mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}) or set MLFLOW_EXPERIMENT_NAME to another")
 
 
 def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:
