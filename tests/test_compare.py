@@ -717,3 +717,32 @@ def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process,
     done = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "e2e"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r.info.experiment_id for r in comparisons()] == [client.get_experiment_by_name("e2e").experiment_id]
+
+
+def test_a_comparison_whose_reader_stops_reading_is_recorded_finished(store):
+    """`mlflow run . -e compare | head`: printing the table into the closed pipe was a BrokenPipeError traceback,
+    exit 1, and the comparison run, every artifact logged, ended FAILED with that as its failure_reason."""
+    from mlflow import MlflowClient
+
+    from tests.conftest import eventually
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    run = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.log_metric(run, "val_acc", 0.5, step=1)
+    client.set_terminated(run, end_time=2_000)
+    cmd, _ = server_run_command("", "e2e", "compare", {})
+    process = subprocess.Popen(cmd, env=store, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader gone before the table is printed, as `| head -0`
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr[-3000:]
+
+    def comparison():
+        (found,) = client.search_runs([experiment], "tags.step = 'compare'")
+        return found if found.info.status != "RUNNING" else None
+
+    found = eventually(comparison)
+    assert found.info.status == "FINISHED" and "failure_reason" not in found.data.tags
+    assert {a.path for a in client.list_artifacts(found.info.run_id)} == {
+        "runs.md", "runs.csv", "val_acc.png", "compared_runs.txt"}
