@@ -746,3 +746,42 @@ def test_a_comparison_whose_reader_stops_reading_is_recorded_finished(store):
     assert found.info.status == "FINISHED" and "failure_reason" not in found.data.tags
     assert {a.path for a in client.list_artifacts(found.info.run_id)} == {
         "runs.md", "runs.csv", "val_acc.png", "compared_runs.txt"}
+
+
+def test_run_ids_that_cannot_be_compared_are_refused_saying_why(store, in_process):
+    """A finished training run named in run_ids but in MLflow's trash (or its experiment) was refused as one of the "not
+    finished training runs", as were one still running, one of another step and an id of no run: nothing said which
+    was which."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    other = client.create_experiment("other")
+
+    def finished(experiment_id: str, step: str = "train", status: str | None = "FINISHED") -> str:
+        run = client.create_run(experiment_id, start_time=1_000, tags={"step": step}).info.run_id
+        client.log_metric(run, "val_acc", 0.5, step=1)
+        if status:
+            client.set_terminated(run, status, end_time=2_000)
+        return run
+
+    good, binned, running, killed, evaluated, elsewhere = (
+        finished(experiment), finished(experiment), finished(experiment, status=None),
+        finished(experiment, status="KILLED"), finished(experiment, "evaluate"), finished(other))
+    gone = client.create_experiment("gone")
+    in_gone = finished(gone)
+    client.delete_run(binned)
+    client.delete_experiment(gone)
+    unknown = "0" * 32
+    reasons = {binned: f"in MLflow's trash: mlflow runs restore --run-id {binned}",
+               in_gone: f"its experiment 'gone' is in MLflow's trash: mlflow experiments restore --experiment-id "
+                        f"{gone}",
+               running: "RUNNING",
+               killed: "KILLED", evaluated: "a run of step 'evaluate'", elsewhere: "of experiment 'other'",
+               unknown: "no run of that id"}
+    refused = in_process("compare", "--experiment", "e2e", "--run-ids", ",".join([good, *reasons]))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == "error: run_ids: not finished training runs of e2e: " + ", ".join(
+        f"{run_id} ({reasons[run_id]})" for run_id in sorted(reasons))
+    # with no experiment named, a run of any experiment is compared
+    assert in_process("compare", "--run-ids", f"{good},{elsewhere}").returncode == 0

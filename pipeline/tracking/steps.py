@@ -329,11 +329,34 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
     missing = sorted(set(run_ids) - set(runs["run_id"])) if len(runs) else sorted(run_ids)
     if missing:
         raise config.ConfigError(f"run_ids: not finished training runs{' of ' + experiment if experiment else ''}: "
-                                 f"{', '.join(missing)}")
+                                 + ", ".join(f"{r} ({why})" if (why := why_not_compared(r, experiment)) else r
+                                             for r in missing))
     if runs.empty:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
         raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {where}")
     return runs
+
+
+def why_not_compared(run_id: str, experiment: str | None) -> str:
+    """Why `search_train_runs` did not find run `run_id` among the finished training runs (of `experiment`): no such
+    run, in MLflow's trash (it or its experiment), of another experiment, of another step, or not FINISHED; "" if
+    none of these (it finished since)."""
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return "no run of that id"
+    found = client.get_experiment(run.info.experiment_id)
+    if found.lifecycle_stage == "deleted":
+        return (f"its experiment {found.name!r} is in MLflow's trash: mlflow experiments restore --experiment-id "
+                f"{found.experiment_id}")
+    if run.info.lifecycle_stage == "deleted":
+        return f"in MLflow's trash: mlflow runs restore --run-id {run_id}"
+    if experiment and found.name != experiment:
+        return f"of experiment {found.name!r}"
+    if (step := run.data.tags.get("step")) != "train":
+        return f"a run of step {step!r}" if step else "no step's run (no tag step)"
+    return run.info.status if run.info.status != "FINISHED" else ""
 
 
 def log_comparison(params: dict, run_ids: list[str], description: str) -> None:
