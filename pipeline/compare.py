@@ -23,7 +23,9 @@ Searching the runs and recording the comparison: `pipeline.tracking.steps`.
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -333,6 +335,8 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     markdown = val_data_note(table) + test_data_note(table) + wall_note(table) + markdown_table(table, DECIMALS)
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
+    if experiment is None:
+        steps.check_default_experiment()
     with open_run("compare", experiment=experiment, run_name=name) as comparison:
         with artifact_dir() as folder:
             table.to_csv(folder / "runs.csv", index=False)
@@ -343,10 +347,20 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
                               "compare.top": top or ""}, list(table["run_id"]),
                              f"Training runs by {metric}, best ({order}) first:\n\n{markdown}")
         run_id = comparison.info.run_id
-    print(markdown, end="")
-    print(f"comparison run {run_id}: runs.md, runs.csv, val_acc.png, compared_runs.txt")
+    print_comparison(markdown, run_id)
     return {"run_id": run_id, "table": table, "markdown": markdown,
             "artifacts": ["runs.md", "runs.csv", "val_acc.png", "compared_runs.txt"]}
+
+
+def print_comparison(markdown: str, run_id: str) -> None:
+    """The table and the comparison run's id on stdout. A reader that stopped reading (`| head`) ends the printing
+    only: the comparison is recorded (a BrokenPipeError's traceback failed the run `mlflow run` opened for it)."""
+    try:
+        print(markdown, end="")
+        print(f"comparison run {run_id}: runs.md, runs.csv, val_acc.png, compared_runs.txt", flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: into /dev/null, with no second error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def split_ids(text: str) -> list[str]:

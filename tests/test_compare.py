@@ -678,3 +678,110 @@ def test_a_session_that_fails_adds_its_seconds_only_to_a_run_it_trains(store, mo
         assert [m.step for m in history] == [0, 1] and 100 < history[-1].value < 110
     else:
         assert [(m.step, m.value) for m in history] == [(0, 100.0)]
+
+
+def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process, monkeypatch):
+    """`experiment=` naming a deleted experiment said it held no finished training runs, as if it were empty; with no
+    experiment named, MLflow's default experiment in the trash (where the comparison run goes) was a traceback, exit 1,
+    after every run was searched."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # as a process of its own: set by an earlier command
+    client = MlflowClient()
+    binned = client.create_experiment("binned")
+    for experiment in (binned, client.get_experiment_by_name("e2e").experiment_id):
+        run = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+        client.log_metric(run, "val_acc", 0.5, step=1)
+        client.set_terminated(run, end_time=2_000)
+    client.delete_experiment(binned)
+    client.delete_experiment("0")
+
+    def comparisons():
+        every = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+        return client.search_runs(every, "tags.step = 'compare'", run_view_type=ViewType.ALL)
+
+    named = in_process("compare", "--experiment", "binned")
+    assert named.returncode == 2, named.stderr[-3000:]
+    assert named.stderr.strip().splitlines()[-1] == (
+        f"error: experiment: 'binned' is in MLflow's trash; restore it (mlflow experiments restore --experiment-id "
+        f"{binned}) or name another")
+    unnamed = in_process("compare")
+    assert unnamed.returncode == 2, unnamed.stderr[-3000:]
+    assert unnamed.stderr.strip().splitlines()[-1] == (
+        "error: experiment: none named, so the comparison run goes to MLflow's default experiment 'Default', which is "
+        "in MLflow's trash; restore it (mlflow experiments restore --experiment-id 0) or set MLFLOW_EXPERIMENT_NAME "
+        "to another")
+    assert comparisons() == []
+    # as the error says: every experiment's runs compared, the comparison recorded in another experiment
+    done = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "e2e"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r.info.experiment_id for r in comparisons()] == [client.get_experiment_by_name("e2e").experiment_id]
+
+
+def test_a_comparison_whose_reader_stops_reading_is_recorded_finished(store):
+    """`mlflow run . -e compare | head`: printing the table into the closed pipe was a BrokenPipeError traceback,
+    exit 1, and the comparison run, every artifact logged, ended FAILED with that as its failure_reason."""
+    from mlflow import MlflowClient
+
+    from tests.conftest import eventually
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    run = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.log_metric(run, "val_acc", 0.5, step=1)
+    client.set_terminated(run, end_time=2_000)
+    cmd, _ = server_run_command("", "e2e", "compare", {})
+    process = subprocess.Popen(cmd, env=store, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader gone before the table is printed, as `| head -0`
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr[-3000:]
+
+    def comparison():
+        (found,) = client.search_runs([experiment], "tags.step = 'compare'")
+        return found if found.info.status != "RUNNING" else None
+
+    found = eventually(comparison)
+    assert found.info.status == "FINISHED" and "failure_reason" not in found.data.tags
+    assert {a.path for a in client.list_artifacts(found.info.run_id)} == {
+        "runs.md", "runs.csv", "val_acc.png", "compared_runs.txt"}
+
+
+def test_run_ids_that_cannot_be_compared_are_refused_saying_why(store, in_process):
+    """A finished training run named in run_ids but in MLflow's trash (or its experiment) was refused as one of the "not
+    finished training runs", as were one still running, one of another step and an id of no run: nothing said which
+    was which."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    other = client.create_experiment("other")
+
+    def finished(experiment_id: str, step: str = "train", status: str | None = "FINISHED") -> str:
+        run = client.create_run(experiment_id, start_time=1_000, tags={"step": step}).info.run_id
+        client.log_metric(run, "val_acc", 0.5, step=1)
+        if status:
+            client.set_terminated(run, status, end_time=2_000)
+        return run
+
+    good, binned, running, killed, evaluated, elsewhere = (
+        finished(experiment), finished(experiment), finished(experiment, status=None),
+        finished(experiment, status="KILLED"), finished(experiment, "evaluate"), finished(other))
+    gone = client.create_experiment("gone")
+    in_gone = finished(gone)
+    client.delete_run(binned)
+    client.delete_experiment(gone)
+    unknown = "0" * 32
+    reasons = {binned: f"in MLflow's trash: mlflow runs restore --run-id {binned}",
+               in_gone: f"its experiment 'gone' is in MLflow's trash: mlflow experiments restore --experiment-id "
+                        f"{gone}",
+               running: "RUNNING",
+               killed: "KILLED", evaluated: "a run of step 'evaluate'", elsewhere: "of experiment 'other'",
+               unknown: "no run of that id"}
+    refused = in_process("compare", "--experiment", "e2e", "--run-ids", ",".join([good, *reasons]))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == "error: run_ids: not finished training runs of e2e: " + ", ".join(
+        f"{run_id} ({reasons[run_id]})" for run_id in sorted(reasons))
+    # with no experiment named, a run of any experiment is compared
+    assert in_process("compare", "--run-ids", f"{good},{elsewhere}").returncode == 0

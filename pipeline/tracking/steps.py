@@ -6,7 +6,8 @@
 - evaluate: `load_classifier` (the served pyfunc's Python model, refused where the scoring code logged with it,
   SCORING_CODE, is not the code this process loaded: `scoring_code_changes`), `log_evaluation` (params, and the test
   metrics on the run and on the logged model, `logged_model_id`).
-- compare: `find_experiment_id`, `search_train_runs`, `log_comparison`.
+- compare: `find_experiment_id`, `search_train_runs`, `check_default_experiment` (where the comparison run goes),
+  `log_comparison`.
 - main: `log_pipeline_results`, the headline results on the parent run.
 Files a step writes go in through `pipeline.tracking.artifact_dir`.
 """
@@ -14,6 +15,7 @@ Files a step writes go in through `pipeline.tracking.artifact_dir`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -290,11 +292,30 @@ def registered_model_id(model_uri: str) -> str | None:
 # ---------------------------------------------------------------- compare
 
 def find_experiment_id(name: str) -> str:
-    """Experiment name -> id; ConfigError if there is none of that name."""
+    """Experiment name -> id; ConfigError if there is none of that name, or it is in MLflow's trash (its runs are
+    too: the search found none, and said the experiment held no finished training runs)."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
         raise config.ConfigError(f"experiment: no experiment named {name!r}")
+    if experiment.lifecycle_stage == "deleted":
+        raise config.ConfigError(f"experiment: {name!r} is in MLflow's trash; restore it (mlflow experiments restore "
+                                 f"--experiment-id {experiment.experiment_id}) or name another")
     return experiment.experiment_id
+
+
+def check_default_experiment() -> None:
+    """ConfigError if the comparison run of every experiment's runs would go to an experiment in MLflow's trash:
+    MLflow's default one (MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID, else `Default`), which MLflow refused to open
+    a run in (a traceback). Nothing to check under `mlflow run` (its run is open already) or inside an active run."""
+    if mlflow.active_run() is not None or os.environ.get("MLFLOW_RUN_ID"):
+        return
+    # the experiment `mlflow.start_run` picks where none is named
+    experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
+    if experiment.lifecycle_stage == "deleted":
+        raise config.ConfigError(
+            f"experiment: none named, so the comparison run goes to MLflow's default experiment {experiment.name!r}, "
+            f"which is in MLflow's trash; restore it (mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}) or set MLFLOW_EXPERIMENT_NAME to another")
 
 
 def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:
@@ -326,11 +347,34 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
     missing = sorted(set(run_ids) - set(runs["run_id"])) if len(runs) else sorted(run_ids)
     if missing:
         raise config.ConfigError(f"run_ids: not finished training runs{' of ' + experiment if experiment else ''}: "
-                                 f"{', '.join(missing)}")
+                                 + ", ".join(f"{r} ({why})" if (why := why_not_compared(r, experiment)) else r
+                                             for r in missing))
     if runs.empty:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
         raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {where}")
     return runs
+
+
+def why_not_compared(run_id: str, experiment: str | None) -> str:
+    """Why `search_train_runs` did not find run `run_id` among the finished training runs (of `experiment`): no such
+    run, in MLflow's trash (it or its experiment), of another experiment, of another step, or not FINISHED; "" if
+    none of these (it finished since)."""
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return "no run of that id"
+    found = client.get_experiment(run.info.experiment_id)
+    if found.lifecycle_stage == "deleted":
+        return (f"its experiment {found.name!r} is in MLflow's trash: mlflow experiments restore --experiment-id "
+                f"{found.experiment_id}")
+    if run.info.lifecycle_stage == "deleted":
+        return f"in MLflow's trash: mlflow runs restore --run-id {run_id}"
+    if experiment and found.name != experiment:
+        return f"of experiment {found.name!r}"
+    if (step := run.data.tags.get("step")) != "train":
+        return f"a run of step {step!r}" if step else "no step's run (no tag step)"
+    return run.info.status if run.info.status != "FINISHED" else ""
 
 
 def log_comparison(params: dict, run_ids: list[str], description: str) -> None:
