@@ -63,7 +63,8 @@ IGNORED_PARAMS = ("dataset_uri",
 # params showed as two rows with no column telling them apart).
 PROVENANCE_TAGS = ("train_code", "backend", "dtype_policy", "jit_compile", "replicas")
 DIGEST_TAGS = ("train_code",)  # shortened to 12 hex digits in the table
-# Columns where lower is better (so sorted lowest first), besides any `*_loss`; the others sort highest first.
+# Columns where lower is better (so sorted lowest first), besides any `*_loss` and `*_images_in_train` (a score that
+# counts images the model trained on is the less to be trusted the more it counts); the others sort highest first.
 LOWER_IS_BETTER = ("wall_s", "loss")
 DECIMALS = {"wall_s": 1, "images_per_s": 0}  # in runs.md and on the console (runs.csv keeps every digit)
 # val_acc.png names the best LEGEND_RUNS runs (distinct colour and line style each: at most 20); more draw grey.
@@ -73,8 +74,8 @@ LABEL_CHARS = 40
 
 
 def lower_is_better(metric: str) -> bool:
-    """Whether the best runs by `metric` have its lowest values: wall time and losses."""
-    return metric in LOWER_IS_BETTER or metric.endswith("_loss")
+    """Whether the best runs by `metric` have its lowest values: wall time, losses, images trained on counted."""
+    return metric in LOWER_IS_BETTER or metric.endswith(("_loss", "_images_in_train"))
 
 
 def val_acc_history(run_id: str) -> pd.Series:

@@ -194,13 +194,18 @@ def test_a_runs_description_names_its_architecture():
         assert summary.startswith(expected), (params_file, summary)
 
 
-def test_top_runs_puts_the_best_first_lowest_for_times_and_losses():
+def test_top_runs_puts_the_best_first_lowest_for_times_losses_and_images_trained_on():
     import pandas as pd
 
     from pipeline.compare import top_runs
 
     table = pd.DataFrame({"run_id": ["slow", "fast", "unfinished"], "test_acc": [0.9, 0.8, float("nan")],
-                          "wall_s": [300.0, 100.0, float("nan")], "val_loss": [0.4, 0.6, 0.5]})
+                          "wall_s": [300.0, 100.0, float("nan")], "val_loss": [0.4, 0.6, 0.5],
+                          "val_images_in_train": [12.0, 0.0, float("nan")],
+                          "test_images_in_train": [0.0, 64.0, float("nan")]})
+    # a score counting images the model trained on is the less to be trusted the more it counts: fewest first
+    assert top_runs(table, "val_images_in_train", 1)["run_id"].tolist() == ["fast"]
+    assert top_runs(table, "test_images_in_train", None)["run_id"].tolist() == ["slow", "fast", "unfinished"]
     assert top_runs(table, "wall_s", 1)["run_id"].tolist() == ["fast"]
     assert top_runs(table, "val_loss", None)["run_id"].tolist() == ["slow", "unfinished", "fast"]
     assert top_runs(table, "test_acc", None)["run_id"].tolist() == ["slow", "fast", "unfinished"]  # missing: last
