@@ -122,7 +122,7 @@ def logged_file(model_uri: str, path: str) -> Path:
     return found
 
 
-def test_each_entry_point_runs_on_its_own(store, in_process):
+def test_each_entry_point_runs_on_its_own(store, in_process, tmp_path):
     prepared = mlflow_run(store, "prepare", params=TINY, overrides="data.synthetic_test=128")
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     client = MlflowClient()
@@ -180,6 +180,17 @@ def test_each_entry_point_runs_on_its_own(store, in_process):
                             overrides="register.model_name=standalone")
     assert registered.returncode == 0, registered.stderr[-3000:]
     assert str(client.get_model_version_by_alias("standalone", "champion").version) == "1"
+
+    # `-e evaluate` of a dataset path holding a space: `mlflow run` logs a -P shell-quoted ('/.../my data/...'), and
+    # evaluate logging the path as given failed on MLflow's "Changing param values is not allowed" once it had scored
+    spaced = tmp_path / "my data" / "dataset.npz"
+    spaced.parent.mkdir()
+    spaced.write_bytes((folder / "dataset.npz").read_bytes())
+    rescored = mlflow_run(store, "evaluate", params=TINY, model_uri=model_uri, dataset_uri=str(spaced))
+    assert rescored.returncode == 0, rescored.stderr[-3000:]
+    rescore = client.search_runs([experiment], "tags.step = 'evaluate'", order_by=["attributes.start_time DESC"])[0]
+    assert rescore.info.status == "FINISHED" and "test_acc" in rescore.data.metrics
+    assert rescore.data.params["dataset_uri"] == f"'{spaced}'"  # as `mlflow run` logged it, kept
 
     # -e train on data no prepare run holds yet: the run `mlflow run` opened is the train run, the prepare a run
     # of its own beside it, both in the experiment asked for (the prepare took that run, train went elsewhere)

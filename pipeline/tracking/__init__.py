@@ -59,6 +59,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.utils.string_utils import quote
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from pipeline import interrupts, source
@@ -655,8 +656,11 @@ def active_run_id() -> str:
 
 
 def log_params(params: dict) -> None:
-    """Log `params` on the active run (MLflow keeps them as strings, and never changes one)."""
-    mlflow.log_params(params)
+    """Log `params` on the active run (MLflow keeps them as strings, and never changes one). One that `mlflow run`
+    logged already as the entry point's -P is left as it is: MLflow logs a -P shell-quoted (`'/my data/d.npz'`), and
+    logging the value as given failed ("Changing param values is not allowed") once the step's work was done."""
+    logged = mlflow.MlflowClient().get_run(active_run_id()).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged or logged[k] != quote(str(v))})
 
 
 def log_metrics(metrics: dict[str, float]) -> None:

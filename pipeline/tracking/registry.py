@@ -27,7 +27,7 @@ from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from pipeline import config
-from pipeline.tracking import TEST_DATA_TAG, finished_run, latest_metrics, model_id
+from pipeline.tracking import TEST_DATA_TAG, finished_run, latest_metrics, log_params, model_id
 
 EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose score register compared
 CHAMPION_EVALUATE_RUN_TAG = "champion_evaluate_run_id"  # on a version: that of the champion's score it was weighed by
@@ -280,7 +280,7 @@ def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> st
 
 def log_decision(params: dict, tags: dict[str, str], decision: dict) -> None:
     """Record register's decision on the active run: its params, tags and `decision.json`."""
-    mlflow.log_params(params)
+    log_params(params)  # a -P `mlflow run` logged already kept as it logged it
     mlflow.set_tags(tags)
     mlflow.log_dict(decision, "decision.json")
 

@@ -31,6 +31,7 @@ from pipeline import config, data, source
 from pipeline.tracking import (
     TEST_DATA_TAG,
     fit_note,
+    log_params,
     model_id,
     prepare_run_id,
     trained_dataset_uri,
@@ -237,7 +238,7 @@ def log_evaluation(params: dict, metrics: dict[str, float], model_uri: str, test
     """Log evaluate's `params` and test `metrics` on the active run, and the metrics on the logged model
     `models:/m-...` too (they show on the model's page and feed register), with tag `test_data_sha256`
     (`test_data`: the test split's digest, which register compares before it compares scores)."""
-    mlflow.log_params(params)
+    log_params(params)  # a -P `mlflow run` logged already kept as it logged it
     mlflow.log_metrics(metrics)
     mlflow.set_tag(TEST_DATA_TAG, test_data)
     logged_model = logged_model_id(model_uri)
