@@ -4,6 +4,7 @@
 #   scripts/team-server.sh              start PostgreSQL 15, create the role and databases if missing,
 #                                       then run `mlflow server` in the foreground
 #   scripts/team-server.sh postgres     only start PostgreSQL and create the role and databases
+#   scripts/team-server.sh --help       this text
 #
 # Settings (environment, defaults in brackets):
 #   MLFLOW_DB [mlflow]      database of the tracking store and the Model Registry
@@ -21,6 +22,15 @@
 # The database password reaches `mlflow server` URL-encoded through its environment
 # (MLFLOW_BACKEND_STORE_URI), never on a command line.
 set -euo pipefail
+
+# Any other argument (`stop`, a typo of `postgres`) started everything, on the default password where the role was new.
+case ${1:-} in
+  ""|postgres) [[ $# -le 1 ]] ||
+    { echo "error: unexpected argument '$2': scripts/team-server.sh takes one at most" >&2; exit 2; } ;;
+  -h|--help) sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "$0"; exit 0 ;;
+  *) echo "error: unknown argument '$1': scripts/team-server.sh takes none (start everything), postgres, or --help" >&2
+     exit 2 ;;
+esac
 
 MLFLOW_DB=${MLFLOW_DB:-mlflow}
 OPTUNA_DB=${OPTUNA_DB:-optuna}

@@ -490,3 +490,25 @@ def test_a_password_with_url_and_sql_characters_works_and_stays_off_command_line
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
             assert b"p@ss/w" not in cmdline.read_bytes() and b"p%40ss" not in cmdline.read_bytes(), cmdline
+
+
+@pytest.mark.parametrize("argument", ["stop", "status", "postgress", "--port=5001"])
+def test_an_unknown_argument_is_one_line_before_anything_is_started(argument):
+    """Any argument but `postgres` was ignored: `scripts/team-server.sh stop` (or a typo of `postgres`) started
+    PostgreSQL, made the role and databases and served on 0.0.0.0:5000. (PG_VERSION=99: were the argument not checked
+    first, the script would stop at "PostgreSQL 99 is not installed".)"""
+    result = run_script(argument, PG_VERSION="99", HOST="127.0.0.1", PORT=str(free_port()))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines == [f"error: unknown argument {argument!r}: scripts/team-server.sh takes "
+                                                "none (start everything), postgres, or --help"], result
+    result = run_script("postgres", argument, PG_VERSION="99")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: unexpected argument {argument!r}"), result
+
+
+@pytest.mark.parametrize("argument", ["--help", "-h"])
+def test_help_prints_the_usage_and_starts_nothing(argument):
+    """`scripts/team-server.sh --help` started the server (on the default password, where the role was new)."""
+    result = run_script(argument, PG_VERSION="99", HOST="127.0.0.1", PORT=str(free_port()))
+    assert result.returncode == 0 and result.stderr == "", result
+    assert "scripts/team-server.sh postgres" in result.stdout and "DB_PASSWORD" in result.stdout
+    assert not result.stdout.startswith("#") and "set -euo" not in result.stdout
