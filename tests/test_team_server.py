@@ -512,3 +512,28 @@ def test_help_prints_the_usage_and_starts_nothing(argument):
     assert result.returncode == 0 and result.stderr == "", result
     assert "scripts/team-server.sh postgres" in result.stdout and "DB_PASSWORD" in result.stdout
     assert not result.stdout.startswith("#") and "set -euo" not in result.stdout
+
+
+def test_a_database_store_that_refuses_the_login_or_does_not_answer_is_one_line_at_once():
+    """A member's MLFLOW_TRACKING_URI naming the team's PostgreSQL directly, with a wrong password (or a port nothing
+    listens on): `python -m pipeline.tracking` (and every step) logged MLflow's 5-line warning 9 times over ~100 s of
+    retries before its one line. Now one try: the line at once, the password never printed."""
+    name = f"mlflow_login_{uuid.uuid4().hex[:10]}"
+    pgport = os.environ.get("PGPORT", "5432")
+    run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name).check_returncode()
+    try:
+        for uri, reason in [(f"postgresql+psycopg2://{USER}:s3cret@127.0.0.1:{pgport}/{name}",
+                             f'password authentication failed for user "{USER}"'),
+                            (f"postgresql+psycopg2://{USER}:s3cret@127.0.0.1:{free_port()}/{name}",
+                             "Connection refused")]:
+            start = time.monotonic()
+            done = subprocess.run([sys.executable, "-m", "pipeline.tracking"], cwd=ROOT, capture_output=True,
+                                  text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=120)
+            lines = done.stderr.strip().splitlines()
+            shown = uri.replace("s3cret", "***")
+            assert done.returncode == 2 and len(lines) == 1, (uri, done.stderr[-3000:])
+            assert lines[0].startswith(f"error: MLFLOW_TRACKING_URI: cannot open the tracking store {shown}: "
+                                       "OperationalError: ") and reason in lines[0], lines
+            assert "s3cret" not in done.stdout + done.stderr and time.monotonic() - start < 30
+    finally:
+        drop_databases(pgport, name)

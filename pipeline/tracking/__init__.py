@@ -189,7 +189,8 @@ def ensure_store() -> str:
     schema creation at the same time (which fails). The lock is keyed by the database file, not the URI's
     spelling (`sqlite:///mlflow.db` names another file in every folder). Other stores (a server) are left
     to their owner, only asked to answer: a server that does not (`_check_server_answers`) is MlflowException
-    (`cli`: exit 4), a URI MLflow cannot open at all is ConfigError naming it.
+    (`cli`: exit 4), a URI MLflow cannot open at all (a database store tried once: `_connect_once`) is ConfigError
+    naming it.
     """
     uri = mlflow.get_tracking_uri()
     shown = _without_password(uri)  # also in the reason: MLflow's own message quotes the URI whole
@@ -204,6 +205,7 @@ def ensure_store() -> str:
         _check_server_answers(uri, shown)
         return uri
     try:
+        _connect_once(uri)
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as exc:
         if uri.startswith(("http://", "https://")):
@@ -214,6 +216,26 @@ def ensure_store() -> str:
     else:
         return uri
     raise ConfigError(f"MLFLOW_TRACKING_URI: cannot open the tracking store {shown}: {reason}")
+
+
+def _connect_once(uri: str) -> None:
+    """Connect once to a database store (PostgreSQL, MySQL, ...), as MLflow checks it, raising what the driver
+    raises: MLflow's own client retried a refused login, a missing database or a server that is down 10 times over
+    ~100 s, logging a warning each time, before its error. Other URIs are left to MLflow."""
+    from urllib.parse import urlparse
+
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+    from mlflow.store.db.utils import create_sqlalchemy_engine
+
+    if urlparse(uri).scheme.partition("+")[0] not in DATABASE_ENGINES:
+        return
+    import sqlalchemy
+
+    engine = create_sqlalchemy_engine(uri)
+    try:
+        sqlalchemy.inspect(engine)
+    finally:
+        engine.dispose()
 
 
 def _check_sqlite_file(database: str, shown: str) -> None:
