@@ -537,3 +537,46 @@ def test_a_database_store_that_refuses_the_login_or_does_not_answer_is_one_line_
             assert "s3cret" not in done.stdout + done.stderr and time.monotonic() - start < 30
     finally:
         drop_databases(pgport, name)
+
+
+def test_a_tracking_uri_that_answers_but_is_no_mlflow_server_is_one_line(monkeypatch, capsys):
+    """MLFLOW_TRACKING_URI naming another web service (the model server of `mlflow models serve -p 5001`, whose
+    /health answers 200; a web page; a path too many): `python -m pipeline.tracking` said "tracking store ... ready",
+    and every step then failed on MLflow's 404. Now one line naming the URI, exit 2; a server that answers MLflow's
+    API (200, or a proxy's 401) is ready as before."""
+    import http.server
+    import threading
+
+    import mlflow
+
+    from pipeline.tracking import cli, store_ready
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200 if self.path in ("/health", "/ping") or self.path.startswith("/mlflow/") else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://alice:s3cret@127.0.0.1:{server.server_address[1]}"
+    mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+    try:
+        for uri, code in [(base, 2), (f"{base}/mlflow", 0)]:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+            capsys.readouterr()
+            with pytest.raises(SystemExit) if code else contextlib.nullcontext() as exited:
+                cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
+            out, err = capsys.readouterr()
+            shown = uri.replace("s3cret", "***")
+            if code:
+                assert exited.value.code == 2 and "ready" not in out, (out, err)
+                assert err.strip().splitlines() == [
+                    f"error: MLFLOW_TRACKING_URI: {shown} answers, but not as an MLflow tracking server (HTTP 404 for "
+                    "/api/2.0/mlflow/experiments/search): another service (a model server?) or a wrong path"]
+            else:
+                assert out == f"tracking store {shown} ready\n", (out, err)
+    finally:
+        server.shutdown()

@@ -271,15 +271,20 @@ def sqlite_file(uri: str) -> str | None:
 def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
     """MlflowException (`cli`: exit 4) if nothing answers at tracking server `uri`: refused, unknown host, silent
     for `timeout` s. One try: MLflow's own client retries a dead server for minutes, and a step started with a bad
-    param would wait all that time before saying so. Any HTTP answer counts (even a 401 from a proxy's login), and
-    TLS is left to MLflow's own settings (a private CA's server fails requests' check, not MLflow's); a proxy's 502,
-    503 or 504 (the server behind it is down) does not count."""
+    param would wait all that time before saying so. The request is one of MLflow's API: any HTTP answer counts (even
+    a 401 from a proxy's login), and TLS is left to MLflow's own settings (a private CA's server fails requests'
+    check, not MLflow's); a proxy's 502, 503 or 504 (the server behind it is down) does not count, and a 404 is
+    ConfigError: another service answers there (a model server, whose /health answers too; a wrong path)."""
     import requests
 
+    api = "/api/2.0/mlflow/experiments/search"
     try:
-        status = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).status_code
+        status = requests.get(f"{uri.rstrip('/')}{api}", params={"max_results": 1}, timeout=timeout).status_code
         if status in (502, 503, 504):  # a proxy in front of a server that is down
             raise MlflowException(f"no answer (HTTP {status} from what stands in front of it)")
+        if status == 404:
+            raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} answers, but not as an MLflow tracking server (HTTP 404 "
+                              f"for {api}): another service (a model server?) or a wrong path")
     except requests.exceptions.SSLError:
         pass
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
