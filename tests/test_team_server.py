@@ -580,3 +580,30 @@ def test_a_tracking_uri_that_answers_but_is_no_mlflow_server_is_one_line(monkeyp
                 assert out == f"tracking store {shown} ready\n", (out, err)
     finally:
         server.shutdown()
+
+
+def test_a_password_in_the_tracking_uris_query_is_never_printed_nor_written(monkeypatch, capsys):
+    """libpq also takes the password as a query parameter (`postgresql://mlflow@db-host/mlflow?password=...`): the
+    error line, the ready line and each step's console link printed it, and the checkpoints' lock files (readable by
+    every user of the store) recorded it. Now `***` where printed, and left out of the store the lock files name (a
+    new password is the same store)."""
+    import mlflow
+
+    from pipeline.tracking import cli, store_ready, ui_hint
+    from pipeline.tracking.resume import _store
+
+    port = free_port()
+    uri = f"postgresql+psycopg2://{USER}@127.0.0.1:{port}/mlflow?sslmode=disable&password=s3cret&connect_timeout=5"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`: nothing listens on that port
+    out, err = capsys.readouterr()
+    shown = uri.replace("s3cret", "***")
+    assert exited.value.code == 2 and err.startswith(f"error: MLFLOW_TRACKING_URI: cannot open the tracking store "
+                                                     f"{shown}: "), err
+    run = mlflow.entities.Run(mlflow.entities.RunInfo("r1", "7", "", 0, 0, "FINISHED", "", ""), None)
+    assert ui_hint(run).startswith(f"run r1: see it with `mlflow ui --backend-store-uri {shown}`")
+    assert _store() == f"postgresql+psycopg2://localhost:{port}/mlflow?sslmode=disable&connect_timeout=5"
+    assert "s3cret" not in out + err

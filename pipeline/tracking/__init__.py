@@ -319,9 +319,11 @@ def _first_line(text: str) -> str:
 
 
 def _without_password(uri: str) -> str:
-    """`uri` with the password of its user part, if any, as `***` (an error line must not print it). The password
-    runs to the first `@`, as SQLAlchemy reads it: a generated one may hold a `/`."""
-    return re.sub(r"^([a-z0-9+.-]+://[^/@:]*):[^@]*@", r"\1:***@", uri, flags=re.IGNORECASE)
+    """`uri` with the password of its user part, if any, as `***` (an error line must not print it), and so a
+    `password` query parameter (libpq takes one). The password runs to the first `@`, as SQLAlchemy reads it: a
+    generated one may hold a `/`."""
+    uri = re.sub(r"^([a-z0-9+.-]+://[^/@:]*):[^@]*@", r"\1:***@", uri, flags=re.IGNORECASE)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", uri, flags=re.IGNORECASE)
 
 
 def code_digest(*modules: str) -> str:
