@@ -159,7 +159,19 @@ check_artifacts() {
     fail "cannot make or write ARTIFACTS=$ARTIFACTS: run this as a user who may, or set ARTIFACTS"
 }
 
-[[ ${1:-} == postgres ]] || { check_port; check_artifacts; }
+# Names only: a port or a scheme in one (team-host:5000, http://team-host) made it an "IPv6 address", bracketed, which
+# no Host header matches: the server started and answered members 403.
+check_allowed_hosts() {
+  local name extra
+  IFS=', ' read -r -a extra <<< "$ALLOWED_HOSTS"
+  for name in "${extra[@]}"; do
+    [[ $name =~ ^[A-Za-z0-9*?_.-]+$ || $name =~ ^\[?[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\]?$ ]] || {  # a name, IPv6
+      echo "error: ALLOWED_HOSTS takes names or addresses without a port or scheme (team-host,mlflow.example.com;" \
+        "any port), got '$name'" >&2; exit 2; }
+  done
+}
+
+[[ ${1:-} == postgres ]] || { check_allowed_hosts; check_port; check_artifacts; }
 start_postgres
 [[ ${1:-} == postgres ]] && exit 0
 

@@ -607,3 +607,18 @@ def test_a_password_in_the_tracking_uris_query_is_never_printed_nor_written(monk
     assert ui_hint(run).startswith(f"run r1: see it with `mlflow ui --backend-store-uri {shown}`")
     assert _store() == f"postgresql+psycopg2://localhost:{port}/mlflow?sslmode=disable&connect_timeout=5"
     assert "s3cret" not in out + err
+
+
+@pytest.mark.parametrize("given", ["team-host:5000", "http://team-host", "https://mlflow.example.com/"])
+def test_allowed_hosts_with_a_port_or_a_url_is_one_line_before_anything_is_made(given, tmp_path):
+    """`ALLOWED_HOSTS=team-host:5000` (or a URL) was taken for an IPv6 address and bracketed, `[team-host:5000]`: the
+    server started, and answered every member who used that name 403. (PG_VERSION=99: were ALLOWED_HOSTS not checked
+    first, the script would stop at "PostgreSQL 99 is not installed".)"""
+    result = run_script(ALLOWED_HOSTS=f"other-host,{given}", PG_VERSION="99", HOST="127.0.0.1", PORT=str(free_port()))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines == [f"error: ALLOWED_HOSTS takes names or addresses without a port or "
+                                                f"scheme (team-host,mlflow.example.com; any port), got {given!r}"]
+    # names, addresses (IPv6 too, bracketed or not) and patterns pass: the script goes on to PostgreSQL
+    result = run_script(ALLOWED_HOSTS="team-host, 10.0.0.5,fd00::5,[fd00::6],*.example.com", PG_VERSION="99",
+                        HOST="127.0.0.1", PORT=str(free_port()), ARTIFACTS=str(tmp_path / "artifacts"))
+    assert result.returncode == 1 and "PostgreSQL 99 is not installed" in result.stderr, result
