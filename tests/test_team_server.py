@@ -622,3 +622,61 @@ def test_allowed_hosts_with_a_port_or_a_url_is_one_line_before_anything_is_made(
     result = run_script(ALLOWED_HOSTS="team-host, 10.0.0.5,fd00::5,[fd00::6],*.example.com", PG_VERSION="99",
                         HOST="127.0.0.1", PORT=str(free_port()), ARTIFACTS=str(tmp_path / "artifacts"))
     assert result.returncode == 1 and "PostgreSQL 99 is not installed" in result.stderr, result
+
+
+def test_the_uis_address_or_a_web_page_as_tracking_uri_is_one_line(monkeypatch, capsys):
+    """The address of a page of the UI pasted as MLFLOW_TRACKING_URI (`http://team-host:5000/#/experiments/0`), or a
+    URL where a web page answers every path (a login page, another site): `python -m pipeline.tracking` said "ready",
+    then every step ended exit 4 on "tracking server ... failed: ... not in a valid JSON format" (the server is fine).
+    Now one line saying what is wrong, exit 2."""
+    import http.server
+    import threading
+
+    import mlflow
+
+    from pipeline.tracking import cli, store_ready
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = b"<!doctype html><html><body>a page</body></html>"
+            json = self.path.startswith("/api/") and not self.server.html  # type: ignore[attr-defined]
+            body = b'{"experiments": []}' if json else body
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json" if json else "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    server.html = False  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://alice:s3cret@127.0.0.1:{server.server_address[1]}"
+    shown = base.replace("s3cret", "***")
+    mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+
+    def ready(uri: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        capsys.readouterr()
+        try:
+            cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
+        except SystemExit as exc:
+            return exc.code, *capsys.readouterr()
+        return 0, *capsys.readouterr()
+
+    try:
+        for tail in ("/#/experiments/0", "/?experiment=0"):
+            code, out, err = ready(base + tail)
+            assert code == 2 and err.strip().splitlines() == [
+                f"error: MLFLOW_TRACKING_URI: {shown}{tail} is the address of a page (its {tail[1]} part), not of a "
+                f"server: name the server alone, {shown}"], (out, err)
+        assert ready(base) == (0, f"tracking store {shown} ready\n", "")
+        server.html = True  # type: ignore[attr-defined]  # a web page on every path
+        code, out, err = ready(base)
+        assert code == 2 and err.strip().splitlines() == [
+            f"error: MLFLOW_TRACKING_URI: {shown} answers, but not as an MLflow tracking server (a web page for "
+            "/api/2.0/mlflow/experiments/search): another service (a model server?) or a wrong path"], (out, err)
+    finally:
+        server.shutdown()

@@ -273,18 +273,29 @@ def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
     for `timeout` s. One try: MLflow's own client retries a dead server for minutes, and a step started with a bad
     param would wait all that time before saying so. The request is one of MLflow's API: any HTTP answer counts (even
     a 401 from a proxy's login), and TLS is left to MLflow's own settings (a private CA's server fails requests'
-    check, not MLflow's); a proxy's 502, 503 or 504 (the server behind it is down) does not count, and a 404 is
-    ConfigError: another service answers there (a model server, whose /health answers too; a wrong path)."""
+    check, not MLflow's); a proxy's 502, 503 or 504 (the server behind it is down) does not count, and a 404 or a
+    web page is ConfigError: another service answers there (a model server, whose /health answers too; a wrong path;
+    a login page). So is the address of a page, its `?...` or `#...` (the UI's, `/#/experiments/0`, pasted): MLflow
+    sent every request to the UI's page, then said the server failed."""
+    import urllib.parse
+
     import requests
 
+    parts = urllib.parse.urlsplit(uri)
+    if parts.query or parts.fragment:
+        server = _without_password(urllib.parse.urlunsplit(parts._replace(query="", fragment="")).rstrip("/"))
+        raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} is the address of a page (its {'?' if parts.query else '#'} "
+                          f"part), not of a server: name the server alone, {server}")
     api = "/api/2.0/mlflow/experiments/search"
     try:
-        status = requests.get(f"{uri.rstrip('/')}{api}", params={"max_results": 1}, timeout=timeout).status_code
-        if status in (502, 503, 504):  # a proxy in front of a server that is down
-            raise MlflowException(f"no answer (HTTP {status} from what stands in front of it)")
-        if status == 404:
-            raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} answers, but not as an MLflow tracking server (HTTP 404 "
-                              f"for {api}): another service (a model server?) or a wrong path")
+        answer = requests.get(f"{uri.rstrip('/')}{api}", params={"max_results": 1}, timeout=timeout)
+        if answer.status_code in (502, 503, 504):  # a proxy in front of a server that is down
+            raise MlflowException(f"no answer (HTTP {answer.status_code} from what stands in front of it)")
+        page = answer.ok and "html" in answer.headers.get("Content-Type", "")  # MLflow's API answers JSON
+        if answer.status_code == 404 or page:
+            raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} answers, but not as an MLflow tracking server "
+                              f"({'a web page' if page else 'HTTP 404'} for {api}): another service (a model "
+                              "server?) or a wrong path")
     except requests.exceptions.SSLError:
         pass
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
