@@ -55,12 +55,14 @@ fail() { echo "error: $*" >&2; exit 1; }
 # The caller's libpq settings stay out of the admin commands, which use the local socket: an exported
 # PGHOST=127.0.0.1 would send them over TCP, where the postgres role has no password.
 admin_env=(env -u PGHOST -u PGHOSTADDR -u PGUSER -u PGDATABASE -u PGSERVICE -u PGPASSWORD)
-as_postgres() {
+# From /: run from a folder postgres may not enter (root's home), each command printed "could not change directory".
+as_postgres() (
+  cd /
   if [[ $(id -un) == postgres ]]; then "${admin_env[@]}" "$@"
   elif [[ $(id -u) == 0 ]]; then runuser -u postgres -- "${admin_env[@]}" "$@"
   else sudo -u postgres "${admin_env[@]}" "$@"
   fi
-}
+)
 
 psql_admin() { as_postgres psql -p "$PGPORT" -v ON_ERROR_STOP=1 -qtAX "$@"; }
 exists() { [[ -n $(psql_admin -d postgres -c "SELECT 1 FROM $1 WHERE $2 = '$3'") ]]; }

@@ -680,3 +680,20 @@ def test_the_uis_address_or_a_web_page_as_tracking_uri_is_one_line(monkeypatch, 
             "/api/2.0/mlflow/experiments/search): another service (a model server?) or a wrong path"], (out, err)
     finally:
         server.shutdown()
+
+
+def test_a_working_directory_the_postgres_user_may_not_enter_adds_no_noise(tmp_path):
+    """Run as root from root's home (0700, as the README's command most often is), each of PostgreSQL's commands run as
+    postgres printed `could not change directory to "/root": Permission denied`: five such lines on a run that
+    succeeded, and more than one line around any error."""
+    name = f"mlflow_cwd_{uuid.uuid4().hex[:10]}"
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    env = {**os.environ, "PGPORT": os.environ.get("PGPORT", "5432"), "MLFLOW_DB": name, "OPTUNA_DB": name}
+    try:
+        result = subprocess.run(["bash", str(SCRIPT), "postgres"], cwd=home, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0 and result.stderr == "", result
+        assert database_exists(name)
+    finally:
+        drop_databases(os.environ.get("PGPORT", "5432"), name)
