@@ -4,6 +4,7 @@
 #   scripts/team-server.sh              start PostgreSQL 15, create the role and databases if missing,
 #                                       then run `mlflow server` in the foreground
 #   scripts/team-server.sh postgres     only start PostgreSQL and create the role and databases
+#   scripts/team-server.sh --help       this text
 #
 # Settings (environment, defaults in brackets):
 #   MLFLOW_DB [mlflow]      database of the tracking store and the Model Registry
@@ -21,6 +22,15 @@
 # The database password reaches `mlflow server` URL-encoded through its environment
 # (MLFLOW_BACKEND_STORE_URI), never on a command line.
 set -euo pipefail
+
+# Any other argument (`stop`, a typo of `postgres`) started everything, on the default password where the role was new.
+case ${1:-} in
+  ""|postgres) [[ $# -le 1 ]] ||
+    { echo "error: unexpected argument '$2': scripts/team-server.sh takes one at most" >&2; exit 2; } ;;
+  -h|--help) sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "$0"; exit 0 ;;
+  *) echo "error: unknown argument '$1': scripts/team-server.sh takes none (start everything), postgres, or --help" >&2
+     exit 2 ;;
+esac
 
 MLFLOW_DB=${MLFLOW_DB:-mlflow}
 OPTUNA_DB=${OPTUNA_DB:-optuna}
@@ -45,12 +55,14 @@ fail() { echo "error: $*" >&2; exit 1; }
 # The caller's libpq settings stay out of the admin commands, which use the local socket: an exported
 # PGHOST=127.0.0.1 would send them over TCP, where the postgres role has no password.
 admin_env=(env -u PGHOST -u PGHOSTADDR -u PGUSER -u PGDATABASE -u PGSERVICE -u PGPASSWORD)
-as_postgres() {
+# From /: run from a folder postgres may not enter (root's home), each command printed "could not change directory".
+as_postgres() (
+  cd /
   if [[ $(id -un) == postgres ]]; then "${admin_env[@]}" "$@"
   elif [[ $(id -u) == 0 ]]; then runuser -u postgres -- "${admin_env[@]}" "$@"
   else sudo -u postgres "${admin_env[@]}" "$@"
   fi
-}
+)
 
 psql_admin() { as_postgres psql -p "$PGPORT" -v ON_ERROR_STOP=1 -qtAX "$@"; }
 exists() { [[ -n $(psql_admin -d postgres -c "SELECT 1 FROM $1 WHERE $2 = '$3'") ]]; }
@@ -149,7 +161,19 @@ check_artifacts() {
     fail "cannot make or write ARTIFACTS=$ARTIFACTS: run this as a user who may, or set ARTIFACTS"
 }
 
-[[ ${1:-} == postgres ]] || { check_port; check_artifacts; }
+# Names only: a port or a scheme in one (team-host:5000, http://team-host) made it an "IPv6 address", bracketed, which
+# no Host header matches: the server started and answered members 403.
+check_allowed_hosts() {
+  local name extra
+  IFS=', ' read -r -a extra <<< "$ALLOWED_HOSTS"
+  for name in "${extra[@]}"; do
+    [[ $name =~ ^[A-Za-z0-9*?_.-]+$ || $name =~ ^\[?[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\]?$ ]] || {  # a name, IPv6
+      echo "error: ALLOWED_HOSTS takes names or addresses without a port or scheme (team-host,mlflow.example.com;" \
+        "any port), got '$name'" >&2; exit 2; }
+  done
+}
+
+[[ ${1:-} == postgres ]] || { check_allowed_hosts; check_port; check_artifacts; }
 start_postgres
 [[ ${1:-} == postgres ]] && exit 0
 

@@ -490,3 +490,210 @@ def test_a_password_with_url_and_sql_characters_works_and_stays_off_command_line
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
             assert b"p@ss/w" not in cmdline.read_bytes() and b"p%40ss" not in cmdline.read_bytes(), cmdline
+
+
+@pytest.mark.parametrize("argument", ["stop", "status", "postgress", "--port=5001"])
+def test_an_unknown_argument_is_one_line_before_anything_is_started(argument):
+    """Any argument but `postgres` was ignored: `scripts/team-server.sh stop` (or a typo of `postgres`) started
+    PostgreSQL, made the role and databases and served on 0.0.0.0:5000. (PG_VERSION=99: were the argument not checked
+    first, the script would stop at "PostgreSQL 99 is not installed".)"""
+    result = run_script(argument, PG_VERSION="99", HOST="127.0.0.1", PORT=str(free_port()))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines == [f"error: unknown argument {argument!r}: scripts/team-server.sh takes "
+                                                "none (start everything), postgres, or --help"], result
+    result = run_script("postgres", argument, PG_VERSION="99")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: unexpected argument {argument!r}"), result
+
+
+@pytest.mark.parametrize("argument", ["--help", "-h"])
+def test_help_prints_the_usage_and_starts_nothing(argument):
+    """`scripts/team-server.sh --help` started the server (on the default password, where the role was new)."""
+    result = run_script(argument, PG_VERSION="99", HOST="127.0.0.1", PORT=str(free_port()))
+    assert result.returncode == 0 and result.stderr == "", result
+    assert "scripts/team-server.sh postgres" in result.stdout and "DB_PASSWORD" in result.stdout
+    assert not result.stdout.startswith("#") and "set -euo" not in result.stdout
+
+
+def test_a_database_store_that_refuses_the_login_or_does_not_answer_is_one_line_at_once():
+    """A member's MLFLOW_TRACKING_URI naming the team's PostgreSQL directly, with a wrong password (or a port nothing
+    listens on): `python -m pipeline.tracking` (and every step) logged MLflow's 5-line warning 9 times over ~100 s of
+    retries before its one line. Now one try: the line at once, the password never printed."""
+    name = f"mlflow_login_{uuid.uuid4().hex[:10]}"
+    pgport = os.environ.get("PGPORT", "5432")
+    run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name).check_returncode()
+    try:
+        for uri, reason in [(f"postgresql+psycopg2://{USER}:s3cret@127.0.0.1:{pgport}/{name}",
+                             f'password authentication failed for user "{USER}"'),
+                            (f"postgresql+psycopg2://{USER}:s3cret@127.0.0.1:{free_port()}/{name}",
+                             "Connection refused")]:
+            start = time.monotonic()
+            done = subprocess.run([sys.executable, "-m", "pipeline.tracking"], cwd=ROOT, capture_output=True,
+                                  text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=120)
+            lines = done.stderr.strip().splitlines()
+            shown = uri.replace("s3cret", "***")
+            assert done.returncode == 2 and len(lines) == 1, (uri, done.stderr[-3000:])
+            assert lines[0].startswith(f"error: MLFLOW_TRACKING_URI: cannot open the tracking store {shown}: "
+                                       "OperationalError: ") and reason in lines[0], lines
+            assert "s3cret" not in done.stdout + done.stderr and time.monotonic() - start < 30
+    finally:
+        drop_databases(pgport, name)
+
+
+def test_a_tracking_uri_that_answers_but_is_no_mlflow_server_is_one_line(monkeypatch, capsys):
+    """MLFLOW_TRACKING_URI naming another web service (the model server of `mlflow models serve -p 5001`, whose
+    /health answers 200; a web page; a path too many): `python -m pipeline.tracking` said "tracking store ... ready",
+    and every step then failed on MLflow's 404. Now one line naming the URI, exit 2; a server that answers MLflow's
+    API (200, or a proxy's 401) is ready as before."""
+    import http.server
+    import threading
+
+    import mlflow
+
+    from pipeline.tracking import cli, store_ready
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200 if self.path in ("/health", "/ping") or self.path.startswith("/mlflow/") else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://alice:s3cret@127.0.0.1:{server.server_address[1]}"
+    mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+    try:
+        for uri, code in [(base, 2), (f"{base}/mlflow", 0)]:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+            capsys.readouterr()
+            with pytest.raises(SystemExit) if code else contextlib.nullcontext() as exited:
+                cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
+            out, err = capsys.readouterr()
+            shown = uri.replace("s3cret", "***")
+            if code:
+                assert exited.value.code == 2 and "ready" not in out, (out, err)
+                assert err.strip().splitlines() == [
+                    f"error: MLFLOW_TRACKING_URI: {shown} answers, but not as an MLflow tracking server (HTTP 404 for "
+                    "/api/2.0/mlflow/experiments/search): another service (a model server?) or a wrong path"]
+            else:
+                assert out == f"tracking store {shown} ready\n", (out, err)
+    finally:
+        server.shutdown()
+
+
+def test_a_password_in_the_tracking_uris_query_is_never_printed_nor_written(monkeypatch, capsys):
+    """libpq also takes the password as a query parameter (`postgresql://mlflow@db-host/mlflow?password=...`): the
+    error line, the ready line and each step's console link printed it, and the checkpoints' lock files (readable by
+    every user of the store) recorded it. Now `***` where printed, and left out of the store the lock files name (a
+    new password is the same store)."""
+    import mlflow
+
+    from pipeline.tracking import cli, store_ready, ui_hint
+    from pipeline.tracking.resume import _store
+
+    port = free_port()
+    uri = f"postgresql+psycopg2://{USER}@127.0.0.1:{port}/mlflow?sslmode=disable&password=s3cret&connect_timeout=5"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`: nothing listens on that port
+    out, err = capsys.readouterr()
+    shown = uri.replace("s3cret", "***")
+    assert exited.value.code == 2 and err.startswith(f"error: MLFLOW_TRACKING_URI: cannot open the tracking store "
+                                                     f"{shown}: "), err
+    run = mlflow.entities.Run(mlflow.entities.RunInfo("r1", "7", "", 0, 0, "FINISHED", "", ""), None)
+    assert ui_hint(run).startswith(f"run r1: see it with `mlflow ui --backend-store-uri {shown}`")
+    assert _store() == f"postgresql+psycopg2://localhost:{port}/mlflow?sslmode=disable&connect_timeout=5"
+    assert "s3cret" not in out + err
+
+
+@pytest.mark.parametrize("given", ["team-host:5000", "http://team-host", "https://mlflow.example.com/"])
+def test_allowed_hosts_with_a_port_or_a_url_is_one_line_before_anything_is_made(given, tmp_path):
+    """`ALLOWED_HOSTS=team-host:5000` (or a URL) was taken for an IPv6 address and bracketed, `[team-host:5000]`: the
+    server started, and answered every member who used that name 403. (PG_VERSION=99: were ALLOWED_HOSTS not checked
+    first, the script would stop at "PostgreSQL 99 is not installed".)"""
+    result = run_script(ALLOWED_HOSTS=f"other-host,{given}", PG_VERSION="99", HOST="127.0.0.1", PORT=str(free_port()))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines == [f"error: ALLOWED_HOSTS takes names or addresses without a port or "
+                                                f"scheme (team-host,mlflow.example.com; any port), got {given!r}"]
+    # names, addresses (IPv6 too, bracketed or not) and patterns pass: the script goes on to PostgreSQL
+    result = run_script(ALLOWED_HOSTS="team-host, 10.0.0.5,fd00::5,[fd00::6],*.example.com", PG_VERSION="99",
+                        HOST="127.0.0.1", PORT=str(free_port()), ARTIFACTS=str(tmp_path / "artifacts"))
+    assert result.returncode == 1 and "PostgreSQL 99 is not installed" in result.stderr, result
+
+
+def test_the_uis_address_or_a_web_page_as_tracking_uri_is_one_line(monkeypatch, capsys):
+    """The address of a page of the UI pasted as MLFLOW_TRACKING_URI (`http://team-host:5000/#/experiments/0`), or a
+    URL where a web page answers every path (a login page, another site): `python -m pipeline.tracking` said "ready",
+    then every step ended exit 4 on "tracking server ... failed: ... not in a valid JSON format" (the server is fine).
+    Now one line saying what is wrong, exit 2."""
+    import http.server
+    import threading
+
+    import mlflow
+
+    from pipeline.tracking import cli, store_ready
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = b"<!doctype html><html><body>a page</body></html>"
+            json = self.path.startswith("/api/") and not self.server.html  # type: ignore[attr-defined]
+            body = b'{"experiments": []}' if json else body
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json" if json else "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    server.html = False  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://alice:s3cret@127.0.0.1:{server.server_address[1]}"
+    shown = base.replace("s3cret", "***")
+    mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+
+    def ready(uri: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        capsys.readouterr()
+        try:
+            cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
+        except SystemExit as exc:
+            return exc.code, *capsys.readouterr()
+        return 0, *capsys.readouterr()
+
+    try:
+        for tail in ("/#/experiments/0", "/?experiment=0"):
+            code, out, err = ready(base + tail)
+            assert code == 2 and err.strip().splitlines() == [
+                f"error: MLFLOW_TRACKING_URI: {shown}{tail} is the address of a page (its {tail[1]} part), not of a "
+                f"server: name the server alone, {shown}"], (out, err)
+        assert ready(base) == (0, f"tracking store {shown} ready\n", "")
+        server.html = True  # type: ignore[attr-defined]  # a web page on every path
+        code, out, err = ready(base)
+        assert code == 2 and err.strip().splitlines() == [
+            f"error: MLFLOW_TRACKING_URI: {shown} answers, but not as an MLflow tracking server (a web page for "
+            "/api/2.0/mlflow/experiments/search): another service (a model server?) or a wrong path"], (out, err)
+    finally:
+        server.shutdown()
+
+
+def test_a_working_directory_the_postgres_user_may_not_enter_adds_no_noise(tmp_path):
+    """Run as root from root's home (0700, as the README's command most often is), each of PostgreSQL's commands run as
+    postgres printed `could not change directory to "/root": Permission denied`: five such lines on a run that
+    succeeded, and more than one line around any error."""
+    name = f"mlflow_cwd_{uuid.uuid4().hex[:10]}"
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    env = {**os.environ, "PGPORT": os.environ.get("PGPORT", "5432"), "MLFLOW_DB": name, "OPTUNA_DB": name}
+    try:
+        result = subprocess.run(["bash", str(SCRIPT), "postgres"], cwd=home, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0 and result.stderr == "", result
+        assert database_exists(name)
+    finally:
+        drop_databases(os.environ.get("PGPORT", "5432"), name)

@@ -190,7 +190,8 @@ def ensure_store() -> str:
     schema creation at the same time (which fails). The lock is keyed by the database file, not the URI's
     spelling (`sqlite:///mlflow.db` names another file in every folder). Other stores (a server) are left
     to their owner, only asked to answer: a server that does not (`_check_server_answers`) is MlflowException
-    (`cli`: exit 4), a URI MLflow cannot open at all is ConfigError naming it.
+    (`cli`: exit 4), a URI MLflow cannot open at all (a database store tried once: `_connect_once`) is ConfigError
+    naming it.
     """
     uri = mlflow.get_tracking_uri()
     shown = _without_password(uri)  # also in the reason: MLflow's own message quotes the URI whole
@@ -205,6 +206,7 @@ def ensure_store() -> str:
         _check_server_answers(uri, shown)
         return uri
     try:
+        _connect_once(uri)
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as exc:
         if uri.startswith(("http://", "https://")):
@@ -215,6 +217,26 @@ def ensure_store() -> str:
     else:
         return uri
     raise ConfigError(f"MLFLOW_TRACKING_URI: cannot open the tracking store {shown}: {reason}")
+
+
+def _connect_once(uri: str) -> None:
+    """Connect once to a database store (PostgreSQL, MySQL, ...), as MLflow checks it, raising what the driver
+    raises: MLflow's own client retried a refused login, a missing database or a server that is down 10 times over
+    ~100 s, logging a warning each time, before its error. Other URIs are left to MLflow."""
+    from urllib.parse import urlparse
+
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+    from mlflow.store.db.utils import create_sqlalchemy_engine
+
+    if urlparse(uri).scheme.partition("+")[0] not in DATABASE_ENGINES:
+        return
+    import sqlalchemy
+
+    engine = create_sqlalchemy_engine(uri)
+    try:
+        sqlalchemy.inspect(engine)
+    finally:
+        engine.dispose()
 
 
 def _check_sqlite_file(database: str, shown: str) -> None:
@@ -250,15 +272,31 @@ def sqlite_file(uri: str) -> str | None:
 def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
     """MlflowException (`cli`: exit 4) if nothing answers at tracking server `uri`: refused, unknown host, silent
     for `timeout` s. One try: MLflow's own client retries a dead server for minutes, and a step started with a bad
-    param would wait all that time before saying so. Any HTTP answer counts (even a 401 from a proxy's login), and
-    TLS is left to MLflow's own settings (a private CA's server fails requests' check, not MLflow's); a proxy's 502,
-    503 or 504 (the server behind it is down) does not count."""
+    param would wait all that time before saying so. The request is one of MLflow's API: any HTTP answer counts (even
+    a 401 from a proxy's login), and TLS is left to MLflow's own settings (a private CA's server fails requests'
+    check, not MLflow's); a proxy's 502, 503 or 504 (the server behind it is down) does not count, and a 404 or a
+    web page is ConfigError: another service answers there (a model server, whose /health answers too; a wrong path;
+    a login page). So is the address of a page, its `?...` or `#...` (the UI's, `/#/experiments/0`, pasted): MLflow
+    sent every request to the UI's page, then said the server failed."""
+    import urllib.parse
+
     import requests
 
+    parts = urllib.parse.urlsplit(uri)
+    if parts.query or parts.fragment:
+        server = _without_password(urllib.parse.urlunsplit(parts._replace(query="", fragment="")).rstrip("/"))
+        raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} is the address of a page (its {'?' if parts.query else '#'} "
+                          f"part), not of a server: name the server alone, {server}")
+    api = "/api/2.0/mlflow/experiments/search"
     try:
-        status = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).status_code
-        if status in (502, 503, 504):  # a proxy in front of a server that is down
-            raise MlflowException(f"no answer (HTTP {status} from what stands in front of it)")
+        answer = requests.get(f"{uri.rstrip('/')}{api}", params={"max_results": 1}, timeout=timeout)
+        if answer.status_code in (502, 503, 504):  # a proxy in front of a server that is down
+            raise MlflowException(f"no answer (HTTP {answer.status_code} from what stands in front of it)")
+        page = answer.ok and "html" in answer.headers.get("Content-Type", "")  # MLflow's API answers JSON
+        if answer.status_code == 404 or page:
+            raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} answers, but not as an MLflow tracking server "
+                              f"({'a web page' if page else 'HTTP 404'} for {api}): another service (a model "
+                              "server?) or a wrong path")
     except requests.exceptions.SSLError:
         pass
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
@@ -293,9 +331,11 @@ def _first_line(text: str) -> str:
 
 
 def _without_password(uri: str) -> str:
-    """`uri` with the password of its user part, if any, as `***` (an error line must not print it). The password
-    runs to the first `@`, as SQLAlchemy reads it: a generated one may hold a `/`."""
-    return re.sub(r"^([a-z0-9+.-]+://[^/@:]*):[^@]*@", r"\1:***@", uri, flags=re.IGNORECASE)
+    """`uri` with the password of its user part, if any, as `***` (an error line must not print it), and so a
+    `password` query parameter (libpq takes one). The password runs to the first `@`, as SQLAlchemy reads it: a
+    generated one may hold a `/`."""
+    uri = re.sub(r"^([a-z0-9+.-]+://[^/@:]*):[^@]*@", r"\1:***@", uri, flags=re.IGNORECASE)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", uri, flags=re.IGNORECASE)
 
 
 def code_digest(*modules: str) -> str:

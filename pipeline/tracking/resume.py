@@ -236,7 +236,8 @@ def _canonical(uri: str) -> str:
     host = "localhost" if host in LOOPBACK else f"[{host}]" if ":" in host else host
     netloc = host if port in (None, _DEFAULT_PORTS[base]) else f"{host}:{port}"
     path = parts.path.rstrip("/") if base in ("http", "https") else parts.path
-    return urllib.parse.urlunsplit((scheme, netloc, path, parts.query, parts.fragment))
+    query = re.sub(r"(^|&)password=[^&]*", "", parts.query, flags=re.IGNORECASE).lstrip("&")  # as the user part
+    return urllib.parse.urlunsplit((scheme, netloc, path, query, parts.fragment))
 
 
 def _store_of(folder: Path) -> str:
