@@ -1615,3 +1615,19 @@ def test_a_stopping_signal_swallowed_in_a_step_still_ends_the_step_killed_with_1
     assert stopped.value.code == 143
     (run,) = experiment_runs(MlflowClient())
     assert (run.info.status, run.data.tags.get("interrupted_by")) == ("KILLED", "SIGTERM")
+
+
+def test_the_store_command_answers_help_and_refuses_other_arguments_without_touching_a_store(tmp_path):
+    """`python -m pipeline.tracking --help` (or a typo's argument) created the store, or probed a server, and
+    printed "ready": the help was never shown, the argument never read. Now the usage, or one line and exit 2, and
+    no store made."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    shown = subprocess.run([sys.executable, "-m", "pipeline.tracking", "--help"], cwd=ROOT, capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: python -m pipeline.tracking"), shown.stdout
+    assert "MLFLOW_TRACKING_URI" in shown.stdout and str(tmp_path) not in shown.stdout  # no store named ready
+    refused = subprocess.run([sys.executable, "-m", "pipeline.tracking", "--store", "x"], cwd=ROOT,
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 2 and "unrecognized arguments: --store x" in refused.stderr, refused.stderr
+    assert not (tmp_path / "mlflow.db").exists()
