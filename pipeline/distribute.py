@@ -276,6 +276,8 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
         twice = [" = ".join(dict.fromkeys(names)) for names in spelled.values() if len(names) > 1]
         if twice:  # else two tasks on one port: TensorFlow waits forever, deaf to Ctrl-C
             raise ValueError(f"every task needs an address of its own, got {', '.join(twice)} more than once")
+        if cluster.spec.get("chief") == []:  # else no host logs: worker 0 is no chief beside a 'chief' job
+            raise ValueError("'chief' lists no address: leave it out (worker 0 then logs), or give the chief's")
         if len(cluster.spec.get("chief", [])) > 1:
             raise ValueError(f"at most one 'chief' (the host that logs), got {cluster.spec['chief']!r}")
         listed = cluster.spec.get(cluster.task_type, [])

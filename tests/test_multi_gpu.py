@@ -179,6 +179,8 @@ TWO = ["localhost:1", "localhost:2"]
     (tf_config({"worker": "host-a:12345"}), "'worker' must be a list of 'host:port' strings"),  # TF: TypeError
     (tf_config({"worker": ["a:1", 2]}), "'worker' must be a list of 'host:port' strings"),
     (tf_config({"chief": TWO}, "chief", 1), "at most one 'chief'"),  # TF: ValueError; both would log to MLflow
+    # no host logged: worker 0 under `mlflow run` was told it logs nothing, under `main` to run on the chief
+    (tf_config({"chief": [], "worker": TWO}), "'chief' lists no address: leave it out (worker 0 then logs)"),
     (tf_config({"worker": TWO}, index=0.5), "the task index must be 0, 1, ..., got 0.5"),  # int(): worker 0
     (tf_config({"worker": TWO}, index=True), "the task index must be 0, 1, ..., got True"),
     (tf_config({"worker": TWO}, index=-1), "the task index must be 0, 1, ..., got -1"),
