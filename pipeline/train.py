@@ -65,6 +65,7 @@ from pipeline.tracking import (
 )
 from pipeline.tracking.resume import (
     TRAIN_CODE,
+    check_checkpoint_root,
     checkpoint_dir,
     log_train_params,
     recorded_training,
@@ -300,6 +301,9 @@ def main() -> None:
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
     check_backend(cfg)
+    # every host checkpoints its epochs there: a cluster's other hosts too, which `check_inputs` does not see, before
+    # they meet the others (a worker failing its first checkpoint stopped the cluster after an epoch)
+    check_checkpoint_root()
     dist = distribution(cfg.train.distribute)
     if not dist.chief:
         run_worker(cfg, args.dataset_uri, dist, args.resume)
