@@ -231,6 +231,8 @@ def measure() -> None:
         parser.error("--checkpoint: only with --full (a timed run of a few epochs has nothing to go on with)")
     if args.stop_after and not args.checkpoint:
         parser.error("--stop-after: only with --checkpoint (a run stopped without one could not go on)")
+    if args.virtual_cpus < 0:  # else TensorFlow with no CPU device at all: a traceback
+        parser.error(f"--virtual-cpus: must be 0 (the devices there are) or >= 1, got {args.virtual_cpus}")
     if args.decoded and not args.data:
         parser.error("--decoded: only with --data (the source it was decoded from, which the record names)")
     if args.virtual_cpus and keras.backend.backend() == "tensorflow":  # before anything initialises TensorFlow

@@ -272,13 +272,12 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
         addresses = [*cluster.spec.get("chief", []), *cluster.spec.get("worker", [])]
         spelled = {}  # one address however spelled: `localhost:1`, `LocalHost:1`, `127.0.0.1:1` and `[::1]:1`
         for address in addresses:
-            host, _, port = address.rpartition(":")
-            host = host.strip("[]").lower()
-            spelled.setdefault(("localhost" if host in LOOPBACK else host, port),
-                               []).append(address)
+            spelled.setdefault(_address_key(address), []).append(address)
         twice = [" = ".join(dict.fromkeys(names)) for names in spelled.values() if len(names) > 1]
         if twice:  # else two tasks on one port: TensorFlow waits forever, deaf to Ctrl-C
             raise ValueError(f"every task needs an address of its own, got {', '.join(twice)} more than once")
+        if cluster.spec.get("chief") == []:  # else no host logs: worker 0 is no chief beside a 'chief' job
+            raise ValueError("'chief' lists no address: leave it out (worker 0 then logs), or give the chief's")
         if len(cluster.spec.get("chief", [])) > 1:
             raise ValueError(f"at most one 'chief' (the host that logs), got {cluster.spec['chief']!r}")
         listed = cluster.spec.get(cluster.task_type, [])
@@ -295,6 +294,13 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
         raise ConfigError(f"{TF_CONFIG}: this host is {cluster.task}, which logs nothing: start it with "
                           f"`python -m pipeline.train` and the chief's params, not with `mlflow run`")
     return cluster
+
+
+def _address_key(address: str) -> tuple[str, str]:
+    """One 'host:port' however spelled (`localhost:1`, `LocalHost:1`, `127.0.0.1:1`, `[::1]:1`)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]").lower()
+    return "localhost" if host in LOOPBACK else host, port
 
 
 def _task_index(value) -> int:
@@ -382,6 +388,15 @@ def hosts_timeout() -> float:
     return seconds
 
 
+HELLO = b"pipeline.distribute "  # what `wait_for_hosts`' listener answers first, then its `hello`'s JSON and a newline
+HEARD = 3  # seconds a host that refuses a peer's hello goes on answering, so that the peer, probing, refuses too
+
+
+def hello(cluster: Cluster) -> bytes:
+    """What this host's port answers while it waits for the others (`wait_for_hosts`): its task and cluster."""
+    return HELLO + json.dumps({"task": cluster.task, "cluster": cluster.spec}).encode() + b"\n"
+
+
 def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
     """Wait until every other host of `cluster` answers on its TF_CONFIG port, at most `timeout` s
     ($PIPELINE_HOSTS_TIMEOUT, default 600): then a ConfigError names the hosts that did not come.
@@ -389,8 +404,13 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
     TensorFlow's collective setup (`MultiWorkerMirroredStrategy()`) waits for every host in C++ holding the GIL,
     where no Python signal handler, thread or timeout runs: a host whose peers never came ignored Ctrl-C for good.
     This wait is Python's, so Ctrl-C ends it. Meanwhile this host's own port answers (a plain listener, closed
-    before TensorFlow binds the port), so hosts started in any order find each other; a peer's TensorFlow that
-    reaches the listener is turned away and retries (about once a second) until TensorFlow answers there."""
+    before TensorFlow binds the port) with its task and cluster (`hello`), so hosts started in any order find each
+    other; a peer's TensorFlow that reaches the listener is turned away and retries (about once a second) until
+    TensorFlow answers there. A peer that answers with another cluster, or as another task than the one at its
+    address, is a ConfigError on every host that hears it (`_check_peer`): that host would wait in TensorFlow for
+    tasks that never come, for good."""
+    import threading
+
     timeout = hosts_timeout() if timeout is None else timeout
     peers = cluster.addresses
     mine = peers.pop(cluster.task)
@@ -400,19 +420,40 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
     except OSError as exc:
         raise ConfigError(f"{TF_CONFIG}: this host ({cluster.task}, {mine}) cannot listen on its port: "
                           f"{exc.strerror or exc}") from None
-    listener.setblocking(False)
+    listener.settimeout(0.2)
+    answer, stop = hello(cluster), threading.Event()
+
+    def answer_peers() -> None:
+        """The others' probes (and TensorFlow's attempts): told this host's task and cluster, closed. A thread of
+        its own: two hosts each reading the other's answer must not wait on each other."""
+        while not stop.is_set():
+            try:
+                conn = listener.accept()[0]
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with contextlib.suppress(OSError), conn:
+                conn.settimeout(1)
+                conn.sendall(answer)
+
+    answering = threading.Thread(target=answer_peers, daemon=True)
+    answering.start()
     deadline, why, said = time.monotonic() + timeout, {}, False
     try:
         while True:
             for task, address in list(peers.items()):
                 try:
-                    socket.create_connection(_host_port(address), timeout=1).close()
+                    heard = _probe(address)
                     del peers[task]
                 except OSError as exc:
                     why[task] = exc.strerror or str(exc) or type(exc).__name__
-            with contextlib.suppress(OSError):  # the others' probes (and TensorFlow's attempts): answered, closed
-                while True:
-                    listener.accept()[0].close()
+                    continue
+                try:
+                    _check_peer(cluster, task, address, heard)
+                except ConfigError:
+                    time.sleep(HEARD)  # still answering: the peer hears this host's cluster and task, and refuses too
+                    raise
             if not peers:
                 return
             if time.monotonic() > deadline:
@@ -426,7 +467,47 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
                 said = True
             time.sleep(0.2)
     finally:
+        stop.set()
+        answering.join()
         listener.close()
+
+
+def _probe(address: str) -> bytes:
+    """What `address` answers first: a waiting host's `hello`, TensorFlow's first bytes, or nothing. OSError where
+    nothing listens there."""
+    with socket.create_connection(_host_port(address), timeout=1) as sock:
+        sock.settimeout(2)
+        said = b""
+        with contextlib.suppress(OSError):  # nothing said in time (another server): answered all the same
+            while (chunk := sock.recv(4096)) and len(said) < 1 << 16:
+                said += chunk
+                if b"\n" in said or not said.startswith(HELLO[:len(said)]):
+                    break
+        return said
+
+
+def _check_peer(cluster: Cluster, task: str, address: str, said: bytes) -> None:
+    """ConfigError where the host at `address` (`task` of this host's `cluster`) said, in `hello`, that it was
+    started with another cluster (other tasks, or another port for one), or as another task. Anything else it said
+    (TensorFlow, once the host has met the others and gone on) is taken as it answering."""
+    if not said.startswith(HELLO) or not said.endswith(b"\n"):
+        return
+    try:
+        theirs = json.loads(said[len(HELLO):])
+        spec, claimed = theirs["cluster"], theirs["task"]
+        # The tasks and their ports: one host may have several names (a short and a full one, an address of each of
+        # its networks), which TensorFlow reaches alike
+        same = {t: _address_key(a)[1] for t, a in Cluster(spec, "", 0).addresses.items()} == \
+            {t: _address_key(a)[1] for t, a in cluster.addresses.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return
+    if not same:
+        raise ConfigError(f"{TF_CONFIG}: {task} ({address}) was started with another cluster, {json.dumps(spec)}, "
+                          f"than this host ({cluster.task}), {json.dumps(cluster.spec)}: give every host the same "
+                          f"{TF_CONFIG} 'cluster', and each its own 'task'")
+    if claimed != task:
+        raise ConfigError(f"{TF_CONFIG}: {address}, {task} of the cluster, was started as {claimed}: give each host "
+                          f"its own {TF_CONFIG} 'task' (its type and index)")
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -36,7 +36,7 @@ import pandas as pd
 
 from pipeline import config, fitting, prepare
 from pipeline.data import Dataset, arrays_digest, test_images_in_train
-from pipeline.distribute import TRAINED, Distribution, distribution
+from pipeline.distribute import TRAINED, Distribution, cluster_from_env, distribution
 from pipeline.fitting import (
     Checkpoint,
     check_backend,
@@ -65,6 +65,7 @@ from pipeline.tracking import (
 )
 from pipeline.tracking.resume import (
     TRAIN_CODE,
+    check_checkpoint_root,
     checkpoint_dir,
     log_train_params,
     recorded_training,
@@ -300,6 +301,16 @@ def main() -> None:
     args = parser.parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, epochs=args.epochs, data=args.data)
     check_backend(cfg)
+    # every host checkpoints its epochs there: a cluster's other hosts too, which `check_inputs` does not see, before
+    # they meet the others (a worker failing its first checkpoint stopped the cluster after an epoch)
+    check_checkpoint_root()
+    cluster = cluster_from_env()
+    if cluster and not cluster.chief:  # its data, as `check_inputs` the chief's: failing once the hosts had met, it
+        # ended the chief's runs FAILED ("worker 1 ended before training began")
+        if args.dataset_uri:
+            prepare.check_dataset_uri(args.dataset_uri)
+        else:
+            prepare.check_source(cfg)
     dist = distribution(cfg.train.distribute)
     if not dist.chief:
         run_worker(cfg, args.dataset_uri, dist, args.resume)

@@ -543,3 +543,24 @@ def test_bad_cluster_settings_are_param_errors(store, capsys, monkeypatch, modul
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(message)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []  # tiny's experiment too
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data", "/nosuch/cifar.npz"],
+     "error: data.source: '/nosuch/cifar.npz' is neither 'cifar10', 'synthetic' nor an existing path"),
+    (["--dataset-uri", "runs:/0123abcd/dataset"], "error: dataset_uri: runs:/0123abcd/dataset names no prepared "
+                                                  "dataset (.npz)"),
+])
+def test_a_workers_data_that_cannot_be_read_is_refused_before_it_meets_the_others(store, capsys, monkeypatch, args,
+                                                                                   message):
+    """Worker 1 with a data path or dataset URI bad on it alone met the chief, then failed reading it: the chief's main,
+    prepare and train runs were left FAILED ('worker 1 ended before training began'). Refused as the chief's own data
+    is, exit 2 before it waits for anyone: the chief then waits for it and opens no run."""
+    monkeypatch.setenv("TF_CONFIG", WORKER_1)
+    monkeypatch.setenv("PIPELINE_HOSTS_TIMEOUT", "1")
+    monkeypatch.setattr(sys, "argv", ["train", "--params", "params/tiny.yaml", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli(train.main)
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1].startswith(message) and "waiting for" not in out

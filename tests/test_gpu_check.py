@@ -125,6 +125,21 @@ def test_main_gives_the_callers_sigint_handler_back_however_it_ends(tmp_path, mo
         signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.parametrize("count", ["-1", "-2"])
+def test_a_negative_count_of_virtual_cpus_is_refused(tmp_path, monkeypatch, capsys, count):
+    """`--virtual-cpus -1` split the CPU into no TensorFlow device: "No CPU devices are available in this process",
+    a traceback."""
+    from bench import gpu_epoch
+
+    monkeypatch.setattr(sys, "argv", ["gpu_epoch", "--out", str(tmp_path / "x.json"), "--virtual-cpus", count])
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_epoch.main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"gpu_epoch: error: --virtual-cpus: must be 0 (the devices there are) or >= 1, got {count}")
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_a_gpu_stage_stopped_at_its_time_limit_names_its_date_and_device(tmp_path, monkeypatch):
     from bench import gpu_epoch, gpu_report
 

@@ -179,6 +179,8 @@ TWO = ["localhost:1", "localhost:2"]
     (tf_config({"worker": "host-a:12345"}), "'worker' must be a list of 'host:port' strings"),  # TF: TypeError
     (tf_config({"worker": ["a:1", 2]}), "'worker' must be a list of 'host:port' strings"),
     (tf_config({"chief": TWO}, "chief", 1), "at most one 'chief'"),  # TF: ValueError; both would log to MLflow
+    # no host logged: worker 0 under `mlflow run` was told it logs nothing, under `main` to run on the chief
+    (tf_config({"chief": [], "worker": TWO}), "'chief' lists no address: leave it out (worker 0 then logs)"),
     (tf_config({"worker": TWO}, index=0.5), "the task index must be 0, 1, ..., got 0.5"),  # int(): worker 0
     (tf_config({"worker": TWO}, index=True), "the task index must be 0, 1, ..., got True"),
     (tf_config({"worker": TWO}, index=-1), "the task index must be 0, 1, ..., got -1"),
@@ -742,3 +744,81 @@ def test_hosts_meet_in_any_order_and_those_that_never_start_are_named(monkeypatc
     monkeypatch.setenv("PIPELINE_HOSTS_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match=r"^PIPELINE_HOSTS_TIMEOUT: the seconds a host waits .*, got 'soon'$"):
         distribute.wait_for_hosts(distribute.Cluster({"worker": hosts}, "worker", 0))
+
+
+def meet(*clusters: tuple[dict, str, int], timeout: float = 5) -> list:
+    """`wait_for_hosts` of each (cluster spec, task type, index) in a thread of its own, as hosts started at once:
+    what each ended with (None, or the ConfigError it raised), and the seconds the slowest took."""
+    import threading
+    import time
+
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    ended: list = [ConfigError("never ended")] * len(clusters)
+
+    def host(i: int) -> None:
+        try:
+            ended[i] = distribute.wait_for_hosts(distribute.Cluster(*clusters[i]), timeout=timeout)
+        except ConfigError as exc:
+            ended[i] = exc
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=host, args=(i,)) for i in range(len(clusters))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout + 10)
+    return [*ended, time.monotonic() - started]
+
+
+def test_hosts_started_with_other_clusters_are_refused_on_every_host_before_tensorflow_waits():
+    """Worker 0's TF_CONFIG listed 2 workers, worker 1's 3 (or another address for a task): worker 0 found worker 1
+    answering and went on into TensorFlow's wait, deaf to Ctrl-C, while worker 1 waited for worker 2, gave up after
+    $PIPELINE_HOSTS_TIMEOUT and left worker 0 hanging for good."""
+    from bench.servers import free_port
+
+    hosts = [f"localhost:{free_port()}" for _ in range(3)]
+    two, three = {"worker": hosts[:2]}, {"worker": hosts}
+    first, second, seconds = meet((two, "worker", 0), (three, "worker", 1), timeout=20)
+    assert seconds < 10  # each hears the other, whichever refuses first
+    assert str(first) == (
+        f"TF_CONFIG: worker 1 ({hosts[1]}) was started with another cluster, {json.dumps(three)}, than this host "
+        f"(worker 0), {json.dumps(two)}: give every host the same TF_CONFIG 'cluster', and each its own 'task'")
+    assert str(second).startswith(f"TF_CONFIG: worker 0 ({hosts[0]}) was started with another cluster, ")
+    moved = {"chief": [hosts[0]], "worker": [hosts[2]]}  # worker 0's address spelled otherwise: the same host
+    same = {"chief": [hosts[0].replace("localhost", "127.0.0.1")], "worker": [hosts[1]]}
+    first, second, _ = meet((moved, "chief", 0), (same, "worker", 0), timeout=2)
+    assert str(second).startswith(f"TF_CONFIG: chief 0 ({same['chief'][0]}) was started with another cluster, ")
+    assert "worker 0 (" + hosts[2] + ": Connection refused) did not start within 2 s" in str(first)
+    # one host's other names (here: another loopback address) are its own: TensorFlow reaches it there alike
+    other_name = {"chief": [hosts[0]], "worker": [hosts[1].replace("localhost", "127.0.0.2")]}
+    assert meet((same, "chief", 0), (other_name, "worker", 0))[:2] == [None, None]
+
+
+def test_a_host_started_as_another_hosts_task_is_refused():
+    """Every host's TF_CONFIG copied with the same task: on their own machines each found the other answering, and
+    two worker 0s (each the chief, each logging to MLflow) went on into TensorFlow's wait."""
+    import socket
+    import threading
+
+    from bench.servers import free_port
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    hosts = [f"localhost:{free_port()}" for _ in range(2)]
+    spec = {"worker": hosts}
+    other = socket.create_server(("", int(hosts[1].rpartition(":")[2])))  # the other machine's worker 0, on host 1
+
+    def answer() -> None:
+        conn, _ = other.accept()
+        with conn:
+            conn.sendall(distribute.hello(distribute.Cluster(spec, "worker", 0)))
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    with pytest.raises(ConfigError) as error:
+        distribute.wait_for_hosts(distribute.Cluster(spec, "worker", 0), timeout=5)
+    other.close()
+    assert str(error.value) == (f"TF_CONFIG: {hosts[1]}, worker 1 of the cluster, was started as worker 0: give each "
+                                f"host its own TF_CONFIG 'task' (its type and index)")

@@ -286,6 +286,26 @@ def test_every_entry_point_that_trains_checks_its_checkpoint_folder_before_any_r
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
+def test_a_worker_of_a_cluster_checks_its_checkpoint_folder_before_it_meets_the_others(store, tmp_path, in_process):
+    """Worker 1 of the README's two hosts, with a checkpoint folder it cannot write: it met the chief, trained an
+    epoch, then failed saving it on a NotADirectoryError traceback, and the chief said it had stopped answering and
+    to rerun every host's command, which failed the same way. Refused with one line, exit 2, before it waits for
+    anyone."""
+    import json
+
+    from bench.servers import free_port
+
+    (tmp_path / "file").touch()
+    cluster = {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]}
+    done = in_process("train", "--params", "params/tiny.yaml", env={
+        "PIPELINE_CHECKPOINT_DIR": str(tmp_path / "file"), "PIPELINE_HOSTS_TIMEOUT": "1",
+        "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}})})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"error: PIPELINE_CHECKPOINT_DIR: cannot write the checkpoint folder {tmp_path / 'file'} as user ")
+    assert "waiting for" not in done.stdout
+
+
 @pytest.mark.parametrize(("spellings", "one"), [
     (["http://localhost:5000", "http://127.0.0.1:5000/", "HTTP://LocalHost:5000", "http://[::1]:5000",
       "http://[0:0:0:0:0:0:0:1]:5000/", "http://alice:s3cret@localhost:5000", "http://localhost.:5000"], True),
