@@ -404,6 +404,54 @@ def test_a_run_without_a_checkpoint_or_a_dataset_without_its_summary_is_refused_
             inputs.check_inputs(cfg, resume="", dataset_uri=str(tmp_path / "dataset.npz"))
     assert len(MlflowClient().search_runs([experiment_id])) == 1  # the stand-in alone: none opened
 
+def test_a_file_uri_of_a_dataset_in_a_folder_with_a_space_and_an_accent_is_read(store, tmp_path, monkeypatch,
+                                                                                  empty_store_db, in_process):
+    """An artifact root in a folder whose name has a space or a non-ASCII letter: MLflow gives the prepare run's
+    dataset as `file:///.../d%C3%ADr%20x/.../dataset.npz`, and `-P dataset_uri=` that URI was refused ("no file"),
+    though MLflow reads it; its dataset.json, its bytes' sha256 and the resume check read the unquoted path too."""
+    import hashlib
+    import shutil
+
+    from pipeline import data
+
+    folder = tmp_path / "dír with space"
+    folder.mkdir()
+    shutil.copyfile(empty_store_db, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(folder / "checkpoints"))
+    client = MlflowClient()
+    client.create_experiment("e2e", artifact_location=(folder / "artifacts").as_uri())  # as MLflow spells its root
+    overrides = f"tracking.experiment=e2e data.synthetic_train=256 data.synthetic_test=64 {SMALLEST_MODEL}"
+    assert in_process("prepare", "--params", TINY, "--overrides", overrides).returncode == 0
+    (prepare_run,) = experiment_runs(client, "tags.step = 'prepare'")
+    dataset_uri = f"{prepare_run.info.artifact_uri}/{steps.DATASET_ARTIFACT}"
+    assert dataset_uri.startswith("file:///") and "d%C3%ADr%20with%20space" in dataset_uri
+    path = folder / "artifacts" / prepare_run.info.run_id / "artifacts" / steps.DATASET_ARTIFACT
+    summary = json.loads(path.with_name("dataset.json").read_text())["sha256"]  # the note's, for a local file
+
+    command = ["--params", TINY, "--epochs", "1", "--dataset-uri", dataset_uri, "--overrides", overrides]
+    trained = in_process("train", *command)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (run,) = experiment_runs(client, "tags.step = 'train'")
+    assert run.data.params["data.synthetic_train"] == "256"  # from the dataset.json beside it
+    assert run.data.tags["dataset_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert f"sha256 `{summary}`" in run.data.tags["mlflow.note.content"]
+
+    data.make_synthetic(n_train=256, n_test=64, seed=1).save(path)  # another dataset, written to the same path
+    refused = in_process("train", *command, "--resume", run.info.run_id)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: dataset_uri: {dataset_uri} holds other bytes than train run {run.info.run_id} trained on")
+
+    monkeypatch.chdir(folder)  # main, run from that folder, on that store: every step, the model registered
+    done = in_process("main", "--params", str(ROOT / TINY), "--epochs", "1", "--overrides",
+                      f"{overrides.replace('=64', '=32')} register.model_name=spaced")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert str(client.get_model_version_by_alias("spaced", "champion").version) == "1"
+
+
 def test_a_step_freezes_its_objects_out_of_the_collections_at_exit(tmp_path):
     """The interpreter's final collections over Keras's objects add ~4 s to every step and free nothing
     the OS does not reclaim: `cli` freezes what is alive at exit (gc.freeze), after the handlers of the step.

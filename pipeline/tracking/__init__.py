@@ -59,6 +59,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.utils.file_utils import local_file_uri_to_path
 from mlflow.utils.string_utils import quote
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
@@ -829,6 +830,13 @@ def prepare_run_id(dataset_uri: str) -> str | None:
     return match.group(1) if match else None
 
 
+def local_path(uri: str) -> str:
+    """The local file a dataset URI that is no `runs:/` one names, as MLflow reads it (`download_artifacts`): a `file:`
+    URI's path unquoted (an artifact root in a folder with a space or a non-ASCII letter gives
+    `file:///tmp/d%C3%ADr%20x/.../dataset.npz`), a plain path as typed."""
+    return local_file_uri_to_path(uri) if uri.startswith("file:") else uri
+
+
 def model_summary(params: dict[str, str], tags: dict[str, str]) -> str:
     """The model of a training run in words, from its params and tags (`model_depth`)."""
     depth, widths = tags.get("model_depth", "?"), params.get("model.widths", "?")
@@ -865,7 +873,7 @@ def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
         digest = client.get_run(prepare_id).data.tags.get("dataset_sha256", "unknown") if prepare_id else "unknown"
     except MlflowException:
         digest = "unknown"  # the prepare run was deleted
-    local = dataset_uri.removeprefix("file://")
+    local = local_path(dataset_uri)
     if local and not prepare_id:  # a local dataset file: prepare wrote its digest in the dataset.json beside it
         with contextlib.suppress(OSError, ValueError, AttributeError):
             digest = json.loads(Path(local).with_name("dataset.json").read_text()).get("sha256") or digest

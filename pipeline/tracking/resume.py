@@ -42,6 +42,7 @@ from pipeline.tracking import (
     checkpoint_root,
     code_digest,
     json_digest,
+    local_path,
     sqlite_file,
     trained_dataset_uri,
     unfinished_runs,
@@ -456,7 +457,7 @@ def local_dataset_sha256(dataset_uri: str) -> str | None:
     if dataset_uri.startswith("runs:/"):
         return None
     try:
-        return data.file_sha256(dataset_uri.removeprefix("file://"))
+        return data.file_sha256(local_path(dataset_uri))
     except OSError as exc:  # e.g. another user's file: one line, as reading the dataset would say
         raise data.DataError(f"dataset_uri: {exc.filename}: cannot be read ({exc.strerror or exc})") from None
 
@@ -736,7 +737,7 @@ def _check_same_bytes(run: mlflow.entities.Run, dataset_uri: str) -> None:
     the run never logged; `train.epochs` as last extended), so a key that differs could not tell other bytes from
     other params, and no run is refused on a guess."""
     recorded = run.data.tags.get(DATASET_SHA256)
-    if not recorded or dataset_uri.startswith("runs:/") or not os.path.exists(dataset_uri.removeprefix("file://")):
+    if not recorded or dataset_uri.startswith("runs:/") or not os.path.exists(local_path(dataset_uri)):
         return
     now = local_dataset_sha256(dataset_uri)
     if now != recorded:

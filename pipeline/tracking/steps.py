@@ -31,6 +31,7 @@ from pipeline import config, data, source
 from pipeline.tracking import (
     TEST_DATA_TAG,
     fit_note,
+    local_path,
     log_params,
     model_id,
     prepare_run_id,
@@ -94,7 +95,7 @@ def check_artifact_uri(uri: str, what: str) -> None:
     """Refuse a URI that names no artifact (or, not `runs:/`, no file): DataError naming the key `what`."""
     run_id, _, path = uri.removeprefix("runs:/").partition("/")
     if not uri.startswith("runs:/"):
-        if not Path(uri.removeprefix("file://")).exists():
+        if not Path(local_path(uri)).exists():
             raise data.DataError(f"{what}: no file {uri}")
         return
     try:
@@ -121,7 +122,7 @@ def dataset_params(uri: str) -> dict[str, str]:
     if uri.startswith("runs:/"):
         params = mlflow.MlflowClient().get_run(uri.removeprefix("runs:/").partition("/")[0]).data.params
     else:
-        summary = Path(uri.removeprefix("file://")).with_name("dataset.json")
+        summary = Path(local_path(uri)).with_name("dataset.json")
         try:
             params = json.loads(summary.read_text()).get("params", {}) if summary.is_file() else {}
         except (ValueError, AttributeError, OSError) as exc:  # not JSON, or not the mapping prepare writes
