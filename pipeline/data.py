@@ -198,6 +198,9 @@ def load_arrays(path: str | Path) -> Dataset:
                 arrays[key] = f[key]
     except Exception as exc:  # noqa: BLE001 - an object array (ValueError: needs pickles), or a damaged file: zipfile,
         # zlib and numpy's header parser (tokenize.TokenError) each raise their own
+        if not isinstance(exc, OSError) and not _is_zip(Path(path)):  # numpy read a text file as a pickle
+            raise DataError(f"{path}: not an .npz file (an .npz is a zip archive of .npy arrays; this is none, or one "
+                            f"cut short)") from None
         raise DataError(f"{path}: unreadable .npz ({f'array {key}: ' if key else ''}{exc})") from None
     missing = [k for k in required if k not in arrays]
     if missing:

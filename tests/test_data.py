@@ -498,6 +498,20 @@ def test_npz_class_names_and_labels_are_checked_before_use(tmp_path):
                               f"y_train, x_test, y_test, and optionally class_names)")  # not wrapped in "unreadable"
 
 
+def test_a_dataset_file_that_is_no_zip_is_said_to_be_no_npz(tmp_path):
+    """A prepared dataset's .npz replaced by a text file was refused with numpy's "contains pickled (object) data"
+    (an empty file: "No data left in file", a .npy renamed: a context manager error): it is said to be no .npz."""
+    np.save(tmp_path / "array.npy", np.arange(3))
+    files = {"text.npz": b"x_train,y_train\n1,2\n", "empty.npz": b"", "cut.npz": b"PK\x03\x04 cut short",
+             "array.npz": (tmp_path / "array.npy").read_bytes()}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(data.DataError) as err:
+            data.load_prepared(tmp_path / name)
+        assert str(err.value) == (f"{tmp_path / name}: not an .npz file (an .npz is a zip archive of .npy arrays; "
+                                  f"this is none, or one cut short)")
+
+
 def test_an_npz_of_one_class_is_refused_as_an_image_folder_of_one_is(tmp_path):
     """One class name (and every label 0) was read: the model's one softmax output is always 1, so it learned
     nothing yet scored test_acc 1.0 and took @champion. An image folder of one class was refused already."""
