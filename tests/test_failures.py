@@ -452,6 +452,23 @@ def test_a_file_uri_of_a_dataset_in_a_folder_with_a_space_and_an_accent_is_read(
     assert str(client.get_model_version_by_alias("spaced", "champion").version) == "1"
 
 
+def test_a_dataset_path_with_a_percent_sign_in_a_folder_name_is_that_path(store, tmp_path, in_process):
+    """`-P dataset_uri=PATH` in a folder named `100%25 a%20b` passed the check that the file exists, then MLflow, asked
+    to download it, unquoted the plain path and read `100% a b` ("cannot read ...: No such artifact")."""
+    from pipeline import data
+
+    overrides = f"tracking.experiment=e2e data.synthetic_train=256 data.synthetic_test=64 {SMALLEST_MODEL}"
+    path = tmp_path / "100%25 a%20b" / "dataset.npz"
+    path.parent.mkdir()
+    data.make_synthetic(n_train=256, n_test=64, seed=0).save(path)  # as prepare writes it: the file, dataset.json
+    (path.parent / "dataset.json").write_text(json.dumps({"params": config.load(ROOT / TINY, overrides).flat("data")}))
+    trained = in_process("train", "--params", TINY, "--epochs", "1", "--dataset-uri", str(path), "--overrides",
+                         overrides)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (run,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
+    assert run.data.tags["dataset_uri"] == str(path)
+
+
 def test_a_step_freezes_its_objects_out_of_the_collections_at_exit(tmp_path):
     """The interpreter's final collections over Keras's objects add ~4 s to every step and free nothing
     the OS does not reclaim: `cli` freezes what is alive at exit (gc.freeze), after the handlers of the step.

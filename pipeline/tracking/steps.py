@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 from pathlib import Path
 
 import mlflow
@@ -109,8 +110,10 @@ def check_artifact_uri(uri: str, what: str) -> None:
 
 def download_artifact(uri: str, what: str) -> str:
     """Download (or locate) the artifact `uri`; its local path. DataError naming the key `what` if it cannot."""
+    # a plain path is the file it names: MLflow would unquote it as it does a file: URI (a folder `a%20b` read as `a b`)
+    found = Path(uri).resolve().as_uri() if not urllib.parse.urlparse(uri).scheme else uri
     try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        return mlflow.artifacts.download_artifacts(artifact_uri=found)
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
         raise data.DataError(f"{what}: cannot read {uri} ({exc})") from None
 
