@@ -319,8 +319,10 @@ def test_a_worker_of_a_cluster_checks_its_checkpoint_folder_before_it_meets_the_
     (["http://127.0.0.2:5000", "http://127.0.0.1:5000"], False),
     (["http://team-host:5000/a", "http://team-host:5000/b"], False),
     (["postgresql://db/mlflow", "postgresql://db/other"], False),
+    (["file:///tmp/d%C3%ADr%20x/mlruns", "/tmp/dír x/mlruns", "file:///tmp/dír x/mlruns/"], True),
+    (["file:///tmp/a%2520b/mlruns", "/tmp/a b/mlruns"], False),  # the folder `a%20b`, not `a b`
 ], ids=["loopback", "https-default-port", "http-default-port-path", "postgresql", "postgresql-driver", "ports",
-        "schemes", "names", "other-loopback-address", "paths", "databases"])
+        "schemes", "names", "other-loopback-address", "paths", "databases", "folder-quoted", "folder-percent"])
 def test_one_tracking_server_under_any_spelling_is_one_store(spellings, one):
     """Two spellings of one server (`http://localhost:5000` and `http://127.0.0.1:5000/`) counted as two stores, so a
     main of one spelling left the other's dead mains RUNNING for good. Spelled one way, without a name lookup (that

@@ -34,6 +34,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.utils.file_utils import local_file_uri_to_path
 
 from pipeline import config, data
 from pipeline.distribute import LOOPBACK
@@ -202,8 +203,8 @@ def _store() -> str:
     if database := sqlite_file(uri):
         return "sqlite:///" + database
     parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        return "file://" + os.path.realpath(parsed.path)
+    if parsed.scheme in ("", "file"):  # a folder, by the path MLflow opens (`file:///d%C3%ADr%20x` is `/dír x`)
+        return "file://" + os.path.realpath(local_file_uri_to_path(uri))
     return _canonical(uri)
 
 
