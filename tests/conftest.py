@@ -17,6 +17,11 @@ import pytest
 # folder): each test compiles what it runs, as on a fresh machine, and nothing is written outside the test folders.
 # tests/test_fast_path_jax.py tests the cache in a folder of its own.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
+# No MLflow telemetry (set before anything imports mlflow): its client starts a thread at import that looks up its
+# server's name, before pytest sets the PYTEST_CURRENT_TEST that turns it off; on a machine with no internet, that
+# getaddrinfo crashed a worker with a segmentation fault as the worker's first test loaded TensorFlow (a fresh-clone
+# suite on a 2-core Zen 4, 2026-12-07: the worker and its test lost, the rest passed).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from bench.servers import ROOT, free_port, server_run_command  # noqa: F401 - ROOT, free_port: imported from here too
 
