@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib
 import os
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,29 @@ def mlflow_run(env: dict, entry_point: str = "main", **params: str) -> subproces
     """`mlflow run <project> -e ENTRY --env-manager local --experiment-name e2e -P k=v ...`."""
     cmd, _ = server_run_command("", "e2e", entry_point, params)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@contextlib.contextmanager
+def http_stub(answer: Callable) -> Iterator[str]:
+    """A quiet local HTTP server whose every GET is `answer(handler)` (an `http.server.BaseHTTPRequestHandler`: it
+    sends the response); yields its address, `http://127.0.0.1:PORT`, and shuts it down after."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            answer(self)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def run_module(env: dict, module: str, *args: str) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ from mlflow.entities import ViewType
 from bench.servers import free_port, start_tracking_server, stop_group
 from pipeline import config
 from pipeline.fitting import Checkpoint, learning_rate
-from tests.conftest import ROOT, eventually
+from tests.conftest import ROOT, eventually, http_stub
 
 TINY = "params/tiny.yaml"
 
@@ -1412,59 +1412,36 @@ def test_a_sqlite_uri_that_names_no_database_file_is_one_line_at_once(monkeypatc
 def test_a_proxys_gateway_error_is_no_answer_but_any_other_http_answer_is(monkeypatch, status, answers):
     """A proxy in front of a tracking server that is down answers 502/503/504: that server does not answer. A
     login page's 401 (or the server's own 200) is an answer: MLflow's own requests go on from there."""
-    import http.server
-    import threading
-
     from mlflow.exceptions import MlflowException
 
     from pipeline.tracking import ensure_store
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            self.send_response(status)
-            self.end_headers()
+    def answer(request):
+        request.send_response(status)
+        request.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    uri = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    try:
+    with http_stub(answer) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         if answers:
             assert ensure_store() == uri
         else:
             with pytest.raises(MlflowException, match=f"no answer \\(HTTP {status} "):
                 ensure_store()
-    finally:
-        server.shutdown()
 
 
 def test_the_ready_line_and_the_runs_console_link_never_print_the_stores_password(monkeypatch):
     """`python -m pipeline.tracking` said `tracking store http://alice:s3cret@host ready`, and every step's last line
     (`ui_hint`) named the store whole: a team's PostgreSQL or server password in the console and its logs."""
-    import http.server
-    import threading
-
     from pipeline.tracking import store_ready, ui_hint
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            self.send_response(200)
-            self.end_headers()
+    def answer(request):
+        request.send_response(200)
+        request.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{port}")
-    try:
+    with http_stub(answer) as address:
+        port = int(address.rpartition(":")[2])
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{port}")
         assert store_ready() == f"tracking store http://alice:***@127.0.0.1:{port} ready"
-    finally:
-        server.shutdown()
     run = mlflow.entities.Run(mlflow.entities.RunInfo("r1", "7", "", 0, 0, "FINISHED", "", ""), None)
     assert ui_hint(run) == f"run r1: http://alice:***@127.0.0.1:{port}/#/experiments/7/runs/r1"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow:s3/cret@db-host:5432/mlflow")

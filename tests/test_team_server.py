@@ -27,7 +27,7 @@ import pytest
 
 from bench.servers import free_port, server_run_command, stop_group, wait_until_up
 from pipeline.sweep import best_of
-from tests.conftest import ROOT, eventually
+from tests.conftest import ROOT, eventually, http_stub
 from tests.test_compare import api, artifact_bytes, create_experiment, params_of, search, tags_of
 
 SCRIPT = ROOT / "scripts" / "team-server.sh"
@@ -544,26 +544,18 @@ def test_a_tracking_uri_that_answers_but_is_no_mlflow_server_is_one_line(monkeyp
     /health answers 200; a web page; a path too many): `python -m pipeline.tracking` said "tracking store ... ready",
     and every step then failed on MLflow's 404. Now one line naming the URI, exit 2; a server that answers MLflow's
     API (200, or a proxy's 401) is ready as before."""
-    import http.server
-    import threading
-
     import mlflow
 
     from pipeline.tracking import cli, store_ready
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            self.send_response(200 if self.path in ("/health", "/ping") or self.path.startswith("/mlflow/") else 404)
-            self.end_headers()
+    def answer(request):
+        request.send_response(200 if request.path in ("/health", "/ping") or request.path.startswith("/mlflow/")
+                              else 404)
+        request.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://alice:s3cret@127.0.0.1:{server.server_address[1]}"
     mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
-    try:
+    with http_stub(answer) as address:
+        base = address.replace("//", "//alice:s3cret@")
         for uri, code in [(base, 2), (f"{base}/mlflow", 0)]:
             monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
             capsys.readouterr()
@@ -578,8 +570,6 @@ def test_a_tracking_uri_that_answers_but_is_no_mlflow_server_is_one_line(monkeyp
                     "/api/2.0/mlflow/experiments/search): another service (a model server?) or a wrong path"]
             else:
                 assert out == f"tracking store {shown} ready\n", (out, err)
-    finally:
-        server.shutdown()
 
 
 def test_a_password_in_the_tracking_uris_query_is_never_printed_nor_written(monkeypatch, capsys):
@@ -629,32 +619,21 @@ def test_the_uis_address_or_a_web_page_as_tracking_uri_is_one_line(monkeypatch, 
     URL where a web page answers every path (a login page, another site): `python -m pipeline.tracking` said "ready",
     then every step ended exit 4 on "tracking server ... failed: ... not in a valid JSON format" (the server is fine).
     Now one line saying what is wrong, exit 2."""
-    import http.server
-    import threading
-
     import mlflow
 
     from pipeline.tracking import cli, store_ready
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            body = b"<!doctype html><html><body>a page</body></html>"
-            json = self.path.startswith("/api/") and not self.server.html  # type: ignore[attr-defined]
-            body = b'{"experiments": []}' if json else body
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json" if json else "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    pages = {"everywhere": False}  # True: a web page on every path, the API's too
 
-        def log_message(self, *args):
-            pass
+    def answer(request):
+        json = request.path.startswith("/api/") and not pages["everywhere"]
+        body = b'{"experiments": []}' if json else b"<!doctype html><html><body>a page</body></html>"
+        request.send_response(200)
+        request.send_header("Content-Type", "application/json" if json else "text/html; charset=utf-8")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    server.html = False  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://alice:s3cret@127.0.0.1:{server.server_address[1]}"
-    shown = base.replace("s3cret", "***")
     mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
 
     def ready(uri: str) -> tuple[int, str, str]:
@@ -666,20 +645,20 @@ def test_the_uis_address_or_a_web_page_as_tracking_uri_is_one_line(monkeypatch, 
             return exc.code, *capsys.readouterr()
         return 0, *capsys.readouterr()
 
-    try:
+    with http_stub(answer) as address:
+        base = address.replace("//", "//alice:s3cret@")
+        shown = base.replace("s3cret", "***")
         for tail in ("/#/experiments/0", "/?experiment=0"):
             code, out, err = ready(base + tail)
             assert code == 2 and err.strip().splitlines() == [
                 f"error: MLFLOW_TRACKING_URI: {shown}{tail} is the address of a page (its {tail[1]} part), not of a "
                 f"server: name the server alone, {shown}"], (out, err)
         assert ready(base) == (0, f"tracking store {shown} ready\n", "")
-        server.html = True  # type: ignore[attr-defined]  # a web page on every path
+        pages["everywhere"] = True
         code, out, err = ready(base)
         assert code == 2 and err.strip().splitlines() == [
             f"error: MLFLOW_TRACKING_URI: {shown} answers, but not as an MLflow tracking server (a web page for "
             "/api/2.0/mlflow/experiments/search): another service (a model server?) or a wrong path"], (out, err)
-    finally:
-        server.shutdown()
 
 
 def test_a_working_directory_the_postgres_user_may_not_enter_adds_no_noise(tmp_path):
