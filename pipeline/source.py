@@ -1,6 +1,6 @@
-"""The source of `pipeline` as this process loaded it: every `pipeline/**/*.py`, read once when the package is first
-imported (`pipeline/__init__.py` imports this module), as bytes keyed by the file's path in the package (`serve.py`,
-`tracking/steps.py`): `FILES`.
+"""The source of `pipeline` as this process loaded it: every module of it, `pipeline/**/*.py` (not the files an
+editor keeps beside them), read once when the package is first imported (`pipeline/__init__.py` imports this module),
+as bytes keyed by the file's path in the package (`serve.py`, `tracking/steps.py`): `FILES`.
 
 A file edited on disk while the process runs (a `git pull`, an editor) changes nothing the process records of its
 code, which is this copy:
@@ -36,7 +36,15 @@ def _read(path: Path) -> tuple[bytes, dict]:
     return data, {"mtime": after.st_mtime if same else 0, "size": len(data)}
 
 
-_read_files = {p.relative_to(PACKAGE_DIR).as_posix(): _read(p) for p in sorted(PACKAGE_DIR.rglob("*.py"))}
+def _modules() -> list[Path]:
+    """The package's `*.py` files that are modules of it, each part of their path a Python name: not what editors
+    leave beside the files they edit, such as Emacs's lock `.#config.py` (a link to nowhere, which failed every command
+    while a file was being edited) or Jupyter's `.ipynb_checkpoints/config-checkpoint.py`."""
+    return [path for path in sorted(PACKAGE_DIR.rglob("*.py"))
+            if all(part.isidentifier() for part in path.relative_to(PACKAGE_DIR).with_suffix("").parts)]
+
+
+_read_files = {p.relative_to(PACKAGE_DIR).as_posix(): _read(p) for p in _modules()}
 FILES: MappingProxyType[str, bytes] = MappingProxyType({key: data for key, (data, _) in _read_files.items()})
 _STATS = {key: stats for key, (_, stats) in _read_files.items()}
 del _read_files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 
 from tests.conftest import ROOT
 
@@ -67,3 +68,23 @@ def test_every_command_lines_help_opens_with_its_docstrings_whole_first_paragrap
                                timeout=120)
         assert shown.returncode == 0, (module, shown.stderr[-2000:])
         assert " ".join(first.split()) in re.sub(r"\s+", " ", shown.stdout), (module, shown.stdout[:600])
+
+
+def test_an_editors_lock_or_checkpoint_file_in_the_package_is_not_part_of_its_source(tmp_path):
+    """Emacs marks a file it edits with a lock, `.#config.py`, a link to nowhere; Jupyter keeps copies in
+    `.ipynb_checkpoints/`. Neither is a module of the package: reading the package's source (`pipeline.source`, at its
+    first import) read the lock and failed, FileNotFoundError, so every command failed while a file was being edited,
+    and it copied the checkpoints into each model's code. In a process of its own, on a copy of pipeline/."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(PIPELINE, tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "pipeline" / ".#config.py").symlink_to("someone@host.4242:1700000000")
+    (tmp_path / "pipeline" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "pipeline" / ".ipynb_checkpoints" / "config-checkpoint.py").write_text("X = 1\n")
+    script = "import json, pipeline; print(json.dumps(sorted(pipeline.source.FILES)))"
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    modules = sorted(p.relative_to(PIPELINE).as_posix() for p in PIPELINE.rglob("*.py"))
+    assert json.loads(result.stdout) == modules
