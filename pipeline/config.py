@@ -337,6 +337,10 @@ class TrackingConfig:
 
     def validate(self) -> None:
         _check(bool(self.experiment.strip()), "tracking.experiment", "must not be empty", self.experiment)
+        # as register.model_name: MLflow refuses a longer name (a traceback as the first run opened), and keeps it in a
+        # 256-character column, which PostgreSQL (a team's store) enforces
+        _check(len(self.experiment) <= 256, "tracking.experiment", "must be at most 256 characters (MLflow's column "
+               "for it)", self.experiment)
 
 
 @dataclass(frozen=True)

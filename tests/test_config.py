@@ -226,6 +226,8 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("register.model_name=\"it's\"", "register.model_name"),  # a quote breaks MLflow's search filters
     ("register.model_name=" + "a" * 257, "register.model_name"),  # PostgreSQL refused it after training
     ("register.model_name='my model '", "register.model_name"),  # another model than "my model", shown alike
+    ("tracking.experiment=" + "e" * 501, "tracking.experiment"),  # MLflow's traceback as the first run opened
+    ("tracking.experiment=" + "e" * 257, "tracking.experiment"),  # PostgreSQL's column holds 256
     ("train.seed=-1", "train.seed"),
     ("train.seed=4294967296", "train.seed"),
     ("data.seed=-1", "data.seed"),
