@@ -446,11 +446,15 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         value = _to_param_string(value)
     _check(isinstance(value, str), key, f"must be {_spelling(annotation)}", value)
     try:
-        return _read(value, annotation)
+        result = _read(value, annotation)
     except (ValueError, ZeroDivisionError):
         raise ConfigError(f"{key}: must be {_spelling(annotation)}, got {str(value)!r}") from None
     except OverflowError:
         raise ConfigError(f"{key}: must be a finite number, got {str(value)!r}") from None
+    # NumPy and TensorFlow hold integers in 64 bits: a larger train.batch_size failed the train step (OverflowError)
+    _check(type(result) is not int or -2**63 <= result < 2**63, key, "must be an integer in [-2**63, 2**63) (64 bits)",
+           str(value))
+    return result
 
 
 class _DuplicateKey(yaml.YAMLError):

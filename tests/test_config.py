@@ -228,6 +228,9 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("register.model_name='my model '", "register.model_name"),  # another model than "my model", shown alike
     ("tracking.experiment=" + "e" * 501, "tracking.experiment"),  # MLflow's traceback as the first run opened
     ("tracking.experiment=" + "e" * 257, "tracking.experiment"),  # PostgreSQL's column holds 256
+    ("train.batch_size=" + str(2**63), "train.batch_size"),  # the train step's OverflowError, its run FAILED
+    ("evaluate.batch_size=1" + "0" * 20, "evaluate.batch_size"),
+    ("model.widths=[16, 32, 1" + "0" * 20 + "]", "model.widths"),
     ("train.seed=-1", "train.seed"),
     ("train.seed=4294967296", "train.seed"),
     ("data.seed=-1", "data.seed"),
@@ -247,6 +250,17 @@ def test_bad_values_name_their_key(override, key):
     with pytest.raises(config.ConfigError) as err:
         config.load(None, override)
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_integers_are_64_bit_as_numpy_and_tensorflow_hold_them():
+    """`train.batch_size=1e20` spelt out loaded, then failed the train step (a traceback, OverflowError from tf.data)
+    and left its run FAILED: an integer param past 64 bits is refused with the params, naming its key."""
+    assert config.load(None, f"train.batch_size={2**63 - 1}").train.batch_size == 2**63 - 1
+    with pytest.raises(config.ConfigError, match=r"^train\.batch_size: must be an integer in \[-2\*\*63, 2\*\*63\) "
+                                                 r"\(64 bits\), got '9223372036854775808'$"):
+        config.load(None, f"train.batch_size={2**63}")
+    with pytest.raises(config.ConfigError, match=r"^data\.max_train: must be an integer in"):
+        config.load(None, f"data.max_train=-{2**63 + 1}")
 
 
 def test_lists_in_overrides_may_be_written_with_spaces_as_yaml_writes_them():
