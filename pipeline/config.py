@@ -249,7 +249,9 @@ class TrainConfig:
         _check(self.precision in ("auto", "float32", "mixed_float16", "mixed_bfloat16"), "train.precision",
                "must be auto, float32, mixed_float16 or mixed_bfloat16", self.precision)
         _check(self.feed in ("host", "device"), "train.feed", "must be host or device", self.feed)
-        _check(self.steps_per_execution >= 1, "train.steps_per_execution", "must be >= 1", self.steps_per_execution)
+        # Keras on TensorFlow compares a call's step count with a 32-bit one: from 2**31 on it ran no step at all
+        _check(1 <= self.steps_per_execution < 2**31, "train.steps_per_execution", "must be in [1, 2**31)",
+               self.steps_per_execution)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = no checkpoints)",
                self.checkpoint_every)
         _check(self.distribute in ("auto", "none", "mirrored", "data_parallel", "multi_worker"), "train.distribute",

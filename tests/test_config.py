@@ -231,6 +231,7 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("train.batch_size=" + str(2**63), "train.batch_size"),  # the train step's OverflowError, its run FAILED
     ("evaluate.batch_size=1" + "0" * 20, "evaluate.batch_size"),
     ("model.widths=[16, 32, 1" + "0" * 20 + "]", "model.widths"),
+    ("train.steps_per_execution=2147483648", "train.steps_per_execution"),  # trained no step, then a traceback
     ("train.seed=-1", "train.seed"),
     ("train.seed=4294967296", "train.seed"),
     ("data.seed=-1", "data.seed"),
@@ -261,6 +262,8 @@ def test_integers_are_64_bit_as_numpy_and_tensorflow_hold_them():
         config.load(None, f"train.batch_size={2**63}")
     with pytest.raises(config.ConfigError, match=r"^data\.max_train: must be an integer in"):
         config.load(None, f"data.max_train=-{2**63 + 1}")
+    # Keras on TensorFlow counts a call's steps in 32 bits: 2**31 ran none (its run FAILED on a ZeroDivisionError)
+    assert config.load(None, f"train.steps_per_execution={2**31 - 1}").train.steps_per_execution == 2**31 - 1
 
 
 def test_lists_in_overrides_may_be_written_with_spaces_as_yaml_writes_them():
