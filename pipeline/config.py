@@ -262,8 +262,13 @@ class TrainConfig:
         """Boundaries are fractions of `epochs`, so `-P epochs=N` moves them with the run's length."""
         key, values = "train.lr_boundaries", self.lr_boundaries
         if any(b >= 1 for b in values) and all(float(b).is_integer() for b in values):
-            raise ConfigError(f"{key}: are now fractions of train.epochs in (0, 1), got epochs {list(values)}; "
-                              f"write them as e.g. [{', '.join(f'{b:g}/{self.epochs}' for b in values)}] "
+            given = f"got epochs [{', '.join(f'{b:g}' for b in values)}]"
+            if all(b < self.epochs for b in values):
+                hint = f"{given}; write them as e.g. [{', '.join(f'{b:g}/{self.epochs}' for b in values)}]"
+            else:  # epochs past a shorter run (`-P epochs=30` on a file's [80, 120]) make no fractions of it
+                hint = (f"{given}, not all within the run's {self.epochs}; write each as the fraction of train.epochs "
+                        f"after which the lr decays")
+            raise ConfigError(f"{key}: are now fractions of train.epochs in (0, 1), {hint} "
                               f"(the seed's 80 and 120 of 150 epochs are [80/150, 120/150])")
         _check(all(0 < b < 1 for b in values), key, "must be fractions of train.epochs in (0, 1)", values)
         _check(list(values) == sorted(set(values)), key, "must be strictly increasing", values)

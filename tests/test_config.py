@@ -58,6 +58,22 @@ def test_boundaries_accept_fractions_and_refuse_absolute_epochs():
     assert config.load(None, "train.lr_boundaries=[0.5,0.75]").train.boundary_epochs == (75, 112)
     with pytest.raises(config.ConfigError, match=r"^train.lr_boundaries: are now fractions.*\[80/150, 120/150\]"):
         config.load(None, "train.lr_boundaries=[80,120]")
+
+
+def test_absolute_boundaries_past_a_shorter_run_get_no_fractions_over_1_to_write(tmp_path):
+    """A params file of the old format run shorter (`-P epochs=30`, as the README runs resnet56.yaml) was told to
+    write its [80, 120] as [80/30, 120/30], which the same check refuses: fractions must be under 1."""
+    (tmp_path / "old.yaml").write_text("train:\n  epochs: 150\n  lr_boundaries: [80, 120]\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load_from_cli(str(tmp_path / "old.yaml"), "", epochs="30")
+    assert str(err.value) == ("train.lr_boundaries: are now fractions of train.epochs in (0, 1), got epochs [80, 120], "
+                              "not all within the run's 30; write each as the fraction of train.epochs after which the "
+                              "lr decays (the seed's 80 and 120 of 150 epochs are [80/150, 120/150])")
+    with pytest.raises(config.ConfigError, match=r"got epochs \[16, 24\]; write them as e\.g\. \[16/30, 24/30\] "):
+        config.load_from_cli(str(tmp_path / "old.yaml"), "train.lr_boundaries=[16,24]", epochs="30")
+
+
+def test_boundaries_that_fall_outside_the_run_are_refused():
     # a boundary that rounds onto the first or last epoch cannot take effect inside the run
     for override in ("train.epochs=1", "train.epochs=2 train.lr_boundaries=[0.1]",
                      "train.epochs=10 train.lr_boundaries=[0.5,0.52]"):
