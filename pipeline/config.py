@@ -525,7 +525,9 @@ def read_yaml(path: str | Path, *, key: str = "params", text: bool = False) -> d
         candidate = PROJECT_ROOT / candidate
     try:
         data = yaml.load(candidate.read_text(), Loader=_ParamsLoader if text else _UniqueKeyLoader)  # SafeLoaders
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # the last: a path through a file
+    except IsADirectoryError:  # `-P params=params/`: "file not found" misled, as there is one
+        raise ConfigError(f"{key}: {path} is a folder, not a {key} file") from None
+    except (FileNotFoundError, NotADirectoryError):  # the last: a path through a file
         beside = PROJECT_ROOT / "params" / Path(path).name  # `-P params=quick.yaml` for params/quick.yaml
         hint = f" (did you mean params/{beside.name}?)" if not Path(path).is_absolute() and beside.is_file() else ""
         raise ConfigError(f"{key}: file not found: {path}{hint}") from None

@@ -409,6 +409,11 @@ def test_bad_params_files(tmp_path):
     with pytest.raises(config.ConfigError, match=r"^params: file not found: quick.yaml \(did you mean "
                                                  r"params/quick.yaml\?\)$"):
         config.load("quick.yaml")  # `-P params=quick.yaml`, run from the project root
+    with pytest.raises(config.ConfigError, match=r"^params: params/ is a folder, not a params file$"):
+        config.load("params/")  # `-P params=params/`, as a shell completes it: was "file not found"
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(config.ConfigError, match=r"^params: .*/folder.yaml is a folder, not a params file$"):
+        config.load(tmp_path / "folder.yaml")
     (tmp_path / "bad.yaml").write_text("train: [1, 2")
     with pytest.raises(config.ConfigError, match="not valid YAML"):
         config.load(tmp_path / "bad.yaml")
