@@ -524,7 +524,8 @@ def read_yaml(path: str | Path, *, key: str = "params", text: bool = False) -> d
     if not candidate.is_absolute() and not candidate.exists():
         candidate = PROJECT_ROOT / candidate
     try:
-        data = yaml.load(candidate.read_text(), Loader=_ParamsLoader if text else _UniqueKeyLoader)  # SafeLoaders
+        # UTF-8, as YAML is, not the locale's encoding (Latin-1 read `café` as `cafÃ©`)
+        data = yaml.load(candidate.read_text(encoding="utf-8"), Loader=_ParamsLoader if text else _UniqueKeyLoader)
     except IsADirectoryError:  # `-P params=params/`: "file not found" misled, as there is one
         raise ConfigError(f"{key}: {path} is a folder, not a {key} file") from None
     except (FileNotFoundError, NotADirectoryError):  # the last: a path through a file

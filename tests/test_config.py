@@ -147,6 +147,22 @@ def test_an_unbalanced_quote_or_a_binary_params_file_is_one_line(tmp_path):
     with pytest.raises(config.ConfigError, match=r"^params: .*weights.npz is not a YAML text file"):
         config.load_from_cli(str(tmp_path / "weights.npz"), "")
 
+def test_a_params_file_is_read_as_utf_8_whatever_the_locale(tmp_path):
+    """YAML is UTF-8: a params file was decoded in the locale's encoding, so under a Latin-1 locale
+    `experiment: café` named the experiment 'cafÃ©', and under an ASCII one (LC_ALL=C, PYTHONUTF8=0) the file was
+    refused as 'not UTF-8 text'. In a process of its own, in the ASCII locale."""
+    import subprocess
+    import sys
+
+    (tmp_path / "p.yaml").write_bytes("tracking:\n  experiment: café  # naïve\n".encode())
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(config.PROJECT_ROOT)}
+    script = "import sys; from pipeline import config; print(ascii(config.load(sys.argv[1]).tracking.experiment))"
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "p.yaml")], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, ascii("café")), result.stderr
+
+
 def test_a_params_file_the_system_cannot_open_is_one_line(tmp_path):
     """Only a missing file or a folder was one line: a path through a file (`params/quick.yaml/x.yaml`), a name
     longer than the file system takes, or another user's file (EACCES) was an OSError's traceback."""
