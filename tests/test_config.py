@@ -550,6 +550,17 @@ def test_each_entry_points_command_line_is_the_one_mlproject_writes(entry_point)
     assert vars(parser.parse_args(given)) == {**defaults, **dict.fromkeys(required, "x")}
 
 
+@pytest.mark.parametrize("entry_point", sorted(ENTRY_POINTS))
+def test_a_value_beginning_with_a_dash_reaches_its_parameter(entry_point):
+    """`mlflow run . -e compare -P experiment=-x` (or a data file `-x.npz`) was refused: MLproject wrote
+    `--experiment -x`, and argparse read -x as an option ("expected one argument")."""
+    spec = ENTRY_POINTS[entry_point]
+    values = {name: shlex.quote(f"-{name}") for name in spec["parameters"]}  # as MLflow quotes a -P value
+    words = shlex.split(spec["command"].format(**values))
+    parsed = vars(config.entry_point_parser(entry_point, "").parse_args(words[3:]))
+    assert parsed == {name: f"-{name}" for name in spec["parameters"]}
+
+
 def test_what_mlflow_run_logs_beside_the_params_does_not_come_back_as_params():
     """`mlflow run` logs its -P values too (`data`, `epochs`: often ''); a resumed run's params are rebuilt from
     the section.key ones only (resume=<id> of a run `mlflow run . -e train` started failed on `data=''`)."""
