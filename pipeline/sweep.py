@@ -1281,8 +1281,8 @@ def stop_workers(procs: list[subprocess.Popen], signum: int | None) -> None:
 
 
 def worker_command(args: argparse.Namespace, storage: str, study: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.sweep", "--spec", args.spec, "--overrides", args.overrides or "",
-            "--storage", storage, "--study", study, "--workers", "1", "--join"]
+    return [sys.executable, "-m", "pipeline.sweep", f"--spec={args.spec}", f"--overrides={args.overrides or ''}",
+            f"--storage={storage}", f"--study={study}", "--workers=1", "--join"]  # a value may begin with a dash
 
 
 def run(args: argparse.Namespace) -> int:

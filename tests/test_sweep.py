@@ -3,6 +3,7 @@ and specs refused before any run opens."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -1304,3 +1305,15 @@ def test_the_tpe_example_prunes_from_epoch_2_as_its_comment_says():
     assert not trial.should_prune()
     trial.report(0.1, step=2)
     assert trial.should_prune()
+
+
+def test_a_worker_of_workers_n_gets_a_value_beginning_with_a_dash():
+    """`-P workers=2` with a spec file `-grid.yaml` (or storage, study spelt with a leading dash): each worker was
+    started with `--spec -grid.yaml`, which argparse read as an option, and every worker failed."""
+    args = argparse.Namespace(spec="-grid.yaml", overrides="-", workers="2")
+    words = sweep.worker_command(args, "-storage.db", "-study")
+    parser = config.entry_point_parser("sweep", "")
+    parser.add_argument("--join", action="store_true")
+    back = parser.parse_args(words[3:])
+    assert (back.spec, back.overrides, back.storage, back.study, back.workers, back.join) == (
+        "-grid.yaml", "-", "-storage.db", "-study", "1", True)
