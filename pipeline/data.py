@@ -18,6 +18,7 @@ types those files contain: a crafted batch cannot run code.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import fcntl
 import functools
 import gzip
@@ -726,9 +727,9 @@ def _read_file(file: Path, n: int) -> bytes:
 def _read_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo, n: int) -> bytes:
     # zipfile refused these with a traceback (RuntimeError, NotImplementedError): said in one line instead
     if member.flag_bits & 0x1:
-        raise DataError(f"{path}:{member.filename}: encrypted (a password-protected zip): zip the images without one")
+        raise DataError(f"{path}:{_zip_name(member)}: encrypted (a password-protected zip): zip the images without one")
     if member.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
-        raise DataError(f"{path}:{member.filename}: compressed with zip method {member.compress_type} (e.g. "
+        raise DataError(f"{path}:{_zip_name(member)}: compressed with zip method {member.compress_type} (e.g. "
                         "Deflate64 or zstd), which Python cannot read: zip the images with plain deflate")
     with archive.open(member) as f:  # read(n) inflates at most n bytes, whatever size the zip's directory gives
         return f.read(n)
@@ -750,7 +751,15 @@ def _read_image(read, size: int | None, where: str) -> bytes:  # noqa: ANN001 - 
 def _zip_name(member: zipfile.ZipInfo) -> str:
     # Windows PowerShell's Compress-Archive writes train\cat\0.png (the zip spec says /): read, as Info-ZIP's unzip
     # and libarchive read a zip made on MS-DOS/Windows, its \ as a folder separator
-    return member.filename.replace("\\", "/") if member.create_system == 0 else member.filename
+    if member.create_system == 0:
+        return member.filename.replace("\\", "/")
+    # `zip -r` on Linux and a Mac's Archive Utility store a name's UTF-8 bytes without the flag saying so (bit 11),
+    # and zipfile decodes such a name as cp437: class 犬 was read as 'τè¼'. Read, as unzip reads a zip made on Unix,
+    # as the UTF-8 it is (cp437 maps every byte, so the bytes come back as they were stored)
+    if not member.flag_bits & 0x800:
+        with contextlib.suppress(UnicodeError):
+            return member.filename.encode("cp437").decode("utf-8")
+    return member.filename
 
 
 def _is_zip_link(member: zipfile.ZipInfo) -> bool:

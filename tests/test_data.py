@@ -583,6 +583,34 @@ def test_a_zip_made_on_windows_with_backslashes_is_read(tmp_path):
     assert data.load_source(str(tmp_path / "imgs.zip")).digest() == data.load_source(str(tmp_path / "imgs")).digest()
 
 
+def without_utf8_flag(archive: Path) -> Path:
+    """Clear each member's UTF-8 flag (bit 11) in its local header and its central directory entry, leaving the
+    names' UTF-8 bytes: a zip as Info-ZIP's `zip -r` on Linux and macOS's Archive Utility write it."""
+    raw = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zipped:
+        members, at = zipped.infolist(), zipped.start_dir
+    for member in members:
+        struct.pack_into("<H", raw, member.header_offset + 6, member.flag_bits & ~0x800)
+        struct.pack_into("<H", raw, at + 8, member.flag_bits & ~0x800)
+        at += 46 + sum(struct.unpack_from("<3H", raw, at + 28))  # the entry, its name, extra field and comment
+    archive.write_bytes(raw)
+    return archive
+
+
+def test_a_zip_of_class_folders_with_non_ascii_names_made_by_zip_on_linux_or_a_mac_is_read_as_unzip_reads_it(tmp_path):
+    """`zip -r` (Info-ZIP, Linux) and a Mac's Archive Utility store UTF-8 names without the flag that says so, and
+    zipfile decodes such names as cp437: class 犬 was read as 'τè¼', a model whose outputs bore names no one gave, and
+    café was refused as a class name MLflow cannot log, 'caf├⌐'. unzip reads them as the UTF-8 they are."""
+    write_image_folder(tmp_path / "imgs", classes=("café", "犬"), per_class=2)
+    archive = without_utf8_flag(zip_folder(tmp_path / "imgs", tmp_path / "imgs.zip"))
+    with zipfile.ZipFile(archive) as zipped:
+        assert not any(m.flag_bits & 0x800 for m in zipped.infolist())
+        assert "imgs/train/caf├⌐/0.jpg" in zipped.namelist()  # as zipfile decodes the names
+    from_zip = data.load_source(str(archive))
+    assert from_zip.class_names == ("café", "犬")
+    assert from_zip.digest() == data.load_source(str(tmp_path / "imgs")).digest()
+
+
 def test_bmp_webp_and_gif_images_are_read_and_other_files_in_class_folders_are_named(tmp_path, capsys):
     """Only .png/.jpg were read: a class folder's .bmp or .webp images dropped out of the dataset unseen."""
     write_image_folder(tmp_path / "imgs")
