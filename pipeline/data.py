@@ -543,12 +543,17 @@ def _read_to_end(tar: tarfile.TarFile) -> None:
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """Admits only what CIFAR-10 python batches hold: dicts, lists, bytes, ints and numpy arrays."""
+    """Admits only what CIFAR-10 python batches hold: dicts, lists, bytes, ints, numpy arrays and numpy integers."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes; runs no code
+        # an array pickled with protocol 5 (`pickle.HIGHEST_PROTOCOL`), and a numpy integer (labels kept as
+        # `list(labels)`): each builds its value from the bytes given, running no code. Batches pickled anew by
+        # Python 3 were refused as "forbidden type"
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
@@ -579,11 +584,13 @@ def _batch_arrays(batch: dict, name: str, n_classes: int) -> tuple[np.ndarray, n
         labels = labels.tolist()
     if not isinstance(labels, (list, tuple)):
         raise DataError(f"{name}: 'labels' must be a list of integers, got {type(labels).__name__}")
-    bad = [v for v in labels if type(v) is not int]  # bools and floats (1.7) are not class indices either
+    # bools and floats (1.7) are not class indices either; numpy integers are (`list(labels)` keeps them)
+    bad = [v for v in labels if type(v) is not int and not isinstance(v, np.integer)]
     if bad:
         raise DataError(f"{name}: 'labels' must be integers, got {bad[0]!r:.40} ({type(bad[0]).__name__})")
     if len(labels) != len(data):
         raise DataError(f"{name}: 'labels' must have one entry per image ({len(labels)} for {len(data)} images)")
+    labels = [int(v) for v in labels]
     if labels:
         _check_label_range(min(labels), max(labels), n_classes, f"{name}: 'labels'")
     # Rows are 1024 red, then 1024 green, then 1024 blue values, each image row-major.
