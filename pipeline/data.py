@@ -32,6 +32,7 @@ import re
 import stat
 import sys
 import tarfile
+import unicodedata
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -895,6 +896,13 @@ def _split_index(parts: tuple[str, ...]) -> int | None:
     return next((i for i in range(len(parts) - 3, -1, -1) if parts[i] in ("train", "test")), None)
 
 
+def _class_name(folder: str) -> str:
+    """A class folder's name as its class's: composed (NFC). A Mac (HFS+, and the tars and zips made there) names
+    café with a combining accent (NFD), which MLflow's metric names refuse: the class was refused as a name that shows
+    as letters, and train/café/ from a Mac beside test/café/ typed elsewhere were two classes."""
+    return unicodedata.normalize("NFC", folder)
+
+
 def load_image_folder(path: str | Path) -> Dataset:
     """Read `train/<class>/*` and `test/<class>/*` images; class names are the folder names."""
     path = Path(path)
@@ -910,7 +918,7 @@ def load_image_folder(path: str | Path) -> Dataset:
             continue
         if read is None:  # a folder
             if len(parts) >= 2 and parts[-2] in ("train", "test"):
-                class_folders.add(parts)
+                class_folders.add((*parts[:-1], _class_name(parts[-1])))
             continue
         if parts[-1].lower().endswith(IMAGE_SUFFIXES):
             image_folders.add(parts[:-1])
@@ -921,12 +929,13 @@ def load_image_folder(path: str | Path) -> Dataset:
             elif parts[-1].lower().endswith(IMAGE_SUFFIXES):
                 elsewhere.append(parts)
             continue
-        class_folders.add(parts[:at + 2])
+        cls = _class_name(parts[at + 1])
+        class_folders.add((*parts[:at + 1], cls))
         if parts[-1].lower().endswith(IMAGE_SUFFIXES):
             name = "/".join(parts)
             # dict: an archive holding a name twice (`tar -u` appends a newer copy) gives the last, as tar -x and
             # unzip -o leave it; a list read both, the image twice and its old pixels too
-            files[parts[at]].setdefault(parts[at + 1], {})[name] = _read_image(read, size, f"{path}:{name}")
+            files[parts[at]].setdefault(cls, {})[name] = _read_image(read, size, f"{path}:{name}")
             tops.add(parts[:at])
         elif not parts[-1].startswith("."):
             skipped.append("/".join(parts))  # in a class folder, but no image suffix: said, not dropped unseen

@@ -7,9 +7,11 @@ import io
 import os
 import pickle
 import re
+import shutil
 import struct
 import tarfile
 import tracemalloc
+import unicodedata
 import zipfile
 import zlib
 from pathlib import Path
@@ -631,6 +633,26 @@ def test_a_zip_of_class_folders_with_non_ascii_names_made_by_zip_on_linux_or_a_m
     from_zip = data.load_source(str(archive))
     assert from_zip.class_names == ("café", "犬")
     assert from_zip.digest() == data.load_source(str(tmp_path / "imgs")).digest()
+
+
+def test_class_folders_named_in_decomposed_unicode_as_a_mac_writes_them_are_read(tmp_path):
+    """A folder made on a Mac (HFS+, and the tars and zips of it) names café with a combining accent (NFD), which
+    MLflow's metric names refuse: the class was refused as "class name 'café' cannot be used ... a class name is
+    letters", a name that shows as letters, and train/café/ from a Mac beside test/café/ typed on Linux (NFC) were
+    two classes. The name is read composed (NFC), as the Mac shows it: one class, café, whichever way it is spelled."""
+    decomposed = unicodedata.normalize("NFD", "café")
+    assert decomposed != "café"
+    write_image_folder(tmp_path / "typed", classes=("café", "chien"), per_class=2)
+    write_image_folder(tmp_path / "mac", classes=(decomposed, "chien"), per_class=2)
+    (tmp_path / "mixed").mkdir()
+    shutil.copytree(tmp_path / "mac" / "train", tmp_path / "mixed" / "train")
+    shutil.copytree(tmp_path / "typed" / "test", tmp_path / "mixed" / "test")
+    with tarfile.open(tmp_path / "mac.tar", "w") as tar:
+        tar.add(tmp_path / "mac", arcname="mac")
+    typed = data.load_source(str(tmp_path / "typed"))
+    assert typed.class_names == ("café", "chien")
+    for source in ("mac", "mac.tar", "mixed"):
+        assert data.load_source(str(tmp_path / source)).digest() == typed.digest(), source
 
 
 def test_bmp_webp_and_gif_images_are_read_and_other_files_in_class_folders_are_named(tmp_path, capsys):
