@@ -669,7 +669,7 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
     applied (a phone's portrait JPEG is stored on its side), and 16-bit images are scaled to 8 bits (Pillow's
     RGB conversion clips them: mid-grey would read as white); 32-bit ones, of unknown scale, are refused.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ExifTags, Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(raw), formats=PIL_FORMATS) as img:
@@ -678,7 +678,14 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
             if img.mode == "F" or (img.mode == "I" and getattr(img, "tag_v2", {}).get(258) == (32,)):
                 raise DataError(f"{name}: a 32-bit {'float' if img.mode == 'F' else 'integer'} image, whose pixel "
                                 f"scale is unknown: save it with 8 or 16 bits per channel")
-            img = ImageOps.exif_transpose(img)
+            # Upright as its EXIF says, read only: Pillow's ImageOps.exif_transpose also writes the EXIF back, less the
+            # orientation, and that failed (struct.error, a traceback) on a tag stored with another type than TIFF's
+            method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,  # exif_transpose's table
+                      4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                      7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+                      }.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+            if method is not None:
+                img = img.transpose(method)
             if img.mode.startswith("I"):  # 16-bit greyscale PNGs open as I;16 or I
                 img = Image.fromarray(np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257), 0, 255)
                                       .astype(np.uint8))

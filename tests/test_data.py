@@ -1231,6 +1231,29 @@ def test_decode_image_reads_16_bit_and_turns_photos_upright():
     assert pixels[:12].mean() > 200 and pixels[-12:].mean() < 50
 
 
+def test_a_photo_whose_exif_holds_a_tag_of_another_type_is_turned_upright_not_a_traceback(tmp_path):
+    """Pillow's `exif_transpose` writes the EXIF back without the orientation, and that fails (struct.error) on a
+    tag stored with another type than TIFF's (here Predictor, a number, stored as text): a photo with such EXIF was a
+    traceback from prepare, the data file unnamed (and a served request's error). The EXIF is only read here."""
+    upright = np.zeros((32, 32, 3), dtype=np.uint8)
+    upright[:16] = 255  # white on top
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    exif[0x010F] = "Maker"
+    buf = io.BytesIO()
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(buf, format="JPEG", quality=95, exif=exif)
+    good = buf.getvalue()
+    tag = next(t for t in (b"\x01\x0f\x00\x02", b"\x0f\x01\x02\x00") if t in good)  # Make, as text (either byte order)
+    damaged = good.replace(tag, tag.replace(b"\x0f", b"\x3d"), 1)  # tag 0x013D, Predictor, a number in TIFF
+    assert damaged != good
+    pixels = data.decode_image(damaged).astype(int)
+    assert pixels[:12].mean() > 200 and pixels[-12:].mean() < 50
+    np.testing.assert_array_equal(pixels, data.decode_image(good))
+    write_image_folder(tmp_path / "imgs", classes=("cat", "dog"), per_class=1)
+    (tmp_path / "imgs" / "train" / "cat" / "1.jpg").write_bytes(damaged)
+    assert len(data.load_source(str(tmp_path / "imgs")).x_train) == 3
+
+
 @pytest.mark.parametrize("pixels", [np.full((32, 32), 0.5, dtype=np.float32), np.full((32, 32), 128, dtype=np.int32)],
                          ids=["float-0-1", "int32-0-255"])
 def test_decode_image_refuses_32_bit_images_of_unknown_scale(pixels):
