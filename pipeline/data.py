@@ -418,7 +418,10 @@ def keras_cache_dir() -> Path:
 def fetch_cifar10() -> Path:
     """Path of a verified official archive (or extracted folder) from the Keras cache, else download. Commands that
     download it at once take turns (a file lock in the cache): Keras writes the download into the cache's file, so
-    two writing it together left a file that failed its hash check (each later one finds the first's download)."""
+    two writing it together left a file that failed its hash check (each later one finds the first's download).
+    Downloaded under a name of its own, renamed once whole and verified: Keras removes what it wrote on an Exception
+    only, so an interrupted download (Ctrl-C, the SIGTERM `mlflow run` sends its step, a kill) left a truncated
+    archive under its name, which every later command refused until it was deleted by hand."""
     cache = keras_cache_dir()
     found = _cifar10_in_cache(cache)
     if found:
@@ -437,8 +440,12 @@ def fetch_cifar10() -> Path:
         try:
             import keras  # downloads are Keras's job: it retries, caches and checks the hash
 
-            return Path(keras.utils.get_file(fname=CIFAR10_ARCHIVE_NAMES[0], origin=CIFAR10_URL,
-                                             file_hash=CIFAR10_SHA256, hash_algorithm="sha256"))
+            partial = keras.utils.get_file(fname=f".{CIFAR10_ARCHIVE_NAMES[0]}.partial", origin=CIFAR10_URL,
+                                           file_hash=CIFAR10_SHA256, hash_algorithm="sha256",
+                                           cache_dir=str(cache.parent), cache_subdir=cache.name)
+            archive = cache / CIFAR10_ARCHIVE_NAMES[0]
+            os.replace(partial, archive)
+            return archive
         except Exception as exc:  # noqa: BLE001 - any network or hash failure ends the same way
             raise DataError(f"data.source: cannot download CIFAR-10 ({type(exc).__name__}: {exc}). "
                             f"{_without_download(cache)}") from None

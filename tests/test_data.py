@@ -177,9 +177,39 @@ def test_commands_downloading_cifar10_at_once_take_turns(tmp_path, monkeypatch):
         command.start()
     for command in commands:
         command.join()
-    assert downloads == ["cifar-10-python.tar.gz"]
+    assert downloads == [".cifar-10-python.tar.gz.partial"]  # renamed once whole
     assert found == [data.keras_cache_dir() / "cifar-10-python.tar.gz"] * 2
 
+
+def test_an_interrupted_cifar10_download_leaves_no_truncated_archive_in_the_keras_cache(tmp_path, monkeypatch):
+    """Keras downloads into the cache's file and removes what it wrote on an Exception only: a download interrupted
+    (Ctrl-C, or the SIGTERM `mlflow run` sends its step then: `tracking.Interrupted`, a BaseException) left a truncated
+    cifar-10-python.tar.gz there, and every later command refused it ("does not match the published ... delete it and
+    fetch it again"). It is downloaded under a name of its own and renamed once whole: the next command downloads it."""
+    import signal
+
+    from keras.src.backend import config as keras_config
+    from keras.src.utils import file_utils  # keras.utils.get_file downloads with its urlretrieve
+
+    from pipeline.tracking import Interrupted
+
+    archive, _, _ = write_official(tmp_path / "made")
+    whole = archive.read_bytes()
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras"))  # as Keras read it, started so
+    monkeypatch.setattr(data, "CIFAR10_SHA256", data.file_sha256(archive))
+
+    def cut(url, filename, reporthook=None):  # the transfer, halfway when the signal comes
+        Path(filename).write_bytes(whole[:len(whole) // 2])
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(file_utils, "urlretrieve", cut)
+    with pytest.raises(Interrupted):
+        data.fetch_cifar10()
+    assert not (data.keras_cache_dir() / "cifar-10-python.tar.gz").exists()
+    monkeypatch.setattr(file_utils, "urlretrieve", lambda url, filename, hook=None: Path(filename).write_bytes(whole))
+    found = data.fetch_cifar10()  # the next command downloads it again
+    assert found == data.keras_cache_dir() / "cifar-10-python.tar.gz" and found.read_bytes() == whole
 
 def test_cifar10_offline_with_nothing_local_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
