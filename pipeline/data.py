@@ -18,6 +18,7 @@ types those files contain: a crafted batch cannot run code.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import fcntl
 import functools
 import gzip
@@ -31,6 +32,7 @@ import re
 import stat
 import sys
 import tarfile
+import unicodedata
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -416,7 +418,10 @@ def keras_cache_dir() -> Path:
 def fetch_cifar10() -> Path:
     """Path of a verified official archive (or extracted folder) from the Keras cache, else download. Commands that
     download it at once take turns (a file lock in the cache): Keras writes the download into the cache's file, so
-    two writing it together left a file that failed its hash check (each later one finds the first's download)."""
+    two writing it together left a file that failed its hash check (each later one finds the first's download).
+    Downloaded under a name of its own, renamed once whole and verified: Keras removes what it wrote on an Exception
+    only, so an interrupted download (Ctrl-C, the SIGTERM `mlflow run` sends its step, a kill) left a truncated
+    archive under its name, which every later command refused until it was deleted by hand."""
     cache = keras_cache_dir()
     found = _cifar10_in_cache(cache)
     if found:
@@ -435,8 +440,12 @@ def fetch_cifar10() -> Path:
         try:
             import keras  # downloads are Keras's job: it retries, caches and checks the hash
 
-            return Path(keras.utils.get_file(fname=CIFAR10_ARCHIVE_NAMES[0], origin=CIFAR10_URL,
-                                             file_hash=CIFAR10_SHA256, hash_algorithm="sha256"))
+            partial = keras.utils.get_file(fname=f".{CIFAR10_ARCHIVE_NAMES[0]}.partial", origin=CIFAR10_URL,
+                                           file_hash=CIFAR10_SHA256, hash_algorithm="sha256",
+                                           cache_dir=str(cache.parent), cache_subdir=cache.name)
+            archive = cache / CIFAR10_ARCHIVE_NAMES[0]
+            os.replace(partial, archive)
+            return archive
         except Exception as exc:  # noqa: BLE001 - any network or hash failure ends the same way
             raise DataError(f"data.source: cannot download CIFAR-10 ({type(exc).__name__}: {exc}). "
                             f"{_without_download(cache)}") from None
@@ -542,12 +551,17 @@ def _read_to_end(tar: tarfile.TarFile) -> None:
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """Admits only what CIFAR-10 python batches hold: dicts, lists, bytes, ints and numpy arrays."""
+    """Admits only what CIFAR-10 python batches hold: dicts, lists, bytes, ints, numpy arrays and numpy integers."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes; runs no code
+        # an array pickled with protocol 5 (`pickle.HIGHEST_PROTOCOL`), and a numpy integer (labels kept as
+        # `list(labels)`): each builds its value from the bytes given, running no code. Batches pickled anew by
+        # Python 3 were refused as "forbidden type"
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
@@ -578,11 +592,13 @@ def _batch_arrays(batch: dict, name: str, n_classes: int) -> tuple[np.ndarray, n
         labels = labels.tolist()
     if not isinstance(labels, (list, tuple)):
         raise DataError(f"{name}: 'labels' must be a list of integers, got {type(labels).__name__}")
-    bad = [v for v in labels if type(v) is not int]  # bools and floats (1.7) are not class indices either
+    # bools and floats (1.7) are not class indices either; numpy integers are (`list(labels)` keeps them)
+    bad = [v for v in labels if type(v) is not int and not isinstance(v, np.integer)]
     if bad:
         raise DataError(f"{name}: 'labels' must be integers, got {bad[0]!r:.40} ({type(bad[0]).__name__})")
     if len(labels) != len(data):
         raise DataError(f"{name}: 'labels' must have one entry per image ({len(labels)} for {len(data)} images)")
+    labels = [int(v) for v in labels]
     if labels:
         _check_label_range(min(labels), max(labels), n_classes, f"{name}: 'labels'")
     # Rows are 1024 red, then 1024 green, then 1024 blue values, each image row-major.
@@ -660,7 +676,7 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
     applied (a phone's portrait JPEG is stored on its side), and 16-bit images are scaled to 8 bits (Pillow's
     RGB conversion clips them: mid-grey would read as white); 32-bit ones, of unknown scale, are refused.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ExifTags, Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(raw), formats=PIL_FORMATS) as img:
@@ -669,7 +685,14 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
             if img.mode == "F" or (img.mode == "I" and getattr(img, "tag_v2", {}).get(258) == (32,)):
                 raise DataError(f"{name}: a 32-bit {'float' if img.mode == 'F' else 'integer'} image, whose pixel "
                                 f"scale is unknown: save it with 8 or 16 bits per channel")
-            img = ImageOps.exif_transpose(img)
+            # Upright as its EXIF says, read only: Pillow's ImageOps.exif_transpose also writes the EXIF back, less the
+            # orientation, and that failed (struct.error, a traceback) on a tag stored with another type than TIFF's
+            method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,  # exif_transpose's table
+                      4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                      7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+                      }.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+            if method is not None:
+                img = img.transpose(method)
             if img.mode.startswith("I"):  # 16-bit greyscale PNGs open as I;16 or I
                 img = Image.fromarray(np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257), 0, 255)
                                       .astype(np.uint8))
@@ -726,9 +749,9 @@ def _read_file(file: Path, n: int) -> bytes:
 def _read_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo, n: int) -> bytes:
     # zipfile refused these with a traceback (RuntimeError, NotImplementedError): said in one line instead
     if member.flag_bits & 0x1:
-        raise DataError(f"{path}:{member.filename}: encrypted (a password-protected zip): zip the images without one")
+        raise DataError(f"{path}:{_zip_name(member)}: encrypted (a password-protected zip): zip the images without one")
     if member.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
-        raise DataError(f"{path}:{member.filename}: compressed with zip method {member.compress_type} (e.g. "
+        raise DataError(f"{path}:{_zip_name(member)}: compressed with zip method {member.compress_type} (e.g. "
                         "Deflate64 or zstd), which Python cannot read: zip the images with plain deflate")
     with archive.open(member) as f:  # read(n) inflates at most n bytes, whatever size the zip's directory gives
         return f.read(n)
@@ -750,7 +773,15 @@ def _read_image(read, size: int | None, where: str) -> bytes:  # noqa: ANN001 - 
 def _zip_name(member: zipfile.ZipInfo) -> str:
     # Windows PowerShell's Compress-Archive writes train\cat\0.png (the zip spec says /): read, as Info-ZIP's unzip
     # and libarchive read a zip made on MS-DOS/Windows, its \ as a folder separator
-    return member.filename.replace("\\", "/") if member.create_system == 0 else member.filename
+    if member.create_system == 0:
+        return member.filename.replace("\\", "/")
+    # `zip -r` on Linux and a Mac's Archive Utility store a name's UTF-8 bytes without the flag saying so (bit 11),
+    # and zipfile decodes such a name as cp437: class 犬 was read as 'τè¼'. Read, as unzip reads a zip made on Unix,
+    # as the UTF-8 it is (cp437 maps every byte, so the bytes come back as they were stored)
+    if not member.flag_bits & 0x800:
+        with contextlib.suppress(UnicodeError):
+            return member.filename.encode("cp437").decode("utf-8")
+    return member.filename
 
 
 def _is_zip_link(member: zipfile.ZipInfo) -> bool:
@@ -879,6 +910,13 @@ def _split_index(parts: tuple[str, ...]) -> int | None:
     return next((i for i in range(len(parts) - 3, -1, -1) if parts[i] in ("train", "test")), None)
 
 
+def _class_name(folder: str) -> str:
+    """A class folder's name as its class's: composed (NFC). A Mac (HFS+, and the tars and zips made there) names
+    café with a combining accent (NFD), which MLflow's metric names refuse: the class was refused as a name that shows
+    as letters, and train/café/ from a Mac beside test/café/ typed elsewhere were two classes."""
+    return unicodedata.normalize("NFC", folder)
+
+
 def load_image_folder(path: str | Path) -> Dataset:
     """Read `train/<class>/*` and `test/<class>/*` images; class names are the folder names."""
     path = Path(path)
@@ -894,7 +932,7 @@ def load_image_folder(path: str | Path) -> Dataset:
             continue
         if read is None:  # a folder
             if len(parts) >= 2 and parts[-2] in ("train", "test"):
-                class_folders.add(parts)
+                class_folders.add((*parts[:-1], _class_name(parts[-1])))
             continue
         if parts[-1].lower().endswith(IMAGE_SUFFIXES):
             image_folders.add(parts[:-1])
@@ -905,12 +943,13 @@ def load_image_folder(path: str | Path) -> Dataset:
             elif parts[-1].lower().endswith(IMAGE_SUFFIXES):
                 elsewhere.append(parts)
             continue
-        class_folders.add(parts[:at + 2])
+        cls = _class_name(parts[at + 1])
+        class_folders.add((*parts[:at + 1], cls))
         if parts[-1].lower().endswith(IMAGE_SUFFIXES):
             name = "/".join(parts)
             # dict: an archive holding a name twice (`tar -u` appends a newer copy) gives the last, as tar -x and
             # unzip -o leave it; a list read both, the image twice and its old pixels too
-            files[parts[at]].setdefault(parts[at + 1], {})[name] = _read_image(read, size, f"{path}:{name}")
+            files[parts[at]].setdefault(cls, {})[name] = _read_image(read, size, f"{path}:{name}")
             tops.add(parts[:at])
         elif not parts[-1].startswith("."):
             skipped.append("/".join(parts))  # in a class folder, but no image suffix: said, not dropped unseen
