@@ -581,7 +581,11 @@ def _unpickle_batch(raw: bytes, name: str) -> dict:
 
 
 def _batch_arrays(batch: dict, name: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    data, labels = batch.get("data"), batch.get("labels")
+    if missing := [key for key in ("data", "labels") if key not in batch]:  # a CIFAR-100 batch: `fine_labels`
+        held = ", ".join(sorted(repr(key) for key in batch if isinstance(key, str))) or "no keys"
+        raise DataError(f"{name}: no {' or '.join(map(repr, missing))} in this batch (it holds {held}); "
+                        "a CIFAR-10 batch holds 'data' and 'labels'")
+    data, labels = batch["data"], batch["labels"]
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != IMAGE_SIZE * IMAGE_SIZE * CHANNELS:
         raise DataError(f"{name}: 'data' must be an (N, 3072) array")
     if data.dtype.kind not in "iu":

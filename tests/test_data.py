@@ -421,6 +421,19 @@ def test_official_batch_with_wrong_values_is_refused_naming_it(tmp_path, batch_k
         data.load_source(str(archive))
 
 
+def test_an_official_batch_without_labels_says_the_key_is_missing(tmp_path):
+    """A CIFAR-100 batch (its labels under `fine_labels`) in place of a CIFAR-10 one was refused as "'labels' must
+    be a list of integers, got NoneType", which does not say the key is missing, nor which keys there are."""
+    write_official(tmp_path)
+    batch, _, _ = official_batch(np.random.default_rng(1), 6)
+    batch[b"fine_labels"] = batch.pop(b"labels")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
+    held = r"'batch_label', 'data', 'filenames', 'fine_labels'"
+    with pytest.raises(data.DataError, match=rf"data_batch_2: no 'labels' in this batch \(it holds {held}\); "
+                                             r"a CIFAR-10 batch holds 'data' and 'labels'$"):
+        data.load_source(str(tmp_path / "cifar-10-batches-py"))
+
+
 @pytest.mark.parametrize(("label_names", "message"), [
     (7, r"label_names must be a list of class names \(text\), got 7 \(int\)"),
     ([b"cat", 3], r"label_names must be a list of class names \(text\), got 3 \(int\)"),
