@@ -460,6 +460,49 @@ def test_in_process_predict_returns_labels_and_probabilities(local_model):
     assert all(math.isclose(sum(p), 1, abs_tol=1e-4) for p in frame["probabilities"])
 
 
+def test_concurrent_predictions_on_jax_answer_each_request(model_uri, tmp_path):
+    """`mlflow models serve` runs each request's predict in a thread of its own: on JAX, Keras's predict function
+    donates the model's weight buffers, and of 16 requests at once 11 got HTTP 400 "unexpected error" (JAX's "Buffer
+    has been deleted or donated"). In a JAX process of its own, as the server runs: every answer, equal to one
+    request at a time."""
+    folder = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model"))
+    script = textwrap.dedent(f"""
+        import json, threading
+        import numpy as np, mlflow
+
+        model = mlflow.pyfunc.load_model({folder!r})
+        import keras
+
+        rng = np.random.default_rng(0)
+        batches = [rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8) for _ in range(8)]  # one shape to compile
+        alone = [np.stack(model.predict(b)["probabilities"]) for b in batches]
+        errors, worst = [], 0.0
+        for _ in range(3):
+            start, answers = threading.Barrier(len(batches)), [None] * len(batches)
+
+            def ask(i):
+                start.wait()
+                try:
+                    answers[i] = np.stack(model.predict(batches[i])["probabilities"])
+                except Exception as exc:
+                    errors.append(f"{{type(exc).__name__}}: {{str(exc)[:200]}}")
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(batches))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            worst = max([worst] + [float(np.abs(a - b).max()) for a, b in zip(alone, answers) if b is not None])
+        print(json.dumps({{"backend": keras.backend.backend(), "errors": errors, "worst": worst}}))
+        """)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "KERAS_BACKEND": "jax"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["backend"] == "jax" and result["errors"] == [] and result["worst"] < 1e-5, result
+
+
 # --- over HTTP --------------------------------------------------------------------------------
 
 def test_served_flip_shift_fills_the_border_as_the_model_trained(server, model_uri, local_model):
