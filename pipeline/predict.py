@@ -5,10 +5,11 @@ Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as ba
 `image`, to `<url>/invocations` (under the URL's path, before its query) and prints one line per image: file,
 predicted label, its probability (tab-separated). Exits 2 with one line on stderr, before reading any file, when
 --url is not an http(s) URL (as for a bad --batch-size or --timeout). Exits 1 with a message on stderr when a file
-cannot be read, the server cannot be reached or does not answer within --timeout, it refuses the request (naming the
-file it refused) or its answer is not a model server's (another service on that port, an answer cut short), printing
-no predictions then. A --url of http://user:password@host:port sends the user and password as HTTP Basic
-authentication (a server behind a proxy that asks for them); messages show the password as ***.
+cannot be read, the server cannot be reached or does not answer within --timeout, runs out of its own time limit
+(HTTP 504), it refuses the request (naming the file it refused) or its answer is not a model server's (another
+service on that port, an answer cut short), printing no predictions then. A --url of http://user:password@host:port
+sends the user and password as HTTP Basic authentication (a server behind a proxy that asks for them); messages show
+the password as ***.
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """
 
@@ -155,6 +156,11 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
         if exc.code == 404:  # a tracking server (`mlflow server` also defaults to port 5000), or --url .../invocations
             raise PredictError(f"HTTP 404 for {endpoint}: no model server at --url {url}; it takes the base URL of "
                                f"`mlflow models serve` (http://host:port), not a tracking server's") from None
+        if exc.code == 504:  # the server's own time limit ran out (or a proxy's): a longer --timeout cannot help
+            raise PredictError(f"{url} ran out of time on a request of {len(images)} images (HTTP 504: {message}): "
+                               f"lower --batch-size, or raise the server's limit "
+                               f"(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT where `mlflow models serve` starts, 60 s by "
+                               f"default)") from None
         raise PredictError(f"server refused the request (HTTP {exc.code}): {message}") from None
     except TimeoutError:  # connected, then no answer in time (a timeout connecting is a URLError: cannot reach)
         raise PredictError(f"no answer from {url} within --timeout {timeout:g} s (a large batch or a slow model?): "

@@ -676,6 +676,24 @@ def test_predict_client_reports_a_server_slower_than_the_timeout_as_such(tmp_pat
     assert f"no answer from {url} within --timeout 0.5 s" in err
 
 
+@pytest.mark.parametrize("body", [b"Request processing time exceeded limit",  # `mlflow models serve`'s own
+                                  b"<html><head><title>504 Gateway Time-out</title></head></html>"],  # a proxy's
+                         ids=["model-server", "proxy"])
+def test_predict_client_says_what_to_do_when_the_server_runs_out_of_time(tmp_path, capsys, body):
+    # `mlflow models serve` answers 504 to a request it took longer than its own limit on (60 s): the client said
+    # "server refused the request (HTTP 504): Request processing time exceeded limit", which names no cure; raising
+    # --timeout, the advice of the client's own timeout, cannot help there
+    files = [tmp_path / f"{i}.png" for i in range(3)]
+    for path in files:
+        path.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(504, body) as url:
+        assert predict.main([str(f) for f in files] + ["--url", url]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "refused" not in err and "<" not in err
+    assert f"{url} ran out of time on a request of 3 images (HTTP 504: " in err
+    assert "lower --batch-size, or raise the server's limit (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT" in err
+
+
 @contextlib.contextmanager
 def answering(status: int, body: bytes, authorizations: list | None = None,
               requests: list | None = None) -> Iterator[str]:
