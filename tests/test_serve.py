@@ -881,6 +881,44 @@ def test_predict_client_reports_an_answer_that_is_not_http_or_cut_short_in_one_l
     assert err.isprintable() or err[:-1].isprintable()
 
 
+@pytest.mark.parametrize("read_body", [True, False], ids=["closed-after-the-request", "reset-during-the-upload"])
+def test_predict_client_tells_a_connection_closed_without_an_answer_from_an_unreachable_server(tmp_path, capsys,
+                                                                                                read_body):
+    # a server that took the request and closed without answering (it stopped; or `mlflow models serve`, whose time
+    # limit counts the upload, gave up on a batch of photos still arriving over a slow link, and reset the connection)
+    # was reported as "cannot reach http://... (Connection reset by peer)", as if the server were down or the URL wrong
+    import socket
+    import threading
+
+    files = [tmp_path / f"{i}.png" for i in range(2)]
+    for seed, path in enumerate(files):
+        path.write_bytes(encode(random_pixels(1, seed=seed, shape=(512, 512))[0], "PNG"))  # ~1 MB each
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def close_without_answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(65536)
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+            while read_body and len(body) < length:
+                body += conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")  # closed at once: a reset
+
+    threading.Thread(target=close_without_answer, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        assert predict.main([str(f) for f in files] + ["--url", url, "--timeout", "10"]) == 1
+    finally:
+        listener.close()
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "cannot reach" not in err, err
+    assert f"{url} closed the connection without an answer to a request of 2 images (" in err
+    assert "lower --batch-size" in err and "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT" in err
+
+
 @pytest.mark.parametrize("answer", [[0], [{"label": 3, "probability": 0.9}], {"label": "cat"}],
                          ids=["numbers", "numeric-label", "not-a-list"])
 def test_predict_client_reports_another_models_answer_in_one_line(tmp_path, capsys, answer):
