@@ -216,8 +216,14 @@ def check_pixels(model_input: Any) -> np.ndarray:
     if x.ndim == 4 and x.shape[1:3] == PIXEL_SHAPE[:2] and x.shape[3] != CHANNELS:
         raise bad_input(f"pixels must have {CHANNELS} channels (RGB), got {x.shape[3]} (shape {x.shape})")
     if x.ndim != 4 or x.shape[1:] != PIXEL_SHAPE:
-        raise bad_input(f"pixels must have shape (n, 32, 32, 3), got {x.shape}; "
-                        f"send other sizes as base64 {IMAGE_FORMATS} images")
+        # 32x32 already, in another layout: PyTorch's channels first, or greyscale. Other sizes: the decoder resizes.
+        if x.ndim in (3, 4) and x.shape[-3:] == (CHANNELS, IMAGE_SIZE, IMAGE_SIZE):
+            hint = ": channels first? move them last, (n, 3, 32, 32) -> (n, 32, 32, 3)"
+        elif x.ndim in (2, 3) and x.shape[-2:] == PIXEL_SHAPE[:2]:
+            hint = ": greyscale? send each grey value as r, g and b"
+        else:
+            hint = f"; send other sizes as base64 {IMAGE_FORMATS} images"
+        raise bad_input(f"pixels must have shape (n, 32, 32, 3), got {x.shape}{hint}")
     if x.dtype == np.uint8:
         return x
     if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):

@@ -174,6 +174,21 @@ def test_to_pixels_refuses_bad_tensors(given, problem):
     assert info.value.get_http_status_code() == 400
 
 
+@pytest.mark.parametrize(("given", "hint"), [
+    (random_pixels(2).transpose(0, 3, 1, 2), "got (2, 3, 32, 32): channels first? move them last"),
+    (random_pixels(1)[0].transpose(2, 0, 1), "got (3, 32, 32): channels first? move them last"),
+    (random_pixels(2)[..., 0], "got (2, 32, 32): greyscale? send each grey value as r, g and b"),
+    (random_pixels(1)[0, ..., 0], "got (32, 32): greyscale? send each grey value as r, g and b"),
+    (random_pixels(2, shape=(16, 32)), "got (2, 16, 32, 3); send other sizes as base64"),
+], ids=["channels-first", "channels-first-one", "greyscale", "greyscale-one", "other-size"])
+def test_to_pixels_says_what_a_32x32_tensor_of_another_layout_needs(given, hint):
+    # PyTorch's (n, 3, 32, 32) and greyscale (n, 32, 32) tensors, 32x32 already, were told "send other sizes as
+    # base64 ... images"
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given.tolist())
+    assert f"pixels must have shape (n, 32, 32, 3), {hint}" in info.value.message
+
+
 def test_encoded_images_decode_like_training_images():
     big = random_pixels(1, seed=1, shape=(48, 64))[0]
     png, jpeg = encode(big, "PNG"), encode(big, "JPEG")
