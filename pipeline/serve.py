@@ -48,8 +48,9 @@ PIXEL_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, CHANNELS)
 MAX_ENCODED_PIXELS = 4096 * 4096
 # Said wherever the formats are (README, metadata, predict's help): a 24-megapixel camera JPEG is refused.
 SIZE_LIMIT = f"up to {MAX_ENCODED_PIXELS / 1e6:.1f} megapixels (4096x4096)"
-# Browsers hand out `data:image/png;base64,...`; accept the prefix rather than make every client strip it.
-DATA_URI_PREFIX = re.compile(r"^data:[\w/+.-]*;base64,")
+# Browsers hand out `data:image/png;base64,...`; accept the prefix rather than make every client strip it, with
+# RFC 2397's parameters (`;name=cat.png`, `;charset=utf-8`) and in any case, as the RFC allows.
+DATA_URI_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
 # `base64 cat.png` (GNU coreutils) and MIME encoders wrap lines at 76 characters: valid base64 all the same.
 WHITESPACE = re.compile(r"\s+")
 # `mlflow models serve` runs each request's predict in a thread of its own. On JAX, Keras's predict function donates

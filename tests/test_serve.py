@@ -207,6 +207,16 @@ def test_encoded_images_decode_like_training_images():
         np.testing.assert_array_equal(serve.to_pixels(one), expected[:1])
 
 
+@pytest.mark.parametrize("prefix", ["data:image/png;name=cat.png;base64,", "data:image/png;charset=utf-8;base64,",
+                                    "DATA:image/PNG;BASE64,", "data:;base64,"],
+                         ids=["name-parameter", "charset-parameter", "upper-case", "no-media-type"])
+def test_data_uris_with_parameters_or_in_capitals_are_accepted(prefix):
+    # RFC 2397's data: URIs may carry parameters before ";base64" and are case-insensitive: all but the plain
+    # "data:image/png;base64," were refused with "not valid base64 (Only base64 data is allowed)"
+    png = encode(random_pixels(1, seed=2)[0])
+    np.testing.assert_array_equal(serve.to_pixels([prefix + b64(png)]), decode_image(png)[None])
+
+
 def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     # numpy's fixed-width bytes drop trailing zero bytes: a BMP ending in a black row's padding, an LZW TIFF and a
     # lossless WebP lost their last bytes and were refused as undecodable
