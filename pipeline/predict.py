@@ -2,13 +2,14 @@
 
 Usage: python -m pipeline.predict cat.png dog.jpg --url http://127.0.0.1:5000
 Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as base64, a `dataframe_split` column
-`image`, to `<url>/invocations` (under the URL's path, before its query) and prints one line per image: file,
-predicted label, its probability (tab-separated). Exits 2 with one line on stderr, before reading any file, when
---url is not an http(s) URL (as for a bad --batch-size or --timeout). Exits 1 with a message on stderr when a file
-cannot be read, the server cannot be reached or does not answer within --timeout, it refuses the request (naming the
-file it refused) or its answer is not a model server's (another service on that port, an answer cut short), printing
-no predictions then. A --url of http://user:password@host:port sends the user and password as HTTP Basic
-authentication (a server behind a proxy that asks for them); messages show the password as ***.
+`image`, to `<url>/invocations` (under the URL's path, before its query) and prints one line per image: file, predicted
+label, its probability (tab-separated). Exits 2 with one line on stderr, before reading any file, when --url is not an
+http(s) URL (as for a bad --batch-size or --timeout). Exits 1 with a message on stderr when a file cannot be read, the
+server cannot be reached or does not answer within --timeout, runs out of its own time limit (HTTP 504) or closes the
+connection without an answer, it refuses the request (naming the file it refused) or its answer is not a model server's
+(another service on that port, an answer cut short), printing no predictions then. A --url of
+http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a proxy that
+asks for them); messages show the password as ***.
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """
 
@@ -155,12 +156,23 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
         if exc.code == 404:  # a tracking server (`mlflow server` also defaults to port 5000), or --url .../invocations
             raise PredictError(f"HTTP 404 for {endpoint}: no model server at --url {url}; it takes the base URL of "
                                f"`mlflow models serve` (http://host:port), not a tracking server's") from None
+        if exc.code == 504:  # the server's own time limit ran out (or a proxy's): a longer --timeout cannot help
+            raise PredictError(f"{url} ran out of time on a request of {len(images)} images (HTTP 504: {message}): "
+                               f"lower --batch-size, or raise the server's limit "
+                               f"(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT where `mlflow models serve` starts, 60 s by "
+                               f"default)") from None
         raise PredictError(f"server refused the request (HTTP {exc.code}): {message}") from None
     except TimeoutError:  # connected, then no answer in time (a timeout connecting is a URLError: cannot reach)
         raise PredictError(f"no answer from {url} within --timeout {timeout:g} s (a large batch or a slow model?): "
                            f"raise --timeout or lower --batch-size") from None
     except OSError as exc:  # URLError (refused, unknown host, a timeout connecting), a connection reset, TLS
-        raise PredictError(f"cannot reach {url} ({getattr(exc, 'reason', exc)})") from None
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, (ConnectionResetError, BrokenPipeError)):  # reached: it took the request, or part of it
+            raise PredictError(f"{url} closed the connection without an answer to a request of {len(images)} images "
+                               f"({reason}): the server stopped, or its time limit ran out first "
+                               f"(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s by default, counting the upload); lower "
+                               f"--batch-size") from None
+        raise PredictError(f"cannot reach {url} ({reason})") from None
     except http.client.InvalidURL as exc:  # a ValueError too: e.g. a space in the host name
         raise PredictError(f"--url: not a valid URL: {url!r} ({exc})") from None
     except http.client.IncompleteRead as exc:  # the server closed before the end of its answer (a worker killed)

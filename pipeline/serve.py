@@ -21,12 +21,14 @@ the message; any other exception would become a 400 without the reason.
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import io
 import json
 import os
 import re
 import sys
+import threading
 from typing import Any
 
 import mlflow
@@ -46,10 +48,16 @@ PIXEL_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, CHANNELS)
 MAX_ENCODED_PIXELS = 4096 * 4096
 # Said wherever the formats are (README, metadata, predict's help): a 24-megapixel camera JPEG is refused.
 SIZE_LIMIT = f"up to {MAX_ENCODED_PIXELS / 1e6:.1f} megapixels (4096x4096)"
-# Browsers hand out `data:image/png;base64,...`; accept the prefix rather than make every client strip it.
-DATA_URI_PREFIX = re.compile(r"^data:[\w/+.-]*;base64,")
+# Browsers hand out `data:image/png;base64,...`; accept the prefix rather than make every client strip it, with
+# RFC 2397's parameters (`;name=cat.png`, `;charset=utf-8`) and in any case, as the RFC allows.
+DATA_URI_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
 # `base64 cat.png` (GNU coreutils) and MIME encoders wrap lines at 76 characters: valid base64 all the same.
 WHITESPACE = re.compile(r"\s+")
+# `mlflow models serve` runs each request's predict in a thread of its own. On JAX, Keras's predict function donates
+# the model's weight buffers to each call: two calls at once, and one ran on buffers the other had given up ("Buffer
+# has been deleted or donated", an HTTP 400 "unexpected error"; 11 of 16 requests sent together). TensorFlow's
+# functions run side by side safely: there, requests run at once, as before.
+JAX_MODEL_CALLS = threading.Lock()
 
 INPUT_FORMATS = (
     'pixel tensors {"inputs": [[[[r, g, b], ...]]]}: integers 0-255, shape (n, 32, 32, 3); '
@@ -209,8 +217,14 @@ def check_pixels(model_input: Any) -> np.ndarray:
     if x.ndim == 4 and x.shape[1:3] == PIXEL_SHAPE[:2] and x.shape[3] != CHANNELS:
         raise bad_input(f"pixels must have {CHANNELS} channels (RGB), got {x.shape[3]} (shape {x.shape})")
     if x.ndim != 4 or x.shape[1:] != PIXEL_SHAPE:
-        raise bad_input(f"pixels must have shape (n, 32, 32, 3), got {x.shape}; "
-                        f"send other sizes as base64 {IMAGE_FORMATS} images")
+        # 32x32 already, in another layout: PyTorch's channels first, or greyscale. Other sizes: the decoder resizes.
+        if x.ndim in (3, 4) and x.shape[-3:] == (CHANNELS, IMAGE_SIZE, IMAGE_SIZE):
+            hint = ": channels first? move them last, (n, 3, 32, 32) -> (n, 32, 32, 3)"
+        elif x.ndim in (2, 3) and x.shape[-2:] == PIXEL_SHAPE[:2]:
+            hint = ": greyscale? send each grey value as r, g and b"
+        else:
+            hint = f"; send other sizes as base64 {IMAGE_FORMATS} images"
+        raise bad_input(f"pixels must have shape (n, 32, 32, 3), got {x.shape}{hint}")
     if x.dtype == np.uint8:
         return x
     if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
@@ -292,14 +306,17 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks])
 
     def _predict_batch(self, pixels: np.ndarray) -> np.ndarray:
+        import keras
+
         from pipeline.augment import normalized_zero, tta_views  # imports Keras: not before load_context
 
         # Models logged before tta existed have none; before shift_fill, their shifted views repeated the edge.
         tta, fill = getattr(self, "tta", "none"), getattr(self, "shift_fill", "nearest")
-        zero = normalized_zero(self.model) if tta == "flip_shift" and fill == "constant" else None
         n = len(pixels)
-        views = tta_views(pad_for_jax(pixels), tta, fill, zero)
-        probs = [np.asarray(self.model.predict_on_batch(v), dtype=np.float32)[:n] for v in views]
+        with JAX_MODEL_CALLS if keras.backend.backend() == "jax" else contextlib.nullcontext():  # reads weights too
+            zero = normalized_zero(self.model) if tta == "flip_shift" and fill == "constant" else None
+            views = tta_views(pad_for_jax(pixels), tta, fill, zero)
+            probs = [np.asarray(self.model.predict_on_batch(v), dtype=np.float32)[:n] for v in views]
         return probs[0] if len(probs) == 1 else np.mean(probs, axis=0)  # one view: no stacking copy per request
 
     def predict(self, context, model_input, params=None):

@@ -174,6 +174,21 @@ def test_to_pixels_refuses_bad_tensors(given, problem):
     assert info.value.get_http_status_code() == 400
 
 
+@pytest.mark.parametrize(("given", "hint"), [
+    (random_pixels(2).transpose(0, 3, 1, 2), "got (2, 3, 32, 32): channels first? move them last"),
+    (random_pixels(1)[0].transpose(2, 0, 1), "got (3, 32, 32): channels first? move them last"),
+    (random_pixels(2)[..., 0], "got (2, 32, 32): greyscale? send each grey value as r, g and b"),
+    (random_pixels(1)[0, ..., 0], "got (32, 32): greyscale? send each grey value as r, g and b"),
+    (random_pixels(2, shape=(16, 32)), "got (2, 16, 32, 3); send other sizes as base64"),
+], ids=["channels-first", "channels-first-one", "greyscale", "greyscale-one", "other-size"])
+def test_to_pixels_says_what_a_32x32_tensor_of_another_layout_needs(given, hint):
+    # PyTorch's (n, 3, 32, 32) and greyscale (n, 32, 32) tensors, 32x32 already, were told "send other sizes as
+    # base64 ... images"
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given.tolist())
+    assert f"pixels must have shape (n, 32, 32, 3), {hint}" in info.value.message
+
+
 def test_encoded_images_decode_like_training_images():
     big = random_pixels(1, seed=1, shape=(48, 64))[0]
     png, jpeg = encode(big, "PNG"), encode(big, "JPEG")
@@ -190,6 +205,16 @@ def test_encoded_images_decode_like_training_images():
     assert serve.to_pixels(b64(png)).shape == (1, 32, 32, 3)
     for one in ({"image": b64(png)}, {"image": np.array(b64(png))}):  # one named image, as MLflow passes it
         np.testing.assert_array_equal(serve.to_pixels(one), expected[:1])
+
+
+@pytest.mark.parametrize("prefix", ["data:image/png;name=cat.png;base64,", "data:image/png;charset=utf-8;base64,",
+                                    "DATA:image/PNG;BASE64,", "data:;base64,"],
+                         ids=["name-parameter", "charset-parameter", "upper-case", "no-media-type"])
+def test_data_uris_with_parameters_or_in_capitals_are_accepted(prefix):
+    # RFC 2397's data: URIs may carry parameters before ";base64" and are case-insensitive: all but the plain
+    # "data:image/png;base64," were refused with "not valid base64 (Only base64 data is allowed)"
+    png = encode(random_pixels(1, seed=2)[0])
+    np.testing.assert_array_equal(serve.to_pixels([prefix + b64(png)]), decode_image(png)[None])
 
 
 def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
@@ -460,6 +485,49 @@ def test_in_process_predict_returns_labels_and_probabilities(local_model):
     assert all(math.isclose(sum(p), 1, abs_tol=1e-4) for p in frame["probabilities"])
 
 
+def test_concurrent_predictions_on_jax_answer_each_request(model_uri, tmp_path):
+    """`mlflow models serve` runs each request's predict in a thread of its own: on JAX, Keras's predict function
+    donates the model's weight buffers, and of 16 requests at once 11 got HTTP 400 "unexpected error" (JAX's "Buffer
+    has been deleted or donated"). In a JAX process of its own, as the server runs: every answer, equal to one
+    request at a time."""
+    folder = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model"))
+    script = textwrap.dedent(f"""
+        import json, threading
+        import numpy as np, mlflow
+
+        model = mlflow.pyfunc.load_model({folder!r})
+        import keras
+
+        rng = np.random.default_rng(0)
+        batches = [rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8) for _ in range(8)]  # one shape to compile
+        alone = [np.stack(model.predict(b)["probabilities"]) for b in batches]
+        errors, worst = [], 0.0
+        for _ in range(3):
+            start, answers = threading.Barrier(len(batches)), [None] * len(batches)
+
+            def ask(i):
+                start.wait()
+                try:
+                    answers[i] = np.stack(model.predict(batches[i])["probabilities"])
+                except Exception as exc:
+                    errors.append(f"{{type(exc).__name__}}: {{str(exc)[:200]}}")
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(batches))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            worst = max([worst] + [float(np.abs(a - b).max()) for a, b in zip(alone, answers) if b is not None])
+        print(json.dumps({{"backend": keras.backend.backend(), "errors": errors, "worst": worst}}))
+        """)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "KERAS_BACKEND": "jax"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["backend"] == "jax" and result["errors"] == [] and result["worst"] < 1e-5, result
+
+
 # --- over HTTP --------------------------------------------------------------------------------
 
 def test_served_flip_shift_fills_the_border_as_the_model_trained(server, model_uri, local_model):
@@ -631,6 +699,24 @@ def test_predict_client_reports_a_server_slower_than_the_timeout_as_such(tmp_pat
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1 and "cannot reach" not in err
     assert f"no answer from {url} within --timeout 0.5 s" in err
+
+
+@pytest.mark.parametrize("body", [b"Request processing time exceeded limit",  # `mlflow models serve`'s own
+                                  b"<html><head><title>504 Gateway Time-out</title></head></html>"],  # a proxy's
+                         ids=["model-server", "proxy"])
+def test_predict_client_says_what_to_do_when_the_server_runs_out_of_time(tmp_path, capsys, body):
+    # `mlflow models serve` answers 504 to a request it took longer than its own limit on (60 s): the client said
+    # "server refused the request (HTTP 504): Request processing time exceeded limit", which names no cure; raising
+    # --timeout, the advice of the client's own timeout, cannot help there
+    files = [tmp_path / f"{i}.png" for i in range(3)]
+    for path in files:
+        path.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(504, body) as url:
+        assert predict.main([str(f) for f in files] + ["--url", url]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "refused" not in err and "<" not in err
+    assert f"{url} ran out of time on a request of 3 images (HTTP 504: " in err
+    assert "lower --batch-size, or raise the server's limit (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT" in err
 
 
 @contextlib.contextmanager
@@ -818,6 +904,44 @@ def test_predict_client_reports_an_answer_that_is_not_http_or_cut_short_in_one_l
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1 and problem in err, err
     assert err.isprintable() or err[:-1].isprintable()
+
+
+@pytest.mark.parametrize("read_body", [True, False], ids=["closed-after-the-request", "reset-during-the-upload"])
+def test_predict_client_tells_a_connection_closed_without_an_answer_from_an_unreachable_server(tmp_path, capsys,
+                                                                                                read_body):
+    # a server that took the request and closed without answering (it stopped; or `mlflow models serve`, whose time
+    # limit counts the upload, gave up on a batch of photos still arriving over a slow link, and reset the connection)
+    # was reported as "cannot reach http://... (Connection reset by peer)", as if the server were down or the URL wrong
+    import socket
+    import threading
+
+    files = [tmp_path / f"{i}.png" for i in range(2)]
+    for seed, path in enumerate(files):
+        path.write_bytes(encode(random_pixels(1, seed=seed, shape=(512, 512))[0], "PNG"))  # ~1 MB each
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def close_without_answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(65536)
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+            while read_body and len(body) < length:
+                body += conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")  # closed at once: a reset
+
+    threading.Thread(target=close_without_answer, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        assert predict.main([str(f) for f in files] + ["--url", url, "--timeout", "10"]) == 1
+    finally:
+        listener.close()
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "cannot reach" not in err, err
+    assert f"{url} closed the connection without an answer to a request of 2 images (" in err
+    assert "lower --batch-size" in err and "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT" in err
 
 
 @pytest.mark.parametrize("answer", [[0], [{"label": 3, "probability": 0.9}], {"label": "cat"}],
