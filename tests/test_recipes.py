@@ -63,6 +63,18 @@ def test_step_schedule_warms_up_when_asked(boundaries):
     assert [lr_at(again, s) for s in (50, 500)] == [lr_at(lr, s) for s in (50, 500)]
 
 
+@pytest.mark.parametrize("schedule", ["step", "cosine", "onecycle"])
+def test_a_warmup_rounding_to_the_whole_run_still_reaches_the_peak(schedule):
+    """train.warmup 0.8 of a 2-step run rounded to 2 steps of warm-up: the lr went 0, then half of train.lr, and
+    the run never trained at its peak. The warm-up now ends by the run's last step."""
+    t = config.load(None, f"train.schedule={schedule} train.warmup=0.8 train.epochs=2 train.lr=0.4 "
+                          f"train.lr_boundaries=[]").train
+    lr = fitting.learning_rate(t, steps_per_epoch=1)
+    assert [lr_at(lr, s) for s in (0, 1)] == pytest.approx([0.0, 0.4])
+    longer = fitting.learning_rate(t, steps_per_epoch=10)  # 16 of 20 steps: as it was
+    assert [lr_at(longer, s) for s in (8, 16)] == pytest.approx([0.2, 0.4])
+
+
 @pytest.mark.parametrize(("epochs", "steps"), [(10, 10), (150, 391), (10, 7)])
 def test_a_step_schedules_warmup_ending_at_its_first_decay_reaches_the_peak_before_it(epochs, steps):
     """train.warmup ending at the first decay (warmup * epochs = its epoch: allowed, as the lr reaches train.lr) ramped
