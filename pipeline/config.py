@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import fractions
 import functools
+import math
 import os
 import re
 import shlex
@@ -223,7 +224,8 @@ class TrainConfig:
         # the warm-up ramps the step schedule's lr: one still ramping at a decay would never reach the peak lr
         if self.schedule == "step" and self.boundary_epochs:
             first = self.boundary_epochs[0]
-            _check(self.warmup * self.epochs <= first, "train.warmup",
+            ends = self.warmup * self.epochs  # at the decay itself too: 0.28 * 25 is 7.000000000000001 in floats
+            _check(ends <= first or math.isclose(ends, first), "train.warmup",
                    f"must end by the step schedule's first decay, after epoch {first} of {self.epochs} "
                    f"(train.lr_boundaries), else the lr never reaches train.lr", self.warmup)
         _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)

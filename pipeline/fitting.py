@@ -73,8 +73,19 @@ def learning_rate(cfg: config.TrainConfig,
     cosine to 0; onecycle: warm-up, then linear to 0.
     """
     total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup * total)
-    if cfg.warmup and not warmup:  # it was silently none: a short run (toy data, few epochs) of a recipe's warm-up
+    # ending by the run's last step: a warm-up rounding to the whole run (0.8 of 2 steps) never reached the peak
+    warmup = min(round(cfg.warmup * total), total - 1)
+    # PiecewiseConstantDecay keeps a value up to and including its boundary step: the last step of epoch e
+    # (0-based step e * steps - 1) still has the old lr, the first step of epoch e + 1 the new one.
+    boundaries = [e * steps_per_epoch - 1 for e in cfg.boundary_epochs] if cfg.schedule == "step" else []
+    if boundaries and warmup > boundaries[0]:
+        # a warm-up ending at the first decay (`train.warmup` * epochs its epoch, which config allows) reaches the peak
+        # at step `warmup`, the first decayed one: it ended a step earlier, the lr never got past (n - 1)/n of train.lr
+        warmup = boundaries[0]
+        if not warmup:
+            print(f"warning: train.warmup {cfg.warmup:g} ends at the step schedule's first decay, after the run's "
+                  f"first optimizer step: no warm-up, the lr starts at its peak", file=sys.stderr, flush=True)
+    elif cfg.warmup and not warmup:  # it was silently none: a short run (toy data, few epochs) of a recipe's warm-up
         print(f"warning: train.warmup {cfg.warmup:g} rounds to 0 of the run's {total} optimizer steps: no warm-up, "
               f"the lr starts at its peak ("
               + (f"at least 1/{total} warms up over one step)" if total > 1 else "one step has no room for one)"),
@@ -86,9 +97,6 @@ def learning_rate(cfg: config.TrainConfig,
         return LinearWarmupDecay(cfg.scaled_lr, warmup, total)
     if not cfg.lr_boundaries and not warmup:
         return cfg.scaled_lr
-    # PiecewiseConstantDecay keeps a value up to and including its boundary step: the last step of epoch e
-    # (0-based step e * steps - 1) still has the old lr, the first step of epoch e + 1 the new one.
-    boundaries = [e * steps_per_epoch - 1 for e in cfg.boundary_epochs]
     values = [cfg.scaled_lr * cfg.lr_decay ** i for i in range(len(boundaries) + 1)]
     if not boundaries:  # warm-up, then a constant lr (PiecewiseConstantDecay needs a boundary)
         boundaries, values = [total], [cfg.scaled_lr] * 2

@@ -170,7 +170,9 @@ def train_session(cfg: config.Config, dataset_uri: str, dist: Distribution | Non
     reason = diverged(history)
     if reason:
         shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)  # resuming a diverged run would diverge again
-        reason += f"; nothing was registered. Lower train.lr (now {t.scaled_lr:g}) or check the data"
+        lr = f"{t.lr:g}" + (f": {t.scaled_lr:g} at batch {t.batch_size} by train.lr_scaling linear"
+                            if t.scaled_lr != t.lr else "")  # the value given, then the one trained with
+        reason += f"; nothing was registered. Lower train.lr (now {lr}) or check the data"
         set_tags({"failure_reason": reason})
         raise TrainingDiverged(reason)
 

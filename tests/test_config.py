@@ -322,6 +322,16 @@ def test_schedule_params_that_do_nothing_or_never_reach_the_peak_are_refused():
     assert config.load(None, "train.warmup=0.6 train.schedule=cosine").train.warmup == 0.6
 
 
+@pytest.mark.parametrize("fraction", ["7/25", "0.28"])
+def test_a_warmup_ending_exactly_at_the_first_decay_is_accepted_whatever_the_floats_round_to(fraction):
+    """0.28 * 25 is 7.000000000000001 in floating point: a warm-up written as the first boundary's own fraction was
+    refused as ending after that decay ("must end by the step schedule's first decay, after epoch 7 of 25")."""
+    t = config.load(None, f"train.epochs=25 train.lr_boundaries=[{fraction}] train.warmup={fraction}").train
+    assert (t.warmup, t.boundary_epochs) == (0.28, (7,))
+    with pytest.raises(config.ConfigError, match=r"^train.warmup: must end by the step schedule's first decay"):
+        config.load(None, "train.epochs=25 train.lr_boundaries=[0.28] train.warmup=0.2801")
+
+
 def test_a_quoted_or_octal_looking_value_in_a_params_file_is_read_by_its_keys_type(tmp_path):
     """tiny.yaml quotes `jit_compile: "false"` (a choice); `ema: "true"` or `epochs: "10"` written alike were refused
     as `train.epochs: must be an integer, got '10'`, the message contradicting itself."""

@@ -354,6 +354,45 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
     assert [m.model_uri for m in models] == [run.data.tags["model_uri"]]  # one model, the first if it was whole
 
 
+def test_an_extension_stopped_before_it_trained_leaves_a_rerun_of_the_first_command_its_own_epochs(
+        store, tmp_path, monkeypatch, in_process):
+    """`resume=<id>` with more epochs, stopped (Ctrl-C) while its data loaded or its model was built: the run's tag
+    `extended_epochs`, run name and description kept the longer count, though a rerun of the first command, which
+    resumes it (its `train_key` is still that command's), trained it to the first count: `2 -> 3`, `-e3-`, "3
+    epochs" on a model of 2."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import train
+
+    command = ["--params", TINY, "--epochs", "2", "--overrides", f"tracking.experiment=e2e {FEWER}"]
+    log_trained_model, compile_model = train.log_trained_model, train.compile_model
+
+    def upload_fails(*args, **kwargs):
+        raise MlflowException("the artifact store went away")
+
+    monkeypatch.setattr(train, "log_trained_model", upload_fails)  # trained, not finished: a checkpoint is left
+    with pytest.raises(MlflowException, match="went away"):
+        in_process("train", *command)
+    monkeypatch.setattr(train, "log_trained_model", log_trained_model)
+    (folder,) = (tmp_path / "checkpoints").iterdir()
+    run_id = folder.name
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "compile_model", ctrl_c)
+    stopped = in_process("train", *command[:3], "3", *command[4:], "--resume", run_id)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    monkeypatch.setattr(train, "compile_model", compile_model)
+
+    done = in_process("train", *command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming train run {run_id}" in done.stdout and "Epoch " not in done.stdout
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and "extended_epochs" not in run.data.tags
+    assert "-e2-" in run.info.run_name and ", 2 epochs," in run.data.tags["mlflow.note.content"]
+
+
 def test_the_model_kept_on_a_rerun_is_one_logged_whole_after_the_last_epoch(store):
     """What `log_trained_model` reuses: a READY model of the run, newer than its last logged epoch. A run resumed
     for more epochs after its model was logged (extended) logs a new one, with the new weights."""

@@ -63,6 +63,39 @@ def test_step_schedule_warms_up_when_asked(boundaries):
     assert [lr_at(again, s) for s in (50, 500)] == [lr_at(lr, s) for s in (50, 500)]
 
 
+@pytest.mark.parametrize("schedule", ["step", "cosine", "onecycle"])
+def test_a_warmup_rounding_to_the_whole_run_still_reaches_the_peak(schedule):
+    """train.warmup 0.8 of a 2-step run rounded to 2 steps of warm-up: the lr went 0, then half of train.lr, and
+    the run never trained at its peak. The warm-up now ends by the run's last step."""
+    t = config.load(None, f"train.schedule={schedule} train.warmup=0.8 train.epochs=2 train.lr=0.4 "
+                          f"train.lr_boundaries=[]").train
+    lr = fitting.learning_rate(t, steps_per_epoch=1)
+    assert [lr_at(lr, s) for s in (0, 1)] == pytest.approx([0.0, 0.4])
+    longer = fitting.learning_rate(t, steps_per_epoch=10)  # 16 of 20 steps: as it was
+    assert [lr_at(longer, s) for s in (8, 16)] == pytest.approx([0.2, 0.4])
+
+
+@pytest.mark.parametrize(("epochs", "steps"), [(10, 10), (150, 391), (10, 7)])
+def test_a_step_schedules_warmup_ending_at_its_first_decay_reaches_the_peak_before_it(epochs, steps):
+    """train.warmup ending at the first decay (warmup * epochs = its epoch: allowed, as the lr reaches train.lr) ramped
+    up to (n - 1)/n of the peak and decayed at the next step: 10 steps an epoch never got past 0.098 of 0.1."""
+    t = config.load(None, f"train.epochs={epochs} train.lr_boundaries=[0.5] train.warmup=0.5").train
+    lr = fitting.learning_rate(t, steps_per_epoch=steps)
+    last = epochs // 2 * steps - 1  # the first decay's step: its epoch's last step, at the undecayed lr
+    assert lr_at(lr, last) == pytest.approx(0.1)
+    assert lr_at(lr, last + 1) == pytest.approx(0.01)
+    assert 0 < lr_at(lr, last - 1) < 0.1 and lr_at(lr, 0) == 0.0  # still a linear ramp from 0
+
+
+def test_a_warmup_ending_at_a_decay_after_the_first_step_says_it_is_none(capsys):
+    """A 2-step run decaying after its first step: that warm-up's ramp never left 0, and the lr went 0, then 0.01."""
+    t = config.load(None, "train.epochs=2 train.lr_boundaries=[0.5] train.warmup=0.5").train
+    lr = fitting.learning_rate(t, steps_per_epoch=1)
+    assert [lr_at(lr, s) for s in (0, 1)] == pytest.approx([0.1, 0.01])
+    assert capsys.readouterr().err == ("warning: train.warmup 0.5 ends at the step schedule's first decay, after the "
+                                       "run's first optimizer step: no warm-up, the lr starts at its peak\n")
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
 def test_no_warmup_starts_at_the_peak(schedule):
     t = config.load(None, f"train.schedule={schedule} train.warmup=0 train.epochs=10 train.lr=0.4").train

@@ -751,14 +751,20 @@ def _check_same_bytes(run: mlflow.entities.Run, dataset_uri: str) -> None:
 def log_train_params(cfg: config.Config, dataset_uri: str) -> None:
     """Log every param and the dataset URI on the active train run. A resumed run keeps the values it logged
     (MLflow params are immutable): one whose `train.epochs` grew gets tag `extended_epochs` and a run name with
-    the new count, one resumed with other `NOT_TRAINING` params tag `resumed_with` (`key=new (logged old)`, the
+    the new count (both go again where the run goes on at its logged count: an extension stopped before it
+    trained), one resumed with other `NOT_TRAINING` params tag `resumed_with` (`key=new (logged old)`, the
     latest rerun's)."""
     params = {**cfg.flat(), "dataset_uri": dataset_uri}
     mlflow.set_tag("dataset_uri", dataset_uri)  # `mlflow run . -e train` logged param dataset_uri as its -P: ''
-    logged = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
+    run = MlflowClient().get_run(mlflow.active_run().info.run_id)
+    logged = run.data.params
     if logged.get("train.epochs") not in (None, params["train.epochs"]):
         mlflow.set_tags({"extended_epochs": f"{logged['train.epochs']} -> {cfg.train.epochs}",
                          "mlflow.runName": cfg.run_name()})  # the name says the epochs: now the new count
+    elif "extended_epochs" in run.data.tags:  # an extension stopped before it trained (its `train_key` was not yet
+        # the longer run's), resumed by the first command: the run goes on to the epochs it logged, and says so
+        MlflowClient().delete_tag(run.info.run_id, "extended_epochs")
+        mlflow.set_tag("mlflow.runName", cfg.run_name())
     changed = {k: v for k, v in params.items() if k in logged and logged[k] != v and k != "train.epochs"}
     if changed:
         mlflow.set_tag("resumed_with", ", ".join(f"{k}={v} (logged {logged[k]})" for k, v in sorted(changed.items())))
