@@ -245,7 +245,7 @@ class Cluster:
 
 
 def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
-    """This host's place in the cluster TF_CONFIG describes; None if it is unset or names one task.
+    """This host's place in the cluster TF_CONFIG describes; None if it is unset, names no cluster ('{}') or one task.
 
     A non-chief task must not be started by `mlflow run`, which would open a run nobody logs to (`any_task`: whatever
     this task is, for a command that checks it runs on no cluster).
@@ -255,6 +255,8 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
         return None
     try:
         spec = json.loads(raw)
+        if isinstance(spec, dict) and spec.get("cluster", {}) == {}:  # '{}': no cluster, as TensorFlow reads it
+            return None
         cluster = Cluster(spec["cluster"], spec["task"]["type"], _task_index(spec["task"]["index"]))
         if not isinstance(cluster.spec, dict):
             raise TypeError(f"'cluster' must map task types to addresses, got {cluster.spec!r}")

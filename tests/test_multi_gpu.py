@@ -222,6 +222,26 @@ def test_a_task_index_written_as_a_string_is_read_as_tensorflow_reads_it(monkeyp
     assert (cluster.task, cluster.workers, cluster.chief) == ("worker 1", 2, False)
 
 
+@pytest.mark.parametrize("raw", ["{}", " { } ", '{"cluster": {}}', '{"task": {"type": "worker", "index": 0}}',
+                                 tf_config({}), tf_config({"worker": ["localhost:1"]})])
+def test_a_tf_config_naming_no_cluster_trains_on_this_host_alone_as_tensorflow_reads_it(monkeypatch, raw):
+    """TF_CONFIG='{}' (what a launcher exports for a job of one host) was refused with exit 2, "not a cluster spec
+    (KeyError: 'cluster')", where TensorFlow reads it as no cluster: one host. It stays no cluster for multi_worker."""
+    import tensorflow as tf
+
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    monkeypatch.setenv("TF_CONFIG", raw)
+    spec = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec().as_dict()
+    assert spec in ({}, {"worker": TWO[:1]})
+    assert distribute.cluster_from_env() is None
+    assert distribute.cluster_from_env(any_task=True) is None
+    distribute.check_mode("auto", "jax", None)
+    with pytest.raises(ConfigError, match="^train.distribute: 'multi_worker' needs TF_CONFIG naming at least two"):
+        distribute.check_mode("multi_worker", "tensorflow", distribute.cluster_from_env())
+
+
 @pytest.mark.parametrize("mode", ["auto", "multi_worker"])
 def test_a_cluster_on_another_backend_than_tensorflow_is_refused(monkeypatch, mode):
     """Under JAX TF_CONFIG was ignored: the chief trained alone (tags distribute=none, workers=1) and the README's
