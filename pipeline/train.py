@@ -279,6 +279,17 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
         raise TrainingDiverged(reason)
 
 
+def check_worker_resume(resume: str, task: str) -> None:
+    """ConfigError for a non-chief host (`task`) started with a `--resume` other than '' or never: it reads no run (the
+    chief's `-P resume=<id>` picks the one the cluster goes on with) and goes on from its own checkpoint, so a run id,
+    or a misspelt never, was ignored without a word."""
+    if resume not in ("", "never"):
+        raise config.ConfigError(f"resume: {resume!r} on {task}, which reads no MLflow run: the chief's -P resume "
+                                 f"picks the run, and this host goes on from its own checkpoint. Start it with "
+                                 f"--resume '' (the default), or --resume never to start afresh as the chief does "
+                                 f"with -P resume=never")
+
+
 def worker_checkpoint_dir(cfg: config.Config, data_digest: str, task: str) -> Path:
     """Where a non-chief host (`task`, "worker 1") checkpoints its epochs. Keyed by params and data, not code: after
     every host pulled new code, the chief's `resume=<id>` goes on from its checkpoint, and this host's must be found
@@ -307,6 +318,7 @@ def main() -> None:
     cluster = cluster_from_env()
     if cluster and not cluster.chief:  # its data, as `check_inputs` the chief's: failing once the hosts had met, it
         # ended the chief's runs FAILED ("worker 1 ended before training began")
+        check_worker_resume(args.resume, cluster.task)
         if args.dataset_uri:
             prepare.check_dataset_uri(args.dataset_uri)
         else:
