@@ -768,7 +768,9 @@ def test_hosts_meet_in_any_order_and_those_that_never_start_are_named(monkeypatc
 
 def meet(*clusters: tuple[dict, str, int], timeout: float = 5) -> list:
     """`wait_for_hosts` of each (cluster spec, task type, index) in a thread of its own, as hosts started at once:
-    what each ended with (None, or the ConfigError it raised), and the seconds the slowest took."""
+    what each ended with (None, or the ConfigError it raised), and the seconds the slowest took. A host that goes on
+    listens on its port, as TensorFlow's server then does."""
+    import socket
     import threading
     import time
 
@@ -776,10 +778,13 @@ def meet(*clusters: tuple[dict, str, int], timeout: float = 5) -> list:
     from pipeline.config import ConfigError
 
     ended: list = [ConfigError("never ended")] * len(clusters)
+    servers: list = []
 
     def host(i: int) -> None:
         try:
-            ended[i] = distribute.wait_for_hosts(distribute.Cluster(*clusters[i]), timeout=timeout)
+            cluster = distribute.Cluster(*clusters[i])
+            ended[i] = distribute.wait_for_hosts(cluster, timeout=timeout)
+            servers.append(socket.create_server(("", int(cluster.addresses[cluster.task].rpartition(":")[2]))))
         except ConfigError as exc:
             ended[i] = exc
 
@@ -789,6 +794,8 @@ def meet(*clusters: tuple[dict, str, int], timeout: float = 5) -> list:
         thread.start()
     for thread in threads:
         thread.join(timeout=timeout + 10)
+    for server in servers:
+        server.close()
     return [*ended, time.monotonic() - started]
 
 
@@ -842,3 +849,25 @@ def test_a_host_started_as_another_hosts_task_is_refused():
     other.close()
     assert str(error.value) == (f"TF_CONFIG: {hosts[1]}, worker 1 of the cluster, was started as worker 0: give each "
                                 f"host its own TF_CONFIG 'task' (its type and index)")
+
+
+def test_a_host_that_cannot_reach_another_at_the_address_it_was_given_holds_every_host_back():
+    """Three hosts, worker 1's TF_CONFIG with a typo in worker 2's name (the same port): worker 0 and worker 2 heard
+    every host answer and went on into TensorFlow's wait, deaf to Ctrl-C, for worker 1, which never reached worker 2
+    and gave up after $PIPELINE_HOSTS_TIMEOUT. No host goes on until every host has reached every other: each
+    names, once the time is up, the host still waiting and the address it could not reach."""
+    from bench.servers import free_port
+
+    hosts = [f"localhost:{free_port()}" for _ in range(3)]
+    typo = [*hosts[:2], hosts[2].replace("localhost", "no-such-host.invalid")]
+    first, second, third, seconds = meet(({"worker": hosts}, "worker", 0), ({"worker": typo}, "worker", 1),
+                                         ({"worker": hosts}, "worker", 2), timeout=3)
+    assert seconds < 10
+    assert str(second).startswith(f"TF_CONFIG: worker 2 ({typo[2]}: Name or service not known) did not start "
+                                  f"within 3 s")
+    tail = ("within 3 s ($PIPELINE_HOSTS_TIMEOUT): check that host's TF_CONFIG addresses, and that their ports are "
+            "open between the hosts")
+    assert str(first) == (f"TF_CONFIG: worker 1 ({hosts[1]}) did not reach worker 2 at {typo[2]} (Name or service not "
+                          f"known; this host reaches it at {hosts[2]}) {tail}")
+    assert str(third) == (f"TF_CONFIG: worker 1 ({hosts[1]}) did not reach worker 2 at {typo[2]} (Name or service not "
+                          f"known; worker 2 is this host, at {hosts[2]}) {tail}")
