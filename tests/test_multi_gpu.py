@@ -116,6 +116,30 @@ def test_an_arms_run_is_read_as_a_result_or_a_failure(monkeypatch, code, writes,
     assert "train.distribute=data_parallel train.feed=host" in seen["cmd"]
 
 
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_rehearsal_on_virtual_cpus_runs_every_arm_on_them_not_on_the_gpus(monkeypatch, backend):
+    """`--virtual-cpus 2` on a machine with a GPU (the rehearsal a one-GPU machine can run) said "A rehearsal on 2
+    virtual CPU devices" while each arm trained on the GPU: MirroredStrategy and DataParallel take every GPU before
+    any CPU device, so both ran over one GPU. The arms see no GPU then; XLA_FLAGS already set are kept."""
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        seen.update(env)
+        return subprocess.CompletedProcess(cmd, 1, "", "ValueError: boom\n")
+
+    monkeypatch.setattr(multi_gpu.subprocess, "run", fake_run)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/dump")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    args = argparse.Namespace(data="", images=512, virtual_cpus=2, params="params/tiny.yaml", epochs=2,
+                              overrides="", timeout=60)
+    multi_gpu.run_arm(backend, "train.distribute=none", args)
+    assert seen["CUDA_VISIBLE_DEVICES"] == "" and seen["JAX_PLATFORMS"] == "cpu"
+    assert seen["XLA_FLAGS"] == "--xla_dump_to=/tmp/dump --xla_force_host_platform_device_count=2"
+    seen.clear()
+    multi_gpu.run_arm(backend, "train.distribute=none", argparse.Namespace(**{**vars(args), "virtual_cpus": 0}))
+    assert "CUDA_VISIBLE_DEVICES" not in seen and seen["XLA_FLAGS"] == "--xla_dump_to=/tmp/dump"
+
+
 def test_an_arm_past_its_time_limit_is_reported_and_the_others_go_on(monkeypatch):
     def too_slow(cmd, **kwargs):
         raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
