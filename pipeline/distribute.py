@@ -17,6 +17,7 @@ lock step without logging anything (see docs/several-hosts.md).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -140,10 +141,10 @@ class Distribution:
 
             keras.distribution.set_distribution(None)
 
-    def agree(self, job: dict[str, str], done: int,
-              fast_path: tuple[str, bool | str] = ("float32", False)) -> tuple[int, tuple[str, bool | str]]:
-        """In a cluster, check before the model is built that every host trains the same job from the same epoch;
-        return the chief's `done` and `fast_path`, which every host trains with.
+    def agree(self, job: dict[str, str], done: int, fast_path: tuple[str, bool | str] = ("float32", False),
+              run: int = 0) -> tuple[int, tuple[str, bool | str], int]:
+        """In a cluster, check before the model is built that every host trains the same job from the same epoch of
+        the same run; return the chief's `done`, `fast_path` and `run`, which every host trains with.
 
         job: hex digests of what every host must share, by what they digest (`train.training_job`: the model and
         train params, the data, the code); done: the epochs this host's checkpoint holds, which it restores, or on the
@@ -160,13 +161,18 @@ class Distribution:
         params' `auto` resolved here, or a resumed chief's as its run recorded). `train.precision: auto` resolves
         per machine (bfloat16 on GPUs and CPUs with bf16 units, else float32), so hosts of different kinds, or a
         cluster resumed on other hosts than it trained on, would train in different precisions: every host takes
-        the chief's, the one its run logs and records."""
+        the chief's, the one its run logs and records.
+
+        run: the chief's train run (`run_key`); on another host, the chief's run its checkpoint recorded (0: none, or
+        recorded by no earlier version). A worker's checkpoint is keyed by params and data, not by run: run A killed
+        at epoch 2, run B of the same params killed at epoch 2 too, then A resumed, and the hosts went on from
+        different weights (the chief's A's, a worker's B's), each applying the summed gradients to its own."""
         import tensorflow as tf
 
         tasks, parts = self.cluster.tasks, list(job)
         # Two 28-bit pieces of each digest (int32 tensors).
         mine = [tasks.index(self.cluster.task), done, PRECISIONS.index(fast_path[0]), JIT_COMPILE.index(fast_path[1]),
-                *(int(job[part][i:i + 7], 16) for part in parts for i in (0, 7))]
+                run, *(int(job[part][i:i + 7], 16) for part in parts for i in (0, 7))]
         with self.before_training():  # a host that failed in prepare ends here
             everyone = self.strategy.gather(self.strategy.run(lambda: tf.constant([mine], tf.int32)), axis=0)
         return agreement(tasks, parts, everyone.numpy().tolist())
@@ -187,12 +193,18 @@ class Distribution:
             _host_lost_as_step_failure(model, self.task, self.cluster.tasks[0])
 
 
-def agreement(tasks: list[str], parts: list[str], rows: list[list[int]]) -> tuple[int, tuple[str, bool | str]]:
-    """`Distribution.agree`'s verdict on every host's row (task index, done, fast path codes, digest pieces), the
-    same on every host: the chief's done and fast path, or the ConfigError every host raises."""
+def run_key(run_id: str) -> int:
+    """A train run's id as `Distribution.agree` sends it: 28 bits of its digest (an int32 tensor), never 0 (no run)."""
+    return (int(hashlib.sha256(run_id.encode()).hexdigest()[:7], 16) or 1) if run_id else 0
+
+
+def agreement(tasks: list[str], parts: list[str], rows: list[list[int]]) -> tuple[int, tuple[str, bool | str], int]:
+    """`Distribution.agree`'s verdict on every host's row (task index, done, fast path codes, run, digest pieces), the
+    same on every host: the chief's done, fast path and run, or the ConfigError every host raises."""
     hosts = {tasks[task]: (done, (PRECISIONS[precision], JIT_COMPILE[jit]),
                            dict(zip(parts, zip(d[::2], d[1::2], strict=True), strict=True)))
-             for task, done, precision, jit, *d in rows}
+             for task, done, precision, jit, _, *d in rows}
+    runs = {tasks[row[0]]: row[4] for row in rows}
     chief = tasks[0]  # the chief task, else worker 0
     differ = {task: [part for part in parts if digests[part] != hosts[chief][2][part]]
               for task, (_, _, digests) in hosts.items()}
@@ -207,7 +219,14 @@ def agreement(tasks: list[str], parts: list[str], rows: list[list[int]]) -> tupl
         raise ConfigError(f"resume: the hosts' checkpoints hold different completed epochs ({held}): they "
                           f"must continue from the same one. Start afresh: rerun every host with resume=never "
                           f"(`-P resume=never` on the chief, `--resume never` on the others)")
-    return done, fast_path
+    others = [task for task, (held, _, _) in hosts.items() if done != TRAINED and held > 0
+              and runs[task] not in (0, runs[chief])]
+    if others:
+        held = ", ".join(f"{task}'s checkpoint holds {hosts[task][0]} epochs" for task in others)
+        raise ConfigError(f"resume: {held} of another run than the chief's ({chief}): the hosts would train on from "
+                          f"different weights. Start afresh: rerun every host with resume=never (`-P resume=never` on "
+                          f"the chief, `--resume never` on the others)")
+    return done, fast_path, runs[chief]
 
 
 @dataclass(frozen=True)

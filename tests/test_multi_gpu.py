@@ -651,13 +651,14 @@ class TwoHosts:
         return distribute.Distribution("multi_worker", [f"/job:worker/replica:0/task:{index}/device:CPU:0"],
                                        Strategy(), distribute.Cluster({"worker": TWO}, "worker", index))
 
-    def agree(self, fast_paths: list, done: tuple[int, int] = (0, 0), jobs: tuple[str, str] = ("d" * 64,) * 2):
+    def agree(self, fast_paths: list, done: tuple[int, int] = (0, 0), jobs: tuple[str, str] = ("d" * 64,) * 2,
+              runs: tuple[int, int] = (0, 0)):
         """What each host's `agree` returns, or the error it raises, given each host's fast path."""
         from concurrent.futures import ThreadPoolExecutor
 
         def agree(index):
             try:
-                return self.host(index).agree({"data": jobs[index]}, done[index], fast_paths[index])
+                return self.host(index).agree({"data": jobs[index]}, done[index], fast_paths[index], runs[index])
             except Exception as exc:  # noqa: BLE001 - compared below
                 return exc
 
@@ -674,8 +675,8 @@ def test_every_host_of_a_cluster_trains_in_the_chiefs_precision_and_xla_choice(f
     """train.precision auto resolves per machine (bfloat16 on GPUs and CPUs with bf16 units, else float32), and a
     resumed chief goes on as its run recorded while the other hosts, reading no run, resolved `auto` themselves: the
     hosts trained in lock step in different precisions, silently. `agree` hands every host the chief's."""
-    assert TwoHosts().agree(fast_paths) == [(0, fast_paths[0])] * 2
-    assert TwoHosts().agree(fast_paths, done=(2, 2)) == [(2, fast_paths[0])] * 2
+    assert TwoHosts().agree(fast_paths) == [(0, fast_paths[0], 0)] * 2
+    assert TwoHosts().agree(fast_paths, done=(2, 2)) == [(2, fast_paths[0], 0)] * 2
 
 
 def test_the_hosts_verdict_on_their_jobs_and_epochs_is_the_same_on_every_host():
@@ -691,7 +692,30 @@ def test_the_hosts_verdict_on_their_jobs_and_epochs_is_the_same_on_every_host():
                              "resume: the hosts' checkpoints hold different completed epochs (worker 0 1, "
                              "worker 1 0)")):
         assert all(isinstance(e, ConfigError) and str(e).startswith(message) for e in errors), errors
-    assert [done for done, _ in TwoHosts().agree(fast, done=(TRAINED, 0))] == [TRAINED] * 2
+    assert [done for done, _, _ in TwoHosts().agree(fast, done=(TRAINED, 0))] == [TRAINED] * 2
+
+
+def test_a_workers_checkpoint_of_another_run_than_the_chiefs_is_refused_at_the_same_epoch():
+    """A worker's checkpoint is keyed by params and data, not by the chief's run: run A killed at epoch 2, run B of the
+    same params (`resume=never` on every host) killed at epoch 2 too, then A resumed (`-P resume=<A>`, or the
+    default on A's identical command): the hosts agreed on 2 epochs and went on, the chief from A's weights, worker
+    1 from B's, each applying the summed gradients to its own: the model logged was no single training's. Each
+    host sends the run its checkpoint trains (the chief: its run; another host: the run its checkpoint recorded);
+    every host refuses a checkpoint of another run, and accepts one that recorded none (older)."""
+    from pipeline.config import ConfigError
+    from pipeline.distribute import run_key
+
+    fast = [("float32", False)] * 2
+    a, b = run_key("a" * 32), run_key("b" * 32)
+    assert 0 < a < 1 << 28 and a != b and run_key("") == 0
+    errors = TwoHosts().agree(fast, done=(2, 2), runs=(a, b))
+    assert all(isinstance(e, ConfigError) and str(e) == (
+        "resume: worker 1's checkpoint holds 2 epochs of another run than the chief's (worker 0): the hosts would "
+        "train on from different weights. Start afresh: rerun every host with resume=never (`-P resume=never` on the "
+        "chief, `--resume never` on the others)") for e in errors), errors
+    assert TwoHosts().agree(fast, done=(2, 2), runs=(a, a)) == [(2, fast[0], a)] * 2
+    assert TwoHosts().agree(fast, done=(2, 2), runs=(a, 0)) == [(2, fast[0], a)] * 2  # recorded none: as before
+    assert TwoHosts().agree(fast, done=(0, 0), runs=(a, b)) == [(0, fast[0], a)] * 2  # nothing to go on from
 
 
 def test_a_worker_builds_its_model_in_the_chiefs_precision_where_it_would_take_another(monkeypatch, tmp_path,
@@ -708,9 +732,9 @@ def test_a_worker_builds_its_model_in_the_chiefs_precision_where_it_would_take_a
     sent, built = [], []
 
     class Worker(distribute.Distribution):
-        def agree(self, job, done, fast_path=("float32", False)):
+        def agree(self, job, done, fast_path=("float32", False), run=0):
             sent.append(fast_path)
-            return done, ("mixed_bfloat16", False)
+            return done, ("mixed_bfloat16", False), 0
 
     class History:
         history = {"loss": [1.0]}
@@ -730,6 +754,31 @@ def test_a_worker_builds_its_model_in_the_chiefs_precision_where_it_would_take_a
     assert fitting.planned_fast_path(cfg.train, worker, recorded) == ("mixed_bfloat16", True)
     explicit = config.load("params/tiny.yaml", ["train.precision=float32"]).train  # tiny's jit_compile: false
     assert fitting.planned_fast_path(explicit, worker, recorded) == ("float32", False)
+
+
+def test_a_worker_records_the_chiefs_run_with_its_checkpoint_and_sends_it_when_rerun(monkeypatch, tmp_path):
+    """What `agree` compares: worker 1 killed mid-training keeps, beside its checkpoint, the run of the chief it
+    trained with, and sends it when its command is rerun."""
+    from pipeline import distribute, train
+
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(tmp_path))
+    cfg = config.load("params/tiny.yaml", ["data.synthetic_train=64", "data.synthetic_test=32"])
+    sent, chief = [], distribute.run_key("a" * 32)
+
+    class Worker(distribute.Distribution):
+        def agree(self, job, done, fast_path=("float32", False), run=0):
+            sent.append(run)
+            return done, fast_path, chief
+
+    def killed(*args):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(train, "fit", killed)
+    worker = Worker("none", ["/device:CPU:0"], None, distribute.Cluster({"worker": TWO}, "worker", 1))
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="killed"):
+            train.run_worker(cfg, "", worker)
+    assert sent == [0, chief]
 
 
 @pytest.mark.parametrize("mode", ["none", "mirrored"])
