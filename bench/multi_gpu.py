@@ -21,8 +21,8 @@ epoch, images/s (trained per second of training steps, as train's `images_per_se
 backend's one device and the last val_acc; then the fastest arm, the choice. Where no arm ran to a result (each
 failed, or none is installed), the report says so and the command exits 1. Needs two GPUs or more (exit 2 otherwise;
 also, before any arm, for arguments no arm could run with: a params file not found, a bad override, data not found);
-`--virtual-cpus N` rehearses every arm on N virtual CPU devices instead (its timings mean nothing), writing nowhere
-unless `--results` is given.
+`--virtual-cpus N` rehearses every arm on N virtual CPU devices instead, GPUs hidden (its timings mean nothing),
+writing nowhere unless `--results` is given.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def run_arm(backend: str, overrides: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
     source = ["--data", args.data] if args.data else ["--images", str(args.images)]
     extra = []
-    if args.virtual_cpus:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.virtual_cpus}"
+    if args.virtual_cpus:  # on the CPU alone: MirroredStrategy and DataParallel take every GPU before any CPU device
+        env.update(CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+            [*env.get("XLA_FLAGS", "").split(), f"--xla_force_host_platform_device_count={args.virtual_cpus}"]))
         extra = ["--virtual-cpus", str(args.virtual_cpus)]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "arm.json"

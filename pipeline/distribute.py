@@ -17,6 +17,7 @@ lock step without logging anything (see docs/several-hosts.md).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -140,10 +141,10 @@ class Distribution:
 
             keras.distribution.set_distribution(None)
 
-    def agree(self, job: dict[str, str], done: int,
-              fast_path: tuple[str, bool | str] = ("float32", False)) -> tuple[int, tuple[str, bool | str]]:
-        """In a cluster, check before the model is built that every host trains the same job from the same epoch;
-        return the chief's `done` and `fast_path`, which every host trains with.
+    def agree(self, job: dict[str, str], done: int, fast_path: tuple[str, bool | str] = ("float32", False),
+              run: int = 0) -> tuple[int, tuple[str, bool | str], int]:
+        """In a cluster, check before the model is built that every host trains the same job from the same epoch of
+        the same run; return the chief's `done`, `fast_path` and `run`, which every host trains with.
 
         job: hex digests of what every host must share, by what they digest (`train.training_job`: the model and
         train params, the data, the code); done: the epochs this host's checkpoint holds, which it restores, or on the
@@ -160,13 +161,18 @@ class Distribution:
         params' `auto` resolved here, or a resumed chief's as its run recorded). `train.precision: auto` resolves
         per machine (bfloat16 on GPUs and CPUs with bf16 units, else float32), so hosts of different kinds, or a
         cluster resumed on other hosts than it trained on, would train in different precisions: every host takes
-        the chief's, the one its run logs and records."""
+        the chief's, the one its run logs and records.
+
+        run: the chief's train run (`run_key`); on another host, the chief's run its checkpoint recorded (0: none, or
+        recorded by no earlier version). A worker's checkpoint is keyed by params and data, not by run: run A killed
+        at epoch 2, run B of the same params killed at epoch 2 too, then A resumed, and the hosts went on from
+        different weights (the chief's A's, a worker's B's), each applying the summed gradients to its own."""
         import tensorflow as tf
 
         tasks, parts = self.cluster.tasks, list(job)
         # Two 28-bit pieces of each digest (int32 tensors).
         mine = [tasks.index(self.cluster.task), done, PRECISIONS.index(fast_path[0]), JIT_COMPILE.index(fast_path[1]),
-                *(int(job[part][i:i + 7], 16) for part in parts for i in (0, 7))]
+                run, *(int(job[part][i:i + 7], 16) for part in parts for i in (0, 7))]
         with self.before_training():  # a host that failed in prepare ends here
             everyone = self.strategy.gather(self.strategy.run(lambda: tf.constant([mine], tf.int32)), axis=0)
         return agreement(tasks, parts, everyone.numpy().tolist())
@@ -187,12 +193,18 @@ class Distribution:
             _host_lost_as_step_failure(model, self.task, self.cluster.tasks[0])
 
 
-def agreement(tasks: list[str], parts: list[str], rows: list[list[int]]) -> tuple[int, tuple[str, bool | str]]:
-    """`Distribution.agree`'s verdict on every host's row (task index, done, fast path codes, digest pieces), the
-    same on every host: the chief's done and fast path, or the ConfigError every host raises."""
+def run_key(run_id: str) -> int:
+    """A train run's id as `Distribution.agree` sends it: 28 bits of its digest (an int32 tensor), never 0 (no run)."""
+    return (int(hashlib.sha256(run_id.encode()).hexdigest()[:7], 16) or 1) if run_id else 0
+
+
+def agreement(tasks: list[str], parts: list[str], rows: list[list[int]]) -> tuple[int, tuple[str, bool | str], int]:
+    """`Distribution.agree`'s verdict on every host's row (task index, done, fast path codes, run, digest pieces), the
+    same on every host: the chief's done, fast path and run, or the ConfigError every host raises."""
     hosts = {tasks[task]: (done, (PRECISIONS[precision], JIT_COMPILE[jit]),
                            dict(zip(parts, zip(d[::2], d[1::2], strict=True), strict=True)))
-             for task, done, precision, jit, *d in rows}
+             for task, done, precision, jit, _, *d in rows}
+    runs = {tasks[row[0]]: row[4] for row in rows}
     chief = tasks[0]  # the chief task, else worker 0
     differ = {task: [part for part in parts if digests[part] != hosts[chief][2][part]]
               for task, (_, _, digests) in hosts.items()}
@@ -207,7 +219,14 @@ def agreement(tasks: list[str], parts: list[str], rows: list[list[int]]) -> tupl
         raise ConfigError(f"resume: the hosts' checkpoints hold different completed epochs ({held}): they "
                           f"must continue from the same one. Start afresh: rerun every host with resume=never "
                           f"(`-P resume=never` on the chief, `--resume never` on the others)")
-    return done, fast_path
+    others = [task for task, (held, _, _) in hosts.items() if done != TRAINED and held > 0
+              and runs[task] not in (0, runs[chief])]
+    if others:
+        held = ", ".join(f"{task}'s checkpoint holds {hosts[task][0]} epochs" for task in others)
+        raise ConfigError(f"resume: {held} of another run than the chief's ({chief}): the hosts would train on from "
+                          f"different weights. Start afresh: rerun every host with resume=never (`-P resume=never` on "
+                          f"the chief, `--resume never` on the others)")
+    return done, fast_path, runs[chief]
 
 
 @dataclass(frozen=True)
@@ -245,7 +264,7 @@ class Cluster:
 
 
 def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
-    """This host's place in the cluster TF_CONFIG describes; None if it is unset or names one task.
+    """This host's place in the cluster TF_CONFIG describes; None if it is unset, names no cluster ('{}') or one task.
 
     A non-chief task must not be started by `mlflow run`, which would open a run nobody logs to (`any_task`: whatever
     this task is, for a command that checks it runs on no cluster).
@@ -255,6 +274,8 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
         return None
     try:
         spec = json.loads(raw)
+        if isinstance(spec, dict) and spec.get("cluster", {}) == {}:  # '{}': no cluster, as TensorFlow reads it
+            return None
         cluster = Cluster(spec["cluster"], spec["task"]["type"], _task_index(spec["task"]["index"]))
         if not isinstance(cluster.spec, dict):
             raise TypeError(f"'cluster' must map task types to addresses, got {cluster.spec!r}")
@@ -392,14 +413,17 @@ HELLO = b"pipeline.distribute "  # what `wait_for_hosts`' listener answers first
 HEARD = 3  # seconds a host that refuses a peer's hello goes on answering, so that the peer, probing, refuses too
 
 
-def hello(cluster: Cluster) -> bytes:
-    """What this host's port answers while it waits for the others (`wait_for_hosts`): its task and cluster."""
-    return HELLO + json.dumps({"task": cluster.task, "cluster": cluster.spec}).encode() + b"\n"
+def hello(cluster: Cluster, waiting: dict[str, list[str]] | None = None) -> bytes:
+    """What this host's port answers while it waits for the others (`wait_for_hosts`): its task and cluster, and the
+    hosts it has not reached yet (by task: [the address it tried, why it failed]), none once it has reached them all."""
+    return HELLO + json.dumps({"task": cluster.task, "cluster": cluster.spec, "waiting": waiting or {}}).encode() + \
+        b"\n"
 
 
 def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
-    """Wait until every other host of `cluster` answers on its TF_CONFIG port, at most `timeout` s
-    ($PIPELINE_HOSTS_TIMEOUT, default 600): then a ConfigError names the hosts that did not come.
+    """Wait until every host of `cluster` has reached every other on its TF_CONFIG port, at most `timeout` s
+    ($PIPELINE_HOSTS_TIMEOUT, default 600): then a ConfigError names the hosts that did not come, or a host that did
+    not reach another.
 
     TensorFlow's collective setup (`MultiWorkerMirroredStrategy()`) waits for every host in C++ holding the GIL,
     where no Python signal handler, thread or timeout runs: a host whose peers never came ignored Ctrl-C for good.
@@ -408,7 +432,9 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
     other; a peer's TensorFlow that reaches the listener is turned away and retries (about once a second) until
     TensorFlow answers there. A peer that answers with another cluster, or as another task than the one at its
     address, is a ConfigError on every host that hears it (`_check_peer`): that host would wait in TensorFlow for
-    tasks that never come, for good."""
+    tasks that never come, for good. The hello also says which hosts this one has not reached yet, and no host goes
+    on while a peer still waits for one: a third host's name misspelt in one host's TF_CONFIG (the same port, so the
+    clusters compare alike) left the hosts that reached everyone in TensorFlow's wait for the one that never came."""
     import threading
 
     timeout = hosts_timeout() if timeout is None else timeout
@@ -421,7 +447,11 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
         raise ConfigError(f"{TF_CONFIG}: this host ({cluster.task}, {mine}) cannot listen on its port: "
                           f"{exc.strerror or exc}") from None
     listener.settimeout(0.2)
-    answer, stop = hello(cluster), threading.Event()
+    # unheard: the peers not reached yet, why: the last reason; unready: a peer reached, by the hosts it has not
+    why: dict[str, str] = {}
+    unheard, unready = dict(peers), {}
+    answer, stop = [hello(cluster, {task: [address, "not tried yet"] for task, address in peers.items()})], \
+        threading.Event()
 
     def answer_peers() -> None:
         """The others' probes (and TensorFlow's attempts): told this host's task and cluster, closed. A thread of
@@ -435,41 +465,75 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
                 return
             with contextlib.suppress(OSError), conn:
                 conn.settimeout(1)
-                conn.sendall(answer)
+                conn.sendall(answer[0])
 
     answering = threading.Thread(target=answer_peers, daemon=True)
     answering.start()
-    deadline, why, said = time.monotonic() + timeout, {}, False
+    deadline, said, stuck = time.monotonic() + timeout, False, None
     try:
         while True:
-            for task, address in list(peers.items()):
+            for task, address in peers.items():
+                if task not in unheard and task not in unready:
+                    continue
                 try:
                     heard = _probe(address)
-                    del peers[task]
                 except OSError as exc:
                     why[task] = exc.strerror or str(exc) or type(exc).__name__
                     continue
                 try:
-                    _check_peer(cluster, task, address, heard)
+                    waits = _check_peer(cluster, task, address, heard)
                 except ConfigError:
                     time.sleep(HEARD)  # still answering: the peer hears this host's cluster and task, and refuses too
                     raise
-            if not peers:
+                unheard.pop(task, None)
+                if waits:
+                    unready[task] = waits
+                else:
+                    unready.pop(task, None)
+            answer[0] = hello(cluster, {task: [address, why.get(task, "not tried yet")]
+                                        for task, address in unheard.items()})
+            if not unheard and not unready:
                 return
             if time.monotonic() > deadline:
-                missing = ", ".join(f"{task} ({address}: {why[task]})" for task, address in peers.items())
-                raise ConfigError(f"{TF_CONFIG}: {missing} did not start within {timeout:g} s (${HOSTS_TIMEOUT}): "
-                                  f"start every host's command, or check TF_CONFIG's addresses and that their ports "
+                if unheard:
+                    missing = ", ".join(f"{task} ({address}: {why.get(task, 'not tried')})"
+                                        for task, address in unheard.items())
+                    raise ConfigError(f"{TF_CONFIG}: {missing} did not start within {timeout:g} s "
+                                      f"(${HOSTS_TIMEOUT}): start every host's command, or check TF_CONFIG's "
+                                      f"addresses and that their ports are open between the hosts")
+                raise ConfigError(f"{TF_CONFIG}: {_unreached(cluster, unready)} within {timeout:g} s "
+                                  f"(${HOSTS_TIMEOUT}): check that host's TF_CONFIG addresses, and that their ports "
                                   f"are open between the hosts")
-            if not said:
-                print(f"{cluster.task}: waiting for {', '.join(f'{t} ({a})' for t, a in peers.items())} to start "
+            if unheard and not said:
+                print(f"{cluster.task}: waiting for {', '.join(f'{t} ({a})' for t, a in unheard.items())} to start "
                       f"(at most {timeout:g} s, ${HOSTS_TIMEOUT}; Ctrl-C stops)", flush=True)
                 said = True
+            if unheard or not unready:
+                stuck = None
+            elif stuck is None:
+                stuck = time.monotonic()
+            elif stuck and time.monotonic() - stuck > HEARD:  # said once: a moment's wait is every start's
+                print(f"{cluster.task}: {_unreached(cluster, unready)} yet: waiting (at most {timeout:g} s, "
+                      f"${HOSTS_TIMEOUT}; Ctrl-C stops)", flush=True)
+                stuck = 0
             time.sleep(0.2)
     finally:
         stop.set()
         answering.join()
         listener.close()
+
+
+def _unreached(cluster: Cluster, unready: dict[str, dict]) -> str:
+    """'worker 1 (its address) did not reach worker 2 at (the address it tried) (why; where this host reaches it)'
+    for each peer of `cluster` that, in its hello, said it waits for others (`unready`)."""
+    addresses = cluster.addresses
+    said = []
+    for peer, waits in unready.items():
+        for task, (address, why) in waits.items():
+            here = f"{task} is this host, at" if task == cluster.task else "this host reaches it at"
+            said.append(f"{peer} ({addresses[peer]}) did not reach {task} at {address} ({why}; {here} "
+                        f"{addresses.get(task, '?')})")
+    return "; ".join(said)
 
 
 def _probe(address: str) -> bytes:
@@ -486,12 +550,13 @@ def _probe(address: str) -> bytes:
         return said
 
 
-def _check_peer(cluster: Cluster, task: str, address: str, said: bytes) -> None:
+def _check_peer(cluster: Cluster, task: str, address: str, said: bytes) -> dict[str, list[str]]:
     """ConfigError where the host at `address` (`task` of this host's `cluster`) said, in `hello`, that it was
-    started with another cluster (other tasks, or another port for one), or as another task. Anything else it said
-    (TensorFlow, once the host has met the others and gone on) is taken as it answering."""
+    started with another cluster (other tasks, or another port for one), or as another task; else the hosts it said
+    it has not reached yet (task: [address, why]). Anything else it said (TensorFlow, once the host has met the others
+    and gone on) is taken as it answering, having reached them all."""
     if not said.startswith(HELLO) or not said.endswith(b"\n"):
-        return
+        return {}
     try:
         theirs = json.loads(said[len(HELLO):])
         spec, claimed = theirs["cluster"], theirs["task"]
@@ -500,7 +565,7 @@ def _check_peer(cluster: Cluster, task: str, address: str, said: bytes) -> None:
         same = {t: _address_key(a)[1] for t, a in Cluster(spec, "", 0).addresses.items()} == \
             {t: _address_key(a)[1] for t, a in cluster.addresses.items()}
     except (ValueError, KeyError, TypeError, AttributeError):
-        return
+        return {}
     if not same:
         raise ConfigError(f"{TF_CONFIG}: {task} ({address}) was started with another cluster, {json.dumps(spec)}, "
                           f"than this host ({cluster.task}), {json.dumps(cluster.spec)}: give every host the same "
@@ -508,6 +573,11 @@ def _check_peer(cluster: Cluster, task: str, address: str, said: bytes) -> None:
     if claimed != task:
         raise ConfigError(f"{TF_CONFIG}: {address}, {task} of the cluster, was started as {claimed}: give each host "
                           f"its own {TF_CONFIG} 'task' (its type and index)")
+    waiting = theirs.get("waiting")
+    if not isinstance(waiting, dict):
+        return {}
+    return {str(t): [str(w[0]), str(w[1])] if isinstance(w, list) and len(w) == 2 else [str(w), "unreached"]
+            for t, w in waiting.items()}
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -23,6 +23,7 @@ What a train run records (params, tags, per-epoch metrics, the model) is written
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -36,7 +37,7 @@ import pandas as pd
 
 from pipeline import config, fitting, prepare
 from pipeline.data import Dataset, arrays_digest, test_images_in_train
-from pipeline.distribute import TRAINED, Distribution, cluster_from_env, distribution
+from pipeline.distribute import TRAINED, Distribution, cluster_from_env, distribution, run_key
 from pipeline.fitting import (
     Checkpoint,
     check_backend,
@@ -138,7 +139,7 @@ def train_session(cfg: config.Config, dataset_uri: str, dist: Distribution | Non
     agreed = None
     if dist.cluster:  # before the model is built (see `agree`); hashing the data takes a moment: a cluster's only
         agreed = dist.agree(training_job(cfg, dataset), Checkpoint.completed_epochs(checkpoint_dir(active_run_id())),
-                            fitting.planned_fast_path(t, dist, recorded))[1]
+                            fitting.planned_fast_path(t, dist, recorded), run_key(active_run_id()))[1]
     train_images = len(splits[0])
     model = compile_model(cfg, training_part(dataset, splits), dist, train_images, recorded, agreed)
 
@@ -266,11 +267,14 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
         shutil.rmtree(backup, ignore_errors=True)
     print(f"{dist.task} of {dist.workers}: training on {len(splits[0])} images, devices {dist.devices}; "
           f"the chief logs to MLflow")
-    done, chiefs = dist.agree(job, Checkpoint.completed_epochs(backup), fitting.planned_fast_path(cfg.train, dist))
+    done, chiefs, run = dist.agree(job, Checkpoint.completed_epochs(backup), fitting.planned_fast_path(cfg.train, dist),
+                                   recorded_run(backup))
     if done == TRAINED:
         print(f"{dist.task}: nothing to train: the chief goes on from the model an identical command trained before "
               f"its pipeline failed (in evaluate or register)")
         return
+    backup.mkdir(parents=True, exist_ok=True)  # the chief's run these epochs belong to, for `agree` on a rerun
+    (backup / CHIEF_RUN).write_text(str(run))
     # after `agree` (see there), in the chief's precision and XLA choice: `auto` may resolve otherwise on this host
     model = compile_model(cfg, training_part(dataset, splits), dist, len(splits[0]), chief=chiefs)
     history = fit(model, cfg, splits, len(dataset.class_names),
@@ -279,6 +283,27 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
     reason = diverged(history)
     if reason:
         raise TrainingDiverged(reason)
+
+
+def check_worker_resume(resume: str, task: str) -> None:
+    """ConfigError for a non-chief host (`task`) started with a `--resume` other than '' or never: it reads no run (the
+    chief's `-P resume=<id>` picks the one the cluster goes on with) and goes on from its own checkpoint, so a run id,
+    or a misspelt never, was ignored without a word."""
+    if resume not in ("", "never"):
+        raise config.ConfigError(f"resume: {resume!r} on {task}, which reads no MLflow run: the chief's -P resume "
+                                 f"picks the run, and this host goes on from its own checkpoint. Start it with "
+                                 f"--resume '' (the default), or --resume never to start afresh as the chief does "
+                                 f"with -P resume=never")
+
+
+CHIEF_RUN = "chief_run"  # in a worker's checkpoint folder: the chief's run its epochs belong to (`run_key`)
+
+
+def recorded_run(backup: Path) -> int:
+    """The chief's run (`run_key`) a worker's checkpoint folder recorded; 0 if none."""
+    with contextlib.suppress(OSError, ValueError):
+        return int((backup / CHIEF_RUN).read_text())
+    return 0
 
 
 def worker_checkpoint_dir(cfg: config.Config, data_digest: str, task: str) -> Path:
@@ -309,6 +334,7 @@ def main() -> None:
     cluster = cluster_from_env()
     if cluster and not cluster.chief:  # its data, as `check_inputs` the chief's: failing once the hosts had met, it
         # ended the chief's runs FAILED ("worker 1 ended before training began")
+        check_worker_resume(args.resume, cluster.task)
         if args.dataset_uri:
             prepare.check_dataset_uri(args.dataset_uri)
         else:

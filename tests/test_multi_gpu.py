@@ -116,6 +116,30 @@ def test_an_arms_run_is_read_as_a_result_or_a_failure(monkeypatch, code, writes,
     assert "train.distribute=data_parallel train.feed=host" in seen["cmd"]
 
 
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_rehearsal_on_virtual_cpus_runs_every_arm_on_them_not_on_the_gpus(monkeypatch, backend):
+    """`--virtual-cpus 2` on a machine with a GPU (the rehearsal a one-GPU machine can run) said "A rehearsal on 2
+    virtual CPU devices" while each arm trained on the GPU: MirroredStrategy and DataParallel take every GPU before
+    any CPU device, so both ran over one GPU. The arms see no GPU then; XLA_FLAGS already set are kept."""
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        seen.update(env)
+        return subprocess.CompletedProcess(cmd, 1, "", "ValueError: boom\n")
+
+    monkeypatch.setattr(multi_gpu.subprocess, "run", fake_run)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/dump")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    args = argparse.Namespace(data="", images=512, virtual_cpus=2, params="params/tiny.yaml", epochs=2,
+                              overrides="", timeout=60)
+    multi_gpu.run_arm(backend, "train.distribute=none", args)
+    assert seen["CUDA_VISIBLE_DEVICES"] == "" and seen["JAX_PLATFORMS"] == "cpu"
+    assert seen["XLA_FLAGS"] == "--xla_dump_to=/tmp/dump --xla_force_host_platform_device_count=2"
+    seen.clear()
+    multi_gpu.run_arm(backend, "train.distribute=none", argparse.Namespace(**{**vars(args), "virtual_cpus": 0}))
+    assert "CUDA_VISIBLE_DEVICES" not in seen and seen["XLA_FLAGS"] == "--xla_dump_to=/tmp/dump"
+
+
 def test_an_arm_past_its_time_limit_is_reported_and_the_others_go_on(monkeypatch):
     def too_slow(cmd, **kwargs):
         raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
@@ -220,6 +244,26 @@ def test_a_task_index_written_as_a_string_is_read_as_tensorflow_reads_it(monkeyp
     monkeypatch.setenv("TF_CONFIG", tf_config({"worker": TWO}, index="1"))
     cluster = distribute.cluster_from_env()
     assert (cluster.task, cluster.workers, cluster.chief) == ("worker 1", 2, False)
+
+
+@pytest.mark.parametrize("raw", ["{}", " { } ", '{"cluster": {}}', '{"task": {"type": "worker", "index": 0}}',
+                                 tf_config({}), tf_config({"worker": ["localhost:1"]})])
+def test_a_tf_config_naming_no_cluster_trains_on_this_host_alone_as_tensorflow_reads_it(monkeypatch, raw):
+    """TF_CONFIG='{}' (what a launcher exports for a job of one host) was refused with exit 2, "not a cluster spec
+    (KeyError: 'cluster')", where TensorFlow reads it as no cluster: one host. It stays no cluster for multi_worker."""
+    import tensorflow as tf
+
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    monkeypatch.setenv("TF_CONFIG", raw)
+    spec = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec().as_dict()
+    assert spec in ({}, {"worker": TWO[:1]})
+    assert distribute.cluster_from_env() is None
+    assert distribute.cluster_from_env(any_task=True) is None
+    distribute.check_mode("auto", "jax", None)
+    with pytest.raises(ConfigError, match="^train.distribute: 'multi_worker' needs TF_CONFIG naming at least two"):
+        distribute.check_mode("multi_worker", "tensorflow", distribute.cluster_from_env())
 
 
 @pytest.mark.parametrize("mode", ["auto", "multi_worker"])
@@ -607,13 +651,14 @@ class TwoHosts:
         return distribute.Distribution("multi_worker", [f"/job:worker/replica:0/task:{index}/device:CPU:0"],
                                        Strategy(), distribute.Cluster({"worker": TWO}, "worker", index))
 
-    def agree(self, fast_paths: list, done: tuple[int, int] = (0, 0), jobs: tuple[str, str] = ("d" * 64,) * 2):
+    def agree(self, fast_paths: list, done: tuple[int, int] = (0, 0), jobs: tuple[str, str] = ("d" * 64,) * 2,
+              runs: tuple[int, int] = (0, 0)):
         """What each host's `agree` returns, or the error it raises, given each host's fast path."""
         from concurrent.futures import ThreadPoolExecutor
 
         def agree(index):
             try:
-                return self.host(index).agree({"data": jobs[index]}, done[index], fast_paths[index])
+                return self.host(index).agree({"data": jobs[index]}, done[index], fast_paths[index], runs[index])
             except Exception as exc:  # noqa: BLE001 - compared below
                 return exc
 
@@ -630,8 +675,8 @@ def test_every_host_of_a_cluster_trains_in_the_chiefs_precision_and_xla_choice(f
     """train.precision auto resolves per machine (bfloat16 on GPUs and CPUs with bf16 units, else float32), and a
     resumed chief goes on as its run recorded while the other hosts, reading no run, resolved `auto` themselves: the
     hosts trained in lock step in different precisions, silently. `agree` hands every host the chief's."""
-    assert TwoHosts().agree(fast_paths) == [(0, fast_paths[0])] * 2
-    assert TwoHosts().agree(fast_paths, done=(2, 2)) == [(2, fast_paths[0])] * 2
+    assert TwoHosts().agree(fast_paths) == [(0, fast_paths[0], 0)] * 2
+    assert TwoHosts().agree(fast_paths, done=(2, 2)) == [(2, fast_paths[0], 0)] * 2
 
 
 def test_the_hosts_verdict_on_their_jobs_and_epochs_is_the_same_on_every_host():
@@ -647,7 +692,30 @@ def test_the_hosts_verdict_on_their_jobs_and_epochs_is_the_same_on_every_host():
                              "resume: the hosts' checkpoints hold different completed epochs (worker 0 1, "
                              "worker 1 0)")):
         assert all(isinstance(e, ConfigError) and str(e).startswith(message) for e in errors), errors
-    assert [done for done, _ in TwoHosts().agree(fast, done=(TRAINED, 0))] == [TRAINED] * 2
+    assert [done for done, _, _ in TwoHosts().agree(fast, done=(TRAINED, 0))] == [TRAINED] * 2
+
+
+def test_a_workers_checkpoint_of_another_run_than_the_chiefs_is_refused_at_the_same_epoch():
+    """A worker's checkpoint is keyed by params and data, not by the chief's run: run A killed at epoch 2, run B of the
+    same params (`resume=never` on every host) killed at epoch 2 too, then A resumed (`-P resume=<A>`, or the
+    default on A's identical command): the hosts agreed on 2 epochs and went on, the chief from A's weights, worker
+    1 from B's, each applying the summed gradients to its own: the model logged was no single training's. Each
+    host sends the run its checkpoint trains (the chief: its run; another host: the run its checkpoint recorded);
+    every host refuses a checkpoint of another run, and accepts one that recorded none (older)."""
+    from pipeline.config import ConfigError
+    from pipeline.distribute import run_key
+
+    fast = [("float32", False)] * 2
+    a, b = run_key("a" * 32), run_key("b" * 32)
+    assert 0 < a < 1 << 28 and a != b and run_key("") == 0
+    errors = TwoHosts().agree(fast, done=(2, 2), runs=(a, b))
+    assert all(isinstance(e, ConfigError) and str(e) == (
+        "resume: worker 1's checkpoint holds 2 epochs of another run than the chief's (worker 0): the hosts would "
+        "train on from different weights. Start afresh: rerun every host with resume=never (`-P resume=never` on the "
+        "chief, `--resume never` on the others)") for e in errors), errors
+    assert TwoHosts().agree(fast, done=(2, 2), runs=(a, a)) == [(2, fast[0], a)] * 2
+    assert TwoHosts().agree(fast, done=(2, 2), runs=(a, 0)) == [(2, fast[0], a)] * 2  # recorded none: as before
+    assert TwoHosts().agree(fast, done=(0, 0), runs=(a, b)) == [(0, fast[0], a)] * 2  # nothing to go on from
 
 
 def test_a_worker_builds_its_model_in_the_chiefs_precision_where_it_would_take_another(monkeypatch, tmp_path,
@@ -664,9 +732,9 @@ def test_a_worker_builds_its_model_in_the_chiefs_precision_where_it_would_take_a
     sent, built = [], []
 
     class Worker(distribute.Distribution):
-        def agree(self, job, done, fast_path=("float32", False)):
+        def agree(self, job, done, fast_path=("float32", False), run=0):
             sent.append(fast_path)
-            return done, ("mixed_bfloat16", False)
+            return done, ("mixed_bfloat16", False), 0
 
     class History:
         history = {"loss": [1.0]}
@@ -686,6 +754,31 @@ def test_a_worker_builds_its_model_in_the_chiefs_precision_where_it_would_take_a
     assert fitting.planned_fast_path(cfg.train, worker, recorded) == ("mixed_bfloat16", True)
     explicit = config.load("params/tiny.yaml", ["train.precision=float32"]).train  # tiny's jit_compile: false
     assert fitting.planned_fast_path(explicit, worker, recorded) == ("float32", False)
+
+
+def test_a_worker_records_the_chiefs_run_with_its_checkpoint_and_sends_it_when_rerun(monkeypatch, tmp_path):
+    """What `agree` compares: worker 1 killed mid-training keeps, beside its checkpoint, the run of the chief it
+    trained with, and sends it when its command is rerun."""
+    from pipeline import distribute, train
+
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(tmp_path))
+    cfg = config.load("params/tiny.yaml", ["data.synthetic_train=64", "data.synthetic_test=32"])
+    sent, chief = [], distribute.run_key("a" * 32)
+
+    class Worker(distribute.Distribution):
+        def agree(self, job, done, fast_path=("float32", False), run=0):
+            sent.append(run)
+            return done, fast_path, chief
+
+    def killed(*args):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(train, "fit", killed)
+    worker = Worker("none", ["/device:CPU:0"], None, distribute.Cluster({"worker": TWO}, "worker", 1))
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="killed"):
+            train.run_worker(cfg, "", worker)
+    assert sent == [0, chief]
 
 
 @pytest.mark.parametrize("mode", ["none", "mirrored"])
@@ -748,7 +841,9 @@ def test_hosts_meet_in_any_order_and_those_that_never_start_are_named(monkeypatc
 
 def meet(*clusters: tuple[dict, str, int], timeout: float = 5) -> list:
     """`wait_for_hosts` of each (cluster spec, task type, index) in a thread of its own, as hosts started at once:
-    what each ended with (None, or the ConfigError it raised), and the seconds the slowest took."""
+    what each ended with (None, or the ConfigError it raised), and the seconds the slowest took. A host that goes on
+    listens on its port, as TensorFlow's server then does."""
+    import socket
     import threading
     import time
 
@@ -756,10 +851,13 @@ def meet(*clusters: tuple[dict, str, int], timeout: float = 5) -> list:
     from pipeline.config import ConfigError
 
     ended: list = [ConfigError("never ended")] * len(clusters)
+    servers: list = []
 
     def host(i: int) -> None:
         try:
-            ended[i] = distribute.wait_for_hosts(distribute.Cluster(*clusters[i]), timeout=timeout)
+            cluster = distribute.Cluster(*clusters[i])
+            ended[i] = distribute.wait_for_hosts(cluster, timeout=timeout)
+            servers.append(socket.create_server(("", int(cluster.addresses[cluster.task].rpartition(":")[2]))))
         except ConfigError as exc:
             ended[i] = exc
 
@@ -769,6 +867,8 @@ def meet(*clusters: tuple[dict, str, int], timeout: float = 5) -> list:
         thread.start()
     for thread in threads:
         thread.join(timeout=timeout + 10)
+    for server in servers:
+        server.close()
     return [*ended, time.monotonic() - started]
 
 
@@ -822,3 +922,25 @@ def test_a_host_started_as_another_hosts_task_is_refused():
     other.close()
     assert str(error.value) == (f"TF_CONFIG: {hosts[1]}, worker 1 of the cluster, was started as worker 0: give each "
                                 f"host its own TF_CONFIG 'task' (its type and index)")
+
+
+def test_a_host_that_cannot_reach_another_at_the_address_it_was_given_holds_every_host_back():
+    """Three hosts, worker 1's TF_CONFIG with a typo in worker 2's name (the same port): worker 0 and worker 2 heard
+    every host answer and went on into TensorFlow's wait, deaf to Ctrl-C, for worker 1, which never reached worker 2
+    and gave up after $PIPELINE_HOSTS_TIMEOUT. No host goes on until every host has reached every other: each
+    names, once the time is up, the host still waiting and the address it could not reach."""
+    from bench.servers import free_port
+
+    hosts = [f"localhost:{free_port()}" for _ in range(3)]
+    typo = [*hosts[:2], hosts[2].replace("localhost", "no-such-host.invalid")]
+    first, second, third, seconds = meet(({"worker": hosts}, "worker", 0), ({"worker": typo}, "worker", 1),
+                                         ({"worker": hosts}, "worker", 2), timeout=3)
+    assert seconds < 10
+    assert str(second).startswith(f"TF_CONFIG: worker 2 ({typo[2]}: Name or service not known) did not start "
+                                  f"within 3 s")
+    tail = ("within 3 s ($PIPELINE_HOSTS_TIMEOUT): check that host's TF_CONFIG addresses, and that their ports are "
+            "open between the hosts")
+    assert str(first) == (f"TF_CONFIG: worker 1 ({hosts[1]}) did not reach worker 2 at {typo[2]} (Name or service not "
+                          f"known; this host reaches it at {hosts[2]}) {tail}")
+    assert str(third) == (f"TF_CONFIG: worker 1 ({hosts[1]}) did not reach worker 2 at {typo[2]} (Name or service not "
+                          f"known; worker 2 is this host, at {hosts[2]}) {tail}")

@@ -306,6 +306,27 @@ def test_a_worker_of_a_cluster_checks_its_checkpoint_folder_before_it_meets_the_
     assert "waiting for" not in done.stdout
 
 
+@pytest.mark.parametrize("resume", ["0123456789abcdef0123456789abcdef", "nevr"])
+def test_a_worker_started_with_a_run_to_resume_is_told_the_chief_picks_the_run(store, tmp_path, in_process, resume):
+    """Worker 1 given the chief's `--resume <run id>` (or a misspelt never) ignored it: it went on from whatever its
+    checkpoint held, under a run it never reads. Only '' and never mean something on a worker: anything else is
+    refused with one line, exit 2, before it waits for anyone."""
+    import json
+
+    from bench.servers import free_port
+
+    cluster = {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]}
+    done = in_process("train", "--params", "params/tiny.yaml", "--resume", resume, env={
+        "PIPELINE_CHECKPOINT_DIR": str(tmp_path / "checkpoints"), "PIPELINE_HOSTS_TIMEOUT": "1",
+        "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}})})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: resume: {resume!r} on worker 1, which reads no MLflow run: the chief's -P resume picks the run, and "
+        f"this host goes on from its own checkpoint. Start it with --resume '' (the default), or --resume never to "
+        f"start afresh as the chief does with -P resume=never")
+    assert "waiting for" not in done.stdout
+
+
 @pytest.mark.parametrize(("spellings", "one"), [
     (["http://localhost:5000", "http://127.0.0.1:5000/", "HTTP://LocalHost:5000", "http://[::1]:5000",
       "http://[0:0:0:0:0:0:0:1]:5000/", "http://alice:s3cret@localhost:5000", "http://localhost.:5000"], True),
