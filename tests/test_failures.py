@@ -824,6 +824,33 @@ def test_a_register_does_not_move_the_alias_off_a_better_version_moved_there_alo
     assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
 
 
+def test_a_version_registered_alongside_for_another_alias_never_takes_this_one(store, monkeypatch):
+    """A register for @champion settled the alias over every version registered alongside it, whatever alias its
+    register weighed it for: a `register.alias=staging` register finishing meanwhile (0.9, "no version held @staging")
+    had @champion moved onto its version too, one never weighed for @champion, and the @champion register's decision
+    blamed "registers that ran alongside"."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))  # v1 @champion
+    staging_model, model = (evaluated_model(experiment_id, {"test_acc": acc}) for acc in (0.9, 0.6))
+    read, staged = registry.current_champion, []
+
+    def champion_then_staging_registers(name, alias):
+        found = read(name, alias)
+        if alias == "champion" and not staged:  # read: the other register runs, whole, before this one goes on
+            with mlflow.start_run(experiment_id=experiment_id, nested=True):
+                staged.append(register.run(config.load(TINY, "register.alias=staging"), staging_model))
+        return found
+
+    monkeypatch.setattr(registry, "current_champion", champion_then_staging_registers)
+    decision = registered(experiment_id, model)
+    assert staged[0]["version"] == 2 and staged[0]["reason"] == "no version held @staging", staged
+    assert decision["version"] == 3 and decision["alias_moved"], decision
+    assert decision["reason"] == "test_acc 0.6000 beats v1's 0.5000"
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "3"
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "staging").version) == "2"
+
+
 @pytest.mark.parametrize("stopped_in", ["move_alias", "record_report"])
 def test_a_register_stopped_after_creating_its_version_leaves_it_described_and_the_rerun_finishes_it(
         store, monkeypatch, stopped_in):

@@ -251,9 +251,10 @@ def comparable(a: str | None, b: str | None) -> bool:
 
 def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> str | None:
     """Leave the alias on the best-scoring (the earliest on ties) of the version that holds it and the versions
-    registered after version `after` (those of registers running alongside this one), among those scored on the
-    holder's test data (on `test_data` if none holds it) and on no image they were trained on; return the version
-    that holds it then.
+    registered after version `after` (those of registers running alongside this one) for this alias (tag `alias`; a
+    version without it, registered otherwise, for any), among those scored on the holder's test data (on `test_data`
+    if none holds it) and on no image they were trained on; return the version that holds it then. A version a
+    register weighed for another alias (`register.alias=staging`) was never weighed for this one.
 
     Registers running at the same time can each read a champion that another is replacing; by re-reading
     the versions they registered after writing, the last register to finish repairs any such race. Versions
@@ -266,7 +267,7 @@ def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> st
         return str(holder.version)
     pool = held.test_data if held else test_data
     entries = [(tagged_test_acc(v), -int(v.version), v) for v in versions(name)
-               if int(v.version) > after and tagged_test_acc(v) is not None
+               if int(v.version) > after and tagged_test_acc(v) is not None and v.tags.get(ALIAS_TAG, alias) == alias
                and comparable(v.tags.get(TEST_DATA_TAG), pool) and v.tags.get(IN_TRAIN, "0") == "0"]
     if holder is not None:
         entries.append((held.test_acc, -int(holder.version), holder))
