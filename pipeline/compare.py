@@ -36,6 +36,7 @@ from pipeline.tracking import (
     VAL_DATA_TAG,
     artifact_dir,
     cli,
+    given_param,
     json_digest,
     markdown_table,
     metric_history,
@@ -95,7 +96,7 @@ def trained_on(run: pd.Series) -> str:
     """The dataset URI a training run (a row of `search_train_runs`) trained on, as `trained_dataset_uri` reads it;
     "" if it names none."""
     tag, param = run.get("tags.dataset_uri"), run.get("params.dataset_uri")
-    return tag if isinstance(tag, str) and tag else param.strip("'") if isinstance(param, str) else ""
+    return tag if isinstance(tag, str) and tag else given_param(param) if isinstance(param, str) else ""
 
 
 # val_data of a run validated on the test split (train.validation_fraction 0) starts so: its val_acc is a test score.

@@ -499,6 +499,33 @@ def test_test_acc_is_the_models_score_on_the_data_it_trained_on(store):
     assert table[["run", "test_acc"]].values.tolist() == [["a", 0.9], ["b", 0.8]]
 
 
+def test_a_model_evaluated_under_mlflow_run_on_a_path_that_needs_quotes_shows_its_test_acc(store, tmp_path):
+    """`mlflow run . -e evaluate -P dataset_uri=<a path with a space>` logs that -P shell-quoted on the evaluate run
+    (`'/data/my set/dataset.npz'`): compare took it for an evaluation of another dataset than the one the model trained
+    on (the train run's tag, unquoted), and the row showed no test_acc."""
+    import mlflow
+    from mlflow.projects import _project_spec
+
+    from pipeline import compare
+    from pipeline.tracking import steps
+    from tests.test_failures import Echo
+
+    experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    dataset_uri = str(tmp_path / "my set (v2)" / "dataset.npz")
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "train", "dataset_uri": dataset_uri}):
+        model_uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
+        mlflow.set_tag("model_uri", model_uri)
+        mlflow.log_metric("val_acc", 0.8, step=1)
+    given = {"model_uri": model_uri, "dataset_uri": dataset_uri}
+    logged, _ = _project_spec.load_project(ROOT).get_entry_point("evaluate").compute_parameters(given, None)
+    assert logged["dataset_uri"] != dataset_uri  # what `mlflow run` logs: quoted for the shell
+    with mlflow.start_run(experiment_id=experiment_id):
+        mlflow.log_params(logged)
+        steps.log_evaluation(given, {"test_acc": 0.9}, model_uri, "a" * 64)
+    table = compare.run(experiment="e2e", metric="test_acc")["table"]
+    assert table["test_acc"].tolist() == [0.9]
+
+
 def test_a_comparison_too_long_for_a_description_ends_on_a_whole_row_and_says_so(store):
     """MLflow cuts a tag at 8,000 characters: the description of a comparison of 50 runs ended mid-row, unsaid."""
     from mlflow import MlflowClient

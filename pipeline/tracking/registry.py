@@ -27,7 +27,7 @@ from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from pipeline import config
-from pipeline.tracking import TEST_DATA_TAG, finished_run, latest_metrics, log_params, model_id
+from pipeline.tracking import TEST_DATA_TAG, finished_run, given_param, latest_metrics, log_params, model_id
 
 EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose score register compared
 CHAMPION_EVALUATE_RUN_TAG = "champion_evaluate_run_id"  # on a version: that of the champion's score it was weighed by
@@ -95,7 +95,7 @@ def _evaluation(model, tagged_acc: str | None = None, evaluate_run: str | None =
     # evaluate tags its run with the test split's digest; the model's tag is that of its latest evaluation
     test_data = runs[run].data.tags.get(TEST_DATA_TAG) or (model.tags or {}).get(TEST_DATA_TAG)
     return Score(float(metrics["test_acc"]), metrics, test_data, run, model.source_run_id,
-                 runs[run].data.params.get("dataset_uri", "").strip("'") or None)
+                 given_param(runs[run].data.params.get("dataset_uri", "")) or None)
 
 
 def model_test_acc(model_uri: str) -> Score:
