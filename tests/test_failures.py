@@ -886,6 +886,32 @@ def test_a_register_stopped_after_creating_its_version_leaves_it_described_and_t
     assert ("holds @champion already" if stopped_in == "record_report" else "beats v1's") in decision["reason"]
 
 
+def test_the_rerun_of_a_stopped_register_whose_champion_was_deleted_keeps_no_tag_naming_it(store, monkeypatch):
+    """A register stopped before placing the alias left its version tagged with the champion it weighed (v1); v1 was
+    deleted before the rerun, which found no version holding @champion and said so, but the version kept the tags
+    champion_version 1, test_acc_difference +0.200000 and v1's champion_evaluate_run_id beside that decision."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
+    challenger = evaluated_model(experiment_id, {"test_acc": 0.7})
+    move = registry.move_alias
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry, "move_alias", killed)
+    with pytest.raises(KeyboardInterrupt):
+        registered(experiment_id, challenger)
+    assert client.get_model_version("cifar10-resnet", "2").tags["champion_version"] == "1"
+    client.delete_model_version("cifar10-resnet", "1")
+    monkeypatch.setattr(registry, "move_alias", move)
+    decision = registered(experiment_id, challenger)
+    assert (decision["version"], decision["alias_moved"], decision["reason"]) == (2, True, "no version held @champion")
+    tags = client.get_model_version("cifar10-resnet", "2").tags
+    assert tags["decision"] == "no version held @champion" and tags["alias_moved"] == "true"
+    assert not {"champion_version", "test_acc_difference", "champion_evaluate_run_id"} & set(tags), tags
+
+
 def test_the_rerun_of_a_register_stopped_after_placing_the_alias_reports_the_champion_it_beat(store, monkeypatch):
     """Stopped after moving @champion to v2, before its report, the register's rerun found v2 holding the alias and
     wrote a report weighing v2 against itself: champion v2, test_acc_difference +0.000000, every per-class

@@ -311,5 +311,12 @@ def record_report(report: dict, markdown: str) -> None:
     client = MlflowClient()
     name, version = report["model_name"], report["challenger"]["version"]
     client.update_model_version(name, version, description=fit_description(markdown))
-    for key, value in report_tags(report).items():  # the decision last: it marks the version finished
+    tags = report_tags(report)
+    # those of a champion this report has not: a stopped register's rerun may weigh none (it was deleted since) or one
+    # scored otherwise, and the version kept the first report's champion beside the rerun's decision
+    stale = set(client.get_model_version(name, version).tags) & {"champion_version", "test_acc_difference",
+                                                                 CHAMPION_EVALUATE_RUN_TAG} - set(tags)
+    for key in sorted(stale):
+        client.delete_model_version_tag(name, version, key)
+    for key, value in tags.items():  # the decision last: it marks the version finished
         client.set_model_version_tag(name, version, key, value)
