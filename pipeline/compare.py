@@ -252,9 +252,16 @@ def val_data_note(table: pd.DataFrame) -> str:
     return note
 
 
+# Columns `build_table` leaves out where every run's count is 0: sorted by, the runs are equals, in the table's order.
+COUNT_COLUMNS = ("val_images_in_train", "test_images_in_train")
+
+
 def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
     """Rows sorted by `metric`, best first (lowest first for times and losses, else highest; equals in the
     table's order), runs without it last; the first `top` if given."""
+    if metric in COUNT_COLUMNS and metric not in table.columns:  # no run counts any: all equal, 0
+        table = table.assign(**{metric: 0})
+        return top_runs(table, metric, top).drop(columns=metric)
     if metric not in table.columns or not pd.api.types.is_numeric_dtype(table[metric]):
         numeric = [c for c in RESULT_COLUMNS if c in table.columns]
         raise config.ConfigError(f"metric: must be one of {', '.join(numeric)}, got {metric!r}")

@@ -381,6 +381,28 @@ def test_runs_with_equal_scores_are_listed_oldest_first(store):
     assert table["run_id"].tolist() == [ids[0], ids[2], ids[1]]
 
 
+def test_sorting_by_images_trained_on_that_no_run_counts_keeps_the_runs_oldest_first(store):
+    """`-P metric=test_images_in_train` (or val_images_in_train), a sort column the docs list, was refused as no metric
+    ("must be one of epochs, val_acc, ...") wherever no run counted any such image: the column is left out then."""
+    from mlflow import MlflowClient
+
+    from pipeline import compare
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    ids = []
+    for start, val_acc in ((1_000, 0.5), (2_000, 0.9)):
+        run = client.create_run(experiment, start_time=start, tags={"step": "train"}).info.run_id
+        client.log_metric(run, "val_acc", val_acc, step=1)
+        client.log_metric(run, "val_images_in_train", 0)
+        client.set_terminated(run, end_time=start + 500)
+        ids.append(run)
+    for metric in ("test_images_in_train", "val_images_in_train"):
+        comparison = compare.run("e2e", metric=metric)
+        assert comparison["table"]["run_id"].tolist() == ids and metric not in comparison["table"]
+    assert compare.run("e2e", top=1, metric="val_images_in_train")["table"]["run_id"].tolist() == ids[:1]
+
+
 def test_a_pipe_or_a_line_break_in_a_cell_stays_in_its_cell(store):
     """A param value or run name with a line break made tabulate write a second, made-up row below its run in runs.md
     and the description (its name's second line under `run`, every other cell empty), one ranked among the runs."""
