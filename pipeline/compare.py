@@ -36,6 +36,7 @@ from pipeline.tracking import (
     VAL_DATA_TAG,
     artifact_dir,
     cli,
+    given_param,
     json_digest,
     markdown_table,
     metric_history,
@@ -95,7 +96,7 @@ def trained_on(run: pd.Series) -> str:
     """The dataset URI a training run (a row of `search_train_runs`) trained on, as `trained_dataset_uri` reads it;
     "" if it names none."""
     tag, param = run.get("tags.dataset_uri"), run.get("params.dataset_uri")
-    return tag if isinstance(tag, str) and tag else param.strip("'") if isinstance(param, str) else ""
+    return tag if isinstance(tag, str) and tag else given_param(param) if isinstance(param, str) else ""
 
 
 # val_data of a run validated on the test split (train.validation_fraction 0) starts so: its val_acc is a test score.
@@ -251,9 +252,16 @@ def val_data_note(table: pd.DataFrame) -> str:
     return note
 
 
+# Columns `build_table` leaves out where every run's count is 0: sorted by, the runs are equals, in the table's order.
+COUNT_COLUMNS = ("val_images_in_train", "test_images_in_train")
+
+
 def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
     """Rows sorted by `metric`, best first (lowest first for times and losses, else highest; equals in the
     table's order), runs without it last; the first `top` if given."""
+    if metric in COUNT_COLUMNS and metric not in table.columns:  # no run counts any: all equal, 0
+        table = table.assign(**{metric: 0})
+        return top_runs(table, metric, top).drop(columns=metric)
     if metric not in table.columns or not pd.api.types.is_numeric_dtype(table[metric]):
         numeric = [c for c in RESULT_COLUMNS if c in table.columns]
         raise config.ConfigError(f"metric: must be one of {', '.join(numeric)}, got {metric!r}")

@@ -381,6 +381,28 @@ def test_runs_with_equal_scores_are_listed_oldest_first(store):
     assert table["run_id"].tolist() == [ids[0], ids[2], ids[1]]
 
 
+def test_sorting_by_images_trained_on_that_no_run_counts_keeps_the_runs_oldest_first(store):
+    """`-P metric=test_images_in_train` (or val_images_in_train), a sort column the docs list, was refused as no metric
+    ("must be one of epochs, val_acc, ...") wherever no run counted any such image: the column is left out then."""
+    from mlflow import MlflowClient
+
+    from pipeline import compare
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    ids = []
+    for start, val_acc in ((1_000, 0.5), (2_000, 0.9)):
+        run = client.create_run(experiment, start_time=start, tags={"step": "train"}).info.run_id
+        client.log_metric(run, "val_acc", val_acc, step=1)
+        client.log_metric(run, "val_images_in_train", 0)
+        client.set_terminated(run, end_time=start + 500)
+        ids.append(run)
+    for metric in ("test_images_in_train", "val_images_in_train"):
+        comparison = compare.run("e2e", metric=metric)
+        assert comparison["table"]["run_id"].tolist() == ids and metric not in comparison["table"]
+    assert compare.run("e2e", top=1, metric="val_images_in_train")["table"]["run_id"].tolist() == ids[:1]
+
+
 def test_a_pipe_or_a_line_break_in_a_cell_stays_in_its_cell(store):
     """A param value or run name with a line break made tabulate write a second, made-up row below its run in runs.md
     and the description (its name's second line under `run`, every other cell empty), one ranked among the runs."""
@@ -497,6 +519,33 @@ def test_test_acc_is_the_models_score_on_the_data_it_trained_on(store):
                 mlflow.end_run(*status)
     table = compare.run(experiment="e2e", metric="test_acc")["table"]
     assert table[["run", "test_acc"]].values.tolist() == [["a", 0.9], ["b", 0.8]]
+
+
+def test_a_model_evaluated_under_mlflow_run_on_a_path_that_needs_quotes_shows_its_test_acc(store, tmp_path):
+    """`mlflow run . -e evaluate -P dataset_uri=<a path with a space>` logs that -P shell-quoted on the evaluate run
+    (`'/data/my set/dataset.npz'`): compare took it for an evaluation of another dataset than the one the model trained
+    on (the train run's tag, unquoted), and the row showed no test_acc."""
+    import mlflow
+    from mlflow.projects import _project_spec
+
+    from pipeline import compare
+    from pipeline.tracking import steps
+    from tests.test_failures import Echo
+
+    experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    dataset_uri = str(tmp_path / "my set (v2)" / "dataset.npz")
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "train", "dataset_uri": dataset_uri}):
+        model_uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
+        mlflow.set_tag("model_uri", model_uri)
+        mlflow.log_metric("val_acc", 0.8, step=1)
+    given = {"model_uri": model_uri, "dataset_uri": dataset_uri}
+    logged, _ = _project_spec.load_project(ROOT).get_entry_point("evaluate").compute_parameters(given, None)
+    assert logged["dataset_uri"] != dataset_uri  # what `mlflow run` logs: quoted for the shell
+    with mlflow.start_run(experiment_id=experiment_id):
+        mlflow.log_params(logged)
+        steps.log_evaluation(given, {"test_acc": 0.9}, model_uri, "a" * 64)
+    table = compare.run(experiment="e2e", metric="test_acc")["table"]
+    assert table["test_acc"].tolist() == [0.9]
 
 
 def test_a_comparison_too_long_for_a_description_ends_on_a_whole_row_and_says_so(store):

@@ -824,6 +824,33 @@ def test_a_register_does_not_move_the_alias_off_a_better_version_moved_there_alo
     assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
 
 
+def test_a_version_registered_alongside_for_another_alias_never_takes_this_one(store, monkeypatch):
+    """A register for @champion settled the alias over every version registered alongside it, whatever alias its
+    register weighed it for: a `register.alias=staging` register finishing meanwhile (0.9, "no version held @staging")
+    had @champion moved onto its version too, one never weighed for @champion, and the @champion register's decision
+    blamed "registers that ran alongside"."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))  # v1 @champion
+    staging_model, model = (evaluated_model(experiment_id, {"test_acc": acc}) for acc in (0.9, 0.6))
+    read, staged = registry.current_champion, []
+
+    def champion_then_staging_registers(name, alias):
+        found = read(name, alias)
+        if alias == "champion" and not staged:  # read: the other register runs, whole, before this one goes on
+            with mlflow.start_run(experiment_id=experiment_id, nested=True):
+                staged.append(register.run(config.load(TINY, "register.alias=staging"), staging_model))
+        return found
+
+    monkeypatch.setattr(registry, "current_champion", champion_then_staging_registers)
+    decision = registered(experiment_id, model)
+    assert staged[0]["version"] == 2 and staged[0]["reason"] == "no version held @staging", staged
+    assert decision["version"] == 3 and decision["alias_moved"], decision
+    assert decision["reason"] == "test_acc 0.6000 beats v1's 0.5000"
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "3"
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "staging").version) == "2"
+
+
 @pytest.mark.parametrize("stopped_in", ["move_alias", "record_report"])
 def test_a_register_stopped_after_creating_its_version_leaves_it_described_and_the_rerun_finishes_it(
         store, monkeypatch, stopped_in):
@@ -857,6 +884,32 @@ def test_a_register_stopped_after_creating_its_version_leaves_it_described_and_t
     assert version.tags["alias_moved"] == "true" and version.tags["decision"] == decision["reason"]
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
     assert ("holds @champion already" if stopped_in == "record_report" else "beats v1's") in decision["reason"]
+
+
+def test_the_rerun_of_a_stopped_register_whose_champion_was_deleted_keeps_no_tag_naming_it(store, monkeypatch):
+    """A register stopped before placing the alias left its version tagged with the champion it weighed (v1); v1 was
+    deleted before the rerun, which found no version holding @champion and said so, but the version kept the tags
+    champion_version 1, test_acc_difference +0.200000 and v1's champion_evaluate_run_id beside that decision."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
+    challenger = evaluated_model(experiment_id, {"test_acc": 0.7})
+    move = registry.move_alias
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry, "move_alias", killed)
+    with pytest.raises(KeyboardInterrupt):
+        registered(experiment_id, challenger)
+    assert client.get_model_version("cifar10-resnet", "2").tags["champion_version"] == "1"
+    client.delete_model_version("cifar10-resnet", "1")
+    monkeypatch.setattr(registry, "move_alias", move)
+    decision = registered(experiment_id, challenger)
+    assert (decision["version"], decision["alias_moved"], decision["reason"]) == (2, True, "no version held @champion")
+    tags = client.get_model_version("cifar10-resnet", "2").tags
+    assert tags["decision"] == "no version held @champion" and tags["alias_moved"] == "true"
+    assert not {"champion_version", "test_acc_difference", "champion_evaluate_run_id"} & set(tags), tags
 
 
 def test_the_rerun_of_a_register_stopped_after_placing_the_alias_reports_the_champion_it_beat(store, monkeypatch):

@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -704,6 +705,18 @@ def log_params(params: dict) -> None:
     mlflow.log_params({k: v for k, v in params.items() if k not in logged or logged[k] != quote(str(v))})
 
 
+def given_param(value: str | None) -> str | None:
+    """A logged param as the command was given it: one `mlflow run` logged as an entry point's -P, shell-quoted
+    (`'/my data/d.npz'`, `''` for one left out), unquoted; any other as it is (a step logs its own unquoted)."""
+    if not isinstance(value, str) or not (value.startswith("'") and value.endswith("'")):
+        return value
+    try:
+        parts = shlex.split(value)
+    except ValueError:  # an unbalanced quote: no quoting of mlflow run's
+        return value
+    return "" if not parts else parts[0] if len(parts) == 1 else value
+
+
 def log_metrics(metrics: dict[str, float]) -> None:
     """Log `metrics` on the active run."""
     mlflow.log_metrics(metrics)
@@ -795,8 +808,8 @@ def model_score(model_uri: str | None, dataset_uri: str | None = None) -> tuple[
     runs = {run_id: run.data for run_id in {m.run_id for m in metrics if m.run_id}
             if (run := finished_run(run_id)) is not None}
     metrics = [m for m in metrics if m.run_id in runs]
-    if dataset_uri is not None:
-        metrics = [m for m in metrics if runs[m.run_id].params.get("dataset_uri") == dataset_uri]
+    if dataset_uri is not None:  # an evaluate run's param as `mlflow run . -e evaluate` logged it: shell-quoted
+        metrics = [m for m in metrics if given_param(runs[m.run_id].params.get("dataset_uri")) == dataset_uri]
     scores = [m for m in metrics if m.key == "test_acc"]
     test_data = runs[max(scores, key=lambda m: m.timestamp).run_id].tags.get(TEST_DATA_TAG) if scores else None
     return latest_metrics(metrics), test_data
@@ -849,8 +862,8 @@ def model_summary(params: dict[str, str], tags: dict[str, str]) -> str:
 
 def trained_dataset_uri(run) -> str:
     """The dataset a train run trained on: its tag `dataset_uri`, else (runs before the tag) its param (under
-    `mlflow run . -e train` that param is the -P as given, often '')."""
-    return run.data.tags.get("dataset_uri") or run.data.params.get("dataset_uri", "").strip("'")
+    `mlflow run . -e train` that param is the -P as given, shell-quoted, often '')."""
+    return run.data.tags.get("dataset_uri") or given_param(run.data.params.get("dataset_uri", ""))
 
 
 def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:

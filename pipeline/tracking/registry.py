@@ -27,7 +27,7 @@ from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from pipeline import config
-from pipeline.tracking import TEST_DATA_TAG, finished_run, latest_metrics, log_params, model_id
+from pipeline.tracking import TEST_DATA_TAG, finished_run, given_param, latest_metrics, log_params, model_id
 
 EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose score register compared
 CHAMPION_EVALUATE_RUN_TAG = "champion_evaluate_run_id"  # on a version: that of the champion's score it was weighed by
@@ -95,7 +95,7 @@ def _evaluation(model, tagged_acc: str | None = None, evaluate_run: str | None =
     # evaluate tags its run with the test split's digest; the model's tag is that of its latest evaluation
     test_data = runs[run].data.tags.get(TEST_DATA_TAG) or (model.tags or {}).get(TEST_DATA_TAG)
     return Score(float(metrics["test_acc"]), metrics, test_data, run, model.source_run_id,
-                 runs[run].data.params.get("dataset_uri", "").strip("'") or None)
+                 given_param(runs[run].data.params.get("dataset_uri", "")) or None)
 
 
 def model_test_acc(model_uri: str) -> Score:
@@ -251,9 +251,10 @@ def comparable(a: str | None, b: str | None) -> bool:
 
 def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> str | None:
     """Leave the alias on the best-scoring (the earliest on ties) of the version that holds it and the versions
-    registered after version `after` (those of registers running alongside this one), among those scored on the
-    holder's test data (on `test_data` if none holds it) and on no image they were trained on; return the version
-    that holds it then.
+    registered after version `after` (those of registers running alongside this one) for this alias (tag `alias`; a
+    version without it, registered otherwise, for any), among those scored on the holder's test data (on `test_data`
+    if none holds it) and on no image they were trained on; return the version that holds it then. A version a
+    register weighed for another alias (`register.alias=staging`) was never weighed for this one.
 
     Registers running at the same time can each read a champion that another is replacing; by re-reading
     the versions they registered after writing, the last register to finish repairs any such race. Versions
@@ -266,7 +267,7 @@ def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> st
         return str(holder.version)
     pool = held.test_data if held else test_data
     entries = [(tagged_test_acc(v), -int(v.version), v) for v in versions(name)
-               if int(v.version) > after and tagged_test_acc(v) is not None
+               if int(v.version) > after and tagged_test_acc(v) is not None and v.tags.get(ALIAS_TAG, alias) == alias
                and comparable(v.tags.get(TEST_DATA_TAG), pool) and v.tags.get(IN_TRAIN, "0") == "0"]
     if holder is not None:
         entries.append((held.test_acc, -int(holder.version), holder))
@@ -310,5 +311,12 @@ def record_report(report: dict, markdown: str) -> None:
     client = MlflowClient()
     name, version = report["model_name"], report["challenger"]["version"]
     client.update_model_version(name, version, description=fit_description(markdown))
-    for key, value in report_tags(report).items():  # the decision last: it marks the version finished
+    tags = report_tags(report)
+    # those of a champion this report has not: a stopped register's rerun may weigh none (it was deleted since) or one
+    # scored otherwise, and the version kept the first report's champion beside the rerun's decision
+    stale = set(client.get_model_version(name, version).tags) & {"champion_version", "test_acc_difference",
+                                                                 CHAMPION_EVALUATE_RUN_TAG} - set(tags)
+    for key in sorted(stale):
+        client.delete_model_version_tag(name, version, key)
+    for key, value in tags.items():  # the decision last: it marks the version finished
         client.set_model_version_tag(name, version, key, value)
