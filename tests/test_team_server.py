@@ -572,6 +572,61 @@ def test_a_tracking_uri_that_answers_but_is_no_mlflow_server_is_one_line(monkeyp
                 assert out == f"tracking store {shown} ready\n", (out, err)
 
 
+def test_a_tracking_server_behind_a_login_without_the_right_one_is_one_line(monkeypatch, capsys, tmp_path):
+    """A server behind a login (`mlflow server --app-name basic-auth`, or a proxy's) answered 401 to a member who had
+    not set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or had set a wrong one: `python -m
+    pipeline.tracking` said "tracking store ... ready", and every step then failed on MLflow's 401. Now the check
+    asks with the login MLflow sends: one line naming the 401, exit 2; with the right login (the environment's, or
+    the URI's), ready as before."""
+    import base64
+
+    import mlflow
+
+    from pipeline.tracking import cli, store_ready
+
+    login = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+    def answer(request):
+        ok = request.headers.get("Authorization") == login
+        body = b'{"experiments": []}' if ok else b"You are not authenticated."
+        request.send_response(200 if ok else 401)
+        if not ok:
+            request.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+        request.send_header("Content-Type", "application/json" if ok else "text/plain")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.mlflow/credentials of the machine's
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+
+    def ready(uri: str, **env: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        try:
+            cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
+        except SystemExit as exc:
+            return exc.code, *capsys.readouterr()
+        return 0, *capsys.readouterr()
+
+    api = "/api/2.0/mlflow/experiments/search"
+    with http_stub(answer) as address:
+        assert ready(address) == (2, "", f"error: MLFLOW_TRACKING_URI: {address} asks for a login (HTTP 401 for "
+                                         f"{api}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD\n")
+        refused = (2, "", f"error: MLFLOW_TRACKING_URI: {address} refuses the login given (HTTP 401 for {api}): "
+                          "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD\n")
+        assert ready(address, MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD="wrong") == refused
+        assert ready(address, MLFLOW_TRACKING_PASSWORD="s3cret") == (0, f"tracking store {address} ready\n", "")
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        base = address.replace("//", "//alice:s3cret@")
+        assert ready(base) == (0, f"tracking store {base.replace('s3cret', '***')} ready\n", "")
+
+
 def test_a_password_in_the_tracking_uris_query_is_never_printed_nor_written(monkeypatch, capsys):
     """libpq also takes the password as a query parameter (`postgresql://mlflow@db-host/mlflow?password=...`): the
     error line, the ready line and each step's console link printed it, and the checkpoints' lock files (readable by
