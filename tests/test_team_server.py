@@ -627,6 +627,45 @@ def test_a_tracking_server_behind_a_login_without_the_right_one_is_one_line(monk
         assert ready(base) == (0, f"tracking store {base.replace('s3cret', '***')} ready\n", "")
 
 
+@pytest.mark.parametrize(("said", "what"), [
+    (b"", "closes the connection without an HTTP answer"),  # PostgreSQL's port: no answer to a bad startup packet
+    (b"SSH-2.0-OpenSSH_9.2p1\r\n", "answers, but not in HTTP ('SSH-2.0-OpenSSH_9.2p1\\r\\n')"),
+])
+def test_a_tracking_uri_naming_a_port_of_another_protocol_is_one_line_saying_so(monkeypatch, capsys, said, what):
+    """`MLFLOW_TRACKING_URI=http://team-host:5432` (PostgreSQL's port, as an http URL) or another service's port:
+    "tracking server ... failed: no answer (ConnectionError)", exit 4, as if the server were down. Now one line saying
+    that something listens there but speaks no HTTP, exit 2."""
+    import socketserver
+    import threading
+
+    import mlflow
+
+    from pipeline.tracking import cli, store_ready
+
+    class Peer(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.sendall(said)
+            self.request.recv(65536)
+
+    server = socketserver.TCPServer(("127.0.0.1", 0), Peer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://alice:s3cret@127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
+    finally:
+        server.shutdown()
+        server.server_close()
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == "", (out, err)
+    assert err.strip().splitlines() == [
+        f"error: MLFLOW_TRACKING_URI: {uri.replace('s3cret', '***')} {what}: another service's port, not an MLflow "
+        "tracking server's (a PostgreSQL store is named postgresql://USER@HOST:5432/DATABASE)"]
+
+
 def test_a_password_in_the_tracking_uris_query_is_never_printed_nor_written(monkeypatch, capsys):
     """libpq also takes the password as a query parameter (`postgresql://mlflow@db-host/mlflow?password=...`): the
     error line, the ready line and each step's console link printed it, and the checkpoints' lock files (readable by

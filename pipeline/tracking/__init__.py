@@ -305,12 +305,27 @@ def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
     except requests.exceptions.SSLError:
         pass
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        if what := _not_http(exc):  # a port that takes the connection, then no HTTP: was "no answer", exit 4
+            raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} {what}: another service's port, not an MLflow tracking "
+                              "server's (a PostgreSQL store is named postgresql://USER@HOST:5432/DATABASE)") from None
         reason = _os_reason(str(exc)) or (f"nothing within {timeout:g} s" if isinstance(
             exc, requests.exceptions.Timeout) else type(exc).__name__)
         raise MlflowException(f"no answer ({reason})") from None
     except requests.exceptions.RequestException as exc:  # not a URL requests can read (a stray ':' or '/')
         raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} is not a URL a client can reach "
                           f"({_first_line(str(exc).replace(uri, shown))})") from None
+
+
+def _not_http(exc: Exception) -> str | None:
+    """What the peer of a failed request did, in words, where it took the connection but gave no HTTP answer: closed
+    it (PostgreSQL's port, told an HTTP request), or answered another protocol (an SSH banner); None otherwise."""
+    import http.client
+
+    cause = exc.args[0] if exc.args else None  # urllib3's ProtocolError("Connection aborted.", <the cause>)
+    line = next((arg for arg in getattr(cause, "args", ()) if isinstance(arg, http.client.BadStatusLine)), None)
+    if isinstance(line, http.client.RemoteDisconnected):
+        return "closes the connection without an HTTP answer"
+    return None if line is None else f"answers, but not in HTTP ({line.line[:60]!r})"
 
 
 def _check_login(uri: str, shown: str, api: str, timeout: float) -> None:
