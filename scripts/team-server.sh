@@ -94,11 +94,14 @@ start_postgres() {
   fi
   # The password goes through stdin (not a command line), as a plain literal (in a DO block, a $$ in
   # it would end the block).
-  local existed=1
+  # The name quoted: DB_USER=user (an SQL keyword) failed, its error thrown away, and the script ended without a word.
+  local existed=1 made
   if ! exists pg_roles rolname "$DB_USER"; then
     existed=
-    psql_admin -d postgres 2>/dev/null <<< "CREATE ROLE $DB_USER LOGIN PASSWORD '${DB_PASSWORD//\'/\'\'}'" \
-      || exists pg_roles rolname "$DB_USER"  # another caller created it meanwhile
+    if ! made=$(psql_admin -d postgres 2>&1 <<< "CREATE ROLE \"$DB_USER\" LOGIN PASSWORD '${DB_PASSWORD//\'/\'\'}'") \
+      && ! exists pg_roles rolname "$DB_USER"; then  # (else another caller created it meanwhile)
+      fail "cannot create role $DB_USER: $(head -n 1 <<< "${made#*ERROR:  }")"
+    fi
   fi
   # Log in as mlflow server will, before any database is made: a role made earlier with another
   # password is one line here, not a traceback from every server worker later.
@@ -111,8 +114,9 @@ start_postgres() {
     fail "cannot log in to PostgreSQL on $PGHOST:$PGPORT as $DB_USER with DB_PASSWORD: $login"
   fi
   for db in "$MLFLOW_DB" "$OPTUNA_DB"; do
-    if ! exists pg_database datname "$db"; then
-      as_postgres createdb -p "$PGPORT" -O "$DB_USER" "$db" 2>/dev/null || exists pg_database datname "$db"
+    if ! exists pg_database datname "$db" && ! made=$(as_postgres createdb -p "$PGPORT" -O "$DB_USER" "$db" 2>&1) \
+      && ! exists pg_database datname "$db"; then  # (else another caller created it meanwhile)
+      fail "cannot create database $db: $(head -n 1 <<< "${made#createdb: error: }")"
     fi
     # One made otherwise (by hand, as postgres) may not let the role make its tables: one line here, not a
     # traceback from every server worker (or every sweep) later.

@@ -432,6 +432,27 @@ def test_bad_postgresql_settings_are_one_line_and_quick():
     assert time.monotonic() - started < 15
 
 
+def test_a_role_named_by_an_sql_keyword_is_made_and_a_reserved_one_is_one_line():
+    """DB_USER=user (an SQL keyword, which the names' check lets through) or pg_team (PostgreSQL keeps pg_ names for
+    its own roles): CREATE ROLE failed, its error thrown away, and the script ended exit 1 without a word. Now the
+    role name is quoted, so `user` is made like any other; a reserved one is one line with PostgreSQL's reason."""
+    name = f"mlflow_kw_{uuid.uuid4().hex[:10]}"
+    pgport = os.environ.get("PGPORT", "5432")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
+    line = one_error_line(run_script("postgres", DB_USER="pg_team", MLFLOW_DB=name, OPTUNA_DB=name))
+    assert line.startswith("error: cannot create role pg_team: ") and 'role name "pg_team" is reserved' in line, line
+    assert not database_exists(name)  # nothing half made
+    try:
+        result = run_script("postgres", DB_USER="user", DB_PASSWORD="kw-secret", MLFLOW_DB=name, OPTUNA_DB=name)
+        assert result.returncode == 0, result
+        assert f"databases {name} (tracking) and {name} (Optuna), owner user" in result.stdout
+        connection = psycopg2.connect(host="127.0.0.1", port=pgport, user="user", password="kw-secret", dbname=name)
+        connection.close()
+    finally:
+        subprocess.run([*as_postgres, "dropdb", "--if-exists", "-p", pgport, name], check=True, cwd="/")
+        subprocess.run([*as_postgres, "psql", "-p", pgport, "-qc", 'DROP ROLE IF EXISTS "user"'], check=True, cwd="/")
+
+
 def test_a_database_the_role_may_not_make_tables_in_is_one_line():
     """A database that existed already, made by hand as postgres (`createdb mlflow`), was taken as it was: the script
     said "owner mlflow", then every server worker died on "permission denied for schema public" (a sweep too)."""
