@@ -8,7 +8,7 @@
 #
 # Settings (environment, defaults in brackets):
 #   MLFLOW_DB [mlflow]      database of the tracking store and the Model Registry
-#   OPTUNA_DB [optuna]      database for Optuna studies (`-P storage=` of sweeps)
+#   OPTUNA_DB [optuna]      database for Optuna studies (`-P storage=` of sweeps), not MLFLOW_DB
 #   DB_USER [mlflow]        role owning both; DB_PASSWORD [mlflow] its password (set your own). A role
 #                           that exists already keeps its password: DB_PASSWORD must be that one.
 #   PGHOST [127.0.0.1] (a name or an address, IPv6 too)  PGPORT [5432]  PG_VERSION [15]  PG_CLUSTER [main]
@@ -49,6 +49,11 @@ ALLOWED_HOSTS=${ALLOWED_HOSTS:-}
 for name in "$MLFLOW_DB" "$OPTUNA_DB" "$DB_USER"; do
   [[ $name =~ ^[a-z_][a-z0-9_]*$ ]] || { echo "error: database and role names take a-z, 0-9 and _, got '$name'" >&2; exit 2; }
 done
+
+# One database for both held MLflow's schema version and Optuna's in its one alembic_version table: the first sweep
+# died on "The runtime optuna version ... is no longer compatible with the table schema", the server long started.
+[[ $MLFLOW_DB != "$OPTUNA_DB" ]] || { echo "error: MLFLOW_DB and OPTUNA_DB name one database, $MLFLOW_DB: MLflow's" \
+  "tables and Optuna's each keep their schema's version in it (alembic_version); give each its own" >&2; exit 2; }
 
 fail() { echo "error: $*" >&2; exit 1; }
 

@@ -218,7 +218,7 @@ def test_workers_opening_a_new_study_database_together_all_get_it():
     pgport = os.environ.get("PGPORT", "5432")
     name = f"optuna_race_{uuid.uuid4().hex[:10]}"
     subprocess.run(["bash", str(SCRIPT), "postgres"], cwd=ROOT, check=True, capture_output=True,
-                   env={**os.environ, "MLFLOW_DB": name, "OPTUNA_DB": name, "PGPORT": pgport})
+                   env={**os.environ, "MLFLOW_DB": f"{name}_mlflow", "OPTUNA_DB": name, "PGPORT": pgport})
     url = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{pgport}/{name}"
     start, errors, opened = threading.Barrier(4), [], []
 
@@ -243,7 +243,7 @@ def test_workers_opening_a_new_study_database_together_all_get_it():
     finally:
         for storage in opened:
             storage.engine.dispose()
-        drop_databases(pgport, name)
+        drop_databases(pgport, name, f"{name}_mlflow")
 
 
 def test_a_study_whose_database_goes_away_mid_sweep_is_one_line():
@@ -255,7 +255,7 @@ def test_a_study_whose_database_goes_away_mid_sweep_is_one_line():
 
     pgport = os.environ.get("PGPORT", "5432")
     name = f"optuna_gone_{uuid.uuid4().hex[:10]}"
-    run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name).check_returncode()
+    run_script("postgres", MLFLOW_DB=f"{name}_mlflow", OPTUNA_DB=name).check_returncode()
     url = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{pgport}/{name}"
     storage = sweep.open_storage(url)
     try:
@@ -271,7 +271,7 @@ def test_a_study_whose_database_goes_away_mid_sweep_is_one_line():
             raise ValueError("any other error goes on as it was")
     finally:
         storage.engine.dispose()
-        drop_databases(pgport, name)
+        drop_databases(pgport, name, f"{name}_mlflow")
 
 
 # ---------------------------------------------------------------- the script's own checks
@@ -352,12 +352,12 @@ def test_a_port_in_use_is_one_line_before_anything_is_made():
         taken.listen()
         port = str(taken.getsockname()[1])
         try:
-            result = run_script(MLFLOW_DB=name, OPTUNA_DB=name, HOST="127.0.0.1", PORT=port, WORKERS="1",
+            result = run_script(MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna", HOST="127.0.0.1", PORT=port, WORKERS="1",
                                 MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
             assert f"127.0.0.1:{port}" in one_error_line(result) and "in use" in result.stderr
             assert not database_exists(name)
         finally:
-            drop_databases(os.environ.get("PGPORT", "5432"), name)
+            drop_databases(os.environ.get("PGPORT", "5432"), name, f"{name}_optuna")
     assert "PORT takes a port number" in one_error_line(run_script(PORT="50OO"))
 
 
@@ -399,7 +399,7 @@ def test_an_artifacts_folder_or_a_python_it_cannot_use_is_one_line_before_anythi
     name = f"mlflow_art_{uuid.uuid4().hex[:10]}"
     (tmp_path / "a-file").write_text("")
     try:
-        result = run_script(MLFLOW_DB=name, OPTUNA_DB=name, HOST="127.0.0.1", PORT=str(free_port()),
+        result = run_script(MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna", HOST="127.0.0.1", PORT=str(free_port()),
                             ARTIFACTS=str(tmp_path / "a-file" / "artifacts"))
         assert f"ARTIFACTS={tmp_path / 'a-file' / 'artifacts'}" in one_error_line(result)
         assert not database_exists(name)
@@ -407,9 +407,24 @@ def test_an_artifacts_folder_or_a_python_it_cannot_use_is_one_line_before_anythi
         stubs = tmp_path / "bin"
         stubs.mkdir()
         (stubs / "python").symlink_to(Path(sys.base_prefix) / "bin" / "python3")  # the venv's base: no mlflow
-        result = run_script(MLFLOW_DB=name, OPTUNA_DB=name, HOST="127.0.0.1", PORT=str(free_port()),
+        result = run_script(MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna", HOST="127.0.0.1", PORT=str(free_port()),
                             ARTIFACTS=str(tmp_path / "artifacts"), PATH=f"{stubs}:{os.environ['PATH']}")
         assert "has no mlflow" in one_error_line(result) and "activate" in result.stderr
+        assert not database_exists(name)
+    finally:
+        drop_databases(os.environ.get("PGPORT", "5432"), name, f"{name}_optuna")
+
+
+def test_one_database_for_the_tracking_store_and_optuna_is_one_line_before_anything_is_made():
+    """MLFLOW_DB=team OPTUNA_DB=team made one database for both: MLflow's tables and Optuna's each keep their schema's
+    version in the one `alembic_version` table, so the first sweep died on Optuna's "The runtime optuna version ...
+    is no longer compatible with the table schema (set up by optuna ...)", after the server had started on it."""
+    name = f"mlflow_one_{uuid.uuid4().hex[:10]}"
+    try:
+        result = run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"error: MLFLOW_DB and OPTUNA_DB name one database, {name}: MLflow's tables and Optuna's each keep their "
+            "schema's version in it (alembic_version); give each its own"], result
         assert not database_exists(name)
     finally:
         drop_databases(os.environ.get("PGPORT", "5432"), name)
@@ -420,11 +435,12 @@ def test_bad_postgresql_settings_are_one_line_and_quick():
     one line and exit 1 at once, not a traceback later or a 30 s wait that blames the start."""
     name = f"mlflow_bad_{uuid.uuid4().hex[:10]}"
     try:
-        line = one_error_line(run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name, DB_PASSWORD="not-the-password"))
+        line = one_error_line(run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna",
+                                         DB_PASSWORD="not-the-password"))
         assert "password authentication failed" in line and "existed already" in line
         assert not database_exists(name)  # nothing half made
     finally:
-        drop_databases(os.environ.get("PGPORT", "5432"), name)
+        drop_databases(os.environ.get("PGPORT", "5432"), name, f"{name}_optuna")
     started = time.monotonic()
     assert "no PostgreSQL cluster 15/nosuch" in one_error_line(run_script("postgres", PG_CLUSTER="nosuch"))
     other_port = str(free_port())
@@ -439,17 +455,19 @@ def test_a_role_named_by_an_sql_keyword_is_made_and_a_reserved_one_is_one_line()
     name = f"mlflow_kw_{uuid.uuid4().hex[:10]}"
     pgport = os.environ.get("PGPORT", "5432")
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
-    line = one_error_line(run_script("postgres", DB_USER="pg_team", MLFLOW_DB=name, OPTUNA_DB=name))
+    line = one_error_line(run_script("postgres", DB_USER="pg_team", MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna"))
     assert line.startswith("error: cannot create role pg_team: ") and 'role name "pg_team" is reserved' in line, line
     assert not database_exists(name)  # nothing half made
     try:
-        result = run_script("postgres", DB_USER="user", DB_PASSWORD="kw-secret", MLFLOW_DB=name, OPTUNA_DB=name)
+        result = run_script("postgres", DB_USER="user", DB_PASSWORD="kw-secret", MLFLOW_DB=name,
+                            OPTUNA_DB=f"{name}_optuna")
         assert result.returncode == 0, result
-        assert f"databases {name} (tracking) and {name} (Optuna), owner user" in result.stdout
+        assert f"databases {name} (tracking) and {name}_optuna (Optuna), owner user" in result.stdout
         connection = psycopg2.connect(host="127.0.0.1", port=pgport, user="user", password="kw-secret", dbname=name)
         connection.close()
     finally:
-        subprocess.run([*as_postgres, "dropdb", "--if-exists", "-p", pgport, name], check=True, cwd="/")
+        for db in (name, f"{name}_optuna"):
+            subprocess.run([*as_postgres, "dropdb", "--if-exists", "-p", pgport, db], check=True, cwd="/")
         subprocess.run([*as_postgres, "psql", "-p", pgport, "-qc", 'DROP ROLE IF EXISTS "user"'], check=True, cwd="/")
 
 
@@ -460,7 +478,7 @@ def test_a_database_the_role_may_not_make_tables_in_is_one_line():
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
     subprocess.run([*as_postgres, "createdb", "-p", os.environ.get("PGPORT", "5432"), name], check=True, cwd="/")
     try:
-        line = one_error_line(run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name))
+        line = one_error_line(run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna"))
         assert f"database {name} exists, owned by postgres" in line and f"ALTER DATABASE {name} OWNER TO" in line
     finally:
         subprocess.run([*as_postgres, "dropdb", "-p", os.environ.get("PGPORT", "5432"), name], check=True, cwd="/")
@@ -494,11 +512,11 @@ def test_an_exported_pghost_does_not_send_the_admin_commands_over_tcp():
     over TCP, asked for the postgres role's password and failed (or waited for it on a terminal)."""
     name = f"mlflow_pghost_{uuid.uuid4().hex[:10]}"
     try:
-        result = run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name, PGHOST="127.0.0.1", PGUSER=USER)
+        result = run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna", PGHOST="127.0.0.1", PGUSER=USER)
         assert result.returncode == 0, result
         assert database_exists(name)
     finally:
-        drop_databases(os.environ.get("PGPORT", "5432"), name)
+        drop_databases(os.environ.get("PGPORT", "5432"), name, f"{name}_optuna")
 
 
 def test_a_password_with_url_and_sql_characters_works_and_stays_off_command_lines(team):
@@ -541,7 +559,7 @@ def test_a_database_store_that_refuses_the_login_or_does_not_answer_is_one_line_
     retries before its one line. Now one try: the line at once, the password never printed."""
     name = f"mlflow_login_{uuid.uuid4().hex[:10]}"
     pgport = os.environ.get("PGPORT", "5432")
-    run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name).check_returncode()
+    run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna").check_returncode()
     try:
         for uri, reason in [(f"postgresql+psycopg2://{USER}:s3cret@127.0.0.1:{pgport}/{name}",
                              f'password authentication failed for user "{USER}"'),
@@ -557,7 +575,7 @@ def test_a_database_store_that_refuses_the_login_or_does_not_answer_is_one_line_
                                        "OperationalError: ") and reason in lines[0], lines
             assert "s3cret" not in done.stdout + done.stderr and time.monotonic() - start < 30
     finally:
-        drop_databases(pgport, name)
+        drop_databases(pgport, name, f"{name}_optuna")
 
 
 def test_a_tracking_uri_that_answers_but_is_no_mlflow_server_is_one_line(monkeypatch, capsys):
@@ -783,11 +801,12 @@ def test_a_working_directory_the_postgres_user_may_not_enter_adds_no_noise(tmp_p
     name = f"mlflow_cwd_{uuid.uuid4().hex[:10]}"
     home = tmp_path / "home"
     home.mkdir(mode=0o700)
-    env = {**os.environ, "PGPORT": os.environ.get("PGPORT", "5432"), "MLFLOW_DB": name, "OPTUNA_DB": name}
+    env = {**os.environ, "PGPORT": os.environ.get("PGPORT", "5432"), "MLFLOW_DB": name,
+           "OPTUNA_DB": f"{name}_optuna"}
     try:
         result = subprocess.run(["bash", str(SCRIPT), "postgres"], cwd=home, env=env, capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0 and result.stderr == "", result
         assert database_exists(name)
     finally:
-        drop_databases(os.environ.get("PGPORT", "5432"), name)
+        drop_databases(os.environ.get("PGPORT", "5432"), name, f"{name}_optuna")
