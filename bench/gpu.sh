@@ -84,6 +84,9 @@ PY=${PYTHON:-python3}
 SITE=${GPU_SH_SITE:-/tmp/gpu-site}  # where the wheels go (emptied first: a warm machine keeps an earlier call's)
 STAGES="fast fast-warm reference-airbench94 reference-airbench96 seed improved explore-ceiling explore-wide
   explore-24-ghost explore-seed1 explore-ema explore-32 explore-drop explore-24-altflip"
+# one space between names: names on several lines, or tabs, passed the check below and then matched no stage
+GPU_SH_STAGES=$(tr -s '[:space:]' ' ' <<< "${GPU_SH_STAGES:-}") GPU_SH_STAGES=${GPU_SH_STAGES# }
+GPU_SH_STAGES=${GPU_SH_STAGES% }
 for name in ${GPU_SH_STAGES:-}; do  # a misspelt name would run nothing and waste the call
   [[ " ${STAGES//$'\n'/ } " == *" $name "* ]] \
     || { echo "GPU_SH_STAGES: no stage '$name' (stages: $(echo $STAGES))" >&2; exit 2; }

@@ -661,6 +661,21 @@ def test_gpu_sh_refuses_a_misspelt_stage_name_before_anything_runs(tmp_path):
 
 
 
+def test_gpu_sh_runs_the_stages_named_on_several_lines_or_with_tabs(tmp_path):
+    """GPU_SH_STAGES="fast<newline>explore-drop" (a command written on two lines) passed the check of its names, then
+    matched no stage: the call ran nothing and exited 0."""
+    fake, log = tmp_path / "python", tmp_path / "stages.log"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    for stages in ("fast\nexplore-drop", "\tfast\t explore-drop\n"):
+        log.write_text("")
+        proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, env={"PATH": os.environ["PATH"], "PYTHON": str(fake), "FAKE_LOG": str(log),
+                                               "OUT": str(tmp_path / "out"), "GPU_SH_STAGES": stages})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert log.read_text().split() == ["fast", "explore-drop"], (stages, proc.stdout)
+
+
 @pytest.mark.parametrize(("variable", "value"), [("GPU_SH_BUDGET", "10m"), ("GPU_SH_BUDGET", "abc"),
                                                  ("FAST_LIMIT", "0"), ("IMPROVED_LIMIT", "08"),
                                                  ("GPU_SH_CARRY_MIB", "64MiB"), ("GPU_SH_PIECE_MIB", "0")])
