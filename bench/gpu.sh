@@ -60,7 +60,8 @@
 # Then through the device tool: run(command="bash bench/gpu.sh", carry=[".whl", ".data", ".gpu-state"],
 # timeout_s=580). That machine returns at most 8 files of 16 MiB, so with OUT set elsewhere than bench/results the
 # script ends by packing its files (gpu-*.json, gpu.txt, gpu.log, and .gpu-state: improved's training or result) into
-# $OUT/gpu-results.tar.gz, cut into 15 MiB pieces (.part0, .part1, ...) where it is larger; here, then:
+# $OUT/gpu-results.tar.gz, cut into 15 MiB pieces (.part0, .part1, ...; from 11 pieces on .part00, .part01, ...;
+# GPU_SH_PIECE_MIB sets their size) where it is larger; here, then:
 #   python -m bench.gpu_report --unpack PATH/gpu-results.tar.gz   (extracts the results into bench/results and
 #   .gpu-state into the checkout, replacing the one carried, and writes gpu.md)
 #
@@ -83,12 +84,15 @@ PY=${PYTHON:-python3}
 SITE=${GPU_SH_SITE:-/tmp/gpu-site}  # where the wheels go (emptied first: a warm machine keeps an earlier call's)
 STAGES="fast fast-warm reference-airbench94 reference-airbench96 seed improved explore-ceiling explore-wide
   explore-24-ghost explore-seed1 explore-ema explore-32 explore-drop explore-24-altflip"
+# one space between names: names on several lines, or tabs, passed the check below and then matched no stage
+GPU_SH_STAGES=$(tr -s '[:space:]' ' ' <<< "${GPU_SH_STAGES:-}") GPU_SH_STAGES=${GPU_SH_STAGES# }
+GPU_SH_STAGES=${GPU_SH_STAGES% }
 for name in ${GPU_SH_STAGES:-}; do  # a misspelt name would run nothing and waste the call
   [[ " ${STAGES//$'\n'/ } " == *" $name "* ]] \
     || { echo "GPU_SH_STAGES: no stage '$name' (stages: $(echo $STAGES))" >&2; exit 2; }
 done
-for var in GPU_SH_BUDGET GPU_SH_CARRY_MIB FAST_LIMIT WARM_LIMIT REFERENCE_LIMIT REFERENCE96_LIMIT SEED_LIMIT \
-  IMPROVED_LIMIT CEILING_LIMIT EXPLORE_LIMIT; do  # seconds (MiB): another value fails every check of the time left,
+for var in GPU_SH_BUDGET GPU_SH_CARRY_MIB GPU_SH_PIECE_MIB FAST_LIMIT WARM_LIMIT REFERENCE_LIMIT REFERENCE96_LIMIT \
+  SEED_LIMIT IMPROVED_LIMIT CEILING_LIMIT EXPLORE_LIMIT; do  # seconds (MiB): another value fails every check of the time left,
   # and each stage runs whatever the budget (0: timeout's none), until the script dies before packing
   [[ -z ${!var+set} || ${!var} =~ ^[1-9][0-9]*$ ]] || { echo "$var: a whole number from 1, got '${!var}'" >&2; exit 2; }
 done
@@ -287,8 +291,13 @@ if [[ "$(realpath -m "$OUT")" != "$(realpath -m bench/results)" ]]; then  # a fe
   [[ -d "$STATE" && "$STATE" == .gpu-state ]] && state=(-C "$PWD" .gpu-state)  # improved.yaml's run goes back too
   { tar -czf "$OUT/gpu-results.tar.gz" -C "$OUT" "${results[@]}" "${state[@]}" \
       && (cd "$OUT" && rm -f "${results[@]}") \
-      && if (( $(stat -c %s "$OUT/gpu-results.tar.gz") > 15 * 1024 * 1024 )); then  # 16 MiB a file comes back
-        split -b 15M -d -a 1 "$OUT/gpu-results.tar.gz" "$OUT/gpu-results.tar.gz.part" && rm "$OUT/gpu-results.tar.gz"
+      && size=$(stat -c %s "$OUT/gpu-results.tar.gz") piece=$(( ${GPU_SH_PIECE_MIB:-15} * 1024 * 1024 )) \
+      && if (( size > piece )); then  # 16 MiB a file comes back
+        # numbered with as many digits as the last piece's number takes (.part0 to .part9, then .part00, ...): one
+        # digit stopped split at the 11th piece, the call failed with the whole archive left beside ten pieces
+        last=$(( (size - 1) / piece ))
+        split -b "$piece" -d -a "${#last}" "$OUT/gpu-results.tar.gz" "$OUT/gpu-results.tar.gz.part" \
+          && rm "$OUT/gpu-results.tar.gz" && echo "== gpu-results.tar.gz cut into $(( last + 1 )) pieces"
       fi; } || failed=1
 fi
 exit $failed

@@ -225,8 +225,10 @@ def pieces(archive: Path) -> list[Path]:
     if not numbered:
         raise SystemExit(f"{archive}: no such file, nor pieces {archive.name}.part0, .part1, ...")
     if missing := sorted(set(range(max(numbered) + 1)) - numbered.keys()):  # joined without it: garbage
-        raise SystemExit(f"{archive}: piece {', '.join(f'{archive.name}.part{k}' for k in missing)} missing (found "
-                         f"{', '.join(f'.part{k}' for k in sorted(numbered))})")
+        digits = len(numbered[max(numbered)].name) - len(f"{archive.name}.part")  # .part03 of 12 pieces
+        found = ", ".join(numbered[k].name.removeprefix(archive.name) for k in sorted(numbered))
+        raise SystemExit(f"{archive}: piece {', '.join(f'{archive.name}.part{k:0{digits}d}' for k in missing)} "
+                         f"missing (found {found})")
     return [numbered[k] for k in sorted(numbered)]
 
 

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if len(args.revisions) < 2:
         parser.error("give two or more revisions, the first the baseline (e.g. HEAD~5 HEAD, or HEAD .)")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name) or args.name.startswith("."):
+    if (not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name) or args.name.startswith(".")
+            or args.name.endswith((".md", ".json"))):  # (x.md was written as x.md.md and x.md.json)
         parser.error(f"--name: a file name without folder or extension, got {args.name!r}")
     if not (ROOT / args.params).is_file():
         parser.error(f"--params: no file {args.params} in {ROOT}")

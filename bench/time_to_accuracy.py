@@ -156,6 +156,10 @@ def main() -> None:
     missing = [p for p in args.profiles.split(",") if not (ROOT / "params" / f"{p}.yaml").is_file()]
     if missing:  # before any run: a later profile would otherwise fail only after the earlier ones' runs
         parser.error(f"--profiles: no params/<name>.yaml for {', '.join(repr(p) for p in missing)}")
+    if args.data not in ("", "cifar10", "synthetic") and not (ROOT / args.data).exists():
+        # before any run: each run's prepare step said so only after `mlflow run` had started (exit 1)
+        parser.error(f"--data: {args.data!r} is neither 'cifar10', 'synthetic' nor an existing path (a relative one "
+                     f"from {ROOT}, where `mlflow run` runs)")
     planned = [(p, s) for p in args.profiles.split(",") for s in seeds for _ in range(args.repeat)]
     results = []
     for number, (profile, seed) in enumerate(planned, start=1):

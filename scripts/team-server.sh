@@ -8,7 +8,7 @@
 #
 # Settings (environment, defaults in brackets):
 #   MLFLOW_DB [mlflow]      database of the tracking store and the Model Registry
-#   OPTUNA_DB [optuna]      database for Optuna studies (`-P storage=` of sweeps)
+#   OPTUNA_DB [optuna]      database for Optuna studies (`-P storage=` of sweeps), not MLFLOW_DB
 #   DB_USER [mlflow]        role owning both; DB_PASSWORD [mlflow] its password (set your own). A role
 #                           that exists already keeps its password: DB_PASSWORD must be that one.
 #   PGHOST [127.0.0.1] (a name or an address, IPv6 too)  PGPORT [5432]  PG_VERSION [15]  PG_CLUSTER [main]
@@ -49,6 +49,11 @@ ALLOWED_HOSTS=${ALLOWED_HOSTS:-}
 for name in "$MLFLOW_DB" "$OPTUNA_DB" "$DB_USER"; do
   [[ $name =~ ^[a-z_][a-z0-9_]*$ ]] || { echo "error: database and role names take a-z, 0-9 and _, got '$name'" >&2; exit 2; }
 done
+
+# One database for both held MLflow's schema version and Optuna's in its one alembic_version table: the first sweep
+# died on "The runtime optuna version ... is no longer compatible with the table schema", the server long started.
+[[ $MLFLOW_DB != "$OPTUNA_DB" ]] || { echo "error: MLFLOW_DB and OPTUNA_DB name one database, $MLFLOW_DB: MLflow's" \
+  "tables and Optuna's each keep their schema's version in it (alembic_version); give each its own" >&2; exit 2; }
 
 fail() { echo "error: $*" >&2; exit 1; }
 
@@ -94,11 +99,14 @@ start_postgres() {
   fi
   # The password goes through stdin (not a command line), as a plain literal (in a DO block, a $$ in
   # it would end the block).
-  local existed=1
+  # The name quoted: DB_USER=user (an SQL keyword) failed, its error thrown away, and the script ended without a word.
+  local existed=1 made
   if ! exists pg_roles rolname "$DB_USER"; then
     existed=
-    psql_admin -d postgres 2>/dev/null <<< "CREATE ROLE $DB_USER LOGIN PASSWORD '${DB_PASSWORD//\'/\'\'}'" \
-      || exists pg_roles rolname "$DB_USER"  # another caller created it meanwhile
+    if ! made=$(psql_admin -d postgres 2>&1 <<< "CREATE ROLE \"$DB_USER\" LOGIN PASSWORD '${DB_PASSWORD//\'/\'\'}'") \
+      && ! exists pg_roles rolname "$DB_USER"; then  # (else another caller created it meanwhile)
+      fail "cannot create role $DB_USER: $(head -n 1 <<< "${made#*ERROR:  }")"
+    fi
   fi
   # Log in as mlflow server will, before any database is made: a role made earlier with another
   # password is one line here, not a traceback from every server worker later.
@@ -111,8 +119,9 @@ start_postgres() {
     fail "cannot log in to PostgreSQL on $PGHOST:$PGPORT as $DB_USER with DB_PASSWORD: $login"
   fi
   for db in "$MLFLOW_DB" "$OPTUNA_DB"; do
-    if ! exists pg_database datname "$db"; then
-      as_postgres createdb -p "$PGPORT" -O "$DB_USER" "$db" 2>/dev/null || exists pg_database datname "$db"
+    if ! exists pg_database datname "$db" && ! made=$(as_postgres createdb -p "$PGPORT" -O "$DB_USER" "$db" 2>&1) \
+      && ! exists pg_database datname "$db"; then  # (else another caller created it meanwhile)
+      fail "cannot create database $db: $(head -n 1 <<< "${made#createdb: error: }")"
     fi
     # One made otherwise (by hand, as postgres) may not let the role make its tables: one line here, not a
     # traceback from every server worker (or every sweep) later.

@@ -33,6 +33,9 @@ def test_a_reused_prepare_run_counts_zero_and_the_start_runs_to_train():
     (["--seeds", "0", "--extra", "-P overrides=train.lr=0.1"], "--seeds sets -P overrides=train.seed=S"),
     (["--repeat", "0"], "--repeat: must be >= 1, got 0"),
     (["--profiles", "nosuch"], "--profiles: no params/<name>.yaml for 'nosuch'"),
+    # was found by the first run's prepare step, after `mlflow run` had started: exit 1 some 30 s in
+    (["--profiles", "tiny", "--data", "nosuch/cifar10.tar.gz"],
+     "--data: 'nosuch/cifar10.tar.gz' is neither 'cifar10', 'synthetic' nor an existing path"),
     (["--name", "../README"], "--name: a file name without folder or extension, got '../README'"),
     (["--name", "recheck.md"], "--name: a file name without folder or extension, got 'recheck.md'"),
     (["--extra", "-P overrides='train.lr=0.1"], "--extra: No closing quotation in \"-P overrides='train.lr=0.1\""),

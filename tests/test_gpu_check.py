@@ -661,9 +661,24 @@ def test_gpu_sh_refuses_a_misspelt_stage_name_before_anything_runs(tmp_path):
 
 
 
+def test_gpu_sh_runs_the_stages_named_on_several_lines_or_with_tabs(tmp_path):
+    """GPU_SH_STAGES="fast<newline>explore-drop" (a command written on two lines) passed the check of its names, then
+    matched no stage: the call ran nothing and exited 0."""
+    fake, log = tmp_path / "python", tmp_path / "stages.log"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    for stages in ("fast\nexplore-drop", "\tfast\t explore-drop\n"):
+        log.write_text("")
+        proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, env={"PATH": os.environ["PATH"], "PYTHON": str(fake), "FAKE_LOG": str(log),
+                                               "OUT": str(tmp_path / "out"), "GPU_SH_STAGES": stages})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert log.read_text().split() == ["fast", "explore-drop"], (stages, proc.stdout)
+
+
 @pytest.mark.parametrize(("variable", "value"), [("GPU_SH_BUDGET", "10m"), ("GPU_SH_BUDGET", "abc"),
                                                  ("FAST_LIMIT", "0"), ("IMPROVED_LIMIT", "08"),
-                                                 ("GPU_SH_CARRY_MIB", "64MiB")])
+                                                 ("GPU_SH_CARRY_MIB", "64MiB"), ("GPU_SH_PIECE_MIB", "0")])
 def test_gpu_sh_refuses_a_budget_or_limit_that_is_no_whole_number_before_anything_runs(tmp_path, variable, value):
     """GPU_SH_BUDGET=10m made every stage's check of the time left fail, so each ran whatever the budget, until the
     script died on an unbound variable before packing what they wrote; FAST_LIMIT=0 ran fast without a limit."""
@@ -676,6 +691,37 @@ def test_gpu_sh_refuses_a_budget_or_limit_that_is_no_whole_number_before_anythin
     assert proc.returncode == 2
     assert proc.stderr == f"{variable}: a whole number from 1, got '{value}'\n"
     assert not log.exists() and not (tmp_path / "out").exists()
+
+def test_gpu_sh_cuts_an_archive_of_more_than_ten_pieces_and_the_report_joins_them(tmp_path):
+    """The packed results were cut with `split -a 1`: an archive of more than 10 pieces (improved's training and
+    compiled programs carried under a larger GPU_SH_CARRY_MIB) stopped split at .part9 ("output file suffixes
+    exhausted"), the call failed and the whole archive, too large to come back, stayed beside its first 10 pieces.
+    Now the pieces are numbered with as many digits as their count takes, and bench.gpu_report joins them in order."""
+    from bench import gpu_report
+
+    fake, checkout = tmp_path / "python", tmp_path / "checkout"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    training = os.urandom(11 << 20 | 12345)  # incompressible: 12 pieces of 1 MiB once packed
+    (checkout / ".gpu-state" / "improved").mkdir(parents=True)
+    (checkout / ".gpu-state" / "improved" / "weights.bin").write_bytes(training)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=checkout, capture_output=True, text=True,
+                          timeout=120, env={"PATH": os.environ["PATH"], "PYTHON": str(fake), "FAKE_LOG": os.devnull,
+                                            "OUT": str(out), "GPU_SH_STAGES": "fast", "GPU_SH_PIECE_MIB": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(path.name for path in out.iterdir()) == [f"gpu-results.tar.gz.part{k:02d}" for k in range(12)]
+    assert all(path.stat().st_size == 1 << 20 for path in sorted(out.iterdir())[:-1])
+    local = tmp_path / "local"
+    local.mkdir()
+    gpu_report.unpack(out / "gpu-results.tar.gz", tmp_path / "results", local)
+    assert (local / ".gpu-state" / "improved" / "weights.bin").read_bytes() == training
+    assert (tmp_path / "results" / "gpu-fast.json").exists()
+    (out / "gpu-results.tar.gz.part03").unlink()  # one that did not come back is named as it would be
+    with pytest.raises(SystemExit, match=r"piece gpu-results.tar.gz.part03 missing \(found .part00, .part01, .part02, "
+                                         r".part04, "):
+        gpu_report.unpack(out / "gpu-results.tar.gz", tmp_path / "results", local)
+
 
 def wheel(folder, name: str, version: str, tag: str, source: str) -> None:
     """A wheel of one module `name` (its __init__.py: `source`), as pip installs it."""

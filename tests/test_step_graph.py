@@ -44,6 +44,11 @@ def test_another_width_differs_in_nodes_and_another_depth_in_op_counts():
     (["HEAD"], "give two or more revisions"),
     (["HEAD", "no-such-revision"], "error: 'no-such-revision': no such revision in "),
     (["HEAD", "HEAD", "--name", "../x"], "--name: a file name without folder or extension, got '../x'"),
+    # was traced, then written as recheck.md.md and recheck.md.json
+    (["HEAD", "HEAD", "--params", TINY, "--overrides", "", "--name", "recheck.md"],
+     "--name: a file name without folder or extension, got 'recheck.md'"),
+    (["HEAD", "HEAD", "--params", TINY, "--overrides", "", "--name", "recheck.json"],
+     "--name: a file name without folder or extension, got 'recheck.json'"),
     (["HEAD", "HEAD", "--params", "params/nosuch.yaml"], "--params: no file params/nosuch.yaml"),
 ])
 def test_bad_arguments_exit_2_naming_them_before_tracing(results, capsys, args, message):

@@ -218,7 +218,7 @@ def test_workers_opening_a_new_study_database_together_all_get_it():
     pgport = os.environ.get("PGPORT", "5432")
     name = f"optuna_race_{uuid.uuid4().hex[:10]}"
     subprocess.run(["bash", str(SCRIPT), "postgres"], cwd=ROOT, check=True, capture_output=True,
-                   env={**os.environ, "MLFLOW_DB": name, "OPTUNA_DB": name, "PGPORT": pgport})
+                   env={**os.environ, "MLFLOW_DB": f"{name}_mlflow", "OPTUNA_DB": name, "PGPORT": pgport})
     url = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{pgport}/{name}"
     start, errors, opened = threading.Barrier(4), [], []
 
@@ -243,7 +243,7 @@ def test_workers_opening_a_new_study_database_together_all_get_it():
     finally:
         for storage in opened:
             storage.engine.dispose()
-        drop_databases(pgport, name)
+        drop_databases(pgport, name, f"{name}_mlflow")
 
 
 def test_a_study_whose_database_goes_away_mid_sweep_is_one_line():
@@ -255,7 +255,7 @@ def test_a_study_whose_database_goes_away_mid_sweep_is_one_line():
 
     pgport = os.environ.get("PGPORT", "5432")
     name = f"optuna_gone_{uuid.uuid4().hex[:10]}"
-    run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name).check_returncode()
+    run_script("postgres", MLFLOW_DB=f"{name}_mlflow", OPTUNA_DB=name).check_returncode()
     url = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{pgport}/{name}"
     storage = sweep.open_storage(url)
     try:
@@ -271,7 +271,7 @@ def test_a_study_whose_database_goes_away_mid_sweep_is_one_line():
             raise ValueError("any other error goes on as it was")
     finally:
         storage.engine.dispose()
-        drop_databases(pgport, name)
+        drop_databases(pgport, name, f"{name}_mlflow")
 
 
 # ---------------------------------------------------------------- the script's own checks
@@ -352,12 +352,12 @@ def test_a_port_in_use_is_one_line_before_anything_is_made():
         taken.listen()
         port = str(taken.getsockname()[1])
         try:
-            result = run_script(MLFLOW_DB=name, OPTUNA_DB=name, HOST="127.0.0.1", PORT=port, WORKERS="1",
+            result = run_script(MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna", HOST="127.0.0.1", PORT=port, WORKERS="1",
                                 MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
             assert f"127.0.0.1:{port}" in one_error_line(result) and "in use" in result.stderr
             assert not database_exists(name)
         finally:
-            drop_databases(os.environ.get("PGPORT", "5432"), name)
+            drop_databases(os.environ.get("PGPORT", "5432"), name, f"{name}_optuna")
     assert "PORT takes a port number" in one_error_line(run_script(PORT="50OO"))
 
 
@@ -399,7 +399,7 @@ def test_an_artifacts_folder_or_a_python_it_cannot_use_is_one_line_before_anythi
     name = f"mlflow_art_{uuid.uuid4().hex[:10]}"
     (tmp_path / "a-file").write_text("")
     try:
-        result = run_script(MLFLOW_DB=name, OPTUNA_DB=name, HOST="127.0.0.1", PORT=str(free_port()),
+        result = run_script(MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna", HOST="127.0.0.1", PORT=str(free_port()),
                             ARTIFACTS=str(tmp_path / "a-file" / "artifacts"))
         assert f"ARTIFACTS={tmp_path / 'a-file' / 'artifacts'}" in one_error_line(result)
         assert not database_exists(name)
@@ -407,9 +407,24 @@ def test_an_artifacts_folder_or_a_python_it_cannot_use_is_one_line_before_anythi
         stubs = tmp_path / "bin"
         stubs.mkdir()
         (stubs / "python").symlink_to(Path(sys.base_prefix) / "bin" / "python3")  # the venv's base: no mlflow
-        result = run_script(MLFLOW_DB=name, OPTUNA_DB=name, HOST="127.0.0.1", PORT=str(free_port()),
+        result = run_script(MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna", HOST="127.0.0.1", PORT=str(free_port()),
                             ARTIFACTS=str(tmp_path / "artifacts"), PATH=f"{stubs}:{os.environ['PATH']}")
         assert "has no mlflow" in one_error_line(result) and "activate" in result.stderr
+        assert not database_exists(name)
+    finally:
+        drop_databases(os.environ.get("PGPORT", "5432"), name, f"{name}_optuna")
+
+
+def test_one_database_for_the_tracking_store_and_optuna_is_one_line_before_anything_is_made():
+    """MLFLOW_DB=team OPTUNA_DB=team made one database for both: MLflow's tables and Optuna's each keep their schema's
+    version in the one `alembic_version` table, so the first sweep died on Optuna's "The runtime optuna version ...
+    is no longer compatible with the table schema (set up by optuna ...)", after the server had started on it."""
+    name = f"mlflow_one_{uuid.uuid4().hex[:10]}"
+    try:
+        result = run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"error: MLFLOW_DB and OPTUNA_DB name one database, {name}: MLflow's tables and Optuna's each keep their "
+            "schema's version in it (alembic_version); give each its own"], result
         assert not database_exists(name)
     finally:
         drop_databases(os.environ.get("PGPORT", "5432"), name)
@@ -420,16 +435,40 @@ def test_bad_postgresql_settings_are_one_line_and_quick():
     one line and exit 1 at once, not a traceback later or a 30 s wait that blames the start."""
     name = f"mlflow_bad_{uuid.uuid4().hex[:10]}"
     try:
-        line = one_error_line(run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name, DB_PASSWORD="not-the-password"))
+        line = one_error_line(run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna",
+                                         DB_PASSWORD="not-the-password"))
         assert "password authentication failed" in line and "existed already" in line
         assert not database_exists(name)  # nothing half made
     finally:
-        drop_databases(os.environ.get("PGPORT", "5432"), name)
+        drop_databases(os.environ.get("PGPORT", "5432"), name, f"{name}_optuna")
     started = time.monotonic()
     assert "no PostgreSQL cluster 15/nosuch" in one_error_line(run_script("postgres", PG_CLUSTER="nosuch"))
     other_port = str(free_port())
     assert f"not PGPORT={other_port}" in one_error_line(run_script("postgres", PGPORT=other_port))
     assert time.monotonic() - started < 15
+
+
+def test_a_role_named_by_an_sql_keyword_is_made_and_a_reserved_one_is_one_line():
+    """DB_USER=user (an SQL keyword, which the names' check lets through) or pg_team (PostgreSQL keeps pg_ names for
+    its own roles): CREATE ROLE failed, its error thrown away, and the script ended exit 1 without a word. Now the
+    role name is quoted, so `user` is made like any other; a reserved one is one line with PostgreSQL's reason."""
+    name = f"mlflow_kw_{uuid.uuid4().hex[:10]}"
+    pgport = os.environ.get("PGPORT", "5432")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
+    line = one_error_line(run_script("postgres", DB_USER="pg_team", MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna"))
+    assert line.startswith("error: cannot create role pg_team: ") and 'role name "pg_team" is reserved' in line, line
+    assert not database_exists(name)  # nothing half made
+    try:
+        result = run_script("postgres", DB_USER="user", DB_PASSWORD="kw-secret", MLFLOW_DB=name,
+                            OPTUNA_DB=f"{name}_optuna")
+        assert result.returncode == 0, result
+        assert f"databases {name} (tracking) and {name}_optuna (Optuna), owner user" in result.stdout
+        connection = psycopg2.connect(host="127.0.0.1", port=pgport, user="user", password="kw-secret", dbname=name)
+        connection.close()
+    finally:
+        for db in (name, f"{name}_optuna"):
+            subprocess.run([*as_postgres, "dropdb", "--if-exists", "-p", pgport, db], check=True, cwd="/")
+        subprocess.run([*as_postgres, "psql", "-p", pgport, "-qc", 'DROP ROLE IF EXISTS "user"'], check=True, cwd="/")
 
 
 def test_a_database_the_role_may_not_make_tables_in_is_one_line():
@@ -439,7 +478,7 @@ def test_a_database_the_role_may_not_make_tables_in_is_one_line():
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
     subprocess.run([*as_postgres, "createdb", "-p", os.environ.get("PGPORT", "5432"), name], check=True, cwd="/")
     try:
-        line = one_error_line(run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name))
+        line = one_error_line(run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna"))
         assert f"database {name} exists, owned by postgres" in line and f"ALTER DATABASE {name} OWNER TO" in line
     finally:
         subprocess.run([*as_postgres, "dropdb", "-p", os.environ.get("PGPORT", "5432"), name], check=True, cwd="/")
@@ -473,11 +512,11 @@ def test_an_exported_pghost_does_not_send_the_admin_commands_over_tcp():
     over TCP, asked for the postgres role's password and failed (or waited for it on a terminal)."""
     name = f"mlflow_pghost_{uuid.uuid4().hex[:10]}"
     try:
-        result = run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name, PGHOST="127.0.0.1", PGUSER=USER)
+        result = run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna", PGHOST="127.0.0.1", PGUSER=USER)
         assert result.returncode == 0, result
         assert database_exists(name)
     finally:
-        drop_databases(os.environ.get("PGPORT", "5432"), name)
+        drop_databases(os.environ.get("PGPORT", "5432"), name, f"{name}_optuna")
 
 
 def test_a_password_with_url_and_sql_characters_works_and_stays_off_command_lines(team):
@@ -520,7 +559,7 @@ def test_a_database_store_that_refuses_the_login_or_does_not_answer_is_one_line_
     retries before its one line. Now one try: the line at once, the password never printed."""
     name = f"mlflow_login_{uuid.uuid4().hex[:10]}"
     pgport = os.environ.get("PGPORT", "5432")
-    run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=name).check_returncode()
+    run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna").check_returncode()
     try:
         for uri, reason in [(f"postgresql+psycopg2://{USER}:s3cret@127.0.0.1:{pgport}/{name}",
                              f'password authentication failed for user "{USER}"'),
@@ -536,7 +575,7 @@ def test_a_database_store_that_refuses_the_login_or_does_not_answer_is_one_line_
                                        "OperationalError: ") and reason in lines[0], lines
             assert "s3cret" not in done.stdout + done.stderr and time.monotonic() - start < 30
     finally:
-        drop_databases(pgport, name)
+        drop_databases(pgport, name, f"{name}_optuna")
 
 
 def test_a_tracking_uri_that_answers_but_is_no_mlflow_server_is_one_line(monkeypatch, capsys):
@@ -570,6 +609,100 @@ def test_a_tracking_uri_that_answers_but_is_no_mlflow_server_is_one_line(monkeyp
                     "/api/2.0/mlflow/experiments/search): another service (a model server?) or a wrong path"]
             else:
                 assert out == f"tracking store {shown} ready\n", (out, err)
+
+
+def test_a_tracking_server_behind_a_login_without_the_right_one_is_one_line(monkeypatch, capsys, tmp_path):
+    """A server behind a login (`mlflow server --app-name basic-auth`, or a proxy's) answered 401 to a member who had
+    not set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or had set a wrong one: `python -m
+    pipeline.tracking` said "tracking store ... ready", and every step then failed on MLflow's 401. Now the check
+    asks with the login MLflow sends: one line naming the 401, exit 2; with the right login (the environment's, or
+    the URI's), ready as before."""
+    import base64
+
+    import mlflow
+
+    from pipeline.tracking import cli, store_ready
+
+    login = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+    def answer(request):
+        ok = request.headers.get("Authorization") == login
+        body = b'{"experiments": []}' if ok else b"You are not authenticated."
+        request.send_response(200 if ok else 401)
+        if not ok:
+            request.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+        request.send_header("Content-Type", "application/json" if ok else "text/plain")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.mlflow/credentials of the machine's
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+
+    def ready(uri: str, **env: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        try:
+            cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
+        except SystemExit as exc:
+            return exc.code, *capsys.readouterr()
+        return 0, *capsys.readouterr()
+
+    api = "/api/2.0/mlflow/experiments/search"
+    with http_stub(answer) as address:
+        assert ready(address) == (2, "", f"error: MLFLOW_TRACKING_URI: {address} asks for a login (HTTP 401 for "
+                                         f"{api}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD\n")
+        refused = (2, "", f"error: MLFLOW_TRACKING_URI: {address} refuses the login given (HTTP 401 for {api}): "
+                          "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD\n")
+        assert ready(address, MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD="wrong") == refused
+        assert ready(address, MLFLOW_TRACKING_PASSWORD="s3cret") == (0, f"tracking store {address} ready\n", "")
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        base = address.replace("//", "//alice:s3cret@")
+        assert ready(base) == (0, f"tracking store {base.replace('s3cret', '***')} ready\n", "")
+
+
+@pytest.mark.parametrize(("said", "what"), [
+    (b"", "closes the connection without an HTTP answer"),  # PostgreSQL's port: no answer to a bad startup packet
+    (b"SSH-2.0-OpenSSH_9.2p1\r\n", "answers, but not in HTTP ('SSH-2.0-OpenSSH_9.2p1\\r\\n')"),
+])
+def test_a_tracking_uri_naming_a_port_of_another_protocol_is_one_line_saying_so(monkeypatch, capsys, said, what):
+    """`MLFLOW_TRACKING_URI=http://team-host:5432` (PostgreSQL's port, as an http URL) or another service's port:
+    "tracking server ... failed: no answer (ConnectionError)", exit 4, as if the server were down. Now one line saying
+    that something listens there but speaks no HTTP, exit 2."""
+    import socketserver
+    import threading
+
+    import mlflow
+
+    from pipeline.tracking import cli, store_ready
+
+    class Peer(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.sendall(said)
+            self.request.recv(65536)
+
+    server = socketserver.TCPServer(("127.0.0.1", 0), Peer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://alice:s3cret@127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
+    finally:
+        server.shutdown()
+        server.server_close()
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == "", (out, err)
+    assert err.strip().splitlines() == [
+        f"error: MLFLOW_TRACKING_URI: {uri.replace('s3cret', '***')} {what}: another service's port, not an MLflow "
+        "tracking server's (a PostgreSQL store is named postgresql://USER@HOST:5432/DATABASE)"]
 
 
 def test_a_password_in_the_tracking_uris_query_is_never_printed_nor_written(monkeypatch, capsys):
@@ -668,11 +801,12 @@ def test_a_working_directory_the_postgres_user_may_not_enter_adds_no_noise(tmp_p
     name = f"mlflow_cwd_{uuid.uuid4().hex[:10]}"
     home = tmp_path / "home"
     home.mkdir(mode=0o700)
-    env = {**os.environ, "PGPORT": os.environ.get("PGPORT", "5432"), "MLFLOW_DB": name, "OPTUNA_DB": name}
+    env = {**os.environ, "PGPORT": os.environ.get("PGPORT", "5432"), "MLFLOW_DB": name,
+           "OPTUNA_DB": f"{name}_optuna"}
     try:
         result = subprocess.run(["bash", str(SCRIPT), "postgres"], cwd=home, env=env, capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0 and result.stderr == "", result
         assert database_exists(name)
     finally:
-        drop_databases(os.environ.get("PGPORT", "5432"), name)
+        drop_databases(os.environ.get("PGPORT", "5432"), name, f"{name}_optuna")

@@ -272,14 +272,15 @@ def sqlite_file(uri: str) -> str | None:
 
 
 def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
-    """MlflowException (`cli`: exit 4) if nothing answers at tracking server `uri`: refused, unknown host, silent
-    for `timeout` s. One try: MLflow's own client retries a dead server for minutes, and a step started with a bad
-    param would wait all that time before saying so. The request is one of MLflow's API: any HTTP answer counts (even
-    a 401 from a proxy's login), and TLS is left to MLflow's own settings (a private CA's server fails requests'
-    check, not MLflow's); a proxy's 502, 503 or 504 (the server behind it is down) does not count, and a 404 or a
-    web page is ConfigError: another service answers there (a model server, whose /health answers too; a wrong path;
-    a login page). So is the address of a page, its `?...` or `#...` (the UI's, `/#/experiments/0`, pasted): MLflow
-    sent every request to the UI's page, then said the server failed."""
+    """MlflowException (`cli`: exit 4) if nothing answers at tracking server `uri`: refused, unknown host, silent for
+    `timeout` s. One try: MLflow's own client retries a dead server for minutes, and a step started with a bad param
+    would wait all that time before saying so. The request is one of MLflow's API: any HTTP answer counts but a 401 that
+    MLflow's own request, with its credentials, gets too (ConfigError: no login, or a wrong one), and TLS is left to
+    MLflow's own settings (a private CA's server fails requests' check, not MLflow's); a proxy's 502, 503 or 504 (the
+    server behind it is down) does not count, and a 404 or a web page is ConfigError: another service answers there (a
+    model server, whose /health answers too; a wrong path; a login page). So is the address of a page, its `?...` or
+    `#...` (the UI's, `/#/experiments/0`, pasted): MLflow sent every request to the UI's page, then said the server
+    failed."""
     import urllib.parse
 
     import requests
@@ -294,6 +295,9 @@ def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
         answer = requests.get(f"{uri.rstrip('/')}{api}", params={"max_results": 1}, timeout=timeout)
         if answer.status_code in (502, 503, 504):  # a proxy in front of a server that is down
             raise MlflowException(f"no answer (HTTP {answer.status_code} from what stands in front of it)")
+        if answer.status_code == 401:  # a login: asked again with the one MLflow sends (its environment, the URI's)
+            _check_login(uri, shown, api, timeout)
+            return
         page = answer.ok and "html" in answer.headers.get("Content-Type", "")  # MLflow's API answers JSON
         if answer.status_code == 404 or page:
             raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} answers, but not as an MLflow tracking server "
@@ -302,12 +306,52 @@ def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
     except requests.exceptions.SSLError:
         pass
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        if what := _not_http(exc):  # a port that takes the connection, then no HTTP: was "no answer", exit 4
+            raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} {what}: another service's port, not an MLflow tracking "
+                              "server's (a PostgreSQL store is named postgresql://USER@HOST:5432/DATABASE)") from None
         reason = _os_reason(str(exc)) or (f"nothing within {timeout:g} s" if isinstance(
             exc, requests.exceptions.Timeout) else type(exc).__name__)
         raise MlflowException(f"no answer ({reason})") from None
     except requests.exceptions.RequestException as exc:  # not a URL requests can read (a stray ':' or '/')
         raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} is not a URL a client can reach "
                           f"({_first_line(str(exc).replace(uri, shown))})") from None
+
+
+def _not_http(exc: Exception) -> str | None:
+    """What the peer of a failed request did, in words, where it took the connection but gave no HTTP answer: closed
+    it (PostgreSQL's port, told an HTTP request), or answered another protocol (an SSH banner); None otherwise."""
+    import http.client
+
+    cause = exc.args[0] if exc.args else None  # urllib3's ProtocolError("Connection aborted.", <the cause>)
+    line = next((arg for arg in getattr(cause, "args", ()) if isinstance(arg, http.client.BadStatusLine)), None)
+    if isinstance(line, http.client.RemoteDisconnected):
+        return "closes the connection without an HTTP answer"
+    return None if line is None else f"answers, but not in HTTP ({line.line[:60]!r})"
+
+
+def _check_login(uri: str, shown: str, api: str, timeout: float) -> None:
+    """ConfigError naming the 401 if tracking server `uri` refuses the request MLflow itself would send, with its
+    credentials (MLFLOW_TRACKING_USERNAME and _PASSWORD or ~/.mlflow/credentials, a token, an auth plugin, the URI's
+    user and password): every step would fail on it. A request that fails otherwise is left to MLflow's own."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+    try:
+        answer = http_request(creds, api, "GET", max_retries=0, timeout=timeout, raise_on_status=False,
+                              params={"max_results": 1})
+    except MlflowException:
+        return
+    if answer.status_code != 401:
+        return
+    import urllib.parse
+
+    if creds.username or creds.password or creds.token or creds.auth or creds.aws_sigv4 or (
+            urllib.parse.urlsplit(uri).username):
+        raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} refuses the login given (HTTP 401 for {api}): check "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} asks for a login (HTTP 401 for {api}): set "
+                      "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
 
 
 def asks_for_help(args: list[str]) -> bool:
