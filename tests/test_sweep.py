@@ -611,6 +611,20 @@ def test_a_seeded_sampler_draws_apart_per_trial_and_repeats(tmp_path, sampler):
     assert draw_all(spec) == first
 
 
+@pytest.mark.parametrize("sampler", ["random\nseed: 0", "tpe\nseed: 0", "{type: tpe, multivariate: true, seed: 1}",
+                                     "random"])
+def test_a_space_of_choices_and_integers_runs_no_combination_twice(tmp_path, sampler):
+    """Trials as many as its combinations (or fewer) were drawn with repeats: 2 x 2 choices in 4 trials ran
+    (0.1, 2) twice and (0.05, 2) never, though a spec over more trials than its combinations is refused as running
+    some twice."""
+    spec = write_spec(tmp_path, "sweep-countable", "space:\n  train.lr: [0.05, 0.1]\n"
+                      f"  train.epochs: {{min: 1, max: 2}}\ntrials: 4\nsampler: {sampler}\n", {"train.epochs": None})
+    first = draw_all(spec)
+    assert sorted((d["train.lr"], d["train.epochs"]) for d in first) == [(0.05, 1), (0.05, 2), (0.1, 1), (0.1, 2)]
+    if "seed" in sampler:
+        assert draw_all(spec) == first  # seeded: the same draws again
+
+
 def one_trial(tmp_path, name: str):
     """A one-trial grid sweep led in store "e2e", its trial claimed: (plan, study, trial, parent run id, experiment)."""
     plan = sweep.Plan(write_spec(tmp_path, name, "grid:\n  train.lr: [0.1]\n"))
