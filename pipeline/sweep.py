@@ -395,6 +395,12 @@ class Plan:
                 f"train.validation_fraction: a sweep ranks its trials by val_acc on the images they hold out, so it "
                 f"must be the same for every trial, got {', '.join(map(str, fractions))}: set it in the spec's "
                 "overrides or its base, not its search space")
+        experiments = sorted({c.tracking.experiment for c in self.configs})
+        if len(experiments) > 1:  # each trial's runs are created in the sweep run's, whatever its params say
+            raise config.ConfigError(
+                f"tracking.experiment: a sweep's runs all go in its sweep run's experiment, so it must be the same for "
+                f"every trial, got {', '.join(experiments)}: set it in the spec's overrides or its base, not its "
+                "search space")
         for i, (values, cfg) in enumerate(zip(checked, self.configs, strict=True)):
             self.check_images(cfg, f"trial {i}" if self.grid else "space", values)
             check_trains_here(cfg)

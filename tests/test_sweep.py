@@ -256,6 +256,10 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
      "train.validation_fraction: a sweep "
      "ranks its trials by val_acc on the images they hold out, so it must be the same for every trial, got 0.05, "
      "0.3: set it in the spec's overrides or its base, not its search space"),
+    # every trial's runs went in the sweep run's experiment, their params naming another
+    ("grid:\n  tracking.experiment: [sweep-a, sweep-b]\n", "tracking.experiment: a sweep's runs all go in its sweep "
+     "run's experiment, so it must be the same for every trial, got sweep-a, sweep-b: set it in the spec's overrides "
+     "or its base, not its search space"),
     # TPE ran (0.1, 1) once, (0.1, 2) four times, (0.05, 2) never
     ("space:\n  train.lr: [0.05, 0.1]\n  model.units_per_stage: [1, 2]\nsampler: tpe\ntrials: 8\nseed: 0\n",
      "spec.trials: 8 trials over the 4 combinations of spec.space would run some twice; give trials <= 4, or a grid: "
@@ -318,8 +322,8 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
 ], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
         "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
         "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range",
-        "more-trials-than-choices", "more-trials-than-integers", "no-whole-batch", "none-left-to-train-on",
-        "ghost-batch-inside-a-range", "boundaries-inside-a-range",
+        "experiment-grid", "more-trials-than-choices", "more-trials-than-integers", "no-whole-batch",
+        "none-left-to-train-on", "ghost-batch-inside-a-range", "boundaries-inside-a-range",
         "grid-trials-float", "grid-trials-bool", "repeated-choice-in-a-space", "range-of-one-number",
         "unknown-keys-of-other-types", "more-trials-than-can-run", "grid-larger-than-can-run",
         "negative-startup-trials", "seed-of-a-grid", "sampler-seed-of-a-grid"])
