@@ -1427,8 +1427,12 @@ def run(args: argparse.Namespace) -> int:
                         if "fingerprint" not in study.user_attrs:
                             optuna.delete_study(study_name=name, storage=storage)
                     raise
-                for cfg in {prepare.prepare_key(c): c for c in plan.configs}.values() if plan.grid else []:
-                    prepare.ensure_prepared(cfg)  # each distinct dataset once, before any trial
+                # each distinct dataset once, before any trial: a grid's, or the one every trial of a space shares
+                # (its first trials each prepared it, side by side under `workers`); a space drawing among several
+                # datasets has each prepared by the first trial that draws it
+                datasets = {prepare.prepare_key(c): c for c in plan.configs}
+                for cfg in datasets.values() if plan.grid or len(datasets) == 1 else []:
+                    prepare.ensure_prepared(cfg)
             else:
                 stack.enter_context(storage_failures(storage_url))
                 adopt_own_run(study)

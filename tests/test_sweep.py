@@ -208,6 +208,25 @@ def test_official_cifar10_out_of_reach_is_one_line_before_any_trial(store, tmp_p
     assert not (tmp_path / "optuna.db").exists()
 
 
+def test_a_space_whose_trials_share_their_data_prepares_it_once_before_any_trial(store, tmp_path, in_process,
+                                                                                monkeypatch):
+    """A space's data was prepared by its first trials: `-P workers=2` (the README's sweep-tpe.yaml command) ran two
+    prepare runs side by side, one under each worker's first trial, as a grid's data is prepared once by the sweep."""
+    from pipeline import prepare
+
+    spec = write_spec(tmp_path, "sweep-space-data", "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n")
+    key = prepare.prepare_key(sweep.Plan(spec, "tracking.experiment=e2e").configs[0])
+    found = []
+    monkeypatch.setattr(sweep, "work", lambda plan, study, storage: found.append(prepare.find_prepared(key)))
+    in_process("sweep", "--spec", spec, "--overrides", "tracking.experiment=e2e")  # trials left waiting: exit 1
+    assert found != [None]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    (sweep_run,) = [r for r in runs if r.data.tags["step"] == "sweep"]
+    assert [r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags["step"] == "prepare"] == [
+        sweep_run.info.run_id]
+
+
 def test_a_leader_refused_before_its_study_is_set_up_leaves_no_study(store, tmp_path, in_process):
     """Its study stayed without a fingerprint: every rerun of the command waited a minute, then was refused."""
     client = MlflowClient()
