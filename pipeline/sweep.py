@@ -1239,11 +1239,21 @@ def trial_table(study: optuna.Study) -> pd.DataFrame:
         rows.append({"trial": row["number"], "state": row["state"],
                      **{k.removeprefix("params_"): v for k, v in row.items() if k.startswith("params_")},
                      OBJECTIVE: row["value"], "pruned_at_epoch": tags.get("pruned_at_epoch", ""),
-                     "failure_reason": tags.get("failure_reason", ""),
+                     "failure_reason": tags.get("failure_reason") or stopped(row["state"], tags),
                      "superseded_by_retry": tags.get("superseded_by_retry", ""), "run_id": run_id or "",
                      "train_run_id": tags.get("train_run_id", ""), "model_uri": tags.get("model_uri", ""),
                      "train_status": trials.run_status(tags["train_run_id"]) if tags.get("train_run_id") else ""})
     return pd.DataFrame(rows)
+
+
+def stopped(state: str, tags: dict[str, str]) -> str:
+    """What a trial's row in `trial_table` says of a trial stopped by a signal (Optuna holds it FAIL, its run KILLED
+    with tag `interrupted_by`: `requeue_interrupted`), in place of a failure_reason: its row read as a trial that
+    failed, unsaid; "" for any other."""
+    if state != "FAIL" or "interrupted_by" not in tags:
+        return ""
+    return f"interrupted by {tags['interrupted_by']}" + ("; queued again" if tags.get("superseded_by_retry") == "true"
+                                                         else "")
 
 
 def best_of(done: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:

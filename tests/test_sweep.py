@@ -740,6 +740,9 @@ def test_an_interrupted_trial_is_queued_again_at_once_however_often(store, tmp_p
     monkeypatch.setattr(sweep, "finish", lambda *args: None)
     sweep.work(plan, study, storage)  # at once: no trial left RUNNING to wait out
     assert [t.state.name for t in study.trials][-1] == "COMPLETE"
+    # the sweep's trials.csv and note: each stop said, where its row read FAIL with no reason, as a trial that failed
+    table = sweep.trial_table(study)
+    assert table["failure_reason"].tolist() == ["interrupted by SIGINT; queued again"] * (sweep.MAX_RETRY + 1) + [""]
 
 
 def retried_sweep(tmp_path, monkeypatch, name: str):
