@@ -133,6 +133,12 @@ TELL_BACKOFF_S = 0.5
 RANGE_VALUES = 1000
 FLOAT_POINTS = 5
 CHECKS = 2000
+# A space of choices and integer ranges runs no combination twice (`Plan.draw_unrun`): a draw that repeats a trial's is
+# drawn again REDRAWS times (the sampler seeded REDRAW_STRIDE further on each time: past any trial's own seed), then
+# taken at random among the combinations not run, where there are at most MAX_UNRUN to list.
+REDRAWS = 10
+REDRAW_STRIDE = 1_000_003
+MAX_UNRUN = 100_000
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -366,11 +372,14 @@ class Plan:
                      else d.high - d.low + 1 if isinstance(d, optuna.distributions.IntDistribution)
                      else 1 if d.low == d.high else math.inf  # {min: 0.1, max: 0.1} draws 0.1 only
                      for d in self.space.values()]
+            self.combinations = math.prod(sizes)  # inf with a float range: `draw_unrun` has none to count
             if trials > math.prod(sizes):  # the samplers would draw the same params again (and leave others out)
                 raise config.ConfigError(f"spec.trials: {trials} trials over the {math.prod(sizes)} combinations of "
                                          f"spec.{space_key(self.spec)} would run some twice; give trials <= "
                                          f"{math.prod(sizes)}, or a grid: to run each once")
         self.trials = trials
+        if self.grid:
+            self.combinations = len(self.grid)
         self.configs = [self.load(values, f"trial {i}" if self.grid else "space")
                         for i, values in enumerate(checked)]
         if self.grid:
@@ -386,6 +395,12 @@ class Plan:
                 f"train.validation_fraction: a sweep ranks its trials by val_acc on the images they hold out, so it "
                 f"must be the same for every trial, got {', '.join(map(str, fractions))}: set it in the spec's "
                 "overrides or its base, not its search space")
+        experiments = sorted({c.tracking.experiment for c in self.configs})
+        if len(experiments) > 1:  # each trial's runs are created in the sweep run's, whatever its params say
+            raise config.ConfigError(
+                f"tracking.experiment: a sweep's runs all go in its sweep run's experiment, so it must be the same for "
+                f"every trial, got {', '.join(experiments)}: set it in the spec's overrides or its base, not its "
+                "search space")
         for i, (values, cfg) in enumerate(zip(checked, self.configs, strict=True)):
             self.check_images(cfg, f"trial {i}" if self.grid else "space", values)
             check_trains_here(cfg)
@@ -531,6 +546,50 @@ class Plan:
             return PRUNERS[self.pruner_name](**self.pruner_kwargs)
         except (TypeError, ValueError) as exc:
             raise config.ConfigError(f"spec.pruner: {exc}") from None
+
+    def draw_unrun(self, study: optuna.Study, storage: optuna.storages.RDBStorage, trial_id: int,
+                   number: int) -> None:
+        """Draw the params of claimed trial `number` of a space of choices and integer ranges (`combinations`
+        countable) that it queued empty, as Optuna would (the sampler seeded `seed + number`), but none that a trial of
+        the study holds already: a repeat is drawn again, REDRAWS times at most (another seed each), then taken at
+        random among the combinations no trial holds. The draw is fixed on the trial (Optuna's `fixed_params`), which
+        its `values` then read. Optuna's samplers draw with repeats: 4 trials over 2 x 2 choices ran one twice and
+        another never."""
+        frozen = storage.get_trial(trial_id)
+        if self.grid or not math.isfinite(self.combinations) or frozen.params or \
+                frozen.system_attrs.get("fixed_params"):  # a grid's combination, or a trial queued again: its own
+            return
+
+        def combination(params: dict[str, Any]) -> tuple:
+            return tuple(dist.to_internal_repr(params[key]) for key, dist in self.space.items())
+
+        held = [{**t.system_attrs.get("fixed_params", {}), **t.params}
+                for t in study.get_trials(deepcopy=False) if t.number != number]
+        run = {combination(p) for p in held if set(self.space) <= set(p)}
+        view = optuna.pruners._filter_study(study, frozen)  # as Trial draws: a Hyperband bracket's trials
+        for attempt in range(REDRAWS):
+            sampler = self.make_sampler(number + attempt * REDRAW_STRIDE)
+            sampler.before_trial(view, frozen)
+            relative = sampler.sample_relative(view, frozen, sampler.infer_relative_search_space(view, frozen))
+            drawn = {key: (dist.choices[0] if isinstance(dist, optuna.distributions.CategoricalDistribution)
+                           else dist.low) if dist.single()  # as Trial draws: no sampler for a single value
+                     else relative[key] if key in relative else sampler.sample_independent(view, frozen, key, dist)
+                     for key, dist in self.space.items()}
+            if combination(drawn) not in run:
+                break
+        else:
+            if self.combinations <= MAX_UNRUN:
+                choices = [dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution)
+                           else range(dist.low, dist.high + 1) if isinstance(dist, optuna.distributions.IntDistribution)
+                           else [dist.low] for dist in self.space.values()]  # {min: 0.1, max: 0.1}: one number
+                unrun = [combo for combo in itertools.product(*choices)
+                         if combination(dict(zip(self.space, combo, strict=True))) not in run]
+                if unrun:
+                    pick = random.Random(None if self.seed is None else f"{self.seed}:{number}").choice(unrun)
+                    drawn = dict(zip(self.space, pick, strict=True))
+        drawn = {key: int(v) if isinstance(dist, optuna.distributions.IntDistribution) else v
+                 for (key, v), dist in zip(drawn.items(), self.space.values(), strict=True)}
+        storage.set_trial_system_attr(trial_id, "fixed_params", drawn)
 
     def fingerprint(self) -> dict[str, Any]:
         """What makes two commands the same sweep: the spec's content, the command-line overrides and every
@@ -791,6 +850,7 @@ def claim(study: optuna.Study, storage: optuna.storages.RDBStorage, plan: Plan) 
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
         study.sampler = plan.make_sampler(waiting.number)
+        plan.draw_unrun(study, storage, trial_id, waiting.number)
         return optuna.Trial(study, trial_id), trial_id
     return None
 
@@ -1179,11 +1239,21 @@ def trial_table(study: optuna.Study) -> pd.DataFrame:
         rows.append({"trial": row["number"], "state": row["state"],
                      **{k.removeprefix("params_"): v for k, v in row.items() if k.startswith("params_")},
                      OBJECTIVE: row["value"], "pruned_at_epoch": tags.get("pruned_at_epoch", ""),
-                     "failure_reason": tags.get("failure_reason", ""),
+                     "failure_reason": tags.get("failure_reason") or stopped(row["state"], tags),
                      "superseded_by_retry": tags.get("superseded_by_retry", ""), "run_id": run_id or "",
                      "train_run_id": tags.get("train_run_id", ""), "model_uri": tags.get("model_uri", ""),
                      "train_status": trials.run_status(tags["train_run_id"]) if tags.get("train_run_id") else ""})
     return pd.DataFrame(rows)
+
+
+def stopped(state: str, tags: dict[str, str]) -> str:
+    """What a trial's row in `trial_table` says of a trial stopped by a signal (Optuna holds it FAIL, its run KILLED
+    with tag `interrupted_by`: `requeue_interrupted`), in place of a failure_reason: its row read as a trial that
+    failed, unsaid; "" for any other."""
+    if state != "FAIL" or "interrupted_by" not in tags:
+        return ""
+    return f"interrupted by {tags['interrupted_by']}" + ("; queued again" if tags.get("superseded_by_retry") == "true"
+                                                         else "")
 
 
 def best_of(done: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
@@ -1367,8 +1437,12 @@ def run(args: argparse.Namespace) -> int:
                         if "fingerprint" not in study.user_attrs:
                             optuna.delete_study(study_name=name, storage=storage)
                     raise
-                for cfg in {prepare.prepare_key(c): c for c in plan.configs}.values() if plan.grid else []:
-                    prepare.ensure_prepared(cfg)  # each distinct dataset once, before any trial
+                # each distinct dataset once, before any trial: a grid's, or the one every trial of a space shares
+                # (its first trials each prepared it, side by side under `workers`); a space drawing among several
+                # datasets has each prepared by the first trial that draws it
+                datasets = {prepare.prepare_key(c): c for c in plan.configs}
+                for cfg in datasets.values() if plan.grid or len(datasets) == 1 else []:
+                    prepare.ensure_prepared(cfg)
             else:
                 stack.enter_context(storage_failures(storage_url))
                 adopt_own_run(study)

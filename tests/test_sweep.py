@@ -209,6 +209,25 @@ def test_official_cifar10_out_of_reach_is_one_line_before_any_trial(store, tmp_p
     assert not (tmp_path / "optuna.db").exists()
 
 
+def test_a_space_whose_trials_share_their_data_prepares_it_once_before_any_trial(store, tmp_path, in_process,
+                                                                                monkeypatch):
+    """A space's data was prepared by its first trials: `-P workers=2` (the README's sweep-tpe.yaml command) ran two
+    prepare runs side by side, one under each worker's first trial, as a grid's data is prepared once by the sweep."""
+    from pipeline import prepare
+
+    spec = write_spec(tmp_path, "sweep-space-data", "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n")
+    key = prepare.prepare_key(sweep.Plan(spec, "tracking.experiment=e2e").configs[0])
+    found = []
+    monkeypatch.setattr(sweep, "work", lambda plan, study, storage: found.append(prepare.find_prepared(key)))
+    in_process("sweep", "--spec", spec, "--overrides", "tracking.experiment=e2e")  # trials left waiting: exit 1
+    assert found != [None]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    (sweep_run,) = [r for r in runs if r.data.tags["step"] == "sweep"]
+    assert [r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags["step"] == "prepare"] == [
+        sweep_run.info.run_id]
+
+
 def test_a_leader_refused_before_its_study_is_set_up_leaves_no_study(store, tmp_path, in_process):
     """Its study stayed without a fingerprint: every rerun of the command waited a minute, then was refused."""
     client = MlflowClient()
@@ -257,6 +276,10 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
      "train.validation_fraction: a sweep "
      "ranks its trials by val_acc on the images they hold out, so it must be the same for every trial, got 0.05, "
      "0.3: set it in the spec's overrides or its base, not its search space"),
+    # every trial's runs went in the sweep run's experiment, their params naming another
+    ("grid:\n  tracking.experiment: [sweep-a, sweep-b]\n", "tracking.experiment: a sweep's runs all go in its sweep "
+     "run's experiment, so it must be the same for every trial, got sweep-a, sweep-b: set it in the spec's overrides "
+     "or its base, not its search space"),
     # TPE ran (0.1, 1) once, (0.1, 2) four times, (0.05, 2) never
     ("space:\n  train.lr: [0.05, 0.1]\n  model.units_per_stage: [1, 2]\nsampler: tpe\ntrials: 8\nseed: 0\n",
      "spec.trials: 8 trials over the 4 combinations of spec.space would run some twice; give trials <= 4, or a grid: "
@@ -319,8 +342,8 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
 ], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
         "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
         "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range",
-        "more-trials-than-choices", "more-trials-than-integers", "no-whole-batch", "none-left-to-train-on",
-        "ghost-batch-inside-a-range", "boundaries-inside-a-range",
+        "experiment-grid", "more-trials-than-choices", "more-trials-than-integers", "no-whole-batch",
+        "none-left-to-train-on", "ghost-batch-inside-a-range", "boundaries-inside-a-range",
         "grid-trials-float", "grid-trials-bool", "repeated-choice-in-a-space", "range-of-one-number",
         "unknown-keys-of-other-types", "more-trials-than-can-run", "grid-larger-than-can-run",
         "negative-startup-trials", "seed-of-a-grid", "sampler-seed-of-a-grid"])
@@ -612,6 +635,20 @@ def test_a_seeded_sampler_draws_apart_per_trial_and_repeats(tmp_path, sampler):
     assert draw_all(spec) == first
 
 
+@pytest.mark.parametrize("sampler", ["random\nseed: 0", "tpe\nseed: 0", "{type: tpe, multivariate: true, seed: 1}",
+                                     "random"])
+def test_a_space_of_choices_and_integers_runs_no_combination_twice(tmp_path, sampler):
+    """Trials as many as its combinations (or fewer) were drawn with repeats: 2 x 2 choices in 4 trials ran
+    (0.1, 2) twice and (0.05, 2) never, though a spec over more trials than its combinations is refused as running
+    some twice."""
+    spec = write_spec(tmp_path, "sweep-countable", "space:\n  train.lr: [0.05, 0.1]\n"
+                      f"  train.epochs: {{min: 1, max: 2}}\ntrials: 4\nsampler: {sampler}\n", {"train.epochs": None})
+    first = draw_all(spec)
+    assert sorted((d["train.lr"], d["train.epochs"]) for d in first) == [(0.05, 1), (0.05, 2), (0.1, 1), (0.1, 2)]
+    if "seed" in sampler:
+        assert draw_all(spec) == first  # seeded: the same draws again
+
+
 def one_trial(tmp_path, name: str):
     """A one-trial grid sweep led in store "e2e", its trial claimed: (plan, study, trial, parent run id, experiment)."""
     plan = sweep.Plan(write_spec(tmp_path, name, "grid:\n  train.lr: [0.1]\n"))
@@ -704,6 +741,9 @@ def test_an_interrupted_trial_is_queued_again_at_once_however_often(store, tmp_p
     monkeypatch.setattr(sweep, "finish", lambda *args: None)
     sweep.work(plan, study, storage)  # at once: no trial left RUNNING to wait out
     assert [t.state.name for t in study.trials][-1] == "COMPLETE"
+    # the sweep's trials.csv and note: each stop said, where its row read FAIL with no reason, as a trial that failed
+    table = sweep.trial_table(study)
+    assert table["failure_reason"].tolist() == ["interrupted by SIGINT; queued again"] * (sweep.MAX_RETRY + 1) + [""]
 
 
 def retried_sweep(tmp_path, monkeypatch, name: str):
