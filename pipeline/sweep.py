@@ -700,6 +700,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                                  f"a rerun can reach; give a file such as sqlite:///optuna.db, or leave it empty")
     if url.startswith("postgresql://"):  # SQLAlchemy 2.1's default driver is psycopg 3; this project ships psycopg2
         url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    if holds_mlflow_store(url):  # both record their schema in alembic_version: Optuna's "no longer compatible", after
+        raise config.ConfigError(  # it had written its tables into the tracking store
+            f"storage: {safe_url(url)} holds an MLflow tracking store; Optuna needs a database of its own, "
+            "e.g. sqlite:///optuna.db (leave storage empty for optuna.db beside mlflow.db)")
     for attempt in range(3):
         try:
             return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
@@ -713,6 +717,21 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 time.sleep(1 + attempt)
                 continue
             raise config.ConfigError(f"storage: cannot open {safe_url(url)}: {type(exc).__name__}: {reason}") from None
+
+
+def holds_mlflow_store(url: str) -> bool:
+    """Whether the database at `url` holds MLflow's tracking tables."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url)
+        try:
+            tables = set(sqlalchemy.inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+    except Exception:  # noqa: BLE001 - a database that cannot be read is reported as it is
+        return False
+    return {"experiments", "runs", "registered_models"} <= tables
 
 
 def in_memory(url: str) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from mlflow import MlflowClient
 
 from pipeline import config, sweep
@@ -168,6 +169,24 @@ def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_proce
     client = MlflowClient()
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
     assert not (tmp_path / "optuna.db").exists() or "storage" in message
+
+
+def test_a_storage_naming_the_tracking_stores_database_is_one_line_saying_so(store, tmp_path, in_process):
+    """`-P storage=` the tracking store's own database: MLflow and Optuna both record their schema in
+    alembic_version, and the sweep was refused as "The runtime optuna version 5.0.0 is no longer compatible with the
+    table schema ... pip install -U optuna", which sends the user to upgrade a package that is not at fault."""
+    spec = write_spec(tmp_path, "sweep-bad", GRID)
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    MlflowClient().search_experiments()  # the tracking store's tables exist
+    done = in_process("sweep", "--spec", spec, "--storage", uri)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"error: storage: {uri} holds an MLflow tracking store; Optuna needs a database of its own, e.g. "
+        "sqlite:///optuna.db (leave storage empty for optuna.db beside mlflow.db)"]
+    tables = sqlalchemy.inspect(sqlalchemy.create_engine(uri)).get_table_names()
+    assert "experiments" in tables and "studies" not in tables  # Optuna wrote none of its tables there
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
 @pytest.mark.parametrize("task", ["worker", "chief"])
