@@ -33,6 +33,7 @@ import pandas as pd
 
 from pipeline import config
 from pipeline.tracking import (
+    DATASET_SHA256,
     VAL_DATA_TAG,
     artifact_dir,
     cli,
@@ -156,7 +157,8 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
         history = histories[run["run_id"]]
         # on the data it trained on: a later evaluation on other test images (a data.max_test subset, another
         # copy) scores what the other rows' do not, and ranked first a model worse on the whole split
-        metrics, test_data = model_score(run.get("tags.model_uri"), trained_on(run))
+        # by what the data is: the evaluation may spell the dataset's path otherwise (`./d.npz`, a file:// URI)
+        metrics, test_data = model_score(run.get("tags.model_uri"), trained_on(run), run.get(f"tags.{DATASET_SHA256}"))
         wall, span = wall_seconds(run)
         rows.append({
             "run": run.get("tags.mlflow.runName"), "run_id": run["run_id"],

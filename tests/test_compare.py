@@ -255,8 +255,7 @@ def test_test_accs_measured_on_different_test_splits_are_marked(monkeypatch):
 
     scores = {"models:/m-a": (0.34, "7a930fdd5b92" + "0" * 52), "models:/m-b": (0.22, "57f856aa645c" + "0" * 52),
               "models:/m-c": (0.20, "57f856aa645c" + "0" * 52)}
-    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: ({"test_acc": scores[uri][0]},
-                                                                              scores[uri][1]))
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({"test_acc": scores[uri][0]}, scores[uri][1]))
     runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "params.train.lr": ["0.1"] * 3,
                          "tags.model_uri": list(scores), "start_time": pd.NaT, "end_time": pd.NaT})
     histories = {r: pd.Series({1: 0.5}) for r in "abc"}
@@ -280,7 +279,7 @@ def test_val_accs_measured_on_other_images_or_on_the_test_split_are_marked(monke
     from pipeline.tracking import json_digest
 
     evaluated = {"models:/m-e": "3" * 64}  # an older run validated on the test split, evaluated on it
-    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: ({}, evaluated.get(uri)))
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({}, evaluated.get(uri)))
     runs = pd.DataFrame({"run_id": list("abcde"), "tags.mlflow.runName": list("abcde"),
                          "params.train.validation_fraction": ["0.0", "0.1", "0.1", "0.1", "0.0"],
                          "params.train.seed": "0", "params.dataset_uri": "'runs:/p/dataset/dataset.npz'",
@@ -317,7 +316,7 @@ def test_test_accs_that_count_training_images_are_marked(monkeypatch):
 
     scores = {"models:/m-a": {"test_acc": 0.9, "test_images_in_train": 64.0},
               "models:/m-b": {"test_acc": 0.8, "test_images_in_train": 0.0}, "models:/m-c": {"test_acc": 0.7}}
-    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: (scores[uri], "0" * 64))
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: (scores[uri], "0" * 64))
     runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "params.train.lr": ["0.1"] * 3,
                          "tags.model_uri": list(scores), "start_time": pd.NaT, "end_time": pd.NaT})
     histories = {r: pd.Series({1: 0.5}) for r in "abc"}
@@ -345,7 +344,7 @@ def test_val_accs_that_count_images_trained_on_are_marked(monkeypatch):
     from pipeline import compare
     from pipeline.tracking import markdown_table
 
-    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: ({"test_acc": 0.5}, "0" * 64))
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({"test_acc": 0.5}, "0" * 64))
     runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "params.train.lr": ["0.1"] * 3,
                          "params.train.validation_fraction": ["0.1"] * 3, "tags.val_data_sha256": ["1" * 64] * 3,
                          "metrics.val_images_in_train": [12.0, 0.0, math.nan],  # c: a run from before the metric
@@ -437,7 +436,7 @@ def test_runs_trained_by_other_code_are_marked(monkeypatch):
 
     from pipeline import compare
 
-    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: ({}, None))
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({}, None))
     runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "params.train.lr": ["0.1"] * 3,
                          "tags.model_uri": [None] * 3, "start_time": pd.NaT, "end_time": pd.NaT,
                          "tags.train_code": ["1" * 64, "2" * 64, None]})  # None: a run from before the tag
@@ -457,7 +456,7 @@ def test_runs_of_the_same_params_trained_in_another_precision_or_backend_are_mar
 
     from pipeline import compare
 
-    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: ({}, None))
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({}, None))
     runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"),
                          "params.train.precision": ["auto"] * 3, "tags.model_uri": [None] * 3,
                          "start_time": pd.NaT, "end_time": pd.NaT,
@@ -480,7 +479,7 @@ def test_the_parameters_mlflow_run_logs_on_a_train_run_are_no_columns(monkeypatc
 
     from pipeline import compare
 
-    monkeypatch.setattr(compare, "model_score", lambda uri, dataset_uri=None: ({}, None))
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({}, None))
     entry = {f"params.{k}": ["params/tiny.yaml" if k == "params" else "''", None, None]
              for k in ("params", "epochs", "data", "overrides", "dataset_uri", "resume")}
     runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "tags.model_uri": [None] * 3,
@@ -839,3 +838,52 @@ def test_run_ids_that_cannot_be_compared_are_refused_saying_why(store, in_proces
         f"{run_id} ({reasons[run_id]})" for run_id in sorted(reasons))
     # with no experiment named, a run of any experiment is compared
     assert in_process("compare", "--run-ids", f"{good},{elsewhere}").returncode == 0
+
+
+def test_a_model_evaluated_on_its_dataset_spelled_otherwise_shows_its_test_acc(store, tmp_path, monkeypatch):
+    """A model trained on `-P dataset_uri=data/d.npz` and evaluated on `./data/d.npz`, the absolute path or a file://
+    URI of the same file (or the other way round) showed no test_acc: an evaluation counted only where its dataset_uri
+    was the train run's, character for character. What the file is decides now; an evaluation of other data at the
+    same path (the file written again since) still does not count."""
+    from types import SimpleNamespace
+
+    import mlflow
+    import numpy as np
+
+    from pipeline import compare, config, data, evaluate
+    from pipeline.tracking import steps
+    from pipeline.tracking.resume import DATASET_SHA256, local_dataset_sha256
+    from tests.test_failures import Echo
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    dataset = data.make_synthetic(n_train=16, n_test=20)
+    dataset.save(tmp_path / "data" / "d.npz")
+    absolute = str(tmp_path / "data" / "d.npz")
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=dataset.class_names, tta="none", predict_proba=lambda x, batch_size: np.eye(10)[dataset.y_test]))
+    experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    uri = (tmp_path / "data" / "d.npz").as_uri()
+    spellings = [("data/d.npz", "./data/d.npz"), (absolute, "data/d.npz"), ("./data/d.npz", uri), (uri, absolute)]
+    models = []
+    for i, (trained_on, evaluated_on) in enumerate(spellings):
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"m{i}", tags={
+                "step": "train", "dataset_uri": trained_on, DATASET_SHA256: local_dataset_sha256(trained_on)}):
+            model = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+            model_uri = model.model_uri
+            mlflow.set_tag("model_uri", model_uri)
+            mlflow.log_metric("val_acc", 0.8, step=1)
+        with mlflow.start_run(experiment_id=experiment_id):
+            evaluate.run(config.load(TINY), model_uri, evaluated_on)
+        models.append(model_uri)
+    table = compare.run(experiment="e2e", metric="val_acc")["table"]
+    assert table["test_acc"].tolist() == [1.0] * len(spellings), table
+    # the file written again with other images: an evaluation of it is no score on the data m0 trained on
+    other = data.make_synthetic(n_train=16, n_test=20, seed=1)
+    other.save(tmp_path / "data" / "d.npz")
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=other.class_names, tta="none", predict_proba=lambda x, batch_size: np.eye(10)[other.y_test * 0]))
+    with mlflow.start_run(experiment_id=experiment_id):
+        evaluate.run(config.load(TINY), models[0], "data/d.npz")
+    table = compare.run(experiment="e2e", metric="val_acc")["table"]
+    assert table.set_index("run").loc["m0", "test_acc"] == 1.0

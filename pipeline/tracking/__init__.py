@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
 import shlex
 import signal
@@ -805,6 +806,11 @@ TEST_DATA_TAG = "test_data_sha256"
 # Tag on a training run: the sha256 of the images its val_acc was measured on (`data.arrays_digest`; with
 # train.validation_fraction 0 the test split's, equal to its TEST_DATA_TAG). val_accs compare only between equal ones.
 VAL_DATA_TAG = "val_data_sha256"
+# Tag on a train or evaluate run of a local dataset file (`dataset_uri` a path or a `file:` URI): the sha256 of the
+# file's bytes (`resume.local_dataset_sha256`), on a train run when it last started or resumed (`config_to_resume`
+# checks a `resume=<id>` against it). An evaluation is of the data a model trained on where these are equal, however
+# either command spelled the path (`same_dataset`).
+DATASET_SHA256 = "dataset_sha256"
 
 
 def model_id(model_uri: str | None) -> str | None:
@@ -837,11 +843,37 @@ def finished_run(run_id: str | None):
     return run if run.info.status == "FINISHED" and run.info.lifecycle_stage == "active" else None
 
 
-def model_score(model_uri: str | None, dataset_uri: str | None = None) -> tuple[dict[str, float], str | None]:
+def dataset_location(uri: str | None) -> str:
+    """Where a dataset URI points, however it is spelled: a local file (a path, relative or not, or a `file:` URI) as
+    its absolute path, links followed (`./data/d.npz`, `data/d.npz`, `/proj/data/d.npz` and `file:///proj/data/d.npz`
+    are one; a relative path read from the current folder, where `mlflow run` runs every step); a `runs:/` URI with its
+    artifact path normalized; any other URI as it is; "" for none."""
+    if not uri:
+        return ""
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        return f"runs:/{run_id}/{posixpath.normpath(path) if path else ''}"
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", uri) and not uri.startswith("file:"):  # s3://, mlflow-artifacts:/, ...
+        return uri
+    return os.path.realpath(local_path(uri))
+
+
+def same_dataset(uri: str | None, sha256: str | None, other_uri: str | None, other_sha256: str | None) -> bool:
+    """Whether two runs' dataset URIs (and their tags DATASET_SHA256, where they have one) name the same data: the
+    same file bytes where both know them (the same path written again since holds other data), else the same place
+    (`dataset_location`); never where one names none (None: a run without the param)."""
+    if sha256 and other_sha256:
+        return sha256 == other_sha256
+    return uri is not None and other_uri is not None and dataset_location(uri) == dataset_location(other_uri)
+
+
+def model_score(model_uri: str | None, dataset_uri: str | None = None, dataset_sha256: str | None = None
+                ) -> tuple[dict[str, float], str | None]:
     """(latest value of each metric logged on the model `models:/m-...` by finished evaluate runs (`finished_run`),
     tag `test_data_sha256` of the evaluate run whose test_acc that is: the test split it was measured on); ({}, None)
-    if none or unknown. With `dataset_uri`, of the runs that logged them with that param only (evaluations of that
-    dataset). One read of the model and one of each run that logged on it."""
+    if none or unknown. With `dataset_uri` (and `dataset_sha256`, the train run's tag DATASET_SHA256), of the runs
+    that evaluated that dataset only (`same_dataset`: their param `dataset_uri` may spell it otherwise). One read of
+    the model and one of each run that logged on it."""
     found = model_id(model_uri)
     if found is None:
         return {}, None
@@ -853,7 +885,9 @@ def model_score(model_uri: str | None, dataset_uri: str | None = None) -> tuple[
             if (run := finished_run(run_id)) is not None}
     metrics = [m for m in metrics if m.run_id in runs]
     if dataset_uri is not None:  # an evaluate run's param as `mlflow run . -e evaluate` logged it: shell-quoted
-        metrics = [m for m in metrics if given_param(runs[m.run_id].params.get("dataset_uri")) == dataset_uri]
+        metrics = [m for m in metrics if same_dataset(given_param(runs[m.run_id].params.get("dataset_uri")),
+                                                      runs[m.run_id].tags.get(DATASET_SHA256), dataset_uri,
+                                                      dataset_sha256)]
     scores = [m for m in metrics if m.key == "test_acc"]
     test_data = runs[max(scores, key=lambda m: m.timestamp).run_id].tags.get(TEST_DATA_TAG) if scores else None
     return latest_metrics(metrics), test_data

@@ -39,6 +39,7 @@ from mlflow.utils.file_utils import local_file_uri_to_path
 from pipeline import config, data
 from pipeline.distribute import LOOPBACK
 from pipeline.tracking import (
+    DATASET_SHA256,
     _without_password,
     checkpoint_root,
     code_digest,
@@ -447,9 +448,6 @@ def train_key(cfg: config.Config, dataset_uri: str, dataset_sha256: str | None =
     return json_digest({**training_params(cfg), **dataset})
 
 
-# Tag on a train run of a local dataset file: the sha256 of the file's bytes when the run last started or resumed
-# (`training.start_training`), which `config_to_resume` checks a `resume=<id>` against
-DATASET_SHA256 = "dataset_sha256"
 
 
 def local_dataset_sha256(dataset_uri: str) -> str | None:

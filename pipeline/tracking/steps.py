@@ -30,6 +30,7 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from pipeline import config, data, source
 from pipeline.tracking import (
+    DATASET_SHA256,
     TEST_DATA_TAG,
     fit_note,
     local_path,
@@ -238,13 +239,15 @@ def trained_at(logged_model: str | None) -> str:
     return f" (git commit {commit[:12]} of train run {run_id})" if commit else f" (train run {run_id})"
 
 
-def log_evaluation(params: dict, metrics: dict[str, float], model_uri: str, test_data: str) -> None:
+def log_evaluation(params: dict, metrics: dict[str, float], model_uri: str, test_data: str,
+                   dataset_sha256: str | None = None) -> None:
     """Log evaluate's `params` and test `metrics` on the active run, and the metrics on the logged model
     `models:/m-...` too (they show on the model's page and feed register), with tag `test_data_sha256`
-    (`test_data`: the test split's digest, which register compares before it compares scores)."""
+    (`test_data`: the test split's digest, which register compares before it compares scores); tag `dataset_sha256`
+    (DATASET_SHA256: a local dataset file's bytes, as a train run of it tags them) on the run where given."""
     log_params(params)  # a -P `mlflow run` logged already kept as it logged it
     mlflow.log_metrics(metrics)
-    mlflow.set_tag(TEST_DATA_TAG, test_data)
+    mlflow.set_tags({TEST_DATA_TAG: test_data, **({DATASET_SHA256: dataset_sha256} if dataset_sha256 else {})})
     logged_model = logged_model_id(model_uri)
     if logged_model:
         mlflow.log_metrics(metrics, model_id=logged_model)
