@@ -200,14 +200,16 @@ def champion_on_test_data(cfg: config.Config, name: str, champion, challenger: r
     return made, f"scored on it by evaluate run {scoring.info.run_id}"
 
 
-def registered_already(name: str, alias: str, model_uri: str, version) -> dict:
-    """register's decision where a register finished `version` of `model_uri` with the same score: nothing is
-    written to the registry again (the version keeps its report), the register run records why, naming the champion
-    the version was weighed against as its report does (`registry.weighed_champion`)."""
+def registered_already(name: str, alias: str, model_uri: str, version, *, alongside: bool = False) -> dict:
+    """register's decision where a register finished `version` of `model_uri` with the same score, or (`alongside`)
+    one running at the same time created it first: nothing is written to the registry again (the version keeps its
+    report, or gets that register's), the register run records why, naming the champion the version was weighed
+    against as its report does (`registry.weighed_champion`)."""
     holder = _version(registry.current_champion(name, alias))
     champion, held, _ = registry.weighed_champion(name, version)
     moved = holder == str(version.version)
-    reason = (f"v{version.version} registers {model_uri} with this test_acc on the same test data already: not "
+    by = " (registered alongside, by a register of it running at the same time, which places the alias)" * alongside
+    reason = (f"v{version.version} registers {model_uri} with this test_acc on the same test data already{by}: not "
               f"registered again; @{alias} is {'on it' if moved else f'on v{holder}' if holder else 'on no version'}")
     decision = {"model_name": name, "version": int(version.version), "test_acc": float(version.tags["test_acc"]),
                 "champion_version": int(champion.version) if champion else None,
@@ -288,8 +290,10 @@ def run(cfg: config.Config, model_uri: str) -> dict:
                 "champion_evaluate_run": held.evaluate_run if held else None, "alias_moved": None, "reason": reason}
     if version is None:  # created with its report, the alias still to place: no kill leaves a bare version
         pending = challenger_report(decision, alias, model_uri, score, champion, held, registered)
-        version = registry.register_version(model_uri, name, {**tags, **registry.report_tags(pending)},
-                                            description=report_markdown(pending))
+        version, created = registry.register_version(model_uri, name, {**tags, **registry.report_tags(pending)},
+                                                     description=report_markdown(pending))
+        if not created:  # a register of this model alongside created its version first: it places the alias
+            return registered_already(name, alias, model_uri, version, alongside=True)
     if moved and _version(registry.current_champion(name, alias)) == _version(champion):
         registry.move_alias(name, alias, version.version)
     # else a register alongside moved the alias since it was read: settle weighs this version against the new holder

@@ -19,7 +19,7 @@ from mlflow.entities import ViewType
 from pipeline import config, evaluate, main, prepare, register, train
 from pipeline.tracking import cli, registry, steps
 from tests.conftest import ROOT
-from tests.register_race import register_after_barrier
+from tests.register_race import register_after_barrier, register_at_once
 from tests.test_fault_tolerance import TINY, experiment_runs
 
 # The smallest ResNet the params describe (one stage of one basic unit): for tests of what happens around training, a
@@ -781,6 +781,34 @@ def test_racing_registers_leave_the_alias_on_the_best_version(store):
     assert float(champion.tags["test_acc"]) == pytest.approx(0.9)
 
 
+def test_two_registers_of_the_same_model_at_once_register_it_once(store):
+    """Two registers of one train run's model started together (a `main` rerun beside an `-e register` of its model)
+    each found no version of it and each created one: two versions of the same model with the same score. The one
+    created second is taken back, and its register names the first."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    model = evaluated_model(experiment_id, {"test_acc": 0.7})
+    spawn = multiprocessing.get_context("spawn")
+    barrier, decisions = spawn.Barrier(2), spawn.Queue()
+    procs = [spawn.Process(target=register_at_once,
+                           args=(store["MLFLOW_TRACKING_URI"], experiment_id, model, barrier, decisions))
+             for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    results = [decisions.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    assert [str(v.version) for v in client.search_model_versions("name = 'cifar10-resnet'")] == ["1"], results
+    assert [d["version"] for d in results] == [1, 1], results
+    assert any("registered alongside" in d["reason"] for d in results), results
+    version = client.get_model_version("cifar10-resnet", "1")
+    assert version.tags["alias_moved"] == "true" and version.tags["decision"] == "no version held @champion"
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+    logged = client.get_logged_model(model.removeprefix("models:/"))
+    assert [str(v["version"]) for v in json.loads(logged.tags["mlflow.modelVersions"])] == ["1"]
+
+
 def evaluated_model(experiment_id: str, metrics: dict[str, float], test_data: str = "a" * 64) -> str:
     """A stand-in logged model scored as evaluate scores one (steps.log_evaluation in a run of its own)."""
     with mlflow.start_run(experiment_id=experiment_id):
@@ -806,7 +834,7 @@ def test_a_register_does_not_move_the_alias_off_a_better_version_moved_there_alo
     experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
     registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
     b_model, a_model = (evaluated_model(experiment_id, {"test_acc": acc}) for acc in (0.7, 0.6))
-    b = registry.register_version(b_model, "cifar10-resnet", {"test_acc": "0.700000", "test_data_sha256": "a" * 64})
+    b, _ = registry.register_version(b_model, "cifar10-resnet", {"test_acc": "0.700000", "test_data_sha256": "a" * 64})
     read, b_done = registry.current_champion, []
 
     def champion_then_b_finishes(name, alias):

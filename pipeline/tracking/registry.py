@@ -165,11 +165,15 @@ def latest_version(name: str) -> int:
 
 
 def register_version(model_uri: str, name: str, tags: dict[str, str], *, description: str | None = None):
-    """Register `model_uri` as a new version of `name` (created if new), tagged `tags`; the ModelVersion.
+    """Register `model_uri` as a new version of `name` (created if new), tagged `tags`; (the ModelVersion, True).
 
     The version is created with its tags and `description` in one write, so no kill leaves it without them
     (`mlflow.register_model` takes no description). The logged model lists the version in its
     `mlflow.modelVersions` tag, as `mlflow.register_model` records it for the UI. Failures raise.
+
+    Two registers of the same model and score for the same alias started together each find no version of it
+    (`same_score_version`) and each create one: the version created second, seeing the first (`_same_score`, lower
+    numbered), is deleted again, and (that first version, False) returned. The registry refuses no duplicate itself.
     """
     client = MlflowClient()
     try:
@@ -180,11 +184,16 @@ def register_version(model_uri: str, name: str, tags: dict[str, str], *, descrip
     logged_model = model_id(model_uri)
     version = client.create_model_version(name, model_uri, tags=tags, description=fit_description(description),
                                           model_id=logged_model)
+    first = min((v for v in versions(name) if _same_score(v, model_uri, tags)), key=lambda v: int(v.version),
+                default=version)
+    if int(first.version) < int(version.version):  # a register alongside created it first: this one is none
+        client.delete_model_version(name, version.version)
+        return first, False
     if logged_model:  # the UI's link from the logged model to its versions; the version itself is whole already
         listed = json.loads(client.get_logged_model(logged_model).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
         client.set_logged_model_tags(logged_model, {MLFLOW_MODEL_VERSIONS: json.dumps(
             [*listed, {"name": version.name, "version": version.version}])})
-    return version
+    return version, True
 
 
 def fit_description(markdown: str | None) -> str | None:
@@ -204,9 +213,15 @@ def same_score_version(name: str, model_uri: str, tags: dict[str, str], *, finis
     register, rerun), rather than registering the model a second time. A register for another alias is no rerun
     (taken for one, `register.alias=staging` was never placed on a model registered for @champion)."""
     return next((v for v in sorted(versions(name), key=lambda v: int(v.version))
-                 if version_model_uri(v) == model_uri and "test_acc" in v.tags and (DECISION_TAG in v.tags) == finished
-                 and all(v.tags.get(key) == tags.get(key) for key in ("test_acc", TEST_DATA_TAG))
-                 and v.tags.get(ALIAS_TAG, tags.get(ALIAS_TAG)) == tags.get(ALIAS_TAG)), None)
+                 if _same_score(v, model_uri, tags) and (DECISION_TAG in v.tags) == finished), None)
+
+
+def _same_score(version, model_uri: str, tags: dict[str, str]) -> bool:
+    """Whether `version` registers `model_uri` with the score (test_acc, test data) and for the alias of `tags` (a
+    version from before the alias tag: for any)."""
+    return (version_model_uri(version) == model_uri and "test_acc" in version.tags
+            and all(version.tags.get(key) == tags.get(key) for key in ("test_acc", TEST_DATA_TAG))
+            and version.tags.get(ALIAS_TAG, tags.get(ALIAS_TAG)) == tags.get(ALIAS_TAG))
 
 
 def weighed_champion(name: str, version) -> tuple:
