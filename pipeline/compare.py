@@ -274,10 +274,13 @@ def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
 
 def curve_label(row) -> str:
     """A run's legend entry: its name (cut to LABEL_CHARS) and short id, '$' kept literal (matplotlib reads text
-    between two as math: a name like 'lr $\\alpha$' failed the comparison, others rendered mangled)."""
-    name = str(row.run) if len(str(row.run)) <= LABEL_CHARS else str(row.run)[:LABEL_CHARS - 1] + "…"
-    missing = "" if row.epochs else ", no val_acc"
-    return f"{name} ({row.run_id[:7]}{missing})".replace("$", r"\$")
+    between two as math: a name like 'lr $\\alpha$' failed the comparison, others rendered mangled); a run without a
+    name (its cell in the table empty) by its short id alone, not as 'nan' or 'None'."""
+    notes = [row.run_id[:7]] + ([] if row.epochs else ["no val_acc"])
+    if not isinstance(row.run, str) or not row.run:
+        return notes[0] + "".join(f" ({note})" for note in notes[1:])
+    name = row.run if len(row.run) <= LABEL_CHARS else row.run[:LABEL_CHARS - 1] + "…"
+    return f"{name} ({', '.join(notes)})".replace("$", r"\$")
 
 
 def curves_figure(table: pd.DataFrame, histories: dict[str, pd.Series], metric: str) -> plt.Figure:

@@ -887,3 +887,30 @@ def test_a_model_evaluated_on_its_dataset_spelled_otherwise_shows_its_test_acc(s
         evaluate.run(config.load(TINY), models[0], "data/d.npz")
     table = compare.run(experiment="e2e", metric="val_acc")["table"]
     assert table.set_index("run").loc["m0", "test_acc"] == 1.0
+
+
+def test_a_run_without_a_name_is_its_id_in_the_val_acc_legend(store):
+    """A training run with no name (its tag mlflow.runName deleted) had an empty cell in the table, but the legend of
+    val_acc.png called it "nan" (or "None"), like a run of that name."""
+    import math
+
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from pipeline import compare
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    for start, val_acc in ((1_000, 0.9), (2_000, 0.8)):
+        run = client.create_run(experiment, start_time=start, run_name="named", tags={"step": "train"}).info.run_id
+        client.log_metric(run, "val_acc", val_acc, step=1)
+        client.set_terminated(run, end_time=start + 500)
+    client.delete_tag(run, "mlflow.runName")
+    comparison = compare.run("e2e", metric="val_acc")
+    assert pd.isna(comparison["table"]["run"][1])
+    histories = {r: compare.val_acc_history(r) for r in comparison["table"]["run_id"]}
+    fig = compare.curves_figure(comparison["table"], histories, "val_acc")
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        f"named ({comparison['table']['run_id'][0][:7]})", run[:7]]
+    table = pd.DataFrame({"run": [None, math.nan], "run_id": ["a" * 32, "b" * 32], "epochs": [0, 1]})
+    assert [compare.curve_label(row) for row in table.itertuples()] == ["aaaaaaa (no val_acc)", "bbbbbbb"]
