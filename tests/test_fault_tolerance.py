@@ -1421,6 +1421,23 @@ def test_creating_the_store_checks_that_a_server_or_other_store_answers(monkeypa
                                                                   "this exception.")
 
 
+def test_a_postgresql_store_named_without_its_driver_says_how_to_name_it(monkeypatch, capsys):
+    """`MLFLOW_TRACKING_URI=postgresql://...`, as a PostgreSQL store is usually written, reaches SQLAlchemy's default
+    driver, psycopg 3, which this project does not install (it installs psycopg2, as team-server.sh's store names):
+    the line said only "No module named 'psycopg'". Now it also says to name the store postgresql+psycopg2://."""
+    from pipeline.tracking import cli, store_ready
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow:s3cret@127.0.0.1:1/mlflow")
+    mlflow.set_tracking_uri(None)
+    with pytest.raises(SystemExit) as exited:
+        cli(lambda: print(store_ready()))
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and len(err.strip().splitlines()) == 1 and "ready" not in out, err
+    assert err.startswith("error: MLFLOW_TRACKING_URI: cannot open the tracking store "
+                          "postgresql://mlflow:***@127.0.0.1:1/mlflow: ModuleNotFoundError"), err
+    assert "postgresql+psycopg2://mlflow:***@127.0.0.1:1/mlflow" in err and "s3cret" not in err, err
+
+
 @pytest.mark.parametrize("where", ["folder", "other file", "below a file"])
 def test_a_sqlite_uri_that_names_no_database_file_is_one_line_at_once(monkeypatch, capsys, tmp_path, where):
     """`sqlite:///` naming a folder (`sqlite:////data/mlruns`) had MLflow retry "unable to open database file" for

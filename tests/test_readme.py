@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -438,3 +439,91 @@ def test_the_command_check_finds_unknown_entry_points_parameters_modules_and_opt
     assert unknown_options(page) == [
         "page.md: -e compare -P nope", "page.md: -e nothing", "page.md: pipeline.train --nope",
         "page.md: -e main -P epoch", "page.md: bench.sweep --bad", "page.md: bench.nothing"]
+
+
+# Data a command names that is refused on purpose: the example of a missing path.
+REFUSED_ON_PURPOSE = {"/no/such.tar.gz"}
+
+
+def documented_runs(page: Path) -> list[tuple[str, dict[str, str]]]:
+    """The training and sweep commands in `page`'s code, each as (entry point, {parameter: value}): `mlflow run .`'s
+    `-P name=value` and `python -m pipeline.<step>`'s `--name value`, shell-quoted values unquoted. Commands with a
+    placeholder (`...`, `<run id>`) and other entry points are left out."""
+    text = page.read_text()
+    spans = re.findall(r"```\w*\n(.*?)```", text, re.S) + re.findall(
+        r"`([^`\n]+)`", re.sub(r"```\w*\n.*?```", "", text, flags=re.S))
+    found = []
+    for span in (s.replace("\\\n", " ") for s in spans):
+        for command in re.findall(r"(?:mlflow run \.|python -m pipeline\.\w+)[^\n;&|#`]*", span):
+            if "..." in command or "<" in command:
+                continue
+            words = shlex.split(command)
+            if words[0] == "mlflow":
+                entry = next((words[i + 1] for i, w in enumerate(words) if w in ("-e", "--entry-point")), "main")
+                given = dict(words[i + 1].partition("=")[::2] for i, w in enumerate(words) if w == "-P")
+            else:
+                entry = words[2].split(".")[1]
+                given = {w.removeprefix("--").replace("-", "_"): v for w, v in zip(words[3::2], words[4::2],
+                                                                                    strict=False)}
+            if entry in ("main", "train", "prepare", "sweep"):
+                found.append((entry, given))
+    return found
+
+
+def test_every_documented_training_and_sweep_command_passes_the_params_checks():
+    """A reader copies a page's `mlflow run .` or `python -m pipeline.train` command: its params file, overrides,
+    epochs and data must pass the checks made before any run opens (a params file edited so that `-P epochs=30` or an
+    override no longer fits it would otherwise leave the docs showing a command that stops with exit 2), and a data
+    path it names must be there, read from the checkout's root as `mlflow run` reads it. Sweep commands' specs and
+    overrides build their plan of trials."""
+    from pipeline import config, inputs, sweep
+
+    commands = [(page.name, entry, given) for page in PAGES for entry, given in documented_runs(page)]
+    assert {"main", "train", "sweep"} <= {entry for _, entry, _ in commands}, commands
+    assert len([c for c in commands if c[0] == "README.md"]) >= 7, commands
+    refused = []
+    for page, entry, given in commands:
+        try:
+            if entry == "sweep":
+                sweep.Plan(str(ROOT / given.get("spec", "params/sweep-example.yaml")), given.get("overrides", ""))
+                continue
+            shortcuts = {name: given.get(name, "") for name in ("epochs", "data") if entry != "prepare" or
+                         name == "data"}
+            params = str(ROOT / given["params"]) if given.get("params") else ""
+            cfg = config.load_from_cli(params, given.get("overrides", ""), **shortcuts)
+            inputs.check_known_training_images(cfg)
+        except config.ConfigError as exc:
+            refused.append(f"{page}: {entry} {given}: {exc}")
+            continue
+        source = cfg.data.source
+        if source not in ("cifar10", "synthetic", *REFUSED_ON_PURPOSE) and not (ROOT / source).exists():
+            refused.append(f"{page}: {entry} {given}: no {source} beside the checkout")
+    assert not refused, refused
+
+
+def test_the_documented_runs_are_read_with_their_entry_point_and_params(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("```bash\nmlflow run . --env-manager local -P params=params/quick.yaml -P epochs=3 \\\n"
+                    "  -P overrides=\"train.lr=0.1 train.seed=1\"   # a comment\n"
+                    "python -m pipeline.train --params params/tiny.yaml --epochs 2\n```\n"
+                    "`mlflow run . -e sweep -P spec=params/sweep-tpe.yaml`, `mlflow run . -e compare -P top=5`, "
+                    "`mlflow run . -e evaluate -P model_uri=... -P dataset_uri=...`, "
+                    "`KERAS_BACKEND=jax mlflow run . ...`\n")
+    assert documented_runs(page) == [
+        ("main", {"params": "params/quick.yaml", "epochs": "3", "overrides": "train.lr=0.1 train.seed=1"}),
+        ("train", {"params": "params/tiny.yaml", "epochs": "2"}),
+        ("sweep", {"spec": "params/sweep-tpe.yaml"})]
+
+
+def test_the_images_the_serving_section_extracts_are_in_the_archive_it_names():
+    """The Serving section's `tar -xzf ../shared/datasets/... test/cat/0338.jpg ...` names members of the JPEG copy
+    beside the checkout: a renamed archive or member would leave the reader's predict command without its images."""
+    import tarfile
+
+    text = (ROOT / "README.md").read_text()
+    (command,) = [c for c in re.findall(r"`(tar -xzf [^`]+)`", text) if "../shared/" in c]
+    archive, *members = shlex.split(command)[2:]
+    assert members and f"`{' '.join(members)}`" in text, command  # the files then passed to predict
+    with tarfile.open(ROOT / archive) as tar:
+        names = set(tar.getnames())
+    assert not [m for m in members if m not in names], (members, archive)

@@ -217,6 +217,9 @@ def ensure_store() -> str:
         reason = _first_line(str(exc.message).replace(uri, shown))  # e.g. an unknown scheme (a typo)
     except Exception as exc:  # noqa: BLE001 - a missing driver, a refused login: whatever the store's library raises
         reason = f"{type(exc).__name__}: {_first_line(str(exc).replace(uri, shown))}"
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "psycopg" and shown.startswith("postgresql://"):
+            # SQLAlchemy 2.1's default driver for postgresql:// is psycopg 3; this project ships psycopg2
+            reason += f"; name it {shown.replace('postgresql://', 'postgresql+psycopg2://', 1)}"
     else:
         return uri
     raise ConfigError(f"MLFLOW_TRACKING_URI: cannot open the tracking store {shown}: {reason}")
