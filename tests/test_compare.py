@@ -246,6 +246,35 @@ def test_a_run_trained_on_a_local_dataset_file_names_its_digest(store, tmp_path)
     assert f"sha256 `{'ab' * 32}`" in describe_train_run(run.info.run_id)
 
 
+def test_a_train_run_described_by_two_registers_at_once_is_described_not_a_traceback(store, monkeypatch):
+    """Two registers describing one train run at once: each found no description, both inserted one, and the second
+    failed on a traceback (IntegrityError: UNIQUE constraint failed: tags.key, tags.run_uuid)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import describe_train_run
+
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("e2e").experiment_id) as run:
+        mlflow.log_params({"train.epochs": "3"})
+    real, calls = mlflow.MlflowClient.set_tag, []
+
+    def raced(self, run_id, key, value, *args, **kwargs):  # the other register's insert lands first
+        calls.append(key)
+        if len(calls) == 1:
+            real(self, run_id, key, "the other register's", *args, **kwargs)
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: tags.key, tags.run_uuid")
+        return real(self, run_id, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_tag", raced)
+    note = describe_train_run(run.info.run_id)
+    assert calls == ["mlflow.note.content"] * 2
+    assert mlflow.get_run(run.info.run_id).data.tags["mlflow.note.content"] == note
+    monkeypatch.setattr(mlflow.MlflowClient, "set_tag", lambda *a, **k: (_ for _ in ()).throw(
+        MlflowException("RESOURCE_DOES_NOT_EXIST: no such run")))  # any other failure is not taken for the race
+    with pytest.raises(MlflowException, match="no such run"):
+        describe_train_run(run.info.run_id, overwrite=True)
+
+
 def test_test_accs_measured_on_different_test_splits_are_marked(monkeypatch):
     """A model evaluated again on other test images (another copy, a subset) ranked first by test_acc among runs
     scored on the full test split, and nothing in the table said so."""

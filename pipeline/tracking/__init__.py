@@ -976,5 +976,17 @@ def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
             f"batch {params.get('train.batch_size', '?')}, lr {params.get('train.lr', '?')}.\n\n"
             f"Data: `{params.get('data.source', '?')}`, sha256 `{digest}` (prepare run `{prepare_id}`).\n\n"
             f"Model: `{tags.get('model_uri', '?')}`.")
-    client.set_tag(run_id, "mlflow.note.content", note)
+    try:
+        client.set_tag(run_id, "mlflow.note.content", note)
+    except MlflowException as exc:  # two registers describing it at once: MLflow's SQL store reads, then inserts
+        if not duplicate_insert(exc):
+            raise
+        client.set_tag(run_id, "mlflow.note.content", note)  # the tag is there now: this updates it
     return note
+
+
+def duplicate_insert(exc: MlflowException) -> bool:
+    """Whether `exc` is the database refusing an insert as a duplicate: another process inserted the same key between
+    MLflow's read and its insert (its SQL store reads, then inserts). Written again, the value is an update."""
+    return bool(re.search(r"unique constraint|IntegrityError|UniqueViolation|duplicate key", str(exc.message),
+                          re.IGNORECASE))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 
 import mlflow
 from mlflow import MlflowClient
@@ -27,7 +26,15 @@ from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from pipeline import config
-from pipeline.tracking import TEST_DATA_TAG, finished_run, given_param, latest_metrics, log_params, model_id
+from pipeline.tracking import (
+    TEST_DATA_TAG,
+    duplicate_insert,
+    finished_run,
+    given_param,
+    latest_metrics,
+    log_params,
+    model_id,
+)
 
 EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose score register compared
 CHAMPION_EVALUATE_RUN_TAG = "champion_evaluate_run_id"  # on a version: that of the champion's score it was weighed by
@@ -252,8 +259,7 @@ def move_alias(name: str, alias: str, version: str | int) -> None:
     try:
         client.set_registered_model_alias(name, alias, version)
     except MlflowException as exc:
-        if not re.search(r"unique constraint|IntegrityError|UniqueViolation|duplicate key", str(exc.message),
-                         re.IGNORECASE):
+        if not duplicate_insert(exc):
             raise
         client.set_registered_model_alias(name, alias, version)
 
