@@ -124,8 +124,9 @@ def encoded_images(model_input: Any) -> list | None:
             return array_items(model_input)
         model_input = array_items(model_input)
     # A list holding text is a batch of encoded images (a pixel tensor's items are rows); to_bytes reports any item
-    # that is not, a null first one too.
-    if isinstance(model_input, list) and any(isinstance(item, (str, bytes)) for item in model_input):
+    # that is not, a null first one too. So is one of nulls only ({"inputs": [null]}): no pixel tensor is.
+    if isinstance(model_input, list) and (any(isinstance(item, (str, bytes)) for item in model_input)
+                                          or model_input and all(item is None for item in model_input)):
         return model_input
     return None
 

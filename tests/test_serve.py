@@ -261,13 +261,16 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     # shape (n, 32, 32, 3), got (2,); send other sizes as base64 ... images" to a client that had sent base64 images
     ([None, b64(encode(random_pixels(1)[0]))], "image 0: no image (null, or a record without 'image')"),
     (np.array([None, b64(encode(random_pixels(1)[0]))]), "image 0: no image (null, or a record without 'image')"),
+    # only nulls ({"inputs": [null]}): read as pixel values, "pixels must have shape (n, 32, 32, 3), got (1,)"
+    ([None], "image 0: no image (null, or a record without 'image')"),
+    (np.array([None, None]), "image 0: no image (null, or a record without 'image')"),
     # {"dataframe_split": {"columns": ["image", "image"], ...}}: said "image 0: expected a base64-encoded ... image
     # string, got DataFrame"
     (pd.DataFrame([["x", "y"]], columns=["image", "image"]), "2 columns named 'image': send the images in one"),
 ], ids=["invalid-base64", "non-ascii", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
         "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image",
-        "null-image", "records-without-columns", "ppm", "eps", "null-first", "null-first-array",
-        "two-image-columns"])
+        "null-image", "records-without-columns", "ppm", "eps", "null-first", "null-first-array", "only-null",
+        "only-nulls-array", "two-image-columns"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
