@@ -213,6 +213,10 @@ def check_pixels(model_input: Any) -> np.ndarray:
         raise bad_input(f"pixels must form an (n, 32, 32, 3) array ({exc})") from None
     if x.size == 0:
         raise bad_input("empty batch: send at least one image")
+    if x.shape[-3:] != PIXEL_SHAPE and (x.dtype.kind in "US" or x.dtype == object and any(
+            isinstance(item, (str, bytes)) for item in x.flat)):  # {"inputs": [["<b64>"]]}: read as pixel values
+        raise bad_input(f"base64 images nested in lists (shape {x.shape}): send each image a string of its own: "
+                        '{"inputs": ["<b64>", ...]}')
     if x.shape == PIXEL_SHAPE:
         x = x[None]
     if x.ndim == 4 and x.shape[1:3] == PIXEL_SHAPE[:2] and x.shape[3] != CHANNELS:

@@ -174,6 +174,18 @@ def test_to_pixels_refuses_bad_tensors(given, problem):
     assert info.value.get_http_status_code() == 400
 
 
+@pytest.mark.parametrize("given", [
+    np.array([["aGk="]]), [["aGk="]], [["aGk="], ["aGk="]], np.array([[b"hi"]]), [[["aGk="]]], [["aGk=", None]],
+], ids=["array", "list", "two", "bytes", "deeper", "with-null"])
+def test_to_pixels_tells_base64_nested_too_deep_to_unnest_it(given):
+    # {"inputs": [["<b64>"]]}: told "pixels must have shape (n, 32, 32, 3), got (1, 1); send other sizes as base64
+    # ... images", to a client sending base64 images
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given)
+    assert "base64 images nested in lists" in info.value.message
+    assert 'each image a string of its own: {"inputs": ["<b64>", ...]}' in info.value.message
+
+
 @pytest.mark.parametrize(("given", "hint"), [
     (random_pixels(2).transpose(0, 3, 1, 2), "got (2, 3, 32, 32): channels first? move them last"),
     (random_pixels(1)[0].transpose(2, 0, 1), "got (3, 32, 32): channels first? move them last"),
