@@ -232,6 +232,11 @@ def check_pixels(model_input: Any) -> np.ndarray:
         raise bad_input(f"pixels must have shape (n, 32, 32, 3), got {x.shape}{hint}")
     if x.dtype == np.uint8:
         return x
+    if x.dtype == object or x.dtype.kind in "US" and isinstance(model_input, list):
+        x = numbers_of(np.asarray(model_input, dtype=object).reshape(x.shape) if isinstance(model_input, list) else x)
+    if x.dtype.kind in "US":  # MLflow made every value text for one string among them: which one is lost
+        raise bad_input(f"pixels must be integers 0-255, got text (such as {str(x.flat[0])!r}): send numbers, "
+                        "not strings")
     if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise bad_input(f"pixels must be integers 0-255, got values of type {x.dtype}")
     low, high = x.min(), x.max()
@@ -249,6 +254,20 @@ def check_pixels(model_input: Any) -> np.ndarray:
     if low < 0 or high > 255:
         raise bad_input(f"pixels must lie in 0-255, got values in [{low}, {high}]")
     return x.astype(np.uint8)
+
+
+def numbers_of(items: np.ndarray) -> np.ndarray:
+    """Pixel values of an object array (nulls, text or integers beyond int64 among them) as numbers; bad_input naming
+    the first that is no number and where it is, or the range of integers beyond 0-255."""
+    for index, item in np.ndenumerate(items):
+        if isinstance(item, bool) or not isinstance(item, (int, float, np.integer, np.floating)):
+            raise bad_input(f"pixels must be integers 0-255, got {'null' if item is None else repr(item)} at "
+                            f"{list(index)}")
+    low, high = min(items.flat), max(items.flat)
+    if low < 0 or high > 255:  # Python's integers, exactly: beyond what a float or int64 holds
+        raise bad_input(f"pixels must lie in 0-255, got values in [{low}, {high}]")
+    whole = all(isinstance(item, (int, np.integer)) for item in items.flat)  # 0s and 1s: a dark image, not scaled
+    return items.astype(np.int64 if whole else np.float64)
 
 
 def to_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:

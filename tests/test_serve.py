@@ -144,7 +144,8 @@ def test_to_pixels_accepts_integer_tensors_and_single_images():
         np.testing.assert_array_equal(out, pixels)
     np.testing.assert_array_equal(serve.to_pixels(pixels[0].tolist()), pixels[:1])
     # Black as floats, and integers 0 and 1 (a very dark image): not mistaken for pixels scaled to [0, 1].
-    for dark in (np.zeros((1, 32, 32, 3)), np.ones((1, 32, 32, 3), dtype=np.int64), [[[[0, 1, 1]] * 32] * 32]):
+    for dark in (np.zeros((1, 32, 32, 3)), np.ones((1, 32, 32, 3), dtype=np.int64), [[[[0, 1, 1]] * 32] * 32],
+                 np.ones((1, 32, 32, 3), dtype=object)):
         np.testing.assert_array_equal(serve.to_pixels(dark), np.asarray(dark, dtype=np.uint8))
 
 
@@ -184,6 +185,30 @@ def test_to_pixels_tells_base64_nested_too_deep_to_unnest_it(given):
         serve.to_pixels(given)
     assert "base64 images nested in lists" in info.value.message
     assert 'each image a string of its own: {"inputs": ["<b64>", ...]}' in info.value.message
+
+
+def one_pixel(value, at=(0, 1, 2, 0)) -> np.ndarray:
+    """A black (1, 32, 32, 3) image as an object array, `value` at `at`: what MLflow makes of a request holding it."""
+    pixels = np.zeros((1, 32, 32, 3), dtype=object)
+    pixels[at] = value
+    return pixels
+
+
+@pytest.mark.parametrize(("given", "problem"), [
+    (one_pixel(None), "pixels must be integers 0-255, got null at [0, 1, 2, 0]"),
+    (one_pixel(None).tolist(), "pixels must be integers 0-255, got null at [0, 1, 2, 0]"),
+    (one_pixel("12").tolist(), "pixels must be integers 0-255, got '12' at [0, 1, 2, 0]"),
+    (one_pixel(True, (0, 31, 0, 2)), "pixels must be integers 0-255, got True at [0, 31, 0, 2]"),
+    (one_pixel(2**70), f"pixels must lie in 0-255, got values in [0, {2**70}]"),
+    (one_pixel(-(2**70)).tolist(), f"pixels must lie in 0-255, got values in [{-(2**70)}, 0]"),
+    # a string among numbers makes MLflow's array all text: which value it was is lost
+    (one_pixel("12").astype(str), "pixels must be integers 0-255, got text (such as '0'): send numbers, not strings"),
+], ids=["null", "null-list", "text-list", "bool", "beyond-int64", "beyond-int64-negative", "text-array"])
+def test_to_pixels_says_which_value_is_not_a_pixel(given, problem):
+    # nulls, text and integers beyond int64 among the pixels were told "got values of type object", naming none
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given)
+    assert info.value.message == f"bad input: {problem}"
 
 
 @pytest.mark.parametrize(("given", "hint"), [
