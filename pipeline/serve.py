@@ -5,7 +5,8 @@ Input, as JSON bodies for `mlflow models serve` (or the same objects passed to `
   (a single (32, 32, 3) image is accepted too);
 - encoded images (PNG, JPEG, BMP, GIF, WebP or TIFF) of up to 16.8 megapixels, base64 strings:
   `{"inputs": ["<b64>", ...]}`, `{"dataframe_split": {"columns": ["image"], "data": [["<b64>"], ...]}}` or
-  `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs"). They are
+  `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs"); URL-safe base64 and
+  base64 without its `=` padding are read too. They are
   converted to 32x32 RGB by `pipeline.data.decode_image`, the function training images went through.
   Large ones go best in a frame: MLflow reads an "inputs" list into one array of strings as long as the longest.
   Raw bytes work in process.
@@ -53,6 +54,7 @@ SIZE_LIMIT = f"up to {MAX_ENCODED_PIXELS / 1e6:.1f} megapixels (4096x4096)"
 DATA_URI_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
 # `base64 cat.png` (GNU coreutils) and MIME encoders wrap lines at 76 characters: valid base64 all the same.
 WHITESPACE = re.compile(r"\s+")
+URL_SAFE = str.maketrans("-_", "+/")  # base64url's letters, in the standard alphabet (`unpadded`)
 # `mlflow models serve` runs each request's predict in a thread of its own. On JAX, Keras's predict function donates
 # the model's weight buffers to each call: two calls at once, and one ran on buffers the other had given up ("Buffer
 # has been deleted or donated", an HTTP 400 "unexpected error"; 11 of 16 requests sent together). TensorFlow's
@@ -175,7 +177,7 @@ def to_bytes(item: Any, name: str) -> bytes:
         raw = item
     elif isinstance(item, str):
         try:
-            raw = base64.b64decode(WHITESPACE.sub("", DATA_URI_PREFIX.sub("", item.strip())), validate=True)
+            raw = base64.b64decode(unpadded(WHITESPACE.sub("", DATA_URI_PREFIX.sub("", item.strip()))), validate=True)
         except ValueError as exc:  # binascii.Error, and text beyond ASCII (a pasted "…"): was a 400 without a reason
             raise bad_input(f"{name}: not a base64 image: not valid base64 ({exc})") from None
     else:
@@ -183,6 +185,16 @@ def to_bytes(item: Any, name: str) -> bytes:
     if not raw:
         raise bad_input(f"{name}: empty image")
     return raw
+
+
+def unpadded(text: str) -> str:
+    """Base64 `text` in the standard alphabet with its `=` padding: URL-safe base64 (RFC 4648's base64url: - and _ for
+    + and /, as JavaScript's and Python's urlsafe encoders write it) is read as the same bytes, and padding left off (as
+    base64url often is) completed. Neither is ambiguous: - and _ mean nothing else, and the padding only says what the
+    length does. Text mixing the two alphabets is left as it is, and refused."""
+    if not set(text) & set("+/"):
+        text = text.translate(URL_SAFE)
+    return text + "=" * (-len(text) % 4) if "=" not in text else text
 
 
 def decode_one(raw: bytes, name: str) -> np.ndarray:

@@ -254,6 +254,25 @@ def test_data_uris_with_parameters_or_in_capitals_are_accepted(prefix):
     np.testing.assert_array_equal(serve.to_pixels([prefix + b64(png)]), decode_image(png)[None])
 
 
+def test_url_safe_and_unpadded_base64_are_accepted():
+    # JavaScript's base64url, Python's urlsafe_b64encode and JWT-style encoders (- and _ for + and /, the = padding
+    # left off) were refused with "not valid base64 (Only base64 data is allowed)" or "(Incorrect padding)"
+    pngs = [encode(random_pixels(1, shape=(height, 32))[0]) for height in (32, 31, 30)]  # 0, 1 and 2 = of padding
+    standard = [b64(png) for png in pngs]
+    assert all(set(text) & set("+/") for text in standard) and {len(t.rstrip("=")) % 4 for t in standard} == {0, 2, 3}
+    expected = serve.to_pixels(standard)
+    for given in ([base64.urlsafe_b64encode(png).decode() for png in pngs], [t.rstrip("=") for t in standard],
+                  [base64.urlsafe_b64encode(png).decode().rstrip("=") for png in pngs],
+                  [f"data:image/png;base64,{t.rstrip('=')}" for t in standard]):
+        np.testing.assert_array_equal(serve.to_pixels(given), expected)
+    # the two alphabets mixed, and a length no padding completes: still refused
+    mixed = standard[0].replace("/", "_", 1)
+    whole = next(t for t in standard if len(t) % 4 == 0 and not t.endswith("="))
+    for bad in (mixed, whole + "A"):
+        with pytest.raises(MlflowException, match="image 0: not a base64 image: not valid base64"):
+            serve.to_pixels([bad])
+
+
 def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     # numpy's fixed-width bytes drop trailing zero bytes: a BMP ending in a black row's padding, an LZW TIFF and a
     # lossless WebP lost their last bytes and were refused as undecodable
@@ -282,7 +301,7 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     (pd.DataFrame({"img": ["x"]}), "a column 'image'"),
     (pd.DataFrame({"image": []}), "empty batch"),
     ({"image": np.array(["x"]), "picture": np.array(["y"])}, "take only 'image'"),  # {"instances": [{..}, {..}]}
-    (np.array("abc"), "image 0: not a base64 image"),  # what the server makes of {"inputs": "abc"}
+    (np.array("abc"), f"image 0: {UNDECODABLE}"),  # what the server makes of {"inputs": "abc"}: one image
     (pd.DataFrame([]), "empty batch"),  # {"dataframe_records": []}: said "needs a column 'image'"
     (pd.DataFrame(np.zeros((1, 3072))), "[0, 1, 2, 3, 4] and 3067 more;"),  # flattened pixels: not 3,072 names
     ([{"picture": np.array("x")}], "a column 'image'"),  # {"inputs": [{"picture": ...}]}
@@ -639,7 +658,7 @@ NAN_BODY = json.dumps({"inputs": np.where(random_pixels(1) > 100, np.nan, 1.0).t
     ({"dataframe_records": [{"picture": b64(b"x")}]}, "a column 'image'"),
     ({"inputs": [[[[1, 2, 3]]], [[[1, 2]]]]}, "inhomogeneous"),
     (b'{"inputs": [[[', "valid JSON"),
-    ({"inputs": "abc"}, "image 0: not a base64 image"),
+    ({"inputs": "abc"}, f"image 0: {UNDECODABLE}"),  # "abc=" unpadded: base64 of no image
     ({"inputs": [None, b64(encode(random_pixels(1)[0]))]}, "image 0: no image"),
 ], ids=["floats01", "white01", "over255", "negative", "shape", "4channels", "empty", "empty-frame", "nan",
         "invalid-base64", "not-an-image", "wrong-column", "ragged", "broken-json", "bare-string", "null-first"])
