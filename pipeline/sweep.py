@@ -525,10 +525,24 @@ class Plan:
         return self.sampler_kwargs if what == "spec.sampler" else self.pruner_kwargs
 
     def load(self, values: dict[str, Any], what: str) -> config.Config:
+        base = self.spec.get("base") or None
         try:
-            return config.load(self.spec.get("base") or None, self.common + override_items(values) + self.extra)
+            return config.load(base, self.common + override_items(values) + self.extra)
         except config.ConfigError as exc:
+            if self.extra and self.refused_without(base, self.common + self.extra, str(exc)) \
+                    and not self.refused_without(base, self.common + override_items(values), None):
+                # the command line's overrides refused whatever the trial's values: said as theirs, not the trial's
+                raise config.ConfigError(f"overrides ({self.extra_overrides}): {exc}") from None
             raise config.ConfigError(f"{what} ({label(values)}): {exc}") from None
+
+    @staticmethod
+    def refused_without(base: str | None, overrides: list[str], message: str | None) -> bool:
+        """Whether the params `overrides` layer on `base` are refused (with `message`, where it is given)."""
+        try:
+            config.load(base, overrides)
+        except config.ConfigError as exc:
+            return message is None or str(exc) == message
+        return False
 
     def make_sampler(self, offset: int) -> optuna.samplers.BaseSampler:
         """A fresh sampler; seeded `seed + offset` (the trial number; modulo 2**32) so that trials, and

@@ -377,6 +377,27 @@ def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
 
 
 @pytest.mark.parametrize("body", [GRID, "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"])
+@pytest.mark.parametrize(("overrides", "message"), [
+    ("train.epochs=0", "train.epochs: must be >= 1, got 0"),
+    ("train.epochs=abc", "train.epochs: must be an integer, got 'abc'"),
+    ("train.bogus=1", "train.bogus: unknown key in overrides"),
+], ids=["out-of-range", "wrong-type", "unknown-key"])
+def test_a_bad_command_line_override_is_blamed_on_the_overrides_not_a_trial(tmp_path, body, overrides, message):
+    """-P overrides at fault were reported as "trial 0 (train.lr=0.1): ...", as if the trial's values were."""
+    spec = write_spec(tmp_path, "sweep-overrides", body)
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(spec, f"evaluate.samples=1 {overrides}")
+    assert str(raised.value).startswith(f"overrides (evaluate.samples=1 {overrides}): {message}")
+
+
+def test_a_trials_own_bad_value_is_still_blamed_on_the_trial_under_command_line_overrides(tmp_path):
+    spec = write_spec(tmp_path, "sweep-trial", "grid:\n  train.lr: [0.1, -1]\n")
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(spec, "evaluate.samples=1")
+    assert str(raised.value) == "trial 1 (train.lr=-1.0): train.lr: must be > 0, got -1.0"
+
+
+@pytest.mark.parametrize("body", [GRID, "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"])
 def test_a_specs_override_of_a_swept_key_is_refused(tmp_path, body):
     """The trial's value replaced the spec's override unseen: every trial trained at its own train.lr, while the
     spec said one for all."""
