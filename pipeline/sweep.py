@@ -1397,6 +1397,10 @@ def run(args: argparse.Namespace) -> int:
         raise config.ConfigError(f"workers: must be an integer, got {args.workers!r}") from None
     if workers < 1:
         raise config.ConfigError(f"workers: must be >= 1, got {workers}")
+    if args.study and args.study != args.study.strip():  # " " named a study of a space; "s " another than "s"
+        raise config.ConfigError(f"study: {args.study!r} " + (
+            "is blank; give a name, or leave it empty for the spec's name and digest" if not args.study.strip()
+            else "begins or ends with spaces; give the name without them"))
     if args.study and args.study.endswith(".register"):  # study X's lock (`finish`), which starting X deletes
         study = args.study.removesuffix(".register")
         raise config.ConfigError(f"study: {args.study} is the record of who registers study {study}, not a study; "

@@ -135,6 +135,10 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
     # then register again); where it did not, the study ran, and starting study sweep-bad-1a2b3c4d would delete it
     (GRID, ["--study", "sweep-bad-1a2b3c4d.register"], "error: study: sweep-bad-1a2b3c4d.register is the record of "
      "who registers study sweep-bad-1a2b3c4d, not a study; pass -P study=sweep-bad-1a2b3c4d, or another name"),
+    # a blank name made a study named " " (and a run "sweep- "); spaces around a name made another study than it
+    (GRID, ["--study", " "], "error: study: ' ' is blank; give a name, or leave it empty for the spec's name and "
+     "digest"),
+    (GRID, ["--study", "mine "], "error: study: 'mine ' begins or ends with spaces; give the name without them"),
     (GRID, ["--overrides", "train.lr=0.3"], "error: overrides: train.lr is swept by spec.grid; drop it from "
      "overrides or from the search space"),  # it would train every trial at 0.3 under the names of the grid's lrs
     ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 1000000000000\n", [], "error: spec.trials: must be at "
@@ -156,7 +160,8 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
      "several hosts, but a sweep trains each trial on one: use auto (every GPU of this host), mirrored, data_parallel "
      "or none"),
 ], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers",
-        "in-memory-storage-workers", "in-memory-storage", "register-record-as-study", "override-of-a-swept-key",
+        "in-memory-storage-workers", "in-memory-storage", "register-record-as-study", "blank-study",
+        "study-with-spaces", "override-of-a-swept-key",
         "more-trials-than-can-run", "selecting-on-the-test-split", "no-data-source", "bad-sampler-argument",
         "wrong-backend-feed", "wrong-backend-mode", "several-hosts-mode"])
 def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_process, body, args, message):
