@@ -1231,6 +1231,8 @@ def finish(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage)
     except BaseException:
         optuna.delete_study(study_name=lock.study_name, storage=storage)  # let a rerun try again
         raise
+    if result["decision"]:  # before the version, whose presence says the study is done (`registered`)
+        lock.set_user_attr("registered_model", result["decision"].get("model_name"))
     lock.set_user_attr("registered_version", result["decision"]["version"] if result["decision"] else None)
     return result
 
@@ -1338,6 +1340,7 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
             log_metrics({"best_trial_val_acc": float(best[OBJECTIVE]),
                          "best_trial_test_acc": trials.final_metric(best["run_id"], "test_acc")})
             set_tags({"best_trial_run_id": best["run_id"], "best_trial": str(best["trial"]),
+                      "registered_model": best_cfg.register.model_name,  # its own: register.model_name may be swept
                       "registered_version": str(decision["version"]),
                       "alias_moved": str(decision["alias_moved"]).lower()})
         counts = results["state"].value_counts().to_dict()
@@ -1447,8 +1450,10 @@ def run(args: argparse.Namespace) -> int:
             return no_trial_finished(NoTrialFinished(
                 f"study {name} in {safe_url(storage_url)} is done, but none of its {len(study.trials)} trials "
                 "finished; nothing registered. Pass another -P study= for a new sweep"))
-        print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials, registered version "
-              f"{lock.user_attrs.get('registered_version')}; pass another -P study= for a new sweep")
+        model = lock.user_attrs.get("registered_model")  # studies done before it was recorded have none
+        print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials, registered "
+              f"{f'{model} v' if model else 'version '}{lock.user_attrs.get('registered_version')}; pass another "
+              "-P study= for a new sweep")
         return 0
     base = plan.configs[0]
     study, leads = join_study(plan, storage, name)

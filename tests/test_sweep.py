@@ -554,6 +554,42 @@ def test_a_sweeps_comparison_lists_its_registered_trial_first_of_its_equals(stor
     assert comparison.data.tags["compared_runs"] == f"{trains[0]},{trains[1]}"
 
 
+def finished_trials(client: MlflowClient, experiment_id: str, study: optuna.Study, plan, params: list[dict],
+                    values: list[float]) -> None:
+    """Finished trials of `params` and `values` in `study`, each with its trial and train runs."""
+    for trial_params, value in zip(params, values, strict=True):
+        train = client.create_run(experiment_id, tags={"step": "train"}).info.run_id
+        client.log_metric(train, "val_acc", value, step=1)
+        client.set_terminated(train)
+        trial = client.create_run(experiment_id, tags={"step": "trial", "train_run_id": train,
+                                                       "model_uri": f"runs:/{train}/model"}).info.run_id
+        client.set_terminated(trial)
+        study.add_trial(optuna.trial.create_trial(value=value, params=trial_params, distributions=plan.space,
+                                                  user_attrs={"mlflow_run_id": trial}))
+
+
+def test_a_sweep_over_model_names_says_which_model_its_registered_version_is_of(store, tmp_path, monkeypatch):
+    """Sweeping register.model_name registers the best under its own name: the sweep run's registered_version said a
+    version number of no model it named."""
+    from pipeline import register
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-names", "grid:\n  register.model_name: [model-a, model-b]\n"))
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("mlflow_parent_run_id", client.create_run(experiment_id).info.run_id)
+    finished_trials(client, experiment_id, study, plan, [{"register.model_name": "model-a"},
+                                                         {"register.model_name": "model-b"}], [0.5, 0.9])
+    monkeypatch.setattr(register, "run", lambda cfg, model_uri: {"model_name": cfg.register.model_name,
+                                                                 "version": 3, "alias_moved": True})
+    storage = study._storage
+    sweep.finish(plan, study, storage)
+    tags = client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags
+    assert (tags["registered_model"], tags["registered_version"]) == ("model-b", "3")
+    lock = optuna.load_study(storage=storage, study_name=f"{study.study_name}.register")  # what a rerun says
+    assert (lock.user_attrs["registered_model"], lock.user_attrs["registered_version"]) == ("model-b", 3)
+
+
 @pytest.mark.parametrize(("typed", "canonical"), [
     ("sqlite:///mlflow.db", "sqlite:///{cwd}/mlflow.db"),
     ("sqlite:///./runs/../mlflow.db?timeout=20", "sqlite:///{cwd}/mlflow.db?timeout=20"),
@@ -1376,7 +1412,7 @@ def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(st
     parent, _, _ = sweep_runs(client, "regkill")
     assert parent.info.status == "FINISHED" and parent.data.tags["registered_version"] == "1"
     again = in_process("sweep", *args)
-    assert again.returncode == 0 and "is done: 1 trials, registered version 1" in again.stdout
+    assert again.returncode == 0 and "is done: 1 trials, registered cifar10-resnet v1" in again.stdout
 
 
 def test_the_tpe_example_prunes_from_epoch_2_as_its_comment_says():
