@@ -1298,17 +1298,28 @@ def best_of(done: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
     return max(done, key=lambda t: (t.value, -t.number))
 
 
-STATE_WORDS = {"COMPLETE": "finished", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running", "WAITING": "waiting"}
+STATE_WORDS = {"COMPLETE": "finished", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running", "WAITING": "waiting",
+               "INTERRUPTED": "interrupted"}
+
+
+def outcomes(table: pd.DataFrame) -> pd.Series:
+    """How each trial of a `trial_table` ended: its state in the study, but INTERRUPTED for one stopped by a signal,
+    which Optuna holds FAIL (`stopped`): counted with the trials that failed, a Ctrl-C read as a failure."""
+    if table.empty:
+        return pd.Series(dtype=object)
+    interrupted = (table["state"] == "FAIL") & table["failure_reason"].str.startswith("interrupted by ")
+    return table["state"].where(~interrupted, "INTERRUPTED")
 
 
 class NoTrialFinished(StepFailed):
     """No trial of the study finished: nothing to register. The command exits 1 (`run`)."""
 
 
-def nothing_finished(study: optuna.Study) -> str:
+def nothing_finished(study: optuna.Study, table: pd.DataFrame | None = None) -> str:
     """The one line of a study none of whose trials finished: the command's `error:` line and tag `failure_reason` of
-    its sweep run, e.g. "no trial of study s-1a2b3c4d finished (2 failed, 1 pruned); nothing registered ..."."""
-    counts = collections.Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
+    its sweep run, e.g. "no trial of study s-1a2b3c4d finished (2 failed, 1 pruned); nothing registered ...".
+    `table`: its `trial_table`, where read already."""
+    counts = collections.Counter(outcomes(trial_table(study) if table is None else table))
     outcome = ", ".join(f"{n} {STATE_WORDS.get(state, state.lower())}" for state, n in counts.items())
     return (f"no trial of study {study.study_name} finished ({outcome or 'no trials'}); nothing registered: each "
             f"trial's run says why (tag failure_reason, or pruned_at_epoch)")
@@ -1329,7 +1340,7 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
         best = None if done.empty else done.loc[done[OBJECTIVE].idxmax()]  # rows in trial order: as best_of
         decision, comparison = None, None
         if best is None:
-            set_tags({"failure_reason": nothing_finished(study)})
+            set_tags({"failure_reason": nothing_finished(study, results)})
         else:
             best_cfg = plan.load(plan.values(study.trials[int(best["trial"])]), f"trial {best['trial']}")
             with step_run(best_cfg, "register"):
@@ -1343,7 +1354,7 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
                       "registered_model": best_cfg.register.model_name,  # its own: register.model_name may be swept
                       "registered_version": str(decision["version"]),
                       "alias_moved": str(decision["alias_moved"]).lower()})
-        counts = results["state"].value_counts().to_dict()
+        counts = outcomes(results).value_counts().to_dict()
         summary = results.drop(columns=["run_id", "train_run_id", "model_uri", "train_status", "superseded_by_retry"])
         shown = [key for key in plan.space if key in summary]
         summary[shown] = summary[shown].astype(str)  # 1e-06, not 0.0000

@@ -590,6 +590,30 @@ def test_a_sweep_over_model_names_says_which_model_its_registered_version_is_of(
     assert (lock.user_attrs["registered_model"], lock.user_attrs["registered_version"]) == ("model-b", 3)
 
 
+def test_interrupted_trials_are_counted_apart_from_failed_ones(store, tmp_path):
+    """Optuna holds a trial stopped by Ctrl-C FAIL: tag trials_fail and the "N failed" of the error line counted it
+    as a trial that failed."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-stopped", GRID))
+    study = optuna.create_study(direction="maximize", study_name="stopped")
+    study.set_user_attr("mlflow_parent_run_id", client.create_run(experiment_id).info.run_id)
+    for lr, tags, status in ((0.1, {"interrupted_by": "SIGINT", "superseded_by_retry": "true"}, "KILLED"),
+                             (0.000001, {"failure_reason": "diverged"}, "FAILED"),
+                             (0.1, {"interrupted_by": "SIGTERM"}, "KILLED")):
+        run = client.create_run(experiment_id, tags={"step": "trial", **tags}).info.run_id
+        client.set_terminated(run, status)
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"train.lr": lr},
+                                                  distributions=plan.space, user_attrs={"mlflow_run_id": run}))
+    reason = ("no trial of study stopped finished (2 interrupted, 1 failed); nothing registered: each trial's run says "
+              "why (tag failure_reason, or pruned_at_epoch)")
+    assert sweep.nothing_finished(study) == reason
+    sweep.register_best(plan, study)
+    tags = client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags
+    assert (tags["trials_interrupted"], tags["trials_fail"], tags["failure_reason"]) == ("2", "1", reason)
+    assert "(2 interrupted, 1 fail)" in tags["mlflow.note.content"]
+
+
 @pytest.mark.parametrize(("typed", "canonical"), [
     ("sqlite:///mlflow.db", "sqlite:///{cwd}/mlflow.db"),
     ("sqlite:///./runs/../mlflow.db?timeout=20", "sqlite:///{cwd}/mlflow.db?timeout=20"),
