@@ -529,19 +529,20 @@ class Plan:
         try:
             return config.load(base, self.common + override_items(values) + self.extra)
         except config.ConfigError as exc:
-            if self.extra and self.refused_without(base, self.common + self.extra, str(exc)) \
-                    and not self.refused_without(base, self.common + override_items(values), None):
-                # the command line's overrides refused whatever the trial's values: said as theirs, not the trial's
-                raise config.ConfigError(f"overrides ({self.extra_overrides}): {exc}") from None
+            if values and self.refused_without(base, self.common + self.extra, str(exc)):
+                # refused whatever the trial's values: said as the first layer refused so, not the trial's
+                what = (f"spec.base ({base})" if self.refused_without(base, [], str(exc)) else "spec.overrides"
+                        if self.refused_without(base, self.common, str(exc)) else f"overrides ({self.extra_overrides})")
+                raise config.ConfigError(f"{what}: {exc}") from None
             raise config.ConfigError(f"{what} ({label(values)}): {exc}") from None
 
     @staticmethod
-    def refused_without(base: str | None, overrides: list[str], message: str | None) -> bool:
-        """Whether the params `overrides` layer on `base` are refused (with `message`, where it is given)."""
+    def refused_without(base: str | None, overrides: list[str], message: str) -> bool:
+        """Whether the params `overrides` layer on `base` are refused with `message`."""
         try:
             config.load(base, overrides)
         except config.ConfigError as exc:
-            return message is None or str(exc) == message
+            return str(exc) == message
         return False
 
     def make_sampler(self, offset: int) -> optuna.samplers.BaseSampler:

@@ -395,6 +395,21 @@ def test_a_bad_command_line_override_is_blamed_on_the_overrides_not_a_trial(tmp_
     assert str(raised.value).startswith(f"overrides (evaluate.samples=1 {overrides}): {message}")
 
 
+def test_a_bad_value_of_the_specs_overrides_or_base_is_blamed_on_them_not_a_trial(tmp_path):
+    """Refused whatever the trials' values, they were reported as "trial 0 (train.lr=0.1): ..."."""
+    spec = write_spec(tmp_path, "sweep-spec-overrides", GRID, {"train.epochs": 0})
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(spec, "evaluate.samples=1")
+    assert str(raised.value) == "spec.overrides: train.epochs: must be >= 1, got 0"
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {epochs: 0, validation_fraction: 0.1}\n")
+    spec = tmp_path / "sweep-base.yaml"
+    spec.write_text(f"base: {base}\n{GRID}")
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(str(spec))
+    assert str(raised.value) == f"spec.base ({base}): train.epochs: must be >= 1, got 0"
+
+
 def test_a_trials_own_bad_value_is_still_blamed_on_the_trial_under_command_line_overrides(tmp_path):
     spec = write_spec(tmp_path, "sweep-trial", "grid:\n  train.lr: [0.1, -1]\n")
     with pytest.raises(config.ConfigError) as raised:
