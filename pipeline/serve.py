@@ -5,7 +5,8 @@ Input, as JSON bodies for `mlflow models serve` (or the same objects passed to `
   (a single (32, 32, 3) image is accepted too);
 - encoded images (PNG, JPEG, BMP, GIF, WebP or TIFF) of up to 16.8 megapixels, base64 strings:
   `{"inputs": ["<b64>", ...]}`, `{"dataframe_split": {"columns": ["image"], "data": [["<b64>"], ...]}}` or
-  `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs"). They are
+  `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs"); URL-safe base64 and
+  base64 without its `=` padding are read too. They are
   converted to 32x32 RGB by `pipeline.data.decode_image`, the function training images went through.
   Large ones go best in a frame: MLflow reads an "inputs" list into one array of strings as long as the longest.
   Raw bytes work in process.
@@ -53,6 +54,7 @@ SIZE_LIMIT = f"up to {MAX_ENCODED_PIXELS / 1e6:.1f} megapixels (4096x4096)"
 DATA_URI_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
 # `base64 cat.png` (GNU coreutils) and MIME encoders wrap lines at 76 characters: valid base64 all the same.
 WHITESPACE = re.compile(r"\s+")
+URL_SAFE = str.maketrans("-_", "+/")  # base64url's letters, in the standard alphabet (`unpadded`)
 # `mlflow models serve` runs each request's predict in a thread of its own. On JAX, Keras's predict function donates
 # the model's weight buffers to each call: two calls at once, and one ran on buffers the other had given up ("Buffer
 # has been deleted or donated", an HTTP 400 "unexpected error"; 11 of 16 requests sent together). TensorFlow's
@@ -124,8 +126,9 @@ def encoded_images(model_input: Any) -> list | None:
             return array_items(model_input)
         model_input = array_items(model_input)
     # A list holding text is a batch of encoded images (a pixel tensor's items are rows); to_bytes reports any item
-    # that is not, a null first one too.
-    if isinstance(model_input, list) and any(isinstance(item, (str, bytes)) for item in model_input):
+    # that is not, a null first one too. So is one of nulls only ({"inputs": [null]}): no pixel tensor is.
+    if isinstance(model_input, list) and (any(isinstance(item, (str, bytes)) for item in model_input)
+                                          or model_input and all(item is None for item in model_input)):
         return model_input
     return None
 
@@ -174,7 +177,7 @@ def to_bytes(item: Any, name: str) -> bytes:
         raw = item
     elif isinstance(item, str):
         try:
-            raw = base64.b64decode(WHITESPACE.sub("", DATA_URI_PREFIX.sub("", item.strip())), validate=True)
+            raw = base64.b64decode(unpadded(WHITESPACE.sub("", DATA_URI_PREFIX.sub("", item.strip()))), validate=True)
         except ValueError as exc:  # binascii.Error, and text beyond ASCII (a pasted "…"): was a 400 without a reason
             raise bad_input(f"{name}: not a base64 image: not valid base64 ({exc})") from None
     else:
@@ -182,6 +185,16 @@ def to_bytes(item: Any, name: str) -> bytes:
     if not raw:
         raise bad_input(f"{name}: empty image")
     return raw
+
+
+def unpadded(text: str) -> str:
+    """Base64 `text` in the standard alphabet with its `=` padding: URL-safe base64 (RFC 4648's base64url: - and _ for
+    + and /, as JavaScript's and Python's urlsafe encoders write it) is read as the same bytes, and padding left off (as
+    base64url often is) completed. Neither is ambiguous: - and _ mean nothing else, and the padding only says what the
+    length does. Text mixing the two alphabets is left as it is, and refused."""
+    if not set(text) & set("+/"):
+        text = text.translate(URL_SAFE)
+    return text + "=" * (-len(text) % 4) if "=" not in text else text
 
 
 def decode_one(raw: bytes, name: str) -> np.ndarray:
@@ -212,6 +225,10 @@ def check_pixels(model_input: Any) -> np.ndarray:
         raise bad_input(f"pixels must form an (n, 32, 32, 3) array ({exc})") from None
     if x.size == 0:
         raise bad_input("empty batch: send at least one image")
+    if x.shape[-3:] != PIXEL_SHAPE and (x.dtype.kind in "US" or x.dtype == object and any(
+            isinstance(item, (str, bytes)) for item in x.flat)):  # {"inputs": [["<b64>"]]}: read as pixel values
+        raise bad_input(f"base64 images nested in lists (shape {x.shape}): send each image a string of its own: "
+                        '{"inputs": ["<b64>", ...]}')
     if x.shape == PIXEL_SHAPE:
         x = x[None]
     if x.ndim == 4 and x.shape[1:3] == PIXEL_SHAPE[:2] and x.shape[3] != CHANNELS:
@@ -227,6 +244,11 @@ def check_pixels(model_input: Any) -> np.ndarray:
         raise bad_input(f"pixels must have shape (n, 32, 32, 3), got {x.shape}{hint}")
     if x.dtype == np.uint8:
         return x
+    if x.dtype == object or x.dtype.kind in "US" and isinstance(model_input, list):
+        x = numbers_of(np.asarray(model_input, dtype=object).reshape(x.shape) if isinstance(model_input, list) else x)
+    if x.dtype.kind in "US":  # MLflow made every value text for one string among them: which one is lost
+        raise bad_input(f"pixels must be integers 0-255, got text (such as {str(x.flat[0])!r}): send numbers, "
+                        "not strings")
     if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise bad_input(f"pixels must be integers 0-255, got values of type {x.dtype}")
     low, high = x.min(), x.max()
@@ -244,6 +266,20 @@ def check_pixels(model_input: Any) -> np.ndarray:
     if low < 0 or high > 255:
         raise bad_input(f"pixels must lie in 0-255, got values in [{low}, {high}]")
     return x.astype(np.uint8)
+
+
+def numbers_of(items: np.ndarray) -> np.ndarray:
+    """Pixel values of an object array (nulls, text or integers beyond int64 among them) as numbers; bad_input naming
+    the first that is no number and where it is, or the range of integers beyond 0-255."""
+    for index, item in np.ndenumerate(items):
+        if isinstance(item, bool) or not isinstance(item, (int, float, np.integer, np.floating)):
+            raise bad_input(f"pixels must be integers 0-255, got {'null' if item is None else repr(item)} at "
+                            f"{list(index)}")
+    low, high = min(items.flat), max(items.flat)
+    if low < 0 or high > 255:  # Python's integers, exactly: beyond what a float or int64 holds
+        raise bad_input(f"pixels must lie in 0-255, got values in [{low}, {high}]")
+    whole = all(isinstance(item, (int, np.integer)) for item in items.flat)  # 0s and 1s: a dark image, not scaled
+    return items.astype(np.int64 if whole else np.float64)
 
 
 def to_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:

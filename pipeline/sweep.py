@@ -525,10 +525,25 @@ class Plan:
         return self.sampler_kwargs if what == "spec.sampler" else self.pruner_kwargs
 
     def load(self, values: dict[str, Any], what: str) -> config.Config:
+        base = self.spec.get("base") or None
         try:
-            return config.load(self.spec.get("base") or None, self.common + override_items(values) + self.extra)
+            return config.load(base, self.common + override_items(values) + self.extra)
         except config.ConfigError as exc:
+            if values and self.refused_without(base, self.common + self.extra, str(exc)):
+                # refused whatever the trial's values: said as the first layer refused so, not the trial's
+                what = (f"spec.base ({base})" if self.refused_without(base, [], str(exc)) else "spec.overrides"
+                        if self.refused_without(base, self.common, str(exc)) else f"overrides ({self.extra_overrides})")
+                raise config.ConfigError(f"{what}: {exc}") from None
             raise config.ConfigError(f"{what} ({label(values)}): {exc}") from None
+
+    @staticmethod
+    def refused_without(base: str | None, overrides: list[str], message: str) -> bool:
+        """Whether the params `overrides` layer on `base` are refused with `message`."""
+        try:
+            config.load(base, overrides)
+        except config.ConfigError as exc:
+            return str(exc) == message
+        return False
 
     def make_sampler(self, offset: int) -> optuna.samplers.BaseSampler:
         """A fresh sampler; seeded `seed + offset` (the trial number; modulo 2**32) so that trials, and
@@ -1217,6 +1232,8 @@ def finish(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage)
     except BaseException:
         optuna.delete_study(study_name=lock.study_name, storage=storage)  # let a rerun try again
         raise
+    if result["decision"]:  # before the version, whose presence says the study is done (`registered`)
+        lock.set_user_attr("registered_model", result["decision"].get("model_name"))
     lock.set_user_attr("registered_version", result["decision"]["version"] if result["decision"] else None)
     return result
 
@@ -1282,17 +1299,28 @@ def best_of(done: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
     return max(done, key=lambda t: (t.value, -t.number))
 
 
-STATE_WORDS = {"COMPLETE": "finished", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running", "WAITING": "waiting"}
+STATE_WORDS = {"COMPLETE": "finished", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running", "WAITING": "waiting",
+               "INTERRUPTED": "interrupted"}
+
+
+def outcomes(table: pd.DataFrame) -> pd.Series:
+    """How each trial of a `trial_table` ended: its state in the study, but INTERRUPTED for one stopped by a signal,
+    which Optuna holds FAIL (`stopped`): counted with the trials that failed, a Ctrl-C read as a failure."""
+    if table.empty:
+        return pd.Series(dtype=object)
+    interrupted = (table["state"] == "FAIL") & table["failure_reason"].str.startswith("interrupted by ")
+    return table["state"].where(~interrupted, "INTERRUPTED")
 
 
 class NoTrialFinished(StepFailed):
     """No trial of the study finished: nothing to register. The command exits 1 (`run`)."""
 
 
-def nothing_finished(study: optuna.Study) -> str:
+def nothing_finished(study: optuna.Study, table: pd.DataFrame | None = None) -> str:
     """The one line of a study none of whose trials finished: the command's `error:` line and tag `failure_reason` of
-    its sweep run, e.g. "no trial of study s-1a2b3c4d finished (2 failed, 1 pruned); nothing registered ..."."""
-    counts = collections.Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
+    its sweep run, e.g. "no trial of study s-1a2b3c4d finished (2 failed, 1 pruned); nothing registered ...".
+    `table`: its `trial_table`, where read already."""
+    counts = collections.Counter(outcomes(trial_table(study) if table is None else table))
     outcome = ", ".join(f"{n} {STATE_WORDS.get(state, state.lower())}" for state, n in counts.items())
     return (f"no trial of study {study.study_name} finished ({outcome or 'no trials'}); nothing registered: each "
             f"trial's run says why (tag failure_reason, or pruned_at_epoch)")
@@ -1313,7 +1341,7 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
         best = None if done.empty else done.loc[done[OBJECTIVE].idxmax()]  # rows in trial order: as best_of
         decision, comparison = None, None
         if best is None:
-            set_tags({"failure_reason": nothing_finished(study)})
+            set_tags({"failure_reason": nothing_finished(study, results)})
         else:
             best_cfg = plan.load(plan.values(study.trials[int(best["trial"])]), f"trial {best['trial']}")
             with step_run(best_cfg, "register"):
@@ -1324,9 +1352,10 @@ def register_best(plan: Plan, study: optuna.Study) -> dict:
             log_metrics({"best_trial_val_acc": float(best[OBJECTIVE]),
                          "best_trial_test_acc": trials.final_metric(best["run_id"], "test_acc")})
             set_tags({"best_trial_run_id": best["run_id"], "best_trial": str(best["trial"]),
+                      "registered_model": best_cfg.register.model_name,  # its own: register.model_name may be swept
                       "registered_version": str(decision["version"]),
                       "alias_moved": str(decision["alias_moved"]).lower()})
-        counts = results["state"].value_counts().to_dict()
+        counts = outcomes(results).value_counts().to_dict()
         summary = results.drop(columns=["run_id", "train_run_id", "model_uri", "train_status", "superseded_by_retry"])
         shown = [key for key in plan.space if key in summary]
         summary[shown] = summary[shown].astype(str)  # 1e-06, not 0.0000
@@ -1383,6 +1412,10 @@ def run(args: argparse.Namespace) -> int:
         raise config.ConfigError(f"workers: must be an integer, got {args.workers!r}") from None
     if workers < 1:
         raise config.ConfigError(f"workers: must be >= 1, got {workers}")
+    if args.study and args.study != args.study.strip():  # " " named a study of a space; "s " another than "s"
+        raise config.ConfigError(f"study: {args.study!r} " + (
+            "is blank; give a name, or leave it empty for the spec's name and digest" if not args.study.strip()
+            else "begins or ends with spaces; give the name without them"))
     if args.study and args.study.endswith(".register"):  # study X's lock (`finish`), which starting X deletes
         study = args.study.removesuffix(".register")
         raise config.ConfigError(f"study: {args.study} is the record of who registers study {study}, not a study; "
@@ -1429,8 +1462,10 @@ def run(args: argparse.Namespace) -> int:
             return no_trial_finished(NoTrialFinished(
                 f"study {name} in {safe_url(storage_url)} is done, but none of its {len(study.trials)} trials "
                 "finished; nothing registered. Pass another -P study= for a new sweep"))
-        print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials, registered version "
-              f"{lock.user_attrs.get('registered_version')}; pass another -P study= for a new sweep")
+        model = lock.user_attrs.get("registered_model")  # studies done before it was recorded have none
+        print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials, registered "
+              f"{f'{model} v' if model else 'version '}{lock.user_attrs.get('registered_version')}; pass another "
+              "-P study= for a new sweep")
         return 0
     base = plan.configs[0]
     study, leads = join_study(plan, storage, name)

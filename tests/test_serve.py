@@ -144,7 +144,8 @@ def test_to_pixels_accepts_integer_tensors_and_single_images():
         np.testing.assert_array_equal(out, pixels)
     np.testing.assert_array_equal(serve.to_pixels(pixels[0].tolist()), pixels[:1])
     # Black as floats, and integers 0 and 1 (a very dark image): not mistaken for pixels scaled to [0, 1].
-    for dark in (np.zeros((1, 32, 32, 3)), np.ones((1, 32, 32, 3), dtype=np.int64), [[[[0, 1, 1]] * 32] * 32]):
+    for dark in (np.zeros((1, 32, 32, 3)), np.ones((1, 32, 32, 3), dtype=np.int64), [[[[0, 1, 1]] * 32] * 32],
+                 np.ones((1, 32, 32, 3), dtype=object)):
         np.testing.assert_array_equal(serve.to_pixels(dark), np.asarray(dark, dtype=np.uint8))
 
 
@@ -172,6 +173,42 @@ def test_to_pixels_refuses_bad_tensors(given, problem):
         serve.to_pixels(given)
     assert problem in info.value.message
     assert info.value.get_http_status_code() == 400
+
+
+@pytest.mark.parametrize("given", [
+    np.array([["aGk="]]), [["aGk="]], [["aGk="], ["aGk="]], np.array([[b"hi"]]), [[["aGk="]]], [["aGk=", None]],
+], ids=["array", "list", "two", "bytes", "deeper", "with-null"])
+def test_to_pixels_tells_base64_nested_too_deep_to_unnest_it(given):
+    # {"inputs": [["<b64>"]]}: told "pixels must have shape (n, 32, 32, 3), got (1, 1); send other sizes as base64
+    # ... images", to a client sending base64 images
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given)
+    assert "base64 images nested in lists" in info.value.message
+    assert 'each image a string of its own: {"inputs": ["<b64>", ...]}' in info.value.message
+
+
+def one_pixel(value, at=(0, 1, 2, 0)) -> np.ndarray:
+    """A black (1, 32, 32, 3) image as an object array, `value` at `at`: what MLflow makes of a request holding it."""
+    pixels = np.zeros((1, 32, 32, 3), dtype=object)
+    pixels[at] = value
+    return pixels
+
+
+@pytest.mark.parametrize(("given", "problem"), [
+    (one_pixel(None), "pixels must be integers 0-255, got null at [0, 1, 2, 0]"),
+    (one_pixel(None).tolist(), "pixels must be integers 0-255, got null at [0, 1, 2, 0]"),
+    (one_pixel("12").tolist(), "pixels must be integers 0-255, got '12' at [0, 1, 2, 0]"),
+    (one_pixel(True, (0, 31, 0, 2)), "pixels must be integers 0-255, got True at [0, 31, 0, 2]"),
+    (one_pixel(2**70), f"pixels must lie in 0-255, got values in [0, {2**70}]"),
+    (one_pixel(-(2**70)).tolist(), f"pixels must lie in 0-255, got values in [{-(2**70)}, 0]"),
+    # a string among numbers makes MLflow's array all text: which value it was is lost
+    (one_pixel("12").astype(str), "pixels must be integers 0-255, got text (such as '0'): send numbers, not strings"),
+], ids=["null", "null-list", "text-list", "bool", "beyond-int64", "beyond-int64-negative", "text-array"])
+def test_to_pixels_says_which_value_is_not_a_pixel(given, problem):
+    # nulls, text and integers beyond int64 among the pixels were told "got values of type object", naming none
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given)
+    assert info.value.message == f"bad input: {problem}"
 
 
 @pytest.mark.parametrize(("given", "hint"), [
@@ -217,6 +254,25 @@ def test_data_uris_with_parameters_or_in_capitals_are_accepted(prefix):
     np.testing.assert_array_equal(serve.to_pixels([prefix + b64(png)]), decode_image(png)[None])
 
 
+def test_url_safe_and_unpadded_base64_are_accepted():
+    # JavaScript's base64url, Python's urlsafe_b64encode and JWT-style encoders (- and _ for + and /, the = padding
+    # left off) were refused with "not valid base64 (Only base64 data is allowed)" or "(Incorrect padding)"
+    pngs = [encode(random_pixels(1, shape=(height, 32))[0]) for height in (32, 31, 30)]  # 0, 1 and 2 = of padding
+    standard = [b64(png) for png in pngs]
+    assert all(set(text) & set("+/") for text in standard) and {len(t.rstrip("=")) % 4 for t in standard} == {0, 2, 3}
+    expected = serve.to_pixels(standard)
+    for given in ([base64.urlsafe_b64encode(png).decode() for png in pngs], [t.rstrip("=") for t in standard],
+                  [base64.urlsafe_b64encode(png).decode().rstrip("=") for png in pngs],
+                  [f"data:image/png;base64,{t.rstrip('=')}" for t in standard]):
+        np.testing.assert_array_equal(serve.to_pixels(given), expected)
+    # the two alphabets mixed, and a length no padding completes: still refused
+    mixed = standard[0].replace("/", "_", 1)
+    whole = next(t for t in standard if len(t) % 4 == 0 and not t.endswith("="))
+    for bad in (mixed, whole + "A"):
+        with pytest.raises(MlflowException, match="image 0: not a base64 image: not valid base64"):
+            serve.to_pixels([bad])
+
+
 def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     # numpy's fixed-width bytes drop trailing zero bytes: a BMP ending in a black row's padding, an LZW TIFF and a
     # lossless WebP lost their last bytes and were refused as undecodable
@@ -245,7 +301,7 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     (pd.DataFrame({"img": ["x"]}), "a column 'image'"),
     (pd.DataFrame({"image": []}), "empty batch"),
     ({"image": np.array(["x"]), "picture": np.array(["y"])}, "take only 'image'"),  # {"instances": [{..}, {..}]}
-    (np.array("abc"), "image 0: not a base64 image"),  # what the server makes of {"inputs": "abc"}
+    (np.array("abc"), f"image 0: {UNDECODABLE}"),  # what the server makes of {"inputs": "abc"}: one image
     (pd.DataFrame([]), "empty batch"),  # {"dataframe_records": []}: said "needs a column 'image'"
     (pd.DataFrame(np.zeros((1, 3072))), "[0, 1, 2, 3, 4] and 3067 more;"),  # flattened pixels: not 3,072 names
     ([{"picture": np.array("x")}], "a column 'image'"),  # {"inputs": [{"picture": ...}]}
@@ -261,13 +317,16 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     # shape (n, 32, 32, 3), got (2,); send other sizes as base64 ... images" to a client that had sent base64 images
     ([None, b64(encode(random_pixels(1)[0]))], "image 0: no image (null, or a record without 'image')"),
     (np.array([None, b64(encode(random_pixels(1)[0]))]), "image 0: no image (null, or a record without 'image')"),
+    # only nulls ({"inputs": [null]}): read as pixel values, "pixels must have shape (n, 32, 32, 3), got (1,)"
+    ([None], "image 0: no image (null, or a record without 'image')"),
+    (np.array([None, None]), "image 0: no image (null, or a record without 'image')"),
     # {"dataframe_split": {"columns": ["image", "image"], ...}}: said "image 0: expected a base64-encoded ... image
     # string, got DataFrame"
     (pd.DataFrame([["x", "y"]], columns=["image", "image"]), "2 columns named 'image': send the images in one"),
 ], ids=["invalid-base64", "non-ascii", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
         "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image",
-        "null-image", "records-without-columns", "ppm", "eps", "null-first", "null-first-array",
-        "two-image-columns"])
+        "null-image", "records-without-columns", "ppm", "eps", "null-first", "null-first-array", "only-null",
+        "only-nulls-array", "two-image-columns"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -599,7 +658,7 @@ NAN_BODY = json.dumps({"inputs": np.where(random_pixels(1) > 100, np.nan, 1.0).t
     ({"dataframe_records": [{"picture": b64(b"x")}]}, "a column 'image'"),
     ({"inputs": [[[[1, 2, 3]]], [[[1, 2]]]]}, "inhomogeneous"),
     (b'{"inputs": [[[', "valid JSON"),
-    ({"inputs": "abc"}, "image 0: not a base64 image"),
+    ({"inputs": "abc"}, f"image 0: {UNDECODABLE}"),  # "abc=" unpadded: base64 of no image
     ({"inputs": [None, b64(encode(random_pixels(1)[0]))]}, "image 0: no image"),
 ], ids=["floats01", "white01", "over255", "negative", "shape", "4channels", "empty", "empty-frame", "nan",
         "invalid-base64", "not-an-image", "wrong-column", "ragged", "broken-json", "bare-string", "null-first"])

@@ -135,6 +135,10 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
     # then register again); where it did not, the study ran, and starting study sweep-bad-1a2b3c4d would delete it
     (GRID, ["--study", "sweep-bad-1a2b3c4d.register"], "error: study: sweep-bad-1a2b3c4d.register is the record of "
      "who registers study sweep-bad-1a2b3c4d, not a study; pass -P study=sweep-bad-1a2b3c4d, or another name"),
+    # a blank name made a study named " " (and a run "sweep- "); spaces around a name made another study than it
+    (GRID, ["--study", " "], "error: study: ' ' is blank; give a name, or leave it empty for the spec's name and "
+     "digest"),
+    (GRID, ["--study", "mine "], "error: study: 'mine ' begins or ends with spaces; give the name without them"),
     (GRID, ["--overrides", "train.lr=0.3"], "error: overrides: train.lr is swept by spec.grid; drop it from "
      "overrides or from the search space"),  # it would train every trial at 0.3 under the names of the grid's lrs
     ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 1000000000000\n", [], "error: spec.trials: must be at "
@@ -156,7 +160,8 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
      "several hosts, but a sweep trains each trial on one: use auto (every GPU of this host), mirrored, data_parallel "
      "or none"),
 ], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers",
-        "in-memory-storage-workers", "in-memory-storage", "register-record-as-study", "override-of-a-swept-key",
+        "in-memory-storage-workers", "in-memory-storage", "register-record-as-study", "blank-study",
+        "study-with-spaces", "override-of-a-swept-key",
         "more-trials-than-can-run", "selecting-on-the-test-split", "no-data-source", "bad-sampler-argument",
         "wrong-backend-feed", "wrong-backend-mode", "several-hosts-mode"])
 def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_process, body, args, message):
@@ -377,6 +382,42 @@ def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
 
 
 @pytest.mark.parametrize("body", [GRID, "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"])
+@pytest.mark.parametrize(("overrides", "message"), [
+    ("train.epochs=0", "train.epochs: must be >= 1, got 0"),
+    ("train.epochs=abc", "train.epochs: must be an integer, got 'abc'"),
+    ("train.bogus=1", "train.bogus: unknown key in overrides"),
+], ids=["out-of-range", "wrong-type", "unknown-key"])
+def test_a_bad_command_line_override_is_blamed_on_the_overrides_not_a_trial(tmp_path, body, overrides, message):
+    """-P overrides at fault were reported as "trial 0 (train.lr=0.1): ...", as if the trial's values were."""
+    spec = write_spec(tmp_path, "sweep-overrides", body)
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(spec, f"evaluate.samples=1 {overrides}")
+    assert str(raised.value).startswith(f"overrides (evaluate.samples=1 {overrides}): {message}")
+
+
+def test_a_bad_value_of_the_specs_overrides_or_base_is_blamed_on_them_not_a_trial(tmp_path):
+    """Refused whatever the trials' values, they were reported as "trial 0 (train.lr=0.1): ..."."""
+    spec = write_spec(tmp_path, "sweep-spec-overrides", GRID, {"train.epochs": 0})
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(spec, "evaluate.samples=1")
+    assert str(raised.value) == "spec.overrides: train.epochs: must be >= 1, got 0"
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {epochs: 0, validation_fraction: 0.1}\n")
+    spec = tmp_path / "sweep-base.yaml"
+    spec.write_text(f"base: {base}\n{GRID}")
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(str(spec))
+    assert str(raised.value) == f"spec.base ({base}): train.epochs: must be >= 1, got 0"
+
+
+def test_a_trials_own_bad_value_is_still_blamed_on_the_trial_under_command_line_overrides(tmp_path):
+    spec = write_spec(tmp_path, "sweep-trial", "grid:\n  train.lr: [0.1, -1]\n")
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(spec, "evaluate.samples=1")
+    assert str(raised.value) == "trial 1 (train.lr=-1.0): train.lr: must be > 0, got -1.0"
+
+
+@pytest.mark.parametrize("body", [GRID, "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"])
 def test_a_specs_override_of_a_swept_key_is_refused(tmp_path, body):
     """The trial's value replaced the spec's override unseen: every trial trained at its own train.lr, while the
     spec said one for all."""
@@ -526,6 +567,66 @@ def test_a_sweeps_comparison_lists_its_registered_trial_first_of_its_equals(stor
     assert int(result["best"]["trial"]) == 0 and registered == [f"runs:/{trains[0]}/model"]
     comparison = client.get_run(result["comparison_run_id"])
     assert comparison.data.tags["compared_runs"] == f"{trains[0]},{trains[1]}"
+
+
+def finished_trials(client: MlflowClient, experiment_id: str, study: optuna.Study, plan, params: list[dict],
+                    values: list[float]) -> None:
+    """Finished trials of `params` and `values` in `study`, each with its trial and train runs."""
+    for trial_params, value in zip(params, values, strict=True):
+        train = client.create_run(experiment_id, tags={"step": "train"}).info.run_id
+        client.log_metric(train, "val_acc", value, step=1)
+        client.set_terminated(train)
+        trial = client.create_run(experiment_id, tags={"step": "trial", "train_run_id": train,
+                                                       "model_uri": f"runs:/{train}/model"}).info.run_id
+        client.set_terminated(trial)
+        study.add_trial(optuna.trial.create_trial(value=value, params=trial_params, distributions=plan.space,
+                                                  user_attrs={"mlflow_run_id": trial}))
+
+
+def test_a_sweep_over_model_names_says_which_model_its_registered_version_is_of(store, tmp_path, monkeypatch):
+    """Sweeping register.model_name registers the best under its own name: the sweep run's registered_version said a
+    version number of no model it named."""
+    from pipeline import register
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-names", "grid:\n  register.model_name: [model-a, model-b]\n"))
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("mlflow_parent_run_id", client.create_run(experiment_id).info.run_id)
+    finished_trials(client, experiment_id, study, plan, [{"register.model_name": "model-a"},
+                                                         {"register.model_name": "model-b"}], [0.5, 0.9])
+    monkeypatch.setattr(register, "run", lambda cfg, model_uri: {"model_name": cfg.register.model_name,
+                                                                 "version": 3, "alias_moved": True})
+    storage = study._storage
+    sweep.finish(plan, study, storage)
+    tags = client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags
+    assert (tags["registered_model"], tags["registered_version"]) == ("model-b", "3")
+    lock = optuna.load_study(storage=storage, study_name=f"{study.study_name}.register")  # what a rerun says
+    assert (lock.user_attrs["registered_model"], lock.user_attrs["registered_version"]) == ("model-b", 3)
+
+
+def test_interrupted_trials_are_counted_apart_from_failed_ones(store, tmp_path):
+    """Optuna holds a trial stopped by Ctrl-C FAIL: tag trials_fail and the "N failed" of the error line counted it
+    as a trial that failed."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-stopped", GRID))
+    study = optuna.create_study(direction="maximize", study_name="stopped")
+    study.set_user_attr("mlflow_parent_run_id", client.create_run(experiment_id).info.run_id)
+    for lr, tags, status in ((0.1, {"interrupted_by": "SIGINT", "superseded_by_retry": "true"}, "KILLED"),
+                             (0.000001, {"failure_reason": "diverged"}, "FAILED"),
+                             (0.1, {"interrupted_by": "SIGTERM"}, "KILLED")):
+        run = client.create_run(experiment_id, tags={"step": "trial", **tags}).info.run_id
+        client.set_terminated(run, status)
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"train.lr": lr},
+                                                  distributions=plan.space, user_attrs={"mlflow_run_id": run}))
+    reason = ("no trial of study stopped finished (2 interrupted, 1 failed); nothing registered: each trial's run says "
+              "why (tag failure_reason, or pruned_at_epoch)")
+    assert sweep.nothing_finished(study) == reason
+    sweep.register_best(plan, study)
+    tags = client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags
+    assert (tags["trials_interrupted"], tags["trials_fail"], tags["failure_reason"]) == ("2", "1", reason)
+    assert "(2 interrupted, 1 fail)" in tags["mlflow.note.content"]
 
 
 @pytest.mark.parametrize(("typed", "canonical"), [
@@ -1350,7 +1451,7 @@ def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(st
     parent, _, _ = sweep_runs(client, "regkill")
     assert parent.info.status == "FINISHED" and parent.data.tags["registered_version"] == "1"
     again = in_process("sweep", *args)
-    assert again.returncode == 0 and "is done: 1 trials, registered version 1" in again.stdout
+    assert again.returncode == 0 and "is done: 1 trials, registered cifar10-resnet v1" in again.stdout
 
 
 def test_the_tpe_example_prunes_from_epoch_2_as_its_comment_says():
