@@ -1447,6 +1447,60 @@ def test_a_sqlite_uri_that_names_no_database_file_is_one_line_at_once(monkeypatc
     assert "ready" not in out and sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("where", ["file", "folder", "new file"])
+def test_a_sqlite_store_this_user_may_not_write_is_one_line_at_once(empty_store_db, where):
+    """A read-only store file, or one in a read-only folder (SQLite writes its journal beside it), or a new one in a
+    folder this user may not write: every step died on MLflow's "attempt to write a readonly database" traceback
+    (exit 1) once its first run opened, prepare's data loaded. Now one line naming the path and the user, exit 2,
+    and the store as it was. As root, who may write anything, the command runs in a child that has become
+    `nobody`."""
+    import tempfile
+
+    from pipeline.tracking import cli, store_ready
+
+    folder = Path(tempfile.mkdtemp())  # not under tmp_path: `nobody` may not enter pytest's folders
+    try:
+        path = folder / ("new" if where == "new file" else "") / "mlflow.db"
+        if where != "new file":
+            shutil.copyfile(empty_store_db, path)
+            path.chmod(0o444 if where == "file" else 0o666)
+        folder.chmod(0o777 if where == "file" else 0o555)
+        before = {p: p.read_bytes() for p in folder.iterdir()}
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(read)
+                sys.stderr = sys.stdout = os.fdopen(write, "w")
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path}"
+                mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+                try:
+                    cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read) as said:
+            err = said.read()
+        _, status = os.waitpid(pid, 0)
+        lines = err.strip().splitlines()
+        assert os.waitstatus_to_exitcode(status) == 2, err[-2000:]
+        assert len(lines) == 1 and lines[0].startswith(
+            f"error: MLFLOW_TRACKING_URI: cannot write the tracking store sqlite:///{path}: "), err[-2000:]
+        assert str(path if where != "folder" else folder) in lines[0] and "ready" not in err
+        assert {p: p.read_bytes() for p in folder.iterdir()} == before
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
 @pytest.mark.parametrize(("status", "answers"), [(502, False), (503, False), (200, True)])
 def test_a_proxys_gateway_error_is_no_answer_but_any_other_http_answer_is(monkeypatch, status, answers):
     """A proxy in front of a tracking server that is down answers 502/503/504: that server does not answer. The
