@@ -1538,8 +1538,28 @@ def test_the_ready_line_and_the_runs_console_link_never_print_the_stores_passwor
     run = mlflow.entities.Run(mlflow.entities.RunInfo("r1", "7", "", 0, 0, "FINISHED", "", ""), None)
     assert ui_hint(run) == f"run r1: http://alice:***@127.0.0.1:{port}/#/experiments/7/runs/r1"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow:s3/cret@db-host:5432/mlflow")
-    assert ui_hint(run) == ("run r1: see it with `mlflow ui --backend-store-uri postgresql://mlflow:***@db-host:5432/"
-                            "mlflow`, then http://127.0.0.1:5000/#/experiments/7/runs/r1")
+    assert ui_hint(run) == ("run r1: see it with `mlflow ui --backend-store-uri 'postgresql://mlflow:***@db-host:5432/"
+                            "mlflow'`, then http://127.0.0.1:5000/#/experiments/7/runs/r1")
+
+
+@pytest.mark.parametrize("store_path", ["/data/my runs/mlflow.db", "/data/runs (2)/mlflow.db", "/data/it's/mlflow.db"])
+def test_the_runs_console_link_is_a_command_that_runs_as_pasted(monkeypatch, store_path):
+    """Every main's last line named a store in a folder with a space unquoted, `mlflow ui --backend-store-uri
+    sqlite:////data/my runs/mlflow.db`: pasted, `mlflow ui` got a stray argument `runs/mlflow.db` and refused it (or
+    the shell refused the parenthesis). Now shell-quoted where it needs to be."""
+    import shlex
+
+    from pipeline.tracking import ui_hint
+
+    uri = f"sqlite:///{store_path}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run = mlflow.entities.Run(mlflow.entities.RunInfo("r1", "7", "", 0, 0, "FINISHED", "", ""), None)
+    hint = ui_hint(run)
+    command = hint.partition("see it with `")[2].rpartition("`, then")[0]
+    assert shlex.split(command) == ["mlflow", "ui", "--backend-store-uri", uri], hint
+    assert hint.endswith(", then http://127.0.0.1:5000/#/experiments/7/runs/r1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    assert "`mlflow ui --backend-store-uri sqlite:///mlflow.db`" in ui_hint(run)  # nothing to quote: as it was
 
 
 def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_path):

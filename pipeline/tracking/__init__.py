@@ -476,7 +476,8 @@ def ui_hint(run: mlflow.entities.Run | mlflow.ActiveRun) -> str:
     page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     if uri.startswith(("http://", "https://")):
         return f"run {run.info.run_id}: {uri.rstrip('/')}/{page}"
-    return (f"run {run.info.run_id}: see it with `mlflow ui --backend-store-uri {uri}`, then "
+    # shell-quoted where it must be (a folder with a space, a database URI's `&`): a command that runs as pasted
+    return (f"run {run.info.run_id}: see it with `mlflow ui --backend-store-uri {shlex.quote(uri)}`, then "
             f"http://127.0.0.1:5000/{page}")
 
 
