@@ -581,6 +581,29 @@ def test_a_model_trained_by_other_code_is_not_gone_on_from(store, monkeypatch):
     assert resume.trained_before_a_failure(cfg, dataset_uri) is None
 
 
+def test_a_model_whose_main_was_deleted_for_good_is_not_gone_on_from_and_the_rerun_trains(store):
+    """A main that failed after training, then deleted and purged (`mlflow runs delete`, `mlflow gc`): every rerun of
+    the command died on MLflow's "Run with id=... not found" traceback (exit 1), each leaving a FAILED main, as it
+    looked that main up to see whether it was live. A train run whose main is gone is not known as a main's: the
+    rerun trains anew."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    from pipeline.tracking import resume
+
+    cfg, dataset_uri = config.load(ROOT / TINY), "runs:/0123/dataset/dataset.npz"
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    train_tags = {"step": "train", "model_uri": "models:/m-0123", "train_key": resume.train_key(cfg, dataset_uri),
+                  "train_code": resume.train_code()}
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as main, \
+            mlflow.start_run(nested=True, tags=train_tags) as trained:
+        pass
+    assert resume.trained_before_a_failure(cfg, dataset_uri) == (trained.info.run_id, "models:/m-0123")
+    MlflowClient().delete_run(main.info.run_id)
+    _get_store()._hard_delete_run(main.info.run_id)  # what `mlflow gc` does to a run in the trash
+    assert resume.trained_before_a_failure(cfg, dataset_uri) is None
+    assert MlflowClient().get_run(trained.info.run_id).info.status == "FINISHED"  # left as it was
+
+
 def test_a_pipeline_killed_after_training_is_gone_on_from_and_its_runs_end_killed(store):
     """A main killed by SIGKILL in evaluate or register leaves itself and that step RUNNING: the rerun tells it
     from a live main by the main's claim (free once its process is gone), ends both KILLED and goes on from its
