@@ -581,6 +581,29 @@ def test_a_model_trained_by_other_code_is_not_gone_on_from(store, monkeypatch):
     assert resume.trained_before_a_failure(cfg, dataset_uri) is None
 
 
+def test_a_model_whose_main_was_deleted_for_good_is_not_gone_on_from_and_the_rerun_trains(store):
+    """A main that failed after training, then deleted and purged (`mlflow runs delete`, `mlflow gc`): every rerun of
+    the command died on MLflow's "Run with id=... not found" traceback (exit 1), each leaving a FAILED main, as it
+    looked that main up to see whether it was live. A train run whose main is gone is not known as a main's: the
+    rerun trains anew."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    from pipeline.tracking import resume
+
+    cfg, dataset_uri = config.load(ROOT / TINY), "runs:/0123/dataset/dataset.npz"
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    train_tags = {"step": "train", "model_uri": "models:/m-0123", "train_key": resume.train_key(cfg, dataset_uri),
+                  "train_code": resume.train_code()}
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as main, \
+            mlflow.start_run(nested=True, tags=train_tags) as trained:
+        pass
+    assert resume.trained_before_a_failure(cfg, dataset_uri) == (trained.info.run_id, "models:/m-0123")
+    MlflowClient().delete_run(main.info.run_id)
+    _get_store()._hard_delete_run(main.info.run_id)  # what `mlflow gc` does to a run in the trash
+    assert resume.trained_before_a_failure(cfg, dataset_uri) is None
+    assert MlflowClient().get_run(trained.info.run_id).info.status == "FINISHED"  # left as it was
+
+
 def test_a_pipeline_killed_after_training_is_gone_on_from_and_its_runs_end_killed(store):
     """A main killed by SIGKILL in evaluate or register leaves itself and that step RUNNING: the rerun tells it
     from a live main by the main's claim (free once its process is gone), ends both KILLED and goes on from its
@@ -1464,6 +1487,60 @@ def test_a_sqlite_uri_that_names_no_database_file_is_one_line_at_once(monkeypatc
     assert "ready" not in out and sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("where", ["file", "folder", "new file"])
+def test_a_sqlite_store_this_user_may_not_write_is_one_line_at_once(empty_store_db, where):
+    """A read-only store file, or one in a read-only folder (SQLite writes its journal beside it), or a new one in a
+    folder this user may not write: every step died on MLflow's "attempt to write a readonly database" traceback
+    (exit 1) once its first run opened, prepare's data loaded. Now one line naming the path and the user, exit 2,
+    and the store as it was. As root, who may write anything, the command runs in a child that has become
+    `nobody`."""
+    import tempfile
+
+    from pipeline.tracking import cli, store_ready
+
+    folder = Path(tempfile.mkdtemp())  # not under tmp_path: `nobody` may not enter pytest's folders
+    try:
+        path = folder / ("new" if where == "new file" else "") / "mlflow.db"
+        if where != "new file":
+            shutil.copyfile(empty_store_db, path)
+            path.chmod(0o444 if where == "file" else 0o666)
+        folder.chmod(0o777 if where == "file" else 0o555)
+        before = {p: p.read_bytes() for p in folder.iterdir()}
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(read)
+                sys.stderr = sys.stdout = os.fdopen(write, "w")
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path}"
+                mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
+                try:
+                    cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read) as said:
+            err = said.read()
+        _, status = os.waitpid(pid, 0)
+        lines = err.strip().splitlines()
+        assert os.waitstatus_to_exitcode(status) == 2, err[-2000:]
+        assert len(lines) == 1 and lines[0].startswith(
+            f"error: MLFLOW_TRACKING_URI: cannot write the tracking store sqlite:///{path}: "), err[-2000:]
+        assert str(path if where != "folder" else folder) in lines[0] and "ready" not in err
+        assert {p: p.read_bytes() for p in folder.iterdir()} == before
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
 @pytest.mark.parametrize(("status", "answers"), [(502, False), (503, False), (200, True)])
 def test_a_proxys_gateway_error_is_no_answer_but_any_other_http_answer_is(monkeypatch, status, answers):
     """A proxy in front of a tracking server that is down answers 502/503/504: that server does not answer. The
@@ -1501,8 +1578,28 @@ def test_the_ready_line_and_the_runs_console_link_never_print_the_stores_passwor
     run = mlflow.entities.Run(mlflow.entities.RunInfo("r1", "7", "", 0, 0, "FINISHED", "", ""), None)
     assert ui_hint(run) == f"run r1: http://alice:***@127.0.0.1:{port}/#/experiments/7/runs/r1"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow:s3/cret@db-host:5432/mlflow")
-    assert ui_hint(run) == ("run r1: see it with `mlflow ui --backend-store-uri postgresql://mlflow:***@db-host:5432/"
-                            "mlflow`, then http://127.0.0.1:5000/#/experiments/7/runs/r1")
+    assert ui_hint(run) == ("run r1: see it with `mlflow ui --backend-store-uri 'postgresql://mlflow:***@db-host:5432/"
+                            "mlflow'`, then http://127.0.0.1:5000/#/experiments/7/runs/r1")
+
+
+@pytest.mark.parametrize("store_path", ["/data/my runs/mlflow.db", "/data/runs (2)/mlflow.db", "/data/it's/mlflow.db"])
+def test_the_runs_console_link_is_a_command_that_runs_as_pasted(monkeypatch, store_path):
+    """Every main's last line named a store in a folder with a space unquoted, `mlflow ui --backend-store-uri
+    sqlite:////data/my runs/mlflow.db`: pasted, `mlflow ui` got a stray argument `runs/mlflow.db` and refused it (or
+    the shell refused the parenthesis). Now shell-quoted where it needs to be."""
+    import shlex
+
+    from pipeline.tracking import ui_hint
+
+    uri = f"sqlite:///{store_path}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run = mlflow.entities.Run(mlflow.entities.RunInfo("r1", "7", "", 0, 0, "FINISHED", "", ""), None)
+    hint = ui_hint(run)
+    command = hint.partition("see it with `")[2].rpartition("`, then")[0]
+    assert shlex.split(command) == ["mlflow", "ui", "--backend-store-uri", uri], hint
+    assert hint.endswith(", then http://127.0.0.1:5000/#/experiments/7/runs/r1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    assert "`mlflow ui --backend-store-uri sqlite:///mlflow.db`" in ui_hint(run)  # nothing to quote: as it was
 
 
 def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_path):

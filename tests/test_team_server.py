@@ -727,7 +727,7 @@ def test_a_password_in_the_tracking_uris_query_is_never_printed_nor_written(monk
     assert exited.value.code == 2 and err.startswith(f"error: MLFLOW_TRACKING_URI: cannot open the tracking store "
                                                      f"{shown}: "), err
     run = mlflow.entities.Run(mlflow.entities.RunInfo("r1", "7", "", 0, 0, "FINISHED", "", ""), None)
-    assert ui_hint(run).startswith(f"run r1: see it with `mlflow ui --backend-store-uri {shown}`")
+    assert ui_hint(run).startswith(f"run r1: see it with `mlflow ui --backend-store-uri '{shown}'`")
     assert _store() == f"postgresql+psycopg2://localhost:{port}/mlflow?sslmode=disable&connect_timeout=5"
     assert "s3cret" not in out + err
 

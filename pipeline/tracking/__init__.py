@@ -248,8 +248,11 @@ def _connect_once(uri: str) -> None:
 def _check_sqlite_file(database: str, shown: str) -> None:
     """ConfigError naming `database` if a `sqlite:///` store's file cannot be a SQLite database: a folder (MLflow
     retried "unable to open database file" for ~100 s, then a traceback), another file (a dataset, a typo: sqlalchemy's
-    DatabaseError traceback) or a path below a file. A missing file (in missing folders too) is a new store."""
+    DatabaseError traceback) or a path below a file. A missing file (in missing folders too) is a new store.
+    ConfigError too where this user may not write the store (`_read_only`): every step writes runs, and MLflow's
+    "attempt to write a readonly database" came as a traceback once the first run opened."""
     path = Path(database)
+    reason = None
     if path.is_dir():
         reason = f"{database} is a folder, not a SQLite database file"
     elif path.is_file() and path.stat().st_size:
@@ -258,15 +261,41 @@ def _check_sqlite_file(database: str, shown: str) -> None:
                 header = file.read(16)
         except OSError:  # not to be read by this user: MLflow's own error says so
             return
-        if header == b"SQLite format 3\x00":
-            return
-        reason = f"{database} is not a SQLite database file"
+        if header != b"SQLite format 3\x00":
+            reason = f"{database} is not a SQLite database file"
     elif not path.exists() and (above := next(p for p in path.parents if p.exists())) and not above.is_dir():
         reason = f"{above} is a file, not a folder"
-    else:
-        return
-    raise ConfigError(f"MLFLOW_TRACKING_URI: cannot open the tracking store {shown}: {reason}; name a SQLite file "
-                      f"(a new one is created)")
+    if reason:
+        raise ConfigError(f"MLFLOW_TRACKING_URI: cannot open the tracking store {shown}: {reason}; name a SQLite file "
+                          f"(a new one is created)")
+    if reason := _read_only(path):
+        raise ConfigError(f"MLFLOW_TRACKING_URI: cannot write the tracking store {shown}: {reason}; give this user "
+                          f"write access there, or name a SQLite file this user may write (a new one is created)")
+
+
+def _read_only(path: Path) -> str | None:
+    """Why this user may not write the SQLite store `path` (a file or, missing, one to create), or None: the file is
+    read-only, or the folder it is in (SQLite writes its journal beside the file), or, missing, the nearest folder there
+    is, where it would be created."""
+    import pwd
+
+    def may_write(found: Path, mode: int = os.W_OK) -> bool:
+        return os.access(found, mode, effective_ids=os.access in os.supports_effective_ids)
+
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    if path.exists():
+        if not may_write(path):
+            return f"{path} is read-only for user {user}"
+        if not may_write(path.parent, os.W_OK | os.X_OK):
+            return f"its folder {path.parent}, where SQLite writes its journal, is read-only for user {user}"
+        return None
+    above = next(p for p in path.parents if p.exists())
+    if not may_write(above, os.W_OK | os.X_OK):
+        return f"{path} does not exist, and user {user} may not create it in {above}"
+    return None
 
 
 def sqlite_file(uri: str) -> str | None:
@@ -451,7 +480,8 @@ def ui_hint(run: mlflow.entities.Run | mlflow.ActiveRun) -> str:
     page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     if uri.startswith(("http://", "https://")):
         return f"run {run.info.run_id}: {uri.rstrip('/')}/{page}"
-    return (f"run {run.info.run_id}: see it with `mlflow ui --backend-store-uri {uri}`, then "
+    # shell-quoted where it must be (a folder with a space, a database URI's `&`): a command that runs as pasted
+    return (f"run {run.info.run_id}: see it with `mlflow ui --backend-store-uri {shlex.quote(uri)}`, then "
             f"http://127.0.0.1:5000/{page}")
 
 

@@ -565,7 +565,8 @@ def trained_before_a_failure(cfg: config.Config, dataset_uri: str) -> tuple[str,
     """(run id, model URI) of a finished train run of the same job (`train_key`) that a `main` trained and no
     `main` carried through to the registry (`mark_pipeline_done`), none running now, trained by the code here now
     (`train_code`): its pipeline failed after training, in evaluate or register, and rerunning the command goes on
-    from its logged model instead of training again. The newest such run, or None."""
+    from its logged model instead of training again. The newest such run, or None. A run whose main was deleted for
+    good (`mlflow gc`) is not known as a main's: the rerun trains anew."""
     client = MlflowClient()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               order_by=["attributes.start_time DESC"],
@@ -575,7 +576,10 @@ def trained_before_a_failure(cfg: config.Config, dataset_uri: str) -> tuple[str,
         tags, run_id = run.data.tags, run.info.run_id
         if "model_uri" not in tags or PIPELINE_DONE in tags or "mlflow.parentRunId" not in tags:
             continue
-        parent = client.get_run(tags["mlflow.parentRunId"])
+        try:
+            parent = client.get_run(tags["mlflow.parentRunId"])
+        except MlflowException:  # deleted for good (`mlflow gc`): not known as a main's, nor whether one is live
+            continue
         if parent.data.tags.get("step") != "main":  # a standalone train or a sweep trial: not main's to reuse
             continue
         users = [parent, *client.search_runs([parent.info.experiment_id], f"tags.train_run_id = '{run_id}'")]
