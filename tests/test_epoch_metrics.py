@@ -92,7 +92,7 @@ def test_each_epoch_says_when_the_run_should_end_on_the_console_and_in_a_tag(sto
     assert len(left) == 1 and out.index("Epoch 1/2") < out.index(left[0]) < out.index("Epoch 2/2"), out
 
 
-def test_confusion_matrix_csv_names_both_axes_rows_true_columns_predicted(store, monkeypatch):
+def test_confusion_matrix_csv_names_both_axes_rows_true_columns_predicted(store, monkeypatch, tmp_path):
     from pipeline import config, data, evaluate, prepare
     from pipeline.tracking import steps
 
@@ -110,7 +110,9 @@ def test_confusion_matrix_csv_names_both_axes_rows_true_columns_predicted(store,
     monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: EverythingIsClassZero())
     mlflow.set_experiment("e2e")  # artifacts under tmp_path (the store fixture), not ./mlruns
     with mlflow.start_run() as run:
-        evaluate.run(config.load("params/tiny.yaml"), "stub-model", "stub-data")
+        stub_data = tmp_path / "stub-data.npz"  # read by the stub; evaluate digests the file's bytes
+        stub_data.write_bytes(b"")
+        evaluate.run(config.load("params/tiny.yaml"), "stub-model", str(stub_data))
     text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/confusion_matrix.csv")
     header, *rows = text.splitlines()
     assert header.split(",") == ["true \\ predicted", *dataset.class_names]
