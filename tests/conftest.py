@@ -103,14 +103,16 @@ def mlflow_run(env: dict, entry_point: str = "main", **params: str) -> subproces
 
 @contextlib.contextmanager
 def http_stub(answer: Callable) -> Iterator[str]:
-    """A quiet local HTTP server whose every GET is `answer(handler)` (an `http.server.BaseHTTPRequestHandler`: it
-    sends the response); yields its address, `http://127.0.0.1:PORT`, and shuts it down after."""
+    """A quiet local HTTP server whose every GET and POST is `answer(handler)` (an `http.server.BaseHTTPRequestHandler`:
+    it sends the response); yields its address, `http://127.0.0.1:PORT`, and shuts it down after."""
     import http.server
     import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
             answer(self)
+
+        do_POST = do_GET  # noqa: N815 - http.server's name
 
         def log_message(self, *args):
             pass

@@ -39,6 +39,7 @@ from pipeline import tracking as tracking_layer
 from pipeline.data import decode_image
 from pipeline.tracking import PIPELINE_DIR, resume, steps, training
 from pipeline.tracking.resume import TRAIN_CODE
+from tests.conftest import http_stub
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_SECONDS = 120
@@ -783,30 +784,19 @@ def answering(status: int, body: bytes, authorizations: list | None = None,
               requests: list | None = None) -> Iterator[str]:
     """A loopback HTTP server answering every POST with `status` and `body`; its base URL. Each request's
     Authorization header (None without one) is appended to `authorizations`, its (path, body) to `requests`."""
-    import http.server
-    import threading
+    def answer(handler) -> None:
+        request = handler.rfile.read(int(handler.headers["Content-Length"]))
+        if requests is not None:
+            requests.append((handler.path, request))
+        if authorizations is not None:
+            authorizations.append(handler.headers["Authorization"])
+        handler.send_response(status)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            request = self.rfile.read(int(self.headers["Content-Length"]))
-            if requests is not None:
-                requests.append((self.path, request))
-            if authorizations is not None:
-                authorizations.append(self.headers["Authorization"])
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    other = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=other.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{other.server_port}"
-    finally:
-        other.shutdown()
+    with http_stub(answer) as url:
+        yield url
 
 
 def test_predict_client_sends_the_urls_credentials_and_hides_the_password(tmp_path, capsys):
