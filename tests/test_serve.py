@@ -779,6 +779,17 @@ def test_predict_client_says_what_to_do_when_the_server_runs_out_of_time(tmp_pat
     assert "lower --batch-size, or raise the server's limit (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT" in err
 
 
+def read_request(conn, *, whole: bool = True) -> None:
+    """Read an HTTP request from socket `conn`: its head, and its body too where `whole`."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        request += conn.recv(65536)
+    head, _, body = request.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+    while whole and len(body) < length:
+        body += conn.recv(65536)
+
+
 @contextlib.contextmanager
 def answering(status: int, body: bytes, authorizations: list | None = None,
               requests: list | None = None) -> Iterator[str]:
@@ -919,13 +930,7 @@ def replying(raw: bytes) -> Iterator[str]:
             while True:
                 conn, _ = listener.accept()
                 with conn:
-                    request = b""
-                    while b"\r\n\r\n" not in request:
-                        request += conn.recv(65536)
-                    head, _, body = request.partition(b"\r\n\r\n")
-                    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
-                    while len(body) < length:
-                        body += conn.recv(65536)
+                    read_request(conn)
                     conn.sendall(raw)
 
     threading.Thread(target=serve, daemon=True).start()
@@ -972,13 +977,7 @@ def test_predict_client_tells_a_connection_closed_without_an_answer_from_an_unre
     def close_without_answer() -> None:
         conn, _ = listener.accept()
         with conn:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += conn.recv(65536)
-            head, _, body = request.partition(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
-            while read_body and len(body) < length:
-                body += conn.recv(65536)
+            read_request(conn, whole=read_body)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")  # closed at once: a reset
 
     threading.Thread(target=close_without_answer, daemon=True).start()
