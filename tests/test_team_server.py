@@ -611,6 +611,21 @@ def test_a_tracking_uri_that_answers_but_is_no_mlflow_server_is_one_line(monkeyp
                 assert out == f"tracking store {shown} ready\n", (out, err)
 
 
+def store_check(monkeypatch, capsys, uri: str, **env: str) -> tuple[int, str, str]:
+    """`python -m pipeline.tracking` with MLFLOW_TRACKING_URI `uri` (and `env`): its exit status, stdout, stderr."""
+    from pipeline.tracking import cli, store_ready
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    try:
+        cli(lambda: print(store_ready()))
+    except SystemExit as exc:
+        return exc.code, *capsys.readouterr()
+    return 0, *capsys.readouterr()
+
+
 def test_a_tracking_server_behind_a_login_without_the_right_one_is_one_line(monkeypatch, capsys, tmp_path):
     """A server behind a login (`mlflow server --app-name basic-auth`, or a proxy's) answered 401 to a member who had
     not set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or had set a wrong one: `python -m
@@ -621,7 +636,6 @@ def test_a_tracking_server_behind_a_login_without_the_right_one_is_one_line(monk
 
     import mlflow
 
-    from pipeline.tracking import cli, store_ready
 
     login = "Basic " + base64.b64encode(b"alice:s3cret").decode()
 
@@ -642,15 +656,7 @@ def test_a_tracking_server_behind_a_login_without_the_right_one_is_one_line(monk
     mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
 
     def ready(uri: str, **env: str) -> tuple[int, str, str]:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        capsys.readouterr()
-        try:
-            cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
-        except SystemExit as exc:
-            return exc.code, *capsys.readouterr()
-        return 0, *capsys.readouterr()
+        return store_check(monkeypatch, capsys, uri, **env)
 
     api = "/api/2.0/mlflow/experiments/search"
     with http_stub(answer) as address:
@@ -754,7 +760,6 @@ def test_the_uis_address_or_a_web_page_as_tracking_uri_is_one_line(monkeypatch, 
     Now one line saying what is wrong, exit 2."""
     import mlflow
 
-    from pipeline.tracking import cli, store_ready
 
     pages = {"everywhere": False}  # True: a web page on every path, the API's too
 
@@ -770,13 +775,7 @@ def test_the_uis_address_or_a_web_page_as_tracking_uri_is_one_line(monkeypatch, 
     mlflow.set_tracking_uri(None)  # MLFLOW_TRACKING_URI decides
 
     def ready(uri: str) -> tuple[int, str, str]:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        capsys.readouterr()
-        try:
-            cli(lambda: print(store_ready()))  # `python -m pipeline.tracking`
-        except SystemExit as exc:
-            return exc.code, *capsys.readouterr()
-        return 0, *capsys.readouterr()
+        return store_check(monkeypatch, capsys, uri)
 
     with http_stub(answer) as address:
         base = address.replace("//", "//alice:s3cret@")
