@@ -27,6 +27,11 @@ from tests.test_fault_tolerance import TINY, experiment_runs
 SMALLEST_MODEL = "model.block=basic model.widths=[16] model.strides=[1]"
 
 
+def interrupted(*args, **kwargs):
+    """A stand-in for a step that Ctrl-C stops."""
+    raise KeyboardInterrupt
+
+
 def failed_main(in_process, epochs: str, overrides: str, code: int, error: str):
     """`main` on the tiny profile, which must exit `code` with `error` on its last line; the client and train run."""
     result = in_process("main", "--params", TINY, "--epochs", epochs,
@@ -889,11 +894,8 @@ def test_a_register_stopped_after_creating_its_version_leaves_it_described_and_t
     registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
     challenger = evaluated_model(experiment_id, {"test_acc": 0.7})
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
-
     step = getattr(registry, stopped_in)
-    monkeypatch.setattr(registry, stopped_in, killed)
+    monkeypatch.setattr(registry, stopped_in, interrupted)
     with pytest.raises(KeyboardInterrupt):
         registered(experiment_id, challenger)
     version = client.get_model_version("cifar10-resnet", "2")
@@ -924,10 +926,7 @@ def test_the_rerun_of_a_stopped_register_whose_champion_was_deleted_keeps_no_tag
     challenger = evaluated_model(experiment_id, {"test_acc": 0.7})
     move = registry.move_alias
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(registry, "move_alias", killed)
+    monkeypatch.setattr(registry, "move_alias", interrupted)
     with pytest.raises(KeyboardInterrupt):
         registered(experiment_id, challenger)
     assert client.get_model_version("cifar10-resnet", "2").tags["champion_version"] == "1"
@@ -950,10 +949,7 @@ def test_the_rerun_of_a_register_stopped_after_placing_the_alias_reports_the_cha
     challenger = evaluated_model(experiment_id, {"test_acc": 0.7, "test_acc_cat": 0.9})
     record = registry.record_report
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(registry, "record_report", killed)
+    monkeypatch.setattr(registry, "record_report", interrupted)
     with pytest.raises(KeyboardInterrupt):
         registered(experiment_id, challenger)
     monkeypatch.setattr(registry, "record_report", record)

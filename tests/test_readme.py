@@ -207,7 +207,7 @@ def names(page: Path) -> tuple[list[str], list[tuple[str, str]], set[str]]:
         if path not in WRITTEN_BY_A_COMMAND and not (ROOT / path.split("::")[0]).exists():
             missing.append(f"{page.name}: {path}")
     tests = re.findall(r"(test_\w+\.py)::(test_\w+)", text)
-    spans = re.findall(r"```\w*\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]+)`", prose)
+    spans = code_spans(text)
     keys = {k for k in re.findall(r"(?<![\w/.])((?:data|model|train|evaluate|register|tracking)\.\w+)(?![\w(])",
                                   " ".join(spans)) if not k.endswith(".py")}
     return missing, tests, keys
@@ -285,6 +285,12 @@ def logged_names(folder: Path) -> dict[str, str]:
                 if name and re.fullmatch(r"[a-z][a-z0-9_]*", name):
                     found.setdefault(name, str(path.relative_to(folder.parent)))
     return found
+
+
+def code_spans(text: str) -> list[str]:
+    """A page's code: each fenced block whole, then each inline `span` outside the blocks."""
+    return re.findall(r"```\w*\n(.*?)```", text, re.S) + re.findall(
+        r"`([^`\n]+)`", re.sub(r"```\w*\n.*?```", "", text, flags=re.S))
 
 
 def named_in_docs(name: str, pages: list[Path]) -> bool:
@@ -398,8 +404,7 @@ def unknown_options(page: Path) -> list[str]:
 
     entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
     text = page.read_text()
-    spans = re.findall(r"```\w*\n(.*?)```", text, re.S) + re.findall(
-        r"`([^`\n]+)`", re.sub(r"```\w*\n.*?```", "", text, flags=re.S))
+    spans = code_spans(text)
     unknown = []
     for span in (s.replace("\\\n", " ") for s in spans):
         for command in re.findall(r"mlflow run \.[^\n;&|#]*", span):
@@ -450,8 +455,7 @@ def documented_runs(page: Path) -> list[tuple[str, dict[str, str]]]:
     `-P name=value` and `python -m pipeline.<step>`'s `--name value`, shell-quoted values unquoted. Commands with a
     placeholder (`...`, `<run id>`) and other entry points are left out."""
     text = page.read_text()
-    spans = re.findall(r"```\w*\n(.*?)```", text, re.S) + re.findall(
-        r"`([^`\n]+)`", re.sub(r"```\w*\n.*?```", "", text, flags=re.S))
+    spans = code_spans(text)
     found = []
     for span in (s.replace("\\\n", " ") for s in spans):
         for command in re.findall(r"(?:mlflow run \.|python -m pipeline\.\w+)[^\n;&|#`]*", span):
