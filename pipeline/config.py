@@ -51,6 +51,13 @@ SHIFT_FILLS = ("nearest", "constant", "reflect")
 Auto = typing.Literal["auto"]
 
 
+def round_half_up(x: float) -> int:
+    """`x` to the nearest whole number, halves up (2.5 -> 3, 3.5 -> 4; Python's round() takes halves to even, 2.5 -> 2),
+    a float product's error forgiven (3/22 * 55 is 7.499999999999999: 8). The rule for every fraction of the run
+    (train.lr_boundaries' epochs, train.warmup's steps)."""
+    return math.floor(round(x, 9) + 0.5)
+
+
 class ConfigError(ValueError):
     """A parameter is unknown, mistyped or out of range; the message names the key."""
 
@@ -284,7 +291,7 @@ class TrainConfig:
     @property
     def boundary_epochs(self) -> tuple[int, ...]:
         """The epochs after which the step schedule multiplies the lr by lr_decay."""
-        return tuple(round(b * self.epochs) for b in self.lr_boundaries)
+        return tuple(round_half_up(b * self.epochs) for b in self.lr_boundaries)
 
     @property
     def shift_pixels(self) -> int:

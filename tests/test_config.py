@@ -54,8 +54,19 @@ def test_lr_boundaries_follow_epochs(epochs, expected):
     assert config.load(None, f"train.epochs={epochs}").train.boundary_epochs == expected
 
 
+@pytest.mark.parametrize(("epochs", "boundaries", "expected"), [
+    (5, "[0.3,0.5]", (2, 3)),  # 1.5 and 2.5 both up: was refused as "they round to epochs [2, 2]"
+    (7, "[0.5]", (4,)), (5, "[0.5]", (3,)),  # 3.5 and 2.5 alike (was 4 and 2)
+    (55, "[3/22]", (8,)),  # 3/22 * 55 is 7.499999999999999 in floats: a half still
+])
+def test_boundary_epochs_round_halves_up_at_any_length(epochs, boundaries, expected):
+    """Python's round() rounds halves to even: 0.5 of 5 epochs decayed after epoch 2, of 7 after epoch 4."""
+    t = config.load(None, f"train.epochs={epochs} train.lr_boundaries={boundaries}").train
+    assert t.boundary_epochs == expected
+
+
 def test_boundaries_accept_fractions_and_refuse_absolute_epochs():
-    assert config.load(None, "train.lr_boundaries=[0.5,0.75]").train.boundary_epochs == (75, 112)
+    assert config.load(None, "train.lr_boundaries=[0.5,0.75]").train.boundary_epochs == (75, 113)
     with pytest.raises(config.ConfigError, match=r"^train.lr_boundaries: are now fractions.*\[80/150, 120/150\]"):
         config.load(None, "train.lr_boundaries=[80,120]")
 
@@ -303,7 +314,7 @@ def test_lists_in_overrides_may_be_written_with_spaces_as_yaml_writes_them():
     got '32,''; a stray word after a value with a space says to quote it."""
     cfg = config.load(None, "model.widths=[16, 32, 64] train.lr_boundaries=[40/150, 60/150] train.epochs=150")
     assert cfg.model.widths == (16, 32, 64) and cfg.train.boundary_epochs == (40, 60)
-    assert config.load_from_cli("", "train.lr_boundaries=[ 0.5 , 0.75 ]").train.boundary_epochs == (75, 112)
+    assert config.load_from_cli("", "train.lr_boundaries=[ 0.5 , 0.75 ]").train.boundary_epochs == (75, 113)
     with pytest.raises(config.ConfigError, match=r"^overrides: expected section.key=value, got 'runs' \(a value with "
                                                  r"spaces needs quotes"):
         config.load(None, "tracking.experiment=my runs")
