@@ -1416,6 +1416,9 @@ def run(args: argparse.Namespace) -> int:
         raise config.ConfigError(f"study: {args.study!r} " + (
             "is blank; give a name, or leave it empty for the spec's name and digest" if not args.study.strip()
             else "begins or ends with spaces; give the name without them"))
+    if args.storage and not args.storage.strip():  # as study: " " is a slip, not the default an empty one gives
+        raise config.ConfigError(f"storage: {args.storage!r} is blank; give an SQLAlchemy URL, or leave it empty for "
+                                 f"optuna.db beside the tracking store")
     if args.study and args.study.endswith(".register"):  # study X's lock (`finish`), which starting X deletes
         study = args.study.removesuffix(".register")
         raise config.ConfigError(f"study: {args.study} is the record of who registers study {study}, not a study; "

@@ -139,6 +139,9 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
     (GRID, ["--study", " "], "error: study: ' ' is blank; give a name, or leave it empty for the spec's name and "
      "digest"),
     (GRID, ["--study", "mine "], "error: study: 'mine ' begins or ends with spaces; give the name without them"),
+    # a blank storage was told "expected an SQLAlchemy URL such as sqlite:///optuna.db ..., got ' '"
+    (GRID, ["--storage", " "], "error: storage: ' ' is blank; give an SQLAlchemy URL, or leave it empty for "
+     "optuna.db beside the tracking store"),
     (GRID, ["--overrides", "train.lr=0.3"], "error: overrides: train.lr is swept by spec.grid; drop it from "
      "overrides or from the search space"),  # it would train every trial at 0.3 under the names of the grid's lrs
     ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 1000000000000\n", [], "error: spec.trials: must be at "
@@ -161,7 +164,7 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
      "or none"),
 ], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers",
         "in-memory-storage-workers", "in-memory-storage", "register-record-as-study", "blank-study",
-        "study-with-spaces", "override-of-a-swept-key",
+        "study-with-spaces", "blank-storage", "override-of-a-swept-key",
         "more-trials-than-can-run", "selecting-on-the-test-split", "no-data-source", "bad-sampler-argument",
         "wrong-backend-feed", "wrong-backend-mode", "several-hosts-mode"])
 def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_process, body, args, message):
