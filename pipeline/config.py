@@ -47,6 +47,8 @@ RESNET9_ZERO_INIT = ("must be false for model.arch resnet9: its residual branche
 CONV_INITS = ("he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "glorot_uniform", "pytorch")
 # train.shift_fill: what a shifted image shows where it moved off the edge (see pipeline.augment.shift_flip)
 SHIFT_FILLS = ("nearest", "constant", "reflect")
+# data.synthetic_train and synthetic_test: make_synthetic holds each split as float64 while it makes it, 25 KB an image
+SYNTHETIC_MAX = 100_000
 # train.jit_compile: true, false or auto, as Keras's compile() takes it
 Auto = typing.Literal["auto"]
 
@@ -85,6 +87,9 @@ class DataConfig:
             _check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0 (0 = all)", getattr(self, name))
         for name in ("synthetic_train", "synthetic_test"):
             _check(getattr(self, name) >= 10, f"data.{name}", "must be >= 10", getattr(self, name))
+            _check(getattr(self, name) <= SYNTHETIC_MAX, f"data.{name}",
+                   f"must be at most {SYNTHETIC_MAX} (twice CIFAR-10's 50,000 training images: a generated dataset "
+                   f"is made in memory, about 25 KB an image)", getattr(self, name))
         _check_seed("data.seed", self.seed)
 
 

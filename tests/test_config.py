@@ -296,6 +296,17 @@ def test_bad_values_name_their_key(override, key):
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("key", ["synthetic_train", "synthetic_test"])
+def test_a_synthetic_dataset_too_large_to_generate_is_refused_naming_its_key(key):
+    """data.synthetic_train=100000000 went on to prepare, which died on NumPy's traceback: "Unable to allocate 2.24 TiB
+    for an array with shape (100000000, 32, 32, 3) and data type float64" (a smaller excess took all the memory)."""
+    assert getattr(config.load(None, f"data.{key}=100000").data, key) == 100000
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, f"data.{key}=100000000")
+    assert str(err.value) == (f"data.{key}: must be at most 100000 (twice CIFAR-10's 50,000 training images: a "
+                              f"generated dataset is made in memory, about 25 KB an image), got 100000000")
+
+
 def test_integers_are_64_bit_as_numpy_and_tensorflow_hold_them():
     """`train.batch_size=1e20` spelt out loaded, then failed the train step (a traceback, OverflowError from tf.data)
     and left its run FAILED: an integer param past 64 bits is refused with the params, naming its key."""
