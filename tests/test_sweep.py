@@ -413,6 +413,24 @@ def test_a_bad_value_of_the_specs_overrides_or_base_is_blamed_on_them_not_a_tria
     assert str(raised.value) == f"spec.base ({base}): train.epochs: must be >= 1, got 0"
 
 
+def test_a_relative_base_is_read_beside_the_spec_else_from_the_project(tmp_path, monkeypatch):
+    """A spec beside its base (`base: mybase.yaml`) was refused "spec.base (mybase.yaml): params: file not found"
+    unless the command ran in the spec's folder; the shipped specs' `base: params/tiny.yaml` still works from
+    anywhere, and a base beside the spec wins over one of the same name in the project."""
+    (tmp_path / "mybase.yaml").write_text("train: {epochs: 2, validation_fraction: 0.1, schedule: cosine}\n")
+    (tmp_path / "sweep-mine.yaml").write_text(f"base: mybase.yaml\n{GRID}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert sweep.Plan(str(tmp_path / "sweep-mine.yaml")).configs[0].train.epochs == 2
+    shipped = sweep.Plan(str(ROOT / "params" / "sweep-example.yaml"))
+    assert shipped.configs[0].model.widths == (16, 32, 64)  # params/tiny.yaml's, from the project
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "tiny.yaml").write_text("train: {epochs: 4, validation_fraction: 0.1, schedule: cosine}\n")
+    (tmp_path / "sweep-tiny.yaml").write_text(f"base: params/tiny.yaml\n{GRID}")
+    assert sweep.Plan(str(tmp_path / "sweep-tiny.yaml")).configs[0].train.epochs == 4
+
+
 def test_a_trials_own_bad_value_is_still_blamed_on_the_trial_under_command_line_overrides(tmp_path):
     spec = write_spec(tmp_path, "sweep-trial", "grid:\n  train.lr: [0.1, -1]\n")
     with pytest.raises(config.ConfigError) as raised:
