@@ -49,6 +49,9 @@ CONV_INITS = ("he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "gloro
 SHIFT_FILLS = ("nearest", "constant", "reflect")
 # data.synthetic_train and synthetic_test: make_synthetic holds each split as float64 while it makes it, 25 KB an image
 SYNTHETIC_MAX = 100_000
+# the longest param value MLflow keeps whole (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH): a longer one is logged cut
+MLFLOW_PARAM_MAX = 6000
+TOO_LONG = f"characters, more than the {MLFLOW_PARAM_MAX} MLflow keeps of a param value (it would be logged cut short)"
 # train.jit_compile: true, false or auto, as Keras's compile() takes it
 Auto = typing.Literal["auto"]
 
@@ -588,6 +591,8 @@ def _merge(base: dict[str, Any], layer: dict[str, Any], origin: str) -> None:
 def split_overrides(overrides: str | None) -> list[str]:
     """`"train.lr=0.05 tracking.experiment='my runs' model.widths=[16, 32]"` -> its items, split as a shell does, a
     list's pieces joined again; ConfigError on an unbalanced quote or a key given twice in the one string."""
+    if overrides and len(overrides) > MLFLOW_PARAM_MAX:  # logged whole as a param too (-P overrides)
+        raise ConfigError(f"overrides: {len(overrides)} {TOO_LONG}; shorten them")
     try:
         items = _join_lists(shlex.split(overrides) if overrides else [])
     except ValueError as exc:  # No closing quotation, No escaped character
@@ -661,7 +666,11 @@ def load_layered(layers: dict[str, dict[str, Any]], overrides: str | list[str] |
         sections[name] = cls(**{key: _coerce(f"{name}.{key}", values[key], hints[key]) for key in hints})
         sections[name].validate()
     _check_ghost_batch(sections["model"], sections["train"])
-    return Config(**sections)
+    cfg = Config(**sections)
+    for key, value in cfg.flat().items():
+        if len(value) > MLFLOW_PARAM_MAX:
+            raise ConfigError(f"{key}: {len(value)} {TOO_LONG}; shorten it")
+    return cfg
 
 
 @functools.cache

@@ -307,6 +307,26 @@ def test_a_synthetic_dataset_too_large_to_generate_is_refused_naming_its_key(key
                               f"generated dataset is made in memory, about 25 KB an image), got 100000000")
 
 
+def test_a_value_or_overrides_longer_than_mlflow_keeps_of_a_param_is_refused():
+    """A train.lr_boundaries of 999 fractions (7,884 characters) trained under a param MLflow cut to 6,000 characters
+    with a warning ("is truncated to 6000 characters to meet the length limit"): the run's params no longer said what
+    it trained with. The overrides string, which is logged whole too, is held to the same length."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    assert MAX_PARAM_VAL_LENGTH == config.MLFLOW_PARAM_MAX
+    long = "[" + ", ".join(str(i / 10000) for i in range(1, 1000)) + "]"
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, ["train.epochs=10000", f"train.lr_boundaries={long}"])
+    assert str(err.value) == ("train.lr_boundaries: 7884 characters, more than the 6000 MLflow keeps of a param "
+                              "value (it would be logged cut short); shorten it")
+    spaced = "train.lr=0.1" + " " * 6000
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, spaced)
+    assert str(err.value) == ("overrides: 6012 characters, more than the 6000 MLflow keeps of a param value (it "
+                              "would be logged cut short); shorten them")
+    assert config.load(None, "train.lr=0.1" + " " * 5988).train.lr == 0.1
+
+
 def test_integers_are_64_bit_as_numpy_and_tensorflow_hold_them():
     """`train.batch_size=1e20` spelt out loaded, then failed the train step (a traceback, OverflowError from tf.data)
     and left its run FAILED: an integer param past 64 bits is refused with the params, naming its key."""
