@@ -33,17 +33,19 @@ import copy
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import shutil
 import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from bench.machine import write_whole
+from bench.machine import cpu_rehearsal_env, write_whole
 from pipeline import config, data, fitting, interrupts
 from pipeline.augment import normalized_zero, tta_views
 from pipeline.config import TTA_MODES
@@ -222,8 +224,8 @@ def measure() -> None:
                                                       "for all its stages), read in its place; the record names --data")
     parser.add_argument("--images", type=int, default=50000, help="synthetic training images (test: a fifth)")
     parser.add_argument("--virtual-cpus", type=int, default=0,
-                        help="split the CPU into N TensorFlow devices (a rehearsal of several; on JAX set "
-                             "XLA_FLAGS=--xla_force_host_platform_device_count=N before the process starts)")
+                        help="rehearse on N CPU devices, GPUs hidden (as bench.multi_gpu's arms; the process "
+                             "starts again with CUDA_VISIBLE_DEVICES='', JAX_PLATFORMS=cpu and XLA's device count)")
     args = parser.parse_args()
     if not args.full and args.epochs < 2:  # the steady time is the median of the epochs after the compiling first
         parser.error(f"--epochs: must be >= 2 (the first epoch compiles), got {args.epochs}")
@@ -235,6 +237,10 @@ def measure() -> None:
         parser.error(f"--virtual-cpus: must be 0 (the devices there are) or >= 1, got {args.virtual_cpus}")
     if args.decoded and not args.data:
         parser.error("--decoded: only with --data (the source it was decoded from, which the record names)")
+    if args.virtual_cpus:  # the GPUs hidden before CUDA starts: a mirrored or data_parallel run took them
+        rehearsal = cpu_rehearsal_env(dict(os.environ), args.virtual_cpus)
+        if rehearsal != os.environ:
+            os.execve(sys.executable, [sys.executable, "-m", "bench.gpu_epoch", *sys.argv[1:]], rehearsal)
     if args.virtual_cpus and keras.backend.backend() == "tensorflow":  # before anything initialises TensorFlow
         import tensorflow as tf
 

@@ -54,6 +54,16 @@ def stamp() -> dict:
     return {"machine": f"{machine()} ({platform.platform()})", "date": datetime.date.today().isoformat()}
 
 
+def cpu_rehearsal_env(env: dict[str, str], devices: int) -> dict[str, str]:
+    """`env` for a process that rehearses on `devices` CPU devices with every GPU hidden (MirroredStrategy and
+    DataParallel take every GPU before any CPU device): CUDA_VISIBLE_DEVICES empty, JAX on the CPU, XLA's host platform
+    split in `devices`, XLA_FLAGS already set kept (a device count among them replaced)."""
+    flags = [flag for flag in env.get("XLA_FLAGS", "").split()
+             if not flag.startswith("--xla_force_host_platform_device_count=")]
+    return {**env, "CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])}
+
+
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Write `path` through `write(staged)` into a file beside it, then rename that over `path`: a reader, or a report
     rewritten after every run and interrupted (Ctrl-C, a kill) while it writes, sees the old file or the new one,

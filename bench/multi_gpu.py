@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.machine import gpu_names, save_results, stamp
+from bench.machine import cpu_rehearsal_env, gpu_names, save_results, stamp
 from pipeline import config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,8 +59,7 @@ def run_arm(backend: str, overrides: str, args: argparse.Namespace) -> dict:
     source = ["--data", args.data] if args.data else ["--images", str(args.images)]
     extra = []
     if args.virtual_cpus:  # on the CPU alone: MirroredStrategy and DataParallel take every GPU before any CPU device
-        env.update(CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
-            [*env.get("XLA_FLAGS", "").split(), f"--xla_force_host_platform_device_count={args.virtual_cpus}"]))
+        env = cpu_rehearsal_env(env, args.virtual_cpus)
         extra = ["--virtual-cpus", str(args.virtual_cpus)]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "arm.json"

@@ -47,8 +47,20 @@ RESNET9_ZERO_INIT = ("must be false for model.arch resnet9: its residual branche
 CONV_INITS = ("he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "glorot_uniform", "pytorch")
 # train.shift_fill: what a shifted image shows where it moved off the edge (see pipeline.augment.shift_flip)
 SHIFT_FILLS = ("nearest", "constant", "reflect")
+# data.synthetic_train and synthetic_test: make_synthetic holds each split as float64 while it makes it, 25 KB an image
+SYNTHETIC_MAX = 100_000
+# the longest param value MLflow keeps whole (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH): a longer one is logged cut
+MLFLOW_PARAM_MAX = 6000
+TOO_LONG = f"characters, more than the {MLFLOW_PARAM_MAX} MLflow keeps of a param value (it would be logged cut short)"
 # train.jit_compile: true, false or auto, as Keras's compile() takes it
 Auto = typing.Literal["auto"]
+
+
+def round_half_up(x: float) -> int:
+    """`x` to the nearest whole number, halves up (2.5 -> 3, 3.5 -> 4; Python's round() takes halves to even, 2.5 -> 2),
+    a float product's error forgiven (3/22 * 55 is 7.499999999999999: 8). The rule for every fraction of the run
+    (train.lr_boundaries' epochs, train.warmup's steps)."""
+    return math.floor(round(x, 9) + 0.5)
 
 
 class ConfigError(ValueError):
@@ -78,6 +90,9 @@ class DataConfig:
             _check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0 (0 = all)", getattr(self, name))
         for name in ("synthetic_train", "synthetic_test"):
             _check(getattr(self, name) >= 10, f"data.{name}", "must be >= 10", getattr(self, name))
+            _check(getattr(self, name) <= SYNTHETIC_MAX, f"data.{name}",
+                   f"must be at most {SYNTHETIC_MAX} (twice CIFAR-10's 50,000 training images: a generated dataset "
+                   f"is made in memory, about 25 KB an image)", getattr(self, name))
         _check_seed("data.seed", self.seed)
 
 
@@ -284,7 +299,7 @@ class TrainConfig:
     @property
     def boundary_epochs(self) -> tuple[int, ...]:
         """The epochs after which the step schedule multiplies the lr by lr_decay."""
-        return tuple(round(b * self.epochs) for b in self.lr_boundaries)
+        return tuple(round_half_up(b * self.epochs) for b in self.lr_boundaries)
 
     @property
     def shift_pixels(self) -> int:
@@ -576,6 +591,8 @@ def _merge(base: dict[str, Any], layer: dict[str, Any], origin: str) -> None:
 def split_overrides(overrides: str | None) -> list[str]:
     """`"train.lr=0.05 tracking.experiment='my runs' model.widths=[16, 32]"` -> its items, split as a shell does, a
     list's pieces joined again; ConfigError on an unbalanced quote or a key given twice in the one string."""
+    if overrides and len(overrides) > MLFLOW_PARAM_MAX:  # logged whole as a param too (-P overrides)
+        raise ConfigError(f"overrides: {len(overrides)} {TOO_LONG}; shorten them")
     try:
         items = _join_lists(shlex.split(overrides) if overrides else [])
     except ValueError as exc:  # No closing quotation, No escaped character
@@ -649,7 +666,11 @@ def load_layered(layers: dict[str, dict[str, Any]], overrides: str | list[str] |
         sections[name] = cls(**{key: _coerce(f"{name}.{key}", values[key], hints[key]) for key in hints})
         sections[name].validate()
     _check_ghost_batch(sections["model"], sections["train"])
-    return Config(**sections)
+    cfg = Config(**sections)
+    for key, value in cfg.flat().items():
+        if len(value) > MLFLOW_PARAM_MAX:
+            raise ConfigError(f"{key}: {len(value)} {TOO_LONG}; shorten it")
+    return cfg
 
 
 @functools.cache

@@ -2,7 +2,8 @@
 
 Sources (the `data.source` param):
 - `cifar10`: the official `cifar-10-python.tar.gz` from the Keras cache (`$KERAS_HOME` or
-  `~/.keras`, folder `datasets/`), downloaded there if absent, verified by its published sha256;
+  `~/.keras`, folder `datasets/`; /tmp/.keras where that is not writable, as Keras has it), downloaded there if
+  absent, verified by its published sha256;
 - a path to that archive (under any name: it is known by its contents), to an extracted
   `cifar-10-batches-py/` folder or to a .zip of it;
 - a path to an image folder, directory, `.tar.gz` or `.zip`, laid out `train/<class>/*`, `test/<class>/*`
@@ -32,6 +33,7 @@ import re
 import stat
 import sys
 import tarfile
+import tempfile
 import unicodedata
 import zipfile
 import zlib
@@ -411,8 +413,24 @@ def test_images_in_train(x_train: np.ndarray, x_test: np.ndarray) -> int:
 
 # --- official CIFAR-10 python archive -------------------------------------------------------
 
+def keras_home() -> Path:
+    """Keras's folder, found as Keras finds it (keras.src.backend.config): $KERAS_HOME, else ~/.keras, or /tmp/.keras
+    where the home folder is not writable."""
+    folder = os.environ.get("KERAS_HOME")
+    if folder is None:
+        home = os.path.expanduser("~")
+        folder = os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
+    return Path(folder).expanduser()
+
+
 def keras_cache_dir() -> Path:
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
+    """Where keras.utils.get_file keeps datasets: `datasets/` of keras_home(), or of /tmp/.keras where that folder is
+    not writable (one not made yet counts as its nearest folder, as Keras makes it on import)."""
+    base = keras_home()
+    existing = next(folder for folder in (base, *base.parents) if folder.exists())
+    if not os.access(existing, os.W_OK):
+        base = Path("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()) / ".keras"
+    return base / "datasets"
 
 
 def fetch_cifar10() -> Path:

@@ -399,7 +399,7 @@ HOSTS_TIMEOUT = "PIPELINE_HOSTS_TIMEOUT"  # seconds a host waits for the cluster
 
 
 def hosts_timeout() -> float:
-    raw = os.environ.get(HOSTS_TIMEOUT, "600")
+    raw = os.environ.get(HOSTS_TIMEOUT) or "600"  # set empty: unset, as a shell's VAR= is
     try:
         seconds = float(raw)
     except ValueError:

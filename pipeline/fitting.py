@@ -74,7 +74,7 @@ def learning_rate(cfg: config.TrainConfig,
     """
     total = cfg.epochs * steps_per_epoch
     # ending by the run's last step: a warm-up rounding to the whole run (0.8 of 2 steps) never reached the peak
-    warmup = min(round(cfg.warmup * total), total - 1)
+    warmup = min(config.round_half_up(cfg.warmup * total), total - 1)
     # PiecewiseConstantDecay keeps a value up to and including its boundary step: the last step of epoch e
     # (0-based step e * steps - 1) still has the old lr, the first step of epoch e + 1 the new one.
     boundaries = [e * steps_per_epoch - 1 for e in cfg.boundary_epochs] if cfg.schedule == "step" else []

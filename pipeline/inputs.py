@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import sys
-from pathlib import Path
 
 from pipeline import config, data, prepare
 from pipeline.data import CIFAR10_TRAIN_IMAGES
@@ -121,12 +120,8 @@ def configured_backend() -> str:
     else tensorflow."""
     if os.environ.get("KERAS_BACKEND"):
         return os.environ["KERAS_BACKEND"]
-    folder = os.environ.get("KERAS_HOME")
-    if folder is None:
-        home = os.path.expanduser("~")
-        folder = os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
     try:
-        chosen = json.loads((Path(folder).expanduser() / "keras.json").read_text()).get("backend")
+        chosen = json.loads((data.keras_home() / "keras.json").read_text()).get("backend")
     except (OSError, ValueError, AttributeError):
         chosen = None
     return chosen or "tensorflow"

@@ -312,6 +312,19 @@ def default_startup(cls: type) -> int:
     return parameter.default if parameter is not None and isinstance(parameter.default, int) else 0
 
 
+def spec_base(base: str, spec_path: str | Path) -> str:
+    """The params file a spec's relative `base` names: beside the spec where it has one there, else from the current
+    folder (as it was read before), else from the project (the shipped specs' `params/tiny.yaml`, wherever the
+    command runs); as written where none of them has it, to be refused as not found."""
+    beside = Path(spec_path).parent / base
+    if Path(base).is_absolute() or not beside.is_file() and Path(base).is_file():
+        return base
+    if beside.is_file():
+        return str(beside)
+    project = config.PROJECT_ROOT / base
+    return str(project) if project.is_file() else base
+
+
 class Plan:
     """A checked sweep: its spec, Optuna distributions, sampler and pruner, and a config per trial.
 
@@ -327,6 +340,7 @@ class Plan:
         base = self.spec.get("base")
         if base is not None and not (isinstance(base, str) and base.strip()):
             raise config.ConfigError(f"spec.base: must be a params file path such as params/tiny.yaml, got {base!r}")
+        self.base = spec_base(base, spec_path) if base else None
         self.space = distributions(self.spec)
         self.sampler_name, self.sampler_kwargs = sampler_of(self.spec)
         self.pruner_name, self.pruner_kwargs = named_type(self.spec, "pruner", "none", PRUNERS)
@@ -497,7 +511,7 @@ class Plan:
             draw = random.Random(0)
             several = [{k: draw.choice(v) for k, v in values.items()}
                        for _ in range(max(CHECKS - len(single), CHECKS // 4))]
-        layers = config.read_layers(self.spec.get("base") or None)  # its ends loaded: a params file that loads
+        layers = config.read_layers(self.base)  # its ends loaded: a params file that loads
         for combo in single + several:
             try:
                 inputs.check_known_training_images(
@@ -525,7 +539,7 @@ class Plan:
         return self.sampler_kwargs if what == "spec.sampler" else self.pruner_kwargs
 
     def load(self, values: dict[str, Any], what: str) -> config.Config:
-        base = self.spec.get("base") or None
+        base = self.base
         try:
             return config.load(base, self.common + override_items(values) + self.extra)
         except config.ConfigError as exc:
@@ -1416,6 +1430,9 @@ def run(args: argparse.Namespace) -> int:
         raise config.ConfigError(f"study: {args.study!r} " + (
             "is blank; give a name, or leave it empty for the spec's name and digest" if not args.study.strip()
             else "begins or ends with spaces; give the name without them"))
+    if args.storage and not args.storage.strip():  # as study: " " is a slip, not the default an empty one gives
+        raise config.ConfigError(f"storage: {args.storage!r} is blank; give an SQLAlchemy URL, or leave it empty for "
+                                 f"optuna.db beside the tracking store")
     if args.study and args.study.endswith(".register"):  # study X's lock (`finish`), which starting X deletes
         study = args.study.removesuffix(".register")
         raise config.ConfigError(f"study: {args.study} is the record of who registers study {study}, not a study; "

@@ -54,8 +54,19 @@ def test_lr_boundaries_follow_epochs(epochs, expected):
     assert config.load(None, f"train.epochs={epochs}").train.boundary_epochs == expected
 
 
+@pytest.mark.parametrize(("epochs", "boundaries", "expected"), [
+    (5, "[0.3,0.5]", (2, 3)),  # 1.5 and 2.5 both up: was refused as "they round to epochs [2, 2]"
+    (7, "[0.5]", (4,)), (5, "[0.5]", (3,)),  # 3.5 and 2.5 alike (was 4 and 2)
+    (55, "[3/22]", (8,)),  # 3/22 * 55 is 7.499999999999999 in floats: a half still
+])
+def test_boundary_epochs_round_halves_up_at_any_length(epochs, boundaries, expected):
+    """Python's round() rounds halves to even: 0.5 of 5 epochs decayed after epoch 2, of 7 after epoch 4."""
+    t = config.load(None, f"train.epochs={epochs} train.lr_boundaries={boundaries}").train
+    assert t.boundary_epochs == expected
+
+
 def test_boundaries_accept_fractions_and_refuse_absolute_epochs():
-    assert config.load(None, "train.lr_boundaries=[0.5,0.75]").train.boundary_epochs == (75, 112)
+    assert config.load(None, "train.lr_boundaries=[0.5,0.75]").train.boundary_epochs == (75, 113)
     with pytest.raises(config.ConfigError, match=r"^train.lr_boundaries: are now fractions.*\[80/150, 120/150\]"):
         config.load(None, "train.lr_boundaries=[80,120]")
 
@@ -285,6 +296,37 @@ def test_bad_values_name_their_key(override, key):
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("key", ["synthetic_train", "synthetic_test"])
+def test_a_synthetic_dataset_too_large_to_generate_is_refused_naming_its_key(key):
+    """data.synthetic_train=100000000 went on to prepare, which died on NumPy's traceback: "Unable to allocate 2.24 TiB
+    for an array with shape (100000000, 32, 32, 3) and data type float64" (a smaller excess took all the memory)."""
+    assert getattr(config.load(None, f"data.{key}=100000").data, key) == 100000
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, f"data.{key}=100000000")
+    assert str(err.value) == (f"data.{key}: must be at most 100000 (twice CIFAR-10's 50,000 training images: a "
+                              f"generated dataset is made in memory, about 25 KB an image), got 100000000")
+
+
+def test_a_value_or_overrides_longer_than_mlflow_keeps_of_a_param_is_refused():
+    """A train.lr_boundaries of 999 fractions (7,884 characters) trained under a param MLflow cut to 6,000 characters
+    with a warning ("is truncated to 6000 characters to meet the length limit"): the run's params no longer said what
+    it trained with. The overrides string, which is logged whole too, is held to the same length."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    assert MAX_PARAM_VAL_LENGTH == config.MLFLOW_PARAM_MAX
+    long = "[" + ", ".join(str(i / 10000) for i in range(1, 1000)) + "]"
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, ["train.epochs=10000", f"train.lr_boundaries={long}"])
+    assert str(err.value) == ("train.lr_boundaries: 7884 characters, more than the 6000 MLflow keeps of a param "
+                              "value (it would be logged cut short); shorten it")
+    spaced = "train.lr=0.1" + " " * 6000
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, spaced)
+    assert str(err.value) == ("overrides: 6012 characters, more than the 6000 MLflow keeps of a param value (it "
+                              "would be logged cut short); shorten them")
+    assert config.load(None, "train.lr=0.1" + " " * 5988).train.lr == 0.1
+
+
 def test_integers_are_64_bit_as_numpy_and_tensorflow_hold_them():
     """`train.batch_size=1e20` spelt out loaded, then failed the train step (a traceback, OverflowError from tf.data)
     and left its run FAILED: an integer param past 64 bits is refused with the params, naming its key."""
@@ -303,7 +345,7 @@ def test_lists_in_overrides_may_be_written_with_spaces_as_yaml_writes_them():
     got '32,''; a stray word after a value with a space says to quote it."""
     cfg = config.load(None, "model.widths=[16, 32, 64] train.lr_boundaries=[40/150, 60/150] train.epochs=150")
     assert cfg.model.widths == (16, 32, 64) and cfg.train.boundary_epochs == (40, 60)
-    assert config.load_from_cli("", "train.lr_boundaries=[ 0.5 , 0.75 ]").train.boundary_epochs == (75, 112)
+    assert config.load_from_cli("", "train.lr_boundaries=[ 0.5 , 0.75 ]").train.boundary_epochs == (75, 113)
     with pytest.raises(config.ConfigError, match=r"^overrides: expected section.key=value, got 'runs' \(a value with "
                                                  r"spaces needs quotes"):
         config.load(None, "tracking.experiment=my runs")

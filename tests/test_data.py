@@ -211,6 +211,27 @@ def test_an_interrupted_cifar10_download_leaves_no_truncated_archive_in_the_kera
     found = data.fetch_cifar10()  # the next command downloads it again
     assert found == data.keras_cache_dir() / "cifar-10-python.tar.gz" and found.read_bytes() == whole
 
+def test_the_keras_cache_is_where_keras_puts_it_when_the_home_folder_is_not_writable(tmp_path, monkeypatch):
+    """With a home folder not writable (a read-only mount, a service user's /nonexistent), Keras keeps its cache in
+    /tmp/.keras (keras.src.backend.config, keras.utils.get_file), where keras.datasets.cifar10.load_data() left
+    CIFAR-10; the pipeline looked in ~/.keras/datasets, and tried to download there."""
+    home, other = tmp_path / "home", tmp_path / "keras"
+    home.mkdir()
+    access = os.access
+    unwritable = set()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) not in unwritable and access(path, mode))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("KERAS_HOME", raising=False)
+    assert data.keras_cache_dir() == home / ".keras" / "datasets"  # not made yet: Keras makes it on import
+    unwritable.add(home)
+    assert data.keras_cache_dir() == Path("/tmp/.keras/datasets")
+    monkeypatch.setenv("KERAS_HOME", str(other))  # a KERAS_HOME not writable: get_file's fallback the same
+    other.mkdir()
+    assert data.keras_cache_dir() == other / "datasets"
+    unwritable.add(other)
+    assert data.keras_cache_dir() == Path("/tmp/.keras/datasets")
+
+
 def test_cifar10_offline_with_nothing_local_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     import keras

@@ -4,6 +4,7 @@ the one GPU call of a session."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -138,6 +139,41 @@ def test_a_negative_count_of_virtual_cpus_is_refused(tmp_path, monkeypatch, caps
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"gpu_epoch: error: --virtual-cpus: must be 0 (the devices there are) or >= 1, got {count}")
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_rehearsal_on_virtual_cpus_hides_the_gpus_as_multi_gpu_does(tmp_path, monkeypatch, backend):
+    """`--virtual-cpus 2` on a machine with a GPU trained on the GPU (a mirrored or data_parallel run took it before
+    any CPU device), and on JAX on one CPU device, `devices: ['cpu:0']`: the process starts again with the GPUs hidden
+    and N CPU devices, as bench.multi_gpu's arms do; once so started it goes on (no second start)."""
+    from bench import gpu_epoch
+
+    started = {}
+
+    def execve(path, argv, env):
+        started.update(path=path, argv=argv, env=env)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(gpu_epoch.os, "execve", execve)
+    monkeypatch.setenv("KERAS_BACKEND", backend)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/dump")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    argv = ["--out", str(tmp_path / "x.json"), "--virtual-cpus", "2", "--params", "params/tiny.yaml"]
+    monkeypatch.setattr(sys, "argv", ["gpu_epoch", *argv])
+    with pytest.raises(SystemExit):
+        gpu_epoch.main()
+    env = started["env"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["JAX_PLATFORMS"] == "cpu" and env["KERAS_BACKEND"] == backend
+    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/dump --xla_force_host_platform_device_count=2"
+    assert started["argv"] == [sys.executable, "-m", "bench.gpu_epoch", *argv]
+    from bench import multi_gpu  # its arms' environment is the one a restart gives: they are not started again
+
+    seen = {}
+    monkeypatch.setattr(multi_gpu.subprocess, "run", lambda cmd, env, **kwargs: seen.update(env) or
+                        subprocess.CompletedProcess(cmd, 1, "", "ValueError: boom\n"))
+    multi_gpu.run_arm(backend, "train.distribute=none", argparse.Namespace(
+        data="", images=512, virtual_cpus=2, params="params/tiny.yaml", epochs=2, overrides="", timeout=60))
+    assert all(seen[key] == env[key] for key in ("CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS", "XLA_FLAGS"))
 
 
 def test_a_gpu_stage_stopped_at_its_time_limit_names_its_date_and_device(tmp_path, monkeypatch):

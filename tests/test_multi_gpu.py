@@ -837,6 +837,8 @@ def test_hosts_meet_in_any_order_and_those_that_never_start_are_named(monkeypatc
     monkeypatch.setenv("PIPELINE_HOSTS_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match=r"^PIPELINE_HOSTS_TIMEOUT: the seconds a host waits .*, got 'soon'$"):
         distribute.wait_for_hosts(distribute.Cluster({"worker": hosts}, "worker", 0))
+    monkeypatch.setenv("PIPELINE_HOSTS_TIMEOUT", "")  # empty, as unset (was refused: "got ''")
+    assert distribute.hosts_timeout() == 600
 
 
 def meet(*clusters: tuple[dict, str, int], timeout: float = 5) -> list:

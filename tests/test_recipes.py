@@ -102,6 +102,17 @@ def test_no_warmup_starts_at_the_peak(schedule):
     assert lr_at(fitting.learning_rate(t, steps_per_epoch=100), 0) == pytest.approx(0.4)  # not a first step at 0
 
 
+@pytest.mark.parametrize("steps_per_epoch", [5, 7])
+def test_a_warmup_of_a_half_step_rounds_up_at_any_length(steps_per_epoch):
+    """train.warmup 0.5 of a run of an odd number of steps (2.5 of 5, 3.5 of 7) warmed up over 2 and 4 steps:
+    Python's round() takes halves to even. Halves round up, as the step schedule's boundaries do."""
+    t = config.load(None, "train.schedule=cosine train.warmup=0.5 train.epochs=1 train.lr=0.4").train
+    warmup = (steps_per_epoch + 1) // 2
+    lr = fitting.learning_rate(t, steps_per_epoch=steps_per_epoch)
+    assert lr.warmup_steps == warmup
+    assert lr_at(lr, warmup - 1) < 0.4 and lr_at(lr, warmup) == pytest.approx(0.4)
+
+
 @pytest.mark.parametrize("schedule", ["step", "cosine", "onecycle"])
 def test_a_warmup_too_short_for_one_step_says_it_is_none(schedule, capsys):
     """fast.yaml's warm-up of 0.2 over a toy run's 2 steps (bench/gpu.sh's smoke: 512 images, 2 epochs at batch 512)

@@ -5,6 +5,7 @@ a non-zero exit, with no report written."""
 from __future__ import annotations
 
 import re
+import shlex
 
 import pytest
 
@@ -65,3 +66,15 @@ def test_a_step_that_cannot_be_traced_is_one_line_naming_the_revision(results, c
     assert info.value.code == 1 and len(err) == 1, err
     assert err[0].startswith("error: tracing the step at ") and "model.arch" in err[0], err
     assert list(results.iterdir()) == []
+
+
+def test_the_readme_command_writes_the_report_its_row_links(results, monkeypatch):
+    row = next(line for line in (step_graph.ROOT / "README.md").read_text().splitlines()
+               if line.startswith("| `python -m bench.step_graph "))
+    command = re.match(r"\| `python -m bench\.step_graph ([^`]+)`", row).group(1)
+    linked = re.search(r"\]\(bench/results/([^)]+)\)", row).group(1)
+    traced = {"nodes": 1, "functions": 0, "digest": "0" * 64, "node_digests": {"n": "0"}, "ops": {"Op": 1},
+              "dtype_policy": "float32", "jit_compile": False}
+    monkeypatch.setattr(step_graph, "trace_at", lambda *args: dict(traced))
+    step_graph.main(shlex.split(command))
+    assert (results / linked).is_file(), (command, sorted(path.name for path in results.iterdir()))

@@ -139,6 +139,9 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
     (GRID, ["--study", " "], "error: study: ' ' is blank; give a name, or leave it empty for the spec's name and "
      "digest"),
     (GRID, ["--study", "mine "], "error: study: 'mine ' begins or ends with spaces; give the name without them"),
+    # a blank storage was told "expected an SQLAlchemy URL such as sqlite:///optuna.db ..., got ' '"
+    (GRID, ["--storage", " "], "error: storage: ' ' is blank; give an SQLAlchemy URL, or leave it empty for "
+     "optuna.db beside the tracking store"),
     (GRID, ["--overrides", "train.lr=0.3"], "error: overrides: train.lr is swept by spec.grid; drop it from "
      "overrides or from the search space"),  # it would train every trial at 0.3 under the names of the grid's lrs
     ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 1000000000000\n", [], "error: spec.trials: must be at "
@@ -161,7 +164,7 @@ def test_pruning_runs_fewer_epochs_and_finds_the_same_best_trial(store, tmp_path
      "or none"),
 ], ids=["unknown-sampler", "empty-space", "bad-range", "bad-trial", "bad-storage", "no-database", "no-workers",
         "in-memory-storage-workers", "in-memory-storage", "register-record-as-study", "blank-study",
-        "study-with-spaces", "override-of-a-swept-key",
+        "study-with-spaces", "blank-storage", "override-of-a-swept-key",
         "more-trials-than-can-run", "selecting-on-the-test-split", "no-data-source", "bad-sampler-argument",
         "wrong-backend-feed", "wrong-backend-mode", "several-hosts-mode"])
 def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_process, body, args, message):
@@ -325,11 +328,11 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
      "spec.space.train.batch_size: can draw 17 (with model.ghost_batch=16 train.drop_remainder=true "
      "model.widths=[16, 32, 64]), which the params refuse: model.ghost_batch: must divide train.batch_size (17): "
      "each batch is cut into ghost batches, got 16; narrow the range, or list the values that pass"),
-    ("space:\n  train.schedule: [step]\n  train.lr_boundaries: [[0.3, 0.5]]\n  train.lr: {min: 0.01, max: 0.1, log: "
+    ("space:\n  train.schedule: [step]\n  train.lr_boundaries: [[0.3, 0.45]]\n  train.lr: {min: 0.01, max: 0.1, log: "
      "true}\n  train.epochs: {min: 4, max: 6}\ntrials: 4\n",
-     "spec.space.train.epochs: can draw 5 (with train.schedule=step train.lr_boundaries=[0.3, 0.5] train.lr=0.01), "
+     "spec.space.train.epochs: can draw 5 (with train.schedule=step train.lr_boundaries=[0.3, 0.45] train.lr=0.01), "
      "which the params refuse: train.lr_boundaries: must fall on distinct epochs between the first and the last of 5 "
-     "(they round to epochs [2, 2]), got (0.3, 0.5); narrow the range, or list the values that pass"),
+     "(they round to epochs [2, 2]), got (0.3, 0.45); narrow the range, or list the values that pass"),
     # a traceback (TypeError from range(2.0) in the rehearsal) where a pruner took startup trials, else accepted
     ("grid: {train.lr: [0.1, 0.2]}\ntrials: 2.0\npruner: median\n",
      "spec.trials: a grid runs each of its 2 combinations once, got trials 2.0; leave trials out"),
@@ -408,6 +411,24 @@ def test_a_bad_value_of_the_specs_overrides_or_base_is_blamed_on_them_not_a_tria
     with pytest.raises(config.ConfigError) as raised:
         sweep.Plan(str(spec))
     assert str(raised.value) == f"spec.base ({base}): train.epochs: must be >= 1, got 0"
+
+
+def test_a_relative_base_is_read_beside_the_spec_else_from_the_project(tmp_path, monkeypatch):
+    """A spec beside its base (`base: mybase.yaml`) was refused "spec.base (mybase.yaml): params: file not found"
+    unless the command ran in the spec's folder; the shipped specs' `base: params/tiny.yaml` still works from
+    anywhere, and a base beside the spec wins over one of the same name in the project."""
+    (tmp_path / "mybase.yaml").write_text("train: {epochs: 2, validation_fraction: 0.1, schedule: cosine}\n")
+    (tmp_path / "sweep-mine.yaml").write_text(f"base: mybase.yaml\n{GRID}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert sweep.Plan(str(tmp_path / "sweep-mine.yaml")).configs[0].train.epochs == 2
+    shipped = sweep.Plan(str(ROOT / "params" / "sweep-example.yaml"))
+    assert shipped.configs[0].model.widths == (16, 32, 64)  # params/tiny.yaml's, from the project
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "tiny.yaml").write_text("train: {epochs: 4, validation_fraction: 0.1, schedule: cosine}\n")
+    (tmp_path / "sweep-tiny.yaml").write_text(f"base: params/tiny.yaml\n{GRID}")
+    assert sweep.Plan(str(tmp_path / "sweep-tiny.yaml")).configs[0].train.epochs == 4
 
 
 def test_a_trials_own_bad_value_is_still_blamed_on_the_trial_under_command_line_overrides(tmp_path):
