@@ -31,7 +31,8 @@ STEPS, ROUNDS = 3, 2
 
 
 def cache_file() -> Path:
-    return Path(os.environ.get("PIPELINE_CACHE_DIR", Path.home() / ".cache" / "cifar10-resnet")) / "cpu-fast-path.json"
+    folder = os.environ.get("PIPELINE_CACHE_DIR") or Path.home() / ".cache" / "cifar10-resnet"  # set empty: unset
+    return Path(folder) / "cpu-fast-path.json"
 
 
 def machine_key(candidates: list[Candidate], job: str) -> str:

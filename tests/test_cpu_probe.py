@@ -80,6 +80,13 @@ def test_an_unwritable_cache_still_gives_the_measured_choice(tmp_path, monkeypat
     assert best == ("float32", False) and not cached
 
 
+def test_an_empty_cache_dir_variable_is_the_default_folder_not_the_current_one(monkeypatch, tmp_path):
+    """PIPELINE_CACHE_DIR= before a command put cpu-fast-path.json in whatever folder the command ran in."""
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cpu_probe.cache_file() == tmp_path / ".cache" / "cifar10-resnet" / "cpu-fast-path.json"
+
+
 @pytest.mark.parametrize(("precision", "jit", "bf16", "expected"), [
     ("auto", "auto", True, [("float32", False), ("float32", True), ("mixed_bfloat16", False),
                             ("mixed_bfloat16", True)]),
