@@ -113,7 +113,8 @@ OBJECTIVE = "val_acc"  # what the study maximises: a trial's last, on held-out t
 # are ranked by val_acc on different images, which a sweep warns of.
 HELD_OUT_KEYS = ("train.seed", "train.validation_seed", "data.source", "data.max_train", "data.seed",
                  "data.synthetic_train")
-HEARTBEAT_S = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS", "20"))  # a trial's worker proves it is alive this often
+# A trial's worker proves it is alive this often (set empty: unset).
+HEARTBEAT_S = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS") or "20")
 # A trial whose heartbeat is older is marked FAILED and queued again. Generous: a busy host can starve the
 # heartbeat thread for a while (model compilation holds the interpreter), and a live worker must not be
 # mistaken for a dead one.

@@ -1498,3 +1498,11 @@ def test_a_worker_of_workers_n_gets_a_value_beginning_with_a_dash():
     back = parser.parse_args(words[3:])
     assert (back.spec, back.overrides, back.storage, back.study, back.workers, back.join) == (
         "-grid.yaml", "-", "-storage.db", "-study", "1", True)
+
+
+def test_an_empty_heartbeat_variable_is_the_default_interval():
+    """SWEEP_HEARTBEAT_SECONDS= before a sweep died at import on int('') (a ValueError traceback)."""
+    code = "from pipeline import sweep; print(sweep.HEARTBEAT_S, sweep.GRACE_S)"
+    probe = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "SWEEP_HEARTBEAT_SECONDS": ""},
+                           capture_output=True, text=True)
+    assert probe.returncode == 0 and probe.stdout.split() == ["20", "120"], probe.stderr[-800:]
