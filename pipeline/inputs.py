@@ -175,6 +175,11 @@ def with_dataset_params(cfg: config.Config, dataset_uri: str) -> config.Config:
 
 def resolve_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> tuple[str, str | None]:
     """(dataset URI, train run to resume or None), for inputs `check_inputs` passed: an identical finished
-    prepare is reused, else prepare runs (nested in the active run); see `find_resumable`."""
+    prepare is reused, else prepare runs (nested in the active run); see `find_resumable`. ConfigError, before the train
+    run opens, where a path's training images, counted now, are too few for the params (`check_known_training_images`:
+    that train run was left FAILED)."""
     dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
-    return dataset_uri, find_resumable(cfg, dataset_uri, resume)
+    resumed = find_resumable(cfg, dataset_uri, resume)
+    if resumed is None:
+        check_known_training_images(cfg, dataset_uri)
+    return dataset_uri, resumed

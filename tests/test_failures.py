@@ -310,6 +310,23 @@ def test_too_few_images_of_a_path_prepared_before_are_refused_before_any_run(sto
         "lower it, or train on more (data.max_train)"))
 
 
+def test_too_few_images_of_a_path_are_refused_before_the_train_run_once_prepared(store, in_process, tmp_path):
+    """The first try on a path: prepare reads it (a dataset the next command reuses), then the count refuses the
+    params before the train run opens; it opened and was left FAILED."""
+    from pipeline import data
+
+    path = tmp_path / "d.npz"
+    data.make_synthetic(n_train=100, n_test=20, seed=0).save(path)
+    result = in_process("train", "--params", TINY, "--data", str(path), "--overrides",
+                        "train.drop_remainder=true train.batch_size=128")
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (2, (
+        "error: train.drop_remainder: the 100 training images make no whole batch of train.batch_size 128; lower "
+        "the batch size or set train.drop_remainder=false"))
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], run_view_type=ViewType.ALL)
+    assert [(r.data.tags.get("step"), r.info.status) for r in runs] == [("prepare", "FINISHED")]
+
+
 BAD = [  # (module, argv, key named by the one-line error)
     (main, ["--epochs", "0"], "train.epochs"),
     (main, ["--epochs", "ten"], "train.epochs"),
