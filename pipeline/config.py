@@ -167,22 +167,24 @@ class ModelConfig:
         _check(0 <= self.bn_momentum < 1, "model.bn_momentum", "must be in [0, 1)", self.bn_momentum)
         _check(self.ghost_batch >= 0, "model.ghost_batch", "must be >= 0 (0 = BN over the whole batch)",
                self.ghost_batch)
-        if self.arch == "resnet9":  # block, units_per_stage, strides and stem_filters describe preact only
+        # block, units_per_stage, strides and stem_filters describe preact only, but are values of their kind for
+        # resnet9 too: a misspelt one was accepted there and logged, and refused only once the arch changed
+        _check(self.block in ("bottleneck", "basic"), "model.block", "must be 'bottleneck' or 'basic'", self.block)
+        _check(self.units_per_stage >= 1, "model.units_per_stage", "must be >= 1", self.units_per_stage)
+        _check(all(s in (1, 2) for s in self.strides), "model.strides", "must each be 1 or 2", self.strides)
+        _check(self.stem_filters >= 1, "model.stem_filters", "must be >= 1", self.stem_filters)
+        if self.arch == "resnet9":
             _check(not self.zero_init_residual, "model.zero_init_residual", RESNET9_ZERO_INIT, self.zero_init_residual)
             _check(len(self.widths) == 4, "model.widths",
                    "must list 4 widths for resnet9 (prep, layer1, layer2, layer3), e.g. [64, 128, 256, 512]",
                    self.widths)
             return
-        _check(self.block in ("bottleneck", "basic"), "model.block", "must be 'bottleneck' or 'basic'", self.block)
-        _check(self.units_per_stage >= 1, "model.units_per_stage", "must be >= 1", self.units_per_stage)
         _check(len(self.widths) >= 1, "model.widths", "must list at least one stage", self.widths)
         if self.block == "bottleneck":
             _check(all(w % 4 == 0 for w in self.widths), "model.widths",
                    "must be multiples of 4 for bottleneck blocks", self.widths)
         _check(len(self.strides) == len(self.widths), "model.strides",
                f"must have one entry per stage ({len(self.widths)})", self.strides)
-        _check(all(s in (1, 2) for s in self.strides), "model.strides", "must each be 1 or 2", self.strides)
-        _check(self.stem_filters >= 1, "model.stem_filters", "must be >= 1", self.stem_filters)
 
     @property
     def depth(self) -> int:

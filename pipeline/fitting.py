@@ -414,6 +414,11 @@ def compile_model(cfg: config.Config, dataset: Dataset, dist: Distribution, trai
     t = cfg.train
     check_backend(cfg)
     count_compile_cache_loads()  # what the cache spares this training, from its first program on
+    if t.lr_scaling == "linear" and train_images < t.batch_size:  # every batch is the training images, all of them
+        print(f"warning: train.lr_scaling linear scales train.lr {t.lr:g} to {t.scaled_lr:g} for batches of "
+              f"train.batch_size {t.batch_size}, but the {train_images} training images make one batch of "
+              f"{train_images} ({t.lr * train_images / 128:g} by the rule): lower train.batch_size to at most "
+              f"{train_images}, or train on more images", file=sys.stderr, flush=True)
     # once, not per build: the CPU probe builds the model once per candidate, and each said a warning again
     schedule = learning_rate(t, steps_per_epoch(t, train_images))
 

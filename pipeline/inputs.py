@@ -44,17 +44,21 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
         cfg = with_dataset_params(cfg, given)
     # too few to hold out or to batch: refused now, before the data is looked up (a CIFAR-10 download) or prepared
     check_known_training_images(cfg)
-    resumed, fetch = None, False
+    resumed, fetch, prepared = None, False, None
     if resume not in ("", "never"):
         dataset_uri = config_to_resume(resume, cfg, given)  # `given` if given (else refused), or the run's
         resumed = resume
         if not given:
             prepare.check_dataset_uri(dataset_uri)
-    elif not given:
-        prepared = prepare.find_prepared(prepare.prepare_key(cfg))  # a missing data path fails here
-        # and, with no dataset prepared to reuse, CIFAR-10 neither in the Keras cache nor downloadable (as
-        # prepare.check_source): looked up last, once the params are known to be good (it may download 170 MB)
-        fetch = not prepared and cfg.data.source == "cifar10"
+    else:
+        if not given:
+            prepared = prepare.find_prepared(prepare.prepare_key(cfg))  # a missing data path fails here
+            # and, with no dataset prepared to reuse, CIFAR-10 neither in the Keras cache nor downloadable (as
+            # prepare.check_source): looked up last, once the params are known to be good (it may download 170 MB)
+            fetch = not prepared and cfg.data.source == "cifar10"
+        # a path's count, known once a prepare run has read it: the dataset given or reused (each retry of a command
+        # these params refuse opened a train run, and left it FAILED)
+        check_known_training_images(cfg, given or prepared)
     if not resume:  # a plain rerun: the run it would continue must have been checkpointed by the code here
         resumed = check_resumable_code(cfg, given or prepared)
     if resumed:
@@ -127,12 +131,14 @@ def configured_backend() -> str:
     return chosen or "tensorflow"
 
 
-def check_known_training_images(cfg: config.Config) -> None:
+def check_known_training_images(cfg: config.Config, dataset_uri: str | None = None) -> None:
     """ConfigError where `data.*` gives, before any data is read (`known_training_images`), too few training images to
     hold out train.validation_fraction or, with train.drop_remainder, to make a whole batch
-    (`config.check_training_images`). A path's count only reading it tells, but `data.max_train` bounds it: too few
-    at that bound is too few at any count below it (refused before prepare, not in the train run after it)."""
-    images = known_training_images(cfg)
+    (`config.check_training_images`). A path's count only reading it tells: `dataset_uri`, a dataset prepared from it
+    (given, or one to reuse), tells it where its prepare run logged it (`prepare.training_images`); else
+    `data.max_train` bounds it: too few at that bound is too few at any count below it (refused before prepare, not
+    in the train run after it)."""
+    images = known_training_images(cfg) or (prepare.training_images(dataset_uri) if dataset_uri else None)
     if images:
         config.check_training_images(cfg.train, images)
     elif cfg.data.max_train:
@@ -164,6 +170,11 @@ def with_dataset_params(cfg: config.Config, dataset_uri: str) -> config.Config:
 
 def resolve_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> tuple[str, str | None]:
     """(dataset URI, train run to resume or None), for inputs `check_inputs` passed: an identical finished
-    prepare is reused, else prepare runs (nested in the active run); see `find_resumable`."""
+    prepare is reused, else prepare runs (nested in the active run); see `find_resumable`. ConfigError, before the train
+    run opens, where a path's training images, counted now, are too few for the params (`check_known_training_images`:
+    that train run was left FAILED)."""
     dataset_uri = dataset_uri or prepare.ensure_prepared(cfg)
-    return dataset_uri, find_resumable(cfg, dataset_uri, resume)
+    resumed = find_resumable(cfg, dataset_uri, resume)
+    if resumed is None:
+        check_known_training_images(cfg, dataset_uri)
+    return dataset_uri, resumed

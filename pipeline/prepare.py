@@ -128,6 +128,12 @@ def dataset_params(dataset_uri: str) -> dict[str, str]:
     return steps.dataset_params(dataset_uri)
 
 
+def training_images(dataset_uri: str) -> int | None:
+    """How many training images the dataset at `dataset_uri` holds, as its prepare run logged it; None where no prepare
+    run (`runs:/`) says."""
+    return steps.prepared_training_images(dataset_uri)
+
+
 def load_dataset(dataset_uri: str) -> data.Dataset:
     """Download (or locate) a prepared dataset artifact and read it."""
     return data.load_prepared(steps.download_artifact(dataset_uri, "dataset_uri"))

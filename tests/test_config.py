@@ -235,6 +235,11 @@ def test_flat_params_are_the_strings_mlflow_stores():
     ("train.ema_bn_batches=-1", "train.ema_bn_batches"),
     ("model.arch=vgg", "model.arch"),
     ("model.arch=resnet9 model.widths=[16,32,64]", "model.widths"),
+    # preact's keys, which resnet9 does not use: a misspelt value was accepted and logged, refused once arch changed
+    ("model.arch=resnet9 model.widths=[8,8,8,8] model.block=basik", "model.block"),
+    ("model.arch=resnet9 model.widths=[8,8,8,8] model.units_per_stage=0", "model.units_per_stage"),
+    ("model.arch=resnet9 model.widths=[8,8,8,8] model.strides=[1,3,2]", "model.strides"),
+    ("model.arch=resnet9 model.widths=[8,8,8,8] model.stem_filters=0", "model.stem_filters"),
     ("model.bn_momentum=1", "model.bn_momentum"),
     ("model.zero_init_residual=1", "model.zero_init_residual"),
     ("model.conv_init=xavier", "model.conv_init"),

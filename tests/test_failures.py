@@ -286,6 +286,52 @@ def test_too_few_images_of_a_path_at_data_max_train_are_refused_before_any_run(s
                               run_view_type=ViewType.ALL) == []
 
 
+def test_too_few_images_of_a_path_prepared_before_are_refused_before_any_run(store, in_process, tmp_path):
+    """A path's image count is known once a prepare run has read it (its metric train_images): each retry of a
+    command its params refuse (another batch size, another validation_fraction) opened a train run and left it
+    FAILED, prepared dataset reused or named by -P dataset_uri. Now refused before any run opens, as for cifar10."""
+    from pipeline import data
+
+    path = tmp_path / "d.npz"
+    data.make_synthetic(n_train=100, n_test=20, seed=0).save(path)
+    assert in_process("prepare", "--params", TINY, "--data", str(path)).returncode == 0
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (prepared,) = client.search_runs(experiments, run_view_type=ViewType.ALL)
+    uri = f"runs:/{prepared.info.run_id}/{steps.DATASET_ARTIFACT}"
+    error = ("error: train.drop_remainder: the 50 training images make no whole batch of train.batch_size 64; lower "
+             "the batch size or set train.drop_remainder=false")
+    overrides = "train.validation_fraction=0.5 train.drop_remainder=true train.batch_size=64"
+    for module, source in (("train", ["--data", str(path)]), ("main", ["--data", str(path)]),
+                           ("train", ["--dataset-uri", uri])):
+        result = in_process(module, "--params", TINY, *source, "--overrides", overrides)
+        assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (2, error), (module, source)
+    assert [r.info.run_id for r in client.search_runs(experiments, run_view_type=ViewType.ALL)] == [
+        prepared.info.run_id]
+    result = in_process("train", "--params", TINY, "--data", str(path), "--overrides",
+                        "train.validation_fraction=0.995")
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (2, (
+        "error: train.validation_fraction: holding out 100 of the 100 training images leaves none to train on; "
+        "lower it, or train on more (data.max_train)"))
+
+
+def test_too_few_images_of_a_path_are_refused_before_the_train_run_once_prepared(store, in_process, tmp_path):
+    """The first try on a path: prepare reads it (a dataset the next command reuses), then the count refuses the
+    params before the train run opens; it opened and was left FAILED."""
+    from pipeline import data
+
+    path = tmp_path / "d.npz"
+    data.make_synthetic(n_train=100, n_test=20, seed=0).save(path)
+    result = in_process("train", "--params", TINY, "--data", str(path), "--overrides",
+                        "train.drop_remainder=true train.batch_size=128")
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (2, (
+        "error: train.drop_remainder: the 100 training images make no whole batch of train.batch_size 128; lower "
+        "the batch size or set train.drop_remainder=false"))
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], run_view_type=ViewType.ALL)
+    assert [(r.data.tags.get("step"), r.info.status) for r in runs] == [("prepare", "FINISHED")]
+
+
 BAD = [  # (module, argv, key named by the one-line error)
     (main, ["--epochs", "0"], "train.epochs"),
     (main, ["--epochs", "ten"], "train.epochs"),

@@ -153,6 +153,24 @@ def test_a_warmup_too_short_for_one_step_is_said_once_whatever_the_cpu_probe_bui
     assert capsys.readouterr().err.count("warning: train.warmup 0.2 rounds to 0") == 1
 
 
+@pytest.mark.parametrize(("overrides", "warned"), [
+    ("train.batch_size=256 train.lr_scaling=linear", True),
+    ("train.batch_size=256", False),  # no scaling: the batch is the training images, and the lr is train.lr
+    ("train.batch_size=64 train.lr_scaling=linear", False),  # a whole batch of 64
+])
+def test_linear_lr_scaling_for_a_batch_larger_than_the_training_images_says_so(capsys, overrides, warned):
+    """`train.lr_scaling: linear` scales train.lr by train.batch_size / 128, but no batch is larger than the training
+    images: 64 of them at batch 256 trained each step on 64 at the lr of 256, 4x what the rule gives, unsaid."""
+    from pipeline.distribute import distribution
+
+    cfg = config.load("params/tiny.yaml", f"train.epochs=1 {overrides}")
+    fitting.compile_model(cfg, data.make_synthetic(n_train=64, n_test=10), distribution("none"), 64)
+    expected = ("warning: train.lr_scaling linear scales train.lr 0.05 to 0.1 for batches of train.batch_size 256, "
+                "but the 64 training images make one batch of 64 (0.025 by the rule): lower train.batch_size to at "
+                "most 64, or train on more images\n")
+    assert capsys.readouterr().err == (expected if warned else "")
+
+
 def test_resnet9_is_the_dawnbench_network_at_any_width():
     m = model.build_resnet(num_classes=10, arch="resnet9", widths=(16, 32, 64, 128), l2=5e-4)
     # prep 3x3 3->16 + BN; layer1 3x3 16->32 + BN, two residual 3x3 32->32 + BN; layer2 3x3 32->64 + BN;
