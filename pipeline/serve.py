@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -60,6 +61,9 @@ URL_SAFE = str.maketrans("-_", "+/")  # base64url's letters, in the standard alp
 # has been deleted or donated", an HTTP 400 "unexpected error"; 11 of 16 requests sent together). TensorFlow's
 # functions run side by side safely: there, requests run at once, as before.
 JAX_MODEL_CALLS = threading.Lock()
+# The modules of pipeline/ whose code a served model runs to score pixels (see `pipeline.tracking.steps`, where evaluate
+# compares them with a model's logged copy before it scores it).
+SCORING_CODE = ("augment", "serve")
 
 INPUT_FORMATS = (
     'pixel tensors {"inputs": [[[[r, g, b], ...]]]}: integers 0-255, shape (n, 32, 32, 3); '
@@ -282,6 +286,19 @@ def numbers_of(items: np.ndarray) -> np.ndarray:
     return items.astype(np.int64 if whole else np.float64)
 
 
+def scoring_code_changes(code: Path) -> list[str]:
+    """The files of SCORING_CODE (`pipeline/<module>.py`) whose copy in `code` (a logged model's `code/pipeline/`)
+    differs, byte for byte, from the source of `pipeline` this process runs (`pipeline.source`: what it loaded, not the
+    files on disk now), or is missing there."""
+    from pipeline import source
+
+    def logged_bytes(path: Path) -> bytes | None:
+        return path.read_bytes() if path.is_file() else None
+
+    return [f"pipeline/{module}.py" for module in SCORING_CODE
+            if logged_bytes(code / f"{module}.py") != source.FILES[f"{module}.py"]]
+
+
 def to_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
     """Class probabilities (n, classes) -> one row per image: label, probability, probabilities."""
     best = probs.argmax(axis=1)
@@ -315,6 +332,17 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.tta, self.shift_fill, self.backend = tta, shift_fill, backend
 
     def load_context(self, context):
+        # A process imports `pipeline` once, from the first model it loads (or the checkout): a model logged with other
+        # scoring code would score with that one's, silently (MLflow puts each model's code/ on sys.path, but a module
+        # imported already is not imported again). Models logged before `pipeline.source` have no copy to compare.
+        code = Path(context.artifacts[KERAS_ARTIFACT]).parents[1] / "code" / "pipeline"
+        changed = scoring_code_changes(code) if code.is_dir() and "pipeline.source" in sys.modules else []
+        if changed:
+            imported = Path(sys.modules["pipeline"].__file__).parent
+            raise MlflowException(f"{', '.join(changed)} logged with this model ({code}) "
+                                  f"{'differs' if len(changed) == 1 else 'differ'} from the code of `pipeline` this "
+                                  f"process imported ({imported}), which it would score with: load it in a process of "
+                                  f"its own")
         # Keras reads KERAS_BACKEND once, when first imported: nothing this module imports at its top loads it.
         # Models logged before the backend was recorded have none.
         backend = getattr(self, "backend", None)

@@ -489,6 +489,20 @@ def test_a_model_logged_after_an_edit_on_disk_carries_the_code_this_process_load
     assert steps.scoring_code_changes(folder) == ["pipeline/serve.py"]
 
 
+def test_a_model_whose_scoring_code_differs_from_the_code_imported_is_refused_at_load(model_uri, tmp_path):
+    """A process imports `pipeline` once: the first model it loads (or the checkout, in a notebook that imported it)
+    provides it, and a second model loaded there, logged with other scoring code (a challenger trained after an edit
+    of augment.py), scored with the first one's code, silently. It is refused at load now, naming the file; one
+    logged with the same code loads."""
+    folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model")))
+    assert mlflow.pyfunc.load_model(str(folder)).predict(random_pixels(1))["label"].size == 1
+    augment = folder / "code" / "pipeline" / "augment.py"
+    augment.write_bytes(augment.read_bytes() + b"# trained after an edit\n")
+    with pytest.raises(MlflowException, match=r"pipeline/augment\.py.*differs from the code of `pipeline` this "
+                                              r"process imported.*load it in a process of its own"):
+        mlflow.pyfunc.load_model(str(folder))
+
+
 def test_modules_imported_after_an_edit_on_disk_run_the_source_read_at_the_first_import(tmp_path):
     """`main` imports train, evaluate and register once its params are checked, after the package: a module imported
     after an edit on disk runs the source read when the package was first imported, even where a `.pyc` of the edited
