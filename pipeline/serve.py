@@ -316,7 +316,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     Evaluate scores through `predict_proba` too, so the measured and the served model agree.
     backend: the Keras backend that trained it (`keras.backend.backend()`), which `load_context` loads it on where
     KERAS_BACKEND is unset and that backend is installed: Keras picks TensorFlow otherwise, which a JAX model's logged
-    environment lacks. (The saved model loads on either, so where only TensorFlow is installed it runs there.)
+    environment lacks. The saved model loads on either: where only TensorFlow is installed it runs there, where only
+    JAX is, there.
     """
 
     # `predict` has no type hints on purpose: `to_pixels` validates every request (see INPUT_FORMATS), and
@@ -344,10 +345,13 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                                   f"process imported ({imported}), which it would score with: load it in a process of "
                                   f"its own")
         # Keras reads KERAS_BACKEND once, when first imported: nothing this module imports at its top loads it.
-        # Models logged before the backend was recorded have none.
-        backend = getattr(self, "backend", None)
-        if backend and "keras" not in sys.modules and importlib.util.find_spec(backend):
-            os.environ.setdefault("KERAS_BACKEND", backend)
+        # Models logged before the backend was recorded have none (TensorFlow trained them). Where that backend is not
+        # installed, the other: Keras's own choice is TensorFlow, which a JAX-only environment lacks.
+        if "keras" not in sys.modules:
+            backends = dict.fromkeys((getattr(self, "backend", None) or "tensorflow", "tensorflow", "jax"))
+            installed = [name for name in backends if importlib.util.find_spec(name)]
+            if installed:
+                os.environ.setdefault("KERAS_BACKEND", installed[0])
         import keras
 
         # Models logged before inference copies dropped the augmentation layer still hold that custom class:

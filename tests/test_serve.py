@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import urllib.error
 import urllib.request
@@ -427,6 +428,29 @@ def test_served_model_loads_on_the_backend_it_was_trained_on_from_its_own_code(m
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["jax", str(folder / "code" / "pipeline" / "__init__.py"), "2"]
+
+
+def test_a_tensorflow_model_loads_where_only_jax_is_installed(model_uri, tmp_path):
+    """Keras picks TensorFlow where KERAS_BACKEND is unset: a model trained on TensorFlow, loaded where only JAX is
+    installed (a GPU host with jax[cuda12]), died in Keras's import on "No module named 'tensorflow'". It loads on
+    JAX, as the saved model does on either. TensorFlow hidden: Python started without its site, on a copy of
+    site-packages (links) less TensorFlow's packages."""
+    folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model")))
+    with (folder / "python_model.pkl").open("wb") as f:  # the same model, as trained on TensorFlow whatever runs here
+        cloudpickle.dump(serve.ImageClassifier("flip_shift", "reflect", "tensorflow"), f)
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.lower().startswith(("tensorflow", "tf_keras")):
+            (site / entry.name).symlink_to(entry)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "PYTHONPATH")}, "PYTHONPATH": str(site)}
+    script = ("import importlib.util, mlflow; assert importlib.util.find_spec('tensorflow') is None; "
+              "model = mlflow.pyfunc.load_model('model'); import keras; "
+              "print(keras.backend.backend(), model.predict(model.input_example)['label'].size)")
+    done = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["jax", "2"]
 
 
 def test_scoring_a_served_model_runs_no_code_of_pipeline_but_scoring_code(model_uri):
