@@ -56,6 +56,8 @@ DATA_URI_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w.+-]+=[^;,]*)*;base64,", re.I
 # `base64 cat.png` (GNU coreutils) and MIME encoders wrap lines at 76 characters: valid base64 all the same.
 WHITESPACE = re.compile(r"\s+")
 URL_SAFE = str.maketrans("-_", "+/")  # base64url's letters, in the standard alphabet (`unpadded`)
+# A file's name sent in place of its bytes (`{"inputs": ["cat.png"]}`): never base64, whose alphabet has no dot.
+FILE_NAME = re.compile(r"^\S*\.(png|jpe?g|bmp|gif|webp|tiff?)$", re.IGNORECASE)
 # `mlflow models serve` runs each request's predict in a thread of its own. On JAX, Keras's predict function donates
 # the model's weight buffers to each call: two calls at once, and one ran on buffers the other had given up ("Buffer
 # has been deleted or donated", an HTTP 400 "unexpected error"; 11 of 16 requests sent together). TensorFlow's
@@ -180,6 +182,9 @@ def to_bytes(item: Any, name: str) -> bytes:
     if isinstance(item, bytes):
         raw = item
     elif isinstance(item, str):
+        if FILE_NAME.match(item.strip()):
+            raise bad_input(f"{name}: {item.strip()!r} is a file name, not a base64 image: the model reads no files; "
+                            f"send the file's bytes base64-encoded (python -m pipeline.predict FILE does)")
         try:
             raw = base64.b64decode(unpadded(WHITESPACE.sub("", DATA_URI_PREFIX.sub("", item.strip()))), validate=True)
         except ValueError as exc:  # binascii.Error, and text beyond ASCII (a pasted "…"): was a 400 without a reason

@@ -325,10 +325,16 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     # {"dataframe_split": {"columns": ["image", "image"], ...}}: said "image 0: expected a base64-encoded ... image
     # string, got DataFrame"
     (pd.DataFrame([["x", "y"]], columns=["image", "image"]), "2 columns named 'image': send the images in one"),
+    # file names in place of images: said "not valid base64 (Only base64 data is allowed)", with no word of files
+    (["test/cat/0338.jpg"], "image 0: 'test/cat/0338.jpg' is a file name, not a base64 image: the model reads no "
+                            "files; send the file's bytes base64-encoded (python -m pipeline.predict FILE does)"),
+    (pd.DataFrame({"image": [b64(encode(random_pixels(1)[0])), " ~/photos/Cat.PNG\n"]}),
+     "image 1: '~/photos/Cat.PNG' is a file name"),
 ], ids=["invalid-base64", "non-ascii", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
         "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image",
         "null-image", "records-without-columns", "ppm", "eps", "null-first", "null-first-array", "only-null",
-        "only-nulls-array", "two-image-columns"])
+        "only-nulls-array", "two-image-columns", "file-name",
+        "file-name-in-frame"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
