@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -55,11 +56,16 @@ DATA_URI_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w.+-]+=[^;,]*)*;base64,", re.I
 # `base64 cat.png` (GNU coreutils) and MIME encoders wrap lines at 76 characters: valid base64 all the same.
 WHITESPACE = re.compile(r"\s+")
 URL_SAFE = str.maketrans("-_", "+/")  # base64url's letters, in the standard alphabet (`unpadded`)
+# A file's name sent in place of its bytes (`{"inputs": ["cat.png"]}`): never base64, whose alphabet has no dot.
+FILE_NAME = re.compile(r"^\S*\.(png|jpe?g|bmp|gif|webp|tiff?)$", re.IGNORECASE)
 # `mlflow models serve` runs each request's predict in a thread of its own. On JAX, Keras's predict function donates
 # the model's weight buffers to each call: two calls at once, and one ran on buffers the other had given up ("Buffer
 # has been deleted or donated", an HTTP 400 "unexpected error"; 11 of 16 requests sent together). TensorFlow's
 # functions run side by side safely: there, requests run at once, as before.
 JAX_MODEL_CALLS = threading.Lock()
+# The modules of pipeline/ whose code a served model runs to score pixels (see `pipeline.tracking.steps`, where evaluate
+# compares them with a model's logged copy before it scores it).
+SCORING_CODE = ("augment", "serve")
 
 INPUT_FORMATS = (
     'pixel tensors {"inputs": [[[[r, g, b], ...]]]}: integers 0-255, shape (n, 32, 32, 3); '
@@ -176,6 +182,9 @@ def to_bytes(item: Any, name: str) -> bytes:
     if isinstance(item, bytes):
         raw = item
     elif isinstance(item, str):
+        if FILE_NAME.match(item.strip()):
+            raise bad_input(f"{name}: {item.strip()!r} is a file name, not a base64 image: the model reads no files; "
+                            f"send the file's bytes base64-encoded (python -m pipeline.predict FILE does)")
         try:
             raw = base64.b64decode(unpadded(WHITESPACE.sub("", DATA_URI_PREFIX.sub("", item.strip()))), validate=True)
         except ValueError as exc:  # binascii.Error, and text beyond ASCII (a pasted "…"): was a 400 without a reason
@@ -282,6 +291,19 @@ def numbers_of(items: np.ndarray) -> np.ndarray:
     return items.astype(np.int64 if whole else np.float64)
 
 
+def scoring_code_changes(code: Path) -> list[str]:
+    """The files of SCORING_CODE (`pipeline/<module>.py`) whose copy in `code` (a logged model's `code/pipeline/`)
+    differs, byte for byte, from the source of `pipeline` this process runs (`pipeline.source`: what it loaded, not the
+    files on disk now), or is missing there."""
+    from pipeline import source
+
+    def logged_bytes(path: Path) -> bytes | None:
+        return path.read_bytes() if path.is_file() else None
+
+    return [f"pipeline/{module}.py" for module in SCORING_CODE
+            if logged_bytes(code / f"{module}.py") != source.FILES[f"{module}.py"]]
+
+
 def to_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
     """Class probabilities (n, classes) -> one row per image: label, probability, probabilities."""
     best = probs.argmax(axis=1)
@@ -299,7 +321,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     Evaluate scores through `predict_proba` too, so the measured and the served model agree.
     backend: the Keras backend that trained it (`keras.backend.backend()`), which `load_context` loads it on where
     KERAS_BACKEND is unset and that backend is installed: Keras picks TensorFlow otherwise, which a JAX model's logged
-    environment lacks. (The saved model loads on either, so where only TensorFlow is installed it runs there.)
+    environment lacks. The saved model loads on either: where only TensorFlow is installed it runs there, where only
+    JAX is, there.
     """
 
     # `predict` has no type hints on purpose: `to_pixels` validates every request (see INPUT_FORMATS), and
@@ -315,11 +338,25 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.tta, self.shift_fill, self.backend = tta, shift_fill, backend
 
     def load_context(self, context):
+        # A process imports `pipeline` once, from the first model it loads (or the checkout): a model logged with other
+        # scoring code would score with that one's, silently (MLflow puts each model's code/ on sys.path, but a module
+        # imported already is not imported again). Models logged before `pipeline.source` have no copy to compare.
+        code = Path(context.artifacts[KERAS_ARTIFACT]).parents[1] / "code" / "pipeline"
+        changed = scoring_code_changes(code) if code.is_dir() and "pipeline.source" in sys.modules else []
+        if changed:
+            imported = Path(sys.modules["pipeline"].__file__).parent
+            raise MlflowException(f"{', '.join(changed)} logged with this model ({code}) "
+                                  f"{'differs' if len(changed) == 1 else 'differ'} from the code of `pipeline` this "
+                                  f"process imported ({imported}), which it would score with: load it in a process of "
+                                  f"its own")
         # Keras reads KERAS_BACKEND once, when first imported: nothing this module imports at its top loads it.
-        # Models logged before the backend was recorded have none.
-        backend = getattr(self, "backend", None)
-        if backend and "keras" not in sys.modules and importlib.util.find_spec(backend):
-            os.environ.setdefault("KERAS_BACKEND", backend)
+        # Models logged before the backend was recorded have none (TensorFlow trained them). Where that backend is not
+        # installed, the other: Keras's own choice is TensorFlow, which a JAX-only environment lacks.
+        if "keras" not in sys.modules:
+            backends = dict.fromkeys((getattr(self, "backend", None) or "tensorflow", "tensorflow", "jax"))
+            installed = [name for name in backends if importlib.util.find_spec(name)]
+            if installed:
+                os.environ.setdefault("KERAS_BACKEND", installed[0])
         import keras
 
         # Models logged before inference copies dropped the augmentation layer still hold that custom class:

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import urllib.error
 import urllib.request
@@ -324,10 +325,16 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     # {"dataframe_split": {"columns": ["image", "image"], ...}}: said "image 0: expected a base64-encoded ... image
     # string, got DataFrame"
     (pd.DataFrame([["x", "y"]], columns=["image", "image"]), "2 columns named 'image': send the images in one"),
+    # file names in place of images: said "not valid base64 (Only base64 data is allowed)", with no word of files
+    (["test/cat/0338.jpg"], "image 0: 'test/cat/0338.jpg' is a file name, not a base64 image: the model reads no "
+                            "files; send the file's bytes base64-encoded (python -m pipeline.predict FILE does)"),
+    (pd.DataFrame({"image": [b64(encode(random_pixels(1)[0])), " ~/photos/Cat.PNG\n"]}),
+     "image 1: '~/photos/Cat.PNG' is a file name"),
 ], ids=["invalid-base64", "non-ascii", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
         "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image",
         "null-image", "records-without-columns", "ppm", "eps", "null-first", "null-first-array", "only-null",
-        "only-nulls-array", "two-image-columns"])
+        "only-nulls-array", "two-image-columns", "file-name",
+        "file-name-in-frame"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -429,6 +436,29 @@ def test_served_model_loads_on_the_backend_it_was_trained_on_from_its_own_code(m
     assert done.stdout.split() == ["jax", str(folder / "code" / "pipeline" / "__init__.py"), "2"]
 
 
+def test_a_tensorflow_model_loads_where_only_jax_is_installed(model_uri, tmp_path):
+    """Keras picks TensorFlow where KERAS_BACKEND is unset: a model trained on TensorFlow, loaded where only JAX is
+    installed (a GPU host with jax[cuda12]), died in Keras's import on "No module named 'tensorflow'". It loads on
+    JAX, as the saved model does on either. TensorFlow hidden: Python started without its site, on a copy of
+    site-packages (links) less TensorFlow's packages."""
+    folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model")))
+    with (folder / "python_model.pkl").open("wb") as f:  # the same model, as trained on TensorFlow whatever runs here
+        cloudpickle.dump(serve.ImageClassifier("flip_shift", "reflect", "tensorflow"), f)
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.lower().startswith(("tensorflow", "tf_keras")):
+            (site / entry.name).symlink_to(entry)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "PYTHONPATH")}, "PYTHONPATH": str(site)}
+    script = ("import importlib.util, mlflow; assert importlib.util.find_spec('tensorflow') is None; "
+              "model = mlflow.pyfunc.load_model('model'); import keras; "
+              "print(keras.backend.backend(), model.predict(model.input_example)['label'].size)")
+    done = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["jax", "2"]
+
+
 def test_scoring_a_served_model_runs_no_code_of_pipeline_but_scoring_code(model_uri):
     """Loading the served model and scoring pixels with it (flip_shift views, reflected borders: the most code it
     runs) runs code of `steps.SCORING_CODE`'s modules of pipeline/ only, and of both: the files evaluate compares with
@@ -487,6 +517,20 @@ def test_a_model_logged_after_an_edit_on_disk_carries_the_code_this_process_load
     assert steps.scoring_code_changes(folder) == []
     (code / "serve.py").write_bytes(loaded["serve.py"] + b"# edited on disk\n")  # as edited: other code than loaded
     assert steps.scoring_code_changes(folder) == ["pipeline/serve.py"]
+
+
+def test_a_model_whose_scoring_code_differs_from_the_code_imported_is_refused_at_load(model_uri, tmp_path):
+    """A process imports `pipeline` once: the first model it loads (or the checkout, in a notebook that imported it)
+    provides it, and a second model loaded there, logged with other scoring code (a challenger trained after an edit
+    of augment.py), scored with the first one's code, silently. It is refused at load now, naming the file; one
+    logged with the same code loads."""
+    folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model")))
+    assert mlflow.pyfunc.load_model(str(folder)).predict(random_pixels(1))["label"].size == 1
+    augment = folder / "code" / "pipeline" / "augment.py"
+    augment.write_bytes(augment.read_bytes() + b"# trained after an edit\n")
+    with pytest.raises(MlflowException, match=r"pipeline/augment\.py.*differs from the code of `pipeline` this "
+                                              r"process imported.*load it in a process of its own"):
+        mlflow.pyfunc.load_model(str(folder))
 
 
 def test_modules_imported_after_an_edit_on_disk_run_the_source_read_at_the_first_import(tmp_path):

@@ -28,7 +28,7 @@ from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
-from pipeline import config, data, source
+from pipeline import config, data, serve
 from pipeline.tracking import (
     DATASET_SHA256,
     TEST_DATA_TAG,
@@ -164,7 +164,7 @@ def dataset_params(uri: str) -> dict[str, str]:
 # this process loaded (`pipeline.source`: the code it runs, whatever the files on disk hold by then). Part of
 # TRAIN_CODE, so a model `main` trains, or goes on from (`trained_before_a_failure`), always matches: it logs the
 # source it loaded, and `train_code` is that source's digest.
-SCORING_CODE = ("augment", "serve")
+SCORING_CODE = serve.SCORING_CODE
 
 
 def scoring_code_changes(model_dir: str | Path) -> list[str]:
@@ -178,12 +178,7 @@ def scoring_code_changes(model_dir: str | Path) -> list[str]:
     logged = Path(model_dir) / code / "pipeline" if code else None
     if logged is None or not logged.is_dir():
         return []
-
-    def logged_bytes(path: Path) -> bytes | None:
-        return path.read_bytes() if path.is_file() else None
-
-    return [f"pipeline/{module}.py" for module in SCORING_CODE
-            if logged_bytes(logged / f"{module}.py") != source.FILES[f"{module}.py"]]
+    return serve.scoring_code_changes(logged)
 
 
 def other_flavor(model_dir: str | Path) -> str | None:
