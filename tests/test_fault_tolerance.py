@@ -16,8 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import keras
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
@@ -1216,8 +1218,40 @@ def interrupted_train_run(in_process, monkeypatch, command: list[str] = RESUMED)
     (run,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
     folder = resume.checkpoint_dir(run.info.run_id)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "training_metadata.json").write_text("{}")  # stands for its checkpoint: never read here
+    with h5py.File(folder / "epoch-0001.weights.h5", "w") as weights:  # stands for its checkpoint: whole, never loaded
+        weights["weights"] = np.zeros(4096)
+    (folder / "training_metadata.json").write_text(json.dumps({"epoch": 1, "weights": "epoch-0001.weights.h5"}))
     return run, folder
+
+
+@pytest.mark.parametrize("damage", ["weights cut short", "weights gone", "metadata torn"])
+def test_a_checkpoint_that_cannot_be_read_back_is_refused_before_any_run_opens(store, in_process, monkeypatch,
+                                                                                damage):
+    """A checkpoint damaged on disk (a disk that failed, a copy cut short): the rerun, or resume=<id>, died in `fit` on
+    h5py's traceback ("truncated file: eof = ..."), its main and the run ended FAILED, and every rerun died so again.
+    Now one line naming the file and the way on, exit 2, before any run opens."""
+    run, folder = interrupted_train_run(in_process, monkeypatch)
+    run_id, client = run.info.run_id, MlflowClient()
+    damaged = folder / ("training_metadata.json" if damage == "metadata torn" else "epoch-0001.weights.h5")
+    if damage == "weights cut short":
+        os.truncate(damaged, damaged.stat().st_size // 2)
+    elif damage == "weights gone":
+        damaged.unlink()
+    else:
+        damaged.write_text('{"epoch": 1, "wei')
+
+    def state():
+        return sorted((r.info.run_id, r.info.status, sorted(r.data.tags.items())) for r in experiment_runs(client))
+
+    before = state()
+    for args in ((), ("--resume", run_id)):
+        refused = in_process("main", *RESUMED, *args)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        line = refused.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: resume: train run {run_id}'s checkpoint cannot be read ({damaged}: "), line
+        assert line.endswith(f"); restore the file to go on with the run, or remove {folder} (or give resume=never) "
+                             f"to start afresh"), line
+    assert state() == before  # no run opened or ended
 
 
 def test_resuming_a_live_run_by_id_is_refused_before_any_run_opens(store, in_process, monkeypatch):

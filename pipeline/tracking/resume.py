@@ -396,6 +396,30 @@ def has_checkpoint(run_id: str) -> bool:
     return (checkpoint_dir(run_id) / "training_metadata.json").exists()  # fitting.Checkpoint.METADATA (no Keras here)
 
 
+def check_checkpoint_readable(run_id: str) -> None:
+    """ConfigError naming the file if run `run_id`'s checkpoint cannot be read back: metadata that is no
+    `fitting.Checkpoint`'s, its weights file missing or no whole HDF5 file (a disk that failed, a copy cut short, a file
+    system that lost a write). Else the resume died in `fit` on h5py's traceback, its run and main ended FAILED, and
+    every rerun died so again. Read without Keras (h5py alone), before any run opens."""
+    import h5py
+
+    folder = checkpoint_dir(run_id)
+    path = folder / "training_metadata.json"  # fitting.Checkpoint.METADATA
+    try:
+        saved = json.loads(path.read_text())
+        int(saved["epoch"])
+        path = folder / saved.get("weights", "latest.weights.h5")
+        with h5py.File(path, "r"):
+            pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        if isinstance(exc, KeyError):
+            reason = f"no {exc}"
+        raise config.ConfigError(f"resume: train run {run_id}'s checkpoint cannot be read ({path}: {reason}); "
+                                 f"restore the file to go on with the run, or remove {folder} (or give "
+                                 f"resume=never) to start afresh") from None
+
+
 def checkpointed_epochs(run_id: str) -> int:
     """The epochs run `run_id`'s checkpoint holds (`fitting.Checkpoint.completed_epochs`, read without Keras); 0 if
     none, or unreadable."""
@@ -538,7 +562,8 @@ def refuse_other_code(run_id: str) -> None:
 
 
 def check_resumable_code(cfg: config.Config, dataset_uri: str | None) -> str | None:
-    """`refuse_other_code` for the run a plain rerun would continue (`find_resumable`), before any run opens
+    """`refuse_other_code` and `check_checkpoint_readable` for the run a plain rerun would continue (`find_resumable`),
+    before any run opens
     (`dataset_uri`: the one the command will train on, None if it is not prepared yet: then no run resumes).
     Returns that run's id, or None."""
     if not dataset_uri:
@@ -549,6 +574,7 @@ def check_resumable_code(cfg: config.Config, dataset_uri: str | None) -> str | N
         release(run_id)  # find_resumable claims it again, once the runs are open
     if run_id:
         refuse_other_code(run_id)
+        check_checkpoint_readable(run_id)
     return run_id
 
 
@@ -727,6 +753,7 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     _check_writable_checkpoint(run_id)
     if _held(run_id):  # as find_resumable says it, but before any run opens (it opened main's, left FAILED)
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
+    check_checkpoint_readable(run_id)
     return trained_on
 
 
