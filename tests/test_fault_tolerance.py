@@ -1781,6 +1781,36 @@ def test_a_stopping_signal_swallowed_in_a_step_still_ends_the_step_killed_with_1
     assert (run.info.status, run.data.tags.get("interrupted_by")) == ("KILLED", "SIGTERM")
 
 
+@pytest.mark.parametrize("ending", ["prepare", "main"])
+def test_a_stopping_signal_while_mlflow_ends_a_finished_step_leaves_no_run_running(store, monkeypatch, ending):
+    """SIGTERM (Ctrl-C) arriving while MLflow wrote a step's end (`end_run`: the run already off its stack, its status
+    not yet written): the exception left the step's run RUNNING for good, the main above it ended KILLED, and no later
+    command ends it (a main that ended leaves no lock behind). The step's work was done: it ends FINISHED; the
+    pipeline stops, 143."""
+    from pipeline import tracking
+
+    cfg = config.load(ROOT / TINY, ["tracking.experiment=e2e"])
+    set_terminated, signalled = MlflowClient.set_terminated, []
+
+    def ended(self, run_id, status=None, *args, **kwargs):
+        if not signalled and self.get_run(run_id).data.tags.get("step") == ending:
+            signalled.append(run_id)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler raises here, before the status is written
+        return set_terminated(self, run_id, status, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", ended)
+
+    def main():
+        with tracking.step_run(cfg, "main"), tracking.step_run(cfg, "prepare"):
+            pass
+
+    with pytest.raises(SystemExit) as stopped:
+        tracking.cli(main)
+    assert stopped.value.code == 143 and signalled
+    statuses = {r.data.tags["step"]: r.info.status for r in experiment_runs(MlflowClient())}
+    assert statuses == {"prepare": "FINISHED", "main": "KILLED" if ending == "prepare" else "FINISHED"}
+
+
 def test_the_store_command_answers_help_and_refuses_other_arguments_without_touching_a_store(tmp_path):
     """`python -m pipeline.tracking --help` (or a typo's argument) created the store, or probed a server, and
     printed "ready": the help was never shown, the argument never read. Now the usage, or one line and exit 2, and

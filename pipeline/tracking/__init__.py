@@ -575,8 +575,10 @@ def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun],
     caller settles how (a sweep's pruned fit). Runs nested in each other (main's and its steps') end one after the
     other with the same exception, and so get the same reason. A claim the step holds on the run (`resume.claim`: a
     train run's) goes once the run has ended, however it ends: released before, an identical command started
-    meanwhile resumed the run, then saw it ended under it."""
-    run = None
+    meanwhile resumed the run, then saw it ended under it. A SIGTERM/SIGINT that arrives while MLflow ends a run whose
+    step is done (`mlflow.end_run`: the run taken off its stack, its status not yet written) ends it FINISHED all the
+    same, then goes on: else it stayed RUNNING for good."""
+    run, done = None, False
     try:
         with ctx as run:
             try:
@@ -585,6 +587,7 @@ def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun],
                 # ignored", a bare except): with SIG_IGN already in place nothing else would stop the pipeline
                 if (pending := interrupts.take()) is not None:
                     raise pending
+                done = True
             except (Interrupted, KeyboardInterrupt) as exc:
                 mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
                 mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
@@ -594,6 +597,14 @@ def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun],
             except Exception as exc:
                 tag_failure(run.info.run_id, reason_of(exc), exc)
                 raise
+    except (Interrupted, KeyboardInterrupt):
+        if done:  # the handler ignores any further signal: this end is not cut short
+            with contextlib.suppress(MlflowException):
+                if (active := mlflow.active_run()) is not None and active.info.run_id == run.info.run_id:
+                    mlflow.end_run()
+                else:
+                    mlflow.MlflowClient().set_terminated(run.info.run_id)
+        raise
     finally:
         if run is not None:
             from pipeline.tracking.resume import release  # (it imports this module)
