@@ -752,6 +752,49 @@ def test_a_main_killed_in_any_step_has_its_runs_ended_killed_by_the_next_main(st
     assert sorted(p.name for p in resume.checkpoint_root().iterdir()) == sorted([".DS_Store", live, resumed])
 
 
+def test_a_train_run_alone_killed_after_a_checkpoint_is_ended_killed_by_the_next_main_and_keeps_it(store):
+    """`python -m pipeline.train` killed (SIGKILL, the OOM killer) after its first checkpoint left its run RUNNING for
+    good: the next mains took only lock-only folders for dead, and a run left so is resumed only by the same command.
+    The next main ends it KILLED (a rerun still resumes it: its checkpoint stays); a live one, and a checkpoint of no
+    run in this store, are left as they are."""
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+
+    def train_run(status: str) -> str:
+        run_id = mlflow.start_run(experiment_id=experiment_id, tags={"step": "train"}).info.run_id
+        mlflow.end_run(status)
+        return run_id
+
+    def checkpointed(run_id: str) -> Path:
+        folder = resume.checkpoint_dir(run_id)
+        folder.mkdir(parents=True)
+        (folder / resume.LOCK_FILE).write_text(resume._store())
+        (folder / "training_metadata.json").write_text('{"epoch": 1, "weights": "epoch-0001.weights.h5"}')
+        (folder / "epoch-0001.weights.h5").touch()
+        return folder
+
+    killed, live, interrupted = train_run("RUNNING"), train_run("RUNNING"), train_run("KILLED")
+    elsewhere = f"{7:032x}"  # no run of this store's
+    folders = [checkpointed(r) for r in (killed, live, interrupted, elsewhere)]
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+                               str(folders[1] / resume.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as rerun:
+            resume.remove_stale_locks()
+    finally:
+        holder.kill()
+        holder.wait()
+    status = {r.info.run_id: (r.info.status, r.data.tags.get("ended_by")) for r in experiment_runs(client)}
+    assert [status[r] for r in (killed, live, interrupted)] == [
+        ("KILLED", rerun.info.run_id), ("RUNNING", None), ("KILLED", None)]
+    assert all(resume.has_checkpoint(f.name) and (f / resume.LOCK_FILE).exists() for f in folders)
+    assert not resume._claimed  # every folder released: a rerun claims the run it resumes
+
+
 def test_a_main_ends_only_its_own_stores_dead_runs(store, tmp_path, empty_store_db, monkeypatch):
     """Two tracking stores (two MLFLOW_TRACKING_URI) sharing one checkpoint folder: a main of one removed the lock
     folder of the other's dead main, whose runs then stayed RUNNING for good (only a main of their store can see

@@ -263,7 +263,8 @@ def remove_stale_locks() -> None:
     lock: that main's runs left RUNNING (itself, the step it was in: prepare, train, evaluate, register) end KILLED
     (`end_dead_main`), else nothing would ever end them, as do those of a step run on its own (`step_lock`: prepare,
     evaluate, register; a register's evaluation of its champion too), as does a train run killed before its first
-    checkpoint (`python -m pipeline.train` alone: no main to end it). The folders' runs are read in one search, not
+    checkpoint (`python -m pipeline.train` alone: no main to end it); one killed after a checkpoint keeps its folder,
+    for a rerun to resume, its run ended KILLED. The folders' runs are read in one search, not
     one call each (200 folders: ~2 s from a tracking server on this host). Only this store's folders (`_store_of`):
     another store's (two `MLFLOW_TRACKING_URI` sharing `PIPELINE_CHECKPOINT_DIR`) are left to that store's next
     main, the only one that can end their runs. A folder that holds only the temporary file of a process killed in
@@ -286,12 +287,21 @@ def remove_stale_locks() -> None:
     # Claimed before their runs are read: a run read RUNNING, then ended by its live process, was ended KILLED
     unnamed = {f: store for f, listed in names.items()
                if listed == [] and (store := _claim_unnamed(f, ours)) is not None}
+    # a train run's checkpoint beside its lock: its process killed after a checkpoint where no main was there to end
+    # its run (`python -m pipeline.train` alone), or live
+    checkpointed = {f for f, listed in names.items() if listed and {LOCK_FILE, CHECKPOINT_METADATA} <= {*listed}}
     folders = [f for f, listed in names.items()
-               if listed == [LOCK_FILE] and _store_of(f) in ("", ours) and claim(f.name, left=True)] + [*unnamed]
+               if (listed == [LOCK_FILE] or f in checkpointed) and _store_of(f) in ("", ours)
+               and claim(f.name, left=True)] + [*unnamed]
     client = MlflowClient()
     runs = _runs_by_id(client, [f.name for f in folders])
     for folder in folders:
         run = runs.get(folder.name)
+        if folder in checkpointed:  # resumable: the folder stays, its run ends KILLED (a rerun still resumes it)
+            if run is not None and run.data.tags.get("step") == "train" and run.info.status == "RUNNING":
+                _end_killed(client, [run], "ended_by")
+            release(folder.name)
+            continue
         if run is None and unnamed.get(folder) == "":  # its store unknown: another store's run, left to its main
             release(folder.name)
             continue
@@ -392,8 +402,11 @@ def release(run_id: str) -> None:
         handle.close()
 
 
+CHECKPOINT_METADATA = "training_metadata.json"  # fitting.Checkpoint.METADATA (no Keras here)
+
+
 def has_checkpoint(run_id: str) -> bool:
-    return (checkpoint_dir(run_id) / "training_metadata.json").exists()  # fitting.Checkpoint.METADATA (no Keras here)
+    return (checkpoint_dir(run_id) / CHECKPOINT_METADATA).exists()
 
 
 def check_checkpoint_readable(run_id: str) -> None:
@@ -404,7 +417,7 @@ def check_checkpoint_readable(run_id: str) -> None:
     import h5py
 
     folder = checkpoint_dir(run_id)
-    path = folder / "training_metadata.json"  # fitting.Checkpoint.METADATA
+    path = folder / CHECKPOINT_METADATA
     try:
         saved = json.loads(path.read_text())
         int(saved["epoch"])
@@ -424,7 +437,7 @@ def checkpointed_epochs(run_id: str) -> int:
     """The epochs run `run_id`'s checkpoint holds (`fitting.Checkpoint.completed_epochs`, read without Keras); 0 if
     none, or unreadable."""
     try:
-        return int(json.loads((checkpoint_dir(run_id) / "training_metadata.json").read_text())["epoch"])
+        return int(json.loads((checkpoint_dir(run_id) / CHECKPOINT_METADATA).read_text())["epoch"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
 
