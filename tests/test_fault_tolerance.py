@@ -318,7 +318,10 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
         store, tmp_path, monkeypatch, in_process, uploaded):
     """Logging the model (the largest upload) comes after `fit`: the checkpoint outlives `fit` until the model is
     logged, its last epoch saved even between `train.checkpoint_every` saves, so a rerun trains nothing again.
-    A failure after the model is logged whole (before the step ends): the rerun keeps that model, no second one."""
+    A failure after the model is logged whole (before the step ends): the rerun keeps that model, no second one. An
+    upload cut short (a kill, Ctrl-C, which MLflow's own clean-up does not catch) left its model PENDING beside the
+    rerun's for good; the rerun marks it FAILED, as MLflow marks an upload that raised."""
+    from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
 
     from pipeline import train
@@ -331,6 +334,8 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
     def upload_fails(run_id, *args, **kwargs):
         if uploaded:
             log_model(*args, **kwargs)
+        else:  # cut short: its model made, PENDING, its files not all there
+            mlflow.initialize_logged_model(name="model", source_run_id=run_id)
         raise MlflowException("the artifact store went away")
 
     monkeypatch.setattr(train, "log_trained_model", upload_fails)
@@ -353,7 +358,9 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
     assert sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3]
     assert not folder.exists()  # gone once the model is logged
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    assert [m.model_uri for m in models] == [run.data.tags["model_uri"]]  # one model, the first if it was whole
+    ready = [m.model_uri for m in models if m.status == LoggedModelStatus.READY]
+    assert ready == [run.data.tags["model_uri"]]  # one model, the first if it was whole
+    assert [m.status for m in models if m.model_uri not in ready] == ([] if uploaded else [LoggedModelStatus.FAILED])
 
 
 def test_an_extension_stopped_before_it_trained_leaves_a_rerun_of_the_first_command_its_own_epochs(
