@@ -251,6 +251,25 @@ class Killed(BaseException):
     """Stands for SIGKILL in the middle of a checkpoint: nothing after it runs, no handler, no cleanup."""
 
 
+def test_a_prepared_dataset_gone_from_the_artifact_store_is_prepared_anew(store, tmp_path, in_process):
+    """The dataset file of the prepare run every identical command reuses, gone from the artifact store (its folder
+    removed to free the disk, a copy of the store without its artifacts): every command was refused with exit 2,
+    "dataset_uri: cannot read runs:/.../dataset.npz (Failed to download artifacts ...)", for good. Now that run is
+    passed over, with a note, and the data prepared anew."""
+    command = ["--params", TINY, "--epochs", "1", "--overrides", f"tracking.experiment=e2e {FEWER}"]
+    assert in_process("prepare", *command[:2], *command[4:]).returncode == 0
+    (gone,) = experiment_runs(MlflowClient(), "tags.step = 'prepare'")
+    (tmp_path / "artifacts" / gone.info.run_id / "artifacts" / "dataset" / "dataset.npz").unlink()
+
+    done = in_process("main", *command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (f"note: prepare run {gone.info.run_id} holds no dataset/dataset.npz any more (its artifacts removed?): "
+            f"not reused") in done.stderr
+    (train,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
+    prepared = train.data.tags["dataset_uri"]
+    assert prepared.startswith("runs:/") and gone.info.run_id not in prepared
+
+
 @pytest.mark.parametrize("dies", ["writing the weights", "before the metadata is replaced"])
 def test_a_checkpoint_killed_while_written_restores_the_epoch_before_whole(tmp_path, monkeypatch, dies):
     """Keras's own BackupAndRestore overwrites one weights file in place: killed during that write, its resume
