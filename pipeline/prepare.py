@@ -27,7 +27,7 @@ from pipeline.tracking import (
     artifact_dir,
     cli,
     code_digest,
-    find_finished_run,
+    finished_runs,
     json_digest,
     step_run,
     steps,
@@ -84,9 +84,20 @@ def warn_test_images_in_train(source: str, in_train: int | None, test_images: in
 def find_prepared(key: str) -> str | None:
     """Dataset URI of the first finished prepare run with the same key, in any experiment, if any: always the same
     one, as a train run's `train_key` holds it (the newest, a killed main's rerun trained afresh on the dataset of
-    an identical prepare run on its own meanwhile, instead of resuming)."""
-    run_id = find_finished_run("prepare_key", key)
-    return f"runs:/{run_id}/{DATASET_ARTIFACT}" if run_id else None
+    an identical prepare run on its own meanwhile, instead of resuming). One whose dataset file is gone from the
+    artifact store (removed to free the disk) is passed over, with a note: every command was refused on it."""
+    for run_id in finished_runs("prepare_key", key):
+        uri = f"runs:/{run_id}/{DATASET_ARTIFACT}"
+        if steps.has_artifact(uri):
+            return uri
+        if run_id not in _gone:
+            _gone.add(run_id)
+            print(f"note: prepare run {run_id} holds no {DATASET_ARTIFACT} any more (its artifacts removed?): not "
+                  f"reused", file=sys.stderr)
+    return None
+
+
+_gone: set[str] = set()  # the prepare runs `find_prepared` said it passed over (it is asked several times a command)
 
 
 def ensure_prepared(cfg: config.Config) -> str:

@@ -16,8 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import keras
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
@@ -249,6 +251,25 @@ class Killed(BaseException):
     """Stands for SIGKILL in the middle of a checkpoint: nothing after it runs, no handler, no cleanup."""
 
 
+def test_a_prepared_dataset_gone_from_the_artifact_store_is_prepared_anew(store, tmp_path, in_process):
+    """The dataset file of the prepare run every identical command reuses, gone from the artifact store (its folder
+    removed to free the disk, a copy of the store without its artifacts): every command was refused with exit 2,
+    "dataset_uri: cannot read runs:/.../dataset.npz (Failed to download artifacts ...)", for good. Now that run is
+    passed over, with a note, and the data prepared anew."""
+    command = ["--params", TINY, "--epochs", "1", "--overrides", f"tracking.experiment=e2e {FEWER}"]
+    assert in_process("prepare", *command[:2], *command[4:]).returncode == 0
+    (gone,) = experiment_runs(MlflowClient(), "tags.step = 'prepare'")
+    (tmp_path / "artifacts" / gone.info.run_id / "artifacts" / "dataset" / "dataset.npz").unlink()
+
+    done = in_process("main", *command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (f"note: prepare run {gone.info.run_id} holds no dataset/dataset.npz any more (its artifacts removed?): "
+            f"not reused") in done.stderr
+    (train,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
+    prepared = train.data.tags["dataset_uri"]
+    assert prepared.startswith("runs:/") and gone.info.run_id not in prepared
+
+
 @pytest.mark.parametrize("dies", ["writing the weights", "before the metadata is replaced"])
 def test_a_checkpoint_killed_while_written_restores_the_epoch_before_whole(tmp_path, monkeypatch, dies):
     """Keras's own BackupAndRestore overwrites one weights file in place: killed during that write, its resume
@@ -316,7 +337,10 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
         store, tmp_path, monkeypatch, in_process, uploaded):
     """Logging the model (the largest upload) comes after `fit`: the checkpoint outlives `fit` until the model is
     logged, its last epoch saved even between `train.checkpoint_every` saves, so a rerun trains nothing again.
-    A failure after the model is logged whole (before the step ends): the rerun keeps that model, no second one."""
+    A failure after the model is logged whole (before the step ends): the rerun keeps that model, no second one. An
+    upload cut short (a kill, Ctrl-C, which MLflow's own clean-up does not catch) left its model PENDING beside the
+    rerun's for good; the rerun marks it FAILED, as MLflow marks an upload that raised."""
+    from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
 
     from pipeline import train
@@ -329,6 +353,8 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
     def upload_fails(run_id, *args, **kwargs):
         if uploaded:
             log_model(*args, **kwargs)
+        else:  # cut short: its model made, PENDING, its files not all there
+            mlflow.initialize_logged_model(name="model", source_run_id=run_id)
         raise MlflowException("the artifact store went away")
 
     monkeypatch.setattr(train, "log_trained_model", upload_fails)
@@ -351,7 +377,9 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
     assert sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3]
     assert not folder.exists()  # gone once the model is logged
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    assert [m.model_uri for m in models] == [run.data.tags["model_uri"]]  # one model, the first if it was whole
+    ready = [m.model_uri for m in models if m.status == LoggedModelStatus.READY]
+    assert ready == [run.data.tags["model_uri"]]  # one model, the first if it was whole
+    assert [m.status for m in models if m.model_uri not in ready] == ([] if uploaded else [LoggedModelStatus.FAILED])
 
 
 def test_an_extension_stopped_before_it_trained_leaves_a_rerun_of_the_first_command_its_own_epochs(
@@ -748,6 +776,49 @@ def test_a_main_killed_in_any_step_has_its_runs_ended_killed_by_the_next_main(st
     assert [status[r] for r in (live, live_prepare, resumed_from, resumed)] == [
         ("RUNNING", None), ("RUNNING", None), ("KILLED", None), ("RUNNING", None)]
     assert sorted(p.name for p in resume.checkpoint_root().iterdir()) == sorted([".DS_Store", live, resumed])
+
+
+def test_a_train_run_alone_killed_after_a_checkpoint_is_ended_killed_by_the_next_main_and_keeps_it(store):
+    """`python -m pipeline.train` killed (SIGKILL, the OOM killer) after its first checkpoint left its run RUNNING for
+    good: the next mains took only lock-only folders for dead, and a run left so is resumed only by the same command.
+    The next main ends it KILLED (a rerun still resumes it: its checkpoint stays); a live one, and a checkpoint of no
+    run in this store, are left as they are."""
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+
+    def train_run(status: str) -> str:
+        run_id = mlflow.start_run(experiment_id=experiment_id, tags={"step": "train"}).info.run_id
+        mlflow.end_run(status)
+        return run_id
+
+    def checkpointed(run_id: str) -> Path:
+        folder = resume.checkpoint_dir(run_id)
+        folder.mkdir(parents=True)
+        (folder / resume.LOCK_FILE).write_text(resume._store())
+        (folder / "training_metadata.json").write_text('{"epoch": 1, "weights": "epoch-0001.weights.h5"}')
+        (folder / "epoch-0001.weights.h5").touch()
+        return folder
+
+    killed, live, interrupted = train_run("RUNNING"), train_run("RUNNING"), train_run("KILLED")
+    elsewhere = f"{7:032x}"  # no run of this store's
+    folders = [checkpointed(r) for r in (killed, live, interrupted, elsewhere)]
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+                               str(folders[1] / resume.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as rerun:
+            resume.remove_stale_locks()
+    finally:
+        holder.kill()
+        holder.wait()
+    status = {r.info.run_id: (r.info.status, r.data.tags.get("ended_by")) for r in experiment_runs(client)}
+    assert [status[r] for r in (killed, live, interrupted)] == [
+        ("KILLED", rerun.info.run_id), ("RUNNING", None), ("KILLED", None)]
+    assert all(resume.has_checkpoint(f.name) and (f / resume.LOCK_FILE).exists() for f in folders)
+    assert not resume._claimed  # every folder released: a rerun claims the run it resumes
 
 
 def test_a_main_ends_only_its_own_stores_dead_runs(store, tmp_path, empty_store_db, monkeypatch):
@@ -1216,8 +1287,40 @@ def interrupted_train_run(in_process, monkeypatch, command: list[str] = RESUMED)
     (run,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
     folder = resume.checkpoint_dir(run.info.run_id)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "training_metadata.json").write_text("{}")  # stands for its checkpoint: never read here
+    with h5py.File(folder / "epoch-0001.weights.h5", "w") as weights:  # stands for its checkpoint: whole, never loaded
+        weights["weights"] = np.zeros(4096)
+    (folder / "training_metadata.json").write_text(json.dumps({"epoch": 1, "weights": "epoch-0001.weights.h5"}))
     return run, folder
+
+
+@pytest.mark.parametrize("damage", ["weights cut short", "weights gone", "metadata torn"])
+def test_a_checkpoint_that_cannot_be_read_back_is_refused_before_any_run_opens(store, in_process, monkeypatch,
+                                                                                damage):
+    """A checkpoint damaged on disk (a disk that failed, a copy cut short): the rerun, or resume=<id>, died in `fit` on
+    h5py's traceback ("truncated file: eof = ..."), its main and the run ended FAILED, and every rerun died so again.
+    Now one line naming the file and the way on, exit 2, before any run opens."""
+    run, folder = interrupted_train_run(in_process, monkeypatch)
+    run_id, client = run.info.run_id, MlflowClient()
+    damaged = folder / ("training_metadata.json" if damage == "metadata torn" else "epoch-0001.weights.h5")
+    if damage == "weights cut short":
+        os.truncate(damaged, damaged.stat().st_size // 2)
+    elif damage == "weights gone":
+        damaged.unlink()
+    else:
+        damaged.write_text('{"epoch": 1, "wei')
+
+    def state():
+        return sorted((r.info.run_id, r.info.status, sorted(r.data.tags.items())) for r in experiment_runs(client))
+
+    before = state()
+    for args in ((), ("--resume", run_id)):
+        refused = in_process("main", *RESUMED, *args)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        line = refused.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: resume: train run {run_id}'s checkpoint cannot be read ({damaged}: "), line
+        assert line.endswith(f"); restore the file to go on with the run, or remove {folder} (or give resume=never) "
+                             f"to start afresh"), line
+    assert state() == before  # no run opened or ended
 
 
 def test_resuming_a_live_run_by_id_is_refused_before_any_run_opens(store, in_process, monkeypatch):
@@ -1745,6 +1848,36 @@ def test_a_stopping_signal_swallowed_in_a_step_still_ends_the_step_killed_with_1
     assert stopped.value.code == 143
     (run,) = experiment_runs(MlflowClient())
     assert (run.info.status, run.data.tags.get("interrupted_by")) == ("KILLED", "SIGTERM")
+
+
+@pytest.mark.parametrize("ending", ["prepare", "main"])
+def test_a_stopping_signal_while_mlflow_ends_a_finished_step_leaves_no_run_running(store, monkeypatch, ending):
+    """SIGTERM (Ctrl-C) arriving while MLflow wrote a step's end (`end_run`: the run already off its stack, its status
+    not yet written): the exception left the step's run RUNNING for good, the main above it ended KILLED, and no later
+    command ends it (a main that ended leaves no lock behind). The step's work was done: it ends FINISHED; the
+    pipeline stops, 143."""
+    from pipeline import tracking
+
+    cfg = config.load(ROOT / TINY, ["tracking.experiment=e2e"])
+    set_terminated, signalled = MlflowClient.set_terminated, []
+
+    def ended(self, run_id, status=None, *args, **kwargs):
+        if not signalled and self.get_run(run_id).data.tags.get("step") == ending:
+            signalled.append(run_id)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler raises here, before the status is written
+        return set_terminated(self, run_id, status, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", ended)
+
+    def main():
+        with tracking.step_run(cfg, "main"), tracking.step_run(cfg, "prepare"):
+            pass
+
+    with pytest.raises(SystemExit) as stopped:
+        tracking.cli(main)
+    assert stopped.value.code == 143 and signalled
+    statuses = {r.data.tags["step"]: r.info.status for r in experiment_runs(MlflowClient())}
+    assert statuses == {"prepare": "FINISHED", "main": "KILLED" if ending == "prepare" else "FINISHED"}
 
 
 def test_the_store_command_answers_help_and_refuses_other_arguments_without_touching_a_store(tmp_path):

@@ -119,7 +119,8 @@ def test_another_users_locks_are_left_alone_unless_told_dead_and_never_fail_a_ma
     listed, a temporary file read), and resuming root's checkpoint did too. Now a lock `nobody` can inspect (read and
     flock) and finds free is a dead main's: its run ends KILLED, its folder stays (not `nobody`'s to remove) for
     root's next main to remove; one held, or that `nobody` may not read or list, is left alone, its run RUNNING; a
-    checkpoint `nobody` may not write is not continued (a note), and resuming it by id is one line."""
+    checkpoint `nobody` may not write is not continued (a note; its dead run ends KILLED, the checkpoint stays), and
+    resuming it by id is one line."""
     from pipeline.tracking import resume
 
     cfg = config.load(ROOT / "params" / "tiny.yaml")
@@ -167,7 +168,7 @@ def test_another_users_locks_are_left_alone_unless_told_dead_and_never_fail_a_ma
                              f"belongs to user root, and user nobody may not write it; resume there as that user, "
                              f"or resume=never to start afresh")
         assert statuses(dead, live, hidden_lock, hidden_folder, hidden_temporary, trained) == [
-            ("KILLED", main), *[("RUNNING", None)] * 5]
+            ("KILLED", main), *[("RUNNING", None)] * 4, ("KILLED", main)]  # its checkpoint stays, root's to resume
         assert sorted(p.name for p in resume.checkpoint_root().iterdir()) == sorted(
             [dead, live, hidden_lock, hidden_folder, hidden_temporary, trained])
         with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("e2e").experiment_id,

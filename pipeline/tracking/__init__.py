@@ -11,7 +11,7 @@ served model); the steps call these functions and never import MLflow.
   and `artifact_dir`, a temporary folder whose files become the run's artifacts; `tracking_uri`.
 - Keys and digests: `json_digest` (the cache key of prepare, train and sweep), `code_digest` (of the code this
   process loaded), `git_commit`.
-- Finding runs by key: `find_finished_run` (a prepare to reuse), `unfinished_runs` (a train run
+- Finding runs by key: `finished_runs` (a prepare to reuse), `unfinished_runs` (a train run
   to resume); `metric_history` reads a run's metric per step.
 - Logged models: `model_id` parses `models:/m-...`; `model_score` and `latest_metrics` apply the
   one rule for a metric's latest value (the newest timestamp); `model_score` also names the test split of its
@@ -575,8 +575,10 @@ def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun],
     caller settles how (a sweep's pruned fit). Runs nested in each other (main's and its steps') end one after the
     other with the same exception, and so get the same reason. A claim the step holds on the run (`resume.claim`: a
     train run's) goes once the run has ended, however it ends: released before, an identical command started
-    meanwhile resumed the run, then saw it ended under it."""
-    run = None
+    meanwhile resumed the run, then saw it ended under it. A SIGTERM/SIGINT that arrives while MLflow ends a run whose
+    step is done (`mlflow.end_run`: the run taken off its stack, its status not yet written) ends it FINISHED all the
+    same, then goes on: else it stayed RUNNING for good."""
+    run, done = None, False
     try:
         with ctx as run:
             try:
@@ -585,6 +587,7 @@ def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun],
                 # ignored", a bare except): with SIG_IGN already in place nothing else would stop the pipeline
                 if (pending := interrupts.take()) is not None:
                     raise pending
+                done = True
             except (Interrupted, KeyboardInterrupt) as exc:
                 mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
                 mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
@@ -594,6 +597,14 @@ def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun],
             except Exception as exc:
                 tag_failure(run.info.run_id, reason_of(exc), exc)
                 raise
+    except (Interrupted, KeyboardInterrupt):
+        if done:  # the handler ignores any further signal: this end is not cut short
+            with contextlib.suppress(MlflowException):
+                if (active := mlflow.active_run()) is not None and active.info.run_id == run.info.run_id:
+                    mlflow.end_run()
+                else:
+                    mlflow.MlflowClient().set_terminated(run.info.run_id)
+        raise
     finally:
         if run is not None:
             from pipeline.tracking.resume import release  # (it imports this module)
@@ -926,17 +937,17 @@ def model_score(model_uri: str | None, dataset_uri: str | None = None, dataset_s
     return latest_metrics(metrics), test_data
 
 
-def find_finished_run(tag: str, key: str) -> str | None:
-    """Id of the first FINISHED run to finish, in any experiment, whose tag `tag` equals `key`; None if there is none.
-    The first, so that every later command finds the same one: a later identical run (a prepare run on its own)
-    would change what they find, and with it the `train_key` a rerun resumes by. The first to finish, not to start:
-    no run finishing later can come before it (two identical commands started together each prepared, and the one
-    whose prepare started later but finished first trained on a dataset no later command found: killed, its rerun
-    trained afresh)."""
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+def finished_runs(tag: str, key: str) -> Iterator[str]:
+    """Ids of the FINISHED runs, in any experiment, whose tag `tag` equals `key`, the first to finish first. The first,
+    so that every later command finds the same one (a prepare to reuse: `prepare.find_prepared`): a later identical
+    run (a prepare run on its own) would change what they find, and with it the `train_key` a rerun resumes by. The
+    first to finish, not to start: no run finishing later can come before it (two identical commands started together
+    each prepared, and the one whose prepare started later but finished first trained on a dataset no later command
+    found: killed, its rerun trained afresh)."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string=f"tags.{tag} = '{key}' and attributes.status = 'FINISHED'",
                               order_by=["attributes.end_time ASC", "attributes.start_time ASC"])
-    return runs[0].info.run_id if runs else None
+    return (r.info.run_id for r in runs)
 
 
 def unfinished_runs(tag: str, key: str) -> list[str]:

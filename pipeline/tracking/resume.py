@@ -263,7 +263,8 @@ def remove_stale_locks() -> None:
     lock: that main's runs left RUNNING (itself, the step it was in: prepare, train, evaluate, register) end KILLED
     (`end_dead_main`), else nothing would ever end them, as do those of a step run on its own (`step_lock`: prepare,
     evaluate, register; a register's evaluation of its champion too), as does a train run killed before its first
-    checkpoint (`python -m pipeline.train` alone: no main to end it). The folders' runs are read in one search, not
+    checkpoint (`python -m pipeline.train` alone: no main to end it); one killed after a checkpoint keeps its folder,
+    for a rerun to resume, its run ended KILLED. The folders' runs are read in one search, not
     one call each (200 folders: ~2 s from a tracking server on this host). Only this store's folders (`_store_of`):
     another store's (two `MLFLOW_TRACKING_URI` sharing `PIPELINE_CHECKPOINT_DIR`) are left to that store's next
     main, the only one that can end their runs. A folder that holds only the temporary file of a process killed in
@@ -286,12 +287,21 @@ def remove_stale_locks() -> None:
     # Claimed before their runs are read: a run read RUNNING, then ended by its live process, was ended KILLED
     unnamed = {f: store for f, listed in names.items()
                if listed == [] and (store := _claim_unnamed(f, ours)) is not None}
+    # a train run's checkpoint beside its lock: its process killed after a checkpoint where no main was there to end
+    # its run (`python -m pipeline.train` alone), or live
+    checkpointed = {f for f, listed in names.items() if listed and {LOCK_FILE, CHECKPOINT_METADATA} <= {*listed}}
     folders = [f for f, listed in names.items()
-               if listed == [LOCK_FILE] and _store_of(f) in ("", ours) and claim(f.name, left=True)] + [*unnamed]
+               if (listed == [LOCK_FILE] or f in checkpointed) and _store_of(f) in ("", ours)
+               and claim(f.name, left=True)] + [*unnamed]
     client = MlflowClient()
     runs = _runs_by_id(client, [f.name for f in folders])
     for folder in folders:
         run = runs.get(folder.name)
+        if folder in checkpointed:  # resumable: the folder stays, its run ends KILLED (a rerun still resumes it)
+            if run is not None and run.data.tags.get("step") == "train" and run.info.status == "RUNNING":
+                _end_killed(client, [run], "ended_by")
+            release(folder.name)
+            continue
         if run is None and unnamed.get(folder) == "":  # its store unknown: another store's run, left to its main
             release(folder.name)
             continue
@@ -392,15 +402,42 @@ def release(run_id: str) -> None:
         handle.close()
 
 
+CHECKPOINT_METADATA = "training_metadata.json"  # fitting.Checkpoint.METADATA (no Keras here)
+
+
 def has_checkpoint(run_id: str) -> bool:
-    return (checkpoint_dir(run_id) / "training_metadata.json").exists()  # fitting.Checkpoint.METADATA (no Keras here)
+    return (checkpoint_dir(run_id) / CHECKPOINT_METADATA).exists()
+
+
+def check_checkpoint_readable(run_id: str) -> None:
+    """ConfigError naming the file if run `run_id`'s checkpoint cannot be read back: metadata that is no
+    `fitting.Checkpoint`'s, its weights file missing or no whole HDF5 file (a disk that failed, a copy cut short, a file
+    system that lost a write). Else the resume died in `fit` on h5py's traceback, its run and main ended FAILED, and
+    every rerun died so again. Read without Keras (h5py alone), before any run opens."""
+    import h5py
+
+    folder = checkpoint_dir(run_id)
+    path = folder / CHECKPOINT_METADATA
+    try:
+        saved = json.loads(path.read_text())
+        int(saved["epoch"])
+        path = folder / saved.get("weights", "latest.weights.h5")
+        with h5py.File(path, "r"):
+            pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        if isinstance(exc, KeyError):
+            reason = f"no {exc}"
+        raise config.ConfigError(f"resume: train run {run_id}'s checkpoint cannot be read ({path}: {reason}); "
+                                 f"restore the file to go on with the run, or remove {folder} (or give "
+                                 f"resume=never) to start afresh") from None
 
 
 def checkpointed_epochs(run_id: str) -> int:
     """The epochs run `run_id`'s checkpoint holds (`fitting.Checkpoint.completed_epochs`, read without Keras); 0 if
     none, or unreadable."""
     try:
-        return int(json.loads((checkpoint_dir(run_id) / "training_metadata.json").read_text())["epoch"])
+        return int(json.loads((checkpoint_dir(run_id) / CHECKPOINT_METADATA).read_text())["epoch"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
 
@@ -538,7 +575,8 @@ def refuse_other_code(run_id: str) -> None:
 
 
 def check_resumable_code(cfg: config.Config, dataset_uri: str | None) -> str | None:
-    """`refuse_other_code` for the run a plain rerun would continue (`find_resumable`), before any run opens
+    """`refuse_other_code` and `check_checkpoint_readable` for the run a plain rerun would continue (`find_resumable`),
+    before any run opens
     (`dataset_uri`: the one the command will train on, None if it is not prepared yet: then no run resumes).
     Returns that run's id, or None."""
     if not dataset_uri:
@@ -549,6 +587,7 @@ def check_resumable_code(cfg: config.Config, dataset_uri: str | None) -> str | N
         release(run_id)  # find_resumable claims it again, once the runs are open
     if run_id:
         refuse_other_code(run_id)
+        check_checkpoint_readable(run_id)
     return run_id
 
 
@@ -727,6 +766,7 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     _check_writable_checkpoint(run_id)
     if _held(run_id):  # as find_resumable says it, but before any run opens (it opened main's, left FAILED)
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
+    check_checkpoint_readable(run_id)
     return trained_on
 
 

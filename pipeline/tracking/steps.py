@@ -113,12 +113,19 @@ def check_artifact_uri(uri: str, what: str) -> None:
             raise data.DataError(f"{what}: no file {uri}")
         return
     try:
-        folder = path.rpartition("/")[0] or None
-        found = path in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
+        found = has_artifact(uri)
     except MlflowException as exc:
         raise data.DataError(f"{what}: cannot read {uri} ({exc.message})".replace("\n", " ")) from None
     if not found:
         raise data.DataError(f"{what}: run {run_id} has no artifact {path}")
+
+
+def has_artifact(uri: str) -> bool:
+    """Whether the artifact `runs:/<run id>/<path>` is in its run's artifact store (MlflowException if the store
+    cannot be read)."""
+    run_id, _, path = uri.removeprefix("runs:/").partition("/")
+    folder = path.rpartition("/")[0] or None
+    return path in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
 
 
 def download_artifact(uri: str, what: str) -> str:

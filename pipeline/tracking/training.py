@@ -189,22 +189,33 @@ def log_trained_model(run_id: str, model: keras.Model, class_names: list[str], e
 
     A run that logged its model whole after its last epoch already (a kill or a lost server between the upload and
     the end of the step; the rerun resumes from the checkpoint, which outlives the upload) keeps that one: no second
-    model. One resumed to train more epochs logs a new one."""
-    model_uri = logged_model_of(run_id) or log_model(model, class_names, example, tta, shift_fill).model_uri
+    model. One resumed to train more epochs logs a new one. Models of the run whose upload was cut short (a kill,
+    Ctrl-C: MLflow marks FAILED only an upload that raised an Exception) stayed PENDING for good: marked FAILED here
+    (this process holds the run's claim: no other uploads for it)."""
+    model_uri = logged_model_of(run_id)
+    if not model_uri:
+        for cut_short in [m for m in _logged_models(run_id) if m.status == LoggedModelStatus.PENDING]:
+            mlflow.MlflowClient().finalize_logged_model(cut_short.model_id, LoggedModelStatus.FAILED)
+        model_uri = log_model(model, class_names, example, tta, shift_fill).model_uri
     mlflow.set_tag("model_uri", model_uri)
     describe_train_run(run_id, overwrite=True)
     return model_uri
 
 
+def _logged_models(run_id: str) -> list:
+    """The models train run `run_id` logged (`log_model`'s, named `model`), whole or not."""
+    return mlflow.search_logged_models(experiment_ids=[mlflow.MlflowClient().get_run(run_id).info.experiment_id],
+                                       filter_string=f"source_run_id = '{run_id}' AND name = 'model'",
+                                       output_format="list")
+
+
 def logged_model_of(run_id: str) -> str | None:
-    """The URI of the model train run `run_id` logged whole (status READY; an upload cut short stays PENDING)
-    after its last logged epoch, if any."""
+    """The URI of the model train run `run_id` logged whole (status READY; an upload cut short stays PENDING until
+    `log_trained_model` marks it FAILED) after its last logged epoch, if any."""
     client = mlflow.MlflowClient()
     last_epoch = max((m.timestamp for m in client.get_metric_history(run_id, "loss")), default=0)
-    found = mlflow.search_logged_models(experiment_ids=[client.get_run(run_id).info.experiment_id],
-                                        filter_string=f"source_run_id = '{run_id}' AND name = 'model'",
-                                        output_format="list")
-    ready = [m for m in found if m.status == LoggedModelStatus.READY and m.creation_timestamp >= last_epoch]
+    ready = [m for m in _logged_models(run_id)
+             if m.status == LoggedModelStatus.READY and m.creation_timestamp >= last_epoch]
     return max(ready, key=lambda m: m.creation_timestamp).model_uri if ready else None
 
 
