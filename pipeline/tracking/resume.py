@@ -46,6 +46,7 @@ from pipeline.tracking import (
     json_digest,
     local_path,
     sqlite_file,
+    steps,
     trained_dataset_uri,
     unfinished_runs,
 )
@@ -459,6 +460,18 @@ def local_dataset_sha256(dataset_uri: str) -> str | None:
         return data.file_sha256(local_path(dataset_uri))
     except OSError as exc:  # e.g. another user's file: one line, as reading the dataset would say
         raise data.DataError(f"dataset_uri: {exc.filename}: cannot be read ({exc.strerror or exc})") from None
+
+
+def dataset_sha256(dataset_uri: str) -> str:
+    """The sha256 of the bytes of the dataset file `dataset_uri` names: a local file's (`local_dataset_sha256`), or a
+    `runs:/` artifact's (downloaded, or where a local artifact store keeps it): tag `DATASET_SHA256` of the train and
+    evaluate runs of it, by which compare finds the evaluation of the data a model trained on whichever way each
+    command named it (a prepare run's artifact, a copy of it beside the project: `same_dataset`). DataError naming
+    `dataset_uri` if it cannot be read."""
+    if digest := local_dataset_sha256(dataset_uri):
+        return digest
+    with steps.downloaded_artifact(dataset_uri, "dataset_uri") as path:
+        return local_dataset_sha256(path)
 
 
 def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> str | None:
