@@ -18,7 +18,7 @@ from mlflow.entities import ViewType
 
 from pipeline import config, evaluate, main, prepare, register, train
 from pipeline.tracking import cli, registry, steps
-from tests.conftest import ROOT
+from tests.conftest import ROOT, eventually
 from tests.register_race import register_after_barrier, register_at_once
 from tests.test_fault_tolerance import TINY, experiment_runs
 
@@ -395,6 +395,35 @@ def test_an_experiment_in_the_trash_is_one_line_naming_the_key(store, capsys, mo
         "error: tracking.experiment: 'binned' is in MLflow's trash; restore it (mlflow experiments restore")
     assert client.search_runs([e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)],
                               run_view_type=ViewType.ALL) == []
+
+
+@pytest.mark.parametrize("where", ["in place of the folder", "above it"])
+def test_an_experiment_whose_artifact_folder_cannot_be_written_is_one_line_and_leaves_no_run(
+        store, tmp_path, in_process, where):
+    """An experiment whose artifact location is a path a file sits in (or above): prepare died on MLflow's
+    NotADirectoryError traceback, exit 1, as it logged the dataset, leaving a FAILED run holding nothing (and under
+    `mlflow run`, the run it opened too). Now one line naming the folder, exit 2, before any run opens; the run
+    `mlflow run` opened goes to the trash, as for a bad param."""
+    from bench.servers import server_run_command
+
+    client = MlflowClient()
+    (tmp_path / "a file").write_text("not a folder")
+    location = tmp_path / "a file" / ("" if where == "in place of the folder" else "artifacts")
+    client.create_experiment("blocked", artifact_location=str(location).rstrip("/"))
+    expected = (f"error: tracking.experiment: experiment 'blocked' keeps its artifacts in {str(location).rstrip('/')},"
+                f" where this user cannot write: {tmp_path / 'a file'} is a file, not a folder; ")
+    refused = in_process("prepare", "--params", TINY, "--overrides", "tracking.experiment=blocked")
+    command, _ = server_run_command("", "blocked", "prepare", {"params": TINY})
+    under_mlflow_run = subprocess.run(command, env=store, capture_output=True, text=True, timeout=600)
+    for result in (refused, under_mlflow_run):
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-3000:]
+    assert refused.returncode == 2
+    experiment_id = client.get_experiment_by_name("blocked").experiment_id
+    # the one `mlflow run` opened goes to the trash, FAILED, once `mlflow run` has exited
+    (opened,) = eventually(lambda: client.search_runs([experiment_id], run_view_type=ViewType.DELETED_ONLY))
+    assert opened.info.status == "FAILED" and client.search_runs([experiment_id]) == []
 
 
 def test_a_run_without_a_checkpoint_or_a_dataset_without_its_summary_is_refused_before_a_run_opens(store, tmp_path):
