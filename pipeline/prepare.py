@@ -130,8 +130,9 @@ def dataset_params(dataset_uri: str) -> dict[str, str]:
 
 
 def load_dataset(dataset_uri: str) -> data.Dataset:
-    """Download (or locate) a prepared dataset artifact and read it."""
-    return data.load_prepared(steps.download_artifact(dataset_uri, "dataset_uri"))
+    """Download (or locate) a prepared dataset artifact and read it; a downloaded copy goes once read."""
+    with steps.downloaded_artifact(dataset_uri, "dataset_uri") as path:
+        return data.load_prepared(path)
 
 
 def main() -> None:

@@ -510,6 +510,24 @@ def test_a_dataset_path_with_a_percent_sign_in_a_folder_name_is_that_path(store,
     assert run.data.tags["dataset_uri"] == str(path)
 
 
+def test_a_prepare_runs_dataset_read_leaves_no_copy_in_the_temporary_folder(store, tmp_path, in_process, monkeypatch):
+    """Every train and evaluate of a `runs:/<id>/dataset/dataset.npz` left MLflow's download of the file in a folder of
+    its own under /tmp, never removed: 184 MB each for CIFAR-10, a copy per trial of a sweep. Read, it is gone."""
+    import tempfile
+
+    from pipeline.tracking.resume import dataset_sha256
+
+    prepared = in_process("prepare", "--params", TINY, "--overrides", "tracking.experiment=e2e")
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    dataset_uri = prepared.stdout.splitlines()[-1].removeprefix("dataset_uri=")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    dataset = prepare.load_dataset(dataset_uri)
+    assert len(dataset.x_train) == 1024 and len(dataset.x_test) == 256  # params/tiny.yaml's
+    assert len(dataset_sha256(dataset_uri)) == 64
+    assert list((tmp_path / "tmp").rglob("*")) == []
+
+
 def test_a_step_freezes_its_objects_out_of_the_collections_at_exit(tmp_path):
     """The interpreter's final collections over Keras's objects add ~4 s to every step and free nothing
     the OS does not reclaim: `cli` freezes what is alive at exit (gc.freeze), after the handlers of the step.
