@@ -1212,6 +1212,24 @@ def test_an_evaluation_of_a_registry_uri_lands_on_its_logged_model(store):
     assert steps.registered_model_id("models:/cifar10-resnet/2") is None
 
 
+def test_register_takes_the_runs_model_uri_evaluate_takes(store, in_process):
+    """`-e evaluate -P model_uri=runs:/<train run id>/model` scored the model, then `-e register` with the same URI was
+    refused ("expected a logged model URI models:/m-..."): register takes what evaluate takes, and registers the logged
+    model behind it."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    source_run = MlflowClient().get_logged_model(uri.removeprefix("models:/")).source_run_id
+    done = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                      "--model-uri", f"runs:/{source_run}/model")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "registered cifar10-resnet v1: @champion moved" in done.stdout, done.stdout[-3000:]
+    (version,) = MlflowClient().search_model_versions("name = 'cifar10-resnet'")
+    assert registry.version_model_uri(version) == uri
+    refused = in_process("register", "--params", TINY, "--model-uri", f"runs:/{source_run}/no-such-model")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: model_uri: expected a logged model URI models:/m-..., got 'runs:/{source_run}/no-such-model'")
+
+
 class Answers(mlflow.pyfunc.PythonModel):
     """A stand-in image classifier that answers `labels`, in order, whatever the pixels."""
 
