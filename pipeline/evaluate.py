@@ -4,8 +4,8 @@ Reads:  a model URI (from train) and a prepared dataset URI (from prepare).
 Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`, `test_images` (how many it
         scored), `test_images_in_train` (how many of those the model was trained on, pixel for pixel: register
         moves no alias on a score that counts any), `test_acc_<class>` on this run and on the logged model,
-        and tag `test_data_sha256` (the scored test split's digest) on both, `dataset_sha256` (a local dataset file's
-        bytes) on the run; artifacts `metrics.json`,
+        and tag `test_data_sha256` (the scored test split's digest) on both, `dataset_sha256` (the dataset file's
+        bytes, a local file's or a `runs:/` artifact's) on the run; artifacts `metrics.json`,
         `confusion_matrix.csv`, `confusion_matrix.png`, `predictions.png` (sample test images with predicted and
         true labels, the seed's prediction demo).
 Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`. On its own
@@ -28,7 +28,7 @@ import pandas as pd
 from pipeline import config, data, prepare
 from pipeline.data import Dataset
 from pipeline.tracking import artifact_dir, cli, step_run, steps
-from pipeline.tracking.resume import local_dataset_sha256, step_lock
+from pipeline.tracking.resume import dataset_sha256, step_lock
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -144,10 +144,11 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
     flat = {key: metrics[key] for key in ("test_loss", "test_acc", "test_images", "test_images_in_train")}
     flat.update({f"test_acc_{k}": v for k, v in metrics["per_class_acc"].items()})
     # the file's bytes too: compare finds this evaluation of the data a model trained on by them, however the two
-    # commands spelled its path (`./d.npz`, `d.npz`, its absolute path, a file:// URI)
+    # commands spelled its path (`./d.npz`, `d.npz`, its absolute path, a file:// URI) or named it (a copy of a prepare
+    # run's artifact, the `runs:/` URI)
     steps.log_evaluation({"model_uri": model_uri, "dataset_uri": dataset_uri,
                           "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta}, flat, scored,
-                         dataset.digest(test_only=True), local_dataset_sha256(dataset_uri))
+                         dataset.digest(test_only=True), dataset_sha256(dataset_uri))
     with artifact_dir() as folder:
         (folder / "metrics.json").write_text(json.dumps({**metrics, "model_uri": model_uri}, indent=2))
         confusion.to_csv(folder / "confusion_matrix.csv", index_label="true \\ predicted")  # rows \ columns

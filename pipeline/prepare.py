@@ -8,7 +8,8 @@ Writes: artifact `dataset/dataset.npz` (uint8 images, int32 labels, class names,
         `test_images` and `test_images_in_train` (test images that are training images too, pixel for pixel:
         test_acc on them overstates), the last also in dataset.json and the run's description, and said again
         whenever the run is reused.
-Returns the dataset URI `runs:/<run id>/dataset/dataset.npz` that train and evaluate read.
+Returns the dataset URI `runs:/<run id>/dataset/dataset.npz` that train and evaluate read; the entry point prints it as
+the last line on stdout, `dataset_uri=runs:/...`, the -P they take it as.
 
 `ensure_prepared` reuses a finished prepare run whose inputs are identical: the data params
 (compared as the strings MLflow stores), the source's digest and this code's digest.
@@ -146,8 +147,9 @@ def training_images(dataset_uri: str) -> int | None:
 
 
 def load_dataset(dataset_uri: str) -> data.Dataset:
-    """Download (or locate) a prepared dataset artifact and read it."""
-    return data.load_prepared(steps.download_artifact(dataset_uri, "dataset_uri"))
+    """Download (or locate) a prepared dataset artifact and read it; a downloaded copy goes once read."""
+    with steps.downloaded_artifact(dataset_uri, "dataset_uri") as path:
+        return data.load_prepared(path)
 
 
 def main() -> None:
@@ -156,7 +158,9 @@ def main() -> None:
     check_source(cfg)  # a missing path or CIFAR-10 out of reach fails here, before any run is opened
     with step_lock() as hold, step_run(cfg, "prepare") as step:
         hold(step)  # killed, it is left for the next main to end
-        run(cfg)
+        dataset_uri = run(cfg)
+    # the last line on stdout, as `-e train` and `-e evaluate` take it: `-P dataset_uri=runs:/...`
+    print(f"dataset_uri={dataset_uri}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Step 4, register: add an evaluated model to the Model Registry; move the alias if it is better.
 
-Reads:  a logged model URI `models:/m-...` that evaluate scored (its newest evaluation by an evaluate run that
-        finished, not one that failed, was killed or deleted: test_acc, the per-class
-        scores of the same evaluate run, the digest of its test split; `registry.model_score`).
+Reads:  a logged model URI `models:/m-...` (on its own, `runs:/<train run id>/model` too) that evaluate scored
+        (its newest evaluation by an evaluate run that finished, not one that failed, was killed or deleted: test_acc,
+        the per-class scores of the same evaluate run, the digest of its test split; `registry.model_score`).
 Writes: a new version of `register.model_name` tagged with its source run id, `test_acc`, the evaluate run and
         the test split's digest, how many of its images the model was trained on and the alias it is weighed for;
         the alias `register.alias` (default `champion`) moves to it only if its `test_acc` beats the current
@@ -316,10 +316,15 @@ def run(cfg: config.Config, model_uri: str) -> dict:
 def main() -> None:
     args = config.entry_point_parser("register", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
-    registry.model_test_acc(args.model_uri)  # a wrong URI or an unevaluated model fails before a run is opened
+    model_uri = args.model_uri
+    # `runs:/<train run id>/model`, as evaluate takes it: the logged model behind it (MLflow 3 logs a run's model so)
+    if model_uri.startswith("runs:/") and (found := steps.logged_model_id(model_uri)):
+        model_uri = f"models:/{found}"
+        print(f"model_uri: {args.model_uri} is {model_uri}")
+    registry.model_test_acc(model_uri)  # a wrong URI or an unevaluated model fails before a run is opened
     with step_lock() as hold, step_run(cfg, "register") as step:
         hold(step)  # killed, it is left for the next main to end
-        run(cfg, args.model_uri)
+        run(cfg, model_uri)
 
 
 if __name__ == "__main__":

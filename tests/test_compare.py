@@ -918,6 +918,33 @@ def test_a_model_evaluated_on_its_dataset_spelled_otherwise_shows_its_test_acc(s
     assert table.set_index("run").loc["m0", "test_acc"] == 1.0
 
 
+def test_a_model_trained_on_a_prepare_runs_dataset_and_evaluated_on_a_copy_shows_its_test_acc(store, in_process,
+                                                                                                 tmp_path):
+    """A model trained on `-P dataset_uri=runs:/<id>/dataset/dataset.npz` and evaluated on a local copy of that file (or
+    trained on the copy and evaluated on the `runs:/` URI) showed no test_acc: train and evaluate recorded the file's
+    sha256 (tag dataset_sha256) of a local file only, and the two URIs name no one place."""
+    import shutil
+
+    from pipeline import compare
+
+    small = "tracking.experiment=e2e data.synthetic_train=256 data.synthetic_test=64"
+    prepared = in_process("prepare", "--params", TINY, "--overrides", small)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    artifact = prepared.stdout.splitlines()[-1].removeprefix("dataset_uri=")
+    copy = tmp_path / "copy" / "dataset.npz"  # with the dataset.json beside it, as a local dataset file needs
+    shutil.copytree(mlflow.artifacts.download_artifacts(artifact.removesuffix("/dataset.npz")), copy.parent)
+    for name, trained_on, evaluated_on in (("artifact", artifact, str(copy)), ("copy", str(copy), artifact)):
+        trained = in_process("train", "--params", TINY, "--epochs", "1", "--dataset-uri", trained_on,
+                             "--overrides", f"{small} train.seed={len(name)}")
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        model_uri = trained.stdout.splitlines()[-1].removeprefix("logged model ")
+        evaluated = in_process("evaluate", "--params", TINY, "--model-uri", model_uri, "--dataset-uri", evaluated_on,
+                               "--overrides", small)
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    table = compare.run(experiment="e2e", metric="val_acc")["table"]
+    assert len(table) == 2 and table["test_acc"].notna().all(), table
+
+
 def test_a_run_without_a_name_is_its_id_in_the_val_acc_legend(store):
     """A training run with no name (its tag mlflow.runName deleted) had an empty cell in the table, but the legend of
     val_acc.png called it "nan" (or "None"), like a run of that name."""

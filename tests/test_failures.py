@@ -18,7 +18,7 @@ from mlflow.entities import ViewType
 
 from pipeline import config, evaluate, main, prepare, register, train
 from pipeline.tracking import cli, registry, steps
-from tests.conftest import ROOT
+from tests.conftest import ROOT, eventually
 from tests.register_race import register_after_barrier, register_at_once
 from tests.test_fault_tolerance import TINY, experiment_runs
 
@@ -448,6 +448,35 @@ def test_an_experiment_in_the_trash_is_one_line_naming_the_key(store, capsys, mo
                               run_view_type=ViewType.ALL) == []
 
 
+@pytest.mark.parametrize("where", ["in place of the folder", "above it"])
+def test_an_experiment_whose_artifact_folder_cannot_be_written_is_one_line_and_leaves_no_run(
+        store, tmp_path, in_process, where):
+    """An experiment whose artifact location is a path a file sits in (or above): prepare died on MLflow's
+    NotADirectoryError traceback, exit 1, as it logged the dataset, leaving a FAILED run holding nothing (and under
+    `mlflow run`, the run it opened too). Now one line naming the folder, exit 2, before any run opens; the run
+    `mlflow run` opened goes to the trash, as for a bad param."""
+    from bench.servers import server_run_command
+
+    client = MlflowClient()
+    (tmp_path / "a file").write_text("not a folder")
+    location = tmp_path / "a file" / ("" if where == "in place of the folder" else "artifacts")
+    client.create_experiment("blocked", artifact_location=str(location).rstrip("/"))
+    expected = (f"error: tracking.experiment: experiment 'blocked' keeps its artifacts in {str(location).rstrip('/')},"
+                f" where this user cannot write: {tmp_path / 'a file'} is a file, not a folder; ")
+    refused = in_process("prepare", "--params", TINY, "--overrides", "tracking.experiment=blocked")
+    command, _ = server_run_command("", "blocked", "prepare", {"params": TINY})
+    under_mlflow_run = subprocess.run(command, env=store, capture_output=True, text=True, timeout=600)
+    for result in (refused, under_mlflow_run):
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-3000:]
+    assert refused.returncode == 2
+    experiment_id = client.get_experiment_by_name("blocked").experiment_id
+    # the one `mlflow run` opened goes to the trash, FAILED, once `mlflow run` has exited
+    (opened,) = eventually(lambda: client.search_runs([experiment_id], run_view_type=ViewType.DELETED_ONLY))
+    assert opened.info.status == "FAILED" and client.search_runs([experiment_id]) == []
+
+
 def test_a_run_without_a_checkpoint_or_a_dataset_without_its_summary_is_refused_before_a_run_opens(store, tmp_path):
     """resume=<id> of a train run that left no checkpoint (a finished one) was refused only inside main's run,
     after Keras loaded; a local dataset whose dataset.json is not prepare's raised a traceback."""
@@ -530,6 +559,24 @@ def test_a_dataset_path_with_a_percent_sign_in_a_folder_name_is_that_path(store,
     assert trained.returncode == 0, trained.stderr[-3000:]
     (run,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
     assert run.data.tags["dataset_uri"] == str(path)
+
+
+def test_a_prepare_runs_dataset_read_leaves_no_copy_in_the_temporary_folder(store, tmp_path, in_process, monkeypatch):
+    """Every train and evaluate of a `runs:/<id>/dataset/dataset.npz` left MLflow's download of the file in a folder of
+    its own under /tmp, never removed: 184 MB each for CIFAR-10, a copy per trial of a sweep. Read, it is gone."""
+    import tempfile
+
+    from pipeline.tracking.resume import dataset_sha256
+
+    prepared = in_process("prepare", "--params", TINY, "--overrides", "tracking.experiment=e2e")
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    dataset_uri = prepared.stdout.splitlines()[-1].removeprefix("dataset_uri=")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    dataset = prepare.load_dataset(dataset_uri)
+    assert len(dataset.x_train) == 1024 and len(dataset.x_test) == 256  # params/tiny.yaml's
+    assert len(dataset_sha256(dataset_uri)) == 64
+    assert list((tmp_path / "tmp").rglob("*")) == []
 
 
 def test_a_step_freezes_its_objects_out_of_the_collections_at_exit(tmp_path):
@@ -1205,6 +1252,24 @@ def test_an_evaluation_of_a_registry_uri_lands_on_its_logged_model(store):
     assert steps.registered_model_id("models:/cifar10-resnet@nobody") is None
     assert steps.registered_model_id("models:/cifar10-resnet/no-such-stage") is None
     assert steps.registered_model_id("models:/cifar10-resnet/2") is None
+
+
+def test_register_takes_the_runs_model_uri_evaluate_takes(store, in_process):
+    """`-e evaluate -P model_uri=runs:/<train run id>/model` scored the model, then `-e register` with the same URI was
+    refused ("expected a logged model URI models:/m-..."): register takes what evaluate takes, and registers the logged
+    model behind it."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    source_run = MlflowClient().get_logged_model(uri.removeprefix("models:/")).source_run_id
+    done = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                      "--model-uri", f"runs:/{source_run}/model")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "registered cifar10-resnet v1: @champion moved" in done.stdout, done.stdout[-3000:]
+    (version,) = MlflowClient().search_model_versions("name = 'cifar10-resnet'")
+    assert registry.version_model_uri(version) == uri
+    refused = in_process("register", "--params", TINY, "--model-uri", f"runs:/{source_run}/no-such-model")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: model_uri: expected a logged model URI models:/m-..., got 'runs:/{source_run}/no-such-model'")
 
 
 class Answers(mlflow.pyfunc.PythonModel):

@@ -382,12 +382,14 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
     assert [m.status for m in models if m.model_uri not in ready] == ([] if uploaded else [LoggedModelStatus.FAILED])
 
 
+@pytest.mark.parametrize("again", [[], ["--resume"]], ids=["first-command", "resume-by-id"])
 def test_an_extension_stopped_before_it_trained_leaves_a_rerun_of_the_first_command_its_own_epochs(
-        store, tmp_path, monkeypatch, in_process):
+        store, tmp_path, monkeypatch, in_process, again):
     """`resume=<id>` with more epochs, stopped (Ctrl-C) while its data loaded or its model was built: the run's tag
     `extended_epochs`, run name and description kept the longer count, though a rerun of the first command, which
     resumes it (its `train_key` is still that command's), trained it to the first count: `2 -> 3`, `-e3-`, "3
-    epochs" on a model of 2."""
+    epochs" on a model of 2. The first command with `resume=<id>` was refused ("can only keep or extend its 3
+    epochs, got 2") though the run had trained on the 2 epochs' schedule alone: it goes on as the plain rerun does."""
     from mlflow.exceptions import MlflowException
 
     from pipeline import train
@@ -413,12 +415,39 @@ def test_an_extension_stopped_before_it_trained_leaves_a_rerun_of_the_first_comm
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     monkeypatch.setattr(train, "compile_model", compile_model)
 
-    done = in_process("train", *command)
+    done = in_process("train", *command, *(again and [*again, run_id]))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming train run {run_id}" in done.stdout and "Epoch " not in done.stdout
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and "extended_epochs" not in run.data.tags
     assert "-e2-" in run.info.run_name and ", 2 epochs," in run.data.tags["mlflow.note.content"]
+
+
+def test_an_extension_that_trained_is_not_shrunk_back_and_says_why(store, tmp_path, monkeypatch, in_process):
+    """An extension from 1 epoch to 2 that trained on their schedule (its model's upload failed after): `resume=<id>`
+    with the first command's 1 epoch is refused, one line naming the extension and the counts that go on with it."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import train
+
+    command = ["--params", TINY, "--epochs", "1", "--overrides", f"tracking.experiment=e2e {FEWER}"]
+
+    def upload_fails(*args, **kwargs):
+        raise MlflowException("the artifact store went away")
+
+    monkeypatch.setattr(train, "log_trained_model", upload_fails)  # trained, not finished: a checkpoint is left
+    with pytest.raises(MlflowException, match="went away"):
+        in_process("train", *command)
+    (folder,) = (tmp_path / "checkpoints").iterdir()
+    run_id = folder.name
+    with pytest.raises(MlflowException, match="went away"):
+        in_process("train", *command[:3], "2", *command[4:], "--resume", run_id)
+    assert Checkpoint.completed_epochs(folder) == 2
+    refused = in_process("train", *command, "--resume", run_id)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: train.epochs: run {run_id} was extended from 1 to 2 epochs and trained on their schedule since: "
+        f"resuming it can only keep or extend its 2 epochs, got 1 (resume=never starts afresh)")
 
 
 def test_the_model_kept_on_a_rerun_is_one_logged_whole_after_the_last_epoch(store):

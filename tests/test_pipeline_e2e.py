@@ -129,6 +129,8 @@ def test_each_entry_point_runs_on_its_own(store, in_process, tmp_path):
     experiment = client.get_experiment_by_name("e2e").experiment_id
     prepare_run = client.search_runs([experiment], "tags.step = 'prepare'")[0]
     dataset_uri = f"runs:/{prepare_run.info.run_id}/dataset/dataset.npz"
+    # the URI `-e train` and `-e evaluate` take, on stdout's last line as their -P: no digging for it in the UI
+    assert prepared.stdout.splitlines()[-1] == f"dataset_uri={dataset_uri}", prepared.stdout[-3000:]
     folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{prepare_run.info.run_id}/dataset"))
     assert steps.dataset_params(str(folder / "dataset.npz"))["data.synthetic_test"] == "128"  # a copy says it too
 

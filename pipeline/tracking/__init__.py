@@ -545,10 +545,11 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
         ctx = mlflow.start_run(run_name=run_name or step, nested=True, experiment_id=parent.info.experiment_id,
                                tags=tags, log_system_metrics=system_metrics)
     elif os.environ.get("MLFLOW_RUN_ID"):
+        _check_artifact_location(mlflow.MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id)
         ctx = mlflow.start_run(tags=tags, log_system_metrics=system_metrics)
     else:
         if experiment:
-            _set_experiment(experiment)
+            _check_artifact_location(_set_experiment(experiment).experiment_id)
         ctx = mlflow.start_run(run_name=run_name or step, tags=tags, log_system_metrics=system_metrics)
     with _ended_with_reason(ctx, not_failures) as run:
         if run_name:  # `mlflow run` names its run at random; a descriptive name reads better in the UI
@@ -556,14 +557,48 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
         yield run
 
 
-def _set_experiment(name: str) -> None:
-    """`mlflow.set_experiment`; ConfigError naming `tracking.experiment` if that experiment is in MLflow's trash
-    (MLflow refuses to reuse its name: a traceback, before any run was opened)."""
+def _set_experiment(name: str) -> mlflow.entities.Experiment:
+    """`mlflow.set_experiment`, which it returns; ConfigError naming `tracking.experiment` if that experiment is in
+    MLflow's trash (MLflow refuses to reuse its name: a traceback, before any run was opened)."""
     found = mlflow.MlflowClient().get_experiment_by_name(name)
     if found is not None and found.lifecycle_stage == "deleted":
         raise ConfigError(f"tracking.experiment: {name!r} is in MLflow's trash; restore it (mlflow experiments "
                           f"restore --experiment-id {found.experiment_id}) or name another")
-    mlflow.set_experiment(name)
+    return mlflow.set_experiment(name)
+
+
+def _check_artifact_location(experiment_id: str) -> None:
+    """ConfigError naming the folder where experiment `experiment_id` keeps its artifacts in a local folder this user
+    cannot write: a file sits in its place or in the place of a folder above it, or it (or, missing, the nearest
+    folder above it, where it would be created) is read-only. MLflow's NotADirectoryError or PermissionError came as a
+    traceback once the step's first artifact was written, its run ended FAILED with nothing in it. Other artifact
+    stores (a server's, a bucket) are left to their owner."""
+    import pwd
+
+    experiment = mlflow.MlflowClient().get_experiment(experiment_id)
+    location = experiment.artifact_location or ""
+    if location.startswith("file:"):
+        location = local_file_uri_to_path(location)
+    elif re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", location) or not location:  # s3://, mlflow-artifacts:/, ...
+        return
+    path = Path(location)
+    found = next((p for p in (path, *path.parents) if p.exists()), None)
+    if found is None:
+        return
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    if not found.is_dir():
+        reason = f"{found} is a file, not a folder"
+    elif not os.access(found, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        reason = (f"{found} is read-only for user {user}" if found == path
+                  else f"{path} does not exist, and user {user} may not create it in {found}")
+    else:
+        return
+    raise ConfigError(f"tracking.experiment: experiment {experiment.name!r} keeps its artifacts in {path}, where this "
+                      f"user cannot write: {reason}; make it a folder user {user} may write, or name another "
+                      f"experiment")
 
 
 @contextlib.contextmanager
@@ -850,10 +885,10 @@ TEST_DATA_TAG = "test_data_sha256"
 # Tag on a training run: the sha256 of the images its val_acc was measured on (`data.arrays_digest`; with
 # train.validation_fraction 0 the test split's, equal to its TEST_DATA_TAG). val_accs compare only between equal ones.
 VAL_DATA_TAG = "val_data_sha256"
-# Tag on a train or evaluate run of a local dataset file (`dataset_uri` a path or a `file:` URI): the sha256 of the
-# file's bytes (`resume.local_dataset_sha256`), on a train run when it last started or resumed (`config_to_resume`
-# checks a `resume=<id>` against it). An evaluation is of the data a model trained on where these are equal, however
-# either command spelled the path (`same_dataset`).
+# Tag on a train or evaluate run: the sha256 of the dataset file's bytes (`resume.dataset_sha256`: a local file's, or a
+# `runs:/` artifact's), on a train run when it last started or resumed (`config_to_resume` checks a `resume=<id>` on a
+# local file against it). An evaluation is of the data a model trained on where these are equal, however either
+# command spelled the path or named the file (a copy of a prepare run's artifact: `same_dataset`).
 DATASET_SHA256 = "dataset_sha256"
 
 

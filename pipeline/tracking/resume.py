@@ -46,6 +46,7 @@ from pipeline.tracking import (
     json_digest,
     local_path,
     sqlite_file,
+    steps,
     trained_dataset_uri,
     unfinished_runs,
 )
@@ -498,6 +499,18 @@ def local_dataset_sha256(dataset_uri: str) -> str | None:
         raise data.DataError(f"dataset_uri: {exc.filename}: cannot be read ({exc.strerror or exc})") from None
 
 
+def dataset_sha256(dataset_uri: str) -> str:
+    """The sha256 of the bytes of the dataset file `dataset_uri` names: a local file's (`local_dataset_sha256`), or a
+    `runs:/` artifact's (downloaded, or where a local artifact store keeps it): tag `DATASET_SHA256` of the train and
+    evaluate runs of it, by which compare finds the evaluation of the data a model trained on whichever way each
+    command named it (a prepare run's artifact, a copy of it beside the project: `same_dataset`). DataError naming
+    `dataset_uri` if it cannot be read."""
+    if digest := local_dataset_sha256(dataset_uri):
+        return digest
+    with steps.downloaded_artifact(dataset_uri, "dataset_uri") as path:
+        return local_dataset_sha256(path)
+
+
 def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> str | None:
     """The train run to continue, or None to start a new one.
 
@@ -729,7 +742,8 @@ def mark_pipeline_done(train_run_id: str) -> None:
 def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> str:
     """Check that `cfg` (and `dataset_uri`, if given) are what train run `run_id` was started with; return
     the run's dataset URI. `train.epochs` may grow, to extend the run (the lr schedule is then built for
-    the new length), and the params in `NOT_TRAINING` may change; any other difference is a ConfigError naming
+    the new length), or go back to the run's own count where an extension stopped before it trained
+    (`_extension_untrained`), and the params in `NOT_TRAINING` may change; any other difference is a ConfigError naming
     the keys, as is a local dataset file that holds other bytes than the run trained on (`_check_same_bytes`), a run in
     MLflow's trash, one that left no checkpoint here or one a live process trains now."""
     try:
@@ -756,7 +770,12 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
                             for k in differ)
         raise config.ConfigError(f"resume: run {run_id} was started with other params: {details}; give the "
                                  f"command it was started with (train.epochs may grow), or resume=never")
-    if cfg.train.epochs < logged.train.epochs:
+    if cfg.train.epochs < logged.train.epochs and not _extension_untrained(run, cfg, trained_on):
+        if "extended_epochs" in run.data.tags:
+            raise config.ConfigError(
+                f"train.epochs: run {run_id} was extended from {params.get('train.epochs')} to {logged.train.epochs} "
+                f"epochs and trained on their schedule since: resuming it can only keep or extend its "
+                f"{logged.train.epochs} epochs, got {cfg.train.epochs} (resume=never starts afresh)")
         raise config.ConfigError(f"train.epochs: resuming run {run_id} can only keep or extend its "
                                  f"{logged.train.epochs} epochs, got {cfg.train.epochs}")
     _check_same_bytes(run, dataset_uri or trained_on)
@@ -768,6 +787,14 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     check_checkpoint_readable(run_id)
     return trained_on
+
+
+def _extension_untrained(run: mlflow.entities.Run, cfg: config.Config, dataset_uri: str) -> bool:
+    """Whether train run `run` was extended (tag `extended_epochs`) by a command stopped before it trained, and `cfg`
+    is the command the run last trained with (its tag `train_key`, set as training begins): the run goes on at
+    `cfg`'s epochs, as a rerun of that command does (`log_train_params` drops the tag). `resume=<id>` with them was
+    refused as shrinking the run to fewer epochs than the extension's."""
+    return "extended_epochs" in run.data.tags and run.data.tags.get("train_key") == train_key(cfg, dataset_uri)
 
 
 def _check_same_bytes(run: mlflow.entities.Run, dataset_uri: str) -> None:

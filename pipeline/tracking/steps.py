@@ -2,7 +2,8 @@
 
 - prepare: `log_prepared` (data params, cache key and digest tags, description, the MLflow dataset
   input, counts); `log_dataset_input` logs that input on a train run too; `check_artifact_uri` and
-  `download_artifact` read a dataset URI back, `dataset_params` the data params it was prepared with.
+  `download_artifact` (`downloaded_artifact`: for a block only) read a dataset URI back, `dataset_params` the data
+  params it was prepared with.
 - evaluate: `load_classifier` (the served pyfunc's Python model, refused where the scoring code logged with it,
   SCORING_CODE, is not the code this process loaded: `scoring_code_changes`), `log_evaluation` (params, and the test
   metrics on the run and on the logged model, `logged_model_id`).
@@ -14,9 +15,12 @@ Files a step writes go in through `pipeline.tracking.artifact_dir`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -136,6 +140,22 @@ def download_artifact(uri: str, what: str) -> str:
         return mlflow.artifacts.download_artifacts(artifact_uri=found)
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
         raise data.DataError(f"{what}: cannot read {uri} ({exc})") from None
+
+
+@contextlib.contextmanager
+def downloaded_artifact(uri: str, what: str) -> Iterator[str]:
+    """The artifact `uri` as a local file for the duration: a local file where it is, anything else downloaded into a
+    temporary folder removed after (MLflow's own download into one of its own was left in the temporary folder).
+    DataError naming the key `what` if it cannot be."""
+    if not urllib.parse.urlparse(uri).scheme or uri.startswith("file:"):
+        yield download_artifact(uri, what)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+            raise data.DataError(f"{what}: cannot read {uri} ({exc})") from None
+        yield path
 
 
 def dataset_params(uri: str) -> dict[str, str]:

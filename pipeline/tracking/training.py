@@ -36,6 +36,7 @@ from pipeline.tracking.resume import (
     claim,
     claimed,
     code_change,
+    dataset_sha256,
     local_dataset_sha256,
     log_train_params,
     train_code,
@@ -55,8 +56,9 @@ WALL_METRIC = "wall_seconds"
 def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str]) -> str:
     """Claim the active train run for this process (see `resume.claim`; ConfigError if another process
     trains it now), log every param (`resume.log_train_params`), the dataset input of `dataset_uri`'s prepare run
-    (`steps.log_dataset_input`, context `train`), `tags` and tags `train_key`, `train_code` and (a local dataset file)
-    `dataset_sha256`, and the resolved config as `config.json`. Returns the run's id."""
+    (`steps.log_dataset_input`, context `train`), `tags` and tags `train_key`, `train_code` and `dataset_sha256` (the
+    dataset file's bytes, a local file's or a `runs:/` artifact's), and the resolved config as `config.json`. Returns
+    the run's id."""
     run_id = active_run_id()
     if not claim(run_id):
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
@@ -69,8 +71,9 @@ def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str]) -
         step = f"{changed[0][:12]} -> {changed[1][:12]} after epoch {epochs}"
         tags = {**tags, "resumed_across_code": f"{across}, {step}" if across else step}
     digest = local_dataset_sha256(dataset_uri)  # a local file's bytes, which a `resume=<id>` is checked against
+    # a `runs:/` artifact's too (in no key: it never changes): compare finds its evaluation on a copy of the file
     mlflow.set_tags({**tags, "train_key": train_key(cfg, dataset_uri, digest), "train_code": train_code(),
-                     **({DATASET_SHA256: digest} if digest else {})})
+                     DATASET_SHA256: digest or dataset_sha256(dataset_uri)})
     mlflow.log_dict(dataclasses.asdict(cfg), "config.json")
     return run_id
 
