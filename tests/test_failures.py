@@ -1366,7 +1366,7 @@ def test_a_model_whose_training_run_was_deleted_for_good_registers_whole(store):
         assert "decision" in client.get_model_version("cifar10-resnet", version).tags  # finished
 
 
-def test_evaluate_records_how_many_test_images_it_scored(store, monkeypatch):
+def test_evaluate_records_how_many_test_images_it_scored(store, monkeypatch, tmp_path):
     """Two evaluations, on the whole test split and on a `data.max_test` subset, differed in the UI by a digest
     only: the count of images scored was in metrics.json alone."""
     from types import SimpleNamespace
@@ -1383,7 +1383,9 @@ def test_evaluate_records_how_many_test_images_it_scored(store, monkeypatch):
     with mlflow.start_run(experiment_id=experiment_id):
         uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        evaluate.run(config.load(TINY), uri, "runs:/0/dataset/dataset.npz")
+        stub_data = tmp_path / "stub-data.npz"  # read by the stub; evaluate digests the file's bytes
+        stub_data.write_bytes(b"")
+        evaluate.run(config.load(TINY), uri, str(stub_data))
     assert MlflowClient().get_run(run.info.run_id).data.metrics["test_images"] == 40
     assert registry.model_test_acc(uri).metrics["test_images"] == 40  # on the model's page too
 
