@@ -299,3 +299,23 @@ def test_train_validation_seed_alone_draws_the_held_out_images(store, in_process
     assert tags["train.seed=0"] == expected[0]  # null: train.seed draws them, as before the key
     assert tags["train.seed=1 train.validation_seed=0"] == expected[0]  # another seed, the same images
     assert tags["train.seed=0 train.validation_seed=1"] == expected[1] != expected[0]  # validation_seed alone
+
+
+def test_a_train_run_records_what_its_params_resolve_to(store, in_process):
+    """train.lr_scaling linear trained at train.lr * batch / 128 while the run's description said train.lr (the run
+    name said the other), and nothing recorded the warm-up's steps, the epochs the step schedule decays after or how
+    many images were held out: each was worked out again by hand from the params and the data."""
+    done = in_process("train", "--params", TINY, "--epochs", "2", "--overrides",
+                      "tracking.experiment=e2e data.synthetic_train=256 train.validation_fraction=0.25 "
+                      "train.lr_scaling=linear train.schedule=step train.lr_boundaries=[0.5] train.warmup=0.25")
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
+    tags, metrics = run.data.tags, run.data.metrics
+    assert run.data.params["train.lr"] == "0.05" and tags["effective_lr"] == "0.0125"  # 0.05 * 32 / 128
+    assert run.info.run_name.endswith("-lr0.0125") and "lr 0.0125 (train.lr 0.05" in tags["mlflow.note.content"]
+    assert (metrics["train_images"], metrics["val_images"]) == (192, 64)  # a quarter of 256 held out
+    assert tags["steps_per_epoch"] == "6"  # 192 / 32
+    assert tags["warmup_steps"] == "3" and tags["lr_decay_epochs"] == "[1]"  # a quarter of 12 steps; half of 2 epochs
+    lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
+    assert lrs[1] == pytest.approx(0.0125) and lrs[2] == pytest.approx(0.00125)  # the peak, then decayed after epoch 1

@@ -1002,8 +1002,11 @@ def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             digest = json.loads(Path(local).with_name("dataset.json").read_text()).get("sha256") or digest
     epochs = tags.get("extended_epochs", "").rpartition("-> ")[2] or params.get("train.epochs", "?")
+    lr = params.get("train.lr", "?")
+    if (effective := tags.get("effective_lr")) and effective != lr:  # train.lr_scaling linear: the lr trained with
+        lr = f"{effective} (train.lr {lr} scaled to the batch)"
     note = (f"{model_summary(params, tags)}, {epochs} epochs, "
-            f"batch {params.get('train.batch_size', '?')}, lr {params.get('train.lr', '?')}.\n\n"
+            f"batch {params.get('train.batch_size', '?')}, lr {lr}.\n\n"
             f"Data: `{params.get('data.source', '?')}`, sha256 `{digest}` (prepare run `{prepare_id}`).\n\n"
             f"Model: `{tags.get('model_uri', '?')}`.")
     try:
