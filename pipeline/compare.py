@@ -5,7 +5,8 @@ Reads:  training runs (tag step = 'train') of every experiment, or of one, or na
         evaluate logged on each run's model (train runs carry the model's URI in tag `model_uri`).
 Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
         run: the params (and the PROVENANCE_TAGS: `train_code`, `backend`, `dtype_policy`, `jit_compile`,
-        `replicas`) that differ between the runs, epochs, final and best `val_acc`,
+        `replicas`; `effective_lr` where train.lr_scaling made the lr trained at another) that differ between the
+        runs, epochs, final and best `val_acc`,
         `val_data` where the runs' validation images differ or one validated on the test split,
         `val_images_in_train` where a val_acc counts images its run trained on,
         `test_acc` on the dataset it trained on, `test_data` where the runs' test splits differ,
@@ -144,6 +145,22 @@ def wall_seconds(run: pd.Series) -> tuple[float, bool]:
     return (run["end_time"] - run["start_time"]).total_seconds(), True
 
 
+# Tag of a train run: train.lr after train.lr_scaling, the peak lr it trained with (`fitting.schedule_tags`).
+EFFECTIVE_LR = "effective_lr"
+
+
+def scaled_lr_differs(runs: pd.DataFrame) -> bool:
+    """Whether the runs trained at different lrs (tag EFFECTIVE_LR) where one of them scaled train.lr
+    (train.lr_scaling linear): two runs of train.lr 0.1 at batch 128 and 256 trained at 0.1 and 0.2, and the table's
+    differing params showed train.batch_size alone; runs that scaled nothing have their lr in column train.lr."""
+    if f"tags.{EFFECTIVE_LR}" not in runs:
+        return False
+    lrs = runs[f"tags.{EFFECTIVE_LR}"]
+    given = runs["params.train.lr"] if "params.train.lr" in runs else pd.Series(None, index=runs.index)
+    scaled = lrs.notna() & (lrs.astype("string") != given.astype("string"))
+    return lrs.dropna().nunique() > 1 and bool(scaled.any())
+
+
 def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataFrame:
     """One row per run: name, run id, the differing params (without the `params.` prefix) and PROVENANCE_TAGS,
     RESULT_COLUMNS (with `val_data` after best_val_acc where the validation images differ or a run validated on
@@ -153,6 +170,8 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
     rows = []
     varying = differing_params(runs)
     provenance = [t for t in PROVENANCE_TAGS if f"tags.{t}" in runs and runs[f"tags.{t}"].dropna().nunique() > 1]
+    if scaled_lr_differs(runs):  # beside train.lr, which is not the lr trained with under train.lr_scaling linear
+        provenance.append(EFFECTIVE_LR)
     for _, run in runs.iterrows():
         history = histories[run["run_id"]]
         # on the data it trained on: a later evaluation on other test images (a data.max_test subset, another

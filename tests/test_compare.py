@@ -499,6 +499,29 @@ def test_runs_of_the_same_params_trained_in_another_precision_or_backend_are_mar
     assert table["backend"].tolist() == ["tensorflow", "jax", "tensorflow"]
 
 
+def test_runs_trained_at_other_lrs_by_train_lr_scaling_are_marked(monkeypatch):
+    """train.lr_scaling linear trains at train.lr * batch / 128: two runs of train.lr 0.1 at batches 128 and 256
+    trained at 0.1 and 0.2, and the table showed train.batch_size alone differing, the lr the same."""
+    import pandas as pd
+
+    from pipeline import compare
+
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({}, None))
+    runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "tags.model_uri": [None] * 3,
+                         "start_time": pd.NaT, "end_time": pd.NaT, "params.train.lr": ["0.1"] * 3,
+                         "params.train.batch_size": ["128", "256", "256"],
+                         "params.train.lr_scaling": ["linear", "linear", "none"],
+                         "tags.effective_lr": ["0.1", "0.2", "0.1"]})
+    histories = {r: pd.Series({1: 0.5}) for r in "abc"}
+    table = compare.build_table(runs, histories)
+    assert table["effective_lr"].tolist() == ["0.1", "0.2", "0.1"]
+    # no column where every run trained at train.lr, or at one lr, or a run from before the tag
+    runs["params.train.lr_scaling"], runs["tags.effective_lr"] = "none", ["0.1", "0.1", None]
+    assert "effective_lr" not in compare.build_table(runs, histories)
+    runs["params.train.lr"], runs["tags.effective_lr"] = ["0.1", "0.2", "0.3"], ["0.1", "0.2", "0.3"]
+    assert "effective_lr" not in compare.build_table(runs, histories)
+
+
 def test_the_parameters_mlflow_run_logs_on_a_train_run_are_no_columns(monkeypatch):
     """`mlflow run . -e train -P params=...` logs its entry point's parameters on the train run as given (`''` where
     left out): they showed as columns `params`, `data`, `overrides`, `resume` beside the dotted params they resolve
