@@ -145,6 +145,7 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
     flat.update({f"test_acc_{k}": v for k, v in metrics["per_class_acc"].items()})
     # the file's bytes too: compare finds this evaluation of the data a model trained on by them, however the two
     # commands spelled its path (`./d.npz`, `d.npz`, its absolute path, a file:// URI)
+    steps.log_dataset_input(dataset_uri, "test", dataset)  # the UI's Dataset column: which data it scored
     steps.log_evaluation({"model_uri": model_uri, "dataset_uri": dataset_uri,
                           "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta}, flat, scored,
                          dataset.digest(test_only=True), local_dataset_sha256(dataset_uri))

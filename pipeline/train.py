@@ -153,7 +153,7 @@ def train_session(cfg: config.Config, dataset_uri: str, dist: Distribution | Non
         # what val_acc is measured on: compare tells runs validated on other images (or on the test split) apart
         VAL_DATA_TAG: arrays_digest(splits[2:], dataset.class_names),
         **fitting.schedule_tags(t, train_images),  # what train.lr, train.warmup, train.lr_boundaries resolve to
-        **({"cpu_fast_path_probe": json.dumps(fitting.PROBED)} if fitting.PROBED else {})})
+        **({"cpu_fast_path_probe": json.dumps(fitting.PROBED)} if fitting.PROBED else {})}, dataset)
     log_metrics({"train_images": train_images, "val_images": len(splits[2])})  # held out (or the test split's)
     log_val_images_in_train(splits, t.validation_fraction)
     print(f"training {model.name} ({model.count_params():,} params) on {train_images} images, "

@@ -114,6 +114,12 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store, in_process):
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == str(best.version)
 
 
+def dataset_inputs(run) -> list[tuple[str, str, str]]:
+    """(name, digest, context) of each dataset input of `run`."""
+    return [(i.dataset.name, i.dataset.digest, {t.key: t.value for t in i.tags}.get("mlflow.data.context"))
+            for i in run.inputs.dataset_inputs]
+
+
 def logged_file(model_uri: str, path: str) -> Path:
     """The file `path` of the logged model `models:/m-...` where the (local) artifact store keeps it."""
     location = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
@@ -176,6 +182,10 @@ def test_each_entry_point_runs_on_its_own(store, in_process, tmp_path):
     assert "note: evaluate.tta=flip not applied" in evaluated.stderr
     evaluate_run = client.search_runs([experiment], "tags.step = 'evaluate'")[0]
     assert evaluate_run.data.params["evaluate.tta"] == "none"
+    # the UI's Dataset column names the data an evaluate run scored (it had none), as the train run's does
+    prepared_input = prepare_run.inputs.dataset_inputs[0].dataset
+    assert dataset_inputs(evaluate_run) == [(prepared_input.name, prepared_input.digest, "test")]
+    assert dataset_inputs(train_run) == [(prepared_input.name, prepared_input.digest, "train")]
     registered = mlflow_run(store, "register", params=TINY, model_uri=model_uri,
                             overrides="register.model_name=standalone")
     assert registered.returncode == 0, registered.stderr[-3000:]
@@ -191,6 +201,9 @@ def test_each_entry_point_runs_on_its_own(store, in_process, tmp_path):
     rescore = client.search_runs([experiment], "tags.step = 'evaluate'", order_by=["attributes.start_time DESC"])[0]
     assert rescore.info.status == "FINISHED" and "test_acc" in rescore.data.metrics
     assert rescore.data.params["dataset_uri"] == f"'{spaced}'"  # as `mlflow run` logged it, kept
+    # a dataset file no prepare run logged: named after the file, of the digest its arrays have in a prepare run
+    assert dataset_inputs(rescore) == [("dataset.npz", prepared_input.digest, "test")]
+    assert json.loads(rescore.inputs.dataset_inputs[0].dataset.source)["uri"] == spaced.as_uri()
 
     # -e train on data no prepare run holds yet: the run `mlflow run` opened is the train run, the prepare a run
     # of its own beside it, both in the experiment asked for (the prepare took that run, train went elsewhere)

@@ -82,19 +82,25 @@ def prepared_training_images(dataset_uri: str) -> int | None:
     return int(metrics["train_images"]) if "train_images" in metrics else None
 
 
-def log_dataset_input(dataset_uri: str, context: str) -> None:
-    """Log on the active run, with `context`, the dataset input of the prepare run `runs:/<id>/...` names: the same
-    name, digest and source, so the MLflow UI's Dataset column and filter show which data each training run used (a
-    train run had none: the data was named only in its description). Nothing for a dataset file no prepare run
-    logged, or a prepare run gone."""
+def log_dataset_input(dataset_uri: str, context: str, dataset: data.Dataset | None = None) -> None:
+    """Log on the active run, with `context` (`train`, `test`), the dataset input of the prepare run `runs:/<id>/...`
+    names: the same name, digest and source, so the MLflow UI's Dataset column and filter show which data each
+    training and evaluate run used (a train run had none: the data was named only in its description). For a dataset
+    file no prepare run logged (`-P dataset_uri=PATH`), `dataset` read from it: an input named after the file, of the
+    digest a prepare run of those arrays logs and the file as its source. Nothing where there is neither (a prepare
+    run gone)."""
     prepare_id = prepare_run_id(dataset_uri)
     client = mlflow.MlflowClient()
     try:
-        inputs = client.get_run(prepare_id).inputs.dataset_inputs if prepare_id else []
+        inputs = [found.dataset for found in client.get_run(prepare_id).inputs.dataset_inputs] if prepare_id else []
     except MlflowException:
-        return  # the prepare run was deleted for good (`mlflow gc`)
+        inputs = []  # the prepare run was deleted for good (`mlflow gc`)
+    if not inputs and dataset is not None and not prepare_id:
+        path = Path(local_path(dataset_uri)).resolve()
+        inputs = [mlflow.data.from_numpy(dataset.x_train, targets=dataset.y_train, source=path.as_uri(),
+                                         name=path.name, digest=dataset.digest()[:32])._to_mlflow_entity()]
     client.log_inputs(mlflow.active_run().info.run_id, [
-        DatasetInput(found.dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]) for found in inputs[:1]])
+        DatasetInput(found, [InputTag(MLFLOW_DATASET_CONTEXT, context)]) for found in inputs[:1]])
 
 
 def _source(cfg: config.Config):
