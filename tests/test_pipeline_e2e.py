@@ -332,3 +332,30 @@ def test_a_train_run_records_what_its_params_resolve_to(store, in_process):
     assert tags["warmup_steps"] == "3" and tags["lr_decay_epochs"] == "[1]"  # a quarter of 12 steps; half of 2 epochs
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
     assert lrs[1] == pytest.approx(0.0125) and lrs[2] == pytest.approx(0.00125)  # the peak, then decayed after epoch 1
+
+
+def test_a_step_run_says_whether_its_checkout_had_uncommitted_changes(store, tmp_path, monkeypatch):
+    """Every step's run named its git commit, and a run of a checkout with an edit not committed named the same commit
+    as one without: the commit did not give back the code that ran. Tag `git_dirty` says which."""
+    import pipeline.tracking as tracking
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    git = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (checkout / "train.py").write_text("lr = 0.1\n")
+    for args in (["init", "-q"], ["add", "train.py"], ["commit", "-qm", "one"]):
+        subprocess.run(git + args, check=True)
+    monkeypatch.setattr(tracking, "PROJECT_ROOT", checkout)
+    tags = {}
+    for state in ("clean", "edited"):
+        if state == "edited":
+            (checkout / "train.py").write_text("lr = 0.2\n")
+        for cached in (tracking.git_commit, tracking.git_dirty):
+            cached.cache_clear()
+        with tracking.open_run("prepare", experiment="e2e") as run:
+            pass
+        tags[state] = MlflowClient().get_run(run.info.run_id).data.tags
+    tracking.git_commit.cache_clear()
+    tracking.git_dirty.cache_clear()
+    assert tags["clean"]["git_commit"] == tags["edited"]["git_commit"]
+    assert (tags["clean"]["git_dirty"], tags["edited"]["git_dirty"]) == ("false", "true")
