@@ -6,7 +6,7 @@ Reads:  training runs (tag step = 'train') of every experiment, or of one, or na
 Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
         run: the params (and the PROVENANCE_TAGS: `train_code`, `backend`, `dtype_policy`, `jit_compile`,
         `replicas`; `effective_lr` where train.lr_scaling made the lr trained at another) that differ between the
-        runs, epochs, final and best `val_acc`,
+        runs, `data` where the datasets they trained on differ (the digest of each), epochs, final and best `val_acc`,
         `val_data` where the runs' validation images differ or one validated on the test split,
         `val_images_in_train` where a val_acc counts images its run trained on,
         `test_acc` on the dataset it trained on, `test_data` where the runs' test splits differ,
@@ -184,6 +184,7 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             **{c.removeprefix("params."): run[c] for c in varying},
             **{t: (tag[:12] if t in DIGEST_TAGS else tag) if isinstance(tag := run[f"tags.{t}"], str) else None
                for t in provenance},
+            "data": run.get("data_digest"),
             "epochs": len(history),
             "val_acc": history.iloc[-1] if len(history) else math.nan,
             "best_val_acc": history.max() if len(history) else math.nan,
@@ -198,6 +199,10 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             "test_images_in_train": metrics.get("test_images_in_train", math.nan),
         })
     table = pd.DataFrame(rows)
+    if table["data"].dropna().nunique() <= 1:  # trained on other data (the same data params, an edited image folder)
+        table = table.drop(columns="data")
+    else:
+        table["data"] = table["data"].str[:12]
     spans = table.pop("wall_s_from")
     if spans.any():  # an older run's wall_s is its calendar span: marked beside it
         table.insert(table.columns.get_loc("wall_s") + 1, "wall_s_from", spans.map({True: SPAN, False: ""}))
@@ -249,6 +254,16 @@ def wall_note(table: pd.DataFrame) -> str:
             "recorded the seconds it spent, is its end time less its start time: for a run interrupted and resumed "
             "or extended later, that counts the time between its sessions too, and it compares with no other "
             "row's.\n\n")
+
+
+def data_note(table: pd.DataFrame) -> str:
+    """A line before the table where its runs trained on different data, else ''."""
+    sets = table["data"].dropna().nunique() if "data" in table else 0
+    if sets < 2:
+        return ""
+    return (f"The runs trained on {sets} different datasets (column data: the digest of the prepared dataset each "
+            "trained on, as its Dataset column in the MLflow UI shows it): rows with other data differ by more than "
+            "their params.\n\n")
 
 
 def val_data_note(table: pd.DataFrame) -> str:
@@ -364,8 +379,10 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     else:  # among equal scores the earlier run leads
         runs = runs.sort_values("start_time", kind="stable")
     histories = {run_id: val_acc_history(run_id) for run_id in runs["run_id"]}
+    runs["data_digest"] = runs["run_id"].map(steps.trained_data_digest)
     table = top_runs(build_table(runs, histories), metric, top)
-    markdown = val_data_note(table) + test_data_note(table) + wall_note(table) + markdown_table(table, DECIMALS)
+    markdown = (data_note(table) + val_data_note(table) + test_data_note(table) + wall_note(table)
+                + markdown_table(table, DECIMALS))
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
     if experiment is None:

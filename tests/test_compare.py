@@ -409,6 +409,38 @@ def test_runs_with_equal_scores_are_listed_oldest_first(store):
     assert table["run_id"].tolist() == [ids[0], ids[2], ids[1]]
 
 
+def test_runs_trained_on_other_data_of_the_same_data_params_are_marked(store):
+    """Two runs of one `data.source`, an image folder with half its training images deleted between them, showed as two
+    rows of the same params (validated on the same test split): nothing said one had trained on half the images.
+    A column `data` names the digest of each run's dataset (its dataset input's; a run from before that input, its
+    prepare run's `dataset_sha256`) where they differ, and a line above the table says so."""
+    import numpy as np
+    from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput, InputTag
+
+    from pipeline import compare
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    ids = []
+    for start, digest in ((1_000, "a" * 64), (2_000, "b" * 64), (3_000, "a" * 64)):
+        prepare = client.create_run(experiment, tags={"step": "prepare", "dataset_sha256": digest}).info.run_id
+        run = client.create_run(experiment, start_time=start, tags={
+            "step": "train", "dataset_uri": f"runs:/{prepare}/dataset/dataset.npz"}).info.run_id
+        client.log_param(run, "data.source", "images")
+        if start < 3_000:  # the last run as logged before train runs had a dataset input
+            found = mlflow.data.from_numpy(np.zeros((2, 1)), name="images", digest=digest[:32])._to_mlflow_entity()
+            client.log_inputs(run, [DatasetInput(found, [InputTag("mlflow.data.context", "train")])])
+        client.log_metric(run, "val_acc", 0.5, step=1)
+        client.set_terminated(run, end_time=start + 500)
+        ids.append(run)
+    comparison = compare.run("e2e", metric="val_acc")
+    assert comparison["table"]["data"].tolist() == ["a" * 12, "b" * 12, "a" * 12]
+    assert "The runs trained on 2 different datasets (column data" in comparison["markdown"]
+    one = compare.run("e2e", run_ids=[ids[0], ids[2]], metric="val_acc")
+    assert "data" not in one["table"] and "different datasets" not in one["markdown"]
+
+
 def test_sorting_by_images_trained_on_that_no_run_counts_keeps_the_runs_oldest_first(store):
     """`-P metric=test_images_in_train` (or val_images_in_train), a sort column the docs list, was refused as no metric
     ("must be one of epochs, val_acc, ...") wherever no run counted any such image: the column is left out then."""

@@ -103,6 +103,24 @@ def log_dataset_input(dataset_uri: str, context: str, dataset: data.Dataset | No
         DatasetInput(found, [InputTag(MLFLOW_DATASET_CONTEXT, context)]) for found in inputs[:1]])
 
 
+def trained_data_digest(run_id: str) -> str | None:
+    """The digest of the data train run `run_id` trained on: its dataset input's (context `train`: the first 32 hex
+    digits of the prepared arrays' sha256, whatever the data params say: an image folder edited between two runs of
+    the same `data.source` is other data), else, for a run from before it logged one, its prepare run's tag
+    `dataset_sha256` cut to the same length; None where neither is known."""
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+        for found in run.inputs.dataset_inputs if run.inputs else []:
+            if {t.key: t.value for t in found.tags}.get(MLFLOW_DATASET_CONTEXT) == "train":
+                return found.dataset.digest
+        prepare_id = prepare_run_id(trained_dataset_uri(run))
+        digest = client.get_run(prepare_id).data.tags.get("dataset_sha256") if prepare_id else None
+    except MlflowException:
+        return None  # the run or its prepare run deleted for good
+    return digest[:32] if digest else None
+
+
 def _source(cfg: config.Config):
     if cfg.data.source == "synthetic":
         return CodeDatasetSource(tags={"generator": "pipeline.data.make_synthetic", "seed": str(cfg.data.seed)})
