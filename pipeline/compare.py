@@ -5,8 +5,9 @@ Reads:  training runs (tag step = 'train') of every experiment, or of one, or na
         evaluate logged on each run's model (train runs carry the model's URI in tag `model_uri`).
 Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
         run: the params (and the PROVENANCE_TAGS: `train_code`, `backend`, `dtype_policy`, `jit_compile`,
-        `replicas`; `effective_lr` where train.lr_scaling made the lr trained at another) that differ between the
-        runs, `data` where the datasets they trained on differ (the digest of each), epochs, final and best `val_acc`,
+        `replicas`, `hardware`; `effective_lr` where train.lr_scaling made the lr trained at another) that differ
+        between the runs, `data` where the datasets they trained on differ (the digest of each), epochs, final and
+        best `val_acc`,
         `val_data` where the runs' validation images differ or one validated on the test split,
         `val_images_in_train` where a val_acc counts images its run trained on,
         `test_acc` on the dataset it trained on, `test_data` where the runs' test splits differ,
@@ -64,7 +65,8 @@ IGNORED_PARAMS = ("dataset_uri",
 # on another backend, precision, XLA choice or number of replicas (what `train.precision: auto` and
 # `train.jit_compile: auto` resolved to on the run's machine: a GPU's bfloat16 run and a CPU's float32 run of the same
 # params showed as two rows with no column telling them apart).
-PROVENANCE_TAGS = ("train_code", "backend", "dtype_policy", "jit_compile", "replicas")
+# `hardware` too: what the run's wall_s and images/s were timed on (a faster machine is no faster params).
+PROVENANCE_TAGS = ("train_code", "backend", "dtype_policy", "jit_compile", "replicas", "hardware")
 DIGEST_TAGS = ("train_code",)  # shortened to 12 hex digits in the table
 # Columns where lower is better (so sorted lowest first), besides any `*_loss` and `*_images_in_train` (a score that
 # counts images the model trained on is the less to be trusted the more it counts); the others sort highest first.

@@ -6,11 +6,13 @@ of a cluster and the GPU benchmark call it directly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -350,6 +352,32 @@ def bf16_xla_wrong_here(precision: str, jit: bool | str) -> bool:
     import jax
 
     return jax.default_backend() == "cpu" and jax_cpu_bf16_xla_wrong()
+
+
+def hardware() -> str:
+    """What this host's epochs are timed on (`epoch_seconds`, `images_per_second`, compare's wall_s): its CPU's model
+    and cores, and its GPUs' models (e.g. "AMD EPYC 7B13, 2 cores; 1 x NVIDIA H100 80GB HBM3")."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    gpus = []
+    with contextlib.suppress(Exception):  # a backend that cannot say: the CPU alone
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            gpus = [tf.config.experimental.get_device_details(d).get("device_name", "GPU")
+                    for d in tf.config.list_physical_devices("GPU")]
+        elif keras.backend.backend() == "jax":
+            import jax
+
+            gpus = [d.device_kind for d in jax.devices() if d.platform != "cpu"]
+        elif keras.backend.backend() == "torch":
+            import torch
+
+            gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    counted = [f"{gpus.count(name)} x {name}" for name in dict.fromkeys(gpus)]
+    return f"{cpu}, {os.cpu_count()} cores" + (f"; {', '.join(counted)}" if counted else "")
 
 
 def cpu_allocator() -> str:

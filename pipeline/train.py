@@ -146,7 +146,7 @@ def train_session(cfg: config.Config, dataset_uri: str, dist: Distribution | Non
     run_id = start_training(cfg, dataset_uri, {
         "backend": keras.backend.backend(), "devices": ", ".join(dist.devices),
         "dtype_policy": model.dtype_policy.name, "jit_compile": str(bool(model.jit_compile)).lower(),
-        "cpu_allocator": cpu_allocator(), "compile_cache": fitting.compile_cache(),
+        "cpu_allocator": cpu_allocator(), "hardware": fitting.hardware(), "compile_cache": fitting.compile_cache(),
         "distribute": dist.mode, "workers": str(dist.workers),
         "replicas": str(dist.replicas),  # of every host: `devices` names this host's only (multi_worker)
         "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),

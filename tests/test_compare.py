@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -552,6 +553,27 @@ def test_runs_trained_at_other_lrs_by_train_lr_scaling_are_marked(monkeypatch):
     assert "effective_lr" not in compare.build_table(runs, histories)
     runs["params.train.lr"], runs["tags.effective_lr"] = ["0.1", "0.2", "0.3"], ["0.1", "0.2", "0.3"]
     assert "effective_lr" not in compare.build_table(runs, histories)
+
+
+def test_runs_timed_on_other_hardware_are_marked(monkeypatch):
+    """wall_s and images_per_s of runs trained on two machines (a team's hosts, a laptop and a server) stood side by
+    side with nothing saying they were timed on other hardware: a faster machine read as faster params."""
+    import pandas as pd
+
+    from pipeline import compare
+    from pipeline.fitting import hardware
+
+    assert f"{os.cpu_count()} cores" in hardware()  # this machine's, as a train run tags it
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({}, None))
+    runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "tags.model_uri": [None] * 3,
+                         "start_time": pd.NaT, "end_time": pd.NaT, "params.train.lr": ["0.1"] * 3,
+                         "tags.hardware": ["AMD EPYC 7B13, 2 cores", "AMD EPYC 7B13, 2 cores; 1 x NVIDIA H100",
+                                           None]})
+    histories = {r: pd.Series({1: 0.5}) for r in "abc"}
+    table = compare.build_table(runs, histories)
+    assert table["hardware"].tolist()[:2] == ["AMD EPYC 7B13, 2 cores", "AMD EPYC 7B13, 2 cores; 1 x NVIDIA H100"]
+    runs["tags.hardware"] = "AMD EPYC 7B13, 2 cores"
+    assert "hardware" not in compare.build_table(runs, histories)
 
 
 def test_the_parameters_mlflow_run_logs_on_a_train_run_are_no_columns(monkeypatch):

@@ -318,6 +318,8 @@ def test_a_train_run_records_what_its_params_resolve_to(store, in_process):
     """train.lr_scaling linear trained at train.lr * batch / 128 while the run's description said train.lr (the run
     name said the other), and nothing recorded the warm-up's steps, the epochs the step schedule decays after or how
     many images were held out: each was worked out again by hand from the params and the data."""
+    from pipeline import fitting
+
     done = in_process("train", "--params", TINY, "--epochs", "2", "--overrides",
                       "tracking.experiment=e2e data.synthetic_train=256 train.validation_fraction=0.25 "
                       "train.lr_scaling=linear train.schedule=step train.lr_boundaries=[0.5] train.warmup=0.25")
@@ -330,6 +332,7 @@ def test_a_train_run_records_what_its_params_resolve_to(store, in_process):
     assert (metrics["train_images"], metrics["val_images"]) == (192, 64)  # a quarter of 256 held out
     assert tags["steps_per_epoch"] == "6"  # 192 / 32
     assert tags["warmup_steps"] == "3" and tags["lr_decay_epochs"] == "[1]"  # a quarter of 12 steps; half of 2 epochs
+    assert tags["hardware"] == fitting.hardware()  # what its epoch_seconds and images_per_second were timed on
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
     assert lrs[1] == pytest.approx(0.0125) and lrs[2] == pytest.approx(0.00125)  # the peak, then decayed after epoch 1
 
