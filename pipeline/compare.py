@@ -163,6 +163,25 @@ def scaled_lr_differs(runs: pd.DataFrame) -> bool:
     return lrs.dropna().nunique() > 1 and bool(scaled.any())
 
 
+# Tags of a run resumed by id and what they stand for in the table: a run extended to more epochs (`3 -> 6`: its
+# first 3 on the 3-epoch lr schedule) is no run of its new train.epochs, nor one resumed under other code
+# (`<old> -> <new> after epoch 2`) a run of its new train_code; the cell says what happened.
+RESUMED_AS = {"tags.extended_epochs": "params.train.epochs", "tags.resumed_across_code": "tags.train_code"}
+
+
+def as_trained(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` with each cell RESUMED_AS names replaced, for a run that has the tag, by the tag's value."""
+    runs = runs.copy()
+    for tag, column in RESUMED_AS.items():
+        if tag in runs:
+            resumed = (runs[tag].astype("string").fillna("") != "").astype(bool)
+            if resumed.any():
+                if column not in runs:  # a run from before that param or tag
+                    runs[column] = None
+                runs[column] = runs[column].astype(object).where(~resumed, runs[tag])
+    return runs
+
+
 def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataFrame:
     """One row per run: name, run id, the differing params (without the `params.` prefix) and PROVENANCE_TAGS,
     RESULT_COLUMNS (with `val_data` after best_val_acc where the validation images differ or a run validated on
@@ -170,6 +189,7 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
     `test_data` after test_acc where the test splits differ, `test_images_in_train` where a test_acc counts images
     its model was trained on, `wall_s_from` after wall_s where a run's wall_s is its end - start: `wall_seconds`)."""
     rows = []
+    runs = as_trained(runs)
     varying = differing_params(runs)
     provenance = [t for t in PROVENANCE_TAGS if f"tags.{t}" in runs and runs[f"tags.{t}"].dropna().nunique() > 1]
     if scaled_lr_differs(runs):  # beside train.lr, which is not the lr trained with under train.lr_scaling linear
@@ -184,8 +204,8 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
         rows.append({
             "run": run.get("tags.mlflow.runName"), "run_id": run["run_id"],
             **{c.removeprefix("params."): run[c] for c in varying},
-            **{t: (tag[:12] if t in DIGEST_TAGS else tag) if isinstance(tag := run[f"tags.{t}"], str) else None
-               for t in provenance},
+            **{t: (tag[:12] if t in DIGEST_TAGS and " -> " not in tag else tag)
+               if isinstance(tag := run[f"tags.{t}"], str) else None for t in provenance},
             "data": run.get("data_digest"),
             "epochs": len(history),
             "val_acc": history.iloc[-1] if len(history) else math.nan,

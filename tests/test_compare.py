@@ -576,6 +576,29 @@ def test_runs_timed_on_other_hardware_are_marked(monkeypatch):
     assert "hardware" not in compare.build_table(runs, histories)
 
 
+def test_a_run_extended_or_resumed_across_a_code_change_is_marked(monkeypatch):
+    """A killed run of 3 epochs extended to 6 (`resume=<id>`, epochs=6) trained its first 3 on the 3-epoch schedule,
+    yet its train.epochs column said 3 beside a straight run's 6; one resumed under other code showed the new code's
+    train_code alone, the same as a run trained on it throughout. Each cell now says what happened (its tag)."""
+    import pandas as pd
+
+    from pipeline import compare
+
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({}, None))
+    runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "tags.model_uri": [None] * 3,
+                         "start_time": pd.NaT, "end_time": pd.NaT, "params.train.epochs": ["3", "6", "6"],
+                         "tags.extended_epochs": ["3 -> 6", None, None],
+                         "tags.train_code": ["2" * 64] * 3,
+                         "tags.resumed_across_code": [None, f"{'1' * 12} -> {'2' * 12} after epoch 2", None]})
+    histories = {r: pd.Series({e: 0.5 for e in range(1, 7)}) for r in "abc"}
+    table = compare.build_table(runs, histories)
+    assert table["train.epochs"].tolist() == ["3 -> 6", "6", "6"]
+    assert table["train_code"].tolist() == ["2" * 12, f"{'1' * 12} -> {'2' * 12} after epoch 2", "2" * 12]
+    runs["tags.extended_epochs"], runs["tags.resumed_across_code"] = None, None
+    runs["params.train.epochs"] = "6"
+    assert not {"train.epochs", "train_code"} & set(compare.build_table(runs, histories))
+
+
 def test_the_parameters_mlflow_run_logs_on_a_train_run_are_no_columns(monkeypatch):
     """`mlflow run . -e train -P params=...` logs its entry point's parameters on the train run as given (`''` where
     left out): they showed as columns `params`, `data`, `overrides`, `resume` beside the dotted params they resolve
