@@ -266,6 +266,16 @@ def test_data_note(table: pd.DataFrame) -> str:
     return note
 
 
+def left_out_note(unfinished: dict[str, int]) -> str:
+    """A line before the table naming the training runs left out as not finished, by status; else ''."""
+    if not unfinished:
+        return ""
+    total = sum(unfinished.values())
+    statuses = ", ".join(f"{n} {status}" for status, n in sorted(unfinished.items()))
+    return (f"Left out: {total} training run{'s' * (total > 1)} not finished ({statuses}: still training, or stopped "
+            "before the end): only finished runs compare.\n\n")
+
+
 def wall_note(table: pd.DataFrame) -> str:
     """A line before the table where some rows' wall_s is their calendar span (runs logged before metric
     `wall_seconds`), else ''."""
@@ -403,8 +413,9 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     histories = {run_id: val_acc_history(run_id) for run_id in runs["run_id"]}
     runs["data_digest"] = runs["run_id"].map(steps.trained_data_digest)
     table = top_runs(build_table(runs, histories), metric, top)
-    markdown = (data_note(table) + val_data_note(table) + test_data_note(table) + wall_note(table)
-                + markdown_table(table, DECIMALS))
+    unfinished = {} if run_ids else steps.unfinished_train_runs(experiment)  # named ones are each checked
+    markdown = (left_out_note(unfinished) + data_note(table) + val_data_note(table) + test_data_note(table)
+                + wall_note(table) + markdown_table(table, DECIMALS))
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
     if experiment is None:

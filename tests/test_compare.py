@@ -442,6 +442,30 @@ def test_runs_trained_on_other_data_of_the_same_data_params_are_marked(store):
     assert "data" not in one["table"] and "different datasets" not in one["markdown"]
 
 
+def test_training_runs_left_out_as_unfinished_are_counted_above_the_table(store):
+    """Every training run of an experiment compared showed the finished ones alone, with nothing to say that two more
+    were still training or had failed: the comparison looked complete with runs missing from it."""
+    from mlflow import MlflowClient
+
+    from pipeline import compare
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    ids = {}
+    for name, status, tags in (("done", "FINISHED", {}), ("live", "RUNNING", {}), ("failed", "FAILED", {}),
+                               ("pruned", "KILLED", {"pruned_at_epoch": "1"})):
+        run = client.create_run(experiment, start_time=1_000, tags={"step": "train", **tags}).info.run_id
+        client.log_metric(run, "val_acc", 0.5, step=1)
+        if status != "RUNNING":
+            client.set_terminated(run, status=status, end_time=2_000)
+        ids[name] = run
+    comparison = compare.run("e2e", metric="val_acc")
+    assert comparison["table"]["run_id"].tolist() == [ids["done"]]
+    assert comparison["markdown"].startswith("Left out: 2 training runs not finished (1 FAILED, 1 RUNNING: still "
+                                             "training, or stopped before the end)")  # a pruned trial is no loss
+    assert "Left out" not in compare.run("e2e", run_ids=[ids["done"]], metric="val_acc")["markdown"]
+
+
 def test_sorting_by_images_trained_on_that_no_run_counts_keeps_the_runs_oldest_first(store):
     """`-P metric=test_images_in_train` (or val_images_in_train), a sort column the docs list, was refused as no metric
     ("must be one of epochs, val_acc, ...") wherever no run counted any such image: the column is left out then."""

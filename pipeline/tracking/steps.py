@@ -394,6 +394,20 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
     return runs
 
 
+def unfinished_train_runs(experiment: str | None) -> dict[str, int]:
+    """How many training runs (of `experiment`, else of every experiment) `search_train_runs` leaves out as not
+    FINISHED, by status (RUNNING: still training, or left so by a kill; FAILED; KILLED), but a sweep's pruned trials
+    (tag `pruned_at_epoch`: stopped early by design) and its trials queued again (`superseded_by_retry`)."""
+    where = "tags.step = 'train' and attributes.status != 'FINISHED'"
+    scope = ({"experiment_ids": [find_experiment_id(experiment)]} if experiment else {"search_all_experiments": True})
+    runs = mlflow.search_runs(filter_string=where, output_format="list", **scope)
+    counts: dict[str, int] = {}
+    for run in runs:
+        if "pruned_at_epoch" not in run.data.tags and run.data.tags.get("superseded_by_retry") != "true":
+            counts[run.info.status] = counts.get(run.info.status, 0) + 1
+    return counts
+
+
 def why_not_compared(run_id: str, experiment: str | None) -> str:
     """Why `search_train_runs` did not find run `run_id` among the finished training runs (of `experiment`): no such
     run, in MLflow's trash (it or its experiment), of another experiment, of another step, or not FINISHED; "" if
