@@ -5,7 +5,9 @@ Reads:  training runs (tag step = 'train') of every experiment, or of one, or na
         evaluate logged on each run's model (train runs carry the model's URI in tag `model_uri`).
 Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
         run: the params (and the PROVENANCE_TAGS: `train_code`, `backend`, `dtype_policy`, `jit_compile`,
-        `replicas`) that differ between the runs, epochs, final and best `val_acc`,
+        `replicas`, `hardware`; `effective_lr` where train.lr_scaling made the lr trained at another) that differ
+        between the runs, `data` where the datasets they trained on differ (the digest of each), epochs, final and
+        best `val_acc`,
         `val_data` where the runs' validation images differ or one validated on the test split,
         `val_images_in_train` where a val_acc counts images its run trained on,
         `test_acc` on the dataset it trained on, `test_data` where the runs' test splits differ,
@@ -63,7 +65,8 @@ IGNORED_PARAMS = ("dataset_uri",
 # on another backend, precision, XLA choice or number of replicas (what `train.precision: auto` and
 # `train.jit_compile: auto` resolved to on the run's machine: a GPU's bfloat16 run and a CPU's float32 run of the same
 # params showed as two rows with no column telling them apart).
-PROVENANCE_TAGS = ("train_code", "backend", "dtype_policy", "jit_compile", "replicas")
+# `hardware` too: what the run's wall_s and images/s were timed on (a faster machine is no faster params).
+PROVENANCE_TAGS = ("train_code", "backend", "dtype_policy", "jit_compile", "replicas", "hardware")
 DIGEST_TAGS = ("train_code",)  # shortened to 12 hex digits in the table
 # Columns where lower is better (so sorted lowest first), besides any `*_loss` and `*_images_in_train` (a score that
 # counts images the model trained on is the less to be trusted the more it counts); the others sort highest first.
@@ -144,6 +147,41 @@ def wall_seconds(run: pd.Series) -> tuple[float, bool]:
     return (run["end_time"] - run["start_time"]).total_seconds(), True
 
 
+# Tag of a train run: train.lr after train.lr_scaling, the peak lr it trained with (`fitting.schedule_tags`).
+EFFECTIVE_LR = "effective_lr"
+
+
+def scaled_lr_differs(runs: pd.DataFrame) -> bool:
+    """Whether the runs trained at different lrs (tag EFFECTIVE_LR) where one of them scaled train.lr
+    (train.lr_scaling linear): two runs of train.lr 0.1 at batch 128 and 256 trained at 0.1 and 0.2, and the table's
+    differing params showed train.batch_size alone; runs that scaled nothing have their lr in column train.lr."""
+    if f"tags.{EFFECTIVE_LR}" not in runs:
+        return False
+    lrs = runs[f"tags.{EFFECTIVE_LR}"]
+    given = runs["params.train.lr"] if "params.train.lr" in runs else pd.Series(None, index=runs.index)
+    scaled = lrs.notna() & (lrs.astype("string") != given.astype("string"))
+    return lrs.dropna().nunique() > 1 and bool(scaled.any())
+
+
+# Tags of a run resumed by id and what they stand for in the table: a run extended to more epochs (`3 -> 6`: its
+# first 3 on the 3-epoch lr schedule) is no run of its new train.epochs, nor one resumed under other code
+# (`<old> -> <new> after epoch 2`) a run of its new train_code; the cell says what happened.
+RESUMED_AS = {"tags.extended_epochs": "params.train.epochs", "tags.resumed_across_code": "tags.train_code"}
+
+
+def as_trained(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` with each cell RESUMED_AS names replaced, for a run that has the tag, by the tag's value."""
+    runs = runs.copy()
+    for tag, column in RESUMED_AS.items():
+        if tag in runs:
+            resumed = (runs[tag].astype("string").fillna("") != "").astype(bool)
+            if resumed.any():
+                if column not in runs:  # a run from before that param or tag
+                    runs[column] = None
+                runs[column] = runs[column].astype(object).where(~resumed, runs[tag])
+    return runs
+
+
 def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataFrame:
     """One row per run: name, run id, the differing params (without the `params.` prefix) and PROVENANCE_TAGS,
     RESULT_COLUMNS (with `val_data` after best_val_acc where the validation images differ or a run validated on
@@ -151,8 +189,11 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
     `test_data` after test_acc where the test splits differ, `test_images_in_train` where a test_acc counts images
     its model was trained on, `wall_s_from` after wall_s where a run's wall_s is its end - start: `wall_seconds`)."""
     rows = []
+    runs = as_trained(runs)
     varying = differing_params(runs)
     provenance = [t for t in PROVENANCE_TAGS if f"tags.{t}" in runs and runs[f"tags.{t}"].dropna().nunique() > 1]
+    if scaled_lr_differs(runs):  # beside train.lr, which is not the lr trained with under train.lr_scaling linear
+        provenance.append(EFFECTIVE_LR)
     for _, run in runs.iterrows():
         history = histories[run["run_id"]]
         # on the data it trained on: a later evaluation on other test images (a data.max_test subset, another
@@ -163,8 +204,9 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
         rows.append({
             "run": run.get("tags.mlflow.runName"), "run_id": run["run_id"],
             **{c.removeprefix("params."): run[c] for c in varying},
-            **{t: (tag[:12] if t in DIGEST_TAGS else tag) if isinstance(tag := run[f"tags.{t}"], str) else None
-               for t in provenance},
+            **{t: (tag[:12] if t in DIGEST_TAGS and " -> " not in tag else tag)
+               if isinstance(tag := run[f"tags.{t}"], str) else None for t in provenance},
+            "data": run.get("data_digest"),
             "epochs": len(history),
             "val_acc": history.iloc[-1] if len(history) else math.nan,
             "best_val_acc": history.max() if len(history) else math.nan,
@@ -179,6 +221,10 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             "test_images_in_train": metrics.get("test_images_in_train", math.nan),
         })
     table = pd.DataFrame(rows)
+    if table["data"].dropna().nunique() <= 1:  # trained on other data (the same data params, an edited image folder)
+        table = table.drop(columns="data")
+    else:
+        table["data"] = table["data"].str[:12]
     spans = table.pop("wall_s_from")
     if spans.any():  # an older run's wall_s is its calendar span: marked beside it
         table.insert(table.columns.get_loc("wall_s") + 1, "wall_s_from", spans.map({True: SPAN, False: ""}))
@@ -220,6 +266,16 @@ def test_data_note(table: pd.DataFrame) -> str:
     return note
 
 
+def left_out_note(unfinished: dict[str, int]) -> str:
+    """A line before the table naming the training runs left out as not finished, by status; else ''."""
+    if not unfinished:
+        return ""
+    total = sum(unfinished.values())
+    statuses = ", ".join(f"{n} {status}" for status, n in sorted(unfinished.items()))
+    return (f"Left out: {total} training run{'s' * (total > 1)} not finished ({statuses}: still training, or stopped "
+            "before the end): only finished runs compare.\n\n")
+
+
 def wall_note(table: pd.DataFrame) -> str:
     """A line before the table where some rows' wall_s is their calendar span (runs logged before metric
     `wall_seconds`), else ''."""
@@ -230,6 +286,16 @@ def wall_note(table: pd.DataFrame) -> str:
             "recorded the seconds it spent, is its end time less its start time: for a run interrupted and resumed "
             "or extended later, that counts the time between its sessions too, and it compares with no other "
             "row's.\n\n")
+
+
+def data_note(table: pd.DataFrame) -> str:
+    """A line before the table where its runs trained on different data, else ''."""
+    sets = table["data"].dropna().nunique() if "data" in table else 0
+    if sets < 2:
+        return ""
+    return (f"The runs trained on {sets} different datasets (column data: the digest of the prepared dataset each "
+            "trained on, as its Dataset column in the MLflow UI shows it): rows with other data differ by more than "
+            "their params.\n\n")
 
 
 def val_data_note(table: pd.DataFrame) -> str:
@@ -345,8 +411,11 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     else:  # among equal scores the earlier run leads
         runs = runs.sort_values("start_time", kind="stable")
     histories = {run_id: val_acc_history(run_id) for run_id in runs["run_id"]}
+    runs["data_digest"] = runs["run_id"].map(steps.trained_data_digest)
     table = top_runs(build_table(runs, histories), metric, top)
-    markdown = val_data_note(table) + test_data_note(table) + wall_note(table) + markdown_table(table, DECIMALS)
+    unfinished = {} if run_ids else steps.unfinished_train_runs(experiment)  # named ones are each checked
+    markdown = (left_out_note(unfinished) + data_note(table) + val_data_note(table) + test_data_note(table)
+                + wall_note(table) + markdown_table(table, DECIMALS))
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
     if experiment is None:

@@ -143,6 +143,7 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
     # test_images too: the UI then tells a score on a subset from one on the whole split by more than a digest
     flat = {key: metrics[key] for key in ("test_loss", "test_acc", "test_images", "test_images_in_train")}
     flat.update({f"test_acc_{k}": v for k, v in metrics["per_class_acc"].items()})
+    steps.log_dataset_input(dataset_uri, "test", dataset)  # the UI's Dataset column: which data it scored
     # the file's bytes too: compare finds this evaluation of the data a model trained on by them, however the two
     # commands spelled its path (`./d.npz`, `d.npz`, its absolute path, a file:// URI) or named it (a copy of a prepare
     # run's artifact, the `runs:/` URI)

@@ -6,11 +6,13 @@ of a cluster and the GPU benchmark call it directly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -63,15 +65,9 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         return cls(keras.optimizers.schedules.deserialize(config["after"]), config["warmup_steps"])
 
 
-def learning_rate(cfg: config.TrainConfig,
-                  steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """The lr as a function of the optimizer step, for `train.schedule`; it depends only on the step,
-    so a run resumed from a checkpoint (which restores the step) continues it exactly.
-
-    step: the scaled lr, multiplied by lr_decay after each boundary epoch (fractions of `epochs`), ramped up
-    linearly over `warmup` of the run if that is > 0; cosine: linear warm-up over `warmup` of the run, then
-    cosine to 0; onecycle: warm-up, then linear to 0.
-    """
+def schedule_steps(cfg: config.TrainConfig, steps_per_epoch: int) -> tuple[int, list[int], int]:
+    """(optimizer steps of the whole run, the 0-based steps after which the step schedule decays, warm-up steps):
+    what `learning_rate` builds its schedule from, and what a train run records of it (`schedule_tags`)."""
     total = cfg.epochs * steps_per_epoch
     # ending by the run's last step: a warm-up rounding to the whole run (0.8 of 2 steps) never reached the peak
     warmup = min(config.round_half_up(cfg.warmup * total), total - 1)
@@ -82,6 +78,33 @@ def learning_rate(cfg: config.TrainConfig,
         # a warm-up ending at the first decay (`train.warmup` * epochs its epoch, which config allows) reaches the peak
         # at step `warmup`, the first decayed one: it ended a step earlier, the lr never got past (n - 1)/n of train.lr
         warmup = boundaries[0]
+    return total, boundaries, warmup
+
+
+def schedule_tags(cfg: config.TrainConfig, train_images: int) -> dict[str, str]:
+    """What the params resolve to on a run of `train_images` training images, as a train run's tags: `effective_lr`
+    (train.lr after train.lr_scaling: the peak lr trained with), `steps_per_epoch`, `warmup_steps` (train.warmup's
+    fraction of the run in optimizer steps) and, for the step schedule, `lr_decay_epochs` (the epochs
+    train.lr_boundaries round to, after which the lr decays)."""
+    steps = steps_per_epoch(cfg, train_images)
+    _, _, warmup = schedule_steps(cfg, steps)
+    tags = {"effective_lr": f"{cfg.scaled_lr:g}", "steps_per_epoch": str(steps), "warmup_steps": str(warmup)}
+    if cfg.schedule == "step":
+        tags["lr_decay_epochs"] = json.dumps(list(cfg.boundary_epochs))
+    return tags
+
+
+def learning_rate(cfg: config.TrainConfig,
+                  steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The lr as a function of the optimizer step, for `train.schedule`; it depends only on the step,
+    so a run resumed from a checkpoint (which restores the step) continues it exactly.
+
+    step: the scaled lr, multiplied by lr_decay after each boundary epoch (fractions of `epochs`), ramped up
+    linearly over `warmup` of the run if that is > 0; cosine: linear warm-up over `warmup` of the run, then
+    cosine to 0; onecycle: warm-up, then linear to 0.
+    """
+    total, boundaries, warmup = schedule_steps(cfg, steps_per_epoch)
+    if boundaries and warmup < min(config.round_half_up(cfg.warmup * total), total - 1):  # cut at the first decay
         if not warmup:
             print(f"warning: train.warmup {cfg.warmup:g} ends at the step schedule's first decay, after the run's "
                   f"first optimizer step: no warm-up, the lr starts at its peak", file=sys.stderr, flush=True)
@@ -329,6 +352,32 @@ def bf16_xla_wrong_here(precision: str, jit: bool | str) -> bool:
     import jax
 
     return jax.default_backend() == "cpu" and jax_cpu_bf16_xla_wrong()
+
+
+def hardware() -> str:
+    """What this host's epochs are timed on (`epoch_seconds`, `images_per_second`, compare's wall_s): its CPU's model
+    and cores, and its GPUs' models (e.g. "AMD EPYC 7B13, 2 cores; 1 x NVIDIA H100 80GB HBM3")."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    gpus = []
+    with contextlib.suppress(Exception):  # a backend that cannot say: the CPU alone
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            gpus = [tf.config.experimental.get_device_details(d).get("device_name", "GPU")
+                    for d in tf.config.list_physical_devices("GPU")]
+        elif keras.backend.backend() == "jax":
+            import jax
+
+            gpus = [d.device_kind for d in jax.devices() if d.platform != "cpu"]
+        elif keras.backend.backend() == "torch":
+            import torch
+
+            gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    counted = [f"{gpus.count(name)} x {name}" for name in dict.fromkeys(gpus)]
+    return f"{cpu}, {os.cpu_count()} cores" + (f"; {', '.join(counted)}" if counted else "")
 
 
 def cpu_allocator() -> str:

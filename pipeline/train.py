@@ -146,13 +146,15 @@ def train_session(cfg: config.Config, dataset_uri: str, dist: Distribution | Non
     run_id = start_training(cfg, dataset_uri, {
         "backend": keras.backend.backend(), "devices": ", ".join(dist.devices),
         "dtype_policy": model.dtype_policy.name, "jit_compile": str(bool(model.jit_compile)).lower(),
-        "cpu_allocator": cpu_allocator(), "compile_cache": fitting.compile_cache(),
+        "cpu_allocator": cpu_allocator(), "hardware": fitting.hardware(), "compile_cache": fitting.compile_cache(),
         "distribute": dist.mode, "workers": str(dist.workers),
         "replicas": str(dist.replicas),  # of every host: `devices` names this host's only (multi_worker)
         "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
         # what val_acc is measured on: compare tells runs validated on other images (or on the test split) apart
         VAL_DATA_TAG: arrays_digest(splits[2:], dataset.class_names),
-        **({"cpu_fast_path_probe": json.dumps(fitting.PROBED)} if fitting.PROBED else {})})
+        **fitting.schedule_tags(t, train_images),  # what train.lr, train.warmup, train.lr_boundaries resolve to
+        **({"cpu_fast_path_probe": json.dumps(fitting.PROBED)} if fitting.PROBED else {})}, dataset)
+    log_metrics({"train_images": train_images, "val_images": len(splits[2])})  # held out (or the test split's)
     log_val_images_in_train(splits, t.validation_fraction)
     print(f"training {model.name} ({model.count_params():,} params) on {train_images} images, "
           f"backend {keras.backend.backend()}, {dist.mode} over {dist.workers} host(s), devices {dist.devices}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -409,6 +410,62 @@ def test_runs_with_equal_scores_are_listed_oldest_first(store):
     assert table["run_id"].tolist() == [ids[0], ids[2], ids[1]]
 
 
+def test_runs_trained_on_other_data_of_the_same_data_params_are_marked(store):
+    """Two runs of one `data.source`, an image folder with half its training images deleted between them, showed as two
+    rows of the same params (validated on the same test split): nothing said one had trained on half the images.
+    A column `data` names the digest of each run's dataset (its dataset input's; a run from before that input, its
+    prepare run's `dataset_sha256`) where they differ, and a line above the table says so."""
+    import numpy as np
+    from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput, InputTag
+
+    from pipeline import compare
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    ids = []
+    for start, digest in ((1_000, "a" * 64), (2_000, "b" * 64), (3_000, "a" * 64)):
+        prepare = client.create_run(experiment, tags={"step": "prepare", "dataset_sha256": digest}).info.run_id
+        run = client.create_run(experiment, start_time=start, tags={
+            "step": "train", "dataset_uri": f"runs:/{prepare}/dataset/dataset.npz"}).info.run_id
+        client.log_param(run, "data.source", "images")
+        if start < 3_000:  # the last run as logged before train runs had a dataset input
+            found = mlflow.data.from_numpy(np.zeros((2, 1)), name="images", digest=digest[:32])._to_mlflow_entity()
+            client.log_inputs(run, [DatasetInput(found, [InputTag("mlflow.data.context", "train")])])
+        client.log_metric(run, "val_acc", 0.5, step=1)
+        client.set_terminated(run, end_time=start + 500)
+        ids.append(run)
+    comparison = compare.run("e2e", metric="val_acc")
+    assert comparison["table"]["data"].tolist() == ["a" * 12, "b" * 12, "a" * 12]
+    assert "The runs trained on 2 different datasets (column data" in comparison["markdown"]
+    one = compare.run("e2e", run_ids=[ids[0], ids[2]], metric="val_acc")
+    assert "data" not in one["table"] and "different datasets" not in one["markdown"]
+
+
+def test_training_runs_left_out_as_unfinished_are_counted_above_the_table(store):
+    """Every training run of an experiment compared showed the finished ones alone, with nothing to say that two more
+    were still training or had failed: the comparison looked complete with runs missing from it."""
+    from mlflow import MlflowClient
+
+    from pipeline import compare
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    ids = {}
+    for name, status, tags in (("done", "FINISHED", {}), ("live", "RUNNING", {}), ("failed", "FAILED", {}),
+                               ("pruned", "KILLED", {"pruned_at_epoch": "1"})):
+        run = client.create_run(experiment, start_time=1_000, tags={"step": "train", **tags}).info.run_id
+        client.log_metric(run, "val_acc", 0.5, step=1)
+        if status != "RUNNING":
+            client.set_terminated(run, status=status, end_time=2_000)
+        ids[name] = run
+    comparison = compare.run("e2e", metric="val_acc")
+    assert comparison["table"]["run_id"].tolist() == [ids["done"]]
+    assert comparison["markdown"].startswith("Left out: 2 training runs not finished (1 FAILED, 1 RUNNING: still "
+                                             "training, or stopped before the end)")  # a pruned trial is no loss
+    assert "Left out" not in compare.run("e2e", run_ids=[ids["done"]], metric="val_acc")["markdown"]
+
+
 def test_sorting_by_images_trained_on_that_no_run_counts_keeps_the_runs_oldest_first(store):
     """`-P metric=test_images_in_train` (or val_images_in_train), a sort column the docs list, was refused as no metric
     ("must be one of epochs, val_acc, ...") wherever no run counted any such image: the column is left out then."""
@@ -497,6 +554,73 @@ def test_runs_of_the_same_params_trained_in_another_precision_or_backend_are_mar
     assert list(table.columns)[:4] == ["run", "run_id", "backend", "dtype_policy"]  # only those that differ
     assert table["dtype_policy"].tolist() == ["mixed_bfloat16", "float32", "float32"]
     assert table["backend"].tolist() == ["tensorflow", "jax", "tensorflow"]
+
+
+def test_runs_trained_at_other_lrs_by_train_lr_scaling_are_marked(monkeypatch):
+    """train.lr_scaling linear trains at train.lr * batch / 128: two runs of train.lr 0.1 at batches 128 and 256
+    trained at 0.1 and 0.2, and the table showed train.batch_size alone differing, the lr the same."""
+    import pandas as pd
+
+    from pipeline import compare
+
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({}, None))
+    runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "tags.model_uri": [None] * 3,
+                         "start_time": pd.NaT, "end_time": pd.NaT, "params.train.lr": ["0.1"] * 3,
+                         "params.train.batch_size": ["128", "256", "256"],
+                         "params.train.lr_scaling": ["linear", "linear", "none"],
+                         "tags.effective_lr": ["0.1", "0.2", "0.1"]})
+    histories = {r: pd.Series({1: 0.5}) for r in "abc"}
+    table = compare.build_table(runs, histories)
+    assert table["effective_lr"].tolist() == ["0.1", "0.2", "0.1"]
+    # no column where every run trained at train.lr, or at one lr, or a run from before the tag
+    runs["params.train.lr_scaling"], runs["tags.effective_lr"] = "none", ["0.1", "0.1", None]
+    assert "effective_lr" not in compare.build_table(runs, histories)
+    runs["params.train.lr"], runs["tags.effective_lr"] = ["0.1", "0.2", "0.3"], ["0.1", "0.2", "0.3"]
+    assert "effective_lr" not in compare.build_table(runs, histories)
+
+
+def test_runs_timed_on_other_hardware_are_marked(monkeypatch):
+    """wall_s and images_per_s of runs trained on two machines (a team's hosts, a laptop and a server) stood side by
+    side with nothing saying they were timed on other hardware: a faster machine read as faster params."""
+    import pandas as pd
+
+    from pipeline import compare
+    from pipeline.fitting import hardware
+
+    assert f"{os.cpu_count()} cores" in hardware()  # this machine's, as a train run tags it
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({}, None))
+    runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "tags.model_uri": [None] * 3,
+                         "start_time": pd.NaT, "end_time": pd.NaT, "params.train.lr": ["0.1"] * 3,
+                         "tags.hardware": ["AMD EPYC 7B13, 2 cores", "AMD EPYC 7B13, 2 cores; 1 x NVIDIA H100",
+                                           None]})
+    histories = {r: pd.Series({1: 0.5}) for r in "abc"}
+    table = compare.build_table(runs, histories)
+    assert table["hardware"].tolist()[:2] == ["AMD EPYC 7B13, 2 cores", "AMD EPYC 7B13, 2 cores; 1 x NVIDIA H100"]
+    runs["tags.hardware"] = "AMD EPYC 7B13, 2 cores"
+    assert "hardware" not in compare.build_table(runs, histories)
+
+
+def test_a_run_extended_or_resumed_across_a_code_change_is_marked(monkeypatch):
+    """A killed run of 3 epochs extended to 6 (`resume=<id>`, epochs=6) trained its first 3 on the 3-epoch schedule,
+    yet its train.epochs column said 3 beside a straight run's 6; one resumed under other code showed the new code's
+    train_code alone, the same as a run trained on it throughout. Each cell now says what happened (its tag)."""
+    import pandas as pd
+
+    from pipeline import compare
+
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({}, None))
+    runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "tags.model_uri": [None] * 3,
+                         "start_time": pd.NaT, "end_time": pd.NaT, "params.train.epochs": ["3", "6", "6"],
+                         "tags.extended_epochs": ["3 -> 6", None, None],
+                         "tags.train_code": ["2" * 64] * 3,
+                         "tags.resumed_across_code": [None, f"{'1' * 12} -> {'2' * 12} after epoch 2", None]})
+    histories = {r: pd.Series({e: 0.5 for e in range(1, 7)}) for r in "abc"}
+    table = compare.build_table(runs, histories)
+    assert table["train.epochs"].tolist() == ["3 -> 6", "6", "6"]
+    assert table["train_code"].tolist() == ["2" * 12, f"{'1' * 12} -> {'2' * 12} after epoch 2", "2" * 12]
+    runs["tags.extended_epochs"], runs["tags.resumed_across_code"] = None, None
+    runs["params.train.epochs"] = "6"
+    assert not {"train.epochs", "train_code"} & set(compare.build_table(runs, histories))
 
 
 def test_the_parameters_mlflow_run_logs_on_a_train_run_are_no_columns(monkeypatch):

@@ -114,6 +114,12 @@ def test_main_trains_tracks_evaluates_registers_and_learns(store, in_process):
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == str(best.version)
 
 
+def dataset_inputs(run) -> list[tuple[str, str, str]]:
+    """(name, digest, context) of each dataset input of `run`."""
+    return [(i.dataset.name, i.dataset.digest, {t.key: t.value for t in i.tags}.get("mlflow.data.context"))
+            for i in run.inputs.dataset_inputs]
+
+
 def logged_file(model_uri: str, path: str) -> Path:
     """The file `path` of the logged model `models:/m-...` where the (local) artifact store keeps it."""
     location = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
@@ -178,6 +184,10 @@ def test_each_entry_point_runs_on_its_own(store, in_process, tmp_path):
     assert "note: evaluate.tta=flip not applied" in evaluated.stderr
     evaluate_run = client.search_runs([experiment], "tags.step = 'evaluate'")[0]
     assert evaluate_run.data.params["evaluate.tta"] == "none"
+    # the UI's Dataset column names the data an evaluate run scored (it had none), as the train run's does
+    prepared_input = prepare_run.inputs.dataset_inputs[0].dataset
+    assert dataset_inputs(evaluate_run) == [(prepared_input.name, prepared_input.digest, "test")]
+    assert dataset_inputs(train_run) == [(prepared_input.name, prepared_input.digest, "train")]
     registered = mlflow_run(store, "register", params=TINY, model_uri=model_uri,
                             overrides="register.model_name=standalone")
     assert registered.returncode == 0, registered.stderr[-3000:]
@@ -193,6 +203,9 @@ def test_each_entry_point_runs_on_its_own(store, in_process, tmp_path):
     rescore = client.search_runs([experiment], "tags.step = 'evaluate'", order_by=["attributes.start_time DESC"])[0]
     assert rescore.info.status == "FINISHED" and "test_acc" in rescore.data.metrics
     assert rescore.data.params["dataset_uri"] == f"'{spaced}'"  # as `mlflow run` logged it, kept
+    # a dataset file no prepare run logged: named after the file, of the digest its arrays have in a prepare run
+    assert dataset_inputs(rescore) == [("dataset.npz", prepared_input.digest, "test")]
+    assert json.loads(rescore.inputs.dataset_inputs[0].dataset.source)["uri"] == spaced.as_uri()
 
     # -e train on data no prepare run holds yet: the run `mlflow run` opened is the train run, the prepare a run
     # of its own beside it, both in the experiment asked for (the prepare took that run, train went elsewhere)
@@ -301,3 +314,53 @@ def test_train_validation_seed_alone_draws_the_held_out_images(store, in_process
     assert tags["train.seed=0"] == expected[0]  # null: train.seed draws them, as before the key
     assert tags["train.seed=1 train.validation_seed=0"] == expected[0]  # another seed, the same images
     assert tags["train.seed=0 train.validation_seed=1"] == expected[1] != expected[0]  # validation_seed alone
+
+
+def test_a_train_run_records_what_its_params_resolve_to(store, in_process):
+    """train.lr_scaling linear trained at train.lr * batch / 128 while the run's description said train.lr (the run
+    name said the other), and nothing recorded the warm-up's steps, the epochs the step schedule decays after or how
+    many images were held out: each was worked out again by hand from the params and the data."""
+    from pipeline import fitting
+
+    done = in_process("train", "--params", TINY, "--epochs", "2", "--overrides",
+                      "tracking.experiment=e2e data.synthetic_train=256 train.validation_fraction=0.25 "
+                      "train.lr_scaling=linear train.schedule=step train.lr_boundaries=[0.5] train.warmup=0.25")
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
+    tags, metrics = run.data.tags, run.data.metrics
+    assert run.data.params["train.lr"] == "0.05" and tags["effective_lr"] == "0.0125"  # 0.05 * 32 / 128
+    assert run.info.run_name.endswith("-lr0.0125") and "lr 0.0125 (train.lr 0.05" in tags["mlflow.note.content"]
+    assert (metrics["train_images"], metrics["val_images"]) == (192, 64)  # a quarter of 256 held out
+    assert tags["steps_per_epoch"] == "6"  # 192 / 32
+    assert tags["warmup_steps"] == "3" and tags["lr_decay_epochs"] == "[1]"  # a quarter of 12 steps; half of 2 epochs
+    assert tags["hardware"] == fitting.hardware()  # what its epoch_seconds and images_per_second were timed on
+    lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
+    assert lrs[1] == pytest.approx(0.0125) and lrs[2] == pytest.approx(0.00125)  # the peak, then decayed after epoch 1
+
+
+def test_a_step_run_says_whether_its_checkout_had_uncommitted_changes(store, tmp_path, monkeypatch):
+    """Every step's run named its git commit, and a run of a checkout with an edit not committed named the same commit
+    as one without: the commit did not give back the code that ran. Tag `git_dirty` says which."""
+    import pipeline.tracking as tracking
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    git = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (checkout / "train.py").write_text("lr = 0.1\n")
+    for args in (["init", "-q"], ["add", "train.py"], ["commit", "-qm", "one"]):
+        subprocess.run(git + args, check=True)
+    monkeypatch.setattr(tracking, "PROJECT_ROOT", checkout)
+    tags = {}
+    for state in ("clean", "edited"):
+        if state == "edited":
+            (checkout / "train.py").write_text("lr = 0.2\n")
+        for cached in (tracking.git_commit, tracking.git_dirty):
+            cached.cache_clear()
+        with tracking.open_run("prepare", experiment="e2e") as run:
+            pass
+        tags[state] = MlflowClient().get_run(run.info.run_id).data.tags
+    tracking.git_commit.cache_clear()
+    tracking.git_dirty.cache_clear()
+    assert tags["clean"]["git_commit"] == tags["edited"]["git_commit"]
+    assert (tags["clean"]["git_dirty"], tags["edited"]["git_dirty"]) == ("false", "true")

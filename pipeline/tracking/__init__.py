@@ -2,15 +2,15 @@
 served model); the steps call these functions and never import MLflow.
 
 - Runs: `step_run` / `open_run` open a step's run (reusing the one `mlflow run` opened, nested
-  under an active parent, or resuming a run by id), tag it with the step and the git commit, and
-  end it KILLED on SIGTERM/SIGINT, or FAILED with tag `failure_reason` on any other exception (`reason_of`: an
-  expected failure's line, a tracking server's failure as `cli` says it, or an unexpected one's type, last line and
-  where its traceback is); `cli` turns expected failures into one line and an exit code;
+  under an active parent, or resuming a run by id), tag it with the step, the git commit and whether the checkout
+  differed from it, and end it KILLED on SIGTERM/SIGINT, or FAILED with tag `failure_reason` on any other exception
+  (`reason_of`: an expected failure's line, a tracking server's failure as `cli` says it, or an unexpected one's type,
+  last line and where its traceback is); `cli` turns expected failures into one line and an exit code;
   `ensure_store` creates the SQLite store once; `ui_hint` says where to look at a run.
 - The active run: `active_run_id`, `log_params`, `log_metrics`, `set_tags`, `log_dict`, `log_text`,
   and `artifact_dir`, a temporary folder whose files become the run's artifacts; `tracking_uri`.
 - Keys and digests: `json_digest` (the cache key of prepare, train and sweep), `code_digest` (of the code this
-  process loaded), `git_commit`.
+  process loaded), `git_commit` and `git_dirty`.
 - Finding runs by key: `finished_runs` (a prepare to reuse), `unfinished_runs` (a train run
   to resume); `metric_history` reads a run's metric per step.
 - Logged models: `model_id` parses `models:/m-...`; `model_score` and `latest_metrics` apply the
@@ -474,6 +474,18 @@ def git_commit() -> str | None:
     return out or None
 
 
+@functools.cache
+def git_dirty() -> bool | None:
+    """Whether the project's checkout differs from its commit (`git status --porcelain`: a file edited, staged,
+    deleted or added and not ignored), or None outside a git checkout or without git."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.strip())
+
+
 def ui_hint(run: mlflow.entities.Run | mlflow.ActiveRun) -> str:
     """Where to look at `run`: its page on the tracking server, or the `mlflow ui` command for a local store."""
     uri = _without_password(mlflow.get_tracking_uri())  # a console line, kept in logs: no password
@@ -530,8 +542,10 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
     parent = mlflow.active_run()
     tags = {"step": step, **(tags or {})}
     commit = git_commit()
-    if commit:
+    if commit:  # and whether the code that ran is that commit's (an edit not committed is not)
         tags["git_commit"] = commit
+        if (dirty := git_dirty()) is not None:
+            tags["git_dirty"] = str(dirty).lower()
     if resume_run_id:
         with contextlib.ExitStack() as stack:
             if parent is None and os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened for this try
@@ -1048,8 +1062,11 @@ def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             digest = json.loads(Path(local).with_name("dataset.json").read_text()).get("sha256") or digest
     epochs = tags.get("extended_epochs", "").rpartition("-> ")[2] or params.get("train.epochs", "?")
+    lr = params.get("train.lr", "?")
+    if (effective := tags.get("effective_lr")) and effective != lr:  # train.lr_scaling linear: the lr trained with
+        lr = f"{effective} (train.lr {lr} scaled to the batch)"
     note = (f"{model_summary(params, tags)}, {epochs} epochs, "
-            f"batch {params.get('train.batch_size', '?')}, lr {params.get('train.lr', '?')}.\n\n"
+            f"batch {params.get('train.batch_size', '?')}, lr {lr}.\n\n"
             f"Data: `{params.get('data.source', '?')}`, sha256 `{digest}` (prepare run `{prepare_id}`).\n\n"
             f"Model: `{tags.get('model_uri', '?')}`.")
     try:

@@ -86,19 +86,43 @@ def prepared_training_images(dataset_uri: str) -> int | None:
     return int(metrics["train_images"]) if "train_images" in metrics else None
 
 
-def log_dataset_input(dataset_uri: str, context: str) -> None:
-    """Log on the active run, with `context`, the dataset input of the prepare run `runs:/<id>/...` names: the same
-    name, digest and source, so the MLflow UI's Dataset column and filter show which data each training run used (a
-    train run had none: the data was named only in its description). Nothing for a dataset file no prepare run
-    logged, or a prepare run gone."""
+def log_dataset_input(dataset_uri: str, context: str, dataset: data.Dataset | None = None) -> None:
+    """Log on the active run, with `context` (`train`, `test`), the dataset input of the prepare run `runs:/<id>/...`
+    names: the same name, digest and source, so the MLflow UI's Dataset column and filter show which data each
+    training and evaluate run used (a train run had none: the data was named only in its description). For a dataset
+    file no prepare run logged (`-P dataset_uri=PATH`), `dataset` read from it: an input named after the file, of the
+    digest a prepare run of those arrays logs and the file as its source. Nothing where there is neither (a prepare
+    run gone)."""
     prepare_id = prepare_run_id(dataset_uri)
     client = mlflow.MlflowClient()
     try:
-        inputs = client.get_run(prepare_id).inputs.dataset_inputs if prepare_id else []
+        inputs = [found.dataset for found in client.get_run(prepare_id).inputs.dataset_inputs] if prepare_id else []
     except MlflowException:
-        return  # the prepare run was deleted for good (`mlflow gc`)
+        inputs = []  # the prepare run was deleted for good (`mlflow gc`)
+    if not inputs and dataset is not None and not prepare_id:
+        path = Path(local_path(dataset_uri)).resolve()
+        inputs = [mlflow.data.from_numpy(dataset.x_train, targets=dataset.y_train, source=path.as_uri(),
+                                         name=path.name, digest=dataset.digest()[:32])._to_mlflow_entity()]
     client.log_inputs(mlflow.active_run().info.run_id, [
-        DatasetInput(found.dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]) for found in inputs[:1]])
+        DatasetInput(found, [InputTag(MLFLOW_DATASET_CONTEXT, context)]) for found in inputs[:1]])
+
+
+def trained_data_digest(run_id: str) -> str | None:
+    """The digest of the data train run `run_id` trained on: its dataset input's (context `train`: the first 32 hex
+    digits of the prepared arrays' sha256, whatever the data params say: an image folder edited between two runs of
+    the same `data.source` is other data), else, for a run from before it logged one, its prepare run's tag
+    `dataset_sha256` cut to the same length; None where neither is known."""
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+        for found in run.inputs.dataset_inputs if run.inputs else []:
+            if {t.key: t.value for t in found.tags}.get(MLFLOW_DATASET_CONTEXT) == "train":
+                return found.dataset.digest
+        prepare_id = prepare_run_id(trained_dataset_uri(run))
+        digest = client.get_run(prepare_id).data.tags.get("dataset_sha256") if prepare_id else None
+    except MlflowException:
+        return None  # the run or its prepare run deleted for good
+    return digest[:32] if digest else None
 
 
 def _source(cfg: config.Config):
@@ -395,6 +419,20 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
         where = f"experiment {experiment!r}" if experiment else "any experiment"
         raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {where}")
     return runs
+
+
+def unfinished_train_runs(experiment: str | None) -> dict[str, int]:
+    """How many training runs (of `experiment`, else of every experiment) `search_train_runs` leaves out as not
+    FINISHED, by status (RUNNING: still training, or left so by a kill; FAILED; KILLED), but a sweep's pruned trials
+    (tag `pruned_at_epoch`: stopped early by design) and its trials queued again (`superseded_by_retry`)."""
+    where = "tags.step = 'train' and attributes.status != 'FINISHED'"
+    scope = ({"experiment_ids": [find_experiment_id(experiment)]} if experiment else {"search_all_experiments": True})
+    runs = mlflow.search_runs(filter_string=where, output_format="list", **scope)
+    counts: dict[str, int] = {}
+    for run in runs:
+        if "pruned_at_epoch" not in run.data.tags and run.data.tags.get("superseded_by_retry") != "true":
+            counts[run.info.status] = counts.get(run.info.status, 0) + 1
+    return counts
 
 
 def why_not_compared(run_id: str, experiment: str | None) -> str:

@@ -53,17 +53,17 @@ EPOCH_METRICS = ("loss", "acc", "val_loss", "val_acc", "lr", "iterations", "epoc
 WALL_METRIC = "wall_seconds"
 
 
-def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str]) -> str:
+def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str], dataset=None) -> str:
     """Claim the active train run for this process (see `resume.claim`; ConfigError if another process
     trains it now), log every param (`resume.log_train_params`), the dataset input of `dataset_uri`'s prepare run
-    (`steps.log_dataset_input`, context `train`), `tags` and tags `train_key`, `train_code` and `dataset_sha256` (the
-    dataset file's bytes, a local file's or a `runs:/` artifact's), and the resolved config as `config.json`. Returns
-    the run's id."""
+    (`steps.log_dataset_input`, context `train`; of `dataset`, read from `dataset_uri`, where that is a file no prepare
+    run logged), `tags` and tags `train_key`, `train_code` and `dataset_sha256` (the dataset file's bytes, a local
+    file's or a `runs:/` artifact's), and the resolved config as `config.json`. Returns the run's id."""
     run_id = active_run_id()
     if not claim(run_id):
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     log_train_params(cfg, dataset_uri)
-    steps.log_dataset_input(dataset_uri, "train")  # the UI's Dataset column: which data it trained on
+    steps.log_dataset_input(dataset_uri, "train", dataset)  # the UI's Dataset column: which data it trained on
     changed = code_change(run_id)
     if changed:  # resumed by id across a code change: the run says so, as `train_code` now names the new code only
         across = mlflow.MlflowClient().get_run(run_id).data.tags.get("resumed_across_code")
