@@ -37,6 +37,7 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
     trained with (`check_resumed_machine`). The checkpoint folder must be writable (`check_checkpoint_root`). The
     backend must support the params, and in a cluster (TF_CONFIG) only the chief runs the steps.
     """
+    check_configured_backend()
     check_checkpoint_root()  # each run's lock lives there (another user's folder: one line, not a traceback)
     given = dataset_uri
     if given:
@@ -129,6 +130,25 @@ def configured_backend() -> str:
     except (OSError, ValueError, AttributeError):
         chosen = None
     return chosen or "tensorflow"
+
+
+KERAS_BACKENDS = ("jax", "numpy", "openvino", "tensorflow", "torch")  # the names keras.src.backend loads
+
+
+def check_configured_backend() -> None:
+    """ConfigError, before Keras loads, where the backend it would load (`configured_backend`) is none of Keras's
+    (KERAS_BACKEND=JAX: its names are lower case) or is not installed here: Keras's import failed on it with a
+    traceback ("Unable to import backend : JAX"), `main` after checking its inputs, a sweep after its sweep run, a
+    prepare run and its study had begun. Nothing to check where Keras is loaded already."""
+    if "keras" in sys.modules:
+        return
+    backend = configured_backend()
+    where = "KERAS_BACKEND" if os.environ.get("KERAS_BACKEND") else f"backend in {data.keras_home() / 'keras.json'}"
+    if backend not in KERAS_BACKENDS:
+        raise config.ConfigError(f"{where}: {backend!r} is no Keras backend ({', '.join(KERAS_BACKENDS)})")
+    if importlib.util.find_spec(backend) is None:  # Keras's backend names are their packages' names
+        raise config.ConfigError(f"{where}: {backend} is not installed here; install it, or name an installed "
+                                 f"backend (KERAS_BACKEND=jax or tensorflow)")
 
 
 def check_known_training_images(cfg: config.Config, dataset_uri: str | None = None) -> None:

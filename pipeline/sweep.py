@@ -1146,6 +1146,7 @@ def check_trains_here(cfg: config.Config) -> None:
     train entry point does before its run opens): the backend's (`check_backend`, `train.distribute`'s modes), and
     multi_worker, which trains over several hosts where a sweep trains each trial on one. Each trial failed on them in
     turn, and the study was spent. Keras is loaded for it only where such a param is set."""
+    inputs.check_configured_backend()  # each trial's train step loads Keras
     t = cfg.train
     if t.distribute == "multi_worker":
         raise config.ConfigError("train.distribute: 'multi_worker' trains over several hosts, but a sweep trains each "

@@ -35,6 +35,28 @@ def test_wrong_engine_for_the_backend_is_a_param_error(store, in_process, monkey
     assert "error: train.distribute: 'mirrored' needs the TensorFlow backend, not jax" in result.stderr
 
 
+@pytest.mark.parametrize("module, args", [
+    ("pipeline.main", ("--params", "params/tiny.yaml", "--epochs", "1")),
+    ("pipeline.sweep", ("--spec", "params/sweep-example.yaml")),
+], ids=["main", "sweep"])
+@pytest.mark.parametrize("backend, message", [
+    ("JAX", "error: KERAS_BACKEND: 'JAX' is no Keras backend (jax, numpy, openvino, tensorflow, torch)"),
+    ("torch", "error: KERAS_BACKEND: torch is not installed here"),
+], ids=["misspelt", "not-installed"])
+def test_a_keras_backend_that_cannot_load_is_one_line_before_any_run(store, tmp_path, module, args, backend, message):
+    """KERAS_BACKEND=JAX (Keras's names are lower case) or a backend not installed: main went on to Keras's import
+    and its traceback ("ValueError: Unable to import backend : JAX"), exit 1; a sweep did so after its sweep run,
+    a prepare run and its study had begun, and left the run FAILED and the study's first trial RUNNING."""
+    storage = tmp_path / "optuna.db"
+    result = run_module({**store, "KERAS_BACKEND": backend}, module, *args,
+                        *(("--storage", f"sqlite:///{storage}") if module == "pipeline.sweep" else ()))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
+    assert not storage.exists()
+
+
 def test_device_batches_cover_every_image_once_per_epoch_in_a_new_order():
     import numpy as np
 
