@@ -60,6 +60,7 @@ from pipeline.tracking import (
     checkpoint_root,
     cli,
     json_digest,
+    log_constants,
     log_metrics,
     set_tags,
     step_run,
@@ -154,7 +155,7 @@ def train_session(cfg: config.Config, dataset_uri: str, dist: Distribution | Non
         VAL_DATA_TAG: arrays_digest(splits[2:], dataset.class_names),
         **fitting.schedule_tags(t, train_images),  # what train.lr, train.warmup, train.lr_boundaries resolve to
         **({"cpu_fast_path_probe": json.dumps(fitting.PROBED)} if fitting.PROBED else {})}, dataset)
-    log_metrics({"train_images": train_images, "val_images": len(splits[2])})  # held out (or the test split's)
+    log_constants({"train_images": train_images, "val_images": len(splits[2])})  # held out (or the test split's)
     log_val_images_in_train(splits, t.validation_fraction)
     print(f"training {model.name} ({model.count_params():,} params) on {train_images} images, "
           f"backend {keras.backend.backend()}, {dist.mode} over {dist.workers} host(s), devices {dist.devices}")
@@ -228,7 +229,7 @@ def log_val_images_in_train(splits: tuple, validation_fraction: float) -> int:
     the same pixels as an image the model trains on; say so on stderr where any do. Returns the count."""
     x_train, _, x_val, _ = splits
     count = test_images_in_train(x_train, x_val)
-    log_metrics({"val_images_in_train": count})
+    log_constants({"val_images_in_train": count})
     if count:
         held_out = ("held-out training images" if validation_fraction
                     else "test images (train.validation_fraction 0)")

@@ -375,6 +375,8 @@ def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_t
                                              "train.checkpoint_every=1 (logged 2)")
     assert run.info.status == "FINISHED" and "logged model" in done.stdout
     assert sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3]
+    for key in ("train_images", "val_images", "val_images_in_train"):  # once, though each session logs them
+        assert list(metric_steps(MlflowClient(), run.info.run_id, key)) == [0], key
     assert not folder.exists()  # gone once the model is logged
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     ready = [m.model_uri for m in models if m.status == LoggedModelStatus.READY]

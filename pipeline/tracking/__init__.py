@@ -7,7 +7,7 @@ served model); the steps call these functions and never import MLflow.
   (`reason_of`: an expected failure's line, a tracking server's failure as `cli` says it, or an unexpected one's type,
   last line and where its traceback is); `cli` turns expected failures into one line and an exit code;
   `ensure_store` creates the SQLite store once; `ui_hint` says where to look at a run.
-- The active run: `active_run_id`, `log_params`, `log_metrics`, `set_tags`, `log_dict`, `log_text`,
+- The active run: `active_run_id`, `log_params`, `log_metrics` (`log_constants`), `set_tags`, `log_dict`, `log_text`,
   and `artifact_dir`, a temporary folder whose files become the run's artifacts; `tracking_uri`.
 - Keys and digests: `json_digest` (the cache key of prepare, train and sweep), `code_digest` (of the code this
   process loaded), `git_commit` and `git_dirty`.
@@ -858,6 +858,14 @@ def given_param(value: str | None) -> str | None:
 def log_metrics(metrics: dict[str, float]) -> None:
     """Log `metrics` on the active run."""
     mlflow.log_metrics(metrics)
+
+
+def log_constants(metrics: dict[str, float]) -> None:
+    """Log `metrics`, values a run has once (its image counts), on the active run where it holds none of that value
+    yet: a resumed run's session logs them again, which put a second point at step 0 in each one's history."""
+    held = mlflow.MlflowClient().get_run(active_run_id()).data.metrics
+    if new := {key: value for key, value in metrics.items() if held.get(key) != value}:
+        mlflow.log_metrics(new)
 
 
 def set_tags(tags: dict[str, str]) -> None:
