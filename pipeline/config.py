@@ -192,6 +192,27 @@ class ModelConfig:
                             stages=len(self.widths))
 
 
+def _distinct_inside(boundaries: tuple[float, ...], epochs: int) -> bool:
+    """Whether `boundaries` (fractions of the run) round to distinct epochs after the first and before the last of
+    `epochs`: a decay after epoch 0 or the last one, or two on one epoch, would not happen as written."""
+    rounded = [round_half_up(b * epochs) for b in boundaries]
+    return all(1 <= e < epochs for e in rounded) and len(set(rounded)) == len(rounded)
+
+
+def _fewest_epochs(boundaries: tuple[float, ...], most: int = 100_000) -> int | None:
+    """The fewest epochs from which on every run length holds `boundaries` (`_distinct_inside`), or None past `most`
+    (boundaries too close together). Not always the fewest that fit one: [0.3, 0.45] fit 4 epochs, not 5, from 6 on
+    all. Past the lengths that round them one epoch or more apart and inside the run, every length fits."""
+    gaps = [b - a for a, b in zip((0.0, *boundaries), (*boundaries, 1.0), strict=True)]
+    surely = math.ceil(max(1 / min(gaps[1:-1], default=1), 0.5 / gaps[0], 0.5 / gaps[-1])) + 1
+    if surely > most or not _distinct_inside(boundaries, surely):
+        return None
+    fewest = surely
+    while fewest > 1 and _distinct_inside(boundaries, fewest - 1):
+        fewest -= 1
+    return fewest
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int
@@ -293,10 +314,16 @@ class TrainConfig:
         _check(list(values) == sorted(set(values)), key, "must be strictly increasing", values)
         if self.schedule != "step":
             return
-        epochs = self.boundary_epochs
-        _check(all(1 <= e < self.epochs for e in epochs) and len(set(epochs)) == len(epochs), key,
-               f"must fall on distinct epochs between the first and the last of {self.epochs} "
-               f"(they round to epochs {list(epochs)})", values)
+        if not _distinct_inside(values, self.epochs):
+            n, fewest = self.epochs, _fewest_epochs(values)
+            need = f"these need train.epochs >= {fewest}; " if fewest else ""
+            fit = min(len(values), n - 1)  # boundaries a run of n epochs holds, each on its own epoch
+            some = [f"{round_half_up(i * n / (fit + 1))}/{n}" for i in range(1, fit + 1)]
+            given = ", ".join(f"{b:g}" for b in values)
+            raise ConfigError(f"{key}: must fall on distinct epochs between the first and the last of {n} (they "
+                              f"round to epochs {list(self.boundary_epochs)}), got [{given}]; "
+                              f"{need}for a run of {n} set train.schedule=cosine (no boundaries) or "
+                              f"train.lr_boundaries=[{', '.join(some)}]")
 
     @property
     def boundary_epochs(self) -> tuple[int, ...]:

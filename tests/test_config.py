@@ -94,6 +94,26 @@ def test_boundaries_that_fall_outside_the_run_are_refused():
     assert config.load(None, "train.epochs=1 train.schedule=cosine").train.epochs == 1
 
 
+@pytest.mark.parametrize(("epochs", "boundaries", "fewest"), [
+    (1, "[80/150, 120/150]", 4), (2, "[80/150, 120/150]", 4), (3, "[80/150, 120/150]", 4),  # the seed's, smoke-tested
+    (5, "[0.3, 0.45]", 6),  # 4 fits them, 5 not: from 6 on every length does
+    (10, "[0.5, 0.52]", 50), (2, "[0.1]", 5)])
+def test_boundaries_a_run_is_too_short_for_say_what_would_run(epochs, boundaries, fewest):
+    """`-P epochs=2` on the seed recipe was refused "(they round to epochs [1, 2])" and no more: the refusal now gives
+    the fewest epochs from which on the boundaries fit, and the overrides that make a run of this length work."""
+    given = [f"train.epochs={epochs}", f"train.lr_boundaries={boundaries}"]
+    with pytest.raises(config.ConfigError, match="^train.lr_boundaries: must fall on distinct epochs") as err:
+        config.load(None, given)
+    assert f"; these need train.epochs >= {fewest}; for a run of {epochs} set train.schedule=cosine " in str(err.value)
+    (suggested,) = re.findall(r"train\.lr_boundaries=\[[^]]*\]$", str(err.value))
+    decays = config.load(None, [*given, suggested]).train.boundary_epochs  # as many decays as the run has room for
+    assert len(decays) == min(boundaries.count(",") + 1, epochs - 1), (suggested, decays)
+    assert config.load(None, [*given, "train.schedule=cosine"]).train.schedule == "cosine"
+    assert all(config.load(None, [f"train.epochs={n}", given[1]]) for n in range(fewest, fewest + 200))
+    with pytest.raises(config.ConfigError):
+        config.load(None, [f"train.epochs={fewest - 1}", given[1]])
+
+
 def test_exponent_without_a_dot_is_a_number():
     assert config.load(None, "train.lr=1e-3 model.l2=5e-4").train.lr == pytest.approx(1e-3)
     assert config.load(None, "train.lr=1/8").train.lr == 0.125

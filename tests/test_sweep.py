@@ -332,7 +332,9 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
      "true}\n  train.epochs: {min: 4, max: 6}\ntrials: 4\n",
      "spec.space.train.epochs: can draw 5 (with train.schedule=step train.lr_boundaries=[0.3, 0.45] train.lr=0.01), "
      "which the params refuse: train.lr_boundaries: must fall on distinct epochs between the first and the last of 5 "
-     "(they round to epochs [2, 2]), got (0.3, 0.45); narrow the range, or list the values that pass"),
+     "(they round to epochs [2, 2]), got [0.3, 0.45]; these need train.epochs >= 6; for a run of 5 set "
+     "train.schedule=cosine (no boundaries) or train.lr_boundaries=[2/5, 3/5]; narrow the range, or list the values "
+     "that pass"),
     # a traceback (TypeError from range(2.0) in the rehearsal) where a pruner took startup trials, else accepted
     ("grid: {train.lr: [0.1, 0.2]}\ntrials: 2.0\npruner: median\n",
      "spec.trials: a grid runs each of its 2 combinations once, got trials 2.0; leave trials out"),
