@@ -299,8 +299,12 @@ class TrainConfig:
         _check(self.verbose in ("auto", "0", "1", "2"), "train.verbose", "must be auto, 0, 1 or 2", self.verbose)
 
     def _check_boundaries(self) -> None:
-        """Boundaries are fractions of `epochs`, so `-P epochs=N` moves them with the run's length."""
+        """Boundaries are fractions of `epochs`, so `-P epochs=N` moves them with the run's length. Only the step
+        schedule reads them: cosine's and onecycle's (an old params file's [80, 120] with cosine set by override) are
+        not checked, as they change nothing."""
         key, values = "train.lr_boundaries", self.lr_boundaries
+        if self.schedule != "step":
+            return
         if any(b >= 1 for b in values) and all(float(b).is_integer() for b in values):
             given = f"got epochs [{', '.join(f'{b:g}' for b in values)}]"
             if all(b < self.epochs for b in values):
@@ -312,8 +316,6 @@ class TrainConfig:
                               f"(the seed's 80 and 120 of 150 epochs are [80/150, 120/150])")
         _check(all(0 < b < 1 for b in values), key, "must be fractions of train.epochs in (0, 1)", values)
         _check(list(values) == sorted(set(values)), key, "must be strictly increasing", values)
-        if self.schedule != "step":
-            return
         if not _distinct_inside(values, self.epochs):
             n, fewest = self.epochs, _fewest_epochs(values)
             need = f"these need train.epochs >= {fewest}; " if fewest else ""

@@ -94,6 +94,19 @@ def test_boundaries_that_fall_outside_the_run_are_refused():
     assert config.load(None, "train.epochs=1 train.schedule=cosine").train.epochs == 1
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_boundaries_a_schedule_does_not_use_do_not_stop_its_run(tmp_path, schedule):
+    """An old params file's absolute [80, 120] with cosine set by override was refused as absolute epochs, and
+    [0.5, 0.52] at 10 epochs as falling on one epoch, though cosine and onecycle never read the boundaries."""
+    (tmp_path / "old.yaml").write_text("train:\n  epochs: 150\n  lr_boundaries: [80, 120]\n")
+    cfg = config.load_from_cli(str(tmp_path / "old.yaml"), f"train.schedule={schedule}", epochs="30")
+    assert (cfg.train.schedule, cfg.train.lr_boundaries, cfg.train.epochs) == (schedule, (80, 120), 30)
+    assert config.load(None, f"train.schedule={schedule} train.epochs=10 train.lr_boundaries=[0.5,0.52]").train
+    # the step schedule's checks stay as they were
+    with pytest.raises(config.ConfigError, match=r"^train.lr_boundaries: are now fractions"):
+        config.load_from_cli(str(tmp_path / "old.yaml"), "train.schedule=step", epochs="30")
+
+
 @pytest.mark.parametrize(("epochs", "boundaries", "fewest"), [
     (1, "[80/150, 120/150]", 4), (2, "[80/150, 120/150]", 4), (3, "[80/150, 120/150]", 4),  # the seed's, smoke-tested
     (5, "[0.3, 0.45]", 6),  # 4 fits them, 5 not: from 6 on every length does
