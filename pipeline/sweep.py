@@ -393,6 +393,7 @@ class Plan:
                                          f"spec.{space_key(self.spec)} would run some twice; give trials <= "
                                          f"{math.prod(sizes)}, or a grid: to run each once")
         self.trials = trials
+        self.checked = checked  # a grid's combinations, or a space's ends
         if self.grid:
             self.combinations = len(self.grid)
         self.configs = [self.load(values, f"trial {i}" if self.grid else "space")
@@ -527,14 +528,40 @@ class Plan:
                     f"range, or list the values that pass") from None
 
     @staticmethod
-    def check_images(cfg: config.Config, what: str, values: dict[str, Any]) -> None:
-        """ConfigError naming the trial where its cifar10 or synthetic data (whose counts follow from the params) hold
-        too few training images to hold out train.validation_fraction or, with train.drop_remainder, to make a whole
-        batch: refused before any run, as main and train refuse them (`config.check_training_images`)."""
+    def check_images(cfg: config.Config, what: str, values: dict[str, Any], dataset_uri: str | None = None) -> None:
+        """ConfigError naming the trial where its cifar10 or synthetic data (whose counts follow from the params), or
+        the path a dataset was prepared from (`dataset_uri`, whose prepare run counted them), hold too few training
+        images to hold out train.validation_fraction or, with train.drop_remainder, to make a whole batch: refused
+        before any run, as main and train refuse them (`config.check_training_images`)."""
         try:
-            inputs.check_known_training_images(cfg)
+            inputs.check_known_training_images(cfg, dataset_uri)
         except config.ConfigError as exc:
             raise config.ConfigError(f"{what} ({label(values)}): {exc}") from None
+
+    def check_prepared_images(self) -> None:
+        """`check_images` for each trial (a grid's) or the space's ends whose data is a path already prepared (a rerun,
+        or a dataset a main or train command prepared): its count is known before any run, as cifar10's is. Before
+        any run opens, as main and train refuse them where they reuse a prepared dataset."""
+        for i, (values, cfg) in enumerate(zip(self.checked, self.configs, strict=True)):
+            if (uri := prepared_path_dataset(cfg)) is not None:
+                self.check_images(cfg, f"trial {i}" if self.grid else "space", values, uri)
+
+    def refused_images(self, values: dict[str, Any], number: int) -> str | None:
+        """Why trial `number` (its `values`) cannot train on the training images its data path's prepare run counted
+        (too few to hold out or to batch: `check_images`), or None. Asked before the trial's run opens: a dataset
+        prepared by the sweep itself is counted only then, and each such trial opened a run and left it FAILED."""
+        try:
+            cfg = self.load(values, f"trial {number}")
+            uri = prepared_path_dataset(cfg)
+        except (config.ConfigError, data.DataError):  # a space's bad draw, a path gone since: its run says so
+            return None
+        if uri is None:
+            return None
+        try:
+            inputs.check_known_training_images(cfg, uri)
+        except config.ConfigError as exc:
+            return f"ConfigError: {exc}"
+        return None
 
     def kwargs_of(self, what: str) -> dict[str, Any]:
         return self.sampler_kwargs if what == "spec.sampler" else self.pruner_kwargs
@@ -947,6 +974,14 @@ def pruning_callback(trial: optuna.Trial):
     return ReportValAcc()
 
 
+def prepared_path_dataset(cfg: config.Config) -> str | None:
+    """The dataset prepared from `cfg`'s data path (the URI of the prepare run's artifact, which logged its count), or
+    None: none prepared yet, or cifar10 or synthetic data, whose counts the params give."""
+    if inputs.known_training_images(cfg) is not None:
+        return None
+    return prepare.find_prepared(prepare.prepare_key(cfg))
+
+
 def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
     """Inside the active trial run: train (pruned by Optuna), refuse a diverged model, evaluate; log the
     results to the trial run; return the last val_acc (`OBJECTIVE`). A pruned fit leaves its train run KILLED,
@@ -1009,6 +1044,12 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
     import keras
 
     values = plan.values(trial)
+    refused = plan.refused_images(values, trial.number)
+    if refused is not None:  # known impossible: no run to leave FAILED (a grid's every such trial left one)
+        trial.set_user_attr("failure_reason", refused[:500])
+        study.tell(trial, None, state=TrialState.FAIL, skip_if_finished=True)
+        print(f"trial {trial.number} refused before its run opened: {refused}", file=sys.stderr, flush=True)
+        return
     run_id = trials.create_trial_run(experiment_id, parent_id, f"trial-{trial.number} {label(values)}",
                                      {"step": "trial", "optuna_study": study.study_name,
                                       "optuna_trial": str(trial.number), "trial_overrides": label(values),
@@ -1439,6 +1480,7 @@ def run(args: argparse.Namespace) -> int:
         raise config.ConfigError(f"study: {args.study} is the record of who registers study {study}, not a study; "
                                  f"pass -P study={study}, or another name")
     plan = Plan(args.spec, args.overrides)
+    plan.check_prepared_images()  # a path's count, where a prepare run logged it
     check_no_cluster()
     check_checkpoint_root()  # each trial's train run locks its folder there
     if plan.held_out_varies and not args.join:  # once, not in every worker process

@@ -20,6 +20,7 @@ import optuna
 import pytest
 import sqlalchemy
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 
 from pipeline import config, sweep
 from pipeline.tracking import Interrupted, StepFailed, steps
@@ -195,6 +196,34 @@ def test_a_storage_naming_the_tracking_stores_database_is_one_line_saying_so(sto
     assert "experiments" in tables and "studies" not in tables  # Optuna wrote none of its tables there
     client = MlflowClient()
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_trials_too_many_for_a_paths_counted_images_open_no_run(store, tmp_path, in_process):
+    """A path's count is known once the sweep has prepared it: each trial whose batch it could not fill (with
+    train.drop_remainder) opened a trial run and a train run and left them FAILED. Such a trial now fails in the study
+    with the reason, no run opened; a rerun, the path prepared, refuses the spec before any run, as for cifar10."""
+    from pipeline import data
+
+    path = tmp_path / "d.npz"
+    data.make_synthetic(n_train=100, n_test=20, seed=0).save(path)
+    spec = write_spec(tmp_path, "sweep-few", "grid:\n  train.batch_size: [128, 256]\n",
+                      {"data.source": path, "train.drop_remainder": "true", "train.batch_size": None})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    done = in_process("sweep", "--spec", spec, "--study", "few")
+    assert done.returncode == 1, done.stderr[-3000:]  # no trial finished
+    refused = ("train.drop_remainder: the 88 training images make no whole batch of train.batch_size {}; lower the "
+               "batch size or set train.drop_remainder=false")
+    assert [(t.state.name, t.user_attrs["failure_reason"]) for t in optuna.load_study(study_name="few",
+                                                                                       storage=storage).trials] == [
+        ("FAIL", f"ConfigError: {refused.format(128)}"), ("FAIL", f"ConfigError: {refused.format(256)}")]
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, run_view_type=ViewType.ALL)
+    assert sorted(r.data.tags["step"] for r in runs) == ["prepare", "sweep"], [r.data.tags for r in runs]
+    done = in_process("sweep", "--spec", spec, "--study", "few-again")
+    assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (
+        2, f"error: trial 0 (train.batch_size=128): {refused.format(128)}")
+    assert len(client.search_runs(experiments, run_view_type=ViewType.ALL)) == len(runs)
 
 
 @pytest.mark.parametrize("task", ["worker", "chief"])
