@@ -750,11 +750,17 @@ def needs_backend_check(train: TrainConfig) -> bool:
 
 def held_out_images(fraction: float, images: int) -> int:
     """How many of `images` training images `train.validation_fraction` holds out (0: validation on the test split).
-    ConfigError if that leaves none to train on (a model trained on none would score as one)."""
-    n_val = max(1, round(fraction * images)) if fraction else 0
-    if n_val >= images:
-        raise ConfigError(f"train.validation_fraction: holding out {n_val} of the {images} training "
+    ConfigError if that leaves none to train on (a model trained on none would score as one), or if a fraction above 0
+    rounds to no image (one was held out all the same: a val_acc of 0 or 1)."""
+    n_val = round(fraction * images) if fraction else 0
+    least = max(n_val, 1) if fraction else n_val  # with one image, holding out any (one at least) leaves none
+    if least >= images:
+        raise ConfigError(f"train.validation_fraction: holding out {least} of the {images} training "
                           f"images leaves none to train on; lower it, or train on more (data.max_train)")
+    if fraction and not n_val:
+        raise ConfigError(f"train.validation_fraction: {fraction:g} of the {images} training images rounds to no "
+                          f"image held out; give at least 1/{images} ({1 / images:g}) to hold one out (more for a "
+                          f"val_acc worth reading), or 0 to validate on the test split")
     return n_val
 
 

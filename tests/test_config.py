@@ -241,6 +241,21 @@ def test_validation_seed_null_leaves_the_held_out_images_to_train_seed():
     assert config.from_run_params(before).train.held_out_seed == 3
 
 
+def test_a_held_out_split_that_rounds_to_no_image_is_refused_not_raised_to_one():
+    """0.001 of 200 synthetic training images is 0.2 of an image: one was held out all the same, its val_acc 0 or 1.
+    Refused before any data is read, naming the fraction that holds out one; 1/200 holds out that one."""
+    from pipeline import inputs
+
+    cfg = config.load(None, "data.source=synthetic data.synthetic_train=200 train.validation_fraction=0.001")
+    with pytest.raises(config.ConfigError) as err:
+        inputs.check_known_training_images(cfg)
+    assert str(err.value) == (
+        "train.validation_fraction: 0.001 of the 200 training images rounds to no image held out; give at least "
+        "1/200 (0.005) to hold one out (more for a val_acc worth reading), or 0 to validate on the test split")
+    assert config.held_out_images(1 / 200, 200) == 1 and config.held_out_images(0.1, 1024) == 102
+    assert config.held_out_images(0, 200) == 0
+
+
 def test_flat_params_are_the_strings_mlflow_stores():
     flat = config.load().flat()
     assert flat["train.lr_boundaries"] == "[0.5333333333333333, 0.8]"
