@@ -394,6 +394,7 @@ class Plan:
                                          f"{math.prod(sizes)}, or a grid: to run each once")
         self.trials = trials
         self.checked = checked  # a grid's combinations, or a space's ends
+        self.prepare_keys: dict[str, str] = {}  # `prepared_dataset`'s, by data params: a path's digest read once
         if self.grid:
             self.combinations = len(self.grid)
         self.configs = [self.load(values, f"trial {i}" if self.grid else "space")
@@ -542,9 +543,23 @@ class Plan:
         """`check_images` for each trial (a grid's) or the space's ends whose data is a path already prepared (a rerun,
         or a dataset a main or train command prepared): its count is known before any run, as cifar10's is. Before
         any run opens, as main and train refuse them where they reuse a prepared dataset."""
+        found: dict[str, str | None] = {}
         for i, (values, cfg) in enumerate(zip(self.checked, self.configs, strict=True)):
-            if (uri := prepared_path_dataset(cfg)) is not None:
-                self.check_images(cfg, f"trial {i}" if self.grid else "space", values, uri)
+            data_params = json.dumps(cfg.flat("data"), sort_keys=True)
+            if data_params not in found:
+                found[data_params] = self.prepared_dataset(cfg)
+            if found[data_params] is not None:
+                self.check_images(cfg, f"trial {i}" if self.grid else "space", values, found[data_params])
+
+    def prepared_dataset(self, cfg: config.Config) -> str | None:
+        """The dataset prepared from `cfg`'s data path (the URI of the prepare run's artifact, which logged its count),
+        or None: none prepared yet, or cifar10 or synthetic data, whose counts the params give."""
+        if inputs.known_training_images(cfg) is not None:
+            return None
+        data_params = json.dumps(cfg.flat("data"), sort_keys=True)
+        if data_params not in self.prepare_keys:  # a digest of the whole file or folder
+            self.prepare_keys[data_params] = prepare.prepare_key(cfg)
+        return prepare.find_prepared(self.prepare_keys[data_params])
 
     def refused_images(self, values: dict[str, Any], number: int) -> str | None:
         """Why trial `number` (its `values`) cannot train on the training images its data path's prepare run counted
@@ -552,7 +567,7 @@ class Plan:
         prepared by the sweep itself is counted only then, and each such trial opened a run and left it FAILED."""
         try:
             cfg = self.load(values, f"trial {number}")
-            uri = prepared_path_dataset(cfg)
+            uri = self.prepared_dataset(cfg)
         except (config.ConfigError, data.DataError):  # a space's bad draw, a path gone since: its run says so
             return None
         if uri is None:
@@ -972,14 +987,6 @@ def pruning_callback(trial: optuna.Trial):
                 raise optuna.TrialPruned(f"val_acc {value:.4f} after epoch {epoch + 1}")
 
     return ReportValAcc()
-
-
-def prepared_path_dataset(cfg: config.Config) -> str | None:
-    """The dataset prepared from `cfg`'s data path (the URI of the prepare run's artifact, which logged its count), or
-    None: none prepared yet, or cifar10 or synthetic data, whose counts the params give."""
-    if inputs.known_training_images(cfg) is not None:
-        return None
-    return prepare.find_prepared(prepare.prepare_key(cfg))
 
 
 def train_and_evaluate(cfg: config.Config, trial: optuna.Trial) -> float:
