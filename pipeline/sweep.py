@@ -1335,10 +1335,13 @@ def trial_table(study: optuna.Study) -> pd.DataFrame:
     for row in table.to_dict("records"):
         run_id = row.get("user_attrs_mlflow_run_id")
         tags = trials.run_tags(run_id) if isinstance(run_id, str) else {}
+        # a trial refused before its run opened (`Plan.refused_images`) has its reason in the study alone
+        refused = row.get("user_attrs_failure_reason") if not isinstance(run_id, str) else None
         rows.append({"trial": row["number"], "state": row["state"],
                      **{k.removeprefix("params_"): v for k, v in row.items() if k.startswith("params_")},
                      OBJECTIVE: row["value"], "pruned_at_epoch": tags.get("pruned_at_epoch", ""),
-                     "failure_reason": tags.get("failure_reason") or stopped(row["state"], tags),
+                     "failure_reason": tags.get("failure_reason") or stopped(row["state"], tags) or (
+                         refused if isinstance(refused, str) else ""),
                      "superseded_by_retry": tags.get("superseded_by_retry", ""), "run_id": run_id or "",
                      "train_run_id": tags.get("train_run_id", ""), "model_uri": tags.get("model_uri", ""),
                      "train_status": trials.run_status(tags["train_run_id"]) if tags.get("train_run_id") else ""})
@@ -1385,8 +1388,8 @@ def nothing_finished(study: optuna.Study, table: pd.DataFrame | None = None) -> 
     `table`: its `trial_table`, where read already."""
     counts = collections.Counter(outcomes(trial_table(study) if table is None else table))
     outcome = ", ".join(f"{n} {STATE_WORDS.get(state, state.lower())}" for state, n in counts.items())
-    return (f"no trial of study {study.study_name} finished ({outcome or 'no trials'}); nothing registered: each "
-            f"trial's run says why (tag failure_reason, or pruned_at_epoch)")
+    return (f"no trial of study {study.study_name} finished ({outcome or 'no trials'}); nothing registered: the "
+            f"trials table (trials.csv) says why: each trial's failure_reason (its run's tag), or pruned_at_epoch")
 
 
 def register_best(plan: Plan, study: optuna.Study) -> dict:

@@ -216,6 +216,9 @@ def test_trials_too_many_for_a_paths_counted_images_open_no_run(store, tmp_path,
     assert [(t.state.name, t.user_attrs["failure_reason"]) for t in optuna.load_study(study_name="few",
                                                                                        storage=storage).trials] == [
         ("FAIL", f"ConfigError: {refused.format(128)}"), ("FAIL", f"ConfigError: {refused.format(256)}")]
+    # the trials table, printed and logged (trials.csv), gives the reason of each, which no run holds
+    assert list(sweep.trial_table(optuna.load_study(study_name="few", storage=storage))["failure_reason"]) == [
+        f"ConfigError: {refused.format(128)}", f"ConfigError: {refused.format(256)}"]
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, run_view_type=ViewType.ALL)
@@ -672,8 +675,8 @@ def test_interrupted_trials_are_counted_apart_from_failed_ones(store, tmp_path):
         client.set_terminated(run, status)
         study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"train.lr": lr},
                                                   distributions=plan.space, user_attrs={"mlflow_run_id": run}))
-    reason = ("no trial of study stopped finished (2 interrupted, 1 failed); nothing registered: each trial's run says "
-              "why (tag failure_reason, or pruned_at_epoch)")
+    reason = ("no trial of study stopped finished (2 interrupted, 1 failed); nothing registered: the trials table "
+              "(trials.csv) says why: each trial's failure_reason (its run's tag), or pruned_at_epoch")
     assert sweep.nothing_finished(study) == reason
     sweep.register_best(plan, study)
     tags = client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags
@@ -1279,8 +1282,8 @@ def test_a_worker_that_ends_a_study_none_of_whose_trials_finished_ends_its_sweep
     run = client.get_run(parent)
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"] == sweep.nothing_finished(study) == (
-        "no trial of study all-fail finished (2 failed); nothing registered: each trial's run says why (tag "
-        "failure_reason, or pruned_at_epoch)")
+        "no trial of study all-fail finished (2 failed); nothing registered: the trials table (trials.csv) says why: "
+        "each trial's failure_reason (its run's tag), or pruned_at_epoch")
     assert run.data.tags["trials_fail"] == "2"
     assert optuna.load_study(study_name="all-fail.register", storage=storage).user_attrs["registered_version"] is None
 
