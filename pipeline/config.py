@@ -192,6 +192,27 @@ class ModelConfig:
                             stages=len(self.widths))
 
 
+def _distinct_inside(boundaries: tuple[float, ...], epochs: int) -> bool:
+    """Whether `boundaries` (fractions of the run) round to distinct epochs after the first and before the last of
+    `epochs`: a decay after epoch 0 or the last one, or two on one epoch, would not happen as written."""
+    rounded = [round_half_up(b * epochs) for b in boundaries]
+    return all(1 <= e < epochs for e in rounded) and len(set(rounded)) == len(rounded)
+
+
+def _fewest_epochs(boundaries: tuple[float, ...], most: int = 100_000) -> int | None:
+    """The fewest epochs from which on every run length holds `boundaries` (`_distinct_inside`), or None past `most`
+    (boundaries too close together). Not always the fewest that fit one: [0.3, 0.45] fit 4 epochs, not 5, from 6 on
+    all. Past the lengths that round them one epoch or more apart and inside the run, every length fits."""
+    gaps = [b - a for a, b in zip((0.0, *boundaries), (*boundaries, 1.0), strict=True)]
+    surely = math.ceil(max(1 / min(gaps[1:-1], default=1), 0.5 / gaps[0], 0.5 / gaps[-1])) + 1
+    if surely > most or not _distinct_inside(boundaries, surely):
+        return None
+    fewest = surely
+    while fewest > 1 and _distinct_inside(boundaries, fewest - 1):
+        fewest -= 1
+    return fewest
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int
@@ -278,8 +299,12 @@ class TrainConfig:
         _check(self.verbose in ("auto", "0", "1", "2"), "train.verbose", "must be auto, 0, 1 or 2", self.verbose)
 
     def _check_boundaries(self) -> None:
-        """Boundaries are fractions of `epochs`, so `-P epochs=N` moves them with the run's length."""
+        """Boundaries are fractions of `epochs`, so `-P epochs=N` moves them with the run's length. Only the step
+        schedule reads them: cosine's and onecycle's (an old params file's [80, 120] with cosine set by override) are
+        not checked, as they change nothing."""
         key, values = "train.lr_boundaries", self.lr_boundaries
+        if self.schedule != "step":
+            return
         if any(b >= 1 for b in values) and all(float(b).is_integer() for b in values):
             given = f"got epochs [{', '.join(f'{b:g}' for b in values)}]"
             if all(b < self.epochs for b in values):
@@ -291,12 +316,16 @@ class TrainConfig:
                               f"(the seed's 80 and 120 of 150 epochs are [80/150, 120/150])")
         _check(all(0 < b < 1 for b in values), key, "must be fractions of train.epochs in (0, 1)", values)
         _check(list(values) == sorted(set(values)), key, "must be strictly increasing", values)
-        if self.schedule != "step":
-            return
-        epochs = self.boundary_epochs
-        _check(all(1 <= e < self.epochs for e in epochs) and len(set(epochs)) == len(epochs), key,
-               f"must fall on distinct epochs between the first and the last of {self.epochs} "
-               f"(they round to epochs {list(epochs)})", values)
+        if not _distinct_inside(values, self.epochs):
+            n, fewest = self.epochs, _fewest_epochs(values)
+            need = f"these need train.epochs >= {fewest}; " if fewest else ""
+            fit = min(len(values), n - 1)  # boundaries a run of n epochs holds, each on its own epoch
+            some = [f"{round_half_up(i * n / (fit + 1))}/{n}" for i in range(1, fit + 1)]
+            given = ", ".join(f"{b:g}" for b in values)
+            raise ConfigError(f"{key}: must fall on distinct epochs between the first and the last of {n} (they "
+                              f"round to epochs {list(self.boundary_epochs)}), got [{given}]; "
+                              f"{need}for a run of {n} set train.schedule=cosine (no boundaries) or "
+                              f"train.lr_boundaries=[{', '.join(some)}]")
 
     @property
     def boundary_epochs(self) -> tuple[int, ...]:
@@ -721,11 +750,17 @@ def needs_backend_check(train: TrainConfig) -> bool:
 
 def held_out_images(fraction: float, images: int) -> int:
     """How many of `images` training images `train.validation_fraction` holds out (0: validation on the test split).
-    ConfigError if that leaves none to train on (a model trained on none would score as one)."""
-    n_val = max(1, round(fraction * images)) if fraction else 0
-    if n_val >= images:
-        raise ConfigError(f"train.validation_fraction: holding out {n_val} of the {images} training "
+    ConfigError if that leaves none to train on (a model trained on none would score as one), or if a fraction above 0
+    rounds to no image (one was held out all the same: a val_acc of 0 or 1)."""
+    n_val = round(fraction * images) if fraction else 0
+    least = max(n_val, 1) if fraction else n_val  # with one image, holding out any (one at least) leaves none
+    if least >= images:
+        raise ConfigError(f"train.validation_fraction: holding out {least} of the {images} training "
                           f"images leaves none to train on; lower it, or train on more (data.max_train)")
+    if fraction and not n_val:
+        raise ConfigError(f"train.validation_fraction: {fraction:g} of the {images} training images rounds to no "
+                          f"image held out; give at least 1/{images} ({1 / images:g}) to hold one out (more for a "
+                          f"val_acc worth reading), or 0 to validate on the test split")
     return n_val
 
 

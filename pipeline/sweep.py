@@ -393,6 +393,8 @@ class Plan:
                                          f"spec.{space_key(self.spec)} would run some twice; give trials <= "
                                          f"{math.prod(sizes)}, or a grid: to run each once")
         self.trials = trials
+        self.checked = checked  # a grid's combinations, or a space's ends
+        self.prepare_keys: dict[str, str] = {}  # `prepared_dataset`'s, by data params: a path's digest read once
         if self.grid:
             self.combinations = len(self.grid)
         self.configs = [self.load(values, f"trial {i}" if self.grid else "space")
@@ -527,14 +529,54 @@ class Plan:
                     f"range, or list the values that pass") from None
 
     @staticmethod
-    def check_images(cfg: config.Config, what: str, values: dict[str, Any]) -> None:
-        """ConfigError naming the trial where its cifar10 or synthetic data (whose counts follow from the params) hold
-        too few training images to hold out train.validation_fraction or, with train.drop_remainder, to make a whole
-        batch: refused before any run, as main and train refuse them (`config.check_training_images`)."""
+    def check_images(cfg: config.Config, what: str, values: dict[str, Any], dataset_uri: str | None = None) -> None:
+        """ConfigError naming the trial where its cifar10 or synthetic data (whose counts follow from the params), or
+        the path a dataset was prepared from (`dataset_uri`, whose prepare run counted them), hold too few training
+        images to hold out train.validation_fraction or, with train.drop_remainder, to make a whole batch: refused
+        before any run, as main and train refuse them (`config.check_training_images`)."""
         try:
-            inputs.check_known_training_images(cfg)
+            inputs.check_known_training_images(cfg, dataset_uri)
         except config.ConfigError as exc:
             raise config.ConfigError(f"{what} ({label(values)}): {exc}") from None
+
+    def check_prepared_images(self) -> None:
+        """`check_images` for each trial (a grid's) or the space's ends whose data is a path already prepared (a rerun,
+        or a dataset a main or train command prepared): its count is known before any run, as cifar10's is. Before
+        any run opens, as main and train refuse them where they reuse a prepared dataset."""
+        found: dict[str, str | None] = {}
+        for i, (values, cfg) in enumerate(zip(self.checked, self.configs, strict=True)):
+            data_params = json.dumps(cfg.flat("data"), sort_keys=True)
+            if data_params not in found:
+                found[data_params] = self.prepared_dataset(cfg)
+            if found[data_params] is not None:
+                self.check_images(cfg, f"trial {i}" if self.grid else "space", values, found[data_params])
+
+    def prepared_dataset(self, cfg: config.Config) -> str | None:
+        """The dataset prepared from `cfg`'s data path (the URI of the prepare run's artifact, which logged its count),
+        or None: none prepared yet, or cifar10 or synthetic data, whose counts the params give."""
+        if inputs.known_training_images(cfg) is not None:
+            return None
+        data_params = json.dumps(cfg.flat("data"), sort_keys=True)
+        if data_params not in self.prepare_keys:  # a digest of the whole file or folder
+            self.prepare_keys[data_params] = prepare.prepare_key(cfg)
+        return prepare.find_prepared(self.prepare_keys[data_params])
+
+    def refused_images(self, values: dict[str, Any], number: int) -> str | None:
+        """Why trial `number` (its `values`) cannot train on the training images its data path's prepare run counted
+        (too few to hold out or to batch: `check_images`), or None. Asked before the trial's run opens: a dataset
+        prepared by the sweep itself is counted only then, and each such trial opened a run and left it FAILED."""
+        try:
+            cfg = self.load(values, f"trial {number}")
+            uri = self.prepared_dataset(cfg)
+        except (config.ConfigError, data.DataError):  # a space's bad draw, a path gone since: its run says so
+            return None
+        if uri is None:
+            return None
+        try:
+            inputs.check_known_training_images(cfg, uri)
+        except config.ConfigError as exc:
+            return f"ConfigError: {exc}"
+        return None
 
     def kwargs_of(self, what: str) -> dict[str, Any]:
         return self.sampler_kwargs if what == "spec.sampler" else self.pruner_kwargs
@@ -1009,6 +1051,12 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
     import keras
 
     values = plan.values(trial)
+    refused = plan.refused_images(values, trial.number)
+    if refused is not None:  # known impossible: no run to leave FAILED (a grid's every such trial left one)
+        trial.set_user_attr("failure_reason", refused[:500])
+        study.tell(trial, None, state=TrialState.FAIL, skip_if_finished=True)
+        print(f"trial {trial.number} refused before its run opened: {refused}", file=sys.stderr, flush=True)
+        return
     run_id = trials.create_trial_run(experiment_id, parent_id, f"trial-{trial.number} {label(values)}",
                                      {"step": "trial", "optuna_study": study.study_name,
                                       "optuna_trial": str(trial.number), "trial_overrides": label(values),
@@ -1288,10 +1336,13 @@ def trial_table(study: optuna.Study) -> pd.DataFrame:
     for row in table.to_dict("records"):
         run_id = row.get("user_attrs_mlflow_run_id")
         tags = trials.run_tags(run_id) if isinstance(run_id, str) else {}
+        # a trial refused before its run opened (`Plan.refused_images`) has its reason in the study alone
+        refused = row.get("user_attrs_failure_reason") if not isinstance(run_id, str) else None
         rows.append({"trial": row["number"], "state": row["state"],
                      **{k.removeprefix("params_"): v for k, v in row.items() if k.startswith("params_")},
                      OBJECTIVE: row["value"], "pruned_at_epoch": tags.get("pruned_at_epoch", ""),
-                     "failure_reason": tags.get("failure_reason") or stopped(row["state"], tags),
+                     "failure_reason": tags.get("failure_reason") or stopped(row["state"], tags) or (
+                         refused if isinstance(refused, str) else ""),
                      "superseded_by_retry": tags.get("superseded_by_retry", ""), "run_id": run_id or "",
                      "train_run_id": tags.get("train_run_id", ""), "model_uri": tags.get("model_uri", ""),
                      "train_status": trials.run_status(tags["train_run_id"]) if tags.get("train_run_id") else ""})
@@ -1338,8 +1389,8 @@ def nothing_finished(study: optuna.Study, table: pd.DataFrame | None = None) -> 
     `table`: its `trial_table`, where read already."""
     counts = collections.Counter(outcomes(trial_table(study) if table is None else table))
     outcome = ", ".join(f"{n} {STATE_WORDS.get(state, state.lower())}" for state, n in counts.items())
-    return (f"no trial of study {study.study_name} finished ({outcome or 'no trials'}); nothing registered: each "
-            f"trial's run says why (tag failure_reason, or pruned_at_epoch)")
+    return (f"no trial of study {study.study_name} finished ({outcome or 'no trials'}); nothing registered: the "
+            f"trials table (trials.csv) says why: each trial's failure_reason (its run's tag), or pruned_at_epoch")
 
 
 def register_best(plan: Plan, study: optuna.Study) -> dict:
@@ -1440,6 +1491,7 @@ def run(args: argparse.Namespace) -> int:
         raise config.ConfigError(f"study: {args.study} is the record of who registers study {study}, not a study; "
                                  f"pass -P study={study}, or another name")
     plan = Plan(args.spec, args.overrides)
+    plan.check_prepared_images()  # a path's count, where a prepare run logged it
     check_no_cluster()
     check_checkpoint_root()  # each trial's train run locks its folder there
     if plan.held_out_varies and not args.join:  # once, not in every worker process

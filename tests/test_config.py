@@ -94,6 +94,39 @@ def test_boundaries_that_fall_outside_the_run_are_refused():
     assert config.load(None, "train.epochs=1 train.schedule=cosine").train.epochs == 1
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_boundaries_a_schedule_does_not_use_do_not_stop_its_run(tmp_path, schedule):
+    """An old params file's absolute [80, 120] with cosine set by override was refused as absolute epochs, and
+    [0.5, 0.52] at 10 epochs as falling on one epoch, though cosine and onecycle never read the boundaries."""
+    (tmp_path / "old.yaml").write_text("train:\n  epochs: 150\n  lr_boundaries: [80, 120]\n")
+    cfg = config.load_from_cli(str(tmp_path / "old.yaml"), f"train.schedule={schedule}", epochs="30")
+    assert (cfg.train.schedule, cfg.train.lr_boundaries, cfg.train.epochs) == (schedule, (80, 120), 30)
+    assert config.load(None, f"train.schedule={schedule} train.epochs=10 train.lr_boundaries=[0.5,0.52]").train
+    # the step schedule's checks stay as they were
+    with pytest.raises(config.ConfigError, match=r"^train.lr_boundaries: are now fractions"):
+        config.load_from_cli(str(tmp_path / "old.yaml"), "train.schedule=step", epochs="30")
+
+
+@pytest.mark.parametrize(("epochs", "boundaries", "fewest"), [
+    (1, "[80/150, 120/150]", 4), (2, "[80/150, 120/150]", 4), (3, "[80/150, 120/150]", 4),  # the seed's, smoke-tested
+    (5, "[0.3, 0.45]", 6),  # 4 fits them, 5 not: from 6 on every length does
+    (10, "[0.5, 0.52]", 50), (2, "[0.1]", 5)])
+def test_boundaries_a_run_is_too_short_for_say_what_would_run(epochs, boundaries, fewest):
+    """`-P epochs=2` on the seed recipe was refused "(they round to epochs [1, 2])" and no more: the refusal now gives
+    the fewest epochs from which on the boundaries fit, and the overrides that make a run of this length work."""
+    given = [f"train.epochs={epochs}", f"train.lr_boundaries={boundaries}"]
+    with pytest.raises(config.ConfigError, match="^train.lr_boundaries: must fall on distinct epochs") as err:
+        config.load(None, given)
+    assert f"; these need train.epochs >= {fewest}; for a run of {epochs} set train.schedule=cosine " in str(err.value)
+    (suggested,) = re.findall(r"train\.lr_boundaries=\[[^]]*\]$", str(err.value))
+    decays = config.load(None, [*given, suggested]).train.boundary_epochs  # as many decays as the run has room for
+    assert len(decays) == min(boundaries.count(",") + 1, epochs - 1), (suggested, decays)
+    assert config.load(None, [*given, "train.schedule=cosine"]).train.schedule == "cosine"
+    assert all(config.load(None, [f"train.epochs={n}", given[1]]) for n in range(fewest, fewest + 200))
+    with pytest.raises(config.ConfigError):
+        config.load(None, [f"train.epochs={fewest - 1}", given[1]])
+
+
 def test_exponent_without_a_dot_is_a_number():
     assert config.load(None, "train.lr=1e-3 model.l2=5e-4").train.lr == pytest.approx(1e-3)
     assert config.load(None, "train.lr=1/8").train.lr == 0.125
@@ -206,6 +239,21 @@ def test_validation_seed_null_leaves_the_held_out_images_to_train_seed():
         assert config.from_run_params(logged.flat()) == logged
     before = {k: v for k, v in config.load(None, "train.seed=3").flat().items() if k != "train.validation_seed"}
     assert config.from_run_params(before).train.held_out_seed == 3
+
+
+def test_a_held_out_split_that_rounds_to_no_image_is_refused_not_raised_to_one():
+    """0.001 of 200 synthetic training images is 0.2 of an image: one was held out all the same, its val_acc 0 or 1.
+    Refused before any data is read, naming the fraction that holds out one; 1/200 holds out that one."""
+    from pipeline import inputs
+
+    cfg = config.load(None, "data.source=synthetic data.synthetic_train=200 train.validation_fraction=0.001")
+    with pytest.raises(config.ConfigError) as err:
+        inputs.check_known_training_images(cfg)
+    assert str(err.value) == (
+        "train.validation_fraction: 0.001 of the 200 training images rounds to no image held out; give at least "
+        "1/200 (0.005) to hold one out (more for a val_acc worth reading), or 0 to validate on the test split")
+    assert config.held_out_images(1 / 200, 200) == 1 and config.held_out_images(0.1, 1024) == 102
+    assert config.held_out_images(0, 200) == 0
 
 
 def test_flat_params_are_the_strings_mlflow_stores():

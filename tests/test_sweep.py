@@ -20,6 +20,7 @@ import optuna
 import pytest
 import sqlalchemy
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 
 from pipeline import config, sweep
 from pipeline.tracking import Interrupted, StepFailed, steps
@@ -197,6 +198,37 @@ def test_a_storage_naming_the_tracking_stores_database_is_one_line_saying_so(sto
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
+def test_trials_too_many_for_a_paths_counted_images_open_no_run(store, tmp_path, in_process):
+    """A path's count is known once the sweep has prepared it: each trial whose batch it could not fill (with
+    train.drop_remainder) opened a trial run and a train run and left them FAILED. Such a trial now fails in the study
+    with the reason, no run opened; a rerun, the path prepared, refuses the spec before any run, as for cifar10."""
+    from pipeline import data
+
+    path = tmp_path / "d.npz"
+    data.make_synthetic(n_train=100, n_test=20, seed=0).save(path)
+    spec = write_spec(tmp_path, "sweep-few", "grid:\n  train.batch_size: [128, 256]\n",
+                      {"data.source": path, "train.drop_remainder": "true", "train.batch_size": None})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    done = in_process("sweep", "--spec", spec, "--study", "few")
+    assert done.returncode == 1, done.stderr[-3000:]  # no trial finished
+    refused = ("train.drop_remainder: the 88 training images make no whole batch of train.batch_size {}; lower the "
+               "batch size or set train.drop_remainder=false")
+    assert [(t.state.name, t.user_attrs["failure_reason"]) for t in optuna.load_study(study_name="few",
+                                                                                       storage=storage).trials] == [
+        ("FAIL", f"ConfigError: {refused.format(128)}"), ("FAIL", f"ConfigError: {refused.format(256)}")]
+    # the trials table, printed and logged (trials.csv), gives the reason of each, which no run holds
+    assert list(sweep.trial_table(optuna.load_study(study_name="few", storage=storage))["failure_reason"]) == [
+        f"ConfigError: {refused.format(128)}", f"ConfigError: {refused.format(256)}"]
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, run_view_type=ViewType.ALL)
+    assert sorted(r.data.tags["step"] for r in runs) == ["prepare", "sweep"], [r.data.tags for r in runs]
+    done = in_process("sweep", "--spec", spec, "--study", "few-again")
+    assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (
+        2, f"error: trial 0 (train.batch_size=128): {refused.format(128)}")
+    assert len(client.search_runs(experiments, run_view_type=ViewType.ALL)) == len(runs)
+
+
 @pytest.mark.parametrize("task", ["worker", "chief"])
 def test_a_sweep_on_a_cluster_is_one_line_before_any_run(store, tmp_path, in_process, monkeypatch, task):
     """With TF_CONFIG naming several hosts, each trial of a sweep waited for the other hosts (10 minutes by default)
@@ -332,7 +364,9 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
      "true}\n  train.epochs: {min: 4, max: 6}\ntrials: 4\n",
      "spec.space.train.epochs: can draw 5 (with train.schedule=step train.lr_boundaries=[0.3, 0.45] train.lr=0.01), "
      "which the params refuse: train.lr_boundaries: must fall on distinct epochs between the first and the last of 5 "
-     "(they round to epochs [2, 2]), got (0.3, 0.45); narrow the range, or list the values that pass"),
+     "(they round to epochs [2, 2]), got [0.3, 0.45]; these need train.epochs >= 6; for a run of 5 set "
+     "train.schedule=cosine (no boundaries) or train.lr_boundaries=[2/5, 3/5]; narrow the range, or list the values "
+     "that pass"),
     # a traceback (TypeError from range(2.0) in the rehearsal) where a pruner took startup trials, else accepted
     ("grid: {train.lr: [0.1, 0.2]}\ntrials: 2.0\npruner: median\n",
      "spec.trials: a grid runs each of its 2 combinations once, got trials 2.0; leave trials out"),
@@ -641,8 +675,8 @@ def test_interrupted_trials_are_counted_apart_from_failed_ones(store, tmp_path):
         client.set_terminated(run, status)
         study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"train.lr": lr},
                                                   distributions=plan.space, user_attrs={"mlflow_run_id": run}))
-    reason = ("no trial of study stopped finished (2 interrupted, 1 failed); nothing registered: each trial's run says "
-              "why (tag failure_reason, or pruned_at_epoch)")
+    reason = ("no trial of study stopped finished (2 interrupted, 1 failed); nothing registered: the trials table "
+              "(trials.csv) says why: each trial's failure_reason (its run's tag), or pruned_at_epoch")
     assert sweep.nothing_finished(study) == reason
     sweep.register_best(plan, study)
     tags = client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags
@@ -1248,8 +1282,8 @@ def test_a_worker_that_ends_a_study_none_of_whose_trials_finished_ends_its_sweep
     run = client.get_run(parent)
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"] == sweep.nothing_finished(study) == (
-        "no trial of study all-fail finished (2 failed); nothing registered: each trial's run says why (tag "
-        "failure_reason, or pruned_at_epoch)")
+        "no trial of study all-fail finished (2 failed); nothing registered: the trials table (trials.csv) says why: "
+        "each trial's failure_reason (its run's tag), or pruned_at_epoch")
     assert run.data.tags["trials_fail"] == "2"
     assert optuna.load_study(study_name="all-fail.register", storage=storage).user_attrs["registered_version"] is None
 
