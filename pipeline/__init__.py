@@ -96,14 +96,22 @@ class _QuietLoader(importlib.abc.Loader):
 
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
-    """Runs the first `import tensorflow` (whoever asks for it, Keras included) under `native_stderr_without`."""
+    """Runs the first `import tensorflow` (whoever asks for it, Keras included) under `native_stderr_without`. It
+    stays on `sys.meta_path`: a question that imports nothing (`importlib.util.find_spec("tensorflow")`, asking which
+    backends are installed) must not use it up before the import."""
+
+    def __init__(self):
+        self.finding = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
+        if name != "tensorflow" or self.finding:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
+        self.finding = True  # the finders after this one answer the question below
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.finding = False
+        if spec is not None and spec.loader is not None and not isinstance(spec.loader, _QuietLoader):
             spec.loader = _QuietLoader(spec.loader)
         return spec
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -364,3 +365,14 @@ def test_a_step_run_says_whether_its_checkout_had_uncommitted_changes(store, tmp
     tracking.git_dirty.cache_clear()
     assert tags["clean"]["git_commit"] == tags["edited"]["git_commit"]
     assert (tags["clean"]["git_dirty"], tags["edited"]["git_dirty"]) == ("false", "true")
+
+
+def test_asking_whether_tensorflow_is_installed_leaves_its_import_quiet():
+    """A check of which backends are installed (`importlib.util.find_spec("tensorflow")`, before Keras loads) used
+    up the package's quiet import: TensorFlow's own import then printed absl's notice and its cuda lines."""
+    code = ("import importlib.util, pipeline; assert importlib.util.find_spec('tensorflow'); "
+            "assert importlib.util.find_spec('tensorflow'); import tensorflow")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not [noise for noise in KNOWN_NOISE if noise in done.stderr], done.stderr[-2000:]
