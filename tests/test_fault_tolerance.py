@@ -1880,6 +1880,41 @@ def test_a_stopping_signal_while_mlflow_ends_a_finished_step_leaves_no_run_runni
     assert statuses == {"prepare": "FINISHED", "main": "KILLED" if ending == "prepare" else "FINISHED"}
 
 
+@pytest.mark.parametrize("opening", ["prepare", "main", "train"])
+def test_a_stopping_signal_while_mlflow_opens_a_step_leaves_no_run_running(store, monkeypatch, opening):
+    """SIGTERM (Ctrl-C) arriving while MLflow opened a step's run (`start_run`: the run written, not yet on MLflow's
+    active-run list): the exception left that run RUNNING for good, though the step said "open runs ended KILLED".
+    It waits until the run is open: the run ends KILLED, tagged `interrupted_by`, with the runs around it, and a
+    train run's system-metrics monitor (started as the run opens) stops with it; 143."""
+    import mlflow.tracking.fluent
+
+    from pipeline import tracking
+
+    cfg = config.load(ROOT / TINY, ["tracking.experiment=e2e", "tracking.system_metrics=true"])
+    create_run, signalled = MlflowClient.create_run, []
+
+    def created(self, *args, **kwargs):
+        run = create_run(self, *args, **kwargs)
+        if not signalled and (kwargs.get("tags") or {}).get("step") == opening:
+            signalled.append(run.info.run_id)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, the run written but not yet active
+        return run
+
+    monkeypatch.setattr(MlflowClient, "create_run", created)
+
+    def main():
+        with tracking.step_run(cfg, "main" if opening == "prepare" else opening), tracking.step_run(cfg, "prepare"):
+            pass
+
+    with pytest.raises(SystemExit) as stopped:
+        tracking.cli(main)
+    assert stopped.value.code == 143 and signalled
+    runs = {r.info.run_id: r for r in experiment_runs(MlflowClient())}
+    assert {r.info.status for r in runs.values()} == {"KILLED"} and len(runs) == 1 + (opening == "prepare")
+    assert runs[signalled[0]].data.tags.get("interrupted_by") == "SIGTERM"
+    assert mlflow.active_run() is None and not mlflow.tracking.fluent.run_id_to_system_metrics_monitor
+
+
 def test_the_store_command_answers_help_and_refuses_other_arguments_without_touching_a_store(tmp_path):
     """`python -m pipeline.tracking --help` (or a typo's argument) created the store, or probed a server, and
     printed "ready": the help was never shown, the argument never read. Now the usage, or one line and exit 2, and

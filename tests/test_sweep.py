@@ -803,10 +803,14 @@ def one_trial(tmp_path, name: str):
     return plan, study, trial, parent, experiment_id
 
 
-@pytest.mark.parametrize("during", ["training", "entering its run"])
+@pytest.mark.parametrize("during", ["training", "entering its run", "creating its run"])
 def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, monkeypatch, during):
-    """Wherever the signal lands after the trial's run is created: entering it (left RUNNING, it was), or training."""
+    """Wherever the signal lands after the trial's run is created: entering it (left RUNNING, it was), or training.
+    Or while MLflow creates it (SIGTERM's handler ran once the run was written, before its id came back): it was left
+    RUNNING for good; now the signal waits until the run is created."""
     import mlflow
+
+    from pipeline import tracking
 
     plan, study, trial, parent, experiment_id = one_trial(tmp_path, "sweep-interrupted")
     client = MlflowClient()
@@ -814,14 +818,29 @@ def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, m
     def interrupted(*args):
         raise Interrupted(signal.SIGTERM)
 
+    create_run = MlflowClient.create_run
+
+    def created(self, *args, **kwargs):
+        run = create_run(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, as the run is written
+        return run
+
     if during == "training":
         monkeypatch.setattr(sweep, "train_and_evaluate", interrupted)
-    else:
+    elif during == "entering its run":
         monkeypatch.setattr(sweep.trials, "enter_run", interrupted)
-    with pytest.raises(Interrupted):
-        sweep.run_trial(plan, study, trial, parent, experiment_id)
+    else:
+        monkeypatch.setattr(MlflowClient, "create_run", created)
+    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
+                                                                                          signal.SIGINT)}
+    try:
+        with pytest.raises(Interrupted):
+            sweep.run_trial(plan, study, trial, parent, experiment_id)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     assert mlflow.active_run() is None
-    run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    (run,) = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert run.info.status == "KILLED" and run.data.tags["interrupted_by"] == "SIGTERM"
     assert "failure_reason" not in run.data.tags
     assert "interrupted_by" not in client.get_run(parent).data.tags  # the trial's run tagged, not the sweep's

@@ -535,22 +535,23 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
     if resume_run_id:
         with contextlib.ExitStack() as stack:
             if parent is None and os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened for this try
-                stack.enter_context(_ended_with_reason(  # step "resume": compare and searches skip it
-                    mlflow.start_run(tags={**tags, "step": "resume", "resumes_run": resume_run_id}), not_failures))
-            yield stack.enter_context(_ended_with_reason(
-                mlflow.start_run(run_id=resume_run_id, nested=mlflow.active_run() is not None,
-                                 log_system_metrics=system_metrics), not_failures))
+                stack.enter_context(_ended_with_reason(functools.partial(  # step "resume": compare and searches skip it
+                    mlflow.start_run, tags={**tags, "step": "resume", "resumes_run": resume_run_id}), not_failures))
+            yield stack.enter_context(_ended_with_reason(lambda: mlflow.start_run(
+                run_id=resume_run_id, nested=mlflow.active_run() is not None, log_system_metrics=system_metrics),
+                not_failures))
         return
     if parent is not None:
-        ctx = mlflow.start_run(run_name=run_name or step, nested=True, experiment_id=parent.info.experiment_id,
-                               tags=tags, log_system_metrics=system_metrics)
+        start = functools.partial(mlflow.start_run, run_name=run_name or step, nested=True,
+                                  experiment_id=parent.info.experiment_id, tags=tags, log_system_metrics=system_metrics)
     elif os.environ.get("MLFLOW_RUN_ID"):
-        ctx = mlflow.start_run(tags=tags, log_system_metrics=system_metrics)
+        start = functools.partial(mlflow.start_run, tags=tags, log_system_metrics=system_metrics)
     else:
         if experiment:
             _set_experiment(experiment)
-        ctx = mlflow.start_run(run_name=run_name or step, tags=tags, log_system_metrics=system_metrics)
-    with _ended_with_reason(ctx, not_failures) as run:
+        start = functools.partial(mlflow.start_run, run_name=run_name or step, tags=tags,
+                                  log_system_metrics=system_metrics)
+    with _ended_with_reason(start, not_failures) as run:
         if run_name:  # `mlflow run` names its run at random; a descriptive name reads better in the UI
             mlflow.set_tag("mlflow.runName", run_name)
         yield run
@@ -567,21 +568,25 @@ def _set_experiment(name: str) -> None:
 
 
 @contextlib.contextmanager
-def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun],
+def _ended_with_reason(start: Callable[[], mlflow.ActiveRun],
                        not_failures: tuple[type[BaseException], ...] = ()) -> Iterator[mlflow.ActiveRun]:
-    """Enter an `mlflow.start_run` context; a SIGTERM/SIGINT inside ends the run KILLED (not FAILED). Any other
-    exception ends it FAILED with tag `failure_reason` (`reason_of`; unless the step already gave one), and goes on
-    as it was (an unexpected one's traceback is printed as ever). `not_failures` end the run without the tag: the
-    caller settles how (a sweep's pruned fit). Runs nested in each other (main's and its steps') end one after the
-    other with the same exception, and so get the same reason. A claim the step holds on the run (`resume.claim`: a
-    train run's) goes once the run has ended, however it ends: released before, an identical command started
-    meanwhile resumed the run, then saw it ended under it. A SIGTERM/SIGINT that arrives while MLflow ends a run whose
-    step is done (`mlflow.end_run`: the run taken off its stack, its status not yet written) ends it FINISHED all the
-    same, then goes on: else it stayed RUNNING for good."""
+    """Open a run with `start` (an `mlflow.start_run`) and enter it; a SIGTERM/SIGINT inside ends the run KILLED (not
+    FAILED). Any other exception ends it FAILED with tag `failure_reason` (`reason_of`; unless the step already gave
+    one), and goes on as it was (an unexpected one's traceback is printed as ever). `not_failures` end the run without
+    the tag: the caller settles how (a sweep's pruned fit). Runs nested in each other (main's and its steps') end one
+    after the other with the same exception, and so get the same reason. A claim the step holds on the run
+    (`resume.claim`: a train run's) goes once the run has ended, however it ends: released before, an identical
+    command started meanwhile resumed the run, then saw it ended under it. A SIGTERM/SIGINT that arrives while MLflow
+    opens the run (`interrupts.deferred`: the run written, not yet on MLflow's active-run list) is raised once it is
+    open, and ends it KILLED: else it stayed RUNNING for good. One that arrives while MLflow ends a run whose step is
+    done (`mlflow.end_run`: the run taken off its stack, its status not yet written) ends it FINISHED all the same,
+    then goes on: else it stayed RUNNING for good."""
     run, done = None, False
     try:
-        with ctx as run:
+        with contextlib.ExitStack() as entered:
             try:
+                with interrupts.deferred():
+                    run = entered.enter_context(start())
                 yield run
                 # A signal whose exception was swallowed on the way (a weakref callback's or `__del__`'s "Exception
                 # ignored", a bare except): with SIG_IGN already in place nothing else would stop the pipeline
@@ -589,13 +594,15 @@ def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun],
                     raise pending
                 done = True
             except (Interrupted, KeyboardInterrupt) as exc:
-                mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
-                mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
+                if run is not None:
+                    mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
+                    mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
                 raise
             except not_failures:
                 raise
             except Exception as exc:
-                tag_failure(run.info.run_id, reason_of(exc), exc)
+                if run is not None:
+                    tag_failure(run.info.run_id, reason_of(exc), exc)
                 raise
     except (Interrupted, KeyboardInterrupt):
         if done:  # the handler ignores any further signal: this end is not cut short
