@@ -1705,6 +1705,21 @@ def test_the_runs_console_link_is_a_command_that_runs_as_pasted(monkeypatch, sto
     assert "`mlflow ui --backend-store-uri sqlite:///mlflow.db`" in ui_hint(run)  # nothing to quote: as it was
 
 
+def test_the_store_command_refuses_a_store_whose_new_experiments_cannot_keep_artifacts(tmp_path):
+    """`python -m pipeline.tracking` in a folder where `mlruns` (where a local store's new experiments keep their
+    artifacts, MLflow's default) is a file said "ready"; every step then died on MLflow's NotADirectoryError traceback
+    as it logged its first artifact, its run FAILED. Now one line naming the folder, exit 2."""
+    (tmp_path / "mlruns").write_text("not a folder")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_RUN_ID", None)
+    refused = subprocess.run([sys.executable, "-m", "pipeline.tracking"], cwd=tmp_path, capture_output=True,
+                             text=True, env=env, timeout=120)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert refused.returncode == 2 and "ready" not in refused.stdout, refused.stdout + refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr and len(errors) == 1, refused.stderr[-3000:]
+    assert f"{tmp_path / 'mlruns'} is a file, not a folder" in errors[0], errors[0]
+
+
 def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_path):
     """The shifts, flips and cutout draw from SeedGenerators whose state `save_weights` leaves out: the checkpoint
     holds it, so the epochs after a resume have the losses of the uninterrupted run (they differed from the first

@@ -394,8 +394,42 @@ def asks_for_help(args: list[str]) -> bool:
 
 
 def store_ready() -> str:
-    """`python -m pipeline.tracking`'s line: the store `ensure_store` created or found answering, password hidden."""
-    return f"tracking store {_without_password(ensure_store())} ready"
+    """`python -m pipeline.tracking`'s line: the store `ensure_store` created or found answering, password hidden.
+    ConfigError naming the folder where a database store's new experiments keep their artifacts (MLflow's default:
+    `mlruns` in the working folder) if this user cannot write there (`_unwritable_folder`): "ready" came all the same,
+    and every step then died on MLflow's NotADirectoryError traceback as it logged its first artifact, its run FAILED.
+    A server's artifact store is left to its owner."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    shown = _without_password(ensure_store())
+    root = getattr(_get_store(), "artifact_root_uri", None) or ""
+    if root.startswith("file:"):
+        root = local_file_uri_to_path(root)
+    if root and not re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", root) and (reason := _unwritable_folder(Path(root))):
+        raise ConfigError(f"MLFLOW_TRACKING_URI: the tracking store {shown} keeps new experiments' artifacts in "
+                          f"{root}, where this user cannot write: {reason}; move that away, or run where it is a "
+                          f"folder this user may write")
+    return f"tracking store {shown} ready"
+
+
+def _unwritable_folder(path: Path) -> str | None:
+    """Why this user cannot write files in local folder `path`, created if missing, or None: a file sits in its place
+    or in the place of a folder above it, or it (or, missing, the nearest folder above it) is read-only."""
+    import pwd
+
+    found = next((p for p in (path, *path.parents) if p.exists()), None)
+    if found is None:
+        return None
+    if not found.is_dir():
+        return f"{found} is a file, not a folder"
+    if os.access(found, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return None
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    return (f"{found} is read-only for user {user}" if found == path
+            else f"{path} does not exist, and user {user} may not create it in {found}")
 
 
 def _os_reason(text: str) -> str | None:
