@@ -402,14 +402,23 @@ def store_ready() -> str:
     from mlflow.tracking._tracking_service.utils import _get_store
 
     shown = _without_password(ensure_store())
-    root = getattr(_get_store(), "artifact_root_uri", None) or ""
-    if root.startswith("file:"):
-        root = local_file_uri_to_path(root)
-    if root and not re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", root) and (reason := _unwritable_folder(Path(root))):
+    if unwritable := unwritable_artifact_location(getattr(_get_store(), "artifact_root_uri", None) or ""):
         raise ConfigError(f"MLFLOW_TRACKING_URI: the tracking store {shown} keeps new experiments' artifacts in "
-                          f"{root}, where this user cannot write: {reason}; move that away, or run where it is a "
-                          f"folder this user may write")
+                          f"{unwritable[0]}, where this user cannot write: {unwritable[1]}; move that away, or run "
+                          f"where it is a folder this user may write")
     return f"tracking store {shown} ready"
+
+
+def unwritable_artifact_location(location: str) -> tuple[Path, str] | None:
+    """(the folder, why) where artifact location `location` (a path or a `file:` URI) is a local folder this user
+    cannot write (`_unwritable_folder`); None where it can, or for other artifact stores (a server's, a bucket: left
+    to their owner)."""
+    if location.startswith("file:"):
+        location = local_file_uri_to_path(location)
+    elif not location or re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", location):  # s3://, mlflow-artifacts:/, ...
+        return None
+    reason = _unwritable_folder(Path(location))
+    return (Path(location), reason) if reason else None
 
 
 def _unwritable_folder(path: Path) -> str | None:
