@@ -1895,6 +1895,35 @@ def test_a_stopping_signal_while_mlflow_ends_a_finished_step_leaves_no_run_runni
     assert statuses == {"prepare": "FINISHED", "main": "KILLED" if ending == "prepare" else "FINISHED"}
 
 
+def test_a_stopping_signal_while_mlflow_ends_a_failed_step_leaves_no_run_running(store, monkeypatch):
+    """SIGTERM (Ctrl-C) arriving while MLflow wrote the end of a step that had failed (`end_run`: the run already off
+    its stack, FAILED not yet written): the step's run stayed RUNNING for good, its failure_reason on it. It ends
+    FAILED as the step did; the pipeline stops, 143."""
+    from pipeline import tracking
+
+    cfg = config.load(ROOT / TINY, ["tracking.experiment=e2e"])
+    set_terminated, signalled = MlflowClient.set_terminated, []
+
+    def ended(self, run_id, status=None, *args, **kwargs):
+        if not signalled and status == "FAILED":
+            signalled.append(run_id)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler raises here, before the status is written
+        return set_terminated(self, run_id, status, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", ended)
+
+    def main():
+        with tracking.step_run(cfg, "main"), tracking.step_run(cfg, "prepare"):
+            raise tracking.StepFailed("the data went missing")
+
+    with pytest.raises(SystemExit) as stopped:
+        tracking.cli(main)
+    assert stopped.value.code == 143 and signalled
+    runs = {r.data.tags["step"]: r for r in experiment_runs(MlflowClient())}
+    assert {step: r.info.status for step, r in runs.items()} == {"prepare": "FAILED", "main": "KILLED"}
+    assert runs["prepare"].data.tags["failure_reason"] == "the data went missing"
+
+
 @pytest.mark.parametrize("opening", ["prepare", "main", "train"])
 def test_a_stopping_signal_while_mlflow_opens_a_step_leaves_no_run_running(store, monkeypatch, opening):
     """SIGTERM (Ctrl-C) arriving while MLflow opened a step's run (`start_run`: the run written, not yet on MLflow's

@@ -622,9 +622,9 @@ def _ended_with_reason(start: Callable[[], mlflow.ActiveRun],
     command started meanwhile resumed the run, then saw it ended under it. A SIGTERM/SIGINT that arrives while MLflow
     opens the run (`interrupts.deferred`: the run written, not yet on MLflow's active-run list) is raised once it is
     open, and ends it KILLED: else it stayed RUNNING for good. One that arrives while MLflow ends a run whose step is
-    done (`mlflow.end_run`: the run taken off its stack, its status not yet written) ends it FINISHED all the same,
-    then goes on: else it stayed RUNNING for good."""
-    run, done = None, False
+    done or failed (`mlflow.end_run`: the run taken off its stack, its status not yet written) ends it FINISHED or
+    FAILED all the same, then goes on: else it stayed RUNNING for good."""
+    run, ending = None, None  # ending: the status MLflow is writing as the block ends (FINISHED, FAILED)
     try:
         with contextlib.ExitStack() as entered:
             try:
@@ -635,7 +635,7 @@ def _ended_with_reason(start: Callable[[], mlflow.ActiveRun],
                 # ignored", a bare except): with SIG_IGN already in place nothing else would stop the pipeline
                 if (pending := interrupts.take()) is not None:
                     raise pending
-                done = True
+                ending = "FINISHED"
             except (Interrupted, KeyboardInterrupt) as exc:
                 if run is not None:
                     mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
@@ -646,14 +646,15 @@ def _ended_with_reason(start: Callable[[], mlflow.ActiveRun],
             except Exception as exc:
                 if run is not None:
                     tag_failure(run.info.run_id, reason_of(exc), exc)
+                    ending = "FAILED"
                 raise
     except (Interrupted, KeyboardInterrupt):
-        if done:  # the handler ignores any further signal: this end is not cut short
+        if ending:  # the handler ignores any further signal: this end is not cut short
             with contextlib.suppress(MlflowException):
                 if (active := mlflow.active_run()) is not None and active.info.run_id == run.info.run_id:
-                    mlflow.end_run()
+                    mlflow.end_run(ending)
                 else:
-                    mlflow.MlflowClient().set_terminated(run.info.run_id)
+                    mlflow.MlflowClient().set_terminated(run.info.run_id, ending)
         raise
     finally:
         if run is not None:
