@@ -847,6 +847,36 @@ def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, m
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # stale once its heartbeat stops: queued again
 
 
+def test_a_signal_while_mlflow_ends_a_finished_trials_run_ends_it_as_told(store, tmp_path, monkeypatch):
+    """SIGTERM (Ctrl-C) arriving while MLflow ended the run of a trial Optuna was told COMPLETE (`end_run`: the run
+    off its stack, its status not yet written): the run stayed RUNNING for good. It ends FINISHED, as the study holds
+    the trial; the signal then goes on."""
+    from pipeline import tracking
+
+    plan, study, trial, parent, experiment_id = one_trial(tmp_path, "sweep-ended")
+    client = MlflowClient()
+    monkeypatch.setattr(sweep, "train_and_evaluate", trains([0.5]))
+    set_terminated, signalled = MlflowClient.set_terminated, []
+
+    def ended(self, run_id, status=None, *args, **kwargs):
+        if not signalled and self.get_run(run_id).data.tags.get("step") == "trial":
+            signalled.append(run_id)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler raises here, before the status is written
+        return set_terminated(self, run_id, status, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", ended)
+    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
+                                                                                          signal.SIGINT)}
+    try:
+        with pytest.raises(Interrupted):
+            sweep.run_trial(plan, study, trial, parent, experiment_id)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert signalled and study.trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert client.get_run(signalled[0]).info.status == "FINISHED"
+
+
 def test_a_trial_that_fails_unexpectedly_prints_its_traceback_and_says_why_in_its_reason(store, tmp_path,
                                                                                           monkeypatch, capsys):
     """A trial ending on an unexpected exception (a bug, a full disk) printed one line, its reason the whole message

@@ -21,6 +21,8 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
+from pipeline import interrupts
+
 
 def create_trial_run(experiment_id: str, parent_id: str, run_name: str, tags: dict[str, str]) -> str:
     """Create (not enter) a child run of `parent_id` in `experiment_id`, tagged `tags`; its id."""
@@ -36,12 +38,14 @@ def enter_run(run_id: str) -> None:
 
 def end_run(status: str, run_id: str | None = None) -> None:
     """End the active run with `status` (FINISHED, FAILED, KILLED); with `run_id`, that run, entered or not (a signal
-    can come between its creation and `enter_run`)."""
+    can come between its creation and `enter_run`). A signal meanwhile is raised once the status is written
+    (`interrupts.deferred`): MLflow takes the run off its stack first, and it stayed RUNNING for good."""
     active = mlflow.active_run()
-    if run_id is None or (active is not None and active.info.run_id == run_id):
-        mlflow.end_run(status)
-    else:
-        MlflowClient().set_terminated(run_id, status)
+    with interrupts.deferred():
+        if run_id is None or (active is not None and active.info.run_id == run_id):
+            mlflow.end_run(status)
+        else:
+            MlflowClient().set_terminated(run_id, status)
 
 
 def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
