@@ -877,6 +877,43 @@ def test_a_signal_while_mlflow_ends_a_finished_trials_run_ends_it_as_told(store,
     assert client.get_run(signalled[0]).info.status == "FINISHED"
 
 
+@pytest.mark.parametrize("during", ["reopening it", "registering"])
+def test_a_signal_in_a_sweep_run_another_worker_reopened_ends_it_killed(store, monkeypatch, during):
+    """The worker that finishes a study reopens the sweep run its leader opened (and ended, the leader gone) to
+    register the best trial. SIGTERM (Ctrl-C) while it registered ended the sweep run FAILED with no reason, as if the
+    sweep had failed; while MLflow reopened it (RUNNING written, not yet the active run), it stayed RUNNING for good.
+    It ends KILLED, tagged `interrupted_by`, as the leader's own would."""
+    import mlflow
+
+    from pipeline import interrupts, tracking
+    from pipeline.tracking import trials
+
+    client = MlflowClient()
+    sweep_run = client.create_run(client.get_experiment_by_name("e2e").experiment_id).info.run_id
+    client.set_terminated(sweep_run, "FINISHED")  # its leader's command ended
+    get_run, reads = MlflowClient.get_run, []
+
+    def read(self, run_id):
+        reads.append(run_id)
+        if during == "reopening it" and len(reads) == 2:  # MLflow's read after it wrote RUNNING
+            os.kill(os.getpid(), signal.SIGTERM)
+        return get_run(self, run_id)
+
+    monkeypatch.setattr(MlflowClient, "get_run", read)
+    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
+                                                                                          signal.SIGINT)}
+    try:
+        with pytest.raises(Interrupted), trials.parent_run(sweep_run):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        interrupts.take()  # handled: as the command's `cli` clears it
+    ended = client.get_run(sweep_run)
+    assert mlflow.active_run() is None
+    assert (ended.info.status, ended.data.tags.get("interrupted_by")) == ("KILLED", "SIGTERM")
+
+
 def test_a_trial_that_fails_unexpectedly_prints_its_traceback_and_says_why_in_its_reason(store, tmp_path,
                                                                                           monkeypatch, capsys):
     """A trial ending on an unexpected exception (a bug, a full disk) printed one line, its reason the whole message

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 from collections.abc import Iterator
 
 import mlflow
@@ -56,14 +57,25 @@ def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
 @contextlib.contextmanager
 def parent_run(run_id: str, status: str = "FINISHED") -> Iterator[None]:
     """Inside run `run_id`: as it is if that run is already active (its opener ends it), else entered (nested) for
-    the block and ended with `status` if the block ends without an error."""
+    the block and ended with `status` if the block ends without an error, KILLED with tag `interrupted_by` on a
+    SIGTERM/SIGINT (one while MLflow reopens it is raised once it is open: `interrupts.deferred`), else FAILED."""
+    from pipeline.tracking import Interrupted  # (it imports this module's users)
+
     active = mlflow.active_run()
     if active and active.info.run_id == run_id:
         yield
         return
-    with mlflow.start_run(run_id=run_id, nested=active is not None):
-        yield
-        mlflow.end_run(status)
+    with contextlib.ExitStack() as entered:
+        try:
+            with interrupts.deferred():
+                entered.enter_context(mlflow.start_run(run_id=run_id, nested=active is not None))
+            yield
+        except (Interrupted, KeyboardInterrupt) as exc:
+            if (opened := mlflow.active_run()) is not None and opened.info.run_id == run_id:
+                mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
+                mlflow.end_run("KILLED")
+            raise
+        end_run(status)
 
 
 def fail_trial_runs(run_id: str, reason: str) -> None:
