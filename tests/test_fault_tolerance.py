@@ -1924,6 +1924,35 @@ def test_a_stopping_signal_while_mlflow_ends_a_failed_step_leaves_no_run_running
     assert runs["prepare"].data.tags["failure_reason"] == "the data went missing"
 
 
+@pytest.mark.parametrize("under_nohup", [False, True])
+def test_a_terminal_that_hangs_up_ends_the_runs_killed_unless_under_nohup(store, under_nohup):
+    """A step run in a terminal that hung up (an ssh connection lost, the window closed) died on SIGHUP at once, its
+    runs left RUNNING until a next `main` on the same machine ended them. It stops as on SIGTERM: runs KILLED, tag
+    `interrupted_by` SIGHUP, exit 129. Under `nohup` (SIGHUP ignored) it goes on to the end, as asked."""
+    script = f"""
+import os, signal, time
+from pipeline import config, tracking
+signal.signal(signal.SIGHUP, signal.{"SIG_IGN" if under_nohup else "SIG_DFL"})  # whatever this test runs under
+cfg = config.load({str(ROOT / TINY)!r}, ["tracking.experiment=e2e"])
+def main():
+    with tracking.step_run(cfg, "main"), tracking.step_run(cfg, "prepare"):
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.5)
+tracking.cli(main)
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=store, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    runs = experiment_runs(MlflowClient())
+    if under_nohup:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 2
+        return
+    assert done.returncode == 128 + signal.SIGHUP, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == "error: interrupted by SIGHUP; open runs ended KILLED."
+    assert {(r.info.status, r.data.tags.get("interrupted_by")) for r in runs} == {("KILLED", "SIGHUP")}
+    assert len(runs) == 2
+
+
 @pytest.mark.parametrize("opening", ["prepare", "main", "train"])
 def test_a_stopping_signal_while_mlflow_opens_a_step_leaves_no_run_running(store, monkeypatch, opening):
     """SIGTERM (Ctrl-C) arriving while MLflow opened a step's run (`start_run`: the run written, not yet on MLflow's

@@ -154,10 +154,15 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+# The signals `cli` stops a step on: SIGHUP too (the terminal it ran in hung up: an ssh connection lost, the window
+# closed), unless ignored (`nohup`), which `cli` leaves as it is
+_stopping_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
+
+
 def _raise_interrupted(signum, frame):
     # Ctrl-C reaches both `mlflow run` and its step, and `mlflow run` then also sends SIGTERM: the first
     # signal wins, the ones after it would only cut the clean-up short.
-    for other in (signal.SIGTERM, signal.SIGINT):
+    for other in _stopping_signals:
         signal.signal(other, signal.SIG_IGN)
     interrupts.raise_(Interrupted(signum))  # recorded: Keras may swallow it (pipeline.interrupts)
 
@@ -743,8 +748,9 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     Exit 2: a bad param or data file (a run `mlflow run` opened for it is marked FAILED and
     deleted). Exit 3: the step failed (e.g. training diverged). Exit 4: the tracking server
     stopped answering (after bounded retries); `resumable` entry points (those that train) add how
-    to continue from the checkpoint. Exit 130 (SIGINT) or 143 (SIGTERM, what `mlflow run` sends its
-    step on Ctrl-C): interrupted; every open run ends KILLED and checkpoints stay. Any other exception (a bug,
+    to continue from the checkpoint. Exit 130 (SIGINT), 143 (SIGTERM, what `mlflow run` sends its
+    step on Ctrl-C) or 129 (SIGHUP: the terminal hung up; not under `nohup`, which ignores it): interrupted; every
+    open run ends KILLED and checkpoints stay. Any other exception (a bug,
     a full disk, an error of TensorFlow or JAX) goes on, its traceback printed, and exits 1. A run that a failure
     ends FAILED carries tag `failure_reason` (`reason_of`), as does the run `mlflow run` opened.
     The SQLite store is created first, under a file lock (see `ensure_store`), unless the command line asks for
@@ -753,8 +759,11 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     collections over TensorFlow's and Keras's objects added ~4 s to the end of every step and freed
     nothing the OS does not reclaim anyway (bench/results/step_exit.md). Exit handlers all still run.
     """
+    global _stopping_signals
     _freeze_at_exit()
-    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGTERM, signal.SIGINT)}
+    _stopping_signals = (signal.SIGTERM, signal.SIGINT) + (
+        (signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL else ())
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in _stopping_signals}
     wrapper_run = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow unsets it when that run ends
     try:
         if not asks_for_help(sys.argv[1:]):  # argparse prints the help and exits 0: no store to make
@@ -773,7 +782,9 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
                 mlflow.MlflowClient().set_tag(wrapper_run, "interrupted_by", signal.Signals(signum).name)
                 _settle_wrapper_run(wrapper_run, "KILLED")
         hint = _resume_hint() if resumable else ""
-        print(f"error: interrupted by {signal.Signals(signum).name}; open runs ended KILLED.{hint}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # a terminal that hung up takes no line (EIO)
+            print(f"error: interrupted by {signal.Signals(signum).name}; open runs ended KILLED.{hint}",
+                  file=sys.stderr)
         sys.exit(128 + signum)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -796,6 +807,7 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _stopping_signals = (signal.SIGTERM, signal.SIGINT)
 
 
 def _resume_hint() -> str:
