@@ -75,7 +75,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from pipeline import compare, config, data, inputs, prepare
+from pipeline import compare, config, data, inputs, interrupts, prepare
 from pipeline.tracking import (
     Interrupted,
     StepFailed,
@@ -1057,12 +1057,13 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
         study.tell(trial, None, state=TrialState.FAIL, skip_if_finished=True)
         print(f"trial {trial.number} refused before its run opened: {refused}", file=sys.stderr, flush=True)
         return
-    run_id = trials.create_trial_run(experiment_id, parent_id, f"trial-{trial.number} {label(values)}",
-                                     {"step": "trial", "optuna_study": study.study_name,
-                                      "optuna_trial": str(trial.number), "trial_overrides": label(values),
-                                      "worker": worker_name()})
-    value, state, status = None, TrialState.FAIL, "FAILED"
+    run_id, value, state, status = None, None, TrialState.FAIL, "FAILED"
     try:  # from the run's creation on: a signal before it is entered ends it KILLED too, never left RUNNING
+        with interrupts.deferred():  # one while MLflow creates it is raised once its id is known
+            run_id = trials.create_trial_run(experiment_id, parent_id, f"trial-{trial.number} {label(values)}",
+                                             {"step": "trial", "optuna_study": study.study_name,
+                                              "optuna_trial": str(trial.number), "trial_overrides": label(values),
+                                              "worker": worker_name()})
         try:
             trial.set_user_attr("mlflow_run_id", run_id)
             print(f"trial {trial.number} ({worker_name()}): {label(values)}", flush=True)
@@ -1111,10 +1112,12 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
             superseded(study, trial, run_id)
     except (Interrupted, KeyboardInterrupt) as exc:  # in the trial or its tell: the trial stays RUNNING in the
         status = "KILLED"                            # study, and `work` queues it again
-        tag_interrupted(run_id, exc)
+        if run_id is not None:
+            tag_interrupted(run_id, exc)
         raise
     finally:
-        trials.end_run(status, run_id)
+        if run_id is not None:
+            trials.end_run(status, run_id)
         keras.backend.clear_session()  # the next trial in this process starts from a clean graph
 
 

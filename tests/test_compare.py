@@ -925,6 +925,31 @@ def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process,
     assert [r.info.experiment_id for r in comparisons()] == [client.get_experiment_by_name("e2e").experiment_id]
 
 
+def test_a_default_experiment_whose_artifact_folder_is_below_a_file_is_one_line_before_the_run(store, tmp_path,
+                                                                                                  in_process):
+    """With no experiment named, the comparison run goes to MLflow's default experiment (MLFLOW_EXPERIMENT_NAME, else
+    `Default`, whose artifacts go to `mlruns/0`): one whose artifact location a file sits in (or above) was a
+    NotADirectoryError traceback, exit 1, a FAILED comparison run left holding nothing. Now one line naming the folder,
+    exit 2, and no run."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient()
+    (tmp_path / "a file").write_text("not a folder")
+    blocked = client.create_experiment("blocked", artifact_location=str(tmp_path / "a file" / "artifacts"))
+    run = client.create_run(client.get_experiment_by_name("e2e").experiment_id, start_time=1_000,
+                            tags={"step": "train"}).info.run_id
+    client.log_metric(run, "val_acc", 0.5, step=1)
+    client.set_terminated(run, end_time=2_000)
+    refused = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "blocked"})
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: experiment: none named, so the comparison run goes to MLflow's default experiment 'blocked', which "
+        f"keeps its artifacts in {tmp_path / 'a file' / 'artifacts'}, where this user cannot write: "
+        f"{tmp_path / 'a file'} is a file, not a folder; "), refused.stderr[-3000:]
+    assert client.search_runs([blocked], run_view_type=ViewType.ALL) == []
+
+
 def test_a_comparison_whose_reader_stops_reading_is_recorded_finished(store):
     """`mlflow run . -e compare | head`: printing the table into the closed pipe was a BrokenPipeError traceback,
     exit 1, and the comparison run, every artifact logged, ended FAILED with that as its failure_reason."""

@@ -1736,6 +1736,21 @@ def test_the_runs_console_link_is_a_command_that_runs_as_pasted(monkeypatch, sto
     assert "`mlflow ui --backend-store-uri sqlite:///mlflow.db`" in ui_hint(run)  # nothing to quote: as it was
 
 
+def test_the_store_command_refuses_a_store_whose_new_experiments_cannot_keep_artifacts(tmp_path):
+    """`python -m pipeline.tracking` in a folder where `mlruns` (where a local store's new experiments keep their
+    artifacts, MLflow's default) is a file said "ready"; every step then died on MLflow's NotADirectoryError traceback
+    as it logged its first artifact, its run FAILED. Now one line naming the folder, exit 2."""
+    (tmp_path / "mlruns").write_text("not a folder")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_RUN_ID", None)
+    refused = subprocess.run([sys.executable, "-m", "pipeline.tracking"], cwd=tmp_path, capture_output=True,
+                             text=True, env=env, timeout=120)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert refused.returncode == 2 and "ready" not in refused.stdout, refused.stdout + refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr and len(errors) == 1, refused.stderr[-3000:]
+    assert f"{tmp_path / 'mlruns'} is a file, not a folder" in errors[0], errors[0]
+
+
 def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_path):
     """The shifts, flips and cutout draw from SeedGenerators whose state `save_weights` leaves out: the checkpoint
     holds it, so the epochs after a resume have the losses of the uninterrupted run (they differed from the first
@@ -1909,6 +1924,99 @@ def test_a_stopping_signal_while_mlflow_ends_a_finished_step_leaves_no_run_runni
     assert stopped.value.code == 143 and signalled
     statuses = {r.data.tags["step"]: r.info.status for r in experiment_runs(MlflowClient())}
     assert statuses == {"prepare": "FINISHED", "main": "KILLED" if ending == "prepare" else "FINISHED"}
+
+
+def test_a_stopping_signal_while_mlflow_ends_a_failed_step_leaves_no_run_running(store, monkeypatch):
+    """SIGTERM (Ctrl-C) arriving while MLflow wrote the end of a step that had failed (`end_run`: the run already off
+    its stack, FAILED not yet written): the step's run stayed RUNNING for good, its failure_reason on it. It ends
+    FAILED as the step did; the pipeline stops, 143."""
+    from pipeline import tracking
+
+    cfg = config.load(ROOT / TINY, ["tracking.experiment=e2e"])
+    set_terminated, signalled = MlflowClient.set_terminated, []
+
+    def ended(self, run_id, status=None, *args, **kwargs):
+        if not signalled and status == "FAILED":
+            signalled.append(run_id)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler raises here, before the status is written
+        return set_terminated(self, run_id, status, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", ended)
+
+    def main():
+        with tracking.step_run(cfg, "main"), tracking.step_run(cfg, "prepare"):
+            raise tracking.StepFailed("the data went missing")
+
+    with pytest.raises(SystemExit) as stopped:
+        tracking.cli(main)
+    assert stopped.value.code == 143 and signalled
+    runs = {r.data.tags["step"]: r for r in experiment_runs(MlflowClient())}
+    assert {step: r.info.status for step, r in runs.items()} == {"prepare": "FAILED", "main": "KILLED"}
+    assert runs["prepare"].data.tags["failure_reason"] == "the data went missing"
+
+
+@pytest.mark.parametrize("under_nohup", [False, True])
+def test_a_terminal_that_hangs_up_ends_the_runs_killed_unless_under_nohup(store, under_nohup):
+    """A step run in a terminal that hung up (an ssh connection lost, the window closed) died on SIGHUP at once, its
+    runs left RUNNING until a next `main` on the same machine ended them. It stops as on SIGTERM: runs KILLED, tag
+    `interrupted_by` SIGHUP, exit 129. Under `nohup` (SIGHUP ignored) it goes on to the end, as asked."""
+    script = f"""
+import os, signal, time
+from pipeline import config, tracking
+signal.signal(signal.SIGHUP, signal.{"SIG_IGN" if under_nohup else "SIG_DFL"})  # whatever this test runs under
+cfg = config.load({str(ROOT / TINY)!r}, ["tracking.experiment=e2e"])
+def main():
+    with tracking.step_run(cfg, "main"), tracking.step_run(cfg, "prepare"):
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.5)
+tracking.cli(main)
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=store, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    runs = experiment_runs(MlflowClient())
+    if under_nohup:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 2
+        return
+    assert done.returncode == 128 + signal.SIGHUP, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == "error: interrupted by SIGHUP; open runs ended KILLED."
+    assert {(r.info.status, r.data.tags.get("interrupted_by")) for r in runs} == {("KILLED", "SIGHUP")}
+    assert len(runs) == 2
+
+
+@pytest.mark.parametrize("opening", ["prepare", "main", "train"])
+def test_a_stopping_signal_while_mlflow_opens_a_step_leaves_no_run_running(store, monkeypatch, opening):
+    """SIGTERM (Ctrl-C) arriving while MLflow opened a step's run (`start_run`: the run written, not yet on MLflow's
+    active-run list): the exception left that run RUNNING for good, though the step said "open runs ended KILLED".
+    It waits until the run is open: the run ends KILLED, tagged `interrupted_by`, with the runs around it, and a
+    train run's system-metrics monitor (started as the run opens) stops with it; 143."""
+    import mlflow.tracking.fluent
+
+    from pipeline import tracking
+
+    cfg = config.load(ROOT / TINY, ["tracking.experiment=e2e", "tracking.system_metrics=true"])
+    create_run, signalled = MlflowClient.create_run, []
+
+    def created(self, *args, **kwargs):
+        run = create_run(self, *args, **kwargs)
+        if not signalled and (kwargs.get("tags") or {}).get("step") == opening:
+            signalled.append(run.info.run_id)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, the run written but not yet active
+        return run
+
+    monkeypatch.setattr(MlflowClient, "create_run", created)
+
+    def main():
+        with tracking.step_run(cfg, "main" if opening == "prepare" else opening), tracking.step_run(cfg, "prepare"):
+            pass
+
+    with pytest.raises(SystemExit) as stopped:
+        tracking.cli(main)
+    assert stopped.value.code == 143 and signalled
+    runs = {r.info.run_id: r for r in experiment_runs(MlflowClient())}
+    assert {r.info.status for r in runs.values()} == {"KILLED"} and len(runs) == 1 + (opening == "prepare")
+    assert runs[signalled[0]].data.tags.get("interrupted_by") == "SIGTERM"
+    assert mlflow.active_run() is None and not mlflow.tracking.fluent.run_id_to_system_metrics_monitor
 
 
 def test_the_store_command_answers_help_and_refuses_other_arguments_without_touching_a_store(tmp_path):

@@ -837,10 +837,14 @@ def one_trial(tmp_path, name: str):
     return plan, study, trial, parent, experiment_id
 
 
-@pytest.mark.parametrize("during", ["training", "entering its run"])
+@pytest.mark.parametrize("during", ["training", "entering its run", "creating its run"])
 def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, monkeypatch, during):
-    """Wherever the signal lands after the trial's run is created: entering it (left RUNNING, it was), or training."""
+    """Wherever the signal lands after the trial's run is created: entering it (left RUNNING, it was), or training.
+    Or while MLflow creates it (SIGTERM's handler ran once the run was written, before its id came back): it was left
+    RUNNING for good; now the signal waits until the run is created."""
     import mlflow
+
+    from pipeline import tracking
 
     plan, study, trial, parent, experiment_id = one_trial(tmp_path, "sweep-interrupted")
     client = MlflowClient()
@@ -848,18 +852,100 @@ def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, m
     def interrupted(*args):
         raise Interrupted(signal.SIGTERM)
 
+    create_run = MlflowClient.create_run
+
+    def created(self, *args, **kwargs):
+        run = create_run(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, as the run is written
+        return run
+
     if during == "training":
         monkeypatch.setattr(sweep, "train_and_evaluate", interrupted)
-    else:
+    elif during == "entering its run":
         monkeypatch.setattr(sweep.trials, "enter_run", interrupted)
-    with pytest.raises(Interrupted):
-        sweep.run_trial(plan, study, trial, parent, experiment_id)
+    else:
+        monkeypatch.setattr(MlflowClient, "create_run", created)
+    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
+                                                                                          signal.SIGINT)}
+    try:
+        with pytest.raises(Interrupted):
+            sweep.run_trial(plan, study, trial, parent, experiment_id)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     assert mlflow.active_run() is None
-    run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    (run,) = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert run.info.status == "KILLED" and run.data.tags["interrupted_by"] == "SIGTERM"
     assert "failure_reason" not in run.data.tags
     assert "interrupted_by" not in client.get_run(parent).data.tags  # the trial's run tagged, not the sweep's
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # stale once its heartbeat stops: queued again
+
+
+def test_a_signal_while_mlflow_ends_a_finished_trials_run_ends_it_as_told(store, tmp_path, monkeypatch):
+    """SIGTERM (Ctrl-C) arriving while MLflow ended the run of a trial Optuna was told COMPLETE (`end_run`: the run
+    off its stack, its status not yet written): the run stayed RUNNING for good. It ends FINISHED, as the study holds
+    the trial; the signal then goes on."""
+    from pipeline import tracking
+
+    plan, study, trial, parent, experiment_id = one_trial(tmp_path, "sweep-ended")
+    client = MlflowClient()
+    monkeypatch.setattr(sweep, "train_and_evaluate", trains([0.5]))
+    set_terminated, signalled = MlflowClient.set_terminated, []
+
+    def ended(self, run_id, status=None, *args, **kwargs):
+        if not signalled and self.get_run(run_id).data.tags.get("step") == "trial":
+            signalled.append(run_id)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler raises here, before the status is written
+        return set_terminated(self, run_id, status, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", ended)
+    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
+                                                                                          signal.SIGINT)}
+    try:
+        with pytest.raises(Interrupted):
+            sweep.run_trial(plan, study, trial, parent, experiment_id)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert signalled and study.trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert client.get_run(signalled[0]).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("during", ["reopening it", "registering"])
+def test_a_signal_in_a_sweep_run_another_worker_reopened_ends_it_killed(store, monkeypatch, during):
+    """The worker that finishes a study reopens the sweep run its leader opened (and ended, the leader gone) to
+    register the best trial. SIGTERM (Ctrl-C) while it registered ended the sweep run FAILED with no reason, as if the
+    sweep had failed; while MLflow reopened it (RUNNING written, not yet the active run), it stayed RUNNING for good.
+    It ends KILLED, tagged `interrupted_by`, as the leader's own would."""
+    import mlflow
+
+    from pipeline import interrupts, tracking
+    from pipeline.tracking import trials
+
+    client = MlflowClient()
+    sweep_run = client.create_run(client.get_experiment_by_name("e2e").experiment_id).info.run_id
+    client.set_terminated(sweep_run, "FINISHED")  # its leader's command ended
+    get_run, reads = MlflowClient.get_run, []
+
+    def read(self, run_id):
+        reads.append(run_id)
+        if during == "reopening it" and len(reads) == 2:  # MLflow's read after it wrote RUNNING
+            os.kill(os.getpid(), signal.SIGTERM)
+        return get_run(self, run_id)
+
+    monkeypatch.setattr(MlflowClient, "get_run", read)
+    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
+                                                                                          signal.SIGINT)}
+    try:
+        with pytest.raises(Interrupted), trials.parent_run(sweep_run):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        interrupts.take()  # handled: as the command's `cli` clears it
+    ended = client.get_run(sweep_run)
+    assert mlflow.active_run() is None
+    assert (ended.info.status, ended.data.tags.get("interrupted_by")) == ("KILLED", "SIGTERM")
 
 
 def test_a_trial_that_fails_unexpectedly_prints_its_traceback_and_says_why_in_its_reason(store, tmp_path,

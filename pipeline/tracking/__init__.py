@@ -154,10 +154,15 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+# The signals `cli` stops a step on: SIGHUP too (the terminal it ran in hung up: an ssh connection lost, the window
+# closed), unless ignored (`nohup`), which `cli` leaves as it is
+_stopping_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
+
+
 def _raise_interrupted(signum, frame):
     # Ctrl-C reaches both `mlflow run` and its step, and `mlflow run` then also sends SIGTERM: the first
     # signal wins, the ones after it would only cut the clean-up short.
-    for other in (signal.SIGTERM, signal.SIGINT):
+    for other in _stopping_signals:
         signal.signal(other, signal.SIG_IGN)
     interrupts.raise_(Interrupted(signum))  # recorded: Keras may swallow it (pipeline.interrupts)
 
@@ -394,8 +399,51 @@ def asks_for_help(args: list[str]) -> bool:
 
 
 def store_ready() -> str:
-    """`python -m pipeline.tracking`'s line: the store `ensure_store` created or found answering, password hidden."""
-    return f"tracking store {_without_password(ensure_store())} ready"
+    """`python -m pipeline.tracking`'s line: the store `ensure_store` created or found answering, password hidden.
+    ConfigError naming the folder where a database store's new experiments keep their artifacts (MLflow's default:
+    `mlruns` in the working folder) if this user cannot write there (`_unwritable_folder`): "ready" came all the same,
+    and every step then died on MLflow's NotADirectoryError traceback as it logged its first artifact, its run FAILED.
+    A server's artifact store is left to its owner."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    shown = _without_password(ensure_store())
+    if unwritable := unwritable_artifact_location(getattr(_get_store(), "artifact_root_uri", None) or ""):
+        raise ConfigError(f"MLFLOW_TRACKING_URI: the tracking store {shown} keeps new experiments' artifacts in "
+                          f"{unwritable[0]}, where this user cannot write: {unwritable[1]}; move that away, or run "
+                          f"where it is a folder this user may write")
+    return f"tracking store {shown} ready"
+
+
+def unwritable_artifact_location(location: str) -> tuple[Path, str] | None:
+    """(the folder, why) where artifact location `location` (a path or a `file:` URI) is a local folder this user
+    cannot write (`_unwritable_folder`); None where it can, or for other artifact stores (a server's, a bucket: left
+    to their owner)."""
+    if location.startswith("file:"):
+        location = local_file_uri_to_path(location)
+    elif not location or re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", location):  # s3://, mlflow-artifacts:/, ...
+        return None
+    reason = _unwritable_folder(Path(location))
+    return (Path(location), reason) if reason else None
+
+
+def _unwritable_folder(path: Path) -> str | None:
+    """Why this user cannot write files in local folder `path`, created if missing, or None: a file sits in its place
+    or in the place of a folder above it, or it (or, missing, the nearest folder above it) is read-only."""
+    import pwd
+
+    found = next((p for p in (path, *path.parents) if p.exists()), None)
+    if found is None:
+        return None
+    if not found.is_dir():
+        return f"{found} is a file, not a folder"
+    if os.access(found, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return None
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    return (f"{found} is read-only for user {user}" if found == path
+            else f"{path} does not exist, and user {user} may not create it in {found}")
 
 
 def _os_reason(text: str) -> str | None:
@@ -549,23 +597,24 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
     if resume_run_id:
         with contextlib.ExitStack() as stack:
             if parent is None and os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened for this try
-                stack.enter_context(_ended_with_reason(  # step "resume": compare and searches skip it
-                    mlflow.start_run(tags={**tags, "step": "resume", "resumes_run": resume_run_id}), not_failures))
-            yield stack.enter_context(_ended_with_reason(
-                mlflow.start_run(run_id=resume_run_id, nested=mlflow.active_run() is not None,
-                                 log_system_metrics=system_metrics), not_failures))
+                stack.enter_context(_ended_with_reason(functools.partial(  # step "resume": compare and searches skip it
+                    mlflow.start_run, tags={**tags, "step": "resume", "resumes_run": resume_run_id}), not_failures))
+            yield stack.enter_context(_ended_with_reason(lambda: mlflow.start_run(
+                run_id=resume_run_id, nested=mlflow.active_run() is not None, log_system_metrics=system_metrics),
+                not_failures))
         return
     if parent is not None:
-        ctx = mlflow.start_run(run_name=run_name or step, nested=True, experiment_id=parent.info.experiment_id,
-                               tags=tags, log_system_metrics=system_metrics)
+        start = functools.partial(mlflow.start_run, run_name=run_name or step, nested=True,
+                                  experiment_id=parent.info.experiment_id, tags=tags, log_system_metrics=system_metrics)
     elif os.environ.get("MLFLOW_RUN_ID"):
         _check_artifact_location(mlflow.MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id)
-        ctx = mlflow.start_run(tags=tags, log_system_metrics=system_metrics)
+        start = functools.partial(mlflow.start_run, tags=tags, log_system_metrics=system_metrics)
     else:
         if experiment:
             _check_artifact_location(_set_experiment(experiment).experiment_id)
-        ctx = mlflow.start_run(run_name=run_name or step, tags=tags, log_system_metrics=system_metrics)
-    with _ended_with_reason(ctx, not_failures) as run:
+        start = functools.partial(mlflow.start_run, run_name=run_name or step, tags=tags,
+                                  log_system_metrics=system_metrics)
+    with _ended_with_reason(start, not_failures) as run:
         if run_name:  # `mlflow run` names its run at random; a descriptive name reads better in the UI
             mlflow.set_tag("mlflow.runName", run_name)
         yield run
@@ -583,76 +632,61 @@ def _set_experiment(name: str) -> mlflow.entities.Experiment:
 
 def _check_artifact_location(experiment_id: str) -> None:
     """ConfigError naming the folder where experiment `experiment_id` keeps its artifacts in a local folder this user
-    cannot write: a file sits in its place or in the place of a folder above it, or it (or, missing, the nearest
-    folder above it, where it would be created) is read-only. MLflow's NotADirectoryError or PermissionError came as a
-    traceback once the step's first artifact was written, its run ended FAILED with nothing in it. Other artifact
-    stores (a server's, a bucket) are left to their owner."""
-    import pwd
-
+    cannot write (`unwritable_artifact_location`). MLflow's NotADirectoryError or PermissionError came as a traceback
+    once the step's first artifact was written, its run ended FAILED with nothing in it."""
     experiment = mlflow.MlflowClient().get_experiment(experiment_id)
-    location = experiment.artifact_location or ""
-    if location.startswith("file:"):
-        location = local_file_uri_to_path(location)
-    elif re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", location) or not location:  # s3://, mlflow-artifacts:/, ...
-        return
-    path = Path(location)
-    found = next((p for p in (path, *path.parents) if p.exists()), None)
-    if found is None:
-        return
-    try:
-        user = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        user = str(os.geteuid())
-    if not found.is_dir():
-        reason = f"{found} is a file, not a folder"
-    elif not os.access(found, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
-        reason = (f"{found} is read-only for user {user}" if found == path
-                  else f"{path} does not exist, and user {user} may not create it in {found}")
-    else:
-        return
-    raise ConfigError(f"tracking.experiment: experiment {experiment.name!r} keeps its artifacts in {path}, where this "
-                      f"user cannot write: {reason}; make it a folder user {user} may write, or name another "
-                      f"experiment")
+    if unwritable := unwritable_artifact_location(experiment.artifact_location or ""):
+        folder, reason = unwritable
+        raise ConfigError(f"tracking.experiment: experiment {experiment.name!r} keeps its artifacts in {folder}, where "
+                          f"this user cannot write: {reason}; make it a folder this user may write, or name another "
+                          f"experiment")
 
 
 @contextlib.contextmanager
-def _ended_with_reason(ctx: contextlib.AbstractContextManager[mlflow.ActiveRun],
+def _ended_with_reason(start: Callable[[], mlflow.ActiveRun],
                        not_failures: tuple[type[BaseException], ...] = ()) -> Iterator[mlflow.ActiveRun]:
-    """Enter an `mlflow.start_run` context; a SIGTERM/SIGINT inside ends the run KILLED (not FAILED). Any other
-    exception ends it FAILED with tag `failure_reason` (`reason_of`; unless the step already gave one), and goes on
-    as it was (an unexpected one's traceback is printed as ever). `not_failures` end the run without the tag: the
-    caller settles how (a sweep's pruned fit). Runs nested in each other (main's and its steps') end one after the
-    other with the same exception, and so get the same reason. A claim the step holds on the run (`resume.claim`: a
-    train run's) goes once the run has ended, however it ends: released before, an identical command started
-    meanwhile resumed the run, then saw it ended under it. A SIGTERM/SIGINT that arrives while MLflow ends a run whose
-    step is done (`mlflow.end_run`: the run taken off its stack, its status not yet written) ends it FINISHED all the
-    same, then goes on: else it stayed RUNNING for good."""
-    run, done = None, False
+    """Open a run with `start` (an `mlflow.start_run`) and enter it; a SIGTERM/SIGINT inside ends the run KILLED (not
+    FAILED). Any other exception ends it FAILED with tag `failure_reason` (`reason_of`; unless the step already gave
+    one), and goes on as it was (an unexpected one's traceback is printed as ever). `not_failures` end the run without
+    the tag: the caller settles how (a sweep's pruned fit). Runs nested in each other (main's and its steps') end one
+    after the other with the same exception, and so get the same reason. A claim the step holds on the run
+    (`resume.claim`: a train run's) goes once the run has ended, however it ends: released before, an identical
+    command started meanwhile resumed the run, then saw it ended under it. A SIGTERM/SIGINT that arrives while MLflow
+    opens the run (`interrupts.deferred`: the run written, not yet on MLflow's active-run list) is raised once it is
+    open, and ends it KILLED: else it stayed RUNNING for good. One that arrives while MLflow ends a run whose step is
+    done or failed (`mlflow.end_run`: the run taken off its stack, its status not yet written) ends it FINISHED or
+    FAILED all the same, then goes on: else it stayed RUNNING for good."""
+    run, ending = None, None  # ending: the status MLflow is writing as the block ends (FINISHED, FAILED)
     try:
-        with ctx as run:
+        with contextlib.ExitStack() as entered:
             try:
+                with interrupts.deferred():
+                    run = entered.enter_context(start())
                 yield run
                 # A signal whose exception was swallowed on the way (a weakref callback's or `__del__`'s "Exception
                 # ignored", a bare except): with SIG_IGN already in place nothing else would stop the pipeline
                 if (pending := interrupts.take()) is not None:
                     raise pending
-                done = True
+                ending = "FINISHED"
             except (Interrupted, KeyboardInterrupt) as exc:
-                mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
-                mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
+                if run is not None:
+                    mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
+                    mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
                 raise
             except not_failures:
                 raise
             except Exception as exc:
-                tag_failure(run.info.run_id, reason_of(exc), exc)
+                if run is not None:
+                    tag_failure(run.info.run_id, reason_of(exc), exc)
+                    ending = "FAILED"
                 raise
     except (Interrupted, KeyboardInterrupt):
-        if done:  # the handler ignores any further signal: this end is not cut short
+        if ending:  # the handler ignores any further signal: this end is not cut short
             with contextlib.suppress(MlflowException):
                 if (active := mlflow.active_run()) is not None and active.info.run_id == run.info.run_id:
-                    mlflow.end_run()
+                    mlflow.end_run(ending)
                 else:
-                    mlflow.MlflowClient().set_terminated(run.info.run_id)
+                    mlflow.MlflowClient().set_terminated(run.info.run_id, ending)
         raise
     finally:
         if run is not None:
@@ -741,8 +775,9 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     Exit 2: a bad param or data file (a run `mlflow run` opened for it is marked FAILED and
     deleted). Exit 3: the step failed (e.g. training diverged). Exit 4: the tracking server
     stopped answering (after bounded retries); `resumable` entry points (those that train) add how
-    to continue from the checkpoint. Exit 130 (SIGINT) or 143 (SIGTERM, what `mlflow run` sends its
-    step on Ctrl-C): interrupted; every open run ends KILLED and checkpoints stay. Any other exception (a bug,
+    to continue from the checkpoint. Exit 130 (SIGINT), 143 (SIGTERM, what `mlflow run` sends its
+    step on Ctrl-C) or 129 (SIGHUP: the terminal hung up; not under `nohup`, which ignores it): interrupted; every
+    open run ends KILLED and checkpoints stay. Any other exception (a bug,
     a full disk, an error of TensorFlow or JAX) goes on, its traceback printed, and exits 1. A run that a failure
     ends FAILED carries tag `failure_reason` (`reason_of`), as does the run `mlflow run` opened.
     The SQLite store is created first, under a file lock (see `ensure_store`), unless the command line asks for
@@ -751,8 +786,11 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     collections over TensorFlow's and Keras's objects added ~4 s to the end of every step and freed
     nothing the OS does not reclaim anyway (bench/results/step_exit.md). Exit handlers all still run.
     """
+    global _stopping_signals
     _freeze_at_exit()
-    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGTERM, signal.SIGINT)}
+    _stopping_signals = (signal.SIGTERM, signal.SIGINT) + (
+        (signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL else ())
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in _stopping_signals}
     wrapper_run = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow unsets it when that run ends
     try:
         if not asks_for_help(sys.argv[1:]):  # argparse prints the help and exits 0: no store to make
@@ -771,7 +809,9 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
                 mlflow.MlflowClient().set_tag(wrapper_run, "interrupted_by", signal.Signals(signum).name)
                 _settle_wrapper_run(wrapper_run, "KILLED")
         hint = _resume_hint() if resumable else ""
-        print(f"error: interrupted by {signal.Signals(signum).name}; open runs ended KILLED.{hint}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # a terminal that hung up takes no line (EIO)
+            print(f"error: interrupted by {signal.Signals(signum).name}; open runs ended KILLED.{hint}",
+                  file=sys.stderr)
         sys.exit(128 + signum)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -794,6 +834,7 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _stopping_signals = (signal.SIGTERM, signal.SIGINT)
 
 
 def _resume_hint() -> str:

@@ -42,6 +42,7 @@ from pipeline.tracking import (
     model_id,
     prepare_run_id,
     trained_dataset_uri,
+    unwritable_artifact_location,
 )
 
 # ---------------------------------------------------------------- prepare
@@ -372,16 +373,23 @@ def find_experiment_id(name: str) -> str:
 def check_default_experiment() -> None:
     """ConfigError if the comparison run of every experiment's runs would go to an experiment in MLflow's trash:
     MLflow's default one (MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID, else `Default`), which MLflow refused to open
-    a run in (a traceback). Nothing to check under `mlflow run` (its run is open already) or inside an active run."""
+    a run in (a traceback); or to one whose artifacts go to a local folder this user cannot write
+    (`unwritable_artifact_location`: `mlruns` a file, say), where the run died on MLflow's NotADirectoryError traceback
+    as the table was logged, FAILED. Nothing to check under `mlflow run` (its run is open already) or inside an active
+    run."""
     if mlflow.active_run() is not None or os.environ.get("MLFLOW_RUN_ID"):
         return
     # the experiment `mlflow.start_run` picks where none is named
     experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
+    named = f"experiment: none named, so the comparison run goes to MLflow's default experiment {experiment.name!r}"
     if experiment.lifecycle_stage == "deleted":
         raise config.ConfigError(
-            f"experiment: none named, so the comparison run goes to MLflow's default experiment {experiment.name!r}, "
-            f"which is in MLflow's trash; restore it (mlflow experiments restore --experiment-id "
+            f"{named}, which is in MLflow's trash; restore it (mlflow experiments restore --experiment-id "
             f"{experiment.experiment_id}) or set MLFLOW_EXPERIMENT_NAME to another")
+    if unwritable := unwritable_artifact_location(experiment.artifact_location or ""):
+        raise config.ConfigError(
+            f"{named}, which keeps its artifacts in {unwritable[0]}, where this user cannot write: {unwritable[1]}; "
+            f"make it a folder this user may write, or set MLFLOW_EXPERIMENT_NAME to another")
 
 
 def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:

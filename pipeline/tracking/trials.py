@@ -14,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 from collections.abc import Iterator
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
+
+from pipeline import interrupts
 
 
 def create_trial_run(experiment_id: str, parent_id: str, run_name: str, tags: dict[str, str]) -> str:
@@ -36,12 +39,14 @@ def enter_run(run_id: str) -> None:
 
 def end_run(status: str, run_id: str | None = None) -> None:
     """End the active run with `status` (FINISHED, FAILED, KILLED); with `run_id`, that run, entered or not (a signal
-    can come between its creation and `enter_run`)."""
+    can come between its creation and `enter_run`). A signal meanwhile is raised once the status is written
+    (`interrupts.deferred`): MLflow takes the run off its stack first, and it stayed RUNNING for good."""
     active = mlflow.active_run()
-    if run_id is None or (active is not None and active.info.run_id == run_id):
-        mlflow.end_run(status)
-    else:
-        MlflowClient().set_terminated(run_id, status)
+    with interrupts.deferred():
+        if run_id is None or (active is not None and active.info.run_id == run_id):
+            mlflow.end_run(status)
+        else:
+            MlflowClient().set_terminated(run_id, status)
 
 
 def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
@@ -52,14 +57,25 @@ def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
 @contextlib.contextmanager
 def parent_run(run_id: str, status: str = "FINISHED") -> Iterator[None]:
     """Inside run `run_id`: as it is if that run is already active (its opener ends it), else entered (nested) for
-    the block and ended with `status` if the block ends without an error."""
+    the block and ended with `status` if the block ends without an error, KILLED with tag `interrupted_by` on a
+    SIGTERM/SIGINT (one while MLflow reopens it is raised once it is open: `interrupts.deferred`), else FAILED."""
+    from pipeline.tracking import Interrupted  # (it imports this module's users)
+
     active = mlflow.active_run()
     if active and active.info.run_id == run_id:
         yield
         return
-    with mlflow.start_run(run_id=run_id, nested=active is not None):
-        yield
-        mlflow.end_run(status)
+    with contextlib.ExitStack() as entered:
+        try:
+            with interrupts.deferred():
+                entered.enter_context(mlflow.start_run(run_id=run_id, nested=active is not None))
+            yield
+        except (Interrupted, KeyboardInterrupt) as exc:
+            if (opened := mlflow.active_run()) is not None and opened.info.run_id == run_id:
+                mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
+                mlflow.end_run("KILLED")
+            raise
+        end_run(status)
 
 
 def fail_trial_runs(run_id: str, reason: str) -> None:
