@@ -91,14 +91,16 @@ class _QuietLoader(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         module.__loader__ = module.__spec__.loader = self.loader  # the module keeps its own loader
+        # its work done: no later import of any name asks it (code scoring a served model runs none of this file)
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _QuietTensorFlowImport)]
         with native_stderr_without(NATIVE_NOISE):
             self.loader.exec_module(module)
 
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
     """Runs the first `import tensorflow` (whoever asks for it, Keras included) under `native_stderr_without`. It
-    stays on `sys.meta_path`: a question that imports nothing (`importlib.util.find_spec("tensorflow")`, asking which
-    backends are installed) must not use it up before the import."""
+    stays on `sys.meta_path` until that import: a question that imports nothing (`importlib.util.find_spec(
+    "tensorflow")`, asking which backends are installed) must not use it up before."""
 
     def __init__(self):
         self.finding = False
