@@ -926,7 +926,8 @@ def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process,
 
 
 def test_a_default_experiment_whose_artifact_folder_is_below_a_file_is_one_line_before_the_run(store, tmp_path,
-                                                                                                  in_process):
+                                                                                                  in_process,
+                                                                                                  monkeypatch):
     """With no experiment named, the comparison run goes to MLflow's default experiment (MLFLOW_EXPERIMENT_NAME, else
     `Default`, whose artifacts go to `mlruns/0`): one whose artifact location a file sits in (or above) was a
     NotADirectoryError traceback, exit 1, a FAILED comparison run left holding nothing. Now one line naming the folder,
@@ -941,6 +942,7 @@ def test_a_default_experiment_whose_artifact_folder_is_below_a_file_is_one_line_
                             tags={"step": "train"}).info.run_id
     client.log_metric(run, "val_acc", 0.5, step=1)
     client.set_terminated(run, end_time=2_000)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # as a process of its own: set by an earlier command
     refused = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "blocked"})
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert refused.stderr.strip().splitlines()[-1].startswith(
