@@ -875,8 +875,9 @@ case ${out##*/gpu-} in
     echo '{"partial": true, "reference": "airbench94 (x)", "runs": [{"timed": false}], "runs_planned": 4}' > "$out"
     exec sleep 20;;
   reference-airbench96.json) echo "ModuleNotFoundError: No module named 'torchvision'"; exit 1;;
-  improved.json) echo "Epoch 1/150 - 100.0s"; mkdir -p "$ckpt"; echo '{"epoch": 1}' > "$ckpt/training_metadata.json"
+  improved.json) mkdir -p "$ckpt"; echo '{"epoch": 1}' > "$ckpt/training_metadata.json"
     echo '{"partial": true, "checkpoint": ".gpu-state/improved", "epoch_seconds": [100.0]}' > "$out"
+    echo "Epoch 1/150 - 100.0s"  # last: a test that stops the call on this line finds the files written
     [[ -n ${FAKE_HANG:-} ]] && exec sleep 20
     echo "Traceback (most recent call last):"; echo "FloatingPointError: NaN loss at epoch 2"; exit 1;;
 esac
