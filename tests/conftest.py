@@ -7,6 +7,7 @@ import fcntl
 import importlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -163,6 +164,20 @@ def in_process(monkeypatch, capsys):
         return subprocess.CompletedProcess([module, *args], code, out, err)
 
     return run
+
+
+@contextlib.contextmanager
+def stopping_signals_raise():
+    """SIGTERM and SIGINT raise `Interrupted` meanwhile, as in a step's process (`pipeline.tracking.cli`)."""
+    from pipeline import tracking
+
+    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
+                                                                                          signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def eventually(check, timeout: float = 60):

@@ -27,7 +27,7 @@ from mlflow.entities import ViewType
 from bench.servers import free_port, start_tracking_server, stop_group
 from pipeline import config
 from pipeline.fitting import Checkpoint, learning_rate
-from tests.conftest import ROOT, eventually, http_stub
+from tests.conftest import ROOT, eventually, http_stub, stopping_signals_raise
 
 TINY = "params/tiny.yaml"
 
@@ -1824,14 +1824,8 @@ def test_a_stopping_signal_that_keras_swallows_after_a_batch_still_stops_the_tra
 
     monkeypatch.setattr(keras.src.backend, "convert_to_numpy", convert)
     timer = fitting.EpochTimer()
-    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
-                                                                                         signal.SIGINT)}
-    try:
-        with pytest.raises(tracking.Interrupted, match="SIGTERM"):
-            fitting.fit(model, cfg, splits, len(dataset.class_names), [timer])
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with stopping_signals_raise(), pytest.raises(tracking.Interrupted, match="SIGTERM"):
+        fitting.fit(model, cfg, splits, len(dataset.class_names), [timer])
     assert signalled and timer.seconds == []  # stopped in the first epoch, at the batch it arrived in
 
 
@@ -1853,9 +1847,7 @@ def test_a_stopping_signal_swallowed_before_fit_stops_it_before_its_first_batch(
         pass
 
     timer = fitting.EpochTimer()
-    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
-                                                                                         signal.SIGINT)}
-    try:
+    with stopping_signals_raise():
         built = Built()
         weakref.finalize(built, os.kill, os.getpid(), signal.SIGTERM)  # the handler runs in the finalizer
         del built  # its "Exception ignored" goes to stderr; the code goes on, to fit
@@ -1863,9 +1855,6 @@ def test_a_stopping_signal_swallowed_before_fit_stops_it_before_its_first_batch(
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # the handler ran: no signal stops fit now
         with pytest.raises(tracking.Interrupted, match="SIGTERM"):
             fitting.fit(model, cfg, splits, len(dataset.class_names), [timer])
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     assert timer.seconds == []  # not one epoch trained
 
 

@@ -24,7 +24,7 @@ from mlflow.entities import ViewType
 
 from pipeline import config, sweep
 from pipeline.tracking import Interrupted, StepFailed, steps
-from tests.conftest import ROOT, run_module
+from tests.conftest import ROOT, run_module, stopping_signals_raise
 
 TINY = "params/tiny.yaml"
 # A learning rate that learns and one far too small to (1e-6: val_acc stays near chance).
@@ -844,7 +844,6 @@ def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, m
     RUNNING for good; now the signal waits until the run is created."""
     import mlflow
 
-    from pipeline import tracking
 
     plan, study, trial, parent, experiment_id = one_trial(tmp_path, "sweep-interrupted")
     client = MlflowClient()
@@ -865,14 +864,8 @@ def test_an_interrupted_trial_ends_killed_with_interrupted_by(store, tmp_path, m
         monkeypatch.setattr(sweep.trials, "enter_run", interrupted)
     else:
         monkeypatch.setattr(MlflowClient, "create_run", created)
-    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
-                                                                                          signal.SIGINT)}
-    try:
-        with pytest.raises(Interrupted):
-            sweep.run_trial(plan, study, trial, parent, experiment_id)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with stopping_signals_raise(), pytest.raises(Interrupted):
+        sweep.run_trial(plan, study, trial, parent, experiment_id)
     assert mlflow.active_run() is None
     (run,) = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert run.info.status == "KILLED" and run.data.tags["interrupted_by"] == "SIGTERM"
@@ -885,7 +878,6 @@ def test_a_signal_while_mlflow_ends_a_finished_trials_run_ends_it_as_told(store,
     """SIGTERM (Ctrl-C) arriving while MLflow ended the run of a trial Optuna was told COMPLETE (`end_run`: the run
     off its stack, its status not yet written): the run stayed RUNNING for good. It ends FINISHED, as the study holds
     the trial; the signal then goes on."""
-    from pipeline import tracking
 
     plan, study, trial, parent, experiment_id = one_trial(tmp_path, "sweep-ended")
     client = MlflowClient()
@@ -899,14 +891,8 @@ def test_a_signal_while_mlflow_ends_a_finished_trials_run_ends_it_as_told(store,
         return set_terminated(self, run_id, status, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "set_terminated", ended)
-    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
-                                                                                          signal.SIGINT)}
-    try:
-        with pytest.raises(Interrupted):
-            sweep.run_trial(plan, study, trial, parent, experiment_id)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with stopping_signals_raise(), pytest.raises(Interrupted):
+        sweep.run_trial(plan, study, trial, parent, experiment_id)
     assert signalled and study.trials[0].state == optuna.trial.TrialState.COMPLETE
     assert client.get_run(signalled[0]).info.status == "FINISHED"
 
@@ -919,7 +905,7 @@ def test_a_signal_in_a_sweep_run_another_worker_reopened_ends_it_killed(store, m
     It ends KILLED, tagged `interrupted_by`, as the leader's own would."""
     import mlflow
 
-    from pipeline import interrupts, tracking
+    from pipeline import interrupts
     from pipeline.tracking import trials
 
     client = MlflowClient()
@@ -934,14 +920,9 @@ def test_a_signal_in_a_sweep_run_another_worker_reopened_ends_it_killed(store, m
         return get_run(self, run_id)
 
     monkeypatch.setattr(MlflowClient, "get_run", read)
-    previous = {signum: signal.signal(signum, tracking._raise_interrupted) for signum in (signal.SIGTERM,
-                                                                                          signal.SIGINT)}
-    try:
+    with stopping_signals_raise():
         with pytest.raises(Interrupted), trials.parent_run(sweep_run):
             os.kill(os.getpid(), signal.SIGTERM)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         interrupts.take()  # handled: as the command's `cli` clears it
     ended = client.get_run(sweep_run)
     assert mlflow.active_run() is None
