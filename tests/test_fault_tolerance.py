@@ -110,6 +110,21 @@ def experiment_runs(client: MlflowClient, filter_string: str = "") -> list:
     return client.search_runs([client.get_experiment_by_name("e2e").experiment_id], filter_string)
 
 
+def sigterm_while_ending(monkeypatch, picks) -> list[str]:
+    """Make MLflow's end of the first run `picks(client, run_id, status)` selects send this process SIGTERM, whose
+    handler raises there, before the status is written; returns the list that run's id is put in."""
+    set_terminated, signalled = MlflowClient.set_terminated, []
+
+    def ended(self, run_id, status=None, *args, **kwargs):
+        if not signalled and picks(self, run_id, status):
+            signalled.append(run_id)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return set_terminated(self, run_id, status, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", ended)
+    return signalled
+
+
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     history = client.get_metric_history(run_id, key)
     steps = [m.step for m in history]
@@ -1894,15 +1909,8 @@ def test_a_stopping_signal_while_mlflow_ends_a_finished_step_leaves_no_run_runni
     from pipeline import tracking
 
     cfg = config.load(ROOT / TINY, ["tracking.experiment=e2e"])
-    set_terminated, signalled = MlflowClient.set_terminated, []
-
-    def ended(self, run_id, status=None, *args, **kwargs):
-        if not signalled and self.get_run(run_id).data.tags.get("step") == ending:
-            signalled.append(run_id)
-            os.kill(os.getpid(), signal.SIGTERM)  # its handler raises here, before the status is written
-        return set_terminated(self, run_id, status, *args, **kwargs)
-
-    monkeypatch.setattr(MlflowClient, "set_terminated", ended)
+    signalled = sigterm_while_ending(monkeypatch, lambda client, run_id, status:
+                                     client.get_run(run_id).data.tags.get("step") == ending)
 
     def main():
         with tracking.step_run(cfg, "main"), tracking.step_run(cfg, "prepare"):
@@ -1922,15 +1930,7 @@ def test_a_stopping_signal_while_mlflow_ends_a_failed_step_leaves_no_run_running
     from pipeline import tracking
 
     cfg = config.load(ROOT / TINY, ["tracking.experiment=e2e"])
-    set_terminated, signalled = MlflowClient.set_terminated, []
-
-    def ended(self, run_id, status=None, *args, **kwargs):
-        if not signalled and status == "FAILED":
-            signalled.append(run_id)
-            os.kill(os.getpid(), signal.SIGTERM)  # its handler raises here, before the status is written
-        return set_terminated(self, run_id, status, *args, **kwargs)
-
-    monkeypatch.setattr(MlflowClient, "set_terminated", ended)
+    signalled = sigterm_while_ending(monkeypatch, lambda client, run_id, status: status == "FAILED")
 
     def main():
         with tracking.step_run(cfg, "main"), tracking.step_run(cfg, "prepare"):

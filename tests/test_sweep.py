@@ -25,6 +25,7 @@ from mlflow.entities import ViewType
 from pipeline import config, sweep
 from pipeline.tracking import Interrupted, StepFailed, steps
 from tests.conftest import ROOT, run_module, stopping_signals_raise
+from tests.test_fault_tolerance import sigterm_while_ending
 
 TINY = "params/tiny.yaml"
 # A learning rate that learns and one far too small to (1e-6: val_acc stays near chance).
@@ -882,15 +883,8 @@ def test_a_signal_while_mlflow_ends_a_finished_trials_run_ends_it_as_told(store,
     plan, study, trial, parent, experiment_id = one_trial(tmp_path, "sweep-ended")
     client = MlflowClient()
     monkeypatch.setattr(sweep, "train_and_evaluate", trains([0.5]))
-    set_terminated, signalled = MlflowClient.set_terminated, []
-
-    def ended(self, run_id, status=None, *args, **kwargs):
-        if not signalled and self.get_run(run_id).data.tags.get("step") == "trial":
-            signalled.append(run_id)
-            os.kill(os.getpid(), signal.SIGTERM)  # its handler raises here, before the status is written
-        return set_terminated(self, run_id, status, *args, **kwargs)
-
-    monkeypatch.setattr(MlflowClient, "set_terminated", ended)
+    signalled = sigterm_while_ending(monkeypatch, lambda client, run_id, status:
+                                     client.get_run(run_id).data.tags.get("step") == "trial")
     with stopping_signals_raise(), pytest.raises(Interrupted):
         sweep.run_trial(plan, study, trial, parent, experiment_id)
     assert signalled and study.trials[0].state == optuna.trial.TrialState.COMPLETE
