@@ -125,6 +125,21 @@ def sigterm_while_ending(monkeypatch, picks) -> list[str]:
     return signalled
 
 
+def stale_locks_removed_beside(holder: subprocess.Popen, experiment_id: str):
+    """A main's `resume.remove_stale_locks()` run once `holder` (a process printing "held" once it holds its locks)
+    holds them; `holder` killed after. Returns that main's run."""
+    from pipeline.tracking import resume
+
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as rerun:
+            resume.remove_stale_locks()
+    finally:
+        holder.kill()
+        holder.wait()
+    return rerun
+
+
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     history = client.get_metric_history(run_id, key)
     steps = [m.step for m in history]
@@ -807,13 +822,7 @@ def test_a_main_killed_in_any_step_has_its_runs_ended_killed_by_the_next_main(st
             return originals[name](self, *args, **kwargs)
 
         monkeypatch.setattr(MlflowClient, name, counted)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as rerun:
-            resume.remove_stale_locks()
-    finally:
-        holder.kill()
-        holder.wait()
+    rerun = stale_locks_removed_beside(holder, experiment_id)
     assert calls == ["search_runs"] * 4  # the folders' runs, then each of the 3 dead mains' RUNNING steps
     status = {r.info.run_id: (r.info.status, r.data.tags.get("ended_by")) for r in experiment_runs(client)}
     ended = ("KILLED", rerun.info.run_id)
@@ -853,13 +862,7 @@ def test_a_train_run_alone_killed_after_a_checkpoint_is_ended_killed_by_the_next
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
                                "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
                                str(folders[1] / resume.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as rerun:
-            resume.remove_stale_locks()
-    finally:
-        holder.kill()
-        holder.wait()
+    rerun = stale_locks_removed_beside(holder, experiment_id)
     status = {r.info.run_id: (r.info.status, r.data.tags.get("ended_by")) for r in experiment_runs(client)}
     assert [status[r] for r in (killed, live, interrupted)] == [
         ("KILLED", rerun.info.run_id), ("RUNNING", None), ("KILLED", None)]
