@@ -30,28 +30,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import keras
 import matplotlib
 import numpy as np
 import pandas as pd
 
-from pipeline import config, fitting, prepare
+from pipeline import config, prepare
 from pipeline.data import Dataset, arrays_digest, test_images_in_train
 from pipeline.distribute import TRAINED, Distribution, cluster_from_env, distribution, run_key
-from pipeline.fitting import (
-    Checkpoint,
-    check_backend,
-    check_replica_batches,
-    compile_model,
-    cpu_allocator,
-    diverged,
-    fit,
-    held_out_split,
-    images_per_epoch,
-    inference_copy,
-    training_part,
-)
-from pipeline.inputs import check_inputs, go_on_with_backend, resolve_inputs
+from pipeline.inputs import check_inputs, go_on_with_backend, refuse_unusable_backend, resolve_inputs
 from pipeline.tracking import (
     VAL_DATA_TAG,
     StepFailed,
@@ -74,7 +60,27 @@ from pipeline.tracking.resume import (
     release,
     train_code,
 )
-from pipeline.tracking.training import (
+
+if __name__ == "__main__":  # a backend Keras cannot load: one line, exit 2, before the imports below load it
+    refuse_unusable_backend()
+
+import keras  # noqa: E402
+
+from pipeline import fitting  # noqa: E402
+from pipeline.fitting import (  # noqa: E402
+    Checkpoint,
+    check_backend,
+    check_replica_batches,
+    compile_model,
+    cpu_allocator,
+    diverged,
+    fit,
+    held_out_split,
+    images_per_epoch,
+    inference_copy,
+    training_part,
+)
+from pipeline.tracking.training import (  # noqa: E402
     MlflowEpochLogger,
     SessionClock,
     log_trained_model,
