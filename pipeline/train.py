@@ -11,7 +11,9 @@ Writes: params (every resolved value, once); per-epoch metrics `loss`, `acc`, `v
         val_acc then overstates); artifacts `history.csv`,
         `curves.png` (acc/val_acc, the seed's plot), `config.json`;
         the model (a pyfunc around the Keras model, see pipeline.serve: no enforcing signature,
-        the accepted input formats in the MLmodel metadata, a uint8 input example).
+        a uint8 input example; its MLmodel metadata says how to call it and how it was trained:
+        the input formats and shape, the arch, EMA weights or not, the served test-time augmentation, this run and
+        its params, see `tracking.training.log_model`).
 Returns the logged model's URI (`models:/m-...`).
 
 Its inputs are checked and resolved by `pipeline.inputs`, as `main`'s are. Completed epochs are
@@ -87,6 +89,7 @@ from pipeline.tracking.training import (  # noqa: E402
     logged_epochs,
     logged_history,
     start_training,
+    trained_with,
 )
 
 matplotlib.use("Agg")
@@ -193,7 +196,7 @@ def train_session(cfg: config.Config, dataset_uri: str, dist: Distribution | Non
         history.to_csv(folder / "history.csv", index=False)
         plot_curves(history, folder / "curves.png")
     model_uri = log_trained_model(run_id, served, list(dataset.class_names), dataset.x_test[:2],
-                                  cfg.evaluate.tta, cfg.train.shift_fill)
+                                  cfg.evaluate.tta, cfg.train.shift_fill, trained_with(cfg, run_id))
     shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)
     clock.log()  # the session's end: before the claim goes, as nothing may be logged once another command resumes
     # Held until the model is logged: else a second identical command could resume this run. A run that fails
