@@ -497,6 +497,11 @@ def markdown_table(table: pd.DataFrame, decimals: dict[str, int] | None = None) 
     return cells.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
+def shortened(text: str, chars: int) -> str:
+    """`text`, or where it is longer than `chars` its first `chars` - 1 characters and an ellipsis."""
+    return text if len(text) <= chars else text[:chars - 1] + "…"
+
+
 def fit_note(text: str, whole: str) -> str:
     """`text` as a run's description (tag mlflow.note.content): whole where it fits MLflow's tag limit, else its lines
     that fit and one saying how many more artifact `whole` holds. MLflow cut it at the limit, mid-row of a long
