@@ -20,15 +20,20 @@ import json
 import sys
 from pathlib import Path
 
-import keras
 import matplotlib
 import numpy as np
 import pandas as pd
 
 from pipeline import config, data, prepare
 from pipeline.data import Dataset
+from pipeline.inputs import refuse_unusable_backend
 from pipeline.tracking import artifact_dir, cli, step_run, steps
 from pipeline.tracking.resume import dataset_sha256, step_lock
+
+if __name__ == "__main__":  # a backend Keras cannot load: one line, exit 2, before Keras loads below
+    refuse_unusable_backend()
+
+import keras  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend

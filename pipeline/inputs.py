@@ -1,7 +1,8 @@
 """A training command's inputs (data, a dataset URI, a run to resume, the host's place in a cluster),
 checked before any run opens, and for `main` before Keras loads, so that a wrong path or run id is refused in
 the seconds the interpreter and MLflow take to start, not after TensorFlow's ~12 CPU-s import (the `train`
-entry point imports Keras first, to check the backend and its devices). Shared by both entry points.
+entry point imports Keras first, to check the backend and its devices). Shared by both entry points; the check of
+the Keras backend itself (`check_configured_backend`, `refuse_unusable_backend`) by every entry point that loads Keras.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pipeline import config, data, prepare
 from pipeline.data import CIFAR10_TRAIN_IMAGES
 from pipeline.distribute import cluster_from_env
+from pipeline.tracking import cli
 from pipeline.tracking.resume import (
     check_checkpoint_root,
     check_resumable_code,
@@ -149,6 +151,19 @@ def check_configured_backend() -> None:
     if importlib.util.find_spec(backend) is None:  # Keras's backend names are their packages' names
         raise config.ConfigError(f"{where}: {backend} is not installed here; install it, or name an installed "
                                  f"backend (KERAS_BACKEND=jax or tensorflow)")
+
+
+def refuse_unusable_backend() -> None:
+    """`check_configured_backend` for an entry point whose module imports Keras as it loads (`train`, `evaluate`:
+    called at its top, run as a command, before that import): a backend Keras cannot load is refused as `cli` refuses
+    a bad param, one line and exit 2 (a run `mlflow run` opened for it ends FAILED and goes to the trash). Keras's
+    import printed its traceback ("Unable to import backend : JAX"), exit 1, and left `mlflow run`'s run FAILED. The
+    entry points that load Keras later (`main`, `sweep`, `prepare`, `register`) call `check_configured_backend` in
+    their `main`, inside `cli`."""
+    try:
+        check_configured_backend()
+    except config.ConfigError:
+        cli(check_configured_backend)  # refused again inside `cli`, which says so and exits
 
 
 def check_known_training_images(cfg: config.Config, dataset_uri: str | None = None) -> None:

@@ -155,6 +155,9 @@ def load_dataset(dataset_uri: str) -> data.Dataset:
 def main() -> None:
     args = config.entry_point_parser("prepare", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, data=args.data)
+    from pipeline.inputs import check_configured_backend  # (inputs imports this module)
+
+    check_configured_backend()  # Keras downloads CIFAR-10: a backend it cannot load failed as "cannot download"
     check_source(cfg)  # a missing path or CIFAR-10 out of reach fails here, before any run is opened
     with step_lock() as hold, step_run(cfg, "prepare") as step:
         hold(step)  # killed, it is left for the next main to end

@@ -33,6 +33,7 @@ import traceback
 import pandas as pd
 
 from pipeline import config, data
+from pipeline.inputs import check_configured_backend
 from pipeline.tracking import (
     TEST_DATA_TAG,
     StepFailed,
@@ -316,6 +317,8 @@ def run(cfg: config.Config, model_uri: str) -> dict:
 def main() -> None:
     args = config.entry_point_parser("register", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
+    # Keras scores a champion on a challenger's test data: a backend it cannot load printed its traceback in the run
+    check_configured_backend()
     model_uri = args.model_uri
     # `runs:/<train run id>/model`, as evaluate takes it: the logged model behind it (MLflow 3 logs a run's model so)
     if model_uri.startswith("runs:/") and (found := steps.logged_model_id(model_uri)):

@@ -11,7 +11,9 @@ Writes: params (every resolved value, once); per-epoch metrics `loss`, `acc`, `v
         val_acc then overstates); artifacts `history.csv`,
         `curves.png` (acc/val_acc, the seed's plot), `config.json`;
         the model (a pyfunc around the Keras model, see pipeline.serve: no enforcing signature,
-        the accepted input formats in the MLmodel metadata, a uint8 input example).
+        a uint8 input example; its MLmodel metadata says how to call it and how it was trained:
+        the input formats and shape, the arch, EMA weights or not, the served test-time augmentation, this run and
+        its params, see `tracking.training.log_model`).
 Returns the logged model's URI (`models:/m-...`).
 
 Its inputs are checked and resolved by `pipeline.inputs`, as `main`'s are. Completed epochs are
@@ -30,28 +32,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import keras
 import matplotlib
 import numpy as np
 import pandas as pd
 
-from pipeline import config, fitting, prepare
+from pipeline import config, prepare
 from pipeline.data import Dataset, arrays_digest, test_images_in_train
 from pipeline.distribute import TRAINED, Distribution, cluster_from_env, distribution, run_key
-from pipeline.fitting import (
-    Checkpoint,
-    check_backend,
-    check_replica_batches,
-    compile_model,
-    cpu_allocator,
-    diverged,
-    fit,
-    held_out_split,
-    images_per_epoch,
-    inference_copy,
-    training_part,
-)
-from pipeline.inputs import check_inputs, go_on_with_backend, resolve_inputs
+from pipeline.inputs import check_inputs, go_on_with_backend, refuse_unusable_backend, resolve_inputs
 from pipeline.tracking import (
     VAL_DATA_TAG,
     StepFailed,
@@ -74,13 +62,34 @@ from pipeline.tracking.resume import (
     release,
     train_code,
 )
-from pipeline.tracking.training import (
+
+if __name__ == "__main__":  # a backend Keras cannot load: one line, exit 2, before the imports below load it
+    refuse_unusable_backend()
+
+import keras  # noqa: E402
+
+from pipeline import fitting  # noqa: E402
+from pipeline.fitting import (  # noqa: E402
+    Checkpoint,
+    check_backend,
+    check_replica_batches,
+    compile_model,
+    cpu_allocator,
+    diverged,
+    fit,
+    held_out_split,
+    images_per_epoch,
+    inference_copy,
+    training_part,
+)
+from pipeline.tracking.training import (  # noqa: E402
     MlflowEpochLogger,
     SessionClock,
     log_trained_model,
     logged_epochs,
     logged_history,
     start_training,
+    trained_with,
 )
 
 matplotlib.use("Agg")
@@ -187,7 +196,7 @@ def train_session(cfg: config.Config, dataset_uri: str, dist: Distribution | Non
         history.to_csv(folder / "history.csv", index=False)
         plot_curves(history, folder / "curves.png")
     model_uri = log_trained_model(run_id, served, list(dataset.class_names), dataset.x_test[:2],
-                                  cfg.evaluate.tta, cfg.train.shift_fill)
+                                  cfg.evaluate.tta, cfg.train.shift_fill, trained_with(cfg, run_id))
     shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)
     clock.log()  # the session's end: before the claim goes, as nothing may be logged once another command resumes
     # Held until the model is logged: else a second identical command could resume this run. A run that fails

@@ -172,6 +172,28 @@ def test_the_run_mlflow_run_opened_gets_the_reason_of_a_failure_before_the_steps
         "keeps no copy)")
 
 
+def test_a_refusal_quoting_a_long_value_still_ends_the_run_mlflow_run_opened(store, in_process, monkeypatch,
+                                                                             tmp_path):
+    """A bad param is refused with its value quoted: a value of thousands of characters (in a params file: overrides
+    are refused past 6,000) made the `failure_reason` of the run `mlflow run` opened longer than MLflow's
+    8,000-character tag limit. MLflow cut it there with a warning, or refused it (MLFLOW_TRUNCATE_LONG_VALUES=false, a
+    store that enforces its column), and the run was then neither tagged nor trashed. The reason is cut at 5,000
+    characters, with an ellipsis, as every run's is."""
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRUNCATE_LONG_VALUES", "false")
+    client = MlflowClient()
+    wrapper = client.create_run(client.get_experiment_by_name("e2e").experiment_id).info.run_id
+    settled = []
+    monkeypatch.setattr(tracking, "_settle_wrapper_run", lambda *args, **kwargs: settled.append((args, kwargs)))
+    (tmp_path / "long.yaml").write_text(f"tracking:\n  experiment: {'e' * 9000}\n")
+    refused = in_process("prepare", "--params", str(tmp_path / "long.yaml"), env={"MLFLOW_RUN_ID": wrapper})
+    assert refused.returncode == 2 and refused.stderr.startswith("error: tracking.experiment: must be at most 256")
+    reason = client.get_run(wrapper).data.tags["failure_reason"]
+    assert len(reason) == 5000 and reason.endswith("eee…") and refused.stderr[len("error: "):].startswith(reason[:-1])
+    assert settled == [((wrapper, "FAILED"), {"delete": True})]
+
+
 @pytest.mark.parametrize(("message", "line"), [
     # TensorFlow's: the node's error last, after the stack it was defined at, then its annotations
     ("Graph execution error:\n\nDetected at node compile_loss/SparseSoftmaxCrossEntropyWithLogits defined at (most "

@@ -16,11 +16,16 @@ import jax  # requirements-dev.txt installs it: without JAX this module fails, i
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 
-from tests.conftest import run_module
+from tests.conftest import eventually, mlflow_run, run_module
 from tests.test_fast_path import assert_two_device_run
 
 XLA = "train.jit_compile=true"
+BACKEND_ERRORS = [
+    ("JAX", "error: KERAS_BACKEND: 'JAX' is no Keras backend (jax, numpy, openvino, tensorflow, torch)"),
+    ("torch", "error: KERAS_BACKEND: torch is not installed here"),
+]
 
 
 def test_wrong_engine_for_the_backend_is_a_param_error(store, in_process, monkeypatch):
@@ -39,10 +44,7 @@ def test_wrong_engine_for_the_backend_is_a_param_error(store, in_process, monkey
     ("pipeline.main", ("--params", "params/tiny.yaml", "--epochs", "1")),
     ("pipeline.sweep", ("--spec", "params/sweep-example.yaml")),
 ], ids=["main", "sweep"])
-@pytest.mark.parametrize("backend, message", [
-    ("JAX", "error: KERAS_BACKEND: 'JAX' is no Keras backend (jax, numpy, openvino, tensorflow, torch)"),
-    ("torch", "error: KERAS_BACKEND: torch is not installed here"),
-], ids=["misspelt", "not-installed"])
+@pytest.mark.parametrize("backend, message", BACKEND_ERRORS, ids=["misspelt", "not-installed"])
 def test_a_keras_backend_that_cannot_load_is_one_line_before_any_run(store, tmp_path, module, args, backend, message):
     """KERAS_BACKEND=JAX (Keras's names are lower case) or a backend not installed: main went on to Keras's import
     and its traceback ("ValueError: Unable to import backend : JAX"), exit 1; a sweep did so after its sweep run,
@@ -55,6 +57,40 @@ def test_a_keras_backend_that_cannot_load_is_one_line_before_any_run(store, tmp_
     assert "Traceback" not in result.stderr
     assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
     assert not storage.exists()
+
+
+@pytest.mark.parametrize("module, args, backend", [
+    ("pipeline.train", ("--params", "params/tiny.yaml", "--epochs", "1"), "JAX"),
+    ("pipeline.evaluate", ("--model-uri", "models:/m-0", "--dataset-uri", "dataset.npz"), "torch"),
+    ("pipeline.prepare", ("--params", "params/tiny.yaml"), "torch"),
+    ("pipeline.register", ("--model-uri", "models:/m-0"), "JAX"),
+], ids=["train", "evaluate", "prepare", "register"])
+def test_each_step_refuses_a_keras_backend_that_cannot_load_in_one_line(store, module, args, backend):
+    """`python -m pipeline.train` and `-m pipeline.evaluate` import Keras with their modules: KERAS_BACKEND=JAX (or
+    one not installed) printed Keras's import traceback, exit 1; prepare said "cannot download CIFAR-10 (ValueError:
+    Unable to import backend : JAX)" where it downloads, and register printed the traceback inside its run where it
+    scores a champion. Each says what main says, one line naming KERAS_BACKEND and the value, exit 2, before any
+    run."""
+    result = run_module({**store, "KERAS_BACKEND": backend}, module, *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(dict(BACKEND_ERRORS)[backend]), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()],
+                                      run_view_type=ViewType.ALL) == []
+
+
+def test_mlflow_run_of_train_with_a_keras_backend_that_cannot_load_trashes_its_run(store):
+    """`mlflow run . -e train` with KERAS_BACKEND=JAX: the step's one line, and the run `mlflow run` opened ends
+    FAILED with that reason and goes to the trash, as for a bad param (it was left FAILED under Keras's traceback)."""
+    result = mlflow_run({**store, "KERAS_BACKEND": "JAX"}, "train", params="params/tiny.yaml", epochs="1")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors == [dict(BACKEND_ERRORS)["JAX"]], result.stderr[-3000:]
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    (opened,) = eventually(lambda: MlflowClient().search_runs([experiment_id], run_view_type=ViewType.DELETED_ONLY))
+    assert opened.info.status == "FAILED" and opened.data.tags["failure_reason"] == errors[0][len("error: "):]
+    assert MlflowClient().search_runs([experiment_id]) == []
 
 
 def test_device_batches_cover_every_image_once_per_epoch_in_a_new_order():

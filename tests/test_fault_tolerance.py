@@ -362,6 +362,39 @@ def test_checkpoints_every_n_epochs_or_none(tmp_path, every, held):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_resume_with_long_changed_values_keeps_tag_resumed_with_under_mlflows_limit(store, monkeypatch):
+    """A rerun resuming a run with other params that leave what is trained as it is (`resumed_with`) and long values
+    (data.source spelled otherwise: a long path, relative to the folder it ran in, then absolute; a long
+    register.model_name) made a tag past MLflow's 8,000 characters: cut mid-value with a warning, or refused
+    (MLFLOW_TRUNCATE_LONG_VALUES=false, a store that enforces its column), and the resume failed. The tag now says
+    how many changed, each value shortened with an ellipsis, and artifact resumed_with.txt holds them whole."""
+    import dataclasses
+
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    from pipeline.tracking.resume import RESUMED_WITH, log_train_params
+
+    monkeypatch.setenv("MLFLOW_TRUNCATE_LONG_VALUES", "false")  # refused past the limit, not cut
+    cfg = config.load(TINY)
+    folder = "a-long-folder-name/" * 200 + "cifar.npz"  # 3,809 characters
+    first = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=folder),
+                                register=dataclasses.replace(cfg.register, model_name="m" * 250))
+    rerun = dataclasses.replace(first, data=dataclasses.replace(first.data, source="/data/" + folder),
+                                register=dataclasses.replace(first.register, model_name="n" * 250))
+    dataset_uri = "runs:/0123456789abcdef/dataset/dataset.npz"
+    with mlflow.start_run(experiment_id=MlflowClient().get_experiment_by_name("e2e").experiment_id) as run:
+        log_train_params(first, dataset_uri)
+        log_train_params(rerun, dataset_uri)  # as a resumed session logs them
+    tag = MlflowClient().get_run(run.info.run_id).data.tags["resumed_with"]
+    assert len(tag) <= MAX_TAG_VAL_LENGTH
+    assert tag.startswith(f"2 params changed (whole values in artifact {RESUMED_WITH}): data.source=/data/a-long")
+    assert f"(logged {folder[:100]}" in tag
+    assert "…" in tag and "register.model_name=nnnn" in tag and "(logged mmmm" in tag
+    whole = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{RESUMED_WITH}")
+    assert whole == (f"data.source=/data/{folder} (logged {folder}), "
+                     f"register.model_name={'n' * 250} (logged {'m' * 250})\n")
+
+
 @pytest.mark.parametrize("uploaded", [False, True], ids=["upload-fails", "fails-after-upload"])
 def test_a_failure_after_training_keeps_the_trained_weights_and_the_rerun_logs_them_without_training(
         store, tmp_path, monkeypatch, in_process, uploaded):

@@ -364,6 +364,27 @@ def test_logged_model_documents_formats_and_enforces_no_casting_signature(model_
     assert info.saved_input_example_info["serving_input_path"] == "serving_input_example.json"
 
 
+def test_logged_model_metadata_says_how_it_was_trained_and_what_it_takes(model_uri, local_model):
+    """A person serving the model reads its MLmodel metadata (`mlflow.models.get_model_info(uri).metadata`): it named
+    the input formats, the classes and the served test-time augmentation only, not whether the weights are an EMA
+    average, the arch, the input the network takes or the run that trained it. The fixture's tiny run trains
+    without EMA; a run with it records its momentum and BN recalibration."""
+    info = mlflow.models.get_model_info(model_uri)
+    meta, run_id = info.metadata, info.run_id
+    assert (meta["train_run_id"], meta["params"]) == (run_id, f"runs:/{run_id}/config.json")
+    assert mlflow.artifacts.load_dict(meta["params"])["train"]["ema"] is False
+    assert meta["ema_weights"] is False and "ema_momentum" not in meta
+    assert meta["arch"] == local_model.unwrap_python_model().model.name == "preact_resnet11"
+    assert (meta["input_shape"], meta["image_size"], meta["input_dtype"], meta["input_range"]) == (
+        [None, 32, 32, 3], 32, "uint8", "0-255")
+    assert (meta["backend"], meta["tta"]) == (keras.backend.backend(), "flip_shift")
+    with_ema = config.load(ROOT / "params" / "tiny.yaml", ["train.ema=true", "train.ema_momentum=0.95",
+                                                           "train.ema_bn_batches=3"])
+    assert training.trained_with(with_ema, run_id) == {
+        "train_run_id": run_id, "params": f"runs:/{run_id}/config.json", "ema_weights": True, "ema_momentum": 0.95,
+        "ema_bn_batches": 3}
+
+
 def imported_packages(code: Path) -> dict[str, set[str]]:
     """Every top-level module that `pipeline.serve` in a logged model's `code/` copy imports, lazily too, through the
     modules of `pipeline` it imports, with the distributions (normalised names) that install it (mlflow: mlflow,

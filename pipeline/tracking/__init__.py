@@ -497,6 +497,11 @@ def markdown_table(table: pd.DataFrame, decimals: dict[str, int] | None = None) 
     return cells.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
+def shortened(text: str, chars: int) -> str:
+    """`text`, or where it is longer than `chars` its first `chars` - 1 characters and an ellipsis."""
+    return text if len(text) <= chars else text[:chars - 1] + "…"
+
+
 def fit_note(text: str, whole: str) -> str:
     """`text` as a run's description (tag mlflow.note.content): whole where it fits MLflow's tag limit, else its lines
     that fit and one saying how many more artifact `whole` holds. MLflow cut it at the limit, mid-row of a long
@@ -698,8 +703,8 @@ def _ended_with_reason(start: Callable[[], mlflow.ActiveRun],
 def reason_of(exc: Exception) -> str:
     """Tag `failure_reason` of a run `exc` ended: an expected failure's one line (`EXPECTED_FAILURES`), a tracking
     server's failure as `cli` says it (exit 4), else `unexpected_reason`."""
-    if isinstance(exc, EXPECTED_FAILURES):
-        return str(exc)[:5000]
+    if isinstance(exc, EXPECTED_FAILURES):  # a message may quote a long value (a path, a param)
+        return shortened(str(exc), 5000)
     return _server_failure(exc) or unexpected_reason(exc)
 
 
@@ -816,7 +821,7 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if wrapper_run:
-            _end_refused_run(wrapper_run, str(exc))
+            _end_refused_run(wrapper_run, reason_of(exc))
         sys.exit(2)
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -35,6 +35,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.utils.file_utils import local_file_uri_to_path
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from pipeline import config, data
 from pipeline.distribute import LOOPBACK
@@ -45,6 +46,7 @@ from pipeline.tracking import (
     code_digest,
     json_digest,
     local_path,
+    shortened,
     sqlite_file,
     steps,
     trained_dataset_uri,
@@ -822,7 +824,7 @@ def log_train_params(cfg: config.Config, dataset_uri: str) -> None:
     (MLflow params are immutable): one whose `train.epochs` grew gets tag `extended_epochs` and a run name with
     the new count (both go again where the run goes on at its logged count: an extension stopped before it
     trained), one resumed with other `NOT_TRAINING` params tag `resumed_with` (`key=new (logged old)`, the
-    latest rerun's)."""
+    latest rerun's; see `resumed_with`)."""
     params = {**cfg.flat(), "dataset_uri": dataset_uri}
     mlflow.set_tag("dataset_uri", dataset_uri)  # `mlflow run . -e train` logged param dataset_uri as its -P: ''
     run = MlflowClient().get_run(mlflow.active_run().info.run_id)
@@ -836,5 +838,26 @@ def log_train_params(cfg: config.Config, dataset_uri: str) -> None:
         mlflow.set_tag("mlflow.runName", cfg.run_name())
     changed = {k: v for k, v in params.items() if k in logged and logged[k] != v and k != "train.epochs"}
     if changed:
-        mlflow.set_tag("resumed_with", ", ".join(f"{k}={v} (logged {logged[k]})" for k, v in sorted(changed.items())))
+        mlflow.set_tag("resumed_with", resumed_with(changed, logged))
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+
+
+RESUMED_WITH = "resumed_with.txt"  # a train run's artifact: the latest rerun's changed params, where its tag cuts them
+RESUMED_VALUE_CHARS = 200  # of each value the tag shows then
+
+
+def resumed_with(changed: dict[str, str], logged: dict[str, str]) -> str:
+    """Tag `resumed_with` of a run resumed with the `changed` params (new values; `logged`: the run's): `key=new
+    (logged old)`, comma separated. Where that passes MLflow's tag limit (two spellings of a long data.source path),
+    the text is logged whole as artifact RESUMED_WITH, and the tag says how many changed and shows each value
+    shortened to RESUMED_VALUE_CHARS, with an ellipsis: MLflow cut it mid-value with a warning, or, with
+    MLFLOW_TRUNCATE_LONG_VALUES=false (or a store that enforces its column), refused it, and the resume failed."""
+    def listed(shown: Callable[[str], str]) -> str:
+        return ", ".join(f"{k}={shown(v)} (logged {shown(logged[k])})" for k, v in sorted(changed.items()))
+
+    whole = listed(str)
+    if len(whole) <= MAX_TAG_VAL_LENGTH:
+        return whole
+    mlflow.log_text(whole + "\n", RESUMED_WITH)
+    return shortened(f"{len(changed)} params changed (whole values in artifact {RESUMED_WITH}): "
+                     f"{listed(lambda value: shortened(value, RESUMED_VALUE_CHARS))}", MAX_TAG_VAL_LENGTH)

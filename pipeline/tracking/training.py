@@ -155,17 +155,31 @@ def logged_history(run_id: str) -> pd.DataFrame:
     return pd.DataFrame(series).rename_axis("epoch").reset_index().sort_values("epoch")
 
 
+def trained_with(cfg: config.Config, run_id: str) -> dict:
+    """What a person serving train run `run_id`'s model needs to know of how it was trained, for its MLmodel metadata
+    (`log_model`): the run and its resolved params (`config.json`), and whether its weights are the exponential moving
+    average of the trained ones (`ema_weights`: train.ema, with its `ema_momentum` and `ema_bn_batches`, the training
+    batches BN's statistics were recomputed over under them, 0: none) or the last step's."""
+    t = cfg.train
+    ema = {"ema_momentum": t.ema_momentum, "ema_bn_batches": t.ema_bn_batches} if t.ema else {}
+    return {"train_run_id": run_id, "params": f"runs:/{run_id}/config.json", "ema_weights": t.ema, **ema}
+
+
 def log_model(model: keras.Model, class_names: list[str], example: np.ndarray,
-              tta: str = "none", shift_fill: str = "nearest") -> mlflow.models.model.ModelInfo:
+              tta: str = "none", shift_fill: str = "nearest", trained: dict | None = None
+              ) -> mlflow.models.model.ModelInfo:
     """Log the pyfunc that serves `model` (see pipeline.serve); return its ModelInfo.
 
     Inputs: the inference Keras model, its class names, a few uint8 (n, 32, 32, 3) images kept as
     the input example. No signature: MLflow enforces a tensor signature by casting (floats in [0, 1]
     become 0 under uint8) and no single schema admits both pixel tensors and base64 images, so
-    `serve.to_pixels` validates every request instead. The accepted formats go into the MLmodel
-    metadata, with `tta` (evaluate.tta: the served test-time augmentation) and `shift_fill` (train.shift_fill
-    of the run that trained `model`: flip_shift's shifted views fill their border as its training shifts did); the
-    served model keeps the Keras backend it was trained on, to load on it where KERAS_BACKEND is unset.
+    `serve.to_pixels` validates every request instead. The MLmodel metadata (`mlflow.models.get_model_info(uri).
+    metadata`) says how to call it and how it was trained: the accepted formats and the output's, the class names,
+    the Keras model's input as its layers take it (`input_shape`, `image_size`, `input_dtype`, `input_range`: RGB pixel
+    values, which the model normalises itself), `arch` (the Keras model's name), the Keras `backend` it was trained on
+    (the served model loads on it where KERAS_BACKEND is unset), `tta` (evaluate.tta: the served test-time
+    augmentation), `shift_fill` (train.shift_fill of the run that trained `model`: flip_shift's shifted views fill
+    their border as its training shifts did) and `trained` (`trained_with`: the run, its params, EMA weights or not).
 
     The code logged with it (`code/pipeline/`, which serving it runs) is the package's source as this process loaded
     it (`pipeline.source`): the code that trained `model` and scores with it here, not the files on disk now (a pull
@@ -181,14 +195,17 @@ def log_model(model: keras.Model, class_names: list[str], example: np.ndarray,
                        serve.CLASSES_ARTIFACT: str(Path(tmp) / "class_names.json")},
             signature=False, input_example=np.asarray(example, dtype=np.uint8),
             metadata={"input_formats": serve.INPUT_FORMATS, "output_format": serve.OUTPUT_FORMAT,
-                      "class_names": list(class_names), "tta": tta, "shift_fill": shift_fill},
+                      "class_names": list(class_names), "input_shape": list(model.input_shape),
+                      "image_size": model.input_shape[1], "input_dtype": str(model.inputs[0].dtype),
+                      "input_range": "0-255", "arch": model.name, "backend": keras.backend.backend(),
+                      "tta": tta, "shift_fill": shift_fill, **(trained or {})},
             pip_requirements=serving_requirements())
 
 
 def log_trained_model(run_id: str, model: keras.Model, class_names: list[str], example: np.ndarray,
-                      tta: str = "none", shift_fill: str = "nearest") -> str:
+                      tta: str = "none", shift_fill: str = "nearest", trained: dict | None = None) -> str:
     """`log_model` for train run `run_id` (the active run); tag the run `model_uri` and (re)write its
-    description (`describe_train_run`). Returns the model's URI `models:/m-...`.
+    description (`describe_train_run`). Returns the model's URI `models:/m-...`. `trained`: see `trained_with`.
 
     A run that logged its model whole after its last epoch already (a kill or a lost server between the upload and
     the end of the step; the rerun resumes from the checkpoint, which outlives the upload) keeps that one: no second
@@ -199,7 +216,7 @@ def log_trained_model(run_id: str, model: keras.Model, class_names: list[str], e
     if not model_uri:
         for cut_short in [m for m in _logged_models(run_id) if m.status == LoggedModelStatus.PENDING]:
             mlflow.MlflowClient().finalize_logged_model(cut_short.model_id, LoggedModelStatus.FAILED)
-        model_uri = log_model(model, class_names, example, tta, shift_fill).model_uri
+        model_uri = log_model(model, class_names, example, tta, shift_fill, trained).model_uri
     mlflow.set_tag("model_uri", model_uri)
     describe_train_run(run_id, overwrite=True)
     return model_uri
