@@ -6,7 +6,9 @@ Reads:  training runs (tag step = 'train') of every experiment, or of one, or na
 Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
         run: the params (and the PROVENANCE_TAGS: `train_code`, `backend`, `dtype_policy`, `jit_compile`,
         `replicas`, `hardware`; `effective_lr` where train.lr_scaling made the lr trained at another) that differ
-        between the runs, `data` where the datasets they trained on differ (the digest of each), epochs, final and
+        between the runs (not params whose values differ only in runs where they have no effect given the others,
+        tag `inert_params`: a line above the table names them; a cell `(inert)` where a param shown has none in its
+        run), `data` where the datasets they trained on differ (the digest of each), epochs, final and
         best `val_acc`,
         `val_data` where the runs' validation images differ or one validated on the test split,
         `val_images_in_train` where a val_acc counts images its run trained on,
@@ -24,6 +26,7 @@ Searching the runs and recording the comparison: `pipeline.tracking.steps`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -36,6 +39,7 @@ import pandas as pd
 from pipeline import config
 from pipeline.tracking import (
     DATASET_SHA256,
+    INERT_PARAMS_TAG,
     VAL_DATA_TAG,
     artifact_dir,
     cli,
@@ -94,6 +98,58 @@ def differing_params(runs: pd.DataFrame) -> list[str]:
     columns = sorted(c for c in runs.columns
                      if c.startswith("params.") and c.removeprefix("params.") not in IGNORED_PARAMS)
     return [c for c in columns if runs[c].astype("string").fillna("<unset>").nunique() > 1]
+
+
+# The cell of a param without effect in its run (`config.inert_params`), in a column kept for the runs it has effect in
+INERT = "(inert)"
+
+
+def inert_keys(run: pd.Series) -> set[str]:
+    """The params without effect given the others in a training run (a row of `search_train_runs`): its tag
+    INERT_PARAMS_TAG's keys, or for a run from before that tag, `config.inert_params` of its logged params (none
+    where they do not load: keys or values since refused)."""
+    tag = run.get(f"tags.{INERT_PARAMS_TAG}")
+    if isinstance(tag, str) and tag:
+        try:
+            listed = json.loads(tag)
+        except ValueError:  # edited by hand
+            return set()
+        return set(listed) if isinstance(listed, dict) else set()
+    params = {c.removeprefix("params."): v for c, v in run.items() if c.startswith("params.") and isinstance(v, str)}
+    try:
+        return set(config.inert_params(config.from_run_params(params)))
+    except config.ConfigError:
+        return set()
+
+
+def params_without_effect(runs: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
+    """(the `differing_params` whose values differ only in runs where they have no effect, which no table shows,
+    and a mask of `runs`' cells holding a value of a param without effect in its run, `inert_keys`). Left out where
+    every run the param has effect in holds one value: giving the others that value too would train every run as
+    before, and no column would show."""
+    keys = pd.Series([inert_keys(run) for _, run in runs.iterrows()], index=runs.index, dtype=object)
+    mask = pd.DataFrame(False, index=runs.index, columns=runs.columns)
+    left_out = []
+    for column in differing_params(runs):
+        key = column.removeprefix("params.")
+        mask[column] = runs[column].notna() & keys.map(lambda inert, key=key: key in inert).astype(bool)
+        if runs[column][~mask[column]].astype("string").fillna("<unset>").nunique() <= 1:
+            left_out.append(column)
+    return left_out, mask
+
+
+def inert_note(runs: pd.DataFrame, table: pd.DataFrame) -> str:
+    """A line before the table naming the params left out as differing only where they have no effect, and saying
+    what a cell INERT is where `table` has one; else ''."""
+    left_out = [c.removeprefix("params.") for c in params_without_effect(runs)[0]]
+    parts = [f"Left out: {', '.join(left_out)}, whose values differ only in runs where they have no effect given "
+             "their other params"] if left_out else []
+    if (table.astype(object) == INERT).any().any():
+        parts.append(f"a cell `{INERT}` is a param without effect in its run")
+    if not parts:
+        return ""
+    note = "; ".join(parts)
+    return f"{note[0].upper()}{note[1:]} (tag {INERT_PARAMS_TAG} of each run says why).\n\n"
 
 
 def trained_on(run: pd.Series) -> str:
@@ -183,18 +239,20 @@ def as_trained(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataFrame:
-    """One row per run: name, run id, the differing params (without the `params.` prefix) and PROVENANCE_TAGS,
-    RESULT_COLUMNS (with `val_data` after best_val_acc where the validation images differ or a run validated on
-    the test split, `val_images_in_train` after those where a val_acc counts images its run trained on,
+    """One row per run: name, run id, the differing params (without the `params.` prefix; but those that differ only
+    where they have no effect, and a cell INERT where the param has none in its run: `params_without_effect`) and
+    PROVENANCE_TAGS, RESULT_COLUMNS (with `val_data` after best_val_acc where the validation images differ or a run
+    validated on the test split, `val_images_in_train` after those where a val_acc counts images its run trained on,
     `test_data` after test_acc where the test splits differ, `test_images_in_train` where a test_acc counts images
     its model was trained on, `wall_s_from` after wall_s where a run's wall_s is its end - start: `wall_seconds`)."""
     rows = []
+    left_out, inert = params_without_effect(runs)  # of the params as logged, before `as_trained`
     runs = as_trained(runs)
-    varying = differing_params(runs)
+    varying = [c for c in differing_params(runs) if c not in left_out]
     provenance = [t for t in PROVENANCE_TAGS if f"tags.{t}" in runs and runs[f"tags.{t}"].dropna().nunique() > 1]
     if scaled_lr_differs(runs):  # beside train.lr, which is not the lr trained with under train.lr_scaling linear
         provenance.append(EFFECTIVE_LR)
-    for _, run in runs.iterrows():
+    for index, run in runs.iterrows():
         history = histories[run["run_id"]]
         # on the data it trained on: a later evaluation on other test images (a data.max_test subset, another
         # copy) scores what the other rows' do not, and ranked first a model worse on the whole split
@@ -203,7 +261,8 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
         wall, span = wall_seconds(run)
         rows.append({
             "run": run.get("tags.mlflow.runName"), "run_id": run["run_id"],
-            **{c.removeprefix("params."): run[c] for c in varying},
+            **{c.removeprefix("params."): INERT if c in inert and inert.at[index, c] else run[c]
+               for c in varying},
             **{t: (tag[:12] if t in DIGEST_TAGS and " -> " not in tag else tag)
                if isinstance(tag := run[f"tags.{t}"], str) else None for t in provenance},
             "data": run.get("data_digest"),
@@ -414,8 +473,8 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     runs["data_digest"] = runs["run_id"].map(steps.trained_data_digest)
     table = top_runs(build_table(runs, histories), metric, top)
     unfinished = {} if run_ids else steps.unfinished_train_runs(experiment)  # named ones are each checked
-    markdown = (left_out_note(unfinished) + data_note(table) + val_data_note(table) + test_data_note(table)
-                + wall_note(table) + markdown_table(table, DECIMALS))
+    markdown = (left_out_note(unfinished) + inert_note(runs, table) + data_note(table) + val_data_note(table)
+                + test_data_note(table) + wall_note(table) + markdown_table(table, DECIMALS))
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
     if experiment is None:

@@ -54,6 +54,8 @@ MLFLOW_PARAM_MAX = 6000
 TOO_LONG = f"characters, more than the {MLFLOW_PARAM_MAX} MLflow keeps of a param value (it would be logged cut short)"
 # train.jit_compile: true, false or auto, as Keras's compile() takes it
 Auto = typing.Literal["auto"]
+# train.lr_scaling linear scales train.lr by train.batch_size / this (the seed's batch)
+LR_REFERENCE_BATCH = 128
 
 
 def round_half_up(x: float) -> int:
@@ -345,8 +347,8 @@ class TrainConfig:
 
     @property
     def scaled_lr(self) -> float:
-        """Peak learning rate after the optional linear scaling rule (reference batch 128)."""
-        return self.lr * self.batch_size / 128 if self.lr_scaling == "linear" else self.lr
+        """Peak learning rate after the optional linear scaling rule (reference batch LR_REFERENCE_BATCH)."""
+        return self.lr * self.batch_size / LR_REFERENCE_BATCH if self.lr_scaling == "linear" else self.lr
 
 
 @dataclass(frozen=True)
@@ -740,6 +742,54 @@ def _check_ghost_batch(model: ModelConfig, train: TrainConfig) -> None:
            f"must divide train.batch_size ({train.batch_size}): each batch is cut into ghost batches", ghost)
     _check(train.drop_remainder, "model.ghost_batch",
            "needs train.drop_remainder=true: an epoch's last, partial batch is no whole number of ghost batches", ghost)
+
+
+def inert_params(cfg: Config) -> dict[str, str]:
+    """The params that have no effect given the others: any other value they accept would train and serve the same
+    model. -> {key: the params that make it so, `key value`, comma-separated}, in key order, e.g.
+    {"train.nesterov": "train.momentum 0.0"}. A function of the params alone (not of the data: `train.drop_remainder`
+    on a training split of whole batches is not listed). Keys the checks hold to one value given the others are not
+    listed (`model.stem` under preact, `train.alternate_flip` without `train.flip`): no other value is accepted, so the
+    one they hold says what the run did. Table and reasons: docs/params.md#params-without-effect."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    rules = (
+        # prepare draws its subsets (data.max_train, max_test) and the synthetic dataset from data.seed
+        (("data.synthetic_train", "data.synthetic_test"), d.source != "synthetic", ("data.source",)),
+        (("data.seed",), d.source != "synthetic" and not d.max_train and not d.max_test,
+         ("data.source", "data.max_train", "data.max_test")),
+        (("model.block", "model.units_per_stage", "model.strides", "model.stem_filters"), m.arch == "resnet9",
+         ("model.arch",)),
+        (("model.l2_norm_and_bias",), m.l2 == 0, ("model.l2",)),
+        (("train.lr_scaling",), t.batch_size == LR_REFERENCE_BATCH, ("train.batch_size",)),
+        (("train.lr_boundaries", "train.lr_decay"), t.schedule != "step", ("train.schedule",)),
+        (("train.lr_decay",), not t.lr_boundaries, ("train.lr_boundaries",)),
+        # without a warm-up, boundaries that multiply the lr by 1 change nothing (a warm-up ends by the first one)
+        (("train.lr_boundaries",), t.lr_decay == 1 and not t.warmup, ("train.lr_decay", "train.warmup")),
+        (("train.nesterov",), t.momentum == 0, ("train.momentum",)),  # Keras's SGD reads nesterov only with momentum
+        (("train.ema_momentum", "train.ema_bn_batches"), not t.ema, ("train.ema",)),
+        # the border a shift uncovers, in training and in flip_shift's test-time views (`augment.tta_views`)
+        (("train.shift_fill",), t.shift == 0 and cfg.evaluate.tta != "flip_shift", ("train.shift", "evaluate.tta")),
+    )
+    flat = cfg.flat()
+    inert: dict[str, str] = {}
+    for keys, applies, by in rules:
+        for key in keys if applies else ():
+            inert.setdefault(key, ", ".join(f"{k} {flat[k]}" for k in by))
+    return dict(sorted(inert.items()))
+
+
+@functools.cache
+def default_params() -> dict[str, str]:
+    """default.yaml's params as `Config.flat` gives them: the values no params file or override has changed."""
+    return load(None).flat()
+
+
+def inert_warnings(cfg: Config) -> list[str]:
+    """One line per inert param (`inert_params`) set to another value than default.yaml's (a default that does nothing
+    is none anyone chose), naming it, its value and what makes it inert."""
+    flat, defaults = cfg.flat(), default_params()
+    return [f"warning: {key} {flat[key]} has no effect with {by}" for key, by in inert_params(cfg).items()
+            if flat[key] != defaults[key]]
 
 
 def needs_backend_check(train: TrainConfig) -> bool:

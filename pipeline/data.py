@@ -696,7 +696,8 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
 
     Training data and served images both go through this function, so they match. A photo's EXIF orientation is
     applied (a phone's portrait JPEG is stored on its side), and 16-bit images are scaled to 8 bits (Pillow's
-    RGB conversion clips them: mid-grey would read as white); 32-bit ones, of unknown scale, are refused.
+    RGB conversion clips them: mid-grey would read as white); 32-bit ones, of unknown scale, are refused. A transparent
+    background is white (composited onto it), not the colour the file stores under it.
     """
     from PIL import ExifTags, Image, UnidentifiedImageError
 
@@ -718,6 +719,10 @@ def decode_image(raw: bytes, name: str = "image") -> np.ndarray:
             if img.mode.startswith("I"):  # 16-bit greyscale PNGs open as I;16 or I
                 img = Image.fromarray(np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257), 0, 255)
                                       .astype(np.uint8))
+            if img.has_transparency_data:  # an alpha channel, a palette's or a PNG's transparent colour (tRNS)
+                # onto white: convert("RGB") drops the alpha, showing the colour the file stores under a transparent
+                # background (often black), a logo on a transparent page read as on a black one
+                img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
             img = img.convert("RGB")
             if img.size != (IMAGE_SIZE, IMAGE_SIZE):
                 img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)

@@ -7,7 +7,8 @@ Input, as JSON bodies for `mlflow models serve` (or the same objects passed to `
   `{"inputs": ["<b64>", ...]}`, `{"dataframe_split": {"columns": ["image"], "data": [["<b64>"], ...]}}` or
   `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs"); URL-safe base64 and
   base64 without its `=` padding are read too. They are
-  converted to 32x32 RGB by `pipeline.data.decode_image`, the function training images went through.
+  converted to 32x32 RGB by `pipeline.data.decode_image`, the function training images went through (a transparent
+  background composited onto white).
   Large ones go best in a frame: MLflow reads an "inputs" list into one array of strings as long as the longest.
   Raw bytes work in process.
 Output: one row per image with the predicted `label`, its `probability` and all class

@@ -5,8 +5,10 @@ Writes: params (every resolved value, once); per-epoch metrics `loss`, `acc`, `v
         `val_acc`, `lr`, `iterations`, `epoch_seconds`, `images_per_second` with step = epoch (1-based);
         metric `wall_seconds` (the seconds train spent on the run, summed over its sessions: a resumed or extended
         run's counts no time between them), logged at each epoch's end and the session's;
-        tags such as `devices` (this host's), `replicas` (over every host) and `val_data_sha256` (the images
-        val_acc is measured on: the test split's with train.validation_fraction 0); metric `val_images_in_train`
+        tags such as `devices` (this host's), `replicas` (over every host), `val_data_sha256` (the images
+        val_acc is measured on: the test split's with train.validation_fraction 0) and `inert_params` (the params
+        without effect given the others, `config.inert_params`: a warning names each set away from default.yaml's
+        value); metric `val_images_in_train`
         (how many of those have the same pixels as an image the model trains on; a warning where any do:
         val_acc then overstates); artifacts `history.csv`,
         `curves.png` (acc/val_acc, the seed's plot), `config.json`;
@@ -41,6 +43,7 @@ from pipeline.data import Dataset, arrays_digest, test_images_in_train
 from pipeline.distribute import TRAINED, Distribution, cluster_from_env, distribution, run_key
 from pipeline.inputs import check_inputs, go_on_with_backend, refuse_unusable_backend, resolve_inputs
 from pipeline.tracking import (
+    INERT_PARAMS_TAG,
     VAL_DATA_TAG,
     StepFailed,
     active_run_id,
@@ -138,6 +141,8 @@ def train_session(cfg: config.Config, dataset_uri: str, dist: Distribution | Non
                   extra_callbacks: Sequence[keras.callbacks.Callback], clock: SessionClock) -> str:
     """`run`'s training, timed by `clock`: logs its total once the model is logged."""
     t = cfg.train
+    for line in config.inert_warnings(cfg):  # at the session's start: a sweep's trial may draw such a combination
+        print(line, file=sys.stderr, flush=True)
     recorded = recorded_fast_path(active_run_id())  # a resumed run's: before anything is logged, the backend's refusal
     dist = dist or distribution(t.distribute)  # first: a multi-worker strategy must precede every TF op
     # Before any refusal below (the replicas' batches, the hosts' `agree`): a run refused there ends FAILED with its
@@ -162,6 +167,7 @@ def train_session(cfg: config.Config, dataset_uri: str, dist: Distribution | Non
         "trainable_params": str(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
         # what val_acc is measured on: compare tells runs validated on other images (or on the test split) apart
         VAL_DATA_TAG: arrays_digest(splits[2:], dataset.class_names),
+        INERT_PARAMS_TAG: json.dumps(config.inert_params(cfg)),  # every one, default or not: compare reads them
         **fitting.schedule_tags(t, train_images),  # what train.lr, train.warmup, train.lr_boundaries resolve to
         **({"cpu_fast_path_probe": json.dumps(fitting.PROBED)} if fitting.PROBED else {})}, dataset)
     log_constants({"train_images": train_images, "val_images": len(splits[2])})  # held out (or the test split's)

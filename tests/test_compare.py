@@ -646,6 +646,48 @@ def test_the_parameters_mlflow_run_logs_on_a_train_run_are_no_columns(monkeypatc
     assert compare.differing_params(runs[list(reversed(runs.columns))]) == ["params.model.arch", "params.train.lr"]
 
 
+def test_params_that_differ_only_where_they_have_no_effect_are_no_columns(monkeypatch):
+    """Runs differing in train.nesterov where train.momentum was 0, in train.ema_momentum where train.ema was off, or in
+    preact's model.block under resnet9 showed those as differing columns, as if they had set the runs apart. A column
+    whose values differ only where they have no effect (tag inert_params; for a run from before it, its params read
+    by config.inert_params) is left out, and said to be; where the runs it has effect in differ, it stays, the
+    others' cells `(inert)`."""
+    import pandas as pd
+
+    from pipeline import compare
+
+    monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({}, None))
+    inert = [{"train.nesterov": "train.momentum 0.0", "train.ema_momentum": "train.ema false"},
+             {"train.ema_momentum": "train.ema false"}, {}, None]  # None: a run from before the tag
+    runs = pd.DataFrame({"run_id": list("abcd"), "tags.mlflow.runName": list("abcd"), "tags.model_uri": [None] * 4,
+                         "start_time": pd.NaT, "end_time": pd.NaT,
+                         "tags.inert_params": [json.dumps(keys) if keys is not None else None for keys in inert],
+                         "params.train.momentum": ["0.0", "0.9", "0.9", "0.9"],
+                         "params.train.nesterov": ["true", "false", "false", "false"],  # a: no momentum to apply it
+                         "params.train.ema": ["false", "false", "true", "true"],
+                         "params.train.ema_momentum": ["0.5", "0.99", "0.999", "0.99"],  # b's does nothing
+                         "params.model.arch": ["preact"] * 3 + ["resnet9"],
+                         "params.model.widths": ["[64, 128, 256]"] * 3 + ["[64, 128, 256, 512]"],
+                         "params.model.block": ["bottleneck"] * 3 + ["basic"]})  # d: resnet9's, read from its params
+    histories = {r: pd.Series({1: 0.5}) for r in "abcd"}
+    table = compare.build_table(runs, histories)
+    assert not {"train.nesterov", "model.block"} & set(table.columns)
+    assert table["train.momentum"].tolist() == ["0.0", "0.9", "0.9", "0.9"]
+    assert table["train.ema_momentum"].tolist() == ["(inert)", "(inert)", "0.999", "0.99"]
+    assert compare.inert_note(runs, table) == (
+        "Left out: model.block, train.nesterov, whose values differ only in runs where they have no effect given "
+        "their other params; a cell `(inert)` is a param without effect in its run (tag inert_params of each run "
+        "says why).\n\n")
+    marked = runs.iloc[1:].drop(columns="params.model.block")  # b's ema_momentum beside c's and d's, none left out
+    assert compare.inert_note(marked, compare.build_table(marked, histories)) == (
+        "A cell `(inert)` is a param without effect in its run (tag inert_params of each run says why).\n\n")
+    alike = compare.build_table(runs.iloc[:2], histories)  # ema_momentum too differs only where it does nothing
+    assert "train.ema_momentum" not in alike
+    assert compare.inert_note(runs.iloc[:2], alike).startswith("Left out: train.ema_momentum, train.nesterov, whose ")
+    assert "(inert)" not in compare.inert_note(runs.iloc[:2], alike)
+    assert compare.inert_note(runs.iloc[2:3], compare.build_table(runs.iloc[2:3], histories)) == ""
+
+
 def test_test_acc_is_the_models_score_on_the_data_it_trained_on(store):
     """A later evaluation on other test images (a data.max_test subset) was the row's test_acc: compare ranked
     that 0.99 first, over a model that beat it on the whole test split. So was one whose evaluate run failed."""

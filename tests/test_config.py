@@ -417,6 +417,64 @@ def test_schedule_params_that_do_nothing_or_never_reach_the_peak_are_refused():
     assert config.load(None, "train.warmup=0.6 train.schedule=cosine").train.warmup == 0.6
 
 
+SEED_INERT = {"data.seed": "data.source cifar10, data.max_train 0, data.max_test 0",
+              "data.synthetic_test": "data.source cifar10", "data.synthetic_train": "data.source cifar10",
+              "train.ema_bn_batches": "train.ema false", "train.ema_momentum": "train.ema false",
+              "train.lr_scaling": "train.batch_size 128"}
+
+RESNET9_INERT = {f"model.{k}": "model.arch resnet9" for k in ("block", "stem_filters", "strides", "units_per_stage")}
+ONECYCLE_INERT = {"train.lr_boundaries": "train.schedule onecycle", "train.lr_decay": "train.schedule onecycle"}
+
+
+@pytest.mark.parametrize(("path", "overrides", "inert", "warned"), [
+    (None, "", SEED_INERT, []),  # the seed recipe: inert defaults, which nobody chose, are not warned of
+    (None, "train.momentum=0 train.nesterov=true", {**SEED_INERT, "train.nesterov": "train.momentum 0.0"},
+     ["train.nesterov true has no effect with train.momentum 0.0"]),
+    (None, "train.ema=true", {k: v for k, v in SEED_INERT.items() if "ema" not in k}, []),
+    (None, "train.ema_momentum=0.999", SEED_INERT, ["train.ema_momentum 0.999 has no effect with train.ema false"]),
+    (None, "train.shift=0 train.shift_fill=reflect",
+     {**SEED_INERT, "train.shift_fill": "train.shift 0.0, evaluate.tta none"},
+     ["train.shift_fill reflect has no effect with train.shift 0.0, evaluate.tta none"]),
+    (None, "train.shift=0 train.shift_fill=reflect evaluate.tta=flip_shift", SEED_INERT, []),  # its borders
+    (None, "model.l2=0 model.l2_norm_and_bias=true", {**SEED_INERT, "model.l2_norm_and_bias": "model.l2 0.0"},
+     ["model.l2_norm_and_bias true has no effect with model.l2 0.0"]),
+    (None, "train.schedule=cosine train.lr_decay=0.5", {
+        **SEED_INERT, "train.lr_boundaries": "train.schedule cosine", "train.lr_decay": "train.schedule cosine"},
+     ["train.lr_decay 0.5 has no effect with train.schedule cosine"]),
+    (None, "train.lr_boundaries=[] train.lr_decay=0.5", {**SEED_INERT, "train.lr_decay": "train.lr_boundaries []"},
+     ["train.lr_decay 0.5 has no effect with train.lr_boundaries []"]),
+    (None, "train.lr_decay=1 train.lr_boundaries=[0.5]",
+     {**SEED_INERT, "train.lr_boundaries": "train.lr_decay 1.0, train.warmup 0.0"},
+     ["train.lr_boundaries [0.5] has no effect with train.lr_decay 1.0, train.warmup 0.0"]),
+    (None, "train.lr_decay=1 train.warmup=0.1", SEED_INERT, []),  # a warm-up ends by the first boundary
+    (None, "train.batch_size=256 train.lr_scaling=linear", {k: v for k, v in SEED_INERT.items() if "lr_" not in k},
+     []),
+    (None, "data.max_test=500 data.synthetic_train=500", {k: v for k, v in SEED_INERT.items() if k != "data.seed"},
+     ["data.synthetic_train 500 has no effect with data.source cifar10"]),
+    ("params/tiny.yaml", "", {  # synthetic: its sizes and data.seed make it
+        "train.ema_bn_batches": "train.ema false", "train.ema_momentum": "train.ema false",
+        "train.lr_boundaries": "train.schedule cosine", "train.lr_decay": "train.schedule cosine"}, []),
+    # resnet9 ignores preact's shape keys; zero_init_residual, which it holds to false, is what it did: not listed
+    ("params/quick.yaml", "model.block=basic model.stem_filters=8", {
+        **{k: v for k, v in SEED_INERT.items() if k != "data.seed"}, **RESNET9_INERT, **ONECYCLE_INERT},
+     ["model.block basic has no effect with model.arch resnet9",
+      "model.stem_filters 8 has no effect with model.arch resnet9",
+      "train.lr_scaling linear has no effect with train.batch_size 128"]),  # quick's: for a sweep of its batch size
+    ("params/fast.yaml", "", {**{k: v for k, v in SEED_INERT.items() if k != "train.lr_scaling"}, **RESNET9_INERT,
+                              **ONECYCLE_INERT}, []),
+    ("params/improved.yaml", "train.flip=false", {k: v for k, v in SEED_INERT.items()
+                                                  if "ema" not in k and k != "train.lr_scaling"} | {
+        k: "train.schedule cosine" for k in ("train.lr_boundaries", "train.lr_decay")}, []),
+])
+def test_params_without_effect_given_the_others_are_listed_and_warned_of_where_set(path, overrides, inert, warned):
+    """`train.nesterov: true` with momentum 0, `train.ema_*` without ema, preact's keys under resnet9 and the like were
+    accepted silently, and compare showed them as differing columns, as if they had mattered. They are listed with
+    the params that make them so (the train run's tag), and those set away from default.yaml's value warned of."""
+    cfg = config.load(path, overrides)
+    assert config.inert_params(cfg) == inert
+    assert config.inert_warnings(cfg) == [f"warning: {line}" for line in warned]
+
+
 @pytest.mark.parametrize("fraction", ["7/25", "0.28"])
 def test_a_warmup_ending_exactly_at_the_first_decay_is_accepted_whatever_the_floats_round_to(fraction):
     """0.28 * 25 is 7.000000000000001 in floating point: a warm-up written as the first boundary's own fraction was

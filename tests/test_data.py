@@ -1258,6 +1258,43 @@ def test_decode_image_resizes_and_converts():
         data.decode_image(b"\x89PNG broken")
 
 
+def transparent_png(mode: str) -> bytes:
+    """A 32x32 PNG of `mode` whose left half is opaque blue (grey for LA) and right half fully transparent, the colour
+    stored under it red (dark grey for LA); for RGBA and LA, the top-left pixel half-transparent black."""
+    size, left = (32, 32), (0, 0, 16, 32)
+    buf = io.BytesIO()
+    if mode == "P":  # a palette with a transparent entry (tRNS), as GIFs and many icons are stored
+        img = Image.new("P", size, 1)
+        img.putpalette([0, 0, 0, 200, 0, 0, 0, 0, 255])
+        img.paste(2, left)
+        img.save(buf, format="PNG", transparency=1)
+    elif mode == "RGB":  # a colour key: red is transparent (tRNS)
+        img = Image.new("RGB", size, (200, 0, 0))
+        img.paste((0, 0, 255), left)
+        img.save(buf, format="PNG", transparency=(200, 0, 0))
+    else:
+        hidden, opaque, half = {"RGBA": ((200, 0, 0, 0), (0, 0, 255, 255), (0, 0, 0, 128)),
+                                "LA": ((30, 0), (90, 255), (0, 128))}[mode]
+        img = Image.new(mode, size, hidden)
+        img.paste(opaque, left)
+        img.putpixel((0, 0), half)
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "RGB"])
+def test_a_transparent_images_background_is_white_not_the_colour_stored_under_it(mode):
+    """`img.convert("RGB")` dropped the alpha channel: a PNG's transparent background, sent to the served model or in
+    an image folder, read as whatever colour the file stored there (red here; black in most files). Transparent
+    pixels are composited onto white."""
+    pixels = data.decode_image(transparent_png(mode)).astype(int)
+    assert (pixels[:, 16:] == 255).all()  # the transparent right half
+    opaque = (90, 90, 90) if mode == "LA" else (0, 0, 255)
+    assert (pixels[1:, :16] == opaque).all() and (pixels[0, 1:16] == opaque).all()
+    if mode in ("RGBA", "LA"):  # half black over white: mid-grey, not black
+        assert np.isin(pixels[0, 0], (127, 128)).all(), pixels[0, 0]
+
+
 def test_an_undecodable_image_is_said_to_be_none_of_the_formats_read():
     """A broken cat.webp was 'not a decodable PNG/JPEG image', as if WebP (BMP, GIF, TIFF) were not read at all."""
     formats = {name.upper() for name in re.split(r", | or ", data.IMAGE_FORMATS)}

@@ -105,3 +105,61 @@ def test_resnet1001_builds_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-400:]
     assert int(out.stdout.split()[-1]) == 10_476_922  # 10.33M trainable; He et al.: 10.2M
+
+
+@pytest.mark.parametrize(("base", "other", "key"), [
+    ("train.schedule=cosine", "train.schedule=cosine train.lr_boundaries=[0.25] train.lr_decay=0.5",
+     "train.lr_boundaries"),
+    ("train.schedule=step train.lr_boundaries=[]", "train.schedule=step train.lr_boundaries=[] train.lr_decay=0.5",
+     "train.lr_decay"),
+    ("train.schedule=step train.lr_boundaries=[] train.lr_decay=1",
+     "train.schedule=step train.lr_boundaries=[0.25, 0.5] train.lr_decay=1", "train.lr_boundaries"),
+    ("train.batch_size=128", "train.batch_size=128 train.lr_scaling=linear", "train.lr_scaling"),
+])
+def test_a_schedule_param_listed_without_effect_leaves_the_lr_as_it_was(base, other, key):
+    """config.inert_params lists what the train step warns of and compare hides: the lr at every step of the run must
+    be the same for another value of it, or the list misleads."""
+    lrs = []
+    for overrides in (base, other):
+        t = config.load("params/tiny.yaml", f"train.epochs=4 {overrides}").train
+        schedule = fitting.learning_rate(t, steps_per_epoch=5)
+        # as the optimizer holds it: float32 (a constant lr is a Python float until then)
+        lrs.append([np.float32(schedule(step) if callable(schedule) else schedule) for step in range(20)])
+    assert key in config.inert_params(config.load("params/tiny.yaml", f"train.epochs=4 {other}"))
+    assert lrs[0] == lrs[1]
+
+
+def test_the_model_and_optimizer_params_listed_without_effect_change_nothing_trained():
+    """Preact's shape keys under resnet9, train.nesterov without momentum and train.shift_fill without shifts, which
+    config.inert_params lists: the model and its weights, an SGD step and the augmentation are the same for another
+    value of each."""
+    from pipeline import augment
+
+    dataset = data.make_synthetic(n_train=16, n_test=16)
+    quick = "model.widths=[8, 8, 16, 16]"
+    built = []
+    for overrides in (quick, f"{quick} model.block=basic model.units_per_stage=2 model.strides=[2, 2] "
+                             "model.stem_filters=8"):
+        cfg = config.load("params/quick.yaml", overrides)
+        keras.utils.set_random_seed(0)
+        m = fitting.make_model(cfg, dataset)
+        built.append((m.to_json(), m.get_weights()))
+    assert {"model.block", "model.units_per_stage", "model.strides", "model.stem_filters"} <= set(
+        config.inert_params(cfg))
+    assert built[0][0] == built[1][0] and all(np.array_equal(a, b) for a, b in zip(*(w for _, w in built), strict=True))
+
+    steps = []
+    for nesterov in (False, True):
+        variable = keras.Variable([1.0, -2.0])
+        optimizer = keras.optimizers.SGD(0.1, momentum=0.0, nesterov=nesterov)
+        for _ in range(3):
+            optimizer.apply_gradients([(keras.ops.convert_to_tensor([0.5, 0.25]), variable)])
+        steps.append(keras.ops.convert_to_numpy(variable))
+    assert "train.nesterov" in config.inert_params(config.load(None, "train.momentum=0 train.nesterov=true"))
+    np.testing.assert_array_equal(*steps)
+
+    images = np.random.default_rng(0).random((4, 32, 32, 3)).astype("float32")
+    views = [keras.ops.convert_to_numpy(augment.shift_flip(images, max_shift=0, fill=fill, seed=3))
+             for fill in config.SHIFT_FILLS]
+    assert "train.shift_fill" in config.inert_params(config.load(None, "train.shift=0 train.shift_fill=reflect"))
+    assert all(np.array_equal(views[0], v) for v in views[1:])

@@ -320,13 +320,18 @@ def test_train_validation_seed_alone_draws_the_held_out_images(store, in_process
 def test_a_train_run_records_what_its_params_resolve_to(store, in_process):
     """train.lr_scaling linear trained at train.lr * batch / 128 while the run's description said train.lr (the run
     name said the other), and nothing recorded the warm-up's steps, the epochs the step schedule decays after or how
-    many images were held out: each was worked out again by hand from the params and the data."""
+    many images were held out: each was worked out again by hand from the params and the data. Nor did anything say
+    which params had no effect given the others (train.ema_momentum without train.ema): tag inert_params lists them,
+    and a line on stderr names each set away from default.yaml's value."""
     from pipeline import fitting
 
     done = in_process("train", "--params", TINY, "--epochs", "2", "--overrides",
                       "tracking.experiment=e2e data.synthetic_train=256 train.validation_fraction=0.25 "
-                      "train.lr_scaling=linear train.schedule=step train.lr_boundaries=[0.5] train.warmup=0.25")
+                      "train.lr_scaling=linear train.schedule=step train.lr_boundaries=[0.5] train.warmup=0.25 "
+                      "train.ema_momentum=0.5")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "warning: train.ema_momentum 0.5 has no effect with train.ema false\n" in done.stderr
+    assert "train.ema_bn_batches" not in done.stderr  # default.yaml's value: nobody chose it
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
     tags, metrics = run.data.tags, run.data.metrics
@@ -336,6 +341,8 @@ def test_a_train_run_records_what_its_params_resolve_to(store, in_process):
     assert tags["steps_per_epoch"] == "6"  # 192 / 32
     assert tags["warmup_steps"] == "3" and tags["lr_decay_epochs"] == "[1]"  # a quarter of 12 steps; half of 2 epochs
     assert tags["hardware"] == fitting.hardware()  # what its epoch_seconds and images_per_second were timed on
+    assert json.loads(tags["inert_params"]) == {"train.ema_bn_batches": "train.ema false",
+                                                "train.ema_momentum": "train.ema false"}
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
     assert lrs[1] == pytest.approx(0.0125) and lrs[2] == pytest.approx(0.00125)  # the peak, then decayed after epoch 1
 

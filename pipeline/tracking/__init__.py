@@ -953,6 +953,9 @@ TEST_DATA_TAG = "test_data_sha256"
 # Tag on a training run: the sha256 of the images its val_acc was measured on (`data.arrays_digest`; with
 # train.validation_fraction 0 the test split's, equal to its TEST_DATA_TAG). val_accs compare only between equal ones.
 VAL_DATA_TAG = "val_data_sha256"
+# Tag on a training run: its params that have no effect given the others (`config.inert_params`), as JSON
+# {key: the params that make it so}; "{}" where none. compare shows no column that differs only in such values.
+INERT_PARAMS_TAG = "inert_params"
 # Tag on a train or evaluate run: the sha256 of the dataset file's bytes (`resume.dataset_sha256`: a local file's, or a
 # `runs:/` artifact's), on a train run when it last started or resumed (`config_to_resume` checks a `resume=<id>` on a
 # local file against it). An evaluation is of the data a model trained on where these are equal, however either
