@@ -760,7 +760,6 @@ def inert_params(cfg: Config) -> dict[str, str]:
         (("model.block", "model.units_per_stage", "model.strides", "model.stem_filters"), m.arch == "resnet9",
          ("model.arch",)),
         (("model.l2_norm_and_bias",), m.l2 == 0, ("model.l2",)),
-        (("train.lr_scaling",), t.batch_size == LR_REFERENCE_BATCH, ("train.batch_size",)),
         (("train.lr_boundaries", "train.lr_decay"), t.schedule != "step", ("train.schedule",)),
         (("train.lr_decay",), not t.lr_boundaries, ("train.lr_boundaries",)),
         # without a warm-up, boundaries that multiply the lr by 1 change nothing (a warm-up ends by the first one)

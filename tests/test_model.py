@@ -114,7 +114,6 @@ def test_resnet1001_builds_in_a_fresh_process():
      "train.lr_decay"),
     ("train.schedule=step train.lr_boundaries=[] train.lr_decay=1",
      "train.schedule=step train.lr_boundaries=[0.25, 0.5] train.lr_decay=1", "train.lr_boundaries"),
-    ("train.batch_size=128", "train.batch_size=128 train.lr_scaling=linear", "train.lr_scaling"),
 ])
 def test_a_schedule_param_listed_without_effect_leaves_the_lr_as_it_was(base, other, key):
     """config.inert_params lists what the train step warns of and compare hides: the lr at every step of the run must
