@@ -619,14 +619,16 @@ class Plan:
         except (TypeError, ValueError) as exc:
             raise config.ConfigError(f"spec.pruner: {exc}") from None
 
-    def draw_unrun(self, study: optuna.Study, storage: optuna.storages.RDBStorage, trial_id: int,
+    def draw_unrun(self, study: optuna.Study, storage: optuna.storages.BaseStorage, trial_id: int,
                    number: int) -> None:
         """Draw the params of claimed trial `number` of a space of choices and integer ranges (`combinations`
         countable) that it queued empty, as Optuna would (the sampler seeded `seed + number`), but none that a trial of
         the study holds already: a repeat is drawn again, REDRAWS times at most (another seed each), then taken at
         random among the combinations no trial holds. The draw is fixed on the trial (Optuna's `fixed_params`), which
-        its `values` then read. Optuna's samplers draw with repeats: 4 trials over 2 x 2 choices ran one twice and
-        another never."""
+        its `values` then read, and claimed in the study (`claim_combination`): workers drawing at the same moment each
+        read the others' trials before any had fixed its draw, and ran one combination twice and another never; the
+        one whose claim the storage refuses draws again. Optuna's samplers draw with repeats: 4 trials over 2 x 2
+        choices ran one twice and another never."""
         frozen = storage.get_trial(trial_id)
         if self.grid or not math.isfinite(self.combinations) or frozen.params or \
                 frozen.system_attrs.get("fixed_params"):  # a grid's combination, or a trial queued again: its own
@@ -635,10 +637,23 @@ class Plan:
         def combination(params: dict[str, Any]) -> tuple:
             return tuple(dist.to_internal_repr(params[key]) for key, dist in self.space.items())
 
+        def fixed(drawn: dict[str, Any]) -> bool:
+            """Fix `drawn` on the trial, then claim it: fixed first, so that a worker that dies between the two leaves
+            a retry that holds it (a claim no trial held would keep the combination from ever running)."""
+            drawn = {key: int(v) if isinstance(dist, optuna.distributions.IntDistribution) else v
+                     for (key, v), dist in zip(drawn.items(), self.space.values(), strict=True)}
+            storage.set_trial_system_attr(trial_id, "fixed_params", drawn)
+            if claim_combination(storage, study_id, combination(drawn), number):
+                return True
+            run.add(combination(drawn))  # another worker's, drawn at the same moment
+            return False
+
+        study_id = storage.get_study_id_from_name(study.study_name)
         held = [{**t.system_attrs.get("fixed_params", {}), **t.params}
                 for t in study.get_trials(deepcopy=False) if t.number != number]
         run = {combination(p) for p in held if set(self.space) <= set(p)}
         view = optuna.pruners._filter_study(study, frozen)  # as Trial draws: a Hyperband bracket's trials
+        drawn = {}
         for attempt in range(REDRAWS):
             sampler = self.make_sampler(number + attempt * REDRAW_STRIDE)
             sampler.before_trial(view, frozen)
@@ -647,21 +662,18 @@ class Plan:
                            else dist.low) if dist.single()  # as Trial draws: no sampler for a single value
                      else relative[key] if key in relative else sampler.sample_independent(view, frozen, key, dist)
                      for key, dist in self.space.items()}
-            if combination(drawn) not in run:
-                break
-        else:
-            if self.combinations <= MAX_UNRUN:
-                choices = [dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution)
-                           else range(dist.low, dist.high + 1) if isinstance(dist, optuna.distributions.IntDistribution)
-                           else [dist.low] for dist in self.space.values()]  # {min: 0.1, max: 0.1}: one number
-                unrun = [combo for combo in itertools.product(*choices)
-                         if combination(dict(zip(self.space, combo, strict=True))) not in run]
-                if unrun:
-                    pick = random.Random(None if self.seed is None else f"{self.seed}:{number}").choice(unrun)
-                    drawn = dict(zip(self.space, pick, strict=True))
-        drawn = {key: int(v) if isinstance(dist, optuna.distributions.IntDistribution) else v
-                 for (key, v), dist in zip(drawn.items(), self.space.values(), strict=True)}
-        storage.set_trial_system_attr(trial_id, "fixed_params", drawn)
+            if combination(drawn) not in run and fixed(drawn):
+                return
+        if self.combinations <= MAX_UNRUN:
+            choices = [dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution)
+                       else range(dist.low, dist.high + 1) if isinstance(dist, optuna.distributions.IntDistribution)
+                       else [dist.low] for dist in self.space.values()]  # {min: 0.1, max: 0.1}: one number
+            unrun = [dict(zip(self.space, combo, strict=True)) for combo in itertools.product(*choices)]
+            random.Random(None if self.seed is None else f"{self.seed}:{number}").shuffle(unrun)
+            for pick in unrun:
+                if combination(pick) not in run and fixed(pick):
+                    return
+        fixed(drawn)  # every combination held (none is, while trials <= combinations): a repeat, as Optuna draws
 
     def fingerprint(self) -> dict[str, Any]:
         """What makes two commands the same sweep: the spec's content, the command-line overrides and every
@@ -688,6 +700,39 @@ class Plan:
 
 
 # ---------------------------------------------------------------- the study
+
+CLAIMS_LOCK = threading.Lock()  # an in-memory storage's claims (`claim_combination`): one process's threads
+
+
+def claim_combination(storage: optuna.storages.BaseStorage, study_id: int, combination: tuple, number: int) -> bool:
+    """Claim a space's `combination` (its values in Optuna's internal form) for trial `number`: True for the first
+    claim of it in the study, False for any later one. An RDB storage's claim is a row of the study's system attrs,
+    inserted: its unique (study, key) makes one insert of two at once win, on SQLite and PostgreSQL alike (Optuna's
+    set_study_system_attr overwrites a key, so a claim it wrote could not fail)."""
+    key = f"sweep:claimed:{json_digest(list(combination))[:16]}"
+    if isinstance(storage, optuna.storages.RDBStorage):
+        import sqlalchemy
+        from optuna.storages._rdb import models
+
+        session = storage.scoped_session()
+        try:
+            session.add(models.StudySystemAttributeModel(study_id=study_id, key=key, value_json=json.dumps(number)))
+            session.commit()
+            return True
+        except sqlalchemy.exc.IntegrityError:
+            session.rollback()
+            return False
+        except Exception:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+    with CLAIMS_LOCK:
+        if key in storage.get_study_system_attrs(study_id):
+            return False
+        storage.set_study_system_attr(study_id, key, number)
+        return True
+
 
 def default_storage() -> str:
     """`optuna.db` beside a SQLite tracking store's file, else in the working directory."""

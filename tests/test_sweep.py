@@ -825,6 +825,50 @@ def test_a_space_of_choices_and_integers_runs_no_combination_twice(tmp_path, sam
         assert draw_all(spec) == first  # seeded: the same draws again
 
 
+def test_workers_drawing_at_the_same_moment_run_no_combination_twice(tmp_path):
+    """Two workers (each its own storage connection, as two processes) claimed trials 0 and 1 and drew at the same
+    moment: each read the other's trial before it had fixed its draw, so both ran the combination their seeds drew
+    alike (seed 0's trials 0 and 1 both draw 0.1 first) and the other was never run. Each draw is now claimed in
+    the storage; the worker whose claim comes second draws again."""
+    import threading
+
+    spec = write_spec(tmp_path, "sweep-race", "space:\n  train.lr: [0.05, 0.1]\ntrials: 2\nsampler: random\nseed: 0\n")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    plan = sweep.Plan(spec)
+    study = optuna.create_study(storage=sweep.open_storage(url), study_name="race", direction="maximize")
+    sweep.lead(plan, study, "parent-run-id", "0")
+    together = threading.Barrier(2, timeout=30)
+    drawn, errors = {}, []
+
+    def worker(name: str) -> None:
+        storage = sweep.open_storage(url)
+        fix = storage.set_trial_system_attr
+        waited = []
+
+        def set_trial_system_attr(trial_id, key, value):
+            if key == "fixed_params" and not waited:  # both have read the study before either fixes its first draw
+                waited.append(together.wait())
+            fix(trial_id, key, value)
+
+        storage.set_trial_system_attr = set_trial_system_attr
+        try:
+            own = optuna.load_study(study_name="race", storage=storage)
+            trial, _ = sweep.claim(own, storage, plan)
+            drawn[name] = plan.values(trial)["train.lr"]
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert sorted(drawn.values()) == [0.05, 0.1]
+    held = optuna.load_study(study_name="race", storage=url).trials
+    assert sorted(t.system_attrs["fixed_params"]["train.lr"] for t in held) == [0.05, 0.1]  # as the study holds them
+
+
 def one_trial(tmp_path, name: str):
     """A one-trial grid sweep led in store "e2e", its trial claimed: (plan, study, trial, parent run id, experiment)."""
     plan = sweep.Plan(write_spec(tmp_path, name, "grid:\n  train.lr: [0.1]\n"))
