@@ -89,6 +89,7 @@ from pipeline.tracking import (
     log_text,
     markdown_table,
     open_run,
+    prepare_run_id,
     set_tags,
     step_run,
     tag_failure,
@@ -1587,6 +1588,7 @@ def run(args: argparse.Namespace) -> int:
               "-P study= for a new sweep")
         return 0
     base = plan.configs[0]
+    made = [] if existed else prepare_shared_data(plan)  # its first command: refused now where its data is too few
     study, leads = join_study(plan, storage, name)
     print(f"{'started' if leads else 'joined'} Optuna study {name} in {safe_url(storage_url)} "
           f"({plan.sampler_name} sampler, {plan.pruner_name} pruner, {plan.trials} trials); "
@@ -1604,18 +1606,14 @@ def run(args: argparse.Namespace) -> int:
                     log_dict(plan.spec, "sweep.yaml")
                     set_tags({"optuna_study": name, "optuna_storage": safe_url(storage_url)})
                     lead(plan, study, parent.info.run_id, parent.info.experiment_id)
+                    for run_id in made:  # made for this sweep: shown under its run, as ever
+                        trials.set_run_tags(run_id, {"mlflow.parentRunId": parent.info.run_id})
                 except BaseException:  # (a trashed tracking.experiment, Ctrl-C) a study left without its fingerprint
                     #                    would hold up every rerun of this command for a minute, then refuse it
                     with contextlib.suppress(Exception):  # the original error is the one to report
                         if "fingerprint" not in study.user_attrs:
                             optuna.delete_study(study_name=name, storage=storage)
                     raise
-                # each distinct dataset once, before any trial: a grid's, or the one every trial of a space shares
-                # (its first trials each prepared it, side by side under `workers`); a space drawing among several
-                # datasets has each prepared by the first trial that draws it
-                datasets = {prepare.prepare_key(c): c for c in plan.configs}
-                for cfg in datasets.values() if plan.grid or len(datasets) == 1 else []:
-                    prepare.ensure_prepared(cfg)
             else:
                 stack.enter_context(storage_failures(storage_url))
                 adopt_own_run(study)
@@ -1653,6 +1651,24 @@ def run(args: argparse.Namespace) -> int:
     best = best_of(done)  # registration's rule, not study.best_trial's (no tie-break)
     print(f"study {name}: best trial {best.number} ({label(best.params)}) {OBJECTIVE} {best.value:.4f}")
     return 0
+
+
+def prepare_shared_data(plan: Plan) -> list[str]:
+    """Prepare each distinct dataset of the trials once, before the study and its sweep run are made: a grid's, or the
+    one every trial of a space shares (its first trials each prepared it, side by side under `workers`); a space
+    drawing among several datasets has each prepared by the first trial that draws it. A path's count is then known:
+    trials too many for it are refused (`Plan.check_prepared_images`, ConfigError) before any study or sweep run, as a
+    rerun refuses them (each failed in the study, and the sweep run ended FAILED, exit 1). The ids of the prepare runs
+    made here (a finished one reused is not), to be nested under the sweep run once it opens."""
+    datasets = {prepare.prepare_key(c): c for c in plan.configs}
+    made = []
+    for key, cfg in datasets.items() if plan.grid or len(datasets) == 1 else []:
+        if prepare.find_prepared(key) is None:
+            made.append(prepare_run_id(prepare.ensure_prepared(cfg)))
+        else:
+            prepare.ensure_prepared(cfg)  # says it reuses it
+    plan.check_prepared_images()
+    return [run_id for run_id in made if run_id]
 
 
 def no_trial_finished(exc: NoTrialFinished) -> int:

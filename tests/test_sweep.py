@@ -201,8 +201,10 @@ def test_a_storage_naming_the_tracking_stores_database_is_one_line_saying_so(sto
 
 def test_trials_too_many_for_a_paths_counted_images_open_no_run(store, tmp_path, in_process):
     """A path's count is known once the sweep has prepared it: each trial whose batch it could not fill (with
-    train.drop_remainder) opened a trial run and a train run and left them FAILED. Such a trial now fails in the study
-    with the reason, no run opened; a rerun, the path prepared, refuses the spec before any run, as for cifar10."""
+    train.drop_remainder) opened a trial run and a train run and left them FAILED; then each failed in the study, and
+    the first command ended its sweep run FAILED, exit 1, where a rerun refused the spec, exit 2. The first command now
+    prepares the path before its study and sweep run are made and refuses the spec as the rerun does: exit 2, one
+    line, no study, no sweep run (the prepare run kept, which the rerun reuses)."""
     from pipeline import data
 
     path = tmp_path / "d.npz"
@@ -210,23 +212,31 @@ def test_trials_too_many_for_a_paths_counted_images_open_no_run(store, tmp_path,
     spec = write_spec(tmp_path, "sweep-few", "grid:\n  train.batch_size: [128, 256]\n",
                       {"data.source": path, "train.drop_remainder": "true", "train.batch_size": None})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    refused = ("error: trial 0 (train.batch_size=128): train.drop_remainder: the 88 training images make no whole "
+               "batch of train.batch_size 128; lower the batch size or set train.drop_remainder=false")
     done = in_process("sweep", "--spec", spec, "--study", "few")
-    assert done.returncode == 1, done.stderr[-3000:]  # no trial finished
-    refused = ("train.drop_remainder: the 88 training images make no whole batch of train.batch_size {}; lower the "
-               "batch size or set train.drop_remainder=false")
-    assert [(t.state.name, t.user_attrs["failure_reason"]) for t in optuna.load_study(study_name="few",
-                                                                                       storage=storage).trials] == [
-        ("FAIL", f"ConfigError: {refused.format(128)}"), ("FAIL", f"ConfigError: {refused.format(256)}")]
-    # the trials table, printed and logged (trials.csv), gives the reason of each, which no run holds
-    assert list(sweep.trial_table(optuna.load_study(study_name="few", storage=storage))["failure_reason"]) == [
-        f"ConfigError: {refused.format(128)}", f"ConfigError: {refused.format(256)}"]
+    assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (2, refused), done.stderr[-3000:]
+    assert [line for line in done.stderr.splitlines() if line.startswith("error: ")] == [refused]
+    assert optuna.get_all_study_summaries(storage, include_best_trial=False) == []
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, run_view_type=ViewType.ALL)
-    assert sorted(r.data.tags["step"] for r in runs) == ["prepare", "sweep"], [r.data.tags for r in runs]
-    done = in_process("sweep", "--spec", spec, "--study", "few-again")
-    assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (
-        2, f"error: trial 0 (train.batch_size=128): {refused.format(128)}")
+    assert [(r.data.tags["step"], r.info.status) for r in runs] == [("prepare", "FINISHED")]
+    done = in_process("sweep", "--spec", spec, "--study", "few")
+    assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (2, refused)
+    assert len(client.search_runs(experiments, run_view_type=ViewType.ALL)) == len(runs)
+
+    # a trial such a path refuses once it is counted (a space drawing among several datasets prepares each in its
+    # first trial) fails in the study with the reason, no run opened; the trials table says why
+    plan = sweep.Plan(spec)
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+    sweep.lead(plan, study, runs[0].info.run_id, runs[0].info.experiment_id)
+    trial, _ = sweep.claim(study, study._storage, plan)
+    sweep.run_trial(plan, study, trial, runs[0].info.run_id, runs[0].info.experiment_id)
+    reason = "ConfigError: " + refused.partition("128): ")[2]
+    assert [(t.state.name, t.user_attrs.get("failure_reason")) for t in study.trials] == [
+        ("FAIL", reason), ("WAITING", None)]
+    assert sweep.trial_table(study)["failure_reason"].tolist()[0] == reason
     assert len(client.search_runs(experiments, run_view_type=ViewType.ALL)) == len(runs)
 
 
