@@ -977,7 +977,8 @@ def lead(plan: Plan, study: optuna.Study, parent_id: str, experiment_id: str) ->
 def claim(study: optuna.Study, storage: optuna.storages.RDBStorage, plan: Plan) -> tuple[optuna.Trial, int] | None:
     """Take one waiting trial for this worker: (trial, its storage id), or None. The storage moves a
     trial from WAITING to RUNNING for exactly one caller, so no two workers (or hosts) run the same
-    trial (Study.ask would create a new trial when another worker took the last waiting one)."""
+    trial (Study.ask would create a new trial when another worker took the last waiting one). Its first heartbeat is
+    recorded at once; a Ctrl-C or SIGTERM while its params are drawn queues it again (`requeue_interrupted`)."""
     study_id = storage.get_study_id_from_name(study.study_name)
     for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
@@ -986,8 +987,16 @@ def claim(study: optuna.Study, storage: optuna.storages.RDBStorage, plan: Plan) 
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        study.sampler = plan.make_sampler(waiting.number)
-        plan.draw_unrun(study, storage, trial_id, waiting.number)
+        # Beaten from the claim on: a trial RUNNING with no heartbeat is never stale to Optuna, and one whose worker
+        # died while drawing its params (before `heartbeat` began) was waited for by every worker, for good.
+        if isinstance(storage, optuna.storages.RDBStorage):
+            storage.record_heartbeat(trial_id)
+        try:
+            study.sampler = plan.make_sampler(waiting.number)
+            plan.draw_unrun(study, storage, trial_id, waiting.number)
+        except (Interrupted, KeyboardInterrupt):  # queued again at once, as a trial stopped while it trains
+            requeue_interrupted(study, storage, trial_id)
+            raise
         return optuna.Trial(study, trial_id), trial_id
     return None
 

@@ -1036,6 +1036,34 @@ def test_an_interrupted_trial_is_queued_again_at_once_however_often(store, tmp_p
     assert table["failure_reason"].tolist() == ["interrupted by SIGINT; queued again"] * (sweep.MAX_RETRY + 1) + [""]
 
 
+@pytest.mark.parametrize("stopped", ["by Ctrl-C", "killed"])
+def test_a_worker_stopped_while_drawing_its_trials_params_leaves_it_to_run_again(tmp_path, monkeypatch, stopped):
+    """A worker stopped between claiming a trial and its first heartbeat (drawing its params: TPE over a long study
+    takes a while) left it RUNNING with no heartbeat, which Optuna never takes for stale: every worker and rerun
+    waited for it for good ("waiting for trial(s) 0"), the study never done. A Ctrl-C now queues it again at once;
+    a worker killed has left a heartbeat, stale after GRACE_S, so its trial is queued again as any dead worker's."""
+    monkeypatch.setattr(sweep, "GRACE_S", 1)  # read by open_storage
+    spec = write_spec(tmp_path, "sweep-drawing", "space:\n  train.lr: [0.05, 0.1]\ntrials: 1\nsampler: random\n")
+    plan = sweep.Plan(spec)
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(storage=storage, study_name="drawing", direction="maximize")
+    sweep.lead(plan, study, "parent-run-id", "0")
+
+    class Killed(BaseException):  # the process gone: nothing more of it runs
+        pass
+
+    def stop(*args):
+        raise Interrupted(signal.SIGINT) if stopped == "by Ctrl-C" else Killed()
+
+    monkeypatch.setattr(plan, "draw_unrun", stop)
+    with pytest.raises(Interrupted if stopped == "by Ctrl-C" else Killed):
+        sweep.claim(study, storage, plan)
+    if stopped == "killed":
+        time.sleep(2.5)  # past the grace period, whole seconds in the storage
+        optuna.storages.fail_stale_trials(study)  # as every worker does before it claims
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+
+
 def retried_sweep(tmp_path, monkeypatch, name: str):
     """A one-trial sweep led in store "e2e" on an SQLite storage whose heartbeats go stale after 1 s, its register
     stubbed: (plan, study, storage, parent run id, the model URIs registered)."""
