@@ -816,6 +816,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     if in_memory(url):  # each process's own, gone when it ends: workers found no study, a rerun began again
         raise config.ConfigError(f"storage: {url} is an in-memory database, which neither other worker processes nor "
                                  f"a rerun can reach; give a file such as sqlite:///optuna.db, or leave it empty")
+    make_sqlite_folder(url)
     if url.startswith("postgresql://"):  # SQLAlchemy 2.1's default driver is psycopg 3; this project ships psycopg2
         url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
     if holds_mlflow_store(url):  # both record their schema in alembic_version: Optuna's "no longer compatible", after
@@ -835,6 +836,33 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 time.sleep(1 + attempt)
                 continue
             raise config.ConfigError(f"storage: cannot open {safe_url(url)}: {type(exc).__name__}: {reason}") from None
+
+
+def make_sqlite_folder(url: str) -> None:
+    """Make the missing folders of a `sqlite:///` storage's file, as a tracking store's are made: SQLite's "unable to
+    open database file" named neither the folder nor what was wrong. ConfigError naming the path where the file is a
+    folder, or below a file, or its folder cannot be made."""
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:  # noqa: BLE001 - an unparsable URL is reported by open_storage
+        return
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database.startswith("file:"):
+        return
+    path = Path(parsed.database).absolute()
+    reason = None
+    if path.is_dir():
+        reason = f"{path} is a folder, not a SQLite database file"
+    elif not (above := next(p for p in path.parents if p.exists())).is_dir():
+        reason = f"{above} is a file, not a folder"
+    elif not path.parent.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = f"cannot make its folder {path.parent}: {exc.strerror}"
+    if reason:
+        raise config.ConfigError(f"storage: cannot open {url}: {reason}; name a SQLite file (a new one is made)")
 
 
 def holds_mlflow_store(url: str) -> bool:

@@ -181,6 +181,24 @@ def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_proce
     assert not (tmp_path / "optuna.db").exists() or "storage" in message
 
 
+def test_a_storage_file_in_missing_folders_is_made_and_a_folder_or_a_path_below_a_file_is_one_line(tmp_path,
+                                                                                                     monkeypatch):
+    """`-P storage=sqlite:///sweeps/optuna.db` with no folder `sweeps` was refused as "unable to open database file",
+    which named neither the folder nor what was wrong, though a tracking store there is made with its folders; so were
+    a folder and a path below a file."""
+    monkeypatch.chdir(tmp_path)
+    sweep.open_storage("sqlite:///sweeps/2026/optuna.db")
+    sweep.open_storage(f"sqlite:///{tmp_path / 'abs' / 'optuna.db'}")
+    assert (tmp_path / "sweeps" / "2026" / "optuna.db").is_file() and (tmp_path / "abs" / "optuna.db").is_file()
+    (tmp_path / "notes.txt").write_text("not a folder")
+    for url, message in [
+            (f"sqlite:///{tmp_path / 'sweeps'}", f"{tmp_path / 'sweeps'} is a folder, not a SQLite database file"),
+            ("sqlite:///notes.txt/optuna.db", f"{tmp_path / 'notes.txt'} is a file, not a folder")]:
+        with pytest.raises(config.ConfigError) as refused:
+            sweep.open_storage(url)
+        assert str(refused.value) == f"storage: cannot open {url}: {message}; name a SQLite file (a new one is made)"
+
+
 def test_a_storage_naming_the_tracking_stores_database_is_one_line_saying_so(store, tmp_path, in_process):
     """`-P storage=` the tracking store's own database: MLflow and Optuna both record their schema in
     alembic_version, and the sweep was refused as "The runtime optuna version 5.0.0 is no longer compatible with the
