@@ -955,6 +955,10 @@ def join_study(plan: Plan, storage: optuna.storages.RDBStorage, name: str) -> tu
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(storage=storage, study_name=name, sampler=plan.make_sampler(0),
                                   pruner=plan.make_pruner())
+    if "fingerprint" not in study.user_attrs and not in_setup(study):
+        raise config.ConfigError(f"study: {name} in {safe_url(storage.url)} holds {len(study.trials)} trials that no "
+                                 f"sweep set up (it keeps none of a sweep's records); pass another -P study= for this "
+                                 f"sweep")
     deadline = time.monotonic() + 60
     while "fingerprint" not in study.user_attrs:  # the leader writes it a moment after creating the study
         if time.monotonic() > deadline:
@@ -965,6 +969,15 @@ def join_study(plan: Plan, storage: optuna.storages.RDBStorage, name: str) -> tu
     check_fingerprint(plan, study)
     check_parent_run(study)
     return study, False
+
+
+def in_setup(study: optuna.Study) -> bool:
+    """Whether `study`, without a fingerprint yet, may be a sweep's that its leader is setting up (`lead`): maximised,
+    its trials all queued, only the user attrs `lead` writes before the fingerprint. Else it is no sweep's (a user's
+    own Optuna study of that name), and waiting a minute for its fingerprint, then saying to delete it, was wrong."""
+    return study.directions == [optuna.study.StudyDirection.MAXIMIZE] and \
+        set(study.user_attrs) <= {"mlflow_parent_run_id", "mlflow_experiment_id", "mlflow_tracking_uri"} and \
+        all(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
 
 
 def check_parent_run(study: optuna.Study) -> None:

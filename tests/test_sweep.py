@@ -1360,6 +1360,26 @@ def test_a_done_study_of_another_spec_is_refused(store, tmp_path, in_process):
     assert "is done" not in done.stdout
 
 
+def test_a_study_of_the_name_that_is_no_sweeps_is_refused_at_once_and_not_said_to_be_removed(store, tmp_path,
+                                                                                            in_process):
+    """`-P study=` naming a study of the storage that no sweep made (a user's own Optuna study, its trials done) was
+    waited on for a minute as a sweep's leader still setting it up, then refused with advice to delete it."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    theirs = optuna.create_study(storage=storage, study_name="theirs", direction="maximize")
+    theirs.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    started = time.monotonic()
+    done = in_process("sweep", "--spec", write_spec(tmp_path, "sweep-mine", GRID), "--study", "theirs",
+                      "--storage", storage)
+    assert time.monotonic() - started < 30
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"error: study: theirs in {storage} holds 2 trials that no sweep set up (it keeps none of a sweep's records); "
+        "pass another -P study= for this sweep"]
+    assert len(optuna.load_study(study_name="theirs", storage=storage).trials) == 2
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
 def test_a_study_whose_sweep_run_is_not_in_this_store_or_deleted_is_refused_before_any_trial(store, tmp_path,
                                                                                              in_process):
     """A host without the team's MLFLOW_TRACKING_URI joined the study: it ran its trials into its own store (under a
