@@ -40,8 +40,9 @@ Writes: one sweep parent run (tag step = 'sweep'; its id is kept in the study's 
         training images held out: `train.validation_fraction` > 0 is required, so no trial is chosen on the test images
         whose test_acc it reports, and the same for every trial, so none is ranked on a share of other size;
         register's own rule then applies) and compares the finished trials. Where none finished, the command exits 1
-        with one line (`nothing_finished`), which is also tag `failure_reason` of the sweep run, ended FAILED, and of
-        the run `mlflow run` opened for a command that joined the study or reran it once done.
+        (2 where each failed on its params) with one line (`nothing_finished`), which is also tag `failure_reason` of
+        the sweep run, ended FAILED, and of the run `mlflow run` opened for a command that joined the study or reran it
+        once done.
 The MLflow side of trials (creating, entering, failing and reading their runs) is `pipeline.tracking.trials`.
 """
 
@@ -1479,17 +1480,41 @@ def outcomes(table: pd.DataFrame) -> pd.Series:
 
 
 class NoTrialFinished(StepFailed):
-    """No trial of the study finished: nothing to register. The command exits 1 (`run`)."""
+    """No trial of the study finished: nothing to register. The command exits `status` (`run`): 1, or 2 where every
+    trial failed on its params (`refused_params`), as a command refused on bad input does."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+def refused_params(table: pd.DataFrame) -> str | None:
+    """Where every trial of a `trial_table` failed on its params (a ConfigError: too few images for a data path that
+    only a trial's prepare counted, say), the first one's reason, "trial 0: ConfigError: ..."; else None."""
+    if table.empty or not (table["state"] == "FAIL").all() or \
+            not table["failure_reason"].str.startswith("ConfigError: ").all():
+        return None
+    return f"trial {table['trial'].iloc[0]}: {table['failure_reason'].iloc[0]}"
 
 
 def nothing_finished(study: optuna.Study, table: pd.DataFrame | None = None) -> str:
     """The one line of a study none of whose trials finished: the command's `error:` line and tag `failure_reason` of
-    its sweep run, e.g. "no trial of study s-1a2b3c4d finished (2 failed, 1 pruned); nothing registered ...".
-    `table`: its `trial_table`, where read already."""
-    counts = collections.Counter(outcomes(trial_table(study) if table is None else table))
+    its sweep run, e.g. "no trial of study s-1a2b3c4d finished (2 failed, 1 pruned); nothing registered ...", or,
+    where every trial failed on its params, "... nothing registered: every trial's params were refused, as trial 0:
+    ConfigError: ...". `table`: its `trial_table`, where read already."""
+    table = trial_table(study) if table is None else table
+    counts = collections.Counter(outcomes(table))
     outcome = ", ".join(f"{n} {STATE_WORDS.get(state, state.lower())}" for state, n in counts.items())
+    if refused := refused_params(table):
+        return (f"no trial of study {study.study_name} finished ({outcome}); nothing registered: every trial's params "
+                f"were refused, as {refused}")
     return (f"no trial of study {study.study_name} finished ({outcome or 'no trials'}); nothing registered: the "
             f"trials table (trials.csv) says why: each trial's failure_reason (its run's tag), or pruned_at_epoch")
+
+
+def no_trial_finished_error(study: optuna.Study) -> NoTrialFinished:
+    table = trial_table(study)
+    return NoTrialFinished(nothing_finished(study, table), 2 if refused_params(table) else 1)
 
 
 def register_best(plan: Plan, study: optuna.Study) -> dict:
@@ -1571,7 +1596,8 @@ def worker_command(args: argparse.Namespace, storage: str, study: str) -> list[s
 
 def run(args: argparse.Namespace) -> int:
     """Check everything, join (or start) the study, run its trials here with `workers` processes.
-    Returns the exit status: 0, or 1 if no trial of the study finished (said in one line: `no_trial_finished`)."""
+    Returns the exit status: 0, or 1 if no trial of the study finished, 2 if each failed on its params (said in one
+    line: `no_trial_finished`)."""
     try:
         workers = int(args.workers)
     except ValueError:
@@ -1631,7 +1657,8 @@ def run(args: argparse.Namespace) -> int:
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # as the run that ended it said
             return no_trial_finished(NoTrialFinished(
                 f"study {name} in {safe_url(storage_url)} is done, but none of its {len(study.trials)} trials "
-                "finished; nothing registered. Pass another -P study= for a new sweep"))
+                "finished; nothing registered. Pass another -P study= for a new sweep",
+                no_trial_finished_error(study).status))
         model = lock.user_attrs.get("registered_model")  # studies done before it was recorded have none
         print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials, registered "
               f"{f'{model} v' if model else 'version '}{lock.user_attrs.get('registered_version')}; pass another "
@@ -1694,7 +1721,7 @@ def run(args: argparse.Namespace) -> int:
                           file=sys.stderr, flush=True)
                 finish(plan, study, storage)  # a no-op: one of the workers has finished the study
             if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                raise NoTrialFinished(nothing_finished(study))
+                raise no_trial_finished_error(study)
     except NoTrialFinished as exc:  # raised inside the sweep run, where this command leads: it ended FAILED with it
         return no_trial_finished(exc)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -1723,12 +1750,12 @@ def prepare_shared_data(plan: Plan) -> list[str]:
 
 def no_trial_finished(exc: NoTrialFinished) -> int:
     """Say `exc` (no trial of the study finished) on the console, and in tag `failure_reason` of the run `mlflow run`
-    opened for this command (unless it has one: the sweep run's own, as `_ended_with_reason` ended it); exit status 1.
-    """
+    opened for this command (unless it has one: the sweep run's own, as `_ended_with_reason` ended it); its exit
+    status, 1, or 2 where every trial failed on its params."""
     print(f"error: {exc}", file=sys.stderr)
     if wrapper := os.environ.get("MLFLOW_RUN_ID"):
         tag_failure(wrapper, str(exc), exc)
-    return 1
+    return exc.status
 
 
 def main() -> None:

@@ -1442,6 +1442,33 @@ def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_1(store, t
     assert client.get_run(parent.info.run_id).info.status == "FAILED"  # the rerun left it as it was
 
 
+def test_a_sweep_every_trial_of_which_failed_on_its_params_says_so_and_exits_2(store, tmp_path, in_process,
+                                                                               monkeypatch):
+    """Trials whose params only training finds refused (a space drawing among data paths, each counted by its first
+    trial's prepare, too few for the batch) all failed, and the command said only to read the trials table, exit 1, as
+    for trials that diverged. It says the first refusal now, exit 2, as a command refused on bad input; its sweep run
+    ends FAILED with that line, and so does the rerun."""
+    def refused(cfg, trial):
+        raise config.ConfigError(f"train.drop_remainder: the 88 training images make no whole batch of "
+                                 f"train.batch_size {cfg.train.batch_size}")
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", refused)
+    spec = write_spec(tmp_path, "sweep-refused", "grid:\n  train.batch_size: [128, 256]\n",
+                      {"train.batch_size": None})
+    args = ("sweep", "--spec", spec, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}")
+    done = in_process(*args)
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert re.fullmatch(r"error: no trial of study sweep-refused-\w+ finished \(2 failed\); nothing registered: every "
+                        r"trial's params were refused, as trial 0: ConfigError: train.drop_remainder: the 88 training "
+                        r"images make no whole batch of train.batch_size 128", line), line
+    client = MlflowClient()
+    (parent,) = client.search_runs([client.get_experiment_by_name("cifar10-resnet").experiment_id],
+                                   "tags.step = 'sweep'")
+    assert (parent.info.status, parent.data.tags["failure_reason"]) == ("FAILED", line.removeprefix("error: "))
+    assert in_process(*args).returncode == 2
+
+
 def test_a_worker_that_ends_a_study_none_of_whose_trials_finished_ends_its_sweep_run_failed_saying_why(
         store, tmp_path, monkeypatch):
     """The worker that ends the study (a `-P workers=N` command's, another host's, a rerun's after the leader died)
