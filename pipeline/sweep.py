@@ -40,8 +40,9 @@ Writes: one sweep parent run (tag step = 'sweep'; its id is kept in the study's 
         training images held out: `train.validation_fraction` > 0 is required, so no trial is chosen on the test images
         whose test_acc it reports, and the same for every trial, so none is ranked on a share of other size;
         register's own rule then applies) and compares the finished trials. Where none finished, the command exits 1
-        with one line (`nothing_finished`), which is also tag `failure_reason` of the sweep run, ended FAILED, and of
-        the run `mlflow run` opened for a command that joined the study or reran it once done.
+        (2 where each failed on its params) with one line (`nothing_finished`), which is also tag `failure_reason` of
+        the sweep run, ended FAILED, and of the run `mlflow run` opened for a command that joined the study or reran it
+        once done.
 The MLflow side of trials (creating, entering, failing and reading their runs) is `pipeline.tracking.trials`.
 """
 
@@ -89,6 +90,7 @@ from pipeline.tracking import (
     log_text,
     markdown_table,
     open_run,
+    prepare_run_id,
     set_tags,
     step_run,
     tag_failure,
@@ -619,14 +621,16 @@ class Plan:
         except (TypeError, ValueError) as exc:
             raise config.ConfigError(f"spec.pruner: {exc}") from None
 
-    def draw_unrun(self, study: optuna.Study, storage: optuna.storages.RDBStorage, trial_id: int,
+    def draw_unrun(self, study: optuna.Study, storage: optuna.storages.BaseStorage, trial_id: int,
                    number: int) -> None:
         """Draw the params of claimed trial `number` of a space of choices and integer ranges (`combinations`
         countable) that it queued empty, as Optuna would (the sampler seeded `seed + number`), but none that a trial of
         the study holds already: a repeat is drawn again, REDRAWS times at most (another seed each), then taken at
         random among the combinations no trial holds. The draw is fixed on the trial (Optuna's `fixed_params`), which
-        its `values` then read. Optuna's samplers draw with repeats: 4 trials over 2 x 2 choices ran one twice and
-        another never."""
+        its `values` then read, and claimed in the study (`claim_combination`): workers drawing at the same moment each
+        read the others' trials before any had fixed its draw, and ran one combination twice and another never; the
+        one whose claim the storage refuses draws again. Optuna's samplers draw with repeats: 4 trials over 2 x 2
+        choices ran one twice and another never."""
         frozen = storage.get_trial(trial_id)
         if self.grid or not math.isfinite(self.combinations) or frozen.params or \
                 frozen.system_attrs.get("fixed_params"):  # a grid's combination, or a trial queued again: its own
@@ -635,10 +639,23 @@ class Plan:
         def combination(params: dict[str, Any]) -> tuple:
             return tuple(dist.to_internal_repr(params[key]) for key, dist in self.space.items())
 
+        def fixed(drawn: dict[str, Any]) -> bool:
+            """Fix `drawn` on the trial, then claim it: fixed first, so that a worker that dies between the two leaves
+            a retry that holds it (a claim no trial held would keep the combination from ever running)."""
+            drawn = {key: int(v) if isinstance(dist, optuna.distributions.IntDistribution) else v
+                     for (key, v), dist in zip(drawn.items(), self.space.values(), strict=True)}
+            storage.set_trial_system_attr(trial_id, "fixed_params", drawn)
+            if claim_combination(storage, study_id, combination(drawn), number):
+                return True
+            run.add(combination(drawn))  # another worker's, drawn at the same moment
+            return False
+
+        study_id = storage.get_study_id_from_name(study.study_name)
         held = [{**t.system_attrs.get("fixed_params", {}), **t.params}
                 for t in study.get_trials(deepcopy=False) if t.number != number]
         run = {combination(p) for p in held if set(self.space) <= set(p)}
         view = optuna.pruners._filter_study(study, frozen)  # as Trial draws: a Hyperband bracket's trials
+        drawn = {}
         for attempt in range(REDRAWS):
             sampler = self.make_sampler(number + attempt * REDRAW_STRIDE)
             sampler.before_trial(view, frozen)
@@ -647,21 +664,18 @@ class Plan:
                            else dist.low) if dist.single()  # as Trial draws: no sampler for a single value
                      else relative[key] if key in relative else sampler.sample_independent(view, frozen, key, dist)
                      for key, dist in self.space.items()}
-            if combination(drawn) not in run:
-                break
-        else:
-            if self.combinations <= MAX_UNRUN:
-                choices = [dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution)
-                           else range(dist.low, dist.high + 1) if isinstance(dist, optuna.distributions.IntDistribution)
-                           else [dist.low] for dist in self.space.values()]  # {min: 0.1, max: 0.1}: one number
-                unrun = [combo for combo in itertools.product(*choices)
-                         if combination(dict(zip(self.space, combo, strict=True))) not in run]
-                if unrun:
-                    pick = random.Random(None if self.seed is None else f"{self.seed}:{number}").choice(unrun)
-                    drawn = dict(zip(self.space, pick, strict=True))
-        drawn = {key: int(v) if isinstance(dist, optuna.distributions.IntDistribution) else v
-                 for (key, v), dist in zip(drawn.items(), self.space.values(), strict=True)}
-        storage.set_trial_system_attr(trial_id, "fixed_params", drawn)
+            if combination(drawn) not in run and fixed(drawn):
+                return
+        if self.combinations <= MAX_UNRUN:
+            choices = [dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution)
+                       else range(dist.low, dist.high + 1) if isinstance(dist, optuna.distributions.IntDistribution)
+                       else [dist.low] for dist in self.space.values()]  # {min: 0.1, max: 0.1}: one number
+            unrun = [dict(zip(self.space, combo, strict=True)) for combo in itertools.product(*choices)]
+            random.Random(None if self.seed is None else f"{self.seed}:{number}").shuffle(unrun)
+            for pick in unrun:
+                if combination(pick) not in run and fixed(pick):
+                    return
+        fixed(drawn)  # every combination held (none is, while trials <= combinations): a repeat, as Optuna draws
 
     def fingerprint(self) -> dict[str, Any]:
         """What makes two commands the same sweep: the spec's content, the command-line overrides and every
@@ -688,6 +702,39 @@ class Plan:
 
 
 # ---------------------------------------------------------------- the study
+
+CLAIMS_LOCK = threading.Lock()  # an in-memory storage's claims (`claim_combination`): one process's threads
+
+
+def claim_combination(storage: optuna.storages.BaseStorage, study_id: int, combination: tuple, number: int) -> bool:
+    """Claim a space's `combination` (its values in Optuna's internal form) for trial `number`: True for the first
+    claim of it in the study, False for any later one. An RDB storage's claim is a row of the study's system attrs,
+    inserted: its unique (study, key) makes one insert of two at once win, on SQLite and PostgreSQL alike (Optuna's
+    set_study_system_attr overwrites a key, so a claim it wrote could not fail)."""
+    key = f"sweep:claimed:{json_digest(list(combination))[:16]}"
+    if isinstance(storage, optuna.storages.RDBStorage):
+        import sqlalchemy
+        from optuna.storages._rdb import models
+
+        session = storage.scoped_session()
+        try:
+            session.add(models.StudySystemAttributeModel(study_id=study_id, key=key, value_json=json.dumps(number)))
+            session.commit()
+            return True
+        except sqlalchemy.exc.IntegrityError:
+            session.rollback()
+            return False
+        except Exception:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+    with CLAIMS_LOCK:
+        if key in storage.get_study_system_attrs(study_id):
+            return False
+        storage.set_study_system_attr(study_id, key, number)
+        return True
+
 
 def default_storage() -> str:
     """`optuna.db` beside a SQLite tracking store's file, else in the working directory."""
@@ -770,6 +817,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     if in_memory(url):  # each process's own, gone when it ends: workers found no study, a rerun began again
         raise config.ConfigError(f"storage: {url} is an in-memory database, which neither other worker processes nor "
                                  f"a rerun can reach; give a file such as sqlite:///optuna.db, or leave it empty")
+    make_sqlite_folder(url)
     if url.startswith("postgresql://"):  # SQLAlchemy 2.1's default driver is psycopg 3; this project ships psycopg2
         url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
     if holds_mlflow_store(url):  # both record their schema in alembic_version: Optuna's "no longer compatible", after
@@ -789,6 +837,33 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 time.sleep(1 + attempt)
                 continue
             raise config.ConfigError(f"storage: cannot open {safe_url(url)}: {type(exc).__name__}: {reason}") from None
+
+
+def make_sqlite_folder(url: str) -> None:
+    """Make the missing folders of a `sqlite:///` storage's file, as a tracking store's are made: SQLite's "unable to
+    open database file" named neither the folder nor what was wrong. ConfigError naming the path where the file is a
+    folder, or below a file, or its folder cannot be made."""
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:  # noqa: BLE001 - an unparsable URL is reported by open_storage
+        return
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database.startswith("file:"):
+        return
+    path = Path(parsed.database).absolute()
+    reason = None
+    if path.is_dir():
+        reason = f"{path} is a folder, not a SQLite database file"
+    elif not (above := next(p for p in path.parents if p.exists())).is_dir():
+        reason = f"{above} is a file, not a folder"
+    elif not path.parent.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = f"cannot make its folder {path.parent}: {exc.strerror}"
+    if reason:
+        raise config.ConfigError(f"storage: cannot open {url}: {reason}; name a SQLite file (a new one is made)")
 
 
 def holds_mlflow_store(url: str) -> bool:
@@ -881,6 +956,10 @@ def join_study(plan: Plan, storage: optuna.storages.RDBStorage, name: str) -> tu
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(storage=storage, study_name=name, sampler=plan.make_sampler(0),
                                   pruner=plan.make_pruner())
+    if "fingerprint" not in study.user_attrs and not in_setup(study):
+        raise config.ConfigError(f"study: {name} in {safe_url(storage.url)} holds {len(study.trials)} trials that no "
+                                 f"sweep set up (it keeps none of a sweep's records); pass another -P study= for this "
+                                 f"sweep")
     deadline = time.monotonic() + 60
     while "fingerprint" not in study.user_attrs:  # the leader writes it a moment after creating the study
         if time.monotonic() > deadline:
@@ -891,6 +970,15 @@ def join_study(plan: Plan, storage: optuna.storages.RDBStorage, name: str) -> tu
     check_fingerprint(plan, study)
     check_parent_run(study)
     return study, False
+
+
+def in_setup(study: optuna.Study) -> bool:
+    """Whether `study`, without a fingerprint yet, may be a sweep's that its leader is setting up (`lead`): maximised,
+    its trials all queued, only the user attrs `lead` writes before the fingerprint. Else it is no sweep's (a user's
+    own Optuna study of that name), and waiting a minute for its fingerprint, then saying to delete it, was wrong."""
+    return study.directions == [optuna.study.StudyDirection.MAXIMIZE] and \
+        set(study.user_attrs) <= {"mlflow_parent_run_id", "mlflow_experiment_id", "mlflow_tracking_uri"} and \
+        all(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
 
 
 def check_parent_run(study: optuna.Study) -> None:
@@ -931,7 +1019,8 @@ def lead(plan: Plan, study: optuna.Study, parent_id: str, experiment_id: str) ->
 def claim(study: optuna.Study, storage: optuna.storages.RDBStorage, plan: Plan) -> tuple[optuna.Trial, int] | None:
     """Take one waiting trial for this worker: (trial, its storage id), or None. The storage moves a
     trial from WAITING to RUNNING for exactly one caller, so no two workers (or hosts) run the same
-    trial (Study.ask would create a new trial when another worker took the last waiting one)."""
+    trial (Study.ask would create a new trial when another worker took the last waiting one). Its first heartbeat is
+    recorded at once; a Ctrl-C or SIGTERM while its params are drawn queues it again (`requeue_interrupted`)."""
     study_id = storage.get_study_id_from_name(study.study_name)
     for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
@@ -940,8 +1029,16 @@ def claim(study: optuna.Study, storage: optuna.storages.RDBStorage, plan: Plan) 
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        study.sampler = plan.make_sampler(waiting.number)
-        plan.draw_unrun(study, storage, trial_id, waiting.number)
+        # Beaten from the claim on: a trial RUNNING with no heartbeat is never stale to Optuna, and one whose worker
+        # died while drawing its params (before `heartbeat` began) was waited for by every worker, for good.
+        if isinstance(storage, optuna.storages.RDBStorage):
+            storage.record_heartbeat(trial_id)
+        try:
+            study.sampler = plan.make_sampler(waiting.number)
+            plan.draw_unrun(study, storage, trial_id, waiting.number)
+        except (Interrupted, KeyboardInterrupt):  # queued again at once, as a trial stopped while it trains
+            requeue_interrupted(study, storage, trial_id)
+            raise
         return optuna.Trial(study, trial_id), trial_id
     return None
 
@@ -1383,17 +1480,41 @@ def outcomes(table: pd.DataFrame) -> pd.Series:
 
 
 class NoTrialFinished(StepFailed):
-    """No trial of the study finished: nothing to register. The command exits 1 (`run`)."""
+    """No trial of the study finished: nothing to register. The command exits `status` (`run`): 1, or 2 where every
+    trial failed on its params (`refused_params`), as a command refused on bad input does."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+def refused_params(table: pd.DataFrame) -> str | None:
+    """Where every trial of a `trial_table` failed on its params (a ConfigError: too few images for a data path that
+    only a trial's prepare counted, say), the first one's reason, "trial 0: ConfigError: ..."; else None."""
+    if table.empty or not (table["state"] == "FAIL").all() or \
+            not table["failure_reason"].str.startswith("ConfigError: ").all():
+        return None
+    return f"trial {table['trial'].iloc[0]}: {table['failure_reason'].iloc[0]}"
 
 
 def nothing_finished(study: optuna.Study, table: pd.DataFrame | None = None) -> str:
     """The one line of a study none of whose trials finished: the command's `error:` line and tag `failure_reason` of
-    its sweep run, e.g. "no trial of study s-1a2b3c4d finished (2 failed, 1 pruned); nothing registered ...".
-    `table`: its `trial_table`, where read already."""
-    counts = collections.Counter(outcomes(trial_table(study) if table is None else table))
+    its sweep run, e.g. "no trial of study s-1a2b3c4d finished (2 failed, 1 pruned); nothing registered ...", or,
+    where every trial failed on its params, "... nothing registered: every trial's params were refused, as trial 0:
+    ConfigError: ...". `table`: its `trial_table`, where read already."""
+    table = trial_table(study) if table is None else table
+    counts = collections.Counter(outcomes(table))
     outcome = ", ".join(f"{n} {STATE_WORDS.get(state, state.lower())}" for state, n in counts.items())
+    if refused := refused_params(table):
+        return (f"no trial of study {study.study_name} finished ({outcome}); nothing registered: every trial's params "
+                f"were refused, as {refused}")
     return (f"no trial of study {study.study_name} finished ({outcome or 'no trials'}); nothing registered: the "
             f"trials table (trials.csv) says why: each trial's failure_reason (its run's tag), or pruned_at_epoch")
+
+
+def no_trial_finished_error(study: optuna.Study) -> NoTrialFinished:
+    table = trial_table(study)
+    return NoTrialFinished(nothing_finished(study, table), 2 if refused_params(table) else 1)
 
 
 def register_best(plan: Plan, study: optuna.Study) -> dict:
@@ -1475,7 +1596,8 @@ def worker_command(args: argparse.Namespace, storage: str, study: str) -> list[s
 
 def run(args: argparse.Namespace) -> int:
     """Check everything, join (or start) the study, run its trials here with `workers` processes.
-    Returns the exit status: 0, or 1 if no trial of the study finished (said in one line: `no_trial_finished`)."""
+    Returns the exit status: 0, or 1 if no trial of the study finished, 2 if each failed on its params (said in one
+    line: `no_trial_finished`)."""
     try:
         workers = int(args.workers)
     except ValueError:
@@ -1535,13 +1657,15 @@ def run(args: argparse.Namespace) -> int:
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # as the run that ended it said
             return no_trial_finished(NoTrialFinished(
                 f"study {name} in {safe_url(storage_url)} is done, but none of its {len(study.trials)} trials "
-                "finished; nothing registered. Pass another -P study= for a new sweep"))
+                "finished; nothing registered. Pass another -P study= for a new sweep",
+                no_trial_finished_error(study).status))
         model = lock.user_attrs.get("registered_model")  # studies done before it was recorded have none
         print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials, registered "
               f"{f'{model} v' if model else 'version '}{lock.user_attrs.get('registered_version')}; pass another "
               "-P study= for a new sweep")
         return 0
     base = plan.configs[0]
+    made = [] if existed else prepare_shared_data(plan)  # its first command: refused now where its data is too few
     study, leads = join_study(plan, storage, name)
     print(f"{'started' if leads else 'joined'} Optuna study {name} in {safe_url(storage_url)} "
           f"({plan.sampler_name} sampler, {plan.pruner_name} pruner, {plan.trials} trials); "
@@ -1559,18 +1683,14 @@ def run(args: argparse.Namespace) -> int:
                     log_dict(plan.spec, "sweep.yaml")
                     set_tags({"optuna_study": name, "optuna_storage": safe_url(storage_url)})
                     lead(plan, study, parent.info.run_id, parent.info.experiment_id)
+                    for run_id in made:  # made for this sweep: shown under its run, as ever
+                        trials.set_run_tags(run_id, {"mlflow.parentRunId": parent.info.run_id})
                 except BaseException:  # (a trashed tracking.experiment, Ctrl-C) a study left without its fingerprint
                     #                    would hold up every rerun of this command for a minute, then refuse it
                     with contextlib.suppress(Exception):  # the original error is the one to report
                         if "fingerprint" not in study.user_attrs:
                             optuna.delete_study(study_name=name, storage=storage)
                     raise
-                # each distinct dataset once, before any trial: a grid's, or the one every trial of a space shares
-                # (its first trials each prepared it, side by side under `workers`); a space drawing among several
-                # datasets has each prepared by the first trial that draws it
-                datasets = {prepare.prepare_key(c): c for c in plan.configs}
-                for cfg in datasets.values() if plan.grid or len(datasets) == 1 else []:
-                    prepare.ensure_prepared(cfg)
             else:
                 stack.enter_context(storage_failures(storage_url))
                 adopt_own_run(study)
@@ -1601,7 +1721,7 @@ def run(args: argparse.Namespace) -> int:
                           file=sys.stderr, flush=True)
                 finish(plan, study, storage)  # a no-op: one of the workers has finished the study
             if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                raise NoTrialFinished(nothing_finished(study))
+                raise no_trial_finished_error(study)
     except NoTrialFinished as exc:  # raised inside the sweep run, where this command leads: it ended FAILED with it
         return no_trial_finished(exc)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -1610,14 +1730,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_shared_data(plan: Plan) -> list[str]:
+    """Prepare each distinct dataset of the trials once, before the study and its sweep run are made: a grid's, or the
+    one every trial of a space shares (its first trials each prepared it, side by side under `workers`); a space
+    drawing among several datasets has each prepared by the first trial that draws it. A path's count is then known:
+    trials too many for it are refused (`Plan.check_prepared_images`, ConfigError) before any study or sweep run, as a
+    rerun refuses them (each failed in the study, and the sweep run ended FAILED, exit 1). The ids of the prepare runs
+    made here (a finished one reused is not), to be nested under the sweep run once it opens."""
+    datasets = {prepare.prepare_key(c): c for c in plan.configs}
+    made = []
+    for key, cfg in datasets.items() if plan.grid or len(datasets) == 1 else []:
+        if prepare.find_prepared(key) is None:
+            made.append(prepare_run_id(prepare.ensure_prepared(cfg)))
+        else:
+            prepare.ensure_prepared(cfg)  # says it reuses it
+    plan.check_prepared_images()
+    return [run_id for run_id in made if run_id]
+
+
 def no_trial_finished(exc: NoTrialFinished) -> int:
     """Say `exc` (no trial of the study finished) on the console, and in tag `failure_reason` of the run `mlflow run`
-    opened for this command (unless it has one: the sweep run's own, as `_ended_with_reason` ended it); exit status 1.
-    """
+    opened for this command (unless it has one: the sweep run's own, as `_ended_with_reason` ended it); its exit
+    status, 1, or 2 where every trial failed on its params."""
     print(f"error: {exc}", file=sys.stderr)
     if wrapper := os.environ.get("MLFLOW_RUN_ID"):
         tag_failure(wrapper, str(exc), exc)
-    return 1
+    return exc.status
 
 
 def main() -> None:

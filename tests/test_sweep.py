@@ -181,6 +181,24 @@ def test_bad_specs_exit_2_with_one_line_before_any_run(store, tmp_path, in_proce
     assert not (tmp_path / "optuna.db").exists() or "storage" in message
 
 
+def test_a_storage_file_in_missing_folders_is_made_and_a_folder_or_a_path_below_a_file_is_one_line(tmp_path,
+                                                                                                     monkeypatch):
+    """`-P storage=sqlite:///sweeps/optuna.db` with no folder `sweeps` was refused as "unable to open database file",
+    which named neither the folder nor what was wrong, though a tracking store there is made with its folders; so were
+    a folder and a path below a file."""
+    monkeypatch.chdir(tmp_path)
+    sweep.open_storage("sqlite:///sweeps/2026/optuna.db")
+    sweep.open_storage(f"sqlite:///{tmp_path / 'abs' / 'optuna.db'}")
+    assert (tmp_path / "sweeps" / "2026" / "optuna.db").is_file() and (tmp_path / "abs" / "optuna.db").is_file()
+    (tmp_path / "notes.txt").write_text("not a folder")
+    for url, message in [
+            (f"sqlite:///{tmp_path / 'sweeps'}", f"{tmp_path / 'sweeps'} is a folder, not a SQLite database file"),
+            ("sqlite:///notes.txt/optuna.db", f"{tmp_path / 'notes.txt'} is a file, not a folder")]:
+        with pytest.raises(config.ConfigError) as refused:
+            sweep.open_storage(url)
+        assert str(refused.value) == f"storage: cannot open {url}: {message}; name a SQLite file (a new one is made)"
+
+
 def test_a_storage_naming_the_tracking_stores_database_is_one_line_saying_so(store, tmp_path, in_process):
     """`-P storage=` the tracking store's own database: MLflow and Optuna both record their schema in
     alembic_version, and the sweep was refused as "The runtime optuna version 5.0.0 is no longer compatible with the
@@ -201,8 +219,10 @@ def test_a_storage_naming_the_tracking_stores_database_is_one_line_saying_so(sto
 
 def test_trials_too_many_for_a_paths_counted_images_open_no_run(store, tmp_path, in_process):
     """A path's count is known once the sweep has prepared it: each trial whose batch it could not fill (with
-    train.drop_remainder) opened a trial run and a train run and left them FAILED. Such a trial now fails in the study
-    with the reason, no run opened; a rerun, the path prepared, refuses the spec before any run, as for cifar10."""
+    train.drop_remainder) opened a trial run and a train run and left them FAILED; then each failed in the study, and
+    the first command ended its sweep run FAILED, exit 1, where a rerun refused the spec, exit 2. The first command now
+    prepares the path before its study and sweep run are made and refuses the spec as the rerun does: exit 2, one
+    line, no study, no sweep run (the prepare run kept, which the rerun reuses)."""
     from pipeline import data
 
     path = tmp_path / "d.npz"
@@ -210,23 +230,31 @@ def test_trials_too_many_for_a_paths_counted_images_open_no_run(store, tmp_path,
     spec = write_spec(tmp_path, "sweep-few", "grid:\n  train.batch_size: [128, 256]\n",
                       {"data.source": path, "train.drop_remainder": "true", "train.batch_size": None})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    refused = ("error: trial 0 (train.batch_size=128): train.drop_remainder: the 88 training images make no whole "
+               "batch of train.batch_size 128; lower the batch size or set train.drop_remainder=false")
     done = in_process("sweep", "--spec", spec, "--study", "few")
-    assert done.returncode == 1, done.stderr[-3000:]  # no trial finished
-    refused = ("train.drop_remainder: the 88 training images make no whole batch of train.batch_size {}; lower the "
-               "batch size or set train.drop_remainder=false")
-    assert [(t.state.name, t.user_attrs["failure_reason"]) for t in optuna.load_study(study_name="few",
-                                                                                       storage=storage).trials] == [
-        ("FAIL", f"ConfigError: {refused.format(128)}"), ("FAIL", f"ConfigError: {refused.format(256)}")]
-    # the trials table, printed and logged (trials.csv), gives the reason of each, which no run holds
-    assert list(sweep.trial_table(optuna.load_study(study_name="few", storage=storage))["failure_reason"]) == [
-        f"ConfigError: {refused.format(128)}", f"ConfigError: {refused.format(256)}"]
+    assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (2, refused), done.stderr[-3000:]
+    assert [line for line in done.stderr.splitlines() if line.startswith("error: ")] == [refused]
+    assert optuna.get_all_study_summaries(storage, include_best_trial=False) == []
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, run_view_type=ViewType.ALL)
-    assert sorted(r.data.tags["step"] for r in runs) == ["prepare", "sweep"], [r.data.tags for r in runs]
-    done = in_process("sweep", "--spec", spec, "--study", "few-again")
-    assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (
-        2, f"error: trial 0 (train.batch_size=128): {refused.format(128)}")
+    assert [(r.data.tags["step"], r.info.status) for r in runs] == [("prepare", "FINISHED")]
+    done = in_process("sweep", "--spec", spec, "--study", "few")
+    assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (2, refused)
+    assert len(client.search_runs(experiments, run_view_type=ViewType.ALL)) == len(runs)
+
+    # a trial such a path refuses once it is counted (a space drawing among several datasets prepares each in its
+    # first trial) fails in the study with the reason, no run opened; the trials table says why
+    plan = sweep.Plan(spec)
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+    sweep.lead(plan, study, runs[0].info.run_id, runs[0].info.experiment_id)
+    trial, _ = sweep.claim(study, study._storage, plan)
+    sweep.run_trial(plan, study, trial, runs[0].info.run_id, runs[0].info.experiment_id)
+    reason = "ConfigError: " + refused.partition("128): ")[2]
+    assert [(t.state.name, t.user_attrs.get("failure_reason")) for t in study.trials] == [
+        ("FAIL", reason), ("WAITING", None)]
+    assert sweep.trial_table(study)["failure_reason"].tolist()[0] == reason
     assert len(client.search_runs(experiments, run_view_type=ViewType.ALL)) == len(runs)
 
 
@@ -825,6 +853,50 @@ def test_a_space_of_choices_and_integers_runs_no_combination_twice(tmp_path, sam
         assert draw_all(spec) == first  # seeded: the same draws again
 
 
+def test_workers_drawing_at_the_same_moment_run_no_combination_twice(tmp_path):
+    """Two workers (each its own storage connection, as two processes) claimed trials 0 and 1 and drew at the same
+    moment: each read the other's trial before it had fixed its draw, so both ran the combination their seeds drew
+    alike (seed 0's trials 0 and 1 both draw 0.1 first) and the other was never run. Each draw is now claimed in
+    the storage; the worker whose claim comes second draws again."""
+    import threading
+
+    spec = write_spec(tmp_path, "sweep-race", "space:\n  train.lr: [0.05, 0.1]\ntrials: 2\nsampler: random\nseed: 0\n")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    plan = sweep.Plan(spec)
+    study = optuna.create_study(storage=sweep.open_storage(url), study_name="race", direction="maximize")
+    sweep.lead(plan, study, "parent-run-id", "0")
+    together = threading.Barrier(2, timeout=30)
+    drawn, errors = {}, []
+
+    def worker(name: str) -> None:
+        storage = sweep.open_storage(url)
+        fix = storage.set_trial_system_attr
+        waited = []
+
+        def set_trial_system_attr(trial_id, key, value):
+            if key == "fixed_params" and not waited:  # both have read the study before either fixes its first draw
+                waited.append(together.wait())
+            fix(trial_id, key, value)
+
+        storage.set_trial_system_attr = set_trial_system_attr
+        try:
+            own = optuna.load_study(study_name="race", storage=storage)
+            trial, _ = sweep.claim(own, storage, plan)
+            drawn[name] = plan.values(trial)["train.lr"]
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert sorted(drawn.values()) == [0.05, 0.1]
+    held = optuna.load_study(study_name="race", storage=url).trials
+    assert sorted(t.system_attrs["fixed_params"]["train.lr"] for t in held) == [0.05, 0.1]  # as the study holds them
+
+
 def one_trial(tmp_path, name: str):
     """A one-trial grid sweep led in store "e2e", its trial claimed: (plan, study, trial, parent run id, experiment)."""
     plan = sweep.Plan(write_spec(tmp_path, name, "grid:\n  train.lr: [0.1]\n"))
@@ -980,6 +1052,34 @@ def test_an_interrupted_trial_is_queued_again_at_once_however_often(store, tmp_p
     # the sweep's trials.csv and note: each stop said, where its row read FAIL with no reason, as a trial that failed
     table = sweep.trial_table(study)
     assert table["failure_reason"].tolist() == ["interrupted by SIGINT; queued again"] * (sweep.MAX_RETRY + 1) + [""]
+
+
+@pytest.mark.parametrize("stopped", ["by Ctrl-C", "killed"])
+def test_a_worker_stopped_while_drawing_its_trials_params_leaves_it_to_run_again(tmp_path, monkeypatch, stopped):
+    """A worker stopped between claiming a trial and its first heartbeat (drawing its params: TPE over a long study
+    takes a while) left it RUNNING with no heartbeat, which Optuna never takes for stale: every worker and rerun
+    waited for it for good ("waiting for trial(s) 0"), the study never done. A Ctrl-C now queues it again at once;
+    a worker killed has left a heartbeat, stale after GRACE_S, so its trial is queued again as any dead worker's."""
+    monkeypatch.setattr(sweep, "GRACE_S", 1)  # read by open_storage
+    spec = write_spec(tmp_path, "sweep-drawing", "space:\n  train.lr: [0.05, 0.1]\ntrials: 1\nsampler: random\n")
+    plan = sweep.Plan(spec)
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(storage=storage, study_name="drawing", direction="maximize")
+    sweep.lead(plan, study, "parent-run-id", "0")
+
+    class Killed(BaseException):  # the process gone: nothing more of it runs
+        pass
+
+    def stop(*args):
+        raise Interrupted(signal.SIGINT) if stopped == "by Ctrl-C" else Killed()
+
+    monkeypatch.setattr(plan, "draw_unrun", stop)
+    with pytest.raises(Interrupted if stopped == "by Ctrl-C" else Killed):
+        sweep.claim(study, storage, plan)
+    if stopped == "killed":
+        time.sleep(2.5)  # past the grace period, whole seconds in the storage
+        optuna.storages.fail_stale_trials(study)  # as every worker does before it claims
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
 
 
 def retried_sweep(tmp_path, monkeypatch, name: str):
@@ -1260,6 +1360,26 @@ def test_a_done_study_of_another_spec_is_refused(store, tmp_path, in_process):
     assert "is done" not in done.stdout
 
 
+def test_a_study_of_the_name_that_is_no_sweeps_is_refused_at_once_and_not_said_to_be_removed(store, tmp_path,
+                                                                                            in_process):
+    """`-P study=` naming a study of the storage that no sweep made (a user's own Optuna study, its trials done) was
+    waited on for a minute as a sweep's leader still setting it up, then refused with advice to delete it."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    theirs = optuna.create_study(storage=storage, study_name="theirs", direction="maximize")
+    theirs.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    started = time.monotonic()
+    done = in_process("sweep", "--spec", write_spec(tmp_path, "sweep-mine", GRID), "--study", "theirs",
+                      "--storage", storage)
+    assert time.monotonic() - started < 30
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"error: study: theirs in {storage} holds 2 trials that no sweep set up (it keeps none of a sweep's records); "
+        "pass another -P study= for this sweep"]
+    assert len(optuna.load_study(study_name="theirs", storage=storage).trials) == 2
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
 def test_a_study_whose_sweep_run_is_not_in_this_store_or_deleted_is_refused_before_any_trial(store, tmp_path,
                                                                                              in_process):
     """A host without the team's MLFLOW_TRACKING_URI joined the study: it ran its trials into its own store (under a
@@ -1320,6 +1440,33 @@ def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_1(store, t
     assert tags["failure_reason"] == line.removeprefix("error: ") and tags["step"] == "sweep-worker"
     assert tags["mlflow.parentRunId"] == parent.info.run_id
     assert client.get_run(parent.info.run_id).info.status == "FAILED"  # the rerun left it as it was
+
+
+def test_a_sweep_every_trial_of_which_failed_on_its_params_says_so_and_exits_2(store, tmp_path, in_process,
+                                                                               monkeypatch):
+    """Trials whose params only training finds refused (a space drawing among data paths, each counted by its first
+    trial's prepare, too few for the batch) all failed, and the command said only to read the trials table, exit 1, as
+    for trials that diverged. It says the first refusal now, exit 2, as a command refused on bad input; its sweep run
+    ends FAILED with that line, and so does the rerun."""
+    def refused(cfg, trial):
+        raise config.ConfigError(f"train.drop_remainder: the 88 training images make no whole batch of "
+                                 f"train.batch_size {cfg.train.batch_size}")
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", refused)
+    spec = write_spec(tmp_path, "sweep-refused", "grid:\n  train.batch_size: [128, 256]\n",
+                      {"train.batch_size": None})
+    args = ("sweep", "--spec", spec, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}")
+    done = in_process(*args)
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert re.fullmatch(r"error: no trial of study sweep-refused-\w+ finished \(2 failed\); nothing registered: every "
+                        r"trial's params were refused, as trial 0: ConfigError: train.drop_remainder: the 88 training "
+                        r"images make no whole batch of train.batch_size 128", line), line
+    client = MlflowClient()
+    (parent,) = client.search_runs([client.get_experiment_by_name("cifar10-resnet").experiment_id],
+                                   "tags.step = 'sweep'")
+    assert (parent.info.status, parent.data.tags["failure_reason"]) == ("FAILED", line.removeprefix("error: "))
+    assert in_process(*args).returncode == 2
 
 
 def test_a_worker_that_ends_a_study_none_of_whose_trials_finished_ends_its_sweep_run_failed_saying_why(
