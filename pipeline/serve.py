@@ -260,21 +260,45 @@ def check_pixels(model_input: Any) -> np.ndarray:
                         "not strings")
     if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise bad_input(f"pixels must be integers 0-255, got values of type {x.dtype}")
-    low, high = x.min(), x.max()
+    # Each check names the images it refuses (by their index in the batch, as encoded images are named) and gives the
+    # range of those alone: one bad image among 10,000 is found, and its hint is not the batch's.
+    per_image = x.reshape(len(x), -1)
     if np.issubdtype(x.dtype, np.floating):
-        if not np.isfinite(x).all():
-            raise bad_input("pixels contain NaN or infinity")
-        if not np.equal(np.mod(x, 1), 0).all():  # the likely cause, from the range: scaled, normalised or unrounded
+        bad = ~np.isfinite(per_image).all(axis=1)
+        if bad.any():
+            raise bad_input(f"{images_named(bad)}: pixels contain NaN or infinity")
+        bad = (np.mod(per_image, 1) != 0).any(axis=1)
+        if bad.any():  # the likely cause, from the range: scaled, normalised or unrounded
+            low, high = per_image[bad].min(), per_image[bad].max()
             cause = ("scaled to [0, 1]?" if low >= 0 and high <= 1 else "normalised?" if low < 0
                      else "round them to whole numbers")
-            raise bad_input(f"pixels must be integers 0-255; got fractional values in [{low:g}, {high:g}] ({cause})")
+            raise bad_input(f"{images_named(bad)}: pixels must be integers 0-255; got fractional values in "
+                            f"[{low:g}, {high:g}] ({cause})")
         # Whole floats pass (JSON clients send 255.0), but only 0.0 and 1.0 is an image scaled to [0, 1] (white,
         # line art) that would read as nearly black: a brightest pixel of 1 of 255 is no real image. All 0.0 passes.
-        if low >= 0 and high == 1:
+        if x.min() >= 0 and x.max() == 1:
             raise bad_input("pixels must be integers 0-255; got floats of only 0.0 and 1.0 (scaled to [0, 1]?)")
-    if low < 0 or high > 255:
-        raise bad_input(f"pixels must lie in 0-255, got values in [{low}, {high}]")
+    check_range(per_image.min(axis=1), per_image.max(axis=1))
     return x.astype(np.uint8)
+
+
+def check_range(lows: Any, highs: Any) -> None:
+    """bad_input naming the images whose lowest (`lows`) or highest (`highs`) value is outside 0-255, with the range."""
+    lows, highs = np.asarray(lows, dtype=object), np.asarray(highs, dtype=object)  # exact: ints beyond int64 too
+    bad = ((lows < 0) | (highs > 255)).astype(bool)
+    if bad.any():
+        low, high = (f"{v:g}" if isinstance(v, (float, np.floating)) else str(v) for v in (min(lows[bad]),
+                                                                                          max(highs[bad])))
+        raise bad_input(f"{images_named(bad)}: pixels must lie in 0-255, got values in [{low}, {high}]")
+
+
+def images_named(bad: np.ndarray) -> str:
+    """A per-image mask -> 'image 2', or 'images 0, 3 of 5', or 'images 0, 1, 2 and 7 more of 10'."""
+    index = np.flatnonzero(bad)
+    if len(index) == 1:
+        return f"image {index[0]}"
+    more = f" and {len(index) - 3} more" if len(index) > 3 else ""
+    return f"images {', '.join(str(i) for i in index[:3])}{more} of {len(bad)}"
 
 
 def numbers_of(items: np.ndarray) -> np.ndarray:
@@ -284,9 +308,8 @@ def numbers_of(items: np.ndarray) -> np.ndarray:
         if isinstance(item, bool) or not isinstance(item, (int, float, np.integer, np.floating)):
             raise bad_input(f"pixels must be integers 0-255, got {'null' if item is None else repr(item)} at "
                             f"{list(index)}")
-    low, high = min(items.flat), max(items.flat)
-    if low < 0 or high > 255:  # Python's integers, exactly: beyond what a float or int64 holds
-        raise bad_input(f"pixels must lie in 0-255, got values in [{low}, {high}]")
+    # Python's integers, exactly: beyond what a float or int64 holds
+    check_range([min(image.flat) for image in items], [max(image.flat) for image in items])
     whole = all(isinstance(item, (int, np.integer)) for item in items.flat)  # 0s and 1s: a dark image, not scaled
     return items.astype(np.int64 if whole else np.float64)
 

@@ -201,13 +201,44 @@ def one_pixel(value, at=(0, 1, 2, 0)) -> np.ndarray:
     (one_pixel(None).tolist(), "pixels must be integers 0-255, got null at [0, 1, 2, 0]"),
     (one_pixel("12").tolist(), "pixels must be integers 0-255, got '12' at [0, 1, 2, 0]"),
     (one_pixel(True, (0, 31, 0, 2)), "pixels must be integers 0-255, got True at [0, 31, 0, 2]"),
-    (one_pixel(2**70), f"pixels must lie in 0-255, got values in [0, {2**70}]"),
-    (one_pixel(-(2**70)).tolist(), f"pixels must lie in 0-255, got values in [{-(2**70)}, 0]"),
+    (one_pixel(2**70), f"image 0: pixels must lie in 0-255, got values in [0, {2**70}]"),
+    (one_pixel(-(2**70)).tolist(), f"image 0: pixels must lie in 0-255, got values in [{-(2**70)}, 0]"),
     # a string among numbers makes MLflow's array all text: which value it was is lost
     (one_pixel("12").astype(str), "pixels must be integers 0-255, got text (such as '0'): send numbers, not strings"),
 ], ids=["null", "null-list", "text-list", "bool", "beyond-int64", "beyond-int64-negative", "text-array"])
 def test_to_pixels_says_which_value_is_not_a_pixel(given, problem):
     # nulls, text and integers beyond int64 among the pixels were told "got values of type object", naming none
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given)
+    assert info.value.message == f"bad input: {problem}"
+
+
+def with_bad_images(value, images=(2,), n: int = 5) -> np.ndarray:
+    """`n` good float (n, 32, 32, 3) images, one pixel of each of `images` set to `value`."""
+    pixels = random_pixels(n, seed=11).astype(np.float64)
+    for i in images:
+        pixels[i, 5, 6, 1] = value
+    return pixels
+
+
+@pytest.mark.parametrize(("given", "problem"), [
+    (with_bad_images(np.nan), "image 2: pixels contain NaN or infinity"),
+    (with_bad_images(-np.inf, (0, 3)), "images 0, 3 of 5: pixels contain NaN or infinity"),
+    (with_bad_images(np.inf, range(5)), "images 0, 1, 2 and 2 more of 5: pixels contain NaN or infinity"),
+    (with_bad_images(300), "image 2: pixels must lie in 0-255, got values in [0, 300]"),
+    (with_bad_images(-1, (4,)), "image 4: pixels must lie in 0-255, got values in [-1, 255]"),
+    # one image scaled to [0, 1] among whole ones: the range and the hint were the batch's ("[0, 255] (round them to
+    # whole numbers)")
+    (np.concatenate([random_pixels(3, seed=11), random_pixels(1, seed=12) / 255.0]),
+     "image 3: pixels must be integers 0-255; got fractional values in [0, 1] (scaled to [0, 1]?)"),
+    (with_bad_images(0.5, (1,)).tolist(), "image 1: pixels must be integers 0-255; got fractional values in [0, 255] "
+                                          "(round them to whole numbers)"),
+    (one_pixel(2**70, (0, 0, 0, 0)).repeat(2, axis=0), f"images 0, 1 of 2: pixels must lie in 0-255, got values in "
+                                                       f"[0, {2**70}]"),
+], ids=["nan", "inf-two", "inf-all", "over255", "negative", "one-scaled", "one-unrounded-list", "beyond-int64"])
+def test_to_pixels_names_the_images_whose_pixels_are_refused(given, problem):
+    # a batch of pixel tensors with one bad image was refused with "pixels contain NaN or infinity", or the range of the
+    # whole batch, naming no image: in 10,000 rows, which one?
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
     assert info.value.message == f"bad input: {problem}"
