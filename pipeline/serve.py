@@ -26,10 +26,12 @@ import contextlib
 import importlib.util
 import io
 import json
+import logging
 import os
 import re
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,9 @@ JAX_MODEL_CALLS = threading.Lock()
 # The modules of pipeline/ whose code a served model runs to score pixels (see `pipeline.tracking.steps`, where evaluate
 # compares them with a model's logged copy before it scores it).
 SCORING_CODE = ("augment", "serve")
+# Images the model runs on at a time: memory stays that of 256 images (times the test-time views) however large the
+# request, and a request past the server's time limit stops within one chunk (`request_deadline`).
+PREDICT_CHUNK = 256
 
 INPUT_FORMATS = (
     'pixel tensors {"inputs": [[[[r, g, b], ...]]]}: integers 0-255, shape (n, 32, 32, 3); '
@@ -81,15 +86,44 @@ def bad_input(message: str) -> MlflowException:
     return MlflowException(f"bad input: {message}", error_code=INVALID_PARAMETER_VALUE)
 
 
-def to_pixels(model_input: Any) -> np.ndarray:
-    """Any accepted input (see the module docstring) -> validated uint8 pixels (n, 32, 32, 3)."""
+def request_deadline() -> float | None:
+    """In `mlflow models serve`, the time (`time.monotonic`) at which the server's time limit for the request now
+    predicted (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s by default) has run out, counted from now; None elsewhere.
+    Past it the server has answered HTTP 504, but cannot stop the thread predicting: without this, a request of
+    thousands of images went on to the end for no one (a core busy and the memory growing, 30 s past the 504 for
+    3,000 images), and each retry added one more."""
+    from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
+    if not _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get():  # set by the scoring server as it starts
+        return None
+    return time.monotonic() + MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
+
+
+def check_deadline(deadline: float | None, done: str) -> None:
+    """Stop the request past `deadline`: an MlflowException no client receives, and a line in the server's log saying
+    how far it got (`done`)."""
+    if deadline is None or time.monotonic() <= deadline:
+        return
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+    from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED
+
+    message = (f"stopped with {done}: past the server's time limit of "
+               f"{MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()} s (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT), for which "
+               f"its client was answered HTTP 504; send fewer images a request, or raise the limit")
+    logging.getLogger(__name__).warning("pipeline.serve: a request %s", message)
+    raise MlflowException(message, error_code=DEADLINE_EXCEEDED)
+
+
+def to_pixels(model_input: Any, deadline: float | None = None) -> np.ndarray:
+    """Any accepted input (see the module docstring) -> validated uint8 pixels (n, 32, 32, 3); encoded images are
+    decoded one at a time until `deadline` (see `request_deadline`)."""
     if isinstance(model_input, list) and model_input and all(isinstance(row, dict) for row in model_input):
         model_input = pd.DataFrame(model_input)  # records under "inputs": [{"image": ...}], as dataframe_records
     if isinstance(model_input, (pd.DataFrame, dict)):
-        return decode_images(image_column(model_input))
+        return decode_images(image_column(model_input), deadline)
     encoded = encoded_images(model_input)
     if encoded is not None:
-        return decode_images(encoded)
+        return decode_images(encoded, deadline)
     return check_pixels(model_input)
 
 
@@ -166,11 +200,15 @@ def pad_for_jax(pixels: np.ndarray) -> np.ndarray:
     return np.concatenate([pixels, np.zeros((2 ** n.bit_length() - n, *pixels.shape[1:]), pixels.dtype)])
 
 
-def decode_images(items: list) -> np.ndarray:
-    """Base64 strings or raw bytes of encoded images -> uint8 pixels (n, 32, 32, 3)."""
+def decode_images(items: list, deadline: float | None = None) -> np.ndarray:
+    """Base64 strings or raw bytes of encoded images -> uint8 pixels (n, 32, 32, 3), stopped past `deadline`."""
     if not items:
         raise bad_input("empty batch: send at least one image")
-    return np.stack([decode_one(to_bytes(item, f"image {i}"), f"image {i}") for i, item in enumerate(items)])
+    decoded = []
+    for i, item in enumerate(items):
+        check_deadline(deadline, f"{i} of {len(items)} images decoded")
+        decoded.append(decode_one(to_bytes(item, f"image {i}"), f"image {i}"))
+    return np.stack(decoded)
 
 
 def to_bytes(item: Any, name: str) -> bytes:
@@ -390,13 +428,19 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         with open(context.artifacts[CLASSES_ARTIFACT]) as f:
             self.class_names = json.load(f)
 
-    def predict_proba(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """uint8 pixels (n, 32, 32, 3) -> float32 class probabilities (n, classes), `batch_size` at a time.
+    def predict_proba(self, pixels: np.ndarray, batch_size: int | None = None,
+                      deadline: float | None = None) -> np.ndarray:
+        """uint8 pixels (n, 32, 32, 3) -> float32 class probabilities (n, classes), `batch_size` (PREDICT_CHUNK) at a
+        time, stopped past `deadline` (see `request_deadline`).
 
         `predict_on_batch` reuses one compiled function; `Model.predict` builds a data pipeline per call,
         which on a 2-core CPU costs ~140 ms for one image (2 ms here) and doubles the time of 256.
         """
-        chunks = [self._predict_batch(pixels[start:start + batch_size]) for start in range(0, len(pixels), batch_size)]
+        batch_size = batch_size or PREDICT_CHUNK
+        chunks = []
+        for start in range(0, len(pixels), batch_size):
+            check_deadline(deadline, f"{start} of {len(pixels)} images scored")
+            chunks.append(self._predict_batch(pixels[start:start + batch_size]))
         if not chunks:
             return np.zeros((0, self.model.output_shape[-1]), dtype=np.float32)
         return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks])
@@ -417,4 +461,5 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         """Any accepted input (see the module docstring) -> a DataFrame, one row per image."""
-        return to_frame(self.predict_proba(to_pixels(model_input)), self.class_names)
+        deadline = request_deadline()
+        return to_frame(self.predict_proba(to_pixels(model_input, deadline), deadline=deadline), self.class_names)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -618,6 +619,50 @@ def test_in_process_predict_returns_labels_and_probabilities(local_model):
     assert list(frame.columns) == ["label", "probability", "probabilities"]
     assert len(frame) == 4 and all(len(p) == 10 for p in frame["probabilities"])
     assert all(math.isclose(sum(p), 1, abs_tol=1e-4) for p in frame["probabilities"])
+
+
+def serving_with_time_limit(monkeypatch, model, seconds: int) -> None:
+    """This process set up as `mlflow models serve` sets up its server (MLflow's own `init`), with a request time limit
+    of `seconds` (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT); both restored at teardown."""
+    from mlflow.pyfunc import scoring_server
+
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", str(seconds))
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "false")  # init sets it: undone at teardown
+    scoring_server.init(model)
+
+
+@pytest.mark.parametrize("encoded", [False, True], ids=["pixels", "encoded"])
+def test_a_served_prediction_stops_once_the_servers_time_limit_has_run_out(local_model, monkeypatch, caplog, encoded):
+    # The server answers HTTP 504 when its time limit runs out, but the thread running predict went on to the end: a
+    # request of 3,000 images, refused at 8 s, kept a core busy and the server's memory growing for 30 s more, and
+    # each retry added one more such thread
+    serving_with_time_limit(monkeypatch, local_model, 1)
+    classifier, calls = local_model.unwrap_python_model(), []
+    slowed = serve.decode_one if encoded else classifier._predict_batch
+
+    def slow(*args):
+        calls.append(len(args[0]))
+        time.sleep(0.25)
+        return slowed(*args)
+
+    monkeypatch.setattr(serve, "PREDICT_CHUNK", 2)
+    if encoded:
+        monkeypatch.setattr(serve, "decode_one", slow)
+    else:
+        monkeypatch.setattr(classifier, "_predict_batch", slow)
+    pixels = random_pixels(20, seed=13)
+    given = [encode(image) for image in pixels] if encoded else pixels
+    stopped = (rf"stopped with \d+ of 20 images {'decoded' if encoded else 'scored'}: past the server's time limit of "
+               r"1 s \(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT\)")
+    with pytest.raises(MlflowException, match=stopped):
+        local_model.predict(given)
+    assert 0 < len(calls) < 10
+    assert "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT" in caplog.text  # said in the server's log: its client got a 504
+    # In process (no server), a prediction takes as long as it takes
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "false")
+    monkeypatch.setattr(serve, "PREDICT_CHUNK", 10)
+    calls.clear()
+    assert len(local_model.predict(given[:8])) == 8 and len(calls) == (8 if encoded else 1)
 
 
 def test_concurrent_predictions_on_jax_answer_each_request(model_uri, tmp_path):
