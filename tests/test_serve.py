@@ -387,6 +387,49 @@ def test_to_pixels_refuses_huge_canvas_before_decoding(capsys):
     assert "16.8 megapixels" in " ".join(capsys.readouterr().out.split())
 
 
+def decoding_memory_mib(raw: bytes, tmp_path: Path) -> float:
+    """MiB a fresh Python's resident memory rises to while `decode_image` decodes `raw` (the kernel's high-water mark,
+    reset first: Pillow's buffers are not Python's, which tracemalloc would see; a process of its own, as memory this
+    one freed would be reused unseen)."""
+    image = tmp_path / "image"
+    image.write_bytes(raw)
+    script = textwrap.dedent(f"""
+        import re
+        from pathlib import Path
+        from pipeline.data import decode_image
+
+        def status(key):
+            return int(re.search(key + r":\\s+(\\d+)", Path("/proc/self/status").read_text())[1]) / 1024
+
+        raw = Path({str(image)!r}).read_bytes()
+        Path("/proc/self/clear_refs").write_text("5")
+        before = status("VmRSS")
+        decode_image(raw)
+        print(status("VmHWM") - before)
+        """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.split()[-1])
+
+
+def test_an_image_at_the_pixel_limit_decodes_in_the_memory_of_one_copy(tmp_path):
+    # A 4096x4096 image (the limit) took 133 MiB to decode as RGB, two copies of Pillow's 64 MiB (the decoded image
+    # converted to the mode it had), and a 16-bit greyscale one 316 MiB (float64 scaling to 8 bits)
+    side = serve.MAX_ENCODED_PIXELS ** 0.5
+    ramp = np.add.outer(np.arange(side), np.arange(side))
+    rgb, grey16 = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.repeat((ramp % 256).astype(np.uint8)[..., None], 3, axis=2)).save(rgb, "PNG")
+    Image.fromarray((ramp * 8).astype(np.uint16)).save(grey16, "PNG")
+    assert decoding_memory_mib(rgb.getvalue(), tmp_path) < 100
+    assert decoding_memory_mib(grey16.getvalue(), tmp_path) < 160
+    # the same pixels as before: 16-bit values v scaled to round(v / 257)
+    small = io.BytesIO()
+    Image.fromarray(np.arange(65536, dtype=np.uint16).reshape(256, 256)).save(small, "PNG")
+    expected = np.rint(np.arange(65536).reshape(256, 256) / 257).astype(np.uint8)
+    expected = np.asarray(Image.fromarray(expected).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(decode_image(small.getvalue()), expected)
+
+
 # --- the logged model -------------------------------------------------------------------------
 
 def test_logged_model_documents_formats_and_enforces_no_casting_signature(model_uri):
