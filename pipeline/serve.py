@@ -60,6 +60,8 @@ WHITESPACE = re.compile(r"\s+")
 URL_SAFE = str.maketrans("-_", "+/")  # base64url's letters, in the standard alphabet (`unpadded`)
 # A file's name sent in place of its bytes (`{"inputs": ["cat.png"]}`): never base64, whose alphabet has no dot.
 FILE_NAME = re.compile(r"^\S*\.(png|jpe?g|bmp|gif|webp|tiff?)$", re.IGNORECASE)
+# A URL in place of the image (http, s3, file...): never base64 either, which has no colon.
+URL = re.compile(r"^[a-z][a-z0-9+.-]*://\S*$", re.IGNORECASE)
 # `mlflow models serve` runs each request's predict in a thread of its own. On JAX, Keras's predict function donates
 # the model's weight buffers to each call: two calls at once, and one ran on buffers the other had given up ("Buffer
 # has been deleted or donated", an HTTP 400 "unexpected error"; 11 of 16 requests sent together). TensorFlow's
@@ -220,6 +222,9 @@ def to_bytes(item: Any, name: str) -> bytes:
     if isinstance(item, bytes):
         raw = item
     elif isinstance(item, str):
+        if URL.match(item.strip()):
+            raise bad_input(f"{name}: {shortened(item.strip())!r} is a URL, not a base64 image: the model fetches "
+                            f"nothing; send the image's bytes base64-encoded")
         if FILE_NAME.match(item.strip()):
             raise bad_input(f"{name}: {item.strip()!r} is a file name, not a base64 image: the model reads no files; "
                             f"send the file's bytes base64-encoded (python -m pipeline.predict FILE does)")
@@ -232,6 +237,11 @@ def to_bytes(item: Any, name: str) -> bytes:
     if not raw:
         raise bad_input(f"{name}: empty image")
     return raw
+
+
+def shortened(text: str, limit: int = 100) -> str:
+    """`text` as an error message quotes it: its first `limit` characters, '...' marking the cut."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def unpadded(text: str) -> str:

@@ -362,11 +362,17 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
                             "files; send the file's bytes base64-encoded (python -m pipeline.predict FILE does)"),
     (pd.DataFrame({"image": [b64(encode(random_pixels(1)[0])), " ~/photos/Cat.PNG\n"]}),
      "image 1: '~/photos/Cat.PNG' is a file name"),
+    # URLs in place of images: said "not valid base64", or that a URL with an image's suffix was a file name
+    (["http://example.com/img?id=3"], "image 0: 'http://example.com/img?id=3' is a URL, not a base64 image: the model "
+                                      "fetches nothing; send the image's bytes base64-encoded"),
+    (pd.DataFrame({"image": [b64(encode(random_pixels(1)[0])), "https://example.com/cat.jpg"]}),
+     "image 1: 'https://example.com/cat.jpg' is a URL, not a base64 image"),
+    ([f"s3://bucket/{'x' * 200}.png"], f"image 0: 's3://bucket/{'x' * 88}...' is a URL"),
 ], ids=["invalid-base64", "non-ascii", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
         "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image",
         "null-image", "records-without-columns", "ppm", "eps", "null-first", "null-first-array", "only-null",
         "only-nulls-array", "two-image-columns", "file-name",
-        "file-name-in-frame"])
+        "file-name-in-frame", "url", "url-with-suffix", "long-url"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
