@@ -830,8 +830,11 @@ NAN_BODY = json.dumps({"inputs": np.where(random_pixels(1) > 100, np.nan, 1.0).t
     (b'{"inputs": [[[', "valid JSON"),
     ({"inputs": "abc"}, f"image 0: {UNDECODABLE}"),  # "abc=" unpadded: base64 of no image
     ({"inputs": [None, b64(encode(random_pixels(1)[0]))]}, "image 0: no image"),
+    ({"inputs": with_bad_images(300).tolist()}, "image 2: pixels must lie in 0-255, got values in [0, 300]"),
+    ({"inputs": ["https://example.com/cat.jpg"]}, "image 0: 'https://example.com/cat.jpg' is a URL"),
 ], ids=["floats01", "white01", "over255", "negative", "shape", "4channels", "empty", "empty-frame", "nan",
-        "invalid-base64", "not-an-image", "wrong-column", "ragged", "broken-json", "bare-string", "null-first"])
+        "invalid-base64", "not-an-image", "wrong-column", "ragged", "broken-json", "bare-string", "null-first",
+        "one-bad-pixel-image", "url"])
 def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(server, body, problem):
     status, answer = post(server, body)
     assert status == 400, answer
