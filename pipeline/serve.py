@@ -27,10 +27,12 @@ import contextlib
 import importlib.util
 import io
 import json
+import logging
 import os
 import re
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,8 @@ WHITESPACE = re.compile(r"\s+")
 URL_SAFE = str.maketrans("-_", "+/")  # base64url's letters, in the standard alphabet (`unpadded`)
 # A file's name sent in place of its bytes (`{"inputs": ["cat.png"]}`): never base64, whose alphabet has no dot.
 FILE_NAME = re.compile(r"^\S*\.(png|jpe?g|bmp|gif|webp|tiff?)$", re.IGNORECASE)
+# A URL in place of the image (http, s3, file...): never base64 either, which has no colon.
+URL = re.compile(r"^[a-z][a-z0-9+.-]*://\S*$", re.IGNORECASE)
 # `mlflow models serve` runs each request's predict in a thread of its own. On JAX, Keras's predict function donates
 # the model's weight buffers to each call: two calls at once, and one ran on buffers the other had given up ("Buffer
 # has been deleted or donated", an HTTP 400 "unexpected error"; 11 of 16 requests sent together). TensorFlow's
@@ -67,6 +71,9 @@ JAX_MODEL_CALLS = threading.Lock()
 # The modules of pipeline/ whose code a served model runs to score pixels (see `pipeline.tracking.steps`, where evaluate
 # compares them with a model's logged copy before it scores it).
 SCORING_CODE = ("augment", "serve")
+# Images the model runs on at a time: memory stays that of 256 images (times the test-time views) however large the
+# request, and a request past the server's time limit stops within one chunk (`request_deadline`).
+PREDICT_CHUNK = 256
 
 INPUT_FORMATS = (
     'pixel tensors {"inputs": [[[[r, g, b], ...]]]}: integers 0-255, shape (n, 32, 32, 3); '
@@ -82,15 +89,44 @@ def bad_input(message: str) -> MlflowException:
     return MlflowException(f"bad input: {message}", error_code=INVALID_PARAMETER_VALUE)
 
 
-def to_pixels(model_input: Any) -> np.ndarray:
-    """Any accepted input (see the module docstring) -> validated uint8 pixels (n, 32, 32, 3)."""
+def request_deadline() -> float | None:
+    """In `mlflow models serve`, the time (`time.monotonic`) at which the server's time limit for the request now
+    predicted (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s by default) has run out, counted from now; None elsewhere.
+    Past it the server has answered HTTP 504, but cannot stop the thread predicting: without this, a request of
+    thousands of images went on to the end for no one (a core busy and the memory growing, 30 s past the 504 for
+    3,000 images), and each retry added one more."""
+    from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
+    if not _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get():  # set by the scoring server as it starts
+        return None
+    return time.monotonic() + MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
+
+
+def check_deadline(deadline: float | None, done: str) -> None:
+    """Stop the request past `deadline`: an MlflowException no client receives, and a line in the server's log saying
+    how far it got (`done`)."""
+    if deadline is None or time.monotonic() <= deadline:
+        return
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+    from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED
+
+    message = (f"stopped with {done}: past the server's time limit of "
+               f"{MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()} s (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT), for which "
+               f"its client was answered HTTP 504; send fewer images a request, or raise the limit")
+    logging.getLogger(__name__).warning("pipeline.serve: a request %s", message)
+    raise MlflowException(message, error_code=DEADLINE_EXCEEDED)
+
+
+def to_pixels(model_input: Any, deadline: float | None = None) -> np.ndarray:
+    """Any accepted input (see the module docstring) -> validated uint8 pixels (n, 32, 32, 3); encoded images are
+    decoded one at a time until `deadline` (see `request_deadline`)."""
     if isinstance(model_input, list) and model_input and all(isinstance(row, dict) for row in model_input):
         model_input = pd.DataFrame(model_input)  # records under "inputs": [{"image": ...}], as dataframe_records
     if isinstance(model_input, (pd.DataFrame, dict)):
-        return decode_images(image_column(model_input))
+        return decode_images(image_column(model_input), deadline)
     encoded = encoded_images(model_input)
     if encoded is not None:
-        return decode_images(encoded)
+        return decode_images(encoded, deadline)
     return check_pixels(model_input)
 
 
@@ -167,11 +203,15 @@ def pad_for_jax(pixels: np.ndarray) -> np.ndarray:
     return np.concatenate([pixels, np.zeros((2 ** n.bit_length() - n, *pixels.shape[1:]), pixels.dtype)])
 
 
-def decode_images(items: list) -> np.ndarray:
-    """Base64 strings or raw bytes of encoded images -> uint8 pixels (n, 32, 32, 3)."""
+def decode_images(items: list, deadline: float | None = None) -> np.ndarray:
+    """Base64 strings or raw bytes of encoded images -> uint8 pixels (n, 32, 32, 3), stopped past `deadline`."""
     if not items:
         raise bad_input("empty batch: send at least one image")
-    return np.stack([decode_one(to_bytes(item, f"image {i}"), f"image {i}") for i, item in enumerate(items)])
+    decoded = []
+    for i, item in enumerate(items):
+        check_deadline(deadline, f"{i} of {len(items)} images decoded")
+        decoded.append(decode_one(to_bytes(item, f"image {i}"), f"image {i}"))
+    return np.stack(decoded)
 
 
 def to_bytes(item: Any, name: str) -> bytes:
@@ -183,6 +223,9 @@ def to_bytes(item: Any, name: str) -> bytes:
     if isinstance(item, bytes):
         raw = item
     elif isinstance(item, str):
+        if URL.match(item.strip()):
+            raise bad_input(f"{name}: {shortened(item.strip())!r} is a URL, not a base64 image: the model fetches "
+                            f"nothing; send the image's bytes base64-encoded")
         if FILE_NAME.match(item.strip()):
             raise bad_input(f"{name}: {item.strip()!r} is a file name, not a base64 image: the model reads no files; "
                             f"send the file's bytes base64-encoded (python -m pipeline.predict FILE does)")
@@ -195,6 +238,11 @@ def to_bytes(item: Any, name: str) -> bytes:
     if not raw:
         raise bad_input(f"{name}: empty image")
     return raw
+
+
+def shortened(text: str, limit: int = 100) -> str:
+    """`text` as an error message quotes it: its first `limit` characters, '...' marking the cut."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def unpadded(text: str) -> str:
@@ -261,21 +309,45 @@ def check_pixels(model_input: Any) -> np.ndarray:
                         "not strings")
     if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise bad_input(f"pixels must be integers 0-255, got values of type {x.dtype}")
-    low, high = x.min(), x.max()
+    # Each check names the images it refuses (by their index in the batch, as encoded images are named) and gives the
+    # range of those alone: one bad image among 10,000 is found, and its hint is not the batch's.
+    per_image = x.reshape(len(x), -1)
     if np.issubdtype(x.dtype, np.floating):
-        if not np.isfinite(x).all():
-            raise bad_input("pixels contain NaN or infinity")
-        if not np.equal(np.mod(x, 1), 0).all():  # the likely cause, from the range: scaled, normalised or unrounded
+        bad = ~np.isfinite(per_image).all(axis=1)
+        if bad.any():
+            raise bad_input(f"{images_named(bad)}: pixels contain NaN or infinity")
+        bad = (np.mod(per_image, 1) != 0).any(axis=1)
+        if bad.any():  # the likely cause, from the range: scaled, normalised or unrounded
+            low, high = per_image[bad].min(), per_image[bad].max()
             cause = ("scaled to [0, 1]?" if low >= 0 and high <= 1 else "normalised?" if low < 0
                      else "round them to whole numbers")
-            raise bad_input(f"pixels must be integers 0-255; got fractional values in [{low:g}, {high:g}] ({cause})")
+            raise bad_input(f"{images_named(bad)}: pixels must be integers 0-255; got fractional values in "
+                            f"[{low:g}, {high:g}] ({cause})")
         # Whole floats pass (JSON clients send 255.0), but only 0.0 and 1.0 is an image scaled to [0, 1] (white,
         # line art) that would read as nearly black: a brightest pixel of 1 of 255 is no real image. All 0.0 passes.
-        if low >= 0 and high == 1:
+        if x.min() >= 0 and x.max() == 1:
             raise bad_input("pixels must be integers 0-255; got floats of only 0.0 and 1.0 (scaled to [0, 1]?)")
-    if low < 0 or high > 255:
-        raise bad_input(f"pixels must lie in 0-255, got values in [{low}, {high}]")
+    check_range(per_image.min(axis=1), per_image.max(axis=1))
     return x.astype(np.uint8)
+
+
+def check_range(lows: Any, highs: Any) -> None:
+    """bad_input naming the images whose lowest (`lows`) or highest (`highs`) value is outside 0-255, with the range."""
+    lows, highs = np.asarray(lows, dtype=object), np.asarray(highs, dtype=object)  # exact: ints beyond int64 too
+    bad = ((lows < 0) | (highs > 255)).astype(bool)
+    if bad.any():
+        low, high = (f"{v:g}" if isinstance(v, (float, np.floating)) else str(v) for v in (min(lows[bad]),
+                                                                                          max(highs[bad])))
+        raise bad_input(f"{images_named(bad)}: pixels must lie in 0-255, got values in [{low}, {high}]")
+
+
+def images_named(bad: np.ndarray) -> str:
+    """A per-image mask -> 'image 2', or 'images 0, 3 of 5', or 'images 0, 1, 2 and 7 more of 10'."""
+    index = np.flatnonzero(bad)
+    if len(index) == 1:
+        return f"image {index[0]}"
+    more = f" and {len(index) - 3} more" if len(index) > 3 else ""
+    return f"images {', '.join(str(i) for i in index[:3])}{more} of {len(bad)}"
 
 
 def numbers_of(items: np.ndarray) -> np.ndarray:
@@ -285,9 +357,8 @@ def numbers_of(items: np.ndarray) -> np.ndarray:
         if isinstance(item, bool) or not isinstance(item, (int, float, np.integer, np.floating)):
             raise bad_input(f"pixels must be integers 0-255, got {'null' if item is None else repr(item)} at "
                             f"{list(index)}")
-    low, high = min(items.flat), max(items.flat)
-    if low < 0 or high > 255:  # Python's integers, exactly: beyond what a float or int64 holds
-        raise bad_input(f"pixels must lie in 0-255, got values in [{low}, {high}]")
+    # Python's integers, exactly: beyond what a float or int64 holds
+    check_range([min(image.flat) for image in items], [max(image.flat) for image in items])
     whole = all(isinstance(item, (int, np.integer)) for item in items.flat)  # 0s and 1s: a dark image, not scaled
     return items.astype(np.int64 if whole else np.float64)
 
@@ -368,13 +439,19 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         with open(context.artifacts[CLASSES_ARTIFACT]) as f:
             self.class_names = json.load(f)
 
-    def predict_proba(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """uint8 pixels (n, 32, 32, 3) -> float32 class probabilities (n, classes), `batch_size` at a time.
+    def predict_proba(self, pixels: np.ndarray, batch_size: int | None = None,
+                      deadline: float | None = None) -> np.ndarray:
+        """uint8 pixels (n, 32, 32, 3) -> float32 class probabilities (n, classes), `batch_size` (PREDICT_CHUNK) at a
+        time, stopped past `deadline` (see `request_deadline`).
 
         `predict_on_batch` reuses one compiled function; `Model.predict` builds a data pipeline per call,
         which on a 2-core CPU costs ~140 ms for one image (2 ms here) and doubles the time of 256.
         """
-        chunks = [self._predict_batch(pixels[start:start + batch_size]) for start in range(0, len(pixels), batch_size)]
+        batch_size = batch_size or PREDICT_CHUNK
+        chunks = []
+        for start in range(0, len(pixels), batch_size):
+            check_deadline(deadline, f"{start} of {len(pixels)} images scored")
+            chunks.append(self._predict_batch(pixels[start:start + batch_size]))
         if not chunks:
             return np.zeros((0, self.model.output_shape[-1]), dtype=np.float32)
         return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks])
@@ -395,4 +472,5 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         """Any accepted input (see the module docstring) -> a DataFrame, one row per image."""
-        return to_frame(self.predict_proba(to_pixels(model_input)), self.class_names)
+        deadline = request_deadline()
+        return to_frame(self.predict_proba(to_pixels(model_input, deadline), deadline=deadline), self.class_names)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -201,13 +202,44 @@ def one_pixel(value, at=(0, 1, 2, 0)) -> np.ndarray:
     (one_pixel(None).tolist(), "pixels must be integers 0-255, got null at [0, 1, 2, 0]"),
     (one_pixel("12").tolist(), "pixels must be integers 0-255, got '12' at [0, 1, 2, 0]"),
     (one_pixel(True, (0, 31, 0, 2)), "pixels must be integers 0-255, got True at [0, 31, 0, 2]"),
-    (one_pixel(2**70), f"pixels must lie in 0-255, got values in [0, {2**70}]"),
-    (one_pixel(-(2**70)).tolist(), f"pixels must lie in 0-255, got values in [{-(2**70)}, 0]"),
+    (one_pixel(2**70), f"image 0: pixels must lie in 0-255, got values in [0, {2**70}]"),
+    (one_pixel(-(2**70)).tolist(), f"image 0: pixels must lie in 0-255, got values in [{-(2**70)}, 0]"),
     # a string among numbers makes MLflow's array all text: which value it was is lost
     (one_pixel("12").astype(str), "pixels must be integers 0-255, got text (such as '0'): send numbers, not strings"),
 ], ids=["null", "null-list", "text-list", "bool", "beyond-int64", "beyond-int64-negative", "text-array"])
 def test_to_pixels_says_which_value_is_not_a_pixel(given, problem):
     # nulls, text and integers beyond int64 among the pixels were told "got values of type object", naming none
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given)
+    assert info.value.message == f"bad input: {problem}"
+
+
+def with_bad_images(value, images=(2,), n: int = 5) -> np.ndarray:
+    """`n` good float (n, 32, 32, 3) images, one pixel of each of `images` set to `value`."""
+    pixels = random_pixels(n, seed=11).astype(np.float64)
+    for i in images:
+        pixels[i, 5, 6, 1] = value
+    return pixels
+
+
+@pytest.mark.parametrize(("given", "problem"), [
+    (with_bad_images(np.nan), "image 2: pixels contain NaN or infinity"),
+    (with_bad_images(-np.inf, (0, 3)), "images 0, 3 of 5: pixels contain NaN or infinity"),
+    (with_bad_images(np.inf, range(5)), "images 0, 1, 2 and 2 more of 5: pixels contain NaN or infinity"),
+    (with_bad_images(300), "image 2: pixels must lie in 0-255, got values in [0, 300]"),
+    (with_bad_images(-1, (4,)), "image 4: pixels must lie in 0-255, got values in [-1, 255]"),
+    # one image scaled to [0, 1] among whole ones: the range and the hint were the batch's ("[0, 255] (round them to
+    # whole numbers)")
+    (np.concatenate([random_pixels(3, seed=11), random_pixels(1, seed=12) / 255.0]),
+     "image 3: pixels must be integers 0-255; got fractional values in [0, 1] (scaled to [0, 1]?)"),
+    (with_bad_images(0.5, (1,)).tolist(), "image 1: pixels must be integers 0-255; got fractional values in [0, 255] "
+                                          "(round them to whole numbers)"),
+    (one_pixel(2**70, (0, 0, 0, 0)).repeat(2, axis=0), f"images 0, 1 of 2: pixels must lie in 0-255, got values in "
+                                                       f"[0, {2**70}]"),
+], ids=["nan", "inf-two", "inf-all", "over255", "negative", "one-scaled", "one-unrounded-list", "beyond-int64"])
+def test_to_pixels_names_the_images_whose_pixels_are_refused(given, problem):
+    # a batch of pixel tensors with one bad image was refused with "pixels contain NaN or infinity", or the range of the
+    # whole batch, naming no image: in 10,000 rows, which one?
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
     assert info.value.message == f"bad input: {problem}"
@@ -330,11 +362,17 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
                             "files; send the file's bytes base64-encoded (python -m pipeline.predict FILE does)"),
     (pd.DataFrame({"image": [b64(encode(random_pixels(1)[0])), " ~/photos/Cat.PNG\n"]}),
      "image 1: '~/photos/Cat.PNG' is a file name"),
+    # URLs in place of images: said "not valid base64", or that a URL with an image's suffix was a file name
+    (["http://example.com/img?id=3"], "image 0: 'http://example.com/img?id=3' is a URL, not a base64 image: the model "
+                                      "fetches nothing; send the image's bytes base64-encoded"),
+    (pd.DataFrame({"image": [b64(encode(random_pixels(1)[0])), "https://example.com/cat.jpg"]}),
+     "image 1: 'https://example.com/cat.jpg' is a URL, not a base64 image"),
+    ([f"s3://bucket/{'x' * 200}.png"], f"image 0: 's3://bucket/{'x' * 88}...' is a URL"),
 ], ids=["invalid-base64", "non-ascii", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
         "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image",
         "null-image", "records-without-columns", "ppm", "eps", "null-first", "null-first-array", "only-null",
         "only-nulls-array", "two-image-columns", "file-name",
-        "file-name-in-frame"])
+        "file-name-in-frame", "url", "url-with-suffix", "long-url"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -353,6 +391,49 @@ def test_to_pixels_refuses_huge_canvas_before_decoding(capsys):
     with pytest.raises(SystemExit):
         predict.main(["--help"])
     assert "16.8 megapixels" in " ".join(capsys.readouterr().out.split())
+
+
+def decoding_memory_mib(raw: bytes, tmp_path: Path) -> float:
+    """MiB a fresh Python's resident memory rises to while `decode_image` decodes `raw` (the kernel's high-water mark,
+    reset first: Pillow's buffers are not Python's, which tracemalloc would see; a process of its own, as memory this
+    one freed would be reused unseen)."""
+    image = tmp_path / "image"
+    image.write_bytes(raw)
+    script = textwrap.dedent(f"""
+        import re
+        from pathlib import Path
+        from pipeline.data import decode_image
+
+        def status(key):
+            return int(re.search(key + r":\\s+(\\d+)", Path("/proc/self/status").read_text())[1]) / 1024
+
+        raw = Path({str(image)!r}).read_bytes()
+        Path("/proc/self/clear_refs").write_text("5")
+        before = status("VmRSS")
+        decode_image(raw)
+        print(status("VmHWM") - before)
+        """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.split()[-1])
+
+
+def test_an_image_at_the_pixel_limit_decodes_in_the_memory_of_one_copy(tmp_path):
+    # A 4096x4096 image (the limit) took 133 MiB to decode as RGB, two copies of Pillow's 64 MiB (the decoded image
+    # converted to the mode it had), and a 16-bit greyscale one 316 MiB (float64 scaling to 8 bits)
+    side = serve.MAX_ENCODED_PIXELS ** 0.5
+    ramp = np.add.outer(np.arange(side), np.arange(side))
+    rgb, grey16 = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.repeat((ramp % 256).astype(np.uint8)[..., None], 3, axis=2)).save(rgb, "PNG")
+    Image.fromarray((ramp * 8).astype(np.uint16)).save(grey16, "PNG")
+    assert decoding_memory_mib(rgb.getvalue(), tmp_path) < 100
+    assert decoding_memory_mib(grey16.getvalue(), tmp_path) < 160
+    # the same pixels as before: 16-bit values v scaled to round(v / 257)
+    small = io.BytesIO()
+    Image.fromarray(np.arange(65536, dtype=np.uint16).reshape(256, 256)).save(small, "PNG")
+    expected = np.rint(np.arange(65536).reshape(256, 256) / 257).astype(np.uint8)
+    expected = np.asarray(Image.fromarray(expected).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(decode_image(small.getvalue()), expected)
 
 
 # --- the logged model -------------------------------------------------------------------------
@@ -610,6 +691,50 @@ def test_in_process_predict_returns_labels_and_probabilities(local_model):
     assert all(math.isclose(sum(p), 1, abs_tol=1e-4) for p in frame["probabilities"])
 
 
+def serving_with_time_limit(monkeypatch, model, seconds: int) -> None:
+    """This process set up as `mlflow models serve` sets up its server (MLflow's own `init`), with a request time limit
+    of `seconds` (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT); both restored at teardown."""
+    from mlflow.pyfunc import scoring_server
+
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", str(seconds))
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "false")  # init sets it: undone at teardown
+    scoring_server.init(model)
+
+
+@pytest.mark.parametrize("encoded", [False, True], ids=["pixels", "encoded"])
+def test_a_served_prediction_stops_once_the_servers_time_limit_has_run_out(local_model, monkeypatch, caplog, encoded):
+    # The server answers HTTP 504 when its time limit runs out, but the thread running predict went on to the end: a
+    # request of 3,000 images, refused at 8 s, kept a core busy and the server's memory growing for 30 s more, and
+    # each retry added one more such thread
+    serving_with_time_limit(monkeypatch, local_model, 1)
+    classifier, calls = local_model.unwrap_python_model(), []
+    slowed = serve.decode_one if encoded else classifier._predict_batch
+
+    def slow(*args):
+        calls.append(len(args[0]))
+        time.sleep(0.25)
+        return slowed(*args)
+
+    monkeypatch.setattr(serve, "PREDICT_CHUNK", 2)
+    if encoded:
+        monkeypatch.setattr(serve, "decode_one", slow)
+    else:
+        monkeypatch.setattr(classifier, "_predict_batch", slow)
+    pixels = random_pixels(20, seed=13)
+    given = [encode(image) for image in pixels] if encoded else pixels
+    stopped = (rf"stopped with \d+ of 20 images {'decoded' if encoded else 'scored'}: past the server's time limit of "
+               r"1 s \(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT\)")
+    with pytest.raises(MlflowException, match=stopped):
+        local_model.predict(given)
+    assert 0 < len(calls) < 10
+    assert "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT" in caplog.text  # said in the server's log: its client got a 504
+    # In process (no server), a prediction takes as long as it takes
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "false")
+    monkeypatch.setattr(serve, "PREDICT_CHUNK", 10)
+    calls.clear()
+    assert len(local_model.predict(given[:8])) == 8 and len(calls) == (8 if encoded else 1)
+
+
 def test_concurrent_predictions_on_jax_answer_each_request(model_uri, tmp_path):
     """`mlflow models serve` runs each request's predict in a thread of its own: on JAX, Keras's predict function
     donates the model's weight buffers, and of 16 requests at once 11 got HTTP 400 "unexpected error" (JAX's "Buffer
@@ -726,8 +851,11 @@ NAN_BODY = json.dumps({"inputs": np.where(random_pixels(1) > 100, np.nan, 1.0).t
     (b'{"inputs": [[[', "valid JSON"),
     ({"inputs": "abc"}, f"image 0: {UNDECODABLE}"),  # "abc=" unpadded: base64 of no image
     ({"inputs": [None, b64(encode(random_pixels(1)[0]))]}, "image 0: no image"),
+    ({"inputs": with_bad_images(300).tolist()}, "image 2: pixels must lie in 0-255, got values in [0, 300]"),
+    ({"inputs": ["https://example.com/cat.jpg"]}, "image 0: 'https://example.com/cat.jpg' is a URL"),
 ], ids=["floats01", "white01", "over255", "negative", "shape", "4channels", "empty", "empty-frame", "nan",
-        "invalid-base64", "not-an-image", "wrong-column", "ragged", "broken-json", "bare-string", "null-first"])
+        "invalid-base64", "not-an-image", "wrong-column", "ragged", "broken-json", "bare-string", "null-first",
+        "one-bad-pixel-image", "url"])
 def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(server, body, problem):
     status, answer = post(server, body)
     assert status == 400, answer
