@@ -9,8 +9,9 @@ become the training run's id and the server's port a free one. Nothing else is c
 section's tracking server is started too, to check the names it answers.
 
 The README and the docs pages are checked without running anything too: their links, anchors, named files, tests,
-params keys, commands' entry points and options, the tags and metrics the pipeline logs, the layout page's list of
-files, and which way a "below" or "above" link points.
+params keys, commands' entry points and options, the environment variables they tell a reader to set, the revisions
+they give to git, the tags and metrics the pipeline logs, the layout page's list of files, and which way a "below" or
+"above" link points.
 """
 
 from __future__ import annotations
@@ -444,6 +445,75 @@ def test_the_command_check_finds_unknown_entry_points_parameters_modules_and_opt
     assert unknown_options(page) == [
         "page.md: -e compare -P nope", "page.md: -e nothing", "page.md: pipeline.train --nope",
         "page.md: -e main -P epoch", "page.md: bench.sweep --bad", "page.md: bench.nothing"]
+
+
+# Named in the docs as what the pipeline leaves unset (gpus.md: TensorFlow's persistent XLA cache stays off).
+NOT_SET_HERE = {"TF_XLA_FLAGS"}
+
+
+def project_sources(root: Path) -> str:
+    """The code that reads settings: the pipeline and benchmark modules, the shell scripts, MLproject and CI."""
+    files = [*sorted(root.glob("pipeline/**/*.py")), *sorted(root.glob("bench/*.py")), root / "bench" / "gpu.sh",
+             *sorted(root.glob("scripts/*")), root / "MLproject", root / ".ci" / "run"]
+    return "\n".join(path.read_text() for path in files if path.is_file())
+
+
+def unread_names(page: Path, sources: str) -> list[str]:
+    """The environment variables and constants `page`'s code names (`NAME_WITH_UNDERSCORES` in capitals) that
+    `sources` never names: a setting renamed in the code would leave the page telling a reader to set one that
+    nothing reads. A name ending in `_` is a prefix (`MLFLOW_HTTP_REQUEST_*`)."""
+    named = {name for span in code_spans(page.read_text())
+             for name in re.findall(r"(?<![\w.])([A-Z][A-Z0-9]*(?:_[A-Z0-9]*)+)(?![\w.])", span)}
+    return [f"{page.name}: {name}" for name in sorted(named - NOT_SET_HERE)
+            if not re.search(r"(?<!\w)" + re.escape(name) + ("" if name.endswith("_") else r"(?!\w)"), sources)]
+
+
+def test_every_setting_the_docs_name_is_one_the_code_reads():
+    """`PIPELINE_HOSTS_TIMEOUT=...`, `GPU_SH_BUDGET=1200`, team-server.sh's `MLFLOW_DB`, `KERAS_BACKEND`: each
+    variable a page tells the reader to set (and each constant it points into the code at, `TRAIN_CODE`) is named by
+    the code."""
+    sources = project_sources(ROOT)
+    found = {page.name: unread_names(page, "") for page in PAGES}
+    assert len(set().union(*map(set, found.values()))) > 25, found  # the parser reads the names it should
+    assert not [name for page in PAGES for name in unread_names(page, sources)]
+
+
+def test_the_settings_check_finds_a_name_the_code_never_reads(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("`PIPELINE_GONE=1 mlflow run .`, `$PIPELINE_KEPT`, `MLFLOW_HTTP_REQUEST_*`, `model.l2`, "
+                    "`TF_XLA_FLAGS=...`\n\n```bash\nGPU_SH_OLD=1 bash bench/gpu.sh\n```\n")
+    sources = 'os.environ.get("PIPELINE_KEPT")  # MLFLOW_HTTP_REQUEST_MAX_RETRIES\nGPU_SH_OLDER=${GPU_SH_OLDER:-}'
+    assert unread_names(page, sources) == ["page.md: GPU_SH_OLD", "page.md: PIPELINE_GONE"]
+
+
+def unknown_revisions(page: Path, root: Path = ROOT) -> list[str]:
+    """The revisions `page`'s code gives a reader to run, `git show REV:path` and `python -m bench.step_graph REV ...`,
+    that `root`'s git history lacks (or, for `git show`, whose file is not there at that revision)."""
+    wanted = []
+    for span in code_spans(page.read_text()):
+        wanted += re.findall(r"git show ([0-9a-f]{7,40}:[\w./-]+)", span)
+        for revisions in re.findall(r"python -m bench\.step_graph((?: +(?:[0-9a-f]{7,40}|HEAD|\.)(?![\w-]))+)", span):
+            wanted += [f"{r}^{{commit}}" for r in revisions.split() if r not in ("HEAD", ".")]
+    return [f"{page.name}: {ref}" for ref in wanted if subprocess.run(
+        ["git", "cat-file", "-e", ref], cwd=root, capture_output=True).returncode]
+
+
+def test_every_revision_the_docs_give_to_git_and_step_graph_is_in_the_history():
+    """`git show cb1cf0d:bench/results/benchmark.md` (a report the commits since replaced) and the README's
+    `python -m bench.step_graph 5caae06 c2e24b9 7e3ab7c HEAD`: a reader's clone must hold each revision, and the file
+    at it. A mistyped hash, or a path renamed before the report was written, would answer `fatal: invalid object`."""
+    assert sum("git show " in page.read_text() for page in PAGES) >= 2
+    assert not [ref for page in PAGES for ref in unknown_revisions(page)]
+
+
+def test_the_revision_check_finds_an_unknown_commit_and_a_file_not_at_it(tmp_path):
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    page = tmp_path / "page.md"
+    page.write_text(f"`git show {head}:README.md`, `git show {head}:no/such.md`, `git show 0000000:README.md`\n\n"
+                    f"```bash\npython -m bench.step_graph {head} 1111111 HEAD . --name x\n```\n")
+    assert unknown_revisions(page) == ["page.md: 1111111^{commit}", f"page.md: {head}:no/such.md",
+                                       "page.md: 0000000:README.md"]  # the blocks' first, then the inline spans'
 
 
 # Data a command names that is refused on purpose: the example of a missing path.

@@ -679,7 +679,8 @@ def test_a_tracking_server_behind_a_login_without_the_right_one_is_one_line(monk
 def test_a_tracking_uri_naming_a_port_of_another_protocol_is_one_line_saying_so(monkeypatch, capsys, said, what):
     """`MLFLOW_TRACKING_URI=http://team-host:5432` (PostgreSQL's port, as an http URL) or another service's port:
     "tracking server ... failed: no answer (ConnectionError)", exit 4, as if the server were down. Now one line saying
-    that something listens there but speaks no HTTP, exit 2."""
+    that something listens there but speaks no HTTP, exit 2, naming the scheme of a PostgreSQL store this project
+    opens (its `postgresql://` is refused: SQLAlchemy's default driver for it is psycopg 3, not installed here)."""
     import socketserver
     import threading
 
@@ -708,7 +709,7 @@ def test_a_tracking_uri_naming_a_port_of_another_protocol_is_one_line_saying_so(
     assert exited.value.code == 2 and out == "", (out, err)
     assert err.strip().splitlines() == [
         f"error: MLFLOW_TRACKING_URI: {uri.replace('s3cret', '***')} {what}: another service's port, not an MLflow "
-        "tracking server's (a PostgreSQL store is named postgresql://USER@HOST:5432/DATABASE)"]
+        "tracking server's (a PostgreSQL store is named postgresql+psycopg2://USER@HOST:5432/DATABASE)"]
 
 
 def test_a_password_in_the_tracking_uris_query_is_never_printed_nor_written(monkeypatch, capsys):

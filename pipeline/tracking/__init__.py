@@ -346,7 +346,8 @@ def _check_server_answers(uri: str, shown: str, timeout: float = 15) -> None:
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
         if what := _not_http(exc):  # a port that takes the connection, then no HTTP: was "no answer", exit 4
             raise ConfigError(f"MLFLOW_TRACKING_URI: {shown} {what}: another service's port, not an MLflow tracking "
-                              "server's (a PostgreSQL store is named postgresql://USER@HOST:5432/DATABASE)") from None
+                              "server's (a PostgreSQL store is named "
+                              "postgresql+psycopg2://USER@HOST:5432/DATABASE)") from None
         reason = _os_reason(str(exc)) or (f"nothing within {timeout:g} s" if isinstance(
             exc, requests.exceptions.Timeout) else type(exc).__name__)
         raise MlflowException(f"no answer ({reason})") from None
