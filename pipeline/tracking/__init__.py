@@ -159,11 +159,17 @@ class Interrupted(BaseException):
 _stopping_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
 
 
+def _ignore_further(signum, frame):
+    """The stopping signals' handler once one has arrived: does nothing. Not SIG_IGN: a signal that arrived just before
+    it was set (Ctrl-C, then `mlflow run`'s SIGTERM) is handled by CPython after, and under SIG_IGN it raises
+    `OSError: Signal 15 ignored due to race condition`, a stray traceback in the step's clean-up."""
+
+
 def _raise_interrupted(signum, frame):
     # Ctrl-C reaches both `mlflow run` and its step, and `mlflow run` then also sends SIGTERM: the first
     # signal wins, the ones after it would only cut the clean-up short.
     for other in _stopping_signals:
-        signal.signal(other, signal.SIG_IGN)
+        signal.signal(other, _ignore_further)
     interrupts.raise_(Interrupted(signum))  # recorded: Keras may swallow it (pipeline.interrupts)
 
 
@@ -670,7 +676,7 @@ def _ended_with_reason(start: Callable[[], mlflow.ActiveRun],
                     run = entered.enter_context(start())
                 yield run
                 # A signal whose exception was swallowed on the way (a weakref callback's or `__del__`'s "Exception
-                # ignored", a bare except): with SIG_IGN already in place nothing else would stop the pipeline
+                # ignored", a bare except): with the signals ignored from then on nothing else would stop the pipeline
                 if (pending := interrupts.take()) is not None:
                     raise pending
                 ending = "FINISHED"
