@@ -1,8 +1,9 @@
 """Step 4, register: add an evaluated model to the Model Registry; move the alias if it is better.
 
-Reads:  a logged model URI `models:/m-...` (on its own, `runs:/<train run id>/model` too) that evaluate scored
-        (its newest evaluation by an evaluate run that finished, not one that failed, was killed or deleted: test_acc,
-        the per-class scores of the same evaluate run, the digest of its test split; `registry.model_score`).
+Reads:  a logged model URI `models:/m-...` (on its own, `runs:/<train run id>/model` too, and a registry URI
+        `models:/<name>@<alias>`, `/<version>`, `/latest`: the logged model of the version it names) that evaluate
+        scored (its newest evaluation by an evaluate run that finished, not one that failed, was killed or deleted:
+        test_acc, the per-class scores of the same evaluate run, the digest of its test split; `registry.model_score`).
 Writes: a new version of `register.model_name` tagged with its source run id, `test_acc`, the evaluate run and
         the test split's digest, how many of its images the model was trained on and the alias it is weighed for;
         the alias `register.alias` (default `champion`) moves to it only if its `test_acc` beats the current
@@ -324,6 +325,13 @@ def main() -> None:
     if model_uri.startswith("runs:/") and (found := steps.logged_model_id(model_uri)):
         model_uri = f"models:/{found}"
         print(f"model_uri: {args.model_uri} is {model_uri}")
+    # a registry URI (`models:/name@alias`, `/3`, `/latest`): its version's logged model, read once (an alias moves)
+    elif (version := registry.registry_version(model_uri)) is not None:
+        model_uri = registry.version_model_uri(version)
+        if model_id(model_uri) is None:
+            raise config.ConfigError(f"model_uri: {args.model_uri} is v{version.version} of {version.name}, whose "
+                                     f"source {model_uri} is no logged model models:/m-... that evaluate scores")
+        print(f"model_uri: {args.model_uri} is v{version.version} of {version.name}, {model_uri}")
     registry.model_test_acc(model_uri)  # a wrong URI or an unevaluated model fails before a run is opened
     with step_lock() as hold, step_run(cfg, "register") as step:
         hold(step)  # killed, it is left for the next main to end

@@ -1294,6 +1294,36 @@ def test_register_takes_the_runs_model_uri_evaluate_takes(store, in_process):
         f"error: model_uri: expected a logged model URI models:/m-..., got 'runs:/{source_run}/no-such-model'")
 
 
+def test_register_takes_a_registry_uri_and_registers_its_versions_logged_model(store, in_process):
+    """`-e register -P model_uri=models:/cifar10-resnet@champion` (or `/1`, `/latest`) with another
+    `register.model_name` was refused ("expected a logged model URI models:/m-..."): it registers the logged model of
+    the version the URI names, as for that model's `models:/m-...`. An unknown model, version or alias is named in one
+    line, exit 2, before any run opens."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    registered(experiment_id, uri)
+    for index, registry_uri in enumerate(("models:/cifar10-resnet@champion", "models:/cifar10-resnet/1",
+                                          "models:/cifar10-resnet/latest")):
+        done = in_process("register", "--params", TINY, "--overrides",
+                          f"tracking.experiment=e2e register.model_name=other{index}", "--model-uri", registry_uri)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"model_uri: {registry_uri} is v1 of cifar10-resnet, {uri}" in done.stdout, done.stdout[-3000:]
+        assert f"registered other{index} v1: @champion moved" in done.stdout, done.stdout[-3000:]
+        (version,) = MlflowClient().search_model_versions(f"name = 'other{index}'")
+        assert registry.version_model_uri(version) == uri
+    runs = len(MlflowClient().search_runs([experiment_id], run_view_type=ViewType.ALL))
+    for registry_uri, line in (("models:/nobody@champion", "no registered model 'nobody'"),
+                               ("models:/cifar10-resnet/7", "cifar10-resnet has no version 7"),
+                               ("models:/cifar10-resnet@nobody", "no version of cifar10-resnet holds @nobody"),
+                               ("models:/cifar10-resnet/Staging", "no version of cifar10-resnet is in stage Staging")):
+        refused = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e register."
+                             "model_name=other9", "--model-uri", registry_uri)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.strip().splitlines() == [f"error: model_uri: {registry_uri}: {line}"], refused.stderr
+    assert len(MlflowClient().search_runs([experiment_id], run_view_type=ViewType.ALL)) == runs
+    assert not MlflowClient().search_model_versions("name = 'other9'")
+
+
 class Answers(mlflow.pyfunc.PythonModel):
     """A stand-in image classifier that answers `labels`, in order, whatever the pixels."""
 

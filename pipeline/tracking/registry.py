@@ -23,6 +23,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.store.artifact.utils.models import _parse_model_uri
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from pipeline import config
@@ -119,6 +120,43 @@ def model_test_acc(model_uri: str) -> Score:
         raise config.ConfigError(f"model_uri: {model_uri} has no test_acc from an evaluate run that finished: run "
                                  f"evaluate on it first")
     return score
+
+
+def registry_version(model_uri: str):
+    """The model version a registry URI names (`models:/name/3`, `models:/name@alias`, `models:/name/latest`, a
+    stage), read once, as MLflow reads it to load the model; None for other URIs (`models:/m-...`, `runs:/...`).
+    ConfigError naming what is not there: the registered model, the version, a version holding the alias or in
+    the stage."""
+    if not isinstance(model_uri, str) or not model_uri.startswith("models:/") or model_id(model_uri):
+        return None
+    try:
+        parsed = _parse_model_uri(model_uri)
+    except MlflowException:
+        return None  # no URI MLflow reads: the caller's check names it
+    if parsed.model_id is not None:  # models:/<one word>: a logged model's id, not a registry URI
+        return None
+    client, name = MlflowClient(), parsed.name
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise config.ConfigError(f"model_uri: {model_uri}: no registered model {name!r}") from None
+    try:
+        if parsed.version is not None:
+            return client.get_model_version(name, parsed.version)
+        if parsed.alias is not None:
+            return client.get_model_version_by_alias(name, parsed.alias)
+    except MlflowException:
+        missing = (f"{name} has no version {parsed.version}" if parsed.version is not None
+                   else f"no version of {name} holds @{parsed.alias}" if parsed.alias is not None
+                   else f"no version of {name} is in stage {parsed.stage}")
+        raise config.ConfigError(f"model_uri: {model_uri}: {missing}") from None
+    # the newest version (in the stage): as MLflow's deprecated get_latest_versions, which warns on every call
+    latest = [version for version in versions(name)
+              if parsed.stage is None or version.current_stage.lower() == parsed.stage.lower()]
+    if not latest:
+        where = "" if parsed.stage is None else f" is in stage {parsed.stage}"
+        raise config.ConfigError(f"model_uri: {model_uri}: no version of {name}{where}")
+    return max(latest, key=lambda version: int(version.version))
 
 
 def version_model_uri(version) -> str:
