@@ -1324,6 +1324,27 @@ def test_register_takes_a_registry_uri_and_registers_its_versions_logged_model(s
     assert not MlflowClient().search_model_versions("name = 'other9'")
 
 
+def test_a_registry_uri_of_a_version_of_the_model_it_would_register_under_registers_nothing(store, in_process):
+    """`-e register -P model_uri=models:/cifar10-resnet/1` under the same register.model_name registered v1's model
+    again as v2 where it had been evaluated since: one line says it is a version of that model already, exit 0, no
+    version and no run written."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    registered(experiment_id, uri)
+    evaluate_again(experiment_id, uri, {"test_acc": 0.6})
+    runs = len(client.search_runs([experiment_id], run_view_type=ViewType.ALL))
+    for registry_uri in ("models:/cifar10-resnet/1", "models:/cifar10-resnet@champion"):
+        done = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                          "--model-uri", registry_uri)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip().splitlines()[-1] == (
+            f"model_uri: {registry_uri} is v1 of cifar10-resnet, register.model_name, already: nothing to register "
+            f"(name another register.model_name to register it under that name)"), done.stdout[-3000:]
+    assert [v.version for v in client.search_model_versions("name = 'cifar10-resnet'")] == [1]
+    assert len(client.search_runs([experiment_id], run_view_type=ViewType.ALL)) == runs
+
+
 class Answers(mlflow.pyfunc.PythonModel):
     """A stand-in image classifier that answers `labels`, in order, whatever the pixels."""
 
