@@ -1315,7 +1315,10 @@ def test_register_takes_a_registry_uri_and_registers_its_versions_logged_model(s
     for registry_uri, line in (("models:/nobody@champion", "no registered model 'nobody'"),
                                ("models:/cifar10-resnet/7", "cifar10-resnet has no version 7"),
                                ("models:/cifar10-resnet@nobody", "no version of cifar10-resnet holds @nobody"),
-                               ("models:/cifar10-resnet/Staging", "no version of cifar10-resnet is in stage Staging")):
+                               ("models:/cifar10-resnet/Staging", "no version of cifar10-resnet is in stage Staging"),
+                               ("models:/cifar10-resnet", "a registered model, not a version of it: name one, "
+                                "models:/cifar10-resnet/<version>, models:/cifar10-resnet@<alias> or "
+                                "models:/cifar10-resnet/latest")):
         refused = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e register."
                              "model_name=other9", "--model-uri", registry_uri)
         assert refused.returncode == 2, refused.stderr[-3000:]

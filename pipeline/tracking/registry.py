@@ -126,16 +126,22 @@ def registry_version(model_uri: str):
     """The model version a registry URI names (`models:/name/3`, `models:/name@alias`, `models:/name/latest`, a
     stage), read once, as MLflow reads it to load the model; None for other URIs (`models:/m-...`, `runs:/...`).
     ConfigError naming what is not there: the registered model, the version, a version holding the alias or in
-    the stage."""
+    the stage; and for `models:/<name>` of a registered model, which names no version."""
     if not isinstance(model_uri, str) or not model_uri.startswith("models:/") or model_id(model_uri):
         return None
     try:
         parsed = _parse_model_uri(model_uri)
     except MlflowException:
         return None  # no URI MLflow reads: the caller's check names it
-    if parsed.model_id is not None:  # models:/<one word>: a logged model's id, not a registry URI
-        return None
     client, name = MlflowClient(), parsed.name
+    if parsed.model_id is not None:  # models:/<one word>: a logged model's id to MLflow, or a registered model's name
+        try:
+            client.get_registered_model(parsed.model_id)
+        except MlflowException:
+            return None  # no registry URI: the caller's check names it
+        name = parsed.model_id
+        raise config.ConfigError(f"model_uri: {model_uri}: a registered model, not a version of it: name one, "
+                                 f"models:/{name}/<version>, models:/{name}@<alias> or models:/{name}/latest")
     try:
         client.get_registered_model(name)
     except MlflowException:
