@@ -1419,10 +1419,29 @@ def test_an_evaluation_whose_run_failed_or_was_deleted_is_no_score(store):
 
     deleted = evaluated_model(experiment_id, {"test_acc": 0.9})
     client.delete_run(client.get_logged_model(deleted.removeprefix("models:/")).metrics[0].run_id)
-    with pytest.raises(config.ConfigError, match=r"has no test_acc from an evaluate run that finished: run evaluate"):
+    with pytest.raises(config.ConfigError, match=r"has no test_acc from an evaluate run that finished: its newest "
+                                                  r"evaluate run \w+ is deleted; run evaluate on it again"):
         registry.model_test_acc(deleted)
     assert tracking.model_score(deleted) == ({}, None)
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+
+
+def test_a_model_whose_only_evaluation_failed_or_is_running_is_refused_naming_that_run(store):
+    """A model whose one evaluate run was still RUNNING (or had FAILED) was refused with "run evaluate on it
+    first", as if never evaluated: the user ran evaluate, and learned nothing of its run. The line names the run
+    and its status."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    with mlflow.start_run(experiment_id=experiment_id):
+        uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
+    for status, hint in (("RUNNING", "wait for it to finish"), ("FAILED", "run evaluate on it again")):
+        with mlflow.start_run(experiment_id=experiment_id) as scoring:
+            steps.log_evaluation({"model_uri": uri}, {"test_acc": 0.9}, uri, "a" * 64)
+            mlflow.end_run(status)
+        with pytest.raises(config.ConfigError) as refused:
+            registry.model_test_acc(uri)
+        assert str(refused.value) == (f"model_uri: {uri} has no test_acc from an evaluate run that finished: its "
+                                      f"newest evaluate run {scoring.info.run_id} is {status}; {hint}")
+    assert MlflowClient().search_registered_models() == []
 
 
 def test_a_model_whose_training_run_was_deleted_for_good_registers_whole(store):

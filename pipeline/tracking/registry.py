@@ -113,13 +113,30 @@ def model_test_acc(model_uri: str) -> Score:
     if logged_model is None:
         raise config.ConfigError(f"model_uri: expected a logged model URI models:/m-..., got {model_uri!r}")
     try:
-        score = _evaluation(mlflow.get_logged_model(logged_model))
+        model = mlflow.get_logged_model(logged_model)
     except MlflowException as exc:
         raise config.ConfigError(f"model_uri: no logged model {logged_model} ({exc.message})") from None
+    score = _evaluation(model)
     if score.test_acc is None:  # an evaluate run that failed, was killed or deleted does not count
-        raise config.ConfigError(f"model_uri: {model_uri} has no test_acc from an evaluate run that finished: run "
-                                 f"evaluate on it first")
+        raise config.ConfigError(f"model_uri: {model_uri} has no test_acc from an evaluate run that finished: "
+                                 f"{_unfinished_evaluation(model)}")
     return score
+
+
+def _unfinished_evaluation(model) -> str:
+    """What to do about a logged model that no finished evaluate run scored: wait for its newest evaluate run, still
+    running, or evaluate it (again, where that run failed, was killed or deleted)."""
+    scored = [metric for metric in model.metrics or [] if metric.key == "test_acc"]
+    if not scored:
+        return "run evaluate on it first"
+    run_id = max(scored, key=lambda metric: metric.timestamp).run_id
+    try:
+        run = MlflowClient().get_run(run_id)
+        status = "deleted" if run.info.lifecycle_stage == "deleted" else run.info.status
+    except MlflowException:
+        status = "deleted"
+    hint = "wait for it to finish" if status == "RUNNING" else "run evaluate on it again"
+    return f"its newest evaluate run {run_id} is {status}; {hint}"
 
 
 def registry_version(model_uri: str):
