@@ -331,9 +331,12 @@ def main() -> None:
         if model_id(model_uri) is None:
             raise config.ConfigError(f"model_uri: {args.model_uri} is v{version.version} of {version.name}, whose "
                                      f"source {model_uri} is no logged model models:/m-... that evaluate scores")
-        if version.name == cfg.register.model_name:  # its model weighed against itself, as a version of its own
-            print(f"model_uri: {args.model_uri} is v{version.version} of {version.name}, register.model_name, "
-                  f"already: nothing to register (name another register.model_name to register it under that name)")
+        # its model weighed against itself as a version of its own; for another alias, as its models:/m-... is
+        if (version.name == cfg.register.model_name
+                and (version.tags or {}).get(registry.ALIAS_TAG, cfg.register.alias) == cfg.register.alias):
+            print(f"model_uri: {args.model_uri} is v{version.version} of {version.name}, register.model_name, for "
+                  f"@{cfg.register.alias} already: nothing to register (name another register.model_name or "
+                  f"register.alias to register it for that)")
             return
         print(f"model_uri: {args.model_uri} is v{version.version} of {version.name}, {model_uri}")
     registry.model_test_acc(model_uri)  # a wrong URI or an unevaluated model fails before a run is opened

@@ -1329,8 +1329,8 @@ def test_register_takes_a_registry_uri_and_registers_its_versions_logged_model(s
 
 def test_a_registry_uri_of_a_version_of_the_model_it_would_register_under_registers_nothing(store, in_process):
     """`-e register -P model_uri=models:/cifar10-resnet/1` under the same register.model_name registered v1's model
-    again as v2 where it had been evaluated since: one line says it is a version of that model already, exit 0, no
-    version and no run written."""
+    again as v2 where it had been evaluated since: one line says it is a version of that model for that alias
+    already, exit 0, no version and no run written. For another register.alias it is weighed as its models:/m-..."""
     experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
     client = MlflowClient()
     uri = evaluated_model(experiment_id, {"test_acc": 0.5})
@@ -1342,10 +1342,17 @@ def test_a_registry_uri_of_a_version_of_the_model_it_would_register_under_regist
                           "--model-uri", registry_uri)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.strip().splitlines()[-1] == (
-            f"model_uri: {registry_uri} is v1 of cifar10-resnet, register.model_name, already: nothing to register "
-            f"(name another register.model_name to register it under that name)"), done.stdout[-3000:]
+            f"model_uri: {registry_uri} is v1 of cifar10-resnet, register.model_name, for @champion already: nothing "
+            f"to register (name another register.model_name or register.alias to register it for that)"
+        ), done.stdout[-3000:]
     assert [v.version for v in client.search_model_versions("name = 'cifar10-resnet'")] == [1]
     assert len(client.search_runs([experiment_id], run_view_type=ViewType.ALL)) == runs
+    # weighed for another alias, as its models:/m-... would be: a version of its own for that alias
+    done = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e register.alias=staging",
+                      "--model-uri", "models:/cifar10-resnet/1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "registered cifar10-resnet v2: @staging moved" in done.stdout, done.stdout[-3000:]
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "staging").version) == "2"
 
 
 class Answers(mlflow.pyfunc.PythonModel):
