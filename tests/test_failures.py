@@ -1327,6 +1327,31 @@ def test_register_takes_a_registry_uri_and_registers_its_versions_logged_model(s
     assert not MlflowClient().search_model_versions("name = 'other9'")
 
 
+def test_register_under_mlflow_run_of_a_uri_it_resolves_keeps_the_given_uri_as_its_param(store, in_process,
+                                                                                          monkeypatch):
+    """`mlflow run . -e register -P model_uri=runs:/<id>/model` (or a registry URI) logs the -P as given; register
+    then logged param model_uri as the logged model it resolved, which MLflow refused ("Changing param values is not
+    allowed") after the version was registered and the alias moved: exit 1, a version left without its report. The
+    param stays as given, and tag `registered_model_uri` names the logged model registered."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    registered(experiment_id, uri)
+    source_run = client.get_logged_model(uri.removeprefix("models:/")).source_run_id
+    for index, given in enumerate((f"runs:/{source_run}/model", "models:/cifar10-resnet@champion")):
+        wrapper = client.create_run(experiment_id).info.run_id  # as `mlflow run` opens it, its -P logged
+        client.log_batch(wrapper, params=[mlflow.entities.Param(key, value) for key, value in (
+            ("params", TINY), ("overrides", f"register.model_name=other{index}"), ("model_uri", given))])
+        monkeypatch.setenv("MLFLOW_RUN_ID", wrapper)
+        done = in_process("register", "--params", TINY, "--overrides", f"register.model_name=other{index}",
+                          "--model-uri", given)
+        assert done.returncode == 0, done.stderr[-3000:]
+        run = client.get_run(wrapper)
+        assert run.data.params["model_uri"] == given and run.data.tags["registered_model_uri"] == uri
+        assert run.data.tags["registered_version"] == "1"
+        assert "decision" in client.get_model_version(f"other{index}", "1").tags  # finished
+
+
 def test_a_registry_uri_of_a_version_of_the_model_it_would_register_under_registers_nothing(store, in_process):
     """`-e register -P model_uri=models:/cifar10-resnet/1` under the same register.model_name registered v1's model
     again as v2 where it had been evaluated since: one line says it is a version of that model for that alias
