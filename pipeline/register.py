@@ -29,9 +29,11 @@ This module decides and writes the report; reading and writing the registry is `
 from __future__ import annotations
 
 import dataclasses
+import os
 import traceback
 
 import pandas as pd
+from mlflow import MlflowClient
 
 from pipeline import config, data
 from pipeline.inputs import check_configured_backend
@@ -336,9 +338,13 @@ def main() -> None:
         # its model weighed against itself as a version of its own; for another alias, as its models:/m-... is
         if (version.name == cfg.register.model_name
                 and (version.tags or {}).get(registry.ALIAS_TAG, cfg.register.alias) == cfg.register.alias):
-            print(f"model_uri: {args.model_uri} is v{version.version} of {version.name}, register.model_name, for "
-                  f"@{cfg.register.alias} already: nothing to register (name another register.model_name or "
-                  f"register.alias to register it for that)")
+            why = (f"{args.model_uri} is v{version.version} of {version.name}, register.model_name, for "
+                   f"@{cfg.register.alias} already: nothing to register (name another register.model_name or "
+                   f"register.alias to register it for that)")
+            if wrapper := os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened says why it holds nothing
+                for key, value in {"step": "register", "decision": why}.items():
+                    MlflowClient().set_tag(wrapper, key, value)
+            print(f"model_uri: {why}")
             return
         print(f"model_uri: {args.model_uri} is v{version.version} of {version.name}, {model_uri}")
     registry.model_test_acc(model_uri)  # a wrong URI or an unevaluated model fails before a run is opened

@@ -1352,7 +1352,8 @@ def test_register_under_mlflow_run_of_a_uri_it_resolves_keeps_the_given_uri_as_i
         assert "decision" in client.get_model_version(f"other{index}", "1").tags  # finished
 
 
-def test_a_registry_uri_of_a_version_of_the_model_it_would_register_under_registers_nothing(store, in_process):
+def test_a_registry_uri_of_a_version_of_the_model_it_would_register_under_registers_nothing(store, in_process,
+                                                                                           monkeypatch):
     """`-e register -P model_uri=models:/cifar10-resnet/1` under the same register.model_name registered v1's model
     again as v2 where it had been evaluated since: one line says it is a version of that model for that alias
     already, exit 0, no version and no run written. For another register.alias it is weighed as its models:/m-..."""
@@ -1372,6 +1373,15 @@ def test_a_registry_uri_of_a_version_of_the_model_it_would_register_under_regist
         ), done.stdout[-3000:]
     assert [v.version for v in client.search_model_versions("name = 'cifar10-resnet'")] == [1]
     assert len(client.search_runs([experiment_id], run_view_type=ViewType.ALL)) == runs
+    # under `mlflow run`, its run (finished, exit 0) says why it holds nothing, not a blank register run
+    wrapper = client.create_run(experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", wrapper)
+    done = in_process("register", "--params", TINY, "--model-uri", "models:/cifar10-resnet/1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    tags = client.get_run(wrapper).data.tags
+    assert tags["step"] == "register" and tags["decision"] == done.stdout.strip().splitlines()[-1].removeprefix(
+        "model_uri: ")
+    monkeypatch.delenv("MLFLOW_RUN_ID")
     # weighed for another alias, as its models:/m-... would be: a version of its own for that alias
     done = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e register.alias=staging",
                       "--model-uri", "models:/cifar10-resnet/1")
