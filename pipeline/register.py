@@ -1,8 +1,9 @@
 """Step 4, register: add an evaluated model to the Model Registry; move the alias if it is better.
 
-Reads:  a logged model URI `models:/m-...` (on its own, `runs:/<train run id>/model` too) that evaluate scored
-        (its newest evaluation by an evaluate run that finished, not one that failed, was killed or deleted: test_acc,
-        the per-class scores of the same evaluate run, the digest of its test split; `registry.model_score`).
+Reads:  a logged model URI `models:/m-...` (on its own, `runs:/<train run id>/model` too, and a registry URI
+        `models:/<name>@<alias>`, `/<version>`, `/latest`: the logged model of the version it names) that evaluate
+        scored (its newest evaluation by an evaluate run that finished, not one that failed, was killed or deleted:
+        test_acc, the per-class scores of the same evaluate run, the digest of its test split; `registry.model_score`).
 Writes: a new version of `register.model_name` tagged with its source run id, `test_acc`, the evaluate run and
         the test split's digest, how many of its images the model was trained on and the alias it is weighed for;
         the alias `register.alias` (default `champion`) moves to it only if its `test_acc` beats the current
@@ -28,9 +29,11 @@ This module decides and writes the report; reading and writing the registry is `
 from __future__ import annotations
 
 import dataclasses
+import os
 import traceback
 
 import pandas as pd
+from mlflow import MlflowClient
 
 from pipeline import config, data
 from pipeline.inputs import check_configured_backend
@@ -201,7 +204,8 @@ def champion_on_test_data(cfg: config.Config, name: str, champion, challenger: r
     return made, f"scored on it by evaluate run {scoring.info.run_id}"
 
 
-def registered_already(name: str, alias: str, model_uri: str, version, *, alongside: bool = False) -> dict:
+def registered_already(name: str, alias: str, model_uri: str, version, *, alongside: bool = False,
+                       given_uri: str | None = None) -> dict:
     """register's decision where a register finished `version` of `model_uri` with the same score, or (`alongside`)
     one running at the same time created it first: nothing is written to the registry again (the version keeps its
     report, or gets that register's), the register run records why, naming the champion the version was weighed
@@ -216,15 +220,16 @@ def registered_already(name: str, alias: str, model_uri: str, version, *, alongs
                 "champion_version": int(champion.version) if champion else None,
                 "champion_test_acc": held.test_acc if held else None,
                 "champion_evaluate_run": held.evaluate_run if held else None, "alias_moved": moved, "reason": reason}
-    registry.log_decision({"model_uri": model_uri, "register.model_name": name, "register.alias": alias},
-                          {"registered_version": str(version.version), "alias_moved": str(moved).lower(),
-                           "decision": reason}, decision)
+    registry.log_decision({"model_uri": given_uri or model_uri, "register.model_name": name, "register.alias": alias},
+                          {"registered_version": str(version.version), "registered_model_uri": model_uri,
+                           "alias_moved": str(moved).lower(), "decision": reason}, decision)
     print(f"{name}: {reason}")
     return decision
 
 
-def run(cfg: config.Config, model_uri: str) -> dict:
-    """Register inside the active run; report champion vs challenger; return the decision."""
+def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dict:
+    """Register inside the active run; report champion vs challenger; return the decision. `given_uri`: the URI the
+    command was given where `model_uri` is the logged model behind it (param `model_uri`, as `mlflow run` logs it)."""
     name, alias = cfg.register.model_name, cfg.register.alias
     score = registry.model_test_acc(model_uri)  # checked before anything is written
     after = registry.latest_version(name)  # versions above it are registered by registers alongside this one
@@ -242,7 +247,7 @@ def run(cfg: config.Config, model_uri: str) -> dict:
     version = registry.same_score_version(name, model_uri, tags, finished=False)
     done = None if version else registry.same_score_version(name, model_uri, tags, finished=True)
     if done is not None:  # registered with this score already: a rerun of a main that failed after its register
-        return registered_already(name, alias, model_uri, done)
+        return registered_already(name, alias, model_uri, done, given_uri=given_uri)
     resumed = version is not None and _version(champion) == _version(version)
     registered, how = None, ""  # the champion's registered score, where it is weighed by another, and how had
     if resumed:  # the champion it was weighed against, as its report has it: not itself, which holds the alias now
@@ -294,7 +299,7 @@ def run(cfg: config.Config, model_uri: str) -> dict:
         version, created = registry.register_version(model_uri, name, {**tags, **registry.report_tags(pending)},
                                                      description=report_markdown(pending))
         if not created:  # a register of this model alongside created its version first: it places the alias
-            return registered_already(name, alias, model_uri, version, alongside=True)
+            return registered_already(name, alias, model_uri, version, alongside=True, given_uri=given_uri)
     if moved and _version(registry.current_champion(name, alias)) == _version(champion):
         registry.move_alias(name, alias, version.version)
     # else a register alongside moved the alias since it was read: settle weighs this version against the new holder
@@ -303,9 +308,9 @@ def run(cfg: config.Config, model_uri: str) -> dict:
         moved = holder == str(version.version)
         reason += f"; @{alias} is on v{holder}, the best-scoring version, after registers that ran alongside"
     decision.update(version=int(version.version), alias_moved=moved, reason=reason)
-    registry.log_decision({"model_uri": model_uri, "register.model_name": name, "register.alias": alias},
-                          {"registered_version": str(version.version), "alias_moved": str(moved).lower(),
-                           "decision": reason}, decision)
+    registry.log_decision({"model_uri": given_uri or model_uri, "register.model_name": name, "register.alias": alias},
+                          {"registered_version": str(version.version), "registered_model_uri": model_uri,
+                           "alias_moved": str(moved).lower(), "decision": reason}, decision)
     if score.source_run:  # before the report, whose decision tag marks the version finished: nothing may fail after
         describe_train_run(score.source_run)  # a no-op where the training run already has one
     report = challenger_report(decision, alias, model_uri, score, champion, held, registered)
@@ -324,10 +329,28 @@ def main() -> None:
     if model_uri.startswith("runs:/") and (found := steps.logged_model_id(model_uri)):
         model_uri = f"models:/{found}"
         print(f"model_uri: {args.model_uri} is {model_uri}")
+    # a registry URI (`models:/name@alias`, `/3`, `/latest`): its version's logged model, read once (an alias moves)
+    elif (version := registry.registry_version(model_uri)) is not None:
+        model_uri = registry.version_model_uri(version)
+        if model_id(model_uri) is None:
+            raise config.ConfigError(f"model_uri: {args.model_uri} is v{version.version} of {version.name}, whose "
+                                     f"source {model_uri} is no logged model models:/m-... that evaluate scores")
+        # its model weighed against itself as a version of its own; for another alias, as its models:/m-... is
+        if (version.name == cfg.register.model_name
+                and (version.tags or {}).get(registry.ALIAS_TAG, cfg.register.alias) == cfg.register.alias):
+            why = (f"{args.model_uri} is v{version.version} of {version.name}, register.model_name, for "
+                   f"@{cfg.register.alias} already: nothing to register (name another register.model_name or "
+                   f"register.alias to register it for that)")
+            if wrapper := os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened says why it holds nothing
+                for key, value in {"step": "register", "decision": why}.items():
+                    MlflowClient().set_tag(wrapper, key, value)
+            print(f"model_uri: {why}")
+            return
+        print(f"model_uri: {args.model_uri} is v{version.version} of {version.name}, {model_uri}")
     registry.model_test_acc(model_uri)  # a wrong URI or an unevaluated model fails before a run is opened
     with step_lock() as hold, step_run(cfg, "register") as step:
         hold(step)  # killed, it is left for the next main to end
-        run(cfg, model_uri)
+        run(cfg, model_uri, args.model_uri)
 
 
 if __name__ == "__main__":

@@ -1294,6 +1294,102 @@ def test_register_takes_the_runs_model_uri_evaluate_takes(store, in_process):
         f"error: model_uri: expected a logged model URI models:/m-..., got 'runs:/{source_run}/no-such-model'")
 
 
+def test_register_takes_a_registry_uri_and_registers_its_versions_logged_model(store, in_process):
+    """`-e register -P model_uri=models:/cifar10-resnet@champion` (or `/1`, `/latest`) with another
+    `register.model_name` was refused ("expected a logged model URI models:/m-..."): it registers the logged model of
+    the version the URI names, as for that model's `models:/m-...`. An unknown model, version or alias is named in one
+    line, exit 2, before any run opens."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    registered(experiment_id, uri)
+    for index, registry_uri in enumerate(("models:/cifar10-resnet@champion", "models:/cifar10-resnet/1",
+                                          "models:/cifar10-resnet/latest")):
+        done = in_process("register", "--params", TINY, "--overrides",
+                          f"tracking.experiment=e2e register.model_name=other{index}", "--model-uri", registry_uri)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"model_uri: {registry_uri} is v1 of cifar10-resnet, {uri}" in done.stdout, done.stdout[-3000:]
+        assert f"registered other{index} v1: @champion moved" in done.stdout, done.stdout[-3000:]
+        (version,) = MlflowClient().search_model_versions(f"name = 'other{index}'")
+        assert registry.version_model_uri(version) == uri
+    runs = len(MlflowClient().search_runs([experiment_id], run_view_type=ViewType.ALL))
+    for registry_uri, line in (("models:/nobody@champion", "no registered model 'nobody'"),
+                               ("models:/cifar10-resnet/7", "cifar10-resnet has no version 7"),
+                               ("models:/cifar10-resnet@nobody", "no version of cifar10-resnet holds @nobody"),
+                               ("models:/cifar10-resnet/Staging", "no version of cifar10-resnet is in stage Staging"),
+                               ("models:/cifar10-resnet", "a registered model, not a version of it: name one, "
+                                "models:/cifar10-resnet/<version>, models:/cifar10-resnet@<alias> or "
+                                "models:/cifar10-resnet/latest")):
+        refused = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e register."
+                             "model_name=other9", "--model-uri", registry_uri)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.strip().splitlines() == [f"error: model_uri: {registry_uri}: {line}"], refused.stderr
+    assert len(MlflowClient().search_runs([experiment_id], run_view_type=ViewType.ALL)) == runs
+    assert not MlflowClient().search_model_versions("name = 'other9'")
+
+
+def test_register_under_mlflow_run_of_a_uri_it_resolves_keeps_the_given_uri_as_its_param(store, in_process,
+                                                                                          monkeypatch):
+    """`mlflow run . -e register -P model_uri=runs:/<id>/model` (or a registry URI) logs the -P as given; register
+    then logged param model_uri as the logged model it resolved, which MLflow refused ("Changing param values is not
+    allowed") after the version was registered and the alias moved: exit 1, a version left without its report. The
+    param stays as given, and tag `registered_model_uri` names the logged model registered."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    registered(experiment_id, uri)
+    source_run = client.get_logged_model(uri.removeprefix("models:/")).source_run_id
+    for index, given in enumerate((f"runs:/{source_run}/model", "models:/cifar10-resnet@champion")):
+        wrapper = client.create_run(experiment_id).info.run_id  # as `mlflow run` opens it, its -P logged
+        client.log_batch(wrapper, params=[mlflow.entities.Param(key, value) for key, value in (
+            ("params", TINY), ("overrides", f"register.model_name=other{index}"), ("model_uri", given))])
+        monkeypatch.setenv("MLFLOW_RUN_ID", wrapper)
+        done = in_process("register", "--params", TINY, "--overrides", f"register.model_name=other{index}",
+                          "--model-uri", given)
+        assert done.returncode == 0, done.stderr[-3000:]
+        run = client.get_run(wrapper)
+        assert run.data.params["model_uri"] == given and run.data.tags["registered_model_uri"] == uri
+        assert run.data.tags["registered_version"] == "1"
+        assert "decision" in client.get_model_version(f"other{index}", "1").tags  # finished
+
+
+def test_a_registry_uri_of_a_version_of_the_model_it_would_register_under_registers_nothing(store, in_process,
+                                                                                           monkeypatch):
+    """`-e register -P model_uri=models:/cifar10-resnet/1` under the same register.model_name registered v1's model
+    again as v2 where it had been evaluated since: one line says it is a version of that model for that alias
+    already, exit 0, no version and no run written. For another register.alias it is weighed as its models:/m-..."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    registered(experiment_id, uri)
+    evaluate_again(experiment_id, uri, {"test_acc": 0.6})
+    runs = len(client.search_runs([experiment_id], run_view_type=ViewType.ALL))
+    for registry_uri in ("models:/cifar10-resnet/1", "models:/cifar10-resnet@champion"):
+        done = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                          "--model-uri", registry_uri)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip().splitlines()[-1] == (
+            f"model_uri: {registry_uri} is v1 of cifar10-resnet, register.model_name, for @champion already: nothing "
+            f"to register (name another register.model_name or register.alias to register it for that)"
+        ), done.stdout[-3000:]
+    assert [v.version for v in client.search_model_versions("name = 'cifar10-resnet'")] == [1]
+    assert len(client.search_runs([experiment_id], run_view_type=ViewType.ALL)) == runs
+    # under `mlflow run`, its run (finished, exit 0) says why it holds nothing, not a blank register run
+    wrapper = client.create_run(experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", wrapper)
+    done = in_process("register", "--params", TINY, "--model-uri", "models:/cifar10-resnet/1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    tags = client.get_run(wrapper).data.tags
+    assert tags["step"] == "register" and tags["decision"] == done.stdout.strip().splitlines()[-1].removeprefix(
+        "model_uri: ")
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    # weighed for another alias, as its models:/m-... would be: a version of its own for that alias
+    done = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e register.alias=staging",
+                      "--model-uri", "models:/cifar10-resnet/1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "registered cifar10-resnet v2: @staging moved" in done.stdout, done.stdout[-3000:]
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "staging").version) == "2"
+
+
 class Answers(mlflow.pyfunc.PythonModel):
     """A stand-in image classifier that answers `labels`, in order, whatever the pixels."""
 
@@ -1365,10 +1461,29 @@ def test_an_evaluation_whose_run_failed_or_was_deleted_is_no_score(store):
 
     deleted = evaluated_model(experiment_id, {"test_acc": 0.9})
     client.delete_run(client.get_logged_model(deleted.removeprefix("models:/")).metrics[0].run_id)
-    with pytest.raises(config.ConfigError, match=r"has no test_acc from an evaluate run that finished: run evaluate"):
+    with pytest.raises(config.ConfigError, match=r"has no test_acc from an evaluate run that finished: its newest "
+                                                  r"evaluate run \w+ is deleted; run evaluate on it again"):
         registry.model_test_acc(deleted)
     assert tracking.model_score(deleted) == ({}, None)
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+
+
+def test_a_model_whose_only_evaluation_failed_or_is_running_is_refused_naming_that_run(store):
+    """A model whose one evaluate run was still RUNNING (or had FAILED) was refused with "run evaluate on it
+    first", as if never evaluated: the user ran evaluate, and learned nothing of its run. The line names the run
+    and its status."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    with mlflow.start_run(experiment_id=experiment_id):
+        uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
+    for status, hint in (("RUNNING", "wait for it to finish"), ("FAILED", "run evaluate on it again")):
+        with mlflow.start_run(experiment_id=experiment_id) as scoring:
+            steps.log_evaluation({"model_uri": uri}, {"test_acc": 0.9}, uri, "a" * 64)
+            mlflow.end_run(status)
+        with pytest.raises(config.ConfigError) as refused:
+            registry.model_test_acc(uri)
+        assert str(refused.value) == (f"model_uri: {uri} has no test_acc from an evaluate run that finished: its "
+                                      f"newest evaluate run {scoring.info.run_id} is {status}; {hint}")
+    assert MlflowClient().search_registered_models() == []
 
 
 def test_a_model_whose_training_run_was_deleted_for_good_registers_whole(store):

@@ -23,6 +23,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.store.artifact.utils.models import _parse_model_uri
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from pipeline import config
@@ -112,13 +113,73 @@ def model_test_acc(model_uri: str) -> Score:
     if logged_model is None:
         raise config.ConfigError(f"model_uri: expected a logged model URI models:/m-..., got {model_uri!r}")
     try:
-        score = _evaluation(mlflow.get_logged_model(logged_model))
+        model = mlflow.get_logged_model(logged_model)
     except MlflowException as exc:
         raise config.ConfigError(f"model_uri: no logged model {logged_model} ({exc.message})") from None
+    score = _evaluation(model)
     if score.test_acc is None:  # an evaluate run that failed, was killed or deleted does not count
-        raise config.ConfigError(f"model_uri: {model_uri} has no test_acc from an evaluate run that finished: run "
-                                 f"evaluate on it first")
+        raise config.ConfigError(f"model_uri: {model_uri} has no test_acc from an evaluate run that finished: "
+                                 f"{_unfinished_evaluation(model)}")
     return score
+
+
+def _unfinished_evaluation(model) -> str:
+    """What to do about a logged model that no finished evaluate run scored: wait for its newest evaluate run, still
+    running, or evaluate it (again, where that run failed, was killed or deleted)."""
+    scored = [metric for metric in model.metrics or [] if metric.key == "test_acc"]
+    if not scored:
+        return "run evaluate on it first"
+    run_id = max(scored, key=lambda metric: metric.timestamp).run_id
+    try:
+        run = MlflowClient().get_run(run_id)
+        status = "deleted" if run.info.lifecycle_stage == "deleted" else run.info.status
+    except MlflowException:
+        status = "deleted"
+    hint = "wait for it to finish" if status == "RUNNING" else "run evaluate on it again"
+    return f"its newest evaluate run {run_id} is {status}; {hint}"
+
+
+def registry_version(model_uri: str):
+    """The model version a registry URI names (`models:/name/3`, `models:/name@alias`, `models:/name/latest`, a
+    stage), read once, as MLflow reads it to load the model; None for other URIs (`models:/m-...`, `runs:/...`).
+    ConfigError naming what is not there: the registered model, the version, a version holding the alias or in
+    the stage; and for `models:/<name>` of a registered model, which names no version."""
+    if not isinstance(model_uri, str) or not model_uri.startswith("models:/") or model_id(model_uri):
+        return None
+    try:
+        parsed = _parse_model_uri(model_uri)
+    except MlflowException:
+        return None  # no URI MLflow reads: the caller's check names it
+    client, name = MlflowClient(), parsed.name
+    if parsed.model_id is not None:  # models:/<one word>: a logged model's id to MLflow, or a registered model's name
+        try:
+            client.get_registered_model(parsed.model_id)
+        except MlflowException:
+            return None  # no registry URI: the caller's check names it
+        name = parsed.model_id
+        raise config.ConfigError(f"model_uri: {model_uri}: a registered model, not a version of it: name one, "
+                                 f"models:/{name}/<version>, models:/{name}@<alias> or models:/{name}/latest")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise config.ConfigError(f"model_uri: {model_uri}: no registered model {name!r}") from None
+    try:
+        if parsed.version is not None:
+            return client.get_model_version(name, parsed.version)
+        if parsed.alias is not None:
+            return client.get_model_version_by_alias(name, parsed.alias)
+    except MlflowException:
+        missing = (f"{name} has no version {parsed.version}" if parsed.version is not None
+                   else f"no version of {name} holds @{parsed.alias}" if parsed.alias is not None
+                   else f"no version of {name} is in stage {parsed.stage}")
+        raise config.ConfigError(f"model_uri: {model_uri}: {missing}") from None
+    # the newest version (in the stage): as MLflow's deprecated get_latest_versions, which warns on every call
+    latest = [version for version in versions(name)
+              if parsed.stage is None or version.current_stage.lower() == parsed.stage.lower()]
+    if not latest:
+        where = "" if parsed.stage is None else f" is in stage {parsed.stage}"
+        raise config.ConfigError(f"model_uri: {model_uri}: no version of {name}{where}")
+    return max(latest, key=lambda version: int(version.version))
 
 
 def version_model_uri(version) -> str:
