@@ -33,7 +33,6 @@ import os
 import traceback
 
 import pandas as pd
-from mlflow import MlflowClient
 
 from pipeline import config, data
 from pipeline.inputs import check_configured_backend
@@ -49,6 +48,7 @@ from pipeline.tracking import (
     set_tags,
     step_run,
     steps,
+    trials,
     unexpected,
     unexpected_reason,
 )
@@ -342,8 +342,7 @@ def main() -> None:
                    f"@{cfg.register.alias} already: nothing to register (name another register.model_name or "
                    f"register.alias to register it for that)")
             if wrapper := os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened says why it holds nothing
-                for key, value in {"step": "register", "decision": why}.items():
-                    MlflowClient().set_tag(wrapper, key, value)
+                trials.set_run_tags(wrapper, {"step": "register", "decision": why})
             print(f"model_uri: {why}")
             return
         print(f"model_uri: {args.model_uri} is v{version.version} of {version.name}, {model_uri}")
