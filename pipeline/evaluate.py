@@ -10,7 +10,8 @@ Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`, `t
         true labels, the seed's prediction demo).
 Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`. On its own
 (`-e evaluate`), it reads and checks the model and the dataset before it opens a run: a URI naming no model, a model
-that is no image classifier, one not logged whole (FAILED, PENDING) or one of other classes is one line, exit 2.
+that is no image classifier, one not logged whole (FAILED, PENDING), one whose run is in MLflow's trash or one of other
+classes is one line, exit 2.
 Register runs `run` too, in an evaluate run of its own, to score a champion on a challenger's test data.
 """
 
@@ -178,6 +179,7 @@ def main() -> None:
     # Read and checked before any run opens, as register checks its model: a URI naming no model, a model that is
     # no image classifier, one not logged whole or one of other classes is one line, exit 2, and leaves no run
     logged_model = steps.logged_model_id(args.model_uri)  # read once: the model loaded is the one scored
+    steps.check_run_not_trashed(args.model_uri, logged_model)
     classifier = steps.load_classifier(args.model_uri, logged_model)
     dataset = prepare.load_dataset(args.dataset_uri)
     check_classes(classifier, dataset, args.model_uri)

@@ -764,6 +764,30 @@ def test_evaluate_refuses_a_model_it_cannot_score_before_any_run_opens(store, in
     assert not client.get_logged_model(cut).metrics
 
 
+def test_evaluate_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(store, in_process, tmp_path):
+    """A model whose train run the user deleted (MLflow's trash, where its artifacts stay until `mlflow gc`) was scored
+    as any other, by `models:/m-...` or `runs:/<id>/model`, and its test_acc landed on the model for register to take:
+    refused in one line naming the run and how to restore it, exit 2, no evaluate run."""
+    from pipeline import data
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    data.make_synthetic(n_train=16, n_test=16).save(tmp_path / "dataset.npz")
+    with mlflow.start_run(experiment_id=experiment_id) as trained:
+        model_id = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_id
+    client.delete_run(trained.info.run_id)
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    for uri in (f"models:/{model_id}", f"runs:/{trained.info.run_id}/model"):
+        result = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                            "--model-uri", uri, "--dataset-uri", str(tmp_path / "dataset.npz"))
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: model_uri: {uri} was logged by run {trained.info.run_id}, which is in MLflow's trash; restore "
+            f"it (mlflow runs restore --run-id {trained.info.run_id}) to score its model"), result.stderr[-3000:]
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    assert not client.get_logged_model(model_id).metrics
+
+
 def test_the_confusion_matrix_of_many_classes_is_drawn_in_seconds_and_readable(tmp_path, monkeypatch):
     """A dataset of 100 classes (CIFAR-100 as an image folder) had evaluate write each of the 10,000 counts into a
     7x6-inch plot: 19 s on a 2-core CPU after the scores were logged, unreadable; 200 classes, 97 s; 1,000, hours.

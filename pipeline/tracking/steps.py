@@ -285,6 +285,21 @@ def load_classifier(model_uri: str, logged_model: str | None = None):
         raise config.ConfigError(f"model_uri: cannot load {model_uri} ({exc})".replace("\n", " ")) from None
 
 
+def check_run_not_trashed(model_uri: str, logged_model: str | None) -> None:
+    """ConfigError naming `model_uri` where the run that logged its model (a `runs:/` URI's run, else the logged
+    model's source run) is in MLflow's trash: its artifacts stay loadable until `mlflow gc`, and a score of it would
+    land on a model its user discarded, for register to take. Nothing to check for a model no run logged (a folder)."""
+    run_id = model_uri.removeprefix("runs:/").partition("/")[0] if model_uri.startswith("runs:/") else None
+    try:
+        run_id = run_id or (mlflow.get_logged_model(logged_model).source_run_id if logged_model else None)
+        trashed = bool(run_id) and mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "deleted"
+    except MlflowException:
+        return  # no such model or run: loading it says so
+    if trashed:
+        raise config.ConfigError(f"model_uri: {model_uri} was logged by run {run_id}, which is in MLflow's trash; "
+                                 f"restore it (mlflow runs restore --run-id {run_id}) to score its model")
+
+
 def trained_at(logged_model: str | None) -> str:
     """` (git commit <commit> of train run <id>)` for the logged model's source run, as far as it is known; ''."""
     try:
