@@ -172,9 +172,21 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
     return metrics
 
 
+def check_given(model_uri: str, dataset_uri: str) -> None:
+    """ConfigError naming the key where a URI is empty or blank (`-P model_uri=`): MLflow read an empty model URI as
+    the current folder, and the error named its MLmodel file."""
+    if not model_uri.strip():
+        raise config.ConfigError("model_uri: empty; give models:/m-..., models:/<name>@<alias>, "
+                                 "models:/<name>/<version>, runs:/<train run id>/model or a downloaded model's folder")
+    if not dataset_uri.strip():
+        raise config.ConfigError(f"dataset_uri: empty; give runs:/<prepare run id>/{steps.DATASET_ARTIFACT} or a "
+                                 f"prepared dataset's .npz file")
+
+
 def main() -> None:
     args = config.entry_point_parser("evaluate", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
+    check_given(args.model_uri, args.dataset_uri)
     prepare.check_dataset_uri(args.dataset_uri)
     # Read and checked before any run opens, as register checks its model: a URI naming no model, a model that is
     # no image classifier, one not logged whole or one of other classes is one line, exit 2, and leaves no run

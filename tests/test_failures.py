@@ -788,6 +788,22 @@ def test_evaluate_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(sto
     assert not client.get_logged_model(model_id).metrics
 
 
+@pytest.mark.parametrize(("argv", "error"), [
+    (["--model-uri", "", "--dataset-uri", "runs:/0123/dataset/dataset.npz"],
+     "error: model_uri: empty; give models:/m-..., models:/<name>@<alias>, models:/<name>/<version>, "
+     "runs:/<train run id>/model or a downloaded model's folder"),
+    (["--model-uri", "models:/m-0123", "--dataset-uri", " "],
+     "error: dataset_uri: empty; give runs:/<prepare run id>/dataset/dataset.npz or a prepared dataset's .npz file"),
+])
+def test_evaluate_refuses_an_empty_uri_naming_it(store, in_process, argv, error):
+    """`-P model_uri=` (or a blank) was refused as "cannot load  (Could not find an "MLmodel" configuration file at
+    "<the project folder>/MLmodel")", as if the checkout were meant; an empty dataset_uri as "dataset_uri:  names no
+    prepared dataset": each is one line saying the value is empty and what to give."""
+    result = in_process("evaluate", "--params", TINY, *argv)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == error, result.stderr[-3000:]
+    assert MlflowClient().search_runs(["0"], run_view_type=ViewType.ALL) == []
+
+
 def test_the_confusion_matrix_of_many_classes_is_drawn_in_seconds_and_readable(tmp_path, monkeypatch):
     """A dataset of 100 classes (CIFAR-100 as an image folder) had evaluate write each of the 10,000 counts into a
     7x6-inch plot: 19 s on a 2-core CPU after the scores were logged, unreadable; 200 classes, 97 s; 1,000, hours.
