@@ -11,7 +11,7 @@ Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`, `t
 Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`. On its own
 (`-e evaluate`), it reads and checks the model and the dataset before it opens a run: a URI naming no model, a model
 that is no image classifier, one not logged whole (FAILED, PENDING), one whose run is in MLflow's trash or one of other
-classes is one line, exit 2.
+classes is one line, exit 2; so is a dataset of a run in MLflow's trash.
 Register runs `run` too, in an evaluate run of its own, to score a champion on a challenger's test data.
 """
 
@@ -188,6 +188,7 @@ def main() -> None:
     cfg = config.load_from_cli(args.params, args.overrides)
     check_given(args.model_uri, args.dataset_uri)
     prepare.check_dataset_uri(args.dataset_uri)
+    steps.check_dataset_not_trashed(args.dataset_uri)
     # Read and checked before any run opens, as register checks its model: a URI naming no model, a model that is
     # no image classifier, one not logged whole or one of other classes is one line, exit 2, and leaves no run
     logged_model = steps.logged_model_id(args.model_uri)  # read once: the model loaded is the one scored

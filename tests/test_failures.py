@@ -804,6 +804,28 @@ def test_evaluate_refuses_an_empty_uri_naming_it(store, in_process, argv, error)
     assert MlflowClient().search_runs(["0"], run_view_type=ViewType.ALL) == []
 
 
+def test_evaluate_refuses_a_dataset_of_a_run_in_the_trash_before_any_run_opens(store, in_process, tmp_path):
+    """A prepare run the user deleted keeps its dataset artifact until `mlflow gc`: evaluate scored a model on it, and
+    the score landed on the model. Refused in one line naming the run and how to restore it, exit 2, no run opened."""
+    from pipeline import data
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    data.make_synthetic(n_train=16, n_test=16).save(tmp_path / "dataset.npz")
+    with mlflow.start_run(experiment_id=experiment_id) as prepared:
+        mlflow.log_artifact(str(tmp_path / "dataset.npz"), "dataset")
+    client.delete_run(prepared.info.run_id)
+    uri = f"runs:/{prepared.info.run_id}/dataset/dataset.npz"
+    result = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                        "--model-uri", "models:/m-0123456789abcdef", "--dataset-uri", uri)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: dataset_uri: {uri} was written by run {prepared.info.run_id}, which is in MLflow's trash; restore it "
+        f"(mlflow runs restore --run-id {prepared.info.run_id}) to score on it"), result.stderr[-3000:]
+    assert [r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)] == [
+        prepared.info.run_id]
+
+
 def test_the_confusion_matrix_of_many_classes_is_drawn_in_seconds_and_readable(tmp_path, monkeypatch):
     """A dataset of 100 classes (CIFAR-100 as an image folder) had evaluate write each of the 10,000 counts into a
     7x6-inch plot: 19 s on a 2-core CPU after the scores were logged, unreadable; 200 classes, 97 s; 1,000, hours.
