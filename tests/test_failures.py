@@ -1338,6 +1338,20 @@ def test_an_evaluation_of_a_registry_uri_lands_on_its_logged_model(store):
     assert steps.registered_model_id("models:/cifar10-resnet/2") is None
 
 
+def test_an_evaluation_of_a_model_uri_with_a_trailing_slash_lands_on_its_logged_model(store):
+    """evaluate -P model_uri=models:/m-.../ (a slash left by a shell's completion or a copied path) loaded and scored
+    the model, but its scores went on the evaluate run only, unchecked for a model not logged whole: register then
+    found the model unevaluated, or took an older score. They go on the logged model, as without the slash."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    registered(experiment_id, uri)
+    for other_uri, acc in ((f"{uri}/", 0.6), ("models:/cifar10-resnet/1/", 0.7), ("models:/cifar10-resnet@champion/",
+                                                                                   0.8)):
+        assert steps.logged_model_id(other_uri) == uri.removeprefix("models:/"), other_uri
+        evaluate_again(experiment_id, other_uri, {"test_acc": acc})
+        assert registry.model_test_acc(uri).test_acc == acc
+
+
 def test_register_takes_the_runs_model_uri_evaluate_takes(store, in_process):
     """`-e evaluate -P model_uri=runs:/<train run id>/model` scored the model, then `-e register` with the same URI was
     refused ("expected a logged model URI models:/m-..."): register takes what evaluate takes, and registers the logged

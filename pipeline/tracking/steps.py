@@ -361,8 +361,10 @@ def training_dataset_uri(model_uri: str) -> str | None:
 def logged_model_id(model_uri: str) -> str | None:
     """The logged model behind `model_uri`: `models:/m-...` itself, a registry URI's version's
     (`registered_model_id`), or the one a `runs:/<run id>/<name>` URI loads (MLflow 3 logs a run's model as a logged
-    model, whose id its MLmodel file holds); None for others (a folder) or where there is none."""
-    found = model_id(model_uri) or registered_model_id(model_uri)
+    model, whose id its MLmodel file holds); None for others (a folder) or where there is none. A `models:/` URI's
+    trailing slash, which MLflow loads as without it, is read as without it (its scores went on the run only)."""
+    registry_uri = model_uri.rstrip("/") if model_uri.startswith("models:/") else model_uri
+    found = model_id(registry_uri) or registered_model_id(registry_uri)
     if found or not model_uri.startswith("runs:/"):
         return found
     try:
