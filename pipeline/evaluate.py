@@ -173,11 +173,16 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
 
 
 def check_given(model_uri: str, dataset_uri: str) -> None:
-    """ConfigError naming the key where a URI is empty or blank (`-P model_uri=`): MLflow read an empty model URI as
-    the current folder, and the error named its MLmodel file."""
+    """ConfigError naming the key where a URI is empty or blank (`-P model_uri=`: MLflow read an empty model URI as
+    the current folder, and the error named its MLmodel file), or a registry URI names no version (`models:/<name>`:
+    MLflow looked for a logged model of that id)."""
     if not model_uri.strip():
         raise config.ConfigError("model_uri: empty; give models:/m-..., models:/<name>@<alias>, "
                                  "models:/<name>/<version>, runs:/<train run id>/model or a downloaded model's folder")
+    name = model_uri.removeprefix("models:/").rstrip("/")
+    if model_uri.startswith("models:/") and name and not name.startswith("m-") and not {"/", "@"} & set(name):
+        raise config.ConfigError(f"model_uri: {model_uri} names a registered model but none of its versions; give "
+                                 f"models:/{name}@<alias>, models:/{name}/<version> or models:/{name}/latest")
     if not dataset_uri.strip():
         raise config.ConfigError(f"dataset_uri: empty; give runs:/<prepare run id>/{steps.DATASET_ARTIFACT} or a "
                                  f"prepared dataset's .npz file")

@@ -794,11 +794,15 @@ def test_evaluate_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(sto
      "runs:/<train run id>/model or a downloaded model's folder"),
     (["--model-uri", "models:/m-0123", "--dataset-uri", " "],
      "error: dataset_uri: empty; give runs:/<prepare run id>/dataset/dataset.npz or a prepared dataset's .npz file"),
+    (["--model-uri", "models:/cifar10-resnet", "--dataset-uri", "runs:/0123/dataset/dataset.npz"],
+     "error: model_uri: models:/cifar10-resnet names a registered model but none of its versions; give "
+     "models:/cifar10-resnet@<alias>, models:/cifar10-resnet/<version> or models:/cifar10-resnet/latest"),
 ])
-def test_evaluate_refuses_an_empty_uri_naming_it(store, in_process, argv, error):
+def test_evaluate_refuses_an_empty_or_versionless_uri_naming_it(store, in_process, argv, error):
     """`-P model_uri=` (or a blank) was refused as "cannot load  (Could not find an "MLmodel" configuration file at
     "<the project folder>/MLmodel")", as if the checkout were meant; an empty dataset_uri as "dataset_uri:  names no
-    prepared dataset": each is one line saying the value is empty and what to give."""
+    prepared dataset": each is one line saying the value is empty and what to give. models:/<name> without a version
+    was "Logged model with ID '<name>' not found": it says which versions to name."""
     result = in_process("evaluate", "--params", TINY, *argv)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == error, result.stderr[-3000:]
     assert MlflowClient().search_runs(["0"], run_view_type=ViewType.ALL) == []
