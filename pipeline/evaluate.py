@@ -116,14 +116,17 @@ def test_images_in_train(model_uri: str, dataset_uri: str, dataset: Dataset) -> 
 
 def check_classes(classifier, dataset: Dataset, model_uri: str) -> None:
     """ConfigError naming `model_uri` where the model was trained on other classes than `dataset` has (a score
-    against other labels means nothing), or is no image classifier that names its classes (a model logged
-    otherwise)."""
+    against other labels means nothing), or is no image classifier that names its classes and scores pixels
+    (`predict_proba`: a model logged otherwise)."""
     if not hasattr(classifier, "class_names"):
         raise config.ConfigError(f"model_uri: {model_uri} is not an image classifier this pipeline logged (a "
                                  f"{type(classifier).__name__}): evaluate cannot score it")
     if list(classifier.class_names) != list(dataset.class_names):
         raise config.ConfigError(f"model_uri: {model_uri} was trained on the classes {list(classifier.class_names)}, "
                                  f"the dataset has {list(dataset.class_names)}: give a dataset of its classes")
+    if not callable(getattr(classifier, "predict_proba", None)):  # another's Python model that names classes
+        raise config.ConfigError(f"model_uri: {model_uri} is not an image classifier this pipeline logged (a "
+                                 f"{type(classifier).__name__}): evaluate cannot score it")
 
 
 def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Dataset | None = None,

@@ -830,6 +830,41 @@ def test_evaluate_refuses_a_dataset_of_a_run_in_the_trash_before_any_run_opens(s
         prepared.info.run_id]
 
 
+class NamedClasses(mlflow.pyfunc.PythonModel):
+    """Another user's Python model that names its classes, as this pipeline's do, but scores no pixels."""
+
+    def __init__(self, class_names):
+        self.class_names = list(class_names)
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def test_evaluate_refuses_a_python_model_that_names_classes_but_cannot_score_before_any_run_opens(store, in_process,
+                                                                                                  tmp_path):
+    """A Python model logged by someone else with `class_names` of the dataset's passed the check of an image
+    classifier, opened the evaluate run and failed in it on AttributeError ('predict_proba'): a traceback, exit 1, a
+    FAILED evaluate run. Refused as any model that is no image classifier of this pipeline: one line, exit 2."""
+    from pipeline import data
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    dataset = data.make_synthetic(n_train=16, n_test=16)
+    dataset.save(tmp_path / "dataset.npz")
+    with mlflow.start_run(experiment_id=experiment_id):
+        model_id = mlflow.pyfunc.log_model(name="model", python_model=NamedClasses(dataset.class_names),
+                                           pip_requirements=["mlflow"]).model_id
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    result = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                        "--model-uri", f"models:/{model_id}", "--dataset-uri", str(tmp_path / "dataset.npz"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model_uri: models:/{model_id} is not an image classifier this pipeline logged (a NamedClasses): "
+        f"evaluate cannot score it"), result.stderr[-3000:]
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    assert not client.get_logged_model(model_id).metrics
+
+
 def test_the_confusion_matrix_of_many_classes_is_drawn_in_seconds_and_readable(tmp_path, monkeypatch):
     """A dataset of 100 classes (CIFAR-100 as an image folder) had evaluate write each of the 10,000 counts into a
     7x6-inch plot: 19 s on a 2-core CPU after the scores were logged, unreadable; 200 classes, 97 s; 1,000, hours.
