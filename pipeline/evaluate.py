@@ -10,7 +10,8 @@ Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`, `t
         true labels, the seed's prediction demo).
 Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`. On its own
 (`-e evaluate`), it reads and checks the model and the dataset before it opens a run: a URI naming no model, a model
-that is no image classifier, one not logged whole (FAILED, PENDING) or one of other classes is one line, exit 2.
+that is no image classifier, one not logged whole (FAILED, PENDING), one whose run is in MLflow's trash or one of other
+classes is one line, exit 2; so is a dataset of a run in MLflow's trash.
 Register runs `run` too, in an evaluate run of its own, to score a champion on a challenger's test data.
 """
 
@@ -115,14 +116,17 @@ def test_images_in_train(model_uri: str, dataset_uri: str, dataset: Dataset) -> 
 
 def check_classes(classifier, dataset: Dataset, model_uri: str) -> None:
     """ConfigError naming `model_uri` where the model was trained on other classes than `dataset` has (a score
-    against other labels means nothing), or is no image classifier that names its classes (a model logged
-    otherwise)."""
+    against other labels means nothing), or is no image classifier that names its classes and scores pixels
+    (`predict_proba`: a model logged otherwise)."""
     if not hasattr(classifier, "class_names"):
         raise config.ConfigError(f"model_uri: {model_uri} is not an image classifier this pipeline logged (a "
                                  f"{type(classifier).__name__}): evaluate cannot score it")
     if list(classifier.class_names) != list(dataset.class_names):
         raise config.ConfigError(f"model_uri: {model_uri} was trained on the classes {list(classifier.class_names)}, "
                                  f"the dataset has {list(dataset.class_names)}: give a dataset of its classes")
+    if not callable(getattr(classifier, "predict_proba", None)):  # another's Python model that names classes
+        raise config.ConfigError(f"model_uri: {model_uri} is not an image classifier this pipeline logged (a "
+                                 f"{type(classifier).__name__}): evaluate cannot score it")
 
 
 def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Dataset | None = None,
@@ -171,13 +175,32 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
     return metrics
 
 
+def check_given(model_uri: str, dataset_uri: str) -> None:
+    """ConfigError naming the key where a URI is empty or blank (`-P model_uri=`: MLflow read an empty model URI as
+    the current folder, and the error named its MLmodel file), or a registry URI names no version (`models:/<name>`:
+    MLflow looked for a logged model of that id)."""
+    if not model_uri.strip():
+        raise config.ConfigError("model_uri: empty; give models:/m-..., models:/<name>@<alias>, "
+                                 "models:/<name>/<version>, runs:/<train run id>/model or a downloaded model's folder")
+    name = model_uri.removeprefix("models:/").rstrip("/")
+    if model_uri.startswith("models:/") and name and not name.startswith("m-") and not {"/", "@"} & set(name):
+        raise config.ConfigError(f"model_uri: {model_uri} names a registered model but none of its versions; give "
+                                 f"models:/{name}@<alias>, models:/{name}/<version> or models:/{name}/latest")
+    if not dataset_uri.strip():
+        raise config.ConfigError(f"dataset_uri: empty; give runs:/<prepare run id>/{steps.DATASET_ARTIFACT} or a "
+                                 f"prepared dataset's .npz file")
+
+
 def main() -> None:
     args = config.entry_point_parser("evaluate", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
+    check_given(args.model_uri, args.dataset_uri)
     prepare.check_dataset_uri(args.dataset_uri)
+    steps.check_dataset_not_trashed(args.dataset_uri)
     # Read and checked before any run opens, as register checks its model: a URI naming no model, a model that is
     # no image classifier, one not logged whole or one of other classes is one line, exit 2, and leaves no run
     logged_model = steps.logged_model_id(args.model_uri)  # read once: the model loaded is the one scored
+    steps.check_run_not_trashed(args.model_uri, logged_model)
     classifier = steps.load_classifier(args.model_uri, logged_model)
     dataset = prepare.load_dataset(args.dataset_uri)
     check_classes(classifier, dataset, args.model_uri)

@@ -764,6 +764,107 @@ def test_evaluate_refuses_a_model_it_cannot_score_before_any_run_opens(store, in
     assert not client.get_logged_model(cut).metrics
 
 
+def test_evaluate_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(store, in_process, tmp_path):
+    """A model whose train run the user deleted (MLflow's trash, where its artifacts stay until `mlflow gc`) was scored
+    as any other, by `models:/m-...` or `runs:/<id>/model`, and its test_acc landed on the model for register to take:
+    refused in one line naming the run and how to restore it, exit 2, no evaluate run."""
+    from pipeline import data
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    data.make_synthetic(n_train=16, n_test=16).save(tmp_path / "dataset.npz")
+    with mlflow.start_run(experiment_id=experiment_id) as trained:
+        model_id = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_id
+    client.delete_run(trained.info.run_id)
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    for uri in (f"models:/{model_id}", f"runs:/{trained.info.run_id}/model"):
+        result = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                            "--model-uri", uri, "--dataset-uri", str(tmp_path / "dataset.npz"))
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: model_uri: {uri} was logged by run {trained.info.run_id}, which is in MLflow's trash; restore "
+            f"it (mlflow runs restore --run-id {trained.info.run_id}) to score its model"), result.stderr[-3000:]
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    assert not client.get_logged_model(model_id).metrics
+
+
+@pytest.mark.parametrize(("argv", "error"), [
+    (["--model-uri", "", "--dataset-uri", "runs:/0123/dataset/dataset.npz"],
+     "error: model_uri: empty; give models:/m-..., models:/<name>@<alias>, models:/<name>/<version>, "
+     "runs:/<train run id>/model or a downloaded model's folder"),
+    (["--model-uri", "models:/m-0123", "--dataset-uri", " "],
+     "error: dataset_uri: empty; give runs:/<prepare run id>/dataset/dataset.npz or a prepared dataset's .npz file"),
+    (["--model-uri", "models:/cifar10-resnet", "--dataset-uri", "runs:/0123/dataset/dataset.npz"],
+     "error: model_uri: models:/cifar10-resnet names a registered model but none of its versions; give "
+     "models:/cifar10-resnet@<alias>, models:/cifar10-resnet/<version> or models:/cifar10-resnet/latest"),
+])
+def test_evaluate_refuses_an_empty_or_versionless_uri_naming_it(store, in_process, argv, error):
+    """`-P model_uri=` (or a blank) was refused as "cannot load  (Could not find an "MLmodel" configuration file at
+    "<the project folder>/MLmodel")", as if the checkout were meant; an empty dataset_uri as "dataset_uri:  names no
+    prepared dataset": each is one line saying the value is empty and what to give. models:/<name> without a version
+    was "Logged model with ID '<name>' not found": it says which versions to name."""
+    result = in_process("evaluate", "--params", TINY, *argv)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == error, result.stderr[-3000:]
+    assert MlflowClient().search_runs(["0"], run_view_type=ViewType.ALL) == []
+
+
+def test_evaluate_refuses_a_dataset_of_a_run_in_the_trash_before_any_run_opens(store, in_process, tmp_path):
+    """A prepare run the user deleted keeps its dataset artifact until `mlflow gc`: evaluate scored a model on it, and
+    the score landed on the model. Refused in one line naming the run and how to restore it, exit 2, no run opened."""
+    from pipeline import data
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    data.make_synthetic(n_train=16, n_test=16).save(tmp_path / "dataset.npz")
+    with mlflow.start_run(experiment_id=experiment_id) as prepared:
+        mlflow.log_artifact(str(tmp_path / "dataset.npz"), "dataset")
+    client.delete_run(prepared.info.run_id)
+    uri = f"runs:/{prepared.info.run_id}/dataset/dataset.npz"
+    result = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                        "--model-uri", "models:/m-0123456789abcdef", "--dataset-uri", uri)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: dataset_uri: {uri} was written by run {prepared.info.run_id}, which is in MLflow's trash; restore it "
+        f"(mlflow runs restore --run-id {prepared.info.run_id}) to score on it"), result.stderr[-3000:]
+    assert [r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)] == [
+        prepared.info.run_id]
+
+
+class NamedClasses(mlflow.pyfunc.PythonModel):
+    """Another user's Python model that names its classes, as this pipeline's do, but scores no pixels."""
+
+    def __init__(self, class_names):
+        self.class_names = list(class_names)
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def test_evaluate_refuses_a_python_model_that_names_classes_but_cannot_score_before_any_run_opens(store, in_process,
+                                                                                                  tmp_path):
+    """A Python model logged by someone else with `class_names` of the dataset's passed the check of an image
+    classifier, opened the evaluate run and failed in it on AttributeError ('predict_proba'): a traceback, exit 1, a
+    FAILED evaluate run. Refused as any model that is no image classifier of this pipeline: one line, exit 2."""
+    from pipeline import data
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    dataset = data.make_synthetic(n_train=16, n_test=16)
+    dataset.save(tmp_path / "dataset.npz")
+    with mlflow.start_run(experiment_id=experiment_id):
+        model_id = mlflow.pyfunc.log_model(name="model", python_model=NamedClasses(dataset.class_names),
+                                           pip_requirements=["mlflow"]).model_id
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    result = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                        "--model-uri", f"models:/{model_id}", "--dataset-uri", str(tmp_path / "dataset.npz"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model_uri: models:/{model_id} is not an image classifier this pipeline logged (a NamedClasses): "
+        f"evaluate cannot score it"), result.stderr[-3000:]
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    assert not client.get_logged_model(model_id).metrics
+
+
 def test_the_confusion_matrix_of_many_classes_is_drawn_in_seconds_and_readable(tmp_path, monkeypatch):
     """A dataset of 100 classes (CIFAR-100 as an image folder) had evaluate write each of the 10,000 counts into a
     7x6-inch plot: 19 s on a 2-core CPU after the scores were logged, unreadable; 200 classes, 97 s; 1,000, hours.
@@ -1274,6 +1375,20 @@ def test_an_evaluation_of_a_registry_uri_lands_on_its_logged_model(store):
     assert steps.registered_model_id("models:/cifar10-resnet@nobody") is None
     assert steps.registered_model_id("models:/cifar10-resnet/no-such-stage") is None
     assert steps.registered_model_id("models:/cifar10-resnet/2") is None
+
+
+def test_an_evaluation_of_a_model_uri_with_a_trailing_slash_lands_on_its_logged_model(store):
+    """evaluate -P model_uri=models:/m-.../ (a slash left by a shell's completion or a copied path) loaded and scored
+    the model, but its scores went on the evaluate run only, unchecked for a model not logged whole: register then
+    found the model unevaluated, or took an older score. They go on the logged model, as without the slash."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    registered(experiment_id, uri)
+    for other_uri, acc in ((f"{uri}/", 0.6), ("models:/cifar10-resnet/1/", 0.7), ("models:/cifar10-resnet@champion/",
+                                                                                   0.8)):
+        assert steps.logged_model_id(other_uri) == uri.removeprefix("models:/"), other_uri
+        evaluate_again(experiment_id, other_uri, {"test_acc": acc})
+        assert registry.model_test_acc(uri).test_acc == acc
 
 
 def test_register_takes_the_runs_model_uri_evaluate_takes(store, in_process):

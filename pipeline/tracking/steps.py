@@ -285,6 +285,38 @@ def load_classifier(model_uri: str, logged_model: str | None = None):
         raise config.ConfigError(f"model_uri: cannot load {model_uri} ({exc})".replace("\n", " ")) from None
 
 
+def in_trash(run_id: str | None) -> bool:
+    """Whether run `run_id` is in MLflow's trash (deleted, its artifacts kept until `mlflow gc`); False for no run, or
+    one this store does not have (reading its artifacts says so)."""
+    try:
+        return bool(run_id) and mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "deleted"
+    except MlflowException:
+        return False
+
+
+def check_run_not_trashed(model_uri: str, logged_model: str | None) -> None:
+    """ConfigError naming `model_uri` where the run that logged its model (a `runs:/` URI's run, else the logged
+    model's source run) is in MLflow's trash: its artifacts stay loadable until `mlflow gc`, and a score of it would
+    land on a model its user discarded, for register to take. Nothing to check for a model no run logged (a folder)."""
+    run_id = model_uri.removeprefix("runs:/").partition("/")[0] if model_uri.startswith("runs:/") else None
+    try:
+        run_id = run_id or (mlflow.get_logged_model(logged_model).source_run_id if logged_model else None)
+    except MlflowException:
+        return  # no such model: loading it says so
+    if in_trash(run_id):
+        raise config.ConfigError(f"model_uri: {model_uri} was logged by run {run_id}, which is in MLflow's trash; "
+                                 f"restore it (mlflow runs restore --run-id {run_id}) to score its model")
+
+
+def check_dataset_not_trashed(dataset_uri: str) -> None:
+    """ConfigError naming `dataset_uri` where it is a `runs:/` artifact of a run in MLflow's trash (a prepare run the
+    user deleted): evaluate's score on it would land on the model as any other."""
+    run_id = dataset_uri.removeprefix("runs:/").partition("/")[0] if dataset_uri.startswith("runs:/") else None
+    if in_trash(run_id):
+        raise config.ConfigError(f"dataset_uri: {dataset_uri} was written by run {run_id}, which is in MLflow's "
+                                 f"trash; restore it (mlflow runs restore --run-id {run_id}) to score on it")
+
+
 def trained_at(logged_model: str | None) -> str:
     """` (git commit <commit> of train run <id>)` for the logged model's source run, as far as it is known; ''."""
     try:
@@ -329,8 +361,10 @@ def training_dataset_uri(model_uri: str) -> str | None:
 def logged_model_id(model_uri: str) -> str | None:
     """The logged model behind `model_uri`: `models:/m-...` itself, a registry URI's version's
     (`registered_model_id`), or the one a `runs:/<run id>/<name>` URI loads (MLflow 3 logs a run's model as a logged
-    model, whose id its MLmodel file holds); None for others (a folder) or where there is none."""
-    found = model_id(model_uri) or registered_model_id(model_uri)
+    model, whose id its MLmodel file holds); None for others (a folder) or where there is none. A `models:/` URI's
+    trailing slash, which MLflow loads as without it, is read as without it (its scores went on the run only)."""
+    registry_uri = model_uri.rstrip("/") if model_uri.startswith("models:/") else model_uri
+    found = model_id(registry_uri) or registered_model_id(registry_uri)
     if found or not model_uri.startswith("runs:/"):
         return found
     try:
