@@ -195,8 +195,7 @@ def main() -> None:
     args = config.entry_point_parser("evaluate", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
     check_given(args.model_uri, args.dataset_uri)
-    prepare.check_dataset_uri(args.dataset_uri)
-    steps.check_dataset_not_trashed(args.dataset_uri)
+    prepare.check_dataset_uri(args.dataset_uri)  # a run in MLflow's trash too
     # Read and checked before any run opens, as register checks its model: a URI naming no model, a model that is
     # no image classifier, one not logged whole or one of other classes is one line, exit 2, and leaves no run
     logged_model = steps.logged_model_id(args.model_uri)  # read once: the model loaded is the one scored

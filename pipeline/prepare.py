@@ -127,12 +127,13 @@ def check_source(cfg: config.Config) -> None:
 
 
 def check_dataset_uri(dataset_uri: str) -> None:
-    """Refuse a dataset URI that names no prepared dataset file or no artifact (DataError naming `dataset_uri`),
-    before a step opens its run."""
+    """Refuse a dataset URI that names no prepared dataset file or no artifact (DataError naming `dataset_uri`), or
+    one of a run in MLflow's trash (ConfigError), before a step opens its run."""
     if not dataset_uri.endswith(".npz"):  # the folder, or dataset.json beside the file, failed later as unreadable
         raise data.DataError(f"dataset_uri: {dataset_uri} names no prepared dataset (.npz); give "
                              f"runs:/<prepare run id>/{steps.DATASET_ARTIFACT}")
     steps.check_artifact_uri(dataset_uri, "dataset_uri")
+    steps.check_dataset_not_trashed(dataset_uri)
 
 
 def dataset_params(dataset_uri: str) -> dict[str, str]:

@@ -808,9 +808,11 @@ def test_evaluate_refuses_an_empty_or_versionless_uri_naming_it(store, in_proces
     assert MlflowClient().search_runs(["0"], run_view_type=ViewType.ALL) == []
 
 
-def test_evaluate_refuses_a_dataset_of_a_run_in_the_trash_before_any_run_opens(store, in_process, tmp_path):
-    """A prepare run the user deleted keeps its dataset artifact until `mlflow gc`: evaluate scored a model on it, and
-    the score landed on the model. Refused in one line naming the run and how to restore it, exit 2, no run opened."""
+@pytest.mark.parametrize("step", ["evaluate", "train"])
+def test_a_dataset_of_a_run_in_the_trash_is_refused_before_any_run_opens(store, in_process, tmp_path, step):
+    """A prepare run the user deleted keeps its dataset artifact until `mlflow gc`: evaluate scored a model on it (the
+    score landing on the model), train trained on it (a model whose data's run is gone). Refused in one line
+    naming the run and how to restore it, exit 2, no run opened."""
     from pipeline import data
 
     client = MlflowClient()
@@ -820,12 +822,13 @@ def test_evaluate_refuses_a_dataset_of_a_run_in_the_trash_before_any_run_opens(s
         mlflow.log_artifact(str(tmp_path / "dataset.npz"), "dataset")
     client.delete_run(prepared.info.run_id)
     uri = f"runs:/{prepared.info.run_id}/dataset/dataset.npz"
-    result = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
-                        "--model-uri", "models:/m-0123456789abcdef", "--dataset-uri", uri)
+    given = ["--model-uri", "models:/m-0123456789abcdef"] if step == "evaluate" else ["--resume", "never"]
+    result = in_process(step, "--params", TINY, "--overrides", "tracking.experiment=e2e", *given,
+                        "--dataset-uri", uri)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: dataset_uri: {uri} was written by run {prepared.info.run_id}, which is in MLflow's trash; restore it "
-        f"(mlflow runs restore --run-id {prepared.info.run_id}) to score on it"), result.stderr[-3000:]
+        f"(mlflow runs restore --run-id {prepared.info.run_id}) to use it"), result.stderr[-3000:]
     assert [r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)] == [
         prepared.info.run_id]
 

@@ -310,11 +310,12 @@ def check_run_not_trashed(model_uri: str, logged_model: str | None) -> None:
 
 def check_dataset_not_trashed(dataset_uri: str) -> None:
     """ConfigError naming `dataset_uri` where it is a `runs:/` artifact of a run in MLflow's trash (a prepare run the
-    user deleted): evaluate's score on it would land on the model as any other."""
+    user deleted): evaluate's score on it would land on the model as any other, train's model would name data whose
+    run is gone."""
     run_id = dataset_uri.removeprefix("runs:/").partition("/")[0] if dataset_uri.startswith("runs:/") else None
     if in_trash(run_id):
         raise config.ConfigError(f"dataset_uri: {dataset_uri} was written by run {run_id}, which is in MLflow's "
-                                 f"trash; restore it (mlflow runs restore --run-id {run_id}) to score on it")
+                                 f"trash; restore it (mlflow runs restore --run-id {run_id}) to use it")
 
 
 def trained_at(logged_model: str | None) -> str:
