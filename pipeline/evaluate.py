@@ -28,7 +28,7 @@ import pandas as pd
 from pipeline import config, data, prepare
 from pipeline.data import Dataset
 from pipeline.inputs import refuse_unusable_backend
-from pipeline.tracking import artifact_dir, cli, step_run, steps
+from pipeline.tracking import artifact_dir, cli, registry, step_run, steps
 from pipeline.tracking.resume import dataset_sha256, step_lock
 
 if __name__ == "__main__":  # a backend Keras cannot load: one line, exit 2, before Keras loads below
@@ -182,10 +182,7 @@ def check_given(model_uri: str, dataset_uri: str) -> None:
     if not model_uri.strip():
         raise config.ConfigError("model_uri: empty; give models:/m-..., models:/<name>@<alias>, "
                                  "models:/<name>/<version>, runs:/<train run id>/model or a downloaded model's folder")
-    name = model_uri.removeprefix("models:/").rstrip("/")
-    if model_uri.startswith("models:/") and name and not name.startswith("m-") and not {"/", "@"} & set(name):
-        raise config.ConfigError(f"model_uri: {model_uri} names a registered model but none of its versions; give "
-                                 f"models:/{name}@<alias>, models:/{name}/<version> or models:/{name}/latest")
+    registry.check_names_version(model_uri)  # in the words register uses
     if not dataset_uri.strip():
         raise config.ConfigError(f"dataset_uri: empty; give runs:/<prepare run id>/{steps.DATASET_ARTIFACT} or a "
                                  f"prepared dataset's .npz file")

@@ -795,8 +795,8 @@ def test_evaluate_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(sto
     (["--model-uri", "models:/m-0123", "--dataset-uri", " "],
      "error: dataset_uri: empty; give runs:/<prepare run id>/dataset/dataset.npz or a prepared dataset's .npz file"),
     (["--model-uri", "models:/cifar10-resnet", "--dataset-uri", "runs:/0123/dataset/dataset.npz"],
-     "error: model_uri: models:/cifar10-resnet names a registered model but none of its versions; give "
-     "models:/cifar10-resnet@<alias>, models:/cifar10-resnet/<version> or models:/cifar10-resnet/latest"),
+     "error: model_uri: models:/cifar10-resnet names a registered model but no version of it; give "
+     "models:/cifar10-resnet/<version>, models:/cifar10-resnet@<alias> or models:/cifar10-resnet/latest"),
 ])
 def test_evaluate_refuses_an_empty_or_versionless_uri_naming_it(store, in_process, argv, error):
     """`-P model_uri=` (or a blank) was refused as "cannot load  (Could not find an "MLmodel" configuration file at
@@ -805,6 +805,22 @@ def test_evaluate_refuses_an_empty_or_versionless_uri_naming_it(store, in_proces
     was "Logged model with ID '<name>' not found": it says which versions to name."""
     result = in_process("evaluate", "--params", TINY, *argv)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == error, result.stderr[-3000:]
+    assert MlflowClient().search_runs(["0"], run_view_type=ViewType.ALL) == []
+
+
+@pytest.mark.parametrize(("uri", "name"), [("models:/cifar10-resnet", "cifar10-resnet"),
+                                         ("models:/cifar10-resnet/", "cifar10-resnet"), ("models:/nobody", "nobody")])
+def test_a_versionless_registry_uri_is_refused_in_one_line_by_evaluate_and_register_alike(store, in_process, uri,
+                                                                                          name):
+    """models:/<name> (no version, alias or /latest) was refused by evaluate as "names a registered model but none of
+    its versions", by register as "a registered model, not a version of it" or, where no model of that name was
+    registered yet or the URI ended in a slash, "expected a logged model URI models:/m-...": the same line for both,
+    naming the URI and the forms to write instead, exit 2, no run."""
+    line = (f"error: model_uri: {uri} names a registered model but no version of it; give models:/{name}/<version>, "
+            f"models:/{name}@<alias> or models:/{name}/latest")
+    for step, more in (("evaluate", ["--dataset-uri", "runs:/0123/dataset/dataset.npz"]), ("register", [])):
+        result = in_process(step, "--params", TINY, "--model-uri", uri, *more)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], (step, result.stderr[-3000:])
     assert MlflowClient().search_runs(["0"], run_view_type=ViewType.ALL) == []
 
 
@@ -1434,13 +1450,15 @@ def test_register_takes_a_registry_uri_and_registers_its_versions_logged_model(s
                                ("models:/cifar10-resnet/7", "cifar10-resnet has no version 7"),
                                ("models:/cifar10-resnet@nobody", "no version of cifar10-resnet holds @nobody"),
                                ("models:/cifar10-resnet/Staging", "no version of cifar10-resnet is in stage Staging"),
-                               ("models:/cifar10-resnet", "a registered model, not a version of it: name one, "
+                               ("models:/cifar10-resnet", "names a registered model but no version of it; give "
                                 "models:/cifar10-resnet/<version>, models:/cifar10-resnet@<alias> or "
                                 "models:/cifar10-resnet/latest")):
         refused = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e register."
                              "model_name=other9", "--model-uri", registry_uri)
         assert refused.returncode == 2, refused.stderr[-3000:]
-        assert refused.stderr.strip().splitlines() == [f"error: model_uri: {registry_uri}: {line}"], refused.stderr
+        separator = " " if line.startswith("names") else ": "
+        assert refused.stderr.strip().splitlines() == [f"error: model_uri: {registry_uri}{separator}{line}"], \
+            refused.stderr
     assert len(MlflowClient().search_runs([experiment_id], run_view_type=ViewType.ALL)) == runs
     assert not MlflowClient().search_model_versions("name = 'other9'")
 

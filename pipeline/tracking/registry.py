@@ -139,13 +139,30 @@ def _unfinished_evaluation(model) -> str:
     return f"its newest evaluate run {run_id} is {status}; {hint}"
 
 
+def versionless_uri_error(model_uri: str, name: str) -> config.ConfigError:
+    """The one line for `models:/<name>`, a registered model's name without a version, alias or /latest, whichever
+    step meets it."""
+    return config.ConfigError(f"model_uri: {model_uri} names a registered model but no version of it; give "
+                              f"models:/{name}/<version>, models:/{name}@<alias> or models:/{name}/latest")
+
+
+def check_names_version(model_uri: str) -> None:
+    """ConfigError (versionless_uri_error) for `models:/<name>` (a slash after it or not) that is no logged model's
+    id `m-...`: MLflow reads one word there as a logged model's id, and said "Logged model with ID '<name>' not
+    found"."""
+    name = model_uri.removeprefix("models:/").rstrip("/")
+    if model_uri.startswith("models:/") and name and not name.startswith("m-") and not {"/", "@"} & set(name):
+        raise versionless_uri_error(model_uri, name)
+
+
 def registry_version(model_uri: str):
     """The model version a registry URI names (`models:/name/3`, `models:/name@alias`, `models:/name/latest`, a
     stage), read once, as MLflow reads it to load the model; None for other URIs (`models:/m-...`, `runs:/...`).
     ConfigError naming what is not there: the registered model, the version, a version holding the alias or in
-    the stage; and for `models:/<name>` of a registered model, which names no version."""
+    the stage; and for `models:/<name>`, which names no version (check_names_version)."""
     if not isinstance(model_uri, str) or not model_uri.startswith("models:/") or model_id(model_uri):
         return None
+    check_names_version(model_uri)
     try:
         parsed = _parse_model_uri(model_uri)
     except MlflowException:
@@ -156,9 +173,7 @@ def registry_version(model_uri: str):
             client.get_registered_model(parsed.model_id)
         except MlflowException:
             return None  # no registry URI: the caller's check names it
-        name = parsed.model_id
-        raise config.ConfigError(f"model_uri: {model_uri}: a registered model, not a version of it: name one, "
-                                 f"models:/{name}/<version>, models:/{name}@<alias> or models:/{name}/latest")
+        raise versionless_uri_error(model_uri, parsed.model_id)  # a registered model named m-...
     try:
         client.get_registered_model(name)
     except MlflowException:
