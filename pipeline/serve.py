@@ -5,8 +5,8 @@ Input, as JSON bodies for `mlflow models serve` (or the same objects passed to `
   (a single (32, 32, 3) image is accepted too);
 - encoded images (PNG, JPEG, BMP, GIF, WebP or TIFF) of up to 16.8 megapixels, base64 strings:
   `{"inputs": ["<b64>", ...]}`, `{"dataframe_split": {"columns": ["image"], "data": [["<b64>"], ...]}}` or
-  `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs"); URL-safe base64 and
-  base64 without its `=` padding are read too. They are
+  `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs"); URL-safe base64,
+  base64 without its `=` padding and `data:<media type>;base64,` URIs are read too. They are
   converted to 32x32 RGB by `pipeline.data.decode_image`, the function training images went through (a transparent
   background composited onto white).
   Large ones go best in a frame: MLflow reads an "inputs" list into one array of strings as long as the longest.
@@ -54,8 +54,9 @@ MAX_ENCODED_PIXELS = 4096 * 4096
 # Said wherever the formats are (README, metadata, predict's help): a 24-megapixel camera JPEG is refused.
 SIZE_LIMIT = f"up to {MAX_ENCODED_PIXELS / 1e6:.1f} megapixels (4096x4096)"
 # Browsers hand out `data:image/png;base64,...`; accept the prefix rather than make every client strip it, with
-# RFC 2397's parameters (`;name=cat.png`, `;charset=utf-8`) and in any case, as the RFC allows.
-DATA_URI_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
+# RFC 2397's parameters (`;name=cat.png`, `;charset=utf-8`) and in any case, as the RFC allows, and with spaces
+# between its parts (`data:image/png; base64,`, as hand-written clients have it), which can mean nothing else.
+DATA_URI_PREFIX = re.compile(r"^data:\s*[\w/+.-]*\s*(;\s*[\w.+-]+\s*=[^;,]*)*;\s*base64\s*,", re.IGNORECASE)
 # `base64 cat.png` (GNU coreutils) and MIME encoders wrap lines at 76 characters: valid base64 all the same.
 WHITESPACE = re.compile(r"\s+")
 URL_SAFE = str.maketrans("-_", "+/")  # base64url's letters, in the standard alphabet (`unpadded`)
@@ -229,8 +230,15 @@ def to_bytes(item: Any, name: str) -> bytes:
         if FILE_NAME.match(item.strip()):
             raise bad_input(f"{name}: {item.strip()!r} is a file name, not a base64 image: the model reads no files; "
                             f"send the file's bytes base64-encoded (python -m pipeline.predict FILE does)")
+        text = item.strip()
+        if text[:5].lower() == "data:":
+            if not (prefix := DATA_URI_PREFIX.match(text)):  # percent-encoded data, or a header cut short
+                header = text[:text.index(",") + 1] if "," in text else text
+                raise bad_input(f"{name}: {shortened(header, 40)!r} is no data: URI of base64 data: give "
+                                f"data:<media type>;base64,<the image's base64>")
+            text = text[prefix.end():]
         try:
-            raw = base64.b64decode(unpadded(WHITESPACE.sub("", DATA_URI_PREFIX.sub("", item.strip()))), validate=True)
+            raw = base64.b64decode(unpadded(WHITESPACE.sub("", text)), validate=True)
         except ValueError as exc:  # binascii.Error, and text beyond ASCII (a pasted "…"): was a 400 without a reason
             raise bad_input(f"{name}: not a base64 image: not valid base64 ({exc})") from None
     else:

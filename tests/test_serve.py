@@ -288,6 +288,26 @@ def test_data_uris_with_parameters_or_in_capitals_are_accepted(prefix):
     np.testing.assert_array_equal(serve.to_pixels([prefix + b64(png)]), decode_image(png)[None])
 
 
+@pytest.mark.parametrize("prefix", ["data:image/png; base64,", "data:image/png;base64, ", "data: image/png ; base64 ,",
+                                    "data:image/png; charset=utf-8; base64,"])
+def test_data_uris_with_spaces_between_their_parts_are_accepted(prefix):
+    # a space after the semicolon (as some hand-written clients and docs have it) was refused with "not valid base64
+    # (Only base64 data is allowed)", no word of the prefix
+    png = encode(random_pixels(1, seed=2)[0])
+    np.testing.assert_array_equal(serve.to_pixels([prefix + b64(png)]), decode_image(png)[None])
+
+
+@pytest.mark.parametrize(("given", "header"), [("data:image/png,iVBORw0KGgo", "data:image/png,"),
+                                               ("data:image/png;base64iVBORw0KGgo", "data:image/png;base64iVBORw0KGgo"),
+                                               ("data:image/png;utf8,%89PNG", "data:image/png;utf8,")])
+def test_a_data_uri_that_is_not_base64_is_refused_naming_its_header(given, header):
+    # refused as "not valid base64 (Only base64 data is allowed)", which said nothing of the prefix at fault
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels([b64(encode(random_pixels(1)[0])), given])
+    assert info.value.message.endswith(
+        f"image 1: {header!r} is no data: URI of base64 data: give data:<media type>;base64,<the image's base64>")
+
+
 def test_url_safe_and_unpadded_base64_are_accepted():
     # JavaScript's base64url, Python's urlsafe_b64encode and JWT-style encoders (- and _ for + and /, the = padding
     # left off) were refused with "not valid base64 (Only base64 data is allowed)" or "(Incorrect padding)"
