@@ -1694,6 +1694,12 @@ def run(args: argparse.Namespace) -> int:
             else:
                 stack.enter_context(storage_failures(storage_url))
                 adopt_own_run(study)
+            # a worker with no trial to claim only waits for the others (its TensorFlow start-up and storage polls
+            # for nothing): at most one per trial left, waiting or running (a killed worker's is queued again)
+            if workers > max(left := unfinished(study), 1):
+                asked, workers = workers, max(left, 1)
+                print(f"workers: starting {workers}, not {asked}: study {name} has {left} trial"
+                      f"{'' if left == 1 else 's'} left to run (waiting or running)", flush=True)
             if workers == 1:
                 work(plan, study, storage)
             else:

@@ -1621,7 +1621,7 @@ def test_a_killed_worker_of_several_is_a_warning_once_the_others_finish_the_stud
         return Killed() if kill_all or len(workers) == 1 else real(cmd, **kwargs)
 
     monkeypatch.setattr(subprocess, "Popen", popen)
-    write_spec(tmp_path, "sweep-workers", "grid:\n  train.lr: [0.1]\n", QUICK)
+    write_spec(tmp_path, "sweep-workers", "grid:\n  train.lr: [0.1, 0.05]\n", QUICK)  # a trial for each worker
     monkeypatch.chdir(tmp_path)
     spec = "sweep-workers.yaml"  # relative to this folder, where the worker runs too
     workers, kill_all = [], False
@@ -1631,13 +1631,41 @@ def test_a_killed_worker_of_several_is_a_warning_once_the_others_finish_the_stud
     client = MlflowClient()
     parent, trials, _ = sweep_runs(client, "one-killed")
     assert parent.info.status == "FINISHED" and parent.data.tags["registered_version"] == "1"
-    assert [r.info.status for r in trials.values()] == ["FINISHED"]
+    assert [r.info.status for r in trials.values()] == ["FINISHED", "FINISHED"]
 
     workers, kill_all = [], True
     done = in_process("sweep", "--spec", spec, "--study", "all-killed", "--workers", "2")
     assert done.returncode == 3, done.stderr[-3000:]
     assert done.stderr.strip().splitlines() == ["error: sweep workers exited with [-9, -9] before study all-killed "
                                                 "was done; rerun the same command to go on with it"]
+
+
+def test_workers_beyond_the_trials_left_are_not_started(store, tmp_path, in_process, monkeypatch):
+    """`-P workers=5` on a grid of 2 trials started 5 worker processes, 3 of which only waited (each a TensorFlow
+    start-up and a storage poll every few seconds) until the others had finished: as many start as there are trials
+    left to run, and one line says so. The workers here are stand-ins that die at once: no trial trains."""
+    real, started = subprocess.Popen, []
+
+    class Killed:
+        def wait(self):
+            return -signal.SIGKILL
+
+    def popen(cmd, **kwargs):
+        if "--join" not in cmd:
+            return real(cmd, **kwargs)
+        started.append(cmd)
+        return Killed()
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    spec = write_spec(tmp_path, "sweep-idle", GRID, QUICK)
+    done = in_process("sweep", "--spec", spec, "--study", "idle", "--workers", "5")
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert len(started) == 2, started
+    assert "workers: starting 2, not 5: study idle has 2 trials left to run (waiting or running)" in \
+        done.stdout.splitlines(), done.stdout[-3000:]
+    started.clear()
+    done = in_process("sweep", "--spec", spec, "--study", "idle", "--workers", "2")  # no more than the trials: quiet
+    assert len(started) == 2 and "workers: starting" not in done.stdout, done.stdout[-3000:]
 
 
 def test_a_sweep_of_several_workers_stopped_by_sigterm_stops_its_workers(store, tmp_path):
