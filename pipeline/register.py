@@ -12,8 +12,9 @@ Writes: a new version of `register.model_name` tagged with its source run id, `t
         (`champion_on_test_data`: an evaluation on it that finished, else one register makes with evaluate's code,
         an evaluate run nested in this one); where that cannot be had, the alias stays. A worse model is registered
         but never takes the alias, nor does one whose champion's score is unknown (registered by hand, never evaluated),
-        nor one whose test_acc counts training images (evaluate's `test_images_in_train`). Run tags record the
-        decision.
+        nor one whose test_acc counts training images (evaluate's `test_images_in_train`). A holder whose logged
+        model is gone (deleted, or its files: `registry.model_gone`) serves nothing and is not weighed: the alias
+        moves. Run tags record the decision.
         A champion-vs-challenger report (both versions' test_acc, per-class accuracy
         differences, the decision and why) becomes the version's description and tags and the
         register run's artifacts `champion_vs_challenger.md/.json`. The version is created with the report
@@ -253,7 +254,9 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
     if resumed:  # the champion it was weighed against, as its report has it: not itself, which holds the alias now
         champion, held, registered = registry.weighed_champion(name, version)
         champion_acc = held.test_acc if held else None
-    if (champion is not None and champion_acc is not None and not score.in_train and not resumed
+    # a champion whose model was deleted, or its files, serves nothing: its registered score weighs nothing either
+    gone = None if champion is None or resumed else registry.model_gone(registry.version_model_uri(champion))
+    if (champion is not None and champion_acc is not None and not score.in_train and not resumed and not gone
             and not registry.comparable(test_data, held.test_data)):  # scored on other test data: on the challenger's
         rescored, how = champion_on_test_data(cfg, name, champion, score)
         if rescored is not None:
@@ -271,6 +274,11 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
                                 f"evaluate again, or move @{alias} to it by hand")
     elif champion is None:
         moved, reason = True, f"no version held @{alias}"
+    elif gone:
+        was = "" if champion_acc is None else f" (v{champion.version} was registered with {champion_acc:.4f})"
+        moved, reason = True, (f"v{champion.version} holds @{alias}, but its model "
+                               f"{registry.version_model_uri(champion)} is gone ({gone}): nothing to serve or weigh "
+                               f"test_acc {test_acc:.4f} against{was}; @{alias} moved")
     elif champion_acc is None:
         moved, reason = False, (f"v{champion.version} holds @{alias} without a test_acc (registered by hand, and "
                                 f"evaluate has not scored its model): @{alias} kept; evaluate it, or move @{alias} "

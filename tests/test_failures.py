@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -1065,6 +1066,31 @@ def evaluate_again(experiment_id: str, model_uri: str, metrics: dict[str, float]
 def registered(experiment_id: str, model_uri: str) -> dict:
     with mlflow.start_run(experiment_id=experiment_id):
         return register.run(config.load(TINY), model_uri)
+
+
+@pytest.mark.parametrize("how", ["deleted", "artifacts-removed"])
+def test_a_champion_whose_model_is_gone_is_not_weighed_and_gives_up_the_alias(store, how):
+    """The champion's logged model deleted (MlflowClient.delete_logged_model, gone for good at `mlflow gc`), or its
+    artifacts removed: register still weighed the challenger against the score the champion was registered with,
+    "test_acc 0.6000 does not beat v1's 0.7000" (or, on other test data, failed to score it for a reason beside the
+    point), and left @champion on a model no one can load or serve. The challenger takes the alias, and the reason
+    says why, quoting the champion's score as the one it was registered with."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    champion = evaluated_model(experiment_id, {"test_acc": 0.7})
+    registered(experiment_id, champion)
+    found = champion.removeprefix("models:/")
+    if how == "deleted":
+        client.delete_logged_model(found)
+        gone, test_data = f"logged model {found} is deleted from the tracking store", "a" * 64
+    else:
+        shutil.rmtree(client.get_logged_model(found).artifact_location.removeprefix("file://"))
+        gone, test_data = "its artifacts are gone: no MLmodel file", "b" * 64  # no rescoring it either
+    decision = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.6}, test_data))
+    assert decision["alias_moved"] and decision["version"] == 2, decision
+    assert decision["reason"] == (f"v1 holds @champion, but its model {champion} is gone ({gone}): nothing to serve "
+                                  f"or weigh test_acc 0.6000 against (v1 was registered with 0.7000); @champion moved")
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
 
 
 def test_a_register_does_not_move_the_alias_off_a_better_version_moved_there_alongside(store, monkeypatch):

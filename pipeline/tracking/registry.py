@@ -22,7 +22,7 @@ import json
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.store.artifact.utils.models import _parse_model_uri
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
@@ -200,6 +200,26 @@ def registry_version(model_uri: str):
 def version_model_uri(version) -> str:
     """A model version's logged model URI `models:/m-...` (its `source` for versions registered otherwise)."""
     return f"models:/{version.model_id}" if getattr(version, "model_id", None) else version.source
+
+
+def model_gone(model_uri: str) -> str | None:
+    """Why the logged model `models:/m-...` (a version's) can no longer be loaded: deleted from the tracking store
+    (`MlflowClient.delete_logged_model`; its artifacts go at the next `mlflow gc`), or its artifacts gone (no MLmodel
+    file: removed by hand, or by `mlflow gc`); None where it is there, and for a URI that is no logged model's (a
+    version registered from a path). A store or artifact store that fails to answer raises: that is no model gone."""
+    found = model_id(model_uri)
+    if found is None:
+        return None
+    client = MlflowClient()
+    try:
+        client.get_logged_model(found)
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        return f"logged model {found} is deleted from the tracking store"
+    if not any(info.path == "MLmodel" for info in client.list_logged_model_artifacts(found)):
+        return "its artifacts are gone: no MLmodel file"
+    return None
 
 
 def tagged_test_acc(version) -> float | None:
