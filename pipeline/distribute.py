@@ -72,9 +72,10 @@ class Distribution:
             return int(self.strategy.num_replicas_in_sync)
         return len(self.devices) if self.mode == "data_parallel" else 1
 
-    def check_batches(self, batch_size: int, drop_remainder: bool, ghost_batch: int, train_images: int,
-                      val_images: int = 0) -> None:
-        """ConfigError, before any run trains, for a global batch these replicas cannot share.
+    def check_batches(self, batch_size: int, drop_remainder: bool, ghost_batch: int, train_images: int | None,
+                      val_images: int | None = 0) -> None:
+        """ConfigError, before any run trains, for a global batch these replicas cannot share. An image count of None
+        (not known yet: a data path not read yet) leaves out the checks of that split's last batch.
 
         Each global batch is split over the replicas. A replica whose slice is empty (a batch, or the epoch's
         partial last batch, smaller than the replicas) normalises nothing: BatchNormalization's batch mean
@@ -98,32 +99,32 @@ class Distribution:
             raise ConfigError(f"model.ghost_batch: each of the {where} normalises its slice of "
                               f"train.batch_size {batch_size} in ghost batches of {ghost_batch}: the batch must be a "
                               f"multiple of {replicas} x {ghost_batch} = {replicas * ghost_batch}")
-        last = 0 if drop_remainder else train_images % batch_size
+        last = 0 if drop_remainder or train_images is None else train_images % batch_size
         if 0 < last < replicas:
             raise ConfigError(f"train.batch_size: each epoch ends with a batch of {last} of the {train_images} "
                               f"training images, split over {where}: a replica would train on an empty slice, whose "
                               f"BatchNormalization statistics are NaN. Set train.drop_remainder=true, or a batch "
                               f"size that leaves at least {replicas} images or none")
         cpu = any("cpu" in d.lower() for d in self.devices)
-        if cpu and 0 < val_images % batch_size < replicas:
+        if cpu and val_images is not None and 0 < val_images % batch_size < replicas:
             raise ConfigError(f"train.batch_size: validation ends with a batch of {val_images % batch_size} of "
                               f"the {val_images} images, split over {where}: TensorFlow's CPU convolution fails "
                               f"on a replica's empty slice. Use a batch size that leaves at least {replicas} "
                               f"validation images or none")
 
-    def _check_even_batches(self, batch_size: int, drop_remainder: bool, train_images: int, val_images: int,
-                            where: str) -> None:
+    def _check_even_batches(self, batch_size: int, drop_remainder: bool, train_images: int | None,
+                            val_images: int | None, where: str) -> None:
         """ConfigError for a batch keras.distribution.DataParallel cannot shard evenly over its devices."""
         replicas = self.replicas
         even = f"which keras.distribution.DataParallel cannot split evenly over {where}"
         if batch_size % replicas:
             raise ConfigError(f"train.batch_size: {batch_size}, {even}: use a multiple of {replicas}")
-        last = 0 if drop_remainder else train_images % batch_size
+        last = 0 if drop_remainder or train_images is None else train_images % batch_size
         if last % replicas:
             raise ConfigError(f"train.batch_size: each epoch ends with a batch of {last} of the {train_images} "
                               f"training images, {even}. Set train.drop_remainder=true, or a batch size that leaves "
                               f"a multiple of {replicas} images")
-        if val_images % batch_size % replicas:
+        if val_images is not None and val_images % batch_size % replicas:
             raise ConfigError(f"train.batch_size: validation ends with a batch of {val_images % batch_size} of the "
                               f"{val_images} images, {even}. Use a batch size that leaves a multiple of {replicas} "
                               f"validation images")

@@ -41,7 +41,13 @@ import pandas as pd
 from pipeline import config, prepare
 from pipeline.data import Dataset, arrays_digest, test_images_in_train
 from pipeline.distribute import TRAINED, Distribution, cluster_from_env, distribution, run_key
-from pipeline.inputs import check_inputs, go_on_with_backend, refuse_unusable_backend, resolve_inputs
+from pipeline.inputs import (
+    check_inputs,
+    check_known_batches,
+    go_on_with_backend,
+    refuse_unusable_backend,
+    resolve_inputs,
+)
 from pipeline.tracking import (
     INERT_PARAMS_TAG,
     VAL_DATA_TAG,
@@ -362,6 +368,7 @@ def main() -> None:
         run_worker(cfg, args.dataset_uri, dist, args.resume)
         return
     cfg, dataset_uri = check_inputs(cfg, resume=args.resume, dataset_uri=args.dataset_uri)
+    check_known_batches(cfg, dist, dataset_uri)  # before prepare's run and the train run
     dataset_uri, resume_id = resolve_inputs(cfg, resume=args.resume, dataset_uri=dataset_uri)
     with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
         run(cfg, dataset_uri, dist)

@@ -16,6 +16,7 @@ import pytest
 from bench import multi_gpu
 from pipeline import config
 from tests.conftest import ROOT
+from tests.test_fault_tolerance import TINY
 
 
 def arm(backend, name, seconds=None, val_acc=0.9, error=None, skipped=None):
@@ -495,6 +496,52 @@ def test_a_batch_jaxs_data_parallel_cannot_split_evenly_is_a_param_error(batch, 
         Distribution("data_parallel", ["cpu:0", "cpu:1"]).check_batches(batch, drop, 0, train, val)
     assert message in str(error.value)
 
+
+
+@pytest.mark.parametrize("module", ["train", "main"])
+@pytest.mark.parametrize(("overrides", "message"), [
+    ("train.batch_size=33", "train.batch_size: 33, which keras.distribution.DataParallel cannot split evenly over 2 "
+                            "replicas (data_parallel over cpu:0, cpu:1): use a multiple of 2"),
+    # the images the params make known before any data is read: synthetic's counts
+    ("data.synthetic_train=1025", "train.batch_size: each epoch ends with a batch of 1 of the 1025 training images"),
+    ("data.synthetic_test=251", "train.batch_size: validation ends with a batch of 27 of the 251 images"),
+])
+def test_a_batch_the_replicas_cannot_share_is_refused_before_any_run_opens(store, in_process, monkeypatch, module,
+                                                                           overrides, message):
+    """Refused in the train run: the data prepared (a prepare run), then a train run (and main's) left FAILED for a
+    batch the params alone ruled out."""
+    from mlflow import MlflowClient
+
+    from pipeline import distribute, main, train
+
+    two = distribute.Distribution("data_parallel", ["cpu:0", "cpu:1"])
+    monkeypatch.setattr(train if module == "train" else main, "distribution", lambda mode: two)
+    result = in_process(module, "--params", TINY, "--epochs", "1", "--overrides",
+                        f"{overrides} tracking.experiment=e2e")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
+
+
+@pytest.mark.parametrize(("overrides", "logged", "split"), [
+    ("data.source=cifar10 data.max_test=500", None, (50000, 500)),
+    ("data.source=cifar10 train.validation_fraction=0.1", None, (45000, 5000)),
+    ("data.source=synthetic data.max_train=100", None, (100, 256)),
+    # a path's counts: those its prepare run logged (the dataset given, or the one these params reuse), else unknown
+    ("data.source=/data/folder", {"train": 1025, "test": 300}, (1025, 300)),
+    ("data.source=/data/folder train.validation_fraction=0.5", {"train": 1000, "test": 300}, (500, 500)),
+    ("data.source=/data/folder", None, (None, None)),
+])
+def test_the_images_known_before_any_data_is_read_are_those_each_split_trains_and_validates_on(
+        monkeypatch, overrides, logged, split):
+    from pipeline import inputs, prepare
+
+    cfg = config.load(TINY, overrides.split())
+    monkeypatch.setattr(prepare, "prepare_key", lambda cfg: "its key")  # (digests the path's files)
+    monkeypatch.setattr(prepare, "find_prepared", lambda key: "runs:/p/dataset" if logged else None)
+    monkeypatch.setattr(prepare, "training_images", lambda uri: logged["train"])
+    monkeypatch.setattr(prepare, "test_images", lambda uri: logged["test"])
+    assert inputs.known_split_images(cfg) == split
 
 # TensorFlow's messages as two local hosts got them (2026-12-05): worker 1 killed in a compiled train step, and in an
 # eager collective (whose function name holds the reporting host's own device); worker 0 killed, as worker 1 saw it.
