@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -289,8 +290,9 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
                 raise TypeError(f"{name!r} must be a list of 'host:port' strings, got {hosts!r}")
             for address in hosts:  # else an OverflowError's traceback, or a wait for a port that cannot answer
                 host, _, port = address.rpartition(":")
-                if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-                    raise ValueError(f"{address!r} is not a 'host:port' address with a port in 1-65535")
+                if not (HOST.fullmatch(host) and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+                    raise ValueError(f"{address!r} is not a 'host:port' address with a port in 1-65535 (an IPv6 host "
+                                     f"in brackets: [::1]:12345)")
         addresses = [*cluster.spec.get("chief", []), *cluster.spec.get("worker", [])]
         spelled = {}  # one address however spelled: `localhost:1`, `LocalHost:1`, `127.0.0.1:1` and `[::1]:1`
         for address in addresses:
@@ -316,6 +318,11 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
         raise ConfigError(f"{TF_CONFIG}: this host is {cluster.task}, which logs nothing: start it with "
                           f"`python -m pipeline.train` and the chief's params, not with `mlflow run`")
     return cluster
+
+
+# A host TensorFlow's gRPC reaches: a name or an IPv4 address, or an IPv6 address in brackets. Else ('http://host-a',
+# ' host-a', '::1' bare) no host reached it: each waited $PIPELINE_HOSTS_TIMEOUT, then said it "did not start"
+HOST = re.compile(r"[\w.-]+|\[[0-9A-Fa-f:.]+(%\w+)?\]")
 
 
 def _address_key(address: str) -> tuple[str, str]:
@@ -651,7 +658,6 @@ def host_lost(exc: Exception, own: str = "", before: str = ""):
     most often with an error of its own (the chief's prepare failing on a bad data path, its model or datasets
     failing to build, a ConfigError on it alone): said so, and where its error is, rather than TensorFlow's
     traceback, or "stopped answering" and a rerun that would continue."""
-    import re
 
     from pipeline.tracking import StepFailed
 

@@ -220,6 +220,12 @@ TWO = ["localhost:1", "localhost:2"]
     (tf_config({"chief": ["localhost:1"], "worker": ["127.0.0.1:1", "[::1]:2"]}),
      "got localhost:1 = 127.0.0.1:1 more than once"),
     (tf_config({"worker": ["Team-Host:1", "team-host:1"]}), "got Team-Host:1 = team-host:1 more than once"),
+    # no host TensorFlow (gRPC) reaches: each waited $PIPELINE_HOSTS_TIMEOUT for it, then "did not start"
+    (tf_config({"worker": ["http://host-a:1", "host-b:2"]}), "'http://host-a:1' is not a 'host:port' address"),
+    (tf_config({"worker": ["host-a:1", " host-b:2"]}), "' host-b:2' is not a 'host:port' address"),
+    (tf_config({"worker": ["::1:1", "host-b:2"]}), "'::1:1' is not a 'host:port' address with a port in 1-65535 (an "
+                                                   "IPv6 host in brackets: [::1]:12345)"),
+    (tf_config({"worker": ["[]:1", "host-b:2"]}), "'[]:1' is not a 'host:port' address"),
     # a 'ps' never started (MultiWorkerMirroredStrategy has no use for one): TensorFlow waited for it forever
     (tf_config({"worker": TWO, "ps": ["localhost:3"]}), "only 'chief' and 'worker' tasks train here, got 'ps'"),
     # Python's int() reads other scripts' digits; TensorFlow's address parser does not
