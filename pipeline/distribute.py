@@ -326,10 +326,10 @@ HOST = re.compile(r"[\w.-]+|\[[0-9A-Fa-f:.]+(%\w+)?\]")
 
 
 def _address_key(address: str) -> tuple[str, str]:
-    """One 'host:port' however spelled (`localhost:1`, `LocalHost:1`, `127.0.0.1:1`, `[::1]:1`)."""
+    """One 'host:port' however spelled (`localhost:1`, `LocalHost:1`, `127.0.0.1:1`, `[::1]:1`, `localhost:01`)."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]").lower()
-    return "localhost" if host in LOOPBACK else host, port
+    return "localhost" if host in LOOPBACK else host, str(int(port)) if port.isascii() and port.isdigit() else port
 
 
 def _task_index(value) -> int:

@@ -220,6 +220,9 @@ TWO = ["localhost:1", "localhost:2"]
     (tf_config({"chief": ["localhost:1"], "worker": ["127.0.0.1:1", "[::1]:2"]}),
      "got localhost:1 = 127.0.0.1:1 more than once"),
     (tf_config({"worker": ["Team-Host:1", "team-host:1"]}), "got Team-Host:1 = team-host:1 more than once"),
+    # one port however written: the second host's listener found its port taken, and the first waited, then named
+    # its own port as worker 1 started as worker 0
+    (tf_config({"worker": ["localhost:2222", "localhost:02222"]}), "got localhost:2222 = localhost:02222 more than"),
     # no host TensorFlow (gRPC) reaches: each waited $PIPELINE_HOSTS_TIMEOUT for it, then "did not start"
     (tf_config({"worker": ["http://host-a:1", "host-b:2"]}), "'http://host-a:1' is not a 'host:port' address"),
     (tf_config({"worker": ["host-a:1", " host-b:2"]}), "' host-b:2' is not a 'host:port' address"),
