@@ -311,7 +311,9 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
                           '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
                           f'"index": 0}} ({exc.__class__.__name__}: {exc})') from None
     if not ok:
-        raise ConfigError(f"{TF_CONFIG}: task {spec['task']!r} is not a chief or worker listed in the cluster")
+        listed = " and ".join(", ".join(cluster.tasks).rsplit(", ", 1)) or "no task"
+        raise ConfigError(f"{TF_CONFIG}: this host's task, {cluster.task}, is not in the cluster, which lists "
+                          f"{listed}: give this host its own task there")
     if cluster.workers < 2:
         return None
     if not cluster.chief and os.environ.get("MLFLOW_RUN_ID") and not any_task:

@@ -522,7 +522,7 @@ WORKER_1 = json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "
     ("train", {}, "train.distribute=multi_worker", "error: train.distribute: 'multi_worker' needs TF_CONFIG"),
     ("train", {"TF_CONFIG": "{not json"}, "", "error: TF_CONFIG: not a cluster spec"),
     ("train", {"TF_CONFIG": WORKER_1.replace('"index": 1', '"index": 2')}, "",
-     "error: TF_CONFIG: task {'type': 'worker', 'index': 2} is not a chief or worker listed in the cluster"),
+     "error: TF_CONFIG: this host's task, worker 2, is not in the cluster, which lists worker 0 and worker 1"),
     ("train", {"TF_CONFIG": WORKER_1, "MLFLOW_RUN_ID": "0123"}, "",
      "error: TF_CONFIG: this host is worker 1, which logs nothing: start it with `python -m pipeline.train`"),
     ("main", {"TF_CONFIG": WORKER_1}, "", "error: TF_CONFIG: this host is worker 1; the pipeline runs on the chief"),

@@ -247,6 +247,20 @@ def test_a_malformed_tf_config_is_a_param_error(monkeypatch, raw, message):
     assert message in str(error.value)
 
 
+
+@pytest.mark.parametrize(("task", "index", "said"), [
+    ("worker", 2, "worker 2"), ("chief", 0, "chief 0"), ("Worker", 0, "Worker 0"), ("evaluator", 0, "evaluator 0")])
+def test_a_task_the_cluster_does_not_list_is_named_with_the_tasks_it_lists(monkeypatch, task, index, said):
+    """Said as "task {'type': 'worker', 'index': 2} is not a chief or worker listed in the cluster": what it does
+    list, and so which index or type is wrong, was left to the reader to work out from the JSON."""
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    monkeypatch.setenv("TF_CONFIG", tf_config({"worker": TWO}, task, index))
+    with pytest.raises(ConfigError, match=f"^TF_CONFIG: this host's task, {said}, is not in the cluster, which lists "
+                                          "worker 0 and worker 1: give this host its own task there$"):
+        distribute.cluster_from_env()
+
 def test_a_task_index_written_as_a_string_is_read_as_tensorflow_reads_it(monkeypatch):
     from pipeline import distribute
 
