@@ -372,9 +372,11 @@ def check_mode(mode: str, backend: str, cluster: Cluster | None) -> None:
 _MIRRORED: dict[tuple[str, ...], Any] = {}
 
 
-def distribution(mode: str) -> Distribution:
+def distribution(mode: str, job: dict[str, str] | None = None) -> Distribution:
     """Set up `mode` (see the module table). Call before the first TensorFlow op: a multi-worker
-    strategy must exist before any op runs, and its creation waits for every host to connect."""
+    strategy must exist before any op runs, and its creation waits for every host to connect.
+    job: in a cluster, the digests of what every host must share that are known before any run opens
+    (`train.meeting_job`), compared as the hosts meet (`wait_for_hosts`)."""
     import keras
 
     backend = keras.backend.backend()
@@ -383,7 +385,7 @@ def distribution(mode: str) -> Distribution:
     if mode == "multi_worker" or (mode == "auto" and cluster):  # before anything initialises TensorFlow
         import tensorflow as tf
 
-        wait_for_hosts(cluster)  # TensorFlow's wait below cannot be interrupted: it starts once every host is up
+        wait_for_hosts(cluster, job=job)  # TensorFlow's wait below cannot be interrupted: it starts once all are up
         strategy = tf.distribute.MultiWorkerMirroredStrategy()  # blocks until every task has connected
         return Distribution("multi_worker", list(strategy.extended.worker_devices), strategy, cluster)
     devices = keras.distribution.list_devices()
@@ -423,14 +425,15 @@ HELLO = b"pipeline.distribute "  # what `wait_for_hosts`' listener answers first
 HEARD = 3  # seconds a host that refuses a peer's hello goes on answering, so that the peer, probing, refuses too
 
 
-def hello(cluster: Cluster, waiting: dict[str, list[str]] | None = None) -> bytes:
-    """What this host's port answers while it waits for the others (`wait_for_hosts`): its task and cluster, and the
-    hosts it has not reached yet (by task: [the address it tried, why it failed]), none once it has reached them all."""
-    return HELLO + json.dumps({"task": cluster.task, "cluster": cluster.spec, "waiting": waiting or {}}).encode() + \
-        b"\n"
+def hello(cluster: Cluster, waiting: dict[str, list[str]] | None = None, job: dict[str, str] | None = None) -> bytes:
+    """What this host's port answers while it waits for the others (`wait_for_hosts`): its task and cluster, the
+    hosts it has not reached yet (by task: [the address it tried, why it failed]), none once it has reached them all,
+    and the digests of its `job`."""
+    return HELLO + json.dumps({"task": cluster.task, "cluster": cluster.spec, "waiting": waiting or {},
+                               "job": job or {}}).encode() + b"\n"
 
 
-def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
+def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str, str] | None = None) -> None:
     """Wait until every host of `cluster` has reached every other on its TF_CONFIG port, at most `timeout` s
     ($PIPELINE_HOSTS_TIMEOUT, default 600): then a ConfigError names the hosts that did not come, or a host that did
     not reach another.
@@ -460,7 +463,7 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
     # unheard: the peers not reached yet, why: the last reason; unready: a peer reached, by the hosts it has not
     why: dict[str, str] = {}
     unheard, unready = dict(peers), {}
-    answer, stop = [hello(cluster, {task: [address, "not tried yet"] for task, address in peers.items()})], \
+    answer, stop = [hello(cluster, {task: [address, "not tried yet"] for task, address in peers.items()}, job)], \
         threading.Event()
 
     def answer_peers() -> None:
@@ -491,7 +494,7 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
                     why[task] = exc.strerror or str(exc) or type(exc).__name__
                     continue
                 try:
-                    waits = _check_peer(cluster, task, address, heard)
+                    waits = _check_peer(cluster, task, address, heard, job)
                 except ConfigError:
                     time.sleep(HEARD)  # still answering: the peer hears this host's cluster and task, and refuses too
                     raise
@@ -501,7 +504,7 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
                 else:
                     unready.pop(task, None)
             answer[0] = hello(cluster, {task: [address, why.get(task, "not tried yet")]
-                                        for task, address in unheard.items()})
+                                        for task, address in unheard.items()}, job)
             if not unheard and not unready:
                 return
             if time.monotonic() > deadline:
@@ -560,9 +563,12 @@ def _probe(address: str) -> bytes:
         return said
 
 
-def _check_peer(cluster: Cluster, task: str, address: str, said: bytes) -> dict[str, list[str]]:
+def _check_peer(cluster: Cluster, task: str, address: str, said: bytes,
+                job: dict[str, str] | None = None) -> dict[str, list[str]]:
     """ConfigError where the host at `address` (`task` of this host's `cluster`) said, in `hello`, that it was
-    started with another cluster (other tasks, or another port for one), or as another task; else the hosts it said
+    started with another cluster (other tasks, or another port for one), as another task, or with another digest of a
+    part of this host's `job` (other params, other code: refused before any run opens, where `Distribution.agree`
+    refused them once the chief had opened its runs and prepared the data); else the hosts it said
     it has not reached yet (task: [address, why]). Anything else it said (TensorFlow, once the host has met the others
     and gone on) is taken as it answering, having reached them all."""
     if not said.startswith(HELLO) or not said.endswith(b"\n"):
@@ -583,6 +589,12 @@ def _check_peer(cluster: Cluster, task: str, address: str, said: bytes) -> dict[
     if claimed != task:
         raise ConfigError(f"{TF_CONFIG}: {address}, {task} of the cluster, was started as {claimed}: give each host "
                           f"its own {TF_CONFIG} 'task' (its type and index)")
+    theirs_job = theirs.get("job") if isinstance(theirs.get("job"), dict) else {}  # none: an earlier version's hello
+    differ = [part for part in job or {} if theirs_job.get(part, job[part]) != job[part]]
+    if differ:
+        raise ConfigError(f"{TF_CONFIG}: {task} ({address}) was started with other {' and other '.join(differ)} than "
+                          f"this host ({cluster.task}): start every host with the same code, params, epochs and "
+                          f"overrides")
     waiting = theirs.get("waiting")
     if not isinstance(waiting, dict):
         return {}

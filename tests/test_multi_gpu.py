@@ -911,10 +911,10 @@ def test_hosts_meet_in_any_order_and_those_that_never_start_are_named(monkeypatc
     assert distribute.hosts_timeout() == 600
 
 
-def meet(*clusters: tuple[dict, str, int], timeout: float = 5) -> list:
-    """`wait_for_hosts` of each (cluster spec, task type, index) in a thread of its own, as hosts started at once:
-    what each ended with (None, or the ConfigError it raised), and the seconds the slowest took. A host that goes on
-    listens on its port, as TensorFlow's server then does."""
+def meet(*clusters: tuple, timeout: float = 5) -> list:
+    """`wait_for_hosts` of each (cluster spec, task type, index[, job]) in a thread of its own, as hosts started at
+    once: what each ended with (None, or the ConfigError it raised), and the seconds the slowest took. A host that goes
+    on listens on its port, as TensorFlow's server then does."""
     import socket
     import threading
     import time
@@ -927,8 +927,8 @@ def meet(*clusters: tuple[dict, str, int], timeout: float = 5) -> list:
 
     def host(i: int) -> None:
         try:
-            cluster = distribute.Cluster(*clusters[i])
-            ended[i] = distribute.wait_for_hosts(cluster, timeout=timeout)
+            cluster = distribute.Cluster(*clusters[i][:3])
+            ended[i] = distribute.wait_for_hosts(cluster, timeout=timeout, job=(*clusters[i], None)[3])
             servers.append(socket.create_server(("", int(cluster.addresses[cluster.task].rpartition(":")[2]))))
         except ConfigError as exc:
             ended[i] = exc
@@ -966,6 +966,61 @@ def test_hosts_started_with_other_clusters_are_refused_on_every_host_before_tens
     # one host's other names (here: another loopback address) are its own: TensorFlow reaches it there alike
     other_name = {"chief": [hosts[0]], "worker": [hosts[1].replace("localhost", "127.0.0.2")]}
     assert meet((same, "chief", 0), (other_name, "worker", 0))[:2] == [None, None]
+
+
+def test_hosts_started_with_other_params_or_code_are_refused_when_they_meet_before_any_run_opens(monkeypatch):
+    """Worker 1 started with another lr (or another checkout) met the chief, which then opened main's run, prepared
+    the data, opened the train run, and only there (`Distribution.agree`) every host refused: three runs FAILED for a
+    mistake the hosts could tell apart as they met. Each host's hello now carries the digests of its params and code
+    (`train.meeting_job`), and each refuses a peer's that differ, before any run opens."""
+    from bench.servers import free_port
+    from pipeline import train
+
+    hosts = [f"localhost:{free_port()}" for _ in range(2)]
+    spec = {"worker": hosts}
+    chief_job = train.meeting_job(config.load(TINY))
+    worker_job = train.meeting_job(config.load(TINY, ["train.lr=0.1"]))
+    first, second, seconds = meet((spec, "worker", 0, chief_job), (spec, "worker", 1, worker_job), timeout=20)
+    assert seconds < 10
+    assert str(first) == (f"TF_CONFIG: worker 1 ({hosts[1]}) was started with other model or train params than this "
+                          f"host (worker 0): start every host with the same code, params, epochs and overrides")
+    assert str(second).startswith(f"TF_CONFIG: worker 0 ({hosts[0]}) was started with other model or train params ")
+    monkeypatch.setattr(train, "train_code", lambda: "another checkout")
+    assert "with other code (pipeline/" in str(meet((spec, "worker", 0, chief_job),
+                                                     (spec, "worker", 1, train.meeting_job(config.load(TINY))))[0])
+    assert meet((spec, "worker", 0, chief_job), (spec, "worker", 1, dict(chief_job)))[:2] == [None, None]
+
+
+def test_what_the_hosts_compare_as_they_meet_is_what_they_compare_again_before_training(monkeypatch):
+    """A host's `meeting_job` is its `training_job` less the data's digest (the chief prepares the data after): every
+    part the same, so hosts that meet are never told apart later by a digest made otherwise."""
+    from pipeline import data, train
+
+    cfg = config.load(TINY, ["train.epochs=2", "train.verbose=0", "train.distribute=multi_worker"])
+    dataset = data.load_source("synthetic", synthetic_train=16, synthetic_test=8)
+    job = train.training_job(cfg, dataset)
+    assert train.meeting_job(cfg) == {part: job[part] for part in job if part != "data"}
+    assert train.meeting_job(config.load(TINY, ["train.verbose=1", "train.distribute=auto", "data.max_train=8"])) != \
+        train.meeting_job(cfg)  # train.epochs differs
+    assert train.meeting_job(config.load(TINY, ["train.epochs=2", "data.max_train=8"])) == train.meeting_job(cfg)
+
+
+@pytest.mark.parametrize(("module", "index"), [("main", 0), ("train", 0), ("train", 1)])
+def test_every_host_meets_the_others_with_its_params_and_codes_digests(store, in_process, monkeypatch, module, index):
+    from pipeline import main, train
+    from pipeline.config import ConfigError
+
+    met = []
+
+    def meets(mode, job=None):
+        met.append(job)
+        raise ConfigError("met")
+
+    monkeypatch.setattr(train if module == "train" else main, "distribution", meets)
+    monkeypatch.setenv("TF_CONFIG", tf_config({"worker": TWO}, index=index))
+    result = in_process(module, "--params", TINY, "--overrides", "train.lr=0.1 tracking.experiment=e2e")
+    assert result.returncode == 2 and result.stderr.strip().endswith("error: met")
+    assert met == [train.meeting_job(config.load(TINY, ["train.lr=0.1"]))]
 
 
 def test_a_host_started_as_another_hosts_task_is_refused():
