@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -453,6 +454,7 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
     timeout = hosts_timeout() if timeout is None else timeout
     peers = cluster.addresses
     mine = peers.pop(cluster.task)
+    _check_reachable(cluster.task, mine, peers)
     try:
         listener = socket.create_server(("", _host_port(mine)[1]), family=socket.AF_INET6, dualstack_ipv6=True) \
             if socket.has_dualstack_ipv6() else socket.create_server(("", _host_port(mine)[1]))
@@ -534,6 +536,43 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
         stop.set()
         answering.join()
         listener.close()
+
+
+def _check_reachable(task: str, mine: str, peers: dict[str, str]) -> None:
+    """ConfigError where this host (`task`) is at a loopback address (`mine`: localhost, 127.x, [::1]) and a peer is
+    on another machine, which can never reach it there: with the same port that peer reached its own port at
+    "localhost" and was told this host's task was started as its own; with another it waited for good. A peer is on
+    another machine where each address its name resolves to is one no interface here has (no socket binds to it);
+    one that does not resolve (yet) is left to `wait_for_hosts`, which says so."""
+    if not _is_loopback(_host_port(mine)[0]):
+        return
+    for peer, address in peers.items():
+        host, port = _host_port(address)
+        try:
+            ips = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except (OSError, UnicodeError):
+            continue
+        if ips and not any(_is_loopback(ip) or _is_local(ip) for ip in ips):
+            raise ConfigError(f"{TF_CONFIG}: this host ({task}) is at {mine}, a loopback address, which {peer} "
+                              f"({address}), on another machine, cannot reach: give this host's name or address as "
+                              f"the others reach it")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_local(ip: str) -> bool:
+    """Whether `ip` is an address of this machine: a socket binds to it."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((ip, 0))
+    except OSError:
+        return False
+    return True
 
 
 def _unreached(cluster: Cluster, unready: dict[str, dict]) -> str:

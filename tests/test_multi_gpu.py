@@ -1023,6 +1023,29 @@ def test_every_host_meets_the_others_with_its_params_and_codes_digests(store, in
     assert met == [train.meeting_job(config.load(TINY, ["train.lr=0.1"]))]
 
 
+def test_a_host_at_a_loopback_address_beside_hosts_on_other_machines_is_refused_at_once():
+    """TF_CONFIG listed this host as localhost:PORT, the other on another machine (192.0.2.1, an address no machine
+    here has), which can never reach it there: with the same port the other host reached its own port and was told
+    "localhost:PORT, worker 0 of the cluster, was started as worker 1", with another it waited
+    $PIPELINE_HOSTS_TIMEOUT (10 minutes). Refused at once, before this host listens."""
+    import time
+
+    from bench.servers import free_port
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    port = free_port()
+    spec = {"worker": [f"localhost:{port}", f"192.0.2.1:{port}"]}
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as error:
+        distribute.wait_for_hosts(distribute.Cluster(spec, "worker", 0), timeout=5)
+    assert time.monotonic() - started < 2
+    assert str(error.value) == (
+        f"TF_CONFIG: this host (worker 0) is at localhost:{port}, a loopback address, which worker 1 "
+        f"(192.0.2.1:{port}), on another machine, cannot reach: give this host's name or address as the others "
+        f"reach it")
+
+
 def test_a_host_started_as_another_hosts_task_is_refused():
     """Every host's TF_CONFIG copied with the same task: on their own machines each found the other answering, and
     two worker 0s (each the chief, each logging to MLflow) went on into TensorFlow's wait."""
