@@ -22,6 +22,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -426,12 +427,13 @@ HELLO = b"pipeline.distribute "  # what `wait_for_hosts`' listener answers first
 HEARD = 3  # seconds a host that refuses a peer's hello goes on answering, so that the peer, probing, refuses too
 
 
-def hello(cluster: Cluster, waiting: dict[str, list[str]] | None = None, job: dict[str, str] | None = None) -> bytes:
+def hello(cluster: Cluster, waiting: dict[str, list[str]] | None = None, job: dict[str, str] | None = None,
+          me: str = "") -> bytes:
     """What this host's port answers while it waits for the others (`wait_for_hosts`): its task and cluster, the
     hosts it has not reached yet (by task: [the address it tried, why it failed]), none once it has reached them all,
-    and the digests of its `job`."""
+    the digests of its `job`, and `me`, a token of this wait alone (a peer's address that reaches this host itself)."""
     return HELLO + json.dumps({"task": cluster.task, "cluster": cluster.spec, "waiting": waiting or {},
-                               "job": job or {}}).encode() + b"\n"
+                               "job": job or {}, "me": me}).encode() + b"\n"
 
 
 def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str, str] | None = None) -> None:
@@ -465,7 +467,8 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
     # unheard: the peers not reached yet, why: the last reason; unready: a peer reached, by the hosts it has not
     why: dict[str, str] = {}
     unheard, unready = dict(peers), {}
-    answer, stop = [hello(cluster, {task: [address, "not tried yet"] for task, address in peers.items()}, job)], \
+    me = secrets.token_hex(8)
+    answer, stop = [hello(cluster, {task: [address, "not tried yet"] for task, address in peers.items()}, job, me)], \
         threading.Event()
 
     def answer_peers() -> None:
@@ -496,7 +499,7 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
                     why[task] = exc.strerror or str(exc) or type(exc).__name__
                     continue
                 try:
-                    waits = _check_peer(cluster, task, address, heard, job)
+                    waits = _check_peer(cluster, task, address, heard, job, me)
                 except ConfigError:
                     time.sleep(HEARD)  # still answering: the peer hears this host's cluster and task, and refuses too
                     raise
@@ -506,7 +509,7 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
                 else:
                     unready.pop(task, None)
             answer[0] = hello(cluster, {task: [address, why.get(task, "not tried yet")]
-                                        for task, address in unheard.items()}, job)
+                                        for task, address in unheard.items()}, job, me)
             if not unheard and not unready:
                 return
             if time.monotonic() > deadline:
@@ -602,10 +605,11 @@ def _probe(address: str) -> bytes:
         return said
 
 
-def _check_peer(cluster: Cluster, task: str, address: str, said: bytes,
-                job: dict[str, str] | None = None) -> dict[str, list[str]]:
-    """ConfigError where the host at `address` (`task` of this host's `cluster`) said, in `hello`, that it was
-    started with another cluster (other tasks, or another port for one), as another task, or with another digest of a
+def _check_peer(cluster: Cluster, task: str, address: str, said: bytes, job: dict[str, str] | None = None,
+                me: str = "") -> dict[str, list[str]]:
+    """ConfigError where the host at `address` (`task` of this host's `cluster`) is this host itself (its `hello`
+    carries this wait's token `me`: `address` leads back to this machine), or said that it was started with another
+    cluster (other tasks, or another port for one), as another task, or with another digest of a
     part of this host's `job` (other params, other code: refused before any run opens, where `Distribution.agree`
     refused them once the chief had opened its runs and prepared the data); else the hosts it said
     it has not reached yet (task: [address, why]). Anything else it said (TensorFlow, once the host has met the others
@@ -621,6 +625,9 @@ def _check_peer(cluster: Cluster, task: str, address: str, said: bytes,
             {t: _address_key(a)[1] for t, a in cluster.addresses.items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         return {}
+    if me and theirs.get("me") == me:
+        raise ConfigError(f"{TF_CONFIG}: {task}'s address, {address}, reaches this host ({cluster.task}) itself: give "
+                          f"{task} the address the other hosts reach its machine at")
     if not same:
         raise ConfigError(f"{TF_CONFIG}: {task} ({address}) was started with another cluster, {json.dumps(spec)}, "
                           f"than this host ({cluster.task}), {json.dumps(cluster.spec)}: give every host the same "

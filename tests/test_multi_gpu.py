@@ -1046,6 +1046,22 @@ def test_a_host_at_a_loopback_address_beside_hosts_on_other_machines_is_refused_
         f"reach it")
 
 
+def test_a_peer_whose_address_reaches_this_host_itself_is_named_so():
+    """Worker 1 on host-b, its TF_CONFIG naming worker 0 (on another machine) `localhost` on worker 1's own port: it
+    reached its own port and was told that localhost, worker 0 of the cluster, was started as worker 1, as if two
+    hosts had been started as one task."""
+    from bench.servers import free_port
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    port = free_port()
+    spec = {"worker": [f"localhost:{port}", f"host-b.invalid:{port}"]}
+    with pytest.raises(ConfigError) as error:
+        distribute.wait_for_hosts(distribute.Cluster(spec, "worker", 1), timeout=5)
+    assert str(error.value) == (f"TF_CONFIG: worker 0's address, localhost:{port}, reaches this host (worker 1) "
+                                f"itself: give worker 0 the address the other hosts reach its machine at")
+
+
 def test_a_host_started_as_another_hosts_task_is_refused():
     """Every host's TF_CONFIG copied with the same task: on their own machines each found the other answering, and
     two worker 0s (each the chief, each logging to MLflow) went on into TensorFlow's wait."""
