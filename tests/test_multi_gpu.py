@@ -1110,3 +1110,24 @@ def test_a_host_that_cannot_reach_another_at_the_address_it_was_given_holds_ever
                           f"known; this host reaches it at {hosts[2]}) {tail}")
     assert str(third) == (f"TF_CONFIG: worker 1 ({hosts[1]}) did not reach worker 2 at {typo[2]} (Name or service not "
                           f"known; worker 2 is this host, at {hosts[2]}) {tail}")
+
+
+@pytest.mark.parametrize(("logged", "epochs", "said"), [
+    # a cluster's chief killed after 2 epochs, rerun without TF_CONFIG: it resumed alone, and the tags said so only
+    ({"distribute": "multi_worker", "workers": "2", "replicas": "2"}, 2,
+     "multi_worker over 2 hosts, 2 replicas -> none over 1 host, 1 replica after epoch 2"),
+    ({"distribute": "mirrored", "workers": "1", "replicas": "4", "resumed_across_distribution": "none over 1 host, 1 "
+      "replica -> mirrored over 1 host, 4 replicas after epoch 1"}, 3,
+     "none over 1 host, 1 replica -> mirrored over 1 host, 4 replicas after epoch 1, mirrored over 1 host, 4 replicas "
+     "-> none over 1 host, 1 replica after epoch 3"),
+    ({"distribute": "none", "workers": "1", "replicas": "1"}, 2, None),  # the same
+    ({"distribute": "multi_worker", "workers": "2", "replicas": "2"}, 0, None),  # nothing trained under it
+    ({}, 2, None),  # no session reached training: nothing logged
+])
+def test_a_run_resumed_under_another_distribution_says_which_and_after_which_epoch(logged, epochs, said):
+    """The train run's tags distribute, workers and replicas were the last session's alone: a run whose first epochs
+    trained over two hosts, resumed on one, read as trained on one throughout."""
+    from pipeline.tracking import training
+
+    now = {"distribute": "none", "workers": "1", "replicas": "1", "devices": "cpu:0"}
+    assert training.resumed_across_distribution(logged, now, epochs) == said
