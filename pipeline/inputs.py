@@ -190,6 +190,8 @@ def check_known_batches(cfg: config.Config, dist, dataset_uri: str = "") -> None
     once it has the data (`fitting.check_replica_batches`): a path prepared for the first time tells its counts only
     then. Refused there, a prepare run had finished and the train run (and main's) ended FAILED for a batch the
     params alone ruled out."""
+    if dist.replicas < 2:  # one replica takes any batch: no count to look up (a path's digest, a store query)
+        return
     t = cfg.train
     dist.check_batches(t.batch_size, t.drop_remainder, cfg.model.ghost_batch, *known_split_images(cfg, dataset_uri))
 

@@ -538,7 +538,7 @@ def test_a_batch_the_replicas_cannot_share_is_refused_before_any_run_opens(store
     from pipeline import distribute, main, train
 
     two = distribute.Distribution("data_parallel", ["cpu:0", "cpu:1"])
-    monkeypatch.setattr(train if module == "train" else main, "distribution", lambda mode: two)
+    monkeypatch.setattr(train if module == "train" else main, "distribution", lambda mode, job=None: two)
     result = in_process(module, "--params", TINY, "--epochs", "1", "--overrides",
                         f"{overrides} tracking.experiment=e2e")
     assert result.returncode == 2, result.stderr[-3000:]
@@ -1131,3 +1131,18 @@ def test_a_run_resumed_under_another_distribution_says_which_and_after_which_epo
 
     now = {"distribute": "none", "workers": "1", "replicas": "1", "devices": "cpu:0"}
     assert training.resumed_across_distribution(logged, now, epochs) == said
+
+
+def test_one_replica_looks_up_no_image_count_before_training(monkeypatch):
+    """Any batch suits one replica: a data path's digest (reading every file) and a store query per command were
+    spent on nothing."""
+    from pipeline import inputs
+    from pipeline.distribute import Distribution
+
+    def counted(*args):
+        raise AssertionError("counted the images")
+
+    monkeypatch.setattr(inputs, "known_split_images", counted)
+    inputs.check_known_batches(config.load(TINY, ["train.batch_size=33"]), Distribution("none", ["cpu:0"]))
+    with pytest.raises(AssertionError, match="counted"):
+        inputs.check_known_batches(config.load(TINY), Distribution("data_parallel", ["cpu:0", "cpu:1"]))
