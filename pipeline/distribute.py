@@ -277,10 +277,24 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
     if not raw:
         return None
     try:
-        spec = json.loads(raw)
-        if isinstance(spec, dict) and spec.get("cluster", {}) == {}:  # '{}': no cluster, as TensorFlow reads it
+        try:
+            spec = json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(spec), "a number")
+            raise TypeError(f"a JSON object is needed, got {kind}")
+        if spec.get("cluster", {}) == {}:  # '{}': no cluster, as TensorFlow reads it
             return None
-        cluster = Cluster(spec["cluster"], spec["task"]["type"], _task_index(spec["task"]["index"]))
+        task = spec.get("task")
+        if "task" not in spec:
+            raise ValueError("no 'task': this host's place in the cluster")
+        if not isinstance(task, dict):
+            raise TypeError(f'\'task\' must be an object like {{"type": "worker", "index": 0}}, got {task!r}')
+        for key in ("type", "index"):
+            if key not in task:
+                raise ValueError(f"'task' has no {key!r}")
+        cluster = Cluster(spec["cluster"], task["type"], _task_index(task["index"]))
         if not isinstance(cluster.spec, dict):
             raise TypeError(f"'cluster' must map task types to addresses, got {cluster.spec!r}")
         others = sorted(set(cluster.spec) - {"chief", "worker"})
@@ -311,7 +325,7 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{TF_CONFIG}: not a cluster spec like "
                           '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
-                          f'"index": 0}} ({exc.__class__.__name__}: {exc})') from None
+                          f'"index": 0}} ({"no " * isinstance(exc, KeyError)}{exc})') from None
     if not ok:
         listed = " and ".join(", ".join(cluster.tasks).rsplit(", ", 1)) or "no task"
         raise ConfigError(f"{TF_CONFIG}: this host's task, {cluster.task}, is not in the cluster, which lists "

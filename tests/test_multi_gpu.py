@@ -210,6 +210,15 @@ TWO = ["localhost:1", "localhost:2"]
     (tf_config({"worker": TWO}, index=True), "the task index must be 0, 1, ..., got True"),
     (tf_config({"worker": TWO}, index=-1), "the task index must be 0, 1, ..., got -1"),
     (json.dumps({"cluster": ["a:1", "b:2"], "task": {"type": "worker", "index": 0}}), "not a cluster spec"),
+    # each said as Python's exception: "(TypeError: list indices must be integers or slices, not str)", "(KeyError:
+    # 'task')", "(TypeError: string indices must be integers, not 'str')"
+    ("{'cluster': {}}", "(not JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    ('["a:1", "b:2"]', "(a JSON object is needed, got a list)"),
+    (json.dumps({"cluster": {"worker": TWO}}), "(no 'task': this host's place in the cluster)"),
+    (json.dumps({"cluster": {"worker": TWO}, "task": {"index": 1}}), "('task' has no 'type')"),
+    (json.dumps({"cluster": {"worker": TWO}, "task": {"type": "worker"}}), "('task' has no 'index')"),
+    (json.dumps({"cluster": {"worker": TWO}, "task": "worker"}), "('task' must be an object like {\"type\": "
+                                                                 "\"worker\", \"index\": 0}, got 'worker')"),
     # this host's port: bind()'s OverflowError, a traceback; another's: a 10-minute wait, then "Connection refused"
     (tf_config({"worker": ["localhost:99999", "localhost:2"]}), "'localhost:99999' is not a 'host:port' address with"),
     (tf_config({"worker": ["localhost:1", "localhost:0"]}), "'localhost:0' is not a 'host:port' address with a port"),
