@@ -60,6 +60,7 @@ CIFAR10_FILES_MD5 = {
     "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
 }
 CIFAR10_TRAIN_IMAGES = 50000  # 5 batches of 10,000
+CIFAR10_TEST_IMAGES = 10000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what Pillow decodes here
 IMAGE_FORMATS = "PNG, JPEG, BMP, GIF, WebP or TIFF"  # their formats, as messages (data and the served model) name them
 # Pillow's names for them; only these decoders see the bytes. Pillow opens ~40 formats by content, whatever the suffix:

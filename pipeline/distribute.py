@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
+import re
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -72,9 +75,10 @@ class Distribution:
             return int(self.strategy.num_replicas_in_sync)
         return len(self.devices) if self.mode == "data_parallel" else 1
 
-    def check_batches(self, batch_size: int, drop_remainder: bool, ghost_batch: int, train_images: int,
-                      val_images: int = 0) -> None:
-        """ConfigError, before any run trains, for a global batch these replicas cannot share.
+    def check_batches(self, batch_size: int, drop_remainder: bool, ghost_batch: int, train_images: int | None,
+                      val_images: int | None = 0) -> None:
+        """ConfigError, before any run trains, for a global batch these replicas cannot share. An image count of None
+        (not known yet: a data path not read yet) leaves out the checks of that split's last batch.
 
         Each global batch is split over the replicas. A replica whose slice is empty (a batch, or the epoch's
         partial last batch, smaller than the replicas) normalises nothing: BatchNormalization's batch mean
@@ -98,32 +102,32 @@ class Distribution:
             raise ConfigError(f"model.ghost_batch: each of the {where} normalises its slice of "
                               f"train.batch_size {batch_size} in ghost batches of {ghost_batch}: the batch must be a "
                               f"multiple of {replicas} x {ghost_batch} = {replicas * ghost_batch}")
-        last = 0 if drop_remainder else train_images % batch_size
+        last = 0 if drop_remainder or train_images is None else train_images % batch_size
         if 0 < last < replicas:
             raise ConfigError(f"train.batch_size: each epoch ends with a batch of {last} of the {train_images} "
                               f"training images, split over {where}: a replica would train on an empty slice, whose "
                               f"BatchNormalization statistics are NaN. Set train.drop_remainder=true, or a batch "
                               f"size that leaves at least {replicas} images or none")
         cpu = any("cpu" in d.lower() for d in self.devices)
-        if cpu and 0 < val_images % batch_size < replicas:
+        if cpu and val_images is not None and 0 < val_images % batch_size < replicas:
             raise ConfigError(f"train.batch_size: validation ends with a batch of {val_images % batch_size} of "
                               f"the {val_images} images, split over {where}: TensorFlow's CPU convolution fails "
                               f"on a replica's empty slice. Use a batch size that leaves at least {replicas} "
                               f"validation images or none")
 
-    def _check_even_batches(self, batch_size: int, drop_remainder: bool, train_images: int, val_images: int,
-                            where: str) -> None:
+    def _check_even_batches(self, batch_size: int, drop_remainder: bool, train_images: int | None,
+                            val_images: int | None, where: str) -> None:
         """ConfigError for a batch keras.distribution.DataParallel cannot shard evenly over its devices."""
         replicas = self.replicas
         even = f"which keras.distribution.DataParallel cannot split evenly over {where}"
         if batch_size % replicas:
             raise ConfigError(f"train.batch_size: {batch_size}, {even}: use a multiple of {replicas}")
-        last = 0 if drop_remainder else train_images % batch_size
+        last = 0 if drop_remainder or train_images is None else train_images % batch_size
         if last % replicas:
             raise ConfigError(f"train.batch_size: each epoch ends with a batch of {last} of the {train_images} "
                               f"training images, {even}. Set train.drop_remainder=true, or a batch size that leaves "
                               f"a multiple of {replicas} images")
-        if val_images % batch_size % replicas:
+        if val_images is not None and val_images % batch_size % replicas:
             raise ConfigError(f"train.batch_size: validation ends with a batch of {val_images % batch_size} of the "
                               f"{val_images} images, {even}. Use a batch size that leaves a multiple of {replicas} "
                               f"validation images")
@@ -273,10 +277,24 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
     if not raw:
         return None
     try:
-        spec = json.loads(raw)
-        if isinstance(spec, dict) and spec.get("cluster", {}) == {}:  # '{}': no cluster, as TensorFlow reads it
+        try:
+            spec = json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(spec), "a number")
+            raise TypeError(f"a JSON object is needed, got {kind}")
+        if spec.get("cluster", {}) == {}:  # '{}': no cluster, as TensorFlow reads it
             return None
-        cluster = Cluster(spec["cluster"], spec["task"]["type"], _task_index(spec["task"]["index"]))
+        task = spec.get("task")
+        if "task" not in spec:
+            raise ValueError("no 'task': this host's place in the cluster")
+        if not isinstance(task, dict):
+            raise TypeError(f'\'task\' must be an object like {{"type": "worker", "index": 0}}, got {task!r}')
+        for key in ("type", "index"):
+            if key not in task:
+                raise ValueError(f"'task' has no {key!r}")
+        cluster = Cluster(spec["cluster"], task["type"], _task_index(task["index"]))
         if not isinstance(cluster.spec, dict):
             raise TypeError(f"'cluster' must map task types to addresses, got {cluster.spec!r}")
         others = sorted(set(cluster.spec) - {"chief", "worker"})
@@ -288,8 +306,9 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
                 raise TypeError(f"{name!r} must be a list of 'host:port' strings, got {hosts!r}")
             for address in hosts:  # else an OverflowError's traceback, or a wait for a port that cannot answer
                 host, _, port = address.rpartition(":")
-                if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-                    raise ValueError(f"{address!r} is not a 'host:port' address with a port in 1-65535")
+                if not (HOST.fullmatch(host) and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+                    raise ValueError(f"{address!r} is not a 'host:port' address with a port in 1-65535 (an IPv6 host "
+                                     f"in brackets: [::1]:12345)")
         addresses = [*cluster.spec.get("chief", []), *cluster.spec.get("worker", [])]
         spelled = {}  # one address however spelled: `localhost:1`, `LocalHost:1`, `127.0.0.1:1` and `[::1]:1`
         for address in addresses:
@@ -306,9 +325,11 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{TF_CONFIG}: not a cluster spec like "
                           '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
-                          f'"index": 0}} ({exc.__class__.__name__}: {exc})') from None
+                          f'"index": 0}} ({"no " * isinstance(exc, KeyError)}{exc})') from None
     if not ok:
-        raise ConfigError(f"{TF_CONFIG}: task {spec['task']!r} is not a chief or worker listed in the cluster")
+        listed = " and ".join(", ".join(cluster.tasks).rsplit(", ", 1)) or "no task"
+        raise ConfigError(f"{TF_CONFIG}: this host's task, {cluster.task}, is not in the cluster, which lists "
+                          f"{listed}: give this host its own task there")
     if cluster.workers < 2:
         return None
     if not cluster.chief and os.environ.get("MLFLOW_RUN_ID") and not any_task:
@@ -317,11 +338,16 @@ def cluster_from_env(*, any_task: bool = False) -> Cluster | None:
     return cluster
 
 
+# A host TensorFlow's gRPC reaches: a name or an IPv4 address, or an IPv6 address in brackets. Else ('http://host-a',
+# ' host-a', '::1' bare) no host reached it: each waited $PIPELINE_HOSTS_TIMEOUT, then said it "did not start"
+HOST = re.compile(r"[\w.-]+|\[[0-9A-Fa-f:.]+(%\w+)?\]")
+
+
 def _address_key(address: str) -> tuple[str, str]:
-    """One 'host:port' however spelled (`localhost:1`, `LocalHost:1`, `127.0.0.1:1`, `[::1]:1`)."""
+    """One 'host:port' however spelled (`localhost:1`, `LocalHost:1`, `127.0.0.1:1`, `[::1]:1`, `localhost:01`)."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]").lower()
-    return "localhost" if host in LOOPBACK else host, port
+    return "localhost" if host in LOOPBACK else host, str(int(port)) if port.isascii() and port.isdigit() else port
 
 
 def _task_index(value) -> int:
@@ -362,9 +388,11 @@ def check_mode(mode: str, backend: str, cluster: Cluster | None) -> None:
 _MIRRORED: dict[tuple[str, ...], Any] = {}
 
 
-def distribution(mode: str) -> Distribution:
+def distribution(mode: str, job: dict[str, str] | None = None) -> Distribution:
     """Set up `mode` (see the module table). Call before the first TensorFlow op: a multi-worker
-    strategy must exist before any op runs, and its creation waits for every host to connect."""
+    strategy must exist before any op runs, and its creation waits for every host to connect.
+    job: in a cluster, the digests of what every host must share that are known before any run opens
+    (`train.meeting_job`), compared as the hosts meet (`wait_for_hosts`)."""
     import keras
 
     backend = keras.backend.backend()
@@ -373,7 +401,7 @@ def distribution(mode: str) -> Distribution:
     if mode == "multi_worker" or (mode == "auto" and cluster):  # before anything initialises TensorFlow
         import tensorflow as tf
 
-        wait_for_hosts(cluster)  # TensorFlow's wait below cannot be interrupted: it starts once every host is up
+        wait_for_hosts(cluster, job=job)  # TensorFlow's wait below cannot be interrupted: it starts once all are up
         strategy = tf.distribute.MultiWorkerMirroredStrategy()  # blocks until every task has connected
         return Distribution("multi_worker", list(strategy.extended.worker_devices), strategy, cluster)
     devices = keras.distribution.list_devices()
@@ -413,14 +441,16 @@ HELLO = b"pipeline.distribute "  # what `wait_for_hosts`' listener answers first
 HEARD = 3  # seconds a host that refuses a peer's hello goes on answering, so that the peer, probing, refuses too
 
 
-def hello(cluster: Cluster, waiting: dict[str, list[str]] | None = None) -> bytes:
-    """What this host's port answers while it waits for the others (`wait_for_hosts`): its task and cluster, and the
-    hosts it has not reached yet (by task: [the address it tried, why it failed]), none once it has reached them all."""
-    return HELLO + json.dumps({"task": cluster.task, "cluster": cluster.spec, "waiting": waiting or {}}).encode() + \
-        b"\n"
+def hello(cluster: Cluster, waiting: dict[str, list[str]] | None = None, job: dict[str, str] | None = None,
+          me: str = "") -> bytes:
+    """What this host's port answers while it waits for the others (`wait_for_hosts`): its task and cluster, the
+    hosts it has not reached yet (by task: [the address it tried, why it failed]), none once it has reached them all,
+    the digests of its `job`, and `me`, a token of this wait alone (a peer's address that reaches this host itself)."""
+    return HELLO + json.dumps({"task": cluster.task, "cluster": cluster.spec, "waiting": waiting or {},
+                               "job": job or {}, "me": me}).encode() + b"\n"
 
 
-def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
+def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str, str] | None = None) -> None:
     """Wait until every host of `cluster` has reached every other on its TF_CONFIG port, at most `timeout` s
     ($PIPELINE_HOSTS_TIMEOUT, default 600): then a ConfigError names the hosts that did not come, or a host that did
     not reach another.
@@ -440,6 +470,7 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
     timeout = hosts_timeout() if timeout is None else timeout
     peers = cluster.addresses
     mine = peers.pop(cluster.task)
+    _check_reachable(cluster.task, mine, peers)
     try:
         listener = socket.create_server(("", _host_port(mine)[1]), family=socket.AF_INET6, dualstack_ipv6=True) \
             if socket.has_dualstack_ipv6() else socket.create_server(("", _host_port(mine)[1]))
@@ -450,7 +481,8 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
     # unheard: the peers not reached yet, why: the last reason; unready: a peer reached, by the hosts it has not
     why: dict[str, str] = {}
     unheard, unready = dict(peers), {}
-    answer, stop = [hello(cluster, {task: [address, "not tried yet"] for task, address in peers.items()})], \
+    me = secrets.token_hex(8)
+    answer, stop = [hello(cluster, {task: [address, "not tried yet"] for task, address in peers.items()}, job, me)], \
         threading.Event()
 
     def answer_peers() -> None:
@@ -481,7 +513,7 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
                     why[task] = exc.strerror or str(exc) or type(exc).__name__
                     continue
                 try:
-                    waits = _check_peer(cluster, task, address, heard)
+                    waits = _check_peer(cluster, task, address, heard, job, me)
                 except ConfigError:
                     time.sleep(HEARD)  # still answering: the peer hears this host's cluster and task, and refuses too
                     raise
@@ -491,7 +523,7 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
                 else:
                     unready.pop(task, None)
             answer[0] = hello(cluster, {task: [address, why.get(task, "not tried yet")]
-                                        for task, address in unheard.items()})
+                                        for task, address in unheard.items()}, job, me)
             if not unheard and not unready:
                 return
             if time.monotonic() > deadline:
@@ -523,6 +555,43 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None) -> None:
         listener.close()
 
 
+def _check_reachable(task: str, mine: str, peers: dict[str, str]) -> None:
+    """ConfigError where this host (`task`) is at a loopback address (`mine`: localhost, 127.x, [::1]) and a peer is
+    on another machine, which can never reach it there: with the same port that peer reached its own port at
+    "localhost" and was told this host's task was started as its own; with another it waited for good. A peer is on
+    another machine where each address its name resolves to is one no interface here has (no socket binds to it);
+    one that does not resolve (yet) is left to `wait_for_hosts`, which says so."""
+    if not _is_loopback(_host_port(mine)[0]):
+        return
+    for peer, address in peers.items():
+        host, port = _host_port(address)
+        try:
+            ips = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except (OSError, UnicodeError):
+            continue
+        if ips and not any(_is_loopback(ip) or _is_local(ip) for ip in ips):
+            raise ConfigError(f"{TF_CONFIG}: this host ({task}) is at {mine}, a loopback address, which {peer} "
+                              f"({address}), on another machine, cannot reach: give this host's name or address as "
+                              f"the others reach it")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_local(ip: str) -> bool:
+    """Whether `ip` is an address of this machine: a socket binds to it."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
 def _unreached(cluster: Cluster, unready: dict[str, dict]) -> str:
     """'worker 1 (its address) did not reach worker 2 at (the address it tried) (why; where this host reaches it)'
     for each peer of `cluster` that, in its hello, said it waits for others (`unready`)."""
@@ -550,9 +619,13 @@ def _probe(address: str) -> bytes:
         return said
 
 
-def _check_peer(cluster: Cluster, task: str, address: str, said: bytes) -> dict[str, list[str]]:
-    """ConfigError where the host at `address` (`task` of this host's `cluster`) said, in `hello`, that it was
-    started with another cluster (other tasks, or another port for one), or as another task; else the hosts it said
+def _check_peer(cluster: Cluster, task: str, address: str, said: bytes, job: dict[str, str] | None = None,
+                me: str = "") -> dict[str, list[str]]:
+    """ConfigError where the host at `address` (`task` of this host's `cluster`) is this host itself (its `hello`
+    carries this wait's token `me`: `address` leads back to this machine), or said that it was started with another
+    cluster (other tasks, or another port for one), as another task, or with another digest of a
+    part of this host's `job` (other params, other code: refused before any run opens, where `Distribution.agree`
+    refused them once the chief had opened its runs and prepared the data); else the hosts it said
     it has not reached yet (task: [address, why]). Anything else it said (TensorFlow, once the host has met the others
     and gone on) is taken as it answering, having reached them all."""
     if not said.startswith(HELLO) or not said.endswith(b"\n"):
@@ -566,6 +639,9 @@ def _check_peer(cluster: Cluster, task: str, address: str, said: bytes) -> dict[
             {t: _address_key(a)[1] for t, a in cluster.addresses.items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         return {}
+    if me and theirs.get("me") == me:
+        raise ConfigError(f"{TF_CONFIG}: {task}'s address, {address}, reaches this host ({cluster.task}) itself: give "
+                          f"{task} the address the other hosts reach its machine at")
     if not same:
         raise ConfigError(f"{TF_CONFIG}: {task} ({address}) was started with another cluster, {json.dumps(spec)}, "
                           f"than this host ({cluster.task}), {json.dumps(cluster.spec)}: give every host the same "
@@ -573,6 +649,12 @@ def _check_peer(cluster: Cluster, task: str, address: str, said: bytes) -> dict[
     if claimed != task:
         raise ConfigError(f"{TF_CONFIG}: {address}, {task} of the cluster, was started as {claimed}: give each host "
                           f"its own {TF_CONFIG} 'task' (its type and index)")
+    theirs_job = theirs.get("job") if isinstance(theirs.get("job"), dict) else {}  # none: an earlier version's hello
+    differ = [part for part in job or {} if theirs_job.get(part, job[part]) != job[part]]
+    if differ:
+        raise ConfigError(f"{TF_CONFIG}: {task} ({address}) was started with other {' and other '.join(differ)} than "
+                          f"this host ({cluster.task}): start every host with the same code, params, epochs and "
+                          f"overrides")
     waiting = theirs.get("waiting")
     if not isinstance(waiting, dict):
         return {}
@@ -650,7 +732,6 @@ def host_lost(exc: Exception, own: str = "", before: str = ""):
     most often with an error of its own (the chief's prepare failing on a bad data path, its model or datasets
     failing to build, a ConfigError on it alone): said so, and where its error is, rather than TensorFlow's
     traceback, or "stopped answering" and a rerun that would continue."""
-    import re
 
     from pipeline.tracking import StepFailed
 

@@ -13,7 +13,7 @@ import os
 import sys
 
 from pipeline import config, data, prepare
-from pipeline.data import CIFAR10_TRAIN_IMAGES
+from pipeline.data import CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES
 from pipeline.distribute import cluster_from_env
 from pipeline.tracking import cli
 from pipeline.tracking.resume import (
@@ -182,6 +182,37 @@ def check_known_training_images(cfg: config.Config, dataset_uri: str | None = No
         except config.ConfigError as exc:
             raise config.ConfigError(f"{exc} (data.max_train={cfg.data.max_train}: {cfg.data.source} gives at most "
                                      f"that many)") from None
+
+
+def check_known_batches(cfg: config.Config, dist, dataset_uri: str = "") -> None:
+    """ConfigError, before any run opens, for a global batch the replicas of `dist` (a `distribute.Distribution`) cannot
+    share (`Distribution.check_batches`), with the images known now (`known_split_images`). The train run checks again
+    once it has the data (`fitting.check_replica_batches`): a path prepared for the first time tells its counts only
+    then. Refused there, a prepare run had finished and the train run (and main's) ended FAILED for a batch the
+    params alone ruled out."""
+    if dist.replicas < 2:  # one replica takes any batch: no count to look up (a path's digest, a store query)
+        return
+    t = cfg.train
+    dist.check_batches(t.batch_size, t.drop_remainder, cfg.model.ghost_batch, *known_split_images(cfg, dataset_uri))
+
+
+def known_split_images(cfg: config.Config, dataset_uri: str = "") -> tuple[int | None, int | None]:
+    """(training images, validation images) a run of `cfg` trains and validates on, as far as they are known before
+    any data is read: `data.*`'s counts (cifar10, synthetic), else those the prepare run of `dataset_uri` (or of the
+    prepared dataset these params reuse) logged; None for a count not known yet. Validation holds out
+    `train.validation_fraction` of the training images, or with 0 takes the test split."""
+    train = known_training_images(cfg)
+    test = {"cifar10": CIFAR10_TEST_IMAGES, "synthetic": cfg.data.synthetic_test}.get(cfg.data.source)
+    if test and cfg.data.max_test:
+        test = min(test, cfg.data.max_test)
+    if train is None:
+        dataset_uri = dataset_uri or prepare.find_prepared(prepare.prepare_key(cfg)) or ""
+        if dataset_uri:
+            train, test = prepare.training_images(dataset_uri), prepare.test_images(dataset_uri)
+    if train is None:
+        return None, test
+    held_out = config.held_out_images(cfg.train.validation_fraction, train)
+    return train - held_out, held_out if cfg.train.validation_fraction else test
 
 
 def known_training_images(cfg: config.Config) -> int | None:

@@ -59,7 +59,10 @@ def main() -> None:
     # TensorFlow, multi_worker without TF_CONFIG) is refused here, not after prepare in an empty train run. In a
     # cluster the hosts meet first (`distribute.wait_for_hosts`): one that never comes, or Ctrl-C while waiting for
     # it, leaves no run behind
-    dist = distribution(cfg.train.distribute)
+    from pipeline import train  # Keras loads here, the params known to be good
+
+    dist = distribution(cfg.train.distribute, job=train.meeting_job(cfg))
+    inputs.check_known_batches(cfg, dist, dataset_uri)  # the replicas known: a batch they cannot share, before prepare
     with main_lock() as hold, step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
         # Held until its run has ended: a later main tells this one, RUNNING, from one killed (SIGKILL, the OOM
         # killer: left RUNNING with the step it was in), whose runs it ends KILLED (`remove_stale_locks`) and whose

@@ -147,6 +147,12 @@ def training_images(dataset_uri: str) -> int | None:
     return steps.prepared_training_images(dataset_uri)
 
 
+def test_images(dataset_uri: str) -> int | None:
+    """How many test images the dataset at `dataset_uri` holds, as its prepare run logged it; None where no prepare run
+    (`runs:/`) says."""
+    return steps.prepared_training_images(dataset_uri, "test")
+
+
 def load_dataset(dataset_uri: str) -> data.Dataset:
     """Download (or locate) a prepared dataset artifact and read it; a downloaded copy goes once read."""
     with steps.downloaded_artifact(dataset_uri, "dataset_uri") as path:

@@ -41,7 +41,13 @@ import pandas as pd
 from pipeline import config, prepare
 from pipeline.data import Dataset, arrays_digest, test_images_in_train
 from pipeline.distribute import TRAINED, Distribution, cluster_from_env, distribution, run_key
-from pipeline.inputs import check_inputs, go_on_with_backend, refuse_unusable_backend, resolve_inputs
+from pipeline.inputs import (
+    check_inputs,
+    check_known_batches,
+    go_on_with_backend,
+    refuse_unusable_backend,
+    resolve_inputs,
+)
 from pipeline.tracking import (
     INERT_PARAMS_TAG,
     VAL_DATA_TAG,
@@ -259,7 +265,14 @@ def training_job(cfg: config.Config, dataset: Dataset) -> dict[str, str]:
     (progress display and how they are spread aside), the data, and the training code (`train_code`: a host left
     on other code would train in lock step with it, and the chief would log a model no single code trained).
     Evaluate, register and tracking settings concern the chief only."""
-    return {"model or train params": json_digest(shared_params(cfg)), "data": dataset.digest(),
+    (params, params_digest), (code, code_digest) = meeting_job(cfg).items()
+    return {params: params_digest, "data": dataset.digest(), code: code_digest}
+
+
+def meeting_job(cfg: config.Config) -> dict[str, str]:
+    """`training_job` less the data: what the hosts of a cluster compare as they meet, before any run opens
+    (`distribute.wait_for_hosts`); the chief prepares the data only once its runs are open."""
+    return {"model or train params": json_digest(shared_params(cfg)),
             f"code (pipeline/{{{','.join(TRAIN_CODE)}}}.py)": train_code()}
 
 
@@ -357,11 +370,12 @@ def main() -> None:
             prepare.check_dataset_uri(args.dataset_uri)
         else:
             prepare.check_source(cfg)
-    dist = distribution(cfg.train.distribute)
+    dist = distribution(cfg.train.distribute, job=meeting_job(cfg))  # check_inputs changes no model or train param
     if not dist.chief:
         run_worker(cfg, args.dataset_uri, dist, args.resume)
         return
     cfg, dataset_uri = check_inputs(cfg, resume=args.resume, dataset_uri=args.dataset_uri)
+    check_known_batches(cfg, dist, dataset_uri)  # before prepare's run and the train run
     dataset_uri, resume_id = resolve_inputs(cfg, resume=args.resume, dataset_uri=dataset_uri)
     with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id):
         run(cfg, dataset_uri, dist)

@@ -16,6 +16,7 @@ import pytest
 from bench import multi_gpu
 from pipeline import config
 from tests.conftest import ROOT
+from tests.test_fault_tolerance import TINY
 
 
 def arm(backend, name, seconds=None, val_acc=0.9, error=None, skipped=None):
@@ -209,6 +210,15 @@ TWO = ["localhost:1", "localhost:2"]
     (tf_config({"worker": TWO}, index=True), "the task index must be 0, 1, ..., got True"),
     (tf_config({"worker": TWO}, index=-1), "the task index must be 0, 1, ..., got -1"),
     (json.dumps({"cluster": ["a:1", "b:2"], "task": {"type": "worker", "index": 0}}), "not a cluster spec"),
+    # each said as Python's exception: "(TypeError: list indices must be integers or slices, not str)", "(KeyError:
+    # 'task')", "(TypeError: string indices must be integers, not 'str')"
+    ("{'cluster': {}}", "(not JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    ('["a:1", "b:2"]', "(a JSON object is needed, got a list)"),
+    (json.dumps({"cluster": {"worker": TWO}}), "(no 'task': this host's place in the cluster)"),
+    (json.dumps({"cluster": {"worker": TWO}, "task": {"index": 1}}), "('task' has no 'type')"),
+    (json.dumps({"cluster": {"worker": TWO}, "task": {"type": "worker"}}), "('task' has no 'index')"),
+    (json.dumps({"cluster": {"worker": TWO}, "task": "worker"}), "('task' must be an object like {\"type\": "
+                                                                 "\"worker\", \"index\": 0}, got 'worker')"),
     # this host's port: bind()'s OverflowError, a traceback; another's: a 10-minute wait, then "Connection refused"
     (tf_config({"worker": ["localhost:99999", "localhost:2"]}), "'localhost:99999' is not a 'host:port' address with"),
     (tf_config({"worker": ["localhost:1", "localhost:0"]}), "'localhost:0' is not a 'host:port' address with a port"),
@@ -219,6 +229,15 @@ TWO = ["localhost:1", "localhost:2"]
     (tf_config({"chief": ["localhost:1"], "worker": ["127.0.0.1:1", "[::1]:2"]}),
      "got localhost:1 = 127.0.0.1:1 more than once"),
     (tf_config({"worker": ["Team-Host:1", "team-host:1"]}), "got Team-Host:1 = team-host:1 more than once"),
+    # one port however written: the second host's listener found its port taken, and the first waited, then named
+    # its own port as worker 1 started as worker 0
+    (tf_config({"worker": ["localhost:2222", "localhost:02222"]}), "got localhost:2222 = localhost:02222 more than"),
+    # no host TensorFlow (gRPC) reaches: each waited $PIPELINE_HOSTS_TIMEOUT for it, then "did not start"
+    (tf_config({"worker": ["http://host-a:1", "host-b:2"]}), "'http://host-a:1' is not a 'host:port' address"),
+    (tf_config({"worker": ["host-a:1", " host-b:2"]}), "' host-b:2' is not a 'host:port' address"),
+    (tf_config({"worker": ["::1:1", "host-b:2"]}), "'::1:1' is not a 'host:port' address with a port in 1-65535 (an "
+                                                   "IPv6 host in brackets: [::1]:12345)"),
+    (tf_config({"worker": ["[]:1", "host-b:2"]}), "'[]:1' is not a 'host:port' address"),
     # a 'ps' never started (MultiWorkerMirroredStrategy has no use for one): TensorFlow waited for it forever
     (tf_config({"worker": TWO, "ps": ["localhost:3"]}), "only 'chief' and 'worker' tasks train here, got 'ps'"),
     # Python's int() reads other scripts' digits; TensorFlow's address parser does not
@@ -236,6 +255,20 @@ def test_a_malformed_tf_config_is_a_param_error(monkeypatch, raw, message):
         distribute.cluster_from_env()
     assert message in str(error.value)
 
+
+
+@pytest.mark.parametrize(("task", "index", "said"), [
+    ("worker", 2, "worker 2"), ("chief", 0, "chief 0"), ("Worker", 0, "Worker 0"), ("evaluator", 0, "evaluator 0")])
+def test_a_task_the_cluster_does_not_list_is_named_with_the_tasks_it_lists(monkeypatch, task, index, said):
+    """Said as "task {'type': 'worker', 'index': 2} is not a chief or worker listed in the cluster": what it does
+    list, and so which index or type is wrong, was left to the reader to work out from the JSON."""
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    monkeypatch.setenv("TF_CONFIG", tf_config({"worker": TWO}, task, index))
+    with pytest.raises(ConfigError, match=f"^TF_CONFIG: this host's task, {said}, is not in the cluster, which lists "
+                                          "worker 0 and worker 1: give this host its own task there$"):
+        distribute.cluster_from_env()
 
 def test_a_task_index_written_as_a_string_is_read_as_tensorflow_reads_it(monkeypatch):
     from pipeline import distribute
@@ -495,6 +528,52 @@ def test_a_batch_jaxs_data_parallel_cannot_split_evenly_is_a_param_error(batch, 
         Distribution("data_parallel", ["cpu:0", "cpu:1"]).check_batches(batch, drop, 0, train, val)
     assert message in str(error.value)
 
+
+
+@pytest.mark.parametrize("module", ["train", "main"])
+@pytest.mark.parametrize(("overrides", "message"), [
+    ("train.batch_size=33", "train.batch_size: 33, which keras.distribution.DataParallel cannot split evenly over 2 "
+                            "replicas (data_parallel over cpu:0, cpu:1): use a multiple of 2"),
+    # the images the params make known before any data is read: synthetic's counts
+    ("data.synthetic_train=1025", "train.batch_size: each epoch ends with a batch of 1 of the 1025 training images"),
+    ("data.synthetic_test=251", "train.batch_size: validation ends with a batch of 27 of the 251 images"),
+])
+def test_a_batch_the_replicas_cannot_share_is_refused_before_any_run_opens(store, in_process, monkeypatch, module,
+                                                                           overrides, message):
+    """Refused in the train run: the data prepared (a prepare run), then a train run (and main's) left FAILED for a
+    batch the params alone ruled out."""
+    from mlflow import MlflowClient
+
+    from pipeline import distribute, main, train
+
+    two = distribute.Distribution("data_parallel", ["cpu:0", "cpu:1"])
+    monkeypatch.setattr(train if module == "train" else main, "distribution", lambda mode, job=None: two)
+    result = in_process(module, "--params", TINY, "--epochs", "1", "--overrides",
+                        f"{overrides} tracking.experiment=e2e")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
+
+
+@pytest.mark.parametrize(("overrides", "logged", "split"), [
+    ("data.source=cifar10 data.max_test=500", None, (50000, 500)),
+    ("data.source=cifar10 train.validation_fraction=0.1", None, (45000, 5000)),
+    ("data.source=synthetic data.max_train=100", None, (100, 256)),
+    # a path's counts: those its prepare run logged (the dataset given, or the one these params reuse), else unknown
+    ("data.source=/data/folder", {"train": 1025, "test": 300}, (1025, 300)),
+    ("data.source=/data/folder train.validation_fraction=0.5", {"train": 1000, "test": 300}, (500, 500)),
+    ("data.source=/data/folder", None, (None, None)),
+])
+def test_the_images_known_before_any_data_is_read_are_those_each_split_trains_and_validates_on(
+        monkeypatch, overrides, logged, split):
+    from pipeline import inputs, prepare
+
+    cfg = config.load(TINY, overrides.split())
+    monkeypatch.setattr(prepare, "prepare_key", lambda cfg: "its key")  # (digests the path's files)
+    monkeypatch.setattr(prepare, "find_prepared", lambda key: "runs:/p/dataset" if logged else None)
+    monkeypatch.setattr(prepare, "training_images", lambda uri: logged["train"])
+    monkeypatch.setattr(prepare, "test_images", lambda uri: logged["test"])
+    assert inputs.known_split_images(cfg) == split
 
 # TensorFlow's messages as two local hosts got them (2026-12-05): worker 1 killed in a compiled train step, and in an
 # eager collective (whose function name holds the reporting host's own device); worker 0 killed, as worker 1 saw it.
@@ -841,10 +920,10 @@ def test_hosts_meet_in_any_order_and_those_that_never_start_are_named(monkeypatc
     assert distribute.hosts_timeout() == 600
 
 
-def meet(*clusters: tuple[dict, str, int], timeout: float = 5) -> list:
-    """`wait_for_hosts` of each (cluster spec, task type, index) in a thread of its own, as hosts started at once:
-    what each ended with (None, or the ConfigError it raised), and the seconds the slowest took. A host that goes on
-    listens on its port, as TensorFlow's server then does."""
+def meet(*clusters: tuple, timeout: float = 5) -> list:
+    """`wait_for_hosts` of each (cluster spec, task type, index[, job]) in a thread of its own, as hosts started at
+    once: what each ended with (None, or the ConfigError it raised), and the seconds the slowest took. A host that goes
+    on listens on its port, as TensorFlow's server then does."""
     import socket
     import threading
     import time
@@ -857,8 +936,8 @@ def meet(*clusters: tuple[dict, str, int], timeout: float = 5) -> list:
 
     def host(i: int) -> None:
         try:
-            cluster = distribute.Cluster(*clusters[i])
-            ended[i] = distribute.wait_for_hosts(cluster, timeout=timeout)
+            cluster = distribute.Cluster(*clusters[i][:3])
+            ended[i] = distribute.wait_for_hosts(cluster, timeout=timeout, job=(*clusters[i], None)[3])
             servers.append(socket.create_server(("", int(cluster.addresses[cluster.task].rpartition(":")[2]))))
         except ConfigError as exc:
             ended[i] = exc
@@ -896,6 +975,100 @@ def test_hosts_started_with_other_clusters_are_refused_on_every_host_before_tens
     # one host's other names (here: another loopback address) are its own: TensorFlow reaches it there alike
     other_name = {"chief": [hosts[0]], "worker": [hosts[1].replace("localhost", "127.0.0.2")]}
     assert meet((same, "chief", 0), (other_name, "worker", 0))[:2] == [None, None]
+
+
+def test_hosts_started_with_other_params_or_code_are_refused_when_they_meet_before_any_run_opens(monkeypatch):
+    """Worker 1 started with another lr (or another checkout) met the chief, which then opened main's run, prepared
+    the data, opened the train run, and only there (`Distribution.agree`) every host refused: three runs FAILED for a
+    mistake the hosts could tell apart as they met. Each host's hello now carries the digests of its params and code
+    (`train.meeting_job`), and each refuses a peer's that differ, before any run opens."""
+    from bench.servers import free_port
+    from pipeline import train
+
+    hosts = [f"localhost:{free_port()}" for _ in range(2)]
+    spec = {"worker": hosts}
+    chief_job = train.meeting_job(config.load(TINY))
+    worker_job = train.meeting_job(config.load(TINY, ["train.lr=0.1"]))
+    first, second, seconds = meet((spec, "worker", 0, chief_job), (spec, "worker", 1, worker_job), timeout=20)
+    assert seconds < 10
+    assert str(first) == (f"TF_CONFIG: worker 1 ({hosts[1]}) was started with other model or train params than this "
+                          f"host (worker 0): start every host with the same code, params, epochs and overrides")
+    assert str(second).startswith(f"TF_CONFIG: worker 0 ({hosts[0]}) was started with other model or train params ")
+    monkeypatch.setattr(train, "train_code", lambda: "another checkout")
+    assert "with other code (pipeline/" in str(meet((spec, "worker", 0, chief_job),
+                                                     (spec, "worker", 1, train.meeting_job(config.load(TINY))))[0])
+    assert meet((spec, "worker", 0, chief_job), (spec, "worker", 1, dict(chief_job)))[:2] == [None, None]
+
+
+def test_what_the_hosts_compare_as_they_meet_is_what_they_compare_again_before_training(monkeypatch):
+    """A host's `meeting_job` is its `training_job` less the data's digest (the chief prepares the data after): every
+    part the same, so hosts that meet are never told apart later by a digest made otherwise."""
+    from pipeline import data, train
+
+    cfg = config.load(TINY, ["train.epochs=2", "train.verbose=0", "train.distribute=multi_worker"])
+    dataset = data.load_source("synthetic", synthetic_train=16, synthetic_test=8)
+    job = train.training_job(cfg, dataset)
+    assert train.meeting_job(cfg) == {part: job[part] for part in job if part != "data"}
+    assert train.meeting_job(config.load(TINY, ["train.verbose=1", "train.distribute=auto", "data.max_train=8"])) != \
+        train.meeting_job(cfg)  # train.epochs differs
+    assert train.meeting_job(config.load(TINY, ["train.epochs=2", "data.max_train=8"])) == train.meeting_job(cfg)
+
+
+@pytest.mark.parametrize(("module", "index"), [("main", 0), ("train", 0), ("train", 1)])
+def test_every_host_meets_the_others_with_its_params_and_codes_digests(store, in_process, monkeypatch, module, index):
+    from pipeline import main, train
+    from pipeline.config import ConfigError
+
+    met = []
+
+    def meets(mode, job=None):
+        met.append(job)
+        raise ConfigError("met")
+
+    monkeypatch.setattr(train if module == "train" else main, "distribution", meets)
+    monkeypatch.setenv("TF_CONFIG", tf_config({"worker": TWO}, index=index))
+    result = in_process(module, "--params", TINY, "--overrides", "train.lr=0.1 tracking.experiment=e2e")
+    assert result.returncode == 2 and result.stderr.strip().endswith("error: met")
+    assert met == [train.meeting_job(config.load(TINY, ["train.lr=0.1"]))]
+
+
+def test_a_host_at_a_loopback_address_beside_hosts_on_other_machines_is_refused_at_once():
+    """TF_CONFIG listed this host as localhost:PORT, the other on another machine (192.0.2.1, an address no machine
+    here has), which can never reach it there: with the same port the other host reached its own port and was told
+    "localhost:PORT, worker 0 of the cluster, was started as worker 1", with another it waited
+    $PIPELINE_HOSTS_TIMEOUT (10 minutes). Refused at once, before this host listens."""
+    import time
+
+    from bench.servers import free_port
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    port = free_port()
+    spec = {"worker": [f"localhost:{port}", f"192.0.2.1:{port}"]}
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as error:
+        distribute.wait_for_hosts(distribute.Cluster(spec, "worker", 0), timeout=5)
+    assert time.monotonic() - started < 2
+    assert str(error.value) == (
+        f"TF_CONFIG: this host (worker 0) is at localhost:{port}, a loopback address, which worker 1 "
+        f"(192.0.2.1:{port}), on another machine, cannot reach: give this host's name or address as the others "
+        f"reach it")
+
+
+def test_a_peer_whose_address_reaches_this_host_itself_is_named_so():
+    """Worker 1 on host-b, its TF_CONFIG naming worker 0 (on another machine) `localhost` on worker 1's own port: it
+    reached its own port and was told that localhost, worker 0 of the cluster, was started as worker 1, as if two
+    hosts had been started as one task."""
+    from bench.servers import free_port
+    from pipeline import distribute
+    from pipeline.config import ConfigError
+
+    port = free_port()
+    spec = {"worker": [f"localhost:{port}", f"host-b.invalid:{port}"]}
+    with pytest.raises(ConfigError) as error:
+        distribute.wait_for_hosts(distribute.Cluster(spec, "worker", 1), timeout=5)
+    assert str(error.value) == (f"TF_CONFIG: worker 0's address, localhost:{port}, reaches this host (worker 1) "
+                                f"itself: give worker 0 the address the other hosts reach its machine at")
 
 
 def test_a_host_started_as_another_hosts_task_is_refused():
@@ -946,3 +1119,39 @@ def test_a_host_that_cannot_reach_another_at_the_address_it_was_given_holds_ever
                           f"known; this host reaches it at {hosts[2]}) {tail}")
     assert str(third) == (f"TF_CONFIG: worker 1 ({hosts[1]}) did not reach worker 2 at {typo[2]} (Name or service not "
                           f"known; worker 2 is this host, at {hosts[2]}) {tail}")
+
+
+@pytest.mark.parametrize(("logged", "epochs", "said"), [
+    # a cluster's chief killed after 2 epochs, rerun without TF_CONFIG: it resumed alone, and the tags said so only
+    ({"distribute": "multi_worker", "workers": "2", "replicas": "2"}, 2,
+     "multi_worker over 2 hosts, 2 replicas -> none over 1 host, 1 replica after epoch 2"),
+    ({"distribute": "mirrored", "workers": "1", "replicas": "4", "resumed_across_distribution": "none over 1 host, 1 "
+      "replica -> mirrored over 1 host, 4 replicas after epoch 1"}, 3,
+     "none over 1 host, 1 replica -> mirrored over 1 host, 4 replicas after epoch 1, mirrored over 1 host, 4 replicas "
+     "-> none over 1 host, 1 replica after epoch 3"),
+    ({"distribute": "none", "workers": "1", "replicas": "1"}, 2, None),  # the same
+    ({"distribute": "multi_worker", "workers": "2", "replicas": "2"}, 0, None),  # nothing trained under it
+    ({}, 2, None),  # no session reached training: nothing logged
+])
+def test_a_run_resumed_under_another_distribution_says_which_and_after_which_epoch(logged, epochs, said):
+    """The train run's tags distribute, workers and replicas were the last session's alone: a run whose first epochs
+    trained over two hosts, resumed on one, read as trained on one throughout."""
+    from pipeline.tracking import training
+
+    now = {"distribute": "none", "workers": "1", "replicas": "1", "devices": "cpu:0"}
+    assert training.resumed_across_distribution(logged, now, epochs) == said
+
+
+def test_one_replica_looks_up_no_image_count_before_training(monkeypatch):
+    """Any batch suits one replica: a data path's digest (reading every file) and a store query per command were
+    spent on nothing."""
+    from pipeline import inputs
+    from pipeline.distribute import Distribution
+
+    def counted(*args):
+        raise AssertionError("counted the images")
+
+    monkeypatch.setattr(inputs, "known_split_images", counted)
+    inputs.check_known_batches(config.load(TINY, ["train.batch_size=33"]), Distribution("none", ["cpu:0"]))
+    with pytest.raises(AssertionError, match="counted"):
+        inputs.check_known_batches(config.load(TINY), Distribution("data_parallel", ["cpu:0", "cpu:1"]))

@@ -75,16 +75,17 @@ def prepared_counts(dataset_uri: str) -> tuple[int | None, int | None]:
     return tuple(int(metrics[k]) if k in metrics else None for k in ("test_images_in_train", "test_images"))
 
 
-def prepared_training_images(dataset_uri: str) -> int | None:
-    """The training images of the dataset at `dataset_uri`, as the prepare run of `runs:/<id>/...` logged them (metric
-    train_images); None where unknown (another URI, or a prepare run gone)."""
+def prepared_training_images(dataset_uri: str, split: str = "train") -> int | None:
+    """The training images (`split` "test": the test images) of the dataset at `dataset_uri`, as the prepare run of
+    `runs:/<id>/...` logged them (metric train_images, test_images); None where unknown (another URI, or a prepare
+    run gone)."""
     if not dataset_uri.startswith("runs:/"):
         return None
     try:
         metrics = mlflow.MlflowClient().get_run(dataset_uri.removeprefix("runs:/").partition("/")[0]).data.metrics
     except MlflowException:
         return None
-    return int(metrics["train_images"]) if "train_images" in metrics else None
+    return int(metrics[f"{split}_images"]) if f"{split}_images" in metrics else None
 
 
 def log_dataset_input(dataset_uri: str, context: str, dataset: data.Dataset | None = None) -> None:

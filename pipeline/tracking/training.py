@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 import tempfile
 import time
 from importlib.metadata import version
@@ -70,12 +71,43 @@ def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str], d
         epochs = Checkpoint.completed_epochs(checkpoint_dir(run_id))
         step = f"{changed[0][:12]} -> {changed[1][:12]} after epoch {epochs}"
         tags = {**tags, "resumed_across_code": f"{across}, {step}" if across else step}
+    across = resumed_across_distribution(mlflow.MlflowClient().get_run(run_id).data.tags, tags,
+                                         Checkpoint.completed_epochs(checkpoint_dir(run_id)))
+    if across:  # the tags below name this session's distribution only
+        tags = {**tags, ACROSS_DISTRIBUTION_TAG: across}
+        earlier = mlflow.MlflowClient().get_run(run_id).data.tags.get(ACROSS_DISTRIBUTION_TAG)
+        print(f"note: train run {run_id} goes on under another distribution: "
+              f"{across[len(earlier) + 2:] if earlier else across} (tag {ACROSS_DISTRIBUTION_TAG})",
+              file=sys.stderr, flush=True)
     digest = local_dataset_sha256(dataset_uri)  # a local file's bytes, which a `resume=<id>` is checked against
     # a `runs:/` artifact's too (in no key: it never changes): compare finds its evaluation on a copy of the file
     mlflow.set_tags({**tags, "train_key": train_key(cfg, dataset_uri, digest), "train_code": train_code(),
                      DATASET_SHA256: digest or dataset_sha256(dataset_uri)})
     mlflow.log_dict(dataclasses.asdict(cfg), "config.json")
     return run_id
+
+
+DISTRIBUTION_TAGS = ("distribute", "workers", "replicas")  # how a session trained: the train run's tags
+ACROSS_DISTRIBUTION_TAG = "resumed_across_distribution"
+
+
+def resumed_across_distribution(logged: dict[str, str], tags: dict[str, str], epochs: int) -> str | None:
+    """Tag `resumed_across_distribution` of a run that trained `epochs` epochs under the distribution its `logged` tags
+    name and goes on under the one of `tags` (`DISTRIBUTION_TAGS`): `<old> -> <new> after epoch N`, added to the tag
+    it held; None where nothing changed, or nothing trained before. `auto` resolves per machine and per TF_CONFIG: a
+    cluster's chief killed and rerun without TF_CONFIG resumed alone, and the tags read as trained on one host
+    throughout."""
+    if not epochs or not all(key in logged for key in DISTRIBUTION_TAGS) or \
+            all(logged[key] == tags.get(key) for key in DISTRIBUTION_TAGS):
+        return None
+
+    def said(t: dict[str, str]) -> str:
+        return (f"{t['distribute']} over {t['workers']} host{'s' * (t['workers'] != '1')}, {t['replicas']} "
+                f"replica{'s' * (t['replicas'] != '1')}")
+
+    step = f"{said(logged)} -> {said(tags)} after epoch {epochs}"
+    earlier = logged.get(ACROSS_DISTRIBUTION_TAG)
+    return f"{earlier}, {step}" if earlier else step
 
 
 class SessionClock(keras.callbacks.Callback):
