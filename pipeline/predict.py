@@ -4,7 +4,8 @@ Usage: python -m pipeline.predict cat.png dog.jpg --url http://127.0.0.1:5000
 Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as base64, a `dataframe_split` column
 `image`, to `<url>/invocations` (under the URL's path, before its query) and prints one line per image: file, predicted
 label, its probability (tab-separated). Exits 2 with one line on stderr, before reading any file, when --url is not an
-http(s) URL (as for a bad --batch-size or --timeout). Exits 1 with a message on stderr when a file cannot be read, the
+http(s) URL (as for a bad --batch-size or --timeout), and before any request when a file is missing (a shell pattern
+that matched nothing among them), a directory, empty or unreadable. Exits 1 with a message on stderr when the
 server cannot be reached or does not answer within --timeout, runs out of its own time limit (HTTP 504) or closes the
 connection without an answer, it refuses the request (naming the file it refused) or its answer is not a model server's
 (another service on that port, an answer cut short), printing no predictions then. A --url of
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import urllib.error
 import urllib.parse
@@ -31,6 +33,30 @@ from pathlib import Path
 
 class PredictError(RuntimeError):
     """A file, the connection or the server's answer made the prediction fail; the message says which."""
+
+
+def check_files(paths: list[Path]) -> None:
+    """PredictError naming the first of `paths` that is no readable, non-empty file: checked before any request, so a
+    bad name late in the list does not cost the batches before it (their predictions would not be printed)."""
+    for path in paths:
+        try:
+            mode = path.stat()
+        except FileNotFoundError:
+            # the shell passes a pattern that matched nothing as it is: `*.png` in a folder of .jpg files
+            hint = " (a shell pattern that matched no file?)" if re.search(r"[*?[]", path.name) else ""
+            raise PredictError(f"{shown(path)}: no such file{hint}") from None
+        except OSError as exc:
+            raise PredictError(f"{shown(path)}: cannot read ({exc.strerror or exc})") from None
+        if stat.S_ISDIR(mode.st_mode):
+            raise PredictError(f"{shown(path)}: a directory, not an image file")
+        if not stat.S_ISREG(mode.st_mode):  # a FIFO or a device would block the read, or never end
+            raise PredictError(f"{shown(path)}: not a regular file")
+        if mode.st_size == 0:
+            raise PredictError(f"{shown(path)}: an empty file, not an image")
+        try:
+            path.open("rb").close()
+        except OSError as exc:
+            raise PredictError(f"{shown(path)}: cannot read ({exc.strerror or exc})") from None
 
 
 def encode_files(paths: list[Path]) -> list[str]:
@@ -230,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
     try:
         check_url(args.url)  # a usage error, like the two above: exit 2, before any file is read
+        check_files(args.images)  # bad input: exit 2, before any request
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -890,8 +890,8 @@ def test_predict_client_prints_one_line_per_image_and_fails_clearly(server, loca
 
     assert predict.main([str(files[0]), "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "5"]) == 1
     assert "cannot reach" in capsys.readouterr().err
-    assert predict.main([str(tmp_path / "missing.png"), "--url", server]) == 1
-    assert "cannot read" in capsys.readouterr().err
+    assert predict.main([str(tmp_path / "missing.png"), "--url", server]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path, capsys):
@@ -903,6 +903,28 @@ def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path
     out, err = capsys.readouterr()
     assert f"{files[2]}: {UNDECODABLE}" in err and "image 0" not in err and len(err.splitlines()) == 1
     assert out == ""  # no predictions printed when a request fails, as the module docstring says
+
+
+@pytest.mark.parametrize(("make", "problem"), [
+    (lambda d: d / "missing.png", "no such file"),
+    (lambda d: d / "*.jpeg", "no such file (a shell pattern that matched no file?)"),
+    (lambda d: (d / "folder").mkdir() or d / "folder", "a directory, not an image file"),
+    (lambda d: (d / "empty.png").touch() or d / "empty.png", "an empty file, not an image"),
+    (lambda d: d / ("x" * 300 + ".png"), "cannot read (File name too long)"),
+], ids=["missing", "glob-matching-nothing", "directory", "empty", "name-too-long"])
+def test_predict_client_refuses_a_bad_file_before_sending_any(tmp_path, capsys, make, problem):
+    # a missing file, a folder or an unreadable file was found only as its batch was read: exit 1, after the batches
+    # before it had been sent and scored for nothing (their predictions never printed)
+    good = tmp_path / "a.png"
+    good.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    bad = make(tmp_path)
+    sent = []
+    with answering(200, json.dumps({"predictions": [{"label": "cat", "probability": 0.5}]}).encode(),
+                   requests=sent) as url:
+        assert predict.main([str(good), str(bad), "--url", url, "--batch-size", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert sent == [] and out == ""
+    assert err == f"error: {bad}: {problem}\n"
 
 
 @pytest.mark.parametrize(("url", "problem"), [
@@ -1090,8 +1112,8 @@ def test_predict_client_names_a_file_on_stderr_escaped_as_on_stdout(tmp_path, ca
                                        f"not decodable; {tmp_path}/caf\\xe9.png: too large\n")
     folder = tmp_path / "tab\tand\nnewline.png"
     folder.mkdir()
-    assert predict.main([str(folder), "--url", f"http://127.0.0.1:{free_port()}"]) == 1
-    assert capsys.readouterr().err == f"error: {tmp_path}/tab\\tand\\nnewline.png: cannot read (Is a directory)\n"
+    assert predict.main([str(folder), "--url", f"http://127.0.0.1:{free_port()}"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}/tab\\tand\\nnewline.png: a directory, not an image file\n"
 
 
 @pytest.mark.parametrize(("given", "path"), [
