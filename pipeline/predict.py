@@ -5,10 +5,11 @@ Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as ba
 `image`, to `<url>/invocations` (under the URL's path, before its query) and prints one line per image: file, predicted
 label, its probability (tab-separated). Exits 2 with one line on stderr, before reading any file, when --url is not an
 http(s) URL (as for a bad --batch-size or --timeout), and before any request when a file is missing (a shell pattern
-that matched nothing among them), a directory, empty or unreadable. Exits 1 with a message on stderr when the
-server cannot be reached or does not answer within --timeout, runs out of its own time limit (HTTP 504) or closes the
-connection without an answer, it refuses the request (naming the file it refused) or its answer is not a model server's
-(another service on that port, an answer cut short), printing no predictions then. A --url of
+that matched nothing among them), a directory, empty or unreadable, and when the server refuses an image (HTTP 400,
+naming the file: not an image, truncated, too large). Exits 1 with a message on stderr when the server cannot be
+reached or does not answer within --timeout, runs out of its own time limit (HTTP 504) or closes the connection without
+an answer, it refuses the request otherwise or its answer is not a model server's (another service on that port, an
+answer cut short). No predictions are printed when it exits non-zero. A --url of
 http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a proxy that
 asks for them); messages show the password as ***.
 Only the standard library is used, so the client starts fast and needs no ML packages.
@@ -35,6 +36,10 @@ class PredictError(RuntimeError):
     """A file, the connection or the server's answer made the prediction fail; the message says which."""
 
 
+class BadInput(PredictError):
+    """The command's input is bad (a --url, a file, or an image the server refused): exit 2, as for a usage error."""
+
+
 def check_files(paths: list[Path]) -> None:
     """PredictError naming the first of `paths` that is no readable, non-empty file: checked before any request, so a
     bad name late in the list does not cost the batches before it (their predictions would not be printed)."""
@@ -44,19 +49,19 @@ def check_files(paths: list[Path]) -> None:
         except FileNotFoundError:
             # the shell passes a pattern that matched nothing as it is: `*.png` in a folder of .jpg files
             hint = " (a shell pattern that matched no file?)" if re.search(r"[*?[]", path.name) else ""
-            raise PredictError(f"{shown(path)}: no such file{hint}") from None
+            raise BadInput(f"{shown(path)}: no such file{hint}") from None
         except OSError as exc:
-            raise PredictError(f"{shown(path)}: cannot read ({exc.strerror or exc})") from None
+            raise BadInput(f"{shown(path)}: cannot read ({exc.strerror or exc})") from None
         if stat.S_ISDIR(mode.st_mode):
-            raise PredictError(f"{shown(path)}: a directory, not an image file")
+            raise BadInput(f"{shown(path)}: a directory, not an image file")
         if not stat.S_ISREG(mode.st_mode):  # a FIFO or a device would block the read, or never end
-            raise PredictError(f"{shown(path)}: not a regular file")
+            raise BadInput(f"{shown(path)}: not a regular file")
         if mode.st_size == 0:
-            raise PredictError(f"{shown(path)}: an empty file, not an image")
+            raise BadInput(f"{shown(path)}: an empty file, not an image")
         try:
             path.open("rb").close()
         except OSError as exc:
-            raise PredictError(f"{shown(path)}: cannot read ({exc.strerror or exc})") from None
+            raise BadInput(f"{shown(path)}: cannot read ({exc.strerror or exc})") from None
 
 
 def encode_files(paths: list[Path]) -> list[str]:
@@ -111,22 +116,22 @@ def check_url(url: str) -> None:
         # With a password, the port urllib could not read may be the password's start, cut at a '/', '?' or '#'
         reason = exc if shown == url else ("a bad host or port, or a '/', '?' or '#' in the password not written "
                                            "%2F, %3F, %23")
-        raise PredictError(f"--url: not a valid URL: {shown!r} ({reason})") from None
+        raise BadInput(f"--url: not a valid URL: {shown!r} ({reason})") from None
     host = urllib.parse.unquote(parts.netloc.rpartition("@")[2])  # urllib decodes the host's %XX, connecting
     if re.search(r"[\x00-\x20\x7f]", parts.netloc + host):  # http.client refuses it only as it connects
-        raise PredictError(f"--url: not a valid URL: {without_password(url)!r} (a space or control character in "
+        raise BadInput(f"--url: not a valid URL: {without_password(url)!r} (a space or control character in "
                            f"its host)")
     if not valid:
-        raise PredictError(f"--url: expected http://host:port, got {without_password(url)!r}")
+        raise BadInput(f"--url: expected http://host:port, got {without_password(url)!r}")
     if parts.username is None and parts.port is not None and "@" in parts.path + parts.query + parts.fragment:
         # http://ann:12/s3cret@host: urllib reads host ann, port 12, and a path holding the password it would send there
-        raise PredictError(f"--url: not a valid URL: {without_password(url)!r} (an '@' after its host and port: a "
+        raise BadInput(f"--url: not a valid URL: {without_password(url)!r} (an '@' after its host and port: a "
                            f"'/', '?' or '#' in the password not written %2F, %3F, %23, or an '@' in the path or "
                            f"query not written %40)")
     try:
         parts.hostname.encode("idna")  # as the socket encodes it, connecting: refused there as an "unexpected answer"
     except UnicodeError:
-        raise PredictError(f"--url: not a valid URL: {without_password(url)!r} (an empty label or one of over 63 "
+        raise BadInput(f"--url: not a valid URL: {without_password(url)!r} (an empty label or one of over 63 "
                            f"characters in its host)") from None
 
 
@@ -178,7 +183,8 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
         with urllib.request.urlopen(request, timeout=timeout) as response:
             predictions = json.loads(response.read())["predictions"]
     except urllib.error.HTTPError as exc:
-        message = name_images(server_message(error_body(exc)), names or [])
+        said = server_message(error_body(exc))
+        message = name_images(said, names or [])
         if exc.code == 404:  # a tracking server (`mlflow server` also defaults to port 5000), or --url .../invocations
             raise PredictError(f"HTTP 404 for {endpoint}: no model server at --url {url}; it takes the base URL of "
                                f"`mlflow models serve` (http://host:port), not a tracking server's") from None
@@ -187,7 +193,8 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
                                f"lower --batch-size, or raise the server's limit "
                                f"(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT where `mlflow models serve` starts, 60 s by "
                                f"default)") from None
-        raise PredictError(f"server refused the request (HTTP {exc.code}): {message}") from None
+        refused = BadInput if exc.code == 400 and message != said else PredictError  # it named files it refused
+        raise refused(f"server refused the request (HTTP {exc.code}): {message}") from None
     except TimeoutError:  # connected, then no answer in time (a timeout connecting is a URLError: cannot reach)
         raise PredictError(f"no answer from {url} within --timeout {timeout:g} s (a large batch or a slow model?): "
                            f"raise --timeout or lower --batch-size") from None
@@ -200,7 +207,7 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
                                f"--batch-size") from None
         raise PredictError(f"cannot reach {url} ({reason})") from None
     except http.client.InvalidURL as exc:  # a ValueError too: e.g. a space in the host name
-        raise PredictError(f"--url: not a valid URL: {url!r} ({exc})") from None
+        raise BadInput(f"--url: not a valid URL: {url!r} ({exc})") from None
     except http.client.IncompleteRead as exc:  # the server closed before the end of its answer (a worker killed)
         raise PredictError(f"the answer from {url} was cut short ({incomplete(exc)}): did the server stop?") from None
     except http.client.HTTPException as exc:  # no HTTP at all: another service on that port (SSH, PostgreSQL, TLS)
@@ -256,15 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
     try:
         check_url(args.url)  # a usage error, like the two above: exit 2, before any file is read
-        check_files(args.images)  # bad input: exit 2, before any request
-    except PredictError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
+        check_files(args.images)  # before any request
         lines = predict_files(args.images, args.url, args.batch_size, args.timeout)
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, BadInput) else 1
     print("\n".join(lines))
     return 0
 

@@ -884,7 +884,7 @@ def test_predict_client_prints_one_line_per_image_and_fails_clearly(server, loca
     np.testing.assert_allclose([float(line[2]) for line in lines], expected["probability"], atol=1e-3)
 
     (tmp_path / "notes.txt").write_text("not a picture")
-    assert predict.main([str(tmp_path / "notes.txt"), "--url", server]) == 1
+    assert predict.main([str(tmp_path / "notes.txt"), "--url", server]) == 2  # bad input, as a missing file
     err = capsys.readouterr().err
     assert "HTTP 400" in err and UNDECODABLE in err and "Failed to predict" not in err
 
@@ -899,7 +899,7 @@ def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path
     for seed, path in enumerate(files[:2]):
         path.write_bytes(encode(random_pixels(1, seed=seed)[0], "PNG"))
     files[2].write_text("not a picture")
-    assert predict.main([str(f) for f in files] + ["--url", server, "--batch-size", "2"]) == 1
+    assert predict.main([str(f) for f in files] + ["--url", server, "--batch-size", "2"]) == 2
     out, err = capsys.readouterr()
     assert f"{files[2]}: {UNDECODABLE}" in err and "image 0" not in err and len(err.splitlines()) == 1
     assert out == ""  # no predictions printed when a request fails, as the module docstring says
@@ -1099,6 +1099,23 @@ def test_predict_client_prints_one_line_of_three_fields_per_image_whatever_the_f
     assert lines == [[f"{tmp_path}/tab\\tname.png", "cat", "0.5000"], [f"{tmp_path}/new\\nline.png", "cat", "0.5000"]]
 
 
+@pytest.mark.parametrize(("status", "message", "code"), [
+    (400, "bad input: image 1: not a decodable PNG, JPEG, BMP, GIF, WebP or TIFF image", 2),
+    (400, "Invalid input. Data is not compatible with model signature.", 1),  # not the files: this client's request
+], ids=["an-image-refused", "the-request-refused"])
+def test_predict_client_exits_2_when_the_server_refuses_a_file(tmp_path, capsys, status, message, code):
+    # a file the server refused (not an image, truncated, too large) is bad input as a missing one is: it exited 1, as
+    # for a server down or failing
+    files = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path in files:
+        path.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(status, json.dumps({"error_code": "BAD_REQUEST", "message": message}).encode()) as url:
+        assert predict.main([str(f) for f in files] + ["--url", url]) == code
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: server refused the request (HTTP {status}): ") and len(err.splitlines()) == 1
+    assert (f"{files[1]}: not a decodable" in err) == (code == 2)
+
+
 def test_predict_client_names_a_file_on_stderr_escaped_as_on_stdout(tmp_path, capsys):
     # the names in an error line went out as they were: a newline in one split the line in two, and a name of Latin-1
     # bytes on a UTF-8 system showed as \udce9 (or, on a stderr that does not escape, raised UnicodeEncodeError)
@@ -1107,7 +1124,7 @@ def test_predict_client_names_a_file_on_stderr_escaped_as_on_stdout(tmp_path, ca
         path.write_bytes(encode(random_pixels(1)[0], "PNG"))
     refusal = json.dumps({"error_code": "BAD_REQUEST", "message": "image 0: not decodable; image 1: too large"})
     with answering(400, refusal.encode()) as url:
-        assert predict.main([str(f) for f in files] + ["--url", url]) == 1
+        assert predict.main([str(f) for f in files] + ["--url", url]) == 2
     assert capsys.readouterr().err == (f"error: server refused the request (HTTP 400): {tmp_path}/new\\nline.png: "
                                        f"not decodable; {tmp_path}/caf\\xe9.png: too large\n")
     folder = tmp_path / "tab\tand\nnewline.png"
