@@ -9,7 +9,8 @@ that matched nothing among them), a directory, empty or unreadable, and when the
 naming the file: not an image, truncated, too large). Exits 1 with a message on stderr when the server cannot be
 reached or does not answer within --timeout, runs out of its own time limit (HTTP 504) or closes the connection without
 an answer, it refuses the request otherwise or its answer is not a model server's (another service on that port, an
-answer cut short). No predictions are printed when it exits non-zero. A --url of
+answer cut short), or its predictions cannot be written (a full disk; quietly into a closed pipe, `| head`). No
+predictions are printed when it exits non-zero. A --url of
 http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a proxy that
 asks for them); messages show the password as ***.
 Only the standard library is used, so the client starts fast and needs no ML packages.
@@ -268,7 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, BadInput) else 1
-    print("\n".join(lines))
+    try:
+        print("\n".join(lines), flush=True)
+    except OSError as exc:
+        # what stayed in stdout's buffer would fail again as Python flushes it at exit: a traceback after this line
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not isinstance(exc, BrokenPipeError):  # a closed pipe (`| head -1`) is the reader's choice: nothing to say
+            print(f"error: cannot write the predictions ({exc.strerror or exc})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1148,6 +1148,25 @@ def test_predict_client_posts_to_invocations_under_the_urls_path_keeping_its_que
     assert sent[0][0] == path
 
 
+@pytest.mark.parametrize("stdout", ["closed-pipe", "full-disk"])
+def test_predict_client_tells_predictions_it_could_not_write_in_one_line(tmp_path, stdout):
+    # `python -m pipeline.predict *.png | head -1` and a full disk ended in a traceback once every image was scored
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    if stdout == "closed-pipe":  # the reader gone before the client writes, as `head` once it has its lines
+        reader, writer = os.pipe()
+        os.close(reader)
+    else:
+        writer = os.open("/dev/full", os.O_WRONLY)
+    with answering(200, json.dumps({"predictions": [{"label": "cat", "probability": 0.5}]}).encode()) as url:
+        done = subprocess.run([sys.executable, "-m", "pipeline.predict", str(image), "--url", url], cwd=ROOT,
+                              stdout=writer, stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(writer)
+    assert done.returncode == 1
+    assert done.stderr == ("" if stdout == "closed-pipe" else
+                           "error: cannot write the predictions (No space left on device)\n")
+
+
 @contextlib.contextmanager
 def replying(raw: bytes) -> Iterator[str]:
     """A loopback TCP server that reads each whole request and answers `raw` as it is (no HTTP framing added),
