@@ -123,7 +123,9 @@ def check_url(url: str) -> None:
         raise BadInput(f"--url: not a valid URL: {without_password(url)!r} (a space or control character in "
                            f"its host)")
     if not valid:
-        raise BadInput(f"--url: expected http://host:port, got {without_password(url)!r}")
+        hint = (f" (a model URI: serve it first, `mlflow models serve -m {url} --env-manager local -p 5001`, then give "
+                f"--url http://127.0.0.1:5001)" if parts.scheme in ("models", "runs") else "")
+        raise BadInput(f"--url: expected http://host:port, got {without_password(url)!r}{hint}")
     if parts.username is None and parts.port is not None and "@" in parts.path + parts.query + parts.fragment:
         # http://ann:12/s3cret@host: urllib reads host ann, port 12, and a path holding the password it would send there
         raise BadInput(f"--url: not a valid URL: {without_password(url)!r} (an '@' after its host and port: a "

@@ -939,7 +939,14 @@ def test_predict_client_refuses_a_bad_file_before_sending_any(tmp_path, capsys, 
                                        "over 63 characters in its host)"),
     # urllib decodes the host's %XX: refused as it connected, exit 1 after the files were read
     ("http://exa%20mple.com", "not a valid URL: 'http://exa%20mple.com' (a space or control character in its host)"),
-], ids=["no-scheme", "host-port", "ftp", "ipv6", "port", "space", "empty-label", "encoded-space"])
+    # a model URI is what `mlflow models serve -m` takes: the line said only "expected http://host:port"
+    ("models:/cifar10-resnet@champion", "expected http://host:port, got 'models:/cifar10-resnet@champion' (a model "
+                                        "URI: serve it first, `mlflow models serve -m models:/cifar10-resnet@champion "
+                                        "--env-manager local -p 5001`, then give --url http://127.0.0.1:5001)"),
+    ("runs:/0123abcd/model", "got 'runs:/0123abcd/model' (a model URI: serve it first, `mlflow models serve -m "
+                             "runs:/0123abcd/model "),
+], ids=["no-scheme", "host-port", "ftp", "ipv6", "port", "space", "empty-label", "encoded-space", "models-uri",
+        "runs-uri"])
 def test_predict_client_refuses_a_bad_url_in_one_line(tmp_path, capsys, url, problem):
     image = tmp_path / "a.png"
     image.write_bytes(encode(random_pixels(1)[0], "PNG"))
