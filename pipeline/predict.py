@@ -25,12 +25,16 @@ import json
 import math
 import os
 import re
+import ssl
 import stat
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+# OpenSSL's reasons for an answer that is no TLS record, which a plain HTTP server's 400 page is (1.1 and 3.0; 3.2+)
+PLAIN_HTTP_ANSWERS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
 
 
 class PredictError(RuntimeError):
@@ -208,6 +212,9 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
                                f"({reason}): the server stopped, or its time limit ran out first "
                                f"(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s by default, counting the upload); lower "
                                f"--batch-size") from None
+        if isinstance(reason, ssl.SSLError) and reason.reason in PLAIN_HTTP_ANSWERS:
+            raise PredictError(f"{url} answers no TLS ({reason}): `mlflow models serve` speaks plain HTTP, "
+                               f"--url http{url[len('https'):]}") from None
         raise PredictError(f"cannot reach {url} ({reason})") from None
     except http.client.InvalidURL as exc:  # a ValueError too: e.g. a space in the host name
         raise BadInput(f"--url: not a valid URL: {url!r} ({exc})") from None

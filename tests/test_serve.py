@@ -1155,6 +1155,19 @@ def test_predict_client_posts_to_invocations_under_the_urls_path_keeping_its_que
     assert sent[0][0] == path
 
 
+def test_predict_client_tells_an_https_url_of_a_plain_http_server_so(tmp_path, capsys):
+    # `mlflow models serve` speaks plain HTTP: https://host:port said "cannot reach ... ([SSL: WRONG_VERSION_NUMBER]
+    # wrong version number (_ssl.c:1006))", as if the server were down
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(200, json.dumps({"predictions": [{"label": "cat", "probability": 0.5}]}).encode()) as url:
+        secure = url.replace("http://", "https://")
+        assert predict.main([str(image), "--url", secure, "--timeout", "10"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {secure} answers no TLS (") and len(err.splitlines()) == 1
+    assert err.endswith(f"): `mlflow models serve` speaks plain HTTP, --url {url}\n")
+
+
 @pytest.mark.parametrize("stdout", ["closed-pipe", "full-disk"])
 def test_predict_client_tells_predictions_it_could_not_write_in_one_line(tmp_path, stdout):
     # `python -m pipeline.predict *.png | head -1` and a full disk ended in a traceback once every image was scored
