@@ -6,13 +6,13 @@ Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as ba
 label, its probability (tab-separated). Exits 2 with one line on stderr, before reading any file, when --url is not an
 http(s) URL (as for a bad --batch-size or --timeout), and before any request when a file is missing (a shell pattern
 that matched nothing among them), a directory, empty or unreadable, and when the server refuses an image (HTTP 400,
-naming the file: not an image, truncated, too large). Exits 1 with a message on stderr when the server cannot be
-reached or does not answer within --timeout, runs out of its own time limit (HTTP 504) or closes the connection without
-an answer, it refuses the request otherwise or its answer is not a model server's (another service on that port, an
-answer cut short), or its predictions cannot be written (a full disk; quietly into a closed pipe, `| head`). No
-predictions are printed when it exits non-zero. A --url of
-http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a proxy that
-asks for them); messages show the password as ***.
+naming the file: not an image, truncated, too large). Exits 1 with a message on stderr when the server cannot be reached
+or does not answer within --timeout, runs out of its own time limit (HTTP 504) or closes the connection without an
+answer, it refuses the request otherwise or fails on it (HTTP 5xx), or its answer is not a model server's (another
+service on that port, an answer cut short), or its predictions cannot be written (a full disk; quietly into a closed
+pipe, `| head`). No predictions are printed when it exits non-zero. A --url of http://user:password@host:port sends the
+user and password as HTTP Basic authentication (a server behind a proxy that asks for them); messages show the password
+as ***.
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """
 
@@ -86,7 +86,8 @@ def server_message(body: bytes) -> str:
         message = str(json.loads(body).get("message", ""))
     except (ValueError, AttributeError):  # not MLflow's answer (a proxy's or another server's HTML page): one line
         message = " ".join(re.sub(r"<[^>]*>", " ", body.decode("utf-8", "replace")).split())[:300]
-    return message.rsplit("\nError: ", 1)[-1].strip() or "(no message)"
+    # one line: a model's error may run over several
+    return " ".join(message.rsplit("\nError: ", 1)[-1].split()) or "(no message)"
 
 
 def error_body(exc: urllib.error.HTTPError) -> bytes:
@@ -201,7 +202,8 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
                                f"(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT where `mlflow models serve` starts, 60 s by "
                                f"default)") from None
         refused = BadInput if exc.code == 400 and message != said else PredictError  # it named files it refused
-        raise refused(f"server refused the request (HTTP {exc.code}): {message}") from None
+        what = "failed on" if exc.code >= 500 else "refused"  # a 5xx is the server's fault, not the images'
+        raise refused(f"server {what} the request (HTTP {exc.code}): {message}") from None
     except TimeoutError:  # connected, then no answer in time (a timeout connecting is a URLError: cannot reach)
         raise PredictError(f"no answer from {url} within --timeout {timeout:g} s (a large batch or a slow model?): "
                            f"raise --timeout or lower --batch-size") from None

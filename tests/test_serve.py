@@ -1123,6 +1123,21 @@ def test_predict_client_exits_2_when_the_server_refuses_a_file(tmp_path, capsys,
     assert (f"{files[1]}: not a decodable" in err) == (code == 2)
 
 
+@pytest.mark.parametrize(("status", "body", "problem"), [
+    (500, json.dumps({"error_code": "INTERNAL_ERROR", "message": "boom\nat line two\n  and three"}).encode(),
+     "server failed on the request (HTTP 500): boom at line two and three"),
+    (503, b"", "server failed on the request (HTTP 503): (no message)"),
+], ids=["multi-line-message", "no-body"])
+def test_predict_client_tells_a_server_failure_in_one_line(tmp_path, capsys, status, body, problem):
+    # a server's message over several lines (a model's error, a traceback) went out as it was, over several lines; and
+    # a server failing (5xx) was said to have "refused the request", as if the images were at fault
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(status, body) as url:
+        assert predict.main([str(image), "--url", url]) == 1
+    assert capsys.readouterr().err == f"error: {problem}\n"
+
+
 def test_predict_client_names_a_file_on_stderr_escaped_as_on_stdout(tmp_path, capsys):
     # the names in an error line went out as they were: a newline in one split the line in two, and a name of Latin-1
     # bytes on a UTF-8 system showed as \udce9 (or, on a stderr that does not escape, raised UnicodeEncodeError)
@@ -1282,7 +1297,7 @@ def test_predict_client_reports_another_models_answer_in_one_line(tmp_path, caps
      "no model server at --url"),
     (502, b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
           b"</center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n",
-     "server refused the request (HTTP 502): 502 Bad Gateway 502 Bad Gateway nginx"),
+     "server failed on the request (HTTP 502): 502 Bad Gateway 502 Bad Gateway nginx"),
 ], ids=["tracking-server", "proxy-page"])
 def test_predict_client_reports_a_server_that_is_not_a_model_server_in_one_line(tmp_path, capsys, status, page,
                                                                                  problem):
