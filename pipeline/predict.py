@@ -177,6 +177,30 @@ def request_body(images: list[str]) -> bytes:
     return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}}).encode()
 
 
+def predictions_in(body: bytes) -> list[dict] | None:
+    """The rows of a model server's answer `body`, one per image, each a label and a probability in [0, 1]; None if it
+    holds none such (another service's page, another model's rows: a text classifier takes strings too)."""
+    try:
+        predictions = json.loads(body)["predictions"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(predictions, list) and all(
+            isinstance(row, dict) and isinstance(row.get("label"), str)
+            and type(row.get("probability")) in (int, float) and 0 <= row["probability"] <= 1  # NaN too is refused
+            for row in predictions):
+        return predictions
+    return None
+
+
+def answer_shown(body: bytes) -> str:
+    """The start of an answer `body` on one line: its predictions where it has some, else the whole of it."""
+    try:
+        text = json.dumps(json.loads(body)["predictions"])
+    except (ValueError, KeyError, TypeError):
+        text = body.decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))[:200]
+
+
 def request_predictions(url: str, images: list[str], timeout: float, names: list[str] | None = None) -> list[dict]:
     """POST base64 images to `<url>/invocations`; return the server's predictions, one dict per image.
     `names` (one per image: file names) replace the server's `image <i>` in its error message."""
@@ -189,7 +213,7 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
     request = urllib.request.Request(endpoint, data=request_body(images), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            predictions = json.loads(response.read())["predictions"]
+            body = response.read()
     except urllib.error.HTTPError as exc:
         said = server_message(error_body(exc))
         message = name_images(said, names or [])
@@ -225,14 +249,12 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
     except http.client.HTTPException as exc:  # no HTTP at all: another service on that port (SSH, PostgreSQL, TLS)
         raise PredictError(f"no HTTP answer from {url} ({printable(exc)}); --url takes the address of "
                            f"`mlflow models serve` (http://host:port)") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:
         raise PredictError(f"unexpected answer from {url} ({exc!r})") from None
-    # Another model's server (say, a text classifier, which takes strings too) answers other rows.
-    if not isinstance(predictions, list) or not all(
-            isinstance(row, dict) and isinstance(row.get("label"), str)
-            and isinstance(row.get("probability"), (int, float)) for row in predictions):
-        raise PredictError(f"unexpected answer from {url}: {json.dumps(predictions)[:200]} holds no label and "
-                           f"probability per image; is it serving this project's model?")
+    predictions = predictions_in(body)
+    if predictions is None:
+        raise PredictError(f"unexpected answer from {url}: {answer_shown(body)} holds no label and probability per "
+                           f"image; is it serving this project's model?")
     if len(predictions) != len(images):
         raise PredictError(f"server answered {len(predictions)} predictions for {len(images)} images")
     return predictions

@@ -1291,6 +1291,27 @@ def test_predict_client_reports_another_models_answer_in_one_line(tmp_path, caps
     assert "unexpected answer from" in err and "is it serving this project's model?" in err
 
 
+@pytest.mark.parametrize(("body", "shown"), [
+    (b"<html><body>Welcome to nginx!</body></html>", "<html><body>Welcome to nginx!</body></html>"),
+    (b"[1, 2]", "[1, 2]"),
+    (b'{"status": "ok"}', '{"status": "ok"}'),
+    (b'{"predictions": [{"label": "cat", "probability": NaN}]}', '[{"label": "cat", "probability": NaN}]'),
+    (b'{"predictions": [{"label": "cat", "probability": true}]}', '[{"label": "cat", "probability": true}]'),
+    (b'{"predictions": [{"label": "cat", "probability": 7.5}]}', '[{"label": "cat", "probability": 7.5}]'),
+], ids=["html", "list", "no-predictions", "nan", "bool", "out-of-range"])
+def test_predict_client_reports_an_answer_that_holds_no_predictions_in_one_line(tmp_path, capsys, body, shown):
+    # a 200 that was not JSON, or JSON without "predictions", said "unexpected answer from ... (JSONDecodeError(
+    # 'Expecting value: line 1 column 1 (char 0)'))" or "(KeyError('predictions'))", naming nothing of the answer; a
+    # probability NaN, true or 7.5 was printed as nan, 1.0000, 7.5000
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(200, body) as url:
+        assert predict.main([str(image), "--url", url]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"error: unexpected answer from {url}: {shown} holds no label and probability per image; ")
+
+
 @pytest.mark.parametrize(("status", "page", "problem"), [
     (404, b"<!doctype html>\n<html lang=en>\n<title>404 Not Found</title>\n<h1>Not Found</h1>\n"
           b"<p>The requested URL was not found on the server.</p>\n",  # what `mlflow server` answers
