@@ -1084,6 +1084,34 @@ def test_predict_client_sends_images_the_server_holds_at_their_own_size(local_mo
     assert_same_predictions(local_model.predict(parsed).to_dict("records"), expected)
 
 
+def test_predict_client_sends_large_files_in_smaller_requests_and_prints_in_the_files_order(tmp_path, capsys,
+                                                                                            monkeypatch):
+    # 64 phone photos (3 MB each) went in one request of 250 MB: 1 GB more of the server's memory, and 28 s of its
+    # 60 s time limit on a 2-core CPU (HTTP 504 past it); a request holds MAX_REQUEST_BYTES of files at most
+    monkeypatch.setattr(predict, "MAX_REQUEST_BYTES", 2500)
+    sizes = [1000, 1000, 1000, 5000, 1000, 100, 100]
+    files = [tmp_path / f"img{i}.png" for i in range(len(sizes))]
+    for path, size in zip(files, sizes, strict=True):
+        path.write_bytes(path.stem.encode().ljust(size, b"\0"))
+    sent = []
+
+    def answer(handler) -> None:  # each image's label: the name its bytes start with
+        rows = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))["dataframe_split"]["data"]
+        sent.append(len(rows))
+        labels = [base64.b64decode(row[0]).split(b"\0")[0].decode() for row in rows]
+        body = json.dumps({"predictions": [{"label": label, "probability": 0.5} for label in labels]}).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    with http_stub(answer) as url:
+        assert predict.main([str(f) for f in files] + ["--url", url, "--batch-size", "3"]) == 0
+    assert sent == [2, 1, 1, 3]  # 2000 bytes; 1000 (3000 over the limit); 5000 alone; 1000 + 100 + 100, 3 images
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert lines == [[str(f), f.stem, "0.5000"] for f in files]
+
+
 def test_predict_client_prints_a_file_name_not_in_the_locales_encoding_escaped(tmp_path, capsys):
     # a name of Latin-1 bytes on a UTF-8 system (from an old archive) ended, once every image was answered, in a
     # UnicodeEncodeError traceback from print, and no predictions: stderr escapes such names, stdout did not
