@@ -224,6 +224,11 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
         if exc.code == 404:  # a tracking server (`mlflow server` also defaults to port 5000), or --url .../invocations
             raise PredictError(f"HTTP 404 for {endpoint}: no model server at --url {url}; it takes the base URL of "
                                f"`mlflow models serve` (http://host:port), not a tracking server's") from None
+        if exc.code == 413:  # a proxy's limit on a request's size (nginx: 1 MB by default); the model server has none
+            cure = ("lower --batch-size" if len(images) > 1 else
+                    f"{names[0] if names else 'the image'} alone is over its limit (nginx: client_max_body_size)")
+            raise PredictError(f"{url} refused a request of {len(images)} images, {len(request.data):,} bytes, as too "
+                               f"large (HTTP 413: {message}): {cure}") from None
         if exc.code == 504:  # the server's own time limit ran out (or a proxy's): a longer --timeout cannot help
             raise PredictError(f"{url} ran out of time on a request of {len(images)} images (HTTP 504: {message}): "
                                f"lower --batch-size, or raise the server's limit "

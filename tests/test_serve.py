@@ -1166,6 +1166,23 @@ def test_predict_client_tells_a_server_failure_in_one_line(tmp_path, capsys, sta
     assert capsys.readouterr().err == f"error: {problem}\n"
 
 
+def test_predict_client_says_what_to_do_when_a_proxy_finds_the_request_too_large(tmp_path, capsys):
+    # nginx in front of the server refuses a body over 1 MB by default (client_max_body_size): the line said only
+    # "server refused the request (HTTP 413): 413 Request Entity Too Large ...", nothing of --batch-size
+    files = [tmp_path / f"{i}.png" for i in range(3)]
+    for path in files:
+        path.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    page = b"<html><head><title>413 Request Entity Too Large</title></head><body>nginx</body></html>"
+    with answering(413, page) as url:
+        assert predict.main([str(f) for f in files] + ["--url", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {url} refused a request of 3 images, ") and len(err.splitlines()) == 1
+    assert err.endswith(" as too large (HTTP 413: 413 Request Entity Too Large nginx): lower --batch-size\n")
+    with answering(413, page) as url:
+        assert predict.main([str(files[0]), "--url", url]) == 1
+    assert capsys.readouterr().err.endswith(f"): {files[0]} alone is over its limit (nginx: client_max_body_size)\n")
+
+
 def test_predict_client_names_a_file_on_stderr_escaped_as_on_stdout(tmp_path, capsys):
     # the names in an error line went out as they were: a newline in one split the line in two, and a name of Latin-1
     # bytes on a UTF-8 system showed as \udce9 (or, on a stderr that does not escape, raised UnicodeEncodeError)
