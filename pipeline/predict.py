@@ -10,9 +10,9 @@ naming the file: not an image, truncated, too large). Exits 1 with a message on 
 or does not answer within --timeout, runs out of its own time limit (HTTP 504) or closes the connection without an
 answer, it refuses the request otherwise or fails on it (HTTP 5xx), or its answer is not a model server's (another
 service on that port, an answer cut short), or its predictions cannot be written (a full disk; quietly into a closed
-pipe, `| head`). No predictions are printed when it exits non-zero. A --url of http://user:password@host:port sends the
-user and password as HTTP Basic authentication (a server behind a proxy that asks for them); messages show the password
-as ***.
+pipe, `| head`). No predictions are printed when it exits non-zero (130 after Ctrl-C). A --url of
+http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a proxy that
+asks for them); messages show the password as ***.
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """
 
@@ -47,6 +47,10 @@ class PredictError(RuntimeError):
 
 class BadInput(PredictError):
     """The command's input is bad (a --url, a file, or an image the server refused): exit 2, as for a usage error."""
+
+
+class Stopped(PredictError):
+    """Ctrl-C, while images were sent: exit 130, as a shell reports a command SIGINT stopped, and no traceback."""
 
 
 def check_files(paths: list[Path]) -> None:
@@ -297,7 +301,11 @@ def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) 
     request at most, and MAX_REQUEST_BYTES of files at most."""
     lines = []
     for batch in batches(paths, batch_size):
-        predictions = request_predictions(url, encode_files(batch), timeout, [shown(path) for path in batch])
+        try:
+            predictions = request_predictions(url, encode_files(batch), timeout, [shown(path) for path in batch])
+        except KeyboardInterrupt:
+            raise Stopped(f"stopped (Ctrl-C) at {shown(batch[0])}, after {len(lines)} of {len(paths)} images; none "
+                          f"printed") from None
         for path, row in zip(batch, predictions, strict=True):
             lines.append(f"{shown(path)}\t{row['label']}\t{row['probability']:.4f}")
     return lines
@@ -326,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = predict_files(args.images, args.url, args.batch_size, args.timeout)
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, BadInput) else 1
+        return 2 if isinstance(exc, BadInput) else 130 if isinstance(exc, Stopped) else 1
     try:
         print("\n".join(lines), flush=True)
     except OSError as exc:

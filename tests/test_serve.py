@@ -1228,6 +1228,25 @@ def test_predict_client_tells_an_https_url_of_a_plain_http_server_so(tmp_path, c
     assert err.endswith(f"): `mlflow models serve` speaks plain HTTP, --url {url}\n")
 
 
+def test_predict_client_stopped_by_ctrl_c_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    # Ctrl-C during a long list of images ended in urllib's traceback, exit 1
+    files = [tmp_path / f"{i}.png" for i in range(3)]
+    for path in files:
+        path.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    calls = []
+
+    def answer_then_stop(url, images, timeout, names):
+        calls.append(names)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return [{"label": "cat", "probability": 0.5}]
+
+    monkeypatch.setattr(predict, "request_predictions", answer_then_stop)
+    assert predict.main([str(f) for f in files] + ["--batch-size", "1"]) == 130  # 128 + SIGINT, as a shell reports
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: stopped (Ctrl-C) at {files[1]}, after 1 of 3 images; none printed\n"
+
+
 @pytest.mark.parametrize("stdout", ["closed-pipe", "full-disk"])
 def test_predict_client_tells_predictions_it_could_not_write_in_one_line(tmp_path, stdout):
     # `python -m pipeline.predict *.png | head -1` and a full disk ended in a traceback once every image was scored
