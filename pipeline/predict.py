@@ -5,14 +5,14 @@ Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as ba
 `image`, to `<url>/invocations` (under the URL's path, before its query) and prints one line per image: file, predicted
 label, its probability (tab-separated). Exits 2 with one line on stderr, before reading any file, when --url is not an
 http(s) URL (as for a bad --batch-size or --timeout), and before any request when a file is missing (a shell pattern
-that matched nothing among them), a directory, empty or unreadable, and when the server refuses an image (HTTP 400,
-naming the file: not an image, truncated, too large). Exits 1 with a message on stderr when the server cannot be reached
-or does not answer within --timeout, runs out of its own time limit (HTTP 504) or closes the connection without an
-answer, it refuses the request otherwise or fails on it (HTTP 5xx), or its answer is not a model server's (another
-service on that port, an answer cut short), or its predictions cannot be written (a full disk; quietly into a closed
-pipe, `| head`). No predictions are printed when it exits non-zero (130 after Ctrl-C). A --url of
-http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a proxy that
-asks for them); messages show the password as ***.
+that matched nothing among them), a directory, empty, unreadable or of another format (its first bytes), and when the
+server refuses an image (HTTP 400, naming the file: not an image, truncated, too large). Exits 1 with a message on
+stderr when the server cannot be reached or does not answer within --timeout, runs out of its own time limit (HTTP 504)
+or closes the connection without an answer, it refuses the request otherwise or fails on it (HTTP 5xx), or its answer is
+not a model server's (another service on that port, an answer cut short), or its predictions cannot be written (a full
+disk; quietly into a closed pipe, `| head`). No predictions are printed when it exits non-zero (130 after Ctrl-C). A
+--url of http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a
+proxy that asks for them); messages show the password as ***.
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """
 
@@ -37,6 +37,10 @@ from pathlib import Path
 # Files' bytes per request, at most: the server holds a request's JSON whole (and base64 is 4/3 of the bytes), and its
 # time limit counts the upload. 64 photos of 2.8 MB took it 1 GB more memory and 28 s of its 60 s (2-core AMD EPYC).
 MAX_REQUEST_BYTES = 16 * 2**20
+# How the files of the formats the server decodes start (Pillow's own tests of them; WebP's is RIFF....WEBP): any other
+# file is refused before any request. The server still decodes each, and refuses a truncated or corrupt one.
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"GIF87a", b"GIF89a",
+                    b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")  # TIFF, BigTIFF
 # OpenSSL's reasons for an answer that is no TLS record, which a plain HTTP server's 400 page is (1.1 and 3.0; 3.2+)
 PLAIN_HTTP_ANSWERS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
 
@@ -54,8 +58,9 @@ class Stopped(PredictError):
 
 
 def check_files(paths: list[Path]) -> None:
-    """PredictError naming the first of `paths` that is no readable, non-empty file: checked before any request, so a
-    bad name late in the list does not cost the batches before it (their predictions would not be printed)."""
+    """BadInput naming the first of `paths` that is no readable, non-empty file starting as an image of the served
+    formats does: checked before any request, so a bad file late in the list does not cost the batches before it
+    (their predictions would not be printed)."""
     for path in paths:
         try:
             mode = path.stat()
@@ -72,9 +77,13 @@ def check_files(paths: list[Path]) -> None:
         if mode.st_size == 0:
             raise BadInput(f"{shown(path)}: an empty file, not an image")
         try:
-            path.open("rb").close()
+            with path.open("rb") as file:
+                start = file.read(16)
         except OSError as exc:
             raise BadInput(f"{shown(path)}: cannot read ({exc.strerror or exc})") from None
+        if not (start.startswith(IMAGE_SIGNATURES) or start[:4] == b"RIFF" and start[8:12] == b"WEBP"):
+            raise BadInput(f"{shown(path)}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (its first bytes: "
+                           f"{start[:8]!r})")
 
 
 def encode_files(paths: list[Path]) -> list[str]:

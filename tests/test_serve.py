@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_SECONDS = 120
 # decode_image's word for bytes that are no image it reads, in the served model's 400s as in data
 UNDECODABLE = "not a decodable PNG, JPEG, BMP, GIF, WebP or TIFF image"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -883,8 +884,8 @@ def test_predict_client_prints_one_line_per_image_and_fails_clearly(server, loca
     assert [line[1] for line in lines] == expected["label"].tolist()
     np.testing.assert_allclose([float(line[2]) for line in lines], expected["probability"], atol=1e-3)
 
-    (tmp_path / "notes.txt").write_text("not a picture")
-    assert predict.main([str(tmp_path / "notes.txt"), "--url", server]) == 2  # bad input, as a missing file
+    (tmp_path / "cut.png").write_bytes(files[0].read_bytes()[:60])  # a PNG's start: the server finds it truncated
+    assert predict.main([str(tmp_path / "cut.png"), "--url", server]) == 2  # bad input, as a missing file
     err = capsys.readouterr().err
     assert "HTTP 400" in err and UNDECODABLE in err and "Failed to predict" not in err
 
@@ -895,10 +896,10 @@ def test_predict_client_prints_one_line_per_image_and_fails_clearly(server, loca
 
 
 def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path, capsys):
-    files = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "notes.txt"]
+    files = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "cut.png"]
     for seed, path in enumerate(files[:2]):
         path.write_bytes(encode(random_pixels(1, seed=seed)[0], "PNG"))
-    files[2].write_text("not a picture")
+    files[2].write_bytes(files[0].read_bytes()[:60])
     assert predict.main([str(f) for f in files] + ["--url", server, "--batch-size", "2"]) == 2
     out, err = capsys.readouterr()
     assert f"{files[2]}: {UNDECODABLE}" in err and "image 0" not in err and len(err.splitlines()) == 1
@@ -1092,13 +1093,13 @@ def test_predict_client_sends_large_files_in_smaller_requests_and_prints_in_the_
     sizes = [1000, 1000, 1000, 5000, 1000, 100, 100]
     files = [tmp_path / f"img{i}.png" for i in range(len(sizes))]
     for path, size in zip(files, sizes, strict=True):
-        path.write_bytes(path.stem.encode().ljust(size, b"\0"))
+        path.write_bytes(PNG_SIGNATURE + path.stem.encode().ljust(size - len(PNG_SIGNATURE), b"\0"))
     sent = []
 
     def answer(handler) -> None:  # each image's label: the name its bytes start with
         rows = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))["dataframe_split"]["data"]
         sent.append(len(rows))
-        labels = [base64.b64decode(row[0]).split(b"\0")[0].decode() for row in rows]
+        labels = [base64.b64decode(row[0])[len(PNG_SIGNATURE):].split(b"\0")[0].decode() for row in rows]
         body = json.dumps({"predictions": [{"label": label, "probability": 0.5} for label in labels]}).encode()
         handler.send_response(200)
         handler.send_header("Content-Length", str(len(body)))
@@ -1132,6 +1133,39 @@ def test_predict_client_prints_one_line_of_three_fields_per_image_whatever_the_f
         assert predict.main([str(f) for f in files] + ["--url", url]) == 0
     lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
     assert lines == [[f"{tmp_path}/tab\\tname.png", "cat", "0.5000"], [f"{tmp_path}/new\\nline.png", "cat", "0.5000"]]
+
+
+def test_predict_client_refuses_a_file_of_no_image_format_before_sending_any(tmp_path, capsys):
+    # `python -m pipeline.predict photos/*` over a folder holding a PDF or a .DS_Store was refused by the server only
+    # as that file's batch came, after the batches before it were scored for nothing
+    good = tmp_path / "a.png"
+    good.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    notes = tmp_path / "notes.pdf"
+    notes.write_bytes(b"%PDF-1.4\n%...")
+    sent = []
+    with answering(200, b"{}", requests=sent) as url:
+        assert predict.main([str(good), str(notes), "--url", url, "--batch-size", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert sent == [] and out == ""
+    assert err == f"error: {notes}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (its first bytes: b'%PDF-1.4')\n"
+
+
+def test_predict_client_takes_every_format_and_mode_the_server_decodes(tmp_path):
+    # the client's check of a file's first bytes must pass all that Pillow writes in the served formats
+    pixels = random_pixels(1, shape=(8, 8))[0]
+    images = {f"{mode}.{fmt.lower()}": (Image.fromarray(pixels).convert(mode), fmt)
+              for fmt in ("PNG", "JPEG", "BMP", "GIF", "WebP", "TIFF") for mode in ("RGB", "L")}
+    images |= {"rgba.png": (Image.fromarray(pixels).convert("RGBA"), "PNG"),
+               "16-bit.png": (Image.fromarray(pixels[..., 0].astype(np.uint16) * 257), "PNG"),
+               "cmyk.tiff": (Image.fromarray(pixels).convert("CMYK"), "TIFF"),
+               "big-endian.tiff": (Image.fromarray(pixels[..., 0].astype(">u2")), "TIFF"),
+               "bigtiff.tiff": (Image.fromarray(pixels), "TIFF", {"big_tiff": True})}
+    files = []
+    for name, (image, fmt, *options) in images.items():
+        image.save(tmp_path / name, fmt, **(options[0] if options else {}))
+        decode_image((tmp_path / name).read_bytes())  # the server decodes it
+        files.append(tmp_path / name)
+    predict.check_files(files)
 
 
 @pytest.mark.parametrize(("status", "message", "code"), [
