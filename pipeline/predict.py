@@ -65,6 +65,8 @@ def check_files(paths: list[Path]) -> None:
         try:
             mode = path.stat()
         except FileNotFoundError:
+            if path.is_symlink():  # `ls` lists it
+                raise BadInput(f"{shown(path)}: a link to {shown(path.readlink())}, which is missing") from None
             # the shell passes a pattern that matched nothing as it is: `*.png` in a folder of .jpg files
             hint = " (a shell pattern that matched no file?)" if re.search(r"[*?[]", path.name) else ""
             raise BadInput(f"{shown(path)}: no such file{hint}") from None

@@ -912,7 +912,9 @@ def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path
     (lambda d: (d / "folder").mkdir() or d / "folder", "a directory, not an image file"),
     (lambda d: (d / "empty.png").touch() or d / "empty.png", "an empty file, not an image"),
     (lambda d: d / ("x" * 300 + ".png"), "cannot read (File name too long)"),
-], ids=["missing", "glob-matching-nothing", "directory", "empty", "name-too-long"])
+    # a link whose target was moved said "no such file", of a name `ls` lists
+    (lambda d: (d / "link.png").symlink_to("moved.png") or d / "link.png", "a link to moved.png, which is missing"),
+], ids=["missing", "glob-matching-nothing", "directory", "empty", "name-too-long", "dangling-link"])
 def test_predict_client_refuses_a_bad_file_before_sending_any(tmp_path, capsys, make, problem):
     # a missing file, a folder or an unreadable file was found only as its batch was read: exit 1, after the batches
     # before it had been sent and scored for nothing (their predictions never printed)
