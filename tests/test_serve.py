@@ -968,7 +968,10 @@ def test_predict_client_refuses_a_bad_timeout_before_connecting(tmp_path, capsys
     with pytest.raises(SystemExit) as info:
         predict.main([str(image), "--url", f"http://127.0.0.1:{free_port()}", "--timeout", timeout])
     assert info.value.code == 2
-    assert f"--timeout must be a number of seconds > 0, got {timeout}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--timeout must be a number of seconds > 0, got {timeout}" in err
+    # the usage named "predict.py", under pytest "pytest": no command a user can run
+    assert err.startswith("usage: python -m pipeline.predict [-h]") and "\npython -m pipeline.predict: error: " in err
 
 
 def test_predict_client_reports_a_server_slower_than_the_timeout_as_such(tmp_path, capsys):
