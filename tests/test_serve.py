@@ -873,6 +873,15 @@ def test_server_answers_good_requests_after_bad_ones(server, local_model):
 
 # --- the client -------------------------------------------------------------------------------
 
+def test_predict_client_runs_as_a_script_with_the_standard_library_alone():
+    # the README sends users outside the project's folder to `python <project>/pipeline/predict.py`, any Python 3.10+
+    tree = ast.parse((ROOT / "pipeline" / "predict.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported and imported <= sys.stdlib_module_names | {"__future__"}, imported - sys.stdlib_module_names
+
+
 def test_predict_client_prints_one_line_per_image_and_fails_clearly(server, local_model, tmp_path, capsys):
     files = [tmp_path / "a.png", tmp_path / "b.jpg"]
     files[0].write_bytes(encode(random_pixels(1, seed=6)[0], "PNG"))
