@@ -297,7 +297,10 @@ def batches(paths: list[Path], batch_size: int) -> Iterator[list[Path]]:
     """`paths` in order, in lists of `batch_size` files and MAX_REQUEST_BYTES at most (a larger file alone)."""
     batch, held = [], 0
     for path in paths:
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+        except OSError:  # gone since check_files: encode_files names it
+            size = 0
         if batch and (len(batch) == batch_size or held + size > MAX_REQUEST_BYTES):
             yield batch
             batch, held = [], 0

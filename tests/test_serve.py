@@ -1127,6 +1127,17 @@ def test_predict_client_sends_large_files_in_smaller_requests_and_prints_in_the_
     assert lines == [[str(f), f.stem, "0.5000"] for f in files]
 
 
+def test_predict_client_tells_a_file_gone_after_the_check_in_one_line(tmp_path, capsys, monkeypatch):
+    # a file removed between the check of every file and its batch (another process cleaning the folder) ended in a
+    # FileNotFoundError traceback from the batching
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    check = predict.check_files
+    monkeypatch.setattr(predict, "check_files", lambda paths: (check(paths), image.unlink()))
+    assert predict.main([str(image), "--url", f"http://127.0.0.1:{free_port()}"]) == 1
+    assert capsys.readouterr().err == f"error: {image}: cannot read (No such file or directory)\n"
+
+
 def test_predict_client_prints_a_file_name_not_in_the_locales_encoding_escaped(tmp_path, capsys):
     # a name of Latin-1 bytes on a UTF-8 system (from an old archive) ended, once every image was answered, in a
     # UnicodeEncodeError traceback from print, and no predictions: stderr escapes such names, stdout did not
