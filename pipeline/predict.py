@@ -12,7 +12,8 @@ or closes the connection without an answer, it refuses the request otherwise or 
 not a model server's (another service on that port, an answer cut short), or its predictions cannot be written (a full
 disk; quietly into a closed pipe, `| head`). No predictions are printed when it exits non-zero (130 after Ctrl-C). A
 --url of http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a
-proxy that asks for them); messages show the password as ***.
+proxy that asks for them); messages show the password as ***. A proxy the environment names (http_proxy; no_proxy) is
+used, as urllib does, and named in error lines.
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """
 
@@ -220,6 +221,18 @@ def answer_shown(body: bytes) -> str:
     return "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))[:200]
 
 
+def proxy_note(endpoint: str) -> str:
+    """' through the proxy <address> (<variable>; ...)' where urllib sends `endpoint` through a proxy the environment
+    names (http_proxy, https_proxy; even to 127.0.0.1, without a no_proxy naming it), else ''."""
+    parts = urllib.parse.urlsplit(endpoint)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname):
+        return ""
+    variable = next((name for name in (f"{parts.scheme}_proxy", f"{parts.scheme.upper()}_PROXY")
+                     if os.environ.get(name)), f"{parts.scheme}_proxy")
+    return f" through the proxy {without_password(proxy)} ({variable}; add {parts.hostname} to no_proxy to go direct)"
+
+
 def request_predictions(url: str, images: list[str], timeout: float, names: list[str] | None = None) -> list[dict]:
     """POST base64 images to `<url>/invocations`; return the server's predictions, one dict per image.
     `names` (one per image: file names) replace the server's `image <i>` in its error message."""
@@ -230,15 +243,17 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
     endpoint = urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/invocations", fragment=""))
     headers = {"Content-Type": "application/json", **({"Authorization": authorization} if authorization else {})}
     request = urllib.request.Request(endpoint, data=request_body(images), headers=headers, method="POST")
+    via = proxy_note(endpoint)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        # an opener of its own, not urlopen's, built once a process: the proxies of proxy_note, the environment's now
+        with urllib.request.build_opener().open(request, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
         said = server_message(error_body(exc))
         message = name_images(said, names or [])
         if exc.code == 404:  # a tracking server (`mlflow server` also defaults to port 5000), or --url .../invocations
             raise PredictError(f"HTTP 404 for {endpoint}: no model server at --url {url}; it takes the base URL of "
-                               f"`mlflow models serve` (http://host:port), not a tracking server's") from None
+                               f"`mlflow models serve` (http://host:port), not a tracking server's{via}") from None
         if exc.code == 413:  # a proxy's limit on a request's size (nginx: 1 MB by default); the model server has none
             cure = ("lower --batch-size" if len(images) > 1 else
                     f"{names[0] if names else 'the image'} alone is over its limit (nginx: client_max_body_size)")
@@ -248,10 +263,11 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
             raise PredictError(f"{url} ran out of time on a request of {len(images)} images (HTTP 504: {message}): "
                                f"lower --batch-size, or raise the server's limit "
                                f"(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT where `mlflow models serve` starts, 60 s by "
-                               f"default)") from None
+                               f"default){via}") from None
         refused = BadInput if exc.code == 400 and message != said else PredictError  # it named files it refused
         what = "failed on" if exc.code >= 500 else "refused"  # a 5xx is the server's fault, not the images'
-        raise refused(f"server {what} the request (HTTP {exc.code}): {message}") from None
+        raise refused(f"server {what} the request (HTTP {exc.code}): {message}"
+                      f"{via if refused is PredictError else ''}") from None
     except TimeoutError:  # connected, then no answer in time (a timeout connecting is a URLError: cannot reach)
         raise PredictError(f"no answer from {url} within --timeout {timeout:g} s (a large batch or a slow model?): "
                            f"raise --timeout or lower --batch-size") from None
@@ -261,18 +277,18 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
             raise PredictError(f"{url} closed the connection without an answer to a request of {len(images)} images "
                                f"({reason}): the server stopped, or its time limit ran out first "
                                f"(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s by default, counting the upload); lower "
-                               f"--batch-size") from None
+                               f"--batch-size{via}") from None
         if isinstance(reason, ssl.SSLError) and reason.reason in PLAIN_HTTP_ANSWERS:
             raise PredictError(f"{url} answers no TLS ({reason}): `mlflow models serve` speaks plain HTTP, "
                                f"--url http{url[len('https'):]}") from None
-        raise PredictError(f"cannot reach {url} ({reason})") from None
+        raise PredictError(f"cannot reach {url} ({reason}){via}") from None
     except http.client.InvalidURL as exc:  # a ValueError too: e.g. a space in the host name
         raise BadInput(f"--url: not a valid URL: {url!r} ({exc})") from None
     except http.client.IncompleteRead as exc:  # the server closed before the end of its answer (a worker killed)
         raise PredictError(f"the answer from {url} was cut short ({incomplete(exc)}): did the server stop?") from None
     except http.client.HTTPException as exc:  # no HTTP at all: another service on that port (SSH, PostgreSQL, TLS)
         raise PredictError(f"no HTTP answer from {url} ({printable(exc)}); --url takes the address of "
-                           f"`mlflow models serve` (http://host:port)") from None
+                           f"`mlflow models serve` (http://host:port){via}") from None
     except ValueError as exc:
         raise PredictError(f"unexpected answer from {url} ({exc!r})") from None
     predictions = predictions_in(body)

@@ -1210,6 +1210,27 @@ def test_predict_client_exits_2_when_the_server_refuses_a_file(tmp_path, capsys,
     assert (f"{files[1]}: not a decodable" in err) == (code == 2)
 
 
+def test_predict_client_names_the_proxy_it_went_through(tmp_path, capsys, monkeypatch):
+    # with http_proxy set (a corporate shell) and no no_proxy, urllib sends even 127.0.0.1 through the proxy: a proxy
+    # down said "cannot reach http://127.0.0.1:5001 (Connection refused)" of a server that was up
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    server = f"http://127.0.0.1:{free_port()}"
+    proxy = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("http_proxy", proxy)
+    assert predict.main([str(image), "--url", server, "--timeout", "10"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot reach {server} (") and len(err.splitlines()) == 1
+    assert err.endswith(f") through the proxy {proxy} (http_proxy; add 127.0.0.1 to no_proxy to go direct)\n")
+    with answering(502, b"<html><title>502 Bad Gateway</title></html>") as proxy:
+        monkeypatch.setenv("http_proxy", proxy)
+        assert predict.main([str(image), "--url", server]) == 1
+    assert capsys.readouterr().err == (f"error: server failed on the request (HTTP 502): 502 Bad Gateway through the "
+                                       f"proxy {proxy} (http_proxy; add 127.0.0.1 to no_proxy to go direct)\n")
+
+
 @pytest.mark.parametrize(("status", "body", "problem"), [
     (500, json.dumps({"error_code": "INTERNAL_ERROR", "message": "boom\nat line two\n  and three"}).encode(),
      "server failed on the request (HTTP 500): boom at line two and three"),
