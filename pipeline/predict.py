@@ -13,7 +13,8 @@ not a model server's (another service on that port, an answer cut short), or its
 disk; quietly into a closed pipe, `| head`). No predictions are printed when it exits non-zero (130 after Ctrl-C). A
 --url of http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a
 proxy that asks for them); messages show the password as ***. A proxy the environment names (http_proxy; no_proxy) is
-used, as urllib does, and named in error lines.
+used, as urllib does, and named in error lines; a redirect is not followed but named (urllib would send a GET without
+the images).
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """
 
@@ -218,6 +219,19 @@ def answer_shown(body: bytes) -> str:
         text = json.dumps(json.loads(body)["predictions"])
     except (ValueError, KeyError, TypeError):
         text = body.decode("utf-8", "replace")
+    return printable_text(text)
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed, but said: urllib turns a POST redirected by 301 or 302 into a GET without the images
+    (the model server answers 405), and does not follow a 307 or 308 of a POST."""
+
+    def redirect_request(self, *args, **kwargs) -> None:
+        return None
+
+
+def printable_text(text: str) -> str:
+    """`text` on one line of printable characters, 200 at most."""
     return "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))[:200]
 
 
@@ -246,11 +260,14 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
     via = proxy_note(endpoint)
     try:
         # an opener of its own, not urlopen's, built once a process: the proxies of proxy_note, the environment's now
-        with urllib.request.build_opener().open(request, timeout=timeout) as response:
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
         said = server_message(error_body(exc))
         message = name_images(said, names or [])
+        if 300 <= exc.code < 400:
+            raise PredictError(f"{url} redirects to {printable_text(exc.headers.get('Location', '(nowhere)'))} "
+                               f"(HTTP {exc.code}); give --url the address it moved to{via}") from None
         if exc.code == 404:  # a tracking server (`mlflow server` also defaults to port 5000), or --url .../invocations
             raise PredictError(f"HTTP 404 for {endpoint}: no model server at --url {url}; it takes the base URL of "
                                f"`mlflow models serve` (http://host:port), not a tracking server's{via}") from None

@@ -1210,6 +1210,28 @@ def test_predict_client_exits_2_when_the_server_refuses_a_file(tmp_path, capsys,
     assert (f"{files[1]}: not a decodable" in err) == (code == 2)
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_predict_client_names_where_a_redirect_points(tmp_path, capsys, status):
+    # a gateway moving http:// to https:// (or a path): urllib turned a 301 or 302 into a GET without the images,
+    # "server refused the request (HTTP 405): Method Not Allowed", and a 307 or 308 into "(HTTP 308): (no message)"
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    seen = []
+
+    def moved(handler) -> None:
+        seen.append(handler.command)
+        handler.send_response(status)
+        handler.send_header("Location", "https://models.example.com/cifar/invocations")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with http_stub(moved) as url:
+        assert predict.main([str(image), "--url", url]) == 1
+    assert seen == ["POST"]  # not followed
+    assert capsys.readouterr().err == (f"error: {url} redirects to https://models.example.com/cifar/invocations "
+                                       f"(HTTP {status}); give --url the address it moved to\n")
+
+
 def test_predict_client_names_the_proxy_it_went_through(tmp_path, capsys, monkeypatch):
     # with http_proxy set (a corporate shell) and no no_proxy, urllib sends even 127.0.0.1 through the proxy: a proxy
     # down said "cannot reach http://127.0.0.1:5001 (Connection refused)" of a server that was up
