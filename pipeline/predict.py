@@ -360,7 +360,7 @@ def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("images", nargs="+", type=Path,
+    parser.add_argument("images", nargs="+",
                         help="PNG, JPEG, BMP, GIF, WebP or TIFF files, up to 16.8 megapixels (4096x4096; the server "
                              "refuses larger ones)")
     parser.add_argument("--url", default="http://127.0.0.1:5000",
@@ -377,8 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
     try:
         check_url(args.url)  # a usage error, like the two above: exit 2, before any file is read
-        check_files(args.images)  # before any request
-        lines = predict_files(args.images, args.url, args.batch_size, args.timeout)
+        empty = [i for i, name in enumerate(args.images, start=1) if not name]
+        if empty:  # Path("") is the current folder
+            raise BadInput(f"file name {empty[0]} of {len(args.images)} is empty (an unset shell variable?)")
+        images = [Path(name) for name in args.images]
+        check_files(images)  # before any request
+        lines = predict_files(images, args.url, args.batch_size, args.timeout)
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, BadInput) else 130 if isinstance(exc, Stopped) else 1

@@ -1160,6 +1160,15 @@ def test_predict_client_prints_one_line_of_three_fields_per_image_whatever_the_f
     assert lines == [[f"{tmp_path}/tab\\tname.png", "cat", "0.5000"], [f"{tmp_path}/new\\nline.png", "cat", "0.5000"]]
 
 
+def test_predict_client_refuses_an_empty_file_name(tmp_path, capsys, monkeypatch):
+    # `python -m pipeline.predict "$IMAGE"` with IMAGE unset was read as the folder `.`: ".: a directory, not an image"
+    monkeypatch.chdir(tmp_path)
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    assert predict.main([str(image), "", "--url", f"http://127.0.0.1:{free_port()}"]) == 2
+    assert capsys.readouterr().err == "error: file name 2 of 2 is empty (an unset shell variable?)\n"
+
+
 def test_predict_client_refuses_a_file_of_no_image_format_before_sending_any(tmp_path, capsys):
     # `python -m pipeline.predict photos/*` over a folder holding a PDF or a .DS_Store was refused by the server only
     # as that file's batch came, after the batches before it were scored for nothing
