@@ -298,6 +298,11 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
         if isinstance(reason, ssl.SSLError) and reason.reason in PLAIN_HTTP_ANSWERS:
             raise PredictError(f"{url} answers no TLS ({reason}): `mlflow models serve` speaks plain HTTP, "
                                f"--url http{url[len('https'):]}") from None
+        if isinstance(reason, ConnectionRefusedError) and not via:
+            port = urllib.parse.urlsplit(endpoint).port or (443 if endpoint.startswith("https") else 80)
+            raise PredictError(f"cannot reach {url} ({reason}): no server listens there; start one (`mlflow models "
+                               f"serve -m <model uri> --env-manager local -p {port}`) or give --url the port one "
+                               f"serves on") from None
         raise PredictError(f"cannot reach {url} ({reason}){via}") from None
     except http.client.InvalidURL as exc:  # a ValueError too: e.g. a space in the host name
         raise BadInput(f"--url: not a valid URL: {url!r} ({exc})") from None

@@ -1241,6 +1241,21 @@ def test_predict_client_names_where_a_redirect_points(tmp_path, capsys, status):
                                        f"(HTTP {status}); give --url the address it moved to\n")
 
 
+def test_predict_client_says_what_to_do_when_no_server_listens(tmp_path, capsys, monkeypatch):
+    # "cannot reach http://127.0.0.1:5001 ([Errno 111] Connection refused)" named no cure: a server not started yet,
+    # or one on another port (`mlflow models serve` defaults to 5000, the README serves on 5001)
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    port = free_port()
+    assert predict.main([str(image), "--url", f"http://127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot reach http://127.0.0.1:{port} (") and len(err.splitlines()) == 1
+    assert err.endswith(f"): no server listens there; start one (`mlflow models serve -m <model uri> --env-manager "
+                        f"local -p {port}`) or give --url the port one serves on\n")
+
+
 def test_predict_client_names_the_proxy_it_went_through(tmp_path, capsys, monkeypatch):
     # with http_proxy set (a corporate shell) and no no_proxy, urllib sends even 127.0.0.1 through the proxy: a proxy
     # down said "cannot reach http://127.0.0.1:5001 (Connection refused)" of a server that was up
