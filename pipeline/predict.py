@@ -386,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         if empty:  # Path("") is the current folder
             raise BadInput(f"file name {empty[0]} of {len(args.images)} is empty (an unset shell variable?)")
         images = [Path(name) for name in args.images]
-        check_files(images)  # before any request
+        try:
+            check_files(images)  # before any request
+        except KeyboardInterrupt:  # many files on a slow network folder
+            raise Stopped("stopped (Ctrl-C) before any request") from None
         lines = predict_files(images, args.url, args.batch_size, args.timeout)
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1372,6 +1372,13 @@ def test_predict_client_stopped_by_ctrl_c_says_so_in_one_line(tmp_path, capsys, 
     out, err = capsys.readouterr()
     assert out == "" and err == f"error: stopped (Ctrl-C) at {files[1]}, after 1 of 3 images; none printed\n"
 
+    def stop(paths):  # the check of every file, long on a slow network folder
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "check_files", stop)
+    assert predict.main([str(f) for f in files]) == 130
+    assert capsys.readouterr() == ("", "error: stopped (Ctrl-C) before any request\n")
+
 
 @pytest.mark.parametrize("stdout", ["closed-pipe", "full-disk"])
 def test_predict_client_tells_predictions_it_could_not_write_in_one_line(tmp_path, stdout):
