@@ -4,12 +4,17 @@ Usage: python -m pipeline.predict cat.png dog.jpg --url http://127.0.0.1:5000
 Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as base64, a `dataframe_split` column
 `image`, to `<url>/invocations` (under the URL's path, before its query) and prints one line per image: file, predicted
 label, its probability (tab-separated). Exits 2 with one line on stderr, before reading any file, when --url is not an
-http(s) URL (as for a bad --batch-size or --timeout). Exits 1 with a message on stderr when a file cannot be read, the
-server cannot be reached or does not answer within --timeout, runs out of its own time limit (HTTP 504) or closes the
-connection without an answer, it refuses the request (naming the file it refused) or its answer is not a model server's
-(another service on that port, an answer cut short), printing no predictions then. A --url of
-http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a proxy that
-asks for them); messages show the password as ***.
+http(s) URL (as for a bad --batch-size or --timeout), and before any request when a file is missing (a shell pattern
+that matched nothing among them), a directory, empty, unreadable or of another format (its first bytes), and when the
+server refuses an image (HTTP 400, naming the file: not an image, truncated, too large). Exits 1 with a message on
+stderr when the server cannot be reached or does not answer within --timeout, runs out of its own time limit (HTTP 504)
+or closes the connection without an answer, it refuses the request otherwise or fails on it (HTTP 5xx), or its answer is
+not a model server's (another service on that port, an answer cut short), or its predictions cannot be written (a full
+disk; quietly into a closed pipe, `| head`). No predictions are printed when it exits non-zero (130 after Ctrl-C). A
+--url of http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a
+proxy that asks for them); messages show the password as ***. A proxy the environment names (http_proxy; no_proxy) is
+used, as urllib does, and named in error lines; a redirect is not followed but named (urllib would send a GET without
+the images).
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """
 
@@ -22,15 +27,67 @@ import json
 import math
 import os
 import re
+import ssl
+import stat
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+# Files' bytes per request, at most: the server holds a request's JSON whole (and base64 is 4/3 of the bytes), and its
+# time limit counts the upload. 64 photos of 2.8 MB took it 1 GB more memory and 28 s of its 60 s (2-core AMD EPYC).
+MAX_REQUEST_BYTES = 16 * 2**20
+# How the files of the formats the server decodes start (Pillow's own tests of them; WebP's is RIFF....WEBP): any other
+# file is refused before any request. The server still decodes each, and refuses a truncated or corrupt one.
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"GIF87a", b"GIF89a",
+                    b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")  # TIFF, BigTIFF
+# OpenSSL's reasons for an answer that is no TLS record, which a plain HTTP server's 400 page is (1.1 and 3.0; 3.2+)
+PLAIN_HTTP_ANSWERS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
 
 
 class PredictError(RuntimeError):
     """A file, the connection or the server's answer made the prediction fail; the message says which."""
+
+
+class BadInput(PredictError):
+    """The command's input is bad (a --url, a file, or an image the server refused): exit 2, as for a usage error."""
+
+
+class Stopped(PredictError):
+    """Ctrl-C, while images were sent: exit 130, as a shell reports a command SIGINT stopped, and no traceback."""
+
+
+def check_files(paths: list[Path]) -> None:
+    """BadInput naming the first of `paths` that is no readable, non-empty file starting as an image of the served
+    formats does: checked before any request, so a bad file late in the list does not cost the batches before it
+    (their predictions would not be printed)."""
+    for path in paths:
+        try:
+            mode = path.stat()
+        except FileNotFoundError:
+            if path.is_symlink():  # `ls` lists it
+                raise BadInput(f"{shown(path)}: a link to {shown(path.readlink())}, which is missing") from None
+            # the shell passes a pattern that matched nothing as it is: `*.png` in a folder of .jpg files
+            hint = " (a shell pattern that matched no file?)" if re.search(r"[*?[]", path.name) else ""
+            raise BadInput(f"{shown(path)}: no such file{hint}") from None
+        except OSError as exc:
+            raise BadInput(f"{shown(path)}: cannot read ({exc.strerror or exc})") from None
+        if stat.S_ISDIR(mode.st_mode):
+            raise BadInput(f"{shown(path)}: a directory, not an image file")
+        if not stat.S_ISREG(mode.st_mode):  # a FIFO or a device would block the read, or never end
+            raise BadInput(f"{shown(path)}: not a regular file")
+        if mode.st_size == 0:
+            raise BadInput(f"{shown(path)}: an empty file, not an image")
+        try:
+            with path.open("rb") as file:
+                start = file.read(16)
+        except OSError as exc:
+            raise BadInput(f"{shown(path)}: cannot read ({exc.strerror or exc})") from None
+        if not (start.startswith(IMAGE_SIGNATURES) or start[:4] == b"RIFF" and start[8:12] == b"WEBP"):
+            raise BadInput(f"{shown(path)}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (its first bytes: "
+                           f"{start[:8]!r})")
 
 
 def encode_files(paths: list[Path]) -> list[str]:
@@ -50,7 +107,8 @@ def server_message(body: bytes) -> str:
         message = str(json.loads(body).get("message", ""))
     except (ValueError, AttributeError):  # not MLflow's answer (a proxy's or another server's HTML page): one line
         message = " ".join(re.sub(r"<[^>]*>", " ", body.decode("utf-8", "replace")).split())[:300]
-    return message.rsplit("\nError: ", 1)[-1].strip() or "(no message)"
+    # one line: a model's error may run over several
+    return " ".join(message.rsplit("\nError: ", 1)[-1].split()) or "(no message)"
 
 
 def error_body(exc: urllib.error.HTTPError) -> bytes:
@@ -85,22 +143,24 @@ def check_url(url: str) -> None:
         # With a password, the port urllib could not read may be the password's start, cut at a '/', '?' or '#'
         reason = exc if shown == url else ("a bad host or port, or a '/', '?' or '#' in the password not written "
                                            "%2F, %3F, %23")
-        raise PredictError(f"--url: not a valid URL: {shown!r} ({reason})") from None
+        raise BadInput(f"--url: not a valid URL: {shown!r} ({reason})") from None
     host = urllib.parse.unquote(parts.netloc.rpartition("@")[2])  # urllib decodes the host's %XX, connecting
     if re.search(r"[\x00-\x20\x7f]", parts.netloc + host):  # http.client refuses it only as it connects
-        raise PredictError(f"--url: not a valid URL: {without_password(url)!r} (a space or control character in "
+        raise BadInput(f"--url: not a valid URL: {without_password(url)!r} (a space or control character in "
                            f"its host)")
     if not valid:
-        raise PredictError(f"--url: expected http://host:port, got {without_password(url)!r}")
+        hint = (f" (a model URI: serve it first, `mlflow models serve -m {url} --env-manager local -p 5001`, then give "
+                f"--url http://127.0.0.1:5001)" if parts.scheme in ("models", "runs") else "")
+        raise BadInput(f"--url: expected http://host:port, got {without_password(url)!r}{hint}")
     if parts.username is None and parts.port is not None and "@" in parts.path + parts.query + parts.fragment:
         # http://ann:12/s3cret@host: urllib reads host ann, port 12, and a path holding the password it would send there
-        raise PredictError(f"--url: not a valid URL: {without_password(url)!r} (an '@' after its host and port: a "
+        raise BadInput(f"--url: not a valid URL: {without_password(url)!r} (an '@' after its host and port: a "
                            f"'/', '?' or '#' in the password not written %2F, %3F, %23, or an '@' in the path or "
                            f"query not written %40)")
     try:
         parts.hostname.encode("idna")  # as the socket encodes it, connecting: refused there as an "unexpected answer"
     except UnicodeError:
-        raise PredictError(f"--url: not a valid URL: {without_password(url)!r} (an empty label or one of over 63 "
+        raise BadInput(f"--url: not a valid URL: {without_password(url)!r} (an empty label or one of over 63 "
                            f"characters in its host)") from None
 
 
@@ -138,6 +198,55 @@ def request_body(images: list[str]) -> bytes:
     return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}}).encode()
 
 
+def predictions_in(body: bytes) -> list[dict] | None:
+    """The rows of a model server's answer `body`, one per image, each a label and a probability in [0, 1]; None if it
+    holds none such (another service's page, another model's rows: a text classifier takes strings too)."""
+    try:
+        predictions = json.loads(body)["predictions"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(predictions, list) and all(
+            isinstance(row, dict) and isinstance(row.get("label"), str)
+            and type(row.get("probability")) in (int, float) and 0 <= row["probability"] <= 1  # NaN too is refused
+            for row in predictions):
+        return predictions
+    return None
+
+
+def answer_shown(body: bytes) -> str:
+    """The start of an answer `body` on one line: its predictions where it has some, else the whole of it."""
+    try:
+        text = json.dumps(json.loads(body)["predictions"])
+    except (ValueError, KeyError, TypeError):
+        text = body.decode("utf-8", "replace")
+    return printable_text(text)
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed, but said: urllib turns a POST redirected by 301 or 302 into a GET without the images
+    (the model server answers 405), and does not follow a 307 or 308 of a POST."""
+
+    def redirect_request(self, *args, **kwargs) -> None:
+        return None
+
+
+def printable_text(text: str) -> str:
+    """`text` on one line of printable characters, 200 at most."""
+    return "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))[:200]
+
+
+def proxy_note(endpoint: str) -> str:
+    """' through the proxy <address> (<variable>; ...)' where urllib sends `endpoint` through a proxy the environment
+    names (http_proxy, https_proxy; even to 127.0.0.1, without a no_proxy naming it), else ''."""
+    parts = urllib.parse.urlsplit(endpoint)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname):
+        return ""
+    variable = next((name for name in (f"{parts.scheme}_proxy", f"{parts.scheme.upper()}_PROXY")
+                     if os.environ.get(name)), f"{parts.scheme}_proxy")
+    return f" through the proxy {without_password(proxy)} ({variable}; add {parts.hostname} to no_proxy to go direct)"
+
+
 def request_predictions(url: str, images: list[str], timeout: float, names: list[str] | None = None) -> list[dict]:
     """POST base64 images to `<url>/invocations`; return the server's predictions, one dict per image.
     `names` (one per image: file names) replace the server's `image <i>` in its error message."""
@@ -148,20 +257,34 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
     endpoint = urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/invocations", fragment=""))
     headers = {"Content-Type": "application/json", **({"Authorization": authorization} if authorization else {})}
     request = urllib.request.Request(endpoint, data=request_body(images), headers=headers, method="POST")
+    via = proxy_note(endpoint)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            predictions = json.loads(response.read())["predictions"]
+        # an opener of its own, not urlopen's, built once a process: the proxies of proxy_note, the environment's now
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
+            body = response.read()
     except urllib.error.HTTPError as exc:
-        message = name_images(server_message(error_body(exc)), names or [])
+        said = server_message(error_body(exc))
+        message = name_images(said, names or [])
+        if 300 <= exc.code < 400:
+            raise PredictError(f"{url} redirects to {printable_text(exc.headers.get('Location', '(nowhere)'))} "
+                               f"(HTTP {exc.code}); give --url the address it moved to{via}") from None
         if exc.code == 404:  # a tracking server (`mlflow server` also defaults to port 5000), or --url .../invocations
             raise PredictError(f"HTTP 404 for {endpoint}: no model server at --url {url}; it takes the base URL of "
-                               f"`mlflow models serve` (http://host:port), not a tracking server's") from None
+                               f"`mlflow models serve` (http://host:port), not a tracking server's{via}") from None
+        if exc.code == 413:  # a proxy's limit on a request's size (nginx: 1 MB by default); the model server has none
+            cure = ("lower --batch-size" if len(images) > 1 else
+                    f"{names[0] if names else 'the image'} alone is over its limit (nginx: client_max_body_size)")
+            raise PredictError(f"{url} refused a request of {len(images)} images, {len(request.data):,} bytes, as too "
+                               f"large (HTTP 413: {message}): {cure}") from None
         if exc.code == 504:  # the server's own time limit ran out (or a proxy's): a longer --timeout cannot help
             raise PredictError(f"{url} ran out of time on a request of {len(images)} images (HTTP 504: {message}): "
                                f"lower --batch-size, or raise the server's limit "
                                f"(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT where `mlflow models serve` starts, 60 s by "
-                               f"default)") from None
-        raise PredictError(f"server refused the request (HTTP {exc.code}): {message}") from None
+                               f"default){via}") from None
+        refused = BadInput if exc.code == 400 and message != said else PredictError  # it named files it refused
+        what = "failed on" if exc.code >= 500 else "refused"  # a 5xx is the server's fault, not the images'
+        raise refused(f"server {what} the request (HTTP {exc.code}): {message}"
+                      f"{via if refused is PredictError else ''}") from None
     except TimeoutError:  # connected, then no answer in time (a timeout connecting is a URLError: cannot reach)
         raise PredictError(f"no answer from {url} within --timeout {timeout:g} s (a large batch or a slow model?): "
                            f"raise --timeout or lower --batch-size") from None
@@ -171,23 +294,29 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
             raise PredictError(f"{url} closed the connection without an answer to a request of {len(images)} images "
                                f"({reason}): the server stopped, or its time limit ran out first "
                                f"(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s by default, counting the upload); lower "
-                               f"--batch-size") from None
-        raise PredictError(f"cannot reach {url} ({reason})") from None
+                               f"--batch-size{via}") from None
+        if isinstance(reason, ssl.SSLError) and reason.reason in PLAIN_HTTP_ANSWERS:
+            raise PredictError(f"{url} answers no TLS ({reason}): `mlflow models serve` speaks plain HTTP, "
+                               f"--url http{url[len('https'):]}") from None
+        if isinstance(reason, ConnectionRefusedError) and not via:
+            port = urllib.parse.urlsplit(endpoint).port or (443 if endpoint.startswith("https") else 80)
+            raise PredictError(f"cannot reach {url} ({reason}): no server listens there; start one (`mlflow models "
+                               f"serve -m <model uri> --env-manager local -p {port}`) or give --url the port one "
+                               f"serves on") from None
+        raise PredictError(f"cannot reach {url} ({reason}){via}") from None
     except http.client.InvalidURL as exc:  # a ValueError too: e.g. a space in the host name
-        raise PredictError(f"--url: not a valid URL: {url!r} ({exc})") from None
+        raise BadInput(f"--url: not a valid URL: {url!r} ({exc})") from None
     except http.client.IncompleteRead as exc:  # the server closed before the end of its answer (a worker killed)
         raise PredictError(f"the answer from {url} was cut short ({incomplete(exc)}): did the server stop?") from None
     except http.client.HTTPException as exc:  # no HTTP at all: another service on that port (SSH, PostgreSQL, TLS)
         raise PredictError(f"no HTTP answer from {url} ({printable(exc)}); --url takes the address of "
-                           f"`mlflow models serve` (http://host:port)") from None
-    except (ValueError, KeyError, TypeError) as exc:
+                           f"`mlflow models serve` (http://host:port){via}") from None
+    except ValueError as exc:
         raise PredictError(f"unexpected answer from {url} ({exc!r})") from None
-    # Another model's server (say, a text classifier, which takes strings too) answers other rows.
-    if not isinstance(predictions, list) or not all(
-            isinstance(row, dict) and isinstance(row.get("label"), str)
-            and isinstance(row.get("probability"), (int, float)) for row in predictions):
-        raise PredictError(f"unexpected answer from {url}: {json.dumps(predictions)[:200]} holds no label and "
-                           f"probability per image; is it serving this project's model?")
+    predictions = predictions_in(body)
+    if predictions is None:
+        raise PredictError(f"unexpected answer from {url}: {answer_shown(body)} holds no label and probability per "
+                           f"image; is it serving this project's model?")
     if len(predictions) != len(images):
         raise PredictError(f"server answered {len(predictions)} predictions for {len(images)} images")
     return predictions
@@ -202,26 +331,49 @@ def shown(path: Path) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", lambda m: m[0].encode("unicode_escape").decode("ascii"), name)
 
 
+def batches(paths: list[Path], batch_size: int) -> Iterator[list[Path]]:
+    """`paths` in order, in lists of `batch_size` files and MAX_REQUEST_BYTES at most (a larger file alone)."""
+    batch, held = [], 0
+    for path in paths:
+        try:
+            size = path.stat().st_size
+        except OSError:  # gone since check_files: encode_files names it
+            size = 0
+        if batch and (len(batch) == batch_size or held + size > MAX_REQUEST_BYTES):
+            yield batch
+            batch, held = [], 0
+        batch.append(path)
+        held += size
+    if batch:
+        yield batch
+
+
 def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) -> list[str]:
-    """Image files -> lines `file<TAB>label<TAB>probability`, sending `batch_size` images a request."""
+    """Image files -> lines `file<TAB>label<TAB>probability`, in the order of `paths`, sending `batch_size` images a
+    request at most, and MAX_REQUEST_BYTES of files at most."""
     lines = []
-    for start in range(0, len(paths), batch_size):
-        batch = paths[start:start + batch_size]
-        predictions = request_predictions(url, encode_files(batch), timeout, [shown(path) for path in batch])
+    for batch in batches(paths, batch_size):
+        try:
+            predictions = request_predictions(url, encode_files(batch), timeout, [shown(path) for path in batch])
+        except KeyboardInterrupt:
+            raise Stopped(f"stopped (Ctrl-C) at {shown(batch[0])}, after {len(lines)} of {len(paths)} images; none "
+                          f"printed") from None
         for path, row in zip(batch, predictions, strict=True):
             lines.append(f"{shown(path)}\t{row['label']}\t{row['probability']:.4f}")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("images", nargs="+", type=Path,
+    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("images", nargs="+",
                         help="PNG, JPEG, BMP, GIF, WebP or TIFF files, up to 16.8 megapixels (4096x4096; the server "
                              "refuses larger ones)")
     parser.add_argument("--url", default="http://127.0.0.1:5000",
                         help="the model server (default: %(default)s); http://user:password@host:port for one behind a "
                              "proxy that asks for a password (HTTP Basic)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per request (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per request, at most (default: %(default)s; fewer where they hold over "
+                             f"{MAX_REQUEST_BYTES // 2**20} MiB)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -230,15 +382,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
     try:
         check_url(args.url)  # a usage error, like the two above: exit 2, before any file is read
+        empty = [i for i, name in enumerate(args.images, start=1) if not name]
+        if empty:  # Path("") is the current folder
+            raise BadInput(f"file name {empty[0]} of {len(args.images)} is empty (an unset shell variable?)")
+        images = [Path(name) for name in args.images]
+        try:
+            check_files(images)  # before any request
+        except KeyboardInterrupt:  # many files on a slow network folder
+            raise Stopped("stopped (Ctrl-C) before any request") from None
+        lines = predict_files(images, args.url, args.batch_size, args.timeout)
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(exc, BadInput) else 130 if isinstance(exc, Stopped) else 1
     try:
-        lines = predict_files(args.images, args.url, args.batch_size, args.timeout)
-    except PredictError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("\n".join(lines), flush=True)
+    except OSError as exc:
+        # what stayed in stdout's buffer would fail again as Python flushes it at exit: a traceback after this line
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not isinstance(exc, BrokenPipeError):  # a closed pipe (`| head -1`) is the reader's choice: nothing to say
+            print(f"error: cannot write the predictions ({exc.strerror or exc})", file=sys.stderr)
         return 1
-    print("\n".join(lines))
     return 0
 
 

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_SECONDS = 120
 # decode_image's word for bytes that are no image it reads, in the served model's 400s as in data
 UNDECODABLE = "not a decodable PNG, JPEG, BMP, GIF, WebP or TIFF image"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -892,6 +893,15 @@ def test_server_answers_good_requests_after_bad_ones(server, local_model):
 
 # --- the client -------------------------------------------------------------------------------
 
+def test_predict_client_runs_as_a_script_with_the_standard_library_alone():
+    # the README sends users outside the project's folder to `python <project>/pipeline/predict.py`, any Python 3.10+
+    tree = ast.parse((ROOT / "pipeline" / "predict.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported and imported <= sys.stdlib_module_names | {"__future__"}, imported - sys.stdlib_module_names
+
+
 def test_predict_client_prints_one_line_per_image_and_fails_clearly(server, local_model, tmp_path, capsys):
     files = [tmp_path / "a.png", tmp_path / "b.jpg"]
     files[0].write_bytes(encode(random_pixels(1, seed=6)[0], "PNG"))
@@ -903,26 +913,50 @@ def test_predict_client_prints_one_line_per_image_and_fails_clearly(server, loca
     assert [line[1] for line in lines] == expected["label"].tolist()
     np.testing.assert_allclose([float(line[2]) for line in lines], expected["probability"], atol=1e-3)
 
-    (tmp_path / "notes.txt").write_text("not a picture")
-    assert predict.main([str(tmp_path / "notes.txt"), "--url", server]) == 1
+    (tmp_path / "cut.png").write_bytes(files[0].read_bytes()[:60])  # a PNG's start: the server finds it truncated
+    assert predict.main([str(tmp_path / "cut.png"), "--url", server]) == 2  # bad input, as a missing file
     err = capsys.readouterr().err
     assert "HTTP 400" in err and UNDECODABLE in err and "Failed to predict" not in err
 
     assert predict.main([str(files[0]), "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "5"]) == 1
     assert "cannot reach" in capsys.readouterr().err
-    assert predict.main([str(tmp_path / "missing.png"), "--url", server]) == 1
-    assert "cannot read" in capsys.readouterr().err
+    assert predict.main([str(tmp_path / "missing.png"), "--url", server]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path, capsys):
-    files = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "notes.txt"]
+    files = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "cut.png"]
     for seed, path in enumerate(files[:2]):
         path.write_bytes(encode(random_pixels(1, seed=seed)[0], "PNG"))
-    files[2].write_text("not a picture")
-    assert predict.main([str(f) for f in files] + ["--url", server, "--batch-size", "2"]) == 1
+    files[2].write_bytes(files[0].read_bytes()[:60])
+    assert predict.main([str(f) for f in files] + ["--url", server, "--batch-size", "2"]) == 2
     out, err = capsys.readouterr()
     assert f"{files[2]}: {UNDECODABLE}" in err and "image 0" not in err and len(err.splitlines()) == 1
     assert out == ""  # no predictions printed when a request fails, as the module docstring says
+
+
+@pytest.mark.parametrize(("make", "problem"), [
+    (lambda d: d / "missing.png", "no such file"),
+    (lambda d: d / "*.jpeg", "no such file (a shell pattern that matched no file?)"),
+    (lambda d: (d / "folder").mkdir() or d / "folder", "a directory, not an image file"),
+    (lambda d: (d / "empty.png").touch() or d / "empty.png", "an empty file, not an image"),
+    (lambda d: d / ("x" * 300 + ".png"), "cannot read (File name too long)"),
+    # a link whose target was moved said "no such file", of a name `ls` lists
+    (lambda d: (d / "link.png").symlink_to("moved.png") or d / "link.png", "a link to moved.png, which is missing"),
+], ids=["missing", "glob-matching-nothing", "directory", "empty", "name-too-long", "dangling-link"])
+def test_predict_client_refuses_a_bad_file_before_sending_any(tmp_path, capsys, make, problem):
+    # a missing file, a folder or an unreadable file was found only as its batch was read: exit 1, after the batches
+    # before it had been sent and scored for nothing (their predictions never printed)
+    good = tmp_path / "a.png"
+    good.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    bad = make(tmp_path)
+    sent = []
+    with answering(200, json.dumps({"predictions": [{"label": "cat", "probability": 0.5}]}).encode(),
+                   requests=sent) as url:
+        assert predict.main([str(good), str(bad), "--url", url, "--batch-size", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert sent == [] and out == ""
+    assert err == f"error: {bad}: {problem}\n"
 
 
 @pytest.mark.parametrize(("url", "problem"), [
@@ -937,7 +971,14 @@ def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path
                                        "over 63 characters in its host)"),
     # urllib decodes the host's %XX: refused as it connected, exit 1 after the files were read
     ("http://exa%20mple.com", "not a valid URL: 'http://exa%20mple.com' (a space or control character in its host)"),
-], ids=["no-scheme", "host-port", "ftp", "ipv6", "port", "space", "empty-label", "encoded-space"])
+    # a model URI is what `mlflow models serve -m` takes: the line said only "expected http://host:port"
+    ("models:/cifar10-resnet@champion", "expected http://host:port, got 'models:/cifar10-resnet@champion' (a model "
+                                        "URI: serve it first, `mlflow models serve -m models:/cifar10-resnet@champion "
+                                        "--env-manager local -p 5001`, then give --url http://127.0.0.1:5001)"),
+    ("runs:/0123abcd/model", "got 'runs:/0123abcd/model' (a model URI: serve it first, `mlflow models serve -m "
+                             "runs:/0123abcd/model "),
+], ids=["no-scheme", "host-port", "ftp", "ipv6", "port", "space", "empty-label", "encoded-space", "models-uri",
+        "runs-uri"])
 def test_predict_client_refuses_a_bad_url_in_one_line(tmp_path, capsys, url, problem):
     image = tmp_path / "a.png"
     image.write_bytes(encode(random_pixels(1)[0], "PNG"))
@@ -956,7 +997,10 @@ def test_predict_client_refuses_a_bad_timeout_before_connecting(tmp_path, capsys
     with pytest.raises(SystemExit) as info:
         predict.main([str(image), "--url", f"http://127.0.0.1:{free_port()}", "--timeout", timeout])
     assert info.value.code == 2
-    assert f"--timeout must be a number of seconds > 0, got {timeout}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--timeout must be a number of seconds > 0, got {timeout}" in err
+    # the usage named "predict.py", under pytest "pytest": no command a user can run
+    assert err.startswith("usage: python -m pipeline.predict [-h]") and "\npython -m pipeline.predict: error: " in err
 
 
 def test_predict_client_reports_a_server_slower_than_the_timeout_as_such(tmp_path, capsys):
@@ -1075,6 +1119,45 @@ def test_predict_client_sends_images_the_server_holds_at_their_own_size(local_mo
     assert_same_predictions(local_model.predict(parsed).to_dict("records"), expected)
 
 
+def test_predict_client_sends_large_files_in_smaller_requests_and_prints_in_the_files_order(tmp_path, capsys,
+                                                                                            monkeypatch):
+    # 64 phone photos (3 MB each) went in one request of 250 MB: 1 GB more of the server's memory, and 28 s of its
+    # 60 s time limit on a 2-core CPU (HTTP 504 past it); a request holds MAX_REQUEST_BYTES of files at most
+    monkeypatch.setattr(predict, "MAX_REQUEST_BYTES", 2500)
+    sizes = [1000, 1000, 1000, 5000, 1000, 100, 100]
+    files = [tmp_path / f"img{i}.png" for i in range(len(sizes))]
+    for path, size in zip(files, sizes, strict=True):
+        path.write_bytes(PNG_SIGNATURE + path.stem.encode().ljust(size - len(PNG_SIGNATURE), b"\0"))
+    sent = []
+
+    def answer(handler) -> None:  # each image's label: the name its bytes start with
+        rows = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))["dataframe_split"]["data"]
+        sent.append(len(rows))
+        labels = [base64.b64decode(row[0])[len(PNG_SIGNATURE):].split(b"\0")[0].decode() for row in rows]
+        body = json.dumps({"predictions": [{"label": label, "probability": 0.5} for label in labels]}).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    with http_stub(answer) as url:
+        assert predict.main([str(f) for f in files] + ["--url", url, "--batch-size", "3"]) == 0
+    assert sent == [2, 1, 1, 3]  # 2000 bytes; 1000 (3000 over the limit); 5000 alone; 1000 + 100 + 100, 3 images
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert lines == [[str(f), f.stem, "0.5000"] for f in files]
+
+
+def test_predict_client_tells_a_file_gone_after_the_check_in_one_line(tmp_path, capsys, monkeypatch):
+    # a file removed between the check of every file and its batch (another process cleaning the folder) ended in a
+    # FileNotFoundError traceback from the batching
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    check = predict.check_files
+    monkeypatch.setattr(predict, "check_files", lambda paths: (check(paths), image.unlink()))
+    assert predict.main([str(image), "--url", f"http://127.0.0.1:{free_port()}"]) == 1
+    assert capsys.readouterr().err == f"error: {image}: cannot read (No such file or directory)\n"
+
+
 def test_predict_client_prints_a_file_name_not_in_the_locales_encoding_escaped(tmp_path, capsys):
     # a name of Latin-1 bytes on a UTF-8 system (from an old archive) ended, once every image was answered, in a
     # UnicodeEncodeError traceback from print, and no predictions: stderr escapes such names, stdout did not
@@ -1097,6 +1180,155 @@ def test_predict_client_prints_one_line_of_three_fields_per_image_whatever_the_f
     assert lines == [[f"{tmp_path}/tab\\tname.png", "cat", "0.5000"], [f"{tmp_path}/new\\nline.png", "cat", "0.5000"]]
 
 
+def test_predict_client_refuses_an_empty_file_name(tmp_path, capsys, monkeypatch):
+    # `python -m pipeline.predict "$IMAGE"` with IMAGE unset was read as the folder `.`: ".: a directory, not an image"
+    monkeypatch.chdir(tmp_path)
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    assert predict.main([str(image), "", "--url", f"http://127.0.0.1:{free_port()}"]) == 2
+    assert capsys.readouterr().err == "error: file name 2 of 2 is empty (an unset shell variable?)\n"
+
+
+def test_predict_client_refuses_a_file_of_no_image_format_before_sending_any(tmp_path, capsys):
+    # `python -m pipeline.predict photos/*` over a folder holding a PDF or a .DS_Store was refused by the server only
+    # as that file's batch came, after the batches before it were scored for nothing
+    good = tmp_path / "a.png"
+    good.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    notes = tmp_path / "notes.pdf"
+    notes.write_bytes(b"%PDF-1.4\n%...")
+    sent = []
+    with answering(200, b"{}", requests=sent) as url:
+        assert predict.main([str(good), str(notes), "--url", url, "--batch-size", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert sent == [] and out == ""
+    assert err == f"error: {notes}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (its first bytes: b'%PDF-1.4')\n"
+
+
+def test_predict_client_takes_every_format_and_mode_the_server_decodes(tmp_path):
+    # the client's check of a file's first bytes must pass all that Pillow writes in the served formats
+    pixels = random_pixels(1, shape=(8, 8))[0]
+    images = {f"{mode}.{fmt.lower()}": (Image.fromarray(pixels).convert(mode), fmt)
+              for fmt in ("PNG", "JPEG", "BMP", "GIF", "WebP", "TIFF") for mode in ("RGB", "L")}
+    images |= {"rgba.png": (Image.fromarray(pixels).convert("RGBA"), "PNG"),
+               "16-bit.png": (Image.fromarray(pixels[..., 0].astype(np.uint16) * 257), "PNG"),
+               "cmyk.tiff": (Image.fromarray(pixels).convert("CMYK"), "TIFF"),
+               "big-endian.tiff": (Image.fromarray(pixels[..., 0].astype(">u2")), "TIFF"),
+               "bigtiff.tiff": (Image.fromarray(pixels), "TIFF", {"big_tiff": True})}
+    files = []
+    for name, (image, fmt, *options) in images.items():
+        image.save(tmp_path / name, fmt, **(options[0] if options else {}))
+        decode_image((tmp_path / name).read_bytes())  # the server decodes it
+        files.append(tmp_path / name)
+    predict.check_files(files)
+
+
+@pytest.mark.parametrize(("status", "message", "code"), [
+    (400, "bad input: image 1: not a decodable PNG, JPEG, BMP, GIF, WebP or TIFF image", 2),
+    (400, "Invalid input. Data is not compatible with model signature.", 1),  # not the files: this client's request
+], ids=["an-image-refused", "the-request-refused"])
+def test_predict_client_exits_2_when_the_server_refuses_a_file(tmp_path, capsys, status, message, code):
+    # a file the server refused (not an image, truncated, too large) is bad input as a missing one is: it exited 1, as
+    # for a server down or failing
+    files = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path in files:
+        path.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(status, json.dumps({"error_code": "BAD_REQUEST", "message": message}).encode()) as url:
+        assert predict.main([str(f) for f in files] + ["--url", url]) == code
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: server refused the request (HTTP {status}): ") and len(err.splitlines()) == 1
+    assert (f"{files[1]}: not a decodable" in err) == (code == 2)
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_predict_client_names_where_a_redirect_points(tmp_path, capsys, status):
+    # a gateway moving http:// to https:// (or a path): urllib turned a 301 or 302 into a GET without the images,
+    # "server refused the request (HTTP 405): Method Not Allowed", and a 307 or 308 into "(HTTP 308): (no message)"
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    seen = []
+
+    def moved(handler) -> None:
+        seen.append(handler.command)
+        handler.send_response(status)
+        handler.send_header("Location", "https://models.example.com/cifar/invocations")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with http_stub(moved) as url:
+        assert predict.main([str(image), "--url", url]) == 1
+    assert seen == ["POST"]  # not followed
+    assert capsys.readouterr().err == (f"error: {url} redirects to https://models.example.com/cifar/invocations "
+                                       f"(HTTP {status}); give --url the address it moved to\n")
+
+
+def test_predict_client_says_what_to_do_when_no_server_listens(tmp_path, capsys, monkeypatch):
+    # "cannot reach http://127.0.0.1:5001 ([Errno 111] Connection refused)" named no cure: a server not started yet,
+    # or one on another port (`mlflow models serve` defaults to 5000, the README serves on 5001)
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    port = free_port()
+    assert predict.main([str(image), "--url", f"http://127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot reach http://127.0.0.1:{port} (") and len(err.splitlines()) == 1
+    assert err.endswith(f"): no server listens there; start one (`mlflow models serve -m <model uri> --env-manager "
+                        f"local -p {port}`) or give --url the port one serves on\n")
+
+
+def test_predict_client_names_the_proxy_it_went_through(tmp_path, capsys, monkeypatch):
+    # with http_proxy set (a corporate shell) and no no_proxy, urllib sends even 127.0.0.1 through the proxy: a proxy
+    # down said "cannot reach http://127.0.0.1:5001 (Connection refused)" of a server that was up
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    server = f"http://127.0.0.1:{free_port()}"
+    proxy = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("http_proxy", proxy)
+    assert predict.main([str(image), "--url", server, "--timeout", "10"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot reach {server} (") and len(err.splitlines()) == 1
+    assert err.endswith(f") through the proxy {proxy} (http_proxy; add 127.0.0.1 to no_proxy to go direct)\n")
+    with answering(502, b"<html><title>502 Bad Gateway</title></html>") as proxy:
+        monkeypatch.setenv("http_proxy", proxy)
+        assert predict.main([str(image), "--url", server]) == 1
+    assert capsys.readouterr().err == (f"error: server failed on the request (HTTP 502): 502 Bad Gateway through the "
+                                       f"proxy {proxy} (http_proxy; add 127.0.0.1 to no_proxy to go direct)\n")
+
+
+@pytest.mark.parametrize(("status", "body", "problem"), [
+    (500, json.dumps({"error_code": "INTERNAL_ERROR", "message": "boom\nat line two\n  and three"}).encode(),
+     "server failed on the request (HTTP 500): boom at line two and three"),
+    (503, b"", "server failed on the request (HTTP 503): (no message)"),
+], ids=["multi-line-message", "no-body"])
+def test_predict_client_tells_a_server_failure_in_one_line(tmp_path, capsys, status, body, problem):
+    # a server's message over several lines (a model's error, a traceback) went out as it was, over several lines; and
+    # a server failing (5xx) was said to have "refused the request", as if the images were at fault
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(status, body) as url:
+        assert predict.main([str(image), "--url", url]) == 1
+    assert capsys.readouterr().err == f"error: {problem}\n"
+
+
+def test_predict_client_says_what_to_do_when_a_proxy_finds_the_request_too_large(tmp_path, capsys):
+    # nginx in front of the server refuses a body over 1 MB by default (client_max_body_size): the line said only
+    # "server refused the request (HTTP 413): 413 Request Entity Too Large ...", nothing of --batch-size
+    files = [tmp_path / f"{i}.png" for i in range(3)]
+    for path in files:
+        path.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    page = b"<html><head><title>413 Request Entity Too Large</title></head><body>nginx</body></html>"
+    with answering(413, page) as url:
+        assert predict.main([str(f) for f in files] + ["--url", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {url} refused a request of 3 images, ") and len(err.splitlines()) == 1
+    assert err.endswith(" as too large (HTTP 413: 413 Request Entity Too Large nginx): lower --batch-size\n")
+    with answering(413, page) as url:
+        assert predict.main([str(files[0]), "--url", url]) == 1
+    assert capsys.readouterr().err.endswith(f"): {files[0]} alone is over its limit (nginx: client_max_body_size)\n")
+
+
 def test_predict_client_names_a_file_on_stderr_escaped_as_on_stdout(tmp_path, capsys):
     # the names in an error line went out as they were: a newline in one split the line in two, and a name of Latin-1
     # bytes on a UTF-8 system showed as \udce9 (or, on a stderr that does not escape, raised UnicodeEncodeError)
@@ -1105,13 +1337,13 @@ def test_predict_client_names_a_file_on_stderr_escaped_as_on_stdout(tmp_path, ca
         path.write_bytes(encode(random_pixels(1)[0], "PNG"))
     refusal = json.dumps({"error_code": "BAD_REQUEST", "message": "image 0: not decodable; image 1: too large"})
     with answering(400, refusal.encode()) as url:
-        assert predict.main([str(f) for f in files] + ["--url", url]) == 1
+        assert predict.main([str(f) for f in files] + ["--url", url]) == 2
     assert capsys.readouterr().err == (f"error: server refused the request (HTTP 400): {tmp_path}/new\\nline.png: "
                                        f"not decodable; {tmp_path}/caf\\xe9.png: too large\n")
     folder = tmp_path / "tab\tand\nnewline.png"
     folder.mkdir()
-    assert predict.main([str(folder), "--url", f"http://127.0.0.1:{free_port()}"]) == 1
-    assert capsys.readouterr().err == f"error: {tmp_path}/tab\\tand\\nnewline.png: cannot read (Is a directory)\n"
+    assert predict.main([str(folder), "--url", f"http://127.0.0.1:{free_port()}"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}/tab\\tand\\nnewline.png: a directory, not an image file\n"
 
 
 @pytest.mark.parametrize(("given", "path"), [
@@ -1127,6 +1359,64 @@ def test_predict_client_posts_to_invocations_under_the_urls_path_keeping_its_que
                    requests=sent) as url:
         assert predict.main([str(image), "--url", url + given]) == 0
     assert sent[0][0] == path
+
+
+def test_predict_client_tells_an_https_url_of_a_plain_http_server_so(tmp_path, capsys):
+    # `mlflow models serve` speaks plain HTTP: https://host:port said "cannot reach ... ([SSL: WRONG_VERSION_NUMBER]
+    # wrong version number (_ssl.c:1006))", as if the server were down
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(200, json.dumps({"predictions": [{"label": "cat", "probability": 0.5}]}).encode()) as url:
+        secure = url.replace("http://", "https://")
+        assert predict.main([str(image), "--url", secure, "--timeout", "10"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {secure} answers no TLS (") and len(err.splitlines()) == 1
+    assert err.endswith(f"): `mlflow models serve` speaks plain HTTP, --url {url}\n")
+
+
+def test_predict_client_stopped_by_ctrl_c_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    # Ctrl-C during a long list of images ended in urllib's traceback, exit 1
+    files = [tmp_path / f"{i}.png" for i in range(3)]
+    for path in files:
+        path.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    calls = []
+
+    def answer_then_stop(url, images, timeout, names):
+        calls.append(names)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return [{"label": "cat", "probability": 0.5}]
+
+    monkeypatch.setattr(predict, "request_predictions", answer_then_stop)
+    assert predict.main([str(f) for f in files] + ["--batch-size", "1"]) == 130  # 128 + SIGINT, as a shell reports
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: stopped (Ctrl-C) at {files[1]}, after 1 of 3 images; none printed\n"
+
+    def stop(paths):  # the check of every file, long on a slow network folder
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "check_files", stop)
+    assert predict.main([str(f) for f in files]) == 130
+    assert capsys.readouterr() == ("", "error: stopped (Ctrl-C) before any request\n")
+
+
+@pytest.mark.parametrize("stdout", ["closed-pipe", "full-disk"])
+def test_predict_client_tells_predictions_it_could_not_write_in_one_line(tmp_path, stdout):
+    # `python -m pipeline.predict *.png | head -1` and a full disk ended in a traceback once every image was scored
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    if stdout == "closed-pipe":  # the reader gone before the client writes, as `head` once it has its lines
+        reader, writer = os.pipe()
+        os.close(reader)
+    else:
+        writer = os.open("/dev/full", os.O_WRONLY)
+    with answering(200, json.dumps({"predictions": [{"label": "cat", "probability": 0.5}]}).encode()) as url:
+        done = subprocess.run([sys.executable, "-m", "pipeline.predict", str(image), "--url", url], cwd=ROOT,
+                              stdout=writer, stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(writer)
+    assert done.returncode == 1
+    assert done.stderr == ("" if stdout == "closed-pipe" else
+                           "error: cannot write the predictions (No space left on device)\n")
 
 
 @contextlib.contextmanager
@@ -1218,13 +1508,34 @@ def test_predict_client_reports_another_models_answer_in_one_line(tmp_path, caps
     assert "unexpected answer from" in err and "is it serving this project's model?" in err
 
 
+@pytest.mark.parametrize(("body", "shown"), [
+    (b"<html><body>Welcome to nginx!</body></html>", "<html><body>Welcome to nginx!</body></html>"),
+    (b"[1, 2]", "[1, 2]"),
+    (b'{"status": "ok"}', '{"status": "ok"}'),
+    (b'{"predictions": [{"label": "cat", "probability": NaN}]}', '[{"label": "cat", "probability": NaN}]'),
+    (b'{"predictions": [{"label": "cat", "probability": true}]}', '[{"label": "cat", "probability": true}]'),
+    (b'{"predictions": [{"label": "cat", "probability": 7.5}]}', '[{"label": "cat", "probability": 7.5}]'),
+], ids=["html", "list", "no-predictions", "nan", "bool", "out-of-range"])
+def test_predict_client_reports_an_answer_that_holds_no_predictions_in_one_line(tmp_path, capsys, body, shown):
+    # a 200 that was not JSON, or JSON without "predictions", said "unexpected answer from ... (JSONDecodeError(
+    # 'Expecting value: line 1 column 1 (char 0)'))" or "(KeyError('predictions'))", naming nothing of the answer; a
+    # probability NaN, true or 7.5 was printed as nan, 1.0000, 7.5000
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    with answering(200, body) as url:
+        assert predict.main([str(image), "--url", url]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"error: unexpected answer from {url}: {shown} holds no label and probability per image; ")
+
+
 @pytest.mark.parametrize(("status", "page", "problem"), [
     (404, b"<!doctype html>\n<html lang=en>\n<title>404 Not Found</title>\n<h1>Not Found</h1>\n"
           b"<p>The requested URL was not found on the server.</p>\n",  # what `mlflow server` answers
      "no model server at --url"),
     (502, b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
           b"</center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n",
-     "server refused the request (HTTP 502): 502 Bad Gateway 502 Bad Gateway nginx"),
+     "server failed on the request (HTTP 502): 502 Bad Gateway 502 Bad Gateway nginx"),
 ], ids=["tracking-server", "proxy-page"])
 def test_predict_client_reports_a_server_that_is_not_a_model_server_in_one_line(tmp_path, capsys, status, page,
                                                                                  problem):
