@@ -59,6 +59,11 @@ class Stopped(PredictError):
     """Ctrl-C, while images were sent: exit 130, as a shell reports a command SIGINT stopped, and no traceback."""
 
 
+def count(n: int, noun: str) -> str:
+    """`1 image`, `3 images`."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def check_files(paths: list[Path]) -> None:
     """BadInput naming the first of `paths` that is no readable, non-empty file starting as an image of the served
     formats does: checked before any request, so a bad file late in the list does not cost the batches before it
@@ -258,6 +263,7 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
     headers = {"Content-Type": "application/json", **({"Authorization": authorization} if authorization else {})}
     request = urllib.request.Request(endpoint, data=request_body(images), headers=headers, method="POST")
     via = proxy_note(endpoint)
+    sent = f"a request of {count(len(images), 'image')}"  # as the messages below name it
     try:
         # an opener of its own, not urlopen's, built once a process: the proxies of proxy_note, the environment's now
         with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
@@ -274,10 +280,10 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
         if exc.code == 413:  # a proxy's limit on a request's size (nginx: 1 MB by default); the model server has none
             cure = ("lower --batch-size" if len(images) > 1 else
                     f"{names[0] if names else 'the image'} alone is over its limit (nginx: client_max_body_size)")
-            raise PredictError(f"{url} refused a request of {len(images)} images, {len(request.data):,} bytes, as too "
+            raise PredictError(f"{url} refused {sent}, {len(request.data):,} bytes, as too "
                                f"large (HTTP 413: {message}): {cure}") from None
         if exc.code == 504:  # the server's own time limit ran out (or a proxy's): a longer --timeout cannot help
-            raise PredictError(f"{url} ran out of time on a request of {len(images)} images (HTTP 504: {message}): "
+            raise PredictError(f"{url} ran out of time on {sent} (HTTP 504: {message}): "
                                f"lower --batch-size, or raise the server's limit "
                                f"(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT where `mlflow models serve` starts, 60 s by "
                                f"default){via}") from None
@@ -291,7 +297,7 @@ def request_predictions(url: str, images: list[str], timeout: float, names: list
     except OSError as exc:  # URLError (refused, unknown host, a timeout connecting), a connection reset, TLS
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, (ConnectionResetError, BrokenPipeError)):  # reached: it took the request, or part of it
-            raise PredictError(f"{url} closed the connection without an answer to a request of {len(images)} images "
+            raise PredictError(f"{url} closed the connection without an answer to {sent} "
                                f"({reason}): the server stopped, or its time limit ran out first "
                                f"(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s by default, counting the upload); lower "
                                f"--batch-size{via}") from None

@@ -1326,7 +1326,9 @@ def test_predict_client_says_what_to_do_when_a_proxy_finds_the_request_too_large
     assert err.endswith(" as too large (HTTP 413: 413 Request Entity Too Large nginx): lower --batch-size\n")
     with answering(413, page) as url:
         assert predict.main([str(files[0]), "--url", url]) == 1
-    assert capsys.readouterr().err.endswith(f"): {files[0]} alone is over its limit (nginx: client_max_body_size)\n")
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {url} refused a request of 1 image, ")  # one image, not "1 images"
+    assert err.endswith(f"): {files[0]} alone is over its limit (nginx: client_max_body_size)\n")
 
 
 def test_predict_client_names_a_file_on_stderr_escaped_as_on_stdout(tmp_path, capsys):
