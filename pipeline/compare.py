@@ -325,14 +325,17 @@ def test_data_note(table: pd.DataFrame) -> str:
     return note
 
 
-def left_out_note(unfinished: dict[str, int]) -> str:
-    """A line before the table naming the training runs left out as not finished, by status; else ''."""
+def left_out_note(unfinished: dict[str, int], other_project: int = 0) -> str:
+    """Lines before the table naming the training runs left out as not finished, by status, and counting those of
+    another project (`steps.of_another_project`); else ''."""
+    note = (f"Left out: {other_project} training run{'s' * (other_project > 1)} of another project (tag step=train, "
+            "but none of this pipeline's params).\n\n" if other_project else "")
     if not unfinished:
-        return ""
+        return note
     total = sum(unfinished.values())
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(unfinished.items()))
-    return (f"Left out: {total} training run{'s' * (total > 1)} not finished ({statuses}: still training, or stopped "
-            "before the end): only finished runs compare.\n\n")
+    return note + (f"Left out: {total} training run{'s' * (total > 1)} not finished ({statuses}: still training, or "
+                   "stopped before the end): only finished runs compare.\n\n")
 
 
 def wall_note(table: pd.DataFrame) -> str:
@@ -463,6 +466,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     if top is not None and top < 1:
         raise config.ConfigError(f"top: must be >= 1, got {top}")
     runs = steps.search_train_runs(experiment, run_ids)
+    other_project = runs.attrs.get("other_project", 0)
     if in_given_order:  # a sweep's trials in trial order: it registers the first of its equals, the lowest numbered,
         #                 whose train run a worker beside it may have started a moment later than the next trial's
         position = {run_id: i for i, run_id in enumerate(run_ids)}
@@ -473,8 +477,8 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     runs["data_digest"] = runs["run_id"].map(steps.trained_data_digest)
     table = top_runs(build_table(runs, histories), metric, top)
     unfinished = {} if run_ids else steps.unfinished_train_runs(experiment)  # named ones are each checked
-    markdown = (left_out_note(unfinished) + inert_note(runs, table) + data_note(table) + val_data_note(table)
-                + test_data_note(table) + wall_note(table) + markdown_table(table, DECIMALS))
+    markdown = (left_out_note(unfinished, other_project) + inert_note(runs, table) + data_note(table)
+                + val_data_note(table) + test_data_note(table) + wall_note(table) + markdown_table(table, DECIMALS))
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
     if experiment is None:

@@ -466,6 +466,43 @@ def test_training_runs_left_out_as_unfinished_are_counted_above_the_table(store)
     assert "Left out" not in compare.run("e2e", run_ids=[ids["done"]], metric="val_acc")["markdown"]
 
 
+def test_training_runs_of_another_project_in_the_store_are_left_out_saying_so(store):
+    """Another project sharing the store tags its runs step=train too: every experiment compared showed them as rows,
+    with a column for each of this pipeline's params (empty in theirs) and one for each of theirs (empty in ours),
+    and its failed runs counted as ours not finished. A run tagged so that logged params, none of this pipeline's,
+    is left out, counted above the table; named in run_ids, it is refused saying so."""
+    from mlflow import MlflowClient
+
+    from pipeline import compare, config
+
+    client = MlflowClient()
+    ours, theirs = client.get_experiment_by_name("e2e").experiment_id, client.create_experiment("elasticnet")
+    ids = {}
+    for name, experiment, params, status in (("a", ours, {"train.lr": "0.1"}, "FINISHED"),
+                                             ("b", ours, {"train.lr": "0.2"}, "FINISHED"),
+                                             ("x", theirs, {"alpha": "0.1", "l1_ratio": "0.5"}, "FINISHED"),
+                                             ("y", theirs, {"alpha": "0.5", "l1_ratio": "0.5"}, "FINISHED"),
+                                             ("z", theirs, {"alpha": "0.9"}, "FAILED")):
+        run = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+        for key, value in params.items():
+            client.log_param(run, key, value)
+        client.log_metric(run, "val_acc", 0.5, step=1)
+        client.set_terminated(run, status=status, end_time=2_000)
+        ids[name] = run
+    comparison = compare.run(metric="val_acc")
+    assert sorted(comparison["table"]["run_id"]) == sorted([ids["a"], ids["b"]])
+    assert [c for c in comparison["table"] if c.startswith(("train.", "alpha", "l1"))] == ["train.lr"]
+    assert comparison["markdown"].startswith(
+        "Left out: 2 training runs of another project (tag step=train, but none of this pipeline's params).\n\n")
+    assert "not finished" not in comparison["markdown"]  # their failed run is none of ours
+    with pytest.raises(config.ConfigError, match=f"^run_ids: not finished training runs: {ids['x']} \\(of another "
+                                                 r"project: none of this pipeline's params\)$"):
+        compare.run(run_ids=[ids["a"], ids["x"]], metric="val_acc")
+    with pytest.raises(config.ConfigError, match=r"^experiment: no finished training runs \(tag step='train'\) in "
+                                                 r"experiment 'elasticnet' \(left out: 2 of another project\)$"):
+        compare.run("elasticnet", metric="val_acc")
+
+
 def test_sorting_by_images_trained_on_that_no_run_counts_keeps_the_runs_oldest_first(store):
     """`-P metric=test_images_in_train` (or val_images_in_train), a sort column the docs list, was refused as no metric
     ("must be one of epochs, val_acc, ...") wherever no run counted any such image: the column is left out then."""

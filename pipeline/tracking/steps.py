@@ -427,9 +427,24 @@ def check_default_experiment() -> None:
             f"make it a folder this user may write, or set MLFLOW_EXPERIMENT_NAME to another")
 
 
+OTHER_PROJECT = "of another project: none of this pipeline's params"
+
+
+def of_another_project(params: dict[str, str]) -> bool:
+    """Whether a run tagged step = 'train' is another project's that shares the store and the tag: it logged params,
+    none of them this pipeline's (`config.default_params`). A run with no params at all is not told apart."""
+    return bool(params) and not set(params) & set(config.default_params())
+
+
+def row_params(run: pd.Series) -> dict[str, str]:
+    """The params of a run as a row of `mlflow.search_runs` holds them (`params.*` columns, NaN where not logged)."""
+    return {c.removeprefix("params."): v for c, v in run.items() if c.startswith("params.") and isinstance(v, str)}
+
+
 def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:
-    """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first; without run ids,
-    none tagged `superseded_by_retry` (a sweep's trial queued again, whose retry's train run counts instead).
+    """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first; none of another
+    project (`of_another_project`: how many, in `.attrs["other_project"]`); without run ids, none tagged
+    `superseded_by_retry` (a sweep's trial queued again, whose retry's train run counts instead).
 
     Inputs: an experiment name (None: every experiment) and optional run ids to keep. Output: one row
     per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`,
@@ -451,6 +466,10 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
     else:
         runs = mlflow.search_runs(search_all_experiments=True, filter_string=where,
                                   order_by=["attributes.start_time DESC"])
+    other = runs.apply(lambda run: of_another_project(row_params(run)), axis=1).astype(bool) if len(runs) else []
+    other_project = int(sum(other))
+    if other_project:
+        runs = runs[~other].reset_index(drop=True)
     if not run_ids and "tags.superseded_by_retry" in runs:  # a sweep's trial queued again: its retry's run counts
         runs = runs[runs["tags.superseded_by_retry"] != "true"].reset_index(drop=True)
     missing = sorted(set(run_ids) - set(runs["run_id"])) if len(runs) else sorted(run_ids)
@@ -460,28 +479,32 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
                                              for r in missing))
     if runs.empty:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
-        raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {where}")
+        raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {where}"
+                                 + (f" (left out: {other_project} of another project)" if other_project else ""))
+    runs.attrs["other_project"] = other_project
     return runs
 
 
 def unfinished_train_runs(experiment: str | None) -> dict[str, int]:
     """How many training runs (of `experiment`, else of every experiment) `search_train_runs` leaves out as not
     FINISHED, by status (RUNNING: still training, or left so by a kill; FAILED; KILLED), but a sweep's pruned trials
-    (tag `pruned_at_epoch`: stopped early by design) and its trials queued again (`superseded_by_retry`)."""
+    (tag `pruned_at_epoch`: stopped early by design), its trials queued again (`superseded_by_retry`) and runs of
+    another project (`of_another_project`)."""
     where = "tags.step = 'train' and attributes.status != 'FINISHED'"
     scope = ({"experiment_ids": [find_experiment_id(experiment)]} if experiment else {"search_all_experiments": True})
     runs = mlflow.search_runs(filter_string=where, output_format="list", **scope)
     counts: dict[str, int] = {}
     for run in runs:
-        if "pruned_at_epoch" not in run.data.tags and run.data.tags.get("superseded_by_retry") != "true":
+        if ("pruned_at_epoch" not in run.data.tags and run.data.tags.get("superseded_by_retry") != "true"
+                and not of_another_project(run.data.params)):
             counts[run.info.status] = counts.get(run.info.status, 0) + 1
     return counts
 
 
 def why_not_compared(run_id: str, experiment: str | None) -> str:
     """Why `search_train_runs` did not find run `run_id` among the finished training runs (of `experiment`): no such
-    run, in MLflow's trash (it or its experiment), of another experiment, of another step, or not FINISHED; "" if
-    none of these (it finished since)."""
+    run, in MLflow's trash (it or its experiment), of another experiment, step or project, or not FINISHED; "" if none
+    of these (it finished since)."""
     client = mlflow.MlflowClient()
     try:
         run = client.get_run(run_id)
@@ -497,6 +520,8 @@ def why_not_compared(run_id: str, experiment: str | None) -> str:
         return f"of experiment {found.name!r}"
     if (step := run.data.tags.get("step")) != "train":
         return f"a run of step {step!r}" if step else "no step's run (no tag step)"
+    if of_another_project(run.data.params):
+        return OTHER_PROJECT
     return run.info.status if run.info.status != "FINISHED" else ""
 
 
