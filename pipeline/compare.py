@@ -481,8 +481,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
                 + val_data_note(table) + test_data_note(table) + wall_note(table) + markdown_table(table, DECIMALS))
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
-    if experiment is None:
-        steps.check_default_experiment()
+    steps.check_comparison_experiment(experiment)
     with open_run("compare", experiment=experiment, run_name=name) as comparison:
         with artifact_dir() as folder:
             table.to_csv(folder / "runs.csv", index=False)

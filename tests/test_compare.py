@@ -1021,6 +1021,14 @@ def test_a_default_experiment_whose_artifact_folder_is_below_a_file_is_one_line_
                             tags={"step": "train"}).info.run_id
     client.log_metric(run, "val_acc", 0.5, step=1)
     client.set_terminated(run, end_time=2_000)
+    # named, the comparison run goes there: refused naming the param given, not tracking.experiment
+    in_blocked = client.create_run(blocked, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.set_terminated(in_blocked, end_time=2_000)
+    named = in_process("compare", "--experiment", "blocked")
+    assert named.returncode == 2 and "Traceback" not in named.stderr, named.stderr[-3000:]
+    assert named.stderr.strip().splitlines()[-1].startswith(
+        f"error: experiment: 'blocked' keeps its artifacts in {tmp_path / 'a file' / 'artifacts'}, where this user "
+        f"cannot write: {tmp_path / 'a file'} is a file, not a folder; "), named.stderr[-3000:]
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # as a process of its own: set by an earlier command
     refused = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "blocked"})
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
@@ -1028,7 +1036,7 @@ def test_a_default_experiment_whose_artifact_folder_is_below_a_file_is_one_line_
         f"error: experiment: none named, so the comparison run goes to MLflow's default experiment 'blocked', which "
         f"keeps its artifacts in {tmp_path / 'a file' / 'artifacts'}, where this user cannot write: "
         f"{tmp_path / 'a file'} is a file, not a folder; "), refused.stderr[-3000:]
-    assert client.search_runs([blocked], run_view_type=ViewType.ALL) == []
+    assert [r.info.run_id for r in client.search_runs([blocked], run_view_type=ViewType.ALL)] == [in_blocked]
 
 
 def test_a_comparison_whose_reader_stops_reading_is_recorded_finished(store):

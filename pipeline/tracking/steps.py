@@ -7,7 +7,7 @@
 - evaluate: `load_classifier` (the served pyfunc's Python model, refused where the scoring code logged with it,
   SCORING_CODE, is not the code this process loaded: `scoring_code_changes`), `log_evaluation` (params, and the test
   metrics on the run and on the logged model, `logged_model_id`).
-- compare: `find_experiment_id`, `search_train_runs`, `check_default_experiment` (where the comparison run goes),
+- compare: `find_experiment_id`, `search_train_runs`, `check_comparison_experiment` (where the comparison run goes),
   `log_comparison`.
 - main: `log_pipeline_results`, the headline results on the parent run.
 Files a step writes go in through `pipeline.tracking.artifact_dir`.
@@ -405,14 +405,22 @@ def find_experiment_id(name: str) -> str:
     return experiment.experiment_id
 
 
-def check_default_experiment() -> None:
-    """ConfigError if the comparison run of every experiment's runs would go to an experiment in MLflow's trash:
-    MLflow's default one (MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID, else `Default`), which MLflow refused to open
-    a run in (a traceback); or to one whose artifacts go to a local folder this user cannot write
-    (`unwritable_artifact_location`: `mlruns` a file, say), where the run died on MLflow's NotADirectoryError traceback
-    as the table was logged, FAILED. Nothing to check under `mlflow run` (its run is open already) or inside an active
-    run."""
+def check_comparison_experiment(experiment: str | None) -> None:
+    """ConfigError if the comparison run would go to an experiment whose artifacts go to a local folder this user
+    cannot write (`unwritable_artifact_location`: `mlruns` a file, say), where the run died on MLflow's
+    NotADirectoryError traceback as the table was logged, FAILED: `experiment` (param `experiment`, checked by
+    `find_experiment_id` already; open_run's check named `tracking.experiment`, no param of compare), or where none
+    is named MLflow's default one (MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID, else `Default`), which is also
+    refused in MLflow's trash (MLflow refused to open a run in it: a traceback). Nothing to check under `mlflow run`
+    (its run is open already, in its own experiment) or inside an active run."""
     if mlflow.active_run() is not None or os.environ.get("MLFLOW_RUN_ID"):
+        return
+    if experiment:
+        found = mlflow.get_experiment(find_experiment_id(experiment))
+        if unwritable := unwritable_artifact_location(found.artifact_location or ""):
+            raise config.ConfigError(
+                f"experiment: {experiment!r} keeps its artifacts in {unwritable[0]}, where this user cannot write: "
+                f"{unwritable[1]}; make it a folder this user may write, or name another experiment")
         return
     # the experiment `mlflow.start_run` picks where none is named
     experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
