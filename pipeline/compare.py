@@ -384,6 +384,8 @@ def val_data_note(table: pd.DataFrame) -> str:
 
 # Columns `build_table` leaves out where every run's count is 0: sorted by, the runs are equals, in the table's order.
 COUNT_COLUMNS = ("val_images_in_train", "test_images_in_train")
+# The numeric columns a table may have: what `metric` may name, checked before any run is read
+SORT_COLUMNS = RESULT_COLUMNS + COUNT_COLUMNS
 
 
 def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
@@ -393,8 +395,7 @@ def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
         table = table.assign(**{metric: 0})
         return top_runs(table, metric, top).drop(columns=metric)
     if metric not in table.columns or not pd.api.types.is_numeric_dtype(table[metric]):
-        numeric = [c for c in RESULT_COLUMNS if c in table.columns]
-        raise config.ConfigError(f"metric: must be one of {', '.join(numeric)}, got {metric!r}")
+        raise config.ConfigError(f"metric: must be one of {', '.join(SORT_COLUMNS)}, got {metric!r}")
     ordered = table.sort_values(metric, ascending=lower_is_better(metric), na_position="last",
                                 kind="stable").reset_index(drop=True)
     return ordered.head(top) if top else ordered
@@ -465,6 +466,8 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     run_ids = [r for r in (run_ids or []) if r]
     if top is not None and top < 1:
         raise config.ConfigError(f"top: must be >= 1, got {top}")
+    if metric not in SORT_COLUMNS:
+        raise config.ConfigError(f"metric: must be one of {', '.join(SORT_COLUMNS)}, got {metric!r}")
     runs = steps.search_train_runs(experiment, run_ids)
     other_project = runs.attrs.get("other_project", 0)
     if in_given_order:  # a sweep's trials in trial order: it registers the first of its equals, the lowest numbered,
@@ -517,7 +520,8 @@ def main() -> None:
     args = config.entry_point_parser(
         "compare", __doc__.split("\n")[0], experiment="experiment name (default: every experiment)",
         run_ids="training run ids, comma or space separated", top="keep the best N runs by --metric",
-        metric=f"sort column, best first (wall_s: lowest first): {', '.join(RESULT_COLUMNS)}").parse_args()
+        metric=f"sort column, best first (wall_s and the counts of images trained on: lowest first): "
+               f"{', '.join(SORT_COLUMNS)}").parse_args()
     run_ids = split_ids(args.run_ids)
     experiment = args.experiment or None
     try:

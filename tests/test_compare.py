@@ -212,6 +212,20 @@ def test_top_runs_puts_the_best_first_lowest_for_times_losses_and_images_trained
     assert top_runs(table, "test_acc", None)["run_id"].tolist() == ["slow", "fast", "unfinished"]  # missing: last
 
 
+def test_an_unknown_metric_is_refused_before_any_search(monkeypatch):
+    """`-P metric=test_loss` (a typo, a metric no column holds) was refused only once every run's histories and scores
+    had been read (20 s for 400 runs in SQLite, minutes on a server), and the list of columns it gave left out
+    val_images_in_train and test_images_in_train, which sort too."""
+    from pipeline import compare, config
+    from pipeline.tracking import steps
+
+    monkeypatch.setattr(steps, "search_train_runs", lambda *args: pytest.fail("searched"))
+    with pytest.raises(config.ConfigError, match=r"^metric: must be one of epochs, val_acc, best_val_acc, test_acc, "
+                                                 r"wall_s, images_per_s, val_images_in_train, test_images_in_train, "
+                                                 r"got 'test_loss'$"):
+        compare.run(metric="test_loss")
+
+
 def test_malformed_run_ids_are_refused_before_any_search(store, monkeypatch):
     import mlflow
 
