@@ -461,7 +461,7 @@ def test_training_runs_left_out_as_unfinished_are_counted_above_the_table(store)
     were still training or had failed: the comparison looked complete with runs missing from it."""
     from mlflow import MlflowClient
 
-    from pipeline import compare
+    from pipeline import compare, config
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("e2e").experiment_id
@@ -478,6 +478,11 @@ def test_training_runs_left_out_as_unfinished_are_counted_above_the_table(store)
     assert comparison["markdown"].startswith("Left out: 2 training runs not finished (1 FAILED, 1 RUNNING: still "
                                              "training, or stopped before the end)")  # a pruned trial is no loss
     assert "Left out" not in compare.run("e2e", run_ids=[ids["done"]], metric="val_acc")["markdown"]
+    # none finished: the error says what there is, not only that nothing compares
+    client.delete_run(ids["done"])
+    with pytest.raises(config.ConfigError, match=r"^experiment: no finished training runs \(tag step='train'\) in "
+                                                 r"experiment 'e2e' \(not finished: 1 FAILED, 1 RUNNING\)$"):
+        compare.run("e2e", metric="val_acc")
 
 
 def test_training_runs_of_another_project_in_the_store_are_left_out_saying_so(store):

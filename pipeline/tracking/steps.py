@@ -487,8 +487,11 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
                                              for r in missing))
     if runs.empty:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
+        unfinished = ", ".join(f"{n} {status}" for status, n in sorted(unfinished_train_runs(experiment).items()))
+        notes = [f"not finished: {unfinished}"] * bool(unfinished) + [
+            f"left out: {other_project} of another project"] * bool(other_project)
         raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {where}"
-                                 + (f" (left out: {other_project} of another project)" if other_project else ""))
+                                 + "".join(f" ({note})" for note in notes))
     runs.attrs["other_project"] = other_project
     return runs
 
