@@ -1023,6 +1023,20 @@ def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process,
     assert [r.info.experiment_id for r in comparisons()] == [client.get_experiment_by_name("e2e").experiment_id]
 
 
+def test_an_unknown_experiment_name_suggests_the_one_meant(store, in_process):
+    """`-P experiment=` given an experiment's id (as `mlflow runs list --experiment-id` takes it) or its name in
+    other letter case was only "no experiment named ..."."""
+    from mlflow import MlflowClient
+
+    experiment_id = MlflowClient().create_experiment("Seed-Study")
+    for given, hint in ((experiment_id, f"; experiment {experiment_id} is 'Seed-Study': give its name"),
+                        ("seed-study", "; did you mean 'Seed-Study'?"), ("seed-studdy", "; did you mean 'Seed-Study'?"),
+                        ("zzz", "")):
+        refused = in_process("compare", "--experiment", given)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.strip().splitlines()[-1] == f"error: experiment: no experiment named {given!r}{hint}"
+
+
 def test_a_default_experiment_whose_artifact_folder_is_below_a_file_is_one_line_before_the_run(store, tmp_path,
                                                                                                   in_process,
                                                                                                   monkeypatch):

@@ -16,6 +16,7 @@ Files a step writes go in through `pipeline.tracking.artifact_dir`.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import tempfile
@@ -393,12 +394,24 @@ def registered_model_id(model_uri: str) -> str | None:
 
 # ---------------------------------------------------------------- compare
 
+def experiment_meant(name: str) -> str:
+    """A hint for an experiment name no experiment has: the name of the experiment whose id it is (MLflow's CLI takes
+    ids), else the closest name, in any letter case; '' if none."""
+    client = mlflow.MlflowClient()
+    if name.isdigit():
+        with contextlib.suppress(MlflowException):
+            return f"; experiment {name} is {client.get_experiment(name).name!r}: give its name"
+    names = {e.name.lower(): e.name for e in client.search_experiments()}
+    close = difflib.get_close_matches(name.lower(), list(names), n=1, cutoff=0.7)
+    return f"; did you mean {names[close[0]]!r}?" if close else ""
+
+
 def find_experiment_id(name: str) -> str:
     """Experiment name -> id; ConfigError if there is none of that name, or it is in MLflow's trash (its runs are
     too: the search found none, and said the experiment held no finished training runs)."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        raise config.ConfigError(f"experiment: no experiment named {name!r}")
+        raise config.ConfigError(f"experiment: no experiment named {name!r}{experiment_meant(name)}")
     if experiment.lifecycle_stage == "deleted":
         raise config.ConfigError(f"experiment: {name!r} is in MLflow's trash; restore it (mlflow experiments restore "
                                  f"--experiment-id {experiment.experiment_id}) or name another")
