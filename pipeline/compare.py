@@ -404,8 +404,11 @@ def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
 def curve_label(row) -> str:
     """A run's legend entry: its name (cut to LABEL_CHARS) and short id, '$' kept literal (matplotlib reads text
     between two as math: a name like 'lr $\\alpha$' failed the comparison, others rendered mangled); a run without a
-    name (its cell in the table empty) by its short id alone, not as 'nan' or 'None'."""
+    name (its cell in the table empty) by its short id alone, not as 'nan' or 'None'; its val_data where the table
+    has that column (curves of other validation images, or of the test split, drawn alike read as comparable)."""
     notes = [row.run_id[:7]] + ([] if row.epochs else ["no val_acc"])
+    if isinstance(held_out := getattr(row, "val_data", None), str):
+        notes.append(f"val_data {held_out}")
     if not isinstance(row.run, str) or not row.run:
         return notes[0] + "".join(f" ({note})" for note in notes[1:])
     name = row.run if len(row.run) <= LABEL_CHARS else row.run[:LABEL_CHARS - 1] + "…"
@@ -437,8 +440,10 @@ def curves_figure(table: pd.DataFrame, histories: dict[str, pd.Series], metric: 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel(CURVE_METRIC)
+    sets = table["val_data"].nunique() if "val_data" in table else 1
     ax.set_title(f"{CURVE_METRIC} of {len(table)} training runs"
-                 + (f", the best {len(named)} by {metric} named" if len(rest) else ""))
+                 + (f", the best {len(named)} by {metric} named" if len(rest) else "")
+                 + (f", on {sets} validation sets (val_data)" if sets > 1 else ""))
     ax.grid(alpha=0.3)
     legend = fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     # The axes keep their size: the figure grows by the legend's width (and to its height)

@@ -340,9 +340,16 @@ def test_val_accs_measured_on_other_images_or_on_the_test_split_are_marked(monke
     assert note.startswith("val_acc and best_val_acc were measured on 4 different validation sets")
     assert "`params:` for a run from before that was recorded" in note
     assert "The rows whose val_data starts `test split` (2) validated on the test split" in note
+    # val_acc.png too: the curves of other validation images drawn alike read as comparable
+    figure = compare.curves_figure(table, histories, "val_acc")
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == [
+        f"{r} ({r}, val_data {v})" for r, v in zip(table["run"], table["val_data"], strict=True)]
+    assert figure.axes[0].get_title() == "val_acc of 5 training runs, on 4 validation sets (val_data)"
 
     same = compare.build_table(runs.iloc[1:3], histories)  # the same held-out images: no column, no note
     assert "val_data" not in same and compare.val_data_note(same) == ""
+    assert [t.get_text() for t in compare.curves_figure(same, histories, "val_acc").legends[0].get_texts()] == [
+        "b (b)", "c (c)"]
     alone = compare.build_table(runs.iloc[:1], histories)  # one run, but on the test split: still said
     assert alone["val_data"].tolist() == ["test split 111111111111"]
     assert compare.val_data_note(alone).startswith("The rows whose val_data starts `test split` (1) validated on the "
