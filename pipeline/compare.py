@@ -401,6 +401,19 @@ def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
     return ordered.head(top) if top else ordered
 
 
+def unranked_note(table: pd.DataFrame, metric: str) -> str:
+    """A line before the table where some of its runs (all of them, before `top` keeps the first) have no `metric`
+    (never evaluated: no test_acc; logged before a metric was): `top_runs` lists them last, in no order by it; else
+    ''. Their empty cells alone did not say the top rows were no best where none had one."""
+    if metric not in table:  # a count no run has: every run's is 0
+        return ""
+    missing = int(table[metric].isna().sum())
+    if not missing:
+        return ""
+    return (f"No {metric} for {missing} run{'s' * (missing > 1)} (of {len(table)}): they are listed last, in no order "
+            "by it.\n\n")
+
+
 def curve_label(row) -> str:
     """A run's legend entry: its name (cut to LABEL_CHARS) and short id, '$' kept literal (matplotlib reads text
     between two as math: a name like 'lr $\\alpha$' failed the comparison, others rendered mangled); a run without a
@@ -483,9 +496,11 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
         runs = runs.sort_values("start_time", kind="stable")
     histories = {run_id: val_acc_history(run_id) for run_id in runs["run_id"]}
     runs["data_digest"] = runs["run_id"].map(steps.trained_data_digest)
-    table = top_runs(build_table(runs, histories), metric, top)
+    table = build_table(runs, histories)
+    unranked = unranked_note(table, metric)
+    table = top_runs(table, metric, top)
     unfinished = {} if run_ids else steps.unfinished_train_runs(experiment)  # named ones are each checked
-    markdown = (left_out_note(unfinished, other_project) + inert_note(runs, table) + data_note(table)
+    markdown = (unranked + left_out_note(unfinished, other_project) + inert_note(runs, table) + data_note(table)
                 + val_data_note(table) + test_data_note(table) + wall_note(table) + markdown_table(table, DECIMALS))
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"

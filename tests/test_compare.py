@@ -549,6 +549,10 @@ def test_sorting_by_images_trained_on_that_no_run_counts_keeps_the_runs_oldest_f
         comparison = compare.run("e2e", metric=metric)
         assert comparison["table"]["run_id"].tolist() == ids and metric not in comparison["table"]
     assert compare.run("e2e", top=1, metric="val_images_in_train")["table"]["run_id"].tolist() == ids[:1]
+    # by a score none has (never evaluated): the rows are in no order by it, and the top one is no best
+    unranked = compare.run("e2e", top=1, metric="test_acc")["markdown"]
+    assert unranked.startswith("No test_acc for 2 runs (of 2): they are listed last, in no order by it.\n\n")
+    assert "No val_acc" not in compare.run("e2e", metric="val_acc")["markdown"]
 
 
 def test_a_pipe_or_a_line_break_in_a_cell_stays_in_its_cell(store):
