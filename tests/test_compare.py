@@ -1032,6 +1032,15 @@ def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process,
     done = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "e2e"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r.info.experiment_id for r in comparisons()] == [client.get_experiment_by_name("e2e").experiment_id]
+    # a default experiment that does not exist: MLflow's traceback, exit 1, once every run was read
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    unknown = in_process("compare", env={"MLFLOW_EXPERIMENT_ID": "999"})
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr, unknown.stderr[-3000:]
+    assert unknown.stderr.strip().splitlines()[-1] == (
+        "error: experiment: none named, so the comparison run goes to MLflow's default experiment, and "
+        "MLFLOW_EXPERIMENT_ID=999 names no experiment; name one (-P experiment=) or set MLFLOW_EXPERIMENT_ID to an "
+        "experiment's id")
+    assert len(comparisons()) == 1
 
 
 def test_an_unknown_experiment_name_suggests_the_one_meant(store, in_process):

@@ -424,7 +424,8 @@ def check_comparison_experiment(experiment: str | None) -> None:
     NotADirectoryError traceback as the table was logged, FAILED: `experiment` (param `experiment`, checked by
     `find_experiment_id` already; open_run's check named `tracking.experiment`, no param of compare), or where none
     is named MLflow's default one (MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID, else `Default`), which is also
-    refused in MLflow's trash (MLflow refused to open a run in it: a traceback). Nothing to check under `mlflow run`
+    refused in MLflow's trash (MLflow refused to open a run in it: a traceback) or where MLFLOW_EXPERIMENT_ID names
+    no experiment (a traceback too). Nothing to check under `mlflow run`
     (its run is open already, in its own experiment) or inside an active run."""
     if mlflow.active_run() is not None or os.environ.get("MLFLOW_RUN_ID"):
         return
@@ -436,7 +437,15 @@ def check_comparison_experiment(experiment: str | None) -> None:
                 f"{unwritable[1]}; make it a folder this user may write, or name another experiment")
         return
     # the experiment `mlflow.start_run` picks where none is named
-    experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
+    try:
+        experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
+    except MlflowException:  # MLFLOW_EXPERIMENT_ID naming none: MLflow's traceback, once every run was read
+        if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            raise
+        raise config.ConfigError(
+            f"experiment: none named, so the comparison run goes to MLflow's default experiment, and "
+            f"MLFLOW_EXPERIMENT_ID={os.environ.get('MLFLOW_EXPERIMENT_ID')} names no experiment; name one "
+            f"(-P experiment=) or set MLFLOW_EXPERIMENT_ID to an experiment's id") from None
     named = f"experiment: none named, so the comparison run goes to MLflow's default experiment {experiment.name!r}"
     if experiment.lifecycle_stage == "deleted":
         raise config.ConfigError(
