@@ -486,6 +486,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
         raise config.ConfigError(f"top: must be >= 1, got {top}")
     if metric not in SORT_COLUMNS:
         raise config.ConfigError(f"metric: must be one of {', '.join(SORT_COLUMNS)}, got {metric!r}")
+    steps.check_comparison_experiment(experiment)  # where the comparison goes, before hundreds of runs are read
     runs = steps.search_train_runs(experiment, run_ids)
     other_project = runs.attrs.get("other_project", 0)
     if in_given_order:  # a sweep's trials in trial order: it registers the first of its equals, the lowest numbered,
@@ -504,7 +505,6 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
                 + val_data_note(table) + test_data_note(table) + wall_note(table) + markdown_table(table, DECIMALS))
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
-    steps.check_comparison_experiment(experiment)
     with open_run("compare", experiment=experiment, run_name=name) as comparison:
         with artifact_dir() as folder:
             table.to_csv(folder / "runs.csv", index=False)
