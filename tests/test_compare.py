@@ -1152,6 +1152,8 @@ def test_run_ids_that_cannot_be_compared_are_refused_saying_why(store, in_proces
     good, binned, running, killed, evaluated, elsewhere = (
         finished(experiment), finished(experiment), finished(experiment, status=None),
         finished(experiment, status="KILLED"), finished(experiment, "evaluate"), finished(other))
+    parent = finished(experiment, "main")  # a pipeline's top run, as the UI lists it first: its train run is the one
+    client.set_tag(parent, "train_run_id", good)
     gone = client.create_experiment("gone")
     in_gone = finished(gone)
     client.delete_run(binned)
@@ -1162,6 +1164,7 @@ def test_run_ids_that_cannot_be_compared_are_refused_saying_why(store, in_proces
                         f"{gone}",
                running: "RUNNING",
                killed: "KILLED", evaluated: "a run of step 'evaluate'", elsewhere: "of experiment 'other'",
+               parent: f"a run of step 'main': give its training run, {good}",
                unknown: "no run of that id"}
     refused = in_process("compare", "--experiment", "e2e", "--run-ids", ",".join([good, *reasons]))
     assert refused.returncode == 2, refused.stderr[-3000:]

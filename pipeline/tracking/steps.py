@@ -552,6 +552,8 @@ def why_not_compared(run_id: str, experiment: str | None) -> str:
     if experiment and found.name != experiment:
         return f"of experiment {found.name!r}"
     if (step := run.data.tags.get("step")) != "train":
+        if trained := run.data.tags.get("train_run_id"):  # a pipeline's or a sweep trial's run, above its train run
+            return f"a run of step {step!r}: give its training run, {trained}"
         return f"a run of step {step!r}" if step else "no step's run (no tag step)"
     if of_another_project(run.data.params):
         return OTHER_PROJECT
