@@ -60,9 +60,10 @@ CURVE_METRIC = "val_acc"
 # Columns every table has, after the differing params; `--metric` picks one of the numeric ones.
 RESULT_COLUMNS = ("epochs", "val_acc", "best_val_acc", "test_acc", "wall_s", "images_per_s")
 # Params that identify rather than configure a run; they differ between runs without meaning anything: the
-# dataset URI, and the train entry point's own parameters, which `mlflow run . -e train` logs on the run as given
-# (`''` where left out), beside the dotted params they resolve to.
-IGNORED_PARAMS = ("dataset_uri",
+# dataset URI, the train entry point's own parameters, which `mlflow run . -e train` logs on the run as given
+# (`''` where left out), beside the dotted params they resolve to, and tracking.experiment, which is not even where
+# the run went under `mlflow run --experiment-name` (column `experiment` is: the run's experiment's name).
+IGNORED_PARAMS = ("dataset_uri", "tracking.experiment",
                   *config.read_yaml(config.MLPROJECT, key="MLproject")["entry_points"]["train"]["parameters"])
 # Tags naming what trained a run besides its params: a column where they differ between the runs, as the same params
 # under other code are another experiment (`train_code`: the digest of the training code, shortened), and so are they
@@ -280,6 +281,8 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             "test_images_in_train": metrics.get("test_images_in_train", math.nan),
         })
     table = pd.DataFrame(rows)
+    if "experiment_name" in runs and runs["experiment_name"].nunique() > 1:  # runs of several experiments: which
+        table.insert(table.columns.get_loc("run_id") + 1, "experiment", runs["experiment_name"].to_numpy())
     if table["data"].dropna().nunique() <= 1:  # trained on other data (the same data params, an edited image folder)
         table = table.drop(columns="data")
     else:

@@ -704,11 +704,16 @@ def test_the_parameters_mlflow_run_logs_on_a_train_run_are_no_columns(monkeypatc
              for k in ("params", "epochs", "data", "overrides", "dataset_uri", "resume")}
     runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "tags.model_uri": [None] * 3,
                          "start_time": pd.NaT, "end_time": pd.NaT, **entry,
-                         "params.train.lr": ["0.1", "0.1", "0.2"], "params.model.arch": ["preact"] * 2 + ["resnet9"]})
+                         "params.train.lr": ["0.1", "0.1", "0.2"], "params.model.arch": ["preact"] * 2 + ["resnet9"],
+                         # where each run went: not tracking.experiment, which `mlflow run --experiment-name` overrides
+                         "params.tracking.experiment": ["cifar10-resnet"] * 2 + ["e2e"],
+                         "experiment_name": ["e2e", "lr-study", "e2e"]})
     histories = {r: pd.Series({1: 0.5, 2: 0.6, 3: 0.7}) for r in "abc"}
     table = compare.build_table(runs, histories)
-    assert list(table.columns)[:4] == ["run", "run_id", "model.arch", "train.lr"]
-    assert not {"params", "data", "overrides", "dataset_uri", "resume"} & set(table.columns)
+    assert list(table.columns)[:5] == ["run", "run_id", "experiment", "model.arch", "train.lr"]
+    assert table["experiment"].tolist() == ["e2e", "lr-study", "e2e"]
+    assert "experiment" not in compare.build_table(runs.iloc[[0, 2]], histories)  # one experiment: no column
+    assert not {"params", "data", "overrides", "dataset_uri", "resume", "tracking.experiment"} & set(table.columns)
     assert table["epochs"].tolist() == [3, 3, 3]
     assert compare.differing_params(runs[list(reversed(runs.columns))]) == ["params.model.arch", "params.train.lr"]
 
@@ -1170,8 +1175,10 @@ def test_run_ids_that_cannot_be_compared_are_refused_saying_why(store, in_proces
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert refused.stderr.strip().splitlines()[-1] == "error: run_ids: not finished training runs of e2e: " + ", ".join(
         f"{run_id} ({reasons[run_id]})" for run_id in sorted(reasons))
-    # with no experiment named, a run of any experiment is compared
-    assert in_process("compare", "--run-ids", f"{good},{elsewhere}").returncode == 0
+    # with no experiment named, a run of any experiment is compared, its experiment named
+    both = in_process("compare", "--run-ids", f"{good},{elsewhere}")
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert re.search(r"^\| run +\| run_id +\| experiment +\|", both.stdout, re.M) and "| other " in both.stdout
 
 
 def test_a_model_evaluated_on_its_dataset_spelled_otherwise_shows_its_test_acc(store, tmp_path, monkeypatch):

@@ -477,9 +477,8 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
     `superseded_by_retry` (a sweep's trial queued again, whose retry's train run counts instead).
 
     Inputs: an experiment name (None: every experiment) and optional run ids to keep. Output: one row
-    per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`,
-    `start_time`, `end_time`. ConfigError if nothing matches, a run id is malformed or a named run is not
-    a training run.
+    per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`, `start_time`, `end_time`, `experiment_id`,
+    `experiment_name`. ConfigError if nothing matches, a run id is malformed or a named run is not a training run.
     """
     # Checked before they go into the filter string, where a quote would make MLflow fail on its syntax.
     malformed = [r for r in run_ids if len(r) != 32 or set(r) - set("0123456789abcdef")]
@@ -515,6 +514,9 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
         raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {where}"
                                  + "".join(f" ({note})" for note in notes))
     runs.attrs["other_project"] = other_project
+    client = mlflow.MlflowClient()
+    names = {found: client.get_experiment(found).name for found in runs["experiment_id"].unique()}
+    runs["experiment_name"] = runs["experiment_id"].map(names)
     return runs
 
 
