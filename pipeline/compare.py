@@ -60,9 +60,10 @@ CURVE_METRIC = "val_acc"
 # Columns every table has, after the differing params; `--metric` picks one of the numeric ones.
 RESULT_COLUMNS = ("epochs", "val_acc", "best_val_acc", "test_acc", "wall_s", "images_per_s")
 # Params that identify rather than configure a run; they differ between runs without meaning anything: the
-# dataset URI, and the train entry point's own parameters, which `mlflow run . -e train` logs on the run as given
-# (`''` where left out), beside the dotted params they resolve to.
-IGNORED_PARAMS = ("dataset_uri",
+# dataset URI, the train entry point's own parameters, which `mlflow run . -e train` logs on the run as given
+# (`''` where left out), beside the dotted params they resolve to, and tracking.experiment, which is not even where
+# the run went under `mlflow run --experiment-name` (column `experiment` is: the run's experiment's name).
+IGNORED_PARAMS = ("dataset_uri", "tracking.experiment",
                   *config.read_yaml(config.MLPROJECT, key="MLproject")["entry_points"]["train"]["parameters"])
 # Tags naming what trained a run besides its params: a column where they differ between the runs, as the same params
 # under other code are another experiment (`train_code`: the digest of the training code, shortened), and so are they
@@ -280,6 +281,8 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             "test_images_in_train": metrics.get("test_images_in_train", math.nan),
         })
     table = pd.DataFrame(rows)
+    if "experiment_name" in runs and runs["experiment_name"].nunique() > 1:  # runs of several experiments: which
+        table.insert(table.columns.get_loc("run_id") + 1, "experiment", runs["experiment_name"].to_numpy())
     if table["data"].dropna().nunique() <= 1:  # trained on other data (the same data params, an edited image folder)
         table = table.drop(columns="data")
     else:
@@ -325,14 +328,17 @@ def test_data_note(table: pd.DataFrame) -> str:
     return note
 
 
-def left_out_note(unfinished: dict[str, int]) -> str:
-    """A line before the table naming the training runs left out as not finished, by status; else ''."""
+def left_out_note(unfinished: dict[str, int], other_project: int = 0) -> str:
+    """Lines before the table naming the training runs left out as not finished, by status, and counting those of
+    another project (`steps.of_another_project`); else ''."""
+    note = (f"Left out: {other_project} training run{'s' * (other_project > 1)} of another project (tag step=train, "
+            "but none of this pipeline's params).\n\n" if other_project else "")
     if not unfinished:
-        return ""
+        return note
     total = sum(unfinished.values())
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(unfinished.items()))
-    return (f"Left out: {total} training run{'s' * (total > 1)} not finished ({statuses}: still training, or stopped "
-            "before the end): only finished runs compare.\n\n")
+    return note + (f"Left out: {total} training run{'s' * (total > 1)} not finished ({statuses}: still training, or "
+                   "stopped before the end): only finished runs compare.\n\n")
 
 
 def wall_note(table: pd.DataFrame) -> str:
@@ -381,6 +387,8 @@ def val_data_note(table: pd.DataFrame) -> str:
 
 # Columns `build_table` leaves out where every run's count is 0: sorted by, the runs are equals, in the table's order.
 COUNT_COLUMNS = ("val_images_in_train", "test_images_in_train")
+# The numeric columns a table may have: what `metric` may name, checked before any run is read
+SORT_COLUMNS = RESULT_COLUMNS + COUNT_COLUMNS
 
 
 def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
@@ -390,18 +398,33 @@ def top_runs(table: pd.DataFrame, metric: str, top: int | None) -> pd.DataFrame:
         table = table.assign(**{metric: 0})
         return top_runs(table, metric, top).drop(columns=metric)
     if metric not in table.columns or not pd.api.types.is_numeric_dtype(table[metric]):
-        numeric = [c for c in RESULT_COLUMNS if c in table.columns]
-        raise config.ConfigError(f"metric: must be one of {', '.join(numeric)}, got {metric!r}")
+        raise config.ConfigError(f"metric: must be one of {', '.join(SORT_COLUMNS)}, got {metric!r}")
     ordered = table.sort_values(metric, ascending=lower_is_better(metric), na_position="last",
                                 kind="stable").reset_index(drop=True)
     return ordered.head(top) if top else ordered
 
 
+def unranked_note(table: pd.DataFrame, metric: str) -> str:
+    """A line before the table where some of its runs (all of them, before `top` keeps the first) have no `metric`
+    (never evaluated: no test_acc; logged before a metric was): `top_runs` lists them last, in no order by it; else
+    ''. Their empty cells alone did not say the top rows were no best where none had one."""
+    if metric not in table:  # a count no run has: every run's is 0
+        return ""
+    missing = int(table[metric].isna().sum())
+    if not missing:
+        return ""
+    return (f"No {metric} for {missing} run{'s' * (missing > 1)} (of {len(table)}): they are listed last, in no order "
+            "by it.\n\n")
+
+
 def curve_label(row) -> str:
     """A run's legend entry: its name (cut to LABEL_CHARS) and short id, '$' kept literal (matplotlib reads text
     between two as math: a name like 'lr $\\alpha$' failed the comparison, others rendered mangled); a run without a
-    name (its cell in the table empty) by its short id alone, not as 'nan' or 'None'."""
+    name (its cell in the table empty) by its short id alone, not as 'nan' or 'None'; its val_data where the table
+    has that column (curves of other validation images, or of the test split, drawn alike read as comparable)."""
     notes = [row.run_id[:7]] + ([] if row.epochs else ["no val_acc"])
+    if isinstance(held_out := getattr(row, "val_data", None), str):
+        notes.append(f"val_data {held_out}")
     if not isinstance(row.run, str) or not row.run:
         return notes[0] + "".join(f" ({note})" for note in notes[1:])
     name = row.run if len(row.run) <= LABEL_CHARS else row.run[:LABEL_CHARS - 1] + "…"
@@ -433,8 +456,10 @@ def curves_figure(table: pd.DataFrame, histories: dict[str, pd.Series], metric: 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel(CURVE_METRIC)
+    sets = table["val_data"].nunique() if "val_data" in table else 1
     ax.set_title(f"{CURVE_METRIC} of {len(table)} training runs"
-                 + (f", the best {len(named)} by {metric} named" if len(rest) else ""))
+                 + (f", the best {len(named)} by {metric} named" if len(rest) else "")
+                 + (f", on {sets} validation sets (val_data)" if sets > 1 else ""))
     ax.grid(alpha=0.3)
     legend = fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     # The axes keep their size: the figure grows by the legend's width (and to its height)
@@ -462,7 +487,11 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     run_ids = [r for r in (run_ids or []) if r]
     if top is not None and top < 1:
         raise config.ConfigError(f"top: must be >= 1, got {top}")
+    if metric not in SORT_COLUMNS:
+        raise config.ConfigError(f"metric: must be one of {', '.join(SORT_COLUMNS)}, got {metric!r}")
+    steps.check_comparison_experiment(experiment)  # where the comparison goes, before hundreds of runs are read
     runs = steps.search_train_runs(experiment, run_ids)
+    other_project = runs.attrs.get("other_project", 0)
     if in_given_order:  # a sweep's trials in trial order: it registers the first of its equals, the lowest numbered,
         #                 whose train run a worker beside it may have started a moment later than the next trial's
         position = {run_id: i for i, run_id in enumerate(run_ids)}
@@ -471,14 +500,14 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
         runs = runs.sort_values("start_time", kind="stable")
     histories = {run_id: val_acc_history(run_id) for run_id in runs["run_id"]}
     runs["data_digest"] = runs["run_id"].map(steps.trained_data_digest)
-    table = top_runs(build_table(runs, histories), metric, top)
+    table = build_table(runs, histories)
+    unranked = unranked_note(table, metric)
+    table = top_runs(table, metric, top)
     unfinished = {} if run_ids else steps.unfinished_train_runs(experiment)  # named ones are each checked
-    markdown = (left_out_note(unfinished) + inert_note(runs, table) + data_note(table) + val_data_note(table)
-                + test_data_note(table) + wall_note(table) + markdown_table(table, DECIMALS))
+    markdown = (unranked + left_out_note(unfinished, other_project) + inert_note(runs, table) + data_note(table)
+                + val_data_note(table) + test_data_note(table) + wall_note(table) + markdown_table(table, DECIMALS))
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
-    if experiment is None:
-        steps.check_default_experiment()
     with open_run("compare", experiment=experiment, run_name=name) as comparison:
         with artifact_dir() as folder:
             table.to_csv(folder / "runs.csv", index=False)
@@ -514,7 +543,8 @@ def main() -> None:
     args = config.entry_point_parser(
         "compare", __doc__.split("\n")[0], experiment="experiment name (default: every experiment)",
         run_ids="training run ids, comma or space separated", top="keep the best N runs by --metric",
-        metric=f"sort column, best first (wall_s: lowest first): {', '.join(RESULT_COLUMNS)}").parse_args()
+        metric=f"sort column, best first (wall_s and the counts of images trained on: lowest first): "
+               f"{', '.join(SORT_COLUMNS)}").parse_args()
     run_ids = split_ids(args.run_ids)
     experiment = args.experiment or None
     try:

@@ -212,6 +212,20 @@ def test_top_runs_puts_the_best_first_lowest_for_times_losses_and_images_trained
     assert top_runs(table, "test_acc", None)["run_id"].tolist() == ["slow", "fast", "unfinished"]  # missing: last
 
 
+def test_an_unknown_metric_is_refused_before_any_search(monkeypatch):
+    """`-P metric=test_loss` (a typo, a metric no column holds) was refused only once every run's histories and scores
+    had been read (20 s for 400 runs in SQLite, minutes on a server), and the list of columns it gave left out
+    val_images_in_train and test_images_in_train, which sort too."""
+    from pipeline import compare, config
+    from pipeline.tracking import steps
+
+    monkeypatch.setattr(steps, "search_train_runs", lambda *args: pytest.fail("searched"))
+    with pytest.raises(config.ConfigError, match=r"^metric: must be one of epochs, val_acc, best_val_acc, test_acc, "
+                                                 r"wall_s, images_per_s, val_images_in_train, test_images_in_train, "
+                                                 r"got 'test_loss'$"):
+        compare.run(metric="test_loss")
+
+
 def test_malformed_run_ids_are_refused_before_any_search(store, monkeypatch):
     import mlflow
 
@@ -326,9 +340,16 @@ def test_val_accs_measured_on_other_images_or_on_the_test_split_are_marked(monke
     assert note.startswith("val_acc and best_val_acc were measured on 4 different validation sets")
     assert "`params:` for a run from before that was recorded" in note
     assert "The rows whose val_data starts `test split` (2) validated on the test split" in note
+    # val_acc.png too: the curves of other validation images drawn alike read as comparable
+    figure = compare.curves_figure(table, histories, "val_acc")
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == [
+        f"{r} ({r}, val_data {v})" for r, v in zip(table["run"], table["val_data"], strict=True)]
+    assert figure.axes[0].get_title() == "val_acc of 5 training runs, on 4 validation sets (val_data)"
 
     same = compare.build_table(runs.iloc[1:3], histories)  # the same held-out images: no column, no note
     assert "val_data" not in same and compare.val_data_note(same) == ""
+    assert [t.get_text() for t in compare.curves_figure(same, histories, "val_acc").legends[0].get_texts()] == [
+        "b (b)", "c (c)"]
     alone = compare.build_table(runs.iloc[:1], histories)  # one run, but on the test split: still said
     assert alone["val_data"].tolist() == ["test split 111111111111"]
     assert compare.val_data_note(alone).startswith("The rows whose val_data starts `test split` (1) validated on the "
@@ -447,7 +468,7 @@ def test_training_runs_left_out_as_unfinished_are_counted_above_the_table(store)
     were still training or had failed: the comparison looked complete with runs missing from it."""
     from mlflow import MlflowClient
 
-    from pipeline import compare
+    from pipeline import compare, config
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("e2e").experiment_id
@@ -464,6 +485,48 @@ def test_training_runs_left_out_as_unfinished_are_counted_above_the_table(store)
     assert comparison["markdown"].startswith("Left out: 2 training runs not finished (1 FAILED, 1 RUNNING: still "
                                              "training, or stopped before the end)")  # a pruned trial is no loss
     assert "Left out" not in compare.run("e2e", run_ids=[ids["done"]], metric="val_acc")["markdown"]
+    # none finished: the error says what there is, not only that nothing compares
+    client.delete_run(ids["done"])
+    with pytest.raises(config.ConfigError, match=r"^experiment: no finished training runs \(tag step='train'\) in "
+                                                 r"experiment 'e2e' \(not finished: 1 FAILED, 1 RUNNING\)$"):
+        compare.run("e2e", metric="val_acc")
+
+
+def test_training_runs_of_another_project_in_the_store_are_left_out_saying_so(store):
+    """Another project sharing the store tags its runs step=train too: every experiment compared showed them as rows,
+    with a column for each of this pipeline's params (empty in theirs) and one for each of theirs (empty in ours),
+    and its failed runs counted as ours not finished. A run tagged so that logged params, none of this pipeline's,
+    is left out, counted above the table; named in run_ids, it is refused saying so."""
+    from mlflow import MlflowClient
+
+    from pipeline import compare, config
+
+    client = MlflowClient()
+    ours, theirs = client.get_experiment_by_name("e2e").experiment_id, client.create_experiment("elasticnet")
+    ids = {}
+    for name, experiment, params, status in (("a", ours, {"train.lr": "0.1"}, "FINISHED"),
+                                             ("b", ours, {"train.lr": "0.2"}, "FINISHED"),
+                                             ("x", theirs, {"alpha": "0.1", "l1_ratio": "0.5"}, "FINISHED"),
+                                             ("y", theirs, {"alpha": "0.5", "l1_ratio": "0.5"}, "FINISHED"),
+                                             ("z", theirs, {"alpha": "0.9"}, "FAILED")):
+        run = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+        for key, value in params.items():
+            client.log_param(run, key, value)
+        client.log_metric(run, "val_acc", 0.5, step=1)
+        client.set_terminated(run, status=status, end_time=2_000)
+        ids[name] = run
+    comparison = compare.run(metric="val_acc")
+    assert sorted(comparison["table"]["run_id"]) == sorted([ids["a"], ids["b"]])
+    assert [c for c in comparison["table"] if c.startswith(("train.", "alpha", "l1"))] == ["train.lr"]
+    assert comparison["markdown"].startswith(
+        "Left out: 2 training runs of another project (tag step=train, but none of this pipeline's params).\n\n")
+    assert "not finished" not in comparison["markdown"]  # their failed run is none of ours
+    with pytest.raises(config.ConfigError, match=f"^run_ids: not finished training runs: {ids['x']} \\(of another "
+                                                 r"project: none of this pipeline's params\)$"):
+        compare.run(run_ids=[ids["a"], ids["x"]], metric="val_acc")
+    with pytest.raises(config.ConfigError, match=r"^experiment: no finished training runs \(tag step='train'\) in "
+                                                 r"experiment 'elasticnet' \(left out: 2 of another project\)$"):
+        compare.run("elasticnet", metric="val_acc")
 
 
 def test_sorting_by_images_trained_on_that_no_run_counts_keeps_the_runs_oldest_first(store):
@@ -486,6 +549,10 @@ def test_sorting_by_images_trained_on_that_no_run_counts_keeps_the_runs_oldest_f
         comparison = compare.run("e2e", metric=metric)
         assert comparison["table"]["run_id"].tolist() == ids and metric not in comparison["table"]
     assert compare.run("e2e", top=1, metric="val_images_in_train")["table"]["run_id"].tolist() == ids[:1]
+    # by a score none has (never evaluated): the rows are in no order by it, and the top one is no best
+    unranked = compare.run("e2e", top=1, metric="test_acc")["markdown"]
+    assert unranked.startswith("No test_acc for 2 runs (of 2): they are listed last, in no order by it.\n\n")
+    assert "No val_acc" not in compare.run("e2e", metric="val_acc")["markdown"]
 
 
 def test_a_pipe_or_a_line_break_in_a_cell_stays_in_its_cell(store):
@@ -637,11 +704,16 @@ def test_the_parameters_mlflow_run_logs_on_a_train_run_are_no_columns(monkeypatc
              for k in ("params", "epochs", "data", "overrides", "dataset_uri", "resume")}
     runs = pd.DataFrame({"run_id": list("abc"), "tags.mlflow.runName": list("abc"), "tags.model_uri": [None] * 3,
                          "start_time": pd.NaT, "end_time": pd.NaT, **entry,
-                         "params.train.lr": ["0.1", "0.1", "0.2"], "params.model.arch": ["preact"] * 2 + ["resnet9"]})
+                         "params.train.lr": ["0.1", "0.1", "0.2"], "params.model.arch": ["preact"] * 2 + ["resnet9"],
+                         # where each run went: not tracking.experiment, which `mlflow run --experiment-name` overrides
+                         "params.tracking.experiment": ["cifar10-resnet"] * 2 + ["e2e"],
+                         "experiment_name": ["e2e", "lr-study", "e2e"]})
     histories = {r: pd.Series({1: 0.5, 2: 0.6, 3: 0.7}) for r in "abc"}
     table = compare.build_table(runs, histories)
-    assert list(table.columns)[:4] == ["run", "run_id", "model.arch", "train.lr"]
-    assert not {"params", "data", "overrides", "dataset_uri", "resume"} & set(table.columns)
+    assert list(table.columns)[:5] == ["run", "run_id", "experiment", "model.arch", "train.lr"]
+    assert table["experiment"].tolist() == ["e2e", "lr-study", "e2e"]
+    assert "experiment" not in compare.build_table(runs.iloc[[0, 2]], histories)  # one experiment: no column
+    assert not {"params", "data", "overrides", "dataset_uri", "resume", "tracking.experiment"} & set(table.columns)
     assert table["epochs"].tolist() == [3, 3, 3]
     assert compare.differing_params(runs[list(reversed(runs.columns))]) == ["params.model.arch", "params.train.lr"]
 
@@ -654,7 +726,7 @@ def test_params_that_differ_only_where_they_have_no_effect_are_no_columns(monkey
     others' cells `(inert)`."""
     import pandas as pd
 
-    from pipeline import compare
+    from pipeline import compare, config
 
     monkeypatch.setattr(compare, "model_score", lambda uri, *dataset: ({}, None))
     inert = [{"train.nesterov": "train.momentum 0.0", "train.ema_momentum": "train.ema false"},
@@ -686,6 +758,13 @@ def test_params_that_differ_only_where_they_have_no_effect_are_no_columns(monkey
     assert compare.inert_note(runs.iloc[:2], alike).startswith("Left out: train.ema_momentum, train.nesterov, whose ")
     assert "(inert)" not in compare.inert_note(runs.iloc[:2], alike)
     assert compare.inert_note(runs.iloc[2:3], compare.build_table(runs.iloc[2:3], histories)) == ""
+
+    # hundreds of runs from before the tag: default.yaml was parsed again for each, twice (37 s of 46 for 400 runs)
+    reads, read = [], config.read_yaml
+    monkeypatch.setattr(config, "read_yaml", lambda *args, **kwargs: reads.append(args) or read(*args, **kwargs))
+    many = pd.concat([runs.iloc[3:]] * 100, ignore_index=True).assign(run_id=[f"{i:032x}" for i in range(100)])
+    compare.inert_note(many, compare.build_table(many, dict.fromkeys(many["run_id"], histories["d"])))
+    assert len(reads) <= 1
 
 
 def test_test_acc_is_the_models_score_on_the_data_it_trained_on(store):
@@ -935,6 +1014,8 @@ def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process,
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
+    from pipeline.tracking import steps
+
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # as a process of its own: set by an earlier command
     client = MlflowClient()
     binned = client.create_experiment("binned")
@@ -954,7 +1035,9 @@ def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process,
     assert named.stderr.strip().splitlines()[-1] == (
         f"error: experiment: 'binned' is in MLflow's trash; restore it (mlflow experiments restore --experiment-id "
         f"{binned}) or name another")
-    unnamed = in_process("compare")
+    with monkeypatch.context() as patch:  # refused before a run is read: no wait on hundreds of them first
+        patch.setattr(steps, "search_train_runs", lambda *args: pytest.fail("searched"))
+        unnamed = in_process("compare")
     assert unnamed.returncode == 2, unnamed.stderr[-3000:]
     assert unnamed.stderr.strip().splitlines()[-1] == (
         "error: experiment: none named, so the comparison run goes to MLflow's default experiment 'Default', which is "
@@ -965,6 +1048,29 @@ def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process,
     done = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "e2e"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r.info.experiment_id for r in comparisons()] == [client.get_experiment_by_name("e2e").experiment_id]
+    # a default experiment that does not exist: MLflow's traceback, exit 1, once every run was read
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    unknown = in_process("compare", env={"MLFLOW_EXPERIMENT_ID": "999"})
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr, unknown.stderr[-3000:]
+    assert unknown.stderr.strip().splitlines()[-1] == (
+        "error: experiment: none named, so the comparison run goes to MLflow's default experiment, and "
+        "MLFLOW_EXPERIMENT_ID=999 names no experiment; name one (-P experiment=) or set MLFLOW_EXPERIMENT_ID to an "
+        "experiment's id")
+    assert len(comparisons()) == 1
+
+
+def test_an_unknown_experiment_name_suggests_the_one_meant(store, in_process):
+    """`-P experiment=` given an experiment's id (as `mlflow runs list --experiment-id` takes it) or its name in
+    other letter case was only "no experiment named ..."."""
+    from mlflow import MlflowClient
+
+    experiment_id = MlflowClient().create_experiment("Seed-Study")
+    for given, hint in ((experiment_id, f"; experiment {experiment_id} is 'Seed-Study': give its name"),
+                        ("seed-study", "; did you mean 'Seed-Study'?"), ("seed-studdy", "; did you mean 'Seed-Study'?"),
+                        ("zzz", "")):
+        refused = in_process("compare", "--experiment", given)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.strip().splitlines()[-1] == f"error: experiment: no experiment named {given!r}{hint}"
 
 
 def test_a_default_experiment_whose_artifact_folder_is_below_a_file_is_one_line_before_the_run(store, tmp_path,
@@ -984,6 +1090,14 @@ def test_a_default_experiment_whose_artifact_folder_is_below_a_file_is_one_line_
                             tags={"step": "train"}).info.run_id
     client.log_metric(run, "val_acc", 0.5, step=1)
     client.set_terminated(run, end_time=2_000)
+    # named, the comparison run goes there: refused naming the param given, not tracking.experiment
+    in_blocked = client.create_run(blocked, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.set_terminated(in_blocked, end_time=2_000)
+    named = in_process("compare", "--experiment", "blocked")
+    assert named.returncode == 2 and "Traceback" not in named.stderr, named.stderr[-3000:]
+    assert named.stderr.strip().splitlines()[-1].startswith(
+        f"error: experiment: 'blocked' keeps its artifacts in {tmp_path / 'a file' / 'artifacts'}, where this user "
+        f"cannot write: {tmp_path / 'a file'} is a file, not a folder; "), named.stderr[-3000:]
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # as a process of its own: set by an earlier command
     refused = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "blocked"})
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
@@ -991,7 +1105,7 @@ def test_a_default_experiment_whose_artifact_folder_is_below_a_file_is_one_line_
         f"error: experiment: none named, so the comparison run goes to MLflow's default experiment 'blocked', which "
         f"keeps its artifacts in {tmp_path / 'a file' / 'artifacts'}, where this user cannot write: "
         f"{tmp_path / 'a file'} is a file, not a folder; "), refused.stderr[-3000:]
-    assert client.search_runs([blocked], run_view_type=ViewType.ALL) == []
+    assert [r.info.run_id for r in client.search_runs([blocked], run_view_type=ViewType.ALL)] == [in_blocked]
 
 
 def test_a_comparison_whose_reader_stops_reading_is_recorded_finished(store):
@@ -1043,6 +1157,8 @@ def test_run_ids_that_cannot_be_compared_are_refused_saying_why(store, in_proces
     good, binned, running, killed, evaluated, elsewhere = (
         finished(experiment), finished(experiment), finished(experiment, status=None),
         finished(experiment, status="KILLED"), finished(experiment, "evaluate"), finished(other))
+    parent = finished(experiment, "main")  # a pipeline's top run, as the UI lists it first: its train run is the one
+    client.set_tag(parent, "train_run_id", good)
     gone = client.create_experiment("gone")
     in_gone = finished(gone)
     client.delete_run(binned)
@@ -1053,13 +1169,16 @@ def test_run_ids_that_cannot_be_compared_are_refused_saying_why(store, in_proces
                         f"{gone}",
                running: "RUNNING",
                killed: "KILLED", evaluated: "a run of step 'evaluate'", elsewhere: "of experiment 'other'",
+               parent: f"a run of step 'main': give its training run, {good}",
                unknown: "no run of that id"}
     refused = in_process("compare", "--experiment", "e2e", "--run-ids", ",".join([good, *reasons]))
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert refused.stderr.strip().splitlines()[-1] == "error: run_ids: not finished training runs of e2e: " + ", ".join(
         f"{run_id} ({reasons[run_id]})" for run_id in sorted(reasons))
-    # with no experiment named, a run of any experiment is compared
-    assert in_process("compare", "--run-ids", f"{good},{elsewhere}").returncode == 0
+    # with no experiment named, a run of any experiment is compared, its experiment named
+    both = in_process("compare", "--run-ids", f"{good},{elsewhere}")
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert re.search(r"^\| run +\| run_id +\| experiment +\|", both.stdout, re.M) and "| other " in both.stdout
 
 
 def test_a_model_evaluated_on_its_dataset_spelled_otherwise_shows_its_test_acc(store, tmp_path, monkeypatch):

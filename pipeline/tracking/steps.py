@@ -7,7 +7,7 @@
 - evaluate: `load_classifier` (the served pyfunc's Python model, refused where the scoring code logged with it,
   SCORING_CODE, is not the code this process loaded: `scoring_code_changes`), `log_evaluation` (params, and the test
   metrics on the run and on the logged model, `logged_model_id`).
-- compare: `find_experiment_id`, `search_train_runs`, `check_default_experiment` (where the comparison run goes),
+- compare: `find_experiment_id`, `search_train_runs`, `check_comparison_experiment` (where the comparison run goes),
   `log_comparison`.
 - main: `log_pipeline_results`, the headline results on the parent run.
 Files a step writes go in through `pipeline.tracking.artifact_dir`.
@@ -16,6 +16,7 @@ Files a step writes go in through `pipeline.tracking.artifact_dir`.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import tempfile
@@ -394,29 +395,58 @@ def registered_model_id(model_uri: str) -> str | None:
 
 # ---------------------------------------------------------------- compare
 
+def experiment_meant(name: str) -> str:
+    """A hint for an experiment name no experiment has: the name of the experiment whose id it is (MLflow's CLI takes
+    ids), else the closest name, in any letter case; '' if none."""
+    client = mlflow.MlflowClient()
+    if name.isdigit():
+        with contextlib.suppress(MlflowException):
+            return f"; experiment {name} is {client.get_experiment(name).name!r}: give its name"
+    names = {e.name.lower(): e.name for e in client.search_experiments()}
+    close = difflib.get_close_matches(name.lower(), list(names), n=1, cutoff=0.7)
+    return f"; did you mean {names[close[0]]!r}?" if close else ""
+
+
 def find_experiment_id(name: str) -> str:
     """Experiment name -> id; ConfigError if there is none of that name, or it is in MLflow's trash (its runs are
     too: the search found none, and said the experiment held no finished training runs)."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        raise config.ConfigError(f"experiment: no experiment named {name!r}")
+        raise config.ConfigError(f"experiment: no experiment named {name!r}{experiment_meant(name)}")
     if experiment.lifecycle_stage == "deleted":
         raise config.ConfigError(f"experiment: {name!r} is in MLflow's trash; restore it (mlflow experiments restore "
                                  f"--experiment-id {experiment.experiment_id}) or name another")
     return experiment.experiment_id
 
 
-def check_default_experiment() -> None:
-    """ConfigError if the comparison run of every experiment's runs would go to an experiment in MLflow's trash:
-    MLflow's default one (MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID, else `Default`), which MLflow refused to open
-    a run in (a traceback); or to one whose artifacts go to a local folder this user cannot write
-    (`unwritable_artifact_location`: `mlruns` a file, say), where the run died on MLflow's NotADirectoryError traceback
-    as the table was logged, FAILED. Nothing to check under `mlflow run` (its run is open already) or inside an active
-    run."""
+def check_comparison_experiment(experiment: str | None) -> None:
+    """ConfigError if the comparison run would go to an experiment whose artifacts go to a local folder this user
+    cannot write (`unwritable_artifact_location`: `mlruns` a file, say), where the run died on MLflow's
+    NotADirectoryError traceback as the table was logged, FAILED: `experiment` (param `experiment`, checked by
+    `find_experiment_id` already; open_run's check named `tracking.experiment`, no param of compare), or where none
+    is named MLflow's default one (MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID, else `Default`), which is also
+    refused in MLflow's trash (MLflow refused to open a run in it: a traceback) or where MLFLOW_EXPERIMENT_ID names
+    no experiment (a traceback too). Nothing to check under `mlflow run`
+    (its run is open already, in its own experiment) or inside an active run."""
     if mlflow.active_run() is not None or os.environ.get("MLFLOW_RUN_ID"):
         return
+    if experiment:
+        found = mlflow.get_experiment(find_experiment_id(experiment))
+        if unwritable := unwritable_artifact_location(found.artifact_location or ""):
+            raise config.ConfigError(
+                f"experiment: {experiment!r} keeps its artifacts in {unwritable[0]}, where this user cannot write: "
+                f"{unwritable[1]}; make it a folder this user may write, or name another experiment")
+        return
     # the experiment `mlflow.start_run` picks where none is named
-    experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
+    try:
+        experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
+    except MlflowException:  # MLFLOW_EXPERIMENT_ID naming none: MLflow's traceback, once every run was read
+        if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            raise
+        raise config.ConfigError(
+            f"experiment: none named, so the comparison run goes to MLflow's default experiment, and "
+            f"MLFLOW_EXPERIMENT_ID={os.environ.get('MLFLOW_EXPERIMENT_ID')} names no experiment; name one "
+            f"(-P experiment=) or set MLFLOW_EXPERIMENT_ID to an experiment's id") from None
     named = f"experiment: none named, so the comparison run goes to MLflow's default experiment {experiment.name!r}"
     if experiment.lifecycle_stage == "deleted":
         raise config.ConfigError(
@@ -428,14 +458,28 @@ def check_default_experiment() -> None:
             f"make it a folder this user may write, or set MLFLOW_EXPERIMENT_NAME to another")
 
 
+OTHER_PROJECT = "of another project: none of this pipeline's params"
+
+
+def of_another_project(params: dict[str, str]) -> bool:
+    """Whether a run tagged step = 'train' is another project's that shares the store and the tag: it logged params,
+    none of them this pipeline's (`config.default_params`). A run with no params at all is not told apart."""
+    return bool(params) and not set(params) & set(config.default_params())
+
+
+def row_params(run: pd.Series) -> dict[str, str]:
+    """The params of a run as a row of `mlflow.search_runs` holds them (`params.*` columns, NaN where not logged)."""
+    return {c.removeprefix("params."): v for c, v in run.items() if c.startswith("params.") and isinstance(v, str)}
+
+
 def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:
-    """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first; without run ids,
-    none tagged `superseded_by_retry` (a sweep's trial queued again, whose retry's train run counts instead).
+    """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first; none of another
+    project (`of_another_project`: how many, in `.attrs["other_project"]`); without run ids, none tagged
+    `superseded_by_retry` (a sweep's trial queued again, whose retry's train run counts instead).
 
     Inputs: an experiment name (None: every experiment) and optional run ids to keep. Output: one row
-    per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`,
-    `start_time`, `end_time`. ConfigError if nothing matches, a run id is malformed or a named run is not
-    a training run.
+    per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`, `start_time`, `end_time`, `experiment_id`,
+    `experiment_name`. ConfigError if nothing matches, a run id is malformed or a named run is not a training run.
     """
     # Checked before they go into the filter string, where a quote would make MLflow fail on its syntax.
     malformed = [r for r in run_ids if len(r) != 32 or set(r) - set("0123456789abcdef")]
@@ -452,6 +496,10 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
     else:
         runs = mlflow.search_runs(search_all_experiments=True, filter_string=where,
                                   order_by=["attributes.start_time DESC"])
+    other = runs.apply(lambda run: of_another_project(row_params(run)), axis=1).astype(bool) if len(runs) else []
+    other_project = int(sum(other))
+    if other_project:
+        runs = runs[~other].reset_index(drop=True)
     if not run_ids and "tags.superseded_by_retry" in runs:  # a sweep's trial queued again: its retry's run counts
         runs = runs[runs["tags.superseded_by_retry"] != "true"].reset_index(drop=True)
     missing = sorted(set(run_ids) - set(runs["run_id"])) if len(runs) else sorted(run_ids)
@@ -461,28 +509,38 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
                                              for r in missing))
     if runs.empty:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
-        raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {where}")
+        unfinished = ", ".join(f"{n} {status}" for status, n in sorted(unfinished_train_runs(experiment).items()))
+        notes = [f"not finished: {unfinished}"] * bool(unfinished) + [
+            f"left out: {other_project} of another project"] * bool(other_project)
+        raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {where}"
+                                 + "".join(f" ({note})" for note in notes))
+    runs.attrs["other_project"] = other_project
+    client = mlflow.MlflowClient()
+    names = {found: client.get_experiment(found).name for found in runs["experiment_id"].unique()}
+    runs["experiment_name"] = runs["experiment_id"].map(names)
     return runs
 
 
 def unfinished_train_runs(experiment: str | None) -> dict[str, int]:
     """How many training runs (of `experiment`, else of every experiment) `search_train_runs` leaves out as not
     FINISHED, by status (RUNNING: still training, or left so by a kill; FAILED; KILLED), but a sweep's pruned trials
-    (tag `pruned_at_epoch`: stopped early by design) and its trials queued again (`superseded_by_retry`)."""
+    (tag `pruned_at_epoch`: stopped early by design), its trials queued again (`superseded_by_retry`) and runs of
+    another project (`of_another_project`)."""
     where = "tags.step = 'train' and attributes.status != 'FINISHED'"
     scope = ({"experiment_ids": [find_experiment_id(experiment)]} if experiment else {"search_all_experiments": True})
     runs = mlflow.search_runs(filter_string=where, output_format="list", **scope)
     counts: dict[str, int] = {}
     for run in runs:
-        if "pruned_at_epoch" not in run.data.tags and run.data.tags.get("superseded_by_retry") != "true":
+        if ("pruned_at_epoch" not in run.data.tags and run.data.tags.get("superseded_by_retry") != "true"
+                and not of_another_project(run.data.params)):
             counts[run.info.status] = counts.get(run.info.status, 0) + 1
     return counts
 
 
 def why_not_compared(run_id: str, experiment: str | None) -> str:
     """Why `search_train_runs` did not find run `run_id` among the finished training runs (of `experiment`): no such
-    run, in MLflow's trash (it or its experiment), of another experiment, of another step, or not FINISHED; "" if
-    none of these (it finished since)."""
+    run, in MLflow's trash (it or its experiment), of another experiment, step or project, or not FINISHED; "" if none
+    of these (it finished since)."""
     client = mlflow.MlflowClient()
     try:
         run = client.get_run(run_id)
@@ -497,7 +555,11 @@ def why_not_compared(run_id: str, experiment: str | None) -> str:
     if experiment and found.name != experiment:
         return f"of experiment {found.name!r}"
     if (step := run.data.tags.get("step")) != "train":
+        if trained := run.data.tags.get("train_run_id"):  # a pipeline's or a sweep trial's run, above its train run
+            return f"a run of step {step!r}: give its training run, {trained}"
         return f"a run of step {step!r}" if step else "no step's run (no tag step)"
+    if of_another_project(run.data.params):
+        return OTHER_PROJECT
     return run.info.status if run.info.status != "FINISHED" else ""
 
 
