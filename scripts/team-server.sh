@@ -55,7 +55,10 @@ done
 [[ $MLFLOW_DB != "$OPTUNA_DB" ]] || { echo "error: MLFLOW_DB and OPTUNA_DB name one database, $MLFLOW_DB: MLflow's" \
   "tables and Optuna's each keep their schema's version in it (alembic_version); give each its own" >&2; exit 2; }
 
+# Exit 2: a setting refused (it names what is not there, or cannot be used); 1: this host lacks something, or
+# PostgreSQL fails.
 fail() { echo "error: $*" >&2; exit 1; }
+refuse() { echo "error: $*" >&2; exit 2; }
 
 # The caller's libpq settings stay out of the admin commands, which use the local socket: an exported
 # PGHOST=127.0.0.1 would send them over TCP, where the postgres role has no password.
@@ -81,10 +84,10 @@ start_postgres() {
   fi
   local cluster port out
   cluster=$(pg_lsclusters -h 2>/dev/null | awk -v v="$PG_VERSION" -v c="$PG_CLUSTER" '$1 == v && $2 == c')
-  [[ -n $cluster ]] || fail "no PostgreSQL cluster $PG_VERSION/$PG_CLUSTER (pg_lsclusters lists them;" \
+  [[ -n $cluster ]] || refuse "no PostgreSQL cluster $PG_VERSION/$PG_CLUSTER (pg_lsclusters lists them;" \
     "set PG_VERSION/PG_CLUSTER, or create it: pg_createcluster $PG_VERSION $PG_CLUSTER)"
   port=$(awk '{print $3}' <<< "$cluster")
-  [[ $port == "$PGPORT" ]] || fail "PostgreSQL cluster $PG_VERSION/$PG_CLUSTER is on port $port, not PGPORT=$PGPORT"
+  [[ $port == "$PGPORT" ]] || refuse "PostgreSQL cluster $PG_VERSION/$PG_CLUSTER is on port $port, not PGPORT=$PGPORT"
   if ! pg_isready -q -h "$PGHOST" -p "$PGPORT"; then
     # Two callers may start it at once: the loser's start fails, with "already running" or, while the
     # winner's server is still coming up, pg_ctl's own error; either way the server then answers.
@@ -116,7 +119,7 @@ start_postgres() {
     login=$(head -n 1 <<< "${login#psql: error: }")
     local hint=" (role $DB_USER existed already and keeps its password: set DB_PASSWORD to it, or as postgres"
     [[ -z $existed ]] || login+="$hint: ALTER ROLE $DB_USER PASSWORD '...')"
-    fail "cannot log in to PostgreSQL on $PGHOST:$PGPORT as $DB_USER with DB_PASSWORD: $login"
+    refuse "cannot log in to PostgreSQL on $PGHOST:$PGPORT as $DB_USER with DB_PASSWORD: $login"
   fi
   for db in "$MLFLOW_DB" "$OPTUNA_DB"; do
     if ! exists pg_database datname "$db" && ! made=$(as_postgres createdb -p "$PGPORT" -O "$DB_USER" "$db" 2>&1) \
@@ -126,7 +129,7 @@ start_postgres() {
     # One made otherwise (by hand, as postgres) may not let the role make its tables: one line here, not a
     # traceback from every server worker (or every sweep) later.
     if [[ $(psql_admin -d "$db" -c "SELECT has_schema_privilege('$DB_USER', 'public', 'CREATE')") != t ]]; then
-      fail "database $db exists, owned by $(psql_admin -d postgres -c \
+      refuse "database $db exists, owned by $(psql_admin -d postgres -c \
         "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = '$db'"), and $DB_USER may not make" \
         "tables in it: as postgres, ALTER DATABASE $db OWNER TO $DB_USER (or use another MLFLOW_DB/OPTUNA_DB)"
     fi
@@ -138,19 +141,26 @@ start_postgres() {
 # `mlflow server` logs a bind error and exits 0.
 check_port() {
   command -v python >/dev/null || fail "no python on PATH: activate the project's virtual environment (. .venv/bin/activate)"
-  python - "$HOST" "$PORT" "$WORKERS" <<'PY' || exit 1
+  python - "$HOST" "$PORT" "$WORKERS" <<'PY' || exit $?
 import importlib.util, socket, sys
 host, port, workers = sys.argv[1], sys.argv[2], sys.argv[3]
+
+
+def refuse(line):  # a setting refused: exit 2 (sys.exit's 1 is this host's python lacking a package)
+    print(line, file=sys.stderr)
+    sys.exit(2)
+
+
 # Another python on PATH (the venv not activated) failed only at the end, after the databases were made.
 missing = [name for name in ("mlflow", "psycopg2") if importlib.util.find_spec(name) is None]
 if missing:
     sys.exit(f"error: {sys.executable} has no {' or '.join(missing)}: activate the project's virtual environment"
              " (. .venv/bin/activate)")
 if not port.isdigit() or not 0 < int(port) < 65536:
-    sys.exit(f"error: PORT takes a port number, got {port!r}")
+    refuse(f"error: PORT takes a port number, got {port!r}")
 # Else uvicorn refused it only once the databases were made.
 if not (workers.isascii() and workers.isdigit() and int(workers) > 0):
-    sys.exit(f"error: WORKERS takes the number of server processes (1, 2, ...), got {workers!r}")
+    refuse(f"error: WORKERS takes the number of server processes (1, 2, ...), got {workers!r}")
 try:
     family, kind, proto, _, address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
@@ -158,8 +168,8 @@ try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
         s.bind(address)
 except OSError as exc:
-    sys.exit(f"error: mlflow server cannot listen on {host}:{port} ({exc.strerror or exc}): another server there?"
-             " set HOST/PORT")
+    refuse(f"error: mlflow server cannot listen on {host}:{port} ({exc.strerror or exc}): another server there?"
+           " set HOST/PORT")
 PY
 }
 
@@ -167,7 +177,7 @@ PY
 # script only after it had made the databases.
 check_artifacts() {
   mkdir -p "$ARTIFACTS" 2>/dev/null && [[ -w $ARTIFACTS ]] ||
-    fail "cannot make or write ARTIFACTS=$ARTIFACTS: run this as a user who may, or set ARTIFACTS"
+    refuse "cannot make or write ARTIFACTS=$ARTIFACTS: run this as a user who may, or set ARTIFACTS"
 }
 
 # Names only: a port or a scheme in one (team-host:5000, http://team-host) made it an "IPv6 address", bracketed, which
