@@ -142,7 +142,7 @@ start_postgres() {
 check_port() {
   command -v python >/dev/null || fail "no python on PATH: activate the project's virtual environment (. .venv/bin/activate)"
   python - "$HOST" "$PORT" "$WORKERS" <<'PY' || exit $?
-import importlib.util, socket, sys
+import errno, importlib.util, socket, sys
 host, port, workers = sys.argv[1], sys.argv[2], sys.argv[3]
 
 
@@ -168,8 +168,11 @@ try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
         s.bind(address)
 except OSError as exc:
-    refuse(f"error: mlflow server cannot listen on {host}:{port} ({exc.strerror or exc}): another server there?"
-           " set HOST/PORT")
+    # A HOST of no address here (a typo, another host's) was blamed on the port too
+    hint = {errno.EADDRINUSE: "another server there? set HOST/PORT",
+            errno.EACCES: "a port below 1024 takes root: set PORT"}.get(
+        exc.errno, "HOST takes a name or address of this host (0.0.0.0: all of them)")
+    refuse(f"error: mlflow server cannot listen on {host}:{port} ({exc.strerror or exc}): {hint}")
 PY
 }
 

@@ -363,6 +363,17 @@ def test_a_port_in_use_is_one_line_before_anything_is_made():
     assert "PORT takes a port number" in one_error_line(run_script(PORT="50OO"))
 
 
+@pytest.mark.parametrize(("host", "reason"), [("nosuchhost.invalid", "Name or service not known"),
+                                              ("192.0.2.123", "Cannot assign requested address")])
+def test_a_host_that_is_no_address_of_this_host_is_one_line_naming_host(host, reason):
+    """HOST naming no address of this host (a typo, another host's address) was blamed on the port: "another server
+    there? set HOST/PORT". The line names HOST and what it takes, before PostgreSQL is touched (PG_VERSION=99)."""
+    port = str(free_port())
+    line = one_error_line(run_script(HOST=host, PORT=port, PG_VERSION="99"))
+    assert line == (f"error: mlflow server cannot listen on {host}:{port} ({reason}): HOST takes a name or address "
+                    "of this host (0.0.0.0: all of them)"), line
+
+
 @pytest.mark.parametrize("workers", ["two", "0", "-1", "1.5"])
 def test_a_workers_count_that_is_no_number_is_one_line_before_postgresql_is_touched(workers):
     """uvicorn refused `--workers two` only once PostgreSQL was started and the databases made. (PG_VERSION=99:
