@@ -12,7 +12,7 @@
 #   DB_USER [mlflow]        role owning both; DB_PASSWORD [mlflow] its password (set your own). A role
 #                           that exists already keeps its password: DB_PASSWORD must be that one.
 #   PGHOST [127.0.0.1] (a name or an address, IPv6 too)  PGPORT [5432]  PG_VERSION [15]  PG_CLUSTER [main]
-#   ARTIFACTS [./mlartifacts]   where the server keeps artifacts
+#   ARTIFACTS [./mlartifacts]   the folder (or file:///...) where the server keeps artifacts
 #   HOST [0.0.0.0]  PORT [5000]  WORKERS [2]   where and how `mlflow server` listens
 #   ALLOWED_HOSTS []        more names (comma-separated, e.g. team-host,mlflow.example.com) by which
 #                           members reach the server. This host's own names and addresses, localhost and
@@ -178,8 +178,17 @@ PY
 
 # Also before anything is made: an ARTIFACTS the server cannot make (a normal user's /srv/...) stopped the
 # script only after it had made the databases.
+# A URI, as `mlflow server` takes it: file:///srv/x was checked as ./file:/srv/x, made in the current folder; another
+# store's (s3://...) made ./s3:/... and started a server that failed each upload (no client library installed).
 check_artifacts() {
-  mkdir -p "$ARTIFACTS" 2>/dev/null && [[ -w $ARTIFACTS ]] ||
+  local folder=$ARTIFACTS
+  if [[ $folder =~ ^[A-Za-z][A-Za-z0-9+.-]*: ]]; then
+    [[ $folder =~ ^file:(//)?/ ]] || refuse "ARTIFACTS takes a folder of this host (or file:///...), got" \
+      "'$ARTIFACTS': the server keeps and serves the artifacts there"
+    folder=${folder#file:}
+    folder=/${folder#"${folder%%[!/]*}"}  # file:///srv/x, file:/srv/x: /srv/x
+  fi
+  mkdir -p "$folder" 2>/dev/null && [[ -w $folder ]] ||
     refuse "cannot make or write ARTIFACTS=$ARTIFACTS: run this as a user who may, or set ARTIFACTS"
 }
 

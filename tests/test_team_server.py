@@ -428,6 +428,25 @@ def test_an_artifacts_folder_or_a_python_it_cannot_use_is_one_line_before_anythi
         drop_databases(os.environ.get("PGPORT", "5432"), name, f"{name}_optuna")
 
 
+def test_an_artifacts_uri_is_checked_where_the_server_keeps_them_and_one_of_another_store_is_one_line(tmp_path):
+    """ARTIFACTS=file:///srv/mlflow-artifacts (a URI, as `mlflow server` takes it) was checked by making
+    ./file:/srv/mlflow-artifacts in the current folder, not the folder the server writes; s3://bucket made ./s3:/bucket
+    and started a server that fails each upload (this project installs no S3 client). The file: URI's folder is
+    checked and made (PG_VERSION=99: the script then stops, before PostgreSQL); another scheme is one line, exit 2."""
+    settings = {"HOST": "127.0.0.1", "PORT": str(free_port()), "PG_VERSION": "99"}
+    for uri in (f"file://{tmp_path}/artifacts", f"file:{tmp_path}/other"):
+        result = run_script(ARTIFACTS=uri, **settings)
+        assert "PostgreSQL 99 is not installed" in one_error_line(result, 1)
+    assert (tmp_path / "artifacts").is_dir() and (tmp_path / "other").is_dir()
+    (tmp_path / "a-file").write_text("")
+    line = one_error_line(run_script(ARTIFACTS=f"file://{tmp_path}/a-file/artifacts", **settings))
+    assert line.startswith(f"error: cannot make or write ARTIFACTS=file://{tmp_path}/a-file/artifacts"), line
+    line = one_error_line(run_script(ARTIFACTS="s3://bucket/mlflow", **settings))
+    assert line == ("error: ARTIFACTS takes a folder of this host (or file:///...), got 's3://bucket/mlflow': the "
+                    "server keeps and serves the artifacts there"), line
+    assert not (ROOT / "file:").exists() and not (ROOT / "s3:").exists()
+
+
 def test_one_database_for_the_tracking_store_and_optuna_is_one_line_before_anything_is_made():
     """MLFLOW_DB=team OPTUNA_DB=team made one database for both: MLflow's tables and Optuna's each keep their schema's
     version in the one `alembic_version` table, so the first sweep died on Optuna's "The runtime optuna version ...
