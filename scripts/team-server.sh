@@ -91,14 +91,26 @@ start_postgres() {
   if ! pg_isready -q -h "$PGHOST" -p "$PGPORT"; then
     # Two callers may start it at once: the loser's start fails, with "already running" or, while the
     # winner's server is still coming up, pg_ctl's own error; either way the server then answers.
+    local started=1 tries=60
     if ! out=$(as_postgres pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start 2>&1) && [[ $out != *"already running"* ]]; then
-      for _ in $(seq 10); do pg_isready -q -h "$PGHOST" -p "$PGPORT" && break; sleep 0.5; done
-      pg_isready -q -h "$PGHOST" -p "$PGPORT" ||
-        fail "could not start PostgreSQL $PG_VERSION/$PG_CLUSTER: $(head -n 1 <<< "$out")"
+      started= tries=10
     fi
-    for _ in $(seq 60); do pg_isready -q -h "$PGHOST" -p "$PGPORT" && break; sleep 0.5; done
-    pg_isready -q -h "$PGHOST" -p "$PGPORT" ||
+    for _ in $(seq "$tries"); do
+      pg_isready -q -h "$PGHOST" -p "$PGPORT" && break
+      # Up on its own socket, not where PGHOST says (a typo, an address it does not listen on): the script waited
+      # 30 s for a cluster that ran all along, then blamed the start.
+      if as_postgres pg_isready -q -p "$PGPORT"; then
+        sleep 1  # its TCP sockets open as its Unix one does
+        pg_isready -q -h "$PGHOST" -p "$PGPORT" && break
+        refuse "PostgreSQL $PG_VERSION/$PG_CLUSTER runs, but does not answer on $PGHOST:$PGPORT: set PGHOST to an" \
+          "address it listens on (listen_addresses in /etc/postgresql/$PG_VERSION/$PG_CLUSTER/postgresql.conf)"
+      fi
+      sleep 0.5
+    done
+    if ! pg_isready -q -h "$PGHOST" -p "$PGPORT"; then
+      [[ -n $started ]] || fail "could not start PostgreSQL $PG_VERSION/$PG_CLUSTER: $(head -n 1 <<< "$out")"
       fail "PostgreSQL $PG_VERSION/$PG_CLUSTER does not answer on $PGHOST:$PGPORT; see /var/log/postgresql/"
+    fi
   fi
   # The password goes through stdin (not a command line), as a plain literal (in a DO block, a $$ in
   # it would end the block).

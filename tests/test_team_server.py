@@ -481,6 +481,22 @@ def test_bad_postgresql_settings_are_one_line_and_quick():
     assert time.monotonic() - started < 15
 
 
+def test_a_pghost_the_running_cluster_does_not_answer_on_is_one_line_at_once():
+    """PGHOST naming a host the cluster does not listen on (a typo, an address not in listen_addresses): the script
+    waited 30 s for a cluster that ran all along, then said it "does not answer ...; see /var/log/postgresql/", exit 1.
+    Now one line at once naming PGHOST and where the cluster's addresses are set, exit 2, nothing made."""
+    run_script("postgres").check_returncode()  # the cluster runs (as CI starts it)
+    name = f"mlflow_host_{uuid.uuid4().hex[:10]}"
+    cluster, pgport = os.environ.get("PG_CLUSTER", "main"), os.environ.get("PGPORT", "5432")
+    started = time.monotonic()
+    line = one_error_line(run_script("postgres", PGHOST="nosuchhost.invalid", MLFLOW_DB=name,
+                                     OPTUNA_DB=f"{name}_optuna"))
+    assert line == (f"error: PostgreSQL 15/{cluster} runs, but does not answer on nosuchhost.invalid:{pgport}: set "
+                    f"PGHOST to an address it listens on (listen_addresses in /etc/postgresql/15/{cluster}/"
+                    "postgresql.conf)"), line
+    assert time.monotonic() - started < 15 and not database_exists(name)
+
+
 def test_a_role_named_by_an_sql_keyword_is_made_and_a_reserved_one_is_one_line():
     """DB_USER=user (an SQL keyword, which the names' check lets through) or pg_team (PostgreSQL keeps pg_ names for
     its own roles): CREATE ROLE failed, its error thrown away, and the script ended exit 1 without a word. Now the
