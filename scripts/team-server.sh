@@ -66,6 +66,7 @@ admin_env=(env -u PGHOST -u PGHOSTADDR -u PGUSER -u PGDATABASE -u PGSERVICE -u P
 # From /: run from a folder postgres may not enter (root's home), each command printed "could not change directory".
 as_postgres() (
   cd /
+  exec 9>&-  # the port's lock (lock_port) stays out of the PostgreSQL server pg_ctlcluster starts
   if [[ $(id -un) == postgres ]]; then "${admin_env[@]}" "$@"
   elif [[ $(id -u) == 0 ]]; then runuser -u postgres -- "${admin_env[@]}" "$@"
   else sudo -u postgres "${admin_env[@]}" "$@"
@@ -216,7 +217,15 @@ check_allowed_hosts() {
   done
 }
 
-[[ ${1:-} == postgres ]] || { check_allowed_hosts; check_port; check_artifacts; }
+# Held by `mlflow server` (exec'd below) for as long as it runs: run twice close together, before the first server
+# listened, both starts passed check_port, and the second server logged a bind error and exited 0.
+lock_port() {
+  command -v flock >/dev/null || return 0
+  { exec 9>>"${TMPDIR:-/tmp}/team-server-$PORT.lock"; } 2>/dev/null || return 0  # another user's: check_port only
+  flock -n 9 || refuse "another scripts/team-server.sh starts or runs mlflow server on port $PORT: stop it, or set PORT"
+}
+
+[[ ${1:-} == postgres ]] || { check_allowed_hosts; check_port; check_artifacts; lock_port; }
 start_postgres
 [[ ${1:-} == postgres ]] && exit 0
 

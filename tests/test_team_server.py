@@ -382,29 +382,54 @@ def test_a_workers_count_that_is_no_number_is_one_line_before_postgresql_is_touc
     assert line == f"error: WORKERS takes the number of server processes (1, 2, ...), got {workers!r}"
 
 
+def stubbed_postgresql(tmp_path: Path, serve: str) -> dict[str, str]:
+    """Settings for `run_script` under which PostgreSQL's tools are stubs (each query finds its role or database) and
+    `python -m mlflow` runs the bash `serve` instead of serving."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    scripts = {"pg_lsclusters": "echo '15 main 5432 online postgres /nowhere /nowhere.log'", "pg_isready": "",
+               "pg_ctlcluster": "exit 1", "createdb": "exit 1", "psql": "echo t",
+               "runuser": 'shift 3; exec "$@"',  # runuser -u postgres -- CMD...
+               "python": f'[[ $1 == -m && $2 == mlflow ]] && {{ {serve}; exit 0; }}\nexec {sys.executable} "$@"'}
+    for name, body in scripts.items():
+        (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    return {"PGPORT": "5432", "PG_VERSION": "15", "PG_CLUSTER": "main", "ARTIFACTS": str(tmp_path / "artifacts"),
+            "PATH": f"{stubs}:{os.environ['PATH']}"}
+
+
 def test_an_ipv6_pghost_is_bracketed_in_the_servers_store_uri(tmp_path):
     """PGHOST=::1 made `postgresql+psycopg2://mlflow:...@::1:5432/mlflow`, which SQLAlchemy cannot parse: every
     server worker's traceback, once the databases were made. PostgreSQL's tools are stubbed here (each query finds
     its role or database), and `python -m mlflow` prints the URI it was given instead of serving."""
     from sqlalchemy.engine import make_url
 
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    scripts = {"pg_lsclusters": "echo '15 main 5432 online postgres /nowhere /nowhere.log'", "pg_isready": "",
-               "pg_ctlcluster": "exit 1", "createdb": "exit 1", "psql": "echo t",
-               "runuser": 'shift 3; exec "$@"',  # runuser -u postgres -- CMD...
-               "python": f'[[ $1 == -m && $2 == mlflow ]] && {{ echo "uri=$MLFLOW_BACKEND_STORE_URI"; exit 0; }}\n'
-                         f'exec {sys.executable} "$@"'}
-    for name, body in scripts.items():
-        (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
-        (stubs / name).chmod(0o755)
-    result = run_script(PGHOST="::1", PGPORT="5432", PG_VERSION="15", PG_CLUSTER="main", DB_PASSWORD="p@ss/%",
-                        HOST="127.0.0.1", PORT=str(free_port()), ARTIFACTS=str(tmp_path / "artifacts"),
-                        PATH=f"{stubs}:{os.environ['PATH']}")
+    result = run_script(PGHOST="::1", DB_PASSWORD="p@ss/%", HOST="127.0.0.1", PORT=str(free_port()),
+                        **stubbed_postgresql(tmp_path, 'echo "uri=$MLFLOW_BACKEND_STORE_URI"'))
     assert result.returncode == 0, result.stderr
     uri = make_url(result.stdout.split("uri=")[1].strip())
     assert (uri.host, uri.port, uri.password, uri.database) == ("::1", 5432, "p@ss/%", "mlflow")
     assert "postgresql://mlflow@[::1]:5432/optuna" in result.stdout
+
+
+def test_a_second_start_on_a_port_whose_first_server_is_starting_is_one_line(tmp_path):
+    """Run twice close together (before the first `mlflow server` listened), both passed the port check and the second
+    server logged a bind error and exited 0. The first start holds the port's lock for as long as its server runs: the
+    second is one line naming the port, exit 2; once the first is gone, a start goes ahead. (PostgreSQL stubbed, and
+    `mlflow server`, which holds the port for HOLD s.)"""
+    port, serving = str(free_port()), tmp_path / "serving"
+    settings = {**stubbed_postgresql(tmp_path, 'touch "$SERVING"; sleep "$HOLD"'), "HOST": "127.0.0.1", "PORT": port,
+                "SERVING": str(serving)}
+    first = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env={**os.environ, **settings, "HOLD": "60"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        eventually(serving.exists, 30)
+        line = one_error_line(run_script(**settings, HOLD="0"))
+        assert line == (f"error: another scripts/team-server.sh starts or runs mlflow server on port {port}: stop it, "
+                        "or set PORT"), line
+    finally:
+        stop_group(first)
+    assert run_script(**settings, HOLD="0").returncode == 0
 
 
 def test_an_artifacts_folder_or_a_python_it_cannot_use_is_one_line_before_anything_is_made(tmp_path):
