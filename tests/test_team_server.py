@@ -558,6 +558,35 @@ def test_a_database_the_role_may_not_make_tables_in_is_one_line():
         subprocess.run([*as_postgres, "dropdb", "-p", os.environ.get("PGPORT", "5432"), name], check=True, cwd="/")
 
 
+def test_databases_holding_the_other_ones_tables_are_one_line_before_the_server_starts():
+    """MLFLOW_DB and OPTUNA_DB swapped (or naming another application's database): the script said "databases ...
+    owner mlflow", then `mlflow server` died on alembic's "Can't locate revision identified by 'v3.2.0.a'" (Optuna's
+    schema) traceback, exit 1; an OPTUNA_DB of MLflow's tables failed the first sweep. One line naming the setting,
+    exit 2 (MLflow's and Optuna's tables are stood in for by their alembic_version and main table)."""
+    name = f"mlflow_swap_{uuid.uuid4().hex[:10]}"
+    tracking, studies = name, f"{name}_optuna"
+    pgport = os.environ.get("PGPORT", "5432")
+    run_script("postgres", MLFLOW_DB=tracking, OPTUNA_DB=studies).check_returncode()
+    try:
+        for db, table in ((tracking, "experiments"), (studies, "studies")):
+            connection = psycopg2.connect(host="127.0.0.1", port=pgport, user=USER, password=PASSWORD, dbname=db)
+            with connection, connection.cursor() as cursor:
+                cursor.execute(f"CREATE TABLE alembic_version (version_num varchar(32)); CREATE TABLE {table} (id int)")
+            connection.close()
+        assert run_script("postgres", MLFLOW_DB=tracking, OPTUNA_DB=studies).returncode == 0
+        line = one_error_line(run_script("postgres", MLFLOW_DB=studies, OPTUNA_DB=tracking))
+        assert line == (f"error: MLFLOW_DB={studies} holds another application's tables (alembic_version, no "
+                        "experiments table): Optuna's? MLFLOW_DB and OPTUNA_DB swapped? name MLflow's database, or a "
+                        "new one"), line
+        line = one_error_line(run_script("postgres", MLFLOW_DB=f"{name}_new", OPTUNA_DB=tracking))
+        assert line == (f"error: OPTUNA_DB={tracking} holds another application's tables (alembic_version, no "
+                        "studies table): MLflow's? MLFLOW_DB and OPTUNA_DB swapped? name Optuna's database, or a "
+                        "new one"), line
+        assert not database_exists(f"{name}_new")  # nothing made
+    finally:
+        drop_databases(pgport, tracking, studies, f"{name}_new")
+
+
 def test_a_start_that_loses_the_race_to_another_caller_is_fine_once_the_server_answers():
     """Callers started together on a stopped cluster: the loser's `pg_ctlcluster start` failed with pg_ctl's own error
     (not "already running") while the winner's server came up, and the script stopped (1 in 3 tries of 3 callers).
