@@ -208,7 +208,7 @@ PY
 check_artifacts() {
   local folder=$ARTIFACTS
   if [[ $folder =~ ^[A-Za-z][A-Za-z0-9+.-]*: ]]; then
-    [[ $folder =~ ^file:(//)?/ ]] || refuse "ARTIFACTS takes a folder of this host (or file:///...), got" \
+    [[ $folder =~ ^file:(//)?/([^/]|$) ]] || refuse "ARTIFACTS takes a folder of this host (or file:///...), got" \
       "'$ARTIFACTS': the server keeps and serves the artifacts there"
     folder=${folder#file:}
     folder=/${folder#"${folder%%[!/]*}"}  # file:///srv/x, file:/srv/x: /srv/x

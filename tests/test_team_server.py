@@ -466,9 +466,10 @@ def test_an_artifacts_uri_is_checked_where_the_server_keeps_them_and_one_of_anot
     (tmp_path / "a-file").write_text("")
     line = one_error_line(run_script(ARTIFACTS=f"file://{tmp_path}/a-file/artifacts", **settings))
     assert line.startswith(f"error: cannot make or write ARTIFACTS=file://{tmp_path}/a-file/artifacts"), line
-    line = one_error_line(run_script(ARTIFACTS="s3://bucket/mlflow", **settings))
-    assert line == ("error: ARTIFACTS takes a folder of this host (or file:///...), got 's3://bucket/mlflow': the "
-                    "server keeps and serves the artifacts there"), line
+    for uri in ("s3://bucket/mlflow", "file://team-host/srv/mlflow"):  # (the latter a folder of another host)
+        line = one_error_line(run_script(ARTIFACTS=uri, **settings))
+        assert line == (f"error: ARTIFACTS takes a folder of this host (or file:///...), got '{uri}': the server keeps "
+                        "and serves the artifacts there"), line
     assert not (ROOT / "file:").exists() and not (ROOT / "s3:").exists()
 
 
