@@ -113,6 +113,18 @@ start_postgres() {
       fail "PostgreSQL $PG_VERSION/$PG_CLUSTER does not answer on $PGHOST:$PGPORT; see /var/log/postgresql/"
     fi
   fi
+  # Swapped (or another application's database): mlflow server died on alembic's "Can't locate revision" traceback
+  # (Optuna's schema), or the first sweep on MLflow's. Each one's alembic_version sits beside its main table.
+  local setting db table own other
+  for setting in MLFLOW_DB OPTUNA_DB; do
+    db=${!setting} table=experiments own="MLflow's" other="Optuna's"
+    [[ $setting == MLFLOW_DB ]] || table=studies own="Optuna's" other="MLflow's"
+    if exists pg_database datname "$db" && [[ $(psql_admin -d "$db" -c "SELECT to_regclass('public.alembic_version')
+        IS NOT NULL AND to_regclass('public.$table') IS NULL") == t ]]; then
+      refuse "$setting=$db holds another application's tables (alembic_version, no $table table): $other?" \
+        "MLFLOW_DB and OPTUNA_DB swapped? name $own database, or a new one"
+    fi
+  done
   # The password goes through stdin (not a command line), as a plain literal (in a DO block, a $$ in
   # it would end the block).
   # The name quoted: DB_USER=user (an SQL keyword) failed, its error thrown away, and the script ended without a word.
@@ -134,18 +146,6 @@ start_postgres() {
     [[ -z $existed ]] || login+="$hint: ALTER ROLE $DB_USER PASSWORD '...')"
     refuse "cannot log in to PostgreSQL on $PGHOST:$PGPORT as $DB_USER with DB_PASSWORD: $login"
   fi
-  # Swapped (or another application's database): mlflow server died on alembic's "Can't locate revision" traceback
-  # (Optuna's schema), or the first sweep on MLflow's. Each one's alembic_version sits beside its main table.
-  local setting db table own other
-  for setting in MLFLOW_DB OPTUNA_DB; do
-    db=${!setting} table=experiments own="MLflow's" other="Optuna's"
-    [[ $setting == MLFLOW_DB ]] || table=studies own="Optuna's" other="MLflow's"
-    if exists pg_database datname "$db" && [[ $(psql_admin -d "$db" -c "SELECT to_regclass('public.alembic_version')
-        IS NOT NULL AND to_regclass('public.$table') IS NULL") == t ]]; then
-      refuse "$setting=$db holds another application's tables (alembic_version, no $table table): $other?" \
-        "MLFLOW_DB and OPTUNA_DB swapped? name $own database, or a new one"
-    fi
-  done
   for db in "$MLFLOW_DB" "$OPTUNA_DB"; do
     if ! exists pg_database datname "$db" && ! made=$(as_postgres createdb -p "$PGPORT" -O "$DB_USER" "$db" 2>&1) \
       && ! exists pg_database datname "$db"; then  # (else another caller created it meanwhile)

@@ -584,8 +584,17 @@ def test_databases_holding_the_other_ones_tables_are_one_line_before_the_server_
                         "studies table): MLflow's? MLFLOW_DB and OPTUNA_DB swapped? name Optuna's database, or a "
                         "new one"), line
         assert not database_exists(f"{name}_new")  # nothing made
+        one_error_line(run_script("postgres", MLFLOW_DB=studies, OPTUNA_DB=tracking, DB_USER=f"{name}_role"))
+        connection = psycopg2.connect(host="127.0.0.1", port=pgport, user=USER, password=PASSWORD, dbname="postgres")
+        with connection, connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (f"{name}_role",))
+            assert cursor.fetchone() is None  # nor a role
+        connection.close()
     finally:
         drop_databases(pgport, tracking, studies, f"{name}_new")
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
+        subprocess.run([*as_postgres, "psql", "-p", pgport, "-qc", f"DROP ROLE IF EXISTS {name}_role"], check=True,
+                       cwd="/")
 
 
 def test_a_start_that_loses_the_race_to_another_caller_is_fine_once_the_server_answers():
