@@ -383,12 +383,13 @@ def test_a_workers_count_that_is_no_number_is_one_line_before_postgresql_is_touc
 
 
 def stubbed_postgresql(tmp_path: Path, serve: str) -> dict[str, str]:
-    """Settings for `run_script` under which PostgreSQL's tools are stubs (each query finds its role or database) and
-    `python -m mlflow` runs the bash `serve` instead of serving."""
+    """Settings for `run_script` under which PostgreSQL's tools are stubs (each query finds its role or database, whose
+    tables are its own) and `python -m mlflow` runs the bash `serve` instead of serving."""
     stubs = tmp_path / "bin"
     stubs.mkdir(exist_ok=True)
     scripts = {"pg_lsclusters": "echo '15 main 5432 online postgres /nowhere /nowhere.log'", "pg_isready": "",
-               "pg_ctlcluster": "exit 1", "createdb": "exit 1", "psql": "echo t",
+               "pg_ctlcluster": "exit 1", "createdb": "exit 1",
+               "psql": 'case "$*" in *to_regclass*) echo f ;; *) echo t ;; esac',
                "runuser": 'shift 3; exec "$@"',  # runuser -u postgres -- CMD...
                "python": f'[[ $1 == -m && $2 == mlflow ]] && {{ {serve}; exit 0; }}\nexec {sys.executable} "$@"'}
     for name, body in scripts.items():
@@ -419,7 +420,7 @@ def test_a_second_start_on_a_port_whose_first_server_is_starting_is_one_line(tmp
     `mlflow server`, which holds the port for HOLD s.)"""
     port, serving = str(free_port()), tmp_path / "serving"
     settings = {**stubbed_postgresql(tmp_path, 'touch "$SERVING"; sleep "$HOLD"'), "HOST": "127.0.0.1", "PORT": port,
-                "SERVING": str(serving)}
+                "SERVING": str(serving), "TMPDIR": str(tmp_path)}  # the lock file in tmp_path
     first = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env={**os.environ, **settings, "HOLD": "60"},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -430,6 +431,7 @@ def test_a_second_start_on_a_port_whose_first_server_is_starting_is_one_line(tmp
     finally:
         stop_group(first)
     assert run_script(**settings, HOLD="0").returncode == 0
+    assert (tmp_path / f"team-server-{port}.lock").exists()
 
 
 def test_an_artifacts_folder_or_a_python_it_cannot_use_is_one_line_before_anything_is_made(tmp_path):
