@@ -233,8 +233,10 @@ check_allowed_hosts() {
 # listened, both starts passed check_port, and the second server logged a bind error and exited 0.
 lock_port() {
   command -v flock >/dev/null || return 0
-  { exec 9>>"${TMPDIR:-/tmp}/team-server-$PORT.lock"; } 2>/dev/null || return 0  # another user's: check_port only
+  lock=${TMPDIR:-/tmp}/team-server-$PORT.lock
+  { exec 9>>"$lock"; } 2>/dev/null || return 0  # another user's: check_port only
   flock -n 9 || refuse "another scripts/team-server.sh starts or runs mlflow server on port $PORT: stop it, or set PORT"
+  trap 'rm -f "$lock"' EXIT  # refused before the server starts: no file left (exec keeps it for the server)
 }
 
 [[ ${1:-} == postgres ]] || { check_allowed_hosts; check_port; check_artifacts; lock_port; }

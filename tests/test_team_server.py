@@ -421,6 +421,7 @@ def test_a_second_start_on_a_port_whose_first_server_is_starting_is_one_line(tmp
     port, serving = str(free_port()), tmp_path / "serving"
     settings = {**stubbed_postgresql(tmp_path, 'touch "$SERVING"; sleep "$HOLD"'), "HOST": "127.0.0.1", "PORT": port,
                 "SERVING": str(serving), "TMPDIR": str(tmp_path)}  # the lock file in tmp_path
+    lock = tmp_path / f"team-server-{port}.lock"
     first = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env={**os.environ, **settings, "HOLD": "60"},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -430,8 +431,11 @@ def test_a_second_start_on_a_port_whose_first_server_is_starting_is_one_line(tmp
                         "or set PORT"), line
     finally:
         stop_group(first)
-    assert run_script(**settings, HOLD="0").returncode == 0
-    assert (tmp_path / f"team-server-{port}.lock").exists()
+    assert run_script(**settings, HOLD="0").returncode == 0 and lock.exists()  # the server's, while it runs
+    lock.unlink()
+    one_error_line(run_script(**settings, HOLD="0", DB_USER="Bad-Name"))  # refused before the lock: none made
+    one_error_line(run_script(**{**settings, "PGPORT": "1"}, HOLD="0"))  # refused after it: none left
+    assert not lock.exists()
 
 
 def test_an_artifacts_folder_or_a_python_it_cannot_use_is_one_line_before_anything_is_made(tmp_path):
