@@ -67,7 +67,7 @@ def team(tmp_path_factory):
                 "artifacts"), "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1", "PGPORT": pgport,
                 "ALLOWED_HOSTS": "team-host.example", "DB_USER": user, "DB_PASSWORD": password}
     # No GenAI job runner: it starts several busy consumer processes that this test never uses.
-    env = {**os.environ, **settings, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, **settings, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "TMPDIR": str(folder)}
     log = folder / "server.log"
     with log.open("ab") as out:
         process = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -396,7 +396,7 @@ def stubbed_postgresql(tmp_path: Path, serve: str) -> dict[str, str]:
         (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (stubs / name).chmod(0o755)
     return {"PGPORT": "5432", "PG_VERSION": "15", "PG_CLUSTER": "main", "ARTIFACTS": str(tmp_path / "artifacts"),
-            "PATH": f"{stubs}:{os.environ['PATH']}"}
+            "PATH": f"{stubs}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}  # the port's lock file there
 
 
 def test_an_ipv6_pghost_is_bracketed_in_the_servers_store_uri(tmp_path):
@@ -420,7 +420,7 @@ def test_a_second_start_on_a_port_whose_first_server_is_starting_is_one_line(tmp
     `mlflow server`, which holds the port for HOLD s.)"""
     port, serving = str(free_port()), tmp_path / "serving"
     settings = {**stubbed_postgresql(tmp_path, 'touch "$SERVING"; sleep "$HOLD"'), "HOST": "127.0.0.1", "PORT": port,
-                "SERVING": str(serving), "TMPDIR": str(tmp_path)}  # the lock file in tmp_path
+                "SERVING": str(serving)}
     lock = tmp_path / f"team-server-{port}.lock"
     first = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env={**os.environ, **settings, "HOLD": "60"},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
