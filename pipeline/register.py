@@ -333,6 +333,11 @@ def main() -> None:
     # Keras scores a champion on a challenger's test data: a backend it cannot load printed its traceback in the run
     check_configured_backend()
     model_uri = args.model_uri
+    registry.check_names_version(model_uri)  # models:/<name>(/): evaluate's line, naming the URI as given
+    # a models:/ URI's trailing slash (a shell's completion, a copied path), which evaluate reads as without it
+    # (steps.logged_model_id), was refused here ("expected a logged model URI")
+    if model_uri.rstrip("/").startswith("models:/"):
+        model_uri = model_uri.rstrip("/")
     # `runs:/<train run id>/model`, as evaluate takes it: the logged model behind it (MLflow 3 logs a run's model so)
     if model_uri.startswith("runs:/") and (found := steps.logged_model_id(model_uri)):
         model_uri = f"models:/{found}"

@@ -12,7 +12,7 @@
 #   DB_USER [mlflow]        role owning both; DB_PASSWORD [mlflow] its password (set your own). A role
 #                           that exists already keeps its password: DB_PASSWORD must be that one.
 #   PGHOST [127.0.0.1] (a name or an address, IPv6 too)  PGPORT [5432]  PG_VERSION [15]  PG_CLUSTER [main]
-#   ARTIFACTS [./mlartifacts]   where the server keeps artifacts
+#   ARTIFACTS [./mlartifacts]   the folder (or file:///...) where the server keeps artifacts
 #   HOST [0.0.0.0]  PORT [5000]  WORKERS [2]   where and how `mlflow server` listens
 #   ALLOWED_HOSTS []        more names (comma-separated, e.g. team-host,mlflow.example.com) by which
 #                           members reach the server. This host's own names and addresses, localhost and
@@ -55,7 +55,10 @@ done
 [[ $MLFLOW_DB != "$OPTUNA_DB" ]] || { echo "error: MLFLOW_DB and OPTUNA_DB name one database, $MLFLOW_DB: MLflow's" \
   "tables and Optuna's each keep their schema's version in it (alembic_version); give each its own" >&2; exit 2; }
 
+# Exit 2: a setting refused (it names what is not there, or cannot be used); 1: this host lacks something, or
+# PostgreSQL fails.
 fail() { echo "error: $*" >&2; exit 1; }
+refuse() { echo "error: $*" >&2; exit 2; }
 
 # The caller's libpq settings stay out of the admin commands, which use the local socket: an exported
 # PGHOST=127.0.0.1 would send them over TCP, where the postgres role has no password.
@@ -63,6 +66,7 @@ admin_env=(env -u PGHOST -u PGHOSTADDR -u PGUSER -u PGDATABASE -u PGSERVICE -u P
 # From /: run from a folder postgres may not enter (root's home), each command printed "could not change directory".
 as_postgres() (
   cd /
+  exec 9>&-  # the port's lock (lock_port) stays out of the PostgreSQL server pg_ctlcluster starts
   if [[ $(id -un) == postgres ]]; then "${admin_env[@]}" "$@"
   elif [[ $(id -u) == 0 ]]; then runuser -u postgres -- "${admin_env[@]}" "$@"
   else sudo -u postgres "${admin_env[@]}" "$@"
@@ -81,22 +85,46 @@ start_postgres() {
   fi
   local cluster port out
   cluster=$(pg_lsclusters -h 2>/dev/null | awk -v v="$PG_VERSION" -v c="$PG_CLUSTER" '$1 == v && $2 == c')
-  [[ -n $cluster ]] || fail "no PostgreSQL cluster $PG_VERSION/$PG_CLUSTER (pg_lsclusters lists them;" \
+  [[ -n $cluster ]] || refuse "no PostgreSQL cluster $PG_VERSION/$PG_CLUSTER (pg_lsclusters lists them;" \
     "set PG_VERSION/PG_CLUSTER, or create it: pg_createcluster $PG_VERSION $PG_CLUSTER)"
   port=$(awk '{print $3}' <<< "$cluster")
-  [[ $port == "$PGPORT" ]] || fail "PostgreSQL cluster $PG_VERSION/$PG_CLUSTER is on port $port, not PGPORT=$PGPORT"
+  [[ $port == "$PGPORT" ]] || refuse "PostgreSQL cluster $PG_VERSION/$PG_CLUSTER is on port $port, not PGPORT=$PGPORT"
   if ! pg_isready -q -h "$PGHOST" -p "$PGPORT"; then
     # Two callers may start it at once: the loser's start fails, with "already running" or, while the
     # winner's server is still coming up, pg_ctl's own error; either way the server then answers.
+    local started=1 tries=60
     if ! out=$(as_postgres pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start 2>&1) && [[ $out != *"already running"* ]]; then
-      for _ in $(seq 10); do pg_isready -q -h "$PGHOST" -p "$PGPORT" && break; sleep 0.5; done
-      pg_isready -q -h "$PGHOST" -p "$PGPORT" ||
-        fail "could not start PostgreSQL $PG_VERSION/$PG_CLUSTER: $(head -n 1 <<< "$out")"
+      started= tries=10
     fi
-    for _ in $(seq 60); do pg_isready -q -h "$PGHOST" -p "$PGPORT" && break; sleep 0.5; done
-    pg_isready -q -h "$PGHOST" -p "$PGPORT" ||
+    for _ in $(seq "$tries"); do
+      pg_isready -q -h "$PGHOST" -p "$PGPORT" && break
+      # Up on its own socket, not where PGHOST says (a typo, an address it does not listen on): the script waited
+      # 30 s for a cluster that ran all along, then blamed the start.
+      if as_postgres pg_isready -q -p "$PGPORT"; then
+        sleep 1  # its TCP sockets open as its Unix one does
+        pg_isready -q -h "$PGHOST" -p "$PGPORT" && break
+        refuse "PostgreSQL $PG_VERSION/$PG_CLUSTER runs, but does not answer on $PGHOST:$PGPORT: set PGHOST to an" \
+          "address it listens on (listen_addresses in /etc/postgresql/$PG_VERSION/$PG_CLUSTER/postgresql.conf)"
+      fi
+      sleep 0.5
+    done
+    if ! pg_isready -q -h "$PGHOST" -p "$PGPORT"; then
+      [[ -n $started ]] || fail "could not start PostgreSQL $PG_VERSION/$PG_CLUSTER: $(head -n 1 <<< "$out")"
       fail "PostgreSQL $PG_VERSION/$PG_CLUSTER does not answer on $PGHOST:$PGPORT; see /var/log/postgresql/"
+    fi
   fi
+  # Swapped (or another application's database): mlflow server died on alembic's "Can't locate revision" traceback
+  # (Optuna's schema), or the first sweep on MLflow's. Each one's alembic_version sits beside its main table.
+  local setting db table own other
+  for setting in MLFLOW_DB OPTUNA_DB; do
+    db=${!setting} table=experiments own="MLflow's" other="Optuna's"
+    [[ $setting == MLFLOW_DB ]] || table=studies own="Optuna's" other="MLflow's"
+    if exists pg_database datname "$db" && [[ $(psql_admin -d "$db" -c "SELECT to_regclass('public.alembic_version')
+        IS NOT NULL AND to_regclass('public.$table') IS NULL") == t ]]; then
+      refuse "$setting=$db holds another application's tables (alembic_version, no $table table): $other?" \
+        "MLFLOW_DB and OPTUNA_DB swapped? name $own database, or a new one"
+    fi
+  done
   # The password goes through stdin (not a command line), as a plain literal (in a DO block, a $$ in
   # it would end the block).
   # The name quoted: DB_USER=user (an SQL keyword) failed, its error thrown away, and the script ended without a word.
@@ -116,7 +144,7 @@ start_postgres() {
     login=$(head -n 1 <<< "${login#psql: error: }")
     local hint=" (role $DB_USER existed already and keeps its password: set DB_PASSWORD to it, or as postgres"
     [[ -z $existed ]] || login+="$hint: ALTER ROLE $DB_USER PASSWORD '...')"
-    fail "cannot log in to PostgreSQL on $PGHOST:$PGPORT as $DB_USER with DB_PASSWORD: $login"
+    refuse "cannot log in to PostgreSQL on $PGHOST:$PGPORT as $DB_USER with DB_PASSWORD: $login"
   fi
   for db in "$MLFLOW_DB" "$OPTUNA_DB"; do
     if ! exists pg_database datname "$db" && ! made=$(as_postgres createdb -p "$PGPORT" -O "$DB_USER" "$db" 2>&1) \
@@ -126,7 +154,7 @@ start_postgres() {
     # One made otherwise (by hand, as postgres) may not let the role make its tables: one line here, not a
     # traceback from every server worker (or every sweep) later.
     if [[ $(psql_admin -d "$db" -c "SELECT has_schema_privilege('$DB_USER', 'public', 'CREATE')") != t ]]; then
-      fail "database $db exists, owned by $(psql_admin -d postgres -c \
+      refuse "database $db exists, owned by $(psql_admin -d postgres -c \
         "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = '$db'"), and $DB_USER may not make" \
         "tables in it: as postgres, ALTER DATABASE $db OWNER TO $DB_USER (or use another MLFLOW_DB/OPTUNA_DB)"
     fi
@@ -138,19 +166,26 @@ start_postgres() {
 # `mlflow server` logs a bind error and exits 0.
 check_port() {
   command -v python >/dev/null || fail "no python on PATH: activate the project's virtual environment (. .venv/bin/activate)"
-  python - "$HOST" "$PORT" "$WORKERS" <<'PY' || exit 1
-import importlib.util, socket, sys
+  python - "$HOST" "$PORT" "$WORKERS" <<'PY' || exit $?
+import errno, importlib.util, socket, sys
 host, port, workers = sys.argv[1], sys.argv[2], sys.argv[3]
+
+
+def refuse(line):  # a setting refused: exit 2 (sys.exit's 1 is this host's python lacking a package)
+    print(line, file=sys.stderr)
+    sys.exit(2)
+
+
 # Another python on PATH (the venv not activated) failed only at the end, after the databases were made.
 missing = [name for name in ("mlflow", "psycopg2") if importlib.util.find_spec(name) is None]
 if missing:
     sys.exit(f"error: {sys.executable} has no {' or '.join(missing)}: activate the project's virtual environment"
              " (. .venv/bin/activate)")
 if not port.isdigit() or not 0 < int(port) < 65536:
-    sys.exit(f"error: PORT takes a port number, got {port!r}")
+    refuse(f"error: PORT takes a port number, got {port!r}")
 # Else uvicorn refused it only once the databases were made.
 if not (workers.isascii() and workers.isdigit() and int(workers) > 0):
-    sys.exit(f"error: WORKERS takes the number of server processes (1, 2, ...), got {workers!r}")
+    refuse(f"error: WORKERS takes the number of server processes (1, 2, ...), got {workers!r}")
 try:
     family, kind, proto, _, address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
@@ -158,16 +193,28 @@ try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
         s.bind(address)
 except OSError as exc:
-    sys.exit(f"error: mlflow server cannot listen on {host}:{port} ({exc.strerror or exc}): another server there?"
-             " set HOST/PORT")
+    # A HOST of no address here (a typo, another host's) was blamed on the port too
+    hint = {errno.EADDRINUSE: "another server there? set HOST/PORT",
+            errno.EACCES: "a port below 1024 takes root: set PORT"}.get(
+        exc.errno, "HOST takes a name or address of this host (0.0.0.0: all of them)")
+    refuse(f"error: mlflow server cannot listen on {host}:{port} ({exc.strerror or exc}): {hint}")
 PY
 }
 
 # Also before anything is made: an ARTIFACTS the server cannot make (a normal user's /srv/...) stopped the
 # script only after it had made the databases.
+# A URI, as `mlflow server` takes it: file:///srv/x was checked as ./file:/srv/x, made in the current folder; another
+# store's (s3://...) made ./s3:/... and started a server that failed each upload (no client library installed).
 check_artifacts() {
-  mkdir -p "$ARTIFACTS" 2>/dev/null && [[ -w $ARTIFACTS ]] ||
-    fail "cannot make or write ARTIFACTS=$ARTIFACTS: run this as a user who may, or set ARTIFACTS"
+  local folder=$ARTIFACTS
+  if [[ $folder =~ ^[A-Za-z][A-Za-z0-9+.-]*: ]]; then
+    [[ $folder =~ ^file:(//)?/([^/]|$) ]] || refuse "ARTIFACTS takes a folder of this host (or file:///...), got" \
+      "'$ARTIFACTS': the server keeps and serves the artifacts there"
+    folder=${folder#file:}
+    folder=/${folder#"${folder%%[!/]*}"}  # file:///srv/x, file:/srv/x: /srv/x
+  fi
+  mkdir -p "$folder" 2>/dev/null && [[ -w $folder ]] ||
+    refuse "cannot make or write ARTIFACTS=$ARTIFACTS: run this as a user who may, or set ARTIFACTS"
 }
 
 # Names only: a port or a scheme in one (team-host:5000, http://team-host) made it an "IPv6 address", bracketed, which
@@ -182,7 +229,17 @@ check_allowed_hosts() {
   done
 }
 
-[[ ${1:-} == postgres ]] || { check_allowed_hosts; check_port; check_artifacts; }
+# Held by `mlflow server` (exec'd below) for as long as it runs: run twice close together, before the first server
+# listened, both starts passed check_port, and the second server logged a bind error and exited 0.
+lock_port() {
+  command -v flock >/dev/null || return 0
+  lock=${TMPDIR:-/tmp}/team-server-$PORT.lock
+  { exec 9>>"$lock"; } 2>/dev/null || return 0  # another user's: check_port only
+  flock -n 9 || refuse "another scripts/team-server.sh starts or runs mlflow server on port $PORT: stop it, or set PORT"
+  trap 'rm -f "$lock"' EXIT  # refused before the server starts: no file left (exec keeps it for the server)
+}
+
+[[ ${1:-} == postgres ]] || { check_allowed_hosts; check_port; check_artifacts; lock_port; }
 start_postgres
 [[ ${1:-} == postgres ]] && exit 0
 

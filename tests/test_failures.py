@@ -1489,6 +1489,25 @@ def test_register_takes_a_registry_uri_and_registers_its_versions_logged_model(s
     assert not MlflowClient().search_model_versions("name = 'other9'")
 
 
+def test_register_takes_a_model_uri_with_a_trailing_slash_as_evaluate_does(store, in_process):
+    """`-e register -P model_uri=models:/cifar10-resnet/1/` (or `@champion/`, `/latest/`, `models:/m-.../`: a slash
+    left by a shell's completion or a copied path), which evaluate scores as without the slash, was refused ("expected
+    a logged model URI models:/m-..."): register reads it as without the slash too, its param as given."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    registered(experiment_id, uri)
+    for index, given in enumerate(("models:/cifar10-resnet/1/", "models:/cifar10-resnet@champion/",
+                                   "models:/cifar10-resnet/latest//", f"{uri}/")):
+        done = in_process("register", "--params", TINY, "--overrides",
+                          f"tracking.experiment=e2e register.model_name=other{index}", "--model-uri", given)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"registered other{index} v1: @champion moved" in done.stdout, done.stdout[-3000:]
+        (version,) = MlflowClient().search_model_versions(f"name = 'other{index}'")
+        assert registry.version_model_uri(version) == uri
+        (run,) = MlflowClient().search_runs([experiment_id], f"params.model_uri = '{given}'")
+        assert run.data.tags["registered_model_uri"] == uri
+
+
 def test_register_under_mlflow_run_of_a_uri_it_resolves_keeps_the_given_uri_as_its_param(store, in_process,
                                                                                           monkeypatch):
     """`mlflow run . -e register -P model_uri=runs:/<id>/model` (or a registry URI) logs the -P as given; register

@@ -2063,6 +2063,35 @@ def test_a_stopping_signal_while_mlflow_opens_a_step_leaves_no_run_running(store
     assert mlflow.active_run() is None and not mlflow.tracking.fluent.run_id_to_system_metrics_monitor
 
 
+@pytest.mark.parametrize(("argv", "error"), [
+    (["--settle"], "the following arguments are required: run_id, status, pid"),
+    (["--settle", "abc", "FINISHED", "12x"], "argument pid: invalid int value: '12x'"),
+    (["--settle", "abc", "DONE", "1"], "argument status: invalid choice: 'DONE'"),
+    (["--settle", "abc", "FAILED", "1", "--delte"], "unrecognized arguments: --delte"),
+])
+def test_the_store_commands_internal_settle_refuses_wrong_arguments_in_one_line(tmp_path, monkeypatch, capsys, argv,
+                                                                               error):
+    """`python -m pipeline.tracking --settle` (the detached process that ends the run `mlflow run` opened) with an
+    argument missing or wrong died on an IndexError or ValueError traceback; an unknown status reached MLflow. Its
+    usage and one error line, exit 2, no store touched; given right, it settles the run it names."""
+    import runpy
+
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    settled = []
+    monkeypatch.setattr(tracking, "_settle", lambda *args: settled.append(args))
+    monkeypatch.setattr(sys, "argv", ["pipeline.tracking", *argv])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("pipeline.tracking", run_name="__main__")
+    assert exited.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"python -m pipeline.tracking --settle: error: {error}")
+    assert not settled and not (tmp_path / "mlflow.db").exists()
+    monkeypatch.setattr(sys, "argv", ["pipeline.tracking", "--settle", "abc", "KILLED", "12", "--delete"])
+    runpy.run_module("pipeline.tracking", run_name="__main__")
+    assert settled == [("abc", "KILLED", 12, True)]
+
+
 def test_the_store_command_answers_help_and_refuses_other_arguments_without_touching_a_store(tmp_path):
     """`python -m pipeline.tracking --help` (or a typo's argument) created the store, or probed a server, and
     printed "ready": the help was never shown, the argument never read. Now the usage, or one line and exit 2, and

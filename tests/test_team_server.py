@@ -67,7 +67,7 @@ def team(tmp_path_factory):
                 "artifacts"), "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1", "PGPORT": pgport,
                 "ALLOWED_HOSTS": "team-host.example", "DB_USER": user, "DB_PASSWORD": password}
     # No GenAI job runner: it starts several busy consumer processes that this test never uses.
-    env = {**os.environ, **settings, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, **settings, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "TMPDIR": str(folder)}
     log = folder / "server.log"
     with log.open("ab") as out:
         process = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -292,9 +292,11 @@ def database_exists(name: str) -> bool:
     return found
 
 
-def one_error_line(result: subprocess.CompletedProcess) -> str:
+def one_error_line(result: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The script's one error line; `code` its exit status: 2 for a setting refused (the port taken, ARTIFACTS, the
+    password, the cluster ...), 1 where this host lacks something or PostgreSQL fails."""
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), result
+    assert result.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), result
     return lines[0]
 
 
@@ -361,6 +363,17 @@ def test_a_port_in_use_is_one_line_before_anything_is_made():
     assert "PORT takes a port number" in one_error_line(run_script(PORT="50OO"))
 
 
+@pytest.mark.parametrize(("host", "reason"), [("nosuchhost.invalid", "Name or service not known"),
+                                              ("192.0.2.123", "Cannot assign requested address")])
+def test_a_host_that_is_no_address_of_this_host_is_one_line_naming_host(host, reason):
+    """HOST naming no address of this host (a typo, another host's address) was blamed on the port: "another server
+    there? set HOST/PORT". The line names HOST and what it takes, before PostgreSQL is touched (PG_VERSION=99)."""
+    port = str(free_port())
+    line = one_error_line(run_script(HOST=host, PORT=port, PG_VERSION="99"))
+    assert line == (f"error: mlflow server cannot listen on {host}:{port} ({reason}): HOST takes a name or address "
+                    "of this host (0.0.0.0: all of them)"), line
+
+
 @pytest.mark.parametrize("workers", ["two", "0", "-1", "1.5"])
 def test_a_workers_count_that_is_no_number_is_one_line_before_postgresql_is_touched(workers):
     """uvicorn refused `--workers two` only once PostgreSQL was started and the databases made. (PG_VERSION=99:
@@ -369,29 +382,60 @@ def test_a_workers_count_that_is_no_number_is_one_line_before_postgresql_is_touc
     assert line == f"error: WORKERS takes the number of server processes (1, 2, ...), got {workers!r}"
 
 
+def stubbed_postgresql(tmp_path: Path, serve: str) -> dict[str, str]:
+    """Settings for `run_script` under which PostgreSQL's tools are stubs (each query finds its role or database, whose
+    tables are its own) and `python -m mlflow` runs the bash `serve` instead of serving."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    scripts = {"pg_lsclusters": "echo '15 main 5432 online postgres /nowhere /nowhere.log'", "pg_isready": "",
+               "pg_ctlcluster": "exit 1", "createdb": "exit 1",
+               "psql": 'case "$*" in *to_regclass*) echo f ;; *) echo t ;; esac',
+               "runuser": 'shift 3; exec "$@"',  # runuser -u postgres -- CMD...
+               "python": f'[[ $1 == -m && $2 == mlflow ]] && {{ {serve}; exit 0; }}\nexec {sys.executable} "$@"'}
+    for name, body in scripts.items():
+        (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    return {"PGPORT": "5432", "PG_VERSION": "15", "PG_CLUSTER": "main", "ARTIFACTS": str(tmp_path / "artifacts"),
+            "PATH": f"{stubs}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}  # the port's lock file there
+
+
 def test_an_ipv6_pghost_is_bracketed_in_the_servers_store_uri(tmp_path):
     """PGHOST=::1 made `postgresql+psycopg2://mlflow:...@::1:5432/mlflow`, which SQLAlchemy cannot parse: every
     server worker's traceback, once the databases were made. PostgreSQL's tools are stubbed here (each query finds
     its role or database), and `python -m mlflow` prints the URI it was given instead of serving."""
     from sqlalchemy.engine import make_url
 
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    scripts = {"pg_lsclusters": "echo '15 main 5432 online postgres /nowhere /nowhere.log'", "pg_isready": "",
-               "pg_ctlcluster": "exit 1", "createdb": "exit 1", "psql": "echo t",
-               "runuser": 'shift 3; exec "$@"',  # runuser -u postgres -- CMD...
-               "python": f'[[ $1 == -m && $2 == mlflow ]] && {{ echo "uri=$MLFLOW_BACKEND_STORE_URI"; exit 0; }}\n'
-                         f'exec {sys.executable} "$@"'}
-    for name, body in scripts.items():
-        (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
-        (stubs / name).chmod(0o755)
-    result = run_script(PGHOST="::1", PGPORT="5432", PG_VERSION="15", PG_CLUSTER="main", DB_PASSWORD="p@ss/%",
-                        HOST="127.0.0.1", PORT=str(free_port()), ARTIFACTS=str(tmp_path / "artifacts"),
-                        PATH=f"{stubs}:{os.environ['PATH']}")
+    result = run_script(PGHOST="::1", DB_PASSWORD="p@ss/%", HOST="127.0.0.1", PORT=str(free_port()),
+                        **stubbed_postgresql(tmp_path, 'echo "uri=$MLFLOW_BACKEND_STORE_URI"'))
     assert result.returncode == 0, result.stderr
     uri = make_url(result.stdout.split("uri=")[1].strip())
     assert (uri.host, uri.port, uri.password, uri.database) == ("::1", 5432, "p@ss/%", "mlflow")
     assert "postgresql://mlflow@[::1]:5432/optuna" in result.stdout
+
+
+def test_a_second_start_on_a_port_whose_first_server_is_starting_is_one_line(tmp_path):
+    """Run twice close together (before the first `mlflow server` listened), both passed the port check and the second
+    server logged a bind error and exited 0. The first start holds the port's lock for as long as its server runs: the
+    second is one line naming the port, exit 2; once the first is gone, a start goes ahead. (PostgreSQL stubbed, and
+    `mlflow server`, which holds the port for HOLD s.)"""
+    port, serving = str(free_port()), tmp_path / "serving"
+    settings = {**stubbed_postgresql(tmp_path, 'touch "$SERVING"; sleep "$HOLD"'), "HOST": "127.0.0.1", "PORT": port,
+                "SERVING": str(serving)}
+    lock = tmp_path / f"team-server-{port}.lock"
+    first = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env={**os.environ, **settings, "HOLD": "60"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        eventually(serving.exists, 30)
+        line = one_error_line(run_script(**settings, HOLD="0"))
+        assert line == (f"error: another scripts/team-server.sh starts or runs mlflow server on port {port}: stop it, "
+                        "or set PORT"), line
+    finally:
+        stop_group(first)
+    assert run_script(**settings, HOLD="0").returncode == 0 and lock.exists()  # the server's, while it runs
+    lock.unlink()
+    one_error_line(run_script(**settings, HOLD="0", DB_USER="Bad-Name"))  # refused before the lock: none made
+    one_error_line(run_script(**{**settings, "PGPORT": "1"}, HOLD="0"))  # refused after it: none left
+    assert not lock.exists()
 
 
 def test_an_artifacts_folder_or_a_python_it_cannot_use_is_one_line_before_anything_is_made(tmp_path):
@@ -409,10 +453,30 @@ def test_an_artifacts_folder_or_a_python_it_cannot_use_is_one_line_before_anythi
         (stubs / "python").symlink_to(Path(sys.base_prefix) / "bin" / "python3")  # the venv's base: no mlflow
         result = run_script(MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna", HOST="127.0.0.1", PORT=str(free_port()),
                             ARTIFACTS=str(tmp_path / "artifacts"), PATH=f"{stubs}:{os.environ['PATH']}")
-        assert "has no mlflow" in one_error_line(result) and "activate" in result.stderr
+        assert "has no mlflow" in one_error_line(result, 1) and "activate" in result.stderr
         assert not database_exists(name)
     finally:
         drop_databases(os.environ.get("PGPORT", "5432"), name, f"{name}_optuna")
+
+
+def test_an_artifacts_uri_is_checked_where_the_server_keeps_them_and_one_of_another_store_is_one_line(tmp_path):
+    """ARTIFACTS=file:///srv/mlflow-artifacts (a URI, as `mlflow server` takes it) was checked by making
+    ./file:/srv/mlflow-artifacts in the current folder, not the folder the server writes; s3://bucket made ./s3:/bucket
+    and started a server that fails each upload (this project installs no S3 client). The file: URI's folder is
+    checked and made (PG_VERSION=99: the script then stops, before PostgreSQL); another scheme is one line, exit 2."""
+    settings = {"HOST": "127.0.0.1", "PORT": str(free_port()), "PG_VERSION": "99"}
+    for uri in (f"file://{tmp_path}/artifacts", f"file:{tmp_path}/other"):
+        result = run_script(ARTIFACTS=uri, **settings)
+        assert "PostgreSQL 99 is not installed" in one_error_line(result, 1)
+    assert (tmp_path / "artifacts").is_dir() and (tmp_path / "other").is_dir()
+    (tmp_path / "a-file").write_text("")
+    line = one_error_line(run_script(ARTIFACTS=f"file://{tmp_path}/a-file/artifacts", **settings))
+    assert line.startswith(f"error: cannot make or write ARTIFACTS=file://{tmp_path}/a-file/artifacts"), line
+    for uri in ("s3://bucket/mlflow", "file://team-host/srv/mlflow"):  # (the latter a folder of another host)
+        line = one_error_line(run_script(ARTIFACTS=uri, **settings))
+        assert line == (f"error: ARTIFACTS takes a folder of this host (or file:///...), got '{uri}': the server keeps "
+                        "and serves the artifacts there"), line
+    assert not (ROOT / "file:").exists() and not (ROOT / "s3:").exists()
 
 
 def test_one_database_for_the_tracking_store_and_optuna_is_one_line_before_anything_is_made():
@@ -432,7 +496,8 @@ def test_one_database_for_the_tracking_store_and_optuna_is_one_line_before_anyth
 
 def test_bad_postgresql_settings_are_one_line_and_quick():
     """A wrong password (the role exists already), an unknown cluster, a PGPORT the cluster is not on:
-    one line and exit 1 at once, not a traceback later or a 30 s wait that blames the start."""
+    one line and exit 2 (they exited 1, as for a PostgreSQL that failed) at once, not a traceback later or a 30 s wait
+    that blames the start."""
     name = f"mlflow_bad_{uuid.uuid4().hex[:10]}"
     try:
         line = one_error_line(run_script("postgres", MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna",
@@ -448,6 +513,22 @@ def test_bad_postgresql_settings_are_one_line_and_quick():
     assert time.monotonic() - started < 15
 
 
+def test_a_pghost_the_running_cluster_does_not_answer_on_is_one_line_at_once():
+    """PGHOST naming a host the cluster does not listen on (a typo, an address not in listen_addresses): the script
+    waited 30 s for a cluster that ran all along, then said it "does not answer ...; see /var/log/postgresql/", exit 1.
+    Now one line at once naming PGHOST and where the cluster's addresses are set, exit 2, nothing made."""
+    run_script("postgres").check_returncode()  # the cluster runs (as CI starts it)
+    name = f"mlflow_host_{uuid.uuid4().hex[:10]}"
+    cluster, pgport = os.environ.get("PG_CLUSTER", "main"), os.environ.get("PGPORT", "5432")
+    started = time.monotonic()
+    line = one_error_line(run_script("postgres", PGHOST="nosuchhost.invalid", MLFLOW_DB=name,
+                                     OPTUNA_DB=f"{name}_optuna"))
+    assert line == (f"error: PostgreSQL 15/{cluster} runs, but does not answer on nosuchhost.invalid:{pgport}: set "
+                    f"PGHOST to an address it listens on (listen_addresses in /etc/postgresql/15/{cluster}/"
+                    "postgresql.conf)"), line
+    assert time.monotonic() - started < 15 and not database_exists(name)
+
+
 def test_a_role_named_by_an_sql_keyword_is_made_and_a_reserved_one_is_one_line():
     """DB_USER=user (an SQL keyword, which the names' check lets through) or pg_team (PostgreSQL keeps pg_ names for
     its own roles): CREATE ROLE failed, its error thrown away, and the script ended exit 1 without a word. Now the
@@ -455,7 +536,7 @@ def test_a_role_named_by_an_sql_keyword_is_made_and_a_reserved_one_is_one_line()
     name = f"mlflow_kw_{uuid.uuid4().hex[:10]}"
     pgport = os.environ.get("PGPORT", "5432")
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
-    line = one_error_line(run_script("postgres", DB_USER="pg_team", MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna"))
+    line = one_error_line(run_script("postgres", DB_USER="pg_team", MLFLOW_DB=name, OPTUNA_DB=f"{name}_optuna"), 1)
     assert line.startswith("error: cannot create role pg_team: ") and 'role name "pg_team" is reserved' in line, line
     assert not database_exists(name)  # nothing half made
     try:
@@ -482,6 +563,44 @@ def test_a_database_the_role_may_not_make_tables_in_is_one_line():
         assert f"database {name} exists, owned by postgres" in line and f"ALTER DATABASE {name} OWNER TO" in line
     finally:
         subprocess.run([*as_postgres, "dropdb", "-p", os.environ.get("PGPORT", "5432"), name], check=True, cwd="/")
+
+
+def test_databases_holding_the_other_ones_tables_are_one_line_before_the_server_starts():
+    """MLFLOW_DB and OPTUNA_DB swapped (or naming another application's database): the script said "databases ...
+    owner mlflow", then `mlflow server` died on alembic's "Can't locate revision identified by 'v3.2.0.a'" (Optuna's
+    schema) traceback, exit 1; an OPTUNA_DB of MLflow's tables failed the first sweep. One line naming the setting,
+    exit 2 (MLflow's and Optuna's tables are stood in for by their alembic_version and main table)."""
+    name = f"mlflow_swap_{uuid.uuid4().hex[:10]}"
+    tracking, studies = name, f"{name}_optuna"
+    pgport = os.environ.get("PGPORT", "5432")
+    run_script("postgres", MLFLOW_DB=tracking, OPTUNA_DB=studies).check_returncode()
+    try:
+        for db, table in ((tracking, "experiments"), (studies, "studies")):
+            connection = psycopg2.connect(host="127.0.0.1", port=pgport, user=USER, password=PASSWORD, dbname=db)
+            with connection, connection.cursor() as cursor:
+                cursor.execute(f"CREATE TABLE alembic_version (version_num varchar(32)); CREATE TABLE {table} (id int)")
+            connection.close()
+        assert run_script("postgres", MLFLOW_DB=tracking, OPTUNA_DB=studies).returncode == 0
+        line = one_error_line(run_script("postgres", MLFLOW_DB=studies, OPTUNA_DB=tracking))
+        assert line == (f"error: MLFLOW_DB={studies} holds another application's tables (alembic_version, no "
+                        "experiments table): Optuna's? MLFLOW_DB and OPTUNA_DB swapped? name MLflow's database, or a "
+                        "new one"), line
+        line = one_error_line(run_script("postgres", MLFLOW_DB=f"{name}_new", OPTUNA_DB=tracking))
+        assert line == (f"error: OPTUNA_DB={tracking} holds another application's tables (alembic_version, no "
+                        "studies table): MLflow's? MLFLOW_DB and OPTUNA_DB swapped? name Optuna's database, or a "
+                        "new one"), line
+        assert not database_exists(f"{name}_new")  # nothing made
+        one_error_line(run_script("postgres", MLFLOW_DB=studies, OPTUNA_DB=tracking, DB_USER=f"{name}_role"))
+        connection = psycopg2.connect(host="127.0.0.1", port=pgport, user=USER, password=PASSWORD, dbname="postgres")
+        with connection, connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (f"{name}_role",))
+            assert cursor.fetchone() is None  # nor a role
+        connection.close()
+    finally:
+        drop_databases(pgport, tracking, studies, f"{name}_new")
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
+        subprocess.run([*as_postgres, "psql", "-p", pgport, "-qc", f"DROP ROLE IF EXISTS {name}_role"], check=True,
+                       cwd="/")
 
 
 def test_a_start_that_loses_the_race_to_another_caller_is_fine_once_the_server_answers():
