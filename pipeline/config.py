@@ -892,6 +892,14 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):  # `-P metrc=x`: the closest name and every name the step takes
+            known = sorted(option[2:] for option in self._option_string_actions
+                           if option.startswith("--") and option != "--help")
+            first = next((word for word in message[len(prefix):].split() if word.startswith("--")), "--")
+            name = first[2:].split("=", 1)[0]
+            hint = _did_you_mean(name, [*known, "help"], "--")
+            message += f"{hint} (known: {', '.join('--' + name for name in known)})"
         raise ConfigError(f"arguments: {message}")
 
 

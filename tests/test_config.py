@@ -732,11 +732,17 @@ def test_what_mlflow_run_logs_beside_the_params_does_not_come_back_as_params():
 def test_an_unknown_or_missing_entry_point_argument_is_one_line():
     """An unknown -P name reaches the step as `--name`: argparse printed its usage and exited 2, leaving the run
     `mlflow run` opened FAILED in the experiment; a ConfigError trashes it like any bad param."""
-    with pytest.raises(config.ConfigError, match=r"^arguments: unrecognized arguments: --experiment foo$"):
+    # nothing close: no guess, but every name main takes (`-P metrc=x` said only "unrecognized arguments: --metrc x")
+    with pytest.raises(config.ConfigError, match=r"^arguments: unrecognized arguments: --experiment foo \(known: "
+                                                 r"--data, --epochs, --overrides, --params, --resume\)$"):
         config.entry_point_parser("main", "x").parse_args(["--experiment", "foo"])
     # the start of a known name: argparse took `-P epoch=30` (`--epoch 30`, after MLproject's `--epochs ''`) for epochs
-    with pytest.raises(config.ConfigError, match=r"^arguments: unrecognized arguments: --epoch 30$"):
+    with pytest.raises(config.ConfigError, match=r"^arguments: unrecognized arguments: --epoch 30; did you mean "
+                                                 r"--epochs\? \(known: --data, "):
         config.entry_point_parser("main", "x").parse_args(["--epochs", "", "--epoch", "30"])
+    with pytest.raises(config.ConfigError, match=r"^arguments: unrecognized arguments: --metrc=val_acc; did you mean "
+                                                 r"--metric\? \(known: "):
+        config.entry_point_parser("compare", "x").parse_args(["--metrc=val_acc"])
     assert config.entry_point_parser("main", "x").parse_args(["--epochs=30"]).epochs == "30"
     with pytest.raises(config.ConfigError, match=r"^arguments: the following arguments are required: --model-uri"):
         config.entry_point_parser("register", "x").parse_args([])
