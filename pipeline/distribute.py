@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -414,13 +415,25 @@ def distribution(mode: str, job: dict[str, str] | None = None) -> Distribution:
         names = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
         if (strategy := _MIRRORED.get(tuple(names))) is None:
             strategy = _MIRRORED[tuple(names)] = tf.distribute.MirroredStrategy(devices=names)
+        one_device_note(mode, names)
         return Distribution(mode, names, strategy)
     if mode == "data_parallel":
         replicas = gpus or devices
+        one_device_note(mode, replicas)
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=replicas))
         return Distribution(mode, replicas)
     keras.distribution.set_distribution(None)  # an earlier training's data_parallel in this process (a sweep's trial)
     return Distribution(mode, (gpus or devices)[:1])
+
+
+def one_device_note(mode: str, devices: list[str]) -> None:
+    """A warning where `mode`, asked for by name, has one device to spread over: it trains as 'none' does, and
+    mirrored's strategy also turns jit_compile auto's XLA off (Keras's rule), which 'none' keeps."""
+    if len(devices) != 1:
+        return
+    cost = " but without XLA under train.jit_compile auto (Keras turns it off under a strategy)" * (mode == "mirrored")
+    print(f"warning: train.distribute {mode!r} over one device ({devices[0]}) trains as 'none' does{cost}: "
+          f"give 'auto' or 'none' on a machine of one device", file=sys.stderr, flush=True)
 
 
 HOSTS_TIMEOUT = "PIPELINE_HOSTS_TIMEOUT"  # seconds a host waits for the cluster's other hosts to start

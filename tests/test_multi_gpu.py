@@ -1155,3 +1155,24 @@ def test_one_replica_looks_up_no_image_count_before_training(monkeypatch):
     inputs.check_known_batches(config.load(TINY, ["train.batch_size=33"]), Distribution("none", ["cpu:0"]))
     with pytest.raises(AssertionError, match="counted"):
         inputs.check_known_batches(config.load(TINY), Distribution("data_parallel", ["cpu:0", "cpu:1"]))
+
+
+def test_mirrored_or_data_parallel_over_one_device_is_a_warning(monkeypatch, capsys):
+    """`train.distribute: mirrored` on a machine of one device trained without a word as 'none' does, and without
+    XLA under jit_compile auto (Keras turns it off under any strategy): a run slower for nothing, said nowhere."""
+    import tensorflow as tf
+
+    from pipeline import distribute
+
+    one = tf.config.list_logical_devices("CPU")[:1]
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda device_type=None: one if device_type == "CPU" else [])
+    assert distribute.distribution("mirrored").replicas == 1
+    assert capsys.readouterr().err == (
+        f"warning: train.distribute 'mirrored' over one device ({one[0].name}) trains as 'none' does but without XLA "
+        f"under train.jit_compile auto (Keras turns it off under a strategy): give 'auto' or 'none' on a machine of "
+        f"one device\n")
+    distribute.one_device_note("data_parallel", ["cpu:0"])  # JAX keeps XLA under it: no cost named
+    assert capsys.readouterr().err == ("warning: train.distribute 'data_parallel' over one device (cpu:0) trains as "
+                                       "'none' does: give 'auto' or 'none' on a machine of one device\n")
+    distribute.one_device_note("mirrored", ["cpu:0", "cpu:1"])
+    assert capsys.readouterr().err == ""
