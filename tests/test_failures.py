@@ -431,6 +431,24 @@ def test_cifar10_out_of_reach_is_one_line_before_any_run(store, in_process, monk
 
 
 
+def test_data_that_cannot_be_read_is_one_line_before_any_run(store, in_process, tmp_path):
+    """A corrupt image (or any data refused as it is read) failed inside prepare: `python -m pipeline.prepare` left a
+    prepare run FAILED, `python -m pipeline.main` a main and a prepare run, as a missing path leaves none. The data
+    is read before any run opens, once: the run prepares what was read."""
+    from tests.test_data import write_image_folder
+
+    folder = tmp_path / "images"
+    write_image_folder(folder)
+    (folder / "train" / "dog" / "1.png").write_bytes(b"not an image")
+    for module in ("main", "prepare"):
+        done = in_process(module, "--params", TINY, "--data", str(folder))
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1].startswith(f"error: {folder}:train/dog/1.png: not a decodable")
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              run_view_type=ViewType.ALL) == []
+
+
 @pytest.mark.parametrize("module", ["main", "compare"])
 def test_help_needs_no_tracking_store(tmp_path, monkeypatch, in_process, module):
     """`python -m pipeline.<step> --help` made `mlflow.db` in the working directory (the store was created before
