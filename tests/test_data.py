@@ -1201,6 +1201,31 @@ def test_one_changed_pixel_changes_the_digest():
     assert a.digest() != b.digest()
 
 
+def test_folders_that_differ_only_where_one_file_ends_and_the_next_begins_have_other_digests(tmp_path):
+    """A folder's digest ran each file's name and bytes together: bytes moved from the front of a name to the end of
+    the file before it gave the same digest. A ship moved out of the dataset (train/ship/x.png to x.png, no split) as
+    a note beside it grew by 'train/ship/' kept the folder's prepare key: the dataset prepared before was reused."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    write_image_folder(before)
+    (before / "train" / "ship" / "notes.txt").write_text("ships")
+    shutil.copy(before / "train" / "ship" / "0.jpg", before / "train" / "ship" / "x.png")
+    shutil.copytree(before, after)
+    (after / "train" / "ship" / "notes.txt").write_text("shipstrain/ship/")
+    (after / "train" / "ship" / "x.png").rename(after / "x.png")
+    assert len(data.load_source(str(before)).x_train) == len(data.load_source(str(after)).x_train) + 1
+    assert data.source_digest(str(before)) != data.source_digest(str(after))
+
+
+def test_a_folder_holding_a_file_name_that_is_not_utf8_has_a_digest(tmp_path):
+    """A file named in Latin-1 (caf\xe9.png, from an old tar or a Windows share) made the folder's digest, and so every
+    prepare of it, a UnicodeEncodeError traceback: the name is hashed as the bytes it is."""
+    write_image_folder(tmp_path / "images")
+    os.rename(tmp_path / "images" / "train" / "cat" / "0.jpg", os.fsencode(tmp_path / "images" / "train" / "cat")
+              + b"/caf\xe9.jpg")
+    assert len(data.load_source(str(tmp_path / "images")).x_train) == 9
+    assert len(data.source_digest(str(tmp_path / "images"))) == 64
+
+
 def test_the_test_subset_does_not_depend_on_the_training_subset():
     """Runs over different data.max_train are scored on the same data.max_test images (their test_acc compare)."""
     full = data.make_synthetic(n_train=100, n_test=40)
