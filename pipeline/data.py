@@ -962,6 +962,7 @@ def load_image_folder(path: str | Path) -> Dataset:
     skipped: list[str] = []
     unclassed: list[str] = []
     elsewhere: list[tuple[str, ...]] = []  # images in no train/ or test/ folder: val/ beside them is named below
+    hidden: dict[str, int] = {}  # <split>/.<name>/ -> its images: no class, as Keras has it (.ipynb_checkpoints/)
     for parts, size, read in _iter_image_files(path):
         if any(p.startswith("._") or p == "__MACOSX" for p in parts):  # macOS's AppleDouble metadata, not images
             continue
@@ -979,6 +980,11 @@ def load_image_folder(path: str | Path) -> Dataset:
                 elsewhere.append(parts)
             continue
         cls = _class_name(parts[at + 1])
+        if cls.startswith("."):  # Jupyter's .ipynb_checkpoints/, a sync tool's .trash/: was a class of its own
+            if parts[-1].lower().endswith(IMAGE_SUFFIXES):
+                folder = "/".join(parts[:at + 2]) + "/"
+                hidden[folder] = hidden.get(folder, 0) + 1
+            continue
         class_folders.add((*parts[:at + 1], cls))
         if parts[-1].lower().endswith(IMAGE_SUFFIXES):
             name = "/".join(parts)
@@ -995,6 +1001,10 @@ def load_image_folder(path: str | Path) -> Dataset:
     if skipped:
         print(f"warning: {path}: {len(skipped)} files in class folders are not read, having none of the image "
               f"suffixes {' '.join(IMAGE_SUFFIXES)}: {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}",
+              file=sys.stderr, flush=True)
+    if hidden:
+        print(f"warning: {path}: {sum(hidden.values())} images in folders named with a leading '.' are not read, "
+              f"such a folder being no class: {', '.join(sorted(hidden)[:3])}{', ...' if len(hidden) > 3 else ''}",
               file=sys.stderr, flush=True)
     if unclassed:
         print(f"warning: {path}: {len(unclassed)} images directly in train/ or test/ are not read, being in no "

@@ -1179,6 +1179,20 @@ def test_image_folder_with_mismatched_classes_or_no_layout(tmp_path):
         data.load_source(str(tmp_path / "flat"))
 
 
+def test_a_hidden_folder_beside_the_class_folders_is_no_class_and_is_named(tmp_path, capsys):
+    """A folder whose name starts with '.' (Jupyter's .ipynb_checkpoints/, a sync tool's .trash/) was a class: one
+    more model output, trained on the copies it held, or, in train/ alone, 'test classes differ'. Keras's
+    image_dataset_from_directory takes no such folder as a class: it is named in a warning, not read."""
+    write_image_folder(tmp_path / "images")
+    for split in ("train", "test"):
+        shutil.copytree(tmp_path / "images" / split / "cat", tmp_path / "images" / split / ".ipynb_checkpoints")
+    dataset = data.load_source(str(tmp_path / "images"))
+    assert dataset.class_names == ("cat", "dog", "ship") and len(dataset.x_train) == len(dataset.x_test) == 9
+    warning = capsys.readouterr().err
+    assert "6 images in folders named with a leading '.' are not read" in warning
+    assert "test/.ipynb_checkpoints/" in warning and "train/.ipynb_checkpoints/" in warning
+
+
 def test_missing_source_is_named():
     with pytest.raises(data.DataError, match="data.source: 'nowhere/at/all'"):
         data.load_source("nowhere/at/all")
