@@ -528,7 +528,7 @@ def _looks_like_cifar_python(path: Path) -> bool:
     `cifar-10-batches-py/` does), one of the first members of the tar archive is a python batch, or a zip holds
     one (`cifar-10-batches-py/` zipped: it was read as an image folder with no images)."""
     if path.is_dir():
-        return (path / "batches.meta").is_file() or (path / CIFAR10_DIR / "batches.meta").is_file()
+        return _cifar_folder(path) is not None
     if path.name in CIFAR10_ARCHIVE_NAMES:
         return True
     batches = {"batches.meta", "test_batch", *CIFAR10_TRAIN_BATCHES}
@@ -546,6 +546,13 @@ def _looks_like_cifar_python(path: Path) -> bool:
     except ARCHIVE_ERRORS:
         return False  # the image folder reader names what is wrong with it
     return False
+
+
+def _cifar_folder(path: Path) -> Path | None:
+    """The folder of official batches a folder is, or holds as `cifar-10-batches-py/`: one holding any of the batch
+    files (an extraction cut short, its batches.meta missing, was read as an image folder with no images); else None."""
+    names = ("batches.meta", "test_batch", *CIFAR10_TRAIN_BATCHES)
+    return next((folder for folder in (path, path / CIFAR10_DIR) if any((folder / n).is_file() for n in names)), None)
 
 
 class _CheckedTarInfo(tarfile.TarInfo):
@@ -635,13 +642,13 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
     path = Path(path)
     needed = ("batches.meta", *CIFAR10_TRAIN_BATCHES, "test_batch")
     if path.is_dir():
-        folder = path if (path / "batches.meta").is_file() else path / CIFAR10_DIR
+        folder = _cifar_folder(path) or path
         where = {n: str(folder / n) for n in needed}
         try:
             raw = {n: (folder / n).read_bytes() for n in needed}
         except FileNotFoundError as exc:
-            missing = Path(exc.filename).name
-            raise DataError(f"{path}: missing {missing} (expected the files of {CIFAR10_DIR}/)") from None
+            raise DataError(f"{exc.filename}: missing (expected the 7 files of {CIFAR10_DIR}/: "
+                            f"{', '.join(needed)})") from None
         except OSError as exc:  # a batch another user owns (the `cifar10` source reads an extracted folder in the
             # Keras cache as it is), or a folder in its place: was a traceback
             raise _unreadable(exc) from None

@@ -471,6 +471,16 @@ def test_official_meta_with_wrong_label_names_is_refused(tmp_path, label_names, 
         data.load_source(str(tmp_path / "cifar-10-batches-py"))
 
 
+def test_an_extracted_official_folder_without_its_meta_file_is_named_as_missing_it(tmp_path):
+    """cifar-10-batches-py/ with its batches but no batches.meta (an extraction cut short, a file deleted) was read as
+    an image folder: 'no images found under train/<class>/', the layout of another source."""
+    write_official(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "batches.meta").unlink()
+    for source in (tmp_path / "cifar-10-batches-py", tmp_path):
+        with pytest.raises(data.DataError, match=r"cifar-10-batches-py/batches.meta: missing "):
+            data.load_source(str(source))
+
+
 def test_official_batches_zipped_are_read(tmp_path):
     """A zip of cifar-10-batches-py/ said "no images found under train/<class>/": only tars were known."""
     archive, x_train, x_test = write_official(tmp_path)
