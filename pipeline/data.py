@@ -660,6 +660,7 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
                     name = _zip_name(member)
                     base = name.rsplit("/", 1)[-1]
                     if not member.is_dir() and base in needed:
+                        _refuse_second_copy(path, where.get(base), name)
                         raw[base] = _read_member(path, archive, member, member.file_size + 1)
                         where[base] = f"{path}:{name}"
         except ARCHIVE_ERRORS as exc:
@@ -676,6 +677,7 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
                 for member in tar:  # read in place: nothing is extracted to disk
                     base = member.name.rsplit("/", 1)[-1]
                     if member.isfile() and base in needed:
+                        _refuse_second_copy(path, where.get(base), member.name)
                         raw[base], where[base] = tar.extractfile(member).read(), f"{path}:{member.name}"
                 _read_to_end(tar)
         except ARCHIVE_ERRORS as exc:
@@ -696,6 +698,20 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
                                    len(class_names))
     return Dataset(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
                    x_test, y_test, class_names)
+
+
+def _refuse_second_copy(path: Path, first: str | None, name: str) -> None:
+    """DataError where an archive holds a batch in a second folder (`first`: where it held it, `path:name`): each
+    batch, the last of its name, was read from either copy, a dataset of both. The same name again (`tar -u`) is
+    read once, its last copy, as extracting the archive leaves it."""
+    if first is None:
+        return
+    before, base = posixpath.split(first.removeprefix(f"{path}:"))
+    now = posixpath.dirname(name)
+    if posixpath.normpath(before) != posixpath.normpath(now):
+        places = [f"{folder}/" if folder else "its top" for folder in (before, now)]
+        raise DataError(f"{path}: holds {base} twice, in {places[0]} and {places[1]}: give an archive or folder of "
+                        f"one {CIFAR10_DIR}/")
 
 
 # --- image folders ----------------------------------------------------------------------------

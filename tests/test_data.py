@@ -481,6 +481,24 @@ def test_an_extracted_official_folder_without_its_meta_file_is_named_as_missing_
             data.load_source(str(source))
 
 
+def test_an_archive_holding_two_copies_of_the_official_batches_is_refused_not_mixed(tmp_path):
+    """A tar or zip holding cifar-10-batches-py/ twice (a copy beside the original, or another version of it) was read
+    batch by batch, each the last of its name in the archive: a dataset of both, mixed. Refused, naming both places,
+    as two image folders side by side are; one name appended twice (`tar -u`) is still read once, its last copy."""
+    write_official(tmp_path / "a")
+    write_official(tmp_path / "b", seed=1)
+    tar_path, zip_path = tmp_path / "two.tar.gz", tmp_path / "two.zip"
+    with tarfile.open(tar_path, "w:gz") as tar, zipfile.ZipFile(zip_path, "w") as archive:
+        for top, name in ((tmp_path / "a", "cifar-10-batches-py"), (tmp_path / "b", "old/cifar-10-batches-py")):
+            tar.add(top / "cifar-10-batches-py", arcname=name)
+            for file in sorted((top / "cifar-10-batches-py").iterdir()):
+                archive.write(file, f"{name}/{file.name}")
+    for source in (tar_path, zip_path):
+        with pytest.raises(data.DataError, match=r"two.(tar.gz|zip): holds batches.meta twice, in "
+                                                 r"cifar-10-batches-py/ and old/cifar-10-batches-py/"):
+            data.load_source(str(source))
+
+
 def test_official_batches_zipped_are_read(tmp_path):
     """A zip of cifar-10-batches-py/ said "no images found under train/<class>/": only tars were known."""
     archive, x_train, x_test = write_official(tmp_path)
