@@ -58,11 +58,17 @@ def build(cfg: config.Config) -> data.Dataset:
 def read_source(cfg: config.Config, key: str | None = None) -> str:
     """Read the data `cfg` prepares before its prepare run opens (and `main`'s, `train`'s): data refused as it is read
     (a corrupt image, a class folder with none) is a DataError naming the file there, not a prepare run left FAILED
-    (and main's). Kept, one dataset at a time, for `run` under the same key; returns the key."""
+    (and main's). So is a source whose digest changed while it was read (a folder still being copied in): it was
+    prepared half-copied under the key of what it held before. Kept, one dataset at a time, for `run` under the same
+    key; returns the key."""
     key = key or prepare_key(cfg)
     if key not in _read:
         _read.clear()
-        _read[key] = build(cfg)
+        dataset = build(cfg)
+        if prepare_key(cfg) != key:
+            raise data.DataError(f"{cfg.data.source}: changed while it was read (a copy still being written?): "
+                                 "prepare it once it is whole")
+        _read[key] = dataset
     return key
 
 
