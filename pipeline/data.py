@@ -986,6 +986,7 @@ def load_image_folder(path: str | Path) -> Dataset:
     unclassed: list[str] = []
     elsewhere: list[tuple[str, ...]] = []  # images in no train/ or test/ folder: val/ beside them is named below
     hidden: dict[str, int] = {}  # <split>/.<name>/ -> its images: no class, as Keras has it (.ipynb_checkpoints/)
+    others: list[str] = []  # files of no image suffix: named where there is no image at all (another format's files)
     for parts, size, read in _iter_image_files(path):
         if any(p.startswith("._") or p == "__MACOSX" for p in parts):  # macOS's AppleDouble metadata, not images
             continue
@@ -995,6 +996,8 @@ def load_image_folder(path: str | Path) -> Dataset:
             continue
         if parts[-1].lower().endswith(IMAGE_SUFFIXES):
             image_folders.add(parts[:-1])
+        else:
+            others.append("/".join(parts))
         at = _split_index(parts)
         if at is None:
             if len(parts) >= 2 and parts[-2] in ("train", "test") and parts[-1].lower().endswith(IMAGE_SUFFIXES):
@@ -1045,8 +1048,10 @@ def load_image_folder(path: str | Path) -> Dataset:
             raise DataError(f"{path}: no images found under {missing}/<class>/: found {', '.join(found[:4])}"
                             f"{', ...' if len(found) > 4 else ''}; expected train/ and test/ (lower case), each "
                             "holding <class>/ folders of images")
+        held = (f": it holds no image file, only {len(others)} others ({', '.join(sorted(others)[:3])}"
+                f"{', ...' if len(others) > 3 else ''})" if others and not image_folders else "")
         raise DataError(f"{path}: no images found under {missing}/<class>/ (expected train/<class>/*.png|jpg|... "
-                        f"and test/<class>/*.png|jpg|...)")
+                        f"and test/<class>/*.png|jpg|...){held}")
     # A class folder with no images (or only other files) is refused, not warned about as stray files are: the class
     # names are the model's outputs, so it changes them as differing train/test classes (refused below) do. Left out,
     # the model got one class fewer unseen; kept, it would have a class never trained and scored on no images.

@@ -1207,6 +1207,22 @@ def test_image_folder_with_mismatched_classes_or_no_layout(tmp_path):
         data.load_source(str(tmp_path / "flat"))
 
 
+def test_a_source_holding_no_image_at_all_names_the_files_it_holds(tmp_path):
+    """CIFAR-10's binary version (cifar-10-batches-bin/) or CIFAR-100's archive, given for the python CIFAR-10, said
+    only 'no images found under train/<class>/', as of a folder laid out wrongly: the files it holds are named."""
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    for name in ("batches.meta.txt", "data_batch_1.bin", "data_batch_2.bin", "test_batch.bin"):
+        (folder / name).write_bytes(bytes(3073))
+    with tarfile.open(tmp_path / "cifar-10-binary.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-bin")
+    for source, shown in ((folder, ""), (tmp_path / "cifar-10-binary.tar.gz", "cifar-10-batches-bin/")):
+        with pytest.raises(data.DataError) as caught:
+            data.load_source(str(source))
+        assert str(caught.value).endswith(f": it holds no image file, only 4 others ({shown}batches.meta.txt, "
+                                          f"{shown}data_batch_1.bin, {shown}data_batch_2.bin, ...)")
+
+
 def test_a_hidden_folder_beside_the_class_folders_is_no_class_and_is_named(tmp_path, capsys):
     """A folder whose name starts with '.' (Jupyter's .ipynb_checkpoints/, a sync tool's .trash/) was a class: one
     more model output, trained on the copies it held, or, in train/ alone, 'test classes differ'. Keras's
