@@ -1070,6 +1070,14 @@ def load_image_folder(path: str | Path) -> Dataset:
         raise DataError(f"{path}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:3])}"
                         f"{', ...' if len(empty) > 3 else ''} hold{'' if len(empty) > 1 else 's'} no images: a class "
                         "with no images cannot be learned or scored: add its images or remove the folder")
+    for cls in sorted({*train_classes, *test_classes}):
+        try:
+            cls.encode()
+        except UnicodeEncodeError:  # bytes of another encoding (Latin-1): refused below as characters MLflow cannot log
+            shown = os.fsencode(cls).decode("ascii", "backslashreplace")
+            splits = " and ".join(f"{split}/" for split in ("test", "train") if cls in files[split])
+            raise DataError(f"{path}: class folder {shown}/ (in {splits}) is not named in UTF-8 text: "
+                            "rename it") from None
     if train_classes != test_classes:
         raise DataError(f"{path}: test classes {test_classes} differ from train classes {train_classes}")
     if len(train_classes) < 2:

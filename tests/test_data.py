@@ -1284,6 +1284,17 @@ def test_a_folder_holding_a_file_name_that_is_not_utf8_has_a_digest(tmp_path):
     assert len(data.source_digest(str(tmp_path / "images"))) == 64
 
 
+def test_a_class_folder_named_in_latin_1_is_said_to_be_no_utf8(tmp_path):
+    """train/caf\\xe9/ (Latin-1, from an old tar or a Windows share) was refused as a class name 'caf\\udce9' of
+    characters MLflow cannot log, a name no one wrote: the folder is named, and what its name is not."""
+    write_image_folder(tmp_path / "images")
+    for split in ("train", "test"):
+        os.rename(tmp_path / "images" / split / "cat", os.fsencode(tmp_path / "images" / split) + b"/caf\xe9")
+    message = "images: class folder caf\\xe9/ (in test/ and train/) is not named in UTF-8 text: rename it"
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        data.load_source(str(tmp_path / "images"))
+
+
 def test_the_test_subset_does_not_depend_on_the_training_subset():
     """Runs over different data.max_train are scored on the same data.max_test images (their test_acc compare)."""
     full = data.make_synthetic(n_train=100, n_test=40)
