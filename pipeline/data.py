@@ -326,7 +326,15 @@ def source_digest(source: str) -> str:
             return h.hexdigest()
     except OSError as exc:  # e.g. a file copied in by another user, unreadable: was a traceback
         raise _unreadable(exc) from None
-    raise DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path")
+    raise _no_source(source)
+
+
+def _no_source(source: str) -> DataError:
+    """`source` names nothing: no built-in source, no path, or a link to nothing (a dataset moved, a mount not there),
+    which `ls` lists: said as such, naming its target."""
+    if os.path.islink(source):
+        return DataError(f"data.source: {source!r} is a link to {os.path.realpath(source)}, which does not exist")
+    return DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path")
 
 
 def _unreadable(exc: OSError) -> DataError:
@@ -378,7 +386,7 @@ def load_source(source: str, *, synthetic_train: int = 10000, synthetic_test: in
     else:
         path = Path(source)
         if not path.exists():
-            raise DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path")
+            raise _no_source(source)
         if _looks_like_cifar_python(path):
             dataset = load_cifar10_archive(path)
         elif _is_npz(path):

@@ -1242,6 +1242,17 @@ def test_missing_source_is_named():
         data.load_source("nowhere/at/all")
 
 
+def test_a_source_that_is_a_link_to_nothing_names_its_target(tmp_path):
+    """A data path that is a link whose target is gone (a dataset moved, a mount not there) was said to be
+    "neither 'cifar10', 'synthetic' nor an existing path", of a name ls lists: the line says it is a link to what."""
+    (tmp_path / "current.tar.gz").symlink_to(tmp_path / "v2" / "images.tar.gz")
+    message = (f"data.source: {str(tmp_path / 'current.tar.gz')!r} is a link to {tmp_path / 'v2' / 'images.tar.gz'}, "
+               "which does not exist")
+    for read in (data.load_source, data.source_digest):
+        with pytest.raises(data.DataError, match=f"^{re.escape(message)}$"):
+            read(str(tmp_path / "current.tar.gz"))
+
+
 def test_synthetic_is_deterministic_and_balanced():
     a = data.make_synthetic(n_train=500, n_test=100, seed=0)
     b = data.make_synthetic(n_train=500, n_test=100, seed=0)
