@@ -394,6 +394,12 @@ def load_source(source: str, *, synthetic_train: int = 10000, synthetic_test: in
         else:
             dataset = load_image_folder(path)
     _check_arrays(dataset, source)
+    if dataset.y_train.min() == dataset.y_train.max():  # as one class name (refused): right on that class's test
+        # labels whatever it sees. Of the source only: a prepared subset (data.max_train) of one image is one class too
+        label = int(dataset.y_train[0])
+        raise DataError(f"{source}: every training image is of class {dataset.class_names[label]!r} (label {label}): "
+                        "a model of one class learns nothing and scores test_acc 1.0 on it; need images of at least "
+                        "2 classes")
     return dataset
 
 

@@ -636,8 +636,13 @@ def test_an_npz_of_one_class_is_refused_as_an_image_folder_of_one_is(tmp_path):
     np.savez(tmp_path / "one.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(["cat"]))
     with pytest.raises(data.DataError, match=r"one.npz: need at least 2 classes, found \['cat'\]"):
         data.load_source(str(tmp_path / "one.npz"))
-    np.savez(tmp_path / "two.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(["cat", "dog"]))
+    np.savez(tmp_path / "two.npz", x_train=x, y_train=y % 2 + [0, 1, 0, 1], x_test=x, y_test=y,
+             class_names=np.array(["cat", "dog"]))
     assert data.load_source(str(tmp_path / "two.npz")).class_names == ("cat", "dog")
+    # two names, one class trained on (every label 0, or a batch file whose labels are all one class): as one class
+    np.savez(tmp_path / "cats.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(["cat", "dog"]))
+    with pytest.raises(data.DataError, match=r"cats.npz: every training image is of class 'cat' \(label 0\)"):
+        data.load_source(str(tmp_path / "cats.npz"))
     write_image_folder(tmp_path / "cat-only", classes=("cat",))
     with pytest.raises(data.DataError, match=r"cat-only: need at least 2 classes, found \['cat'\]"):
         data.load_source(str(tmp_path / "cat-only"))
