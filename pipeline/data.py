@@ -304,7 +304,9 @@ def file_sha256(path: str | Path, algorithm: str = "sha256") -> str:
 def source_digest(source: str) -> str:
     """Fingerprint of what `source` names, cheap enough to compute before every prepare.
 
-    Files: sha256 of their bytes. Folders: sha256 over relative paths and file bytes.
+    Files: sha256 of their bytes. Folders: sha256 over each file's relative path, a NUL (no path holds one) and the
+    sha256 of its bytes: run together, a name's first bytes moved to the end of the file before it gave the same
+    digest, and the dataset of the folder before was reused.
     `synthetic` is defined by code and params alone; `cifar10` by its published checksum.
     """
     if source == "synthetic":
@@ -318,14 +320,21 @@ def source_digest(source: str) -> str:
         if path.is_dir():
             h = hashlib.sha256()
             for file in _files_under(path):
-                h.update(str(file.relative_to(path)).encode())
+                h.update(os.fsencode(file.relative_to(path)) + b"\0")
                 with open(file, "rb") as f:  # in chunks: a 2 GB file in the folder took 2 GB of memory to be hashed
-                    while chunk := f.read(1 << 20):
-                        h.update(chunk)
+                    h.update(hashlib.file_digest(f, "sha256").digest())
             return h.hexdigest()
     except OSError as exc:  # e.g. a file copied in by another user, unreadable: was a traceback
         raise _unreadable(exc) from None
-    raise DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path")
+    raise _no_source(source)
+
+
+def _no_source(source: str) -> DataError:
+    """`source` names nothing: no built-in source, no path, or a link to nothing (a dataset moved, a mount not there),
+    which `ls` lists: said as such, naming its target."""
+    if os.path.islink(source):
+        return DataError(f"data.source: {source!r} is a link to {os.path.realpath(source)}, which does not exist")
+    return DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path")
 
 
 def _unreadable(exc: OSError) -> DataError:
@@ -377,7 +386,7 @@ def load_source(source: str, *, synthetic_train: int = 10000, synthetic_test: in
     else:
         path = Path(source)
         if not path.exists():
-            raise DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path")
+            raise _no_source(source)
         if _looks_like_cifar_python(path):
             dataset = load_cifar10_archive(path)
         elif _is_npz(path):
@@ -385,6 +394,12 @@ def load_source(source: str, *, synthetic_train: int = 10000, synthetic_test: in
         else:
             dataset = load_image_folder(path)
     _check_arrays(dataset, source)
+    if dataset.y_train.min() == dataset.y_train.max():  # as one class name (refused): right on that class's test
+        # labels whatever it sees. Of the source only: a prepared subset (data.max_train) of one image is one class too
+        label = int(dataset.y_train[0])
+        raise DataError(f"{source}: every training image is of class {dataset.class_names[label]!r} (label {label}): "
+                        "a model of one class learns nothing and scores test_acc 1.0 on it; need images of at least "
+                        "2 classes")
     return dataset
 
 
@@ -527,7 +542,7 @@ def _looks_like_cifar_python(path: Path) -> bool:
     `cifar-10-batches-py/` does), one of the first members of the tar archive is a python batch, or a zip holds
     one (`cifar-10-batches-py/` zipped: it was read as an image folder with no images)."""
     if path.is_dir():
-        return (path / "batches.meta").is_file() or (path / CIFAR10_DIR / "batches.meta").is_file()
+        return _cifar_folder(path) is not None
     if path.name in CIFAR10_ARCHIVE_NAMES:
         return True
     batches = {"batches.meta", "test_batch", *CIFAR10_TRAIN_BATCHES}
@@ -545,6 +560,13 @@ def _looks_like_cifar_python(path: Path) -> bool:
     except ARCHIVE_ERRORS:
         return False  # the image folder reader names what is wrong with it
     return False
+
+
+def _cifar_folder(path: Path) -> Path | None:
+    """The folder of official batches a folder is, or holds as `cifar-10-batches-py/`: one holding any of the batch
+    files (an extraction cut short, its batches.meta missing, was read as an image folder with no images); else None."""
+    names = ("batches.meta", "test_batch", *CIFAR10_TRAIN_BATCHES)
+    return next((folder for folder in (path, path / CIFAR10_DIR) if any((folder / n).is_file() for n in names)), None)
 
 
 class _CheckedTarInfo(tarfile.TarInfo):
@@ -634,13 +656,13 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
     path = Path(path)
     needed = ("batches.meta", *CIFAR10_TRAIN_BATCHES, "test_batch")
     if path.is_dir():
-        folder = path if (path / "batches.meta").is_file() else path / CIFAR10_DIR
+        folder = _cifar_folder(path) or path
         where = {n: str(folder / n) for n in needed}
         try:
             raw = {n: (folder / n).read_bytes() for n in needed}
         except FileNotFoundError as exc:
-            missing = Path(exc.filename).name
-            raise DataError(f"{path}: missing {missing} (expected the files of {CIFAR10_DIR}/)") from None
+            raise DataError(f"{exc.filename}: missing (expected the 7 files of {CIFAR10_DIR}/: "
+                            f"{', '.join(needed)})") from None
         except OSError as exc:  # a batch another user owns (the `cifar10` source reads an extracted folder in the
             # Keras cache as it is), or a folder in its place: was a traceback
             raise _unreadable(exc) from None
@@ -652,6 +674,7 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
                     name = _zip_name(member)
                     base = name.rsplit("/", 1)[-1]
                     if not member.is_dir() and base in needed:
+                        _refuse_second_copy(path, where.get(base), name)
                         raw[base] = _read_member(path, archive, member, member.file_size + 1)
                         where[base] = f"{path}:{name}"
         except ARCHIVE_ERRORS as exc:
@@ -668,6 +691,7 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
                 for member in tar:  # read in place: nothing is extracted to disk
                     base = member.name.rsplit("/", 1)[-1]
                     if member.isfile() and base in needed:
+                        _refuse_second_copy(path, where.get(base), member.name)
                         raw[base], where[base] = tar.extractfile(member).read(), f"{path}:{member.name}"
                 _read_to_end(tar)
         except ARCHIVE_ERRORS as exc:
@@ -688,6 +712,20 @@ def load_cifar10_archive(path: str | Path) -> Dataset:
                                    len(class_names))
     return Dataset(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
                    x_test, y_test, class_names)
+
+
+def _refuse_second_copy(path: Path, first: str | None, name: str) -> None:
+    """DataError where an archive holds a batch in a second folder (`first`: where it held it, `path:name`): each
+    batch, the last of its name, was read from either copy, a dataset of both. The same name again (`tar -u`) is
+    read once, its last copy, as extracting the archive leaves it."""
+    if first is None:
+        return
+    before, base = posixpath.split(first.removeprefix(f"{path}:"))
+    now = posixpath.dirname(name)
+    if posixpath.normpath(before) != posixpath.normpath(now):
+        places = [f"{folder}/" if folder else "its top" for folder in (before, now)]
+        raise DataError(f"{path}: holds {base} twice, in {places[0]} and {places[1]}: give an archive or folder of "
+                        f"one {CIFAR10_DIR}/")
 
 
 # --- image folders ----------------------------------------------------------------------------
@@ -961,6 +999,8 @@ def load_image_folder(path: str | Path) -> Dataset:
     skipped: list[str] = []
     unclassed: list[str] = []
     elsewhere: list[tuple[str, ...]] = []  # images in no train/ or test/ folder: val/ beside them is named below
+    hidden: dict[str, int] = {}  # <split>/.<name>/ -> its images: no class, as Keras has it (.ipynb_checkpoints/)
+    others: list[str] = []  # files of no image suffix: named where there is no image at all (another format's files)
     for parts, size, read in _iter_image_files(path):
         if any(p.startswith("._") or p == "__MACOSX" for p in parts):  # macOS's AppleDouble metadata, not images
             continue
@@ -970,6 +1010,8 @@ def load_image_folder(path: str | Path) -> Dataset:
             continue
         if parts[-1].lower().endswith(IMAGE_SUFFIXES):
             image_folders.add(parts[:-1])
+        else:
+            others.append("/".join(parts))
         at = _split_index(parts)
         if at is None:
             if len(parts) >= 2 and parts[-2] in ("train", "test") and parts[-1].lower().endswith(IMAGE_SUFFIXES):
@@ -978,6 +1020,11 @@ def load_image_folder(path: str | Path) -> Dataset:
                 elsewhere.append(parts)
             continue
         cls = _class_name(parts[at + 1])
+        if cls.startswith("."):  # Jupyter's .ipynb_checkpoints/, a sync tool's .trash/: was a class of its own
+            if parts[-1].lower().endswith(IMAGE_SUFFIXES):
+                folder = "/".join(parts[:at + 2]) + "/"
+                hidden[folder] = hidden.get(folder, 0) + 1
+            continue
         class_folders.add((*parts[:at + 1], cls))
         if parts[-1].lower().endswith(IMAGE_SUFFIXES):
             name = "/".join(parts)
@@ -995,6 +1042,10 @@ def load_image_folder(path: str | Path) -> Dataset:
         print(f"warning: {path}: {len(skipped)} files in class folders are not read, having none of the image "
               f"suffixes {' '.join(IMAGE_SUFFIXES)}: {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}",
               file=sys.stderr, flush=True)
+    if hidden:
+        print(f"warning: {path}: {sum(hidden.values())} images in folders named with a leading '.' are not read, "
+              f"such a folder being no class: {', '.join(sorted(hidden)[:3])}{', ...' if len(hidden) > 3 else ''}",
+              file=sys.stderr, flush=True)
     if unclassed:
         print(f"warning: {path}: {len(unclassed)} images directly in train/ or test/ are not read, being in no "
               f"class folder (train/<class>/): {', '.join(unclassed[:3])}{', ...' if len(unclassed) > 3 else ''}",
@@ -1011,8 +1062,10 @@ def load_image_folder(path: str | Path) -> Dataset:
             raise DataError(f"{path}: no images found under {missing}/<class>/: found {', '.join(found[:4])}"
                             f"{', ...' if len(found) > 4 else ''}; expected train/ and test/ (lower case), each "
                             "holding <class>/ folders of images")
+        held = (f": it holds no image file, only {len(others)} others ({', '.join(sorted(others)[:3])}"
+                f"{', ...' if len(others) > 3 else ''})" if others and not image_folders else "")
         raise DataError(f"{path}: no images found under {missing}/<class>/ (expected train/<class>/*.png|jpg|... "
-                        f"and test/<class>/*.png|jpg|...)")
+                        f"and test/<class>/*.png|jpg|...){held}")
     # A class folder with no images (or only other files) is refused, not warned about as stray files are: the class
     # names are the model's outputs, so it changes them as differing train/test classes (refused below) do. Left out,
     # the model got one class fewer unseen; kept, it would have a class never trained and scored on no images.
@@ -1031,6 +1084,14 @@ def load_image_folder(path: str | Path) -> Dataset:
         raise DataError(f"{path}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:3])}"
                         f"{', ...' if len(empty) > 3 else ''} hold{'' if len(empty) > 1 else 's'} no images: a class "
                         "with no images cannot be learned or scored: add its images or remove the folder")
+    for cls in sorted({*train_classes, *test_classes}):
+        try:
+            cls.encode()
+        except UnicodeEncodeError:  # bytes of another encoding (Latin-1): refused below as characters MLflow cannot log
+            shown = os.fsencode(cls).decode("ascii", "backslashreplace")
+            splits = " and ".join(f"{split}/" for split in ("test", "train") if cls in files[split])
+            raise DataError(f"{path}: class folder {shown}/ (in {splits}) is not named in UTF-8 text: "
+                            "rename it") from None
     if train_classes != test_classes:
         raise DataError(f"{path}: test classes {test_classes} differ from train classes {train_classes}")
     if len(train_classes) < 2:

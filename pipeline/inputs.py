@@ -34,9 +34,10 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
     params file's (a note says which changed), so the run records the data it trains on. resume, a run id: `cfg`
     (and `dataset_uri`) must be what that run started with, and its dataset is used (see `config_to_resume`).
     Without a dataset URI `data.source` must exist (cifar10: in the Keras cache or downloadable now, unless a dataset
-    prepared from it is reused). resume "": the run a rerun would continue must have been checkpointed by the code
-    here (`check_resumable_code`). Either way the run resumed goes on with the backend, precision and XLA choice it
-    trained with (`check_resumed_machine`). The checkpoint folder must be writable (`check_checkpoint_root`). The
+    prepared from it is reused), and, where none is reused, be readable: it is read now (`prepare.read_source`).
+    resume "": the run a rerun would continue must have been checkpointed by the code here (`check_resumable_code`).
+    Either way the run resumed goes on with the backend, precision and XLA choice it trained with
+    (`check_resumed_machine`). The checkpoint folder must be writable (`check_checkpoint_root`). The
     backend must support the params, and in a cluster (TF_CONFIG) only the chief runs the steps.
     """
     check_configured_backend()
@@ -76,6 +77,8 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
                                  f"here run `python -m pipeline.train` with the chief's params")
     if fetch:
         data.fetch_cifar10()
+    if not given and not prepared and resume in ("", "never"):  # the data prepare reads, refused here if it cannot be
+        prepare.read_source(cfg)
     return cfg, dataset_uri
 
 

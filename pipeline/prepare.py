@@ -1,6 +1,7 @@
 """Step 1, prepare: read the data source once and materialise it as one artifact.
 
-Reads:  the source named by `data.source` (see pipeline.data).
+Reads:  the source named by `data.source` (see pipeline.data), before its run opens (`read_source`): data refused
+        as it is read leaves no run.
 Writes: artifact `dataset/dataset.npz` (uint8 images, int32 labels, class names, per-channel
         mean/std in 0-255 units) and `dataset/dataset.json` (counts, stats, digests, source, the data params);
         an MLflow dataset input carrying the first 32 hex digits of the array bytes' sha256 (MLflow's digest column
@@ -54,9 +55,31 @@ def build(cfg: config.Config) -> data.Dataset:
     return source.subset(max_train=cfg.data.max_train, max_test=cfg.data.max_test, seed=cfg.data.seed)
 
 
+def read_source(cfg: config.Config, key: str | None = None) -> str:
+    """Read the data `cfg` prepares before its prepare run opens (and `main`'s, `train`'s): data refused as it is read
+    (a corrupt image, a class folder with none) is a DataError naming the file there, not a prepare run left FAILED
+    (and main's). So is a source whose digest changed while it was read (a folder still being copied in): it was
+    prepared half-copied under the key of what it held before. Kept, one dataset at a time, for `run` under the same
+    key; returns the key."""
+    key = key or prepare_key(cfg)
+    if key not in _read:
+        _read.clear()
+        dataset = build(cfg)
+        if prepare_key(cfg) != key:
+            raise data.DataError(f"{cfg.data.source}: changed while it was read (a copy still being written?): "
+                                 "prepare it once it is whole")
+        _read[key] = dataset
+    return key
+
+
+_read: dict[str, data.Dataset] = {}  # what `read_source` read, by prepare key, until `run` takes it
+
+
 def run(cfg: config.Config, *, key: str | None = None) -> str:
-    """Prepare the dataset inside the active run; return its dataset URI."""
-    dataset = build(cfg)
+    """Prepare the dataset inside the active run (the one `read_source` read under `key`, else read now); return its
+    dataset URI."""
+    key = key or prepare_key(cfg)
+    dataset = _read.pop(key, None) or build(cfg)
     digest = dataset.digest()
     mean, std = dataset.channel_stats()
     in_train = data.test_images_in_train(dataset.x_train, dataset.x_test)  # of the subset kept: what is scored
@@ -66,7 +89,7 @@ def run(cfg: config.Config, *, key: str | None = None) -> str:
         "mean": mean.round(4).tolist(), "std": std.round(4).tolist(), "params": cfg.flat("data"),
     }
     warn_test_images_in_train(cfg.data.source, in_train, len(dataset.x_test))
-    steps.log_prepared(cfg, dataset, digest, key or prepare_key(cfg), in_train)
+    steps.log_prepared(cfg, dataset, digest, key, in_train)
     with artifact_dir("dataset") as folder:
         dataset.save(folder / "dataset.npz")
         (folder / "dataset.json").write_text(json.dumps(summary, indent=2))
@@ -108,10 +131,12 @@ def ensure_prepared(cfg: config.Config) -> str:
     key = prepare_key(cfg)
     found = find_prepared(key)
     if found:
+        _read.pop(key, None)  # read ahead, then prepared by another command meanwhile
         print(f"reusing prepared dataset {found}")
         # said again: the console of the run that prepared it is long gone
         warn_test_images_in_train(cfg.data.source, *steps.prepared_counts(found))
         return found
+    read_source(cfg, key)
     with apart_from_wrapper_run(cfg) as prepare_cfg, step_run(prepare_cfg, "prepare"):
         prepared = run(cfg, key=key)
     return find_prepared(key) or prepared
@@ -166,9 +191,10 @@ def main() -> None:
 
     check_configured_backend()  # Keras downloads CIFAR-10: a backend it cannot load failed as "cannot download"
     check_source(cfg)  # a missing path or CIFAR-10 out of reach fails here, before any run is opened
+    key = read_source(cfg)  # and data that cannot be read
     with step_lock() as hold, step_run(cfg, "prepare") as step:
         hold(step)  # killed, it is left for the next main to end
-        dataset_uri = run(cfg)
+        dataset_uri = run(cfg, key=key)
     # the last line on stdout, as `-e train` and `-e evaluate` take it: `-P dataset_uri=runs:/...`
     print(f"dataset_uri={dataset_uri}")
 

@@ -471,6 +471,34 @@ def test_official_meta_with_wrong_label_names_is_refused(tmp_path, label_names, 
         data.load_source(str(tmp_path / "cifar-10-batches-py"))
 
 
+def test_an_extracted_official_folder_without_its_meta_file_is_named_as_missing_it(tmp_path):
+    """cifar-10-batches-py/ with its batches but no batches.meta (an extraction cut short, a file deleted) was read as
+    an image folder: 'no images found under train/<class>/', the layout of another source."""
+    write_official(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "batches.meta").unlink()
+    for source in (tmp_path / "cifar-10-batches-py", tmp_path):
+        with pytest.raises(data.DataError, match=r"cifar-10-batches-py/batches.meta: missing "):
+            data.load_source(str(source))
+
+
+def test_an_archive_holding_two_copies_of_the_official_batches_is_refused_not_mixed(tmp_path):
+    """A tar or zip holding cifar-10-batches-py/ twice (a copy beside the original, or another version of it) was read
+    batch by batch, each the last of its name in the archive: a dataset of both, mixed. Refused, naming both places,
+    as two image folders side by side are; one name appended twice (`tar -u`) is still read once, its last copy."""
+    write_official(tmp_path / "a")
+    write_official(tmp_path / "b", seed=1)
+    tar_path, zip_path = tmp_path / "two.tar.gz", tmp_path / "two.zip"
+    with tarfile.open(tar_path, "w:gz") as tar, zipfile.ZipFile(zip_path, "w") as archive:
+        for top, name in ((tmp_path / "a", "cifar-10-batches-py"), (tmp_path / "b", "old/cifar-10-batches-py")):
+            tar.add(top / "cifar-10-batches-py", arcname=name)
+            for file in sorted((top / "cifar-10-batches-py").iterdir()):
+                archive.write(file, f"{name}/{file.name}")
+    for source in (tar_path, zip_path):
+        with pytest.raises(data.DataError, match=r"two.(tar.gz|zip): holds batches.meta twice, in "
+                                                 r"cifar-10-batches-py/ and old/cifar-10-batches-py/"):
+            data.load_source(str(source))
+
+
 def test_official_batches_zipped_are_read(tmp_path):
     """A zip of cifar-10-batches-py/ said "no images found under train/<class>/": only tars were known."""
     archive, x_train, x_test = write_official(tmp_path)
@@ -608,8 +636,13 @@ def test_an_npz_of_one_class_is_refused_as_an_image_folder_of_one_is(tmp_path):
     np.savez(tmp_path / "one.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(["cat"]))
     with pytest.raises(data.DataError, match=r"one.npz: need at least 2 classes, found \['cat'\]"):
         data.load_source(str(tmp_path / "one.npz"))
-    np.savez(tmp_path / "two.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(["cat", "dog"]))
+    np.savez(tmp_path / "two.npz", x_train=x, y_train=y % 2 + [0, 1, 0, 1], x_test=x, y_test=y,
+             class_names=np.array(["cat", "dog"]))
     assert data.load_source(str(tmp_path / "two.npz")).class_names == ("cat", "dog")
+    # two names, one class trained on (every label 0, or a batch file whose labels are all one class): as one class
+    np.savez(tmp_path / "cats.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(["cat", "dog"]))
+    with pytest.raises(data.DataError, match=r"cats.npz: every training image is of class 'cat' \(label 0\)"):
+        data.load_source(str(tmp_path / "cats.npz"))
     write_image_folder(tmp_path / "cat-only", classes=("cat",))
     with pytest.raises(data.DataError, match=r"cat-only: need at least 2 classes, found \['cat'\]"):
         data.load_source(str(tmp_path / "cat-only"))
@@ -1179,9 +1212,50 @@ def test_image_folder_with_mismatched_classes_or_no_layout(tmp_path):
         data.load_source(str(tmp_path / "flat"))
 
 
+def test_a_source_holding_no_image_at_all_names_the_files_it_holds(tmp_path):
+    """CIFAR-10's binary version (cifar-10-batches-bin/) or CIFAR-100's archive, given for the python CIFAR-10, said
+    only 'no images found under train/<class>/', as of a folder laid out wrongly: the files it holds are named."""
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    for name in ("batches.meta.txt", "data_batch_1.bin", "data_batch_2.bin", "test_batch.bin"):
+        (folder / name).write_bytes(bytes(3073))
+    with tarfile.open(tmp_path / "cifar-10-binary.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-bin")
+    for source, shown in ((folder, ""), (tmp_path / "cifar-10-binary.tar.gz", "cifar-10-batches-bin/")):
+        with pytest.raises(data.DataError) as caught:
+            data.load_source(str(source))
+        assert str(caught.value).endswith(f": it holds no image file, only 4 others ({shown}batches.meta.txt, "
+                                          f"{shown}data_batch_1.bin, {shown}data_batch_2.bin, ...)")
+
+
+def test_a_hidden_folder_beside_the_class_folders_is_no_class_and_is_named(tmp_path, capsys):
+    """A folder whose name starts with '.' (Jupyter's .ipynb_checkpoints/, a sync tool's .trash/) was a class: one
+    more model output, trained on the copies it held, or, in train/ alone, 'test classes differ'. Keras's
+    image_dataset_from_directory takes no such folder as a class: it is named in a warning, not read."""
+    write_image_folder(tmp_path / "images")
+    for split in ("train", "test"):
+        shutil.copytree(tmp_path / "images" / split / "cat", tmp_path / "images" / split / ".ipynb_checkpoints")
+    dataset = data.load_source(str(tmp_path / "images"))
+    assert dataset.class_names == ("cat", "dog", "ship") and len(dataset.x_train) == len(dataset.x_test) == 9
+    warning = capsys.readouterr().err
+    assert "6 images in folders named with a leading '.' are not read" in warning
+    assert "test/.ipynb_checkpoints/" in warning and "train/.ipynb_checkpoints/" in warning
+
+
 def test_missing_source_is_named():
     with pytest.raises(data.DataError, match="data.source: 'nowhere/at/all'"):
         data.load_source("nowhere/at/all")
+
+
+def test_a_source_that_is_a_link_to_nothing_names_its_target(tmp_path):
+    """A data path that is a link whose target is gone (a dataset moved, a mount not there) was said to be
+    "neither 'cifar10', 'synthetic' nor an existing path", of a name ls lists: the line says it is a link to what."""
+    (tmp_path / "current.tar.gz").symlink_to(tmp_path / "v2" / "images.tar.gz")
+    message = (f"data.source: {str(tmp_path / 'current.tar.gz')!r} is a link to {tmp_path / 'v2' / 'images.tar.gz'}, "
+               "which does not exist")
+    for read in (data.load_source, data.source_digest):
+        with pytest.raises(data.DataError, match=f"^{re.escape(message)}$"):
+            read(str(tmp_path / "current.tar.gz"))
 
 
 def test_synthetic_is_deterministic_and_balanced():
@@ -1199,6 +1273,42 @@ def test_one_changed_pixel_changes_the_digest():
     x[3, 5, 7, 1] ^= 1
     b = data.Dataset(a.x_train, a.y_train, x, a.y_test, a.class_names)
     assert a.digest() != b.digest()
+
+
+def test_folders_that_differ_only_where_one_file_ends_and_the_next_begins_have_other_digests(tmp_path):
+    """A folder's digest ran each file's name and bytes together: bytes moved from the front of a name to the end of
+    the file before it gave the same digest. A ship moved out of the dataset (train/ship/x.png to x.png, no split) as
+    a note beside it grew by 'train/ship/' kept the folder's prepare key: the dataset prepared before was reused."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    write_image_folder(before)
+    (before / "train" / "ship" / "notes.txt").write_text("ships")
+    shutil.copy(before / "train" / "ship" / "0.jpg", before / "train" / "ship" / "x.png")
+    shutil.copytree(before, after)
+    (after / "train" / "ship" / "notes.txt").write_text("shipstrain/ship/")
+    (after / "train" / "ship" / "x.png").rename(after / "x.png")
+    assert len(data.load_source(str(before)).x_train) == len(data.load_source(str(after)).x_train) + 1
+    assert data.source_digest(str(before)) != data.source_digest(str(after))
+
+
+def test_a_folder_holding_a_file_name_that_is_not_utf8_has_a_digest(tmp_path):
+    """A file named in Latin-1 (caf\xe9.png, from an old tar or a Windows share) made the folder's digest, and so every
+    prepare of it, a UnicodeEncodeError traceback: the name is hashed as the bytes it is."""
+    write_image_folder(tmp_path / "images")
+    os.rename(tmp_path / "images" / "train" / "cat" / "0.jpg", os.fsencode(tmp_path / "images" / "train" / "cat")
+              + b"/caf\xe9.jpg")
+    assert len(data.load_source(str(tmp_path / "images")).x_train) == 9
+    assert len(data.source_digest(str(tmp_path / "images"))) == 64
+
+
+def test_a_class_folder_named_in_latin_1_is_said_to_be_no_utf8(tmp_path):
+    """train/caf\\xe9/ (Latin-1, from an old tar or a Windows share) was refused as a class name 'caf\\udce9' of
+    characters MLflow cannot log, a name no one wrote: the folder is named, and what its name is not."""
+    write_image_folder(tmp_path / "images")
+    for split in ("train", "test"):
+        os.rename(tmp_path / "images" / split / "cat", os.fsencode(tmp_path / "images" / split) + b"/caf\xe9")
+    message = "images: class folder caf\\xe9/ (in test/ and train/) is not named in UTF-8 text: rename it"
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        data.load_source(str(tmp_path / "images"))
 
 
 def test_the_test_subset_does_not_depend_on_the_training_subset():

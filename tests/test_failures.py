@@ -431,6 +431,47 @@ def test_cifar10_out_of_reach_is_one_line_before_any_run(store, in_process, monk
 
 
 
+def test_data_that_cannot_be_read_is_one_line_before_any_run(store, in_process, tmp_path):
+    """A corrupt image (or any data refused as it is read) failed inside prepare: `python -m pipeline.prepare` left a
+    prepare run FAILED, `python -m pipeline.main` a main and a prepare run, as a missing path leaves none. The data
+    is read before any run opens, once: the run prepares what was read."""
+    from tests.test_data import write_image_folder
+
+    folder = tmp_path / "images"
+    write_image_folder(folder)
+    (folder / "train" / "dog" / "1.png").write_bytes(b"not an image")
+    for module in ("main", "prepare"):
+        done = in_process(module, "--params", TINY, "--data", str(folder))
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1].startswith(f"error: {folder}:train/dog/1.png: not a decodable")
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              run_view_type=ViewType.ALL) == []
+
+
+def test_data_that_changes_while_it_is_read_is_refused_not_prepared_under_the_key_of_before(monkeypatch, tmp_path):
+    """A folder still being copied in (rsync, cp -r) as prepare read it was prepared half-copied, under the prepare key
+    of what it held when the command started: refused, naming it, where its digest after the read differs."""
+    from pipeline import data
+    from tests.test_data import write_image_folder
+
+    folder = tmp_path / "images"
+    write_image_folder(folder)
+    real = data.load_image_folder
+
+    def copied_meanwhile(path):  # noqa: ANN001, ANN202 - load_image_folder's signature
+        read = real(path)
+        shutil.copy(folder / "train" / "cat" / "0.jpg", folder / "train" / "cat" / "9.jpg")
+        return read
+
+    monkeypatch.setattr(data, "load_image_folder", copied_meanwhile)
+    cfg = config.load(TINY, f"data.source={folder}")
+    with pytest.raises(data.DataError, match=f"^{folder}: changed while it was read"):
+        prepare.read_source(cfg)
+    monkeypatch.setattr(data, "load_image_folder", real)
+    assert prepare.read_source(cfg) == prepare.prepare_key(cfg)
+
+
 @pytest.mark.parametrize("module", ["main", "compare"])
 def test_help_needs_no_tracking_store(tmp_path, monkeypatch, in_process, module):
     """`python -m pipeline.<step> --help` made `mlflow.db` in the working directory (the store was created before
