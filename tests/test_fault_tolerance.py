@@ -151,8 +151,11 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float
 # is a param too, so that `mlflow run --experiment-name e2e` and `python -m pipeline.main` in this process (its
 # runs in `tracking.experiment`) are one command: the same job (resume.train_key), runs in one experiment.
 STEP_SCHEDULE = "train.schedule=step train.lr_boundaries=[0.5] tracking.experiment=e2e"
-# Fewer images than tiny's, for commands run in this process that nothing interrupts in an epoch.
-FEWER = "data.synthetic_train=256 data.synthetic_test=64 evaluate.samples=1"
+# Fewer images than tiny's, for commands run in this process that nothing interrupts in an epoch, and a smaller model:
+# one stage of basic blocks (what a resume, a failure or a checkpoint does is the same for any model; each training,
+# scoring and loading of it traces fewer layers: ~2 CPU-s less a training here).
+SMALL_MODEL = "model.block=basic model.widths=[16] model.strides=[1]"
+FEWER = f"data.synthetic_train=256 data.synthetic_test=64 evaluate.samples=1 {SMALL_MODEL}"
 # Tiny's own images, for a command stopped as epoch 1's checkpoint lands and the reruns that must be the same command:
 # `wait_for_checkpoint(..., freeze=True)` stops its tree within a poll of that, however short the epochs (2,048 images
 # were for a signal sent a second later). The experiment: see STEP_SCHEDULE.
@@ -1828,7 +1831,7 @@ def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_pa
 
     def params(ema: bool) -> config.Config:
         return config.load(TINY, f"train.epochs=4 train.cutout=4 train.verbose=0 train.ema={str(ema).lower()} "
-                           "train.ema_momentum=0.9")
+                           f"train.ema_momentum=0.9 {SMALL_MODEL}")
 
     uninterrupted = fit(params(False), tmp_path / "a", 1)
     assert len(uninterrupted) == 4
