@@ -156,10 +156,10 @@ STEP_SCHEDULE = "train.schedule=step train.lr_boundaries=[0.5] tracking.experime
 # scoring and loading of it traces fewer layers: ~2 CPU-s less a training here).
 SMALL_MODEL = "model.block=basic model.widths=[16] model.strides=[1]"
 FEWER = f"data.synthetic_train=256 data.synthetic_test=64 evaluate.samples=1 {SMALL_MODEL}"
-# Tiny's own images, for a command stopped as epoch 1's checkpoint lands and the reruns that must be the same command:
-# `wait_for_checkpoint(..., freeze=True)` stops its tree within a poll of that, however short the epochs (2,048 images
-# were for a signal sent a second later). The experiment: see STEP_SCHEDULE.
-IN_E2E = "tracking.experiment=e2e"
+# Tiny's own images (and SMALL_MODEL), for a command stopped as epoch 1's checkpoint lands and the reruns that must be
+# the same command: `wait_for_checkpoint(..., freeze=True)` stops its tree within a poll of that, however short the
+# epochs (2,048 images were for a signal sent a second later). The experiment: see STEP_SCHEDULE.
+IN_E2E = f"tracking.experiment=e2e {SMALL_MODEL}"
 
 
 def stop_holding_no_store_lock(pid: int, db: Path, tries: int = 50) -> None:
@@ -1531,7 +1531,7 @@ def test_dead_tracking_server_fails_within_a_minute_exit_4_and_the_rerun_resumes
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **settings,
            "TF_CPP_MIN_LOG_LEVEL": "2"}
     command = [sys.executable, "-m", "pipeline.main", "--params", TINY, "--epochs", "4",
-               "--overrides", "tracking.experiment=e2e"]
+               "--overrides", f"tracking.experiment=e2e {SMALL_MODEL}"]
     try:
         MlflowClient(uri).create_experiment("e2e")
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
