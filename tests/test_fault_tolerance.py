@@ -183,12 +183,13 @@ def stop_holding_no_store_lock(pid: int, db: Path, tries: int = 50) -> None:
 
 def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path, in_process):
     store = {**store, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # system metrics every second, not 10
-    live = start_main(store, "--epochs", "3", "--overrides", STEP_SCHEDULE)
+    overrides = f"{STEP_SCHEDULE} {SMALL_MODEL}"
+    live = start_main(store, "--epochs", "3", "--overrides", overrides)
     wait_for_checkpoint(tmp_path / "checkpoints", live)
     stop_holding_no_store_lock(live.pid, tmp_path / "mlflow.db")  # alive, holding its training lock, no progress
     # The identical command, while the first one trains (`python -m pipeline.main`, run in this process: another
     # process than the first's all the same)
-    command = ("--params", TINY, "--epochs", "3", "--overrides", STEP_SCHEDULE)
+    command = ("--params", TINY, "--epochs", "3", "--overrides", overrides)
     try:
         second = in_process("main", *command, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     finally:
