@@ -198,7 +198,7 @@ def eventually(check, timeout: float = 60):
 # the worker with the longest (so the first two files of every worker add up to about the same), then the rest go
 # to whichever worker is free. Estimated from the CPU seconds of each file in a whole-suite run on a 2-core AMD EPYC
 # (Zen 3, four workers, 2026-12-06) less the cuts made after it, and the CPU seconds of single files alone (-n 0) on a
-# 2-core Zen 2 (2026-12-07): test_fault_tolerance ~233 (298 before that day's cuts), test_failures 168,
+# 2-core Zen 2 (2026-12-07): test_fault_tolerance 224 (298 before that day's cuts), test_failures 168,
 # test_gpu_check 131, test_recipes 74, test_readme 60, test_cpu_probe 58; files not listed follow in name order, small
 # enough to fill the ends.
 LONGEST_FIRST = ["test_fault_tolerance.py", "test_sweep.py", "test_failures.py", "test_fast_path.py",
