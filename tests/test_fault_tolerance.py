@@ -151,8 +151,15 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float
 # is a param too, so that `mlflow run --experiment-name e2e` and `python -m pipeline.main` in this process (its
 # runs in `tracking.experiment`) are one command: the same job (resume.train_key), runs in one experiment.
 STEP_SCHEDULE = "train.schedule=step train.lr_boundaries=[0.5] tracking.experiment=e2e"
-# Fewer images than tiny's, for commands run in this process that nothing interrupts in an epoch.
-FEWER = "data.synthetic_train=256 data.synthetic_test=64 evaluate.samples=1"
+# Fewer images than tiny's, for commands run in this process that nothing interrupts in an epoch, and a smaller model:
+# one stage of basic blocks (what a resume, a failure or a checkpoint does is the same for any model; each training,
+# scoring and loading of it traces fewer layers: ~2 CPU-s less a training here).
+SMALL_MODEL = "model.block=basic model.widths=[16] model.strides=[1]"
+FEWER = f"data.synthetic_train=256 data.synthetic_test=64 evaluate.samples=1 {SMALL_MODEL}"
+# Tiny's own images (and SMALL_MODEL), for a command stopped as epoch 1's checkpoint lands and the reruns that must be
+# the same command: `wait_for_checkpoint(..., freeze=True)` stops its tree within a poll of that, however short the
+# epochs (2,048 images were for a signal sent a second later). The experiment: see STEP_SCHEDULE.
+IN_E2E = f"tracking.experiment=e2e {SMALL_MODEL}"
 
 
 def stop_holding_no_store_lock(pid: int, db: Path, tries: int = 50) -> None:
@@ -176,12 +183,13 @@ def stop_holding_no_store_lock(pid: int, db: Path, tries: int = 50) -> None:
 
 def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path, in_process):
     store = {**store, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # system metrics every second, not 10
-    live = start_main(store, "--epochs", "3", "--overrides", STEP_SCHEDULE)
+    overrides = f"{STEP_SCHEDULE} {SMALL_MODEL}"
+    live = start_main(store, "--epochs", "3", "--overrides", overrides)
     wait_for_checkpoint(tmp_path / "checkpoints", live)
     stop_holding_no_store_lock(live.pid, tmp_path / "mlflow.db")  # alive, holding its training lock, no progress
     # The identical command, while the first one trains (`python -m pipeline.main`, run in this process: another
     # process than the first's all the same)
-    command = ("--params", TINY, "--epochs", "3", "--overrides", STEP_SCHEDULE)
+    command = ("--params", TINY, "--epochs", "3", "--overrides", overrides)
     try:
         second = in_process("main", *command, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     finally:
@@ -229,24 +237,22 @@ def test_a_killed_run_resumes_after_an_identical_prepare_run_on_its_own(store, t
     """A rerun found the newest identical prepare run: one run on its own after the kill (`-e prepare`) gave the rerun
     another dataset URI, so another `train_key`, and it trained afresh, the killed run left RUNNING. Every command
     now reuses the first, whose dataset the killed run trained on."""
-    # epochs of seconds: killed after the first, not after the last (the experiment: see STEP_SCHEDULE; the images:
-    # see LONGER)
-    longer = "data.synthetic_train=2048 tracking.experiment=e2e"
-    killed = start_main(store, "--epochs", "3", "--overrides", longer)
+    # killed after the first of two epochs, frozen as its checkpoint lands (the experiment: see STEP_SCHEDULE)
+    killed = start_main(store, "--epochs", "2", "--overrides", IN_E2E)
     wait_for_checkpoint(tmp_path / "checkpoints", killed, freeze=True)
     kill_tree(killed.pid)
     killed.wait(timeout=30)
-    prepared = in_process("prepare", "--params", TINY, "--overrides", longer)  # `python -m pipeline.prepare`
+    prepared = in_process("prepare", "--params", TINY, "--overrides", IN_E2E)  # `python -m pipeline.prepare`
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert len(client.search_runs(experiments, "tags.step = 'prepare'")) == 2  # two identical prepare runs
-    done = in_process("main", "--params", TINY, "--epochs", "3", "--overrides", longer)  # the same command
+    done = in_process("main", "--params", TINY, "--epochs", "2", "--overrides", IN_E2E)  # the same command
     assert done.returncode == 0, done.stderr[-3000:]
     train = client.search_runs(experiments, "tags.step = 'train'")
     assert len(train) == 1 and train[0].info.status == "FINISHED"  # the killed run, resumed
     assert f"resuming train run {train[0].info.run_id}" in done.stdout
-    assert "Epoch 1/3" not in done.stdout + done.stderr and "Epoch 3/3" in done.stdout
+    assert "Epoch 1/2" not in done.stdout + done.stderr and "Epoch 2/2" in done.stdout
 
 
 @pytest.mark.parametrize("ends", ["before", "after"])
@@ -1258,13 +1264,10 @@ def test_a_checkpoint_of_other_code_is_resumed_only_by_id_and_the_run_says_so(st
     assert tags["train_code"] == resume.train_code()
 
 
-# Epochs twice tiny's, so that Ctrl-C just after epoch 1's checkpoint lands in epoch 2 (the experiment: see
-# STEP_SCHEDULE).
-LONGER = "data.synthetic_train=2048 tracking.experiment=e2e"
 
 
 def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tmp_path, in_process):
-    interrupted = start_mlflow_run(store, "epochs=2", f"overrides={LONGER}")  # in epoch 2, past epoch 1's checkpoint
+    interrupted = start_mlflow_run(store, "epochs=2", f"overrides={IN_E2E}")  # in epoch 2, past epoch 1's checkpoint
     wait_for_checkpoint(tmp_path / "checkpoints", interrupted, freeze=True)  # frozen as epoch 2 begins
     # Ctrl-C in a terminal: SIGINT to the foreground process group, `mlflow run` and its step alike
     # (`mlflow run` then also sends the step SIGTERM); delivered as the tree goes on.
@@ -1284,23 +1287,23 @@ def test_ctrl_c_ends_every_run_killed_and_resume_by_id_extends_the_run(store, tm
 
     # resume=<id> with other params is refused, naming them; so is shrinking the run.
     args = ("--params", TINY, "--resume", run_id)
-    other = in_process("main", *args, "--overrides", f"{LONGER} train.lr=0.1 train.seed=7", "--epochs", "3")
+    other = in_process("main", *args, "--overrides", f"{IN_E2E} train.lr=0.1 train.seed=7", "--epochs", "3")
     assert other.returncode == 2, other.stderr[-2000:]
     line = other.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: resume: run {run_id} was started with other params: train.lr=0.1 (run has ")
     assert "train.seed=7 (run has " in line
-    shorter = in_process("main", *args, "--overrides", LONGER, "--epochs", "1")
+    shorter = in_process("main", *args, "--overrides", IN_E2E, "--epochs", "1")
     assert shorter.returncode == 2 and shorter.stderr.strip().splitlines()[-1].startswith("error: train.epochs: ")
 
     # resume=never starts afresh and leaves the interrupted run as it was (the same command, in this process).
-    fresh = in_process("main", "--params", TINY, "--epochs", "2", "--overrides", LONGER, "--resume", "never")
+    fresh = in_process("main", "--params", TINY, "--epochs", "2", "--overrides", IN_E2E, "--resume", "never")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "resuming train run" not in fresh.stdout and "Epoch 1/2" in fresh.stdout
     assert client.get_run(run_id).info.status == "KILLED"
     assert (tmp_path / "checkpoints" / run_id / "training_metadata.json").exists()
 
     # resume=<id> with more epochs extends the interrupted run (`python -m pipeline.main`, in this process).
-    extended = in_process("main", "--params", TINY, "--epochs", "3", "--overrides", LONGER, "--resume", run_id)
+    extended = in_process("main", "--params", TINY, "--epochs", "3", "--overrides", IN_E2E, "--resume", run_id)
     assert extended.returncode == 0, extended.stderr[-3000:]
     assert f"resuming train run {run_id}" in extended.stdout
     run = client.get_run(run_id)
@@ -1529,7 +1532,7 @@ def test_dead_tracking_server_fails_within_a_minute_exit_4_and_the_rerun_resumes
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **settings,
            "TF_CPP_MIN_LOG_LEVEL": "2"}
     command = [sys.executable, "-m", "pipeline.main", "--params", TINY, "--epochs", "4",
-               "--overrides", "tracking.experiment=e2e"]
+               "--overrides", f"tracking.experiment=e2e {SMALL_MODEL}"]
     try:
         MlflowClient(uri).create_experiment("e2e")
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -1829,7 +1832,7 @@ def test_a_resumed_fit_draws_the_augmentations_an_uninterrupted_one_draws(tmp_pa
 
     def params(ema: bool) -> config.Config:
         return config.load(TINY, f"train.epochs=4 train.cutout=4 train.verbose=0 train.ema={str(ema).lower()} "
-                           "train.ema_momentum=0.9")
+                           f"train.ema_momentum=0.9 {SMALL_MODEL}")
 
     uninterrupted = fit(params(False), tmp_path / "a", 1)
     assert len(uninterrupted) == 4
