@@ -1359,7 +1359,6 @@ def interrupted_train_run(in_process, monkeypatch, command: list[str] = RESUMED)
     commands refused before any run opens; the run and its checkpoint folder. Training stays interrupted for the rest
     of the test."""
     from pipeline import tracking, train
-    from pipeline.tracking import resume
 
     def interrupted(*args, **kwargs):
         raise tracking.Interrupted(signal.SIGTERM)
@@ -1367,12 +1366,20 @@ def interrupted_train_run(in_process, monkeypatch, command: list[str] = RESUMED)
     monkeypatch.setattr(train, "fit", interrupted)
     assert in_process("train", *command).returncode == 128 + signal.SIGTERM
     (run,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
-    folder = resume.checkpoint_dir(run.info.run_id)
+    return run, stand_in_checkpoint(run.info.run_id)
+
+
+def stand_in_checkpoint(run_id: str) -> Path:
+    """Train run `run_id`'s checkpoint folder, holding a checkpoint of its first epoch: whole, never loaded (training
+    stays interrupted)."""
+    from pipeline.tracking import resume
+
+    folder = resume.checkpoint_dir(run_id)
     folder.mkdir(parents=True, exist_ok=True)
-    with h5py.File(folder / "epoch-0001.weights.h5", "w") as weights:  # stands for its checkpoint: whole, never loaded
+    with h5py.File(folder / "epoch-0001.weights.h5", "w") as weights:
         weights["weights"] = np.zeros(4096)
     (folder / "training_metadata.json").write_text(json.dumps({"epoch": 1, "weights": "epoch-0001.weights.h5"}))
-    return run, folder
+    return folder
 
 
 @pytest.mark.parametrize("damage", ["weights cut short", "weights gone", "metadata torn"])
@@ -1446,6 +1453,35 @@ def test_resuming_a_run_in_mlflows_trash_is_refused_before_any_run_opens(store, 
         f"error: resume: run {run.info.run_id} is in MLflow's trash; restore it (mlflow runs restore --run-id "
         f"{run.info.run_id}) to go on with it, or resume=never to start afresh")
     assert runs() == runs_before  # no main run, FAILED or otherwise
+
+
+def test_a_train_run_of_another_experiment_is_resumed_where_it_is(store, in_process, monkeypatch, tmp_path):
+    """A train run that `mlflow run` started in its own experiment (`--experiment-name`, or MLflow's Default) and that
+    was interrupted, rerun as `python -m pipeline.main` (its runs in tracking.experiment), plainly or with
+    resume=<id>: MLflow refused to reopen a run of another experiment than the active one, a traceback once main's run
+    was open, main's run left FAILED. The run goes on where it is, and the line resuming it says so."""
+    from pipeline import tracking, train
+
+    def interrupted(*args, **kwargs):
+        raise tracking.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(train, "fit", interrupted)
+    client = MlflowClient()
+    other = client.create_experiment("other", artifact_location=str(tmp_path / "other"))
+    wrapper = client.create_run(other).info.run_id  # what `mlflow run --experiment-name other -e train` opens
+    assert in_process("train", *RESUMED, env={"MLFLOW_RUN_ID": wrapper}).returncode == 128 + signal.SIGTERM
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # a shell of its own, later
+    stand_in_checkpoint(wrapper)
+    for by_id in ([], ["--resume", wrapper]):
+        resumed = in_process("main", *RESUMED, *by_id)
+        assert resumed.returncode == 128 + signal.SIGTERM, resumed.stderr[-3000:]  # the run reopened, then stopped
+        assert (f"resuming train run {wrapper} from its last completed epoch (in experiment 'other', where it stays)"
+                in resumed.stdout), resumed.stdout[-3000:]
+        run = client.get_run(wrapper)
+        assert run.info.experiment_id == other and run.info.status == "KILLED"
+    mains = experiment_runs(client, "tags.step = 'main'")
+    assert sorted(r.info.status for r in mains) == ["KILLED", "KILLED"]
 
 
 def test_resuming_by_id_on_a_local_dataset_file_overwritten_since_is_refused_before_any_run_opens(

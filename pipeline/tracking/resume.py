@@ -538,12 +538,17 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
         if run_id is None:
             return None
         refuse_other_code(run_id)  # as check_inputs did before any run opened, unless a run changed since
-    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    run = client.get_run(run_id)
+    parent = run.data.tags.get("mlflow.parentRunId")
     active = mlflow.active_run()
     if parent and (active is None or parent != active.info.run_id) and client.get_run(parent).info.status == "RUNNING":
         client.set_tag(parent, "resumed_by", active.info.run_id if active else "")
         client.set_terminated(parent, "KILLED")
-    print(f"resuming train run {run_id} from its last completed epoch")
+    # a run `mlflow run --experiment-name` started, rerun by `python -m pipeline.main` (tracking.experiment): it goes on
+    # in its own experiment (`tracking.open_run`), not among main's steps
+    elsewhere = (f" (in experiment {client.get_experiment(run.info.experiment_id).name!r}, where it stays)"
+                 if active is not None and run.info.experiment_id != active.info.experiment_id else "")
+    print(f"resuming train run {run_id} from its last completed epoch{elsewhere}")
     if changed:  # resume=<id>: the way on that refuse_other_code's message gives; start_training tags the run
         print(f"warning: train run {run_id} was checkpointed by other code (train_code {changed[0][:12]}, "
               f"here {changed[1][:12]}): its next epochs train with the code here from the old code's weights "
