@@ -1436,6 +1436,28 @@ def test_resuming_a_live_run_by_id_is_refused_before_any_run_opens(store, in_pro
     assert len(experiment_runs(MlflowClient())) == runs_before  # no main run, FAILED or otherwise
 
 
+def test_resuming_a_main_or_other_step_by_id_names_the_train_run_to_give(store, in_process):
+    """resume=<id> of the run the UI lists for a pipeline, its main run, or of another step's: refused as 'not a train
+    run' alone, the id to give nowhere said. A main's line names its train run (tag train_run_id, else its nested
+    train run), or says it trained none."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    main, stopped, prepared = (client.create_run(experiment, tags={"step": step}).info.run_id
+                               for step in ("main", "main", "prepare"))
+    trained = client.create_run(experiment, tags={"step": "train", "mlflow.parentRunId": main}).info.run_id
+    expected = {
+        main: f"error: resume: run {main} is a main run, not a train run; resume={trained} goes on with its train run",
+        stopped: f"error: resume: run {stopped} is a main run, not a train run, and trained nothing (it stopped "
+                 f"before)",
+        prepared: f"error: resume: run {prepared} is a prepare run, not a train run",
+    }
+    for run_id, line in expected.items():
+        refused = in_process("main", *RESUMED, "--resume", run_id)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.strip().splitlines()[-1] == line
+    assert len(experiment_runs(client)) == 4  # no main run opened
+
+
 def test_resuming_a_run_in_mlflows_trash_is_refused_before_any_run_opens(store, in_process, monkeypatch):
     """resume=<id> of a deleted run: MLflow refused to reopen it once main had opened its own run, a traceback, exit 1,
     a FAILED main run left behind."""

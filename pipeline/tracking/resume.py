@@ -760,7 +760,7 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     params = run.data.params
     trained_on = trained_dataset_uri(run)
     if not trained_on or run.data.tags.get("step") != "train":
-        raise config.ConfigError(f"resume: run {run_id} is not a train run")
+        raise config.ConfigError(f"resume: run {run_id} is {_not_a_train_run(run)}")
     if run.info.lifecycle_stage == "deleted":  # MLflow refuses to reopen it: a traceback, once main's run was open
         raise config.ConfigError(f"resume: run {run_id} is in MLflow's trash; restore it (mlflow runs restore --run-id "
                                  f"{run_id}) to go on with it, or resume=never to start afresh")
@@ -794,6 +794,23 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     check_checkpoint_readable(run_id)
     return trained_on
+
+
+def _not_a_train_run(run: mlflow.entities.Run) -> str:
+    """What run `run`, given to resume but no train run, is, in words: a main run (the row the UI lists for a
+    pipeline) with the `resume=` of its train run (tag `train_run_id`, set once it trained; else the train run nested
+    in it), or the step it is."""
+    tags = run.data.tags
+    step = tags.get("step")
+    if step not in ("main", "resume"):  # "resume": the run `mlflow run` opened for a resumed train run (`open_run`)
+        return f"a {step} run, not a train run" if step and step != "train" else "not a train run"
+    trained = tags.get("train_run_id") or tags.get("resumes_run") or next(
+        (r.info.run_id for r in MlflowClient().search_runs(
+            [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.step = 'train'",
+            order_by=["attributes.start_time DESC"], max_results=1)), None)
+    if not trained:
+        return f"a {step} run, not a train run, and trained nothing (it stopped before)"
+    return f"a {step} run, not a train run; resume={trained} goes on with its train run"
 
 
 def _extension_untrained(run: mlflow.entities.Run, cfg: config.Config, dataset_uri: str) -> bool:
