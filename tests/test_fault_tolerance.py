@@ -1458,6 +1458,20 @@ def test_resuming_a_main_or_other_step_by_id_names_the_train_run_to_give(store, 
     assert len(experiment_runs(client)) == 4  # no main run opened
 
 
+@pytest.mark.parametrize(("value", "line"), [
+    ("NEVER", "error: resume: no run 'NEVER' in the tracking store; did you mean resume=never?"),
+    (" never", "error: resume: no run ' never' in the tracking store; did you mean resume=never?"),
+    ("runs:/0123/model", "error: resume: no run 'runs:/0123/model' in the tracking store (resume takes '' to continue "
+                         "an interrupted identical run, never to start afresh, or a train run's id)"),
+])
+def test_a_resume_value_that_names_no_run_says_what_resume_takes(store, in_process, value, line):
+    """-P resume=NEVER, or a model URI: 'no run ... in the tracking store' alone, as if a run were missing."""
+    refused = in_process("main", *RESUMED, "--resume", value)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == line
+    assert experiment_runs(MlflowClient()) == []
+
+
 def test_resuming_a_run_in_mlflows_trash_is_refused_before_any_run_opens(store, in_process, monkeypatch):
     """resume=<id> of a deleted run: MLflow refused to reopen it once main had opened its own run, a traceback, exit 1,
     a FAILED main run left behind."""

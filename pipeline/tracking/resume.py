@@ -756,7 +756,10 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
-        raise config.ConfigError(f"resume: no run {run_id!r} in the tracking store") from None
+        hint = ("; did you mean resume=never?" if run_id.strip().lower() == "never" else
+                " (resume takes '' to continue an interrupted identical run, never to start afresh, or a train run's "
+                "id)")
+        raise config.ConfigError(f"resume: no run {run_id!r} in the tracking store{hint}") from None
     params = run.data.params
     trained_on = trained_dataset_uri(run)
     if not trained_on or run.data.tags.get("step") != "train":
