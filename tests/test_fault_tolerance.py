@@ -194,6 +194,9 @@ def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path
     runs = {r.info.status: r for r in experiment_runs(client, "tags.step = 'train'")}
     assert sorted(runs) == ["FINISHED", "RUNNING"]  # two runs; nobody was left to mark the killed one
     killed, uninterrupted = runs["RUNNING"], runs["FINISHED"]
+    # it said why it trained afresh, the identical run there to resume being live (it started from scratch unsaid)
+    assert (f"note: train run {killed.info.run_id}, of the same params and data, is being trained by another process "
+            f"now; this command trains a run of its own") in second.stderr, second.stderr[-3000:]
     done = in_process("main", *command)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming train run {killed.info.run_id}" in done.stdout

@@ -558,9 +558,13 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
 
 def newest_resumable(cfg: config.Config, dataset_uri: str) -> str | None:
     """The newest unfinished run of the same job that left a checkpoint and that no live process trains, claimed;
-    one whose folder is another user's, which this process may not write, is not continued (a note says so)."""
-    candidates = [r for r in unfinished_runs("train_key", train_key(cfg, dataset_uri)) if has_checkpoint(r)]
-    for run_id in candidates:
+    one whose folder is another user's, which this process may not write, is not continued (a note says so), nor is
+    one a live process trains now (a note says so: the command, run twice, trained afresh unsaid)."""
+    for run_id in unfinished_runs("train_key", train_key(cfg, dataset_uri)):
+        if not has_checkpoint(run_id):
+            if _held(run_id):  # live, before its first checkpoint
+                _note_live(run_id)
+            continue
         if not writable(checkpoint_dir(run_id)):  # another user's: its next checkpoints could not be saved here
             if run_id not in _noted:
                 _noted.add(run_id)
@@ -569,10 +573,19 @@ def newest_resumable(cfg: config.Config, dataset_uri: str) -> str | None:
                       f"goes on with it)", file=sys.stderr)
         elif claim(run_id):
             return run_id
+        else:
+            _note_live(run_id)
     return None
 
 
 _noted: set[str] = set()  # the runs `newest_resumable` said it could not continue (it is asked twice per command)
+
+
+def _note_live(run_id: str) -> None:
+    if run_id not in _noted:
+        _noted.add(run_id)
+        print(f"note: train run {run_id}, of the same params and data, is being trained by another process now; this "
+              f"command trains a run of its own", file=sys.stderr)
 
 
 def code_change(run_id: str) -> tuple[str, str] | None:
