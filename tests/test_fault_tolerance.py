@@ -1521,6 +1521,12 @@ def test_a_train_run_of_another_experiment_is_resumed_where_it_is(store, in_proc
         assert run.info.experiment_id == other and run.info.status == "KILLED"
     mains = experiment_runs(client, "tags.step = 'main'")
     assert sorted(r.info.status for r in mains) == ["KILLED", "KILLED"]
+    # each names the run it went on with, stopped before that run finished: it is nested in no main of theirs
+    assert [r.data.tags.get("train_run_id") for r in mains] == [wrapper, wrapper]
+    refused = in_process("main", *RESUMED, "--resume", mains[0].info.run_id)
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: resume: run {mains[0].info.run_id} is a main run, not a train run; resume={wrapper} goes on with its "
+        f"train run")
 
 
 def test_resuming_by_id_on_a_local_dataset_file_overwritten_since_is_refused_before_any_run_opens(

@@ -814,8 +814,8 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
 
 def _not_a_train_run(run: mlflow.entities.Run) -> str:
     """What run `run`, given to resume but no train run, is, in words: a main run (the row the UI lists for a
-    pipeline) with the `resume=` of its train run (tag `train_run_id`, set once it trained; else the train run nested
-    in it), or the step it is."""
+    pipeline) with the `resume=` of its train run (tag `train_run_id`: a run it resumed, or one it trained; else the
+    one nested in it), or the step it is."""
     tags = run.data.tags
     step = tags.get("step")
     if step not in ("main", "resume"):  # "resume": the run `mlflow run` opened for a resumed train run (`open_run`)
