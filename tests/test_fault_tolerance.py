@@ -1439,6 +1439,28 @@ def test_resuming_a_live_run_by_id_is_refused_before_any_run_opens(store, in_pro
     assert len(experiment_runs(MlflowClient())) == runs_before  # no main run, FAILED or otherwise
 
 
+def test_a_second_resume_by_id_started_beside_the_first_is_refused_before_any_run_opens(store, in_process,
+                                                                                         monkeypatch):
+    """Two `resume=<id>` of one run started together: each found the run free when its inputs were checked (the first
+    claimed it only once Keras had loaded and its main run was open, ~10 s later), and the second was refused inside
+    its main run, left FAILED. The first holds the run from its check on."""
+    from pipeline import inputs
+    from pipeline.tracking import resume
+
+    run, _ = interrupted_train_run(in_process, monkeypatch)
+    cfg = config.load_from_cli(TINY, "tracking.experiment=e2e")
+    inputs.check_inputs(cfg, resume=run.info.run_id)  # the first command, its inputs checked: Keras loads next
+    try:
+        second = subprocess.run([sys.executable, "-m", "pipeline.main", *RESUMED, "--resume", run.info.run_id],
+                                cwd=ROOT, env=store, capture_output=True, text=True, timeout=300)
+    finally:
+        resume.release(run.info.run_id)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"error: resume: run {run.info.run_id} is being trained by another process right now")
+    assert experiment_runs(MlflowClient(), "tags.step = 'main'") == []
+
+
 def test_resuming_a_main_or_other_step_by_id_names_the_train_run_to_give(store, in_process):
     """resume=<id> of the run the UI lists for a pipeline, its main run, or of another step's: refused as 'not a train
     run' alone, the id to give nowhere said. A main's line names its train run (tag train_run_id, else its nested

@@ -765,7 +765,8 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     the new length), or go back to the run's own count where an extension stopped before it trained
     (`_extension_untrained`), and the params in `NOT_TRAINING` may change; any other difference is a ConfigError naming
     the keys, as is a local dataset file that holds other bytes than the run trained on (`_check_same_bytes`), a run in
-    MLflow's trash, one that left no checkpoint here or one a live process trains now."""
+    MLflow's trash, one that left no checkpoint here or one a live process trains now (or has claimed to train: the
+    run is claimed for this process, `claim`)."""
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
@@ -806,9 +807,12 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
         raise config.ConfigError(f"resume: run {run_id} has no checkpoint in {checkpoint_dir(run_id)} "
                                  f"(finished runs delete theirs)")
     _check_writable_checkpoint(run_id)
-    if _held(run_id):  # as find_resumable says it, but before any run opens (it opened main's, left FAILED)
-        raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     check_checkpoint_readable(run_id)
+    # as find_resumable says it, but before any run opens (it opened main's, left FAILED), and held from now on: a
+    # second resume=<id> started beside this one found the run free while this one loaded Keras, then was refused
+    # inside its main run (the caller releases the claim where it refuses the command after all)
+    if not claim(run_id):
+        raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     return trained_on
 
 
