@@ -22,6 +22,7 @@ from pipeline.tracking.resume import (
     config_to_resume,
     find_resumable,
     recorded_training,
+    release,
 )
 
 
@@ -48,9 +49,20 @@ def check_inputs(cfg: config.Config, *, resume: str, dataset_uri: str = "") -> t
         cfg = with_dataset_params(cfg, given)
     # too few to hold out or to batch: refused now, before the data is looked up (a CIFAR-10 download) or prepared
     check_known_training_images(cfg)
+    if resume not in ("", "never"):
+        dataset_uri = config_to_resume(resume, cfg, given)  # `given` if given (else refused), or the run's; claimed
+        try:
+            return _checked_rest(cfg, resume, dataset_uri, given)
+        except BaseException:  # refused after all: the run is free again (a process of its own frees it as it exits)
+            release(resume)
+            raise
+    return _checked_rest(cfg, resume, dataset_uri, given)
+
+
+def _checked_rest(cfg: config.Config, resume: str, dataset_uri: str, given: str) -> tuple[config.Config, str]:
+    """`check_inputs` once the params and a run to resume by id are known to be good."""
     resumed, fetch, prepared = None, False, None
     if resume not in ("", "never"):
-        dataset_uri = config_to_resume(resume, cfg, given)  # `given` if given (else refused), or the run's
         resumed = resume
         if not given:
             prepare.check_dataset_uri(dataset_uri)

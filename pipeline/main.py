@@ -36,6 +36,8 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "", dist: Di
         if dist and dist.cluster:  # the other hosts, started to train it, wait for the chief: they end at once
             train.skip_training(cfg, dataset_uri, dist)
     else:
+        if resume_id:  # nested in the main that started it, not in this one: named before it trains (`resume=` of
+            set_tags({"train_run_id": resume_id})  # this main, stopped in training, names the run to give)
         with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id) as train_run:
             model_uri = train.run(cfg, dataset_uri, dist)
         train_run_id = train_run.info.run_id

@@ -202,6 +202,9 @@ def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path
     runs = {r.info.status: r for r in experiment_runs(client, "tags.step = 'train'")}
     assert sorted(runs) == ["FINISHED", "RUNNING"]  # two runs; nobody was left to mark the killed one
     killed, uninterrupted = runs["RUNNING"], runs["FINISHED"]
+    # it said why it trained afresh, the identical run there to resume being live (it started from scratch unsaid)
+    assert (f"note: train run {killed.info.run_id}, of the same params and data, is being trained by another process "
+            f"now; this command trains a run of its own") in second.stderr, second.stderr[-3000:]
     done = in_process("main", *command)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming train run {killed.info.run_id}" in done.stdout
@@ -1362,7 +1365,6 @@ def interrupted_train_run(in_process, monkeypatch, command: list[str] = RESUMED)
     commands refused before any run opens; the run and its checkpoint folder. Training stays interrupted for the rest
     of the test."""
     from pipeline import tracking, train
-    from pipeline.tracking import resume
 
     def interrupted(*args, **kwargs):
         raise tracking.Interrupted(signal.SIGTERM)
@@ -1370,12 +1372,20 @@ def interrupted_train_run(in_process, monkeypatch, command: list[str] = RESUMED)
     monkeypatch.setattr(train, "fit", interrupted)
     assert in_process("train", *command).returncode == 128 + signal.SIGTERM
     (run,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
-    folder = resume.checkpoint_dir(run.info.run_id)
+    return run, stand_in_checkpoint(run.info.run_id)
+
+
+def stand_in_checkpoint(run_id: str) -> Path:
+    """Train run `run_id`'s checkpoint folder, holding a checkpoint of its first epoch: whole, never loaded (training
+    stays interrupted)."""
+    from pipeline.tracking import resume
+
+    folder = resume.checkpoint_dir(run_id)
     folder.mkdir(parents=True, exist_ok=True)
-    with h5py.File(folder / "epoch-0001.weights.h5", "w") as weights:  # stands for its checkpoint: whole, never loaded
+    with h5py.File(folder / "epoch-0001.weights.h5", "w") as weights:
         weights["weights"] = np.zeros(4096)
     (folder / "training_metadata.json").write_text(json.dumps({"epoch": 1, "weights": "epoch-0001.weights.h5"}))
-    return run, folder
+    return folder
 
 
 @pytest.mark.parametrize("damage", ["weights cut short", "weights gone", "metadata torn"])
@@ -1432,6 +1442,64 @@ def test_resuming_a_live_run_by_id_is_refused_before_any_run_opens(store, in_pro
     assert len(experiment_runs(MlflowClient())) == runs_before  # no main run, FAILED or otherwise
 
 
+def test_a_second_resume_by_id_started_beside_the_first_is_refused_before_any_run_opens(store, in_process,
+                                                                                         monkeypatch):
+    """Two `resume=<id>` of one run started together: each found the run free when its inputs were checked (the first
+    claimed it only once Keras had loaded and its main run was open, ~10 s later), and the second was refused inside
+    its main run, left FAILED. The first holds the run from its check on."""
+    from pipeline import inputs
+    from pipeline.tracking import resume
+
+    run, _ = interrupted_train_run(in_process, monkeypatch)
+    cfg = config.load_from_cli(TINY, "tracking.experiment=e2e")
+    inputs.check_inputs(cfg, resume=run.info.run_id)  # the first command, its inputs checked: Keras loads next
+    try:
+        second = subprocess.run([sys.executable, "-m", "pipeline.main", *RESUMED, "--resume", run.info.run_id],
+                                cwd=ROOT, env=store, capture_output=True, text=True, timeout=300)
+    finally:
+        resume.release(run.info.run_id)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"error: resume: run {run.info.run_id} is being trained by another process right now")
+    assert experiment_runs(MlflowClient(), "tags.step = 'main'") == []
+
+
+def test_resuming_a_main_or_other_step_by_id_names_the_train_run_to_give(store, in_process):
+    """resume=<id> of the run the UI lists for a pipeline, its main run, or of another step's: refused as 'not a train
+    run' alone, the id to give nowhere said. A main's line names its train run (tag train_run_id, else its nested
+    train run), or says it trained none."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    main, stopped, prepared = (client.create_run(experiment, tags={"step": step}).info.run_id
+                               for step in ("main", "main", "prepare"))
+    trained = client.create_run(experiment, tags={"step": "train", "mlflow.parentRunId": main}).info.run_id
+    expected = {
+        main: f"error: resume: run {main} is a main run, not a train run; resume={trained} goes on with its train run",
+        stopped: f"error: resume: run {stopped} is a main run, not a train run, and trained nothing (it stopped "
+                 f"before)",
+        prepared: f"error: resume: run {prepared} is a prepare run, not a train run",
+    }
+    for run_id, line in expected.items():
+        refused = in_process("main", *RESUMED, "--resume", run_id)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.strip().splitlines()[-1] == line
+    assert len(experiment_runs(client)) == 4  # no main run opened
+
+
+@pytest.mark.parametrize(("value", "line"), [
+    ("NEVER", "error: resume: no run 'NEVER' in the tracking store; did you mean resume=never?"),
+    (" never", "error: resume: no run ' never' in the tracking store; did you mean resume=never?"),
+    ("runs:/0123/model", "error: resume: no run 'runs:/0123/model' in the tracking store (resume takes '' to continue "
+                         "an interrupted identical run, never to start afresh, or a train run's id)"),
+])
+def test_a_resume_value_that_names_no_run_says_what_resume_takes(store, in_process, value, line):
+    """-P resume=NEVER, or a model URI: 'no run ... in the tracking store' alone, as if a run were missing."""
+    refused = in_process("main", *RESUMED, "--resume", value)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == line
+    assert experiment_runs(MlflowClient()) == []
+
+
 def test_resuming_a_run_in_mlflows_trash_is_refused_before_any_run_opens(store, in_process, monkeypatch):
     """resume=<id> of a deleted run: MLflow refused to reopen it once main had opened its own run, a traceback, exit 1,
     a FAILED main run left behind."""
@@ -1449,6 +1517,41 @@ def test_resuming_a_run_in_mlflows_trash_is_refused_before_any_run_opens(store, 
         f"error: resume: run {run.info.run_id} is in MLflow's trash; restore it (mlflow runs restore --run-id "
         f"{run.info.run_id}) to go on with it, or resume=never to start afresh")
     assert runs() == runs_before  # no main run, FAILED or otherwise
+
+
+def test_a_train_run_of_another_experiment_is_resumed_where_it_is(store, in_process, monkeypatch, tmp_path):
+    """A train run that `mlflow run` started in its own experiment (`--experiment-name`, or MLflow's Default) and that
+    was interrupted, rerun as `python -m pipeline.main` (its runs in tracking.experiment), plainly or with
+    resume=<id>: MLflow refused to reopen a run of another experiment than the active one, a traceback once main's run
+    was open, main's run left FAILED. The run goes on where it is, and the line resuming it says so."""
+    from pipeline import tracking, train
+
+    def interrupted(*args, **kwargs):
+        raise tracking.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(train, "fit", interrupted)
+    client = MlflowClient()
+    other = client.create_experiment("other", artifact_location=str(tmp_path / "other"))
+    wrapper = client.create_run(other).info.run_id  # what `mlflow run --experiment-name other -e train` opens
+    assert in_process("train", *RESUMED, env={"MLFLOW_RUN_ID": wrapper}).returncode == 128 + signal.SIGTERM
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # a shell of its own, later
+    stand_in_checkpoint(wrapper)
+    for by_id in ([], ["--resume", wrapper]):
+        resumed = in_process("main", *RESUMED, *by_id)
+        assert resumed.returncode == 128 + signal.SIGTERM, resumed.stderr[-3000:]  # the run reopened, then stopped
+        assert (f"resuming train run {wrapper} from its last completed epoch (in experiment 'other', where it stays)"
+                in resumed.stdout), resumed.stdout[-3000:]
+        run = client.get_run(wrapper)
+        assert run.info.experiment_id == other and run.info.status == "KILLED"
+    mains = experiment_runs(client, "tags.step = 'main'")
+    assert sorted(r.info.status for r in mains) == ["KILLED", "KILLED"]
+    # each names the run it went on with, stopped before that run finished: it is nested in no main of theirs
+    assert [r.data.tags.get("train_run_id") for r in mains] == [wrapper, wrapper]
+    refused = in_process("main", *RESUMED, "--resume", mains[0].info.run_id)
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: resume: run {mains[0].info.run_id} is a main run, not a train run; resume={wrapper} goes on with its "
+        f"train run")
 
 
 def test_resuming_by_id_on_a_local_dataset_file_overwritten_since_is_refused_before_any_run_opens(

@@ -611,9 +611,8 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
             if parent is None and os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` opened for this try
                 stack.enter_context(_ended_with_reason(functools.partial(  # step "resume": compare and searches skip it
                     mlflow.start_run, tags={**tags, "step": "resume", "resumes_run": resume_run_id}), not_failures))
-            yield stack.enter_context(_ended_with_reason(lambda: mlflow.start_run(
-                run_id=resume_run_id, nested=mlflow.active_run() is not None, log_system_metrics=system_metrics),
-                not_failures))
+            yield stack.enter_context(_ended_with_reason(lambda: _reopen(resume_run_id, system_metrics),
+                                                         not_failures))
         return
     if parent is not None:
         start = functools.partial(mlflow.start_run, run_name=run_name or step, nested=True,
@@ -630,6 +629,24 @@ def open_run(step: str, *, experiment: str | None = None, run_name: str | None =
         if run_name:  # `mlflow run` names its run at random; a descriptive name reads better in the UI
             mlflow.set_tag("mlflow.runName", run_name)
         yield run
+
+
+def _reopen(run_id: str, system_metrics: bool) -> mlflow.ActiveRun:
+    """`mlflow.start_run` of the existing run `run_id`, nested in the active run if one is, in its own experiment.
+    MLflow refuses to reopen a run of another experiment than the one `set_experiment` made active: a train run that
+    `mlflow run --experiment-name` (or MLflow's Default) started, resumed by `python -m pipeline.main` (its runs in
+    `tracking.experiment`), was a traceback once main's run was open. The run's experiment is made active for the
+    moment it is reopened, then the active run's again (its later steps' experiment), as `mlflow run`, which sets
+    none, reopens it."""
+    outer = mlflow.active_run()
+    own = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    if outer is None or own == outer.info.experiment_id:
+        return mlflow.start_run(run_id=run_id, nested=outer is not None, log_system_metrics=system_metrics)
+    mlflow.set_experiment(experiment_id=own)
+    try:
+        return mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=system_metrics)
+    finally:
+        mlflow.set_experiment(experiment_id=outer.info.experiment_id)
 
 
 def _set_experiment(name: str) -> mlflow.entities.Experiment:

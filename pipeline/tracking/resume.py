@@ -538,12 +538,17 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
         if run_id is None:
             return None
         refuse_other_code(run_id)  # as check_inputs did before any run opened, unless a run changed since
-    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    run = client.get_run(run_id)
+    parent = run.data.tags.get("mlflow.parentRunId")
     active = mlflow.active_run()
     if parent and (active is None or parent != active.info.run_id) and client.get_run(parent).info.status == "RUNNING":
         client.set_tag(parent, "resumed_by", active.info.run_id if active else "")
         client.set_terminated(parent, "KILLED")
-    print(f"resuming train run {run_id} from its last completed epoch")
+    # a run `mlflow run --experiment-name` started, rerun by `python -m pipeline.main` (tracking.experiment): it goes on
+    # in its own experiment (`tracking.open_run`), not among main's steps
+    elsewhere = (f" (in experiment {client.get_experiment(run.info.experiment_id).name!r}, where it stays)"
+                 if active is not None and run.info.experiment_id != active.info.experiment_id else "")
+    print(f"resuming train run {run_id} from its last completed epoch{elsewhere}")
     if changed:  # resume=<id>: the way on that refuse_other_code's message gives; start_training tags the run
         print(f"warning: train run {run_id} was checkpointed by other code (train_code {changed[0][:12]}, "
               f"here {changed[1][:12]}): its next epochs train with the code here from the old code's weights "
@@ -553,9 +558,13 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
 
 def newest_resumable(cfg: config.Config, dataset_uri: str) -> str | None:
     """The newest unfinished run of the same job that left a checkpoint and that no live process trains, claimed;
-    one whose folder is another user's, which this process may not write, is not continued (a note says so)."""
-    candidates = [r for r in unfinished_runs("train_key", train_key(cfg, dataset_uri)) if has_checkpoint(r)]
-    for run_id in candidates:
+    one whose folder is another user's, which this process may not write, is not continued (a note says so), nor is
+    one a live process trains now (a note says so: the command, run twice, trained afresh unsaid)."""
+    for run_id in unfinished_runs("train_key", train_key(cfg, dataset_uri)):
+        if not has_checkpoint(run_id):
+            if _held(run_id):  # live, before its first checkpoint
+                _note_live(run_id)
+            continue
         if not writable(checkpoint_dir(run_id)):  # another user's: its next checkpoints could not be saved here
             if run_id not in _noted:
                 _noted.add(run_id)
@@ -564,10 +573,19 @@ def newest_resumable(cfg: config.Config, dataset_uri: str) -> str | None:
                       f"goes on with it)", file=sys.stderr)
         elif claim(run_id):
             return run_id
+        else:
+            _note_live(run_id)
     return None
 
 
 _noted: set[str] = set()  # the runs `newest_resumable` said it could not continue (it is asked twice per command)
+
+
+def _note_live(run_id: str) -> None:
+    if run_id not in _noted:
+        _noted.add(run_id)
+        print(f"note: train run {run_id}, of the same params and data, is being trained by another process now; this "
+              f"command trains a run of its own", file=sys.stderr)
 
 
 def code_change(run_id: str) -> tuple[str, str] | None:
@@ -747,15 +765,19 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     the new length), or go back to the run's own count where an extension stopped before it trained
     (`_extension_untrained`), and the params in `NOT_TRAINING` may change; any other difference is a ConfigError naming
     the keys, as is a local dataset file that holds other bytes than the run trained on (`_check_same_bytes`), a run in
-    MLflow's trash, one that left no checkpoint here or one a live process trains now."""
+    MLflow's trash, one that left no checkpoint here or one a live process trains now (or has claimed to train: the
+    run is claimed for this process, `claim`)."""
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
-        raise config.ConfigError(f"resume: no run {run_id!r} in the tracking store") from None
+        hint = ("; did you mean resume=never?" if run_id.strip().lower() == "never" else
+                " (resume takes '' to continue an interrupted identical run, never to start afresh, or a train run's "
+                "id)")
+        raise config.ConfigError(f"resume: no run {run_id!r} in the tracking store{hint}") from None
     params = run.data.params
     trained_on = trained_dataset_uri(run)
     if not trained_on or run.data.tags.get("step") != "train":
-        raise config.ConfigError(f"resume: run {run_id} is not a train run")
+        raise config.ConfigError(f"resume: run {run_id} is {_not_a_train_run(run)}")
     if run.info.lifecycle_stage == "deleted":  # MLflow refuses to reopen it: a traceback, once main's run was open
         raise config.ConfigError(f"resume: run {run_id} is in MLflow's trash; restore it (mlflow runs restore --run-id "
                                  f"{run_id}) to go on with it, or resume=never to start afresh")
@@ -785,10 +807,30 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
         raise config.ConfigError(f"resume: run {run_id} has no checkpoint in {checkpoint_dir(run_id)} "
                                  f"(finished runs delete theirs)")
     _check_writable_checkpoint(run_id)
-    if _held(run_id):  # as find_resumable says it, but before any run opens (it opened main's, left FAILED)
-        raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     check_checkpoint_readable(run_id)
+    # as find_resumable says it, but before any run opens (it opened main's, left FAILED), and held from now on: a
+    # second resume=<id> started beside this one found the run free while this one loaded Keras, then was refused
+    # inside its main run (the caller releases the claim where it refuses the command after all)
+    if not claim(run_id):
+        raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     return trained_on
+
+
+def _not_a_train_run(run: mlflow.entities.Run) -> str:
+    """What run `run`, given to resume but no train run, is, in words: a main run (the row the UI lists for a
+    pipeline) with the `resume=` of its train run (tag `train_run_id`: a run it resumed, or one it trained; else the
+    one nested in it), or the step it is."""
+    tags = run.data.tags
+    step = tags.get("step")
+    if step not in ("main", "resume"):  # "resume": the run `mlflow run` opened for a resumed train run (`open_run`)
+        return f"a {step} run, not a train run" if step and step != "train" else "not a train run"
+    trained = tags.get("train_run_id") or tags.get("resumes_run") or next(
+        (r.info.run_id for r in MlflowClient().search_runs(
+            [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.step = 'train'",
+            order_by=["attributes.start_time DESC"], max_results=1)), None)
+    if not trained:
+        return f"a {step} run, not a train run, and trained nothing (it stopped before)"
+    return f"a {step} run, not a train run; resume={trained} goes on with its train run"
 
 
 def _extension_untrained(run: mlflow.entities.Run, cfg: config.Config, dataset_uri: str) -> bool:
