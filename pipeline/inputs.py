@@ -89,7 +89,9 @@ def _checked_rest(cfg: config.Config, resume: str, dataset_uri: str, given: str)
                                  f"here run `python -m pipeline.train` with the chief's params")
     if fetch:
         data.fetch_cifar10()
-    if not given and not prepared and resume in ("", "never"):  # the data prepare reads, refused here if it cannot be
+    # the data prepare reads, refused here if it cannot be; in a cluster read once the hosts have met (prepare's
+    # `ensure_prepared`): a chief refused here never came, and its workers waited $PIPELINE_HOSTS_TIMEOUT for it
+    if not cluster and not given and not prepared and resume in ("", "never"):
         prepare.read_source(cfg)
     return cfg, dataset_uri
 

@@ -74,7 +74,7 @@ def test_data_parallel_over_two_tensorflow_devices(forker, store):
     then an epoch ending in fewer images than replicas, refused: three `train` commands in one process, which sets up
     its two devices once (TensorFlow start-ups saved). 1,025 images at batch 32 end each epoch with 1 image for 2
     replicas: one would normalise an empty slice (NaN BatchNormalization statistics: 'diverged' on a GPU, a failed
-    conv on CPU devices). Exit 2, one line, before training."""
+    conv on CPU devices). Exit 2, one line, before any run opens."""
     small = "data.synthetic_train=512 data.synthetic_test=128 "
     host = run_mirrored(forker, store, small, small + "train.ema=true train.ema_momentum=0.9 train.ema_bn_batches=4",
                         "data.synthetic_train=1025 train.batch_size=32")
@@ -89,11 +89,8 @@ def test_data_parallel_over_two_tensorflow_devices(forker, store):
     runs = assert_two_device_runs(client, "tensorflow", 2, "attributes.status = 'FINISHED'")
     assert sorted((run.data.params["train.ema"], run.data.params["train.ema_bn_batches"]) for run in runs) == [
         ("false", "50"), ("true", "4")]
-    (run,) = client.search_runs([experiment], "tags.step = 'train' and attributes.status != 'FINISHED'")
-    assert run.info.status == "FAILED" and "train.batch_size" in run.data.tags["failure_reason"]
-    # with its params: refused before training began, it had none, and said nothing in the MLflow UI of what it was
-    assert run.data.params["train.batch_size"] == "32" and run.data.params["data.synthetic_train"] == "1025"
-    assert client.get_metric_history(run.info.run_id, "val_acc") == []
+    # refused before any run opened (the image count known from the params): no train run left FAILED
+    assert client.search_runs([experiment], "attributes.status != 'FINISHED'") == []
     models = client.search_logged_models([experiment])
     assert {model.source_run_id for model in models} == {run.info.run_id for run in runs}  # none of the refused one
 
