@@ -808,28 +808,41 @@ def test_evaluate_refuses_a_model_it_cannot_score_before_any_run_opens(store, in
     assert not client.get_logged_model(cut).metrics
 
 
-def test_evaluate_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(store, in_process, tmp_path):
-    """A model whose train run the user deleted (MLflow's trash, where its artifacts stay until `mlflow gc`) was scored
-    as any other, by `models:/m-...` or `runs:/<id>/model`, and its test_acc landed on the model for register to take:
-    refused in one line naming the run and how to restore it, exit 2, no evaluate run."""
+def pyfunc_to_evaluate(python_model, in_process, tmp_path):
+    """`python_model` logged in experiment e2e, a synthetic dataset.npz beside it; returns (its model id, its run's id,
+    `refused(uri)`): evaluate of `uri` on that dataset, asserted to exit 2 and leave no run of its own and no metric on
+    the model, its last stderr line."""
     from pipeline import data
 
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("e2e").experiment_id
     data.make_synthetic(n_train=16, n_test=16).save(tmp_path / "dataset.npz")
-    with mlflow.start_run(experiment_id=experiment_id) as trained:
-        model_id = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_id
-    client.delete_run(trained.info.run_id)
-    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
-    for uri in (f"models:/{model_id}", f"runs:/{trained.info.run_id}/model"):
+    with mlflow.start_run(experiment_id=experiment_id) as logged:
+        model_id = mlflow.pyfunc.log_model(name="model", python_model=python_model,
+                                           pip_requirements=["mlflow"]).model_id
+
+    def refused(uri: str) -> str:
+        runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
         result = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
                             "--model-uri", uri, "--dataset-uri", str(tmp_path / "dataset.npz"))
         assert result.returncode == 2, result.stderr[-3000:]
-        assert result.stderr.strip().splitlines()[-1] == (
-            f"error: model_uri: {uri} was logged by run {trained.info.run_id}, which is in MLflow's trash; restore "
-            f"it (mlflow runs restore --run-id {trained.info.run_id}) to score its model"), result.stderr[-3000:]
-    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
-    assert not client.get_logged_model(model_id).metrics
+        assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+        assert not client.get_logged_model(model_id).metrics
+        return result.stderr.strip().splitlines()[-1]
+
+    return model_id, logged.info.run_id, refused
+
+
+def test_evaluate_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(store, in_process, tmp_path):
+    """A model whose train run the user deleted (MLflow's trash, where its artifacts stay until `mlflow gc`) was scored
+    as any other, by `models:/m-...` or `runs:/<id>/model`, and its test_acc landed on the model for register to take:
+    refused in one line naming the run and how to restore it, exit 2, no evaluate run."""
+    model_id, trained, refused = pyfunc_to_evaluate(Echo(), in_process, tmp_path)
+    MlflowClient().delete_run(trained)
+    for uri in (f"models:/{model_id}", f"runs:/{trained}/model"):
+        assert refused(uri) == (
+            f"error: model_uri: {uri} was logged by run {trained}, which is in MLflow's trash; restore "
+            f"it (mlflow runs restore --run-id {trained}) to score its model")
 
 
 @pytest.mark.parametrize(("argv", "error"), [
@@ -910,22 +923,11 @@ def test_evaluate_refuses_a_python_model_that_names_classes_but_cannot_score_bef
     FAILED evaluate run. Refused as any model that is no image classifier of this pipeline: one line, exit 2."""
     from pipeline import data
 
-    client = MlflowClient()
-    experiment_id = client.get_experiment_by_name("e2e").experiment_id
-    dataset = data.make_synthetic(n_train=16, n_test=16)
-    dataset.save(tmp_path / "dataset.npz")
-    with mlflow.start_run(experiment_id=experiment_id):
-        model_id = mlflow.pyfunc.log_model(name="model", python_model=NamedClasses(dataset.class_names),
-                                           pip_requirements=["mlflow"]).model_id
-    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
-    result = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
-                        "--model-uri", f"models:/{model_id}", "--dataset-uri", str(tmp_path / "dataset.npz"))
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == (
+    model_id, _, refused = pyfunc_to_evaluate(NamedClasses(data.make_synthetic(n_train=16, n_test=16).class_names),
+                                              in_process, tmp_path)
+    assert refused(f"models:/{model_id}") == (
         f"error: model_uri: models:/{model_id} is not an image classifier this pipeline logged (a NamedClasses): "
-        f"evaluate cannot score it"), result.stderr[-3000:]
-    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
-    assert not client.get_logged_model(model_id).metrics
+        f"evaluate cannot score it")
 
 
 def test_the_confusion_matrix_of_many_classes_is_drawn_in_seconds_and_readable(tmp_path, monkeypatch):
