@@ -379,8 +379,9 @@ def _files_under(path: Path, folders: list[Path] | None = None, dead_links: list
 
 def load_source(source: str, *, synthetic_train: int = 10000, synthetic_test: int = 2000, seed: int = 0) -> Dataset:
     """Read the dataset `source` names (see the module docstring) into uint8 arrays."""
+    kind = "batches"
     if source == "synthetic":
-        dataset = make_synthetic(n_train=synthetic_train, n_test=synthetic_test, seed=seed)
+        dataset, kind = make_synthetic(n_train=synthetic_train, n_test=synthetic_test, seed=seed), "synthetic"
     elif source == "cifar10":
         dataset = load_cifar10_archive(fetch_cifar10())
     else:
@@ -390,9 +391,9 @@ def load_source(source: str, *, synthetic_train: int = 10000, synthetic_test: in
         if _looks_like_cifar_python(path):
             dataset = load_cifar10_archive(path)
         elif _is_npz(path):
-            dataset = load_arrays(path)
+            dataset, kind = load_arrays(path), "npz"
         else:
-            dataset = load_image_folder(path)
+            dataset, kind = load_image_folder(path), "images"
     _check_arrays(dataset, source)
     if dataset.y_train.min() == dataset.y_train.max():  # as one class name (refused): right on that class's test
         # labels whatever it sees. Of the source only: a prepared subset (data.max_train) of one image is one class too
@@ -400,7 +401,28 @@ def load_source(source: str, *, synthetic_train: int = 10000, synthetic_test: in
         raise DataError(f"{source}: every training image is of class {dataset.class_names[label]!r} (label {label}): "
                         "a model of one class learns nothing and scores test_acc 1.0 on it; need images of at least "
                         "2 classes")
+    if kind != "synthetic":  # whose labels are drawn at random: its sizes are the user's to choose
+        _refuse_untrained_classes(dataset, source, kind)
     return dataset
+
+
+def _refuse_untrained_classes(dataset: Dataset, source: str, kind: str) -> None:
+    """DataError naming the classes no training image is of (an .npz of labels 0-8 under CIFAR-10's ten names, batches
+    with no truck): the model had an output nothing trained, for a class it scored 0 on, or on no image at all. A
+    class the test split lacks is read: evaluate scores the classes it has. (An image folder's classes are folders of
+    images in both splits, refused otherwise.)"""
+    trained = np.bincount(dataset.y_train, minlength=len(dataset.class_names))
+    missing = np.flatnonzero(trained == 0)
+    if not len(missing):
+        return
+    tested = np.bincount(dataset.y_test, minlength=len(dataset.class_names))
+    what = "training images" if tested[missing].any() else "images"
+    named = ", ".join(f"{dataset.class_names[i]!r} (label {i})" for i in missing[:5]) + (
+        ", ..." if len(missing) > 5 else "")
+    fix = {"npz": "give a class_names array naming only the classes it holds",
+           "batches": "remove it from batches.meta's label_names"}.get(kind, "remove it")
+    raise DataError(f"{source}: class{'es' if len(missing) > 1 else ''} {named} ha{'ve' if len(missing) > 1 else 's'} "
+                    f"no {what}: a class with no training images cannot be learned; {fix}, or add its images")
 
 
 def test_images_in_train(x_train: np.ndarray, x_test: np.ndarray) -> int:
@@ -604,11 +626,11 @@ class _BatchUnpickler(pickle.Unpickler):
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     }
-
     def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"forbidden type {module}.{name}")
         return super().find_class(module, name)
+
 
 
 def _unpickle_batch(raw: bytes, name: str) -> dict:

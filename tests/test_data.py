@@ -1481,3 +1481,36 @@ def test_real_cifar10_jpeg_copy(cifar_jpeg):
     assert np.bincount(d.y_test).tolist() == [1000] * 10
     mean, _ = d.channel_stats()
     assert 100 < mean.min() < mean.max() < 140  # natural images, not noise or zeros
+
+
+def test_an_npz_or_official_archive_with_a_class_it_never_trains_on_is_refused_naming_it(tmp_path):
+    """An .npz of labels 0-8 (no class_names: CIFAR-10's ten were taken) or official batches with no truck was read:
+    its model had an output no image trained, for a class it then scored 0 on, or on nothing. Refused, naming the
+    class; a class with training images but none in the test split is read (evaluate scores the classes it has)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (18, 32, 32, 3), dtype=np.uint8)
+    nine = np.arange(18) % 9  # 0-8: no truck
+    np.savez(tmp_path / "nine.npz", x_train=x, y_train=nine, x_test=x, y_test=nine)
+    with pytest.raises(data.DataError) as err:
+        data.load_source(str(tmp_path / "nine.npz"))
+    assert str(err.value) == (f"{tmp_path / 'nine.npz'}: class 'truck' (label 9) has no images: a class with no "
+                              "training images cannot be learned; give a class_names array naming only the classes "
+                              "it holds, or add its images")
+    np.savez(tmp_path / "untrained.npz", x_train=x, y_train=nine, x_test=x, y_test=np.arange(18) % 10,
+             class_names=np.array(NAMES))
+    with pytest.raises(data.DataError, match=r"untrained.npz: class 'truck' \(label 9\) has no training images"):
+        data.load_source(str(tmp_path / "untrained.npz"))
+    np.savez(tmp_path / "untested.npz", x_train=x, y_train=np.arange(18) % 10, x_test=x, y_test=nine)
+    assert data.load_source(str(tmp_path / "untested.npz")).class_names == data.CIFAR10_CLASSES
+
+    write_official(tmp_path / "official")
+    folder = tmp_path / "official" / "cifar-10-batches-py"
+    for name in data.CIFAR10_TRAIN_BATCHES:
+        batch = pickle.loads((folder / name).read_bytes(), encoding="bytes")
+        batch[b"labels"] = [v % 8 for v in batch[b"labels"]]  # no ship, no truck
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(data.DataError, match=r"cifar-10-batches-py: classes 'ship' \(label 8\), 'truck' \(label 9\) "
+                                             r"have no training images: a class with no training images cannot be "
+                                             r"learned; remove it from batches.meta's label_names, or add its images"):
+        data.load_source(str(folder))
+
