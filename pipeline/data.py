@@ -626,11 +626,23 @@ class _BatchUnpickler(pickle.Unpickler):
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     }
+    # Protocol 2 pickles empty bytes (the pixels of a batch of no images) as a call of bytes() with no arguments:
+    # admitted as that call alone, not bytes(n), which would allocate n bytes (a batch of no images was refused as
+    # a "forbidden type", pointing at a crafted pickle)
+    EMPTY_BYTES = {("__builtin__", "bytes"), ("builtins", "bytes")}
+
     def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+        if (module, name) in self.EMPTY_BYTES:
+            return _empty_bytes
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"forbidden type {module}.{name}")
         return super().find_class(module, name)
 
+
+def _empty_bytes(*args: object) -> bytes:
+    if args:
+        raise pickle.UnpicklingError(f"forbidden call bytes{args!r:.40}")
+    return b""
 
 
 def _unpickle_batch(raw: bytes, name: str) -> dict:
@@ -651,6 +663,8 @@ def _batch_arrays(batch: dict, name: str, n_classes: int) -> tuple[np.ndarray, n
     data, labels = batch["data"], batch["labels"]
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != IMAGE_SIZE * IMAGE_SIZE * CHANNELS:
         raise DataError(f"{name}: 'data' must be an (N, 3072) array")
+    if not len(data):  # refused as any other batch it cannot be: read, it was a batch of images fewer, unsaid
+        raise DataError(f"{name}: holds no images (a CIFAR-10 batch holds 'data' of (N, 3072) pixels with N > 0)")
     if data.dtype.kind not in "iu":
         raise DataError(f"{name}: 'data' must hold integer pixel values 0-255, got {data.dtype}")
     if data.dtype != np.uint8 and data.size and (data.min() < 0 or data.max() > 255):
