@@ -681,7 +681,14 @@ def read_layers(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
     (read once where many sets of overrides are checked over the same file: a sweep's space)."""
     merged = read_yaml(DEFAULT_PARAMS, text=True)
     if path and Path(path).resolve() != DEFAULT_PARAMS:
-        _merge(merged, read_yaml(path, text=True), str(path))
+        layer = read_yaml(path, text=True)
+        _merge(merged, layer, str(path))
+        if not any(isinstance(values, dict) and values for values in layer.values()):
+            # a file saved empty, or every line commented out: the seed recipe ran (150 epochs of ResNet-164) where
+            # the user expected the file's settings
+            raise ConfigError(f"params: {path} sets no params (it is empty, or holds only comments or empty "
+                              "sections): give the settings it should hold, or leave -P params out to run "
+                              "params/default.yaml as it is")
     return merged
 
 

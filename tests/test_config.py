@@ -545,7 +545,7 @@ def test_a_value_reads_the_same_from_a_params_file_and_from_overrides(tmp_path, 
 
 def test_a_section_with_every_key_commented_out_changes_nothing(tmp_path):
     """`train:` with each key under it commented out is YAML's null: refused as `train: must be a mapping ..., got ''`,
-    where a params file with nothing in it loads as default.yaml. A section that is a scalar is still refused."""
+    where the section is left as default.yaml has it. A section that is a scalar is still refused."""
     (tmp_path / "p.yaml").write_text("train:\n  # epochs: 3\nevaluate: null\nmodel: ~\ndata:\n  max_train: 5\n")
     cfg = config.load(tmp_path / "p.yaml")
     assert (cfg.train, cfg.evaluate, cfg.model) == (config.load().train, config.load().evaluate, config.load().model)
@@ -786,3 +786,16 @@ def test_one_data_path_spelled_two_ways_is_one_param(tmp_path):
     assert source("./cifar10/") == source("cifar10/") == "./cifar10"
     assert config.from_run_params({"data.source": "./images/"}).data.source == "images"
     assert config.load_from_cli(None, "data.source=images/", data="./images").data.source == "images"  # they agree
+
+
+@pytest.mark.parametrize("text", ["", "# train:\n#   epochs: 3\n", "---\n", "{}\n", "train:\n  # epochs: 3\n",
+                                  "train: {}\nmodel:\n"])
+def test_a_params_file_that_sets_nothing_is_refused_naming_it(tmp_path, text):
+    """`-P params=mine.yaml` of a file saved empty (or all its lines commented out, or only empty sections) ran the
+    seed recipe, 150 epochs of ResNet-164, where the user expected the file's settings: refused, naming the file."""
+    (tmp_path / "mine.yaml").write_text(text)
+    with pytest.raises(config.ConfigError) as err:
+        config.load_from_cli(str(tmp_path / "mine.yaml"), "")
+    assert str(err.value) == (f"params: {tmp_path / 'mine.yaml'} sets no params (it is empty, or holds only comments "
+                              "or empty sections): give the settings it should hold, or leave -P params out to run "
+                              "params/default.yaml as it is")
