@@ -377,23 +377,41 @@ def _files_under(path: Path, folders: list[Path] | None = None, dead_links: list
     return sorted(files)
 
 
+def source_format(source: str) -> str:
+    """How `source` is read: 'synthetic'; 'batches' (the official python batches: `cifar10`, its archive, folder or
+    zip); 'npz'; or 'images' (an image folder, directory or archive, whose images Pillow decodes). DataError for a
+    path to nothing."""
+    if source in ("synthetic", "cifar10"):
+        return "batches" if source == "cifar10" else source
+    path = Path(source)
+    if not path.exists():
+        raise _no_source(source)
+    return "batches" if _looks_like_cifar_python(path) else "npz" if _is_npz(path) else "images"
+
+
+def decoders(source: str) -> dict[str, str]:
+    """The versions of the libraries that decode `source`'s images, where it has images to decode ('images'; {} for the
+    others, read as the arrays they hold): Pillow (its resize and conversions) and the codecs it decodes with. Another
+    JPEG decoder (libjpeg-turbo) may give other pixels: part of prepare's key, so a dataset decoded by one is not
+    reused as another's."""
+    if source_format(source) != "images":
+        return {}
+    import PIL
+    from PIL import features
+
+    return {"pillow": PIL.__version__, **{codec: features.version(codec) or "none"
+                                          for codec in ("jpg", "libjpeg_turbo", "webp", "libtiff")}}
+
+
 def load_source(source: str, *, synthetic_train: int = 10000, synthetic_test: int = 2000, seed: int = 0) -> Dataset:
     """Read the dataset `source` names (see the module docstring) into uint8 arrays."""
-    kind = "batches"
-    if source == "synthetic":
-        dataset, kind = make_synthetic(n_train=synthetic_train, n_test=synthetic_test, seed=seed), "synthetic"
+    kind = source_format(source)
+    if kind == "synthetic":
+        dataset = make_synthetic(n_train=synthetic_train, n_test=synthetic_test, seed=seed)
     elif source == "cifar10":
         dataset = load_cifar10_archive(fetch_cifar10())
     else:
-        path = Path(source)
-        if not path.exists():
-            raise _no_source(source)
-        if _looks_like_cifar_python(path):
-            dataset = load_cifar10_archive(path)
-        elif _is_npz(path):
-            dataset, kind = load_arrays(path), "npz"
-        else:
-            dataset, kind = load_image_folder(path), "images"
+        dataset = {"batches": load_cifar10_archive, "npz": load_arrays, "images": load_image_folder}[kind](source)
     _check_arrays(dataset, source)
     if dataset.y_train.min() == dataset.y_train.max():  # as one class name (refused): right on that class's test
         # labels whatever it sees. Of the source only: a prepared subset (data.max_train) of one image is one class too

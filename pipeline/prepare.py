@@ -13,7 +13,8 @@ Returns the dataset URI `runs:/<run id>/dataset/dataset.npz` that train and eval
 the last line on stdout, `dataset_uri=runs:/...`, the -P they take it as.
 
 `ensure_prepared` reuses a finished prepare run whose inputs are identical: the data params
-(compared as the strings MLflow stores), the source's digest and this code's digest.
+(compared as the strings MLflow stores), the source's digest, this code's digest and, for images, their decoders'
+versions (Pillow's, libjpeg-turbo's...).
 What is recorded, and how a dataset URI is checked and read back: `pipeline.tracking.steps`.
 """
 
@@ -41,10 +42,11 @@ DATASET_ARTIFACT = steps.DATASET_ARTIFACT
 
 def prepare_key(cfg: config.Config) -> str:
     """Cache key of a prepare run: data params (`data.source` as `config.source_identity`: the same file however
-    spelled), source digest and code digest."""
+    spelled), source digest, code digest, and the versions of what else makes the arrays: the image decoders of a
+    source of images (`data.decoders`)."""
     params = {**cfg.flat("data"), "data.source": config.source_identity(cfg.data.source)}
     inputs = {"params": params, "source_digest": data.source_digest(cfg.data.source),
-              "code_digest": code_digest("data", "prepare")}
+              "code_digest": code_digest("data", "prepare"), "decoders": data.decoders(cfg.data.source)}
     return json_digest(inputs)
 
 

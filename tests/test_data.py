@@ -1532,3 +1532,32 @@ def test_an_official_batch_of_no_images_is_named_as_such(tmp_path, protocol):
     (folder / "data_batch_4").write_bytes(b"\x80\x02c__builtin__\nbytes\nJ\x00\x00\x00\x40\x85R.")
     with pytest.raises(data.DataError, match=r"data_batch_4: not a valid CIFAR-10 batch \(forbidden call bytes"):
         data.load_source(str(folder))
+
+
+def test_the_prepare_key_holds_the_image_decoders_versions_for_an_image_source_only(tmp_path, monkeypatch):
+    """An image folder prepared under one Pillow (or libjpeg-turbo) was reused under another, whose JPEG decoder or
+    resize may give other pixels: the dataset of the old decoder, under the new one's name. The key holds their
+    versions where images are decoded, and only there: an .npz or official batches are read without Pillow."""
+    import PIL
+    from PIL import features
+
+    from pipeline import config, prepare
+
+    write_image_folder(tmp_path / "imgs")
+    named = data.Dataset(*(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4) % 2) * 2, ("a", "b"))
+    named.save(tmp_path / "d.npz")
+    write_official(tmp_path / "official")
+    sources = {"images": tmp_path / "imgs", "npz": tmp_path / "d.npz",
+               "batches": tmp_path / "official" / "cifar-10-batches-py"}
+    def keys() -> dict[str, str]:
+        return {kind: prepare.prepare_key(config.load(None, f"data.source={path}")) for kind, path in sources.items()}
+
+    before, version = keys(), features.version
+    assert {kind: data.source_format(str(path)) for kind, path in sources.items()} == {k: k for k in sources}
+    for patch in ((PIL, "__version__", "0.0.1"),
+                  (features, "version", lambda name: "0.1" if name == "libjpeg_turbo" else version(name))):
+        with monkeypatch.context() as m:
+            m.setattr(*patch)
+            after = keys()
+        assert after["images"] != before["images"], patch
+        assert (after["npz"], after["batches"]) == (before["npz"], before["batches"])
