@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
+
 from pipeline import config, data
 from pipeline.tracking import (
     active_run_id,
@@ -43,10 +45,13 @@ DATASET_ARTIFACT = steps.DATASET_ARTIFACT
 def prepare_key(cfg: config.Config) -> str:
     """Cache key of a prepare run: data params (`data.source` as `config.source_identity`: the same file however
     spelled), source digest, code digest, and the versions of what else makes the arrays: the image decoders of a
-    source of images (`data.decoders`)."""
+    source of images (`data.decoders`), NumPy where its seeded generator draws them (the synthetic dataset, a
+    subset): it keeps a seed's stream only within one build."""
     params = {**cfg.flat("data"), "data.source": config.source_identity(cfg.data.source)}
+    drawn = cfg.data.source == "synthetic" or cfg.data.max_train or cfg.data.max_test
     inputs = {"params": params, "source_digest": data.source_digest(cfg.data.source),
-              "code_digest": code_digest("data", "prepare"), "decoders": data.decoders(cfg.data.source)}
+              "code_digest": code_digest("data", "prepare"), "decoders": data.decoders(cfg.data.source),
+              **({"numpy": np.__version__} if drawn else {})}
     return json_digest(inputs)
 
 

@@ -1561,3 +1561,24 @@ def test_the_prepare_key_holds_the_image_decoders_versions_for_an_image_source_o
             after = keys()
         assert after["images"] != before["images"], patch
         assert (after["npz"], after["batches"]) == (before["npz"], before["batches"])
+
+
+def test_the_prepare_key_holds_numpys_version_where_its_generator_draws_the_data(tmp_path, monkeypatch):
+    """NumPy keeps a seeded Generator's stream only within one build: the synthetic dataset and the subsets
+    data.max_train/max_test draw were reused from another NumPy's draw. Its version is in the key where prepare
+    draws."""
+    from pipeline import config, prepare
+
+    named = data.Dataset(*(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4) % 2) * 2, ("a", "b"))
+    named.save(tmp_path / "d.npz")
+
+    def key(overrides: str = "") -> str:
+        return prepare.prepare_key(config.load(None, [f"data.source={tmp_path / 'd.npz'}", *overrides.split()]))
+
+    drawn = ("data.source=synthetic", "data.max_train=2", "data.max_test=2")
+    before = {overrides: key(overrides) for overrides in ("", *drawn)}
+    with monkeypatch.context() as m:
+        m.setattr(np, "__version__", "0.0.1")
+        after = {overrides: key(overrides) for overrides in ("", *drawn)}
+    assert after[""] == before[""]  # the whole file, as it is: no draw
+    assert all(after[overrides] != before[overrides] for overrides in drawn)
