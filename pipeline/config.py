@@ -784,6 +784,14 @@ def inert_params(cfg: Config) -> dict[str, str]:
     return dict(sorted(inert.items()))
 
 
+def effective_params(cfg: Config, *sections: str) -> dict[str, str]:
+    """`cfg.flat(*sections)` less the params without effect (`inert_params`): what the keys that find a prepare run to
+    reuse and a train run to resume compare. With them, a rerun that set one otherwise prepared the same arrays again,
+    or trained afresh instead of resuming the run it killed."""
+    inert = inert_params(cfg)
+    return {key: value for key, value in cfg.flat(*sections).items() if key not in inert}
+
+
 @functools.cache
 def default_params() -> dict[str, str]:
     """default.yaml's params as `Config.flat` gives them: the values no params file or override has changed."""

@@ -12,7 +12,7 @@ Writes: artifact `dataset/dataset.npz` (uint8 images, int32 labels, class names,
 Returns the dataset URI `runs:/<run id>/dataset/dataset.npz` that train and evaluate read; the entry point prints it as
 the last line on stdout, `dataset_uri=runs:/...`, the -P they take it as.
 
-`ensure_prepared` reuses a finished prepare run whose inputs are identical: the data params
+`ensure_prepared` reuses a finished prepare run whose inputs are identical: the data params that have an effect
 (compared as the strings MLflow stores), the source's digest, this code's digest and, for images, their decoders'
 versions (Pillow's, libjpeg-turbo's...).
 What is recorded, and how a dataset URI is checked and read back: `pipeline.tracking.steps`.
@@ -43,11 +43,11 @@ DATASET_ARTIFACT = steps.DATASET_ARTIFACT
 
 
 def prepare_key(cfg: config.Config) -> str:
-    """Cache key of a prepare run: data params (`data.source` as `config.source_identity`: the same file however
-    spelled), source digest, code digest, and the versions of what else makes the arrays: the image decoders of a
-    source of images (`data.decoders`), NumPy where its seeded generator draws them (the synthetic dataset, a
-    subset): it keeps a seed's stream only within one build."""
-    params = {**cfg.flat("data"), "data.source": config.source_identity(cfg.data.source)}
+    """Cache key of a prepare run: the data params that have an effect (`config.effective_params`; `data.source` as
+    `config.source_identity`: the same file however spelled), source digest, code digest, and the versions of what
+    else makes the arrays: the image decoders of a source of images (`data.decoders`), NumPy where its seeded
+    generator draws them (the synthetic dataset, a subset): it keeps a seed's stream only within one build."""
+    params = {**config.effective_params(cfg, "data"), "data.source": config.source_identity(cfg.data.source)}
     drawn = cfg.data.source == "synthetic" or cfg.data.max_train or cfg.data.max_test
     inputs = {"params": params, "source_digest": data.source_digest(cfg.data.source),
               "code_digest": code_digest("data", "prepare"), "decoders": data.decoders(cfg.data.source),

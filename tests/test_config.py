@@ -799,3 +799,16 @@ def test_a_params_file_that_sets_nothing_is_refused_naming_it(tmp_path, text):
     assert str(err.value) == (f"params: {tmp_path / 'mine.yaml'} sets no params (it is empty, or holds only comments "
                               "or empty sections): give the settings it should hold, or leave -P params out to run "
                               "params/default.yaml as it is")
+
+
+def test_the_train_key_leaves_out_the_params_without_effect():
+    """A run killed, then rerun with a param that has no effect set otherwise (train.nesterov with train.momentum 0,
+    data.seed with no subset drawn), was another training job: the rerun started afresh rather than resume it."""
+    from pipeline.tracking import resume
+
+    uri = "runs:/0123/dataset/dataset.npz"
+    base = config.load(None, "train.momentum=0.0")
+    for inert in ("train.nesterov=true", "data.seed=7", "data.synthetic_train=500"):
+        other = config.load(None, f"train.momentum=0.0 {inert}")
+        assert resume.train_key(other, uri) == resume.train_key(base, uri), inert
+    assert resume.train_key(config.load(None, "train.nesterov=true"), uri) != resume.train_key(config.load(None), uri)

@@ -1582,3 +1582,19 @@ def test_the_prepare_key_holds_numpys_version_where_its_generator_draws_the_data
         after = {overrides: key(overrides) for overrides in ("", *drawn)}
     assert after[""] == before[""]  # the whole file, as it is: no draw
     assert all(after[overrides] != before[overrides] for overrides in drawn)
+
+
+def test_the_prepare_key_leaves_out_the_data_params_without_effect(tmp_path):
+    """Data params without effect (data.synthetic_train of a file source, data.seed with no subset drawn) were in the
+    key: each other value prepared the same arrays again."""
+    from pipeline import config, prepare
+
+    named = data.Dataset(*(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4) % 2) * 2, ("a", "b"))
+    named.save(tmp_path / "d.npz")
+
+    def key(overrides: str = "") -> str:
+        return prepare.prepare_key(config.load(None, [f"data.source={tmp_path / 'd.npz'}", *overrides.split()]))
+
+    assert key("data.synthetic_train=500 data.synthetic_test=50 data.seed=3") == key()
+    assert key("data.max_train=2 data.seed=3") != key("data.max_train=2")  # another subset
+    assert key("data.source=synthetic data.synthetic_train=500") != key("data.source=synthetic")

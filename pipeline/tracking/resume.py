@@ -471,9 +471,10 @@ NOT_TRAINING = ("train.verbose", "train.checkpoint_every", "evaluate.batch_size"
 
 
 def training_params(cfg: config.Config) -> dict[str, str]:
-    """The params that decide what a train run trains (every one but `NOT_TRAINING`), as MLflow stores them, but
+    """The params that decide what a train run trains (every one but `NOT_TRAINING` and those without effect given the
+    others, `config.inert_params`: a rerun setting one otherwise resumes the run), as MLflow stores them, but
     `data.source` as the file it names (`config.source_identity`: a rerun spelling it otherwise resumes the run)."""
-    params = {k: v for k, v in cfg.flat().items() if not k.startswith(NOT_TRAINING)}
+    params = {k: v for k, v in config.effective_params(cfg).items() if not k.startswith(NOT_TRAINING)}
     return {**params, "data.source": config.source_identity(params["data.source"])}
 
 
