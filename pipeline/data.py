@@ -214,6 +214,10 @@ def load_arrays(path: str | Path) -> Dataset:
     labels = {}
     for split in ("train", "test"):
         y = arrays[f"y_{split}"]
+        if y.ndim == 2 and y.shape[1] > 1:  # was "must hold integer labels, got float32", or a shape mismatch
+            raise DataError(f"{path}: y_{split} holds rows of {y.shape[1]} values per image, shape {y.shape} (one-hot, "
+                            f"as keras.utils.to_categorical writes them?): give one class index per image, "
+                            f"y_{split}.argmax(axis=1)")
         if y.dtype.kind not in "iu":  # not np.integer: timedelta64 is one to numpy, its counts read as class indices
             raise DataError(f"{path}: y_{split} must hold integer labels, got {y.dtype}")
         labels[split] = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y

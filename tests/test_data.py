@@ -1598,3 +1598,16 @@ def test_the_prepare_key_leaves_out_the_data_params_without_effect(tmp_path):
     assert key("data.synthetic_train=500 data.synthetic_test=50 data.seed=3") == key()
     assert key("data.max_train=2 data.seed=3") != key("data.max_train=2")  # another subset
     assert key("data.source=synthetic data.synthetic_train=500") != key("data.source=synthetic")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_npz_labels_one_hot_are_named_as_such(tmp_path, dtype):
+    """Labels saved as keras.utils.to_categorical gives them, (N, 10) one-hot rows, were refused as "must hold
+    integer labels, got float32" or "labels of shape (20, 10)": neither said what the file holds or what to give."""
+    x, y = np.zeros((20, 32, 32, 3), np.uint8), np.arange(20) % 10
+    np.savez(tmp_path / "onehot.npz", x_train=x, y_train=np.eye(10, dtype=dtype)[y], x_test=x, y_test=y)
+    with pytest.raises(data.DataError) as err:
+        data.load_source(str(tmp_path / "onehot.npz"))
+    assert str(err.value) == (f"{tmp_path / 'onehot.npz'}: y_train holds rows of 10 values per image, shape (20, 10) "
+                              "(one-hot, as keras.utils.to_categorical writes them?): give one class index per image, "
+                              "y_train.argmax(axis=1)")
