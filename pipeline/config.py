@@ -566,6 +566,15 @@ class _ParamsLoader(_UniqueKeyLoader):
         return tag
 
 
+def _yaml_text(raw: bytes) -> str:
+    """A YAML file's bytes as text, as YAML reads them: UTF-8, not the locale's encoding (Latin-1 read `café` as
+    `cafÃ©`), or UTF-16 where a byte order mark says so (Windows PowerShell's `>` writes it: refused as "not UTF-8
+    text"); the mark taken off (Notepad's UTF-8 one too, which read the first section as an unknown one)."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    return raw.decode("utf-8-sig")
+
+
 def read_yaml(path: str | Path, *, key: str = "params", text: bool = False) -> dict[str, Any]:
     """The mapping a YAML file holds ({} if empty); a relative path not found here is taken from the
     project root. ConfigError naming `key` if the file is missing or unreadable, not YAML, not a mapping, or gives a
@@ -574,8 +583,7 @@ def read_yaml(path: str | Path, *, key: str = "params", text: bool = False) -> d
     if not candidate.is_absolute() and not candidate.exists():
         candidate = PROJECT_ROOT / candidate
     try:
-        # UTF-8, as YAML is, not the locale's encoding (Latin-1 read `café` as `cafÃ©`)
-        data = yaml.load(candidate.read_text(encoding="utf-8"), Loader=_ParamsLoader if text else _UniqueKeyLoader)
+        data = yaml.load(_yaml_text(candidate.read_bytes()), Loader=_ParamsLoader if text else _UniqueKeyLoader)
     except IsADirectoryError:  # `-P params=params/`: "file not found" misled, as there is one
         raise ConfigError(f"{key}: {path} is a folder, not a {key} file") from None
     except (FileNotFoundError, NotADirectoryError):  # the last: a path through a file

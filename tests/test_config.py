@@ -812,3 +812,14 @@ def test_the_train_key_leaves_out_the_params_without_effect():
         other = config.load(None, f"train.momentum=0.0 {inert}")
         assert resume.train_key(other, uri) == resume.train_key(base, uri), inert
     assert resume.train_key(config.load(None, "train.nesterov=true"), uri) != resume.train_key(config.load(None), uri)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])
+def test_a_params_file_in_utf_16_with_its_byte_order_mark_is_read(tmp_path, encoding):
+    """Windows PowerShell's `>` and Out-File write UTF-16 with a byte order mark, which YAML reads as it reads UTF-8:
+    such a params file was refused as 'not a YAML text file (not UTF-8 text)'."""
+    text = "tracking:\n  experiment: café\ntrain:\n  epochs: 30\n"
+    (tmp_path / "p.yaml").write_bytes(("\ufeff" if encoding == "utf-16-be" else "").encode(encoding)
+                                      + text.encode(encoding))
+    cfg = config.load(tmp_path / "p.yaml")
+    assert (cfg.tracking.experiment, cfg.train.epochs) == ("café", 30)
