@@ -615,6 +615,11 @@ def _merge(base: dict[str, Any], layer: dict[str, Any], origin: str) -> None:
     for section, values in layer.items():
         section = str(section)  # a YAML key may be a number, null or a boolean
         if section not in base:
+            head, _, name = section.partition(".")
+            if name in base.get(head, {}):  # `train.epochs: 3`, as an override spells it
+                raise ConfigError(f"{section}: unknown section in {origin}; a params file nests each key under its "
+                                  f"section: `{head}:`, then `{name}: ...` indented on the line below it (dotted keys "
+                                  "are the overrides' spelling)")
             raise ConfigError(f"{section}: unknown section in {origin}{_did_you_mean(section, list(base))} "
                               f"(known: {', '.join(base)})")
         if isinstance(values, str) and values.strip() in NULLS:  # `train:` with each key under it commented out

@@ -814,6 +814,19 @@ def test_the_train_key_leaves_out_the_params_without_effect():
     assert resume.train_key(config.load(None, "train.nesterov=true"), uri) != resume.train_key(config.load(None), uri)
 
 
+def test_a_dotted_key_at_the_top_of_a_params_file_says_how_a_params_file_nests_keys(tmp_path):
+    """`train.epochs: 3`, an override's spelling copied into a params file, was an "unknown section" with no hint."""
+    (tmp_path / "p.yaml").write_text("train.epochs: 3\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(tmp_path / "p.yaml")
+    assert str(err.value) == (f"train.epochs: unknown section in {tmp_path / 'p.yaml'}; a params file nests each key "
+                              "under its section: `train:`, then `epochs: ...` indented on the line below it (dotted "
+                              "keys are the overrides' spelling)")
+    (tmp_path / "p.yaml").write_text("train.epochz: 3\n")  # not a known key: no such advice
+    with pytest.raises(config.ConfigError, match=r"^train.epochz: unknown section in .*p.yaml \(known: data, model"):
+        config.load(tmp_path / "p.yaml")
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])
 def test_a_params_file_in_utf_16_with_its_byte_order_mark_is_read(tmp_path, encoding):
     """Windows PowerShell's `>` and Out-File write UTF-16 with a byte order mark, which YAML reads as it reads UTF-8:
