@@ -188,7 +188,9 @@ def _is_npz(path: Path) -> bool:
             names = archive.namelist()
     except ARCHIVE_ERRORS:  # a damaged directory (zipfile's BadZipFile was a traceback): the archive reader names it
         return False
-    return bool(names) and all(name.endswith(".npy") for name in names)
+    if not names:  # `np.savez(path)` of no arrays: an .npz by its name (read as an image folder with no images)
+        return path.name.lower().endswith(".npz")
+    return all(name.endswith(".npy") for name in names)
 
 
 def load_arrays(path: str | Path) -> Dataset:

@@ -1611,3 +1611,14 @@ def test_npz_labels_one_hot_are_named_as_such(tmp_path, dtype):
     assert str(err.value) == (f"{tmp_path / 'onehot.npz'}: y_train holds rows of 10 values per image, shape (20, 10) "
                               "(one-hot, as keras.utils.to_categorical writes them?): give one class index per image, "
                               "y_train.argmax(axis=1)")
+
+
+def test_an_npz_holding_no_arrays_is_named_as_an_npz(tmp_path):
+    """`np.savez(path)` with no arrays (an empty zip named .npz) was read as an image folder: "no images found under
+    train/<class>/", a layout an .npz has nothing to do with."""
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(data.DataError) as err:
+        data.load_source(str(tmp_path / "empty.npz"))
+    assert str(err.value) == (f"{tmp_path / 'empty.npz'}: no array x_train, y_train, x_test, y_test (an .npz source "
+                              "holds x_train, y_train, x_test, y_test, and optionally class_names)")
+
