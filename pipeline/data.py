@@ -670,6 +670,9 @@ def _empty_bytes(*args: object) -> bytes:
 
 
 def _unpickle_batch(raw: bytes, name: str) -> dict:
+    if not raw:  # pickle's own words: "Ran out of input"
+        raise DataError(f"{name}: an empty file (0 bytes), not a CIFAR-10 batch: a copy or an extraction cut short? "
+                        "Copy or extract it again")
     try:
         batch = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as exc:  # noqa: BLE001 - truncated, corrupt and crafted files all end here

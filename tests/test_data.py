@@ -1622,3 +1622,13 @@ def test_an_npz_holding_no_arrays_is_named_as_an_npz(tmp_path):
     assert str(err.value) == (f"{tmp_path / 'empty.npz'}: no array x_train, y_train, x_test, y_test (an .npz source "
                               "holds x_train, y_train, x_test, y_test, and optionally class_names)")
 
+
+def test_an_official_batch_of_0_bytes_is_named_as_empty(tmp_path):
+    """A batch file of 0 bytes (an extraction or a copy cut short) was 'not a valid CIFAR-10 batch (Ran out of
+    input)', pickle's words."""
+    write_official(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"")
+    with pytest.raises(data.DataError) as err:
+        data.load_source(str(tmp_path / "cifar-10-batches-py"))
+    assert str(err.value) == (f"{tmp_path / 'cifar-10-batches-py' / 'data_batch_2'}: an empty file (0 bytes), not a "
+                              "CIFAR-10 batch: a copy or an extraction cut short? Copy or extract it again")
