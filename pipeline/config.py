@@ -684,6 +684,9 @@ def parse_overrides(overrides: str | list[str] | None) -> dict[str, dict[str, An
     return layer
 
 
+SWEEP_SPACES = ("grid", "space", "random")  # the keys one of which a sweep's spec holds (pipeline.sweep)
+
+
 def load(path: str | Path | None = None, overrides: str | list[str] | None = None) -> Config:
     """Load default.yaml, layer the params file at `path` and then `overrides` on top, validate."""
     return load_layered(read_layers(path), overrides)
@@ -695,6 +698,9 @@ def read_layers(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
     merged = read_yaml(DEFAULT_PARAMS, text=True)
     if path and Path(path).resolve() != DEFAULT_PARAMS:
         layer = read_yaml(path, text=True)
+        if spaces := [key for key in SWEEP_SPACES if key in layer]:  # was "base: unknown section in ..."
+            raise ConfigError(f"params: {path} is a sweep's spec (it has {spaces[0]}:), not a params file: run it "
+                              f"with -e sweep -P spec={path}")
         _merge(merged, layer, str(path))
         if not any(isinstance(values, dict) and values for values in layer.values()):
             # a file saved empty, or every line commented out: the seed recipe ran (150 epochs of ResNet-164) where

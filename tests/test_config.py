@@ -836,3 +836,12 @@ def test_a_params_file_in_utf_16_with_its_byte_order_mark_is_read(tmp_path, enco
                                       + text.encode(encoding))
     cfg = config.load(tmp_path / "p.yaml")
     assert (cfg.tracking.experiment, cfg.train.epochs) == ("café", 30)
+
+
+def test_a_sweep_spec_given_as_a_params_file_is_named_as_a_spec():
+    """`-P params=params/sweep-example.yaml` (main's -P params given the spec a sweep takes) was "base: unknown section
+    in params/sweep-example.yaml": it says what the file is and the command that takes it."""
+    with pytest.raises(config.ConfigError) as err:
+        config.load_from_cli("params/sweep-example.yaml", "")
+    assert str(err.value) == ("params: params/sweep-example.yaml is a sweep's spec (it has grid:), not a params "
+                              "file: run it with -e sweep -P spec=params/sweep-example.yaml")
