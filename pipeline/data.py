@@ -35,6 +35,7 @@ import sys
 import tarfile
 import tempfile
 import unicodedata
+import urllib.parse
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -340,6 +341,11 @@ def _no_source(source: str) -> DataError:
     which `ls` lists: said as such, naming its target."""
     if os.path.islink(source):
         return DataError(f"data.source: {source!r} is a link to {os.path.realpath(source)}, which does not exist")
+    if source.startswith("runs:/"):  # prepare's last line, `dataset_uri=runs:/...`, given as -P data
+        return DataError(f"data.source: {source!r} is a prepared dataset's URI, which train and evaluate take as "
+                         f"-P dataset_uri={source}")
+    if source.startswith("file:"):  # `file:///x` or, spelled one way as a path (`config.normal_source`), `file:/x`
+        return DataError(f"data.source: {source!r} is a file URI: give the path, {urllib.parse.urlparse(source).path}")
     return DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path")
 
 

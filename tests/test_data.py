@@ -1632,3 +1632,19 @@ def test_an_official_batch_of_0_bytes_is_named_as_empty(tmp_path):
         data.load_source(str(tmp_path / "cifar-10-batches-py"))
     assert str(err.value) == (f"{tmp_path / 'cifar-10-batches-py' / 'data_batch_2'}: an empty file (0 bytes), not a "
                               "CIFAR-10 batch: a copy or an extraction cut short? Copy or extract it again")
+
+
+@pytest.mark.parametrize("uri, hint", [
+    ("runs:/0123abcd/dataset/dataset.npz", "a prepared dataset's URI, which train and evaluate take as "
+                                           "-P dataset_uri=runs:/0123abcd/dataset/dataset.npz"),
+    ("file:///data/x.npz", "a file URI: give the path, /data/x.npz"),
+])
+def test_a_uri_given_as_data_source_says_what_takes_it(uri, hint):
+    """`-P data=runs:/<id>/dataset/dataset.npz` (prepare's last line, dataset_uri=..., given to the wrong -P) or a
+    file:// URI was "neither 'cifar10', 'synthetic' nor an existing path", with no word of what it is."""
+    from pipeline import config
+
+    source = config.load(None, f"data.source={uri}").data.source  # as a command has it (file:///x is file:/x)
+    with pytest.raises(data.DataError) as err:
+        data.load_source(source)
+    assert str(err.value) == f"data.source: {source!r} is {hint}"
