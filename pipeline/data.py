@@ -346,7 +346,10 @@ def _no_source(source: str) -> DataError:
                          f"-P dataset_uri={source}")
     if source.startswith("file:"):  # `file:///x` or, spelled one way as a path (`config.normal_source`), `file:/x`
         return DataError(f"data.source: {source!r} is a file URI: give the path, {urllib.parse.urlparse(source).path}")
-    return DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path")
+    # CIFAR10, cifar-10, Synthetic: the name spelled otherwise (not a near name: cifar100 is another dataset)
+    meant = next((name for name in ("cifar10", "synthetic") if re.sub(r"[-_ ]", "", source.lower()) == name), None)
+    return DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path"
+                     + (f"; did you mean {meant}?" if meant else ""))
 
 
 def _unreadable(exc: OSError) -> DataError:

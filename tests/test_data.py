@@ -1648,3 +1648,20 @@ def test_a_uri_given_as_data_source_says_what_takes_it(uri, hint):
     with pytest.raises(data.DataError) as err:
         data.load_source(source)
     assert str(err.value) == f"data.source: {source!r} is {hint}"
+
+
+@pytest.mark.parametrize("source, meant", [("CIFAR10", "cifar10"), ("cifar-10", "cifar10"), ("Synthetic", "synthetic"),
+                                           ("CIFAR_10", "cifar10")])
+def test_a_misspelt_built_in_source_names_the_closest_one(source, meant):
+    """`-P data=CIFAR10` or `cifar-10` was "neither 'cifar10', 'synthetic' nor an existing path", leaving the user to
+    spot the spelling."""
+    with pytest.raises(data.DataError) as err:
+        data.load_source(source)
+    assert str(err.value) == (f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path; did "
+                              f"you mean {meant}?")
+
+
+def test_cifar100_is_not_said_to_be_cifar10():
+    with pytest.raises(data.DataError) as err:
+        data.load_source("cifar100")
+    assert str(err.value) == "data.source: 'cifar100' is neither 'cifar10', 'synthetic' nor an existing path"
