@@ -5,8 +5,9 @@ Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as ba
 `image`, to `<url>/invocations` (under the URL's path, before its query) and prints one line per image: file, predicted
 label, its probability (tab-separated). Exits 2 with one line on stderr, before reading any file, when --url is not an
 http(s) URL (as for a bad --batch-size or --timeout), and before any request when a file is missing (a shell pattern
-that matched nothing among them), a directory, empty, unreadable or of another format (its first bytes), and when the
-server refuses an image (HTTP 400, naming the file: not an image, truncated, too large). Exits 1 with a message on
+that matched nothing among them), a directory, empty, unreadable, of another format (its first bytes) or declaring
+more than 16.8 megapixels in its header, and when the server refuses an image (HTTP 400, naming the file: not an
+image, truncated, too large). Exits 1 with a message on
 stderr when the server cannot be reached or does not answer within --timeout, runs out of its own time limit (HTTP 504)
 or closes the connection without an answer, it refuses the request otherwise or fails on it (HTTP 5xx), or its answer is
 not a model server's (another service on that port, an answer cut short), or its predictions cannot be written (a full
@@ -29,12 +30,14 @@ import os
 import re
 import ssl
 import stat
+import struct
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 # Files' bytes per request, at most: the server holds a request's JSON whole (and base64 is 4/3 of the bytes), and its
 # time limit counts the upload. 64 photos of 2.8 MB took it 1 GB more memory and 28 s of its 60 s (2-core AMD EPYC).
@@ -43,6 +46,9 @@ MAX_REQUEST_BYTES = 16 * 2**20
 # file is refused before any request. The server still decodes each, and refuses a truncated or corrupt one.
 IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"GIF87a", b"GIF89a",
                     b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")  # TIFF, BigTIFF
+# The most pixels the server decodes an image of (pipeline.serve.MAX_ENCODED_PIXELS: this client imports nothing of the
+# project): a larger image is refused here, from its header, before any request.
+MAX_PIXELS = 4096 * 4096
 # OpenSSL's reasons for an answer that is no TLS record, which a plain HTTP server's 400 page is (1.1 and 3.0; 3.2+)
 PLAIN_HTTP_ANSWERS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
 
@@ -66,8 +72,8 @@ def count(n: int, noun: str) -> str:
 
 def check_files(paths: list[Path]) -> None:
     """BadInput naming the first of `paths` that is no readable, non-empty file starting as an image of the served
-    formats does: checked before any request, so a bad file late in the list does not cost the batches before it
-    (their predictions would not be printed)."""
+    formats does, or whose header declares more pixels than the server decodes: checked before any request, so a bad
+    file late in the list does not cost the batches before it (their predictions would not be printed)."""
     for path in paths:
         try:
             mode = path.stat()
@@ -87,12 +93,114 @@ def check_files(paths: list[Path]) -> None:
             raise BadInput(f"{shown(path)}: an empty file, not an image")
         try:
             with path.open("rb") as file:
-                start = file.read(16)
+                check_image(shown(path), file)
         except OSError as exc:
             raise BadInput(f"{shown(path)}: cannot read ({exc.strerror or exc})") from None
-        if not (start.startswith(IMAGE_SIGNATURES) or start[:4] == b"RIFF" and start[8:12] == b"WEBP"):
-            raise BadInput(f"{shown(path)}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (its first bytes: "
-                           f"{start[:8]!r})")
+
+
+def check_image(name: str, file: BinaryIO) -> None:
+    """BadInput naming `name` where `file` (at its start) does not start as an image of the served formats, or its
+    header declares more than MAX_PIXELS: the server would refuse it as its batch came. Its header only is read."""
+    start = file.read(16)
+    if not (start.startswith(IMAGE_SIGNATURES) or start[:4] == b"RIFF" and start[8:12] == b"WEBP"):
+        raise BadInput(f"{name}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (its first bytes: {start[:8]!r})")
+    file.seek(0)
+    size = declared_size(file)
+    if size and size[0] * size[1] > MAX_PIXELS:
+        raise BadInput(f"{name}: {size[0]}x{size[1]} pixels, over the {MAX_PIXELS / 1e6:.1f} megapixels (4096x4096) "
+                       f"the server decodes: save it smaller")
+
+
+def declared_size(file: BinaryIO) -> tuple[int, int] | None:
+    """(width, height) as the header of the image in `file` (at its start) declares them, as Pillow reads its size
+    before decoding (of an animated or multi-page image, the first frame's canvas); None where the header is cut short
+    or not understood: the server decodes the file, and refuses it if it must. Read by hand: the client needs no
+    Pillow."""
+    head = file.read(30)
+    try:
+        if head.startswith(b"\x89PNG"):
+            return struct.unpack(">II", head[16:24]) if head[12:16] == b"IHDR" else None
+        if head.startswith(b"GIF"):
+            return gif_size(head, file)
+        if head.startswith(b"BM"):
+            if struct.unpack("<I", head[14:18])[0] == 12:  # OS/2's BITMAPCOREHEADER
+                return struct.unpack("<HH", head[18:22])
+            width, height = struct.unpack("<ii", head[18:26])  # a negative height: rows stored top down
+            return abs(width), abs(height)
+        if head.startswith(b"RIFF"):
+            return webp_size(head)
+        if head.startswith(b"\xff\xd8"):
+            return jpeg_size(file)
+        return tiff_size(head, file)
+    except (struct.error, IndexError, ValueError, OSError):  # cut short: fewer bytes than the header needs
+        return None
+
+
+def gif_size(head: bytes, file: BinaryIO) -> tuple[int, int]:
+    """A GIF's logical screen, widened to its first frame's extent where that reaches beyond it (as Pillow does)."""
+    width, height, flags = struct.unpack("<HHB", head[6:11])
+    file.seek(13 + (3 << (flags & 7) + 1 if flags & 0x80 else 0))  # past the global colour table
+    while (block := file.read(1)) == b"!":  # extensions: a label, then sub-blocks up to an empty one
+        file.read(1)
+        while length := file.read(1)[0]:
+            file.seek(length, os.SEEK_CUR)
+    if block == b",":
+        left, top, frame_width, frame_height = struct.unpack("<HHHH", file.read(8))
+        width, height = max(width, left + frame_width), max(height, top + frame_height)
+    return width, height
+
+
+def webp_size(head: bytes) -> tuple[int, int] | None:
+    """The canvas a WebP's first chunk declares (Pillow's `WebPImagePlugin._get_size`)."""
+    chunk = head[12:16]
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", head[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8X":
+        return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
+    if chunk == b"VP8L" and head[20] == 0x2F:
+        bits = int.from_bytes(head[21:25], "little")
+        return (bits & 0x3FFF) + 1, (bits >> 14 & 0x3FFF) + 1
+    return None
+
+
+def jpeg_size(file: BinaryIO) -> tuple[int, int] | None:
+    """A JPEG's size from its frame header (SOF0-15), the segments before it (EXIF, its thumbnail) skipped."""
+    file.seek(2)
+    while file.read(1) == b"\xff":
+        marker = file.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = file.read(1)
+        if not marker or marker[0] in (0xD9, 0xDA):  # the end, or a scan before any frame header
+            return None
+        if marker[0] == 0x01 or 0xD0 <= marker[0] <= 0xD8:  # markers without a segment
+            continue
+        length = struct.unpack(">H", file.read(2))[0]
+        if length < 2:  # no JPEG: the seek below would go back
+            return None
+        if 0xC0 <= marker[0] <= 0xCF and marker[0] not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG, DAC
+            height, width = struct.unpack(">xHH", file.read(5))
+            return width, height
+        file.seek(length - 2, os.SEEK_CUR)
+    return None
+
+
+def tiff_size(head: bytes, file: BinaryIO) -> tuple[int, int] | None:
+    """A TIFF's (or BigTIFF's) first page's ImageWidth and ImageLength tags."""
+    order = "<" if head[:2] == b"II" else ">"
+    big = struct.unpack(order + "H", head[2:4])[0] == 43
+    count, entry, offset = ("Q", 20, struct.unpack(order + "Q", head[8:16])[0]) if big else (
+        "H", 12, struct.unpack(order + "I", head[4:8])[0])
+    file.seek(offset)
+    entries = min(struct.unpack(order + count, file.read(struct.calcsize(count)))[0], 4096)
+    table = file.read(entries * entry)
+    tags = {}
+    for at in range(0, len(table) - entry + 1, entry):
+        tag, kind = struct.unpack(order + "HH", table[at:at + 4])
+        value = table[at + entry - (8 if big else 4):at + entry]
+        if tag in (256, 257) and kind in (3, 4, 16):  # SHORT, LONG, LONG8
+            tags[tag] = struct.unpack(order + {3: "H", 4: "I", 16: "Q"}[kind], value[:{3: 2, 4: 4, 16: 8}[kind]])[0]
+    return (tags[256], tags[257]) if len(tags) == 2 else None
 
 
 def encode_files(paths: list[Path]) -> list[str]:

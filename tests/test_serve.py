@@ -1222,6 +1222,64 @@ def test_predict_client_takes_every_format_and_mode_the_server_decodes(tmp_path)
     predict.check_files(files)
 
 
+def saved(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_predict_client_reads_an_images_size_from_its_header_as_the_server_does():
+    # the client reads sizes by hand (it imports no Pillow): each format's, as Pillow opens it, without decoding
+    pixels = random_pixels(1, shape=(23, 37))[0]
+    image, frames = Image.fromarray(pixels), [Image.fromarray(pixels), Image.fromarray(255 - pixels)]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the pixels are the same many
+    files = {"png": saved(image, "PNG"), "jpeg": saved(image, "JPEG"), "progressive": saved(image, "JPEG",
+                                                                                           progressive=True),
+             "jpeg-exif": saved(image, "JPEG", exif=exif), "cmyk-jpeg": saved(image.convert("CMYK"), "JPEG"),
+             "bmp": saved(image, "BMP"), "bmp-1bit": saved(image.convert("1"), "BMP"),
+             "gif": saved(image, "GIF"), "animated-gif": saved(frames[0], "GIF", save_all=True,
+                                                               append_images=frames[1:]),
+             "webp": saved(image, "WEBP"), "webp-lossless": saved(image, "WEBP", lossless=True),
+             "webp-alpha": saved(image.convert("RGBA"), "WEBP"),
+             "animated-webp": saved(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
+             "tiff": saved(image, "TIFF"), "tiff-big-endian": saved(Image.fromarray(pixels[..., 0].astype(">u2")),
+                                                                     "TIFF"),
+             "bigtiff": saved(image, "TIFF", big_tiff=True),
+             "tiff-pages": saved(frames[0], "TIFF", save_all=True, append_images=frames[1:])}
+    # a GIF whose first frame reaches past its logical screen: Pillow widens its size to the frame's
+    wide = bytearray(files["gif"])
+    wide[6:8] = (10).to_bytes(2, "little")
+    files["gif-frame-past-screen"] = bytes(wide)
+    for name, raw in files.items():
+        with Image.open(io.BytesIO(raw)) as opened:
+            assert predict.declared_size(io.BytesIO(raw)) == opened.size, name
+    for name, raw in files.items():  # a header cut short: the server is left to refuse it
+        assert predict.declared_size(io.BytesIO(raw[:8])) is None, name
+
+
+@pytest.mark.parametrize(("fmt", "mode", "options"), [
+    ("PNG", "1", {}), ("JPEG", "L", {}), ("GIF", "1", {}), ("BMP", "1", {}), ("TIFF", "1", {"compression": "group4"}),
+    ("WEBP", "L", {"lossless": True})])
+def test_predict_client_refuses_an_image_over_the_servers_pixel_limit_before_sending_any(tmp_path, capsys, fmt,
+                                                                                         mode, options):
+    # an image over 16.8 megapixels (a 24-megapixel camera photo) was refused by the server only as its batch came,
+    # after the batches before it were scored for nothing
+    assert predict.MAX_PIXELS == serve.MAX_ENCODED_PIXELS
+    good, large = tmp_path / "a.png", tmp_path / f"large.{fmt.lower()}"
+    good.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    Image.new(mode, (4097, 4096)).save(large, fmt, **options)
+    sent = []
+    with answering(200, b"{}", requests=sent) as url:
+        assert predict.main([str(good), str(large), "--url", url, "--batch-size", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert sent == [] and out == ""
+    assert err == (f"error: {large}: 4097x4096 pixels, over the 16.8 megapixels (4096x4096) the server decodes: save "
+                   f"it smaller\n")
+    Image.new(mode, (4096, 4096)).save(large, fmt, **options)  # at the limit: sent
+    predict.check_files([large])
+
+
 @pytest.mark.parametrize(("status", "message", "code"), [
     (400, "bad input: image 1: not a decodable PNG, JPEG, BMP, GIF, WebP or TIFF image", 2),
     (400, "Invalid input. Data is not compatible with model signature.", 1),  # not the files: this client's request
