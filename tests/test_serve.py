@@ -36,7 +36,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from bench.servers import free_port, start_model_server, stop_group
-from pipeline import config, predict, prepare, serve, train
+from pipeline import config, data, predict, prepare, serve, train
 from pipeline import tracking as tracking_layer
 from pipeline.data import decode_image
 from pipeline.tracking import PIPELINE_DIR, resume, steps, training
@@ -938,7 +938,8 @@ def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path
 @pytest.mark.parametrize(("make", "problem"), [
     (lambda d: d / "missing.png", "no such file"),
     (lambda d: d / "*.jpeg", "no such file (a shell pattern that matched no file?)"),
-    (lambda d: (d / "folder").mkdir() or d / "folder", "a directory, not an image file"),
+    (lambda d: (d / "folder").mkdir() or d / "folder", "a folder holding no image file (of the suffixes .png .jpg "
+                                                       ".jpeg .bmp .gif .webp .tif .tiff)"),
     (lambda d: (d / "empty.png").touch() or d / "empty.png", "an empty file, not an image"),
     (lambda d: d / ("x" * 300 + ".png"), "cannot read (File name too long)"),
     # a link whose target was moved said "no such file", of a name `ls` lists
@@ -1119,18 +1120,16 @@ def test_predict_client_sends_images_the_server_holds_at_their_own_size(local_mo
     assert_same_predictions(local_model.predict(parsed).to_dict("records"), expected)
 
 
-def test_predict_client_sends_large_files_in_smaller_requests_and_prints_in_the_files_order(tmp_path, capsys,
-                                                                                            monkeypatch):
-    # 64 phone photos (3 MB each) went in one request of 250 MB: 1 GB more of the server's memory, and 28 s of its
-    # 60 s time limit on a 2-core CPU (HTTP 504 past it); a request holds MAX_REQUEST_BYTES of files at most
-    monkeypatch.setattr(predict, "MAX_REQUEST_BYTES", 2500)
-    sizes = [1000, 1000, 1000, 5000, 1000, 100, 100]
-    files = [tmp_path / f"img{i}.png" for i in range(len(sizes))]
-    for path, size in zip(files, sizes, strict=True):
-        path.write_bytes(PNG_SIGNATURE + path.stem.encode().ljust(size - len(PNG_SIGNATURE), b"\0"))
-    sent = []
+def named_png(name: str, size: int = 0) -> bytes:
+    """A PNG's signature and `name`, zero-padded to `size` bytes: `naming_server` labels it `name`."""
+    return PNG_SIGNATURE + name.encode().ljust(size - len(PNG_SIGNATURE), b"\0")
 
-    def answer(handler) -> None:  # each image's label: the name its bytes start with
+
+@contextlib.contextmanager
+def naming_server(sent: list) -> Iterator[str]:
+    """A loopback stand-in for the model server that labels each image of `named_png` with its name; the number of
+    images of each request is appended to `sent`. Its base URL."""
+    def answer(handler) -> None:
         rows = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))["dataframe_split"]["data"]
         sent.append(len(rows))
         labels = [base64.b64decode(row[0])[len(PNG_SIGNATURE):].split(b"\0")[0].decode() for row in rows]
@@ -1141,6 +1140,97 @@ def test_predict_client_sends_large_files_in_smaller_requests_and_prints_in_the_
         handler.wfile.write(body)
 
     with http_stub(answer) as url:
+        yield url
+
+
+def test_predict_client_sends_every_image_of_a_folder_sorted_and_says_what_it_left_out(tmp_path, capsys):
+    # `python -m pipeline.predict photos/` was refused as "a directory, not an image file"
+    folder = tmp_path / "photos"
+    (folder / "sub" / "deep").mkdir(parents=True)
+    (folder / ".thumbnails").mkdir()
+    for name in ("b.png", "a.JPG", "c.webp", "sub/d.png", "sub/deep/e.tif", ".thumbnails/t.png", "._a.JPG"):
+        (folder / name).write_bytes(named_png(name))
+    for name in ("notes.txt", ".DS_Store", "sub/labels.csv"):
+        (folder / name).write_text("not an image")
+    (folder / "sub" / "loop").symlink_to("..")  # read once
+    sent = []
+    with naming_server(sent) as url:
+        assert predict.main([str(folder), str(folder / "b.png"), "--url", url]) == 0
+        out, err = capsys.readouterr()
+        assert [line.split("\t")[:2] for line in out.splitlines()] == [
+            [str(folder / name), name] for name in ("a.JPG", "b.png", "c.webp", "b.png")]
+        assert err == (f"note: {folder}: 3 image files taken; left out: 1 file (notes.txt) of no image suffix (.png "
+                       f".jpg .jpeg .bmp .gif .webp .tif .tiff), 3 hidden files (.DS_Store, ._a.JPG, .thumbnails/), "
+                       f"1 subfolder (sub/): --recursive reads those\n")
+
+        assert predict.main([str(folder), "--url", url, "--recursive"]) == 0
+        out, err = capsys.readouterr()
+        assert [line.split("\t")[1] for line in out.splitlines()] == [
+            "a.JPG", "b.png", "c.webp", "sub/d.png", "sub/deep/e.tif"]
+        assert "2 files (notes.txt, sub/labels.csv) of no image suffix" in err and "subfolder" not in err
+
+        (folder / "sub" / "deep" / "cut.jpg").write_bytes(b"%PDF-1.4 no image")  # checked as a file named is
+        assert predict.main([str(folder), "--url", url, "-r"]) == 2
+        assert capsys.readouterr().err.endswith(f"error: {folder}/sub/deep/cut.jpg: not a PNG, JPEG, BMP, GIF, WebP or "
+                                                f"TIFF image (its first bytes: b'%PDF-1.4')\n")
+    assert sent == [4, 5]
+
+
+def test_predict_client_refuses_a_folder_of_no_image_before_sending_any(tmp_path, capsys):
+    folder = tmp_path / "scans"
+    (folder / "2024").mkdir(parents=True)
+    (folder / "2024" / "a.png").write_bytes(named_png("a"))
+    (folder / "index.html").write_text("<html>")
+    sent = []
+    with naming_server(sent) as url:
+        assert predict.main([str(tmp_path / "ok.png"), str(folder), "--url", url]) == 2
+        assert capsys.readouterr().err == (f"error: {folder}: a folder holding no image file (of the suffixes .png "
+                                           f".jpg .jpeg .bmp .gif .webp .tif .tiff); it holds 1 file (index.html) of "
+                                           f"no image suffix (.png .jpg .jpeg .bmp .gif .webp .tif .tiff), 1 subfolder "
+                                           f"(2024/): --recursive reads those\n")
+    assert sent == []
+    assert predict.IMAGE_SUFFIXES == data.IMAGE_SUFFIXES  # the suffixes an image folder's dataset is read by
+
+
+def stdin_of(monkeypatch, raw: bytes, tty: bool = False) -> None:
+    stream = io.TextIOWrapper(io.BytesIO(raw))
+    monkeypatch.setattr(stream, "isatty", lambda: tty, raising=False)
+    monkeypatch.setattr(sys, "stdin", stream)
+
+
+def test_predict_client_reads_one_image_from_standard_input_for_a_dash(tmp_path, capsys, monkeypatch):
+    # `curl -s <url> | python -m pipeline.predict -` said "-: no such file"
+    (tmp_path / "a.png").write_bytes(named_png("a.png"))
+    sent = []
+    with naming_server(sent) as url:
+        stdin_of(monkeypatch, named_png("piped"))
+        assert predict.main([str(tmp_path / "a.png"), "-", "--url", url]) == 0
+        assert capsys.readouterr().out == f"{tmp_path}/a.png\ta.png\t0.5000\n-\tpiped\t0.5000\n"
+        for raw, tty, args, problem in [
+                (b"", False, ["-"], "-: standard input is empty, not an image"),
+                (b"%PDF-1.4", False, ["-"], "-: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (its first bytes: "
+                                            "b'%PDF-1.4')"),
+                (named_png("x"), True, ["-"], "-: standard input is a terminal: pipe an image into it"),
+                (named_png("x"), False, ["-", "-"], "- given twice: standard input holds one image"),
+                (named_png("x"), False, ["-", str(tmp_path / "missing.png")], "missing.png: no such file")]:
+            stdin_of(monkeypatch, raw, tty)
+            assert predict.main([*args, "--url", url]) == 2
+            out, err = capsys.readouterr()
+            assert out == "" and err.startswith("error: ") and problem in err and len(err.splitlines()) == 1, err
+    assert sent == [2]
+
+
+def test_predict_client_sends_large_files_in_smaller_requests_and_prints_in_the_files_order(tmp_path, capsys,
+                                                                                            monkeypatch):
+    # 64 phone photos (3 MB each) went in one request of 250 MB: 1 GB more of the server's memory, and 28 s of its
+    # 60 s time limit on a 2-core CPU (HTTP 504 past it); a request holds MAX_REQUEST_BYTES of files at most
+    monkeypatch.setattr(predict, "MAX_REQUEST_BYTES", 2500)
+    sizes = [1000, 1000, 1000, 5000, 1000, 100, 100]
+    files = [tmp_path / f"img{i}.png" for i in range(len(sizes))]
+    for path, size in zip(files, sizes, strict=True):
+        path.write_bytes(named_png(path.stem, size))
+    sent = []
+    with naming_server(sent) as url:
         assert predict.main([str(f) for f in files] + ["--url", url, "--batch-size", "3"]) == 0
     assert sent == [2, 1, 1, 3]  # 2000 bytes; 1000 (3000 over the limit); 5000 alone; 1000 + 100 + 100, 3 images
     lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
@@ -1403,7 +1493,8 @@ def test_predict_client_names_a_file_on_stderr_escaped_as_on_stdout(tmp_path, ca
     folder = tmp_path / "tab\tand\nnewline.png"
     folder.mkdir()
     assert predict.main([str(folder), "--url", f"http://127.0.0.1:{free_port()}"]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path}/tab\\tand\\nnewline.png: a directory, not an image file\n"
+    assert capsys.readouterr().err == (f"error: {tmp_path}/tab\\tand\\nnewline.png: a folder holding no image file "
+                                       f"(of the suffixes .png .jpg .jpeg .bmp .gif .webp .tif .tiff)\n")
 
 
 @pytest.mark.parametrize(("given", "path"), [
