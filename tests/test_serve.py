@@ -36,7 +36,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from bench.servers import free_port, start_model_server, stop_group
-from pipeline import config, data, predict, prepare, serve, train
+from pipeline import config, data, evaluate, predict, prepare, serve, train
 from pipeline import tracking as tracking_layer
 from pipeline.data import decode_image
 from pipeline.tracking import PIPELINE_DIR, resume, steps, training
@@ -61,6 +61,13 @@ def encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
     """One uint8 (h, w, 3) image -> PNG or JPEG bytes."""
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def saved(image: Image.Image, fmt: str, **options) -> bytes:
+    """A Pillow image -> its bytes in `fmt`, saved with `options`."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
     return buffer.getvalue()
 
 
@@ -852,6 +859,118 @@ def test_served_png_and_jpeg_match_in_process(server, local_model, layout):
     assert_same_predictions(answer["predictions"], local_model.predict(decoded))
 
 
+def kinds_of_images() -> dict[str, bytes]:
+    """One file of each kind a user sends, 10 (one per class of the tiny model): formats, modes and sizes decode_image
+    converts (a transparent background, greyscale, a palette, 16 bits, CMYK, an animation, an EXIF rotation)."""
+    rng = np.random.default_rng(11)
+    rgb = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(32, 32), (48, 64), (40, 24)]]
+    rgba = rgb[1].convert("RGBA")
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (48, 64), dtype=np.uint8)))
+    palette = rgb[0].convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return {"rgb.jpg": saved(rgb[0], "JPEG", quality=75), "wide.png": saved(rgb[1], "PNG"),
+            "rgba.png": saved(rgba, "PNG"), "grey.png": saved(rgb[2].convert("L"), "PNG"),
+            "palette-transparent.png": saved(palette, "PNG", transparency=3),
+            "16-bit.png": saved(Image.fromarray(np.asarray(rgb[1].convert("L"), np.uint16) * 257), "PNG"),
+            "cmyk.jpg": saved(rgb[1].convert("CMYK"), "JPEG"),
+            "animated.gif": saved(rgb[0], "GIF", save_all=True, append_images=[rgb[0].transpose(0)]),
+            "lossy.webp": saved(rgb[2], "WEBP"), "rotated.jpg": saved(rgb[2], "JPEG", exif=exif)}
+
+
+@pytest.fixture(scope="module")
+def folder_dataset(tracking, tmp_path_factory) -> tuple[str, dict[str, bytes]]:
+    """An image folder of the tiny model's classes, prepared as the pipeline prepares one: its dataset URI, and its
+    test files' bytes by name (one file, of its own kind, per class)."""
+    folder = tmp_path_factory.mktemp("folder-dataset")
+    files = kinds_of_images()
+    for i, (name, raw) in enumerate(files.items()):
+        for split in ("train", "test"):
+            (folder / split / f"class_{i}").mkdir(parents=True)
+        (folder / "test" / f"class_{i}" / name).write_bytes(raw)
+        (folder / "train" / f"class_{i}" / "a.png").write_bytes(encode(random_pixels(1, seed=i)[0]))
+    cfg = config.load(ROOT / "params" / "tiny.yaml", [f"data.source={folder}"])
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("serve-tests").experiment_id):
+        return prepare.run(cfg), files
+
+
+def scored_by_evaluate(monkeypatch, model_uri: str, dataset_uri: str, tta: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """evaluate.run of `model_uri` on `dataset_uri`, `evaluate.tta` set to `tta`: the test pixels it scored, their
+    class probabilities (as its metrics were computed from them) and its run's params."""
+    scored = {}
+
+    def score(probs, dataset):
+        scored.update(pixels=dataset.x_test, probs=probs)
+        return original(probs, dataset)
+
+    original = evaluate.score
+    monkeypatch.setattr(evaluate, "score", score)
+    cfg = config.load(ROOT / "params" / "tiny.yaml", [f"evaluate.tta={tta}"])
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("serve-tests").experiment_id) as run:
+        metrics = evaluate.run(cfg, model_uri, dataset_uri)
+    np.testing.assert_allclose(evaluate.score(scored["probs"], prepare.load_dataset(dataset_uri))[0]["test_loss"],
+                               metrics["test_loss"])
+    return scored["pixels"], scored["probs"], mlflow.get_run(run.info.run_id).data.params
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "flip_shift"])
+def test_the_served_model_scores_the_images_evaluate_scored_with_its_probabilities(
+        request, monkeypatch, model_uri, local_model, folder_dataset, tta):
+    """What evaluate measured is what is served: the same images, sent as the README documents (base64 PNG, JPEG and
+    the rest in each layout, raw bytes and data: URIs in process, integer and float pixel tensors), get the class
+    probabilities evaluate computed its metrics from, under the test-time augmentation it recorded on its run. The
+    module's model (flip_shift) through a real server; others, logged from its Keras model, through the scoring
+    server's own request handling in process."""
+    from mlflow.pyfunc.scoring_server import invocations
+
+    dataset_uri, files = folder_dataset
+    if tta == "flip_shift":
+        served_uri, server = model_uri, request.getfixturevalue("server")
+
+        def ask(body: dict) -> list[dict]:
+            status, answer = post(server, body)
+            assert status == 200, answer
+            return answer["predictions"]
+    else:
+        with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("serve-tests").experiment_id):
+            served_uri = training.log_model(local_model.unwrap_python_model().model, list(data.SYNTHETIC_CLASSES),
+                                            random_pixels(2), tta=tta).model_uri
+        model = mlflow.pyfunc.load_model(served_uri)
+
+        def ask(body: dict) -> list[dict]:
+            answer = invocations(json.dumps(body), "application/json", model, None)
+            assert answer.status == 200, answer.response
+            return json.loads(answer.response)["predictions"]
+
+    # evaluate told to use another augmentation scores as served, and records that one
+    told = "none" if tta != "none" else "flip"
+    pixels, probs, params = scored_by_evaluate(monkeypatch, served_uri, dataset_uri, told)
+    assert params["evaluate.tta"] == tta == mlflow.models.get_model_info(served_uri).metadata["tta"]
+    # each file's test image, found by its pixels: prepare decoded it as the server does
+    rows = [np.flatnonzero((pixels == decode_image(raw)).all(axis=(1, 2, 3))) for raw in files.values()]
+    assert [len(found) for found in rows] == [1] * len(files), list(files)
+    expected = probs[np.concatenate(rows)]
+    assert len({tuple(p.round(3)) for p in expected}) == len(files)  # the images tell apart: a wrong one shows
+
+    encoded = [b64(raw) for raw in files.values()]
+    ordered = pixels[np.concatenate(rows)]
+    answers = {
+        "base64": ask({"inputs": encoded}),
+        "dataframe_split": ask({"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}}),
+        "dataframe_records": ask({"dataframe_records": [{"image": e} for e in encoded]}),
+        "data URIs": ask({"inputs": [f"data:image/png;base64,{e}" for e in encoded]}),
+        "integer pixels": ask({"inputs": ordered.tolist()}),
+        "float pixels": ask({"inputs": ordered.astype(float).tolist()})}
+    python_model = mlflow.pyfunc.load_model(served_uri)
+    answers |= {f"in process, {name}": python_model.predict(given).to_dict("records") for name, given in [
+        ("raw bytes", list(files.values())), ("base64", encoded), ("uint8 pixels", ordered),
+        ("float32 pixels", ordered.astype(np.float32))]}
+    for form, rows_served in answers.items():
+        labels = [data.SYNTHETIC_CLASSES[i] for i in expected.argmax(axis=1)]
+        assert [row["label"] for row in rows_served] == labels, form
+        np.testing.assert_allclose([row["probabilities"] for row in rows_served], expected, atol=1e-5, err_msg=form)
+
+
 NAN_BODY = json.dumps({"inputs": np.where(random_pixels(1) > 100, np.nan, 1.0).tolist()}).encode()
 
 
@@ -1310,12 +1429,6 @@ def test_predict_client_takes_every_format_and_mode_the_server_decodes(tmp_path)
         decode_image((tmp_path / name).read_bytes())  # the server decodes it
         files.append(tmp_path / name)
     predict.check_files(files)
-
-
-def saved(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 def test_predict_client_reads_an_images_size_from_its_header_as_the_server_does():
