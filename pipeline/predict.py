@@ -590,9 +590,9 @@ def images_given(names: list[str], recursive: bool) -> list[Image]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+",
-                        help="PNG, JPEG, BMP, GIF, WebP or TIFF files, up to 16.8 megapixels (4096x4096; the server "
-                             "refuses larger ones); a folder: every image file in it, by suffix, sorted by name, "
-                             "hidden files left out; -: one image read from standard input")
+                        help="PNG, JPEG, BMP, GIF, WebP or TIFF files, up to 16.8 megapixels (4096x4096, as the server "
+                             "decodes; a larger one is refused before any is sent); a folder: every image file in it, "
+                             "by suffix, sorted by name, hidden files left out; -: one image read from standard input")
     parser.add_argument("-r", "--recursive", action="store_true",
                         help="send the images in a folder's subfolders too")
     parser.add_argument("--url", default="http://127.0.0.1:5000",
