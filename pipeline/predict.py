@@ -111,7 +111,11 @@ def check_image(name: str, file: BinaryIO) -> None:
     header declares more than MAX_PIXELS: the server would refuse it as its batch came. Its header only is read."""
     start = file.read(16)
     if not (start.startswith(IMAGE_SIGNATURES) or start[:4] == b"RIFF" and start[8:12] == b"WEBP"):
-        raise BadInput(f"{name}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (its first bytes: {start[:8]!r})")
+        # a phone's HEIC photo (or an AVIF) exported under a .jpg name: its ISO box `ftyp`, then the brand
+        what = (f"a HEIF or AVIF image, brand {start[8:12].decode('ascii', 'replace')!r}: convert it to JPEG or PNG"
+                if start[4:8] == b"ftyp" and start[8:11] in (b"hei", b"hev", b"mif", b"msf", b"avi", b"avc")
+                else f"its first bytes: {start[:8]!r}")
+        raise BadInput(f"{name}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image ({what})")
     file.seek(0)
     size = declared_size(file)
     if size and size[0] * size[1] > MAX_PIXELS:

@@ -1413,6 +1413,15 @@ def test_predict_client_refuses_a_file_of_no_image_format_before_sending_any(tmp
     assert err == f"error: {notes}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (its first bytes: b'%PDF-1.4')\n"
 
 
+def test_predict_client_names_a_heic_photo_under_a_jpeg_name_as_such(tmp_path, capsys):
+    # a phone's photos exported as IMG_0001.jpg may be HEIC: "its first bytes: b'\\x00\\x00\\x00\\x18ftyp'" said nothing
+    photo = tmp_path / "IMG_0001.jpg"
+    photo.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(100))
+    assert predict.main([str(photo), "--url", f"http://127.0.0.1:{free_port()}"]) == 2
+    assert capsys.readouterr().err == (f"error: {photo}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (a HEIF or AVIF "
+                                       f"image, brand 'heic': convert it to JPEG or PNG)\n")
+
+
 def test_predict_client_takes_every_format_and_mode_the_server_decodes(tmp_path):
     # the client's check of a file's first bytes must pass all that Pillow writes in the served formats
     pixels = random_pixels(1, shape=(8, 8))[0]
