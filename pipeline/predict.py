@@ -281,11 +281,13 @@ def read_stdin() -> bytes:
         raise BadInput("-: standard input is a terminal: pipe an image into it (`python -m pipeline.predict - < "
                        "cat.png`)")
     try:
-        raw = sys.stdin.buffer.read()
+        start = sys.stdin.buffer.read(16)
+        if not start:
+            raise BadInput("-: standard input is empty, not an image")
+        check_image("-", io.BytesIO(start))  # its format: a video piped in by mistake is not read whole first
+        raw = start + sys.stdin.buffer.read()
     except OSError as exc:
         raise BadInput(f"-: cannot read standard input ({exc.strerror or exc})") from None
-    if not raw:
-        raise BadInput("-: standard input is empty, not an image")
     check_image("-", io.BytesIO(raw))
     return raw
 

@@ -1337,6 +1337,11 @@ def test_predict_client_reads_one_image_from_standard_input_for_a_dash(tmp_path,
             out, err = capsys.readouterr()
             assert out == "" and err.startswith("error: ") and problem in err and len(err.splitlines()) == 1, err
     assert sent == [2]
+    # a video piped in by mistake is refused from its first bytes, not read whole first
+    video = io.BytesIO(b"\x00\x00\x00\x20ftypisom" + bytes(8 << 20))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(video)))
+    assert predict.main(["-", "--url", f"http://127.0.0.1:{free_port()}"]) == 2
+    assert "its first bytes: b'\\x00\\x00\\x00 ftyp'" in capsys.readouterr().err and video.tell() < 1 << 20
 
 
 def test_predict_client_sends_large_files_in_smaller_requests_and_prints_in_the_files_order(tmp_path, capsys,
