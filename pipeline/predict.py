@@ -1,20 +1,22 @@
 """Ask a running model server (`mlflow models serve -m <model uri>`) what some pictures show.
 
-Usage: python -m pipeline.predict cat.png dog.jpg --url http://127.0.0.1:5000
+Usage: python -m pipeline.predict cat.png dog.jpg photos/ --url http://127.0.0.1:5000
+A folder stands for the image files in it (by suffix; hidden files and others left out, and counted on stderr), sorted
+by name, and those of its subfolders with --recursive; `-` for one image read from standard input, printed as `-`.
 Sends the files (PNG, JPEG, BMP, GIF, WebP or TIFF, up to 16.8 megapixels) as base64, a `dataframe_split` column
 `image`, to `<url>/invocations` (under the URL's path, before its query) and prints one line per image: file, predicted
 label, its probability (tab-separated). Exits 2 with one line on stderr, before reading any file, when --url is not an
 http(s) URL (as for a bad --batch-size or --timeout), and before any request when a file is missing (a shell pattern
-that matched nothing among them), a directory, empty, unreadable or of another format (its first bytes), and when the
-server refuses an image (HTTP 400, naming the file: not an image, truncated, too large). Exits 1 with a message on
-stderr when the server cannot be reached or does not answer within --timeout, runs out of its own time limit (HTTP 504)
-or closes the connection without an answer, it refuses the request otherwise or fails on it (HTTP 5xx), or its answer is
-not a model server's (another service on that port, an answer cut short), or its predictions cannot be written (a full
-disk; quietly into a closed pipe, `| head`). No predictions are printed when it exits non-zero (130 after Ctrl-C). A
---url of http://user:password@host:port sends the user and password as HTTP Basic authentication (a server behind a
-proxy that asks for them); messages show the password as ***. A proxy the environment names (http_proxy; no_proxy) is
-used, as urllib does, and named in error lines; a redirect is not followed but named (urllib would send a GET without
-the images).
+that matched nothing among them), a folder holding no image file, empty, unreadable, of another format (its first bytes)
+or declaring more than 16.8 megapixels in its header, and when the server refuses an image (HTTP 400, naming the file:
+not an image, truncated, too large). Exits 1 with a message on stderr when the server cannot be reached or does not
+answer within --timeout, runs out of its own time limit (HTTP 504) or closes the connection without an answer, it
+refuses the request otherwise or fails on it (HTTP 5xx), or its answer is not a model server's (another service on that
+port, an answer cut short), or its predictions cannot be written (a full disk; quietly into a closed pipe, `| head`). No
+predictions are printed when it exits non-zero (130 after Ctrl-C). A --url of http://user:password@host:port sends the
+user and password as HTTP Basic authentication (a server behind a proxy that asks for them); messages show the password
+as ***. A proxy the environment names (http_proxy; no_proxy) is used, as urllib does, and named in error lines; a
+redirect is not followed but named (urllib would send a GET without the images).
 Only the standard library is used, so the client starts fast and needs no ML packages.
 """
 
@@ -23,18 +25,21 @@ from __future__ import annotations
 import argparse
 import base64
 import http.client
+import io
 import json
 import math
 import os
 import re
 import ssl
 import stat
+import struct
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 # Files' bytes per request, at most: the server holds a request's JSON whole (and base64 is 4/3 of the bytes), and its
 # time limit counts the upload. 64 photos of 2.8 MB took it 1 GB more memory and 28 s of its 60 s (2-core AMD EPYC).
@@ -43,8 +48,17 @@ MAX_REQUEST_BYTES = 16 * 2**20
 # file is refused before any request. The server still decodes each, and refuses a truncated or corrupt one.
 IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"GIF87a", b"GIF89a",
                     b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")  # TIFF, BigTIFF
+# The files of a folder that are sent: those of the suffixes the server's formats have (pipeline.data.IMAGE_SUFFIXES)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The most pixels the server decodes an image of (pipeline.serve.MAX_ENCODED_PIXELS: this client imports nothing of the
+# project): a larger image is refused here, from its header, before any request.
+MAX_PIXELS = 4096 * 4096
 # OpenSSL's reasons for an answer that is no TLS record, which a plain HTTP server's 400 page is (1.1 and 3.0; 3.2+)
 PLAIN_HTTP_ANSWERS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
+
+
+# An image to send: a file, or the bytes read from standard input (`-`)
+Image = Path | bytes
 
 
 class PredictError(RuntimeError):
@@ -66,8 +80,8 @@ def count(n: int, noun: str) -> str:
 
 def check_files(paths: list[Path]) -> None:
     """BadInput naming the first of `paths` that is no readable, non-empty file starting as an image of the served
-    formats does: checked before any request, so a bad file late in the list does not cost the batches before it
-    (their predictions would not be printed)."""
+    formats does, or whose header declares more pixels than the server decodes: checked before any request, so a bad
+    file late in the list does not cost the batches before it (their predictions would not be printed)."""
     for path in paths:
         try:
             mode = path.stat()
@@ -87,22 +101,211 @@ def check_files(paths: list[Path]) -> None:
             raise BadInput(f"{shown(path)}: an empty file, not an image")
         try:
             with path.open("rb") as file:
-                start = file.read(16)
+                check_image(shown(path), file)
         except OSError as exc:
             raise BadInput(f"{shown(path)}: cannot read ({exc.strerror or exc})") from None
-        if not (start.startswith(IMAGE_SIGNATURES) or start[:4] == b"RIFF" and start[8:12] == b"WEBP"):
-            raise BadInput(f"{shown(path)}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (its first bytes: "
-                           f"{start[:8]!r})")
 
 
-def encode_files(paths: list[Path]) -> list[str]:
-    """Image files -> their bytes as base64 strings, in order."""
-    encoded = []
-    for path in paths:
+def check_image(name: str, file: BinaryIO) -> None:
+    """BadInput naming `name` where `file` (at its start) does not start as an image of the served formats, or its
+    header declares more than MAX_PIXELS: the server would refuse it as its batch came. Its header only is read."""
+    start = file.read(16)
+    if not (start.startswith(IMAGE_SIGNATURES) or start[:4] == b"RIFF" and start[8:12] == b"WEBP"):
+        # a phone's HEIC photo (or an AVIF) exported under a .jpg name: its ISO box `ftyp`, then the brand
+        what = (f"a HEIF or AVIF image, brand {start[8:12].decode('ascii', 'replace')!r}: convert it to JPEG or PNG"
+                if start[4:8] == b"ftyp" and start[8:11] in (b"hei", b"hev", b"mif", b"msf", b"avi", b"avc")
+                else f"its first bytes: {start[:8]!r}")
+        raise BadInput(f"{name}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image ({what})")
+    file.seek(0)
+    size = declared_size(file)
+    if size and size[0] * size[1] > MAX_PIXELS:
+        raise BadInput(f"{name}: {size[0]}x{size[1]} pixels, over the {MAX_PIXELS / 1e6:.1f} megapixels (4096x4096) "
+                       f"the server decodes: save it smaller")
+
+
+def declared_size(file: BinaryIO) -> tuple[int, int] | None:
+    """(width, height) as the header of the image in `file` (at its start) declares them, as Pillow reads its size
+    before decoding (of an animated or multi-page image, the first frame's canvas); None where the header is cut short
+    or not understood: the server decodes the file, and refuses it if it must. Read by hand: the client needs no
+    Pillow."""
+    head = file.read(30)
+    try:
+        if head.startswith(b"\x89PNG"):
+            return struct.unpack(">II", head[16:24]) if head[12:16] == b"IHDR" else None
+        if head.startswith(b"GIF"):
+            return gif_size(head, file)
+        if head.startswith(b"BM"):
+            if struct.unpack("<I", head[14:18])[0] == 12:  # OS/2's BITMAPCOREHEADER
+                return struct.unpack("<HH", head[18:22])
+            width, height = struct.unpack("<ii", head[18:26])  # a negative height: rows stored top down
+            return abs(width), abs(height)
+        if head.startswith(b"RIFF"):
+            return webp_size(head)
+        if head.startswith(b"\xff\xd8"):
+            return jpeg_size(file)
+        return tiff_size(head, file)
+    except (struct.error, IndexError, ValueError, OSError):  # cut short: fewer bytes than the header needs
+        return None
+
+
+def gif_size(head: bytes, file: BinaryIO) -> tuple[int, int]:
+    """A GIF's logical screen, widened to its first frame's extent where that reaches beyond it (as Pillow does)."""
+    width, height, flags = struct.unpack("<HHB", head[6:11])
+    file.seek(13 + (3 << (flags & 7) + 1 if flags & 0x80 else 0))  # past the global colour table
+    while (block := file.read(1)) == b"!":  # extensions: a label, then sub-blocks up to an empty one
+        file.read(1)
+        while length := file.read(1)[0]:
+            file.seek(length, os.SEEK_CUR)
+    if block == b",":
+        left, top, frame_width, frame_height = struct.unpack("<HHHH", file.read(8))
+        width, height = max(width, left + frame_width), max(height, top + frame_height)
+    return width, height
+
+
+def webp_size(head: bytes) -> tuple[int, int] | None:
+    """The canvas a WebP's first chunk declares (Pillow's `WebPImagePlugin._get_size`)."""
+    chunk = head[12:16]
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", head[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8X":
+        return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
+    if chunk == b"VP8L" and head[20] == 0x2F:
+        bits = int.from_bytes(head[21:25], "little")
+        return (bits & 0x3FFF) + 1, (bits >> 14 & 0x3FFF) + 1
+    return None
+
+
+def jpeg_size(file: BinaryIO) -> tuple[int, int] | None:
+    """A JPEG's size from its frame header (SOF0-15), the segments before it (EXIF, its thumbnail) skipped."""
+    file.seek(2)
+    while file.read(1) == b"\xff":
+        marker = file.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = file.read(1)
+        if not marker or marker[0] in (0xD9, 0xDA):  # the end, or a scan before any frame header
+            return None
+        if marker[0] == 0x01 or 0xD0 <= marker[0] <= 0xD8:  # markers without a segment
+            continue
+        length = struct.unpack(">H", file.read(2))[0]
+        if length < 2:  # no JPEG: the seek below would go back
+            return None
+        if 0xC0 <= marker[0] <= 0xCF and marker[0] not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG, DAC
+            height, width = struct.unpack(">xHH", file.read(5))
+            return width, height
+        file.seek(length - 2, os.SEEK_CUR)
+    return None
+
+
+def tiff_size(head: bytes, file: BinaryIO) -> tuple[int, int] | None:
+    """A TIFF's (or BigTIFF's) first page's ImageWidth and ImageLength tags."""
+    order = "<" if head[:2] == b"II" else ">"
+    big = struct.unpack(order + "H", head[2:4])[0] == 43
+    count, entry, offset = ("Q", 20, struct.unpack(order + "Q", head[8:16])[0]) if big else (
+        "H", 12, struct.unpack(order + "I", head[4:8])[0])
+    file.seek(offset)
+    entries = min(struct.unpack(order + count, file.read(struct.calcsize(count)))[0], 4096)
+    table = file.read(entries * entry)
+    tags = {}
+    for at in range(0, len(table) - entry + 1, entry):
+        tag, kind = struct.unpack(order + "HH", table[at:at + 4])
+        value = table[at + entry - (8 if big else 4):at + entry]
+        if tag in (256, 257) and kind in (3, 4, 16):  # SHORT, LONG, LONG8
+            tags[tag] = struct.unpack(order + {3: "H", 4: "I", 16: "Q"}[kind], value[:{3: 2, 4: 4, 16: 8}[kind]])[0]
+    return (tags[256], tags[257]) if len(tags) == 2 else None
+
+
+def images_in(folder: Path, recursive: bool) -> list[Path]:
+    """The image files in `folder`, by their suffix (IMAGE_SUFFIXES, in any case), sorted by path, and those of its
+    subfolders where `recursive` (a folder reached twice through links is read once). Hidden files and folders (a name
+    starting with '.': .DS_Store, macOS's ._cat.jpg) and files of other suffixes are left out, and so are subfolders
+    without `recursive`: one line on stderr counts them, naming the first. BadInput where no image file is found.
+    Each file found is then checked as a file named on the command line is (`check_files`)."""
+    found: list[Path] = []
+    other, hidden, folders = [], [], []  # names in `folder`, as said
+    pending, seen = [folder], set()
+    while pending:
+        current = pending.pop()
         try:
-            encoded.append(base64.b64encode(path.read_bytes()).decode("ascii"))
+            entries = sorted(os.scandir(current), key=lambda entry: entry.name)
         except OSError as exc:
-            raise PredictError(f"{shown(path)}: cannot read ({exc.strerror or exc})") from None
+            raise BadInput(f"{shown(current)}: cannot read ({exc.strerror or exc})") from None
+        for entry in entries:
+            path = current / entry.name
+            name = shown(path.relative_to(folder))
+            try:
+                is_folder = entry.is_dir()  # a link to a folder too
+            except OSError:
+                is_folder = False
+            if entry.name.startswith("."):
+                hidden.append(name + "/" * is_folder)
+            elif is_folder and recursive:
+                try:
+                    if (key := identity(path)) in seen or key == identity(folder):
+                        continue
+                    seen.add(key)
+                except OSError:  # unreadable: named as it is read
+                    pass
+                pending.append(path)
+            elif is_folder:
+                folders.append(name + "/")
+            elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+                found.append(path)
+            else:
+                other.append(name)
+    suffixes = " ".join(IMAGE_SUFFIXES)
+    said = [f"{count(len(names), what)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}){why}"
+            for what, names, why in (("file", other, f" of no image suffix ({suffixes})"), ("hidden file", hidden, ""),
+                                     ("subfolder", folders, ": --recursive reads those")) if names]
+    if not found:
+        raise BadInput(f"{shown(folder)}: a folder holding no image file (of the suffixes {suffixes})"
+                       f"{'; it holds ' + ', '.join(said) if said else ''}")
+    if said:
+        print(f"note: {shown(folder)}: {count(len(found), 'image file')} taken; left out: {', '.join(said)}",
+              file=sys.stderr, flush=True)
+    return sorted(found)
+
+
+def identity(path: Path) -> tuple[int, int]:
+    """The device and inode of `path` (a link's target's): the same folder, however reached."""
+    info = path.stat()
+    return info.st_dev, info.st_ino
+
+
+def read_stdin() -> bytes:
+    """The one image on standard input (`-`: `curl -s <url> | python -m pipeline.predict -`), checked as a file is
+    (`check_image`)."""
+    if sys.stdin is None or sys.stdin.closed:
+        raise BadInput("-: standard input is closed: pipe an image into it")
+    if sys.stdin.isatty():  # the read would wait for an image typed in
+        raise BadInput("-: standard input is a terminal: pipe an image into it (`python -m pipeline.predict - < "
+                       "cat.png`)")
+    try:
+        start = sys.stdin.buffer.read(16)
+        if not start:
+            raise BadInput("-: standard input is empty, not an image")
+        check_image("-", io.BytesIO(start))  # its format: a video piped in by mistake is not read whole first
+        raw = start + sys.stdin.buffer.read()
+    except OSError as exc:
+        raise BadInput(f"-: cannot read standard input ({exc.strerror or exc})") from None
+    check_image("-", io.BytesIO(raw))
+    return raw
+
+
+def named(image: Image) -> str:
+    """An image as printed: a file's name (`shown`), or `-` for standard input's."""
+    return "-" if isinstance(image, bytes) else shown(image)
+
+
+def encode_files(images: list[Image]) -> list[str]:
+    """Image files (or standard input's bytes) -> their bytes as base64 strings, in order."""
+    encoded = []
+    for image in images:
+        try:
+            raw = image if isinstance(image, bytes) else image.read_bytes()
+        except OSError as exc:
+            raise PredictError(f"{shown(image)}: cannot read ({exc.strerror or exc})") from None
+        encoded.append(base64.b64encode(raw).decode("ascii"))
     return encoded
 
 
@@ -337,43 +540,67 @@ def shown(path: Path) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", lambda m: m[0].encode("unicode_escape").decode("ascii"), name)
 
 
-def batches(paths: list[Path], batch_size: int) -> Iterator[list[Path]]:
-    """`paths` in order, in lists of `batch_size` files and MAX_REQUEST_BYTES at most (a larger file alone)."""
+def batches(images: list[Image], batch_size: int) -> Iterator[list[Image]]:
+    """`images` in order, in lists of `batch_size` files and MAX_REQUEST_BYTES at most (a larger file alone)."""
     batch, held = [], 0
-    for path in paths:
+    for image in images:
         try:
-            size = path.stat().st_size
+            size = len(image) if isinstance(image, bytes) else image.stat().st_size
         except OSError:  # gone since check_files: encode_files names it
             size = 0
         if batch and (len(batch) == batch_size or held + size > MAX_REQUEST_BYTES):
             yield batch
             batch, held = [], 0
-        batch.append(path)
+        batch.append(image)
         held += size
     if batch:
         yield batch
 
 
-def predict_files(paths: list[Path], url: str, batch_size: int, timeout: float) -> list[str]:
-    """Image files -> lines `file<TAB>label<TAB>probability`, in the order of `paths`, sending `batch_size` images a
-    request at most, and MAX_REQUEST_BYTES of files at most."""
+def predict_files(images: list[Image], url: str, batch_size: int, timeout: float) -> list[str]:
+    """Image files (or standard input's bytes) -> lines `file<TAB>label<TAB>probability`, in the order of `images`,
+    sending `batch_size` images a request at most, and MAX_REQUEST_BYTES of files at most."""
     lines = []
-    for batch in batches(paths, batch_size):
+    for batch in batches(images, batch_size):
         try:
-            predictions = request_predictions(url, encode_files(batch), timeout, [shown(path) for path in batch])
+            predictions = request_predictions(url, encode_files(batch), timeout, [named(image) for image in batch])
         except KeyboardInterrupt:
-            raise Stopped(f"stopped (Ctrl-C) at {shown(batch[0])}, after {len(lines)} of {len(paths)} images; none "
+            raise Stopped(f"stopped (Ctrl-C) at {named(batch[0])}, after {len(lines)} of {len(images)} images; none "
                           f"printed") from None
-        for path, row in zip(batch, predictions, strict=True):
-            lines.append(f"{shown(path)}\t{row['label']}\t{row['probability']:.4f}")
+        for image, row in zip(batch, predictions, strict=True):
+            lines.append(f"{named(image)}\t{row['label']}\t{row['probability']:.4f}")
     return lines
+
+
+def images_given(names: list[str], recursive: bool) -> list[Image]:
+    """The command's image arguments -> the images to send, in order: files as named, every image file in a folder
+    (`images_in`), standard input's image for `-`; each checked before any request (`check_files`, `read_stdin`)."""
+    empty = [i for i, name in enumerate(names, start=1) if not name]
+    if empty:  # Path("") is the current folder
+        raise BadInput(f"file name {empty[0]} of {len(names)} is empty (an unset shell variable?)")
+    if names.count("-") > 1:
+        raise BadInput("- given twice: standard input holds one image (name a file ./- as that)")
+    images: list[Image | None] = []  # None: standard input's, read once the files are checked
+    for name in names:
+        if name == "-":
+            images.append(None)
+        elif os.path.isdir(name):  # False, not an OSError, for a name too long
+            images.extend(images_in(Path(name), recursive))
+        else:
+            images.append(Path(name))
+    check_files([image for image in images if isinstance(image, Path)])
+    # read last: a bad file is refused without waiting on the pipe
+    return [read_stdin() if image is None else image for image in images]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+",
-                        help="PNG, JPEG, BMP, GIF, WebP or TIFF files, up to 16.8 megapixels (4096x4096; the server "
-                             "refuses larger ones)")
+                        help="PNG, JPEG, BMP, GIF, WebP or TIFF files, up to 16.8 megapixels (4096x4096, as the server "
+                             "decodes; a larger one is refused before any is sent); a folder: every image file in it, "
+                             "by suffix, sorted by name, hidden files left out; -: one image read from standard input")
+    parser.add_argument("-r", "--recursive", action="store_true",
+                        help="send the images in a folder's subfolders too")
     parser.add_argument("--url", default="http://127.0.0.1:5000",
                         help="the model server (default: %(default)s); http://user:password@host:port for one behind a "
                              "proxy that asks for a password (HTTP Basic)")
@@ -388,12 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
     try:
         check_url(args.url)  # a usage error, like the two above: exit 2, before any file is read
-        empty = [i for i, name in enumerate(args.images, start=1) if not name]
-        if empty:  # Path("") is the current folder
-            raise BadInput(f"file name {empty[0]} of {len(args.images)} is empty (an unset shell variable?)")
-        images = [Path(name) for name in args.images]
         try:
-            check_files(images)  # before any request
+            images = images_given(args.images, args.recursive)  # each checked before any request
         except KeyboardInterrupt:  # many files on a slow network folder
             raise Stopped("stopped (Ctrl-C) before any request") from None
         lines = predict_files(images, args.url, args.batch_size, args.timeout)

@@ -36,7 +36,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from bench.servers import free_port, start_model_server, stop_group
-from pipeline import config, predict, prepare, serve, train
+from pipeline import config, data, evaluate, predict, prepare, serve, train
 from pipeline import tracking as tracking_layer
 from pipeline.data import decode_image
 from pipeline.tracking import PIPELINE_DIR, resume, steps, training
@@ -61,6 +61,13 @@ def encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
     """One uint8 (h, w, 3) image -> PNG or JPEG bytes."""
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def saved(image: Image.Image, fmt: str, **options) -> bytes:
+    """A Pillow image -> its bytes in `fmt`, saved with `options`."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
     return buffer.getvalue()
 
 
@@ -852,6 +859,118 @@ def test_served_png_and_jpeg_match_in_process(server, local_model, layout):
     assert_same_predictions(answer["predictions"], local_model.predict(decoded))
 
 
+def kinds_of_images() -> dict[str, bytes]:
+    """One file of each kind a user sends, 10 (one per class of the tiny model): formats, modes and sizes decode_image
+    converts (a transparent background, greyscale, a palette, 16 bits, CMYK, an animation, an EXIF rotation)."""
+    rng = np.random.default_rng(11)
+    rgb = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(32, 32), (48, 64), (40, 24)]]
+    rgba = rgb[1].convert("RGBA")
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (48, 64), dtype=np.uint8)))
+    palette = rgb[0].convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return {"rgb.jpg": saved(rgb[0], "JPEG", quality=75), "wide.png": saved(rgb[1], "PNG"),
+            "rgba.png": saved(rgba, "PNG"), "grey.png": saved(rgb[2].convert("L"), "PNG"),
+            "palette-transparent.png": saved(palette, "PNG", transparency=3),
+            "16-bit.png": saved(Image.fromarray(np.asarray(rgb[1].convert("L"), np.uint16) * 257), "PNG"),
+            "cmyk.jpg": saved(rgb[1].convert("CMYK"), "JPEG"),
+            "animated.gif": saved(rgb[0], "GIF", save_all=True, append_images=[rgb[0].transpose(0)]),
+            "lossy.webp": saved(rgb[2], "WEBP"), "rotated.jpg": saved(rgb[2], "JPEG", exif=exif)}
+
+
+@pytest.fixture(scope="module")
+def folder_dataset(tracking, tmp_path_factory) -> tuple[str, dict[str, bytes]]:
+    """An image folder of the tiny model's classes, prepared as the pipeline prepares one: its dataset URI, and its
+    test files' bytes by name (one file, of its own kind, per class)."""
+    folder = tmp_path_factory.mktemp("folder-dataset")
+    files = kinds_of_images()
+    for i, (name, raw) in enumerate(files.items()):
+        for split in ("train", "test"):
+            (folder / split / f"class_{i}").mkdir(parents=True)
+        (folder / "test" / f"class_{i}" / name).write_bytes(raw)
+        (folder / "train" / f"class_{i}" / "a.png").write_bytes(encode(random_pixels(1, seed=i)[0]))
+    cfg = config.load(ROOT / "params" / "tiny.yaml", [f"data.source={folder}"])
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("serve-tests").experiment_id):
+        return prepare.run(cfg), files
+
+
+def scored_by_evaluate(monkeypatch, model_uri: str, dataset_uri: str, tta: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """evaluate.run of `model_uri` on `dataset_uri`, `evaluate.tta` set to `tta`: the test pixels it scored, their
+    class probabilities (as its metrics were computed from them) and its run's params."""
+    scored = {}
+
+    def score(probs, dataset):
+        scored.update(pixels=dataset.x_test, probs=probs)
+        return original(probs, dataset)
+
+    original = evaluate.score
+    monkeypatch.setattr(evaluate, "score", score)
+    cfg = config.load(ROOT / "params" / "tiny.yaml", [f"evaluate.tta={tta}"])
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("serve-tests").experiment_id) as run:
+        metrics = evaluate.run(cfg, model_uri, dataset_uri)
+    np.testing.assert_allclose(evaluate.score(scored["probs"], prepare.load_dataset(dataset_uri))[0]["test_loss"],
+                               metrics["test_loss"])
+    return scored["pixels"], scored["probs"], mlflow.get_run(run.info.run_id).data.params
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "flip_shift"])
+def test_the_served_model_scores_the_images_evaluate_scored_with_its_probabilities(
+        request, monkeypatch, model_uri, local_model, folder_dataset, tta):
+    """What evaluate measured is what is served: the same images, sent as the README documents (base64 PNG, JPEG and
+    the rest in each layout, raw bytes and data: URIs in process, integer and float pixel tensors), get the class
+    probabilities evaluate computed its metrics from, under the test-time augmentation it recorded on its run. The
+    module's model (flip_shift) through a real server; others, logged from its Keras model, through the scoring
+    server's own request handling in process."""
+    from mlflow.pyfunc.scoring_server import invocations
+
+    dataset_uri, files = folder_dataset
+    if tta == "flip_shift":
+        served_uri, server = model_uri, request.getfixturevalue("server")
+
+        def ask(body: dict) -> list[dict]:
+            status, answer = post(server, body)
+            assert status == 200, answer
+            return answer["predictions"]
+    else:
+        with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("serve-tests").experiment_id):
+            served_uri = training.log_model(local_model.unwrap_python_model().model, list(data.SYNTHETIC_CLASSES),
+                                            random_pixels(2), tta=tta).model_uri
+        model = mlflow.pyfunc.load_model(served_uri)
+
+        def ask(body: dict) -> list[dict]:
+            answer = invocations(json.dumps(body), "application/json", model, None)
+            assert answer.status == 200, answer.response
+            return json.loads(answer.response)["predictions"]
+
+    # evaluate told to use another augmentation scores as served, and records that one
+    told = "none" if tta != "none" else "flip"
+    pixels, probs, params = scored_by_evaluate(monkeypatch, served_uri, dataset_uri, told)
+    assert params["evaluate.tta"] == tta == mlflow.models.get_model_info(served_uri).metadata["tta"]
+    # each file's test image, found by its pixels: prepare decoded it as the server does
+    rows = [np.flatnonzero((pixels == decode_image(raw)).all(axis=(1, 2, 3))) for raw in files.values()]
+    assert [len(found) for found in rows] == [1] * len(files), list(files)
+    expected = probs[np.concatenate(rows)]
+    assert len({tuple(p.round(3)) for p in expected}) == len(files)  # the images tell apart: a wrong one shows
+
+    encoded = [b64(raw) for raw in files.values()]
+    ordered = pixels[np.concatenate(rows)]
+    answers = {
+        "base64": ask({"inputs": encoded}),
+        "dataframe_split": ask({"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}}),
+        "dataframe_records": ask({"dataframe_records": [{"image": e} for e in encoded]}),
+        "data URIs": ask({"inputs": [f"data:image/png;base64,{e}" for e in encoded]}),
+        "integer pixels": ask({"inputs": ordered.tolist()}),
+        "float pixels": ask({"inputs": ordered.astype(float).tolist()})}
+    python_model = mlflow.pyfunc.load_model(served_uri)
+    answers |= {f"in process, {name}": python_model.predict(given).to_dict("records") for name, given in [
+        ("raw bytes", list(files.values())), ("base64", encoded), ("uint8 pixels", ordered),
+        ("float32 pixels", ordered.astype(np.float32))]}
+    for form, rows_served in answers.items():
+        labels = [data.SYNTHETIC_CLASSES[i] for i in expected.argmax(axis=1)]
+        assert [row["label"] for row in rows_served] == labels, form
+        np.testing.assert_allclose([row["probabilities"] for row in rows_served], expected, atol=1e-5, err_msg=form)
+
+
 NAN_BODY = json.dumps({"inputs": np.where(random_pixels(1) > 100, np.nan, 1.0).tolist()}).encode()
 
 
@@ -938,7 +1057,8 @@ def test_predict_client_names_the_refused_file_of_a_later_batch(server, tmp_path
 @pytest.mark.parametrize(("make", "problem"), [
     (lambda d: d / "missing.png", "no such file"),
     (lambda d: d / "*.jpeg", "no such file (a shell pattern that matched no file?)"),
-    (lambda d: (d / "folder").mkdir() or d / "folder", "a directory, not an image file"),
+    (lambda d: (d / "folder").mkdir() or d / "folder", "a folder holding no image file (of the suffixes .png .jpg "
+                                                       ".jpeg .bmp .gif .webp .tif .tiff)"),
     (lambda d: (d / "empty.png").touch() or d / "empty.png", "an empty file, not an image"),
     (lambda d: d / ("x" * 300 + ".png"), "cannot read (File name too long)"),
     # a link whose target was moved said "no such file", of a name `ls` lists
@@ -1119,18 +1239,16 @@ def test_predict_client_sends_images_the_server_holds_at_their_own_size(local_mo
     assert_same_predictions(local_model.predict(parsed).to_dict("records"), expected)
 
 
-def test_predict_client_sends_large_files_in_smaller_requests_and_prints_in_the_files_order(tmp_path, capsys,
-                                                                                            monkeypatch):
-    # 64 phone photos (3 MB each) went in one request of 250 MB: 1 GB more of the server's memory, and 28 s of its
-    # 60 s time limit on a 2-core CPU (HTTP 504 past it); a request holds MAX_REQUEST_BYTES of files at most
-    monkeypatch.setattr(predict, "MAX_REQUEST_BYTES", 2500)
-    sizes = [1000, 1000, 1000, 5000, 1000, 100, 100]
-    files = [tmp_path / f"img{i}.png" for i in range(len(sizes))]
-    for path, size in zip(files, sizes, strict=True):
-        path.write_bytes(PNG_SIGNATURE + path.stem.encode().ljust(size - len(PNG_SIGNATURE), b"\0"))
-    sent = []
+def named_png(name: str, size: int = 0) -> bytes:
+    """A PNG's signature and `name`, zero-padded to `size` bytes: `naming_server` labels it `name`."""
+    return PNG_SIGNATURE + name.encode().ljust(size - len(PNG_SIGNATURE), b"\0")
 
-    def answer(handler) -> None:  # each image's label: the name its bytes start with
+
+@contextlib.contextmanager
+def naming_server(sent: list) -> Iterator[str]:
+    """A loopback stand-in for the model server that labels each image of `named_png` with its name; the number of
+    images of each request is appended to `sent`. Its base URL."""
+    def answer(handler) -> None:
         rows = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))["dataframe_split"]["data"]
         sent.append(len(rows))
         labels = [base64.b64decode(row[0])[len(PNG_SIGNATURE):].split(b"\0")[0].decode() for row in rows]
@@ -1141,6 +1259,102 @@ def test_predict_client_sends_large_files_in_smaller_requests_and_prints_in_the_
         handler.wfile.write(body)
 
     with http_stub(answer) as url:
+        yield url
+
+
+def test_predict_client_sends_every_image_of_a_folder_sorted_and_says_what_it_left_out(tmp_path, capsys):
+    # `python -m pipeline.predict photos/` was refused as "a directory, not an image file"
+    folder = tmp_path / "photos"
+    (folder / "sub" / "deep").mkdir(parents=True)
+    (folder / ".thumbnails").mkdir()
+    for name in ("b.png", "a.JPG", "c.webp", "sub/d.png", "sub/deep/e.tif", ".thumbnails/t.png", "._a.JPG"):
+        (folder / name).write_bytes(named_png(name))
+    for name in ("notes.txt", ".DS_Store", "sub/labels.csv"):
+        (folder / name).write_text("not an image")
+    (folder / "sub" / "loop").symlink_to("..")  # read once
+    sent = []
+    with naming_server(sent) as url:
+        assert predict.main([str(folder), str(folder / "b.png"), "--url", url]) == 0
+        out, err = capsys.readouterr()
+        assert [line.split("\t")[:2] for line in out.splitlines()] == [
+            [str(folder / name), name] for name in ("a.JPG", "b.png", "c.webp", "b.png")]
+        assert err == (f"note: {folder}: 3 image files taken; left out: 1 file (notes.txt) of no image suffix (.png "
+                       f".jpg .jpeg .bmp .gif .webp .tif .tiff), 3 hidden files (.DS_Store, ._a.JPG, .thumbnails/), "
+                       f"1 subfolder (sub/): --recursive reads those\n")
+
+        assert predict.main([str(folder), "--url", url, "--recursive"]) == 0
+        out, err = capsys.readouterr()
+        assert [line.split("\t")[1] for line in out.splitlines()] == [
+            "a.JPG", "b.png", "c.webp", "sub/d.png", "sub/deep/e.tif"]
+        assert "2 files (notes.txt, sub/labels.csv) of no image suffix" in err and "subfolder" not in err
+
+        (folder / "sub" / "deep" / "cut.jpg").write_bytes(b"%PDF-1.4 no image")  # checked as a file named is
+        assert predict.main([str(folder), "--url", url, "-r"]) == 2
+        assert capsys.readouterr().err.endswith(f"error: {folder}/sub/deep/cut.jpg: not a PNG, JPEG, BMP, GIF, WebP or "
+                                                f"TIFF image (its first bytes: b'%PDF-1.4')\n")
+    assert sent == [4, 5]
+
+
+def test_predict_client_refuses_a_folder_of_no_image_before_sending_any(tmp_path, capsys):
+    folder = tmp_path / "scans"
+    (folder / "2024").mkdir(parents=True)
+    (folder / "2024" / "a.png").write_bytes(named_png("a"))
+    (folder / "index.html").write_text("<html>")
+    sent = []
+    with naming_server(sent) as url:
+        assert predict.main([str(tmp_path / "ok.png"), str(folder), "--url", url]) == 2
+        assert capsys.readouterr().err == (f"error: {folder}: a folder holding no image file (of the suffixes .png "
+                                           f".jpg .jpeg .bmp .gif .webp .tif .tiff); it holds 1 file (index.html) of "
+                                           f"no image suffix (.png .jpg .jpeg .bmp .gif .webp .tif .tiff), 1 subfolder "
+                                           f"(2024/): --recursive reads those\n")
+    assert sent == []
+    assert predict.IMAGE_SUFFIXES == data.IMAGE_SUFFIXES  # the suffixes an image folder's dataset is read by
+
+
+def stdin_of(monkeypatch, raw: bytes, tty: bool = False) -> None:
+    stream = io.TextIOWrapper(io.BytesIO(raw))
+    monkeypatch.setattr(stream, "isatty", lambda: tty, raising=False)
+    monkeypatch.setattr(sys, "stdin", stream)
+
+
+def test_predict_client_reads_one_image_from_standard_input_for_a_dash(tmp_path, capsys, monkeypatch):
+    # `curl -s <url> | python -m pipeline.predict -` said "-: no such file"
+    (tmp_path / "a.png").write_bytes(named_png("a.png"))
+    sent = []
+    with naming_server(sent) as url:
+        stdin_of(monkeypatch, named_png("piped"))
+        assert predict.main([str(tmp_path / "a.png"), "-", "--url", url]) == 0
+        assert capsys.readouterr().out == f"{tmp_path}/a.png\ta.png\t0.5000\n-\tpiped\t0.5000\n"
+        for raw, tty, args, problem in [
+                (b"", False, ["-"], "-: standard input is empty, not an image"),
+                (b"%PDF-1.4", False, ["-"], "-: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (its first bytes: "
+                                            "b'%PDF-1.4')"),
+                (named_png("x"), True, ["-"], "-: standard input is a terminal: pipe an image into it"),
+                (named_png("x"), False, ["-", "-"], "- given twice: standard input holds one image"),
+                (named_png("x"), False, ["-", str(tmp_path / "missing.png")], "missing.png: no such file")]:
+            stdin_of(monkeypatch, raw, tty)
+            assert predict.main([*args, "--url", url]) == 2
+            out, err = capsys.readouterr()
+            assert out == "" and err.startswith("error: ") and problem in err and len(err.splitlines()) == 1, err
+    assert sent == [2]
+    # a video piped in by mistake is refused from its first bytes, not read whole first
+    video = io.BytesIO(b"\x00\x00\x00\x20ftypisom" + bytes(8 << 20))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(video)))
+    assert predict.main(["-", "--url", f"http://127.0.0.1:{free_port()}"]) == 2
+    assert "its first bytes: b'\\x00\\x00\\x00 ftyp'" in capsys.readouterr().err and video.tell() < 1 << 20
+
+
+def test_predict_client_sends_large_files_in_smaller_requests_and_prints_in_the_files_order(tmp_path, capsys,
+                                                                                            monkeypatch):
+    # 64 phone photos (3 MB each) went in one request of 250 MB: 1 GB more of the server's memory, and 28 s of its
+    # 60 s time limit on a 2-core CPU (HTTP 504 past it); a request holds MAX_REQUEST_BYTES of files at most
+    monkeypatch.setattr(predict, "MAX_REQUEST_BYTES", 2500)
+    sizes = [1000, 1000, 1000, 5000, 1000, 100, 100]
+    files = [tmp_path / f"img{i}.png" for i in range(len(sizes))]
+    for path, size in zip(files, sizes, strict=True):
+        path.write_bytes(named_png(path.stem, size))
+    sent = []
+    with naming_server(sent) as url:
         assert predict.main([str(f) for f in files] + ["--url", url, "--batch-size", "3"]) == 0
     assert sent == [2, 1, 1, 3]  # 2000 bytes; 1000 (3000 over the limit); 5000 alone; 1000 + 100 + 100, 3 images
     lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
@@ -1204,6 +1418,15 @@ def test_predict_client_refuses_a_file_of_no_image_format_before_sending_any(tmp
     assert err == f"error: {notes}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (its first bytes: b'%PDF-1.4')\n"
 
 
+def test_predict_client_names_a_heic_photo_under_a_jpeg_name_as_such(tmp_path, capsys):
+    # a phone's photos exported as IMG_0001.jpg may be HEIC: "its first bytes: b'\\x00\\x00\\x00\\x18ftyp'" said nothing
+    photo = tmp_path / "IMG_0001.jpg"
+    photo.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(100))
+    assert predict.main([str(photo), "--url", f"http://127.0.0.1:{free_port()}"]) == 2
+    assert capsys.readouterr().err == (f"error: {photo}: not a PNG, JPEG, BMP, GIF, WebP or TIFF image (a HEIF or AVIF "
+                                       f"image, brand 'heic': convert it to JPEG or PNG)\n")
+
+
 def test_predict_client_takes_every_format_and_mode_the_server_decodes(tmp_path):
     # the client's check of a file's first bytes must pass all that Pillow writes in the served formats
     pixels = random_pixels(1, shape=(8, 8))[0]
@@ -1220,6 +1443,58 @@ def test_predict_client_takes_every_format_and_mode_the_server_decodes(tmp_path)
         decode_image((tmp_path / name).read_bytes())  # the server decodes it
         files.append(tmp_path / name)
     predict.check_files(files)
+
+
+def test_predict_client_reads_an_images_size_from_its_header_as_the_server_does():
+    # the client reads sizes by hand (it imports no Pillow): each format's, as Pillow opens it, without decoding
+    pixels = random_pixels(1, shape=(23, 37))[0]
+    image, frames = Image.fromarray(pixels), [Image.fromarray(pixels), Image.fromarray(255 - pixels)]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the pixels are the same many
+    files = {"png": saved(image, "PNG"), "jpeg": saved(image, "JPEG"), "progressive": saved(image, "JPEG",
+                                                                                           progressive=True),
+             "jpeg-exif": saved(image, "JPEG", exif=exif), "cmyk-jpeg": saved(image.convert("CMYK"), "JPEG"),
+             "bmp": saved(image, "BMP"), "bmp-1bit": saved(image.convert("1"), "BMP"),
+             "gif": saved(image, "GIF"), "animated-gif": saved(frames[0], "GIF", save_all=True,
+                                                               append_images=frames[1:]),
+             "webp": saved(image, "WEBP"), "webp-lossless": saved(image, "WEBP", lossless=True),
+             "webp-alpha": saved(image.convert("RGBA"), "WEBP"),
+             "animated-webp": saved(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
+             "tiff": saved(image, "TIFF"), "tiff-big-endian": saved(Image.fromarray(pixels[..., 0].astype(">u2")),
+                                                                     "TIFF"),
+             "bigtiff": saved(image, "TIFF", big_tiff=True),
+             "tiff-pages": saved(frames[0], "TIFF", save_all=True, append_images=frames[1:])}
+    # a GIF whose first frame reaches past its logical screen: Pillow widens its size to the frame's
+    wide = bytearray(files["gif"])
+    wide[6:8] = (10).to_bytes(2, "little")
+    files["gif-frame-past-screen"] = bytes(wide)
+    for name, raw in files.items():
+        with Image.open(io.BytesIO(raw)) as opened:
+            assert predict.declared_size(io.BytesIO(raw)) == opened.size, name
+    for name, raw in files.items():  # a header cut short: the server is left to refuse it
+        assert predict.declared_size(io.BytesIO(raw[:8])) is None, name
+
+
+@pytest.mark.parametrize(("fmt", "mode", "options"), [
+    ("PNG", "1", {}), ("JPEG", "L", {}), ("GIF", "1", {}), ("BMP", "1", {}), ("TIFF", "1", {"compression": "group4"}),
+    ("WEBP", "L", {"lossless": True})])
+def test_predict_client_refuses_an_image_over_the_servers_pixel_limit_before_sending_any(tmp_path, capsys, fmt,
+                                                                                         mode, options):
+    # an image over 16.8 megapixels (a 24-megapixel camera photo) was refused by the server only as its batch came,
+    # after the batches before it were scored for nothing
+    assert predict.MAX_PIXELS == serve.MAX_ENCODED_PIXELS
+    good, large = tmp_path / "a.png", tmp_path / f"large.{fmt.lower()}"
+    good.write_bytes(encode(random_pixels(1)[0], "PNG"))
+    Image.new(mode, (4097, 4096)).save(large, fmt, **options)
+    sent = []
+    with answering(200, b"{}", requests=sent) as url:
+        assert predict.main([str(good), str(large), "--url", url, "--batch-size", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert sent == [] and out == ""
+    assert err == (f"error: {large}: 4097x4096 pixels, over the 16.8 megapixels (4096x4096) the server decodes: save "
+                   f"it smaller\n")
+    Image.new(mode, (4096, 4096)).save(large, fmt, **options)  # at the limit: sent
+    predict.check_files([large])
 
 
 @pytest.mark.parametrize(("status", "message", "code"), [
@@ -1345,7 +1620,8 @@ def test_predict_client_names_a_file_on_stderr_escaped_as_on_stdout(tmp_path, ca
     folder = tmp_path / "tab\tand\nnewline.png"
     folder.mkdir()
     assert predict.main([str(folder), "--url", f"http://127.0.0.1:{free_port()}"]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path}/tab\\tand\\nnewline.png: a directory, not an image file\n"
+    assert capsys.readouterr().err == (f"error: {tmp_path}/tab\\tand\\nnewline.png: a folder holding no image file "
+                                       f"(of the suffixes .png .jpg .jpeg .bmp .gif .webp .tif .tiff)\n")
 
 
 @pytest.mark.parametrize(("given", "path"), [
