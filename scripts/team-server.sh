@@ -239,6 +239,41 @@ lock_port() {
   trap 'rm -f "$lock"' EXIT  # refused before the server starts: no file left (exec keeps it for the server)
 }
 
+# An MLflow newer than the one that made the tracking database (requirements.txt moved on): every server worker died
+# on MLflow's "Detected out-of-date database schema" traceback. One line naming the command that upgrades it (exit 2).
+check_schema() {
+  python - "$1" "$2" <<'PY' || exit $?
+import os, sys
+
+import mlflow
+import sqlalchemy
+from alembic.script import ScriptDirectory
+from mlflow.store.db.utils import _get_alembic_config, _get_schema_version  # what `mlflow server` compares
+
+setting, upgrade = sys.argv[1:]
+engine = sqlalchemy.create_engine(os.environ["MLFLOW_BACKEND_STORE_URI"])
+try:
+    found = _get_schema_version(engine)  # None: a new database, whose tables the server makes
+except sqlalchemy.exc.SQLAlchemyError as exc:
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    sys.exit(f"error: cannot read the schema version of {setting}: {reason}")
+finally:
+    engine.dispose()
+revisions = ScriptDirectory.from_config(_get_alembic_config(""))
+head = revisions.get_current_head()
+if found not in (None, head):
+    if found in {r.revision for r in revisions.walk_revisions()}:
+        print(f"error: {setting} holds the tracking schema of an older MLflow (revision {found}; MLflow "
+              f"{mlflow.__version__} needs {head}): back both databases up (docs/team.md), then {upgrade}",
+              file=sys.stderr)
+    else:
+        print(f"error: {setting} holds the tracking schema of a newer MLflow (revision {found}, which MLflow "
+              f"{mlflow.__version__} does not know): start the server with the MLflow that upgraded it",
+              file=sys.stderr)
+    sys.exit(2)
+PY
+}
+
 [[ ${1:-} == postgres ]] || { check_allowed_hosts; check_port; check_artifacts; lock_port; }
 start_postgres
 [[ ${1:-} == postgres ]] && exit 0
@@ -264,6 +299,8 @@ pghost=$PGHOST  # an IPv6 address, bracketed in a URL (else SQLAlchemy's traceba
 [[ $pghost == *:* && $pghost != \[* ]] && pghost="[$pghost]"
 MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://$DB_USER:$password@$pghost:$PGPORT/$MLFLOW_DB"
 export MLFLOW_SERVER_ALLOWED_HOSTS MLFLOW_SERVER_CORS_ALLOWED_ORIGINS MLFLOW_BACKEND_STORE_URI
+check_schema "MLFLOW_DB=$MLFLOW_DB" \
+  "PGPASSWORD=... mlflow db upgrade postgresql+psycopg2://$DB_USER@$pghost:$PGPORT/$MLFLOW_DB"
 
 echo "mlflow server on http://$HOST:$PORT: backend postgresql://$DB_USER@$pghost:$PGPORT/$MLFLOW_DB, artifacts $ARTIFACTS"
 echo "members reach it by these names (more: ALLOWED_HOSTS), localhost or a private IP: ${names[*]}"

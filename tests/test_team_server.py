@@ -384,14 +384,17 @@ def test_a_workers_count_that_is_no_number_is_one_line_before_postgresql_is_touc
 
 def stubbed_postgresql(tmp_path: Path, serve: str) -> dict[str, str]:
     """Settings for `run_script` under which PostgreSQL's tools are stubs (each query finds its role or database, whose
-    tables are its own) and `python -m mlflow` runs the bash `serve` instead of serving."""
+    tables are its own; the tracking schema's check finds a new database) and `python -m mlflow` runs the bash `serve`
+    instead of serving."""
     stubs = tmp_path / "bin"
     stubs.mkdir(exist_ok=True)
     scripts = {"pg_lsclusters": "echo '15 main 5432 online postgres /nowhere /nowhere.log'", "pg_isready": "",
                "pg_ctlcluster": "exit 1", "createdb": "exit 1",
                "psql": 'case "$*" in *to_regclass*) echo f ;; *) echo t ;; esac',
                "runuser": 'shift 3; exec "$@"',  # runuser -u postgres -- CMD...
-               "python": f'[[ $1 == -m && $2 == mlflow ]] && {{ {serve}; exit 0; }}\nexec {sys.executable} "$@"'}
+               "python": f'[[ $1 == -m && $2 == mlflow ]] && {{ {serve}; exit 0; }}\n'
+                         '[[ $1 == - && $2 == MLFLOW_DB=* ]] && exit 0\n'  # check_schema
+                         f'exec {sys.executable} "$@"'}
     for name, body in scripts.items():
         (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (stubs / name).chmod(0o755)
@@ -601,6 +604,40 @@ def test_databases_holding_the_other_ones_tables_are_one_line_before_the_server_
         as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
         subprocess.run([*as_postgres, "psql", "-p", pgport, "-qc", f"DROP ROLE IF EXISTS {name}_role"], check=True,
                        cwd="/")
+
+
+def test_a_tracking_schema_of_another_mlflow_is_one_line_naming_the_upgrade(tmp_path):
+    """A tracking database an older MLflow made (requirements.txt moved on since): `mlflow server` died in every
+    worker on "Detected out-of-date database schema ..." in a traceback, exit 1. One line naming the documented
+    upgrade, exit 2, before the server starts; one a newer MLflow upgraded, one line too. (MLflow's tables are stood in
+    for by their alembic_version and experiments table.)"""
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    revisions = ScriptDirectory.from_config(_get_alembic_config(""))
+    older = revisions.get_revision(revisions.get_current_head()).down_revision
+    name, pgport = f"mlflow_schema_{uuid.uuid4().hex[:10]}", os.environ.get("PGPORT", "5432")
+    settings = {"MLFLOW_DB": name, "OPTUNA_DB": f"{name}_optuna", "HOST": "127.0.0.1", "PORT": str(free_port()),
+                "WORKERS": "1", "ARTIFACTS": str(tmp_path / "artifacts"), "TMPDIR": str(tmp_path),
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    run_script("postgres", **settings).check_returncode()
+    try:
+        connection = psycopg2.connect(host="127.0.0.1", port=pgport, user=USER, password=PASSWORD, dbname=name)
+        with connection, connection.cursor() as cursor:
+            cursor.execute("CREATE TABLE alembic_version (version_num varchar(32)); CREATE TABLE experiments (id int);"
+                           "INSERT INTO alembic_version VALUES (%s)", (older,))
+        line = one_error_line(run_script(timeout=60, **settings))
+        assert line.startswith(f"error: MLFLOW_DB={name} holds the tracking schema of an older MLflow (revision "
+                               f"{older}; MLflow ") and line.endswith(
+            f"back both databases up (docs/team.md), then PGPASSWORD=... mlflow db upgrade "
+            f"postgresql+psycopg2://{USER}@127.0.0.1:{pgport}/{name}"), line
+        with connection, connection.cursor() as cursor:
+            cursor.execute("UPDATE alembic_version SET version_num = 'fedcba987654'")
+        connection.close()
+        line = one_error_line(run_script(timeout=60, **settings))
+        assert "holds the tracking schema of a newer MLflow (revision fedcba987654" in line, line
+    finally:
+        drop_databases(pgport, name, f"{name}_optuna")
 
 
 def test_a_start_that_loses_the_race_to_another_caller_is_fine_once_the_server_answers():
