@@ -11,7 +11,9 @@
 #   OPTUNA_DB [optuna]      database for Optuna studies (`-P storage=` of sweeps), not MLFLOW_DB
 #   DB_USER [mlflow]        role owning both; DB_PASSWORD [mlflow] its password (set your own). A role
 #                           that exists already keeps its password: DB_PASSWORD must be that one.
-#   PGHOST [127.0.0.1] (a name or an address, IPv6 too)  PGPORT [5432]  PG_VERSION [15]  PG_CLUSTER [main]
+#   PGHOST [127.0.0.1] (a name or an address, IPv6 too; or a folder of the cluster's Unix sockets,
+#                           /var/run/postgresql, where pg_hba.conf lets DB_USER in by password there)
+#   PGPORT [5432]  PG_VERSION [15]  PG_CLUSTER [main]
 #   ARTIFACTS [./mlartifacts]   the folder (or file:///...) where the server keeps artifacts
 #   HOST [0.0.0.0]  PORT [5000]  WORKERS [2]   where and how `mlflow server` listens
 #   ALLOWED_HOSTS []        more names (comma-separated, e.g. team-host,mlflow.example.com) by which
@@ -103,8 +105,10 @@ start_postgres() {
       if as_postgres pg_isready -q -p "$PGPORT"; then
         sleep 1  # its TCP sockets open as its Unix one does
         pg_isready -q -h "$PGHOST" -p "$PGPORT" && break
-        refuse "PostgreSQL $PG_VERSION/$PG_CLUSTER runs, but does not answer on $PGHOST:$PGPORT: set PGHOST to an" \
-          "address it listens on (listen_addresses in /etc/postgresql/$PG_VERSION/$PG_CLUSTER/postgresql.conf)"
+        local where="an address it listens on (listen_addresses"
+        [[ $PGHOST != /* ]] || where="a folder of its sockets (unix_socket_directories"
+        refuse "PostgreSQL $PG_VERSION/$PG_CLUSTER runs, but does not answer on $PGHOST:$PGPORT: set PGHOST to" \
+          "$where in /etc/postgresql/$PG_VERSION/$PG_CLUSTER/postgresql.conf)"
       fi
       sleep 0.5
     done
@@ -143,7 +147,14 @@ start_postgres() {
         -d postgres -w -qtAX -c "SELECT 1" 2>&1); then
     login=$(head -n 1 <<< "${login#psql: error: }")
     local hint=" (role $DB_USER existed already and keeps its password: set DB_PASSWORD to it, or as postgres"
-    [[ -z $existed ]] || login+="$hint: ALTER ROLE $DB_USER PASSWORD '...')"
+    # PGHOST=/var/run/postgresql: Debian's pg_hba.conf lets a socket's connections in by the OS user's name alone,
+    # where no password helps: the line blamed the role's password.
+    if [[ $login == *"Peer authentication failed"* ]]; then
+      login+=" (on a Unix socket pg_hba.conf wants OS user $DB_USER: set PGHOST=127.0.0.1, or give local"
+      login+=" connections scram-sha-256 in /etc/postgresql/$PG_VERSION/$PG_CLUSTER/pg_hba.conf)"
+    elif [[ -n $existed ]]; then
+      login+="$hint: ALTER ROLE $DB_USER PASSWORD '...')"
+    fi
     refuse "cannot log in to PostgreSQL on $PGHOST:$PGPORT as $DB_USER with DB_PASSWORD: $login"
   fi
   for db in "$MLFLOW_DB" "$OPTUNA_DB"; do
@@ -295,15 +306,24 @@ MLFLOW_SERVER_ALLOWED_HOSTS=$(IFS=,; echo "${hosts[*]}")
 MLFLOW_SERVER_CORS_ALLOWED_ORIGINS=$(IFS=,; echo "${origins[*]}")
 password=$(DB_PASSWORD=$DB_PASSWORD python -c 'import os, urllib.parse
 print(urllib.parse.quote(os.environ["DB_PASSWORD"], safe=""))')
-pghost=$PGHOST  # an IPv6 address, bracketed in a URL (else SQLAlchemy's traceback from every server worker)
-[[ $pghost == *:* && $pghost != \[* ]] && pghost="[$pghost]"
-MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://$DB_USER:$password@$pghost:$PGPORT/$MLFLOW_DB"
+# A database's URL, as SQLAlchemy (and Optuna) read it: postgres_url SCHEME USER[:PASSWORD] DATABASE
+postgres_url() {
+  if [[ $PGHOST == /* ]]; then  # a socket folder goes in the query (in the host part: `@/var/run/...:5432/mlflow`)
+    echo "$1://$2@/$3?host=$(python -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' \
+      "$PGHOST")&port=$PGPORT"
+  else  # an IPv6 address, bracketed (else SQLAlchemy's traceback from every server worker)
+    local host=$PGHOST
+    [[ $host == *:* && $host != \[* ]] && host="[$host]"
+    echo "$1://$2@$host:$PGPORT/$3"
+  fi
+}
+MLFLOW_BACKEND_STORE_URI=$(postgres_url postgresql+psycopg2 "$DB_USER:$password" "$MLFLOW_DB")
 export MLFLOW_SERVER_ALLOWED_HOSTS MLFLOW_SERVER_CORS_ALLOWED_ORIGINS MLFLOW_BACKEND_STORE_URI
-check_schema "MLFLOW_DB=$MLFLOW_DB" \
-  "PGPASSWORD=... mlflow db upgrade postgresql+psycopg2://$DB_USER@$pghost:$PGPORT/$MLFLOW_DB"
+check_schema "MLFLOW_DB=$MLFLOW_DB" "PGPASSWORD=... mlflow db upgrade $(postgres_url postgresql+psycopg2 "$DB_USER" \
+  "$MLFLOW_DB")"
 
-echo "mlflow server on http://$HOST:$PORT: backend postgresql://$DB_USER@$pghost:$PGPORT/$MLFLOW_DB, artifacts $ARTIFACTS"
+echo "mlflow server on http://$HOST:$PORT: backend $(postgres_url postgresql "$DB_USER" "$MLFLOW_DB"), artifacts $ARTIFACTS"
 echo "members reach it by these names (more: ALLOWED_HOSTS), localhost or a private IP: ${names[*]}"
-echo "sweeps: -P storage=postgresql://$DB_USER@$pghost:$PGPORT/$OPTUNA_DB (password from PGPASSWORD or ~/.pgpass)"
+echo "sweeps: -P storage=$(postgres_url postgresql "$DB_USER" "$OPTUNA_DB") (password from PGPASSWORD or ~/.pgpass)"
 exec python -m mlflow server --host "$HOST" --port "$PORT" --workers "$WORKERS" \
   --artifacts-destination "$ARTIFACTS" --serve-artifacts

@@ -416,6 +416,42 @@ def test_an_ipv6_pghost_is_bracketed_in_the_servers_store_uri(tmp_path):
     assert "postgresql://mlflow@[::1]:5432/optuna" in result.stdout
 
 
+def test_a_unix_socket_pghost_goes_in_the_store_uris_query(tmp_path):
+    """PGHOST=/var/run/postgresql (a folder of the cluster's sockets, as libpq takes it) made
+    `postgresql+psycopg2://mlflow:...@/var/run/postgresql:5432/mlflow`, a URL of no host and database
+    `var/run/postgresql:5432/mlflow`. The folder goes in the query, where psycopg2 takes it as the host; the sweeps'
+    storage line too. (PostgreSQL's tools stubbed, as for the IPv6 address.)"""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    result = run_script(PGHOST="/var/run/postgresql", DB_PASSWORD="p@ss/%", HOST="127.0.0.1", PORT=str(free_port()),
+                        **stubbed_postgresql(tmp_path, 'echo "uri=$MLFLOW_BACKEND_STORE_URI"'))
+    assert result.returncode == 0, result.stderr
+    uri = make_url(result.stdout.split("uri=")[1].strip())
+    _, connect = sqlalchemy.create_engine(uri).dialect.create_connect_args(uri)
+    assert connect == {"dbname": "mlflow", "user": "mlflow", "password": "p@ss/%", "host": "/var/run/postgresql",
+                       "port": "5432"}, connect
+    storage = result.stdout.split("-P storage=")[1].split()[0]
+    assert storage == "postgresql://mlflow@/optuna?host=/var/run/postgresql&port=5432", storage
+
+
+def test_a_unix_socket_pghost_that_peer_authentication_refuses_is_one_line_saying_so():
+    """On Debian's pg_hba.conf, PGHOST=/var/run/postgresql logs in by the OS user's name (peer), where no password
+    helps: the line blamed DB_PASSWORD ("role mlflow existed already and keeps its password ..."). It says what peer
+    wants and names the fixes; a socket folder the cluster has none in names unix_socket_directories."""
+    run_script("postgres").check_returncode()  # the cluster runs, the role exists
+    name = f"mlflow_sock_{uuid.uuid4().hex[:10]}"
+    cluster = os.environ.get("PG_CLUSTER", "main")
+    line = one_error_line(run_script("postgres", PGHOST="/var/run/postgresql", MLFLOW_DB=name,
+                                     OPTUNA_DB=f"{name}_optuna"))
+    assert 'Peer authentication failed for user "mlflow"' in line and line.endswith(
+        "(on a Unix socket pg_hba.conf wants OS user mlflow: set PGHOST=127.0.0.1, or give local connections "
+        f"scram-sha-256 in /etc/postgresql/15/{cluster}/pg_hba.conf)"), line
+    assert "existed already" not in line and not database_exists(name)
+    line = one_error_line(run_script("postgres", PGHOST="/nonexistent-sockets", MLFLOW_DB=name))
+    assert "does not answer on /nonexistent-sockets:" in line and "unix_socket_directories" in line, line
+
+
 def test_a_second_start_on_a_port_whose_first_server_is_starting_is_one_line(tmp_path):
     """Run twice close together (before the first `mlflow server` listened), both passed the port check and the second
     server logged a bind error and exited 0. The first start holds the port's lock for as long as its server runs: the
