@@ -62,7 +62,10 @@ def never(*args, **kwargs):
 # (module, its measuring function, its arguments): each benchmark that writes bench/results (gpu_report: --results)
 BENCHMARKS = [("time_to_accuracy", "run_profile", ["--profiles", "tiny"]),
               ("bench_serve", "bench_model", ["--params", "params/tiny.yaml"]), ("sweep", "run_sweep", []),
-              ("benchmark", "load_images", []), ("gpu_report", "report", ["--results", "{results}"])]
+              ("benchmark", "load_images", []), ("gpu_report", "report", ["--results", "{results}"]),
+              ("cpu_runtime", "child_result", []), ("feed", "child_result", []), ("step_exit", "run_child", []),
+              ("step_graph", "trace_at", [".", "."]),
+              ("multi_gpu", "run_arm", ["--virtual-cpus", "2", "--results", "{results}"])]
 
 
 @pytest.mark.parametrize(("module", "measure", "args"), BENCHMARKS, ids=[b[0] for b in BENCHMARKS])
