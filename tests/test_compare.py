@@ -1009,6 +1009,7 @@ def test_a_resumed_runs_wall_s_is_the_time_it_trained_not_the_gap_between_its_se
     # an older run, logged before wall_seconds: 3,000 s from start to end (under the hour between the sessions,
     # and over any training of this test's on a loaded machine)
     older = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.log_param(older, "train.epochs", "2")  # a training run logs its params
     client.log_metric(older, "val_acc", 0.5, step=1)
     client.set_terminated(older, end_time=3_001_000)
 
