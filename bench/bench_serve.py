@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from bench.machine import machine
+from bench.machine import check_results_folder, machine, write_text_whole
 from bench.servers import ROOT, free_port, start_model_server, stop_group
 from pipeline import config, data, fitting
 from pipeline.tracking import training
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             config.load(params)
         except config.ConfigError as exc:
             parser.error(f"--params: {exc}")
+    check_results_folder(RESULTS)
     load_before = round(os.getloadavg()[0], 2)  # other work on the machine skews every number: record it
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -251,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": datetime.date.today().isoformat(), "machine": machine, "models": models,
               "target_ratio_batch_256": TARGET_RATIO}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "serve.md").write_text(to_markdown(report))
+    write_text_whole(RESULTS / "serve.json", json.dumps(report, indent=2) + "\n")
+    write_text_whole(RESULTS / "serve.md", to_markdown(report))
     print(to_markdown(report))
     return 0
 

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from bench.machine import child_result, machine
+from bench.machine import check_results_folder, child_result, machine, replace_atomically, write_text_whole
 from pipeline import augment, config, data, fitting
 from pipeline.tracking import training
 
@@ -238,6 +238,7 @@ def main() -> None:
     if args.fit_feeds is not None:
         print("RESULT", json.dumps(fit_feeds(args.fit_feeds)))
         return
+    check_results_folder(RESULTS)
 
     dataset = load_images(10000)
     results = {
@@ -278,8 +279,8 @@ def main() -> None:
     results["tracking"] = bench_tracking(dataset, epochs=3)
     print(json.dumps(results["tracking"]))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "benchmark.json").write_text(json.dumps(results, indent=2))
-    write_markdown(results, RESULTS / "benchmark.md")
+    write_text_whole(RESULTS / "benchmark.json", json.dumps(results, indent=2))
+    replace_atomically(RESULTS / "benchmark.md", lambda staged: write_markdown(results, staged))
     print(f"wrote {RESULTS / 'benchmark.md'}")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.machine import child_result, save_results, stamp
+from bench.machine import check_results_folder, child_result, save_results, stamp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILE = "params/quick.yaml"
@@ -132,6 +132,7 @@ def main() -> None:
     if args.child:
         print("RESULT", json.dumps(child(args.steps)), flush=True)
         return
+    check_results_folder(RESULTS)
     if args.rounds < 1 or args.steps < 1:
         parser.error(f"--rounds and --steps: must be >= 1, got {args.rounds} and {args.steps}")
     chosen = args.sides.split(",")

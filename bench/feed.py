@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.machine import child_result, save_results, stamp
+from bench.machine import check_results_folder, child_result, save_results, stamp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILE = "params/quick.yaml"
@@ -114,6 +114,7 @@ def main() -> None:
     if args.child:
         print("RESULT", json.dumps(child(args.child, args.images, args.epochs)), flush=True)
         return
+    check_results_folder(RESULTS)
     sides: dict[str, list[dict]] = {side: [] for side in SIDES}
     for round_ in range(args.rounds):
         for side in SIDES:

@@ -39,6 +39,8 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from bench.machine import check_results_folder, refuse, write_text_whole
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -279,7 +281,9 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
                     shutil.rmtree(checkout / STATE, ignore_errors=True)
                 tar.extractall(checkout, members=state, filter="data")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # zlib's: a damaged piece
-        raise SystemExit(f"{archive}: not a readable gpu-results.tar.gz ({exc})") from None
+        # tarfile's for a file of no archive at all is one line per compression it tried
+        reason = "no tar archive, compressed or not" if "\n" in str(exc) else exc
+        raise SystemExit(f"{archive}: not a readable gpu-results.tar.gz ({reason})") from None
     return sorted(Path(m.name).name for m in found)
 
 
@@ -315,10 +319,17 @@ def main() -> None:
     except ValueError:
         parser.error(f"--date: a date as YYYY-MM-DD, got {args.date!r}")
     results = Path(args.results)
-    if args.unpack:
-        unpack(Path(args.unpack), results)
-    (results / "gpu.md").write_text(report(results, args.date))
-    print((results / "gpu.md").read_text())
+    check_results_folder(results)
+    try:  # an archive that is none, or a folder of no results: one line, exit 2 (SystemExit's text alone exits 1)
+        if args.unpack:
+            unpack(Path(args.unpack), results)
+        text = report(results, args.date)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        refuse(exc.code)
+    write_text_whole(results / "gpu.md", text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 
 def machine() -> str:
@@ -76,6 +79,33 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         staged.unlink(missing_ok=True)
 
 
+def refuse(message: str) -> NoReturn:
+    """`error: message` on stderr, one line, and exit 2: a benchmark's argument, or what it names, refused before
+    anything is measured or written."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_results_folder(folder: Path) -> None:
+    """`refuse` unless this process can make `folder` and write files in it, checked before any measuring: a results
+    folder not to be written (a read-only checkout, a file in its place) failed the report at the end, on a traceback,
+    the minutes measured lost. A folder not there yet is left to be made with the report: its nearest folder that is
+    must let this process make it."""
+    try:
+        there = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+        if there != folder.absolute() and not there.is_dir():  # a file where a folder above it should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        with tempfile.TemporaryFile(dir=there):  # unnamed where the file system can (O_TMPFILE): no reader sees it
+            pass
+    except OSError as exc:
+        refuse(f"cannot write the results folder {folder}: {exc.strerror or exc}")
+
+
+def write_text_whole(path: Path, text: str) -> None:
+    """`text` at `path`, whole or not at all (`replace_atomically`)."""
+    replace_atomically(path, lambda staged: staged.write_text(text))
+
+
 def write_whole(path: Path, record: dict) -> None:
     """`record` as JSON at `path`, whole or not at all (a time limit's SIGINT may come at any instant)."""
     replace_atomically(path, lambda staged: staged.write_text(json.dumps(record, indent=2)))
@@ -84,8 +114,8 @@ def write_whole(path: Path, record: dict) -> None:
 def save_results(folder: Path, name: str, results: dict, write_markdown: Callable[[dict, Path], None]) -> None:
     """Write `results` to folder/<name>.json and, through `write_markdown`, folder/<name>.md; print the latter."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, folder / f"{name}.md")
+    write_text_whole(folder / f"{name}.json", json.dumps(results, indent=2) + "\n")
+    replace_atomically(folder / f"{name}.md", lambda staged: write_markdown(results, staged))
     print((folder / f"{name}.md").read_text())
 
 

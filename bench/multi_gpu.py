@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.machine import cpu_rehearsal_env, gpu_names, save_results, stamp
+from bench.machine import check_results_folder, cpu_rehearsal_env, gpu_names, save_results, stamp
 from pipeline import config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     gpus = len(gpu_names())
     if not args.virtual_cpus and gpus < 2:
         parser.exit(2, f"error: found {gpus} GPU(s): several are needed (--virtual-cpus N rehearses on the CPU)\n")
+    folder = Path(args.results) if args.results else (None if args.virtual_cpus else ROOT / "bench" / "results")
+    if folder is not None:
+        check_results_folder(folder)
     results = {**stamp(), "command": " ".join(argv if argv is not None else sys.argv[1:]), "params": args.params,
                "epochs": args.epochs, "virtual_cpus": args.virtual_cpus, "arms": []}
     for backend, arm, overrides in ARMS:
@@ -194,7 +197,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"== {backend} {arm}: {overrides}", flush=True)
             entry["result"] = run_arm(backend, overrides, args)
         results["arms"].append(entry)
-    folder = Path(args.results) if args.results else (None if args.virtual_cpus else ROOT / "bench" / "results")
     if folder is None:
         with tempfile.TemporaryDirectory() as tmp:
             write_markdown(results, Path(tmp) / "multi_gpu.md")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.machine import save_results, stamp
+from bench.machine import check_results_folder, save_results, stamp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parents[1]
@@ -94,6 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds: must be >= 1, got {args.rounds}")
+    check_results_folder(RESULTS)
     sides: dict[str, list[dict]] = {side: [] for side in ("collect", "freeze")}
     for round_ in range(args.rounds):
         for side in sides:

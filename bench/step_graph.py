@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--params: no file {args.params} in {ROOT}")
     commits = [resolve(rev) for rev in args.revisions]
 
-    from bench.machine import replace_atomically, stamp
+    from bench.machine import check_results_folder, replace_atomically, stamp, write_text_whole
+
+    check_results_folder(RESULTS)
 
     revisions = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {**stamp(), "args": args.revisions, "params": args.params, "overrides": args.overrides,
                "revisions": revisions}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text_whole(RESULTS / f"{args.name}.json", json.dumps(results, indent=2) + "\n")
     replace_atomically(RESULTS / f"{args.name}.md", lambda staged: write_markdown(results, staged))
     print((RESULTS / f"{args.name}.md").read_text())
 

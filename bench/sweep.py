@@ -31,7 +31,7 @@ import optuna
 import pandas as pd
 from mlflow import MlflowClient
 
-from bench.machine import machine
+from bench.machine import check_results_folder, machine, write_text_whole
 from bench.servers import ROOT, tracking_env
 from pipeline import config, sweep
 
@@ -106,6 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.epochs < 1:
         parser.error(f"--epochs: must be >= 1, got {args.epochs}")
+    check_results_folder(RESULTS)
     info = describe_machine()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,8 +115,8 @@ def main() -> None:
             results[name] = run_sweep(Path(tmp) / str(index), pruner, workers, args.epochs)
             print(f"  {results[name]}", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sweep.json").write_text(json.dumps({"machine": info, "epochs_per_trial": args.epochs, "lrs": LRS,
-                                                    "results": results}, indent=2) + "\n")
+    write_text_whole(RESULTS / "sweep.json", json.dumps({"machine": info, "epochs_per_trial": args.epochs, "lrs": LRS,
+                                                         "results": results}, indent=2) + "\n")
     base, two, pruned = (results[name] for name, _, _ in RUNS)
     table = pd.DataFrame([{"sweep": name, "workers": workers, "pruner": pruner, "trials": r["trials"],
                            "complete / pruned": f"{r['states'].get('COMPLETE', 0)} / {r['states'].get('PRUNED', 0)}",
@@ -149,7 +150,7 @@ Each trial also pays fixed costs that pruning does not remove (starting the tria
 compiling the model, and for finished trials logging and evaluating the model). Two workers on one machine \
 share its cores; TensorFlow in one process already uses every core for the training steps themselves.
 """
-    (RESULTS / "sweep.md").write_text(text)
+    write_text_whole(RESULTS / "sweep.md", text)
     print(text)
 
 

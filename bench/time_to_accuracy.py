@@ -40,7 +40,8 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 
-from bench.machine import machine, replace_atomically
+from bench.machine import check_results_folder, machine, replace_atomically
+from pipeline import config
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -160,6 +161,13 @@ def main() -> None:
         # before any run: each run's prepare step said so only after `mlflow run` had started (exit 1)
         parser.error(f"--data: {args.data!r} is neither 'cifar10', 'synthetic' nor an existing path (a relative one "
                      f"from {ROOT}, where `mlflow run` runs)")
+    # A seed train.seed refuses (-1) failed each run in its `mlflow run`, exit 1 after the runs before it
+    for profile, seed in ((p, s) for p in args.profiles.split(",") for s in seeds):
+        try:
+            config.load(ROOT / "params" / f"{profile}.yaml", [] if seed is None else [f"train.seed={seed}"])
+        except config.ConfigError as exc:
+            parser.error(f"--{'profiles' if seed is None else 'seeds'}: {exc}")
+    check_results_folder(RESULTS)
     planned = [(p, s) for p in args.profiles.split(",") for s in seeds for _ in range(args.repeat)]
     results = []
     for number, (profile, seed) in enumerate(planned, start=1):

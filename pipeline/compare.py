@@ -328,11 +328,14 @@ def test_data_note(table: pd.DataFrame) -> str:
     return note
 
 
-def left_out_note(unfinished: dict[str, int], other_project: int = 0) -> str:
+def left_out_note(unfinished: dict[str, int], other_project: int = 0, no_params: int = 0) -> str:
     """Lines before the table naming the training runs left out as not finished, by status, and counting those of
-    another project (`steps.of_another_project`); else ''."""
+    another project (`steps.of_another_project`) and those without params (`steps.NO_PARAMS`); else ''."""
     note = (f"Left out: {other_project} training run{'s' * (other_project > 1)} of another project (tag step=train, "
             "but none of this pipeline's params).\n\n" if other_project else "")
+    if no_params:
+        note += (f"Left out: {no_params} training run{'s' * (no_params > 1)} without params (tag step=train, but "
+                 f"{steps.NO_PARAMS}).\n\n")
     if not unfinished:
         return note
     total = sum(unfinished.values())
@@ -413,8 +416,33 @@ def unranked_note(table: pd.DataFrame, metric: str) -> str:
     missing = int(table[metric].isna().sum())
     if not missing:
         return ""
-    return (f"No {metric} for {missing} run{'s' * (missing > 1)} (of {len(table)}): they are listed last, in no order "
-            "by it.\n\n")
+    nan = int(logged_nan(table, metric).sum())
+    logged = f"; {nan} logged it as NaN, its training diverged" if nan else ""
+    return (f"No {metric} for {missing} run{'s' * (missing > 1)} (of {len(table)}{logged}): they are listed last, in "
+            "no order by it.\n\n")
+
+
+# The table's columns of a value each run logged per epoch: NaN where a run logged NaN (a diverged run), or none
+HISTORY_COLUMNS = ("val_acc", "best_val_acc")
+NAN = "NaN"  # runs.md's cell of a val_acc logged as NaN; an empty cell is a run that logged none
+
+
+def logged_nan(table: pd.DataFrame, column: str) -> pd.Series:
+    """Which rows of `table` hold NaN in `column` (one of HISTORY_COLUMNS) as their run logged it (it has epochs of
+    val_acc): an empty cell said nothing of a diverged run's val_acc; False for any other column."""
+    if column not in HISTORY_COLUMNS:
+        return pd.Series(False, index=table.index)
+    return (table["epochs"] > 0) & table[column].isna()
+
+
+def nan_shown(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` for runs.md and the console: a val_acc or best_val_acc logged as NaN written NAN."""
+    table = table.copy()
+    for column in HISTORY_COLUMNS:
+        nan = logged_nan(table, column)
+        if nan.any():
+            table[column] = table[column].astype(object).where(~nan, NAN)
+    return table
 
 
 def curve_label(row) -> str:
@@ -491,7 +519,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
         raise config.ConfigError(f"metric: must be one of {', '.join(SORT_COLUMNS)}, got {metric!r}")
     steps.check_comparison_experiment(experiment)  # where the comparison goes, before hundreds of runs are read
     runs = steps.search_train_runs(experiment, run_ids)
-    other_project = runs.attrs.get("other_project", 0)
+    other_project, no_params = runs.attrs.get("other_project", 0), runs.attrs.get("no_params", 0)
     if in_given_order:  # a sweep's trials in trial order: it registers the first of its equals, the lowest numbered,
         #                 whose train run a worker beside it may have started a moment later than the next trial's
         position = {run_id: i for i, run_id in enumerate(run_ids)}
@@ -504,8 +532,9 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     unranked = unranked_note(table, metric)
     table = top_runs(table, metric, top)
     unfinished = {} if run_ids else steps.unfinished_train_runs(experiment)  # named ones are each checked
-    markdown = (unranked + left_out_note(unfinished, other_project) + inert_note(runs, table) + data_note(table)
-                + val_data_note(table) + test_data_note(table) + wall_note(table) + markdown_table(table, DECIMALS))
+    markdown = (unranked + left_out_note(unfinished, other_project, no_params)
+                + inert_note(runs, table) + data_note(table) + val_data_note(table) + test_data_note(table)
+                + wall_note(table) + markdown_table(nan_shown(table), DECIMALS))
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
     with open_run("compare", experiment=experiment, run_name=name) as comparison:

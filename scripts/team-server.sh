@@ -11,7 +11,9 @@
 #   OPTUNA_DB [optuna]      database for Optuna studies (`-P storage=` of sweeps), not MLFLOW_DB
 #   DB_USER [mlflow]        role owning both; DB_PASSWORD [mlflow] its password (set your own). A role
 #                           that exists already keeps its password: DB_PASSWORD must be that one.
-#   PGHOST [127.0.0.1] (a name or an address, IPv6 too)  PGPORT [5432]  PG_VERSION [15]  PG_CLUSTER [main]
+#   PGHOST [127.0.0.1] (a name or an address, IPv6 too; or a folder of the cluster's Unix sockets,
+#                           /var/run/postgresql, where pg_hba.conf lets DB_USER in by password there)
+#   PGPORT [5432]  PG_VERSION [15]  PG_CLUSTER [main]
 #   ARTIFACTS [./mlartifacts]   the folder (or file:///...) where the server keeps artifacts
 #   HOST [0.0.0.0]  PORT [5000]  WORKERS [2]   where and how `mlflow server` listens
 #   ALLOWED_HOSTS []        more names (comma-separated, e.g. team-host,mlflow.example.com) by which
@@ -103,8 +105,10 @@ start_postgres() {
       if as_postgres pg_isready -q -p "$PGPORT"; then
         sleep 1  # its TCP sockets open as its Unix one does
         pg_isready -q -h "$PGHOST" -p "$PGPORT" && break
-        refuse "PostgreSQL $PG_VERSION/$PG_CLUSTER runs, but does not answer on $PGHOST:$PGPORT: set PGHOST to an" \
-          "address it listens on (listen_addresses in /etc/postgresql/$PG_VERSION/$PG_CLUSTER/postgresql.conf)"
+        local where="an address it listens on (listen_addresses"
+        [[ $PGHOST != /* ]] || where="a folder of its sockets (unix_socket_directories"
+        refuse "PostgreSQL $PG_VERSION/$PG_CLUSTER runs, but does not answer on $PGHOST:$PGPORT: set PGHOST to" \
+          "$where in /etc/postgresql/$PG_VERSION/$PG_CLUSTER/postgresql.conf)"
       fi
       sleep 0.5
     done
@@ -143,7 +147,14 @@ start_postgres() {
         -d postgres -w -qtAX -c "SELECT 1" 2>&1); then
     login=$(head -n 1 <<< "${login#psql: error: }")
     local hint=" (role $DB_USER existed already and keeps its password: set DB_PASSWORD to it, or as postgres"
-    [[ -z $existed ]] || login+="$hint: ALTER ROLE $DB_USER PASSWORD '...')"
+    # PGHOST=/var/run/postgresql: Debian's pg_hba.conf lets a socket's connections in by the OS user's name alone,
+    # where no password helps: the line blamed the role's password.
+    if [[ $login == *"Peer authentication failed"* ]]; then
+      login+=" (on a Unix socket pg_hba.conf wants OS user $DB_USER: set PGHOST=127.0.0.1, or give local"
+      login+=" connections scram-sha-256 in /etc/postgresql/$PG_VERSION/$PG_CLUSTER/pg_hba.conf)"
+    elif [[ -n $existed ]]; then
+      login+="$hint: ALTER ROLE $DB_USER PASSWORD '...')"
+    fi
     refuse "cannot log in to PostgreSQL on $PGHOST:$PGPORT as $DB_USER with DB_PASSWORD: $login"
   fi
   for db in "$MLFLOW_DB" "$OPTUNA_DB"; do
@@ -239,6 +250,41 @@ lock_port() {
   trap 'rm -f "$lock"' EXIT  # refused before the server starts: no file left (exec keeps it for the server)
 }
 
+# An MLflow newer than the one that made the tracking database (requirements.txt moved on): every server worker died
+# on MLflow's "Detected out-of-date database schema" traceback. One line naming the command that upgrades it (exit 2).
+check_schema() {
+  python - "$1" "$2" <<'PY' || exit $?
+import os, sys
+
+import mlflow
+import sqlalchemy
+from alembic.script import ScriptDirectory
+from mlflow.store.db.utils import _get_alembic_config, _get_schema_version  # what `mlflow server` compares
+
+setting, upgrade = sys.argv[1:]
+engine = sqlalchemy.create_engine(os.environ["MLFLOW_BACKEND_STORE_URI"])
+try:
+    found = _get_schema_version(engine)  # None: a new database, whose tables the server makes
+except sqlalchemy.exc.SQLAlchemyError as exc:
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    sys.exit(f"error: cannot read the schema version of {setting}: {reason}")
+finally:
+    engine.dispose()
+revisions = ScriptDirectory.from_config(_get_alembic_config(""))
+head = revisions.get_current_head()
+if found not in (None, head):
+    if found in {r.revision for r in revisions.walk_revisions()}:
+        print(f"error: {setting} holds the tracking schema of an older MLflow (revision {found}; MLflow "
+              f"{mlflow.__version__} needs {head}): back both databases up (docs/team.md), then {upgrade}",
+              file=sys.stderr)
+    else:
+        print(f"error: {setting} holds the tracking schema of a newer MLflow (revision {found}, which MLflow "
+              f"{mlflow.__version__} does not know): start the server with the MLflow that upgraded it",
+              file=sys.stderr)
+    sys.exit(2)
+PY
+}
+
 [[ ${1:-} == postgres ]] || { check_allowed_hosts; check_port; check_artifacts; lock_port; }
 start_postgres
 [[ ${1:-} == postgres ]] && exit 0
@@ -260,13 +306,24 @@ MLFLOW_SERVER_ALLOWED_HOSTS=$(IFS=,; echo "${hosts[*]}")
 MLFLOW_SERVER_CORS_ALLOWED_ORIGINS=$(IFS=,; echo "${origins[*]}")
 password=$(DB_PASSWORD=$DB_PASSWORD python -c 'import os, urllib.parse
 print(urllib.parse.quote(os.environ["DB_PASSWORD"], safe=""))')
-pghost=$PGHOST  # an IPv6 address, bracketed in a URL (else SQLAlchemy's traceback from every server worker)
-[[ $pghost == *:* && $pghost != \[* ]] && pghost="[$pghost]"
-MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://$DB_USER:$password@$pghost:$PGPORT/$MLFLOW_DB"
+# A database's URL, as SQLAlchemy (and Optuna) read it: postgres_url SCHEME USER[:PASSWORD] DATABASE
+postgres_url() {
+  if [[ $PGHOST == /* ]]; then  # a socket folder goes in the query (in the host part: `@/var/run/...:5432/mlflow`)
+    echo "$1://$2@/$3?host=$(python -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' \
+      "$PGHOST")&port=$PGPORT"
+  else  # an IPv6 address, bracketed (else SQLAlchemy's traceback from every server worker)
+    local host=$PGHOST
+    [[ $host == *:* && $host != \[* ]] && host="[$host]"
+    echo "$1://$2@$host:$PGPORT/$3"
+  fi
+}
+MLFLOW_BACKEND_STORE_URI=$(postgres_url postgresql+psycopg2 "$DB_USER:$password" "$MLFLOW_DB")
 export MLFLOW_SERVER_ALLOWED_HOSTS MLFLOW_SERVER_CORS_ALLOWED_ORIGINS MLFLOW_BACKEND_STORE_URI
+check_schema "MLFLOW_DB=$MLFLOW_DB" "PGPASSWORD=... mlflow db upgrade $(postgres_url postgresql+psycopg2 "$DB_USER" \
+  "$MLFLOW_DB")"
 
-echo "mlflow server on http://$HOST:$PORT: backend postgresql://$DB_USER@$pghost:$PGPORT/$MLFLOW_DB, artifacts $ARTIFACTS"
+echo "mlflow server on http://$HOST:$PORT: backend $(postgres_url postgresql "$DB_USER" "$MLFLOW_DB"), artifacts $ARTIFACTS"
 echo "members reach it by these names (more: ALLOWED_HOSTS), localhost or a private IP: ${names[*]}"
-echo "sweeps: -P storage=postgresql://$DB_USER@$pghost:$PGPORT/$OPTUNA_DB (password from PGPASSWORD or ~/.pgpass)"
+echo "sweeps: -P storage=$(postgres_url postgresql "$DB_USER" "$OPTUNA_DB") (password from PGPASSWORD or ~/.pgpass)"
 exec python -m mlflow server --host "$HOST" --port "$PORT" --workers "$WORKERS" \
   --artifacts-destination "$ARTIFACTS" --serve-artifacts

@@ -32,6 +32,8 @@ def test_a_reused_prepare_run_counts_zero_and_the_start_runs_to_train():
     (["--seeds", "0,x"], "--seeds: comma-separated integers, got '0,x'"),
     (["--seeds", "0", "--extra", "-P overrides=train.lr=0.1"], "--seeds sets -P overrides=train.seed=S"),
     (["--repeat", "0"], "--repeat: must be >= 1, got 0"),
+    # was refused by each run's `mlflow run`, exit 1, after the runs of the seeds before it
+    (["--profiles", "tiny", "--seeds", "0,-1"], "--seeds: train.seed: must be in [0, 2**32), got -1"),
     (["--profiles", "nosuch"], "--profiles: no params/<name>.yaml for 'nosuch'"),
     # was found by the first run's prepare step, after `mlflow run` had started: exit 1 some 30 s in
     (["--profiles", "tiny", "--data", "nosuch/cifar10.tar.gz"],
@@ -51,6 +53,57 @@ def test_bad_arguments_exit_2_naming_the_option_before_any_run(args, message):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def never(*args, **kwargs):
+    pytest.fail("measured despite a results folder it cannot write")
+
+
+# (module, its measuring function, its arguments): each benchmark that writes bench/results (gpu_report: --results)
+BENCHMARKS = [("time_to_accuracy", "run_profile", ["--profiles", "tiny"]),
+              ("bench_serve", "bench_model", ["--params", "params/tiny.yaml"]), ("sweep", "run_sweep", []),
+              ("benchmark", "load_images", []), ("gpu_report", "report", ["--results", "{results}"]),
+              ("cpu_runtime", "child_result", []), ("feed", "child_result", []), ("step_exit", "run_child", []),
+              ("step_graph", "trace_at", [".", "."]),
+              ("multi_gpu", "run_arm", ["--virtual-cpus", "2", "--results", "{results}"])]
+
+
+@pytest.mark.parametrize(("module", "measure", "args"), BENCHMARKS, ids=[b[0] for b in BENCHMARKS])
+def test_a_results_folder_that_cannot_be_written_is_one_line_before_any_measuring(module, measure, args, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """bench/results not to be written (a read-only checkout; here a file in its place, which stops root too): each
+    benchmark measured for minutes, then failed on the report's PermissionError traceback, the numbers lost. One
+    line, exit 2, before anything is measured."""
+    import importlib
+
+    bench = importlib.import_module(f"bench.{module}")
+    (tmp_path / "file").write_text("")
+    results = tmp_path / "file" / "results"
+    if hasattr(bench, "RESULTS"):
+        monkeypatch.setattr(bench, "RESULTS", results)
+    monkeypatch.setattr(bench, measure, never)
+    monkeypatch.setattr(sys, "argv", [module, *(a.format(results=results) for a in args)])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"error: cannot write the results folder {results}: Not a directory\n"
+
+
+def test_a_report_whose_writing_fails_leaves_the_one_before_whole(tmp_path):
+    """save_results (cpu_runtime, feed, step_exit, multi_gpu) wrote its JSON and Markdown in place: a write that
+    failed part way (a full disk, Ctrl-C) left a file cut short where the report was."""
+    from bench.machine import save_results
+
+    (tmp_path / "step_exit.md").write_text("the report before\n")
+
+    def write_markdown(results, path):
+        path.write_text("| half a ta")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        save_results(tmp_path, "step_exit", {"rows": []}, write_markdown)
+    assert (tmp_path / "step_exit.md").read_text() == "the report before\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_exit.json", "step_exit.md"]  # no partial file left
 
 
 def test_extra_arguments_reach_mlflow_run_split_as_a_shell_splits_them(monkeypatch):

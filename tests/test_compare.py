@@ -424,6 +424,7 @@ def test_runs_with_equal_scores_are_listed_oldest_first(store):
     ids = []
     for start, val_acc in ((1_000, 0.99), (2_000, 0.97), (3_000, 0.99)):  # trials 0, 1, 2 of a sweep
         run = client.create_run(experiment, start_time=start, tags={"step": "train"}).info.run_id
+        client.log_param(run, "train.epochs", "2")  # a training run logs its params
         client.log_metric(run, "val_acc", val_acc, step=1)
         client.set_terminated(run, end_time=start + 500)
         ids.append(run)
@@ -476,6 +477,7 @@ def test_training_runs_left_out_as_unfinished_are_counted_above_the_table(store)
     for name, status, tags in (("done", "FINISHED", {}), ("live", "RUNNING", {}), ("failed", "FAILED", {}),
                                ("pruned", "KILLED", {"pruned_at_epoch": "1"})):
         run = client.create_run(experiment, start_time=1_000, tags={"step": "train", **tags}).info.run_id
+        client.log_param(run, "train.epochs", "2")  # a training run logs its params
         client.log_metric(run, "val_acc", 0.5, step=1)
         if status != "RUNNING":
             client.set_terminated(run, status=status, end_time=2_000)
@@ -529,6 +531,46 @@ def test_training_runs_of_another_project_in_the_store_are_left_out_saying_so(st
         compare.run("elasticnet", metric="val_acc")
 
 
+def test_training_runs_without_params_are_left_out_and_a_nan_val_acc_reads_nan(store):
+    """A run tagged step=train that logged no params (made by hand, or a start that failed before it logged them) was
+    compared as a run: a row of empty params ranked among the real ones, here first. It is left out, counted above
+    the table, and refused by id saying why. A val_acc logged as NaN (a diverged run) was an empty cell, as for a run
+    that logged none: it reads NaN, and the line above the table says so."""
+    import math
+
+    from mlflow import MlflowClient
+
+    from pipeline import compare, config
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    ids = {}
+    for name, params, values in (("real", {"train.lr": "0.1"}, [0.5, 0.6]),
+                                 ("diverged", {"train.lr": "10"}, [0.2, math.nan]), ("bare", {}, [0.9])):
+        run = client.create_run(experiment, start_time=1_000, run_name=name, tags={"step": "train"}).info.run_id
+        for key, value in params.items():
+            client.log_param(run, key, value)
+        for epoch, value in enumerate(values, 1):
+            client.log_metric(run, "val_acc", value, step=epoch)
+        client.set_terminated(run, end_time=2_000)
+        ids[name] = run
+    comparison = compare.run("e2e", metric="val_acc")
+    assert comparison["table"]["run_id"].tolist() == [ids["real"], ids["diverged"]]
+    markdown = comparison["markdown"]
+    assert markdown.startswith(
+        "No val_acc for 1 run (of 2; 1 logged it as NaN, its training diverged): they are listed last, in no order "
+        "by it.\n\nLeft out: 1 training run without params (tag step=train, but no params logged: made by hand, or "
+        "a start that failed before it logged them).\n\n"), markdown
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("|")]
+    cells = dict(zip(rows[0], next(row for row in rows if row[0] == "diverged"), strict=True))
+    assert (cells["val_acc"], cells["best_val_acc"], cells["epochs"]) == ("NaN", "0.2000", "2"), cells
+    with pytest.raises(config.ConfigError, match=f"^run_ids: not finished training runs: {ids['bare']} \\(no params "
+                                                 r"logged: made by hand, or a start that failed before it logged "
+                                                 r"them\)$"):
+        compare.run(run_ids=[ids["bare"]], metric="val_acc")
+
+
 def test_sorting_by_images_trained_on_that_no_run_counts_keeps_the_runs_oldest_first(store):
     """`-P metric=test_images_in_train` (or val_images_in_train), a sort column the docs list, was refused as no metric
     ("must be one of epochs, val_acc, ...") wherever no run counted any such image: the column is left out then."""
@@ -541,6 +583,7 @@ def test_sorting_by_images_trained_on_that_no_run_counts_keeps_the_runs_oldest_f
     ids = []
     for start, val_acc in ((1_000, 0.5), (2_000, 0.9)):
         run = client.create_run(experiment, start_time=start, tags={"step": "train"}).info.run_id
+        client.log_param(run, "train.epochs", "2")  # a training run logs its params
         client.log_metric(run, "val_acc", val_acc, step=1)
         client.log_metric(run, "val_images_in_train", 0)
         client.set_terminated(run, end_time=start + 500)
@@ -781,6 +824,7 @@ def test_test_acc_is_the_models_score_on_the_data_it_trained_on(store):
                               ("b", [("runs:/p/full", 0.8), ("runs:/q/part", 0.99), ("runs:/p/full", 0.95, "FAILED")])):
         with mlflow.start_run(experiment_id=experiment_id, run_name=name,
                               tags={"step": "train", "dataset_uri": "runs:/p/full"}):
+            mlflow.log_param("train.epochs", "2")  # a training run logs its params
             info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
             model_uri = info.model_uri
             mlflow.set_tag("model_uri", model_uri)
@@ -808,6 +852,7 @@ def test_a_model_evaluated_under_mlflow_run_on_a_path_that_needs_quotes_shows_it
     experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
     dataset_uri = str(tmp_path / "my set (v2)" / "dataset.npz")
     with mlflow.start_run(experiment_id=experiment_id, tags={"step": "train", "dataset_uri": dataset_uri}):
+        mlflow.log_param("train.epochs", "2")  # a training run logs its params
         model_uri = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_uri
         mlflow.set_tag("model_uri", model_uri)
         mlflow.log_metric("val_acc", 0.8, step=1)
@@ -832,6 +877,7 @@ def test_a_comparison_too_long_for_a_description_ends_on_a_whole_row_and_says_so
     for i in range(50):
         run = client.create_run(experiment, start_time=1_000 + i, run_name=f"resnet-{i:02d}-" + "x" * 90,
                                 tags={"step": "train"}).info.run_id
+        client.log_param(run, "train.epochs", "2")  # a training run logs its params
         client.log_metric(run, "val_acc", i / 100, step=1)
         client.set_terminated(run, end_time=2_000)
     comparison = compare.run("e2e", metric="val_acc")
@@ -963,6 +1009,7 @@ def test_a_resumed_runs_wall_s_is_the_time_it_trained_not_the_gap_between_its_se
     # an older run, logged before wall_seconds: 3,000 s from start to end (under the hour between the sessions,
     # and over any training of this test's on a loaded machine)
     older = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.log_param(older, "train.epochs", "2")  # a training run logs its params
     client.log_metric(older, "val_acc", 0.5, step=1)
     client.set_terminated(older, end_time=3_001_000)
 
@@ -1021,6 +1068,7 @@ def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process,
     binned = client.create_experiment("binned")
     for experiment in (binned, client.get_experiment_by_name("e2e").experiment_id):
         run = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+        client.log_param(run, "train.epochs", "2")  # a training run logs its params
         client.log_metric(run, "val_acc", 0.5, step=1)
         client.set_terminated(run, end_time=2_000)
     client.delete_experiment(binned)
@@ -1118,6 +1166,7 @@ def test_a_comparison_whose_reader_stops_reading_is_recorded_finished(store):
     client = MlflowClient()
     experiment = client.get_experiment_by_name("e2e").experiment_id
     run = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.log_param(run, "train.epochs", "2")  # a training run logs its params
     client.log_metric(run, "val_acc", 0.5, step=1)
     client.set_terminated(run, end_time=2_000)
     cmd, _ = server_run_command("", "e2e", "compare", {})
@@ -1149,6 +1198,7 @@ def test_run_ids_that_cannot_be_compared_are_refused_saying_why(store, in_proces
 
     def finished(experiment_id: str, step: str = "train", status: str | None = "FINISHED") -> str:
         run = client.create_run(experiment_id, start_time=1_000, tags={"step": step}).info.run_id
+        client.log_param(run, "train.epochs", "2")  # a training run logs its params
         client.log_metric(run, "val_acc", 0.5, step=1)
         if status:
             client.set_terminated(run, status, end_time=2_000)
@@ -1210,6 +1260,7 @@ def test_a_model_evaluated_on_its_dataset_spelled_otherwise_shows_its_test_acc(s
     for i, (trained_on, evaluated_on) in enumerate(spellings):
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"m{i}", tags={
                 "step": "train", "dataset_uri": trained_on, DATASET_SHA256: local_dataset_sha256(trained_on)}):
+            mlflow.log_param("train.epochs", "2")  # a training run logs its params
             model = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
             model_uri = model.model_uri
             mlflow.set_tag("model_uri", model_uri)
@@ -1271,6 +1322,7 @@ def test_a_run_without_a_name_is_its_id_in_the_val_acc_legend(store):
     experiment = client.get_experiment_by_name("e2e").experiment_id
     for start, val_acc in ((1_000, 0.9), (2_000, 0.8)):
         run = client.create_run(experiment, start_time=start, run_name="named", tags={"step": "train"}).info.run_id
+        client.log_param(run, "train.epochs", "2")  # a training run logs its params
         client.log_metric(run, "val_acc", val_acc, step=1)
         client.set_terminated(run, end_time=start + 500)
     client.delete_tag(run, "mlflow.runName")

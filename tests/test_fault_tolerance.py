@@ -651,6 +651,61 @@ def test_a_checkpoint_root_of_other_uses_keeps_its_empty_folders(store, tmp_path
     assert sorted(p.name for p in home.iterdir()) == ["A" * 32, "photos"]
 
 
+def test_prune_checkpoints_removes_those_of_deleted_runs_alone(store, tmp_path, monkeypatch, capsys):
+    """A run killed after a checkpoint keeps its folder for a rerun to resume; deleted in MLflow (`mlflow runs delete`,
+    its experiment deleted, `mlflow gc`), nothing ever removed that folder. `python -m pipeline.tracking
+    --prune-checkpoints` removes those, naming each, and never the folder of a run present (ended or live), of a
+    deleted run a live process holds, of another store's run, nor a host's folder."""
+    import runpy
+    import uuid
+
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    elsewhere = client.create_experiment("elsewhere")
+    root = tmp_path / "checkpoints"
+
+    def checkpointed(run_id: str, store: str | None = None) -> Path:
+        (root / run_id).mkdir(parents=True)
+        (root / run_id / resume.LOCK_FILE).write_text(store or resume._store())
+        (root / run_id / resume.CHECKPOINT_METADATA).write_text("{}")
+        return root / run_id
+
+    def run(experiment_id: str = experiment, status: str = "KILLED") -> str:
+        run_id = client.create_run(experiment_id, tags={"step": "train"}).info.run_id
+        client.set_terminated(run_id, status)
+        return run_id
+
+    binned, held, kept, in_binned = run(), run(), run(), run(elsewhere)
+    live = client.create_run(experiment, tags={"step": "train"}).info.run_id  # RUNNING, its process holds the lock
+    gone, others = uuid.uuid4().hex, uuid.uuid4().hex  # no run of this store: as after `mlflow gc`
+    for run_id in (binned, held, kept, in_binned, live, gone):
+        checkpointed(run_id)
+    checkpointed(others, store="http://other-host:5000")
+    (root / f"worker1-{'c' * 16}").mkdir()
+    client.delete_run(binned)
+    client.delete_run(held)
+    client.delete_experiment(elsewhere)
+    holders = [subprocess.Popen(["flock", str(root / r / resume.LOCK_FILE), "sh", "-c", "echo held; sleep 60"],
+                                stdout=subprocess.PIPE, text=True) for r in (held, live)]
+    try:
+        assert [holder.stdout.readline() for holder in holders] == ["held\n"] * 2  # as a training process holds it
+        monkeypatch.setattr(sys, "argv", ["pipeline.tracking", "--prune-checkpoints"])
+        runpy.run_module("pipeline.tracking", run_name="__main__")  # exits only on a failure
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+            holder.stdout.close()
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in root.iterdir()) == sorted([held, kept, live, others, f"worker1-{'c' * 16}"])
+    for run_id in (binned, in_binned):
+        assert f"removed {root / run_id} (its run is in MLflow's trash)" in out
+    assert f"removed {root / gone} (no such run in this store (mlflow gc))" in out
+    assert out.endswith(f"3 checkpoint folders of deleted runs removed from {root}\n"), out
+
+
 def test_another_dataset_written_to_a_local_dataset_uri_is_another_job(tmp_path):
     """`-e train -P dataset_uri=PATH` (a local prepared file) was known by its path alone: killed, then rerun after
     another dataset was written to that path, it resumed the old data's weights and trained them on the new data."""

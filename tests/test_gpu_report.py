@@ -209,6 +209,26 @@ def test_a_bad_date_is_refused_in_one_line_before_any_report_is_written(tmp_path
     assert not (tmp_path / "gpu.md").exists()
 
 
+def test_an_unpack_of_no_gpu_results_archive_is_one_line_exit_2_and_writes_no_report(tmp_path, monkeypatch, capsys):
+    """`--unpack` of a file that is no tarball (a log, a download's error page) was one line but exit 1, as for a
+    failure of this host; and a folder of no results as well."""
+    import sys
+
+    (tmp_path / "gpu-results.tar.gz").write_text("<html>403 Forbidden</html>")
+    monkeypatch.setattr(sys, "argv", ["gpu_report", "--results", str(tmp_path / "results"), "--unpack",
+                                      str(tmp_path / "gpu-results.tar.gz")])
+    with pytest.raises(SystemExit) as exc:
+        gpu_report.main()
+    line = capsys.readouterr().err
+    assert exc.value.code == 2 and line.startswith(f"error: {tmp_path / 'gpu-results.tar.gz'}: not a readable "
+                                                   "gpu-results.tar.gz (") and line.count("\n") == 1, line
+    assert not list((tmp_path / "results").glob("gpu*"))  # no report, nothing unpacked
+    monkeypatch.setattr(sys, "argv", ["gpu_report", "--results", str(tmp_path / "results")])
+    with pytest.raises(SystemExit) as exc:
+        gpu_report.main()
+    assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
 def test_a_log_of_several_calls_says_not_run_only_of_the_last_calls_stages(tmp_path):
     """bench/gpu.sh appends each call to gpu.log (OUT=bench/results, the default): a stage that failed in an earlier
     call, and was not part of the last, was reported `not run: failed` under the last call's date."""

@@ -636,6 +636,7 @@ def test_a_sweeps_comparison_lists_its_registered_trial_first_of_its_equals(stor
     trains = []
     for lr, start in ((0.1, 2_000), (0.000001, 1_000)):  # trial 1's train run started first
         train = client.create_run(experiment_id, start_time=start, tags={"step": "train"}).info.run_id
+        client.log_param(train, "train.epochs", "2")  # a training run logs its params
         client.log_metric(train, "val_acc", 0.99, step=1)
         client.set_terminated(train, end_time=start + 5_000)
         trial = client.create_run(experiment_id, tags={"step": "trial", "train_run_id": train,
@@ -658,6 +659,7 @@ def finished_trials(client: MlflowClient, experiment_id: str, study: optuna.Stud
     """Finished trials of `params` and `values` in `study`, each with its trial and train runs."""
     for trial_params, value in zip(params, values, strict=True):
         train = client.create_run(experiment_id, tags={"step": "train"}).info.run_id
+        client.log_param(train, "train.epochs", "2")  # a training run logs its params
         client.log_metric(train, "val_acc", value, step=1)
         client.set_terminated(train)
         trial = client.create_run(experiment_id, tags={"step": "trial", "train_run_id": train,
@@ -1112,6 +1114,7 @@ def trains(values: list[float], during=lambda trial: None):
         value = next(calls)
         experiment_id = mlflow.active_run().info.experiment_id
         with mlflow.start_run(experiment_id=experiment_id, nested=True, tags={"step": "train"}) as train:
+            mlflow.log_param("train.epochs", "2")  # a training run logs its params
             mlflow.log_metric("val_acc", value, step=1)
             during(trial)
         mlflow.set_tags({"train_run_id": train.info.run_id, "model_uri": f"runs:/{train.info.run_id}/model"})

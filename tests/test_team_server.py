@@ -384,14 +384,17 @@ def test_a_workers_count_that_is_no_number_is_one_line_before_postgresql_is_touc
 
 def stubbed_postgresql(tmp_path: Path, serve: str) -> dict[str, str]:
     """Settings for `run_script` under which PostgreSQL's tools are stubs (each query finds its role or database, whose
-    tables are its own) and `python -m mlflow` runs the bash `serve` instead of serving."""
+    tables are its own; the tracking schema's check finds a new database) and `python -m mlflow` runs the bash `serve`
+    instead of serving."""
     stubs = tmp_path / "bin"
     stubs.mkdir(exist_ok=True)
     scripts = {"pg_lsclusters": "echo '15 main 5432 online postgres /nowhere /nowhere.log'", "pg_isready": "",
                "pg_ctlcluster": "exit 1", "createdb": "exit 1",
                "psql": 'case "$*" in *to_regclass*) echo f ;; *) echo t ;; esac',
                "runuser": 'shift 3; exec "$@"',  # runuser -u postgres -- CMD...
-               "python": f'[[ $1 == -m && $2 == mlflow ]] && {{ {serve}; exit 0; }}\nexec {sys.executable} "$@"'}
+               "python": f'[[ $1 == -m && $2 == mlflow ]] && {{ {serve}; exit 0; }}\n'
+                         '[[ $1 == - && $2 == MLFLOW_DB=* ]] && exit 0\n'  # check_schema
+                         f'exec {sys.executable} "$@"'}
     for name, body in scripts.items():
         (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (stubs / name).chmod(0o755)
@@ -411,6 +414,42 @@ def test_an_ipv6_pghost_is_bracketed_in_the_servers_store_uri(tmp_path):
     uri = make_url(result.stdout.split("uri=")[1].strip())
     assert (uri.host, uri.port, uri.password, uri.database) == ("::1", 5432, "p@ss/%", "mlflow")
     assert "postgresql://mlflow@[::1]:5432/optuna" in result.stdout
+
+
+def test_a_unix_socket_pghost_goes_in_the_store_uris_query(tmp_path):
+    """PGHOST=/var/run/postgresql (a folder of the cluster's sockets, as libpq takes it) made
+    `postgresql+psycopg2://mlflow:...@/var/run/postgresql:5432/mlflow`, a URL of no host and database
+    `var/run/postgresql:5432/mlflow`. The folder goes in the query, where psycopg2 takes it as the host; the sweeps'
+    storage line too. (PostgreSQL's tools stubbed, as for the IPv6 address.)"""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    result = run_script(PGHOST="/var/run/postgresql", DB_PASSWORD="p@ss/%", HOST="127.0.0.1", PORT=str(free_port()),
+                        **stubbed_postgresql(tmp_path, 'echo "uri=$MLFLOW_BACKEND_STORE_URI"'))
+    assert result.returncode == 0, result.stderr
+    uri = make_url(result.stdout.split("uri=")[1].strip())
+    _, connect = sqlalchemy.create_engine(uri).dialect.create_connect_args(uri)
+    assert connect == {"dbname": "mlflow", "user": "mlflow", "password": "p@ss/%", "host": "/var/run/postgresql",
+                       "port": "5432"}, connect
+    storage = result.stdout.split("-P storage=")[1].split()[0]
+    assert storage == "postgresql://mlflow@/optuna?host=/var/run/postgresql&port=5432", storage
+
+
+def test_a_unix_socket_pghost_that_peer_authentication_refuses_is_one_line_saying_so():
+    """On Debian's pg_hba.conf, PGHOST=/var/run/postgresql logs in by the OS user's name (peer), where no password
+    helps: the line blamed DB_PASSWORD ("role mlflow existed already and keeps its password ..."). It says what peer
+    wants and names the fixes; a socket folder the cluster has none in names unix_socket_directories."""
+    run_script("postgres").check_returncode()  # the cluster runs, the role exists
+    name = f"mlflow_sock_{uuid.uuid4().hex[:10]}"
+    cluster = os.environ.get("PG_CLUSTER", "main")
+    line = one_error_line(run_script("postgres", PGHOST="/var/run/postgresql", MLFLOW_DB=name,
+                                     OPTUNA_DB=f"{name}_optuna"))
+    assert 'Peer authentication failed for user "mlflow"' in line and line.endswith(
+        "(on a Unix socket pg_hba.conf wants OS user mlflow: set PGHOST=127.0.0.1, or give local connections "
+        f"scram-sha-256 in /etc/postgresql/15/{cluster}/pg_hba.conf)"), line
+    assert "existed already" not in line and not database_exists(name)
+    line = one_error_line(run_script("postgres", PGHOST="/nonexistent-sockets", MLFLOW_DB=name))
+    assert "does not answer on /nonexistent-sockets:" in line and "unix_socket_directories" in line, line
 
 
 def test_a_second_start_on_a_port_whose_first_server_is_starting_is_one_line(tmp_path):
@@ -601,6 +640,40 @@ def test_databases_holding_the_other_ones_tables_are_one_line_before_the_server_
         as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else ["sudo", "-u", "postgres"]
         subprocess.run([*as_postgres, "psql", "-p", pgport, "-qc", f"DROP ROLE IF EXISTS {name}_role"], check=True,
                        cwd="/")
+
+
+def test_a_tracking_schema_of_another_mlflow_is_one_line_naming_the_upgrade(tmp_path):
+    """A tracking database an older MLflow made (requirements.txt moved on since): `mlflow server` died in every
+    worker on "Detected out-of-date database schema ..." in a traceback, exit 1. One line naming the documented
+    upgrade, exit 2, before the server starts; one a newer MLflow upgraded, one line too. (MLflow's tables are stood in
+    for by their alembic_version and experiments table.)"""
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    revisions = ScriptDirectory.from_config(_get_alembic_config(""))
+    older = revisions.get_revision(revisions.get_current_head()).down_revision
+    name, pgport = f"mlflow_schema_{uuid.uuid4().hex[:10]}", os.environ.get("PGPORT", "5432")
+    settings = {"MLFLOW_DB": name, "OPTUNA_DB": f"{name}_optuna", "HOST": "127.0.0.1", "PORT": str(free_port()),
+                "WORKERS": "1", "ARTIFACTS": str(tmp_path / "artifacts"), "TMPDIR": str(tmp_path),
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    run_script("postgres", **settings).check_returncode()
+    try:
+        connection = psycopg2.connect(host="127.0.0.1", port=pgport, user=USER, password=PASSWORD, dbname=name)
+        with connection, connection.cursor() as cursor:
+            cursor.execute("CREATE TABLE alembic_version (version_num varchar(32)); CREATE TABLE experiments (id int);"
+                           "INSERT INTO alembic_version VALUES (%s)", (older,))
+        line = one_error_line(run_script(timeout=60, **settings))
+        assert line.startswith(f"error: MLFLOW_DB={name} holds the tracking schema of an older MLflow (revision "
+                               f"{older}; MLflow ") and line.endswith(
+            f"back both databases up (docs/team.md), then PGPASSWORD=... mlflow db upgrade "
+            f"postgresql+psycopg2://{USER}@127.0.0.1:{pgport}/{name}"), line
+        with connection, connection.cursor() as cursor:
+            cursor.execute("UPDATE alembic_version SET version_num = 'fedcba987654'")
+        connection.close()
+        line = one_error_line(run_script(timeout=60, **settings))
+        assert "holds the tracking schema of a newer MLflow (revision fedcba987654" in line, line
+    finally:
+        drop_databases(pgport, name, f"{name}_optuna")
 
 
 def test_a_start_that_loses_the_race_to_another_caller_is_fine_once_the_server_answers():

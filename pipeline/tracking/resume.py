@@ -318,6 +318,40 @@ def remove_stale_locks() -> None:
         release(folder.name)
 
 
+def prune_checkpoints() -> list[str]:
+    """Remove the run folders in `checkpoint_root` whose run is deleted in this store: in MLflow's trash (`mlflow runs
+    delete`, or its experiment deleted), or gone (`mlflow gc`; only where the folder's lock names this store, as a
+    run of another store is gone from this one too). `main` keeps a killed run's checkpoint for a rerun to resume, and
+    nothing else removed one whose run was deleted: it stayed on disk for good. A run's folder is removed only while
+    this process holds its lock (`claim`): one a live process trains in is left alone, and so are the folders of
+    runs present (finished, failed, killed or live), of another store's runs, hosts' folders and any other.
+
+    Output: a line per folder, `removed <folder> (<why>)`, or `not removed ...: <the OS's reason>`."""
+    root, ours = checkpoint_root(), _store()
+    try:
+        folders = [f for f in root.iterdir() if re.fullmatch(r"[0-9a-f]{32}", f.name) and f.is_dir()]
+    except OSError:  # none yet, or not to be listed by this user: nothing of ours there
+        return []
+    runs = _runs_by_id(MlflowClient(), [f.name for f in folders])
+    removed = []
+    for folder in folders:
+        store, run = _store_of(folder), runs.get(folder.name)
+        if run is None:
+            why = "no such run in this store (mlflow gc)" if store == ours else None
+        else:  # (deleting an experiment moves its runs to the trash too)
+            why = "its run is in MLflow's trash" if run.info.lifecycle_stage == "deleted" else None
+        if why is None or store not in ("", ours) or folder.name in _claimed or not claim(folder.name, left=True):
+            continue
+        try:
+            shutil.rmtree(folder)
+            removed.append(f"removed {folder} ({why})")
+        except OSError as exc:  # another user's files in it (a shared folder): theirs to remove
+            removed.append(f"not removed {folder} ({why}): {exc.strerror or exc}")
+        finally:
+            release(folder.name)
+    return removed
+
+
 def _claim_unnamed(folder: Path, ours: str) -> str | None:
     """Claim (as `claim`) a run's folder whose process was killed in `_new_lock` before its temporary file bore the
     lock file's name: that file, left alone in the folder (`_left_over`: its process dead, or it old), stands for the

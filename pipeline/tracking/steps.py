@@ -459,6 +459,9 @@ def check_comparison_experiment(experiment: str | None) -> None:
 
 
 OTHER_PROJECT = "of another project: none of this pipeline's params"
+# Why a run tagged step = 'train' that logged no params at all is no training run to compare: one made by hand (the
+# tag set in the UI, a script), or a start that failed before its params were logged.
+NO_PARAMS = "no params logged: made by hand, or a start that failed before it logged them"
 
 
 def of_another_project(params: dict[str, str]) -> bool:
@@ -474,8 +477,9 @@ def row_params(run: pd.Series) -> dict[str, str]:
 
 def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:
     """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first; none of another
-    project (`of_another_project`: how many, in `.attrs["other_project"]`); without run ids, none tagged
-    `superseded_by_retry` (a sweep's trial queued again, whose retry's train run counts instead).
+    project (`of_another_project`: how many, in `.attrs["other_project"]`), none without params (NO_PARAMS: how
+    many, in `.attrs["no_params"]`: a row of empty params compared as a run of the defaults); without run ids, none
+    tagged `superseded_by_retry` (a sweep's trial queued again, whose retry's train run counts instead).
 
     Inputs: an experiment name (None: every experiment) and optional run ids to keep. Output: one row
     per run, columns `run_id`, `params.*`, `metrics.*`, `tags.*`, `start_time`, `end_time`, `experiment_id`,
@@ -497,9 +501,10 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
         runs = mlflow.search_runs(search_all_experiments=True, filter_string=where,
                                   order_by=["attributes.start_time DESC"])
     other = runs.apply(lambda run: of_another_project(row_params(run)), axis=1).astype(bool) if len(runs) else []
-    other_project = int(sum(other))
-    if other_project:
-        runs = runs[~other].reset_index(drop=True)
+    bare = runs.apply(lambda run: not row_params(run), axis=1).astype(bool) if len(runs) else []
+    other_project, no_params = int(sum(other)), int(sum(bare))
+    if other_project or no_params:
+        runs = runs[~(other | bare)].reset_index(drop=True)
     if not run_ids and "tags.superseded_by_retry" in runs:  # a sweep's trial queued again: its retry's run counts
         runs = runs[runs["tags.superseded_by_retry"] != "true"].reset_index(drop=True)
     missing = sorted(set(run_ids) - set(runs["run_id"])) if len(runs) else sorted(run_ids)
@@ -511,10 +516,11 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
         where = f"experiment {experiment!r}" if experiment else "any experiment"
         unfinished = ", ".join(f"{n} {status}" for status, n in sorted(unfinished_train_runs(experiment).items()))
         notes = [f"not finished: {unfinished}"] * bool(unfinished) + [
-            f"left out: {other_project} of another project"] * bool(other_project)
+            f"left out: {other_project} of another project"] * bool(other_project) + [
+            f"left out: {no_params} without params"] * bool(no_params)
         raise config.ConfigError(f"experiment: no finished training runs (tag step='train') in {where}"
                                  + "".join(f" ({note})" for note in notes))
-    runs.attrs["other_project"] = other_project
+    runs.attrs["other_project"], runs.attrs["no_params"] = other_project, no_params
     client = mlflow.MlflowClient()
     names = {found: client.get_experiment(found).name for found in runs["experiment_id"].unique()}
     runs["experiment_name"] = runs["experiment_id"].map(names)
@@ -560,6 +566,8 @@ def why_not_compared(run_id: str, experiment: str | None) -> str:
         return f"a run of step {step!r}" if step else "no step's run (no tag step)"
     if of_another_project(run.data.params):
         return OTHER_PROJECT
+    if not run.data.params:
+        return NO_PARAMS
     return run.info.status if run.info.status != "FINISHED" else ""
 
 
