@@ -418,13 +418,15 @@ def unknown_options(page: Path) -> list[str]:
                         if name not in entry_points[entry]["parameters"]]
         for module, rest in re.findall(r"python -m ((?:pipeline|bench)\.\w+)([^\n;&|#`]*)", span):
             source = ROOT / (module.replace(".", "/") + ".py")
-            if not source.exists() and not (ROOT / module.replace(".", "/") / "__main__.py").exists():
+            if not source.exists():  # a package run by its __main__.py
+                source = ROOT / module.replace(".", "/") / "__main__.py"
+            if not source.exists():
                 unknown.append(f"{page.name}: {module}")
                 continue
             step = module.split(".")[1]
             known = ({f"--{p.replace('_', '-')}" for p in entry_points[step]["parameters"]}
                      if module.startswith("pipeline.") and step in entry_points
-                     else set(re.findall(r"\"(--[\w-]+)\"", source.read_text())) if source.exists() else set())
+                     else set(re.findall(r"\"(--[\w-]+)\"", source.read_text())))
             unknown += [f"{page.name}: {module} {option}" for option in re.findall(r"(?<!\S)(--[\w-]+)", rest)
                         if option not in known | {"--help"}]
     return unknown
