@@ -45,7 +45,7 @@ SETUP = ("python3 -m venv .venv", ". .venv/bin/activate", "pip install -r requir
 def shell_blocks() -> list[str]:
     """The README's ```bash blocks, each as a list of commands (continued lines joined, comments dropped)."""
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    return [[re.sub(r"\s{2,}#.*$", "", line).strip() for line in block.replace("\\\n", " ").splitlines()
+    return [[re.sub(r"\s{2,}#.*$", "", line).strip() for line in re.sub(r"\s*\\\n\s*", " ", block).splitlines()
              if line.strip() and not line.lstrip().startswith("#")] for block in blocks]
 
 
