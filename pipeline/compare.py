@@ -1,10 +1,13 @@
 """The `compare` entry point: a side-by-side table and val_acc curves of training runs.
 
-Reads:  training runs (tag step = 'train') of every experiment, or of one, or named by run id, or the top N
-        by a column of the table; their params, metric histories and the test metrics that
-        evaluate logged on each run's model (train runs carry the model's URI in tag `model_uri`).
+Reads:  finished training runs (tag step = 'train') of every experiment, or of one, or named by run id, or the top
+        N by a column of the table; their params, metric histories and the test metrics that evaluate logged on each
+        run's model (train runs carry the model's URI in tag `model_uri`). Runs not finished, runs of another project
+        (none of this pipeline's params) and runs that logged no params are left out, counted in lines above the
+        table, and refused by id.
 Writes: a comparison run (tag step = 'compare') with artifacts `runs.md`, `runs.csv` (one row per
-        run: the params (and the PROVENANCE_TAGS: `train_code`, `backend`, `dtype_policy`, `jit_compile`,
+        run: `experiment` where the runs are of several, the params (and the PROVENANCE_TAGS: `train_code`,
+        `backend`, `dtype_policy`, `jit_compile`,
         `replicas`, `hardware`; `effective_lr` where train.lr_scaling made the lr trained at another) that differ
         between the runs (not params whose values differ only in runs where they have no effect given the others,
         tag `inert_params`: a line above the table names them; a cell `(inert)` where a param shown has none in its
