@@ -32,9 +32,10 @@
 # and bench.gpu_report --unpack takes them; its table says `not run` of each stage gpu.log names without a file).
 # Measured 2026-12-04 on one H200 (bench/results/gpu.md): fast.yaml at 16 epochs test_acc 0.9058, at 24 0.9100, at
 # 24 with cutout 8 0.9123 (now the file: 7.4 s of epochs after a 24.8 s compiling first one), at 40 0.9131 (val_acc
-# flat, 0.906-0.908, over its last three epochs): on the JPEG copy this ResNet-9 stops near 0.91, short of 0.94 at any length tried. 16 epochs with ghost
-# batch norm and train.drop_remainder: 0.9099 vs 0.9058, and a first epoch of 11.9 s instead of 23.5 s: whole batches
-# only spare XLA a second compile for the last, partial one. improved.yaml: 4.63 s per epoch after a first of 100 s.
+# flat, 0.906-0.908, over its last three epochs): on the JPEG copy this ResNet-9 stops near 0.91, short of 0.94 at
+# any length tried. 16 epochs with ghost batch norm and train.drop_remainder: 0.9099 vs 0.9058, and a first epoch of
+# 11.9 s instead of 23.5 s: whole batches only spare XLA a second compile for the last, partial one. improved.yaml:
+# 4.63 s per epoch after a first of 100 s.
 # The next questions about fast.yaml, in the order asked: the file at 1.5x the width (2.2x the computation: what
 # capacity costs in seconds), ghost batch norm at 24 epochs, a second train.seed (the spread of one measurement),
 # weight EMA with its BN statistics recomputed (train.ema_bn_batches; in the 5-epoch quarter-width CPU proxy,
@@ -92,8 +93,8 @@ for name in ${GPU_SH_STAGES:-}; do  # a misspelt name would run nothing and wast
     || { echo "GPU_SH_STAGES: no stage '$name' (stages: $(echo $STAGES))" >&2; exit 2; }
 done
 for var in GPU_SH_BUDGET GPU_SH_CARRY_MIB GPU_SH_PIECE_MIB FAST_LIMIT WARM_LIMIT REFERENCE_LIMIT REFERENCE96_LIMIT \
-  SEED_LIMIT IMPROVED_LIMIT CEILING_LIMIT EXPLORE_LIMIT; do  # seconds (MiB): another value fails every check of the time left,
-  # and each stage runs whatever the budget (0: timeout's none), until the script dies before packing
+  SEED_LIMIT IMPROVED_LIMIT CEILING_LIMIT EXPLORE_LIMIT; do  # seconds (MiB): another value fails every check of
+  # the time left, and each stage runs whatever the budget (0: timeout's none), until the script dies before packing
   [[ -z ${!var+set} || ${!var} =~ ^[1-9][0-9]*$ ]] || { echo "$var: a whole number from 1, got '${!var}'" >&2; exit 2; }
 done
 mkdir -p "$OUT"
