@@ -5,7 +5,8 @@ Reads:  a sweep file (see params/sweep-example.yaml, params/sweep-tpe.yaml):
             overrides: {train.validation_fraction: 0.1}   # optional, the same for every trial
             grid: {train.lr: [0.05, 0.1], model.units_per_stage: [1, 2]}   # every combination once
         or  space: {train.lr: {min: 0.01, max: 0.2, log: true}, train.batch_size: [32, 64]}
-            sampler: tpe                           # or random (the default under the older key `random:`)
+            sampler: tpe                           # the default; or random (the default of `random:`,
+                                                   # the older key for `space:`)
             trials: 8                              # a list is a choice, {min, max, log} a range
             seed: 0
             pruner: median                         # none (default), median, hyperband
