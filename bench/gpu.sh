@@ -17,7 +17,7 @@
 #   4. params/improved.yaml (ResNet-164 with the tricks) for IMPROVED_LIMIT (200 s): seconds per epoch and the
 #      projected 150 epochs. Its whole run (~14 minutes of one GPU with its compile, bench/results/gpu.md)
 #      outlasts one call (10 minutes at most) and, with a second call's compile and the machine's start, the
-#      device time a lease has in all (15 minutes); it stops cleanly at an epoch's end with its training saved in
+#      GPU time the machine gives in all (15 minutes); it stops cleanly at an epoch's end with its training saved in
 #      .gpu-state/improved (bench.gpu_epoch --checkpoint), which comes back packed with the results, and a later
 #      call carrying .gpu-state goes on from it (GPU_SH_STAGES="improved" gives it the rest of a call). Once
 #      whole, its result is kept in .gpu-state/improved.json (carried) and later calls skip it (remove that file
@@ -26,8 +26,8 @@
 #   5. fast.yaml's next questions, whole schedules with test_acc, most telling first (explore-ceiling first), as
 #      long as time is left.
 # The data is decoded once, before the stages, into a folder of the call's own that each stage reads (--decoded).
-# GPU_SH_STAGES="improved" (names separated by spaces) runs only those stages: a second call in one lease, with
-# GPU_SH_BUDGET set to its timeout_s (or the device time left, if less) less 10: a call the device tool ends before
+# GPU_SH_STAGES="improved" (names separated by spaces) runs only those stages: a second call on the machine, with
+# GPU_SH_BUDGET set to its time limit (or the GPU time left, if less) less 10: a call the machine ends before
 # the script packs its files brings the training of that call back to no one (its loose files come back, at most 8,
 # and bench.gpu_report --unpack takes them; its table says `not run` of each stage gpu.log names without a file).
 # Measured 2026-12-04 on one H200 (bench/results/gpu.md): fast.yaml at 16 epochs test_acc 0.9058, at 24 0.9100, at
@@ -58,8 +58,8 @@
 # them; a misspelt GPU_SH_STAGES, a budget or limit (GPU_SH_BUDGET, FAST_LIMIT, ...) that is no whole number, wheels
 # that fit no Python there, or a keras that does not import with its JAX end the call at once with one line saying so
 # (in gpu.log, packed as below; the first two before anything runs, on stderr).
-# Then through the device tool: run(command="bash bench/gpu.sh", carry=[".whl", ".data", ".gpu-state"],
-# timeout_s=580). That machine returns at most 8 files of 16 MiB, so with OUT set elsewhere than bench/results the
+# Then on the GPU machine, with .whl, .data and .gpu-state copied beside the checkout: `bash bench/gpu.sh`, within a
+# 580 s limit. That machine returns at most 8 files of 16 MiB, so with OUT set elsewhere than bench/results the
 # script ends by packing its files (gpu-*.json, gpu.txt, gpu.log, and .gpu-state: improved's training or result) into
 # $OUT/gpu-results.tar.gz, cut into 15 MiB pieces (.part0, .part1, ...; from 11 pieces on .part00, .part01, ...;
 # GPU_SH_PIECE_MIB sets their size) where it is larger; here, then:
@@ -165,13 +165,13 @@ then
 fi
 
 failed=0 budget=${GPU_SH_BUDGET:-570}  # the call's own limit (run's timeout_s) less a margin
-CARRY_MIB=${GPU_SH_CARRY_MIB:-64}  # what the device tool sends to a call in all (checkout, .whl, .data, .gpu-state)
+CARRY_MIB=${GPU_SH_CARRY_MIB:-64}  # what the GPU machine takes with a call in all (checkout, .whl, .data, .gpu-state)
 sent_bytes() {  # what the next call sends: the checkout's files that git does not ignore, and the carried .whl, .data
   # and $STATE; where git does not know the checkout (the machine's copy), all of it but .git and __pycache__
   local tree="" path size
   if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f1)
-    for path in .whl .data "$STATE"; do  # a link counts as itself: the device tool sends it as a link
+    for path in .whl .data "$STATE"; do  # a link counts as itself: it is copied as a link
       [[ -e "$path" || -L "$path" ]] || continue
       size=$(du -sb "$path" 2>/dev/null | cut -f1)
       tree=$(( ${tree:-0} + ${size:-0} ))
@@ -228,7 +228,7 @@ stage seed "${SEED_LIMIT:-150}" --epochs 2 --params params/default.yaml \
   --overrides "train.feed=device train.steps_per_execution=8 $small164"
 # improved.yaml: its first epochs, for the seconds per epoch and the projected 150 epochs (~14 min of one GPU with
 # its compile: over two calls, the second loading the first's compiled programs where they fit in what a call
-# carries, and with the machine's start, more than the 15 minutes a lease holds in all; and .gpu-state does not
+# carries, and with the machine's start, more than the 15 minutes of GPU time in all; and .gpu-state does not
 # outlive the checkout), within
 # IMPROVED_LIMIT; named in GPU_SH_STAGES it has the rest of the call instead. It stops at an epoch's end 60 s
 # before its limit, for the scoring after its last epoch (its predict compiles), its training saved in
