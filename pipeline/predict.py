@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 # Files' bytes per request, at most: the server holds a request's JSON whole (and base64 is 4/3 of the bytes), and its
-# time limit counts the upload. 64 photos of 2.8 MB took it 1 GB more memory and 28 s of its 60 s (2-core AMD EPYC).
+# time limit counts the upload. 64 photos of 2.8 MB took it 1 GB more memory and 28 s of its 60 s (2-core AMD EPYC,
+# 2026-12-07).
 MAX_REQUEST_BYTES = 16 * 2**20
 # How the files of the formats the server decodes start (Pillow's own tests of them; WebP's is RIFF....WEBP): any other
 # file is refused before any request. The server still decodes each, and refuses a truncated or corrupt one.
