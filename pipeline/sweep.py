@@ -709,31 +709,40 @@ CLAIMS_LOCK = threading.Lock()  # an in-memory storage's claims (`claim_combinat
 def claim_combination(storage: optuna.storages.BaseStorage, study_id: int, combination: tuple, number: int) -> bool:
     """Claim a space's `combination` (its values in Optuna's internal form) for trial `number`: True for the first
     claim of it in the study, False for any later one. An RDB storage's claim is a row of the study's system attrs,
-    inserted: its unique (study, key) makes one insert of two at once win, on SQLite and PostgreSQL alike (Optuna's
-    set_study_system_attr overwrites a key, so a claim it wrote could not fail)."""
+    inserted (`insert_study_system_attr`): one insert of two at once wins, on SQLite and PostgreSQL alike."""
     key = f"sweep:claimed:{json_digest(list(combination))[:16]}"
     if isinstance(storage, optuna.storages.RDBStorage):
-        import sqlalchemy
-        from optuna.storages._rdb import models
-
-        session = storage.scoped_session()
-        try:
-            session.add(models.StudySystemAttributeModel(study_id=study_id, key=key, value_json=json.dumps(number)))
-            session.commit()
-            return True
-        except sqlalchemy.exc.IntegrityError:
-            session.rollback()
-            return False
-        except Exception:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+        return insert_study_system_attr(storage, study_id, key, number)
     with CLAIMS_LOCK:
         if key in storage.get_study_system_attrs(study_id):
             return False
         storage.set_study_system_attr(study_id, key, number)
         return True
+
+
+def insert_study_system_attr(storage: optuna.storages.RDBStorage, study_id: int, key: str, value: Any) -> bool:
+    """Add system attr `key` (JSON `value`) to study `study_id` unless it holds one: True where this call added it,
+    False where the study held it already. The table's unique (study, key) lets one of two inserts at once through.
+    No public Optuna call inserts only (`set_study_system_attr` overwrites a key, so a claim it wrote could not fail):
+    this is the one place the project writes Optuna's table through its private `optuna.storages._rdb.models`
+    (`test_sweep.py::test_a_claim_is_a_study_system_attr_the_storage_inserts_once_through_optunas_private_models`
+    fails where an Optuna release changes it)."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    session = storage.scoped_session()
+    try:
+        session.add(models.StudySystemAttributeModel(study_id=study_id, key=key, value_json=json.dumps(value)))
+        session.commit()
+        return True
+    except sqlalchemy.exc.IntegrityError:
+        session.rollback()
+        return False
+    except Exception:
+        session.rollback()
+        raise
+    finally:
+        session.close()
 
 
 def default_storage() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -895,6 +896,23 @@ def test_workers_drawing_at_the_same_moment_run_no_combination_twice(tmp_path):
     assert sorted(drawn.values()) == [0.05, 0.1]
     held = optuna.load_study(study_name="race", storage=url).trials
     assert sorted(t.system_attrs["fixed_params"]["train.lr"] for t in held) == [0.05, 0.1]  # as the study holds them
+
+
+def test_a_claim_is_a_study_system_attr_the_storage_inserts_once_through_optunas_private_models(tmp_path):
+    """A claim inserts a row of the study's system attrs that the database lets one insert only: no public Optuna call
+    does (`set_study_system_attr` overwrites), so `insert_study_system_attr` writes through Optuna's private
+    `optuna.storages._rdb.models`, and it alone. This fails where an Optuna release moves or renames that model, or
+    drops the unique (study, key) a claim relies on."""
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    ids = [storage.get_study_id_from_name(optuna.create_study(storage=storage, study_name=n).study_name)
+           for n in ("a", "b")]
+    assert sweep.insert_study_system_attr(storage, ids[0], "sweep:claimed:x", 3) is True
+    assert sweep.insert_study_system_attr(storage, ids[0], "sweep:claimed:x", 4) is False  # the first stays
+    assert sweep.insert_study_system_attr(storage, ids[1], "sweep:claimed:x", 5) is True  # another study's own
+    assert [storage.get_study_system_attrs(i)["sweep:claimed:x"] for i in ids] == [3, 5]  # read by the public API
+    source = Path(sweep.__file__).read_text()
+    assert source.count("from optuna.storages._rdb import") == 1  # the one use of it
+    assert "from optuna.storages._rdb import" in inspect.getsource(sweep.insert_study_system_attr)
 
 
 def one_trial(tmp_path, name: str):
