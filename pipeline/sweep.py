@@ -397,6 +397,8 @@ class Plan:
         self.trials = trials
         self.checked = checked  # a grid's combinations, or a space's ends
         self.prepare_keys: dict[str, str] = {}  # `prepared_dataset`'s, by data params: a path's digest read once
+        self.dists: dict[str, Any] = {}  # `check_batches`': this host's distribution of each train.distribute
+        self.known_images: dict[str, tuple[int | None, int | None]] = {}  # `check_batches`', by data params
         if self.grid:
             self.combinations = len(self.grid)
         self.configs = [self.load(values, f"trial {i}" if self.grid else "space")
@@ -491,13 +493,14 @@ class Plan:
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 raise config.ConfigError(f"{what}: {reason} (with the arguments {self.kwargs_of(what)!r})") from None
 
-    def check_inside(self, ends: list[dict[str, Any]]) -> None:
+    def check_inside(self, ends: list[dict[str, Any]], check=inputs.check_known_training_images) -> None:
         """ConfigError naming a range of the space that can draw a value its ends do not show the params refuse (a
         train.batch_size that model.ghost_batch does not divide), and the value: every trial drawing it would fail.
         Checked at `range_values`: each value inside a range with the others' ends and choices (`ends`, already
         checked; at most CHECKS combinations, else each value with one of them in turn), then values inside two
         ranges or more together (every combination, fewest values inside first, where there are at most CHECKS, else
-        a seeded sample making up CHECKS, at least a quarter of it)."""
+        a seeded sample making up CHECKS, at least a quarter of it). `check`: what refuses a combination's params (a
+        ConfigError), by default too few training images."""
         where, raw = space_key(self.spec), self.spec[space_key(self.spec)]
         values = {k: raw[k] if isinstance(raw[k], list) else range_values(d) for k, d in self.space.items()}
         inside = {k: set(values[k]) - {d.low, d.high} for k, d in self.space.items() if not isinstance(raw[k], list)}
@@ -519,8 +522,7 @@ class Plan:
         layers = config.read_layers(self.base)  # its ends loaded: a params file that loads
         for combo in single + several:
             try:
-                inputs.check_known_training_images(
-                    config.load_layered(layers, self.common + override_items(combo) + self.extra))
+                check(config.load_layered(layers, self.common + override_items(combo) + self.extra))
             except config.ConfigError as exc:
                 drawn = [k for k, vs in inside.items() if combo[k] in vs]
                 others = {k: v for k, v in combo.items() if k not in drawn}
@@ -578,6 +580,57 @@ class Plan:
             inputs.check_known_training_images(cfg, uri)
         except config.ConfigError as exc:
             return f"ConfigError: {exc}"
+        return None
+
+    def check_replicas(self) -> None:
+        """ConfigError, before the study starts, naming the trial (a grid's), the space's choice or range end, or the
+        value inside a range whose train.batch_size the devices its train.distribute spreads each batch over on this
+        host cannot share (`check_batches`), as main and train refuse it before any run. It loads the backend (and
+        takes the GPUs): for a command whose own process trains the trials."""
+        try:
+            for i, (values, cfg) in enumerate(zip(self.checked, self.configs, strict=True)):
+                try:
+                    self.check_batches(cfg)
+                except config.ConfigError as exc:
+                    raise config.ConfigError(f"{f'trial {i}' if self.grid else 'space'} ({label(values)}): "
+                                             f"{exc}") from None
+            if not self.grid:
+                self.check_inside(self.checked, self.check_batches)
+        finally:
+            for dist in self.dists.values():
+                dist.end()  # JAX's DataParallel is process-wide: each trial's train step sets its own
+
+    def check_batches(self, cfg: config.Config) -> None:
+        """ConfigError where `cfg`'s batch is one the replicas of its train.distribute on this host cannot share
+        (`inputs.check_known_batches`, with the images known before the trial runs: cifar10's and synthetic's, or a
+        path's a prepare run counted)."""
+        from pipeline import distribute
+
+        mode = cfg.train.distribute
+        if mode not in self.dists:
+            self.dists[mode] = distribute.distribution(mode)
+        if self.dists[mode].replicas < 2:
+            return
+        key = json.dumps(cfg.flat("data"), sort_keys=True)
+        if key not in self.known_images:  # a path's count is a store query: once per dataset
+            uri = self.prepared_dataset(cfg)
+            self.known_images[key] = inputs.known_split_images(cfg, uri) if uri or \
+                inputs.known_training_images(cfg) is not None else (None, None)
+        t = cfg.train
+        self.dists[mode].check_batches(t.batch_size, t.drop_remainder, cfg.model.ghost_batch,
+                                       *self.known_images[key])
+
+    def refused_batches(self, values: dict[str, Any], number: int) -> str | None:
+        """Why trial `number` (its `values`) cannot train on the replicas of this host (`check_batches`), or None.
+        Asked before the trial's run opens, by a process that trains it (a worker of `workers N`, whose parent checks
+        nothing that would load the backend; a host joining the study)."""
+        try:
+            cfg = self.load(values, f"trial {number}")
+            self.check_batches(cfg)
+        except config.ConfigError as exc:
+            return f"ConfigError: {exc}"
+        except data.DataError:  # a path gone since: its run says so
+            return None
         return None
 
     def kwargs_of(self, what: str) -> dict[str, Any]:
@@ -1157,7 +1210,7 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
     import keras
 
     values = plan.values(trial)
-    refused = plan.refused_images(values, trial.number)
+    refused = plan.refused_images(values, trial.number) or plan.refused_batches(values, trial.number)
     if refused is not None:  # known impossible: no run to leave FAILED (a grid's every such trial left one)
         trial.set_user_attr("failure_reason", refused[:500])
         study.tell(trial, None, state=TrialState.FAIL, skip_if_finished=True)
@@ -1673,6 +1726,8 @@ def run(args: argparse.Namespace) -> int:
               f"{f'{model} v' if model else 'version '}{lock.user_attrs.get('registered_version')}; pass another "
               "-P study= for a new sweep")
         return 0
+    if workers == 1:  # this process trains the trials: its backend and devices are the trials'
+        plan.check_replicas()
     base = plan.configs[0]
     made = [] if existed else prepare_shared_data(plan)  # its first command: refused now where its data is too few
     study, leads = join_study(plan, storage, name)

@@ -259,6 +259,61 @@ def test_trials_too_many_for_a_paths_counted_images_open_no_run(store, tmp_path,
     assert len(client.search_runs(experiments, run_view_type=ViewType.ALL)) == len(runs)
 
 
+TWO_REPLICAS = ("train.batch_size: 33, which keras.distribution.DataParallel cannot split evenly over 2 replicas "
+                "(data_parallel over cpu:0, cpu:1): use a multiple of 2")
+
+
+def two_replicas(monkeypatch):
+    """This host's train.distribute spreads every batch over two devices (JAX's DataParallel over two CPUs)."""
+    from pipeline import distribute
+
+    two = distribute.Distribution("data_parallel", ["cpu:0", "cpu:1"])
+    monkeypatch.setattr(distribute, "distribution", lambda mode, job=None: two)
+
+
+@pytest.mark.parametrize(("body", "refused"), [
+    ("grid:\n  train.batch_size: [32, 33]\n", f"trial 1 (train.batch_size=33): {TWO_REPLICAS}"),
+    ("space:\n  train.batch_size: [32, 33]\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n",
+     f"space (train.batch_size=33 train.lr=0.01): {TWO_REPLICAS}"),
+    ("space:\n  train.batch_size: {min: 32, max: 34}\ntrials: 2\n",  # its ends pass, 33 between them does not
+     f"spec.space.train.batch_size: can draw 33, which the params refuse: {TWO_REPLICAS}; narrow the range, or list "
+     "the values that pass"),
+], ids=["grid", "space-choice", "space-range"])
+def test_a_batch_this_hosts_replicas_cannot_share_is_refused_before_the_study(store, tmp_path, in_process, monkeypatch,
+                                                                             body, refused):
+    """Main and train refuse such a batch before any run (`inputs.check_known_batches`); a sweep's trial drawing it
+    opened its trial and train runs and failed in them, each in turn. A sweep whose process trains its trials
+    (one worker) now refuses the spec before its study or any run is made, naming the trial or the space's value."""
+    two_replicas(monkeypatch)
+    spec = write_spec(tmp_path, "sweep-replicas", body, {"train.batch_size": None})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    done = in_process("sweep", "--spec", spec, "--storage", storage)
+    assert (done.returncode, done.stderr.strip().splitlines()) == (2, [f"error: {refused}"]), done.stderr[-3000:]
+    assert optuna.get_all_study_summaries(storage, include_best_trial=False) == []
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()], run_view_type=ViewType.ALL) == []
+
+
+def test_a_trial_whose_batch_this_hosts_replicas_cannot_share_fails_before_its_run_opens(store, tmp_path,
+                                                                                          monkeypatch):
+    """A worker process of `workers N` (its parent does not load the backend, which would take the GPUs' memory) or a
+    host joining the study checks each trial it claims: refused, it fails in the study with the reason and opens no
+    run."""
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-replicas", "grid:\n  train.batch_size: [33]\n",
+                                 {"train.batch_size": None}))
+    two_replicas(monkeypatch)
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    parent = client.create_run(experiment_id).info.run_id
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+    sweep.lead(plan, study, parent, experiment_id)
+    trial, _ = sweep.claim(study, study._storage, plan)
+    sweep.run_trial(plan, study, trial, parent, experiment_id)
+    assert [(t.state.name, t.user_attrs.get("failure_reason")) for t in study.trials] == [
+        ("FAIL", f"ConfigError: {TWO_REPLICAS}")]
+    assert [r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)] == [parent]
+
+
 @pytest.mark.parametrize("task", ["worker", "chief"])
 def test_a_sweep_on_a_cluster_is_one_line_before_any_run(store, tmp_path, in_process, monkeypatch, task):
     """With TF_CONFIG naming several hosts, each trial of a sweep waited for the other hosts (10 minutes by default)
