@@ -636,9 +636,9 @@ def _check_peer(cluster: Cluster, task: str, address: str, said: bytes, job: dic
                 me: str = "") -> dict[str, list[str]]:
     """ConfigError where the host at `address` (`task` of this host's `cluster`) is this host itself (its `hello`
     carries this wait's token `me`: `address` leads back to this machine), or said that it was started with another
-    cluster (other tasks, or another port for one), as another task, or with another digest of a
-    part of this host's `job` (other params, other code: refused before any run opens, where `Distribution.agree`
-    refused them once the chief had opened its runs and prepared the data); else the hosts it said
+    cluster (other tasks, or another port for one), as another task, or with another digest of a part of this host's
+    `job` (other params, code or data: refused before any run opens, where `Distribution.agree` refused them once the
+    chief had opened its runs and prepared the data); else the hosts it said
     it has not reached yet (task: [address, why]). Anything else it said (TensorFlow, once the host has met the others
     and gone on) is taken as it answering, having reached them all."""
     if not said.startswith(HELLO) or not said.endswith(b"\n"):
@@ -666,8 +666,8 @@ def _check_peer(cluster: Cluster, task: str, address: str, said: bytes, job: dic
     differ = [part for part in job or {} if theirs_job.get(part, job[part]) != job[part]]
     if differ:
         raise ConfigError(f"{TF_CONFIG}: {task} ({address}) was started with other {' and other '.join(differ)} than "
-                          f"this host ({cluster.task}): start every host with the same code, params, epochs and "
-                          f"overrides")
+                          f"this host ({cluster.task}): start every host with the same code, params, epochs, overrides "
+                          f"and data")
     waiting = theirs.get("waiting")
     if not isinstance(waiting, dict):
         return {}

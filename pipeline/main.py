@@ -63,7 +63,8 @@ def main() -> None:
     # it, leaves no run behind
     from pipeline import train  # Keras loads here, the params known to be good
 
-    dist = distribution(cfg.train.distribute, job=train.meeting_job(cfg))
+    dist = distribution(cfg.train.distribute,
+                        job={**train.meeting_job(cfg), **train.meeting_data(cfg, dataset_uri, args.resume)})
     inputs.check_known_batches(cfg, dist, dataset_uri)  # the replicas known: a batch they cannot share, before prepare
     with main_lock() as hold, step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
         # Held until its run has ended: a later main tells this one, RUNNING, from one killed (SIGKILL, the OOM

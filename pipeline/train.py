@@ -38,7 +38,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from pipeline import config, prepare
+from pipeline import config, data, prepare
 from pipeline.data import Dataset, arrays_digest, test_images_in_train
 from pipeline.distribute import TRAINED, Distribution, cluster_from_env, distribution, run_key
 from pipeline.inputs import (
@@ -276,6 +276,29 @@ def meeting_job(cfg: config.Config) -> dict[str, str]:
             f"code (pipeline/{{{','.join(TRAIN_CODE)}}}.py)": train_code()}
 
 
+MEETING_DATA = "data (data.* params or what data.source holds)"  # `meeting_data`'s part
+
+
+def meeting_data(cfg: config.Config, dataset_uri: str = "", resume: str = "") -> dict[str, str]:
+    """The data's part of what the hosts of a cluster compare as they meet, before any run opens (`meeting_job`), for a
+    host that builds its data from `data.source`: a digest of what the source holds (`data.source_digest`: the file's
+    or folder's bytes, cifar10's published checksum; not the path it is kept at, which may differ from host to host)
+    and of the `data.*` params with an effect on it (`config.inert_params`). A worker on another copy of the archive
+    was refused only before training (`Distribution.agree`), once the chief had opened its runs and prepared the data.
+    Empty for a host that reads a prepared dataset (`dataset_uri`), for a chief resuming a run by id (`resume`: it
+    trains on that run's dataset) and where the source cannot be read (refused once the hosts have met): their data
+    is compared before training only."""
+    if dataset_uri or resume not in ("", "never"):
+        return {}
+    try:
+        source = data.source_digest(cfg.data.source)
+    except data.DataError:
+        return {}
+    inert = config.inert_params(cfg)
+    params = {k: v for k, v in cfg.flat("data").items() if k != "data.source" and k not in inert}
+    return {MEETING_DATA: json_digest({"params": params, "source": source})}
+
+
 def shared_params(cfg: config.Config, *leave_out: str) -> dict[str, str]:
     """The model and train params every host of a cluster must share (`training_job`), but `leave_out`."""
     return {k: v for k, v in cfg.flat().items() if k.startswith(("model.", "train."))
@@ -370,7 +393,9 @@ def main() -> None:
             prepare.check_dataset_uri(args.dataset_uri)
         else:
             prepare.check_source(cfg)
-    dist = distribution(cfg.train.distribute, job=meeting_job(cfg))  # check_inputs changes no model or train param
+    # check_inputs changes no model or train param, nor the data but with a dataset URI or a run resumed by id
+    dist = distribution(cfg.train.distribute, job={**meeting_job(cfg), **meeting_data(cfg, args.dataset_uri,
+                                                                                        args.resume)})
     if not dist.chief:
         run_worker(cfg, args.dataset_uri, dist, args.resume)
         return

@@ -374,18 +374,40 @@ def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(forke
         assert err.strip().splitlines()[-1] == (
             f"error: TF_CONFIG: worker {1 - index} (localhost:{ports[1 - index]}) was started with other model or "
             f"train params and other code (pipeline/{{{','.join(TRAIN_CODE)}}}.py) than this host (worker {index}): "
-            f"start every host with the same code, params, epochs and overrides")
+            f"start every host with the same code, params, epochs, overrides and data")
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
-def test_a_chief_that_fails_before_training_is_named_so_on_the_workers(forker, store, tmp_path):
-    """The chief's prepare fails (a data path bad on the chief alone): worker 1, waiting for it in the hosts' first
-    collective, said "worker 0 stopped answering" and "rerun every host's command to continue". Now it says the chief
-    ended before training began and where its error is; no host hangs."""
+def test_a_worker_on_other_data_is_refused_on_every_host_as_they_meet(forker, store, tmp_path):
+    """The chief given a data path (here a broken archive), worker 1 synthetic data: they met, the chief opened main's
+    run, and only then did one of them fail (the chief in reading it, or every host before training, on the data's
+    digest), leaving runs FAILED. Each host's hello now carries its data's digest: both exit 2 as they meet, naming
+    the data, and no run opens."""
     bad = tmp_path / "cifar10.tar.gz"
     bad.write_bytes(b"not an archive" * 100)
+    ports = [free_port(), free_port()]
+    procs = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
+                            "--data", str(bad), worker_args=("--data", "synthetic"), ports=ports)
+    for index, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            f"error: TF_CONFIG: worker {1 - index} (localhost:{ports[1 - index]}) was started with other "
+            f"{train.MEETING_DATA} than this host (worker {index}): start every host with the same code, params, "
+            f"epochs, overrides and data")
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_a_chief_that_fails_before_training_is_named_so_on_the_workers(forker, store):
+    """The chief's prepare fails (its data refused as it is read, on the chief alone): worker 1, waiting for it in the
+    hosts' first collective, said "worker 0 stopped answering" and "rerun every host's command to continue". Now it
+    says the chief ended before training began and where its error is; no host hangs."""
+    refused = ("from pipeline import data, prepare\n"
+               "def read_source(cfg, key=None):\n"
+               "    raise data.DataError('cifar10.tar.gz: unreadable archive (on the chief alone)')\n"
+               "prepare.read_source = read_source")
     chief, worker = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--overrides",
-                                    "tracking.experiment=e2e", "--data", str(bad), worker_args=("--data", "synthetic"))
+                                    "tracking.experiment=e2e", preludes=(refused, ""))
     outputs = [p.communicate(timeout=300) for p in (chief, worker)]
     assert chief.returncode == 2, outputs[0][1][-2000:]
     assert "unreadable archive" in outputs[0][1].strip().splitlines()[-1]

@@ -992,12 +992,51 @@ def test_hosts_started_with_other_params_or_code_are_refused_when_they_meet_befo
     first, second, seconds = meet((spec, "worker", 0, chief_job), (spec, "worker", 1, worker_job), timeout=20)
     assert seconds < 10
     assert str(first) == (f"TF_CONFIG: worker 1 ({hosts[1]}) was started with other model or train params than this "
-                          f"host (worker 0): start every host with the same code, params, epochs and overrides")
+                          f"host (worker 0): start every host with the same code, params, epochs, overrides and data")
     assert str(second).startswith(f"TF_CONFIG: worker 0 ({hosts[0]}) was started with other model or train params ")
     monkeypatch.setattr(train, "train_code", lambda: "another checkout")
     assert "with other code (pipeline/" in str(meet((spec, "worker", 0, chief_job),
                                                      (spec, "worker", 1, train.meeting_job(config.load(TINY))))[0])
     assert meet((spec, "worker", 0, chief_job), (spec, "worker", 1, dict(chief_job)))[:2] == [None, None]
+
+
+def test_hosts_started_with_other_data_are_refused_when_they_meet_before_any_run_opens(tmp_path):
+    """Worker 1 started on another copy of the data (another archive at the same path, other data.* params) met the
+    chief, which opened main's run, prepared the data and opened the train run: only there (`Distribution.agree`) did
+    every host refuse it, leaving three runs FAILED. Each host that builds its data from data.source now sends a
+    digest of it in its hello (`train.meeting_data`): what the source holds, and the data.* params with an effect, not
+    the path it is kept at."""
+    from bench.servers import free_port
+    from pipeline import data, train
+
+    paths = [tmp_path / "a" / "d.npz", tmp_path / "b" / "d.npz", tmp_path / "c.npz"]
+    for path, seed in zip(paths, (0, 1, 0), strict=True):  # a and c alike, b another draw
+        path.parent.mkdir(exist_ok=True)
+        data.make_synthetic(n_train=64, n_test=32, seed=seed).save(path)
+
+    def job(source, *overrides: str) -> dict:
+        cfg = config.load(TINY, [f"data.source={source}", *overrides])
+        return {**train.meeting_job(cfg), **train.meeting_data(cfg)}
+
+    hosts = [f"localhost:{free_port()}" for _ in range(2)]
+    spec = {"worker": hosts}
+    first, second, seconds = meet((spec, "worker", 0, job(paths[0])), (spec, "worker", 1, job(paths[1])), timeout=20)
+    assert seconds < 10
+    assert str(first) == (f"TF_CONFIG: worker 1 ({hosts[1]}) was started with other data (data.* params or what "
+                          f"data.source holds) than this host (worker 0): start every host with the same code, "
+                          f"params, epochs, overrides and data")
+    assert str(second).startswith(f"TF_CONFIG: worker 0 ({hosts[0]}) was started with other data (data.* params ")
+    assert "with other data" in str(meet((spec, "worker", 0, job(paths[0])),
+                                         (spec, "worker", 1, job(paths[2], "data.max_train=32")))[0])
+    # the same bytes at another path, and a param without effect on them (synthetic's counts for a file): alike
+    assert meet((spec, "worker", 0, job(paths[0])), (spec, "worker", 1, job(paths[2], "data.synthetic_train=100"))
+                )[:2] == [None, None]
+    # a host that reads a prepared dataset, or one resumed by id, or whose source cannot be read yet, sends none:
+    # its data is compared before training, as before
+    cfg = config.load(TINY, [f"data.source={paths[0]}"])
+    assert train.meeting_data(cfg, dataset_uri="runs:/r/dataset/dataset.npz") == {}
+    assert train.meeting_data(cfg, resume="0123abcd") == {}
+    assert train.meeting_data(config.load(TINY, [f"data.source={tmp_path / 'none.npz'}"])) == {}
 
 
 def test_what_the_hosts_compare_as_they_meet_is_what_they_compare_again_before_training(monkeypatch):
@@ -1029,7 +1068,8 @@ def test_every_host_meets_the_others_with_its_params_and_codes_digests(store, in
     monkeypatch.setenv("TF_CONFIG", tf_config({"worker": TWO}, index=index))
     result = in_process(module, "--params", TINY, "--overrides", "train.lr=0.1 tracking.experiment=e2e")
     assert result.returncode == 2 and result.stderr.strip().endswith("error: met")
-    assert met == [train.meeting_job(config.load(TINY, ["train.lr=0.1"]))]
+    cfg = config.load(TINY, ["train.lr=0.1"])
+    assert met == [{**train.meeting_job(cfg), **train.meeting_data(cfg)}] and len(met[0]) == 3
 
 
 def test_a_host_at_a_loopback_address_beside_hosts_on_other_machines_is_refused_at_once():
