@@ -901,19 +901,45 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             raise config.ConfigError(f"storage: cannot open {safe_url(url)}: {type(exc).__name__}: {reason}") from None
 
 
-def make_sqlite_folder(url: str) -> None:
-    """Make the missing folders of a `sqlite:///` storage's file, as a tracking store's are made: SQLite's "unable to
-    open database file" named neither the folder nor what was wrong. ConfigError naming the path where the file is a
-    folder, or below a file, or its folder cannot be made."""
+def check_storage_not_gone(url: str, name: str) -> None:
+    """ConfigError, before the storage is opened (which makes a missing SQLite file), where `url` names a SQLite file
+    that does not exist but this tracking store holds a sweep run of study `name` in it (`trials.sweep_runs`): the
+    file was deleted or moved, or, named by a relative path, the command runs from another folder. A new file was
+    made and the study begun again under a new sweep run, every trial run and registered again, the first sweep run
+    left as it was."""
+    path = sqlite_file(url)
+    if path is None or path.exists():
+        return
+    earlier = trials.sweep_runs(name, safe_url(url))
+    if earlier:
+        raise config.ConfigError(f"study: {name} is not in {safe_url(url)}, which does not exist, though sweep run "
+                                 f"{earlier[0]} ran it there (the file deleted or moved, or a relative path run from "
+                                 f"another folder?): put it back to go on with the study, or pass another -P study= to "
+                                 f"start afresh")
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a `sqlite:///` storage URL names (absolute, from the working directory); None for another database,
+    an in-memory one or a `file:` URI."""
     import sqlalchemy
 
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except Exception:  # noqa: BLE001 - an unparsable URL is reported by open_storage
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database.startswith("file:") or \
+            parsed.database == ":memory:":
+        return None
+    return Path(parsed.database).absolute()
+
+
+def make_sqlite_folder(url: str) -> None:
+    """Make the missing folders of a `sqlite:///` storage's file, as a tracking store's are made: SQLite's "unable to
+    open database file" named neither the folder nor what was wrong. ConfigError naming the path where the file is a
+    folder, or below a file, or its folder cannot be made."""
+    path = sqlite_file(url)
+    if path is None:
         return
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database.startswith("file:"):
-        return
-    path = Path(parsed.database).absolute()
     reason = None
     if path.is_dir():
         reason = f"{path} is a folder, not a SQLite database file"
@@ -1691,8 +1717,10 @@ def run(args: argparse.Namespace) -> int:
         data.fetch_cifar10()  # found (verified) or downloaded once, before any run: offline, one line here, not
         #                       every trial failing on the download in turn
     storage_url = args.storage or default_storage()
-    storage = open_storage(storage_url)
     name = args.study or default_study(plan)
+    if not args.join:
+        check_storage_not_gone(storage_url, name)
+    storage = open_storage(storage_url)
     if args.join:  # a worker process of a `--workers N` command: the study is set up
         with storage_failures(storage_url):
             study, _ = join_study(plan, storage, name)

@@ -1421,6 +1421,31 @@ def test_a_study_deleted_and_started_again_under_its_name_registers_its_best(sto
     assert sweep.registered(storage, "again")
 
 
+@pytest.mark.parametrize("storage", ["absolute", "relative"])
+def test_a_study_whose_storage_file_is_gone_is_refused_before_anything_is_made(store, tmp_path, in_process,
+                                                                                monkeypatch, storage):
+    """The same command rerun after its Optuna storage's file was deleted or moved (or, named by a relative path,
+    from another folder) found no study, made a new file, a new sweep run and study under the same name, and ran
+    every trial again (and registered again), the first sweep run left as it was. The tracking store says where the
+    study was: refused, one line, no file, study or run made."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e") or client.get_experiment(client.create_experiment("e2e"))
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if storage == "absolute" else "sqlite:///optuna.db"
+    spec = write_spec(tmp_path, "sweep-gone", GRID, {"tracking.experiment": "e2e"})
+    earlier = client.create_run(experiment.experiment_id, tags={
+        "step": "sweep", "optuna_study": "gone", "optuna_storage": sweep.safe_url(url)}).info.run_id
+    client.set_terminated(earlier, "KILLED")
+    done = in_process("sweep", "--spec", spec, "--study", "gone", "--storage", url)
+    assert (done.returncode, done.stderr.strip().splitlines()) == (2, [
+        f"error: study: gone is not in {url}, which does not exist, though sweep run {earlier} ran it there (the "
+        f"file deleted or moved, or a relative path run from another folder?): put it back to go on with the study, "
+        f"or pass another -P study= to start afresh"]), done.stderr[-3000:]
+    assert not (tmp_path / "optuna.db").exists()
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL)] == [
+        earlier]
+
+
 def test_a_done_study_of_another_spec_is_refused(store, tmp_path, in_process):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     other = optuna.create_study(storage=storage, study_name="taken", direction="maximize")
