@@ -587,7 +587,13 @@ class Plan:
         value inside a range whose train.batch_size the devices its train.distribute spreads each batch over on this
         host cannot share (`check_batches`), as main and train refuse it before any run. It loads the backend (and
         takes the GPUs): for a command whose own process trains the trials."""
+        from pipeline import distribute
+
         try:
+            for mode in {c.train.distribute for c in self.configs} - set(self.dists):
+                self.dists[mode] = distribute.distribution(mode)
+            if all(dist.replicas < 2 for dist in self.dists.values()):  # one device takes any batch: nothing to load
+                return
             for i, (values, cfg) in enumerate(zip(self.checked, self.configs, strict=True)):
                 try:
                     self.check_batches(cfg)
