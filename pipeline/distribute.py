@@ -219,19 +219,28 @@ def agreement(tasks: list[str], parts: list[str], rows: list[list[int]]) -> tupl
         raise ConfigError(f"{TF_CONFIG}: {what} than the chief ({chief}): start every host with the same code, "
                           f"params, epochs, overrides and data")
     done, fast_path, _ = hosts[chief]
-    if done != TRAINED and len({done for done, _, _ in hosts.values()}) > 1:
-        held = ", ".join(f"{task} {done}" for task, (done, _, _) in hosts.items())
-        raise ConfigError(f"resume: the hosts' checkpoints hold different completed epochs ({held}): they "
+    if done != TRAINED:
+        check_checkpoints(chief, {task: (held, runs[task]) for task, (held, _, _) in hosts.items()})
+    return done, fast_path, runs[chief]
+
+
+def check_checkpoints(chief: str, held: dict[str, tuple[int, int]]) -> None:
+    """ConfigError where the hosts' checkpoints cannot go on together. held: by task (`tasks`' order), the epochs its
+    checkpoint holds and the chief's run they belong to (`run_key`; 0 where none is recorded; the chief's own run on
+    the chief): every host must hold as many, and a host holding any must hold the chief's run's (a worker's
+    checkpoint is keyed by params and data, so another run of the same params overwrote it)."""
+    run = held[chief][1]
+    if len({epochs for epochs, _ in held.values()}) > 1:
+        listed = ", ".join(f"{task} {epochs}" for task, (epochs, _) in held.items())
+        raise ConfigError(f"resume: the hosts' checkpoints hold different completed epochs ({listed}): they "
                           f"must continue from the same one. Start afresh: rerun every host with resume=never "
                           f"(`-P resume=never` on the chief, `--resume never` on the others)")
-    others = [task for task, (held, _, _) in hosts.items() if done != TRAINED and held > 0
-              and runs[task] not in (0, runs[chief])]
+    others = [task for task, (epochs, theirs) in held.items() if epochs > 0 and theirs not in (0, run)]
     if others:
-        held = ", ".join(f"{task}'s checkpoint holds {hosts[task][0]} epochs" for task in others)
-        raise ConfigError(f"resume: {held} of another run than the chief's ({chief}): the hosts would train on from "
+        listed = ", ".join(f"{task}'s checkpoint holds {held[task][0]} epochs" for task in others)
+        raise ConfigError(f"resume: {listed} of another run than the chief's ({chief}): the hosts would train on from "
                           f"different weights. Start afresh: rerun every host with resume=never (`-P resume=never` on "
                           f"the chief, `--resume never` on the others)")
-    return done, fast_path, runs[chief]
 
 
 @dataclass(frozen=True)
@@ -389,11 +398,14 @@ def check_mode(mode: str, backend: str, cluster: Cluster | None) -> None:
 _MIRRORED: dict[tuple[str, ...], Any] = {}
 
 
-def distribution(mode: str, job: dict[str, str] | None = None) -> Distribution:
+def distribution(mode: str, job: dict[str, str] | None = None, checkpoint: tuple[int, int] | None = None
+                 ) -> Distribution:
     """Set up `mode` (see the module table). Call before the first TensorFlow op: a multi-worker
     strategy must exist before any op runs, and its creation waits for every host to connect.
     job: in a cluster, the digests of what every host must share that are known before any run opens
-    (`train.meeting_job`), compared as the hosts meet (`wait_for_hosts`)."""
+    (`train.meeting_job`), compared as the hosts meet (`wait_for_hosts`); checkpoint: the epochs this host's checkpoint
+    holds and the chief's run they belong to, where known before any run opens (`train.chief_checkpoint`,
+    `train.worker_checkpoint`), compared there too (`check_checkpoints`)."""
     import keras
 
     backend = keras.backend.backend()
@@ -402,7 +414,8 @@ def distribution(mode: str, job: dict[str, str] | None = None) -> Distribution:
     if mode == "multi_worker" or (mode == "auto" and cluster):  # before anything initialises TensorFlow
         import tensorflow as tf
 
-        wait_for_hosts(cluster, job=job)  # TensorFlow's wait below cannot be interrupted: it starts once all are up
+        # TensorFlow's wait below cannot be interrupted: it starts once all are up
+        wait_for_hosts(cluster, job=job, checkpoint=checkpoint)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()  # blocks until every task has connected
         return Distribution("multi_worker", list(strategy.extended.worker_devices), strategy, cluster)
     devices = keras.distribution.list_devices()
@@ -455,15 +468,18 @@ HEARD = 3  # seconds a host that refuses a peer's hello goes on answering, so th
 
 
 def hello(cluster: Cluster, waiting: dict[str, list[str]] | None = None, job: dict[str, str] | None = None,
-          me: str = "") -> bytes:
+          me: str = "", checkpoint: tuple[int, int] | None = None) -> bytes:
     """What this host's port answers while it waits for the others (`wait_for_hosts`): its task and cluster, the
     hosts it has not reached yet (by task: [the address it tried, why it failed]), none once it has reached them all,
-    the digests of its `job`, and `me`, a token of this wait alone (a peer's address that reaches this host itself)."""
+    the digests of its `job`, `me`, a token of this wait alone (a peer's address that reaches this host itself), and
+    its `checkpoint` ([epochs, the chief's run], where known)."""
     return HELLO + json.dumps({"task": cluster.task, "cluster": cluster.spec, "waiting": waiting or {},
-                               "job": job or {}, "me": me}).encode() + b"\n"
+                               "job": job or {}, "me": me,
+                               **({"checkpoint": list(checkpoint)} if checkpoint is not None else {})}).encode() + b"\n"
 
 
-def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str, str] | None = None) -> None:
+def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str, str] | None = None,
+                   checkpoint: tuple[int, int] | None = None) -> None:
     """Wait until every host of `cluster` has reached every other on its TF_CONFIG port, at most `timeout` s
     ($PIPELINE_HOSTS_TIMEOUT, default 600): then a ConfigError names the hosts that did not come, or a host that did
     not reach another.
@@ -495,7 +511,8 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
     why: dict[str, str] = {}
     unheard, unready = dict(peers), {}
     me = secrets.token_hex(8)
-    answer, stop = [hello(cluster, {task: [address, "not tried yet"] for task, address in peers.items()}, job, me)], \
+    answer, stop = [hello(cluster, {task: [address, "not tried yet"] for task, address in peers.items()}, job, me,
+                          checkpoint)], \
         threading.Event()
 
     def answer_peers() -> None:
@@ -526,7 +543,7 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
                     why[task] = exc.strerror or str(exc) or type(exc).__name__
                     continue
                 try:
-                    waits = _check_peer(cluster, task, address, heard, job, me)
+                    waits = _check_peer(cluster, task, address, heard, job, me, checkpoint)
                 except ConfigError:
                     time.sleep(HEARD)  # still answering: the peer hears this host's cluster and task, and refuses too
                     raise
@@ -536,7 +553,7 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
                 else:
                     unready.pop(task, None)
             answer[0] = hello(cluster, {task: [address, why.get(task, "not tried yet")]
-                                        for task, address in unheard.items()}, job, me)
+                                        for task, address in unheard.items()}, job, me, checkpoint)
             if not unheard and not unready:
                 return
             if time.monotonic() > deadline:
@@ -633,12 +650,13 @@ def _probe(address: str) -> bytes:
 
 
 def _check_peer(cluster: Cluster, task: str, address: str, said: bytes, job: dict[str, str] | None = None,
-                me: str = "") -> dict[str, list[str]]:
+                me: str = "", checkpoint: tuple[int, int] | None = None) -> dict[str, list[str]]:
     """ConfigError where the host at `address` (`task` of this host's `cluster`) is this host itself (its `hello`
     carries this wait's token `me`: `address` leads back to this machine), or said that it was started with another
-    cluster (other tasks, or another port for one), as another task, or with another digest of a
-    part of this host's `job` (other params, other code: refused before any run opens, where `Distribution.agree`
-    refused them once the chief had opened its runs and prepared the data); else the hosts it said
+    cluster (other tasks, or another port for one), as another task, or with another digest of a part of this host's
+    `job` (other params, code or data: refused before any run opens, where `Distribution.agree` refused them once the
+    chief had opened its runs and prepared the data), or, between the chief and another host, with a checkpoint
+    (`checkpoint`: epochs, the chief's run) the other's cannot go on with (`check_checkpoints`); else the hosts it said
     it has not reached yet (task: [address, why]). Anything else it said (TensorFlow, once the host has met the others
     and gone on) is taken as it answering, having reached them all."""
     if not said.startswith(HELLO) or not said.endswith(b"\n"):
@@ -666,8 +684,14 @@ def _check_peer(cluster: Cluster, task: str, address: str, said: bytes, job: dic
     differ = [part for part in job or {} if theirs_job.get(part, job[part]) != job[part]]
     if differ:
         raise ConfigError(f"{TF_CONFIG}: {task} ({address}) was started with other {' and other '.join(differ)} than "
-                          f"this host ({cluster.task}): start every host with the same code, params, epochs and "
-                          f"overrides")
+                          f"this host ({cluster.task}): start every host with the same code, params, epochs, overrides "
+                          f"and data")
+    held = theirs.get("checkpoint")  # none: not known on that host before its runs open, or an earlier version
+    chief = cluster.tasks[0]
+    if checkpoint is not None and chief in (cluster.task, task) and isinstance(held, list) and len(held) == 2 and \
+            all(isinstance(n, int) and not isinstance(n, bool) for n in held):
+        check_checkpoints(chief, {t: tuple(h) for t, h in sorted({cluster.task: checkpoint, task: held}.items(),
+                                                                 key=lambda item: cluster.tasks.index(item[0]))})
     waiting = theirs.get("waiting")
     if not isinstance(waiting, dict):
         return {}

@@ -10,7 +10,7 @@ point); the console ends with where to look at the run.
 from __future__ import annotations
 
 from pipeline import config, inputs
-from pipeline.distribute import Distribution, distribution
+from pipeline.distribute import Distribution, cluster_from_env, distribution
 from pipeline.tracking import cli, log_params, set_tags, step_run, steps, ui_hint
 from pipeline.tracking.resume import main_lock, mark_pipeline_done, remove_stale_locks, trained_before_a_failure
 
@@ -63,7 +63,10 @@ def main() -> None:
     # it, leaves no run behind
     from pipeline import train  # Keras loads here, the params known to be good
 
-    dist = distribution(cfg.train.distribute, job=train.meeting_job(cfg))
+    cluster = cluster_from_env()
+    dist = distribution(cfg.train.distribute,
+                        job={**train.meeting_job(cfg), **train.meeting_data(cfg, dataset_uri, args.resume)},
+                        checkpoint=train.chief_checkpoint(cfg, args.resume, dataset_uri) if cluster else None)
     inputs.check_known_batches(cfg, dist, dataset_uri)  # the replicas known: a batch they cannot share, before prepare
     with main_lock() as hold, step_run(cfg, "main", run_name=f"main-{cfg.run_name()}") as parent:
         # Held until its run has ended: a later main tells this one, RUNNING, from one killed (SIGKILL, the OOM

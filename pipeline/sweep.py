@@ -398,6 +398,8 @@ class Plan:
         self.trials = trials
         self.checked = checked  # a grid's combinations, or a space's ends
         self.prepare_keys: dict[str, str] = {}  # `prepared_dataset`'s, by data params: a path's digest read once
+        self.dists: dict[str, Any] = {}  # `check_batches`': this host's distribution of each train.distribute
+        self.known_images: dict[str, tuple[int | None, int | None]] = {}  # `check_batches`', by data params
         if self.grid:
             self.combinations = len(self.grid)
         self.configs = [self.load(values, f"trial {i}" if self.grid else "space")
@@ -492,13 +494,14 @@ class Plan:
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 raise config.ConfigError(f"{what}: {reason} (with the arguments {self.kwargs_of(what)!r})") from None
 
-    def check_inside(self, ends: list[dict[str, Any]]) -> None:
+    def check_inside(self, ends: list[dict[str, Any]], check=inputs.check_known_training_images) -> None:
         """ConfigError naming a range of the space that can draw a value its ends do not show the params refuse (a
         train.batch_size that model.ghost_batch does not divide), and the value: every trial drawing it would fail.
         Checked at `range_values`: each value inside a range with the others' ends and choices (`ends`, already
         checked; at most CHECKS combinations, else each value with one of them in turn), then values inside two
         ranges or more together (every combination, fewest values inside first, where there are at most CHECKS, else
-        a seeded sample making up CHECKS, at least a quarter of it)."""
+        a seeded sample making up CHECKS, at least a quarter of it). `check`: what refuses a combination's params (a
+        ConfigError), by default too few training images."""
         where, raw = space_key(self.spec), self.spec[space_key(self.spec)]
         values = {k: raw[k] if isinstance(raw[k], list) else range_values(d) for k, d in self.space.items()}
         inside = {k: set(values[k]) - {d.low, d.high} for k, d in self.space.items() if not isinstance(raw[k], list)}
@@ -520,8 +523,7 @@ class Plan:
         layers = config.read_layers(self.base)  # its ends loaded: a params file that loads
         for combo in single + several:
             try:
-                inputs.check_known_training_images(
-                    config.load_layered(layers, self.common + override_items(combo) + self.extra))
+                check(config.load_layered(layers, self.common + override_items(combo) + self.extra))
             except config.ConfigError as exc:
                 drawn = [k for k, vs in inside.items() if combo[k] in vs]
                 others = {k: v for k, v in combo.items() if k not in drawn}
@@ -579,6 +581,63 @@ class Plan:
             inputs.check_known_training_images(cfg, uri)
         except config.ConfigError as exc:
             return f"ConfigError: {exc}"
+        return None
+
+    def check_replicas(self) -> None:
+        """ConfigError, before the study starts, naming the trial (a grid's), the space's choice or range end, or the
+        value inside a range whose train.batch_size the devices its train.distribute spreads each batch over on this
+        host cannot share (`check_batches`), as main and train refuse it before any run. It loads the backend (and
+        takes the GPUs): for a command whose own process trains the trials."""
+        from pipeline import distribute
+
+        try:
+            for mode in {c.train.distribute for c in self.configs} - set(self.dists):
+                self.dists[mode] = distribute.distribution(mode)
+            if all(dist.replicas < 2 for dist in self.dists.values()):  # one device takes any batch: nothing to load
+                return
+            for i, (values, cfg) in enumerate(zip(self.checked, self.configs, strict=True)):
+                try:
+                    self.check_batches(cfg)
+                except config.ConfigError as exc:
+                    raise config.ConfigError(f"{f'trial {i}' if self.grid else 'space'} ({label(values)}): "
+                                             f"{exc}") from None
+            if not self.grid:
+                self.check_inside(self.checked, self.check_batches)
+        finally:
+            for dist in self.dists.values():
+                dist.end()  # JAX's DataParallel is process-wide: each trial's train step sets its own
+
+    def check_batches(self, cfg: config.Config) -> None:
+        """ConfigError where `cfg`'s batch is one the replicas of its train.distribute on this host cannot share
+        (`inputs.check_known_batches`, with the images known before the trial runs: cifar10's and synthetic's, or a
+        path's a prepare run counted)."""
+        from pipeline import distribute
+
+        mode = cfg.train.distribute
+        if mode not in self.dists:
+            self.dists[mode] = distribute.distribution(mode)
+        if self.dists[mode].replicas < 2:
+            return
+        key = json.dumps(cfg.flat("data"), sort_keys=True)
+        if key not in self.known_images:  # a path's count is a store query: once per dataset
+            uri = self.prepared_dataset(cfg)
+            self.known_images[key] = inputs.known_split_images(cfg, uri) if uri or \
+                inputs.known_training_images(cfg) is not None else (None, None)
+        t = cfg.train
+        self.dists[mode].check_batches(t.batch_size, t.drop_remainder, cfg.model.ghost_batch,
+                                       *self.known_images[key])
+
+    def refused_batches(self, values: dict[str, Any], number: int) -> str | None:
+        """Why trial `number` (its `values`) cannot train on the replicas of this host (`check_batches`), or None.
+        Asked before the trial's run opens, by a process that trains it (a worker of `workers N`, whose parent checks
+        nothing that would load the backend; a host joining the study)."""
+        try:
+            cfg = self.load(values, f"trial {number}")
+            self.check_batches(cfg)
+        except config.ConfigError as exc:
+            return f"ConfigError: {exc}"
+        except data.DataError:  # a path gone since: its run says so
+            return None
         return None
 
     def kwargs_of(self, what: str) -> dict[str, Any]:
@@ -710,31 +769,40 @@ CLAIMS_LOCK = threading.Lock()  # an in-memory storage's claims (`claim_combinat
 def claim_combination(storage: optuna.storages.BaseStorage, study_id: int, combination: tuple, number: int) -> bool:
     """Claim a space's `combination` (its values in Optuna's internal form) for trial `number`: True for the first
     claim of it in the study, False for any later one. An RDB storage's claim is a row of the study's system attrs,
-    inserted: its unique (study, key) makes one insert of two at once win, on SQLite and PostgreSQL alike (Optuna's
-    set_study_system_attr overwrites a key, so a claim it wrote could not fail)."""
+    inserted (`insert_study_system_attr`): one insert of two at once wins, on SQLite and PostgreSQL alike."""
     key = f"sweep:claimed:{json_digest(list(combination))[:16]}"
     if isinstance(storage, optuna.storages.RDBStorage):
-        import sqlalchemy
-        from optuna.storages._rdb import models
-
-        session = storage.scoped_session()
-        try:
-            session.add(models.StudySystemAttributeModel(study_id=study_id, key=key, value_json=json.dumps(number)))
-            session.commit()
-            return True
-        except sqlalchemy.exc.IntegrityError:
-            session.rollback()
-            return False
-        except Exception:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+        return insert_study_system_attr(storage, study_id, key, number)
     with CLAIMS_LOCK:
         if key in storage.get_study_system_attrs(study_id):
             return False
         storage.set_study_system_attr(study_id, key, number)
         return True
+
+
+def insert_study_system_attr(storage: optuna.storages.RDBStorage, study_id: int, key: str, value: Any) -> bool:
+    """Add system attr `key` (JSON `value`) to study `study_id` unless it holds one: True where this call added it,
+    False where the study held it already. The table's unique (study, key) lets one of two inserts at once through.
+    No public Optuna call inserts only (`set_study_system_attr` overwrites a key, so a claim it wrote could not fail):
+    this is the one place the project writes Optuna's table through its private `optuna.storages._rdb.models`
+    (`test_sweep.py::test_a_claim_is_a_study_system_attr_the_storage_inserts_once_through_optunas_private_models`
+    fails where an Optuna release changes it)."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    session = storage.scoped_session()
+    try:
+        session.add(models.StudySystemAttributeModel(study_id=study_id, key=key, value_json=json.dumps(value)))
+        session.commit()
+        return True
+    except sqlalchemy.exc.IntegrityError:
+        session.rollback()
+        return False
+    except Exception:
+        session.rollback()
+        raise
+    finally:
+        session.close()
 
 
 def default_storage() -> str:
@@ -840,19 +908,45 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             raise config.ConfigError(f"storage: cannot open {safe_url(url)}: {type(exc).__name__}: {reason}") from None
 
 
-def make_sqlite_folder(url: str) -> None:
-    """Make the missing folders of a `sqlite:///` storage's file, as a tracking store's are made: SQLite's "unable to
-    open database file" named neither the folder nor what was wrong. ConfigError naming the path where the file is a
-    folder, or below a file, or its folder cannot be made."""
+def check_storage_not_gone(url: str, name: str) -> None:
+    """ConfigError, before the storage is opened (which makes a missing SQLite file), where `url` names a SQLite file
+    that does not exist but this tracking store holds a sweep run of study `name` in it (`trials.sweep_runs`): the
+    file was deleted or moved, or, named by a relative path, the command runs from another folder. A new file was
+    made and the study begun again under a new sweep run, every trial run and registered again, the first sweep run
+    left as it was."""
+    path = sqlite_file(url)
+    if path is None or path.exists():
+        return
+    earlier = trials.sweep_runs(name, safe_url(url))
+    if earlier:
+        raise config.ConfigError(f"study: {name} is not in {safe_url(url)}, which does not exist, though sweep run "
+                                 f"{earlier[0]} ran it there (the file deleted or moved, or a relative path run from "
+                                 f"another folder?): put it back to go on with the study, or pass another -P study= to "
+                                 f"start afresh")
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a `sqlite:///` storage URL names (absolute, from the working directory); None for another database,
+    an in-memory one or a `file:` URI."""
     import sqlalchemy
 
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except Exception:  # noqa: BLE001 - an unparsable URL is reported by open_storage
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database.startswith("file:") or \
+            parsed.database == ":memory:":
+        return None
+    return Path(parsed.database).absolute()
+
+
+def make_sqlite_folder(url: str) -> None:
+    """Make the missing folders of a `sqlite:///` storage's file, as a tracking store's are made: SQLite's "unable to
+    open database file" named neither the folder nor what was wrong. ConfigError naming the path where the file is a
+    folder, or below a file, or its folder cannot be made."""
+    path = sqlite_file(url)
+    if path is None:
         return
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database.startswith("file:"):
-        return
-    path = Path(parsed.database).absolute()
     reason = None
     if path.is_dir():
         reason = f"{path} is a folder, not a SQLite database file"
@@ -1149,7 +1243,7 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, parent_id: s
     import keras
 
     values = plan.values(trial)
-    refused = plan.refused_images(values, trial.number)
+    refused = plan.refused_images(values, trial.number) or plan.refused_batches(values, trial.number)
     if refused is not None:  # known impossible: no run to leave FAILED (a grid's every such trial left one)
         trial.set_user_attr("failure_reason", refused[:500])
         study.tell(trial, None, state=TrialState.FAIL, skip_if_finished=True)
@@ -1630,8 +1724,10 @@ def run(args: argparse.Namespace) -> int:
         data.fetch_cifar10()  # found (verified) or downloaded once, before any run: offline, one line here, not
         #                       every trial failing on the download in turn
     storage_url = args.storage or default_storage()
-    storage = open_storage(storage_url)
     name = args.study or default_study(plan)
+    if not args.join:
+        check_storage_not_gone(storage_url, name)
+    storage = open_storage(storage_url)
     if args.join:  # a worker process of a `--workers N` command: the study is set up
         with storage_failures(storage_url):
             study, _ = join_study(plan, storage, name)
@@ -1665,6 +1761,8 @@ def run(args: argparse.Namespace) -> int:
               f"{f'{model} v' if model else 'version '}{lock.user_attrs.get('registered_version')}; pass another "
               "-P study= for a new sweep")
         return 0
+    if workers == 1:  # this process trains the trials: its backend and devices are the trials'
+        plan.check_replicas()
     base = plan.configs[0]
     made = [] if existed else prepare_shared_data(plan)  # its first command: refused now where its data is too few
     study, leads = join_study(plan, storage, name)

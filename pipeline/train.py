@@ -38,7 +38,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from pipeline import config, prepare
+from pipeline import config, data, prepare
 from pipeline.data import Dataset, arrays_digest, test_images_in_train
 from pipeline.distribute import TRAINED, Distribution, cluster_from_env, distribution, run_key
 from pipeline.inputs import (
@@ -69,6 +69,7 @@ from pipeline.tracking.resume import (
     log_train_params,
     recorded_training,
     release,
+    resumable_run,
     train_code,
 )
 
@@ -276,6 +277,84 @@ def meeting_job(cfg: config.Config) -> dict[str, str]:
             f"code (pipeline/{{{','.join(TRAIN_CODE)}}}.py)": train_code()}
 
 
+MEETING_DATA = "data (data.* params or what data.source holds)"  # `meeting_data`'s part
+
+
+def meeting_data(cfg: config.Config, dataset_uri: str = "", resume: str = "") -> dict[str, str]:
+    """The data's part of what the hosts of a cluster compare as they meet, before any run opens (`meeting_job`), for a
+    host that builds its data from `data.source`: a digest of what the source holds (`data.source_digest`: the file's
+    or folder's bytes, cifar10's published checksum; not the path it is kept at, which may differ from host to host)
+    and of the `data.*` params with an effect on it (`config.inert_params`). A worker on another copy of the archive
+    was refused only before training (`Distribution.agree`), once the chief had opened its runs and prepared the data.
+    Empty for a host that reads a prepared dataset (`dataset_uri`), for a chief resuming a run by id (`resume`: it
+    trains on that run's dataset) and where the source cannot be read (refused once the hosts have met): their data
+    is compared before training only."""
+    if dataset_uri or resume not in ("", "never"):
+        return {}
+    try:
+        source = data.source_digest(cfg.data.source)
+    except data.DataError:
+        return {}
+    inert = config.inert_params(cfg)
+    params = {k: v for k, v in cfg.flat("data").items() if k != "data.source" and k not in inert}
+    return {MEETING_DATA: json_digest({"params": params, "source": source})}
+
+
+def chief_checkpoint(cfg: config.Config, resume: str, dataset_uri: str = "") -> tuple[int, int] | None:
+    """The chief's checkpoint as the hosts compare it when they meet, before any run opens (`distribute.
+    check_checkpoints`): the epochs held by the checkpoint of the train run it goes on with (resume=<id>'s, or the one
+    a plain rerun continues: `resumable_run`) and that run (`run_key`); (0, 0) where it starts afresh. None where that
+    is not known yet (its data not found: refused once the hosts have met)."""
+    if resume == "never":
+        return 0, 0
+    try:
+        if resume:
+            run_id = resume
+        else:
+            uri = dataset_uri or prepare.find_prepared(prepare.prepare_key(cfg))
+            run_id = resumable_run(cfg, uri) if uri else None
+        return (Checkpoint.completed_epochs(checkpoint_dir(run_id)), run_key(run_id)) if run_id else (0, 0)
+    except Exception:  # noqa: BLE001 - not known here; `check_inputs` says why in one line once the hosts have met
+        return None
+
+
+MEETING = "meeting"  # in a worker's checkpoint folder: the `meeting_key` of the job its epochs belong to
+
+
+def meeting_key(cfg: config.Config, dataset_uri: str = "") -> str | None:
+    """A digest of what a worker's checkpoint folder is keyed by (`worker_checkpoint_dir`) that is known before its data
+    is read: the params in that key and the data's `meeting_data`; None without the latter (a dataset URI)."""
+    meeting = meeting_data(cfg, dataset_uri)
+    return json_digest({"params": shared_params(cfg, "train.epochs", "train.checkpoint_every"), **meeting}) \
+        if meeting else None
+
+
+def worker_checkpoint(cfg: config.Config, task: str, dataset_uri: str = "", resume: str = "") -> tuple[int, int] | None:
+    """A non-chief host's checkpoint as the hosts compare it when they meet, before any run opens: the epochs it holds
+    and the chief's run they belong to (`recorded_run`), found before the data is read by the `meeting_key` written
+    beside them; (0, 0) for none, or with resume never. None where that is not known: a dataset URI given, a folder
+    of this task's holding epochs that records no key (an earlier version's), or two recording this one (the data's
+    code changed between them): then compared before training only (`Distribution.agree`)."""
+    key = meeting_key(cfg, dataset_uri)
+    if key is None:
+        return None
+    if resume == "never":
+        return 0, 0
+    found = []
+    for folder in checkpoint_root().glob(f"{task.replace(' ', '')}-*"):
+        try:
+            recorded = (folder / MEETING).read_text()
+        except OSError:
+            if Checkpoint.completed_epochs(folder):
+                return None
+            continue
+        if recorded == key:
+            found.append(folder)
+    if len(found) > 1:
+        return None
+    return (Checkpoint.completed_epochs(found[0]), recorded_run(found[0])) if found else (0, 0)
+
+
 def shared_params(cfg: config.Config, *leave_out: str) -> dict[str, str]:
     """The model and train params every host of a cluster must share (`training_job`), but `leave_out`."""
     return {k: v for k, v in cfg.flat().items() if k.startswith(("model.", "train."))
@@ -306,6 +385,8 @@ def run_worker(cfg: config.Config, dataset_uri: str, dist: Distribution, resume:
         return
     backup.mkdir(parents=True, exist_ok=True)  # the chief's run these epochs belong to, for `agree` on a rerun
     (backup / CHIEF_RUN).write_text(str(run))
+    if key := meeting_key(cfg, dataset_uri):  # this folder found on a rerun before the data is read
+        (backup / MEETING).write_text(key)
     # after `agree` (see there), in the chief's precision and XLA choice: `auto` may resolve otherwise on this host
     model = compile_model(cfg, training_part(dataset, splits), dist, len(splits[0]), chief=chiefs)
     history = fit(model, cfg, splits, len(dataset.class_names),
@@ -370,7 +451,12 @@ def main() -> None:
             prepare.check_dataset_uri(args.dataset_uri)
         else:
             prepare.check_source(cfg)
-    dist = distribution(cfg.train.distribute, job=meeting_job(cfg))  # check_inputs changes no model or train param
+    # check_inputs changes no model or train param, nor the data but with a dataset URI or a run resumed by id
+    held = None if not cluster else chief_checkpoint(cfg, args.resume, args.dataset_uri) if cluster.chief else \
+        worker_checkpoint(cfg, cluster.task, args.dataset_uri, args.resume)
+    dist = distribution(cfg.train.distribute, job={**meeting_job(cfg), **meeting_data(cfg, args.dataset_uri,
+                                                                                        args.resume)},
+                        checkpoint=held)
     if not dist.chief:
         run_worker(cfg, args.dataset_uri, dist, args.resume)
         return

@@ -299,8 +299,10 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(forker, store, tmp_pa
         proc.wait(timeout=30)
     assert [json.loads(path.read_text())["epoch"] for path in saved] == [1, 1]  # 1 epoch done on both, not 2
 
-    # A host whose checkpoint is behind (here: lost) is found before either trains: both refuse, exit 2.
+    # A host whose checkpoint is behind (here: lost) is found as the hosts meet: both refuse, exit 2, no run opened
     (kept,) = checkpoints.glob("worker1-*")
+    assert (kept / train.MEETING).read_text() == train.meeting_key(config.load("params/tiny.yaml", [
+        "data.synthetic_train=2048", "train.schedule=step", "train.lr_boundaries=[0.5]"]))
     kept.rename(tmp_path / "kept")
     procs = start_two_hosts(forker, store, *args, ports=ports)
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -312,7 +314,8 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(forker, store, tmp_pa
             "on the chief, `--resume never` on the others)")
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
-    assert run.info.status == "FAILED" and "different completed epochs" in run.data.tags["failure_reason"]
+    assert run.info.status == "RUNNING"  # as the kill left it (the next main ends it KILLED), not FAILED by a refusal
+    assert len(client.search_runs([run.info.experiment_id])) == 3  # the killed main, its prepare and train runs
     assert sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: m.step)[-1].step == 1
     assert client.search_model_versions("name = 'cifar10-resnet'") == []
 
@@ -335,10 +338,10 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(forker, store, tmp_pa
     assert run.data.metrics["acc"] > 0.5
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     # one train, evaluate and register run, none of worker 1's: the chief's mains (the prepare reused after the first)
-    assert sorted(r.data.tags["step"] for r in runs) == ["evaluate", "main", "main", "main", "prepare", "register",
+    assert sorted(r.data.tags["step"] for r in runs) == ["evaluate", "main", "main", "prepare", "register",
                                                          "train"]
     mains = [r for r in runs if r.data.tags["step"] == "main"]
-    assert sorted(r.info.status for r in mains) == ["FAILED", "FINISHED", "KILLED"]  # killed, refused, done
+    assert sorted(r.info.status for r in mains) == ["FINISHED", "KILLED"]  # killed, done (the refused one opened none)
     (done,) = [r for r in mains if r.info.status == "FINISHED"]
     assert done.data.metrics["test_acc"] > 0.5
     assert list(checkpoints.iterdir()) == []  # both hosts removed their checkpoints once done
@@ -374,18 +377,40 @@ def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(forke
         assert err.strip().splitlines()[-1] == (
             f"error: TF_CONFIG: worker {1 - index} (localhost:{ports[1 - index]}) was started with other model or "
             f"train params and other code (pipeline/{{{','.join(TRAIN_CODE)}}}.py) than this host (worker {index}): "
-            f"start every host with the same code, params, epochs and overrides")
+            f"start every host with the same code, params, epochs, overrides and data")
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
-def test_a_chief_that_fails_before_training_is_named_so_on_the_workers(forker, store, tmp_path):
-    """The chief's prepare fails (a data path bad on the chief alone): worker 1, waiting for it in the hosts' first
-    collective, said "worker 0 stopped answering" and "rerun every host's command to continue". Now it says the chief
-    ended before training began and where its error is; no host hangs."""
+def test_a_worker_on_other_data_is_refused_on_every_host_as_they_meet(forker, store, tmp_path):
+    """The chief given a data path (here a broken archive), worker 1 synthetic data: they met, the chief opened main's
+    run, and only then did one of them fail (the chief in reading it, or every host before training, on the data's
+    digest), leaving runs FAILED. Each host's hello now carries its data's digest: both exit 2 as they meet, naming
+    the data, and no run opens."""
     bad = tmp_path / "cifar10.tar.gz"
     bad.write_bytes(b"not an archive" * 100)
+    ports = [free_port(), free_port()]
+    procs = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
+                            "--data", str(bad), worker_args=("--data", "synthetic"), ports=ports)
+    for index, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            f"error: TF_CONFIG: worker {1 - index} (localhost:{ports[1 - index]}) was started with other "
+            f"{train.MEETING_DATA} than this host (worker {index}): start every host with the same code, params, "
+            f"epochs, overrides and data")
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_a_chief_that_fails_before_training_is_named_so_on_the_workers(forker, store):
+    """The chief's prepare fails (its data refused as it is read, on the chief alone): worker 1, waiting for it in the
+    hosts' first collective, said "worker 0 stopped answering" and "rerun every host's command to continue". Now it
+    says the chief ended before training began and where its error is; no host hangs."""
+    refused = ("from pipeline import data, prepare\n"
+               "def read_source(cfg, key=None):\n"
+               "    raise data.DataError('cifar10.tar.gz: unreadable archive (on the chief alone)')\n"
+               "prepare.read_source = read_source")
     chief, worker = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--overrides",
-                                    "tracking.experiment=e2e", "--data", str(bad), worker_args=("--data", "synthetic"))
+                                    "tracking.experiment=e2e", preludes=(refused, ""))
     outputs = [p.communicate(timeout=300) for p in (chief, worker)]
     assert chief.returncode == 2, outputs[0][1][-2000:]
     assert "unreadable archive" in outputs[0][1].strip().splitlines()[-1]

@@ -547,7 +547,8 @@ def test_a_batch_the_replicas_cannot_share_is_refused_before_any_run_opens(store
     from pipeline import distribute, main, train
 
     two = distribute.Distribution("data_parallel", ["cpu:0", "cpu:1"])
-    monkeypatch.setattr(train if module == "train" else main, "distribution", lambda mode, job=None: two)
+    monkeypatch.setattr(train if module == "train" else main, "distribution",
+                        lambda mode, job=None, checkpoint=None: two)
     result = in_process(module, "--params", TINY, "--epochs", "1", "--overrides",
                         f"{overrides} tracking.experiment=e2e")
     assert result.returncode == 2, result.stderr[-3000:]
@@ -937,7 +938,8 @@ def meet(*clusters: tuple, timeout: float = 5) -> list:
     def host(i: int) -> None:
         try:
             cluster = distribute.Cluster(*clusters[i][:3])
-            ended[i] = distribute.wait_for_hosts(cluster, timeout=timeout, job=(*clusters[i], None)[3])
+            ended[i] = distribute.wait_for_hosts(cluster, timeout=timeout, job=(*clusters[i], None, None)[3],
+                                                 checkpoint=(*clusters[i], None, None)[4])
             servers.append(socket.create_server(("", int(cluster.addresses[cluster.task].rpartition(":")[2]))))
         except ConfigError as exc:
             ended[i] = exc
@@ -992,12 +994,101 @@ def test_hosts_started_with_other_params_or_code_are_refused_when_they_meet_befo
     first, second, seconds = meet((spec, "worker", 0, chief_job), (spec, "worker", 1, worker_job), timeout=20)
     assert seconds < 10
     assert str(first) == (f"TF_CONFIG: worker 1 ({hosts[1]}) was started with other model or train params than this "
-                          f"host (worker 0): start every host with the same code, params, epochs and overrides")
+                          f"host (worker 0): start every host with the same code, params, epochs, overrides and data")
     assert str(second).startswith(f"TF_CONFIG: worker 0 ({hosts[0]}) was started with other model or train params ")
     monkeypatch.setattr(train, "train_code", lambda: "another checkout")
     assert "with other code (pipeline/" in str(meet((spec, "worker", 0, chief_job),
                                                      (spec, "worker", 1, train.meeting_job(config.load(TINY))))[0])
     assert meet((spec, "worker", 0, chief_job), (spec, "worker", 1, dict(chief_job)))[:2] == [None, None]
+
+
+def test_hosts_started_with_other_data_are_refused_when_they_meet_before_any_run_opens(tmp_path):
+    """Worker 1 started on another copy of the data (another archive at the same path, other data.* params) met the
+    chief, which opened main's run, prepared the data and opened the train run: only there (`Distribution.agree`) did
+    every host refuse it, leaving three runs FAILED. Each host that builds its data from data.source now sends a
+    digest of it in its hello (`train.meeting_data`): what the source holds, and the data.* params with an effect, not
+    the path it is kept at."""
+    from bench.servers import free_port
+    from pipeline import data, train
+
+    paths = [tmp_path / "a" / "d.npz", tmp_path / "b" / "d.npz", tmp_path / "c.npz"]
+    for path, seed in zip(paths, (0, 1, 0), strict=True):  # a and c alike, b another draw
+        path.parent.mkdir(exist_ok=True)
+        data.make_synthetic(n_train=64, n_test=32, seed=seed).save(path)
+
+    def job(source, *overrides: str) -> dict:
+        cfg = config.load(TINY, [f"data.source={source}", *overrides])
+        return {**train.meeting_job(cfg), **train.meeting_data(cfg)}
+
+    hosts = [f"localhost:{free_port()}" for _ in range(2)]
+    spec = {"worker": hosts}
+    first, second, seconds = meet((spec, "worker", 0, job(paths[0])), (spec, "worker", 1, job(paths[1])), timeout=20)
+    assert seconds < 10
+    assert str(first) == (f"TF_CONFIG: worker 1 ({hosts[1]}) was started with other data (data.* params or what "
+                          f"data.source holds) than this host (worker 0): start every host with the same code, "
+                          f"params, epochs, overrides and data")
+    assert str(second).startswith(f"TF_CONFIG: worker 0 ({hosts[0]}) was started with other data (data.* params ")
+    assert "with other data" in str(meet((spec, "worker", 0, job(paths[0])),
+                                         (spec, "worker", 1, job(paths[2], "data.max_train=32")))[0])
+    # the same bytes at another path, and a param without effect on them (synthetic's counts for a file): alike
+    assert meet((spec, "worker", 0, job(paths[0])), (spec, "worker", 1, job(paths[2], "data.synthetic_train=100"))
+                )[:2] == [None, None]
+    # a host that reads a prepared dataset, or one resumed by id, or whose source cannot be read yet, sends none:
+    # its data is compared before training, as before
+    cfg = config.load(TINY, [f"data.source={paths[0]}"])
+    assert train.meeting_data(cfg, dataset_uri="runs:/r/dataset/dataset.npz") == {}
+    assert train.meeting_data(cfg, resume="0123abcd") == {}
+    assert train.meeting_data(config.load(TINY, [f"data.source={tmp_path / 'none.npz'}"])) == {}
+
+
+def test_hosts_whose_checkpoints_cannot_go_on_together_are_refused_when_they_meet_before_any_run_opens():
+    """Rerun after both hosts were killed, a worker whose checkpoint was lost (or one epoch behind, or another run's of
+    the same params) met the chief, which opened main's run and resumed its train run: only there
+    (`Distribution.agree`) did every host refuse, the resumed run ended FAILED. Each host's hello now carries the
+    epochs its checkpoint holds and the chief's run they belong to, where known before any run opens."""
+    from bench.servers import free_port
+
+    hosts = [f"localhost:{free_port()}" for _ in range(2)]
+    spec = {"worker": hosts}
+    first, second, seconds = meet((spec, "worker", 0, None, (2, 7)), (spec, "worker", 1, None, (0, 0)), timeout=20)
+    assert seconds < 10
+    said = ("resume: the hosts' checkpoints hold different completed epochs (worker 0 2, worker 1 0): they must "
+            "continue from the same one. Start afresh: rerun every host with resume=never (`-P resume=never` on the "
+            "chief, `--resume never` on the others)")
+    assert str(first) == str(second) == said
+    first, second, _ = meet((spec, "worker", 0, None, (2, 7)), (spec, "worker", 1, None, (2, 9)))
+    assert str(first) == str(second) == (
+        "resume: worker 1's checkpoint holds 2 epochs of another run than the chief's (worker 0): the hosts would "
+        "train on from different weights. Start afresh: rerun every host with resume=never (`-P resume=never` on the "
+        "chief, `--resume never` on the others)")
+    for worker in ((2, 7), (2, 0), None):  # the chief's run, or none recorded (an earlier version), or not known
+        assert meet((spec, "worker", 0, None, (2, 7)), (spec, "worker", 1, None, worker))[:2] == [None, None]
+    # two workers are not compared with each other, only each with the chief
+    three = {"worker": [*hosts, f"localhost:{free_port()}"]}
+    assert meet((three, "worker", 0, None, None), (three, "worker", 1, None, (0, 0)),
+                (three, "worker", 2, None, (2, 7)))[:3] == [None, None, None]
+
+
+def test_a_workers_checkpoint_is_found_before_its_data_is_read(monkeypatch, tmp_path):
+    """Its folder is keyed by the data's digest, known once the data is read, after the hosts met: the key it meets
+    with (`meeting_key`), written beside its epochs, finds it before."""
+    from pipeline import train
+
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(tmp_path))
+    cfg = config.load(TINY)
+    assert train.worker_checkpoint(cfg, "worker 1") == (0, 0)
+    folder = tmp_path / "worker1-0123456789abcdef"
+    folder.mkdir()
+    (folder / "training_metadata.json").write_text('{"epoch": 2}')
+    (folder / train.CHIEF_RUN).write_text("7")
+    assert train.worker_checkpoint(cfg, "worker 1") is None  # an earlier version's folder: not known
+    (folder / train.MEETING).write_text(train.meeting_key(cfg))
+    assert train.worker_checkpoint(cfg, "worker 1") == (2, 7)
+    assert train.worker_checkpoint(cfg, "worker 2") == (0, 0)
+    assert train.worker_checkpoint(cfg, "worker 1", resume="never") == (0, 0)  # removed once its data is read
+    assert train.worker_checkpoint(config.load(TINY, ["train.lr=0.1"]), "worker 1") == (0, 0)  # another job's
+    assert train.worker_checkpoint(config.load(TINY, ["train.epochs=9"]), "worker 1") == (2, 7)  # an extension
+    assert train.worker_checkpoint(cfg, "worker 1", dataset_uri="runs:/r/dataset/dataset.npz") is None
 
 
 def test_what_the_hosts_compare_as_they_meet_is_what_they_compare_again_before_training(monkeypatch):
@@ -1021,15 +1112,20 @@ def test_every_host_meets_the_others_with_its_params_and_codes_digests(store, in
 
     met = []
 
-    def meets(mode, job=None):
+    def meets(mode, job=None, checkpoint=None):
         met.append(job)
+        held.append(checkpoint)
         raise ConfigError("met")
+
+    held = []
 
     monkeypatch.setattr(train if module == "train" else main, "distribution", meets)
     monkeypatch.setenv("TF_CONFIG", tf_config({"worker": TWO}, index=index))
     result = in_process(module, "--params", TINY, "--overrides", "train.lr=0.1 tracking.experiment=e2e")
     assert result.returncode == 2 and result.stderr.strip().endswith("error: met")
-    assert met == [train.meeting_job(config.load(TINY, ["train.lr=0.1"]))]
+    cfg = config.load(TINY, ["train.lr=0.1"])
+    assert met == [{**train.meeting_job(cfg), **train.meeting_data(cfg)}] and len(met[0]) == 3
+    assert held == [(0, 0)]  # no checkpoint: a fresh store, and none in this host's checkpoint folder
 
 
 def test_a_host_at_a_loopback_address_beside_hosts_on_other_machines_is_refused_at_once():

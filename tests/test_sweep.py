@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -256,6 +257,61 @@ def test_trials_too_many_for_a_paths_counted_images_open_no_run(store, tmp_path,
         ("FAIL", reason), ("WAITING", None)]
     assert sweep.trial_table(study)["failure_reason"].tolist()[0] == reason
     assert len(client.search_runs(experiments, run_view_type=ViewType.ALL)) == len(runs)
+
+
+TWO_REPLICAS = ("train.batch_size: 33, which keras.distribution.DataParallel cannot split evenly over 2 replicas "
+                "(data_parallel over cpu:0, cpu:1): use a multiple of 2")
+
+
+def two_replicas(monkeypatch):
+    """This host's train.distribute spreads every batch over two devices (JAX's DataParallel over two CPUs)."""
+    from pipeline import distribute
+
+    two = distribute.Distribution("data_parallel", ["cpu:0", "cpu:1"])
+    monkeypatch.setattr(distribute, "distribution", lambda mode, job=None: two)
+
+
+@pytest.mark.parametrize(("body", "refused"), [
+    ("grid:\n  train.batch_size: [32, 33]\n", f"trial 1 (train.batch_size=33): {TWO_REPLICAS}"),
+    ("space:\n  train.batch_size: [32, 33]\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n",
+     f"space (train.batch_size=33 train.lr=0.01): {TWO_REPLICAS}"),
+    ("space:\n  train.batch_size: {min: 32, max: 34}\ntrials: 2\n",  # its ends pass, 33 between them does not
+     f"spec.space.train.batch_size: can draw 33, which the params refuse: {TWO_REPLICAS}; narrow the range, or list "
+     "the values that pass"),
+], ids=["grid", "space-choice", "space-range"])
+def test_a_batch_this_hosts_replicas_cannot_share_is_refused_before_the_study(store, tmp_path, in_process, monkeypatch,
+                                                                             body, refused):
+    """Main and train refuse such a batch before any run (`inputs.check_known_batches`); a sweep's trial drawing it
+    opened its trial and train runs and failed in them, each in turn. A sweep whose process trains its trials
+    (one worker) now refuses the spec before its study or any run is made, naming the trial or the space's value."""
+    two_replicas(monkeypatch)
+    spec = write_spec(tmp_path, "sweep-replicas", body, {"train.batch_size": None})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    done = in_process("sweep", "--spec", spec, "--storage", storage)
+    assert (done.returncode, done.stderr.strip().splitlines()) == (2, [f"error: {refused}"]), done.stderr[-3000:]
+    assert optuna.get_all_study_summaries(storage, include_best_trial=False) == []
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()], run_view_type=ViewType.ALL) == []
+
+
+def test_a_trial_whose_batch_this_hosts_replicas_cannot_share_fails_before_its_run_opens(store, tmp_path,
+                                                                                          monkeypatch):
+    """A worker process of `workers N` (its parent does not load the backend, which would take the GPUs' memory) or a
+    host joining the study checks each trial it claims: refused, it fails in the study with the reason and opens no
+    run."""
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-replicas", "grid:\n  train.batch_size: [33]\n",
+                                 {"train.batch_size": None}))
+    two_replicas(monkeypatch)
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    parent = client.create_run(experiment_id).info.run_id
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+    sweep.lead(plan, study, parent, experiment_id)
+    trial, _ = sweep.claim(study, study._storage, plan)
+    sweep.run_trial(plan, study, trial, parent, experiment_id)
+    assert [(t.state.name, t.user_attrs.get("failure_reason")) for t in study.trials] == [
+        ("FAIL", f"ConfigError: {TWO_REPLICAS}")]
+    assert [r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)] == [parent]
 
 
 @pytest.mark.parametrize("task", ["worker", "chief"])
@@ -899,6 +955,23 @@ def test_workers_drawing_at_the_same_moment_run_no_combination_twice(tmp_path):
     assert sorted(t.system_attrs["fixed_params"]["train.lr"] for t in held) == [0.05, 0.1]  # as the study holds them
 
 
+def test_a_claim_is_a_study_system_attr_the_storage_inserts_once_through_optunas_private_models(tmp_path):
+    """A claim inserts a row of the study's system attrs that the database lets one insert only: no public Optuna call
+    does (`set_study_system_attr` overwrites), so `insert_study_system_attr` writes through Optuna's private
+    `optuna.storages._rdb.models`, and it alone. This fails where an Optuna release moves or renames that model, or
+    drops the unique (study, key) a claim relies on."""
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    ids = [storage.get_study_id_from_name(optuna.create_study(storage=storage, study_name=n).study_name)
+           for n in ("a", "b")]
+    assert sweep.insert_study_system_attr(storage, ids[0], "sweep:claimed:x", 3) is True
+    assert sweep.insert_study_system_attr(storage, ids[0], "sweep:claimed:x", 4) is False  # the first stays
+    assert sweep.insert_study_system_attr(storage, ids[1], "sweep:claimed:x", 5) is True  # another study's own
+    assert [storage.get_study_system_attrs(i)["sweep:claimed:x"] for i in ids] == [3, 5]  # read by the public API
+    source = Path(sweep.__file__).read_text()
+    assert source.count("from optuna.storages._rdb import") == 1  # the one use of it
+    assert "from optuna.storages._rdb import" in inspect.getsource(sweep.insert_study_system_attr)
+
+
 def one_trial(tmp_path, name: str):
     """A one-trial grid sweep led in store "e2e", its trial claimed: (plan, study, trial, parent run id, experiment)."""
     plan = sweep.Plan(write_spec(tmp_path, name, "grid:\n  train.lr: [0.1]\n"))
@@ -1349,6 +1422,31 @@ def test_a_study_deleted_and_started_again_under_its_name_registers_its_best(sto
     monkeypatch.setattr(sweep, "register_best", lambda plan, study: {"decision": {"version": 2}})
     assert sweep.finish(plan, study, storage) == {"decision": {"version": 2}}
     assert sweep.registered(storage, "again")
+
+
+@pytest.mark.parametrize("storage", ["absolute", "relative"])
+def test_a_study_whose_storage_file_is_gone_is_refused_before_anything_is_made(store, tmp_path, in_process,
+                                                                                monkeypatch, storage):
+    """The same command rerun after its Optuna storage's file was deleted or moved (or, named by a relative path,
+    from another folder) found no study, made a new file, a new sweep run and study under the same name, and ran
+    every trial again (and registered again), the first sweep run left as it was. The tracking store says where the
+    study was: refused, one line, no file, study or run made."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e") or client.get_experiment(client.create_experiment("e2e"))
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if storage == "absolute" else "sqlite:///optuna.db"
+    spec = write_spec(tmp_path, "sweep-gone", GRID, {"tracking.experiment": "e2e"})
+    earlier = client.create_run(experiment.experiment_id, tags={
+        "step": "sweep", "optuna_study": "gone", "optuna_storage": sweep.safe_url(url)}).info.run_id
+    client.set_terminated(earlier, "KILLED")
+    done = in_process("sweep", "--spec", spec, "--study", "gone", "--storage", url)
+    assert (done.returncode, done.stderr.strip().splitlines()) == (2, [
+        f"error: study: gone is not in {url}, which does not exist, though sweep run {earlier} ran it there (the "
+        f"file deleted or moved, or a relative path run from another folder?): put it back to go on with the study, "
+        f"or pass another -P study= to start afresh"]), done.stderr[-3000:]
+    assert not (tmp_path / "optuna.db").exists()
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL)] == [
+        earlier]
 
 
 def test_a_done_study_of_another_spec_is_refused(store, tmp_path, in_process):

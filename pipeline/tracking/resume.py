@@ -642,6 +642,16 @@ def refuse_other_code(run_id: str) -> None:
             f"from its weights with the code here (tagged resumed_across_code), resume=never starts afresh")
 
 
+def resumable_run(cfg: config.Config, dataset_uri: str) -> str | None:
+    """The run a plain rerun of `cfg` on `dataset_uri` would continue (`newest_resumable`), or None; left unclaimed
+    unless this process held it already: `find_resumable` claims it again, once the runs are open."""
+    held = set(_claimed)
+    run_id = newest_resumable(cfg, dataset_uri)
+    if run_id and run_id not in held:
+        release(run_id)
+    return run_id
+
+
 def check_resumable_code(cfg: config.Config, dataset_uri: str | None) -> str | None:
     """`refuse_other_code` and `check_checkpoint_readable` for the run a plain rerun would continue (`find_resumable`),
     before any run opens
@@ -649,10 +659,7 @@ def check_resumable_code(cfg: config.Config, dataset_uri: str | None) -> str | N
     Returns that run's id, or None."""
     if not dataset_uri:
         return None
-    held = set(_claimed)
-    run_id = newest_resumable(cfg, dataset_uri)
-    if run_id and run_id not in held:
-        release(run_id)  # find_resumable claims it again, once the runs are open
+    run_id = resumable_run(cfg, dataset_uri)
     if run_id:
         refuse_other_code(run_id)
         check_checkpoint_readable(run_id)

@@ -4,9 +4,9 @@ A trial's run is created as a child of the sweep run (`create_trial_run`) and en
 that claimed the trial (`enter_run`, `end_run`). `fail_trial_runs` ends a dead worker's trial run and
 the runs still open under it FAILED; `supersede_trial_runs` tags a trial run queued again, and its runs,
 `superseded_by_retry`; `end_pruned_train` ends a pruned train run KILLED. `run_tags`,
-`run_status`, `run_stage` and `final_metric` read a run back; `parent_run` re-enters the sweep run where another
-worker opened it (and ends it: FAILED where no trial finished); `adopt_wrapper_run` makes the run `mlflow run`
-opened for a joining command a child of the sweep run.
+`run_status`, `run_stage` and `final_metric` read a run back, `sweep_runs` finds a study's sweep runs;
+`parent_run` re-enters the sweep run where another worker opened it (and ends it: FAILED where no trial finished);
+`adopt_wrapper_run` makes the run `mlflow run` opened for a joining command a child of the sweep run.
 """
 
 from __future__ import annotations
@@ -134,6 +134,16 @@ def run_stage(run_id: str) -> str | None:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
+
+
+def sweep_runs(study: str, storage: str) -> list[str]:
+    """The ids of the sweep runs (tag step = sweep) of Optuna study `study` in `storage` (tags optuna_study and
+    optuna_storage, a URL without its password) in this tracking store, in any experiment not deleted, newest first."""
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, "tags.step = 'sweep'", order_by=["attributes.start_time DESC"])
+    return [r.info.run_id for r in runs
+            if r.data.tags.get("optuna_study") == study and r.data.tags.get("optuna_storage") == storage]
 
 
 def final_metric(run_id: str, key: str) -> float:
