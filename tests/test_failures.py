@@ -2152,3 +2152,22 @@ def test_a_champion_weighed_by_its_registered_score_names_no_other_evaluation_as
     assert decision["champion_test_acc"] == 0.5 and decision["alias_moved"], decision
     assert decision["champion_evaluate_run"] is None, decision
     assert registry.CHAMPION_EVALUATE_RUN_TAG not in client.get_model_version("cifar10-resnet", "2").tags
+
+
+@pytest.mark.parametrize(("acc", "read"), [(93.1, "93.1"), (-0.25, "-0.25"), (float("inf"), "1.79769e+308")])
+def test_a_model_whose_test_acc_is_no_accuracy_is_refused_before_anything_is_registered(store, in_process, acc,
+                                                                                        read):
+    """A test_acc on a logged model that is no accuracy in [0, 1] (logged by another tool: a percentage; inf, which
+    MLflow's SQL store keeps as the largest float) was registered as any score: 93.1 took the alias, and no score of
+    evaluate's could beat it again. Refused in one line naming the model and the value, exit 2, no register run, no
+    version. (NaN, which that store reads back as 0.0, is a score of 0 to register.)"""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": acc})
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    result = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e", "--model-uri", uri)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: model_uri: {uri} has test_acc {read}, no accuracy in [0, 1] (logged by run "), result.stderr[-3000:]
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    assert client.search_registered_models() == []

@@ -108,7 +108,8 @@ def _evaluation(model, tagged_acc: str | None = None, evaluate_run: str | None =
 
 def model_test_acc(model_uri: str) -> Score:
     """The newest evaluation of a logged model (`model_score`); ConfigError naming `model_uri` where the URI is
-    not `models:/m-...` of a model in this store, or evaluate has not scored it."""
+    not `models:/m-...` of a model in this store, or evaluate has not scored it, or its test_acc is no accuracy in
+    [0, 1] (`is_accuracy`: logged by another tool, a percentage, NaN)."""
     logged_model = model_id(model_uri)
     if logged_model is None:
         raise config.ConfigError(f"model_uri: expected a logged model URI models:/m-..., got {model_uri!r}")
@@ -120,7 +121,16 @@ def model_test_acc(model_uri: str) -> Score:
     if score.test_acc is None:  # an evaluate run that failed, was killed or deleted does not count
         raise config.ConfigError(f"model_uri: {model_uri} has no test_acc from an evaluate run that finished: "
                                  f"{_unfinished_evaluation(model)}")
+    if not is_accuracy(score.test_acc):  # a percentage won every comparison after it, NaN took an alias none held
+        raise config.ConfigError(f"model_uri: {model_uri} has test_acc {score.test_acc:g}, no accuracy in [0, 1] "
+                                 f"(logged by run {score.evaluate_run}, not by evaluate, whose scores lie there); "
+                                 f"score it with evaluate, then register it")
     return score
+
+
+def is_accuracy(value: float | None) -> bool:
+    """Whether `value` is an accuracy, a number in [0, 1] (not NaN, inf or a percentage)."""
+    return value is not None and 0 <= value <= 1  # NaN is neither
 
 
 def _unfinished_evaluation(model) -> str:
@@ -229,7 +239,7 @@ def tagged_test_acc(version) -> float | None:
         value = float((version.tags or {})["test_acc"])
     except (KeyError, ValueError):
         return None
-    return value if 0 <= value <= 1 else None  # NaN is neither
+    return value if is_accuracy(value) else None
 
 
 def version_score(version) -> Score:
