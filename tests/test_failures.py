@@ -2171,3 +2171,23 @@ def test_a_model_whose_test_acc_is_no_accuracy_is_refused_before_anything_is_reg
         f"error: model_uri: {uri} has test_acc {read}, no accuracy in [0, 1] (logged by run "), result.stderr[-3000:]
     assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
     assert client.search_registered_models() == []
+
+
+def test_a_model_whose_artifacts_are_gone_is_refused_before_anything_is_registered(store, in_process):
+    """A model evaluated, then its files removed (by hand, or `mlflow gc` of its deleted run): register registered it
+    and moved the alias to a model no one can load or serve. Refused in one line naming it, exit 2, no register run,
+    no version, the alias where it was."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
+    uri = evaluated_model(experiment_id, {"test_acc": 0.9})
+    shutil.rmtree(client.get_logged_model(uri.removeprefix("models:/")).artifact_location.removeprefix("file://"))
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    result = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e", "--model-uri", uri)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model_uri: {uri} cannot be registered: its artifacts are gone: no MLmodel file (nothing to load or "
+        f"serve); train it again"), result.stderr[-3000:]
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    assert [str(v.version) for v in client.search_model_versions("name = 'cifar10-resnet'")] == ["1"]
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"

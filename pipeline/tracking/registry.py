@@ -109,7 +109,7 @@ def _evaluation(model, tagged_acc: str | None = None, evaluate_run: str | None =
 def model_test_acc(model_uri: str) -> Score:
     """The newest evaluation of a logged model (`model_score`); ConfigError naming `model_uri` where the URI is
     not `models:/m-...` of a model in this store, or evaluate has not scored it, or its test_acc is no accuracy in
-    [0, 1] (`is_accuracy`: logged by another tool, a percentage, NaN)."""
+    [0, 1] (`is_accuracy`: logged by another tool, a percentage, NaN), or its files are gone (`model_gone`)."""
     logged_model = model_id(model_uri)
     if logged_model is None:
         raise config.ConfigError(f"model_uri: expected a logged model URI models:/m-..., got {model_uri!r}")
@@ -121,10 +121,13 @@ def model_test_acc(model_uri: str) -> Score:
     if score.test_acc is None:  # an evaluate run that failed, was killed or deleted does not count
         raise config.ConfigError(f"model_uri: {model_uri} has no test_acc from an evaluate run that finished: "
                                  f"{_unfinished_evaluation(model)}")
-    if not is_accuracy(score.test_acc):  # a percentage won every comparison after it, NaN took an alias none held
+    if not is_accuracy(score.test_acc):  # a percentage won every comparison after it
         raise config.ConfigError(f"model_uri: {model_uri} has test_acc {score.test_acc:g}, no accuracy in [0, 1] "
                                  f"(logged by run {score.evaluate_run}, not by evaluate, whose scores lie there); "
                                  f"score it with evaluate, then register it")
+    if gone := model_gone(model_uri):  # a version of it would take the alias, and serve nothing
+        raise config.ConfigError(f"model_uri: {model_uri} cannot be registered: {gone} (nothing to load or serve); "
+                                 f"train it again")
     return score
 
 
