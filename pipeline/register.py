@@ -94,7 +94,7 @@ def challenger_report(decision: dict, alias: str, model_uri: str, challenger: re
     champion_metrics = held.metrics if held else {}
     per_class = class_differences(per_class_accuracy(challenger.metrics), per_class_accuracy(champion_metrics))
     # scores on other test images (another copy, a subset) do not subtract: each side's stays, no difference
-    compare = held is None or registry.comparable(challenger.test_data, held.test_data)
+    compare = held is None or registry.same_test_data(challenger, held)
     if not compare:
         per_class["difference"] = float("nan")
     difference = (None if decision["champion_test_acc"] is None or not compare
@@ -162,6 +162,8 @@ def champion_on_test_data(cfg: config.Config, name: str, champion, challenger: r
     ended FAILED saying why), which would otherwise fail every register until the champion is moved by hand.
     """
     uri = registry.version_model_uri(champion)
+    if not challenger.test_data:  # an evaluation of any test split would do below
+        return None, "this model's test split is unknown (its score has no test_data_sha256 to score the other on)"
     found = registry.model_score(uri, test_data=challenger.test_data)
     if found.test_acc is not None:
         return found, f"its model's evaluation on it by evaluate run {found.evaluate_run}"
@@ -257,13 +259,17 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
     # a champion whose model was deleted, or its files, serves nothing: its registered score weighs nothing either
     gone = None if champion is None or resumed else registry.model_gone(registry.version_model_uri(champion))
     if (champion is not None and champion_acc is not None and not score.in_train and not resumed and not gone
-            and not registry.comparable(test_data, held.test_data)):  # scored on other test data: on the challenger's
+            and not registry.same_test_data(score, held)):  # scored on other test data: on the challenger's
         rescored, how = champion_on_test_data(cfg, name, champion, score)
         if rescored is not None:
             registered, held, champion_acc = held, rescored, float(f"{rescored.test_acc:.6f}")
     on_equal_data = "" if registered is None else (
         f" on this test data ({how}; v{champion.version} was registered with {registered.test_acc:.4f} on other "
-        f"test data, test split sha256 {registered.test_data[:12]})")
+        f"test data, {registry.test_split_words(registered)})")
+    # weighed on test data taken as the same for want of a digest (scored before evaluate recorded one, or by hand)
+    if registered is None and held is not None and (unknown := registry.unknown_test_split(score, held,
+                                                                                          champion.version)):
+        on_equal_data = f" ({unknown} {'are' if unknown.startswith('both') else 'is'} unknown: compared as if the same)"
     if resumed:
         moved, reason = True, (f"v{version.version} holds @{alias} already: a register of this model placed it "
                                f"there and was stopped before its report")
@@ -283,9 +289,9 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
         moved, reason = False, (f"v{champion.version} holds @{alias} without a test_acc (registered by hand, and "
                                 f"evaluate has not scored its model): @{alias} kept; evaluate it, or move @{alias} "
                                 f"by hand")
-    elif not registry.comparable(test_data, held.test_data):
+    elif not registry.same_test_data(score, held):
         moved, reason = False, (f"test_acc {test_acc:.4f} was measured on other test data than v{champion.version}'s "
-                                f"{champion_acc:.4f} (test split sha256 {test_data[:12]} vs {held.test_data[:12]}), "
+                                f"{champion_acc:.4f} ({registry.test_data_difference(score, held, champion.version)}), "
                                 f"and v{champion.version}'s model could not be scored on this one ({how}): "
                                 f"not comparable, @{alias} kept; register it under another register.model_name, or "
                                 f"move @{alias} to it by hand")

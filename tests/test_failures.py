@@ -2191,3 +2191,38 @@ def test_a_model_whose_artifacts_are_gone_is_refused_before_anything_is_register
     assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
     assert [str(v.version) for v in client.search_model_versions("name = 'cifar10-resnet'")] == ["1"]
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+
+
+def scored_without_digest(experiment_id: str, metrics: dict[str, float]) -> str:
+    """A stand-in logged model whose score has no test split digest (scored before evaluate recorded one, or by
+    hand)."""
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+    with mlflow.start_run(experiment_id=experiment_id):
+        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(metrics, model_id=info.model_id)
+    return info.model_uri
+
+
+def test_a_champion_scored_on_an_unknown_test_split_of_another_size_does_not_compete(store):
+    """A champion whose score has no test split digest was weighed against any challenger as if on the same images: one
+    measured on 1,280 test images kept the alias against one on 10,000 scoring less, or lost it to one scoring more,
+    without a word. Their numbers of test images differ: not comparable, as for other digests (the alias stays, the
+    reason gives both counts). Where that too is unknown, they are compared, and the reason says the split is
+    unknown."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    registered(experiment_id, scored_without_digest(experiment_id, {"test_acc": 0.9, "test_images": 1280}))
+    for acc in (0.85, 0.95):
+        decision = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": acc, "test_images": 10000}))
+        assert not decision["alias_moved"], decision["reason"]
+        assert decision["reason"].startswith(
+            f"test_acc {acc:.4f} was measured on other test data than v1's 0.9000 (10000 vs 1280 test images, v1's "
+            f"test split unknown), and v1's model could not be scored on this one"), decision["reason"]
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+    for uri, unknown in ((evaluated_model(experiment_id, {"test_acc": 0.5}), "v1's test split is"),
+                         (scored_without_digest(experiment_id, {"test_acc": 0.5}), "both test splits are")):
+        decision = registered(experiment_id, uri)
+        assert not decision["alias_moved"], decision["reason"]
+        assert decision["reason"] == (f"test_acc 0.5000 does not beat v1's 0.9000 ({unknown} unknown: compared as if "
+                                      f"the same)"), decision["reason"]
