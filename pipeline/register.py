@@ -345,7 +345,9 @@ def main() -> None:
     if model_uri.rstrip("/").startswith("models:/"):
         model_uri = model_uri.rstrip("/")
     # `runs:/<train run id>/model`, as evaluate takes it: the logged model behind it (MLflow 3 logs a run's model so)
-    if model_uri.startswith("runs:/") and (found := steps.logged_model_id(model_uri)):
+    if model_uri.startswith("runs:/"):
+        if not (found := steps.logged_model_id(model_uri)):  # not "expected a logged model URI", a form it takes
+            raise config.ConfigError(f"model_uri: {model_uri} names no logged model: {steps.why_no_model(model_uri)}")
         model_uri = f"models:/{found}"
         print(f"model_uri: {args.model_uri} is {model_uri}")
     # a registry URI (`models:/name@alias`, `/3`, `/latest`): its version's logged model, read once (an alias moves)

@@ -1494,9 +1494,16 @@ def test_register_takes_the_runs_model_uri_evaluate_takes(store, in_process):
     assert "registered cifar10-resnet v1: @champion moved" in done.stdout, done.stdout[-3000:]
     (version,) = MlflowClient().search_model_versions("name = 'cifar10-resnet'")
     assert registry.version_model_uri(version) == uri
-    refused = in_process("register", "--params", TINY, "--model-uri", f"runs:/{source_run}/no-such-model")
-    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
-        f"error: model_uri: expected a logged model URI models:/m-..., got 'runs:/{source_run}/no-such-model'")
+    # a path of the run that holds no model, or a run this store has not: named as such, not as a URI of another form
+    # ("expected a logged model URI models:/m-..., got 'runs:/...'", the form register had just taken)
+    MlflowClient().set_tag(source_run, "model_uri", uri)  # as train tags its run
+    for given, why in ((f"runs:/{source_run}/no-such-model", f"run {source_run} has no model at no-such-model (no "
+                                                                 f"MLmodel file there; its model_uri tag is {uri})"),
+                       ("runs:/0123456789abcdef/model", "no run 0123456789abcdef in this tracking store")):
+        refused = in_process("register", "--params", TINY, "--model-uri", given)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.strip().splitlines()[-1] == f"error: model_uri: {given} names no logged model: {why}"
+    assert len(MlflowClient().search_model_versions("name = 'cifar10-resnet'")) == 1
 
 
 def test_register_takes_a_registry_uri_and_registers_its_versions_logged_model(store, in_process):

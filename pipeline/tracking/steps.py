@@ -376,6 +376,19 @@ def logged_model_id(model_uri: str) -> str | None:
         return None
 
 
+def why_no_model(model_uri: str) -> str:
+    """Why `runs:/<run id>/<path>` names no logged model (`logged_model_id` found none): no such run in this store, or
+    no MLmodel file at that path of it (with the model the run names in its tag `model_uri`, as train tags it)."""
+    run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return f"no run {run_id} in this tracking store"
+    tagged = run.data.tags.get("model_uri")
+    named = f"; its model_uri tag is {tagged}" if tagged else ""
+    return f"run {run_id} has no model at {path or '/'} (no MLmodel file there{named})"
+
+
 def registered_model_id(model_uri: str) -> str | None:
     """The logged model behind a registry URI (`models:/name@alias`, `models:/name/3`, `models:/name/latest`, a stage),
     or None: an evaluation of `@champion` lands on the champion's logged model too, where register reads it. Read as
