@@ -762,6 +762,24 @@ def test_evaluate_refuses_a_dataset_of_other_classes(monkeypatch):
         evaluate.run(config.load(TINY), "models:/m-1", "runs:/0/dataset/dataset.npz")
 
 
+def test_evaluate_refusing_a_dataset_of_the_models_classes_in_another_order_says_so(monkeypatch):
+    """The same ten classes in another order (an .npz whose class_names array lists them otherwise) were refused as
+    any other classes, two lists of ten names to compare by eye: the line says they are the same classes in another
+    order, and how to make a dataset the model scores."""
+    from types import SimpleNamespace
+
+    from pipeline import data
+
+    dataset = data.make_synthetic(n_train=16, n_test=16)
+    monkeypatch.setattr(prepare, "load_dataset", lambda uri: dataset)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=list(dataset.class_names)[::-1], tta="none"))
+    with pytest.raises(config.ConfigError) as refused:
+        evaluate.run(config.load(TINY), "models:/m-1", "runs:/0/dataset/dataset.npz")
+    assert str(refused.value).endswith(
+        "the same classes in another order: give its labels in the model's order (label i is the model's class i)")
+
+
 def test_evaluate_refuses_a_model_it_cannot_score_before_any_run_opens(store, in_process, monkeypatch):
     """`evaluate` checked its dataset URI only before opening its run: a model URI naming no model, one that is no
     image classifier, one MLflow marked FAILED (its upload failed part way) and one of other classes than the
