@@ -57,6 +57,7 @@ from pipeline.tracking.resume import step_lock
 
 # Tag on an evaluate run register opened to score a champion on a challenger's test data: `<model name>/<version>`
 RESCORE_TAG = "scores_champion"
+URI_FORMS = "give models:/m-..., models:/<name>@<alias>, models:/<name>/<version> or runs:/<train run id>/model"
 
 
 def per_class_accuracy(metrics: dict[str, float]) -> dict[str, float]:
@@ -339,6 +340,8 @@ def main() -> None:
     # Keras scores a champion on a challenger's test data: a backend it cannot load printed its traceback in the run
     check_configured_backend()
     model_uri = args.model_uri
+    if not model_uri.strip():  # evaluate's line
+        raise config.ConfigError(f"model_uri: empty; {URI_FORMS}")
     registry.check_names_version(model_uri)  # models:/<name>(/): evaluate's line, naming the URI as given
     # a models:/ URI's trailing slash (a shell's completion, a copied path), which evaluate reads as without it
     # (steps.logged_model_id), was refused here ("expected a logged model URI")
@@ -367,6 +370,11 @@ def main() -> None:
             print(f"model_uri: {why}")
             return
         print(f"model_uri: {args.model_uri} is v{version.version} of {version.name}, {model_uri}")
+    elif not model_uri.startswith("models:/"):  # a path, which evaluate scores, but whose scores land on its run only
+        copied = steps.copied_model_id(model_uri)
+        raise config.ConfigError(f"model_uri: {model_uri} is a folder, no model register takes: it holds a copy of "
+                                 f"models:/{copied}: give that" if copied else
+                                 f"model_uri: {model_uri!r} is no model register takes; {URI_FORMS}")
     registry.model_test_acc(model_uri)  # a wrong URI or an unevaluated model fails before a run is opened
     with step_lock() as hold, step_run(cfg, "register") as step:
         hold(step)  # killed, it is left for the next main to end

@@ -2251,3 +2251,26 @@ def test_a_champion_scored_on_an_unknown_test_split_of_another_size_does_not_com
         assert not decision["alias_moved"], decision["reason"]
         assert decision["reason"] == (f"test_acc 0.5000 does not beat v1's 0.9000 ({unknown} unknown: compared as if "
                                       f"the same)"), decision["reason"]
+
+
+def test_register_refuses_an_empty_uri_or_a_models_folder_saying_what_to_give(store, in_process):
+    """`-P model_uri=` (or a blank) and a downloaded model's folder, which evaluate takes, were refused as "expected a
+    logged model URI models:/m-..., got ''": the line says the value is empty, or that a folder is no model register
+    takes, naming the logged model the folder was downloaded from; `runs:/` with no run id says that. Exit 2, no run."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    forms = "give models:/m-..., models:/<name>@<alias>, models:/<name>/<version> or runs:/<train run id>/model"
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    for given, line in (("", f"model_uri: empty; {forms}"), (" ", f"model_uri: empty; {forms}"),
+                        (folder, f"model_uri: {folder} is a folder, no model register takes: it holds a copy of "
+                                 f"{uri}: give that"),
+                        ("file:///nowhere", f"model_uri: 'file:///nowhere' is no model register takes; {forms}"),
+                        ("runs:/", "model_uri: runs:/ names no logged model: no run id after runs:/")):
+        result = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                            "--model-uri", given)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines()[-1] == f"error: {line}", result.stderr[-3000:]
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    assert client.search_registered_models() == []

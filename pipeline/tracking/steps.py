@@ -376,10 +376,21 @@ def logged_model_id(model_uri: str) -> str | None:
         return None
 
 
+def copied_model_id(path: str) -> str | None:
+    """The logged model a model's folder (a path or `file:` URI, as `mlflow.artifacts.download_artifacts` leaves it) is
+    a copy of, as its MLmodel file names it; None for anything else."""
+    try:
+        return mlflow.models.get_model_info(path).model_id
+    except Exception:  # noqa: BLE001 - no folder, no MLmodel: MLflow raises several types
+        return None
+
+
 def why_no_model(model_uri: str) -> str:
     """Why `runs:/<run id>/<path>` names no logged model (`logged_model_id` found none): no such run in this store, or
     no MLmodel file at that path of it (with the model the run names in its tag `model_uri`, as train tags it)."""
     run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
+    if not run_id:
+        return "no run id after runs:/"
     try:
         run = mlflow.MlflowClient().get_run(run_id)
     except MlflowException:
