@@ -376,6 +376,7 @@ def main() -> None:
                                  f"models:/{copied}: give that" if copied else
                                  f"model_uri: {model_uri!r} is no model register takes; {URI_FORMS}")
     registry.model_test_acc(model_uri)  # a wrong URI or an unevaluated model fails before a run is opened
+    steps.check_run_not_trashed(model_uri, model_id(model_uri), "register its model")  # as evaluate refuses it
     with step_lock() as hold, step_run(cfg, "register") as step:
         hold(step)  # killed, it is left for the next main to end
         run(cfg, model_uri, args.model_uri)

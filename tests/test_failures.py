@@ -2274,3 +2274,22 @@ def test_register_refuses_an_empty_uri_or_a_models_folder_saying_what_to_give(st
         assert result.stderr.strip().splitlines()[-1] == f"error: {line}", result.stderr[-3000:]
     assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
     assert client.search_registered_models() == []
+
+
+def test_register_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(store, in_process):
+    """A model evaluated, then its training run deleted (MLflow's trash, its artifacts kept until `mlflow gc`): evaluate
+    refuses to score such a model, but register registered it and could move the alias to a model its user
+    discarded. Refused in one line naming the run and how to restore it, exit 2, no run, no version."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": 0.9})
+    trained = client.get_logged_model(uri.removeprefix("models:/")).source_run_id
+    client.delete_run(trained)
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    result = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e", "--model-uri", uri)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model_uri: {uri} was logged by run {trained}, which is in MLflow's trash; restore it (mlflow runs "
+        f"restore --run-id {trained}) to register its model"), result.stderr[-3000:]
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    assert client.search_registered_models() == []

@@ -296,10 +296,11 @@ def in_trash(run_id: str | None) -> bool:
         return False
 
 
-def check_run_not_trashed(model_uri: str, logged_model: str | None) -> None:
+def check_run_not_trashed(model_uri: str, logged_model: str | None, to: str = "score its model") -> None:
     """ConfigError naming `model_uri` where the run that logged its model (a `runs:/` URI's run, else the logged
     model's source run) is in MLflow's trash: its artifacts stay loadable until `mlflow gc`, and a score of it would
-    land on a model its user discarded, for register to take. Nothing to check for a model no run logged (a folder)."""
+    land on a model its user discarded, for register to take (register refuses it too; `to`: what restoring it is
+    for). Nothing to check for a model no run logged (a folder)."""
     run_id = model_uri.removeprefix("runs:/").partition("/")[0] if model_uri.startswith("runs:/") else None
     try:
         run_id = run_id or (mlflow.get_logged_model(logged_model).source_run_id if logged_model else None)
@@ -307,7 +308,7 @@ def check_run_not_trashed(model_uri: str, logged_model: str | None) -> None:
         return  # no such model: loading it says so
     if in_trash(run_id):
         raise config.ConfigError(f"model_uri: {model_uri} was logged by run {run_id}, which is in MLflow's trash; "
-                                 f"restore it (mlflow runs restore --run-id {run_id}) to score its model")
+                                 f"restore it (mlflow runs restore --run-id {run_id}) to {to}")
 
 
 def check_dataset_not_trashed(dataset_uri: str) -> None:
