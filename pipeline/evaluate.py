@@ -122,8 +122,11 @@ def check_classes(classifier, dataset: Dataset, model_uri: str) -> None:
         raise config.ConfigError(f"model_uri: {model_uri} is not an image classifier this pipeline logged (a "
                                  f"{type(classifier).__name__}): evaluate cannot score it")
     if list(classifier.class_names) != list(dataset.class_names):
+        reordered = sorted(classifier.class_names) == sorted(dataset.class_names)  # ten names to compare by eye
+        fix = ("the same classes in another order: give its labels in the model's order (label i is the model's class "
+               "i)" if reordered else "give a dataset of its classes")
         raise config.ConfigError(f"model_uri: {model_uri} was trained on the classes {list(classifier.class_names)}, "
-                                 f"the dataset has {list(dataset.class_names)}: give a dataset of its classes")
+                                 f"the dataset has {list(dataset.class_names)}: {fix}")
     if not callable(getattr(classifier, "predict_proba", None)):  # another's Python model that names classes
         raise config.ConfigError(f"model_uri: {model_uri} is not an image classifier this pipeline logged (a "
                                  f"{type(classifier).__name__}): evaluate cannot score it")

@@ -57,6 +57,7 @@ from pipeline.tracking.resume import step_lock
 
 # Tag on an evaluate run register opened to score a champion on a challenger's test data: `<model name>/<version>`
 RESCORE_TAG = "scores_champion"
+URI_FORMS = "give models:/m-..., models:/<name>@<alias>, models:/<name>/<version> or runs:/<train run id>/model"
 
 
 def per_class_accuracy(metrics: dict[str, float]) -> dict[str, float]:
@@ -94,7 +95,7 @@ def challenger_report(decision: dict, alias: str, model_uri: str, challenger: re
     champion_metrics = held.metrics if held else {}
     per_class = class_differences(per_class_accuracy(challenger.metrics), per_class_accuracy(champion_metrics))
     # scores on other test images (another copy, a subset) do not subtract: each side's stays, no difference
-    compare = held is None or registry.comparable(challenger.test_data, held.test_data)
+    compare = held is None or registry.same_test_data(challenger, held)
     if not compare:
         per_class["difference"] = float("nan")
     difference = (None if decision["champion_test_acc"] is None or not compare
@@ -162,6 +163,8 @@ def champion_on_test_data(cfg: config.Config, name: str, champion, challenger: r
     ended FAILED saying why), which would otherwise fail every register until the champion is moved by hand.
     """
     uri = registry.version_model_uri(champion)
+    if not challenger.test_data:  # an evaluation of any test split would do below
+        return None, "this model's test split is unknown (its score has no test_data_sha256 to score the other on)"
     found = registry.model_score(uri, test_data=challenger.test_data)
     if found.test_acc is not None:
         return found, f"its model's evaluation on it by evaluate run {found.evaluate_run}"
@@ -257,13 +260,17 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
     # a champion whose model was deleted, or its files, serves nothing: its registered score weighs nothing either
     gone = None if champion is None or resumed else registry.model_gone(registry.version_model_uri(champion))
     if (champion is not None and champion_acc is not None and not score.in_train and not resumed and not gone
-            and not registry.comparable(test_data, held.test_data)):  # scored on other test data: on the challenger's
+            and not registry.same_test_data(score, held)):  # scored on other test data: on the challenger's
         rescored, how = champion_on_test_data(cfg, name, champion, score)
         if rescored is not None:
             registered, held, champion_acc = held, rescored, float(f"{rescored.test_acc:.6f}")
     on_equal_data = "" if registered is None else (
         f" on this test data ({how}; v{champion.version} was registered with {registered.test_acc:.4f} on other "
-        f"test data, test split sha256 {registered.test_data[:12]})")
+        f"test data, {registry.test_split_words(registered)})")
+    # weighed on test data taken as the same for want of a digest (scored before evaluate recorded one, or by hand)
+    if registered is None and held is not None and (unknown := registry.unknown_test_split(score, held,
+                                                                                          champion.version)):
+        on_equal_data = f" ({unknown} {'are' if unknown.startswith('both') else 'is'} unknown: compared as if the same)"
     if resumed:
         moved, reason = True, (f"v{version.version} holds @{alias} already: a register of this model placed it "
                                f"there and was stopped before its report")
@@ -283,9 +290,9 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
         moved, reason = False, (f"v{champion.version} holds @{alias} without a test_acc (registered by hand, and "
                                 f"evaluate has not scored its model): @{alias} kept; evaluate it, or move @{alias} "
                                 f"by hand")
-    elif not registry.comparable(test_data, held.test_data):
+    elif not registry.same_test_data(score, held):
         moved, reason = False, (f"test_acc {test_acc:.4f} was measured on other test data than v{champion.version}'s "
-                                f"{champion_acc:.4f} (test split sha256 {test_data[:12]} vs {held.test_data[:12]}), "
+                                f"{champion_acc:.4f} ({registry.test_data_difference(score, held, champion.version)}), "
                                 f"and v{champion.version}'s model could not be scored on this one ({how}): "
                                 f"not comparable, @{alias} kept; register it under another register.model_name, or "
                                 f"move @{alias} to it by hand")
@@ -333,13 +340,17 @@ def main() -> None:
     # Keras scores a champion on a challenger's test data: a backend it cannot load printed its traceback in the run
     check_configured_backend()
     model_uri = args.model_uri
+    if not model_uri.strip():  # evaluate's line
+        raise config.ConfigError(f"model_uri: empty; {URI_FORMS}")
     registry.check_names_version(model_uri)  # models:/<name>(/): evaluate's line, naming the URI as given
     # a models:/ URI's trailing slash (a shell's completion, a copied path), which evaluate reads as without it
     # (steps.logged_model_id), was refused here ("expected a logged model URI")
     if model_uri.rstrip("/").startswith("models:/"):
         model_uri = model_uri.rstrip("/")
     # `runs:/<train run id>/model`, as evaluate takes it: the logged model behind it (MLflow 3 logs a run's model so)
-    if model_uri.startswith("runs:/") and (found := steps.logged_model_id(model_uri)):
+    if model_uri.startswith("runs:/"):
+        if not (found := steps.logged_model_id(model_uri)):  # not "expected a logged model URI", a form it takes
+            raise config.ConfigError(f"model_uri: {model_uri} names no logged model: {steps.why_no_model(model_uri)}")
         model_uri = f"models:/{found}"
         print(f"model_uri: {args.model_uri} is {model_uri}")
     # a registry URI (`models:/name@alias`, `/3`, `/latest`): its version's logged model, read once (an alias moves)
@@ -359,7 +370,13 @@ def main() -> None:
             print(f"model_uri: {why}")
             return
         print(f"model_uri: {args.model_uri} is v{version.version} of {version.name}, {model_uri}")
+    elif not model_uri.startswith("models:/"):  # a path, which evaluate scores, but whose scores land on its run only
+        copied = steps.copied_model_id(model_uri)
+        raise config.ConfigError(f"model_uri: {model_uri} is a folder, no model register takes: it holds a copy of "
+                                 f"models:/{copied}: give that" if copied else
+                                 f"model_uri: {model_uri!r} is no model register takes; {URI_FORMS}")
     registry.model_test_acc(model_uri)  # a wrong URI or an unevaluated model fails before a run is opened
+    steps.check_run_not_trashed(model_uri, model_id(model_uri), "register its model")  # as evaluate refuses it
     with step_lock() as hold, step_run(cfg, "register") as step:
         hold(step)  # killed, it is left for the next main to end
         run(cfg, model_uri, args.model_uri)

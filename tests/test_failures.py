@@ -762,6 +762,24 @@ def test_evaluate_refuses_a_dataset_of_other_classes(monkeypatch):
         evaluate.run(config.load(TINY), "models:/m-1", "runs:/0/dataset/dataset.npz")
 
 
+def test_evaluate_refusing_a_dataset_of_the_models_classes_in_another_order_says_so(monkeypatch):
+    """The same ten classes in another order (an .npz whose class_names array lists them otherwise) were refused as
+    any other classes, two lists of ten names to compare by eye: the line says they are the same classes in another
+    order, and how to make a dataset the model scores."""
+    from types import SimpleNamespace
+
+    from pipeline import data
+
+    dataset = data.make_synthetic(n_train=16, n_test=16)
+    monkeypatch.setattr(prepare, "load_dataset", lambda uri: dataset)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=list(dataset.class_names)[::-1], tta="none"))
+    with pytest.raises(config.ConfigError) as refused:
+        evaluate.run(config.load(TINY), "models:/m-1", "runs:/0/dataset/dataset.npz")
+    assert str(refused.value).endswith(
+        "the same classes in another order: give its labels in the model's order (label i is the model's class i)")
+
+
 def test_evaluate_refuses_a_model_it_cannot_score_before_any_run_opens(store, in_process, monkeypatch):
     """`evaluate` checked its dataset URI only before opening its run: a model URI naming no model, one that is no
     image classifier, one MLflow marked FAILED (its upload failed part way) and one of other classes than the
@@ -1494,9 +1512,16 @@ def test_register_takes_the_runs_model_uri_evaluate_takes(store, in_process):
     assert "registered cifar10-resnet v1: @champion moved" in done.stdout, done.stdout[-3000:]
     (version,) = MlflowClient().search_model_versions("name = 'cifar10-resnet'")
     assert registry.version_model_uri(version) == uri
-    refused = in_process("register", "--params", TINY, "--model-uri", f"runs:/{source_run}/no-such-model")
-    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
-        f"error: model_uri: expected a logged model URI models:/m-..., got 'runs:/{source_run}/no-such-model'")
+    # a path of the run that holds no model, or a run this store has not: named as such, not as a URI of another form
+    # ("expected a logged model URI models:/m-..., got 'runs:/...'", the form register had just taken)
+    MlflowClient().set_tag(source_run, "model_uri", uri)  # as train tags its run
+    for given, why in ((f"runs:/{source_run}/no-such-model", f"run {source_run} has no model at no-such-model (no "
+                                                                 f"MLmodel file there; its model_uri tag is {uri})"),
+                       ("runs:/0123456789abcdef/model", "no run 0123456789abcdef in this tracking store")):
+        refused = in_process("register", "--params", TINY, "--model-uri", given)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.strip().splitlines()[-1] == f"error: model_uri: {given} names no logged model: {why}"
+    assert len(MlflowClient().search_model_versions("name = 'cifar10-resnet'")) == 1
 
 
 def test_register_takes_a_registry_uri_and_registers_its_versions_logged_model(store, in_process):
@@ -2152,3 +2177,119 @@ def test_a_champion_weighed_by_its_registered_score_names_no_other_evaluation_as
     assert decision["champion_test_acc"] == 0.5 and decision["alias_moved"], decision
     assert decision["champion_evaluate_run"] is None, decision
     assert registry.CHAMPION_EVALUATE_RUN_TAG not in client.get_model_version("cifar10-resnet", "2").tags
+
+
+@pytest.mark.parametrize(("acc", "read"), [(93.1, "93.1"), (-0.25, "-0.25"), (float("inf"), "1.79769e+308")])
+def test_a_model_whose_test_acc_is_no_accuracy_is_refused_before_anything_is_registered(store, in_process, acc,
+                                                                                        read):
+    """A test_acc on a logged model that is no accuracy in [0, 1] (logged by another tool: a percentage; inf, which
+    MLflow's SQL store keeps as the largest float) was registered as any score: 93.1 took the alias, and no score of
+    evaluate's could beat it again. Refused in one line naming the model and the value, exit 2, no register run, no
+    version. (NaN, which that store reads back as 0.0, is a score of 0 to register.)"""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": acc})
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    result = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e", "--model-uri", uri)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: model_uri: {uri} has test_acc {read}, no accuracy in [0, 1] (logged by run "), result.stderr[-3000:]
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    assert client.search_registered_models() == []
+
+
+def test_a_model_whose_artifacts_are_gone_is_refused_before_anything_is_registered(store, in_process):
+    """A model evaluated, then its files removed (by hand, or `mlflow gc` of its deleted run): register registered it
+    and moved the alias to a model no one can load or serve. Refused in one line naming it, exit 2, no register run,
+    no version, the alias where it was."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
+    uri = evaluated_model(experiment_id, {"test_acc": 0.9})
+    shutil.rmtree(client.get_logged_model(uri.removeprefix("models:/")).artifact_location.removeprefix("file://"))
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    result = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e", "--model-uri", uri)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model_uri: {uri} cannot be registered: its artifacts are gone: no MLmodel file (nothing to load or "
+        f"serve); train it again"), result.stderr[-3000:]
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    assert [str(v.version) for v in client.search_model_versions("name = 'cifar10-resnet'")] == ["1"]
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+
+
+def scored_without_digest(experiment_id: str, metrics: dict[str, float]) -> str:
+    """A stand-in logged model whose score has no test split digest (scored before evaluate recorded one, or by
+    hand)."""
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+    with mlflow.start_run(experiment_id=experiment_id):
+        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(metrics, model_id=info.model_id)
+    return info.model_uri
+
+
+def test_a_champion_scored_on_an_unknown_test_split_of_another_size_does_not_compete(store):
+    """A champion whose score has no test split digest was weighed against any challenger as if on the same images: one
+    measured on 1,280 test images kept the alias against one on 10,000 scoring less, or lost it to one scoring more,
+    without a word. Their numbers of test images differ: not comparable, as for other digests (the alias stays, the
+    reason gives both counts). Where that too is unknown, they are compared, and the reason says the split is
+    unknown."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    registered(experiment_id, scored_without_digest(experiment_id, {"test_acc": 0.9, "test_images": 1280}))
+    for acc in (0.85, 0.95):
+        decision = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": acc, "test_images": 10000}))
+        assert not decision["alias_moved"], decision["reason"]
+        assert decision["reason"].startswith(
+            f"test_acc {acc:.4f} was measured on other test data than v1's 0.9000 (10000 vs 1280 test images, v1's "
+            f"test split unknown), and v1's model could not be scored on this one"), decision["reason"]
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+    for uri, unknown in ((evaluated_model(experiment_id, {"test_acc": 0.5}), "v1's test split is"),
+                         (scored_without_digest(experiment_id, {"test_acc": 0.5}), "both test splits are")):
+        decision = registered(experiment_id, uri)
+        assert not decision["alias_moved"], decision["reason"]
+        assert decision["reason"] == (f"test_acc 0.5000 does not beat v1's 0.9000 ({unknown} unknown: compared as if "
+                                      f"the same)"), decision["reason"]
+
+
+def test_register_refuses_an_empty_uri_or_a_models_folder_saying_what_to_give(store, in_process):
+    """`-P model_uri=` (or a blank) and a downloaded model's folder, which evaluate takes, were refused as "expected a
+    logged model URI models:/m-..., got ''": the line says the value is empty, or that a folder is no model register
+    takes, naming the logged model the folder was downloaded from; `runs:/` with no run id says that. Exit 2, no run."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": 0.5})
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    forms = "give models:/m-..., models:/<name>@<alias>, models:/<name>/<version> or runs:/<train run id>/model"
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    for given, line in (("", f"model_uri: empty; {forms}"), (" ", f"model_uri: empty; {forms}"),
+                        (folder, f"model_uri: {folder} is a folder, no model register takes: it holds a copy of "
+                                 f"{uri}: give that"),
+                        ("file:///nowhere", f"model_uri: 'file:///nowhere' is no model register takes; {forms}"),
+                        ("runs:/", "model_uri: runs:/ names no logged model: no run id after runs:/")):
+        result = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                            "--model-uri", given)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines()[-1] == f"error: {line}", result.stderr[-3000:]
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    assert client.search_registered_models() == []
+
+
+def test_register_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(store, in_process):
+    """A model evaluated, then its training run deleted (MLflow's trash, its artifacts kept until `mlflow gc`): evaluate
+    refuses to score such a model, but register registered it and could move the alias to a model its user
+    discarded. Refused in one line naming the run and how to restore it, exit 2, no run, no version."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": 0.9})
+    trained = client.get_logged_model(uri.removeprefix("models:/")).source_run_id
+    client.delete_run(trained)
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    result = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e", "--model-uri", uri)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model_uri: {uri} was logged by run {trained}, which is in MLflow's trash; restore it (mlflow runs "
+        f"restore --run-id {trained}) to register its model"), result.stderr[-3000:]
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    assert client.search_registered_models() == []

@@ -65,6 +65,11 @@ class Score:
         """How many of the scored test images the model was trained on (None: evaluated before it was counted)."""
         return int(self.metrics[IN_TRAIN]) if IN_TRAIN in self.metrics else None
 
+    @property
+    def test_images(self) -> int | None:
+        """How many test images it was measured on (evaluate's `test_images`; None: not recorded)."""
+        return int(self.metrics["test_images"]) if "test_images" in self.metrics else None
+
 
 def model_score(model_uri: str | None, *, tagged_acc: str | None = None, evaluate_run: str | None = None,
                 test_data: str | None = None) -> Score:
@@ -108,7 +113,8 @@ def _evaluation(model, tagged_acc: str | None = None, evaluate_run: str | None =
 
 def model_test_acc(model_uri: str) -> Score:
     """The newest evaluation of a logged model (`model_score`); ConfigError naming `model_uri` where the URI is
-    not `models:/m-...` of a model in this store, or evaluate has not scored it."""
+    not `models:/m-...` of a model in this store, or evaluate has not scored it, or its test_acc is no accuracy in
+    [0, 1] (`is_accuracy`: logged by another tool, a percentage, NaN), or its files are gone (`model_gone`)."""
     logged_model = model_id(model_uri)
     if logged_model is None:
         raise config.ConfigError(f"model_uri: expected a logged model URI models:/m-..., got {model_uri!r}")
@@ -120,7 +126,19 @@ def model_test_acc(model_uri: str) -> Score:
     if score.test_acc is None:  # an evaluate run that failed, was killed or deleted does not count
         raise config.ConfigError(f"model_uri: {model_uri} has no test_acc from an evaluate run that finished: "
                                  f"{_unfinished_evaluation(model)}")
+    if not is_accuracy(score.test_acc):  # a percentage won every comparison after it
+        raise config.ConfigError(f"model_uri: {model_uri} has test_acc {score.test_acc:g}, no accuracy in [0, 1] "
+                                 f"(logged by run {score.evaluate_run}, not by evaluate, whose scores lie there); "
+                                 f"score it with evaluate, then register it")
+    if gone := model_gone(model_uri):  # a version of it would take the alias, and serve nothing
+        raise config.ConfigError(f"model_uri: {model_uri} cannot be registered: {gone} (nothing to load or serve); "
+                                 f"train it again")
     return score
+
+
+def is_accuracy(value: float | None) -> bool:
+    """Whether `value` is an accuracy, a number in [0, 1] (not NaN, inf or a percentage)."""
+    return value is not None and 0 <= value <= 1  # NaN is neither
 
 
 def _unfinished_evaluation(model) -> str:
@@ -229,7 +247,7 @@ def tagged_test_acc(version) -> float | None:
         value = float((version.tags or {})["test_acc"])
     except (KeyError, ValueError):
         return None
-    return value if 0 <= value <= 1 else None  # NaN is neither
+    return value if is_accuracy(value) else None
 
 
 def version_score(version) -> Score:
@@ -366,12 +384,45 @@ def comparable(a: str | None, b: str | None) -> bool:
     return a is None or b is None or a == b
 
 
+def same_test_data(a: Score, b: Score) -> bool:
+    """Whether scores `a` and `b` were measured on the same test split, as far as is known: by their digests where both
+    have one (`comparable`); else by their numbers of test images where both have one (a score on 1,280 images, made
+    before evaluate recorded digests or by hand, says nothing against one on 10,000); else taken as the same."""
+    if a.test_data and b.test_data:
+        return a.test_data == b.test_data
+    return a.test_images is None or b.test_images is None or a.test_images == b.test_images
+
+
+def test_data_difference(challenger: Score, champion: Score, version) -> str:
+    """How the test data of two scores that are not `same_test_data` differ, in words: their digests (12 digits), or
+    their numbers of test images and which split is unknown; `version`: the champion's version number."""
+    if challenger.test_data and champion.test_data:
+        return f"test split sha256 {challenger.test_data[:12]} vs {champion.test_data[:12]}"
+    unknown = unknown_test_split(challenger, champion, version)
+    return f"{challenger.test_images} vs {champion.test_images} test images, {unknown} unknown"
+
+
+def test_split_words(score: Score) -> str:
+    """A score's test split in words: its digest (12 digits), else its number of test images, as far as known."""
+    if score.test_data:
+        return f"test split sha256 {score.test_data[:12]}"
+    return f"{score.test_images or 'an unknown number of'} test images, test split unknown"
+
+
+def unknown_test_split(challenger: Score, champion: Score, version) -> str:
+    """Which of a challenger's and a champion's (of version `version`) scores has no test split digest, in words: "v3's
+    test split", "this model's test split", "both test splits"; '' where both have one."""
+    return {(True, True): "", (True, False): f"v{version}'s test split", (False, True): "this model's test split",
+            (False, False): "both test splits"}[bool(challenger.test_data), bool(champion.test_data)]
+
+
 def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> str | None:
     """Leave the alias on the best-scoring (the earliest on ties) of the version that holds it and the versions
     registered after version `after` (those of registers running alongside this one) for this alias (tag `alias`; a
     version without it, registered otherwise, for any), among those scored on the holder's test data (on `test_data`
-    if none holds it) and on no image they were trained on; return the version that holds it then. A version a
-    register weighed for another alias (`register.alias=staging`) was never weighed for this one.
+    if none holds it; `same_test_data` where a digest is missing) and on no image they were trained on; return the
+    version that holds it then. A version a register weighed for another alias (`register.alias=staging`) was never
+    weighed for this one.
 
     Registers running at the same time can each read a champion that another is replacing; by re-reading
     the versions they registered after writing, the last register to finish repairs any such race. Versions
@@ -383,9 +434,16 @@ def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> st
     if held is not None and held.test_acc is None:
         return str(holder.version)
     pool = held.test_data if held else test_data
+
+    def same_data(version) -> bool:  # a digest missing on either side: their numbers of test images tell, if known
+        tag = version.tags.get(TEST_DATA_TAG)
+        if not comparable(tag, pool):
+            return False
+        return holder is None or bool(tag and pool) or same_test_data(version_score(version), held)
+
     entries = [(tagged_test_acc(v), -int(v.version), v) for v in versions(name)
                if int(v.version) > after and tagged_test_acc(v) is not None and v.tags.get(ALIAS_TAG, alias) == alias
-               and comparable(v.tags.get(TEST_DATA_TAG), pool) and v.tags.get(IN_TRAIN, "0") == "0"]
+               and v.tags.get(IN_TRAIN, "0") == "0" and same_data(v)]
     if holder is not None:
         entries.append((held.test_acc, -int(holder.version), holder))
     if not entries:

@@ -296,10 +296,11 @@ def in_trash(run_id: str | None) -> bool:
         return False
 
 
-def check_run_not_trashed(model_uri: str, logged_model: str | None) -> None:
+def check_run_not_trashed(model_uri: str, logged_model: str | None, to: str = "score its model") -> None:
     """ConfigError naming `model_uri` where the run that logged its model (a `runs:/` URI's run, else the logged
     model's source run) is in MLflow's trash: its artifacts stay loadable until `mlflow gc`, and a score of it would
-    land on a model its user discarded, for register to take. Nothing to check for a model no run logged (a folder)."""
+    land on a model its user discarded, for register to take (register refuses it too; `to`: what restoring it is
+    for). Nothing to check for a model no run logged (a folder)."""
     run_id = model_uri.removeprefix("runs:/").partition("/")[0] if model_uri.startswith("runs:/") else None
     try:
         run_id = run_id or (mlflow.get_logged_model(logged_model).source_run_id if logged_model else None)
@@ -307,7 +308,7 @@ def check_run_not_trashed(model_uri: str, logged_model: str | None) -> None:
         return  # no such model: loading it says so
     if in_trash(run_id):
         raise config.ConfigError(f"model_uri: {model_uri} was logged by run {run_id}, which is in MLflow's trash; "
-                                 f"restore it (mlflow runs restore --run-id {run_id}) to score its model")
+                                 f"restore it (mlflow runs restore --run-id {run_id}) to {to}")
 
 
 def check_dataset_not_trashed(dataset_uri: str) -> None:
@@ -374,6 +375,30 @@ def logged_model_id(model_uri: str) -> str | None:
         return mlflow.models.get_model_info(model_uri).model_id
     except Exception:  # noqa: BLE001 - no such run or artifact: MLflow raises several types
         return None
+
+
+def copied_model_id(path: str) -> str | None:
+    """The logged model a model's folder (a path or `file:` URI, as `mlflow.artifacts.download_artifacts` leaves it) is
+    a copy of, as its MLmodel file names it; None for anything else."""
+    try:
+        return mlflow.models.get_model_info(path).model_id
+    except Exception:  # noqa: BLE001 - no folder, no MLmodel: MLflow raises several types
+        return None
+
+
+def why_no_model(model_uri: str) -> str:
+    """Why `runs:/<run id>/<path>` names no logged model (`logged_model_id` found none): no such run in this store, or
+    no MLmodel file at that path of it (with the model the run names in its tag `model_uri`, as train tags it)."""
+    run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
+    if not run_id:
+        return "no run id after runs:/"
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return f"no run {run_id} in this tracking store"
+    tagged = run.data.tags.get("model_uri")
+    named = f"; its model_uri tag is {tagged}" if tagged else ""
+    return f"run {run_id} has no model at {path or '/'} (no MLmodel file there{named})"
 
 
 def registered_model_id(model_uri: str) -> str | None:
