@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, for a borrowed machine that has JAX with CUDA (and numpy, pyyaml, pillow)
+# The one prepared GPU check, for a GPU machine that has JAX with CUDA (and numpy, pyyaml, pillow)
 # but no TensorFlow, Keras, MLflow or internet. Through pipeline.fitting (the training code) on the JAX
 # backend it measures, most important first, each stage under its own time limit so that one slow
 # stage cannot take the others' results with it:

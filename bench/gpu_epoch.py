@@ -1,7 +1,7 @@
 """Seconds per training epoch of a params profile on this machine's accelerator, through the same
 compile and fit as `pipeline.train` (pipeline.fitting), without MLflow.
 
-For a borrowed GPU machine that has JAX but not TensorFlow or MLflow: `bench/gpu.sh` installs the
+For a GPU machine that has JAX but not TensorFlow or MLflow: `bench/gpu.sh` installs the
 few pure-Python wheels this needs and runs it with KERAS_BACKEND=jax. Writes JSON with the device,
 every epoch's seconds (whole, and of its training steps alone) and val_acc, the steady seconds per epoch (median of
 the epochs after the first, which compiles), `train_images_per_second` (the images an epoch trains on over the
@@ -11,8 +11,8 @@ profile runs its whole schedule and is scored on every test image with its own `
 (test_acc, and the wall seconds of the fit and of the fit after its first, compiling, epoch), and with every
 test-time augmentation on the held-out and the test images (tta_scores: choose on val_acc).
 
-A whole schedule longer than one call of the borrowed machine (params/improved.yaml's 150 epochs) runs over
-several with `--checkpoint DIR`: every train.checkpoint_every epochs the training is saved there
+A whole schedule longer than one call on the GPU machine (10 minutes at most; params/improved.yaml's 150 epochs)
+runs over several with `--checkpoint DIR`: every train.checkpoint_every epochs the training is saved there
 (pipeline.fitting.Checkpoint, as `pipeline.train` saves it) with the epochs' history so far, and the next call
 with the same arguments goes on from it; the finished run's JSON holds every epoch, `resumed_at` (the epoch each
 later call began at) and `parts` (each call's date, device and the programs it loaded from JAX's compilation cache

@@ -3,7 +3,7 @@
 
     python -m bench.gpu_report [--results bench/results] [--date 2026-11-30]
 
-`bench/gpu.sh` on a borrowed GPU machine packs its files into one `gpu-results.tar.gz` (such a machine may
+`bench/gpu.sh` on the GPU machine packs its files into one `gpu-results.tar.gz` (such a machine may
 return only a few files, of 16 MiB at most: a larger archive comes in pieces, FILE.part0, FILE.part1, ...);
 `--unpack FILE` extracts it into the results folder first, and `.gpu-state/` (an unfinished run's training, for
 the next call to go on from, or a whole run's result, for later calls to skip it) into the checkout, in place of
@@ -124,7 +124,7 @@ def stage_log(results: Path) -> tuple[str | None, dict[str, dict]]:
         return None, {}
     called, earlier, stages, current = None, {}, {}, None
 
-    def ended_during(stage: dict | None) -> None:  # the call ended inside it (the device tool's limit): no exit line
+    def ended_during(stage: dict | None) -> None:  # the call ended inside it (the machine's limit): no exit line
         if stage is not None:
             stage.update(wrote=bool(stage["epochs"]), why="the call ended during it, before its first epoch ended")
 

@@ -1,6 +1,6 @@
-"""bench/gpu.sh's training stage runs where the borrowed GPU machine's image leaves it: JAX and Keras, without
+"""bench/gpu.sh's training stage runs with what the GPU machine's image has: JAX and Keras, without
 TensorFlow, MLflow, pandas, matplotlib or scikit-learn. A wrong import there would waste
-the one GPU call of a session."""
+a call on the GPU machine (10 minutes at most, 15 minutes of GPU time in all)."""
 
 from __future__ import annotations
 
@@ -323,12 +323,12 @@ def test_a_checkpointed_run_goes_on_under_settings_that_leave_its_training_as_it
 
 def test_a_whole_schedule_stopped_short_of_its_end_goes_on_from_its_checkpoint_in_the_next_call(tmp_path,
                                                                                                monkeypatch, capsys):
-    """params/improved.yaml's 150 epochs outlast one call of the borrowed machine: with --checkpoint a call that
-    stops at --stop-after, or is stopped by the stage's hard limit (SIGINT), leaves the training saved, and the
-    next call finishes it to the same result as one uninterrupted run (the lr schedule, the weights, the EMA and
-    the augmentation's random state all go on). With JAX's compilation cache kept beside it (gpu.sh's
-    .gpu-state/jax) the calls after the first load their programs instead of compiling them, and each call's part
-    of the record says how many it loaded."""
+    """params/improved.yaml's 150 epochs outlast one call on the GPU machine (10 minutes at most): with --checkpoint a
+    call that stops at --stop-after, or is stopped by the stage's hard limit (SIGINT), leaves the training saved, and
+    the next call finishes it to the same result as one uninterrupted run (the lr schedule, the weights, the EMA and the
+    augmentation's random state all go on). With JAX's compilation cache kept beside it (gpu.sh's .gpu-state/jax) the
+    calls after the first load their programs instead of compiling them, and each call's part of the record says how
+    many it loaded."""
     from pipeline.fitting import Checkpoint
 
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
@@ -477,10 +477,10 @@ fi
 
 
 def test_gpu_sh_times_improved_within_its_limit_goes_on_from_its_checkpoint_and_past_a_whole_one(tmp_path):
-    """improved.yaml's 150 epochs outlast a call and a lease: a call gives it IMPROVED_LIMIT (its seconds per epoch
-    and projection) and goes on with fast.yaml's questions, not the rest of the call; named in GPU_SH_STAGES it
-    has the rest. A call that carries its unfinished run goes on from it in its place; once whole, later calls
-    skip it; a checkpoint refused (other settings) costs that stage alone."""
+    """improved.yaml's 150 epochs outlast a call and the GPU time the machine gives in all: a call gives it
+    IMPROVED_LIMIT (its seconds per epoch and projection) and goes on with fast.yaml's questions, not the rest of the
+    call; named in GPU_SH_STAGES it has the rest. A call that carries its unfinished run goes on from it in its place;
+    once whole, later calls skip it; a checkpoint refused (other settings) costs that stage alone."""
     import re
     import shutil
     import tarfile
@@ -548,7 +548,7 @@ def test_gpu_sh_times_improved_within_its_limit_goes_on_from_its_checkpoint_and_
 def test_gpu_sh_carries_improveds_compiled_programs_with_its_unfinished_training_while_they_fit(tmp_path):
     """improved.yaml compiles for ~100 s on each call that goes on from its checkpoint: its stage keeps JAX's
     compilation cache in .gpu-state/jax, packed with its training, as long as what the next call carries (.whl,
-    .data, .gpu-state) stays within the device tool's 64 MiB; over it, or once the run is whole, it is dropped."""
+    .data, .gpu-state) stays within the 64 MiB a call carries; over it, or once the run is whole, it is dropped."""
     import tarfile
 
     fake, checkout = tmp_path / "python", tmp_path / "checkout"
@@ -580,7 +580,7 @@ def test_gpu_sh_carries_improveds_compiled_programs_with_its_unfinished_training
 
 @pytest.mark.parametrize("git", [False, True], ids=["machine-copy", "git-checkout"])
 def test_gpu_sh_counts_the_checkouts_own_files_in_what_the_next_call_carries(tmp_path, git):
-    """The device tool's 64 MiB hold the checkout's files too (bench/results' figures...), not only .whl, .data and
+    """The 64 MiB a call carries hold the checkout's files too (bench/results' figures...), not only .whl, .data and
     .gpu-state: compiled programs that fit beside those alone but not with the checkout made the next call too large
     to send. In a git checkout only what git does not ignore travels (a .venv does not count); in the machine's copy,
     all of it but .git and __pycache__."""
@@ -923,7 +923,7 @@ def test_gpu_report_says_which_stages_of_the_call_did_not_run_and_how_each_stopp
 
 
 def test_gpu_report_takes_the_loose_files_of_a_call_ended_before_it_packed_them(tmp_path):
-    """The device tool ends a call at its limit (a second call of a lease, its GPU_SH_BUDGET not lowered): gpu.sh
+    """The GPU machine ends a call at its limit (a second call, its GPU_SH_BUDGET not lowered): gpu.sh
     never packs, and what its stages wrote comes back loose. --unpack took only the archive ('no such file')."""
     from bench import gpu_report
 
@@ -943,7 +943,7 @@ def test_gpu_report_takes_the_loose_files_of_a_call_ended_before_it_packed_them(
     while "Epoch 1/150" not in ((out / "gpu.log").read_text() if (out / "gpu.log").exists() else "") \
             and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(call.pid, signal.SIGKILL)  # as the device tool's limit: no trap, nothing packed
+    os.killpg(call.pid, signal.SIGKILL)  # as the GPU machine's limit: no trap, nothing packed
     call.wait(10)
     assert not (out / "gpu-results.tar.gz").exists() and (out / "gpu-improved.json").exists()
     assert gpu_report.unpack(out / "gpu-results.tar.gz", results, checkout) == ["gpu-improved.json", "gpu.log",
