@@ -1113,8 +1113,12 @@ def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
 
 
 def diverged(history: keras.callbacks.History) -> str | None:
-    """Why training diverged, or None if the last loss is finite."""
-    losses = history.history.get("loss", [])
-    if losses and not np.isfinite(losses[-1]):
-        return f"training diverged: loss became {losses[-1]} in epoch {len(history.epoch) and history.epoch[-1] + 1}"
+    """Why training diverged, or None if the last epoch's loss and val_loss are finite. A NaN val_loss with a finite
+    loss is a model whose predictions are not numbers for some validation images (with train.ema, the averaged weights
+    validated, evaluated and served, while the raw ones trained on)."""
+    for key in ("loss", "val_loss"):
+        values = history.history.get(key, [])
+        if values and not np.isfinite(values[-1]):
+            return (f"training diverged: {key} became {values[-1]} in epoch "
+                    f"{len(history.epoch) and history.epoch[-1] + 1}")
     return None

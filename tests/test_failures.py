@@ -5,6 +5,7 @@ run behind; concurrent starts on a fresh store and racing registers all finish, 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -63,6 +64,23 @@ def test_a_diverged_run_says_the_train_lr_it_was_given_and_the_one_lr_scaling_ma
     assert result.stderr.strip().splitlines()[-1].endswith(
         "nothing was registered. Lower train.lr (now 1e+12: 5e+11 at batch 64 by train.lr_scaling linear) or check "
         "the data")
+
+
+def test_a_model_whose_validation_loss_is_nan_fails_the_run_and_logs_no_model(store, in_process):
+    """With train.ema the averaged weights are validated, evaluated and served: at train.lr 150 the raw weights'
+    loss stayed finite (2e17) while the averages validated to a NaN val_loss, and the run FINISHED, logging a model
+    whose predictions are not numbers for main to evaluate and register. It ends as a diverged run does."""
+    result = in_process("train", "--params", TINY, "--epochs", "2", "--overrides",
+                        f"train.lr=150 train.ema=true data.synthetic_train=256 data.synthetic_test=32 "
+                        f"{SMALLEST_MODEL} tracking.experiment=e2e")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: training diverged: val_loss became nan in epoch ")
+    (run,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
+    assert run.info.status == "FAILED" and "val_loss became nan" in run.data.tags["failure_reason"]
+    assert math.isfinite(run.data.metrics["loss"]) and math.isnan(run.data.metrics["val_loss"])
+    assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list") == []
+    assert not (Path(os.environ["PIPELINE_CHECKPOINT_DIR"]) / run.info.run_id).exists()
 
 
 NO_SPACE = ("unexpected OSError: [Errno 28] No space left on device: '/checkpoints/epoch.weights.h5'; full traceback "
