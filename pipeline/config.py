@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
+import numpy as np
 import yaml
 
 from pipeline.data import IMAGE_SIZE
@@ -256,6 +257,7 @@ class TrainConfig:
         if self.validation_seed is not None:
             _check_seed("train.validation_seed", self.validation_seed)
         _check(self.lr_scaling in ("none", "linear"), "train.lr_scaling", "must be 'none' or 'linear'", self.lr_scaling)
+        self._check_float32_lr()
         _check(self.schedule in ("step", "cosine", "onecycle"), "train.schedule",
                "must be step, cosine or onecycle", self.schedule)
         self._check_boundaries()
@@ -299,6 +301,19 @@ class TrainConfig:
         _check(self.distribute in ("auto", "none", "mirrored", "data_parallel", "multi_worker"), "train.distribute",
                "must be auto, none, mirrored, data_parallel or multi_worker", self.distribute)
         _check(self.verbose in ("auto", "0", "1", "2"), "train.verbose", "must be auto, 0, 1 or 2", self.verbose)
+
+    def _check_float32_lr(self) -> None:
+        """The optimizer keeps the lr in float32: one past its largest trained at infinity (and the epoch logger
+        failed reading it back), one that rounds to 0 trained nothing, and either passed `lr > 0`."""
+        lr, f32 = self.scaled_lr, np.finfo(np.float32)
+        most, least = float(f32.max), float(f32.smallest_subnormal)
+        name = f"{lr:g}" + (f" ({self.lr:g} scaled by train.lr_scaling linear at train.batch_size {self.batch_size})"
+                            if lr != self.lr else "")
+        _check(lr <= most, "train.lr", f"{name} is more than float32, in which the optimizer keeps the lr, holds "
+               f"({most:g}): it would train at infinity; lower it", self.lr)
+        _check(lr > least / 2, "train.lr", f"{name} rounds to 0 in float32, in which the optimizer keeps the lr "
+               f"(the least it holds above 0 is {least:g}): the weights would never change; raise it",
+               self.lr)
 
     def _check_boundaries(self) -> None:
         """Boundaries are fractions of `epochs`, so `-P epochs=N` moves them with the run's length. Only the step

@@ -1021,10 +1021,10 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
     def __init__(self, backup_dir: str | Path, every: int = 1, *, keep: bool = False):
         super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=not keep)
         self.every, self.keep = every, keep
-        self._trained = None
+        self._trained, self._diverged = None, False
 
     def on_train_end(self, logs=None):
-        if self.keep and self.every and self._current_epoch % self.every:  # the last epoch fell between saves
+        if self.keep and self.every and self._current_epoch % self.every and not self._diverged:  # fell between saves
             if self._trained is None:
                 self._save_model()
             else:  # the trained weights, not the averages `fit` has put in their place (see on_epoch_end)
@@ -1041,6 +1041,11 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
     def on_epoch_end(self, epoch, logs=None):
         self._current_epoch, self._last_batch_seen = epoch + 1, 0
         self._trained = None
+        # an epoch that diverged (`diverged`) is never saved: a stop before the run failed and removed the folder left
+        # NaN weights there as a completed epoch, and a rerun resumed them (the last epoch's: it logged their model)
+        self._diverged = not all(np.isfinite(logs[key]) for key in ("loss", "val_loss") if key in (logs or {}))
+        if self._diverged:
+            return
         if self.every and self._current_epoch % self.every == 0:
             self._save_model()
         elif self.keep and self.every and getattr(getattr(self.model.optimizer, "inner_optimizer",
@@ -1113,8 +1118,12 @@ def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
 
 
 def diverged(history: keras.callbacks.History) -> str | None:
-    """Why training diverged, or None if the last loss is finite."""
-    losses = history.history.get("loss", [])
-    if losses and not np.isfinite(losses[-1]):
-        return f"training diverged: loss became {losses[-1]} in epoch {len(history.epoch) and history.epoch[-1] + 1}"
+    """Why training diverged, or None if the last epoch's loss and val_loss are finite. A NaN val_loss with a finite
+    loss is a model whose predictions are not numbers for some validation images (with train.ema, the averaged weights
+    validated, evaluated and served, while the raw ones trained on)."""
+    for key in ("loss", "val_loss"):
+        values = history.history.get(key, [])
+        if values and not np.isfinite(values[-1]):
+            return (f"training diverged: {key} became {values[-1]} in epoch "
+                    f"{len(history.epoch) and history.epoch[-1] + 1}")
     return None

@@ -845,3 +845,23 @@ def test_a_sweep_spec_given_as_a_params_file_is_named_as_a_spec():
         config.load_from_cli("params/sweep-example.yaml", "")
     assert str(err.value) == ("params: params/sweep-example.yaml is a sweep's spec (it has grid:), not a params "
                               "file: run it with -e sweep -P spec=params/sweep-example.yaml")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ("train.lr=1e39", "train.lr: 1e+39 is more than float32, in which the optimizer keeps the lr, holds "
+                      "(3.40282e+38): it would train at infinity; lower it, got 1e+39"),
+    ("train.lr=1e37 train.lr_scaling=linear train.batch_size=12800",
+     "train.lr: 1e+39 (1e+37 scaled by train.lr_scaling linear at train.batch_size 12800) is more than float32, in "
+     "which the optimizer keeps the lr, holds (3.40282e+38): it would train at infinity; lower it, got 1e+37"),
+    ("train.lr=1e-46", "train.lr: 1e-46 rounds to 0 in float32, in which the optimizer keeps the lr (the least it "
+                       "holds above 0 is 1.4013e-45): the weights would never change; raise it, got 1e-46"),
+])
+def test_an_lr_float32_cannot_hold_is_refused_naming_train_lr(overrides, message):
+    """train.lr=1e39 (or a scaled lr past float32's largest) passed the checks, trained at an infinite lr and ended in
+    a traceback from the epoch logger ("Can't convert Python sequence with a value out of range"), the run FAILED for
+    an 'unexpected ValueError'; train.lr=1e-320 trained at an lr of 0 and logged a model its training never
+    changed."""
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, overrides)
+    assert str(err.value) == message
+    assert config.load(None, "train.lr=1e38").train.lr == 1e38 and config.load(None, "train.lr=1e-44").train.lr == 1e-44

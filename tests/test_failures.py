@@ -5,6 +5,7 @@ run behind; concurrent starts on a fresh store and racing registers all finish, 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -63,6 +64,49 @@ def test_a_diverged_run_says_the_train_lr_it_was_given_and_the_one_lr_scaling_ma
     assert result.stderr.strip().splitlines()[-1].endswith(
         "nothing was registered. Lower train.lr (now 1e+12: 5e+11 at batch 64 by train.lr_scaling linear) or check "
         "the data")
+
+
+def test_a_model_whose_validation_loss_is_nan_fails_the_run_and_logs_no_model(store, in_process):
+    """With train.ema the averaged weights are validated, evaluated and served: at train.lr 150 the raw weights'
+    loss stayed finite (2e17) while the averages validated to a NaN val_loss, and the run FINISHED, logging a model
+    whose predictions are not numbers for main to evaluate and register. It ends as a diverged run does."""
+    result = in_process("train", "--params", TINY, "--epochs", "2", "--overrides",
+                        f"train.lr=150 train.ema=true data.synthetic_train=256 data.synthetic_test=32 "
+                        f"{SMALLEST_MODEL} tracking.experiment=e2e")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: training diverged: val_loss became nan in epoch ")
+    (run,) = experiment_runs(MlflowClient(), "tags.step = 'train'")
+    assert run.info.status == "FAILED" and "val_loss became nan" in run.data.tags["failure_reason"]
+    assert math.isfinite(run.data.metrics["loss"]) and math.isnan(run.data.metrics["val_loss"])
+    assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list") == []
+    assert not (Path(os.environ["PIPELINE_CHECKPOINT_DIR"]) / run.info.run_id).exists()
+
+
+def test_a_diverged_epoch_is_not_checkpointed_so_a_rerun_after_a_stop_diverges_again(store, in_process, monkeypatch):
+    """A stop (Ctrl-C, a kill) after a last epoch that diverged, before its checkpoint was removed (while EMA
+    recomputed BN statistics, or the run's end was logged), left that epoch's NaN weights checkpointed as a whole
+    run: the rerun resumed it, trained no epoch, and FINISHED, exit 0, logging a model that predicts NaN. An epoch
+    whose loss or val_loss is not finite is never checkpointed: the rerun trains again, diverges again, exit 3."""
+    from mlflow.entities import RunStatus
+
+    command = ["--params", TINY, "--epochs", "1", "--overrides",
+               f"train.lr=1e12 data.synthetic_train=256 data.synthetic_test=32 {SMALLEST_MODEL} "
+               f"tracking.experiment=e2e"]
+
+    def ctrl_c(history):
+        raise KeyboardInterrupt
+
+    diverged = train.diverged
+    monkeypatch.setattr(train, "diverged", ctrl_c)  # stopped as `fit` returned
+    assert in_process("train", *command).returncode == 130
+    monkeypatch.setattr(train, "diverged", diverged)
+    again = in_process("train", *command)
+    assert again.returncode == 3, again.stdout[-2000:] + again.stderr[-2000:]
+    assert again.stderr.strip().splitlines()[-1].startswith("error: training diverged: loss became nan in epoch 1")
+    runs = experiment_runs(MlflowClient(), "tags.step = 'train'")
+    assert sorted(r.info.status for r in runs) == sorted([RunStatus.to_string(RunStatus.KILLED), "FAILED"])
+    assert mlflow.search_logged_models(experiment_ids=[runs[0].info.experiment_id], output_format="list") == []
 
 
 NO_SPACE = ("unexpected OSError: [Errno 28] No space left on device: '/checkpoints/epoch.weights.h5'; full traceback "
