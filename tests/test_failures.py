@@ -2223,6 +2223,16 @@ def test_a_champion_weighed_by_its_registered_score_names_no_other_evaluation_as
     assert registry.CHAMPION_EVALUATE_RUN_TAG not in client.get_model_version("cifar10-resnet", "2").tags
 
 
+def register_refused(in_process, experiment_id: str, uri: str) -> str:
+    """Register `uri` in experiment e2e; assert it exits 2 and leaves no run behind; its last line of stderr."""
+    client = MlflowClient()
+    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
+    result = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e", "--model-uri", uri)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    return result.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize(("acc", "read"), [(93.1, "93.1"), (-0.25, "-0.25"), (float("inf"), "1.79769e+308")])
 def test_a_model_whose_test_acc_is_no_accuracy_is_refused_before_anything_is_registered(store, in_process, acc,
                                                                                         read):
@@ -2233,12 +2243,8 @@ def test_a_model_whose_test_acc_is_no_accuracy_is_refused_before_anything_is_reg
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("e2e").experiment_id
     uri = evaluated_model(experiment_id, {"test_acc": acc})
-    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
-    result = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e", "--model-uri", uri)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        f"error: model_uri: {uri} has test_acc {read}, no accuracy in [0, 1] (logged by run "), result.stderr[-3000:]
-    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+    line = register_refused(in_process, experiment_id, uri)
+    assert line.startswith(f"error: model_uri: {uri} has test_acc {read}, no accuracy in [0, 1] (logged by run "), line
     assert client.search_registered_models() == []
 
 
@@ -2251,13 +2257,9 @@ def test_a_model_whose_artifacts_are_gone_is_refused_before_anything_is_register
     registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
     uri = evaluated_model(experiment_id, {"test_acc": 0.9})
     shutil.rmtree(client.get_logged_model(uri.removeprefix("models:/")).artifact_location.removeprefix("file://"))
-    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
-    result = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e", "--model-uri", uri)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert register_refused(in_process, experiment_id, uri) == (
         f"error: model_uri: {uri} cannot be registered: its artifacts are gone: no MLmodel file (nothing to load or "
-        f"serve); train it again"), result.stderr[-3000:]
-    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+        f"serve); train it again")
     assert [str(v.version) for v in client.search_model_versions("name = 'cifar10-resnet'")] == ["1"]
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
 
@@ -2329,11 +2331,7 @@ def test_register_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(sto
     uri = evaluated_model(experiment_id, {"test_acc": 0.9})
     trained = client.get_logged_model(uri.removeprefix("models:/")).source_run_id
     client.delete_run(trained)
-    runs = {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)}
-    result = in_process("register", "--params", TINY, "--overrides", "tracking.experiment=e2e", "--model-uri", uri)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert register_refused(in_process, experiment_id, uri) == (
         f"error: model_uri: {uri} was logged by run {trained}, which is in MLflow's trash; restore it (mlflow runs "
-        f"restore --run-id {trained}) to register its model"), result.stderr[-3000:]
-    assert {r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)} == runs
+        f"restore --run-id {trained}) to register its model")
     assert client.search_registered_models() == []
