@@ -85,9 +85,28 @@ INPUT_FORMATS = (
 OUTPUT_FORMAT = "one row per image: label (class name), probability (of that class), probabilities (all classes)"
 
 
+class BadInput(MlflowException):
+    """A request the model refuses: HTTP 400 with this message alone. MLflow's scoring server puts the whole request
+    before a model's message (`e.message = f"Failed to predict data '{data}'. \\nError: {e.message}"`): dozens of lines
+    of a pixel array, or every base64 string of a batch of photos whole, megabytes, before the reason. That rewrite
+    keeps the reason only."""
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        reason = getattr(self, "_reason", None)
+        prefixed = reason is not None and value.startswith("Failed to predict data '") and value.endswith(
+            f"\nError: {reason}")
+        if not prefixed:
+            self._reason = value
+
+
 def bad_input(message: str) -> MlflowException:
     """An error the scoring server answers with HTTP 400 and `message`."""
-    return MlflowException(f"bad input: {message}", error_code=INVALID_PARAMETER_VALUE)
+    return BadInput(f"bad input: {message}", error_code=INVALID_PARAMETER_VALUE)
 
 
 def request_deadline() -> float | None:

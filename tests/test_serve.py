@@ -1003,6 +1003,24 @@ def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(serve
     assert ping(server) == 200
 
 
+@pytest.mark.parametrize(("body", "problem"), [
+    ({"inputs": (random_pixels(2) / 255).tolist()},
+     "images 0, 1 of 2: pixels must be integers 0-255; got fractional values in [0, 1] (scaled to [0, 1]?)"),
+    ({"inputs": [b64(encode(random_pixels(1, shape=(64, 64))[0])), "not base64!"]},
+     "image 1: not a base64 image: not valid base64 (Only base64 data is allowed)"),
+    ({"dataframe_records": [{"image": b64(b"no image")}]}, f"image 0: {UNDECODABLE} (not one of those formats)"),
+], ids=["pixels", "long-strings", "frame"])
+def test_a_refused_request_is_answered_with_its_reason_alone_in_one_line(local_model, body, problem):
+    # MLflow's handler put the whole request before the reason: "Failed to predict data '[[[[0.85 0.64 ...' \nError:
+    # bad input: ...", over dozens of lines, and a list of base64 strings whole (megabytes for a batch of photos)
+    from mlflow.pyfunc.scoring_server import invocations
+
+    with pytest.raises(MlflowException) as info:
+        invocations(json.dumps(body), "application/json", local_model, None)
+    assert info.value.get_http_status_code() == 400
+    assert json.loads(info.value.serialize_as_json())["message"] == f"bad input: {problem}"
+
+
 def test_server_answers_good_requests_after_bad_ones(server, local_model):
     post(server, {"inputs": (random_pixels(1) / 255).tolist()})
     status, answer = post(server, {"inputs": random_pixels(1).tolist()})
