@@ -314,16 +314,20 @@ def check_pixels(model_input: Any) -> np.ndarray:
             isinstance(item, (str, bytes)) for item in x.flat)):  # {"inputs": [["<b64>"]]}: read as pixel values
         raise bad_input(f"base64 images nested in lists (shape {x.shape}): send each image a string of its own: "
                         '{"inputs": ["<b64>", ...]}')
-    if x.shape == PIXEL_SHAPE:
-        x = x[None]
+    given = x.shape
+    if x.shape == PIXEL_SHAPE or x.ndim == 3 and x.shape[:2] == PIXEL_SHAPE[:2] and x.shape[2] in (1, 2, 4):
+        x = x[None]  # one image: (32, 32, 4) is RGBA, not 32 images of 32x4 pixels
     if x.ndim == 4 and x.shape[1:3] == PIXEL_SHAPE[:2] and x.shape[3] != CHANNELS:
-        raise bad_input(f"pixels must have {CHANNELS} channels (RGB), got {x.shape[3]} (shape {x.shape})")
+        raise bad_input(f"pixels must have {CHANNELS} channels (RGB), got {x.shape[3]} (shape {given})")
     if x.ndim != 4 or x.shape[1:] != PIXEL_SHAPE:
         # 32x32 already, in another layout: PyTorch's channels first, or greyscale. Other sizes: the decoder resizes.
         if x.ndim in (3, 4) and x.shape[-3:] == (CHANNELS, IMAGE_SIZE, IMAGE_SIZE):
             hint = ": channels first? move them last, (n, 3, 32, 32) -> (n, 32, 32, 3)"
         elif x.ndim in (2, 3) and x.shape[-2:] == PIXEL_SHAPE[:2]:
             hint = ": greyscale? send each grey value as r, g and b"
+        elif x.ndim in (1, 2) and x.shape[-1] % np.prod(PIXEL_SHAPE) == 0:
+            hint = (f": flattened? send each image {PIXEL_SHAPE}; CIFAR-10's rows of 3072 hold the red, green and blue "
+                    "planes in turn: row.reshape(3, 32, 32).transpose(1, 2, 0)")
         else:
             hint = f"; send other sizes as base64 {IMAGE_FORMATS} images"
         raise bad_input(f"pixels must have shape (n, 32, 32, 3), got {x.shape}{hint}")

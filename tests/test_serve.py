@@ -268,6 +268,22 @@ def test_to_pixels_says_what_a_32x32_tensor_of_another_layout_needs(given, hint)
     assert f"pixels must have shape (n, 32, 32, 3), {hint}" in info.value.message
 
 
+@pytest.mark.parametrize(("given", "problem"), [
+    (np.zeros((32, 32, 4), dtype=np.uint8), "pixels must have 3 channels (RGB), got 4 (shape (32, 32, 4))"),
+    (np.zeros((32, 32, 1), dtype=np.uint8), "pixels must have 3 channels (RGB), got 1 (shape (32, 32, 1))"),
+    (random_pixels(2).reshape(2, -1), "pixels must have shape (n, 32, 32, 3), got (2, 3072): flattened? send each "
+                                      "image (32, 32, 3); CIFAR-10's rows of 3072 hold the red, green and blue planes "
+                                      "in turn: row.reshape(3, 32, 32).transpose(1, 2, 0)"),
+    (random_pixels(2).reshape(-1), "pixels must have shape (n, 32, 32, 3), got (6144,): flattened?"),
+], ids=["rgba-one", "grey-channel-one", "flattened", "flattened-all"])
+def test_to_pixels_says_what_a_single_or_flattened_image_needs(given, problem):
+    # one RGBA image (32, 32, 4) was told "send other sizes as base64 ... images", while a batch of them was told
+    # "3 channels"; a flattened batch (n, 3072), as CIFAR-10's own files hold it, the same, nothing of how to reshape it
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given.tolist())
+    assert info.value.message.startswith(f"bad input: {problem}")
+
+
 def test_encoded_images_decode_like_training_images():
     big = random_pixels(1, seed=1, shape=(48, 64))[0]
     png, jpeg = encode(big, "PNG"), encode(big, "JPEG")
