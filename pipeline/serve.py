@@ -260,6 +260,9 @@ def to_bytes(item: Any, name: str) -> bytes:
             raw = base64.b64decode(unpadded(WHITESPACE.sub("", text)), validate=True)
         except ValueError as exc:  # binascii.Error, and text beyond ASCII (a pasted "…"): was a 400 without a reason
             raise bad_input(f"{name}: not a base64 image: not valid base64 ({exc})") from None
+    elif isinstance(item, (list, np.ndarray)):
+        raise bad_input(f"{name}: pixel values under '{IMAGE_COLUMN}', which takes base64-encoded images; send pixel "
+                        'tensors unnamed, as {"inputs": [[[[r, g, b], ...]]]}')
     else:
         raise bad_input(f"{name}: expected a base64-encoded {IMAGE_FORMATS} image string, got {type(item).__name__}")
     if not raw:

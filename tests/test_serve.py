@@ -284,6 +284,19 @@ def test_to_pixels_says_what_a_single_or_flattened_image_needs(given, problem):
     assert info.value.message.startswith(f"bad input: {problem}")
 
 
+@pytest.mark.parametrize("given", [
+    {"image": random_pixels(2).tolist()}, pd.DataFrame({"image": [random_pixels(1)[0].tolist()]}),
+    [{"image": np.asarray(random_pixels(1)[0])}],
+], ids=["named", "records", "inputs-records"])
+def test_pixels_under_the_image_column_are_told_to_go_unnamed(given):
+    # {"inputs": {"image": [[[[r, g, b], ...]]]}} and pixel records were told "expected a base64-encoded ... image
+    # string, got list" (or "got ndarray"), nothing of how pixels are sent
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given)
+    assert info.value.message == ("bad input: image 0: pixel values under 'image', which takes base64-encoded images; "
+                                  'send pixel tensors unnamed, as {"inputs": [[[[r, g, b], ...]]]}')
+
+
 def test_encoded_images_decode_like_training_images():
     big = random_pixels(1, seed=1, shape=(48, 64))[0]
     png, jpeg = encode(big, "PNG"), encode(big, "JPEG")
