@@ -5,10 +5,10 @@ Input, as JSON bodies for `mlflow models serve` (or the same objects passed to `
   (a single (32, 32, 3) image is accepted too);
 - encoded images (PNG, JPEG, BMP, GIF, WebP or TIFF) of up to 16.8 megapixels, base64 strings:
   `{"inputs": ["<b64>", ...]}`, `{"dataframe_split": {"columns": ["image"], "data": [["<b64>"], ...]}}` or
-  `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs"); URL-safe base64,
-  base64 without its `=` padding and `data:<media type>;base64,` URIs are read too. They are
-  converted to 32x32 RGB by `pipeline.data.decode_image`, the function training images went through (a transparent
-  background composited onto white).
+  `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs", or a CSV or Parquet body with
+  that column); URL-safe base64, base64 without its `=` padding and `data:<media type>;base64,` URIs are read too.
+  They are converted to 32x32 RGB by `pipeline.data.decode_image`, the function training images went through (a
+  transparent background composited onto white).
   Large ones go best in a frame: MLflow reads an "inputs" list into one array of strings as long as the longest.
   Raw bytes work in process.
 Output: one row per image with the predicted `label`, its `probability` and all class

@@ -1050,6 +1050,37 @@ def test_a_refused_request_is_answered_with_its_reason_alone_in_one_line(local_m
     assert json.loads(info.value.serialize_as_json())["message"] == f"bad input: {problem}"
 
 
+def test_the_scoring_servers_other_bodies_are_answered_as_the_readme_says(local_model):
+    """What README's Serving section says of the bodies besides JSON's four layouts, through MLflow's own request
+    handler: CSV and Parquet with an `image` column are answered as JSON is; a `params` field is ignored; another
+    Content-Type is a 415, none a 500; base64 strings and pixel arrays in one batch are a 400 (MLflow's, before the
+    model)."""
+    from mlflow.pyfunc.scoring_server import invocations
+
+    encoded = [b64(encode(random_pixels(1, seed=seed)[0])) for seed in range(2)]
+
+    def answer(body: str | bytes, content_type: str = "application/json") -> tuple[int, str]:
+        try:
+            got = invocations(body, content_type, local_model, None)
+        except MlflowException as exc:
+            return exc.get_http_status_code(), exc.message
+        return got.status, got.response
+
+    status, expected = answer(json.dumps({"inputs": encoded}))
+    assert status == 200
+    parquet = io.BytesIO()
+    pd.DataFrame({"id": [3, 4], "image": encoded}).to_parquet(parquet)
+    assert answer("id,image\n3,{}\n4,{}\n".format(*encoded), "text/csv") == (200, expected)
+    assert answer(parquet.getvalue(), "application/vnd.apache.parquet") == (200, expected)
+    assert answer(json.dumps({"inputs": encoded, "params": {"tta": "none"}})) == (200, expected)
+    status, message = answer(json.dumps({"inputs": encoded}), "text/plain")
+    assert status == 415 and "Got 'text/plain'" in message
+    with pytest.raises(AttributeError):  # no Content-Type: `None.split`, which MLflow's server answers HTTP 500
+        answer(json.dumps({"inputs": encoded}), None)
+    status, message = answer(json.dumps({"inputs": [encoded[0], random_pixels(1)[0].tolist()]}))
+    assert status == 400 and "inhomogeneous shape" in message
+
+
 def test_server_answers_good_requests_after_bad_ones(server, local_model):
     post(server, {"inputs": (random_pixels(1) / 255).tolist()})
     status, answer = post(server, {"inputs": random_pixels(1).tolist()})
