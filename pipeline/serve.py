@@ -328,6 +328,8 @@ def check_pixels(model_input: Any) -> np.ndarray:
             hint = ": channels first? move them last, (n, 3, 32, 32) -> (n, 32, 32, 3)"
         elif x.ndim in (2, 3) and x.shape[-2:] == PIXEL_SHAPE[:2]:
             hint = ": greyscale? send each grey value as r, g and b"
+        elif x.ndim > 4 and x.shape[-3:] == PIXEL_SHAPE:
+            hint = f": nested a level too deep? send a list of {PIXEL_SHAPE} images"
         elif x.ndim in (1, 2) and x.shape[-1] % np.prod(PIXEL_SHAPE) == 0:
             hint = (f": flattened? send each image {PIXEL_SHAPE}; CIFAR-10's rows of 3072 hold the red, green and blue "
                     "planes in turn: row.reshape(3, 32, 32).transpose(1, 2, 0)")

@@ -275,10 +275,15 @@ def test_to_pixels_says_what_a_32x32_tensor_of_another_layout_needs(given, hint)
                                       "image (32, 32, 3); CIFAR-10's rows of 3072 hold the red, green and blue planes "
                                       "in turn: row.reshape(3, 32, 32).transpose(1, 2, 0)"),
     (random_pixels(2).reshape(-1), "pixels must have shape (n, 32, 32, 3), got (6144,): flattened?"),
-], ids=["rgba-one", "grey-channel-one", "flattened", "flattened-all"])
-def test_to_pixels_says_what_a_single_or_flattened_image_needs(given, problem):
+    # {"instances": [[image], [image]]}, or a batch wrapped in one more list
+    (random_pixels(2)[:, None], "pixels must have shape (n, 32, 32, 3), got (2, 1, 32, 32, 3): nested a level too "
+                                "deep? send a list of (32, 32, 3) images"),
+    (random_pixels(2)[None], "pixels must have shape (n, 32, 32, 3), got (1, 2, 32, 32, 3): nested a level too deep?"),
+], ids=["rgba-one", "grey-channel-one", "flattened", "flattened-all", "nested-each", "nested-batch"])
+def test_to_pixels_says_what_a_single_flattened_or_nested_image_needs(given, problem):
     # one RGBA image (32, 32, 4) was told "send other sizes as base64 ... images", while a batch of them was told
-    # "3 channels"; a flattened batch (n, 3072), as CIFAR-10's own files hold it, the same, nothing of how to reshape it
+    # "3 channels"; a flattened batch (n, 3072), as CIFAR-10's own files hold it, and images in one list too many, the
+    # same, nothing of how to reshape them
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given.tolist())
     assert info.value.message.startswith(f"bad input: {problem}")
