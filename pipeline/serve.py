@@ -5,10 +5,10 @@ Input, as JSON bodies for `mlflow models serve` (or the same objects passed to `
   (a single (32, 32, 3) image is accepted too);
 - encoded images (PNG, JPEG, BMP, GIF, WebP or TIFF) of up to 16.8 megapixels, base64 strings:
   `{"inputs": ["<b64>", ...]}`, `{"dataframe_split": {"columns": ["image"], "data": [["<b64>"], ...]}}` or
-  `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs"); URL-safe base64,
-  base64 without its `=` padding and `data:<media type>;base64,` URIs are read too. They are
-  converted to 32x32 RGB by `pipeline.data.decode_image`, the function training images went through (a transparent
-  background composited onto white).
+  `{"dataframe_records": [{"image": "<b64>"}, ...]}` (or the same records under "inputs", or a CSV or Parquet body with
+  that column); URL-safe base64, base64 without its `=` padding and `data:<media type>;base64,` URIs are read too.
+  They are converted to 32x32 RGB by `pipeline.data.decode_image`, the function training images went through (a
+  transparent background composited onto white).
   Large ones go best in a frame: MLflow reads an "inputs" list into one array of strings as long as the longest.
   Raw bytes work in process.
 Output: one row per image with the predicted `label`, its `probability` and all class
@@ -85,9 +85,28 @@ INPUT_FORMATS = (
 OUTPUT_FORMAT = "one row per image: label (class name), probability (of that class), probabilities (all classes)"
 
 
+class BadInput(MlflowException):
+    """A request the model refuses: HTTP 400 with this message alone. MLflow's scoring server puts the whole request
+    before a model's message (`e.message = f"Failed to predict data '{data}'. \\nError: {e.message}"`): dozens of lines
+    of a pixel array, or every base64 string of a batch of photos whole, megabytes, before the reason. That rewrite
+    keeps the reason only."""
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        reason = getattr(self, "_reason", None)
+        prefixed = reason is not None and value.startswith("Failed to predict data '") and value.endswith(
+            f"\nError: {reason}")
+        if not prefixed:
+            self._reason = value
+
+
 def bad_input(message: str) -> MlflowException:
     """An error the scoring server answers with HTTP 400 and `message`."""
-    return MlflowException(f"bad input: {message}", error_code=INVALID_PARAMETER_VALUE)
+    return BadInput(f"bad input: {message}", error_code=INVALID_PARAMETER_VALUE)
 
 
 def request_deadline() -> float | None:
@@ -241,6 +260,9 @@ def to_bytes(item: Any, name: str) -> bytes:
             raw = base64.b64decode(unpadded(WHITESPACE.sub("", text)), validate=True)
         except ValueError as exc:  # binascii.Error, and text beyond ASCII (a pasted "…"): was a 400 without a reason
             raise bad_input(f"{name}: not a base64 image: not valid base64 ({exc})") from None
+    elif isinstance(item, (list, np.ndarray)):
+        raise bad_input(f"{name}: pixel values under '{IMAGE_COLUMN}', which takes base64-encoded images; send pixel "
+                        'tensors unnamed, as {"inputs": [[[[r, g, b], ...]]]}')
     else:
         raise bad_input(f"{name}: expected a base64-encoded {IMAGE_FORMATS} image string, got {type(item).__name__}")
     if not raw:
@@ -295,16 +317,22 @@ def check_pixels(model_input: Any) -> np.ndarray:
             isinstance(item, (str, bytes)) for item in x.flat)):  # {"inputs": [["<b64>"]]}: read as pixel values
         raise bad_input(f"base64 images nested in lists (shape {x.shape}): send each image a string of its own: "
                         '{"inputs": ["<b64>", ...]}')
-    if x.shape == PIXEL_SHAPE:
-        x = x[None]
+    given = x.shape
+    if x.shape == PIXEL_SHAPE or x.ndim == 3 and x.shape[:2] == PIXEL_SHAPE[:2] and x.shape[2] in (1, 2, 4):
+        x = x[None]  # one image: (32, 32, 4) is RGBA, not 32 images of 32x4 pixels
     if x.ndim == 4 and x.shape[1:3] == PIXEL_SHAPE[:2] and x.shape[3] != CHANNELS:
-        raise bad_input(f"pixels must have {CHANNELS} channels (RGB), got {x.shape[3]} (shape {x.shape})")
+        raise bad_input(f"pixels must have {CHANNELS} channels (RGB), got {x.shape[3]} (shape {given})")
     if x.ndim != 4 or x.shape[1:] != PIXEL_SHAPE:
         # 32x32 already, in another layout: PyTorch's channels first, or greyscale. Other sizes: the decoder resizes.
         if x.ndim in (3, 4) and x.shape[-3:] == (CHANNELS, IMAGE_SIZE, IMAGE_SIZE):
             hint = ": channels first? move them last, (n, 3, 32, 32) -> (n, 32, 32, 3)"
         elif x.ndim in (2, 3) and x.shape[-2:] == PIXEL_SHAPE[:2]:
             hint = ": greyscale? send each grey value as r, g and b"
+        elif x.ndim > 4 and x.shape[-3:] == PIXEL_SHAPE:
+            hint = f": nested a level too deep? send a list of {PIXEL_SHAPE} images"
+        elif x.ndim in (1, 2) and x.shape[-1] % np.prod(PIXEL_SHAPE) == 0:
+            hint = (f": flattened? send each image {PIXEL_SHAPE}; CIFAR-10's rows of 3072 hold the red, green and blue "
+                    "planes in turn: row.reshape(3, 32, 32).transpose(1, 2, 0)")
         else:
             hint = f"; send other sizes as base64 {IMAGE_FORMATS} images"
         raise bad_input(f"pixels must have shape (n, 32, 32, 3), got {x.shape}{hint}")

@@ -268,6 +268,40 @@ def test_to_pixels_says_what_a_32x32_tensor_of_another_layout_needs(given, hint)
     assert f"pixels must have shape (n, 32, 32, 3), {hint}" in info.value.message
 
 
+@pytest.mark.parametrize(("given", "problem"), [
+    (np.zeros((32, 32, 4), dtype=np.uint8), "pixels must have 3 channels (RGB), got 4 (shape (32, 32, 4))"),
+    (np.zeros((32, 32, 1), dtype=np.uint8), "pixels must have 3 channels (RGB), got 1 (shape (32, 32, 1))"),
+    (random_pixels(2).reshape(2, -1), "pixels must have shape (n, 32, 32, 3), got (2, 3072): flattened? send each "
+                                      "image (32, 32, 3); CIFAR-10's rows of 3072 hold the red, green and blue planes "
+                                      "in turn: row.reshape(3, 32, 32).transpose(1, 2, 0)"),
+    (random_pixels(2).reshape(-1), "pixels must have shape (n, 32, 32, 3), got (6144,): flattened?"),
+    # {"instances": [[image], [image]]}, or a batch wrapped in one more list
+    (random_pixels(2)[:, None], "pixels must have shape (n, 32, 32, 3), got (2, 1, 32, 32, 3): nested a level too "
+                                "deep? send a list of (32, 32, 3) images"),
+    (random_pixels(2)[None], "pixels must have shape (n, 32, 32, 3), got (1, 2, 32, 32, 3): nested a level too deep?"),
+], ids=["rgba-one", "grey-channel-one", "flattened", "flattened-all", "nested-each", "nested-batch"])
+def test_to_pixels_says_what_a_single_flattened_or_nested_image_needs(given, problem):
+    # one RGBA image (32, 32, 4) was told "send other sizes as base64 ... images", while a batch of them was told
+    # "3 channels"; a flattened batch (n, 3072), as CIFAR-10's own files hold it, and images in one list too many, the
+    # same, nothing of how to reshape them
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given.tolist())
+    assert info.value.message.startswith(f"bad input: {problem}")
+
+
+@pytest.mark.parametrize("given", [
+    {"image": random_pixels(2).tolist()}, pd.DataFrame({"image": [random_pixels(1)[0].tolist()]}),
+    [{"image": np.asarray(random_pixels(1)[0])}],
+], ids=["named", "records", "inputs-records"])
+def test_pixels_under_the_image_column_are_told_to_go_unnamed(given):
+    # {"inputs": {"image": [[[[r, g, b], ...]]]}} and pixel records were told "expected a base64-encoded ... image
+    # string, got list" (or "got ndarray"), nothing of how pixels are sent
+    with pytest.raises(MlflowException, match="bad input") as info:
+        serve.to_pixels(given)
+    assert info.value.message == ("bad input: image 0: pixel values under 'image', which takes base64-encoded images; "
+                                  'send pixel tensors unnamed, as {"inputs": [[[[r, g, b], ...]]]}')
+
+
 def test_encoded_images_decode_like_training_images():
     big = random_pixels(1, seed=1, shape=(48, 64))[0]
     png, jpeg = encode(big, "PNG"), encode(big, "JPEG")
@@ -1001,6 +1035,55 @@ def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(serve
     assert status == 400, answer
     assert problem in answer["message"]
     assert ping(server) == 200
+
+
+@pytest.mark.parametrize(("body", "problem"), [
+    ({"inputs": (random_pixels(2) / 255).tolist()},
+     "images 0, 1 of 2: pixels must be integers 0-255; got fractional values in [0, 1] (scaled to [0, 1]?)"),
+    ({"inputs": [b64(encode(random_pixels(1, shape=(64, 64))[0])), "not base64!"]},
+     "image 1: not a base64 image: not valid base64 (Only base64 data is allowed)"),
+    ({"dataframe_records": [{"image": b64(b"no image")}]}, f"image 0: {UNDECODABLE} (not one of those formats)"),
+], ids=["pixels", "long-strings", "frame"])
+def test_a_refused_request_is_answered_with_its_reason_alone_in_one_line(local_model, body, problem):
+    # MLflow's handler put the whole request before the reason: "Failed to predict data '[[[[0.85 0.64 ...' \nError:
+    # bad input: ...", over dozens of lines, and a list of base64 strings whole (megabytes for a batch of photos)
+    from mlflow.pyfunc.scoring_server import invocations
+
+    with pytest.raises(MlflowException) as info:
+        invocations(json.dumps(body), "application/json", local_model, None)
+    assert info.value.get_http_status_code() == 400
+    assert json.loads(info.value.serialize_as_json())["message"] == f"bad input: {problem}"
+
+
+def test_the_scoring_servers_other_bodies_are_answered_as_the_readme_says(local_model):
+    """What README's Serving section says of the bodies besides JSON's four layouts, through MLflow's own request
+    handler: CSV and Parquet with an `image` column are answered as JSON is; a `params` field is ignored; another
+    Content-Type is a 415, none a 500; base64 strings and pixel arrays in one batch are a 400 (MLflow's, before the
+    model)."""
+    from mlflow.pyfunc.scoring_server import invocations
+
+    encoded = [b64(encode(random_pixels(1, seed=seed)[0])) for seed in range(2)]
+
+    def answer(body: str | bytes, content_type: str = "application/json") -> tuple[int, str]:
+        try:
+            got = invocations(body, content_type, local_model, None)
+        except MlflowException as exc:
+            return exc.get_http_status_code(), exc.message
+        return got.status, got.response
+
+    status, expected = answer(json.dumps({"inputs": encoded}))
+    assert status == 200
+    parquet = io.BytesIO()
+    pd.DataFrame({"id": [3, 4], "image": encoded}).to_parquet(parquet)
+    assert answer("id,image\n3,{}\n4,{}\n".format(*encoded), "text/csv") == (200, expected)
+    assert answer(parquet.getvalue(), "application/vnd.apache.parquet") == (200, expected)
+    assert answer(json.dumps({"inputs": encoded, "params": {"tta": "none"}})) == (200, expected)
+    status, message = answer(json.dumps({"inputs": encoded}), "text/plain")
+    assert status == 415 and "Got 'text/plain'" in message
+    with pytest.raises(AttributeError):  # no Content-Type: `None.split`, which MLflow's server answers HTTP 500
+        answer(json.dumps({"inputs": encoded}), None)
+    status, message = answer(json.dumps({"inputs": [encoded[0], random_pixels(1)[0].tolist()]}))
+    assert status == 400 and "inhomogeneous shape" in message
 
 
 def test_server_answers_good_requests_after_bad_ones(server, local_model):
