@@ -176,7 +176,7 @@ def test_main_on_the_jax_backend_data_parallel_over_two_devices_with_images_held
     process spends most of its minute compiling."""
     env = {**store, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     result = run_module(env, "pipeline.main", "--params", "params/tiny.yaml", "--epochs", "2", "--overrides",
-                        f"tracking.experiment=e2e train.feed=device train.distribute=data_parallel {XLA}")
+                        f"tracking.experiment=e2e train.feed=device train.distribute=data_parallel {XLA} {ONE_STAGE}")
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
     run = assert_two_device_run(client, "jax")
