@@ -26,7 +26,8 @@ def val_acc_curve(run_id: str) -> list[float]:
     return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, "val_acc"), key=lambda m: m.step)]
 
 
-# One stage of basic blocks: fewer layers for XLA to compile (each of the trainings below learns the colours as well).
+# One stage of basic blocks, for trainings whose model is not what a test is about: fewer layers to build, trace and
+# for XLA to compile (the mixed-precision test's trainings learn the colours with it as well).
 ONE_STAGE = "model.block=basic model.widths=[16] model.strides=[1]"
 
 
@@ -299,7 +300,7 @@ def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_ot
     failing = 0 if host == "chief" else 1
     started = time.monotonic()
     procs = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--epochs", "1", "--overrides",
-                            "tracking.experiment=e2e",
+                            f"tracking.experiment=e2e {ONE_STAGE}",
                             preludes=tuple(FAULTS[fault] if i == failing else "" for i in (0, 1)))
     (_, failed_err), (_, err) = [procs[i].communicate(timeout=120) for i in (failing, 1 - failing)]
     assert time.monotonic() - started < 100
@@ -361,7 +362,7 @@ def test_a_cluster_rerun_that_goes_on_from_a_trained_model_trains_nothing(forker
 
     from pipeline import register
 
-    args = ("--params", "params/tiny.yaml", "--epochs", "1", "--overrides", "tracking.experiment=e2e")
+    args = ("--params", "params/tiny.yaml", "--epochs", "1", "--overrides", f"tracking.experiment=e2e {ONE_STAGE}")
 
     def registry_fails(*args, **kwargs):
         raise MlflowException("the registry went away")
