@@ -296,7 +296,7 @@ import jax
 from pipeline import config, data, fitting
 from pipeline.distribute import distribution
 
-cfg = config.load_from_cli("params/tiny.yaml", "")
+cfg = config.load_from_cli("params/tiny.yaml", "model.block=basic model.widths=[16] model.strides=[1]")
 dataset = data.make_synthetic(n_train=64, n_test=16)
 fitting.compile_model(cfg, dataset, distribution("none"), 64)
 # what JAX records for each program it loads from its persistent compilation cache (jax._src.compiler)
