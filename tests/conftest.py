@@ -342,9 +342,11 @@ def module_code(module: str, args: list[str], prelude: str = "") -> str:
 # the worker with the longest (so the first two files of every worker add up to about the same), then the rest go
 # to whichever worker is free. Estimated from the CPU seconds of each file in a whole-suite run on a 2-core AMD EPYC
 # (Zen 3, four workers, 2026-12-06) less the cuts made after it, and the CPU seconds of single files alone (-n 0) on a
-# 2-core Zen 2 (2026-12-07): test_fault_tolerance 224 (298 before that day's cuts), test_failures 168,
-# test_gpu_check 131, test_recipes 74, test_readme 60, test_cpu_probe 58; files not listed follow in name order, small
-# enough to fill the ends.
+# 2-core Zen 2 (2026-12-07): test_fault_tolerance 224 (298 before that day's cuts; 239 in a later, busier run, before
+# its background mains were forked: -6), test_failures 168 (175 in that later run, before its three mains were forked:
+# -15), test_gpu_check 131, test_pipeline_e2e 141 (161 before its one-stage trainings), test_fast_path_jax 133 (~166
+# before its one-stage trainings), test_fast_path ~125 (~140 before), test_recipes 74, test_readme 60, test_cpu_probe
+# 58; files not listed follow in name order, small enough to fill the ends.
 LONGEST_FIRST = ["test_fault_tolerance.py", "test_sweep.py", "test_failures.py", "test_fast_path.py",
                  "test_gpu_check.py", "test_pipeline_e2e.py", "test_learning.py", "test_fast_path_jax.py",
                  "test_compare.py", "test_team_server.py", "test_recipes.py", "test_readme.py", "test_serve.py",
