@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -194,14 +196,157 @@ def eventually(check, timeout: float = 60):
     return result
 
 
+# The host processes' parent: it imports what a host imports (TensorFlow, Keras, MLflow: ~8 CPU-s a process here),
+# then forks each host from there, so that a host costs what it runs, not that import. A forked host is a process of
+# its own, as `python -m MODULE` or `python -c CODE` started: its own environment, working folder (first on its path,
+# then its PYTHONPATH's folders), argv, stdout and stderr (files), TensorFlow runtime (made after the fork: nothing here
+# runs an op), exit status (read by this parent, which reaps it). A working folder other than ROOT gets its own
+# `pipeline` (imported afresh in the host: another checkout's, or ROOT's through PYTHONPATH, setting its defaults in
+# the host's environment as a process of its own does).
+FORKER = textwrap.dedent("""
+    import json, os, select, signal, sys
+
+    sys.path.insert(0, os.getcwd())  # the checkout, as for `python -m` there
+    import pipeline  # its settings before TensorFlow loads, as in a host started on its own
+    import keras, matplotlib.pyplot, mlflow, pandas, tensorflow  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import pipeline.main, pipeline.train  # noqa: F401
+
+    ROOT, BACKEND = os.path.realpath(os.getcwd()), keras.backend.backend()
+
+
+    def serve():  # one request a line on stdin, answered with the host's pid: in the host, its request; here None
+        hosts = {}
+        while True:
+            while hosts and (ended := os.waitpid(-1, os.WNOHANG))[0]:
+                folder = hosts.pop(ended[0])
+                with open(f"{folder}/rc.partial", "w") as f:
+                    f.write(str(os.waitstatus_to_exitcode(ended[1])))
+                os.rename(f"{folder}/rc.partial", f"{folder}/rc")
+            if not select.select([sys.stdin], [], [], 0.05)[0]:
+                continue
+            line = sys.stdin.readline()
+            if not line:  # the tests are over: no host outlives them
+                for pid in hosts:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                return None
+            request = json.loads(line)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if (pid := os.fork()) == 0:
+                return request
+            hosts[pid] = request["folder"]
+            print(pid, flush=True)
+
+
+    request = serve()
+    if request is None:
+        os._exit(0)  # nothing to flush or save: no interpreter teardown (seconds of CPU with TensorFlow loaded)
+    for fd, name, flags in ((0, os.devnull, os.O_RDONLY), (1, request["folder"] + "/out", os.O_WRONLY | os.O_CREAT),
+                            (2, request["folder"] + "/err", os.O_WRONLY | os.O_CREAT)):
+        os.dup2(opened := os.open(name, flags), fd)
+        os.close(opened)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    if os.environ.get("KERAS_BACKEND", BACKEND) != BACKEND:
+        raise RuntimeError(f"hosts forked from here run Keras on {BACKEND}")
+    os.chdir(request["cwd"])
+    if os.path.realpath(request["cwd"]) != ROOT:  # another checkout: its own pipeline package
+        for name in [name for name in sys.modules if name == "pipeline" or name.startswith("pipeline.")]:
+            del sys.modules[name]
+    sys.path[0:1] = [request["cwd"], *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    sys.argv = ["-c"]
+    exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
+""")
+
+
+class ForkedHost:
+    """A host process forked by `Forker`, read as a `subprocess.Popen` with stdout and stderr piped."""
+
+    def __init__(self, pid: int, folder: Path, forker: subprocess.Popen):
+        self.pid, self.folder, self.forker, self.returncode = pid, folder, forker, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and (self.folder / "rc").exists():
+            self.returncode = int((self.folder / "rc").read_text())
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"host {self.pid}", timeout)
+            assert self.forker.poll() is None, "the hosts' parent ended: no exit status to read"
+            time.sleep(0.05)
+        return self.returncode
+
+    @property
+    def stderr(self):
+        """Its stderr so far, as a file to read."""
+        return (self.folder / "err").open()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return (self.folder / "out").read_text(), (self.folder / "err").read_text()
+
+
+class Forker:
+    """Starts host processes, each forked from one that imported TensorFlow, Keras and MLflow once (`FORKER`)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.count = folder, 0
+        (folder / "forker.py").write_text(FORKER)
+        self.log = (folder / "forker.log").open("a")
+        self.proc = self._started()
+
+    def _started(self) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(self.folder / "forker.py")], cwd=ROOT, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+    def start(self, env: dict, code: str, cwd: Path = ROOT) -> ForkedHost:
+        """A host running CODE (as `python -c CODE`) in CWD with environment ENV."""
+        if self.proc.poll() is not None:  # ended (killed from outside): the hosts of later tests come from a new one
+            self.proc = self._started()
+        self.count += 1
+        folder = self.folder / f"host{self.count}"
+        folder.mkdir()
+        self.proc.stdin.write(json.dumps({"env": env, "code": code, "cwd": str(cwd), "folder": str(folder)}) + "\n")
+        self.proc.stdin.flush()
+        pid = self.proc.stdout.readline()
+        assert pid, (self.folder / "forker.log").read_text()[-3000:]
+        return ForkedHost(int(pid), folder, self.proc)
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def forker(tmp_path_factory):
+    forker = Forker(tmp_path_factory.mktemp("hosts"))
+    yield forker
+    forker.close()
+
+
+def module_code(module: str, args: list[str], prelude: str = "") -> str:
+    """Python code that runs PRELUDE, then `python -m MODULE ARGS...`."""
+    return (f"import sys\nsys.argv = {[module, *args]!r}\n{prelude}\nimport runpy\n"
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+
+
 # Test files in the order pytest-xdist (`--dist loadfile --no-loadscope-reorder`, pyproject) hands them out, whole
 # files at a time: each worker first gets one of the four longest, then one of the next four, shortest of those to
 # the worker with the longest (so the first two files of every worker add up to about the same), then the rest go
 # to whichever worker is free. Estimated from the CPU seconds of each file in a whole-suite run on a 2-core AMD EPYC
 # (Zen 3, four workers, 2026-12-06) less the cuts made after it, and the CPU seconds of single files alone (-n 0) on a
-# 2-core Zen 2 (2026-12-07): test_fault_tolerance 224 (298 before that day's cuts), test_failures 168,
-# test_gpu_check 131, test_recipes 74, test_readme 60, test_cpu_probe 58; files not listed follow in name order, small
-# enough to fill the ends.
+# 2-core Zen 2 (2026-12-07): test_fault_tolerance 224 (298 before that day's cuts; 239 in a later, busier run, before
+# its background mains were forked: -6), test_failures 168 (175 in that later run, before its three mains were forked:
+# -15), test_gpu_check 131, test_pipeline_e2e 141 (161 before its one-stage trainings), test_fast_path_jax 133 (~166
+# before its one-stage trainings), test_fast_path ~125 (~140 before), test_recipes 74, test_readme 60, test_cpu_probe
+# 58; files not listed follow in name order, small enough to fill the ends.
 LONGEST_FIRST = ["test_fault_tolerance.py", "test_sweep.py", "test_failures.py", "test_fast_path.py",
                  "test_gpu_check.py", "test_pipeline_e2e.py", "test_learning.py", "test_fast_path_jax.py",
                  "test_compare.py", "test_team_server.py", "test_recipes.py", "test_readme.py", "test_serve.py",

@@ -3,10 +3,8 @@ The JAX backend's share of it is in test_fast_path_jax.py, a file of its own so 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import subprocess
 import sys
 import textwrap
 import time
@@ -20,7 +18,7 @@ from mlflow import MlflowClient
 from pipeline import config, prepare, train
 from pipeline.tracking import cli
 from pipeline.tracking.resume import TRAIN_CODE
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, ForkedHost, Forker, free_port, module_code
 from tests.test_fault_tolerance import kill_tree
 
 
@@ -28,12 +26,18 @@ def val_acc_curve(run_id: str) -> list[float]:
     return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, "val_acc"), key=lambda m: m.step)]
 
 
+# One stage of basic blocks, for trainings whose model is not what a test is about: fewer layers to build, trace and
+# for XLA to compile (the mixed-precision test's trainings learn the colours with it as well).
+ONE_STAGE = "model.block=basic model.widths=[16] model.strides=[1]"
+
+
 def test_mixed_precision_and_xla_reach_the_same_place_as_float32(store):
     curves, tags = {}, {}
     for name, overrides in {"float32": ["train.jit_compile=false"],
                             "fast": ["train.precision=mixed_bfloat16", "train.jit_compile=true",
                                      "train.steps_per_execution=4"]}.items():
-        cfg = config.load("params/tiny.yaml", ["data.synthetic_train=512", "data.synthetic_test=128", *overrides])
+        cfg = config.load("params/tiny.yaml", ["data.synthetic_train=512", "data.synthetic_test=128",
+                                               *ONE_STAGE.split(), *overrides])
         with mlflow.start_run(experiment_id=MlflowClient().get_experiment_by_name("e2e").experiment_id) as run:
             dataset_uri = prepare.ensure_prepared(cfg)
             train.run(cfg, dataset_uri)
@@ -114,140 +118,6 @@ def assert_two_device_runs(client: MlflowClient, backend: str, count: int, where
         assert len(val_acc_curve(run.info.run_id)) == 2
         assert run.data.metrics["acc"] > 0.5
     return runs
-
-
-# The host processes' parent: it imports what a host imports (TensorFlow, Keras, MLflow: ~8 CPU-s a process here),
-# then forks each host from there, so that a host costs what it runs, not that import. A forked host is a process of
-# its own, as `python -m MODULE` or `python -c CODE` started: its own environment, working folder, argv, stdout and
-# stderr (files), TensorFlow runtime (made after the fork: nothing here runs an op), exit status (read by this
-# parent, which reaps it). A checkout other than ROOT gets its own `pipeline` (imported afresh in the host).
-FORKER = textwrap.dedent("""
-    import json, os, select, signal, sys
-
-    sys.path.insert(0, os.getcwd())  # the checkout, as for `python -m` there
-    import pipeline  # its settings before TensorFlow loads, as in a host started on its own
-    import keras, matplotlib.pyplot, mlflow, pandas, tensorflow  # noqa: F401
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    import pipeline.main, pipeline.train  # noqa: F401
-
-    ROOT, BACKEND = os.path.realpath(os.getcwd()), keras.backend.backend()
-
-
-    def serve():  # one request a line on stdin, answered with the host's pid: in the host, its request; here None
-        hosts = {}
-        while True:
-            while hosts and (ended := os.waitpid(-1, os.WNOHANG))[0]:
-                folder = hosts.pop(ended[0])
-                with open(f"{folder}/rc.partial", "w") as f:
-                    f.write(str(os.waitstatus_to_exitcode(ended[1])))
-                os.rename(f"{folder}/rc.partial", f"{folder}/rc")
-            if not select.select([sys.stdin], [], [], 0.05)[0]:
-                continue
-            line = sys.stdin.readline()
-            if not line:  # the tests are over: no host outlives them
-                for pid in hosts:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                return None
-            request = json.loads(line)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            if (pid := os.fork()) == 0:
-                return request
-            hosts[pid] = request["folder"]
-            print(pid, flush=True)
-
-
-    request = serve()
-    if request is None:
-        os._exit(0)  # nothing to flush or save: no interpreter teardown (seconds of CPU with TensorFlow loaded)
-    for fd, name, flags in ((0, os.devnull, os.O_RDONLY), (1, request["folder"] + "/out", os.O_WRONLY | os.O_CREAT),
-                            (2, request["folder"] + "/err", os.O_WRONLY | os.O_CREAT)):
-        os.dup2(opened := os.open(name, flags), fd)
-        os.close(opened)
-    os.environ.clear()
-    os.environ.update(request["env"])
-    if os.environ.get("KERAS_BACKEND", BACKEND) != BACKEND:
-        raise RuntimeError(f"hosts forked from here run Keras on {BACKEND}")
-    os.chdir(request["cwd"])
-    if os.path.realpath(request["cwd"]) != ROOT:  # another checkout: its own pipeline package
-        for name in [name for name in sys.modules if name == "pipeline" or name.startswith("pipeline.")]:
-            del sys.modules[name]
-    sys.path[0] = request["cwd"]
-    sys.argv = ["-c"]
-    exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
-""")
-
-
-class ForkedHost:
-    """A host process forked by `Forker`, read as a `subprocess.Popen` with stdout and stderr piped."""
-
-    def __init__(self, pid: int, folder: Path, forker: subprocess.Popen):
-        self.pid, self.folder, self.forker, self.returncode = pid, folder, forker, None
-
-    def poll(self) -> int | None:
-        if self.returncode is None and (self.folder / "rc").exists():
-            self.returncode = int((self.folder / "rc").read_text())
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"host {self.pid}", timeout)
-            assert self.forker.poll() is None, "the hosts' parent ended: no exit status to read"
-            time.sleep(0.05)
-        return self.returncode
-
-    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
-        self.wait(timeout)
-        return (self.folder / "out").read_text(), (self.folder / "err").read_text()
-
-
-class Forker:
-    """Starts host processes, each forked from one that imported TensorFlow, Keras and MLflow once (`FORKER`)."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.count = folder, 0
-        (folder / "forker.py").write_text(FORKER)
-        self.log = (folder / "forker.log").open("a")
-        self.proc = self._started()
-
-    def _started(self) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(self.folder / "forker.py")], cwd=ROOT, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=self.log, text=True)
-
-    def start(self, env: dict, code: str, cwd: Path = ROOT) -> ForkedHost:
-        """A host running CODE (as `python -c CODE`) in CWD with environment ENV."""
-        if self.proc.poll() is not None:  # ended (killed from outside): the hosts of later tests come from a new one
-            self.proc = self._started()
-        self.count += 1
-        folder = self.folder / f"host{self.count}"
-        folder.mkdir()
-        self.proc.stdin.write(json.dumps({"env": env, "code": code, "cwd": str(cwd), "folder": str(folder)}) + "\n")
-        self.proc.stdin.flush()
-        pid = self.proc.stdout.readline()
-        assert pid, (self.folder / "forker.log").read_text()[-3000:]
-        return ForkedHost(int(pid), folder, self.proc)
-
-    def close(self) -> None:
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-        self.log.close()
-
-
-@pytest.fixture(scope="module")
-def forker(tmp_path_factory):
-    forker = Forker(tmp_path_factory.mktemp("hosts"))
-    yield forker
-    forker.close()
-
-
-def module_code(module: str, args: list[str], prelude: str = "") -> str:
-    """Python code that runs PRELUDE, then `python -m MODULE ARGS...`."""
-    return (f"import sys\nsys.argv = {[module, *args]!r}\n{prelude}\nimport runpy\n"
-            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
 
 
 def start_two_hosts(forker: Forker, env: dict, *args: str, ports: list[int] | None = None,
@@ -455,7 +325,7 @@ def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_ot
     failing = 0 if host == "chief" else 1
     started = time.monotonic()
     procs = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--epochs", "1", "--overrides",
-                            "tracking.experiment=e2e",
+                            f"tracking.experiment=e2e {ONE_STAGE}",
                             preludes=tuple(FAULTS[fault] if i == failing else "" for i in (0, 1)))
     (_, failed_err), (_, err) = [procs[i].communicate(timeout=120) for i in (failing, 1 - failing)]
     assert time.monotonic() - started < 100
@@ -517,7 +387,7 @@ def test_a_cluster_rerun_that_goes_on_from_a_trained_model_trains_nothing(forker
 
     from pipeline import register
 
-    args = ("--params", "params/tiny.yaml", "--epochs", "1", "--overrides", "tracking.experiment=e2e")
+    args = ("--params", "params/tiny.yaml", "--epochs", "1", "--overrides", f"tracking.experiment=e2e {ONE_STAGE}")
 
     def registry_fails(*args, **kwargs):
         raise MlflowException("the registry went away")

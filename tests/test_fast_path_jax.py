@@ -22,6 +22,8 @@ from tests.conftest import eventually, mlflow_run, run_module
 from tests.test_fast_path import assert_two_device_run
 
 XLA = "train.jit_compile=true"
+# One stage of basic blocks, for trainings whose model is not what a test is about: fewer layers for XLA to compile.
+ONE_STAGE = "model.block=basic model.widths=[16] model.strides=[1]"
 BACKEND_ERRORS = [
     ("JAX", "error: KERAS_BACKEND: 'JAX' is no Keras backend (jax, numpy, openvino, tensorflow, torch)"),
     ("torch", "error: KERAS_BACKEND: torch is not installed here"),
@@ -174,7 +176,7 @@ def test_main_on_the_jax_backend_data_parallel_over_two_devices_with_images_held
     process spends most of its minute compiling."""
     env = {**store, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     result = run_module(env, "pipeline.main", "--params", "params/tiny.yaml", "--epochs", "2", "--overrides",
-                        f"tracking.experiment=e2e train.feed=device train.distribute=data_parallel {XLA}")
+                        f"tracking.experiment=e2e train.feed=device train.distribute=data_parallel {XLA} {ONE_STAGE}")
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
     run = assert_two_device_run(client, "jax")
@@ -196,7 +198,8 @@ import keras
 from pipeline import config, data, fitting
 from pipeline.distribute import distribution
 
-cfg = config.load("params/tiny.yaml", "train.epochs=3 train.cutout=4 train.verbose=0 train.jit_compile=true")
+cfg = config.load("params/tiny.yaml", "train.epochs=3 train.cutout=4 train.verbose=0 train.jit_compile=true "
+                  "model.block=basic model.widths=[16] model.strides=[1]")
 dataset = data.make_synthetic(n_train=96, n_test=32, seed=0)
 splits = fitting.split_validation(dataset, 0.0, 0)
 
@@ -246,7 +249,7 @@ def test_a_second_run_loads_its_compiled_programs_from_jaxs_cache_and_a_resumed_
         for name in ("cold", "warm"):
             print(f"=== {{name}}", flush=True)
             sys.argv = ["train", "--params", "params/tiny.yaml", "--epochs", "1", "--resume", "never",
-                        "--overrides", "{XLA} data.synthetic_train=256 data.synthetic_test=64"]
+                        "--overrides", "{XLA} {ONE_STAGE} data.synthetic_train=256 data.synthetic_test=64"]
             cli(train.main)
             sys.stdout.flush()
             if name == "cold":
@@ -293,7 +296,7 @@ import jax
 from pipeline import config, data, fitting
 from pipeline.distribute import distribution
 
-cfg = config.load_from_cli("params/tiny.yaml", "")
+cfg = config.load_from_cli("params/tiny.yaml", "model.block=basic model.widths=[16] model.strides=[1]")
 dataset = data.make_synthetic(n_train=64, n_test=16)
 fitting.compile_model(cfg, dataset, distribution("none"), 64)
 # what JAX records for each program it loads from its persistent compilation cache (jax._src.compiler)

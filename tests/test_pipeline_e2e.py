@@ -147,7 +147,7 @@ def test_each_entry_point_runs_on_its_own(store, in_process, tmp_path):
     # step is what `-e prepare` above and `-e register` and `-e train` below go through; their command lines are
     # MLproject's (test_config.test_each_entry_points_command_line_is_the_one_mlproject_writes)
     trained = in_process("train", "--params", TINY, "--epochs", "2", "--dataset-uri", dataset_uri,
-                         "--overrides", "tracking.experiment=e2e")
+                         "--overrides", f"tracking.experiment=e2e {ONE_STAGE}")
     assert trained.returncode == 0, trained.stderr[-3000:]
     train_run = client.search_runs([experiment], "tags.step = 'train'")[0]
     assert len(client.get_metric_history(train_run.info.run_id, "val_acc")) == 2
@@ -212,7 +212,7 @@ def test_each_entry_point_runs_on_its_own(store, in_process, tmp_path):
 
     # -e train on data no prepare run holds yet: the run `mlflow run` opened is the train run, the prepare a run
     # of its own beside it, both in the experiment asked for (the prepare took that run, train went elsewhere)
-    fresh = mlflow_run(store, "train", params=TINY, epochs="1", overrides="data.synthetic_test=64")
+    fresh = mlflow_run(store, "train", params=TINY, epochs="1", overrides=f"data.synthetic_test=64 {ONE_STAGE}")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     prepares = client.search_runs([experiment], "tags.step = 'prepare'")
     trains = client.search_runs([experiment], "tags.step = 'train'", order_by=["attributes.start_time DESC"])
@@ -300,7 +300,7 @@ def test_train_validation_seed_alone_draws_the_held_out_images(store, in_process
     common = "tracking.experiment=e2e data.synthetic_train=256 train.validation_fraction=0.25"
     tags, params = {}, {}
     for seeds in ("train.seed=0", "train.seed=1 train.validation_seed=0", "train.seed=0 train.validation_seed=1"):
-        done = in_process("train", "--params", TINY, "--epochs", "1", "--overrides", f"{common} {seeds}")
+        done = in_process("train", "--params", TINY, "--epochs", "1", "--overrides", f"{common} {seeds} {ONE_STAGE}")
         assert done.returncode == 0, done.stderr[-3000:]
         client = MlflowClient()
         (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], max_results=1,

@@ -33,7 +33,9 @@ from tests.test_compare import api, artifact_bytes, create_experiment, params_of
 SCRIPT = ROOT / "scripts" / "team-server.sh"
 USER, PASSWORD = "mlflow", "mlflow"  # the script's default role
 TINY = "params/tiny.yaml"
-SMALL = "data.synthetic_train=512 data.synthetic_test=128 train.epochs=2 evaluate.samples=1"
+# one stage of basic blocks: the model is not what these tests are about
+SMALL = ("data.synthetic_train=512 data.synthetic_test=128 train.epochs=2 evaluate.samples=1 model.block=basic "
+         "model.widths=[16] model.strides=[1]")
 
 
 def drop_databases(port: str, *names: str, timeout: float = 60, user: str = USER, password: str = PASSWORD) -> None:
