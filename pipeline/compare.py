@@ -427,7 +427,7 @@ def unranked_note(table: pd.DataFrame, metric: str) -> str:
 
 # The table's columns of a value each run logged per epoch: NaN where a run logged NaN (a diverged run), or none
 HISTORY_COLUMNS = ("val_acc", "best_val_acc")
-NAN = "NaN"  # runs.md's cell of a val_acc logged as NaN; an empty cell is a run that logged none
+NAN = "NaN"  # the cell (runs.md, runs.csv) of a val_acc logged as NaN; an empty cell is a run that logged none
 
 
 def logged_nan(table: pd.DataFrame, column: str) -> pd.Series:
@@ -439,7 +439,8 @@ def logged_nan(table: pd.DataFrame, column: str) -> pd.Series:
 
 
 def nan_shown(table: pd.DataFrame) -> pd.DataFrame:
-    """`table` for runs.md and the console: a val_acc or best_val_acc logged as NaN written NAN."""
+    """`table` for runs.md, runs.csv and the console: a val_acc or best_val_acc logged as NaN written NAN (pandas
+    writes NaN in a CSV as an empty cell, which is a run that logged none)."""
     table = table.copy()
     for column in HISTORY_COLUMNS:
         nan = logged_nan(table, column)
@@ -542,7 +543,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     order = "lowest" if lower_is_better(metric) else "highest"
     with open_run("compare", experiment=experiment, run_name=name) as comparison:
         with artifact_dir() as folder:
-            table.to_csv(folder / "runs.csv", index=False)
+            nan_shown(table).to_csv(folder / "runs.csv", index=False)
             (folder / "runs.md").write_text(markdown)
             plot_curves(table, histories, folder / "val_acc.png", metric)
         # Prefixed: `mlflow run` has already logged the entry-point parameters under their bare names.

@@ -573,6 +573,32 @@ def test_training_runs_without_params_are_left_out_and_a_nan_val_acc_reads_nan(s
         compare.run(run_ids=[ids["bare"]], metric="val_acc")
 
 
+def test_runs_csv_writes_a_nan_val_acc_as_nan_and_none_logged_as_empty(store):
+    """runs.csv wrote a val_acc logged as NaN (a diverged run) as an empty cell, as for a run that logged none
+    (pandas's default), while runs.md showed NaN: it reads NaN there too."""
+    import math
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline import compare
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    for name, lr, values in (("diverged", "10", [0.2, math.nan]), ("untrained", "0.1", [])):
+        run = client.create_run(experiment, start_time=1_000, run_name=name, tags={"step": "train"}).info.run_id
+        client.log_param(run, "train.lr", lr)
+        for epoch, value in enumerate(values, 1):
+            client.log_metric(run, "val_acc", value, step=epoch)
+        client.set_terminated(run, end_time=2_000)
+    comparison = compare.run("e2e", metric="val_acc")
+    uri = f"{mlflow.get_run(comparison['run_id']).info.artifact_uri}/runs.csv"
+    with open(mlflow.artifacts.download_artifacts(uri), newline="") as file:
+        rows = {row["run"]: row for row in csv.DictReader(file)}
+    assert [rows[name]["val_acc"] for name in ("diverged", "untrained")] == ["NaN", ""], rows
+    assert (rows["diverged"]["best_val_acc"], rows["untrained"]["best_val_acc"]) == ("0.2", ""), rows
+
+
 def test_sorting_by_images_trained_on_that_no_run_counts_keeps_the_runs_oldest_first(store):
     """`-P metric=test_images_in_train` (or val_images_in_train), a sort column the docs list, was refused as no metric
     ("must be one of epochs, val_acc, ...") wherever no run counted any such image: the column is left out then."""
