@@ -311,9 +311,12 @@ def file_sha256(path: str | Path, algorithm: str = "sha256") -> str:
 def source_digest(source: str) -> str:
     """Fingerprint of what `source` names, cheap enough to compute before every prepare.
 
-    Files: sha256 of their bytes. Folders: sha256 over each file's relative path, a NUL (no path holds one) and the
-    sha256 of its bytes: run together, a name's first bytes moved to the end of the file before it gave the same
-    digest, and the dataset of the folder before was reused.
+    Files: sha256 of their bytes. Folders: sha256 over each file read's relative path, a NUL (no path holds one) and
+    the sha256 of its bytes: run together, a name's first bytes moved to the end of the file before it gave the same
+    digest, and the dataset of the folder before was reused. The files read are an image folder's images in class
+    folders (`_read_as_image`), with its class folders' paths (an empty one is refused) and the images it cannot read
+    (a link to nothing, a FIFO: refused), or a batches folder's 7 files: a README.txt, .DS_Store or Thumbs.db beside
+    them was hashed too, and editing one prepared the same arrays afresh.
     `synthetic` is defined by code and params alone; `cifar10` by its published checksum.
     """
     if source == "synthetic":
@@ -326,7 +329,20 @@ def source_digest(source: str) -> str:
             return file_sha256(path)
         if path.is_dir():
             h = hashlib.sha256()
-            for file in _files_under(path):
+            if folder := _cifar_folder(path):
+                files = [folder / name for name in ("batches.meta", *CIFAR10_TRAIN_BATCHES, "test_batch")
+                         if (folder / name).is_file()]  # one missing is refused when read
+            else:
+                folders, dead_links, special = [], [], []
+                files = [f for f in _files_under(path, folders, dead_links, special)
+                         if _read_as_image(f.relative_to(path).parts)]
+                unreadable = sorted([*dead_links, *(f for f, _ in special)])
+                for name in sorted(f.relative_to(path) for f in folders if _is_class_folder(f.relative_to(path).parts)):
+                    h.update(os.fsencode(name) + b"/\0")
+                for file in unreadable:
+                    if _read_as_image(file.relative_to(path).parts):
+                        h.update(os.fsencode(file.relative_to(path)) + b"\0unreadable\0")
+            for file in files:
                 h.update(os.fsencode(file.relative_to(path)) + b"\0")
                 with open(file, "rb") as f:  # in chunks: a 2 GB file in the folder took 2 GB of memory to be hashed
                     h.update(hashlib.file_digest(f, "sha256").digest())
@@ -1054,6 +1070,27 @@ def _split_index(parts: tuple[str, ...]) -> int | None:
     return next((i for i in range(len(parts) - 3, -1, -1) if parts[i] in ("train", "test")), None)
 
 
+def _macos_metadata(parts: tuple[str, ...]) -> bool:
+    """Whether a path of an image folder is macOS's AppleDouble metadata (._x.png, __MACOSX/): no image, not read."""
+    return any(p.startswith("._") or p == "__MACOSX" for p in parts)
+
+
+def _read_as_image(parts: tuple[str, ...]) -> bool:
+    """Whether `load_image_folder` reads the file at `parts` (its path in the folder or archive) as an image: one of
+    IMAGE_SUFFIXES in a <split>/<class>/ folder (or one below it) not named with a leading '.': the images
+    `source_digest` counts."""
+    if _macos_metadata(parts) or not parts[-1].lower().endswith(IMAGE_SUFFIXES):
+        return False
+    at = _split_index(parts)
+    return at is not None and not parts[at + 1].startswith(".")
+
+
+def _is_class_folder(parts: tuple[str, ...]) -> bool:
+    """Whether a folder at `parts` is a <split>/<class>/ folder `load_image_folder` refuses if it holds no images."""
+    return (len(parts) >= 2 and parts[-2] in ("train", "test") and not parts[-1].startswith(".")
+            and not _macos_metadata(parts))
+
+
 def _class_name(folder: str) -> str:
     """A class folder's name as its class's: composed (NFC). A Mac (HFS+, and the tars and zips made there) names
     café with a combining accent (NFD), which MLflow's metric names refuse: the class was refused as a name that shows
@@ -1074,7 +1111,7 @@ def load_image_folder(path: str | Path) -> Dataset:
     hidden: dict[str, int] = {}  # <split>/.<name>/ -> its images: no class, as Keras has it (.ipynb_checkpoints/)
     others: list[str] = []  # files of no image suffix: named where there is no image at all (another format's files)
     for parts, size, read in _iter_image_files(path):
-        if any(p.startswith("._") or p == "__MACOSX" for p in parts):  # macOS's AppleDouble metadata, not images
+        if _macos_metadata(parts):  # macOS's AppleDouble metadata, not images
             continue
         if read is None:  # a folder
             if len(parts) >= 2 and parts[-2] in ("train", "test"):

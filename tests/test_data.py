@@ -1290,6 +1290,39 @@ def test_folders_that_differ_only_where_one_file_ends_and_the_next_begins_have_o
     assert data.source_digest(str(before)) != data.source_digest(str(after))
 
 
+def test_a_folder_digest_counts_the_images_read_and_the_class_folders_not_other_files(tmp_path):
+    """A README.txt, .DS_Store or Thumbs.db in an image folder was hashed into its digest: editing one prepared the same
+    arrays afresh. Only what prepare reads counts: the images in class folders (their names and bytes) and the class
+    folders themselves (an empty one is refused)."""
+    root = tmp_path / "imgs"
+    write_image_folder(root, classes=("cat", "dog"), per_class=2)
+    digest = data.source_digest(str(root))
+    for name in ("README.txt", "train/.DS_Store", "train/cat/Thumbs.db", "train/cat/._0.jpg", "val/cat/0.png",
+                 "test/.ipynb_checkpoints/0.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"not read")
+        assert data.source_digest(str(root)) == digest, name
+    (root / "README.txt").write_text("edited")
+    assert data.source_digest(str(root)) == digest
+    (root / "train" / "bird").mkdir()  # a class folder with no images: refused when read, so not the same source
+    assert data.source_digest(str(root)) != digest
+    (root / "train" / "bird").rmdir()
+    shutil.copy(root / "train" / "cat" / "0.jpg", root / "train" / "cat" / "2.JPG")  # an image read: counted
+    assert data.source_digest(str(root)) != digest
+    (root / "train" / "cat" / "2.JPG").rename(root / "train" / "dog" / "2.JPG")  # its class: counted
+    moved = data.source_digest(str(root))
+    assert moved != digest
+    (root / "train" / "dog" / "2.JPG").write_bytes((root / "train" / "cat" / "1.png").read_bytes())
+    assert data.source_digest(str(root)) != moved
+    write_official(tmp_path / "official")  # the official batches' folder (readme.html beside them): its 7 files
+    batches = tmp_path / "official" / "cifar-10-batches-py"
+    digest = data.source_digest(str(batches))
+    (batches / "readme.html").write_text("<html></html>")
+    assert data.source_digest(str(batches)) == digest
+    (batches / "test_batch").write_bytes((batches / "data_batch_1").read_bytes())
+    assert data.source_digest(str(batches)) != digest
+
+
 def test_a_folder_holding_a_file_name_that_is_not_utf8_has_a_digest(tmp_path):
     """A file named in Latin-1 (caf\xe9.png, from an old tar or a Windows share) made the folder's digest, and so every
     prepare of it, a UnicodeEncodeError traceback: the name is hashed as the bytes it is."""
