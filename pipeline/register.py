@@ -14,7 +14,8 @@ Writes: a new version of `register.model_name` tagged with its source run id, `t
         but never takes the alias, nor does one whose champion's score is unknown (registered by hand, never evaluated),
         nor one whose test_acc counts training images (evaluate's `test_images_in_train`). A holder whose logged
         model is gone (deleted, or its files: `registry.model_gone`) serves nothing and is not weighed: the alias
-        moves. Run tags record the decision.
+        moves; so does one whose training run is in MLflow's trash (`registry.trashed_training_run`), a model its
+        user discarded, as register refuses such a challenger. Run tags record the decision.
         A champion-vs-challenger report (both versions' test_acc, per-class accuracy
         differences, the decision and why) becomes the version's description and tags and the
         register run's artifacts `champion_vs_challenger.md/.json`. The version is created with the report
@@ -259,8 +260,11 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
         champion_acc = held.test_acc if held else None
     # a champion whose model was deleted, or its files, serves nothing: its registered score weighs nothing either
     gone = None if champion is None or resumed else registry.model_gone(registry.version_model_uri(champion))
+    # so is one whose training run is in the trash, a model its user discarded (register refuses such a challenger)
+    trashed = None if champion is None or resumed or gone else registry.trashed_training_run(
+        registry.version_model_uri(champion))
     if (champion is not None and champion_acc is not None and not score.in_train and not resumed and not gone
-            and not registry.same_test_data(score, held)):  # scored on other test data: on the challenger's
+            and not trashed and not registry.same_test_data(score, held)):  # other test data: on the challenger's
         rescored, how = champion_on_test_data(cfg, name, champion, score)
         if rescored is not None:
             registered, held, champion_acc = held, rescored, float(f"{rescored.test_acc:.6f}")
@@ -286,6 +290,12 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
         moved, reason = True, (f"v{champion.version} holds @{alias}, but its model "
                                f"{registry.version_model_uri(champion)} is gone ({gone}): nothing to serve or weigh "
                                f"test_acc {test_acc:.4f} against{was}; @{alias} moved")
+    elif trashed:
+        was = "" if champion_acc is None else f" (v{champion.version} was registered with {champion_acc:.4f})"
+        moved, reason = True, (f"v{champion.version} holds @{alias}, but its model "
+                               f"{registry.version_model_uri(champion)} was logged by run {trashed}, which is in "
+                               f"MLflow's trash (mlflow runs restore --run-id {trashed} restores it): not weighed "
+                               f"against test_acc {test_acc:.4f}{was}; @{alias} moved")
     elif champion_acc is None:
         moved, reason = False, (f"v{champion.version} holds @{alias} without a test_acc (registered by hand, and "
                                 f"evaluate has not scored its model): @{alias} kept; evaluate it, or move @{alias} "

@@ -1201,6 +1201,28 @@ def test_a_champion_whose_model_is_gone_is_not_weighed_and_gives_up_the_alias(st
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
 
 
+@pytest.mark.parametrize("test_data", ["a" * 64, "b" * 64])
+def test_a_champion_whose_training_run_is_in_the_trash_is_not_weighed_and_gives_up_the_alias(store, test_data):
+    """The champion's training run deleted (MLflow's trash): register refuses such a challenger, yet weighed such a
+    champion, by its registered score or (on other test data) scored anew, a score landing on a model its user
+    discarded. As for a champion whose model is gone, it is not weighed: the challenger takes the alias, and the reason
+    names the run and how to restore it."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    champion = evaluated_model(experiment_id, {"test_acc": 0.7})
+    registered(experiment_id, champion)
+    trained = client.get_logged_model(champion.removeprefix("models:/")).source_run_id
+    client.delete_run(trained)
+    decision = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.6}, test_data))
+    assert decision["alias_moved"] and decision["version"] == 2, decision
+    assert decision["reason"] == (
+        f"v1 holds @champion, but its model {champion} was logged by run {trained}, which is in MLflow's trash "
+        f"(mlflow runs restore --run-id {trained} restores it): not weighed against test_acc 0.6000 (v1 was "
+        f"registered with 0.7000); @champion moved")
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
+    assert not client.search_runs([experiment_id], "tags.scores_champion = 'cifar10-resnet/1'")  # not scored anew
+
+
 def test_a_register_does_not_move_the_alias_off_a_better_version_moved_there_alongside(store, monkeypatch):
     """Register B has registered v2 (0.7) when register A (0.6) reads the versions and the champion (v1, 0.5);
     B then moves @champion to v2 and settles. A's version came after v2, so A's settling never weighs v2 again:

@@ -36,6 +36,7 @@ from pipeline.tracking import (
     log_params,
     model_id,
 )
+from pipeline.tracking.steps import in_trash
 
 EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose score register compared
 CHAMPION_EVALUATE_RUN_TAG = "champion_evaluate_run_id"  # on a version: that of the champion's score it was weighed by
@@ -238,6 +239,18 @@ def model_gone(model_uri: str) -> str | None:
     if not any(info.path == "MLmodel" for info in client.list_logged_model_artifacts(found)):
         return "its artifacts are gone: no MLmodel file"
     return None
+
+
+def trashed_training_run(model_uri: str) -> str | None:
+    """The id of the run that logged the model `models:/m-...` (a version's) where that run is in MLflow's trash (its
+    artifacts kept until `mlflow gc`): a model its user discarded, which register refuses as a challenger and does not
+    weigh as a champion; None otherwise, and for a URI that is no logged model's."""
+    found = model_id(model_uri)
+    try:
+        run_id = MlflowClient().get_logged_model(found).source_run_id if found else None
+    except MlflowException:
+        return None  # no such model: `model_gone` says so
+    return run_id if in_trash(run_id) else None
 
 
 def tagged_test_acc(version) -> float | None:
