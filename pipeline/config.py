@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.data import IMAGE_SIZE
+from pipeline.data import CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES, IMAGE_SIZE
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params" / "default.yaml"
@@ -818,10 +818,28 @@ def inert_params(cfg: Config) -> dict[str, str]:
     return dict(sorted(inert.items()))
 
 
+def source_images(d: DataConfig) -> tuple[int | None, int | None]:
+    """The (training, test) images `d.source` holds where the params tell (cifar10, synthetic); None for a path, whose
+    counts only reading it tells."""
+    return {"cifar10": (CIFAR10_TRAIN_IMAGES, CIFAR10_TEST_IMAGES),
+            "synthetic": (d.synthetic_train, d.synthetic_test)}.get(d.source, (None, None))
+
+
+def whole_splits(cfg: Config) -> Config:
+    """`cfg` with data.max_train and data.max_test at or above the images its source holds (`source_images`) as 0: all
+    of them, as the subset takes. Keyed as written, max_train=60000 and 0 prepared CIFAR-10's identical arrays twice."""
+    counts = source_images(cfg.data)
+    sizes = {name: 0 for name, count in zip(("max_train", "max_test"), counts, strict=True)
+             if count is not None and getattr(cfg.data, name) >= count}
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **sizes)) if sizes else cfg
+
+
 def effective_params(cfg: Config, *sections: str) -> dict[str, str]:
-    """`cfg.flat(*sections)` less the params without effect (`inert_params`): what the keys that find a prepare run to
-    reuse and a train run to resume compare. With them, a rerun that set one otherwise prepared the same arrays again,
-    or trained afresh instead of resuming the run it killed."""
+    """`cfg.flat(*sections)` less the params without effect (`inert_params`), a subset of all the images as 0
+    (`whole_splits`): what the keys that find a prepare run to reuse and a train run to resume compare. With them, a
+    rerun that set one otherwise prepared the same arrays again, or trained afresh instead of resuming the run it
+    killed."""
+    cfg = whole_splits(cfg)
     inert = inert_params(cfg)
     return {key: value for key, value in cfg.flat(*sections).items() if key not in inert}
 

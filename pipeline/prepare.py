@@ -47,6 +47,7 @@ def prepare_key(cfg: config.Config) -> str:
     `config.source_identity`: the same file however spelled), source digest, code digest, and the versions of what
     else makes the arrays: the image decoders of a source of images (`data.decoders`), NumPy where its seeded
     generator draws them (the synthetic dataset, a subset): it keeps a seed's stream only within one build."""
+    cfg = config.whole_splits(cfg)  # data.max_train 60000 of CIFAR-10's 50,000: all, as 0, and drawn from no seed
     params = {**config.effective_params(cfg, "data"), "data.source": config.source_identity(cfg.data.source)}
     drawn = cfg.data.source == "synthetic" or cfg.data.max_train or cfg.data.max_test
     inputs = {"params": params, "source_digest": data.source_digest(cfg.data.source),
@@ -59,6 +60,11 @@ def build(cfg: config.Config) -> data.Dataset:
     """The dataset `data.*` describes, in memory: deterministic, so every host builds the same one."""
     source = data.load_source(cfg.data.source, synthetic_train=cfg.data.synthetic_train,
                               synthetic_test=cfg.data.synthetic_test, seed=cfg.data.seed)
+    for name, split, images in (("max_train", "training", len(source.x_train)),
+                                ("max_test", "test", len(source.x_test))):
+        if getattr(cfg.data, name) > images:  # a typo (60000 for 6000) or a smaller source than meant: said
+            print(f"warning: data.{name} {getattr(cfg.data, name)} is above the {images} {split} images "
+                  f"{cfg.data.source} holds: all {images} are taken, as with 0", file=sys.stderr, flush=True)
     return source.subset(max_train=cfg.data.max_train, max_test=cfg.data.max_test, seed=cfg.data.seed)
 
 

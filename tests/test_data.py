@@ -1633,6 +1633,34 @@ def test_the_prepare_key_leaves_out_the_data_params_without_effect(tmp_path):
     assert key("data.source=synthetic data.synthetic_train=500") != key("data.source=synthetic")
 
 
+def test_a_subset_of_all_the_images_or_more_keys_as_all_and_more_is_warned_about(tmp_path, capsys):
+    """data.max_train (or max_test) at or above the images a source holds takes them all, as 0 does, but keyed
+    otherwise: a rerun of max_train=0 after 60000 prepared CIFAR-10's identical arrays again. Where the source's
+    counts are known from the params (cifar10, synthetic) it keys as 0; above the count, prepare says it takes all."""
+    from pipeline import config, prepare
+
+    def key(overrides: str) -> str:
+        return prepare.prepare_key(config.load(None, overrides.split()))
+
+    cifar = "data.source=cifar10"
+    assert key(f"{cifar} data.max_train=60000 data.max_test=10000 data.seed=3") == key(cifar)
+    assert key(f"{cifar} data.max_train=50000") == key(cifar) != key(f"{cifar} data.max_train=49999")
+    synthetic = "data.source=synthetic data.synthetic_train=20 data.synthetic_test=10"
+    assert key(f"{synthetic} data.max_train=20 data.max_test=11") == key(synthetic)
+    assert key(f"{synthetic} data.max_test=9") != key(synthetic)
+    whole = prepare.build(config.load(None, synthetic.split()))
+    assert capsys.readouterr().err == ""
+    more = prepare.build(config.load(None, [*synthetic.split(), "data.max_train=30", "data.max_test=10"]))
+    assert more.digest() == whole.digest()
+    assert capsys.readouterr().err == ("warning: data.max_train 30 is above the 20 training images synthetic holds: "
+                                       "all 20 are taken, as with 0\n")
+    named = data.Dataset(*(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4) % 2) * 2, ("a", "b"))
+    named.save(tmp_path / "d.npz")  # a path, whose counts only reading it tells: said as it is read
+    prepare.build(config.load(None, [f"data.source={tmp_path / 'd.npz'}", "data.max_test=5"]))
+    assert capsys.readouterr().err == (f"warning: data.max_test 5 is above the 4 test images {tmp_path / 'd.npz'} "
+                                       "holds: all 4 are taken, as with 0\n")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8])
 def test_npz_labels_one_hot_are_named_as_such(tmp_path, dtype):
     """Labels saved as keras.utils.to_categorical gives them, (N, 10) one-hot rows, were refused as "must hold
