@@ -58,7 +58,13 @@ def phases(wall: float, spans: dict[str, tuple[float, float]], epoch_seconds: fl
     train's logged `epoch_seconds`. The phases follow one another, so they add up to `wall`:
     start (the CLI, the interpreter, imports and input checks, up to the first step), the steps
     (train split into its epochs and the rest: model build, inference copy, logging the model), the
-    gaps between steps, and exit (after register's run ends)."""
+    gaps between steps, and exit (after register's run ends). The times they run between are rounded to 0.1 s,
+    not the phases themselves: each phase is within 0.1 s, and they add up to `wall` rounded as `wall_s` is."""
+    def tenth(seconds: float) -> float:
+        return round(seconds, 1)
+
+    wall, epoch_seconds = tenth(wall), tenth(epoch_seconds)
+    spans = {step: (tenth(begin), tenth(end)) for step, (begin, end) in spans.items()}
     first = next(spans[s][0] for s in STEPS if s in spans)
     out, gaps, previous_end = {"start_s": first}, 0.0, first
     for step in STEPS:

@@ -28,6 +28,15 @@ def test_a_reused_prepare_run_counts_zero_and_the_start_runs_to_train():
     assert sum(got.values()) == pytest.approx(132.0)
 
 
+def test_phases_rounded_to_tenths_still_add_up_to_the_rounded_wall_time():
+    """Each phase was rounded on its own: a run's phases summed to 9.8 s of a 10.0 s wall_s."""
+    spans = {"prepare": (0.04, 1.08), "train": (1.14, 7.26), "evaluate": (7.34, 8.46), "register": (8.54, 8.66)}
+    got = phases(10.0, spans, epoch_seconds=3.04)
+    assert sum(got.values()) == pytest.approx(10.0, abs=1e-9)
+    assert all(value == round(value, 1) for value in got.values())
+    assert got["train_epochs_s"] == pytest.approx(3.0) and got["exit_s"] == pytest.approx(1.3)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--seeds", "0,x"], "--seeds: comma-separated integers, got '0,x'"),
     (["--seeds", "0", "--extra", "-P overrides=train.lr=0.1"], "--seeds sets -P overrides=train.seed=S"),
