@@ -237,7 +237,8 @@ def pieces(archive: Path) -> list[Path]:
 def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
     """Extract the gpu.sh files of `archive` (or its pieces) into `results`, and its `.gpu-state/` into `checkout`
     in place of the one there (an archive without one leaves it as it is).
-    Refuses an archive holding anything else, or in a folder, before extracting any of it. Where there is no archive
+    Refuses an archive holding anything else, or in a folder, or without gpu.txt and gpu.log (the call's device and
+    stages), before extracting any of it. Where there is no archive
     but its folder holds gpu.sh's files loose (a call ended at its limit before gpu.sh packed them), those."""
     # (the results folder's own files are results already, not a call's)
     loose = [] if archive.exists() or list(archive.parent.glob(f"{archive.name}.part*")) or (
@@ -272,6 +273,12 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
                         raise SystemExit(f"{archive}: {member.name!r} is not a bench/gpu.sh result file")
                 if not found:  # gpu.sh packs gpu.txt and gpu.log at least: the table would be the earlier files'
                     raise SystemExit(f"{archive}: no bench/gpu.sh result file in it (gpu.txt, gpu.log, gpu-*.json)")
+                # gpu.sh packs both with every call's results: without them the results folder's own would name
+                # another call's machine as these results' device, and another call's stages as not run
+                if missing := [name for name in ("gpu.txt", "gpu.log")
+                               if name not in {m.name.removeprefix("./") for m in found}]:
+                    raise SystemExit(f"{archive}: no {', '.join(missing)} in it (bench/gpu.sh packs gpu.txt and "
+                                     f"gpu.log with every call's results); nothing extracted")
                 results.mkdir(parents=True, exist_ok=True)
                 tar.extractall(results, members=found, filter="data")
                 # gpu.sh packs the checkout's .gpu-state whenever it trained there, a whole run's improved.json
