@@ -21,7 +21,8 @@ test image (and val_acc/test_acc with each test-time augmentation, where the run
 projected minutes of the profile's whole schedule.
 With the call's gpu.log beside them, each stage it names that wrote no file in that call has a row `not run` with
 the reason (skipped for time, its limit reached inside its first, compiling epoch, or its exit status and last
-line), and a stopped stage's status says whether its limit stopped it or it failed.
+line), a stage it says ran whose file is not there a row `no result` saying so, and a stopped stage's status says
+whether its limit stopped it or it failed.
 """
 
 from __future__ import annotations
@@ -55,9 +56,16 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
     called, stages = stage_log(results)
     files = {path.name: path for path in results.glob("gpu-*.json")}
     unrun = {f"gpu-{name}.json": stage for name, stage in stages.items() if not stage["wrote"]}
-    for name in sorted(files.keys() | unrun.keys(), key=lambda name: (order.get(name, len(order)), name)):
+    # a stage the log says ran (it ended an epoch, or exited 0) whose file is not here: a row saying so, not none
+    lost = {f"gpu-{name}.json": stage for name, stage in stages.items() if stage["wrote"]
+            and f"gpu-{name}.json" not in files}
+    for name in sorted(files.keys() | unrun.keys() | lost.keys(), key=lambda name: (order.get(name, len(order)), name)):
         if name in unrun:  # an older call's file of that name, if any, keeps its own row
             records.append({"file": name, "date": called or date, "status": f"not run: {unrun[name]['why']}"})
+        if name in lost:
+            ended = (f"exit {lost[name]['exit']}" if "exit" in lost[name] else "the call ended during it")
+            records.append({"file": name, "date": lost[name].get("call") or called or date,
+                            "status": f"no result: gpu.log says it ran ({ended}), but {name} is not in the results"})
         if name not in files:
             continue
         path = files[name]
@@ -138,7 +146,7 @@ def stage_log(results: Path) -> tuple[str | None, dict[str, dict]]:
                 stages[name] = {"wrote": False, "why": f"skipped, {match[2]}"}
         elif match := re.match(r"== ([\w-]+) \(limit (\d+)s\)", line):
             ended_during(current)
-            current = stages[match[1]] = {"limit": int(match[2]), "epochs": 0, "last": ""}
+            current = stages[match[1]] = {"limit": int(match[2]), "epochs": 0, "last": "", "call": called}
         elif current is not None and (match := re.match(r"== ([\w-]+) exit (\d+)", line)):
             rc, current["exit"] = int(match[2]), int(match[2])
             current["wrote"] = bool(current["epochs"]) or rc == 0

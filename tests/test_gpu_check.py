@@ -917,6 +917,9 @@ def test_gpu_report_says_which_stages_of_the_call_did_not_run_and_how_each_stopp
                                                                           "(medians of those): airbench94 (x)")
     assert table.pop(("gpu-reference-airbench96.json", today)) == ("not run: failed, exit 1: ModuleNotFoundError: No "
                                                                   "module named 'torchvision'")
+    for name in ("fast-warm", "explore-ceiling"):  # the fake exits 0 for them and writes nothing: said, not dropped
+        assert table.pop((f"gpu-{name}.json", today)) == (f"no result: gpu.log says it ran (exit 0), but "
+                                                          f"gpu-{name}.json is not in the results")
     assert all(status.startswith("not run: skipped, ") and status.endswith("s of 200s used, it may take 250s")
                for status in table.values()) and len(table) == 6
     assert "not run: skipped" in gpu_report.report(results, "1999-01-01")

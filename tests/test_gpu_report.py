@@ -351,3 +351,17 @@ def test_unpack_refuses_an_archive_without_the_calls_device_line_or_log_before_e
         gpu_report.unpack(archive, results, tmp_path / "checkout")
     assert sorted(p.name for p in results.iterdir()) == ["gpu.txt"]  # nothing extracted
     assert (results / "gpu.txt").read_text() == "NVIDIA H200, an earlier call"
+
+
+def test_a_stage_the_log_says_ran_whose_file_is_not_there_has_a_row_saying_so(tmp_path):
+    """A stage that exited 0 (or ended an epoch) but whose gpu-NAME.json was not in the results had no row at all:
+    the table read as if gpu.sh had never named it."""
+    (tmp_path / "gpu.log").write_text("\n".join([
+        "== call of 2026-12-07 10:00:00 UTC",
+        "== fast (limit 220s) 10:00:01", "Epoch 1/24", "== fast exit 0 10:01:00",
+        "== seed (limit 150s) 10:01:01", "Epoch 1/2", "== seed exit 0 10:02:00", ""]))
+    write(tmp_path, "gpu-seed.json", epoch_seconds=[80.0, 15.0])
+    table = {row["file"]: (row["date"], row["status"]) for _, row in gpu_report.rows(tmp_path).iterrows()}
+    assert table == {"gpu-fast.json": ("2026-12-07", "no result: gpu.log says it ran (exit 0), but gpu-fast.json "
+                                                     "is not in the results"),
+                     "gpu-seed.json": (None, "timed")}
