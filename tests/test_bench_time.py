@@ -191,6 +191,20 @@ def test_a_report_written_before_the_last_run_says_it_is_incomplete(tmp_path, mo
     assert "ncomplete" not in (tmp_path / "time_to_accuracy.md").read_text()
 
 
+def test_the_report_says_its_threshold_times_run_from_the_commands_start(tmp_path, monkeypatch):
+    """`val_acc>=x_s` was `wall seconds when val_acc first reached x`: from the command's start, or training's?"""
+    import argparse
+
+    from bench import time_to_accuracy
+
+    monkeypatch.setattr(time_to_accuracy, "RESULTS", tmp_path)
+    args = argparse.Namespace(profiles="tiny", repeat=1, seeds="", data="", extra="")
+    time_to_accuracy.write_report([fake_run("tiny", 0.5)], args)
+    text = " ".join((tmp_path / "time_to_accuracy.md").read_text().split())
+    assert ("`val_acc>=x_s`: seconds from the command's start (prepare included) to the logging of the first "
+            "epoch's val_acc that reached x; blank where none did") in text
+
+
 def test_a_report_interrupted_while_it_is_rewritten_stays_the_one_before(tmp_path, monkeypatch):
     import argparse
     import pathlib
