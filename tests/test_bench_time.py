@@ -169,6 +169,30 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_the_finished_runs_report_marked_i
     assert exc.value.code == 130 and capsys.readouterr().err.endswith("(tiny); no results written\n")
 
 
+def test_a_failed_run_is_named_with_its_reason_in_the_report_it_leaves(tmp_path, monkeypatch):
+    """The report a failed run left said only `the benchmark was interrupted or a run failed`: not which run, nor why
+    (that went to the terminal alone), so the report read the same as one cut short by Ctrl-C."""
+    from bench import time_to_accuracy
+
+    runs = iter([fake_run("tiny", 0.5)])
+
+    def run_profile(profile, data, extra, seed=None):
+        try:
+            return next(runs)
+        except StopIteration:
+            raise SystemExit("tiny: `mlflow run` failed (exit 1): error: boom") from None
+
+    monkeypatch.setattr(time_to_accuracy, "RESULTS", tmp_path)
+    monkeypatch.setattr(time_to_accuracy, "run_profile", run_profile)
+    monkeypatch.setattr(sys, "argv", ["time_to_accuracy", "--profiles", "tiny", "--seeds", "0,1,2"])
+    with pytest.raises(SystemExit, match="error: boom"):
+        time_to_accuracy.main()
+    text = (tmp_path / "time_to_accuracy.md").read_text()
+    assert ("**Incomplete: 1 of the command's 3 runs finished**: run 2 of 3 (tiny, seed 1) failed: tiny: `mlflow run` "
+            "failed (exit 1): error: boom. The medians are of the runs that finished") in text
+    assert "| runs |" in " ".join(text.split()) and "|      1 |" in text  # the median says how many runs it is of
+
+
 def fake_run(profile: str, test_acc: float) -> dict:
     row = {"profile": profile, "model": "m", "seed": 0, "epochs": 2, "wall_s": 10.0, "test_acc": test_acc}
     phases_ = {"profile": profile, "wall_s": 10.0, "start_s": 2.0, "train_epochs_s": 8.0}
