@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gzip
+import hashlib
 import json
 import re
 import shutil
@@ -226,6 +227,18 @@ def is_result_name(name: str) -> bool:
 STATE = ".gpu-state"  # bench/gpu.sh's unfinished training, in the checkout: carried to the next call
 
 
+def source_hash(checkout: Path) -> str:
+    """What code `checkout` holds, as bench/gpu.sh records it in gpu.txt (`source HASH`): sha256sum's lines for the
+    .py, .yaml and .sh files under pipeline/, bench/ and params/ (no __pycache__), in byte order, hashed again; the
+    first 16 hex digits."""
+    paths = sorted(path.relative_to(checkout).as_posix() for folder in ("pipeline", "bench", "params")
+                   for path in (checkout / folder).rglob("*")
+                   if path.is_file() and not path.is_symlink() and path.name.endswith((".py", ".yaml", ".sh"))
+                   and "__pycache__" not in path.parts)
+    lines = "".join(f"{hashlib.sha256((checkout / path).read_bytes()).hexdigest()}  {path}\n" for path in paths)
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
 def pieces(archive: Path) -> list[Path]:
     """`archive`, or the pieces bench/gpu.sh cut it into (ARCHIVE.part0, .part1, ...), in order."""
     if archive.exists():
@@ -246,7 +259,8 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
     """Extract the gpu.sh files of `archive` (or its pieces) into `results`, and its `.gpu-state/` into `checkout`
     in place of the one there (an archive without one leaves it as it is).
     Refuses an archive holding anything else, or in a folder, or without gpu.txt and gpu.log (the call's device and
-    stages), before extracting any of it. Where there is no archive
+    stages), or whose gpu.txt names other code than `checkout`'s (`source_hash`), before extracting any of
+    it. Where there is no archive
     but its folder holds gpu.sh's files loose (a call ended at its limit before gpu.sh packed them), those."""
     # (the results folder's own files are results already, not a call's)
     loose = [] if archive.exists() or list(archive.parent.glob(f"{archive.name}.part*")) or (
@@ -287,6 +301,14 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
                                if name not in {m.name.removeprefix("./") for m in found}]:
                     raise SystemExit(f"{archive}: no {', '.join(missing)} in it (bench/gpu.sh packs gpu.txt and "
                                      f"gpu.log with every call's results); nothing extracted")
+                # gpu.sh records the hash of the code it ran (since 2026-12-07; older archives say nothing)
+                device = next(m for m in found if m.name.removeprefix("./") == "gpu.txt")
+                said = re.findall(r"^source ([0-9a-f]+)$", tar.extractfile(device).read().decode(errors="replace"),
+                                  re.MULTILINE)
+                if said and said[-1] != (ours := source_hash(checkout)):
+                    raise SystemExit(f"{archive}: measured other code (source {said[-1]} in its gpu.txt, {ours} in "
+                                     f"{checkout}): unpack it where its call's code is checked out; nothing "
+                                     f"extracted")
                 results.mkdir(parents=True, exist_ok=True)
                 tar.extractall(results, members=found, filter="data")
                 # gpu.sh packs the checkout's .gpu-state whenever it trained there, a whole run's improved.json
