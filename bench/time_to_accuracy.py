@@ -222,7 +222,7 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int | N
     `failed` (which run failed, and why) where one did."""
     planned = planned or len(results)
     why = (f": {failed.rstrip('.')}. The medians are of the runs that finished" if failed
-           else " (the benchmark was interrupted or a run failed)")
+           else " (the benchmark was still running, or was interrupted, when this was written)")
     incomplete = (f"**Incomplete: {len(results)} of the command's {planned} runs finished**{why}; these are not the "
                   "command's results.\n\n" if len(results) < planned else "")
     runs = pd.DataFrame([r["row"] for r in results])

@@ -211,6 +211,9 @@ def test_a_report_written_before_the_last_run_says_it_is_incomplete(tmp_path, mo
     assert text.startswith("# Time to accuracy (incomplete)")
     assert "**Incomplete: 1 of the command's 3 runs finished**" in text
     assert "--extra '-P epochs=2'" in text  # the command as it ran
+    # written after each run, it is read while the benchmark still runs: it did not say a run failed then
+    assert "**Incomplete: 1 of the command's 3 runs finished** (the benchmark was still running, or was interrupted" \
+           in text
     time_to_accuracy.write_report([fake_run("tiny", 0.5)] * 3, args, 3)
     assert "ncomplete" not in (tmp_path / "time_to_accuracy.md").read_text()
 
