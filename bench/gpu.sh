@@ -127,6 +127,11 @@ if (( PIPESTATUS[0] )); then  # every stage would fail the same way after its im
     "(gpu.txt says why)" | tee -a "$LOG"
   stopped=1
 fi
+# what code measured: the checkout's source files, hashed as `bench.gpu_report --unpack` hashes its own, which refuses
+# results of other code (`source_hash`)
+echo "source $(find pipeline bench params -type f \( -name '*.py' -o -name '*.yaml' -o -name '*.sh' \) \
+  -not -path '*/__pycache__/*' -print0 2>/dev/null | LC_ALL=C sort -z | xargs -0 -r sha256sum | sha256sum | cut -c1-16)" \
+  | tee -a "$OUT/gpu.txt"
 
 # Each key once in an overrides string (pipeline.config refuses one given twice, where the last would win unseen):
 # the smoke's toy scale replaces, not follows, a stage's own widths and epochs (wide9, long9, ceiling9)

@@ -21,7 +21,8 @@ test image (and val_acc/test_acc with each test-time augmentation, where the run
 projected minutes of the profile's whole schedule.
 With the call's gpu.log beside them, each stage it names that wrote no file in that call has a row `not run` with
 the reason (skipped for time, its limit reached inside its first, compiling epoch, or its exit status and last
-line), and a stopped stage's status says whether its limit stopped it or it failed.
+line), a stage it says ran whose file is not there a row `no result` saying so, and a stopped stage's status says
+whether its limit stopped it or it failed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gzip
+import hashlib
 import json
 import re
 import shutil
@@ -55,9 +57,16 @@ def rows(results: Path, date: str | None = None) -> pd.DataFrame:
     called, stages = stage_log(results)
     files = {path.name: path for path in results.glob("gpu-*.json")}
     unrun = {f"gpu-{name}.json": stage for name, stage in stages.items() if not stage["wrote"]}
-    for name in sorted(files.keys() | unrun.keys(), key=lambda name: (order.get(name, len(order)), name)):
+    # a stage the log says ran (it ended an epoch, or exited 0) whose file is not here: a row saying so, not none
+    lost = {f"gpu-{name}.json": stage for name, stage in stages.items() if stage["wrote"]
+            and f"gpu-{name}.json" not in files}
+    for name in sorted(files.keys() | unrun.keys() | lost.keys(), key=lambda name: (order.get(name, len(order)), name)):
         if name in unrun:  # an older call's file of that name, if any, keeps its own row
             records.append({"file": name, "date": called or date, "status": f"not run: {unrun[name]['why']}"})
+        if name in lost:
+            ended = (f"exit {lost[name]['exit']}" if "exit" in lost[name] else "the call ended during it")
+            records.append({"file": name, "date": lost[name].get("call") or called or date,
+                            "status": f"no result: gpu.log says it ran ({ended}), but {name} is not in the results"})
         if name not in files:
             continue
         path = files[name]
@@ -138,7 +147,7 @@ def stage_log(results: Path) -> tuple[str | None, dict[str, dict]]:
                 stages[name] = {"wrote": False, "why": f"skipped, {match[2]}"}
         elif match := re.match(r"== ([\w-]+) \(limit (\d+)s\)", line):
             ended_during(current)
-            current = stages[match[1]] = {"limit": int(match[2]), "epochs": 0, "last": ""}
+            current = stages[match[1]] = {"limit": int(match[2]), "epochs": 0, "last": "", "call": called}
         elif current is not None and (match := re.match(r"== ([\w-]+) exit (\d+)", line)):
             rc, current["exit"] = int(match[2]), int(match[2])
             current["wrote"] = bool(current["epochs"]) or rc == 0
@@ -218,6 +227,18 @@ def is_result_name(name: str) -> bool:
 STATE = ".gpu-state"  # bench/gpu.sh's unfinished training, in the checkout: carried to the next call
 
 
+def source_hash(checkout: Path) -> str:
+    """What code `checkout` holds, as bench/gpu.sh records it in gpu.txt (`source HASH`): sha256sum's lines for the
+    .py, .yaml and .sh files under pipeline/, bench/ and params/ (no __pycache__), in byte order, hashed again; the
+    first 16 hex digits."""
+    paths = sorted(path.relative_to(checkout).as_posix() for folder in ("pipeline", "bench", "params")
+                   for path in (checkout / folder).rglob("*")
+                   if path.is_file() and not path.is_symlink() and path.name.endswith((".py", ".yaml", ".sh"))
+                   and "__pycache__" not in path.parts)
+    lines = "".join(f"{hashlib.sha256((checkout / path).read_bytes()).hexdigest()}  {path}\n" for path in paths)
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
 def pieces(archive: Path) -> list[Path]:
     """`archive`, or the pieces bench/gpu.sh cut it into (ARCHIVE.part0, .part1, ...), in order."""
     if archive.exists():
@@ -237,7 +258,9 @@ def pieces(archive: Path) -> list[Path]:
 def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
     """Extract the gpu.sh files of `archive` (or its pieces) into `results`, and its `.gpu-state/` into `checkout`
     in place of the one there (an archive without one leaves it as it is).
-    Refuses an archive holding anything else, or in a folder, before extracting any of it. Where there is no archive
+    Refuses an archive holding anything else, or in a folder, or without gpu.txt and gpu.log (the call's device and
+    stages), or whose gpu.txt names other code than `checkout`'s (`source_hash`), before extracting any of
+    it. Where there is no archive
     but its folder holds gpu.sh's files loose (a call ended at its limit before gpu.sh packed them), those."""
     # (the results folder's own files are results already, not a call's)
     loose = [] if archive.exists() or list(archive.parent.glob(f"{archive.name}.part*")) or (
@@ -272,6 +295,20 @@ def unpack(archive: Path, results: Path, checkout: Path = ROOT) -> list[str]:
                         raise SystemExit(f"{archive}: {member.name!r} is not a bench/gpu.sh result file")
                 if not found:  # gpu.sh packs gpu.txt and gpu.log at least: the table would be the earlier files'
                     raise SystemExit(f"{archive}: no bench/gpu.sh result file in it (gpu.txt, gpu.log, gpu-*.json)")
+                # gpu.sh packs both with every call's results: without them the results folder's own would name
+                # another call's machine as these results' device, and another call's stages as not run
+                if missing := [name for name in ("gpu.txt", "gpu.log")
+                               if name not in {m.name.removeprefix("./") for m in found}]:
+                    raise SystemExit(f"{archive}: no {', '.join(missing)} in it (bench/gpu.sh packs gpu.txt and "
+                                     f"gpu.log with every call's results); nothing extracted")
+                # gpu.sh records the hash of the code it ran (since 2026-12-07; older archives say nothing)
+                device = next(m for m in found if m.name.removeprefix("./") == "gpu.txt")
+                said = re.findall(r"^source ([0-9a-f]+)$", tar.extractfile(device).read().decode(errors="replace"),
+                                  re.MULTILINE)
+                if said and said[-1] != (ours := source_hash(checkout)):
+                    raise SystemExit(f"{archive}: measured other code (source {said[-1]} in its gpu.txt, {ours} in "
+                                     f"{checkout}): unpack it where its call's code is checked out; nothing "
+                                     f"extracted")
                 results.mkdir(parents=True, exist_ok=True)
                 tar.extractall(results, members=found, filter="data")
                 # gpu.sh packs the checkout's .gpu-state whenever it trained there, a whole run's improved.json

@@ -18,10 +18,11 @@ time went: the start (command to the prepare step), each step's run from its sta
 (the median per profile, one row per run, the time per phase) and time_to_accuracy.png (val_acc
 against wall seconds, one curve per run); `--name` writes them under another name, so a recheck leaves
 the committed report as it is. The report is written after every run, marked incomplete until the last: a failed
-run or Ctrl-C (one line, exit 130) leaves the finished runs' report so marked, and each rewrite replaces the
-whole file at once (Ctrl-C while it is written leaves the one before, never one cut short). `--extra` passes
-more `mlflow run` arguments; those that change the entry point (`-e`) or the experiment (`--experiment-name`,
-`--experiment-id`) are refused (exit 2): the runs read back are `main`'s in the fresh store's experiments.
+run (named there, with its reason) or Ctrl-C (one line, exit 130) leaves the finished runs' report so marked, and
+each rewrite replaces the whole file at once (Ctrl-C while it is written leaves the one before, never one cut
+short). `--extra` passes more `mlflow run` arguments; those that change the entry point (`-e`) or the experiment
+(`--experiment-name`, `--experiment-id`) are refused (exit 2): the runs read back are `main`'s in the fresh
+store's experiments.
 """
 
 from __future__ import annotations
@@ -58,7 +59,13 @@ def phases(wall: float, spans: dict[str, tuple[float, float]], epoch_seconds: fl
     train's logged `epoch_seconds`. The phases follow one another, so they add up to `wall`:
     start (the CLI, the interpreter, imports and input checks, up to the first step), the steps
     (train split into its epochs and the rest: model build, inference copy, logging the model), the
-    gaps between steps, and exit (after register's run ends)."""
+    gaps between steps, and exit (after register's run ends). The times they run between are rounded to 0.1 s,
+    not the phases themselves: each phase is within 0.1 s, and they add up to `wall` rounded as `wall_s` is."""
+    def tenth(seconds: float) -> float:
+        return round(seconds, 1)
+
+    wall, epoch_seconds = tenth(wall), tenth(epoch_seconds)
+    spans = {step: (tenth(begin), tenth(end)) for step, (begin, end) in spans.items()}
     first = next(spans[s][0] for s in STEPS if s in spans)
     out, gaps, previous_end = {"start_s": first}, 0.0, first
     for step in STEPS:
@@ -177,6 +184,9 @@ def main() -> None:
             try:
                 results.append(run_profile(profile, args.data, extra, seed))
             except SystemExit as exc:
+                if results:  # the report names the run that failed, and why, not the terminal alone
+                    label = profile if seed is None else f"{profile}, seed {seed}"
+                    write_report(results, args, len(planned), f"run {number} of {len(planned)} ({label}) failed: {exc}")
                 raise SystemExit(f"{exc}{kept}") from None
             print(results[-1]["row"], flush=True)
             # after every run, so an interrupted benchmark keeps what it measured, marked incomplete until the last
@@ -206,12 +216,15 @@ def refused_extra(extra: list[str]) -> str | None:
     return None
 
 
-def write_report(results: list[dict], args: argparse.Namespace, planned: int | None = None) -> None:
-    """The report of `results`; while fewer than `planned` runs have finished, its title and first line say so."""
+def write_report(results: list[dict], args: argparse.Namespace, planned: int | None = None,
+                 failed: str | None = None) -> None:
+    """The report of `results`; while fewer than `planned` runs have finished, its title and first line say so, and
+    `failed` (which run failed, and why) where one did."""
     planned = planned or len(results)
-    incomplete = (f"**Incomplete: {len(results)} of the command's {planned} runs finished** (the benchmark was "
-                  "interrupted or a run failed); these are not the command's results.\n\n"
-                  if len(results) < planned else "")
+    why = (f": {failed.rstrip('.')}. The medians are of the runs that finished" if failed
+           else " (the benchmark was still running, or was interrupted, when this was written)")
+    incomplete = (f"**Incomplete: {len(results)} of the command's {planned} runs finished**{why}; these are not the "
+                  "command's results.\n\n" if len(results) < planned else "")
     runs = pd.DataFrame([r["row"] for r in results])
     timed = [key for key in ("wall_s", "registered_s") if key in runs]
     # a run without a value (registered_s not read back) leaves its profile's median blank, not the others'
@@ -250,7 +263,8 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int | N
             "the exit after them); `registered_s` from the command's start to the registered model version's "
             "creation, as the registry stamps it (inside the register step; `exit_s` below is what follows that "
             "step). "
-            "`val_acc>=x_s`: wall seconds when val_acc first reached x, on the images `val_split` names (training "
+            "`val_acc>=x_s`: seconds from the command's start (prepare included) to the logging of the first "
+            "epoch's val_acc that reached x; blank where none did; val_acc on the images `val_split` names (training "
             "images held out, or the test split itself where the profile holds none out). "
             "`test_acc`: all test images. `seed`: the run's `train.seed` (initial weights, held-out split unless "
             "`train.validation_seed` is set, batch order); runs with the same seed train the same model.\n\n"

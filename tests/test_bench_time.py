@@ -28,6 +28,15 @@ def test_a_reused_prepare_run_counts_zero_and_the_start_runs_to_train():
     assert sum(got.values()) == pytest.approx(132.0)
 
 
+def test_phases_rounded_to_tenths_still_add_up_to_the_rounded_wall_time():
+    """Each phase was rounded on its own: a run's phases summed to 9.8 s of a 10.0 s wall_s."""
+    spans = {"prepare": (0.04, 1.08), "train": (1.14, 7.26), "evaluate": (7.34, 8.46), "register": (8.54, 8.66)}
+    got = phases(10.0, spans, epoch_seconds=3.04)
+    assert sum(got.values()) == pytest.approx(10.0, abs=1e-9)
+    assert all(value == round(value, 1) for value in got.values())
+    assert got["train_epochs_s"] == pytest.approx(3.0) and got["exit_s"] == pytest.approx(1.3)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--seeds", "0,x"], "--seeds: comma-separated integers, got '0,x'"),
     (["--seeds", "0", "--extra", "-P overrides=train.lr=0.1"], "--seeds sets -P overrides=train.seed=S"),
@@ -160,6 +169,30 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_the_finished_runs_report_marked_i
     assert exc.value.code == 130 and capsys.readouterr().err.endswith("(tiny); no results written\n")
 
 
+def test_a_failed_run_is_named_with_its_reason_in_the_report_it_leaves(tmp_path, monkeypatch):
+    """The report a failed run left said only `the benchmark was interrupted or a run failed`: not which run, nor why
+    (that went to the terminal alone), so the report read the same as one cut short by Ctrl-C."""
+    from bench import time_to_accuracy
+
+    runs = iter([fake_run("tiny", 0.5)])
+
+    def run_profile(profile, data, extra, seed=None):
+        try:
+            return next(runs)
+        except StopIteration:
+            raise SystemExit("tiny: `mlflow run` failed (exit 1): error: boom") from None
+
+    monkeypatch.setattr(time_to_accuracy, "RESULTS", tmp_path)
+    monkeypatch.setattr(time_to_accuracy, "run_profile", run_profile)
+    monkeypatch.setattr(sys, "argv", ["time_to_accuracy", "--profiles", "tiny", "--seeds", "0,1,2"])
+    with pytest.raises(SystemExit, match="error: boom"):
+        time_to_accuracy.main()
+    text = (tmp_path / "time_to_accuracy.md").read_text()
+    assert ("**Incomplete: 1 of the command's 3 runs finished**: run 2 of 3 (tiny, seed 1) failed: tiny: `mlflow run` "
+            "failed (exit 1): error: boom. The medians are of the runs that finished") in text
+    assert "| runs |" in " ".join(text.split()) and "|      1 |" in text  # the median says how many runs it is of
+
+
 def fake_run(profile: str, test_acc: float) -> dict:
     row = {"profile": profile, "model": "m", "seed": 0, "epochs": 2, "wall_s": 10.0, "test_acc": test_acc}
     phases_ = {"profile": profile, "wall_s": 10.0, "start_s": 2.0, "train_epochs_s": 8.0}
@@ -178,8 +211,25 @@ def test_a_report_written_before_the_last_run_says_it_is_incomplete(tmp_path, mo
     assert text.startswith("# Time to accuracy (incomplete)")
     assert "**Incomplete: 1 of the command's 3 runs finished**" in text
     assert "--extra '-P epochs=2'" in text  # the command as it ran
+    # written after each run, it is read while the benchmark still runs: it did not say a run failed then
+    assert "**Incomplete: 1 of the command's 3 runs finished** (the benchmark was still running, or was interrupted" \
+           in text
     time_to_accuracy.write_report([fake_run("tiny", 0.5)] * 3, args, 3)
     assert "ncomplete" not in (tmp_path / "time_to_accuracy.md").read_text()
+
+
+def test_the_report_says_its_threshold_times_run_from_the_commands_start(tmp_path, monkeypatch):
+    """`val_acc>=x_s` was `wall seconds when val_acc first reached x`: from the command's start, or training's?"""
+    import argparse
+
+    from bench import time_to_accuracy
+
+    monkeypatch.setattr(time_to_accuracy, "RESULTS", tmp_path)
+    args = argparse.Namespace(profiles="tiny", repeat=1, seeds="", data="", extra="")
+    time_to_accuracy.write_report([fake_run("tiny", 0.5)], args)
+    text = " ".join((tmp_path / "time_to_accuracy.md").read_text().split())
+    assert ("`val_acc>=x_s`: seconds from the command's start (prepare included) to the logging of the first "
+            "epoch's val_acc that reached x; blank where none did") in text
 
 
 def test_a_report_interrupted_while_it_is_rewritten_stays_the_one_before(tmp_path, monkeypatch):

@@ -917,6 +917,9 @@ def test_gpu_report_says_which_stages_of_the_call_did_not_run_and_how_each_stopp
                                                                           "(medians of those): airbench94 (x)")
     assert table.pop(("gpu-reference-airbench96.json", today)) == ("not run: failed, exit 1: ModuleNotFoundError: No "
                                                                   "module named 'torchvision'")
+    for name in ("fast-warm", "explore-ceiling"):  # the fake exits 0 for them and writes nothing: said, not dropped
+        assert table.pop((f"gpu-{name}.json", today)) == (f"no result: gpu.log says it ran (exit 0), but "
+                                                          f"gpu-{name}.json is not in the results")
     assert all(status.startswith("not run: skipped, ") and status.endswith("s of 200s used, it may take 250s")
                for status in table.values()) and len(table) == 6
     assert "not run: skipped" in gpu_report.report(results, "1999-01-01")
@@ -1179,3 +1182,32 @@ def test_gpu_sh_decodes_the_data_once_for_every_stage_and_removes_it_at_the_end(
     assert [stage[1:] for stage in stages] == [[".data/cifar10-jpeg-q75.tar.gz", "none", "absent"]] * 3
     assert "pipeline.data.DataError: test/cat/0001.jpg: truncated" in console
     assert "== .data/cifar10-jpeg-q75.tar.gz not decoded once (above): each stage decodes it itself" in console
+
+
+def test_gpu_report_refuses_the_results_of_other_code_than_the_checkouts(tmp_path):
+    """An archive's results were unpacked whatever code measured them: a call made before a change to the pipeline
+    went into the table as this checkout's. gpu.sh records its source files' hash in gpu.txt; --unpack compares."""
+    import tarfile
+
+    from bench import gpu_report
+
+    fake, checkout, out = tmp_path / "python", tmp_path / "checkout", tmp_path / "out"
+    fake.write_text(REPORTED_PYTHON)
+    fake.chmod(0o755)
+    for name in ("pipeline/train.py", "bench/gpu.sh", "params/fast.yaml", "pipeline/__pycache__/x.py", "README.md"):
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / name).write_text(name)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=checkout, capture_output=True, text=True,
+                          timeout=60, env={"PATH": os.environ["PATH"], "PYTHON": str(fake), "OUT": str(out),
+                                           "GPU_SH_STAGES": "fast"})
+    with tarfile.open(out / "gpu-results.tar.gz") as tar:
+        device = tar.extractfile("gpu.txt").read().decode()
+    assert f"source {gpu_report.source_hash(checkout)}\n" in device, proc.stdout + proc.stderr
+    (checkout / "README.md").write_text("docs, pycache: not the code measured")
+    (checkout / "pipeline" / "__pycache__" / "x.py").write_text("y")
+    assert "gpu.txt" in gpu_report.unpack(out / "gpu-results.tar.gz", tmp_path / "results", checkout)
+    (checkout / "pipeline" / "train.py").write_text("changed")
+    with pytest.raises(SystemExit, match=r"gpu-results.tar.gz: measured other code \(source [0-9a-f]{16} in its "
+                                         r"gpu.txt, [0-9a-f]{16} in .*checkout\)"):
+        gpu_report.unpack(out / "gpu-results.tar.gz", tmp_path / "other", checkout)
+    assert not (tmp_path / "other").exists()

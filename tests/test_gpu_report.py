@@ -128,7 +128,8 @@ def test_unpack_joins_pieces_and_hands_an_unfinished_run_to_the_checkout_until_i
     (checkout / ".gpu-state" / "improved").mkdir(parents=True)
     (checkout / ".gpu-state" / "improved" / "epoch-0010.weights.h5").write_bytes(b"older")
     weights = np.random.default_rng(0).bytes(200_000)  # incompressible: the archive is as large as the weights
-    stopped = archive({"gpu.txt": b"NVIDIA H200", "gpu-improved.json": json.dumps(
+    log = b"== call of 2026-12-05 10:00:00 UTC\n"  # gpu.sh packs gpu.txt and gpu.log with every call's results
+    stopped = archive({"gpu.txt": b"NVIDIA H200", "gpu.log": log, "gpu-improved.json": json.dumps(
         {"partial": True, "checkpoint": ".gpu-state/improved", "epoch_seconds": [100.0] + [4.6] * 60}).encode(),
         ".gpu-state/improved/epoch-0060.weights.h5": weights,
         ".gpu-state/improved/progress.json": b"{}"})
@@ -136,7 +137,8 @@ def test_unpack_joins_pieces_and_hands_an_unfinished_run_to_the_checkout_until_i
     for k, piece in enumerate(pieces):
         (tmp_path / f"gpu-results.tar.gz.part{k}").write_bytes(piece)
     assert len(pieces) >= 3
-    assert gpu_report.unpack(tmp_path / "gpu-results.tar.gz", results, checkout) == ["gpu-improved.json", "gpu.txt"]
+    assert gpu_report.unpack(tmp_path / "gpu-results.tar.gz", results, checkout) == ["gpu-improved.json", "gpu.log",
+                                                                                         "gpu.txt"]
     state = checkout / ".gpu-state" / "improved"
     assert sorted(p.name for p in state.iterdir()) == ["epoch-0060.weights.h5", "progress.json"]  # the old one gone
     assert (state / "epoch-0060.weights.h5").read_bytes() == weights
@@ -148,12 +150,14 @@ def test_unpack_joins_pieces_and_hands_an_unfinished_run_to_the_checkout_until_i
                         "parts": [{}, {}], "data": ".data/cifar10-jpeg-q75.tar.gz"}).encode()
     smoke = json.dumps({"epoch_seconds": [6.4, 0.3, 0.3], "test_acc": 0.19, "data": "synthetic (512 training images)"})
     # the CPU smoke's archive: a whole improved run of its own, its state kept away from the checkout's
-    (tmp_path / "smoke.tar.gz").write_bytes(archive({"gpu-improved.json": smoke.encode()}))
+    (tmp_path / "smoke.tar.gz").write_bytes(archive({"gpu.txt": b"cpu", "gpu.log": log,
+                                                                   "gpu-improved.json": smoke.encode()}))
     gpu_report.unpack(tmp_path / "smoke.tar.gz", tmp_path / "smoke", checkout)
     assert sorted(p.name for p in state.iterdir()) == ["epoch-0060.weights.h5", "progress.json"]  # still there
 
     # as gpu.sh packs a whole run: its result kept in .gpu-state/improved.json, the training gone
-    (tmp_path / "whole.tar.gz").write_bytes(archive({"gpu-improved.json": whole, ".gpu-state/improved.json": whole}))
+    (tmp_path / "whole.tar.gz").write_bytes(archive({"gpu.txt": b"NVIDIA H200", "gpu.log": log,
+                                                     "gpu-improved.json": whole, ".gpu-state/improved.json": whole}))
     gpu_report.unpack(tmp_path / "whole.tar.gz", results, checkout)
     assert [p.name for p in (checkout / ".gpu-state").iterdir()] == ["improved.json"]  # the next call skips it
     row = gpu_report.rows(results).iloc[0]
@@ -322,3 +326,42 @@ def test_a_results_file_that_is_not_a_json_record_is_one_line_naming_it(tmp_path
     (tmp_path / "gpu-seed.json").write_text(text)
     with pytest.raises(SystemExit, match=r"gpu-seed.json: not a bench/gpu.sh result \(.+\)$"):
         gpu_report.rows(tmp_path)
+
+
+@pytest.mark.parametrize("left_out", [("gpu.txt",), ("gpu.log",), ("gpu.txt", "gpu.log")])
+def test_unpack_refuses_an_archive_without_the_calls_device_line_or_log_before_extracting(tmp_path, left_out):
+    """An archive with a result but no gpu.txt was taken: the table named the results folder's earlier gpu.txt, another
+    call's machine, as the device of the new results (and without gpu.log, an earlier call's stages were `not run`)."""
+    import io
+    import tarfile
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "gpu.txt").write_text("NVIDIA H200, an earlier call")
+    members = {"gpu.txt": "NVIDIA H100", "gpu.log": "== call of 2026-12-07 10:00:00 UTC",
+               "gpu-fast.json": json.dumps({"epoch_seconds": [1.0]})}
+    archive = tmp_path / "gpu-results.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, text in members.items():
+            if name not in left_out:
+                info = tarfile.TarInfo(name)
+                info.size = len(text.encode())
+                tar.addfile(info, io.BytesIO(text.encode()))
+    with pytest.raises(SystemExit, match=f"gpu-results.tar.gz: no {', '.join(left_out)} in it"):
+        gpu_report.unpack(archive, results, tmp_path / "checkout")
+    assert sorted(p.name for p in results.iterdir()) == ["gpu.txt"]  # nothing extracted
+    assert (results / "gpu.txt").read_text() == "NVIDIA H200, an earlier call"
+
+
+def test_a_stage_the_log_says_ran_whose_file_is_not_there_has_a_row_saying_so(tmp_path):
+    """A stage that exited 0 (or ended an epoch) but whose gpu-NAME.json was not in the results had no row at all:
+    the table read as if gpu.sh had never named it."""
+    (tmp_path / "gpu.log").write_text("\n".join([
+        "== call of 2026-12-07 10:00:00 UTC",
+        "== fast (limit 220s) 10:00:01", "Epoch 1/24", "== fast exit 0 10:01:00",
+        "== seed (limit 150s) 10:01:01", "Epoch 1/2", "== seed exit 0 10:02:00", ""]))
+    write(tmp_path, "gpu-seed.json", epoch_seconds=[80.0, 15.0])
+    table = {row["file"]: (row["date"], row["status"]) for _, row in gpu_report.rows(tmp_path).iterrows()}
+    assert table == {"gpu-fast.json": ("2026-12-07", "no result: gpu.log says it ran (exit 0), but gpu-fast.json "
+                                                     "is not in the results"),
+                     "gpu-seed.json": (None, "timed")}
