@@ -1250,6 +1250,14 @@ def read_request(conn, *, whole: bool = True) -> None:
         body += conn.recv(65536)
 
 
+def respond(handler, status: int, body: bytes) -> None:
+    """Answer an `http_stub` request with `status` and `body`."""
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 @contextlib.contextmanager
 def answering(status: int, body: bytes, authorizations: list | None = None,
               requests: list | None = None) -> Iterator[str]:
@@ -1261,10 +1269,7 @@ def answering(status: int, body: bytes, authorizations: list | None = None,
             requests.append((handler.path, request))
         if authorizations is not None:
             authorizations.append(handler.headers["Authorization"])
-        handler.send_response(status)
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+        respond(handler, status, body)
 
     with http_stub(answer) as url:
         yield url
@@ -1335,11 +1340,8 @@ def naming_server(sent: list) -> Iterator[str]:
         rows = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))["dataframe_split"]["data"]
         sent.append(len(rows))
         labels = [base64.b64decode(row[0])[len(PNG_SIGNATURE):].split(b"\0")[0].decode() for row in rows]
-        body = json.dumps({"predictions": [{"label": label, "probability": 0.5} for label in labels]}).encode()
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+        respond(handler, 200, json.dumps({"predictions": [{"label": label, "probability": 0.5}
+                                                          for label in labels]}).encode())
 
     with http_stub(answer) as url:
         yield url
