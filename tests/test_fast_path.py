@@ -217,6 +217,17 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(forker, store, tmp_pa
     assert list(checkpoints.iterdir()) == []  # both hosts removed their checkpoints once done
 
 
+def both_refused_as_they_meet(procs, ports: list[int], other: str) -> None:
+    """Each of two hosts exits 2 naming the other as started with `other` things than itself."""
+    for index, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            f"error: TF_CONFIG: worker {1 - index} (localhost:{ports[1 - index]}) was started with other {other} "
+            f"than this host (worker {index}): start every host with the same code, params, epochs, overrides and "
+            f"data")
+
+
 def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(forker, store, tmp_path):
     """A worker started with another lr, or left on other code (a checkout not pulled), would train other weights
     under the chief's logged params and code (with another batch size or epoch count it would wait on a collective
@@ -241,13 +252,8 @@ def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(forke
     procs = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
                             worker_args=("--overrides", "tracking.experiment=e2e model.widths=[16,32,128]"),
                             worker_root=worker_root, ports=ports)
-    for index, proc in enumerate(procs):
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 2, err[-3000:]
-        assert err.strip().splitlines()[-1] == (
-            f"error: TF_CONFIG: worker {1 - index} (localhost:{ports[1 - index]}) was started with other model or "
-            f"train params and other code (pipeline/{{{','.join(TRAIN_CODE)}}}.py) than this host (worker {index}): "
-            f"start every host with the same code, params, epochs, overrides and data")
+    both_refused_as_they_meet(procs, ports, f"model or train params and other code (pipeline/"
+                                            f"{{{','.join(TRAIN_CODE)}}}.py)")
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
@@ -261,13 +267,7 @@ def test_a_worker_on_other_data_is_refused_on_every_host_as_they_meet(forker, st
     ports = [free_port(), free_port()]
     procs = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
                             "--data", str(bad), worker_args=("--data", "synthetic"), ports=ports)
-    for index, proc in enumerate(procs):
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 2, err[-3000:]
-        assert err.strip().splitlines()[-1] == (
-            f"error: TF_CONFIG: worker {1 - index} (localhost:{ports[1 - index]}) was started with other "
-            f"{train.MEETING_DATA} than this host (worker {index}): start every host with the same code, params, "
-            f"epochs, overrides and data")
+    both_refused_as_they_meet(procs, ports, train.MEETING_DATA)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
