@@ -146,6 +146,21 @@ class Distribution:
 
             keras.distribution.set_distribution(None)
 
+    @contextlib.contextmanager
+    def telling_the_others(self):
+        """Around a worker's part of training: an error of its own (its data unreadable, its model refused, a failed
+        checkpoint, Ctrl-C) is reported to the cluster's coordination service, which aborts the other hosts'
+        collectives at once. They learned of a worker that ended only from its missing heartbeats,
+        $PIPELINE_HEARTBEAT_TIMEOUT s later (the chief leads the service: its ending is known at once). A host lost
+        (`host_lost`), which the cluster knows already, is not reported. A no-op when training alone."""
+        try:
+            yield
+        except BaseException as exc:
+            if self.cluster is not None and not getattr(exc, "host_lost", False) and not (
+                    isinstance(exc, SystemExit) and exc.code in (0, None)):
+                _report_to_cluster(self.cluster, exc)
+            raise
+
     def agree(self, job: dict[str, str], done: int, fast_path: tuple[str, bool | str] = ("float32", False),
               run: int = 0) -> tuple[int, tuple[str, bool | str], int]:
         """In a cluster, check before the model is built that every host trains the same job from the same epoch of
@@ -415,7 +430,9 @@ def distribution(mode: str, job: dict[str, str] | None = None, checkpoint: tuple
         import tensorflow as tf
 
         # TensorFlow's wait below cannot be interrupted: it starts once all are up
+        heartbeat = heartbeat_timeout()
         wait_for_hosts(cluster, job=job, checkpoint=checkpoint)
+        _configure_coordination(cluster, heartbeat)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()  # blocks until every task has connected
         return Distribution("multi_worker", list(strategy.extended.worker_devices), strategy, cluster)
     devices = keras.distribution.list_devices()
@@ -453,14 +470,44 @@ HOSTS_TIMEOUT = "PIPELINE_HOSTS_TIMEOUT"  # seconds a host waits for the cluster
 
 
 def hosts_timeout() -> float:
-    raw = os.environ.get(HOSTS_TIMEOUT) or "600"  # set empty: unset, as a shell's VAR= is
+    return _seconds(HOSTS_TIMEOUT, "600", "the seconds a host waits for the others to start")
+
+
+# Seconds without a host's heartbeat after which the cluster takes it for lost and aborts every collective.
+# TensorFlow's 10 s took a live chief for lost on a busy 2-core machine (its own heartbeat, in its own process, came
+# late); a host killed is found at once anyway (its connections close), so the wait matters only for one that hangs.
+HEARTBEAT_TIMEOUT = "PIPELINE_HEARTBEAT_TIMEOUT"
+
+
+def heartbeat_timeout() -> float:
+    return _seconds(HEARTBEAT_TIMEOUT, "60", "the seconds without a host's heartbeat before the others take it for "
+                    "lost")
+
+
+def _seconds(variable: str, default: str, meaning: str) -> float:
+    raw = os.environ.get(variable) or default  # set empty: unset, as a shell's VAR= is
     try:
         seconds = float(raw)
     except ValueError:
         seconds = 0
-    if not 0 < seconds < float("inf"):
-        raise ConfigError(f"{HOSTS_TIMEOUT}: the seconds a host waits for the others to start, got {raw!r}")
+    if not 0 < seconds < 1e9:
+        raise ConfigError(f"{variable}: {meaning}, a positive number, got {raw!r}")
     return seconds
+
+
+def _configure_coordination(cluster: Cluster, seconds: float) -> None:
+    """TensorFlow's coordination service as MultiWorkerMirroredStrategy configures it (standalone, led by the
+    chief, over the chief and worker jobs), with heartbeats timing out after `seconds` instead of its fixed 10 s:
+    the strategy keeps a configuration it finds. Before the strategy exists."""
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.eager import context
+
+    leader = "chief" if "chief" in cluster.spec else "worker"
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=f"/job:{leader}/replica:0/task:0",
+        heartbeat_timeout_in_ms=max(1, round(seconds * 1000)),
+        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(cluster.spec[job]))
+                          for job in ("chief", "worker") if job in cluster.spec])
 
 
 HELLO = b"pipeline.distribute "  # what `wait_for_hosts`' listener answers first, then its `hello`'s JSON and a newline
@@ -750,18 +797,26 @@ HOST_LOST = "stopped answering"
 def host_lost_as_step_failure(own: str = "", before: str = ""):
     """A host of the cluster lost (killed, crashed, unreachable) as one line (`host_lost`): TensorFlow's
     coordination service notices its missing heartbeats, or its closed connection, and aborts every collective with
-    an UnavailableError several screens long. own, before: see `host_lost`."""
+    an UnavailableError or AbortedError several screens long. own, before: see `host_lost`."""
     import tensorflow as tf
 
     try:
         yield
-    except tf.errors.UnavailableError as exc:
+    except (tf.errors.UnavailableError, tf.errors.AbortedError) as exc:
         raise host_lost(exc, own, before) from None
 
 
 def host_lost(exc: Exception, own: str = "", before: str = ""):
-    """The StepFailed for TensorFlow's UnavailableError `exc`, naming the host lost. Every host's checkpoint keeps
-    its completed epochs, so rerunning every host's command continues the run.
+    """`_host_lost`'s StepFailed, marked as one the cluster knows of."""
+    failure = _host_lost(exc, own, before)
+    failure.host_lost = True  # the cluster knows (`Distribution.telling_the_others`)
+    return failure
+
+
+def _host_lost(exc: Exception, own: str = "", before: str = ""):
+    """The StepFailed for TensorFlow's UnavailableError or AbortedError `exc`, naming the host lost (this host itself
+    where the cluster took it for lost). Every host's checkpoint keeps its completed epochs, so rerunning every host's
+    command continues the run.
     own: this host's task ("worker 0"), never the one lost: TensorFlow's `{{function_node ...}}` prefix names this
     host's own device (a peer that lost worker 1 said "worker 0, worker 1 stopped answering").
     before: the chief's task, set from the hosts' first collective (`Distribution.agree`) until `fit`'s first step
@@ -774,10 +829,19 @@ def host_lost(exc: Exception, own: str = "", before: str = ""):
 
     # the op and function names TensorFlow wraps around its message (the local device's among them)
     text = re.sub(r"\{\{[^{}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]", "", str(exc))
-    lost = sorted({f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text)} - {own})
+    named = {f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text)}
+    lost = sorted(named - {own})
     lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__]
     said = next((line for line in lines if re.search(r"unhealthy|heartbeat|aborted|unavailable|connect", line,
                                                      re.IGNORECASE)), lines[0])
+    if own and named == {own} and re.search(r"heartbeat timeout|already-in-error", text):
+        # the cluster took this host itself for lost: its heartbeats came late (a host too busy or stopped, or a
+        # clock jump), and every collective of every host is aborted
+        said = (timed_out := re.search(r"Task \S+ heartbeat timeout", text)) and timed_out.group() or said
+        return StepFailed(f"{TF_CONFIG}: the cluster took this host ({own}) for lost: its heartbeats came more than "
+                          f"{heartbeat_timeout():g} s apart, ${HEARTBEAT_TIMEOUT} (TensorFlow: {said[:200]}). "
+                          f"Completed epochs stay checkpointed on every host: rerun every host's command to continue "
+                          f"(with a larger ${HEARTBEAT_TIMEOUT} on every host if this one was busy)")
     if before:
         who = ", ".join(f"{task} (the chief)" if task == before else task for task in lost) or \
             "a host of the cluster"
@@ -788,6 +852,26 @@ def host_lost(exc: Exception, own: str = "", before: str = ""):
     return StepFailed(f"{TF_CONFIG}: {', '.join(lost) or 'a host of the cluster'} {HOST_LOST} (TensorFlow: "
                       f"{said[:200]}): the other hosts cannot train without it. Completed epochs stay "
                       f"checkpointed on every host: once it is back, rerun every host's command to continue")
+
+
+def _report_to_cluster(cluster: Cluster, exc: BaseException) -> None:
+    """Tell the coordination service that this host ends with `exc` (its first line), waiting for it at most 5 s: a
+    service already gone must not hold the host's exit."""
+    import threading
+
+    import tensorflow as tf
+    from tensorflow.python.eager import context
+
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    message = f"/job:{cluster.task_type}/replica:0/task:{cluster.index} ended with an error of its own: {line}"
+
+    def report():
+        with contextlib.suppress(Exception):
+            context.context().report_error_to_cluster(tf.errors.UNAVAILABLE, message)
+
+    thread = threading.Thread(target=report, name="report-to-cluster", daemon=True)
+    thread.start()
+    thread.join(5)
 
 
 def _host_lost_as_step_failure(model: keras.Model, own: str, chief: str) -> None:
@@ -811,7 +895,7 @@ def _host_lost_as_step_failure(model: keras.Model, own: str, chief: str) -> None
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or ()), first]
         try:
             return fit(*args, **kwargs)
-        except tf.errors.UnavailableError as exc:
+        except (tf.errors.UnavailableError, tf.errors.AbortedError) as exc:
             raise host_lost(exc, own, before="" if first.ended else chief) from None
 
     model.fit = fit_or_host_lost

@@ -458,7 +458,8 @@ def main() -> None:
                                                                                         args.resume)},
                         checkpoint=held)
     if not dist.chief:
-        run_worker(cfg, args.dataset_uri, dist, args.resume)
+        with dist.telling_the_others():  # found at once by the chief, which waits in a collective meanwhile
+            run_worker(cfg, args.dataset_uri, dist, args.resume)
         return
     cfg, dataset_uri = check_inputs(cfg, resume=args.resume, dataset_uri=args.dataset_uri)
     check_known_batches(cfg, dist, dataset_uri)  # before prepare's run and the train run

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import textwrap
 import time
@@ -15,11 +16,11 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import config, prepare, train
+from pipeline import config, distribute, prepare, train
 from pipeline.tracking import cli
 from pipeline.tracking.resume import TRAIN_CODE
 from tests.conftest import ROOT, ForkedHost, Forker, free_port, module_code
-from tests.test_fault_tolerance import kill_tree
+from tests.test_fault_tolerance import kill_tree, wait_until_stopped
 
 
 def val_acc_curve(run_id: str) -> list[float]:
@@ -271,6 +272,33 @@ def test_a_worker_on_other_data_is_refused_on_every_host_as_they_meet(forker, st
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
+def test_a_host_stopped_past_the_heartbeat_timeout_is_taken_for_lost_in_one_line_on_both_hosts(forker, store,
+                                                                                               tmp_path):
+    """$PIPELINE_HEARTBEAT_TIMEOUT is the cluster's: worker 1 stopped (SIGSTOP) for three times it once training has
+    begun is taken for lost by the chief (TensorFlow's fixed 10 s let it through), and once it goes on it is told in
+    one line that the cluster took it for lost. A chief whose own heartbeat came late on a busy machine ended with
+    TensorFlow's AbortedError traceback (exit 1)."""
+    procs = start_two_hosts(forker, {**store, distribute.HEARTBEAT_TIMEOUT: "2"}, "--params", "params/tiny.yaml",
+                            "--epochs", "30", "--overrides",
+                            f"tracking.experiment=e2e data.synthetic_train=2048 {ONE_STAGE}")
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "checkpoints").glob("worker1-*/training_metadata.json")):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+        time.sleep(0.1)
+    stopped = kill_tree(procs[1].pid, signal.SIGSTOP)
+    wait_until_stopped(stopped)
+    time.sleep(6)
+    kill_tree(procs[1].pid, signal.SIGCONT)
+    (_, chief), (_, worker) = [p.communicate(timeout=120) for p in procs]
+    assert procs[0].returncode == 3, chief[-3000:]
+    assert chief.strip().splitlines()[-1].startswith("error: TF_CONFIG: worker 1 stopped answering (TensorFlow: ")
+    assert procs[1].returncode == 3, worker[-3000:]
+    assert "Traceback" not in worker, worker[-3000:]
+    last = worker.strip().splitlines()[-1]  # the chief gone, or the cluster having taken it for lost, as it goes on
+    assert last.startswith("error: TF_CONFIG: ") and "rerun every host's command to continue" in last, last
+
+
 def test_a_chief_that_fails_before_training_is_named_so_on_the_workers(forker, store):
     """The chief's prepare fails (its data refused as it is read, on the chief alone): worker 1, waiting for it in the
     hosts' first collective, said "worker 0 stopped answering" and "rerun every host's command to continue". Now it
@@ -321,10 +349,13 @@ def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_ot
     values are broadcast from the chief, or the chief in opening its train run while the other waits in `fit`'s
     first step): the other host ended with TensorFlow's UnavailableError traceback (exit 1; on the chief a train run
     FAILED with no reason), or said "worker 0 stopped answering ... rerun every host's command to continue". Now it
-    says in one line (exit 3) which host ended before training began; the failing host's own error is its own."""
+    says in one line (exit 3) which host ended before training began; the failing host's own error is its own.
+    Known at once, not after a heartbeat timeout (here longer than the test waits): a worker that fails reports it
+    to the cluster (`Distribution.telling_the_others`), a chief's ending is its coordination service's."""
     failing = 0 if host == "chief" else 1
     started = time.monotonic()
-    procs = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--epochs", "1", "--overrides",
+    procs = start_two_hosts(forker, {**store, distribute.HEARTBEAT_TIMEOUT: "600"}, "--params", "params/tiny.yaml",
+                            "--epochs", "1", "--overrides",
                             f"tracking.experiment=e2e {ONE_STAGE}",
                             preludes=tuple(FAULTS[fault] if i == failing else "" for i in (0, 1)))
     (_, failed_err), (_, err) = [procs[i].communicate(timeout=120) for i in (failing, 1 - failing)]
@@ -343,6 +374,8 @@ def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_ot
     last = err.strip().splitlines()[-1]
     lost = "worker 0 (the chief)" if host == "chief" else "worker 1"
     assert last.startswith(f"error: TF_CONFIG: {lost} ended before training began (TensorFlow: "), last
+    if host == "worker":  # its own reason, as it reported it
+        assert "worker/replica:0/task:1 ended with an error of its own: model.widths: refused on this host" in last
     assert last.endswith("): nothing was trained. Its own output says why"
                          + (" (and, where the chief could end its MLflow run, in that run's failure_reason tag)"
                             if failing == 0 else "") + ": fix that, then rerun every host's command"), last

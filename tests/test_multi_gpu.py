@@ -602,7 +602,7 @@ class FailingFit:
         for step in range(self.steps):
             for callback in callbacks or ():
                 callback.on_train_batch_end(step)
-        raise tf.errors.UnavailableError(None, None, self.lost)
+        raise getattr(self, "error", tf.errors.UnavailableError)(None, None, self.lost)
 
 
 def adapted(index: int):
@@ -636,6 +636,52 @@ def test_a_host_lost_mid_training_is_one_line_naming_it(monkeypatch, index, lost
         f"TF_CONFIG: {said} stopped answering (TensorFlow: Collective ops is aborted by: ")
     assert text.endswith("Completed epochs stay checkpointed on every host: once it is back, rerun every host's "
                          "command to continue")
+
+
+# The chief's own heartbeat late on a busy 2-core CI machine (2026-12-07): its train step aborted.
+LATE = ("{{function_node __inference_multi_step_on_iterator_4735}} Collective ops is aborted by: Unexpected heartbeat "
+        "request from an already-in-error task: /job:worker/replica:0/task:0 with existing error: UNAVAILABLE: Task "
+        "/job:worker/replica:0/task:0 heartbeat timeout. This indicates that the remote task has failed, got "
+        "preempted, or crashed unexpectedly. Check the task logs for an earlier error or scheduler events (e.g. "
+        "preemption, eviction) to debug further. [type.googleapis.com/tensorflow.CoordinationServiceError='']\n\n"
+        "RPC: /tensorflow.CoordinationService/Heartbeat\nThe error could be from a previous operation. Restart your "
+        "program to reset.\n\t [[{{node CollectiveReduceV2}}]] [Op:__inference_multi_step_on_iterator_4735]")
+
+
+def test_a_host_the_cluster_took_for_lost_is_told_so_in_one_line(monkeypatch):
+    """The chief whose own heartbeats came late (a busy machine) got TensorFlow's AbortedError from its train step:
+    a traceback, exit 1, its run FAILED with no reason. Now a StepFailed (exit 3) saying the cluster took this host
+    for lost, the timeout it missed and how to continue."""
+    import tensorflow as tf
+
+    from pipeline import distribute
+    from pipeline.tracking import StepFailed
+
+    monkeypatch.setenv(distribute.HEARTBEAT_TIMEOUT, "45")
+    monkeypatch.setattr(distribute, "_multi_worker_fit_fixes", lambda model, strategy: None)
+    model = FailingFit(LATE, steps=5)
+    model.error = tf.errors.AbortedError
+    adapted(0).adapt(model)
+    with pytest.raises(StepFailed) as error:
+        model.fit(epochs=3, callbacks=[])
+    assert str(error.value) == (
+        "TF_CONFIG: the cluster took this host (worker 0) for lost: its heartbeats came more than 45 s apart, "
+        "$PIPELINE_HEARTBEAT_TIMEOUT (TensorFlow: Task /job:worker/replica:0/task:0 heartbeat timeout). "
+        "Completed epochs stay checkpointed on every host: rerun every host's command to continue (with a larger "
+        "$PIPELINE_HEARTBEAT_TIMEOUT on every host if this one was busy)")
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "ten", "inf", "nan"])
+def test_a_heartbeat_timeout_that_is_not_a_positive_number_is_refused(monkeypatch, raw):
+    from pipeline import distribute
+
+    monkeypatch.setenv(distribute.HEARTBEAT_TIMEOUT, raw)
+    with pytest.raises(config.ConfigError, match=rf"^PIPELINE_HEARTBEAT_TIMEOUT: the seconds without a host's "
+                                                 rf"heartbeat before the others take it for lost, a positive number, "
+                                                 rf"got '{raw}'$"):
+        distribute.heartbeat_timeout()
+    monkeypatch.setenv(distribute.HEARTBEAT_TIMEOUT, "")  # empty: unset
+    assert distribute.heartbeat_timeout() == 60
 
 
 @pytest.mark.parametrize(("index", "lost", "said", "where"), [
