@@ -743,6 +743,45 @@ def test_three_runs_started_together_on_a_fresh_store_all_finish(tmp_path, forke
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == str(best.version)
 
 
+def test_two_prepares_that_insert_the_same_dataset_at_once_both_log_it(store, monkeypatch):
+    """Two prepares of the same data at once: MLflow checks for the dataset row, finds none, inserts it; the other
+    process's insert landing in between failed this one on the table's unique key (`UNIQUE constraint failed:
+    datasets.experiment_id, datasets.name, datasets.digest`, exit 1, as three mains started together on CI met).
+    Now the insert, rolled back whole, is tried again: it finds the other's row and links it."""
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    cfg = config.load(TINY, ["data.synthetic_train=64", "data.synthetic_test=16"])
+    dataset = prepare.build(cfg)
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    other = MlflowClient().create_run(experiment_id).info.run_id
+    real, calls = SqlAlchemyStore._log_inputs_impl, []
+
+    def racing(self, experiment_id, run_id, dataset_inputs=None, models=None):
+        calls.append(run_id)
+        if len(calls) == 1:  # the other prepare's insert lands between this one's check and its insert
+            real(self, experiment_id, other, dataset_inputs, models)
+            unique = sqlalchemy.exc.IntegrityError(
+                "INSERT INTO datasets (dataset_uuid, experiment_id, name, digest) VALUES (?, ?, ?, ?)", (),
+                Exception("UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest"))
+            raise MlflowException(unique) from unique  # as MLflow's session raises it
+        return real(self, experiment_id, run_id, dataset_inputs, models)
+
+    monkeypatch.setattr(SqlAlchemyStore, "_log_inputs_impl", racing)
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        steps.log_prepared(cfg, dataset, dataset.digest(), "its key", 0)
+    assert calls == [run.info.run_id, run.info.run_id]
+    inputs = [MlflowClient().get_run(i).inputs.dataset_inputs for i in (run.info.run_id, other)]
+    assert [[found.dataset.digest for found in logged] for logged in inputs] == [[dataset.digest()[:32]]] * 2
+
+    calls.clear()  # any other failure of the insert is not tried again
+    monkeypatch.setattr(SqlAlchemyStore, "_log_inputs_impl", lambda *args, **kwargs: (calls.append(1), 1 / 0))
+    with mlflow.start_run(experiment_id=experiment_id), pytest.raises(MlflowException):
+        steps.log_prepared(cfg, dataset, dataset.digest(), "its key", 0)
+    assert calls == [1]
+
+
 def test_the_store_lock_is_the_database_files_and_serves_users_who_cannot_write_it(tmp_path, monkeypatch):
     """The lock was keyed by the URI's spelling, so `sqlite:///mlflow.db` in two users' folders was one lock file
     in /tmp, created by the first user (0644): every step of the second died on a PermissionError traceback."""

@@ -63,9 +63,10 @@ def log_prepared(cfg: config.Config, dataset: data.Dataset, digest: str, key: st
                    f"{len(dataset.x_train)} train / {len(dataset.x_test)} test images.{overlap}")
     # MLflow keeps dataset digests in a 36-character column: log the first 32 hex digits there;
     # the full sha256 is in the run's tags and in dataset.json.
-    mlflow.log_input(mlflow.data.from_numpy(dataset.x_train, targets=dataset.y_train, source=_source(cfg),
-                                            name=Path(cfg.data.source).name or cfg.data.source,
-                                            digest=digest[:32]), context="train")
+    found = mlflow.data.from_numpy(dataset.x_train, targets=dataset.y_train, source=_source(cfg),
+                                   name=Path(cfg.data.source).name or cfg.data.source, digest=digest[:32])
+    log_inputs(mlflow.active_run().info.run_id, [
+        DatasetInput(found._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
     mlflow.log_metrics({"train_images": len(dataset.x_train), "test_images": len(dataset.x_test),
                         "test_images_in_train": in_train})
 
@@ -106,8 +107,30 @@ def log_dataset_input(dataset_uri: str, context: str, dataset: data.Dataset | No
         path = Path(local_path(dataset_uri)).resolve()
         inputs = [mlflow.data.from_numpy(dataset.x_train, targets=dataset.y_train, source=path.as_uri(),
                                          name=path.name, digest=dataset.digest()[:32])._to_mlflow_entity()]
-    client.log_inputs(mlflow.active_run().info.run_id, [
+    log_inputs(mlflow.active_run().info.run_id, [
         DatasetInput(found, [InputTag(MLFLOW_DATASET_CONTEXT, context)]) for found in inputs[:1]])
+
+
+def log_inputs(run_id: str, inputs: list[DatasetInput]) -> None:
+    """`MlflowClient.log_inputs`, once more where another process inserted the same dataset (experiment, name and
+    digest) between MLflow's check for it and its own insert: that insert fails on the table's unique key, rolled
+    back whole, and the second attempt finds the row and links it. Three mains started together on one store, each
+    preparing the same data, failed so (SQLite's `UNIQUE constraint failed: datasets...`, exit 1)."""
+    client = mlflow.MlflowClient()
+    try:
+        client.log_inputs(run_id, inputs)
+    except MlflowException as exc:
+        if not _dataset_row_race(exc):
+            raise
+        client.log_inputs(run_id, inputs)
+
+
+def _dataset_row_race(exc: MlflowException) -> bool:
+    import sqlalchemy.exc
+
+    cause = exc.__cause__
+    return isinstance(cause, sqlalchemy.exc.IntegrityError) and (cause.statement or "").lstrip().upper().startswith(
+        "INSERT INTO DATASETS ")
 
 
 def trained_data_digest(run_id: str) -> str | None:
