@@ -56,8 +56,8 @@ def score(probs: np.ndarray, dataset: Dataset) -> tuple[dict, pd.DataFrame]:
 
 # The confusion matrix's plot writes each cell's count up to this many classes, and the class names up to LABELLED; a
 # cell is CELL_INCHES wide (the figure at least 7x6 inches, the seed's). Every count of 100 classes (CIFAR-100 as an
-# image folder) took evaluate 19 s to draw, unreadable in 7x6 inches; of 200, 97 s; of 1,000, hours. The counts are
-# all in confusion_matrix.csv.
+# image folder) took evaluate 19 s to draw on a 2-core AMD EPYC (2026-12), unreadable in 7x6 inches; of 200, 97 s; of
+# 1,000, hours. The counts are all in confusion_matrix.csv.
 ANNOTATED, LABELLED, CELL_INCHES = 30, 100, 0.3
 
 
