@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from pipeline import config, evaluate, main, prepare, register, train
 from pipeline.tracking import cli, registry, steps
-from tests.conftest import ROOT, eventually, module_code
+from tests.conftest import ROOT, eventually, http_stub, module_code
 from tests.register_race import register_after_barrier, register_at_once
 from tests.test_fault_tolerance import TINY, experiment_runs
 
@@ -780,6 +781,49 @@ def test_two_prepares_that_insert_the_same_dataset_at_once_both_log_it(store, mo
     with mlflow.start_run(experiment_id=experiment_id), pytest.raises(MlflowException):
         steps.log_prepared(cfg, dataset, dataset.digest(), "its key", 0)
     assert calls == [1]
+
+
+def test_a_dataset_insert_the_team_server_refuses_as_a_duplicate_is_tried_once_more(monkeypatch):
+    """Team members' prepares of the same data at once on the team server: the server's PostgreSQL refuses the second
+    insert of the dataset row (`duplicate key value violates unique constraint "dataset_pk"`), and the server answers
+    400 with MLflow's message alone: the retry, which looked for SQLAlchemy's exception behind MLflow's, never saw one
+    there (exit 1). Now the message tells it: tried once more, as in-process; any other refusal is raised at once."""
+    import psycopg2.errors
+    import sqlalchemy.exc
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+    def refusal(table: str) -> bytes:  # as `mlflow server` answers it: its session's exception, serialized
+        unique = sqlalchemy.exc.IntegrityError(
+            f"INSERT INTO {table} (dataset_uuid, experiment_id, name, digest) VALUES (%(dataset_uuid)s, "
+            "%(experiment_id)s, %(name)s, %(digest)s)", {}, psycopg2.errors.UniqueViolation(
+                'duplicate key value violates unique constraint "dataset_pk"'))
+        return MlflowException(message=unique, error_code=BAD_REQUEST).serialize_as_json().encode()
+
+    calls, answers = [], []
+
+    def answer(request):
+        calls.append(request.path)
+        request.rfile.read(int(request.headers["Content-Length"]))
+        status, body = answers.pop(0)
+        request.send_response(status)
+        request.send_header("Content-Type", "application/json")
+        request.end_headers()
+        request.wfile.write(body)
+
+    dataset = mlflow.data.from_numpy(np.zeros((2, 1)), name="cifar10", digest="d" * 32)._to_mlflow_entity()
+    inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])]
+    with http_stub(answer) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        answers[:] = [(400, refusal("datasets")), (200, b"{}")]
+        steps.log_inputs("r1", inputs)
+        assert calls == ["/api/2.0/mlflow/runs/log-inputs"] * 2 and not answers
+        calls.clear()
+        answers[:] = [(400, refusal("inputs")), (200, b"{}")]  # no dataset row: not raced by another prepare
+        with pytest.raises(MlflowException, match="dataset_pk"):
+            steps.log_inputs("r1", inputs)
+        assert len(calls) == 1
 
 
 def test_the_store_lock_is_the_database_files_and_serves_users_who_cannot_write_it(tmp_path, monkeypatch):

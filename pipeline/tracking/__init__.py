@@ -1159,8 +1159,24 @@ def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
     return note
 
 
-def duplicate_insert(exc: MlflowException) -> bool:
-    """Whether `exc` is the database refusing an insert as a duplicate: another process inserted the same key between
-    MLflow's read and its insert (its SQL store reads, then inserts). Written again, the value is an update."""
-    return bool(re.search(r"unique constraint|IntegrityError|UniqueViolation|duplicate key", str(exc.message),
-                          re.IGNORECASE))
+def duplicate_insert(exc: MlflowException, table: str | None = None) -> bool:
+    """Whether `exc` is the database refusing an insert (into `table`, where given) as a duplicate: another process
+    inserted the same key between MLflow's read and its insert (its SQL store reads, then inserts). Written again, the
+    value is an update, or the row found. Told by MLflow's message, which names the database's error and SQLAlchemy's
+    statement (`[SQL: INSERT INTO <table> ...`) alike in this process and from a tracking server, which sends the
+    message alone (a `RestException`, no SQLAlchemy exception behind it)."""
+    message = str(exc.message)
+    return bool(re.search(r"unique constraint|IntegrityError|UniqueViolation|duplicate key", message, re.IGNORECASE)
+                and (table is None or re.search(rf"\[SQL: INSERT INTO {re.escape(table)}\b", message, re.IGNORECASE)))
+
+
+def written_despite_a_race(write: Callable[[], object], table: str | None = None) -> None:
+    """`write()`, once more where the database refused its insert (into `table`, where given) as a duplicate
+    (`duplicate_insert`): MLflow rolled that write back whole, and the second finds the other process's row. Any other
+    failure, and a second one, raises."""
+    try:
+        write()
+    except MlflowException as exc:
+        if not duplicate_insert(exc, table):
+            raise
+        write()
