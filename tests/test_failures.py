@@ -826,6 +826,35 @@ def test_a_dataset_insert_the_team_server_refuses_as_a_duplicate_is_tried_once_m
         assert len(calls) == 1
 
 
+def test_two_mains_marking_the_train_run_they_went_on_from_done_at_once_both_finish(store, monkeypatch):
+    """Two mains rerun together after one failed in evaluate both go on from its train run (`trained_before_a_failure`)
+    and, done, tag it `pipeline_done`: MLflow's `set_tag` looks for the tag, then inserts it, and the other main's
+    insert landing in between failed this main on the table's unique key (exit 1, its model registered). Now the tag
+    is written once more, over the other's."""
+    from mlflow.store.tracking.dbmodels.models import SqlTag
+    from sqlalchemy.orm import Session
+
+    from pipeline.tracking.resume import PIPELINE_DONE, mark_pipeline_done
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    trained, this, other = (client.create_run(experiment_id).info.run_id for _ in range(3))
+    real, raced = Session.merge, []
+
+    def racing(self, instance, **kwargs):
+        merged = real(self, instance, **kwargs)  # looked for, none found: inserted as this session commits
+        if isinstance(instance, SqlTag) and instance.key == PIPELINE_DONE and not raced:
+            raced.append(instance.value)
+            client.set_tag(trained, PIPELINE_DONE, other)  # the other main's, committed in between
+        return merged
+
+    monkeypatch.setattr(Session, "merge", racing)
+    with mlflow.start_run(run_id=this):
+        mark_pipeline_done(trained)
+    assert raced == [this]
+    assert client.get_run(trained).data.tags[PIPELINE_DONE] == this
+
+
 def test_the_store_lock_is_the_database_files_and_serves_users_who_cannot_write_it(tmp_path, monkeypatch):
     """The lock was keyed by the URI's spelling, so `sqlite:///mlflow.db` in two users' folders was one lock file
     in /tmp, created by the first user (0644): every step of the second died on a PermissionError traceback."""
