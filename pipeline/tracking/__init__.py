@@ -1150,12 +1150,8 @@ def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
             f"batch {params.get('train.batch_size', '?')}, lr {lr}.\n\n"
             f"Data: `{params.get('data.source', '?')}`, sha256 `{digest}` (prepare run `{prepare_id}`).\n\n"
             f"Model: `{tags.get('model_uri', '?')}`.")
-    try:
-        client.set_tag(run_id, "mlflow.note.content", note)
-    except MlflowException as exc:  # two registers describing it at once: MLflow's SQL store reads, then inserts
-        if not duplicate_insert(exc):
-            raise
-        client.set_tag(run_id, "mlflow.note.content", note)  # the tag is there now: this updates it
+    # two registers describing it at once: MLflow's SQL store reads, then inserts
+    written_despite_a_race(lambda: client.set_tag(run_id, "mlflow.note.content", note))
     return note
 
 
