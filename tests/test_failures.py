@@ -744,6 +744,30 @@ def test_three_runs_started_together_on_a_fresh_store_all_finish(tmp_path, forke
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == str(best.version)
 
 
+def test_a_main_that_lost_the_race_to_create_its_experiment_runs_in_it(store, monkeypatch):
+    """Mains started together on a store without their experiment each look for it, find none and create it: MLflow's
+    `set_experiment` whose insert the database refused as the other's duplicate returned that experiment without
+    making it the active one, so this main's runs (and its steps') went to the Default experiment, all of them
+    FINISHED, exit 0 (one of the three mains of
+    `test_three_runs_started_together_on_a_fresh_store_all_finish` was missing from its experiment). Now they run in
+    `tracking.experiment`, as the winner's do."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from pipeline.tracking import open_run
+
+    real, created = SqlAlchemyStore.create_experiment, []
+
+    def racing(self, name, *args, **kwargs):
+        created.append(real(self, name, *args, **kwargs))  # the other main's, between this one's look and its insert
+        return real(self, name, *args, **kwargs)  # refused: RESOURCE_ALREADY_EXISTS
+
+    monkeypatch.setattr(SqlAlchemyStore, "create_experiment", racing)
+    with open_run("main", experiment="raced") as run:
+        pass
+    assert len(created) == 1
+    assert run.info.experiment_id == created[0] != MlflowClient().get_experiment_by_name("Default").experiment_id
+
+
 def test_two_prepares_that_insert_the_same_dataset_at_once_both_log_it(store, monkeypatch):
     """Two prepares of the same data at once: MLflow checks for the dataset row, finds none, inserts it; the other
     process's insert landing in between failed this one on the table's unique key (`UNIQUE constraint failed:

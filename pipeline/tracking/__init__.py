@@ -651,12 +651,15 @@ def _reopen(run_id: str, system_metrics: bool) -> mlflow.ActiveRun:
 
 def _set_experiment(name: str) -> mlflow.entities.Experiment:
     """`mlflow.set_experiment`, which it returns; ConfigError naming `tracking.experiment` if that experiment is in
-    MLflow's trash (MLflow refuses to reuse its name: a traceback, before any run was opened)."""
+    MLflow's trash (MLflow refuses to reuse its name: a traceback, before any run was opened). One that another process
+    created between MLflow's look for it and its insert is made active all the same: MLflow's `set_experiment`, its
+    insert refused as a duplicate, returns it without making it active, and the runs went to the Default experiment."""
     found = mlflow.MlflowClient().get_experiment_by_name(name)
     if found is not None and found.lifecycle_stage == "deleted":
         raise ConfigError(f"tracking.experiment: {name!r} is in MLflow's trash; restore it (mlflow experiments "
                           f"restore --experiment-id {found.experiment_id}) or name another")
-    return mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    return experiment if found is not None else mlflow.set_experiment(experiment_id=experiment.experiment_id)
 
 
 def _check_artifact_location(experiment_id: str) -> None:
