@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from pipeline import config, evaluate, main, prepare, register, train
 from pipeline.tracking import cli, registry, steps
-from tests.conftest import ROOT, eventually, module_code
+from tests.conftest import ROOT, eventually, http_stub, module_code
 from tests.register_race import register_after_barrier, register_at_once
 from tests.test_fault_tolerance import TINY, experiment_runs
 
@@ -743,6 +744,30 @@ def test_three_runs_started_together_on_a_fresh_store_all_finish(tmp_path, forke
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == str(best.version)
 
 
+def test_a_main_that_lost_the_race_to_create_its_experiment_runs_in_it(store, monkeypatch):
+    """Mains started together on a store without their experiment each look for it, find none and create it: MLflow's
+    `set_experiment` whose insert the database refused as the other's duplicate returned that experiment without
+    making it the active one, so this main's runs (and its steps') went to the Default experiment, all of them
+    FINISHED, exit 0 (one of the three mains of
+    `test_three_runs_started_together_on_a_fresh_store_all_finish` was missing from its experiment). Now they run in
+    `tracking.experiment`, as the winner's do."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from pipeline.tracking import open_run
+
+    real, created = SqlAlchemyStore.create_experiment, []
+
+    def racing(self, name, *args, **kwargs):
+        created.append(real(self, name, *args, **kwargs))  # the other main's, between this one's look and its insert
+        return real(self, name, *args, **kwargs)  # refused: RESOURCE_ALREADY_EXISTS
+
+    monkeypatch.setattr(SqlAlchemyStore, "create_experiment", racing)
+    with open_run("main", experiment="raced") as run:
+        pass
+    assert len(created) == 1
+    assert run.info.experiment_id == created[0] != MlflowClient().get_experiment_by_name("Default").experiment_id
+
+
 def test_two_prepares_that_insert_the_same_dataset_at_once_both_log_it(store, monkeypatch):
     """Two prepares of the same data at once: MLflow checks for the dataset row, finds none, inserts it; the other
     process's insert landing in between failed this one on the table's unique key (`UNIQUE constraint failed:
@@ -780,6 +805,78 @@ def test_two_prepares_that_insert_the_same_dataset_at_once_both_log_it(store, mo
     with mlflow.start_run(experiment_id=experiment_id), pytest.raises(MlflowException):
         steps.log_prepared(cfg, dataset, dataset.digest(), "its key", 0)
     assert calls == [1]
+
+
+def test_a_dataset_insert_the_team_server_refuses_as_a_duplicate_is_tried_once_more(monkeypatch):
+    """Team members' prepares of the same data at once on the team server: the server's PostgreSQL refuses the second
+    insert of the dataset row (`duplicate key value violates unique constraint "dataset_pk"`), and the server answers
+    400 with MLflow's message alone: the retry, which looked for SQLAlchemy's exception behind MLflow's, never saw one
+    there (exit 1). Now the message tells it: tried once more, as in-process; any other refusal is raised at once."""
+    import psycopg2.errors
+    import sqlalchemy.exc
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+    def refusal(table: str) -> bytes:  # as `mlflow server` answers it: its session's exception, serialized
+        unique = sqlalchemy.exc.IntegrityError(
+            f"INSERT INTO {table} (dataset_uuid, experiment_id, name, digest) VALUES (%(dataset_uuid)s, "
+            "%(experiment_id)s, %(name)s, %(digest)s)", {}, psycopg2.errors.UniqueViolation(
+                'duplicate key value violates unique constraint "dataset_pk"'))
+        return MlflowException(message=unique, error_code=BAD_REQUEST).serialize_as_json().encode()
+
+    calls, answers = [], []
+
+    def answer(request):
+        calls.append(request.path)
+        request.rfile.read(int(request.headers["Content-Length"]))
+        status, body = answers.pop(0)
+        request.send_response(status)
+        request.send_header("Content-Type", "application/json")
+        request.end_headers()
+        request.wfile.write(body)
+
+    dataset = mlflow.data.from_numpy(np.zeros((2, 1)), name="cifar10", digest="d" * 32)._to_mlflow_entity()
+    inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])]
+    with http_stub(answer) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        answers[:] = [(400, refusal("datasets")), (200, b"{}")]
+        steps.log_inputs("r1", inputs)
+        assert calls == ["/api/2.0/mlflow/runs/log-inputs"] * 2 and not answers
+        calls.clear()
+        answers[:] = [(400, refusal("inputs")), (200, b"{}")]  # no dataset row: not raced by another prepare
+        with pytest.raises(MlflowException, match="dataset_pk"):
+            steps.log_inputs("r1", inputs)
+        assert len(calls) == 1
+
+
+def test_two_mains_marking_the_train_run_they_went_on_from_done_at_once_both_finish(store, monkeypatch):
+    """Two mains rerun together after one failed in evaluate both go on from its train run (`trained_before_a_failure`)
+    and, done, tag it `pipeline_done`: MLflow's `set_tag` looks for the tag, then inserts it, and the other main's
+    insert landing in between failed this main on the table's unique key (exit 1, its model registered). Now the tag
+    is written once more, over the other's."""
+    from mlflow.store.tracking.dbmodels.models import SqlTag
+    from sqlalchemy.orm import Session
+
+    from pipeline.tracking.resume import PIPELINE_DONE, mark_pipeline_done
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    trained, this, other = (client.create_run(experiment_id).info.run_id for _ in range(3))
+    real, raced = Session.merge, []
+
+    def racing(self, instance, **kwargs):
+        merged = real(self, instance, **kwargs)  # looked for, none found: inserted as this session commits
+        if isinstance(instance, SqlTag) and instance.key == PIPELINE_DONE and not raced:
+            raced.append(instance.value)
+            client.set_tag(trained, PIPELINE_DONE, other)  # the other main's, committed in between
+        return merged
+
+    monkeypatch.setattr(Session, "merge", racing)
+    with mlflow.start_run(run_id=this):
+        mark_pipeline_done(trained)
+    assert raced == [this]
+    assert client.get_run(trained).data.tags[PIPELINE_DONE] == this
 
 
 def test_the_store_lock_is_the_database_files_and_serves_users_who_cannot_write_it(tmp_path, monkeypatch):

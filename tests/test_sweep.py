@@ -1410,6 +1410,40 @@ def test_a_trial_failed_for_a_late_heartbeat_while_it_ran_is_superseded_by_its_r
     assert [r.data.tags["compared_runs"] for r in compared] == [retry.data.tags["train_run_id"]]
 
 
+def test_workers_tagging_a_stopped_trials_runs_at_once_both_go_on(store):
+    """A worker whose heartbeat came late tells its trial just as the worker that took it for stopped fails and
+    supersedes its runs: both tag them (`failure_reason`, `superseded_by_retry`), MLflow's `set_tag` looks for the
+    tag, then inserts it, and the other worker's insert landing in between stopped this worker on the table's unique
+    key (a traceback). Now the tag is written once more, over the other's."""
+    from mlflow.store.tracking.dbmodels.models import SqlTag
+    from sqlalchemy.orm import Session
+
+    from pipeline.tracking import trials
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    trial = client.create_run(experiment_id).info.run_id
+    train = client.create_run(experiment_id, tags={"mlflow.parentRunId": trial}).info.run_id
+    real, raced = Session.merge, set()
+
+    def racing(self, instance, **kwargs):
+        merged = real(self, instance, **kwargs)  # looked for, none found: inserted as this session commits
+        if isinstance(instance, SqlTag) and (instance.run_uuid, instance.key) not in raced:
+            raced.add((instance.run_uuid, instance.key))
+            client.set_tag(instance.run_uuid, instance.key, "the other worker's")  # committed in between
+        return merged
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Session, "merge", racing)
+        trials.fail_trial_runs(trial, "worker stopped")
+        trials.supersede_trial_runs(trial)
+    assert raced == {(run, key) for run in (trial, train) for key in ("failure_reason", "superseded_by_retry")}
+    for run in (trial, train):
+        found = client.get_run(run)
+        assert found.info.status == "FAILED"
+        assert (found.data.tags["failure_reason"], found.data.tags["superseded_by_retry"]) == ("worker stopped", "true")
+
+
 def test_a_study_deleted_and_started_again_under_its_name_registers_its_best(store, tmp_path, monkeypatch):
     """A done study deleted with Optuna's tools (optuna delete-study, the dashboard) left its lock study
     `<name>.register` behind: the same command then ran every trial again, printed the best and exited 0, but

@@ -651,12 +651,15 @@ def _reopen(run_id: str, system_metrics: bool) -> mlflow.ActiveRun:
 
 def _set_experiment(name: str) -> mlflow.entities.Experiment:
     """`mlflow.set_experiment`, which it returns; ConfigError naming `tracking.experiment` if that experiment is in
-    MLflow's trash (MLflow refuses to reuse its name: a traceback, before any run was opened)."""
+    MLflow's trash (MLflow refuses to reuse its name: a traceback, before any run was opened). One that another process
+    created between MLflow's look for it and its insert is made active all the same: MLflow's `set_experiment`, its
+    insert refused as a duplicate, returns it without making it active, and the runs went to the Default experiment."""
     found = mlflow.MlflowClient().get_experiment_by_name(name)
     if found is not None and found.lifecycle_stage == "deleted":
         raise ConfigError(f"tracking.experiment: {name!r} is in MLflow's trash; restore it (mlflow experiments "
                           f"restore --experiment-id {found.experiment_id}) or name another")
-    return mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    return experiment if found is not None else mlflow.set_experiment(experiment_id=experiment.experiment_id)
 
 
 def _check_artifact_location(experiment_id: str) -> None:
@@ -1150,17 +1153,29 @@ def describe_train_run(run_id: str, *, overwrite: bool = False) -> str | None:
             f"batch {params.get('train.batch_size', '?')}, lr {lr}.\n\n"
             f"Data: `{params.get('data.source', '?')}`, sha256 `{digest}` (prepare run `{prepare_id}`).\n\n"
             f"Model: `{tags.get('model_uri', '?')}`.")
-    try:
-        client.set_tag(run_id, "mlflow.note.content", note)
-    except MlflowException as exc:  # two registers describing it at once: MLflow's SQL store reads, then inserts
-        if not duplicate_insert(exc):
-            raise
-        client.set_tag(run_id, "mlflow.note.content", note)  # the tag is there now: this updates it
+    # two registers describing it at once: MLflow's SQL store reads, then inserts
+    written_despite_a_race(lambda: client.set_tag(run_id, "mlflow.note.content", note))
     return note
 
 
-def duplicate_insert(exc: MlflowException) -> bool:
-    """Whether `exc` is the database refusing an insert as a duplicate: another process inserted the same key between
-    MLflow's read and its insert (its SQL store reads, then inserts). Written again, the value is an update."""
-    return bool(re.search(r"unique constraint|IntegrityError|UniqueViolation|duplicate key", str(exc.message),
-                          re.IGNORECASE))
+def duplicate_insert(exc: MlflowException, table: str | None = None) -> bool:
+    """Whether `exc` is the database refusing an insert (into `table`, where given) as a duplicate: another process
+    inserted the same key between MLflow's read and its insert (its SQL store reads, then inserts). Written again, the
+    value is an update, or the row found. Told by MLflow's message, which names the database's error and SQLAlchemy's
+    statement (`[SQL: INSERT INTO <table> ...`) alike in this process and from a tracking server, which sends the
+    message alone (a `RestException`, no SQLAlchemy exception behind it)."""
+    message = str(exc.message)
+    return bool(re.search(r"unique constraint|IntegrityError|UniqueViolation|duplicate key", message, re.IGNORECASE)
+                and (table is None or re.search(rf"\[SQL: INSERT INTO {re.escape(table)}\b", message, re.IGNORECASE)))
+
+
+def written_despite_a_race(write: Callable[[], object], table: str | None = None) -> None:
+    """`write()`, once more where the database refused its insert (into `table`, where given) as a duplicate
+    (`duplicate_insert`): MLflow rolled that write back whole, and the second finds the other process's row. Any other
+    failure, and a second one, raises."""
+    try:
+        write()
+    except MlflowException as exc:
+        if not duplicate_insert(exc, table):
+            raise
+        write()

@@ -29,12 +29,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from pipeline import config
 from pipeline.tracking import (
     TEST_DATA_TAG,
-    duplicate_insert,
     finished_run,
     given_param,
     latest_metrics,
     log_params,
     model_id,
+    written_despite_a_race,
 )
 from pipeline.tracking.steps import in_trash
 
@@ -382,13 +382,7 @@ def move_alias(name: str, alias: str, version: str | int) -> None:
     """Point `alias` of registered model `name` at `version`. Where no version holds it, two registers placing it at
     once can both insert it (MLflow's SQL store reads, then inserts): the one whose insert the database refuses as a
     duplicate sets it again, which updates it (`settle_alias` then weighs the two versions)."""
-    client = MlflowClient()
-    try:
-        client.set_registered_model_alias(name, alias, version)
-    except MlflowException as exc:
-        if not duplicate_insert(exc):
-            raise
-        client.set_registered_model_alias(name, alias, version)
+    written_despite_a_race(lambda: MlflowClient().set_registered_model_alias(name, alias, version))
 
 
 def comparable(a: str | None, b: str | None) -> bool:

@@ -51,6 +51,7 @@ from pipeline.tracking import (
     steps,
     trained_dataset_uri,
     unfinished_runs,
+    written_despite_a_race,
 )
 
 # Held (flock) by the process training a run, in the run's checkpoint folder: a live run is never resumed. It holds
@@ -797,8 +798,12 @@ PIPELINE_DONE = "pipeline_done"  # tag on a train run: a main registered its mod
 
 
 def mark_pipeline_done(train_run_id: str) -> None:
-    """Tag train run `train_run_id` as carried through to the registry by the active main run."""
-    MlflowClient().set_tag(train_run_id, PIPELINE_DONE, mlflow.active_run().info.run_id)
+    """Tag train run `train_run_id` as carried through to the registry by the active main run. Two mains rerun
+    together after one failed in evaluate or register may both go on from its train run (`trained_before_a_failure`)
+    and tag it at once: the insert that loses (MLflow looks for the tag, then inserts it) is written again, an update
+    (`written_despite_a_race`)."""
+    main = mlflow.active_run().info.run_id
+    written_despite_a_race(lambda: MlflowClient().set_tag(train_run_id, PIPELINE_DONE, main), "tags")
 
 
 def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> str:

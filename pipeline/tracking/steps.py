@@ -44,6 +44,7 @@ from pipeline.tracking import (
     prepare_run_id,
     trained_dataset_uri,
     unwritable_artifact_location,
+    written_despite_a_race,
 )
 
 # ---------------------------------------------------------------- prepare
@@ -113,24 +114,12 @@ def log_dataset_input(dataset_uri: str, context: str, dataset: data.Dataset | No
 
 def log_inputs(run_id: str, inputs: list[DatasetInput]) -> None:
     """`MlflowClient.log_inputs`, once more where another process inserted the same dataset (experiment, name and
-    digest) between MLflow's check for it and its own insert: that insert fails on the table's unique key, rolled
-    back whole, and the second attempt finds the row and links it. Three mains started together on one store, each
-    preparing the same data, failed so (SQLite's `UNIQUE constraint failed: datasets...`, exit 1)."""
-    client = mlflow.MlflowClient()
-    try:
-        client.log_inputs(run_id, inputs)
-    except MlflowException as exc:
-        if not _dataset_row_race(exc):
-            raise
-        client.log_inputs(run_id, inputs)
-
-
-def _dataset_row_race(exc: MlflowException) -> bool:
-    import sqlalchemy.exc
-
-    cause = exc.__cause__
-    return isinstance(cause, sqlalchemy.exc.IntegrityError) and (cause.statement or "").lstrip().upper().startswith(
-        "INSERT INTO DATASETS ")
+    digest) between MLflow's check for it and its own insert (`written_despite_a_race`): that insert fails on the
+    table's unique key, rolled back whole, and the second attempt finds the row and links it. Three mains started
+    together on one store, each preparing the same data, failed so (SQLite's `UNIQUE constraint failed: datasets...`,
+    exit 1); so did team members' on the team server (PostgreSQL's `duplicate key value violates unique constraint`,
+    which the server sends as its message alone)."""
+    written_despite_a_race(lambda: mlflow.MlflowClient().log_inputs(run_id, inputs), "datasets")
 
 
 def trained_data_digest(run_id: str) -> str | None:

@@ -23,6 +23,7 @@ from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
 from pipeline import interrupts
+from pipeline.tracking import written_despite_a_race
 
 
 def create_trial_run(experiment_id: str, parent_id: str, run_name: str, tags: dict[str, str]) -> str:
@@ -83,9 +84,9 @@ def fail_trial_runs(run_id: str, reason: str) -> None:
     client = MlflowClient()
     for child in client.search_runs([client.get_run(run_id).info.experiment_id],
                                     f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"):
-        client.set_tag(child.info.run_id, "failure_reason", reason)
+        set_tag(child.info.run_id, "failure_reason", reason)
         client.set_terminated(child.info.run_id, "FAILED")
-    client.set_tag(run_id, "failure_reason", reason)
+    set_tag(run_id, "failure_reason", reason)
     client.set_terminated(run_id, "FAILED")
 
 
@@ -107,8 +108,15 @@ def supersede_trial_runs(run_id: str) -> None:
     client = MlflowClient()
     for child in client.search_runs([client.get_run(run_id).info.experiment_id],
                                     f"tags.mlflow.parentRunId = '{run_id}'"):
-        client.set_tag(child.info.run_id, "superseded_by_retry", "true")
-    client.set_tag(run_id, "superseded_by_retry", "true")
+        set_tag(child.info.run_id, "superseded_by_retry", "true")
+    set_tag(run_id, "superseded_by_retry", "true")
+
+
+def set_tag(run_id: str, key: str, value: str) -> None:
+    """Set tag `key` of run `run_id`, once more where another worker's insert of it came first (MLflow looks for the
+    tag, then inserts it: `written_despite_a_race`): a worker whose heartbeat came late tags its trial's runs failed
+    and superseded as the worker that took it for stopped does."""
+    written_despite_a_race(lambda: MlflowClient().set_tag(run_id, key, value), "tags")
 
 
 def end_pruned_train(run_id: str, epochs: int) -> None:
