@@ -358,16 +358,16 @@ def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_ot
     first step): the other host ended with TensorFlow's UnavailableError traceback (exit 1; on the chief a train run
     FAILED with no reason), or said "worker 0 stopped answering ... rerun every host's command to continue". Now it
     says in one line (exit 3) which host ended before training began; the failing host's own error is its own.
-    Known at once, not after a heartbeat timeout (here longer than the test waits): a worker that fails reports it
-    to the cluster (`Distribution.telling_the_others`), a chief's ending is its coordination service's."""
+    Known at once, not after the heartbeat timeout (here 600 s, twice what the test allows): a worker that fails
+    reports it to the cluster (`Distribution.telling_the_others`), a chief's ending is its coordination service's."""
     failing = 0 if host == "chief" else 1
     started = time.monotonic()
     procs = start_two_hosts(forker, {**store, distribute.HEARTBEAT_TIMEOUT: "600"}, "--params", "params/tiny.yaml",
                             "--epochs", "1", "--overrides",
                             f"tracking.experiment=e2e {ONE_STAGE}",
                             preludes=tuple(FAULTS[fault] if i == failing else "" for i in (0, 1)))
-    (_, failed_err), (_, err) = [procs[i].communicate(timeout=120) for i in (failing, 1 - failing)]
-    assert time.monotonic() - started < 100
+    (_, failed_err), (_, err) = [procs[i].communicate(timeout=400) for i in (failing, 1 - failing)]
+    assert time.monotonic() - started < 300  # ~12 s on an idle 2-core machine; CI's load makes it several times that
     failed, other = procs[failing], procs[1 - failing]
     if "killed" in fault:
         assert failed.returncode == -9
