@@ -75,7 +75,7 @@ def team(tmp_path_factory):
         process = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", process, timeout=180, log=log)
+        wait_until_up(f"http://127.0.0.1:{port}/health", process, timeout=300, log=log)
         yield {"url": f"http://127.0.0.1:{port}", "pgport": pgport, "mlflow_db": settings["MLFLOW_DB"],
                "optuna": f"postgresql://{user}@127.0.0.1:{pgport}/{settings['OPTUNA_DB']}", "user": user,
                "password": password}
