@@ -767,7 +767,8 @@ def test_a_database_store_that_refuses_the_login_or_does_not_answer_is_one_line_
             assert done.returncode == 2 and len(lines) == 1, (uri, done.stderr[-3000:])
             assert lines[0].startswith(f"error: MLFLOW_TRACKING_URI: cannot open the tracking store {shown}: "
                                        "OperationalError: ") and reason in lines[0], lines
-            assert "s3cret" not in done.stdout + done.stderr and time.monotonic() - start < 30
+            # ~2.3 CPU-s here (MLflow imported, one try); under CI's load several times that, far from 100 s
+            assert "s3cret" not in done.stdout + done.stderr and time.monotonic() - start < 60
     finally:
         drop_databases(pgport, name, f"{name}_optuna")
 
