@@ -85,7 +85,8 @@ def start_tracking_server(folder: Path, port: int) -> subprocess.Popen:
              "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
              "--artifacts-destination", str(folder / "server-artifacts")],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    wait_until_up(f"http://127.0.0.1:{port}/health", process, timeout=120, log=log)
+    # ~8 CPU-s, 14 s here to answer (MLflow imported twice, the store made): a loaded machine takes several times that
+    wait_until_up(f"http://127.0.0.1:{port}/health", process, timeout=300, log=log)
     return process
 
 

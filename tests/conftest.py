@@ -183,11 +183,13 @@ def stopping_signals_raise():
             signal.signal(signum, handler)
 
 
-def eventually(check, timeout: float = 60):
+def eventually(check, timeout: float = 300):
     """Poll `check()` until it returns something truthy (returned) or `timeout` s pass (AssertionError).
 
     For what `mlflow run` settles after it exits: a step's final status on its run is written by a
-    detached process once `mlflow run` is gone (see pipeline.tracking._settle_wrapper_run)."""
+    detached process once `mlflow run` is gone (see pipeline.tracking._settle_wrapper_run). That process
+    imports MLflow first (~4 CPU-s, several times that in wall time on a loaded CI machine): the timeout
+    only tells a status never written from one written late."""
     deadline = time.monotonic() + timeout
     while not (result := check()):
         if time.monotonic() > deadline:

@@ -532,6 +532,9 @@ def test_a_run_read_back_times_each_threshold_by_its_epoch_and_names_its_validat
     from bench import time_to_accuracy
 
     def command(cmd, env, **kwargs):  # what `mlflow run` of main leaves in the fresh store, in seconds from its start
+        # run_profile reads its clock just before this call: a clock read before run_profile is further off by
+        # whatever a loaded machine pauses this test for in between, than the 0.2 s the times below allow
+        started = time.time()
         client, now = MlflowClient(env["MLFLOW_TRACKING_URI"]), int(started * 1000)
         experiment = client.create_experiment("x", artifact_location=env["PIPELINE_CHECKPOINT_DIR"])
         runs = {}
@@ -553,7 +556,6 @@ def test_a_run_read_back_times_each_threshold_by_its_epoch_and_names_its_validat
         return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
 
     monkeypatch.setattr(time_to_accuracy.subprocess, "run", command)
-    started = time.time()
     result = time_to_accuracy.run_profile("tiny", "", [])
     row = result["row"]
     assert (row["epochs"], row["val_split"], row["best_val_acc"]) == (3, "test split", 0.72)

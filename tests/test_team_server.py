@@ -75,7 +75,7 @@ def team(tmp_path_factory):
         process = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", process, timeout=180, log=log)
+        wait_until_up(f"http://127.0.0.1:{port}/health", process, timeout=300, log=log)
         yield {"url": f"http://127.0.0.1:{port}", "pgport": pgport, "mlflow_db": settings["MLFLOW_DB"],
                "optuna": f"postgresql://{user}@127.0.0.1:{pgport}/{settings['OPTUNA_DB']}", "user": user,
                "password": password}
@@ -767,7 +767,8 @@ def test_a_database_store_that_refuses_the_login_or_does_not_answer_is_one_line_
             assert done.returncode == 2 and len(lines) == 1, (uri, done.stderr[-3000:])
             assert lines[0].startswith(f"error: MLFLOW_TRACKING_URI: cannot open the tracking store {shown}: "
                                        "OperationalError: ") and reason in lines[0], lines
-            assert "s3cret" not in done.stdout + done.stderr and time.monotonic() - start < 30
+            # ~2.3 CPU-s here (MLflow imported, one try); under CI's load several times that, far from 100 s
+            assert "s3cret" not in done.stdout + done.stderr and time.monotonic() - start < 60
     finally:
         drop_databases(pgport, name, f"{name}_optuna")
 
