@@ -9,6 +9,7 @@ tiny uses): tiny's `false`, right for TensorFlow, would run JAX op by op, compil
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -80,6 +81,23 @@ def test_each_step_refuses_a_keras_backend_that_cannot_load_in_one_line(store, m
     assert "Traceback" not in result.stderr
     assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()],
                                       run_view_type=ViewType.ALL) == []
+
+
+@pytest.mark.parametrize("backend", ["numpy", "openvino"])
+def test_a_keras_backend_that_cannot_train_is_refused_in_one_line(monkeypatch, backend):
+    """KERAS_BACKEND=numpy (installed with Keras) passed the backend check: `main` prepared its data and opened its
+    train run, then Keras's numpy backend, which only infers, failed in its distribution code with a traceback
+    ("'NoneType' object has no attribute 'list_devices'"), exit 1. Refused before Keras loads, as a backend that
+    cannot load is; in this process, Keras held out of sys.modules as in a fresh command."""
+    from pipeline import config, inputs
+
+    monkeypatch.setenv("KERAS_BACKEND", backend)
+    monkeypatch.delitem(sys.modules, "keras")
+    monkeypatch.setattr(inputs.importlib.util, "find_spec", lambda name: object())  # installed, as numpy is
+    with pytest.raises(config.ConfigError) as refused:
+        inputs.check_configured_backend()
+    assert str(refused.value) == (f"KERAS_BACKEND: {backend} is a Keras backend that cannot train; "
+                                  f"name one that can (jax, tensorflow, torch)")
 
 
 def test_mlflow_run_of_train_with_a_keras_backend_that_cannot_load_trashes_its_run(store):
