@@ -171,8 +171,11 @@ def check_configured_backend() -> None:
         raise config.ConfigError(f"{where}: {backend} is a Keras backend that cannot train; name one that can "
                                  f"({', '.join(TRAINING_BACKENDS)})")
     if importlib.util.find_spec(backend) is None:  # Keras's backend names are their packages' names
-        raise config.ConfigError(f"{where}: {backend} is not installed here; install it, or name an installed "
-                                 f"backend (KERAS_BACKEND=jax or tensorflow)")
+        installed = [name for name in TRAINING_BACKENDS if importlib.util.find_spec(name)]
+        raise config.ConfigError(f"{where}: {backend} is not installed here; install it, or name an installed backend"
+                                 f" (KERAS_BACKEND={' or '.join(installed)})" if installed else
+                                 f"{where}: {backend} is not installed here, nor is any backend Keras trains on; "
+                                 f"install one ({', '.join(TRAINING_BACKENDS)})")
 
 
 def refuse_unusable_backend() -> None:

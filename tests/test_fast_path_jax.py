@@ -100,6 +100,21 @@ def test_a_keras_backend_that_cannot_train_is_refused_in_one_line(monkeypatch, b
                                   f"name one that can (jax, tensorflow, torch)")
 
 
+def test_a_missing_jax_is_refused_naming_the_backends_that_are_installed(monkeypatch):
+    """KERAS_BACKEND=jax where JAX is not installed said "install it, or name an installed backend (KERAS_BACKEND=jax
+    or tensorflow)": the very backend missing, offered as an installed one. It names those installed here."""
+    from pipeline import config, inputs
+
+    find_spec = inputs.importlib.util.find_spec
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    monkeypatch.delitem(sys.modules, "keras")
+    monkeypatch.setattr(inputs.importlib.util, "find_spec", lambda name: None if name == "jax" else find_spec(name))
+    with pytest.raises(config.ConfigError) as refused:
+        inputs.check_configured_backend()
+    assert str(refused.value) == ("KERAS_BACKEND: jax is not installed here; install it, or name an installed "
+                                  "backend (KERAS_BACKEND=tensorflow)")
+
+
 def test_mlflow_run_of_train_with_a_keras_backend_that_cannot_load_trashes_its_run(store):
     """`mlflow run . -e train` with KERAS_BACKEND=JAX: the step's one line, and the run `mlflow run` opened ends
     FAILED with that reason and goes to the trash, as for a bad param (it was left FAILED under Keras's traceback)."""
