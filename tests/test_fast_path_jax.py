@@ -85,8 +85,8 @@ def test_each_step_refuses_a_keras_backend_that_cannot_load_in_one_line(store, m
 
 @pytest.mark.parametrize("backend", ["numpy", "openvino"])
 def test_a_keras_backend_that_cannot_train_is_refused_in_one_line(monkeypatch, backend):
-    """KERAS_BACKEND=numpy (installed with Keras) passed the backend check: `main` prepared its data and opened its
-    train run, then Keras's numpy backend, which only infers, failed in its distribution code with a traceback
+    """KERAS_BACKEND=numpy (installed with Keras) passed the backend check: `main` loaded Keras on it and failed, before
+    any run opened, in Keras's distribution code, which the numpy backend (it only infers) lacks, with a traceback
     ("'NoneType' object has no attribute 'list_devices'"), exit 1. Refused before Keras loads, as a backend that
     cannot load is; in this process, Keras held out of sys.modules as in a fresh command."""
     from pipeline import config, inputs
