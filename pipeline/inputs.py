@@ -152,22 +152,30 @@ def configured_backend() -> str:
 
 
 KERAS_BACKENDS = ("jax", "numpy", "openvino", "tensorflow", "torch")  # the names keras.src.backend loads
+TRAINING_BACKENDS = ("jax", "tensorflow", "torch")  # numpy's and openvino's Keras only infers: no fit
 
 
 def check_configured_backend() -> None:
     """ConfigError, before Keras loads, where the backend it would load (`configured_backend`) is none of Keras's
-    (KERAS_BACKEND=JAX: its names are lower case) or is not installed here: Keras's import failed on it with a
-    traceback ("Unable to import backend : JAX"), `main` after checking its inputs, a sweep after its sweep run, a
-    prepare run and its study had begun. Nothing to check where Keras is loaded already."""
+    (KERAS_BACKEND=JAX: its names are lower case), cannot train (numpy, openvino: `main` failed in its train run
+    with a traceback) or is not installed here: Keras's import failed on it with a traceback ("Unable to import
+    backend : JAX"), `main` after checking its inputs, a sweep after its sweep run, a prepare run and its study had
+    begun. Nothing to check where Keras is loaded already."""
     if "keras" in sys.modules:
         return
     backend = configured_backend()
     where = "KERAS_BACKEND" if os.environ.get("KERAS_BACKEND") else f"backend in {data.keras_home() / 'keras.json'}"
     if backend not in KERAS_BACKENDS:
         raise config.ConfigError(f"{where}: {backend!r} is no Keras backend ({', '.join(KERAS_BACKENDS)})")
+    if backend not in TRAINING_BACKENDS:
+        raise config.ConfigError(f"{where}: {backend} is a Keras backend that cannot train; name one that can "
+                                 f"({', '.join(TRAINING_BACKENDS)})")
     if importlib.util.find_spec(backend) is None:  # Keras's backend names are their packages' names
-        raise config.ConfigError(f"{where}: {backend} is not installed here; install it, or name an installed "
-                                 f"backend (KERAS_BACKEND=jax or tensorflow)")
+        installed = [name for name in TRAINING_BACKENDS if importlib.util.find_spec(name)]
+        raise config.ConfigError(f"{where}: {backend} is not installed here; install it, or name an installed backend"
+                                 f" (KERAS_BACKEND={' or '.join(installed)})" if installed else
+                                 f"{where}: {backend} is not installed here, nor is any backend Keras trains on; "
+                                 f"install one ({', '.join(TRAINING_BACKENDS)})")
 
 
 def refuse_unusable_backend() -> None:

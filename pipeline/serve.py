@@ -459,12 +459,13 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                                   f"its own")
         # Keras reads KERAS_BACKEND once, when first imported: nothing this module imports at its top loads it.
         # Models logged before the backend was recorded have none (TensorFlow trained them). Where that backend is not
-        # installed, the other: Keras's own choice is TensorFlow, which a JAX-only environment lacks.
-        if "keras" not in sys.modules:
+        # installed, the other: Keras's own choice is TensorFlow, which a JAX-only environment lacks. A KERAS_BACKEND
+        # set empty is unset to Keras.
+        if "keras" not in sys.modules and not os.environ.get("KERAS_BACKEND"):
             backends = dict.fromkeys((getattr(self, "backend", None) or "tensorflow", "tensorflow", "jax"))
             installed = [name for name in backends if importlib.util.find_spec(name)]
             if installed:
-                os.environ.setdefault("KERAS_BACKEND", installed[0])
+                os.environ["KERAS_BACKEND"] = installed[0]
         import keras
 
         # Models logged before inference copies dropped the augmentation layer still hold that custom class:

@@ -9,6 +9,7 @@ tiny uses): tiny's `false`, right for TensorFlow, would run JAX op by op, compil
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -80,6 +81,38 @@ def test_each_step_refuses_a_keras_backend_that_cannot_load_in_one_line(store, m
     assert "Traceback" not in result.stderr
     assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()],
                                       run_view_type=ViewType.ALL) == []
+
+
+@pytest.mark.parametrize("backend", ["numpy", "openvino"])
+def test_a_keras_backend_that_cannot_train_is_refused_in_one_line(monkeypatch, backend):
+    """KERAS_BACKEND=numpy (installed with Keras) passed the backend check: `main` loaded Keras on it and failed, before
+    any run opened, in Keras's distribution code, which the numpy backend (it only infers) lacks, with a traceback
+    ("'NoneType' object has no attribute 'list_devices'"), exit 1. Refused before Keras loads, as a backend that
+    cannot load is; in this process, Keras held out of sys.modules as in a fresh command."""
+    from pipeline import config, inputs
+
+    monkeypatch.setenv("KERAS_BACKEND", backend)
+    monkeypatch.delitem(sys.modules, "keras")
+    monkeypatch.setattr(inputs.importlib.util, "find_spec", lambda name: object())  # installed, as numpy is
+    with pytest.raises(config.ConfigError) as refused:
+        inputs.check_configured_backend()
+    assert str(refused.value) == (f"KERAS_BACKEND: {backend} is a Keras backend that cannot train; "
+                                  f"name one that can (jax, tensorflow, torch)")
+
+
+def test_a_missing_jax_is_refused_naming_the_backends_that_are_installed(monkeypatch):
+    """KERAS_BACKEND=jax where JAX is not installed said "install it, or name an installed backend (KERAS_BACKEND=jax
+    or tensorflow)": the very backend missing, offered as an installed one. It names those installed here."""
+    from pipeline import config, inputs
+
+    find_spec = inputs.importlib.util.find_spec
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    monkeypatch.delitem(sys.modules, "keras")
+    monkeypatch.setattr(inputs.importlib.util, "find_spec", lambda name: None if name == "jax" else find_spec(name))
+    with pytest.raises(config.ConfigError) as refused:
+        inputs.check_configured_backend()
+    assert str(refused.value) == ("KERAS_BACKEND: jax is not installed here; install it, or name an installed "
+                                  "backend (KERAS_BACKEND=tensorflow)")
 
 
 def test_mlflow_run_of_train_with_a_keras_backend_that_cannot_load_trashes_its_run(store):

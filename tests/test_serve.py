@@ -585,13 +585,14 @@ def test_serving_requirements_of_a_jax_model_pin_jaxlib(monkeypatch):
 
 def test_served_model_loads_on_the_backend_it_was_trained_on_from_its_own_code(model_uri, local_model, tmp_path):
     """Keras picks TensorFlow where KERAS_BACKEND is unset, which a JAX model's logged environment lacks ("No module
-    named 'tensorflow'" in a fresh `--env-manager uv`): the model loads on its own backend instead. Run from another
+    named 'tensorflow'" in a fresh `--env-manager uv`): the model loads on its own backend instead. So too where
+    KERAS_BACKEND is set empty, which Keras reads as unset (the model loaded on TensorFlow there). Run from another
     folder, without the checkout on the path: `pipeline` comes from the model's `code/` copy."""
     assert local_model.unwrap_python_model().backend == keras.backend.backend()
     folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model")))
     with (folder / "python_model.pkl").open("wb") as f:  # the same model, as if trained on JAX
         cloudpickle.dump(serve.ImageClassifier("flip_shift", "reflect", "jax"), f)
-    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "PYTHONPATH")}
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "KERAS_BACKEND": ""}
     script = ("import mlflow; model = mlflow.pyfunc.load_model('model'); import keras, pipeline; "
               "print(keras.backend.backend(), pipeline.__file__, model.predict(model.input_example)['label'].size)")
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
