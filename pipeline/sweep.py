@@ -102,7 +102,9 @@ from pipeline.tracking import (
 )
 from pipeline.tracking.resume import check_checkpoint_root, checkpoint_dir
 
-SPEC_KEYS = {"base", "overrides", "grid", "space", "random", "sampler", "trials", "seed", "pruner"}
+# A spec's keys besides its search space, one of config.SWEEP_SPACES (the one list of them: a params file holding one is
+# refused as a spec, and a spec holds exactly one).
+SPEC_SETTINGS = ("base", "overrides", "sampler", "trials", "seed", "pruner")
 # A grid queues each combination as a fixed trial (Optuna's enqueue_trial), so that each runs exactly once
 # however many workers start together (GridSampler may hand one point to two workers that start at once);
 # its sampler is never asked for a value.
@@ -156,10 +158,11 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     # The values of params keys are read by their key's type, as the params file's are (YAML 1.1 read them by their
     # look: `tracking.experiment: True` was 'true', `0x10` 16): from the text written, the rest of the spec as YAML.
     written = config.read_yaml(path, key="spec", text=True)
-    unknown = sorted(map(str, set(written) - SPEC_KEYS))  # as written: YAML 1.1 reads `on:` as True (unsortable)
+    known = {*SPEC_SETTINGS, *config.SWEEP_SPACES}
+    unknown = sorted(map(str, set(written) - known))  # as written: YAML 1.1 reads `on:` as True (unsortable)
     if unknown:
-        raise config.ConfigError(f"spec: unknown keys {unknown} (known: {', '.join(sorted(SPEC_KEYS))})")
-    spaces = [key for key in ("grid", "space", "random") if key in spec]
+        raise config.ConfigError(f"spec: unknown keys {unknown} (known: {', '.join(sorted(known))})")
+    spaces = [key for key in config.SWEEP_SPACES if key in spec]
     if len(spaces) != 1:
         raise config.ConfigError("spec: give exactly one search space: grid, or space (random is its older name)")
     for key in ("overrides", spaces[0]):
@@ -187,7 +190,7 @@ def params_values(where: str, key: str, text: Any, value: Any) -> Any:
 
 
 def space_key(spec: dict) -> str:
-    return next(key for key in ("grid", "space", "random") if key in spec)
+    return next(key for key in config.SWEEP_SPACES if key in spec)
 
 
 EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e0, 2E-3, .5e1

@@ -534,6 +534,21 @@ def test_a_bad_value_of_the_specs_overrides_or_base_is_blamed_on_them_not_a_tria
     assert str(raised.value) == f"spec.base ({base}): train.epochs: must be >= 1, got 0"
 
 
+def test_a_specs_search_space_keys_are_the_ones_a_params_file_is_refused_for(tmp_path, monkeypatch):
+    """The sweep kept its own list of search space keys beside config.SWEEP_SPACES, the keys for which a params file
+    is refused as a spec: a key added to one list only was a spec's "unknown key", or a params file's section."""
+    monkeypatch.setattr(config, "SWEEP_SPACES", (*config.SWEEP_SPACES, "lattice"))
+    for key in config.SWEEP_SPACES:
+        spec = tmp_path / f"sweep-{key}.yaml"
+        spec.write_text(f"base: {TINY}\n{key}: {{train.lr: [0.1]}}\n" + ("trials: 1\n" if key != "grid" else ""))
+        assert sweep.space_key(sweep.read_spec(spec)) == key
+        with pytest.raises(config.ConfigError, match=rf"is a sweep's spec \(it has {key}:\)"):
+            config.load(spec)
+    spec.write_text("grid: {train.lr: [0.1]}\nlattice: {train.lr: [0.1]}\n")
+    with pytest.raises(config.ConfigError, match="give exactly one search space"):
+        sweep.read_spec(spec)
+
+
 def test_a_relative_base_is_read_beside_the_spec_else_from_the_project(tmp_path, monkeypatch):
     """A spec beside its base (`base: mybase.yaml`) was refused "spec.base (mybase.yaml): params: file not found"
     unless the command ran in the spec's folder; the shipped specs' `base: params/tiny.yaml` still works from
