@@ -1097,10 +1097,53 @@ def check_parent_run(study: optuna.Study) -> None:
 
 
 def check_fingerprint(plan: Plan, study: optuna.Study) -> None:
-    """ConfigError unless `study` was started from the same spec and overrides as `plan`."""
-    if study.user_attrs.get("fingerprint") != json.loads(json.dumps(plan.fingerprint(), default=str)):
-        raise config.ConfigError(f"study: {study.study_name} was started from another spec or other overrides; "
-                                 f"pass another -P study= for this one")
+    """ConfigError unless `study` was started from the same spec, base params and overrides as `plan`, naming what
+    differs (`fingerprint_changes`): "another spec or other overrides" alone left the user to guess what."""
+    then, now = study.user_attrs.get("fingerprint"), json.loads(json.dumps(plan.fingerprint(), default=str))
+    if then != now:
+        changes = fingerprint_changes(then if isinstance(then, dict) else {}, now)
+        shown = "; ".join(changes[:SHOWN_CHANGES]) + (f"; and {len(changes) - SHOWN_CHANGES} more"
+                                                      if len(changes) > SHOWN_CHANGES else "")
+        raise config.ConfigError(f"study: {study.study_name} was started from another spec, base params or overrides "
+                                 f"({shown}); rerun it as it was, or pass another -P study= for this one")
+
+
+SHOWN_CHANGES = 4  # the differences a refused study's line names (`check_fingerprint`), then how many more
+
+
+def fingerprint_changes(then: dict, now: dict) -> list[str]:
+    """What differs between two `Plan.fingerprint`s (as JSON read them back), one "key: X then, Y now" each: a spec's
+    keys (spec.grid.train.lr), -P overrides, and the params the trials share from spec.base where neither the spec
+    nor -P overrides set them (an edited base file)."""
+    def flat(fingerprint: dict) -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in (fingerprint.get("spec") or {}).items():
+            if isinstance(value, dict) and key in ("overrides", *config.SWEEP_SPACES):
+                items.update({f"spec.{key}.{name}": v for name, v in value.items()})
+            else:
+                items[f"spec.{key}"] = value
+        items["-P overrides"] = fingerprint.get("overrides") or ""
+        return items
+
+    def differ(a: dict, b: dict) -> list[str]:
+        return [key for key in dict.fromkeys([*a, *b]) if a.get(key, differ) != b.get(key, differ)]
+
+    def shown(items: dict[str, Any], key: str) -> str:
+        return json.dumps(items[key]) if key in items else "none"
+
+    specs = flat(then), flat(now)
+    changes = [f"{key}: {shown(specs[0], key)} then, {shown(specs[1], key)} now" for key in differ(*specs)]
+    set_there = {key.partition(".")[2].partition(".")[2] for key in [*specs[0], *specs[1]] if key.startswith("spec.")}
+    for text in (specs[0]["-P overrides"], specs[1]["-P overrides"]):
+        with contextlib.suppress(config.ConfigError, ValueError, AttributeError):  # as the study stored it: any text
+            set_there |= {item.partition("=")[0].strip() for item in config.split_overrides(text)}
+    params = then.get("params") or {}, now.get("params") or {}
+    def param(values: dict[str, Any], key: str) -> str:
+        return "none" if key not in values else label({key: values[key]}).partition("=")[2]
+
+    changes += [f"{key} (spec.base's): {param(params[0], key)} then, {param(params[1], key)} now"
+                for key in differ(*params) if key not in set_there]
+    return changes
 
 
 def lead(plan: Plan, study: optuna.Study, parent_id: str, experiment_id: str) -> None:

@@ -1473,9 +1473,40 @@ def test_a_done_study_of_another_spec_is_refused(store, tmp_path, in_process):
     optuna.create_study(storage=storage, study_name="taken.register")
     done = in_process("sweep", "--spec", write_spec(tmp_path, "sweep-mine", GRID), "--study", "taken")
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines() == [
-        "error: study: taken was started from another spec or other overrides; pass another -P study= for this one"]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: study: taken was started from another spec, base params or overrides "
+                           "(spec.grid.train.lr: [0.5] then, [0.1, 1e-06] now; "), line
+    assert line.endswith("; rerun it as it was, or pass another -P study= for this one"), line
     assert "is done" not in done.stdout
+
+
+def test_a_study_of_another_spec_base_or_overrides_is_refused_naming_what_differs(tmp_path):
+    """"was started from another spec or other overrides" named neither what differed nor, for an edited base file,
+    the right culprit."""
+    spec = write_spec(tmp_path, "sweep-then", GRID)
+    study = optuna.create_study(study_name="then", direction="maximize")
+    study.set_user_attr("fingerprint", json.loads(json.dumps(sweep.Plan(spec).fingerprint(), default=str)))
+    sweep.check_fingerprint(sweep.Plan(spec), study)  # the same: accepted
+
+    def refusal(plan: sweep.Plan) -> str:
+        with pytest.raises(config.ConfigError) as refused:
+            sweep.check_fingerprint(plan, study)
+        text = str(refused.value)
+        head, tail = "study: then was started from another spec, base params or overrides (", \
+            "); rerun it as it was, or pass another -P study= for this one"
+        assert text.startswith(head) and text.endswith(tail), text
+        return text.removeprefix(head).removesuffix(tail)
+
+    assert refusal(sweep.Plan(write_spec(tmp_path, "sweep-then", "grid:\n  train.lr: [0.1, 0.2]\n"))) == \
+        "spec.grid.train.lr: [0.1, 1e-06] then, [0.1, 0.2] now"
+    write_spec(tmp_path, "sweep-then", GRID)
+    assert refusal(sweep.Plan(spec, "train.epochs=2")) == \
+        '-P overrides: "" then, "train.epochs=2" now'  # not also train.epochs as the base's: the overrides set it
+    base = tmp_path / "tiny.yaml"
+    base.write_text((ROOT / TINY).read_text().replace("bn_momentum: 0.9", "bn_momentum: 0.8"))
+    Path(spec).write_text(Path(spec).read_text().replace(f"base: {TINY}", f"base: {base}"))
+    assert refusal(sweep.Plan(spec)) == (f'spec.base: "{TINY}" then, "{base}" now; model.bn_momentum (spec.base\'s): '
+                                         '0.9 then, 0.8 now')
 
 
 def test_a_study_of_the_name_that_is_no_sweeps_is_refused_at_once_and_not_said_to_be_removed(store, tmp_path,
