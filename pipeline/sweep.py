@@ -1803,9 +1803,9 @@ def run(args: argparse.Namespace) -> int:
                 "finished; nothing registered. Pass another -P study= for a new sweep",
                 no_trial_finished_error(study).status))
         model = lock.user_attrs.get("registered_model")  # studies done before it was recorded have none
-        print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials, registered "
-              f"{f'{model} v' if model else 'version '}{lock.user_attrs.get('registered_version')}; pass another "
-              "-P study= for a new sweep")
+        version = f"{f'{model} v' if model else 'version '}{lock.user_attrs.get('registered_version')}"
+        print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials; "
+              f"{best_said(plan, study, version)}; pass another -P study= for a new sweep")
         return 0
     if workers == 1:  # this process trains the trials: its backend and devices are the trials'
         plan.check_replicas()
@@ -1875,10 +1875,30 @@ def run(args: argparse.Namespace) -> int:
                 raise no_trial_finished_error(study)
     except NoTrialFinished as exc:  # raised inside the sweep run, where this command leads: it ended FAILED with it
         return no_trial_finished(exc)
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best = best_of(done)  # registration's rule, not study.best_trial's (no tie-break)
-    print(f"study {name}: best trial {best.number} ({label(best.params)}) {OBJECTIVE} {best.value:.4f}")
+    print(f"study {name}: {best_said(plan, study)}")
     return 0
+
+
+def best_said(plan: Plan, study: optuna.Study, registered: str = "") -> str:
+    """Where a done study's best trial is, for the command's last line: "best trial 1 (train.lr=0.1) val_acc 0.4902,
+    run <id>, registered cifar10-resnet v1 (@champion moved to it); its sweep run <id> holds trials.csv and the
+    comparison" (the trial's number and val_acc alone left the user to search the store for the rest). The best by
+    registration's rule (`best_of`), not study.best_trial's (no tie-break); the rest read from the sweep run's tags,
+    which the worker that finished the study wrote (another process, under `workers N`), or, where this tracking store
+    has no such run, `registered` ("cifar10-resnet v1", the study's own record) alone."""
+    best = best_of(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    tags = trials.run_tags(parent) if trials.run_stage(parent) is not None else {}
+    said = f"best trial {best.number} ({label(plan.values(best))}) {OBJECTIVE} {best.value:.4f}"
+    if tags.get("best_trial_run_id"):
+        said += f", run {tags['best_trial_run_id']}"
+    if tags.get("registered_version"):
+        alias = plan.load(plan.values(best), f"trial {best.number}").register.alias
+        said += (f", registered {tags.get('registered_model', '')} v{tags['registered_version']} (@{alias} "
+                 f"{'moved to it' if tags.get('alias_moved') == 'true' else 'stays off it'})")
+    elif registered:
+        said += f", registered {registered}"
+    return f"{said}; its sweep run {parent} holds trials.csv and the comparison" if tags else said
 
 
 def prepare_shared_data(plan: Plan) -> list[str]:

@@ -1888,10 +1888,18 @@ def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(st
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"the worker registering study regkill ({dead}) stopped before it finished" in done.stdout
     assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 1
-    parent, _, _ = sweep_runs(client, "regkill")
+    parent, runs, _ = sweep_runs(client, "regkill")
     assert parent.info.status == "FINISHED" and parent.data.tags["registered_version"] == "1"
+    # the last line says where the best trial is: its run, the version registered, the sweep run (it named the trial's
+    # number and val_acc alone)
+    val_acc = f"{optuna.load_study(study_name='regkill', storage=storage).trials[0].value:.4f}"
+    best = (f"best trial 0 (train.lr=0.1) val_acc {val_acc}, run {runs[0].info.run_id}, registered cifar10-resnet v1 "
+            f"(@champion moved to it); its sweep run {parent.info.run_id} holds trials.csv and the comparison")
+    assert done.stdout.splitlines()[-1] == f"study regkill: {best}"
     again = in_process("sweep", *args)
-    assert again.returncode == 0 and "is done: 1 trials, registered cifar10-resnet v1" in again.stdout
+    assert again.returncode == 0
+    assert again.stdout.splitlines()[-1] == (f"study regkill in {storage} is done: 1 trials; {best}; pass another "
+                                             "-P study= for a new sweep")
 
 
 def test_the_tpe_example_prunes_from_epoch_2_as_its_comment_says():
