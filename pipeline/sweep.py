@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import difflib
 import inspect
 import itertools
 import json
@@ -160,8 +161,15 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     written = config.read_yaml(path, key="spec", text=True)
     known = {*SPEC_SETTINGS, *config.SWEEP_SPACES}
     unknown = sorted(map(str, set(written) - known))  # as written: YAML 1.1 reads `on:` as True (unsortable)
-    if unknown:
-        raise config.ConfigError(f"spec: unknown keys {unknown} (known: {', '.join(sorted(known))})")
+    if unknown and set(unknown) <= set(config.Config.__dataclass_fields__) and not known & set(map(str, written)):
+        raise config.ConfigError(f"spec: {path} is a params file (it has {unknown[0]}:), not a sweep's spec: name it "
+                                 f"as the spec's base: (see params/sweep-example.yaml), or run it with -e main -P "
+                                 f"params={path}")
+    if unknown:  # a slip such as `trails:` was told the list of keys alone
+        close = [f"{key}{f' for {name}' if len(unknown) > 1 else ''}" for name in unknown
+                 if (key := next(iter(difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.7)), None))]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise config.ConfigError(f"spec: unknown keys {unknown}{hint} (known: {', '.join(sorted(known))})")
     spaces = [key for key in config.SWEEP_SPACES if key in spec]
     if len(spaces) != 1:
         raise config.ConfigError("spec: give exactly one search space: grid, or space (random is its older name)")

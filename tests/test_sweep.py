@@ -467,8 +467,12 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
      "to run each once"),
     # YAML 1.1 read `on:` as True: sorting it with 'trails' was a TypeError traceback
     ("on: 1\ntrails: 4\ngrid: {train.lr: [0.1]}\n",
-     "spec: unknown keys ['on', 'trails'] (known: base, grid, overrides, pruner, random, sampler, seed, space, "
-     "trials)"),
+     "spec: unknown keys ['on', 'trails'] (did you mean trials for trails?) (known: base, grid, overrides, pruner, "
+     "random, sampler, seed, space, trials)"),
+    # a slip was told the list of keys alone
+    ("overides: {train.validation_fraction: 0.1}\ngrid: {train.lr: [0.1]}\n",
+     "spec: unknown keys ['overides'] (did you mean overrides?) (known: base, grid, overrides, pruner, random, "
+     "sampler, seed, space, trials)"),
     # a count no sweep can run: every trial is queued in the study before the first runs (a MemoryError traceback
     # once the sweep run had opened, or hours of queueing), and a grid's combinations are each checked first
     ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 1000000000000\n",
@@ -493,7 +497,7 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
         "experiment-grid", "more-trials-than-choices", "more-trials-than-integers", "no-whole-batch",
         "none-left-to-train-on", "ghost-batch-inside-a-range", "boundaries-inside-a-range",
         "grid-trials-float", "grid-trials-bool", "repeated-choice-in-a-space", "range-of-one-number",
-        "unknown-keys-of-other-types", "more-trials-than-can-run", "grid-larger-than-can-run",
+        "unknown-keys-of-other-types", "misspelt-key", "more-trials-than-can-run", "grid-larger-than-can-run",
         "negative-startup-trials", "seed-of-a-grid", "sampler-seed-of-a-grid"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
@@ -547,6 +551,16 @@ def test_a_specs_search_space_keys_are_the_ones_a_params_file_is_refused_for(tmp
     spec.write_text("grid: {train.lr: [0.1]}\nlattice: {train.lr: [0.1]}\n")
     with pytest.raises(config.ConfigError, match="give exactly one search space"):
         sweep.read_spec(spec)
+
+
+def test_a_params_file_given_as_a_spec_is_refused_saying_so(tmp_path):
+    """`-P spec=params/tiny.yaml` was "spec: unknown keys ['data', 'evaluate', 'model', 'train']", as if a spec's keys
+    were misspelt: the reverse of a spec given as -P params, which says what it is."""
+    with pytest.raises(config.ConfigError) as refused:
+        sweep.read_spec(TINY)
+    assert str(refused.value) == (f"spec: {TINY} is a params file (it has data:), not a sweep's spec: name it as the "
+                                  f"spec's base: (see params/sweep-example.yaml), or run it with -e main -P "
+                                  f"params={TINY}")
 
 
 def test_a_relative_base_is_read_beside_the_spec_else_from_the_project(tmp_path, monkeypatch):
