@@ -365,6 +365,7 @@ class Plan:
         self.seed = self.seed_of()
         self.common = override_items(self.spec.get("overrides") or {})
         self.extra = config.split_overrides(self.extra_overrides)
+        config.parse_overrides(self.extra_overrides)  # an item without `=`: said so, before it is taken for a swept key
         raw = self.spec[space_key(self.spec)]
         swept = sorted({item.partition("=")[0].strip() for item in self.extra} & set(raw))
         if swept:  # applied after the trial's values, it would replace them, while the runs' names said otherwise

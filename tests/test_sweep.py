@@ -523,6 +523,16 @@ def test_a_bad_command_line_override_is_blamed_on_the_overrides_not_a_trial(tmp_
     assert str(raised.value).startswith(f"overrides (evaluate.samples=1 {overrides}): {message}")
 
 
+@pytest.mark.parametrize("overrides", ["train.lr", "train.epochs"])
+def test_a_command_line_override_without_a_value_is_one_line_saying_so(tmp_path, overrides):
+    """-P overrides=train.lr (no `=`) was "train.lr is swept by spec.grid", and train.epochs "overrides
+    (train.epochs): overrides: expected section.key=value, got 'train.epochs' (a value with spaces needs quotes ...)",
+    as main says neither."""
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(write_spec(tmp_path, "sweep-bare", GRID), overrides)
+    assert str(raised.value) == f"overrides: expected section.key=value, got '{overrides}'"
+
+
 def test_a_bad_value_of_the_specs_overrides_or_base_is_blamed_on_them_not_a_trial(tmp_path):
     """Refused whatever the trials' values, they were reported as "trial 0 (train.lr=0.1): ..."."""
     spec = write_spec(tmp_path, "sweep-spec-overrides", GRID, {"train.epochs": 0})
