@@ -1088,6 +1088,28 @@ def in_setup(study: optuna.Study) -> bool:
         all(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
 
 
+def left_behind(plan: Plan, storage: optuna.storages.RDBStorage, name: str) -> list[str]:
+    """Where a command is about to start study `name` under its default name (`default_study`): one line for each study
+    of the same spec file (`<spec's name>-<digest>`) and tracking store in `storage` that is not done, saying what
+    differs from it (`fingerprint_changes`). The spec, its base params file or the overrides edited between a Ctrl-C and
+    the rerun made a study of another name, whose trials all ran afresh, the first one left half done, unsaid."""
+    stem, here = Path(plan.spec_path).stem, canonical_tracking_uri(tracking_uri())
+    now = json.loads(json.dumps(plan.fingerprint(), default=str))
+    lines = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        other, attrs = summary.study_name, summary.user_attrs
+        if other == name or not re.fullmatch(rf"{re.escape(stem)}-[0-9a-f]{{8}}", other) or \
+                not isinstance(attrs.get("fingerprint"), dict) or \
+                canonical_tracking_uri(str(attrs.get("mlflow_tracking_uri", ""))) != here or registered(storage, other):
+            continue
+        left = unfinished(optuna.load_study(study_name=other, storage=storage))
+        shown = said_changes(fingerprint_changes(attrs["fingerprint"], now))
+        lines.append(f"study {other} of this spec is not done ({left} trial{'' if left == 1 else 's'} left to run), "
+                     f"but was started from another spec, base params or overrides ({shown}): this command starts "
+                     f"study {name} afresh; to go on with {other}, rerun the command it was started with")
+    return lines
+
+
 def check_parent_run(study: optuna.Study) -> None:
     """ConfigError unless the study's sweep run is in this command's tracking store, and not deleted: a command
     tracking elsewhere (a host without the team's MLFLOW_TRACKING_URI) ran the study's trials into its own store,
@@ -1110,14 +1132,17 @@ def check_fingerprint(plan: Plan, study: optuna.Study) -> None:
     differs (`fingerprint_changes`): "another spec or other overrides" alone left the user to guess what."""
     then, now = study.user_attrs.get("fingerprint"), json.loads(json.dumps(plan.fingerprint(), default=str))
     if then != now:
-        changes = fingerprint_changes(then if isinstance(then, dict) else {}, now)
-        shown = "; ".join(changes[:SHOWN_CHANGES]) + (f"; and {len(changes) - SHOWN_CHANGES} more"
-                                                      if len(changes) > SHOWN_CHANGES else "")
+        shown = said_changes(fingerprint_changes(then if isinstance(then, dict) else {}, now))
         raise config.ConfigError(f"study: {study.study_name} was started from another spec, base params or overrides "
                                  f"({shown}); rerun it as it was, or pass another -P study= for this one")
 
 
 SHOWN_CHANGES = 4  # the differences a refused study's line names (`check_fingerprint`), then how many more
+
+
+def said_changes(changes: list[str]) -> str:
+    return "; ".join(changes[:SHOWN_CHANGES]) + (f"; and {len(changes) - SHOWN_CHANGES} more"
+                                                 if len(changes) > SHOWN_CHANGES else "")
 
 
 def fingerprint_changes(then: dict, now: dict) -> list[str]:
@@ -1789,6 +1814,9 @@ def run(args: argparse.Namespace) -> int:
             work(plan, study, storage)
         return 0
     existed = study_name_in(storage, name)
+    if not existed and not args.study:
+        for line in left_behind(plan, storage, name):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     lock = optuna.load_study(storage=storage, study_name=f"{name}.register") if existed and study_name_in(
         storage, f"{name}.register") else None
     if lock:

@@ -1533,6 +1533,27 @@ def test_a_study_of_another_spec_base_or_overrides_is_refused_naming_what_differ
                                          '0.9 then, 0.8 now')
 
 
+def test_a_rerun_whose_spec_or_base_changed_since_says_which_study_it_leaves_behind(store, tmp_path):
+    """Under the default study name, a spec, base params file or -P overrides edited between a Ctrl-C and the rerun
+    made a study of another name: every trial ran afresh and the first study stayed half done, unsaid."""
+    spec = write_spec(tmp_path, "sweep-edited", GRID)
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    then = sweep.Plan(spec)
+    for name, tracking in ((sweep.default_study(then), sweep.tracking_uri()), ("sweep-edited-0123abcd", "sqlite:///x")):
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+        sweep.lead(then, study, "parent", "0")
+        study.set_user_attr("mlflow_tracking_uri", tracking)  # the second: a study of another tracking store
+    old = sweep.default_study(then)
+    now = sweep.Plan(spec, "train.epochs=2")
+    assert sweep.left_behind(now, storage, sweep.default_study(now)) == [
+        f"study {old} of this spec is not done (2 trials left to run), but was started from another spec, base params "
+        f'or overrides (-P overrides: "" then, "train.epochs=2" now): this command starts study '
+        f"{sweep.default_study(now)} afresh; to go on with {old}, rerun the command it was started with"]
+    assert sweep.left_behind(then, storage, old) == []  # the same command goes on with it
+    optuna.create_study(storage=storage, study_name=f"{old}.register").set_user_attr("registered_version", 1)
+    assert sweep.left_behind(now, storage, sweep.default_study(now)) == []  # done: nothing left behind
+
+
 def test_a_study_of_the_name_that_is_no_sweeps_is_refused_at_once_and_not_said_to_be_removed(store, tmp_path,
                                                                                             in_process):
     """`-P study=` naming a study of the storage that no sweep made (a user's own Optuna study, its trials done) was
