@@ -1968,10 +1968,12 @@ def no_trial_finished(exc: NoTrialFinished) -> int:
 
 def main() -> None:
     parser = config.entry_point_parser(
-        "sweep", __doc__.split("\n")[0], spec="sweep file, e.g. params/sweep-example.yaml",
+        "sweep", __doc__.split("\n")[0], spec="sweep file (default: %(default)s); docs/sweeps.md#the-spec-file",
         overrides="key=value pairs applied to every trial, last",
         storage="Optuna storage URL; empty: optuna.db beside mlflow.db",
-        study="Optuna study name; empty: the spec's name and digest", workers="worker processes on this host")
+        study="Optuna study name; empty: the spec's name and a digest of it, its base params and the overrides (a "
+              "rerun of the same command goes on with its study)",
+        workers="worker processes on this host (default: %(default)s; no more than the study's trials left)")
     parser.add_argument("--join", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers N
     sys.exit(run(parser.parse_args()))
 

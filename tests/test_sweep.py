@@ -1960,6 +1960,16 @@ def test_the_tpe_example_prunes_from_epoch_2_as_its_comment_says():
     assert trial.should_prune()
 
 
+def test_the_help_says_the_defaults_mlproject_gives(in_process):
+    """--help named params/sweep-example.yaml as an example, not the spec run when none is given, and no number of
+    workers."""
+    shown = in_process("sweep", "--help")
+    assert shown.returncode == 0
+    text = " ".join(shown.stdout.split())
+    assert "--spec SPEC sweep file (default: params/sweep-example.yaml)" in text
+    assert "--workers WORKERS worker processes on this host (default: 1; no more than the study's trials left)" in text
+
+
 def test_a_worker_of_workers_n_gets_a_value_beginning_with_a_dash():
     """`-P workers=2` with a spec file `-grid.yaml` (or storage, study spelt with a leading dash): each worker was
     started with `--spec -grid.yaml`, which argparse read as an option, and every worker failed."""
