@@ -300,14 +300,15 @@ def held_out_varies(configs: list[config.Config]) -> list[str]:
     each that differs (train.seed among the trials whose validation_seed is null, the only ones it draws for). Trials
     of other train.seed and the same validation_seed hold out the same images: none is named."""
     seeds_differ = len({c.train.held_out_seed for c in configs}) > 1
+    flats = [c.flat() for c in configs]  # once each: a grid's 10,000
 
     def varies(key: str) -> bool:
-        among = configs
+        among = flats
         if key == "train.seed":
-            among = [c for c in configs if c.train.validation_seed is None]
+            among = [f for f, c in zip(flats, configs, strict=True) if c.train.validation_seed is None]
         if key in ("train.seed", "train.validation_seed") and not seeds_differ:
             return False
-        return len({c.flat()[key] for c in among}) > 1
+        return len({f[key] for f in among}) > 1
 
     return [k for k in HELD_OUT_KEYS if varies(k)]
 
@@ -351,6 +352,7 @@ class Plan:
 
     def __init__(self, spec_path: str, extra_overrides: str = ""):
         self.spec_path, self.extra_overrides = spec_path, extra_overrides or ""
+        self._layers: dict[str, dict[str, Any]] | None = None  # `layers`
         self.spec = read_spec(spec_path)
         base = self.spec.get("base")
         if base is not None and not (isinstance(base, str) and base.strip()):
@@ -532,7 +534,7 @@ class Plan:
             draw = random.Random(0)
             several = [{k: draw.choice(v) for k, v in values.items()}
                        for _ in range(max(CHECKS - len(single), CHECKS // 4))]
-        layers = config.read_layers(self.base)  # its ends loaded: a params file that loads
+        layers = self.layers()
         for combo in single + several:
             try:
                 check(config.load_layered(layers, self.common + override_items(combo) + self.extra))
@@ -652,13 +654,22 @@ class Plan:
             return None
         return None
 
+    def layers(self) -> dict[str, dict[str, Any]]:
+        """default.yaml with the spec's base layered on it, as text (`config.read_layers`), read once."""
+        if self._layers is None:
+            self._layers = config.read_layers(self.base)
+        return self._layers
+
     def kwargs_of(self, what: str) -> dict[str, Any]:
         return self.sampler_kwargs if what == "spec.sampler" else self.pruner_kwargs
 
     def load(self, values: dict[str, Any], what: str) -> config.Config:
+        """The params of a trial of `values`, layered on the base read once (`layers`): read again for each, a grid of
+        10,000 combinations spent minutes parsing YAML before its first line, and a base edited mid-sweep changed
+        the trials still to run unseen."""
         base = self.base
         try:
-            return config.load(base, self.common + override_items(values) + self.extra)
+            return config.load_layered(self.layers(), self.common + override_items(values) + self.extra)
         except config.ConfigError as exc:
             if values and self.refused_without(base, self.common + self.extra, str(exc)):
                 # refused whatever the trial's values: said as the first layer refused so, not the trial's
