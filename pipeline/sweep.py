@@ -119,6 +119,9 @@ OBJECTIVE = "val_acc"  # what the study maximises: a trial's last, on held-out t
 # are ranked by val_acc on different images, which a sweep warns of.
 HELD_OUT_KEYS = ("train.seed", "train.validation_seed", "data.source", "data.max_train", "data.seed",
                  "data.synthetic_train")
+# Params a sweep does not search (`Plan.check_ranked`) besides evaluate.*: they change neither what is trained nor
+# val_acc (docs/params.md#params-without-effect: "the params that never change what is trained").
+UNRANKED = ("train.verbose", "train.checkpoint_every", "register.alias", "tracking.system_metrics")
 # A trial's worker proves it is alive this often (set empty: unset).
 HEARTBEAT_S = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS") or "20")
 # A trial whose heartbeat is older is marked FAILED and queued again. Generous: a busy host can starve the
@@ -431,6 +434,7 @@ class Plan:
                 f"train.validation_fraction: a sweep ranks its trials by val_acc on the images they hold out, so it "
                 f"must be the same for every trial, got {', '.join(map(str, fractions))}: set it in the spec's "
                 "overrides or its base, not its search space")
+        self.check_ranked(raw)
         experiments = sorted({c.tracking.experiment for c in self.configs})
         if len(experiments) > 1:  # each trial's runs are created in the sweep run's, whatever its params say
             raise config.ConfigError(
@@ -446,6 +450,27 @@ class Plan:
         for cfg in {c.data.source: c for c in self.configs}.values():
             prepare.prepare_key(cfg)  # DataError for a data.source that names nothing
         self.rehearse()  # wrong sampler or pruner arguments fail here, before any run
+
+    def check_ranked(self, raw: dict[str, Any]) -> None:
+        """ConfigError for a swept key that cannot change val_acc, which the trials are ranked by: a later step's
+        setting (evaluate.*, which sets how test_acc is measured), how a run is shown or kept (`UNRANKED`), or a param
+        without effect in every trial (`config.inert_params`: train.nesterov at train.momentum 0). Its trials trained
+        the same model again, and the first of equals won: the sweep seemed to choose a value it never compared."""
+        where = space_key(self.spec)
+        for key in raw:
+            if key.startswith("evaluate.") or key in UNRANKED:
+                what = "a setting of evaluate, which measures test_acc" if key.startswith("evaluate.") else \
+                    "a setting of how a run is shown or kept"
+                raise config.ConfigError(
+                    f"spec.{where}.{key}: a sweep ranks its trials by val_acc, which {key} ({what}) does not change: "
+                    f"its trials would train the same model and the first of equals win; set it in spec.overrides"
+                    + (", and compare its values on one model with -e evaluate" if key.startswith("evaluate.") else ""))
+            if all(key in config.inert_params(c) for c in self.configs):
+                given = config.inert_params(self.configs[0])[key]
+                raise config.ConfigError(
+                    f"spec.{where}.{key}: has no effect in any trial (given {given}; "
+                    f"docs/params.md#params-without-effect): its trials would train the same model; sweep what it "
+                    f"needs as well, or drop it")
 
     def seed_of(self) -> int | None:
         """The spec's `seed`, or the sampler's own `seed` argument (the same thing: both may be given only if

@@ -491,6 +491,18 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
     ("grid: {train.lr: [0.1, 0.2]}\nsampler: {type: grid, seed: 3}\n",
      "spec.sampler.seed: a grid queues each of its combinations and draws none, so a seed changes nothing; leave "
      "it out"),
+    # what val_acc, which ranks the trials, never measures: each trial trained the same model, the first of equals won
+    ("grid: {evaluate.tta: [none, flip]}\n", "spec.grid.evaluate.tta: a sweep ranks its trials by val_acc, which "
+     "evaluate.tta (a setting of evaluate, which measures test_acc) does not change: its trials would train the same "
+     "model and the first of equals win; set it in spec.overrides, and compare its values on one model with -e "
+     "evaluate"),
+    (SPACE.replace("trials: 2", "  train.checkpoint_every: [0, 1]\ntrials: 2"), "spec.space.train.checkpoint_every: a "
+     "sweep ranks its trials by val_acc, which train.checkpoint_every (a setting of how a run is shown or kept) does "
+     "not change: its trials would train the same model and the first of equals win; set it in spec.overrides"),
+    ("overrides: {train.momentum: 0, train.validation_fraction: 0.1}\ngrid: {train.nesterov: [true, false]}\n",
+     "spec.grid.train.nesterov: has no effect in any trial (given train.momentum 0.0; "
+     "docs/params.md#params-without-effect): its trials would train the same model; sweep what it needs as well, or "
+     "drop it"),
 ], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
         "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
         "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range",
@@ -498,7 +510,8 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
         "none-left-to-train-on", "ghost-batch-inside-a-range", "boundaries-inside-a-range",
         "grid-trials-float", "grid-trials-bool", "repeated-choice-in-a-space", "range-of-one-number",
         "unknown-keys-of-other-types", "misspelt-key", "more-trials-than-can-run", "grid-larger-than-can-run",
-        "negative-startup-trials", "seed-of-a-grid", "sampler-seed-of-a-grid"])
+        "negative-startup-trials", "seed-of-a-grid", "sampler-seed-of-a-grid", "evaluate-setting",
+        "checkpoint-setting", "inert-in-every-trial"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
     has_base = body.startswith("base:")
@@ -507,6 +520,13 @@ def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     with pytest.raises(config.ConfigError) as raised:
         sweep.Plan(str(spec))
     assert str(raised.value) == message
+
+
+def test_a_key_inert_in_some_trials_only_is_swept(tmp_path):
+    """train.nesterov acts where train.momentum, swept too, is not 0: not refused as inert in every trial."""
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-nesterov",
+                                 "grid: {train.nesterov: [true, false], train.momentum: [0, 0.9]}\n"))
+    assert len(plan.configs) == 4
 
 
 @pytest.mark.parametrize("body", [GRID, "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"])
