@@ -1886,7 +1886,8 @@ def run(args: argparse.Namespace) -> int:
     made = [] if existed else prepare_shared_data(plan)  # its first command: refused now where its data is too few
     study, leads = join_study(plan, storage, name)
     print(f"{'started' if leads else 'joined'} Optuna study {name} in {safe_url(storage_url)} "
-          f"({plan.sampler_name} sampler, {plan.pruner_name} pruner, {plan.trials} trials); "
+          f"({plan.sampler_name} sampler, {plan.pruner_name} pruner, {plan.trials} trials"
+          f"{'' if leads else f', {unfinished(study)} left to run'}); "  # a rerun after a Ctrl-C: what it goes on with
           f"{dashboard_hint(storage.url)}", flush=True)  # the driver it opened
     try:
         with contextlib.ExitStack() as stack:

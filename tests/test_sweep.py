@@ -1967,6 +1967,9 @@ def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(st
     done = in_process("sweep", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"the worker registering study regkill ({dead}) stopped before it finished" in done.stdout
+    # a command joining a study says how many of its trials are left (a rerun after a Ctrl-C: what it goes on with)
+    assert f"joined Optuna study regkill in {storage} (grid sampler, none pruner, 1 trials, 0 left to run); " \
+        in done.stdout
     assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 1
     parent, runs, _ = sweep_runs(client, "regkill")
     assert parent.info.status == "FINISHED" and parent.data.tags["registered_version"] == "1"
