@@ -699,7 +699,7 @@ def parse_overrides(overrides: str | list[str] | None) -> dict[str, dict[str, An
     return layer
 
 
-SWEEP_SPACES = ("grid", "space", "random")  # the keys one of which a sweep's spec holds (pipeline.sweep)
+SWEEP_SPACES = ("grid", "space", "random")  # the keys one of which a sweep's spec holds (pipeline.sweep reads them)
 
 
 def load(path: str | Path | None = None, overrides: str | list[str] | None = None) -> Config:

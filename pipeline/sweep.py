@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import difflib
 import inspect
 import itertools
 import json
@@ -102,7 +103,9 @@ from pipeline.tracking import (
 )
 from pipeline.tracking.resume import check_checkpoint_root, checkpoint_dir
 
-SPEC_KEYS = {"base", "overrides", "grid", "space", "random", "sampler", "trials", "seed", "pruner"}
+# A spec's keys besides its search space, one of config.SWEEP_SPACES (the one list of them: a params file holding one is
+# refused as a spec, and a spec holds exactly one).
+SPEC_SETTINGS = ("base", "overrides", "sampler", "trials", "seed", "pruner")
 # A grid queues each combination as a fixed trial (Optuna's enqueue_trial), so that each runs exactly once
 # however many workers start together (GridSampler may hand one point to two workers that start at once);
 # its sampler is never asked for a value.
@@ -116,6 +119,9 @@ OBJECTIVE = "val_acc"  # what the study maximises: a trial's last, on held-out t
 # are ranked by val_acc on different images, which a sweep warns of.
 HELD_OUT_KEYS = ("train.seed", "train.validation_seed", "data.source", "data.max_train", "data.seed",
                  "data.synthetic_train")
+# Params a sweep does not search (`Plan.check_ranked`) besides evaluate.*: they change neither what is trained nor
+# val_acc (docs/params.md#params-without-effect: "the params that never change what is trained").
+UNRANKED = ("train.verbose", "train.checkpoint_every", "register.alias", "tracking.system_metrics")
 # A trial's worker proves it is alive this often (set empty: unset).
 HEARTBEAT_S = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS") or "20")
 # A trial whose heartbeat is older is marked FAILED and queued again. Generous: a busy host can starve the
@@ -156,10 +162,18 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     # The values of params keys are read by their key's type, as the params file's are (YAML 1.1 read them by their
     # look: `tracking.experiment: True` was 'true', `0x10` 16): from the text written, the rest of the spec as YAML.
     written = config.read_yaml(path, key="spec", text=True)
-    unknown = sorted(map(str, set(written) - SPEC_KEYS))  # as written: YAML 1.1 reads `on:` as True (unsortable)
-    if unknown:
-        raise config.ConfigError(f"spec: unknown keys {unknown} (known: {', '.join(sorted(SPEC_KEYS))})")
-    spaces = [key for key in ("grid", "space", "random") if key in spec]
+    known = {*SPEC_SETTINGS, *config.SWEEP_SPACES}
+    unknown = sorted(map(str, set(written) - known))  # as written: YAML 1.1 reads `on:` as True (unsortable)
+    if unknown and set(unknown) <= set(config.Config.__dataclass_fields__) and not known & set(map(str, written)):
+        raise config.ConfigError(f"spec: {path} is a params file (it has {unknown[0]}:), not a sweep's spec: name it "
+                                 f"as the spec's base: (see params/sweep-example.yaml), or run it with -e main -P "
+                                 f"params={path}")
+    if unknown:  # a slip such as `trails:` was told the list of keys alone
+        close = [f"{key}{f' for {name}' if len(unknown) > 1 else ''}" for name in unknown
+                 if (key := next(iter(difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.7)), None))]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise config.ConfigError(f"spec: unknown keys {unknown}{hint} (known: {', '.join(sorted(known))})")
+    spaces = [key for key in config.SWEEP_SPACES if key in spec]
     if len(spaces) != 1:
         raise config.ConfigError("spec: give exactly one search space: grid, or space (random is its older name)")
     for key in ("overrides", spaces[0]):
@@ -187,7 +201,7 @@ def params_values(where: str, key: str, text: Any, value: Any) -> Any:
 
 
 def space_key(spec: dict) -> str:
-    return next(key for key in ("grid", "space", "random") if key in spec)
+    return next(key for key in config.SWEEP_SPACES if key in spec)
 
 
 EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e0, 2E-3, .5e1
@@ -289,14 +303,15 @@ def held_out_varies(configs: list[config.Config]) -> list[str]:
     each that differs (train.seed among the trials whose validation_seed is null, the only ones it draws for). Trials
     of other train.seed and the same validation_seed hold out the same images: none is named."""
     seeds_differ = len({c.train.held_out_seed for c in configs}) > 1
+    flats = [c.flat() for c in configs]  # once each: a grid's 10,000
 
     def varies(key: str) -> bool:
-        among = configs
+        among = flats
         if key == "train.seed":
-            among = [c for c in configs if c.train.validation_seed is None]
+            among = [f for f, c in zip(flats, configs, strict=True) if c.train.validation_seed is None]
         if key in ("train.seed", "train.validation_seed") and not seeds_differ:
             return False
-        return len({c.flat()[key] for c in among}) > 1
+        return len({f[key] for f in among}) > 1
 
     return [k for k in HELD_OUT_KEYS if varies(k)]
 
@@ -340,6 +355,7 @@ class Plan:
 
     def __init__(self, spec_path: str, extra_overrides: str = ""):
         self.spec_path, self.extra_overrides = spec_path, extra_overrides or ""
+        self._layers: dict[str, dict[str, Any]] | None = None  # `layers`
         self.spec = read_spec(spec_path)
         base = self.spec.get("base")
         if base is not None and not (isinstance(base, str) and base.strip()):
@@ -354,6 +370,7 @@ class Plan:
         self.seed = self.seed_of()
         self.common = override_items(self.spec.get("overrides") or {})
         self.extra = config.split_overrides(self.extra_overrides)
+        config.parse_overrides(self.extra_overrides)  # an item without `=`: said so, before it is taken for a swept key
         raw = self.spec[space_key(self.spec)]
         swept = sorted({item.partition("=")[0].strip() for item in self.extra} & set(raw))
         if swept:  # applied after the trial's values, it would replace them, while the runs' names said otherwise
@@ -417,6 +434,7 @@ class Plan:
                 f"train.validation_fraction: a sweep ranks its trials by val_acc on the images they hold out, so it "
                 f"must be the same for every trial, got {', '.join(map(str, fractions))}: set it in the spec's "
                 "overrides or its base, not its search space")
+        self.check_ranked(raw)
         experiments = sorted({c.tracking.experiment for c in self.configs})
         if len(experiments) > 1:  # each trial's runs are created in the sweep run's, whatever its params say
             raise config.ConfigError(
@@ -432,6 +450,27 @@ class Plan:
         for cfg in {c.data.source: c for c in self.configs}.values():
             prepare.prepare_key(cfg)  # DataError for a data.source that names nothing
         self.rehearse()  # wrong sampler or pruner arguments fail here, before any run
+
+    def check_ranked(self, raw: dict[str, Any]) -> None:
+        """ConfigError for a swept key that cannot change val_acc, which the trials are ranked by: a later step's
+        setting (evaluate.*, which sets how test_acc is measured), how a run is shown or kept (`UNRANKED`), or a param
+        without effect in every trial (`config.inert_params`: train.nesterov at train.momentum 0). Its trials trained
+        the same model again, and the first of equals won: the sweep seemed to choose a value it never compared."""
+        where = space_key(self.spec)
+        for key in raw:
+            if key.startswith("evaluate.") or key in UNRANKED:
+                what = "a setting of evaluate, which measures test_acc" if key.startswith("evaluate.") else \
+                    "a setting of how a run is shown or kept"
+                raise config.ConfigError(
+                    f"spec.{where}.{key}: a sweep ranks its trials by val_acc, which {key} ({what}) does not change: "
+                    f"its trials would train the same model and the first of equals win; set it in spec.overrides"
+                    + (", and compare its values on one model with -e evaluate" if key.startswith("evaluate.") else ""))
+            if all(key in config.inert_params(c) for c in self.configs):
+                given = config.inert_params(self.configs[0])[key]
+                raise config.ConfigError(
+                    f"spec.{where}.{key}: has no effect in any trial (given {given}; "
+                    f"docs/params.md#params-without-effect): its trials would train the same model; sweep what it "
+                    f"needs as well, or drop it")
 
     def seed_of(self) -> int | None:
         """The spec's `seed`, or the sampler's own `seed` argument (the same thing: both may be given only if
@@ -520,7 +559,7 @@ class Plan:
             draw = random.Random(0)
             several = [{k: draw.choice(v) for k, v in values.items()}
                        for _ in range(max(CHECKS - len(single), CHECKS // 4))]
-        layers = config.read_layers(self.base)  # its ends loaded: a params file that loads
+        layers = self.layers()
         for combo in single + several:
             try:
                 check(config.load_layered(layers, self.common + override_items(combo) + self.extra))
@@ -640,13 +679,22 @@ class Plan:
             return None
         return None
 
+    def layers(self) -> dict[str, dict[str, Any]]:
+        """default.yaml with the spec's base layered on it, as text (`config.read_layers`), read once."""
+        if self._layers is None:
+            self._layers = config.read_layers(self.base)
+        return self._layers
+
     def kwargs_of(self, what: str) -> dict[str, Any]:
         return self.sampler_kwargs if what == "spec.sampler" else self.pruner_kwargs
 
     def load(self, values: dict[str, Any], what: str) -> config.Config:
+        """The params of a trial of `values`, layered on the base read once (`layers`): read again for each, a grid of
+        10,000 combinations spent minutes parsing YAML before its first line, and a base edited mid-sweep changed
+        the trials still to run unseen."""
         base = self.base
         try:
-            return config.load(base, self.common + override_items(values) + self.extra)
+            return config.load_layered(self.layers(), self.common + override_items(values) + self.extra)
         except config.ConfigError as exc:
             if values and self.refused_without(base, self.common + self.extra, str(exc)):
                 # refused whatever the trial's values: said as the first layer refused so, not the trial's
@@ -1076,6 +1124,28 @@ def in_setup(study: optuna.Study) -> bool:
         all(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
 
 
+def left_behind(plan: Plan, storage: optuna.storages.RDBStorage, name: str) -> list[str]:
+    """Where a command is about to start study `name` under its default name (`default_study`): one line for each study
+    of the same spec file (`<spec's name>-<digest>`) and tracking store in `storage` that is not done, saying what
+    differs from it (`fingerprint_changes`). The spec, its base params file or the overrides edited between a Ctrl-C and
+    the rerun made a study of another name, whose trials all ran afresh, the first one left half done, unsaid."""
+    stem, here = Path(plan.spec_path).stem, canonical_tracking_uri(tracking_uri())
+    now = json.loads(json.dumps(plan.fingerprint(), default=str))
+    lines = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        other, attrs = summary.study_name, summary.user_attrs
+        if other == name or not re.fullmatch(rf"{re.escape(stem)}-[0-9a-f]{{8}}", other) or \
+                not isinstance(attrs.get("fingerprint"), dict) or \
+                canonical_tracking_uri(str(attrs.get("mlflow_tracking_uri", ""))) != here or registered(storage, other):
+            continue
+        left = unfinished(optuna.load_study(study_name=other, storage=storage))
+        shown = said_changes(fingerprint_changes(attrs["fingerprint"], now))
+        lines.append(f"study {other} of this spec is not done ({left} trial{'' if left == 1 else 's'} left to run), "
+                     f"but was started from another spec, base params or overrides ({shown}): this command starts "
+                     f"study {name} afresh; to go on with {other}, rerun the command it was started with")
+    return lines
+
+
 def check_parent_run(study: optuna.Study) -> None:
     """ConfigError unless the study's sweep run is in this command's tracking store, and not deleted: a command
     tracking elsewhere (a host without the team's MLFLOW_TRACKING_URI) ran the study's trials into its own store,
@@ -1094,10 +1164,56 @@ def check_parent_run(study: optuna.Study) -> None:
 
 
 def check_fingerprint(plan: Plan, study: optuna.Study) -> None:
-    """ConfigError unless `study` was started from the same spec and overrides as `plan`."""
-    if study.user_attrs.get("fingerprint") != json.loads(json.dumps(plan.fingerprint(), default=str)):
-        raise config.ConfigError(f"study: {study.study_name} was started from another spec or other overrides; "
-                                 f"pass another -P study= for this one")
+    """ConfigError unless `study` was started from the same spec, base params and overrides as `plan`, naming what
+    differs (`fingerprint_changes`): "another spec or other overrides" alone left the user to guess what."""
+    then, now = study.user_attrs.get("fingerprint"), json.loads(json.dumps(plan.fingerprint(), default=str))
+    if then != now:
+        shown = said_changes(fingerprint_changes(then if isinstance(then, dict) else {}, now))
+        raise config.ConfigError(f"study: {study.study_name} was started from another spec, base params or overrides "
+                                 f"({shown}); rerun it as it was, or pass another -P study= for this one")
+
+
+SHOWN_CHANGES = 4  # the differences a refused study's line names (`check_fingerprint`), then how many more
+
+
+def said_changes(changes: list[str]) -> str:
+    return "; ".join(changes[:SHOWN_CHANGES]) + (f"; and {len(changes) - SHOWN_CHANGES} more"
+                                                 if len(changes) > SHOWN_CHANGES else "")
+
+
+def fingerprint_changes(then: dict, now: dict) -> list[str]:
+    """What differs between two `Plan.fingerprint`s (as JSON read them back), one "key: X then, Y now" each: a spec's
+    keys (spec.grid.train.lr), -P overrides, and the params the trials share from spec.base where neither the spec
+    nor -P overrides set them (an edited base file)."""
+    def flat(fingerprint: dict) -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in (fingerprint.get("spec") or {}).items():
+            if isinstance(value, dict) and key in ("overrides", *config.SWEEP_SPACES):
+                items.update({f"spec.{key}.{name}": v for name, v in value.items()})
+            else:
+                items[f"spec.{key}"] = value
+        items["-P overrides"] = fingerprint.get("overrides") or ""
+        return items
+
+    def differ(a: dict, b: dict) -> list[str]:
+        return [key for key in dict.fromkeys([*a, *b]) if a.get(key, differ) != b.get(key, differ)]
+
+    def shown(items: dict[str, Any], key: str) -> str:
+        return json.dumps(items[key]) if key in items else "none"
+
+    specs = flat(then), flat(now)
+    changes = [f"{key}: {shown(specs[0], key)} then, {shown(specs[1], key)} now" for key in differ(*specs)]
+    set_there = {key.partition(".")[2].partition(".")[2] for key in [*specs[0], *specs[1]] if key.startswith("spec.")}
+    for text in (specs[0]["-P overrides"], specs[1]["-P overrides"]):
+        with contextlib.suppress(config.ConfigError, ValueError, AttributeError):  # as the study stored it: any text
+            set_there |= {item.partition("=")[0].strip() for item in config.split_overrides(text)}
+    params = then.get("params") or {}, now.get("params") or {}
+    def param(values: dict[str, Any], key: str) -> str:
+        return "none" if key not in values else label({key: values[key]}).partition("=")[2]
+
+    changes += [f"{key} (spec.base's): {param(params[0], key)} then, {param(params[1], key)} now"
+                for key in differ(*params) if key not in set_there]
+    return changes
 
 
 def lead(plan: Plan, study: optuna.Study, parent_id: str, experiment_id: str) -> None:
@@ -1734,6 +1850,9 @@ def run(args: argparse.Namespace) -> int:
             work(plan, study, storage)
         return 0
     existed = study_name_in(storage, name)
+    if not existed and not args.study:
+        for line in left_behind(plan, storage, name):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     lock = optuna.load_study(storage=storage, study_name=f"{name}.register") if existed and study_name_in(
         storage, f"{name}.register") else None
     if lock:
@@ -1757,9 +1876,9 @@ def run(args: argparse.Namespace) -> int:
                 "finished; nothing registered. Pass another -P study= for a new sweep",
                 no_trial_finished_error(study).status))
         model = lock.user_attrs.get("registered_model")  # studies done before it was recorded have none
-        print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials, registered "
-              f"{f'{model} v' if model else 'version '}{lock.user_attrs.get('registered_version')}; pass another "
-              "-P study= for a new sweep")
+        version = f"{f'{model} v' if model else 'version '}{lock.user_attrs.get('registered_version')}"
+        print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials; "
+              f"{best_said(plan, study, version)}; pass another -P study= for a new sweep")
         return 0
     if workers == 1:  # this process trains the trials: its backend and devices are the trials'
         plan.check_replicas()
@@ -1767,7 +1886,8 @@ def run(args: argparse.Namespace) -> int:
     made = [] if existed else prepare_shared_data(plan)  # its first command: refused now where its data is too few
     study, leads = join_study(plan, storage, name)
     print(f"{'started' if leads else 'joined'} Optuna study {name} in {safe_url(storage_url)} "
-          f"({plan.sampler_name} sampler, {plan.pruner_name} pruner, {plan.trials} trials); "
+          f"({plan.sampler_name} sampler, {plan.pruner_name} pruner, {plan.trials} trials"
+          f"{'' if leads else f', {unfinished(study)} left to run'}); "  # a rerun after a Ctrl-C: what it goes on with
           f"{dashboard_hint(storage.url)}", flush=True)  # the driver it opened
     try:
         with contextlib.ExitStack() as stack:
@@ -1829,10 +1949,30 @@ def run(args: argparse.Namespace) -> int:
                 raise no_trial_finished_error(study)
     except NoTrialFinished as exc:  # raised inside the sweep run, where this command leads: it ended FAILED with it
         return no_trial_finished(exc)
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best = best_of(done)  # registration's rule, not study.best_trial's (no tie-break)
-    print(f"study {name}: best trial {best.number} ({label(best.params)}) {OBJECTIVE} {best.value:.4f}")
+    print(f"study {name}: {best_said(plan, study)}")
     return 0
+
+
+def best_said(plan: Plan, study: optuna.Study, registered: str = "") -> str:
+    """Where a done study's best trial is, for the command's last line: "best trial 1 (train.lr=0.1) val_acc 0.4902,
+    run <id>, registered cifar10-resnet v1 (@champion moved to it); its sweep run <id> holds trials.csv and the
+    comparison" (the trial's number and val_acc alone left the user to search the store for the rest). The best by
+    registration's rule (`best_of`), not study.best_trial's (no tie-break); the rest read from the sweep run's tags,
+    which the worker that finished the study wrote (another process, under `workers N`), or, where this tracking store
+    has no such run, `registered` ("cifar10-resnet v1", the study's own record) alone."""
+    best = best_of(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    tags = trials.run_tags(parent) if trials.run_stage(parent) is not None else {}
+    said = f"best trial {best.number} ({label(plan.values(best))}) {OBJECTIVE} {best.value:.4f}"
+    if tags.get("best_trial_run_id"):
+        said += f", run {tags['best_trial_run_id']}"
+    if tags.get("registered_version"):
+        alias = plan.load(plan.values(best), f"trial {best.number}").register.alias
+        said += (f", registered {tags.get('registered_model', '')} v{tags['registered_version']} (@{alias} "
+                 f"{'moved to it' if tags.get('alias_moved') == 'true' else 'stays off it'})")
+    elif registered:
+        said += f", registered {registered}"
+    return f"{said}; its sweep run {parent} holds trials.csv and the comparison" if tags else said
 
 
 def prepare_shared_data(plan: Plan) -> list[str]:
@@ -1865,10 +2005,12 @@ def no_trial_finished(exc: NoTrialFinished) -> int:
 
 def main() -> None:
     parser = config.entry_point_parser(
-        "sweep", __doc__.split("\n")[0], spec="sweep file, e.g. params/sweep-example.yaml",
+        "sweep", __doc__.split("\n")[0], spec="sweep file (default: %(default)s); docs/sweeps.md#the-spec-file",
         overrides="key=value pairs applied to every trial, last",
         storage="Optuna storage URL; empty: optuna.db beside mlflow.db",
-        study="Optuna study name; empty: the spec's name and digest", workers="worker processes on this host")
+        study="Optuna study name; empty: the spec's name and a digest of it, its base params and the overrides (a "
+              "rerun of the same command goes on with its study)",
+        workers="worker processes on this host (default: %(default)s; no more than the study's trials left)")
     parser.add_argument("--join", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers N
     sys.exit(run(parser.parse_args()))
 

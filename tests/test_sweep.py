@@ -467,8 +467,12 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
      "to run each once"),
     # YAML 1.1 read `on:` as True: sorting it with 'trails' was a TypeError traceback
     ("on: 1\ntrails: 4\ngrid: {train.lr: [0.1]}\n",
-     "spec: unknown keys ['on', 'trails'] (known: base, grid, overrides, pruner, random, sampler, seed, space, "
-     "trials)"),
+     "spec: unknown keys ['on', 'trails'] (did you mean trials for trails?) (known: base, grid, overrides, pruner, "
+     "random, sampler, seed, space, trials)"),
+    # a slip was told the list of keys alone
+    ("overides: {train.validation_fraction: 0.1}\ngrid: {train.lr: [0.1]}\n",
+     "spec: unknown keys ['overides'] (did you mean overrides?) (known: base, grid, overrides, pruner, random, "
+     "sampler, seed, space, trials)"),
     # a count no sweep can run: every trial is queued in the study before the first runs (a MemoryError traceback
     # once the sweep run had opened, or hours of queueing), and a grid's combinations are each checked first
     ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 1000000000000\n",
@@ -487,14 +491,27 @@ SPACE = "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"
     ("grid: {train.lr: [0.1, 0.2]}\nsampler: {type: grid, seed: 3}\n",
      "spec.sampler.seed: a grid queues each of its combinations and draws none, so a seed changes nothing; leave "
      "it out"),
+    # what val_acc, which ranks the trials, never measures: each trial trained the same model, the first of equals won
+    ("grid: {evaluate.tta: [none, flip]}\n", "spec.grid.evaluate.tta: a sweep ranks its trials by val_acc, which "
+     "evaluate.tta (a setting of evaluate, which measures test_acc) does not change: its trials would train the same "
+     "model and the first of equals win; set it in spec.overrides, and compare its values on one model with -e "
+     "evaluate"),
+    (SPACE.replace("trials: 2", "  train.checkpoint_every: [0, 1]\ntrials: 2"), "spec.space.train.checkpoint_every: a "
+     "sweep ranks its trials by val_acc, which train.checkpoint_every (a setting of how a run is shown or kept) does "
+     "not change: its trials would train the same model and the first of equals win; set it in spec.overrides"),
+    ("overrides: {train.momentum: 0, train.validation_fraction: 0.1}\ngrid: {train.nesterov: [true, false]}\n",
+     "spec.grid.train.nesterov: has no effect in any trial (given train.momentum 0.0; "
+     "docs/params.md#params-without-effect): its trials would train the same model; sweep what it needs as well, or "
+     "drop it"),
 ], ids=["base-number", "base-list", "sampler-list", "pruner-list", "bad-pruner-argument", "tpe-argument-after-startup",
         "seed-too-big", "negative-sampler-seed", "two-seeds", "int-and-float", "one-number-four-ways", "hex-in-grid",
         "float-end-of-an-int-range", "unknown-key", "validation-fraction-grid", "validation-fraction-range",
         "experiment-grid", "more-trials-than-choices", "more-trials-than-integers", "no-whole-batch",
         "none-left-to-train-on", "ghost-batch-inside-a-range", "boundaries-inside-a-range",
         "grid-trials-float", "grid-trials-bool", "repeated-choice-in-a-space", "range-of-one-number",
-        "unknown-keys-of-other-types", "more-trials-than-can-run", "grid-larger-than-can-run",
-        "negative-startup-trials", "seed-of-a-grid", "sampler-seed-of-a-grid"])
+        "unknown-keys-of-other-types", "misspelt-key", "more-trials-than-can-run", "grid-larger-than-can-run",
+        "negative-startup-trials", "seed-of-a-grid", "sampler-seed-of-a-grid", "evaluate-setting",
+        "checkpoint-setting", "inert-in-every-trial"])
 def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     spec = tmp_path / "sweep-bad.yaml"
     has_base = body.startswith("base:")
@@ -503,6 +520,13 @@ def test_a_plan_refuses_bad_values_with_the_key(tmp_path, body, message):
     with pytest.raises(config.ConfigError) as raised:
         sweep.Plan(str(spec))
     assert str(raised.value) == message
+
+
+def test_a_key_inert_in_some_trials_only_is_swept(tmp_path):
+    """train.nesterov acts where train.momentum, swept too, is not 0: not refused as inert in every trial."""
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-nesterov",
+                                 "grid: {train.nesterov: [true, false], train.momentum: [0, 0.9]}\n"))
+    assert len(plan.configs) == 4
 
 
 @pytest.mark.parametrize("body", [GRID, "space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\n"])
@@ -519,6 +543,16 @@ def test_a_bad_command_line_override_is_blamed_on_the_overrides_not_a_trial(tmp_
     assert str(raised.value).startswith(f"overrides (evaluate.samples=1 {overrides}): {message}")
 
 
+@pytest.mark.parametrize("overrides", ["train.lr", "train.epochs"])
+def test_a_command_line_override_without_a_value_is_one_line_saying_so(tmp_path, overrides):
+    """-P overrides=train.lr (no `=`) was "train.lr is swept by spec.grid", and train.epochs "overrides
+    (train.epochs): overrides: expected section.key=value, got 'train.epochs' (a value with spaces needs quotes ...)",
+    as main says neither."""
+    with pytest.raises(config.ConfigError) as raised:
+        sweep.Plan(write_spec(tmp_path, "sweep-bare", GRID), overrides)
+    assert str(raised.value) == f"overrides: expected section.key=value, got '{overrides}'"
+
+
 def test_a_bad_value_of_the_specs_overrides_or_base_is_blamed_on_them_not_a_trial(tmp_path):
     """Refused whatever the trials' values, they were reported as "trial 0 (train.lr=0.1): ..."."""
     spec = write_spec(tmp_path, "sweep-spec-overrides", GRID, {"train.epochs": 0})
@@ -532,6 +566,46 @@ def test_a_bad_value_of_the_specs_overrides_or_base_is_blamed_on_them_not_a_tria
     with pytest.raises(config.ConfigError) as raised:
         sweep.Plan(str(spec))
     assert str(raised.value) == f"spec.base ({base}): train.epochs: must be >= 1, got 0"
+
+
+def test_a_specs_search_space_keys_are_the_ones_a_params_file_is_refused_for(tmp_path, monkeypatch):
+    """The sweep kept its own list of search space keys beside config.SWEEP_SPACES, the keys for which a params file
+    is refused as a spec: a key added to one list only was a spec's "unknown key", or a params file's section."""
+    monkeypatch.setattr(config, "SWEEP_SPACES", (*config.SWEEP_SPACES, "lattice"))
+    for key in config.SWEEP_SPACES:
+        spec = tmp_path / f"sweep-{key}.yaml"
+        spec.write_text(f"base: {TINY}\n{key}: {{train.lr: [0.1]}}\n" + ("trials: 1\n" if key != "grid" else ""))
+        assert sweep.space_key(sweep.read_spec(spec)) == key
+        with pytest.raises(config.ConfigError, match=rf"is a sweep's spec \(it has {key}:\)"):
+            config.load(spec)
+    spec.write_text("grid: {train.lr: [0.1]}\nlattice: {train.lr: [0.1]}\n")
+    with pytest.raises(config.ConfigError, match="give exactly one search space"):
+        sweep.read_spec(spec)
+
+
+def test_a_params_file_given_as_a_spec_is_refused_saying_so(tmp_path):
+    """`-P spec=params/tiny.yaml` was "spec: unknown keys ['data', 'evaluate', 'model', 'train']", as if a spec's keys
+    were misspelt: the reverse of a spec given as -P params, which says what it is."""
+    with pytest.raises(config.ConfigError) as refused:
+        sweep.read_spec(TINY)
+    assert str(refused.value) == (f"spec: {TINY} is a params file (it has data:), not a sweep's spec: name it as the "
+                                  f"spec's base: (see params/sweep-example.yaml), or run it with -e main -P "
+                                  f"params={TINY}")
+
+
+def test_a_plan_reads_its_base_once_however_many_trials(tmp_path, monkeypatch):
+    """default.yaml and the base were parsed again for every trial: a grid of 10,000 combinations spent over two
+    CPU-minutes in YAML before its first line, in the command and again in each of its workers."""
+    reads = []
+    read_layers = config.read_layers
+    monkeypatch.setattr(config, "read_layers", lambda path=None: reads.append(path) or read_layers(path))
+    spec = write_spec(tmp_path, "sweep-many", "grid:\n  train.seed: [0, 1, 2, 3, 4]\n  data.seed: [0, 1, 2, 3]\n")
+    plan = sweep.Plan(spec)
+    assert len(plan.configs) == 20 and reads == [plan.base]
+    assert plan.load({"train.seed": 9}, "trial 20").train.seed == 9 and reads == [plan.base]  # a trial's, later
+    space = sweep.Plan(write_spec(tmp_path, "sweep-range", "space:\n  train.epochs: {min: 1, max: 4}\ntrials: 4\n",
+                                  {"train.epochs": None}))
+    assert len(reads) == 2 and space.configs  # its ends and inside its range too
 
 
 def test_a_relative_base_is_read_beside_the_spec_else_from_the_project(tmp_path, monkeypatch):
@@ -1492,9 +1566,61 @@ def test_a_done_study_of_another_spec_is_refused(store, tmp_path, in_process):
     optuna.create_study(storage=storage, study_name="taken.register")
     done = in_process("sweep", "--spec", write_spec(tmp_path, "sweep-mine", GRID), "--study", "taken")
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines() == [
-        "error: study: taken was started from another spec or other overrides; pass another -P study= for this one"]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: study: taken was started from another spec, base params or overrides "
+                           "(spec.grid.train.lr: [0.5] then, [0.1, 1e-06] now; "), line
+    assert line.endswith("; rerun it as it was, or pass another -P study= for this one"), line
     assert "is done" not in done.stdout
+
+
+def test_a_study_of_another_spec_base_or_overrides_is_refused_naming_what_differs(tmp_path):
+    """"was started from another spec or other overrides" named neither what differed nor, for an edited base file,
+    the right culprit."""
+    spec = write_spec(tmp_path, "sweep-then", GRID)
+    study = optuna.create_study(study_name="then", direction="maximize")
+    study.set_user_attr("fingerprint", json.loads(json.dumps(sweep.Plan(spec).fingerprint(), default=str)))
+    sweep.check_fingerprint(sweep.Plan(spec), study)  # the same: accepted
+
+    def refusal(plan: sweep.Plan) -> str:
+        with pytest.raises(config.ConfigError) as refused:
+            sweep.check_fingerprint(plan, study)
+        text = str(refused.value)
+        head, tail = "study: then was started from another spec, base params or overrides (", \
+            "); rerun it as it was, or pass another -P study= for this one"
+        assert text.startswith(head) and text.endswith(tail), text
+        return text.removeprefix(head).removesuffix(tail)
+
+    assert refusal(sweep.Plan(write_spec(tmp_path, "sweep-then", "grid:\n  train.lr: [0.1, 0.2]\n"))) == \
+        "spec.grid.train.lr: [0.1, 1e-06] then, [0.1, 0.2] now"
+    write_spec(tmp_path, "sweep-then", GRID)
+    assert refusal(sweep.Plan(spec, "train.epochs=2")) == \
+        '-P overrides: "" then, "train.epochs=2" now'  # not also train.epochs as the base's: the overrides set it
+    base = tmp_path / "tiny.yaml"
+    base.write_text((ROOT / TINY).read_text().replace("bn_momentum: 0.9", "bn_momentum: 0.8"))
+    Path(spec).write_text(Path(spec).read_text().replace(f"base: {TINY}", f"base: {base}"))
+    assert refusal(sweep.Plan(spec)) == (f'spec.base: "{TINY}" then, "{base}" now; model.bn_momentum (spec.base\'s): '
+                                         '0.9 then, 0.8 now')
+
+
+def test_a_rerun_whose_spec_or_base_changed_since_says_which_study_it_leaves_behind(store, tmp_path):
+    """Under the default study name, a spec, base params file or -P overrides edited between a Ctrl-C and the rerun
+    made a study of another name: every trial ran afresh and the first study stayed half done, unsaid."""
+    spec = write_spec(tmp_path, "sweep-edited", GRID)
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    then = sweep.Plan(spec)
+    for name, tracking in ((sweep.default_study(then), sweep.tracking_uri()), ("sweep-edited-0123abcd", "sqlite:///x")):
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+        sweep.lead(then, study, "parent", "0")
+        study.set_user_attr("mlflow_tracking_uri", tracking)  # the second: a study of another tracking store
+    old = sweep.default_study(then)
+    now = sweep.Plan(spec, "train.epochs=2")
+    assert sweep.left_behind(now, storage, sweep.default_study(now)) == [
+        f"study {old} of this spec is not done (2 trials left to run), but was started from another spec, base params "
+        f'or overrides (-P overrides: "" then, "train.epochs=2" now): this command starts study '
+        f"{sweep.default_study(now)} afresh; to go on with {old}, rerun the command it was started with"]
+    assert sweep.left_behind(then, storage, old) == []  # the same command goes on with it
+    optuna.create_study(storage=storage, study_name=f"{old}.register").set_user_attr("registered_version", 1)
+    assert sweep.left_behind(now, storage, sweep.default_study(now)) == []  # done: nothing left behind
 
 
 def test_a_study_of_the_name_that_is_no_sweeps_is_refused_at_once_and_not_said_to_be_removed(store, tmp_path,
@@ -1875,11 +2001,22 @@ def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(st
     done = in_process("sweep", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"the worker registering study regkill ({dead}) stopped before it finished" in done.stdout
+    # a command joining a study says how many of its trials are left (a rerun after a Ctrl-C: what it goes on with)
+    assert f"joined Optuna study regkill in {storage} (grid sampler, none pruner, 1 trials, 0 left to run); " \
+        in done.stdout
     assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 1
-    parent, _, _ = sweep_runs(client, "regkill")
+    parent, runs, _ = sweep_runs(client, "regkill")
     assert parent.info.status == "FINISHED" and parent.data.tags["registered_version"] == "1"
+    # the last line says where the best trial is: its run, the version registered, the sweep run (it named the trial's
+    # number and val_acc alone)
+    val_acc = f"{optuna.load_study(study_name='regkill', storage=storage).trials[0].value:.4f}"
+    best = (f"best trial 0 (train.lr=0.1) val_acc {val_acc}, run {runs[0].info.run_id}, registered cifar10-resnet v1 "
+            f"(@champion moved to it); its sweep run {parent.info.run_id} holds trials.csv and the comparison")
+    assert done.stdout.splitlines()[-1] == f"study regkill: {best}"
     again = in_process("sweep", *args)
-    assert again.returncode == 0 and "is done: 1 trials, registered cifar10-resnet v1" in again.stdout
+    assert again.returncode == 0
+    assert again.stdout.splitlines()[-1] == (f"study regkill in {storage} is done: 1 trials; {best}; pass another "
+                                             "-P study= for a new sweep")
 
 
 def test_the_tpe_example_prunes_from_epoch_2_as_its_comment_says():
@@ -1893,6 +2030,16 @@ def test_the_tpe_example_prunes_from_epoch_2_as_its_comment_says():
     assert not trial.should_prune()
     trial.report(0.1, step=2)
     assert trial.should_prune()
+
+
+def test_the_help_says_the_defaults_mlproject_gives(in_process):
+    """--help named params/sweep-example.yaml as an example, not the spec run when none is given, and no number of
+    workers."""
+    shown = in_process("sweep", "--help")
+    assert shown.returncode == 0
+    text = " ".join(shown.stdout.split())
+    assert "--spec SPEC sweep file (default: params/sweep-example.yaml)" in text
+    assert "--workers WORKERS worker processes on this host (default: 1; no more than the study's trials left)" in text
 
 
 def test_a_worker_of_workers_n_gets_a_value_beginning_with_a_dash():
