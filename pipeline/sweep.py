@@ -1244,6 +1244,12 @@ def claim(study: optuna.Study, storage: optuna.storages.RDBStorage, plan: Plan) 
         # died while drawing its params (before `heartbeat` began) was waited for by every worker, for good.
         if isinstance(storage, optuna.storages.RDBStorage):
             storage.record_heartbeat(trial_id)
+            # Optuna reads the trial's state, then writes RUNNING: on SQLite, which ignores its SELECT ... FOR UPDATE,
+            # two workers at once both took one trial (each ran it, the next trial waited unrun). A trial goes from
+            # WAITING to RUNNING once in its life (one queued again is a new trial): the first insert of its claim
+            # takes it, on SQLite and PostgreSQL alike.
+            if not insert_study_system_attr(storage, study_id, f"sweep:running:{trial_id}", worker_name()):
+                continue
         try:
             study.sampler = plan.make_sampler(waiting.number)
             plan.draw_unrun(study, storage, trial_id, waiting.number)

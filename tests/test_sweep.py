@@ -1031,6 +1031,29 @@ def test_workers_drawing_at_the_same_moment_run_no_combination_twice(tmp_path):
     assert sorted(t.system_attrs["fixed_params"]["train.lr"] for t in held) == [0.05, 0.1]  # as the study holds them
 
 
+def test_two_workers_whose_moves_to_running_both_pass_take_two_trials(tmp_path, monkeypatch):
+    """Optuna moves a trial from WAITING to RUNNING by reading its state, then writing it: on SQLite, which ignores
+    the read's FOR UPDATE, two workers at once both saw trial 0 WAITING and both took it (each ran it; trial 1
+    waited unrun), as a loaded CI machine showed. Here the second worker's move passes as that race let it: it still
+    takes trial 1, the first worker's claim of trial 0 held in the study."""
+    spec = write_spec(tmp_path, "sweep-claims",
+                      "space:\n  train.lr: [0.05, 0.1]\ntrials: 2\nsampler: random\nseed: 0\n")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    plan = sweep.Plan(spec)
+    study = optuna.create_study(storage=sweep.open_storage(url), study_name="claims", direction="maximize")
+    sweep.lead(plan, study, "parent-run-id", "0")
+    first, second = sweep.open_storage(url), sweep.open_storage(url)
+    late = optuna.load_study(study_name="claims", storage=second)
+    seen = late.get_trials(deepcopy=False)  # both WAITING, as the second worker read them
+    taken = sweep.claim(optuna.load_study(study_name="claims", storage=first), first, plan)[0].number
+    monkeypatch.setattr(late, "get_trials", lambda deepcopy=True, states=None: [
+        t for t in seen if states is None or t.state in states])
+    monkeypatch.setattr(second, "set_trial_state_values", lambda trial_id, state, values=None: True)  # the lost race
+    other = sweep.claim(late, second, plan)[0].number
+    assert (taken, other) == (0, 1)
+    assert sweep.claim(optuna.load_study(study_name="claims", storage=first), first, plan) is None  # none left
+
+
 def test_a_claim_is_a_study_system_attr_the_storage_inserts_once_through_optunas_private_models(tmp_path):
     """A claim inserts a row of the study's system attrs that the database lets one insert only: no public Optuna call
     does (`set_study_system_attr` overwrites), so `insert_study_system_attr` writes through Optuna's private
