@@ -5,13 +5,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -198,90 +196,24 @@ def eventually(check, timeout: float = 300):
     return result
 
 
-# The host processes' parent: it imports what a host imports (TensorFlow, Keras, MLflow: ~8 CPU-s a process here),
-# then forks each host from there, so that a host costs what it runs, not that import. A forked host is a process of
-# its own, as `python -m MODULE` or `python -c CODE` started: its own environment, working folder (first on its path,
-# then its PYTHONPATH's folders), argv, stdout and stderr (files), TensorFlow runtime (made after the fork: nothing here
-# runs an op), exit status (read by this parent, which reaps it). A working folder other than ROOT gets its own
-# `pipeline` (imported afresh in the host: another checkout's, or ROOT's through PYTHONPATH, setting its defaults in
-# the host's environment as a process of its own does).
-FORKER = textwrap.dedent("""
-    import json, os, select, signal, sys
+class Host:
+    """A host process started by `Launcher`, read as a `subprocess.Popen` with stdout and stderr piped (to files)."""
 
-    sys.path.insert(0, os.getcwd())  # the checkout, as for `python -m` there
-    import pipeline  # its settings before TensorFlow loads, as in a host started on its own
-    import keras, matplotlib.pyplot, mlflow, pandas, tensorflow  # noqa: F401
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    import pipeline.main, pipeline.train  # noqa: F401
+    def __init__(self, proc: subprocess.Popen, folder: Path):
+        self.proc, self.pid, self.folder = proc, proc.pid, folder
 
-    ROOT, BACKEND = os.path.realpath(os.getcwd()), keras.backend.backend()
-
-
-    def serve():  # one request a line on stdin, answered with the host's pid: in the host, its request; here None
-        hosts = {}
-        while True:
-            while hosts and (ended := os.waitpid(-1, os.WNOHANG))[0]:
-                folder = hosts.pop(ended[0])
-                with open(f"{folder}/rc.partial", "w") as f:
-                    f.write(str(os.waitstatus_to_exitcode(ended[1])))
-                os.rename(f"{folder}/rc.partial", f"{folder}/rc")
-            if not select.select([sys.stdin], [], [], 0.05)[0]:
-                continue
-            line = sys.stdin.readline()
-            if not line:  # the tests are over: no host outlives them
-                for pid in hosts:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                return None
-            request = json.loads(line)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            if (pid := os.fork()) == 0:
-                return request
-            hosts[pid] = request["folder"]
-            print(pid, flush=True)
-
-
-    request = serve()
-    if request is None:
-        os._exit(0)  # nothing to flush or save: no interpreter teardown (seconds of CPU with TensorFlow loaded)
-    for fd, name, flags in ((0, os.devnull, os.O_RDONLY), (1, request["folder"] + "/out", os.O_WRONLY | os.O_CREAT),
-                            (2, request["folder"] + "/err", os.O_WRONLY | os.O_CREAT)):
-        os.dup2(opened := os.open(name, flags), fd)
-        os.close(opened)
-    os.environ.clear()
-    os.environ.update(request["env"])
-    if os.environ.get("KERAS_BACKEND", BACKEND) != BACKEND:
-        raise RuntimeError(f"hosts forked from here run Keras on {BACKEND}")
-    os.chdir(request["cwd"])
-    if os.path.realpath(request["cwd"]) != ROOT:  # another checkout: its own pipeline package
-        for name in [name for name in sys.modules if name == "pipeline" or name.startswith("pipeline.")]:
-            del sys.modules[name]
-    sys.path[0:1] = [request["cwd"], *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
-    sys.argv = ["-c"]
-    exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
-""")
-
-
-class ForkedHost:
-    """A host process forked by `Forker`, read as a `subprocess.Popen` with stdout and stderr piped."""
-
-    def __init__(self, pid: int, folder: Path, forker: subprocess.Popen):
-        self.pid, self.folder, self.forker, self.returncode = pid, folder, forker, None
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
 
     def poll(self) -> int | None:
-        if self.returncode is None and (self.folder / "rc").exists():
-            self.returncode = int((self.folder / "rc").read_text())
-        return self.returncode
+        return self.proc.poll()
 
     def wait(self, timeout: float | None = None) -> int:
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"host {self.pid}", timeout)
-            assert self.forker.poll() is None, "the hosts' parent ended: no exit status to read"
-            time.sleep(0.05)
-        return self.returncode
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise subprocess.TimeoutExpired(f"host {self.pid}", timeout) from None
 
     @property
     def stderr(self):
@@ -293,44 +225,38 @@ class ForkedHost:
         return (self.folder / "out").read_text(), (self.folder / "err").read_text()
 
 
-class Forker:
-    """Starts host processes, each forked from one that imported TensorFlow, Keras and MLflow once (`FORKER`)."""
+class Launcher:
+    """Starts host processes: each a fresh `python -c CODE`, as a host started on its own is (its environment, working
+    folder first on its path, then its PYTHONPATH's). Forking them from one process that had imported TensorFlow,
+    Keras and MLflow saved ~8 CPU-s a host, but a host forked so crashed with SIGSEGV on CI (that process's threads:
+    OpenBLAS's, pyarrow's jemalloc's, TensorFlow's own, do not survive a fork)."""
 
     def __init__(self, folder: Path):
-        self.folder, self.count = folder, 0
-        (folder / "forker.py").write_text(FORKER)
-        self.log = (folder / "forker.log").open("a")
-        self.proc = self._started()
+        self.folder, self.count, self.hosts = folder, 0, []
 
-    def _started(self) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(self.folder / "forker.py")], cwd=ROOT, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=self.log, text=True)
-
-    def start(self, env: dict, code: str, cwd: Path = ROOT) -> ForkedHost:
+    def start(self, env: dict, code: str, cwd: Path = ROOT) -> Host:
         """A host running CODE (as `python -c CODE`) in CWD with environment ENV."""
-        if self.proc.poll() is not None:  # ended (killed from outside): the hosts of later tests come from a new one
-            self.proc = self._started()
         self.count += 1
         folder = self.folder / f"host{self.count}"
         folder.mkdir()
-        self.proc.stdin.write(json.dumps({"env": env, "code": code, "cwd": str(cwd), "folder": str(folder)}) + "\n")
-        self.proc.stdin.flush()
-        pid = self.proc.stdout.readline()
-        assert pid, (self.folder / "forker.log").read_text()[-3000:]
-        return ForkedHost(int(pid), folder, self.proc)
+        with (folder / "out").open("w") as out, (folder / "err").open("w") as err:
+            proc = subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=err)
+        self.hosts.append(proc)
+        return Host(proc, folder)
 
     def close(self) -> None:
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-        self.log.close()
+        for proc in self.hosts:  # no host outlives its tests
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture(scope="module")
-def forker(tmp_path_factory):
-    forker = Forker(tmp_path_factory.mktemp("hosts"))
-    yield forker
-    forker.close()
+def launcher(tmp_path_factory):
+    launcher = Launcher(tmp_path_factory.mktemp("hosts"))
+    yield launcher
+    launcher.close()
 
 
 def module_code(module: str, args: list[str], prelude: str = "") -> str:

@@ -707,12 +707,12 @@ def test_a_step_freezes_its_objects_out_of_the_collections_at_exit(tmp_path):
     assert int(counts["frozen at exit"]) > 100_000  # MLflow and what it loads: ~300,000 (with Keras ~600,000)
 
 
-def test_three_runs_started_together_on_a_fresh_store_all_finish(tmp_path, forker):
+def test_three_runs_started_together_on_a_fresh_store_all_finish(tmp_path, launcher):
     """Three `main` commands at once on a store that does not exist yet: each creates it first (`cli`, under the
     store's file lock, as `python -m pipeline.tracking` does for the README's first command, whose `mlflow run`
     then finds it made), then creates the experiment, prepares, trains and registers alongside the others. Each
-    is a process of its own, as the README's are (forked from one that imported TensorFlow once: conftest's
-    `forker`); `mlflow run` around them adds no first use of the store."""
+    is a process of its own, as the README's are (conftest's `launcher`); `mlflow run` around them adds no first use of
+    the store."""
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PIPELINE_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
            "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}  # the README runs it from the project folder
@@ -720,7 +720,7 @@ def test_three_runs_started_together_on_a_fresh_store_all_finish(tmp_path, forke
         env.pop(key, None)
     lrs = ["0.02", "0.05", "0.1"]
     small = f"data.synthetic_train=256 data.synthetic_test=64 {SMALLEST_MODEL}"  # the start and registers race
-    procs = [forker.start(env, module_code("pipeline.main", ["--params", str(ROOT / TINY), "--epochs", "1",
+    procs = [launcher.start(env, module_code("pipeline.main", ["--params", str(ROOT / TINY), "--epochs", "1",
                                                              "--overrides", f"train.lr={lr} train.seed={i} {small}"]),
                           cwd=tmp_path)
              for i, lr in enumerate(lrs)]

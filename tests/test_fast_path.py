@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from pipeline import config, distribute, prepare, train
 from pipeline.tracking import cli
 from pipeline.tracking.resume import TRAIN_CODE
-from tests.conftest import ROOT, ForkedHost, Forker, free_port, module_code
+from tests.conftest import ROOT, Host, Launcher, free_port, module_code
 from tests.test_fault_tolerance import kill_tree, wait_until_stopped
 
 
@@ -54,8 +54,8 @@ def test_mixed_precision_and_xla_reach_the_same_place_as_float32(store):
     assert abs(curves["float32"][-1] - curves["fast"][-1]) < 0.15, curves
 
 
-def run_mirrored(forker: Forker, env: dict, *overrides: str) -> ForkedHost:
-    """Train in a fresh process (forked, see `Forker`) with 2 TensorFlow logical CPU devices: one `train` command per
+def run_mirrored(launcher: Launcher, env: dict, *overrides: str) -> Host:
+    """Train in a fresh process (see `Launcher`) with 2 TensorFlow logical CPU devices: one `train` command per
     OVERRIDES, one after the other in that process, each with train.distribute=mirrored."""
     code = textwrap.dedent(f"""
         import sys
@@ -69,19 +69,19 @@ def run_mirrored(forker: Forker, env: dict, *overrides: str) -> ForkedHost:
                         "--overrides", "train.distribute=mirrored tracking.experiment=e2e " + overrides]
             cli(train.main)
     """)
-    host = forker.start({**env, "KERAS_BACKEND": "tensorflow"}, code)
+    host = launcher.start({**env, "KERAS_BACKEND": "tensorflow"}, code)
     host.wait(timeout=600)
     return host
 
 
-def test_data_parallel_over_two_tensorflow_devices(forker, store):
+def test_data_parallel_over_two_tensorflow_devices(launcher, store):
     """Plain, then with weight EMA, which recomputes the BN statistics under the strategy (train.ema_bn_batches),
     then an epoch ending in fewer images than replicas, refused: three `train` commands in one process, which sets up
     its two devices once (TensorFlow start-ups saved). 1,025 images at batch 32 end each epoch with 1 image for 2
     replicas: one would normalise an empty slice (NaN BatchNormalization statistics: 'diverged' on a GPU, a failed
     conv on CPU devices). Exit 2, one line, before any run opens."""
     small = "data.synthetic_train=512 data.synthetic_test=128 "
-    host = run_mirrored(forker, store, small, small + "train.ema=true train.ema_momentum=0.9 train.ema_bn_batches=4",
+    host = run_mirrored(launcher, store, small, small + "train.ema=true train.ema_momentum=0.9 train.ema_bn_batches=4",
                         "data.synthetic_train=1025 train.batch_size=32")
     _, err = host.communicate()
     # the last command's exit: a failure of either training before it would have ended the process with no refusal
@@ -121,9 +121,9 @@ def assert_two_device_runs(client: MlflowClient, backend: str, count: int, where
     return runs
 
 
-def start_two_hosts(forker: Forker, env: dict, *args: str, ports: list[int] | None = None,
+def start_two_hosts(launcher: Launcher, env: dict, *args: str, ports: list[int] | None = None,
                     worker_args: tuple[str, ...] = (), worker_root: Path = ROOT,
-                    preludes: tuple[str, str] = ("", "")) -> list[ForkedHost]:
+                    preludes: tuple[str, str] = ("", "")) -> list[Host]:
     """Two processes on localhost standing for two hosts, as in the README: the chief (worker 0) runs the whole
     pipeline, worker 1 `pipeline.train` with the same ARGS (`--option value` pairs), those WORKER_ARGS name taking
     WORKER_ARGS' values instead (an option given twice is refused), from the checkout WORKER_ROOT; TF_CONFIG differs
@@ -133,14 +133,15 @@ def start_two_hosts(forker: Forker, env: dict, *args: str, ports: list[int] | No
     worker_args = (*(part for name, value in zip(args[0::2], args[1::2], strict=True) if name not in replaced
                      for part in (name, value)), *worker_args)
     cluster = {"worker": [f"localhost:{port}" for port in ports or (free_port(), free_port())]}
-    return [forker.start({**env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
-                         module_code(module, list(host_args), prelude), root)
+    return [launcher.start({**env, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                            "task": {"type": "worker", "index": i}})},
+                           module_code(module, list(host_args), prelude), root)
             for i, (module, host_args, root, prelude) in enumerate([("pipeline.main", args, ROOT, preludes[0]),
                                                                     ("pipeline.train", worker_args, worker_root,
                                                                      preludes[1])])]
 
 
-def finish(procs: list[ForkedHost]) -> list[str]:
+def finish(procs: list[Host]) -> list[str]:
     """Wait for both hosts; each must exit 0. Their stdout + stderr."""
     outputs = [p.communicate(timeout=600) for p in procs]
     for proc, (_, err) in zip(procs, outputs, strict=True):
@@ -148,7 +149,7 @@ def finish(procs: list[ForkedHost]) -> list[str]:
     return [out + err for out, err in outputs]
 
 
-def test_both_hosts_killed_rerun_and_continue_the_same_run(forker, store, tmp_path):
+def test_both_hosts_killed_rerun_and_continue_the_same_run(launcher, store, tmp_path):
     """The README's multi-host resume: both hosts die (SIGKILL) after the first epoch's checkpoints; rerunning
     both commands continues the chief's MLflow run from there, the lr schedule crossing its boundary after it.
     Hosts whose checkpoints disagree are refused first, on every host, before any step. The run that ends is the
@@ -158,7 +159,7 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(forker, store, tmp_pa
     # Epochs twice tiny's (more time between checkpoints to kill in), a step decay after epoch 2 of 3.
     args = ("--params", "params/tiny.yaml", "--epochs", "3", "--overrides",
             "tracking.experiment=e2e data.synthetic_train=2048 train.schedule=step train.lr_boundaries=[0.5]")
-    procs = start_two_hosts(forker, store, *args, ports=ports)
+    procs = start_two_hosts(launcher, store, *args, ports=ports)
     checkpoints = tmp_path / "checkpoints"
     deadline = time.monotonic() + 300
     while len(saved := list(checkpoints.glob("*/training_metadata.json"))) < 2:
@@ -175,7 +176,7 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(forker, store, tmp_pa
     assert (kept / train.MEETING).read_text() == train.meeting_key(config.load("params/tiny.yaml", [
         "data.synthetic_train=2048", "train.schedule=step", "train.lr_boundaries=[0.5]"]))
     kept.rename(tmp_path / "kept")
-    procs = start_two_hosts(forker, store, *args, ports=ports)
+    procs = start_two_hosts(launcher, store, *args, ports=ports)
     outputs = [p.communicate(timeout=300) for p in procs]
     for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 2, err[-3000:]
@@ -191,7 +192,7 @@ def test_both_hosts_killed_rerun_and_continue_the_same_run(forker, store, tmp_pa
     assert client.search_model_versions("name = 'cifar10-resnet'") == []
 
     (tmp_path / "kept").rename(kept)  # the lost checkpoint found again: the same two commands continue the run
-    chief, worker = finish(start_two_hosts(forker, store, *args, ports=ports))
+    chief, worker = finish(start_two_hosts(launcher, store, *args, ports=ports))
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.step = 'train'")
     assert f"resuming train run {run.info.run_id}" in chief
     for output in (chief, worker):
@@ -229,7 +230,7 @@ def both_refused_as_they_meet(procs, ports: list[int], other: str) -> None:
             f"data")
 
 
-def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(forker, store, tmp_path):
+def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(launcher, store, tmp_path):
     """A worker started with another lr, or left on other code (a checkout not pulled), would train other weights
     under the chief's logged params and code (with another batch size or epoch count it would wait on a collective
     forever): both hosts exit 2 as they meet, before any run opens, naming what differs (they were refused in the
@@ -250,7 +251,7 @@ def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(forke
     with open(worker_root / "pipeline" / "model.py", "a") as f:
         f.write("\nPADDING = 'same'\n")
     ports = [free_port(), free_port()]
-    procs = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
+    procs = start_two_hosts(launcher, store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
                             worker_args=("--overrides", "tracking.experiment=e2e model.widths=[16,32,128]"),
                             worker_root=worker_root, ports=ports)
     both_refused_as_they_meet(procs, ports, f"model or train params and other code (pipeline/"
@@ -258,7 +259,7 @@ def test_hosts_started_with_other_params_or_code_are_refused_on_every_host(forke
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
-def test_a_worker_on_other_data_is_refused_on_every_host_as_they_meet(forker, store, tmp_path):
+def test_a_worker_on_other_data_is_refused_on_every_host_as_they_meet(launcher, store, tmp_path):
     """The chief given a data path (here a broken archive), worker 1 synthetic data: they met, the chief opened main's
     run, and only then did one of them fail (the chief in reading it, or every host before training, on the data's
     digest), leaving runs FAILED. Each host's hello now carries its data's digest: both exit 2 as they meet, naming
@@ -266,13 +267,13 @@ def test_a_worker_on_other_data_is_refused_on_every_host_as_they_meet(forker, st
     bad = tmp_path / "cifar10.tar.gz"
     bad.write_bytes(b"not an archive" * 100)
     ports = [free_port(), free_port()]
-    procs = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
+    procs = start_two_hosts(launcher, store, "--params", "params/tiny.yaml", "--overrides", "tracking.experiment=e2e",
                             "--data", str(bad), worker_args=("--data", "synthetic"), ports=ports)
     both_refused_as_they_meet(procs, ports, train.MEETING_DATA)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
-def test_a_host_stopped_past_the_heartbeat_timeout_is_taken_for_lost_in_one_line_on_both_hosts(forker, store,
+def test_a_host_stopped_past_the_heartbeat_timeout_is_taken_for_lost_in_one_line_on_both_hosts(launcher, store,
                                                                                                tmp_path):
     """$PIPELINE_HEARTBEAT_TIMEOUT is the cluster's: worker 1 stopped (SIGSTOP) once training has begun is taken for
     lost by the chief past it (TensorFlow's fixed 10 s let it through), and once it goes on it is told in one line
@@ -282,7 +283,7 @@ def test_a_host_stopped_past_the_heartbeat_timeout_is_taken_for_lost_in_one_line
     stays stopped until the chief has said it lost it (a fixed 6 s could end before a starved chief noticed)."""
     # Heartbeats go every half timeout: a stopped host is taken for lost between 15 s and 30 s (and a poll of the
     # service) after it stopped here, at TensorFlow's 10 s between 5 s and 10 s
-    procs = start_two_hosts(forker, {**store, distribute.HEARTBEAT_TIMEOUT: "30"}, "--params", "params/tiny.yaml",
+    procs = start_two_hosts(launcher, {**store, distribute.HEARTBEAT_TIMEOUT: "30"}, "--params", "params/tiny.yaml",
                             "--epochs", "30", "--overrides",
                             f"tracking.experiment=e2e data.synthetic_train=2048 {ONE_STAGE}")
     deadline = time.monotonic() + 300
@@ -307,7 +308,7 @@ def test_a_host_stopped_past_the_heartbeat_timeout_is_taken_for_lost_in_one_line
     assert last.startswith("error: TF_CONFIG: ") and "rerun every host's command to continue" in last, last
 
 
-def test_a_chief_that_fails_before_training_is_named_so_on_the_workers(forker, store):
+def test_a_chief_that_fails_before_training_is_named_so_on_the_workers(launcher, store):
     """The chief's prepare fails (its data refused as it is read, on the chief alone): worker 1, waiting for it in the
     hosts' first collective, said "worker 0 stopped answering" and "rerun every host's command to continue". Now it
     says the chief ended before training began and where its error is; no host hangs."""
@@ -315,7 +316,7 @@ def test_a_chief_that_fails_before_training_is_named_so_on_the_workers(forker, s
                "def read_source(cfg, key=None):\n"
                "    raise data.DataError('cifar10.tar.gz: unreadable archive (on the chief alone)')\n"
                "prepare.read_source = read_source")
-    chief, worker = start_two_hosts(forker, store, "--params", "params/tiny.yaml", "--overrides",
+    chief, worker = start_two_hosts(launcher, store, "--params", "params/tiny.yaml", "--overrides",
                                     "tracking.experiment=e2e", preludes=(refused, ""))
     outputs = [p.communicate(timeout=300) for p in (chief, worker)]
     assert chief.returncode == 2, outputs[0][1][-2000:]
@@ -352,7 +353,7 @@ FAULTS = {  # a fault of one host, after the hosts agreed and before training be
                                              ("chief", "is killed in building the model"),
                                              ("chief", "is refused in opening its train run"),
                                              ("worker", "is refused in building the model")])
-def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_other(forker, store, host, fault):
+def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_other(launcher, store, host, fault):
     """A host failing between `agree` and the first train step (in building the model, whose variables' initial
     values are broadcast from the chief, or the chief in opening its train run while the other waits in `fit`'s
     first step): the other host ended with TensorFlow's UnavailableError traceback (exit 1; on the chief a train run
@@ -362,7 +363,7 @@ def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_ot
     reports it to the cluster (`Distribution.telling_the_others`), a chief's ending is its coordination service's."""
     failing = 0 if host == "chief" else 1
     started = time.monotonic()
-    procs = start_two_hosts(forker, {**store, distribute.HEARTBEAT_TIMEOUT: "600"}, "--params", "params/tiny.yaml",
+    procs = start_two_hosts(launcher, {**store, distribute.HEARTBEAT_TIMEOUT: "600"}, "--params", "params/tiny.yaml",
                             "--epochs", "1", "--overrides",
                             f"tracking.experiment=e2e {ONE_STAGE}",
                             preludes=tuple(FAULTS[fault] if i == failing else "" for i in (0, 1)))
@@ -420,7 +421,7 @@ def test_a_workers_checkpoint_is_found_by_a_rerun_that_extends_the_run(store):
     assert len(others) == 3 and folder not in others
 
 
-def test_a_cluster_rerun_that_goes_on_from_a_trained_model_trains_nothing(forker, store, monkeypatch, in_process):
+def test_a_cluster_rerun_that_goes_on_from_a_trained_model_trains_nothing(launcher, store, monkeypatch, in_process):
     """The chief's pipeline failed after training (here in register): the rerun's chief goes on from the trained model
     (`trained_before_a_failure`). Worker 1, started to train it, waited in building the model until the chief ended,
     then crashed with TensorFlow's traceback (exit 1); now it is told there is nothing to train and ends (exit 0)."""
@@ -437,7 +438,7 @@ def test_a_cluster_rerun_that_goes_on_from_a_trained_model_trains_nothing(forker
     monkeypatch.setattr(register, "run", registry_fails)
     with pytest.raises(MlflowException, match="went away"):
         in_process("main", *args)  # trained on this host alone: the same job (train_key) as the cluster's
-    chief, worker = finish(start_two_hosts(forker, store, *args))
+    chief, worker = finish(start_two_hosts(launcher, store, *args))
     assert "reusing train run" in chief and "Epoch " not in chief + worker
     assert "worker 1: nothing to train: the chief goes on from the model an identical command trained" in worker
     client = MlflowClient()

@@ -27,7 +27,7 @@ from mlflow.entities import ViewType
 from bench.servers import free_port, start_tracking_server, stop_group
 from pipeline import config
 from pipeline.fitting import Checkpoint, learning_rate
-from tests.conftest import ROOT, ForkedHost, Forker, eventually, http_stub, module_code, stopping_signals_raise
+from tests.conftest import ROOT, Host, Launcher, eventually, http_stub, module_code, stopping_signals_raise
 
 TINY = "params/tiny.yaml"
 
@@ -46,11 +46,10 @@ def start_mlflow_run(env: dict, *params: str) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
-def start_main(forker: Forker, env: dict, *args: str) -> ForkedHost:
+def start_main(launcher: Launcher, env: dict, *args: str) -> Host:
     """`python -m pipeline.main --params TINY ARGS...` in the background (no `mlflow run` around it: a process
-    fewer, where what `mlflow run` adds is not what a test is about), forked from a process that imported TensorFlow
-    once (conftest's `forker`)."""
-    return forker.start(env, module_code("pipeline.main", ["--params", TINY, *args]))
+    fewer, where what `mlflow run` adds is not what a test is about), started by conftest's `launcher`."""
+    return launcher.start(env, module_code("pipeline.main", ["--params", TINY, *args]))
 
 
 def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
@@ -178,10 +177,10 @@ def stop_holding_no_store_lock(pid: int, db: Path, tries: int = 50) -> None:
     raise AssertionError(f"the store stayed locked at {tries} tries to stop process {pid}")
 
 
-def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path, in_process, forker):
+def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path, in_process, launcher):
     store = {**store, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # system metrics every second, not 10
     overrides = f"{STEP_SCHEDULE} {SMALL_MODEL}"
-    live = start_main(forker, store, "--epochs", "3", "--overrides", overrides)
+    live = start_main(launcher, store, "--epochs", "3", "--overrides", overrides)
     wait_for_checkpoint(tmp_path / "checkpoints", live)
     stop_holding_no_store_lock(live.pid, tmp_path / "mlflow.db")  # alive, holding its training lock, no progress
     # The identical command, while the first one trains (`python -m pipeline.main`, run in this process: another
@@ -233,12 +232,12 @@ def test_a_live_run_is_never_taken_over_and_a_killed_one_resumes(store, tmp_path
     assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 2
 
 
-def test_a_killed_run_resumes_after_an_identical_prepare_run_on_its_own(store, tmp_path, in_process, forker):
+def test_a_killed_run_resumes_after_an_identical_prepare_run_on_its_own(store, tmp_path, in_process, launcher):
     """A rerun found the newest identical prepare run: one run on its own after the kill (`-e prepare`) gave the rerun
     another dataset URI, so another `train_key`, and it trained afresh, the killed run left RUNNING. Every command
     now reuses the first, whose dataset the killed run trained on."""
     # killed after the first of two epochs, frozen as its checkpoint lands (the experiment: see STEP_SCHEDULE)
-    killed = start_main(forker, store, "--epochs", "2", "--overrides", IN_E2E)
+    killed = start_main(launcher, store, "--epochs", "2", "--overrides", IN_E2E)
     wait_for_checkpoint(tmp_path / "checkpoints", killed)
     kill_tree(killed.pid)
     killed.wait(timeout=30)
