@@ -837,7 +837,8 @@ def _host_lost(exc: Exception, own: str = "", before: str = ""):
     if own and named == {own} and re.search(r"heartbeat timeout|already-in-error", text):
         # the cluster took this host itself for lost: its heartbeats came late (a host too busy or stopped, or a
         # clock jump), and every collective of every host is aborted
-        said = (timed_out := re.search(r"Task \S+ heartbeat timeout", text)) and timed_out.group() or said
+        if timed_out := re.search(r"Task \S+ heartbeat timeout", text):
+            said = timed_out.group()
         return StepFailed(f"{TF_CONFIG}: the cluster took this host ({own}) for lost: its heartbeats came more than "
                           f"{heartbeat_timeout():g} s apart, ${HEARTBEAT_TIMEOUT} (TensorFlow: {said[:200]}). "
                           f"Completed epochs stay checkpointed on every host: rerun every host's command to continue "

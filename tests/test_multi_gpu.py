@@ -591,10 +591,11 @@ EAGER = ("{{function_node __wrapped__CollectiveReduceV2_Nordering_token_1_device
 
 
 class FailingFit:
-    """A model whose `fit` ends `steps` train steps (its callbacks told so), then loses a host (TensorFlow's `lost`)."""
+    """A model whose `fit` ends `steps` train steps (its callbacks told so), then loses a host (TensorFlow's `lost`,
+    raised as `error`, by default an UnavailableError)."""
 
-    def __init__(self, lost: str, steps: int):
-        self.lost, self.steps = lost, steps
+    def __init__(self, lost: str, steps: int, error: type | None = None):
+        self.lost, self.steps, self.error = lost, steps, error
 
     def fit(self, *args, callbacks=None, **kwargs):
         import tensorflow as tf
@@ -602,7 +603,7 @@ class FailingFit:
         for step in range(self.steps):
             for callback in callbacks or ():
                 callback.on_train_batch_end(step)
-        raise getattr(self, "error", tf.errors.UnavailableError)(None, None, self.lost)
+        raise (self.error or tf.errors.UnavailableError)(None, None, self.lost)
 
 
 def adapted(index: int):
@@ -659,8 +660,7 @@ def test_a_host_the_cluster_took_for_lost_is_told_so_in_one_line(monkeypatch):
 
     monkeypatch.setenv(distribute.HEARTBEAT_TIMEOUT, "45")
     monkeypatch.setattr(distribute, "_multi_worker_fit_fixes", lambda model, strategy: None)
-    model = FailingFit(LATE, steps=5)
-    model.error = tf.errors.AbortedError
+    model = FailingFit(LATE, steps=5, error=tf.errors.AbortedError)
     adapted(0).adapt(model)
     with pytest.raises(StepFailed) as error:
         model.fit(epochs=3, callbacks=[])
