@@ -511,7 +511,12 @@ def _configure_coordination(cluster: Cluster, seconds: float) -> None:
 
 
 HELLO = b"pipeline.distribute "  # what `wait_for_hosts`' listener answers first, then its `hello`'s JSON and a newline
-HEARD = 3  # seconds a host that refuses a peer's hello goes on answering, so that the peer, probing, refuses too
+# What a host's probe sends back once it has read a peer's whole hello, then its own wait's token (`me`) and a
+# newline: a host that refuses that peer answers on until then, however long the peer is stopped or starved of CPU (a
+# fixed 3 s missed a peer stopped for longer, which then found nothing at this port and waited out
+# $PIPELINE_HOSTS_TIMEOUT)
+HEARD = HELLO + b"heard "
+MOMENT = 3  # seconds of a wait that any start may take, before it is said
 
 
 def hello(cluster: Cluster, waiting: dict[str, list[str]] | None = None, job: dict[str, str] | None = None,
@@ -540,7 +545,10 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
     address, is a ConfigError on every host that hears it (`_check_peer`): that host would wait in TensorFlow for
     tasks that never come, for good. The hello also says which hosts this one has not reached yet, and no host goes
     on while a peer still waits for one: a third host's name misspelt in one host's TF_CONFIG (the same port, so the
-    clusters compare alike) left the hosts that reached everyone in TensorFlow's wait for the one that never came."""
+    clusters compare alike) left the hosts that reached everyone in TensorFlow's wait for the one that never came.
+    A peer's silence for a fixed time decides nothing (it may be stopped or starved of CPU a while): a port that says
+    nothing is probed again (`_probe`), and a host that refuses a peer answers on until that peer's probe says it
+    has read this host's hello (`HEARD`), the peer has ended, or the timeout is up."""
     import threading
 
     timeout = hosts_timeout() if timeout is None else timeout
@@ -561,10 +569,32 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
     answer, stop = [hello(cluster, {task: [address, "not tried yet"] for task, address in peers.items()}, job, me,
                           checkpoint)], \
         threading.Event()
+    heard_by, told, serving = set(), threading.Condition(), []  # heard_by: the tokens of the peers that read the hello
+
+    def answer_peer(conn: socket.socket) -> None:
+        """One probe (or TensorFlow's attempt): told this host's task and cluster, then read for the prober's word
+        that it read them (`HEARD`), however late it comes (a prober stopped, or starved of CPU)."""
+        with contextlib.suppress(OSError), conn:
+            conn.settimeout(1)
+            conn.sendall(answer[0])
+            conn.settimeout(0.2)
+            said = b""
+            while not stop.is_set() and b"\n" not in said and len(said) < 256:
+                try:
+                    chunk = conn.recv(256)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                said += chunk
+            if said.startswith(HEARD) and said.endswith(b"\n"):
+                with told:
+                    heard_by.add(said[len(HEARD):-1].decode(errors="replace"))
+                    told.notify_all()
 
     def answer_peers() -> None:
-        """The others' probes (and TensorFlow's attempts): told this host's task and cluster, closed. A thread of
-        its own: two hosts each reading the other's answer must not wait on each other."""
+        """The others' probes, each in a thread of its own: two hosts each reading the other's answer must not wait
+        on each other, nor one prober's silence hold the others'."""
         while not stop.is_set():
             try:
                 conn = listener.accept()[0]
@@ -572,9 +602,26 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
                 continue
             except OSError:
                 return
-            with contextlib.suppress(OSError), conn:
-                conn.settimeout(1)
-                conn.sendall(answer[0])
+            serving[:] = [thread for thread in serving if thread.is_alive()]
+            serving.append(threading.Thread(target=answer_peer, args=(conn,), daemon=True))
+            serving[-1].start()
+
+    def tell(task: str, address: str, said: bytes) -> None:
+        """Having refused `task` (at `address`) on its hello (`said`): answer on until that host has read this host's
+        hello, and so refuses in turn (its probe says so: `HEARD`), or nothing listens at its port any more (it
+        ended), or $PIPELINE_HOSTS_TIMEOUT is up."""
+        token, noted = _token(said), time.monotonic() + MOMENT
+        while token != me and time.monotonic() < deadline:
+            with told:
+                if told.wait_for(lambda: token in heard_by, timeout=0.5):
+                    return
+            if _gone(address):
+                return
+            if noted and time.monotonic() > noted:
+                print(f"{cluster.task}: refusing {task} ({address}), which has not read why yet: answering until it "
+                      f"has (at most {max(deadline - time.monotonic(), 0):.0f} s more, ${HOSTS_TIMEOUT}; Ctrl-C "
+                      f"stops)", flush=True)
+                noted = 0
 
     answering = threading.Thread(target=answer_peers, daemon=True)
     answering.start()
@@ -585,14 +632,17 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
                 if task not in unheard and task not in unready:
                     continue
                 try:
-                    heard = _probe(address)
+                    heard = _probe(address, me, max(0.1, min(2.0, deadline - time.monotonic())))
                 except OSError as exc:
                     why[task] = exc.strerror or str(exc) or type(exc).__name__
+                    continue
+                if heard is None:  # stopped or starved of CPU (the kernel queues connections), or closing its port
+                    why[task] = "its port answers nothing"
                     continue
                 try:
                     waits = _check_peer(cluster, task, address, heard, job, me, checkpoint)
                 except ConfigError:
-                    time.sleep(HEARD)  # still answering: the peer hears this host's cluster and task, and refuses too
+                    tell(task, address, heard)  # so that the peer, probing, hears this host's hello and refuses too
                     raise
                 unheard.pop(task, None)
                 if waits:
@@ -621,7 +671,7 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
                 stuck = None
             elif stuck is None:
                 stuck = time.monotonic()
-            elif stuck and time.monotonic() - stuck > HEARD:  # said once: a moment's wait is every start's
+            elif stuck and time.monotonic() - stuck > MOMENT:  # said once: a moment's wait is every start's
                 print(f"{cluster.task}: {_unreached(cluster, unready)} yet: waiting (at most {timeout:g} s, "
                       f"${HOSTS_TIMEOUT}; Ctrl-C stops)", flush=True)
                 stuck = 0
@@ -629,6 +679,8 @@ def wait_for_hosts(cluster: Cluster, timeout: float | None = None, job: dict[str
     finally:
         stop.set()
         answering.join()
+        for thread in serving:
+            thread.join()
         listener.close()
 
 
@@ -682,18 +734,47 @@ def _unreached(cluster: Cluster, unready: dict[str, dict]) -> str:
     return "; ".join(said)
 
 
-def _probe(address: str) -> bytes:
-    """What `address` answers first: a waiting host's `hello`, TensorFlow's first bytes, or nothing. OSError where
-    nothing listens there."""
+def _probe(address: str, me: str = "", wait: float = 2) -> bytes | None:
+    """What `address` answers first: a waiting host's whole `hello` (answered with this host's word that it read it,
+    `HEARD`, and `me`), or another server's first bytes (TensorFlow's gRPC server speaks first: an HTTP/2 SETTINGS
+    frame); None where it said no whole hello within `wait` s, or closed the connection first. That is no answer: a
+    host stopped or starved of CPU still has its connections accepted (by the kernel) and says nothing, and one
+    closing its port resets them; taken for TensorFlow's, such a host was taken to have met every host, and never
+    probed again. OSError where nothing listens there."""
     with socket.create_connection(_host_port(address), timeout=1) as sock:
-        sock.settimeout(2)
-        said = b""
-        with contextlib.suppress(OSError):  # nothing said in time (another server): answered all the same
-            while (chunk := sock.recv(4096)) and len(said) < 1 << 16:
+        said, end = b"", time.monotonic() + wait
+        with contextlib.suppress(OSError):
+            while len(said) < 1 << 16 and (left := end - time.monotonic()) > 0:
+                sock.settimeout(left)
+                if not (chunk := sock.recv(4096)):
+                    return None
                 said += chunk
-                if b"\n" in said or not said.startswith(HELLO[:len(said)]):
-                    break
-        return said
+                if not said.startswith(HELLO[:len(said)]):
+                    return said
+                if b"\n" in said:
+                    with contextlib.suppress(OSError):  # a listener that closed at once (an earlier version's)
+                        sock.sendall(HEARD + me.encode() + b"\n")
+                    return said
+        return said if len(said) >= 1 << 16 else None
+
+
+def _token(said: bytes) -> str | None:
+    """The token (`me`) of the wait that sent the hello `said`; None where it has none."""
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return str(json.loads(said[len(HELLO):])["me"]) or None
+    return None
+
+
+def _gone(address: str) -> bool:
+    """Whether nothing listens at `address` any more (the host there ended). A host stopped or starved of CPU still
+    has its connections accepted (by the kernel's queue)."""
+    try:
+        with socket.create_connection(_host_port(address), timeout=1):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
 
 
 def _check_peer(cluster: Cluster, task: str, address: str, said: bytes, job: dict[str, str] | None = None,

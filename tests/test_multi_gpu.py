@@ -5,8 +5,10 @@ training code is pipeline.fitting's (tested with two devices in test_fast_path.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,7 +17,7 @@ import pytest
 
 from bench import multi_gpu
 from pipeline import config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, eventually, free_port
 from tests.test_fault_tolerance import TINY
 
 
@@ -922,11 +924,41 @@ def test_a_one_host_mode_under_a_cluster_is_refused(monkeypatch, mode):
             distribute.distribution(mode)
 
 
+class TensorFlowServer:
+    """What a host that met the others listens with on its port: TensorFlow's gRPC server, which speaks first on
+    every connection (an HTTP/2 SETTINGS frame, checked against TensorFlow 2.21's)."""
+
+    SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty one
+
+    def __init__(self, port: int):
+        import socket
+        import threading
+
+        self.server = socket.create_server(("", port))
+        self.server.settimeout(0.1)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.answer, daemon=True)
+        self.thread.start()
+
+    def answer(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn = self.server.accept()[0]
+            except TimeoutError:
+                continue
+            with contextlib.suppress(OSError), conn:
+                conn.sendall(self.SETTINGS)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.server.close()
+
+
 def test_hosts_meet_in_any_order_and_those_that_never_start_are_named(monkeypatch):
     """TensorFlow's own wait for the other hosts blocks in C++ (no Ctrl-C, no timeout, ~1 h): `wait_for_hosts` waits
     first, in Python. Two hosts find each other (each answers on its port while it waits); a host that never
     starts is named, with the reason, once $PIPELINE_HOSTS_TIMEOUT passes."""
-    import socket
     import threading
     import time
 
@@ -942,7 +974,7 @@ def test_hosts_meet_in_any_order_and_those_that_never_start_are_named(monkeypatc
         time.sleep(delay)
         distribute.wait_for_hosts(distribute.Cluster({"worker": hosts}, "worker", index), timeout=20)
         met.append(index)
-        servers.append(socket.create_server(("", ports[index])))  # TensorFlow's server, which then takes the port
+        servers.append(TensorFlowServer(ports[index]))  # TensorFlow's server, which then takes the port
 
     started = time.monotonic()
     threads = [threading.Thread(target=host, args=(1, 0)), threading.Thread(target=host, args=(0, 1))]
@@ -971,7 +1003,6 @@ def meet(*clusters: tuple, timeout: float = 5) -> list:
     """`wait_for_hosts` of each (cluster spec, task type, index[, job]) in a thread of its own, as hosts started at
     once: what each ended with (None, or the ConfigError it raised), and the seconds the slowest took. A host that goes
     on listens on its port, as TensorFlow's server then does."""
-    import socket
     import threading
     import time
 
@@ -986,7 +1017,7 @@ def meet(*clusters: tuple, timeout: float = 5) -> list:
             cluster = distribute.Cluster(*clusters[i][:3])
             ended[i] = distribute.wait_for_hosts(cluster, timeout=timeout, job=(*clusters[i], None, None)[3],
                                                  checkpoint=(*clusters[i], None, None)[4])
-            servers.append(socket.create_server(("", int(cluster.addresses[cluster.task].rpartition(":")[2]))))
+            servers.append(TensorFlowServer(int(cluster.addresses[cluster.task].rpartition(":")[2])))
         except ConfigError as exc:
             ended[i] = exc
 
@@ -1227,16 +1258,16 @@ def test_a_host_started_as_another_hosts_task_is_refused():
     spec = {"worker": hosts}
     other = socket.create_server(("", int(hosts[1].rpartition(":")[2])))  # the other machine's worker 0, on host 1
 
-    def answer() -> None:
+    def answer() -> None:  # then ends, as it refuses too (else this host answers on until it has read why)
         conn, _ = other.accept()
         with conn:
             conn.sendall(distribute.hello(distribute.Cluster(spec, "worker", 0)))
+        other.close()
 
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
     with pytest.raises(ConfigError) as error:
         distribute.wait_for_hosts(distribute.Cluster(spec, "worker", 0), timeout=5)
-    other.close()
     assert str(error.value) == (f"TF_CONFIG: {hosts[1]}, worker 1 of the cluster, was started as worker 0: give each "
                                 f"host its own TF_CONFIG 'task' (its type and index)")
 
@@ -1261,6 +1292,120 @@ def test_a_host_that_cannot_reach_another_at_the_address_it_was_given_holds_ever
                           f"known; this host reaches it at {hosts[2]}) {tail}")
     assert str(third) == (f"TF_CONFIG: worker 1 ({hosts[1]}) did not reach worker 2 at {typo[2]} (Name or service not "
                           f"known; worker 2 is this host, at {hosts[2]}) {tail}")
+
+
+def host_code(spec: dict, index: int, timeout: float, prelude: str = "") -> str:
+    """A host process that only meets the others (`wait_for_hosts`) of `spec` as worker `index`: exit 0 once it would go
+    on into TensorFlow, or exit 2 with the one line a host's command prints."""
+    return (f"import sys\nfrom pipeline import distribute\nfrom pipeline.config import ConfigError\n{prelude}\n"
+            f"try:\n    distribute.wait_for_hosts(distribute.Cluster({spec!r}, 'worker', {index}), timeout={timeout})\n"
+            f"except ConfigError as exc:\n    print(f'error: {{exc}}', file=sys.stderr)\n    sys.exit(2)\n")
+
+
+def test_a_probe_takes_only_a_whole_hello_or_another_servers_first_bytes_for_an_answer():
+    """A port that said nothing for 2 s (a host stopped: the kernel still accepts for it), or closed the connection
+    first (a host closing its port), was taken for TensorFlow's: that host had met every other and was not probed
+    again. Only a whole hello, answered with the prober's token, or another server's first bytes (TensorFlow's gRPC
+    server speaks first) are an answer."""
+    import socket
+    import threading
+
+    from pipeline import distribute
+
+    with socket.create_server(("", 0)) as silent:  # accepts (the kernel's queue), never speaks
+        assert distribute._probe(f"localhost:{silent.getsockname()[1]}", "t0", wait=0.3) is None
+    heard = []
+
+    def answer(server, said: bytes, read: bool = True) -> None:
+        conn = server.accept()[0]
+        with conn:
+            conn.sendall(said)
+            conn.settimeout(5)
+            heard.append(conn.recv(256) if read else b"")
+
+    for said in (b"", distribute.HELLO + b'{"task": "wor'):  # closed before a whole hello
+        with socket.create_server(("", 0)) as server:
+            thread = threading.Thread(target=answer, args=(server, said, False))
+            thread.start()
+            assert distribute._probe(f"localhost:{server.getsockname()[1]}", "t0", wait=30) is None
+            thread.join()
+    tensorflow = TensorFlowServer(free_port())
+    assert distribute._probe(f"localhost:{tensorflow.server.getsockname()[1]}", "t0") == TensorFlowServer.SETTINGS
+    tensorflow.close()
+    hello = distribute.hello(distribute.Cluster({"worker": ["a:1", "b:1"]}, "worker", 1), me="t1")
+    with socket.create_server(("", 0)) as server:
+        thread = threading.Thread(target=answer, args=(server, hello))
+        thread.start()
+        assert distribute._probe(f"localhost:{server.getsockname()[1]}", "t0") == hello
+        thread.join()
+    assert heard[-1] == distribute.HEARD + b"t0\n"
+
+
+def test_a_host_stopped_before_it_answers_is_waited_for_and_then_refused_not_taken_as_gone_on(launcher):
+    """Worker 0 stopped (SIGSTOP: a loaded machine, a slow start) after it began listening: its port still accepts
+    (the kernel's queue), but says nothing. Worker 1, started with another cluster, took 2 s of silence for an
+    answer (TensorFlow's server, it assumed, so worker 0 had met every host) and never probed it again: worker 0,
+    once going on, refused worker 1 and exited 2, and worker 1 waited out $PIPELINE_HOSTS_TIMEOUT for worker 2 (or,
+    with no third host, went on into TensorFlow's wait for good). Silence is no answer: worker 1 probes on, hears
+    worker 0 once it runs, and both refuse."""
+    from tests.test_fault_tolerance import wait_until_stopped
+
+    hosts = [f"localhost:{free_port()}" for _ in range(3)]
+    first = launcher.start(dict(os.environ), host_code({"worker": hosts[:2]}, 0, timeout=120))
+    eventually(lambda: "worker 0: waiting for worker 1" in (first.folder / "out").read_text(), timeout=60)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        wait_until_stopped([first.pid])
+        second = launcher.start(dict(os.environ), host_code({"worker": hosts}, 1, timeout=30))
+        # its first round of probes has ended, worker 0's among them
+        eventually(lambda: "worker 1: waiting for " in (second.folder / "out").read_text(), timeout=60)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    for host, peer in ((second, 0), (first, 1)):
+        _, err = host.communicate(timeout=120)
+        assert host.returncode == 2 and err.startswith(
+            f"error: TF_CONFIG: worker {peer} ({hosts[peer]}) was started with another cluster, "), err
+
+
+def test_a_host_stopped_after_it_answered_still_hears_the_refusal_once_it_goes_on(launcher, tmp_path):
+    """Worker 0 read worker 1's hello (another cluster) and refused it, answering on for 3 s so that worker 1, probing,
+    would refuse too. Worker 1 stopped (SIGSTOP: a loaded machine) before it probed worker 0, for longer than that,
+    then found nothing at worker 0's port and waited out $PIPELINE_HOSTS_TIMEOUT ("worker 0 ... did not start").
+    The refusing host answers on until the other has read its answer: worker 1 refuses once it runs again."""
+    from tests.test_fault_tolerance import wait_until_stopped
+
+    hosts = [f"localhost:{free_port()}" for _ in range(3)]
+    refused, go = tmp_path / "refused", tmp_path / "go"
+    # ordering only: worker 1 probes worker 0 once the test says so; worker 0 marks that it has refused worker 1
+    held = (f"import os, time\nprobe = distribute._probe\n"
+            f"def held(address, *args, **kwargs):\n"
+            f"    while address == {hosts[0]!r} and not os.path.exists({str(go)!r}):\n"
+            f"        time.sleep(0.05)\n"
+            f"    return probe(address, *args, **kwargs)\n"
+            f"distribute._probe = held")
+    marked = (f"check = distribute._check_peer\n"
+              f"def marked(*args, **kwargs):\n"
+              f"    try:\n"
+              f"        return check(*args, **kwargs)\n"
+              f"    except ConfigError:\n"
+              f"        open({str(refused)!r}, 'w').close()\n"
+              f"        raise\n"
+              f"distribute._check_peer = marked")
+    second = launcher.start(dict(os.environ), host_code({"worker": hosts}, 1, timeout=30, prelude=held))
+    first = launcher.start(dict(os.environ), host_code({"worker": hosts[:2]}, 0, timeout=120, prelude=marked))
+    eventually(refused.exists, timeout=60)
+    os.kill(second.pid, signal.SIGSTOP)
+    try:
+        wait_until_stopped([second.pid])
+        go.touch()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            first.wait(timeout=5)  # the refusing host's whole window and more (it answered for 3 s)
+    finally:
+        os.kill(second.pid, signal.SIGCONT)
+    for host, peer in ((second, 0), (first, 1)):
+        _, err = host.communicate(timeout=120)
+        assert host.returncode == 2 and err.startswith(
+            f"error: TF_CONFIG: worker {peer} ({hosts[peer]}) was started with another cluster, "), err
 
 
 @pytest.mark.parametrize(("logged", "epochs", "said"), [
