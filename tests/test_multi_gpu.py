@@ -1356,7 +1356,7 @@ def test_a_host_stopped_before_it_answers_is_waited_for_and_then_refused_not_tak
     os.kill(first.pid, signal.SIGSTOP)
     try:
         wait_until_stopped([first.pid])
-        second = launcher.start(dict(os.environ), host_code({"worker": hosts}, 1, timeout=30))
+        second = launcher.start(dict(os.environ), host_code({"worker": hosts}, 1, timeout=60))
         # its first round of probes has ended, worker 0's among them
         eventually(lambda: "worker 1: waiting for " in (second.folder / "out").read_text(), timeout=60)
     finally:
@@ -1391,7 +1391,7 @@ def test_a_host_stopped_after_it_answered_still_hears_the_refusal_once_it_goes_o
               f"        open({str(refused)!r}, 'w').close()\n"
               f"        raise\n"
               f"distribute._check_peer = marked")
-    second = launcher.start(dict(os.environ), host_code({"worker": hosts}, 1, timeout=30, prelude=held))
+    second = launcher.start(dict(os.environ), host_code({"worker": hosts}, 1, timeout=60, prelude=held))
     first = launcher.start(dict(os.environ), host_code({"worker": hosts[:2]}, 0, timeout=120, prelude=marked))
     eventually(refused.exists, timeout=60)
     os.kill(second.pid, signal.SIGSTOP)
