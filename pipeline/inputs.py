@@ -15,6 +15,7 @@ import sys
 from pipeline import config, data, prepare
 from pipeline.data import CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES
 from pipeline.distribute import cluster_from_env
+from pipeline.serve import KERAS_BACKENDS
 from pipeline.tracking import cli
 from pipeline.tracking.resume import (
     check_checkpoint_root,
@@ -151,7 +152,6 @@ def configured_backend() -> str:
     return chosen or "tensorflow"
 
 
-KERAS_BACKENDS = ("jax", "numpy", "openvino", "tensorflow", "torch")  # the names keras.src.backend loads
 TRAINING_BACKENDS = ("jax", "tensorflow", "torch")  # numpy's and openvino's Keras only infers: no fit
 
 

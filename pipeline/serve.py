@@ -72,6 +72,8 @@ JAX_MODEL_CALLS = threading.Lock()
 # The modules of pipeline/ whose code a served model runs to score pixels (see `pipeline.tracking.steps`, where evaluate
 # compares them with a model's logged copy before it scores it).
 SCORING_CODE = ("augment", "serve")
+# The names Keras's backend module loads (keras.src.backend); the model scores on any of them installed (numpy's too).
+KERAS_BACKENDS = ("jax", "numpy", "openvino", "tensorflow", "torch")
 # Images the model runs on at a time: memory stays that of 256 images (times the test-time views) however large the
 # request, and a request past the server's time limit stops within one chunk (`request_deadline`).
 PREDICT_CHUNK = 256
@@ -412,6 +414,35 @@ def scoring_code_changes(code: Path) -> list[str]:
             if logged_bytes(code / f"{module}.py") != source.FILES[f"{module}.py"]]
 
 
+def unset_backend(trained: str) -> str | None:
+    """The backend a model trained on `trained` loads on where KERAS_BACKEND is unset (see `ImageClassifier`): that one
+    where installed, else TensorFlow or JAX, whichever is; None where neither is (Keras's own choice then)."""
+    return next((name for name in dict.fromkeys((trained, "tensorflow", "jax")) if importlib.util.find_spec(name)),
+                None)
+
+
+def check_backend(backend: str, trained: str) -> None:
+    """MlflowException, in one line naming KERAS_BACKEND, where Keras cannot load `backend` (its value): no backend's
+    name (a misspelling, JAX in capitals) or one not installed here. Keras's import failed on it with its traceback
+    ("ValueError: Unable to import backend : tensorflw"), in `mlflow models serve` between uvicorn's frames and
+    MLflow's: in the scoring server this line alone ends the process. The training commands refuse such a value as
+    well (`pipeline.inputs.check_configured_backend`)."""
+    installed = [name for name in KERAS_BACKENDS if importlib.util.find_spec(name)]
+    if backend in installed:
+        return
+    problem = (f"{backend!r} is no Keras backend ({', '.join(KERAS_BACKENDS)})" if backend not in KERAS_BACKENDS
+               else f"{backend} is not installed here")
+    unset = unset_backend(trained)
+    default = f"the model loads on {unset}{', which trained it' if unset == trained else ''}" if unset else (
+        "Keras loads its default")
+    message = (f"KERAS_BACKEND: {problem}; set one installed here (KERAS_BACKEND={' or '.join(installed)}), "
+               f"or unset it: {default}")
+    if "mlflow.pyfunc.scoring_server.app" in sys.modules:  # `mlflow models serve`'s worker, loading the model to serve
+        # An exception here reached uvicorn as a traceback of its frames and MLflow's: the line alone, then exit.
+        raise SystemExit(message)
+    raise MlflowException(message)
+
+
 def to_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
     """Class probabilities (n, classes) -> one row per image: label, probability, probabilities."""
     best = probs.argmax(axis=1)
@@ -461,11 +492,11 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         # Models logged before the backend was recorded have none (TensorFlow trained them). Where that backend is not
         # installed, the other: Keras's own choice is TensorFlow, which a JAX-only environment lacks. A KERAS_BACKEND
         # set empty is unset to Keras.
-        if "keras" not in sys.modules and not os.environ.get("KERAS_BACKEND"):
-            backends = dict.fromkeys((getattr(self, "backend", None) or "tensorflow", "tensorflow", "jax"))
-            installed = [name for name in backends if importlib.util.find_spec(name)]
-            if installed:
-                os.environ["KERAS_BACKEND"] = installed[0]
+        trained = getattr(self, "backend", None) or "tensorflow"
+        if "keras" not in sys.modules and os.environ.get("KERAS_BACKEND"):
+            check_backend(os.environ["KERAS_BACKEND"], trained)
+        elif "keras" not in sys.modules and (unset := unset_backend(trained)):
+            os.environ["KERAS_BACKEND"] = unset
         import keras
 
         # Models logged before inference copies dropped the augmentation layer still hold that custom class:

@@ -624,6 +624,45 @@ def test_a_tensorflow_model_loads_where_only_jax_is_installed(model_uri, tmp_pat
     assert done.stdout.split()[-2:] == ["jax", "2"]
 
 
+@pytest.mark.parametrize(("backend", "problem"), [
+    ("tensorflw", "KERAS_BACKEND: 'tensorflw' is no Keras backend (jax, numpy, openvino, tensorflow, torch)"),
+    ("JAX", "KERAS_BACKEND: 'JAX' is no Keras backend (jax, numpy, openvino, tensorflow, torch)"),
+    (next(name for name in serve.KERAS_BACKENDS if importlib.util.find_spec(name) is None),
+     "is not installed here"),
+], ids=["misspelt", "capitals", "not-installed"])
+def test_a_keras_backend_keras_cannot_load_is_refused_at_load_naming_the_variable(model_uri, monkeypatch, backend,
+                                                                                  problem):
+    """KERAS_BACKEND=tensorflw (or JAX, or one not installed) loaded the model into Keras's import traceback
+    ("ValueError: Unable to import backend : tensorflw"); it is refused in one line naming the variable, the backends
+    installed here and what an unset one loads. In process: Keras unloaded for the test, as in a fresh one."""
+    monkeypatch.setenv("KERAS_BACKEND", backend)
+    monkeypatch.delitem(sys.modules, "keras")  # Keras reads KERAS_BACKEND as it is first imported
+    installed = " or ".join(name for name in serve.KERAS_BACKENDS if importlib.util.find_spec(name))
+    with pytest.raises(MlflowException) as info:
+        mlflow.pyfunc.load_model(model_uri)
+    message = info.value.message
+    assert problem in message and "\n" not in message, message
+    assert message.endswith(f"set one installed here (KERAS_BACKEND={installed}), or unset it: the model loads on "
+                            f"{keras.backend.backend()}, which trained it"), message
+    assert "keras" not in sys.modules  # refused before Keras's import
+
+
+def test_serving_on_a_misspelt_keras_backend_says_so_in_one_line(model_uri, tracking, tmp_path):
+    """`KERAS_BACKEND=tensorflw mlflow models serve` printed Keras's import traceback, and the reason in its last
+    line, between uvicorn's frames and MLflow's; the server's output names the variable in its first line now."""
+    _, uri = tracking
+    done = subprocess.run([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                           "-p", str(free_port()), "-h", "127.0.0.1", "-w", "1"],
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri, "KERAS_BACKEND": "tensorflw"},
+                          capture_output=True, text=True, timeout=SERVER_START_SECONDS)
+    assert done.returncode != 0
+    lines = done.stderr.splitlines()
+    refused = next(i for i, line in enumerate(lines) if line.startswith("KERAS_BACKEND: 'tensorflw' is no Keras "
+                                                                          "backend (jax, numpy, openvino"))
+    assert not [line for line in lines[:refused] if line.startswith("Traceback")], done.stderr[-3000:]
+    assert "Unable to import backend" not in done.stderr
+
+
 def test_scoring_a_served_model_runs_no_code_of_pipeline_but_scoring_code(model_uri):
     """Loading the served model and scoring pixels with it (flip_shift views, reflected borders: the most code it
     runs) runs code of `steps.SCORING_CODE`'s modules of pipeline/ only, and of both: the files evaluate compares with
