@@ -1126,6 +1126,32 @@ def test_the_scoring_servers_other_bodies_are_answered_as_the_readme_says(local_
     assert status == 400 and "inhomogeneous shape" in message
 
 
+def test_deeply_nested_json_is_answered_as_the_readme_says(local_model):
+    """What README's Serving section says of JSON nested deep (`[[[[...]]]]`), through MLflow's own request handler in
+    this process, whose recursion limit is the server's (`pipeline` raises it to 20,000): up to 64 levels the model's
+    400 naming the shape; deeper, MLflow's 400 (numpy's 64 dimensions, or a RecursionError's text); from about 20,000,
+    json.loads's RecursionError, before any answer, which MLflow's server answers HTTP 500."""
+    from mlflow.pyfunc.scoring_server import invocations
+
+    def nested(depth: int) -> str:
+        return '{"inputs": ' + "[" * depth + "0" + "]" * depth + "}"
+
+    def refusal(depth: int) -> tuple[int, str]:
+        with pytest.raises(MlflowException) as info:
+            invocations(nested(depth), "application/json", local_model, None)
+        return info.value.get_http_status_code(), info.value.message
+
+    assert sys.getrecursionlimit() == 20_000
+    status, message = refusal(64)
+    assert status == 400 and message.startswith("bad input: pixels must have shape (n, 32, 32, 3), got (1, 1, 1")
+    assert refusal(65) == (400, "Invalid input. setting an array element with a sequence. The requested array would "
+                                "exceed the maximum number of dimension of 64.")
+    status, message = refusal(19_900)
+    assert status == 400 and "RecursionError" in message
+    with pytest.raises(RecursionError):  # raised where MLflow's handler catches nothing: its server's HTTP 500
+        invocations(nested(20_000), "application/json", local_model, None)
+
+
 def test_server_answers_good_requests_after_bad_ones(server, local_model):
     post(server, {"inputs": (random_pixels(1) / 255).tolist()})
     status, answer = post(server, {"inputs": random_pixels(1).tolist()})
