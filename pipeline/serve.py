@@ -64,6 +64,9 @@ URL_SAFE = str.maketrans("-_", "+/")  # base64url's letters, in the standard alp
 FILE_NAME = re.compile(r"^\S*\.(png|jpe?g|bmp|gif|webp|tiff?)$", re.IGNORECASE)
 # A URL in place of the image (http, s3, file...): never base64 either, which has no colon.
 URL = re.compile(r"^[a-z][a-z0-9+.-]*://\S*$", re.IGNORECASE)
+# A number or boolean as text: MLflow reads `{"inputs": ["<b64>", 5, true]}` as strings ('5', 'True'), which are not
+# base64 of any image (all but 'True' not even valid base64). No image's base64 is a bare number.
+NUMBER = re.compile(r"^[-+]?((\d+\.?\d*|\.\d+)(e[-+]?\d+)?|inf(inity)?|nan|true|false)$", re.IGNORECASE)
 # `mlflow models serve` runs each request's predict in a thread of its own. On JAX, Keras's predict function donates
 # the model's weight buffers to each call: two calls at once, and one ran on buffers the other had given up ("Buffer
 # has been deleted or donated", an HTTP 400 "unexpected error"; 11 of 16 requests sent together). TensorFlow's
@@ -252,6 +255,9 @@ def to_bytes(item: Any, name: str) -> bytes:
             raise bad_input(f"{name}: {item.strip()!r} is a file name, not a base64 image: the model reads no files; "
                             f"send the file's bytes base64-encoded (python -m pipeline.predict FILE does)")
         text = item.strip()
+        if NUMBER.match(text):
+            raise bad_input(f"{name}: {shortened(text)!r} is a number or true/false, not a base64 image (a list mixing "
+                            f"base64 strings with other values is read as strings): send each image as a base64 string")
         if text[:5].lower() == "data:":
             if not (prefix := DATA_URI_PREFIX.match(text)):  # percent-encoded data, or a header cut short
                 header = text[:text.index(",") + 1] if "," in text else text

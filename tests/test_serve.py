@@ -430,11 +430,19 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     (pd.DataFrame({"image": [b64(encode(random_pixels(1)[0])), "https://example.com/cat.jpg"]}),
      "image 1: 'https://example.com/cat.jpg' is a URL, not a base64 image"),
     ([f"s3://bucket/{'x' * 200}.png"], f"image 0: 's3://bucket/{'x' * 88}...' is a URL"),
+    # a number or boolean among base64 strings ({"inputs": ["<b64>", 5]}): MLflow makes every item text, and "5" was
+    # "not valid base64 (... number of data characters (1) ...)", "True" and "inf" base64 of no image
+    (np.array([b64(encode(random_pixels(1)[0])), "5"]), "image 1: '5' is a number or true/false, not a base64 image "
+                                                          "(a list mixing base64 strings with other values is read as "
+                                                          "strings): send each image as a base64 string"),
+    (np.array([b64(encode(random_pixels(1)[0])), "True", "-2.5e3"]), "image 1: 'True' is a number or true/false"),
+    (np.array([b64(encode(random_pixels(1)[0])), "inf"]), "image 1: 'inf' is a number or true/false"),
 ], ids=["invalid-base64", "non-ascii", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
         "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image",
         "null-image", "records-without-columns", "ppm", "eps", "null-first", "null-first-array", "only-null",
         "only-nulls-array", "two-image-columns", "file-name",
-        "file-name-in-frame", "url", "url-with-suffix", "long-url"])
+        "file-name-in-frame", "url", "url-with-suffix", "long-url", "number-among-strings", "boolean-among-strings",
+        "infinity-among-strings"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -1083,7 +1091,10 @@ def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(serve
     ({"inputs": [b64(encode(random_pixels(1, shape=(64, 64))[0])), "not base64!"]},
      "image 1: not a base64 image: not valid base64 (Only base64 data is allowed)"),
     ({"dataframe_records": [{"image": b64(b"no image")}]}, f"image 0: {UNDECODABLE} (not one of those formats)"),
-], ids=["pixels", "long-strings", "frame"])
+    ({"inputs": [b64(encode(random_pixels(1)[0])), 5]},
+     "image 1: '5' is a number or true/false, not a base64 image (a list mixing base64 strings with other values is "
+     "read as strings): send each image as a base64 string"),
+], ids=["pixels", "long-strings", "frame", "number-among-strings"])
 def test_a_refused_request_is_answered_with_its_reason_alone_in_one_line(local_model, body, problem):
     # MLflow's handler put the whole request before the reason: "Failed to predict data '[[[[0.85 0.64 ...' \nError:
     # bad input: ...", over dozens of lines, and a list of base64 strings whole (megabytes for a batch of photos)
