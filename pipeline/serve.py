@@ -145,14 +145,28 @@ def check_deadline(deadline: float | None, done: str) -> None:
 def to_pixels(model_input: Any, deadline: float | None = None) -> np.ndarray:
     """Any accepted input (see the module docstring) -> validated uint8 pixels (n, 32, 32, 3); encoded images are
     decoded one at a time until `deadline` (see `request_deadline`)."""
-    if isinstance(model_input, list) and model_input and all(isinstance(row, dict) for row in model_input):
-        model_input = pd.DataFrame(model_input)  # records under "inputs": [{"image": ...}], as dataframe_records
+    rows = model_input.tolist() if isinstance(model_input, np.ndarray) and model_input.dtype == object and (
+        model_input.ndim == 1) else model_input  # MLflow's array of `{"inputs": [{"image": ...}, 5]}`
+    if isinstance(rows, list) and rows and isinstance(rows[0], dict):  # else the first item's form names the others
+        model_input = pd.DataFrame(records(rows))  # records under "inputs": [{"image": ...}], as dataframe_records
     if isinstance(model_input, (pd.DataFrame, dict)):
         return decode_images(image_column(model_input), deadline)
     encoded = encoded_images(model_input)
     if encoded is not None:
         return decode_images(encoded, deadline)
     return check_pixels(model_input)
+
+
+def records(rows: list) -> list[dict]:
+    """`rows`, a list starting with a record (dict), checked to hold nothing else: bad_input naming the first that is
+    not."""
+    for i, row in enumerate(rows):
+        if row is None:
+            to_bytes(row, f"image {i}")  # its refusal of a null
+        if not isinstance(row, dict):
+            raise bad_input(f"image {i}: {type(row).__name__} among records: send each image as a record "
+                            f'{{"{IMAGE_COLUMN}": "<b64>"}}, or each as a base64 string unnamed')
+    return rows
 
 
 def image_column(model_input: pd.DataFrame | dict) -> list:

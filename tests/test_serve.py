@@ -437,12 +437,20 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
                                                           "strings): send each image as a base64 string"),
     (np.array([b64(encode(random_pixels(1)[0])), "True", "-2.5e3"]), "image 1: 'True' is a number or true/false"),
     (np.array([b64(encode(random_pixels(1)[0])), "inf"]), "image 1: 'inf' is a number or true/false"),
+    # records among other values ({"inputs": [{"image": "<b64>"}, 5]}, an object array from MLflow): said "pixels must
+    # have shape (n, 32, 32, 3), got (2,); send other sizes as base64 ... images" to a client that sent records
+    (np.array([{"image": b64(encode(random_pixels(1)[0]))}, 5], dtype=object),
+     "image 1: int among records: send each image as a record {\"image\": \"<b64>\"}, or each as a base64 string "
+     "unnamed"),
+    ([{"image": b64(encode(random_pixels(1)[0]))}, b64(encode(random_pixels(1)[0]))], "image 1: str among records"),
+    (np.array([{"image": b64(encode(random_pixels(1)[0]))}, None], dtype=object),
+     "image 1: no image (null, or a record without 'image')"),
 ], ids=["invalid-base64", "non-ascii", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
         "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image",
         "null-image", "records-without-columns", "ppm", "eps", "null-first", "null-first-array", "only-null",
         "only-nulls-array", "two-image-columns", "file-name",
         "file-name-in-frame", "url", "url-with-suffix", "long-url", "number-among-strings", "boolean-among-strings",
-        "infinity-among-strings"])
+        "infinity-among-strings", "number-among-records", "string-among-records", "null-among-records"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -1094,7 +1102,9 @@ def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(serve
     ({"inputs": [b64(encode(random_pixels(1)[0])), 5]},
      "image 1: '5' is a number or true/false, not a base64 image (a list mixing base64 strings with other values is "
      "read as strings): send each image as a base64 string"),
-], ids=["pixels", "long-strings", "frame", "number-among-strings"])
+    ({"inputs": [{"image": b64(encode(random_pixels(1)[0]))}, 5]},
+     'image 1: int among records: send each image as a record {"image": "<b64>"}, or each as a base64 string unnamed'),
+], ids=["pixels", "long-strings", "frame", "number-among-strings", "number-among-records"])
 def test_a_refused_request_is_answered_with_its_reason_alone_in_one_line(local_model, body, problem):
     # MLflow's handler put the whole request before the reason: "Failed to predict data '[[[[0.85 0.64 ...' \nError:
     # bad input: ...", over dozens of lines, and a list of base64 strings whole (megabytes for a batch of photos)
