@@ -1119,8 +1119,8 @@ def test_a_refused_request_is_answered_with_its_reason_alone_in_one_line(local_m
 def test_the_scoring_servers_other_bodies_are_answered_as_the_readme_says(local_model):
     """What README's Serving section says of the bodies besides JSON's four layouts, through MLflow's own request
     handler: CSV and Parquet with an `image` column are answered as JSON is; a `params` field is ignored; another
-    Content-Type is a 415, none a 500; base64 strings and pixel arrays in one batch are a 400 (MLflow's, before the
-    model)."""
+    Content-Type is a 415, none a 500; a body that is not JSON a 400 quoting it whole; base64 strings and pixel
+    arrays in one batch are a 400 (MLflow's, before the model)."""
     from mlflow.pyfunc.scoring_server import invocations
 
     encoded = [b64(encode(random_pixels(1, seed=seed)[0])) for seed in range(2)]
@@ -1143,6 +1143,9 @@ def test_the_scoring_servers_other_bodies_are_answered_as_the_readme_says(local_
     assert status == 415 and "Got 'text/plain'" in message
     with pytest.raises(AttributeError):  # no Content-Type: `None.split`, which MLflow's server answers HTTP 500
         answer(json.dumps({"inputs": encoded}), None)
+    cut_short = json.dumps({"inputs": encoded})[:-3]  # not JSON: MLflow's 400 quotes the whole body
+    status, message = answer(cut_short)
+    assert status == 400 and "valid JSON" in message and cut_short in message
     status, message = answer(json.dumps({"inputs": [encoded[0], random_pixels(1)[0].tolist()]}))
     assert status == 400 and "inhomogeneous shape" in message
 
