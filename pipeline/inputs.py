@@ -15,7 +15,6 @@ import sys
 from pipeline import config, data, prepare
 from pipeline.data import CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES
 from pipeline.distribute import cluster_from_env
-from pipeline.serve import KERAS_BACKENDS
 from pipeline.tracking import cli
 from pipeline.tracking.resume import (
     check_checkpoint_root,
@@ -165,8 +164,8 @@ def check_configured_backend() -> None:
         return
     backend = configured_backend()
     where = "KERAS_BACKEND" if os.environ.get("KERAS_BACKEND") else f"backend in {data.keras_home() / 'keras.json'}"
-    if backend not in KERAS_BACKENDS:
-        raise config.ConfigError(f"{where}: {backend!r} is no Keras backend ({', '.join(KERAS_BACKENDS)})")
+    if backend not in config.KERAS_BACKENDS:
+        raise config.ConfigError(f"{where}: {backend!r} is no Keras backend ({', '.join(config.KERAS_BACKENDS)})")
     if backend not in TRAINING_BACKENDS:
         raise config.ConfigError(f"{where}: {backend} is a Keras backend that cannot train; name one that can "
                                  f"({', '.join(TRAINING_BACKENDS)})")

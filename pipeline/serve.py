@@ -42,7 +42,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from pipeline.config import SHIFT_FILLS, TTA_MODES
+from pipeline.config import KERAS_BACKENDS, SHIFT_FILLS, TTA_MODES
 from pipeline.data import CHANNELS, IMAGE_FORMATS, IMAGE_SIZE, PIL_FORMATS, DataError, decode_image
 
 KERAS_ARTIFACT = "keras_model"
@@ -75,8 +75,6 @@ JAX_MODEL_CALLS = threading.Lock()
 # The modules of pipeline/ whose code a served model runs to score pixels (see `pipeline.tracking.steps`, where evaluate
 # compares them with a model's logged copy before it scores it).
 SCORING_CODE = ("augment", "serve")
-# The names Keras's backend module loads (keras.src.backend); the model scores on any of them installed (numpy's too).
-KERAS_BACKENDS = ("jax", "numpy", "openvino", "tensorflow", "torch")
 # Images the model runs on at a time: memory stays that of 256 images (times the test-time views) however large the
 # request, and a request past the server's time limit stops within one chunk (`request_deadline`).
 PREDICT_CHUNK = 256
@@ -447,7 +445,7 @@ def check_backend(backend: str, trained: str) -> None:
     ("ValueError: Unable to import backend : tensorflw"), in `mlflow models serve` between uvicorn's frames and
     MLflow's: in the scoring server this line alone ends the process. The training commands refuse such a value as
     well (`pipeline.inputs.check_configured_backend`)."""
-    installed = [name for name in KERAS_BACKENDS if importlib.util.find_spec(name)]
+    installed = [name for name in KERAS_BACKENDS if importlib.util.find_spec(name)]  # numpy's scores too
     if backend in installed:
         return
     problem = (f"{backend!r} is no Keras backend ({', '.join(KERAS_BACKENDS)})" if backend not in KERAS_BACKENDS

@@ -643,7 +643,7 @@ def test_a_tensorflow_model_loads_where_only_jax_is_installed(model_uri, tmp_pat
 @pytest.mark.parametrize(("backend", "problem"), [
     ("tensorflw", "KERAS_BACKEND: 'tensorflw' is no Keras backend (jax, numpy, openvino, tensorflow, torch)"),
     ("JAX", "KERAS_BACKEND: 'JAX' is no Keras backend (jax, numpy, openvino, tensorflow, torch)"),
-    (next(name for name in serve.KERAS_BACKENDS if importlib.util.find_spec(name) is None),
+    (next(name for name in config.KERAS_BACKENDS if importlib.util.find_spec(name) is None),
      "is not installed here"),
 ], ids=["misspelt", "capitals", "not-installed"])
 def test_a_keras_backend_keras_cannot_load_is_refused_at_load_naming_the_variable(model_uri, monkeypatch, backend,
@@ -653,7 +653,7 @@ def test_a_keras_backend_keras_cannot_load_is_refused_at_load_naming_the_variabl
     installed here and what an unset one loads. In process: Keras unloaded for the test, as in a fresh one."""
     monkeypatch.setenv("KERAS_BACKEND", backend)
     monkeypatch.delitem(sys.modules, "keras")  # Keras reads KERAS_BACKEND as it is first imported
-    installed = " or ".join(name for name in serve.KERAS_BACKENDS if importlib.util.find_spec(name))
+    installed = " or ".join(name for name in config.KERAS_BACKENDS if importlib.util.find_spec(name))
     with pytest.raises(MlflowException) as info:
         mlflow.pyfunc.load_model(model_uri)
     message = info.value.message
