@@ -48,6 +48,9 @@ RESNET9_ZERO_INIT = ("must be false for model.arch resnet9: its residual branche
 CONV_INITS = ("he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "glorot_uniform", "pytorch")
 # train.shift_fill: what a shifted image shows where it moved off the edge (see pipeline.augment.shift_flip)
 SHIFT_FILLS = ("nearest", "constant", "reflect")
+# The names Keras's backend module loads (keras.src.backend): the training commands refuse others before Keras loads
+# (`inputs.check_configured_backend`), the served model as it loads (`serve.check_backend`).
+KERAS_BACKENDS = ("jax", "numpy", "openvino", "tensorflow", "torch")
 # data.synthetic_train and synthetic_test: make_synthetic holds each split as float64 while it makes it, 25 KB an image
 SYNTHETIC_MAX = 100_000
 # the longest param value MLflow keeps whole (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH): a longer one is logged cut

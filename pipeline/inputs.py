@@ -151,7 +151,6 @@ def configured_backend() -> str:
     return chosen or "tensorflow"
 
 
-KERAS_BACKENDS = ("jax", "numpy", "openvino", "tensorflow", "torch")  # the names keras.src.backend loads
 TRAINING_BACKENDS = ("jax", "tensorflow", "torch")  # numpy's and openvino's Keras only infers: no fit
 
 
@@ -165,8 +164,8 @@ def check_configured_backend() -> None:
         return
     backend = configured_backend()
     where = "KERAS_BACKEND" if os.environ.get("KERAS_BACKEND") else f"backend in {data.keras_home() / 'keras.json'}"
-    if backend not in KERAS_BACKENDS:
-        raise config.ConfigError(f"{where}: {backend!r} is no Keras backend ({', '.join(KERAS_BACKENDS)})")
+    if backend not in config.KERAS_BACKENDS:
+        raise config.ConfigError(f"{where}: {backend!r} is no Keras backend ({', '.join(config.KERAS_BACKENDS)})")
     if backend not in TRAINING_BACKENDS:
         raise config.ConfigError(f"{where}: {backend} is a Keras backend that cannot train; name one that can "
                                  f"({', '.join(TRAINING_BACKENDS)})")

@@ -42,7 +42,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from pipeline.config import SHIFT_FILLS, TTA_MODES
+from pipeline.config import KERAS_BACKENDS, SHIFT_FILLS, TTA_MODES
 from pipeline.data import CHANNELS, IMAGE_FORMATS, IMAGE_SIZE, PIL_FORMATS, DataError, decode_image
 
 KERAS_ARTIFACT = "keras_model"
@@ -64,6 +64,9 @@ URL_SAFE = str.maketrans("-_", "+/")  # base64url's letters, in the standard alp
 FILE_NAME = re.compile(r"^\S*\.(png|jpe?g|bmp|gif|webp|tiff?)$", re.IGNORECASE)
 # A URL in place of the image (http, s3, file...): never base64 either, which has no colon.
 URL = re.compile(r"^[a-z][a-z0-9+.-]*://\S*$", re.IGNORECASE)
+# A number or boolean as text: MLflow reads `{"inputs": ["<b64>", 5, true]}` as strings ('5', 'True'), which are not
+# base64 of any image (all but 'True' not even valid base64). No image's base64 is a bare number.
+NUMBER = re.compile(r"^[-+]?((\d+\.?\d*|\.\d+)(e[-+]?\d+)?|inf(inity)?|nan|true|false)$", re.IGNORECASE)
 # `mlflow models serve` runs each request's predict in a thread of its own. On JAX, Keras's predict function donates
 # the model's weight buffers to each call: two calls at once, and one ran on buffers the other had given up ("Buffer
 # has been deleted or donated", an HTTP 400 "unexpected error"; 11 of 16 requests sent together). TensorFlow's
@@ -140,14 +143,28 @@ def check_deadline(deadline: float | None, done: str) -> None:
 def to_pixels(model_input: Any, deadline: float | None = None) -> np.ndarray:
     """Any accepted input (see the module docstring) -> validated uint8 pixels (n, 32, 32, 3); encoded images are
     decoded one at a time until `deadline` (see `request_deadline`)."""
-    if isinstance(model_input, list) and model_input and all(isinstance(row, dict) for row in model_input):
-        model_input = pd.DataFrame(model_input)  # records under "inputs": [{"image": ...}], as dataframe_records
+    rows = model_input.tolist() if isinstance(model_input, np.ndarray) and model_input.dtype == object and (
+        model_input.ndim == 1) else model_input  # MLflow's array of `{"inputs": [{"image": ...}, 5]}`
+    if isinstance(rows, list) and rows and isinstance(rows[0], dict):  # else the first item's form names the others
+        model_input = pd.DataFrame(records(rows))  # records under "inputs": [{"image": ...}], as dataframe_records
     if isinstance(model_input, (pd.DataFrame, dict)):
         return decode_images(image_column(model_input), deadline)
     encoded = encoded_images(model_input)
     if encoded is not None:
         return decode_images(encoded, deadline)
     return check_pixels(model_input)
+
+
+def records(rows: list) -> list[dict]:
+    """`rows`, a list starting with a record (dict), checked to hold nothing else: bad_input naming the first that is
+    not."""
+    for i, row in enumerate(rows):
+        if row is None:
+            to_bytes(row, f"image {i}")  # its refusal of a null
+        if not isinstance(row, dict):
+            raise bad_input(f"image {i}: {type(row).__name__} among records: send each image as a record "
+                            f'{{"{IMAGE_COLUMN}": "<b64>"}}, or each as a base64 string unnamed')
+    return rows
 
 
 def image_column(model_input: pd.DataFrame | dict) -> list:
@@ -250,6 +267,9 @@ def to_bytes(item: Any, name: str) -> bytes:
             raise bad_input(f"{name}: {item.strip()!r} is a file name, not a base64 image: the model reads no files; "
                             f"send the file's bytes base64-encoded (python -m pipeline.predict FILE does)")
         text = item.strip()
+        if NUMBER.match(text):
+            raise bad_input(f"{name}: {shortened(text)!r} is a number or true/false, not a base64 image (a list mixing "
+                            f"base64 strings with other values is read as strings): send each image as a base64 string")
         if text[:5].lower() == "data:":
             if not (prefix := DATA_URI_PREFIX.match(text)):  # percent-encoded data, or a header cut short
                 header = text[:text.index(",") + 1] if "," in text else text
@@ -412,6 +432,35 @@ def scoring_code_changes(code: Path) -> list[str]:
             if logged_bytes(code / f"{module}.py") != source.FILES[f"{module}.py"]]
 
 
+def unset_backend(trained: str) -> str | None:
+    """The backend a model trained on `trained` loads on where KERAS_BACKEND is unset (see `ImageClassifier`): that one
+    where installed, else TensorFlow or JAX, whichever is; None where neither is (Keras's own choice then)."""
+    return next((name for name in dict.fromkeys((trained, "tensorflow", "jax")) if importlib.util.find_spec(name)),
+                None)
+
+
+def check_backend(backend: str, trained: str) -> None:
+    """MlflowException, in one line naming KERAS_BACKEND, where Keras cannot load `backend` (its value): no backend's
+    name (a misspelling, JAX in capitals) or one not installed here. Keras's import failed on it with its traceback
+    ("ValueError: Unable to import backend : tensorflw"), in `mlflow models serve` between uvicorn's frames and
+    MLflow's: in the scoring server this line alone ends the process. The training commands refuse such a value as
+    well (`pipeline.inputs.check_configured_backend`)."""
+    installed = [name for name in KERAS_BACKENDS if importlib.util.find_spec(name)]  # numpy's scores too
+    if backend in installed:
+        return
+    problem = (f"{backend!r} is no Keras backend ({', '.join(KERAS_BACKENDS)})" if backend not in KERAS_BACKENDS
+               else f"{backend} is not installed here")
+    unset = unset_backend(trained)
+    default = f"the model loads on {unset}{', which trained it' if unset == trained else ''}" if unset else (
+        "Keras loads its default")
+    message = (f"KERAS_BACKEND: {problem}; set one installed here (KERAS_BACKEND={' or '.join(installed)}), "
+               f"or unset it: {default}")
+    if "mlflow.pyfunc.scoring_server.app" in sys.modules:  # `mlflow models serve`'s worker, loading the model to serve
+        # An exception here reached uvicorn as a traceback of its frames and MLflow's: the line alone, then exit.
+        raise SystemExit(message)
+    raise MlflowException(message)
+
+
 def to_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
     """Class probabilities (n, classes) -> one row per image: label, probability, probabilities."""
     best = probs.argmax(axis=1)
@@ -461,11 +510,11 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         # Models logged before the backend was recorded have none (TensorFlow trained them). Where that backend is not
         # installed, the other: Keras's own choice is TensorFlow, which a JAX-only environment lacks. A KERAS_BACKEND
         # set empty is unset to Keras.
-        if "keras" not in sys.modules and not os.environ.get("KERAS_BACKEND"):
-            backends = dict.fromkeys((getattr(self, "backend", None) or "tensorflow", "tensorflow", "jax"))
-            installed = [name for name in backends if importlib.util.find_spec(name)]
-            if installed:
-                os.environ["KERAS_BACKEND"] = installed[0]
+        trained = getattr(self, "backend", None) or "tensorflow"
+        if "keras" not in sys.modules and os.environ.get("KERAS_BACKEND"):
+            check_backend(os.environ["KERAS_BACKEND"], trained)
+        elif "keras" not in sys.modules and (unset := unset_backend(trained)):
+            os.environ["KERAS_BACKEND"] = unset
         import keras
 
         # Models logged before inference copies dropped the augmentation layer still hold that custom class:

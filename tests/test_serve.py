@@ -430,11 +430,27 @@ def test_raw_bytes_in_numpy_arrays_keep_their_trailing_zero_bytes():
     (pd.DataFrame({"image": [b64(encode(random_pixels(1)[0])), "https://example.com/cat.jpg"]}),
      "image 1: 'https://example.com/cat.jpg' is a URL, not a base64 image"),
     ([f"s3://bucket/{'x' * 200}.png"], f"image 0: 's3://bucket/{'x' * 88}...' is a URL"),
+    # a number or boolean among base64 strings ({"inputs": ["<b64>", 5]}): MLflow makes every item text, and "5" was
+    # "not valid base64 (... number of data characters (1) ...)", "True" and "inf" base64 of no image
+    (np.array([b64(encode(random_pixels(1)[0])), "5"]), "image 1: '5' is a number or true/false, not a base64 image "
+                                                          "(a list mixing base64 strings with other values is read as "
+                                                          "strings): send each image as a base64 string"),
+    (np.array([b64(encode(random_pixels(1)[0])), "True", "-2.5e3"]), "image 1: 'True' is a number or true/false"),
+    (np.array([b64(encode(random_pixels(1)[0])), "inf"]), "image 1: 'inf' is a number or true/false"),
+    # records among other values ({"inputs": [{"image": "<b64>"}, 5]}, an object array from MLflow): said "pixels must
+    # have shape (n, 32, 32, 3), got (2,); send other sizes as base64 ... images" to a client that sent records
+    (np.array([{"image": b64(encode(random_pixels(1)[0]))}, 5], dtype=object),
+     "image 1: int among records: send each image as a record {\"image\": \"<b64>\"}, or each as a base64 string "
+     "unnamed"),
+    ([{"image": b64(encode(random_pixels(1)[0]))}, b64(encode(random_pixels(1)[0]))], "image 1: str among records"),
+    (np.array([{"image": b64(encode(random_pixels(1)[0]))}, None], dtype=object),
+     "image 1: no image (null, or a record without 'image')"),
 ], ids=["invalid-base64", "non-ascii", "not-an-image", "mixed-batch", "empty-string", "wrong-column", "empty-frame",
         "instances-dropped", "0-d-string", "no-records", "pixel-columns", "records-wrong-key", "record-without-image",
         "null-image", "records-without-columns", "ppm", "eps", "null-first", "null-first-array", "only-null",
         "only-nulls-array", "two-image-columns", "file-name",
-        "file-name-in-frame", "url", "url-with-suffix", "long-url"])
+        "file-name-in-frame", "url", "url-with-suffix", "long-url", "number-among-strings", "boolean-among-strings",
+        "infinity-among-strings", "number-among-records", "string-among-records", "null-among-records"])
 def test_to_pixels_refuses_bad_images(given, problem):
     with pytest.raises(MlflowException, match="bad input") as info:
         serve.to_pixels(given)
@@ -622,6 +638,45 @@ def test_a_tensorflow_model_loads_where_only_jax_is_installed(model_uri, tmp_pat
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-2:] == ["jax", "2"]
+
+
+@pytest.mark.parametrize(("backend", "problem"), [
+    ("tensorflw", "KERAS_BACKEND: 'tensorflw' is no Keras backend (jax, numpy, openvino, tensorflow, torch)"),
+    ("JAX", "KERAS_BACKEND: 'JAX' is no Keras backend (jax, numpy, openvino, tensorflow, torch)"),
+    (next(name for name in config.KERAS_BACKENDS if importlib.util.find_spec(name) is None),
+     "is not installed here"),
+], ids=["misspelt", "capitals", "not-installed"])
+def test_a_keras_backend_keras_cannot_load_is_refused_at_load_naming_the_variable(model_uri, monkeypatch, backend,
+                                                                                  problem):
+    """KERAS_BACKEND=tensorflw (or JAX, or one not installed) loaded the model into Keras's import traceback
+    ("ValueError: Unable to import backend : tensorflw"); it is refused in one line naming the variable, the backends
+    installed here and what an unset one loads. In process: Keras unloaded for the test, as in a fresh one."""
+    monkeypatch.setenv("KERAS_BACKEND", backend)
+    monkeypatch.delitem(sys.modules, "keras")  # Keras reads KERAS_BACKEND as it is first imported
+    installed = " or ".join(name for name in config.KERAS_BACKENDS if importlib.util.find_spec(name))
+    with pytest.raises(MlflowException) as info:
+        mlflow.pyfunc.load_model(model_uri)
+    message = info.value.message
+    assert problem in message and "\n" not in message, message
+    assert message.endswith(f"set one installed here (KERAS_BACKEND={installed}), or unset it: the model loads on "
+                            f"{keras.backend.backend()}, which trained it"), message
+    assert "keras" not in sys.modules  # refused before Keras's import
+
+
+def test_serving_on_a_misspelt_keras_backend_says_so_in_one_line(model_uri, tracking, tmp_path):
+    """`KERAS_BACKEND=tensorflw mlflow models serve` printed Keras's import traceback, and the reason in its last
+    line, between uvicorn's frames and MLflow's; the server's output names the variable in its first line now."""
+    _, uri = tracking
+    done = subprocess.run([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                           "-p", str(free_port()), "-h", "127.0.0.1", "-w", "1"],
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri, "KERAS_BACKEND": "tensorflw"},
+                          capture_output=True, text=True, timeout=SERVER_START_SECONDS)
+    assert done.returncode != 0
+    lines = done.stderr.splitlines()
+    refused = next(i for i, line in enumerate(lines) if line.startswith("KERAS_BACKEND: 'tensorflw' is no Keras "
+                                                                          "backend (jax, numpy, openvino"))
+    assert not [line for line in lines[:refused] if line.startswith("Traceback")], done.stderr[-3000:]
+    assert "Unable to import backend" not in done.stderr
 
 
 def test_scoring_a_served_model_runs_no_code_of_pipeline_but_scoring_code(model_uri):
@@ -1044,7 +1099,12 @@ def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(serve
     ({"inputs": [b64(encode(random_pixels(1, shape=(64, 64))[0])), "not base64!"]},
      "image 1: not a base64 image: not valid base64 (Only base64 data is allowed)"),
     ({"dataframe_records": [{"image": b64(b"no image")}]}, f"image 0: {UNDECODABLE} (not one of those formats)"),
-], ids=["pixels", "long-strings", "frame"])
+    ({"inputs": [b64(encode(random_pixels(1)[0])), 5]},
+     "image 1: '5' is a number or true/false, not a base64 image (a list mixing base64 strings with other values is "
+     "read as strings): send each image as a base64 string"),
+    ({"inputs": [{"image": b64(encode(random_pixels(1)[0]))}, 5]},
+     'image 1: int among records: send each image as a record {"image": "<b64>"}, or each as a base64 string unnamed'),
+], ids=["pixels", "long-strings", "frame", "number-among-strings", "number-among-records"])
 def test_a_refused_request_is_answered_with_its_reason_alone_in_one_line(local_model, body, problem):
     # MLflow's handler put the whole request before the reason: "Failed to predict data '[[[[0.85 0.64 ...' \nError:
     # bad input: ...", over dozens of lines, and a list of base64 strings whole (megabytes for a batch of photos)
@@ -1059,8 +1119,8 @@ def test_a_refused_request_is_answered_with_its_reason_alone_in_one_line(local_m
 def test_the_scoring_servers_other_bodies_are_answered_as_the_readme_says(local_model):
     """What README's Serving section says of the bodies besides JSON's four layouts, through MLflow's own request
     handler: CSV and Parquet with an `image` column are answered as JSON is; a `params` field is ignored; another
-    Content-Type is a 415, none a 500; base64 strings and pixel arrays in one batch are a 400 (MLflow's, before the
-    model)."""
+    Content-Type is a 415, none a 500; a body that is not JSON a 400 quoting it whole; base64 strings and pixel
+    arrays in one batch are a 400 (MLflow's, before the model)."""
     from mlflow.pyfunc.scoring_server import invocations
 
     encoded = [b64(encode(random_pixels(1, seed=seed)[0])) for seed in range(2)]
@@ -1083,8 +1143,37 @@ def test_the_scoring_servers_other_bodies_are_answered_as_the_readme_says(local_
     assert status == 415 and "Got 'text/plain'" in message
     with pytest.raises(AttributeError):  # no Content-Type: `None.split`, which MLflow's server answers HTTP 500
         answer(json.dumps({"inputs": encoded}), None)
+    cut_short = json.dumps({"inputs": encoded})[:-3]  # not JSON: MLflow's 400 quotes the whole body
+    status, message = answer(cut_short)
+    assert status == 400 and "valid JSON" in message and cut_short in message
     status, message = answer(json.dumps({"inputs": [encoded[0], random_pixels(1)[0].tolist()]}))
     assert status == 400 and "inhomogeneous shape" in message
+
+
+def test_deeply_nested_json_is_answered_as_the_readme_says(local_model):
+    """What README's Serving section says of JSON nested deep (`[[[[...]]]]`), through MLflow's own request handler in
+    this process, whose recursion limit is the server's (`pipeline` raises it to 20,000): up to 64 levels the model's
+    400 naming the shape; deeper, MLflow's 400 (numpy's 64 dimensions, or a RecursionError's text); from about 20,000,
+    json.loads's RecursionError, before any answer, which MLflow's server answers HTTP 500."""
+    from mlflow.pyfunc.scoring_server import invocations
+
+    def nested(depth: int) -> str:
+        return '{"inputs": ' + "[" * depth + "0" + "]" * depth + "}"
+
+    def refusal(depth: int) -> tuple[int, str]:
+        with pytest.raises(MlflowException) as info:
+            invocations(nested(depth), "application/json", local_model, None)
+        return info.value.get_http_status_code(), info.value.message
+
+    assert sys.getrecursionlimit() == 20_000
+    status, message = refusal(64)
+    assert status == 400 and message.startswith("bad input: pixels must have shape (n, 32, 32, 3), got (1, 1, 1")
+    assert refusal(65) == (400, "Invalid input. setting an array element with a sequence. The requested array would "
+                                "exceed the maximum number of dimension of 64.")
+    status, message = refusal(19_900)
+    assert status == 400 and "RecursionError" in message
+    with pytest.raises(RecursionError):  # raised where MLflow's handler catches nothing: its server's HTTP 500
+        invocations(nested(20_000), "application/json", local_model, None)
 
 
 def test_server_answers_good_requests_after_bad_ones(server, local_model):
