@@ -1044,6 +1044,40 @@ def test_evaluate_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(sto
             f"it (mlflow runs restore --run-id {trained}) to score its model")
 
 
+def test_evaluate_of_a_model_predicting_nan_fails_and_scores_nothing(store, in_process, tmp_path, monkeypatch):
+    """A model whose probabilities are NaN (a diverged model: one logged before train refused them, or whose weights
+    overflow on the test images) was scored as any other: argmax read each NaN row as class 0, so evaluate printed and
+    logged a test_acc of that class's share ("test_acc 0.1000  test_loss nan"), a real-looking accuracy register could
+    take. The step fails in one line naming the model and how many images it gave no number for, exit 3, run FAILED,
+    no score on the run or the model."""
+    from types import SimpleNamespace
+
+    from pipeline import data
+
+    dataset = data.make_synthetic(n_train=16, n_test=16)
+
+    def predict_proba(pixels, batch_size=None):
+        probs = np.full((len(pixels), 10), 0.1, dtype=np.float32)
+        probs[::4] = np.nan  # 4 of 16
+        return probs
+
+    model_id, _, _ = pyfunc_to_evaluate(Echo(), in_process, tmp_path)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=list(dataset.class_names), tta="none", predict_proba=predict_proba))
+    uri = f"models:/{model_id}"
+    result = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                        "--model-uri", uri, "--dataset-uri", str(tmp_path / "dataset.npz"))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "test_acc" not in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model_uri: {uri} gives NaN or infinite probabilities for 4 of 16 test images, as a model whose "
+        f"training diverged does: no score recorded, nothing to register; train it again with a lower train.lr")
+    (run,) = experiment_runs(MlflowClient(), "tags.step = 'evaluate'")
+    assert run.info.status == "FAILED" and "NaN or infinite" in run.data.tags["failure_reason"]
+    assert "test_acc" not in run.data.metrics
+    assert not MlflowClient().get_logged_model(model_id).metrics
+
+
 @pytest.mark.parametrize(("argv", "error"), [
     (["--model-uri", "", "--dataset-uri", "runs:/0123/dataset/dataset.npz"],
      "error: model_uri: empty; give models:/m-..., models:/<name>@<alias>, models:/<name>/<version>, "
