@@ -866,6 +866,34 @@ def test_test_acc_is_the_models_score_on_the_data_it_trained_on(store):
     assert table[["run", "test_acc"]].values.tolist() == [["a", 0.9], ["b", 0.8]]
 
 
+def test_a_test_acc_logged_as_nan_is_no_score_of_0(store):
+    """A test_acc logged as NaN on a model (a diverged model's, by other code) read back from MLflow's SQL store as 0.0
+    (it keeps no NaN flag for a logged model's metrics): compare showed the run's test_acc as 0.0000, a score, ranked
+    among the evaluated runs. It reads NaN, ranked after every score."""
+    import math
+
+    import mlflow
+
+    from pipeline import compare
+    from pipeline.tracking import steps
+    from tests.test_failures import Echo
+
+    experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    for name, acc in (("diverged", math.nan), ("real", 0.05)):
+        with mlflow.start_run(experiment_id=experiment_id, run_name=name,
+                              tags={"step": "train", "dataset_uri": "runs:/p/full"}):
+            mlflow.log_param("train.lr", "0.1")
+            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+            model_uri = info.model_uri
+            mlflow.set_tag("model_uri", model_uri)
+        with mlflow.start_run(experiment_id=experiment_id):
+            steps.log_evaluation({"model_uri": model_uri, "dataset_uri": "runs:/p/full"}, {"test_acc": acc},
+                                 model_uri, "a" * 64)
+    table = compare.run(experiment="e2e", metric="test_acc")["table"]
+    assert table["run"].tolist() == ["real", "diverged"], table[["run", "test_acc"]]
+    assert math.isnan(table["test_acc"].iloc[1]), table
+
+
 def test_a_model_evaluated_under_mlflow_run_on_a_path_that_needs_quotes_shows_its_test_acc(store, tmp_path):
     """`mlflow run . -e evaluate -P dataset_uri=<a path with a space>` logs that -P shell-quoted on the evaluate run
     (`'/data/my set/dataset.npz'`): compare took it for an evaluation of another dataset than the one the model trained

@@ -2432,12 +2432,27 @@ def test_a_model_whose_test_acc_is_no_accuracy_is_refused_before_anything_is_reg
     """A test_acc on a logged model that is no accuracy in [0, 1] (logged by another tool: a percentage; inf, which
     MLflow's SQL store keeps as the largest float) was registered as any score: 93.1 took the alias, and no score of
     evaluate's could beat it again. Refused in one line naming the model and the value, exit 2, no register run, no
-    version. (NaN, which that store reads back as 0.0, is a score of 0 to register.)"""
+    version. (NaN: test_a_model_whose_test_acc_is_nan_is_refused_not_read_as_0.)"""
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("e2e").experiment_id
     uri = evaluated_model(experiment_id, {"test_acc": acc})
     line = register_refused(in_process, experiment_id, uri)
     assert line.startswith(f"error: model_uri: {uri} has test_acc {read}, no accuracy in [0, 1] (logged by run "), line
+    assert client.search_registered_models() == []
+
+
+def test_a_model_whose_test_acc_is_nan_is_refused_not_read_as_0(store, in_process):
+    """A test_acc logged as NaN on a logged model (a diverged model's score, logged by other code) reads back from
+    MLflow's SQL store as 0.0 (it keeps no NaN flag for a logged model's metrics, as it does for a run's): register
+    registered it as a score of 0, and moved the alias to it where no version held it. The evaluate run's own metric
+    says NaN: refused in one line naming the model and saying so, exit 2, no register run, no version."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": math.nan, "test_loss": math.nan})
+    assert registry.model_score(uri).test_acc != 0.0
+    line = register_refused(in_process, experiment_id, uri)
+    assert line.startswith(f"error: model_uri: {uri} has test_acc NaN (logged by run "), line
+    assert line.endswith("as a diverged model's score is: train it again with a lower train.lr"), line
     assert client.search_registered_models() == []
 
 
