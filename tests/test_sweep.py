@@ -847,6 +847,29 @@ def test_interrupted_trials_are_counted_apart_from_failed_ones(store, tmp_path):
     assert "(2 interrupted, 1 fail)" in tags["mlflow.note.content"]
 
 
+def test_a_sweep_every_trial_of_which_diverged_says_so_and_exits_3(store):
+    """A sweep whose every trial diverged (an lr range too high) ended as any whose trials failed: exit 1, the line
+    pointing at trials.csv, the divergence and its hint (lower train.lr) one file away. It exits 3, as a train step
+    that diverged does, and the line ends with the first trial's reason."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    study = optuna.create_study(direction="maximize", study_name="diverged")
+    for lr in (1e12, 1e13):
+        reason = (f"TrainingDiverged: training diverged: loss became nan in epoch 1; nothing was registered. Lower "
+                  f"train.lr (now {lr:g}) or check the data")
+        run = client.create_run(experiment_id, tags={"step": "trial", "failure_reason": reason}).info.run_id
+        client.set_terminated(run, "FAILED")
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"train.lr": lr},
+                                                  distributions={"train.lr": optuna.distributions.FloatDistribution(
+                                                      1e-6, 1e14)}, user_attrs={"mlflow_run_id": run}))
+    error = sweep.no_trial_finished_error(study)
+    assert error.status == 3
+    assert str(error) == sweep.nothing_finished(study) == (
+        "no trial of study diverged finished (2 failed); nothing registered: every trial diverged, as trial 0: "
+        "TrainingDiverged: training diverged: loss became nan in epoch 1; nothing was registered. Lower train.lr "
+        "(now 1e+12) or check the data")
+
+
 @pytest.mark.parametrize(("typed", "canonical"), [
     ("sqlite:///mlflow.db", "sqlite:///{cwd}/mlflow.db"),
     ("sqlite:///./runs/../mlflow.db?timeout=20", "sqlite:///{cwd}/mlflow.db?timeout=20"),
