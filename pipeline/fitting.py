@@ -1118,7 +1118,8 @@ def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
 
 
 def diverged(history: keras.callbacks.History) -> str | None:
-    """Why training diverged, or None if the last epoch's loss and val_loss are finite. A NaN val_loss with a finite
+    """Why training diverged ("training diverged: ...", the start `tracking.steps.run_status` reads on a run's
+    failure_reason), or None if the last epoch's loss and val_loss are finite. A NaN val_loss with a finite
     loss is a model whose predictions are not numbers for some validation images (with train.ema, the averaged weights
     validated, evaluated and served, while the raw ones trained on)."""
     for key in ("loss", "val_loss"):
