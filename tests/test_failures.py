@@ -1660,6 +1660,23 @@ def test_a_champion_registered_by_hand_is_weighed_by_its_models_score(store):
             assert decision["champion_test_acc"] is None and "without a test_acc" in decision["reason"]
 
 
+def test_a_champion_whose_models_score_is_nan_gives_up_the_alias(store):
+    """A version registered by hand whose model's test_acc is NaN (a diverged model's score, logged by other code) read
+    as 0.0 from the store's logged model, a score any challenger beat. Read as NaN, no challenger could beat it
+    ("does not beat v1's nan") and the alias stayed on it for good: a NaN champion is no score to weigh against, and
+    the alias moves, the reason saying why."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    mlflow.register_model(evaluated_model(experiment_id, {"test_acc": math.nan}), "cifar10-resnet")
+    client.set_registered_model_alias("cifar10-resnet", "champion", "1")
+    decision = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
+    assert decision["alias_moved"] and decision["champion_version"] == 1, decision
+    assert decision["champion_test_acc"] is None, decision
+    assert decision["reason"] == ("v1 holds @champion with test_acc NaN, a diverged model's score: no score to weigh "
+                                  "test_acc 0.5000 against; @champion moved"), decision
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
+
+
 @pytest.mark.parametrize("tag", ["n/a", "nan", "", "93.1"])
 def test_a_champions_test_acc_tag_edited_to_no_accuracy_is_weighed_by_its_models_score(store, tag):
     """A version's test_acc tag edited by hand to something that is no accuracy failed every register with a
