@@ -47,9 +47,13 @@ def failed_main(in_process, epochs: str, overrides: str, code: int, error: str):
 
 
 def test_divergence_fails_the_run_exits_3_and_registers_nothing(store, in_process):
+    """The epoch that diverged logged (and printed) an acc and a val_acc of a model whose outputs are NaN, argmax
+    reading each NaN row as class 0 ("val_acc: 0.0586 - val_loss: nan"): a real-looking accuracy of a diverged run in
+    the UI and compare. They are NaN, as its loss."""
     client, run = failed_main(in_process, "2", f"train.lr=1e12 data.synthetic_train=256 {SMALLEST_MODEL}", 3,
                               "training diverged: loss became nan")
     assert run.info.status == "FAILED" and "diverged" in run.data.tags["failure_reason"]
+    assert all(math.isnan(run.data.metrics[key]) for key in ("loss", "acc", "val_loss", "val_acc")), run.data.metrics
     statuses = {r.data.tags.get("step"): r.info.status for r in experiment_runs(client)}
     assert statuses == {"prepare": "FINISHED", "train": "FAILED", "main": "FAILED"}, statuses
     assert client.search_registered_models() == []
