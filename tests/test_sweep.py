@@ -1720,17 +1720,19 @@ def test_a_study_whose_sweep_run_is_not_in_this_store_or_deleted_is_refused_befo
     assert [r.info.run_id for r in client.search_runs([experiment_id], run_view_type=3)] == [deleted]
 
 
-def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_1(store, tmp_path, in_process):
-    """Its first command exits 1 (no trial finished, nothing registered); the rerun said "is done" and exited 0.
+def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_as_the_first(store, tmp_path, in_process):
+    """Its first command exits 3 (no trial finished, nothing registered: every trial diverged); the rerun said "is
+    done" and exited 0.
     Each command's own run ends saying why in one line, as every other failing step's does: the sweep run ended
     FINISHED (under `mlflow run`: FAILED by `mlflow run`, with no reason), and the run `mlflow run` opened for the
     rerun FAILED with no reason."""
     spec = write_spec(tmp_path, "sweep-diverges", "grid:\n  train.lr: [1.0e+9]\n")  # diverges in its first epoch
     args = ("sweep", "--spec", spec, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}")
     first = in_process(*args)
-    assert first.returncode == 1, first.stderr[-2000:]
+    assert first.returncode == 3, first.stderr[-2000:]
     (line,) = [line for line in first.stderr.splitlines() if line.startswith("error: ")]
     assert line.startswith("error: no trial of study sweep-diverges-") and " finished (1 failed); nothing " in line
+    assert "every trial diverged, as trial 0: TrainingDiverged: training diverged: loss became nan" in line
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("cifar10-resnet").experiment_id
     (parent,) = client.search_runs([experiment_id], "tags.step = 'sweep'")
@@ -1740,7 +1742,7 @@ def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_1(store, t
 
     wrapper = client.create_run(client.get_experiment_by_name("e2e").experiment_id).info.run_id  # as `mlflow run`
     rerun = in_process(*args, env={"MLFLOW_RUN_ID": wrapper})
-    assert rerun.returncode == 1, rerun.stderr[-2000:]
+    assert rerun.returncode == 3, rerun.stderr[-2000:]
     (line,) = [line for line in rerun.stderr.splitlines() if line.startswith("error: ")]
     assert line.endswith("is done, but none of its 1 trials finished; nothing registered. Pass another -P study= "
                          "for a new sweep")
