@@ -1684,16 +1684,20 @@ def best_of(done: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
 
 
 STATE_WORDS = {"COMPLETE": "finished", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running", "WAITING": "waiting",
-               "INTERRUPTED": "interrupted"}
+               "INTERRUPTED": "interrupted", "DIVERGED": "diverged"}
+DIVERGED_REASON = "TrainingDiverged: "  # the start of the failure_reason of a trial whose training diverged
 
 
 def outcomes(table: pd.DataFrame) -> pd.Series:
-    """How each trial of a `trial_table` ended: its state in the study, but INTERRUPTED for one stopped by a signal,
-    which Optuna holds FAIL (`stopped`): counted with the trials that failed, a Ctrl-C read as a failure."""
+    """How each trial of a `trial_table` ended: its state in the study, but INTERRUPTED for one stopped by a signal
+    and DIVERGED for one whose training diverged (a NaN loss), which Optuna holds FAIL (`stopped`): counted with the
+    trials that failed, a Ctrl-C read as a failure, and an lr range too high as broken trials."""
     if table.empty:
         return pd.Series(dtype=object)
-    interrupted = (table["state"] == "FAIL") & table["failure_reason"].str.startswith("interrupted by ")
-    return table["state"].where(~interrupted, "INTERRUPTED")
+    failed = table["state"] == "FAIL"
+    interrupted = failed & table["failure_reason"].str.startswith("interrupted by ")
+    diverged = failed & table["failure_reason"].str.startswith(DIVERGED_REASON)
+    return table["state"].where(~interrupted, "INTERRUPTED").where(~diverged, "DIVERGED")
 
 
 class NoTrialFinished(StepFailed):
@@ -1715,7 +1719,7 @@ def refused_params(table: pd.DataFrame) -> str | None:
 def every_trial_diverged(table: pd.DataFrame) -> str | None:
     """Where every trial of a `trial_table` diverged (train's TrainingDiverged: a NaN loss, an lr range too high), the
     first one's reason, "trial 0: TrainingDiverged: training diverged: ... Lower train.lr ..."; else None."""
-    return every_trial_failed(table, "TrainingDiverged: ")
+    return every_trial_failed(table, DIVERGED_REASON)
 
 
 def every_trial_failed(table: pd.DataFrame, reason: str) -> str | None:

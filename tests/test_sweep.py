@@ -847,6 +847,31 @@ def test_interrupted_trials_are_counted_apart_from_failed_ones(store, tmp_path):
     assert "(2 interrupted, 1 fail)" in tags["mlflow.note.content"]
 
 
+def test_diverged_trials_are_counted_apart_from_failed_ones(store, tmp_path):
+    """A trial that diverged was counted with those that failed ("2 failed", tag trials_fail): a sweep whose lr range
+    reached too high read as one with broken trials. Counted apart: tag trials_diverged, "N diverged" in the note and
+    in the line of a study none of whose trials finished."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-mixed", GRID))
+    study = optuna.create_study(direction="maximize", study_name="mixed")
+    study.set_user_attr("mlflow_parent_run_id", client.create_run(experiment_id).info.run_id)
+    for lr, reason in ((0.1, "TrainingDiverged: training diverged: loss became nan in epoch 1; ..."),
+                       (0.000001, "DataError: data.source: unreadable")):
+        run = client.create_run(experiment_id, tags={"step": "trial", "failure_reason": reason}).info.run_id
+        client.set_terminated(run, "FAILED")
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"train.lr": lr},
+                                                  distributions=plan.space, user_attrs={"mlflow_run_id": run}))
+    reason = ("no trial of study mixed finished (1 diverged, 1 failed); nothing registered: the trials table "
+              "(trials.csv) says why: each trial's failure_reason (its run's tag), or pruned_at_epoch")
+    assert sweep.nothing_finished(study) == reason
+    assert sweep.no_trial_finished_error(study).status == 1
+    sweep.register_best(plan, study)
+    tags = client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags
+    assert (tags["trials_diverged"], tags["trials_fail"], tags["failure_reason"]) == ("1", "1", reason)
+    assert "(1 diverged, 1 fail)" in tags["mlflow.note.content"]
+
+
 def test_a_sweep_every_trial_of_which_diverged_says_so_and_exits_3(store):
     """A sweep whose every trial diverged (an lr range too high) ended as any whose trials failed: exit 1, the line
     pointing at trials.csv, the divergence and its hint (lower train.lr) one file away. It exits 3, as a train step
@@ -865,7 +890,7 @@ def test_a_sweep_every_trial_of_which_diverged_says_so_and_exits_3(store):
     error = sweep.no_trial_finished_error(study)
     assert error.status == 3
     assert str(error) == sweep.nothing_finished(study) == (
-        "no trial of study diverged finished (2 failed); nothing registered: every trial diverged, as trial 0: "
+        "no trial of study diverged finished (2 diverged); nothing registered: every trial diverged, as trial 0: "
         "TrainingDiverged: training diverged: loss became nan in epoch 1; nothing was registered. Lower train.lr "
         "(now 1e+12) or check the data")
 
@@ -1731,7 +1756,7 @@ def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_as_the_fir
     first = in_process(*args)
     assert first.returncode == 3, first.stderr[-2000:]
     (line,) = [line for line in first.stderr.splitlines() if line.startswith("error: ")]
-    assert line.startswith("error: no trial of study sweep-diverges-") and " finished (1 failed); nothing " in line
+    assert line.startswith("error: no trial of study sweep-diverges-") and " finished (1 diverged); nothing " in line
     assert "every trial diverged, as trial 0: TrainingDiverged: training diverged: loss became nan" in line
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("cifar10-resnet").experiment_id
