@@ -342,7 +342,7 @@ def left_out_note(unfinished: dict[str, int], other_project: int = 0, no_params:
     if not unfinished:
         return note
     total = sum(unfinished.values())
-    statuses = ", ".join(f"{n} {status}" for status, n in sorted(unfinished.items()))
+    statuses = steps.unfinished_counts(unfinished)
     return note + (f"Left out: {total} training run{'s' * (total > 1)} not finished ({statuses}: still training, or "
                    "stopped before the end): only finished runs compare.\n\n")
 

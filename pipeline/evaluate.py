@@ -11,7 +11,8 @@ Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`, `t
 Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`. On its own
 (`-e evaluate`), it reads and checks the model and the dataset before it opens a run: a URI naming no model, a model
 that is no image classifier, one not logged whole (FAILED, PENDING), one whose run is in MLflow's trash or one of other
-classes is one line, exit 2; so is a dataset of a run in MLflow's trash.
+classes is one line, exit 2; so is a dataset of a run in MLflow's trash. A model giving NaN or infinite probabilities
+(a diverged model) fails the step, exit 3, before any score is recorded.
 Register runs `run` too, in an evaluate run of its own, to score a champion on a challenger's test data.
 """
 
@@ -28,7 +29,7 @@ import pandas as pd
 from pipeline import config, data, prepare
 from pipeline.data import Dataset
 from pipeline.inputs import refuse_unusable_backend
-from pipeline.tracking import artifact_dir, cli, registry, step_run, steps
+from pipeline.tracking import StepFailed, artifact_dir, cli, registry, step_run, steps
 from pipeline.tracking.resume import dataset_sha256, step_lock
 
 if __name__ == "__main__":  # a backend Keras cannot load: one line, exit 2, before Keras loads below
@@ -132,6 +133,16 @@ def check_classes(classifier, dataset: Dataset, model_uri: str) -> None:
                                  f"{type(classifier).__name__}): evaluate cannot score it")
 
 
+def check_finite(probs: np.ndarray, model_uri: str) -> None:
+    """StepFailed where some probabilities are NaN or infinite (a diverged model): argmax reads a NaN row as class 0,
+    and the test_acc would be that class's share of the images, a real-looking accuracy for register to take."""
+    bad = int((~np.isfinite(probs)).any(axis=1).sum())
+    if bad:
+        raise StepFailed(f"model_uri: {model_uri} gives NaN or infinite probabilities for {bad} of {len(probs)} test "
+                         f"images, as a model whose training diverged does: no score recorded, nothing to register; "
+                         f"train it again with a lower train.lr")
+
+
 def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Dataset | None = None,
         classifier=None, logged_model: str | None = None) -> dict:
     """Evaluate inside the active run; return the metrics. `dataset` and `classifier`: the dataset at `dataset_uri`
@@ -150,6 +161,7 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
         print(f"note: evaluate.tta={cfg.evaluate.tta} not applied: {model_uri} was logged with test-time "
               f"augmentation {tta}, and is scored as it is served", file=sys.stderr)
     probs = classifier.predict_proba(dataset.x_test, batch_size=cfg.evaluate.batch_size)
+    check_finite(probs, model_uri)
     metrics, confusion = score(probs, dataset)
     metrics["test_images_in_train"] = test_images_in_train(scored, dataset_uri, dataset)
     # test_images too: the UI then tells a score on a subset from one on the whole split by more than a digest

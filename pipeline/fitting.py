@@ -986,8 +986,8 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
         callbacks = [*callbacks, keras.callbacks.ProgbarLogger(), EpochLine(bar=True)]
     # the replicas' statistics averaged first: before EMA's recomputation, the validation, the checkpoint at the end
     callbacks = [*replica_mean_batch_norm(model), *callbacks]
-    options = dict(epochs=t.epochs, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks, Interruptible()],
-                   verbose=verbose)
+    options = dict(epochs=t.epochs, callbacks=[keras.callbacks.TerminateOnNaN(), NoScoreWhereDiverged(), *callbacks,
+                                               Interruptible()], verbose=verbose)
     first_epoch = max((Checkpoint.completed_epochs(c.backup_dir) for c in callbacks if isinstance(c, Checkpoint)),
                       default=0)
     if keras.backend.backend() != "tensorflow":
@@ -1002,6 +1002,18 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
                                   drop_remainder=t.drop_remainder, alternate_flip=t.alternate_flip),
                      validation_data=host_batches(x_val, y_val, t.batch_size, shuffle=False),
                      shuffle=False, **options)  # the order is host_batches' own (Keras warns that it ignores shuffle)
+
+
+class NoScoreWhereDiverged(keras.callbacks.Callback):
+    """An epoch whose loss (val_loss) is NaN or infinite has its acc (val_acc) set to NaN for every callback after this
+    one, History included: it is that of a model whose outputs are not numbers, argmax reading each NaN row as class
+    0, and a val_acc of that class's share was logged and printed as a real accuracy."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        for prefix in ("", "val_"):
+            loss = (logs or {}).get(f"{prefix}loss")
+            if loss is not None and not np.isfinite(loss) and f"{prefix}acc" in logs:  # compile_model's one metric
+                logs[f"{prefix}acc"] = math.nan
 
 
 class Checkpoint(keras.callbacks.BackupAndRestore):
@@ -1118,7 +1130,8 @@ def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
 
 
 def diverged(history: keras.callbacks.History) -> str | None:
-    """Why training diverged, or None if the last epoch's loss and val_loss are finite. A NaN val_loss with a finite
+    """Why training diverged ("training diverged: ...", the start `tracking.steps.run_status` reads on a run's
+    failure_reason), or None if the last epoch's loss and val_loss are finite. A NaN val_loss with a finite
     loss is a model whose predictions are not numbers for some validation images (with train.ema, the averaged weights
     validated, evaluated and served, while the raw ones trained on)."""
     for key in ("loss", "val_loss"):

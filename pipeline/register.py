@@ -31,6 +31,7 @@ This module decides and writes the report; reading and writing the registry is `
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import traceback
 
@@ -241,6 +242,8 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
     champion = registry.current_champion(name, alias)
     held = registry.version_score(champion) if champion else None
     champion_acc = held.test_acc if held else None
+    diverged = champion_acc is not None and math.isnan(champion_acc)  # its model's score: a diverged model's
+    champion_acc = None if diverged else champion_acc  # no score to weigh or rescore
 
     tagged = f"{score.test_acc:.6f}"  # compared as tagged: the champion's score is its tag (an equal score is a tie)
     test_acc, test_data = float(tagged), score.test_data
@@ -296,6 +299,9 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
                                f"{registry.version_model_uri(champion)} was logged by run {trashed}, which is in "
                                f"MLflow's trash (mlflow runs restore --run-id {trashed} restores it): not weighed "
                                f"against test_acc {test_acc:.4f}{was}; @{alias} moved")
+    elif diverged:  # a NaN no challenger could beat kept the alias for good
+        moved, reason = True, (f"v{champion.version} holds @{alias} with test_acc NaN, a diverged model's score: no "
+                               f"score to weigh test_acc {test_acc:.4f} against; @{alias} moved")
     elif champion_acc is None:
         moved, reason = False, (f"v{champion.version} holds @{alias} without a test_acc (registered by hand, and "
                                 f"evaluate has not scored its model): @{alias} kept; evaluate it, or move @{alias} "

@@ -41,9 +41,9 @@ Writes: one sweep parent run (tag step = 'sweep'; its id is kept in the study's 
         training images held out: `train.validation_fraction` > 0 is required, so no trial is chosen on the test images
         whose test_acc it reports, and the same for every trial, so none is ranked on a share of other size;
         register's own rule then applies) and compares the finished trials. Where none finished, the command exits 1
-        (2 where each failed on its params) with one line (`nothing_finished`), which is also tag `failure_reason` of
-        the sweep run, ended FAILED, and of the run `mlflow run` opened for a command that joined the study or reran it
-        once done.
+        (2 where each failed on its params, 3 where each diverged) with one line (`nothing_finished`), which is also
+        tag `failure_reason` of the sweep run, ended FAILED, and of the run `mlflow run` opened for a command that
+        joined the study or reran it once done.
 The MLflow side of trials (creating, entering, failing and reading their runs) is `pipeline.tracking.trials`.
 """
 
@@ -1684,21 +1684,26 @@ def best_of(done: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
 
 
 STATE_WORDS = {"COMPLETE": "finished", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running", "WAITING": "waiting",
-               "INTERRUPTED": "interrupted"}
+               "INTERRUPTED": "interrupted", "DIVERGED": "diverged"}
+DIVERGED_REASON = "TrainingDiverged: "  # the start of the failure_reason of a trial whose training diverged
 
 
 def outcomes(table: pd.DataFrame) -> pd.Series:
-    """How each trial of a `trial_table` ended: its state in the study, but INTERRUPTED for one stopped by a signal,
-    which Optuna holds FAIL (`stopped`): counted with the trials that failed, a Ctrl-C read as a failure."""
+    """How each trial of a `trial_table` ended: its state in the study, but INTERRUPTED for one stopped by a signal
+    and DIVERGED for one whose training diverged (a NaN loss), which Optuna holds FAIL (`stopped`): counted with the
+    trials that failed, a Ctrl-C read as a failure, and an lr range too high as broken trials."""
     if table.empty:
         return pd.Series(dtype=object)
-    interrupted = (table["state"] == "FAIL") & table["failure_reason"].str.startswith("interrupted by ")
-    return table["state"].where(~interrupted, "INTERRUPTED")
+    failed = table["state"] == "FAIL"
+    interrupted = failed & table["failure_reason"].str.startswith("interrupted by ")
+    diverged = failed & table["failure_reason"].str.startswith(DIVERGED_REASON)
+    return table["state"].where(~interrupted, "INTERRUPTED").where(~diverged, "DIVERGED")
 
 
 class NoTrialFinished(StepFailed):
-    """No trial of the study finished: nothing to register. The command exits `status` (`run`): 1, or 2 where every
-    trial failed on its params (`refused_params`), as a command refused on bad input does."""
+    """No trial of the study finished: nothing to register. The command exits `status` (`run`): 1, 2 where every
+    trial failed on its params (`refused_params`), as a command refused on bad input does, or 3 where every trial
+    diverged (`every_trial_diverged`), as a train step that diverges does."""
 
     def __init__(self, message: str, status: int = 1):
         super().__init__(message)
@@ -1708,8 +1713,20 @@ class NoTrialFinished(StepFailed):
 def refused_params(table: pd.DataFrame) -> str | None:
     """Where every trial of a `trial_table` failed on its params (a ConfigError: too few images for a data path that
     only a trial's prepare counted, say), the first one's reason, "trial 0: ConfigError: ..."; else None."""
+    return every_trial_failed(table, "ConfigError: ")
+
+
+def every_trial_diverged(table: pd.DataFrame) -> str | None:
+    """Where every trial of a `trial_table` diverged (train's TrainingDiverged: a NaN loss, an lr range too high), the
+    first one's reason, "trial 0: TrainingDiverged: training diverged: ... Lower train.lr ..."; else None."""
+    return every_trial_failed(table, DIVERGED_REASON)
+
+
+def every_trial_failed(table: pd.DataFrame, reason: str) -> str | None:
+    """Where every trial of a `trial_table` failed with a failure_reason starting `reason`, the first one's, "trial 0:
+    <its reason>"; else None."""
     if table.empty or not (table["state"] == "FAIL").all() or \
-            not table["failure_reason"].str.startswith("ConfigError: ").all():
+            not table["failure_reason"].str.startswith(reason).all():
         return None
     return f"trial {table['trial'].iloc[0]}: {table['failure_reason'].iloc[0]}"
 
@@ -1718,20 +1735,25 @@ def nothing_finished(study: optuna.Study, table: pd.DataFrame | None = None) -> 
     """The one line of a study none of whose trials finished: the command's `error:` line and tag `failure_reason` of
     its sweep run, e.g. "no trial of study s-1a2b3c4d finished (2 failed, 1 pruned); nothing registered ...", or,
     where every trial failed on its params, "... nothing registered: every trial's params were refused, as trial 0:
-    ConfigError: ...". `table`: its `trial_table`, where read already."""
+    ConfigError: ...", or diverged, "... every trial diverged, as trial 0: TrainingDiverged: ...". `table`: its
+    `trial_table`, where read already."""
     table = trial_table(study) if table is None else table
     counts = collections.Counter(outcomes(table))
     outcome = ", ".join(f"{n} {STATE_WORDS.get(state, state.lower())}" for state, n in counts.items())
     if refused := refused_params(table):
         return (f"no trial of study {study.study_name} finished ({outcome}); nothing registered: every trial's params "
                 f"were refused, as {refused}")
+    if diverged := every_trial_diverged(table):
+        return (f"no trial of study {study.study_name} finished ({outcome}); nothing registered: every trial "
+                f"diverged, as {diverged}")
     return (f"no trial of study {study.study_name} finished ({outcome or 'no trials'}); nothing registered: the "
             f"trials table (trials.csv) says why: each trial's failure_reason (its run's tag), or pruned_at_epoch")
 
 
 def no_trial_finished_error(study: optuna.Study) -> NoTrialFinished:
     table = trial_table(study)
-    return NoTrialFinished(nothing_finished(study, table), 2 if refused_params(table) else 1)
+    status = 2 if refused_params(table) else 3 if every_trial_diverged(table) else 1
+    return NoTrialFinished(nothing_finished(study, table), status)
 
 
 def register_best(plan: Plan, study: optuna.Study) -> dict:

@@ -496,6 +496,42 @@ def test_training_runs_left_out_as_unfinished_are_counted_above_the_table(store)
         compare.run("e2e", metric="val_acc")
 
 
+def test_diverged_training_runs_left_out_are_counted_as_diverged(store):
+    """A training run that diverged (FAILED, its failure_reason "training diverged: ...") was counted with the runs
+    "still training, or stopped before the end", and named by id refused as "FAILED": nothing said its training had
+    gone NaN. The line above the table, the error where none finished and the refusal of its id each say diverged."""
+    from mlflow import MlflowClient
+
+    from pipeline import compare, config
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    ids = {}
+    for name, status, reason in (("done", "FINISHED", None), ("failed", "FAILED", "DataError: disk gone"),
+                                 ("nan", "FAILED", "training diverged: loss became nan in epoch 1; nothing was "
+                                                   "registered. Lower train.lr (now 1e+12) or check the data"),
+                                 ("nan2", "FAILED", "training diverged: val_loss became nan in epoch 2; ...")):
+        run = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+        client.log_param(run, "train.epochs", "2")
+        client.log_metric(run, "val_acc", 0.5, step=1)
+        if reason:
+            client.set_tag(run, "failure_reason", reason)
+        client.set_terminated(run, status=status, end_time=2_000)
+        ids[name] = run
+    assert compare.run("e2e", metric="val_acc")["markdown"].startswith(
+        "Left out: 3 training runs not finished (2 diverged, 1 FAILED: still training, or stopped before the end): "
+        "only finished runs compare.")
+    with pytest.raises(config.ConfigError) as refused:
+        compare.run(run_ids=[ids["done"], ids["nan"]], metric="val_acc")
+    assert str(refused.value) == (f"run_ids: not finished training runs: {ids['nan']} (diverged: training diverged: "
+                                  f"loss became nan in epoch 1; nothing was registered. Lower train.lr (now 1e+12) or "
+                                  f"check the data)")
+    client.delete_run(ids["done"])
+    with pytest.raises(config.ConfigError, match=r"^experiment: no finished training runs \(tag step='train'\) in "
+                                                 r"experiment 'e2e' \(not finished: 2 diverged, 1 FAILED\)$"):
+        compare.run("e2e", metric="val_acc")
+
+
 def test_training_runs_of_another_project_in_the_store_are_left_out_saying_so(store):
     """Another project sharing the store tags its runs step=train too: every experiment compared showed them as rows,
     with a column for each of this pipeline's params (empty in theirs) and one for each of theirs (empty in ours),
@@ -864,6 +900,34 @@ def test_test_acc_is_the_models_score_on_the_data_it_trained_on(store):
                 mlflow.end_run(*status)
     table = compare.run(experiment="e2e", metric="test_acc")["table"]
     assert table[["run", "test_acc"]].values.tolist() == [["a", 0.9], ["b", 0.8]]
+
+
+def test_a_test_acc_logged_as_nan_is_no_score_of_0(store):
+    """A test_acc logged as NaN on a model (a diverged model's, by other code) read back from MLflow's SQL store as 0.0
+    (it keeps no NaN flag for a logged model's metrics): compare showed the run's test_acc as 0.0000, a score, ranked
+    among the evaluated runs. It reads NaN, ranked after every score."""
+    import math
+
+    import mlflow
+
+    from pipeline import compare
+    from pipeline.tracking import steps
+    from tests.test_failures import Echo
+
+    experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    for name, acc in (("diverged", math.nan), ("real", 0.05)):
+        with mlflow.start_run(experiment_id=experiment_id, run_name=name,
+                              tags={"step": "train", "dataset_uri": "runs:/p/full"}):
+            mlflow.log_param("train.lr", "0.1")
+            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+            model_uri = info.model_uri
+            mlflow.set_tag("model_uri", model_uri)
+        with mlflow.start_run(experiment_id=experiment_id):
+            steps.log_evaluation({"model_uri": model_uri, "dataset_uri": "runs:/p/full"}, {"test_acc": acc},
+                                 model_uri, "a" * 64)
+    table = compare.run(experiment="e2e", metric="test_acc")["table"]
+    assert table["run"].tolist() == ["real", "diverged"], table[["run", "test_acc"]]
+    assert math.isnan(table["test_acc"].iloc[1]), table
 
 
 def test_a_model_evaluated_under_mlflow_run_on_a_path_that_needs_quotes_shows_its_test_acc(store, tmp_path):

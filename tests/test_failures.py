@@ -47,9 +47,13 @@ def failed_main(in_process, epochs: str, overrides: str, code: int, error: str):
 
 
 def test_divergence_fails_the_run_exits_3_and_registers_nothing(store, in_process):
+    """The epoch that diverged logged (and printed) an acc and a val_acc of a model whose outputs are NaN, argmax
+    reading each NaN row as class 0 ("val_acc: 0.0586 - val_loss: nan"): a real-looking accuracy of a diverged run in
+    the UI and compare. They are NaN, as its loss."""
     client, run = failed_main(in_process, "2", f"train.lr=1e12 data.synthetic_train=256 {SMALLEST_MODEL}", 3,
                               "training diverged: loss became nan")
     assert run.info.status == "FAILED" and "diverged" in run.data.tags["failure_reason"]
+    assert all(math.isnan(run.data.metrics[key]) for key in ("loss", "acc", "val_loss", "val_acc")), run.data.metrics
     statuses = {r.data.tags.get("step"): r.info.status for r in experiment_runs(client)}
     assert statuses == {"prepare": "FINISHED", "train": "FAILED", "main": "FAILED"}, statuses
     assert client.search_registered_models() == []
@@ -1044,6 +1048,40 @@ def test_evaluate_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(sto
             f"it (mlflow runs restore --run-id {trained}) to score its model")
 
 
+def test_evaluate_of_a_model_predicting_nan_fails_and_scores_nothing(store, in_process, tmp_path, monkeypatch):
+    """A model whose probabilities are NaN (a diverged model: one logged before train refused them, or whose weights
+    overflow on the test images) was scored as any other: argmax read each NaN row as class 0, so evaluate printed and
+    logged a test_acc of that class's share ("test_acc 0.1000  test_loss nan"), a real-looking accuracy register could
+    take. The step fails in one line naming the model and how many images it gave no number for, exit 3, run FAILED,
+    no score on the run or the model."""
+    from types import SimpleNamespace
+
+    from pipeline import data
+
+    dataset = data.make_synthetic(n_train=16, n_test=16)
+
+    def predict_proba(pixels, batch_size=None):
+        probs = np.full((len(pixels), 10), 0.1, dtype=np.float32)
+        probs[::4] = np.nan  # 4 of 16
+        return probs
+
+    model_id, _, _ = pyfunc_to_evaluate(Echo(), in_process, tmp_path)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=list(dataset.class_names), tta="none", predict_proba=predict_proba))
+    uri = f"models:/{model_id}"
+    result = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                        "--model-uri", uri, "--dataset-uri", str(tmp_path / "dataset.npz"))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "test_acc" not in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model_uri: {uri} gives NaN or infinite probabilities for 4 of 16 test images, as a model whose "
+        f"training diverged does: no score recorded, nothing to register; train it again with a lower train.lr")
+    (run,) = experiment_runs(MlflowClient(), "tags.step = 'evaluate'")
+    assert run.info.status == "FAILED" and "NaN or infinite" in run.data.tags["failure_reason"]
+    assert "test_acc" not in run.data.metrics
+    assert not MlflowClient().get_logged_model(model_id).metrics
+
+
 @pytest.mark.parametrize(("argv", "error"), [
     (["--model-uri", "", "--dataset-uri", "runs:/0123/dataset/dataset.npz"],
      "error: model_uri: empty; give models:/m-..., models:/<name>@<alias>, models:/<name>/<version>, "
@@ -1624,6 +1662,23 @@ def test_a_champion_registered_by_hand_is_weighed_by_its_models_score(store):
             assert decision["champion_test_acc"] == 0.976562 and "does not beat v1's 0.9766" in decision["reason"]
         else:
             assert decision["champion_test_acc"] is None and "without a test_acc" in decision["reason"]
+
+
+def test_a_champion_whose_models_score_is_nan_gives_up_the_alias(store):
+    """A version registered by hand whose model's test_acc is NaN (a diverged model's score, logged by other code) read
+    as 0.0 from the store's logged model, a score any challenger beat. Read as NaN, no challenger could beat it
+    ("does not beat v1's nan") and the alias stayed on it for good: a NaN champion is no score to weigh against, and
+    the alias moves, the reason saying why."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    mlflow.register_model(evaluated_model(experiment_id, {"test_acc": math.nan}), "cifar10-resnet")
+    client.set_registered_model_alias("cifar10-resnet", "champion", "1")
+    decision = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
+    assert decision["alias_moved"] and decision["champion_version"] == 1, decision
+    assert decision["champion_test_acc"] is None, decision
+    assert decision["reason"] == ("v1 holds @champion with test_acc NaN, a diverged model's score: no score to weigh "
+                                  "test_acc 0.5000 against; @champion moved"), decision
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
 
 
 @pytest.mark.parametrize("tag", ["n/a", "nan", "", "93.1"])
@@ -2398,12 +2453,27 @@ def test_a_model_whose_test_acc_is_no_accuracy_is_refused_before_anything_is_reg
     """A test_acc on a logged model that is no accuracy in [0, 1] (logged by another tool: a percentage; inf, which
     MLflow's SQL store keeps as the largest float) was registered as any score: 93.1 took the alias, and no score of
     evaluate's could beat it again. Refused in one line naming the model and the value, exit 2, no register run, no
-    version. (NaN, which that store reads back as 0.0, is a score of 0 to register.)"""
+    version. (NaN: test_a_model_whose_test_acc_is_nan_is_refused_not_read_as_0.)"""
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("e2e").experiment_id
     uri = evaluated_model(experiment_id, {"test_acc": acc})
     line = register_refused(in_process, experiment_id, uri)
     assert line.startswith(f"error: model_uri: {uri} has test_acc {read}, no accuracy in [0, 1] (logged by run "), line
+    assert client.search_registered_models() == []
+
+
+def test_a_model_whose_test_acc_is_nan_is_refused_not_read_as_0(store, in_process):
+    """A test_acc logged as NaN on a logged model (a diverged model's score, logged by other code) reads back from
+    MLflow's SQL store as 0.0 (it keeps no NaN flag for a logged model's metrics, as it does for a run's): register
+    registered it as a score of 0, and moved the alias to it where no version held it. The evaluate run's own metric
+    says NaN: refused in one line naming the model and saying so, exit 2, no register run, no version."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    uri = evaluated_model(experiment_id, {"test_acc": math.nan, "test_loss": math.nan})
+    assert registry.model_score(uri).test_acc != 0.0
+    line = register_refused(in_process, experiment_id, uri)
+    assert line.startswith(f"error: model_uri: {uri} has test_acc NaN (logged by run "), line
+    assert line.endswith("as a diverged model's score is: train it again with a lower train.lr"), line
     assert client.search_registered_models() == []
 
 

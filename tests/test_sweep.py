@@ -847,6 +847,54 @@ def test_interrupted_trials_are_counted_apart_from_failed_ones(store, tmp_path):
     assert "(2 interrupted, 1 fail)" in tags["mlflow.note.content"]
 
 
+def test_diverged_trials_are_counted_apart_from_failed_ones(store, tmp_path):
+    """A trial that diverged was counted with those that failed ("2 failed", tag trials_fail): a sweep whose lr range
+    reached too high read as one with broken trials. Counted apart: tag trials_diverged, "N diverged" in the note and
+    in the line of a study none of whose trials finished."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-mixed", GRID))
+    study = optuna.create_study(direction="maximize", study_name="mixed")
+    study.set_user_attr("mlflow_parent_run_id", client.create_run(experiment_id).info.run_id)
+    for lr, reason in ((0.1, "TrainingDiverged: training diverged: loss became nan in epoch 1; ..."),
+                       (0.000001, "DataError: data.source: unreadable")):
+        run = client.create_run(experiment_id, tags={"step": "trial", "failure_reason": reason}).info.run_id
+        client.set_terminated(run, "FAILED")
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"train.lr": lr},
+                                                  distributions=plan.space, user_attrs={"mlflow_run_id": run}))
+    reason = ("no trial of study mixed finished (1 diverged, 1 failed); nothing registered: the trials table "
+              "(trials.csv) says why: each trial's failure_reason (its run's tag), or pruned_at_epoch")
+    assert sweep.nothing_finished(study) == reason
+    assert sweep.no_trial_finished_error(study).status == 1
+    sweep.register_best(plan, study)
+    tags = client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags
+    assert (tags["trials_diverged"], tags["trials_fail"], tags["failure_reason"]) == ("1", "1", reason)
+    assert "(1 diverged, 1 fail)" in tags["mlflow.note.content"]
+
+
+def test_a_sweep_every_trial_of_which_diverged_says_so_and_exits_3(store):
+    """A sweep whose every trial diverged (an lr range too high) ended as any whose trials failed: exit 1, the line
+    pointing at trials.csv, the divergence and its hint (lower train.lr) one file away. It exits 3, as a train step
+    that diverged does, and the line ends with the first trial's reason."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    study = optuna.create_study(direction="maximize", study_name="diverged")
+    for lr in (1e12, 1e13):
+        reason = (f"TrainingDiverged: training diverged: loss became nan in epoch 1; nothing was registered. Lower "
+                  f"train.lr (now {lr:g}) or check the data")
+        run = client.create_run(experiment_id, tags={"step": "trial", "failure_reason": reason}).info.run_id
+        client.set_terminated(run, "FAILED")
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"train.lr": lr},
+                                                  distributions={"train.lr": optuna.distributions.FloatDistribution(
+                                                      1e-6, 1e14)}, user_attrs={"mlflow_run_id": run}))
+    error = sweep.no_trial_finished_error(study)
+    assert error.status == 3
+    assert str(error) == sweep.nothing_finished(study) == (
+        "no trial of study diverged finished (2 diverged); nothing registered: every trial diverged, as trial 0: "
+        "TrainingDiverged: training diverged: loss became nan in epoch 1; nothing was registered. Lower train.lr "
+        "(now 1e+12) or check the data")
+
+
 @pytest.mark.parametrize(("typed", "canonical"), [
     ("sqlite:///mlflow.db", "sqlite:///{cwd}/mlflow.db"),
     ("sqlite:///./runs/../mlflow.db?timeout=20", "sqlite:///{cwd}/mlflow.db?timeout=20"),
@@ -1697,17 +1745,19 @@ def test_a_study_whose_sweep_run_is_not_in_this_store_or_deleted_is_refused_befo
     assert [r.info.run_id for r in client.search_runs([experiment_id], run_view_type=3)] == [deleted]
 
 
-def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_1(store, tmp_path, in_process):
-    """Its first command exits 1 (no trial finished, nothing registered); the rerun said "is done" and exited 0.
+def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_as_the_first(store, tmp_path, in_process):
+    """Its first command exits 3 (no trial finished, nothing registered: every trial diverged); the rerun said "is
+    done" and exited 0.
     Each command's own run ends saying why in one line, as every other failing step's does: the sweep run ended
     FINISHED (under `mlflow run`: FAILED by `mlflow run`, with no reason), and the run `mlflow run` opened for the
     rerun FAILED with no reason."""
     spec = write_spec(tmp_path, "sweep-diverges", "grid:\n  train.lr: [1.0e+9]\n")  # diverges in its first epoch
     args = ("sweep", "--spec", spec, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}")
     first = in_process(*args)
-    assert first.returncode == 1, first.stderr[-2000:]
+    assert first.returncode == 3, first.stderr[-2000:]
     (line,) = [line for line in first.stderr.splitlines() if line.startswith("error: ")]
-    assert line.startswith("error: no trial of study sweep-diverges-") and " finished (1 failed); nothing " in line
+    assert line.startswith("error: no trial of study sweep-diverges-") and " finished (1 diverged); nothing " in line
+    assert "every trial diverged, as trial 0: TrainingDiverged: training diverged: loss became nan" in line
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("cifar10-resnet").experiment_id
     (parent,) = client.search_runs([experiment_id], "tags.step = 'sweep'")
@@ -1717,7 +1767,7 @@ def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_1(store, t
 
     wrapper = client.create_run(client.get_experiment_by_name("e2e").experiment_id).info.run_id  # as `mlflow run`
     rerun = in_process(*args, env={"MLFLOW_RUN_ID": wrapper})
-    assert rerun.returncode == 1, rerun.stderr[-2000:]
+    assert rerun.returncode == 3, rerun.stderr[-2000:]
     (line,) = [line for line in rerun.stderr.splitlines() if line.startswith("error: ")]
     assert line.endswith("is done, but none of its 1 trials finished; nothing registered. Pass another -P study= "
                          "for a new sweep")

@@ -999,13 +999,25 @@ def model_id(model_uri: str | None) -> str | None:
     return tail if tail.startswith("m-") and "/" not in tail else None
 
 
-def latest_metrics(metrics) -> dict[str, float]:
-    """{key: value} of MLflow Metric entities, keeping each key's newest (by timestamp; the later one on ties)."""
+def latest_metrics(metrics, runs: dict | None = None) -> dict[str, float]:
+    """{key: value} of MLflow Metric entities, keeping each key's newest (by timestamp; the later one on ties). With
+    `runs` ({run id: its RunData}), metrics logged on a logged model: each 0.0 whose run's own value of that key is NaN
+    reads NaN (`logged_value`)."""
     latest: dict[str, tuple[int, float]] = {}
     for metric in metrics or []:
         if metric.key not in latest or metric.timestamp >= latest[metric.key][0]:
-            latest[metric.key] = (metric.timestamp, metric.value)
+            latest[metric.key] = (metric.timestamp, logged_value(metric, runs))
     return {key: value for key, (_, value) in latest.items()}
+
+
+def logged_value(metric, runs: dict | None) -> float:
+    """A logged model's metric as its run logged it: MLflow's SQL store writes a logged model's NaN as 0.0 (it flags a
+    run's NaN metrics, not a model's), and a diverged model's NaN test_acc read as a score of 0. Its run (`runs`:
+    {run id: RunData}) holds the NaN: a 0.0 whose run logged that key as NaN is NaN."""
+    run = (runs or {}).get(metric.run_id)
+    if metric.value == 0 and run is not None and math.isnan(run.metrics.get(metric.key, 0.0)):
+        return math.nan
+    return metric.value
 
 
 def finished_run(run_id: str | None):
@@ -1067,7 +1079,7 @@ def model_score(model_uri: str | None, dataset_uri: str | None = None, dataset_s
                                                       dataset_sha256)]
     scores = [m for m in metrics if m.key == "test_acc"]
     test_data = runs[max(scores, key=lambda m: m.timestamp).run_id].tags.get(TEST_DATA_TAG) if scores else None
-    return latest_metrics(metrics), test_data
+    return latest_metrics(metrics, runs), test_data
 
 
 def finished_runs(tag: str, key: str) -> Iterator[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import mlflow
 from mlflow import MlflowClient
@@ -99,7 +100,8 @@ def _evaluation(model, tagged_acc: str | None = None, evaluate_run: str | None =
             if any(m.key == "test_acc" for m in metrics) and (found := finished_run(run)) is not None
             and (test_data is None or found.data.tags.get(TEST_DATA_TAG) == test_data)}
     evaluations = sorted(((max(m.timestamp for m in by_run[run] if m.key == "test_acc"), run,
-                           latest_metrics(by_run[run])) for run in runs), key=lambda e: e[0], reverse=True)
+                           latest_metrics(by_run[run], {run: runs[run].data})) for run in runs),
+                         key=lambda e: e[0], reverse=True)
     chosen = ([e for e in evaluations if e[1] == evaluate_run]
               or [e for e in evaluations if tagged_acc is not None and f"{e[2]['test_acc']:.6f}" == tagged_acc]
               or evaluations)
@@ -127,6 +129,9 @@ def model_test_acc(model_uri: str) -> Score:
     if score.test_acc is None:  # an evaluate run that failed, was killed or deleted does not count
         raise config.ConfigError(f"model_uri: {model_uri} has no test_acc from an evaluate run that finished: "
                                  f"{_unfinished_evaluation(model)}")
+    if math.isnan(score.test_acc):  # read as 0.0 from the logged model, it was a score of 0
+        raise config.ConfigError(f"model_uri: {model_uri} has test_acc NaN (logged by run {score.evaluate_run}), as a "
+                                 f"diverged model's score is: train it again with a lower train.lr")
     if not is_accuracy(score.test_acc):  # a percentage won every comparison after it
         raise config.ConfigError(f"model_uri: {model_uri} has test_acc {score.test_acc:g}, no accuracy in [0, 1] "
                                  f"(logged by run {score.evaluate_run}, not by evaluate, whose scores lie there); "

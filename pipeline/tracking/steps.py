@@ -551,7 +551,7 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
                                              for r in missing))
     if runs.empty:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
-        unfinished = ", ".join(f"{n} {status}" for status, n in sorted(unfinished_train_runs(experiment).items()))
+        unfinished = unfinished_counts(unfinished_train_runs(experiment))
         notes = [f"not finished: {unfinished}"] * bool(unfinished) + [
             f"left out: {other_project} of another project"] * bool(other_project) + [
             f"left out: {no_params} without params"] * bool(no_params)
@@ -564,11 +564,27 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
     return runs
 
 
+# A run's status where train failed it on a NaN or infinite loss (its failure_reason is `fitting.diverged`'s line)
+DIVERGED = "diverged"
+
+
+def run_status(run) -> str:
+    """A run's status, DIVERGED for a training run failed by its loss going NaN or infinite: its FAILED alone said
+    nothing of why, counted with runs stopped by a disk or a bug."""
+    reason = run.data.tags.get("failure_reason", "")
+    return DIVERGED if run.info.status == "FAILED" and reason.startswith("training diverged") else run.info.status
+
+
+def unfinished_counts(counts: dict[str, int]) -> str:
+    """`unfinished_train_runs`'s counts in words, diverged ones first: "2 diverged, 1 FAILED, 1 RUNNING"."""
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda c: (c[0] != DIVERGED, c[0])))
+
+
 def unfinished_train_runs(experiment: str | None) -> dict[str, int]:
     """How many training runs (of `experiment`, else of every experiment) `search_train_runs` leaves out as not
-    FINISHED, by status (RUNNING: still training, or left so by a kill; FAILED; KILLED), but a sweep's pruned trials
-    (tag `pruned_at_epoch`: stopped early by design), its trials queued again (`superseded_by_retry`) and runs of
-    another project (`of_another_project`)."""
+    FINISHED, by status (RUNNING: still training, or left so by a kill; FAILED; KILLED; DIVERGED: failed on a NaN
+    loss, `run_status`), but a sweep's pruned trials (tag `pruned_at_epoch`: stopped early by design), its trials
+    queued again (`superseded_by_retry`) and runs of another project (`of_another_project`)."""
     where = "tags.step = 'train' and attributes.status != 'FINISHED'"
     scope = ({"experiment_ids": [find_experiment_id(experiment)]} if experiment else {"search_all_experiments": True})
     runs = mlflow.search_runs(filter_string=where, output_format="list", **scope)
@@ -576,7 +592,7 @@ def unfinished_train_runs(experiment: str | None) -> dict[str, int]:
     for run in runs:
         if ("pruned_at_epoch" not in run.data.tags and run.data.tags.get("superseded_by_retry") != "true"
                 and not of_another_project(run.data.params)):
-            counts[run.info.status] = counts.get(run.info.status, 0) + 1
+            counts[run_status(run)] = counts.get(run_status(run), 0) + 1
     return counts
 
 
@@ -605,6 +621,8 @@ def why_not_compared(run_id: str, experiment: str | None) -> str:
         return OTHER_PROJECT
     if not run.data.params:
         return NO_PARAMS
+    if run_status(run) == DIVERGED:
+        return f"{DIVERGED}: {run.data.tags['failure_reason']}"
     return run.info.status if run.info.status != "FINISHED" else ""
 
 
