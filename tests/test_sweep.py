@@ -1067,8 +1067,56 @@ def test_a_claim_is_a_study_system_attr_the_storage_inserts_once_through_optunas
     assert sweep.insert_study_system_attr(storage, ids[1], "sweep:claimed:x", 5) is True  # another study's own
     assert [storage.get_study_system_attrs(i)["sweep:claimed:x"] for i in ids] == [3, 5]  # read by the public API
     source = Path(sweep.__file__).read_text()
-    assert source.count("from optuna.storages._rdb import") == 1  # the one use of it
-    assert "from optuna.storages._rdb import" in inspect.getsource(sweep.insert_study_system_attr)
+    assert source.count("from optuna.storages._rdb import") == 2  # its two uses: this, and `insert_waiting_trials`
+    for writer in (sweep.insert_study_system_attr, sweep.insert_waiting_trials):
+        assert "from optuna.storages._rdb import" in inspect.getsource(writer)
+
+
+def test_trials_queued_at_once_are_the_trials_optunas_enqueue_trial_makes(tmp_path, monkeypatch):
+    """`queue_trials` writes a study's queued trials a chunk to a transaction through Optuna's private models (one
+    `enqueue_trial` per trial was a transaction each: a grid of 10,000 queued for a minute in silence). The trials it
+    makes are the ones enqueue_trial makes, as the public API reads them back, numbered on from the study's own, and a
+    worker claims and draws them as ever; this fails where an Optuna release changes what an enqueued trial is."""
+    import sqlalchemy
+
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    fixed = [{}, {"train.lr": 0.1}, {"train.lr": 0.05, "model.widths": "[16, 32]"}] * 9  # 27 trials
+    studies = {name: optuna.create_study(storage=storage, study_name=name) for name in ("optunas", "ours")}
+    for study in studies.values():
+        study.enqueue_trial({"train.lr": 0.2})  # a trial before them: numbers go on from it
+    for params in fixed:
+        studies["optunas"].enqueue_trial(params)
+    commits = []
+    sqlalchemy.event.listen(storage.engine, "commit", lambda connection: commits.append(1))
+    monkeypatch.setattr(sweep, "QUEUE_CHUNK", 10)
+    sweep.queue_trials(studies["ours"], fixed)
+    assert len(commits) <= 4  # a transaction per chunk (10 + 10 + 7) and the study's id read, not one per trial
+
+    def read(name: str) -> list[tuple]:
+        return [(t.number, t.state, t.params, t.distributions, t.user_attrs, t.system_attrs, t.datetime_start,
+                 t.values, t.intermediate_values) for t in optuna.load_study(study_name=name, storage=storage).trials]
+
+    assert read("ours") == read("optunas")
+    assert [t.system_attrs["fixed_params"] for t in studies["ours"].trials[1:]] == fixed  # read through the cache too
+    asked = [studies["ours"].ask() for _ in range(3)]  # Optuna takes the waiting trials in turn, with their params
+    assert [t.number for t in asked] == [0, 1, 2]
+    assert [asked[n].suggest_float("train.lr", 0.01, 1.0) for n in (0, 2)] == [0.2, 0.1]
+
+
+def test_queueing_trials_says_how_far_it_is_and_how_long_it_took(tmp_path, monkeypatch, capsys):
+    """A grid of 10,000 said nothing while it queued its trials (a minute, before they were queued at once): a line
+    every QUEUE_SAY_S while it queues, and one when done."""
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    sweep.queue_trials(optuna.create_study(storage=storage, study_name="few"), [{}] * 25)
+    assert re.fullmatch(r"queued 25 trials in \d+\.\d s\n", capsys.readouterr().out)  # quick: the last line only
+    monkeypatch.setattr(sweep, "QUEUE_CHUNK", 10)
+    monkeypatch.setattr(sweep, "QUEUE_SAY_S", 0)
+    sweep.queue_trials(optuna.create_study(storage=storage, study_name="slow"), [{}] * 25)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["queued 10 of 25 trials", "queued 20 of 25 trials"], lines
+    assert re.fullmatch(r"queued 25 trials in \d+\.\d s", lines[2]) and len(lines) == 3, lines
+    sweep.queue_trials(optuna.create_study(study_name="one"), [{}])  # an in-memory storage: Optuna's enqueue_trial
+    assert capsys.readouterr().out.startswith("queued 1 trial in ")
 
 
 def one_trial(tmp_path, name: str):
