@@ -2041,7 +2041,9 @@ def prepare_shared_data(plan: Plan) -> list[str]:
     trials too many for it are refused (`Plan.check_prepared_images`, ConfigError) before any study or sweep run, as a
     rerun refuses them (each failed in the study, and the sweep run ended FAILED, exit 1). The ids of the prepare runs
     made here (a finished one reused is not), to be nested under the sweep run once it opens."""
-    datasets = {prepare.prepare_key(c): c for c in plan.configs}
+    # keyed once per data params (its key digests a path's whole file or folder), not once per trial
+    shared = {json.dumps(c.flat("data"), sort_keys=True): c for c in plan.configs}
+    datasets = {prepare.prepare_key(c): c for c in shared.values()}
     made = []
     for key, cfg in datasets.items() if plan.grid or len(datasets) == 1 else []:
         if prepare.find_prepared(key) is None:

@@ -374,6 +374,25 @@ def test_a_space_whose_trials_share_their_data_prepares_it_once_before_any_trial
         sweep_run.info.run_id]
 
 
+@pytest.mark.parametrize(("grid", "datasets"), [
+    ("  train.lr: [0.05, 0.1]\n  train.momentum: [0.8, 0.9]\n", 1),
+    ("  train.lr: [0.05, 0.1]\n  data.synthetic_train: [512, 1024]\n", 2)])
+def test_a_grids_datasets_are_keyed_once_each_not_once_per_trial(tmp_path, monkeypatch, grid, datasets):
+    """The datasets a grid prepares were found by each trial's prepare key, which digests the data source (a path's
+    whole file or folder): a grid of 10,000 over a data path read its file 10,000 times before its first line, and
+    one over synthetic data spent about 20 s on the keys alone. Trials of the same data params share one key."""
+    from pipeline import prepare
+
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-keys", f"grid:\n{grid}", {"data.synthetic_train": None}))
+    keyed, key = [], prepare.prepare_key
+    monkeypatch.setattr(prepare, "prepare_key", lambda cfg: keyed.append(cfg) or key(cfg))
+    monkeypatch.setattr(prepare, "find_prepared", lambda key: "runs:/found/dataset")  # prepared already: reused
+    monkeypatch.setattr(prepare, "ensure_prepared", lambda cfg: "runs:/found/dataset")
+    monkeypatch.setattr(plan, "check_prepared_images", lambda: None)
+    assert sweep.prepare_shared_data(plan) == []
+    assert len(keyed) == datasets
+
+
 def test_a_leader_refused_before_its_study_is_set_up_leaves_no_study(store, tmp_path, in_process):
     """Its study stayed without a fingerprint: every rerun of the command waited a minute, then was refused."""
     client = MlflowClient()
