@@ -7,7 +7,8 @@ Reads:  a sweep file (see params/sweep-example.yaml, params/sweep-tpe.yaml):
         or  space: {train.lr: {min: 0.01, max: 0.2, log: true}, train.batch_size: [32, 64]}
             sampler: tpe                           # the default; or random (the default of `random:`,
                                                    # the older key for `space:`)
-            trials: 8                              # a list is a choice, {min, max, log} a range
+            trials: 8                              # a list is a choice, {min, max, log} a range,
+                                                   # {min, max, step} one in steps from min
             seed: 0
             pruner: median                         # none (default), median, hyperband
         `sampler` and `pruner` also take {type: <name>, <argument>: <value>, ...}: the arguments of
@@ -52,6 +53,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import decimal
 import difflib
 import inspect
 import itertools
@@ -190,13 +192,20 @@ def read_spec(path: str | Path) -> dict[str, Any]:
 
 def params_values(where: str, key: str, text: Any, value: Any) -> Any:
     """A spec value of params key `key` (`text` as written, `value` as YAML read it) read by the key's type: an
-    override, each choice of a list, or the ends of a {min, max, log} range (`log` is Optuna's, as YAML reads it)."""
+    override, each choice of a list, or the ends and step of a {min, max, log} or {min, max, step} range (`log` is
+    Optuna's, as YAML reads it)."""
     if where == "spec.overrides":
         return config.read_key(key, text, where)
     if isinstance(text, list):
         return [config.read_key(key, v, where) for v in text]
     if isinstance(text, dict) and {"min", "max"} <= set(text):
-        return {**value, **{end: config.read_key(key, text[end], where) for end in ("min", "max")}}
+        ends = {end: config.read_key(key, text[end], where) for end in ("min", "max")}
+        if "step" in text:  # an integer key's step a whole number, as its ends
+            try:
+                ends["step"] = config.read_key(key, text["step"], where)
+            except config.ConfigError as exc:
+                raise config.ConfigError(f"{where}.{key}: step {str(exc).removeprefix(f'{where}.{key}: ')}") from None
+        return {**value, **ends}
     return value  # refused by `distributions`
 
 
@@ -244,9 +253,11 @@ def decode(choices: list, value: Any) -> Any:
 
 
 def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The search space as Optuna distributions: a list is a categorical choice, {min, max[, log]} a
-    range of the key's type (an integer key's draws integers, a number key's floats). ConfigError naming the key
-    for anything else."""
+    """The search space as Optuna distributions: a list is a categorical choice, {min, max[, log]} or {min, max, step}
+    a range of the key's type (an integer key's draws integers, a number key's floats; with a step, min plus whole
+    steps only, Optuna's `step`). ConfigError naming the key for anything else: a step <= 0, one that does not reach
+    max in whole steps (Optuna would move max to its last step, with a warning), or one with log: true (which Optuna
+    refuses)."""
     where = space_key(spec)
     result: dict[str, optuna.distributions.BaseDistribution] = {}
     for key, domain in spec[where].items():
@@ -259,21 +270,57 @@ def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution
             continue
         if where == "grid":
             raise config.ConfigError(f"spec.grid.{key}: must be a non-empty list, got {domain!r}")
-        if not (isinstance(domain, dict) and {"min", "max"} <= set(domain) <= {"min", "max", "log"}):
-            raise config.ConfigError(f"spec.{where}.{key}: must be a non-empty list or {{min, max, log}}, "
-                                     f"got {domain!r}")
-        low, high, log = domain["min"], domain["max"], domain.get("log", False)
+        if not (isinstance(domain, dict) and {"min", "max"} <= set(domain) <= {"min", "max", "log", "step"}):
+            raise config.ConfigError(f"spec.{where}.{key}: must be a non-empty list or {{min, max, log}} or "
+                                     f"{{min, max, step}}, got {domain!r}")
+        low, high, log, step = domain["min"], domain["max"], domain.get("log", False), domain.get("step")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) \
                 or not isinstance(log, bool):
             raise config.ConfigError(f"spec.{where}.{key}: min and max must be numbers and log true or false, "
                                      f"got {domain!r}")
+        if step is not None and step <= 0:
+            raise config.ConfigError(f"spec.{where}.{key}: step must be > 0, got {step}")
+        if step is not None and log:
+            raise config.ConfigError(f"spec.{where}.{key}: step and log: true do not go together (Optuna draws a "
+                                     f"stepped range on a linear scale only); drop one")
         kind = optuna.distributions.IntDistribution if isinstance(low, int) and isinstance(high, int) \
             else optuna.distributions.FloatDistribution
         try:
-            result[key] = kind(low, high, log=log)
+            with warnings.catch_warnings():  # a step that does not reach max: Optuna moves max, warning; refused below
+                warnings.simplefilter("ignore")
+                result[key] = kind(low, high, log=log, **({} if step is None else {"step": step}))
         except ValueError as exc:
             raise config.ConfigError(f"spec.{where}.{key}: {exc} (got {domain!r})") from None
+        if result[key].high != high:
+            raise config.ConfigError(f"spec.{where}.{key}: step {step} does not fit the range from {low} to {high} "
+                                     f"(its last step is {result[key].high}); give a max that is min plus a whole "
+                                     f"number of steps")
     return result
+
+
+def range_size(dist: optuna.distributions.BaseDistribution) -> float:
+    """How many values a range draws from: an integer range's, or a float range's with a step; a float range without
+    one, math.inf (1 where min is max)."""
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return (dist.high - dist.low) // dist.step + 1
+    if dist.step is not None:
+        return round((dist.high - dist.low) / dist.step) + 1
+    return 1 if dist.low == dist.high else math.inf
+
+
+def steps_of(dist: optuna.distributions.FloatDistribution) -> list[float]:
+    """Every value of a float range with a step, as Optuna's samplers draw them (min + k * step, within max)."""
+    return [min(k * dist.step + dist.low, dist.high) for k in range(int(range_size(dist)))]
+
+
+def on_step(dist: optuna.distributions.BaseDistribution, value: Any) -> Any:
+    """A value a float range with a step drew, as the number of whole steps from min it is: 0.3, where Optuna draws
+    0.30000000000000004 (0.1 + 2 * 0.1 in floats), which named the trial and reached its params. Any other value as
+    it is."""
+    if not isinstance(dist, optuna.distributions.FloatDistribution) or dist.step is None:
+        return value
+    steps = round((value - dist.low) / dist.step)
+    return float(decimal.Decimal(repr(dist.low)) + steps * decimal.Decimal(repr(dist.step)))
 
 
 def spread(low: float, high: float, count: int, log: bool) -> list[float]:
@@ -286,13 +333,19 @@ def spread(low: float, high: float, count: int, log: bool) -> list[float]:
 
 
 def range_values(dist: optuna.distributions.BaseDistribution) -> list:
-    """The values of a {min, max, log} range that a space is checked at: an integer range's every value (RANGE_VALUES
-    spread as it draws where it has more), a float range's ends and FLOAT_POINTS evenly between them (to six
-    digits)."""
+    """The values of a {min, max, log} or {min, max, step} range that a space is checked at: an integer range's every
+    value (RANGE_VALUES spread as it draws where it has more), a float range's ends and FLOAT_POINTS evenly between
+    them (to six digits); with a step, on its steps (a float range's every step where it has FLOAT_POINTS inside or
+    fewer)."""
     if isinstance(dist, optuna.distributions.IntDistribution):
-        if dist.high - dist.low < RANGE_VALUES:
-            return list(range(dist.low, dist.high + 1))
-        return sorted({round(v) for v in spread(dist.low, dist.high, RANGE_VALUES, dist.log)})
+        if range_size(dist) <= RANGE_VALUES:
+            return list(range(dist.low, dist.high + 1, dist.step))
+        return sorted({dist.low + round((v - dist.low) / dist.step) * dist.step
+                       for v in spread(dist.low, dist.high, RANGE_VALUES, dist.log)})
+    if dist.step is not None:
+        if range_size(dist) <= FLOAT_POINTS + 2:
+            return [on_step(dist, v) for v in steps_of(dist)]
+        return sorted({on_step(dist, v) for v in spread(dist.low, dist.high, FLOAT_POINTS + 2, False)})
     inside = spread(dist.low, dist.high, FLOAT_POINTS + 2, dist.log)[1:-1]
     return sorted({dist.low, dist.high} | {float(f"{v:.6g}") for v in inside})  # as a message shows them
 
@@ -404,8 +457,7 @@ class Plan:
             ends = {k: v if isinstance(v, list) else [self.space[k].low, self.space[k].high] for k, v in raw.items()}
             checked = [dict(zip(ends, combo, strict=True)) for combo in itertools.product(*ends.values())]
             sizes = [len(d.choices) if isinstance(d, optuna.distributions.CategoricalDistribution)
-                     else d.high - d.low + 1 if isinstance(d, optuna.distributions.IntDistribution)
-                     else 1 if d.low == d.high else math.inf  # {min: 0.1, max: 0.1} draws 0.1 only
+                     else range_size(d)  # {min: 0.1, max: 0.1} draws 0.1 only, {min: 0.1, max: 0.2} without end
                      for d in self.space.values()]
             self.combinations = math.prod(sizes)  # inf with a float range: `draw_unrun` has none to count
             if trials > math.prod(sizes):  # the samplers would draw the same params again (and leave others out)
@@ -776,7 +828,9 @@ class Plan:
                 return
         if self.combinations <= MAX_UNRUN:
             choices = [dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution)
-                       else range(dist.low, dist.high + 1) if isinstance(dist, optuna.distributions.IntDistribution)
+                       else range(dist.low, dist.high + 1, dist.step)
+                       if isinstance(dist, optuna.distributions.IntDistribution)
+                       else steps_of(dist) if dist.step is not None
                        else [dist.low] for dist in self.space.values()]  # {min: 0.1, max: 0.1}: one number
             unrun = [dict(zip(self.space, combo, strict=True)) for combo in itertools.product(*choices)]
             random.Random(None if self.seed is None else f"{self.seed}:{number}").shuffle(unrun)
@@ -801,11 +855,11 @@ class Plan:
             elif isinstance(dist, optuna.distributions.CategoricalDistribution):
                 value = trial.suggest_categorical(key, dist.choices)
             elif isinstance(dist, optuna.distributions.IntDistribution):
-                value = trial.suggest_int(key, dist.low, dist.high, log=dist.log)
+                value = trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
             else:
-                value = trial.suggest_float(key, dist.low, dist.high, log=dist.log)
+                value = trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
             result[key] = decode(raw[key], value) if isinstance(dist, optuna.distributions.CategoricalDistribution) \
-                else value
+                else on_step(dist, value)
         return result
 
 

@@ -970,6 +970,54 @@ def test_range_ends_in_scientific_notation_are_numbers(tmp_path):
     assert sorted({c.train.lr for c in plan.configs}) == [0.001, 0.1]  # both ends checked as numbers
 
 
+def test_a_range_with_a_step_draws_on_its_steps_only(tmp_path):
+    """A range took no step (`train.lr: {min: 0.1, max: 0.5, step: 0.1}`, epochs in steps of 2): refused as an unknown
+    form. It is Optuna's step: drawn by suggest_float / suggest_int with it, counted as that many values (trials
+    beyond them run some twice: refused), and checked at its steps."""
+    body = ("space:\n  train.lr: {min: 0.1, max: 0.5, step: 0.1}\n  train.epochs: {min: 1, max: 5, step: 2}\n"
+            "sampler: random\nseed: 0\ntrials: 15\n")
+    spec = write_spec(tmp_path, "sweep-step", body, {"train.epochs": None})
+    plan = sweep.Plan(spec)
+    lr, epochs = plan.space["train.lr"], plan.space["train.epochs"]
+    assert isinstance(lr, optuna.distributions.FloatDistribution) and (lr.low, lr.high, lr.step) == (0.1, 0.5, 0.1)
+    assert isinstance(epochs, optuna.distributions.IntDistribution) and epochs.step == 2
+    assert plan.combinations == 5 * 3
+    drawn = draw_all(spec)
+    assert sorted((d["train.lr"], d["train.epochs"]) for d in drawn) == [  # each once; 0.3, not 0.30000000000000004
+        (lr, e) for lr in (0.1, 0.2, 0.3, 0.4, 0.5) for e in (1, 3, 5)]
+    with pytest.raises(config.ConfigError, match=r"spec.trials: 16 trials over the 15 combinations"):
+        sweep.Plan(write_spec(tmp_path, "sweep-step-over", body.replace("trials: 15", "trials: 16"),
+                              {"train.epochs": None}))
+    checked = []
+    plan.check_inside(plan.checked, lambda cfg: checked.append((cfg.train.lr, cfg.train.epochs)))
+    assert {e for _, e in checked} == {1, 3, 5} and {lr for lr, _ in checked} == {0.1, 0.2, 0.3, 0.4, 0.5}
+
+
+@pytest.mark.parametrize(("domain", "message"), [
+    ("train.lr: {min: 0.1, max: 0.5, step: 0}", "spec.space.train.lr: step must be > 0, got 0.0"),
+    ("train.epochs: {min: 1, max: 9, step: -2}", "spec.space.train.epochs: step must be > 0, got -2"),
+    ("train.lr: {min: 0.1, max: 0.5, step: 0.3}", "spec.space.train.lr: step 0.3 does not fit the range from 0.1 to "
+     "0.5 (its last step is 0.4); give a max that is min plus a whole number of steps"),
+    ("train.epochs: {min: 2, max: 10, step: 3}", "spec.space.train.epochs: step 3 does not fit the range from 2 to 10 "
+     "(its last step is 8); give a max that is min plus a whole number of steps"),
+    ("train.lr: {min: 0.01, max: 0.1, step: 0.01, log: true}", "spec.space.train.lr: step and log: true do not go "
+     "together (Optuna draws a stepped range on a linear scale only); drop one"),
+    ("train.epochs: {min: 1, max: 9, step: 2, log: true}", "spec.space.train.epochs: step and log: true do not go "
+     "together (Optuna draws a stepped range on a linear scale only); drop one"),
+    ("train.epochs: {min: 1, max: 9, step: 0.5}", "spec.space.train.epochs: step must be an integer, got '0.5'"),
+    ("train.lr: {min: 0.1, max: 0.5, step: true}", "spec.space.train.lr: step must be a number, got 'true'"),
+    ("train.lr: {min: 0.1, max: 0.5, stride: 0.1}", "spec.space.train.lr: must be a non-empty list or {min, max, log} "
+     "or {min, max, step}, got {'min': 0.1, 'max': 0.5, 'stride': 0.1}"),
+], ids=["zero", "negative", "float-not-fitting", "int-not-fitting", "float-log", "int-log", "int-key-float-step",
+        "bool", "unknown-range-key"])
+def test_a_bad_step_is_one_line_naming_the_key_before_any_run(store, tmp_path, in_process, domain, message):
+    spec = write_spec(tmp_path, "sweep-bad-step", f"space:\n  {domain}\ntrials: 2\n", {"train.epochs": None})
+    done = in_process("sweep", "--spec", spec)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {message}"], done.stderr[-2000:]
+    assert not (tmp_path / "optuna.db").exists()  # before the storage, and so before any run
+    assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
+
+
 def draw_all(spec: str) -> list[dict]:
     """Claim and finish every queued trial of a fresh in-memory study, as a worker does; their values."""
     plan = sweep.Plan(spec)
