@@ -3,7 +3,8 @@
 Reads:  a sweep file (see params/sweep-example.yaml, params/sweep-tpe.yaml):
             base: params/tiny.yaml                 # params file every trial starts from
             overrides: {train.validation_fraction: 0.1}   # optional, the same for every trial
-            grid: {train.lr: [0.05, 0.1], model.units_per_stage: [1, 2]}   # every combination once
+            grid: {train.lr: [0.05, 0.1], model.units_per_stage: [1, 2]}   # every combination once; a
+                                                   # {min, max, step} range lists every step
         or  space: {train.lr: {min: 0.01, max: 0.2, log: true}, train.batch_size: [32, 64]}
             sampler: tpe                           # the default; or random (the default of `random:`,
                                                    # the older key for `space:`)
@@ -187,6 +188,8 @@ def read_spec(path: str | Path) -> dict[str, Any]:
         if key in spec:
             spec[key] = {name: params_values(f"spec.{key}", name, text, value)  # the same document: the same order
                          for (name, text), value in zip(written[key].items(), spec[key].values(), strict=True)}
+    if "grid" in spec:
+        spec["grid"] = {name: grid_values(name, domain) for name, domain in spec["grid"].items()}
     return spec
 
 
@@ -268,34 +271,61 @@ def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution
                                          f"{domain!r}")
             result[key] = optuna.distributions.CategoricalDistribution([encode(v) for v in domain])
             continue
-        if where == "grid":
-            raise config.ConfigError(f"spec.grid.{key}: must be a non-empty list, got {domain!r}")
-        if not (isinstance(domain, dict) and {"min", "max"} <= set(domain) <= {"min", "max", "log", "step"}):
-            raise config.ConfigError(f"spec.{where}.{key}: must be a non-empty list or {{min, max, log}} or "
-                                     f"{{min, max, step}}, got {domain!r}")
-        low, high, log, step = domain["min"], domain["max"], domain.get("log", False), domain.get("step")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) \
-                or not isinstance(log, bool):
-            raise config.ConfigError(f"spec.{where}.{key}: min and max must be numbers and log true or false, "
-                                     f"got {domain!r}")
-        if step is not None and step <= 0:
-            raise config.ConfigError(f"spec.{where}.{key}: step must be > 0, got {step}")
-        if step is not None and log:
-            raise config.ConfigError(f"spec.{where}.{key}: step and log: true do not go together (Optuna draws a "
-                                     f"stepped range on a linear scale only); drop one")
-        kind = optuna.distributions.IntDistribution if isinstance(low, int) and isinstance(high, int) \
-            else optuna.distributions.FloatDistribution
-        try:
-            with warnings.catch_warnings():  # a step that does not reach max: Optuna moves max, warning; refused below
-                warnings.simplefilter("ignore")
-                result[key] = kind(low, high, log=log, **({} if step is None else {"step": step}))
-        except ValueError as exc:
-            raise config.ConfigError(f"spec.{where}.{key}: {exc} (got {domain!r})") from None
-        if result[key].high != high:
-            raise config.ConfigError(f"spec.{where}.{key}: step {step} does not fit the range from {low} to {high} "
-                                     f"(its last step is {result[key].high}); give a max that is min plus a whole "
-                                     f"number of steps")
+        if where == "grid":  # its {min, max, step} ranges are listed by `read_spec` (`grid_values`)
+            raise config.ConfigError(f"spec.grid.{key}: must be a non-empty list or {{min, max, step}}, got "
+                                     f"{domain!r}")
+        result[key] = range_distribution(where, key, domain)
     return result
+
+
+def range_distribution(where: str, key: str, domain: Any) -> optuna.distributions.BaseDistribution:
+    """Optuna's distribution of a {min, max[, log]} or {min, max, step} range of spec.`where`.`key`, of the key's type
+    (`distributions`); ConfigError naming the key where it is none, or its step is bad."""
+    if not (isinstance(domain, dict) and {"min", "max"} <= set(domain) <= {"min", "max", "log", "step"}):
+        raise config.ConfigError(f"spec.{where}.{key}: must be a non-empty list or {{min, max, log}} or "
+                                 f"{{min, max, step}}, got {domain!r}")
+    low, high, log, step = domain["min"], domain["max"], domain.get("log", False), domain.get("step")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) \
+            or not isinstance(log, bool):
+        raise config.ConfigError(f"spec.{where}.{key}: min and max must be numbers and log true or false, "
+                                 f"got {domain!r}")
+    if step is not None and step <= 0:
+        raise config.ConfigError(f"spec.{where}.{key}: step must be > 0, got {step}")
+    if step is not None and log:
+        raise config.ConfigError(f"spec.{where}.{key}: step and log: true do not go together (Optuna draws a "
+                                 f"stepped range on a linear scale only); drop one")
+    kind = optuna.distributions.IntDistribution if isinstance(low, int) and isinstance(high, int) \
+        else optuna.distributions.FloatDistribution
+    try:
+        with warnings.catch_warnings():  # a step that does not reach max: Optuna moves max, warning; refused below
+            warnings.simplefilter("ignore")
+            dist = kind(low, high, log=log, **({} if step is None else {"step": step}))
+    except ValueError as exc:
+        raise config.ConfigError(f"spec.{where}.{key}: {exc} (got {domain!r})") from None
+    if dist.high != high:
+        raise config.ConfigError(f"spec.{where}.{key}: step {step} does not fit the range from {low} to {high} "
+                                 f"(its last step is {dist.high}); give a max that is min plus a whole number of "
+                                 f"steps")
+    return dist
+
+
+def grid_values(key: str, domain: Any) -> Any:
+    """A grid's values of `key`: a {min, max, step} range listed, min to max in steps (Optuna's, as a space's range
+    with that step draws them: `range_distribution`); a list (or anything else, refused by `distributions`) as it is.
+    ConfigError naming the key for a range without a step (a grid lists every value it runs), or one of more values
+    than a sweep runs trials."""
+    if not isinstance(domain, dict):
+        return domain
+    if "step" not in domain:
+        raise config.ConfigError(f"spec.grid.{key}: a grid runs each value it lists: give a list, or {{min, max, "
+                                 f"step}}, got {domain!r}")
+    dist = range_distribution("grid", key, domain)
+    if range_size(dist) > MAX_TRIALS:  # listed before the grid's combinations are counted
+        raise config.ConfigError(f"spec.grid.{key}: its {range_size(dist)} steps are more than the {MAX_TRIALS} "
+                                 f"trials a sweep runs; give a larger step")
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return list(range(dist.low, dist.high + 1, dist.step))
+    return [on_step(dist, v) for v in steps_of(dist)]
 
 
 def range_size(dist: optuna.distributions.BaseDistribution) -> float:

@@ -993,6 +993,28 @@ def test_a_range_with_a_step_draws_on_its_steps_only(tmp_path):
     assert {e for _, e in checked} == {1, 3, 5} and {lr for lr, _ in checked} == {0.1, 0.2, 0.3, 0.4, 0.5}
 
 
+def test_a_grids_range_with_a_step_is_every_step_of_it(tmp_path):
+    """A grid took lists only: `train.lr: {min: 0.1, max: 0.3, step: 0.1}` was refused. It runs each step, listed as a
+    space's range with that step draws them (0.3, not 0.30000000000000004); a range without a step is refused, as a
+    grid runs only what it lists."""
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-grid-step", "grid:\n  train.lr: {min: 0.1, max: 0.3, step: 0.1}\n"
+                                 "  train.epochs: {min: 1, max: 3, step: 2}\n", {"train.epochs": None}))
+    assert [(g["train.lr"], g["train.epochs"]) for g in plan.grid] == [
+        (0.1, 1), (0.1, 3), (0.2, 1), (0.2, 3), (0.3, 1), (0.3, 3)]
+    assert [(c.train.lr, c.train.epochs) for c in plan.configs] == [(g["train.lr"], g["train.epochs"])
+                                                                     for g in plan.grid]
+    for body, message in [
+        ("grid:\n  train.lr: {min: 0.1, max: 0.3}\n", "spec.grid.train.lr: a grid runs each value it lists: give a "
+         "list, or {min, max, step}, got {'min': 0.1, 'max': 0.3}"),
+        ("grid:\n  train.lr: {min: 0.1, max: 0.3, step: 0.15}\n", "spec.grid.train.lr: step 0.15 does not fit the "
+         "range from 0.1 to 0.3 (its last step is 0.25); give a max that is min plus a whole number of steps"),
+        ("grid:\n  train.lr: {min: 0.1, max: 0.3, step: 0.00001}\n", "spec.grid.train.lr: its 20001 steps are more "
+         "than the 10000 trials a sweep runs; give a larger step")]:
+        with pytest.raises(config.ConfigError) as raised:
+            sweep.Plan(write_spec(tmp_path, "sweep-grid-bad", body))
+        assert str(raised.value) == message
+
+
 @pytest.mark.parametrize(("domain", "message"), [
     ("train.lr: {min: 0.1, max: 0.5, step: 0}", "spec.space.train.lr: step must be > 0, got 0.0"),
     ("train.epochs: {min: 1, max: 9, step: -2}", "spec.space.train.epochs: step must be > 0, got -2"),
