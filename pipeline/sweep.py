@@ -59,6 +59,7 @@ import difflib
 import inspect
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -155,6 +156,10 @@ MAX_UNRUN = 100_000
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# Each trial builds its own model, whose predict function TensorFlow traces afresh: from a process's third trial on, it
+# counted those traces together and printed its advice against "creating @tf.function repeatedly in a loop" (six lines
+# on stderr), which a sweep does by design. Its other warnings are kept.
+logging.getLogger("tensorflow").addFilter(lambda record: "triggered tf.function retracing" not in record.getMessage())
 
 
 # ---------------------------------------------------------------- the spec, checked before anything opens

@@ -2220,3 +2220,26 @@ def test_an_empty_heartbeat_variable_is_the_default_interval():
     probe = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "SWEEP_HEARTBEAT_SECONDS": ""},
                            capture_output=True, text=True)
     assert probe.returncode == 0 and probe.stdout.split() == ["20", "120"], probe.stderr[-800:]
+
+
+def test_tensorflows_retracing_advice_is_not_printed_by_a_sweep():
+    """A plain sweep's console showed TensorFlow's "5 out of the last 7 calls to <function ...> triggered tf.function
+    retracing ... (1) creating @tf.function repeatedly in a loop ..." from its third trial on, six lines of advice on
+    stderr: each trial builds its own model, whose predict function is traced afresh by design. That advice is
+    dropped; TensorFlow's other warnings are kept."""
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        logger.warning("5 out of the last 7 calls to <function TensorFlowTrainer.make_predict_function.<locals>."
+                       "one_step_on_data_distributed at 0x7f074ded7600> triggered tf.function retracing. Tracing is "
+                       "expensive and the excessive number of tracings could be due to (1) creating @tf.function "
+                       "repeatedly in a loop")
+        logger.warning("another warning")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["another warning"]
