@@ -2019,13 +2019,15 @@ def run(args: argparse.Namespace) -> int:
     if lock:
         adopt_own_run(study)
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # as the run that ended it said
+            n = len(study.trials)
+            outcome = "its 1 trial did not finish" if n == 1 else f"none of its {n} trials finished"
             return no_trial_finished(NoTrialFinished(
-                f"study {name} in {safe_url(storage_url)} is done, but none of its {len(study.trials)} trials "
-                "finished; nothing registered. Pass another -P study= for a new sweep",
+                f"study {name} in {safe_url(storage_url)} is done, but {outcome}; nothing registered. Pass another "
+                "-P study= for a new sweep",
                 no_trial_finished_error(study).status))
         model = lock.user_attrs.get("registered_model")  # studies done before it was recorded have none
         version = f"{f'{model} v' if model else 'version '}{lock.user_attrs.get('registered_version')}"
-        print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials; "
+        print(f"study {name} in {safe_url(storage_url)} is done: {trials_said(len(study.trials))}; "
               f"{best_said(plan, study, version)}; pass another -P study= for a new sweep")
         return 0
     if workers == 1:  # this process trains the trials: its backend and devices are the trials'
@@ -2034,7 +2036,8 @@ def run(args: argparse.Namespace) -> int:
     made = [] if existed else prepare_shared_data(plan)  # its first command: refused now where its data is too few
     study, leads = join_study(plan, storage, name)
     print(f"{'started' if leads else 'joined'} Optuna study {name} in {safe_url(storage_url)} "
-          f"({plan.sampler_name} sampler, {plan.pruner_name} pruner, {plan.trials} trials"
+          f"({plan.sampler_name} sampler, {'no' if plan.pruner_name == 'none' else plan.pruner_name} pruner, "
+          f"{trials_said(plan.trials)}"
           f"{'' if leads else f', {unfinished(study)} left to run'}); "  # a rerun after a Ctrl-C: what it goes on with
           f"{dashboard_hint(storage.url)}", flush=True)  # the driver it opened
     try:
@@ -2099,6 +2102,11 @@ def run(args: argparse.Namespace) -> int:
         return no_trial_finished(exc)
     print(f"study {name}: {best_said(plan, study)}")
     return 0
+
+
+def trials_said(n: int) -> str:
+    """ "1 trial", "4 trials": a one-trial sweep's lines said "1 trials"."""
+    return f"{n} trial{'' if n == 1 else 's'}"
 
 
 def best_said(plan: Plan, study: optuna.Study, registered: str = "") -> str:

@@ -374,6 +374,20 @@ def test_a_space_whose_trials_share_their_data_prepares_it_once_before_any_trial
         sweep_run.info.run_id]
 
 
+@pytest.mark.parametrize(("body", "said"), [
+    ("grid:\n  train.lr: [0.1]\n", "(grid sampler, no pruner, 1 trial)"),
+    ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\npruner: median\n",
+     "(tpe sampler, median pruner, 2 trials)"),
+], ids=["one-trial-no-pruner", "median"])
+def test_the_started_line_says_its_pruner_and_trials_in_words(store, tmp_path, in_process, monkeypatch, body, said):
+    """A plain sweep began "started Optuna study ... (grid sampler, none pruner, 1 trials)"."""
+    spec = write_spec(tmp_path, "sweep-said", body)
+    monkeypatch.setattr(sweep, "work", lambda plan, study, storage: None)  # its trials left waiting: exit 1
+    done = in_process("sweep", "--spec", spec, "--study", "said")
+    started = [line for line in done.stdout.splitlines() if line.startswith("started Optuna study said")]
+    assert len(started) == 1 and f" {said}; optuna-dashboard " in started[0], done.stdout[-2000:]
+
+
 @pytest.mark.parametrize(("grid", "datasets"), [
     ("  train.lr: [0.05, 0.1]\n  train.momentum: [0.8, 0.9]\n", 1),
     ("  train.lr: [0.05, 0.1]\n  data.synthetic_train: [512, 1024]\n", 2)])
@@ -1856,7 +1870,7 @@ def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_1(store, t
     rerun = in_process(*args, env={"MLFLOW_RUN_ID": wrapper})
     assert rerun.returncode == 1, rerun.stderr[-2000:]
     (line,) = [line for line in rerun.stderr.splitlines() if line.startswith("error: ")]
-    assert line.endswith("is done, but none of its 1 trials finished; nothing registered. Pass another -P study= "
+    assert line.endswith("is done, but its 1 trial did not finish; nothing registered. Pass another -P study= "
                          "for a new sweep")
     assert "registered version" not in rerun.stdout
     tags = client.get_run(wrapper).data.tags
@@ -2162,7 +2176,7 @@ def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(st
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"the worker registering study regkill ({dead}) stopped before it finished" in done.stdout
     # a command joining a study says how many of its trials are left (a rerun after a Ctrl-C: what it goes on with)
-    assert f"joined Optuna study regkill in {storage} (grid sampler, none pruner, 1 trials, 0 left to run); " \
+    assert f"joined Optuna study regkill in {storage} (grid sampler, no pruner, 1 trial, 0 left to run); " \
         in done.stdout
     assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 1
     parent, runs, _ = sweep_runs(client, "regkill")
@@ -2175,7 +2189,7 @@ def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(st
     assert done.stdout.splitlines()[-1] == f"study regkill: {best}"
     again = in_process("sweep", *args)
     assert again.returncode == 0
-    assert again.stdout.splitlines()[-1] == (f"study regkill in {storage} is done: 1 trials; {best}; pass another "
+    assert again.stdout.splitlines()[-1] == (f"study regkill in {storage} is done: 1 trial; {best}; pass another "
                                              "-P study= for a new sweep")
 
 
