@@ -921,7 +921,7 @@ def insert_study_system_attr(storage: optuna.storages.RDBStorage, study_id: int,
     """Add system attr `key` (JSON `value`) to study `study_id` unless it holds one: True where this call added it,
     False where the study held it already. The table's unique (study, key) lets one of two inserts at once through.
     No public Optuna call inserts only (`set_study_system_attr` overwrites a key, so a claim it wrote could not fail):
-    this is the one place the project writes Optuna's table through its private `optuna.storages._rdb.models`
+    written through Optuna's private `optuna.storages._rdb.models`, as only `insert_waiting_trials` also writes
     (`test_sweep.py::test_a_claim_is_a_study_system_attr_the_storage_inserts_once_through_optunas_private_models`
     fails where an Optuna release changes it)."""
     import sqlalchemy
