@@ -641,6 +641,23 @@ def test_a_plan_reads_its_base_once_however_many_trials(tmp_path, monkeypatch):
     assert len(reads) == 2 and space.configs  # its ends and inside its range too
 
 
+def test_a_large_grid_says_it_checks_its_trials_before_it_does(store, tmp_path, in_process, monkeypatch):
+    """A grid of 10,000 said nothing while its every trial's params were checked (14 s here, before its first line);
+    the command now says so first. A small one says nothing of it, nor does a worker of `workers N`."""
+    monkeypatch.setattr(sweep, "SAY_CHECKS", 4)
+    monkeypatch.setattr(sweep, "work", lambda plan, study, storage: None)  # its trials left waiting: exit 1
+    lines = []
+    sweep.Plan(write_spec(tmp_path, "sweep-large", "grid:\n  train.lr: [0.01, 0.02]\n  train.momentum: [0.8, 0.9]\n"),
+               say=lines.append)
+    assert lines == ["checking the params of the grid's 4 trials before any run opens"]
+    sweep.Plan(write_spec(tmp_path, "sweep-small", "grid:\n  train.lr: [0.01, 0.02, 0.03]\n"), say=lines.append)
+    assert len(lines) == 1
+    done = in_process("sweep", "--spec", str(tmp_path / "sweep-large.yaml"))
+    assert done.stdout.startswith("checking the params of the grid's 4 trials before any run opens\n"), done.stdout
+    assert "checking the params" not in in_process("sweep", "--spec", str(tmp_path / "sweep-large.yaml"),
+                                                   "--join").stdout
+
+
 def test_a_relative_base_is_read_beside_the_spec_else_from_the_project(tmp_path, monkeypatch):
     """A spec beside its base (`base: mybase.yaml`) was refused "spec.base (mybase.yaml): params: file not found"
     unless the command ran in the spec's folder; the shipped specs' `base: params/tiny.yaml` still works from
