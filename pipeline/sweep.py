@@ -3,11 +3,13 @@
 Reads:  a sweep file (see params/sweep-example.yaml, params/sweep-tpe.yaml):
             base: params/tiny.yaml                 # params file every trial starts from
             overrides: {train.validation_fraction: 0.1}   # optional, the same for every trial
-            grid: {train.lr: [0.05, 0.1], model.units_per_stage: [1, 2]}   # every combination once
+            grid: {train.lr: [0.05, 0.1], model.units_per_stage: [1, 2]}   # every combination once; a
+                                                   # {min, max, step} range lists every step
         or  space: {train.lr: {min: 0.01, max: 0.2, log: true}, train.batch_size: [32, 64]}
             sampler: tpe                           # the default; or random (the default of `random:`,
                                                    # the older key for `space:`)
-            trials: 8                              # a list is a choice, {min, max, log} a range
+            trials: 8                              # a list is a choice, {min, max, log} a range,
+                                                   # {min, max, step} one in steps from min
             seed: 0
             pruner: median                         # none (default), median, hyperband
         `sampler` and `pruner` also take {type: <name>, <argument>: <value>, ...}: the arguments of
@@ -52,10 +54,12 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import decimal
 import difflib
 import inspect
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -129,8 +133,8 @@ HEARTBEAT_S = int(os.environ.get("SWEEP_HEARTBEAT_SECONDS") or "20")
 # mistaken for a dead one.
 GRACE_S = 6 * HEARTBEAT_S
 MAX_RETRY = 2  # queue a trial whose worker died at most this many times
-# The most trials a sweep runs: `lead` queues every one in the study before the first runs (a few each second into
-# SQLite), and a grid's every combination is checked first.
+# The most trials a sweep runs: `lead` queues every one in the study before the first runs (`queue_trials`: seconds
+# for 10,000 into SQLite), and a grid's every combination is checked first.
 MAX_TRIALS = 10_000
 SEEDS = 2**32  # Optuna's samplers take a seed in [0, 2**32 - 1]; trial n draws with (seed + n) modulo this
 POLL_S = 2.0  # an idle worker looks for new or stale trials this often until the study is done
@@ -149,9 +153,14 @@ CHECKS = 2000
 REDRAWS = 10
 REDRAW_STRIDE = 1_000_003
 MAX_UNRUN = 100_000
+SAY_CHECKS = 1000  # a grid of this many trials or more says it checks them first (`Plan`): seconds, silent before
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# Each trial builds its own model, whose predict function TensorFlow traces afresh: from a process's third trial on, it
+# counted those traces together and printed its advice against "creating @tf.function repeatedly in a loop" (six lines
+# on stderr), which a sweep does by design. Its other warnings are kept.
+logging.getLogger("tensorflow").addFilter(lambda record: "triggered tf.function retracing" not in record.getMessage())
 
 
 # ---------------------------------------------------------------- the spec, checked before anything opens
@@ -185,18 +194,27 @@ def read_spec(path: str | Path) -> dict[str, Any]:
         if key in spec:
             spec[key] = {name: params_values(f"spec.{key}", name, text, value)  # the same document: the same order
                          for (name, text), value in zip(written[key].items(), spec[key].values(), strict=True)}
+    if "grid" in spec:
+        spec["grid"] = {name: grid_values(name, domain) for name, domain in spec["grid"].items()}
     return spec
 
 
 def params_values(where: str, key: str, text: Any, value: Any) -> Any:
     """A spec value of params key `key` (`text` as written, `value` as YAML read it) read by the key's type: an
-    override, each choice of a list, or the ends of a {min, max, log} range (`log` is Optuna's, as YAML reads it)."""
+    override, each choice of a list, or the ends and step of a {min, max, log} or {min, max, step} range (`log` is
+    Optuna's, as YAML reads it)."""
     if where == "spec.overrides":
         return config.read_key(key, text, where)
     if isinstance(text, list):
         return [config.read_key(key, v, where) for v in text]
     if isinstance(text, dict) and {"min", "max"} <= set(text):
-        return {**value, **{end: config.read_key(key, text[end], where) for end in ("min", "max")}}
+        ends = {end: config.read_key(key, text[end], where) for end in ("min", "max")}
+        if "step" in text:  # an integer key's step a whole number, as its ends
+            try:
+                ends["step"] = config.read_key(key, text["step"], where)
+            except config.ConfigError as exc:
+                raise config.ConfigError(f"{where}.{key}: step {str(exc).removeprefix(f'{where}.{key}: ')}") from None
+        return {**value, **ends}
     return value  # refused by `distributions`
 
 
@@ -244,9 +262,11 @@ def decode(choices: list, value: Any) -> Any:
 
 
 def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The search space as Optuna distributions: a list is a categorical choice, {min, max[, log]} a
-    range of the key's type (an integer key's draws integers, a number key's floats). ConfigError naming the key
-    for anything else."""
+    """The search space as Optuna distributions: a list is a categorical choice, {min, max[, log]} or {min, max, step}
+    a range of the key's type (an integer key's draws integers, a number key's floats; with a step, min plus whole
+    steps only, Optuna's `step`). ConfigError naming the key for anything else: a step <= 0, one that does not reach
+    max in whole steps (Optuna would move max to its last step, with a warning), or one with log: true (which Optuna
+    refuses)."""
     where = space_key(spec)
     result: dict[str, optuna.distributions.BaseDistribution] = {}
     for key, domain in spec[where].items():
@@ -257,23 +277,86 @@ def distributions(spec: dict) -> dict[str, optuna.distributions.BaseDistribution
                                          f"{domain!r}")
             result[key] = optuna.distributions.CategoricalDistribution([encode(v) for v in domain])
             continue
-        if where == "grid":
-            raise config.ConfigError(f"spec.grid.{key}: must be a non-empty list, got {domain!r}")
-        if not (isinstance(domain, dict) and {"min", "max"} <= set(domain) <= {"min", "max", "log"}):
-            raise config.ConfigError(f"spec.{where}.{key}: must be a non-empty list or {{min, max, log}}, "
-                                     f"got {domain!r}")
-        low, high, log = domain["min"], domain["max"], domain.get("log", False)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) \
-                or not isinstance(log, bool):
-            raise config.ConfigError(f"spec.{where}.{key}: min and max must be numbers and log true or false, "
-                                     f"got {domain!r}")
-        kind = optuna.distributions.IntDistribution if isinstance(low, int) and isinstance(high, int) \
-            else optuna.distributions.FloatDistribution
-        try:
-            result[key] = kind(low, high, log=log)
-        except ValueError as exc:
-            raise config.ConfigError(f"spec.{where}.{key}: {exc} (got {domain!r})") from None
+        if where == "grid":  # its {min, max, step} ranges are listed by `read_spec` (`grid_values`)
+            raise config.ConfigError(f"spec.grid.{key}: must be a non-empty list or {{min, max, step}}, got "
+                                     f"{domain!r}")
+        result[key] = range_distribution(where, key, domain)
     return result
+
+
+def range_distribution(where: str, key: str, domain: Any) -> optuna.distributions.BaseDistribution:
+    """Optuna's distribution of a {min, max[, log]} or {min, max, step} range of spec.`where`.`key`, of the key's type
+    (`distributions`); ConfigError naming the key where it is none, or its step is bad."""
+    if not (isinstance(domain, dict) and {"min", "max"} <= set(domain) <= {"min", "max", "log", "step"}):
+        raise config.ConfigError(f"spec.{where}.{key}: must be a non-empty list or {{min, max, log}} or "
+                                 f"{{min, max, step}}, got {domain!r}")
+    low, high, log, step = domain["min"], domain["max"], domain.get("log", False), domain.get("step")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) \
+            or not isinstance(log, bool):
+        raise config.ConfigError(f"spec.{where}.{key}: min and max must be numbers and log true or false, "
+                                 f"got {domain!r}")
+    if step is not None and step <= 0:
+        raise config.ConfigError(f"spec.{where}.{key}: step must be > 0, got {step}")
+    if step is not None and log:
+        raise config.ConfigError(f"spec.{where}.{key}: step and log: true do not go together (Optuna draws a "
+                                 f"stepped range on a linear scale only); drop one")
+    kind = optuna.distributions.IntDistribution if isinstance(low, int) and isinstance(high, int) \
+        else optuna.distributions.FloatDistribution
+    try:
+        with warnings.catch_warnings():  # a step that does not reach max: Optuna moves max, warning; refused below
+            warnings.simplefilter("ignore")
+            dist = kind(low, high, log=log, **({} if step is None else {"step": step}))
+    except ValueError as exc:
+        raise config.ConfigError(f"spec.{where}.{key}: {exc} (got {domain!r})") from None
+    if dist.high != high:
+        raise config.ConfigError(f"spec.{where}.{key}: step {step} does not fit the range from {low} to {high} "
+                                 f"(its last step is {dist.high}); give a max that is min plus a whole number of "
+                                 f"steps")
+    return dist
+
+
+def grid_values(key: str, domain: Any) -> Any:
+    """A grid's values of `key`: a {min, max, step} range listed, min to max in steps (Optuna's, as a space's range
+    with that step draws them: `range_distribution`); a list (or anything else, refused by `distributions`) as it is.
+    ConfigError naming the key for a range without a step (a grid lists every value it runs), or one of more values
+    than a sweep runs trials."""
+    if not isinstance(domain, dict):
+        return domain
+    if "step" not in domain:
+        raise config.ConfigError(f"spec.grid.{key}: a grid runs each value it lists: give a list, or {{min, max, "
+                                 f"step}}, got {domain!r}")
+    dist = range_distribution("grid", key, domain)
+    if range_size(dist) > MAX_TRIALS:  # listed before the grid's combinations are counted
+        raise config.ConfigError(f"spec.grid.{key}: its {range_size(dist)} steps are more than the {MAX_TRIALS} "
+                                 f"trials a sweep runs; give a larger step")
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return list(range(dist.low, dist.high + 1, dist.step))
+    return [on_step(dist, v) for v in steps_of(dist)]
+
+
+def range_size(dist: optuna.distributions.BaseDistribution) -> float:
+    """How many values a range draws from: an integer range's, or a float range's with a step; a float range without
+    one, math.inf (1 where min is max)."""
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return (dist.high - dist.low) // dist.step + 1
+    if dist.step is not None:
+        return round((dist.high - dist.low) / dist.step) + 1
+    return 1 if dist.low == dist.high else math.inf
+
+
+def steps_of(dist: optuna.distributions.FloatDistribution) -> list[float]:
+    """Every value of a float range with a step, as Optuna's samplers draw them (min + k * step, within max)."""
+    return [min(k * dist.step + dist.low, dist.high) for k in range(int(range_size(dist)))]
+
+
+def on_step(dist: optuna.distributions.BaseDistribution, value: Any) -> Any:
+    """A value a float range with a step drew, as the number of whole steps from min it is: 0.3, where Optuna draws
+    0.30000000000000004 (0.1 + 2 * 0.1 in floats), which named the trial and reached its params. Any other value as
+    it is."""
+    if not isinstance(dist, optuna.distributions.FloatDistribution) or dist.step is None:
+        return value
+    steps = round((value - dist.low) / dist.step)
+    return float(decimal.Decimal(repr(dist.low)) + steps * decimal.Decimal(repr(dist.step)))
 
 
 def spread(low: float, high: float, count: int, log: bool) -> list[float]:
@@ -286,13 +369,19 @@ def spread(low: float, high: float, count: int, log: bool) -> list[float]:
 
 
 def range_values(dist: optuna.distributions.BaseDistribution) -> list:
-    """The values of a {min, max, log} range that a space is checked at: an integer range's every value (RANGE_VALUES
-    spread as it draws where it has more), a float range's ends and FLOAT_POINTS evenly between them (to six
-    digits)."""
+    """The values of a {min, max, log} or {min, max, step} range that a space is checked at: an integer range's every
+    value (RANGE_VALUES spread as it draws where it has more), a float range's ends and FLOAT_POINTS evenly between
+    them (to six digits); with a step, on its steps (a float range's every step where it has FLOAT_POINTS inside or
+    fewer)."""
     if isinstance(dist, optuna.distributions.IntDistribution):
-        if dist.high - dist.low < RANGE_VALUES:
-            return list(range(dist.low, dist.high + 1))
-        return sorted({round(v) for v in spread(dist.low, dist.high, RANGE_VALUES, dist.log)})
+        if range_size(dist) <= RANGE_VALUES:
+            return list(range(dist.low, dist.high + 1, dist.step))
+        return sorted({dist.low + round((v - dist.low) / dist.step) * dist.step
+                       for v in spread(dist.low, dist.high, RANGE_VALUES, dist.log)})
+    if dist.step is not None:
+        if range_size(dist) <= FLOAT_POINTS + 2:
+            return [on_step(dist, v) for v in steps_of(dist)]
+        return sorted({on_step(dist, v) for v in spread(dist.low, dist.high, FLOAT_POINTS + 2, False)})
     inside = spread(dist.low, dist.high, FLOAT_POINTS + 2, dist.log)[1:-1]
     return sorted({dist.low, dist.high} | {float(f"{v:.6g}") for v in inside})  # as a message shows them
 
@@ -353,7 +442,9 @@ class Plan:
     invalid.
     """
 
-    def __init__(self, spec_path: str, extra_overrides: str = ""):
+    def __init__(self, spec_path: str, extra_overrides: str = "", say=None):
+        """`say`: where a grid of SAY_CHECKS trials or more says it checks them (print, for the command's own
+        process: a few milliseconds a trial, 14 s for 10,000 said nothing before its first line)."""
         self.spec_path, self.extra_overrides = spec_path, extra_overrides or ""
         self._layers: dict[str, dict[str, Any]] | None = None  # `layers`
         self.spec = read_spec(spec_path)
@@ -404,8 +495,7 @@ class Plan:
             ends = {k: v if isinstance(v, list) else [self.space[k].low, self.space[k].high] for k, v in raw.items()}
             checked = [dict(zip(ends, combo, strict=True)) for combo in itertools.product(*ends.values())]
             sizes = [len(d.choices) if isinstance(d, optuna.distributions.CategoricalDistribution)
-                     else d.high - d.low + 1 if isinstance(d, optuna.distributions.IntDistribution)
-                     else 1 if d.low == d.high else math.inf  # {min: 0.1, max: 0.1} draws 0.1 only
+                     else range_size(d)  # {min: 0.1, max: 0.1} draws 0.1 only, {min: 0.1, max: 0.2} without end
                      for d in self.space.values()]
             self.combinations = math.prod(sizes)  # inf with a float range: `draw_unrun` has none to count
             if trials > math.prod(sizes):  # the samplers would draw the same params again (and leave others out)
@@ -419,6 +509,8 @@ class Plan:
         self.known_images: dict[str, tuple[int | None, int | None]] = {}  # `check_batches`', by data params
         if self.grid:
             self.combinations = len(self.grid)
+            if say is not None and len(self.grid) >= SAY_CHECKS:
+                say(f"checking the params of the grid's {len(self.grid)} trials before any run opens")
         self.configs = [self.load(values, f"trial {i}" if self.grid else "space")
                         for i, values in enumerate(checked)]
         if self.grid:
@@ -776,7 +868,9 @@ class Plan:
                 return
         if self.combinations <= MAX_UNRUN:
             choices = [dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution)
-                       else range(dist.low, dist.high + 1) if isinstance(dist, optuna.distributions.IntDistribution)
+                       else range(dist.low, dist.high + 1, dist.step)
+                       if isinstance(dist, optuna.distributions.IntDistribution)
+                       else steps_of(dist) if dist.step is not None
                        else [dist.low] for dist in self.space.values()]  # {min: 0.1, max: 0.1}: one number
             unrun = [dict(zip(self.space, combo, strict=True)) for combo in itertools.product(*choices)]
             random.Random(None if self.seed is None else f"{self.seed}:{number}").shuffle(unrun)
@@ -801,11 +895,11 @@ class Plan:
             elif isinstance(dist, optuna.distributions.CategoricalDistribution):
                 value = trial.suggest_categorical(key, dist.choices)
             elif isinstance(dist, optuna.distributions.IntDistribution):
-                value = trial.suggest_int(key, dist.low, dist.high, log=dist.log)
+                value = trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
             else:
-                value = trial.suggest_float(key, dist.low, dist.high, log=dist.log)
+                value = trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
             result[key] = decode(raw[key], value) if isinstance(dist, optuna.distributions.CategoricalDistribution) \
-                else value
+                else on_step(dist, value)
         return result
 
 
@@ -832,7 +926,7 @@ def insert_study_system_attr(storage: optuna.storages.RDBStorage, study_id: int,
     """Add system attr `key` (JSON `value`) to study `study_id` unless it holds one: True where this call added it,
     False where the study held it already. The table's unique (study, key) lets one of two inserts at once through.
     No public Optuna call inserts only (`set_study_system_attr` overwrites a key, so a claim it wrote could not fail):
-    this is the one place the project writes Optuna's table through its private `optuna.storages._rdb.models`
+    written through Optuna's private `optuna.storages._rdb.models`, as only `insert_waiting_trials` also writes
     (`test_sweep.py::test_a_claim_is_a_study_system_attr_the_storage_inserts_once_through_optunas_private_models`
     fails where an Optuna release changes it)."""
     import sqlalchemy
@@ -1218,46 +1312,117 @@ def fingerprint_changes(then: dict, now: dict) -> list[str]:
 
 def lead(plan: Plan, study: optuna.Study, parent_id: str, experiment_id: str) -> None:
     """Queue every trial (a grid: each combination; a space: `trials` empty ones the sampler fills
-    when a worker claims them), then publish the spec and the parent run: followers wait for that."""
-    for values in plan.grid or [{}] * plan.trials:
-        study.enqueue_trial({k: encode(v) for k, v in values.items()})
+    when a worker claims them; `queue_trials`), then publish the spec and the parent run: followers wait for that."""
+    queue_trials(study, [{k: encode(v) for k, v in values.items()} for values in plan.grid or [{}] * plan.trials])
     study.set_user_attr("mlflow_parent_run_id", parent_id)
     study.set_user_attr("mlflow_experiment_id", experiment_id)
     study.set_user_attr("mlflow_tracking_uri", tracking_uri())
     study.set_user_attr("fingerprint", json.loads(json.dumps(plan.fingerprint(), default=str)))
 
 
-def claim(study: optuna.Study, storage: optuna.storages.RDBStorage, plan: Plan) -> tuple[optuna.Trial, int] | None:
+# `queue_trials` commits this many trials at a time, and says how far it is every QUEUE_SAY_S (a slow storage's first
+# line), then when done.
+QUEUE_CHUNK = 1000
+QUEUE_SAY_S = 5.0
+
+
+def queue_trials(study: optuna.Study, fixed: list[dict[str, Any]]) -> None:
+    """Queue one WAITING trial per dict of `fixed` params in `study`, as `study.enqueue_trial` would, and print a line
+    when done ("queued 10000 trials in 1.2 s"), and one every QUEUE_SAY_S before. An RDB storage takes them QUEUE_CHUNK
+    to a transaction (`insert_waiting_trials`): one enqueue_trial per trial is a transaction each, and a grid of 10,000
+    spent a minute queueing in silence after its "started" line (about 6 ms each into SQLite, a commit's sync)."""
+    started = said = time.monotonic()
+    backend = getattr(study._storage, "_backend", study._storage)  # under Optuna's cache, where the study has one
+    study_id = backend.get_study_id_from_name(study.study_name)
+    for start in range(0, len(fixed), QUEUE_CHUNK):
+        chunk = fixed[start:start + QUEUE_CHUNK]
+        if isinstance(backend, optuna.storages.RDBStorage):
+            insert_waiting_trials(backend, study_id, chunk)
+        else:
+            for params in chunk:
+                study.enqueue_trial(params)
+        if start + len(chunk) < len(fixed) and time.monotonic() - said >= QUEUE_SAY_S:
+            said = time.monotonic()
+            print(f"queued {start + len(chunk)} of {len(fixed)} trials", flush=True)
+    print(f"queued {len(fixed)} trial{'' if len(fixed) == 1 else 's'} in {time.monotonic() - started:.1f} s",
+          flush=True)
+
+
+def insert_waiting_trials(storage: optuna.storages.RDBStorage, study_id: int, fixed: list[dict[str, Any]]) -> None:
+    """Insert one WAITING trial per dict of `fixed` params into study `study_id`, numbered on from its trials, in one
+    transaction: the rows `Study.enqueue_trial` writes one transaction each (a trial, its system attr
+    `fixed_params`). The study's row is locked first, as Optuna locks it to number a new trial. No public Optuna call
+    adds several trials at once (`Study.add_trials` adds each in its own): written through Optuna's private
+    `optuna.storages._rdb.models`, as `insert_study_system_attr` is
+    (`test_sweep.py::test_trials_queued_at_once_are_the_trials_optunas_enqueue_trial_makes` fails where an Optuna
+    release changes what an enqueued trial is)."""
+    from optuna.storages._rdb import models
+
+    session = storage.scoped_session()
+    try:
+        models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+        first = session.query(models.TrialModel).filter(models.TrialModel.study_id == study_id).count()
+        session.add_all([models.TrialModel(study_id=study_id, number=first + i, state=TrialState.WAITING,
+                                           system_attributes=[models.TrialSystemAttributeModel(
+                                               key="fixed_params", value_json=json.dumps(params))])
+                         for i, params in enumerate(fixed)])
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def claim(study: optuna.Study, storage: optuna.storages.RDBStorage, plan: Plan,
+          waiting: collections.deque[int] | None = None) -> tuple[optuna.Trial, int] | None:
     """Take one waiting trial for this worker: (trial, its storage id), or None. The storage moves a
     trial from WAITING to RUNNING for exactly one caller, so no two workers (or hosts) run the same
     trial (Study.ask would create a new trial when another worker took the last waiting one). Its first heartbeat is
-    recorded at once; a Ctrl-C or SIGTERM while its params are drawn queues it again (`requeue_interrupted`)."""
+    recorded at once; a Ctrl-C or SIGTERM while its params are drawn queues it again (`requeue_interrupted`).
+    `waiting`: the numbers of the trials this worker last read waiting, kept by the caller across claims and taken
+    lowest first, read again only once used up (or taken by other workers): each claim read every waiting trial, 1.4 s
+    per trial of a grid of 10,000. A trial queued again is a new one, numbered after them all, so the lowest waiting is
+    taken first as before. None: read for this claim alone."""
     study_id = storage.get_study_id_from_name(study.study_name)
-    for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
-        try:
-            if not storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        # Beaten from the claim on: a trial RUNNING with no heartbeat is never stale to Optuna, and one whose worker
-        # died while drawing its params (before `heartbeat` began) was waited for by every worker, for good.
-        if isinstance(storage, optuna.storages.RDBStorage):
-            storage.record_heartbeat(trial_id)
-            # Optuna reads the trial's state, then writes RUNNING: on SQLite, which ignores its SELECT ... FOR UPDATE,
-            # two workers at once both took one trial (each ran it, the next trial waited unrun). A trial goes from
-            # WAITING to RUNNING once in its life (one queued again is a new trial): the first insert of its claim
-            # takes it, on SQLite and PostgreSQL alike.
-            if not insert_study_system_attr(storage, study_id, f"sweep:running:{trial_id}", worker_name()):
-                continue
-        try:
-            study.sampler = plan.make_sampler(waiting.number)
-            plan.draw_unrun(study, storage, trial_id, waiting.number)
-        except (Interrupted, KeyboardInterrupt):  # queued again at once, as a trial stopped while it trains
-            requeue_interrupted(study, storage, trial_id)
-            raise
-        return optuna.Trial(study, trial_id), trial_id
+    kept = bool(waiting)
+    waiting = collections.deque() if waiting is None else waiting
+    for _ in range(2 if kept else 1):  # those read before, then (all taken by others) those waiting now
+        if not waiting:
+            waiting.extend(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        while waiting:
+            if (claimed := claim_number(study, storage, plan, study_id, waiting.popleft())) is not None:
+                return claimed
     return None
+
+
+def claim_number(study: optuna.Study, storage: optuna.storages.RDBStorage, plan: Plan, study_id: int,
+                 number: int) -> tuple[optuna.Trial, int] | None:
+    """`claim` trial `number` of the study, read waiting: (trial, its storage id), or None where another worker took
+    it first."""
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    try:
+        if not storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+            return None
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return None
+    # Beaten from the claim on: a trial RUNNING with no heartbeat is never stale to Optuna, and one whose worker
+    # died while drawing its params (before `heartbeat` began) was waited for by every worker, for good.
+    if isinstance(storage, optuna.storages.RDBStorage):
+        storage.record_heartbeat(trial_id)
+        # Optuna reads the trial's state, then writes RUNNING: on SQLite, which ignores its SELECT ... FOR UPDATE,
+        # two workers at once both took one trial (each ran it, the next trial waited unrun). A trial goes from
+        # WAITING to RUNNING once in its life (one queued again is a new trial): the first insert of its claim
+        # takes it, on SQLite and PostgreSQL alike.
+        if not insert_study_system_attr(storage, study_id, f"sweep:running:{trial_id}", worker_name()):
+            return None
+    try:
+        study.sampler = plan.make_sampler(number)
+        plan.draw_unrun(study, storage, trial_id, number)
+    except (Interrupted, KeyboardInterrupt):  # queued again at once, as a trial stopped while it trains
+        requeue_interrupted(study, storage, trial_id)
+        raise
+    return optuna.Trial(study, trial_id), trial_id
 
 
 @contextlib.contextmanager
@@ -1555,9 +1720,10 @@ def work(plan: Plan, study: optuna.Study, storage: optuna.storages.RDBStorage) -
     failed and queued again meanwhile), then finish the study if no other worker has."""
     parent_id, experiment_id = study.user_attrs["mlflow_parent_run_id"], study.user_attrs["mlflow_experiment_id"]
     waiting_for: set[int] = set()
+    waiting: collections.deque[int] = collections.deque()  # `claim`'s, across claims
     while True:
         optuna.storages.fail_stale_trials(study)
-        claimed = claim(study, storage, plan)
+        claimed = claim(study, storage, plan, waiting)
         if claimed is not None:
             with heartbeat(storage, claimed[1]):
                 try:
@@ -1854,7 +2020,7 @@ def run(args: argparse.Namespace) -> int:
         study = args.study.removesuffix(".register")
         raise config.ConfigError(f"study: {args.study} is the record of who registers study {study}, not a study; "
                                  f"pass -P study={study}, or another name")
-    plan = Plan(args.spec, args.overrides)
+    plan = Plan(args.spec, args.overrides, say=None if args.join else lambda line: print(line, flush=True))
     plan.check_prepared_images()  # a path's count, where a prepare run logged it
     check_no_cluster()
     check_checkpoint_root()  # each trial's train run locks its folder there
@@ -1899,13 +2065,15 @@ def run(args: argparse.Namespace) -> int:
     if lock:
         adopt_own_run(study)
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # as the run that ended it said
+            n = len(study.trials)
+            outcome = "its 1 trial did not finish" if n == 1 else f"none of its {n} trials finished"
             return no_trial_finished(NoTrialFinished(
-                f"study {name} in {safe_url(storage_url)} is done, but none of its {len(study.trials)} trials "
-                "finished; nothing registered. Pass another -P study= for a new sweep",
+                f"study {name} in {safe_url(storage_url)} is done, but {outcome}; nothing registered. Pass another "
+                "-P study= for a new sweep",
                 no_trial_finished_error(study).status))
         model = lock.user_attrs.get("registered_model")  # studies done before it was recorded have none
         version = f"{f'{model} v' if model else 'version '}{lock.user_attrs.get('registered_version')}"
-        print(f"study {name} in {safe_url(storage_url)} is done: {len(study.trials)} trials; "
+        print(f"study {name} in {safe_url(storage_url)} is done: {trials_said(len(study.trials))}; "
               f"{best_said(plan, study, version)}; pass another -P study= for a new sweep")
         return 0
     if workers == 1:  # this process trains the trials: its backend and devices are the trials'
@@ -1914,7 +2082,8 @@ def run(args: argparse.Namespace) -> int:
     made = [] if existed else prepare_shared_data(plan)  # its first command: refused now where its data is too few
     study, leads = join_study(plan, storage, name)
     print(f"{'started' if leads else 'joined'} Optuna study {name} in {safe_url(storage_url)} "
-          f"({plan.sampler_name} sampler, {plan.pruner_name} pruner, {plan.trials} trials"
+          f"({plan.sampler_name} sampler, {'no' if plan.pruner_name == 'none' else plan.pruner_name} pruner, "
+          f"{trials_said(plan.trials)}"
           f"{'' if leads else f', {unfinished(study)} left to run'}); "  # a rerun after a Ctrl-C: what it goes on with
           f"{dashboard_hint(storage.url)}", flush=True)  # the driver it opened
     try:
@@ -1981,6 +2150,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def trials_said(n: int) -> str:
+    """ "1 trial", "4 trials": a one-trial sweep's lines said "1 trials"."""
+    return f"{n} trial{'' if n == 1 else 's'}"
+
+
 def best_said(plan: Plan, study: optuna.Study, registered: str = "") -> str:
     """Where a done study's best trial is, for the command's last line: "best trial 1 (train.lr=0.1) val_acc 0.4902,
     run <id>, registered cifar10-resnet v1 (@champion moved to it); its sweep run <id> holds trials.csv and the
@@ -2010,7 +2184,9 @@ def prepare_shared_data(plan: Plan) -> list[str]:
     trials too many for it are refused (`Plan.check_prepared_images`, ConfigError) before any study or sweep run, as a
     rerun refuses them (each failed in the study, and the sweep run ended FAILED, exit 1). The ids of the prepare runs
     made here (a finished one reused is not), to be nested under the sweep run once it opens."""
-    datasets = {prepare.prepare_key(c): c for c in plan.configs}
+    # keyed once per data params (its key digests a path's whole file or folder), not once per trial
+    shared = {json.dumps(c.flat("data"), sort_keys=True): c for c in plan.configs}
+    datasets = {prepare.prepare_key(c): c for c in shared.values()}
     made = []
     for key, cfg in datasets.items() if plan.grid or len(datasets) == 1 else []:
         if prepare.find_prepared(key) is None:

@@ -374,6 +374,39 @@ def test_a_space_whose_trials_share_their_data_prepares_it_once_before_any_trial
         sweep_run.info.run_id]
 
 
+@pytest.mark.parametrize(("body", "said"), [
+    ("grid:\n  train.lr: [0.1]\n", "(grid sampler, no pruner, 1 trial)"),
+    ("space:\n  train.lr: {min: 0.01, max: 0.1}\ntrials: 2\npruner: median\n",
+     "(tpe sampler, median pruner, 2 trials)"),
+], ids=["one-trial-no-pruner", "median"])
+def test_the_started_line_says_its_pruner_and_trials_in_words(store, tmp_path, in_process, monkeypatch, body, said):
+    """A plain sweep began "started Optuna study ... (grid sampler, none pruner, 1 trials)"."""
+    spec = write_spec(tmp_path, "sweep-said", body)
+    monkeypatch.setattr(sweep, "work", lambda plan, study, storage: None)  # its trials left waiting: exit 1
+    done = in_process("sweep", "--spec", spec, "--study", "said")
+    started = [line for line in done.stdout.splitlines() if line.startswith("started Optuna study said")]
+    assert len(started) == 1 and f" {said}; optuna-dashboard " in started[0], done.stdout[-2000:]
+
+
+@pytest.mark.parametrize(("grid", "datasets"), [
+    ("  train.lr: [0.05, 0.1]\n  train.momentum: [0.8, 0.9]\n", 1),
+    ("  train.lr: [0.05, 0.1]\n  data.synthetic_train: [512, 1024]\n", 2)])
+def test_a_grids_datasets_are_keyed_once_each_not_once_per_trial(tmp_path, monkeypatch, grid, datasets):
+    """The datasets a grid prepares were found by each trial's prepare key, which digests the data source (a path's
+    whole file or folder): a grid of 10,000 over a data path read its file 10,000 times before its first line, and
+    one over synthetic data spent about 20 s on the keys alone. Trials of the same data params share one key."""
+    from pipeline import prepare
+
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-keys", f"grid:\n{grid}", {"data.synthetic_train": None}))
+    keyed, key = [], prepare.prepare_key
+    monkeypatch.setattr(prepare, "prepare_key", lambda cfg: keyed.append(cfg) or key(cfg))
+    monkeypatch.setattr(prepare, "find_prepared", lambda key: "runs:/found/dataset")  # prepared already: reused
+    monkeypatch.setattr(prepare, "ensure_prepared", lambda cfg: "runs:/found/dataset")
+    monkeypatch.setattr(plan, "check_prepared_images", lambda: None)
+    assert sweep.prepare_shared_data(plan) == []
+    assert len(keyed) == datasets
+
+
 def test_a_leader_refused_before_its_study_is_set_up_leaves_no_study(store, tmp_path, in_process):
     """Its study stayed without a fingerprint: every rerun of the command waited a minute, then was refused."""
     client = MlflowClient()
@@ -606,6 +639,23 @@ def test_a_plan_reads_its_base_once_however_many_trials(tmp_path, monkeypatch):
     space = sweep.Plan(write_spec(tmp_path, "sweep-range", "space:\n  train.epochs: {min: 1, max: 4}\ntrials: 4\n",
                                   {"train.epochs": None}))
     assert len(reads) == 2 and space.configs  # its ends and inside its range too
+
+
+def test_a_large_grid_says_it_checks_its_trials_before_it_does(store, tmp_path, in_process, monkeypatch):
+    """A grid of 10,000 said nothing while its every trial's params were checked (14 s here, before its first line);
+    the command now says so first. A small one says nothing of it, nor does a worker of `workers N`."""
+    monkeypatch.setattr(sweep, "SAY_CHECKS", 4)
+    monkeypatch.setattr(sweep, "work", lambda plan, study, storage: None)  # its trials left waiting: exit 1
+    lines = []
+    sweep.Plan(write_spec(tmp_path, "sweep-large", "grid:\n  train.lr: [0.01, 0.02]\n  train.momentum: [0.8, 0.9]\n"),
+               say=lines.append)
+    assert lines == ["checking the params of the grid's 4 trials before any run opens"]
+    sweep.Plan(write_spec(tmp_path, "sweep-small", "grid:\n  train.lr: [0.01, 0.02, 0.03]\n"), say=lines.append)
+    assert len(lines) == 1
+    done = in_process("sweep", "--spec", str(tmp_path / "sweep-large.yaml"))
+    assert done.stdout.startswith("checking the params of the grid's 4 trials before any run opens\n"), done.stdout
+    assert "checking the params" not in in_process("sweep", "--spec", str(tmp_path / "sweep-large.yaml"),
+                                                   "--join").stdout
 
 
 def test_a_relative_base_is_read_beside_the_spec_else_from_the_project(tmp_path, monkeypatch):
@@ -999,6 +1049,76 @@ def test_range_ends_in_scientific_notation_are_numbers(tmp_path):
     assert sorted({c.train.lr for c in plan.configs}) == [0.001, 0.1]  # both ends checked as numbers
 
 
+def test_a_range_with_a_step_draws_on_its_steps_only(tmp_path):
+    """A range took no step (`train.lr: {min: 0.1, max: 0.5, step: 0.1}`, epochs in steps of 2): refused as an unknown
+    form. It is Optuna's step: drawn by suggest_float / suggest_int with it, counted as that many values (trials
+    beyond them run some twice: refused), and checked at its steps."""
+    body = ("space:\n  train.lr: {min: 0.1, max: 0.5, step: 0.1}\n  train.epochs: {min: 1, max: 5, step: 2}\n"
+            "sampler: random\nseed: 0\ntrials: 15\n")
+    spec = write_spec(tmp_path, "sweep-step", body, {"train.epochs": None})
+    plan = sweep.Plan(spec)
+    lr, epochs = plan.space["train.lr"], plan.space["train.epochs"]
+    assert isinstance(lr, optuna.distributions.FloatDistribution) and (lr.low, lr.high, lr.step) == (0.1, 0.5, 0.1)
+    assert isinstance(epochs, optuna.distributions.IntDistribution) and epochs.step == 2
+    assert plan.combinations == 5 * 3
+    drawn = draw_all(spec)
+    assert sorted((d["train.lr"], d["train.epochs"]) for d in drawn) == [  # each once; 0.3, not 0.30000000000000004
+        (lr, e) for lr in (0.1, 0.2, 0.3, 0.4, 0.5) for e in (1, 3, 5)]
+    with pytest.raises(config.ConfigError, match=r"spec.trials: 16 trials over the 15 combinations"):
+        sweep.Plan(write_spec(tmp_path, "sweep-step-over", body.replace("trials: 15", "trials: 16"),
+                              {"train.epochs": None}))
+    checked = []
+    plan.check_inside(plan.checked, lambda cfg: checked.append((cfg.train.lr, cfg.train.epochs)))
+    assert {e for _, e in checked} == {1, 3, 5} and {lr for lr, _ in checked} == {0.1, 0.2, 0.3, 0.4, 0.5}
+
+
+def test_a_grids_range_with_a_step_is_every_step_of_it(tmp_path):
+    """A grid took lists only: `train.lr: {min: 0.1, max: 0.3, step: 0.1}` was refused. It runs each step, listed as a
+    space's range with that step draws them (0.3, not 0.30000000000000004); a range without a step is refused, as a
+    grid runs only what it lists."""
+    plan = sweep.Plan(write_spec(tmp_path, "sweep-grid-step", "grid:\n  train.lr: {min: 0.1, max: 0.3, step: 0.1}\n"
+                                 "  train.epochs: {min: 1, max: 3, step: 2}\n", {"train.epochs": None}))
+    assert [(g["train.lr"], g["train.epochs"]) for g in plan.grid] == [
+        (0.1, 1), (0.1, 3), (0.2, 1), (0.2, 3), (0.3, 1), (0.3, 3)]
+    assert [(c.train.lr, c.train.epochs) for c in plan.configs] == [(g["train.lr"], g["train.epochs"])
+                                                                     for g in plan.grid]
+    for body, message in [
+        ("grid:\n  train.lr: {min: 0.1, max: 0.3}\n", "spec.grid.train.lr: a grid runs each value it lists: give a "
+         "list, or {min, max, step}, got {'min': 0.1, 'max': 0.3}"),
+        ("grid:\n  train.lr: {min: 0.1, max: 0.3, step: 0.15}\n", "spec.grid.train.lr: step 0.15 does not fit the "
+         "range from 0.1 to 0.3 (its last step is 0.25); give a max that is min plus a whole number of steps"),
+        ("grid:\n  train.lr: {min: 0.1, max: 0.3, step: 0.00001}\n", "spec.grid.train.lr: its 20001 steps are more "
+         "than the 10000 trials a sweep runs; give a larger step")]:
+        with pytest.raises(config.ConfigError) as raised:
+            sweep.Plan(write_spec(tmp_path, "sweep-grid-bad", body))
+        assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(("domain", "message"), [
+    ("train.lr: {min: 0.1, max: 0.5, step: 0}", "spec.space.train.lr: step must be > 0, got 0.0"),
+    ("train.epochs: {min: 1, max: 9, step: -2}", "spec.space.train.epochs: step must be > 0, got -2"),
+    ("train.lr: {min: 0.1, max: 0.5, step: 0.3}", "spec.space.train.lr: step 0.3 does not fit the range from 0.1 to "
+     "0.5 (its last step is 0.4); give a max that is min plus a whole number of steps"),
+    ("train.epochs: {min: 2, max: 10, step: 3}", "spec.space.train.epochs: step 3 does not fit the range from 2 to 10 "
+     "(its last step is 8); give a max that is min plus a whole number of steps"),
+    ("train.lr: {min: 0.01, max: 0.1, step: 0.01, log: true}", "spec.space.train.lr: step and log: true do not go "
+     "together (Optuna draws a stepped range on a linear scale only); drop one"),
+    ("train.epochs: {min: 1, max: 9, step: 2, log: true}", "spec.space.train.epochs: step and log: true do not go "
+     "together (Optuna draws a stepped range on a linear scale only); drop one"),
+    ("train.epochs: {min: 1, max: 9, step: 0.5}", "spec.space.train.epochs: step must be an integer, got '0.5'"),
+    ("train.lr: {min: 0.1, max: 0.5, step: true}", "spec.space.train.lr: step must be a number, got 'true'"),
+    ("train.lr: {min: 0.1, max: 0.5, stride: 0.1}", "spec.space.train.lr: must be a non-empty list or {min, max, log} "
+     "or {min, max, step}, got {'min': 0.1, 'max': 0.5, 'stride': 0.1}"),
+], ids=["zero", "negative", "float-not-fitting", "int-not-fitting", "float-log", "int-log", "int-key-float-step",
+        "bool", "unknown-range-key"])
+def test_a_bad_step_is_one_line_naming_the_key_before_any_run(store, tmp_path, in_process, domain, message):
+    spec = write_spec(tmp_path, "sweep-bad-step", f"space:\n  {domain}\ntrials: 2\n", {"train.epochs": None})
+    done = in_process("sweep", "--spec", spec)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {message}"], done.stderr[-2000:]
+    assert not (tmp_path / "optuna.db").exists()  # before the storage, and so before any run
+    assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
+
+
 def draw_all(spec: str) -> list[dict]:
     """Claim and finish every queued trial of a fresh in-memory study, as a worker does; their values."""
     plan = sweep.Plan(spec)
@@ -1102,6 +1222,36 @@ def test_two_workers_whose_moves_to_running_both_pass_take_two_trials(tmp_path, 
     assert sweep.claim(optuna.load_study(study_name="claims", storage=first), first, plan) is None  # none left
 
 
+def test_a_worker_reads_the_waiting_trials_once_not_once_per_trial_it_claims(tmp_path, monkeypatch):
+    """Each claim read every waiting trial of the study (1.4 s per claim in a grid of 10,000, the whole study while it
+    waits). A worker now takes the waiting trials it read in turn, lowest number first as before (a trial queued again
+    is a new, higher one), and reads them again only once they are used up, or taken by other workers."""
+    spec = write_spec(tmp_path, "sweep-reads", "grid:\n  train.lr: [0.01, 0.02, 0.03, 0.04, 0.05]\n")
+    plan = sweep.Plan(spec)
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(storage=storage, study_name="reads", direction="maximize")
+    sweep.lead(plan, study, "parent-run-id", "0")
+    reads, get_trials = [], study.get_trials
+    monkeypatch.setattr(study, "get_trials", lambda deepcopy=True, states=None: (
+        reads.append(states) if states == (optuna.trial.TrialState.WAITING,) else None) or get_trials(deepcopy, states))
+    ran = []
+
+    def run_trial(plan, study, trial, parent_id, experiment_id):
+        ran.append(trial.number)
+        if trial.number == 1:  # another worker takes trial 2 meanwhile: this one goes on with 3
+            own = sweep.open_storage(storage.url)
+            other = optuna.load_study(study_name="reads", storage=own)
+            assert sweep.claim(other, own, plan)[0].number == 2
+            other.tell(2, 0.5)
+        study.tell(trial, 0.5)
+
+    monkeypatch.setattr(sweep, "run_trial", run_trial)
+    monkeypatch.setattr(sweep, "finish", lambda plan, study, storage: None)
+    sweep.work(plan, study, storage)
+    assert ran == [0, 1, 3, 4]
+    assert len(reads) == 2, reads  # the first claim's, and the one finding none left
+
+
 def test_a_claim_is_a_study_system_attr_the_storage_inserts_once_through_optunas_private_models(tmp_path):
     """A claim inserts a row of the study's system attrs that the database lets one insert only: no public Optuna call
     does (`set_study_system_attr` overwrites), so `insert_study_system_attr` writes through Optuna's private
@@ -1115,8 +1265,56 @@ def test_a_claim_is_a_study_system_attr_the_storage_inserts_once_through_optunas
     assert sweep.insert_study_system_attr(storage, ids[1], "sweep:claimed:x", 5) is True  # another study's own
     assert [storage.get_study_system_attrs(i)["sweep:claimed:x"] for i in ids] == [3, 5]  # read by the public API
     source = Path(sweep.__file__).read_text()
-    assert source.count("from optuna.storages._rdb import") == 1  # the one use of it
-    assert "from optuna.storages._rdb import" in inspect.getsource(sweep.insert_study_system_attr)
+    assert source.count("from optuna.storages._rdb import") == 2  # its two uses: this, and `insert_waiting_trials`
+    for writer in (sweep.insert_study_system_attr, sweep.insert_waiting_trials):
+        assert "from optuna.storages._rdb import" in inspect.getsource(writer)
+
+
+def test_trials_queued_at_once_are_the_trials_optunas_enqueue_trial_makes(tmp_path, monkeypatch):
+    """`queue_trials` writes a study's queued trials a chunk to a transaction through Optuna's private models (one
+    `enqueue_trial` per trial was a transaction each: a grid of 10,000 queued for a minute in silence). The trials it
+    makes are the ones enqueue_trial makes, as the public API reads them back, numbered on from the study's own, and a
+    worker claims and draws them as ever; this fails where an Optuna release changes what an enqueued trial is."""
+    import sqlalchemy
+
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    fixed = [{}, {"train.lr": 0.1}, {"train.lr": 0.05, "model.widths": "[16, 32]"}] * 9  # 27 trials
+    studies = {name: optuna.create_study(storage=storage, study_name=name) for name in ("optunas", "ours")}
+    for study in studies.values():
+        study.enqueue_trial({"train.lr": 0.2})  # a trial before them: numbers go on from it
+    for params in fixed:
+        studies["optunas"].enqueue_trial(params)
+    commits = []
+    sqlalchemy.event.listen(storage.engine, "commit", lambda connection: commits.append(1))
+    monkeypatch.setattr(sweep, "QUEUE_CHUNK", 10)
+    sweep.queue_trials(studies["ours"], fixed)
+    assert len(commits) <= 4  # a transaction per chunk (10 + 10 + 7) and the study's id read, not one per trial
+
+    def read(name: str) -> list[tuple]:
+        return [(t.number, t.state, t.params, t.distributions, t.user_attrs, t.system_attrs, t.datetime_start,
+                 t.values, t.intermediate_values) for t in optuna.load_study(study_name=name, storage=storage).trials]
+
+    assert read("ours") == read("optunas")
+    assert [t.system_attrs["fixed_params"] for t in studies["ours"].trials[1:]] == fixed  # read through the cache too
+    asked = [studies["ours"].ask() for _ in range(3)]  # Optuna takes the waiting trials in turn, with their params
+    assert [t.number for t in asked] == [0, 1, 2]
+    assert [asked[n].suggest_float("train.lr", 0.01, 1.0) for n in (0, 2)] == [0.2, 0.1]
+
+
+def test_queueing_trials_says_how_far_it_is_and_how_long_it_took(tmp_path, monkeypatch, capsys):
+    """A grid of 10,000 said nothing while it queued its trials (a minute, before they were queued at once): a line
+    every QUEUE_SAY_S while it queues, and one when done."""
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    sweep.queue_trials(optuna.create_study(storage=storage, study_name="few"), [{}] * 25)
+    assert re.fullmatch(r"queued 25 trials in \d+\.\d s\n", capsys.readouterr().out)  # quick: the last line only
+    monkeypatch.setattr(sweep, "QUEUE_CHUNK", 10)
+    monkeypatch.setattr(sweep, "QUEUE_SAY_S", 0)
+    sweep.queue_trials(optuna.create_study(storage=storage, study_name="slow"), [{}] * 25)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["queued 10 of 25 trials", "queued 20 of 25 trials"], lines
+    assert re.fullmatch(r"queued 25 trials in \d+\.\d s", lines[2]) and len(lines) == 3, lines
+    sweep.queue_trials(optuna.create_study(study_name="one"), [{}])  # an in-memory storage: Optuna's enqueue_trial
+    assert capsys.readouterr().out.startswith("queued 1 trial in ")
 
 
 def one_trial(tmp_path, name: str):
@@ -1769,7 +1967,7 @@ def test_a_rerun_of_a_study_whose_trials_all_failed_says_so_and_exits_as_the_fir
     rerun = in_process(*args, env={"MLFLOW_RUN_ID": wrapper})
     assert rerun.returncode == 3, rerun.stderr[-2000:]
     (line,) = [line for line in rerun.stderr.splitlines() if line.startswith("error: ")]
-    assert line.endswith("is done, but none of its 1 trials finished; nothing registered. Pass another -P study= "
+    assert line.endswith("is done, but its 1 trial did not finish; nothing registered. Pass another -P study= "
                          "for a new sweep")
     assert "registered version" not in rerun.stdout
     tags = client.get_run(wrapper).data.tags
@@ -2075,7 +2273,7 @@ def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(st
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"the worker registering study regkill ({dead}) stopped before it finished" in done.stdout
     # a command joining a study says how many of its trials are left (a rerun after a Ctrl-C: what it goes on with)
-    assert f"joined Optuna study regkill in {storage} (grid sampler, none pruner, 1 trials, 0 left to run); " \
+    assert f"joined Optuna study regkill in {storage} (grid sampler, no pruner, 1 trial, 0 left to run); " \
         in done.stdout
     assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 1
     parent, runs, _ = sweep_runs(client, "regkill")
@@ -2088,7 +2286,7 @@ def test_a_worker_killed_while_registering_is_noticed_and_the_rerun_registers(st
     assert done.stdout.splitlines()[-1] == f"study regkill: {best}"
     again = in_process("sweep", *args)
     assert again.returncode == 0
-    assert again.stdout.splitlines()[-1] == (f"study regkill in {storage} is done: 1 trials; {best}; pass another "
+    assert again.stdout.splitlines()[-1] == (f"study regkill in {storage} is done: 1 trial; {best}; pass another "
                                              "-P study= for a new sweep")
 
 
@@ -2133,3 +2331,26 @@ def test_an_empty_heartbeat_variable_is_the_default_interval():
     probe = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "SWEEP_HEARTBEAT_SECONDS": ""},
                            capture_output=True, text=True)
     assert probe.returncode == 0 and probe.stdout.split() == ["20", "120"], probe.stderr[-800:]
+
+
+def test_tensorflows_retracing_advice_is_not_printed_by_a_sweep():
+    """A plain sweep's console showed TensorFlow's "5 out of the last 7 calls to <function ...> triggered tf.function
+    retracing ... (1) creating @tf.function repeatedly in a loop ..." from its third trial on, six lines of advice on
+    stderr: each trial builds its own model, whose predict function is traced afresh by design. That advice is
+    dropped; TensorFlow's other warnings are kept."""
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        logger.warning("5 out of the last 7 calls to <function TensorFlowTrainer.make_predict_function.<locals>."
+                       "one_step_on_data_distributed at 0x7f074ded7600> triggered tf.function retracing. Tracing is "
+                       "expensive and the excessive number of tracings could be due to (1) creating @tf.function "
+                       "repeatedly in a loop")
+        logger.warning("another warning")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["another warning"]
