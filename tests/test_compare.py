@@ -1362,3 +1362,34 @@ def test_a_run_without_a_name_is_its_id_in_the_val_acc_legend(store):
         f"named ({comparison['table']['run_id'][0][:7]})", run[:7]]
     table = pd.DataFrame({"run": [None, math.nan], "run_id": ["a" * 32, "b" * 32], "epochs": [0, 1]})
     assert [compare.curve_label(row) for row in table.itertuples()] == ["aaaaaaa (no val_acc)", "bbbbbbb"]
+
+
+@pytest.fixture
+def in_tmp_path(tmp_path, monkeypatch):
+    """The test in `tmp_path`: a store opened after it keeps a new experiment's artifacts in its ./mlruns."""
+    monkeypatch.chdir(tmp_path)
+
+
+def test_a_refused_comparison_makes_no_experiment_of_mlflow_experiment_name(in_tmp_path, store, in_process,
+                                                                             monkeypatch):
+    """With no experiment named and MLFLOW_EXPERIMENT_NAME naming none yet (a typo, or one meant for later), the check
+    of where the comparison run goes made that experiment as it looked it up: a comparison then refused (a run id of no
+    run) exited 2 and left an empty experiment of that name behind. It is made only as the comparison run opens."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # as a process of its own: set by an earlier command
+    client = MlflowClient()
+    run = client.create_run(client.get_experiment_by_name("e2e").experiment_id, start_time=1_000,
+                            tags={"step": "train"}).info.run_id
+    client.log_param(run, "train.epochs", "2")  # a training run logs its params
+    client.log_metric(run, "val_acc", 0.5, step=1)
+    client.set_terminated(run, end_time=2_000)
+    refused = in_process("compare", "--run-ids", "0" * 32, env={"MLFLOW_EXPERIMENT_NAME": "later"})
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: run_ids: not finished training runs: {'0' * 32} (no run of that id)")
+    assert client.get_experiment_by_name("later") is None
+    done = in_process("compare", "--run-ids", run)  # as MLflow does: the experiment is made for the run it records
+    assert done.returncode == 0, done.stderr[-3000:]
+    later = client.get_experiment_by_name("later")
+    assert [r.data.tags["step"] for r in client.search_runs([later.experiment_id])] == ["compare"]

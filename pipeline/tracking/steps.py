@@ -463,7 +463,8 @@ def check_comparison_experiment(experiment: str | None) -> None:
     `find_experiment_id` already; open_run's check named `tracking.experiment`, no param of compare), or where none
     is named MLflow's default one (MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID, else `Default`), which is also
     refused in MLflow's trash (MLflow refused to open a run in it: a traceback) or where MLFLOW_EXPERIMENT_ID names
-    no experiment (a traceback too). Nothing to check under `mlflow run`
+    no experiment (a traceback too); one MLFLOW_EXPERIMENT_NAME names that does not exist yet is left to be made as
+    the run opens. Nothing to check under `mlflow run`
     (its run is open already, in its own experiment) or inside an active run."""
     if mlflow.active_run() is not None or os.environ.get("MLFLOW_RUN_ID"):
         return
@@ -475,6 +476,10 @@ def check_comparison_experiment(experiment: str | None) -> None:
                 f"{unwritable[1]}; make it a folder this user may write, or name another experiment")
         return
     # the experiment `mlflow.start_run` picks where none is named
+    fluent = mlflow.tracking.fluent
+    if (not fluent._active_experiment_id and (name := os.environ.get("MLFLOW_EXPERIMENT_NAME"))
+            and mlflow.get_experiment_by_name(name) is None):
+        return  # MLflow makes it as the run opens; looking it up through MLflow made it for a comparison then refused
     try:
         experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
     except MlflowException:  # MLFLOW_EXPERIMENT_ID naming none: MLflow's traceback, once every run was read
