@@ -1393,3 +1393,34 @@ def test_a_refused_comparison_makes_no_experiment_of_mlflow_experiment_name(in_t
     assert done.returncode == 0, done.stderr[-3000:]
     later = client.get_experiment_by_name("later")
     assert [r.data.tags["step"] for r in client.search_runs([later.experiment_id])] == ["compare"]
+
+
+def test_an_empty_mlflow_experiment_name_or_one_the_id_disagrees_with_is_one_line(store, in_process, monkeypatch):
+    """With no experiment named, MLFLOW_EXPERIMENT_NAME set but empty (`MLFLOW_EXPERIMENT_NAME=$EXP`, $EXP unset) was
+    MLflow's traceback, exit 1 ("Invalid experiment name: ''"), and one naming an experiment whose id is not
+    MLFLOW_EXPERIMENT_ID was refused as if MLFLOW_EXPERIMENT_ID named no experiment. Each is one line naming both."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient()
+    e2e = client.get_experiment_by_name("e2e").experiment_id
+    other = client.create_experiment("other")
+    run = client.create_run(e2e, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.log_param(run, "train.epochs", "2")  # a training run logs its params
+    client.log_metric(run, "val_acc", 0.5, step=1)
+    client.set_terminated(run, end_time=2_000)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # as a process of its own: set by an earlier command
+    empty = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": ""})
+    assert empty.returncode == 2 and "Traceback" not in empty.stderr, empty.stderr[-3000:]
+    assert empty.stderr.strip().splitlines()[-1] == (
+        "error: experiment: none named, so the comparison run goes to MLflow's default experiment, and "
+        "MLFLOW_EXPERIMENT_NAME is set but empty; name one (-P experiment=), or set MLFLOW_EXPERIMENT_NAME to an "
+        "experiment's name or unset it")
+    disagree = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "e2e", "MLFLOW_EXPERIMENT_ID": other})
+    assert disagree.returncode == 2, disagree.stderr[-3000:]
+    assert disagree.stderr.strip().splitlines()[-1] == (
+        f"error: experiment: none named, so the comparison run goes to MLflow's default experiment, and "
+        f"MLFLOW_EXPERIMENT_NAME='e2e' (experiment {e2e}) and MLFLOW_EXPERIMENT_ID={other} (experiment 'other') "
+        f"disagree; name one (-P experiment=), or unset one of the two")
+    every = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    assert client.search_runs(every, "tags.step = 'compare'", run_view_type=ViewType.ALL) == []

@@ -463,7 +463,8 @@ def check_comparison_experiment(experiment: str | None) -> None:
     `find_experiment_id` already; open_run's check named `tracking.experiment`, no param of compare), or where none
     is named MLflow's default one (MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID, else `Default`), which is also
     refused in MLflow's trash (MLflow refused to open a run in it: a traceback) or where MLFLOW_EXPERIMENT_ID names
-    no experiment (a traceback too); one MLFLOW_EXPERIMENT_NAME names that does not exist yet is left to be made as
+    no experiment (a traceback too), MLFLOW_EXPERIMENT_NAME is empty or names another experiment than
+    MLFLOW_EXPERIMENT_ID (tracebacks); one MLFLOW_EXPERIMENT_NAME names that does not exist yet is left to be made as
     the run opens. Nothing to check under `mlflow run`
     (its run is open already, in its own experiment) or inside an active run."""
     if mlflow.active_run() is not None or os.environ.get("MLFLOW_RUN_ID"):
@@ -476,20 +477,34 @@ def check_comparison_experiment(experiment: str | None) -> None:
                 f"{unwritable[1]}; make it a folder this user may write, or name another experiment")
         return
     # the experiment `mlflow.start_run` picks where none is named
-    fluent = mlflow.tracking.fluent
-    if (not fluent._active_experiment_id and (name := os.environ.get("MLFLOW_EXPERIMENT_NAME"))
-            and mlflow.get_experiment_by_name(name) is None):
-        return  # MLflow makes it as the run opens; looking it up through MLflow made it for a comparison then refused
+    default = "experiment: none named, so the comparison run goes to MLflow's default experiment"
+    name, given_id = os.environ.get("MLFLOW_EXPERIMENT_NAME"), os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if not mlflow.tracking.fluent._active_experiment_id and name is not None:  # what MLflow reads first
+        if not name:  # MLflow's traceback: Invalid experiment name: ''
+            raise config.ConfigError(f"{default}, and MLFLOW_EXPERIMENT_NAME is set but empty; name one "
+                                     "(-P experiment=), or set MLFLOW_EXPERIMENT_NAME to an experiment's name or "
+                                     "unset it")
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            return  # MLflow makes it as the run opens; looked up through MLflow, it was made for a comparison refused
+        if given_id and given_id != found.experiment_id:  # MLflow's error said only that they did not match
+            try:
+                other = f"experiment {mlflow.get_experiment(given_id).name!r}"
+            except MlflowException:
+                other = "no experiment"
+            raise config.ConfigError(
+                f"{default}, and MLFLOW_EXPERIMENT_NAME={name!r} (experiment {found.experiment_id}) and "
+                f"MLFLOW_EXPERIMENT_ID={given_id} ({other}) disagree; name one (-P experiment=), or unset one of the "
+                "two")
     try:
         experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
     except MlflowException:  # MLFLOW_EXPERIMENT_ID naming none: MLflow's traceback, once every run was read
-        if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        if not given_id:
             raise
         raise config.ConfigError(
-            f"experiment: none named, so the comparison run goes to MLflow's default experiment, and "
-            f"MLFLOW_EXPERIMENT_ID={os.environ.get('MLFLOW_EXPERIMENT_ID')} names no experiment; name one "
+            f"{default}, and MLFLOW_EXPERIMENT_ID={given_id} names no experiment; name one "
             f"(-P experiment=) or set MLFLOW_EXPERIMENT_ID to an experiment's id") from None
-    named = f"experiment: none named, so the comparison run goes to MLflow's default experiment {experiment.name!r}"
+    named = f"{default} {experiment.name!r}"
     if experiment.lifecycle_stage == "deleted":
         raise config.ConfigError(
             f"{named}, which is in MLflow's trash; restore it (mlflow experiments restore --experiment-id "
