@@ -916,7 +916,7 @@ def test_a_comparison_too_long_for_a_description_ends_on_a_whole_row_and_says_so
     assert note.endswith(f"\n... and {50 - len(rows)} more rows: see runs.md for the whole table\n")
 
 
-def test_a_comparison_of_more_runs_than_a_tag_holds_lists_them_all(store):
+def test_a_comparison_of_more_runs_than_a_tag_holds_lists_them_all(store, tmp_path):
     """MLflow cut tag `compared_runs` at 8,000 characters: a comparison of 300 runs listed 242 ids and part of
     another, like a whole list, with only a log line to say so."""
     import mlflow
@@ -924,10 +924,11 @@ def test_a_comparison_of_more_runs_than_a_tag_holds_lists_them_all(store):
     from pipeline.tracking import steps
 
     experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    (files := tmp_path / "files").mkdir()  # none: the comparison's own files are no part of this
     for count in (3, 300):
         ids = [f"{i:032x}" for i in range(count)]
         with mlflow.start_run(experiment_id=experiment_id) as run:
-            steps.log_comparison({}, ids, "table")
+            steps.log_comparison({}, ids, "table", files)
         tags = mlflow.get_run(run.info.run_id).data.tags
         listed = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/compared_runs.txt")
         assert listed.splitlines() == ids and tags["compared_runs_count"] == str(count)
@@ -1424,3 +1425,32 @@ def test_an_empty_mlflow_experiment_name_or_one_the_id_disagrees_with_is_one_lin
         f"disagree; name one (-P experiment=), or unset one of the two")
     every = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
     assert client.search_runs(every, "tags.step = 'compare'", run_view_type=ViewType.ALL) == []
+
+
+def test_a_comparison_whose_files_cannot_be_written_leaves_no_run(store, monkeypatch):
+    """The comparison run opened before its files were written: a plot that failed (a full disk, a temporary folder
+    gone) left a FAILED comparison run holding no runs.md, runs.csv or plot in the experiment. The files are written
+    first; the run opens only to record them."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    from pipeline import compare
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    run = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.log_param(run, "train.epochs", "2")  # a training run logs its params
+    client.log_metric(run, "val_acc", 0.5, step=1)
+    client.set_terminated(run, end_time=2_000)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compare, "plot_curves", disk_full)
+        with pytest.raises(OSError, match="No space left on device"):
+            compare.run("e2e", metric="val_acc")
+    assert client.search_runs([experiment], "tags.step = 'compare'", run_view_type=ViewType.ALL) == []
+    done = compare.run("e2e", metric="val_acc")
+    assert {a.path for a in client.list_artifacts(done["run_id"])} == {
+        "runs.md", "runs.csv", "val_acc.png", "compared_runs.txt"}

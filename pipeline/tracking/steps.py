@@ -10,7 +10,8 @@
 - compare: `find_experiment_id`, `search_train_runs`, `check_comparison_experiment` (where the comparison run goes),
   `log_comparison`.
 - main: `log_pipeline_results`, the headline results on the parent run.
-Files a step writes go in through `pipeline.tracking.artifact_dir`.
+Files a step writes go in through `pipeline.tracking.artifact_dir`; compare's, written before its run opens (a failed
+plot leaves no run), through `log_comparison`.
 """
 
 from __future__ import annotations
@@ -628,10 +629,11 @@ def why_not_compared(run_id: str, experiment: str | None) -> str:
     return run.info.status if run.info.status != "FINISHED" else ""
 
 
-def log_comparison(params: dict, run_ids: list[str], description: str) -> None:
-    """Record a comparison on the active run: its `params`, artifact `compared_runs.txt` (the run ids, one a line),
-    tags `compared_runs` (the ids, comma separated, where they fit a tag, else how many and where they are) and
-    `compared_runs_count`, its description."""
+def log_comparison(params: dict, run_ids: list[str], description: str, files: Path) -> None:
+    """Record a comparison on the active run: the files in folder `files` as artifacts (written before the run
+    opened), its `params`, artifact `compared_runs.txt` (the run ids, one a line), tags `compared_runs` (the ids, comma
+    separated, where they fit a tag, else how many and where they are) and `compared_runs_count`, its description."""
+    mlflow.log_artifacts(str(files))
     mlflow.log_params(params)
     mlflow.log_text("".join(f"{r}\n" for r in run_ids), "compared_runs.txt")
     # MLflow cut the list at its tag limit (~240 ids, the last one partial) with only a log line to say so
