@@ -1454,3 +1454,24 @@ def test_a_comparison_whose_files_cannot_be_written_leaves_no_run(store, monkeyp
     done = compare.run("e2e", metric="val_acc")
     assert {a.path for a in client.list_artifacts(done["run_id"])} == {
         "runs.md", "runs.csv", "val_acc.png", "compared_runs.txt"}
+
+
+def test_the_run_mlflow_run_opened_for_a_resume_is_refused_naming_the_training_run(store, in_process):
+    """`mlflow run . -e train -P resume=<id>` prints the id of a run of its own (tag step=resume, `resumes_run`: the
+    training run it went on with); given to compare, it was refused as "a run of step 'resume'" alone, where a main
+    run's refusal names its training run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    trained = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.log_param(trained, "train.epochs", "2")  # a training run logs its params
+    client.log_metric(trained, "val_acc", 0.5, step=1)
+    client.set_terminated(trained, end_time=2_000)
+    wrapper = client.create_run(experiment, start_time=3_000, tags={"step": "resume", "resumes_run": trained})
+    client.set_terminated(wrapper.info.run_id, end_time=4_000)
+    refused = in_process("compare", "--run-ids", wrapper.info.run_id)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: run_ids: not finished training runs: {wrapper.info.run_id} (a run of step 'resume': give its training "
+        f"run, {trained})")

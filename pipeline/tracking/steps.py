@@ -619,7 +619,8 @@ def why_not_compared(run_id: str, experiment: str | None) -> str:
     if experiment and found.name != experiment:
         return f"of experiment {found.name!r}"
     if (step := run.data.tags.get("step")) != "train":
-        if trained := run.data.tags.get("train_run_id"):  # a pipeline's or a sweep trial's run, above its train run
+        # a pipeline's or a sweep trial's run, above its train run, or the one `mlflow run` opened for a resume
+        if trained := run.data.tags.get("train_run_id") or run.data.tags.get("resumes_run"):
             return f"a run of step {step!r}: give its training run, {trained}"
         return f"a run of step {step!r}" if step else "no step's run (no tag step)"
     if of_another_project(run.data.params):
