@@ -1475,3 +1475,32 @@ def test_the_run_mlflow_run_opened_for_a_resume_is_refused_naming_the_training_r
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: run_ids: not finished training runs: {wrapper.info.run_id} (a run of step 'resume': give its training "
         f"run, {trained})")
+
+
+def test_thousands_of_run_ids_are_searched_not_refused_by_mlflows_filter_parser(store, monkeypatch):
+    """The run ids went into one `attributes.run_id IN (...)` filter, and MLflow's parser takes at most 10,000 tokens:
+    from about 3,300 ids (a sweep's comparison of its trials, a list pasted in) compare died on MLflow's "Error on
+    parsing filter" traceback, exit 1. The ids are searched in batches; the table is the same."""
+    from mlflow import MlflowClient
+
+    from pipeline import compare, config
+    from pipeline.tracking import steps
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    ids = []
+    for start, val_acc in ((1_000, 0.5), (2_000, 0.7), (3_000, 0.6)):
+        run = client.create_run(experiment, start_time=start, tags={"step": "train"}).info.run_id
+        client.log_param(run, "train.lr", str(val_acc))  # a training run logs its params
+        client.log_metric(run, "val_acc", val_acc, step=1)
+        client.set_terminated(run, end_time=start + 500)
+        ids.append(run)
+    unknown = [f"{i:032x}" for i in range(3_400)]
+    with pytest.raises(config.ConfigError, match=rf"^run_ids: not finished training runs: {unknown[0]} \(no run of "
+                                                 rf"that id\), {unknown[1]} \(no run of that id\), "):
+        compare.run(run_ids=[ids[0], *unknown], metric="val_acc")
+    monkeypatch.setattr(steps, "RUN_IDS_PER_SEARCH", 2)  # three runs over two searches, as thousands over several
+    table = compare.run("e2e", run_ids=ids, metric="val_acc")["table"]
+    assert table["run_id"].tolist() == [ids[1], ids[2], ids[0]] and table["train.lr"].tolist() == ["0.7", "0.6", "0.5"]
+    given = compare.run(run_ids=[ids[2], ids[0], ids[1]], metric="epochs", in_given_order=True)["table"]
+    assert given["run_id"].tolist() == [ids[2], ids[0], ids[1]]

@@ -533,6 +533,10 @@ def row_params(run: pd.Series) -> dict[str, str]:
     return {c.removeprefix("params."): v for c, v in run.items() if c.startswith("params.") and isinstance(v, str)}
 
 
+# Run ids per search: MLflow parses a filter of at most 10,000 tokens (sqlparse's limit), about 3,300 ids in one IN list
+RUN_IDS_PER_SEARCH = 1000
+
+
 def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:
     """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first; none of another
     project (`of_another_project`: how many, in `.attrs["other_project"]`), none without params (NO_PARAMS: how
@@ -548,16 +552,17 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
     if malformed:
         raise config.ConfigError(f"run_ids: not a run id (32 lowercase hex characters): "
                                  f"{', '.join(map(repr, malformed))}")
-    clauses = ["tags.step = 'train'", "attributes.status = 'FINISHED'"]
-    if run_ids:
-        clauses.append("attributes.run_id IN (" + ", ".join(f"'{r}'" for r in run_ids) + ")")
-    where = " and ".join(clauses)
-    if experiment:
-        runs = mlflow.search_runs(experiment_ids=[find_experiment_id(experiment)], filter_string=where,
-                                  order_by=["attributes.start_time DESC"])
-    else:
-        runs = mlflow.search_runs(search_all_experiments=True, filter_string=where,
-                                  order_by=["attributes.start_time DESC"])
+    run_ids = list(dict.fromkeys(run_ids))
+    scope = {"experiment_ids": [find_experiment_id(experiment)]} if experiment else {"search_all_experiments": True}
+    where = "tags.step = 'train' and attributes.status = 'FINISHED'"
+    batches = [run_ids[i:i + RUN_IDS_PER_SEARCH] for i in range(0, len(run_ids), RUN_IDS_PER_SEARCH)]
+    found = []
+    for batch in batches or [[]]:
+        listed = f" and attributes.run_id IN ({', '.join(map(repr, batch))})" if batch else ""
+        found.append(mlflow.search_runs(filter_string=where + listed, order_by=["attributes.start_time DESC"], **scope))
+    found = [runs for runs in found if len(runs)]
+    runs = (pd.concat(found, ignore_index=True).sort_values("start_time", ascending=False, kind="stable")
+            .reset_index(drop=True) if found else pd.DataFrame())
     other = runs.apply(lambda run: of_another_project(row_params(run)), axis=1).astype(bool) if len(runs) else []
     bare = runs.apply(lambda run: not row_params(run), axis=1).astype(bool) if len(runs) else []
     other_project, no_params = int(sum(other)), int(sum(bare))
