@@ -1497,10 +1497,22 @@ def test_thousands_of_run_ids_are_searched_not_refused_by_mlflows_filter_parser(
         ids.append(run)
     unknown = [f"{i:032x}" for i in range(3_400)]
     with pytest.raises(config.ConfigError, match=rf"^run_ids: not finished training runs: {unknown[0]} \(no run of "
-                                                 rf"that id\), {unknown[1]} \(no run of that id\), "):
+                                                 rf"that id\), {unknown[1]} \(no run of that id\), .*, and 3390 more$"):
         compare.run(run_ids=[ids[0], *unknown], metric="val_acc")
     monkeypatch.setattr(steps, "RUN_IDS_PER_SEARCH", 2)  # three runs over two searches, as thousands over several
     table = compare.run("e2e", run_ids=ids, metric="val_acc")["table"]
     assert table["run_id"].tolist() == [ids[1], ids[2], ids[0]] and table["train.lr"].tolist() == ["0.7", "0.6", "0.5"]
     given = compare.run(run_ids=[ids[2], ids[0], ids[1]], metric="epochs", in_given_order=True)["table"]
     assert given["run_id"].tolist() == [ids[2], ids[0], ids[1]]
+
+
+def test_a_refusal_of_many_run_ids_names_ten_and_counts_the_rest(store, in_process):
+    """run_ids from another store (a list kept from the team server, compared against a local mlflow.db) were refused
+    in one line naming every id with its reason: thousands of ids, a line of hundreds of kilobytes, and a lookup of
+    each on the server first. The line names the first ten and counts the others."""
+    unknown = [f"{i:032x}" for i in range(25)]
+    refused = in_process("compare", "--run-ids", ",".join(reversed(unknown)))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: run_ids: not finished training runs: " + ", ".join(f"{r} (no run of that id)" for r in unknown[:10])
+        + ", and 15 more")

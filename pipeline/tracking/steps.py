@@ -533,6 +533,9 @@ def row_params(run: pd.Series) -> dict[str, str]:
     return {c.removeprefix("params."): v for c, v in run.items() if c.startswith("params.") and isinstance(v, str)}
 
 
+# Run ids a refusal names, each with why it is no finished training run: the first of them, then how many more (ids
+# of another store: thousands, each looked up, in one line)
+MISSING_NAMED = 10
 # Run ids per search: MLflow parses a filter of at most 10,000 tokens (sqlparse's limit), about 3,300 ids in one IN list
 RUN_IDS_PER_SEARCH = 1000
 
@@ -572,9 +575,10 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
         runs = runs[runs["tags.superseded_by_retry"] != "true"].reset_index(drop=True)
     missing = sorted(set(run_ids) - set(runs["run_id"])) if len(runs) else sorted(run_ids)
     if missing:
+        more = f", and {len(missing) - MISSING_NAMED} more" if len(missing) > MISSING_NAMED else ""
         raise config.ConfigError(f"run_ids: not finished training runs{' of ' + experiment if experiment else ''}: "
                                  + ", ".join(f"{r} ({why})" if (why := why_not_compared(r, experiment)) else r
-                                             for r in missing))
+                                             for r in missing[:MISSING_NAMED]) + more)
     if runs.empty:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
         unfinished = ", ".join(f"{n} {status}" for status, n in sorted(unfinished_train_runs(experiment).items()))
