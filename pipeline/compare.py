@@ -34,6 +34,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -44,7 +45,6 @@ from pipeline.tracking import (
     DATASET_SHA256,
     INERT_PARAMS_TAG,
     VAL_DATA_TAG,
-    artifact_dir,
     cli,
     given_param,
     json_digest,
@@ -541,16 +541,18 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
                 + wall_note(table) + markdown_table(nan_shown(table), DECIMALS))
     name = f"compare-{len(table)}-runs-by-{metric}"
     order = "lowest" if lower_is_better(metric) else "highest"
-    with open_run("compare", experiment=experiment, run_name=name) as comparison:
-        with artifact_dir() as folder:
-            nan_shown(table).to_csv(folder / "runs.csv", index=False)
-            (folder / "runs.md").write_text(markdown)
-            plot_curves(table, histories, folder / "val_acc.png", metric)
-        # Prefixed: `mlflow run` has already logged the entry-point parameters under their bare names.
-        steps.log_comparison({"compare.experiment": experiment or "", "compare.metric": metric,
-                              "compare.top": top or ""}, list(table["run_id"]),
-                             f"Training runs by {metric}, best ({order}) first:\n\n{markdown}")
-        run_id = comparison.info.run_id
+    # The files first, the run opened to record them: a plot that failed (a full disk) left a FAILED run holding none
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        nan_shown(table).to_csv(folder / "runs.csv", index=False)
+        (folder / "runs.md").write_text(markdown)
+        plot_curves(table, histories, folder / "val_acc.png", metric)
+        with open_run("compare", experiment=experiment, run_name=name) as comparison:
+            # Prefixed: `mlflow run` has already logged the entry-point parameters under their bare names.
+            steps.log_comparison({"compare.experiment": experiment or "", "compare.metric": metric,
+                                  "compare.top": top or ""}, list(table["run_id"]),
+                                 f"Training runs by {metric}, best ({order}) first:\n\n{markdown}", folder)
+            run_id = comparison.info.run_id
     print_comparison(markdown, run_id)
     return {"run_id": run_id, "table": table, "markdown": markdown,
             "artifacts": ["runs.md", "runs.csv", "val_acc.png", "compared_runs.txt"]}

@@ -980,7 +980,7 @@ def test_a_comparison_too_long_for_a_description_ends_on_a_whole_row_and_says_so
     assert note.endswith(f"\n... and {50 - len(rows)} more rows: see runs.md for the whole table\n")
 
 
-def test_a_comparison_of_more_runs_than_a_tag_holds_lists_them_all(store):
+def test_a_comparison_of_more_runs_than_a_tag_holds_lists_them_all(store, tmp_path):
     """MLflow cut tag `compared_runs` at 8,000 characters: a comparison of 300 runs listed 242 ids and part of
     another, like a whole list, with only a log line to say so."""
     import mlflow
@@ -988,10 +988,11 @@ def test_a_comparison_of_more_runs_than_a_tag_holds_lists_them_all(store):
     from pipeline.tracking import steps
 
     experiment_id = mlflow.get_experiment_by_name("e2e").experiment_id
+    (files := tmp_path / "files").mkdir()  # none: the comparison's own files are no part of this
     for count in (3, 300):
         ids = [f"{i:032x}" for i in range(count)]
         with mlflow.start_run(experiment_id=experiment_id) as run:
-            steps.log_comparison({}, ids, "table")
+            steps.log_comparison({}, ids, "table", files)
         tags = mlflow.get_run(run.info.run_id).data.tags
         listed = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/compared_runs.txt")
         assert listed.splitlines() == ids and tags["compared_runs_count"] == str(count)
@@ -1426,3 +1427,156 @@ def test_a_run_without_a_name_is_its_id_in_the_val_acc_legend(store):
         f"named ({comparison['table']['run_id'][0][:7]})", run[:7]]
     table = pd.DataFrame({"run": [None, math.nan], "run_id": ["a" * 32, "b" * 32], "epochs": [0, 1]})
     assert [compare.curve_label(row) for row in table.itertuples()] == ["aaaaaaa (no val_acc)", "bbbbbbb"]
+
+
+@pytest.fixture
+def in_tmp_path(tmp_path, monkeypatch):
+    """The test in `tmp_path`: a store opened after it keeps a new experiment's artifacts in its ./mlruns."""
+    monkeypatch.chdir(tmp_path)
+
+
+def test_a_refused_comparison_makes_no_experiment_of_mlflow_experiment_name(in_tmp_path, store, in_process,
+                                                                             monkeypatch):
+    """With no experiment named and MLFLOW_EXPERIMENT_NAME naming none yet (a typo, or one meant for later), the check
+    of where the comparison run goes made that experiment as it looked it up: a comparison then refused (a run id of no
+    run) exited 2 and left an empty experiment of that name behind. It is made only as the comparison run opens."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # as a process of its own: set by an earlier command
+    client = MlflowClient()
+    run = client.create_run(client.get_experiment_by_name("e2e").experiment_id, start_time=1_000,
+                            tags={"step": "train"}).info.run_id
+    client.log_param(run, "train.epochs", "2")  # a training run logs its params
+    client.log_metric(run, "val_acc", 0.5, step=1)
+    client.set_terminated(run, end_time=2_000)
+    refused = in_process("compare", "--run-ids", "0" * 32, env={"MLFLOW_EXPERIMENT_NAME": "later"})
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: run_ids: not finished training runs: {'0' * 32} (no run of that id)")
+    assert client.get_experiment_by_name("later") is None
+    done = in_process("compare", "--run-ids", run)  # as MLflow does: the experiment is made for the run it records
+    assert done.returncode == 0, done.stderr[-3000:]
+    later = client.get_experiment_by_name("later")
+    assert [r.data.tags["step"] for r in client.search_runs([later.experiment_id])] == ["compare"]
+
+
+def test_an_empty_mlflow_experiment_name_or_one_the_id_disagrees_with_is_one_line(store, in_process, monkeypatch):
+    """With no experiment named, MLFLOW_EXPERIMENT_NAME set but empty (`MLFLOW_EXPERIMENT_NAME=$EXP`, $EXP unset) was
+    MLflow's traceback, exit 1 ("Invalid experiment name: ''"), and one naming an experiment whose id is not
+    MLFLOW_EXPERIMENT_ID was refused as if MLFLOW_EXPERIMENT_ID named no experiment. Each is one line naming both."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient()
+    e2e = client.get_experiment_by_name("e2e").experiment_id
+    other = client.create_experiment("other")
+    run = client.create_run(e2e, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.log_param(run, "train.epochs", "2")  # a training run logs its params
+    client.log_metric(run, "val_acc", 0.5, step=1)
+    client.set_terminated(run, end_time=2_000)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # as a process of its own: set by an earlier command
+    empty = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": ""})
+    assert empty.returncode == 2 and "Traceback" not in empty.stderr, empty.stderr[-3000:]
+    assert empty.stderr.strip().splitlines()[-1] == (
+        "error: experiment: none named, so the comparison run goes to MLflow's default experiment, and "
+        "MLFLOW_EXPERIMENT_NAME is set but empty; name one (-P experiment=), or set MLFLOW_EXPERIMENT_NAME to an "
+        "experiment's name or unset it")
+    disagree = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "e2e", "MLFLOW_EXPERIMENT_ID": other})
+    assert disagree.returncode == 2, disagree.stderr[-3000:]
+    assert disagree.stderr.strip().splitlines()[-1] == (
+        f"error: experiment: none named, so the comparison run goes to MLflow's default experiment, and "
+        f"MLFLOW_EXPERIMENT_NAME='e2e' (experiment {e2e}) and MLFLOW_EXPERIMENT_ID={other} (experiment 'other') "
+        f"disagree; name one (-P experiment=), or unset one of the two")
+    every = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    assert client.search_runs(every, "tags.step = 'compare'", run_view_type=ViewType.ALL) == []
+
+
+def test_a_comparison_whose_files_cannot_be_written_leaves_no_run(store, monkeypatch):
+    """The comparison run opened before its files were written: a plot that failed (a full disk, a temporary folder
+    gone) left a FAILED comparison run holding no runs.md, runs.csv or plot in the experiment. The files are written
+    first; the run opens only to record them."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    from pipeline import compare
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    run = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.log_param(run, "train.epochs", "2")  # a training run logs its params
+    client.log_metric(run, "val_acc", 0.5, step=1)
+    client.set_terminated(run, end_time=2_000)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compare, "plot_curves", disk_full)
+        with pytest.raises(OSError, match="No space left on device"):
+            compare.run("e2e", metric="val_acc")
+    assert client.search_runs([experiment], "tags.step = 'compare'", run_view_type=ViewType.ALL) == []
+    done = compare.run("e2e", metric="val_acc")
+    assert {a.path for a in client.list_artifacts(done["run_id"])} == {
+        "runs.md", "runs.csv", "val_acc.png", "compared_runs.txt"}
+
+
+def test_the_run_mlflow_run_opened_for_a_resume_is_refused_naming_the_training_run(store, in_process):
+    """`mlflow run . -e train -P resume=<id>` prints the id of a run of its own (tag step=resume, `resumes_run`: the
+    training run it went on with); given to compare, it was refused as "a run of step 'resume'" alone, where a main
+    run's refusal names its training run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    trained = client.create_run(experiment, start_time=1_000, tags={"step": "train"}).info.run_id
+    client.log_param(trained, "train.epochs", "2")  # a training run logs its params
+    client.log_metric(trained, "val_acc", 0.5, step=1)
+    client.set_terminated(trained, end_time=2_000)
+    wrapper = client.create_run(experiment, start_time=3_000, tags={"step": "resume", "resumes_run": trained})
+    client.set_terminated(wrapper.info.run_id, end_time=4_000)
+    refused = in_process("compare", "--run-ids", wrapper.info.run_id)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: run_ids: not finished training runs: {wrapper.info.run_id} (a run of step 'resume': give its training "
+        f"run, {trained})")
+
+
+def test_thousands_of_run_ids_are_searched_not_refused_by_mlflows_filter_parser(store, monkeypatch):
+    """The run ids went into one `attributes.run_id IN (...)` filter, and MLflow's parser takes at most 10,000 tokens:
+    from about 3,300 ids (a sweep's comparison of its trials, a list pasted in) compare died on MLflow's "Error on
+    parsing filter" traceback, exit 1. The ids are searched in batches; the table is the same."""
+    from mlflow import MlflowClient
+
+    from pipeline import compare, config
+    from pipeline.tracking import steps
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    ids = []
+    for start, val_acc in ((1_000, 0.5), (2_000, 0.7), (3_000, 0.6)):
+        run = client.create_run(experiment, start_time=start, tags={"step": "train"}).info.run_id
+        client.log_param(run, "train.lr", str(val_acc))  # a training run logs its params
+        client.log_metric(run, "val_acc", val_acc, step=1)
+        client.set_terminated(run, end_time=start + 500)
+        ids.append(run)
+    unknown = [f"{i:032x}" for i in range(3_400)]
+    with pytest.raises(config.ConfigError, match=rf"^run_ids: not finished training runs: {unknown[0]} \(no run of "
+                                                 rf"that id\), {unknown[1]} \(no run of that id\), .*, and 3390 more$"):
+        compare.run(run_ids=[ids[0], *unknown], metric="val_acc")
+    monkeypatch.setattr(steps, "RUN_IDS_PER_SEARCH", 2)  # three runs over two searches, as thousands over several
+    table = compare.run("e2e", run_ids=ids, metric="val_acc")["table"]
+    assert table["run_id"].tolist() == [ids[1], ids[2], ids[0]] and table["train.lr"].tolist() == ["0.7", "0.6", "0.5"]
+    given = compare.run(run_ids=[ids[2], ids[0], ids[1]], metric="epochs", in_given_order=True)["table"]
+    assert given["run_id"].tolist() == [ids[2], ids[0], ids[1]]
+
+
+def test_a_refusal_of_many_run_ids_names_ten_and_counts_the_rest(store, in_process):
+    """run_ids from another store (a list kept from the team server, compared against a local mlflow.db) were refused
+    in one line naming every id with its reason: thousands of ids, a line of hundreds of kilobytes, and a lookup of
+    each on the server first. The line names the first ten and counts the others."""
+    unknown = [f"{i:032x}" for i in range(25)]
+    refused = in_process("compare", "--run-ids", ",".join(reversed(unknown)))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: run_ids: not finished training runs: " + ", ".join(f"{r} (no run of that id)" for r in unknown[:10])
+        + ", and 15 more")

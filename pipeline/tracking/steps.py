@@ -10,7 +10,8 @@
 - compare: `find_experiment_id`, `search_train_runs`, `check_comparison_experiment` (where the comparison run goes),
   `log_comparison`.
 - main: `log_pipeline_results`, the headline results on the parent run.
-Files a step writes go in through `pipeline.tracking.artifact_dir`.
+Files a step writes go in through `pipeline.tracking.artifact_dir`; compare's, written before its run opens (a failed
+plot leaves no run), through `log_comparison`.
 """
 
 from __future__ import annotations
@@ -463,7 +464,9 @@ def check_comparison_experiment(experiment: str | None) -> None:
     `find_experiment_id` already; open_run's check named `tracking.experiment`, no param of compare), or where none
     is named MLflow's default one (MLFLOW_EXPERIMENT_NAME, MLFLOW_EXPERIMENT_ID, else `Default`), which is also
     refused in MLflow's trash (MLflow refused to open a run in it: a traceback) or where MLFLOW_EXPERIMENT_ID names
-    no experiment (a traceback too). Nothing to check under `mlflow run`
+    no experiment (a traceback too), MLFLOW_EXPERIMENT_NAME is empty or names another experiment than
+    MLFLOW_EXPERIMENT_ID (tracebacks); one MLFLOW_EXPERIMENT_NAME names that does not exist yet is left to be made as
+    the run opens. Nothing to check under `mlflow run`
     (its run is open already, in its own experiment) or inside an active run."""
     if mlflow.active_run() is not None or os.environ.get("MLFLOW_RUN_ID"):
         return
@@ -475,16 +478,34 @@ def check_comparison_experiment(experiment: str | None) -> None:
                 f"{unwritable[1]}; make it a folder this user may write, or name another experiment")
         return
     # the experiment `mlflow.start_run` picks where none is named
+    default = "experiment: none named, so the comparison run goes to MLflow's default experiment"
+    name, given_id = os.environ.get("MLFLOW_EXPERIMENT_NAME"), os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if not mlflow.tracking.fluent._active_experiment_id and name is not None:  # what MLflow reads first
+        if not name:  # MLflow's traceback: Invalid experiment name: ''
+            raise config.ConfigError(f"{default}, and MLFLOW_EXPERIMENT_NAME is set but empty; name one "
+                                     "(-P experiment=), or set MLFLOW_EXPERIMENT_NAME to an experiment's name or "
+                                     "unset it")
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            return  # MLflow makes it as the run opens; looked up through MLflow, it was made for a comparison refused
+        if given_id and given_id != found.experiment_id:  # MLflow's error said only that they did not match
+            try:
+                other = f"experiment {mlflow.get_experiment(given_id).name!r}"
+            except MlflowException:
+                other = "no experiment"
+            raise config.ConfigError(
+                f"{default}, and MLFLOW_EXPERIMENT_NAME={name!r} (experiment {found.experiment_id}) and "
+                f"MLFLOW_EXPERIMENT_ID={given_id} ({other}) disagree; name one (-P experiment=), or unset one of the "
+                "two")
     try:
         experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
     except MlflowException:  # MLFLOW_EXPERIMENT_ID naming none: MLflow's traceback, once every run was read
-        if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        if not given_id:
             raise
         raise config.ConfigError(
-            f"experiment: none named, so the comparison run goes to MLflow's default experiment, and "
-            f"MLFLOW_EXPERIMENT_ID={os.environ.get('MLFLOW_EXPERIMENT_ID')} names no experiment; name one "
+            f"{default}, and MLFLOW_EXPERIMENT_ID={given_id} names no experiment; name one "
             f"(-P experiment=) or set MLFLOW_EXPERIMENT_ID to an experiment's id") from None
-    named = f"experiment: none named, so the comparison run goes to MLflow's default experiment {experiment.name!r}"
+    named = f"{default} {experiment.name!r}"
     if experiment.lifecycle_stage == "deleted":
         raise config.ConfigError(
             f"{named}, which is in MLflow's trash; restore it (mlflow experiments restore --experiment-id "
@@ -512,6 +533,13 @@ def row_params(run: pd.Series) -> dict[str, str]:
     return {c.removeprefix("params."): v for c, v in run.items() if c.startswith("params.") and isinstance(v, str)}
 
 
+# Run ids a refusal names, each with why it is no finished training run: the first of them, then how many more (ids
+# of another store: thousands, each looked up, in one line)
+MISSING_NAMED = 10
+# Run ids per search: MLflow parses a filter of at most 10,000 tokens (sqlparse's limit), about 3,300 ids in one IN list
+RUN_IDS_PER_SEARCH = 1000
+
+
 def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFrame:
     """Finished training runs (tag step = 'train') as `mlflow.search_runs` returns them, newest first; none of another
     project (`of_another_project`: how many, in `.attrs["other_project"]`), none without params (NO_PARAMS: how
@@ -527,16 +555,17 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
     if malformed:
         raise config.ConfigError(f"run_ids: not a run id (32 lowercase hex characters): "
                                  f"{', '.join(map(repr, malformed))}")
-    clauses = ["tags.step = 'train'", "attributes.status = 'FINISHED'"]
-    if run_ids:
-        clauses.append("attributes.run_id IN (" + ", ".join(f"'{r}'" for r in run_ids) + ")")
-    where = " and ".join(clauses)
-    if experiment:
-        runs = mlflow.search_runs(experiment_ids=[find_experiment_id(experiment)], filter_string=where,
-                                  order_by=["attributes.start_time DESC"])
-    else:
-        runs = mlflow.search_runs(search_all_experiments=True, filter_string=where,
-                                  order_by=["attributes.start_time DESC"])
+    run_ids = list(dict.fromkeys(run_ids))
+    scope = {"experiment_ids": [find_experiment_id(experiment)]} if experiment else {"search_all_experiments": True}
+    where = "tags.step = 'train' and attributes.status = 'FINISHED'"
+    batches = [run_ids[i:i + RUN_IDS_PER_SEARCH] for i in range(0, len(run_ids), RUN_IDS_PER_SEARCH)]
+    found = []
+    for batch in batches or [[]]:
+        listed = f" and attributes.run_id IN ({', '.join(map(repr, batch))})" if batch else ""
+        found.append(mlflow.search_runs(filter_string=where + listed, order_by=["attributes.start_time DESC"], **scope))
+    found = [runs for runs in found if len(runs)]
+    runs = (pd.concat(found, ignore_index=True).sort_values("start_time", ascending=False, kind="stable")
+            .reset_index(drop=True) if found else pd.DataFrame())
     other = runs.apply(lambda run: of_another_project(row_params(run)), axis=1).astype(bool) if len(runs) else []
     bare = runs.apply(lambda run: not row_params(run), axis=1).astype(bool) if len(runs) else []
     other_project, no_params = int(sum(other)), int(sum(bare))
@@ -546,9 +575,10 @@ def search_train_runs(experiment: str | None, run_ids: list[str]) -> pd.DataFram
         runs = runs[runs["tags.superseded_by_retry"] != "true"].reset_index(drop=True)
     missing = sorted(set(run_ids) - set(runs["run_id"])) if len(runs) else sorted(run_ids)
     if missing:
+        more = f", and {len(missing) - MISSING_NAMED} more" if len(missing) > MISSING_NAMED else ""
         raise config.ConfigError(f"run_ids: not finished training runs{' of ' + experiment if experiment else ''}: "
                                  + ", ".join(f"{r} ({why})" if (why := why_not_compared(r, experiment)) else r
-                                             for r in missing))
+                                             for r in missing[:MISSING_NAMED]) + more)
     if runs.empty:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
         unfinished = unfinished_counts(unfinished_train_runs(experiment))
@@ -614,7 +644,8 @@ def why_not_compared(run_id: str, experiment: str | None) -> str:
     if experiment and found.name != experiment:
         return f"of experiment {found.name!r}"
     if (step := run.data.tags.get("step")) != "train":
-        if trained := run.data.tags.get("train_run_id"):  # a pipeline's or a sweep trial's run, above its train run
+        # a pipeline's or a sweep trial's run, above its train run, or the one `mlflow run` opened for a resume
+        if trained := run.data.tags.get("train_run_id") or run.data.tags.get("resumes_run"):
             return f"a run of step {step!r}: give its training run, {trained}"
         return f"a run of step {step!r}" if step else "no step's run (no tag step)"
     if of_another_project(run.data.params):
@@ -626,10 +657,11 @@ def why_not_compared(run_id: str, experiment: str | None) -> str:
     return run.info.status if run.info.status != "FINISHED" else ""
 
 
-def log_comparison(params: dict, run_ids: list[str], description: str) -> None:
-    """Record a comparison on the active run: its `params`, artifact `compared_runs.txt` (the run ids, one a line),
-    tags `compared_runs` (the ids, comma separated, where they fit a tag, else how many and where they are) and
-    `compared_runs_count`, its description."""
+def log_comparison(params: dict, run_ids: list[str], description: str, files: Path) -> None:
+    """Record a comparison on the active run: the files in folder `files` as artifacts (written before the run
+    opened), its `params`, artifact `compared_runs.txt` (the run ids, one a line), tags `compared_runs` (the ids, comma
+    separated, where they fit a tag, else how many and where they are) and `compared_runs_count`, its description."""
+    mlflow.log_artifacts(str(files))
     mlflow.log_params(params)
     mlflow.log_text("".join(f"{r}\n" for r in run_ids), "compared_runs.txt")
     # MLflow cut the list at its tag limit (~240 ids, the last one partial) with only a log line to say so
