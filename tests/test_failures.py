@@ -1294,6 +1294,42 @@ def test_two_registers_of_the_same_model_at_once_register_it_once(store):
     assert [str(v["version"]) for v in json.loads(logged.tags["mlflow.modelVersions"])] == ["1"]
 
 
+def test_registers_of_one_model_under_two_names_at_once_each_list_their_version_on_the_model(store, monkeypatch):
+    """Two registers of one logged model under other register.model_name values at once each read the model's
+    `mlflow.modelVersions` tag (the UI's link from the model to its versions), then wrote it with their own version
+    added: the second write dropped the first's version. Each now lists its version whatever the other wrote."""
+    import threading
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    model = evaluated_model(experiment_id, {"test_acc": 0.7})
+    real, barrier, written = MlflowClient.set_logged_model_tags, threading.Barrier(2, timeout=60), set()
+
+    def write_once_both_read(self, model_id, tags):  # each register's first write waits until both have read
+        if threading.get_ident() not in written:
+            written.add(threading.get_ident())
+            barrier.wait()
+        return real(self, model_id, tags)
+
+    monkeypatch.setattr(MlflowClient, "set_logged_model_tags", write_once_both_read)
+    results, errors = {}, []
+
+    def register_as(name):
+        try:
+            results[name] = registry.register_version(model, name, {"test_acc": "0.700000", "alias": "champion"})
+        except BaseException as exc:  # noqa: BLE001 - the test's assertion names it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register_as, args=(name,)) for name in ("resnet-a", "resnet-b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and all(created for _, created in results.values()), (errors, results)
+    logged = MlflowClient().get_logged_model(model.removeprefix("models:/"))
+    listed = json.loads(logged.tags["mlflow.modelVersions"])
+    assert sorted((v["name"], str(v["version"])) for v in listed) == [("resnet-a", "1"), ("resnet-b", "1")], listed
+
+
 def evaluated_model(experiment_id: str, metrics: dict[str, float], test_data: str = "a" * 64) -> str:
     """A stand-in logged model scored as evaluate scores one (steps.log_evaluation in a run of its own)."""
     with mlflow.start_run(experiment_id=experiment_id):

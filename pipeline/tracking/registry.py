@@ -303,7 +303,8 @@ def register_version(model_uri: str, name: str, tags: dict[str, str], *, descrip
 
     The version is created with its tags and `description` in one write, so no kill leaves it without them
     (`mlflow.register_model` takes no description). The logged model lists the version in its
-    `mlflow.modelVersions` tag, as `mlflow.register_model` records it for the UI. Failures raise.
+    `mlflow.modelVersions` tag, as `mlflow.register_model` records it for the UI (`list_versions_on_model`: with
+    those of registers of it under other names alongside). Failures raise.
 
     Two registers of the same model and score for the same alias started together each find no version of it
     (`same_score_version`) and each create one: the version created second, seeing the first (`_same_score`, lower
@@ -322,12 +323,46 @@ def register_version(model_uri: str, name: str, tags: dict[str, str], *, descrip
                 default=version)
     if int(first.version) < int(version.version):  # a register alongside created it first: this one is none
         client.delete_model_version(name, version.version)
+        if logged_model:  # a tracking server listed it on the model as it created it
+            list_versions_on_model(logged_model, dropped=(name, version.version))
         return first, False
     if logged_model:  # the UI's link from the logged model to its versions; the version itself is whole already
-        listed = json.loads(client.get_logged_model(logged_model).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
-        client.set_logged_model_tags(logged_model, {MLFLOW_MODEL_VERSIONS: json.dumps(
-            [*listed, {"name": version.name, "version": version.version}])})
+        list_versions_on_model(logged_model)
     return version, True
+
+
+LISTING_ATTEMPTS = 20  # writes of a model's version list, each after a register alongside overwrote this one's
+
+
+def list_versions_on_model(logged_model: str, dropped: tuple[str, str | int] | None = None) -> None:
+    """List every registered version of the logged model `logged_model` in its `mlflow.modelVersions` tag (the UI's
+    link from the model to its versions, which `mlflow.register_model` and a tracking server's create-version write),
+    keeping the entries there (once each) but `dropped` (name, version): a version deleted again.
+
+    That tag is read, then written whole: two registers of one model under other names at once each wrote what they
+    had read with their own version added, and the second dropped the first's. So the versions to list are those the
+    registry holds of the model (found by its run, `run_id`), and the tag is read again after writing and written
+    again until it lists them all: the last register to write sees every version created before it."""
+    client = MlflowClient()
+    source_run = client.get_logged_model(logged_model).source_run_id
+    gone = None if dropped is None else (dropped[0], str(dropped[1]))
+    for _ in range(LISTING_ATTEMPTS):
+        tagged = client.get_logged_model(logged_model).tags.get(MLFLOW_MODEL_VERSIONS)
+        listed = json.loads(tagged or "[]")
+        registered = [{"name": v.name, "version": v.version} for v in sorted(
+            client.search_model_versions(f"run_id = '{source_run}'") if source_run else [],
+            key=lambda v: (v.name, int(v.version))) if version_model_uri(v) == f"models:/{logged_model}"]
+        wanted, seen = [], set()
+        for entry in [*listed, *registered]:
+            key = (entry.get("name"), str(entry.get("version")))
+            if key != gone and key not in seen:
+                seen.add(key)
+                wanted.append(entry)
+        if wanted == listed and tagged is not None or not wanted and tagged is None:
+            return
+        client.set_logged_model_tags(logged_model, {MLFLOW_MODEL_VERSIONS: json.dumps(wanted)})
+    print(f"warning: the versions of {logged_model} may not all be listed in its {MLFLOW_MODEL_VERSIONS} tag "
+          f"(registers of it alongside kept rewriting it); each version is registered whole")
 
 
 def fit_description(markdown: str | None) -> str | None:
