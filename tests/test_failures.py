@@ -1330,6 +1330,34 @@ def test_registers_of_one_model_under_two_names_at_once_each_list_their_version_
     assert sorted((v["name"], str(v["version"])) for v in listed) == [("resnet-a", "1"), ("resnet-b", "1")], listed
 
 
+def test_a_version_a_tracking_server_lists_on_its_model_is_listed_once(store, monkeypatch):
+    """Against a tracking server, whose create-version lists the version on the logged model itself (MLflow's
+    handler calls its store's set_model_versions_tags), register added it again: the model's `mlflow.modelVersions`
+    tag named the version twice, and the UI showed it twice. Listed once; a duplicate created alongside and deleted
+    again is not listed."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    model = evaluated_model(experiment_id, {"test_acc": 0.7})
+    real = MlflowClient.create_model_version
+
+    def as_a_server(self, name, source, *args, model_id=None, **kwargs):
+        version = real(self, name, source, *args, model_id=model_id, **kwargs)
+        _get_store().set_model_versions_tags(name, version.version, model_id)
+        return version
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", as_a_server)
+    tags = {"test_acc": "0.700000", "alias": "champion"}
+    assert registry.register_version(model, "cifar10-resnet", tags)[1]
+    logged = model.removeprefix("models:/")
+    assert json.loads(MlflowClient().get_logged_model(logged).tags["mlflow.modelVersions"]) == [
+        {"name": "cifar10-resnet", "version": 1}]
+    monkeypatch.setattr(registry, "_same_score", lambda version, *_: str(version.version) == "1")
+    assert registry.register_version(model, "cifar10-resnet", tags)[1] is False  # v2 created, then deleted
+    assert json.loads(MlflowClient().get_logged_model(logged).tags["mlflow.modelVersions"]) == [
+        {"name": "cifar10-resnet", "version": 1}]
+
+
 def evaluated_model(experiment_id: str, metrics: dict[str, float], test_data: str = "a" * 64) -> str:
     """A stand-in logged model scored as evaluate scores one (steps.log_evaluation in a run of its own)."""
     with mlflow.start_run(experiment_id=experiment_id):
