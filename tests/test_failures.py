@@ -1791,6 +1791,27 @@ def test_register_takes_the_runs_model_uri_evaluate_takes(store, in_process):
     assert len(MlflowClient().search_model_versions("name = 'cifar10-resnet'")) == 1
 
 
+def test_register_of_a_run_still_running_without_a_model_says_to_wait_for_it(store, in_process):
+    """`-e register -P model_uri=runs:/<train run id>/model` while that run still trains (no model logged yet) said
+    "has no model at model (no MLmodel file there)", as of a run that never logs one: it says the run is still
+    running, to wait for it and evaluate its model; a run that ended without one says how it ended."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    running = client.create_run(experiment_id).info.run_id
+    refused = in_process("register", "--params", TINY, "--model-uri", f"runs:/{running}/model")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: model_uri: runs:/{running}/model names no logged model: run {running} is still RUNNING and has no "
+        f"model at model yet (no MLmodel file there): wait for it to finish, evaluate its model, then register it")
+    client.set_terminated(running, "FAILED")
+    refused = in_process("register", "--params", TINY, "--model-uri", f"runs:/{running}/model")
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: model_uri: runs:/{running}/model names no logged model: run {running} ended FAILED with no model at "
+        f"model (no MLmodel file there)")
+    assert client.search_registered_models() == []
+    assert [r.info.run_id for r in client.search_runs([experiment_id])] == [running]
+
+
 def test_register_takes_a_registry_uri_and_registers_its_versions_logged_model(store, in_process):
     """`-e register -P model_uri=models:/cifar10-resnet@champion` (or `/1`, `/latest`) with another
     `register.model_name` was refused ("expected a logged model URI models:/m-..."): it registers the logged model of
