@@ -237,7 +237,8 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
     command was given where `model_uri` is the logged model behind it (param `model_uri`, as `mlflow run` logs it)."""
     name, alias = cfg.register.model_name, cfg.register.alias
     score = registry.model_test_acc(model_uri)  # checked before anything is written
-    after = registry.latest_version(name)  # versions above it are registered by registers alongside this one
+    # versions above `after`, and those whose registers have not finished, are those of registers alongside this one
+    after, unfinished = registry.registered_before(name, alias)
     champion = registry.current_champion(name, alias)
     held = registry.version_score(champion) if champion else None
     champion_acc = held.test_acc if held else None
@@ -328,7 +329,7 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
     if moved and _version(registry.current_champion(name, alias)) == _version(champion):
         registry.move_alias(name, alias, version.version)
     # else a register alongside moved the alias since it was read: settle weighs this version against the new holder
-    holder = registry.settle_alias(name, alias, test_data, after)
+    holder = registry.settle_alias(name, alias, test_data, after, unfinished)
     if moved != (holder == str(version.version)):  # a register running at the same time scored better or worse
         moved = holder == str(version.version)
         reason += f"; @{alias} is on v{holder}, the best-scoring version, after registers that ran alongside"

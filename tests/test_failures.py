@@ -1266,6 +1266,57 @@ def test_racing_registers_leave_the_alias_on_the_best_version(store):
     assert float(champion.tags["test_acc"]) == pytest.approx(0.9)
 
 
+def test_a_worse_register_moving_the_alias_just_after_a_better_one_finished_gives_it_back(store, monkeypatch):
+    """A better model's register (A) had created its version when a worse one's (B) started, so B counted that version
+    among those before it, never to weigh again; B found no version holding the alias, and between B's check and its
+    move A placed the alias and finished: B's move left the worse version holding it for good. B weighs the versions
+    whose registers were still running when it started too, and gives the alias back."""
+    import threading
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    better, worse = (evaluated_model(experiment_id, {"test_acc": acc}) for acc in (0.9, 0.6))
+    created, checked, finished = threading.Event(), threading.Event(), threading.Event()
+    create, move = registry.register_version, registry.move_alias
+
+    def create_then_wait(*args, **kwargs):
+        made = create(*args, **kwargs)
+        if threading.current_thread().name == "A":  # B starts now, and checks the alias before A does
+            created.set()
+            assert checked.wait(60)
+        return made
+
+    def move_once_a_finished(*args):
+        if threading.current_thread().name == "B" and not checked.is_set():  # B has checked: no version holds it
+            checked.set()
+            assert finished.wait(60)
+        return move(*args)
+
+    monkeypatch.setattr(registry, "register_version", create_then_wait)
+    monkeypatch.setattr(registry, "move_alias", move_once_a_finished)
+    decisions, errors = {}, []
+
+    def register_as(model):
+        try:
+            decisions[threading.current_thread().name] = registered(experiment_id, model)
+        except BaseException as exc:  # noqa: BLE001 - the test's assertion names it
+            errors.append(exc)
+        finally:
+            finished.set() if threading.current_thread().name == "A" else None
+
+    a = threading.Thread(target=register_as, args=(better,), name="A")
+    a.start()
+    assert created.wait(60)
+    b = threading.Thread(target=register_as, args=(worse,), name="B")
+    b.start()
+    for thread in (a, b):
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert decisions["A"]["alias_moved"] and decisions["A"]["version"] == 1, decisions
+    assert not decisions["B"]["alias_moved"] and decisions["B"]["version"] == 2, decisions
+    assert "@champion is on v1, the best-scoring version" in decisions["B"]["reason"]
+    assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+
+
 def test_two_registers_of_the_same_model_at_once_register_it_once(store):
     """Two registers of one train run's model started together (a `main` rerun beside an `-e register` of its model)
     each found no version of it and each created one: two versions of the same model with the same score. The one

@@ -293,9 +293,14 @@ def versions(name: str) -> list:
     return MlflowClient().search_model_versions(f"name = '{name}'")
 
 
-def latest_version(name: str) -> int:
-    """The highest version number of registered model `name`; 0 if it has none."""
-    return max((int(v.version) for v in versions(name)), default=0)
+def registered_before(name: str, alias: str) -> tuple[int, frozenset[str]]:
+    """What a register starting now finds of registered model `name`: the highest version number (0 if none), and the
+    versions up to it that a register for `alias` created but has not finished (no `decision` tag): one running
+    alongside, which may place the alias at any time from now, or one stopped before it finished (`settle_alias`)."""
+    found = versions(name)
+    unfinished = frozenset(str(v.version) for v in found if "test_acc" in v.tags and DECISION_TAG not in v.tags
+                           and v.tags.get(ALIAS_TAG, alias) == alias)
+    return max((int(v.version) for v in found), default=0), unfinished
 
 
 def register_version(model_uri: str, name: str, tags: dict[str, str], *, description: str | None = None):
@@ -458,18 +463,22 @@ def unknown_test_split(challenger: Score, champion: Score, version) -> str:
             (False, False): "both test splits"}[bool(challenger.test_data), bool(champion.test_data)]
 
 
-def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> str | None:
+def settle_alias(name: str, alias: str, test_data: str | None, after: int,
+                 unfinished: frozenset[str] = frozenset()) -> str | None:
     """Leave the alias on the best-scoring (the earliest on ties) of the version that holds it and the versions
-    registered after version `after` (those of registers running alongside this one) for this alias (tag `alias`; a
+    registered after version `after`, or by a register not finished when this one started (`unfinished`,
+    `registered_before`): those of registers running alongside this one, for this alias (tag `alias`; a
     version without it, registered otherwise, for any), among those scored on the holder's test data (on `test_data`
     if none holds it; `same_test_data` where a digest is missing) and on no image they were trained on; return the
     version that holds it then. A version a register weighed for another alias (`register.alias=staging`) was never
     weighed for this one.
 
     Registers running at the same time can each read a champion that another is replacing; by re-reading
-    the versions they registered after writing, the last register to finish repairs any such race. Versions
-    from before (`after` and older) are not weighed again: a champion moved by hand, a roll-back to a worse
-    version, stays. A holder whose score is unknown here (registered by hand, never evaluated) stays too.
+    the versions they registered after writing, the last register to finish repairs any such race. A register that
+    had created its version when this one started may place the alias between this one's check of it and its move:
+    so its version is weighed too, not counted among those from before. Versions from before (`after` and older,
+    whose registers finished) are not weighed again: a champion moved by hand, a roll-back to a worse version, stays.
+    A holder whose score is unknown here (registered by hand, never evaluated) stays too.
     """
     holder = current_champion(name, alias)
     held = version_score(holder) if holder else None
@@ -484,8 +493,8 @@ def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> st
         return holder is None or bool(tag and pool) or same_test_data(version_score(version), held)
 
     entries = [(tagged_test_acc(v), -int(v.version), v) for v in versions(name)
-               if int(v.version) > after and tagged_test_acc(v) is not None and v.tags.get(ALIAS_TAG, alias) == alias
-               and v.tags.get(IN_TRAIN, "0") == "0" and same_data(v)]
+               if (int(v.version) > after or str(v.version) in unfinished) and tagged_test_acc(v) is not None
+               and v.tags.get(ALIAS_TAG, alias) == alias and v.tags.get(IN_TRAIN, "0") == "0" and same_data(v)]
     if holder is not None:
         entries.append((held.test_acc, -int(holder.version), holder))
     if not entries:
