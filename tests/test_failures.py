@@ -1558,6 +1558,25 @@ def test_a_register_stopped_after_creating_its_version_leaves_it_described_and_t
     assert ("holds @champion already" if stopped_in == "record_report" else "beats v1's") in decision["reason"]
 
 
+def test_the_rerun_of_a_register_stopped_before_listing_its_version_on_the_model_lists_it(store, monkeypatch):
+    """A register stopped (Ctrl-C, a kill) after creating its version but before listing it in the logged model's
+    `mlflow.modelVersions` tag: its rerun finished the version, but never listed it, and the UI's link from the
+    model to it was missing for good. The rerun lists it."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    challenger = evaluated_model(experiment_id, {"test_acc": 0.7})
+    monkeypatch.setattr(registry, "list_versions_on_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        registered(experiment_id, challenger)
+    logged = challenger.removeprefix("models:/")
+    assert "mlflow.modelVersions" not in client.get_logged_model(logged).tags
+    monkeypatch.undo()
+    decision = registered(experiment_id, challenger)
+    assert decision["version"] == 1 and decision["alias_moved"], decision
+    assert json.loads(client.get_logged_model(logged).tags["mlflow.modelVersions"]) == [
+        {"name": "cifar10-resnet", "version": 1}]
+
+
 def test_the_rerun_of_a_stopped_register_whose_champion_was_deleted_keeps_no_tag_naming_it(store, monkeypatch):
     """A register stopped before placing the alias left its version tagged with the champion it weighed (v1); v1 was
     deleted before the rerun, which found no version holding @champion and said so, but the version kept the tags
