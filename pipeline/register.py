@@ -328,10 +328,12 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
                                                      description=report_markdown(pending))
         if not created:  # a register of this model alongside created its version first: it places the alias
             return registered_already(name, alias, model_uri, version, alongside=True, given_uri=given_uri)
-    if moved and _version(registry.current_champion(name, alias)) == _version(champion):
+    placed = moved and _version(registry.current_champion(name, alias)) == _version(champion)
+    if placed:
         registry.move_alias(name, alias, version.version)
-    # else a register alongside moved the alias since it was read: settle weighs this version against the new holder
-    holder = registry.settle_alias(name, alias, test_data, after, unfinished)
+    # else a register alongside moved the alias since it was read: settle weighs this version against the new holder;
+    # placed, it may have replaced a version a register unfinished when this one started placed after the check
+    holder = registry.settle_alias(name, alias, test_data, after, unfinished if placed else frozenset())
     if moved != (holder == str(version.version)):  # a register running at the same time scored better or worse
         moved = holder == str(version.version)
         reason += f"; @{alias} is on v{holder}, the best-scoring version, after registers that ran alongside"

@@ -1317,6 +1317,24 @@ def test_a_worse_register_moving_the_alias_just_after_a_better_one_finished_give
     assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
 
 
+def test_a_version_whose_register_was_stopped_and_rolled_back_by_hand_is_not_weighed_again(store, monkeypatch):
+    """A version whose register was stopped (Ctrl-C) after placing the alias, the alias moved back by hand: a later
+    register that places the alias weighs no such version, though its register never finished: only versions whose
+    register runs are still running beside it."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.6}))
+    monkeypatch.setattr(registry, "record_report", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.9}))
+    monkeypatch.undo()
+    assert "decision" not in client.get_model_version("cifar10-resnet", "2").tags
+    client.set_registered_model_alias("cifar10-resnet", "champion", "1")  # rolled back by hand
+    decision = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.7}))
+    assert decision["version"] == 3 and decision["alias_moved"], decision
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "3"
+
+
 def test_two_registers_of_the_same_model_at_once_register_it_once(store):
     """Two registers of one train run's model started together (a `main` rerun beside an `-e register` of its model)
     each found no version of it and each created one: two versions of the same model with the same score. The one

@@ -10,7 +10,8 @@ champion its report weighed it against;
 the decision and the champion-vs-challenger report on the register run and the version.
 Versions are MLflow `ModelVersion` entities: register reads their `version`, `tags`, `model_id`
 and `source` only; register tags each with `test_acc`, `run_id`, `evaluate_run_id`, `test_data_sha256` and
-`test_images_in_train`, and with the `alias` it was weighed for, its report's `champion_version`,
+`test_images_in_train`, and with the `alias` it was weighed for and the register run that created it
+(`register_run_id`), its report's `champion_version`,
 `champion_evaluate_run_id`, `test_acc_difference`, `alias_moved` and `decision`.
 """
 
@@ -42,6 +43,7 @@ EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose sco
 CHAMPION_EVALUATE_RUN_TAG = "champion_evaluate_run_id"  # on a version: that of the champion's score it was weighed by
 DECISION_TAG = "decision"  # on a version: why the alias moved or not; written last, when register is done
 ALIAS_TAG = "alias"  # on a version: the alias its register weighed it for (`register.alias`)
+REGISTER_RUN_TAG = "register_run_id"  # on a version: the register run that created it
 # evaluate's metric, and a version's tag: how many of the test images its test_acc counts the model was trained on
 IN_TRAIN = "test_images_in_train"
 DESCRIPTION_CHARS = 5000  # MLflow's column for a version's description: PostgreSQL refuses a longer one
@@ -295,16 +297,27 @@ def versions(name: str) -> list:
 
 def registered_before(name: str, alias: str) -> tuple[int, frozenset[str]]:
     """What a register starting now finds of registered model `name`: the highest version number (0 if none), and the
-    versions up to it that a register for `alias` created but has not finished (no `decision` tag): one running
-    alongside, which may place the alias at any time from now, or one stopped before it finished (`settle_alias`)."""
+    versions up to it that a register for `alias` running alongside created and has not finished (no `decision` tag;
+    its register run, tag `register_run_id`, still RUNNING), which may place the alias at any time from now
+    (`settle_alias`). Not one whose register was stopped (its run ended KILLED or FAILED; a rerun finishes it)."""
     found = versions(name)
     unfinished = frozenset(str(v.version) for v in found if "test_acc" in v.tags and DECISION_TAG not in v.tags
-                           and v.tags.get(ALIAS_TAG, alias) == alias)
+                           and v.tags.get(ALIAS_TAG, alias) == alias and _running(v.tags.get(REGISTER_RUN_TAG)))
     return max((int(v.version) for v in found), default=0), unfinished
 
 
+def _running(run_id: str | None) -> bool:
+    """Whether run `run_id` is still RUNNING (and not deleted)."""
+    try:
+        run = MlflowClient().get_run(run_id) if run_id else None
+    except MlflowException:
+        return False
+    return run is not None and run.info.status == "RUNNING" and run.info.lifecycle_stage == "active"
+
+
 def register_version(model_uri: str, name: str, tags: dict[str, str], *, description: str | None = None):
-    """Register `model_uri` as a new version of `name` (created if new), tagged `tags`; (the ModelVersion, True).
+    """Register `model_uri` as a new version of `name` (created if new), tagged `tags` and with the active run's id
+    (`register_run_id`); (the ModelVersion, True).
 
     The version is created with its tags and `description` in one write, so no kill leaves it without them
     (`mlflow.register_model` takes no description). The logged model lists the version in its
@@ -322,6 +335,8 @@ def register_version(model_uri: str, name: str, tags: dict[str, str], *, descrip
         if exc.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
             raise
     logged_model = model_id(model_uri)
+    if active := mlflow.active_run():  # the register run creating it (`registered_before`)
+        tags = {**tags, REGISTER_RUN_TAG: active.info.run_id}
     version = client.create_model_version(name, model_uri, tags=tags, description=fit_description(description),
                                           model_id=logged_model)
     first = min((v for v in versions(name) if _same_score(v, model_uri, tags)), key=lambda v: int(v.version),
@@ -466,8 +481,9 @@ def unknown_test_split(challenger: Score, champion: Score, version) -> str:
 def settle_alias(name: str, alias: str, test_data: str | None, after: int,
                  unfinished: frozenset[str] = frozenset()) -> str | None:
     """Leave the alias on the best-scoring (the earliest on ties) of the version that holds it and the versions
-    registered after version `after`, or by a register not finished when this one started (`unfinished`,
-    `registered_before`): those of registers running alongside this one, for this alias (tag `alias`; a
+    registered after version `after`, or by a register running, unfinished, when this one started (`unfinished`,
+    `registered_before`; given where this one placed the alias itself): those of registers running alongside this
+    one, for this alias (tag `alias`; a
     version without it, registered otherwise, for any), among those scored on the holder's test data (on `test_data`
     if none holds it; `same_test_data` where a digest is missing) and on no image they were trained on; return the
     version that holds it then. A version a register weighed for another alias (`register.alias=staging`) was never
@@ -477,7 +493,8 @@ def settle_alias(name: str, alias: str, test_data: str | None, after: int,
     the versions they registered after writing, the last register to finish repairs any such race. A register that
     had created its version when this one started may place the alias between this one's check of it and its move:
     so its version is weighed too, not counted among those from before. Versions from before (`after` and older,
-    whose registers finished) are not weighed again: a champion moved by hand, a roll-back to a worse version, stays.
+    whose registers finished or were stopped) are not weighed again: a champion moved by hand, a roll-back to a worse
+    version, stays.
     A holder whose score is unknown here (registered by hand, never evaluated) stays too.
     """
     holder = current_champion(name, alias)
