@@ -20,9 +20,9 @@ Writes: a new version of `register.model_name` tagged with its source run id, `t
         differences, the decision and why) becomes the version's description and tags and the
         register run's artifacts `champion_vs_challenger.md/.json`. The version is created with the report
         (the alias still to place) and its tags in one write; a rerun after a register stopped before tagging
-        the decision finishes that version rather than registering the model again, and one whose register
-        finished for the same alias registers nothing (a rerun of a `main` that failed after it). The training run
-        gets a description naming its data digest if it has none.
+        the decision finishes that version (listing it on its logged model too) rather than registering the model
+        again, and one whose register finished for the same alias registers nothing (a rerun of a `main` that failed
+        after it). The training run gets a description naming its data digest if it has none.
 Returns a dict: version, test_acc, previous champion (its version, the test_acc and the evaluate run it was weighed
 by), whether the alias moved, and why.
 This module decides and writes the report; reading and writing the registry is `pipeline.tracking.registry`.
@@ -238,7 +238,8 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
     command was given where `model_uri` is the logged model behind it (param `model_uri`, as `mlflow run` logs it)."""
     name, alias = cfg.register.model_name, cfg.register.alias
     score = registry.model_test_acc(model_uri)  # checked before anything is written
-    after = registry.latest_version(name)  # versions above it are registered by registers alongside this one
+    # versions above `after`, and those whose registers have not finished, are those of registers alongside this one
+    after, unfinished = registry.registered_before(name, alias)
     champion = registry.current_champion(name, alias)
     held = registry.version_score(champion) if champion else None
     champion_acc = held.test_acc if held else None
@@ -256,6 +257,8 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
     done = None if version else registry.same_score_version(name, model_uri, tags, finished=True)
     if done is not None:  # registered with this score already: a rerun of a main that failed after its register
         return registered_already(name, alias, model_uri, done, given_uri=given_uri)
+    if version is not None and model_id(model_uri):  # stopped before listing it on its model, perhaps: listed now
+        registry.list_versions_on_model(model_id(model_uri))
     resumed = version is not None and _version(champion) == _version(version)
     registered, how = None, ""  # the champion's registered score, where it is weighed by another, and how had
     if resumed:  # the champion it was weighed against, as its report has it: not itself, which holds the alias now
@@ -331,10 +334,12 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
                                                      description=report_markdown(pending))
         if not created:  # a register of this model alongside created its version first: it places the alias
             return registered_already(name, alias, model_uri, version, alongside=True, given_uri=given_uri)
-    if moved and _version(registry.current_champion(name, alias)) == _version(champion):
+    placed = moved and _version(registry.current_champion(name, alias)) == _version(champion)
+    if placed:
         registry.move_alias(name, alias, version.version)
-    # else a register alongside moved the alias since it was read: settle weighs this version against the new holder
-    holder = registry.settle_alias(name, alias, test_data, after)
+    # else a register alongside moved the alias since it was read: settle weighs this version against the new holder;
+    # placed, it may have replaced a version a register unfinished when this one started placed after the check
+    holder = registry.settle_alias(name, alias, test_data, after, unfinished if placed else frozenset())
     if moved != (holder == str(version.version)):  # a register running at the same time scored better or worse
         moved = holder == str(version.version)
         reason += f"; @{alias} is on v{holder}, the best-scoring version, after registers that ran alongside"

@@ -1304,6 +1304,75 @@ def test_racing_registers_leave_the_alias_on_the_best_version(store):
     assert float(champion.tags["test_acc"]) == pytest.approx(0.9)
 
 
+def test_a_worse_register_moving_the_alias_just_after_a_better_one_finished_gives_it_back(store, monkeypatch):
+    """A better model's register (A) had created its version when a worse one's (B) started, so B counted that version
+    among those before it, never to weigh again; B found no version holding the alias, and between B's check and its
+    move A placed the alias and finished: B's move left the worse version holding it for good. B weighs the versions
+    whose registers were still running when it started too, and gives the alias back."""
+    import threading
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    better, worse = (evaluated_model(experiment_id, {"test_acc": acc}) for acc in (0.9, 0.6))
+    created, checked, finished = threading.Event(), threading.Event(), threading.Event()
+    create, move = registry.register_version, registry.move_alias
+
+    def create_then_wait(*args, **kwargs):
+        made = create(*args, **kwargs)
+        if threading.current_thread().name == "A":  # B starts now, and checks the alias before A does
+            created.set()
+            assert checked.wait(60)
+        return made
+
+    def move_once_a_finished(*args):
+        if threading.current_thread().name == "B" and not checked.is_set():  # B has checked: no version holds it
+            checked.set()
+            assert finished.wait(60)
+        return move(*args)
+
+    monkeypatch.setattr(registry, "register_version", create_then_wait)
+    monkeypatch.setattr(registry, "move_alias", move_once_a_finished)
+    decisions, errors = {}, []
+
+    def register_as(model):
+        try:
+            decisions[threading.current_thread().name] = registered(experiment_id, model)
+        except BaseException as exc:  # noqa: BLE001 - the test's assertion names it
+            errors.append(exc)
+        finally:
+            finished.set() if threading.current_thread().name == "A" else None
+
+    a = threading.Thread(target=register_as, args=(better,), name="A")
+    a.start()
+    assert created.wait(60)
+    b = threading.Thread(target=register_as, args=(worse,), name="B")
+    b.start()
+    for thread in (a, b):
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert decisions["A"]["alias_moved"] and decisions["A"]["version"] == 1, decisions
+    assert not decisions["B"]["alias_moved"] and decisions["B"]["version"] == 2, decisions
+    assert "@champion is on v1, the best-scoring version" in decisions["B"]["reason"]
+    assert str(MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+
+
+def test_a_version_whose_register_was_stopped_and_rolled_back_by_hand_is_not_weighed_again(store, monkeypatch):
+    """A version whose register was stopped (Ctrl-C) after placing the alias, the alias moved back by hand: a later
+    register that places the alias weighs no such version, though its register never finished: only versions whose
+    register runs are still running beside it."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.6}))
+    monkeypatch.setattr(registry, "record_report", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.9}))
+    monkeypatch.undo()
+    assert "decision" not in client.get_model_version("cifar10-resnet", "2").tags
+    client.set_registered_model_alias("cifar10-resnet", "champion", "1")  # rolled back by hand
+    decision = registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.7}))
+    assert decision["version"] == 3 and decision["alias_moved"], decision
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "3"
+
+
 def test_two_registers_of_the_same_model_at_once_register_it_once(store):
     """Two registers of one train run's model started together (a `main` rerun beside an `-e register` of its model)
     each found no version of it and each created one: two versions of the same model with the same score. The one
@@ -1330,6 +1399,70 @@ def test_two_registers_of_the_same_model_at_once_register_it_once(store):
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
     logged = client.get_logged_model(model.removeprefix("models:/"))
     assert [str(v["version"]) for v in json.loads(logged.tags["mlflow.modelVersions"])] == ["1"]
+
+
+def test_registers_of_one_model_under_two_names_at_once_each_list_their_version_on_the_model(store, monkeypatch):
+    """Two registers of one logged model under other register.model_name values at once each read the model's
+    `mlflow.modelVersions` tag (the UI's link from the model to its versions), then wrote it with their own version
+    added: the second write dropped the first's version. Each now lists its version whatever the other wrote."""
+    import threading
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    model = evaluated_model(experiment_id, {"test_acc": 0.7})
+    real, barrier, written = MlflowClient.set_logged_model_tags, threading.Barrier(2, timeout=60), set()
+
+    def write_once_both_read(self, model_id, tags):  # each register's first write waits until both have read
+        if threading.get_ident() not in written:
+            written.add(threading.get_ident())
+            barrier.wait()
+        return real(self, model_id, tags)
+
+    monkeypatch.setattr(MlflowClient, "set_logged_model_tags", write_once_both_read)
+    results, errors = {}, []
+
+    def register_as(name):
+        try:
+            results[name] = registry.register_version(model, name, {"test_acc": "0.700000", "alias": "champion"})
+        except BaseException as exc:  # noqa: BLE001 - the test's assertion names it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register_as, args=(name,)) for name in ("resnet-a", "resnet-b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and all(created for _, created in results.values()), (errors, results)
+    logged = MlflowClient().get_logged_model(model.removeprefix("models:/"))
+    listed = json.loads(logged.tags["mlflow.modelVersions"])
+    assert sorted((v["name"], str(v["version"])) for v in listed) == [("resnet-a", "1"), ("resnet-b", "1")], listed
+
+
+def test_a_version_a_tracking_server_lists_on_its_model_is_listed_once(store, monkeypatch):
+    """Against a tracking server, whose create-version lists the version on the logged model itself (MLflow's
+    handler calls its store's set_model_versions_tags), register added it again: the model's `mlflow.modelVersions`
+    tag named the version twice, and the UI showed it twice. Listed once; a duplicate created alongside and deleted
+    again is not listed."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    model = evaluated_model(experiment_id, {"test_acc": 0.7})
+    real = MlflowClient.create_model_version
+
+    def as_a_server(self, name, source, *args, model_id=None, **kwargs):
+        version = real(self, name, source, *args, model_id=model_id, **kwargs)
+        _get_store().set_model_versions_tags(name, version.version, model_id)
+        return version
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", as_a_server)
+    tags = {"test_acc": "0.700000", "alias": "champion"}
+    assert registry.register_version(model, "cifar10-resnet", tags)[1]
+    logged = model.removeprefix("models:/")
+    assert json.loads(MlflowClient().get_logged_model(logged).tags["mlflow.modelVersions"]) == [
+        {"name": "cifar10-resnet", "version": 1}]
+    monkeypatch.setattr(registry, "_same_score", lambda version, *_: str(version.version) == "1")
+    assert registry.register_version(model, "cifar10-resnet", tags)[1] is False  # v2 created, then deleted
+    assert json.loads(MlflowClient().get_logged_model(logged).tags["mlflow.modelVersions"]) == [
+        {"name": "cifar10-resnet", "version": 1}]
 
 
 def evaluated_model(experiment_id: str, metrics: dict[str, float], test_data: str = "a" * 64) -> str:
@@ -1479,6 +1612,25 @@ def test_a_register_stopped_after_creating_its_version_leaves_it_described_and_t
     assert version.tags["alias_moved"] == "true" and version.tags["decision"] == decision["reason"]
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
     assert ("holds @champion already" if stopped_in == "record_report" else "beats v1's") in decision["reason"]
+
+
+def test_the_rerun_of_a_register_stopped_before_listing_its_version_on_the_model_lists_it(store, monkeypatch):
+    """A register stopped (Ctrl-C, a kill) after creating its version but before listing it in the logged model's
+    `mlflow.modelVersions` tag: its rerun finished the version, but never listed it, and the UI's link from the
+    model to it was missing for good. The rerun lists it."""
+    experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient()
+    challenger = evaluated_model(experiment_id, {"test_acc": 0.7})
+    monkeypatch.setattr(registry, "list_versions_on_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        registered(experiment_id, challenger)
+    logged = challenger.removeprefix("models:/")
+    assert "mlflow.modelVersions" not in client.get_logged_model(logged).tags
+    monkeypatch.undo()
+    decision = registered(experiment_id, challenger)
+    assert decision["version"] == 1 and decision["alias_moved"], decision
+    assert json.loads(client.get_logged_model(logged).tags["mlflow.modelVersions"]) == [
+        {"name": "cifar10-resnet", "version": 1}]
 
 
 def test_the_rerun_of_a_stopped_register_whose_champion_was_deleted_keeps_no_tag_naming_it(store, monkeypatch):
@@ -1780,6 +1932,27 @@ def test_register_takes_the_runs_model_uri_evaluate_takes(store, in_process):
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert refused.stderr.strip().splitlines()[-1] == f"error: model_uri: {given} names no logged model: {why}"
     assert len(MlflowClient().search_model_versions("name = 'cifar10-resnet'")) == 1
+
+
+def test_register_of_a_run_still_running_without_a_model_says_to_wait_for_it(store, in_process):
+    """`-e register -P model_uri=runs:/<train run id>/model` while that run still trains (no model logged yet) said
+    "has no model at model (no MLmodel file there)", as of a run that never logs one: it says the run is still
+    running, to wait for it and evaluate its model; a run that ended without one says how it ended."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    running = client.create_run(experiment_id).info.run_id
+    refused = in_process("register", "--params", TINY, "--model-uri", f"runs:/{running}/model")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: model_uri: runs:/{running}/model names no logged model: run {running} is still RUNNING and has no "
+        f"model at model yet (no MLmodel file there): wait for it to finish, evaluate its model, then register it")
+    client.set_terminated(running, "FAILED")
+    refused = in_process("register", "--params", TINY, "--model-uri", f"runs:/{running}/model")
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: model_uri: runs:/{running}/model names no logged model: run {running} ended FAILED with no model at "
+        f"model (no MLmodel file there)")
+    assert client.search_registered_models() == []
+    assert [r.info.run_id for r in client.search_runs([experiment_id])] == [running]
 
 
 def test_register_takes_a_registry_uri_and_registers_its_versions_logged_model(store, in_process):

@@ -10,7 +10,8 @@ champion its report weighed it against;
 the decision and the champion-vs-challenger report on the register run and the version.
 Versions are MLflow `ModelVersion` entities: register reads their `version`, `tags`, `model_id`
 and `source` only; register tags each with `test_acc`, `run_id`, `evaluate_run_id`, `test_data_sha256` and
-`test_images_in_train`, and with the `alias` it was weighed for, its report's `champion_version`,
+`test_images_in_train`, and with the `alias` it was weighed for and the register run that created it
+(`register_run_id`), its report's `champion_version`,
 `champion_evaluate_run_id`, `test_acc_difference`, `alias_moved` and `decision`.
 """
 
@@ -43,6 +44,7 @@ EVALUATE_RUN_TAG = "evaluate_run_id"  # on a version: the evaluate run whose sco
 CHAMPION_EVALUATE_RUN_TAG = "champion_evaluate_run_id"  # on a version: that of the champion's score it was weighed by
 DECISION_TAG = "decision"  # on a version: why the alias moved or not; written last, when register is done
 ALIAS_TAG = "alias"  # on a version: the alias its register weighed it for (`register.alias`)
+REGISTER_RUN_TAG = "register_run_id"  # on a version: the register run that created it
 # evaluate's metric, and a version's tag: how many of the test images its test_acc counts the model was trained on
 IN_TRAIN = "test_images_in_train"
 DESCRIPTION_CHARS = 5000  # MLflow's column for a version's description: PostgreSQL refuses a longer one
@@ -298,17 +300,34 @@ def versions(name: str) -> list:
     return MlflowClient().search_model_versions(f"name = '{name}'")
 
 
-def latest_version(name: str) -> int:
-    """The highest version number of registered model `name`; 0 if it has none."""
-    return max((int(v.version) for v in versions(name)), default=0)
+def registered_before(name: str, alias: str) -> tuple[int, frozenset[str]]:
+    """What a register starting now finds of registered model `name`: the highest version number (0 if none), and the
+    versions up to it that a register for `alias` running alongside created and has not finished (no `decision` tag;
+    its register run, tag `register_run_id`, still RUNNING), which may place the alias at any time from now
+    (`settle_alias`). Not one whose register was stopped (its run ended KILLED or FAILED; a rerun finishes it)."""
+    found = versions(name)
+    unfinished = frozenset(str(v.version) for v in found if "test_acc" in v.tags and DECISION_TAG not in v.tags
+                           and v.tags.get(ALIAS_TAG, alias) == alias and _running(v.tags.get(REGISTER_RUN_TAG)))
+    return max((int(v.version) for v in found), default=0), unfinished
+
+
+def _running(run_id: str | None) -> bool:
+    """Whether run `run_id` is still RUNNING (and not deleted)."""
+    try:
+        run = MlflowClient().get_run(run_id) if run_id else None
+    except MlflowException:
+        return False
+    return run is not None and run.info.status == "RUNNING" and run.info.lifecycle_stage == "active"
 
 
 def register_version(model_uri: str, name: str, tags: dict[str, str], *, description: str | None = None):
-    """Register `model_uri` as a new version of `name` (created if new), tagged `tags`; (the ModelVersion, True).
+    """Register `model_uri` as a new version of `name` (created if new), tagged `tags` and with the active run's id
+    (`register_run_id`); (the ModelVersion, True).
 
     The version is created with its tags and `description` in one write, so no kill leaves it without them
     (`mlflow.register_model` takes no description). The logged model lists the version in its
-    `mlflow.modelVersions` tag, as `mlflow.register_model` records it for the UI. Failures raise.
+    `mlflow.modelVersions` tag, as `mlflow.register_model` records it for the UI (`list_versions_on_model`: with
+    those of registers of it under other names alongside). Failures raise.
 
     Two registers of the same model and score for the same alias started together each find no version of it
     (`same_score_version`) and each create one: the version created second, seeing the first (`_same_score`, lower
@@ -321,18 +340,54 @@ def register_version(model_uri: str, name: str, tags: dict[str, str], *, descrip
         if exc.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
             raise
     logged_model = model_id(model_uri)
+    if active := mlflow.active_run():  # the register run creating it (`registered_before`)
+        tags = {**tags, REGISTER_RUN_TAG: active.info.run_id}
     version = client.create_model_version(name, model_uri, tags=tags, description=fit_description(description),
                                           model_id=logged_model)
     first = min((v for v in versions(name) if _same_score(v, model_uri, tags)), key=lambda v: int(v.version),
                 default=version)
     if int(first.version) < int(version.version):  # a register alongside created it first: this one is none
         client.delete_model_version(name, version.version)
+        if logged_model:  # a tracking server listed it on the model as it created it
+            list_versions_on_model(logged_model, dropped=(name, version.version))
         return first, False
     if logged_model:  # the UI's link from the logged model to its versions; the version itself is whole already
-        listed = json.loads(client.get_logged_model(logged_model).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
-        client.set_logged_model_tags(logged_model, {MLFLOW_MODEL_VERSIONS: json.dumps(
-            [*listed, {"name": version.name, "version": version.version}])})
+        list_versions_on_model(logged_model)
     return version, True
+
+
+LISTING_ATTEMPTS = 20  # writes of a model's version list, each after a register alongside overwrote this one's
+
+
+def list_versions_on_model(logged_model: str, dropped: tuple[str, str | int] | None = None) -> None:
+    """List every registered version of the logged model `logged_model` in its `mlflow.modelVersions` tag (the UI's
+    link from the model to its versions, which `mlflow.register_model` and a tracking server's create-version write),
+    keeping the entries there (once each) but `dropped` (name, version): a version deleted again.
+
+    That tag is read, then written whole: two registers of one model under other names at once each wrote what they
+    had read with their own version added, and the second dropped the first's. So the versions to list are those the
+    registry holds of the model (found by its run, `run_id`), and the tag is read again after writing and written
+    again until it lists them all: the last register to write sees every version created before it."""
+    client = MlflowClient()
+    source_run = client.get_logged_model(logged_model).source_run_id
+    gone = None if dropped is None else (dropped[0], str(dropped[1]))
+    for _ in range(LISTING_ATTEMPTS):
+        tagged = client.get_logged_model(logged_model).tags.get(MLFLOW_MODEL_VERSIONS)
+        listed = json.loads(tagged or "[]")
+        registered = [{"name": v.name, "version": v.version} for v in sorted(
+            client.search_model_versions(f"run_id = '{source_run}'") if source_run else [],
+            key=lambda v: (v.name, int(v.version))) if version_model_uri(v) == f"models:/{logged_model}"]
+        wanted, seen = [], set()
+        for entry in [*listed, *registered]:
+            key = (entry.get("name"), str(entry.get("version")))
+            if key != gone and key not in seen:
+                seen.add(key)
+                wanted.append(entry)
+        if wanted == listed and tagged is not None or not wanted and tagged is None:
+            return
+        client.set_logged_model_tags(logged_model, {MLFLOW_MODEL_VERSIONS: json.dumps(wanted)})
+    print(f"warning: the versions of {logged_model} may not all be listed in its {MLFLOW_MODEL_VERSIONS} tag "
+          f"(registers of it alongside kept rewriting it); each version is registered whole")
 
 
 def fit_description(markdown: str | None) -> str | None:
@@ -428,18 +483,24 @@ def unknown_test_split(challenger: Score, champion: Score, version) -> str:
             (False, False): "both test splits"}[bool(challenger.test_data), bool(champion.test_data)]
 
 
-def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> str | None:
+def settle_alias(name: str, alias: str, test_data: str | None, after: int,
+                 unfinished: frozenset[str] = frozenset()) -> str | None:
     """Leave the alias on the best-scoring (the earliest on ties) of the version that holds it and the versions
-    registered after version `after` (those of registers running alongside this one) for this alias (tag `alias`; a
+    registered after version `after`, or by a register running, unfinished, when this one started (`unfinished`,
+    `registered_before`; given where this one placed the alias itself): those of registers running alongside this
+    one, for this alias (tag `alias`; a
     version without it, registered otherwise, for any), among those scored on the holder's test data (on `test_data`
     if none holds it; `same_test_data` where a digest is missing) and on no image they were trained on; return the
     version that holds it then. A version a register weighed for another alias (`register.alias=staging`) was never
     weighed for this one.
 
     Registers running at the same time can each read a champion that another is replacing; by re-reading
-    the versions they registered after writing, the last register to finish repairs any such race. Versions
-    from before (`after` and older) are not weighed again: a champion moved by hand, a roll-back to a worse
-    version, stays. A holder whose score is unknown here (registered by hand, never evaluated) stays too.
+    the versions they registered after writing, the last register to finish repairs any such race. A register that
+    had created its version when this one started may place the alias between this one's check of it and its move:
+    so its version is weighed too, not counted among those from before. Versions from before (`after` and older,
+    whose registers finished or were stopped) are not weighed again: a champion moved by hand, a roll-back to a worse
+    version, stays.
+    A holder whose score is unknown here (registered by hand, never evaluated) stays too.
     """
     holder = current_champion(name, alias)
     held = version_score(holder) if holder else None
@@ -454,8 +515,8 @@ def settle_alias(name: str, alias: str, test_data: str | None, after: int) -> st
         return holder is None or bool(tag and pool) or same_test_data(version_score(version), held)
 
     entries = [(tagged_test_acc(v), -int(v.version), v) for v in versions(name)
-               if int(v.version) > after and tagged_test_acc(v) is not None and v.tags.get(ALIAS_TAG, alias) == alias
-               and v.tags.get(IN_TRAIN, "0") == "0" and same_data(v)]
+               if (int(v.version) > after or str(v.version) in unfinished) and tagged_test_acc(v) is not None
+               and v.tags.get(ALIAS_TAG, alias) == alias and v.tags.get(IN_TRAIN, "0") == "0" and same_data(v)]
     if holder is not None:
         entries.append((held.test_acc, -int(holder.version), holder))
     if not entries:

@@ -401,7 +401,8 @@ def copied_model_id(path: str) -> str | None:
 
 def why_no_model(model_uri: str) -> str:
     """Why `runs:/<run id>/<path>` names no logged model (`logged_model_id` found none): no such run in this store, or
-    no MLmodel file at that path of it (with the model the run names in its tag `model_uri`, as train tags it)."""
+    no MLmodel file at that path of it (with the model the run names in its tag `model_uri`, as train tags it): yet,
+    where the run is still running (a train run logs its model as it ends), or as it ended (FAILED, KILLED)."""
     run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
     if not run_id:
         return "no run id after runs:/"
@@ -411,7 +412,13 @@ def why_no_model(model_uri: str) -> str:
         return f"no run {run_id} in this tracking store"
     tagged = run.data.tags.get("model_uri")
     named = f"; its model_uri tag is {tagged}" if tagged else ""
-    return f"run {run_id} has no model at {path or '/'} (no MLmodel file there{named})"
+    where, status = f"{path or '/'} (no MLmodel file there{named})", run.info.status
+    if status == "RUNNING":
+        return (f"run {run_id} is still RUNNING and has no model at {path or '/'} yet (no MLmodel file there{named}): "
+                f"wait for it to finish, evaluate its model, then register it")
+    if status in ("FAILED", "KILLED"):
+        return f"run {run_id} ended {status} with no model at {where}"
+    return f"run {run_id} has no model at {where}"
 
 
 def registered_model_id(model_uri: str) -> str | None:
