@@ -762,6 +762,22 @@ def test_an_entry_point_argument_given_twice_is_refused_not_dropped():
     assert vars(parser.parse_args(["--epochs", "6", "--data", "synthetic"]))["epochs"] == "6"
 
 
+def test_a_parameter_spelt_with_a_dash_is_told_its_mlproject_name():
+    """`mlflow run . -e train -P dataset-uri=X` passes the unknown name on as `--dataset-uri X` after MLproject's own
+    `--dataset-uri=''`: it was refused as `--dataset-uri given twice ('' and 'X')`, a -P the user gave once."""
+    words = shlex.split(ENTRY_POINTS["train"]["command"].format(
+        **{name: "''" for name in ENTRY_POINTS["train"]["parameters"]}))[3:] + ["--dataset-uri", "runs:/x/d.npz"]
+    with pytest.raises(config.ConfigError, match=r"^arguments: --dataset-uri given twice \('' and 'runs:/x/d.npz'\)"
+                                                 r": only the last would count; give it once \(to mlflow run as "
+                                                 r"-P dataset_uri=\.\.\., MLproject's name: -P dataset-uri reaches "
+                                                 r"the step as a second --dataset-uri\)$"):
+        config.entry_point_parser("train", "x").parse_args(words)
+    # a name without a dash is given twice only by the step's own command line: no word on MLproject's names
+    with pytest.raises(config.ConfigError, match=r"^arguments: --epochs given twice \('' and '3'\): only the last "
+                                                 r"would count; give it once$"):
+        config.entry_point_parser("train", "x").parse_args(["--epochs=", "--epochs", "3"])
+
+
 def test_a_run_without_a_model_uri_tag_has_no_model():
     from pipeline.tracking import model_id
 
