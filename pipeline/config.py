@@ -964,8 +964,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):  # `-P metrc=x`: the closest name and every name the step takes
-            known = sorted(option[2:] for option in self._option_string_actions
-                           if option.startswith("--") and option != "--help")
+            # not a hidden option (sweep's `--join`, how it starts its own workers): no name a user gives
+            known = sorted(option[2:] for action in self._actions if action.help != argparse.SUPPRESS
+                           for option in action.option_strings if option.startswith("--") and option != "--help")
             first = next((word for word in message[len(prefix):].split() if word.startswith("--")), "--")
             name = first[2:].split("=", 1)[0]
             hint = _did_you_mean(name, [*known, "help"], "--")
