@@ -597,6 +597,9 @@ def read_yaml(path: str | Path, *, key: str = "params", text: bool = False) -> d
     """The mapping a YAML file holds ({} if empty); a relative path not found here is taken from the
     project root. ConfigError naming `key` if the file is missing or unreadable, not YAML, not a mapping, or gives a
     key twice in one mapping. `text`: every scalar as the text written (`_ParamsLoader`: a params file)."""
+    if not str(path).strip():  # `-P params=" "` was "file not found: " and `-P spec=` the project root, "a folder"
+        unset = ", or leave it empty for params/default.yaml alone" if key == "params" else ""
+        raise ConfigError(f"{key}: {str(path)!r} is blank; give a {key} file{unset}")
     candidate = Path(path)
     if not candidate.is_absolute() and not candidate.exists():
         candidate = PROJECT_ROOT / candidate
@@ -607,6 +610,8 @@ def read_yaml(path: str | Path, *, key: str = "params", text: bool = False) -> d
     except (FileNotFoundError, NotADirectoryError):  # the last: a path through a file
         beside = PROJECT_ROOT / "params" / Path(path).name  # `-P params=quick.yaml` for params/quick.yaml
         hint = f" (did you mean params/{beside.name}?)" if not Path(path).is_absolute() and beside.is_file() else ""
+        if str(path) != str(path).strip():  # part of the path, but unseen at the line's end
+            path, hint = repr(str(path)), " (it begins or ends with spaces)"
         raise ConfigError(f"{key}: file not found: {path}{hint}") from None
     except OSError as exc:  # another user's file (EACCES), a name too long: was a traceback
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None

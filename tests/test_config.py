@@ -580,6 +580,22 @@ def test_aliases_mlflow_accepts_are_accepted(alias):
     assert config.load(None, f"register.alias={alias}").register.alias == alias
 
 
+def test_a_blank_params_or_spec_path_is_named_blank():
+    """`-P params=" "` was refused as `params: file not found:` (the name of spaces unseen at the line's end), and
+    `-e sweep -P spec=` as `spec:  is a folder, not a spec file` (the project root)."""
+    with pytest.raises(config.ConfigError, match=r"^params: ' ' is blank; give a params file, or leave it empty for "
+                                                 r"params/default.yaml alone$"):
+        config.load_from_cli(" ", "")
+    for blank in ("", "  "):
+        with pytest.raises(config.ConfigError, match=rf"^spec: {blank!r} is blank; give a spec file$"):
+            config.read_yaml(blank, key="spec")
+    # a name with spaces around it says so (they are part of the path, and unseen at the line's end)
+    with pytest.raises(config.ConfigError, match=r"^params: file not found: 'params/tiny.yaml ' \(it begins or ends "
+                                                 r"with spaces\)$"):
+        config.load_from_cli("params/tiny.yaml ", "")
+    assert config.load_from_cli("", "").train.epochs == config.load().train.epochs  # empty: default.yaml alone
+
+
 def test_bad_params_files(tmp_path):
     with pytest.raises(config.ConfigError, match="not found: .*missing.yaml$"):
         config.load(tmp_path / "missing.yaml")
