@@ -933,6 +933,10 @@ def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | 
     """
     keys = {"epochs": "train.epochs", "data": "data.source"}
     given = {name: value for name, value in shortcuts.items() if value not in (None, "")}
+    for name, value in given.items():  # `-P data=" "` read as a data.source of '': "must not be empty"
+        if not value.strip():
+            raise ConfigError(f"{name}: {value!r} is blank; give a value, or leave it empty for the params' "
+                              f"{keys[name]}")
     typed = split_overrides(overrides)
     cfg = load(params or None, typed + [f"{keys[name]}={value}" for name, value in given.items()])
     layered = parse_overrides(typed)

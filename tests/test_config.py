@@ -596,6 +596,25 @@ def test_a_blank_params_or_spec_path_is_named_blank():
     assert config.load_from_cli("", "").train.epochs == config.load().train.epochs  # empty: default.yaml alone
 
 
+def test_a_blank_data_or_epochs_shortcut_is_named_blank():
+    """`-P data=" "` was refused as `data.source: must not be empty, got ''`, when empty is what -P data may be."""
+    for name, key in (("data", "data.source"), ("epochs", "train.epochs")):
+        with pytest.raises(config.ConfigError, match=rf"^{name}: ' ' is blank; give a value, or leave it empty for "
+                                                     rf"the params' {key}$"):
+            config.load_from_cli(None, None, **{name: " "})
+    assert config.load_from_cli(None, None, data="", epochs="").train.epochs == config.load().train.epochs
+
+
+def test_a_blank_dataset_uri_is_named_blank():
+    """`-e train -P dataset_uri=" "` was refused as `dataset_uri:   names no prepared dataset (.npz)`."""
+    from pipeline import data, prepare
+
+    with pytest.raises(data.DataError, match=r"^dataset_uri: ' ' is blank; give runs:/<prepare run id>/dataset/"
+                                             r"dataset.npz, or leave it empty to prepare \(or reuse\) the data "
+                                             r"-P data names$"):
+        prepare.check_dataset_uri(" ")
+
+
 def test_bad_params_files(tmp_path):
     with pytest.raises(config.ConfigError, match="not found: .*missing.yaml$"):
         config.load(tmp_path / "missing.yaml")
