@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.data import CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES, IMAGE_SIZE
+from pipeline.data import CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES, IMAGE_SIZE, shells_folder_hint
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params" / "default.yaml"
@@ -610,6 +610,7 @@ def read_yaml(path: str | Path, *, key: str = "params", text: bool = False) -> d
     except (FileNotFoundError, NotADirectoryError):  # the last: a path through a file
         beside = PROJECT_ROOT / "params" / Path(path).name  # `-P params=quick.yaml` for params/quick.yaml
         hint = f" (did you mean params/{beside.name}?)" if not Path(path).is_absolute() and beside.is_file() else ""
+        hint = shells_folder_hint(str(path)) or hint  # `mlflow run` runs the step in the project's folder
         if str(path) != str(path).strip():  # part of the path, but unseen at the line's end
             path, hint = repr(str(path)), " (it begins or ends with spaces)"
         raise ConfigError(f"{key}: file not found: {path}{hint}") from None

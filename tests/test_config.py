@@ -615,6 +615,29 @@ def test_a_blank_dataset_uri_is_named_blank():
         prepare.check_dataset_uri(" ")
 
 
+def test_a_file_given_in_another_folder_is_told_where_it_is_read(tmp_path, monkeypatch):
+    """`mlflow run /path/to/project -P params=mine.yaml` beside `mine.yaml` runs the step in the project's folder:
+    it was "file not found: mine.yaml" of a file `ls` lists there ($PWD: the folder the command was given in)."""
+    from tests.conftest import ROOT
+
+    (tmp_path / "mine.yaml").write_text("train:\n  epochs: 3\n")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(os, "getppid", os.getpid)  # the parent's folder is this process's (test_data.py: $PWD alone)
+    monkeypatch.setenv("PWD", str(tmp_path))
+    with pytest.raises(config.ConfigError) as err:
+        config.load_from_cli("mine.yaml", "")
+    assert str(err.value) == (f"params: file not found: mine.yaml (not in {ROOT}, the folder mlflow run runs each "
+                              f"step in, but in {tmp_path}, where the command was given: give its absolute path, "
+                              f"{tmp_path}/mine.yaml)")
+    # and `-e evaluate -P dataset_uri=d.npz` so too
+    from pipeline import data, prepare
+
+    (tmp_path / "d.npz").write_bytes(b"")
+    with pytest.raises(data.DataError, match=rf"^dataset_uri: no file d.npz \(not in {ROOT}, .* give its absolute "
+                                             rf"path, {tmp_path}/d.npz\)$"):
+        prepare.check_dataset_uri("d.npz")
+
+
 def test_bad_params_files(tmp_path):
     with pytest.raises(config.ConfigError, match="not found: .*missing.yaml$"):
         config.load(tmp_path / "missing.yaml")
