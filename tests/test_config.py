@@ -823,8 +823,11 @@ def test_an_entry_point_argument_given_twice_is_refused_not_dropped():
 def test_a_parameter_spelt_with_a_dash_is_told_its_mlproject_name():
     """`mlflow run . -e train -P dataset-uri=X` passes the unknown name on as `--dataset-uri X` after MLproject's own
     `--dataset-uri=''`: it was refused as `--dataset-uri given twice ('' and 'X')`, a -P the user gave once."""
-    words = shlex.split(ENTRY_POINTS["train"]["command"].format(
-        **{name: "''" for name in ENTRY_POINTS["train"]["parameters"]}))[3:] + ["--dataset-uri", "runs:/x/d.npz"]
+    from mlflow.projects import _project_spec  # the command `mlflow run` runs, as it builds it
+
+    command = _project_spec.load_project(str(config.PROJECT_ROOT)).get_entry_point("train").compute_command(
+        {"dataset-uri": "runs:/x/d.npz"}, None)
+    words = shlex.split(command)[3:]
     with pytest.raises(config.ConfigError, match=r"^arguments: --dataset-uri given twice \('' and 'runs:/x/d.npz'\)"
                                                  r": only the last would count; give it once \(to mlflow run as "
                                                  r"-P dataset_uri=\.\.\., MLproject's name: -P dataset-uri reaches "
