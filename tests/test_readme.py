@@ -397,7 +397,7 @@ def test_the_direction_check_finds_a_link_pointing_the_wrong_way(tmp_path):
     assert misdirected(page) == ["page.md: [above](#end)", "page.md: [below](#top)"]
 
 
-SHOWN_REFUSED = {"epoch"}  # params.md's misspelt `-P epoch=30`, shown refused
+SHOWN_REFUSED = {"epoch", "help"}  # params.md's misspelt `-P epoch=30`, shown refused, and `-P help=1`
 
 
 def unknown_options(page: Path) -> list[str]:
