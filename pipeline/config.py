@@ -990,10 +990,11 @@ class _Once(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         if option_string in parser.given:
-            # `mlflow run -P dataset-uri=X` passes a name MLproject lacks on as `--dataset-uri X`, after MLproject's
-            # own `--dataset-uri=...`: given once by the user, twice on the step's command line
+            # `mlflow run -P dataset-uri=X` (MLFLOW_RUN_ID: a step it started) passes a name MLproject lacks on as
+            # `--dataset-uri X`, after MLproject's own `--dataset-uri=...`: given once by the user, twice here
             dashed = (f" (to mlflow run as -P {self.dest}=..., MLproject's name: -P {option_string[2:]} reaches the "
-                      f"step as a second {option_string})" if "_" in self.dest else "")
+                      f"step as a second {option_string})" if "_" in self.dest and os.environ.get("MLFLOW_RUN_ID")
+                      else "")
             parser.error(f"{option_string} given twice ({parser.given[option_string]!r} and {values!r}): only the "
                          f"last would count; give it once{dashed}")
         parser.given[option_string] = values

@@ -820,10 +820,12 @@ def test_an_entry_point_argument_given_twice_is_refused_not_dropped():
     assert vars(parser.parse_args(["--epochs", "6", "--data", "synthetic"]))["epochs"] == "6"
 
 
-def test_a_parameter_spelt_with_a_dash_is_told_its_mlproject_name():
+def test_a_parameter_spelt_with_a_dash_is_told_its_mlproject_name(monkeypatch):
     """`mlflow run . -e train -P dataset-uri=X` passes the unknown name on as `--dataset-uri X` after MLproject's own
     `--dataset-uri=''`: it was refused as `--dataset-uri given twice ('' and 'X')`, a -P the user gave once."""
     from mlflow.projects import _project_spec  # the command `mlflow run` runs, as it builds it
+
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)  # as `mlflow run` starts its step
 
     command = _project_spec.load_project(str(config.PROJECT_ROOT)).get_entry_point("train").compute_command(
         {"dataset-uri": "runs:/x/d.npz"}, None)
@@ -837,6 +839,11 @@ def test_a_parameter_spelt_with_a_dash_is_told_its_mlproject_name():
     with pytest.raises(config.ConfigError, match=r"^arguments: --epochs given twice \('' and '3'\): only the last "
                                                  r"would count; give it once$"):
         config.entry_point_parser("train", "x").parse_args(["--epochs=", "--epochs", "3"])
+    # `python -m pipeline.train --dataset-uri A --dataset-uri B`, no `mlflow run`: given twice indeed
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    with pytest.raises(config.ConfigError, match=r"^arguments: --dataset-uri given twice \('a' and 'b'\): only the "
+                                                 r"last would count; give it once$"):
+        config.entry_point_parser("train", "x").parse_args(["--dataset-uri", "a", "--dataset-uri", "b"])
 
 
 def test_a_run_without_a_model_uri_tag_has_no_model():
