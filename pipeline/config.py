@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.data import CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES, IMAGE_SIZE
+from pipeline.data import CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES, IMAGE_SIZE, shells_folder_hint
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params" / "default.yaml"
@@ -597,6 +597,9 @@ def read_yaml(path: str | Path, *, key: str = "params", text: bool = False) -> d
     """The mapping a YAML file holds ({} if empty); a relative path not found here is taken from the
     project root. ConfigError naming `key` if the file is missing or unreadable, not YAML, not a mapping, or gives a
     key twice in one mapping. `text`: every scalar as the text written (`_ParamsLoader`: a params file)."""
+    if not str(path).strip():  # `-P params=" "` was "file not found: " and `-P spec=` the project root, "a folder"
+        unset = ", or leave it empty for params/default.yaml alone" if key == "params" else ""
+        raise ConfigError(f"{key}: {str(path)!r} is blank; give a {key} file{unset}")
     candidate = Path(path)
     if not candidate.is_absolute() and not candidate.exists():
         candidate = PROJECT_ROOT / candidate
@@ -607,6 +610,9 @@ def read_yaml(path: str | Path, *, key: str = "params", text: bool = False) -> d
     except (FileNotFoundError, NotADirectoryError):  # the last: a path through a file
         beside = PROJECT_ROOT / "params" / Path(path).name  # `-P params=quick.yaml` for params/quick.yaml
         hint = f" (did you mean params/{beside.name}?)" if not Path(path).is_absolute() and beside.is_file() else ""
+        hint = shells_folder_hint(str(path)) or hint  # `mlflow run` runs the step in the project's folder
+        if str(path) != str(path).strip():  # part of the path, but unseen at the line's end
+            path, hint = repr(str(path)), " (it begins or ends with spaces)"
         raise ConfigError(f"{key}: file not found: {path}{hint}") from None
     except OSError as exc:  # another user's file (EACCES), a name too long: was a traceback
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
@@ -928,6 +934,10 @@ def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | 
     """
     keys = {"epochs": "train.epochs", "data": "data.source"}
     given = {name: value for name, value in shortcuts.items() if value not in (None, "")}
+    for name, value in given.items():  # `-P data=" "` read as a data.source of '': "must not be empty"
+        if not value.strip():
+            raise ConfigError(f"{name}: {value!r} is blank; give a value, or leave it empty for the params' "
+                              f"{keys[name]}")
     typed = split_overrides(overrides)
     cfg = load(params or None, typed + [f"{keys[name]}={value}" for name, value in given.items()])
     layered = parse_overrides(typed)
@@ -964,8 +974,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):  # `-P metrc=x`: the closest name and every name the step takes
-            known = sorted(option[2:] for option in self._option_string_actions
-                           if option.startswith("--") and option != "--help")
+            # not a hidden option (sweep's `--join`, how it starts its own workers): no name a user gives
+            known = sorted(option[2:] for action in self._actions if action.help != argparse.SUPPRESS
+                           for option in action.option_strings if option.startswith("--") and option != "--help")
             first = next((word for word in message[len(prefix):].split() if word.startswith("--")), "--")
             name = first[2:].split("=", 1)[0]
             hint = _did_you_mean(name, [*known, "help"], "--")
@@ -979,8 +990,13 @@ class _Once(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         if option_string in parser.given:
+            # `mlflow run -P dataset-uri=X` (MLFLOW_RUN_ID: a step it started) passes a name MLproject lacks on as
+            # `--dataset-uri X`, after MLproject's own `--dataset-uri=...`: given once by the user, twice here
+            dashed = (f" (to mlflow run as -P {self.dest}=..., MLproject's name: -P {option_string[2:]} reaches the "
+                      f"step as a second {option_string})" if "_" in self.dest and os.environ.get("MLFLOW_RUN_ID")
+                      else "")
             parser.error(f"{option_string} given twice ({parser.given[option_string]!r} and {values!r}): only the "
-                         f"last would count; give it once")
+                         f"last would count; give it once{dashed}")
         parser.given[option_string] = values
         setattr(namespace, self.dest, values)
 

@@ -352,6 +352,26 @@ def source_digest(source: str) -> str:
     raise _no_source(source)
 
 
+def shells_folder_hint(path: str) -> str:
+    """Where `path`, relative and missing here, exists in the folder the command was given in, and that is not this
+    process's: `mlflow run` runs each step in the project's folder (through `bash -c`, which execs the step and resets
+    $PWD to that folder), so `-P data=images` given beside `images` names nothing there. That folder is the parent's,
+    `mlflow run`'s, or a shell's $PWD, which a process started in another folder keeps. Said as " (not in ...)" to end
+    a line naming `path` missing; "" otherwise."""
+    if not path or os.path.isabs(path):
+        return ""
+    folders = [os.environ.get("PWD", "")]
+    with contextlib.suppress(OSError):
+        folders.append(os.readlink(f"/proc/{os.getppid()}/cwd"))  # Linux; elsewhere $PWD alone
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            there = os.path.join(folder, path)
+            if os.path.isabs(folder) and not os.path.samefile(folder, os.getcwd()) and os.path.lexists(there):
+                return (f" (not in {os.getcwd()}, the folder mlflow run runs each step in, but in {folder}, where the "
+                        f"command was given: give its absolute path, {there})")
+    return ""
+
+
 def _no_source(source: str) -> DataError:
     """`source` names nothing: no built-in source, no path, or a link to nothing (a dataset moved, a mount not there),
     which `ls` lists: said as such, naming its target."""
@@ -365,7 +385,7 @@ def _no_source(source: str) -> DataError:
     # CIFAR10, cifar-10, Synthetic: the name spelled otherwise (not a near name: cifar100 is another dataset)
     meant = next((name for name in ("cifar10", "synthetic") if re.sub(r"[-_ ]", "", source.lower()) == name), None)
     return DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path"
-                     + (f"; did you mean {meant}?" if meant else ""))
+                     + (f"; did you mean {meant}?" if meant else shells_folder_hint(source)))
 
 
 def _unreadable(exc: OSError) -> DataError:

@@ -167,6 +167,10 @@ def check_source(cfg: config.Config) -> None:
 def check_dataset_uri(dataset_uri: str) -> None:
     """Refuse a dataset URI that names no prepared dataset file or no artifact (DataError naming `dataset_uri`), or
     one of a run in MLflow's trash (ConfigError), before a step opens its run."""
+    if not dataset_uri.strip():  # `-e train -P dataset_uri=" "`: "  names no prepared dataset"
+        raise data.DataError(f"dataset_uri: {dataset_uri!r} is blank; give runs:/<prepare run id>/"
+                             f"{steps.DATASET_ARTIFACT}, or leave it empty to prepare (or reuse) the data -P data "
+                             f"names")
     if not dataset_uri.endswith(".npz"):  # the folder, or dataset.json beside the file, failed later as unreadable
         raise data.DataError(f"dataset_uri: {dataset_uri} names no prepared dataset (.npz); give "
                              f"runs:/<prepare run id>/{steps.DATASET_ARTIFACT}")

@@ -580,6 +580,64 @@ def test_aliases_mlflow_accepts_are_accepted(alias):
     assert config.load(None, f"register.alias={alias}").register.alias == alias
 
 
+def test_a_blank_params_or_spec_path_is_named_blank():
+    """`-P params=" "` was refused as `params: file not found:` (the name of spaces unseen at the line's end), and
+    `-e sweep -P spec=` as `spec:  is a folder, not a spec file` (the project root)."""
+    with pytest.raises(config.ConfigError, match=r"^params: ' ' is blank; give a params file, or leave it empty for "
+                                                 r"params/default.yaml alone$"):
+        config.load_from_cli(" ", "")
+    for blank in ("", "  "):
+        with pytest.raises(config.ConfigError, match=rf"^spec: {blank!r} is blank; give a spec file$"):
+            config.read_yaml(blank, key="spec")
+    # a name with spaces around it says so (they are part of the path, and unseen at the line's end)
+    with pytest.raises(config.ConfigError, match=r"^params: file not found: 'params/tiny.yaml ' \(it begins or ends "
+                                                 r"with spaces\)$"):
+        config.load_from_cli("params/tiny.yaml ", "")
+    assert config.load_from_cli("", "").train.epochs == config.load().train.epochs  # empty: default.yaml alone
+
+
+def test_a_blank_data_or_epochs_shortcut_is_named_blank():
+    """`-P data=" "` was refused as `data.source: must not be empty, got ''`, when empty is what -P data may be."""
+    for name, key in (("data", "data.source"), ("epochs", "train.epochs")):
+        with pytest.raises(config.ConfigError, match=rf"^{name}: ' ' is blank; give a value, or leave it empty for "
+                                                     rf"the params' {key}$"):
+            config.load_from_cli(None, None, **{name: " "})
+    assert config.load_from_cli(None, None, data="", epochs="").train.epochs == config.load().train.epochs
+
+
+def test_a_blank_dataset_uri_is_named_blank():
+    """`-e train -P dataset_uri=" "` was refused as `dataset_uri:   names no prepared dataset (.npz)`."""
+    from pipeline import data, prepare
+
+    with pytest.raises(data.DataError, match=r"^dataset_uri: ' ' is blank; give runs:/<prepare run id>/dataset/"
+                                             r"dataset.npz, or leave it empty to prepare \(or reuse\) the data "
+                                             r"-P data names$"):
+        prepare.check_dataset_uri(" ")
+
+
+def test_a_file_given_in_another_folder_is_told_where_it_is_read(tmp_path, monkeypatch):
+    """`mlflow run /path/to/project -P params=mine.yaml` beside `mine.yaml` runs the step in the project's folder:
+    it was "file not found: mine.yaml" of a file `ls` lists there ($PWD: the folder the command was given in)."""
+    from tests.conftest import ROOT
+
+    (tmp_path / "mine.yaml").write_text("train:\n  epochs: 3\n")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(os, "getppid", os.getpid)  # the parent's folder is this process's (test_data.py: $PWD alone)
+    monkeypatch.setenv("PWD", str(tmp_path))
+    with pytest.raises(config.ConfigError) as err:
+        config.load_from_cli("mine.yaml", "")
+    assert str(err.value) == (f"params: file not found: mine.yaml (not in {ROOT}, the folder mlflow run runs each "
+                              f"step in, but in {tmp_path}, where the command was given: give its absolute path, "
+                              f"{tmp_path}/mine.yaml)")
+    # and `-e evaluate -P dataset_uri=d.npz` so too
+    from pipeline import data, prepare
+
+    (tmp_path / "d.npz").write_bytes(b"")
+    with pytest.raises(data.DataError, match=rf"^dataset_uri: no file d.npz \(not in {ROOT}, .* give its absolute "
+                                             rf"path, {tmp_path}/d.npz\)$"):
+        prepare.check_dataset_uri("d.npz")
+
+
 def test_bad_params_files(tmp_path):
     with pytest.raises(config.ConfigError, match="not found: .*missing.yaml$"):
         config.load(tmp_path / "missing.yaml")
@@ -760,6 +818,32 @@ def test_an_entry_point_argument_given_twice_is_refused_not_dropped():
     # each parse starts afresh: the same parser takes each name once per command line
     assert vars(parser.parse_args(["--epochs", "5"]))["epochs"] == "5"
     assert vars(parser.parse_args(["--epochs", "6", "--data", "synthetic"]))["epochs"] == "6"
+
+
+def test_a_parameter_spelt_with_a_dash_is_told_its_mlproject_name(monkeypatch):
+    """`mlflow run . -e train -P dataset-uri=X` passes the unknown name on as `--dataset-uri X` after MLproject's own
+    `--dataset-uri=''`: it was refused as `--dataset-uri given twice ('' and 'X')`, a -P the user gave once."""
+    from mlflow.projects import _project_spec  # the command `mlflow run` runs, as it builds it
+
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)  # as `mlflow run` starts its step
+
+    command = _project_spec.load_project(str(config.PROJECT_ROOT)).get_entry_point("train").compute_command(
+        {"dataset-uri": "runs:/x/d.npz"}, None)
+    words = shlex.split(command)[3:]
+    with pytest.raises(config.ConfigError, match=r"^arguments: --dataset-uri given twice \('' and 'runs:/x/d.npz'\)"
+                                                 r": only the last would count; give it once \(to mlflow run as "
+                                                 r"-P dataset_uri=\.\.\., MLproject's name: -P dataset-uri reaches "
+                                                 r"the step as a second --dataset-uri\)$"):
+        config.entry_point_parser("train", "x").parse_args(words)
+    # a name without a dash is given twice only by the step's own command line: no word on MLproject's names
+    with pytest.raises(config.ConfigError, match=r"^arguments: --epochs given twice \('' and '3'\): only the last "
+                                                 r"would count; give it once$"):
+        config.entry_point_parser("train", "x").parse_args(["--epochs=", "--epochs", "3"])
+    # `python -m pipeline.train --dataset-uri A --dataset-uri B`, no `mlflow run`: given twice indeed
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    with pytest.raises(config.ConfigError, match=r"^arguments: --dataset-uri given twice \('a' and 'b'\): only the "
+                                                 r"last would count; give it once$"):
+        config.entry_point_parser("train", "x").parse_args(["--dataset-uri", "a", "--dataset-uri", "b"])
 
 
 def test_a_run_without_a_model_uri_tag_has_no_model():

@@ -1722,6 +1722,39 @@ def test_a_misspelt_built_in_source_names_the_closest_one(source, meant):
                               f"you mean {meant}?")
 
 
+def test_a_relative_path_given_in_another_folder_is_told_where_it_is_read(tmp_path, monkeypatch):
+    """`mlflow run /path/to/project -P data=images` in the folder holding `images` runs the step in the project's
+    folder: it was "neither 'cifar10', 'synthetic' nor an existing path", of a folder `ls` lists there. $PWD is the
+    shell's folder (a process started in another keeps it), or that of `mlflow run`, the step's parent."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    (tmp_path / "images").mkdir()
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(os, "getppid", os.getpid)  # the parent's folder (below) is this process's: nothing to say
+    monkeypatch.setenv("PWD", str(tmp_path))
+    with pytest.raises(data.DataError) as err:
+        data.load_source("images")
+    assert str(err.value) == (f"data.source: 'images' is neither 'cifar10', 'synthetic' nor an existing path (not in "
+                              f"{ROOT}, the folder mlflow run runs each step in, but in {tmp_path}, where the command "
+                              f"was given: give its absolute path, {tmp_path}/images)")
+    monkeypatch.setenv("PWD", str(ROOT))  # the same folder: nothing to say of it
+    with pytest.raises(data.DataError, match=r"^data.source: 'images' is neither 'cifar10', 'synthetic' nor an "
+                                             r"existing path$"):
+        data.load_source("images")
+    # `mlflow run`'s step: started in the project's folder through `bash -c`, which sets $PWD to it; its parent,
+    # `mlflow run`, was given the command in the folder holding `images`
+    monkeypatch.chdir(tmp_path)
+    step = subprocess.run([sys.executable, "-c", "from pipeline import data; data.load_source('images')"], cwd=ROOT,
+                          env={**os.environ, "PWD": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert step.stderr.strip().splitlines()[-1] == (
+        f"pipeline.data.DataError: data.source: 'images' is neither 'cifar10', 'synthetic' nor an existing path (not "
+        f"in {ROOT}, the folder mlflow run runs each step in, but in {tmp_path}, where the command was given: give its "
+        f"absolute path, {tmp_path}/images)")
+
+
 def test_cifar100_is_not_said_to_be_cifar10():
     with pytest.raises(data.DataError) as err:
         data.load_source("cifar100")

@@ -244,6 +244,24 @@ def test_a_refusal_quoting_a_long_value_still_ends_the_run_mlflow_run_opened(sto
     assert settled == [((wrapper, "FAILED"), {"delete": True})]
 
 
+def test_the_help_asked_through_mlflow_run_leaves_no_run(store, in_process, monkeypatch):
+    """`mlflow run . -e compare -P help=1` (a way to see the parameters) reaches the step as `--help 1`: argparse
+    printed the help and exited 0, and `mlflow run` left its run FINISHED in the experiment, empty but for the -P
+    values. It goes to the trash; a step's own exit 0 (nothing asked of the help) leaves it as it is."""
+    from pipeline import tracking
+
+    client = MlflowClient()
+    wrapper = client.create_run(client.get_experiment_by_name("e2e").experiment_id).info.run_id
+    settled = []
+    monkeypatch.setattr(tracking, "_settle_wrapper_run", lambda *args, **kwargs: settled.append((args, kwargs)))
+    shown = in_process("compare", "--help", "1", env={"MLFLOW_RUN_ID": wrapper})
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: ")
+    assert settled == [((wrapper, "FINISHED"), {"delete": True})]
+    settled.clear()
+    assert in_process("compare", "--metric", "nope", env={"MLFLOW_RUN_ID": wrapper}).returncode == 2  # refused
+    assert settled == [((wrapper, "FAILED"), {"delete": True})]
+
+
 @pytest.mark.parametrize(("message", "line"), [
     # TensorFlow's: the node's error last, after the stack it was defined at, then its annotations
     ("Graph execution error:\n\nDetected at node compile_loss/SparseSoftmaxCrossEntropyWithLogits defined at (most "

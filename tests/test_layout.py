@@ -88,3 +88,35 @@ def test_an_editors_lock_or_checkpoint_file_in_the_package_is_not_part_of_its_so
     assert result.returncode == 0, result.stderr
     modules = sorted(p.relative_to(PIPELINE).as_posix() for p in PIPELINE.rglob("*.py"))
     assert json.loads(result.stdout) == modules
+
+
+def entry_point_reads(source: str) -> tuple[set[str], set[str]]:
+    """The `args.<name>` a module reads (not `args.get(...)`, a method of a dict so named), and the options it adds to
+    its parser itself (`parser.add_argument("--join", ...)`), as their argparse names."""
+    tree = ast.parse(source)
+    called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    reads = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and id(node) not in called
+             and isinstance(node.value, ast.Name) and node.value.id == "args"}
+    added = {node.args[0].value.lstrip("-").replace("-", "_") for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument" and node.args
+             and isinstance(node.args[0], ast.Constant)}
+    return reads, added
+
+
+def test_every_entry_points_parameters_are_the_ones_its_module_reads():
+    """A parameter MLproject declares and the step never reads (renamed in the code, left in MLproject) would take
+    `-P name=...` and do nothing; one the step reads that MLproject lacks fails as an AttributeError traceback."""
+    import yaml
+
+    entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+    for name, spec in entry_points.items():
+        reads, added = entry_point_reads((PIPELINE / f"{name}.py").read_text())
+        declared = set(spec["parameters"])
+        assert reads - added == declared, (name, "read, not declared:", reads - added - declared,
+                                           "declared, never read:", declared - reads)
+
+
+def test_the_parameters_check_finds_a_dead_and_an_undeclared_parameter():
+    reads, added = entry_point_reads("def main():\n    parser.add_argument('--join', action='store_true')\n"
+                                     "    args = parser.parse_args()\n    run(args.spec, args.join, args.get('x'))\n")
+    assert (reads, added) == ({"spec", "join"}, {"join"})

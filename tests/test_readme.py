@@ -397,17 +397,24 @@ def test_the_direction_check_finds_a_link_pointing_the_wrong_way(tmp_path):
     assert misdirected(page) == ["page.md: [above](#end)", "page.md: [below](#top)"]
 
 
+SHOWN_REFUSED = {"epoch", "help"}  # params.md's misspelt `-P epoch=30`, shown refused, and `-P help=1`
+
+
 def unknown_options(page: Path) -> list[str]:
     """In `page`'s code, the `mlflow run .` commands' entry points (`-e`) and `-P` names that MLproject does not
-    have, and the `python -m pipeline.<x>`/`bench.<x>` commands whose module or `--option` does not exist (an
-    entry point's options are its MLproject parameters; a bench module's, the ones its source adds)."""
+    have, a `-P name=` outside a command that no entry point has, and the `python -m pipeline.<x>`/`bench.<x>`
+    commands whose module or `--option` does not exist (an entry point's options are its MLproject parameters; a
+    bench module's, the ones its source adds)."""
     import yaml
 
     entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
     text = page.read_text()
     spans = code_spans(text)
     unknown = []
+    every = {name for spec in entry_points.values() for name in spec["parameters"]} | SHOWN_REFUSED
     for span in (s.replace("\\\n", " ") for s in spans):
+        if "mlflow run ." not in span:  # `-P dataset_uri=PATH` in a sentence: a parameter of some entry point
+            unknown += [f"{page.name}: -P {name}" for name in re.findall(r"-P (\w+)=", span) if name not in every]
         for command in re.findall(r"mlflow run \.[^\n;&|#]*", span):
             entry = re.search(r"(?:-e|--entry-point) (\w+)", command)
             entry = entry[1] if entry else "main"
@@ -443,10 +450,11 @@ def test_the_command_check_finds_unknown_entry_points_parameters_modules_and_opt
     page.write_text("```bash\nmlflow run . -e compare --env-manager local -P top=5 -P nope=1\n"
                     "mlflow run . -e nothing -P x=1\npython -m pipeline.train --params p --nope 1\n```\n"
                     "`mlflow run . -P params=x -P epoch=3`, `python -m bench.sweep --epochs 2 --bad`, "
-                    "`python -m bench.nothing`, `python -m pipeline.tracking`\n")
+                    "`python -m bench.nothing`, `python -m pipeline.tracking`, `-P dataset_uri=PATH`, "
+                    "`-P dataset=PATH`\n")
     assert unknown_options(page) == [
         "page.md: -e compare -P nope", "page.md: -e nothing", "page.md: pipeline.train --nope",
-        "page.md: -e main -P epoch", "page.md: bench.sweep --bad", "page.md: bench.nothing"]
+        "page.md: -e main -P epoch", "page.md: bench.sweep --bad", "page.md: bench.nothing", "page.md: -P dataset"]
 
 
 # Named in the docs as what the pipeline leaves unset (gpus.md: TensorFlow's persistent XLA cache stays off).

@@ -2313,6 +2313,15 @@ def test_the_help_says_the_defaults_mlproject_gives(in_process):
     assert "--workers WORKERS worker processes on this host (default: 1; no more than the study's trials left)" in text
 
 
+def test_a_misspelt_name_is_told_the_names_a_user_gives_not_the_workers_own(store, in_process):
+    """`-P worker=2` listed `--join`, the option each worker of `--workers N` is started with, among the names the
+    sweep takes: a user who then gave `-P join=1` was refused as `unrecognized arguments: 1`."""
+    refused = in_process("sweep", "--worker=2")
+    assert refused.returncode == 2
+    assert refused.stderr == ("error: arguments: unrecognized arguments: --worker=2; did you mean --workers? (known: "
+                              "--overrides, --spec, --storage, --study, --workers)\n")
+
+
 def test_a_worker_of_workers_n_gets_a_value_beginning_with_a_dash():
     """`-P workers=2` with a spec file `-grid.yaml` (or storage, study spelt with a leading dash): each worker was
     started with `--spec -grid.yaml`, which argparse read as an option, and every worker failed."""

@@ -831,6 +831,12 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
         main()
         if (pending := interrupts.take()) is not None:  # swallowed outside any step (see `_ended_with_reason`)
             raise pending
+    except SystemExit as exc:
+        # `mlflow run . -P help=1` reaches the step as `--help 1`: argparse printed the help and exits 0, and the run
+        # `mlflow run` opened, which holds nothing, was left FINISHED in the experiment
+        if wrapper_run and exc.code in (0, None) and asks_for_help(sys.argv[1:]):
+            _settle_wrapper_run(wrapper_run, "FINISHED", delete=True)
+        raise
     except (Interrupted, KeyboardInterrupt) as exc:
         interrupts.take()  # handled here
         signum = getattr(exc, "signum", signal.SIGINT)

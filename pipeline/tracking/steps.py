@@ -154,7 +154,7 @@ def check_artifact_uri(uri: str, what: str) -> None:
     run_id, _, path = uri.removeprefix("runs:/").partition("/")
     if not uri.startswith("runs:/"):
         if not Path(local_path(uri)).exists():
-            raise data.DataError(f"{what}: no file {uri}")
+            raise data.DataError(f"{what}: no file {uri}{data.shells_folder_hint(uri)}")
         return
     try:
         found = has_artifact(uri)
