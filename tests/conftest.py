@@ -8,6 +8,7 @@ import importlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -80,6 +81,11 @@ def store(tmp_path, monkeypatch, empty_store_db):
     import mlflow
 
     shutil.copyfile(empty_store_db, tmp_path / "mlflow.db")
+    # MLflow made the `Default` experiment's artifact location of the working directory's ./mlruns, the checkout's: a
+    # command recording there (no experiment named) keeps its artifacts in this test's folder instead
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   (str(tmp_path / "mlruns" / "0"),))
     # MLflow's active experiment is process-wide: one an in-process command of an earlier test set belongs to that
     # test's store, and starting a run by id under it fails ("active experiment ID does not match")
     mlflow.tracking.fluent._active_experiment_id = None

@@ -1,0 +1,18 @@
+"""The suite leaves nothing in the checkout: a test's stores, artifacts and checkpoints are in folders of its own."""
+
+from __future__ import annotations
+
+import urllib.parse
+from pathlib import Path
+
+
+def test_a_run_in_the_stores_default_experiment_keeps_its_artifacts_in_the_tests_folder(store, tmp_path):
+    """A command recording into MLflow's `Default` experiment (no --experiment, no MLFLOW_EXPERIMENT_NAME) wrote its
+    artifacts to the checkout's ./mlruns/0: the store's template was made with the checkout as working directory."""
+    import mlflow
+
+    with mlflow.start_run(experiment_id="0") as run:
+        mlflow.log_text("x", "note.txt")
+    location = Path(urllib.parse.urlparse(run.info.artifact_uri).path)
+    assert location.is_relative_to(tmp_path), location
+    assert (location / "note.txt").read_text() == "x"
