@@ -39,6 +39,20 @@ os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _checkpoints_out_of_the_checkout(tmp_path_factory):
+    """Checkpoints in the session's temporary folder for the tests with no `store` (those against a module's `mlflow
+    server`) and the processes they start: they trained into the checkout's checkpoints/, whose folders another
+    worker's main removes, or into the user's own PIPELINE_CHECKPOINT_DIR. A test that sets its own keeps it."""
+    saved = os.environ.get("PIPELINE_CHECKPOINT_DIR")
+    os.environ["PIPELINE_CHECKPOINT_DIR"] = str(tmp_path_factory.mktemp("checkpoints"))
+    yield
+    if saved is None:
+        os.environ.pop("PIPELINE_CHECKPOINT_DIR", None)
+    else:
+        os.environ["PIPELINE_CHECKPOINT_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def empty_store_db(tmp_path_factory) -> Path:
     """A freshly created SQLite store file: MLflow's schema migrations take ~4 s, a copy ~0.1 s."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import urllib.parse
 from pathlib import Path
 
+from tests.conftest import ROOT
+
 
 def test_a_run_in_the_stores_default_experiment_keeps_its_artifacts_in_the_tests_folder(store, tmp_path):
     """A command recording into MLflow's `Default` experiment (no --experiment, no MLFLOW_EXPERIMENT_NAME) wrote its
@@ -16,3 +18,10 @@ def test_a_run_in_the_stores_default_experiment_keeps_its_artifacts_in_the_tests
     location = Path(urllib.parse.urlparse(run.info.artifact_uri).path)
     assert location.is_relative_to(tmp_path), location
     assert (location / "note.txt").read_text() == "x"
+
+
+def test_a_training_outside_the_store_fixture_keeps_its_checkpoints_out_of_the_checkout():
+    """A test with no `store` (one against a module's `mlflow server`) trained into the checkout's checkpoints/."""
+    from pipeline.tracking import resume
+
+    assert not resume.checkpoint_root().resolve().is_relative_to(ROOT.resolve()), resume.checkpoint_root()
