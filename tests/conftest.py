@@ -39,6 +39,70 @@ os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 
+# Folders a test session may write in the checkout: git's, Python's bytecode, pytest's and ruff's caches. A folder
+# holding pyvenv.cfg (a virtual environment) is not looked into either.
+OWN_FOLDERS = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
+
+
+def checkout_paths(root: Path = ROOT) -> set[str]:
+    """Every file and folder under ROOT (the checkout), relative to it, but for OWN_FOLDERS and virtual environments;
+    links are listed, not followed."""
+    found = set()
+    for folder, dirs, files in os.walk(root, onerror=lambda exc: None):
+        dirs[:] = [d for d in dirs
+                   if d not in OWN_FOLDERS and not os.path.exists(os.path.join(folder, d, "pyvenv.cfg"))]
+        rel = os.path.relpath(folder, root)
+        found.update(os.path.normpath(os.path.join(rel, name)) for name in dirs + files)
+    return found
+
+
+def left_behind(before: set[str], after: set[str]) -> list[str]:
+    """The paths in AFTER and not in BEFORE, a new folder's contents as the folder alone (`mlruns/`)."""
+    new = after - before
+    return sorted(f"{p}/" if any(q.startswith(f"{p}/") for q in new) else p
+                  for p in new if os.path.dirname(p) not in new)
+
+
+def litter_message(who: str, paths: list[str]) -> str:
+    shown = ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
+    return (f"{who} left in the checkout {ROOT}: {shown} (a test writes in a folder of its own: tmp_path, the `store` "
+            "fixture's)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _checkout_left_as_it_was(request):
+    """Fails a test file that leaves a file or folder in the checkout that was not there before it (what a user had
+    there stays out of it). Under pytest-xdist other files run meanwhile in other workers: `pytest -n 0 FILE` tells
+    whether the paths are this file's."""
+    before = checkout_paths()
+    yield
+    new = left_behind(before, checkout_paths())
+    if new:
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        also = f" (or a test file run meanwhile by another pytest-xdist worker than {worker})" if worker else ""
+        pytest.fail(litter_message(f"{request.path.relative_to(ROOT)}{also}", new), pytrace=False)
+
+
+def pytest_configure(config):
+    config._checkout_before = checkout_paths()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The whole session too, in the main process (under xdist, the controller): what a test file's check cannot see,
+    a write at collection or by a process that outlived its test file."""
+    if hasattr(session.config, "workerinput") or not hasattr(session.config, "_checkout_before"):
+        return
+    session.config._checkout_new = left_behind(session.config._checkout_before, checkout_paths())
+    if session.config._checkout_new:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if getattr(config, "_checkout_new", None):
+        terminalreporter.write_sep("=", "files left in the checkout", red=True)
+        terminalreporter.write_line(litter_message("the test session", config._checkout_new), red=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _checkpoints_out_of_the_checkout(tmp_path_factory):
     """Checkpoints in the session's temporary folder for the tests with no `store` (those against a module's `mlflow

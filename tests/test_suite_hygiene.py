@@ -5,7 +5,7 @@ from __future__ import annotations
 import urllib.parse
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, checkout_paths, left_behind, litter_message
 
 
 def test_a_run_in_the_stores_default_experiment_keeps_its_artifacts_in_the_tests_folder(store, tmp_path):
@@ -25,3 +25,22 @@ def test_a_training_outside_the_store_fixture_keeps_its_checkpoints_out_of_the_c
     from pipeline.tracking import resume
 
     assert not resume.checkpoint_root().resolve().is_relative_to(ROOT.resolve()), resume.checkpoint_root()
+
+
+def test_the_checkout_check_names_what_is_new_and_not_what_was_there(tmp_path):
+    (tmp_path / "mlruns" / "0" / "a").mkdir(parents=True)  # a user's own runs
+    (tmp_path / "runs.md").touch()
+    (tmp_path / "env").mkdir()
+    (tmp_path / "env" / "pyvenv.cfg").touch()
+    (tmp_path / "tests").mkdir()
+    before = checkout_paths(tmp_path)
+    (tmp_path / "mlruns" / "0" / "b" / "artifacts").mkdir(parents=True)
+    (tmp_path / "mlruns" / "0" / "b" / "artifacts" / "model.txt").touch()
+    (tmp_path / "runs.md").write_text("rewritten")  # was there: not new
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "tests" / "__pycache__").mkdir(parents=True)  # Python's own
+    (tmp_path / "env" / "lib").mkdir()  # inside a virtual environment
+    new = left_behind(before, checkout_paths(tmp_path))
+    assert new == ["checkpoints", "mlruns/0/b/"]
+    assert litter_message("tests/test_x.py", new).startswith(f"tests/test_x.py left in the checkout {ROOT}: "
+                                                             "checkpoints, mlruns/0/b/ (")
