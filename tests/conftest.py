@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import importlib
 import os
 import shutil
@@ -42,17 +43,21 @@ os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 # Folders a test session may write in the checkout: git's, Python's bytecode, pytest's and ruff's caches. A folder
 # holding pyvenv.cfg (a virtual environment) is not looked into either.
 OWN_FOLDERS = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
+# What a person's editor writes in the checkout while the suite runs: Vim's swap files, Emacs' locks and backups, IDEs'
+# folders, Jupyter's checkpoints, macOS's folder settings.
+EDITORS = (".*.sw?", ".#*", "#*#", "*~", ".idea", ".vscode", ".ipynb_checkpoints", ".DS_Store")
 
 
 def checkout_paths(root: Path = ROOT) -> set[str]:
-    """Every file and folder under ROOT (the checkout), relative to it, but for OWN_FOLDERS and virtual environments;
-    links are listed, not followed."""
+    """Every file and folder under ROOT (the checkout), relative to it, but for OWN_FOLDERS, EDITORS' files and virtual
+    environments; links are listed, not followed."""
     found = set()
     for folder, dirs, files in os.walk(root, onerror=lambda exc: None):
-        dirs[:] = [d for d in dirs
-                   if d not in OWN_FOLDERS and not os.path.exists(os.path.join(folder, d, "pyvenv.cfg"))]
+        dirs[:] = [d for d in dirs if d not in OWN_FOLDERS and not any(fnmatch.fnmatch(d, e) for e in EDITORS)
+                   and not os.path.exists(os.path.join(folder, d, "pyvenv.cfg"))]
         rel = os.path.relpath(folder, root)
-        found.update(os.path.normpath(os.path.join(rel, name)) for name in dirs + files)
+        found.update(os.path.normpath(os.path.join(rel, name)) for name in dirs + files
+                     if not any(fnmatch.fnmatch(name, e) for e in EDITORS))
     return found
 
 

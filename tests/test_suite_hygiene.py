@@ -44,3 +44,20 @@ def test_the_checkout_check_names_what_is_new_and_not_what_was_there(tmp_path):
     assert new == ["checkpoints", "mlruns/0/b/"]
     assert litter_message("tests/test_x.py", new).startswith(f"tests/test_x.py left in the checkout {ROOT}: "
                                                              "checkpoints, mlruns/0/b/ (")
+
+
+def test_the_checkout_check_leaves_out_what_an_editor_writes_meanwhile(tmp_path):
+    """A person editing in the checkout while the suite runs (its ~20 min) is no test's doing: Vim's swap file, Emacs'
+    lock and backup, an IDE's folder, Jupyter's checkpoints, macOS's folder settings."""
+    (tmp_path / "pipeline").mkdir()
+    before = checkout_paths(tmp_path)
+    (tmp_path / "pipeline" / ".config.py.swp").touch()
+    (tmp_path / "pipeline" / ".#config.py").symlink_to("someone@host.4242:1700000000")
+    (tmp_path / "README.md~").touch()
+    (tmp_path / "#README.md#").touch()
+    for folder in (".idea", ".vscode", ".ipynb_checkpoints"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x").touch()
+    (tmp_path / ".DS_Store").touch()
+    (tmp_path / "pipeline" / "runs.md").touch()
+    assert left_behind(before, checkout_paths(tmp_path)) == ["pipeline/runs.md"]
