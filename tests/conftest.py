@@ -164,11 +164,18 @@ def store(tmp_path, monkeypatch, empty_store_db):
     import mlflow
 
     shutil.copyfile(empty_store_db, tmp_path / "mlflow.db")
-    # MLflow made the `Default` experiment's artifact location of the working directory's ./mlruns, the checkout's: a
-    # command recording there (no experiment named) keeps its artifacts in this test's folder instead
+    # MLflow makes an experiment's artifact location of ./mlruns in the working directory of the process that creates
+    # it: the checkout, for the `Default` experiment of the template, a new experiment of an in-process command or of
+    # one started there (`mlflow run` runs its steps in the project). In this store such a location is this test's
+    # ./mlruns: the first, at once; a new one, by a trigger, as MLflow writes it.
+    checkout, ours = ("'" + str(path).replace("'", "''") + "'" for path in (ROOT / "mlruns", tmp_path / "mlruns"))
+    moved = f"UPDATE experiments SET artifact_location = replace(artifact_location, {checkout}, {ours})"
     with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db, db:
-        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                   (str(tmp_path / "mlruns" / "0"),))
+        db.execute(moved)
+        for change in ("INSERT", "UPDATE OF artifact_location"):
+            db.execute(f"CREATE TRIGGER \"out of the checkout on {change}\" AFTER {change} ON experiments "
+                       f"WHEN instr(NEW.artifact_location, {checkout}) "
+                       f"BEGIN {moved} WHERE experiment_id = NEW.experiment_id; END")
     # MLflow's active experiment is process-wide: one an in-process command of an earlier test set belongs to that
     # test's store, and starting a run by id under it fails ("active experiment ID does not match")
     mlflow.tracking.fluent._active_experiment_id = None

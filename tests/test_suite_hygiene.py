@@ -20,6 +20,20 @@ def test_a_run_in_the_stores_default_experiment_keeps_its_artifacts_in_the_tests
     assert (location / "note.txt").read_text() == "x"
 
 
+def test_a_run_in_an_experiment_a_command_creates_in_the_store_keeps_its_artifacts_in_the_tests_folder(store, tmp_path):
+    """A sweep or a main into a new experiment (params' cifar10-resnet, a sweep's own) made its artifact location
+    the checkout's ./mlruns/<id>: MLflow takes ./mlruns from the working directory of the process that creates it, the
+    checkout for in-process commands and those started there (`mlflow run` runs its steps in the project)."""
+    import mlflow
+
+    mlflow.set_experiment("cifar10-resnet")
+    with mlflow.start_run() as run:
+        mlflow.log_text("x", "note.txt")
+    location = Path(urllib.parse.urlparse(run.info.artifact_uri).path)
+    assert location.is_relative_to(tmp_path), location
+    assert (location / "note.txt").read_text() == "x"
+
+
 def test_a_training_outside_the_store_fixture_keeps_its_checkpoints_out_of_the_checkout():
     """A test with no `store` (one against a module's `mlflow server`) trained into the checkout's checkpoints/."""
     from pipeline.tracking import resume
