@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import importlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -36,6 +38,88 @@ JPEG = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"  # all of
 # and 21.4 min with this, 39.7 and 21.9 without (one run each). A test that sets its own value keeps it.
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
+
+# Folders a test session may write in the checkout: git's, Python's bytecode, pytest's and ruff's caches. A folder
+# holding pyvenv.cfg (a virtual environment) is not looked into either.
+OWN_FOLDERS = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
+# What a person's editor writes in the checkout while the suite runs: Vim's swap files, Emacs' locks and backups, IDEs'
+# folders, Jupyter's checkpoints, macOS's folder settings.
+EDITORS = (".*.sw?", ".#*", "#*#", "*~", ".idea", ".vscode", ".ipynb_checkpoints", ".DS_Store")
+
+
+def checkout_paths(root: Path = ROOT) -> set[str]:
+    """Every file and folder under ROOT (the checkout), relative to it, but for OWN_FOLDERS, EDITORS' files and virtual
+    environments; links are listed, not followed."""
+    found = set()
+    for folder, dirs, files in os.walk(root, onerror=lambda exc: None):
+        dirs[:] = [d for d in dirs if d not in OWN_FOLDERS and not any(fnmatch.fnmatch(d, e) for e in EDITORS)
+                   and not os.path.exists(os.path.join(folder, d, "pyvenv.cfg"))]
+        rel = os.path.relpath(folder, root)
+        found.update(os.path.normpath(os.path.join(rel, name)) for name in dirs + files
+                     if not any(fnmatch.fnmatch(name, e) for e in EDITORS))
+    return found
+
+
+def left_behind(before: set[str], after: set[str]) -> list[str]:
+    """The paths in AFTER and not in BEFORE, a new folder's contents as the folder alone (`mlruns/`)."""
+    new = after - before
+    return sorted(f"{p}/" if any(q.startswith(f"{p}/") for q in new) else p
+                  for p in new if os.path.dirname(p) not in new)
+
+
+def litter_message(who: str, paths: list[str]) -> str:
+    shown = ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
+    return (f"{who} left in the checkout {ROOT}: {shown} (a test writes in a folder of its own: tmp_path, the `store` "
+            "fixture's)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _checkout_left_as_it_was(request):
+    """Fails a test file that leaves a file or folder in the checkout that was not there before it (what a user had
+    there stays out of it). Under pytest-xdist other files run meanwhile in other workers: `pytest -n 0 FILE` tells
+    whether the paths are this file's."""
+    before = checkout_paths()
+    yield
+    new = left_behind(before, checkout_paths())
+    if new:
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        also = f" (or a test file run meanwhile by another pytest-xdist worker than {worker})" if worker else ""
+        pytest.fail(litter_message(f"{request.path.relative_to(ROOT)}{also}", new), pytrace=False)
+
+
+def pytest_configure(config):
+    config._checkout_before = checkout_paths()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The whole session too, in the main process (under xdist, the controller): what a test file's check cannot see,
+    a write at collection or by a process that outlived its test file."""
+    if hasattr(session.config, "workerinput") or not hasattr(session.config, "_checkout_before"):
+        return
+    session.config._checkout_new = left_behind(session.config._checkout_before, checkout_paths())
+    if session.config._checkout_new:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if getattr(config, "_checkout_new", None):
+        terminalreporter.write_sep("=", "files left in the checkout", red=True)
+        terminalreporter.write_line(litter_message("the test session", config._checkout_new), red=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkpoints_out_of_the_checkout(tmp_path_factory):
+    """Checkpoints in the session's temporary folder for the tests with no `store` (those against a module's `mlflow
+    server`) and the processes they start: they trained into the checkout's checkpoints/, whose folders another
+    worker's main removes, or into the user's own PIPELINE_CHECKPOINT_DIR. A test that sets its own keeps it."""
+    saved = os.environ.get("PIPELINE_CHECKPOINT_DIR")
+    os.environ["PIPELINE_CHECKPOINT_DIR"] = str(tmp_path_factory.mktemp("checkpoints"))
+    yield
+    if saved is None:
+        os.environ.pop("PIPELINE_CHECKPOINT_DIR", None)
+    else:
+        os.environ["PIPELINE_CHECKPOINT_DIR"] = saved
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +164,18 @@ def store(tmp_path, monkeypatch, empty_store_db):
     import mlflow
 
     shutil.copyfile(empty_store_db, tmp_path / "mlflow.db")
+    # MLflow makes an experiment's artifact location of ./mlruns in the working directory of the process that creates
+    # it: the checkout, for the `Default` experiment of the template, a new experiment of an in-process command or of
+    # one started there (`mlflow run` runs its steps in the project). In this store such a location is this test's
+    # ./mlruns: the first, at once; a new one, by a trigger, as MLflow writes it.
+    checkout, ours = ("'" + str(path).replace("'", "''") + "'" for path in (ROOT / "mlruns", tmp_path / "mlruns"))
+    moved = f"UPDATE experiments SET artifact_location = replace(artifact_location, {checkout}, {ours})"
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db, db:
+        db.execute(moved)
+        for change in ("INSERT", "UPDATE OF artifact_location"):
+            db.execute(f"CREATE TRIGGER \"out of the checkout on {change}\" AFTER {change} ON experiments "
+                       f"WHEN instr(NEW.artifact_location, {checkout}) "
+                       f"BEGIN {moved} WHERE experiment_id = NEW.experiment_id; END")
     # MLflow's active experiment is process-wide: one an in-process command of an earlier test set belongs to that
     # test's store, and starting a run by id under it fails ("active experiment ID does not match")
     mlflow.tracking.fluent._active_experiment_id = None
