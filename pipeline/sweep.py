@@ -2215,8 +2215,13 @@ def main() -> None:
         study="Optuna study name; empty: the spec's name and a digest of it, its base params and the overrides (a "
               "rerun of the same command goes on with its study)",
         workers="worker processes on this host (default: %(default)s; no more than the study's trials left)")
-    parser.add_argument("--join", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers N
-    sys.exit(run(parser.parse_args()))
+    # a worker of --workers N; a value (`-P join=1`, passed on as `--join 1`) is taken, to be refused naming --join
+    parser.add_argument("--join", nargs="?", const=True, default=False, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.join is not True and args.join is not False:
+        parser.error(f"--join takes no value, got {args.join!r}: it is how a sweep starts the worker processes of "
+                     "--workers N, no parameter a user gives")
+    sys.exit(run(args))
 
 
 if __name__ == "__main__":

@@ -154,6 +154,25 @@ def cifar_jpeg(tmp_path_factory):
         return dataset
 
 
+def copy_store(empty_store_db: Path, path: Path) -> Path:
+    """A copy at `path` of the template store `empty_store_db` whose artifacts stay out of the checkout; `path`.
+
+    MLflow makes an experiment's artifact location of ./mlruns in the working directory of the process that creates
+    it: the checkout, for the `Default` experiment of the template, a new experiment of an in-process command or of
+    one started there (`mlflow run` runs its steps in the project). In the copy such a location is ./mlruns beside
+    `path`: the first, at once; a new one, by a trigger, as MLflow writes it."""
+    shutil.copyfile(empty_store_db, path)
+    checkout, ours = ("'" + str(p).replace("'", "''") + "'" for p in (ROOT / "mlruns", path.parent / "mlruns"))
+    moved = f"UPDATE experiments SET artifact_location = replace(artifact_location, {checkout}, {ours})"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(moved)
+        for change in ("INSERT", "UPDATE OF artifact_location"):
+            db.execute(f"CREATE TRIGGER \"out of the checkout on {change}\" AFTER {change} ON experiments "
+                       f"WHEN instr(NEW.artifact_location, {checkout}) "
+                       f"BEGIN {moved} WHERE experiment_id = NEW.experiment_id; END")
+    return path
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch, empty_store_db):
     """An empty SQLite tracking store + registry with artifacts under tmp_path.
@@ -163,19 +182,7 @@ def store(tmp_path, monkeypatch, empty_store_db):
     """
     import mlflow
 
-    shutil.copyfile(empty_store_db, tmp_path / "mlflow.db")
-    # MLflow makes an experiment's artifact location of ./mlruns in the working directory of the process that creates
-    # it: the checkout, for the `Default` experiment of the template, a new experiment of an in-process command or of
-    # one started there (`mlflow run` runs its steps in the project). In this store such a location is this test's
-    # ./mlruns: the first, at once; a new one, by a trigger, as MLflow writes it.
-    checkout, ours = ("'" + str(path).replace("'", "''") + "'" for path in (ROOT / "mlruns", tmp_path / "mlruns"))
-    moved = f"UPDATE experiments SET artifact_location = replace(artifact_location, {checkout}, {ours})"
-    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db, db:
-        db.execute(moved)
-        for change in ("INSERT", "UPDATE OF artifact_location"):
-            db.execute(f"CREATE TRIGGER \"out of the checkout on {change}\" AFTER {change} ON experiments "
-                       f"WHEN instr(NEW.artifact_location, {checkout}) "
-                       f"BEGIN {moved} WHERE experiment_id = NEW.experiment_id; END")
+    copy_store(empty_store_db, tmp_path / "mlflow.db")
     # MLflow's active experiment is process-wide: one an in-process command of an earlier test set belongs to that
     # test's store, and starting a run by id under it fails ("active experiment ID does not match")
     mlflow.tracking.fluent._active_experiment_id = None

@@ -21,7 +21,7 @@ from mlflow.entities import ViewType
 
 from pipeline import config, evaluate, main, prepare, register, train
 from pipeline.tracking import cli, registry, steps
-from tests.conftest import ROOT, eventually, http_stub, module_code
+from tests.conftest import ROOT, copy_store, eventually, http_stub, module_code
 from tests.register_race import register_after_barrier, register_at_once
 from tests.test_fault_tolerance import TINY, experiment_runs
 
@@ -635,13 +635,12 @@ def test_a_file_uri_of_a_dataset_in_a_folder_with_a_space_and_an_accent_is_read(
     dataset as `file:///.../d%C3%ADr%20x/.../dataset.npz`, and `-P dataset_uri=` that URI was refused ("no file"),
     though MLflow reads it; its dataset.json, its bytes' sha256 and the resume check read the unquoted path too."""
     import hashlib
-    import shutil
 
     from pipeline import data
 
     folder = tmp_path / "dír with space"
     folder.mkdir()
-    shutil.copyfile(empty_store_db, folder / "mlflow.db")
+    copy_store(empty_store_db, folder / "mlflow.db")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)

@@ -27,7 +27,7 @@ from mlflow.entities import ViewType
 from bench.servers import free_port, start_tracking_server, stop_group
 from pipeline import config
 from pipeline.fitting import Checkpoint, learning_rate
-from tests.conftest import ROOT, Host, Launcher, eventually, http_stub, module_code, stopping_signals_raise
+from tests.conftest import ROOT, Host, Launcher, copy_store, eventually, http_stub, module_code, stopping_signals_raise
 
 TINY = "params/tiny.yaml"
 
@@ -971,7 +971,7 @@ def test_a_main_ends_only_its_own_stores_dead_runs(store, tmp_path, empty_store_
     before stores were recorded is taken as before."""
     from pipeline.tracking import resume
 
-    shutil.copyfile(empty_store_db, tmp_path / "b.db")
+    copy_store(empty_store_db, tmp_path / "b.db")
     (tmp_path / "link").symlink_to(tmp_path)
     monkeypatch.chdir(tmp_path)
     store_a, store_b = mlflow.get_tracking_uri(), f"sqlite:///{tmp_path / 'b.db'}"
@@ -1041,7 +1041,7 @@ def test_a_main_killed_before_its_lock_file_bore_its_name_is_found_dead(store, t
     process holds locked is not taken."""
     from pipeline.tracking import resume
 
-    shutil.copyfile(empty_store_db, tmp_path / "b.db")
+    copy_store(empty_store_db, tmp_path / "b.db")
     store_a, store_b = mlflow.get_tracking_uri(), f"sqlite:///{tmp_path / 'b.db'}"
     theirs = left.startswith("another store's")
     mlflow.set_tracking_uri(store_b if theirs else store_a)

@@ -22,7 +22,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_store
 
 NOBODY = pwd.getpwnam("nobody")
 DATASET = "runs:/0123abcd/dataset/dataset.npz"
@@ -68,7 +68,7 @@ def shared(monkeypatch, empty_store_db):
         folder.chmod(0o755)
         (folder / "store").mkdir()
         (folder / "store").chmod(0o777)
-        shutil.copyfile(empty_store_db, folder / "store" / "mlflow.db")
+        copy_store(empty_store_db, folder / "store" / "mlflow.db")
         (folder / "store" / "mlflow.db").chmod(0o666)
         (folder / "link").symlink_to(folder / "store")
         (folder / "checkpoints").mkdir()

@@ -2322,6 +2322,17 @@ def test_a_misspelt_name_is_told_the_names_a_user_gives_not_the_workers_own(stor
                               "--overrides, --spec, --storage, --study, --workers)\n")
 
 
+@pytest.mark.parametrize("given", [["--join", "1"], ["--join=1"], ["--join", ""]])
+def test_a_value_given_to_the_workers_own_option_is_refused_naming_it(store, in_process, given):
+    """`-P join=1` (mlflow run passes it on as `--join 1`) was refused as `unrecognized arguments: 1`, which names no
+    option, and `--join=1` as `argument --join: ignored explicit argument '1'`; `--help` still leaves it out."""
+    refused = in_process("sweep", *given)
+    assert refused.returncode == 2
+    assert refused.stderr == (f"error: arguments: --join takes no value, got {given[-1].split('=')[-1]!r}: it is how a "
+                              "sweep starts the worker processes of --workers N, no parameter a user gives\n")
+    assert "--join" not in in_process("sweep", "--help").stdout
+
+
 def test_a_worker_of_workers_n_gets_a_value_beginning_with_a_dash():
     """`-P workers=2` with a spec file `-grid.yaml` (or storage, study spelt with a leading dash): each worker was
     started with `--spec -grid.yaml`, which argparse read as an option, and every worker failed."""
