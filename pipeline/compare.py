@@ -536,11 +536,12 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
     unranked = unranked_note(table, metric)
     table = top_runs(table, metric, top)
     unfinished = {} if run_ids else steps.unfinished_train_runs(experiment)  # named ones are each checked
+    order = "lowest" if lower_is_better(metric) else "highest"
     markdown = (unranked + left_out_note(unfinished, other_project, no_params)
                 + inert_note(runs, table) + data_note(table) + val_data_note(table) + test_data_note(table)
-                + wall_note(table) + markdown_table(nan_shown(table), DECIMALS))
+                + wall_note(table) + f"Training runs by {metric}, best ({order}) first:\n\n"
+                + markdown_table(nan_shown(table), DECIMALS))
     name = f"compare-{len(table)}-runs-by-{metric}"
-    order = "lowest" if lower_is_better(metric) else "highest"
     # The files first, the run opened to record them: a plot that failed (a full disk) left a FAILED run holding none
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -551,7 +552,7 @@ def run(experiment: str | None = None, run_ids: list[str] | None = None, top: in
             # Prefixed: `mlflow run` has already logged the entry-point parameters under their bare names.
             steps.log_comparison({"compare.experiment": experiment or "", "compare.metric": metric,
                                   "compare.top": top or ""}, list(table["run_id"]),
-                                 f"Training runs by {metric}, best ({order}) first:\n\n{markdown}", folder)
+                                 markdown, folder)
             run_id = comparison.info.run_id
     print_comparison(markdown, run_id)
     return {"run_id": run_id, "table": table, "markdown": markdown,

@@ -986,7 +986,7 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
         callbacks = [*callbacks, keras.callbacks.ProgbarLogger(), EpochLine(bar=True)]
     # the replicas' statistics averaged first: before EMA's recomputation, the validation, the checkpoint at the end
     callbacks = [*replica_mean_batch_norm(model), *callbacks]
-    options = dict(epochs=t.epochs, callbacks=[keras.callbacks.TerminateOnNaN(), NoScoreWhereDiverged(), *callbacks,
+    options = dict(epochs=t.epochs, callbacks=[TerminateOnNaN(), NoScoreWhereDiverged(), *callbacks,
                                                Interruptible()], verbose=verbose)
     first_epoch = max((Checkpoint.completed_epochs(c.backup_dir) for c in callbacks if isinstance(c, Checkpoint)),
                       default=0)
@@ -1002,6 +1002,16 @@ def fit(model: keras.Model, cfg: config.Config, splits: tuple, num_classes: int,
                                   drop_remainder=t.drop_remainder, alternate_flip=t.alternate_flip),
                      validation_data=host_batches(x_val, y_val, t.batch_size, shuffle=False),
                      shuffle=False, **options)  # the order is host_batches' own (Keras warns that it ignores shuffle)
+
+
+class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
+    """Keras's, stopping training (`model.stop_training`) after a batch whose loss is NaN or infinite without printing
+    its "Batch N: Invalid loss, terminating training": train's one-line error says so (`diverged`)."""
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self.model.stop_training = True
 
 
 class NoScoreWhereDiverged(keras.callbacks.Callback):

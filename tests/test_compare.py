@@ -689,6 +689,31 @@ def test_a_pipe_or_a_line_break_in_a_cell_stays_in_its_cell(store):
         assert [row["data.source"] for row in csv.DictReader(file)] == ["x|y.npz", "p\nq.npz", "r\r\ns.npz"]
 
 
+def test_the_printed_table_and_runs_md_say_what_the_rows_are_sorted_by(store, in_process):
+    """The line naming the sort ("Training runs by val_acc, best (highest) first") was in the comparison run's
+    description only: the printed table and runs.md did not say which column ranked the rows, or which way."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    for start, val_acc in ((1_000, 0.5), (2_000, 0.9)):
+        run = client.create_run(experiment, start_time=start, tags={"step": "train"}).info.run_id
+        client.log_param(run, "train.epochs", "2")  # a training run logs its params
+        client.log_metric(run, "val_acc", val_acc, step=1)
+        client.set_terminated(run, end_time=start + 500)
+    for metric, heading in (("val_acc", "Training runs by val_acc, best (highest) first:"),
+                            ("wall_s", "Training runs by wall_s, best (lowest) first:")):
+        done = in_process("compare", "--experiment", "e2e", "--metric", metric)
+        assert done.returncode == 0, done.stderr[-2000:]
+        lines = done.stdout.splitlines()
+        assert lines[lines.index(heading) + 2].startswith("| run "), done.stdout
+        comparison = mlflow.get_run(done.stdout.split("comparison run ")[-1].split(":")[0])
+        runs_md = mlflow.artifacts.load_text(f"{comparison.info.artifact_uri}/runs.md")
+        assert heading in runs_md.splitlines() and runs_md in done.stdout
+        assert comparison.data.tags["mlflow.note.content"].count(heading) == 1
+
+
 def test_runs_trained_by_other_code_are_marked(monkeypatch):
     """The same params trained before and after an edit of the training code showed as two rows with nothing
     between them differing but their scores."""
