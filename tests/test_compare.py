@@ -1214,7 +1214,7 @@ def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process,
     done = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "e2e"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r.info.experiment_id for r in comparisons()] == [client.get_experiment_by_name("e2e").experiment_id]
-    # a default experiment that does not exist: MLflow's traceback, exit 1, once every run was read
+    # a default experiment that does not exist: one line, exit 2, no comparison run
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
     unknown = in_process("compare", env={"MLFLOW_EXPERIMENT_ID": "999"})
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr, unknown.stderr[-3000:]
