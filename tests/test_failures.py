@@ -1485,6 +1485,35 @@ def test_a_version_a_tracking_server_lists_on_its_model_is_listed_once(store, mo
         {"name": "cifar10-resnet", "version": 1}]
 
 
+def test_a_version_deleted_while_a_register_alongside_lists_versions_is_not_listed_by_it(store, monkeypatch):
+    """Two registers of one model at once (CI, 2026-12-08): one created v1 and listed the model's versions, reading
+    the registry just before the other deleted its duplicate v2 and dropped it from the model's
+    `mlflow.modelVersions` tag; the first then wrote [1, 2] and, reading the tag back, kept v2 as an entry another
+    register had written. The UI linked the model to a version that does not exist. An entry whose version is gone
+    is dropped."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    model = evaluated_model(experiment_id, {"test_acc": 0.7})
+    logged = model.removeprefix("models:/")
+    tags = {"test_acc": "0.700000", "alias": "champion"}
+    assert registry.register_version(model, "cifar10-resnet", tags)[1]
+    client.create_model_version("cifar10-resnet", model, tags=tags, model_id=logged)  # the duplicate alongside
+    real, calls = MlflowClient.search_model_versions, []
+
+    def read_just_before_the_delete(self, *args, **kwargs):
+        found = real(self, *args, **kwargs)
+        if not calls:  # the register alongside deletes v2 and drops it from the tag right after this read
+            calls.append(1)
+            client.delete_model_version("cifar10-resnet", "2")
+            registry.list_versions_on_model(logged, dropped=("cifar10-resnet", "2"))
+        return found
+
+    monkeypatch.setattr(MlflowClient, "search_model_versions", read_just_before_the_delete)
+    registry.list_versions_on_model(logged)
+    assert json.loads(client.get_logged_model(logged).tags["mlflow.modelVersions"]) == [
+        {"name": "cifar10-resnet", "version": 1}]
+
+
 def evaluated_model(experiment_id: str, metrics: dict[str, float], test_data: str = "a" * 64) -> str:
     """A stand-in logged model scored as evaluate scores one (steps.log_evaluation in a run of its own)."""
     with mlflow.start_run(experiment_id=experiment_id):

@@ -367,7 +367,9 @@ def list_versions_on_model(logged_model: str, dropped: tuple[str, str | int] | N
     That tag is read, then written whole: two registers of one model under other names at once each wrote what they
     had read with their own version added, and the second dropped the first's. So the versions to list are those the
     registry holds of the model (found by its run, `run_id`), and the tag is read again after writing and written
-    again until it lists them all: the last register to write sees every version created before it."""
+    again until it lists them all: the last register to write sees every version created before it. An entry whose
+    version is gone is dropped: a register alongside may delete its duplicate just after this one read the registry
+    (`register_version`), and this one's write would otherwise list it for good."""
     client = MlflowClient()
     source_run = client.get_logged_model(logged_model).source_run_id
     gone = None if dropped is None else (dropped[0], str(dropped[1]))
@@ -377,10 +379,11 @@ def list_versions_on_model(logged_model: str, dropped: tuple[str, str | int] | N
         registered = [{"name": v.name, "version": v.version} for v in sorted(
             client.search_model_versions(f"run_id = '{source_run}'") if source_run else [],
             key=lambda v: (v.name, int(v.version))) if version_model_uri(v) == f"models:/{logged_model}"]
+        found = {(v["name"], str(v["version"])) for v in registered}
         wanted, seen = [], set()
         for entry in [*listed, *registered]:
             key = (entry.get("name"), str(entry.get("version")))
-            if key != gone and key not in seen:
+            if key != gone and key not in seen and (key in found or _version_exists(*key)):
                 seen.add(key)
                 wanted.append(entry)
         if wanted == listed and tagged is not None or not wanted and tagged is None:
@@ -388,6 +391,20 @@ def list_versions_on_model(logged_model: str, dropped: tuple[str, str | int] | N
         client.set_logged_model_tags(logged_model, {MLFLOW_MODEL_VERSIONS: json.dumps(wanted)})
     print(f"warning: the versions of {logged_model} may not all be listed in its {MLFLOW_MODEL_VERSIONS} tag "
           f"(registers of it alongside kept rewriting it); each version is registered whole")
+
+
+def _version_exists(name: str | None, version: str) -> bool:
+    """Whether registered model `name` has version `version` (a store that fails to answer raises; an entry without
+    a name names none)."""
+    if not name:
+        return False
+    try:
+        MlflowClient().get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return False
+        raise
+    return True
 
 
 def fit_description(markdown: str | None) -> str | None:
