@@ -249,7 +249,7 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
     validated on the test split, `val_images_in_train` after those where a val_acc counts images its run trained on,
     `test_data` after test_acc where the test splits differ, `test_images_in_train` where a test_acc counts images
     its model was trained on, `wall_s_from` after wall_s where a run's wall_s is its end - start: `wall_seconds`)."""
-    rows = []
+    rows, scores = [], {}
     left_out, inert = params_without_effect(runs)  # of the params as logged, before `as_trained`
     runs = as_trained(runs)
     varying = [c for c in differing_params(runs) if c not in left_out]
@@ -262,6 +262,7 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
         # copy) scores what the other rows' do not, and ranked first a model worse on the whole split
         # by what the data is: the evaluation may spell the dataset's path otherwise (`./d.npz`, a file:// URI)
         metrics, test_data = model_score(run.get("tags.model_uri"), trained_on(run), run.get(f"tags.{DATASET_SHA256}"))
+        scores[run["run_id"]] = metrics
         wall, span = wall_seconds(run)
         rows.append({
             "run": run.get("tags.mlflow.runName"), "run_id": run["run_id"],
@@ -284,6 +285,8 @@ def build_table(runs: pd.DataFrame, histories: dict[str, pd.Series]) -> pd.DataF
             "test_images_in_train": metrics.get("test_images_in_train", math.nan),
         })
     table = pd.DataFrame(rows)
+    table.attrs[SCORED_NAN] = frozenset(row["run_id"] for row in rows if "test_acc" in scores[row["run_id"]]
+                                        and math.isnan(scores[row["run_id"]]["test_acc"]))
     if "experiment_name" in runs and runs["experiment_name"].nunique() > 1:  # runs of several experiments: which
         table.insert(table.columns.get_loc("run_id") + 1, "experiment", runs["experiment_name"].to_numpy())
     if table["data"].dropna().nunique() <= 1:  # trained on other data (the same data params, an edited image folder)
@@ -427,22 +430,27 @@ def unranked_note(table: pd.DataFrame, metric: str) -> str:
 
 # The table's columns of a value each run logged per epoch: NaN where a run logged NaN (a diverged run), or none
 HISTORY_COLUMNS = ("val_acc", "best_val_acc")
-NAN = "NaN"  # the cell (runs.md, runs.csv) of a val_acc logged as NaN; an empty cell is a run that logged none
+NAN = "NaN"  # the cell (runs.md, runs.csv) of a value logged as NaN; an empty cell is a run that logged none
+SCORED_NAN = "test_acc_logged_nan"  # the table's attrs: run ids whose model's evaluation logged test_acc NaN
 
 
 def logged_nan(table: pd.DataFrame, column: str) -> pd.Series:
-    """Which rows of `table` hold NaN in `column` (one of HISTORY_COLUMNS) as their run logged it (it has epochs of
-    val_acc): an empty cell said nothing of a diverged run's val_acc; False for any other column."""
+    """Which rows of `table` hold NaN in `column` as their run logged it: a val_acc or best_val_acc (HISTORY_COLUMNS)
+    of a run with epochs of val_acc, a test_acc its model's evaluation logged NaN (`build_table`'s attrs
+    SCORED_NAN; a run never evaluated has none): an empty cell said nothing of a diverged run's; False for any other
+    column."""
+    if column == "test_acc" and column in table:
+        return table["run_id"].isin(table.attrs.get(SCORED_NAN, frozenset())) & table[column].isna()
     if column not in HISTORY_COLUMNS:
         return pd.Series(False, index=table.index)
     return (table["epochs"] > 0) & table[column].isna()
 
 
 def nan_shown(table: pd.DataFrame) -> pd.DataFrame:
-    """`table` for runs.md, runs.csv and the console: a val_acc or best_val_acc logged as NaN written NAN (pandas
-    writes NaN in a CSV as an empty cell, which is a run that logged none)."""
+    """`table` for runs.md, runs.csv and the console: a val_acc, best_val_acc or test_acc logged as NaN written NAN
+    (pandas writes NaN in a CSV as an empty cell, which is a run that logged none)."""
     table = table.copy()
-    for column in HISTORY_COLUMNS:
+    for column in (*HISTORY_COLUMNS, "test_acc"):
         nan = logged_nan(table, column)
         if nan.any():
             table[column] = table[column].astype(object).where(~nan, NAN)

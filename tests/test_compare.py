@@ -950,9 +950,23 @@ def test_a_test_acc_logged_as_nan_is_no_score_of_0(store):
         with mlflow.start_run(experiment_id=experiment_id):
             steps.log_evaluation({"model_uri": model_uri, "dataset_uri": "runs:/p/full"}, {"test_acc": acc},
                                  model_uri, "a" * 64)
-    table = compare.run(experiment="e2e", metric="test_acc")["table"]
-    assert table["run"].tolist() == ["real", "diverged"], table[["run", "test_acc"]]
+    with mlflow.start_run(experiment_id=experiment_id, run_name="unevaluated",
+                          tags={"step": "train", "dataset_uri": "runs:/p/full"}):
+        mlflow.log_param("train.lr", "0.1")
+    comparison = compare.run(experiment="e2e", metric="test_acc")
+    table = comparison["table"]
+    assert table["run"].tolist() == ["real", "diverged", "unevaluated"], table[["run", "test_acc"]]
     assert math.isnan(table["test_acc"].iloc[1]), table
+    # its cell reads NaN, as a val_acc logged NaN does; a run never evaluated keeps an empty cell
+    assert "No test_acc for 2 runs (of 3; 1 logged it as NaN, its training diverged)" in comparison["markdown"]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in comparison["markdown"].splitlines()
+            if line.startswith("|")]
+    cells = {row[0]: dict(zip(rows[0], row, strict=True)) for row in rows[2:]}
+    assert (cells["diverged"]["test_acc"], cells["unevaluated"]["test_acc"]) == ("NaN", ""), cells
+    uri = f"{mlflow.get_run(comparison['run_id']).info.artifact_uri}/runs.csv"
+    with open(mlflow.artifacts.download_artifacts(uri), newline="") as file:
+        written = {row["run"]: row["test_acc"] for row in csv.DictReader(file)}
+    assert (written["diverged"], written["unevaluated"]) == ("NaN", ""), written
 
 
 def test_a_model_evaluated_under_mlflow_run_on_a_path_that_needs_quotes_shows_its_test_acc(store, tmp_path):
