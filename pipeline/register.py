@@ -55,7 +55,7 @@ from pipeline.tracking import (
     unexpected,
     unexpected_reason,
 )
-from pipeline.tracking.resume import step_lock
+from pipeline.tracking.resume import remove_stale_locks, step_lock
 
 # Tag on an evaluate run register opened to score a champion on a challenger's test data: `<model name>/<version>`
 RESCORE_TAG = "scores_champion"
@@ -400,6 +400,9 @@ def main() -> None:
     steps.check_run_not_trashed(model_uri, model_id(model_uri), "register its model")  # as evaluate refuses it
     with step_lock() as hold, step_run(cfg, "register") as step:
         hold(step)  # killed, it is left for the next main to end
+        # a register killed before (SIGKILL) left its run RUNNING: ended now, as a main ends it, its version is no
+        # longer taken for one of a register running alongside, and weighed (`registry.registered_before`)
+        remove_stale_locks()
         run(cfg, model_uri, args.model_uri)
 
 

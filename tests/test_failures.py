@@ -1514,6 +1514,37 @@ def test_a_version_deleted_while_a_register_alongside_lists_versions_is_not_list
         {"name": "cifar10-resnet", "version": 1}]
 
 
+def test_a_register_killed_before_its_alias_is_not_weighed_by_a_register_run_on_its_own(store, monkeypatch):
+    """A register killed (SIGKILL, the OOM killer) after creating its version, before placing the alias, left its run
+    RUNNING: a register run on its own after it (`mlflow run . -e register`) took that version for one of a register
+    running alongside and weighed it, moving the alias to a version no register decided on, until the next `main`
+    ended the dead run. It ends such runs first, as a main does: the alias stays on its own version."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    better, worse = (evaluated_model(experiment_id, {"test_acc": acc}) for acc in (0.9, 0.8))
+    script = ("import time, mlflow\n"
+              "from pipeline.tracking import registry\n"
+              "from pipeline.tracking.resume import step_lock\n"
+              f"with step_lock() as hold, mlflow.start_run(experiment_id='{experiment_id}', "
+              "tags={'step': 'register'}) as step:\n"
+              "    hold(step)\n"
+              f"    registry.register_version('{better}', 'cifar10-resnet', {{'test_acc': '0.900000', "
+              f"'alias': 'champion', 'test_data_sha256': '{'a' * 64}'}})\n"
+              "    print(step.info.run_id, flush=True)\n"
+              "    time.sleep(120)\n")
+    killed = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=store, stdout=subprocess.PIPE, text=True)
+    try:
+        dead_run = killed.stdout.readline().strip()
+    finally:
+        killed.kill()
+        killed.wait()
+    assert client.get_run(dead_run).info.status == "RUNNING"
+    monkeypatch.setattr(sys, "argv", ["pipeline.register", "--params", TINY, "--model-uri", worse])
+    register.main()
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
+    assert client.get_run(dead_run).info.status == "KILLED"
+
+
 def evaluated_model(experiment_id: str, metrics: dict[str, float], test_data: str = "a" * 64) -> str:
     """A stand-in logged model scored as evaluate scores one (steps.log_evaluation in a run of its own)."""
     with mlflow.start_run(experiment_id=experiment_id):
