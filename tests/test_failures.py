@@ -1545,6 +1545,21 @@ def test_a_register_killed_before_its_alias_is_not_weighed_by_a_register_run_on_
     assert client.get_run(dead_run).info.status == "KILLED"
 
 
+@pytest.mark.parametrize("step", ["prepare", "evaluate", "register"])
+def test_a_step_that_builds_no_model_is_not_tagged_with_the_depth_of_params_it_was_not_given(store, step):
+    """`mlflow run . -e evaluate -P model-uri=...` (or register, prepare) without the `-P params` the model was trained
+    with tagged its run `model_depth` of the default params, whatever the model: a ResNet-9's evaluation read
+    "model_depth 20" in the UI. Only the runs that build the model (train, main) are tagged with its depth."""
+    from pipeline.tracking import step_run
+
+    cfg = config.load(TINY)
+    for name in (step, "train", "main"):
+        with step_run(cfg, name) as run:
+            pass
+        assert (MlflowClient().get_run(run.info.run_id).data.tags.get("model_depth")
+                == (str(cfg.model.depth) if name in ("train", "main") else None)), name
+
+
 def evaluated_model(experiment_id: str, metrics: dict[str, float], test_data: str = "a" * 64) -> str:
     """A stand-in logged model scored as evaluate scores one (steps.log_evaluation in a run of its own)."""
     with mlflow.start_run(experiment_id=experiment_id):

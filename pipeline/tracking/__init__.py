@@ -559,10 +559,12 @@ def ui_hint(run: mlflow.entities.Run | mlflow.ActiveRun) -> str:
 
 def step_run(cfg: Config, step: str, *, run_name: str | None = None, resume_run_id: str | None = None,
              not_failures: tuple[type[BaseException], ...] = ()) -> contextlib.AbstractContextManager[mlflow.ActiveRun]:
-    """`open_run` for a pipeline step, in `tracking.experiment`, tagged with the model depth; a train step
-    logs MLflow's system metrics if `tracking.system_metrics`."""
+    """`open_run` for a pipeline step, in `tracking.experiment`; one that builds the model (train, main) tagged with
+    its depth (a step on its own is given no model params: prepare, evaluate and register runs were tagged the
+    default params' depth, whatever the model); a train step logs MLflow's system metrics if
+    `tracking.system_metrics`."""
     return open_run(step, experiment=cfg.tracking.experiment, run_name=run_name, resume_run_id=resume_run_id,
-                    tags={"model_depth": str(cfg.model.depth)},
+                    tags={"model_depth": str(cfg.model.depth)} if step in ("train", "main") else {},
                     system_metrics=step == "train" and cfg.tracking.system_metrics, not_failures=not_failures)
 
 
