@@ -197,6 +197,8 @@ def check_given(model_uri: str, dataset_uri: str) -> None:
     if not model_uri.strip():
         raise config.ConfigError("model_uri: empty; give models:/m-..., models:/<name>@<alias>, "
                                  "models:/<name>/<version>, runs:/<train run id>/model or a downloaded model's folder")
+    if why := steps.bare_id(model_uri):  # a run's or a logged model's id as printed (the UI, the console)
+        raise config.ConfigError(f"model_uri: {why}")
     registry.check_names_version(model_uri)  # in the words register uses
     if not dataset_uri.strip():
         raise config.ConfigError(f"dataset_uri: empty; give runs:/<prepare run id>/{steps.DATASET_ARTIFACT} or a "

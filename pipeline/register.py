@@ -363,6 +363,8 @@ def main() -> None:
     model_uri = args.model_uri
     if not model_uri.strip():  # evaluate's line
         raise config.ConfigError(f"model_uri: empty; {URI_FORMS}")
+    if why := steps.bare_id(model_uri):  # evaluate's line
+        raise config.ConfigError(f"model_uri: {why}")
     registry.check_names_version(model_uri)  # models:/<name>(/): evaluate's line, naming the URI as given
     # a models:/ URI's trailing slash (a shell's completion, a copied path), which evaluate reads as without it
     # (steps.logged_model_id), was refused here ("expected a logged model URI")

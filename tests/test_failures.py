@@ -1560,6 +1560,32 @@ def test_a_step_that_builds_no_model_is_not_tagged_with_the_depth_of_params_it_w
                 == (str(cfg.model.depth) if name in ("train", "main") else None)), name
 
 
+@pytest.mark.parametrize("entry_point", ["evaluate", "register"])
+def test_a_bare_run_or_model_id_is_named_as_such_with_the_uri_meant(store, monkeypatch, entry_point):
+    """A run's or a logged model's id as the UI and the console print it, given as the model URI: evaluate answered
+    "cannot load f0e27... (No such artifact: 'f0e27...')" or MLflow's "Invalid uri", register "is no model register
+    takes". Each says what the id is and which URI to give."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    model = evaluated_model(experiment_id, {"test_acc": 0.7})
+    logged = model.removeprefix("models:/")
+    trained = client.get_logged_model(logged).source_run_id
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "prepare"}) as bare:
+        pass
+    for given, said in ((logged, f"{logged} is a logged model's id, no URI: give {model}"),
+                        (trained, f"{trained} is the id of run {trained}, no URI: give its model, "
+                                  f"runs:/{trained}/model"),
+                        (bare.info.run_id, f"{bare.info.run_id} is the id of prepare run {bare.info.run_id}, which "
+                                           f"logged no model: give a training run's model, "
+                                           f"runs:/<train run id>/model")):
+        argv = [f"pipeline.{entry_point}", "--model-uri", given]
+        monkeypatch.setattr(sys, "argv", argv + ["--dataset-uri", "runs:/p/dataset"] * (entry_point == "evaluate"))
+        with pytest.raises(config.ConfigError) as refused:
+            {"evaluate": evaluate, "register": register}[entry_point].main()
+        assert str(refused.value) == f"model_uri: {said}"
+    assert len(client.search_runs([experiment_id])) == 3  # the model's, its evaluation's, the bare one: none opened
+
+
 def evaluated_model(experiment_id: str, metrics: dict[str, float], test_data: str = "a" * 64) -> str:
     """A stand-in logged model scored as evaluate scores one (steps.log_evaluation in a run of its own)."""
     with mlflow.start_run(experiment_id=experiment_id):

@@ -20,6 +20,7 @@ import contextlib
 import difflib
 import json
 import os
+import re
 import tempfile
 import urllib.parse
 from collections.abc import Iterator
@@ -388,6 +389,28 @@ def logged_model_id(model_uri: str) -> str | None:
         return mlflow.models.get_model_info(model_uri).model_id
     except Exception:  # noqa: BLE001 - no such run or artifact: MLflow raises several types
         return None
+
+
+def bare_id(model_uri: str) -> str | None:
+    """Why `model_uri` is no URI where it is a bare id, and the URI meant: a logged model's id (`m-...`: MLflow
+    answered "Invalid uri ... passed"), a run's id (MLflow answered "No such artifact", register "no model register
+    takes") with the model that run logged; None for anything else, a path that exists included."""
+    text = model_uri.strip()
+    if not re.fullmatch(r"m-[0-9a-f]{32}|[0-9a-f]{32}", text) or Path(text).exists():
+        return None
+    if text.startswith("m-"):
+        return f"{text} is a logged model's id, no URI: give models:/{text}"
+    try:
+        run = mlflow.MlflowClient().get_run(text)
+    except MlflowException:
+        return None  # no run of this store: the caller's own words
+    step = run.data.tags.get("step", "")
+    what = f"the id of {step} run {text}" if step else f"the id of run {text}"
+    if (tagged := run.data.tags.get("model_uri") or run.data.params.get("model_uri") or "").startswith("models:/"):
+        return f"{text} is {what}, no URI: give its model, {tagged}"
+    if logged_model_id(f"runs:/{text}/model"):
+        return f"{text} is {what}, no URI: give its model, runs:/{text}/model"
+    return f"{text} is {what}, which logged no model: give a training run's model, runs:/<train run id>/model"
 
 
 def copied_model_id(path: str) -> str | None:
