@@ -172,8 +172,8 @@ def check_dataset_uri(dataset_uri: str) -> None:
                              f"{steps.DATASET_ARTIFACT}, or leave it empty to prepare (or reuse) the data -P data "
                              f"names")
     if not dataset_uri.endswith(".npz"):  # the folder, or dataset.json beside the file, failed later as unreadable
-        raise data.DataError(f"dataset_uri: {dataset_uri} names no prepared dataset (.npz); give "
-                             f"runs:/<prepare run id>/{steps.DATASET_ARTIFACT}")
+        meant = steps.dataset_meant(dataset_uri) or f"runs:/<prepare run id>/{steps.DATASET_ARTIFACT}"
+        raise data.DataError(f"dataset_uri: {dataset_uri} names no prepared dataset (.npz); give {meant}")
     steps.check_artifact_uri(dataset_uri, "dataset_uri")
     steps.check_dataset_not_trashed(dataset_uri)
 

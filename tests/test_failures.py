@@ -1586,6 +1586,30 @@ def test_a_bare_run_or_model_id_is_named_as_such_with_the_uri_meant(store, monke
     assert len(client.search_runs([experiment_id])) == 3  # the model's, its evaluation's, the bare one: none opened
 
 
+def test_a_dataset_uri_naming_a_run_is_answered_with_that_runs_dataset(store):
+    """`-P dataset_uri=<prepare run id>` (or `runs:/<id>`, `runs:/<id>/dataset`, a train run's id) was answered with
+    the URI's form alone, `give runs:/<prepare run id>/dataset/dataset.npz`: the line now gives the URI of that run's
+    dataset, a train run's the one it trained on. An id of no run keeps the form."""
+    from pipeline import data
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "prepare"}) as prepared:
+        pass
+    dataset = f"runs:/{prepared.info.run_id}/dataset/dataset.npz"
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "train", "dataset_uri": dataset}) as trained:
+        pass
+    for given, meant in ((prepared.info.run_id, f"{dataset} (the dataset of prepare run {prepared.info.run_id})"),
+                         (f"runs:/{prepared.info.run_id}/dataset", f"{dataset} (the dataset of prepare run "
+                                                                  f"{prepared.info.run_id})"),
+                         (f"runs:/{trained.info.run_id}/model", f"{dataset} (the dataset of train run "
+                                                               f"{trained.info.run_id})"),
+                         ("0" * 32, "runs:/<prepare run id>/dataset/dataset.npz")):
+        with pytest.raises(data.DataError) as refused:
+            prepare.check_dataset_uri(given)
+        assert str(refused.value) == f"dataset_uri: {given} names no prepared dataset (.npz); give {meant}"
+
+
 def evaluated_model(experiment_id: str, metrics: dict[str, float], test_data: str = "a" * 64) -> str:
     """A stand-in logged model scored as evaluate scores one (steps.log_evaluation in a run of its own)."""
     with mlflow.start_run(experiment_id=experiment_id):

@@ -413,6 +413,23 @@ def bare_id(model_uri: str) -> str | None:
     return f"{text} is {what}, which logged no model: give a training run's model, runs:/<train run id>/model"
 
 
+def dataset_meant(dataset_uri: str) -> str | None:
+    """The dataset URI meant where `dataset_uri`, no .npz, names a run (its bare id, `runs:/<id>`,
+    `runs:/<id>/dataset`): a prepare run's dataset, or the one a train, main or evaluate run used, and whose it is;
+    None for anything else."""
+    found = re.fullmatch(r"(?:runs:/)?([0-9a-f]{32})(?:/.*)?", dataset_uri.strip())
+    if not found or Path(dataset_uri.strip()).exists():
+        return None
+    try:
+        run = mlflow.MlflowClient().get_run(found[1])
+    except MlflowException:
+        return None
+    step = run.data.tags.get("step", "")
+    used = (f"runs:/{found[1]}/{DATASET_ARTIFACT}" if step == "prepare"
+            else run.data.tags.get("dataset_uri") or run.data.params.get("dataset_uri"))
+    return f"{used} (the dataset of {step or 'that'} run {found[1]})" if used else None
+
+
 def copied_model_id(path: str) -> str | None:
     """The logged model a model's folder (a path or `file:` URI, as `mlflow.artifacts.download_artifacts` leaves it) is
     a copy of, as its MLmodel file names it; None for anything else."""
