@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.data import CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES, IMAGE_SIZE, shells_folder_hint
+from pipeline.data import CIFAR10_TEST_IMAGES, CIFAR10_TRAIN_IMAGES, IMAGE_SIZE, URI, shells_folder_hint
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params" / "default.yaml"
@@ -110,7 +110,7 @@ def normal_source(source: str) -> str:
     shell completes a folder, and `images` were two params, so a second prepare and a compare column for identical
     runs). `..` stays (through a link it leads elsewhere), and so does a path's absolute or relative form; a folder
     named like a built-in source keeps a leading `./` (`./cifar10/` -> `./cifar10`)."""
-    if not source.strip() or source in BUILT_IN_SOURCES:
+    if not source.strip() or source in BUILT_IN_SOURCES or URI.match(source):  # `s3://b/x` is no path `s3:/b/x`
         return source
     normal = str(PurePath(source))
     return f"./{normal}" if normal in BUILT_IN_SOURCES else normal

@@ -372,6 +372,9 @@ def shells_folder_hint(path: str) -> str:
     return ""
 
 
+URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a scheme and `//`: s3://, https://, file:///
+
+
 def _no_source(source: str) -> DataError:
     """`source` names nothing: no built-in source, no path, or a link to nothing (a dataset moved, a mount not there),
     which `ls` lists: said as such, naming its target."""
@@ -382,6 +385,9 @@ def _no_source(source: str) -> DataError:
                          f"-P dataset_uri={source}")
     if source.startswith("file:"):  # `file:///x` or, spelled one way as a path (`config.normal_source`), `file:/x`
         return DataError(f"data.source: {source!r} is a file URI: give the path, {urllib.parse.urlparse(source).path}")
+    if URI.match(source):  # s3://, gs://, https://: a remote copy, which no step downloads
+        return DataError(f"data.source: {source!r} is a URI: prepare reads a file or folder on this machine; download "
+                         f"it and give its path")
     # CIFAR10, cifar-10, Synthetic: the name spelled otherwise (not a near name: cifar100 is another dataset)
     meant = next((name for name in ("cifar10", "synthetic") if re.sub(r"[-_ ]", "", source.lower()) == name), None)
     return DataError(f"data.source: {source!r} is neither 'cifar10', 'synthetic' nor an existing path"

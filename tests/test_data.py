@@ -1699,16 +1699,22 @@ def test_an_official_batch_of_0_bytes_is_named_as_empty(tmp_path):
     ("runs:/0123abcd/dataset/dataset.npz", "a prepared dataset's URI, which train and evaluate take as "
                                            "-P dataset_uri=runs:/0123abcd/dataset/dataset.npz"),
     ("file:///data/x.npz", "a file URI: give the path, /data/x.npz"),
+    ("s3://bucket/cifar.tar.gz", "a URI: prepare reads a file or folder on this machine; download it and give "
+                                 "its path"),
+    ("https://example.com/cifar.tar.gz", "a URI: prepare reads a file or folder on this machine; download it and "
+                                         "give its path"),
 ])
 def test_a_uri_given_as_data_source_says_what_takes_it(uri, hint):
-    """`-P data=runs:/<id>/dataset/dataset.npz` (prepare's last line, dataset_uri=..., given to the wrong -P) or a
-    file:// URI was "neither 'cifar10', 'synthetic' nor an existing path", with no word of what it is."""
+    """`-P data=runs:/<id>/dataset/dataset.npz` (prepare's last line, dataset_uri=..., given to the wrong -P), a
+    file:// URI or a remote one (s3://, https://) was "neither 'cifar10', 'synthetic' nor an existing path", with no
+    word of what it is, and named as `s3:/bucket/...`, not as given."""
     from pipeline import config
 
-    source = config.load(None, f"data.source={uri}").data.source  # as a command has it (file:///x is file:/x)
+    source = config.load(None, f"data.source={uri}").data.source  # as a command has it
+    assert source == uri
     with pytest.raises(data.DataError) as err:
         data.load_source(source)
-    assert str(err.value) == f"data.source: {source!r} is {hint}"
+    assert str(err.value) == f"data.source: {uri!r} is {hint}"
 
 
 @pytest.mark.parametrize("source, meant", [("CIFAR10", "cifar10"), ("cifar-10", "cifar10"), ("Synthetic", "synthetic"),
