@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shlex
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -952,6 +953,22 @@ def load_from_cli(params: str | None, overrides: str | None, **shortcuts: str | 
                 raise ConfigError(f"{keys[name]}: -P {name}={given[name]} and overrides' {keys[name]}="
                                   f"{layered[section][key]} disagree; give one")
     return cfg
+
+
+# The params sections each step run on its own reads (`note_unread`); main and train read them all
+STEP_READS = {"prepare": ("data", "tracking"), "evaluate": ("evaluate", "tracking"),
+              "register": ("register", "evaluate", "tracking")}
+
+
+def note_unread(step: str, overrides: str | None) -> None:
+    """A line on stderr naming the keys of `overrides` that `step`, run on its own, never reads (STEP_READS):
+    `-e evaluate -P overrides=train.epochs=7` left the key unused without a word. No error: `main` passes its one
+    overrides line to every step, and a user's overrides line may serve several commands."""
+    unread = [f"{section}.{key}" for section, keys in parse_overrides(overrides).items() for key in keys
+              if section not in STEP_READS[step]]
+    if unread:
+        print(f"note: {step} reads no {', '.join(unread)} (given in overrides): left unused; it reads "
+              f"{', '.join(f'{section}.*' for section in STEP_READS[step])}", file=sys.stderr)
 
 
 RESUME_HELP = "'' (continue an interrupted identical run), 'never', or a run id"

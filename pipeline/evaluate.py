@@ -208,6 +208,7 @@ def check_given(model_uri: str, dataset_uri: str) -> None:
 def main() -> None:
     args = config.entry_point_parser("evaluate", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
+    config.note_unread("evaluate", args.overrides)
     check_given(args.model_uri, args.dataset_uri)
     prepare.check_dataset_uri(args.dataset_uri)  # a run in MLflow's trash too
     # Read and checked before any run opens, as register checks its model: a URI naming no model, a model that is

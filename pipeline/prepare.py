@@ -204,6 +204,7 @@ def load_dataset(dataset_uri: str) -> data.Dataset:
 def main() -> None:
     args = config.entry_point_parser("prepare", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides, data=args.data)
+    config.note_unread("prepare", args.overrides)
     from pipeline.inputs import check_configured_backend  # (inputs imports this module)
 
     check_configured_backend()  # Keras downloads CIFAR-10: a backend it cannot load failed as "cannot download"

@@ -358,6 +358,7 @@ def run(cfg: config.Config, model_uri: str, given_uri: str | None = None) -> dic
 def main() -> None:
     args = config.entry_point_parser("register", __doc__.split("\n")[0]).parse_args()
     cfg = config.load_from_cli(args.params, args.overrides)
+    config.note_unread("register", args.overrides)
     # Keras scores a champion on a challenger's test data: a backend it cannot load printed its traceback in the run
     check_configured_backend()
     model_uri = args.model_uri

@@ -949,3 +949,29 @@ def test_an_lr_float32_cannot_hold_is_refused_naming_train_lr(overrides, message
         config.load(None, overrides)
     assert str(err.value) == message
     assert config.load(None, "train.lr=1e38").train.lr == 1e38 and config.load(None, "train.lr=1e-44").train.lr == 1e-44
+
+
+@pytest.mark.parametrize("step, argv, unread, reads, refused", [
+    ("prepare", ["--data", "/no/such/folder"], "train.epochs, train.batch_size, evaluate.tta, register.alias",
+     "data.*, tracking.*", "data.source: '/no/such/folder' is neither"),
+    ("evaluate", ["--model-uri", "", "--dataset-uri", ""],
+     "train.epochs, train.batch_size, data.max_test, register.alias", "evaluate.*, tracking.*", "model_uri: empty"),
+    ("register", ["--model-uri", ""], "train.epochs, train.batch_size, data.max_test",
+     "register.*, evaluate.*, tracking.*", "model_uri: empty"),
+])
+def test_overrides_a_step_on_its_own_never_reads_are_named_on_stderr(monkeypatch, capsys, step, argv, unread, reads,
+                                                                    refused):
+    """`mlflow run . -e evaluate -P overrides="train.epochs=7 evaluate.tta=flip"` left train.epochs unused without a
+    word, as if it counted. A line on stderr names the keys that step never reads and what it reads; the step goes on
+    (here to refuse its other input)."""
+    import importlib
+
+    from pipeline import data
+
+    overrides = "train.epochs=7 train.batch_size=64 data.max_test=100 evaluate.tta=flip register.alias=staging"
+    monkeypatch.setattr("sys.argv", [f"pipeline.{step}", *argv, "--overrides", overrides])
+    with pytest.raises((config.ConfigError, data.DataError)) as error:
+        importlib.import_module(f"pipeline.{step}").main()
+    assert str(error.value).startswith(refused), error.value
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert lines == [f"note: {step} reads no {unread} (given in overrides): left unused; it reads {reads}"]
