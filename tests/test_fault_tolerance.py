@@ -2265,3 +2265,26 @@ def test_the_store_command_answers_help_and_refuses_other_arguments_without_touc
                              capture_output=True, text=True, env=env, timeout=120)
     assert refused.returncode == 2 and "unrecognized arguments: --store x" in refused.stderr, refused.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_resuming_a_run_without_a_checkpoint_says_why_it_has_none(store):
+    """`-P resume=<id>` of a run without a checkpoint here said "(finished runs delete theirs)" of every run: of one
+    killed before its first checkpoint, or trained on another machine, too. A finished run is said to have finished;
+    any other is said why it may have none, and where it was looked for."""
+    from pipeline import config
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    ids = {}
+    for status in ("FINISHED", "KILLED"):
+        ids[status] = client.create_run(experiment_id, tags={"step": "train"}).info.run_id
+        client.set_terminated(ids[status], status)
+    for status, said in (("FINISHED", "finished (FINISHED), and a run deletes its checkpoint as it finishes: nothing "
+                                      "to go on from; resume=never trains a new run"),
+                         ("KILLED", f"(KILLED) has no checkpoint in {resume.checkpoint_dir(ids['KILLED'])}: it stopped "
+                                    f"before its first checkpoint, or trained on another machine or under another "
+                                    f"PIPELINE_CHECKPOINT_DIR (set that one to resume it there)")):
+        with pytest.raises(config.ConfigError) as refused:
+            resume.find_resumable(config.load(TINY), "", resume=ids[status])
+        assert str(refused.value) == f"resume: run {ids[status]} {said}"

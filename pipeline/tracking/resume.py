@@ -549,6 +549,21 @@ def dataset_sha256(dataset_uri: str) -> str:
         return local_dataset_sha256(path)
 
 
+def no_checkpoint(run_id: str, run: mlflow.entities.Run | None = None) -> str:
+    """Why run `run_id` (`run`, read already) cannot be resumed, having no checkpoint here: it finished (a run deletes
+    its checkpoint as it finishes), or stopped before its first one, or trained on another machine or under another
+    PIPELINE_CHECKPOINT_DIR. The one line said "(finished runs delete theirs)" of every run."""
+    with contextlib.suppress(MlflowException):
+        run = run or MlflowClient().get_run(run_id)
+    status = run.info.status if run else None
+    if status == "FINISHED":
+        return (f"resume: run {run_id} finished (FINISHED), and a run deletes its checkpoint as it finishes: nothing "
+                f"to go on from; resume=never trains a new run")
+    return (f"resume: run {run_id}{f' ({status})' if status else ''} has no checkpoint in {checkpoint_dir(run_id)}: "
+            f"it stopped before its first checkpoint, or trained on another machine or under another "
+            f"PIPELINE_CHECKPOINT_DIR (set that one to resume it there)")
+
+
 def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> str | None:
     """The train run to continue, or None to start a new one.
 
@@ -563,8 +578,7 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
     client = MlflowClient()
     if resume:
         if not has_checkpoint(resume):
-            raise config.ConfigError(f"resume: run {resume} has no checkpoint in {checkpoint_dir(resume)} "
-                                     f"(finished runs delete theirs)")
+            raise config.ConfigError(no_checkpoint(resume))
         _check_writable_checkpoint(resume)
         if not claim(resume):
             raise config.ConfigError(f"resume: run {resume} is being trained by another process right now")
@@ -851,8 +865,7 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
                                  f"{logged.train.epochs} epochs, got {cfg.train.epochs}")
     _check_same_bytes(run, dataset_uri or trained_on)
     if not has_checkpoint(run_id):  # as find_resumable says it, but before any run opens
-        raise config.ConfigError(f"resume: run {run_id} has no checkpoint in {checkpoint_dir(run_id)} "
-                                 f"(finished runs delete theirs)")
+        raise config.ConfigError(no_checkpoint(run_id, run))
     _check_writable_checkpoint(run_id)
     check_checkpoint_readable(run_id)
     # as find_resumable says it, but before any run opens (it opened main's, left FAILED), and held from now on: a
