@@ -3,6 +3,7 @@ import, since a `spawn` process imports the module its target is defined in, and
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 
@@ -14,7 +15,24 @@ from pipeline.tracking import registry
 TINY = "params/tiny.yaml"
 
 
-def register_after_barrier(uri: str, experiment_id: str, model_uri: str, barrier, delay: float, decisions) -> None:
+def race(uri: str, experiment_id: str, target, registers: list[tuple[str, dict]]) -> list[dict]:
+    """Run `target` (one of the functions below) for each (model URI, keyword arguments) of `registers` at once, each
+    in a `spawn` process of its own sharing one barrier; the decisions they report, in the order they come. Each
+    process must end with exit code 0."""
+    spawn = multiprocessing.get_context("spawn")
+    barrier, decisions = spawn.Barrier(len(registers)), spawn.Queue()
+    procs = [spawn.Process(target=target, args=(uri, experiment_id, model_uri, barrier, decisions), kwargs=kwargs)
+             for model_uri, kwargs in registers]
+    for proc in procs:
+        proc.start()
+    results = [decisions.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0, results
+    return results
+
+
+def register_after_barrier(uri: str, experiment_id: str, model_uri: str, barrier, decisions, delay: float) -> None:
     """Register `model_uri` in a process of its own; read the champion, wait for the other register to have
     read it too, sleep `delay`, then go on."""
     os.environ["MLFLOW_TRACKING_URI"] = uri

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ from mlflow.entities import ViewType
 from pipeline import config, evaluate, main, prepare, register, train
 from pipeline.tracking import cli, registry, steps
 from tests.conftest import ROOT, copy_store, eventually, http_stub, module_code
-from tests.register_race import register_after_barrier, register_at_once
+from tests.register_race import race, register_after_barrier, register_at_once
 from tests.test_fault_tolerance import TINY, experiment_runs
 
 # The smallest ResNet the params describe (one stage of one basic unit): for tests of what happens around training, a
@@ -1304,18 +1303,9 @@ def test_racing_registers_leave_the_alias_on_the_best_version(store):
             info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
             mlflow.log_metric("test_acc", acc, model_id=info.model_id)
         models[acc] = info.model_uri
-    spawn = multiprocessing.get_context("spawn")
-    barrier, decisions = spawn.Barrier(2), spawn.Queue()
     # Both read "no champion" before either registers; the worse one then writes its alias last.
-    procs = [spawn.Process(target=register_after_barrier,
-                           args=(store["MLFLOW_TRACKING_URI"], experiment_id, models[acc], barrier, delay, decisions))
-             for acc, delay in ((0.9, 0.0), (0.6, 3.0))]
-    for proc in procs:
-        proc.start()
-    results = [decisions.get(timeout=300) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
+    results = race(store["MLFLOW_TRACKING_URI"], experiment_id, register_after_barrier,
+                   [(models[acc], {"delay": delay}) for acc, delay in ((0.9, 0.0), (0.6, 3.0))])
     assert all(d["champion_version"] is None for d in results), results  # both read "no champion": they overlapped
     decided = {d["test_acc"]: d for d in results}  # what each reports is where the alias ended, not what it tried
     assert decided[0.9]["alias_moved"] and not decided[0.6]["alias_moved"], results
@@ -1400,17 +1390,7 @@ def test_two_registers_of_the_same_model_at_once_register_it_once(store):
     experiment_id = MlflowClient().get_experiment_by_name("e2e").experiment_id
     client = MlflowClient()
     model = evaluated_model(experiment_id, {"test_acc": 0.7})
-    spawn = multiprocessing.get_context("spawn")
-    barrier, decisions = spawn.Barrier(2), spawn.Queue()
-    procs = [spawn.Process(target=register_at_once,
-                           args=(store["MLFLOW_TRACKING_URI"], experiment_id, model, barrier, decisions))
-             for _ in range(2)]
-    for proc in procs:
-        proc.start()
-    results = [decisions.get(timeout=300) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
+    results = race(store["MLFLOW_TRACKING_URI"], experiment_id, register_at_once, [(model, {})] * 2)
     assert [str(v.version) for v in client.search_model_versions("name = 'cifar10-resnet'")] == ["1"], results
     assert [d["version"] for d in results] == [1, 1], results
     assert any("registered alongside" in d["reason"] for d in results), results
