@@ -1211,15 +1211,13 @@ def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process,
         return client.search_runs(every, "tags.step = 'compare'", run_view_type=ViewType.ALL)
 
     named = in_process("compare", "--experiment", "binned")
-    assert named.returncode == 2, named.stderr[-3000:]
-    assert named.stderr.strip().splitlines()[-1] == (
+    assert refusal(named) == (
         f"error: experiment: 'binned' is in MLflow's trash; restore it (mlflow experiments restore --experiment-id "
         f"{binned}) or name another")
     with monkeypatch.context() as patch:  # refused before a run is read: no wait on hundreds of them first
         patch.setattr(steps, "search_train_runs", lambda *args: pytest.fail("searched"))
         unnamed = in_process("compare")
-    assert unnamed.returncode == 2, unnamed.stderr[-3000:]
-    assert unnamed.stderr.strip().splitlines()[-1] == (
+    assert refusal(unnamed) == (
         "error: experiment: none named, so the comparison run goes to MLflow's default experiment 'Default', which is "
         "in MLflow's trash; restore it (mlflow experiments restore --experiment-id 0) or set MLFLOW_EXPERIMENT_NAME "
         "to another")
@@ -1231,8 +1229,7 @@ def test_an_experiment_in_mlflows_trash_is_one_line_naming_it(store, in_process,
     # a default experiment that does not exist: one line, exit 2, no comparison run
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
     unknown = in_process("compare", env={"MLFLOW_EXPERIMENT_ID": "999"})
-    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr, unknown.stderr[-3000:]
-    assert unknown.stderr.strip().splitlines()[-1] == (
+    assert refusal(unknown) == (
         "error: experiment: none named, so the comparison run goes to MLflow's default experiment, and "
         "MLFLOW_EXPERIMENT_ID=999 names no experiment; name one (-P experiment=) or set MLFLOW_EXPERIMENT_ID to an "
         "experiment's id")
@@ -1249,8 +1246,7 @@ def test_an_unknown_experiment_name_suggests_the_one_meant(store, in_process):
                         ("seed-study", "; did you mean 'Seed-Study'?"), ("seed-studdy", "; did you mean 'Seed-Study'?"),
                         ("zzz", "")):
         refused = in_process("compare", "--experiment", given)
-        assert refused.returncode == 2, refused.stderr[-3000:]
-        assert refused.stderr.strip().splitlines()[-1] == f"error: experiment: no experiment named {given!r}{hint}"
+        assert refusal(refused) == f"error: experiment: no experiment named {given!r}{hint}"
 
 
 def test_a_default_experiment_whose_artifact_folder_is_below_a_file_is_one_line_before_the_run(store, tmp_path,
@@ -1274,14 +1270,12 @@ def test_a_default_experiment_whose_artifact_folder_is_below_a_file_is_one_line_
     in_blocked = client.create_run(blocked, start_time=1_000, tags={"step": "train"}).info.run_id
     client.set_terminated(in_blocked, end_time=2_000)
     named = in_process("compare", "--experiment", "blocked")
-    assert named.returncode == 2 and "Traceback" not in named.stderr, named.stderr[-3000:]
-    assert named.stderr.strip().splitlines()[-1].startswith(
+    assert refusal(named).startswith(
         f"error: experiment: 'blocked' keeps its artifacts in {tmp_path / 'a file' / 'artifacts'}, where this user "
         f"cannot write: {tmp_path / 'a file'} is a file, not a folder; "), named.stderr[-3000:]
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # as a process of its own: set by an earlier command
     refused = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "blocked"})
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-    assert refused.stderr.strip().splitlines()[-1].startswith(
+    assert refusal(refused).startswith(
         f"error: experiment: none named, so the comparison run goes to MLflow's default experiment 'blocked', which "
         f"keeps its artifacts in {tmp_path / 'a file' / 'artifacts'}, where this user cannot write: "
         f"{tmp_path / 'a file'} is a file, not a folder; "), refused.stderr[-3000:]
@@ -1354,8 +1348,7 @@ def test_run_ids_that_cannot_be_compared_are_refused_saying_why(store, in_proces
                parent: f"a run of step 'main': give its training run, {good}",
                unknown: "no run of that id"}
     refused = in_process("compare", "--experiment", "e2e", "--run-ids", ",".join([good, *reasons]))
-    assert refused.returncode == 2, refused.stderr[-3000:]
-    assert refused.stderr.strip().splitlines()[-1] == "error: run_ids: not finished training runs of e2e: " + ", ".join(
+    assert refusal(refused) == "error: run_ids: not finished training runs of e2e: " + ", ".join(
         f"{run_id} ({reasons[run_id]})" for run_id in sorted(reasons))
     # with no experiment named, a run of any experiment is compared, its experiment named
     both = in_process("compare", "--run-ids", f"{good},{elsewhere}")
@@ -1489,8 +1482,7 @@ def test_a_refused_comparison_makes_no_experiment_of_mlflow_experiment_name(in_t
     client.log_metric(run, "val_acc", 0.5, step=1)
     client.set_terminated(run, end_time=2_000)
     refused = in_process("compare", "--run-ids", "0" * 32, env={"MLFLOW_EXPERIMENT_NAME": "later"})
-    assert refused.returncode == 2, refused.stderr[-3000:]
-    assert refused.stderr.strip().splitlines()[-1] == (
+    assert refusal(refused) == (
         f"error: run_ids: not finished training runs: {'0' * 32} (no run of that id)")
     assert client.get_experiment_by_name("later") is None
     done = in_process("compare", "--run-ids", run)  # as MLflow does: the experiment is made for the run it records
@@ -1515,14 +1507,12 @@ def test_an_empty_mlflow_experiment_name_or_one_the_id_disagrees_with_is_one_lin
     client.set_terminated(run, end_time=2_000)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # as a process of its own: set by an earlier command
     empty = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": ""})
-    assert empty.returncode == 2 and "Traceback" not in empty.stderr, empty.stderr[-3000:]
-    assert empty.stderr.strip().splitlines()[-1] == (
+    assert refusal(empty) == (
         "error: experiment: none named, so the comparison run goes to MLflow's default experiment, and "
         "MLFLOW_EXPERIMENT_NAME is set but empty; name one (-P experiment=), or set MLFLOW_EXPERIMENT_NAME to an "
         "experiment's name or unset it")
     disagree = in_process("compare", env={"MLFLOW_EXPERIMENT_NAME": "e2e", "MLFLOW_EXPERIMENT_ID": other})
-    assert disagree.returncode == 2, disagree.stderr[-3000:]
-    assert disagree.stderr.strip().splitlines()[-1] == (
+    assert refusal(disagree) == (
         f"error: experiment: none named, so the comparison run goes to MLflow's default experiment, and "
         f"MLFLOW_EXPERIMENT_NAME='e2e' (experiment {e2e}) and MLFLOW_EXPERIMENT_ID={other} (experiment 'other') "
         f"disagree; name one (-P experiment=), or unset one of the two")
@@ -1574,8 +1564,7 @@ def test_the_run_mlflow_run_opened_for_a_resume_is_refused_naming_the_training_r
     wrapper = client.create_run(experiment, start_time=3_000, tags={"step": "resume", "resumes_run": trained})
     client.set_terminated(wrapper.info.run_id, end_time=4_000)
     refused = in_process("compare", "--run-ids", wrapper.info.run_id)
-    assert refused.returncode == 2, refused.stderr[-3000:]
-    assert refused.stderr.strip().splitlines()[-1] == (
+    assert refusal(refused) == (
         f"error: run_ids: not finished training runs: {wrapper.info.run_id} (a run of step 'resume': give its training "
         f"run, {trained})")
 
@@ -1615,7 +1604,12 @@ def test_a_refusal_of_many_run_ids_names_ten_and_counts_the_rest(store, in_proce
     each on the server first. The line names the first ten and counts the others."""
     unknown = [f"{i:032x}" for i in range(25)]
     refused = in_process("compare", "--run-ids", ",".join(reversed(unknown)))
-    assert refused.returncode == 2, refused.stderr[-3000:]
-    assert refused.stderr.strip().splitlines()[-1] == (
+    assert refusal(refused) == (
         "error: run_ids: not finished training runs: " + ", ".join(f"{r} (no run of that id)" for r in unknown[:10])
         + ", and 15 more")
+
+
+def refusal(done) -> str:
+    """The one line a command refused with (exit 2, no traceback): the last of its stderr."""
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.stderr.strip().splitlines()[-1]
