@@ -443,6 +443,9 @@ def source_format(source: str) -> str:
     path = Path(source)
     if not path.exists():
         raise _no_source(source)
+    if path.is_file() and path.stat().st_size == 0:  # was "not a whole zip or tar file", or every source listed
+        raise DataError(f"{source}: an empty file (0 bytes), not a dataset: a download or a copy cut short? Copy or "
+                        "download it again")
     return "batches" if _looks_like_cifar_python(path) else "npz" if _is_npz(path) else "images"
 
 

@@ -1765,3 +1765,14 @@ def test_cifar100_is_not_said_to_be_cifar10():
     with pytest.raises(data.DataError) as err:
         data.load_source("cifar100")
     assert str(err.value) == "data.source: 'cifar100' is neither 'cifar10', 'synthetic' nor an existing path"
+
+
+@pytest.mark.parametrize("name", ["cifar10.tar.gz", "images.zip", "dataset.npz", "cifar-10-python.tar.gz", "data"])
+def test_a_source_file_of_0_bytes_is_named_as_empty(tmp_path, name):
+    """A source file of 0 bytes (a download or a copy cut short) was 'unreadable archive (not a whole zip or tar file)'
+    or, under a name of no archive, 'not a dataset source' followed by the list of every source data.source takes."""
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(data.DataError) as err:
+        data.load_source(str(tmp_path / name))
+    assert str(err.value) == (f"{tmp_path / name}: an empty file (0 bytes), not a dataset: a download or a copy cut "
+                              "short? Copy or download it again")
