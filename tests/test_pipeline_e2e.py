@@ -316,6 +316,23 @@ def test_a_prepare_stopped_says_whether_a_run_was_open(store, in_process, monkey
     assert prepare._read == {}
 
 
+def test_a_prepare_run_records_the_sha256_of_the_source_file(store, in_process, tmp_path):
+    """The run recorded the digest of the arrays alone (`dataset_sha256`, which no one else can compute), not of the
+    file read: which download of an archive a dataset came from could not be checked against its published sha256.
+    Tag `source_sha256` and dataset.json's `source_sha256` hold the file's."""
+    from tests.test_data import write_official
+
+    archive = write_official(tmp_path)[0]
+    result = in_process("prepare", "--params", TINY, "--data", str(archive))
+    assert result.returncode == 0, result.stderr[-2000:]
+    uri = result.stdout.strip().splitlines()[-1].removeprefix("dataset_uri=")
+    run = MlflowClient().get_run(uri.removeprefix("runs:/").partition("/")[0])
+    assert run.data.tags["source_sha256"] == data.file_sha256(archive)
+    summary = json.loads(Path(mlflow.artifacts.download_artifacts(uri.replace("dataset.npz", "dataset.json"),
+                                                                   dst_path=str(tmp_path / "got"))).read_text())
+    assert summary["source_sha256"] == data.file_sha256(archive)
+
+
 def test_train_validation_seed_alone_draws_the_held_out_images(store, in_process):
     """train.seed drew the held-out images too, so runs of other seeds were validated on other images (tag
     val_data_sha256); train.validation_seed, when set, draws them alone, and null keeps train.seed's draw of before."""
