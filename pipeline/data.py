@@ -1202,6 +1202,11 @@ def load_image_folder(path: str | Path) -> Dataset:
                             "holding <class>/ folders of images")
         held = (f": it holds no image file, only {len(others)} others ({', '.join(sorted(others)[:3])}"
                 f"{', ...' if len(others) > 3 else ''})" if others and not image_folders else "")
+        # the folder a dataset archive was downloaded into (-P data=../shared/datasets): the archive named
+        archives = sorted(name for name in others if name.lower().endswith(ARCHIVE_SUFFIXES)) if held else []
+        if archives and path.is_dir():
+            held += (f": give the archive itself, data.source={path / archives[0]}" if len(archives) == 1 else
+                     f": give one of the archives itself, e.g. data.source={path / archives[0]}")
         raise DataError(f"{path}: no images found under {missing}/<class>/ (expected train/<class>/*.png|jpg|... "
                         f"and test/<class>/*.png|jpg|...){held}")
     # A class folder with no images (or only other files) is refused, not warned about as stray files are: the class

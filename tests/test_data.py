@@ -1776,3 +1776,14 @@ def test_a_source_file_of_0_bytes_is_named_as_empty(tmp_path, name):
         data.load_source(str(tmp_path / name))
     assert str(err.value) == (f"{tmp_path / name}: an empty file (0 bytes), not a dataset: a download or a copy cut "
                               "short? Copy or download it again")
+
+
+def test_a_folder_holding_a_dataset_archive_names_the_archive_to_give(tmp_path):
+    """`-P data=../shared/datasets`, the folder the archive is in, said only that it holds 'no image file, only 2 others
+    (README.md, cifar10-jpeg-q75.tar.gz)': it names the archive as the source to give."""
+    (tmp_path / "README.md").write_text("the data\n")
+    (tmp_path / "cifar10-jpeg-q75.tar.gz").write_bytes(b"\x1f\x8b not read")
+    with pytest.raises(data.DataError) as err:
+        data.load_source(str(tmp_path))
+    assert str(err.value).endswith(f"only 2 others (README.md, cifar10-jpeg-q75.tar.gz): give the archive itself, "
+                                   f"data.source={tmp_path / 'cifar10-jpeg-q75.tar.gz'}")
