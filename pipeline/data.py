@@ -1204,6 +1204,9 @@ def load_image_folder(path: str | Path) -> Dataset:
                 f"{', ...' if len(others) > 3 else ''})" if others and not image_folders else "")
         # the folder a dataset archive was downloaded into (-P data=../shared/datasets): the archive named
         archives = sorted(name for name in others if name.lower().endswith(ARCHIVE_SUFFIXES)) if held else []
+        if not held and image_folders and path.name in ("train", "test") and path.is_dir():  # -P data=cifar/train
+            held = (f": this is a {path.name}/ folder itself: give the folder above it, which holds train/ and test/, "
+                    f"data.source={path.parent}")
         if archives and path.is_dir():
             held += (f": give the archive itself, data.source={path / archives[0]}" if len(archives) == 1 else
                      f": give one of the archives itself, e.g. data.source={path / archives[0]}")

@@ -1787,3 +1787,17 @@ def test_a_folder_holding_a_dataset_archive_names_the_archive_to_give(tmp_path):
         data.load_source(str(tmp_path))
     assert str(err.value).endswith(f"only 2 others (README.md, cifar10-jpeg-q75.tar.gz): give the archive itself, "
                                    f"data.source={tmp_path / 'cifar10-jpeg-q75.tar.gz'}")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_split_folder_given_as_the_source_names_the_folder_above_it(tmp_path, split):
+    """`-P data=cifar/train` (the split, not the dataset) said only 'no images found under train/<class>/', though
+    it holds train/<class>/'s images: it names the folder above, which holds train/ and test/."""
+    for part in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "cifar" / part / cls).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(tmp_path / "cifar" / part / cls / "0.png")
+    with pytest.raises(data.DataError) as err:
+        data.load_source(str(tmp_path / "cifar" / split))
+    assert str(err.value).endswith(f"...): this is a {split}/ folder itself: give the folder above it, which holds "
+                                   f"train/ and test/, data.source={tmp_path / 'cifar'}")
