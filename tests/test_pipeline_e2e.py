@@ -328,6 +328,9 @@ def test_a_prepare_run_records_the_sha256_of_the_source_file(store, in_process, 
     uri = result.stdout.strip().splitlines()[-1].removeprefix("dataset_uri=")
     run = MlflowClient().get_run(uri.removeprefix("runs:/").partition("/")[0])
     assert run.data.tags["source_sha256"] == data.file_sha256(archive)
+    # the console named one sha256, the arrays', which a user compared with the archive's published one in vain
+    assert (f"sha256 of the arrays {run.data.tags['dataset_sha256']}, of the file read {data.file_sha256(archive)}"
+            in result.stdout)
     summary = json.loads(Path(mlflow.artifacts.download_artifacts(uri.replace("dataset.npz", "dataset.json"),
                                                                    dst_path=str(tmp_path / "got"))).read_text())
     assert summary["source_sha256"] == data.file_sha256(archive)
