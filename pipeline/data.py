@@ -443,6 +443,9 @@ def source_format(source: str) -> str:
     path = Path(source)
     if not path.exists():
         raise _no_source(source)
+    if path.is_file() and path.stat().st_size == 0:  # was "not a whole zip or tar file", or every source listed
+        raise DataError(f"{source}: an empty file (0 bytes), not a dataset: a download or a copy cut short? Copy or "
+                        "download it again")
     return "batches" if _looks_like_cifar_python(path) else "npz" if _is_npz(path) else "images"
 
 
@@ -1199,6 +1202,14 @@ def load_image_folder(path: str | Path) -> Dataset:
                             "holding <class>/ folders of images")
         held = (f": it holds no image file, only {len(others)} others ({', '.join(sorted(others)[:3])}"
                 f"{', ...' if len(others) > 3 else ''})" if others and not image_folders else "")
+        # the folder a dataset archive was downloaded into (-P data=../shared/datasets): the archive named
+        archives = sorted(name for name in others if name.lower().endswith(ARCHIVE_SUFFIXES)) if held else []
+        if not held and image_folders and path.name in ("train", "test") and path.is_dir():  # -P data=cifar/train
+            held = (f": this is a {path.name}/ folder itself: give the folder above it, which holds train/ and test/, "
+                    f"data.source={path.parent}")
+        if archives and path.is_dir():
+            held += (f": give the archive itself, data.source={path / archives[0]}" if len(archives) == 1 else
+                     f": give one of the archives itself, e.g. data.source={path / archives[0]}")
         raise DataError(f"{path}: no images found under {missing}/<class>/ (expected train/<class>/*.png|jpg|... "
                         f"and test/<class>/*.png|jpg|...){held}")
     # A class folder with no images (or only other files) is refused, not warned about as stray files are: the class

@@ -5,10 +5,11 @@ Reads:  the source named by `data.source` (see pipeline.data), before its run op
 Writes: artifact `dataset/dataset.npz` (uint8 images, int32 labels, class names, per-channel
         mean/std in 0-255 units) and `dataset/dataset.json` (counts, stats, digests, source, the data params);
         an MLflow dataset input carrying the first 32 hex digits of the array bytes' sha256 (MLflow's digest column
-        is 36 characters); tags `prepare_key` and `dataset_sha256` (the whole sha256); metrics `train_images`,
-        `test_images` and `test_images_in_train` (test images that are training images too, pixel for pixel:
-        test_acc on them overstates), the last also in dataset.json and the run's description, and said again
-        whenever the run is reused.
+        is 36 characters); tags `prepare_key`, `dataset_sha256` (the whole sha256) and `source_sha256` (the source
+        file's, to check against a published one; a folder's: `data.source_digest`; none for synthetic), also in
+        dataset.json; metrics `train_images`, `test_images` and `test_images_in_train` (test images that are training
+        images too, pixel for pixel: test_acc on them overstates), the last also in dataset.json and the run's
+        description, and said again whenever the run is reused.
 Returns the dataset URI `runs:/<run id>/dataset/dataset.npz` that train and evaluate read; the entry point prints it as
 the last line on stdout, `dataset_uri=runs:/...`, the -P they take it as.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -50,10 +52,16 @@ def prepare_key(cfg: config.Config) -> str:
     cfg = config.whole_splits(cfg)  # data.max_train 60000 of CIFAR-10's 50,000: all, as 0, and drawn from no seed
     params = {**config.effective_params(cfg, "data"), "data.source": config.source_identity(cfg.data.source)}
     drawn = cfg.data.source == "synthetic" or cfg.data.max_train or cfg.data.max_test
-    inputs = {"params": params, "source_digest": data.source_digest(cfg.data.source),
+    source = data.source_digest(cfg.data.source)
+    inputs = {"params": params, "source_digest": source,
               "code_digest": code_digest("data", "prepare"), "decoders": data.decoders(cfg.data.source),
               **({"numpy": np.__version__} if drawn else {})}
-    return json_digest(inputs)
+    key = json_digest(inputs)
+    _source_digests[key] = source  # the key holds it: the digest of what the run under it read
+    return key
+
+
+_source_digests: dict[str, str] = {}  # prepare key -> its source's digest (`data.source_digest`), for `run` to record
 
 
 def build(cfg: config.Config) -> data.Dataset:
@@ -96,17 +104,23 @@ def run(cfg: config.Config, *, key: str | None = None) -> str:
     digest = dataset.digest()
     mean, std = dataset.channel_stats()
     in_train = data.test_images_in_train(dataset.x_train, dataset.x_test)  # of the subset kept: what is scored
+    source = _source_digests.get(key) or data.source_digest(cfg.data.source)
+    source = None if source == "synthetic" else source  # made by code: no file to check
     summary = {
-        "source": cfg.data.source, "sha256": digest, "class_names": list(dataset.class_names),
+        "source": cfg.data.source, "source_sha256": source, "sha256": digest,
+        "class_names": list(dataset.class_names),
         "train_images": len(dataset.x_train), "test_images": len(dataset.x_test), "test_images_in_train": in_train,
         "mean": mean.round(4).tolist(), "std": std.round(4).tolist(), "params": cfg.flat("data"),
     }
     warn_test_images_in_train(cfg.data.source, in_train, len(dataset.x_test))
-    steps.log_prepared(cfg, dataset, digest, key, in_train)
+    steps.log_prepared(cfg, dataset, digest, key, in_train, source)
     with artifact_dir("dataset") as folder:
         dataset.save(folder / "dataset.npz")
         (folder / "dataset.json").write_text(json.dumps(summary, indent=2))
-    print(f"prepared {cfg.data.source}: {len(dataset.x_train)} train / {len(dataset.x_test)} test, sha256 {digest}")
+    # both named: the arrays' alone was taken for the file's, and compared with an archive's published sha256 in vain
+    read = f", of the {'folder' if Path(cfg.data.source).is_dir() else 'file'} read {source}" if source else ""
+    print(f"prepared {cfg.data.source}: {len(dataset.x_train)} train / {len(dataset.x_test)} test, sha256 of the "
+          f"arrays {digest}{read}")
     return f"runs:/{active_run_id()}/{DATASET_ARTIFACT}"
 
 

@@ -1765,3 +1765,39 @@ def test_cifar100_is_not_said_to_be_cifar10():
     with pytest.raises(data.DataError) as err:
         data.load_source("cifar100")
     assert str(err.value) == "data.source: 'cifar100' is neither 'cifar10', 'synthetic' nor an existing path"
+
+
+@pytest.mark.parametrize("name", ["cifar10.tar.gz", "images.zip", "dataset.npz", "cifar-10-python.tar.gz", "data"])
+def test_a_source_file_of_0_bytes_is_named_as_empty(tmp_path, name):
+    """A source file of 0 bytes (a download or a copy cut short) was 'unreadable archive (not a whole zip or tar file)'
+    or, under a name of no archive, 'not a dataset source' followed by the list of every source data.source takes."""
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(data.DataError) as err:
+        data.load_source(str(tmp_path / name))
+    assert str(err.value) == (f"{tmp_path / name}: an empty file (0 bytes), not a dataset: a download or a copy cut "
+                              "short? Copy or download it again")
+
+
+def test_a_folder_holding_a_dataset_archive_names_the_archive_to_give(tmp_path):
+    """`-P data=../shared/datasets`, the folder the archive is in, said only that it holds 'no image file, only 2 others
+    (README.md, cifar10-jpeg-q75.tar.gz)': it names the archive as the source to give."""
+    (tmp_path / "README.md").write_text("the data\n")
+    (tmp_path / "cifar10-jpeg-q75.tar.gz").write_bytes(b"\x1f\x8b not read")
+    with pytest.raises(data.DataError) as err:
+        data.load_source(str(tmp_path))
+    assert str(err.value).endswith(f"only 2 others (README.md, cifar10-jpeg-q75.tar.gz): give the archive itself, "
+                                   f"data.source={tmp_path / 'cifar10-jpeg-q75.tar.gz'}")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_split_folder_given_as_the_source_names_the_folder_above_it(tmp_path, split):
+    """`-P data=cifar/train` (the split, not the dataset) said only 'no images found under train/<class>/', though
+    it holds train/<class>/'s images: it names the folder above, which holds train/ and test/."""
+    for part in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "cifar" / part / cls).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(tmp_path / "cifar" / part / cls / "0.png")
+    with pytest.raises(data.DataError) as err:
+        data.load_source(str(tmp_path / "cifar" / split))
+    assert str(err.value).endswith(f"...): this is a {split}/ folder itself: give the folder above it, which holds "
+                                   f"train/ and test/, data.source={tmp_path / 'cifar'}")

@@ -292,6 +292,50 @@ def test_direct_module_call_with_bad_key_opens_no_run(store, in_process, overrid
     assert client.search_runs([client.get_experiment_by_name("e2e").experiment_id]) == []
 
 
+@pytest.mark.parametrize("stop_in", ["read", "run"])
+def test_a_prepare_stopped_says_whether_a_run_was_open(store, in_process, monkeypatch, stop_in):
+    """SIGTERM (Ctrl-C under `mlflow run`) while prepare still read its source, before any run opened, said "open runs
+    ended KILLED" all the same, sending the user looking for a run that was never made. It says none was open; once
+    the prepare run is open, that it ended KILLED."""
+    import signal
+
+    from pipeline import prepare
+
+    def stop(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(data, "load_source", stop) if stop_in == "read" else monkeypatch.setattr(
+        steps, "log_prepared", stop)
+    result = in_process("prepare", "--params", TINY)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ([] if stop_in == "read" else ["KILLED"])
+    assert result.stderr.strip().splitlines()[-1] == ("error: interrupted by SIGTERM; no run was open."
+                                                      if stop_in == "read" else
+                                                      "error: interrupted by SIGTERM; open runs ended KILLED.")
+    assert prepare._read == {}
+
+
+def test_a_prepare_run_records_the_sha256_of_the_source_file(store, in_process, tmp_path):
+    """The run recorded the digest of the arrays alone (`dataset_sha256`, which no one else can compute), not of the
+    file read: which download of an archive a dataset came from could not be checked against its published sha256.
+    Tag `source_sha256` and dataset.json's `source_sha256` hold the file's."""
+    from tests.test_data import write_official
+
+    archive = write_official(tmp_path)[0]
+    result = in_process("prepare", "--params", TINY, "--data", str(archive))
+    assert result.returncode == 0, result.stderr[-2000:]
+    uri = result.stdout.strip().splitlines()[-1].removeprefix("dataset_uri=")
+    run = MlflowClient().get_run(uri.removeprefix("runs:/").partition("/")[0])
+    assert run.data.tags["source_sha256"] == data.file_sha256(archive)
+    # the console named one sha256, the arrays', which a user compared with the archive's published one in vain
+    assert (f"sha256 of the arrays {run.data.tags['dataset_sha256']}, of the file read {data.file_sha256(archive)}"
+            in result.stdout)
+    summary = json.loads(Path(mlflow.artifacts.download_artifacts(uri.replace("dataset.npz", "dataset.json"),
+                                                                   dst_path=str(tmp_path / "got"))).read_text())
+    assert summary["source_sha256"] == data.file_sha256(archive)
+
+
 def test_train_validation_seed_alone_draws_the_held_out_images(store, in_process):
     """train.seed drew the held-out images too, so runs of other seeds were validated on other images (tag
     val_data_sha256); train.validation_seed, when set, draws them alone, and null keeps train.seed's draw of before."""

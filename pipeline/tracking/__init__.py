@@ -706,6 +706,7 @@ def _ended_with_reason(start: Callable[[], mlflow.ActiveRun],
                 if run is not None:
                     mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
                     mlflow.end_run("KILLED")  # the context's own exit then finds the run ended
+                    exc.ended_runs = True  # for `cli`'s line: a run was open
                 raise
             except not_failures:
                 raise
@@ -811,7 +812,7 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     stopped answering (after bounded retries); `resumable` entry points (those that train) add how
     to continue from the checkpoint. Exit 130 (SIGINT), 143 (SIGTERM, what `mlflow run` sends its
     step on Ctrl-C) or 129 (SIGHUP: the terminal hung up; not under `nohup`, which ignores it): interrupted; every
-    open run ends KILLED and checkpoints stay. Any other exception (a bug,
+    open run ends KILLED (the line says so, or that no run was open) and checkpoints stay. Any other exception (a bug,
     a full disk, an error of TensorFlow or JAX) goes on, its traceback printed, and exits 1. A run that a failure
     ends FAILED carries tag `failure_reason` (`reason_of`), as does the run `mlflow run` opened.
     The SQLite store is created first, under a file lock (see `ensure_store`), unless the command line asks for
@@ -842,6 +843,7 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
     except (Interrupted, KeyboardInterrupt) as exc:
         interrupts.take()  # handled here
         signum = getattr(exc, "signum", signal.SIGINT)
+        ended = getattr(exc, "ended_runs", False) or wrapper_run or mlflow.active_run() is not None
         with contextlib.suppress(MlflowException):
             while mlflow.active_run():
                 mlflow.end_run("KILLED")
@@ -850,7 +852,9 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
                 _settle_wrapper_run(wrapper_run, "KILLED")
         hint = _resume_hint() if resumable else ""
         with contextlib.suppress(OSError):  # a terminal that hung up takes no line (EIO)
-            print(f"error: interrupted by {signal.Signals(signum).name}; open runs ended KILLED.{hint}",
+            # stopped before any run opened (prepare reading its source): said, not "open runs ended KILLED"
+            print(f"error: interrupted by {signal.Signals(signum).name}; "
+                  f"{'open runs ended KILLED' if ended else 'no run was open'}.{hint}",
                   file=sys.stderr)
         sys.exit(128 + signum)
     except (ConfigError, DataError) as exc:

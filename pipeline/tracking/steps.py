@@ -54,12 +54,14 @@ from pipeline.tracking import (
 DATASET_ARTIFACT = "dataset/dataset.npz"
 
 
-def log_prepared(cfg: config.Config, dataset: data.Dataset, digest: str, key: str, in_train: int) -> None:
-    """Record a prepared dataset on the active run: the `data.*` params, tags `prepare_key` and
-    `dataset_sha256`, the run's description, an MLflow dataset input and the image counts (`test_images_in_train`
-    too: test images that are training images as well)."""
+def log_prepared(cfg: config.Config, dataset: data.Dataset, digest: str, key: str, in_train: int,
+                 source_sha256: str | None = None) -> None:
+    """Record a prepared dataset on the active run: the `data.*` params, tags `prepare_key`, `dataset_sha256` and
+    `source_sha256` (of what was read: `data.source_digest`; none where None), the run's description, an MLflow dataset
+    input and the image counts (`test_images_in_train` too: test images that are training images as well)."""
     mlflow.log_params(cfg.flat("data"))
-    mlflow.set_tags({"prepare_key": key, "dataset_sha256": digest})
+    mlflow.set_tags({"prepare_key": key, "dataset_sha256": digest,
+                     **({"source_sha256": source_sha256} if source_sha256 else {})})
     overlap = (f"\n\n**{in_train} of the test images are also training images** (the same pixels): test_acc "
                f"scores them as unseen, and register moves no alias on it." if in_train else "")
     mlflow.set_tag("mlflow.note.content", f"Dataset `{cfg.data.source}`, sha256 `{digest}`, "

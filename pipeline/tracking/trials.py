@@ -75,6 +75,7 @@ def parent_run(run_id: str, status: str = "FINISHED") -> Iterator[None]:
             if (opened := mlflow.active_run()) is not None and opened.info.run_id == run_id:
                 mlflow.set_tag("interrupted_by", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name)
                 mlflow.end_run("KILLED")
+                exc.ended_runs = True  # for `cli`'s line: a run was open
             raise
         end_run(status)
 
