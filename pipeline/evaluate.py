@@ -193,13 +193,21 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
 def check_given(model_uri: str, dataset_uri: str) -> None:
     """ConfigError naming the key where a URI is empty or blank (`-P model_uri=`: MLflow read an empty model URI as
     the current folder, and the error named its MLmodel file), or a registry URI names no version (`models:/<name>`:
-    MLflow looked for a logged model of that id)."""
+    MLflow looked for a logged model of that id), or no model, version or alias there is, or a `runs:/` URI names no
+    model."""
     if not model_uri.strip():
         raise config.ConfigError("model_uri: empty; give models:/m-..., models:/<name>@<alias>, "
                                  "models:/<name>/<version>, runs:/<train run id>/model or a downloaded model's folder")
     if why := steps.bare_id(model_uri):  # a run's or a logged model's id as printed (the UI, the console)
         raise config.ConfigError(f"model_uri: {why}")
     registry.check_names_version(model_uri)  # in the words register uses
+    # register's words too for a registry URI naming no model, version or alias (was MLflow's "Registered Model with
+    # name=... not found"), and for a runs:/ URI naming no model: a run still training, a path without one (was
+    # "Failed to download artifacts from path 'model'"); a folder logged there without a logged model still loads
+    if model_uri.startswith("models:/") and not model_uri.endswith("/"):
+        registry.registry_version(model_uri)
+    if model_uri.startswith("runs:/") and not steps.logged_model_id(model_uri) and not steps.has_model(model_uri):
+        raise config.ConfigError(f"model_uri: {model_uri} names no logged model: {steps.why_no_model(model_uri)}")
     if not dataset_uri.strip():
         raise config.ConfigError(f"dataset_uri: empty; give runs:/<prepare run id>/{steps.DATASET_ARTIFACT} or a "
                                  f"prepared dataset's .npz file")

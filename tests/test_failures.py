@@ -1055,6 +1055,30 @@ def pyfunc_to_evaluate(python_model, in_process, tmp_path):
     return model_id, logged.info.run_id, refused
 
 
+def test_evaluate_names_what_a_runs_or_registry_uri_lacks_in_registers_words(store, in_process, tmp_path):
+    """A runs:/ URI of a run without a model there (one still training, a path that holds none) or a registry URI
+    naming no model, version or alias was "cannot load ... (Failed to download artifacts from path 'model', please
+    ensure that the path is correct.)" or MLflow's "Registered Model with name=... not found", where register, given
+    the same URI, says what is missing: evaluate says it in register's words, exit 2, no run, no score."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    _, trained, refused = pyfunc_to_evaluate(Echo(), in_process, tmp_path)
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
+    running = client.create_run(experiment_id).info.run_id
+    for uri, why in (
+            (f"runs:/{running}/model", f"names no logged model: run {running} is still RUNNING and has no model at "
+                                       f"model yet (no MLmodel file there): wait for it to finish, evaluate its "
+                                       f"model, then register it"),
+            (f"runs:/{trained}/no-such-model", f"names no logged model: run {trained} has no model at no-such-model "
+                                               f"(no MLmodel file there)"),
+            ("models:/nobody@champion", ": no registered model 'nobody'"),
+            ("models:/cifar10-resnet/7", ": cifar10-resnet has no version 7"),
+            ("models:/cifar10-resnet@nobody", ": no version of cifar10-resnet holds @nobody"),
+            ("models:/cifar10-resnet/Staging", ": no version of cifar10-resnet is in stage Staging")):
+        separator = "" if why.startswith(":") else " "
+        assert refused(uri) == f"error: model_uri: {uri}{separator}{why}"
+
+
 def test_evaluate_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(store, in_process, tmp_path):
     """A model whose train run the user deleted (MLflow's trash, where its artifacts stay until `mlflow gc`) was scored
     as any other, by `models:/m-...` or `runs:/<id>/model`, and its test_acc landed on the model for register to take:

@@ -173,6 +173,16 @@ def has_artifact(uri: str) -> bool:
     return path in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
 
 
+def has_model(model_uri: str) -> bool:
+    """Whether `runs:/<run id>/<path>` holds a model's MLmodel file (False where the run or its store cannot be read):
+    a model folder logged as artifacts has one but no logged model (`logged_model_id`), and still loads."""
+    run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
+    try:
+        return has_artifact(f"runs:/{run_id}/{path.strip('/') + '/' if path.strip('/') else ''}MLmodel")
+    except MlflowException:
+        return False
+
+
 def download_artifact(uri: str, what: str) -> str:
     """Download (or locate) the artifact `uri`; its local path. DataError naming the key `what` if it cannot."""
     # a plain path is the file it names: MLflow would unquote it as it does a file: URI (a folder `a%20b` read as `a b`)
