@@ -29,7 +29,7 @@ import pandas as pd
 from pipeline import config, data, prepare
 from pipeline.data import Dataset
 from pipeline.inputs import refuse_unusable_backend
-from pipeline.tracking import StepFailed, artifact_dir, cli, registry, step_run, steps
+from pipeline.tracking import StepFailed, artifact_dir, cli, log_params, registry, step_run, steps
 from pipeline.tracking.resume import dataset_sha256, step_lock
 
 if __name__ == "__main__":  # a backend Keras cannot load: one line, exit 2, before Keras loads below
@@ -167,18 +167,21 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
     # test_images too: the UI then tells a score on a subset from one on the whole split by more than a digest
     flat = {key: metrics[key] for key in ("test_loss", "test_acc", "test_images", "test_images_in_train")}
     flat.update({f"test_acc_{k}": v for k, v in metrics["per_class_acc"].items()})
-    steps.log_dataset_input(dataset_uri, "test", dataset)  # the UI's Dataset column: which data it scored
-    # the file's bytes too: compare finds this evaluation of the data a model trained on by them, however the two
-    # commands spelled its path (`./d.npz`, `d.npz`, its absolute path, a file:// URI) or named it (a copy of a prepare
-    # run's artifact, the `runs:/` URI)
-    steps.log_evaluation({"model_uri": model_uri, "dataset_uri": dataset_uri,
-                          "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta}, flat, scored,
-                         dataset.digest(test_only=True), dataset_sha256(dataset_uri))
+    params = {"model_uri": model_uri, "dataset_uri": dataset_uri, "evaluate.batch_size": cfg.evaluate.batch_size,
+              "evaluate.tta": tta}
+    log_params(params)  # which model and data: a run stopped before its scores names them too
+    # the artifacts first, the scores last: stopped (Ctrl-C, SIGTERM) while it draws, a KILLED run leaves no score on
+    # itself or on the model's page, where it read as an evaluation of the model
     with artifact_dir() as folder:
         (folder / "metrics.json").write_text(json.dumps({**metrics, "model_uri": model_uri}, indent=2))
         confusion.to_csv(folder / "confusion_matrix.csv", index_label="true \\ predicted")  # rows \ columns
         plot_confusion(confusion, folder / "confusion_matrix.png")
         plot_samples(dataset, probs, min(cfg.evaluate.samples, len(probs)), folder / "predictions.png")
+    steps.log_dataset_input(dataset_uri, "test", dataset)  # the UI's Dataset column: which data it scored
+    # the file's bytes too: compare finds this evaluation of the data a model trained on by them, however the two
+    # commands spelled its path (`./d.npz`, `d.npz`, its absolute path, a file:// URI) or named it (a copy of a prepare
+    # run's artifact, the `runs:/` URI)
+    steps.log_evaluation(params, flat, scored, dataset.digest(test_only=True), dataset_sha256(dataset_uri))
     # flip_shift fills its shifted views' border as the model's training shifts did (models logged before: nearest)
     border = f", borders {getattr(classifier, 'shift_fill', 'nearest')}" if tta == "flip_shift" else ""
     print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  "

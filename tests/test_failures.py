@@ -1125,6 +1125,31 @@ def test_evaluate_of_a_model_predicting_nan_fails_and_scores_nothing(store, in_p
     assert not MlflowClient().get_logged_model(model_id).metrics
 
 
+def test_evaluate_stopped_while_it_writes_its_plots_leaves_no_score_on_its_run_or_the_model(store, in_process,
+                                                                                             tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) while evaluate drew its confusion matrix and sample predictions left a KILLED run with
+    test_acc and no artifacts, and the score on the logged model's page, as if it were an evaluation of it. The scores
+    are recorded after the artifacts: a stopped evaluation records none, on its run or on the model."""
+    from types import SimpleNamespace
+
+    from pipeline import data
+
+    dataset = data.make_synthetic(n_train=16, n_test=16)
+    model_id, _, _ = pyfunc_to_evaluate(Echo(), in_process, tmp_path)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=list(dataset.class_names), tta="none",
+        predict_proba=lambda pixels, batch_size=None: np.full((len(pixels), 10), 0.1, dtype=np.float32)))
+    monkeypatch.setattr(evaluate, "plot_samples", interrupted)
+    stopped = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                         "--model-uri", f"models:/{model_id}", "--dataset-uri", str(tmp_path / "dataset.npz"))
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    (run,) = experiment_runs(MlflowClient(), "tags.step = 'evaluate'")
+    assert run.info.status == "KILLED"
+    assert not run.data.metrics and not MlflowClient().list_artifacts(run.info.run_id)
+    assert run.data.params["model_uri"] == f"models:/{model_id}"  # which evaluation was stopped
+    assert not MlflowClient().get_logged_model(model_id).metrics
+
+
 @pytest.mark.parametrize(("argv", "error"), [
     (["--model-uri", "", "--dataset-uri", "runs:/0123/dataset/dataset.npz"],
      "error: model_uri: empty; give models:/m-..., models:/<name>@<alias>, models:/<name>/<version>, "
