@@ -177,11 +177,11 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
         confusion.to_csv(folder / "confusion_matrix.csv", index_label="true \\ predicted")  # rows \ columns
         plot_confusion(confusion, folder / "confusion_matrix.png")
         plot_samples(dataset, probs, min(cfg.evaluate.samples, len(probs)), folder / "predictions.png")
-    steps.log_dataset_input(dataset_uri, "test", dataset)  # the UI's Dataset column: which data it scored
+    scored_on = steps.log_dataset_input(dataset_uri, "test", dataset)  # the UI's Dataset column: which data it scored
     # the file's bytes too: compare finds this evaluation of the data a model trained on by them, however the two
     # commands spelled its path (`./d.npz`, `d.npz`, its absolute path, a file:// URI) or named it (a copy of a prepare
     # run's artifact, the `runs:/` URI)
-    steps.log_evaluation(params, flat, scored, dataset.digest(test_only=True), dataset_sha256(dataset_uri))
+    steps.log_evaluation(params, flat, scored, dataset.digest(test_only=True), dataset_sha256(dataset_uri), scored_on)
     # flip_shift fills its shifted views' border as the model's training shifts did (models logged before: nearest)
     border = f", borders {getattr(classifier, 'shift_fill', 'nearest')}" if tta == "flip_shift" else ""
     print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  "

@@ -1125,6 +1125,30 @@ def test_evaluate_of_a_model_predicting_nan_fails_and_scores_nothing(store, in_p
     assert not MlflowClient().get_logged_model(model_id).metrics
 
 
+def test_evaluates_scores_on_the_logged_model_name_the_dataset_they_were_measured_on(store, in_process, tmp_path,
+                                                                                      monkeypatch):
+    """The scores evaluate logs on the logged model carried no dataset: the model's page in MLflow 3 lists a model's
+    metrics by the dataset they were measured on, and showed each test_acc as measured on none. They name the
+    dataset input the evaluate run logged (context test), by its name and digest."""
+    from types import SimpleNamespace
+
+    from pipeline import data
+
+    dataset = data.make_synthetic(n_train=16, n_test=16)
+    model_id, _, _ = pyfunc_to_evaluate(Echo(), in_process, tmp_path)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=list(dataset.class_names), tta="none",
+        predict_proba=lambda pixels, batch_size=None: np.full((len(pixels), 10), 0.1, dtype=np.float32)))
+    done = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                      "--model-uri", f"models:/{model_id}", "--dataset-uri", str(tmp_path / "dataset.npz"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = experiment_runs(MlflowClient(), "tags.step = 'evaluate'")
+    (scored,) = [found.dataset for found in run.inputs.dataset_inputs]
+    metrics = MlflowClient().get_logged_model(model_id).metrics
+    assert {m.key for m in metrics} >= {"test_acc", "test_loss", "test_images"}
+    assert {(m.dataset_name, m.dataset_digest) for m in metrics} == {(scored.name, scored.digest)}
+
+
 def test_evaluate_stopped_while_it_writes_its_plots_leaves_no_score_on_its_run_or_the_model(store, in_process,
                                                                                              tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM) while evaluate drew its confusion matrix and sample predictions left a KILLED run with
