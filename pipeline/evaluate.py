@@ -5,7 +5,8 @@ Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`, `t
         scored), `test_images_in_train` (how many of those the model was trained on, pixel for pixel: register
         moves no alias on a score that counts any), `test_acc_<class>` on this run and on the logged model,
         and tag `test_data_sha256` (the scored test split's digest) on both, `dataset_sha256` (the dataset file's
-        bytes, a local file's or a `runs:/` artifact's) on the run; artifacts `metrics.json`,
+        bytes, a local file's or a `runs:/` artifact's) on the run; artifacts `metrics.json` (with the URI given
+        and `scored_model_uri`, the logged model it named when scored),
         `confusion_matrix.csv`, `confusion_matrix.png`, `predictions.png` (sample test images with predicted and
         true labels, the seed's prediction demo).
 Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`. On its own
@@ -155,6 +156,8 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
         logged_model = steps.logged_model_id(model_uri)
     classifier = steps.load_classifier(model_uri, logged_model) if classifier is None else classifier
     scored = f"models:/{logged_model}" if logged_model else model_uri  # the model loaded, whatever the URI names now
+    if scored != model_uri:  # an alias moves, a version is deleted: which model the scores are of (register says so)
+        print(f"model_uri: {model_uri} is {scored}")
     check_classes(classifier, dataset, model_uri)
     tta = getattr(classifier, "tta", "none")  # fixed when the model was logged (evaluate.tta of its train run)
     if cfg.evaluate.tta != tta:  # its test_acc must be the served model's, which the registry compares
@@ -173,7 +176,8 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
     # the artifacts first, the scores last: stopped (Ctrl-C, SIGTERM) while it draws, a KILLED run leaves no score on
     # itself or on the model's page, where it read as an evaluation of the model
     with artifact_dir() as folder:
-        (folder / "metrics.json").write_text(json.dumps({**metrics, "model_uri": model_uri}, indent=2))
+        (folder / "metrics.json").write_text(json.dumps({**metrics, "model_uri": model_uri, "scored_model_uri": scored},
+                                                        indent=2))
         confusion.to_csv(folder / "confusion_matrix.csv", index_label="true \\ predicted")  # rows \ columns
         plot_confusion(confusion, folder / "confusion_matrix.png")
         plot_samples(dataset, probs, min(cfg.evaluate.samples, len(probs)), folder / "predictions.png")

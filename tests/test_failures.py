@@ -1149,6 +1149,34 @@ def test_evaluates_scores_on_the_logged_model_name_the_dataset_they_were_measure
     assert {(m.dataset_name, m.dataset_digest) for m in metrics} == {(scored.name, scored.digest)}
 
 
+def test_an_evaluation_of_an_alias_names_the_logged_model_it_scored(store, in_process, tmp_path, monkeypatch):
+    """evaluate -P model_uri=models:/cifar10-resnet@champion recorded that URI alone in metrics.json and on the
+    console: once the alias moved, nothing in the run's files or output said which model the scores were of. Both
+    name the logged model scored, and the run has it as its model input."""
+    from types import SimpleNamespace
+
+    from pipeline import data
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    dataset = data.make_synthetic(n_train=16, n_test=16)
+    dataset.save(tmp_path / "dataset.npz")
+    champion = evaluated_model(experiment_id, {"test_acc": 0.5})
+    registered(experiment_id, champion)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=list(dataset.class_names), tta="none",
+        predict_proba=lambda pixels, batch_size=None: np.full((len(pixels), 10), 0.1, dtype=np.float32)))
+    done = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                      "--model-uri", "models:/cifar10-resnet@champion", "--dataset-uri", str(tmp_path / "dataset.npz"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"models:/cifar10-resnet@champion is {champion}" in done.stdout, done.stdout
+    (run,) = experiment_runs(client, "tags.step = 'evaluate' and params.model_uri = 'models:/cifar10-resnet@champion'")
+    written = json.loads(Path(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path))).read_text())
+    assert (written["model_uri"], written["scored_model_uri"]) == ("models:/cifar10-resnet@champion", champion)
+    inputs = client.get_run(run.info.run_id).inputs.model_inputs
+    assert [found.model_id for found in inputs] == [champion.removeprefix("models:/")]
+
+
 def test_evaluate_stopped_while_it_writes_its_plots_leaves_no_score_on_its_run_or_the_model(store, in_process,
                                                                                              tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM) while evaluate drew its confusion matrix and sample predictions left a KILLED run with
