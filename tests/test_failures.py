@@ -1177,6 +1177,45 @@ def test_an_evaluation_of_an_alias_names_the_logged_model_it_scored(store, in_pr
     assert [found.model_id for found in inputs] == [champion.removeprefix("models:/")]
 
 
+def test_evaluate_of_a_model_on_other_data_than_it_trained_on_says_so(store, in_process, tmp_path, monkeypatch):
+    """A model scored on a dataset other than the one it trained on (another prepare run's, a -P dataset_uri copied
+    from the wrong line) printed its test_acc as any other: the line said nothing of the data. A note on stderr
+    names the data it trained on; none where it is the same data, however its path is spelled."""
+    from types import SimpleNamespace
+
+    from pipeline import data
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    trained_on, other = data.make_synthetic(n_train=16, n_test=16), data.make_synthetic(n_train=16, n_test=16, seed=1)
+    trained_on.save(tmp_path / "trained.npz")
+    other.save(tmp_path / "other.npz")
+    with mlflow.start_run(experiment_id=experiment_id):
+        model_id = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_id
+        steps.log_dataset_input(str(tmp_path / "trained.npz"), "train", trained_on)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=list(trained_on.class_names), tta="none",
+        predict_proba=lambda pixels, batch_size=None: np.full((len(pixels), 10), 0.1, dtype=np.float32)))
+
+    def evaluated(dataset_uri: str) -> str:
+        done = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                          "--model-uri", f"models:/{model_id}", "--dataset-uri", dataset_uri)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
+
+    assert "trained on other data" not in evaluated((tmp_path / "trained.npz").as_uri())
+    assert f"note: models:/{model_id} was trained on other data than {tmp_path / 'other.npz'} (dataset digest " \
+           f"{trained_on.digest()[:12]}, this one {other.digest()[:12]})" in evaluated(str(tmp_path / "other.npz"))
+    # a prepare run's dataset, whose input that run logged: the same data by the digest the prepare run logged
+    assert in_process("prepare", "--params", TINY, "--overrides", "tracking.experiment=e2e").returncode == 0
+    (prepared,) = experiment_runs(client, "tags.step = 'prepare'")
+    dataset_uri = f"runs:/{prepared.info.run_id}/dataset/dataset.npz"
+    with mlflow.start_run(experiment_id=experiment_id):
+        model_id = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_id
+        steps.log_dataset_input(dataset_uri, "train")
+    assert "trained on other data" not in evaluated(dataset_uri)
+
+
 def test_evaluate_stopped_while_it_writes_its_plots_leaves_no_score_on_its_run_or_the_model(store, in_process,
                                                                                              tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM) while evaluate drew its confusion matrix and sample predictions left a KILLED run with

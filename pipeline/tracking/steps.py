@@ -144,6 +144,16 @@ def trained_data_digest(run_id: str) -> str | None:
     return digest[:32] if digest else None
 
 
+def model_data_digest(logged_model: str | None) -> str | None:
+    """`trained_data_digest` of the run that logged the model `logged_model` (an id); None where it is unknown (no
+    logged model, a model no run logged, the model or its run deleted for good)."""
+    try:
+        source = mlflow.get_logged_model(logged_model).source_run_id if logged_model else None
+    except MlflowException:
+        return None
+    return trained_data_digest(source) if source else None
+
+
 def _source(cfg: config.Config):
     if cfg.data.source == "synthetic":
         return CodeDatasetSource(tags={"generator": "pipeline.data.make_synthetic", "seed": str(cfg.data.seed)})
