@@ -5,7 +5,8 @@ Writes: metrics `test_loss` (cross-entropy, without the L2 term), `test_acc`, `t
         scored), `test_images_in_train` (how many of those the model was trained on, pixel for pixel: register
         moves no alias on a score that counts any), `test_acc_<class>` on this run and on the logged model,
         and tag `test_data_sha256` (the scored test split's digest) on both, `dataset_sha256` (the dataset file's
-        bytes, a local file's or a `runs:/` artifact's) on the run; artifacts `metrics.json`,
+        bytes, a local file's or a `runs:/` artifact's) on the run; artifacts `metrics.json` (with the URI given
+        and `scored_model_uri`, the logged model it named when scored),
         `confusion_matrix.csv`, `confusion_matrix.png`, `predictions.png` (sample test images with predicted and
         true labels, the seed's prediction demo).
 Returns the metrics dict. Loading the model and recording the results: `pipeline.tracking.steps`. On its own
@@ -29,7 +30,7 @@ import pandas as pd
 from pipeline import config, data, prepare
 from pipeline.data import Dataset
 from pipeline.inputs import refuse_unusable_backend
-from pipeline.tracking import StepFailed, artifact_dir, cli, registry, step_run, steps
+from pipeline.tracking import StepFailed, artifact_dir, cli, log_params, registry, step_run, steps
 from pipeline.tracking.resume import dataset_sha256, step_lock
 
 if __name__ == "__main__":  # a backend Keras cannot load: one line, exit 2, before Keras loads below
@@ -155,7 +156,13 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
         logged_model = steps.logged_model_id(model_uri)
     classifier = steps.load_classifier(model_uri, logged_model) if classifier is None else classifier
     scored = f"models:/{logged_model}" if logged_model else model_uri  # the model loaded, whatever the URI names now
+    if scored != model_uri:  # an alias moves, a version is deleted: which model the scores are of (register says so)
+        print(f"model_uri: {model_uri} is {scored}")
     check_classes(classifier, dataset, model_uri)
+    trained = steps.model_data_digest(logged_model)  # other data is scored (a cleaned copy), but not unannounced
+    if trained and trained != dataset.digest()[:len(trained)]:
+        print(f"note: {model_uri} was trained on other data than {dataset_uri} (dataset digest {trained[:12]}, this "
+              f"one {dataset.digest()[:12]})", file=sys.stderr)
     tta = getattr(classifier, "tta", "none")  # fixed when the model was logged (evaluate.tta of its train run)
     if cfg.evaluate.tta != tta:  # its test_acc must be the served model's, which the registry compares
         print(f"note: evaluate.tta={cfg.evaluate.tta} not applied: {model_uri} was logged with test-time "
@@ -167,18 +174,22 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
     # test_images too: the UI then tells a score on a subset from one on the whole split by more than a digest
     flat = {key: metrics[key] for key in ("test_loss", "test_acc", "test_images", "test_images_in_train")}
     flat.update({f"test_acc_{k}": v for k, v in metrics["per_class_acc"].items()})
-    steps.log_dataset_input(dataset_uri, "test", dataset)  # the UI's Dataset column: which data it scored
-    # the file's bytes too: compare finds this evaluation of the data a model trained on by them, however the two
-    # commands spelled its path (`./d.npz`, `d.npz`, its absolute path, a file:// URI) or named it (a copy of a prepare
-    # run's artifact, the `runs:/` URI)
-    steps.log_evaluation({"model_uri": model_uri, "dataset_uri": dataset_uri,
-                          "evaluate.batch_size": cfg.evaluate.batch_size, "evaluate.tta": tta}, flat, scored,
-                         dataset.digest(test_only=True), dataset_sha256(dataset_uri))
+    params = {"model_uri": model_uri, "dataset_uri": dataset_uri, "evaluate.batch_size": cfg.evaluate.batch_size,
+              "evaluate.tta": tta}
+    log_params(params)  # which model and data: a run stopped before its scores names them too
+    # the artifacts first, the scores last: stopped (Ctrl-C, SIGTERM) while it draws, a KILLED run leaves no score on
+    # itself or on the model's page, where it read as an evaluation of the model
     with artifact_dir() as folder:
-        (folder / "metrics.json").write_text(json.dumps({**metrics, "model_uri": model_uri}, indent=2))
+        (folder / "metrics.json").write_text(json.dumps({**metrics, "model_uri": model_uri, "scored_model_uri": scored},
+                                                        indent=2))
         confusion.to_csv(folder / "confusion_matrix.csv", index_label="true \\ predicted")  # rows \ columns
         plot_confusion(confusion, folder / "confusion_matrix.png")
         plot_samples(dataset, probs, min(cfg.evaluate.samples, len(probs)), folder / "predictions.png")
+    scored_on = steps.log_dataset_input(dataset_uri, "test", dataset)  # the UI's Dataset column: which data it scored
+    # the file's bytes too: compare finds this evaluation of the data a model trained on by them, however the two
+    # commands spelled its path (`./d.npz`, `d.npz`, its absolute path, a file:// URI) or named it (a copy of a prepare
+    # run's artifact, the `runs:/` URI)
+    steps.log_evaluation(params, flat, scored, dataset.digest(test_only=True), dataset_sha256(dataset_uri), scored_on)
     # flip_shift fills its shifted views' border as the model's training shifts did (models logged before: nearest)
     border = f", borders {getattr(classifier, 'shift_fill', 'nearest')}" if tta == "flip_shift" else ""
     print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  "
@@ -193,13 +204,21 @@ def run(cfg: config.Config, model_uri: str, dataset_uri: str, *, dataset: Datase
 def check_given(model_uri: str, dataset_uri: str) -> None:
     """ConfigError naming the key where a URI is empty or blank (`-P model_uri=`: MLflow read an empty model URI as
     the current folder, and the error named its MLmodel file), or a registry URI names no version (`models:/<name>`:
-    MLflow looked for a logged model of that id)."""
+    MLflow looked for a logged model of that id), or no model, version or alias there is, or a `runs:/` URI names no
+    model."""
     if not model_uri.strip():
         raise config.ConfigError("model_uri: empty; give models:/m-..., models:/<name>@<alias>, "
                                  "models:/<name>/<version>, runs:/<train run id>/model or a downloaded model's folder")
     if why := steps.bare_id(model_uri):  # a run's or a logged model's id as printed (the UI, the console)
         raise config.ConfigError(f"model_uri: {why}")
     registry.check_names_version(model_uri)  # in the words register uses
+    # register's words too for a registry URI naming no model, version or alias (was MLflow's "Registered Model with
+    # name=... not found"), and for a runs:/ URI naming no model: a run still training, a path without one (was
+    # "Failed to download artifacts from path 'model'"); a folder logged there without a logged model still loads
+    if model_uri.startswith("models:/") and not model_uri.endswith("/"):
+        registry.registry_version(model_uri)
+    if model_uri.startswith("runs:/") and not steps.logged_model_id(model_uri) and not steps.has_model(model_uri):
+        raise config.ConfigError(f"model_uri: {model_uri} names no logged model: {steps.why_no_model(model_uri)}")
     if not dataset_uri.strip():
         raise config.ConfigError(f"dataset_uri: empty; give runs:/<prepare run id>/{steps.DATASET_ARTIFACT} or a "
                                  f"prepared dataset's .npz file")

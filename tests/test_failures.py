@@ -1055,6 +1055,30 @@ def pyfunc_to_evaluate(python_model, in_process, tmp_path):
     return model_id, logged.info.run_id, refused
 
 
+def test_evaluate_names_what_a_runs_or_registry_uri_lacks_in_registers_words(store, in_process, tmp_path):
+    """A runs:/ URI of a run without a model there (one still training, a path that holds none) or a registry URI
+    naming no model, version or alias was "cannot load ... (Failed to download artifacts from path 'model', please
+    ensure that the path is correct.)" or MLflow's "Registered Model with name=... not found", where register, given
+    the same URI, says what is missing: evaluate says it in register's words, exit 2, no run, no score."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    _, trained, refused = pyfunc_to_evaluate(Echo(), in_process, tmp_path)
+    registered(experiment_id, evaluated_model(experiment_id, {"test_acc": 0.5}))
+    running = client.create_run(experiment_id).info.run_id
+    for uri, why in (
+            (f"runs:/{running}/model", f"names no logged model: run {running} is still RUNNING and has no model at "
+                                       f"model yet (no MLmodel file there): wait for it to finish, evaluate its "
+                                       f"model, then register it"),
+            (f"runs:/{trained}/no-such-model", f"names no logged model: run {trained} has no model at no-such-model "
+                                               f"(no MLmodel file there)"),
+            ("models:/nobody@champion", ": no registered model 'nobody'"),
+            ("models:/cifar10-resnet/7", ": cifar10-resnet has no version 7"),
+            ("models:/cifar10-resnet@nobody", ": no version of cifar10-resnet holds @nobody"),
+            ("models:/cifar10-resnet/Staging", ": no version of cifar10-resnet is in stage Staging")):
+        separator = "" if why.startswith(":") else " "
+        assert refused(uri) == f"error: model_uri: {uri}{separator}{why}"
+
+
 def test_evaluate_refuses_a_model_of_a_run_in_the_trash_before_any_run_opens(store, in_process, tmp_path):
     """A model whose train run the user deleted (MLflow's trash, where its artifacts stay until `mlflow gc`) was scored
     as any other, by `models:/m-...` or `runs:/<id>/model`, and its test_acc landed on the model for register to take:
@@ -1098,6 +1122,122 @@ def test_evaluate_of_a_model_predicting_nan_fails_and_scores_nothing(store, in_p
     (run,) = experiment_runs(MlflowClient(), "tags.step = 'evaluate'")
     assert run.info.status == "FAILED" and "NaN or infinite" in run.data.tags["failure_reason"]
     assert "test_acc" not in run.data.metrics
+    assert not MlflowClient().get_logged_model(model_id).metrics
+
+
+def test_evaluates_scores_on_the_logged_model_name_the_dataset_they_were_measured_on(store, in_process, tmp_path,
+                                                                                      monkeypatch):
+    """The scores evaluate logs on the logged model carried no dataset: the model's page in MLflow 3 lists a model's
+    metrics by the dataset they were measured on, and showed each test_acc as measured on none. They name the
+    dataset input the evaluate run logged (context test), by its name and digest."""
+    from types import SimpleNamespace
+
+    from pipeline import data
+
+    dataset = data.make_synthetic(n_train=16, n_test=16)
+    model_id, _, _ = pyfunc_to_evaluate(Echo(), in_process, tmp_path)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=list(dataset.class_names), tta="none",
+        predict_proba=lambda pixels, batch_size=None: np.full((len(pixels), 10), 0.1, dtype=np.float32)))
+    done = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                      "--model-uri", f"models:/{model_id}", "--dataset-uri", str(tmp_path / "dataset.npz"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = experiment_runs(MlflowClient(), "tags.step = 'evaluate'")
+    (scored,) = [found.dataset for found in run.inputs.dataset_inputs]
+    metrics = MlflowClient().get_logged_model(model_id).metrics
+    assert {m.key for m in metrics} >= {"test_acc", "test_loss", "test_images"}
+    assert {(m.dataset_name, m.dataset_digest) for m in metrics} == {(scored.name, scored.digest)}
+
+
+def test_an_evaluation_of_an_alias_names_the_logged_model_it_scored(store, in_process, tmp_path, monkeypatch):
+    """evaluate -P model_uri=models:/cifar10-resnet@champion recorded that URI alone in metrics.json and on the
+    console: once the alias moved, nothing in the run's files or output said which model the scores were of. Both
+    name the logged model scored, and the run has it as its model input."""
+    from types import SimpleNamespace
+
+    from pipeline import data
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    dataset = data.make_synthetic(n_train=16, n_test=16)
+    dataset.save(tmp_path / "dataset.npz")
+    champion = evaluated_model(experiment_id, {"test_acc": 0.5})
+    registered(experiment_id, champion)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=list(dataset.class_names), tta="none",
+        predict_proba=lambda pixels, batch_size=None: np.full((len(pixels), 10), 0.1, dtype=np.float32)))
+    done = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                      "--model-uri", "models:/cifar10-resnet@champion", "--dataset-uri", str(tmp_path / "dataset.npz"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"models:/cifar10-resnet@champion is {champion}" in done.stdout, done.stdout
+    (run,) = experiment_runs(client, "tags.step = 'evaluate' and params.model_uri = 'models:/cifar10-resnet@champion'")
+    written = json.loads(Path(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path))).read_text())
+    assert (written["model_uri"], written["scored_model_uri"]) == ("models:/cifar10-resnet@champion", champion)
+    inputs = client.get_run(run.info.run_id).inputs.model_inputs
+    assert [found.model_id for found in inputs] == [champion.removeprefix("models:/")]
+
+
+def test_evaluate_of_a_model_on_other_data_than_it_trained_on_says_so(store, in_process, tmp_path, monkeypatch):
+    """A model scored on a dataset other than the one it trained on (another prepare run's, a -P dataset_uri copied
+    from the wrong line) printed its test_acc as any other: the line said nothing of the data. A note on stderr
+    names the data it trained on; none where it is the same data, however its path is spelled."""
+    from types import SimpleNamespace
+
+    from pipeline import data
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    trained_on, other = data.make_synthetic(n_train=16, n_test=16), data.make_synthetic(n_train=16, n_test=16, seed=1)
+    trained_on.save(tmp_path / "trained.npz")
+    other.save(tmp_path / "other.npz")
+    with mlflow.start_run(experiment_id=experiment_id):
+        model_id = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_id
+        steps.log_dataset_input(str(tmp_path / "trained.npz"), "train", trained_on)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=list(trained_on.class_names), tta="none",
+        predict_proba=lambda pixels, batch_size=None: np.full((len(pixels), 10), 0.1, dtype=np.float32)))
+
+    def evaluated(dataset_uri: str) -> str:
+        done = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                          "--model-uri", f"models:/{model_id}", "--dataset-uri", dataset_uri)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
+
+    assert "trained on other data" not in evaluated((tmp_path / "trained.npz").as_uri())
+    assert f"note: models:/{model_id} was trained on other data than {tmp_path / 'other.npz'} (dataset digest " \
+           f"{trained_on.digest()[:12]}, this one {other.digest()[:12]})" in evaluated(str(tmp_path / "other.npz"))
+    # a prepare run's dataset, whose input that run logged: the same data by the digest the prepare run logged
+    assert in_process("prepare", "--params", TINY, "--overrides", "tracking.experiment=e2e").returncode == 0
+    (prepared,) = experiment_runs(client, "tags.step = 'prepare'")
+    dataset_uri = f"runs:/{prepared.info.run_id}/dataset/dataset.npz"
+    with mlflow.start_run(experiment_id=experiment_id):
+        model_id = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"]).model_id
+        steps.log_dataset_input(dataset_uri, "train")
+    assert "trained on other data" not in evaluated(dataset_uri)
+
+
+def test_evaluate_stopped_while_it_writes_its_plots_leaves_no_score_on_its_run_or_the_model(store, in_process,
+                                                                                             tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) while evaluate drew its confusion matrix and sample predictions left a KILLED run with
+    test_acc and no artifacts, and the score on the logged model's page, as if it were an evaluation of it. The scores
+    are recorded after the artifacts: a stopped evaluation records none, on its run or on the model."""
+    from types import SimpleNamespace
+
+    from pipeline import data
+
+    dataset = data.make_synthetic(n_train=16, n_test=16)
+    model_id, _, _ = pyfunc_to_evaluate(Echo(), in_process, tmp_path)
+    monkeypatch.setattr(steps, "load_classifier", lambda uri, logged_model=None: SimpleNamespace(
+        class_names=list(dataset.class_names), tta="none",
+        predict_proba=lambda pixels, batch_size=None: np.full((len(pixels), 10), 0.1, dtype=np.float32)))
+    monkeypatch.setattr(evaluate, "plot_samples", interrupted)
+    stopped = in_process("evaluate", "--params", TINY, "--overrides", "tracking.experiment=e2e",
+                         "--model-uri", f"models:/{model_id}", "--dataset-uri", str(tmp_path / "dataset.npz"))
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    (run,) = experiment_runs(MlflowClient(), "tags.step = 'evaluate'")
+    assert run.info.status == "KILLED"
+    assert not run.data.metrics and not MlflowClient().list_artifacts(run.info.run_id)
+    assert run.data.params["model_uri"] == f"models:/{model_id}"  # which evaluation was stopped
     assert not MlflowClient().get_logged_model(model_id).metrics
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.utils.models import get_model_name_and_version
@@ -95,13 +96,13 @@ def prepared_training_images(dataset_uri: str, split: str = "train") -> int | No
     return int(metrics[f"{split}_images"]) if f"{split}_images" in metrics else None
 
 
-def log_dataset_input(dataset_uri: str, context: str, dataset: data.Dataset | None = None) -> None:
+def log_dataset_input(dataset_uri: str, context: str, dataset: data.Dataset | None = None) -> DatasetEntity | None:
     """Log on the active run, with `context` (`train`, `test`), the dataset input of the prepare run `runs:/<id>/...`
     names: the same name, digest and source, so the MLflow UI's Dataset column and filter show which data each
     training and evaluate run used (a train run had none: the data was named only in its description). For a dataset
     file no prepare run logged (`-P dataset_uri=PATH`), `dataset` read from it: an input named after the file, of the
     digest a prepare run of those arrays logs and the file as its source. Nothing where there is neither (a prepare
-    run gone)."""
+    run gone). Returns the input logged, None for none."""
     prepare_id = prepare_run_id(dataset_uri)
     client = mlflow.MlflowClient()
     try:
@@ -114,6 +115,7 @@ def log_dataset_input(dataset_uri: str, context: str, dataset: data.Dataset | No
                                          name=path.name, digest=dataset.digest()[:32])._to_mlflow_entity()]
     log_inputs(mlflow.active_run().info.run_id, [
         DatasetInput(found, [InputTag(MLFLOW_DATASET_CONTEXT, context)]) for found in inputs[:1]])
+    return inputs[0] if inputs else None
 
 
 def log_inputs(run_id: str, inputs: list[DatasetInput]) -> None:
@@ -142,6 +144,16 @@ def trained_data_digest(run_id: str) -> str | None:
     except MlflowException:
         return None  # the run or its prepare run deleted for good
     return digest[:32] if digest else None
+
+
+def model_data_digest(logged_model: str | None) -> str | None:
+    """`trained_data_digest` of the run that logged the model `logged_model` (an id); None where it is unknown (no
+    logged model, a model no run logged, the model or its run deleted for good)."""
+    try:
+        source = mlflow.get_logged_model(logged_model).source_run_id if logged_model else None
+    except MlflowException:
+        return None
+    return trained_data_digest(source) if source else None
 
 
 def _source(cfg: config.Config):
@@ -173,6 +185,16 @@ def has_artifact(uri: str) -> bool:
     run_id, _, path = uri.removeprefix("runs:/").partition("/")
     folder = path.rpartition("/")[0] or None
     return path in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
+
+
+def has_model(model_uri: str) -> bool:
+    """Whether `runs:/<run id>/<path>` holds a model's MLmodel file (False where the run or its store cannot be read):
+    a model folder logged as artifacts has one but no logged model (`logged_model_id`), and still loads."""
+    run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
+    try:
+        return has_artifact(f"runs:/{run_id}/{path.strip('/') + '/' if path.strip('/') else ''}MLmodel")
+    except MlflowException:
+        return False
 
 
 def download_artifact(uri: str, what: str) -> str:
@@ -351,17 +373,18 @@ def trained_at(logged_model: str | None) -> str:
 
 
 def log_evaluation(params: dict, metrics: dict[str, float], model_uri: str, test_data: str,
-                   dataset_sha256: str | None = None) -> None:
+                   dataset_sha256: str | None = None, dataset: DatasetEntity | None = None) -> None:
     """Log evaluate's `params` and test `metrics` on the active run, and the metrics on the logged model
     `models:/m-...` too (they show on the model's page and feed register), with tag `test_data_sha256`
     (`test_data`: the test split's digest, which register compares before it compares scores); tag `dataset_sha256`
-    (DATASET_SHA256: a local dataset file's bytes, as a train run of it tags them) on the run where given."""
+    (DATASET_SHA256: a local dataset file's bytes, as a train run of it tags them) on the run where given. `dataset`:
+    the input `log_dataset_input` logged, which the model's metrics name (its page lists them by dataset)."""
     log_params(params)  # a -P `mlflow run` logged already kept as it logged it
     mlflow.log_metrics(metrics)
     mlflow.set_tags({TEST_DATA_TAG: test_data, **({DATASET_SHA256: dataset_sha256} if dataset_sha256 else {})})
     logged_model = logged_model_id(model_uri)
     if logged_model:
-        mlflow.log_metrics(metrics, model_id=logged_model)
+        mlflow.log_metrics(metrics, model_id=logged_model, dataset=dataset)
         mlflow.set_logged_model_tags(logged_model, {TEST_DATA_TAG: test_data})
 
 
