@@ -622,7 +622,8 @@ def test_a_run_without_a_checkpoint_or_a_dataset_without_its_summary_is_refused_
     with mlflow.start_run(experiment_id=experiment_id) as finished:  # a train run as train logs one
         mlflow.log_params({**cfg.flat(), "dataset_uri": "runs:/0123456789abcdef/dataset/dataset.npz"})
         mlflow.set_tag("step", "train")
-    with pytest.raises(config.ConfigError, match=f"^resume: run {finished.info.run_id} has no checkpoint"):
+    with pytest.raises(config.ConfigError, match=f"^resume: run {finished.info.run_id} finished \\(FINISHED\\), and "
+                                                 f"a run deletes its checkpoint"):
         inputs.check_inputs(cfg, resume=finished.info.run_id)
     (tmp_path / "dataset.npz").write_bytes(b"")
     for summary in ("{not json", '["a list"]'):
