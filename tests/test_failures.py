@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from pipeline import config, evaluate, main, prepare, register, train
-from pipeline.tracking import cli, registry, steps
+from pipeline.tracking import StepFailed, cli, registry, steps
 from tests.conftest import ROOT, copy_store, eventually, http_stub, module_code
 from tests.register_race import race, register_after_barrier, register_at_once
 from tests.test_fault_tolerance import TINY, experiment_runs
@@ -55,7 +55,31 @@ def test_divergence_fails_the_run_exits_3_and_registers_nothing(store, in_proces
     assert all(math.isnan(run.data.metrics[key]) for key in ("loss", "acc", "val_loss", "val_acc")), run.data.metrics
     statuses = {r.data.tags.get("step"): r.info.status for r in experiment_runs(client)}
     assert statuses == {"prepare": "FINISHED", "train": "FAILED", "main": "FAILED"}, statuses
+    (parent,) = experiment_runs(client, "tags.step = 'main'")
+    assert parent.data.tags["failed_step"] == "train"
     assert client.search_registered_models() == []
+
+
+def test_a_main_failing_in_a_middle_step_names_that_step_on_its_last_line_and_its_run(store, in_process, monkeypatch):
+    """A main whose evaluate failed said only the evaluation's reason ("error: model_uri: ... gives NaN ..."), as an
+    evaluate run on its own says it, and its run held no word of the step: which of the four failed was for the user to
+    find among the child runs. The last line ends naming the step; the main run is tagged `failed_step`."""
+    reason = "model_uri: models:/m-1 gives NaN or infinite probabilities for 3 of 10 test images"
+
+    def nan(*args, **kwargs):
+        raise StepFailed(reason)
+
+    monkeypatch.setattr(evaluate, "run", nan)
+    result = in_process("main", "--params", TINY, "--epochs", "1",
+                        "--overrides", f"data.synthetic_train=256 {SMALLEST_MODEL} tracking.experiment=e2e")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == f"error: {reason} (main failed in its evaluate step)"
+    runs = {r.data.tags["step"]: r for r in experiment_runs(MlflowClient())}
+    assert {step: r.info.status for step, r in runs.items()} == {
+        "prepare": "FINISHED", "train": "FINISHED", "evaluate": "FAILED", "main": "FAILED"}
+    assert runs["main"].data.tags["failed_step"] == "evaluate"
+    assert runs["main"].data.tags["failure_reason"] == runs["evaluate"].data.tags["failure_reason"] == reason
+    assert all("failed_step" not in r.data.tags for step, r in runs.items() if step != "main")
 
 
 def test_a_diverged_run_says_the_train_lr_it_was_given_and_the_one_lr_scaling_made_of_it(store, in_process):
@@ -145,6 +169,7 @@ def test_an_unexpected_error_ends_the_step_and_main_failed_with_its_reason_and_g
     assert {step: r.info.status for step, r in runs.items()} == {
         "prepare": "FINISHED", "train": "FAILED", "main": "FAILED"}
     assert runs["train"].data.tags["failure_reason"] == runs["main"].data.tags["failure_reason"] == NO_SPACE
+    assert runs["main"].data.tags["failed_step"] == "train"  # where the traceback's last line does not say it
     assert "failure_reason" not in runs["prepare"].data.tags
 
 

@@ -779,6 +779,32 @@ def tag_failure(run_id: str, reason: str, exc: BaseException) -> None:
             exc._failure_reason_untaggable = True
 
 
+@contextlib.contextmanager
+def failing_step(step: str) -> Iterator[None]:
+    """A pipeline's `step` (main's prepare, train, evaluate, register): an exception out of it tags the active run (the
+    pipeline's) `failed_step` and carries the step's name (`cli` ends its line with it), then goes on as it was. Never
+    asks a store that already failed to tag `exc` (see `tag_failure`)."""
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "failed_step", None) is None:
+            with contextlib.suppress(AttributeError):  # an exception type with __slots__ takes no attribute
+                exc.failed_step = step
+            if not getattr(exc, "_failure_reason_untaggable", False):
+                try:
+                    mlflow.set_tag("failed_step", step)
+                except Exception:  # noqa: BLE001 - whatever the store raises: `exc` is the error to report
+                    with contextlib.suppress(AttributeError):
+                        exc._failure_reason_untaggable = True
+        raise
+
+
+def _in_step(exc: BaseException) -> str:
+    """" (main failed in its <step> step)" for an exception a pipeline's step raised (`failing_step`), else ""."""
+    step = getattr(exc, "failed_step", None)
+    return f" (main failed in its {step} step)" if step else ""
+
+
 def _settle_wrapper_run(run_id: str, status: str, *, delete: bool = False) -> None:
     """Give the run `mlflow run` opened for this step (MLFLOW_RUN_ID) its final `status`, and `delete` it.
 
@@ -858,12 +884,12 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
                   file=sys.stderr)
         sys.exit(128 + signum)
     except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}{_in_step(exc)}", file=sys.stderr)
         if wrapper_run:
             _end_refused_run(wrapper_run, reason_of(exc))
         sys.exit(2)
     except StepFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}{_in_step(exc)}", file=sys.stderr)
         if wrapper_run:  # where it failed outside the step's run (a prepare before `mlflow run . -e train`'s run)
             tag_failure(wrapper_run, reason_of(exc), exc)
         sys.exit(3)
@@ -873,7 +899,7 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
         if unexpected(exc):
             raise  # the traceback prints, as Python prints it
         hint = _resume_hint() if resumable else ""
-        print(f"error: {_server_failure(exc)}.{hint}", file=sys.stderr)
+        print(f"error: {_server_failure(exc)}{_in_step(exc)}.{hint}", file=sys.stderr)
         sys.exit(4)
     finally:
         for signum, handler in previous.items():
