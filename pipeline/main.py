@@ -49,13 +49,22 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "", dist: Di
     if dist:  # evaluate and register on one device (train.run ends a distribution it trained under)
         dist.end()
     set_tags({"train_run_id": train_run_id})
-    with failing_step("evaluate"), step_run(cfg, "evaluate"):
+    rerun = rerun_after_training(resume, train_run_id)
+    with failing_step("evaluate", rerun=rerun), step_run(cfg, "evaluate"):
         metrics = evaluate.run(cfg, model_uri, dataset_uri)
-    with failing_step("register"), step_run(cfg, "register"):
+    with failing_step("register", rerun=rerun), step_run(cfg, "register"):
         decision = register.run(cfg, model_uri)
     steps.log_pipeline_results(dataset_uri, model_uri, metrics, decision)
     mark_pipeline_done(train_run_id)
     return {"dataset_uri": dataset_uri, "model_uri": model_uri, **metrics, **decision}
+
+
+def rerun_after_training(resume: str, train_run_id: str) -> str:
+    """What a rerun does after a failure in evaluate or register (the train run finished, its checkpoint deleted):
+    goes on from the model (`trained_before_a_failure`), unless it is given a resume, which trains."""
+    how = "the same command" if not resume else "the same command without resume"
+    return (f" The model is trained (train run {train_run_id}): rerun {how} to evaluate and register it, without "
+            f"training it again.")
 
 
 def main() -> None:

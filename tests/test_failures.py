@@ -232,6 +232,43 @@ def test_a_failing_store_neither_replaces_the_error_nor_is_asked_again(store, mo
         assert MlflowClient().get_run(parent.info.run_id).info.status == "FAILED"
 
 
+@pytest.mark.parametrize("step, resume", [("train", ""), ("evaluate", ""), ("register", ""), ("evaluate", "never")])
+def test_a_server_lost_after_training_says_the_rerun_goes_on_from_the_trained_model(monkeypatch, capsys, step, resume):
+    """A main whose server went away in evaluate or register (exit 4) said "Completed epochs, if any, are checkpointed
+    under ...: rerun the same command to resume", of a train run that had finished and deleted its checkpoint. Its
+    line says what the rerun does: evaluate and register the model it trained, without training again."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    mlflow.set_tracking_uri("http://127.0.0.1:1")
+    monkeypatch.setattr(tracking, "ensure_store", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["pipeline.main"])
+
+    rerun = "" if step == "train" else main.rerun_after_training(resume, "r1")  # as main.run gives it
+
+    def failing():
+        with tracking.failing_step(step, rerun=rerun):
+            raise MlflowException("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/get failed with exception "
+                                  "HTTPConnectionPool: Max retries exceeded ([Errno 111] Connection refused)")
+
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            tracking.cli(failing, resumable=True)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert stopped.value.code == 4
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: tracking server http://127.0.0.1:1 failed: no answer (Connection refused) "
+                           f"(main failed in its {step} step).")
+    if step == "train":
+        assert line.endswith(": rerun the same command to resume."), line
+    else:
+        how = "the same command without resume" if resume else "the same command"
+        assert line.endswith(f" The model is trained (train run r1): rerun {how} to evaluate and register it, without "
+                             "training it again."), line
+
+
 def test_the_run_mlflow_run_opened_gets_the_reason_of_a_failure_before_the_steps_run(store, monkeypatch):
     """Under `mlflow run` (MLFLOW_RUN_ID), an error raised before the step's own run opened (a prepare ahead of
     `mlflow run . -e train`'s run, in a run of its own) left the run `mlflow run` ends FAILED without a reason."""

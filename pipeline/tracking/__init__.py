@@ -780,17 +780,18 @@ def tag_failure(run_id: str, reason: str, exc: BaseException) -> None:
 
 
 @contextlib.contextmanager
-def failing_step(step: str) -> Iterator[None]:
+def failing_step(step: str, *, rerun: str = "") -> Iterator[None]:
     """A pipeline's `step` (main's prepare, train, evaluate, register): an exception out of it tags the active run (the
-    pipeline's) `failed_step` and carries the step's name (`cli` ends its line with it), then goes on as it was. Never
+    pipeline's) `failed_step` and carries the step's name (`cli` ends its line with it) and `rerun`, what rerunning
+    does, if not what `cli` says of a step that trains (the checkpoint it resumes from), then goes on as it was. Never
     asks a store that already failed to tag `exc` (see `tag_failure`)."""
     try:
         yield
     except Exception as exc:
         if getattr(exc, "failed_step", None) is None:
             with contextlib.suppress(AttributeError):  # an exception type with __slots__ takes no attribute
-                exc.failed_step = step
-            if not getattr(exc, "_failure_reason_untaggable", False):
+                exc.failed_step, exc.rerun_hint = step, rerun
+            if mlflow.active_run() is not None and not getattr(exc, "_failure_reason_untaggable", False):
                 try:
                     mlflow.set_tag("failed_step", step)
                 except Exception:  # noqa: BLE001 - whatever the store raises: `exc` is the error to report
@@ -898,7 +899,7 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
             tag_failure(wrapper_run, reason_of(exc), exc)
         if unexpected(exc):
             raise  # the traceback prints, as Python prints it
-        hint = _resume_hint() if resumable else ""
+        hint = (getattr(exc, "rerun_hint", "") or _resume_hint()) if resumable else ""
         print(f"error: {_server_failure(exc)}{_in_step(exc)}.{hint}", file=sys.stderr)
         sys.exit(4)
     finally:
