@@ -18,6 +18,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
+from bench.servers import free_port
 from pipeline import config, evaluate, main, prepare, register, train
 from pipeline.tracking import StepFailed, cli, registry, steps
 from tests.conftest import ROOT, copy_store, eventually, http_stub, module_code
@@ -267,6 +268,26 @@ def test_a_server_lost_after_training_says_the_rerun_goes_on_from_the_trained_mo
         how = "the same command without resume" if resume else "the same command"
         assert line.endswith(f" The model is trained (train run r1): rerun {how} to evaluate and register it, without "
                              "training it again."), line
+
+
+def test_a_server_unreachable_at_the_start_says_nothing_ran_not_that_epochs_are_checkpointed(monkeypatch, capsys):
+    """A main or train whose tracking server did not answer at its start (a typo, a server not up yet) said
+    "Completed epochs, if any, are checkpointed under ...: rerun the same command to resume": nothing had run. The
+    line says that nothing ran, and to rerun once the server answers."""
+    from pipeline import tracking
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    mlflow.set_tracking_uri(uri)
+    ran = []
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            tracking.cli(lambda: ran.append(1), resumable=True)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert stopped.value.code == 4 and ran == []
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: tracking server {uri} failed: no answer (Connection refused); nothing ran: rerun the same "
+                    "command once it answers"), line
 
 
 def test_the_run_mlflow_run_opened_gets_the_reason_of_a_failure_before_the_steps_run(store, monkeypatch):

@@ -854,9 +854,11 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
         (signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL else ())
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in _stopping_signals}
     wrapper_run = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow unsets it when that run ends
+    started = False  # whether `main` ran: a server that did not answer at the start stopped nothing to resume
     try:
         if not asks_for_help(sys.argv[1:]):  # argparse prints the help and exits 0: no store to make
             ensure_store()
+        started = True
         interrupts.take()  # one an earlier entry point in this process handled
         main()
         if (pending := interrupts.take()) is not None:  # swallowed outside any step (see `_ended_with_reason`)
@@ -899,6 +901,10 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
             tag_failure(wrapper_run, reason_of(exc), exc)
         if unexpected(exc):
             raise  # the traceback prints, as Python prints it
+        if not started:  # the hint of epochs checkpointed, if any, read as if a step had run
+            print(f"error: {_server_failure(exc)}; nothing ran: rerun the same command once it answers",
+                  file=sys.stderr)
+            sys.exit(4)
         hint = (getattr(exc, "rerun_hint", "") or _resume_hint()) if resumable else ""
         print(f"error: {_server_failure(exc)}{_in_step(exc)}.{hint}", file=sys.stderr)
         sys.exit(4)
