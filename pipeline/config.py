@@ -996,9 +996,21 @@ class _Parser(argparse.ArgumentParser):
                            for option in action.option_strings if option.startswith("--") and option != "--help")
             first = next((word for word in message[len(prefix):].split() if word.startswith("--")), "--")
             name = first[2:].split("=", 1)[0]
-            hint = _did_you_mean(name, [*known, "help"], "--")
+            hint = _did_you_mean(name, [*known, "help"], "--") or self._other_entry_points(name.replace("-", "_"))
             message += f"{hint} (known: {', '.join('--' + name for name in known)})"
         raise ConfigError(f"arguments: {message}")
+
+    def _other_entry_points(self, key: str) -> str:
+        """"; KEY is a parameter of the E1 and E2 entry points (...), not this one's" where other entry points take
+        `key` (`-P model_uri=...` given to main, meant for evaluate or register), else ""."""
+        entry_point = getattr(self, "entry_point", "")
+        others = [name for name, spec in read_yaml(MLPROJECT, key="MLproject")["entry_points"].items()
+                  if name != entry_point and key in (spec.get("parameters") or {})]
+        if not entry_point or not others:
+            return ""
+        listed = " and ".join([", ".join(others[:-1]), others[-1]] if len(others) > 1 else others)
+        return (f"; {key} is a parameter of the {listed} entry point{'s' if len(others) > 1 else ''} (mlflow run . "
+                f"-e {others[0]} -P {key}=...), not {entry_point}'s")
 
 
 class _Once(argparse.Action):
@@ -1025,6 +1037,7 @@ def entry_point_parser(entry_point: str, description: str, **helps: str) -> argp
     accept the same ones. `helps`: help text by parameter name."""
     parameters = read_yaml(MLPROJECT, key="MLproject")["entry_points"][entry_point]["parameters"]
     parser = _Parser(description=description)
+    parser.entry_point = entry_point
     for name, spec in parameters.items():
         default = spec.get("default") if isinstance(spec, dict) else None
         parser.add_argument(f"--{name.replace('_', '-')}", action=_Once, required=default is None,

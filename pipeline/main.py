@@ -9,9 +9,9 @@ point); the console ends with where to look at the run.
 
 from __future__ import annotations
 
-from pipeline import config, inputs
+from pipeline import config, inputs, prepare
 from pipeline.distribute import Distribution, cluster_from_env, distribution
-from pipeline.tracking import cli, log_params, set_tags, step_run, steps, ui_hint
+from pipeline.tracking import cli, failing_step, log_params, set_tags, step_run, steps, ui_hint
 from pipeline.tracking.resume import main_lock, mark_pipeline_done, remove_stale_locks, trained_before_a_failure
 
 
@@ -27,7 +27,11 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "", dist: Di
     from pipeline import evaluate, register, train  # Keras loads only once the params are known to be good
 
     log_params(cfg.flat())
-    dataset_uri, resume_id = inputs.resolve_inputs(cfg, resume=resume, dataset_uri=dataset_uri)
+    if not dataset_uri:  # a failing step is named on the parent run (tag `failed_step`) and on the console's last line
+        with failing_step("prepare"):
+            dataset_uri = prepare.ensure_prepared(cfg)
+    with failing_step("train"):  # a dataset refused as too small for the params refuses the train step
+        dataset_uri, resume_id = inputs.resolve_inputs(cfg, resume=resume, dataset_uri=dataset_uri)
     trained = None if resume_id or resume else trained_before_a_failure(cfg, dataset_uri)
     if trained:  # an identical command trained it, then failed in evaluate or register: go on from there
         train_run_id, model_uri = trained
@@ -38,19 +42,29 @@ def run(cfg: config.Config, *, resume: str = "", dataset_uri: str = "", dist: Di
     else:
         if resume_id:  # nested in the main that started it, not in this one: named before it trains (`resume=` of
             set_tags({"train_run_id": resume_id})  # this main, stopped in training, names the run to give)
-        with step_run(cfg, "train", run_name=cfg.run_name(), resume_run_id=resume_id) as train_run:
+        with failing_step("train"), step_run(cfg, "train", run_name=cfg.run_name(),
+                                             resume_run_id=resume_id) as train_run:
             model_uri = train.run(cfg, dataset_uri, dist)
         train_run_id = train_run.info.run_id
     if dist:  # evaluate and register on one device (train.run ends a distribution it trained under)
         dist.end()
     set_tags({"train_run_id": train_run_id})
-    with step_run(cfg, "evaluate"):
+    rerun = rerun_after_training(resume, train_run_id)
+    with failing_step("evaluate", rerun=rerun), step_run(cfg, "evaluate"):
         metrics = evaluate.run(cfg, model_uri, dataset_uri)
-    with step_run(cfg, "register"):
+    with failing_step("register", rerun=rerun), step_run(cfg, "register"):
         decision = register.run(cfg, model_uri)
     steps.log_pipeline_results(dataset_uri, model_uri, metrics, decision)
     mark_pipeline_done(train_run_id)
     return {"dataset_uri": dataset_uri, "model_uri": model_uri, **metrics, **decision}
+
+
+def rerun_after_training(resume: str, train_run_id: str) -> str:
+    """What a rerun does after a failure in evaluate or register (the train run finished, its checkpoint deleted):
+    goes on from the model (`trained_before_a_failure`), unless it is given a resume, which trains."""
+    how = "the same command" if not resume else "the same command without resume"
+    return (f" The model is trained (train run {train_run_id}): rerun {how} to evaluate and register it, without "
+            f"training it again.")
 
 
 def main() -> None:

@@ -178,7 +178,7 @@ start_postgres() {
 check_port() {
   command -v python >/dev/null || fail "no python on PATH: activate the project's virtual environment (. .venv/bin/activate)"
   python - "$HOST" "$PORT" "$WORKERS" <<'PY' || exit $?
-import errno, importlib.util, socket, sys
+import errno, importlib.util, os, socket, sys
 host, port, workers = sys.argv[1], sys.argv[2], sys.argv[3]
 
 
@@ -192,6 +192,29 @@ missing = [name for name in ("mlflow", "psycopg2") if importlib.util.find_spec(n
 if missing:
     sys.exit(f"error: {sys.executable} has no {' or '.join(missing)}: activate the project's virtual environment"
              " (. .venv/bin/activate)")
+
+
+def listener(port):
+    """"pid N (command line)" of the process listening on `port` here, if this user may see it, else "". A server
+    whose team-server.sh was killed (SIGKILL, the OOM killer) leaves its uvicorn worker serving, in no terminal."""
+    import psutil  # mlflow's dependency
+
+    try:
+        pids = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr
+                and c.laddr.port == port and c.pid}
+        if len(pids) != 1:
+            return ""
+        process = psutil.Process(pids.pop())
+        # `mlflow server` listens through its uvicorn (or gunicorn) worker: the server to stop is the one above it
+        process = next((p for p in reversed(process.parents()) if "mlflow" in " ".join(p.cmdline()[:3])), process)
+        pid, command = process.pid, process.cmdline()
+    except (psutil.Error, OSError):
+        return ""
+    words = " ".join([os.path.basename(command[0]), *command[1:]] if command else []).split()
+    shown = " ".join(words)
+    return f"pid {pid} ({shown[:120] + '...' if len(shown) > 120 else shown})"
+
+
 if not port.isdigit() or not 0 < int(port) < 65536:
     refuse(f"error: PORT takes a port number, got {port!r}")
 # Else uvicorn refused it only once the databases were made.
@@ -208,6 +231,8 @@ except OSError as exc:
     hint = {errno.EADDRINUSE: "another server there? set HOST/PORT",
             errno.EACCES: "a port below 1024 takes root: set PORT"}.get(
         exc.errno, "HOST takes a name or address of this host (0.0.0.0: all of them)")
+    if exc.errno == errno.EADDRINUSE and (holder := listener(int(port))):
+        hint = f"{holder} holds it: stop it (kill {holder.split()[1]}), or set HOST/PORT"
     refuse(f"error: mlflow server cannot listen on {host}:{port} ({exc.strerror or exc}): {hint}")
 PY
 }

@@ -791,9 +791,9 @@ def test_an_unknown_or_missing_entry_point_argument_is_one_line():
     """An unknown -P name reaches the step as `--name`: argparse printed its usage and exited 2, leaving the run
     `mlflow run` opened FAILED in the experiment; a ConfigError trashes it like any bad param."""
     # nothing close: no guess, but every name main takes (`-P metrc=x` said only "unrecognized arguments: --metrc x")
-    with pytest.raises(config.ConfigError, match=r"^arguments: unrecognized arguments: --experiment foo \(known: "
+    with pytest.raises(config.ConfigError, match=r"^arguments: unrecognized arguments: --experimnt foo \(known: "
                                                  r"--data, --epochs, --overrides, --params, --resume\)$"):
-        config.entry_point_parser("main", "x").parse_args(["--experiment", "foo"])
+        config.entry_point_parser("main", "x").parse_args(["--experimnt", "foo"])
     # the start of a known name: argparse took `-P epoch=30` (`--epoch 30`, after MLproject's `--epochs ''`) for epochs
     with pytest.raises(config.ConfigError, match=r"^arguments: unrecognized arguments: --epoch 30; did you mean "
                                                  r"--epochs\? \(known: --data, "):
@@ -804,6 +804,24 @@ def test_an_unknown_or_missing_entry_point_argument_is_one_line():
     assert config.entry_point_parser("main", "x").parse_args(["--epochs=30"]).epochs == "30"
     with pytest.raises(config.ConfigError, match=r"^arguments: the following arguments are required: --model-uri"):
         config.entry_point_parser("register", "x").parse_args([])
+
+
+def test_a_parameter_of_another_entry_point_is_named_as_that_ones():
+    """`mlflow run . -P model_uri=...` (main) or `-e train -P model_uri=...`: a parameter another step reads was
+    "unrecognized arguments: --model_uri ... (known: ...)", the step meant left to guess. The line names the entry
+    points that take it."""
+    with pytest.raises(config.ConfigError, match=r"^arguments: unrecognized arguments: --model_uri models:/m-1; "
+                                                 r"model_uri is a parameter of the evaluate and register entry points "
+                                                 r"\(mlflow run \. -e evaluate -P model_uri=\.\.\.\), not main's "
+                                                 r"\(known: --data, "):
+        config.entry_point_parser("main", "x").parse_args(["--model_uri", "models:/m-1"])
+    with pytest.raises(config.ConfigError, match=r"; dataset_uri is a parameter of the train and evaluate entry points "
+                                                 r"\(mlflow run \. -e train -P dataset_uri=\.\.\.\), not main's "):
+        config.entry_point_parser("main", "x").parse_args(["--dataset-uri=runs:/r/dataset"])
+    with pytest.raises(config.ConfigError, match=r"; model_uri is a parameter of the evaluate and register entry "
+                                                 r"points \(mlflow run \. -e evaluate -P model_uri=\.\.\.\), not "
+                                                 r"train's "):
+        config.entry_point_parser("train", "x").parse_args(["--model_uri", "models:/m-1"])
 
 
 def test_an_entry_point_argument_given_twice_is_refused_not_dropped():

@@ -18,8 +18,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
+from bench.servers import free_port
 from pipeline import config, evaluate, main, prepare, register, train
-from pipeline.tracking import cli, registry, steps
+from pipeline.tracking import StepFailed, cli, registry, steps
 from tests.conftest import ROOT, copy_store, eventually, http_stub, module_code
 from tests.register_race import race, register_after_barrier, register_at_once
 from tests.test_fault_tolerance import TINY, experiment_runs
@@ -55,7 +56,31 @@ def test_divergence_fails_the_run_exits_3_and_registers_nothing(store, in_proces
     assert all(math.isnan(run.data.metrics[key]) for key in ("loss", "acc", "val_loss", "val_acc")), run.data.metrics
     statuses = {r.data.tags.get("step"): r.info.status for r in experiment_runs(client)}
     assert statuses == {"prepare": "FINISHED", "train": "FAILED", "main": "FAILED"}, statuses
+    (parent,) = experiment_runs(client, "tags.step = 'main'")
+    assert parent.data.tags["failed_step"] == "train"
     assert client.search_registered_models() == []
+
+
+def test_a_main_failing_in_a_middle_step_names_that_step_on_its_last_line_and_its_run(store, in_process, monkeypatch):
+    """A main whose evaluate failed said only the evaluation's reason ("error: model_uri: ... gives NaN ..."), as an
+    evaluate run on its own says it, and its run held no word of the step: which of the four failed was for the user to
+    find among the child runs. The last line ends naming the step; the main run is tagged `failed_step`."""
+    reason = "model_uri: models:/m-1 gives NaN or infinite probabilities for 3 of 10 test images"
+
+    def nan(*args, **kwargs):
+        raise StepFailed(reason)
+
+    monkeypatch.setattr(evaluate, "run", nan)
+    result = in_process("main", "--params", TINY, "--epochs", "1",
+                        "--overrides", f"data.synthetic_train=256 {SMALLEST_MODEL} tracking.experiment=e2e")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == f"error: {reason} (main failed in its evaluate step)"
+    runs = {r.data.tags["step"]: r for r in experiment_runs(MlflowClient())}
+    assert {step: r.info.status for step, r in runs.items()} == {
+        "prepare": "FINISHED", "train": "FINISHED", "evaluate": "FAILED", "main": "FAILED"}
+    assert runs["main"].data.tags["failed_step"] == "evaluate"
+    assert runs["main"].data.tags["failure_reason"] == runs["evaluate"].data.tags["failure_reason"] == reason
+    assert all("failed_step" not in r.data.tags for step, r in runs.items() if step != "main")
 
 
 def test_a_diverged_run_says_the_train_lr_it_was_given_and_the_one_lr_scaling_made_of_it(store, in_process):
@@ -145,6 +170,7 @@ def test_an_unexpected_error_ends_the_step_and_main_failed_with_its_reason_and_g
     assert {step: r.info.status for step, r in runs.items()} == {
         "prepare": "FINISHED", "train": "FAILED", "main": "FAILED"}
     assert runs["train"].data.tags["failure_reason"] == runs["main"].data.tags["failure_reason"] == NO_SPACE
+    assert runs["main"].data.tags["failed_step"] == "train"  # where the traceback's last line does not say it
     assert "failure_reason" not in runs["prepare"].data.tags
 
 
@@ -205,6 +231,63 @@ def test_a_failing_store_neither_replaces_the_error_nor_is_asked_again(store, mo
         assert raised.value is error and error.__context__ is None
         assert asked == [child.info.run_id]  # the inner run alone: main's is not asked again
         assert MlflowClient().get_run(parent.info.run_id).info.status == "FAILED"
+
+
+@pytest.mark.parametrize("step, resume", [("train", ""), ("evaluate", ""), ("register", ""), ("evaluate", "never")])
+def test_a_server_lost_after_training_says_the_rerun_goes_on_from_the_trained_model(monkeypatch, capsys, step, resume):
+    """A main whose server went away in evaluate or register (exit 4) said "Completed epochs, if any, are checkpointed
+    under ...: rerun the same command to resume", of a train run that had finished and deleted its checkpoint. Its
+    line says what the rerun does: evaluate and register the model it trained, without training again."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    mlflow.set_tracking_uri("http://127.0.0.1:1")
+    monkeypatch.setattr(tracking, "ensure_store", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["pipeline.main"])
+
+    rerun = "" if step == "train" else main.rerun_after_training(resume, "r1")  # as main.run gives it
+
+    def failing():
+        with tracking.failing_step(step, rerun=rerun):
+            raise MlflowException("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/get failed with exception "
+                                  "HTTPConnectionPool: Max retries exceeded ([Errno 111] Connection refused)")
+
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            tracking.cli(failing, resumable=True)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert stopped.value.code == 4
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: tracking server http://127.0.0.1:1 failed: no answer (Connection refused) "
+                           f"(main failed in its {step} step).")
+    if step == "train":
+        assert line.endswith(": rerun the same command to resume."), line
+    else:
+        how = "the same command without resume" if resume else "the same command"
+        assert line.endswith(f" The model is trained (train run r1): rerun {how} to evaluate and register it, without "
+                             "training it again."), line
+
+
+def test_a_server_unreachable_at_the_start_says_nothing_ran_not_that_epochs_are_checkpointed(monkeypatch, capsys):
+    """A main or train whose tracking server did not answer at its start (a typo, a server not up yet) said
+    "Completed epochs, if any, are checkpointed under ...: rerun the same command to resume": nothing had run. The
+    line says that nothing ran, and to rerun once the server answers."""
+    from pipeline import tracking
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    mlflow.set_tracking_uri(uri)
+    ran = []
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            tracking.cli(lambda: ran.append(1), resumable=True)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert stopped.value.code == 4 and ran == []
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: tracking server {uri} failed: no answer (Connection refused); nothing ran: rerun the same "
+                    "command once it answers"), line
 
 
 def test_the_run_mlflow_run_opened_gets_the_reason_of_a_failure_before_the_steps_run(store, monkeypatch):

@@ -377,7 +377,8 @@ def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_ot
             "RuntimeError: the model does not fit in memory")
     else:
         assert failed.returncode == 2 and failed_err.strip().splitlines()[-1] == (
-            "error: model.widths: refused on this host alone"), failed_err[-3000:]
+            "error: model.widths: refused on this host alone" + (" (main failed in its train step)" if failing == 0
+                                                                   else "")), failed_err[-3000:]
     assert other.returncode == 3, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     last = err.strip().splitlines()[-1]
@@ -387,7 +388,8 @@ def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_ot
         assert "worker/replica:0/task:1 ended with an error of its own: model.widths: refused on this host" in last
     assert last.endswith("): nothing was trained. Its own output says why"
                          + (" (and, where the chief could end its MLflow run, in that run's failure_reason tag)"
-                            if failing == 0 else "") + ": fix that, then rerun every host's command"), last
+                            if failing == 0 else "") + ": fix that, then rerun every host's command"
+                         + (" (main failed in its train step)" if failing == 1 else "")), last
     client = MlflowClient()
     experiment = client.get_experiment_by_name("e2e").experiment_id
     (run,) = client.search_runs([experiment], "tags.step = 'train'")
@@ -398,7 +400,9 @@ def test_a_host_that_fails_after_the_hosts_agreed_is_named_in_one_line_on_the_ot
     (main,) = client.search_runs([experiment], "tags.step = 'main'")
     assert run.info.status == main.info.status == "FAILED"
     if failing == 1:  # the chief's run says why
-        assert run.data.tags["failure_reason"] == last.removeprefix("error: ")
+        assert run.data.tags["failure_reason"] == last.removeprefix("error: ").removesuffix(
+            " (main failed in its train step)")
+        assert main.data.tags["failed_step"] == "train"
     elif "refused" in fault:
         assert run.data.tags["failure_reason"] == "model.widths: refused on this host alone"
     else:  # an unexpected error: its type and message, as the workers' line says to look there

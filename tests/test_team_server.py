@@ -365,6 +365,24 @@ def test_a_port_in_use_is_one_line_before_anything_is_made():
     assert "PORT takes a port number" in one_error_line(run_script(PORT="50OO"))
 
 
+def test_a_port_held_by_a_server_left_running_names_its_process():
+    """A team server whose main process was killed (SIGKILL, the OOM killer) left its uvicorn worker serving on the
+    port, a process of no terminal: the next start said "another server there?" and no more. The line names the
+    process that holds the port, and how to stop it."""
+    code = ("import socket, sys, time\ns = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+            "print(s.getsockname()[1], flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        port = holder.stdout.readline().strip()
+        line = one_error_line(run_script(HOST="127.0.0.1", PORT=port, WORKERS="1"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert line.startswith(f"error: mlflow server cannot listen on 127.0.0.1:{port} (Address already in use): ")
+    assert f"pid {holder.pid} ({Path(sys.executable).name} -c import socket" in line
+    assert line.endswith(f"holds it: stop it (kill {holder.pid}), or set HOST/PORT"), line
+
+
 @pytest.mark.parametrize(("host", "reason"), [("nosuchhost.invalid", "Name or service not known"),
                                               ("192.0.2.123", "Cannot assign requested address")])
 def test_a_host_that_is_no_address_of_this_host_is_one_line_naming_host(host, reason):

@@ -779,6 +779,33 @@ def tag_failure(run_id: str, reason: str, exc: BaseException) -> None:
             exc._failure_reason_untaggable = True
 
 
+@contextlib.contextmanager
+def failing_step(step: str, *, rerun: str = "") -> Iterator[None]:
+    """A pipeline's `step` (main's prepare, train, evaluate, register): an exception out of it tags the active run (the
+    pipeline's) `failed_step` and carries the step's name (`cli` ends its line with it) and `rerun`, what rerunning
+    does, if not what `cli` says of a step that trains (the checkpoint it resumes from), then goes on as it was. Never
+    asks a store that already failed to tag `exc` (see `tag_failure`)."""
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "failed_step", None) is None:
+            with contextlib.suppress(AttributeError):  # an exception type with __slots__ takes no attribute
+                exc.failed_step, exc.rerun_hint = step, rerun
+            if mlflow.active_run() is not None and not getattr(exc, "_failure_reason_untaggable", False):
+                try:
+                    mlflow.set_tag("failed_step", step)
+                except Exception:  # noqa: BLE001 - whatever the store raises: `exc` is the error to report
+                    with contextlib.suppress(AttributeError):
+                        exc._failure_reason_untaggable = True
+        raise
+
+
+def _in_step(exc: BaseException) -> str:
+    """" (main failed in its <step> step)" for an exception a pipeline's step raised (`failing_step`), else ""."""
+    step = getattr(exc, "failed_step", None)
+    return f" (main failed in its {step} step)" if step else ""
+
+
 def _settle_wrapper_run(run_id: str, status: str, *, delete: bool = False) -> None:
     """Give the run `mlflow run` opened for this step (MLFLOW_RUN_ID) its final `status`, and `delete` it.
 
@@ -827,9 +854,11 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
         (signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL else ())
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in _stopping_signals}
     wrapper_run = os.environ.get("MLFLOW_RUN_ID")  # read now: MLflow unsets it when that run ends
+    started = False  # whether `main` ran: a server that did not answer at the start stopped nothing to resume
     try:
         if not asks_for_help(sys.argv[1:]):  # argparse prints the help and exits 0: no store to make
             ensure_store()
+        started = True
         interrupts.take()  # one an earlier entry point in this process handled
         main()
         if (pending := interrupts.take()) is not None:  # swallowed outside any step (see `_ended_with_reason`)
@@ -858,12 +887,12 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
                   file=sys.stderr)
         sys.exit(128 + signum)
     except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}{_in_step(exc)}", file=sys.stderr)
         if wrapper_run:
             _end_refused_run(wrapper_run, reason_of(exc))
         sys.exit(2)
     except StepFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}{_in_step(exc)}", file=sys.stderr)
         if wrapper_run:  # where it failed outside the step's run (a prepare before `mlflow run . -e train`'s run)
             tag_failure(wrapper_run, reason_of(exc), exc)
         sys.exit(3)
@@ -872,8 +901,12 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
             tag_failure(wrapper_run, reason_of(exc), exc)
         if unexpected(exc):
             raise  # the traceback prints, as Python prints it
-        hint = _resume_hint() if resumable else ""
-        print(f"error: {_server_failure(exc)}.{hint}", file=sys.stderr)
+        if not started:  # the hint of epochs checkpointed, if any, read as if a step had run
+            print(f"error: {_server_failure(exc)}; nothing ran: rerun the same command once it answers",
+                  file=sys.stderr)
+            sys.exit(4)
+        hint = (getattr(exc, "rerun_hint", "") or _resume_hint()) if resumable else ""
+        print(f"error: {_server_failure(exc)}{_in_step(exc)}.{hint}", file=sys.stderr)
         sys.exit(4)
     finally:
         for signum, handler in previous.items():
