@@ -1591,7 +1591,8 @@ def test_a_train_run_of_another_experiment_is_resumed_where_it_is(store, in_proc
     for by_id in ([], ["--resume", wrapper]):
         resumed = in_process("main", *RESUMED, *by_id)
         assert resumed.returncode == 128 + signal.SIGTERM, resumed.stderr[-3000:]  # the run reopened, then stopped
-        assert (f"resuming train run {wrapper} from its last completed epoch (in experiment 'other', where it stays)"
+        assert (f"resuming train run {wrapper} after epoch 1 of 3, its last checkpoint (in experiment 'other', where "
+                f"it stays)"
                 in resumed.stdout), resumed.stdout[-3000:]
         run = client.get_run(wrapper)
         assert run.info.experiment_id == other and run.info.status == "KILLED"
@@ -2288,3 +2289,32 @@ def test_resuming_a_run_without_a_checkpoint_says_why_it_has_none(store):
         with pytest.raises(config.ConfigError) as refused:
             resume.find_resumable(config.load(TINY), "", resume=ids[status])
         assert str(refused.value) == f"resume: run {ids[status]} {said}"
+
+
+@pytest.mark.parametrize(("checkpointed", "logged", "said"), [
+    (2, 3, "after epoch 2 of 5, its last checkpoint; epoch 3, logged since, trains again"),
+    (2, 2, "after epoch 2 of 5, its last checkpoint"),
+    (5, 5, "after epoch 5 of 5, its last: its model is left to log"),
+], ids=["an-epoch-trained-since", "at-its-checkpoint", "every-epoch-trained"])
+def test_the_line_resuming_a_run_names_the_epoch_it_goes_on_after(store, capsys, checkpointed, logged, said):
+    """`resuming train run ... from its last completed epoch`, of a run that logged epoch 3 and checkpointed epoch 2
+    (train.checkpoint_every 2), then was killed: it went on after epoch 2, training epoch 3 again. The line names the
+    epoch it goes on after, of how many, and the epochs trained since that train again."""
+    from pipeline import config
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name("e2e").experiment_id,
+                               tags={"step": "train"}).info.run_id
+    for epoch in range(1, logged + 1):
+        client.log_metric(run_id, "val_acc", 0.1, step=epoch)
+    stand_in_checkpoint(run_id)
+    metadata = resume.checkpoint_dir(run_id) / resume.CHECKPOINT_METADATA
+    metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "epoch": checkpointed}))
+    cfg = config.load(TINY, ["train.epochs=5", "train.checkpoint_every=2"])
+    capsys.readouterr()
+    try:
+        assert resume.find_resumable(cfg, "", resume=run_id) == run_id
+    finally:
+        resume.release(run_id)
+    assert capsys.readouterr().out == f"resuming train run {run_id} {said}\n"

@@ -598,12 +598,28 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
     # in its own experiment (`tracking.open_run`), not among main's steps
     elsewhere = (f" (in experiment {client.get_experiment(run.info.experiment_id).name!r}, where it stays)"
                  if active is not None and run.info.experiment_id != active.info.experiment_id else "")
-    print(f"resuming train run {run_id} from its last completed epoch{elsewhere}")
+    print(f"resuming train run {run_id} {_resumed_after(run_id, cfg)}{elsewhere}")
     if changed:  # resume=<id>: the way on that refuse_other_code's message gives; start_training tags the run
         print(f"warning: train run {run_id} was checkpointed by other code (train_code {changed[0][:12]}, "
               f"here {changed[1][:12]}): its next epochs train with the code here from the old code's weights "
               f"(tag resumed_across_code)", file=sys.stderr)
     return run_id
+
+
+def _resumed_after(run_id: str, cfg: config.Config) -> str:
+    """The epoch train run `run_id` goes on after, in words for the line resuming it: its checkpoint's, of `cfg`'s
+    epochs, and the epochs it logged since (killed between checkpoints, `train.checkpoint_every`), which train
+    again (their logged points stay: `MlflowEpochLogger`). "From its last completed epoch" was said of a run that went
+    on from epochs before it."""
+    done, total = checkpointed_epochs(run_id), cfg.train.epochs
+    if done >= total:
+        return f"after epoch {done} of {total}, its last: its model is left to log"
+    since = sorted(m.step for m in MlflowClient().get_metric_history(run_id, "val_acc") if done < m.step <= total)
+    if not since:
+        return f"after epoch {done} of {total}, its last checkpoint"
+    epochs = f"epoch {since[0]}, logged since, trains" if len(since) == 1 else \
+        f"epochs {since[0]}-{since[-1]}, logged since, train"
+    return f"after epoch {done} of {total}, its last checkpoint; {epochs} again"
 
 
 def newest_resumable(cfg: config.Config, dataset_uri: str) -> str | None:
