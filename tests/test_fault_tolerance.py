@@ -2318,3 +2318,24 @@ def test_the_line_resuming_a_run_names_the_epoch_it_goes_on_after(store, capsys,
     finally:
         resume.release(run_id)
     assert capsys.readouterr().out == f"resuming train run {run_id} {said}\n"
+
+
+def test_resuming_a_diverged_run_says_it_diverged(store):
+    """`-P resume=<id>` of a run that diverged (FAILED, its checkpoint removed as it failed: going on from it would
+    diverge again) said it "stopped before its first checkpoint, or trained on another machine": the user looked for a
+    checkpoint that never was to be. The line says the run diverged, why, and that its checkpoint went for that."""
+    from pipeline import config
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    reason = ("training diverged: loss became nan in epoch 2; nothing was registered. Lower train.lr (now 0.4) or "
+              "check the data")
+    run_id = client.create_run(client.get_experiment_by_name("e2e").experiment_id,
+                               tags={"step": "train", "failure_reason": reason}).info.run_id
+    client.set_terminated(run_id, "FAILED")
+    with pytest.raises(config.ConfigError) as refused:
+        resume.find_resumable(config.load(TINY), "", resume=run_id)
+    assert str(refused.value) == (f"resume: run {run_id} failed (FAILED) as training diverged: loss became nan in "
+                                  f"epoch 2, and a run that diverges deletes its checkpoint, as going on from it would "
+                                  f"diverge again: nothing to go on from; lower train.lr (now 0.4) and resume=never "
+                                  f"trains a new run")

@@ -551,11 +551,18 @@ def dataset_sha256(dataset_uri: str) -> str:
 
 def no_checkpoint(run_id: str, run: mlflow.entities.Run | None = None) -> str:
     """Why run `run_id` (`run`, read already) cannot be resumed, having no checkpoint here: it finished (a run deletes
-    its checkpoint as it finishes), or stopped before its first one, or trained on another machine or under another
-    PIPELINE_CHECKPOINT_DIR. The one line said "(finished runs delete theirs)" of every run."""
+    its checkpoint as it finishes), or diverged (one that does deletes it too), or stopped before its first one, or
+    trained on another machine or under another PIPELINE_CHECKPOINT_DIR. The one line said "(finished runs delete
+    theirs)" of every run, and of a diverged one that it "stopped before its first checkpoint"."""
     with contextlib.suppress(MlflowException):
         run = run or MlflowClient().get_run(run_id)
     status = run.info.status if run else None
+    reason = run.data.tags.get("failure_reason", "") if run else ""
+    if status == "FAILED" and reason.startswith("training diverged"):  # (`fitting.diverged`; train.run removes it)
+        lr = re.search(r"Lower (train\.lr \(now .*\)) or check the data", reason)
+        return (f"resume: run {run_id} failed (FAILED) as {reason.partition(';')[0]}, and a run that diverges deletes "
+                f"its checkpoint, as going on from it would diverge again: nothing to go on from; "
+                f"{f'lower {lr[1]} and ' if lr else ''}resume=never trains a new run")
     if status == "FINISHED":
         return (f"resume: run {run_id} finished (FINISHED), and a run deletes its checkpoint as it finishes: nothing "
                 f"to go on from; resume=never trains a new run")
