@@ -2339,3 +2339,33 @@ def test_resuming_a_diverged_run_says_it_diverged(store):
                                   f"epoch 2, and a run that diverges deletes its checkpoint, as going on from it would "
                                   f"diverge again: nothing to go on from; lower train.lr (now 0.4) and resume=never "
                                   f"trains a new run")
+
+
+@pytest.mark.parametrize(("epochs", "said"), [
+    (6, "; this command trains a run of its own from epoch 1 (-P resume={run} extends that run to 6 epochs instead)"),
+    (2, "; this command trains a run of its own from epoch 1 (a run is resumed with its epochs or more)"),
+])
+def test_a_rerun_with_other_epochs_names_the_run_it_does_not_resume(store, capsys, epochs, said):
+    """A run of 3 epochs stopped after a checkpoint, rerun with -P epochs=6 to train it longer: a run of its own
+    trained from epoch 1, not a word of the stopped run (`train.epochs` is in the key a rerun resumes by). A note names
+    that run and how to extend it; a run of other params than the epochs gets none."""
+    from pipeline import config
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    dataset_uri = "runs:/0123456789abcdef0123456789abcdef/dataset/dataset.npz"
+    runs = {}
+    for lr in ("0.1", "0.2"):
+        cfg = config.load(TINY, [f"train.lr={lr}"])
+        runs[lr] = client.create_run(experiment_id, tags={"step": "train", "dataset_uri": dataset_uri}).info.run_id
+        for key, value in {**cfg.flat(), "dataset_uri": dataset_uri}.items():
+            client.log_param(runs[lr], key, value)
+        client.set_terminated(runs[lr], "KILLED")
+        stand_in_checkpoint(runs[lr])
+    capsys.readouterr()
+    rerun = config.load(TINY, ["train.lr=0.1", f"train.epochs={epochs}"])
+    assert resume.find_resumable(rerun, dataset_uri) is None
+    assert capsys.readouterr().err == (f"note: train run {runs['0.1']} (KILLED), of the same params and data but "
+                                       f"train.epochs 3, left a checkpoint after epoch 1"
+                                       f"{said.format(run=runs['0.1'])}\n")

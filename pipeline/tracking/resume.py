@@ -593,6 +593,7 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
     else:
         run_id, changed = newest_resumable(cfg, dataset_uri), None
         if run_id is None:
+            _note_other_epochs(cfg, dataset_uri)
             return None
         refuse_other_code(run_id)  # as check_inputs did before any run opened, unless a run changed since
     run = client.get_run(run_id)
@@ -649,6 +650,38 @@ def newest_resumable(cfg: config.Config, dataset_uri: str) -> str | None:
         else:
             _note_live(run_id)
     return None
+
+
+def _note_other_epochs(cfg: config.Config, dataset_uri: str) -> None:
+    """A note (stderr) naming each stopped train run with a checkpoint here whose params and data are `cfg`'s and
+    `dataset_uri`'s but for `train.epochs`, which a plain rerun does not resume (the epochs are in its `train_key`),
+    with the `resume=<id>` that extends it where `cfg` has more epochs. A run of 30 epochs stopped, rerun with
+    `-P epochs=60` to train it longer, trained a run of its own from epoch 1 without a word of the stopped one."""
+    try:
+        folders = [f.name for f in checkpoint_root().iterdir()
+                   if re.fullmatch(r"[0-9a-f]{32}", f.name) and (f / CHECKPOINT_METADATA).exists()]
+    except OSError:  # none yet, or not to be listed by this user
+        return
+    ours = {k: v for k, v in training_params(cfg).items() if k != "train.epochs"}
+    runs = sorted(_runs_by_id(MlflowClient(), folders).values(), key=lambda r: -r.info.start_time)
+    for run in runs:
+        if run.data.tags.get("step") != "train" or run.info.status == "FINISHED" or \
+                run.info.lifecycle_stage == "deleted" or trained_dataset_uri(run) != dataset_uri:
+            continue
+        try:
+            logged = config.from_run_params(run.data.params)
+        except config.ConfigError:  # params of an older config: not this command's run
+            continue
+        epochs = int(run.data.tags.get("extended_epochs", str(logged.train.epochs)).split("->")[-1])
+        theirs = {k: v for k, v in training_params(logged).items() if k != "train.epochs"}
+        if theirs != ours or epochs == cfg.train.epochs or run.info.run_id in _noted or _held(run.info.run_id):
+            continue
+        _noted.add(run.info.run_id)
+        way = (f"-P resume={run.info.run_id} extends that run to {cfg.train.epochs} epochs instead"
+               if cfg.train.epochs > epochs else "a run is resumed with its epochs or more")
+        print(f"note: train run {run.info.run_id} ({run.info.status}), of the same params and data but train.epochs "
+              f"{epochs}, left a checkpoint after epoch {checkpointed_epochs(run.info.run_id)}; this command trains a "
+              f"run of its own from epoch 1 ({way})", file=sys.stderr)
 
 
 _noted: set[str] = set()  # the runs `newest_resumable` said it could not continue (it is asked twice per command)
