@@ -2369,3 +2369,28 @@ def test_a_rerun_with_other_epochs_names_the_run_it_does_not_resume(store, capsy
     assert capsys.readouterr().err == (f"note: train run {runs['0.1']} (KILLED), of the same params and data but "
                                        f"train.epochs 3, left a checkpoint after epoch 1"
                                        f"{said.format(run=runs['0.1'])}\n")
+
+
+def test_a_run_name_given_as_resume_names_the_run_id_to_give(store, in_process):
+    """The UI shows a run by its name (`resnet20-e3-b128-lr0.1`), which a user gives as resume=: 'no run ... in the
+    tracking store', as if no such run were there. The line names the id of the run so named that can go on (the one
+    with a checkpoint here), or says that none of them can."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    name = "resnet20-e3-b128-lr0.1"
+    ids = {}
+    for status in ("FINISHED", "KILLED"):
+        ids[status] = client.create_run(experiment_id, run_name=name, tags={"step": "train"}).info.run_id
+        client.set_terminated(ids[status], status)
+    refused = in_process("main", *RESUMED, "--resume", name)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: resume: {name!r} is the name of 2 train runs, none of which left a checkpoint here to go on from; "
+        f"resume takes a train run's id")
+    stand_in_checkpoint(ids["KILLED"])
+    refused = in_process("main", *RESUMED, "--resume", name)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: resume: {name!r} is the name of 2 train runs, not a run id; resume={ids['KILLED']} goes on with the "
+        f"one of them that left a checkpoint here (KILLED, after epoch 1)")
+    assert len(experiment_runs(client)) == 2  # no main run opened

@@ -887,6 +887,8 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
+        if named := _named_train_runs(run_id):
+            raise config.ConfigError(named) from None
         hint = ("; did you mean resume=never?" if run_id.strip().lower() == "never" else
                 " (resume takes '' to continue an interrupted identical run, never to start afresh, or a train run's "
                 "id)")
@@ -930,6 +932,32 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     if not claim(run_id):
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     return trained_on
+
+
+def _named_train_runs(name: str) -> str | None:
+    """The refusal of `resume=<name>` where `name` is no run id but the name of train runs (the UI's Run Name column,
+    `config.Config.run_name`): the ids of those that left a checkpoint here to give instead, or that none did; None
+    where no train run bears that name. It was refused as 'no run ... in the tracking store'."""
+    if "'" in name or not name.strip():  # a quote would break the filter: no run name `run_name` makes has one
+        return None
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.mlflow.runName = '{name}' and tags.step = 'train'")
+    if not runs:
+        return None
+    named = f"resume: {name!r} is the name of {len(runs)} train run{'s' * (len(runs) > 1)}"
+    left = [r for r in runs if r.info.status != "FINISHED" and has_checkpoint(r.info.run_id)]
+    if not left:
+        return f"{named}, none of which left a checkpoint here to go on from; resume takes a train run's id"
+
+    def said(run: mlflow.entities.Run) -> str:
+        return f"({run.info.status}, after epoch {checkpointed_epochs(run.info.run_id)})"
+
+    if len(left) == 1:
+        return (f"{named}, not a run id; resume={left[0].info.run_id} goes on with the one of them that left a "
+                f"checkpoint here {said(left[0])}")
+    return (f"{named}, not a run id; {len(left)} of them left a checkpoint here: "
+            + ", ".join(f"resume={r.info.run_id} {said(r)}" for r in left))
 
 
 def _not_a_train_run(run: mlflow.entities.Run) -> str:
