@@ -2394,3 +2394,29 @@ def test_a_run_name_given_as_resume_names_the_run_id_to_give(store, in_process):
         f"error: resume: {name!r} is the name of 2 train runs, not a run id; resume={ids['KILLED']} goes on with the "
         f"one of them that left a checkpoint here (KILLED, after epoch 1)")
     assert len(experiment_runs(client)) == 2  # no main run opened
+
+
+def test_a_resumed_run_says_how_its_last_session_ended_and_keeps_the_earlier_ones_apart(store):
+    """A train run stopped by Ctrl-C, then resumed and failed on another error, kept tag `failure_reason` of neither
+    (the first failure's is kept, 'unless it has one') and its `interrupted_by`; resumed again and FINISHED, it still
+    bore both, a finished run that reads as failed and interrupted. Each session's end is its own: the tags of how the
+    run ended are the last session's, the earlier ends listed in tag `earlier_sessions_ended`."""
+    from pipeline import tracking
+
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name("e2e").experiment_id,
+                               tags={"step": "train", "interrupted_by": "SIGINT"}).info.run_id
+    client.set_terminated(run_id, "KILLED")
+    with pytest.raises(RuntimeError), tracking.open_run("train", resume_run_id=run_id):
+        raise RuntimeError("the disk is full")
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and "the disk is full" in run.data.tags["failure_reason"]
+    assert "interrupted_by" not in run.data.tags
+    assert run.data.tags["earlier_sessions_ended"] == "KILLED (interrupted_by SIGINT)"
+    with tracking.open_run("train", resume_run_id=run_id):
+        pass
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
+    assert run.data.tags["earlier_sessions_ended"] == (
+        "KILLED (interrupted_by SIGINT) | FAILED (failure_reason unexpected RuntimeError: the disk is full; full "
+        "traceback on the step's stderr (the console it ran in; `mlflow run` keeps no copy))")
