@@ -2420,3 +2420,31 @@ def test_a_resumed_run_says_how_its_last_session_ended_and_keeps_the_earlier_one
     assert run.data.tags["earlier_sessions_ended"] == (
         "KILLED (interrupted_by SIGINT) | FAILED (failure_reason unexpected RuntimeError: the disk is full; full "
         "traceback on the step's stderr (the console it ran in; `mlflow run` keeps no copy))")
+
+
+def test_a_run_killed_while_its_first_checkpoint_was_written_leaves_no_folder_for_good(store):
+    """A train run killed (SIGKILL, the OOM killer) while its first checkpoint was written left its lock beside a torn
+    weights file (or the metadata not yet renamed), no checkpoint to resume: no main took the folder for a dead run's
+    (it held more than a lock), so the file, as large as the model, stayed for good, and the run RUNNING. The next
+    main removes it, as a folder that holds only a lock, and ends the run KILLED."""
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    runs = {}
+    for torn in ("epoch-0001.weights.h5", "training_metadata.json.partial"):
+        runs[torn] = mlflow.start_run(experiment_id=experiment_id, tags={"step": "train"}).info.run_id
+        mlflow.end_run("RUNNING")
+        folder = resume.checkpoint_dir(runs[torn])
+        folder.mkdir(parents=True)
+        (folder / resume.LOCK_FILE).write_text(resume._store())
+        (folder / "epoch-0001.weights.h5").write_bytes(b"\x89HDF\r\n")
+        if torn.endswith(".partial"):
+            (folder / torn).write_text('{"epoch": 1, "weights": "epoch-0001.weights.h5"}')
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as rerun:
+        resume.remove_stale_locks()
+    for run_id in runs.values():
+        run = client.get_run(run_id)
+        assert (run.info.status, run.data.tags.get("ended_by")) == ("KILLED", rerun.info.run_id)
+        assert not resume.checkpoint_dir(run_id).exists()
+    assert not resume._claimed

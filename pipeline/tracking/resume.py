@@ -262,21 +262,21 @@ RUN_FOLDER = re.compile(r"[0-9a-f]{32}|\w+-[0-9a-f]{16}")
 
 
 def remove_stale_locks() -> None:
-    """Remove the folders in `checkpoint_root` that hold a lock file alone, no live process's: left by a process killed
-    (SIGKILL, the OOM killer) before its first checkpoint, or by a killed `main`, whose folder only ever holds its
-    lock: that main's runs left RUNNING (itself, the step it was in: prepare, train, evaluate, register) end KILLED
-    (`end_dead_main`), else nothing would ever end them, as do those of a step run on its own (`step_lock`: prepare,
-    evaluate, register; a register's evaluation of its champion too), as does a train run killed before its first
-    checkpoint (`python -m pipeline.train` alone: no main to end it); one killed after a checkpoint keeps its folder,
-    for a rerun to resume, its run ended KILLED. The folders' runs are read in one search, not
-    one call each (200 folders: ~2 s from a tracking server on this host). Only this store's folders (`_store_of`):
-    another store's (two `MLFLOW_TRACKING_URI` sharing `PIPELINE_CHECKPOINT_DIR`) are left to that store's next
-    main, the only one that can end their runs. A folder that holds only the temporary file of a process killed in
-    `_new_lock` is taken as lock-only (`_claim_unnamed`). Empty folders named as runs' are removed (`RUN_FOLDER`; on
-    NFS a lock file removed while open stays as a `.nfs*` file until released, and keeps its folder). In a folder
-    several users share, another user's folder that this process may not list, or whose lock it may not inspect
-    (`_locked`), is left alone, never taken for dead; a dead one it may not remove has its runs ended all the same
-    and stays, for a main of a user who may remove it."""
+    """Remove the folders in `checkpoint_root` that hold a lock file alone (`_lock_only`), no live process's: left by a
+    process killed (SIGKILL, the OOM killer) before or while writing its first checkpoint, or by a killed `main`, whose
+    folder only ever holds its lock: that main's runs left RUNNING (itself, the step it was in: prepare, train,
+    evaluate, register) end KILLED (`end_dead_main`), else nothing would ever end them, as do those of a step run on its
+    own (`step_lock`: prepare, evaluate, register; a register's evaluation of its champion too), as does a train run
+    killed before its first checkpoint (`python -m pipeline.train` alone: no main to end it); one killed after a
+    checkpoint keeps its folder, for a rerun to resume, its run ended KILLED. The folders' runs are read in one search,
+    not one call each (200 folders: ~2 s from a tracking server on this host). Only this store's folders (`_store_of`):
+    another store's (two `MLFLOW_TRACKING_URI` sharing `PIPELINE_CHECKPOINT_DIR`) are left to that store's next main,
+    the only one that can end their runs. A folder that holds only the temporary file of a process killed in `_new_lock`
+    is taken as lock-only (`_claim_unnamed`). Empty folders named as runs' are removed (`RUN_FOLDER`; on NFS a lock file
+    removed while open stays as a `.nfs*` file until released, and keeps its folder). In a folder several users share,
+    another user's folder that this process may not list, or whose lock it may not inspect (`_locked`), is left alone,
+    never taken for dead; a dead one it may not remove has its runs ended all the same and stays, for a main of a user
+    who may remove it."""
     root, ours = checkpoint_root(), _store()
     try:
         entries = list(root.iterdir())
@@ -295,7 +295,7 @@ def remove_stale_locks() -> None:
     # its run (`python -m pipeline.train` alone), or live
     checkpointed = {f for f, listed in names.items() if listed and {LOCK_FILE, CHECKPOINT_METADATA} <= {*listed}}
     folders = [f for f, listed in names.items()
-               if (listed == [LOCK_FILE] or f in checkpointed) and _store_of(f) in ("", ours)
+               if (_lock_only(listed) or f in checkpointed) and _store_of(f) in ("", ours)
                and claim(f.name, left=True)] + [*unnamed]
     client = MlflowClient()
     runs = _runs_by_id(client, [f.name for f in folders])
@@ -317,6 +317,14 @@ def remove_stale_locks() -> None:
             _end_killed(client, [run], "ended_by")
         shutil.rmtree(folder, ignore_errors=True)  # a train's, or no run here (deleted, or a lock not naming its store)
         release(folder.name)
+
+
+def _lock_only(listed: list[str] | None) -> bool:
+    """Whether a run folder holding `listed` holds its lock and no checkpoint: the lock alone, or beside what a kill
+    during the first checkpoint's write left (`_TORN_FIRST_CHECKPOINT`), which kept the folder (a file as large as the
+    model) and its run RUNNING for good."""
+    return bool(listed) and LOCK_FILE in listed and all(
+        name == LOCK_FILE or _TORN_FIRST_CHECKPOINT.fullmatch(name) for name in listed)
 
 
 def prune_checkpoints() -> list[str]:
@@ -441,6 +449,10 @@ def release(run_id: str) -> None:
 
 
 CHECKPOINT_METADATA = "training_metadata.json"  # fitting.Checkpoint.METADATA (no Keras here)
+
+# What a process killed while it wrote its run's first checkpoint leaves beside the lock (`fitting.Checkpoint`): the
+# weights file, torn or whole, and the metadata not yet renamed to name it; no checkpoint to resume
+_TORN_FIRST_CHECKPOINT = re.compile(rf"epoch-\d+\.weights\.h5|{re.escape(CHECKPOINT_METADATA)}\.partial")
 
 
 def has_checkpoint(run_id: str) -> bool:
