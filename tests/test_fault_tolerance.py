@@ -2448,3 +2448,34 @@ def test_a_run_killed_while_its_first_checkpoint_was_written_leaves_no_folder_fo
         assert (run.info.status, run.data.tags.get("ended_by")) == ("KILLED", rerun.info.run_id)
         assert not resume.checkpoint_dir(run_id).exists()
     assert not resume._claimed
+
+
+def test_the_line_of_a_stopped_training_names_its_run_and_what_a_rerun_does(store, in_process, monkeypatch):
+    """Ctrl-C in training said "Completed epochs, if any, are checkpointed under checkpoints/: rerun the same command
+    to resume", of a run that left a checkpoint or none alike (a rerun of one that left none trains a run of its own
+    from epoch 1). The line names the train run, and the epoch its checkpoint holds or that it left none."""
+    from pipeline import tracking, train
+    from pipeline.tracking import active_run_id, resume
+
+    checkpointed = []
+
+    def interrupted(*args, **kwargs):
+        if checkpointed:
+            stand_in_checkpoint(active_run_id())
+        raise tracking.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(train, "fit", interrupted)
+    lines = []
+    for _ in range(2):
+        stopped = in_process("train", *RESUMED)
+        assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+        lines.append(stopped.stderr.strip().splitlines()[-1])
+        checkpointed.append(True)
+    first, second = sorted(experiment_runs(MlflowClient(), "tags.step = 'train'"), key=lambda r: r.info.start_time)
+    assert lines == [
+        f"error: interrupted by SIGTERM; open runs ended KILLED. Train run {first.info.run_id} left no checkpoint in "
+        f"{resume.checkpoint_dir(first.info.run_id)} (stopped before its first): a rerun of the same command trains a "
+        f"run of its own from epoch 1.",
+        f"error: interrupted by SIGTERM; open runs ended KILLED. Train run {second.info.run_id} keeps its checkpoint "
+        f"after epoch 1 in {resume.checkpoint_dir(second.info.run_id)}: rerun the same command to resume (or -P "
+        f"resume={second.info.run_id})."]

@@ -908,11 +908,16 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _stopping_signals = (signal.SIGTERM, signal.SIGINT)
+        if (resume := sys.modules.get("pipeline.tracking.resume")) is not None:  # loaded by the steps that train
+            resume.training_ended()
 
 
 def _resume_hint() -> str:
+    from pipeline.tracking.resume import stopped_training  # (resume imports this module)
+
     # "if any": a step stopped before its first epoch ended (loading data, waiting for a cluster's hosts) has none
-    return f" Completed epochs, if any, are checkpointed under {checkpoint_root()}: rerun the same command to resume."
+    return " " + (stopped_training() or f"Completed epochs, if any, are checkpointed under {checkpoint_root()}: rerun "
+                                        f"the same command to resume.")
 
 
 @functools.cache

@@ -483,6 +483,38 @@ def check_checkpoint_readable(run_id: str) -> None:
                                  f"resume=never) to start afresh") from None
 
 
+_training: list[str] = []  # the train runs this process trains now (`training_started` to `training_ended`)
+
+
+def training_started(run_id: str) -> None:
+    _training.append(run_id)
+
+
+def training_ended(run_id: str | None = None) -> None:
+    """`run_id` trains no longer here; None: none does (an entry point's end: the next, in this process, starts
+    afresh)."""
+    if run_id is None:
+        _training.clear()
+    elif run_id in _training:
+        _training.remove(run_id)
+
+
+def stopped_training() -> str | None:
+    """What a rerun does with the train run this process was training when it stopped (Ctrl-C, a lost tracking
+    server), in words for the line saying it stopped: the epoch its checkpoint holds, or that it left none (a rerun
+    trains a run of its own from epoch 1); None where it was training none. Read from the checkpoint folder alone:
+    the tracking store may be what failed."""
+    if not _training:
+        return None
+    run_id = _training[-1]
+    folder = checkpoint_dir(run_id)
+    if has_checkpoint(run_id):
+        return (f"Train run {run_id} keeps its checkpoint after epoch {checkpointed_epochs(run_id)} in {folder}: rerun "
+                f"the same command to resume (or -P resume={run_id}).")
+    return (f"Train run {run_id} left no checkpoint in {folder} (stopped before its first): a rerun of the same "
+            f"command trains a run of its own from epoch 1.")
+
+
 def checkpointed_epochs(run_id: str) -> int:
     """The epochs run `run_id`'s checkpoint holds (`fitting.Checkpoint.completed_epochs`, read without Keras); 0 if
     none, or unreadable."""
