@@ -2479,3 +2479,30 @@ def test_the_line_of_a_stopped_training_names_its_run_and_what_a_rerun_does(stor
         f"error: interrupted by SIGTERM; open runs ended KILLED. Train run {second.info.run_id} keeps its checkpoint "
         f"after epoch 1 in {resume.checkpoint_dir(second.info.run_id)}: rerun the same command to resume (or -P "
         f"resume={second.info.run_id})."]
+
+
+def test_resuming_a_live_run_before_its_first_checkpoint_says_it_is_being_trained(store):
+    """`-P resume=<id>` of a run another process trains now, in its first epoch (its lock held, no checkpoint yet),
+    was refused as having no checkpoint: "it stopped before its first checkpoint, or trained on another machine", of a
+    run that had not stopped. It is refused as a live run is."""
+    from pipeline import config
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name("e2e").experiment_id, tags={"step": "train"}).info.run_id
+    folder = resume.checkpoint_dir(run_id)
+    folder.mkdir(parents=True)
+    (folder / resume.LOCK_FILE).write_text(resume._store())
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+                               str(folder / resume.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(config.ConfigError) as refused:
+            resume.find_resumable(config.load(TINY), "", resume=run_id)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(refused.value) == (f"resume: run {run_id} is being trained by another process right now (before its "
+                                  f"first checkpoint)")
+    assert not resume._claimed

@@ -597,7 +597,8 @@ def no_checkpoint(run_id: str, run: mlflow.entities.Run | None = None) -> str:
     """Why run `run_id` (`run`, read already) cannot be resumed, having no checkpoint here: it finished (a run deletes
     its checkpoint as it finishes), or diverged (one that does deletes it too), or stopped before its first one, or
     trained on another machine or under another PIPELINE_CHECKPOINT_DIR. The one line said "(finished runs delete
-    theirs)" of every run, and of a diverged one that it "stopped before its first checkpoint"."""
+    theirs)" of every run, and of a diverged one, or one a live process trains in its first epoch, that it "stopped
+    before its first checkpoint"."""
     with contextlib.suppress(MlflowException):
         run = run or MlflowClient().get_run(run_id)
     status = run.info.status if run else None
@@ -607,6 +608,8 @@ def no_checkpoint(run_id: str, run: mlflow.entities.Run | None = None) -> str:
         return (f"resume: run {run_id} failed (FAILED) as {reason.partition(';')[0]}, and a run that diverges deletes "
                 f"its checkpoint, as going on from it would diverge again: nothing to go on from; "
                 f"{f'lower {lr[1]} and ' if lr else ''}resume=never trains a new run")
+    if _held(run_id):  # its process's lock, in its first epoch (a folder only looked at: none made)
+        return f"resume: run {run_id} is being trained by another process right now (before its first checkpoint)"
     if status == "FINISHED":
         return (f"resume: run {run_id} finished (FINISHED), and a run deletes its checkpoint as it finishes: nothing "
                 f"to go on from; resume=never trains a new run")
