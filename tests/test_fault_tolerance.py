@@ -489,7 +489,7 @@ def test_an_extension_stopped_before_it_trained_leaves_a_rerun_of_the_first_comm
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming train run {run_id}" in done.stdout and "Epoch " not in done.stdout
     run = MlflowClient().get_run(run_id)
-    assert run.info.status == "FINISHED" and "extended_epochs" not in run.data.tags
+    assert run.info.status == "FINISHED" and not {"extended_epochs", "extended_after_epoch"} & {*run.data.tags}
     assert "-e2-" in run.info.run_name and ", 2 epochs," in run.data.tags["mlflow.note.content"]
 
 
@@ -2506,3 +2506,37 @@ def test_resuming_a_live_run_before_its_first_checkpoint_says_it_is_being_traine
     assert str(refused.value) == (f"resume: run {run_id} is being trained by another process right now (before its "
                                   f"first checkpoint)")
     assert not resume._claimed
+
+
+def test_an_extended_run_says_after_which_epoch_and_which_logged_points_are_of_the_shorter_schedule(store):
+    """A run of 3 epochs (checkpoint every 2) stopped in epoch 3, after logging it, extended to 6 by resume=<id>: it
+    went on from epoch 2's checkpoint on the 6-epoch schedule, and epoch 3 trained again, while the points logged for
+    it (its loss, its lr) stay those of the 3-epoch schedule, weights the run no longer descends from: nothing said so.
+    Tag `extended_after_epoch` says from which epoch the longer schedule trained, and which epochs' points are the
+    shorter one's; a later resume of the extended run, on its schedule, keeps it."""
+    from pipeline import config
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    dataset_uri = "runs:/0123456789abcdef0123456789abcdef/dataset/dataset.npz"
+    first = config.load(TINY, ["train.checkpoint_every=2"])
+    run_id = client.create_run(client.get_experiment_by_name("e2e").experiment_id, tags={"step": "train"}).info.run_id
+    for key, value in {**first.flat(), "dataset_uri": dataset_uri}.items():
+        client.log_param(run_id, key, value)
+    for epoch in (1, 2, 3):
+        client.log_metric(run_id, "val_acc", 0.1, step=epoch)
+    stand_in_checkpoint(run_id)
+    metadata = resume.checkpoint_dir(run_id) / resume.CHECKPOINT_METADATA
+    metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "epoch": 2}))
+    extended = config.load(TINY, ["train.checkpoint_every=2", "train.epochs=6"])
+    with mlflow.start_run(run_id=run_id):
+        resume.log_train_params(extended, dataset_uri)
+    tags = client.get_run(run_id).data.tags
+    assert (tags["extended_epochs"], tags["extended_after_epoch"]) == (
+        "3 -> 6", "2; epoch 3 keeps the points logged on the 3-epoch schedule before")
+    for epoch in (4, 5):  # the extended run stopped in epoch 5, after its checkpoint of epoch 4, and resumed
+        client.log_metric(run_id, "val_acc", 0.1, step=epoch)
+    metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "epoch": 4}))
+    with mlflow.start_run(run_id=run_id):
+        resume.log_train_params(extended, dataset_uri)
+    assert client.get_run(run_id).data.tags["extended_after_epoch"] == tags["extended_after_epoch"]

@@ -1063,16 +1063,34 @@ def log_train_params(cfg: config.Config, dataset_uri: str) -> None:
     run = MlflowClient().get_run(mlflow.active_run().info.run_id)
     logged = run.data.params
     if logged.get("train.epochs") not in (None, params["train.epochs"]):
-        mlflow.set_tags({"extended_epochs": f"{logged['train.epochs']} -> {cfg.train.epochs}",
+        extension = f"{logged['train.epochs']} -> {cfg.train.epochs}"
+        if run.data.tags.get("extended_epochs") != extension:  # extended now, not resumed on the extension's schedule
+            mlflow.set_tag("extended_after_epoch", _extended_after(run))
+        mlflow.set_tags({"extended_epochs": extension,
                          "mlflow.runName": cfg.run_name()})  # the name says the epochs: now the new count
     elif "extended_epochs" in run.data.tags:  # an extension stopped before it trained (its `train_key` was not yet
         # the longer run's), resumed by the first command: the run goes on to the epochs it logged, and says so
-        MlflowClient().delete_tag(run.info.run_id, "extended_epochs")
+        for tag in ("extended_epochs", "extended_after_epoch"):
+            if tag in run.data.tags:
+                MlflowClient().delete_tag(run.info.run_id, tag)
         mlflow.set_tag("mlflow.runName", cfg.run_name())
     changed = {k: v for k, v in params.items() if k in logged and logged[k] != v and k != "train.epochs"}
     if changed:
         mlflow.set_tag("resumed_with", resumed_with(changed, logged))
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+
+
+def _extended_after(run: mlflow.entities.Run) -> str:
+    """Tag `extended_after_epoch` of train run `run` as it is extended: the epoch its checkpoint holds, from which the
+    longer schedule trains, and the epochs logged past it (stopped between checkpoints), which train again on that
+    schedule while the points they logged stay those of the shorter one (`MlflowEpochLogger` logs a step once)."""
+    done = checkpointed_epochs(run.info.run_id)
+    since = sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc") if m.step > done)
+    if not since:
+        return str(done)
+    shorter = run.data.tags.get("extended_epochs", "").split("->")[-1].strip() or run.data.params["train.epochs"]
+    epochs = f"epoch {since[0]} keeps" if len(since) == 1 else f"epochs {since[0]}-{since[-1]} keep"
+    return f"{done}; {epochs} the points logged on the {shorter}-epoch schedule before"
 
 
 RESUMED_WITH = "resumed_with.txt"  # a train run's artifact: the latest rerun's changed params, where its tag cuts them
