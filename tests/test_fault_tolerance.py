@@ -2540,3 +2540,25 @@ def test_an_extended_run_says_after_which_epoch_and_which_logged_points_are_of_t
     with mlflow.start_run(run_id=run_id):
         resume.log_train_params(extended, dataset_uri)
     assert client.get_run(run_id).data.tags["extended_after_epoch"] == tags["extended_after_epoch"]
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+    """A checkpoint resumed into a model of other shapes (resume=<id> across a code change that altered the model,
+    which the refusal of other code offers): Keras's "A total of 2 objects could not be loaded" traceback, exit 1. One
+    line naming the checkpoint, a variable whose shape differs, and the way on."""
+    import numpy as np
+
+    def net(width: int) -> keras.Model:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(width, name="hidden"),
+                                  keras.layers.Dense(3, name="out")])
+        model.compile("sgd", "mse")
+        return model
+
+    net(2).fit(np.zeros((8, 4)), np.zeros((8, 3)), epochs=1, verbose=0,
+               callbacks=[Checkpoint(tmp_path / "c", 1, keep=True)])
+    with pytest.raises(config.ConfigError) as refused:
+        net(5).fit(np.zeros((8, 4)), np.zeros((8, 3)), epochs=2, verbose=0, callbacks=[Checkpoint(tmp_path / "c", 1)])
+    assert str(refused.value) == (
+        f"resume: the checkpoint {tmp_path / 'c' / 'epoch-0001.weights.h5'} does not fit the model built here "
+        f"(hidden/kernel: (4, 5) here, (4, 2) in the checkpoint): its weights are of another model, trained by other "
+        f"code or params; restore that code to go on with the run, or resume=never to start afresh")
