@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -1107,12 +1108,29 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
         saved = json.loads(metadata.read_text())
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)  # its variables are in the file too
-        self.model.load_weights(str(Path(self.backup_dir) / saved.get("weights", "latest.weights.h5")))
+        weights = Path(self.backup_dir) / saved.get("weights", "latest.weights.h5")
+        try:
+            self.model.load_weights(str(weights))
+        except ValueError as exc:  # Keras's "A total of N objects could not be loaded", a traceback, the run FAILED
+            raise config.ConfigError(f"resume: the checkpoint {weights} does not fit the model built here "
+                                     f"({self._first_mismatch(str(exc))}): its weights are of another model, trained "
+                                     f"by other code or params; restore that code to go on with the run, or "
+                                     f"resume=never to start afresh") from None
         states = seed_states(self.model)
         if len(states) == len(saved.get("seed_states", [])):  # (checkpoints written before they were saved: none)
             for variable, value in zip(states, saved["seed_states"], strict=True):
                 variable.assign(np.asarray(value, dtype=variable.dtype))
         self.model._initial_epoch = saved["epoch"]
+
+    def _first_mismatch(self, message: str) -> str:
+        """The variable whose shape differs, from Keras's message on weights that do not fit: `path: (4, 5) here, (4,
+        2) in the checkpoint` (less the model's name); its first line where it names none."""
+        shapes = re.search(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))", message)
+        path = re.search(r"Target variable: <Variable path=([^,]+),", message)
+        if not (shapes and path):
+            return message.strip().splitlines()[0]
+        name = path[1].removeprefix(f"{self.model.name}/")
+        return f"{name}: {shapes[1]} here, {shapes[2]} in the checkpoint"
 
 
 def seed_states(model: keras.Model) -> list:

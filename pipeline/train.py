@@ -71,6 +71,7 @@ from pipeline.tracking.resume import (
     release,
     resumable_run,
     train_code,
+    training_ended,
 )
 
 if __name__ == "__main__":  # a backend Keras cannot load: one line, exit 2, before the imports below load it
@@ -216,6 +217,7 @@ def train_session(cfg: config.Config, dataset_uri: str, dist: Distribution | Non
     # (SIGTERM too) keeps it until it has ended (`tracking.open_run`): released first, an identical command started
     # meanwhile resumed it, then it was ended KILLED under that command
     release(run_id)
+    training_ended(run_id)
     print(f"logged model {model_uri}")
     return model_uri
 

@@ -489,7 +489,7 @@ def test_an_extension_stopped_before_it_trained_leaves_a_rerun_of_the_first_comm
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming train run {run_id}" in done.stdout and "Epoch " not in done.stdout
     run = MlflowClient().get_run(run_id)
-    assert run.info.status == "FINISHED" and "extended_epochs" not in run.data.tags
+    assert run.info.status == "FINISHED" and not {"extended_epochs", "extended_after_epoch"} & {*run.data.tags}
     assert "-e2-" in run.info.run_name and ", 2 epochs," in run.data.tags["mlflow.note.content"]
 
 
@@ -1591,7 +1591,8 @@ def test_a_train_run_of_another_experiment_is_resumed_where_it_is(store, in_proc
     for by_id in ([], ["--resume", wrapper]):
         resumed = in_process("main", *RESUMED, *by_id)
         assert resumed.returncode == 128 + signal.SIGTERM, resumed.stderr[-3000:]  # the run reopened, then stopped
-        assert (f"resuming train run {wrapper} from its last completed epoch (in experiment 'other', where it stays)"
+        assert (f"resuming train run {wrapper} after epoch 1 of 3, its last checkpoint (in experiment 'other', where "
+                f"it stays)"
                 in resumed.stdout), resumed.stdout[-3000:]
         run = client.get_run(wrapper)
         assert run.info.experiment_id == other and run.info.status == "KILLED"
@@ -2288,3 +2289,276 @@ def test_resuming_a_run_without_a_checkpoint_says_why_it_has_none(store):
         with pytest.raises(config.ConfigError) as refused:
             resume.find_resumable(config.load(TINY), "", resume=ids[status])
         assert str(refused.value) == f"resume: run {ids[status]} {said}"
+
+
+@pytest.mark.parametrize(("checkpointed", "logged", "said"), [
+    (2, 3, "after epoch 2 of 5, its last checkpoint; epoch 3, logged since, trains again"),
+    (2, 2, "after epoch 2 of 5, its last checkpoint"),
+    (5, 5, "after epoch 5 of 5, its last: its model is left to log"),
+], ids=["an-epoch-trained-since", "at-its-checkpoint", "every-epoch-trained"])
+def test_the_line_resuming_a_run_names_the_epoch_it_goes_on_after(store, capsys, checkpointed, logged, said):
+    """`resuming train run ... from its last completed epoch`, of a run that logged epoch 3 and checkpointed epoch 2
+    (train.checkpoint_every 2), then was killed: it went on after epoch 2, training epoch 3 again. The line names the
+    epoch it goes on after, of how many, and the epochs trained since that train again."""
+    from pipeline import config
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name("e2e").experiment_id,
+                               tags={"step": "train"}).info.run_id
+    for epoch in range(1, logged + 1):
+        client.log_metric(run_id, "val_acc", 0.1, step=epoch)
+    stand_in_checkpoint(run_id)
+    metadata = resume.checkpoint_dir(run_id) / resume.CHECKPOINT_METADATA
+    metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "epoch": checkpointed}))
+    cfg = config.load(TINY, ["train.epochs=5", "train.checkpoint_every=2"])
+    capsys.readouterr()
+    try:
+        assert resume.find_resumable(cfg, "", resume=run_id) == run_id
+    finally:
+        resume.release(run_id)
+    assert capsys.readouterr().out == f"resuming train run {run_id} {said}\n"
+
+
+def test_resuming_a_diverged_run_says_it_diverged(store):
+    """`-P resume=<id>` of a run that diverged (FAILED, its checkpoint removed as it failed: going on from it would
+    diverge again) said it "stopped before its first checkpoint, or trained on another machine": the user looked for a
+    checkpoint that never was to be. The line says the run diverged, why, and that its checkpoint went for that."""
+    from pipeline import config
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    reason = ("training diverged: loss became nan in epoch 2; nothing was registered. Lower train.lr (now 0.4) or "
+              "check the data")
+    run_id = client.create_run(client.get_experiment_by_name("e2e").experiment_id,
+                               tags={"step": "train", "failure_reason": reason}).info.run_id
+    client.set_terminated(run_id, "FAILED")
+    with pytest.raises(config.ConfigError) as refused:
+        resume.find_resumable(config.load(TINY), "", resume=run_id)
+    assert str(refused.value) == (f"resume: run {run_id} failed (FAILED) as training diverged: loss became nan in "
+                                  f"epoch 2, and a run that diverges deletes its checkpoint, as going on from it would "
+                                  f"diverge again: nothing to go on from; lower train.lr (now 0.4) and resume=never "
+                                  f"trains a new run")
+
+
+@pytest.mark.parametrize(("epochs", "said"), [
+    (6, "; this command trains a run of its own from epoch 1 (-P resume={run} extends that run to 6 epochs instead)"),
+    (2, "; this command trains a run of its own from epoch 1 (a run is resumed with its epochs or more)"),
+])
+def test_a_rerun_with_other_epochs_names_the_run_it_does_not_resume(store, capsys, epochs, said):
+    """A run of 3 epochs stopped after a checkpoint, rerun with -P epochs=6 to train it longer: a run of its own
+    trained from epoch 1, not a word of the stopped run (`train.epochs` is in the key a rerun resumes by). A note names
+    that run and how to extend it; a run of other params than the epochs gets none."""
+    from pipeline import config
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    dataset_uri = "runs:/0123456789abcdef0123456789abcdef/dataset/dataset.npz"
+    runs = {}
+    for lr in ("0.1", "0.2"):
+        cfg = config.load(TINY, [f"train.lr={lr}"])
+        runs[lr] = client.create_run(experiment_id, tags={"step": "train", "dataset_uri": dataset_uri}).info.run_id
+        for key, value in {**cfg.flat(), "dataset_uri": dataset_uri}.items():
+            client.log_param(runs[lr], key, value)
+        client.set_terminated(runs[lr], "KILLED")
+        stand_in_checkpoint(runs[lr])
+    capsys.readouterr()
+    rerun = config.load(TINY, ["train.lr=0.1", f"train.epochs={epochs}"])
+    assert resume.find_resumable(rerun, dataset_uri) is None
+    assert capsys.readouterr().err == (f"note: train run {runs['0.1']} (KILLED), of the same params and data but "
+                                       f"train.epochs 3, left a checkpoint after epoch 1"
+                                       f"{said.format(run=runs['0.1'])}\n")
+
+
+def test_a_run_name_given_as_resume_names_the_run_id_to_give(store, in_process):
+    """The UI shows a run by its name (`resnet20-e3-b128-lr0.1`), which a user gives as resume=: 'no run ... in the
+    tracking store', as if no such run were there. The line names the id of the run so named that can go on (the one
+    with a checkpoint here), or says that none of them can."""
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    name = "resnet20-e3-b128-lr0.1"
+    ids = {}
+    for status in ("FINISHED", "KILLED"):
+        ids[status] = client.create_run(experiment_id, run_name=name, tags={"step": "train"}).info.run_id
+        client.set_terminated(ids[status], status)
+    refused = in_process("main", *RESUMED, "--resume", name)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: resume: {name!r} is the name of 2 train runs, none of which left a checkpoint here to go on from; "
+        f"resume takes a train run's id")
+    stand_in_checkpoint(ids["KILLED"])
+    refused = in_process("main", *RESUMED, "--resume", name)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: resume: {name!r} is the name of 2 train runs, not a run id; resume={ids['KILLED']} goes on with the "
+        f"one of them that left a checkpoint here (KILLED, after epoch 1)")
+    assert len(experiment_runs(client)) == 2  # no main run opened
+
+
+def test_a_resumed_run_says_how_its_last_session_ended_and_keeps_the_earlier_ones_apart(store):
+    """A train run stopped by Ctrl-C, then resumed and failed on another error, kept tag `failure_reason` of neither
+    (the first failure's is kept, 'unless it has one') and its `interrupted_by`; resumed again and FINISHED, it still
+    bore both, a finished run that reads as failed and interrupted. Each session's end is its own: the tags of how the
+    run ended are the last session's, the earlier ends listed in tag `earlier_sessions_ended`."""
+    from pipeline import tracking
+
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name("e2e").experiment_id,
+                               tags={"step": "train", "interrupted_by": "SIGINT"}).info.run_id
+    client.set_terminated(run_id, "KILLED")
+    with pytest.raises(RuntimeError), tracking.open_run("train", resume_run_id=run_id):
+        raise RuntimeError("the disk is full")
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and "the disk is full" in run.data.tags["failure_reason"]
+    assert "interrupted_by" not in run.data.tags
+    assert run.data.tags["earlier_sessions_ended"] == "KILLED (interrupted_by SIGINT)"
+    with tracking.open_run("train", resume_run_id=run_id):
+        pass
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
+    assert run.data.tags["earlier_sessions_ended"] == (
+        "KILLED (interrupted_by SIGINT) | FAILED (failure_reason unexpected RuntimeError: the disk is full; full "
+        "traceback on the step's stderr (the console it ran in; `mlflow run` keeps no copy))")
+
+
+def test_a_run_killed_while_its_first_checkpoint_was_written_leaves_no_folder_for_good(store):
+    """A train run killed (SIGKILL, the OOM killer) while its first checkpoint was written left its lock beside a torn
+    weights file (or the metadata not yet renamed), no checkpoint to resume: no main took the folder for a dead run's
+    (it held more than a lock), so the file, as large as the model, stayed for good, and the run RUNNING. The next
+    main removes it, as a folder that holds only a lock, and ends the run KILLED."""
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("e2e").experiment_id
+    runs = {}
+    for torn in ("epoch-0001.weights.h5", "training_metadata.json.partial"):
+        runs[torn] = mlflow.start_run(experiment_id=experiment_id, tags={"step": "train"}).info.run_id
+        mlflow.end_run("RUNNING")
+        folder = resume.checkpoint_dir(runs[torn])
+        folder.mkdir(parents=True)
+        (folder / resume.LOCK_FILE).write_text(resume._store())
+        (folder / "epoch-0001.weights.h5").write_bytes(b"\x89HDF\r\n")
+        if torn.endswith(".partial"):
+            (folder / torn).write_text('{"epoch": 1, "weights": "epoch-0001.weights.h5"}')
+    with mlflow.start_run(experiment_id=experiment_id, tags={"step": "main"}) as rerun:
+        resume.remove_stale_locks()
+    for run_id in runs.values():
+        run = client.get_run(run_id)
+        assert (run.info.status, run.data.tags.get("ended_by")) == ("KILLED", rerun.info.run_id)
+        assert not resume.checkpoint_dir(run_id).exists()
+    assert not resume._claimed
+
+
+def test_the_line_of_a_stopped_training_names_its_run_and_what_a_rerun_does(store, in_process, monkeypatch):
+    """Ctrl-C in training said "Completed epochs, if any, are checkpointed under checkpoints/: rerun the same command
+    to resume", of a run that left a checkpoint or none alike (a rerun of one that left none trains a run of its own
+    from epoch 1). The line names the train run, and the epoch its checkpoint holds or that it left none."""
+    from pipeline import tracking, train
+    from pipeline.tracking import active_run_id, resume
+
+    checkpointed = []
+
+    def interrupted(*args, **kwargs):
+        if checkpointed:
+            stand_in_checkpoint(active_run_id())
+        raise tracking.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(train, "fit", interrupted)
+    lines = []
+    for _ in range(2):
+        stopped = in_process("train", *RESUMED)
+        assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+        lines.append(stopped.stderr.strip().splitlines()[-1])
+        checkpointed.append(True)
+    first, second = sorted(experiment_runs(MlflowClient(), "tags.step = 'train'"), key=lambda r: r.info.start_time)
+    assert lines == [
+        f"error: interrupted by SIGTERM; open runs ended KILLED. Train run {first.info.run_id} left no checkpoint in "
+        f"{resume.checkpoint_dir(first.info.run_id)} (stopped before its first): a rerun of the same command trains a "
+        f"run of its own from epoch 1.",
+        f"error: interrupted by SIGTERM; open runs ended KILLED. Train run {second.info.run_id} keeps its checkpoint "
+        f"after epoch 1 in {resume.checkpoint_dir(second.info.run_id)}: rerun the same command to resume (or -P "
+        f"resume={second.info.run_id})."]
+
+
+def test_resuming_a_live_run_before_its_first_checkpoint_says_it_is_being_trained(store):
+    """`-P resume=<id>` of a run another process trains now, in its first epoch (its lock held, no checkpoint yet),
+    was refused as having no checkpoint: "it stopped before its first checkpoint, or trained on another machine", of a
+    run that had not stopped. It is refused as a live run is."""
+    from pipeline import config
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name("e2e").experiment_id, tags={"step": "train"}).info.run_id
+    folder = resume.checkpoint_dir(run_id)
+    folder.mkdir(parents=True)
+    (folder / resume.LOCK_FILE).write_text(resume._store())
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+                               str(folder / resume.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(config.ConfigError) as refused:
+            resume.find_resumable(config.load(TINY), "", resume=run_id)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(refused.value) == (f"resume: run {run_id} is being trained by another process right now (before its "
+                                  f"first checkpoint)")
+    assert not resume._claimed
+
+
+def test_an_extended_run_says_after_which_epoch_and_which_logged_points_are_of_the_shorter_schedule(store):
+    """A run of 3 epochs (checkpoint every 2) stopped in epoch 3, after logging it, extended to 6 by resume=<id>: it
+    went on from epoch 2's checkpoint on the 6-epoch schedule, and epoch 3 trained again, while the points logged for
+    it (its loss, its lr) stay those of the 3-epoch schedule, weights the run no longer descends from: nothing said so.
+    Tag `extended_after_epoch` says from which epoch the longer schedule trained, and which epochs' points are the
+    shorter one's; a later resume of the extended run, on its schedule, keeps it."""
+    from pipeline import config
+    from pipeline.tracking import resume
+
+    client = MlflowClient()
+    dataset_uri = "runs:/0123456789abcdef0123456789abcdef/dataset/dataset.npz"
+    first = config.load(TINY, ["train.checkpoint_every=2"])
+    run_id = client.create_run(client.get_experiment_by_name("e2e").experiment_id, tags={"step": "train"}).info.run_id
+    for key, value in {**first.flat(), "dataset_uri": dataset_uri}.items():
+        client.log_param(run_id, key, value)
+    for epoch in (1, 2, 3):
+        client.log_metric(run_id, "val_acc", 0.1, step=epoch)
+    stand_in_checkpoint(run_id)
+    metadata = resume.checkpoint_dir(run_id) / resume.CHECKPOINT_METADATA
+    metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "epoch": 2}))
+    extended = config.load(TINY, ["train.checkpoint_every=2", "train.epochs=6"])
+    with mlflow.start_run(run_id=run_id):
+        resume.log_train_params(extended, dataset_uri)
+    tags = client.get_run(run_id).data.tags
+    assert (tags["extended_epochs"], tags["extended_after_epoch"]) == (
+        "3 -> 6", "2; epoch 3 keeps the points logged on the 3-epoch schedule before")
+    for epoch in (4, 5):  # the extended run stopped in epoch 5, after its checkpoint of epoch 4, and resumed
+        client.log_metric(run_id, "val_acc", 0.1, step=epoch)
+    metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "epoch": 4}))
+    with mlflow.start_run(run_id=run_id):
+        resume.log_train_params(extended, dataset_uri)
+    assert client.get_run(run_id).data.tags["extended_after_epoch"] == tags["extended_after_epoch"]
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+    """A checkpoint resumed into a model of other shapes (resume=<id> across a code change that altered the model,
+    which the refusal of other code offers): Keras's "A total of 2 objects could not be loaded" traceback, exit 1. One
+    line naming the checkpoint, a variable whose shape differs, and the way on."""
+    import numpy as np
+
+    def net(width: int) -> keras.Model:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(width, name="hidden"),
+                                  keras.layers.Dense(3, name="out")])
+        model.compile("sgd", "mse")
+        return model
+
+    net(2).fit(np.zeros((8, 4)), np.zeros((8, 3)), epochs=1, verbose=0,
+               callbacks=[Checkpoint(tmp_path / "c", 1, keep=True)])
+    with pytest.raises(config.ConfigError) as refused:
+        net(5).fit(np.zeros((8, 4)), np.zeros((8, 3)), epochs=2, verbose=0, callbacks=[Checkpoint(tmp_path / "c", 1)])
+    assert str(refused.value) == (
+        f"resume: the checkpoint {tmp_path / 'c' / 'epoch-0001.weights.h5'} does not fit the model built here "
+        f"(hidden/kernel: (4, 5) here, (4, 2) in the checkpoint): its weights are of another model, trained by other "
+        f"code or params; restore that code to go on with the run, or resume=never to start afresh")

@@ -641,14 +641,43 @@ def _reopen(run_id: str, system_metrics: bool) -> mlflow.ActiveRun:
     moment it is reopened, then the active run's again (its later steps' experiment), as `mlflow run`, which sets
     none, reopens it."""
     outer = mlflow.active_run()
-    own = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    run = mlflow.MlflowClient().get_run(run_id)
+    own = run.info.experiment_id
     if outer is None or own == outer.info.experiment_id:
-        return mlflow.start_run(run_id=run_id, nested=outer is not None, log_system_metrics=system_metrics)
-    mlflow.set_experiment(experiment_id=own)
-    try:
-        return mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=system_metrics)
-    finally:
-        mlflow.set_experiment(experiment_id=outer.info.experiment_id)
+        reopened = mlflow.start_run(run_id=run_id, nested=outer is not None, log_system_metrics=system_metrics)
+    else:
+        mlflow.set_experiment(experiment_id=own)
+        try:
+            reopened = mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=system_metrics)
+        finally:
+            mlflow.set_experiment(experiment_id=outer.info.experiment_id)
+    _set_aside_the_last_end(run)
+    return reopened
+
+
+# Tags that say how a run ended (`_ended_with_reason`; `resume.remove_stale_locks` for a dead process's run), and the
+# tag a reopened run lists them in for each session before (`_set_aside_the_last_end`), oldest first
+END_TAGS = ("failure_reason", "interrupted_by", "ended_by")
+EARLIER_ENDS = "earlier_sessions_ended"
+EARLIER_END_CHARS = 400  # of each session's end the list keeps
+
+
+def _set_aside_the_last_end(run: mlflow.entities.Run) -> None:
+    """Move the tags of how reopened run `run` last ended (`END_TAGS`) to the end of its tag `EARLIER_ENDS` (`KILLED
+    (interrupted_by SIGINT) | FAILED (failure_reason ...)`): they were the tags of the session that ends next too
+    (`tag_failure` keeps a `failure_reason` there is), and a resumed run that finished read as failed and interrupted.
+    The list keeps its newest sessions where it passes MLflow's tag limit."""
+    tags, client = run.data.tags, mlflow.MlflowClient()
+    said = [f"{key} {shortened(tags[key], EARLIER_END_CHARS)}" for key in END_TAGS if key in tags]
+    if not said:
+        return
+    ends = [*filter(None, tags.get(EARLIER_ENDS, "").split(" | ")), f"{run.info.status} ({', '.join(said)})"]
+    while len(" | ".join(ends)) > MAX_TAG_VAL_LENGTH:
+        ends = ends[1:]
+    client.set_tag(run.info.run_id, EARLIER_ENDS, " | ".join(ends))
+    for key in END_TAGS:
+        if key in tags:
+            client.delete_tag(run.info.run_id, key)
 
 
 def _set_experiment(name: str) -> mlflow.entities.Experiment:
@@ -912,11 +941,16 @@ def cli(main: Callable[[], object], *, resumable: bool = False) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _stopping_signals = (signal.SIGTERM, signal.SIGINT)
+        if (resume := sys.modules.get("pipeline.tracking.resume")) is not None:  # loaded by the steps that train
+            resume.training_ended()
 
 
 def _resume_hint() -> str:
+    from pipeline.tracking.resume import stopped_training  # (resume imports this module)
+
     # "if any": a step stopped before its first epoch ended (loading data, waiting for a cluster's hosts) has none
-    return f" Completed epochs, if any, are checkpointed under {checkpoint_root()}: rerun the same command to resume."
+    return " " + (stopped_training() or f"Completed epochs, if any, are checkpointed under {checkpoint_root()}: rerun "
+                                        f"the same command to resume.")
 
 
 @functools.cache

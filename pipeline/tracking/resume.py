@@ -262,21 +262,21 @@ RUN_FOLDER = re.compile(r"[0-9a-f]{32}|\w+-[0-9a-f]{16}")
 
 
 def remove_stale_locks() -> None:
-    """Remove the folders in `checkpoint_root` that hold a lock file alone, no live process's: left by a process killed
-    (SIGKILL, the OOM killer) before its first checkpoint, or by a killed `main`, whose folder only ever holds its
-    lock: that main's runs left RUNNING (itself, the step it was in: prepare, train, evaluate, register) end KILLED
-    (`end_dead_main`), else nothing would ever end them, as do those of a step run on its own (`step_lock`: prepare,
-    evaluate, register; a register's evaluation of its champion too), as does a train run killed before its first
-    checkpoint (`python -m pipeline.train` alone: no main to end it); one killed after a checkpoint keeps its folder,
-    for a rerun to resume, its run ended KILLED. The folders' runs are read in one search, not
-    one call each (200 folders: ~2 s from a tracking server on this host). Only this store's folders (`_store_of`):
-    another store's (two `MLFLOW_TRACKING_URI` sharing `PIPELINE_CHECKPOINT_DIR`) are left to that store's next
-    main, the only one that can end their runs. A folder that holds only the temporary file of a process killed in
-    `_new_lock` is taken as lock-only (`_claim_unnamed`). Empty folders named as runs' are removed (`RUN_FOLDER`; on
-    NFS a lock file removed while open stays as a `.nfs*` file until released, and keeps its folder). In a folder
-    several users share, another user's folder that this process may not list, or whose lock it may not inspect
-    (`_locked`), is left alone, never taken for dead; a dead one it may not remove has its runs ended all the same
-    and stays, for a main of a user who may remove it."""
+    """Remove the folders in `checkpoint_root` that hold a lock file alone (`_lock_only`), no live process's: left by a
+    process killed (SIGKILL, the OOM killer) before or while writing its first checkpoint, or by a killed `main`, whose
+    folder only ever holds its lock: that main's runs left RUNNING (itself, the step it was in: prepare, train,
+    evaluate, register) end KILLED (`end_dead_main`), else nothing would ever end them, as do those of a step run on its
+    own (`step_lock`: prepare, evaluate, register; a register's evaluation of its champion too), as does a train run
+    killed before its first checkpoint (`python -m pipeline.train` alone: no main to end it); one killed after a
+    checkpoint keeps its folder, for a rerun to resume, its run ended KILLED. The folders' runs are read in one search,
+    not one call each (200 folders: ~2 s from a tracking server on this host). Only this store's folders (`_store_of`):
+    another store's (two `MLFLOW_TRACKING_URI` sharing `PIPELINE_CHECKPOINT_DIR`) are left to that store's next main,
+    the only one that can end their runs. A folder that holds only the temporary file of a process killed in `_new_lock`
+    is taken as lock-only (`_claim_unnamed`). Empty folders named as runs' are removed (`RUN_FOLDER`; on NFS a lock file
+    removed while open stays as a `.nfs*` file until released, and keeps its folder). In a folder several users share,
+    another user's folder that this process may not list, or whose lock it may not inspect (`_locked`), is left alone,
+    never taken for dead; a dead one it may not remove has its runs ended all the same and stays, for a main of a user
+    who may remove it."""
     root, ours = checkpoint_root(), _store()
     try:
         entries = list(root.iterdir())
@@ -295,7 +295,7 @@ def remove_stale_locks() -> None:
     # its run (`python -m pipeline.train` alone), or live
     checkpointed = {f for f, listed in names.items() if listed and {LOCK_FILE, CHECKPOINT_METADATA} <= {*listed}}
     folders = [f for f, listed in names.items()
-               if (listed == [LOCK_FILE] or f in checkpointed) and _store_of(f) in ("", ours)
+               if (_lock_only(listed) or f in checkpointed) and _store_of(f) in ("", ours)
                and claim(f.name, left=True)] + [*unnamed]
     client = MlflowClient()
     runs = _runs_by_id(client, [f.name for f in folders])
@@ -317,6 +317,14 @@ def remove_stale_locks() -> None:
             _end_killed(client, [run], "ended_by")
         shutil.rmtree(folder, ignore_errors=True)  # a train's, or no run here (deleted, or a lock not naming its store)
         release(folder.name)
+
+
+def _lock_only(listed: list[str] | None) -> bool:
+    """Whether a run folder holding `listed` holds its lock and no checkpoint: the lock alone, or beside what a kill
+    during the first checkpoint's write left (`_TORN_FIRST_CHECKPOINT`), which kept the folder (a file as large as the
+    model) and its run RUNNING for good."""
+    return bool(listed) and LOCK_FILE in listed and all(
+        name == LOCK_FILE or _TORN_FIRST_CHECKPOINT.fullmatch(name) for name in listed)
 
 
 def prune_checkpoints() -> list[str]:
@@ -442,6 +450,10 @@ def release(run_id: str) -> None:
 
 CHECKPOINT_METADATA = "training_metadata.json"  # fitting.Checkpoint.METADATA (no Keras here)
 
+# What a process killed while it wrote its run's first checkpoint leaves beside the lock (`fitting.Checkpoint`): the
+# weights file, torn or whole, and the metadata not yet renamed to name it; no checkpoint to resume
+_TORN_FIRST_CHECKPOINT = re.compile(rf"epoch-\d+\.weights\.h5|{re.escape(CHECKPOINT_METADATA)}\.partial")
+
 
 def has_checkpoint(run_id: str) -> bool:
     return (checkpoint_dir(run_id) / CHECKPOINT_METADATA).exists()
@@ -469,6 +481,38 @@ def check_checkpoint_readable(run_id: str) -> None:
         raise config.ConfigError(f"resume: train run {run_id}'s checkpoint cannot be read ({path}: {reason}); "
                                  f"restore the file to go on with the run, or remove {folder} (or give "
                                  f"resume=never) to start afresh") from None
+
+
+_training: list[str] = []  # the train runs this process trains now (`training_started` to `training_ended`)
+
+
+def training_started(run_id: str) -> None:
+    _training.append(run_id)
+
+
+def training_ended(run_id: str | None = None) -> None:
+    """`run_id` trains no longer here; None: none does (an entry point's end: the next, in this process, starts
+    afresh)."""
+    if run_id is None:
+        _training.clear()
+    elif run_id in _training:
+        _training.remove(run_id)
+
+
+def stopped_training() -> str | None:
+    """What a rerun does with the train run this process was training when it stopped (Ctrl-C, a lost tracking
+    server), in words for the line saying it stopped: the epoch its checkpoint holds, or that it left none (a rerun
+    trains a run of its own from epoch 1); None where it was training none. Read from the checkpoint folder alone:
+    the tracking store may be what failed."""
+    if not _training:
+        return None
+    run_id = _training[-1]
+    folder = checkpoint_dir(run_id)
+    if has_checkpoint(run_id):
+        return (f"Train run {run_id} keeps its checkpoint after epoch {checkpointed_epochs(run_id)} in {folder}: rerun "
+                f"the same command to resume (or -P resume={run_id}).")
+    return (f"Train run {run_id} left no checkpoint in {folder} (stopped before its first): a rerun of the same "
+            f"command trains a run of its own from epoch 1.")
 
 
 def checkpointed_epochs(run_id: str) -> int:
@@ -551,11 +595,21 @@ def dataset_sha256(dataset_uri: str) -> str:
 
 def no_checkpoint(run_id: str, run: mlflow.entities.Run | None = None) -> str:
     """Why run `run_id` (`run`, read already) cannot be resumed, having no checkpoint here: it finished (a run deletes
-    its checkpoint as it finishes), or stopped before its first one, or trained on another machine or under another
-    PIPELINE_CHECKPOINT_DIR. The one line said "(finished runs delete theirs)" of every run."""
+    its checkpoint as it finishes), or diverged (one that does deletes it too), or stopped before its first one, or
+    trained on another machine or under another PIPELINE_CHECKPOINT_DIR. The one line said "(finished runs delete
+    theirs)" of every run, and of a diverged one, or one a live process trains in its first epoch, that it "stopped
+    before its first checkpoint"."""
     with contextlib.suppress(MlflowException):
         run = run or MlflowClient().get_run(run_id)
     status = run.info.status if run else None
+    reason = run.data.tags.get("failure_reason", "") if run else ""
+    if status == "FAILED" and reason.startswith("training diverged"):  # (`fitting.diverged`; train.run removes it)
+        lr = re.search(r"Lower (train\.lr \(now .*\)) or check the data", reason)
+        return (f"resume: run {run_id} failed (FAILED) as {reason.partition(';')[0]}, and a run that diverges deletes "
+                f"its checkpoint, as going on from it would diverge again: nothing to go on from; "
+                f"{f'lower {lr[1]} and ' if lr else ''}resume=never trains a new run")
+    if _held(run_id):  # its process's lock, in its first epoch (a folder only looked at: none made)
+        return f"resume: run {run_id} is being trained by another process right now (before its first checkpoint)"
     if status == "FINISHED":
         return (f"resume: run {run_id} finished (FINISHED), and a run deletes its checkpoint as it finishes: nothing "
                 f"to go on from; resume=never trains a new run")
@@ -586,6 +640,7 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
     else:
         run_id, changed = newest_resumable(cfg, dataset_uri), None
         if run_id is None:
+            _note_other_epochs(cfg, dataset_uri)
             return None
         refuse_other_code(run_id)  # as check_inputs did before any run opened, unless a run changed since
     run = client.get_run(run_id)
@@ -598,12 +653,28 @@ def find_resumable(cfg: config.Config, dataset_uri: str, resume: str = "") -> st
     # in its own experiment (`tracking.open_run`), not among main's steps
     elsewhere = (f" (in experiment {client.get_experiment(run.info.experiment_id).name!r}, where it stays)"
                  if active is not None and run.info.experiment_id != active.info.experiment_id else "")
-    print(f"resuming train run {run_id} from its last completed epoch{elsewhere}")
+    print(f"resuming train run {run_id} {_resumed_after(run_id, cfg)}{elsewhere}")
     if changed:  # resume=<id>: the way on that refuse_other_code's message gives; start_training tags the run
         print(f"warning: train run {run_id} was checkpointed by other code (train_code {changed[0][:12]}, "
               f"here {changed[1][:12]}): its next epochs train with the code here from the old code's weights "
               f"(tag resumed_across_code)", file=sys.stderr)
     return run_id
+
+
+def _resumed_after(run_id: str, cfg: config.Config) -> str:
+    """The epoch train run `run_id` goes on after, in words for the line resuming it: its checkpoint's, of `cfg`'s
+    epochs, and the epochs it logged since (killed between checkpoints, `train.checkpoint_every`), which train
+    again (their logged points stay: `MlflowEpochLogger`). "From its last completed epoch" was said of a run that went
+    on from epochs before it."""
+    done, total = checkpointed_epochs(run_id), cfg.train.epochs
+    if done >= total:
+        return f"after epoch {done} of {total}, its last: its model is left to log"
+    since = sorted(m.step for m in MlflowClient().get_metric_history(run_id, "val_acc") if done < m.step <= total)
+    if not since:
+        return f"after epoch {done} of {total}, its last checkpoint"
+    epochs = f"epoch {since[0]}, logged since, trains" if len(since) == 1 else \
+        f"epochs {since[0]}-{since[-1]}, logged since, train"
+    return f"after epoch {done} of {total}, its last checkpoint; {epochs} again"
 
 
 def newest_resumable(cfg: config.Config, dataset_uri: str) -> str | None:
@@ -626,6 +697,38 @@ def newest_resumable(cfg: config.Config, dataset_uri: str) -> str | None:
         else:
             _note_live(run_id)
     return None
+
+
+def _note_other_epochs(cfg: config.Config, dataset_uri: str) -> None:
+    """A note (stderr) naming each stopped train run with a checkpoint here whose params and data are `cfg`'s and
+    `dataset_uri`'s but for `train.epochs`, which a plain rerun does not resume (the epochs are in its `train_key`),
+    with the `resume=<id>` that extends it where `cfg` has more epochs. A run of 30 epochs stopped, rerun with
+    `-P epochs=60` to train it longer, trained a run of its own from epoch 1 without a word of the stopped one."""
+    try:
+        folders = [f.name for f in checkpoint_root().iterdir()
+                   if re.fullmatch(r"[0-9a-f]{32}", f.name) and (f / CHECKPOINT_METADATA).exists()]
+    except OSError:  # none yet, or not to be listed by this user
+        return
+    ours = {k: v for k, v in training_params(cfg).items() if k != "train.epochs"}
+    runs = sorted(_runs_by_id(MlflowClient(), folders).values(), key=lambda r: -r.info.start_time)
+    for run in runs:
+        if run.data.tags.get("step") != "train" or run.info.status == "FINISHED" or \
+                run.info.lifecycle_stage == "deleted" or trained_dataset_uri(run) != dataset_uri:
+            continue
+        try:
+            logged = config.from_run_params(run.data.params)
+        except config.ConfigError:  # params of an older config: not this command's run
+            continue
+        epochs = int(run.data.tags.get("extended_epochs", str(logged.train.epochs)).split("->")[-1])
+        theirs = {k: v for k, v in training_params(logged).items() if k != "train.epochs"}
+        if theirs != ours or epochs == cfg.train.epochs or run.info.run_id in _noted or _held(run.info.run_id):
+            continue
+        _noted.add(run.info.run_id)
+        way = (f"-P resume={run.info.run_id} extends that run to {cfg.train.epochs} epochs instead"
+               if cfg.train.epochs > epochs else "a run is resumed with its epochs or more")
+        print(f"note: train run {run.info.run_id} ({run.info.status}), of the same params and data but train.epochs "
+              f"{epochs}, left a checkpoint after epoch {checkpointed_epochs(run.info.run_id)}; this command trains a "
+              f"run of its own from epoch 1 ({way})", file=sys.stderr)
 
 
 _noted: set[str] = set()  # the runs `newest_resumable` said it could not continue (it is asked twice per command)
@@ -831,6 +934,8 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
+        if named := _named_train_runs(run_id):
+            raise config.ConfigError(named) from None
         hint = ("; did you mean resume=never?" if run_id.strip().lower() == "never" else
                 " (resume takes '' to continue an interrupted identical run, never to start afresh, or a train run's "
                 "id)")
@@ -874,6 +979,32 @@ def config_to_resume(run_id: str, cfg: config.Config, dataset_uri: str = "") -> 
     if not claim(run_id):
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
     return trained_on
+
+
+def _named_train_runs(name: str) -> str | None:
+    """The refusal of `resume=<name>` where `name` is no run id but the name of train runs (the UI's Run Name column,
+    `config.Config.run_name`): the ids of those that left a checkpoint here to give instead, or that none did; None
+    where no train run bears that name. It was refused as 'no run ... in the tracking store'."""
+    if "'" in name or not name.strip():  # a quote would break the filter: no run name `run_name` makes has one
+        return None
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.mlflow.runName = '{name}' and tags.step = 'train'")
+    if not runs:
+        return None
+    named = f"resume: {name!r} is the name of {len(runs)} train run{'s' * (len(runs) > 1)}"
+    left = [r for r in runs if r.info.status != "FINISHED" and has_checkpoint(r.info.run_id)]
+    if not left:
+        return f"{named}, none of which left a checkpoint here to go on from; resume takes a train run's id"
+
+    def said(run: mlflow.entities.Run) -> str:
+        return f"({run.info.status}, after epoch {checkpointed_epochs(run.info.run_id)})"
+
+    if len(left) == 1:
+        return (f"{named}, not a run id; resume={left[0].info.run_id} goes on with the one of them that left a "
+                f"checkpoint here {said(left[0])}")
+    return (f"{named}, not a run id; {len(left)} of them left a checkpoint here: "
+            + ", ".join(f"resume={r.info.run_id} {said(r)}" for r in left))
 
 
 def _not_a_train_run(run: mlflow.entities.Run) -> str:
@@ -932,16 +1063,34 @@ def log_train_params(cfg: config.Config, dataset_uri: str) -> None:
     run = MlflowClient().get_run(mlflow.active_run().info.run_id)
     logged = run.data.params
     if logged.get("train.epochs") not in (None, params["train.epochs"]):
-        mlflow.set_tags({"extended_epochs": f"{logged['train.epochs']} -> {cfg.train.epochs}",
+        extension = f"{logged['train.epochs']} -> {cfg.train.epochs}"
+        if run.data.tags.get("extended_epochs") != extension:  # extended now, not resumed on the extension's schedule
+            mlflow.set_tag("extended_after_epoch", _extended_after(run))
+        mlflow.set_tags({"extended_epochs": extension,
                          "mlflow.runName": cfg.run_name()})  # the name says the epochs: now the new count
     elif "extended_epochs" in run.data.tags:  # an extension stopped before it trained (its `train_key` was not yet
         # the longer run's), resumed by the first command: the run goes on to the epochs it logged, and says so
-        MlflowClient().delete_tag(run.info.run_id, "extended_epochs")
+        for tag in ("extended_epochs", "extended_after_epoch"):
+            if tag in run.data.tags:
+                MlflowClient().delete_tag(run.info.run_id, tag)
         mlflow.set_tag("mlflow.runName", cfg.run_name())
     changed = {k: v for k, v in params.items() if k in logged and logged[k] != v and k != "train.epochs"}
     if changed:
         mlflow.set_tag("resumed_with", resumed_with(changed, logged))
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+
+
+def _extended_after(run: mlflow.entities.Run) -> str:
+    """Tag `extended_after_epoch` of train run `run` as it is extended: the epoch its checkpoint holds, from which the
+    longer schedule trains, and the epochs logged past it (stopped between checkpoints), which train again on that
+    schedule while the points they logged stay those of the shorter one (`MlflowEpochLogger` logs a step once)."""
+    done = checkpointed_epochs(run.info.run_id)
+    since = sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc") if m.step > done)
+    if not since:
+        return str(done)
+    shorter = run.data.tags.get("extended_epochs", "").split("->")[-1].strip() or run.data.params["train.epochs"]
+    epochs = f"epoch {since[0]} keeps" if len(since) == 1 else f"epochs {since[0]}-{since[-1]} keep"
+    return f"{done}; {epochs} the points logged on the {shorter}-epoch schedule before"
 
 
 RESUMED_WITH = "resumed_with.txt"  # a train run's artifact: the latest rerun's changed params, where its tag cuts them

@@ -42,6 +42,7 @@ from pipeline.tracking.resume import (
     log_train_params,
     train_code,
     train_key,
+    training_started,
 )
 
 # Tag on a train run, set after each epoch: when its last epoch should end (has ended, once it has) at the pace of
@@ -63,6 +64,7 @@ def start_training(cfg: config.Config, dataset_uri: str, tags: dict[str, str], d
     run_id = active_run_id()
     if not claim(run_id):
         raise config.ConfigError(f"resume: run {run_id} is being trained by another process right now")
+    training_started(run_id)  # until `train.run` has logged its model: a stop says what a rerun does with the run
     log_train_params(cfg, dataset_uri)
     steps.log_dataset_input(dataset_uri, "train", dataset)  # the UI's Dataset column: which data it trained on
     changed = code_change(run_id)
