@@ -20,10 +20,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_handed_out: set[int] = set()  # the ports `free_port` gave this process
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now, and none this process was given before: the OS may give a port it has just
+    freed again, and two calls in a row gave the two hosts of one test cluster one address (CI, 2026-12-08)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def tracking_env(uri: str, **extra: str) -> dict[str, str]:

@@ -75,3 +75,32 @@ def test_the_checkout_check_leaves_out_what_an_editor_writes_meanwhile(tmp_path)
     (tmp_path / ".DS_Store").touch()
     (tmp_path / "pipeline" / "runs.md").touch()
     assert left_behind(before, checkout_paths(tmp_path)) == ["pipeline/runs.md"]
+
+
+def test_free_port_never_gives_one_port_twice(monkeypatch):
+    """`free_port(), free_port()` gave the two hosts of a test cluster one address where the OS handed the port it had
+    just freed out again (CI, 2026-12-08: "every task needs an address of its own, got localhost:40625 more than
+    once"). A port this process was given is never given again."""
+    from bench import servers
+
+    offered = iter([40625, 40625, 40625, 40626])
+
+    class Socket:  # the OS as it answered: the same free port, twice and more
+        def __init__(self):
+            self.port = next(offered)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            pass
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(servers, "_handed_out", set())
+    monkeypatch.setattr(servers.socket, "socket", Socket)
+    assert [servers.free_port(), servers.free_port()] == [40625, 40626]
